@@ -1,0 +1,1 @@
+//! CUDA kernel sources (filled by the CUDA backend issue).

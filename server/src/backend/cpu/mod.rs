@@ -1,0 +1,1 @@
+//! CPU backend: the f32 reference every other backend is checked against.

@@ -1,0 +1,1 @@
+//! CUDA backend (cudarc with dynamic loading).

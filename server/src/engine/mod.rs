@@ -1,0 +1,79 @@
+//! The DeepSeek-V4-Flash engine: config, weights, model forward, DSpark draft, tokenizer.
+//!
+//! The scheduler hands the engine a [`StepPlan`] it did not choose; the engine runs it and returns
+//! logits. Everything the engine keeps across steps lives in KV pool blocks named by each
+//! sequence's block table, so the scheduler can allocate, free, share (prefix cache) and preempt.
+pub mod draft;
+pub mod model;
+pub mod tokenizer;
+pub mod weights;
+
+/// One step's work for one sequence.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SeqPlan {
+    /// Stable id of the request (never a batch row): per-request state is keyed by it.
+    pub seq_id: u64,
+    /// Number of tokens of this sequence already in the KV state; `tokens[0]` sits at this position.
+    pub start_pos: usize,
+    /// Tokens to run this step: a prefill chunk, one decode token, or a verify block.
+    pub tokens: Vec<u32>,
+    /// Pool block ids covering positions `0 .. start_pos + tokens.len()`, in order.
+    pub block_table: Vec<u32>,
+    /// Which rows of logits to return.
+    pub logits: LogitsWanted,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum LogitsWanted {
+    /// Middle of a chunked prefill: no logits.
+    None,
+    /// Logits of the last token only (end of prefill, plain decode).
+    Last,
+    /// Logits of every token of `tokens` (speculative verification).
+    All,
+}
+
+/// A batch: decodes and prefill chunks of many sequences run together in one forward pass.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepPlan {
+    pub seqs: Vec<SeqPlan>,
+}
+
+/// Logits per sequence of the plan (same order), each a list of rows of `vocab_size` floats.
+#[derive(Debug, Clone, Default)]
+pub struct StepOutput {
+    pub logits: Vec<Vec<Vec<f32>>>,
+}
+
+/// Geometry of the KV pool the engine was built with. The scheduler counts blocks; only the
+/// engine knows what a block holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    /// Tokens covered by one block.
+    pub block_size: usize,
+    /// Number of blocks in the pool (block ids are `0..num_blocks`).
+    pub num_blocks: usize,
+    /// Bytes one block occupies (all layers), for sizing and reporting.
+    pub bytes_per_block: usize,
+}
+
+/// What the scheduler (or a follower rank) drives. Implemented by the engine over a backend.
+pub trait ModelRunner: Send {
+    fn kv_layout(&self) -> KvLayout;
+    fn vocab_size(&self) -> usize;
+    /// Runs one batched forward pass. Writes the KV state of the new tokens into the blocks of
+    /// each sequence's block table and returns the requested logits.
+    fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, EngineError>;
+    /// Drops any per-request state kept outside the pool (e.g. draft rings) for `seq_id`.
+    fn release(&mut self, seq_id: u64);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("backend: {0}")]
+    Backend(String),
+    #[error("communicator: {0}")]
+    Comm(String),
+}

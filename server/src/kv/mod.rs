@@ -1,0 +1,1 @@
+//! The shared on-demand KV block pool and the prefix cache.

@@ -1,0 +1,1 @@
+//! Tensor-parallel ranks: communicator, rendezvous, plan broadcast, launcher.

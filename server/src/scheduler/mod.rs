@@ -1,0 +1,1 @@
+//! Continuous batching: decides each step's batch (rank 0 only).
