@@ -388,3 +388,59 @@ fn missing_tensor_is_named() {
     .to_string();
     assert!(err.contains(name), "{err}");
 }
+
+#[test]
+fn tensor_parallel_two_ranks_match_one() {
+    // Heads, output groups, indexer heads, expert channels and vocab split over two ranks,
+    // joined by all-reduce / all-gather: same logits as one rank.
+    let p = prompt("one_hca_block");
+    let toks = ids(&p["input_ids"]);
+    let dir = support::repo_path("assets/tiny-dsv4");
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let src = support::HfFile::open(&dir.join("model.safetensors"));
+    let mut single = tiny_model(512);
+    let bt = blocks_for(&single, 0, toks.len() + 1);
+    let plan = |next: Option<u32>| {
+        let (start, t) = match next {
+            None => (0, toks.clone()),
+            Some(x) => (toks.len(), vec![x]),
+        };
+        StepPlan {
+            seqs: vec![seq(1, start, &t, &bt, LogitsWanted::All)],
+        }
+    };
+    let want_prefill = single.step(&plan(None)).unwrap().logits;
+    let want_decode = single.step(&plan(Some(77))).unwrap().logits;
+    let comms = support::local_group::group(2);
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                let (cfg, src, plan) = (cfg.clone(), &src, &plan);
+                s.spawn(move || {
+                    let opts = LoadOptions {
+                        kv_pool_tokens: 512,
+                        shard: model::Shard {
+                            rank,
+                            world_size: 2,
+                        },
+                        ..LoadOptions::default()
+                    };
+                    let mut m = model::build_cpu(cfg, src, &opts, Arc::new(comm)).unwrap();
+                    let a = m.step(&plan(None)).unwrap().logits;
+                    let b = m.step(&plan(Some(77))).unwrap().logits;
+                    (a, b)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (a, b) in &results {
+        for (got, want) in a[0].iter().zip(&want_prefill[0]) {
+            assert!(max_rel_diff(got, want) < 1e-5);
+        }
+        assert!(max_rel_diff(&b[0][0], &want_decode[0][0]) < 1e-5);
+    }
+    assert_eq!(results[0], results[1], "ranks disagree");
+}
