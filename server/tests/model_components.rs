@@ -392,3 +392,51 @@ fn indexer_scores_and_top_k_match() {
     }
     eprintln!("indexer top-k: {ties} queries decided by exact ties");
 }
+
+#[test]
+fn captured_target_features_are_stream_means_of_layer_outputs() {
+    // The DSpark draft reads the mean of the residual streams after chosen layers.
+    let (c, cfg) = (components(), cfg());
+    let src = weights();
+    let mut m = model::build_cpu(
+        cfg.clone(),
+        &src,
+        &LoadOptions::default(),
+        Arc::new(SingleRank),
+    )
+    .unwrap();
+    m.set_capture_layers(vec![0, 1, 2, 3]);
+    let text =
+        std::fs::read_to_string(support::repo_path("tests/fixtures/reference.json")).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ids: Vec<u32> = reference["prompts"]["chat"]["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    use dspark_server::engine::{LogitsWanted, ModelRunner, SeqPlan, StepPlan};
+    m.step(&StepPlan {
+        seqs: vec![SeqPlan {
+            seq_id: 1,
+            start_pos: 0,
+            tokens: ids,
+            block_table: vec![0],
+            logits: LogitsWanted::None,
+        }],
+    })
+    .unwrap();
+    let (hc, h) = (cfg.hc_mult, cfg.hidden_size);
+    let captured = m.take_captured();
+    assert_eq!(captured.len(), 4);
+    for (layer, got) in captured {
+        let streams = c.raw_f32(&format!("layer_out.{layer}")).data;
+        let want: Vec<f32> = streams
+            .chunks(hc * h)
+            .flat_map(|t| {
+                (0..h).map(move |d| (0..hc).map(|k| t[k * h + d]).sum::<f32>() / hc as f32)
+            })
+            .collect();
+        assert_close(&got, &want, 1e-5, &format!("layer {layer}"));
+    }
+}
