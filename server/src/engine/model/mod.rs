@@ -72,7 +72,7 @@ pub fn kv_pool(cfg: &ModelConfig, opts: &LoadOptions) -> Result<KvPool, LoadErro
     for l in 0..cfg.num_hidden_layers {
         if let Some(r) = cfg.compress_ratio(l) {
             if bs == 0 || !bs.is_multiple_of(r) {
-                return Err(LoadError::Source(format!(
+                return Err(LoadError::KvPool(format!(
                     "block size {bs} is not a multiple of compress ratio {r} (layer {l})"
                 )));
             }
@@ -126,5 +126,34 @@ pub fn build(
         Device::Cuda => Err(LoadError::Source(
             "the CUDA backend is not implemented yet; use --device cpu".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_is_sized_in_whole_blocks_and_block_size_is_checked() {
+        let cfg = ModelConfig::from_json(&serde_json::json!({
+            "model_type": "deepseek_v4", "num_hidden_layers": 2, "hidden_size": 32, "head_dim": 64,
+            "index_head_dim": 32, "qk_rope_head_dim": 16, "sliding_window": 32,
+            "layer_types": ["sliding_attention", "compressed_sparse_attention"]
+        }))
+        .unwrap();
+        // Only CSA (ratio 4) here: the smallest multiple of 4 reaching the window is 32.
+        assert_eq!(cfg.default_block_size(), 32);
+        let opts = LoadOptions {
+            kv_pool_tokens: 100,
+            ..LoadOptions::default()
+        };
+        let pool = kv_pool(&cfg, &opts).unwrap();
+        assert_eq!(pool.num_blocks, 4);
+        let bad = LoadOptions {
+            block_size: Some(30),
+            ..opts
+        };
+        let e = kv_pool(&cfg, &bad).unwrap_err().to_string();
+        assert!(e.contains("multiple of compress ratio 4"), "{e}");
     }
 }
