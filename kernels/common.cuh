@@ -41,13 +41,9 @@ __device__ __forceinline__ void dsk_e4m3x2_to_f32(unsigned int two_bytes, float 
     dsk_f16x2_to_f32(h2, lo, hi);
 }
 
-// E2M1 nibble pairs (p, p+4) of a 32-bit word, as f16x2 bit patterns SCALED BY 2^-14: the three
-// magnitude bits go straight under the f16 exponent/mantissa boundary and the sign to bit 15, so
-// e>0 becomes 2^(e-15)(1+m/2) and e=0 the subnormal m*2^-15. Callers fold 2^14 into the block
-// scale. `t` is the word already shifted right by 4p. Exact for all 16 codes.
-__device__ __forceinline__ unsigned int dsk_e2m1_pair_f16x2_scaled(unsigned int t) {
-    return ((t & 0x00070007u) << 9) | ((t & 0x00080008u) << 12);
-}
+// E2M1 -> f16 SCALED BY 2^-14: the three magnitude bits (e1 e0 m) go straight under the f16
+// exponent/mantissa boundary (bits 9-11) and the sign to bit 15, so e>0 becomes 2^(e-15)(1+m/2)
+// and e=0 the subnormal m*2^-15: exact for all 16 codes. Callers fold 2^14 into the block scale.
 
 // Streaming 16-byte load that skips L1 (weights are read once; keep L1 for activations).
 __device__ __forceinline__ uint4 dsk_ld_stream16(const void *p) {

@@ -61,6 +61,7 @@ __device__ __forceinline__ void fp8_gemv_body(const unsigned char *__restrict__ 
 #pragma unroll
     for (int m = 0; m < MT; ++m) { acc0[m] = 0.f; acc1[m] = 0.f; }
 
+#pragma unroll 2
     for (int c = kpart * 32 + lane; c < C; c += 32 * ksplit) {
         const uint4 q0 = dsk_ld_stream16(w0 + c * 16), q1 = dsk_ld_stream16(w1 + c * 16);
         const float sc0 = dsk_e8m0_to_f32(s0[c >> 3]), sc1 = dsk_e8m0_to_f32(s1[c >> 3]);

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::{CUdevice_attribute, CUdeviceptr};
+use cudarc::driver::sys::{CUdevice_attribute, CUdeviceptr, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 
 use crate::error::KernelError;
@@ -36,7 +36,8 @@ impl OutDtype {
 pub const FP8_GEMV_MAX_M: usize = 16;
 const FP8_M_BUCKETS: [usize; 5] = [1, 2, 4, 8, 16];
 const FP8_WARPS: usize = 8;
-const MOE_ROWS_PER_BLOCK: usize = 8;
+/// Rows per block of the FP4 expert kernels (8 warps x 4 rows).
+const MOE_ROWS_PER_BLOCK: usize = 32;
 const TOPK_CHUNK: usize = 2048;
 const TOPK_STAGE2_MAX: usize = 4096;
 /// Largest k of `topk` (selection is k block-wide rounds).
@@ -77,13 +78,15 @@ pub struct Fp4Experts {
 
 /// One MoE call for `tokens` tokens: x f32 [tokens, hidden]; ids i32 [tokens, topk];
 /// weights f32 [tokens, topk] (already normalised and scaled by the router);
-/// h f32 [tokens * topk, inter] scratch; out [tokens, hidden].
+/// h f32 [tokens * topk, inter] and partial f32 [tokens * topk, hidden] scratch (h holds the
+/// SwiGLU output, partial each slot's weighted down projection); out [tokens, hidden].
 #[derive(Clone, Copy, Debug)]
 pub struct Fp4MoeCall {
     pub x: CUdeviceptr,
     pub ids: CUdeviceptr,
     pub weights: CUdeviceptr,
     pub h: CUdeviceptr,
+    pub partial: CUdeviceptr,
     pub out: CUdeviceptr,
     pub out_dtype: OutDtype,
     pub tokens: usize,
@@ -137,6 +140,11 @@ pub struct TopK {
     pub out_values: CUdeviceptr,
     pub out_indices: CUdeviceptr,
     pub workspace: CUdeviceptr,
+}
+
+/// Dynamic shared memory of an FP4 expert block staging `len` f32 activations (padded 4 per 32).
+pub fn moe_stage_bytes(len: usize) -> usize {
+    (len + len / 8) * 4
 }
 
 /// Scratch bytes `Kernels::topk` needs.
@@ -263,6 +271,7 @@ pub fn check_fp4_moe(e: &Fp4Experts, c: &Fp4MoeCall) -> Result<(), KernelError> 
     nonnull(
         K,
         &[
+            ("partial", c.partial),
             ("x", c.x),
             ("ids", c.ids),
             ("weights", c.weights),
@@ -382,6 +391,9 @@ pub struct Kernels {
     fp8_gemv: [[CudaFunction; 5]; 2],
     fp4_gate_up: CudaFunction,
     fp4_down: CudaFunction,
+    fp4_combine: CudaFunction,
+    /// Largest dynamic shared memory a block may opt in to (bytes).
+    smem_optin: usize,
     rmsnorm: CudaFunction,
     rope: CudaFunction,
     topk1: CudaFunction,
@@ -405,6 +417,10 @@ impl Kernels {
             origins.push((src.name, origin));
             Ok::<_, KernelError>(m)
         };
+        let smem_optin = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(KernelError::driver("shared memory opt-in limit"))?;
+        let smem_optin = usize::try_from(smem_optin).unwrap_or(0);
         let fp8 = module(&sources::FP8_GEMV)?;
         let moe = module(&sources::FP4_MOE)?;
         let norm = module(&sources::RMSNORM)?;
@@ -424,10 +440,12 @@ impl Kernels {
                 f(&fp8, &format!("dsk_fp8_gemv_x{x}_m16"))?,
             ])
         };
-        Ok(Self {
+        let kernels = Self {
             fp8_gemv: [fp8_fns("bf16")?, fp8_fns("f32")?],
             fp4_gate_up: f(&moe, "dsk_fp4_moe_gate_up")?,
             fp4_down: f(&moe, "dsk_fp4_moe_down")?,
+            fp4_combine: f(&moe, "dsk_fp4_moe_combine")?,
+            smem_optin,
             rmsnorm: f(&norm, "dsk_rmsnorm_bf16")?,
             rope: f(&rope, "dsk_rope_interleaved_bf16")?,
             topk1: f(&samp, "dsk_topk_stage1")?,
@@ -437,7 +455,18 @@ impl Kernels {
             arch,
             sms: usize::try_from(sms).unwrap_or(1).max(1),
             origins,
-        })
+        };
+        // The expert kernels stage one activation row in dynamic shared memory; let them use
+        // more than the default 48 KB (checked per launch against `smem_optin`).
+        let optin = i32::try_from(kernels.smem_optin).unwrap_or(i32::MAX);
+        for func in [&kernels.fp4_gate_up, &kernels.fp4_down] {
+            func.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                optin,
+            )
+            .map_err(KernelError::driver("cuFuncSetAttribute"))?;
+        }
+        Ok(kernels)
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -511,6 +540,19 @@ impl Kernels {
         check_fp4_moe(e, c)?;
         const K: &str = "fp4_moe";
         let pairs = c.tokens * c.topk;
+        let smem = |len: usize| -> Result<u32, KernelError> {
+            let bytes = moe_stage_bytes(len);
+            if bytes > self.smem_optin {
+                return Err(KernelError::invalid(
+                    K,
+                    format!(
+                        "{len} activations need {bytes} B of shared memory; the GPU allows {}",
+                        self.smem_optin
+                    ),
+                ));
+            }
+            u32_grid(K, bytes)
+        };
         let (topk, experts) = (
             i32_arg(K, "topk", c.topk)?,
             i32_arg(K, "experts", e.experts)?,
@@ -519,6 +561,7 @@ impl Kernels {
             i32_arg(K, "inter", e.inter)?,
             i32_arg(K, "hidden", e.hidden)?,
         );
+        let tokens = i32_arg(K, "tokens", c.tokens)?;
         let cfg1 = LaunchConfig {
             grid_dim: (
                 u32_grid(K, pairs)?,
@@ -526,7 +569,7 @@ impl Kernels {
                 1,
             ),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem(e.hidden)?,
         };
         stream
             .launch_builder(&self.fp4_gate_up)
@@ -546,14 +589,13 @@ impl Kernels {
             .map_err(KernelError::driver("launch fp4_moe_gate_up"))?;
         let cfg2 = LaunchConfig {
             grid_dim: (
-                u32_grid(K, c.tokens)?,
+                u32_grid(K, pairs)?,
                 u32_grid(K, e.hidden.div_ceil(MOE_ROWS_PER_BLOCK))?,
                 1,
             ),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem(e.inter)?,
         };
-        let flag = c.out_dtype.flag();
         stream
             .launch_builder(&self.fp4_down)
             .arg(&c.h)
@@ -561,14 +603,28 @@ impl Kernels {
             .arg(&c.weights)
             .arg(&e.w2)
             .arg(&e.s2)
-            .arg(&c.out)
-            .arg(&flag)
-            .arg(&topk)
+            .arg(&c.partial)
             .arg(&experts)
             .arg(&hidden)
             .arg(&inter)
             .launch(cfg2)
             .map_err(KernelError::driver("launch fp4_moe_down"))?;
+        let cfg3 = LaunchConfig {
+            grid_dim: (u32_grid(K, (c.tokens * e.hidden).div_ceil(256))?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let flag = c.out_dtype.flag();
+        stream
+            .launch_builder(&self.fp4_combine)
+            .arg(&c.partial)
+            .arg(&c.out)
+            .arg(&flag)
+            .arg(&tokens)
+            .arg(&topk)
+            .arg(&hidden)
+            .launch(cfg3)
+            .map_err(KernelError::driver("launch fp4_moe_combine"))?;
         Ok(())
     }
 
@@ -823,6 +879,7 @@ mod tests {
             inter: 2048,
         };
         let c = Fp4MoeCall {
+            partial: 16,
             x: 16,
             ids: 16,
             weights: 16,
