@@ -169,3 +169,161 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_combine(
     if (out_bf16) reinterpret_cast<unsigned short *>(out)[idx] = dsk_f32_to_bf16(acc);
     else reinterpret_cast<float *>(out)[idx] = acc;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core variant (sm_80+ mma.sync m16n8k16, f16 in, f32 accumulate). Dequantising for the
+// CUDA-core FMAs costs about as many instructions as the bytes allow; here the decoded f16 pairs
+// feed the tensor core directly and the FMAs and f16->f32 conversions disappear.
+//
+// Tile: 16 weight rows (A) x 16 k per mma; B column 0 = x rounded to f16, column 1 = the f16 of
+// the rounding residual (x - f16(x)), columns 2..7 = 0, so C[:,0] + C[:,1] is the dot with x to
+// ~22 bits: accuracy stays at the f32 level. Thread (g = lane/4, t = lane%4) takes word t of each
+// 16-byte chunk for rows g and g+8: its four nibble pairs (p, p+4) are exactly its A slots for the
+// chunk's two mma steps (K order inside a chunk is permuted identically in A and B), so every mma
+// stays inside one 32-value chunk and the chunk's E8M0 scale is applied to the f32 result.
+// Activations must be below 65504 in magnitude (f16 range); hidden states after RMSNorm and
+// clipped SwiGLU outputs are. The 8 warps of a block split K and reduce through shared memory.
+// Needs K % 256 == 0 and rows % 16 == 0 (the host falls back to the CUDA-core kernels otherwise).
+
+__device__ __forceinline__ unsigned int moe_pack_f16x2(float lo, float hi) {
+    unsigned int r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// B fragments of chunk c for this lane: b[p] = (x[32c+8t+p], x[32c+8t+p+4]) as f16x2,
+// the rounded value for g == 0, the residual for g == 1, zero otherwise.
+__device__ __forceinline__ void moe_xfrag(const float *__restrict__ x, int c, int g, int t, unsigned int (&b)[4]) {
+    if (g >= 2) { b[0] = b[1] = b[2] = b[3] = 0u; return; }
+    const float4 *q = reinterpret_cast<const float4 *>(x + 32 * c + 8 * t);
+    const float4 v0 = __ldg(q), v1 = __ldg(q + 1);
+    const float e[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+        const unsigned int hi = moe_pack_f16x2(e[p], e[p + 4]);
+        if (g == 0) {
+            b[p] = hi;
+        } else {
+            float rl, rh;
+            dsk_f16x2_to_f32(hi, rl, rh);
+            b[p] = moe_pack_f16x2(e[p] - rl, e[p + 4] - rh);
+        }
+    }
+}
+
+__device__ __forceinline__ void moe_mma(float (&d)[4], unsigned int a0, unsigned int a1, unsigned int a2,
+                                        unsigned int a3, unsigned int b0, unsigned int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Nibble pair (p, p+4) of word v as f16x2 scaled by 2^-14 (see fp4_chunk_dot).
+__device__ __forceinline__ unsigned int moe_pair(unsigned int v, int p) {
+    const unsigned int mag = (p < 3 ? (v << (9 - 4 * p)) : (v >> 3)) & 0x0E000E00u;
+    const unsigned int sgn = (p < 3 ? (v << (12 - 4 * p)) : v) & 0x80008000u;
+    return mag | sgn;
+}
+
+// One chunk of one 16-row tile: returns (row g, row g+8) dots of the chunk with x (hi + lo),
+// unscaled, valid in lanes with t == 0.
+__device__ __forceinline__ void moe_chunk_mma(unsigned int wg, unsigned int wg8, const unsigned int (&b)[4],
+                                              float &dg, float &dg8) {
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    moe_mma(d, moe_pair(wg, 0), moe_pair(wg8, 0), moe_pair(wg, 1), moe_pair(wg8, 1), b[0], b[1]);
+    moe_mma(d, moe_pair(wg, 2), moe_pair(wg8, 2), moe_pair(wg, 3), moe_pair(wg8, 3), b[2], b[3]);
+    dg = d[0] + d[1];
+    dg8 = d[2] + d[3];
+}
+
+extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_gate_up_mma(
+    const float *__restrict__ x, const int *__restrict__ ids, const unsigned char *__restrict__ W1,
+    const unsigned char *__restrict__ S1, const unsigned char *__restrict__ W3,
+    const unsigned char *__restrict__ S3, float *__restrict__ h, int topk, int E, int I, int K,
+    float limit) {
+    __shared__ float red[MOE_WARPS][2][16];
+    const int p = blockIdx.x, t_tok = p / topk;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int i0 = blockIdx.y * 16;
+    const int e = ids[p];
+    if (e < 0 || e >= E) {
+        if (threadIdx.x < 16) h[(long)p * I + i0 + threadIdx.x] = 0.f;
+        return;
+    }
+    const int C = K >> 5, Cw = C / MOE_WARPS;
+    const long rg = (long)e * I + i0 + g, rg8 = rg + 8;
+    const unsigned int *w1g = reinterpret_cast<const unsigned int *>(W1 + rg * (K >> 1)) + t;
+    const unsigned int *w1g8 = reinterpret_cast<const unsigned int *>(W1 + rg8 * (K >> 1)) + t;
+    const unsigned int *w3g = reinterpret_cast<const unsigned int *>(W3 + rg * (K >> 1)) + t;
+    const unsigned int *w3g8 = reinterpret_cast<const unsigned int *>(W3 + rg8 * (K >> 1)) + t;
+    const float *xt = x + (long)t_tok * K;
+    float gg = 0.f, gg8 = 0.f, uu = 0.f, uu8 = 0.f;
+#pragma unroll 4
+    for (int c = warp * Cw; c < (warp + 1) * Cw; ++c) {
+        const unsigned int a = __ldg(w1g + 4 * c), a8 = __ldg(w1g8 + 4 * c);
+        const unsigned int b = __ldg(w3g + 4 * c), b8 = __ldg(w3g8 + 4 * c);
+        unsigned int xf[4];
+        moe_xfrag(xt, c, g, t, xf);
+        float d0, d8;
+        moe_chunk_mma(a, a8, xf, d0, d8);
+        gg = fmaf(fp4_scale(S1[rg * C + c]), d0, gg);
+        gg8 = fmaf(fp4_scale(S1[rg8 * C + c]), d8, gg8);
+        moe_chunk_mma(b, b8, xf, d0, d8);
+        uu = fmaf(fp4_scale(S3[rg * C + c]), d0, uu);
+        uu8 = fmaf(fp4_scale(S3[rg8 * C + c]), d8, uu8);
+    }
+    if (t == 0) {
+        red[warp][0][g] = gg; red[warp][0][g + 8] = gg8;
+        red[warp][1][g] = uu; red[warp][1][g + 8] = uu8;
+    }
+    __syncthreads();
+    if (threadIdx.x < 16) {
+        float gs = 0.f, us = 0.f;
+        for (int w = 0; w < MOE_WARPS; ++w) { gs += red[w][0][threadIdx.x]; us += red[w][1][threadIdx.x]; }
+        gs = fminf(gs, limit);
+        us = fminf(fmaxf(us, -limit), limit);
+        h[(long)p * I + i0 + threadIdx.x] = gs / (1.f + expf(-gs)) * us;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down_mma(
+    const float *__restrict__ h, const int *__restrict__ ids, const float *__restrict__ weights,
+    const unsigned char *__restrict__ W2, const unsigned char *__restrict__ S2,
+    float *__restrict__ y, int E, int N, int I) {
+    __shared__ float red[MOE_WARPS][16];
+    const int p = blockIdx.x;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int n0 = blockIdx.y * 16;
+    const int e = ids[p];
+    if (e < 0 || e >= E) {
+        if (threadIdx.x < 16) y[(long)p * N + n0 + threadIdx.x] = 0.f;
+        return;
+    }
+    const int C = I >> 5, Cw = C / MOE_WARPS;
+    const long rg = (long)e * N + n0 + g, rg8 = rg + 8;
+    const unsigned int *wg = reinterpret_cast<const unsigned int *>(W2 + rg * (I >> 1)) + t;
+    const unsigned int *wg8 = reinterpret_cast<const unsigned int *>(W2 + rg8 * (I >> 1)) + t;
+    const float *hp = h + (long)p * I;
+    float acc = 0.f, acc8 = 0.f;
+#pragma unroll 4
+    for (int c = warp * Cw; c < (warp + 1) * Cw; ++c) {
+        const unsigned int a = __ldg(wg + 4 * c), a8 = __ldg(wg8 + 4 * c);
+        unsigned int xf[4];
+        moe_xfrag(hp, c, g, t, xf);
+        float d0, d8;
+        moe_chunk_mma(a, a8, xf, d0, d8);
+        acc = fmaf(fp4_scale(S2[rg * C + c]), d0, acc);
+        acc8 = fmaf(fp4_scale(S2[rg8 * C + c]), d8, acc8);
+    }
+    if (t == 0) { red[warp][g] = acc; red[warp][g + 8] = acc8; }
+    __syncthreads();
+    if (threadIdx.x < 16) {
+        float s = 0.f;
+        for (int w = 0; w < MOE_WARPS; ++w) s += red[w][threadIdx.x];
+        y[(long)p * N + n0 + threadIdx.x] = weights[p] * s;
+    }
+}

@@ -36,6 +36,22 @@ impl OutDtype {
 pub const FP8_GEMV_MAX_M: usize = 16;
 const FP8_M_BUCKETS: [usize; 5] = [1, 2, 4, 8, 16];
 const FP8_WARPS: usize = 8;
+/// Which FP4 expert kernels to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoePath {
+    /// Tensor cores when the shapes allow (hidden and inter multiples of 256), else CUDA cores.
+    Auto,
+    /// f32 FMAs on CUDA cores (any hidden/inter multiple of 32).
+    CudaCore,
+    /// mma.sync f16 with an f16 residual column (hidden, inter multiples of 256).
+    TensorCore,
+}
+
+/// Whether the tensor-core expert kernels take these shapes.
+pub fn moe_tensor_core_fits(hidden: usize, inter: usize) -> bool {
+    hidden.is_multiple_of(256) && inter.is_multiple_of(256)
+}
+
 /// Rows per block of the FP4 expert kernels (8 warps x 4 rows).
 const MOE_ROWS_PER_BLOCK: usize = 32;
 const TOPK_CHUNK: usize = 2048;
@@ -392,6 +408,8 @@ pub struct Kernels {
     fp4_gate_up: CudaFunction,
     fp4_down: CudaFunction,
     fp4_combine: CudaFunction,
+    fp4_gate_up_mma: CudaFunction,
+    fp4_down_mma: CudaFunction,
     /// Largest dynamic shared memory a block may opt in to (bytes).
     smem_optin: usize,
     rmsnorm: CudaFunction,
@@ -445,6 +463,8 @@ impl Kernels {
             fp4_gate_up: f(&moe, "dsk_fp4_moe_gate_up")?,
             fp4_down: f(&moe, "dsk_fp4_moe_down")?,
             fp4_combine: f(&moe, "dsk_fp4_moe_combine")?,
+            fp4_gate_up_mma: f(&moe, "dsk_fp4_moe_gate_up_mma")?,
+            fp4_down_mma: f(&moe, "dsk_fp4_moe_down_mma")?,
             smem_optin,
             rmsnorm: f(&norm, "dsk_rmsnorm_bf16")?,
             rope: f(&rope, "dsk_rope_interleaved_bf16")?,
@@ -537,9 +557,43 @@ impl Kernels {
         e: &Fp4Experts,
         c: &Fp4MoeCall,
     ) -> Result<(), KernelError> {
+        self.fp4_moe_path(stream, e, c, MoePath::Auto)
+    }
+
+    /// `fp4_moe` with an explicit kernel choice (benchmarks, checks).
+    ///
+    /// # Safety
+    /// As `fp4_moe`.
+    pub unsafe fn fp4_moe_path(
+        &self,
+        stream: &CudaStream,
+        e: &Fp4Experts,
+        c: &Fp4MoeCall,
+        path: MoePath,
+    ) -> Result<(), KernelError> {
         check_fp4_moe(e, c)?;
         const K: &str = "fp4_moe";
+        let fits = moe_tensor_core_fits(e.hidden, e.inter);
+        let tensor = match path {
+            MoePath::Auto => fits,
+            MoePath::CudaCore => false,
+            MoePath::TensorCore if fits => true,
+            MoePath::TensorCore => {
+                return Err(KernelError::invalid(
+                    K,
+                    format!(
+                        "tensor-core path needs hidden ({}) and inter ({}) multiples of 256",
+                        e.hidden, e.inter
+                    ),
+                ))
+            }
+        };
         let pairs = c.tokens * c.topk;
+        let (rows_per_block, f_gate_up, f_down) = if tensor {
+            (16, &self.fp4_gate_up_mma, &self.fp4_down_mma)
+        } else {
+            (MOE_ROWS_PER_BLOCK, &self.fp4_gate_up, &self.fp4_down)
+        };
         let smem = |len: usize| -> Result<u32, KernelError> {
             let bytes = moe_stage_bytes(len);
             if bytes > self.smem_optin {
@@ -565,14 +619,14 @@ impl Kernels {
         let cfg1 = LaunchConfig {
             grid_dim: (
                 u32_grid(K, pairs)?,
-                u32_grid(K, e.inter.div_ceil(MOE_ROWS_PER_BLOCK))?,
+                u32_grid(K, e.inter.div_ceil(rows_per_block))?,
                 1,
             ),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: smem(e.hidden)?,
+            shared_mem_bytes: if tensor { 0 } else { smem(e.hidden)? },
         };
         stream
-            .launch_builder(&self.fp4_gate_up)
+            .launch_builder(f_gate_up)
             .arg(&c.x)
             .arg(&c.ids)
             .arg(&e.w1)
@@ -590,14 +644,14 @@ impl Kernels {
         let cfg2 = LaunchConfig {
             grid_dim: (
                 u32_grid(K, pairs)?,
-                u32_grid(K, e.hidden.div_ceil(MOE_ROWS_PER_BLOCK))?,
+                u32_grid(K, e.hidden.div_ceil(rows_per_block))?,
                 1,
             ),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: smem(e.inter)?,
+            shared_mem_bytes: if tensor { 0 } else { smem(e.inter)? },
         };
         stream
-            .launch_builder(&self.fp4_down)
+            .launch_builder(f_down)
             .arg(&c.h)
             .arg(&c.ids)
             .arg(&c.weights)
@@ -891,6 +945,8 @@ mod tests {
             swiglu_limit: 10.0,
         };
         assert!(check_fp4_moe(&e, &c).is_ok());
+        assert!(moe_tensor_core_fits(4096, 2048) && moe_tensor_core_fits(4096, 1024));
+        assert!(!moe_tensor_core_fits(4096, 96));
         assert!(check_fp4_moe(&Fp4Experts { inter: 2000, ..e }, &c).is_err());
         assert!(check_fp4_moe(&e, &Fp4MoeCall { topk: 300, ..c }).is_err());
         assert!(check_fp4_moe(

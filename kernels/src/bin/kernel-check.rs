@@ -21,10 +21,11 @@ use anyhow::{bail, Context, Result};
 use cudarc::driver::sys::{CUdeviceptr, CUevent_flags};
 use cudarc::driver::{result as dres, CudaContext, CudaSlice, CudaStream, DevicePtr};
 use dspark_kernels::formats::{bf16_to_f32, f32_to_bf16};
-use dspark_kernels::launch::topk_workspace_bytes;
+use dspark_kernels::launch::{self, topk_workspace_bytes};
 use dspark_kernels::reference::{self, rel_err};
 use dspark_kernels::{
-    ActDtype, Fp4Experts, Fp4MoeCall, Fp8Gemv, Kernels, LoaderConfig, OutDtype, RmsNorm, Rope, TopK,
+    ActDtype, Fp4Experts, Fp4MoeCall, Fp8Gemv, Kernels, LoaderConfig, MoePath, OutDtype, RmsNorm,
+    Rope, TopK,
 };
 
 // ---------------------------------------------------------------- thresholds (see docs/KERNELS.md)
@@ -172,19 +173,21 @@ impl Gpu {
             .with_context(|| format!("kernel failed: {what}"))
     }
 
-    /// Median GPU time (µs) of `launch(i)` over `reps`, events per launch, behind a spin kernel.
+    /// GPU time of `launch(i)`: the median over `reps` of events around each launch (queued behind
+    /// a spin kernel so the host's launch cost stays out), and the mean per launch of `reps`
+    /// launches back to back between two events (what a stream of such kernels sustains).
     fn time(
         &self,
         k: &Kernels,
         reps: usize,
         mut launch: impl FnMut(usize) -> Result<()>,
-    ) -> Result<f64> {
+    ) -> Result<Timing> {
         for i in 0..5 {
             launch(i)?;
         }
         self.sync("warm-up")?;
-        let mut evs = Vec::with_capacity(2 * reps);
-        for _ in 0..2 * reps {
+        let mut evs = Vec::with_capacity(2 * reps + 2);
+        for _ in 0..2 * reps + 2 {
             evs.push(
                 self.ctx
                     .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
@@ -210,8 +213,29 @@ impl Gpu {
             .collect::<Result<_, _>>()
             .context("event elapsed")?;
         t.sort_by(f64::total_cmp);
-        Ok(t[reps / 2])
+        k.spin(&self.stream, 5_000_000 + 60_000 * reps as u64)?;
+        evs[2 * reps].record(&self.stream).context("event record")?;
+        for i in 0..reps {
+            launch(i)?;
+        }
+        evs[2 * reps + 1]
+            .record(&self.stream)
+            .context("event record")?;
+        self.sync("back-to-back launches")?;
+        let total = evs[2 * reps]
+            .elapsed_ms(&evs[2 * reps + 1])
+            .context("event elapsed")?;
+        Ok(Timing {
+            median_us: t[reps / 2],
+            b2b_us: f64::from(total) * 1000.0 / reps as f64,
+        })
     }
+}
+
+#[derive(Clone, Copy)]
+struct Timing {
+    median_us: f64,
+    b2b_us: f64,
 }
 
 // ---------------------------------------------------------------- report
@@ -219,7 +243,7 @@ struct Row {
     kernel: &'static str,
     case: String,
     check: Option<(f64, f64)>,
-    time_us: Option<f64>,
+    time_us: Option<Timing>,
     bytes: f64,
 }
 
@@ -263,10 +287,13 @@ impl Report {
             bytes: 0.0,
         });
     }
-    fn timed(&mut self, kernel: &'static str, case: String, us: f64, bytes: f64) {
-        let gbps = bytes / (us * 1e3);
+    /// GB/s uses the back-to-back time (per-launch events add a fixed overhead; both are shown).
+    fn timed(&mut self, kernel: &'static str, case: String, tm: Timing, bytes: f64) {
+        let gbps = bytes / (tm.b2b_us * 1e3);
         println!(
-            "TIME {kernel:<10} {case:<52} {us:>9.2} us {:>8.1} GB/s {:>5.1}% of copy",
+            "TIME {kernel:<10} {case:<52} {:>8.2} us b2b {:>8.2} us ev {:>8.1} GB/s {:>5.1}% of copy",
+            tm.b2b_us,
+            tm.median_us,
             gbps,
             100.0 * gbps / self.copy_gbps
         );
@@ -274,28 +301,29 @@ impl Report {
             kernel,
             case,
             check: None,
-            time_us: Some(us),
+            time_us: Some(tm),
             bytes,
         });
     }
     fn csv(&self) -> String {
-        let mut s =
-            String::from("kernel,case,rel_err,threshold,pass,median_us,bytes,gbps,pct_of_copy\n");
+        let mut s = String::from(
+            "kernel,case,rel_err,threshold,pass,b2b_us,event_median_us,bytes,gbps,pct_of_copy\n",
+        );
         for r in &self.rows {
             let (e, t, p) = match r.check {
                 Some((e, t)) => (format!("{e:.3e}"), format!("{t:.1e}"), (e <= t).to_string()),
                 None => (String::new(), String::new(), String::new()),
             };
             let (us, gb, pct) = match r.time_us {
-                Some(us) => {
-                    let g = r.bytes / (us * 1e3);
+                Some(tm) => {
+                    let g = r.bytes / (tm.b2b_us * 1e3);
                     (
-                        format!("{us:.2}"),
+                        format!("{:.2},{:.2}", tm.b2b_us, tm.median_us),
                         format!("{g:.1}"),
                         format!("{:.1}", 100.0 * g / self.copy_gbps),
                     )
                 }
-                None => (String::new(), String::new(), String::new()),
+                None => (",".to_string(), String::new(), String::new()),
             };
             let _ = writeln!(
                 s,
@@ -305,7 +333,7 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "copy,\"device-to-device copy (read+write)\",,,,,,{:.1},100.0",
+            "copy,\"device-to-device copy (read+write)\",,,,,,,{:.1},100.0",
             self.copy_gbps
         );
         s
@@ -322,7 +350,7 @@ fn measure_copy(gpu: &Gpu, k: &Kernels, bytes: usize) -> Result<f64> {
             .memcpy_dtod(&src.slice, &mut dst.slice)
             .context("memcpy D2D")
     })?;
-    Ok(2.0 * bytes as f64 / (us * 1e3))
+    Ok(2.0 * bytes as f64 / (us.b2b_us * 1e3))
 }
 
 // ---------------------------------------------------------------- FP8 GEMV
@@ -535,6 +563,7 @@ fn moe_case(
     tokens: usize,
     od: OutDtype,
     bad_id: bool,
+    path: MoePath,
 ) -> Result<()> {
     let topk = 6;
     let mut ids = draw_ids(rng, tokens, topk, l.experts, true);
@@ -570,7 +599,7 @@ fn moe_case(
         swiglu_limit: 10.0,
     };
     // SAFETY: buffers sized for these shapes; the layer holds `experts` experts at this inter or larger.
-    unsafe { k.fp4_moe(&gpu.stream, &l.experts_arg(inter), &c) }?;
+    unsafe { k.fp4_moe_path(&gpu.stream, &l.experts_arg(inter), &c, path) }?;
     gpu.sync("fp4_moe")?;
     let h = f32s_of(&gpu.download(&hb)?)
         .into_iter()
@@ -593,7 +622,7 @@ fn moe_case(
     };
     let (rh, rout) = reference::fp4_moe(sh, &ex, &x, &ids, &weights, 10.0);
     let name = format!(
-        "T{tokens} top{topk} E{} I{inter} H{}{}",
+        "{path:?} T{tokens} top{topk} E{} I{inter} H{}{}",
         l.experts,
         l.hidden,
         if bad_id { " +invalid id" } else { "" }
@@ -629,6 +658,7 @@ fn moe_bench(
     inter: usize,
     tokens: usize,
     reps: usize,
+    path: MoePath,
 ) -> Result<()> {
     let topk = 6;
     let mut all_ids = Vec::new();
@@ -663,7 +693,7 @@ fn moe_bench(
             swiglu_limit: 10.0,
         };
         // SAFETY: ids buffer holds reps+5 id sets; others sized above.
-        unsafe { k.fp4_moe(&gpu.stream, &ex, &c) }.map_err(Into::into)
+        unsafe { k.fp4_moe_path(&gpu.stream, &ex, &c, path) }.map_err(Into::into)
     })?;
     let uniq = uniq_total as f64 / (reps + 5) as f64;
     let per_expert = (3 * inter * l.hidden / 2 + 3 * inter * l.hidden / 32) as f64;
@@ -672,7 +702,7 @@ fn moe_bench(
     rep.timed(
         "fp4_moe",
         format!(
-            "T{tokens} top{topk} I{inter} H{} ({uniq:.1} experts)",
+            "{path:?} T{tokens} top{topk} I{inter} H{} ({uniq:.1} experts)",
             l.hidden
         ),
         us,
@@ -940,13 +970,12 @@ fn main() -> Result<()> {
         );
     }
 
-    let floor_us = if quick {
-        0.0
-    } else {
-        gpu.time(&k, 200, |_| k.spin(&gpu.stream, 0).map_err(Into::into))?
-    };
     if !quick {
-        println!("empty-kernel launch, event to event: {floor_us:.2} us (the floor under every timing below)");
+        let floor = gpu.time(&k, 200, |_| k.spin(&gpu.stream, 0).map_err(Into::into))?;
+        println!(
+            "empty kernel: {:.2} us back to back, {:.2} us between events (the floors under the times below)",
+            floor.b2b_us, floor.median_us
+        );
     }
     let mut rng = Rng(seed());
     let mut rep = Report {
@@ -996,39 +1025,49 @@ fn main() -> Result<()> {
         (256, 4096, 2048)
     };
     let layer = moe_layer(&gpu, &mut rng, experts, hidden, inter)?;
-    moe_case(
-        &gpu,
-        &k,
-        &mut rep,
-        &mut rng,
-        &layer,
-        inter,
-        1,
-        OutDtype::F32,
-        false,
-    )?;
-    moe_case(
-        &gpu,
-        &k,
-        &mut rep,
-        &mut rng,
-        &layer,
-        inter,
-        4,
-        OutDtype::Bf16,
-        true,
-    )?;
-    moe_case(
-        &gpu,
-        &k,
-        &mut rep,
-        &mut rng,
-        &layer,
-        inter / 2,
-        3,
-        OutDtype::F32,
-        false,
-    )?;
+    for path in [MoePath::CudaCore, MoePath::TensorCore] {
+        let fits = |i: usize| path == MoePath::CudaCore || launch::moe_tensor_core_fits(hidden, i);
+        if fits(inter) {
+            moe_case(
+                &gpu,
+                &k,
+                &mut rep,
+                &mut rng,
+                &layer,
+                inter,
+                1,
+                OutDtype::F32,
+                false,
+                path,
+            )?;
+            moe_case(
+                &gpu,
+                &k,
+                &mut rep,
+                &mut rng,
+                &layer,
+                inter,
+                4,
+                OutDtype::Bf16,
+                true,
+                path,
+            )?;
+        }
+        if fits(inter / 2) {
+            moe_case(
+                &gpu,
+                &k,
+                &mut rep,
+                &mut rng,
+                &layer,
+                inter / 2,
+                3,
+                OutDtype::F32,
+                false,
+                path,
+            )?;
+        }
+    }
 
     // RMSNorm, RoPE, top-k.
     for &(rows, d) in &[(1, 4096), (7, 512), (16, 1024)] {
@@ -1055,7 +1094,11 @@ fn main() -> Result<()> {
             fp8_bench(&gpu, &k, &mut rep, &mut rng, label, m, n, kd, reps)?;
         }
         for &(inter, tokens) in &[(2048, 1), (2048, 16), (1024, 1), (1024, 16)] {
-            moe_bench(&gpu, &k, &mut rep, &mut rng, &layer, inter, tokens, reps)?;
+            for path in [MoePath::CudaCore, MoePath::TensorCore] {
+                moe_bench(
+                    &gpu, &k, &mut rep, &mut rng, &layer, inter, tokens, reps, path,
+                )?;
+            }
         }
         drop(layer);
         for &(rows, d) in &[(1, 4096), (16, 4096), (8192, 4096)] {
