@@ -36,14 +36,35 @@ impl OutDtype {
 pub const FP8_GEMV_MAX_M: usize = 16;
 const FP8_M_BUCKETS: [usize; 5] = [1, 2, 4, 8, 16];
 const FP8_WARPS: usize = 8;
+/// Which FP8 GEMV kernel to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fp8Path {
+    /// Tensor cores for bf16 activations with m >= FP8_TC_MIN_M and k % 128 == 0, else CUDA cores.
+    Auto,
+    /// f32 FMAs on CUDA cores (bf16 or f32 activations, k % 16 == 0).
+    CudaCore,
+    /// mma.sync f16 (bf16 activations, k % 128 == 0).
+    TensorCore,
+}
+
+/// Smallest token count that `Fp8Path::Auto` sends to the tensor cores.
+pub const FP8_TC_MIN_M: usize = 2;
+
+/// Whether the tensor-core FP8 kernel takes this call.
+pub fn fp8_tensor_core_fits(a: &Fp8Gemv) -> bool {
+    a.x_dtype == ActDtype::Bf16 && a.k.is_multiple_of(128) && a.m <= FP8_GEMV_MAX_M
+}
+
 /// Which FP4 expert kernels to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MoePath {
-    /// Tensor cores when the shapes allow (hidden and inter multiples of 256), else CUDA cores.
+    /// The faster one as measured on H200 (docs/KERNELS.md): today the CUDA-core kernels.
     Auto,
     /// f32 FMAs on CUDA cores (any hidden/inter multiple of 32).
     CudaCore,
-    /// mma.sync f16 with an f16 residual column (hidden, inter multiples of 256).
+    /// mma.sync f16 with an f16 residual column (hidden, inter multiples of 256). Exact to f32
+    /// level like the CUDA-core path, but slower on H200 at decode shapes (the FP4 unpacking,
+    /// not the multiply-adds, limits both).
     TensorCore,
 }
 
@@ -405,6 +426,7 @@ pub struct Kernels {
     sms: usize,
     origins: Vec<(&'static str, ModuleOrigin)>,
     fp8_gemv: [[CudaFunction; 5]; 2],
+    fp8_tc: [CudaFunction; 2],
     fp4_gate_up: CudaFunction,
     fp4_down: CudaFunction,
     fp4_combine: CudaFunction,
@@ -460,6 +482,10 @@ impl Kernels {
         };
         let kernels = Self {
             fp8_gemv: [fp8_fns("bf16")?, fp8_fns("f32")?],
+            fp8_tc: [
+                f(&fp8, "dsk_fp8_gemm_tc_xbf16_n8")?,
+                f(&fp8, "dsk_fp8_gemm_tc_xbf16_n16")?,
+            ],
             fp4_gate_up: f(&moe, "dsk_fp4_moe_gate_up")?,
             fp4_down: f(&moe, "dsk_fp4_moe_down")?,
             fp4_combine: f(&moe, "dsk_fp4_moe_combine")?,
@@ -507,24 +533,71 @@ impl Kernels {
         &self.origins
     }
 
-    /// FP8 block-scaled GEMV / skinny GEMM (see `Fp8Gemv`).
+    /// FP8 block-scaled GEMV / skinny GEMM (see `Fp8Gemv`), kernel chosen by `Fp8Path::Auto`.
     ///
     /// # Safety
     /// Every pointer must address device memory of this context holding the shapes in `a`.
     pub unsafe fn fp8_gemv(&self, stream: &CudaStream, a: &Fp8Gemv) -> Result<(), KernelError> {
+        self.fp8_gemv_path(stream, a, Fp8Path::Auto)
+    }
+
+    /// `fp8_gemv` with an explicit kernel choice (benchmarks, checks).
+    ///
+    /// # Safety
+    /// As `fp8_gemv`.
+    pub unsafe fn fp8_gemv_path(
+        &self,
+        stream: &CudaStream,
+        a: &Fp8Gemv,
+        path: Fp8Path,
+    ) -> Result<(), KernelError> {
         check_fp8_gemv(a)?;
         const K: &str = "fp8_gemv";
-        let bucket = fp8_m_bucket(a.m).ok_or_else(|| KernelError::invalid(K, "m out of range"))?;
-        let mi = FP8_M_BUCKETS.iter().position(|&b| b == bucket).unwrap_or(0);
-        let func = &self.fp8_gemv[usize::from(a.x_dtype == ActDtype::F32)][mi];
-        let ks = fp8_ksplit(a.n, a.k, self.sms);
-        let blocks = a.n.div_ceil(2).div_ceil(FP8_WARPS / ks);
+        let fits = fp8_tensor_core_fits(a);
+        let tensor = match path {
+            Fp8Path::Auto => fits && a.m >= FP8_TC_MIN_M,
+            Fp8Path::CudaCore => false,
+            Fp8Path::TensorCore if fits => true,
+            Fp8Path::TensorCore => {
+                return Err(KernelError::invalid(
+                    K,
+                    "tensor-core path needs bf16 activations and k a multiple of 128",
+                ))
+            }
+        };
         let (m, n, k) = (
             i32_arg(K, "m", a.m)?,
             i32_arg(K, "n", a.n)?,
             i32_arg(K, "k", a.k)?,
         );
-        let (flag, ks) = (a.out_dtype.flag(), ks as i32);
+        let flag = a.out_dtype.flag();
+        if tensor {
+            let func = &self.fp8_tc[usize::from(a.m > 8)];
+            let cfg = LaunchConfig {
+                grid_dim: (u32_grid(K, a.n.div_ceil(32))?, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            stream
+                .launch_builder(func)
+                .arg(&a.weight)
+                .arg(&a.scale)
+                .arg(&a.x)
+                .arg(&a.out)
+                .arg(&flag)
+                .arg(&m)
+                .arg(&n)
+                .arg(&k)
+                .launch(cfg)
+                .map_err(KernelError::driver("launch fp8_gemm_tc"))?;
+            return Ok(());
+        }
+        let bucket = fp8_m_bucket(a.m).ok_or_else(|| KernelError::invalid(K, "m out of range"))?;
+        let mi = FP8_M_BUCKETS.iter().position(|&b| b == bucket).unwrap_or(0);
+        let func = &self.fp8_gemv[usize::from(a.x_dtype == ActDtype::F32)][mi];
+        let ks = fp8_ksplit(a.n, a.k, self.sms);
+        let blocks = a.n.div_ceil(2).div_ceil(FP8_WARPS / ks);
+        let ks = ks as i32;
         let cfg = LaunchConfig {
             grid_dim: (u32_grid(K, blocks)?, 1, 1),
             block_dim: (256, 1, 1),
@@ -575,8 +648,7 @@ impl Kernels {
         const K: &str = "fp4_moe";
         let fits = moe_tensor_core_fits(e.hidden, e.inter);
         let tensor = match path {
-            MoePath::Auto => fits,
-            MoePath::CudaCore => false,
+            MoePath::Auto | MoePath::CudaCore => false,
             MoePath::TensorCore if fits => true,
             MoePath::TensorCore => {
                 return Err(KernelError::invalid(
@@ -851,6 +923,12 @@ mod tests {
         assert_eq!(fp8_ksplit(1024, 4096, 132), 8);
         // Never split past one 16-byte chunk per lane: k = 1024 has 64 chunks -> at most 2 warps.
         assert_eq!(fp8_ksplit(2, 1024, 132), 2);
+        assert!(fp8_tensor_core_fits(&gemv(16, 4096, 1024)));
+        assert!(!fp8_tensor_core_fits(&gemv(4, 4096, 1040)));
+        assert!(!fp8_tensor_core_fits(&Fp8Gemv {
+            x_dtype: ActDtype::F32,
+            ..gemv(4, 4096, 1024)
+        }));
         assert_eq!(fp8_m_bucket(3), Some(4));
         assert_eq!(fp8_m_bucket(16), Some(16));
         assert_eq!(fp8_m_bucket(17), None);

@@ -18,7 +18,8 @@ pub mod sources;
 
 pub use error::KernelError;
 pub use launch::{
-    ActDtype, Fp4Experts, Fp4MoeCall, Fp8Gemv, Kernels, MoePath, OutDtype, RmsNorm, Rope, TopK,
+    ActDtype, Fp4Experts, Fp4MoeCall, Fp8Gemv, Fp8Path, Kernels, MoePath, OutDtype, RmsNorm, Rope,
+    TopK,
 };
 pub use loader::{LoaderConfig, ModuleOrigin};
 

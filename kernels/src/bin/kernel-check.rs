@@ -24,8 +24,8 @@ use dspark_kernels::formats::{bf16_to_f32, f32_to_bf16};
 use dspark_kernels::launch::{self, topk_workspace_bytes};
 use dspark_kernels::reference::{self, rel_err};
 use dspark_kernels::{
-    ActDtype, Fp4Experts, Fp4MoeCall, Fp8Gemv, Kernels, LoaderConfig, MoePath, OutDtype, RmsNorm,
-    Rope, TopK,
+    ActDtype, Fp4Experts, Fp4MoeCall, Fp8Gemv, Fp8Path, Kernels, LoaderConfig, MoePath, OutDtype,
+    RmsNorm, Rope, TopK,
 };
 
 // ---------------------------------------------------------------- thresholds (see docs/KERNELS.md)
@@ -365,6 +365,7 @@ fn fp8_case(
     xd: ActDtype,
     od: OutDtype,
     subnormal: bool,
+    path: Fp8Path,
 ) -> Result<()> {
     let mut w = rng.e4m3(n * kd);
     if subnormal {
@@ -399,7 +400,7 @@ fn fp8_case(
         k: kd,
     };
     // SAFETY: buffers sized for exactly these shapes above.
-    unsafe { k.fp8_gemv(&gpu.stream, &a) }?;
+    unsafe { k.fp8_gemv_path(&gpu.stream, &a, path) }?;
     gpu.sync("fp8_gemv")?;
     let out = out_f64(&gpu.download(&ob)?, od);
     let r = reference::fp8_gemv(&w, &s, &xval, m, n, kd);
@@ -411,7 +412,7 @@ fn fp8_case(
     rep.check(
         "fp8_gemv",
         format!(
-            "m{m} n{n} k{kd} x{xd:?} out{od:?}{}",
+            "{path:?} m{m} n{n} k{kd} x{xd:?} out{od:?}{}",
             if subnormal { " subnormal-W" } else { "" }
         ),
         rel_err(&out, &r),
@@ -430,6 +431,7 @@ fn fp8_bench(
     n: usize,
     kd: usize,
     reps: usize,
+    path: Fp8Path,
 ) -> Result<()> {
     let wbytes = n * kd;
     let sbytes = n.div_ceil(128) * kd.div_ceil(128);
@@ -456,10 +458,15 @@ fn fp8_bench(
             k: kd,
         };
         // SAFETY: buffers sized for these shapes.
-        unsafe { k.fp8_gemv(&gpu.stream, &a) }.map_err(Into::into)
+        unsafe { k.fp8_gemv_path(&gpu.stream, &a, path) }.map_err(Into::into)
     })?;
     let bytes = (wbytes + sbytes + m * kd * 2 + m * n * 2) as f64;
-    rep.timed("fp8_gemv", format!("{label} m{m} n{n} k{kd}"), us, bytes);
+    rep.timed(
+        "fp8_gemv",
+        format!("{path:?} {label} m{m} n{n} k{kd}"),
+        us,
+        bytes,
+    );
     Ok(())
 }
 
@@ -1001,21 +1008,47 @@ fn main() -> Result<()> {
         (5, 2048, 1040, ActDtype::Bf16, OutDtype::F32, false),
         (2, 512, 2048, ActDtype::Bf16, OutDtype::F32, true),
     ] {
-        fp8_case(&gpu, &k, &mut rep, &mut rng, m, n, kd, xd, od, sub)?;
+        for path in [Fp8Path::CudaCore, Fp8Path::TensorCore] {
+            if path == Fp8Path::TensorCore && (xd != ActDtype::Bf16 || kd % 128 != 0) {
+                continue;
+            }
+            fp8_case(&gpu, &k, &mut rep, &mut rng, m, n, kd, xd, od, sub, path)?;
+        }
     }
-    if !quick {
-        fp8_case(
-            &gpu,
-            &k,
-            &mut rep,
-            &mut rng,
-            4,
-            32768,
-            1024,
-            ActDtype::Bf16,
-            OutDtype::Bf16,
-            false,
-        )?;
+    for path in [Fp8Path::CudaCore, Fp8Path::TensorCore] {
+        for &(m, n, kd, od) in &[
+            (9, 1000, 1024, OutDtype::F32),
+            (8, 768, 3072, OutDtype::Bf16),
+        ] {
+            fp8_case(
+                &gpu,
+                &k,
+                &mut rep,
+                &mut rng,
+                m,
+                n,
+                kd,
+                ActDtype::Bf16,
+                od,
+                false,
+                path,
+            )?;
+        }
+        if !quick {
+            fp8_case(
+                &gpu,
+                &k,
+                &mut rep,
+                &mut rng,
+                4,
+                32768,
+                1024,
+                ActDtype::Bf16,
+                OutDtype::Bf16,
+                false,
+                path,
+            )?;
+        }
     }
 
     // FP4 MoE.
@@ -1091,7 +1124,9 @@ fn main() -> Result<()> {
             ("wq_a", 1, 1024, 4096),
             ("shared w1", 1, 2048, 4096),
         ] {
-            fp8_bench(&gpu, &k, &mut rep, &mut rng, label, m, n, kd, reps)?;
+            for path in [Fp8Path::CudaCore, Fp8Path::TensorCore] {
+                fp8_bench(&gpu, &k, &mut rep, &mut rng, label, m, n, kd, reps, path)?;
+            }
         }
         for &(inter, tokens) in &[(2048, 1), (2048, 16), (1024, 1), (1024, 16)] {
             for path in [MoePath::CudaCore, MoePath::TensorCore] {
