@@ -39,7 +39,9 @@ const FP8_WARPS: usize = 8;
 /// Which FP8 GEMV kernel to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fp8Path {
-    /// Tensor cores for bf16 activations with m >= FP8_TC_MIN_M and k % 128 == 0, else CUDA cores.
+    /// Tensor cores for bf16 activations with m >= FP8_TC_MIN_M, k % 128 == 0 and at least one
+    /// 32-row block per SM (the tensor-core kernel does not split K across blocks yet); else CUDA
+    /// cores. From the H200 measurements in docs/KERNELS.md.
     Auto,
     /// f32 FMAs on CUDA cores (bf16 or f32 activations, k % 16 == 0).
     CudaCore,
@@ -555,7 +557,7 @@ impl Kernels {
         const K: &str = "fp8_gemv";
         let fits = fp8_tensor_core_fits(a);
         let tensor = match path {
-            Fp8Path::Auto => fits && a.m >= FP8_TC_MIN_M,
+            Fp8Path::Auto => fits && a.m >= FP8_TC_MIN_M && a.n.div_ceil(32) >= self.sms,
             Fp8Path::CudaCore => false,
             Fp8Path::TensorCore if fits => true,
             Fp8Path::TensorCore => {

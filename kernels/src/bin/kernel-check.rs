@@ -327,7 +327,7 @@ impl Report {
             };
             let _ = writeln!(
                 s,
-                "{},\"{}\",{e},{t},{p},{us},{},{gb},{pct}",
+                "{},\"{}\",{e},{t},{p},{us},{:.0},{gb},{pct}",
                 r.kernel, r.case, r.bytes,
             );
         }
