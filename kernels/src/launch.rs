@@ -621,8 +621,9 @@ impl Kernels {
         Ok(())
     }
 
-    /// Routed experts for the selected experts only: gate/up + SwiGLU into `c.h`, then down,
-    /// weighted and summed over each token's top-k, into `c.out`. Two launches.
+    /// Routed experts for the selected experts only: gate/up + SwiGLU into `c.h`, down (weighted
+    /// by the router) into `c.partial`, then the top-k slots summed in order into `c.out`. Three
+    /// launches; `MoePath::Auto` (the CUDA-core kernels, faster on H200).
     ///
     /// # Safety
     /// Every pointer must address device memory of this context holding the shapes given.
