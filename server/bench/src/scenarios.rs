@@ -190,17 +190,15 @@ pub async fn run(cli: &Cli) -> Result<Outcome, BenchError> {
         skipped: Vec::new(),
         requests: Vec::new(),
     };
+    // Fail on an unwritable --out before sending any traffic.
+    std::fs::create_dir_all(&c.out)?;
     let quiet = c.quiet;
-    let mut plots: Vec<PathBuf> = Vec::new();
     match &cli.command {
         Command::Decode(a) | Command::Acceptance(a) => {
-            decode(&ctx, &a.prompts, quiet, &mut report).await?;
+            decode(&ctx, &a.prompts, quiet, &mut report).await?
         }
         Command::Concurrency(a) => {
-            concurrency(&ctx, &a.levels, &a.prompts, quiet, &mut report).await?;
-            let p = c.out.join("throughput_vs_concurrency.png");
-            plot_throughput(&p, &report)?;
-            plots.push(p);
+            concurrency(&ctx, &a.levels, &a.prompts, quiet, &mut report).await?
         }
         Command::Poisson(a) => {
             poisson(
@@ -211,25 +209,10 @@ pub async fn run(cli: &Cli) -> Result<Outcome, BenchError> {
                 quiet,
                 &mut report,
             )
-            .await?;
+            .await?
         }
-        Command::Prefill(a) => {
-            prefill(&ctx, a, quiet, &mut report).await?;
-            let p = c.out.join("ttft_vs_prompt_len.png");
-            plot_ttft(&p, &report)?;
-            plots.push(p);
-        }
-        Command::Soak(a) => {
-            soak(&ctx, a, quiet, &mut report).await?;
-            let p = c.out.join("soak_latency.png");
-            plot_soak_latency(&p, &report)?;
-            plots.push(p);
-            if !report.rss.is_empty() {
-                let p = c.out.join("soak_rss.png");
-                plot_soak_rss(&p, &report)?;
-                plots.push(p);
-            }
-        }
+        Command::Prefill(a) => prefill(&ctx, a, quiet, &mut report).await?,
+        Command::Soak(a) => soak(&ctx, a, quiet, &mut report).await?,
     }
 
     report.errors = error_counts(&report.requests);
@@ -240,20 +223,41 @@ pub async fn run(cli: &Cli) -> Result<Outcome, BenchError> {
         .flat_map(|r| r.itl_s.iter().copied())
         .collect();
     report.itl_histogram_s = Histogram::auto(&itl, 50, 99.0);
-    std::fs::create_dir_all(&c.out)?;
-    if !itl.is_empty() {
-        let p = c.out.join(format!("{scenario}_itl_histogram.png"));
-        plots::histogram(
-            &p,
-            &format!("Inter-token latency ({scenario}, up to p99)"),
-            "inter-token latency (ms)",
-            &report.itl_histogram_s,
-            1e3,
-        )?;
-        plots.push(p);
-    }
+    // Results first: a plotting problem must not lose a long run's numbers.
     let mut files = report.write(&c.out)?;
-    files.extend(plots);
+    let mut plot = |name: String, draw: &dyn Fn(&Path) -> Result<(), PlotError>| {
+        let p = c.out.join(name);
+        match draw(&p) {
+            Ok(()) => files.push(p),
+            Err(e) => tracing::warn!("plot not written: {e}"),
+        }
+    };
+    match &cli.command {
+        Command::Concurrency(_) => plot("throughput_vs_concurrency.png".into(), &|p| {
+            plot_throughput(p, &report)
+        }),
+        Command::Prefill(_) => plot("ttft_vs_prompt_len.png".into(), &|p| plot_ttft(p, &report)),
+        Command::Soak(_) => {
+            plot("soak_latency.png".into(), &|p| {
+                plot_soak_latency(p, &report)
+            });
+            if !report.rss.is_empty() {
+                plot("soak_rss.png".into(), &|p| plot_soak_rss(p, &report));
+            }
+        }
+        _ => {}
+    }
+    if !itl.is_empty() {
+        plot(format!("{scenario}_itl_histogram.png"), &|p| {
+            plots::histogram(
+                p,
+                &format!("Inter-token latency ({scenario}, up to p99)"),
+                "inter-token latency (ms)",
+                &report.itl_histogram_s,
+                1e3,
+            )
+        });
+    }
     Ok(Outcome { report, files })
 }
 
