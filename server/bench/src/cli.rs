@@ -23,6 +23,7 @@ pub struct Cli {
 
 /// Flags every scenario takes (they may be given before or after the subcommand).
 #[derive(Debug, Args, Serialize)]
+#[command(next_help_heading = "Common options")]
 pub struct CommonArgs {
     /// OpenAI-compatible base URL, including /v1.
     #[arg(
@@ -63,6 +64,9 @@ pub struct CommonArgs {
     /// Stop issuing requests after this long per group (soak: in total), e.g. 60s, 5m.
     #[arg(long, global = true, value_parser = parse_duration)]
     pub duration: Option<f64>,
+    /// Unrecorded short requests sent first (connection set-up, lazy kernel compilation).
+    #[arg(long, global = true, default_value_t = 1)]
+    pub warmup: usize,
     /// Directory for <scenario>.json, CSVs and PNG plots.
     #[arg(long, global = true, default_value = "bench-results")]
     pub out: PathBuf,

@@ -192,6 +192,7 @@ pub async fn run(cli: &Cli) -> Result<Outcome, BenchError> {
     };
     // Fail on an unwritable --out before sending any traffic.
     std::fs::create_dir_all(&c.out)?;
+    warmup(&ctx, c.warmup).await;
     let quiet = c.quiet;
     match &cli.command {
         Command::Decode(a) | Command::Acceptance(a) => {
@@ -259,6 +260,39 @@ pub async fn run(cli: &Cli) -> Result<Outcome, BenchError> {
         });
     }
     Ok(Outcome { report, files })
+}
+
+/// Short unrecorded requests so the first measured one does not pay for connection set-up or
+/// the server's lazy initialisation. Failures only warn: the measured run will report them.
+async fn warmup(ctx: &Ctx, n: usize) {
+    let payload = match ctx.api {
+        Api::Chat => Payload::Chat(vec![crate::prompts::Message {
+            role: "user".into(),
+            content: Value::String("Hello".into()),
+        }]),
+        Api::Completions => Payload::Text("Hello".into()),
+    };
+    let params = GenParams {
+        max_tokens: 8,
+        ..(*ctx.runner.params).clone()
+    };
+    for _ in 0..n {
+        let r = ctx
+            .runner
+            .endpoint
+            .stream(
+                "warmup",
+                "warmup",
+                &payload,
+                &params,
+                ctx.runner.timeout,
+                Instant::now(),
+            )
+            .await;
+        if let Some(class) = r.error {
+            tracing::warn!("warm-up request failed ({class}): {:?}", r.error_detail);
+        }
+    }
 }
 
 fn default_prompts(given: &[String], default: &[&str]) -> Vec<String> {
