@@ -125,8 +125,8 @@ pub struct ConcurrencyArgs {
 
 #[derive(Debug, Args, Serialize)]
 pub struct PoissonArgs {
-    /// Arrival rates in requests per second (one group each).
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Arrival rates in requests per second (one group each); vLLM's --request-rate is an alias.
+    #[arg(long, alias = "request-rate", value_delimiter = ',', required = true)]
     pub rate: Vec<f64>,
     /// Cap on requests in flight (arrivals wait for a slot); unlimited by default.
     #[arg(long)]
