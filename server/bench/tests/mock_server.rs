@@ -376,6 +376,19 @@ async fn timeouts_and_connection_failures_are_classified() {
         assert!((1.0..2.0).contains(&e2e), "timed out at {e2e}s");
     }
 
+    // A body that ends without [DONE] is not a success, even with tokens received.
+    let drop = write_prompts(dir.path(), "drop.jsonl", &[json!({"prompt": "DROP"})]);
+    let out = bench(
+        &base,
+        dir.path(),
+        &["decode", "--prompts", &drop, "--requests", "2"],
+    )
+    .await;
+    assert!(!out.status.success());
+    let r = read_json(&dir.path().join("decode.json"));
+    assert_eq!(r["errors"], json!({"incomplete_stream": 2}));
+    assert_eq!(r["requests"][0]["text_chunks"], 2);
+
     // Nothing listens on this port once the listener is dropped.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

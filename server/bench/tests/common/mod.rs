@@ -3,7 +3,8 @@
 //! `cargo run -p dspark-bench --example mock_openai -- 8100`.
 //!
 //! Prompts containing FAIL429 / FAIL500 get that status, SLOW waits 5 s before the first token,
-//! STREAMERR sends an error event after two tokens, NOUSAGE omits the usage chunk.
+//! STREAMERR sends an error event after two tokens, DROP ends the body after two tokens without
+//! `[DONE]`, NOUSAGE omits the usage chunk.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -129,6 +130,7 @@ async fn completion(State(m): State<Mock>, Json(req): Json<Value>) -> Response {
     }
     let slow = text.contains("SLOW");
     let stream_error = text.contains("STREAMERR");
+    let drop_stream = text.contains("DROP");
     let send_usage = !text.contains("NOUSAGE");
 
     let (tx, rx) = futures::channel::mpsc::unbounded::<Bytes>();
@@ -163,6 +165,9 @@ async fn completion(State(m): State<Mock>, Json(req): Json<Value>) -> Response {
             if stream_error && i == 2 {
                 send_event(&tx, r#"{"error":{"message":"engine died","code":500}}"#).await;
                 return;
+            }
+            if drop_stream && i == 2 {
+                return; // the body ends cleanly, but without [DONE]
             }
             let finish = if i + 1 == max_tokens {
                 json!("length")
