@@ -263,6 +263,13 @@ impl<B: Backend> DeepseekV4<B> {
             // Vocab-parallel head: gather every rank's columns, then re-interleave per row.
             let gathered = self.comm.all_gather(&local).map_err(comm_err)?;
             let (m, vl) = (wanted.len(), vocab / self.shard.world_size);
+            if gathered.len() != m * vocab {
+                return Err(EngineError::Comm(format!(
+                    "all_gather of the LM head returned {} values, expected {}",
+                    gathered.len(),
+                    m * vocab
+                )));
+            }
             let mut full = vec![0f32; m * vocab];
             for rk in 0..self.shard.world_size {
                 for r in 0..m {
