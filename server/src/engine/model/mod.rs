@@ -3,6 +3,7 @@
 //!
 //! Entry point for the server: [`load`] returns a [`ModelRunner`] for a checkpoint directory.
 
+pub mod checkpoint_source;
 pub mod config;
 pub mod forward;
 pub mod hyper;
@@ -12,6 +13,7 @@ pub mod manifest;
 pub mod ops;
 pub mod rope;
 
+pub use checkpoint_source::{load, tensor_specs};
 pub use config::{ConfigError, ModelConfig};
 pub use forward::DeepseekV4;
 pub use load::{HostTensor, LoadError, Shard, WeightSource};
