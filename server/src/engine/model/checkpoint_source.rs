@@ -4,7 +4,8 @@
 use super::config::ModelConfig;
 use super::load::{HostTensor, LoadError, WeightSource};
 use super::manifest::{self, StoredDtype};
-use super::{build, LoadFormat, LoadOptions};
+use super::{build, build_cpu, DeepseekV4, LoadFormat, LoadOptions};
+use crate::backend::cpu::CpuBackend;
 use crate::engine::weights::{Checkpoint, DType, TensorSpec, WeightsError};
 use crate::engine::ModelRunner;
 use crate::ranks::Communicator;
@@ -62,20 +63,14 @@ pub fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
         .collect()
 }
 
-/// Opens the model in `dir` (config.json + safetensors, or dummy weights) and builds this
-/// rank's runner with its KV pool.
-pub fn load(
-    dir: &Path,
-    opts: &LoadOptions,
-    comm: Arc<dyn Communicator>,
-) -> Result<Box<dyn ModelRunner>, LoadError> {
-    let cfg = ModelConfig::from_dir(dir)?;
-    let started = Instant::now();
-    let ckpt = match opts.load_format {
-        LoadFormat::Dummy => Checkpoint::dummy(&tensor_specs(&cfg), opts.dummy_seed),
+fn open(dir: &Path, cfg: &ModelConfig, opts: &LoadOptions) -> Result<Checkpoint, LoadError> {
+    Ok(match opts.load_format {
+        LoadFormat::Dummy => Checkpoint::dummy(&tensor_specs(cfg), opts.dummy_seed),
         LoadFormat::Auto | LoadFormat::Safetensors => Checkpoint::open(dir).map_err(source_err)?,
-    };
-    let runner = build(cfg, &ckpt, opts, comm)?;
+    })
+}
+
+fn log_loaded(dir: &Path, opts: &LoadOptions, ckpt: &Checkpoint, started: Instant) {
     let secs = started.elapsed().as_secs_f64();
     let bytes = ckpt.total_bytes();
     tracing::info!(
@@ -87,5 +82,34 @@ pub fn load(
         mb_per_s = bytes as f64 / 1e6 / secs.max(1e-9),
         "model loaded"
     );
+}
+
+/// Opens the model in `dir` (config.json + safetensors, or dummy weights) and builds this
+/// rank's runner with its KV pool, on `opts.device`.
+pub fn load(
+    dir: &Path,
+    opts: &LoadOptions,
+    comm: Arc<dyn Communicator>,
+) -> Result<Box<dyn ModelRunner>, LoadError> {
+    let cfg = ModelConfig::from_dir(dir)?;
+    let started = Instant::now();
+    let ckpt = open(dir, &cfg, opts)?;
+    let runner = build(cfg, &ckpt, opts, comm)?;
+    log_loaded(dir, opts, &ckpt, started);
     Ok(runner)
+}
+
+/// [`load`] on the CPU backend, returning the concrete model (for callers that need more than
+/// [`ModelRunner`], e.g. the DSpark draft reading target features and weights).
+pub fn load_cpu(
+    dir: &Path,
+    opts: &LoadOptions,
+    comm: Arc<dyn Communicator>,
+) -> Result<DeepseekV4<CpuBackend>, LoadError> {
+    let cfg = ModelConfig::from_dir(dir)?;
+    let started = Instant::now();
+    let ckpt = open(dir, &cfg, opts)?;
+    let model = build_cpu(cfg, &ckpt, opts, comm)?;
+    log_loaded(dir, opts, &ckpt, started);
+    Ok(model)
 }

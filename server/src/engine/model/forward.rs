@@ -89,6 +89,15 @@ impl<B: Backend> DeepseekV4<B> {
         &self.cfg
     }
 
+    /// This rank's weights (the DSpark draft shares the embedding and LM head).
+    pub fn weights(&self) -> &ModelWeights<B> {
+        &self.weights
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
     /// Keep, for every row of each following step, the mean of the residual streams after these
     /// layers (the DSpark draft's target features).
     pub fn set_capture_layers(&mut self, layers: Vec<usize>) {

@@ -1,7 +1,16 @@
 //! The DeepSeek-V4-Flash target model: config, tensor manifest, weights, KV block layout and the
 //! batched forward pass, written over [`crate::backend::Backend`].
 //!
-//! Entry point for the server: [`load`] returns a [`ModelRunner`] for a checkpoint directory.
+//! Entry point for the server:
+//! ```ignore
+//! let opts = LoadOptions { device: Device::Cpu, load_format: LoadFormat::Auto,
+//!     kv_pool_tokens, block_size: None, shard: Shard { rank, world_size }, dummy_seed: 0 };
+//! let mut runner: Box<dyn ModelRunner> = model::load(dir, &opts, communicator)?;
+//! let layout = runner.kv_layout();          // block_size, num_blocks, bytes_per_block
+//! let out = runner.step(&plan)?;            // any mix of prefill chunks and decodes
+//! ```
+//! Every rank of a tensor-parallel group loads its shard (`Shard`) and runs the same plans;
+//! the layers all-reduce through the communicator. What a KV block holds: docs/KV.md.
 
 pub mod checkpoint_source;
 pub mod config;
@@ -13,7 +22,7 @@ pub mod manifest;
 pub mod ops;
 pub mod rope;
 
-pub use checkpoint_source::{load, tensor_specs};
+pub use checkpoint_source::{load, load_cpu, tensor_specs};
 pub use config::{ConfigError, ModelConfig};
 pub use forward::DeepseekV4;
 pub use load::{HostTensor, LoadError, Shard, WeightSource};
