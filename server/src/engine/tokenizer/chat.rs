@@ -86,11 +86,7 @@ pub struct ChatMessage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<MessageContent>,
     /// Reasoning of an earlier assistant turn (`reasoning_content`, or vLLM's newer `reasoning`).
-    #[serde(
-        default,
-        alias = "reasoning",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, alias = "reasoning", skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCall>>,
@@ -173,7 +169,10 @@ impl<'de> Deserialize<'de> for FunctionSpec {
 
 impl FunctionSpec {
     pub fn name(&self) -> &str {
-        self.0.get("name").and_then(OrderedJson::as_str).unwrap_or("")
+        self.0
+            .get("name")
+            .and_then(OrderedJson::as_str)
+            .unwrap_or("")
     }
     pub fn description(&self) -> Option<&str> {
         self.0.get("description").and_then(OrderedJson::as_str)
@@ -375,7 +374,9 @@ fn merge_turns<'a>(
                 .map_err(invalid)
         };
         if msg.role != Role::Assistant && msg.tool_calls.as_ref().is_some_and(|c| !c.is_empty()) {
-            return Err(invalid("only assistant messages may carry tool_calls".into()));
+            return Err(invalid(
+                "only assistant messages may carry tool_calls".into(),
+            ));
         }
         match msg.role {
             Role::System | Role::Developer => {
@@ -530,8 +531,8 @@ fn render_turn(
         && (!is_last || options.add_generation_prompt)
     {
         prompt.push_str(format::ASSISTANT);
-        let open_thinking = options.thinking
-            && (!drop_thinking || last_user.is_some_and(|u| index >= u));
+        let open_thinking =
+            options.thinking && (!drop_thinking || last_user.is_some_and(|u| index >= u));
         prompt.push_str(if open_thinking {
             format::THINK_START
         } else {

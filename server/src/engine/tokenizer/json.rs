@@ -272,8 +272,14 @@ mod tests {
         // Expected strings are `json.dumps(s, ensure_ascii=False)` in CPython 3.11.
         assert_eq!(python_json_string("a\"b\\c"), r#""a\"b\\c""#);
         assert_eq!(python_json_string("l1\nl2\t\r"), r#""l1\nl2\t\r""#);
-        assert_eq!(python_json_string("\u{1}\u{8}\u{c}\u{1f}"), r#""\u0001\b\f\u001f""#);
-        assert_eq!(python_json_string("北京 😀 \u{7f} \u{2028}"), "\"北京 😀 \u{7f} \u{2028}\"");
+        assert_eq!(
+            python_json_string("\u{1}\u{8}\u{c}\u{1f}"),
+            r#""\u0001\b\f\u001f""#
+        );
+        assert_eq!(
+            python_json_string("北京 😀 \u{7f} \u{2028}"),
+            "\"北京 😀 \u{7f} \u{2028}\""
+        );
     }
 
     #[test]
@@ -292,7 +298,7 @@ mod tests {
             (-1.25e-7, "-1.25e-07"),
             (123456789.123, "123456789.123"),
             (1e300, "1e+300"),
-            (3.141592653589793, "3.141592653589793"),
+            (std::f64::consts::PI, "3.141592653589793"),
         ] {
             assert_eq!(python_float_repr(f), want, "{f}");
         }

@@ -135,7 +135,11 @@ impl Tokenizer {
             Some(tokenizers::DecoderWrapper::ByteLevel(_)) => {}
             Some(other) => {
                 let name = format!("{other:?}");
-                let name = name.split(['(', ' ', '{']).next().unwrap_or("?").to_string();
+                let name = name
+                    .split(['(', ' ', '{'])
+                    .next()
+                    .unwrap_or("?")
+                    .to_string();
                 return Err(TokenizerError::UnsupportedDecoder(name));
             }
             None => return Err(TokenizerError::UnsupportedDecoder("none".into())),
@@ -344,12 +348,18 @@ mod tests {
     fn token_lookup_and_repr() {
         let t = tokenizer();
         assert_eq!(t.token_to_id("</think>"), Some(t.special().think_end));
-        assert_eq!(t.id_to_token(t.special().user).as_deref(), Some("<｜User｜>"));
+        assert_eq!(
+            t.id_to_token(t.special().user).as_deref(),
+            Some("<｜User｜>")
+        );
         let id = t.encode(" hello").unwrap();
         assert_eq!(id.len(), 1);
         assert_eq!(t.id_to_token(id[0]).as_deref(), Some("Ġhello"));
         assert_eq!(t.token_repr(id[0], false).unwrap(), " hello");
-        assert_eq!(t.token_repr(id[0], true).unwrap(), format!("token_id:{}", id[0]));
+        assert_eq!(
+            t.token_repr(id[0], true).unwrap(),
+            format!("token_id:{}", id[0])
+        );
         assert_eq!(t.token_bytes(id[0]).unwrap(), b" hello");
         assert!(matches!(
             t.decode(&[u32::MAX], false),

@@ -68,7 +68,11 @@ impl OutputParser {
 
     /// Same as [`new`](Self::new) with reproducible tool-call ids.
     pub fn with_seed(thinking: bool, tools_enabled: bool, seed: u64) -> Self {
-        Self::with_rng(thinking, tools_enabled, rand_chacha::ChaCha8Rng::seed_from_u64(seed))
+        Self::with_rng(
+            thinking,
+            tools_enabled,
+            rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+        )
     }
 
     fn with_rng(thinking: bool, tools_enabled: bool, rng: rand_chacha::ChaCha8Rng) -> Self {

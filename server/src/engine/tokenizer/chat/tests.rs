@@ -50,10 +50,18 @@ fn prompts_match_official_encoder() {
         let opts = options_of(&case.request.options);
         let rendered = render_chat(&case.request.messages, &case.request.tools, &opts)
             .unwrap_or_else(|e| panic!("{}: {e}", case.name));
-        let want = case.prompt.strip_prefix(bos).expect("fixture prompt starts with BOS");
+        let want = case
+            .prompt
+            .strip_prefix(bos)
+            .expect("fixture prompt starts with BOS");
         assert_eq!(rendered, want, "prompt text of {}", case.name);
-        let ids =
-            encode_chat(tokenizer(), &case.request.messages, &case.request.tools, &opts).unwrap();
+        let ids = encode_chat(
+            tokenizer(),
+            &case.request.messages,
+            &case.request.tools,
+            &opts,
+        )
+        .unwrap();
         assert_eq!(ids, case.token_ids, "token ids of {}", case.name);
     }
 }
@@ -110,7 +118,10 @@ fn generation_prompt_can_be_left_out() {
         thinking: false,
         ..ChatOptions::default()
     };
-    assert_eq!(render_chat(&msgs, &[], &opts).unwrap(), "<｜User｜>q<｜Assistant｜></think>");
+    assert_eq!(
+        render_chat(&msgs, &[], &opts).unwrap(),
+        "<｜User｜>q<｜Assistant｜></think>"
+    );
     opts.add_generation_prompt = false;
     assert_eq!(render_chat(&msgs, &[], &opts).unwrap(), "<｜User｜>q");
 }
@@ -118,14 +129,20 @@ fn generation_prompt_can_be_left_out() {
 #[test]
 fn bad_conversations_are_clear_errors() {
     let opts = ChatOptions::default();
-    assert!(matches!(render_chat(&[], &[], &opts), Err(ChatError::NoMessages)));
+    assert!(matches!(
+        render_chat(&[], &[], &opts),
+        Err(ChatError::NoMessages)
+    ));
 
     let image: Vec<ChatMessage> = serde_json::from_value(json!([
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
     ]))
     .unwrap();
     let err = render_chat(&image, &[], &opts).unwrap_err().to_string();
-    assert!(err.contains("messages[0]") && err.contains("image_url"), "{err}");
+    assert!(
+        err.contains("messages[0]") && err.contains("image_url"),
+        "{err}"
+    );
 
     let list_args: Vec<ChatMessage> = serde_json::from_value(json!([
         {"role": "user", "content": "x"},
@@ -169,7 +186,9 @@ fn template_kwargs_follow_vllm() {
     assert!(o.thinking);
     o.apply_template_kwargs(&kw(json!({"thinking": false, "enable_thinking": false})));
     assert!(!o.thinking);
-    o.apply_template_kwargs(&kw(json!({"drop_thinking": false, "reasoning_effort": "max"})));
+    o.apply_template_kwargs(&kw(
+        json!({"drop_thinking": false, "reasoning_effort": "max"}),
+    ));
     assert!(!o.drop_thinking && o.reasoning_effort_max);
     o.apply_reasoning_effort("none");
     assert!(!o.thinking && !o.reasoning_effort_max);

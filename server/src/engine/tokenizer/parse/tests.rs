@@ -73,7 +73,11 @@ fn random_pieces(text: &str, seed: u64) -> Vec<&str> {
 /// Every way of feeding `text` we try gives the same events; returns them.
 fn parse_all_ways(thinking: bool, tools: bool, text: &str) -> Vec<OutputEvent> {
     let whole = run(thinking, tools, &[text]);
-    assert_eq!(run(thinking, tools, &chars(text)), whole, "char by char: {text:?}");
+    assert_eq!(
+        run(thinking, tools, &chars(text)),
+        whole,
+        "char by char: {text:?}"
+    );
     for seed in 0..5 {
         assert_eq!(
             run(thinking, tools, &random_pieces(text, seed)),
@@ -159,14 +163,20 @@ fn repeated_think_tag_is_dropped_and_unclosed_thinking_is_reasoning() {
         parse_all_ways(true, true, "still thinking </thi"),
         vec![OutputEvent::Reasoning("still thinking </thi".into())]
     );
-    assert_eq!(parse_all_ways(true, false, "<thi"), vec![OutputEvent::Reasoning("<thi".into())]);
+    assert_eq!(
+        parse_all_ways(true, false, "<thi"),
+        vec![OutputEvent::Reasoning("<thi".into())]
+    );
 }
 
 #[test]
 fn content_newlines_are_held_only_until_clear() {
     let mut p = OutputParser::new(false, true);
     assert_eq!(p.feed("para\n"), vec![OutputEvent::Content("para".into())]);
-    assert_eq!(p.feed("\nnext"), vec![OutputEvent::Content("\n\nnext".into())]);
+    assert_eq!(
+        p.feed("\nnext"),
+        vec![OutputEvent::Content("\n\nnext".into())]
+    );
     assert_eq!(p.feed("\n"), vec![]);
     assert_eq!(p.finish(), vec![OutputEvent::Content("\n".into())]);
 }
@@ -174,7 +184,10 @@ fn content_newlines_are_held_only_until_clear() {
 #[test]
 fn without_tools_dsml_is_content() {
     let text = format!("hi{CALL}");
-    assert_eq!(parse_all_ways(false, false, &text), vec![OutputEvent::Content(text.clone())]);
+    assert_eq!(
+        parse_all_ways(false, false, &text),
+        vec![OutputEvent::Content(text.clone())]
+    );
 }
 
 #[test]
@@ -204,10 +217,13 @@ fn malformed_blocks_fall_back_to_content() {
 
 #[test]
 fn calls_before_a_broken_invoke_are_kept() {
-    let text = "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n</｜DSML｜invoke>\n<｜DSML｜oops>";
+    let text =
+        "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n</｜DSML｜invoke>\n<｜DSML｜oops>";
     let events = parse_all_ways(false, true, text);
-    assert!(matches!(&events[0], OutputEvent::ToolCall { name, arguments_json, .. }
-        if name == "f" && arguments_json == "{}"));
+    assert!(
+        matches!(&events[0], OutputEvent::ToolCall { name, arguments_json, .. }
+        if name == "f" && arguments_json == "{}")
+    );
     assert_eq!(events[1], OutputEvent::Content("\n<｜DSML｜oops>".into()));
     assert_eq!(events.len(), 2);
 }
@@ -224,14 +240,18 @@ fn lenient_where_harmless() {
     assert_eq!(calls[0].arguments, "{}");
     assert_eq!(calls[1].arguments, r#"{"n": "not json"}"#);
 
-    let events = parse_all_ways(false, true, "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n</｜DSML｜invoke>\n");
+    let events = parse_all_ways(
+        false,
+        true,
+        "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n</｜DSML｜invoke>\n",
+    );
     assert_eq!(events.len(), 1);
     assert!(matches!(events[0], OutputEvent::ToolCall { .. }));
 }
 
 #[test]
 fn call_ids_are_unique_and_indexed() {
-    let text = format!("{CALL}").replace(
+    let text = CALL.replace(
         "</｜DSML｜invoke>\n",
         "</｜DSML｜invoke>\n<｜DSML｜invoke name=\"g\">\n</｜DSML｜invoke>\n",
     );
@@ -247,15 +267,35 @@ fn call_ids_are_unique_and_indexed() {
     assert_ne!(ids[0], ids[1]);
     let mut p1 = OutputParser::new(false, true);
     let mut p2 = OutputParser::new(false, true);
-    assert_ne!(p1.feed(CALL), p2.feed(CALL), "random ids differ between requests");
+    assert_ne!(
+        p1.feed(CALL),
+        p2.feed(CALL),
+        "random ids differ between requests"
+    );
 }
 
 #[test]
 fn never_panics_on_marker_soup() {
     let atoms = [
-        "<think>", "</think>", "</th", "\n\n", "\n", "<｜DSML｜tool_calls", ">", "<｜DSML｜invoke",
-        " name=\"", "\"", "<｜DSML｜parameter", " string=\"false\"", "</｜DSML｜parameter>",
-        "</｜DSML｜invoke>", "</｜DSML｜tool_calls>", "{\"a\":", "北", "😀", "x",
+        "<think>",
+        "</think>",
+        "</th",
+        "\n\n",
+        "\n",
+        "<｜DSML｜tool_calls",
+        ">",
+        "<｜DSML｜invoke",
+        " name=\"",
+        "\"",
+        "<｜DSML｜parameter",
+        " string=\"false\"",
+        "</｜DSML｜parameter>",
+        "</｜DSML｜invoke>",
+        "</｜DSML｜tool_calls>",
+        "{\"a\":",
+        "北",
+        "😀",
+        "x",
     ];
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     for round in 0..300 {
@@ -266,7 +306,11 @@ fn never_panics_on_marker_soup() {
         for (thinking, tools) in [(true, true), (false, true), (true, false)] {
             let events = parse_all_ways(thinking, tools, &text);
             if !tools && !thinking {
-                assert_eq!(events, vec![OutputEvent::Content(text.clone())], "round {round}");
+                assert_eq!(
+                    events,
+                    vec![OutputEvent::Content(text.clone())],
+                    "round {round}"
+                );
             }
         }
     }
