@@ -260,6 +260,29 @@ mod tests {
     }
 
     #[test]
+    fn random_id_streams_equal_whole_decode() {
+        use rand::{Rng, SeedableRng};
+        let t = tokenizer();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for _ in 0..20 {
+            // Mostly single-byte tokens (which split characters), some of everything else.
+            let ids: Vec<u32> = (0..300)
+                .map(|_| {
+                    if rng.random_bool(0.5) {
+                        rng.random_range(0..256)
+                    } else {
+                        rng.random_range(0..t.vocab_size() as u32)
+                    }
+                })
+                .collect();
+            for skip in [false, true] {
+                let (_, joined) = stream(&ids, skip);
+                assert_eq!(joined, t.decode(&ids, skip).unwrap());
+            }
+        }
+    }
+
+    #[test]
     fn unknown_id_is_an_error() {
         let mut dec = IncrementalDecoder::new(tokenizer(), false);
         assert!(dec.push(tokenizer().vocab_size() as u32).is_err());

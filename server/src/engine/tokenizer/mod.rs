@@ -15,7 +15,9 @@ pub mod parse;
 use std::path::Path;
 use std::sync::Arc;
 
+pub use chat::{encode_chat, render_chat, ChatError, ChatMessage, ChatOptions, ToolCall, ToolSpec};
 pub use decode::{IncrementalDecoder, StopMatch, StopStrings};
+pub use parse::{parse_output, OutputEvent, OutputParser, ParsedOutput, ParsedToolCall};
 
 /// Errors from loading the tokenizer or converting text and ids.
 #[derive(Debug, thiserror::Error)]

@@ -236,6 +236,54 @@ impl OutputParser {
     }
 }
 
+/// A whole assistant turn, parsed (the non-streaming form of the events).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParsedOutput {
+    /// Thinking-block text (empty when not in thinking mode).
+    pub reasoning: String,
+    pub content: String,
+    pub tool_calls: Vec<ParsedToolCall>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments_json: String,
+}
+
+impl ParsedOutput {
+    /// Collects events (from any number of `feed`s plus `finish`).
+    pub fn from_events(events: impl IntoIterator<Item = OutputEvent>) -> Self {
+        let mut out = Self::default();
+        for event in events {
+            match event {
+                OutputEvent::Reasoning(t) => out.reasoning.push_str(&t),
+                OutputEvent::Content(t) => out.content.push_str(&t),
+                OutputEvent::ToolCall {
+                    id,
+                    name,
+                    arguments_json,
+                    ..
+                } => out.tool_calls.push(ParsedToolCall {
+                    id,
+                    name,
+                    arguments_json,
+                }),
+            }
+        }
+        out
+    }
+}
+
+/// Parses a complete output (non-streaming responses): the streaming parser fed once.
+pub fn parse_output(text: &str, thinking: bool, tools_enabled: bool) -> ParsedOutput {
+    let mut parser = OutputParser::new(thinking, tools_enabled);
+    let mut events = parser.feed(text);
+    events.extend(parser.finish());
+    ParsedOutput::from_events(events)
+}
+
 /// Appends text to the event list, merging with a preceding event of the same kind.
 fn push_text(events: &mut Vec<OutputEvent>, event: OutputEvent) {
     match (&event, events.last_mut()) {

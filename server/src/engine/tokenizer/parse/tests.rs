@@ -128,6 +128,18 @@ fn outputs_match_official_parser_in_any_split() {
         assert_eq!(reasoning, case.expected.reasoning, "{}", case.name);
         assert_eq!(content, case.expected.content, "{}", case.name);
         assert_eq!(calls, case.expected.tool_calls, "{}", case.name);
+
+        let whole = parse_output(&case.completion, case.thinking, case.tools);
+        assert_eq!(whole.reasoning, case.expected.reasoning);
+        assert_eq!(whole.content, case.expected.content);
+        let names: Vec<&str> = whole.tool_calls.iter().map(|c| c.name.as_str()).collect();
+        let want: Vec<&str> = case
+            .expected
+            .tool_calls
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(names, want);
     }
 }
 
