@@ -371,6 +371,16 @@ mod tests {
     }
 
     #[test]
+    fn shareable_across_request_tasks() {
+        fn send_sync<T: Send + Sync + Clone>() {}
+        fn send<T: Send>() {}
+        send_sync::<Tokenizer>();
+        send::<IncrementalDecoder>();
+        send::<OutputParser>();
+        send::<StopStrings>();
+    }
+
+    #[test]
     fn missing_file_is_a_clear_error() {
         let err = Tokenizer::from_file(Path::new("/nonexistent/tokenizer.json")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/tokenizer.json"));
