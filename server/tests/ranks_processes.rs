@@ -265,8 +265,8 @@ fn kill_9_of_rank_1_gives_rank_0_peer_lost_within_seconds() {
 fn kill_9_of_either_rank_makes_the_other_exit_non_zero_with_one_clear_line() {
     for victim in [0usize, 1] {
         let addr = free_addr();
-        let mut leader = spawn_rank("leader", &addr);
-        let mut follower = spawn_rank("follower", &addr);
+        let leader = spawn_rank("leader", &addr);
+        let follower = spawn_rank("follower", &addr);
         let l_out = leader.stdout.clone();
         wait_until("rank 0 to run steps", Duration::from_secs(30), || {
             l_out.lock().unwrap().contains("step 5")

@@ -420,7 +420,7 @@ impl<'a> Cursor<'a> {
     }
     fn u32s(&mut self) -> Result<Vec<u32>, WireError> {
         let n = self.u32()? as usize;
-        let bytes = self.take(n.checked_mul(4).unwrap_or(usize::MAX))?;
+        let bytes = self.take(n.saturating_mul(4))?;
         Ok(bytes
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
