@@ -57,6 +57,11 @@ impl NcclCommunicator {
         world_size: usize,
         id: &NcclUniqueId,
     ) -> Result<Self, CommError> {
+        // ncclCommInitRank joins on the thread's current device.
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| driver_err("bind context", e))?;
         let comm = Comm::from_rank(stream.clone(), rank, world_size, id.to_cudarc())
             .map_err(|e| nccl_err("ncclCommInitRank", e))?;
         Ok(Self {
@@ -71,8 +76,14 @@ impl NcclCommunicator {
         &self.stream
     }
 
-    fn comm(&self) -> MutexGuard<'_, OwnedComm> {
-        self.comm.lock().unwrap_or_else(|p| p.into_inner())
+    /// The communicator, with this rank's device current on the calling thread (NCCL launches
+    /// on the current device).
+    fn comm(&self) -> Result<MutexGuard<'_, OwnedComm>, CommError> {
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| driver_err("bind context", e))?;
+        Ok(self.comm.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// In-place sum over ranks of a device buffer, enqueued on [`Self::stream`].
@@ -80,7 +91,7 @@ impl NcclCommunicator {
         &self,
         buf: &mut B,
     ) -> Result<(), CommError> {
-        self.comm()
+        self.comm()?
             .0
             .all_reduce_in_place(buf, &ReduceOp::Sum)
             .map(|_| ())
@@ -101,7 +112,7 @@ impl NcclCommunicator {
                 send.len()
             )));
         }
-        self.comm()
+        self.comm()?
             .0
             .all_gather(send, recv)
             .map(|_| ())
@@ -116,7 +127,7 @@ impl NcclCommunicator {
     ) -> Result<(), CommError> {
         let root =
             i32::try_from(root).map_err(|_| CommError::Failed(format!("broadcast root {root}")))?;
-        self.comm()
+        self.comm()?
             .0
             .broadcast_in_place(buf, root)
             .map(|_| ())
