@@ -266,6 +266,18 @@ impl PlanBroadcaster {
         self.send_to_all(&bytes)
     }
 
+    /// Tells every rank this one is failing (best effort) and records the loss here.
+    pub fn abort_all(&self, reason: &str) {
+        let bytes = Frame::Abort {
+            reason: reason.into(),
+        }
+        .encode();
+        for link in &self.links {
+            let _ = link.send_encoded(&bytes);
+        }
+        self.health.mark_lost(0, reason);
+    }
+
     pub fn send_release(&self, seq_id: u64) -> Result<(), CommError> {
         self.send_to_all(&Frame::Release { seq_id }.encode())
     }
@@ -367,13 +379,19 @@ pub fn run_follower(
 ) -> Result<(), FollowerError> {
     loop {
         match link.recv()? {
-            PlanMessage::Step(plan) => {
+            PlanMessage::Step(plan) => match runner.step(&plan) {
                 // Outputs are discarded: rank 0 holds the same logits after the final gather.
-                if let Err(e) = runner.step(&plan) {
+                Ok(_) => {}
+                // Every rank rejects the same plan the same way, before any collective (the
+                // engine validates first), so the group stays in step.
+                Err(EngineError::Invalid(reason)) => {
+                    tracing::debug!("plan rejected on every rank: {reason}");
+                }
+                Err(e) => {
                     link.abort(&e.to_string());
                     return Err(e.into());
                 }
-            }
+            },
             PlanMessage::Release { seq_id } => runner.release(seq_id),
             PlanMessage::Shutdown => return Ok(()),
         }
@@ -416,7 +434,17 @@ impl<R: ModelRunner> ModelRunner for LeaderRunner<R> {
         self.plans
             .send_step(plan)
             .map_err(|e| EngineError::Comm(e.to_string()))?;
-        self.local.step(plan)
+        match self.local.step(plan) {
+            Ok(out) => Ok(out),
+            // Rejected identically on every rank before any collective: the group is intact.
+            Err(e @ EngineError::Invalid(_)) => Err(e),
+            // The other ranks may be waiting inside a collective of this step: the group can
+            // no longer agree on its state, so it fails together.
+            Err(e) => {
+                self.plans.abort_all(&format!("step failed: {e}"));
+                Err(e)
+            }
+        }
     }
 
     fn release(&mut self, seq_id: u64) {

@@ -82,6 +82,13 @@ impl GroupHealth {
         }
     }
 
+    /// The health of a group of one (`--world-size 1`): formed from the start, never lost.
+    pub fn single_rank() -> Self {
+        let h = Self::new(FailPolicy::ReturnErrors);
+        h.mark_formed();
+        h
+    }
+
     pub fn state(&self) -> GroupState {
         self.inner.state.borrow().clone()
     }

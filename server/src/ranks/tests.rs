@@ -431,6 +431,7 @@ struct RecordingRunner {
     comm: Option<Arc<dyn Communicator>>,
     seen: Arc<Mutex<Vec<String>>>,
     fail_on_step: Option<usize>,
+    invalid_on_step: Option<usize>,
 }
 
 impl ModelRunner for RecordingRunner {
@@ -452,6 +453,9 @@ impl ModelRunner for RecordingRunner {
         };
         if self.fail_on_step == Some(n) {
             return Err(EngineError::Backend("out of device memory".into()));
+        }
+        if self.invalid_on_step == Some(n) {
+            return Err(EngineError::Invalid("prompt too long".into()));
         }
         let mut partial = vec![plan.seqs.len() as f32; 4];
         if let Some(c) = &self.comm {
@@ -502,6 +506,7 @@ fn followers_run_every_plan_in_order_and_stop_on_shutdown() {
                     comm: Some(comm),
                     seen: s,
                     fail_on_step: None,
+                    invalid_on_step: None,
                 };
                 run_follower(&mut runner, &link).map_err(|e| e.to_string())
             });
@@ -517,6 +522,7 @@ fn followers_run_every_plan_in_order_and_stop_on_shutdown() {
             comm: Some(c0),
             seen: seen0.clone(),
             fail_on_step: None,
+            invalid_on_step: None,
         },
         plans,
     );
@@ -552,6 +558,7 @@ fn follower_failure_is_reported_to_rank_0_with_its_reason() {
             comm: None,
             seen: Arc::new(Mutex::new(Vec::new())),
             fail_on_step: Some(2),
+            invalid_on_step: None,
         };
         let r = run_follower(&mut runner, &link).map_err(|e| e.to_string());
         // Keep the sockets open a moment, as a real process would while logging.
@@ -675,4 +682,65 @@ fn orderly_shutdown_is_not_a_loss() {
     thread::sleep(Duration::from_millis(1500)); // past the heartbeat timeout
     assert_eq!(h0.state(), GroupState::Closed);
     assert_eq!(h1.state(), GroupState::Closed);
+}
+
+#[test]
+fn invalid_plans_keep_the_group_but_a_rank_0_step_failure_ends_it() {
+    let mut groups = form(2).into_iter();
+    let g0 = groups.next().unwrap();
+    let g1 = groups.next().unwrap();
+    let h1 = g1.health.clone();
+    let Role::Follower(link) = g1.role else {
+        panic!()
+    };
+    let Role::Leader(plans) = g0.role else {
+        panic!()
+    };
+    let (c0, c1) = (g0.comm, g1.comm);
+    let f = thread::spawn(move || {
+        let mut runner = RecordingRunner {
+            comm: Some(c1),
+            seen: Arc::new(Mutex::new(Vec::new())),
+            fail_on_step: None,
+            invalid_on_step: Some(2),
+        };
+        run_follower(&mut runner, &link).map_err(|e| e.to_string())
+    });
+    let mut runner = LeaderRunner::new(
+        RecordingRunner {
+            comm: Some(c0),
+            seen: Arc::new(Mutex::new(Vec::new())),
+            fail_on_step: Some(3),
+            invalid_on_step: Some(2),
+        },
+        plans,
+    );
+    runner.step(&plan(1)).unwrap();
+    assert!(matches!(
+        runner.step(&plan(1)),
+        Err(EngineError::Invalid(_))
+    ));
+    assert!(
+        runner.health().is_formed(),
+        "an invalid plan must not end the group"
+    );
+    assert!(matches!(
+        runner.step(&plan(1)),
+        Err(EngineError::Backend(_))
+    ));
+    let err = f.join().unwrap().unwrap_err();
+    assert!(
+        err.contains("rank 0 failed: step failed: backend: out of device memory"),
+        "{err}"
+    );
+    assert_eq!(h1.lost().map(|l| l.0), Some(0));
+    assert!(runner.health().lost().is_some());
+    assert!(matches!(runner.step(&plan(1)), Err(EngineError::Comm(_))));
+}
+
+#[test]
+fn single_rank_health_is_formed() {
+    let h = GroupHealth::single_rank();
+    assert!(h.is_formed());
+    assert_eq!(*h.subscribe().borrow(), GroupState::Formed);
 }
