@@ -187,6 +187,8 @@ fn reader_loop(
         let shutdown = msg == PlanMessage::Shutdown;
         if shutdown {
             health.mark_closed();
+            // Rank 0 waits for our side to close; don't make it wait for the link to be dropped.
+            let _ = stream.shutdown(Shutdown::Write);
         }
         if inbox.send(msg).is_err() || shutdown {
             return;

@@ -676,8 +676,19 @@ fn orderly_shutdown_is_not_a_loss() {
     let Role::Leader(plans) = g0.role else {
         panic!()
     };
-    let f = thread::spawn(move || link.recv());
+    let f = thread::spawn(move || {
+        let msg = link.recv();
+        // Hold the link (and its heartbeat thread) a while after the Shutdown.
+        thread::sleep(Duration::from_secs(3));
+        msg
+    });
+    let t0 = Instant::now();
     plans.shutdown().unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_millis(700),
+        "{:?}",
+        t0.elapsed()
+    );
     assert_eq!(f.join().unwrap().unwrap(), PlanMessage::Shutdown);
     thread::sleep(Duration::from_millis(1500)); // past the heartbeat timeout
     assert_eq!(h0.state(), GroupState::Closed);
