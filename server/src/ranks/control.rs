@@ -155,7 +155,7 @@ fn reader_loop(
                     return;
                 }
                 let reason = match e {
-                    WireError::Closed => "connection closed".to_string(),
+                    WireError::Closed => "control connection closed".to_string(),
                     WireError::TimedOut => format!(
                         "no heartbeat for {}s",
                         timing.heartbeat_timeout.as_secs_f32()
@@ -375,6 +375,10 @@ pub enum FollowerError {
 
 /// The loop of every rank > 0: run each plan rank 0 sends on the local shard until `Shutdown`
 /// (`Ok`) or a failure (`Err`; rank 0 is told why before this returns).
+///
+/// `Err(FollowerError::Comm(CommError::PeerLost { .. }))` means the group was lost; the one log
+/// line was already written by [`GroupHealth`], so the caller should just exit with
+/// [`super::EXIT_PEER_LOST`].
 pub fn run_follower(
     runner: &mut dyn ModelRunner,
     link: &PlanReceiver,
@@ -390,6 +394,11 @@ pub fn run_follower(
                     tracing::debug!("plan rejected on every rank: {reason}");
                 }
                 Err(e) => {
+                    // A collective inside the step saw the group fail: that loss (already
+                    // logged) is the error, not its echo from the engine.
+                    if let Some((rank, reason)) = link.health().lost() {
+                        return Err(CommError::PeerLost { rank, reason }.into());
+                    }
                     link.abort(&e.to_string());
                     return Err(e.into());
                 }

@@ -126,7 +126,7 @@ impl TcpCommunicator {
                 if let Some((rank, reason)) = self.health.wait_lost(Duration::from_millis(300)) {
                     return CommError::PeerLost { rank, reason };
                 }
-                format!("connection closed during {}", op_name(op))
+                format!("data connection closed during {}", op_name(op))
             }
             WireError::TimedOut => format!(
                 "no answer for {}s during {}",
