@@ -225,7 +225,7 @@ const PAYLOAD: usize = 10;
 impl TcpCommunicator {
     /// Receives the frame for collective (`op`, `seq`) from `peer` into `links.recv_buf`.
     /// A `CollectiveError` from rank 0 becomes `Failed` with its reason.
-    fn expect(
+    fn recv_for(
         &self,
         links: &mut Links,
         idx: usize,
@@ -292,7 +292,7 @@ impl Communicator for TcpCommunicator {
         if self.rank == 0 {
             // Sum in rank order: data already holds rank 0's part.
             for idx in 0..links.peers.len() {
-                self.expect(links, idx, KIND_CONTRIBUTION, op, seq)?;
+                self.recv_for(links, idx, KIND_CONTRIBUTION, op, seq)?;
                 let payload = &links.recv_buf[PAYLOAD..];
                 if payload.len() != data.len() * 4 {
                     let peer = links.peers[idx].0;
@@ -321,7 +321,7 @@ impl Communicator for TcpCommunicator {
             } = &mut *links;
             send_f32(&mut peers[0].1, send_buf, KIND_CONTRIBUTION, op, seq, data)
                 .map_err(|e| self.peer_lost(0, op, e))?;
-            self.expect(links, 0, KIND_RESULT, op, seq)?;
+            self.recv_for(links, 0, KIND_RESULT, op, seq)?;
             let payload = &links.recv_buf[PAYLOAD..];
             if payload.len() != data.len() * 4 {
                 return Err(
@@ -345,7 +345,7 @@ impl Communicator for TcpCommunicator {
             let mut out = Vec::with_capacity(local.len() * self.world_size);
             out.extend_from_slice(local);
             for idx in 0..links.peers.len() {
-                self.expect(links, idx, KIND_CONTRIBUTION, op, seq)?;
+                self.recv_for(links, idx, KIND_CONTRIBUTION, op, seq)?;
                 let payload = &links.recv_buf[PAYLOAD..];
                 if payload.len() != local.len() * 4 {
                     let peer = links.peers[idx].0;
@@ -373,7 +373,7 @@ impl Communicator for TcpCommunicator {
             } = &mut *links;
             send_f32(&mut peers[0].1, send_buf, KIND_CONTRIBUTION, op, seq, local)
                 .map_err(|e| self.peer_lost(0, op, e))?;
-            self.expect(links, 0, KIND_RESULT, op, seq)?;
+            self.recv_for(links, 0, KIND_RESULT, op, seq)?;
             let payload = &links.recv_buf[PAYLOAD..];
             if payload.len() != local.len() * 4 * self.world_size {
                 return Err(self.out_of_step(0, "all_gather result has the wrong length".into()));
@@ -401,7 +401,7 @@ impl Communicator for TcpCommunicator {
                     .iter()
                     .position(|(r, _)| *r == root)
                     .ok_or_else(|| CommError::Failed(format!("no link to rank {root}")))?;
-                self.expect(links, idx, KIND_CONTRIBUTION, op, seq)?;
+                self.recv_for(links, idx, KIND_CONTRIBUTION, op, seq)?;
                 data.clear();
                 data.extend_from_slice(&links.recv_buf[PAYLOAD..]);
             }
@@ -420,7 +420,7 @@ impl Communicator for TcpCommunicator {
             send(&mut peers[0].1, send_buf, KIND_CONTRIBUTION, op, seq, data)
                 .map_err(|e| self.peer_lost(0, op, e))?;
         } else {
-            self.expect(links, 0, KIND_RESULT, op, seq)?;
+            self.recv_for(links, 0, KIND_RESULT, op, seq)?;
             data.clear();
             data.extend_from_slice(&links.recv_buf[PAYLOAD..]);
         }
