@@ -130,7 +130,10 @@ impl std::fmt::Debug for NcclUniqueId {
 impl NcclUniqueId {
     /// Asks NCCL (loaded at run time) for a fresh id. Rank 0 only; needs the NCCL library.
     pub fn create() -> Result<Self, String> {
-        let id = cudarc::nccl::safe::Id::new().map_err(|e| format!("ncclGetUniqueId: {e:?}"))?;
+        // cudarc panics when it cannot load libnccl: turn that into an error.
+        let id = std::panic::catch_unwind(cudarc::nccl::safe::Id::new)
+            .map_err(|_| "cannot load the NCCL library (libnccl.so.2)".to_string())?
+            .map_err(|e| format!("ncclGetUniqueId: {e:?}"))?;
         Ok(Self::from_c_chars(id.internal()))
     }
 
@@ -194,6 +197,15 @@ mod tests {
         }
         let id = NcclUniqueId(bytes);
         assert_eq!(NcclUniqueId::from_c_chars(&id.to_c_chars()), id);
+    }
+
+    #[test]
+    fn nccl_id_creation_without_nccl_is_an_error_not_a_panic() {
+        // On this CPU machine libnccl is absent; on a GPU machine creation succeeds.
+        match NcclUniqueId::create() {
+            Ok(id) => assert_ne!(id.0, [0u8; 128]),
+            Err(e) => assert!(e.contains("NCCL"), "{e}"),
+        }
     }
 
     #[test]
