@@ -483,3 +483,26 @@ fn load_entry_point_reads_the_checkpoint_and_dummy_weights() {
     assert!(a[0][0].iter().all(|x| x.is_finite()));
     assert_ne!(a, want);
 }
+
+#[test]
+fn real_size_model_on_cpu_is_refused_before_loading() {
+    // V4-Flash dimensions with dummy weights: ~1.1 TB as f32, refused up front (no OOM kill).
+    let dir = tempfile::tempdir().unwrap();
+    let mut ratios = vec![0, 0];
+    for _ in 0..20 {
+        ratios.extend([4, 128]);
+    }
+    ratios.extend([4, 0]);
+    let cfg = serde_json::json!({"model_type": "deepseek_v4", "compress_ratios": ratios,
+        "quantization_config": {"quant_method": "fp8"}, "expert_dtype": "fp4"});
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let opts = LoadOptions {
+        load_format: model::LoadFormat::Dummy,
+        ..LoadOptions::default()
+    };
+    let err = model::load(dir.path(), &opts, Arc::new(SingleRank))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("f32 weights"), "{err}");
+}

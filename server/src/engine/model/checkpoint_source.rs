@@ -4,7 +4,7 @@
 use super::config::ModelConfig;
 use super::load::{HostTensor, LoadError, WeightSource};
 use super::manifest::{self, StoredDtype};
-use super::{build, build_cpu, DeepseekV4, LoadFormat, LoadOptions};
+use super::{build, build_cpu, DeepseekV4, Device, LoadFormat, LoadOptions};
 use crate::backend::cpu::CpuBackend;
 use crate::engine::weights::{Checkpoint, DType, TensorSpec, WeightsError};
 use crate::engine::ModelRunner;
@@ -64,6 +64,10 @@ pub fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
 }
 
 fn open(dir: &Path, cfg: &ModelConfig, opts: &LoadOptions) -> Result<Checkpoint, LoadError> {
+    if opts.device == Device::Cpu {
+        // Before mapping or generating anything.
+        super::check_host_memory(&manifest::target_tensors(cfg), opts.shard.world_size)?;
+    }
     Ok(match opts.load_format {
         LoadFormat::Dummy => Checkpoint::dummy(&tensor_specs(cfg), opts.dummy_seed),
         LoadFormat::Auto | LoadFormat::Safetensors => Checkpoint::open(dir).map_err(source_err)?,

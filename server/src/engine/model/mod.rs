@@ -100,6 +100,35 @@ pub fn kv_pool(cfg: &ModelConfig, opts: &LoadOptions) -> Result<KvPool, LoadErro
     Ok(KvPool::new(geometry, num_blocks))
 }
 
+/// The CPU backend holds every weight as f32: refuse a model that cannot fit instead of being
+/// killed half way through loading (e.g. the real V4-Flash, ~1.1 TB in f32).
+fn check_host_memory(
+    expected: &[manifest::ExpectedTensor],
+    world_size: usize,
+) -> Result<(), LoadError> {
+    let values: usize = expected
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
+    let need = values as u64 * 4 / world_size.max(1) as u64;
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    match available {
+        Some(avail) if need > avail => Err(LoadError::Source(format!(
+            "the CPU backend needs ~{:.1} GB for f32 weights of this rank, the host has {:.1} GB \
+             available; use --device cuda or a smaller model",
+            need as f64 / 1e9,
+            avail as f64 / 1e9
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Builds the CPU model of this rank from a weight source.
 pub fn build_cpu(
     cfg: ModelConfig,
@@ -116,7 +145,9 @@ pub fn build_cpu(
             opts.shard.world_size
         )));
     }
-    manifest::check_complete(src, &manifest::target_tensors(&cfg))?;
+    let expected = manifest::target_tensors(&cfg);
+    manifest::check_complete(src, &expected)?;
+    check_host_memory(&expected, opts.shard.world_size)?;
     let backend = CpuBackend;
     let weights = load::load_weights(src, &backend, &cfg, opts.shard)?;
     let pool = kv_pool(&cfg, opts)?;
