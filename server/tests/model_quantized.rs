@@ -195,6 +195,70 @@ fn tensor_parallel_two_ranks_match_one() {
     eprintln!("quantized checkpoint: TP=2 vs TP=1 worst relative difference {worst:e}");
 }
 
+#[test]
+fn tensor_parallel_shards_read_fp8_and_fp4_by_slice() {
+    // What the test above relies on: a rank's load reads the quantized tensors by range.
+    struct Recording<'a> {
+        inner: &'a Checkpoint,
+        slices: std::sync::Mutex<Vec<(String, usize)>>,
+    }
+    impl model::WeightSource for Recording<'_> {
+        fn contains(&self, name: &str) -> bool {
+            self.inner.contains(name)
+        }
+        fn tensor_f32(&self, name: &str) -> Result<model::HostTensor, model::LoadError> {
+            model::WeightSource::tensor_f32(self.inner, name)
+        }
+        fn tensor_f32_slice(
+            &self,
+            name: &str,
+            dim: usize,
+            range: std::ops::Range<usize>,
+        ) -> Result<model::HostTensor, model::LoadError> {
+            self.slices.lock().unwrap().push((name.to_string(), dim));
+            model::WeightSource::tensor_f32_slice(self.inner, name, dim, range)
+        }
+        fn tensor_i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>), model::LoadError> {
+            model::WeightSource::tensor_i64(self.inner, name)
+        }
+    }
+    let ckpt = Checkpoint::open(&quant_dir()).unwrap();
+    let cfg = ModelConfig::from_dir(&quant_dir()).unwrap();
+    let rec = Recording {
+        inner: &ckpt,
+        slices: Default::default(),
+    };
+    let opts = LoadOptions {
+        kv_pool_tokens: 128,
+        shard: Shard {
+            rank: 1,
+            world_size: 2,
+        },
+        ..LoadOptions::default()
+    };
+    let comm = support::local_group::group(2).remove(1);
+    model::build_cpu(cfg, &rec, &opts, Arc::new(comm)).unwrap();
+    let slices = rec.slices.into_inner().unwrap();
+    for (name, dim) in [
+        ("layers.1.attn.wq_b.weight", 0),
+        ("layers.1.attn.wo_a.weight", 0),
+        ("layers.1.attn.wo_b.weight", 1),
+        ("layers.1.attn.indexer.wq_b.weight", 0),
+        ("layers.2.ffn.shared_experts.w1.weight", 0),
+        ("layers.2.ffn.shared_experts.w2.weight", 1),
+        ("layers.2.ffn.experts.5.w3.weight", 0),
+        ("layers.2.ffn.experts.5.w2.weight", 1),
+    ] {
+        assert!(
+            slices.iter().any(|(n, d)| n == name && *d == dim),
+            "{name} not read by slice along dim {dim}"
+        );
+    }
+    let formats: Vec<_> = slices.iter().map(|(n, _)| ckpt.format(n)).collect();
+    assert!(formats.contains(&Some(WeightFormat::Fp8Block { block: [128, 128] })));
+    assert!(formats.contains(&Some(WeightFormat::Fp4 { group: 32 })));
+}
+
 // ---- The real V4-Flash shape: config and `--load-format dummy` manifest (never run). ----
 
 fn flash_config() -> ModelConfig {
