@@ -476,7 +476,9 @@ fn v4_flash_dummy_checkpoint_lists_every_tensor_in_its_real_format() {
             );
             let c = format!("{p}.attn.indexer.compressor");
             check(&format!("{c}.wkv.weight"), bf16, &[256, 4096], plain);
+            check(&format!("{c}.wgate.weight"), bf16, &[256, 4096], plain);
             check(&format!("{c}.ape"), f32_, &[4, 256], plain);
+            check(&format!("{c}.norm.weight"), bf16, &[128], plain);
         }
         check(&format!("{p}.ffn.gate.weight"), bf16, &[256, 4096], plain);
         let hash = l < 3;
@@ -512,6 +514,12 @@ fn v4_flash_dummy_checkpoint_lists_every_tensor_in_its_real_format() {
         }
     }
     assert!(ckpt.names().iter().all(|n| !n.starts_with("mtp.")));
+    // Hash routing tables hold 6 distinct valid expert ids per token.
+    let (_, tid2eid) = ckpt.tensor_i64("layers.2.ffn.gate.tid2eid").unwrap();
+    for row in tid2eid.chunks(6) {
+        assert!(row.iter().all(|e| (0..256).contains(e)), "{row:?}");
+        assert!((1..6).all(|i| !row[..i].contains(&row[i])), "{row:?}");
+    }
 
     // Sizes: the sum of the stored bytes, just under the 159.6 GB of the official checkpoint
     // (which also holds the MTP layer).
