@@ -41,7 +41,10 @@ pub enum Error {
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     #[error("building the desired {what}: {source}")]
-    Build { what: &'static str, source: serde_json::Error },
+    Build {
+        what: &'static str,
+        source: serde_json::Error,
+    },
 }
 
 impl Error {
@@ -67,7 +70,10 @@ pub struct Context {
 
 impl Context {
     pub fn new(client: Client, metrics: Arc<Metrics>, build: BuildContext) -> Self {
-        let reporter = Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -87,26 +93,46 @@ where
     K: Resource + Clone + Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     let name = obj.meta().name.clone().unwrap_or_default();
-    api.patch(&name, &apply_params(), &Patch::Apply(obj)).await?;
+    api.patch(&name, &apply_params(), &Patch::Apply(obj))
+        .await?;
     Ok(())
 }
 
-async fn publish(ctx: &Context, dsd: &DSparkDeployment, type_: EventType, reason: &str, action: &str, note: String) {
-    let ev = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+async fn publish(
+    ctx: &Context,
+    dsd: &DSparkDeployment,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
     // An Event that cannot be written must not fail the reconcile.
     if let Err(e) = ctx.recorder.publish(&ev, &dsd.object_ref(&())).await {
         warn!(error = %e, reason, "could not publish event");
     }
 }
 
-async fn patch_status(ctx: &Context, dsd: &DSparkDeployment, status: &crate::crd::DSparkDeploymentStatus) -> Result<()> {
-    let api: Api<DSparkDeployment> = Api::namespaced(ctx.client.clone(), &resources::namespace(dsd));
+async fn patch_status(
+    ctx: &Context,
+    dsd: &DSparkDeployment,
+    status: &crate::crd::DSparkDeploymentStatus,
+) -> Result<()> {
+    let api: Api<DSparkDeployment> =
+        Api::namespaced(ctx.client.clone(), &resources::namespace(dsd));
     let patch = json!({
         "apiVersion": "dspark.dev/v1alpha1",
         "kind": "DSparkDeployment",
         "status": status,
     });
-    api.patch_status(&dsd.name_any(), &apply_params(), &Patch::Apply(&patch)).await?;
+    api.patch_status(&dsd.name_any(), &apply_params(), &Patch::Apply(&patch))
+        .await?;
     Ok(())
 }
 
@@ -118,13 +144,21 @@ async fn check_claims(ctx: &Context, dsd: &DSparkDeployment) -> Result<Option<Bl
         .as_ref()
         .map(|p| p.claim_name.clone())
         .into_iter()
-        .chain(m.hugging_face.as_ref().and_then(|h| h.cache.claim_name.clone()));
-    let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &resources::namespace(dsd));
+        .chain(
+            m.hugging_face
+                .as_ref()
+                .and_then(|h| h.cache.claim_name.clone()),
+        );
+    let api: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &resources::namespace(dsd));
     for claim in claims {
         if api.get_opt(&claim).await?.is_none() {
             return Ok(Some(Blocker {
                 reason: "MissingPVC".into(),
-                message: format!("PersistentVolumeClaim {claim:?} not found in namespace {}", resources::namespace(dsd)),
+                message: format!(
+                    "PersistentVolumeClaim {claim:?} not found in namespace {}",
+                    resources::namespace(dsd)
+                ),
             }));
         }
     }
@@ -177,20 +211,59 @@ async fn apply_children(ctx: &Context, dsd: &DSparkDeployment) -> Result<()> {
         .await?;
     let existing_groups: Vec<i32> = existing.items.iter().filter_map(group_of).collect();
 
-    apply(&svcs, &build("headless Service", resources::headless_service(dsd))?).await?;
-    apply(&svcs, &build("client Service", resources::client_service(dsd))?).await?;
+    apply(
+        &svcs,
+        &build("headless Service", resources::headless_service(dsd))?,
+    )
+    .await?;
+    apply(
+        &svcs,
+        &build("client Service", resources::client_service(dsd))?,
+    )
+    .await?;
     for g in 0..dsd.spec.replicas.max(0) {
-        apply(&stss, &build("StatefulSet", resources::stateful_set(dsd, g, &ctx.build))?).await?;
-        apply(&pdbs, &build("PodDisruptionBudget", resources::pod_disruption_budget(dsd, g))?).await?;
+        apply(
+            &stss,
+            &build("StatefulSet", resources::stateful_set(dsd, g, &ctx.build))?,
+        )
+        .await?;
+        apply(
+            &pdbs,
+            &build(
+                "PodDisruptionBudget",
+                resources::pod_disruption_budget(dsd, g),
+            )?,
+        )
+        .await?;
         if !existing_groups.contains(&g) {
-            publish(ctx, dsd, EventType::Normal, "GroupCreated", "Create", format!("created group {g} ({})", resources::group_name(dsd, g))).await;
+            publish(
+                ctx,
+                dsd,
+                EventType::Normal,
+                "GroupCreated",
+                "Create",
+                format!("created group {g} ({})", resources::group_name(dsd, g)),
+            )
+            .await;
         }
     }
-    for sts in existing.items.iter().filter(|s| group_of(*s).is_some_and(|g| g >= dsd.spec.replicas)) {
+    for sts in existing
+        .items
+        .iter()
+        .filter(|s| group_of(*s).is_some_and(|g| g >= dsd.spec.replicas))
+    {
         let name = sts.name_any();
         delete_ignoring_missing(&stss, &name).await?;
         delete_ignoring_missing(&pdbs, &name).await?;
-        publish(ctx, dsd, EventType::Normal, "GroupDeleted", "ScaleDown", format!("deleted group {name}")).await;
+        publish(
+            ctx,
+            dsd,
+            EventType::Normal,
+            "GroupDeleted",
+            "ScaleDown",
+            format!("deleted group {name}"),
+        )
+        .await;
     }
     Ok(())
 }
@@ -211,7 +284,11 @@ async fn observe_groups(ctx: &Context, dsd: &DSparkDeployment) -> Result<Vec<Gro
     let list = pods
         .list(&ListParams::default().labels(&selector_string(&instance_selector(dsd))))
         .await?;
-    Ok(group::observe(&list.items, dsd.spec.replicas, &resources::spec_hash(dsd, &ctx.build)))
+    Ok(group::observe(
+        &list.items,
+        dsd.spec.replicas,
+        &resources::spec_hash(dsd, &ctx.build),
+    ))
 }
 
 /// Delete every pod of the groups the plan replaces; their StatefulSets recreate them together.
@@ -219,7 +296,8 @@ async fn act(ctx: &Context, dsd: &DSparkDeployment, plan: &GroupPlan) -> Result<
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &resources::namespace(dsd));
     for (g, reason) in &plan.recreate {
         let lp = ListParams::default().labels(&selector_string(&group_selector(dsd, *g)));
-        pods.delete_collection(&DeleteParams::background(), &lp).await?;
+        pods.delete_collection(&DeleteParams::background(), &lp)
+            .await?;
         match reason {
             RecreateReason::MemberFailed(msg) => {
                 ctx.metrics.group_recreated();
@@ -228,13 +306,29 @@ async fn act(ctx: &Context, dsd: &DSparkDeployment, plan: &GroupPlan) -> Result<
             }
             RecreateReason::Rollout => {
                 info!(group = g, "rolling group to the new spec");
-                publish(ctx, dsd, EventType::Normal, "GroupRollingUpdate", "Update", format!("replacing group {g} with the new spec")).await;
+                publish(
+                    ctx,
+                    dsd,
+                    EventType::Normal,
+                    "GroupRollingUpdate",
+                    "Update",
+                    format!("replacing group {g} with the new spec"),
+                )
+                .await;
             }
         }
     }
     if let Some((_, msg)) = plan.exhausted.first() {
         if !previously_degraded_for(dsd, "RestartBudgetExhausted") {
-            publish(ctx, dsd, EventType::Warning, "RestartBudgetExhausted", "Recreate", msg.clone()).await;
+            publish(
+                ctx,
+                dsd,
+                EventType::Warning,
+                "RestartBudgetExhausted",
+                "Recreate",
+                msg.clone(),
+            )
+            .await;
         }
     }
     Ok(())
@@ -242,9 +336,20 @@ async fn act(ctx: &Context, dsd: &DSparkDeployment, plan: &GroupPlan) -> Result<
 
 /// Events for cluster problems seen on pods (image pull, config, scheduling), once per episode.
 async fn report_blockers(ctx: &Context, dsd: &DSparkDeployment, observations: &[GroupObservation]) {
-    if let Some((g, b)) = observations.iter().find_map(|o| o.blocker.as_ref().map(|b| (o.index, b))) {
+    if let Some((g, b)) = observations
+        .iter()
+        .find_map(|o| o.blocker.as_ref().map(|b| (o.index, b)))
+    {
         if !previously_degraded_for(dsd, &b.reason) {
-            publish(ctx, dsd, EventType::Warning, &b.reason, "Observe", format!("group {g}: {}", b.message)).await;
+            publish(
+                ctx,
+                dsd,
+                EventType::Warning,
+                &b.reason,
+                "Observe",
+                format!("group {g}: {}", b.message),
+            )
+            .await;
         }
     }
 }
@@ -271,7 +376,11 @@ async fn reconcile_inner(dsd: &DSparkDeployment, ctx: &Context) -> Result<Action
     }
     apply_children(ctx, dsd).await?;
     let observations = observe_groups(ctx, dsd).await?;
-    let previous = dsd.status.as_ref().map(|s| s.group_statuses.clone()).unwrap_or_default();
+    let previous = dsd
+        .status
+        .as_ref()
+        .map(|s| s.group_statuses.clone())
+        .unwrap_or_default();
     let now = (ctx.clock)();
     let plan = group::plan(
         &observations,
@@ -286,7 +395,8 @@ async fn reconcile_inner(dsd: &DSparkDeployment, ctx: &Context) -> Result<Action
     let status = status::compute_status(dsd, &observations, &plan, now);
     patch_status(ctx, dsd, &status).await?;
 
-    let steady = status::condition(&status, status::PROGRESSING).is_some_and(|c| c.status == "False");
+    let steady =
+        status::condition(&status, status::PROGRESSING).is_some_and(|c| c.status == "False");
     let requeue = match plan.requeue_after {
         Some(d) => d,
         None if steady => REQUEUE_STEADY,
@@ -306,11 +416,15 @@ pub fn error_policy(dsd: Arc<DSparkDeployment>, error: &Error, ctx: Arc<Context>
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
     let dsds: Api<DSparkDeployment> = Api::all(client.clone());
-    let managed = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER},{LABEL_NAME}=dspark"));
+    let managed = watcher::Config::default()
+        .labels(&format!("{LABEL_MANAGED_BY}={MANAGER},{LABEL_NAME}=dspark"));
     Controller::new(dsds, watcher::Config::default().any_semantic())
         .owns(Api::<StatefulSet>::all(client.clone()), managed.clone())
         .owns(Api::<Service>::all(client.clone()), managed.clone())
-        .owns(Api::<PodDisruptionBudget>::all(client.clone()), managed.clone())
+        .owns(
+            Api::<PodDisruptionBudget>::all(client.clone()),
+            managed.clone(),
+        )
         // Pods belong to the StatefulSets; map them back to their DSparkDeployment by label.
         .watches(Api::<Pod>::all(client), managed, |pod: Pod| {
             let name = pod.labels().get(LABEL_INSTANCE)?.clone();

@@ -4,7 +4,9 @@
 //! Doc comments on fields become the CRD's descriptions, so `kubectl explain dsd.spec...`
 //! shows them: write them for users.
 
-use k8s_openapi::api::core::v1::{Affinity, LocalObjectReference, ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{
+    Affinity, LocalObjectReference, ResourceRequirements, Toleration,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -39,12 +41,41 @@ pub const CONTROL_PORT: i32 = 29500;
         spec_replicas_path = ".spec.replicas",
         status_replicas_path = ".status.groups"
     ),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.ready", description = "Ready groups / desired groups"),
-    printcolumn(name = "Groups", type_ = "integer", json_path = ".spec.replicas", description = "Desired number of serving groups"),
-    printcolumn(name = "Profile", type_ = "string", json_path = ".status.profile.summary", description = "Resolved serving profile"),
-    printcolumn(name = "KV pool", type_ = "string", json_path = ".status.kvPool", description = "KV pool size in tokens (auto = sized by the server from gpuMemoryUtilization)"),
-    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint", description = "In-cluster OpenAI-compatible base URL"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.ready",
+        description = "Ready groups / desired groups"
+    ),
+    printcolumn(
+        name = "Groups",
+        type_ = "integer",
+        json_path = ".spec.replicas",
+        description = "Desired number of serving groups"
+    ),
+    printcolumn(
+        name = "Profile",
+        type_ = "string",
+        json_path = ".status.profile.summary",
+        description = "Resolved serving profile"
+    ),
+    printcolumn(
+        name = "KV pool",
+        type_ = "string",
+        json_path = ".status.kvPool",
+        description = "KV pool size in tokens (auto = sized by the server from gpuMemoryUtilization)"
+    ),
+    printcolumn(
+        name = "Endpoint",
+        type_ = "string",
+        json_path = ".status.endpoint",
+        description = "In-cluster OpenAI-compatible base URL"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DSparkDeploymentSpec {
@@ -102,7 +133,9 @@ fn default_replicas() -> i32 {
 }
 
 /// Compute device of the server.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Device {
     /// NVIDIA GPU through the CUDA backend (one GPU per pod).
@@ -238,12 +271,16 @@ fn default_tensor() -> i32 {
 
 impl Default for Parallelism {
     fn default() -> Self {
-        Parallelism { tensor: SUPPORTED_TENSOR }
+        Parallelism {
+            tensor: SUPPORTED_TENSOR,
+        }
     }
 }
 
 /// Serving profile presets.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 pub enum Preset {
     /// 1M (1,048,576) token context, 6 concurrent sequences.
     #[default]
@@ -536,9 +573,15 @@ pub fn resolve_profile(spec: &ProfileSpec) -> ResolvedProfile {
 pub fn validate_spec(spec: &DSparkDeploymentSpec) -> Result<(), Vec<String>> {
     let mut problems = Vec::new();
     let m = &spec.model;
-    let sources = [m.pvc.is_some(), m.host_path.is_some(), m.hugging_face.is_some(), m.image.is_some()];
+    let sources = [
+        m.pvc.is_some(),
+        m.host_path.is_some(),
+        m.hugging_face.is_some(),
+        m.image.is_some(),
+    ];
     if sources.iter().filter(|s| **s).count() != 1 {
-        problems.push("set exactly one model source: pvc, hostPath, huggingFace or image".to_string());
+        problems
+            .push("set exactly one model source: pvc, hostPath, huggingFace or image".to_string());
     }
     if spec.parallelism.tensor != SUPPORTED_TENSOR {
         problems.push(format!(
@@ -552,7 +595,9 @@ pub fn validate_spec(spec: &DSparkDeploymentSpec) -> Result<(), Vec<String>> {
     let p = &spec.profile;
     if let Some(len) = p.max_model_len {
         if !(1..=MODEL_MAX_LEN).contains(&len) {
-            problems.push(format!("maxModelLen must be between 1 and {MODEL_MAX_LEN} (got {len})"));
+            problems.push(format!(
+                "maxModelLen must be between 1 and {MODEL_MAX_LEN} (got {len})"
+            ));
         }
     }
     if let Some(n) = p.max_num_seqs {
@@ -572,12 +617,16 @@ pub fn validate_spec(spec: &DSparkDeploymentSpec) -> Result<(), Vec<String>> {
     }
     if let Some(u) = p.gpu_memory_utilization {
         if !(u > 0.0 && u < 1.0) {
-            problems.push(format!("gpuMemoryUtilization must be > 0 and < 1 (got {u})"));
+            problems.push(format!(
+                "gpuMemoryUtilization must be > 0 and < 1 (got {u})"
+            ));
         }
     }
     if let Some(k) = p.speculative.as_ref().and_then(|s| s.num_tokens) {
         if !(1..=8).contains(&k) {
-            problems.push(format!("speculative.numTokens must be between 1 and 8 (got {k})"));
+            problems.push(format!(
+                "speculative.numTokens must be between 1 and 8 (got {k})"
+            ));
         }
     }
     let check_path = |what: &str, path: &str, problems: &mut Vec<String>| {
@@ -598,7 +647,10 @@ pub fn validate_spec(spec: &DSparkDeploymentSpec) -> Result<(), Vec<String>> {
     }
     if let Some(hf) = &m.hugging_face {
         if hf.repo.split('/').count() != 2 || hf.repo.contains("..") {
-            problems.push(format!("model.huggingFace.repo must look like org/name (got {:?})", hf.repo));
+            problems.push(format!(
+                "model.huggingFace.repo must look like org/name (got {:?})",
+                hf.repo
+            ));
         }
     }
     if problems.is_empty() {

@@ -50,7 +50,12 @@ fn pod_group(pod: &Pod) -> Option<i32> {
 }
 
 fn pod_rank(pod: &Pod) -> Option<i32> {
-    pod.metadata.labels.as_ref()?.get(LABEL_POD_INDEX)?.parse().ok()
+    pod.metadata
+        .labels
+        .as_ref()?
+        .get(LABEL_POD_INDEX)?
+        .parse()
+        .ok()
 }
 
 fn pod_ready(pod: &Pod) -> bool {
@@ -112,7 +117,11 @@ fn blocker_of(pod_name: &str, pod: &Pod) -> Option<Blocker> {
             continue;
         };
         let reason = waiting.reason.as_deref().unwrap_or("");
-        let message = waiting.message.as_deref().map(message_head).unwrap_or_default();
+        let message = waiting
+            .message
+            .as_deref()
+            .map(message_head)
+            .unwrap_or_default();
         let blocker = match reason {
             "ErrImagePull" | "ImagePullBackOff" | "InvalidImageName" | "ErrImageNeverPull" => {
                 Some("ImagePullFailed")
@@ -123,15 +132,21 @@ fn blocker_of(pod_name: &str, pod: &Pod) -> Option<Blocker> {
         };
         if let Some(b) = blocker {
             let detail = if b == "CrashLoopBackOff" {
-                termination_summary(pod_name, cs).unwrap_or_else(|| format!("{pod_name}/{}: {message}", cs.name))
+                termination_summary(pod_name, cs)
+                    .unwrap_or_else(|| format!("{pod_name}/{}: {message}", cs.name))
             } else {
                 format!("{pod_name}/{}: {reason}: {message}", cs.name)
             };
-            return Some(Blocker { reason: b.to_string(), message: detail });
+            return Some(Blocker {
+                reason: b.to_string(),
+                message: detail,
+            });
         }
     }
     let unschedulable = status.conditions.iter().flatten().find(|c| {
-        c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable")
+        c.type_ == "PodScheduled"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("Unschedulable")
     })?;
     Some(Blocker {
         reason: "Unschedulable".to_string(),
@@ -145,7 +160,10 @@ fn blocker_of(pod_name: &str, pod: &Pod) -> Option<Blocker> {
 /// Group the pods by their group label and summarise each group `0..replicas`.
 pub fn observe(pods: &[Pod], replicas: i32, desired_hash: &str) -> Vec<GroupObservation> {
     let mut groups: Vec<GroupObservation> = (0..replicas.max(0))
-        .map(|index| GroupObservation { index, ..Default::default() })
+        .map(|index| GroupObservation {
+            index,
+            ..Default::default()
+        })
         .collect();
     for pod in pods {
         let Some(g) = pod_group(pod).filter(|g| (0..replicas).contains(g)) else {
@@ -176,7 +194,11 @@ pub fn observe(pods: &[Pod], replicas: i32, desired_hash: &str) -> Vec<GroupObse
         let status = pod.status.as_ref();
         let failed_phase = status.and_then(|s| s.phase.as_deref()) == Some("Failed");
         if obs.member_failure.is_none() {
-            for cs in status.and_then(|s| s.container_statuses.as_ref()).into_iter().flatten() {
+            for cs in status
+                .and_then(|s| s.container_statuses.as_ref())
+                .into_iter()
+                .flatten()
+            {
                 if cs.restart_count > 0 || failed_phase {
                     obs.member_failure = Some(
                         termination_summary(&name, cs)
@@ -186,7 +208,9 @@ pub fn observe(pods: &[Pod], replicas: i32, desired_hash: &str) -> Vec<GroupObse
                 }
             }
             if failed_phase && obs.member_failure.is_none() {
-                let reason = status.and_then(|s| s.reason.clone()).unwrap_or_else(|| "Failed".into());
+                let reason = status
+                    .and_then(|s| s.reason.clone())
+                    .unwrap_or_else(|| "Failed".into());
                 obs.member_failure = Some(format!("{name}: pod {reason}"));
             }
         }
@@ -226,7 +250,9 @@ fn parse_time(s: &str) -> Option<Timestamp> {
 /// Back-off before recreation number `restarts + 1`: base doubled per earlier recreation.
 pub fn backoff(base_seconds: i64, restarts: i32) -> Duration {
     let base = Duration::from_secs(base_seconds.max(0) as u64);
-    let factor = 1u32.checked_shl(restarts.clamp(0, 16) as u32).unwrap_or(u32::MAX);
+    let factor = 1u32
+        .checked_shl(restarts.clamp(0, 16) as u32)
+        .unwrap_or(u32::MAX);
     base.saturating_mul(factor).min(MAX_BACKOFF)
 }
 
@@ -244,7 +270,11 @@ pub fn plan(
     let mut disrupting = observations.iter().any(|o| o.terminating);
     for obs in observations {
         let prev = previous.iter().find(|s| s.index == obs.index);
-        let mut st = GroupStatus { index: obs.index, generation, ..Default::default() };
+        let mut st = GroupStatus {
+            index: obs.index,
+            generation,
+            ..Default::default()
+        };
         if let Some(p) = prev {
             st.formed = p.formed;
             st.last_restart_time = p.last_restart_time.clone();
@@ -256,9 +286,14 @@ pub fn plan(
             st.formed = true;
         }
         st.ready = obs.rank0_ready && !obs.terminating;
-        st.message = obs.blocker.as_ref().map(|b| format!("{}: {}", b.reason, b.message));
+        st.message = obs
+            .blocker
+            .as_ref()
+            .map(|b| format!("{}: {}", b.reason, b.message));
 
-        if let (true, false, Some(failure)) = (st.formed, obs.terminating, obs.member_failure.as_ref()) {
+        if let (true, false, Some(failure)) =
+            (st.formed, obs.terminating, obs.member_failure.as_ref())
+        {
             if st.restarts >= recovery.max_group_restarts {
                 let msg = format!(
                     "group {} exhausted its restart budget ({}): {failure}",
@@ -289,7 +324,8 @@ pub fn plan(
                     st.ready = false;
                     st.last_restart_time = Some(now.to_string());
                     st.message = Some(format!("recreated after member failure: {failure}"));
-                    out.recreate.push((obs.index, RecreateReason::MemberFailed(failure.clone())));
+                    out.recreate
+                        .push((obs.index, RecreateReason::MemberFailed(failure.clone())));
                     disrupting = true;
                 }
             }
@@ -348,12 +384,21 @@ mod tests {
 
     #[test]
     fn observes_readiness_rank0_and_failures() {
-        let pods = [pod(0, 0, true, 0, "h"), pod(0, 1, true, 0, "h"), pod(1, 0, false, 0, "h"), pod(1, 1, true, 2, "old"), pod(7, 0, true, 0, "h")];
+        let pods = [
+            pod(0, 0, true, 0, "h"),
+            pod(0, 1, true, 0, "h"),
+            pod(1, 0, false, 0, "h"),
+            pod(1, 1, true, 2, "old"),
+            pod(7, 0, true, 0, "h"),
+        ];
         let obs = observe(&pods, 2, "h");
         assert_eq!(obs.len(), 2, "pods of groups past replicas are ignored");
         assert!(obs[0].all_ready(2) && obs[0].rank0_ready && !obs[0].outdated);
         assert!(!obs[1].all_ready(2) && !obs[1].rank0_ready && obs[1].outdated);
-        assert_eq!(obs[1].member_failure.as_deref(), Some("d-1-1/server: peer rank 0 closed the connection"));
+        assert_eq!(
+            obs[1].member_failure.as_deref(),
+            Some("d-1-1/server: peer rank 0 closed the connection")
+        );
     }
 
     #[test]
@@ -374,7 +419,11 @@ mod tests {
     #[test]
     fn unformed_group_is_not_recreated() {
         // Restarts while the group is still forming are the kubelet's business.
-        let obs = observe(&[pod(0, 0, false, 1, "h"), pod(0, 1, false, 0, "h")], 1, "h");
+        let obs = observe(
+            &[pod(0, 0, false, 1, "h"), pod(0, 1, false, 0, "h")],
+            1,
+            "h",
+        );
         let plan = plan(&obs, &[], Some(1), 2, &RecoverySpec::default(), now());
         assert!(plan.recreate.is_empty());
         assert!(!plan.statuses[0].formed);
@@ -382,7 +431,13 @@ mod tests {
 
     #[test]
     fn spec_change_resets_the_restart_count() {
-        let prev = [GroupStatus { index: 0, formed: true, restarts: 5, generation: Some(1), ..Default::default() }];
+        let prev = [GroupStatus {
+            index: 0,
+            formed: true,
+            restarts: 5,
+            generation: Some(1),
+            ..Default::default()
+        }];
         let obs = observe(&[pod(0, 0, true, 1, "h"), pod(0, 1, true, 0, "h")], 1, "h");
         let p = plan(&obs, &prev, Some(2), 2, &RecoverySpec::default(), now());
         assert_eq!(p.recreate.len(), 1);
@@ -392,26 +447,67 @@ mod tests {
 
     #[test]
     fn rollout_replaces_one_serving_group_at_a_time() {
-        let pods = [pod(0, 0, true, 0, "old"), pod(0, 1, true, 0, "old"), pod(1, 0, true, 0, "old"), pod(1, 1, true, 0, "old")];
+        let pods = [
+            pod(0, 0, true, 0, "old"),
+            pod(0, 1, true, 0, "old"),
+            pod(1, 0, true, 0, "old"),
+            pod(1, 1, true, 0, "old"),
+        ];
         let obs = observe(&pods, 2, "new");
         let p = plan(&obs, &[], Some(2), 2, &RecoverySpec::default(), now());
         assert_eq!(p.recreate, vec![(0, RecreateReason::Rollout)]);
 
         // Group 0 came back on the new spec but is not ready yet: group 1 waits.
-        let pods = [pod(0, 0, false, 0, "new"), pod(0, 1, true, 0, "new"), pod(1, 0, true, 0, "old"), pod(1, 1, true, 0, "old")];
-        let p = plan(&observe(&pods, 2, "new"), &[], Some(2), 2, &RecoverySpec::default(), now());
+        let pods = [
+            pod(0, 0, false, 0, "new"),
+            pod(0, 1, true, 0, "new"),
+            pod(1, 0, true, 0, "old"),
+            pod(1, 1, true, 0, "old"),
+        ];
+        let p = plan(
+            &observe(&pods, 2, "new"),
+            &[],
+            Some(2),
+            2,
+            &RecoverySpec::default(),
+            now(),
+        );
         assert!(p.recreate.is_empty());
 
         // Group 0 serves again: now group 1.
-        let pods = [pod(0, 0, true, 0, "new"), pod(0, 1, true, 0, "new"), pod(1, 0, true, 0, "old"), pod(1, 1, true, 0, "old")];
-        let p = plan(&observe(&pods, 2, "new"), &[], Some(2), 2, &RecoverySpec::default(), now());
+        let pods = [
+            pod(0, 0, true, 0, "new"),
+            pod(0, 1, true, 0, "new"),
+            pod(1, 0, true, 0, "old"),
+            pod(1, 1, true, 0, "old"),
+        ];
+        let p = plan(
+            &observe(&pods, 2, "new"),
+            &[],
+            Some(2),
+            2,
+            &RecoverySpec::default(),
+            now(),
+        );
         assert_eq!(p.recreate, vec![(1, RecreateReason::Rollout)]);
     }
 
     #[test]
     fn outdated_group_that_does_not_serve_is_replaced_at_once() {
-        let pods = [pod(0, 0, true, 0, "old"), pod(0, 1, true, 0, "old"), pod(1, 0, false, 0, "old"), pod(1, 1, false, 0, "old")];
-        let p = plan(&observe(&pods, 2, "new"), &[], Some(2), 2, &RecoverySpec::default(), now());
+        let pods = [
+            pod(0, 0, true, 0, "old"),
+            pod(0, 1, true, 0, "old"),
+            pod(1, 0, false, 0, "old"),
+            pod(1, 1, false, 0, "old"),
+        ];
+        let p = plan(
+            &observe(&pods, 2, "new"),
+            &[],
+            Some(2),
+            2,
+            &RecoverySpec::default(),
+            now(),
+        );
         // Group 1 serves nothing, so it goes first; group 0 waits for it.
         assert_eq!(p.recreate, vec![(1, RecreateReason::Rollout)]);
     }

@@ -42,7 +42,8 @@ impl LeaderElector {
     }
 
     fn spec(&self, now: Timestamp, previous: Option<&LeaseSpec>) -> LeaseSpec {
-        let ours = previous.and_then(|p| p.holder_identity.as_deref()) == Some(self.cfg.identity.as_str());
+        let ours =
+            previous.and_then(|p| p.holder_identity.as_deref()) == Some(self.cfg.identity.as_str());
         let transitions = previous.and_then(|p| p.lease_transitions).unwrap_or(0);
         LeaseSpec {
             holder_identity: Some(self.cfg.identity.clone()),
@@ -53,7 +54,11 @@ impl LeaderElector {
                 Some(MicroTime(now))
             },
             renew_time: Some(MicroTime(now)),
-            lease_transitions: Some(if ours || previous.is_none() { transitions } else { transitions + 1 }),
+            lease_transitions: Some(if ours || previous.is_none() {
+                transitions
+            } else {
+                transitions + 1
+            }),
             ..Default::default()
         }
     }
@@ -64,7 +69,10 @@ impl LeaderElector {
         match self.api.get_opt(&self.cfg.name).await? {
             None => {
                 let lease = Lease {
-                    metadata: ObjectMeta { name: Some(self.cfg.name.clone()), ..Default::default() },
+                    metadata: ObjectMeta {
+                        name: Some(self.cfg.name.clone()),
+                        ..Default::default()
+                    },
                     spec: Some(self.spec(now, None)),
                 };
                 match self.api.create(&PostParams::default(), &lease).await {
@@ -82,7 +90,11 @@ impl LeaderElector {
                 }
                 lease.spec = Some(self.spec(now, Some(&current)));
                 // resourceVersion stays set: a concurrent writer makes this a 409.
-                match self.api.replace(&self.cfg.name, &PostParams::default(), &lease).await {
+                match self
+                    .api
+                    .replace(&self.cfg.name, &PostParams::default(), &lease)
+                    .await
+                {
                     Ok(_) => Ok(true),
                     Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
                     Err(e) => Err(e),
@@ -132,13 +144,19 @@ impl LeaderElector {
         let Ok(Some(mut lease)) = self.api.get_opt(&self.cfg.name).await else {
             return;
         };
-        let Some(spec) = lease.spec.as_mut() else { return };
+        let Some(spec) = lease.spec.as_mut() else {
+            return;
+        };
         if spec.holder_identity.as_deref() != Some(self.cfg.identity.as_str()) {
             return;
         }
         spec.holder_identity = None;
         spec.renew_time = None;
-        if let Err(e) = self.api.replace(&self.cfg.name, &PostParams::default(), &lease).await {
+        if let Err(e) = self
+            .api
+            .replace(&self.cfg.name, &PostParams::default(), &lease)
+            .await
+        {
             warn!(error = %e, "could not release the lease");
         } else {
             info!(lease = %self.cfg.name, "released leadership");

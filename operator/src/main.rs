@@ -17,7 +17,11 @@ use tokio::sync::watch;
 use tracing::{error, info};
 
 #[derive(Parser)]
-#[command(name = "dspark-operator", version, about = "Kubernetes operator for DSparkDeployment")]
+#[command(
+    name = "dspark-operator",
+    version,
+    about = "Kubernetes operator for DSparkDeployment"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -49,7 +53,8 @@ const DEFAULT_IMAGE: &str = concat!("ghcr.io/dspark-dev/dspark:", env!("CARGO_PK
 
 fn render(args: RenderArgs) -> anyhow::Result<()> {
     use dspark_operator::resources;
-    let text = std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("reading {}", args.file.display()))?;
     let mut dsd: crd::DSparkDeployment =
         serde_yaml::from_str(&text).with_context(|| format!("parsing {}", args.file.display()))?;
     if let Err(problems) = crd::validate_spec(&dsd.spec) {
@@ -57,15 +62,23 @@ fn render(args: RenderArgs) -> anyhow::Result<()> {
     }
     dsd.metadata.namespace.get_or_insert(args.namespace);
     // Owner references need a uid; a placeholder stands in for the one the API server assigns.
-    dsd.metadata.uid.get_or_insert_with(|| "00000000-0000-0000-0000-000000000000".into());
-    let ctx = resources::BuildContext { default_image: args.server_image };
+    dsd.metadata
+        .uid
+        .get_or_insert_with(|| "00000000-0000-0000-0000-000000000000".into());
+    let ctx = resources::BuildContext {
+        default_image: args.server_image,
+    };
     let mut docs = vec![
         serde_yaml::to_string(&resources::headless_service(&dsd)?)?,
         serde_yaml::to_string(&resources::client_service(&dsd)?)?,
     ];
     for g in 0..dsd.spec.replicas.max(0) {
-        docs.push(serde_yaml::to_string(&resources::stateful_set(&dsd, g, &ctx)?)?);
-        docs.push(serde_yaml::to_string(&resources::pod_disruption_budget(&dsd, g)?)?);
+        docs.push(serde_yaml::to_string(&resources::stateful_set(
+            &dsd, g, &ctx,
+        )?)?);
+        docs.push(serde_yaml::to_string(&resources::pod_disruption_budget(
+            &dsd, g,
+        )?)?);
     }
     print!("---\n{}", docs.join("---\n"));
     Ok(())
@@ -74,19 +87,32 @@ fn render(args: RenderArgs) -> anyhow::Result<()> {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Address of the /metrics and /health endpoints.
-    #[arg(long, env = "DSPARK_OPERATOR_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        env = "DSPARK_OPERATOR_METRICS_ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
     metrics_addr: SocketAddr,
     /// Server image used when a DSparkDeployment sets no spec.image.
     #[arg(long, env = "DSPARK_SERVER_IMAGE", default_value = DEFAULT_IMAGE)]
     server_image: String,
     /// Log format.
-    #[arg(long, env = "DSPARK_OPERATOR_LOG_FORMAT", value_enum, default_value = "json")]
+    #[arg(
+        long,
+        env = "DSPARK_OPERATOR_LOG_FORMAT",
+        value_enum,
+        default_value = "json"
+    )]
     log_format: telemetry::LogFormat,
     /// Take part in leader election (needed when more than one replica runs).
     #[arg(long, env = "DSPARK_OPERATOR_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
     leader_elect: bool,
     /// Name of the leader-election Lease.
-    #[arg(long, env = "DSPARK_OPERATOR_LEASE_NAME", default_value = "dspark-operator")]
+    #[arg(
+        long,
+        env = "DSPARK_OPERATOR_LEASE_NAME",
+        default_value = "dspark-operator"
+    )]
     lease_name: String,
     /// Namespace of the Lease (default: the operator's own namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
@@ -147,7 +173,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = signal_tx.send(true);
     });
 
-    let client = Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
     let elector = if args.leader_elect {
         let identity = args
             .identity
@@ -185,7 +213,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None
     };
 
-    let ctx = Arc::new(Context::new(client, metrics.clone(), BuildContext { default_image: args.server_image }));
+    let ctx = Arc::new(Context::new(
+        client,
+        metrics.clone(),
+        BuildContext {
+            default_image: args.server_image,
+        },
+    ));
     let mut ctl_stop = stop_rx.clone();
     controller::run(ctx, async move {
         let _ = ctl_stop.wait_for(|s| *s).await;
@@ -196,7 +230,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         elector.release().await;
     }
     metrics.set_leader(false);
-    http.await.context("metrics server task")?.context("metrics server")?;
+    http.await
+        .context("metrics server task")?
+        .context("metrics server")?;
     info!("stopped");
     Ok(())
 }

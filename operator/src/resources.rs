@@ -132,7 +132,10 @@ pub fn labels(dsd: &DSparkDeployment) -> BTreeMap<String, String> {
         (LABEL_COMPONENT.to_string(), COMPONENT.to_string()),
         (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
         (LABEL_PART_OF.to_string(), "dspark".to_string()),
-        (LABEL_VERSION.to_string(), env!("CARGO_PKG_VERSION").to_string()),
+        (
+            LABEL_VERSION.to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        ),
     ])
 }
 
@@ -203,8 +206,7 @@ pub fn model_location(dsd: &DSparkDeployment) -> (String, String) {
         .or_else(|| m.hugging_face.as_ref().map(|hf| hf.repo.clone()))
         .or_else(|| {
             let base = path.trim_end_matches('/').rsplit('/').next().unwrap_or("");
-            (!base.is_empty() && path.trim_end_matches('/') != MODELS_DIR)
-                .then(|| base.to_string())
+            (!base.is_empty() && path.trim_end_matches('/') != MODELS_DIR).then(|| base.to_string())
         })
         .unwrap_or_else(|| dsd.name_any());
     (path, served)
@@ -459,7 +461,8 @@ fn pod_template(dsd: &DSparkDeployment, group: i32, ctx: &BuildContext) -> Value
         .filter_map(|t| serde_json::to_value(t).ok())
         .collect();
     if spec.device == Device::Cuda {
-        tolerations.push(json!({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}));
+        tolerations
+            .push(json!({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}));
     }
     let affinity = match &spec.scheduling.affinity {
         Some(a) => serde_json::to_value(a).unwrap_or(Value::Null),
@@ -539,7 +542,8 @@ pub fn stateful_set(
     });
     if !claim_templates.is_empty() {
         spec["volumeClaimTemplates"] = json!(claim_templates);
-        spec["persistentVolumeClaimRetentionPolicy"] = json!({"whenDeleted": "Retain", "whenScaled": "Retain"});
+        spec["persistentVolumeClaimRetentionPolicy"] =
+            json!({"whenDeleted": "Retain", "whenScaled": "Retain"});
     }
     serde_json::from_value(json!({
         "apiVersion": "apps/v1",

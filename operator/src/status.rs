@@ -28,7 +28,12 @@ struct Cond {
     message: String,
 }
 
-fn finish(conds: Vec<Cond>, previous: &[Condition], generation: Option<i64>, now: Timestamp) -> Vec<Condition> {
+fn finish(
+    conds: Vec<Cond>,
+    previous: &[Condition],
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
     conds
         .into_iter()
         .map(|c| {
@@ -65,11 +70,18 @@ fn base_status(dsd: &DSparkDeployment) -> DSparkDeploymentStatus {
 }
 
 fn previous_conditions(dsd: &DSparkDeployment) -> Vec<Condition> {
-    dsd.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default()
+    dsd.status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default()
 }
 
 /// Status when the operator stops before touching any child.
-pub fn stopped_status(dsd: &DSparkDeployment, stop: &Stop, now: Timestamp) -> DSparkDeploymentStatus {
+pub fn stopped_status(
+    dsd: &DSparkDeployment,
+    stop: &Stop,
+    now: Timestamp,
+) -> DSparkDeploymentStatus {
     let (reason, message) = match stop {
         Stop::InvalidSpec(problems) => ("InvalidSpec".to_string(), problems.join("; ")),
         Stop::Missing(b) => (b.reason.clone(), b.message.clone()),
@@ -83,10 +95,30 @@ pub fn stopped_status(dsd: &DSparkDeployment, stop: &Stop, now: Timestamp) -> DS
     status.group_statuses = previous.group_statuses.clone();
     status.ready = Some(format!("{}/{}", previous.ready_groups, dsd.spec.replicas));
     let conds = vec![
-        Cond { type_: READY, status: false, reason: reason.clone(), message: message.clone() },
-        Cond { type_: PROGRESSING, status: false, reason: reason.clone(), message: message.clone() },
-        Cond { type_: DEGRADED, status: true, reason: reason.clone(), message: message.clone() },
-        Cond { type_: GROUP_FORMED, status: false, reason, message },
+        Cond {
+            type_: READY,
+            status: false,
+            reason: reason.clone(),
+            message: message.clone(),
+        },
+        Cond {
+            type_: PROGRESSING,
+            status: false,
+            reason: reason.clone(),
+            message: message.clone(),
+        },
+        Cond {
+            type_: DEGRADED,
+            status: true,
+            reason: reason.clone(),
+            message: message.clone(),
+        },
+        Cond {
+            type_: GROUP_FORMED,
+            status: false,
+            reason,
+            message,
+        },
     ];
     status.conditions = finish(conds, &previous.conditions, dsd.metadata.generation, now);
     status
@@ -104,20 +136,31 @@ pub fn compute_status(
     let mut status = base_status(dsd);
     let statuses: &[GroupStatus] = &plan.statuses;
     let ready_groups = statuses.iter().filter(|s| s.ready).count() as i32;
-    status.groups = observations.iter().filter(|o| o.pods > 0 || o.terminating).count() as i32;
+    status.groups = observations
+        .iter()
+        .filter(|o| o.pods > 0 || o.terminating)
+        .count() as i32;
     status.ready_groups = ready_groups;
     status.ready = Some(format!("{ready_groups}/{replicas}"));
     status.restarts = statuses.iter().map(|s| s.restarts).sum();
     status.group_statuses = statuses.to_vec();
 
     let ready = if replicas == 0 {
-        Cond { type_: READY, status: false, reason: "ScaledToZero".into(), message: "replicas is 0".into() }
+        Cond {
+            type_: READY,
+            status: false,
+            reason: "ScaledToZero".into(),
+            message: "replicas is 0".into(),
+        }
     } else if ready_groups == replicas {
         Cond {
             type_: READY,
             status: true,
             reason: "AllGroupsReady".into(),
-            message: format!("{ready_groups}/{replicas} groups serving at {}", endpoint(dsd)),
+            message: format!(
+                "{ready_groups}/{replicas} groups serving at {}",
+                endpoint(dsd)
+            ),
         }
     } else {
         Cond {
@@ -128,7 +171,11 @@ pub fn compute_status(
         }
     };
 
-    let unformed: Vec<String> = statuses.iter().filter(|s| !s.formed).map(|s| s.index.to_string()).collect();
+    let unformed: Vec<String> = statuses
+        .iter()
+        .filter(|s| !s.formed)
+        .map(|s| s.index.to_string())
+        .collect();
     let formed = if replicas > 0 && unformed.is_empty() {
         Cond {
             type_: GROUP_FORMED,
@@ -140,7 +187,11 @@ pub fn compute_status(
         Cond {
             type_: GROUP_FORMED,
             status: false,
-            reason: if replicas == 0 { "ScaledToZero".into() } else { "WaitingForRanks".into() },
+            reason: if replicas == 0 {
+                "ScaledToZero".into()
+            } else {
+                "WaitingForRanks".into()
+            },
             message: if unformed.is_empty() {
                 "no groups".into()
             } else {
@@ -153,22 +204,53 @@ pub fn compute_status(
         RecreateReason::MemberFailed(m) => Some((g, m)),
         RecreateReason::Rollout => None,
     });
-    let rolling = plan.recreate.iter().any(|(_, r)| *r == RecreateReason::Rollout)
+    let rolling = plan
+        .recreate
+        .iter()
+        .any(|(_, r)| *r == RecreateReason::Rollout)
         || observations.iter().any(|o| o.outdated);
     let settling = observations.iter().any(|o| !o.all_ready(tensor));
     let progressing = if let Some((g, m)) = member_failed {
-        Cond { type_: PROGRESSING, status: true, reason: "Recreating".into(), message: format!("recreating group {g}: {m}") }
+        Cond {
+            type_: PROGRESSING,
+            status: true,
+            reason: "Recreating".into(),
+            message: format!("recreating group {g}: {m}"),
+        }
     } else if rolling {
-        Cond { type_: PROGRESSING, status: true, reason: "RollingUpdate".into(), message: "replacing outdated groups one at a time".into() }
+        Cond {
+            type_: PROGRESSING,
+            status: true,
+            reason: "RollingUpdate".into(),
+            message: "replacing outdated groups one at a time".into(),
+        }
     } else if settling {
-        Cond { type_: PROGRESSING, status: true, reason: "GroupsStarting".into(), message: "waiting for groups to load weights and form".into() }
+        Cond {
+            type_: PROGRESSING,
+            status: true,
+            reason: "GroupsStarting".into(),
+            message: "waiting for groups to load weights and form".into(),
+        }
     } else {
-        Cond { type_: PROGRESSING, status: false, reason: "Complete".into(), message: "all groups run the current spec".into() }
+        Cond {
+            type_: PROGRESSING,
+            status: false,
+            reason: "Complete".into(),
+            message: "all groups run the current spec".into(),
+        }
     };
 
     let degraded = if let Some((_, msg)) = plan.exhausted.first() {
-        Cond { type_: DEGRADED, status: true, reason: "RestartBudgetExhausted".into(), message: msg.clone() }
-    } else if let Some((o, b)) = observations.iter().find_map(|o| o.blocker.as_ref().map(|b| (o, b))) {
+        Cond {
+            type_: DEGRADED,
+            status: true,
+            reason: "RestartBudgetExhausted".into(),
+            message: msg.clone(),
+        }
+    } else if let Some((o, b)) = observations
+        .iter()
+        .find_map(|o| o.blocker.as_ref().map(|b| (o, b)))
+    {
         Cond {
             type_: DEGRADED,
             status: true,
@@ -176,7 +258,12 @@ pub fn compute_status(
             message: format!("group {}: {}", o.index, b.message),
         }
     } else {
-        Cond { type_: DEGRADED, status: false, reason: "AsExpected".into(), message: String::new() }
+        Cond {
+            type_: DEGRADED,
+            status: false,
+            reason: "AsExpected".into(),
+            message: String::new(),
+        }
     };
 
     status.conditions = finish(

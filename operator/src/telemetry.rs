@@ -11,7 +11,8 @@ pub enum LogFormat {
 
 /// Install the global subscriber; RUST_LOG overrides the default level (info).
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
     let builder = fmt().with_env_filter(filter).with_target(true);
     // A second init (tests) is harmless: keep the first subscriber.
     let _ = match format {

@@ -17,7 +17,9 @@ fn dsd(spec: Value) -> DSparkDeployment {
 }
 
 fn ctx() -> BuildContext {
-    BuildContext { default_image: "ghcr.io/dspark-dev/dspark:0.1.0".into() }
+    BuildContext {
+        default_image: "ghcr.io/dspark-dev/dspark:0.1.0".into(),
+    }
 }
 
 fn pvc_spec() -> Value {
@@ -26,7 +28,9 @@ fn pvc_spec() -> Value {
 
 /// Value of `--flag` in an argument list.
 fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
-    args.iter().position(|a| a == name).map(|i| args[i + 1].as_str())
+    args.iter()
+        .position(|a| a == name)
+        .map(|i| args[i + 1].as_str())
 }
 
 fn sts_json(d: &DSparkDeployment, g: i32) -> Value {
@@ -35,7 +39,10 @@ fn sts_json(d: &DSparkDeployment, g: i32) -> Value {
 
 #[test]
 fn presets_resolve_to_concrete_values() {
-    let long = resolve_profile(&ProfileSpec { preset: Preset::LongContext, ..Default::default() });
+    let long = resolve_profile(&ProfileSpec {
+        preset: Preset::LongContext,
+        ..Default::default()
+    });
     assert_eq!((long.max_model_len, long.max_num_seqs), (1_048_576, 6));
     assert_eq!(long.kv_cache_dtype, KvCacheDtype::Fp8);
     assert_eq!(long.speculative_method, SpeculativeMethod::Dspark);
@@ -44,7 +51,10 @@ fn presets_resolve_to_concrete_values() {
     assert_eq!(long.kv_pool_tokens, None);
     assert_eq!(long.summary, "long-context 1048576x6");
 
-    let conc = resolve_profile(&ProfileSpec { preset: Preset::Concurrency, ..Default::default() });
+    let conc = resolve_profile(&ProfileSpec {
+        preset: Preset::Concurrency,
+        ..Default::default()
+    });
     assert_eq!((conc.max_model_len, conc.max_num_seqs), (204_800, 16));
     assert_eq!(conc.summary, "concurrency 204800x16");
 }
@@ -59,7 +69,10 @@ fn explicit_fields_override_the_preset() {
         kv_cache_dtype: Some(KvCacheDtype::Nvfp4),
         kv_pool_tokens: Some(2_000_000),
         gpu_memory_utilization: Some(0.85),
-        speculative: Some(SpeculativeSpec { method: Some(SpeculativeMethod::None), num_tokens: Some(3) }),
+        speculative: Some(SpeculativeSpec {
+            method: Some(SpeculativeMethod::None),
+            num_tokens: Some(3),
+        }),
     };
     let r = resolve_profile(&spec);
     assert_eq!(r.preset, Preset::Concurrency);
@@ -85,7 +98,10 @@ fn server_args_carry_the_resolved_profile() {
     assert_eq!(flag(&args, "--model"), Some("/models/DeepSeek-V4-Flash"));
     assert_eq!(flag(&args, "--served-model-name"), Some("dsv4"));
     assert_eq!(flag(&args, "--world-size"), Some("2"));
-    assert_eq!(flag(&args, "--leader-addr"), Some("ds-1-0.ds-ranks.llm.svc:29500"));
+    assert_eq!(
+        flag(&args, "--leader-addr"),
+        Some("ds-1-0.ds-ranks.llm.svc:29500")
+    );
     assert_eq!(flag(&args, "--control-port"), Some("29500"));
     assert_eq!(flag(&args, "--port"), Some("8000"));
     assert_eq!(flag(&args, "--device"), Some("cuda"));
@@ -112,12 +128,22 @@ fn kv_pool_flag_is_omitted_when_sized_automatically() {
 #[test]
 fn served_name_defaults() {
     let (path, name) = model_location(&dsd(pvc_spec()));
-    assert_eq!((path.as_str(), name.as_str()), ("/models/DeepSeek-V4-Flash", "DeepSeek-V4-Flash"));
-    let (path, name) = model_location(&dsd(json!({"model": {"huggingFace": {"repo": "deepseek-ai/DeepSeek-V4-Flash"}}})));
+    assert_eq!(
+        (path.as_str(), name.as_str()),
+        ("/models/DeepSeek-V4-Flash", "DeepSeek-V4-Flash")
+    );
+    let (path, name) = model_location(&dsd(
+        json!({"model": {"huggingFace": {"repo": "deepseek-ai/DeepSeek-V4-Flash"}}}),
+    ));
     assert_eq!(path, "/models/hf/deepseek-ai/DeepSeek-V4-Flash");
     assert_eq!(name, "deepseek-ai/DeepSeek-V4-Flash");
-    let (path, name) = model_location(&dsd(json!({"model": {"image": {"path": "/opt/dspark/models/tiny-dsv4"}}})));
-    assert_eq!((path.as_str(), name.as_str()), ("/opt/dspark/models/tiny-dsv4", "tiny-dsv4"));
+    let (path, name) = model_location(&dsd(
+        json!({"model": {"image": {"path": "/opt/dspark/models/tiny-dsv4"}}}),
+    ));
+    assert_eq!(
+        (path.as_str(), name.as_str()),
+        ("/opt/dspark/models/tiny-dsv4", "tiny-dsv4")
+    );
     let (_, name) = model_location(&dsd(json!({"model": {"hostPath": {"path": "/data/m"}}})));
     assert_eq!(name, "ds");
 }
@@ -141,34 +167,70 @@ fn statefulset_shape() {
     assert_eq!(spec["selector"]["matchLabels"]["dspark.dev/group"], "0");
     let tpl = &spec["template"];
     assert_eq!(tpl["metadata"]["labels"]["dspark.dev/group"], "0");
-    assert!(tpl["metadata"]["annotations"]["dspark.dev/spec-hash"].as_str().unwrap().len() == 16);
+    assert!(
+        tpl["metadata"]["annotations"]["dspark.dev/spec-hash"]
+            .as_str()
+            .unwrap()
+            .len()
+            == 16
+    );
     let pod = &tpl["spec"];
     let c = &pod["containers"][0];
     assert_eq!(c["image"], "ghcr.io/dspark-dev/dspark:0.1.0");
     assert_eq!(c["command"], json!(["dspark-server"]));
     assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"], "1");
     assert_eq!(c["resources"]["requests"]["nvidia.com/gpu"], "1");
-    let rank = c["env"].as_array().unwrap().iter().find(|e| e["name"] == "DSPARK_RANK").unwrap();
-    assert_eq!(rank["valueFrom"]["fieldRef"]["fieldPath"], "metadata.labels['apps.kubernetes.io/pod-index']");
+    let rank = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "DSPARK_RANK")
+        .unwrap();
+    assert_eq!(
+        rank["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.labels['apps.kubernetes.io/pod-index']"
+    );
     assert_eq!(c["startupProbe"]["httpGet"]["path"], "/health");
     // Default startup budget: one hour of weight loading.
-    assert_eq!(c["startupProbe"]["failureThreshold"].as_i64().unwrap() * c["startupProbe"]["periodSeconds"].as_i64().unwrap(), 3600);
+    assert_eq!(
+        c["startupProbe"]["failureThreshold"].as_i64().unwrap()
+            * c["startupProbe"]["periodSeconds"].as_i64().unwrap(),
+        3600
+    );
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/health");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/ready");
     assert_eq!(c["terminationMessagePolicy"], "FallbackToLogsOnError");
     assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
-    let model_mount = c["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "model").unwrap();
+    let model_mount = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "model")
+        .unwrap();
     assert_eq!(model_mount["readOnly"], true);
     assert_eq!(model_mount["mountPath"], "/models");
-    let model_vol = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "model").unwrap();
+    let model_vol = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "model")
+        .unwrap();
     assert_eq!(model_vol["persistentVolumeClaim"]["claimName"], "weights");
     assert_eq!(model_vol["persistentVolumeClaim"]["readOnly"], true);
     // Default: one pod of the group per node.
-    let anti = &pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0];
+    let anti =
+        &pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0];
     assert_eq!(anti["topologyKey"], "kubernetes.io/hostname");
-    assert_eq!(anti["labelSelector"]["matchLabels"]["dspark.dev/group"], "0");
-    assert!(pod["tolerations"].as_array().unwrap().iter().any(|t| t["key"] == "nvidia.com/gpu"));
+    assert_eq!(
+        anti["labelSelector"]["matchLabels"]["dspark.dev/group"],
+        "0"
+    );
+    assert!(pod["tolerations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["key"] == "nvidia.com/gpu"));
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert!(pod.get("hostNetwork").is_none());
     assert!(pod.get("initContainers").is_none());
@@ -207,7 +269,11 @@ fn services_and_pdb() {
     assert_eq!(headless["metadata"]["name"], "ds-ranks");
     assert_eq!(headless["spec"]["clusterIP"], "None");
     assert_eq!(headless["spec"]["publishNotReadyAddresses"], true);
-    assert!(headless["spec"]["ports"].as_array().unwrap().iter().any(|p| p["port"] == 29500));
+    assert!(headless["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["port"] == 29500));
 
     let client = serde_json::to_value(client_service(&d).unwrap()).unwrap();
     assert_eq!(client["metadata"]["name"], "ds");
@@ -216,15 +282,27 @@ fn services_and_pdb() {
     assert_eq!(client["spec"]["ports"][0]["port"], 8080);
     assert_eq!(client["spec"]["ports"][0]["targetPort"], "http");
     // Only rank-0 pods serve clients.
-    assert_eq!(client["spec"]["selector"]["apps.kubernetes.io/pod-index"], "0");
-    assert_eq!(client["spec"]["selector"]["app.kubernetes.io/instance"], "ds");
-    assert!(client["spec"]["selector"].get("dspark.dev/group").is_none(), "all groups behind one Service");
+    assert_eq!(
+        client["spec"]["selector"]["apps.kubernetes.io/pod-index"],
+        "0"
+    );
+    assert_eq!(
+        client["spec"]["selector"]["app.kubernetes.io/instance"],
+        "ds"
+    );
+    assert!(
+        client["spec"]["selector"].get("dspark.dev/group").is_none(),
+        "all groups behind one Service"
+    );
     assert_eq!(endpoint(&d), "http://ds.llm.svc:8080/v1");
 
     let pdb = serde_json::to_value(pod_disruption_budget(&d, 1).unwrap()).unwrap();
     assert_eq!(pdb["metadata"]["name"], "ds-1");
     assert_eq!(pdb["spec"]["minAvailable"], 2);
-    assert_eq!(pdb["spec"]["selector"]["matchLabels"]["dspark.dev/group"], "1");
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"]["dspark.dev/group"],
+        "1"
+    );
     assert_eq!(pdb["spec"]["unhealthyPodEvictionPolicy"], "AlwaysAllow");
 }
 
@@ -255,14 +333,28 @@ fn network_scheduling_and_image_fields() {
     assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
     assert_eq!(pod["nodeSelector"]["gpu"], "gb10");
     assert_eq!(pod["priorityClassName"], "high");
-    assert!(pod["tolerations"].as_array().unwrap().iter().any(|t| t["key"] == "dedicated"));
+    assert!(pod["tolerations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["key"] == "dedicated"));
     assert!(pod["affinity"]["nodeAffinity"].is_object());
-    assert!(pod["affinity"].get("podAntiAffinity").is_none(), "a user affinity replaces the default");
+    assert!(
+        pod["affinity"].get("podAntiAffinity").is_none(),
+        "a user affinity replaces the default"
+    );
     let env: std::collections::BTreeMap<String, Value> = c["env"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| (e["name"].as_str().unwrap().to_string(), e.get("value").cloned().unwrap_or_else(|| e["valueFrom"].clone())))
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_string(),
+                e.get("value")
+                    .cloned()
+                    .unwrap_or_else(|| e["valueFrom"].clone()),
+            )
+        })
         .collect();
     assert_eq!(env["NCCL_SOCKET_IFNAME"], "enp1s0f0np0");
     assert_eq!(env["NCCL_IB_DISABLE"], "0");
@@ -275,9 +367,17 @@ fn network_scheduling_and_image_fields() {
     assert_eq!(c["resources"]["limits"]["memory"], "100Gi");
     assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"], "1");
     assert_eq!(c["resources"]["limits"]["rdma/roce"], "1");
-    assert_eq!(c["securityContext"]["capabilities"]["add"], json!(["IPC_LOCK"]));
+    assert_eq!(
+        c["securityContext"]["capabilities"]["add"],
+        json!(["IPC_LOCK"])
+    );
     assert_eq!(c["startupProbe"]["failureThreshold"], 60);
-    let model_vol = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "model").unwrap();
+    let model_vol = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "model")
+        .unwrap();
     assert_eq!(model_vol["hostPath"]["path"], "/data/dsv4");
 }
 
@@ -297,41 +397,79 @@ fn hugging_face_download_init_container_and_cache() {
     let init = &pod["initContainers"][0];
     assert_eq!(init["name"], "download-model");
     assert_eq!(init["image"], "python:3.12-slim");
-    let env: Vec<(String, Value)> = init["env"].as_array().unwrap().iter()
-        .map(|e| (e["name"].as_str().unwrap().to_string(), e.get("value").cloned().unwrap_or_else(|| e["valueFrom"].clone()))).collect();
+    let env: Vec<(String, Value)> = init["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_string(),
+                e.get("value")
+                    .cloned()
+                    .unwrap_or_else(|| e["valueFrom"].clone()),
+            )
+        })
+        .collect();
     assert!(env.contains(&("HF_REPO".into(), json!("deepseek-ai/DeepSeek-V4-Flash"))));
     assert!(env.contains(&("HF_REVISION".into(), json!("v1"))));
-    assert!(env.contains(&("MODEL_DIR".into(), json!("/models/hf/deepseek-ai/DeepSeek-V4-Flash"))));
+    assert!(env.contains(&(
+        "MODEL_DIR".into(),
+        json!("/models/hf/deepseek-ai/DeepSeek-V4-Flash")
+    )));
     let token = env.iter().find(|(k, _)| k == "HF_TOKEN").unwrap();
     assert_eq!(token.1["secretKeyRef"]["key"], "HF_TOKEN");
     // The init container writes the cache; the server reads it read-only.
-    let init_mount = init["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "model").unwrap();
+    let init_mount = init["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "model")
+        .unwrap();
     assert!(init_mount.get("readOnly").is_none());
     let claim = &s["spec"]["volumeClaimTemplates"][0];
     assert_eq!(claim["metadata"]["name"], "model");
     assert_eq!(claim["spec"]["resources"]["requests"]["storage"], "500Gi");
     assert_eq!(claim["spec"]["storageClassName"], "fast");
-    assert!(pod["volumes"].as_array().unwrap().iter().all(|v| v["name"] != "model"));
+    assert!(pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|v| v["name"] != "model"));
     let args: Vec<String> = serde_json::from_value(pod["containers"][0]["args"].clone()).unwrap();
-    assert_eq!(flag(&args, "--model"), Some("/models/hf/deepseek-ai/DeepSeek-V4-Flash"));
+    assert_eq!(
+        flag(&args, "--model"),
+        Some("/models/hf/deepseek-ai/DeepSeek-V4-Flash")
+    );
 
     // A shared cache claim instead of a per-pod template.
-    let d = dsd(json!({"model": {"huggingFace": {"repo": "a/b", "cache": {"claimName": "hf-cache"}}}}));
+    let d =
+        dsd(json!({"model": {"huggingFace": {"repo": "a/b", "cache": {"claimName": "hf-cache"}}}}));
     let s = sts_json(&d, 0);
     assert!(s["spec"].get("volumeClaimTemplates").is_none());
-    let vol = s["spec"]["template"]["spec"]["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "model").unwrap().clone();
+    let vol = s["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "model")
+        .unwrap()
+        .clone();
     assert_eq!(vol["persistentVolumeClaim"]["claimName"], "hf-cache");
 }
 
 #[test]
 fn cpu_device_has_no_gpu() {
-    let d = dsd(json!({"model": {"image": {"path": "/opt/dspark/models/tiny-dsv4"}}, "device": "cpu"}));
+    let d =
+        dsd(json!({"model": {"image": {"path": "/opt/dspark/models/tiny-dsv4"}}, "device": "cpu"}));
     let s = sts_json(&d, 0);
     let pod = &s["spec"]["template"]["spec"];
     let c = &pod["containers"][0];
     assert!(c["resources"].get("limits").is_none());
     assert!(pod["tolerations"].as_array().unwrap().is_empty());
-    assert!(c["volumeMounts"].as_array().unwrap().iter().all(|m| m["name"] != "model"));
+    assert!(c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["name"] != "model"));
     let args: Vec<String> = serde_json::from_value(c["args"].clone()).unwrap();
     assert_eq!(flag(&args, "--device"), Some("cpu"));
     assert_eq!(flag(&args, "--model"), Some("/opt/dspark/models/tiny-dsv4"));
@@ -342,23 +480,37 @@ fn spec_hash_tracks_the_pod_template_only() {
     let a = dsd(pvc_spec());
     let mut b = a.clone();
     b.spec.replicas = 4;
-    assert_eq!(spec_hash(&a, &ctx()), spec_hash(&b, &ctx()), "scaling must not roll groups");
+    assert_eq!(
+        spec_hash(&a, &ctx()),
+        spec_hash(&b, &ctx()),
+        "scaling must not roll groups"
+    );
     b.spec.profile.max_num_seqs = Some(3);
     assert_ne!(spec_hash(&a, &ctx()), spec_hash(&b, &ctx()));
     // Stable across runs: the pods of a running group must not look outdated after an operator restart.
     assert_eq!(spec_hash(&a, &ctx()), spec_hash(&a.clone(), &ctx()));
     // All groups share the hash.
-    assert_eq!(sts_json(&a, 0)["spec"]["template"]["metadata"]["annotations"], sts_json(&a, 3)["spec"]["template"]["metadata"]["annotations"]);
+    assert_eq!(
+        sts_json(&a, 0)["spec"]["template"]["metadata"]["annotations"],
+        sts_json(&a, 3)["spec"]["template"]["metadata"]["annotations"]
+    );
 }
 
 #[test]
 fn tiny_cpu_example_renders_a_cpu_group() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tiny-cpu.yaml")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/tiny-cpu.yaml"
+    ))
+    .unwrap();
     let mut d: DSparkDeployment = serde_yaml::from_str(&text).unwrap();
     d.metadata.namespace = Some("default".into());
     let args = server_args(&server_invocation(&d, 0));
     assert_eq!(flag(&args, "--device"), Some("cpu"));
     assert_eq!(flag(&args, "--world-size"), Some("2"));
     assert_eq!(flag(&args, "--speculative-method"), Some("none"));
-    assert_eq!(flag(&args, "--leader-addr"), Some("tiny-0-0.tiny-ranks.default.svc:29500"));
+    assert_eq!(
+        flag(&args, "--leader-addr"),
+        Some("tiny-0-0.tiny-ranks.default.svc:29500")
+    );
 }

@@ -72,37 +72,77 @@ fn tiny_cpu_serves_a_chat_completion_through_the_service() {
     if let Err(e) = sh("kubectl", &["version", "--request-timeout=5s"]) {
         panic!("no reachable cluster: {e}");
     }
-    let image = std::env::var("DSPARK_E2E_IMAGE").unwrap_or_else(|_| "ghcr.io/dspark-dev/dspark:0.1.0".into());
-    let (repo, tag) = image.rsplit_once(':').expect("DSPARK_E2E_IMAGE must be repo:tag");
+    let image = std::env::var("DSPARK_E2E_IMAGE")
+        .unwrap_or_else(|_| "ghcr.io/dspark-dev/dspark:0.1.0".into());
+    let (repo, tag) = image
+        .rsplit_once(':')
+        .expect("DSPARK_E2E_IMAGE must be repo:tag");
     let set_repo = format!("image.repository={repo}");
     let set_tag = format!("image.tag={tag}");
-    sh("helm", &[
-        "upgrade", "--install", "dspark", "charts/dspark", "--namespace", OPERATOR_NS, "--create-namespace",
-        "--set", &set_repo, "--set", &set_tag, "--set", "image.pullPolicy=IfNotPresent", "--wait", "--timeout", "5m",
-    ])
+    sh(
+        "helm",
+        &[
+            "upgrade",
+            "--install",
+            "dspark",
+            "charts/dspark",
+            "--namespace",
+            OPERATOR_NS,
+            "--create-namespace",
+            "--set",
+            &set_repo,
+            "--set",
+            &set_tag,
+            "--set",
+            "image.pullPolicy=IfNotPresent",
+            "--wait",
+            "--timeout",
+            "5m",
+        ],
+    )
     .unwrap_or_else(|e| panic!("{e}"));
     let _ = sh("kubectl", &["create", "namespace", NS]);
     kubectl(&["apply", "-n", NS, "-f", "examples/tiny-cpu.yaml"]);
 
-    let waited = sh("kubectl", &["wait", "-n", NS, "dsd/tiny", "--for=condition=Ready", "--timeout=900s"]);
+    let waited = sh(
+        "kubectl",
+        &[
+            "wait",
+            "-n",
+            NS,
+            "dsd/tiny",
+            "--for=condition=Ready",
+            "--timeout=900s",
+        ],
+    );
     if let Err(e) = waited {
         let describe = sh("kubectl", &["describe", "-n", NS, "dsd/tiny"]).unwrap_or_default();
         let pods = sh("kubectl", &["get", "pods", "-n", NS, "-o", "wide"]).unwrap_or_default();
         panic!("tiny never became Ready: {e}\n{describe}\n{pods}");
     }
     let row = kubectl(&["get", "dsd", "-n", NS, "tiny"]);
-    assert!(row.contains("1/1") && row.contains("custom 2048x4"), "kubectl get dsd: {row}");
+    assert!(
+        row.contains("1/1") && row.contains("custom 2048x4"),
+        "kubectl get dsd: {row}"
+    );
 
     let port = 18_000 + (std::process::id() % 1000) as u16;
     let _forward = Forward(
         Command::new("kubectl")
-            .args(["port-forward", "-n", NS, "svc/tiny", &format!("{port}:8000")])
+            .args([
+                "port-forward",
+                "-n",
+                NS,
+                "svc/tiny",
+                &format!("{port}:8000"),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("kubectl port-forward"),
     );
-    let body = r#"{"model":"tiny-dsv4","messages":[{"role":"user","content":"Hello"}],"max_tokens":8}"#;
+    let body =
+        r#"{"model":"tiny-dsv4","messages":[{"role":"user","content":"Hello"}],"max_tokens":8}"#;
     let deadline = Instant::now() + Duration::from_secs(60);
     let (code, text) = loop {
         match http_post(port, "/v1/chat/completions", body) {
@@ -118,12 +158,26 @@ fn tiny_cpu_serves_a_chat_completion_through_the_service() {
     // Chunked or not, the JSON object carries the completion.
     let start = text.find('{').expect("JSON body");
     let end = text.rfind('}').expect("JSON body");
-    let v: serde_json::Value = serde_json::from_str(&text[start..=end]).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let v: serde_json::Value =
+        serde_json::from_str(&text[start..=end]).unwrap_or_else(|e| panic!("{e}: {text}"));
     assert_eq!(v["object"], "chat.completion");
     assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
-    assert!(v["usage"]["completion_tokens"].as_u64().unwrap_or(0) >= 1, "{v}");
+    assert!(
+        v["usage"]["completion_tokens"].as_u64().unwrap_or(0) >= 1,
+        "{v}"
+    );
 
     if std::env::var("DSPARK_E2E_KEEP").is_err() {
-        let _ = sh("kubectl", &["delete", "-n", NS, "-f", "examples/tiny-cpu.yaml", "--wait=true"]);
+        let _ = sh(
+            "kubectl",
+            &[
+                "delete",
+                "-n",
+                NS,
+                "-f",
+                "examples/tiny-cpu.yaml",
+                "--wait=true",
+            ],
+        );
     }
 }

@@ -32,16 +32,37 @@ struct Seen {
 
 impl ApiServer {
     /// Take the next request, check method and path, answer with `respond(body)`.
-    async fn expect(&mut self, method: &str, path: &str, respond: impl FnOnce(&Value) -> (u16, Value)) -> Seen {
-        let (request, send) = self.handle.next_request().await.expect("the operator made no further request");
+    async fn expect(
+        &mut self,
+        method: &str,
+        path: &str,
+        respond: impl FnOnce(&Value) -> (u16, Value),
+    ) -> Seen {
+        let (request, send) = self
+            .handle
+            .next_request()
+            .await
+            .expect("the operator made no further request");
         let seen_method = request.method().to_string();
         let uri = request.uri().to_string();
         let bytes = request.into_body().collect_bytes().await.unwrap();
-        let body: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
-        assert_eq!(seen_method, method, "unexpected request {seen_method} {uri}");
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        assert_eq!(
+            seen_method, method,
+            "unexpected request {seen_method} {uri}"
+        );
         assert!(uri.starts_with(path), "expected {method} {path}, got {uri}");
         let (status, answer) = respond(&body);
-        send.send_response(Response::builder().status(status).body(Body::from(serde_json::to_vec(&answer).unwrap())).unwrap());
+        send.send_response(
+            Response::builder()
+                .status(status)
+                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                .unwrap(),
+        );
         Seen { path: uri, body }
     }
 
@@ -51,7 +72,13 @@ impl ApiServer {
     }
 
     async fn event(&mut self, reason: &str) -> Seen {
-        let seen = self.expect("POST", &format!("/apis/events.k8s.io/v1/namespaces/{NS}/events"), |b| (201, b.clone())).await;
+        let seen = self
+            .expect(
+                "POST",
+                &format!("/apis/events.k8s.io/v1/namespaces/{NS}/events"),
+                |b| (201, b.clone()),
+            )
+            .await;
         assert_eq!(seen.body["reason"], reason, "event: {}", seen.body);
         seen
     }
@@ -62,20 +89,45 @@ impl ApiServer {
     }
 
     async fn status(&mut self) -> Value {
-        let seen = self.apply(&format!("/apis/dspark.dev/v1alpha1/namespaces/{NS}/dsparkdeployments/ds/status")).await;
-        assert!(seen.path.contains("fieldManager=dspark-operator"), "{}", seen.path);
+        let path = format!("/apis/dspark.dev/v1alpha1/namespaces/{NS}/dsparkdeployments/ds/status");
+        // The API server answers with the whole object.
+        let seen = self
+            .expect("PATCH", &path, |b| {
+                let mut obj = serde_json::to_value(cr(spec(), None)).unwrap();
+                obj["status"] = b["status"].clone();
+                (200, obj)
+            })
+            .await;
+        assert!(
+            seen.path.contains("fieldManager=dspark-operator"),
+            "{}",
+            seen.path
+        );
         assert!(seen.path.contains("force=true"));
         seen.body["status"].clone()
     }
 
     /// Services, StatefulSet and PDB applies of a one-group deployment.
     async fn children(&mut self, existing_sts: Vec<Value>) -> Value {
-        self.list(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets?"), "StatefulSetList", existing_sts).await;
-        let headless = self.apply(&format!("/api/v1/namespaces/{NS}/services/ds-ranks?")).await;
+        self.list(
+            &format!("/apis/apps/v1/namespaces/{NS}/statefulsets?"),
+            "StatefulSetList",
+            existing_sts,
+        )
+        .await;
+        let headless = self
+            .apply(&format!("/api/v1/namespaces/{NS}/services/ds-ranks?"))
+            .await;
         assert_eq!(headless.body["spec"]["clusterIP"], "None");
-        self.apply(&format!("/api/v1/namespaces/{NS}/services/ds?")).await;
-        let sts = self.apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/ds-0?")).await;
-        self.apply(&format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/ds-0?")).await;
+        self.apply(&format!("/api/v1/namespaces/{NS}/services/ds?"))
+            .await;
+        let sts = self
+            .apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/ds-0?"))
+            .await;
+        self.apply(&format!(
+            "/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/ds-0?"
+        ))
+        .await;
         sts.body
     }
 }
@@ -98,7 +150,9 @@ fn spec() -> Value {
 }
 
 fn build() -> BuildContext {
-    BuildContext { default_image: "ghcr.io/dspark-dev/dspark:0.1.0".into() }
+    BuildContext {
+        default_image: "ghcr.io/dspark-dev/dspark:0.1.0".into(),
+    }
 }
 
 fn hash(d: &DSparkDeployment) -> String {
@@ -111,7 +165,14 @@ fn existing_sts(group: i32) -> Value {
 }
 
 /// A server pod. `terminated`: the last termination message of its container.
-fn pod(group: i32, rank: i32, ready: bool, restarts: i32, hash: &str, terminated: Option<&str>) -> Value {
+fn pod(
+    group: i32,
+    rank: i32,
+    ready: bool,
+    restarts: i32,
+    hash: &str,
+    terminated: Option<&str>,
+) -> Value {
     let mut cs = json!({"name": "server", "ready": ready, "restartCount": restarts, "image": "x", "imageID": "", "state": {"running": {}}});
     if let Some(msg) = terminated {
         cs["lastState"] = json!({"terminated": {"exitCode": 1, "reason": "Error", "message": msg}});
@@ -133,7 +194,12 @@ fn pod(group: i32, rank: i32, ready: bool, restarts: i32, hash: &str, terminated
 }
 
 fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
-    status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == type_).unwrap_or_else(|| panic!("no {type_} in {status}"))
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap_or_else(|| panic!("no {type_} in {status}"))
 }
 
 /// Run one reconcile against a scenario; both must finish.
@@ -147,17 +213,26 @@ where
     let mut ctx = Context::new(client, Arc::new(Metrics::default()), build());
     ctx.clock = Arc::new(|| NOW.parse::<Timestamp>().unwrap());
     let server = tokio::spawn(scenario(ApiServer { handle }));
-    let action = tokio::time::timeout(Duration::from_secs(10), reconcile(Arc::new(dsd), Arc::new(ctx)))
+    let action = tokio::time::timeout(
+        Duration::from_secs(10),
+        reconcile(Arc::new(dsd), Arc::new(ctx)),
+    )
+    .await
+    .expect("reconcile hung: it made a request the scenario does not answer")
+    .expect("reconcile failed");
+    tokio::time::timeout(Duration::from_secs(5), server)
         .await
-        .expect("reconcile hung: it made a request the scenario does not answer")
-        .expect("reconcile failed");
-    tokio::time::timeout(Duration::from_secs(5), server).await.expect("scenario incomplete").expect("scenario failed");
+        .expect("scenario incomplete")
+        .expect("scenario failed");
     action
 }
 
 #[tokio::test]
 async fn create_applies_children_and_reports_progress() {
-    let dsd = cr(json!({"model": {"pvc": {"claimName": "weights"}}, "profile": {"preset": "concurrency"}}), None);
+    let dsd = cr(
+        json!({"model": {"pvc": {"claimName": "weights"}}, "profile": {"preset": "concurrency"}}),
+        None,
+    );
     let action = run(dsd, |mut api| async move {
         api.expect("GET", &format!("/api/v1/namespaces/{NS}/persistentvolumeclaims/weights"), |_| {
             (200, json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "weights", "namespace": NS}}))
@@ -193,7 +268,12 @@ async fn ready_group_is_reported_ready_and_formed() {
     let h = hash(&dsd);
     let action = run(dsd, move |mut api| async move {
         api.children(vec![existing_sts(0)]).await;
-        api.list(&format!("/api/v1/namespaces/{NS}/pods?"), "PodList", vec![pod(0, 0, true, 0, &h, None), pod(0, 1, true, 0, &h, None)]).await;
+        api.list(
+            &format!("/api/v1/namespaces/{NS}/pods?"),
+            "PodList",
+            vec![pod(0, 0, true, 0, &h, None), pod(0, 1, true, 0, &h, None)],
+        )
+        .await;
         let status = api.status().await;
         assert_eq!(status["readyGroups"], 1);
         assert_eq!(status["groups"], 1);
@@ -213,9 +293,28 @@ async fn spec_update_rolls_the_group() {
     let action = run(dsd, |mut api| async move {
         api.children(vec![existing_sts(0)]).await;
         // Both pods ready but built from the previous spec.
-        api.list(&format!("/api/v1/namespaces/{NS}/pods?"), "PodList", vec![pod(0, 0, true, 0, "old", None), pod(0, 1, true, 0, "old", None)]).await;
-        let del = api.expect("DELETE", &format!("/api/v1/namespaces/{NS}/pods?"), |_| (200, json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}))).await;
-        assert!(del.path.contains("dspark.dev%2Fgroup%3D0") || del.path.contains("dspark.dev/group=0"), "{}", del.path);
+        api.list(
+            &format!("/api/v1/namespaces/{NS}/pods?"),
+            "PodList",
+            vec![
+                pod(0, 0, true, 0, "old", None),
+                pod(0, 1, true, 0, "old", None),
+            ],
+        )
+        .await;
+        let del = api
+            .expect("DELETE", &format!("/api/v1/namespaces/{NS}/pods?"), |_| {
+                (
+                    200,
+                    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}),
+                )
+            })
+            .await;
+        assert!(
+            del.path.contains("dspark.dev%2Fgroup%3D0") || del.path.contains("dspark.dev/group=0"),
+            "{}",
+            del.path
+        );
         api.event("GroupRollingUpdate").await;
         let status = api.status().await;
         assert_eq!(condition(&status, "Progressing")["reason"], "RollingUpdate");
@@ -235,14 +334,36 @@ async fn member_restart_recreates_the_whole_group() {
     let h = hash(&dsd);
     run(dsd, move |mut api| async move {
         api.children(vec![existing_sts(0)]).await;
-        api.list(&format!("/api/v1/namespaces/{NS}/pods?"), "PodList", vec![
-            pod(0, 0, false, 0, &h, None),
-            pod(0, 1, true, 1, &h, Some("NCCL error: unhandled system error\nbacktrace...")),
-        ]).await;
-        let del = api.expect("DELETE", &format!("/api/v1/namespaces/{NS}/pods?"), |_| (200, json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}))).await;
+        api.list(
+            &format!("/api/v1/namespaces/{NS}/pods?"),
+            "PodList",
+            vec![
+                pod(0, 0, false, 0, &h, None),
+                pod(
+                    0,
+                    1,
+                    true,
+                    1,
+                    &h,
+                    Some("NCCL error: unhandled system error\nbacktrace..."),
+                ),
+            ],
+        )
+        .await;
+        let del = api
+            .expect("DELETE", &format!("/api/v1/namespaces/{NS}/pods?"), |_| {
+                (
+                    200,
+                    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}),
+                )
+            })
+            .await;
         assert!(del.path.contains("group"), "{}", del.path);
         let ev = api.event("GroupRecreated").await;
-        assert!(ev.body["note"].as_str().unwrap().contains("NCCL error: unhandled system error"));
+        assert!(ev.body["note"]
+            .as_str()
+            .unwrap()
+            .contains("NCCL error: unhandled system error"));
         assert_eq!(ev.body["type"], "Warning");
         let status = api.status().await;
         assert_eq!(status["restarts"], 1);
@@ -261,10 +382,21 @@ async fn recreation_waits_for_the_back_off() {
     let h = hash(&dsd);
     let action = run(dsd, move |mut api| async move {
         api.children(vec![existing_sts(0)]).await;
-        api.list(&format!("/api/v1/namespaces/{NS}/pods?"), "PodList", vec![pod(0, 0, true, 2, &h, Some("lost peer")), pod(0, 1, true, 0, &h, None)]).await;
+        api.list(
+            &format!("/api/v1/namespaces/{NS}/pods?"),
+            "PodList",
+            vec![
+                pod(0, 0, true, 2, &h, Some("lost peer")),
+                pod(0, 1, true, 0, &h, None),
+            ],
+        )
+        .await;
         let status = api.status().await;
         assert_eq!(status["groupStatuses"][0]["restarts"], 1);
-        assert!(status["groupStatuses"][0]["message"].as_str().unwrap().contains("recreating in 20s"));
+        assert!(status["groupStatuses"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("recreating in 20s"));
     })
     .await;
     assert_eq!(action, Action::requeue(Duration::from_secs(20)));
@@ -276,10 +408,22 @@ async fn exhausted_restart_budget_is_degraded_with_the_termination_message() {
     let h = hash(&dsd);
     run(dsd, move |mut api| async move {
         api.children(vec![existing_sts(0)]).await;
-        api.list(&format!("/api/v1/namespaces/{NS}/pods?"), "PodList", vec![
-            pod(0, 0, false, 3, &h, Some("CUDA error: an illegal memory access was encountered\n  at kernel x")),
-            pod(0, 1, false, 0, &h, None),
-        ]).await;
+        api.list(
+            &format!("/api/v1/namespaces/{NS}/pods?"),
+            "PodList",
+            vec![
+                pod(
+                    0,
+                    0,
+                    false,
+                    3,
+                    &h,
+                    Some("CUDA error: an illegal memory access was encountered\n  at kernel x"),
+                ),
+                pod(0, 1, false, 0, &h, None),
+            ],
+        )
+        .await;
         // No DELETE: the budget is spent.
         api.event("RestartBudgetExhausted").await;
         let status = api.status().await;
@@ -287,8 +431,14 @@ async fn exhausted_restart_budget_is_degraded_with_the_termination_message() {
         assert_eq!(degraded["status"], "True");
         assert_eq!(degraded["reason"], "RestartBudgetExhausted");
         let msg = degraded["message"].as_str().unwrap();
-        assert!(msg.contains("CUDA error: an illegal memory access was encountered"), "{msg}");
-        assert!(!msg.contains("at kernel x"), "only the head of the message: {msg}");
+        assert!(
+            msg.contains("CUDA error: an illegal memory access was encountered"),
+            "{msg}"
+        );
+        assert!(
+            !msg.contains("at kernel x"),
+            "only the head of the message: {msg}"
+        );
         assert_eq!(status["restarts"], 5);
     })
     .await;
@@ -296,12 +446,19 @@ async fn exhausted_restart_budget_is_degraded_with_the_termination_message() {
 
 #[tokio::test]
 async fn invalid_spec_sets_a_condition_and_an_event_and_touches_nothing() {
-    let dsd = cr(json!({"model": {"image": {"path": "/m"}}, "parallelism": {"tensor": 4}, "profile": {"maxNumSeqs": 0}}), None);
+    let dsd = cr(
+        json!({"model": {"image": {"path": "/m"}}, "parallelism": {"tensor": 4}, "profile": {"maxNumSeqs": 0}}),
+        None,
+    );
     let action = run(dsd, |mut api| async move {
         let ev = api.event("InvalidSpec").await;
         assert_eq!(ev.body["type"], "Warning");
         let note = ev.body["note"].as_str().unwrap();
-        assert!(note.contains("parallelism.tensor must be 2") && note.contains("maxNumSeqs must be >= 1"), "{note}");
+        assert!(
+            note.contains("parallelism.tensor must be 2")
+                && note.contains("maxNumSeqs must be >= 1"),
+            "{note}"
+        );
         let status = api.status().await;
         assert_eq!(condition(&status, "Degraded")["reason"], "InvalidSpec");
         assert_eq!(condition(&status, "Degraded")["status"], "True");
@@ -373,7 +530,9 @@ async fn scale_down_deletes_surplus_groups() {
 #[tokio::test]
 async fn deletion_leaves_cleanup_to_owner_references() {
     let mut dsd = cr(spec(), None);
-    dsd.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(NOW.parse().unwrap()));
+    dsd.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        NOW.parse().unwrap(),
+    ));
     // No request at all: the scenario answers nothing and the reconcile must not wait on one.
     let action = run(dsd, |_api| async move {}).await;
     assert_eq!(action, Action::await_change());

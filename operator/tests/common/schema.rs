@@ -87,14 +87,20 @@ pub fn validate(schema: &Value, value: &Value, path: &str, errors: &mut Vec<Stri
     }
     if let Some(obj) = value.as_object() {
         let props = schema.get("properties").and_then(Value::as_object);
-        for req in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
+        for req in schema
+            .get("required")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             if let Some(r) = req.as_str() {
                 if !obj.contains_key(r) {
                     errors.push(format!("{path}.{r}: required"));
                 }
             }
         }
-        let preserve = schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
+        let preserve =
+            schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
         let additional = schema.get("additionalProperties");
         for (k, v) in obj {
             let child = format!("{path}.{k}");
@@ -109,12 +115,18 @@ pub fn validate(schema: &Value, value: &Value, path: &str, errors: &mut Vec<Stri
     }
 }
 
-/// Validate a whole object: metadata is the API server's business, so only its type is checked.
+/// Validate a whole object. apiVersion, kind and metadata are the API server's business (a
+/// CRD schema does not describe them), so only their types are checked.
 pub fn validate_object(schema: &Value, object: &Value) -> Vec<String> {
     let mut errors = Vec::new();
     let mut schema = schema.clone();
     if let Some(props) = schema.get_mut("properties").and_then(Value::as_object_mut) {
-        props.insert("metadata".into(), serde_json::json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}));
+        props.insert("apiVersion".into(), serde_json::json!({"type": "string"}));
+        props.insert("kind".into(), serde_json::json!({"type": "string"}));
+        props.insert(
+            "metadata".into(),
+            serde_json::json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
+        );
     }
     validate(&schema, object, "", &mut errors);
     errors
