@@ -25,6 +25,8 @@ pub const CONTROL_PORT: i32 = 29500;
 
 /// A DSparkDeployment serves DeepSeek-V4-Flash with the DSpark speculative-decoding draft on one
 /// or more tensor-parallel groups of pods (one GPU per pod), behind one OpenAI-compatible Service.
+// clippy reads the repeated `type_` keys of separate printcolumn(...) entries as duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "dspark.dev",

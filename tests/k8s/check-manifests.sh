@@ -9,7 +9,7 @@
 # `cargo test -p dspark-operator --test crd` (kubernetes-validate knows only built-in kinds).
 #
 # Tools: helm from PATH, else $TOOLS/bin/helm, else installed there by ../shared/tools/install-helm.sh
-# (relative to the repo root); kubernetes-validate from PATH, else a venv in $TOOLS/venv (pip).
+# (relative to the repo root; HELM_INSTALLER overrides); kubernetes-validate from PATH, else a venv in $TOOLS/venv (pip).
 # TOOLS defaults to <repo>/.tools (git-ignored). KUBE_VERSION picks the schema version.
 set -euo pipefail
 
@@ -23,7 +23,7 @@ log() { printf '==> %s\n' "$*" >&2; }
 ensure_helm() {
   if command -v helm >/dev/null 2>&1; then return; fi
   if [[ -x "$tools/bin/helm" ]]; then export PATH="$tools/bin:$PATH"; return; fi
-  local installer="$root/../shared/tools/install-helm.sh"
+  local installer=${HELM_INSTALLER:-$root/../shared/tools/install-helm.sh}
   if [[ -f "$installer" ]]; then
     log "installing helm into $tools/bin"
     bash "$installer" "$tools/bin" >&2
