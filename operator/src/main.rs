@@ -176,6 +176,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
+    let lost_leadership = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let elector = if args.leader_elect {
         let identity = args
             .identity
@@ -202,9 +203,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         // Losing the lease stops this replica's controller: never two reconcilers at once.
         let holder = elector.clone();
         let lost_tx = stop_tx.clone();
+        let lost = lost_leadership.clone();
         tokio::spawn(async move {
             holder.hold().await;
             error!("lost leadership, stopping");
+            lost.store(true, std::sync::atomic::Ordering::SeqCst);
             let _ = lost_tx.send(true);
         });
         Some(elector)
@@ -233,6 +236,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     http.await
         .context("metrics server task")?
         .context("metrics server")?;
+    if lost_leadership.load(std::sync::atomic::Ordering::SeqCst) {
+        // Non-zero so the pod restarts and rejoins the election as a candidate.
+        anyhow::bail!("lost the leader Lease");
+    }
     info!("stopped");
     Ok(())
 }
