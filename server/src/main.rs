@@ -1,1 +1,276 @@
-fn main() {}
+//! `dspark-server`: `serve` runs rank 0 (HTTP API + scheduler + engine) or a follower rank.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use tokio::net::TcpListener;
+use tracing::{error, info, warn};
+
+use dspark_server::api::{self, AppState, Serving};
+use dspark_server::cli::{normalize_vllm_args, Cli, Command, ServeArgs};
+use dspark_server::engine::tokenizer::Tokenizer;
+use dspark_server::engine::{LogitsWanted, ModelRunner, SeqPlan, StepPlan};
+use dspark_server::metrics::Metrics;
+use dspark_server::scheduler::{Scheduler, SchedulerConfig, SchedulerHandle};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse_from(normalize_vllm_args(std::env::args()));
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Serve(args) => serve(*args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("dspark-server: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if let Err(m) = args.validate() {
+        bail!("{m}");
+    }
+    if args.rank > 0 {
+        return run_follower(&args);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("dspark-http")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run_leader(args))
+}
+
+/// Rank > 0: receives rank 0's step plans and runs them on its shard. Wired by the ranks work
+/// (issue 5): `ranks::run_follower(args, runner)`.
+fn run_follower(args: &ServeArgs) -> anyhow::Result<()> {
+    bail!(
+        "rank {} of {}: follower ranks are not available in this build yet",
+        args.rank,
+        args.world_size
+    )
+}
+
+async fn run_leader(args: ServeArgs) -> anyhow::Result<()> {
+    let model_dir = args.model_dir();
+    let name = args.served_model_name();
+    let metrics = Arc::new(Metrics::new(name.clone()));
+    let state = Arc::new(AppState::new(
+        name.clone(),
+        model_dir.display().to_string(),
+        args.api_key(),
+        metrics.clone(),
+    ));
+    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
+        .parse()
+        .or_else(|_| format!("[{}]:{}", args.host, args.port).parse())
+        .with_context(|| format!("invalid --host {:?} / --port {}", args.host, args.port))?;
+    // Listen first: /health answers while the model loads, /ready once it is warm.
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    info!(%addr, model = %model_dir.display(), served_model_name = %name, "listening");
+
+    let (engine_done_tx, mut engine_done) = tokio::sync::mpsc::unbounded_channel::<anyhow::Result<()>>();
+    let loader_state = state.clone();
+    let loader_args = args.clone();
+    std::thread::Builder::new()
+        .name("dspark-loader".into())
+        .spawn(move || {
+            let outcome = load_and_run(&loader_args, &loader_state, metrics);
+            let _ = engine_done_tx.send(outcome);
+        })
+        .context("cannot start the loader thread")?;
+
+    let app = api::router(state.clone(), args.max_request_body_bytes);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let shutdown_state = state.clone();
+    let grace = Duration::from_secs(args.shutdown_timeout_secs);
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let mut stop_rx = stop_rx;
+                let _ = stop_rx.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
+    let engine_failure = tokio::select! {
+        _ = shutdown_signal() => None,
+        outcome = engine_done.recv() => match outcome {
+            Some(Err(e)) => Some(e),
+            _ => Some(anyhow::anyhow!("the engine stopped unexpectedly")),
+        },
+        r = &mut server => {
+            r.context("HTTP server task")?.context("HTTP server")?;
+            return Ok(());
+        }
+    };
+    if let Some(e) = engine_failure {
+        // Fail together: in-flight requests already got an error from the scheduler.
+        return Err(e);
+    }
+    info!(grace_secs = grace.as_secs(), "shutting down: no new requests, finishing in-flight ones");
+    shutdown_state.begin_shutdown();
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(grace, &mut server).await.is_err() {
+        warn!("shutdown deadline passed: cancelling in-flight requests");
+        if let Some(s) = shutdown_state.serving_handle() {
+            s.scheduler.abort_all();
+        }
+        if tokio::time::timeout(Duration::from_secs(5), &mut server).await.is_err() {
+            warn!("connections still open after cancelling; exiting anyway");
+        }
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// Loads tokenizer and engine, warms up, opens the API, then runs until the scheduler ends.
+/// Runs on its own thread: loading blocks for minutes on a real checkpoint.
+fn load_and_run(args: &ServeArgs, state: &AppState, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    let tokenizer_path = args.tokenizer_path();
+    let tokenizer = Tokenizer::from_file(&tokenizer_path)
+        .with_context(|| format!("cannot load the tokenizer {}", tokenizer_path.display()))?;
+    let mut runner = load_engine(args)?;
+    let layout = runner.kv_layout();
+    let pool_tokens = layout.block_size * layout.num_blocks;
+    let model_limit = max_position_embeddings(&args.model_dir());
+    let max_model_len = match args.max_model_len {
+        Some(m) if m > pool_tokens => bail!(
+            "--max-model-len {m} exceeds the KV pool ({pool_tokens} tokens): one request at full \
+             length could never fit; lower --max-model-len or raise --kv-pool-tokens / \
+             --gpu-memory-utilization"
+        ),
+        Some(m) => m,
+        None => model_limit.map_or(pool_tokens, |l| l.min(pool_tokens)),
+    };
+    if let Some(l) = model_limit {
+        if max_model_len > l {
+            warn!(max_model_len, max_position_embeddings = l, "max_model_len exceeds the model's trained length");
+        }
+    }
+    let bytes_per_token = layout.bytes_per_block / layout.block_size.max(1);
+    let full_length = pool_tokens / max_model_len.max(1);
+    info!(
+        pool_tokens,
+        bytes_per_token,
+        block_size = layout.block_size,
+        num_blocks = layout.num_blocks,
+        max_model_len,
+        max_concurrency_at_full_length = full_length,
+        "KV pool ready: {pool_tokens} tokens x {bytes_per_token} B/token; {full_length} request(s) at \
+         full length ({max_model_len} tokens) fit at once"
+    );
+    warm_up(runner.as_mut(), tokenizer.special().bos)?;
+    let eos = tokenizer.special().eos;
+    if runner.vocab_size() < tokenizer.vocab_size() {
+        bail!(
+            "the model's vocabulary ({}) is smaller than the tokenizer's ({})",
+            runner.vocab_size(),
+            tokenizer.vocab_size()
+        );
+    }
+    let scheduler = Scheduler::new(
+        runner,
+        SchedulerConfig {
+            max_num_seqs: args.max_num_seqs,
+            max_num_batched_tokens: args.max_num_batched_tokens,
+            max_model_len,
+            max_waiting_requests: args.max_waiting_requests,
+            prefix_caching: args.prefix_caching(),
+            eos,
+        },
+        metrics,
+    );
+    let (handle, join) = SchedulerHandle::spawn(scheduler).context("cannot start the scheduler thread")?;
+    state.set_serving(Serving {
+        scheduler: handle,
+        tokenizer,
+    });
+    info!("ready");
+    match join.join() {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(anyhow::anyhow!("engine failed: {e}")),
+        Err(_) => Err(anyhow::anyhow!("the scheduler thread panicked")),
+    }
+}
+
+/// One tiny step through the engine before /ready turns green, so the first user request does
+/// not pay for lazy initialisation (and a broken engine is found now, not by a user).
+fn warm_up(runner: &mut dyn ModelRunner, bos: u32) -> anyhow::Result<()> {
+    const WARMUP_SEQ: u64 = u64::MAX;
+    let plan = StepPlan {
+        seqs: vec![SeqPlan {
+            seq_id: WARMUP_SEQ,
+            start_pos: 0,
+            tokens: vec![bos],
+            block_table: vec![0],
+            logits: LogitsWanted::Last,
+        }],
+    };
+    runner.step(&plan).context("warm-up step failed")?;
+    runner.release(WARMUP_SEQ);
+    Ok(())
+}
+
+/// The engine for `args`. This is the single point where the server meets the engine crate's
+/// constructor (issue 3 / 5 / 7 wire it).
+fn load_engine(args: &ServeArgs) -> anyhow::Result<Box<dyn ModelRunner>> {
+    #[cfg(feature = "fake-engine")]
+    if std::env::var("DSPARK_FAKE_ENGINE").is_ok_and(|v| v == "1") {
+        warn!("DSPARK_FAKE_ENGINE=1: serving a deterministic fake model (API tests only)");
+        let pool = args.kv_pool_tokens.unwrap_or(16 * 1024);
+        let vocab = Tokenizer::from_file(&args.tokenizer_path())?.vocab_size();
+        return Ok(Box::new(dspark_server::scheduler::fake_runner::FakeRunner::new(
+            16,
+            pool.div_ceil(16),
+            vocab,
+        )));
+    }
+    bail!(
+        "cannot load the model from {}: the engine is not available in this build yet",
+        args.model_dir().display()
+    )
+}
+
+/// `max_position_embeddings` from the model's config.json, if readable.
+fn max_position_embeddings(model_dir: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(model_dir.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("max_position_embeddings")?.as_u64().map(|x| x as usize)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
