@@ -16,7 +16,6 @@ use super::generate::{
 use super::types::*;
 use super::{now_secs, random_id, sse_response, AppState, JsonBody, Serving};
 use crate::engine::tokenizer::chat::{encode_chat, ChatError, ChatOptions};
-use crate::engine::tokenizer::TokenizerError;
 use crate::scheduler::TokenLogprobs;
 
 pub async fn chat_completions(
@@ -74,9 +73,7 @@ pub async fn chat_completions(
         options.continue_final_message = b;
     }
     let prompt = encode_chat(&serving.tokenizer, &req.messages, &tools, &options).map_err(|e| match e {
-        ChatError::Tokenizer(TokenizerError::UnknownId { .. }) | ChatError::Tokenizer(_) => {
-            ApiError::internal(e.to_string())
-        }
+        ChatError::Tokenizer(_) => ApiError::internal(e.to_string()),
         other => ApiError::bad_param("messages", other.to_string()),
     })?;
     let params = params_for_prompt(&v, prompt.len(), &limits)?;

@@ -190,7 +190,7 @@ async fn not_found(req: Request) -> ApiError {
 /// malformed JSON or wrong types (axum's own extractor answers 415/422 in plain text).
 pub struct JsonBody<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {

@@ -214,6 +214,7 @@ impl Scheduler {
                 reason: FinishReason::Abort,
             });
         });
+        self.update_gauges();
     }
 
     /// Ends every request with an abort (shutdown deadline).
@@ -228,6 +229,7 @@ impl Scheduler {
                 });
             },
         );
+        self.update_gauges();
     }
 
     /// Ends every request with an error (the engine is gone).
@@ -239,6 +241,7 @@ impl Scheduler {
                 let _ = s.events.send(SeqEvent::Failed(message.to_string()));
             },
         );
+        self.update_gauges();
     }
 
     /// One scheduling decision and one engine step.
