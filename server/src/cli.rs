@@ -11,7 +11,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub const TINY_MODEL_DIR: &str = "server/assets/tiny-dsv4";
 
 #[derive(Debug, Parser)]
-#[command(name = "dspark-server", version, about = "OpenAI-compatible server for DeepSeek-V4-Flash with DSpark speculative decoding")]
+#[command(
+    name = "dspark-server",
+    version,
+    about = "OpenAI-compatible server for DeepSeek-V4-Flash with DSpark speculative decoding"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -84,7 +88,12 @@ pub struct ServeArgs {
     pub device: Option<Device>,
 
     /// Ranks of the tensor-parallel group (one GPU, one pod each).
-    #[arg(long, env = "DSPARK_WORLD_SIZE", visible_alias = "tensor-parallel-size", default_value_t = 1)]
+    #[arg(
+        long,
+        env = "DSPARK_WORLD_SIZE",
+        visible_alias = "tensor-parallel-size",
+        default_value_t = 1
+    )]
     pub world_size: usize,
 
     /// This process's rank; 0 leads and serves HTTP (the operator sets it from the pod index).
@@ -305,10 +314,16 @@ mod tests {
 
     #[test]
     fn bad_combinations_are_clear_errors() {
-        let e = parse(&["--world-size", "2", "--rank", "2"]).validate().unwrap_err();
+        let e = parse(&["--world-size", "2", "--rank", "2"])
+            .validate()
+            .unwrap_err();
         assert!(e.contains("outside the group"), "{e}");
-        let e = parse(&["--world-size", "2", "--rank", "1"]).validate().unwrap_err();
+        let e = parse(&["--world-size", "2", "--rank", "1"])
+            .validate()
+            .unwrap_err();
         assert!(e.contains("--leader-addr"), "{e}");
-        assert!(Cli::try_parse_from(["dspark-server", "serve", "--kv-cache-dtype", "int3"]).is_err());
+        assert!(
+            Cli::try_parse_from(["dspark-server", "serve", "--kv-cache-dtype", "int3"]).is_err()
+        );
     }
 }

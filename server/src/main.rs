@@ -84,7 +84,8 @@ async fn run_leader(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {addr}"))?;
     info!(%addr, model = %model_dir.display(), served_model_name = %name, "listening");
 
-    let (engine_done_tx, mut engine_done) = tokio::sync::mpsc::unbounded_channel::<anyhow::Result<()>>();
+    let (engine_done_tx, mut engine_done) =
+        tokio::sync::mpsc::unbounded_channel::<anyhow::Result<()>>();
     let loader_state = state.clone();
     let loader_args = args.clone();
     std::thread::Builder::new()
@@ -123,7 +124,10 @@ async fn run_leader(args: ServeArgs) -> anyhow::Result<()> {
         // Fail together: in-flight requests already got an error from the scheduler.
         return Err(e);
     }
-    info!(grace_secs = grace.as_secs(), "shutting down: no new requests, finishing in-flight ones");
+    info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: no new requests, finishing in-flight ones"
+    );
     shutdown_state.begin_shutdown();
     let _ = stop_tx.send(true);
     if tokio::time::timeout(grace, &mut server).await.is_err() {
@@ -131,7 +135,10 @@ async fn run_leader(args: ServeArgs) -> anyhow::Result<()> {
         if let Some(s) = shutdown_state.serving_handle() {
             s.scheduler.abort_all();
         }
-        if tokio::time::timeout(Duration::from_secs(5), &mut server).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), &mut server)
+            .await
+            .is_err()
+        {
             warn!("connections still open after cancelling; exiting anyway");
         }
     }
@@ -160,7 +167,11 @@ fn load_and_run(args: &ServeArgs, state: &AppState, metrics: Arc<Metrics>) -> an
     };
     if let Some(l) = model_limit {
         if max_model_len > l {
-            warn!(max_model_len, max_position_embeddings = l, "max_model_len exceeds the model's trained length");
+            warn!(
+                max_model_len,
+                max_position_embeddings = l,
+                "max_model_len exceeds the model's trained length"
+            );
         }
     }
     let bytes_per_token = layout.bytes_per_block / layout.block_size.max(1);
@@ -196,7 +207,8 @@ fn load_and_run(args: &ServeArgs, state: &AppState, metrics: Arc<Metrics>) -> an
         },
         metrics,
     );
-    let (handle, join) = SchedulerHandle::spawn(scheduler).context("cannot start the scheduler thread")?;
+    let (handle, join) =
+        SchedulerHandle::spawn(scheduler).context("cannot start the scheduler thread")?;
     state.set_serving(Serving {
         scheduler: handle,
         tokenizer,
@@ -235,11 +247,9 @@ fn load_engine(args: &ServeArgs) -> anyhow::Result<Box<dyn ModelRunner>> {
         warn!("DSPARK_FAKE_ENGINE=1: serving a deterministic fake model (API tests only)");
         let pool = args.kv_pool_tokens.unwrap_or(16 * 1024);
         let vocab = Tokenizer::from_file(&args.tokenizer_path())?.vocab_size();
-        return Ok(Box::new(dspark_server::scheduler::fake_runner::FakeRunner::new(
-            16,
-            pool.div_ceil(16),
-            vocab,
-        )));
+        return Ok(Box::new(
+            dspark_server::scheduler::fake_runner::FakeRunner::new(16, pool.div_ceil(16), vocab),
+        ));
     }
     bail!(
         "cannot load the model from {}: the engine is not available in this build yet",
@@ -251,7 +261,9 @@ fn load_engine(args: &ServeArgs) -> anyhow::Result<Box<dyn ModelRunner>> {
 fn max_position_embeddings(model_dir: &Path) -> Option<usize> {
     let text = std::fs::read_to_string(model_dir.join("config.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v.get("max_position_embeddings")?.as_u64().map(|x| x as usize)
+    v.get("max_position_embeddings")?
+        .as_u64()
+        .map(|x| x as usize)
 }
 
 async fn shutdown_signal() {

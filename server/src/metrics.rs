@@ -87,7 +87,11 @@ impl Histogram {
     }
 
     pub fn observe(&self, v: f64) {
-        let i = self.bounds.iter().position(|b| v <= *b).unwrap_or(self.bounds.len());
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| v <= *b)
+            .unwrap_or(self.bounds.len());
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.counts[i] += 1;
         s.sum += v;
@@ -358,7 +362,9 @@ impl Metrics {
 }
 
 fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -375,9 +381,15 @@ mod tests {
         let text = m.render();
         assert!(text.contains("vllm:num_preemptions_total{model_name=\"tiny\\\"x\"} 3"));
         assert!(text.contains("vllm:num_requests_running{model_name=\"tiny\\\"x\"} 2.0"));
-        assert!(text.contains("vllm:time_to_first_token_seconds_bucket{model_name=\"tiny\\\"x\",le=\"0.001\"} 0"));
-        assert!(text.contains("vllm:time_to_first_token_seconds_bucket{model_name=\"tiny\\\"x\",le=\"0.005\"} 1"));
-        assert!(text.contains("vllm:time_to_first_token_seconds_bucket{model_name=\"tiny\\\"x\",le=\"+Inf\"} 2"));
+        assert!(text.contains(
+            "vllm:time_to_first_token_seconds_bucket{model_name=\"tiny\\\"x\",le=\"0.001\"} 0"
+        ));
+        assert!(text.contains(
+            "vllm:time_to_first_token_seconds_bucket{model_name=\"tiny\\\"x\",le=\"0.005\"} 1"
+        ));
+        assert!(text.contains(
+            "vllm:time_to_first_token_seconds_bucket{model_name=\"tiny\\\"x\",le=\"+Inf\"} 2"
+        ));
         assert!(text.contains("vllm:time_to_first_token_seconds_count{model_name=\"tiny\\\"x\"} 2"));
         for name in [
             KV_CACHE_USAGE_PERC,
@@ -398,6 +410,8 @@ mod tests {
         }
         assert!(!text.contains("spec_decode"));
         m.spec_decode_enabled.store(true, Ordering::Relaxed);
-        assert!(m.render().contains("vllm:spec_decode_num_accepted_tokens_total"));
+        assert!(m
+            .render()
+            .contains("vllm:spec_decode_num_accepted_tokens_total"));
     }
 }

@@ -10,8 +10,8 @@ use axum::Json;
 
 use super::error::ApiError;
 use super::generate::{
-    params_for_prompt, validate_common, ChoiceDelta, ChoiceEvent, ChoiceText, Generation, TokenNames,
-    Validated,
+    params_for_prompt, validate_common, ChoiceDelta, ChoiceEvent, ChoiceText, Generation,
+    TokenNames, Validated,
 };
 use super::types::*;
 use super::{now_secs, random_id, sse_response, AppState, JsonBody, Serving};
@@ -72,17 +72,21 @@ pub async fn chat_completions(
     if let Some(b) = req.continue_final_message {
         options.continue_final_message = b;
     }
-    let prompt = encode_chat(&serving.tokenizer, &req.messages, &tools, &options).map_err(|e| match e {
-        ChatError::Tokenizer(_) => ApiError::internal(e.to_string()),
-        other => ApiError::bad_param("messages", other.to_string()),
-    })?;
+    let prompt =
+        encode_chat(&serving.tokenizer, &req.messages, &tools, &options).map_err(|e| match e {
+            ChatError::Tokenizer(_) => ApiError::internal(e.to_string()),
+            other => ApiError::bad_param("messages", other.to_string()),
+        })?;
     let params = params_for_prompt(&v, prompt.len(), &limits)?;
     let gen = Generation::submit(&serving.scheduler, vec![(prompt, params)], arrival)?;
     let ctx = ChatCtx {
         id: format!("chatcmpl-{}", random_id()),
         created: now_secs(),
         model: state.model_name.clone(),
-        parse: (options.thinking && options.add_generation_prompt, !tools.is_empty()),
+        parse: (
+            options.thinking && options.add_generation_prompt,
+            !tools.is_empty(),
+        ),
         v,
     };
     if ctx.v.stream {
@@ -140,7 +144,11 @@ impl Collected {
     }
 }
 
-async fn complete(serving: &Serving, mut gen: Generation, ctx: &ChatCtx) -> Result<ChatCompletionResponse, ApiError> {
+async fn complete(
+    serving: &Serving,
+    mut gen: Generation,
+    ctx: &ChatCtx,
+) -> Result<ChatCompletionResponse, ApiError> {
     let tok = &serving.tokenizer;
     let mut names = TokenNames::new(tok, ctx.v.as_token_ids);
     let mut texts: Vec<ChoiceText> = (0..gen.num_choices)
@@ -159,7 +167,9 @@ async fn complete(serving: &Serving, mut gen: Generation, ctx: &ChatCtx) -> Resu
                     continue;
                 }
                 if let Some(lp) = &logprobs {
-                    out[choice].logprobs.push(logprob_entry(&mut names, token, lp));
+                    out[choice]
+                        .logprobs
+                        .push(logprob_entry(&mut names, token, lp));
                 }
                 let (d, stop_hit) = texts[choice].push(token, finish);
                 if stop_hit {
@@ -172,7 +182,11 @@ async fn complete(serving: &Serving, mut gen: Generation, ctx: &ChatCtx) -> Resu
                 out[choice].add(d);
             }
             Some(ChoiceEvent::Failed(m)) => return Err(ApiError::internal(m)),
-            None => return Err(ApiError::internal("the engine stopped before the request finished")),
+            None => {
+                return Err(ApiError::internal(
+                    "the engine stopped before the request finished",
+                ))
+            }
         }
     }
     let completion_tokens = texts.iter().map(|t| t.completion_tokens).sum();
@@ -188,7 +202,9 @@ async fn complete(serving: &Serving, mut gen: Generation, ctx: &ChatCtx) -> Resu
                 reasoning_content: (!c.reasoning.is_empty()).then_some(c.reasoning),
                 tool_calls: c.tool_calls,
             },
-            logprobs: ctx.v.params.logprobs.map(|_| ChatLogprobs { content: c.logprobs }),
+            logprobs: ctx.v.params.logprobs.map(|_| ChatLogprobs {
+                content: c.logprobs,
+            }),
             finish_reason: t.finished,
         })
         .collect();
@@ -255,9 +271,13 @@ fn stream(serving: Arc<Serving>, mut gen: Generation, ctx: ChatCtx) -> Response 
                     }
                     (choice, d, lp)
                 }
-                Some(ChoiceEvent::Finished { choice, reason }) => (choice, texts[choice].end(reason), None),
+                Some(ChoiceEvent::Finished { choice, reason }) => {
+                    (choice, texts[choice].end(reason), None)
+                }
                 Some(ChoiceEvent::Failed(m)) => {
-                    let _ = tx.send(Event::default().json_data(ApiError::internal(m).body())).await;
+                    let _ = tx
+                        .send(Event::default().json_data(ApiError::internal(m).body()))
+                        .await;
                     return;
                 }
                 None => return,

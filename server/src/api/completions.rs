@@ -10,7 +10,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::error::ApiError;
-use super::generate::{params_for_prompt, validate_common, ChoiceEvent, ChoiceText, Generation, TokenNames, Validated};
+use super::generate::{
+    params_for_prompt, validate_common, ChoiceEvent, ChoiceText, Generation, TokenNames, Validated,
+};
 use super::types::*;
 use super::{now_secs, random_id, sse_response, AppState, JsonBody, Serving};
 use crate::scheduler::TokenLogprobs;
@@ -27,7 +29,10 @@ pub async fn completions(
         return Err(ApiError::bad_param("suffix", "suffix is not supported"));
     }
     if req.echo && req.logprobs.is_some() {
-        return Err(ApiError::bad_param("echo", "echo together with logprobs is not supported"));
+        return Err(ApiError::bad_param(
+            "echo",
+            "echo together with logprobs is not supported",
+        ));
     }
     let v = validate_common(&req.common, req.common.max_tokens, req.logprobs, &limits)?;
     let token_list = |ids: &[i64]| -> Result<Vec<u32>, ApiError> {
@@ -36,7 +41,10 @@ pub async fn completions(
                 if t < 0 || t as usize >= limits.vocab_size {
                     Err(ApiError::bad_param(
                         "prompt",
-                        format!("token id {t} is out of vocabulary (size {})", limits.vocab_size),
+                        format!(
+                            "token id {t} is out of vocabulary (size {})",
+                            limits.vocab_size
+                        ),
                     ))
                 } else {
                     Ok(t as u32)
@@ -54,7 +62,9 @@ pub async fn completions(
         PromptField::Text(t) => vec![encode(t)?],
         PromptField::Texts(ts) => ts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
         PromptField::Tokens(ids) => vec![token_list(ids)?],
-        PromptField::TokenLists(ls) => ls.iter().map(|l| token_list(l)).collect::<Result<_, _>>()?,
+        PromptField::TokenLists(ls) => {
+            ls.iter().map(|l| token_list(l)).collect::<Result<_, _>>()?
+        }
     };
     if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
         return Err(ApiError::bad_param("prompt", "the prompt is empty"));
@@ -73,7 +83,12 @@ pub async fn completions(
     let echo: Vec<String> = if req.echo {
         prompts
             .iter()
-            .map(|p| serving.tokenizer.decode(p, v.skip_special).unwrap_or_default())
+            .map(|p| {
+                serving
+                    .tokenizer
+                    .decode(p, v.skip_special)
+                    .unwrap_or_default()
+            })
             .collect()
     } else {
         Vec::new()
@@ -128,16 +143,28 @@ fn push_logprobs(
 ) {
     lp.tokens.push(names.name(token));
     lp.token_logprobs.push(t.logprob);
-    lp.top_logprobs
-        .push(t.top.iter().map(|&(id, l)| (names.name(id), l)).collect::<HashMap<_, _>>());
+    lp.top_logprobs.push(
+        t.top
+            .iter()
+            .map(|&(id, l)| (names.name(id), l))
+            .collect::<HashMap<_, _>>(),
+    );
     lp.text_offset.push(offset);
 }
 
-async fn complete(serving: &Serving, mut gen: Generation, ctx: &CompletionCtx) -> Result<CompletionResponse, ApiError> {
+async fn complete(
+    serving: &Serving,
+    mut gen: Generation,
+    ctx: &CompletionCtx,
+) -> Result<CompletionResponse, ApiError> {
     let tok = &serving.tokenizer;
     let mut names = TokenNames::new(tok, ctx.v.as_token_ids);
-    let mut texts: Vec<ChoiceText> = (0..gen.num_choices).map(|_| ChoiceText::new(tok, &ctx.v, None)).collect();
-    let mut out: Vec<String> = (0..gen.num_choices).map(|c| ctx.echo_for(c).to_string()).collect();
+    let mut texts: Vec<ChoiceText> = (0..gen.num_choices)
+        .map(|_| ChoiceText::new(tok, &ctx.v, None))
+        .collect();
+    let mut out: Vec<String> = (0..gen.num_choices)
+        .map(|c| ctx.echo_for(c).to_string())
+        .collect();
     let mut lps: Vec<CompletionLogprobs> = vec![CompletionLogprobs::default(); gen.num_choices];
     while texts.iter().any(|t| t.finished.is_none()) {
         match gen.next().await {
@@ -164,7 +191,11 @@ async fn complete(serving: &Serving, mut gen: Generation, ctx: &CompletionCtx) -
                 out[choice].push_str(&d.text);
             }
             Some(ChoiceEvent::Failed(m)) => return Err(ApiError::internal(m)),
-            None => return Err(ApiError::internal("the engine stopped before the request finished")),
+            None => {
+                return Err(ApiError::internal(
+                    "the engine stopped before the request finished",
+                ))
+            }
         }
     }
     let completion_tokens = texts.iter().map(|t| t.completion_tokens).sum();
@@ -194,7 +225,9 @@ fn stream(serving: Arc<Serving>, mut gen: Generation, ctx: CompletionCtx) -> Res
     sse_response(move |tx| async move {
         let tok = &serving.tokenizer;
         let mut names = TokenNames::new(tok, ctx.v.as_token_ids);
-        let mut texts: Vec<ChoiceText> = (0..gen.num_choices).map(|_| ChoiceText::new(tok, &ctx.v, None)).collect();
+        let mut texts: Vec<ChoiceText> = (0..gen.num_choices)
+            .map(|_| ChoiceText::new(tok, &ctx.v, None))
+            .collect();
         let mut offsets = vec![0usize; gen.num_choices];
         let chunk = |choices: Vec<CompletionChoice>, usage: Option<Usage>| {
             Event::default().json_data(CompletionResponse {
@@ -244,9 +277,13 @@ fn stream(serving: Arc<Serving>, mut gen: Generation, ctx: CompletionCtx) -> Res
                     }
                     (choice, d, lp)
                 }
-                Some(ChoiceEvent::Finished { choice, reason }) => (choice, texts[choice].end(reason), None),
+                Some(ChoiceEvent::Finished { choice, reason }) => {
+                    (choice, texts[choice].end(reason), None)
+                }
                 Some(ChoiceEvent::Failed(m)) => {
-                    let _ = tx.send(Event::default().json_data(ApiError::internal(m).body())).await;
+                    let _ = tx
+                        .send(Event::default().json_data(ApiError::internal(m).body()))
+                        .await;
                     return;
                 }
                 None => return,
@@ -268,7 +305,10 @@ fn stream(serving: Arc<Serving>, mut gen: Generation, ctx: CompletionCtx) -> Res
         if ctx.v.include_usage {
             let completion_tokens = texts.iter().map(|t| t.completion_tokens).sum();
             let _ = tx
-                .send(chunk(vec![], Some(Usage::new(gen.prompt_tokens, completion_tokens))))
+                .send(chunk(
+                    vec![],
+                    Some(Usage::new(gen.prompt_tokens, completion_tokens)),
+                ))
                 .await;
         }
     })

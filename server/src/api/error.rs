@@ -77,7 +77,11 @@ impl ApiError {
     }
 
     pub fn payload_too_large(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", message)
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            message,
+        )
     }
 
     pub fn queue_full(message: impl Into<String>) -> Self {
@@ -88,7 +92,11 @@ impl ApiError {
     }
 
     pub fn not_ready(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", message)
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            message,
+        )
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {

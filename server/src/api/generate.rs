@@ -51,7 +51,10 @@ pub fn validate_common(
     }
     let top_p = c.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::bad_param("top_p", format!("top_p must be in (0, 1], got {top_p}")));
+        return Err(ApiError::bad_param(
+            "top_p",
+            format!("top_p must be in (0, 1], got {top_p}"),
+        ));
     }
     let top_k = match c.top_k.unwrap_or(0) {
         -1 | 0 => 0,
@@ -67,12 +70,18 @@ pub fn validate_common(
     if n < 1 || n as usize > limits.max_num_seqs {
         return Err(ApiError::bad_param(
             "n",
-            format!("n must be between 1 and {} (--max-num-seqs), got {n}", limits.max_num_seqs),
+            format!(
+                "n must be between 1 and {} (--max-num-seqs), got {n}",
+                limits.max_num_seqs
+            ),
         ));
     }
     if let Some(b) = c.best_of {
         if b != n {
-            return Err(ApiError::bad_param("best_of", "best_of other than n is not supported"));
+            return Err(ApiError::bad_param(
+                "best_of",
+                "best_of other than n is not supported",
+            ));
         }
     }
     let max_tokens = match max_tokens {
@@ -95,7 +104,10 @@ pub fn validate_common(
     for (name, v) in [
         ("presence_penalty", c.presence_penalty.unwrap_or(0.0)),
         ("frequency_penalty", c.frequency_penalty.unwrap_or(0.0)),
-        ("repetition_penalty", c.repetition_penalty.unwrap_or(1.0) - 1.0),
+        (
+            "repetition_penalty",
+            c.repetition_penalty.unwrap_or(1.0) - 1.0,
+        ),
     ] {
         if v != 0.0 {
             return Err(ApiError::bad_param(
@@ -128,10 +140,16 @@ pub fn validate_common(
     let mut logit_bias = Vec::new();
     for (k, &v) in c.logit_bias.iter().flatten() {
         let t: i64 = k.parse().map_err(|_| {
-            ApiError::bad_param("logit_bias", format!("logit_bias key {k:?} is not a token id"))
+            ApiError::bad_param(
+                "logit_bias",
+                format!("logit_bias key {k:?} is not a token id"),
+            )
         })?;
         if !v.is_finite() {
-            return Err(ApiError::bad_param("logit_bias", "logit_bias values must be finite"));
+            return Err(ApiError::bad_param(
+                "logit_bias",
+                "logit_bias values must be finite",
+            ));
         }
         logit_bias.push((token_id("logit_bias", t)?, v.clamp(-100.0, 100.0)));
     }
@@ -178,7 +196,11 @@ pub fn validate_common(
 
 /// The final SamplingParams for a prompt: max_tokens omitted means fill to the ceiling;
 /// anything over the ceiling is a 400 now, not a truncation later.
-pub fn params_for_prompt(v: &Validated, prompt_len: usize, limits: &Limits) -> Result<SamplingParams, ApiError> {
+pub fn params_for_prompt(
+    v: &Validated,
+    prompt_len: usize,
+    limits: &Limits,
+) -> Result<SamplingParams, ApiError> {
     let ceiling = limits.max_model_len;
     if prompt_len >= ceiling {
         return Err(ApiError::bad_request(format!(
@@ -200,7 +222,10 @@ pub fn params_for_prompt(v: &Validated, prompt_len: usize, limits: &Limits) -> R
         ));
     }
     if v.params.min_tokens > max_tokens {
-        return Err(ApiError::bad_param("min_tokens", "min_tokens exceeds max_tokens"));
+        return Err(ApiError::bad_param(
+            "min_tokens",
+            "min_tokens exceeds max_tokens",
+        ));
     }
     Ok(SamplingParams {
         max_tokens,
@@ -250,7 +275,11 @@ impl Generation {
             // On error the receivers submitted so far are dropped here, cancelling them.
             let (id, rx) = handle.submit(prompt, params, arrival)?;
             requests.push((id, next_choice, n));
-            streams.push(UnboundedReceiverStream::new(rx).map(move |e| (i, e)).boxed());
+            streams.push(
+                UnboundedReceiverStream::new(rx)
+                    .map(move |e| (i, e))
+                    .boxed(),
+            );
             next_choice += n;
         }
         Ok(Generation {
@@ -334,7 +363,11 @@ impl ChoiceText {
 
     /// Feeds one generated token. Returns what it added, and whether a stop string just
     /// ended the choice (the caller then aborts it in the scheduler).
-    pub fn push(&mut self, token: u32, finish: Option<(FinishReason, bool)>) -> (ChoiceDelta, bool) {
+    pub fn push(
+        &mut self,
+        token: u32,
+        finish: Option<(FinishReason, bool)>,
+    ) -> (ChoiceDelta, bool) {
         let mut d = ChoiceDelta::default();
         if self.finished.is_some() {
             return (d, false);
@@ -443,6 +476,9 @@ impl<'a> TokenNames<'a> {
             .clone()
     }
     pub fn bytes(&self, id: u32) -> Vec<u8> {
-        self.tok.token_bytes(id).map(|b| b.to_vec()).unwrap_or_default()
+        self.tok
+            .token_bytes(id)
+            .map(|b| b.to_vec())
+            .unwrap_or_default()
     }
 }

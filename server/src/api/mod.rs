@@ -53,7 +53,12 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(model_name: String, model_path: String, api_key: Option<String>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        model_name: String,
+        model_path: String,
+        api_key: Option<String>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         AppState {
             model_name,
             model_path,
@@ -112,7 +117,10 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(models))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
     Router::new()
         .merge(v1)
         .route("/health", get(health))
@@ -146,14 +154,19 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if state.is_ready() {
         (StatusCode::OK, "ready").into_response()
     } else {
-        ApiError::not_ready("not ready: the model is loading, the group is forming, or the server is stopping")
-            .into_response()
+        ApiError::not_ready(
+            "not ready: the model is loading, the group is forming, or the server is stopping",
+        )
+        .into_response()
     }
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.render(),
     )
         .into_response()
@@ -183,7 +196,11 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
 }
 
 async fn not_found(req: Request) -> ApiError {
-    ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
+    ApiError::not_found(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
 }
 
 /// A JSON body whose every failure is an OpenAI-shaped error: 413 past the body limit, 400 for

@@ -15,13 +15,19 @@ const MAX_MODEL_LEN: usize = 128;
 const BODY_LIMIT: usize = 4096;
 
 fn tokenizer() -> Tokenizer {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-dsv4/tokenizer.json");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-dsv4/tokenizer.json");
     Tokenizer::from_file(&path).expect("tokenizer.json of the tiny model")
 }
 
 fn state(api_key: Option<&str>, ready: bool) -> Arc<AppState> {
     let metrics = Arc::new(Metrics::new("tiny"));
-    let state = Arc::new(AppState::new("tiny".into(), "/m/tiny".into(), api_key.map(String::from), metrics.clone()));
+    let state = Arc::new(AppState::new(
+        "tiny".into(),
+        "/m/tiny".into(),
+        api_key.map(String::from),
+        metrics.clone(),
+    ));
     if ready {
         let tok = tokenizer();
         let runner = FakeRunner::new(16, 64, tok.vocab_size());
@@ -46,7 +52,13 @@ fn state(api_key: Option<&str>, ready: bool) -> Arc<AppState> {
     state
 }
 
-async fn call(state: &Arc<AppState>, method: &str, path: &str, body: Option<Vec<u8>>, key: Option<&str>) -> (StatusCode, Vec<u8>) {
+async fn call(
+    state: &Arc<AppState>,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+    key: Option<&str>,
+) -> (StatusCode, Vec<u8>) {
     let mut req = Request::builder().method(method).uri(path);
     if let Some(k) = key {
         req = req.header("authorization", format!("Bearer {k}"));
@@ -55,14 +67,26 @@ async fn call(state: &Arc<AppState>, method: &str, path: &str, body: Option<Vec<
         .header("content-type", "application/json")
         .body(body.map(Body::from).unwrap_or_else(Body::empty))
         .unwrap();
-    let resp = router(state.clone(), BODY_LIMIT).oneshot(req).await.unwrap();
+    let resp = router(state.clone(), BODY_LIMIT)
+        .oneshot(req)
+        .await
+        .unwrap();
     let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
     (status, bytes.to_vec())
 }
 
 async fn post(state: &Arc<AppState>, path: &str, body: Value) -> (StatusCode, Value) {
-    let (s, b) = call(state, "POST", path, Some(serde_json::to_vec(&body).unwrap()), None).await;
+    let (s, b) = call(
+        state,
+        "POST",
+        path,
+        Some(serde_json::to_vec(&body).unwrap()),
+        None,
+    )
+    .await;
     (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
 }
 
@@ -76,15 +100,27 @@ fn assert_error_shape(v: &Value) {
 #[tokio::test]
 async fn not_ready_until_the_engine_is_set() {
     let st = state(None, false);
-    assert_eq!(call(&st, "GET", "/health", None, None).await.0, StatusCode::OK);
-    assert_eq!(call(&st, "GET", "/ready", None, None).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        call(&st, "GET", "/health", None, None).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&st, "GET", "/ready", None, None).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
     let (s, v) = post(&st, "/v1/completions", json!({"prompt": "x"})).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert_error_shape(&v);
     let st = state(None, true);
-    assert_eq!(call(&st, "GET", "/ready", None, None).await.0, StatusCode::OK);
+    assert_eq!(
+        call(&st, "GET", "/ready", None, None).await.0,
+        StatusCode::OK
+    );
     st.begin_shutdown();
-    assert_eq!(call(&st, "GET", "/ready", None, None).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        call(&st, "GET", "/ready", None, None).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
 }
 
 #[tokio::test]
@@ -110,8 +146,20 @@ async fn completion_and_chat_shapes() {
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
-    assert_eq!(v["choices"][0]["logprobs"]["content"].as_array().unwrap().len(), 4);
-    assert_eq!(v["choices"][0]["logprobs"]["content"][0]["top_logprobs"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        v["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+    assert_eq!(
+        v["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
     assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 2);
 }
 
@@ -123,7 +171,14 @@ async fn streaming_ends_with_done_and_matches_non_streaming() {
     let mut sreq = req.clone();
     sreq["stream"] = json!(true);
     sreq["stream_options"] = json!({"include_usage": true});
-    let (s, body) = call(&st, "POST", "/v1/completions", Some(serde_json::to_vec(&sreq).unwrap()), None).await;
+    let (s, body) = call(
+        &st,
+        "POST",
+        "/v1/completions",
+        Some(serde_json::to_vec(&sreq).unwrap()),
+        None,
+    )
+    .await;
     assert_eq!(s, StatusCode::OK);
     let body = String::from_utf8(body).unwrap();
     let events: Vec<&str> = body
@@ -137,7 +192,12 @@ async fn streaming_ends_with_done_and_matches_non_streaming() {
         .collect();
     let text: String = chunks
         .iter()
-        .filter_map(|c| c["choices"].get(0).and_then(|ch| ch["text"].as_str()).map(String::from))
+        .filter_map(|c| {
+            c["choices"]
+                .get(0)
+                .and_then(|ch| ch["text"].as_str())
+                .map(String::from)
+        })
         .collect();
     assert_eq!(text, full["choices"][0]["text"].as_str().unwrap());
     assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 8);
@@ -164,15 +224,36 @@ async fn stop_strings_cut_the_text() {
 async fn errors_have_openai_shape_and_status() {
     let st = state(None, true);
     let cases: Vec<(Value, StatusCode)> = vec![
-        (json!({"model": "other", "prompt": "x"}), StatusCode::NOT_FOUND),
-        (json!({"prompt": "x", "temperature": -1}), StatusCode::BAD_REQUEST),
-        (json!({"prompt": "x", "temperature": "hot"}), StatusCode::BAD_REQUEST),
+        (
+            json!({"model": "other", "prompt": "x"}),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            json!({"prompt": "x", "temperature": -1}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({"prompt": "x", "temperature": "hot"}),
+            StatusCode::BAD_REQUEST,
+        ),
         (json!({"prompt": "x", "n": 5}), StatusCode::BAD_REQUEST),
-        (json!({"prompt": "x", "max_tokens": MAX_MODEL_LEN}), StatusCode::BAD_REQUEST),
-        (json!({"prompt": vec![5; MAX_MODEL_LEN]}), StatusCode::BAD_REQUEST),
+        (
+            json!({"prompt": "x", "max_tokens": MAX_MODEL_LEN}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({"prompt": vec![5; MAX_MODEL_LEN]}),
+            StatusCode::BAD_REQUEST,
+        ),
         (json!({"prompt": [1_000_000]}), StatusCode::BAD_REQUEST),
-        (json!({"prompt": "x", "logit_bias": {"a": 1}}), StatusCode::BAD_REQUEST),
-        (json!({"prompt": "x", "presence_penalty": 0.5}), StatusCode::BAD_REQUEST),
+        (
+            json!({"prompt": "x", "logit_bias": {"a": 1}}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({"prompt": "x", "presence_penalty": 0.5}),
+            StatusCode::BAD_REQUEST,
+        ),
         (json!({"nothing": true}), StatusCode::BAD_REQUEST),
     ];
     for (body, status) in cases {
@@ -180,7 +261,14 @@ async fn errors_have_openai_shape_and_status() {
         assert_eq!(s, status, "{body} -> {v}");
         assert_error_shape(&v);
     }
-    let (s, b) = call(&st, "POST", "/v1/chat/completions", Some(b"{\"messages\": [".to_vec()), None).await;
+    let (s, b) = call(
+        &st,
+        "POST",
+        "/v1/chat/completions",
+        Some(b"{\"messages\": [".to_vec()),
+        None,
+    )
+    .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_error_shape(&serde_json::from_slice(&b).unwrap());
     let huge = serde_json::to_vec(&json!({"prompt": "x".repeat(BODY_LIMIT * 2)})).unwrap();
@@ -197,13 +285,20 @@ async fn api_key_guards_v1_only() {
     let (s, b) = call(&st, "GET", "/v1/models", None, None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert_error_shape(&serde_json::from_slice(&b).unwrap());
-    assert_eq!(call(&st, "GET", "/v1/models", None, Some("nope")).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        call(&st, "GET", "/v1/models", None, Some("nope")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
     let (s, b) = call(&st, "GET", "/v1/models", None, Some("k1")).await;
     assert_eq!(s, StatusCode::OK);
     let v: Value = serde_json::from_slice(&b).unwrap();
     assert_eq!(v["data"][0]["id"], "tiny");
     assert_eq!(v["data"][0]["max_model_len"], MAX_MODEL_LEN);
     for path in ["/health", "/ready", "/metrics", "/openapi.json"] {
-        assert_eq!(call(&st, "GET", path, None, None).await.0, StatusCode::OK, "{path}");
+        assert_eq!(
+            call(&st, "GET", path, None, None).await.0,
+            StatusCode::OK,
+            "{path}"
+        );
     }
 }

@@ -176,8 +176,14 @@ impl KvPool {
     }
 
     /// Grows `table` to cover `total_tokens` positions. All or nothing.
-    pub fn allocate(&mut self, table: &mut BlockTable, total_tokens: usize) -> Result<(), OutOfBlocks> {
-        let needed = self.blocks_for(total_tokens).saturating_sub(table.blocks.len());
+    pub fn allocate(
+        &mut self,
+        table: &mut BlockTable,
+        total_tokens: usize,
+    ) -> Result<(), OutOfBlocks> {
+        let needed = self
+            .blocks_for(total_tokens)
+            .saturating_sub(table.blocks.len());
         if needed > self.free.len() {
             return Err(OutOfBlocks {
                 needed,
@@ -226,7 +232,12 @@ impl KvPool {
 
     /// Registers the blocks of `table` that became full now that `tokens[..num_computed]` are in
     /// the KV state, so later prompts can share them.
-    pub fn commit_full_blocks(&mut self, table: &mut BlockTable, tokens: &[u32], num_computed: usize) {
+    pub fn commit_full_blocks(
+        &mut self,
+        table: &mut BlockTable,
+        tokens: &[u32],
+        num_computed: usize,
+    ) {
         if !self.prefix_caching {
             return;
         }
@@ -234,7 +245,10 @@ impl KvPool {
         while table.hashes.len() < full {
             let i = table.hashes.len();
             let parent = table.hashes.last().copied();
-            let h = chain_hash(parent, &tokens[i * self.block_size..(i + 1) * self.block_size]);
+            let h = chain_hash(
+                parent,
+                &tokens[i * self.block_size..(i + 1) * self.block_size],
+            );
             table.hashes.push(h);
             let b = table.blocks[i];
             if self.block_hash[b as usize].is_none() && !self.cached.contains_key(&h) {
@@ -338,7 +352,10 @@ mod tests {
         p.allocate(&mut c, 24).unwrap();
         assert_eq!(p.match_prefix(&prompt).blocks.len(), 2);
         p.allocate(&mut c, 32).unwrap();
-        assert!(p.match_prefix(&prompt).blocks.is_empty(), "evicted once reused");
+        assert!(
+            p.match_prefix(&prompt).blocks.is_empty(),
+            "evicted once reused"
+        );
     }
 
     #[test]

@@ -65,7 +65,11 @@ impl FakeRunner {
             }
         }
         Ok((0..self.vocab)
-            .map(|v| (mix(h ^ (v as u64).wrapping_mul(0xA24B_AED4_963E_E407)) >> 40) as f32 / (1u64 << 24) as f32 * 8.0)
+            .map(|v| {
+                (mix(h ^ (v as u64).wrapping_mul(0xA24B_AED4_963E_E407)) >> 40) as f32
+                    / (1u64 << 24) as f32
+                    * 8.0
+            })
             .collect())
     }
 }

@@ -56,7 +56,9 @@ pub struct SchedulerHandle {
 impl SchedulerHandle {
     /// Starts the scheduler thread. It ends when every handle is dropped, after an engine error
     /// (the error is returned by the join handle), or never otherwise.
-    pub fn spawn(scheduler: Scheduler) -> std::io::Result<(SchedulerHandle, JoinHandle<Result<(), EngineError>>)> {
+    pub fn spawn(
+        scheduler: Scheduler,
+    ) -> std::io::Result<(SchedulerHandle, JoinHandle<Result<(), EngineError>>)> {
         let (tx, rx) = mpsc::channel();
         let alive = Arc::new(AtomicBool::new(true));
         let pool = scheduler.pool();
@@ -113,7 +115,9 @@ impl SchedulerHandle {
         // Reserve a queue slot atomically so concurrent submits cannot overshoot the bound.
         let limit = self.limits.max_waiting_requests;
         self.queued
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| (q < limit).then_some(q + 1))
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
+                (q < limit).then_some(q + 1)
+            })
             .map_err(SubmitError::QueueFull)?;
         let (events, rx) = unbounded_channel();
         let id = self.next_request_id.fetch_add(1, Ordering::SeqCst);
@@ -142,7 +146,11 @@ impl SchedulerHandle {
 }
 
 /// The KV pool rules of DESIGN.md, checked before anything is queued.
-pub fn check_request(limits: &Limits, prompt: &[u32], params: &SamplingParams) -> Result<(), SubmitError> {
+pub fn check_request(
+    limits: &Limits,
+    prompt: &[u32],
+    params: &SamplingParams,
+) -> Result<(), SubmitError> {
     if prompt.is_empty() {
         return Err(SubmitError::Invalid("the prompt is empty".into()));
     }

@@ -10,11 +10,11 @@
 //! The scheduler is synchronous and owns the [`ModelRunner`]; [`handle`] runs it on a dedicated OS
 //! thread and connects it to the async API over channels.
 
+#[cfg(any(test, feature = "fake-engine"))]
+pub mod fake_runner;
 pub mod handle;
 pub mod request;
 pub mod sampler;
-#[cfg(any(test, feature = "fake-engine"))]
-pub mod fake_runner;
 #[cfg(test)]
 mod tests;
 
@@ -276,7 +276,10 @@ impl Scheduler {
         };
         report.scheduled = plan.seqs.len();
         report.tokens = plan.seqs.iter().map(|s| s.tokens.len()).sum();
-        let output = self.runner.step(&plan).and_then(|o| check_output(&plan, o, self.runner.vocab_size()));
+        let output = self
+            .runner
+            .step(&plan)
+            .and_then(|o| check_output(&plan, o, self.runner.vocab_size()));
         let output = match output {
             Ok(o) => o,
             Err(e) => {
@@ -410,7 +413,9 @@ impl Scheduler {
             if needed > self.pool.free_blocks() - self.pool.free_blocks_taken_by(&hit) {
                 break;
             }
-            let Some(mut s) = self.waiting.pop_front() else { break };
+            let Some(mut s) = self.waiting.pop_front() else {
+                break;
+            };
             self.metrics.prefix_cache_queries.add(s.tokens.len() as u64);
             self.metrics.prefix_cache_hits.add(cached as u64);
             self.pool.take_prefix(&mut s.table, hit);
@@ -424,8 +429,7 @@ impl Scheduler {
             if let Some(r) = self.requests.get_mut(&s.request_id) {
                 if r.queued {
                     r.queued = false;
-                    self.queued
-                        .fetch_sub(1, Ordering::SeqCst);
+                    self.queued.fetch_sub(1, Ordering::SeqCst);
                     self.metrics
                         .request_queue_time
                         .observe(r.arrival.elapsed().as_secs_f64());
@@ -516,8 +520,12 @@ impl Scheduler {
     }
 
     fn update_gauges(&self) {
-        self.metrics.num_requests_running.set(self.running.len() as f64);
-        self.metrics.num_requests_waiting.set(self.waiting.len() as f64);
+        self.metrics
+            .num_requests_running
+            .set(self.running.len() as f64);
+        self.metrics
+            .num_requests_waiting
+            .set(self.waiting.len() as f64);
         self.metrics.kv_cache_usage_perc.set(self.pool.usage());
         self.metrics.kv_live_tokens.set(self.live_tokens() as f64);
     }

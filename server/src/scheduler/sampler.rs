@@ -24,7 +24,12 @@ pub fn sample(
         }
     }
     if generated < params.min_tokens {
-        for t in params.stop_token_ids.iter().copied().chain(std::iter::once(eos)) {
+        for t in params
+            .stop_token_ids
+            .iter()
+            .copied()
+            .chain(std::iter::once(eos))
+        {
             if let Some(x) = l.get_mut(t as usize) {
                 *x = f32::NEG_INFINITY;
             }
@@ -102,17 +107,32 @@ fn sample_from(l: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 
 /// Log-softmax of the raw model logits (vLLM's default: before any sampling transform).
 fn logprobs_of(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = logits.iter().map(|&x| ((x - max) as f64).exp()).sum::<f64>().ln() as f32 + max;
-    let lp = |t: u32| logits.get(t as usize).map_or(f32::NEG_INFINITY, |x| x - lse);
+    let lse = logits
+        .iter()
+        .map(|&x| ((x - max) as f64).exp())
+        .sum::<f64>()
+        .ln() as f32
+        + max;
+    let lp = |t: u32| {
+        logits
+            .get(t as usize)
+            .map_or(f32::NEG_INFINITY, |x| x - lse)
+    };
     let mut top = Vec::new();
     if k > 0 {
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
         let k = k.min(idx.len());
         idx.select_nth_unstable_by(k - 1, |a, b| {
-            logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b))
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
         });
         idx.truncate(k);
-        idx.sort_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b)));
+        idx.sort_by(|a, b| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        });
         top = idx.into_iter().map(|t| (t, lp(t))).collect();
     }
     TokenLogprobs {
@@ -137,7 +157,11 @@ mod tests {
         // eos = 1 is the argmax and, with min_tokens 0, allowed.
         assert_eq!(sample(&logits, &p, 0, 1, &mut rng(0)).0, 1);
         p.min_tokens = 2;
-        assert_eq!(sample(&logits, &p, 1, 1, &mut rng(0)).0, 3, "eos masked before min_tokens");
+        assert_eq!(
+            sample(&logits, &p, 1, 1, &mut rng(0)).0,
+            3,
+            "eos masked before min_tokens"
+        );
         assert_eq!(sample(&logits, &p, 2, 1, &mut rng(0)).0, 1);
         p.min_tokens = 0;
         p.logit_bias = vec![(2, 10.0)];
@@ -154,12 +178,18 @@ mod tests {
         };
         let draw = |seed| {
             let mut r = rng(seed);
-            (0..20).map(|_| sample(&logits, &p, 0, 999, &mut r).0).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| sample(&logits, &p, 0, 999, &mut r).0)
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
         // The three largest logits (value 1.8) are ids 6, 13, 20 (lowest ids win the tie order).
-        assert!(draw(7).iter().all(|t| [6, 13, 20].contains(t)), "{:?}", draw(7));
+        assert!(
+            draw(7).iter().all(|t| [6, 13, 20].contains(t)),
+            "{:?}",
+            draw(7)
+        );
     }
 
     #[test]

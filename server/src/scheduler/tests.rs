@@ -23,17 +23,30 @@ fn config(max_model_len: usize) -> SchedulerConfig {
     }
 }
 
-fn scheduler(num_blocks: usize, cfg: SchedulerConfig) -> (Scheduler, Arc<std::sync::Mutex<fake_runner::FakeStats>>) {
+fn scheduler(
+    num_blocks: usize,
+    cfg: SchedulerConfig,
+) -> (Scheduler, Arc<std::sync::Mutex<fake_runner::FakeStats>>) {
     let runner = FakeRunner::new(BS, num_blocks, VOCAB);
     let stats = runner.stats.clone();
-    (Scheduler::new(Box::new(runner), cfg, Arc::new(Metrics::new("fake"))), stats)
+    (
+        Scheduler::new(Box::new(runner), cfg, Arc::new(Metrics::new("fake"))),
+        stats,
+    )
 }
 
 fn prompt(i: usize, len: usize) -> Vec<u32> {
-    (0..len).map(|j| ((i * 7 + j * 3) % (VOCAB - 2) + 2) as u32).collect()
+    (0..len)
+        .map(|j| ((i * 7 + j * 3) % (VOCAB - 2) + 2) as u32)
+        .collect()
 }
 
-fn submit(s: &mut Scheduler, id: u64, prompt: Vec<u32>, params: SamplingParams) -> UnboundedReceiver<SeqEvent> {
+fn submit(
+    s: &mut Scheduler,
+    id: u64,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+) -> UnboundedReceiver<SeqEvent> {
     let (tx, rx) = unbounded_channel();
     s.queued.fetch_add(1, Ordering::SeqCst);
     s.add(
@@ -49,7 +62,10 @@ fn submit(s: &mut Scheduler, id: u64, prompt: Vec<u32>, params: SamplingParams) 
 }
 
 /// Drains a request's events into (tokens per choice, finish reason per choice).
-fn collect(rx: &mut UnboundedReceiver<SeqEvent>, n: usize) -> (Vec<Vec<u32>>, Vec<Option<FinishReason>>) {
+fn collect(
+    rx: &mut UnboundedReceiver<SeqEvent>,
+    n: usize,
+) -> (Vec<Vec<u32>>, Vec<Option<FinishReason>>) {
     let mut toks = vec![Vec::new(); n];
     let mut fin = vec![None; n];
     while let Ok(ev) = rx.try_recv() {
@@ -225,15 +241,30 @@ fn shared_system_prompt_hits_the_prefix_cache() {
     p.ignore_eos = true;
     let mut first = submit(&mut s, 0, [system.clone(), vec![5, 6]].concat(), p.clone());
     run_to_end(&mut s);
-    let mut second = submit(&mut s, 1, [system.clone(), vec![7, 8, 9]].concat(), p.clone());
+    let mut second = submit(
+        &mut s,
+        1,
+        [system.clone(), vec![7, 8, 9]].concat(),
+        p.clone(),
+    );
     run_to_end(&mut s);
-    assert_eq!(s.metrics.prefix_cache_hits.get(), 20, "5 full blocks of the system prompt");
+    assert_eq!(
+        s.metrics.prefix_cache_hits.get(),
+        20,
+        "5 full blocks of the system prompt"
+    );
     assert_eq!(s.metrics.prefix_cache_queries.get(), 24 + 25);
     // The second request's first step started after the cached blocks.
     let entries = stats.lock().unwrap().entries.clone();
     assert!(entries.iter().any(|e| e.0 == 1 && e.1 == 20));
-    assert_eq!(collect(&mut first, 1).0[0], alone(&[system.clone(), vec![5, 6]].concat(), &p, 128));
-    assert_eq!(collect(&mut second, 1).0[0], alone(&[system, vec![7, 8, 9]].concat(), &p, 128));
+    assert_eq!(
+        collect(&mut first, 1).0[0],
+        alone(&[system.clone(), vec![5, 6]].concat(), &p, 128)
+    );
+    assert_eq!(
+        collect(&mut second, 1).0[0],
+        alone(&[system, vec![7, 8, 9]].concat(), &p, 128)
+    );
 }
 
 #[test]
@@ -250,7 +281,14 @@ fn seeds_reproduce_regardless_of_batch() {
     let solo = alone(&prompt(1, 7), &p, 64);
     let (mut s, _) = scheduler(40, config(64));
     let mut others: Vec<_> = (0..6)
-        .map(|i| submit(&mut s, 10 + i, prompt(i as usize + 5, 9), SamplingParams::default()))
+        .map(|i| {
+            submit(
+                &mut s,
+                10 + i,
+                prompt(i as usize + 5, 9),
+                SamplingParams::default(),
+            )
+        })
         .collect();
     let mut rx = submit(&mut s, 0, prompt(1, 7), p.clone());
     run_to_end(&mut s);
@@ -274,7 +312,14 @@ fn seeds_reproduce_regardless_of_batch() {
 
 #[test]
 fn stop_tokens_min_tokens_and_ceiling() {
-    let base = alone(&prompt(2, 5), &SamplingParams { ignore_eos: true, ..SamplingParams::greedy(20) }, 64);
+    let base = alone(
+        &prompt(2, 5),
+        &SamplingParams {
+            ignore_eos: true,
+            ..SamplingParams::greedy(20)
+        },
+        64,
+    );
     let stop_at = base[3];
     let first = base.iter().position(|t| *t == stop_at).unwrap();
     let (mut s, _) = scheduler(64, config(64));
@@ -286,7 +331,11 @@ fn stop_tokens_min_tokens_and_ceiling() {
     let mut rx = submit(&mut s, 0, prompt(2, 5), p);
     run_to_end(&mut s);
     let (toks, fin) = collect(&mut rx, 1);
-    assert_eq!(toks[0], base[..=first].to_vec(), "stops on (and includes) the stop token");
+    assert_eq!(
+        toks[0],
+        base[..=first].to_vec(),
+        "stops on (and includes) the stop token"
+    );
     assert_eq!(fin[0], Some(FinishReason::Stop));
 
     // min_tokens masks the stop token until enough were generated.
@@ -314,11 +363,26 @@ fn handle_validates_and_bounds_the_queue() {
     let (h, join) = SchedulerHandle::spawn(s).unwrap();
     let now = Instant::now();
     let too_long = h.submit(prompt(0, 30), SamplingParams::greedy(3), now);
-    assert!(matches!(too_long, Err(SubmitError::Invalid(m)) if m.contains("maximum context length is 32")));
-    assert!(matches!(h.submit(vec![], SamplingParams::greedy(1), now), Err(SubmitError::Invalid(_))));
-    assert!(matches!(h.submit(vec![VOCAB as u32], SamplingParams::greedy(1), now), Err(SubmitError::Invalid(_))));
+    assert!(
+        matches!(too_long, Err(SubmitError::Invalid(m)) if m.contains("maximum context length is 32"))
+    );
     assert!(matches!(
-        h.submit(prompt(0, 3), SamplingParams { n: 2, ..SamplingParams::greedy(1) }, now),
+        h.submit(vec![], SamplingParams::greedy(1), now),
+        Err(SubmitError::Invalid(_))
+    ));
+    assert!(matches!(
+        h.submit(vec![VOCAB as u32], SamplingParams::greedy(1), now),
+        Err(SubmitError::Invalid(_))
+    ));
+    assert!(matches!(
+        h.submit(
+            prompt(0, 3),
+            SamplingParams {
+                n: 2,
+                ..SamplingParams::greedy(1)
+            },
+            now
+        ),
         Err(SubmitError::Invalid(_))
     ));
 
@@ -326,16 +390,25 @@ fn handle_validates_and_bounds_the_queue() {
     long.ignore_eos = true;
     let (_, mut a) = h.submit(prompt(0, 4), long.clone(), now).unwrap();
     // Wait until `a` runs, so the single waiting slot is free.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         assert!(matches!(a.recv().await, Some(SeqEvent::Token { .. })));
     });
     let (_, mut b) = h.submit(prompt(1, 4), long.clone(), now).unwrap();
-    assert_eq!(h.submit(prompt(2, 4), long.clone(), now).unwrap_err(), SubmitError::QueueFull(1));
+    assert_eq!(
+        h.submit(prompt(2, 4), long.clone(), now).unwrap_err(),
+        SubmitError::QueueFull(1)
+    );
     drop(a); // cancelling a lets b run
     rt.block_on(async {
         let mut n = 0;
-        while let Some(ev) = tokio::time::timeout(Duration::from_secs(10), b.recv()).await.unwrap() {
+        while let Some(ev) = tokio::time::timeout(Duration::from_secs(10), b.recv())
+            .await
+            .unwrap()
+        {
             if let SeqEvent::Token { finish, .. } = ev {
                 n += 1;
                 if finish.is_some() {
