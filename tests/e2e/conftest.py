@@ -120,7 +120,7 @@ def _start(extra_args, env=None):
 
 
 # Small limits so the error paths are cheap to reach.
-MAX_MODEL_LEN = 256
+MAX_MODEL_LEN = 512
 MAX_NUM_SEQS = 8
 MAX_BODY = 1_000_000
 
