@@ -1,0 +1,329 @@
+// FP4 (e2m1) routed experts for decode: only the experts each token selected are touched.
+//
+// Weights (the checkpoint's layout): W [E, rows, K/2] bytes, element 2j in the LOW nibble of byte j;
+// S [E, rows, K/32] E8M0 bytes, one per 32 values along K. A 16-byte chunk is exactly 32 values,
+// so one scale covers one chunk.
+//
+// Three launches (p = t * topk + j is a (token, slot) pair, e_p = ids[p]):
+//   dsk_fp4_moe_gate_up: h[p, i] = silu(min(g, limit)) * clamp(u, -limit, limit),
+//                        g = W1[e_p][i, :] . x[t], u = W3[e_p][i, :] . x[t]
+//   dsk_fp4_moe_down:    y[p, n] = weight[p] * (W2[e_p][n, :] . h[p, :])
+//   dsk_fp4_moe_combine: out[t, n] = sum_j y[t * topk + j, n]   (fixed order: deterministic)
+// x, h, y, weights f32; out f32 or bf16. Expert ids outside [0, E) contribute 0 and are never read.
+//
+// Work split: grid = (pair, tile of MOE_ROWS rows). The block first copies the pair's activation
+// row (x[t] or h[p]) into shared memory, padded by 4 floats every 32 so that lanes reading
+// consecutive 32-value chunks hit distinct banks; then each warp streams MOE_RW rows (gate_up:
+// MOE_RW rows of W1 and of W3), every lane one 16-byte chunk per row per step, reusing the 32
+// activations it holds in registers for all of them. Pairs are the grid's fastest axis, so tokens
+// that chose the same expert read its rows at about the same time (served by L2).
+
+#define MOE_WARPS 8
+#define MOE_RW 4
+#define MOE_ROWS (MOE_WARPS * MOE_RW)
+
+// Padded shared-memory index of activation j.
+__device__ __forceinline__ int moe_pad(int j) { return j + ((j >> 5) << 2); }
+
+__device__ __forceinline__ void moe_stage(float *sm, const float *__restrict__ src, int K) {
+    const float4 *s4 = reinterpret_cast<const float4 *>(src);
+    for (int v = threadIdx.x; v < (K >> 2); v += blockDim.x)
+        *reinterpret_cast<float4 *>(sm + moe_pad(v << 2)) = __ldg(s4 + v);
+    __syncthreads();
+}
+
+// The 32 activations of chunk c into registers (8 conflict-free 16-byte shared loads).
+__device__ __forceinline__ void moe_load_x(const float *sm, int c, float (&xs)[32]) {
+    const float4 *p = reinterpret_cast<const float4 *>(sm + c * 36);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+        const float4 v = p[q];
+        xs[4 * q] = v.x; xs[4 * q + 1] = v.y; xs[4 * q + 2] = v.z; xs[4 * q + 3] = v.w;
+    }
+}
+
+// Dot of one 16-byte FP4 chunk with its 32 activations, times 2^-14 (see common.cuh).
+// Word q holds elements 8q..8q+7, nibble p = element 8q+p; nibbles (p, p+4) become one f16x2:
+// the magnitude bits are shifted to bits 9-11 / 25-27 and the sign to bits 15 / 31.
+__device__ __forceinline__ float fp4_chunk_dot(uint4 w, const float (&xs)[32]) {
+    const unsigned int words[4] = {w.x, w.y, w.z, w.w};
+    float acc = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const unsigned int v = words[q];
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+            const unsigned int mag = (p < 3 ? (v << (9 - 4 * p)) : (v >> 3)) & 0x0E000E00u;
+            const unsigned int sgn = (p < 3 ? (v << (12 - 4 * p)) : v) & 0x80008000u;
+            float lo, hi;
+            dsk_f16x2_to_f32(mag | sgn, lo, hi);
+            acc = fmaf(lo, xs[8 * q + p], acc);
+            acc = fmaf(hi, xs[8 * q + p + 4], acc);
+        }
+    }
+    return acc;
+}
+
+// 2^(s-127) * 2^14: the block scale with the decoder's 2^-14 folded back in.
+__device__ __forceinline__ float fp4_scale(unsigned int s) { return dsk_e8m0_to_f32(s) * 16384.0f; }
+
+extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_gate_up(
+    const float *__restrict__ x, const int *__restrict__ ids, const unsigned char *__restrict__ W1,
+    const unsigned char *__restrict__ S1, const unsigned char *__restrict__ W3,
+    const unsigned char *__restrict__ S3, float *__restrict__ h, int topk, int E, int I, int K,
+    float limit) {
+    extern __shared__ float4 moe_smem4[];
+    float *sm = reinterpret_cast<float *>(moe_smem4);
+    const int p = blockIdx.x, t = p / topk;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int i0 = blockIdx.y * MOE_ROWS + warp * MOE_RW;
+    const int e = ids[p];
+    if (e < 0 || e >= E) {
+        if (lane < MOE_RW && i0 + lane < I) h[(long)p * I + i0 + lane] = 0.f;
+        return;
+    }
+    moe_stage(sm, x + (long)t * K, K);
+    const int C = K >> 5;
+    const unsigned char *w1[MOE_RW], *w3[MOE_RW], *s1[MOE_RW], *s3[MOE_RW];
+#pragma unroll
+    for (int r = 0; r < MOE_RW; ++r) {
+        const long row = (long)e * I + min(i0 + r, I - 1);
+        w1[r] = W1 + row * (K >> 1); w3[r] = W3 + row * (K >> 1);
+        s1[r] = S1 + row * C; s3[r] = S3 + row * C;
+    }
+    float g[MOE_RW], u[MOE_RW];
+#pragma unroll
+    for (int r = 0; r < MOE_RW; ++r) { g[r] = 0.f; u[r] = 0.f; }
+    for (int c = lane; c < C; c += 32) {
+        uint4 a[MOE_RW], b[MOE_RW];
+#pragma unroll
+        for (int r = 0; r < MOE_RW; ++r) { a[r] = dsk_ld_stream16(w1[r] + c * 16); b[r] = dsk_ld_stream16(w3[r] + c * 16); }
+        float xs[32];
+        moe_load_x(sm, c, xs);
+#pragma unroll
+        for (int r = 0; r < MOE_RW; ++r) {
+            g[r] = fmaf(fp4_scale(s1[r][c]), fp4_chunk_dot(a[r], xs), g[r]);
+            u[r] = fmaf(fp4_scale(s3[r][c]), fp4_chunk_dot(b[r], xs), u[r]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < MOE_RW; ++r) {
+        const float gs = fminf(dsk_warp_sum(g[r]), limit);
+        const float us = fminf(fmaxf(dsk_warp_sum(u[r]), -limit), limit);
+        if (lane == r && i0 + r < I) h[(long)p * I + i0 + r] = gs / (1.f + expf(-gs)) * us;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down(
+    const float *__restrict__ h, const int *__restrict__ ids, const float *__restrict__ weights,
+    const unsigned char *__restrict__ W2, const unsigned char *__restrict__ S2,
+    float *__restrict__ y, int E, int N, int I) {
+    extern __shared__ float4 moe_smem4[];
+    float *sm = reinterpret_cast<float *>(moe_smem4);
+    const int p = blockIdx.x;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int n0 = blockIdx.y * MOE_ROWS + warp * MOE_RW;
+    const int e = ids[p];
+    if (e < 0 || e >= E) {
+        if (lane < MOE_RW && n0 + lane < N) y[(long)p * N + n0 + lane] = 0.f;
+        return;
+    }
+    moe_stage(sm, h + (long)p * I, I);
+    const int C = I >> 5;
+    const unsigned char *w2[MOE_RW], *s2[MOE_RW];
+#pragma unroll
+    for (int r = 0; r < MOE_RW; ++r) {
+        const long row = (long)e * N + min(n0 + r, N - 1);
+        w2[r] = W2 + row * (I >> 1);
+        s2[r] = S2 + row * C;
+    }
+    float acc[MOE_RW];
+#pragma unroll
+    for (int r = 0; r < MOE_RW; ++r) acc[r] = 0.f;
+#pragma unroll 2
+    for (int c = lane; c < C; c += 32) {
+        uint4 a[MOE_RW];
+#pragma unroll
+        for (int r = 0; r < MOE_RW; ++r) a[r] = dsk_ld_stream16(w2[r] + c * 16);
+        float xs[32];
+        moe_load_x(sm, c, xs);
+#pragma unroll
+        for (int r = 0; r < MOE_RW; ++r) acc[r] = fmaf(fp4_scale(s2[r][c]), fp4_chunk_dot(a[r], xs), acc[r]);
+    }
+    const float wt = weights[p];
+#pragma unroll
+    for (int r = 0; r < MOE_RW; ++r) {
+        const float v = dsk_warp_sum(acc[r]);
+        if (lane == r && n0 + r < N) y[(long)p * N + n0 + r] = wt * v;
+    }
+}
+
+// out[t, n] = sum over the token's slots, in slot order. One thread per output element.
+extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_combine(
+    const float *__restrict__ y, void *__restrict__ out, int out_bf16, int T, int topk, int N) {
+    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long)T * N) return;
+    const long t = idx / N, n = idx % N;
+    float acc = 0.f;
+    for (int j = 0; j < topk; ++j) acc += y[(t * topk + j) * N + n];
+    if (out_bf16) reinterpret_cast<unsigned short *>(out)[idx] = dsk_f32_to_bf16(acc);
+    else reinterpret_cast<float *>(out)[idx] = acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core variant (sm_80+ mma.sync m16n8k16, f16 in, f32 accumulate). Dequantising for the
+// CUDA-core FMAs costs about as many instructions as the bytes allow; here the decoded f16 pairs
+// feed the tensor core directly and the FMAs and f16->f32 conversions disappear.
+//
+// Tile: 16 weight rows (A) x 16 k per mma; B column 0 = x rounded to f16, column 1 = the f16 of
+// the rounding residual (x - f16(x)), columns 2..7 = 0, so C[:,0] + C[:,1] is the dot with x to
+// ~22 bits: accuracy stays at the f32 level. Thread (g = lane/4, t = lane%4) takes word t of each
+// 16-byte chunk for rows g and g+8: its four nibble pairs (p, p+4) are exactly its A slots for the
+// chunk's two mma steps (K order inside a chunk is permuted identically in A and B), so every mma
+// stays inside one 32-value chunk and the chunk's E8M0 scale is applied to the f32 result.
+// Activations must be below 65504 in magnitude (f16 range); hidden states after RMSNorm and
+// clipped SwiGLU outputs are. The 8 warps of a block split K and reduce through shared memory.
+// Needs K % 256 == 0 and rows % 16 == 0 (the host falls back to the CUDA-core kernels otherwise).
+
+__device__ __forceinline__ unsigned int moe_pack_f16x2(float lo, float hi) {
+    unsigned int r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// B fragments of chunk c for this lane: b[p] = (x[32c+8t+p], x[32c+8t+p+4]) as f16x2,
+// the rounded value for g == 0, the residual for g == 1, zero otherwise.
+__device__ __forceinline__ void moe_xfrag(const float *__restrict__ x, int c, int g, int t, unsigned int (&b)[4]) {
+    if (g >= 2) { b[0] = b[1] = b[2] = b[3] = 0u; return; }
+    const float4 *q = reinterpret_cast<const float4 *>(x + 32 * c + 8 * t);
+    const float4 v0 = __ldg(q), v1 = __ldg(q + 1);
+    const float e[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+        const unsigned int hi = moe_pack_f16x2(e[p], e[p + 4]);
+        if (g == 0) {
+            b[p] = hi;
+        } else {
+            float rl, rh;
+            dsk_f16x2_to_f32(hi, rl, rh);
+            b[p] = moe_pack_f16x2(e[p] - rl, e[p + 4] - rh);
+        }
+    }
+}
+
+__device__ __forceinline__ void moe_mma(float (&d)[4], unsigned int a0, unsigned int a1, unsigned int a2,
+                                        unsigned int a3, unsigned int b0, unsigned int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Nibble pair (p, p+4) of word v as f16x2 scaled by 2^-14 (see fp4_chunk_dot).
+__device__ __forceinline__ unsigned int moe_pair(unsigned int v, int p) {
+    const unsigned int mag = (p < 3 ? (v << (9 - 4 * p)) : (v >> 3)) & 0x0E000E00u;
+    const unsigned int sgn = (p < 3 ? (v << (12 - 4 * p)) : v) & 0x80008000u;
+    return mag | sgn;
+}
+
+// One chunk of one 16-row tile: returns (row g, row g+8) dots of the chunk with x (hi + lo),
+// unscaled, valid in lanes with t == 0.
+__device__ __forceinline__ void moe_chunk_mma(unsigned int wg, unsigned int wg8, const unsigned int (&b)[4],
+                                              float &dg, float &dg8) {
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    moe_mma(d, moe_pair(wg, 0), moe_pair(wg8, 0), moe_pair(wg, 1), moe_pair(wg8, 1), b[0], b[1]);
+    moe_mma(d, moe_pair(wg, 2), moe_pair(wg8, 2), moe_pair(wg, 3), moe_pair(wg8, 3), b[2], b[3]);
+    dg = d[0] + d[1];
+    dg8 = d[2] + d[3];
+}
+
+extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_gate_up_mma(
+    const float *__restrict__ x, const int *__restrict__ ids, const unsigned char *__restrict__ W1,
+    const unsigned char *__restrict__ S1, const unsigned char *__restrict__ W3,
+    const unsigned char *__restrict__ S3, float *__restrict__ h, int topk, int E, int I, int K,
+    float limit) {
+    __shared__ float red[MOE_WARPS][2][16];
+    const int p = blockIdx.x, t_tok = p / topk;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int i0 = blockIdx.y * 16;
+    const int e = ids[p];
+    if (e < 0 || e >= E) {
+        if (threadIdx.x < 16) h[(long)p * I + i0 + threadIdx.x] = 0.f;
+        return;
+    }
+    const int C = K >> 5, Cw = C / MOE_WARPS;
+    const long rg = (long)e * I + i0 + g, rg8 = rg + 8;
+    const unsigned int *w1g = reinterpret_cast<const unsigned int *>(W1 + rg * (K >> 1)) + t;
+    const unsigned int *w1g8 = reinterpret_cast<const unsigned int *>(W1 + rg8 * (K >> 1)) + t;
+    const unsigned int *w3g = reinterpret_cast<const unsigned int *>(W3 + rg * (K >> 1)) + t;
+    const unsigned int *w3g8 = reinterpret_cast<const unsigned int *>(W3 + rg8 * (K >> 1)) + t;
+    const float *xt = x + (long)t_tok * K;
+    float gg = 0.f, gg8 = 0.f, uu = 0.f, uu8 = 0.f;
+#pragma unroll 4
+    for (int c = warp * Cw; c < (warp + 1) * Cw; ++c) {
+        const unsigned int a = __ldg(w1g + 4 * c), a8 = __ldg(w1g8 + 4 * c);
+        const unsigned int b = __ldg(w3g + 4 * c), b8 = __ldg(w3g8 + 4 * c);
+        unsigned int xf[4];
+        moe_xfrag(xt, c, g, t, xf);
+        float d0, d8;
+        moe_chunk_mma(a, a8, xf, d0, d8);
+        gg = fmaf(fp4_scale(S1[rg * C + c]), d0, gg);
+        gg8 = fmaf(fp4_scale(S1[rg8 * C + c]), d8, gg8);
+        moe_chunk_mma(b, b8, xf, d0, d8);
+        uu = fmaf(fp4_scale(S3[rg * C + c]), d0, uu);
+        uu8 = fmaf(fp4_scale(S3[rg8 * C + c]), d8, uu8);
+    }
+    if (t == 0) {
+        red[warp][0][g] = gg; red[warp][0][g + 8] = gg8;
+        red[warp][1][g] = uu; red[warp][1][g + 8] = uu8;
+    }
+    __syncthreads();
+    if (threadIdx.x < 16) {
+        float gs = 0.f, us = 0.f;
+        for (int w = 0; w < MOE_WARPS; ++w) { gs += red[w][0][threadIdx.x]; us += red[w][1][threadIdx.x]; }
+        gs = fminf(gs, limit);
+        us = fminf(fmaxf(us, -limit), limit);
+        h[(long)p * I + i0 + threadIdx.x] = gs / (1.f + expf(-gs)) * us;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down_mma(
+    const float *__restrict__ h, const int *__restrict__ ids, const float *__restrict__ weights,
+    const unsigned char *__restrict__ W2, const unsigned char *__restrict__ S2,
+    float *__restrict__ y, int E, int N, int I) {
+    __shared__ float red[MOE_WARPS][16];
+    const int p = blockIdx.x;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int n0 = blockIdx.y * 16;
+    const int e = ids[p];
+    if (e < 0 || e >= E) {
+        if (threadIdx.x < 16) y[(long)p * N + n0 + threadIdx.x] = 0.f;
+        return;
+    }
+    const int C = I >> 5, Cw = C / MOE_WARPS;
+    const long rg = (long)e * N + n0 + g, rg8 = rg + 8;
+    const unsigned int *wg = reinterpret_cast<const unsigned int *>(W2 + rg * (I >> 1)) + t;
+    const unsigned int *wg8 = reinterpret_cast<const unsigned int *>(W2 + rg8 * (I >> 1)) + t;
+    const float *hp = h + (long)p * I;
+    float acc = 0.f, acc8 = 0.f;
+#pragma unroll 4
+    for (int c = warp * Cw; c < (warp + 1) * Cw; ++c) {
+        const unsigned int a = __ldg(wg + 4 * c), a8 = __ldg(wg8 + 4 * c);
+        unsigned int xf[4];
+        moe_xfrag(hp, c, g, t, xf);
+        float d0, d8;
+        moe_chunk_mma(a, a8, xf, d0, d8);
+        acc = fmaf(fp4_scale(S2[rg * C + c]), d0, acc);
+        acc8 = fmaf(fp4_scale(S2[rg8 * C + c]), d8, acc8);
+    }
+    if (t == 0) { red[warp][g] = acc; red[warp][g + 8] = acc8; }
+    __syncthreads();
+    if (threadIdx.x < 16) {
+        float s = 0.f;
+        for (int w = 0; w < MOE_WARPS; ++w) s += red[w][threadIdx.x];
+        y[(long)p * N + n0 + threadIdx.x] = weights[p] * s;
+    }
+}

@@ -1,0 +1,1042 @@
+//! Typed launches. Every entry point takes raw device pointers (`CUdeviceptr`) and shapes, so the
+//! CUDA backend can call it on whatever buffers it owns (weights mapped once, activations from its
+//! arena) and inside CUDA-graph capture. Shapes are validated before launch; pointer validity is
+//! the caller's contract (hence `unsafe`).
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::{CUdevice_attribute, CUdeviceptr, CUfunction_attribute};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+
+use crate::error::KernelError;
+use crate::loader::{load_module, target_arch, LoaderConfig, ModuleOrigin};
+use crate::sources;
+
+/// Activation element type of a GEMV input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActDtype {
+    Bf16,
+    F32,
+}
+
+/// Element type of a kernel output that supports both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutDtype {
+    Bf16,
+    F32,
+}
+
+impl OutDtype {
+    fn flag(self) -> i32 {
+        i32::from(self == OutDtype::Bf16)
+    }
+}
+
+/// Token-count buckets of the FP8 GEMV (one instantiation each; M rounds up to the next).
+pub const FP8_GEMV_MAX_M: usize = 16;
+const FP8_M_BUCKETS: [usize; 5] = [1, 2, 4, 8, 16];
+const FP8_WARPS: usize = 8;
+/// Which FP8 GEMV kernel to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fp8Path {
+    /// Tensor cores for bf16 activations with m >= FP8_TC_MIN_M, k % 128 == 0 and at least one
+    /// 32-row block per SM (the tensor-core kernel does not split K across blocks yet); else CUDA
+    /// cores. From the H200 measurements in docs/KERNELS.md.
+    Auto,
+    /// f32 FMAs on CUDA cores (bf16 or f32 activations, k % 16 == 0).
+    CudaCore,
+    /// mma.sync f16 (bf16 activations, k % 128 == 0).
+    TensorCore,
+}
+
+/// Smallest token count that `Fp8Path::Auto` sends to the tensor cores.
+pub const FP8_TC_MIN_M: usize = 2;
+
+/// Whether the tensor-core FP8 kernel takes this call.
+pub fn fp8_tensor_core_fits(a: &Fp8Gemv) -> bool {
+    a.x_dtype == ActDtype::Bf16 && a.k.is_multiple_of(128) && a.m <= FP8_GEMV_MAX_M
+}
+
+/// Which FP4 expert kernels to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoePath {
+    /// The faster one as measured on H200 (docs/KERNELS.md): today the CUDA-core kernels.
+    Auto,
+    /// f32 FMAs on CUDA cores (any hidden/inter multiple of 32).
+    CudaCore,
+    /// mma.sync f16 with an f16 residual column (hidden, inter multiples of 256). Exact to f32
+    /// level like the CUDA-core path, but slower on H200 at decode shapes (the FP4 unpacking,
+    /// not the multiply-adds, limits both).
+    TensorCore,
+}
+
+/// Whether the tensor-core expert kernels take these shapes.
+pub fn moe_tensor_core_fits(hidden: usize, inter: usize) -> bool {
+    hidden.is_multiple_of(256) && inter.is_multiple_of(256)
+}
+
+/// Rows per block of the FP4 expert kernels (8 warps x 4 rows).
+const MOE_ROWS_PER_BLOCK: usize = 32;
+const TOPK_CHUNK: usize = 2048;
+const TOPK_STAGE2_MAX: usize = 4096;
+/// Largest k of `topk` (selection is k block-wide rounds).
+pub const TOPK_MAX_K: usize = 64;
+
+/// out[m, n] = sum_k x[m, k] * W[n, k], W e4m3 [n, k] with E8M0 scales [ceil(n/128), ceil(k/128)].
+#[derive(Clone, Copy, Debug)]
+pub struct Fp8Gemv {
+    pub weight: CUdeviceptr,
+    pub scale: CUdeviceptr,
+    pub x: CUdeviceptr,
+    pub x_dtype: ActDtype,
+    pub out: CUdeviceptr,
+    pub out_dtype: OutDtype,
+    /// Rows of x (tokens), 1..=16.
+    pub m: usize,
+    /// Output features (rows of W).
+    pub n: usize,
+    /// Input features; multiple of 16.
+    pub k: usize,
+}
+
+/// Routed experts, FP4 weights in the checkpoint layout for ALL `experts` experts of a layer:
+/// w1/w3 [experts, inter, hidden/2] + scales [experts, inter, hidden/32]; w2 [experts, hidden,
+/// inter/2] + scales [experts, hidden, inter/32].
+#[derive(Clone, Copy, Debug)]
+pub struct Fp4Experts {
+    pub w1: CUdeviceptr,
+    pub s1: CUdeviceptr,
+    pub w3: CUdeviceptr,
+    pub s3: CUdeviceptr,
+    pub w2: CUdeviceptr,
+    pub s2: CUdeviceptr,
+    pub experts: usize,
+    pub hidden: usize,
+    pub inter: usize,
+}
+
+/// One MoE call for `tokens` tokens: x f32 [tokens, hidden]; ids i32 [tokens, topk];
+/// weights f32 [tokens, topk] (already normalised and scaled by the router);
+/// h f32 [tokens * topk, inter] and partial f32 [tokens * topk, hidden] scratch (h holds the
+/// SwiGLU output, partial each slot's weighted down projection); out [tokens, hidden].
+#[derive(Clone, Copy, Debug)]
+pub struct Fp4MoeCall {
+    pub x: CUdeviceptr,
+    pub ids: CUdeviceptr,
+    pub weights: CUdeviceptr,
+    pub h: CUdeviceptr,
+    pub partial: CUdeviceptr,
+    pub out: CUdeviceptr,
+    pub out_dtype: OutDtype,
+    pub tokens: usize,
+    pub topk: usize,
+    /// SwiGLU clipping (config `swiglu_limit`, 10 for V4-Flash).
+    pub swiglu_limit: f32,
+}
+
+/// bf16 RMSNorm over rows of length d (strides in elements).
+#[derive(Clone, Copy, Debug)]
+pub struct RmsNorm {
+    pub x: CUdeviceptr,
+    pub weight: CUdeviceptr,
+    pub out: CUdeviceptr,
+    pub rows: usize,
+    pub d: usize,
+    pub ld_x: usize,
+    pub ld_out: usize,
+    pub eps: f32,
+}
+
+/// In-place interleaved RoPE on the trailing `rope_dim` channels of x [tokens, heads, d] (bf16).
+#[derive(Clone, Copy, Debug)]
+pub struct Rope {
+    pub x: CUdeviceptr,
+    /// i32 [tokens]
+    pub positions: CUdeviceptr,
+    /// f32 [rope_dim / 2] (plain or YaRN-corrected inverse frequencies)
+    pub inv_freq: CUdeviceptr,
+    pub tokens: usize,
+    pub heads: usize,
+    pub d: usize,
+    pub rope_dim: usize,
+    pub ld_token: usize,
+    pub ld_head: usize,
+    /// attention scaling (YaRN mscale; 1.0 for plain RoPE)
+    pub mscale: f32,
+    pub inverse: bool,
+}
+
+/// Top-k (k = 1: greedy argmax) of f32 logits [rows, vocab] (row stride ld). Writes values f32
+/// [rows, k] and indices i32 [rows, k], sorted descending. `workspace` must hold
+/// `topk_workspace_bytes(rows, vocab, k)` bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct TopK {
+    pub logits: CUdeviceptr,
+    pub rows: usize,
+    pub vocab: usize,
+    pub ld: usize,
+    pub k: usize,
+    pub out_values: CUdeviceptr,
+    pub out_indices: CUdeviceptr,
+    pub workspace: CUdeviceptr,
+}
+
+/// Dynamic shared memory of an FP4 expert block staging `len` f32 activations (padded 4 per 32).
+pub fn moe_stage_bytes(len: usize) -> usize {
+    (len + len / 8) * 4
+}
+
+/// Scratch bytes `Kernels::topk` needs.
+pub fn topk_workspace_bytes(rows: usize, vocab: usize, k: usize) -> usize {
+    rows * vocab.div_ceil(TOPK_CHUNK) * k * 8
+}
+
+fn i32_arg(kernel: &'static str, what: &str, v: usize) -> Result<i32, KernelError> {
+    i32::try_from(v).map_err(|_| KernelError::invalid(kernel, format!("{what} = {v} exceeds i32")))
+}
+
+fn i64_arg(kernel: &'static str, what: &str, v: usize) -> Result<i64, KernelError> {
+    i64::try_from(v).map_err(|_| KernelError::invalid(kernel, format!("{what} = {v} exceeds i64")))
+}
+
+fn u32_grid(kernel: &'static str, v: usize) -> Result<u32, KernelError> {
+    u32::try_from(v)
+        .map_err(|_| KernelError::invalid(kernel, format!("grid dimension {v} too large")))
+}
+
+fn nonnull(kernel: &'static str, ptrs: &[(&str, CUdeviceptr)]) -> Result<(), KernelError> {
+    match ptrs.iter().find(|(_, p)| *p == 0) {
+        Some((name, _)) => Err(KernelError::invalid(
+            kernel,
+            format!("{name} is a null pointer"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn aligned16(kernel: &'static str, ptrs: &[(&str, CUdeviceptr)]) -> Result<(), KernelError> {
+    match ptrs.iter().find(|(_, p)| !p.is_multiple_of(16)) {
+        Some((name, _)) => Err(KernelError::invalid(
+            kernel,
+            format!("{name} must be 16-byte aligned"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Warps sharing one row pair along K: the fewest that still give >= 2 blocks per SM, never more
+/// than leaves each lane a chunk.
+pub fn fp8_ksplit(n: usize, k: usize, sms: usize) -> usize {
+    let pairs = n.div_ceil(2);
+    let chunks = k / 16;
+    let mut ks = 1;
+    while ks < FP8_WARPS && pairs.div_ceil(FP8_WARPS / ks) < 2 * sms && 32 * ks * 2 <= chunks {
+        ks *= 2;
+    }
+    ks
+}
+
+/// The FP8 GEMV's token bucket for m tokens.
+pub fn fp8_m_bucket(m: usize) -> Option<usize> {
+    FP8_M_BUCKETS.iter().copied().find(|&b| b >= m)
+}
+
+/// Launch-time checks of an FP8 GEMV, separate so they are testable without a GPU.
+pub fn check_fp8_gemv(a: &Fp8Gemv) -> Result<(), KernelError> {
+    const K: &str = "fp8_gemv";
+    if a.m == 0 || a.m > FP8_GEMV_MAX_M {
+        return Err(KernelError::invalid(
+            K,
+            format!("m = {} must be in 1..={FP8_GEMV_MAX_M}", a.m),
+        ));
+    }
+    if a.n == 0 || a.k == 0 || !a.k.is_multiple_of(16) {
+        return Err(KernelError::invalid(
+            K,
+            format!(
+                "n = {}, k = {}: need n > 0 and k a positive multiple of 16",
+                a.n, a.k
+            ),
+        ));
+    }
+    nonnull(
+        K,
+        &[
+            ("weight", a.weight),
+            ("scale", a.scale),
+            ("x", a.x),
+            ("out", a.out),
+        ],
+    )?;
+    aligned16(K, &[("weight", a.weight), ("x", a.x)])
+}
+
+pub fn check_fp4_moe(e: &Fp4Experts, c: &Fp4MoeCall) -> Result<(), KernelError> {
+    const K: &str = "fp4_moe";
+    if e.hidden == 0 || e.inter == 0 || !e.hidden.is_multiple_of(32) || !e.inter.is_multiple_of(32)
+    {
+        return Err(KernelError::invalid(
+            K,
+            format!(
+                "hidden = {}, inter = {} must be positive multiples of 32",
+                e.hidden, e.inter
+            ),
+        ));
+    }
+    if e.experts == 0 || c.tokens == 0 || c.topk == 0 || c.topk > e.experts {
+        return Err(KernelError::invalid(
+            K,
+            format!(
+                "experts = {}, tokens = {}, topk = {}",
+                e.experts, c.tokens, c.topk
+            ),
+        ));
+    }
+    if c.swiglu_limit.is_nan() || c.swiglu_limit <= 0.0 {
+        return Err(KernelError::invalid(
+            K,
+            format!("swiglu_limit = {} must be > 0", c.swiglu_limit),
+        ));
+    }
+    let ptrs = [
+        ("w1", e.w1),
+        ("s1", e.s1),
+        ("w3", e.w3),
+        ("s3", e.s3),
+        ("w2", e.w2),
+        ("s2", e.s2),
+    ];
+    nonnull(K, &ptrs)?;
+    nonnull(
+        K,
+        &[
+            ("partial", c.partial),
+            ("x", c.x),
+            ("ids", c.ids),
+            ("weights", c.weights),
+            ("h", c.h),
+            ("out", c.out),
+        ],
+    )?;
+    aligned16(
+        K,
+        &[
+            ("w1", e.w1),
+            ("w3", e.w3),
+            ("w2", e.w2),
+            ("x", c.x),
+            ("h", c.h),
+        ],
+    )
+}
+
+pub fn check_rmsnorm(a: &RmsNorm) -> Result<(), KernelError> {
+    const K: &str = "rmsnorm";
+    if a.rows == 0
+        || a.d == 0
+        || !a.d.is_multiple_of(8)
+        || !a.ld_x.is_multiple_of(8)
+        || !a.ld_out.is_multiple_of(8)
+        || a.ld_x < a.d
+        || a.ld_out < a.d
+    {
+        return Err(KernelError::invalid(K, format!("rows = {}, d = {}, ld_x = {}, ld_out = {}: d and strides must be multiples of 8, strides >= d", a.rows, a.d, a.ld_x, a.ld_out)));
+    }
+    nonnull(K, &[("x", a.x), ("weight", a.weight), ("out", a.out)])?;
+    aligned16(K, &[("x", a.x), ("weight", a.weight), ("out", a.out)])
+}
+
+pub fn check_rope(a: &Rope) -> Result<(), KernelError> {
+    const K: &str = "rope";
+    if a.tokens == 0
+        || a.heads == 0
+        || a.rope_dim == 0
+        || !a.rope_dim.is_multiple_of(8)
+        || a.rope_dim > a.d
+        || !(a.d - a.rope_dim).is_multiple_of(8)
+    {
+        return Err(KernelError::invalid(
+            K,
+            format!(
+                "d = {}, rope_dim = {}: rope_dim and d - rope_dim must be multiples of 8",
+                a.d, a.rope_dim
+            ),
+        ));
+    }
+    if !a.ld_head.is_multiple_of(8)
+        || !a.ld_token.is_multiple_of(8)
+        || a.ld_head < a.d
+        || a.ld_token < a.ld_head * (a.heads - 1) + a.d
+    {
+        return Err(KernelError::invalid(
+            K,
+            format!(
+                "strides ld_token = {}, ld_head = {} do not fit [heads = {}, d = {}]",
+                a.ld_token, a.ld_head, a.heads, a.d
+            ),
+        ));
+    }
+    nonnull(
+        K,
+        &[
+            ("x", a.x),
+            ("positions", a.positions),
+            ("inv_freq", a.inv_freq),
+        ],
+    )?;
+    aligned16(K, &[("x", a.x)])
+}
+
+pub fn check_topk(a: &TopK) -> Result<(), KernelError> {
+    const K: &str = "topk";
+    if a.rows == 0 || a.vocab == 0 || a.ld < a.vocab {
+        return Err(KernelError::invalid(
+            K,
+            format!("rows = {}, vocab = {}, ld = {}", a.rows, a.vocab, a.ld),
+        ));
+    }
+    if a.k == 0 || a.k > TOPK_MAX_K || a.k > a.vocab {
+        return Err(KernelError::invalid(
+            K,
+            format!("k = {} must be in 1..={TOPK_MAX_K} and <= vocab", a.k),
+        ));
+    }
+    if a.vocab.div_ceil(TOPK_CHUNK) * a.k > TOPK_STAGE2_MAX {
+        return Err(KernelError::invalid(
+            K,
+            format!(
+                "vocab {} with k {} exceeds the merge stage ({TOPK_STAGE2_MAX} candidates)",
+                a.vocab, a.k
+            ),
+        ));
+    }
+    nonnull(
+        K,
+        &[
+            ("logits", a.logits),
+            ("out_values", a.out_values),
+            ("out_indices", a.out_indices),
+            ("workspace", a.workspace),
+        ],
+    )
+}
+
+/// All kernels loaded into one context, with the device facts their launches need.
+pub struct Kernels {
+    ctx: Arc<CudaContext>,
+    arch: String,
+    sms: usize,
+    origins: Vec<(&'static str, ModuleOrigin)>,
+    fp8_gemv: [[CudaFunction; 5]; 2],
+    fp8_tc: [CudaFunction; 2],
+    fp4_gate_up: CudaFunction,
+    fp4_down: CudaFunction,
+    fp4_combine: CudaFunction,
+    fp4_gate_up_mma: CudaFunction,
+    fp4_down_mma: CudaFunction,
+    /// Largest dynamic shared memory a block may opt in to (bytes).
+    smem_optin: usize,
+    rmsnorm: CudaFunction,
+    rope: CudaFunction,
+    topk1: CudaFunction,
+    topk2: CudaFunction,
+    spin: CudaFunction,
+}
+
+impl Kernels {
+    /// Loads every module for the context's device (prebuilt, cache, or NVRTC; see `loader`).
+    pub fn load(ctx: &Arc<CudaContext>, cfg: &LoaderConfig) -> Result<Self, KernelError> {
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(KernelError::driver("compute capability"))?;
+        let arch = target_arch(major, minor)?;
+        let sms = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(KernelError::driver("multiprocessor count"))?;
+        let mut origins = Vec::new();
+        let mut module = |src: &sources::KernelSource| {
+            let (m, origin) = load_module(ctx, src, &arch, cfg)?;
+            origins.push((src.name, origin));
+            Ok::<_, KernelError>(m)
+        };
+        let smem_optin = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(KernelError::driver("shared memory opt-in limit"))?;
+        let smem_optin = usize::try_from(smem_optin).unwrap_or(0);
+        let fp8 = module(&sources::FP8_GEMV)?;
+        let moe = module(&sources::FP4_MOE)?;
+        let norm = module(&sources::RMSNORM)?;
+        let rope = module(&sources::ROPE)?;
+        let samp = module(&sources::SAMPLING)?;
+        let timing = module(&sources::TIMING)?;
+        let f = |m: &Arc<cudarc::driver::CudaModule>, name: &str| {
+            m.load_function(name)
+                .map_err(KernelError::driver("cuModuleGetFunction"))
+        };
+        let fp8_fns = |x: &str| -> Result<[CudaFunction; 5], KernelError> {
+            Ok([
+                f(&fp8, &format!("dsk_fp8_gemv_x{x}_m1"))?,
+                f(&fp8, &format!("dsk_fp8_gemv_x{x}_m2"))?,
+                f(&fp8, &format!("dsk_fp8_gemv_x{x}_m4"))?,
+                f(&fp8, &format!("dsk_fp8_gemv_x{x}_m8"))?,
+                f(&fp8, &format!("dsk_fp8_gemv_x{x}_m16"))?,
+            ])
+        };
+        let kernels = Self {
+            fp8_gemv: [fp8_fns("bf16")?, fp8_fns("f32")?],
+            fp8_tc: [
+                f(&fp8, "dsk_fp8_gemm_tc_xbf16_n8")?,
+                f(&fp8, "dsk_fp8_gemm_tc_xbf16_n16")?,
+            ],
+            fp4_gate_up: f(&moe, "dsk_fp4_moe_gate_up")?,
+            fp4_down: f(&moe, "dsk_fp4_moe_down")?,
+            fp4_combine: f(&moe, "dsk_fp4_moe_combine")?,
+            fp4_gate_up_mma: f(&moe, "dsk_fp4_moe_gate_up_mma")?,
+            fp4_down_mma: f(&moe, "dsk_fp4_moe_down_mma")?,
+            smem_optin,
+            rmsnorm: f(&norm, "dsk_rmsnorm_bf16")?,
+            rope: f(&rope, "dsk_rope_interleaved_bf16")?,
+            topk1: f(&samp, "dsk_topk_stage1")?,
+            topk2: f(&samp, "dsk_topk_stage2")?,
+            spin: f(&timing, "dsk_spin_ns")?,
+            ctx: ctx.clone(),
+            arch,
+            sms: usize::try_from(sms).unwrap_or(1).max(1),
+            origins,
+        };
+        // The expert kernels stage one activation row in dynamic shared memory; let them use
+        // more than the default 48 KB (checked per launch against `smem_optin`).
+        let optin = i32::try_from(kernels.smem_optin).unwrap_or(i32::MAX);
+        for func in [&kernels.fp4_gate_up, &kernels.fp4_down] {
+            func.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                optin,
+            )
+            .map_err(KernelError::driver("cuFuncSetAttribute"))?;
+        }
+        Ok(kernels)
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The compile target in use (e.g. "sm_90a").
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    pub fn multiprocessors(&self) -> usize {
+        self.sms
+    }
+
+    /// Where each module came from.
+    pub fn origins(&self) -> &[(&'static str, ModuleOrigin)] {
+        &self.origins
+    }
+
+    /// FP8 block-scaled GEMV / skinny GEMM (see `Fp8Gemv`), kernel chosen by `Fp8Path::Auto`.
+    ///
+    /// # Safety
+    /// Every pointer must address device memory of this context holding the shapes in `a`.
+    pub unsafe fn fp8_gemv(&self, stream: &CudaStream, a: &Fp8Gemv) -> Result<(), KernelError> {
+        self.fp8_gemv_path(stream, a, Fp8Path::Auto)
+    }
+
+    /// `fp8_gemv` with an explicit kernel choice (benchmarks, checks).
+    ///
+    /// # Safety
+    /// As `fp8_gemv`.
+    pub unsafe fn fp8_gemv_path(
+        &self,
+        stream: &CudaStream,
+        a: &Fp8Gemv,
+        path: Fp8Path,
+    ) -> Result<(), KernelError> {
+        check_fp8_gemv(a)?;
+        const K: &str = "fp8_gemv";
+        let fits = fp8_tensor_core_fits(a);
+        let tensor = match path {
+            Fp8Path::Auto => fits && a.m >= FP8_TC_MIN_M && a.n.div_ceil(32) >= self.sms,
+            Fp8Path::CudaCore => false,
+            Fp8Path::TensorCore if fits => true,
+            Fp8Path::TensorCore => {
+                return Err(KernelError::invalid(
+                    K,
+                    "tensor-core path needs bf16 activations and k a multiple of 128",
+                ))
+            }
+        };
+        let (m, n, k) = (
+            i32_arg(K, "m", a.m)?,
+            i32_arg(K, "n", a.n)?,
+            i32_arg(K, "k", a.k)?,
+        );
+        let flag = a.out_dtype.flag();
+        if tensor {
+            let func = &self.fp8_tc[usize::from(a.m > 8)];
+            let cfg = LaunchConfig {
+                grid_dim: (u32_grid(K, a.n.div_ceil(32))?, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            stream
+                .launch_builder(func)
+                .arg(&a.weight)
+                .arg(&a.scale)
+                .arg(&a.x)
+                .arg(&a.out)
+                .arg(&flag)
+                .arg(&m)
+                .arg(&n)
+                .arg(&k)
+                .launch(cfg)
+                .map_err(KernelError::driver("launch fp8_gemm_tc"))?;
+            return Ok(());
+        }
+        let bucket = fp8_m_bucket(a.m).ok_or_else(|| KernelError::invalid(K, "m out of range"))?;
+        let mi = FP8_M_BUCKETS.iter().position(|&b| b == bucket).unwrap_or(0);
+        let func = &self.fp8_gemv[usize::from(a.x_dtype == ActDtype::F32)][mi];
+        let ks = fp8_ksplit(a.n, a.k, self.sms);
+        let blocks = a.n.div_ceil(2).div_ceil(FP8_WARPS / ks);
+        let ks = ks as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (u32_grid(K, blocks)?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .launch_builder(func)
+            .arg(&a.weight)
+            .arg(&a.scale)
+            .arg(&a.x)
+            .arg(&a.out)
+            .arg(&flag)
+            .arg(&m)
+            .arg(&n)
+            .arg(&k)
+            .arg(&ks)
+            .launch(cfg)
+            .map_err(KernelError::driver("launch fp8_gemv"))?;
+        Ok(())
+    }
+
+    /// Routed experts for the selected experts only: gate/up + SwiGLU into `c.h`, down (weighted
+    /// by the router) into `c.partial`, then the top-k slots summed in order into `c.out`. Three
+    /// launches; `MoePath::Auto` (the CUDA-core kernels, faster on H200).
+    ///
+    /// # Safety
+    /// Every pointer must address device memory of this context holding the shapes given.
+    pub unsafe fn fp4_moe(
+        &self,
+        stream: &CudaStream,
+        e: &Fp4Experts,
+        c: &Fp4MoeCall,
+    ) -> Result<(), KernelError> {
+        self.fp4_moe_path(stream, e, c, MoePath::Auto)
+    }
+
+    /// `fp4_moe` with an explicit kernel choice (benchmarks, checks).
+    ///
+    /// # Safety
+    /// As `fp4_moe`.
+    pub unsafe fn fp4_moe_path(
+        &self,
+        stream: &CudaStream,
+        e: &Fp4Experts,
+        c: &Fp4MoeCall,
+        path: MoePath,
+    ) -> Result<(), KernelError> {
+        check_fp4_moe(e, c)?;
+        const K: &str = "fp4_moe";
+        let fits = moe_tensor_core_fits(e.hidden, e.inter);
+        let tensor = match path {
+            MoePath::Auto | MoePath::CudaCore => false,
+            MoePath::TensorCore if fits => true,
+            MoePath::TensorCore => {
+                return Err(KernelError::invalid(
+                    K,
+                    format!(
+                        "tensor-core path needs hidden ({}) and inter ({}) multiples of 256",
+                        e.hidden, e.inter
+                    ),
+                ))
+            }
+        };
+        let pairs = c.tokens * c.topk;
+        let (rows_per_block, f_gate_up, f_down) = if tensor {
+            (16, &self.fp4_gate_up_mma, &self.fp4_down_mma)
+        } else {
+            (MOE_ROWS_PER_BLOCK, &self.fp4_gate_up, &self.fp4_down)
+        };
+        let smem = |len: usize| -> Result<u32, KernelError> {
+            let bytes = moe_stage_bytes(len);
+            if bytes > self.smem_optin {
+                return Err(KernelError::invalid(
+                    K,
+                    format!(
+                        "{len} activations need {bytes} B of shared memory; the GPU allows {}",
+                        self.smem_optin
+                    ),
+                ));
+            }
+            u32_grid(K, bytes)
+        };
+        let (topk, experts) = (
+            i32_arg(K, "topk", c.topk)?,
+            i32_arg(K, "experts", e.experts)?,
+        );
+        let (inter, hidden) = (
+            i32_arg(K, "inter", e.inter)?,
+            i32_arg(K, "hidden", e.hidden)?,
+        );
+        let tokens = i32_arg(K, "tokens", c.tokens)?;
+        let cfg1 = LaunchConfig {
+            grid_dim: (
+                u32_grid(K, pairs)?,
+                u32_grid(K, e.inter.div_ceil(rows_per_block))?,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: if tensor { 0 } else { smem(e.hidden)? },
+        };
+        stream
+            .launch_builder(f_gate_up)
+            .arg(&c.x)
+            .arg(&c.ids)
+            .arg(&e.w1)
+            .arg(&e.s1)
+            .arg(&e.w3)
+            .arg(&e.s3)
+            .arg(&c.h)
+            .arg(&topk)
+            .arg(&experts)
+            .arg(&inter)
+            .arg(&hidden)
+            .arg(&c.swiglu_limit)
+            .launch(cfg1)
+            .map_err(KernelError::driver("launch fp4_moe_gate_up"))?;
+        let cfg2 = LaunchConfig {
+            grid_dim: (
+                u32_grid(K, pairs)?,
+                u32_grid(K, e.hidden.div_ceil(rows_per_block))?,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: if tensor { 0 } else { smem(e.inter)? },
+        };
+        stream
+            .launch_builder(f_down)
+            .arg(&c.h)
+            .arg(&c.ids)
+            .arg(&c.weights)
+            .arg(&e.w2)
+            .arg(&e.s2)
+            .arg(&c.partial)
+            .arg(&experts)
+            .arg(&hidden)
+            .arg(&inter)
+            .launch(cfg2)
+            .map_err(KernelError::driver("launch fp4_moe_down"))?;
+        let cfg3 = LaunchConfig {
+            grid_dim: (u32_grid(K, (c.tokens * e.hidden).div_ceil(256))?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let flag = c.out_dtype.flag();
+        stream
+            .launch_builder(&self.fp4_combine)
+            .arg(&c.partial)
+            .arg(&c.out)
+            .arg(&flag)
+            .arg(&tokens)
+            .arg(&topk)
+            .arg(&hidden)
+            .launch(cfg3)
+            .map_err(KernelError::driver("launch fp4_moe_combine"))?;
+        Ok(())
+    }
+
+    /// # Safety
+    /// Every pointer must address device memory of this context holding the shapes given.
+    pub unsafe fn rmsnorm(&self, stream: &CudaStream, a: &RmsNorm) -> Result<(), KernelError> {
+        check_rmsnorm(a)?;
+        const K: &str = "rmsnorm";
+        let d = i32_arg(K, "d", a.d)?;
+        let (ldx, ldo) = (i64_arg(K, "ld_x", a.ld_x)?, i64_arg(K, "ld_out", a.ld_out)?);
+        let threads = (a.d / 8).next_power_of_two().clamp(32, 256) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (u32_grid(K, a.rows)?, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .launch_builder(&self.rmsnorm)
+            .arg(&a.x)
+            .arg(&a.weight)
+            .arg(&a.out)
+            .arg(&d)
+            .arg(&ldx)
+            .arg(&ldo)
+            .arg(&a.eps)
+            .launch(cfg)
+            .map_err(KernelError::driver("launch rmsnorm"))?;
+        Ok(())
+    }
+
+    /// # Safety
+    /// Every pointer must address device memory of this context holding the shapes given.
+    pub unsafe fn rope(&self, stream: &CudaStream, a: &Rope) -> Result<(), KernelError> {
+        check_rope(a)?;
+        const K: &str = "rope";
+        let threads = a.tokens * a.heads * (a.rope_dim / 8);
+        let (t, h) = (
+            i32_arg(K, "tokens", a.tokens)?,
+            i32_arg(K, "heads", a.heads)?,
+        );
+        let (d, r) = (i32_arg(K, "d", a.d)?, i32_arg(K, "rope_dim", a.rope_dim)?);
+        let (ldt, ldh) = (
+            i64_arg(K, "ld_token", a.ld_token)?,
+            i64_arg(K, "ld_head", a.ld_head)?,
+        );
+        let inv = i32::from(a.inverse);
+        let cfg = LaunchConfig {
+            grid_dim: (u32_grid(K, threads.div_ceil(256))?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .launch_builder(&self.rope)
+            .arg(&a.x)
+            .arg(&a.positions)
+            .arg(&a.inv_freq)
+            .arg(&t)
+            .arg(&h)
+            .arg(&d)
+            .arg(&r)
+            .arg(&ldt)
+            .arg(&ldh)
+            .arg(&a.mscale)
+            .arg(&inv)
+            .launch(cfg)
+            .map_err(KernelError::driver("launch rope"))?;
+        Ok(())
+    }
+
+    /// Top-k / argmax over logit rows (two launches).
+    ///
+    /// # Safety
+    /// Every pointer must address device memory of this context holding the shapes given.
+    pub unsafe fn topk(&self, stream: &CudaStream, a: &TopK) -> Result<(), KernelError> {
+        check_topk(a)?;
+        const K: &str = "topk";
+        let chunks = a.vocab.div_ceil(TOPK_CHUNK);
+        let (v, k) = (i32_arg(K, "vocab", a.vocab)?, i32_arg(K, "k", a.k)?);
+        let ld = i64_arg(K, "ld", a.ld)?;
+        let chunk_len = TOPK_CHUNK as i32;
+        let cand_v = a.workspace;
+        let cand_i = a.workspace + (a.rows * chunks * a.k * 4) as u64;
+        let cfg1 = LaunchConfig {
+            grid_dim: (u32_grid(K, chunks)?, u32_grid(K, a.rows)?, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .launch_builder(&self.topk1)
+            .arg(&a.logits)
+            .arg(&v)
+            .arg(&ld)
+            .arg(&chunk_len)
+            .arg(&k)
+            .arg(&cand_v)
+            .arg(&cand_i)
+            .launch(cfg1)
+            .map_err(KernelError::driver("launch topk_stage1"))?;
+        let n = i32_arg(K, "candidates", chunks * a.k)?;
+        let cfg2 = LaunchConfig {
+            grid_dim: (u32_grid(K, a.rows)?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .launch_builder(&self.topk2)
+            .arg(&cand_v)
+            .arg(&cand_i)
+            .arg(&n)
+            .arg(&k)
+            .arg(&a.out_values)
+            .arg(&a.out_indices)
+            .launch(cfg2)
+            .map_err(KernelError::driver("launch topk_stage2"))?;
+        Ok(())
+    }
+
+    /// Benchmark helper: occupies `stream` for `ns` nanoseconds.
+    pub fn spin(&self, stream: &CudaStream, ns: u64) -> Result<(), KernelError> {
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the kernel takes one integer and touches no memory.
+        unsafe { stream.launch_builder(&self.spin).arg(&ns).launch(cfg) }
+            .map_err(KernelError::driver("launch spin"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gemv(m: usize, n: usize, k: usize) -> Fp8Gemv {
+        Fp8Gemv {
+            weight: 256,
+            scale: 512,
+            x: 1024,
+            x_dtype: ActDtype::Bf16,
+            out: 2048,
+            out_dtype: OutDtype::F32,
+            m,
+            n,
+            k,
+        }
+    }
+
+    #[test]
+    fn fp8_shape_checks() {
+        assert!(check_fp8_gemv(&gemv(1, 4096, 1024)).is_ok());
+        assert!(check_fp8_gemv(&gemv(0, 4096, 1024)).is_err());
+        assert!(check_fp8_gemv(&gemv(17, 4096, 1024)).is_err());
+        assert!(check_fp8_gemv(&gemv(1, 4096, 1000)).is_err());
+        let mut a = gemv(1, 8, 16);
+        a.x = 1026;
+        assert!(matches!(
+            check_fp8_gemv(&a),
+            Err(KernelError::InvalidLaunch { .. })
+        ));
+        a.x = 0;
+        assert!(check_fp8_gemv(&a).is_err());
+    }
+
+    #[test]
+    fn fp8_split_fills_the_gpu() {
+        // wq_b (TP=2): plenty of rows, no split. wq_a: 1024 rows x 4096 -> split 8 ways.
+        assert_eq!(fp8_ksplit(16384, 1024, 132), 1);
+        assert_eq!(fp8_ksplit(1024, 4096, 132), 8);
+        // Never split past one 16-byte chunk per lane: k = 1024 has 64 chunks -> at most 2 warps.
+        assert_eq!(fp8_ksplit(2, 1024, 132), 2);
+        assert!(fp8_tensor_core_fits(&gemv(16, 4096, 1024)));
+        assert!(!fp8_tensor_core_fits(&gemv(4, 4096, 1040)));
+        assert!(!fp8_tensor_core_fits(&Fp8Gemv {
+            x_dtype: ActDtype::F32,
+            ..gemv(4, 4096, 1024)
+        }));
+        assert_eq!(fp8_m_bucket(3), Some(4));
+        assert_eq!(fp8_m_bucket(16), Some(16));
+        assert_eq!(fp8_m_bucket(17), None);
+    }
+
+    #[test]
+    fn topk_checks_and_workspace() {
+        let a = TopK {
+            logits: 16,
+            rows: 2,
+            vocab: 129_280,
+            ld: 129_280,
+            k: 50,
+            out_values: 16,
+            out_indices: 16,
+            workspace: 16,
+        };
+        assert!(check_topk(&a).is_ok());
+        assert_eq!(topk_workspace_bytes(2, 129_280, 50), 2 * 64 * 50 * 8);
+        assert!(check_topk(&TopK { k: 65, ..a }).is_err());
+        assert!(check_topk(&TopK { k: 0, ..a }).is_err());
+        assert!(check_topk(&TopK {
+            vocab: 300_000,
+            ld: 300_000,
+            k: 64,
+            ..a
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn rope_and_norm_checks() {
+        let r = Rope {
+            x: 16,
+            positions: 16,
+            inv_freq: 16,
+            tokens: 1,
+            heads: 64,
+            d: 512,
+            rope_dim: 64,
+            ld_token: 64 * 512,
+            ld_head: 512,
+            mscale: 1.0,
+            inverse: false,
+        };
+        assert!(check_rope(&r).is_ok());
+        assert!(check_rope(&Rope { rope_dim: 60, ..r }).is_err());
+        assert!(check_rope(&Rope { ld_token: 512, ..r }).is_err());
+        let n = RmsNorm {
+            x: 16,
+            weight: 16,
+            out: 16,
+            rows: 1,
+            d: 4096,
+            ld_x: 4096,
+            ld_out: 4096,
+            eps: 1e-6,
+        };
+        assert!(check_rmsnorm(&n).is_ok());
+        assert!(check_rmsnorm(&RmsNorm {
+            d: 4100,
+            ld_x: 4100,
+            ld_out: 4100,
+            ..n
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn moe_checks() {
+        let e = Fp4Experts {
+            w1: 16,
+            s1: 16,
+            w3: 16,
+            s3: 16,
+            w2: 16,
+            s2: 16,
+            experts: 256,
+            hidden: 4096,
+            inter: 2048,
+        };
+        let c = Fp4MoeCall {
+            partial: 16,
+            x: 16,
+            ids: 16,
+            weights: 16,
+            h: 16,
+            out: 16,
+            out_dtype: OutDtype::F32,
+            tokens: 1,
+            topk: 6,
+            swiglu_limit: 10.0,
+        };
+        assert!(check_fp4_moe(&e, &c).is_ok());
+        assert!(moe_tensor_core_fits(4096, 2048) && moe_tensor_core_fits(4096, 1024));
+        assert!(!moe_tensor_core_fits(4096, 96));
+        assert!(check_fp4_moe(&Fp4Experts { inter: 2000, ..e }, &c).is_err());
+        assert!(check_fp4_moe(&e, &Fp4MoeCall { topk: 300, ..c }).is_err());
+        assert!(check_fp4_moe(
+            &e,
+            &Fp4MoeCall {
+                swiglu_limit: f32::NAN,
+                ..c
+            }
+        )
+        .is_err());
+    }
+}
