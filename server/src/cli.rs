@@ -97,8 +97,9 @@ pub struct ServeArgs {
     pub world_size: usize,
 
     /// This process's rank; 0 leads and serves HTTP (the operator sets it from the pod index).
-    #[arg(long, env = "DSPARK_RANK", default_value_t = 0)]
-    pub rank: usize,
+    /// Omitted with --world-size > 1: start every rank on this machine (local launcher).
+    #[arg(long, env = "DSPARK_RANK")]
+    pub rank: Option<usize>,
 
     /// Rank 0's control address HOST:PORT, dialled by the other ranks.
     #[arg(long, env = "DSPARK_LEADER_ADDR")]
@@ -200,6 +201,16 @@ impl ServeArgs {
             .unwrap_or_else(|| dir.to_string_lossy().into_owned())
     }
 
+    /// This process's rank (0 when not given).
+    pub fn rank(&self) -> usize {
+        self.rank.unwrap_or(0)
+    }
+
+    /// `--world-size N > 1` without `--rank`: this process supervises N local ranks.
+    pub fn launches_local_group(&self) -> bool {
+        self.world_size > 1 && self.rank.is_none()
+    }
+
     pub fn prefix_caching(&self) -> bool {
         self.enable_prefix_caching && !self.no_enable_prefix_caching
     }
@@ -223,10 +234,11 @@ impl ServeArgs {
         if self.world_size == 0 {
             return Err("--world-size must be at least 1".into());
         }
-        if self.rank >= self.world_size {
+        if self.rank() >= self.world_size {
             return Err(format!(
                 "--rank {} is outside the group (--world-size {})",
-                self.rank, self.world_size
+                self.rank(),
+                self.world_size
             ));
         }
         if self.max_num_seqs == 0 {
@@ -244,8 +256,11 @@ impl ServeArgs {
         if self.kv_pool_tokens == Some(0) {
             return Err("--kv-pool-tokens must be at least 1".into());
         }
-        if self.rank > 0 && self.leader_addr.is_none() {
-            return Err(format!("rank {} needs --leader-addr HOST:PORT", self.rank));
+        if self.rank() > 0 && self.leader_addr.is_none() {
+            return Err(format!(
+                "rank {} needs --leader-addr HOST:PORT",
+                self.rank()
+            ));
         }
         Ok(())
     }
@@ -287,7 +302,8 @@ mod tests {
         assert_eq!(a.host, "0.0.0.0");
         assert_eq!(a.port, 8000);
         assert_eq!(a.world_size, 1);
-        assert_eq!(a.rank, 0);
+        assert_eq!(a.rank(), 0);
+        assert!(!a.launches_local_group());
         assert_eq!(a.control_port, 29500);
         assert_eq!(a.rendezvous_timeout_secs, 600);
         assert_eq!(a.gpu_memory_utilization, 0.9);
@@ -302,6 +318,8 @@ mod tests {
     #[test]
     fn vllm_spellings_are_accepted() {
         assert_eq!(parse(&["-tp", "2"]).world_size, 2);
+        assert!(parse(&["-tp", "2"]).launches_local_group());
+        assert!(!parse(&["-tp", "2", "--rank", "0"]).launches_local_group());
         assert_eq!(parse(&["-tp=2"]).world_size, 2);
         assert_eq!(parse(&["--tensor-parallel-size", "2"]).world_size, 2);
         let a = parse(&["/models/V4-Flash"]);

@@ -11,10 +11,17 @@ use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
 use dspark_server::api::{self, AppState, Serving};
+use dspark_server::cli::Device;
 use dspark_server::cli::{normalize_vllm_args, Cli, Command, ServeArgs};
 use dspark_server::engine::tokenizer::Tokenizer;
-use dspark_server::engine::{LogitsWanted, ModelRunner, SeqPlan, StepPlan};
+use dspark_server::engine::{
+    EngineError, KvLayout, LogitsWanted, ModelRunner, SeqPlan, StepOutput, StepPlan,
+};
 use dspark_server::metrics::Metrics;
+use dspark_server::ranks::{
+    self, CommError, Communicator, FailPolicy, FollowerError, GroupFingerprint, GroupHealth,
+    LeaderRunner, NcclUniqueId, RankConfig, Role, SingleRank, EXIT_PEER_LOST,
+};
 use dspark_server::scheduler::{Scheduler, SchedulerConfig, SchedulerHandle};
 
 fn main() -> std::process::ExitCode {
@@ -30,7 +37,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => serve(*args),
     };
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             error!("{e:#}");
             eprintln!("dspark-server: {e:#}");
@@ -39,32 +46,95 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
+fn serve(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
     if let Err(m) = args.validate() {
         bail!("{m}");
     }
-    if args.rank > 0 {
-        return run_follower(&args);
+    if args.launches_local_group() {
+        // Supervise one process per rank on loopback; they fail (and stop) together.
+        return Ok(ranks::launch_local(
+            args.world_size,
+            std::env::args().skip(1).collect(),
+        ));
+    }
+    let health = if args.world_size == 1 {
+        GroupHealth::single_rank()
+    } else {
+        GroupHealth::new(FailPolicy::default())
+    };
+    if args.rank() > 0 {
+        return run_follower(&args, &health);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("dspark-http")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run_leader(args))
+    runtime.block_on(run_leader(args, health))?;
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
-/// Rank > 0: receives rank 0's step plans and runs them on its shard. Wired by the ranks work
-/// (issue 5): `ranks::run_follower(args, runner)`.
-fn run_follower(args: &ServeArgs) -> anyhow::Result<()> {
-    bail!(
-        "rank {} of {}: follower ranks are not available in this build yet",
-        args.rank,
-        args.world_size
+/// Forms the tensor-parallel group (blocks until every rank joined or the deadline passed).
+fn form_group(args: &ServeArgs, health: &GroupHealth) -> anyhow::Result<ranks::Group> {
+    let cfg = RankConfig {
+        rank: args.rank(),
+        world_size: args.world_size,
+        leader_addr: args.leader_addr.clone(),
+        control_port: args.control_port,
+        rendezvous_timeout: Duration::from_secs(args.rendezvous_timeout_secs),
+        ..Default::default()
+    };
+    let fingerprint = GroupFingerprint::new(group_description(args));
+    let nccl_id = if args.rank() == 0 && args.device == Some(Device::Cuda) {
+        Some(
+            NcclUniqueId::create()
+                .map_err(|e| anyhow::anyhow!("cannot create the NCCL id: {e}"))?,
+        )
+    } else {
+        None
+    };
+    ranks::rendezvous(&cfg, &fingerprint, health, nccl_id).context("cannot form the rank group")
+}
+
+/// What every rank must agree on: the model (its config) and the profile flags.
+fn group_description(args: &ServeArgs) -> String {
+    use sha2::{Digest, Sha256};
+    let config = std::fs::read(args.model_dir().join("config.json")).unwrap_or_default();
+    let digest = Sha256::digest(&config);
+    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!(
+        "config={hex} max_model_len={:?} kv_cache_dtype={:?} kv_pool_tokens={:?} \
+         speculative={:?}/{:?} load_format={:?}",
+        args.max_model_len,
+        args.kv_cache_dtype,
+        args.kv_pool_tokens,
+        args.speculative_method,
+        args.num_speculative_tokens,
+        args.load_format
     )
 }
 
-async fn run_leader(args: ServeArgs) -> anyhow::Result<()> {
+/// Rank > 0: joins the group, loads its shard, and runs rank 0's plans until told to stop.
+fn run_follower(args: &ServeArgs, health: &GroupHealth) -> anyhow::Result<std::process::ExitCode> {
+    let group = form_group(args, health)?;
+    let Role::Follower(link) = group.role else {
+        bail!("rank {} was given the leader's role", args.rank());
+    };
+    let mut runner = load_engine(args, group.comm.clone())?;
+    match ranks::run_follower(runner.as_mut(), &link) {
+        Ok(()) => {
+            info!("rank {}: group shut down", args.rank());
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        // Already logged once by the group health watcher.
+        Err(FollowerError::Comm(CommError::PeerLost { .. })) => {
+            Ok(std::process::ExitCode::from(EXIT_PEER_LOST as u8))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn run_leader(args: ServeArgs, health: GroupHealth) -> anyhow::Result<()> {
     let model_dir = args.model_dir();
     let name = args.served_model_name();
     let metrics = Arc::new(Metrics::new(name.clone()));
@@ -91,7 +161,7 @@ async fn run_leader(args: ServeArgs) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("dspark-loader".into())
         .spawn(move || {
-            let outcome = load_and_run(&loader_args, &loader_state, metrics);
+            let outcome = load_and_run(&loader_args, &loader_state, metrics, &health);
             let _ = engine_done_tx.send(outcome);
         })
         .context("cannot start the loader thread")?;
@@ -148,11 +218,29 @@ async fn run_leader(args: ServeArgs) -> anyhow::Result<()> {
 
 /// Loads tokenizer and engine, warms up, opens the API, then runs until the scheduler ends.
 /// Runs on its own thread: loading blocks for minutes on a real checkpoint.
-fn load_and_run(args: &ServeArgs, state: &AppState, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+fn load_and_run(
+    args: &ServeArgs,
+    state: &AppState,
+    metrics: Arc<Metrics>,
+    health: &GroupHealth,
+) -> anyhow::Result<()> {
     let tokenizer_path = args.tokenizer_path();
     let tokenizer = Tokenizer::from_file(&tokenizer_path)
         .with_context(|| format!("cannot load the tokenizer {}", tokenizer_path.display()))?;
-    let mut runner = load_engine(args)?;
+    let (comm, plans): (Arc<dyn Communicator>, _) = if args.world_size > 1 {
+        let group = form_group(args, health)?;
+        let Role::Leader(plans) = group.role else {
+            bail!("rank 0 was given a follower's role");
+        };
+        (group.comm.clone(), Some(plans))
+    } else {
+        (Arc::new(SingleRank), None)
+    };
+    let local = load_engine(args, comm)?;
+    let mut runner: Box<dyn ModelRunner> = match plans {
+        Some(plans) => Box::new(GroupLeader::new(local, plans)),
+        None => local,
+    };
     let layout = runner.kv_layout();
     let pool_tokens = layout.block_size * layout.num_blocks;
     let model_limit = max_position_embeddings(&args.model_dir());
@@ -239,9 +327,15 @@ fn warm_up(runner: &mut dyn ModelRunner, bos: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The engine for `args`. This is the single point where the server meets the engine crate's
-/// constructor (issue 3 / 5 / 7 wire it).
-fn load_engine(args: &ServeArgs) -> anyhow::Result<Box<dyn ModelRunner>> {
+/// The engine (this rank's shard) for `args`. This is the single point where the server meets
+/// the engine's constructor (issues 3 / 5 / 7 wire it): it must build the backend on
+/// `args.device`, load `args.model_dir()` per `args.load_format`, shard over `comm`, and size the
+/// KV pool from `args.kv_pool_tokens` or `args.gpu_memory_utilization`.
+fn load_engine(
+    args: &ServeArgs,
+    comm: Arc<dyn Communicator>,
+) -> anyhow::Result<Box<dyn ModelRunner>> {
+    let _ = &comm;
     #[cfg(feature = "fake-engine")]
     if std::env::var("DSPARK_FAKE_ENGINE").is_ok_and(|v| v == "1") {
         warn!("DSPARK_FAKE_ENGINE=1: serving a deterministic fake model (API tests only)");
@@ -255,6 +349,74 @@ fn load_engine(args: &ServeArgs) -> anyhow::Result<Box<dyn ModelRunner>> {
         "cannot load the model from {}: the engine is not available in this build yet",
         args.model_dir().display()
     )
+}
+
+/// Rank 0's engine in a group: each step goes to every rank first. Dropping it (the scheduler
+/// stopped) tells the other ranks to shut down, so the whole group exits 0.
+struct GroupLeader {
+    inner: Option<LeaderRunner<LocalShard>>,
+    layout: KvLayout,
+    vocab_size: usize,
+}
+
+/// This rank's own runner, as the concrete type `LeaderRunner` wraps.
+struct LocalShard(Box<dyn ModelRunner>);
+
+impl ModelRunner for LocalShard {
+    fn kv_layout(&self) -> KvLayout {
+        self.0.kv_layout()
+    }
+    fn vocab_size(&self) -> usize {
+        self.0.vocab_size()
+    }
+    fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, EngineError> {
+        self.0.step(plan)
+    }
+    fn release(&mut self, seq_id: u64) {
+        self.0.release(seq_id)
+    }
+}
+
+impl GroupLeader {
+    fn new(local: Box<dyn ModelRunner>, plans: ranks::PlanBroadcaster) -> Self {
+        let layout = local.kv_layout();
+        let vocab_size = local.vocab_size();
+        GroupLeader {
+            inner: Some(LeaderRunner::new(LocalShard(local), plans)),
+            layout,
+            vocab_size,
+        }
+    }
+}
+
+impl ModelRunner for GroupLeader {
+    fn kv_layout(&self) -> KvLayout {
+        self.layout
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, EngineError> {
+        match self.inner.as_mut() {
+            Some(l) => l.step(plan),
+            None => Err(EngineError::Comm("the group was shut down".into())),
+        }
+    }
+    fn release(&mut self, seq_id: u64) {
+        if let Some(l) = self.inner.as_mut() {
+            l.release(seq_id);
+        }
+    }
+}
+
+impl Drop for GroupLeader {
+    fn drop(&mut self) {
+        if let Some(l) = self.inner.take() {
+            if let (_, Err(e)) = l.shutdown() {
+                warn!("group shutdown: {e}");
+            }
+        }
+    }
 }
 
 /// `max_position_embeddings` from the model's config.json, if readable.

@@ -17,6 +17,8 @@ enum Command {
     Add(u64, GenerateRequest),
     Abort(u64, Option<usize>),
     AbortAll,
+    /// End every request and stop the thread (dropping the runner).
+    Stop,
 }
 
 /// Why a request was refused before it was queued.
@@ -143,6 +145,12 @@ impl SchedulerHandle {
     pub fn abort_all(&self) {
         let _ = self.tx.send(Command::AbortAll);
     }
+
+    /// Ends every in-flight request and stops the scheduler thread, which drops the engine
+    /// (for a group: tells the other ranks to shut down).
+    pub fn stop(&self) {
+        let _ = self.tx.send(Command::Stop);
+    }
 }
 
 /// The KV pool rules of DESIGN.md, checked before anything is queued.
@@ -208,10 +216,14 @@ fn run(mut scheduler: Scheduler, rx: mpsc::Receiver<Command>) -> Result<(), Engi
             }
         };
         if let Some(c) = cmd {
-            apply(&mut scheduler, c);
+            if !apply(&mut scheduler, c) {
+                return Ok(());
+            }
             // Take everything already queued before planning, so one step sees all of it.
             while let Ok(c) = rx.try_recv() {
-                apply(&mut scheduler, c);
+                if !apply(&mut scheduler, c) {
+                    return Ok(());
+                }
             }
         }
         if !scheduler.has_work() {
@@ -221,7 +233,11 @@ fn run(mut scheduler: Scheduler, rx: mpsc::Receiver<Command>) -> Result<(), Engi
             Ok(report) if report.scheduled == 0 => {
                 // Nothing could run (all waiting on cancellation or space): don't spin.
                 match rx.recv_timeout(idle_wait) {
-                    Ok(c) => apply(&mut scheduler, c),
+                    Ok(c) => {
+                        if !apply(&mut scheduler, c) {
+                            return Ok(());
+                        }
+                    }
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => return Ok(()),
                 }
@@ -241,10 +257,16 @@ fn run(mut scheduler: Scheduler, rx: mpsc::Receiver<Command>) -> Result<(), Engi
     }
 }
 
-fn apply(scheduler: &mut Scheduler, cmd: Command) {
+/// Applies one command; `false` means stop the thread.
+fn apply(scheduler: &mut Scheduler, cmd: Command) -> bool {
     match cmd {
         Command::Add(id, req) => scheduler.add(id, req),
         Command::Abort(id, index) => scheduler.abort(id, index),
         Command::AbortAll => scheduler.abort_all(),
+        Command::Stop => {
+            scheduler.abort_all();
+            return false;
+        }
     }
+    true
 }

@@ -55,6 +55,19 @@ fn argmax(l: &[f32]) -> u32 {
     best as u32
 }
 
+/// Candidates examined first for top-p: the nucleus almost always lies within them, which
+/// spares sorting the whole vocabulary (a full sort is the fallback).
+const NUCLEUS_HEAD: usize = 1024;
+
+/// Best first; equal logits by id, so seeded sampling is reproducible.
+fn by_logit_desc(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+fn mass(cand: &[(u32, f32)], max: f32) -> f64 {
+    cand.iter().map(|c| ((c.1 - max) as f64).exp()).sum()
+}
+
 fn sample_from(l: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 {
     let inv_t = 1.0 / params.temperature;
     let mut cand: Vec<(u32, f32)> = l
@@ -66,37 +79,37 @@ fn sample_from(l: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 
     if cand.is_empty() {
         return argmax(l);
     }
-    let filter_k = params.top_k > 0 && params.top_k < cand.len();
-    if filter_k || params.top_p < 1.0 {
-        // Stable order for equal logits keeps seeded sampling reproducible.
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if filter_k {
-            cand.truncate(params.top_k);
-        }
+    if params.top_k > 0 && params.top_k < cand.len() {
+        cand.select_nth_unstable_by(params.top_k - 1, by_logit_desc);
+        cand.truncate(params.top_k);
     }
     let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
     if params.top_p < 1.0 {
+        let total = mass(&cand, max);
+        if cand.len() > NUCLEUS_HEAD {
+            cand.select_nth_unstable_by(NUCLEUS_HEAD - 1, by_logit_desc);
+            if mass(&cand[..NUCLEUS_HEAD], max) / total >= params.top_p as f64 {
+                cand.truncate(NUCLEUS_HEAD);
+            }
+        }
+        cand.sort_unstable_by(by_logit_desc);
+        // Smallest prefix whose probability reaches top_p (always at least one token).
         let mut cum = 0.0;
-        let mut keep = probs.len();
-        for (i, p) in probs.iter().enumerate() {
-            cum += p;
+        let mut keep = cand.len();
+        for (i, c) in cand.iter().enumerate() {
+            cum += ((c.1 - max) as f64).exp() / total;
             if cum >= params.top_p as f64 {
                 keep = i + 1;
                 break;
             }
         }
-        probs.truncate(keep);
         cand.truncate(keep);
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
     }
-    let u: f64 = rng.random();
+    let total = mass(&cand, max);
+    let u: f64 = rng.random::<f64>() * total;
     let mut cum = 0.0;
-    for (c, p) in cand.iter().zip(&probs) {
-        cum += p;
+    for c in &cand {
+        cum += ((c.1 - max) as f64).exp();
         if u < cum {
             return c.0;
         }
@@ -202,6 +215,31 @@ mod tests {
         };
         let mut r = rng(1);
         assert!((0..50).all(|_| sample(&logits, &p, 0, 999, &mut r).0 == 0));
+    }
+
+    #[test]
+    fn top_p_over_a_large_vocabulary() {
+        // Flat logits: the nucleus of 0.5 is the lower half of the ids (ties go to low ids),
+        // larger than the fast path's head, so the full sort decides.
+        let flat = vec![0.0f32; 5000];
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            ..Default::default()
+        };
+        let mut r = rng(3);
+        let draws: Vec<u32> = (0..200)
+            .map(|_| sample(&flat, &p, 0, 99_999, &mut r).0)
+            .collect();
+        assert!(draws.iter().all(|&t| t < 2500), "{draws:?}");
+        assert!(
+            draws.iter().any(|&t| t >= 1024),
+            "the nucleus reaches past the head"
+        );
+        // A peaked distribution is decided inside the head.
+        let mut peaked = vec![0.0f32; 5000];
+        peaked[4321] = 30.0;
+        assert!((0..50).all(|_| sample(&peaked, &p, 0, 99_999, &mut r).0 == 4321));
     }
 
     #[test]
