@@ -116,6 +116,30 @@ fn group_description(args: &ServeArgs) -> String {
 
 /// Rank > 0: joins the group, loads its shard, and runs rank 0's plans until told to stop.
 fn run_follower(args: &ServeArgs, health: &GroupHealth) -> anyhow::Result<std::process::ExitCode> {
+    // SIGTERM reaches every pod of the group at once: rank 0 finishes its requests and then
+    // shuts the group down in order, so a follower waits for that instead of dying mid-step.
+    let patience = Duration::from_secs(args.shutdown_timeout_secs + 15);
+    std::thread::Builder::new()
+        .name("dspark-signals".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                shutdown_signal().await;
+                info!(
+                    "signal received: waiting up to {}s for rank 0 to end the group",
+                    patience.as_secs()
+                );
+                tokio::time::sleep(patience).await;
+                warn!("rank 0 did not end the group in time; exiting");
+                std::process::exit(0);
+            });
+        })
+        .context("cannot start the signal thread")?;
     let group = form_group(args, health)?;
     let Role::Follower(link) = group.role else {
         bail!("rank {} was given the leader's role", args.rank());
@@ -210,6 +234,15 @@ async fn run_leader(args: ServeArgs, health: GroupHealth) -> anyhow::Result<()> 
             .is_err()
         {
             warn!("connections still open after cancelling; exiting anyway");
+        }
+    }
+    // Stop the scheduler: it drops the engine, which (in a group) ends the group in order.
+    if let Some(s) = shutdown_state.serving_handle() {
+        s.scheduler.stop();
+        match tokio::time::timeout(Duration::from_secs(10), engine_done.recv()).await {
+            Ok(Some(Err(e))) => warn!("engine ended with an error during shutdown: {e:#}"),
+            Ok(_) => {}
+            Err(_) => warn!("the engine did not stop within 10s"),
         }
     }
     info!("stopped");
@@ -412,6 +445,7 @@ impl ModelRunner for GroupLeader {
 impl Drop for GroupLeader {
     fn drop(&mut self) {
         if let Some(l) = self.inner.take() {
+            info!("ending the group: the other ranks shut down");
             if let (_, Err(e)) = l.shutdown() {
                 warn!("group shutdown: {e}");
             }
