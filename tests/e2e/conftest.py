@@ -147,3 +147,12 @@ def one_slot_server():
         "--max-model-len", "512", "--kv-pool-tokens", "2048",
         "--max-num-seqs", "1", "--max-waiting-requests", "1",
     ])
+
+
+@pytest.fixture(scope="session")
+def group_server():
+    """`--world-size 2` without `--rank`: the local launcher starts both ranks (TCP on loopback)."""
+    yield from _start([
+        "--world-size", "2",
+        "--max-model-len", str(MAX_MODEL_LEN), "--kv-pool-tokens", "4096",
+    ])

@@ -445,3 +445,13 @@ def test_api_key(keyed_server):
     assert good.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens >= 1
     for open_path in ("/health", "/ready", "/metrics"):
         assert httpx.get(base + open_path).status_code == 200
+
+
+# ---------------------------------------------------------------- two ranks
+
+
+def test_two_rank_group_gives_the_same_greedy_output(client, group_server):
+    group = openai.OpenAI(base_url=group_server.base + "/v1", api_key="x", max_retries=0, timeout=300)
+    for prompt in ("Tensor parallel", "Two ranks, one answer"):
+        args = dict(model=MODEL, prompt=prompt, max_tokens=12, **GREEDY, extra_body={"ignore_eos": True})
+        assert group.completions.create(**args).choices[0].text == client.completions.create(**args).choices[0].text
