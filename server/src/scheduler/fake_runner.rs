@@ -25,6 +25,8 @@ pub struct FakeRunner {
     vocab: usize,
     kv: Vec<Option<(u32, usize)>>,
     pub stats: Arc<Mutex<FakeStats>>,
+    /// Wall time each step takes, so tests can observe a request while it runs.
+    pub step_delay: std::time::Duration,
 }
 
 impl FakeRunner {
@@ -38,6 +40,7 @@ impl FakeRunner {
             vocab,
             kv: vec![None; block_size * num_blocks],
             stats: Arc::default(),
+            step_delay: std::time::Duration::ZERO,
         }
     }
 
@@ -89,6 +92,7 @@ impl ModelRunner for FakeRunner {
         self.vocab
     }
     fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, EngineError> {
+        std::thread::sleep(self.step_delay);
         {
             let mut st = self.stats.lock().unwrap_or_else(|p| p.into_inner());
             st.steps += 1;

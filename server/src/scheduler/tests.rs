@@ -359,7 +359,10 @@ fn handle_validates_and_bounds_the_queue() {
         max_waiting_requests: 1,
         ..config(32)
     };
-    let (s, _) = scheduler(16, cfg);
+    let mut runner = FakeRunner::new(BS, 16, VOCAB);
+    // Slow enough that `a` is still running while the next two requests arrive.
+    runner.step_delay = Duration::from_millis(5);
+    let s = Scheduler::new(Box::new(runner), cfg, Arc::new(Metrics::new("fake")));
     let (h, join) = SchedulerHandle::spawn(s).unwrap();
     let now = Instant::now();
     let too_long = h.submit(prompt(0, 30), SamplingParams::greedy(3), now);
