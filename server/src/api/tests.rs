@@ -302,3 +302,82 @@ async fn api_key_guards_v1_only() {
         );
     }
 }
+
+/// Pushes `text` (tokenized) through a chat choice pipeline, ending with EOS.
+fn chat_pipeline(
+    text: &str,
+    thinking: bool,
+    tools: bool,
+    stop: Vec<String>,
+) -> (String, String, Vec<(String, String)>, Option<&'static str>) {
+    use super::generate::{validate_common, ChoiceText};
+    use crate::scheduler::FinishReason;
+    let tok = tokenizer();
+    let limits = crate::scheduler::handle::Limits {
+        max_model_len: 1024,
+        pool_tokens: 4096,
+        block_size: 16,
+        vocab_size: tok.vocab_size(),
+        max_waiting_requests: 1,
+        max_num_seqs: 1,
+    };
+    let common = types::CommonParams {
+        stop: Some(types::StopField::Many(stop)),
+        ..Default::default()
+    };
+    let v = validate_common(&common, None, None, &limits).unwrap();
+    let mut ct = ChoiceText::new(&tok, &v, Some((thinking, tools)));
+    let (mut content, mut reasoning, mut calls) = (String::new(), String::new(), Vec::new());
+    let mut ids = tok.encode(text).unwrap();
+    ids.push(tok.special().eos);
+    let last = ids.len() - 1;
+    for (i, id) in ids.into_iter().enumerate() {
+        let finish = (i == last).then_some((FinishReason::Stop, true));
+        let (d, _) = ct.push(id, finish);
+        content.push_str(&d.text);
+        reasoning.push_str(&d.reasoning);
+        calls.extend(
+            d.tool_calls
+                .into_iter()
+                .map(|(_, _, name, args)| (name, args)),
+        );
+        if ct.finished.is_some() {
+            break;
+        }
+    }
+    (content, reasoning, calls, ct.finished)
+}
+
+#[test]
+fn chat_output_is_split_into_reasoning_content_and_tool_calls() {
+    let (content, reasoning, calls, finish) =
+        chat_pipeline("let me think</think>The answer", true, false, vec![]);
+    assert_eq!(
+        (reasoning.as_str(), content.as_str(), finish),
+        ("let me think", "The answer", Some("stop"))
+    );
+    assert!(calls.is_empty());
+
+    let call = "Checking.\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"get_weather\">\n<｜DSML｜parameter name=\"city\" string=\"true\">Paris</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>";
+    let (content, reasoning, calls, finish) = chat_pipeline(call, false, true, vec![]);
+    assert_eq!(content, "Checking.");
+    assert!(reasoning.is_empty());
+    assert_eq!(
+        calls,
+        vec![(
+            "get_weather".to_string(),
+            "{\"city\": \"Paris\"}".to_string()
+        )]
+    );
+    assert_eq!(finish, Some("tool_calls"));
+
+    // Without tools offered, the same text stays content.
+    let (content, _, calls, finish) = chat_pipeline(call, false, false, vec![]);
+    assert!(calls.is_empty() && content.contains("get_weather"));
+    assert_eq!(finish, Some("stop"));
+
+    // Stop strings apply to the text before it is parsed.
+    let (content, _, _, finish) =
+        chat_pipeline("one two three", false, false, vec![" three".into()]);
+    assert_eq!((content.as_str(), finish), ("one two", Some("stop")));
+}
