@@ -1,1 +1,201 @@
-//! model
+//! The DeepSeek-V4-Flash target model: config, tensor manifest, weights, KV block layout and the
+//! batched forward pass, written over [`crate::backend::Backend`].
+//!
+//! Entry point for the server:
+//! ```ignore
+//! let opts = LoadOptions { device: Device::Cpu, load_format: LoadFormat::Auto,
+//!     kv_pool_tokens, block_size: None, shard: Shard { rank, world_size }, dummy_seed: 0 };
+//! let mut runner: Box<dyn ModelRunner> = model::load(dir, &opts, communicator)?;
+//! let layout = runner.kv_layout();          // block_size, num_blocks, bytes_per_block
+//! let out = runner.step(&plan)?;            // any mix of prefill chunks and decodes
+//! ```
+//! Every rank of a tensor-parallel group loads its shard (`Shard`) and runs the same plans;
+//! the layers all-reduce through the communicator. What a KV block holds: docs/KV.md.
+
+pub mod checkpoint_source;
+pub mod config;
+pub mod forward;
+pub mod hyper;
+pub mod kv;
+pub mod load;
+pub mod manifest;
+pub mod ops;
+pub mod rope;
+
+pub use checkpoint_source::{load, load_cpu, tensor_specs};
+pub use config::{ConfigError, ModelConfig};
+pub use forward::DeepseekV4;
+pub use load::{HostTensor, LoadError, Shard, WeightSource};
+
+use crate::backend::cpu::CpuBackend;
+use crate::engine::ModelRunner;
+use crate::ranks::Communicator;
+use kv::{BlockGeometry, KvPool};
+use std::sync::Arc;
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+/// How weights are obtained (vLLM's `--load-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadFormat {
+    /// Safetensors from the model directory.
+    Auto,
+    Safetensors,
+    /// Deterministic pseudo-random values of the right shapes and dtypes.
+    Dummy,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub load_format: LoadFormat,
+    /// Tokens the KV pool must hold (rounded up to whole blocks).
+    pub kv_pool_tokens: usize,
+    /// Tokens per block; `None` = [`ModelConfig::default_block_size`]. Must be a multiple of
+    /// every compress ratio.
+    pub block_size: Option<usize>,
+    pub shard: Shard,
+    /// Seed of `LoadFormat::Dummy`.
+    pub dummy_seed: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            load_format: LoadFormat::Auto,
+            kv_pool_tokens: 16 * 1024,
+            block_size: None,
+            shard: Shard::SINGLE,
+            dummy_seed: 0,
+        }
+    }
+}
+
+/// Validates the block size and sizes the pool.
+pub fn kv_pool(cfg: &ModelConfig, opts: &LoadOptions) -> Result<KvPool, LoadError> {
+    let bs = opts.block_size.unwrap_or_else(|| cfg.default_block_size());
+    for l in 0..cfg.num_hidden_layers {
+        if let Some(r) = cfg.compress_ratio(l) {
+            if bs == 0 || !bs.is_multiple_of(r) {
+                return Err(LoadError::KvPool(format!(
+                    "block size {bs} is not a multiple of compress ratio {r} (layer {l})"
+                )));
+            }
+        }
+    }
+    let num_blocks = opts.kv_pool_tokens.div_ceil(bs).max(1);
+    let geometry = BlockGeometry::new(cfg, bs);
+    tracing::info!(
+        block_size = bs,
+        num_blocks,
+        bytes_per_block = geometry.bytes_per_block(),
+        "KV pool"
+    );
+    Ok(KvPool::new(geometry, num_blocks))
+}
+
+/// The CPU backend holds every weight as f32: refuse a model that cannot fit instead of being
+/// killed half way through loading (e.g. the real V4-Flash, ~1.1 TB in f32).
+fn check_host_memory(
+    expected: &[manifest::ExpectedTensor],
+    world_size: usize,
+) -> Result<(), LoadError> {
+    let values: usize = expected
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
+    let need = values as u64 * 4 / world_size.max(1) as u64;
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    match available {
+        Some(avail) if need > avail => Err(LoadError::Source(format!(
+            "the CPU backend needs ~{:.1} GB for f32 weights of this rank, the host has {:.1} GB \
+             available; use --device cuda or a smaller model",
+            need as f64 / 1e9,
+            avail as f64 / 1e9
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Builds the CPU model of this rank from a weight source.
+pub fn build_cpu(
+    cfg: ModelConfig,
+    src: &dyn WeightSource,
+    opts: &LoadOptions,
+    comm: Arc<dyn Communicator>,
+) -> Result<DeepseekV4<CpuBackend>, LoadError> {
+    if comm.world_size() != opts.shard.world_size || comm.rank() != opts.shard.rank {
+        return Err(LoadError::Sharding(format!(
+            "communicator is rank {}/{}, options say {}/{}",
+            comm.rank(),
+            comm.world_size(),
+            opts.shard.rank,
+            opts.shard.world_size
+        )));
+    }
+    let expected = manifest::target_tensors(&cfg);
+    manifest::check_complete(src, &expected)?;
+    check_host_memory(&expected, opts.shard.world_size)?;
+    let backend = CpuBackend;
+    let weights = load::load_weights(src, &backend, &cfg, opts.shard)?;
+    let pool = kv_pool(&cfg, opts)?;
+    Ok(DeepseekV4::new(
+        cfg, backend, weights, pool, comm, opts.shard,
+    ))
+}
+
+/// Builds a runner over an already opened weight source (checkpoint or dummy).
+pub fn build(
+    cfg: ModelConfig,
+    src: &dyn WeightSource,
+    opts: &LoadOptions,
+    comm: Arc<dyn Communicator>,
+) -> Result<Box<dyn ModelRunner>, LoadError> {
+    match opts.device {
+        Device::Cpu => Ok(Box::new(build_cpu(cfg, src, opts, comm)?)),
+        Device::Cuda => Err(LoadError::Source(
+            "the CUDA backend is not implemented yet; use --device cpu".into(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_is_sized_in_whole_blocks_and_block_size_is_checked() {
+        let cfg = ModelConfig::from_json(&serde_json::json!({
+            "model_type": "deepseek_v4", "num_hidden_layers": 2, "hidden_size": 32, "head_dim": 64,
+            "index_head_dim": 32, "qk_rope_head_dim": 16, "sliding_window": 32,
+            "layer_types": ["sliding_attention", "compressed_sparse_attention"]
+        }))
+        .unwrap();
+        // Only CSA (ratio 4) here: the smallest multiple of 4 reaching the window is 32.
+        assert_eq!(cfg.default_block_size(), 32);
+        let opts = LoadOptions {
+            kv_pool_tokens: 100,
+            ..LoadOptions::default()
+        };
+        let pool = kv_pool(&cfg, &opts).unwrap();
+        assert_eq!(pool.num_blocks, 4);
+        let bad = LoadOptions {
+            block_size: Some(30),
+            ..opts
+        };
+        let e = kv_pool(&cfg, &bad).unwrap_err().to_string();
+        assert!(e.contains("multiple of compress ratio 4"), "{e}");
+    }
+}
