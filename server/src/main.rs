@@ -11,8 +11,9 @@ use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
 use dspark_server::api::{self, AppState, Serving};
-use dspark_server::cli::Device;
 use dspark_server::cli::{normalize_vllm_args, Cli, Command, ServeArgs};
+use dspark_server::cli::{Device, LoadFormat};
+use dspark_server::engine::model;
 use dspark_server::engine::tokenizer::Tokenizer;
 use dspark_server::engine::{
     EngineError, KvLayout, LogitsWanted, ModelRunner, SeqPlan, StepOutput, StepPlan,
@@ -368,7 +369,6 @@ fn load_engine(
     args: &ServeArgs,
     comm: Arc<dyn Communicator>,
 ) -> anyhow::Result<Box<dyn ModelRunner>> {
-    let _ = &comm;
     #[cfg(feature = "fake-engine")]
     if std::env::var("DSPARK_FAKE_ENGINE").is_ok_and(|v| v == "1") {
         warn!("DSPARK_FAKE_ENGINE=1: serving a deterministic fake model (API tests only)");
@@ -378,10 +378,30 @@ fn load_engine(
             dspark_server::scheduler::fake_runner::FakeRunner::new(16, pool.div_ceil(16), vocab),
         ));
     }
-    bail!(
-        "cannot load the model from {}: the engine is not available in this build yet",
-        args.model_dir().display()
-    )
+    let dir = args.model_dir();
+    let opts = model::LoadOptions {
+        device: match args.device {
+            Some(Device::Cpu) => model::Device::Cpu,
+            Some(Device::Cuda) => model::Device::Cuda,
+            None if cuda_driver_present() => model::Device::Cuda,
+            None => model::Device::Cpu,
+        },
+        load_format: match args.load_format {
+            LoadFormat::Auto => model::LoadFormat::Auto,
+            LoadFormat::Safetensors => model::LoadFormat::Safetensors,
+            LoadFormat::Dummy => model::LoadFormat::Dummy,
+        },
+        kv_pool_tokens: args
+            .kv_pool_tokens
+            .unwrap_or(model::LoadOptions::default().kv_pool_tokens),
+        shard: model::load::Shard {
+            rank: args.rank(),
+            world_size: args.world_size,
+        },
+        ..model::LoadOptions::default()
+    };
+    model::load(&dir, &opts, comm)
+        .map_err(|e| anyhow::anyhow!("loading the model from {} failed: {e}", dir.display()))
 }
 
 /// Rank 0's engine in a group: each step goes to every rank first. Dropping it (the scheduler
@@ -451,6 +471,11 @@ impl Drop for GroupLeader {
             }
         }
     }
+}
+
+/// Whether an NVIDIA driver is present (the default device is CUDA then).
+fn cuda_driver_present() -> bool {
+    Path::new("/dev/nvidiactl").exists() || Path::new("/proc/driver/nvidia/version").exists()
 }
 
 /// `max_position_embeddings` from the model's config.json, if readable.
