@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -472,7 +473,7 @@ def test_sigterm_finishes_or_cancels_in_flight_then_exits_0():
                                       **GREEDY, extra_body={"ignore_eos": True})
         it = iter(stream)
         next(it)
-        server.proc.send_signal(__import__("signal").SIGTERM)
+        server.proc.send_signal(signal.SIGTERM)
         finishes = [ch.choices[0].finish_reason for ch in it if ch.choices and ch.choices[0].finish_reason]
         # Cancelled at the deadline, well before 4000 tokens: the stream still ends properly.
         assert finishes == ["abort"]
