@@ -5,7 +5,9 @@
 
 pub mod api;
 pub mod backend;
+pub mod cli;
 pub mod engine;
 pub mod kv;
+pub mod metrics;
 pub mod ranks;
 pub mod scheduler;

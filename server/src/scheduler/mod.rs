@@ -1,1 +1,561 @@
-//! Continuous batching: decides each step's batch (rank 0 only).
+//! Continuous batching (rank 0 only): decides each step's batch over the shared KV pool.
+//!
+//! Every step: running decodes first (one token each, oldest first), then prefill chunks of
+//! running sequences, then new sequences from the waiting queue, all within the
+//! `max_num_batched_tokens` budget and `max_num_seqs`. Blocks are taken on demand; when a
+//! running sequence cannot get one, the newest running sequence not yet in this step is
+//! preempted: its blocks are freed, it goes to the FRONT of the waiting queue and is later
+//! recomputed (prompt + what it generated so far) through the prefix cache. Its stream just pauses.
+//!
+//! The scheduler is synchronous and owns the [`ModelRunner`]; [`handle`] runs it on a dedicated OS
+//! thread and connects it to the async API over channels.
+
+#[cfg(any(test, feature = "fake-engine"))]
+pub mod fake_runner;
+pub mod handle;
+pub mod request;
+pub mod sampler;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::engine::{EngineError, LogitsWanted, ModelRunner, SeqPlan, StepOutput, StepPlan};
+use crate::kv::{BlockTable, KvPool};
+use crate::metrics::{FinishedReason, Metrics};
+
+pub use handle::{SchedulerHandle, SubmitError};
+pub use request::{Finish, FinishReason, GenerateRequest, SamplingParams, SeqEvent, TokenLogprobs};
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    /// Per-request ceiling on prompt + output tokens.
+    pub max_model_len: usize,
+    pub max_waiting_requests: usize,
+    pub prefix_caching: bool,
+    /// End-of-sequence token id.
+    pub eos: u32,
+}
+
+/// One choice of one request: its tokens, where its KV lives, its sampler state.
+#[derive(Debug)]
+struct Sequence {
+    seq_id: u64,
+    request_id: u64,
+    index: usize,
+    /// Prompt followed by every token generated so far.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Leading tokens whose KV is in the pool.
+    num_computed: usize,
+    table: BlockTable,
+    rng: ChaCha8Rng,
+    params: Arc<SamplingParams>,
+    events: UnboundedSender<SeqEvent>,
+    last_token_at: Option<Instant>,
+}
+
+impl Sequence {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+}
+
+/// Per-request bookkeeping shared by its `n` sequences.
+#[derive(Debug)]
+struct RequestState {
+    arrival: Instant,
+    remaining: usize,
+    /// Not yet admitted at all: counts against `max_waiting_requests`.
+    queued: bool,
+    first_token_seen: bool,
+    reason: FinishedReason,
+}
+
+/// What one call to [`Scheduler::step`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StepReport {
+    /// Sequences in the step's plan.
+    pub scheduled: usize,
+    /// Tokens in the step's plan.
+    pub tokens: usize,
+    pub preempted: usize,
+}
+
+pub struct Scheduler {
+    runner: Box<dyn ModelRunner>,
+    pool: KvPool,
+    cfg: SchedulerConfig,
+    metrics: Arc<Metrics>,
+    waiting: VecDeque<Sequence>,
+    /// Admission order, oldest first: the last one is the next preemption victim.
+    running: Vec<Sequence>,
+    requests: HashMap<u64, RequestState>,
+    next_seq_id: u64,
+    /// Requests submitted but never admitted (shared with the handle for the 429 decision).
+    queued: Arc<AtomicUsize>,
+}
+
+impl Scheduler {
+    pub fn new(runner: Box<dyn ModelRunner>, cfg: SchedulerConfig, metrics: Arc<Metrics>) -> Self {
+        let layout = runner.kv_layout();
+        let pool = KvPool::new(layout, cfg.prefix_caching);
+        metrics.kv_pool_tokens.set(pool.pool_tokens() as f64);
+        metrics
+            .max_full_length_concurrency
+            .set((pool.num_blocks() / pool.blocks_for(cfg.max_model_len).max(1)) as f64);
+        Scheduler {
+            runner,
+            pool,
+            cfg,
+            metrics,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            requests: HashMap::new(),
+            next_seq_id: 0,
+            queued: Arc::default(),
+        }
+    }
+
+    pub fn pool(&self) -> &KvPool {
+        &self.pool
+    }
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+    pub fn metrics_handle(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+    pub fn vocab_size(&self) -> usize {
+        self.runner.vocab_size()
+    }
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+    pub fn has_work(&self) -> bool {
+        !self.running.is_empty() || !self.waiting.is_empty()
+    }
+    pub(crate) fn queued_counter(&self) -> Arc<AtomicUsize> {
+        self.queued.clone()
+    }
+
+    /// Tokens held in blocks of running sequences, a shared (prefix) block counted once.
+    pub fn live_tokens(&self) -> usize {
+        let bs = self.pool.block_size();
+        let mut shared = HashSet::new();
+        let mut live = 0;
+        for s in &self.running {
+            for (j, &b) in s.table.blocks().iter().enumerate() {
+                let held = s.num_computed.saturating_sub(j * bs).min(bs);
+                if self.pool.ref_count(b) > 1 {
+                    if shared.insert(b) {
+                        live += held;
+                    }
+                } else {
+                    live += held;
+                }
+            }
+        }
+        live
+    }
+
+    /// Queues a request (already validated by the handle). Its `n` sequences wait for a slot.
+    pub fn add(&mut self, request_id: u64, req: GenerateRequest) {
+        let params = Arc::new(req.params);
+        let n = params.n.max(1);
+        for index in 0..n {
+            let rng = match params.seed {
+                Some(seed) => ChaCha8Rng::seed_from_u64(seed.wrapping_add(index as u64)),
+                None => ChaCha8Rng::seed_from_u64(rand::random()),
+            };
+            self.waiting.push_back(Sequence {
+                seq_id: self.next_seq_id,
+                request_id,
+                index,
+                tokens: req.prompt.clone(),
+                prompt_len: req.prompt.len(),
+                num_computed: 0,
+                table: BlockTable::default(),
+                rng,
+                params: params.clone(),
+                events: req.events.clone(),
+                last_token_at: None,
+            });
+            self.next_seq_id += 1;
+        }
+        self.requests.insert(
+            request_id,
+            RequestState {
+                arrival: req.arrival,
+                remaining: n,
+                queued: true,
+                first_token_seen: false,
+                reason: FinishedReason::Stop,
+            },
+        );
+        self.update_gauges();
+    }
+
+    /// Ends choice `index` of a request (all choices when `None`), freeing its blocks.
+    pub fn abort(&mut self, request_id: u64, index: Option<usize>) {
+        let hit = |s: &Sequence| s.request_id == request_id && index.is_none_or(|i| s.index == i);
+        self.remove_where(hit, FinishedReason::Abort, |s| {
+            let _ = s.events.send(SeqEvent::Finished {
+                index: s.index,
+                reason: FinishReason::Abort,
+            });
+        });
+        self.update_gauges();
+    }
+
+    /// Ends every request with an abort (shutdown deadline).
+    pub fn abort_all(&mut self) {
+        self.remove_where(
+            |_| true,
+            FinishedReason::Abort,
+            |s| {
+                let _ = s.events.send(SeqEvent::Finished {
+                    index: s.index,
+                    reason: FinishReason::Abort,
+                });
+            },
+        );
+        self.update_gauges();
+    }
+
+    /// Ends every request with an error (the engine is gone).
+    pub fn fail_all(&mut self, message: &str) {
+        self.remove_where(
+            |_| true,
+            FinishedReason::Abort,
+            |s| {
+                let _ = s.events.send(SeqEvent::Failed(message.to_string()));
+            },
+        );
+        self.update_gauges();
+    }
+
+    /// One scheduling decision and one engine step.
+    pub fn step(&mut self) -> Result<StepReport, EngineError> {
+        // A dropped receiver means the client is gone: free its blocks before planning.
+        self.remove_where(|s| s.events.is_closed(), FinishedReason::Abort, |_| {});
+        let mut report = StepReport::default();
+        let scheduled = self.schedule(&mut report);
+        if scheduled.is_empty() {
+            self.update_gauges();
+            return Ok(report);
+        }
+        let plan = StepPlan {
+            seqs: scheduled
+                .iter()
+                .map(|&(i, chunk)| {
+                    let s = &self.running[i];
+                    let wanted = if s.num_computed + chunk == s.tokens.len() {
+                        LogitsWanted::Last
+                    } else {
+                        LogitsWanted::None
+                    };
+                    SeqPlan {
+                        seq_id: s.seq_id,
+                        start_pos: s.num_computed,
+                        tokens: s.tokens[s.num_computed..s.num_computed + chunk].to_vec(),
+                        block_table: s.table.blocks().to_vec(),
+                        logits: wanted,
+                    }
+                })
+                .collect(),
+        };
+        report.scheduled = plan.seqs.len();
+        report.tokens = plan.seqs.iter().map(|s| s.tokens.len()).sum();
+        let output = self
+            .runner
+            .step(&plan)
+            .and_then(|o| check_output(&plan, o, self.runner.vocab_size()));
+        let output = match output {
+            Ok(o) => o,
+            Err(e) => {
+                let ids: HashSet<u64> = plan.seqs.iter().map(|s| s.seq_id).collect();
+                let msg = format!("engine step failed: {e}");
+                self.remove_where(
+                    |s| ids.contains(&s.seq_id),
+                    FinishedReason::Abort,
+                    |s| {
+                        let _ = s.events.send(SeqEvent::Failed(msg.clone()));
+                    },
+                );
+                self.update_gauges();
+                return Err(e);
+            }
+        };
+        let now = Instant::now();
+        let mut finished = Vec::new();
+        for ((&(i, chunk), sp), rows) in scheduled.iter().zip(&plan.seqs).zip(output.logits) {
+            let s = &mut self.running[i];
+            s.num_computed += chunk;
+            self.pool
+                .commit_full_blocks(&mut s.table, &s.tokens, s.num_computed);
+            if sp.logits != LogitsWanted::Last {
+                continue;
+            }
+            let Some(row) = rows.last() else {
+                continue; // checked by check_output
+            };
+            let (token, logprobs) =
+                sampler::sample(row, &s.params, s.generated(), self.cfg.eos, &mut s.rng);
+            s.tokens.push(token);
+            self.metrics.generation_tokens.add(1);
+            let generated = s.generated();
+            let by_stop_token = s.params.stop_token_ids.contains(&token)
+                || (!s.params.ignore_eos && token == self.cfg.eos);
+            let finish = if by_stop_token {
+                Some(FinishReason::Stop)
+            } else if generated >= s.params.max_tokens || s.tokens.len() >= self.cfg.max_model_len {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            if let Some(prev) = s.last_token_at {
+                self.metrics
+                    .inter_token_latency
+                    .observe(now.duration_since(prev).as_secs_f64());
+            }
+            s.last_token_at = Some(now);
+            if let Some(r) = self.requests.get_mut(&s.request_id) {
+                if !r.first_token_seen {
+                    r.first_token_seen = true;
+                    self.metrics
+                        .time_to_first_token
+                        .observe(now.duration_since(r.arrival).as_secs_f64());
+                }
+            }
+            let _ = s.events.send(SeqEvent::Token {
+                index: s.index,
+                token,
+                logprobs,
+                finish: finish.map(|reason| Finish {
+                    reason,
+                    by_stop_token,
+                }),
+            });
+            match finish {
+                Some(FinishReason::Length) => finished.push((s.seq_id, FinishedReason::Length)),
+                Some(_) => finished.push((s.seq_id, FinishedReason::Stop)),
+                None => {}
+            }
+        }
+        for (id, reason) in finished {
+            self.remove_where(|s| s.seq_id == id, reason, |_| {});
+        }
+        self.update_gauges();
+        Ok(report)
+    }
+
+    /// Picks this step's work: `(index in running, tokens to compute)`, in plan order.
+    fn schedule(&mut self, report: &mut StepReport) -> Vec<(usize, usize)> {
+        let mut budget = self.cfg.max_num_batched_tokens;
+        let mut chosen: Vec<(u64, usize)> = Vec::new();
+        let mut in_plan: HashSet<u64> = HashSet::new();
+        for decodes in [true, false] {
+            let mut i = 0;
+            while i < self.running.len() && budget > 0 {
+                let s = &self.running[i];
+                let num_new = s.tokens.len() - s.num_computed;
+                if (num_new == 1) != decodes || in_plan.contains(&s.seq_id) {
+                    i += 1;
+                    continue;
+                }
+                let chunk = num_new.min(budget);
+                let want = s.num_computed + chunk;
+                loop {
+                    if self.pool.allocate(&mut self.running[i].table, want).is_ok() {
+                        let id = self.running[i].seq_id;
+                        chosen.push((id, chunk));
+                        in_plan.insert(id);
+                        budget -= chunk;
+                        i += 1;
+                        break;
+                    }
+                    // The newest sequence not in this plan; `i` itself qualifies, so one exists
+                    // and it is at `i` or later (everything in the plan is older than `i`'s
+                    // position or was skipped, never preempted).
+                    let victim = (i..self.running.len())
+                        .rev()
+                        .find(|&j| !in_plan.contains(&self.running[j].seq_id))
+                        .unwrap_or(i);
+                    self.preempt(victim);
+                    report.preempted += 1;
+                    if victim == i {
+                        break;
+                    }
+                }
+            }
+        }
+        // New (or preempted, which sit at the front) sequences, in order, while they fit.
+        while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            let Some(s) = self.waiting.front() else { break };
+            let hit = if s.table.is_empty() {
+                self.pool.match_prefix(&s.tokens)
+            } else {
+                Default::default()
+            };
+            let cached = hit.num_tokens(self.pool.block_size());
+            let chunk = (s.tokens.len() - cached).min(budget);
+            let needed = self.pool.blocks_for(cached + chunk) - hit.blocks.len();
+            if needed > self.pool.free_blocks() - self.pool.free_blocks_taken_by(&hit) {
+                break;
+            }
+            let Some(mut s) = self.waiting.pop_front() else {
+                break;
+            };
+            self.metrics.prefix_cache_queries.add(s.tokens.len() as u64);
+            self.metrics.prefix_cache_hits.add(cached as u64);
+            self.pool.take_prefix(&mut s.table, hit);
+            if self.pool.allocate(&mut s.table, cached + chunk).is_err() {
+                // Counted above, cannot happen; put it back rather than lose it.
+                self.pool.free(&mut s.table);
+                self.waiting.push_front(s);
+                break;
+            }
+            s.num_computed = cached;
+            if let Some(r) = self.requests.get_mut(&s.request_id) {
+                if r.queued {
+                    r.queued = false;
+                    release_queue_slot(&self.queued);
+                    self.metrics
+                        .request_queue_time
+                        .observe(r.arrival.elapsed().as_secs_f64());
+                    self.metrics.prompt_tokens.add(s.prompt_len as u64);
+                }
+            }
+            chosen.push((s.seq_id, chunk));
+            in_plan.insert(s.seq_id);
+            budget -= chunk;
+            self.running.push(s);
+        }
+        let pos: HashMap<u64, usize> = self
+            .running
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.seq_id, i))
+            .collect();
+        chosen
+            .into_iter()
+            .filter_map(|(id, chunk)| pos.get(&id).map(|&i| (i, chunk)))
+            .collect()
+    }
+
+    /// Frees `running[i]`'s blocks and puts it first in line to resume (by recompute).
+    fn preempt(&mut self, i: usize) {
+        let mut s = self.running.remove(i);
+        self.pool.free(&mut s.table);
+        s.num_computed = 0;
+        self.runner.release(s.seq_id);
+        self.metrics.num_preemptions.add(1);
+        tracing::debug!(seq_id = s.seq_id, "preempted: KV pool full, will recompute");
+        self.waiting.push_front(s);
+    }
+
+    /// Removes every sequence matching `pred` from running and waiting, frees its blocks, and
+    /// closes out its request when it was the last one.
+    fn remove_where(
+        &mut self,
+        pred: impl Fn(&Sequence) -> bool,
+        reason: FinishedReason,
+        mut on_removed: impl FnMut(&Sequence),
+    ) {
+        let mut removed = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() {
+            if pred(&self.running[i]) {
+                removed.push(self.running.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        let mut i = 0;
+        while i < self.waiting.len() {
+            if pred(&self.waiting[i]) {
+                if let Some(s) = self.waiting.remove(i) {
+                    removed.push(s);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        for mut s in removed {
+            on_removed(&s);
+            self.pool.free(&mut s.table);
+            self.runner.release(s.seq_id);
+            let Some(r) = self.requests.get_mut(&s.request_id) else {
+                continue;
+            };
+            r.remaining = r.remaining.saturating_sub(1);
+            // A request's outcome is its worst choice's: abort > length > stop.
+            r.reason = match (r.reason, reason) {
+                (FinishedReason::Abort, _) | (_, FinishedReason::Abort) => FinishedReason::Abort,
+                (FinishedReason::Length, _) | (_, FinishedReason::Length) => FinishedReason::Length,
+                _ => FinishedReason::Stop,
+            };
+            if r.remaining == 0 {
+                if let Some(r) = self.requests.remove(&s.request_id) {
+                    if r.queued {
+                        release_queue_slot(&self.queued);
+                    }
+                    self.metrics
+                        .e2e_request_latency
+                        .observe(r.arrival.elapsed().as_secs_f64());
+                    self.metrics.request_finished(r.reason);
+                }
+            }
+        }
+    }
+
+    fn update_gauges(&self) {
+        self.metrics
+            .num_requests_running
+            .set(self.running.len() as f64);
+        self.metrics
+            .num_requests_waiting
+            .set(self.waiting.len() as f64);
+        self.metrics.kv_cache_usage_perc.set(self.pool.usage());
+        self.metrics.kv_live_tokens.set(self.live_tokens() as f64);
+    }
+}
+
+/// One request left the waiting queue (never below zero: requests added directly through
+/// [`Scheduler::add`], as tests do, never took a slot).
+fn release_queue_slot(queued: &AtomicUsize) {
+    let _ = queued.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| q.checked_sub(1));
+}
+
+/// The engine's answer must have a full logits row wherever the plan asked for one.
+fn check_output(plan: &StepPlan, out: StepOutput, vocab: usize) -> Result<StepOutput, EngineError> {
+    if out.logits.len() != plan.seqs.len() {
+        return Err(EngineError::Invalid(format!(
+            "engine returned logits for {} sequences, the plan had {}",
+            out.logits.len(),
+            plan.seqs.len()
+        )));
+    }
+    for (sp, rows) in plan.seqs.iter().zip(&out.logits) {
+        if sp.logits != LogitsWanted::None && rows.last().is_none_or(|r| r.len() != vocab) {
+            return Err(EngineError::Invalid(format!(
+                "engine returned no logits row of {vocab} for sequence {}",
+                sp.seq_id
+            )));
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,315 @@
+//! `POST /v1/completions`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::response::sse::Event;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::error::ApiError;
+use super::generate::{
+    params_for_prompt, validate_common, ChoiceEvent, ChoiceText, Generation, TokenNames, Validated,
+};
+use super::types::*;
+use super::{now_secs, random_id, sse_response, AppState, JsonBody, Serving};
+use crate::scheduler::TokenLogprobs;
+
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    JsonBody(req): JsonBody<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    let arrival = Instant::now();
+    let serving = state.serving()?;
+    state.check_model(req.common.model.as_deref())?;
+    let limits = serving.scheduler.limits();
+    if req.suffix.is_some() {
+        return Err(ApiError::bad_param("suffix", "suffix is not supported"));
+    }
+    if req.echo && req.logprobs.is_some() {
+        return Err(ApiError::bad_param(
+            "echo",
+            "echo together with logprobs is not supported",
+        ));
+    }
+    let v = validate_common(&req.common, req.common.max_tokens, req.logprobs, &limits)?;
+    let token_list = |ids: &[i64]| -> Result<Vec<u32>, ApiError> {
+        ids.iter()
+            .map(|&t| {
+                if t < 0 || t as usize >= limits.vocab_size {
+                    Err(ApiError::bad_param(
+                        "prompt",
+                        format!(
+                            "token id {t} is out of vocabulary (size {})",
+                            limits.vocab_size
+                        ),
+                    ))
+                } else {
+                    Ok(t as u32)
+                }
+            })
+            .collect()
+    };
+    let encode = |text: &str| {
+        serving
+            .tokenizer
+            .encode(text)
+            .map_err(|e| ApiError::bad_param("prompt", e.to_string()))
+    };
+    let prompts: Vec<Vec<u32>> = match &req.prompt {
+        PromptField::Text(t) => vec![encode(t)?],
+        PromptField::Texts(ts) => ts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
+        PromptField::Tokens(ids) => vec![token_list(ids)?],
+        PromptField::TokenLists(ls) => {
+            ls.iter().map(|l| token_list(l)).collect::<Result<_, _>>()?
+        }
+    };
+    if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
+        return Err(ApiError::bad_param("prompt", "the prompt is empty"));
+    }
+    if prompts.len() * v.params.n > limits.max_num_seqs {
+        return Err(ApiError::bad_param(
+            "n",
+            format!(
+                "{} prompts x n = {} choices exceed --max-num-seqs {}",
+                prompts.len(),
+                prompts.len() * v.params.n,
+                limits.max_num_seqs
+            ),
+        ));
+    }
+    let echo: Vec<String> = if req.echo {
+        prompts
+            .iter()
+            .map(|p| {
+                serving
+                    .tokenizer
+                    .decode(p, v.skip_special)
+                    .unwrap_or_default()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let jobs = prompts
+        .into_iter()
+        .map(|p| {
+            let params = params_for_prompt(&v, p.len(), &limits)?;
+            Ok((p, params))
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    let n = v.params.n;
+    let gen = Generation::submit(&serving.scheduler, jobs, arrival)?;
+    let ctx = CompletionCtx {
+        id: format!("cmpl-{}", random_id()),
+        created: now_secs(),
+        model: state.model_name.clone(),
+        echo,
+        n,
+        v,
+    };
+    if ctx.v.stream {
+        Ok(stream(serving, gen, ctx))
+    } else {
+        Ok(Json(complete(&serving, gen, &ctx).await?).into_response())
+    }
+}
+
+struct CompletionCtx {
+    id: String,
+    created: u64,
+    model: String,
+    /// Prompt text per prompt, when `echo`.
+    echo: Vec<String>,
+    n: usize,
+    v: Validated,
+}
+
+impl CompletionCtx {
+    fn echo_for(&self, choice: usize) -> &str {
+        self.echo.get(choice / self.n).map_or("", |s| s.as_str())
+    }
+}
+
+/// Appends one token's logprobs in the completions (legacy) shape.
+fn push_logprobs(
+    lp: &mut CompletionLogprobs,
+    names: &mut TokenNames<'_>,
+    token: u32,
+    t: &TokenLogprobs,
+    offset: usize,
+) {
+    lp.tokens.push(names.name(token));
+    lp.token_logprobs.push(t.logprob);
+    lp.top_logprobs.push(
+        t.top
+            .iter()
+            .map(|&(id, l)| (names.name(id), l))
+            .collect::<HashMap<_, _>>(),
+    );
+    lp.text_offset.push(offset);
+}
+
+async fn complete(
+    serving: &Serving,
+    mut gen: Generation,
+    ctx: &CompletionCtx,
+) -> Result<CompletionResponse, ApiError> {
+    let tok = &serving.tokenizer;
+    let mut names = TokenNames::new(tok, ctx.v.as_token_ids);
+    let mut texts: Vec<ChoiceText> = (0..gen.num_choices)
+        .map(|_| ChoiceText::new(tok, &ctx.v, None))
+        .collect();
+    let mut out: Vec<String> = (0..gen.num_choices)
+        .map(|c| ctx.echo_for(c).to_string())
+        .collect();
+    let mut lps: Vec<CompletionLogprobs> = vec![CompletionLogprobs::default(); gen.num_choices];
+    while texts.iter().any(|t| t.finished.is_none()) {
+        match gen.next().await {
+            Some(ChoiceEvent::Token {
+                choice,
+                token,
+                logprobs,
+                finish,
+            }) => {
+                if texts[choice].finished.is_some() {
+                    continue;
+                }
+                if let Some(lp) = &logprobs {
+                    push_logprobs(&mut lps[choice], &mut names, token, lp, out[choice].len());
+                }
+                let (d, stop_hit) = texts[choice].push(token, finish);
+                if stop_hit {
+                    gen.abort_choice(choice);
+                }
+                out[choice].push_str(&d.text);
+            }
+            Some(ChoiceEvent::Finished { choice, reason }) => {
+                let d = texts[choice].end(reason);
+                out[choice].push_str(&d.text);
+            }
+            Some(ChoiceEvent::Failed(m)) => return Err(ApiError::internal(m)),
+            None => {
+                return Err(ApiError::internal(
+                    "the engine stopped before the request finished",
+                ))
+            }
+        }
+    }
+    let completion_tokens = texts.iter().map(|t| t.completion_tokens).sum();
+    let choices = texts
+        .iter()
+        .zip(out)
+        .zip(lps)
+        .enumerate()
+        .map(|(index, ((t, text), lp))| CompletionChoice {
+            index,
+            text,
+            logprobs: ctx.v.params.logprobs.map(|_| lp),
+            finish_reason: t.finished,
+        })
+        .collect();
+    Ok(CompletionResponse {
+        id: ctx.id.clone(),
+        object: "text_completion",
+        created: ctx.created,
+        model: ctx.model.clone(),
+        choices,
+        usage: Some(Usage::new(gen.prompt_tokens, completion_tokens)),
+    })
+}
+
+fn stream(serving: Arc<Serving>, mut gen: Generation, ctx: CompletionCtx) -> Response {
+    sse_response(move |tx| async move {
+        let tok = &serving.tokenizer;
+        let mut names = TokenNames::new(tok, ctx.v.as_token_ids);
+        let mut texts: Vec<ChoiceText> = (0..gen.num_choices)
+            .map(|_| ChoiceText::new(tok, &ctx.v, None))
+            .collect();
+        let mut offsets = vec![0usize; gen.num_choices];
+        let chunk = |choices: Vec<CompletionChoice>, usage: Option<Usage>| {
+            Event::default().json_data(CompletionResponse {
+                id: ctx.id.clone(),
+                object: "text_completion",
+                created: ctx.created,
+                model: ctx.model.clone(),
+                choices,
+                usage,
+            })
+        };
+        if !ctx.echo.is_empty() {
+            let choices = (0..gen.num_choices)
+                .map(|index| {
+                    offsets[index] = ctx.echo_for(index).len();
+                    CompletionChoice {
+                        index,
+                        text: ctx.echo_for(index).to_string(),
+                        logprobs: None,
+                        finish_reason: None,
+                    }
+                })
+                .collect();
+            if tx.send(chunk(choices, None)).await.is_err() {
+                return;
+            }
+        }
+        while texts.iter().any(|t| t.finished.is_none()) {
+            let (choice, d, lp) = match gen.next().await {
+                Some(ChoiceEvent::Token {
+                    choice,
+                    token,
+                    logprobs,
+                    finish,
+                }) => {
+                    if texts[choice].finished.is_some() {
+                        continue;
+                    }
+                    let lp = logprobs.map(|t| {
+                        let mut lp = CompletionLogprobs::default();
+                        push_logprobs(&mut lp, &mut names, token, &t, offsets[choice]);
+                        lp
+                    });
+                    let (d, stop_hit) = texts[choice].push(token, finish);
+                    if stop_hit {
+                        gen.abort_choice(choice);
+                    }
+                    (choice, d, lp)
+                }
+                Some(ChoiceEvent::Finished { choice, reason }) => {
+                    (choice, texts[choice].end(reason), None)
+                }
+                Some(ChoiceEvent::Failed(m)) => {
+                    let _ = tx
+                        .send(Event::default().json_data(ApiError::internal(m).body()))
+                        .await;
+                    return;
+                }
+                None => return,
+            };
+            if d.text.is_empty() && d.finish.is_none() && lp.is_none() {
+                continue;
+            }
+            offsets[choice] += d.text.len();
+            let c = CompletionChoice {
+                index: choice,
+                text: d.text,
+                logprobs: lp,
+                finish_reason: d.finish,
+            };
+            if tx.send(chunk(vec![c], None)).await.is_err() {
+                return;
+            }
+        }
+        if ctx.v.include_usage {
+            let completion_tokens = texts.iter().map(|t| t.completion_tokens).sum();
+            let _ = tx
+                .send(chunk(
+                    vec![],
+                    Some(Usage::new(gen.prompt_tokens, completion_tokens)),
+                ))
+                .await;
+        }
+    })
+}

@@ -1,0 +1,347 @@
+//! The command line of `dspark-server`: the one place where server flags and their defaults live.
+//!
+//! Every flag also reads `DSPARK_<FLAG_IN_UPPER_SNAKE>`; where vLLM has a flag for the same thing
+//! its name is accepted too (`--tensor-parallel-size`, `-tp`, `VLLM_API_KEY`, positional model).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Where the tiny model ships in the repository (relative to the repo root, the usual cwd).
+pub const TINY_MODEL_DIR: &str = "server/assets/tiny-dsv4";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dspark-server",
+    version,
+    about = "OpenAI-compatible server for DeepSeek-V4-Flash with DSpark speculative decoding"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the OpenAI-compatible API (rank 0) or follow rank 0's step plans (rank > 0).
+    Serve(Box<ServeArgs>),
+    // `Bench(BenchArgs)` joins here: a load generator against a running server.
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    Cuda,
+    Cpu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvCacheDtype {
+    /// The checkpoint's native KV dtype (fp8 records for V4-Flash on CUDA, f32 on the CPU backend).
+    Auto,
+    Bf16,
+    Fp8,
+    Nvfp4,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SpeculativeMethod {
+    Dspark,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LoadFormat {
+    /// safetensors from the model directory.
+    Auto,
+    Safetensors,
+    /// Random weights of the right shapes: no checkpoint needed (tests, benchmarks of the plumbing).
+    Dummy,
+}
+
+/// Flags of `dspark-server serve`. The operator passes the resolved profile as these flags.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Model directory (config.json, *.safetensors, tokenizer.json), vLLM-style positional form.
+    #[arg(value_name = "MODEL", conflicts_with = "model")]
+    pub model_tag: Option<PathBuf>,
+
+    /// Model directory (config.json, *.safetensors, tokenizer.json) [default: the tiny model in the repo]
+    #[arg(long, env = "DSPARK_MODEL")]
+    pub model: Option<PathBuf>,
+
+    /// Name clients use in `model` [default: the model directory's name].
+    #[arg(long, env = "DSPARK_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+
+    /// tokenizer.json to use [default: the one in the model directory].
+    #[arg(long, env = "DSPARK_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
+
+    #[arg(long, env = "DSPARK_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+
+    #[arg(long, env = "DSPARK_PORT", default_value_t = 8000)]
+    pub port: u16,
+
+    /// Backend [default: cuda when a CUDA driver is present, else cpu].
+    #[arg(long, env = "DSPARK_DEVICE", value_enum)]
+    pub device: Option<Device>,
+
+    /// Ranks of the tensor-parallel group (one GPU, one pod each).
+    #[arg(
+        long,
+        env = "DSPARK_WORLD_SIZE",
+        visible_alias = "tensor-parallel-size",
+        default_value_t = 1
+    )]
+    pub world_size: usize,
+
+    /// This process's rank; 0 leads and serves HTTP (the operator sets it from the pod index).
+    /// Omitted with --world-size > 1: start every rank on this machine (local launcher).
+    #[arg(long, env = "DSPARK_RANK")]
+    pub rank: Option<usize>,
+
+    /// Rank 0's control address HOST:PORT, dialled by the other ranks.
+    #[arg(long, env = "DSPARK_LEADER_ADDR")]
+    pub leader_addr: Option<String>,
+
+    /// Port rank 0 listens on for the other ranks.
+    #[arg(long, env = "DSPARK_CONTROL_PORT", default_value_t = 29500)]
+    pub control_port: u16,
+
+    /// How long ranks wait for each other to form the group before giving up.
+    #[arg(long, env = "DSPARK_RENDEZVOUS_TIMEOUT_SECS", default_value_t = 600)]
+    pub rendezvous_timeout_secs: u64,
+
+    /// Per-request ceiling on prompt + output tokens [default: the pool size, capped by the
+    /// model's max_position_embeddings].
+    #[arg(long, env = "DSPARK_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+
+    /// Most requests (sequences) running at once.
+    #[arg(long, env = "DSPARK_MAX_NUM_SEQS", default_value_t = 256)]
+    pub max_num_seqs: usize,
+
+    /// Token budget of one step: decodes first, then prefill chunks.
+    #[arg(long, env = "DSPARK_MAX_NUM_BATCHED_TOKENS", default_value_t = 8192)]
+    pub max_num_batched_tokens: usize,
+
+    #[arg(long, env = "DSPARK_KV_CACHE_DTYPE", value_enum, default_value_t = KvCacheDtype::Auto)]
+    pub kv_cache_dtype: KvCacheDtype,
+
+    /// Tokens in the shared KV pool [default: what fits in --gpu-memory-utilization after
+    /// weights and workspace].
+    #[arg(long, env = "DSPARK_KV_POOL_TOKENS")]
+    pub kv_pool_tokens: Option<usize>,
+
+    /// Fraction of GPU memory the process may use (weights + workspace + KV pool).
+    #[arg(long, env = "DSPARK_GPU_MEMORY_UTILIZATION", default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
+
+    /// Speculative decoding [default: dspark when the checkpoint carries the draft, else none].
+    #[arg(long, env = "DSPARK_SPECULATIVE_METHOD", value_enum)]
+    pub speculative_method: Option<SpeculativeMethod>,
+
+    /// Draft tokens per step [default: the checkpoint's dspark_block_size].
+    #[arg(long, env = "DSPARK_NUM_SPECULATIVE_TOKENS")]
+    pub num_speculative_tokens: Option<usize>,
+
+    #[arg(long, env = "DSPARK_LOAD_FORMAT", value_enum, default_value_t = LoadFormat::Auto)]
+    pub load_format: LoadFormat,
+
+    /// Clients must send `Authorization: Bearer KEY` on /v1/* (also read from VLLM_API_KEY).
+    #[arg(long, env = "DSPARK_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Requests allowed to wait for a slot; past it new requests get 429.
+    #[arg(long, env = "DSPARK_MAX_WAITING_REQUESTS", default_value_t = 1024)]
+    pub max_waiting_requests: usize,
+
+    /// Reuse KV blocks of identical prompt prefixes (full blocks, by hash chain).
+    #[arg(long, env = "DSPARK_ENABLE_PREFIX_CACHING", num_args = 0..=1, default_value_t = true,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub enable_prefix_caching: bool,
+
+    /// Same as --enable-prefix-caching=false (vLLM's spelling).
+    #[arg(long, env = "DSPARK_NO_ENABLE_PREFIX_CACHING")]
+    pub no_enable_prefix_caching: bool,
+
+    /// On SIGTERM/SIGINT: stop accepting, let in-flight requests finish for this long, then
+    /// cancel the rest and exit 0.
+    #[arg(long, env = "DSPARK_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    pub shutdown_timeout_secs: u64,
+
+    /// Largest request body accepted; larger ones get 413.
+    #[arg(long, env = "DSPARK_MAX_REQUEST_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_request_body_bytes: usize,
+}
+
+impl ServeArgs {
+    /// The model directory: --model, else the positional MODEL, else the tiny model in the repo.
+    pub fn model_dir(&self) -> PathBuf {
+        if let Some(m) = self.model.as_ref().or(self.model_tag.as_ref()) {
+            return m.clone();
+        }
+        let in_cwd = PathBuf::from(TINY_MODEL_DIR);
+        if in_cwd.exists() {
+            return in_cwd;
+        }
+        // Running from elsewhere in a source checkout: the crate's own copy.
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-dsv4")
+    }
+
+    /// The name clients use in `model`.
+    pub fn served_model_name(&self) -> String {
+        if let Some(n) = &self.served_model_name {
+            return n.clone();
+        }
+        let dir = self.model_dir();
+        dir.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| dir.to_string_lossy().into_owned())
+    }
+
+    /// This process's rank (0 when not given).
+    pub fn rank(&self) -> usize {
+        self.rank.unwrap_or(0)
+    }
+
+    /// `--world-size N > 1` without `--rank`: this process supervises N local ranks.
+    pub fn launches_local_group(&self) -> bool {
+        self.world_size > 1 && self.rank.is_none()
+    }
+
+    pub fn prefix_caching(&self) -> bool {
+        self.enable_prefix_caching && !self.no_enable_prefix_caching
+    }
+
+    /// --api-key / DSPARK_API_KEY, else VLLM_API_KEY (what vLLM users already set).
+    pub fn api_key(&self) -> Option<String> {
+        self.api_key
+            .clone()
+            .or_else(|| std::env::var("VLLM_API_KEY").ok())
+            .filter(|k| !k.is_empty())
+    }
+
+    pub fn tokenizer_path(&self) -> PathBuf {
+        self.tokenizer
+            .clone()
+            .unwrap_or_else(|| self.model_dir().join("tokenizer.json"))
+    }
+
+    /// Checks that do not need the model. Returns a message fit for the user.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.world_size == 0 {
+            return Err("--world-size must be at least 1".into());
+        }
+        if self.rank() >= self.world_size {
+            return Err(format!(
+                "--rank {} is outside the group (--world-size {})",
+                self.rank(),
+                self.world_size
+            ));
+        }
+        if self.max_num_seqs == 0 {
+            return Err("--max-num-seqs must be at least 1".into());
+        }
+        if self.max_num_batched_tokens == 0 {
+            return Err("--max-num-batched-tokens must be at least 1".into());
+        }
+        if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
+            return Err("--gpu-memory-utilization must be in (0, 1]".into());
+        }
+        if self.max_model_len == Some(0) {
+            return Err("--max-model-len must be at least 1".into());
+        }
+        if self.kv_pool_tokens == Some(0) {
+            return Err("--kv-pool-tokens must be at least 1".into());
+        }
+        if self.rank() > 0 && self.leader_addr.is_none() {
+            return Err(format!(
+                "rank {} needs --leader-addr HOST:PORT",
+                self.rank()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Rewrites vLLM spellings clap cannot express (`-tp N`, `-tp=N`) into ours.
+pub fn normalize_vllm_args<I: IntoIterator<Item = String>>(args: I) -> Vec<String> {
+    args.into_iter()
+        .map(|a| {
+            if a == "-tp" {
+                "--tensor-parallel-size".to_string()
+            } else if let Some(v) = a.strip_prefix("-tp=") {
+                format!("--tensor-parallel-size={v}")
+            } else {
+                a
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> ServeArgs {
+        let argv = normalize_vllm_args(
+            std::iter::once("dspark-server".to_string())
+                .chain(std::iter::once("serve".to_string()))
+                .chain(args.iter().map(|s| s.to_string())),
+        );
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(a) => *a,
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let a = parse(&[]);
+        assert_eq!(a.host, "0.0.0.0");
+        assert_eq!(a.port, 8000);
+        assert_eq!(a.world_size, 1);
+        assert_eq!(a.rank(), 0);
+        assert!(!a.launches_local_group());
+        assert_eq!(a.control_port, 29500);
+        assert_eq!(a.rendezvous_timeout_secs, 600);
+        assert_eq!(a.gpu_memory_utilization, 0.9);
+        assert_eq!(a.kv_cache_dtype, KvCacheDtype::Auto);
+        assert_eq!(a.load_format, LoadFormat::Auto);
+        assert!(a.prefix_caching());
+        assert!(a.model_dir().ends_with("tiny-dsv4"));
+        assert_eq!(a.served_model_name(), "tiny-dsv4");
+        a.validate().unwrap();
+    }
+
+    #[test]
+    fn vllm_spellings_are_accepted() {
+        assert_eq!(parse(&["-tp", "2"]).world_size, 2);
+        assert!(parse(&["-tp", "2"]).launches_local_group());
+        assert!(!parse(&["-tp", "2", "--rank", "0"]).launches_local_group());
+        assert_eq!(parse(&["-tp=2"]).world_size, 2);
+        assert_eq!(parse(&["--tensor-parallel-size", "2"]).world_size, 2);
+        let a = parse(&["/models/V4-Flash"]);
+        assert_eq!(a.model_dir(), PathBuf::from("/models/V4-Flash"));
+        assert_eq!(a.served_model_name(), "V4-Flash");
+        assert!(!parse(&["--no-enable-prefix-caching"]).prefix_caching());
+        assert!(!parse(&["--enable-prefix-caching=false"]).prefix_caching());
+        assert!(parse(&["--enable-prefix-caching"]).prefix_caching());
+    }
+
+    #[test]
+    fn bad_combinations_are_clear_errors() {
+        let e = parse(&["--world-size", "2", "--rank", "2"])
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("outside the group"), "{e}");
+        let e = parse(&["--world-size", "2", "--rank", "1"])
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("--leader-addr"), "{e}");
+        assert!(
+            Cli::try_parse_from(["dspark-server", "serve", "--kv-cache-dtype", "int3"]).is_err()
+        );
+    }
+}
