@@ -1,0 +1,798 @@
+//! The batched forward pass of DeepSeek-V4 over a [`Backend`], reading and writing the KV pool.
+//!
+//! A step flattens every sequence's tokens into one list of rows: projections, norms, MoE and
+//! hyper-connections run over all rows at once (prefill chunks and decodes alike); attention,
+//! compression and indexing run per token against that token's own sequence blocks.
+
+use super::config::{AttentionKind, ModelConfig, ScoringFunc};
+use super::hyper::{collapse, expand, HcMix};
+use super::kv::KvPool;
+use super::load::{
+    AttentionWeights, CompressorWeights, ExpertWeights, ModelWeights, Routing, Shard,
+};
+use super::ops::{gated_pool, rms_norm_rows, sigmoid, silu, softplus, top_k_indices, PoolSlot};
+use super::rope::RopeTable;
+use crate::backend::cpu::dot;
+use crate::backend::Backend;
+use crate::engine::{EngineError, KvLayout, LogitsWanted, ModelRunner, StepOutput, StepPlan};
+use crate::ranks::Communicator;
+use rayon::prelude::*;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+fn backend_err(e: crate::backend::BackendError) -> EngineError {
+    EngineError::Backend(e.to_string())
+}
+
+fn comm_err(e: crate::ranks::CommError) -> EngineError {
+    EngineError::Comm(e.to_string())
+}
+
+/// One row of the flattened step.
+#[derive(Debug, Clone, Copy)]
+struct TokenRow {
+    seq: usize,
+    pos: usize,
+    id: u32,
+}
+
+/// Per-sequence view of the step.
+struct SeqView<'a> {
+    start: usize,
+    len: usize,
+    /// Index of this sequence's first row in the flattened step.
+    first_row: usize,
+    block_table: &'a [u32],
+}
+
+/// DeepSeek-V4 target model of one rank, with its KV pool.
+pub struct DeepseekV4<B: Backend> {
+    cfg: ModelConfig,
+    backend: B,
+    weights: ModelWeights<B>,
+    rope_main: RopeTable,
+    rope_compress: RopeTable,
+    pool: KvPool,
+    comm: Arc<dyn Communicator>,
+    shard: Shard,
+    /// Layers whose output (mean of the residual streams) is kept for the DSpark draft.
+    capture_layers: Vec<usize>,
+    captured: Vec<(usize, Vec<f32>)>,
+}
+
+impl<B: Backend> DeepseekV4<B> {
+    pub fn new(
+        cfg: ModelConfig,
+        backend: B,
+        weights: ModelWeights<B>,
+        pool: KvPool,
+        comm: Arc<dyn Communicator>,
+        shard: Shard,
+    ) -> Self {
+        let rope_main = RopeTable::new(&cfg.rope_main, cfg.qk_rope_head_dim);
+        let rope_compress = RopeTable::new(&cfg.rope_compress, cfg.qk_rope_head_dim);
+        Self {
+            cfg,
+            backend,
+            weights,
+            rope_main,
+            rope_compress,
+            pool,
+            comm,
+            shard,
+            capture_layers: Vec::new(),
+            captured: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Keep, for every row of each following step, the mean of the residual streams after these
+    /// layers (the DSpark draft's target features).
+    pub fn set_capture_layers(&mut self, layers: Vec<usize>) {
+        self.capture_layers = layers;
+    }
+
+    /// `(layer, [rows, hidden])` captured by the last step, rows in plan order.
+    pub fn take_captured(&mut self) -> Vec<(usize, Vec<f32>)> {
+        std::mem::take(&mut self.captured)
+    }
+
+    fn validate(&self, plan: &StepPlan) -> Result<(), EngineError> {
+        let bs = self.pool.geometry.block_size;
+        let mut seen = HashSet::new();
+        for s in &plan.seqs {
+            if !seen.insert(s.seq_id) {
+                return Err(EngineError::Invalid(format!(
+                    "sequence {} appears twice in one step",
+                    s.seq_id
+                )));
+            }
+            if s.tokens.is_empty() {
+                return Err(EngineError::Invalid(format!(
+                    "sequence {} has no tokens to run",
+                    s.seq_id
+                )));
+            }
+            let end = s.start_pos + s.tokens.len();
+            if end > self.cfg.max_position_embeddings {
+                return Err(EngineError::Invalid(format!(
+                    "sequence {} reaches position {end}, beyond max_position_embeddings {}",
+                    s.seq_id, self.cfg.max_position_embeddings
+                )));
+            }
+            if s.block_table.len() * bs < end {
+                return Err(EngineError::Invalid(format!(
+                    "sequence {}: block table of {} blocks covers {} positions, needs {end}",
+                    s.seq_id,
+                    s.block_table.len(),
+                    s.block_table.len() * bs
+                )));
+            }
+            if let Some(b) = s
+                .block_table
+                .iter()
+                .find(|&&b| b as usize >= self.pool.num_blocks)
+            {
+                return Err(EngineError::Invalid(format!(
+                    "sequence {}: block {b} outside the pool of {} blocks",
+                    s.seq_id, self.pool.num_blocks
+                )));
+            }
+            if let Some(t) = s
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.cfg.vocab_size)
+            {
+                return Err(EngineError::Invalid(format!(
+                    "sequence {}: token id {t} outside the vocabulary of {}",
+                    s.seq_id, self.cfg.vocab_size
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn linear(&self, x: &[f32], n: usize, w: &B::Matrix) -> Result<Vec<f32>, EngineError> {
+        self.backend.linear(x, n, w).map_err(backend_err)
+    }
+
+    fn all_reduce(&self, data: &mut [f32]) -> Result<(), EngineError> {
+        if self.shard.world_size > 1 {
+            self.comm.all_reduce_sum(data).map_err(comm_err)?;
+        }
+        Ok(())
+    }
+
+    /// Runs one step: returns logits per sequence as the plan asks.
+    pub fn forward(&mut self, plan: &StepPlan) -> Result<StepOutput, EngineError> {
+        self.validate(plan)?;
+        let (h, hc) = (self.cfg.hidden_size, self.cfg.hc_mult);
+        let (eps, hc_eps) = (self.cfg.rms_norm_eps, self.cfg.hc_eps);
+
+        let mut rows = Vec::new();
+        let mut seqs = Vec::with_capacity(plan.seqs.len());
+        for (si, s) in plan.seqs.iter().enumerate() {
+            seqs.push(SeqView {
+                start: s.start_pos,
+                len: s.tokens.len(),
+                first_row: rows.len(),
+                block_table: &s.block_table,
+            });
+            rows.extend(s.tokens.iter().enumerate().map(|(i, &id)| TokenRow {
+                seq: si,
+                pos: s.start_pos + i,
+                id,
+            }));
+        }
+        let n = rows.len();
+        if n == 0 {
+            return Ok(StepOutput::default());
+        }
+
+        let ids: Vec<u32> = rows.iter().map(|r| r.id).collect();
+        let embed = self
+            .backend
+            .gather_rows(&self.weights.embed, &ids)
+            .map_err(backend_err)?;
+        // Residual streams [n, hc, h]: the embedding copied into every stream.
+        let mut streams = vec![0f32; n * hc * h];
+        streams
+            .par_chunks_mut(hc * h)
+            .zip(embed.par_chunks(h))
+            .for_each(|(dst, e)| dst.chunks_mut(h).for_each(|s| s.copy_from_slice(e)));
+
+        self.captured.clear();
+        for l in 0..self.cfg.num_hidden_layers {
+            let lw = &self.weights.layers[l];
+            // Attention site.
+            let (mixes, mut x) = self.hc_pre(&streams, &lw.hc_attn, n)?;
+            rms_norm_rows(&mut x, h, Some(&lw.attn_norm), eps);
+            let attn_out = self.attention(l, &x, &rows, &seqs)?;
+            hc_post(&mut streams, &mixes, &attn_out, h, hc);
+            // FFN site.
+            let lw = &self.weights.layers[l];
+            let (mixes, mut x) = self.hc_pre(&streams, &lw.hc_ffn, n)?;
+            rms_norm_rows(&mut x, h, Some(&lw.ffn_norm), eps);
+            let ffn_out = self.moe(l, &x, &ids)?;
+            hc_post(&mut streams, &mixes, &ffn_out, h, hc);
+            if self.capture_layers.contains(&l) {
+                let mean: Vec<f32> = streams
+                    .chunks(hc * h)
+                    .flat_map(|t| {
+                        (0..h).map(move |c| (0..hc).map(|k| t[k * h + c]).sum::<f32>() / hc as f32)
+                    })
+                    .collect();
+                self.captured.push((l, mean));
+            }
+        }
+
+        // Rows whose logits are wanted.
+        let mut wanted: Vec<usize> = Vec::new();
+        let mut per_seq: Vec<Vec<usize>> = Vec::with_capacity(plan.seqs.len());
+        for (s, view) in plan.seqs.iter().zip(&seqs) {
+            let picks: Vec<usize> = match s.logits {
+                LogitsWanted::None => vec![],
+                LogitsWanted::Last => vec![view.first_row + view.len - 1],
+                LogitsWanted::All => (view.first_row..view.first_row + view.len).collect(),
+            };
+            per_seq.push((wanted.len()..wanted.len() + picks.len()).collect());
+            wanted.extend(picks);
+        }
+        let mut out = StepOutput {
+            logits: per_seq.iter().map(|_| Vec::new()).collect(),
+        };
+        if wanted.is_empty() {
+            return Ok(out);
+        }
+        let mut final_h: Vec<f32> = Vec::with_capacity(wanted.len() * h);
+        for &r in &wanted {
+            final_h.extend(self.weights.hc_head.collapse(
+                &streams[r * hc * h..(r + 1) * hc * h],
+                hc,
+                hc_eps,
+                eps,
+            ));
+        }
+        rms_norm_rows(&mut final_h, h, Some(&self.weights.norm), eps);
+        let local = self.linear(&final_h, wanted.len(), &self.weights.head)?;
+        let vocab = self.cfg.vocab_size;
+        let logits = if self.shard.world_size > 1 {
+            // Vocab-parallel head: gather every rank's columns, then re-interleave per row.
+            let gathered = self.comm.all_gather(&local).map_err(comm_err)?;
+            let (m, vl) = (wanted.len(), vocab / self.shard.world_size);
+            let mut full = vec![0f32; m * vocab];
+            for rk in 0..self.shard.world_size {
+                for r in 0..m {
+                    let src = &gathered[rk * m * vl + r * vl..rk * m * vl + (r + 1) * vl];
+                    full[r * vocab + rk * vl..r * vocab + (rk + 1) * vl].copy_from_slice(src);
+                }
+            }
+            full
+        } else {
+            local
+        };
+        for (si, picks) in per_seq.iter().enumerate() {
+            out.logits[si] = picks
+                .iter()
+                .map(|&i| logits[i * vocab..(i + 1) * vocab].to_vec())
+                .collect();
+        }
+        Ok(out)
+    }
+
+    /// Mixing coefficients of a hyper-connection site and the collapsed sub-layer input.
+    fn hc_pre(
+        &self,
+        streams: &[f32],
+        site: &super::hyper::HyperConnection,
+        n: usize,
+    ) -> Result<(Vec<HcMix>, Vec<f32>), EngineError> {
+        let cfg = &self.cfg;
+        let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
+        let mixes: Vec<HcMix> = streams
+            .par_chunks(hc * h)
+            .map(|t| site.mix(t, hc, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps))
+            .collect();
+        let mut x = vec![0f32; n * h];
+        x.par_chunks_mut(h)
+            .zip(streams.par_chunks(hc * h))
+            .zip(mixes.par_iter())
+            .for_each(|((dst, t), m)| dst.copy_from_slice(&collapse(t, &m.pre, h)));
+        Ok((mixes, x))
+    }
+
+    fn rope_for(&self, kind: AttentionKind) -> &RopeTable {
+        match kind {
+            AttentionKind::Sliding => &self.rope_main,
+            _ => &self.rope_compress,
+        }
+    }
+
+    /// One attention block over all rows of the step; returns `[n, hidden]` (all-reduced).
+    fn attention(
+        &mut self,
+        l: usize,
+        x: &[f32],
+        rows: &[TokenRow],
+        seqs: &[SeqView<'_>],
+    ) -> Result<Vec<f32>, EngineError> {
+        let n = rows.len();
+        let cfg = &self.cfg;
+        let aw: &AttentionWeights<B> = &self.weights.layers[l].attn;
+        let kind = cfg.layer_types[l];
+        let (hd, eps) = (cfg.head_dim, cfg.rms_norm_eps);
+        let rope = self.rope_for(kind).clone();
+
+        // Queries: q LoRA, per-head unweighted norm, RoPE.
+        let mut q_res = self.linear(x, n, &aw.wq_a)?;
+        rms_norm_rows(&mut q_res, cfg.q_lora_rank, Some(&aw.q_norm), eps);
+        let mut q = self.linear(&q_res, n, &aw.wq_b)?;
+        let local_heads = q.len() / (n * hd);
+        q.par_chunks_mut(local_heads * hd)
+            .zip(rows.par_iter())
+            .for_each(|(qr, row)| {
+                rms_norm_rows(qr, hd, None, eps);
+                rope.apply(qr, hd, row.pos, false);
+            });
+
+        // The single latent KV head, written to each token's window slot.
+        let mut kv = self.linear(x, n, &aw.wkv)?;
+        rms_norm_rows(&mut kv, hd, Some(&aw.kv_norm), eps);
+        kv.par_chunks_mut(hd)
+            .zip(rows.par_iter())
+            .for_each(|(k, row)| rope.apply(k, hd, row.pos, false));
+        for (i, row) in rows.iter().enumerate() {
+            let at = self
+                .pool
+                .window_row(seqs[row.seq].block_table, l, row.pos, hd);
+            self.pool.data[at..at + hd].copy_from_slice(&kv[i * hd..(i + 1) * hd]);
+        }
+
+        // Compressor (CSA / HCA) and the Lightning Indexer (CSA).
+        let ratio = cfg.compress_ratio(l).unwrap_or(0);
+        let mut selected: Vec<Vec<usize>> = vec![Vec::new(); n];
+        if let Some(cw) = &aw.compressor {
+            let coff = if kind == AttentionKind::Csa { 2 } else { 1 };
+            let ckv = self.linear(x, n, &cw.wkv)?;
+            let cg = self.linear(x, n, &cw.wgate)?;
+            store_compressor_inputs(&mut self.pool, l, rows, seqs, (&ckv, &cg), coff * hd, false);
+            let win = Window {
+                dim: hd,
+                coff,
+                ratio,
+                indexer: false,
+            };
+            compress_new_windows(&mut self.pool, &self.rope_compress, eps, l, seqs, cw, win);
+            if let Some(iw) = &aw.indexer {
+                let ihd = cfg.index_head_dim;
+                let ikv = self.linear(x, n, &iw.compressor.wkv)?;
+                let ig = self.linear(x, n, &iw.compressor.wgate)?;
+                store_compressor_inputs(&mut self.pool, l, rows, seqs, (&ikv, &ig), 2 * ihd, true);
+                let win = Window {
+                    dim: ihd,
+                    coff: 2,
+                    ratio,
+                    indexer: true,
+                };
+                compress_new_windows(
+                    &mut self.pool,
+                    &self.rope_compress,
+                    eps,
+                    l,
+                    seqs,
+                    &iw.compressor,
+                    win,
+                );
+                selected = self.indexer_select(l, &q_res, x, rows, seqs, ratio)?;
+            } else {
+                selected = rows
+                    .iter()
+                    .map(|r| (0..(r.pos + 1) / ratio).collect())
+                    .collect();
+            }
+        }
+
+        // Attention per token: window rows + chosen compressed rows, with the per-head sink.
+        let pool = &self.pool;
+        let window = cfg.sliding_window;
+        let scale = (hd as f32).powf(-0.5);
+        let sinks = &aw.sinks;
+        let mut out = vec![0f32; n * local_heads * hd];
+        out.par_chunks_mut(local_heads * hd)
+            .enumerate()
+            .for_each(|(i, o)| {
+                let row = rows[i];
+                let bt = seqs[row.seq].block_table;
+                let lo = (row.pos + 1).saturating_sub(window);
+                let mut keys: Vec<&[f32]> = (lo..=row.pos)
+                    .map(|p| {
+                        let at = pool.window_row(bt, l, p, hd);
+                        &pool.data[at..at + hd]
+                    })
+                    .collect();
+                for &w in &selected[i] {
+                    let at = pool.comp_row(bt, l, w, hd);
+                    keys.push(&pool.data[at..at + hd]);
+                }
+                let mut logits = vec![0f32; keys.len()];
+                for hh in 0..local_heads {
+                    let qh =
+                        &q[i * local_heads * hd + hh * hd..i * local_heads * hd + (hh + 1) * hd];
+                    let mut max = sinks[hh];
+                    for (lg, k) in logits.iter_mut().zip(&keys) {
+                        *lg = dot(qh, k) * scale;
+                        max = max.max(*lg);
+                    }
+                    let mut denom = (sinks[hh] - max).exp();
+                    for lg in logits.iter_mut() {
+                        *lg = (*lg - max).exp();
+                        denom += *lg;
+                    }
+                    let oh = &mut o[hh * hd..(hh + 1) * hd];
+                    for (lg, k) in logits.iter().zip(&keys) {
+                        let p = lg / denom;
+                        for (a, b) in oh.iter_mut().zip(k.iter()) {
+                            *a += p * b;
+                        }
+                    }
+                }
+                // K = V carried RoPE into the output; undo it at the query position.
+                rope.apply(o, hd, row.pos, true);
+            });
+
+        // Grouped low-rank output projection: each local group to o_lora_rank, then mixed.
+        let hpg = cfg.num_attention_heads / cfg.o_groups;
+        let group_in = hpg * hd;
+        let local_groups = aw.wo_a.len();
+        let orank = cfg.o_lora_rank;
+        let mut grouped = vec![0f32; n * local_groups * orank];
+        for (g, wg) in aw.wo_a.iter().enumerate() {
+            let xg: Vec<f32> = out
+                .chunks(local_heads * hd)
+                .flat_map(|r| r[g * group_in..(g + 1) * group_in].iter().copied())
+                .collect();
+            let yg = self.linear(&xg, n, wg)?;
+            for r in 0..n {
+                grouped[r * local_groups * orank + g * orank
+                    ..r * local_groups * orank + (g + 1) * orank]
+                    .copy_from_slice(&yg[r * orank..(r + 1) * orank]);
+            }
+        }
+        let mut y = self.linear(&grouped, n, &aw.wo_b)?;
+        self.all_reduce(&mut y)?;
+        Ok(y)
+    }
+
+    /// Lightning Indexer: per token, the top `index_topk` visible compressed rows by
+    /// `sum_h w_h * relu(q_h . k)`.
+    fn indexer_select(
+        &self,
+        l: usize,
+        q_res: &[f32],
+        x: &[f32],
+        rows: &[TokenRow],
+        seqs: &[SeqView<'_>],
+        ratio: usize,
+    ) -> Result<Vec<Vec<usize>>, EngineError> {
+        let cfg = &self.cfg;
+        let n = rows.len();
+        let Some(iw) = &self.weights.layers[l].attn.indexer else {
+            return Ok(vec![Vec::new(); n]);
+        };
+        let ihd = cfg.index_head_dim;
+        let mut iq = self.linear(q_res, n, &iw.wq_b)?;
+        let heads = iq.len() / (n * ihd);
+        iq.par_chunks_mut(heads * ihd)
+            .zip(rows.par_iter())
+            .for_each(|(r, row)| self.rope_compress.apply(r, ihd, row.pos, false));
+        let mut wts = self.linear(x, n, &iw.weights_proj)?;
+        let wscale = (cfg.index_n_heads as f32).powf(-0.5);
+        wts.iter_mut().for_each(|w| *w *= wscale);
+        let sscale = (ihd as f32).powf(-0.5);
+
+        // Scores of every visible row for every token, flattened for one all-reduce.
+        let visible: Vec<usize> = rows.iter().map(|r| (r.pos + 1) / ratio).collect();
+        let mut offsets = Vec::with_capacity(n + 1);
+        offsets.push(0);
+        for v in &visible {
+            offsets.push(offsets.last().copied().unwrap_or(0) + v);
+        }
+        let pool = &self.pool;
+        let per_token: Vec<Vec<f32>> = (0..n)
+            .into_par_iter()
+            .map(|i| {
+                let bt = seqs[rows[i].seq].block_table;
+                (0..visible[i])
+                    .map(|w| {
+                        let at = pool.idx_row(bt, l, w, ihd);
+                        let k = &pool.data[at..at + ihd];
+                        indexer_score(
+                            &iq[i * heads * ihd..(i + 1) * heads * ihd],
+                            &wts[i * heads..(i + 1) * heads],
+                            k,
+                            sscale,
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut flat: Vec<f32> = per_token.into_iter().flatten().collect();
+        self.all_reduce(&mut flat)?;
+        Ok((0..n)
+            .map(|i| top_k_indices(&flat[offsets[i]..offsets[i + 1]], cfg.index_topk))
+            .collect())
+    }
+
+    /// The MoE block of layer `l` over rows `x` with token ids `ids`; returns `[n, hidden]`
+    /// (all-reduced). Stateless, so also usable on its own (component tests).
+    pub fn moe(&self, l: usize, x: &[f32], ids: &[u32]) -> Result<Vec<f32>, EngineError> {
+        let cfg = &self.cfg;
+        let n = ids.len();
+        let h = cfg.hidden_size;
+        let mw = &self.weights.layers[l].moe;
+        let e = cfg.n_routed_experts;
+        let k = cfg.num_experts_per_tok;
+        let logits = self.linear(x, n, &mw.gate)?;
+        let scores = router_scores(&logits, cfg.scoring_func);
+        let routes = route(&scores, e, k, &mw.routing, ids, cfg.routed_scaling_factor);
+        let mut out = vec![0f32; n * h];
+        // Experts in ascending id order, as the reference accumulates them.
+        for (ei, ew) in mw.experts.iter().enumerate() {
+            let mut toks = Vec::new();
+            let mut wts = Vec::new();
+            for (t, r) in routes.iter().enumerate() {
+                for &(c, w) in r {
+                    if c == ei {
+                        toks.push(t);
+                        wts.push(w);
+                    }
+                }
+            }
+            if toks.is_empty() {
+                continue;
+            }
+            let xs: Vec<f32> = toks
+                .iter()
+                .flat_map(|&t| x[t * h..(t + 1) * h].iter().copied())
+                .collect();
+            let y = self.expert(ew, &xs, toks.len())?;
+            for (j, (&t, &w)) in toks.iter().zip(&wts).enumerate() {
+                for (o, v) in out[t * h..(t + 1) * h]
+                    .iter_mut()
+                    .zip(&y[j * h..(j + 1) * h])
+                {
+                    *o += v * w;
+                }
+            }
+        }
+        let shared = self.expert(&mw.shared, x, n)?;
+        out.iter_mut().zip(&shared).for_each(|(o, s)| *o += s);
+        self.all_reduce(&mut out)?;
+        Ok(out)
+    }
+
+    /// SwiGLU expert with clipping: `w2(silu(min(w1 x, L)) * clamp(w3 x, -L, L))`.
+    fn expert(&self, ew: &ExpertWeights<B>, x: &[f32], n: usize) -> Result<Vec<f32>, EngineError> {
+        let lim = self.cfg.swiglu_limit;
+        let gate = self.linear(x, n, &ew.w1)?;
+        let up = self.linear(x, n, &ew.w3)?;
+        let act: Vec<f32> = gate
+            .iter()
+            .zip(&up)
+            .map(|(&g, &u)| silu(g.min(lim)) * u.clamp(-lim, lim))
+            .collect();
+        self.linear(&act, n, &ew.w2)
+    }
+}
+
+/// Lightning Indexer score of one key row: `sum_h w_h * relu(q_h . k) * scale` over the heads
+/// in `q` (`[heads, k.len()]`), `w` already scaled by `index_n_heads^-0.5`.
+pub fn indexer_score(q: &[f32], w: &[f32], k: &[f32], scale: f32) -> f32 {
+    q.chunks(k.len())
+        .zip(w)
+        .map(|(qh, wh)| (dot(qh, k).max(0.0) * scale) * wh)
+        .sum()
+}
+
+/// Router scores from gate logits.
+pub fn router_scores(logits: &[f32], func: ScoringFunc) -> Vec<f32> {
+    logits
+        .iter()
+        .map(|&v| match func {
+            ScoringFunc::SqrtSoftplus => softplus(v).sqrt(),
+            ScoringFunc::Sigmoid => sigmoid(v),
+        })
+        .collect()
+}
+
+/// `(expert, weight)` per token: hash layers take `tid2eid[token]`, the others the top `k` of
+/// `score + bias`; weights are the chosen scores renormalised, times `routed_scaling_factor`.
+pub fn route(
+    scores: &[f32],
+    e: usize,
+    k: usize,
+    routing: &Routing,
+    ids: &[u32],
+    routed_scaling_factor: f32,
+) -> Vec<Vec<(usize, f32)>> {
+    ids.iter()
+        .enumerate()
+        .map(|(t, &id)| {
+            let s = &scores[t * e..(t + 1) * e];
+            let chosen: Vec<usize> = match routing {
+                Routing::Hash(table) => {
+                    let id = id as usize;
+                    table[id * k..(id + 1) * k]
+                        .iter()
+                        .map(|&x| x as usize)
+                        .collect()
+                }
+                Routing::TopK(bias) => {
+                    let biased: Vec<f32> = s.iter().zip(bias).map(|(a, b)| a + b).collect();
+                    top_k_indices(&biased, k)
+                }
+            };
+            let sum: f32 = chosen.iter().map(|&c| s[c]).sum::<f32>() + 1e-20;
+            chosen
+                .iter()
+                .map(|&c| (c, s[c] / sum * routed_scaling_factor))
+                .collect()
+        })
+        .collect()
+}
+
+/// Shape of one compressor's windows.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    /// Output row width (`head_dim` or `index_head_dim`).
+    pub dim: usize,
+    /// 2 for overlapping CSA windows, 1 for HCA.
+    pub coff: usize,
+    pub ratio: usize,
+    /// Whether this is the indexer's compressor (selects the pool regions).
+    pub indexer: bool,
+}
+
+/// Writes each token's compressor `kv` and `gate` vectors into its block slot.
+fn store_compressor_inputs(
+    pool: &mut KvPool,
+    l: usize,
+    rows: &[TokenRow],
+    seqs: &[SeqView<'_>],
+    (kv, gate): (&[f32], &[f32]),
+    width: usize,
+    indexer: bool,
+) {
+    for (i, row) in rows.iter().enumerate() {
+        let bt = seqs[row.seq].block_table;
+        let at = if indexer {
+            pool.idx_in_row(bt, l, row.pos)
+        } else {
+            pool.comp_in_row(bt, l, row.pos)
+        };
+        pool.data[at..at + width].copy_from_slice(&kv[i * width..(i + 1) * width]);
+        pool.data[at + width..at + 2 * width].copy_from_slice(&gate[i * width..(i + 1) * width]);
+    }
+}
+
+/// Builds every compressed row whose window closes inside this step.
+fn compress_new_windows<B: Backend>(
+    pool: &mut KvPool,
+    rope: &RopeTable,
+    eps: f32,
+    l: usize,
+    seqs: &[SeqView<'_>],
+    cw: &CompressorWeights<B>,
+    win: Window,
+) {
+    let Window {
+        dim,
+        coff,
+        ratio,
+        indexer,
+    } = win;
+    let width = coff * dim;
+    let mut new_rows: Vec<(usize, usize, Vec<f32>)> = Vec::new();
+    let ro: &KvPool = pool;
+    for (si, s) in seqs.iter().enumerate() {
+        let bt = s.block_table;
+        // Window w closes at position (w + 1) * ratio - 1.
+        for w in s.start / ratio..(s.start + s.len) / ratio {
+            let input = |pos: usize| {
+                let at = if indexer {
+                    ro.idx_in_row(bt, l, pos)
+                } else {
+                    ro.comp_in_row(bt, l, pos)
+                };
+                &ro.data[at..at + 2 * width]
+            };
+            let row = compress_window(input, w, &cw.ape, &cw.norm, win, rope, eps);
+            new_rows.push((si, w, row));
+        }
+    }
+    for (si, w, row) in new_rows {
+        let bt = seqs[si].block_table;
+        let at = if indexer {
+            pool.idx_row(bt, l, w, dim)
+        } else {
+            pool.comp_row(bt, l, w, dim)
+        };
+        pool.data[at..at + dim].copy_from_slice(&row);
+    }
+}
+
+/// One compressed row: softmax-gated pooling of window `w` (CSA: plus the previous window's
+/// first-half channels), RMSNorm, RoPE at position `w * ratio`. `input(pos)` is the token's
+/// `kv` then `gate` vector (each `coff * dim` wide).
+pub fn compress_window<'a>(
+    input: impl Fn(usize) -> &'a [f32],
+    w: usize,
+    ape: &[f32],
+    norm: &[f32],
+    win: Window,
+    rope: &RopeTable,
+    eps: f32,
+) -> Vec<f32> {
+    let Window {
+        dim, coff, ratio, ..
+    } = win;
+    let width = coff * dim;
+    let mut slots = Vec::with_capacity(2 * ratio);
+    if coff == 2 && w > 0 {
+        // Overlap: the previous window's first-half channels (Ca).
+        for i in 0..ratio {
+            let v = input((w - 1) * ratio + i);
+            slots.push(PoolSlot {
+                kv: &v[..dim],
+                gate: &v[width..width + dim],
+                bias: &ape[i * width..i * width + dim],
+            });
+        }
+    }
+    let off = (coff - 1) * dim;
+    for i in 0..ratio {
+        let v = input(w * ratio + i);
+        slots.push(PoolSlot {
+            kv: &v[off..off + dim],
+            gate: &v[width + off..width + off + dim],
+            bias: &ape[i * width + off..i * width + off + dim],
+        });
+    }
+    let mut row = gated_pool(&slots, dim);
+    rms_norm_rows(&mut row, dim, Some(norm), eps);
+    rope.apply(&mut row, dim, w * ratio, false);
+    row
+}
+
+fn hc_post(streams: &mut [f32], mixes: &[HcMix], out: &[f32], h: usize, hc: usize) {
+    streams
+        .par_chunks_mut(hc * h)
+        .zip(mixes.par_iter())
+        .zip(out.par_chunks(h))
+        .for_each(|((s, m), o)| expand(s, m, o, h));
+}
+
+impl<B: Backend> ModelRunner for DeepseekV4<B> {
+    fn kv_layout(&self) -> KvLayout {
+        KvLayout {
+            block_size: self.pool.geometry.block_size,
+            num_blocks: self.pool.num_blocks,
+            bytes_per_block: self.pool.geometry.bytes_per_block(),
+        }
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, EngineError> {
+        self.forward(plan)
+    }
+
+    fn release(&mut self, _seq_id: u64) {
+        // The target keeps nothing outside the pool.
+    }
+}

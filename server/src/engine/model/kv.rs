@@ -1,0 +1,169 @@
+//! What one KV pool block holds, per layer (CPU f32 layout; see docs/KV.md).
+//!
+//! A block covers `block_size` consecutive positions of one sequence. `block_size` is a multiple
+//! of every compress ratio, so a compression window never spans two blocks and a block boundary
+//! is always a window boundary. Per layer a block stores, for each of its token slots:
+//! - the latent KV row (`head_dim`, after kv_norm + RoPE) read by the sliding window;
+//! - for CSA / HCA layers, the compressor inputs of the token (`kv_proj` and `gate_proj`
+//!   outputs), from which the compressed rows are built (the CSA overlap reads the previous
+//!   window, which may sit in the previous block);
+//! - for CSA layers, the indexer compressor inputs likewise;
+//!
+//! and, per window completed inside it, the compressed row (and the indexer key row). So a
+//! sequence can continue from any position given only its block table.
+
+use super::config::{AttentionKind, ModelConfig};
+
+/// Offsets (in f32 values) of one layer's region inside a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerBlockLayout {
+    pub kind: AttentionKind,
+    /// Start of this layer's region within the block.
+    pub base: usize,
+    /// `[block_size, head_dim]` latent rows.
+    pub window: usize,
+    /// Compress ratio (0 for sliding layers).
+    pub ratio: usize,
+    /// Width of one token's compressor `kv` (and `gate`) vector: `coff * head_dim`.
+    pub comp_width: usize,
+    /// `[block_size, 2 * comp_width]`: per token `kv` then `gate`.
+    pub comp_in: usize,
+    /// `[block_size / ratio, head_dim]` compressed rows.
+    pub comp_rows: usize,
+    /// Width of one token's indexer `kv` (and `gate`): `2 * index_head_dim` (CSA only).
+    pub idx_width: usize,
+    /// `[block_size, 2 * idx_width]` indexer compressor inputs.
+    pub idx_in: usize,
+    /// `[block_size / ratio, index_head_dim]` indexer key rows.
+    pub idx_rows: usize,
+    /// Values of this layer's region.
+    pub len: usize,
+}
+
+/// Geometry of the whole pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockGeometry {
+    pub block_size: usize,
+    pub layers: Vec<LayerBlockLayout>,
+    /// f32 values per block (all layers).
+    pub floats_per_block: usize,
+}
+
+impl BlockGeometry {
+    pub fn new(cfg: &ModelConfig, block_size: usize) -> Self {
+        let hd = cfg.head_dim;
+        let ihd = cfg.index_head_dim;
+        let mut base = 0;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let kind = cfg.layer_types[l];
+            let ratio = cfg.compress_ratio(l).unwrap_or(0);
+            let coff = match kind {
+                AttentionKind::Sliding => 0,
+                AttentionKind::Hca => 1,
+                AttentionKind::Csa => 2,
+            };
+            let comp_width = coff * hd;
+            let idx_width = if kind == AttentionKind::Csa {
+                2 * ihd
+            } else {
+                0
+            };
+            let rows = block_size.checked_div(ratio).unwrap_or(0);
+            let window = 0;
+            let comp_in = window + block_size * hd;
+            let comp_rows = comp_in + block_size * 2 * comp_width;
+            let idx_in = comp_rows + if coff > 0 { rows * hd } else { 0 };
+            let idx_rows = idx_in + block_size * 2 * idx_width;
+            let len = idx_rows + if idx_width > 0 { rows * ihd } else { 0 };
+            layers.push(LayerBlockLayout {
+                kind,
+                base,
+                window,
+                ratio,
+                comp_width,
+                comp_in,
+                comp_rows,
+                idx_width,
+                idx_in,
+                idx_rows,
+                len,
+            });
+            base += len;
+        }
+        Self {
+            block_size,
+            layers,
+            floats_per_block: base,
+        }
+    }
+
+    pub fn bytes_per_block(&self) -> usize {
+        self.floats_per_block * std::mem::size_of::<f32>()
+    }
+}
+
+/// The pool storage: `num_blocks * floats_per_block` f32 values.
+#[derive(Debug)]
+pub struct KvPool {
+    pub geometry: BlockGeometry,
+    pub num_blocks: usize,
+    pub data: Vec<f32>,
+}
+
+impl KvPool {
+    pub fn new(geometry: BlockGeometry, num_blocks: usize) -> Self {
+        let data = vec![0f32; geometry.floats_per_block * num_blocks];
+        Self {
+            geometry,
+            num_blocks,
+            data,
+        }
+    }
+
+    /// Index of the first value of `layer`'s region of the block holding `pos`.
+    #[inline]
+    pub fn region(&self, block_table: &[u32], layer: usize, pos: usize) -> usize {
+        let g = &self.geometry;
+        block_table[pos / g.block_size] as usize * g.floats_per_block + g.layers[layer].base
+    }
+
+    /// The latent window row of the token at `pos`.
+    #[inline]
+    pub fn window_row(&self, bt: &[u32], layer: usize, pos: usize, hd: usize) -> usize {
+        let slot = pos % self.geometry.block_size;
+        self.region(bt, layer, pos) + self.geometry.layers[layer].window + slot * hd
+    }
+
+    /// The compressor input (`kv` then `gate`, each `comp_width`) of the token at `pos`.
+    #[inline]
+    pub fn comp_in_row(&self, bt: &[u32], layer: usize, pos: usize) -> usize {
+        let l = &self.geometry.layers[layer];
+        let slot = pos % self.geometry.block_size;
+        self.region(bt, layer, pos) + l.comp_in + slot * 2 * l.comp_width
+    }
+
+    /// The compressed row of window `w`.
+    #[inline]
+    pub fn comp_row(&self, bt: &[u32], layer: usize, w: usize, hd: usize) -> usize {
+        let l = &self.geometry.layers[layer];
+        let pos = w * l.ratio;
+        let idx = (pos % self.geometry.block_size) / l.ratio;
+        self.region(bt, layer, pos) + l.comp_rows + idx * hd
+    }
+
+    #[inline]
+    pub fn idx_in_row(&self, bt: &[u32], layer: usize, pos: usize) -> usize {
+        let l = &self.geometry.layers[layer];
+        let slot = pos % self.geometry.block_size;
+        self.region(bt, layer, pos) + l.idx_in + slot * 2 * l.idx_width
+    }
+
+    #[inline]
+    pub fn idx_row(&self, bt: &[u32], layer: usize, w: usize, ihd: usize) -> usize {
+        let l = &self.geometry.layers[layer];
+        let pos = w * l.ratio;
+        let idx = (pos % self.geometry.block_size) / l.ratio;
+        self.region(bt, layer, pos) + l.idx_rows + idx * ihd
+    }
+}

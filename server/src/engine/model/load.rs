@@ -1,0 +1,478 @@
+//! Turning checkpoint tensors (official DeepSeek names, dequantized to f32) into the weights of
+//! this rank's share of the model.
+
+use super::config::{AttentionKind, MlpKind, ModelConfig};
+use super::hyper::{HyperConnection, HyperHead};
+use crate::backend::{Backend, BackendError};
+use std::ops::Range;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("checkpoint is missing tensor `{0}`")]
+    MissingTensor(String),
+    #[error("tensor `{name}` has shape {got:?}, the config implies {want:?}")]
+    Shape {
+        name: String,
+        got: Vec<usize>,
+        want: Vec<usize>,
+    },
+    #[error("tensor `{name}`: {reason}")]
+    Tensor { name: String, reason: String },
+    #[error("tensor parallel: {0}")]
+    Sharding(String),
+    #[error(transparent)]
+    Config(#[from] super::config::ConfigError),
+    #[error("backend: {0}")]
+    Backend(#[from] BackendError),
+    #[error("weights: {0}")]
+    Source(String),
+}
+
+/// A dense f32 tensor read from a checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// Where weights come from: a checkpoint on disk or deterministic dummy values. Names are the
+/// official DeepSeek tensor names; quantized tensors come back dequantized.
+pub trait WeightSource {
+    fn contains(&self, name: &str) -> bool;
+    fn tensor_f32(&self, name: &str) -> Result<HostTensor, LoadError>;
+    /// The sub-range `range` of dimension `dim` (tensor-parallel shards).
+    fn tensor_f32_slice(
+        &self,
+        name: &str,
+        dim: usize,
+        range: Range<usize>,
+    ) -> Result<HostTensor, LoadError>;
+    fn tensor_i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>), LoadError>;
+}
+
+/// This rank's place in the tensor-parallel group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world_size: usize,
+}
+
+impl Shard {
+    pub const SINGLE: Shard = Shard {
+        rank: 0,
+        world_size: 1,
+    };
+
+    /// This rank's contiguous part of `n` items (heads, groups, channels, vocab rows).
+    pub fn range(&self, n: usize, what: &str) -> Result<Range<usize>, LoadError> {
+        if !n.is_multiple_of(self.world_size) {
+            return Err(LoadError::Sharding(format!(
+                "{what} ({n}) is not divisible by world size {}",
+                self.world_size
+            )));
+        }
+        let per = n / self.world_size;
+        Ok(self.rank * per..(self.rank + 1) * per)
+    }
+}
+
+/// Reads tensors with shape checks, slicing for this rank when sharded.
+pub struct Reader<'a, B: Backend> {
+    pub src: &'a dyn WeightSource,
+    pub backend: &'a B,
+    pub shard: Shard,
+}
+
+impl<'a, B: Backend> Reader<'a, B> {
+    fn check(name: &str, got: &[usize], want: &[usize]) -> Result<(), LoadError> {
+        if got != want {
+            return Err(LoadError::Shape {
+                name: name.to_string(),
+                got: got.to_vec(),
+                want: want.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    fn read(&self, name: &str) -> Result<HostTensor, LoadError> {
+        if !self.src.contains(name) {
+            return Err(LoadError::MissingTensor(name.to_string()));
+        }
+        self.src.tensor_f32(name)
+    }
+
+    /// A whole tensor as a flat vector of the expected shape.
+    pub fn vector(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError> {
+        let t = self.read(name)?;
+        Self::check(name, &t.shape, shape)?;
+        Ok(t.data)
+    }
+
+    /// A whole `[rows, cols]` matrix on the device.
+    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<B::Matrix, LoadError> {
+        let data = self.vector(name, &[rows, cols])?;
+        Ok(self.backend.matrix(rows, cols, data)?)
+    }
+
+    /// Rows `range` of a `[rows, cols]` matrix (column-parallel: this rank's output features).
+    pub fn matrix_rows(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        range: Range<usize>,
+    ) -> Result<B::Matrix, LoadError> {
+        if range.len() == rows {
+            return self.matrix(name, rows, cols);
+        }
+        if !self.src.contains(name) {
+            return Err(LoadError::MissingTensor(name.to_string()));
+        }
+        let n = range.len();
+        let t = self.src.tensor_f32_slice(name, 0, range)?;
+        Self::check(name, &t.shape, &[n, cols])?;
+        Ok(self.backend.matrix(n, cols, t.data)?)
+    }
+
+    /// Columns `range` of a `[rows, cols]` matrix (row-parallel: this rank's input features).
+    pub fn matrix_cols(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        range: Range<usize>,
+    ) -> Result<B::Matrix, LoadError> {
+        if range.len() == cols {
+            return self.matrix(name, rows, cols);
+        }
+        if !self.src.contains(name) {
+            return Err(LoadError::MissingTensor(name.to_string()));
+        }
+        let n = range.len();
+        let t = self.src.tensor_f32_slice(name, 1, range)?;
+        Self::check(name, &t.shape, &[rows, n])?;
+        Ok(self.backend.matrix(rows, n, t.data)?)
+    }
+
+    pub fn slice_vector(
+        &self,
+        name: &str,
+        len: usize,
+        range: Range<usize>,
+    ) -> Result<Vec<f32>, LoadError> {
+        let v = self.vector(name, &[len])?;
+        Ok(v[range].to_vec())
+    }
+
+    fn hyper(&self, prefix: &str, hc: usize, hidden: usize) -> Result<HyperConnection, LoadError> {
+        let mix = (2 + hc) * hc;
+        let scale = self.vector(&format!("{prefix}_scale"), &[3])?;
+        Ok(HyperConnection {
+            fn_: self.vector(&format!("{prefix}_fn"), &[mix, hc * hidden])?,
+            base: self.vector(&format!("{prefix}_base"), &[mix])?,
+            scale: [scale[0], scale[1], scale[2]],
+        })
+    }
+}
+
+pub struct CompressorWeights<B: Backend> {
+    /// `[coff * dim, hidden]`.
+    pub wkv: B::Matrix,
+    pub wgate: B::Matrix,
+    /// `[ratio, coff * dim]` position bias added to the gate.
+    pub ape: Vec<f32>,
+    /// RMSNorm weight `[dim]`.
+    pub norm: Vec<f32>,
+}
+
+pub struct IndexerWeights<B: Backend> {
+    /// `[local_heads * index_head_dim, q_lora_rank]`.
+    pub wq_b: B::Matrix,
+    /// `[local_heads, hidden]`.
+    pub weights_proj: B::Matrix,
+    pub compressor: CompressorWeights<B>,
+}
+
+pub struct AttentionWeights<B: Backend> {
+    pub wq_a: B::Matrix,
+    pub q_norm: Vec<f32>,
+    /// `[local_heads * head_dim, q_lora_rank]`.
+    pub wq_b: B::Matrix,
+    pub wkv: B::Matrix,
+    pub kv_norm: Vec<f32>,
+    /// One `[o_lora_rank, heads_per_group * head_dim]` block per local group.
+    pub wo_a: Vec<B::Matrix>,
+    /// `[hidden, local_groups * o_lora_rank]`.
+    pub wo_b: B::Matrix,
+    /// Per local head.
+    pub sinks: Vec<f32>,
+    pub compressor: Option<CompressorWeights<B>>,
+    pub indexer: Option<IndexerWeights<B>>,
+}
+
+pub struct ExpertWeights<B: Backend> {
+    /// Gate `[local_inter, hidden]`.
+    pub w1: B::Matrix,
+    /// Up `[local_inter, hidden]`.
+    pub w3: B::Matrix,
+    /// Down `[hidden, local_inter]`.
+    pub w2: B::Matrix,
+}
+
+pub enum Routing {
+    /// `tid2eid`: `[vocab, top_k]` expert ids per token.
+    Hash(Vec<u32>),
+    /// `e_score_correction_bias` per expert.
+    TopK(Vec<f32>),
+}
+
+pub struct MoeWeights<B: Backend> {
+    pub gate: B::Matrix,
+    pub routing: Routing,
+    pub experts: Vec<ExpertWeights<B>>,
+    pub shared: ExpertWeights<B>,
+}
+
+pub struct LayerWeights<B: Backend> {
+    pub attn_norm: Vec<f32>,
+    pub ffn_norm: Vec<f32>,
+    pub hc_attn: HyperConnection,
+    pub hc_ffn: HyperConnection,
+    pub attn: AttentionWeights<B>,
+    pub moe: MoeWeights<B>,
+}
+
+pub struct ModelWeights<B: Backend> {
+    pub embed: B::Matrix,
+    pub layers: Vec<LayerWeights<B>>,
+    pub norm: Vec<f32>,
+    pub hc_head: HyperHead,
+    /// This rank's vocabulary rows of the LM head.
+    pub head: B::Matrix,
+}
+
+fn compressor<B: Backend>(
+    r: &Reader<'_, B>,
+    prefix: &str,
+    cfg: &ModelConfig,
+    dim: usize,
+    coff: usize,
+    ratio: usize,
+) -> Result<CompressorWeights<B>, LoadError> {
+    let h = cfg.hidden_size;
+    Ok(CompressorWeights {
+        wkv: r.matrix(&format!("{prefix}.wkv.weight"), coff * dim, h)?,
+        wgate: r.matrix(&format!("{prefix}.wgate.weight"), coff * dim, h)?,
+        ape: r.vector(&format!("{prefix}.ape"), &[ratio, coff * dim])?,
+        norm: r.vector(&format!("{prefix}.norm.weight"), &[dim])?,
+    })
+}
+
+fn expert<B: Backend>(
+    r: &Reader<'_, B>,
+    prefix: &str,
+    cfg: &ModelConfig,
+) -> Result<ExpertWeights<B>, LoadError> {
+    let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
+    let part = r.shard.range(i, "moe_intermediate_size")?;
+    Ok(ExpertWeights {
+        w1: r.matrix_rows(&format!("{prefix}.w1.weight"), i, h, part.clone())?,
+        w3: r.matrix_rows(&format!("{prefix}.w3.weight"), i, h, part.clone())?,
+        w2: r.matrix_cols(&format!("{prefix}.w2.weight"), h, i, part)?,
+    })
+}
+
+fn attention<B: Backend>(
+    r: &Reader<'_, B>,
+    l: usize,
+    cfg: &ModelConfig,
+) -> Result<AttentionWeights<B>, LoadError> {
+    let p = format!("layers.{l}.attn");
+    let (h, hd, nh, qr) = (
+        cfg.hidden_size,
+        cfg.head_dim,
+        cfg.num_attention_heads,
+        cfg.q_lora_rank,
+    );
+    let groups = r.shard.range(cfg.o_groups, "o_groups")?;
+    let heads = r.shard.range(nh, "num_attention_heads")?;
+    let hpg = nh / cfg.o_groups;
+    let group_in = hpg * hd;
+    let orank = cfg.o_lora_rank;
+    let wo_a = groups
+        .clone()
+        .map(|g| {
+            r.matrix_rows(
+                &format!("{p}.wo_a.weight"),
+                cfg.o_groups * orank,
+                group_in,
+                g * orank..(g + 1) * orank,
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let (compressor_w, indexer_w) = match cfg.layer_types[l] {
+        AttentionKind::Sliding => (None, None),
+        AttentionKind::Hca => (
+            Some(compressor(
+                r,
+                &format!("{p}.compressor"),
+                cfg,
+                hd,
+                1,
+                cfg.compress_rate_hca,
+            )?),
+            None,
+        ),
+        AttentionKind::Csa => {
+            let ih = r.shard.range(cfg.index_n_heads, "index_n_heads")?;
+            let ihd = cfg.index_head_dim;
+            (
+                Some(compressor(
+                    r,
+                    &format!("{p}.compressor"),
+                    cfg,
+                    hd,
+                    2,
+                    cfg.compress_rate_csa,
+                )?),
+                Some(IndexerWeights {
+                    wq_b: r.matrix_rows(
+                        &format!("{p}.indexer.wq_b.weight"),
+                        cfg.index_n_heads * ihd,
+                        qr,
+                        ih.start * ihd..ih.end * ihd,
+                    )?,
+                    weights_proj: r.matrix_rows(
+                        &format!("{p}.indexer.weights_proj.weight"),
+                        cfg.index_n_heads,
+                        h,
+                        ih,
+                    )?,
+                    compressor: compressor(
+                        r,
+                        &format!("{p}.indexer.compressor"),
+                        cfg,
+                        ihd,
+                        2,
+                        cfg.compress_rate_csa,
+                    )?,
+                }),
+            )
+        }
+    };
+    Ok(AttentionWeights {
+        wq_a: r.matrix(&format!("{p}.wq_a.weight"), qr, h)?,
+        q_norm: r.vector(&format!("{p}.q_norm.weight"), &[qr])?,
+        wq_b: r.matrix_rows(
+            &format!("{p}.wq_b.weight"),
+            nh * hd,
+            qr,
+            heads.start * hd..heads.end * hd,
+        )?,
+        wkv: r.matrix(&format!("{p}.wkv.weight"), hd, h)?,
+        kv_norm: r.vector(&format!("{p}.kv_norm.weight"), &[hd])?,
+        wo_a,
+        wo_b: r.matrix_cols(
+            &format!("{p}.wo_b.weight"),
+            h,
+            cfg.o_groups * orank,
+            groups.start * orank..groups.end * orank,
+        )?,
+        sinks: r.slice_vector(&format!("{p}.attn_sink"), nh, heads)?,
+        compressor: compressor_w,
+        indexer: indexer_w,
+    })
+}
+
+fn moe<B: Backend>(
+    r: &Reader<'_, B>,
+    l: usize,
+    cfg: &ModelConfig,
+) -> Result<MoeWeights<B>, LoadError> {
+    let p = format!("layers.{l}.ffn");
+    let (h, e) = (cfg.hidden_size, cfg.n_routed_experts);
+    let routing = match cfg.mlp_layer_types[l] {
+        MlpKind::HashMoe => {
+            let name = format!("{p}.gate.tid2eid");
+            if !r.src.contains(&name) {
+                return Err(LoadError::MissingTensor(name));
+            }
+            let (shape, ids) = r.src.tensor_i64(&name)?;
+            let want = [cfg.vocab_size, cfg.num_experts_per_tok];
+            if shape != want {
+                return Err(LoadError::Shape {
+                    name,
+                    got: shape,
+                    want: want.to_vec(),
+                });
+            }
+            let ids = ids
+                .into_iter()
+                .map(|v| {
+                    u32::try_from(v)
+                        .ok()
+                        .filter(|&u| (u as usize) < e)
+                        .ok_or_else(|| LoadError::Tensor {
+                            name: name.clone(),
+                            reason: format!("expert id {v} out of range 0..{e}"),
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Routing::Hash(ids)
+        }
+        MlpKind::Moe => Routing::TopK(r.vector(&format!("{p}.gate.bias"), &[e])?),
+    };
+    Ok(MoeWeights {
+        gate: r.matrix(&format!("{p}.gate.weight"), e, h)?,
+        routing,
+        experts: (0..e)
+            .map(|x| expert(r, &format!("{p}.experts.{x}"), cfg))
+            .collect::<Result<Vec<_>, _>>()?,
+        shared: expert(r, &format!("{p}.shared_experts"), cfg)?,
+    })
+}
+
+/// Loads this rank's weights of every target layer.
+pub fn load_weights<B: Backend>(
+    src: &dyn WeightSource,
+    backend: &B,
+    cfg: &ModelConfig,
+    shard: Shard,
+) -> Result<ModelWeights<B>, LoadError> {
+    let r = Reader {
+        src,
+        backend,
+        shard,
+    };
+    let (h, hc, v) = (cfg.hidden_size, cfg.hc_mult, cfg.vocab_size);
+    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    for l in 0..cfg.num_hidden_layers {
+        tracing::debug!(layer = l, "loading layer");
+        layers.push(LayerWeights {
+            attn_norm: r.vector(&format!("layers.{l}.attn_norm.weight"), &[h])?,
+            ffn_norm: r.vector(&format!("layers.{l}.ffn_norm.weight"), &[h])?,
+            hc_attn: r.hyper(&format!("layers.{l}.hc_attn"), hc, h)?,
+            hc_ffn: r.hyper(&format!("layers.{l}.hc_ffn"), hc, h)?,
+            attn: attention(&r, l, cfg)?,
+            moe: moe(&r, l, cfg)?,
+        });
+    }
+    let head_name = if cfg.tie_word_embeddings && !src.contains("head.weight") {
+        "embed.weight"
+    } else {
+        "head.weight"
+    };
+    let scale = r.vector("hc_head_scale", &[1])?;
+    Ok(ModelWeights {
+        embed: r.matrix("embed.weight", v, h)?,
+        layers,
+        norm: r.vector("norm.weight", &[h])?,
+        hc_head: HyperHead {
+            fn_: r.vector("hc_head_fn", &[hc, hc * h])?,
+            base: r.vector("hc_head_base", &[hc])?,
+            scale: scale[0],
+        },
+        head: r.matrix_rows(head_name, v, h, shard.range(v, "vocab_size")?)?,
+    })
+}

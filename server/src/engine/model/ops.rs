@@ -1,0 +1,69 @@
+//! Small f32 row operations shared by the layers (norms, activations, softmax-gated pooling).
+
+/// `weight * x * rsqrt(mean(x^2) + eps)` over each `dim`-wide row of `x`, in place.
+pub fn rms_norm_rows(x: &mut [f32], dim: usize, weight: Option<&[f32]>, eps: f32) {
+    for row in x.chunks_mut(dim) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        match weight {
+            Some(w) => row.iter_mut().zip(w).for_each(|(v, w)| *v = w * (*v * inv)),
+            None => row.iter_mut().for_each(|v| *v *= inv),
+        }
+    }
+}
+
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// torch's softplus (threshold 20: identity above).
+pub fn softplus(x: f32) -> f32 {
+    if x > 20.0 {
+        x
+    } else {
+        x.exp().ln_1p()
+    }
+}
+
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Indices of the `k` largest values (ties: lower index first), in descending order.
+pub fn top_k_indices(values: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..values.len()).collect();
+    idx.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+/// One slot of a softmax-gated pooling: the value row and the gate row (bias included).
+pub struct PoolSlot<'a> {
+    pub kv: &'a [f32],
+    pub gate: &'a [f32],
+    pub bias: &'a [f32],
+}
+
+/// Per channel: `sum_s softmax_s(gate_s + bias_s) * kv_s` (the compressor's window pooling).
+pub fn gated_pool(slots: &[PoolSlot<'_>], dim: usize) -> Vec<f32> {
+    let mut out = vec![0f32; dim];
+    let mut logits = vec![0f32; slots.len()];
+    for (c, o) in out.iter_mut().enumerate() {
+        let mut max = f32::NEG_INFINITY;
+        for (s, slot) in slots.iter().enumerate() {
+            logits[s] = slot.gate[c] + slot.bias[c];
+            max = max.max(logits[s]);
+        }
+        let mut denom = 0f32;
+        for l in logits.iter_mut() {
+            *l = (*l - max).exp();
+            denom += *l;
+        }
+        let mut acc = 0f32;
+        for (s, slot) in slots.iter().enumerate() {
+            acc += slot.kv[c] * (logits[s] / denom);
+        }
+        *o = acc;
+    }
+    out
+}

@@ -1,0 +1,446 @@
+//! The CPU model against transformers 5.17 `DeepseekV4ForCausalLM` fixtures
+//! (server/tests/fixtures/reference.json, made by make_fixtures.py), plus the engine's own
+//! consistency properties (chunking, decode, batching, prefix sharing).
+//!
+//! Error bound: for every compared logit, |ours - reference| / max|reference logit of the row|
+//! must stay below `REL_BOUND`.
+
+mod support;
+
+use dspark_server::backend::cpu::CpuBackend;
+use dspark_server::engine::model::{self, DeepseekV4, LoadOptions, ModelConfig};
+use dspark_server::engine::{LogitsWanted, ModelRunner, SeqPlan, StepPlan};
+use dspark_server::ranks::SingleRank;
+use serde_json::Value;
+use std::sync::{Arc, OnceLock};
+
+const REL_BOUND: f64 = 1e-4;
+
+struct Fixture {
+    reference: Value,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        // DSPARK_MODEL_REFERENCE points at another reference of the same layout (e.g. one made
+        // with a patched transformers), for investigating a disagreement.
+        let path = std::env::var("DSPARK_MODEL_REFERENCE")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| support::repo_path("tests/fixtures/reference.json"));
+        let text = std::fs::read_to_string(path).unwrap();
+        Fixture {
+            reference: serde_json::from_str(&text).unwrap(),
+        }
+    })
+}
+
+fn tiny_model(pool_tokens: usize) -> DeepseekV4<CpuBackend> {
+    let dir = support::repo_path("assets/tiny-dsv4");
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let src = support::HfFile::open(&dir.join("model.safetensors"));
+    let opts = LoadOptions {
+        kv_pool_tokens: pool_tokens,
+        ..LoadOptions::default()
+    };
+    model::build_cpu(cfg, &src, &opts, Arc::new(SingleRank)).unwrap()
+}
+
+fn prompt(name: &str) -> &'static Value {
+    &fixture().reference["prompts"][name]
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn usizes(v: &Value) -> Vec<usize> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+/// Relative error of one row of our logits against reference row `i` of `rows`
+/// (a topk_rows() dict of the fixture script).
+fn row_error(ours: &[f32], rows: &Value, i: usize) -> f64 {
+    let sample_ids = usizes(&fixture().reference["sample_ids"]);
+    let max_abs = rows["max_abs_logit"][i].as_f64().unwrap();
+    let mut worst: f64 = 0.0;
+    let top_ids = usizes(&rows["topk_ids"][i]);
+    let top_vals = floats(&rows["topk_logits"][i]);
+    for (id, v) in top_ids.iter().zip(&top_vals) {
+        worst = worst.max((ours[*id] as f64 - v).abs());
+    }
+    for (id, v) in sample_ids.iter().zip(floats(&rows["sample_logits"][i])) {
+        worst = worst.max((ours[*id] as f64 - v).abs());
+    }
+    let m = ours.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = m + ours.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+    worst = worst.max((lse - rows["logsumexp"][i].as_f64().unwrap()).abs());
+    let our_top = argmax(ours);
+    assert_eq!(our_top, top_ids[0], "top-1 differs (row {i})");
+    worst / max_abs
+}
+
+fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+fn blocks_for(m: &DeepseekV4<CpuBackend>, first: u32, tokens: usize) -> Vec<u32> {
+    let bs = m.kv_layout().block_size;
+    (first..first + tokens.div_ceil(bs) as u32).collect()
+}
+
+fn seq(id: u64, start: usize, tokens: &[u32], bt: &[u32], logits: LogitsWanted) -> SeqPlan {
+    SeqPlan {
+        seq_id: id,
+        start_pos: start,
+        tokens: tokens.to_vec(),
+        block_table: bt.to_vec(),
+        logits,
+    }
+}
+
+fn run(m: &mut DeepseekV4<CpuBackend>, seqs: Vec<SeqPlan>) -> Vec<Vec<Vec<f32>>> {
+    m.step(&StepPlan { seqs }).unwrap().logits
+}
+
+/// Prefills `prompt` in chunks that end at each of `positions` (+ the prompt end), returning
+/// the last-token logits of every chunk keyed by position.
+fn chunked_prefill(
+    m: &mut DeepseekV4<CpuBackend>,
+    id: u64,
+    prompt: &[u32],
+    bt: &[u32],
+    positions: &[usize],
+) -> Vec<(usize, Vec<f32>)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut ends: Vec<usize> = positions.iter().map(|p| p + 1).collect();
+    ends.push(prompt.len());
+    ends.dedup();
+    for end in ends {
+        if end <= start {
+            continue;
+        }
+        let l = run(
+            m,
+            vec![seq(id, start, &prompt[start..end], bt, LogitsWanted::Last)],
+        );
+        out.push((end - 1, l[0][0].clone()));
+        start = end;
+    }
+    out
+}
+
+#[test]
+fn prefill_logits_match_transformers() {
+    let mut m = tiny_model(2048);
+    let mut worst: f64 = 0.0;
+    for name in ["short", "chat", "one_hca_block", "long"] {
+        let p = prompt(name);
+        let toks = ids(&p["input_ids"]);
+        let positions = usizes(&p["positions"]);
+        let bt = blocks_for(&m, 0, toks.len());
+        let got = chunked_prefill(&mut m, 1, &toks, &bt, &positions);
+        for (i, pos) in positions.iter().enumerate() {
+            let ours = &got.iter().find(|(q, _)| q == pos).unwrap().1;
+            let e = row_error(ours, p, i);
+            assert!(e < REL_BOUND, "{name} position {pos}: relative error {e:e}");
+            worst = worst.max(e);
+        }
+    }
+    eprintln!("worst relative logit error vs transformers: {worst:e}");
+}
+
+#[test]
+fn one_shot_prefill_matches_transformers() {
+    let mut m = tiny_model(512);
+    for name in ["short", "chat"] {
+        let p = prompt(name);
+        let toks = ids(&p["input_ids"]);
+        let bt = blocks_for(&m, 0, toks.len());
+        let all = run(&mut m, vec![seq(7, 0, &toks, &bt, LogitsWanted::All)]);
+        for (i, pos) in usizes(&p["positions"]).iter().enumerate() {
+            let e = row_error(&all[0][*pos], p, i);
+            assert!(e < REL_BOUND, "{name} position {pos}: relative error {e:e}");
+        }
+    }
+}
+
+#[test]
+fn greedy_continuations_match_token_for_token() {
+    let mut m = tiny_model(2048);
+    let mut worst: f64 = 0.0;
+    for name in ["short", "chat", "one_hca_block", "long"] {
+        let p = prompt(name);
+        let toks = ids(&p["input_ids"]);
+        let want = ids(&p["greedy"]);
+        let bt = blocks_for(&m, 0, toks.len() + want.len());
+        let mut logits = run(&mut m, vec![seq(1, 0, &toks, &bt, LogitsWanted::Last)])
+            .remove(0)
+            .remove(0);
+        let mut got = Vec::new();
+        for step in 0..want.len() {
+            worst = worst.max(row_error(&logits, &p["greedy_step_logits"], step));
+            let next = argmax(&logits) as u32;
+            got.push(next);
+            if got.len() == want.len() {
+                break;
+            }
+            let pos = toks.len() + step;
+            logits = run(&mut m, vec![seq(1, pos, &[next], &bt, LogitsWanted::Last)])
+                .remove(0)
+                .remove(0);
+        }
+        assert_eq!(got, want, "greedy continuation of {name}");
+    }
+    assert!(worst < REL_BOUND, "decode logits relative error {worst:e}");
+    eprintln!("worst relative decode-step logit error vs transformers: {worst:e}");
+}
+
+fn max_rel_diff(a: &[f32], b: &[f32]) -> f64 {
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
+#[test]
+fn decode_and_chunked_prefill_equal_one_prefill() {
+    // Crosses an HCA window (128) and several CSA windows in both modes.
+    let p = prompt("one_hca_block");
+    let mut toks = ids(&p["input_ids"]);
+    toks.extend(ids(&p["greedy"]));
+    let n = toks.len();
+    let mut m = tiny_model(1024);
+    let bt = blocks_for(&m, 0, n);
+    let one = run(&mut m, vec![seq(1, 0, &toks, &bt, LogitsWanted::All)]).remove(0);
+
+    // Prefill 100 tokens, then decode one by one.
+    let bt2 = blocks_for(&m, bt.len() as u32, n);
+    let mut logits = run(
+        &mut m,
+        vec![seq(2, 0, &toks[..100], &bt2, LogitsWanted::All)],
+    )
+    .remove(0);
+    for pos in 100..n {
+        logits.extend(
+            run(
+                &mut m,
+                vec![seq(2, pos, &toks[pos..pos + 1], &bt2, LogitsWanted::Last)],
+            )
+            .remove(0),
+        );
+    }
+    // Uneven chunks.
+    let bt3 = blocks_for(&m, 2 * bt.len() as u32, n);
+    let mut chunked = Vec::new();
+    let mut start = 0;
+    for len in [3, 1, 60, 64, 5, 20] {
+        let end = (start + len).min(n);
+        chunked.extend(
+            run(
+                &mut m,
+                vec![seq(3, start, &toks[start..end], &bt3, LogitsWanted::All)],
+            )
+            .remove(0),
+        );
+        start = end;
+    }
+    chunked.extend(
+        run(
+            &mut m,
+            vec![seq(3, start, &toks[start..], &bt3, LogitsWanted::All)],
+        )
+        .remove(0),
+    );
+    assert_eq!(logits.len(), n);
+    assert_eq!(chunked.len(), n);
+    for i in 0..n {
+        let d = max_rel_diff(&logits[i], &one[i]);
+        assert!(d < 1e-5, "decode vs prefill at {i}: {d:e}");
+        let d = max_rel_diff(&chunked[i], &one[i]);
+        assert!(d < 1e-5, "chunked vs prefill at {i}: {d:e}");
+    }
+}
+
+#[test]
+fn batch_composition_does_not_change_logits() {
+    let a = ids(&prompt("chat")["input_ids"]);
+    let b = ids(&prompt("one_hca_block")["input_ids"]);
+    let c = ids(&prompt("short")["input_ids"]);
+    let mut m = tiny_model(2048);
+    // Alone.
+    let bt_a = blocks_for(&m, 0, a.len());
+    let alone = run(&mut m, vec![seq(1, 0, &a, &bt_a, LogitsWanted::All)]).remove(0);
+    // Mixed: b decoding (after its prefill), c prefilling a chunk, a prefilling whole.
+    let bt_b = blocks_for(&m, 10, b.len() + 1);
+    run(&mut m, vec![seq(2, 0, &b, &bt_b, LogitsWanted::Last)]);
+    let bt_c = vec![12];
+    let bt_a2 = vec![14];
+    let mixed = run(
+        &mut m,
+        vec![
+            seq(2, b.len(), &[42], &bt_b, LogitsWanted::Last),
+            seq(3, 0, &c[..5], &bt_c, LogitsWanted::None),
+            seq(4, 0, &a, &bt_a2, LogitsWanted::All),
+        ],
+    );
+    assert!(mixed[1].is_empty());
+    assert_eq!(mixed[2], alone, "logits changed with the batch around them");
+}
+
+#[test]
+fn continues_from_shared_prefix_blocks() {
+    // Two requests share the first full block of a prompt; the second resumes at the block
+    // boundary from the shared block alone.
+    let p = prompt("one_hca_block");
+    let toks = ids(&p["input_ids"]);
+    let mut m = tiny_model(1024);
+    let bs = m.kv_layout().block_size;
+    assert!(toks.len() > bs);
+    let bt_a = vec![0u32, 1];
+    let full = run(&mut m, vec![seq(1, 0, &toks, &bt_a, LogitsWanted::All)]).remove(0);
+    let bt_b = vec![0u32, 5];
+    let resumed = run(
+        &mut m,
+        vec![seq(2, bs, &toks[bs..], &bt_b, LogitsWanted::All)],
+    )
+    .remove(0);
+    for (i, row) in resumed.iter().enumerate() {
+        assert_eq!(row, &full[bs + i], "position {}", bs + i);
+    }
+}
+
+#[test]
+fn bad_plans_are_clear_errors() {
+    let mut m = tiny_model(256);
+    let bad = |m: &mut DeepseekV4<CpuBackend>, s: SeqPlan| {
+        m.step(&StepPlan { seqs: vec![s] }).unwrap_err().to_string()
+    };
+    let e = bad(&mut m, seq(1, 0, &[1, 2], &[], LogitsWanted::Last));
+    assert!(e.contains("block table"), "{e}");
+    let e = bad(&mut m, seq(1, 0, &[1, 2], &[99], LogitsWanted::Last));
+    assert!(e.contains("outside the pool"), "{e}");
+    let e = bad(&mut m, seq(1, 0, &[200_000], &[0], LogitsWanted::Last));
+    assert!(e.contains("vocabulary"), "{e}");
+    let e = bad(&mut m, seq(1, 0, &[], &[0], LogitsWanted::Last));
+    assert!(e.contains("no tokens"), "{e}");
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    struct Without<'a>(&'a support::HfFile, &'static str);
+    impl model::WeightSource for Without<'_> {
+        fn contains(&self, name: &str) -> bool {
+            name != self.1 && self.0.contains(name)
+        }
+        fn tensor_f32(&self, name: &str) -> Result<model::HostTensor, model::LoadError> {
+            self.0.tensor_f32(name)
+        }
+        fn tensor_f32_slice(
+            &self,
+            name: &str,
+            dim: usize,
+            range: std::ops::Range<usize>,
+        ) -> Result<model::HostTensor, model::LoadError> {
+            self.0.tensor_f32_slice(name, dim, range)
+        }
+        fn tensor_i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>), model::LoadError> {
+            self.0.tensor_i64(name)
+        }
+    }
+    let dir = support::repo_path("assets/tiny-dsv4");
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let src = support::HfFile::open(&dir.join("model.safetensors"));
+    let name = "layers.3.attn.indexer.compressor.ape";
+    let err = model::build_cpu(
+        cfg,
+        &Without(&src, name),
+        &LoadOptions::default(),
+        Arc::new(SingleRank),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains(name), "{err}");
+}
+
+#[test]
+fn tensor_parallel_two_ranks_match_one() {
+    // Heads, output groups, indexer heads, expert channels and vocab split over two ranks,
+    // joined by all-reduce / all-gather: same logits as one rank.
+    let p = prompt("one_hca_block");
+    let toks = ids(&p["input_ids"]);
+    let dir = support::repo_path("assets/tiny-dsv4");
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let src = support::HfFile::open(&dir.join("model.safetensors"));
+    let mut single = tiny_model(512);
+    let bt = blocks_for(&single, 0, toks.len() + 1);
+    let plan = |next: Option<u32>| {
+        let (start, t) = match next {
+            None => (0, toks.clone()),
+            Some(x) => (toks.len(), vec![x]),
+        };
+        StepPlan {
+            seqs: vec![seq(1, start, &t, &bt, LogitsWanted::All)],
+        }
+    };
+    let want_prefill = single.step(&plan(None)).unwrap().logits;
+    let want_decode = single.step(&plan(Some(77))).unwrap().logits;
+    let comms = support::local_group::group(2);
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                let (cfg, src, plan) = (cfg.clone(), &src, &plan);
+                s.spawn(move || {
+                    let opts = LoadOptions {
+                        kv_pool_tokens: 512,
+                        shard: model::Shard {
+                            rank,
+                            world_size: 2,
+                        },
+                        ..LoadOptions::default()
+                    };
+                    let mut m = model::build_cpu(cfg, src, &opts, Arc::new(comm)).unwrap();
+                    let a = m.step(&plan(None)).unwrap().logits;
+                    let b = m.step(&plan(Some(77))).unwrap().logits;
+                    (a, b)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (a, b) in &results {
+        for (got, want) in a[0].iter().zip(&want_prefill[0]) {
+            assert!(max_rel_diff(got, want) < 1e-5);
+        }
+        assert!(max_rel_diff(&b[0][0], &want_decode[0][0]) < 1e-5);
+    }
+    assert_eq!(results[0], results[1], "ranks disagree");
+}
