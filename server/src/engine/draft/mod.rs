@@ -1,13 +1,20 @@
-//! The DSpark speculative-decoding draft of DeepSeek-V4 (see docs/DSPARK.md).
+//! The DSpark speculative-decoding draft of DeepSeek-V4 (data flow and the scheduler's calls:
+//! docs/DSPARK.md).
 //!
-//! - [`weights`]: the `mtp.{0,1,2}.*` tensors and `dspark_*` settings.
+//! - [`weights`]: the `mtp.{0,1,2}.*` tensors (all of them, or a named error) and settings.
 //! - [`ring`]: per-request draft state (a ring of `sliding_window` KV rows per stage), keyed by
 //!   request id; only accepted positions are ever committed.
-//! - [`propose`]: one drafting pass (block of `[anchor, noise x (k - 1)]`, three stages, shared
-//!   LM head, sequential Markov head) giving `k` drafts and, when sampling, their distributions.
-//! - [`accept`] / [`sampling`]: pure verification (greedy and rejection sampling).
+//! - [`propose`]: [`DsparkDraft`]: `commit` target features, `propose` a block of drafts (and,
+//!   when sampling, the distributions they were drawn from).
+//! - [`accept`] / [`sampling`]: pure verification (greedy and rejection sampling) and the
+//!   temperature / top-k / top-p transform shared by target and draft.
 pub mod accept;
+pub mod propose;
+pub mod ring;
 pub mod sampling;
+pub mod weights;
 
 pub use accept::{verify, AcceptError, Verdict};
+pub use propose::{DraftError, Drafts, DsparkDraft, ProposeRequest};
 pub use sampling::{RequestRng, SamplingParams};
+pub use weights::DEFAULT_NUM_STAGES;
