@@ -177,10 +177,12 @@ pub fn verify(
 mod tests {
     use super::*;
 
+    /// (drafts, target argmaxes, expected tokens, accepted)
+    type GreedyCase<'a> = (&'a [u32], &'a [u32], &'a [u32], usize);
+
     #[test]
     fn greedy_table() {
-        // (drafts, target argmaxes, expected tokens, accepted)
-        let cases: &[(&[u32], &[u32], &[u32], usize)] = &[
+        let cases: &[GreedyCase<'_>] = &[
             (&[5, 6, 7], &[5, 6, 7, 8], &[5, 6, 7, 8], 3),
             (&[5, 6, 7], &[5, 9, 7, 8], &[5, 9], 1),
             (&[5, 6, 7], &[4, 6, 7, 8], &[4], 0),
@@ -207,7 +209,11 @@ mod tests {
 
     #[test]
     fn greedy_verify_uses_argmax_of_logits() {
-        let logits = vec![vec![0.0, 2.0, 1.0], vec![3.0, 0.0, 1.0], vec![0.0, 0.0, 5.0]];
+        let logits = vec![
+            vec![0.0, 2.0, 1.0],
+            vec![3.0, 0.0, 1.0],
+            vec![0.0, 0.0, 5.0],
+        ];
         let mut rng = RequestRng::seeded(0);
         let v = verify(&[1, 0], None, &logits, &SamplingParams::GREEDY, &mut rng).unwrap();
         assert_eq!(v.tokens, vec![1, 0, 2]);
@@ -291,7 +297,10 @@ mod tests {
             }
             let df = p.iter().filter(|&&x| x > 0.0).count() - 1;
             let s = chi_square(&first, p, trials);
-            assert!(s < chi_square_critical(df), "case {case}: chi2 {s} ({first:?})");
+            assert!(
+                s < chi_square_critical(df),
+                "case {case}: chi2 {s} ({first:?})"
+            );
             if second_n > 1000 {
                 let s = chi_square(&second, &p1, second_n);
                 assert!(s < chi_square_critical(4), "case {case} pos 1: chi2 {s}");

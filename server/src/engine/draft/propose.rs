@@ -90,11 +90,14 @@ impl<B: Backend> DsparkDraft<B> {
         stages: usize,
     ) -> Result<Self, LoadError> {
         let cfg = target.config();
-        let settings = cfg.dspark.clone().ok_or_else(|| {
-            LoadError::Source(DraftError::NotConfigured.to_string())
-        })?;
+        let settings = cfg
+            .dspark
+            .clone()
+            .ok_or_else(|| LoadError::Source(DraftError::NotConfigured.to_string()))?;
         if settings.block_size == 0 {
-            return Err(LoadError::Source("dspark_block_size must be at least 1".into()));
+            return Err(LoadError::Source(
+                "dspark_block_size must be at least 1".into(),
+            ));
         }
         if let Some(&l) = settings
             .target_layer_ids
@@ -222,7 +225,12 @@ impl<B: Backend> DsparkDraft<B> {
         let kept = self.rings.kept_rows(rows);
         let skip = rows - kept;
         let mut main_x = target.linear(&features[skip * width..], kept, &self.weights.main_proj)?;
-        rms_norm_rows(&mut main_x, h, Some(&self.weights.main_norm), cfg.rms_norm_eps);
+        rms_norm_rows(
+            &mut main_x,
+            h,
+            Some(&self.weights.main_norm),
+            cfg.rms_norm_eps,
+        );
         let positions: Vec<usize> = (first_pos + skip..first_pos + rows).collect();
         let stage_rows = self
             .weights
@@ -393,7 +401,9 @@ impl<B: Backend> DsparkDraft<B> {
         let steps = reqs.iter().map(|r| r.num_drafts).max().unwrap_or(0);
         for j in 0..steps {
             // Requests still drafting at step j, their Markov embeddings in one batch.
-            let active: Vec<usize> = (0..reqs.len()).filter(|&i| reqs[i].num_drafts > j).collect();
+            let active: Vec<usize> = (0..reqs.len())
+                .filter(|&i| reqs[i].num_drafts > j)
+                .collect();
             let mut emb = Vec::with_capacity(active.len() * rank);
             for &i in &active {
                 let t = prev[i] as usize;

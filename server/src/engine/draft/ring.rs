@@ -38,6 +38,12 @@ impl DraftRing {
     pub fn next_pos(&self) -> usize {
         self.next_pos
     }
+
+    /// The whole storage `[stages, window, dim]`, never-written slots included (tests use it to
+    /// show that rejected positions left no trace).
+    pub fn storage(&self) -> &[f32] {
+        &self.rows
+    }
 }
 
 /// The rings of every live request.

@@ -100,8 +100,16 @@ pub fn draft_tensors(cfg: &ModelConfig, ds: &DsparkConfig, stages: usize) -> Vec
             push(format!("{p}.hc_head_fn"), vec![hc, hc * h], f32_);
             push(format!("{p}.hc_head_base"), vec![hc], f32_);
             push(format!("{p}.hc_head_scale"), vec![1], f32_);
-            push(format!("{p}.markov_head.markov_w1.weight"), vec![v, r], norm);
-            push(format!("{p}.markov_head.markov_w2.weight"), vec![v, r], norm);
+            push(
+                format!("{p}.markov_head.markov_w1.weight"),
+                vec![v, r],
+                norm,
+            );
+            push(
+                format!("{p}.markov_head.markov_w2.weight"),
+                vec![v, r],
+                norm,
+            );
             push(
                 format!("{p}.confidence_head.proj.weight"),
                 vec![1, h + r],
@@ -123,7 +131,9 @@ pub fn load_draft_weights<B: Backend>(
     shard: Shard,
 ) -> Result<DsparkWeights<B>, LoadError> {
     if stages == 0 {
-        return Err(LoadError::Source("the DSpark draft needs at least one stage".into()));
+        return Err(LoadError::Source(
+            "the DSpark draft needs at least one stage".into(),
+        ));
     }
     check_complete(src, &draft_tensors(cfg, ds, stages))?;
     let r = Reader {
@@ -148,7 +158,10 @@ pub fn load_draft_weights<B: Backend>(
     let first = stage_prefix(0);
     let last = stage_prefix(stages - 1);
     let n = ds.target_layer_ids.len();
-    let confidence = r.vector(&format!("{last}.confidence_head.proj.weight"), &[1, h + rank])?;
+    let confidence = r.vector(
+        &format!("{last}.confidence_head.proj.weight"),
+        &[1, h + rank],
+    )?;
     Ok(DsparkWeights {
         stages: stage_weights,
         main_proj: r.matrix(&format!("{first}.main_proj.weight"), h, n * h)?,
@@ -185,10 +198,20 @@ mod tests {
         .unwrap();
         let ds = cfg.dspark.clone().unwrap();
         let m = draft_tensors(&cfg, &ds, 3);
-        let find = |n: &str| m.iter().find(|t| t.name == n).unwrap_or_else(|| panic!("{n}"));
+        let find = |n: &str| {
+            m.iter()
+                .find(|t| t.name == n)
+                .unwrap_or_else(|| panic!("{n}"))
+        };
         assert_eq!(find("mtp.0.main_proj.weight").shape, vec![4096, 12288]);
-        assert_eq!(find("mtp.2.markov_head.markov_w1.weight").shape, vec![129280, 256]);
-        assert_eq!(find("mtp.2.confidence_head.proj.weight").shape, vec![1, 4352]);
+        assert_eq!(
+            find("mtp.2.markov_head.markov_w1.weight").shape,
+            vec![129280, 256]
+        );
+        assert_eq!(
+            find("mtp.2.confidence_head.proj.weight").shape,
+            vec![1, 4352]
+        );
         assert_eq!(find("mtp.1.ffn.gate.bias").shape, vec![256]);
         // The 12 shared-expert tensors a recipe once dropped: 3 per stage here, plus scales
         // handled by the weight source.

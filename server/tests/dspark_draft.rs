@@ -1,0 +1,363 @@
+//! The DSpark draft on the tiny model (server/assets/tiny-dsv4, random `mtp.*` tensors): loading,
+//! determinism, every K in 1..=block size, and exact ring commits after partial acceptance.
+
+mod support;
+
+use dspark_server::backend::cpu::CpuBackend;
+use dspark_server::engine::draft::{
+    verify, DraftError, Drafts, DsparkDraft, ProposeRequest, RequestRng, SamplingParams,
+    DEFAULT_NUM_STAGES,
+};
+use dspark_server::engine::model::{self, DeepseekV4, LoadOptions, ModelConfig};
+use dspark_server::engine::{LogitsWanted, ModelRunner, SeqPlan, StepPlan};
+use dspark_server::ranks::SingleRank;
+use std::sync::Arc;
+
+fn tiny() -> (DeepseekV4<CpuBackend>, DsparkDraft<CpuBackend>) {
+    let dir = support::repo_path("assets/tiny-dsv4");
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let src = support::HfFile::open(&dir.join("model.safetensors"));
+    let opts = LoadOptions {
+        kv_pool_tokens: 4096,
+        ..LoadOptions::default()
+    };
+    let mut target = model::build_cpu(cfg, &src, &opts, Arc::new(SingleRank)).unwrap();
+    let draft = DsparkDraft::load(&src, &target, DEFAULT_NUM_STAGES).unwrap();
+    target.set_capture_layers(draft.target_layers().to_vec());
+    (target, draft)
+}
+
+fn prompt(len: usize, salt: usize) -> Vec<u32> {
+    (0..len)
+        .map(|i| (100 + (i * 7919 + salt * 104_729) % 5000) as u32)
+        .collect()
+}
+
+/// Runs `tokens` at `start` for sequence `id` (block table from `first_block`), returning
+/// all logit rows and the features of every row.
+fn run(
+    m: &mut DeepseekV4<CpuBackend>,
+    d: &DsparkDraft<CpuBackend>,
+    id: u64,
+    first_block: u32,
+    start: usize,
+    tokens: &[u32],
+) -> (Vec<Vec<f32>>, Vec<f32>) {
+    let bs = m.kv_layout().block_size;
+    let end = start + tokens.len();
+    let block_table: Vec<u32> = (first_block..first_block + end.div_ceil(bs) as u32).collect();
+    let plan = StepPlan {
+        seqs: vec![SeqPlan {
+            seq_id: id,
+            start_pos: start,
+            tokens: tokens.to_vec(),
+            block_table,
+            logits: LogitsWanted::All,
+        }],
+    };
+    let logits = m.step(&plan).unwrap().logits.remove(0);
+    let captured = m.take_captured();
+    let h = m.config().hidden_size;
+    let f = d
+        .features_from_captured(&captured, h, 0..tokens.len())
+        .unwrap();
+    (logits, f)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    dspark_server::engine::draft::sampling::argmax(v)
+}
+
+fn propose(
+    m: &DeepseekV4<CpuBackend>,
+    d: &DsparkDraft<CpuBackend>,
+    id: u64,
+    (anchor, pos): (u32, usize),
+    k: usize,
+    params: SamplingParams,
+    seed: u64,
+) -> Result<Drafts, DraftError> {
+    let mut rng = RequestRng::seeded(seed);
+    let mut reqs = [ProposeRequest {
+        req_id: id,
+        anchor,
+        pos,
+        num_drafts: k,
+        params,
+        rng: &mut rng,
+    }];
+    d.propose(m, &mut reqs).map(|mut v| v.remove(0))
+}
+
+/// Prefills a prompt of `len` tokens as request `id` and commits its features; returns the
+/// anchor (the target's greedy next token).
+fn prefill(
+    m: &mut DeepseekV4<CpuBackend>,
+    d: &mut DsparkDraft<CpuBackend>,
+    id: u64,
+    first_block: u32,
+    toks: &[u32],
+) -> u32 {
+    let (logits, f) = run(m, d, id, first_block, 0, toks);
+    d.commit(m, id, 0, &f, toks.len()).unwrap();
+    argmax(logits.last().unwrap())
+}
+
+#[test]
+fn draft_runs_and_is_deterministic_for_every_k() {
+    let (mut m, mut d) = tiny();
+    let bsz = d.block_size();
+    assert_eq!(bsz, 5);
+    let toks = prompt(20, 1);
+    let anchor = prefill(&mut m, &mut d, 1, 0, &toks);
+    let full = propose(
+        &m,
+        &d,
+        1,
+        (anchor, toks.len()),
+        bsz,
+        SamplingParams::GREEDY,
+        0,
+    )
+    .unwrap();
+    assert_eq!(full.tokens.len(), bsz);
+    assert!(full.q.is_none());
+    assert!(full
+        .confidence
+        .iter()
+        .all(|c| c.is_finite() && *c > 0.0 && *c < 1.0));
+    let vocab = m.config().vocab_size as u32;
+    assert!(full.tokens.iter().all(|&t| t < vocab));
+    // Same inputs, same drafts; the pass leaves the draft state alone.
+    let again = propose(
+        &m,
+        &d,
+        1,
+        (anchor, toks.len()),
+        bsz,
+        SamplingParams::GREEDY,
+        0,
+    )
+    .unwrap();
+    assert_eq!(full, again);
+    // Every K drafts the first K tokens of the full block (the block always runs whole).
+    for k in 1..=bsz {
+        let dk = propose(
+            &m,
+            &d,
+            1,
+            (anchor, toks.len()),
+            k,
+            SamplingParams::GREEDY,
+            0,
+        )
+        .unwrap();
+        assert_eq!(dk.tokens, full.tokens[..k].to_vec(), "k = {k}");
+        assert_eq!(dk.confidence, full.confidence[..k].to_vec());
+    }
+    for bad in [0, bsz + 1] {
+        assert!(matches!(
+            propose(
+                &m,
+                &d,
+                1,
+                (anchor, toks.len()),
+                bad,
+                SamplingParams::GREEDY,
+                0
+            ),
+            Err(DraftError::Invalid(_))
+        ));
+    }
+    // Wrong anchor position, unknown request: clear errors.
+    assert!(propose(
+        &m,
+        &d,
+        1,
+        (anchor, toks.len() + 1),
+        2,
+        SamplingParams::GREEDY,
+        0
+    )
+    .is_err());
+    assert!(propose(&m, &d, 9, (anchor, 5), 2, SamplingParams::GREEDY, 0).is_err());
+}
+
+#[test]
+fn sampled_drafts_come_with_their_distributions() {
+    let (mut m, mut d) = tiny();
+    let toks = prompt(12, 2);
+    let anchor = prefill(&mut m, &mut d, 4, 0, &toks);
+    let params = SamplingParams {
+        temperature: 0.7,
+        top_p: 0.95,
+        top_k: 50,
+    };
+    let a = propose(&m, &d, 4, (anchor, toks.len()), 5, params, 42).unwrap();
+    let b = propose(&m, &d, 4, (anchor, toks.len()), 5, params, 42).unwrap();
+    assert_eq!(a, b, "same seed, same drafts");
+    let q = a.q.as_ref().unwrap();
+    assert_eq!(q.len(), 5);
+    for (row, &t) in q.iter().zip(&a.tokens) {
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+        assert!(row.iter().filter(|&&x| x > 0.0).count() <= 50);
+        assert!(row[t as usize] > 0.0, "a draft was drawn outside its q");
+    }
+}
+
+/// After a verification that accepts `n` of the drafts, committing only the anchor and the
+/// accepted drafts leaves exactly the state a request that ran those tokens from the start has.
+#[test]
+fn ring_after_partial_accept_equals_ring_built_from_accepted_tokens() {
+    let (mut m, mut d) = tiny();
+    let window = d.rings().window();
+    // Longer than the window, so a leaked rejected row would overwrite a visible slot.
+    let toks = prompt(window + 9, 3);
+    let l = toks.len();
+    let anchor = prefill(&mut m, &mut d, 10, 0, &toks);
+    let drafts = propose(&m, &d, 10, (anchor, l), 5, SamplingParams::GREEDY, 0).unwrap();
+    let mut block = vec![anchor];
+    block.extend(&drafts.tokens);
+    for n in [0usize, 2, 5] {
+        let spec_id = 100 + n as u64;
+        let ref_id = 200 + n as u64;
+        // Speculative request: prefill, then verify [anchor, d1..d5] in one target pass.
+        let a = prefill(&mut m, &mut d, spec_id, 8, &toks);
+        assert_eq!(a, anchor);
+        let (vlogits, vf) = run(&mut m, &d, spec_id, 8, l, &block);
+        assert_eq!(vlogits.len(), 6);
+        // Accept n drafts by fiat (a random draft rarely matches a random target): commit the
+        // anchor and the n accepted drafts only.
+        let width = vf.len() / block.len();
+        d.commit(&m, spec_id, l, &vf[..(n + 1) * width], n + 1)
+            .unwrap();
+        // Reference: the prompt and the accepted tokens as one prefill.
+        let mut all = toks.clone();
+        all.extend(&block[..n + 1]);
+        prefill(&mut m, &mut d, ref_id, 16, &all);
+        let spec = d.rings().get(spec_id).unwrap();
+        let reference = d.rings().get(ref_id).unwrap();
+        assert_eq!(spec.next_pos(), l + n + 1);
+        assert_eq!(reference.next_pos(), l + n + 1);
+        let (x, y) = (spec.storage(), reference.storage());
+        let scale = y.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (i, (u, v)) in x.iter().zip(y).enumerate() {
+            assert!(
+                (u - v).abs() <= 1e-5 * scale,
+                "n = {n}: ring value {i} differs: {u} vs {v}"
+            );
+        }
+        // And the next drafts agree.
+        let next_anchor = argmax(&vlogits[n]);
+        let ds = propose(
+            &m,
+            &d,
+            spec_id,
+            (next_anchor, l + n + 1),
+            5,
+            SamplingParams::GREEDY,
+            0,
+        );
+        let dr = propose(
+            &m,
+            &d,
+            ref_id,
+            (next_anchor, l + n + 1),
+            5,
+            SamplingParams::GREEDY,
+            0,
+        );
+        assert_eq!(ds.unwrap().tokens, dr.unwrap().tokens, "n = {n}");
+        // A commit that skips or repeats positions is refused.
+        assert!(d.commit(&m, spec_id, l, &vf[..width], 1).is_err());
+        d.release(spec_id);
+        d.release(ref_id);
+        assert_eq!(d.next_pos(spec_id), 0);
+    }
+}
+
+/// Full loop with greedy verification: every step emits between 1 and K + 1 tokens, and the
+/// emitted sequence equals the target's own greedy continuation.
+#[test]
+fn speculative_greedy_equals_plain_greedy() {
+    let (mut m, mut d) = tiny();
+    let toks = prompt(10, 4);
+    let steps_tokens = 12;
+    // Plain greedy.
+    let mut plain = toks.clone();
+    let (logits, _) = run(&mut m, &d, 1, 0, 0, &toks);
+    plain.push(argmax(logits.last().unwrap()));
+    while plain.len() < toks.len() + steps_tokens {
+        let pos = plain.len() - 1;
+        let (lg, _) = run(&mut m, &d, 1, 0, pos, &plain[pos..]);
+        plain.push(argmax(&lg[0]));
+    }
+    for k in 1..=d.block_size() {
+        let id = 10 + k as u64;
+        let mut out = toks.clone();
+        let anchor = prefill(&mut m, &mut d, id, 4, &toks);
+        out.push(anchor);
+        let mut rng = RequestRng::seeded(0);
+        while out.len() < toks.len() + steps_tokens {
+            let pos = out.len() - 1;
+            let dr = propose(&m, &d, id, (out[pos], pos), k, SamplingParams::GREEDY, 0).unwrap();
+            let mut block = vec![out[pos]];
+            block.extend(&dr.tokens);
+            let (lg, f) = run(&mut m, &d, id, 4, pos, &block);
+            let v = verify(&dr.tokens, None, &lg, &SamplingParams::GREEDY, &mut rng).unwrap();
+            assert!(!v.tokens.is_empty() && v.tokens.len() <= k + 1);
+            let width = f.len() / block.len();
+            d.commit(
+                &m,
+                id,
+                pos,
+                &f[..(v.num_accepted + 1) * width],
+                v.num_accepted + 1,
+            )
+            .unwrap();
+            out.extend(&v.tokens);
+        }
+        let n = toks.len() + steps_tokens;
+        assert_eq!(&out[..n], &plain[..n], "k = {k}");
+        d.release(id);
+    }
+}
+
+#[test]
+fn missing_draft_tensor_is_named() {
+    struct Hide<'a>(&'a support::HfFile, &'static str);
+    impl model::WeightSource for Hide<'_> {
+        fn contains(&self, name: &str) -> bool {
+            name != self.1 && self.0.contains(name)
+        }
+        fn tensor_f32(&self, name: &str) -> Result<model::HostTensor, model::LoadError> {
+            self.0.tensor_f32(name)
+        }
+        fn tensor_f32_slice(
+            &self,
+            name: &str,
+            dim: usize,
+            range: std::ops::Range<usize>,
+        ) -> Result<model::HostTensor, model::LoadError> {
+            self.0.tensor_f32_slice(name, dim, range)
+        }
+        fn tensor_i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>), model::LoadError> {
+            self.0.tensor_i64(name)
+        }
+    }
+    let dir = support::repo_path("assets/tiny-dsv4");
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let src = support::HfFile::open(&dir.join("model.safetensors"));
+    let target =
+        model::build_cpu(cfg, &src, &LoadOptions::default(), Arc::new(SingleRank)).unwrap();
+    for name in [
+        "mtp.1.ffn.shared_experts.w2.weight",
+        "mtp.2.confidence_head.proj.weight",
+        "mtp.0.main_proj.weight",
+    ] {
+        let err = DsparkDraft::load(&Hide(&src, name), &target, DEFAULT_NUM_STAGES)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains(name), "{err}");
+    }
+}
