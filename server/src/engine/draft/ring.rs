@@ -182,7 +182,8 @@ mod tests {
         let mut r = DraftRings::new(2, 4, 3);
         r.commit(7, 0, 3, &rows_for(0..3, 2, 3)).unwrap();
         assert_eq!(r.visible(7, 1).unwrap().len(), 3);
-        r.commit(7, 3, 6, &rows_for(3..9, 2, 3)).unwrap();
+        // 6 new positions, window 4: only the last 4 rows are passed.
+        r.commit(7, 3, 6, &rows_for(5..9, 2, 3)).unwrap();
         let v = r.visible(7, 1).unwrap();
         let firsts: Vec<f32> = v.iter().map(|row| row[0]).collect();
         assert_eq!(firsts, vec![10_050.0, 10_060.0, 10_070.0, 10_080.0]);
