@@ -361,3 +361,66 @@ fn missing_draft_tensor_is_named() {
         assert!(err.to_string().contains(name), "{err}");
     }
 }
+
+/// The draft over two tensor-parallel ranks (stage heads, output groups, expert channels and
+/// the LM head's vocabulary split; main_proj, rings and Markov head replicated) drafts what one
+/// rank drafts, and both ranks agree exactly.
+#[test]
+fn tensor_parallel_two_ranks_draft_like_one() {
+    let toks = prompt(40, 5);
+    let (mut m, mut d) = tiny();
+    let anchor = prefill(&mut m, &mut d, 1, 0, &toks);
+    let want = propose(
+        &m,
+        &d,
+        1,
+        (anchor, toks.len()),
+        5,
+        SamplingParams::GREEDY,
+        0,
+    )
+    .unwrap();
+    let want_ring = d.rings().get(1).unwrap().storage().to_vec();
+
+    let dir = support::repo_path("assets/tiny-dsv4");
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let src = support::HfFile::open(&dir.join("model.safetensors"));
+    let comms = support::local_group::group(2);
+    let results: Vec<(Drafts, Vec<f32>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                let (cfg, src, toks) = (cfg.clone(), &src, &toks);
+                s.spawn(move || {
+                    let opts = LoadOptions {
+                        kv_pool_tokens: 4096,
+                        shard: model::Shard {
+                            rank,
+                            world_size: 2,
+                        },
+                        ..LoadOptions::default()
+                    };
+                    let mut m = model::build_cpu(cfg, src, &opts, Arc::new(comm)).unwrap();
+                    let mut d = DsparkDraft::load(src, &m, DEFAULT_NUM_STAGES).unwrap();
+                    m.set_capture_layers(d.target_layers().to_vec());
+                    let a = prefill(&mut m, &mut d, 1, 0, toks);
+                    let dr =
+                        propose(&m, &d, 1, (a, toks.len()), 5, SamplingParams::GREEDY, 0).unwrap();
+                    (dr, d.rings().get(1).unwrap().storage().to_vec())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(results[0], results[1], "ranks disagree");
+    let (got, ring) = &results[0];
+    assert_eq!(got.tokens, want.tokens);
+    for (a, b) in got.confidence.iter().zip(&want.confidence) {
+        assert!((a - b).abs() < 1e-5);
+    }
+    let scale = want_ring.iter().fold(0f32, |a, v| a.max(v.abs()));
+    for (a, b) in ring.iter().zip(&want_ring) {
+        assert!((a - b).abs() <= 1e-5 * scale);
+    }
+}
