@@ -9,6 +9,7 @@ use dspark_server::engine::draft::{
     DEFAULT_NUM_STAGES,
 };
 use dspark_server::engine::model::{self, DeepseekV4, LoadOptions, ModelConfig};
+use dspark_server::engine::weights::Checkpoint;
 use dspark_server::engine::{LogitsWanted, ModelRunner, SeqPlan, StepPlan};
 use dspark_server::ranks::SingleRank;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use std::sync::Arc;
 fn tiny() -> (DeepseekV4<CpuBackend>, DsparkDraft<CpuBackend>) {
     let dir = support::repo_path("assets/tiny-dsv4");
     let cfg = ModelConfig::from_dir(&dir).unwrap();
-    let src = support::HfFile::open(&dir.join("model.safetensors"));
+    let src = support::tiny_checkpoint();
     let opts = LoadOptions {
         kv_pool_tokens: 4096,
         ..LoadOptions::default()
@@ -325,13 +326,13 @@ fn speculative_greedy_equals_plain_greedy() {
 
 #[test]
 fn missing_draft_tensor_is_named() {
-    struct Hide<'a>(&'a support::HfFile, &'static str);
+    struct Hide<'a>(&'a Checkpoint, &'static str);
     impl model::WeightSource for Hide<'_> {
         fn contains(&self, name: &str) -> bool {
-            name != self.1 && self.0.contains(name)
+            name != self.1 && model::WeightSource::contains(self.0, name)
         }
         fn tensor_f32(&self, name: &str) -> Result<model::HostTensor, model::LoadError> {
-            self.0.tensor_f32(name)
+            model::WeightSource::tensor_f32(self.0, name)
         }
         fn tensor_f32_slice(
             &self,
@@ -339,15 +340,15 @@ fn missing_draft_tensor_is_named() {
             dim: usize,
             range: std::ops::Range<usize>,
         ) -> Result<model::HostTensor, model::LoadError> {
-            self.0.tensor_f32_slice(name, dim, range)
+            model::WeightSource::tensor_f32_slice(self.0, name, dim, range)
         }
         fn tensor_i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>), model::LoadError> {
-            self.0.tensor_i64(name)
+            model::WeightSource::tensor_i64(self.0, name)
         }
     }
     let dir = support::repo_path("assets/tiny-dsv4");
     let cfg = ModelConfig::from_dir(&dir).unwrap();
-    let src = support::HfFile::open(&dir.join("model.safetensors"));
+    let src = support::tiny_checkpoint();
     let target =
         model::build_cpu(cfg, &src, &LoadOptions::default(), Arc::new(SingleRank)).unwrap();
     for name in [
@@ -384,7 +385,7 @@ fn tensor_parallel_two_ranks_draft_like_one() {
 
     let dir = support::repo_path("assets/tiny-dsv4");
     let cfg = ModelConfig::from_dir(&dir).unwrap();
-    let src = support::HfFile::open(&dir.join("model.safetensors"));
+    let src = support::tiny_checkpoint();
     let comms = support::local_group::group(2);
     let results: Vec<(Drafts, Vec<f32>)> = std::thread::scope(|s| {
         let handles: Vec<_> = comms

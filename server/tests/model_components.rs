@@ -11,25 +11,26 @@ use dspark_server::engine::model::forward::{
 use dspark_server::engine::model::hyper::{sinkhorn, HyperConnection, HyperHead};
 use dspark_server::engine::model::load::Routing;
 use dspark_server::engine::model::rope::RopeTable;
-use dspark_server::engine::model::{self, LoadOptions, ModelConfig, WeightSource};
+use dspark_server::engine::model::{self, LoadOptions, ModelConfig};
+use dspark_server::engine::weights::Checkpoint;
 use dspark_server::ranks::SingleRank;
 use std::sync::Arc;
-use support::HfFile;
+use support::{f32s, i64s};
 
 fn cfg() -> ModelConfig {
     ModelConfig::from_dir(&support::repo_path("assets/tiny-dsv4")).unwrap()
 }
 
-fn weights() -> HfFile {
-    HfFile::open(&support::repo_path("assets/tiny-dsv4/model.safetensors"))
+fn weights() -> Checkpoint {
+    support::tiny_checkpoint()
 }
 
-fn components() -> HfFile {
-    HfFile::open(&support::repo_path("tests/fixtures/components.safetensors"))
+fn components() -> Checkpoint {
+    support::components()
 }
 
-fn w(src: &HfFile, name: &str) -> Vec<f32> {
-    src.tensor_f32(name).unwrap().data
+fn w(src: &Checkpoint, name: &str) -> Vec<f32> {
+    f32s(src, name)
 }
 
 fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
@@ -57,19 +58,17 @@ fn linear(x: &[f32], n: usize, weight: Vec<f32>, rows: usize) -> Vec<f32> {
 fn rope_and_yarn_tables_match() {
     let c = components();
     let cfg = cfg();
-    let positions: Vec<usize> = c
-        .raw_i64("rope.positions")
-        .1
+    let positions: Vec<usize> = i64s(&c, "rope.positions")
         .iter()
         .map(|&p| p as usize)
         .collect();
-    let x = c.raw_f32("rope.x").data;
+    let x = f32s(&c, "rope.x");
     let hd = cfg.head_dim;
     for (kind, params) in [("main", &cfg.rope_main), ("compress", &cfg.rope_compress)] {
         let t = RopeTable::new(params, cfg.qk_rope_head_dim);
         assert_close(
             &t.inv_freq,
-            &c.raw_f32(&format!("rope.{kind}.inv_freq")).data,
+            &f32s(&c, &format!("rope.{kind}.inv_freq")),
             1e-6,
             kind,
         );
@@ -87,27 +86,17 @@ fn rope_and_yarn_tables_match() {
             unrot.extend(u);
         }
         // Positions reach 2^20: f32 angles there carry ~1e-7 relative rounding of the angle.
-        assert_close(
-            &cos,
-            &c.raw_f32(&format!("rope.{kind}.cos")).data,
-            2e-5,
-            "cos",
-        );
-        assert_close(
-            &sin,
-            &c.raw_f32(&format!("rope.{kind}.sin")).data,
-            2e-5,
-            "sin",
-        );
+        assert_close(&cos, &f32s(&c, &format!("rope.{kind}.cos")), 2e-5, "cos");
+        assert_close(&sin, &f32s(&c, &format!("rope.{kind}.sin")), 2e-5, "sin");
         assert_close(
             &rot,
-            &c.raw_f32(&format!("rope.{kind}.rotated")).data,
+            &f32s(&c, &format!("rope.{kind}.rotated")),
             2e-5,
             "rotated",
         );
         assert_close(
             &unrot,
-            &c.raw_f32(&format!("rope.{kind}.unrotated")).data,
+            &f32s(&c, &format!("rope.{kind}.unrotated")),
             2e-5,
             "unrotated",
         );
@@ -118,13 +107,13 @@ fn rope_and_yarn_tables_match() {
 fn sinkhorn_matches() {
     let c = components();
     let cfg = cfg();
-    let logits = c.raw_f32("sinkhorn.logits").data;
+    let logits = f32s(&c, "sinkhorn.logits");
     let hc = cfg.hc_mult;
     let got: Vec<f32> = logits
         .chunks(hc * hc)
         .flat_map(|l| sinkhorn(l, hc, cfg.hc_sinkhorn_iters, cfg.hc_eps))
         .collect();
-    assert_close(&got, &c.raw_f32("sinkhorn.out").data, 1e-6, "sinkhorn");
+    assert_close(&got, &f32s(&c, "sinkhorn.out"), 1e-6, "sinkhorn");
 }
 
 #[test]
@@ -137,7 +126,7 @@ fn hyper_connection_and_head_match() {
         base: w(&wt, "layers.1.hc_attn_base"),
         scale: [s[0], s[1], s[2]],
     };
-    let input = c.raw_f32("hc.input").data;
+    let input = f32s(&c, "hc.input");
     let (mut post, mut comb, mut collapsed) = (Vec::new(), Vec::new(), Vec::new());
     for t in input.chunks(hc * h) {
         let m = site.mix(t, hc, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps);
@@ -145,26 +134,21 @@ fn hyper_connection_and_head_match() {
         post.extend(m.post);
         comb.extend(m.comb);
     }
-    assert_close(&post, &c.raw_f32("hc.post").data, 1e-5, "post");
-    assert_close(&comb, &c.raw_f32("hc.comb").data, 1e-5, "comb");
-    assert_close(
-        &collapsed,
-        &c.raw_f32("hc.collapsed").data,
-        1e-5,
-        "collapsed",
-    );
+    assert_close(&post, &f32s(&c, "hc.post"), 1e-5, "post");
+    assert_close(&comb, &f32s(&c, "hc.comb"), 1e-5, "comb");
+    assert_close(&collapsed, &f32s(&c, "hc.collapsed"), 1e-5, "collapsed");
 
     let head = HyperHead {
         fn_: w(&wt, "hc_head_fn"),
         base: w(&wt, "hc_head_base"),
         scale: w(&wt, "hc_head_scale")[0],
     };
-    let input = c.raw_f32("hc_head.input").data;
+    let input = f32s(&c, "hc_head.input");
     let out: Vec<f32> = input
         .chunks(hc * h)
         .flat_map(|t| head.collapse(t, hc, cfg.hc_eps, cfg.rms_norm_eps))
         .collect();
-    assert_close(&out, &c.raw_f32("hc_head.output").data, 1e-5, "hc_head");
+    assert_close(&out, &f32s(&c, "hc_head.output"), 1e-5, "hc_head");
 }
 
 #[test]
@@ -175,24 +159,17 @@ fn routers_match() {
         cfg.num_experts_per_tok,
         cfg.hidden_size,
     );
-    let ids: Vec<u32> = c
-        .raw_i64("hash_router.input_ids")
-        .1
+    let ids: Vec<u32> = i64s(&c, "hash_router.input_ids")
         .iter()
         .map(|&i| i as u32)
         .collect();
     for (key, layer) in [("hash_router", 0), ("topk_router", 1)] {
-        let x = c.raw_f32(&format!("{key}.input")).data;
+        let x = f32s(&c, &format!("{key}.input"));
         let n = x.len() / h;
         let logits = linear(&x, n, w(&wt, &format!("layers.{layer}.ffn.gate.weight")), e);
-        assert_close(
-            &logits,
-            &c.raw_f32(&format!("{key}.logits")).data,
-            1e-5,
-            key,
-        );
+        assert_close(&logits, &f32s(&c, &format!("{key}.logits")), 1e-5, key);
         let routing = if layer == 0 {
-            let (_, table) = wt.tensor_i64("layers.0.ffn.gate.tid2eid").unwrap();
+            let table = i64s(&wt, "layers.0.ffn.gate.tid2eid");
             Routing::Hash(table.iter().map(|&v| v as u32).collect())
         } else {
             Routing::TopK(w(&wt, "layers.1.ffn.gate.bias"))
@@ -205,8 +182,8 @@ fn routers_match() {
             &ids,
             cfg.routed_scaling_factor,
         );
-        let want_idx = c.raw_i64(&format!("{key}.indices")).1;
-        let want_w = c.raw_f32(&format!("{key}.weights")).data;
+        let want_idx = i64s(&c, &format!("{key}.indices"));
+        let want_w = f32s(&c, &format!("{key}.weights"));
         for (t, r) in routes.iter().enumerate() {
             for j in 0..k {
                 let expert = want_idx[t * k + j] as usize;
@@ -232,21 +209,19 @@ fn moe_block_matches() {
         Arc::new(SingleRank),
     )
     .unwrap();
-    let x = c.raw_f32("moe.input").data;
-    let ids: Vec<u32> = c
-        .raw_i64("hash_router.input_ids")
-        .1
+    let x = f32s(&c, "moe.input");
+    let ids: Vec<u32> = i64s(&c, "hash_router.input_ids")
         .iter()
         .map(|&i| i as u32)
         .collect();
     let _ = dir;
     let out = m.moe(1, &x, &ids).unwrap();
-    assert_close(&out, &c.raw_f32("moe.output").data, 1e-5, "moe");
+    assert_close(&out, &f32s(&c, "moe.output"), 1e-5, "moe");
 }
 
 fn compressed_rows(
     hidden: &[f32],
-    wt: &HfFile,
+    wt: &Checkpoint,
     prefix: &str,
     win: Window,
     cfg: &ModelConfig,
@@ -284,7 +259,7 @@ fn compressed_rows(
 fn csa_and_hca_compressors_match() {
     let (c, wt, cfg) = (components(), weights(), cfg());
     let csa = compressed_rows(
-        &c.raw_f32("csa.hidden").data,
+        &f32s(&c, "csa.hidden"),
         &wt,
         "layers.1.attn.compressor",
         Window {
@@ -295,9 +270,9 @@ fn csa_and_hca_compressors_match() {
         },
         &cfg,
     );
-    assert_close(&csa, &c.raw_f32("csa.compressed").data, 1e-5, "csa");
+    assert_close(&csa, &f32s(&c, "csa.compressed"), 1e-5, "csa");
     let hca = compressed_rows(
-        &c.raw_f32("hca.hidden").data,
+        &f32s(&c, "hca.hidden"),
         &wt,
         "layers.2.attn.compressor",
         Window {
@@ -308,7 +283,7 @@ fn csa_and_hca_compressors_match() {
         },
         &cfg,
     );
-    assert_close(&hca, &c.raw_f32("hca.compressed").data, 1e-5, "hca");
+    assert_close(&hca, &f32s(&c, "hca.compressed"), 1e-5, "hca");
 }
 
 #[test]
@@ -316,7 +291,7 @@ fn indexer_scores_and_top_k_match() {
     let (c, wt, cfg) = (components(), weights(), cfg());
     let ihd = cfg.index_head_dim;
     let nih = cfg.index_n_heads;
-    let hidden = c.raw_f32("csa.hidden").data;
+    let hidden = f32s(&c, "csa.hidden");
     let n = hidden.len() / cfg.hidden_size;
     let keys = compressed_rows(
         &hidden,
@@ -330,7 +305,7 @@ fn indexer_scores_and_top_k_match() {
         },
         &cfg,
     );
-    let q_res = c.raw_f32("csa.q_residual").data;
+    let q_res = f32s(&c, "csa.q_residual");
     let mut q = linear(
         &q_res,
         n,
@@ -363,12 +338,12 @@ fn indexer_scores_and_top_k_match() {
             })
         })
         .collect();
-    let want = c.raw_f32("indexer.scores").data;
+    let want = f32s(&c, "indexer.scores");
     assert_close(&scores, &want, 1e-5, "indexer scores");
 
     // Top-k as sets, over the visible rows; a tie at the k-th place makes the reference's pick
     // arbitrary, so such queries only check the rows above the tie.
-    let topk = c.raw_i64("indexer.topk").1;
+    let topk = i64s(&c, "indexer.topk");
     let k = cfg.index_topk;
     let mut ties = 0;
     for t in 0..n {
@@ -391,4 +366,52 @@ fn indexer_scores_and_top_k_match() {
         }
     }
     eprintln!("indexer top-k: {ties} queries decided by exact ties");
+}
+
+#[test]
+fn captured_target_features_are_stream_means_of_layer_outputs() {
+    // The DSpark draft reads the mean of the residual streams after chosen layers.
+    let (c, cfg) = (components(), cfg());
+    let src = weights();
+    let mut m = model::build_cpu(
+        cfg.clone(),
+        &src,
+        &LoadOptions::default(),
+        Arc::new(SingleRank),
+    )
+    .unwrap();
+    m.set_capture_layers(vec![0, 1, 2, 3]);
+    let text =
+        std::fs::read_to_string(support::repo_path("tests/fixtures/reference.json")).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ids: Vec<u32> = reference["prompts"]["chat"]["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    use dspark_server::engine::{LogitsWanted, ModelRunner, SeqPlan, StepPlan};
+    m.step(&StepPlan {
+        seqs: vec![SeqPlan {
+            seq_id: 1,
+            start_pos: 0,
+            tokens: ids,
+            block_table: vec![0],
+            logits: LogitsWanted::None,
+        }],
+    })
+    .unwrap();
+    let (hc, h) = (cfg.hc_mult, cfg.hidden_size);
+    let captured = m.take_captured();
+    assert_eq!(captured.len(), 4);
+    for (layer, got) in captured {
+        let streams = f32s(&c, &format!("layer_out.{layer}"));
+        let want: Vec<f32> = streams
+            .chunks(hc * h)
+            .flat_map(|t| {
+                (0..h).map(move |d| (0..hc).map(|k| t[k * h + d]).sum::<f32>() / hc as f32)
+            })
+            .collect();
+        assert_close(&got, &want, 1e-5, &format!("layer {layer}"));
+    }
 }

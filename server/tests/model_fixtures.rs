@@ -23,8 +23,8 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        // DSPARK_MODEL_REFERENCE points at another reference of the same layout (e.g. one made
-        // with a patched transformers), for investigating a disagreement.
+        // DSPARK_MODEL_REFERENCE points at another reference of the same layout, for
+        // investigating a disagreement (e.g. one made with a patched transformers).
         let path = std::env::var("DSPARK_MODEL_REFERENCE")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|_| support::repo_path("tests/fixtures/reference.json"));
@@ -38,7 +38,7 @@ fn fixture() -> &'static Fixture {
 fn tiny_model(pool_tokens: usize) -> DeepseekV4<CpuBackend> {
     let dir = support::repo_path("assets/tiny-dsv4");
     let cfg = ModelConfig::from_dir(&dir).unwrap();
-    let src = support::HfFile::open(&dir.join("model.safetensors"));
+    let src = support::tiny_checkpoint();
     let opts = LoadOptions {
         kv_pool_tokens: pool_tokens,
         ..LoadOptions::default()
@@ -353,13 +353,14 @@ fn bad_plans_are_clear_errors() {
 
 #[test]
 fn missing_tensor_is_named() {
-    struct Without<'a>(&'a support::HfFile, &'static str);
+    use dspark_server::engine::weights::Checkpoint;
+    struct Without<'a>(&'a Checkpoint, &'static str);
     impl model::WeightSource for Without<'_> {
         fn contains(&self, name: &str) -> bool {
             name != self.1 && self.0.contains(name)
         }
         fn tensor_f32(&self, name: &str) -> Result<model::HostTensor, model::LoadError> {
-            self.0.tensor_f32(name)
+            model::WeightSource::tensor_f32(self.0, name)
         }
         fn tensor_f32_slice(
             &self,
@@ -367,15 +368,15 @@ fn missing_tensor_is_named() {
             dim: usize,
             range: std::ops::Range<usize>,
         ) -> Result<model::HostTensor, model::LoadError> {
-            self.0.tensor_f32_slice(name, dim, range)
+            model::WeightSource::tensor_f32_slice(self.0, name, dim, range)
         }
         fn tensor_i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>), model::LoadError> {
-            self.0.tensor_i64(name)
+            model::WeightSource::tensor_i64(self.0, name)
         }
     }
     let dir = support::repo_path("assets/tiny-dsv4");
     let cfg = ModelConfig::from_dir(&dir).unwrap();
-    let src = support::HfFile::open(&dir.join("model.safetensors"));
+    let src = support::tiny_checkpoint();
     let name = "layers.3.attn.indexer.compressor.ape";
     let err = model::build_cpu(
         cfg,
@@ -397,7 +398,7 @@ fn tensor_parallel_two_ranks_match_one() {
     let toks = ids(&p["input_ids"]);
     let dir = support::repo_path("assets/tiny-dsv4");
     let cfg = ModelConfig::from_dir(&dir).unwrap();
-    let src = support::HfFile::open(&dir.join("model.safetensors"));
+    let src = support::tiny_checkpoint();
     let mut single = tiny_model(512);
     let bt = blocks_for(&single, 0, toks.len() + 1);
     let plan = |next: Option<u32>| {
@@ -443,4 +444,65 @@ fn tensor_parallel_two_ranks_match_one() {
         assert!(max_rel_diff(&b[0][0], &want_decode[0][0]) < 1e-5);
     }
     assert_eq!(results[0], results[1], "ranks disagree");
+}
+
+#[test]
+fn load_entry_point_reads_the_checkpoint_and_dummy_weights() {
+    let dir = support::repo_path("assets/tiny-dsv4");
+    let toks = ids(&prompt("short")["input_ids"]);
+    let plan = StepPlan {
+        seqs: vec![seq(1, 0, &toks, &[0], LogitsWanted::Last)],
+    };
+    let opts = LoadOptions {
+        kv_pool_tokens: 128,
+        ..LoadOptions::default()
+    };
+    let mut runner = model::load(&dir, &opts, Arc::new(SingleRank)).unwrap();
+    assert_eq!(runner.kv_layout().num_blocks, 1);
+    let got = runner.step(&plan).unwrap().logits;
+    let want = run(&mut tiny_model(128), plan.seqs.clone());
+    assert_eq!(got, want);
+
+    // Dummy weights: right shapes, finite, deterministic for a seed.
+    let dummy = LoadOptions {
+        load_format: model::LoadFormat::Dummy,
+        dummy_seed: 7,
+        ..opts.clone()
+    };
+    let a = model::load(&dir, &dummy, Arc::new(SingleRank))
+        .unwrap()
+        .step(&plan)
+        .unwrap()
+        .logits;
+    let b = model::load(&dir, &dummy, Arc::new(SingleRank))
+        .unwrap()
+        .step(&plan)
+        .unwrap()
+        .logits;
+    assert_eq!(a, b);
+    assert!(a[0][0].iter().all(|x| x.is_finite()));
+    assert_ne!(a, want);
+}
+
+#[test]
+fn real_size_model_on_cpu_is_refused_before_loading() {
+    // V4-Flash dimensions with dummy weights: ~1.1 TB as f32, refused up front (no OOM kill).
+    let dir = tempfile::tempdir().unwrap();
+    let mut ratios = vec![0, 0];
+    for _ in 0..20 {
+        ratios.extend([4, 128]);
+    }
+    ratios.extend([4, 0]);
+    let cfg = serde_json::json!({"model_type": "deepseek_v4", "compress_ratios": ratios,
+        "quantization_config": {"quant_method": "fp8"}, "expert_dtype": "fp4"});
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let opts = LoadOptions {
+        load_format: model::LoadFormat::Dummy,
+        ..LoadOptions::default()
+    };
+    let err = model::load(dir.path(), &opts, Arc::new(SingleRank))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("f32 weights"), "{err}");
 }

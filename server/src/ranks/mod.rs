@@ -1,4 +1,28 @@
-//! Tensor-parallel ranks: communicator, rendezvous, plan broadcast, launcher.
+//! Tensor-parallel ranks: communicator, rendezvous, plan broadcast, fail-together, launcher.
+//!
+//! Rank 0 runs the API and scheduler and sends each step's plan to the other ranks, which run the
+//! same step on their shard ([`run_follower`]). Protocol and timeouts: `docs/RANKS.md`.
+
+mod config;
+mod control;
+mod health;
+mod launcher;
+mod rendezvous;
+mod tcp;
+pub(crate) mod wire;
+
+#[cfg(test)]
+mod tests;
+
+pub use config::{ConfigError, GroupFingerprint, NcclUniqueId, RankConfig, DEFAULT_CONTROL_PORT};
+pub use control::{
+    run_follower, FollowerError, LeaderRunner, PlanBroadcaster, PlanMessage, PlanReceiver,
+};
+pub use health::{FailPolicy, GroupHealth, GroupState, EXIT_PEER_LOST};
+pub use launcher::{launch_local, launch_local_with, KILL_GRACE};
+pub use rendezvous::{rendezvous, rendezvous_leader_on, Group, RendezvousError, Role};
+pub use tcp::TcpCommunicator;
+pub use wire::PROTOCOL_VERSION;
 
 /// Collective operations between the ranks of one group. The TCP implementation serves the CPU
 /// backend (tests, demo); the NCCL one serves the CUDA backend.
@@ -11,6 +35,11 @@ pub trait Communicator: Send + Sync {
     fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError>;
     /// `data` of rank `root` replaces `data` on every other rank.
     fn broadcast_bytes(&self, root: usize, data: &mut Vec<u8>) -> Result<(), CommError>;
+    /// Returns once every rank has called it.
+    fn barrier(&self) -> Result<(), CommError> {
+        // A sum needs every rank's input before anyone gets the result.
+        self.all_reduce_sum(&mut [0.0])
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

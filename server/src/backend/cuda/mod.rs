@@ -1,1 +1,3 @@
 //! CUDA backend (cudarc with dynamic loading).
+
+pub mod nccl;

@@ -89,11 +89,12 @@ impl<B: Backend> DeepseekV4<B> {
         &self.cfg
     }
 
-    /// The backend, weights and RoPE table the DSpark draft shares with the target.
+    /// The backend the DSpark draft shares with the target.
     pub fn backend(&self) -> &B {
         &self.backend
     }
 
+    /// This rank's weights (the DSpark draft shares the embedding and LM head).
     pub fn weights(&self) -> &ModelWeights<B> {
         &self.weights
     }
@@ -296,6 +297,13 @@ impl<B: Backend> DeepseekV4<B> {
         // Vocab-parallel head: gather every rank's columns, then re-interleave per row.
         let gathered = self.comm.all_gather(&local).map_err(comm_err)?;
         let vl = vocab / self.shard.world_size;
+        if gathered.len() != m * vocab {
+            return Err(EngineError::Comm(format!(
+                "all_gather of the LM head returned {} values, expected {}",
+                gathered.len(),
+                m * vocab
+            )));
+        }
         let mut full = vec![0f32; m * vocab];
         for rk in 0..self.shard.world_size {
             for r in 0..m {

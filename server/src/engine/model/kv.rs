@@ -167,3 +167,36 @@ impl KvPool {
         self.region(bt, layer, pos) + l.idx_rows + idx * ihd
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn bytes_per_block_match_docs_kv_md() {
+        let mut ratios = vec![0, 0];
+        for _ in 0..20 {
+            ratios.extend([4, 128]);
+        }
+        ratios.extend([4, 0]);
+        let flash = ModelConfig::from_json(
+            &json!({"model_type": "deepseek_v4", "compress_ratios": ratios}),
+        )
+        .unwrap();
+        let g = BlockGeometry::new(&flash, flash.default_block_size());
+        assert_eq!(g.block_size, 128);
+        assert_eq!(g.bytes_per_block(), 398_784 * 128);
+
+        let tiny = ModelConfig::from_json(&json!({
+            "model_type": "deepseek_v4", "hidden_size": 32, "head_dim": 64, "index_head_dim": 32,
+            "qk_rope_head_dim": 16, "num_hidden_layers": 4, "sliding_window": 32,
+            "layer_types": ["sliding_attention", "compressed_sparse_attention",
+                            "heavily_compressed_attention", "compressed_sparse_attention"]
+        }))
+        .unwrap();
+        let g = BlockGeometry::new(&tiny, tiny.default_block_size());
+        assert_eq!(g.block_size, 128);
+        assert_eq!(g.bytes_per_block(), 614_656);
+    }
+}

@@ -20,6 +20,8 @@ pub enum LoadError {
     Tensor { name: String, reason: String },
     #[error("tensor parallel: {0}")]
     Sharding(String),
+    #[error("KV pool: {0}")]
+    KvPool(String),
     #[error(transparent)]
     Config(#[from] super::config::ConfigError),
     #[error("backend: {0}")]

@@ -1,8 +1,18 @@
 //! The DeepSeek-V4-Flash target model: config, tensor manifest, weights, KV block layout and the
 //! batched forward pass, written over [`crate::backend::Backend`].
 //!
-//! Entry point for the server: [`load`] returns a [`ModelRunner`] for a checkpoint directory.
+//! Entry point for the server:
+//! ```ignore
+//! let opts = LoadOptions { device: Device::Cpu, load_format: LoadFormat::Auto,
+//!     kv_pool_tokens, block_size: None, shard: Shard { rank, world_size }, dummy_seed: 0 };
+//! let mut runner: Box<dyn ModelRunner> = model::load(dir, &opts, communicator)?;
+//! let layout = runner.kv_layout();          // block_size, num_blocks, bytes_per_block
+//! let out = runner.step(&plan)?;            // any mix of prefill chunks and decodes
+//! ```
+//! Every rank of a tensor-parallel group loads its shard (`Shard`) and runs the same plans;
+//! the layers all-reduce through the communicator. What a KV block holds: docs/KV.md.
 
+pub mod checkpoint_source;
 pub mod config;
 pub mod forward;
 pub mod hyper;
@@ -12,6 +22,7 @@ pub mod manifest;
 pub mod ops;
 pub mod rope;
 
+pub use checkpoint_source::{load, load_cpu, tensor_specs};
 pub use config::{ConfigError, ModelConfig};
 pub use forward::DeepseekV4;
 pub use load::{HostTensor, LoadError, Shard, WeightSource};
@@ -72,7 +83,7 @@ pub fn kv_pool(cfg: &ModelConfig, opts: &LoadOptions) -> Result<KvPool, LoadErro
     for l in 0..cfg.num_hidden_layers {
         if let Some(r) = cfg.compress_ratio(l) {
             if bs == 0 || !bs.is_multiple_of(r) {
-                return Err(LoadError::Source(format!(
+                return Err(LoadError::KvPool(format!(
                     "block size {bs} is not a multiple of compress ratio {r} (layer {l})"
                 )));
             }
@@ -87,6 +98,35 @@ pub fn kv_pool(cfg: &ModelConfig, opts: &LoadOptions) -> Result<KvPool, LoadErro
         "KV pool"
     );
     Ok(KvPool::new(geometry, num_blocks))
+}
+
+/// The CPU backend holds every weight as f32: refuse a model that cannot fit instead of being
+/// killed half way through loading (e.g. the real V4-Flash, ~1.1 TB in f32).
+fn check_host_memory(
+    expected: &[manifest::ExpectedTensor],
+    world_size: usize,
+) -> Result<(), LoadError> {
+    let values: usize = expected
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
+    let need = values as u64 * 4 / world_size.max(1) as u64;
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    match available {
+        Some(avail) if need > avail => Err(LoadError::Source(format!(
+            "the CPU backend needs ~{:.1} GB for f32 weights of this rank, the host has {:.1} GB \
+             available; use --device cuda or a smaller model",
+            need as f64 / 1e9,
+            avail as f64 / 1e9
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Builds the CPU model of this rank from a weight source.
@@ -105,7 +145,9 @@ pub fn build_cpu(
             opts.shard.world_size
         )));
     }
-    manifest::check_complete(src, &manifest::target_tensors(&cfg))?;
+    let expected = manifest::target_tensors(&cfg);
+    manifest::check_complete(src, &expected)?;
+    check_host_memory(&expected, opts.shard.world_size)?;
     let backend = CpuBackend;
     let weights = load::load_weights(src, &backend, &cfg, opts.shard)?;
     let pool = kv_pool(&cfg, opts)?;
@@ -126,5 +168,34 @@ pub fn build(
         Device::Cuda => Err(LoadError::Source(
             "the CUDA backend is not implemented yet; use --device cpu".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_is_sized_in_whole_blocks_and_block_size_is_checked() {
+        let cfg = ModelConfig::from_json(&serde_json::json!({
+            "model_type": "deepseek_v4", "num_hidden_layers": 2, "hidden_size": 32, "head_dim": 64,
+            "index_head_dim": 32, "qk_rope_head_dim": 16, "sliding_window": 32,
+            "layer_types": ["sliding_attention", "compressed_sparse_attention"]
+        }))
+        .unwrap();
+        // Only CSA (ratio 4) here: the smallest multiple of 4 reaching the window is 32.
+        assert_eq!(cfg.default_block_size(), 32);
+        let opts = LoadOptions {
+            kv_pool_tokens: 100,
+            ..LoadOptions::default()
+        };
+        let pool = kv_pool(&cfg, &opts).unwrap();
+        assert_eq!(pool.num_blocks, 4);
+        let bad = LoadOptions {
+            block_size: Some(30),
+            ..opts
+        };
+        let e = kv_pool(&cfg, &bad).unwrap_err().to_string();
+        assert!(e.contains("multiple of compress ratio 4"), "{e}");
     }
 }

@@ -29,7 +29,9 @@ pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// Indices of the `k` largest values (ties: lower index first), in descending order.
+/// Indices of the `k` largest values, in descending order. Exact ties go to the lower index
+/// (a stable sort); torch.topk's pick among exact ties is unspecified and differs between its
+/// cached and uncached paths, so the fixtures are made free of ties at the cut.
 pub fn top_k_indices(values: &[f32], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..values.len()).collect();
     idx.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));

@@ -1,0 +1,235 @@
+//! The NCCL communicator of the CUDA backend (cudarc, NCCL loaded at run time).
+//!
+//! Built from the [`NcclUniqueId`] rank 0 created and the rendezvous delivered
+//! ([`crate::ranks::Group::nccl_unique_id`]). The `*_device` methods are the hot path: they
+//! enqueue the collective on the backend's stream and return without synchronising. The
+//! [`Communicator`] impl on host slices copies through the device and synchronises; it exists
+//! for tests and rare host-side collectives.
+//!
+//! NCCL does not notice a dead peer by itself (a collective would wait forever); the control
+//! connection's heartbeats do, and [`crate::ranks::GroupHealth`] ends the process.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::nccl::safe::{Comm, NcclType, ReduceOp};
+
+use crate::ranks::{CommError, Communicator, NcclUniqueId};
+
+/// Owns the NCCL communicator so it can live in a `Send + Sync` [`NcclCommunicator`].
+struct OwnedComm(Comm);
+
+// SAFETY: NCCL allows a communicator to be used from any thread provided calls on it are not
+// concurrent; `OwnedComm` is only reachable through `NcclCommunicator::comm`'s Mutex, which
+// serialises every call. The stream it holds is itself Send + Sync in cudarc.
+unsafe impl Send for OwnedComm {}
+
+pub struct NcclCommunicator {
+    rank: usize,
+    world_size: usize,
+    stream: Arc<CudaStream>,
+    comm: Mutex<OwnedComm>,
+}
+
+impl std::fmt::Debug for NcclCommunicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NcclCommunicator")
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .finish()
+    }
+}
+
+fn nccl_err(what: &str, e: impl std::fmt::Debug) -> CommError {
+    CommError::Failed(format!("NCCL {what}: {e:?}"))
+}
+
+fn driver_err(what: &str, e: impl std::fmt::Debug) -> CommError {
+    CommError::Failed(format!("CUDA {what}: {e:?}"))
+}
+
+impl NcclCommunicator {
+    /// Joins the NCCL group; blocks until every rank has called it (bounded by the group's
+    /// heartbeats: a rank that dies meanwhile ends the process through `GroupHealth`).
+    pub fn new(
+        stream: Arc<CudaStream>,
+        rank: usize,
+        world_size: usize,
+        id: &NcclUniqueId,
+    ) -> Result<Self, CommError> {
+        // ncclCommInitRank joins on the thread's current device.
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| driver_err("bind context", e))?;
+        let comm = Comm::from_rank(stream.clone(), rank, world_size, id.to_cudarc())
+            .map_err(|e| nccl_err("ncclCommInitRank", e))?;
+        Ok(Self {
+            rank,
+            world_size,
+            stream,
+            comm: Mutex::new(OwnedComm(comm)),
+        })
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The communicator, with this rank's device current on the calling thread (NCCL launches
+    /// on the current device).
+    fn comm(&self) -> Result<MutexGuard<'_, OwnedComm>, CommError> {
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| driver_err("bind context", e))?;
+        Ok(self.comm.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// In-place sum over ranks of a device buffer, enqueued on [`Self::stream`].
+    pub fn all_reduce_sum_device<T: NcclType, B: DevicePtrMut<T>>(
+        &self,
+        buf: &mut B,
+    ) -> Result<(), CommError> {
+        self.comm()?
+            .0
+            .all_reduce_in_place(buf, &ReduceOp::Sum)
+            .map(|_| ())
+            .map_err(|e| nccl_err("all_reduce", e))
+    }
+
+    /// `recv` (world_size x `send.len()`) gets every rank's `send` in rank order.
+    pub fn all_gather_device<T: NcclType, S: DevicePtr<T>, R: DevicePtrMut<T>>(
+        &self,
+        send: &S,
+        recv: &mut R,
+    ) -> Result<(), CommError> {
+        if recv.len() != send.len() * self.world_size {
+            return Err(CommError::Failed(format!(
+                "all_gather: receive buffer holds {} elements, needs {} x {}",
+                recv.len(),
+                self.world_size,
+                send.len()
+            )));
+        }
+        self.comm()?
+            .0
+            .all_gather(send, recv)
+            .map(|_| ())
+            .map_err(|e| nccl_err("all_gather", e))
+    }
+
+    /// `buf` of rank `root` replaces `buf` on every rank (same length everywhere).
+    pub fn broadcast_device<T: NcclType, B: DevicePtrMut<T>>(
+        &self,
+        root: usize,
+        buf: &mut B,
+    ) -> Result<(), CommError> {
+        let root =
+            i32::try_from(root).map_err(|_| CommError::Failed(format!("broadcast root {root}")))?;
+        self.comm()?
+            .0
+            .broadcast_in_place(buf, root)
+            .map(|_| ())
+            .map_err(|e| nccl_err("broadcast", e))
+    }
+
+    fn sync(&self) -> Result<(), CommError> {
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_err("synchronize", e))
+    }
+}
+
+impl Communicator for NcclCommunicator {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), CommError> {
+        if data.is_empty() {
+            return self.barrier_device();
+        }
+        let mut dev = self
+            .stream
+            .clone_htod(data)
+            .map_err(|e| driver_err("copy to device", e))?;
+        self.all_reduce_sum_device(&mut dev)?;
+        self.stream
+            .memcpy_dtoh(&dev, data)
+            .map_err(|e| driver_err("copy to host", e))?;
+        self.sync()
+    }
+
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError> {
+        if local.is_empty() {
+            return Ok(Vec::new());
+        }
+        let send = self
+            .stream
+            .clone_htod(local)
+            .map_err(|e| driver_err("copy to device", e))?;
+        let mut recv = self
+            .stream
+            .alloc_zeros::<f32>(local.len() * self.world_size)
+            .map_err(|e| driver_err("alloc", e))?;
+        self.all_gather_device(&send, &mut recv)?;
+        let out = self
+            .stream
+            .clone_dtoh(&recv)
+            .map_err(|e| driver_err("copy to host", e))?;
+        self.sync()?;
+        Ok(out)
+    }
+
+    fn broadcast_bytes(&self, root: usize, data: &mut Vec<u8>) -> Result<(), CommError> {
+        if root >= self.world_size {
+            return Err(CommError::Failed(format!(
+                "broadcast root {root} is not a rank of a group of {}",
+                self.world_size
+            )));
+        }
+        // Only the root knows the length: broadcast it first.
+        let mut len = self
+            .stream
+            .clone_htod(&[data.len() as u64])
+            .map_err(|e| driver_err("copy to device", e))?;
+        self.broadcast_device(root, &mut len)?;
+        let n = self
+            .stream
+            .clone_dtoh(&len)
+            .map_err(|e| driver_err("copy to host", e))?;
+        self.sync()?;
+        let n = usize::try_from(n.first().copied().unwrap_or(0))
+            .map_err(|_| CommError::Failed("broadcast length overflows usize".into()))?;
+        if n == 0 {
+            data.clear();
+            return Ok(());
+        }
+        data.resize(n, 0);
+        let mut dev = self
+            .stream
+            .clone_htod(&data[..])
+            .map_err(|e| driver_err("copy to device", e))?;
+        self.broadcast_device(root, &mut dev)?;
+        self.stream
+            .memcpy_dtoh(&dev, &mut data[..])
+            .map_err(|e| driver_err("copy to host", e))?;
+        self.sync()
+    }
+}
+
+impl NcclCommunicator {
+    fn barrier_device(&self) -> Result<(), CommError> {
+        let mut one = self
+            .stream
+            .alloc_zeros::<f32>(1)
+            .map_err(|e| driver_err("alloc", e))?;
+        self.all_reduce_sum_device(&mut one)?;
+        self.sync()
+    }
+}
