@@ -425,3 +425,45 @@ fn tensor_parallel_two_ranks_draft_like_one() {
         assert!((a - b).abs() <= 1e-5 * scale);
     }
 }
+
+/// The quantized official-layout tiny checkpoint (FP8 projections with e8m0 block scales, FP4
+/// routed experts, official `mtp.*` names, as the real checkpoint ships): the draft loads all
+/// of it and drafts for every K.
+#[test]
+fn draft_loads_from_the_official_quantized_layout() {
+    let dir = support::repo_path("tests/fixtures/tiny-dsv4-quant");
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let src = Checkpoint::open(&dir).unwrap();
+    let opts = LoadOptions {
+        kv_pool_tokens: 2048,
+        ..LoadOptions::default()
+    };
+    let mut m = model::build_cpu(cfg, &src, &opts, Arc::new(SingleRank)).unwrap();
+    let mut d = DsparkDraft::load(&src, &m, DEFAULT_NUM_STAGES).unwrap();
+    m.set_capture_layers(d.target_layers().to_vec());
+    let toks: Vec<u32> = prompt(24, 6).iter().map(|t| t % 1000).collect();
+    let anchor = prefill(&mut m, &mut d, 1, 0, &toks);
+    let full = propose(
+        &m,
+        &d,
+        1,
+        (anchor, toks.len()),
+        d.block_size(),
+        SamplingParams::GREEDY,
+        0,
+    )
+    .unwrap();
+    for k in 1..=d.block_size() {
+        let dk = propose(
+            &m,
+            &d,
+            1,
+            (anchor, toks.len()),
+            k,
+            SamplingParams::GREEDY,
+            0,
+        )
+        .unwrap();
+        assert_eq!(dk.tokens, full.tokens[..k].to_vec());
+    }
+}
