@@ -6,7 +6,7 @@ mod support;
 use dspark_server::backend::cpu::CpuBackend;
 use dspark_server::engine::draft::{
     verify, DraftError, Drafts, DsparkDraft, ProposeRequest, RequestRng, SamplingParams,
-    DEFAULT_NUM_STAGES,
+    SpecDecodeStats, DEFAULT_NUM_STAGES,
 };
 use dspark_server::engine::model::{self, DeepseekV4, LoadOptions, ModelConfig};
 use dspark_server::engine::weights::Checkpoint;
@@ -277,50 +277,70 @@ fn ring_after_partial_accept_equals_ring_built_from_accepted_tokens() {
     }
 }
 
-/// Full loop with greedy verification: every step emits between 1 and K + 1 tokens, and the
-/// emitted sequence equals the target's own greedy continuation.
+/// Full loop with greedy verification, alone and with an oracle: every step emits between 1 and
+/// K + 1 tokens, the emitted sequence equals the target's own greedy continuation, and with the
+/// oracle (the target's greedy continuation as drafts, the `m`-th one corrupted, m cycling over
+/// 0..=k) exactly `m` drafts are accepted, so every accept length including all K (K + 1
+/// tokens per step) runs through verify, commit and the target's KV.
 #[test]
 fn speculative_greedy_equals_plain_greedy() {
     let (mut m, mut d) = tiny();
     let toks = prompt(10, 4);
-    let steps_tokens = 12;
-    // Plain greedy.
+    let steps_tokens = 40;
+    // Plain greedy, long enough to serve as the oracle's drafts.
     let mut plain = toks.clone();
     let (logits, _) = run(&mut m, &d, 1, 0, 0, &toks);
     plain.push(argmax(logits.last().unwrap()));
-    while plain.len() < toks.len() + steps_tokens {
+    while plain.len() < toks.len() + steps_tokens + d.block_size() + 1 {
         let pos = plain.len() - 1;
         let (lg, _) = run(&mut m, &d, 1, 0, pos, &plain[pos..]);
         plain.push(argmax(&lg[0]));
     }
-    for k in 1..=d.block_size() {
-        let id = 10 + k as u64;
-        let mut out = toks.clone();
-        let anchor = prefill(&mut m, &mut d, id, 4, &toks);
-        out.push(anchor);
-        let mut rng = RequestRng::seeded(0);
-        while out.len() < toks.len() + steps_tokens {
-            let pos = out.len() - 1;
-            let dr = propose(&m, &d, id, (out[pos], pos), k, SamplingParams::GREEDY, 0).unwrap();
-            let mut block = vec![out[pos]];
-            block.extend(&dr.tokens);
-            let (lg, f) = run(&mut m, &d, id, 4, pos, &block);
-            let v = verify(&dr.tokens, None, &lg, &SamplingParams::GREEDY, &mut rng).unwrap();
-            assert!(!v.tokens.is_empty() && v.tokens.len() <= k + 1);
-            let width = f.len() / block.len();
-            d.commit(
-                &m,
-                id,
-                pos,
-                &f[..(v.num_accepted + 1) * width],
-                v.num_accepted + 1,
-            )
-            .unwrap();
-            out.extend(&v.tokens);
+    for oracle in [false, true] {
+        for k in 1..=d.block_size() {
+            let id = 10 + k as u64 + if oracle { 100 } else { 0 };
+            let mut out = toks.clone();
+            let anchor = prefill(&mut m, &mut d, id, 4, &toks);
+            out.push(anchor);
+            let mut rng = RequestRng::seeded(0);
+            let mut stats = SpecDecodeStats::default();
+            let mut step = 0;
+            while out.len() < toks.len() + steps_tokens {
+                let pos = out.len() - 1;
+                let dr = propose(&m, &d, id, (out[pos], pos), k, SamplingParams::GREEDY, 0);
+                let mut drafts = dr.unwrap().tokens;
+                let corrupt = step % (k + 1);
+                if oracle {
+                    drafts = plain[pos + 1..pos + 1 + k].to_vec();
+                    if corrupt < k {
+                        drafts[corrupt] = (drafts[corrupt] + 1) % 1000;
+                    }
+                }
+                let mut block = vec![out[pos]];
+                block.extend(&drafts);
+                let (lg, f) = run(&mut m, &d, id, 4, pos, &block);
+                let v = verify(&drafts, None, &lg, &SamplingParams::GREEDY, &mut rng).unwrap();
+                assert!(!v.tokens.is_empty() && v.tokens.len() <= k + 1);
+                if oracle {
+                    assert_eq!(v.num_accepted, corrupt, "k = {k}, step {step}");
+                }
+                let width = f.len() / block.len();
+                let rows = v.num_accepted + 1;
+                d.commit(&m, id, pos, &f[..rows * width], rows).unwrap();
+                stats.record(k, v.num_accepted);
+                out.extend(&v.tokens);
+                step += 1;
+            }
+            // The tiny draft's weights are random: its own acceptance says nothing here.
+            eprintln!(
+                "oracle {oracle}, k = {k}: {:.2} tokens per target step, per position {:?}",
+                stats.mean_acceptance_length(),
+                stats.per_position_rates(k)
+            );
+            let n = toks.len() + steps_tokens;
+            assert_eq!(&out[..n], &plain[..n], "oracle {oracle}, k = {k}");
+            d.release(id);
         }
-        let n = toks.len() + steps_tokens;
-        assert_eq!(&out[..n], &plain[..n], "k = {k}");
-        d.release(id);
     }
 }
 

@@ -8,13 +8,16 @@
 //!   when sampling, the distributions they were drawn from).
 //! - [`accept`] / [`sampling`]: pure verification (greedy and rejection sampling) and the
 //!   temperature / top-k / top-p transform shared by target and draft.
+//! - [`stats`]: the counters behind vLLM's `spec_decode` metrics.
 pub mod accept;
 pub mod propose;
 pub mod ring;
 pub mod sampling;
+pub mod stats;
 pub mod weights;
 
 pub use accept::{verify, AcceptError, Verdict};
 pub use propose::{DraftError, Drafts, DsparkDraft, ProposeRequest};
 pub use sampling::{RequestRng, SamplingParams};
+pub use stats::SpecDecodeStats;
 pub use weights::DEFAULT_NUM_STAGES;
