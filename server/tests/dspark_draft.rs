@@ -487,3 +487,53 @@ fn draft_loads_from_the_official_quantized_layout() {
         assert_eq!(dk.tokens, full.tokens[..k].to_vec());
     }
 }
+
+/// Against an independent reference built from transformers' DeepSeek-V4 modules with the tiny
+/// model's `mtp.*` weights (tests/fixtures/make_dspark_fixture.py): same target features and
+/// anchor give the same drafts and confidences. The context is longer than the window, so the
+/// ring has wrapped.
+#[test]
+fn drafts_match_the_transformers_built_reference() {
+    let text = std::fs::read_to_string(support::repo_path("tests/fixtures/dspark_reference.json"))
+        .unwrap();
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let context = r["context"].as_u64().unwrap() as usize;
+    let features: Vec<f32> = r["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let anchor = r["anchor"].as_u64().unwrap() as u32;
+    let want: Vec<u32> = r["drafts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let (m, mut d) = tiny();
+    // Commit in two uneven chunks: the ring must not care.
+    let width = features.len() / context;
+    d.commit(&m, 3, 0, &features[..7 * width], 7).unwrap();
+    d.commit(&m, 3, 7, &features[7 * width..], context - 7)
+        .unwrap();
+    let got = propose(
+        &m,
+        &d,
+        3,
+        (anchor, context),
+        d.block_size(),
+        SamplingParams::GREEDY,
+        0,
+    )
+    .unwrap();
+    assert_eq!(got.tokens, want);
+    for (g, w) in got
+        .confidence
+        .iter()
+        .zip(r["confidence"].as_array().unwrap())
+    {
+        let w = w.as_f64().unwrap() as f32;
+        assert!((g - w).abs() < 1e-4, "confidence {g} vs {w}");
+    }
+}
