@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole dspark test suite: Rust unit/integration tests, the end-to-end suite against the real
+# server binary with the official `openai` client, and the manifest checks (helm lint/template,
+# kubernetes-validate, examples against the CRD). Installs its Python tools into a local venv.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
+venv=${DSPARK_TEST_VENV:-$root/.venv}
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "python tools (venv: $venv)"
+if [[ ! -x "$venv/bin/python" ]]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install -q --disable-pip-version-check -r tests/requirements.txt
+export PATH="$venv/bin:$PATH"
+
+step "cargo build (binaries used by the end-to-end tests)"
+cargo build --workspace --bins
+
+step "cargo test"
+cargo test --workspace --no-fail-fast
+
+step "end-to-end: OpenAI API against the real server (tests/e2e)"
+DSPARK_SERVER_BIN="$CARGO_TARGET_DIR/debug/dspark-server" python -m pytest -q tests/e2e
+
+step "manifests: helm lint/template, kubernetes-validate, examples vs CRD"
+bash tests/k8s/check-manifests.sh
