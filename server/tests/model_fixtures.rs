@@ -3,7 +3,7 @@
 //! consistency properties (chunking, decode, batching, prefix sharing).
 //!
 //! Error bound: for every compared logit, |ours - reference| / max|reference logit of the row|
-//! must stay below `REL_BOUND`.
+//! must stay below `REL_BOUND` (metric and checks in support/reference.rs).
 
 mod support;
 
@@ -11,27 +11,18 @@ use dspark_server::backend::cpu::CpuBackend;
 use dspark_server::engine::model::{self, DeepseekV4, LoadOptions, ModelConfig};
 use dspark_server::engine::{LogitsWanted, ModelRunner, SeqPlan, StepPlan};
 use dspark_server::ranks::SingleRank;
-use serde_json::Value;
 use std::sync::{Arc, OnceLock};
+use support::reference::{blocks_for, ids, max_rel_diff, run, seq, Reference};
 
-const REL_BOUND: f64 = 1e-4;
-
-struct Fixture {
-    reference: Value,
-}
-
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
+fn fixture() -> &'static Reference {
+    static F: OnceLock<Reference> = OnceLock::new();
     F.get_or_init(|| {
         // DSPARK_MODEL_REFERENCE points at another reference of the same layout, for
         // investigating a disagreement (e.g. one made with a patched transformers).
         let path = std::env::var("DSPARK_MODEL_REFERENCE")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|_| support::repo_path("tests/fixtures/reference.json"));
-        let text = std::fs::read_to_string(path).unwrap();
-        Fixture {
-            reference: serde_json::from_str(&text).unwrap(),
-        }
+        Reference::load(&path)
     })
 }
 
@@ -46,186 +37,27 @@ fn tiny_model(pool_tokens: usize) -> DeepseekV4<CpuBackend> {
     model::build_cpu(cfg, &src, &opts, Arc::new(SingleRank)).unwrap()
 }
 
-fn prompt(name: &str) -> &'static Value {
-    &fixture().reference["prompts"][name]
+fn prompt(name: &str) -> &'static serde_json::Value {
+    fixture().prompt(name)
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn usizes(v: &Value) -> Vec<usize> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
-/// Relative error of one row of our logits against reference row `i` of `rows`
-/// (a topk_rows() dict of the fixture script).
-fn row_error(ours: &[f32], rows: &Value, i: usize) -> f64 {
-    let sample_ids = usizes(&fixture().reference["sample_ids"]);
-    let max_abs = rows["max_abs_logit"][i].as_f64().unwrap();
-    let mut worst: f64 = 0.0;
-    let top_ids = usizes(&rows["topk_ids"][i]);
-    let top_vals = floats(&rows["topk_logits"][i]);
-    for (id, v) in top_ids.iter().zip(&top_vals) {
-        worst = worst.max((ours[*id] as f64 - v).abs());
-    }
-    for (id, v) in sample_ids.iter().zip(floats(&rows["sample_logits"][i])) {
-        worst = worst.max((ours[*id] as f64 - v).abs());
-    }
-    let m = ours.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = m + ours.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
-    worst = worst.max((lse - rows["logsumexp"][i].as_f64().unwrap()).abs());
-    let our_top = argmax(ours);
-    assert_eq!(our_top, top_ids[0], "top-1 differs (row {i})");
-    worst / max_abs
-}
-
-fn argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best
-}
-
-fn blocks_for(m: &DeepseekV4<CpuBackend>, first: u32, tokens: usize) -> Vec<u32> {
-    let bs = m.kv_layout().block_size;
-    (first..first + tokens.div_ceil(bs) as u32).collect()
-}
-
-fn seq(id: u64, start: usize, tokens: &[u32], bt: &[u32], logits: LogitsWanted) -> SeqPlan {
-    SeqPlan {
-        seq_id: id,
-        start_pos: start,
-        tokens: tokens.to_vec(),
-        block_table: bt.to_vec(),
-        logits,
-    }
-}
-
-fn run(m: &mut DeepseekV4<CpuBackend>, seqs: Vec<SeqPlan>) -> Vec<Vec<Vec<f32>>> {
-    m.step(&StepPlan { seqs }).unwrap().logits
-}
-
-/// Prefills `prompt` in chunks that end at each of `positions` (+ the prompt end), returning
-/// the last-token logits of every chunk keyed by position.
-fn chunked_prefill(
-    m: &mut DeepseekV4<CpuBackend>,
-    id: u64,
-    prompt: &[u32],
-    bt: &[u32],
-    positions: &[usize],
-) -> Vec<(usize, Vec<f32>)> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut ends: Vec<usize> = positions.iter().map(|p| p + 1).collect();
-    ends.push(prompt.len());
-    ends.dedup();
-    for end in ends {
-        if end <= start {
-            continue;
-        }
-        let l = run(
-            m,
-            vec![seq(id, start, &prompt[start..end], bt, LogitsWanted::Last)],
-        );
-        out.push((end - 1, l[0][0].clone()));
-        start = end;
-    }
-    out
-}
+const PROMPTS: [&str; 4] = ["short", "chat", "one_hca_block", "long"];
 
 #[test]
 fn prefill_logits_match_transformers() {
-    let mut m = tiny_model(2048);
-    let mut worst: f64 = 0.0;
-    for name in ["short", "chat", "one_hca_block", "long"] {
-        let p = prompt(name);
-        let toks = ids(&p["input_ids"]);
-        let positions = usizes(&p["positions"]);
-        let bt = blocks_for(&m, 0, toks.len());
-        let got = chunked_prefill(&mut m, 1, &toks, &bt, &positions);
-        for (i, pos) in positions.iter().enumerate() {
-            let ours = &got.iter().find(|(q, _)| q == pos).unwrap().1;
-            let e = row_error(ours, p, i);
-            assert!(e < REL_BOUND, "{name} position {pos}: relative error {e:e}");
-            worst = worst.max(e);
-        }
-    }
+    let worst = fixture().check_prefill(&mut tiny_model(2048), &PROMPTS);
     eprintln!("worst relative logit error vs transformers: {worst:e}");
 }
 
 #[test]
 fn one_shot_prefill_matches_transformers() {
-    let mut m = tiny_model(512);
-    for name in ["short", "chat"] {
-        let p = prompt(name);
-        let toks = ids(&p["input_ids"]);
-        let bt = blocks_for(&m, 0, toks.len());
-        let all = run(&mut m, vec![seq(7, 0, &toks, &bt, LogitsWanted::All)]);
-        for (i, pos) in usizes(&p["positions"]).iter().enumerate() {
-            let e = row_error(&all[0][*pos], p, i);
-            assert!(e < REL_BOUND, "{name} position {pos}: relative error {e:e}");
-        }
-    }
+    fixture().check_one_shot_prefill(&mut tiny_model(512), &["short", "chat"]);
 }
 
 #[test]
 fn greedy_continuations_match_token_for_token() {
-    let mut m = tiny_model(2048);
-    let mut worst: f64 = 0.0;
-    for name in ["short", "chat", "one_hca_block", "long"] {
-        let p = prompt(name);
-        let toks = ids(&p["input_ids"]);
-        let want = ids(&p["greedy"]);
-        let bt = blocks_for(&m, 0, toks.len() + want.len());
-        let mut logits = run(&mut m, vec![seq(1, 0, &toks, &bt, LogitsWanted::Last)])
-            .remove(0)
-            .remove(0);
-        let mut got = Vec::new();
-        for step in 0..want.len() {
-            worst = worst.max(row_error(&logits, &p["greedy_step_logits"], step));
-            let next = argmax(&logits) as u32;
-            got.push(next);
-            if got.len() == want.len() {
-                break;
-            }
-            let pos = toks.len() + step;
-            logits = run(&mut m, vec![seq(1, pos, &[next], &bt, LogitsWanted::Last)])
-                .remove(0)
-                .remove(0);
-        }
-        assert_eq!(got, want, "greedy continuation of {name}");
-    }
-    assert!(worst < REL_BOUND, "decode logits relative error {worst:e}");
+    let worst = fixture().check_greedy(&mut tiny_model(2048), &PROMPTS);
     eprintln!("worst relative decode-step logit error vs transformers: {worst:e}");
-}
-
-fn max_rel_diff(a: &[f32], b: &[f32]) -> f64 {
-    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).abs())
-        .fold(0.0, f64::max)
-        / scale
 }
 
 #[test]

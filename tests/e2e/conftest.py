@@ -66,7 +66,7 @@ class Server:
             "--host", "127.0.0.1",
             "--port", str(self.port),
             "--device", os.environ.get("DSPARK_E2E_DEVICE", "cpu"),
-            "--shutdown-timeout-secs", "5",
+            *(["--shutdown-timeout-secs", "5"] if "--shutdown-timeout-secs" not in extra_args else []),
             *extra_args,
         ]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("DSPARK_", "VLLM_"))}

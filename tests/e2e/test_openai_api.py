@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -457,3 +458,25 @@ def test_two_rank_group_gives_the_same_greedy_output(client, group_server):
     for prompt in ("Tensor parallel", "Two ranks, one answer"):
         args = dict(model=MODEL, prompt=prompt, max_tokens=12, **GREEDY, extra_body={"ignore_eos": True})
         assert group.completions.create(**args).choices[0].text == client.completions.create(**args).choices[0].text
+
+
+# ---------------------------------------------------------------- graceful shutdown
+
+
+def test_sigterm_finishes_or_cancels_in_flight_then_exits_0():
+    from conftest import Server
+
+    server = Server(["--max-model-len", "4096", "--kv-pool-tokens", "8192", "--shutdown-timeout-secs", "1"])
+    try:
+        c = openai.OpenAI(base_url=server.base + "/v1", api_key="x", max_retries=0, timeout=60)
+        stream = c.completions.create(model=MODEL, prompt="never ending", max_tokens=4000, stream=True,
+                                      **GREEDY, extra_body={"ignore_eos": True})
+        it = iter(stream)
+        next(it)
+        server.proc.send_signal(signal.SIGTERM)
+        finishes = [ch.choices[0].finish_reason for ch in it if ch.choices and ch.choices[0].finish_reason]
+        # Cancelled at the deadline, well before 4000 tokens: the stream still ends properly.
+        assert finishes == ["abort"]
+        assert server.proc.wait(timeout=30) == 0
+    finally:
+        server.stop()

@@ -132,6 +132,9 @@ impl Scheduler {
     pub fn config(&self) -> &SchedulerConfig {
         &self.cfg
     }
+    pub fn metrics_handle(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
     pub fn vocab_size(&self) -> usize {
         self.runner.vocab_size()
     }
@@ -429,7 +432,7 @@ impl Scheduler {
             if let Some(r) = self.requests.get_mut(&s.request_id) {
                 if r.queued {
                     r.queued = false;
-                    self.queued.fetch_sub(1, Ordering::SeqCst);
+                    release_queue_slot(&self.queued);
                     self.metrics
                         .request_queue_time
                         .observe(r.arrival.elapsed().as_secs_f64());
@@ -508,7 +511,7 @@ impl Scheduler {
             if r.remaining == 0 {
                 if let Some(r) = self.requests.remove(&s.request_id) {
                     if r.queued {
-                        self.queued.fetch_sub(1, Ordering::SeqCst);
+                        release_queue_slot(&self.queued);
                     }
                     self.metrics
                         .e2e_request_latency
@@ -529,6 +532,12 @@ impl Scheduler {
         self.metrics.kv_cache_usage_perc.set(self.pool.usage());
         self.metrics.kv_live_tokens.set(self.live_tokens() as f64);
     }
+}
+
+/// One request left the waiting queue (never below zero: requests added directly through
+/// [`Scheduler::add`], as tests do, never took a slot).
+fn release_queue_slot(queued: &AtomicUsize) {
+    let _ = queued.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| q.checked_sub(1));
 }
 
 /// The engine's answer must have a full logits row wherever the plan asked for one.

@@ -1,6 +1,8 @@
-//! Test support: repository paths, the tiny model's checkpoint, and an in-process
-//! tensor-parallel group.
+//! Test support: repository paths, the tiny model's checkpoint, transformers reference checks
+//! (`reference`), and an in-process tensor-parallel group.
 #![allow(dead_code)]
+
+pub mod reference;
 
 use dspark_server::engine::weights::Checkpoint;
 use std::path::{Path, PathBuf};

@@ -131,6 +131,31 @@ pub(crate) fn element_f32(dtype: DType, bytes: &[u8], index: usize) -> f32 {
     }
 }
 
+/// Appends the values of a contiguous run of little-endian `dtype` elements (one dtype dispatch
+/// per run, not per element).
+pub(crate) fn extend_f32(dtype: DType, run: &[u8], out: &mut Vec<f32>) {
+    match dtype {
+        DType::F32 => out.extend(
+            run.chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ),
+        DType::BF16 => out.extend(
+            run.chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+        DType::F16 => out.extend(
+            run.chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+        DType::F8E4M3 => out.extend(run.iter().map(|&b| e4m3_to_f32(b))),
+        DType::F8E8M0 => out.extend(run.iter().map(|&b| e8m0_to_f32(b))),
+        other => {
+            let n = run.len() / other.size();
+            out.extend((0..n).map(|i| element_f32(other, run, i)));
+        }
+    }
+}
+
 /// Integer value of element `index`; callers check `dtype.is_integer()`.
 pub(crate) fn element_i64(dtype: DType, bytes: &[u8], index: usize) -> i64 {
     let s = dtype.size();

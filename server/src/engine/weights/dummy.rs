@@ -2,9 +2,10 @@
 //! dtypes (FP8 with block scales, FP4 packed with group scales, valid `tid2eid` expert ids), for
 //! benchmarks without weights.
 //!
-//! A full-size checkpoint does not fit in host memory twice, so tensors above 1 MiB are windows
+//! A full-size checkpoint does not fit in host memory twice, so tensors above 64 KiB are windows
 //! into one shared random pool per dtype (each tensor at its own name-derived offset); smaller
-//! tensors get their own bytes.
+//! tensors get their own bytes. (The threshold sits below the 256 KiB scale of one V4-Flash FP4
+//! expert matrix: 33k of those would otherwise take 8.6 GB.)
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -15,7 +16,9 @@ use super::{
     scale_name_for, Blob, Checkpoint, DType, StoredTensor, TensorSpec, FP4_GROUP, FP8_BLOCK,
 };
 
-const POOLED_ABOVE: usize = 1 << 20;
+const POOLED_ABOVE: usize = 64 << 10;
+/// Extra pool bytes beyond its largest tensor, so equally large tensors get different windows.
+const POOL_HEADROOM: usize = 1 << 20;
 /// Magnitude of pooled float values (large matrices, embeddings).
 const POOL_AMPLITUDE: f32 = 1.0 / 32.0;
 
@@ -78,7 +81,7 @@ pub(super) fn build(manifest: &[TensorSpec], seed: u64) -> Checkpoint {
     for key in pool_keys {
         // Headroom so that equally large tensors (embed, head) get different windows.
         let max = pool_len[&key];
-        let len = max + (max / 4).max(POOLED_ABOVE) / key.0.size() * key.0.size();
+        let len = max + (max / 4).max(POOL_HEADROOM) / key.0.size() * key.0.size();
         pool_len.insert(key, len);
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ fnv1a(&format!("pool {key:?}")));
         let mut bytes = Vec::with_capacity(len);
@@ -121,9 +124,12 @@ pub(super) fn build(manifest: &[TensorSpec], seed: u64) -> Checkpoint {
     }
 }
 
-/// Expert-id tables need their own per-row structure, so they are never windows of a pool.
+/// Expert-id tables need their own per-row structure and norms their centre of 1, so they are
+/// never windows of a pool.
 fn pooled(p: &Planned, len: usize) -> bool {
-    len > POOLED_ABOVE && !matches!(p.fill, Fill::ExpertIds { .. })
+    len > POOLED_ABOVE
+        && !matches!(p.fill, Fill::ExpertIds { .. })
+        && !matches!(p.fill, Fill::Float { center_milli, .. } if center_milli != 0)
 }
 
 /// Pools are shared by every large tensor of a dtype, whatever its own fill.

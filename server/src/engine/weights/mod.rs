@@ -441,11 +441,11 @@ impl Checkpoint {
                         dtype,
                     });
                 }
+                let size = dtype.size();
                 for o in 0..outer {
                     let start = (o * extent + range.start) * inner;
-                    for f in start..start + range.len() * inner {
-                        data.push(dtype::element_f32(dtype, bytes, f));
-                    }
+                    let run = &bytes[start * size..(start + range.len() * inner) * size];
+                    dtype::extend_f32(dtype, run, &mut data);
                 }
             }
             WeightFormat::Fp8Block { block } => {

@@ -128,14 +128,19 @@ struct OfficialTensor {
     first: Vec<f64>,
 }
 
-#[test]
-fn transformers_names_map_to_every_official_name() {
-    let ckpt = tiny();
-    let text = std::fs::read_to_string(fixture("official_names.json")).unwrap();
+/// Every tensor of `ckpt` other than quantization scales is in the fixture, and vice versa, with
+/// the fixture's shape, first values and sum.
+fn assert_matches_official(ckpt: &Checkpoint, fixture_json: &str) {
+    let text = std::fs::read_to_string(fixture(fixture_json)).unwrap();
     let official: BTreeMap<String, OfficialTensor> = serde_json::from_str(&text).unwrap();
     let expected: BTreeSet<&str> = official.keys().map(String::as_str).collect();
     let names = ckpt.names();
-    let got: BTreeSet<&str> = names.iter().map(String::as_str).collect();
+    let scales: BTreeSet<&str> = names.iter().filter_map(|n| ckpt.scale_name(n)).collect();
+    let got: BTreeSet<&str> = names
+        .iter()
+        .map(String::as_str)
+        .filter(|n| !scales.contains(n))
+        .collect();
     let missing: Vec<_> = expected.difference(&got).collect();
     let extra: Vec<_> = got.difference(&expected).collect();
     assert!(
@@ -145,17 +150,18 @@ fn transformers_names_map_to_every_official_name() {
     for (name, want) in &official {
         let spec = ckpt.spec(name).unwrap();
         assert_eq!(spec.shape, want.shape, "{name}");
-        let values: Vec<f64> = if spec.dtype.is_integer() {
-            ckpt.tensor_i64(name)
-                .unwrap()
-                .1
-                .into_iter()
-                .map(|v| v as f64)
-                .collect()
-        } else {
-            let t = ckpt.tensor_f32(name).unwrap();
-            t.data.into_iter().map(f64::from).collect()
-        };
+        let values: Vec<f64> =
+            if spec.dtype.is_integer() && ckpt.format(name) == Some(WeightFormat::Plain) {
+                ckpt.tensor_i64(name)
+                    .unwrap()
+                    .1
+                    .into_iter()
+                    .map(|v| v as f64)
+                    .collect()
+            } else {
+                let t = ckpt.tensor_f32(name).unwrap();
+                t.data.into_iter().map(f64::from).collect()
+            };
         // Stored values are f32 at most; compare there (serde_json's default float parsing is
         // not always correctly rounded in the last f64 bit).
         let first: Vec<f32> = values[..want.first.len()]
@@ -171,6 +177,13 @@ fn transformers_names_map_to_every_official_name() {
             want.sum
         );
     }
+}
+
+#[test]
+fn transformers_names_map_to_every_official_name() {
+    let ckpt = tiny();
+    assert_matches_official(&ckpt, "official_names.json");
+    let names = ckpt.names();
     // The draft is kept, shared experts included (a known loader bug dropped them).
     let mtp: Vec<_> = names.iter().filter(|n| n.starts_with("mtp.")).collect();
     assert!(mtp.len() > 100, "{}", mtp.len());
@@ -190,6 +203,33 @@ fn transformers_names_map_to_every_official_name() {
         .filter(|n| n.contains(".shared_experts."))
         .count();
     assert_eq!(shared, 9);
+}
+
+#[test]
+fn official_quantized_checkpoint_reads_back_the_dequantized_values() {
+    let ckpt = Checkpoint::open(&fixture("tiny-dsv4-quant")).unwrap();
+    assert_matches_official(&ckpt, "official_names_quant.json");
+    let fp8 = Some(WeightFormat::Fp8Block { block: [128, 128] });
+    let fp4 = Some(WeightFormat::Fp4 { group: 32 });
+    for (name, format) in [
+        ("layers.1.attn.wq_b.weight", fp8),
+        ("layers.1.attn.indexer.wq_b.weight", fp8),
+        ("layers.0.ffn.shared_experts.w2.weight", fp8),
+        ("mtp.0.main_proj.weight", fp8),
+        ("layers.2.ffn.experts.7.w3.weight", fp4),
+        ("mtp.2.ffn.experts.0.w1.weight", fp4),
+        ("embed.weight", Some(WeightFormat::Plain)),
+        (
+            "layers.1.attn.compressor.wkv.weight",
+            Some(WeightFormat::Plain),
+        ),
+    ] {
+        assert_eq!(ckpt.format(name), format, "{name}");
+    }
+    let w = ckpt.spec("layers.2.ffn.experts.7.w3.weight").unwrap();
+    assert_eq!((w.dtype, w.shape.clone()), (DType::I8, vec![32, 32]));
+    let s = ckpt.spec("layers.2.ffn.experts.7.w3.scale").unwrap();
+    assert_eq!((s.dtype, s.shape.clone()), (DType::F8E8M0, vec![32, 1]));
 }
 
 #[test]

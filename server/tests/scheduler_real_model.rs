@@ -1,0 +1,142 @@
+//! The scheduler driving the REAL engine (the tiny DeepSeek-V4 model on the CPU backend): a pool
+//! far smaller than the sum of the requests, preemption by recompute, the prefix cache, and
+//! still every request's greedy output equals what it produces alone.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use dspark_server::engine::model::{self, LoadOptions};
+use dspark_server::engine::ModelRunner;
+use dspark_server::metrics::Metrics;
+use dspark_server::ranks::SingleRank;
+use dspark_server::scheduler::{
+    GenerateRequest, SamplingParams, Scheduler, SchedulerConfig, SeqEvent,
+};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+fn tiny_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-dsv4")
+}
+
+fn runner(pool_tokens: usize) -> Box<dyn ModelRunner> {
+    let opts = LoadOptions {
+        kv_pool_tokens: pool_tokens,
+        ..LoadOptions::default()
+    };
+    model::load(&tiny_dir(), &opts, Arc::new(SingleRank)).expect("load the tiny model")
+}
+
+fn scheduler(
+    pool_tokens: usize,
+    max_model_len: usize,
+    max_num_seqs: usize,
+    prefix_caching: bool,
+) -> Scheduler {
+    Scheduler::new(
+        runner(pool_tokens),
+        SchedulerConfig {
+            max_num_seqs,
+            max_num_batched_tokens: 96,
+            max_model_len,
+            max_waiting_requests: 1024,
+            prefix_caching,
+            eos: 1,
+        },
+        Arc::new(Metrics::new("tiny")),
+    )
+}
+
+fn submit(
+    s: &mut Scheduler,
+    id: u64,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+) -> UnboundedReceiver<SeqEvent> {
+    let (tx, rx) = unbounded_channel();
+    s.add(
+        id,
+        GenerateRequest {
+            prompt,
+            params,
+            arrival: Instant::now(),
+            events: tx,
+        },
+    );
+    rx
+}
+
+fn run(s: &mut Scheduler) {
+    while s.has_work() {
+        s.step().expect("engine step");
+        assert!(s.live_tokens() <= s.pool().pool_tokens());
+        assert!(s.num_running() <= s.config().max_num_seqs);
+    }
+}
+
+fn tokens(rx: &mut UnboundedReceiver<SeqEvent>) -> Vec<u32> {
+    let mut out = Vec::new();
+    while let Ok(ev) = rx.try_recv() {
+        match ev {
+            SeqEvent::Token { token, .. } => out.push(token),
+            SeqEvent::Finished { .. } => {}
+            SeqEvent::Failed(m) => panic!("{m}"),
+        }
+    }
+    out
+}
+
+/// 16 prompts sharing a system prefix of one full block, different tails.
+fn prompts(block: usize) -> Vec<Vec<u32>> {
+    let system: Vec<u32> = (0..block as u32).map(|i| 1000 + i * 7).collect();
+    (0..16u32)
+        .map(|i| {
+            let tail: Vec<u32> = (0..(3 + i % 5)).map(|j| 20_000 + i * 97 + j * 13).collect();
+            [system.clone(), tail].concat()
+        })
+        .collect()
+}
+
+#[test]
+fn sixteen_requests_over_a_pool_for_three_match_their_solo_outputs() {
+    let block = runner(1).kv_layout().block_size;
+    let max_model_len = 2 * block + 8;
+    let params = |p: &Vec<u32>| SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(max_model_len - p.len())
+    };
+    let ps = prompts(block);
+
+    // Each prompt alone, no prefix caching: the reference.
+    let solo: Vec<Vec<u32>> = ps
+        .iter()
+        .map(|p| {
+            let mut s = scheduler(4 * max_model_len, max_model_len, 1, false);
+            let mut rx = submit(&mut s, 0, p.clone(), params(p));
+            run(&mut s);
+            tokens(&mut rx)
+        })
+        .collect();
+
+    // All 16 at once over a pool for three at full length, prefix caching on.
+    let mut s = scheduler(3 * max_model_len, max_model_len, 16, true);
+    let mut rxs: Vec<_> = ps
+        .iter()
+        .enumerate()
+        .map(|(i, p)| submit(&mut s, i as u64, p.clone(), params(p)))
+        .collect();
+    run(&mut s);
+    let metrics = s.metrics_handle();
+    assert!(
+        metrics.num_preemptions.get() > 0,
+        "the pool was meant to run out"
+    );
+    assert!(
+        metrics.prefix_cache_hits.get() > 0,
+        "the shared system block was meant to hit"
+    );
+    for (i, rx) in rxs.iter_mut().enumerate() {
+        assert_eq!(tokens(rx), solo[i], "request {i}");
+    }
+    assert_eq!(s.pool().free_blocks(), s.pool().num_blocks());
+}

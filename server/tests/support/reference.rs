@@ -1,0 +1,226 @@
+//! transformers reference logits (`reference.json`, `reference_quant.json`: format in
+//! tests/fixtures/README.md) and the checks every model test runs against them.
+//!
+//! Error metric: for every compared logit (the row's top-20, the fixed sample ids, and the
+//! logsumexp), |ours - reference| / max|reference logit of the row|; our top-1 must equal the
+//! reference's.
+
+use dspark_server::backend::cpu::CpuBackend;
+use dspark_server::engine::model::DeepseekV4;
+use dspark_server::engine::{LogitsWanted, ModelRunner, SeqPlan, StepPlan};
+use serde_json::Value;
+use std::path::Path;
+
+/// The relative bound the CPU model meets against transformers (float32 on both sides).
+pub const REL_BOUND: f64 = 1e-4;
+
+pub struct Reference {
+    pub json: Value,
+    sample_ids: Vec<usize>,
+}
+
+impl Reference {
+    pub fn load(path: &Path) -> Reference {
+        let text = std::fs::read_to_string(path).unwrap();
+        let json: Value = serde_json::from_str(&text).unwrap();
+        let sample_ids = usizes(&json["sample_ids"]);
+        Reference { json, sample_ids }
+    }
+
+    pub fn prompt(&self, name: &str) -> &Value {
+        let p = &self.json["prompts"][name];
+        assert!(p.is_object(), "reference has no prompt {name}");
+        p
+    }
+
+    /// Relative error of one row of our logits against reference row `i` of `rows` (a
+    /// `topk_rows()` dict of the fixture script: a prompt, or its `greedy_step_logits`).
+    pub fn row_error(&self, ours: &[f32], rows: &Value, i: usize) -> f64 {
+        let max_abs = rows["max_abs_logit"][i].as_f64().unwrap();
+        let mut worst: f64 = 0.0;
+        let top_ids = usizes(&rows["topk_ids"][i]);
+        let top_vals = floats(&rows["topk_logits"][i]);
+        for (id, v) in top_ids.iter().zip(&top_vals) {
+            worst = worst.max((ours[*id] as f64 - v).abs());
+        }
+        for (id, v) in self
+            .sample_ids
+            .iter()
+            .zip(floats(&rows["sample_logits"][i]))
+        {
+            worst = worst.max((ours[*id] as f64 - v).abs());
+        }
+        let m = ours.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = m + ours.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+        worst = worst.max((lse - rows["logsumexp"][i].as_f64().unwrap()).abs());
+        let our_top = argmax(ours);
+        assert_eq!(our_top, top_ids[0], "top-1 differs (row {i})");
+        worst / max_abs
+    }
+
+    /// Prefills each named prompt in chunks ending at its reference positions and checks every
+    /// listed position; returns the worst relative error.
+    pub fn check_prefill(&self, m: &mut DeepseekV4<CpuBackend>, names: &[&str]) -> f64 {
+        let mut worst: f64 = 0.0;
+        for (k, name) in names.iter().enumerate() {
+            let p = self.prompt(name);
+            let toks = ids(&p["input_ids"]);
+            let positions = usizes(&p["positions"]);
+            let bt = blocks_for(m, 0, toks.len());
+            let got = chunked_prefill(m, k as u64 + 1, &toks, &bt, &positions);
+            for (i, pos) in positions.iter().enumerate() {
+                let ours = &got.iter().find(|(q, _)| q == pos).unwrap().1;
+                let e = self.row_error(ours, p, i);
+                assert!(e < REL_BOUND, "{name} position {pos}: relative error {e:e}");
+                worst = worst.max(e);
+            }
+        }
+        worst
+    }
+
+    /// Prefills all of each named prompt in one step and checks the listed positions.
+    pub fn check_one_shot_prefill(&self, m: &mut DeepseekV4<CpuBackend>, names: &[&str]) -> f64 {
+        let mut worst: f64 = 0.0;
+        for (k, name) in names.iter().enumerate() {
+            let p = self.prompt(name);
+            let toks = ids(&p["input_ids"]);
+            let bt = blocks_for(m, 0, toks.len());
+            let all = run(
+                m,
+                vec![seq(100 + k as u64, 0, &toks, &bt, LogitsWanted::All)],
+            );
+            for (i, pos) in usizes(&p["positions"]).iter().enumerate() {
+                let e = self.row_error(&all[0][*pos], p, i);
+                assert!(e < REL_BOUND, "{name} position {pos}: relative error {e:e}");
+                worst = worst.max(e);
+            }
+        }
+        worst
+    }
+
+    /// Greedy decoding from each named prompt (prefill, then one token per step through the
+    /// KV cache) must reproduce the reference continuation token for token, with every step's
+    /// logits within the bound; returns the worst relative error.
+    pub fn check_greedy(&self, m: &mut DeepseekV4<CpuBackend>, names: &[&str]) -> f64 {
+        let mut worst: f64 = 0.0;
+        for (k, name) in names.iter().enumerate() {
+            let id = 200 + k as u64;
+            let p = self.prompt(name);
+            let toks = ids(&p["input_ids"]);
+            let want = ids(&p["greedy"]);
+            let bt = blocks_for(m, 0, toks.len() + want.len());
+            let mut logits = run(m, vec![seq(id, 0, &toks, &bt, LogitsWanted::Last)])
+                .remove(0)
+                .remove(0);
+            let mut got = Vec::new();
+            for step in 0..want.len() {
+                worst = worst.max(self.row_error(&logits, &p["greedy_step_logits"], step));
+                let next = argmax(&logits) as u32;
+                got.push(next);
+                if got.len() == want.len() {
+                    break;
+                }
+                let pos = toks.len() + step;
+                logits = run(m, vec![seq(id, pos, &[next], &bt, LogitsWanted::Last)])
+                    .remove(0)
+                    .remove(0);
+            }
+            assert_eq!(got, want, "greedy continuation of {name}");
+        }
+        assert!(worst < REL_BOUND, "decode logits relative error {worst:e}");
+        worst
+    }
+}
+
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+pub fn usizes(v: &Value) -> Vec<usize> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
+}
+
+pub fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+/// First index of the largest value (the reference's tie rule).
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// max |a - b| / max |b|.
+pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f64 {
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
+/// Consecutive KV block ids from `first`, enough for `tokens`.
+pub fn blocks_for(m: &DeepseekV4<CpuBackend>, first: u32, tokens: usize) -> Vec<u32> {
+    let bs = m.kv_layout().block_size;
+    (first..first + tokens.div_ceil(bs) as u32).collect()
+}
+
+pub fn seq(id: u64, start: usize, tokens: &[u32], bt: &[u32], logits: LogitsWanted) -> SeqPlan {
+    SeqPlan {
+        seq_id: id,
+        start_pos: start,
+        tokens: tokens.to_vec(),
+        block_table: bt.to_vec(),
+        logits,
+    }
+}
+
+pub fn run(m: &mut DeepseekV4<CpuBackend>, seqs: Vec<SeqPlan>) -> Vec<Vec<Vec<f32>>> {
+    m.step(&StepPlan { seqs }).unwrap().logits
+}
+
+/// Prefills `prompt` in chunks that end at each of `positions` (+ the prompt end), returning
+/// the last-token logits of every chunk keyed by position.
+pub fn chunked_prefill(
+    m: &mut DeepseekV4<CpuBackend>,
+    id: u64,
+    prompt: &[u32],
+    bt: &[u32],
+    positions: &[usize],
+) -> Vec<(usize, Vec<f32>)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut ends: Vec<usize> = positions.iter().map(|p| p + 1).collect();
+    ends.push(prompt.len());
+    ends.dedup();
+    for end in ends {
+        if end <= start {
+            continue;
+        }
+        let l = run(
+            m,
+            vec![seq(id, start, &prompt[start..end], bt, LogitsWanted::Last)],
+        );
+        out.push((end - 1, l[0][0].clone()));
+        start = end;
+    }
+    out
+}
