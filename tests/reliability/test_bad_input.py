@@ -192,62 +192,62 @@ def limits(draw) -> Req:
     c = base_body(COMPLETIONS)
     ch = base_body(CHAT)
     if case == "prompt_eq_max_len":
-        return Req(case, COMPLETIONS, dumps(c | {"prompt": [5] * FUZZ_MAX_MODEL_LEN, "max_tokens": None}), 400)
+        return Req("limit:" + case, COMPLETIONS, dumps(c | {"prompt": [5] * FUZZ_MAX_MODEL_LEN, "max_tokens": None}), 400)
     if case == "prompt_over_max_len":
         n = FUZZ_MAX_MODEL_LEN + draw(st.integers(1, 5000))
-        return Req(case, COMPLETIONS, dumps(c | {"prompt": [5] * n}), 400)
+        return Req("limit:" + case, COMPLETIONS, dumps(c | {"prompt": [5] * n}), 400)
     if case == "prompt_max_tokens_over":
         p = draw(st.integers(1, FUZZ_MAX_MODEL_LEN - 1))
-        return Req(case, COMPLETIONS, dumps(c | {"prompt": [5] * p, "max_tokens": FUZZ_MAX_MODEL_LEN - p + 1}), 400)
+        return Req("limit:" + case, COMPLETIONS, dumps(c | {"prompt": [5] * p, "max_tokens": FUZZ_MAX_MODEL_LEN - p + 1}), 400)
     if case == "token_out_of_vocab":
-        return Req(case, COMPLETIONS, dumps(c | {"prompt": [5, draw(st.integers(VOCAB, 2**63 - 1))]}), 400)
+        return Req("limit:" + case, COMPLETIONS, dumps(c | {"prompt": [5, draw(st.integers(VOCAB, 2**63 - 1))]}), 400)
     if case == "negative_token":
-        return Req(case, COMPLETIONS, dumps(c | {"prompt": [5, draw(st.integers(-(2**63), -1))]}), 400)
+        return Req("limit:" + case, COMPLETIONS, dumps(c | {"prompt": [5, draw(st.integers(-(2**63), -1))]}), 400)
     if case == "body_too_large":
         endpoint = draw(endpoints)
         pad = "x" * (FUZZ_MAX_BODY + draw(st.integers(1, 3 * FUZZ_MAX_BODY)))
         field = "messages" if endpoint == CHAT else "prompt"
         value = [{"role": "user", "content": pad}] if endpoint == CHAT else pad
-        return Req(case, endpoint, dumps(base_body(endpoint) | {field: value}), 413)
+        return Req("limit:" + case, endpoint, dumps(base_body(endpoint) | {field: value}), 413)
     if case == "unknown_model":
         endpoint = draw(endpoints)
         name = draw(st.text(min_size=1, max_size=50).filter(lambda s: s != MODEL))
-        return Req(case, endpoint, dumps(base_body(endpoint) | {"model": name}), 404)
+        return Req("limit:" + case, endpoint, dumps(base_body(endpoint) | {"model": name}), 404)
     if case == "empty_messages":
-        return Req(case, CHAT, dumps(ch | {"messages": []}), 400)
+        return Req("limit:" + case, CHAT, dumps(ch | {"messages": []}), 400)
     if case == "unknown_role":
         role = draw(st.text(max_size=20).filter(lambda r: r not in ("system", "user", "assistant", "tool", "developer")))
-        return Req(case, CHAT, dumps(ch | {"messages": [{"role": role, "content": "hi"}]}), 400)
+        return Req("limit:" + case, CHAT, dumps(ch | {"messages": [{"role": role, "content": "hi"}]}), 400)
     if case == "missing_role":
-        return Req(case, CHAT, dumps(ch | {"messages": [{"content": "hi"}]}), 400)
+        return Req("limit:" + case, CHAT, dumps(ch | {"messages": [{"content": "hi"}]}), 400)
     if case == "bad_content":
         content = draw(st.one_of(st.integers(), st.booleans(), st.dictionaries(st.just("x"), st.integers(), min_size=1),
                                  st.just([{"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}])))
-        return Req(case, CHAT, dumps(ch | {"messages": [{"role": "user", "content": content}]}), 400)
+        return Req("limit:" + case, CHAT, dumps(ch | {"messages": [{"role": "user", "content": content}]}), 400)
     if case == "huge_logit_bias_bad_key":
         bias = {str(i): 1.0 for i in range(draw(st.integers(1000, 60_000)))}
         bias["not-a-token"] = 1.0
-        return Req(case, COMPLETIONS, dumps(c | {"logit_bias": bias}), 400)
+        return Req("limit:" + case, COMPLETIONS, dumps(c | {"logit_bias": bias}), 400)
     if case == "huge_logit_bias_out_of_vocab":
         bias = {str(VOCAB + i): 1.0 for i in range(draw(st.integers(1000, 60_000)))}
-        return Req(case, CHAT, dumps(ch | {"logit_bias": bias}), 400)
+        return Req("limit:" + case, CHAT, dumps(ch | {"logit_bias": bias}), 400)
     if case == "logit_bias_non_finite_big":
-        return Req(case, COMPLETIONS, b'{"model": "%s", "prompt": "x", "max_tokens": 1, "logit_bias": {"5": 1e999}}'
+        return Req("limit:" + case, COMPLETIONS, b'{"model": "%s", "prompt": "x", "max_tokens": 1, "logit_bias": {"5": 1e999}}'
                    % MODEL.encode(), 400)
     if case == "many_stop_ids_one_bad":
         ids = list(range(draw(st.integers(1000, 50_000)))) + [-1]
-        return Req(case, COMPLETIONS, dumps(c | {"stop_token_ids": ids}), 400)
+        return Req("limit:" + case, COMPLETIONS, dumps(c | {"stop_token_ids": ids}), 400)
     if case == "empty_prompt":
-        return Req(case, COMPLETIONS, dumps(c | {"prompt": draw(st.sampled_from(["", [], [[]]]))}), 400)
+        return Req("limit:" + case, COMPLETIONS, dumps(c | {"prompt": draw(st.sampled_from(["", [], [[]]]))}), 400)
     if case == "best_of":
-        return Req(case, COMPLETIONS, dumps(c | {"best_of": 3}), 400)
+        return Req("limit:" + case, COMPLETIONS, dumps(c | {"best_of": 3}), 400)
     if case == "suffix":
-        return Req(case, COMPLETIONS, dumps(c | {"suffix": "end"}), 400)
+        return Req("limit:" + case, COMPLETIONS, dumps(c | {"suffix": "end"}), 400)
     if case == "top_logprobs_without_logprobs":
-        return Req(case, CHAT, dumps(ch | {"top_logprobs": 3}), 400)
+        return Req("limit:" + case, CHAT, dumps(ch | {"top_logprobs": 3}), 400)
     if case == "tool_choice_required":
-        return Req(case, CHAT, dumps(ch | {"tool_choice": "required"}), 400)
-    return Req(case, CHAT, dumps(ch | {"response_format": {"type": "json_object"}}), 400)
+        return Req("limit:" + case, CHAT, dumps(ch | {"tool_choice": "required"}), 400)
+    return Req("limit:" + case, CHAT, dumps(ch | {"response_format": {"type": "json_object"}}), 400)
 
 
 @st.composite
@@ -326,3 +326,14 @@ def test_hostile_requests_get_the_right_4xx_and_the_server_stays_well(fuzz_serve
     assert end_rss - baseline <= RSS_GROWTH_BOUND, (
         f"RSS grew {(end_rss - baseline) / 2**20:.1f} MiB over {stats['sent']} requests"
     )
+
+
+@pytest.mark.parametrize("method,path,status", [
+    ("GET", CHAT, 405), ("PUT", COMPLETIONS, 405), ("DELETE", "/v1/models", 405), ("TRACE", "/health", 405),
+    ("POST", "/metrics", 405), ("GET", "/v1/embeddings", 404), ("POST", "/v1/chat/completion", 404),
+])
+def test_wrong_method_and_unknown_path_get_openai_errors(fuzz_server, method, path, status):
+    """Found by schemathesis: 405s had an empty body. Every 4xx is OpenAI's error JSON."""
+    r = httpx.request(method, fuzz_server.base + path, json=base_body(COMPLETIONS))
+    assert r.status_code == status, r.text
+    assert_error_shape(r)

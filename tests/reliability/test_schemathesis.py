@@ -35,14 +35,13 @@ def _schemathesis() -> list[str]:
 def test_schemathesis_no_server_errors_and_schema_conformance(fuzz_server, tmp_path):
     junit = tmp_path / "schemathesis.xml"
     cmd = [
-        *_schemathesis(), "run", fuzz_server.base + "/openapi.json",
+        *_schemathesis(), "--no-color", "run", fuzz_server.base + "/openapi.json",
         "--checks", CHECKS,
         "--max-examples", str(EXAMPLES),
         "--seed", "20261128",
         "--request-timeout", "60",
         "--report", "junit", "--report-junit-path", str(junit),
         "--generation-database", "none",
-        "--no-color",
     ]
     env = dict(os.environ, SCHEMATHESIS_HOOKS="")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
