@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 from collections import Counter
@@ -122,15 +124,23 @@ def test_overload_excess_gets_quick_429_admitted_are_exact(small_queue_server):
 def test_429_has_openai_shape_and_retry_after(small_queue_server):
     """A full queue: both endpoints answer 429 with the error shape and a Retry-After header."""
     base = small_queue_server.base
-    with httpx.Client(base_url=base, timeout=300) as http:
-        streams = []
-        try:
-            # Fill the running slots and the queue with streams, then one more is refused.
-            for i in range(OVERLOAD_SEQS + OVERLOAD_WAITING):
-                req = http.build_request("POST", "/v1/completions",
-                                         json=greedy_request(f"fill {i}", 400) | {"stream": True})
-                streams.append(http.send(req, stream=True))
-            assert wait_for(lambda: metric(base, "vllm:num_requests_waiting") == OVERLOAD_WAITING, 20)
+    # Fill the running slots and the queue from raw sockets: a client waits for response headers,
+    # which a queued request does not get until it runs, so sequential clients could not fill it.
+    fillers = []
+    try:
+        for i in range(OVERLOAD_SEQS + OVERLOAD_WAITING):
+            body = json.dumps(greedy_request(f"fill {i}", 500) | {"stream": True}).encode()
+            s = socket.create_connection(("127.0.0.1", small_queue_server.port))
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            fillers.append(s)
+            # One at a time: a burst is bounded by requests not yet admitted, which momentarily
+            # includes those about to take a free slot (scheduler/handle.rs `queued`).
+            assert wait_for(lambda: metric(base, "vllm:num_requests_running")
+                            + metric(base, "vllm:num_requests_waiting") == i + 1, 10)
+        assert wait_for(lambda: metric(base, "vllm:num_requests_waiting") == OVERLOAD_WAITING
+                        and metric(base, "vllm:num_requests_running") == OVERLOAD_SEQS, 20)
+        with httpx.Client(base_url=base, timeout=60) as http:
             r = http.post("/v1/completions", json=greedy_request("one too many", 4))
             assert r.status_code == 429, r.text
             assert_error_shape(r)
@@ -139,9 +149,9 @@ def test_429_has_openai_shape_and_retry_after(small_queue_server):
                           json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
             assert r.status_code == 429, r.text
             assert_error_shape(r)
-        finally:
-            for s in streams:
-                s.close()
+    finally:
+        for s in fillers:
+            s.close()
     assert wait_for(lambda: metric(base, "dspark_kv_live_tokens") == 0, 10)
 
 
@@ -163,12 +173,17 @@ def test_pool_pressure_preempts_and_outputs_stay_exact(small_pool_server):
             results[key] = token_ids(r.json()) if r.status_code == 200 else f"{r.status_code} {r.text[:300]}"
 
     victim = threading.Thread(target=one, args=("victim", victim_prompt, victim_tokens))
-    victim.start()
-    # Churn: waves of short requests arriving while the victim runs, so the pool keeps filling up.
+    # Churn: short requests arriving all the time. The first ones take the pool's other blocks;
+    # the victim arrives after them, so when it needs a new block it is the newest running
+    # request, the scheduler's preemption choice, and is recomputed; later arrivals are preempted
+    # in turn when the victim's growth leaves no block for them.
     with ThreadPoolExecutor(6) as pool:
         futures = []
         for i, (p, n) in enumerate(churn):
             futures.append(pool.submit(one, f"churn{i}", p, n))
+            if i == 2:
+                time.sleep(0.05)
+                victim.start()
             time.sleep(0.02)
         for f in futures:
             f.result()
