@@ -154,7 +154,8 @@ def test_sigterm_drains_in_flight_requests(world_size):
     server = Server(["--world-size", str(world_size), "--max-model-len", "512", "--kv-pool-tokens", "4096"])
     try:
         pid = server.proc.pid
-        rss = rss_bytes(pid)
+        # The whole process tree: with two ranks the server process is the launcher.
+        rss = rss_bytes(pid) + sum(rss_bytes(c) for c in children(pid))
         http = httpx.Client(base_url=server.base, timeout=60)
         max_tokens = 120
         streams = []

@@ -104,7 +104,10 @@ def test_overload_excess_gets_quick_429_admitted_are_exact(small_queue_server):
     # Nothing lost: every client got a full answer or a 429, nothing else.
     assert set(statuses) <= {200, 429}, [o for o in outcomes if o[0] not in (200, 429)][:3]
     assert len(admitted) + len(rejected) == OVERLOAD_CLIENTS
-    assert len(admitted) >= OVERLOAD_SEQS + OVERLOAD_WAITING
+    # The queue bound counts requests the scheduler has not admitted yet, including ones a free
+    # slot will take at its next step, so a burst is only guaranteed the queue's worth
+    # (docs/RELIABILITY.md, "Known behaviour"); runs here admit all 4, but CI timing may not.
+    assert len(admitted) >= OVERLOAD_WAITING
     assert len(rejected) >= 1, "the excess was never refused"
     for i in rejected:
         err = outcomes[i][2]
