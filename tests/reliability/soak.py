@@ -25,7 +25,7 @@ import httpx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from conftest import MODEL, Server, metric, rss_bytes  # noqa: E402
+from reliability_support import MODEL, Server, metric, rss_bytes  # noqa: E402
 
 
 class Tally:

@@ -6,8 +6,8 @@ Every generated request carries the status it must get: a definitely-invalid req
 gets 200. Never a 5xx, never a hang. Afterwards the server is healthy and its RSS has not grown
 past RSS_GROWTH_BOUND over the run.
 
-Bounded for CI: EXAMPLES examples (derandomized, so CI runs the same ones every time) and a
-per-request timeout.
+Bounded for CI: EXAMPLES examples (derandomized, so CI runs the same ones every time), a time
+budget for the whole run (BUDGET_S) and a per-request timeout.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import (
+from reliability_support import (
     FUZZ_MAX_BODY, FUZZ_MAX_MODEL_LEN, FUZZ_MAX_NUM_SEQS, MODEL, assert_error_shape, record_summary, rss_bytes,
 )
 
 EXAMPLES = int(os.environ.get("DSPARK_FUZZ_EXAMPLES", "400"))
+# Past this many seconds the remaining examples are not sent (the summary says how many were).
+BUDGET_S = float(os.environ.get("DSPARK_FUZZ_BUDGET_S", "120"))
 # Growth of the server's RSS from after warm-up to the end of the run. Bodies up to 1 MB are
 # parsed, so the allocator may keep a few of those around; a leak of even 1 KB per request
 # over the run would not fit.
@@ -285,11 +287,14 @@ def test_hostile_requests_get_the_right_4xx_and_the_server_stays_well(fuzz_serve
         assert http.post(endpoint, content=b"{").status_code == 400
     baseline = rss_bytes(pid)
     stats = {"sent": 0, "by_status": Counter(), "by_kind": Counter(), "max_rss": baseline, "slowest": 0.0}
+    deadline = time.monotonic() + BUDGET_S
 
     @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(hostile)
     def property_(req: Req):
+        if time.monotonic() > deadline:
+            return
         t0 = time.monotonic()
         r = http.post(req.endpoint, content=req.body, headers={"content-type": "application/json"})
         elapsed = time.monotonic() - t0

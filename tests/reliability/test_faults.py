@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from conftest import (
+from reliability_support import (
     MODEL, Server, children, cmdline, metric, record_summary, rss_bytes, wait_for,
 )
 

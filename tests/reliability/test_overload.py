@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from conftest import MODEL, assert_error_shape, metric, record_summary, start, wait_for
+from reliability_support import MODEL, assert_error_shape, metric, record_summary, start, wait_for
 
 OVERLOAD_SEQS = 2
 OVERLOAD_WAITING = 2

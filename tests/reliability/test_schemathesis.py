@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODEL, record_summary
+from reliability_support import MODEL, record_summary
 
 EXAMPLES = int(os.environ.get("DSPARK_SCHEMATHESIS_EXAMPLES", "30"))
 # openai_response_shape is ours (schemathesis_hooks.py): the document has no 200 body schemas.
