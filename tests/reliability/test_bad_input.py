@@ -304,6 +304,8 @@ def test_hostile_requests_get_the_right_4xx_and_the_server_stays_well(fuzz_serve
         stats["slowest"] = max(stats["slowest"], elapsed)
         if stats["sent"] % 25 == 0:
             stats["max_rss"] = max(stats["max_rss"], rss_bytes(pid))
+        if stats["sent"] == EXAMPLES // 2:
+            stats["mid_rss"] = rss_bytes(pid)
         assert r.status_code < 500, f"{req!r} -> {r.status_code} {r.text[:500]}"
         assert r.status_code == req.expect, f"{req!r} -> {r.status_code} {r.text[:500]}"
         if req.expect >= 400:
@@ -322,6 +324,7 @@ def test_hostile_requests_get_the_right_4xx_and_the_server_stays_well(fuzz_serve
             by_status=dict(sorted(stats["by_status"].items())),
             by_kind=dict(sorted(stats["by_kind"].items())),
             rss_baseline_mib=round(baseline / 2**20, 1),
+            rss_mid_mib=round(stats.get("mid_rss", 0) / 2**20, 1),
             rss_end_mib=round(end_rss / 2**20, 1),
             rss_max_mib=round(stats["max_rss"] / 2**20, 1),
             slowest_s=round(stats["slowest"], 2),
