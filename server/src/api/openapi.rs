@@ -6,7 +6,16 @@ use serde_json::{json, Value};
 pub fn document() -> Value {
     let error = json!({"$ref": "#/components/schemas/Error"});
     let gen_responses = json!({
-        "200": {"description": "The completion (JSON), or a text/event-stream of chunks ending with `data: [DONE]` when `stream` is true."},
+        "200": {"description": "The completion (JSON), or a text/event-stream of chunks ending with `data: [DONE]` when `stream` is true.",
+            "content": {
+                "application/json": {"schema": {"type": "object",
+                    "required": ["id", "object", "created", "model", "choices", "usage"],
+                    "properties": {"id": {"type": "string"}, "object": {"type": "string"},
+                        "created": {"type": "integer"}, "model": {"type": "string"},
+                        "choices": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["index", "finish_reason"]}},
+                        "usage": {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"]}}}},
+                "text/event-stream": {"schema": {"type": "string"}}
+            }},
         "400": {"description": "Invalid request", "content": {"application/json": {"schema": error}}},
         "401": {"description": "Missing or wrong API key", "content": {"application/json": {"schema": error}}},
         "404": {"description": "Unknown model", "content": {"application/json": {"schema": error}}},
@@ -15,21 +24,22 @@ pub fn document() -> Value {
         "503": {"description": "Not ready or shutting down", "content": {"application/json": {"schema": error}}}
     });
     let extensions = json!({
-        "top_k": {"type": "integer", "description": "-1 or 0: off"},
-        "min_tokens": {"type": "integer"},
+        "top_k": {"type": "integer", "minimum": -1, "description": "-1 or 0: off"},
+        "min_tokens": {"type": "integer", "minimum": 0},
         "ignore_eos": {"type": "boolean"},
-        "stop_token_ids": {"type": "array", "items": {"type": "integer"}},
+        "stop_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}},
         "return_tokens_as_token_ids": {"type": "boolean"},
         "include_stop_str_in_output": {"type": "boolean"},
         "skip_special_tokens": {"type": "boolean"}
     });
     let mut chat_props = json!({
         "model": {"type": "string"},
-        "messages": {"type": "array", "items": {"type": "object"}},
-        "max_tokens": {"type": "integer"},
-        "max_completion_tokens": {"type": "integer"},
+        "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role"],
+            "properties": {"role": {"enum": ["system", "developer", "user", "assistant", "tool"]}}}},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "max_completion_tokens": {"type": "integer", "minimum": 1},
         "temperature": {"type": "number", "minimum": 0},
-        "top_p": {"type": "number"},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "seed": {"type": "integer"},
         "n": {"type": "integer", "minimum": 1},
         "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
@@ -46,14 +56,14 @@ pub fn document() -> Value {
     let mut completion_props = json!({
         "model": {"type": "string"},
         "prompt": {"oneOf": [
-            {"type": "string"},
-            {"type": "array", "items": {"type": "string"}},
-            {"type": "array", "items": {"type": "integer"}},
-            {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}}
+            {"type": "string", "minLength": 1},
+            {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+            {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
+            {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}}
         ]},
-        "max_tokens": {"type": "integer"},
+        "max_tokens": {"type": "integer", "minimum": 1},
         "temperature": {"type": "number", "minimum": 0},
-        "top_p": {"type": "number"},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "seed": {"type": "integer"},
         "n": {"type": "integer", "minimum": 1},
         "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
@@ -91,7 +101,10 @@ pub fn document() -> Value {
                 "responses": gen_responses
             }},
             "/v1/models": {"get": {"summary": "The served model", "security": [{"bearer": []}],
-                "responses": {"200": {"description": "Model list"}}}},
+                "responses": {"200": {"description": "Model list", "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["object", "data"],
+                    "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
+                        "type": "object", "required": ["id", "object"]}}}}}}}}}},
             "/health": {"get": {"summary": "Process alive", "responses": {"200": {"description": "Alive"}}}},
             "/ready": {"get": {"summary": "Weights loaded, group formed, warm-up done",
                 "responses": {"200": {"description": "Ready"}, "503": {"description": "Not ready"}}}},
@@ -102,7 +115,8 @@ pub fn document() -> Value {
         "components": {
             "schemas": {"Error": {
                 "type": "object",
-                "properties": {"error": {"type": "object", "properties": {
+                "required": ["error"],
+                "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
                     "message": {"type": "string"}, "type": {"type": "string"},
                     "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}
                 }}}
