@@ -23,8 +23,8 @@ cargo build --workspace --bins
 step "cargo test"
 cargo test --workspace --no-fail-fast
 
-step "end-to-end: OpenAI API against the real server (tests/e2e)"
-DSPARK_SERVER_BIN="$CARGO_TARGET_DIR/debug/dspark-server" python -m pytest -q tests/e2e
+step "end-to-end + reliability: the real server with the official openai client"
+DSPARK_SERVER_BIN="$CARGO_TARGET_DIR/debug/dspark-server" python -m pytest -q tests/e2e tests/reliability
 
 step "manifests: helm lint/template, kubernetes-validate, examples vs CRD"
 bash tests/k8s/check-manifests.sh
