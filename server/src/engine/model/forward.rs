@@ -8,7 +8,7 @@ use super::config::{AttentionKind, ModelConfig, ScoringFunc};
 use super::hyper::{collapse, expand, HcMix};
 use super::kv::KvPool;
 use super::load::{
-    AttentionWeights, CompressorWeights, ExpertWeights, ModelWeights, Routing, Shard,
+    AttentionWeights, CompressorWeights, ExpertWeights, ModelWeights, MoeWeights, Routing, Shard,
 };
 use super::ops::{gated_pool, rms_norm_rows, sigmoid, silu, softplus, top_k_indices, PoolSlot};
 use super::rope::RopeTable;
@@ -89,13 +89,23 @@ impl<B: Backend> DeepseekV4<B> {
         &self.cfg
     }
 
+    /// The backend the DSpark draft shares with the target.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
     /// This rank's weights (the DSpark draft shares the embedding and LM head).
     pub fn weights(&self) -> &ModelWeights<B> {
         &self.weights
     }
 
-    pub fn backend(&self) -> &B {
-        &self.backend
+    /// RoPE of the sliding-only (ratio 0) layers, which the draft stages also use.
+    pub fn rope_main(&self) -> &RopeTable {
+        &self.rope_main
+    }
+
+    pub fn shard(&self) -> Shard {
+        self.shard
     }
 
     /// Keep, for every row of each following step, the mean of the residual streams after these
@@ -164,11 +174,11 @@ impl<B: Backend> DeepseekV4<B> {
         Ok(())
     }
 
-    fn linear(&self, x: &[f32], n: usize, w: &B::Matrix) -> Result<Vec<f32>, EngineError> {
+    pub fn linear(&self, x: &[f32], n: usize, w: &B::Matrix) -> Result<Vec<f32>, EngineError> {
         self.backend.linear(x, n, w).map_err(backend_err)
     }
 
-    fn all_reduce(&self, data: &mut [f32]) -> Result<(), EngineError> {
+    pub fn all_reduce(&self, data: &mut [f32]) -> Result<(), EngineError> {
         if self.shard.world_size > 1 {
             self.comm.all_reduce_sum(data).map_err(comm_err)?;
         }
@@ -266,30 +276,8 @@ impl<B: Backend> DeepseekV4<B> {
             ));
         }
         rms_norm_rows(&mut final_h, h, Some(&self.weights.norm), eps);
-        let local = self.linear(&final_h, wanted.len(), &self.weights.head)?;
         let vocab = self.cfg.vocab_size;
-        let logits = if self.shard.world_size > 1 {
-            // Vocab-parallel head: gather every rank's columns, then re-interleave per row.
-            let gathered = self.comm.all_gather(&local).map_err(comm_err)?;
-            let (m, vl) = (wanted.len(), vocab / self.shard.world_size);
-            if gathered.len() != m * vocab {
-                return Err(EngineError::Comm(format!(
-                    "all_gather of the LM head returned {} values, expected {}",
-                    gathered.len(),
-                    m * vocab
-                )));
-            }
-            let mut full = vec![0f32; m * vocab];
-            for rk in 0..self.shard.world_size {
-                for r in 0..m {
-                    let src = &gathered[rk * m * vl + r * vl..rk * m * vl + (r + 1) * vl];
-                    full[r * vocab + rk * vl..r * vocab + (rk + 1) * vl].copy_from_slice(src);
-                }
-            }
-            full
-        } else {
-            local
-        };
+        let logits = self.head_logits(&final_h, wanted.len())?;
         for (si, picks) in per_seq.iter().enumerate() {
             out.logits[si] = picks
                 .iter()
@@ -299,8 +287,35 @@ impl<B: Backend> DeepseekV4<B> {
         Ok(out)
     }
 
+    /// Full-vocabulary logits `[m, vocab]` of `m` normed hidden rows through the LM head.
+    pub fn head_logits(&self, normed: &[f32], m: usize) -> Result<Vec<f32>, EngineError> {
+        let vocab = self.cfg.vocab_size;
+        let local = self.linear(normed, m, &self.weights.head)?;
+        if self.shard.world_size == 1 {
+            return Ok(local);
+        }
+        // Vocab-parallel head: gather every rank's columns, then re-interleave per row.
+        let gathered = self.comm.all_gather(&local).map_err(comm_err)?;
+        let vl = vocab / self.shard.world_size;
+        if gathered.len() != m * vocab {
+            return Err(EngineError::Comm(format!(
+                "all_gather of the LM head returned {} values, expected {}",
+                gathered.len(),
+                m * vocab
+            )));
+        }
+        let mut full = vec![0f32; m * vocab];
+        for rk in 0..self.shard.world_size {
+            for r in 0..m {
+                let src = &gathered[rk * m * vl + r * vl..rk * m * vl + (r + 1) * vl];
+                full[r * vocab + rk * vl..r * vocab + (rk + 1) * vl].copy_from_slice(src);
+            }
+        }
+        Ok(full)
+    }
+
     /// Mixing coefficients of a hyper-connection site and the collapsed sub-layer input.
-    fn hc_pre(
+    pub fn hc_pre(
         &self,
         streams: &[f32],
         site: &super::hyper::HyperConnection,
@@ -342,24 +357,12 @@ impl<B: Backend> DeepseekV4<B> {
         let (hd, eps) = (cfg.head_dim, cfg.rms_norm_eps);
         let rope = self.rope_for(kind).clone();
 
-        // Queries: q LoRA, per-head unweighted norm, RoPE.
-        let mut q_res = self.linear(x, n, &aw.wq_a)?;
-        rms_norm_rows(&mut q_res, cfg.q_lora_rank, Some(&aw.q_norm), eps);
-        let mut q = self.linear(&q_res, n, &aw.wq_b)?;
+        let positions: Vec<usize> = rows.iter().map(|r| r.pos).collect();
+        let (q_res, q) = self.project_queries(aw, x, &positions, &rope)?;
         let local_heads = q.len() / (n * hd);
-        q.par_chunks_mut(local_heads * hd)
-            .zip(rows.par_iter())
-            .for_each(|(qr, row)| {
-                rms_norm_rows(qr, hd, None, eps);
-                rope.apply(qr, hd, row.pos, false);
-            });
 
         // The single latent KV head, written to each token's window slot.
-        let mut kv = self.linear(x, n, &aw.wkv)?;
-        rms_norm_rows(&mut kv, hd, Some(&aw.kv_norm), eps);
-        kv.par_chunks_mut(hd)
-            .zip(rows.par_iter())
-            .for_each(|(k, row)| rope.apply(k, hd, row.pos, false));
+        let kv = self.project_kv(aw, x, &positions, &rope)?;
         for (i, row) in rows.iter().enumerate() {
             let at = self
                 .pool
@@ -433,33 +436,71 @@ impl<B: Backend> DeepseekV4<B> {
                     let at = pool.comp_row(bt, l, w, hd);
                     keys.push(&pool.data[at..at + hd]);
                 }
-                let mut logits = vec![0f32; keys.len()];
-                for hh in 0..local_heads {
-                    let qh =
-                        &q[i * local_heads * hd + hh * hd..i * local_heads * hd + (hh + 1) * hd];
-                    let mut max = sinks[hh];
-                    for (lg, k) in logits.iter_mut().zip(&keys) {
-                        *lg = dot(qh, k) * scale;
-                        max = max.max(*lg);
-                    }
-                    let mut denom = (sinks[hh] - max).exp();
-                    for lg in logits.iter_mut() {
-                        *lg = (*lg - max).exp();
-                        denom += *lg;
-                    }
-                    let oh = &mut o[hh * hd..(hh + 1) * hd];
-                    for (lg, k) in logits.iter().zip(&keys) {
-                        let p = lg / denom;
-                        for (a, b) in oh.iter_mut().zip(k.iter()) {
-                            *a += p * b;
-                        }
-                    }
-                }
+                let qi = &q[i * local_heads * hd..(i + 1) * local_heads * hd];
+                attend_with_sinks(qi, &keys, sinks, scale, o);
                 // K = V carried RoPE into the output; undo it at the query position.
                 rope.apply(o, hd, row.pos, true);
             });
+        self.project_output(aw, &out, n)
+    }
 
-        // Grouped low-rank output projection: each local group to o_lora_rank, then mixed.
+    /// Queries of `n` rows: q LoRA (`q_res`, kept for the indexer), per-head unweighted norm,
+    /// RoPE at each row's position. Returns `(q_res [n, q_lora_rank], q [n, local_heads * hd])`.
+    pub fn project_queries(
+        &self,
+        aw: &AttentionWeights<B>,
+        x: &[f32],
+        positions: &[usize],
+        rope: &RopeTable,
+    ) -> Result<(Vec<f32>, Vec<f32>), EngineError> {
+        let cfg = &self.cfg;
+        let (n, hd, eps) = (positions.len(), cfg.head_dim, cfg.rms_norm_eps);
+        let mut q_res = self.linear(x, n, &aw.wq_a)?;
+        rms_norm_rows(&mut q_res, cfg.q_lora_rank, Some(&aw.q_norm), eps);
+        let mut q = self.linear(&q_res, n, &aw.wq_b)?;
+        if n > 0 {
+            let local_heads = q.len() / (n * hd);
+            q.par_chunks_mut(local_heads * hd)
+                .zip(positions.par_iter())
+                .for_each(|(qr, &pos)| {
+                    rms_norm_rows(qr, hd, None, eps);
+                    rope.apply(qr, hd, pos, false);
+                });
+        }
+        Ok((q_res, q))
+    }
+
+    /// The single latent KV row (K = V) of each input row: `wkv`, `kv_norm`, RoPE.
+    pub fn project_kv(
+        &self,
+        aw: &AttentionWeights<B>,
+        x: &[f32],
+        positions: &[usize],
+        rope: &RopeTable,
+    ) -> Result<Vec<f32>, EngineError> {
+        let (hd, eps) = (self.cfg.head_dim, self.cfg.rms_norm_eps);
+        let mut kv = self.linear(x, positions.len(), &aw.wkv)?;
+        rms_norm_rows(&mut kv, hd, Some(&aw.kv_norm), eps);
+        kv.par_chunks_mut(hd)
+            .zip(positions.par_iter())
+            .for_each(|(k, &pos)| rope.apply(k, hd, pos, false));
+        Ok(kv)
+    }
+
+    /// Grouped low-rank output projection of the attention output `[n, local_heads * hd]`
+    /// (each local group to o_lora_rank, then mixed); returns `[n, hidden]`, all-reduced.
+    pub fn project_output(
+        &self,
+        aw: &AttentionWeights<B>,
+        out: &[f32],
+        n: usize,
+    ) -> Result<Vec<f32>, EngineError> {
+        let cfg = &self.cfg;
+        let hd = cfg.head_dim;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let local_heads = out.len() / (n * hd);
         let hpg = cfg.num_attention_heads / cfg.o_groups;
         let group_in = hpg * hd;
         let local_groups = aw.wo_a.len();
@@ -545,10 +586,19 @@ impl<B: Backend> DeepseekV4<B> {
     /// The MoE block of layer `l` over rows `x` with token ids `ids`; returns `[n, hidden]`
     /// (all-reduced). Stateless, so also usable on its own (component tests).
     pub fn moe(&self, l: usize, x: &[f32], ids: &[u32]) -> Result<Vec<f32>, EngineError> {
+        self.moe_block(&self.weights.layers[l].moe, x, ids)
+    }
+
+    /// An MoE block with weights `mw` (a target layer's or a DSpark draft stage's).
+    pub fn moe_block(
+        &self,
+        mw: &MoeWeights<B>,
+        x: &[f32],
+        ids: &[u32],
+    ) -> Result<Vec<f32>, EngineError> {
         let cfg = &self.cfg;
         let n = ids.len();
         let h = cfg.hidden_size;
-        let mw = &self.weights.layers[l].moe;
         let e = cfg.n_routed_experts;
         let k = cfg.num_experts_per_tok;
         let logits = self.linear(x, n, &mw.gate)?;
@@ -611,6 +661,33 @@ pub fn indexer_score(q: &[f32], w: &[f32], k: &[f32], scale: f32) -> f32 {
         .zip(w)
         .map(|(qh, wh)| (dot(qh, k).max(0.0) * scale) * wh)
         .sum()
+}
+
+/// Softmax attention of one token's heads `q` (`[heads, hd]`) over `keys` (K = V), with a
+/// per-head sink logit in the denominator; adds the result into `out` (`[heads, hd]`).
+pub fn attend_with_sinks(q: &[f32], keys: &[&[f32]], sinks: &[f32], scale: f32, out: &mut [f32]) {
+    let Some(hd) = keys.first().map(|k| k.len()) else {
+        return;
+    };
+    let mut logits = vec![0f32; keys.len()];
+    for (hh, (qh, oh)) in q.chunks(hd).zip(out.chunks_mut(hd)).enumerate() {
+        let mut max = sinks[hh];
+        for (lg, k) in logits.iter_mut().zip(keys) {
+            *lg = dot(qh, k) * scale;
+            max = max.max(*lg);
+        }
+        let mut denom = (sinks[hh] - max).exp();
+        for lg in logits.iter_mut() {
+            *lg = (*lg - max).exp();
+            denom += *lg;
+        }
+        for (lg, k) in logits.iter().zip(keys) {
+            let p = lg / denom;
+            for (a, b) in oh.iter_mut().zip(k.iter()) {
+                *a += p * b;
+            }
+        }
+    }
 }
 
 /// Router scores from gate logits.
@@ -783,7 +860,8 @@ pub fn compress_window<'a>(
     row
 }
 
-fn hc_post(streams: &mut [f32], mixes: &[HcMix], out: &[f32], h: usize, hc: usize) {
+/// Applies a site's mixing to every token's streams after its sub-layer.
+pub fn hc_post(streams: &mut [f32], mixes: &[HcMix], out: &[f32], h: usize, hc: usize) {
     streams
         .par_chunks_mut(hc * h)
         .zip(mixes.par_iter())

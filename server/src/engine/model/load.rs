@@ -167,7 +167,12 @@ impl<'a, B: Backend> Reader<'a, B> {
         Ok(v[range].to_vec())
     }
 
-    fn hyper(&self, prefix: &str, hc: usize, hidden: usize) -> Result<HyperConnection, LoadError> {
+    pub fn hyper(
+        &self,
+        prefix: &str,
+        hc: usize,
+        hidden: usize,
+    ) -> Result<HyperConnection, LoadError> {
         let mix = (2 + hc) * hc;
         let scale = self.vector(&format!("{prefix}_scale"), &[3])?;
         Ok(HyperConnection {
@@ -290,7 +295,16 @@ fn attention<B: Backend>(
     l: usize,
     cfg: &ModelConfig,
 ) -> Result<AttentionWeights<B>, LoadError> {
-    let p = format!("layers.{l}.attn");
+    attention_at(r, &format!("layers.{l}.attn"), cfg.layer_types[l], cfg)
+}
+
+/// Attention weights under `p` (e.g. `layers.3.attn`, or `mtp.0.attn` for a DSpark stage).
+pub fn attention_at<B: Backend>(
+    r: &Reader<'_, B>,
+    p: &str,
+    kind: AttentionKind,
+    cfg: &ModelConfig,
+) -> Result<AttentionWeights<B>, LoadError> {
     let (h, hd, nh, qr) = (
         cfg.hidden_size,
         cfg.head_dim,
@@ -313,7 +327,7 @@ fn attention<B: Backend>(
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let (compressor_w, indexer_w) = match cfg.layer_types[l] {
+    let (compressor_w, indexer_w) = match kind {
         AttentionKind::Sliding => (None, None),
         AttentionKind::Hca => (
             Some(compressor(
@@ -392,9 +406,18 @@ fn moe<B: Backend>(
     l: usize,
     cfg: &ModelConfig,
 ) -> Result<MoeWeights<B>, LoadError> {
-    let p = format!("layers.{l}.ffn");
+    moe_at(r, &format!("layers.{l}.ffn"), cfg.mlp_layer_types[l], cfg)
+}
+
+/// MoE weights under `p` (e.g. `layers.3.ffn`, or `mtp.0.ffn` for a DSpark stage).
+pub fn moe_at<B: Backend>(
+    r: &Reader<'_, B>,
+    p: &str,
+    kind: MlpKind,
+    cfg: &ModelConfig,
+) -> Result<MoeWeights<B>, LoadError> {
     let (h, e) = (cfg.hidden_size, cfg.n_routed_experts);
-    let routing = match cfg.mlp_layer_types[l] {
+    let routing = match kind {
         MlpKind::HashMoe => {
             let name = format!("{p}.gate.tid2eid");
             if !r.src.contains(&name) {
