@@ -248,8 +248,8 @@ fn churning_concurrent_requests_with_preemption_match_their_solo_outputs() {
         max_num_batched_tokens: 128,
         prefix_caching: true,
     };
-XX
-    let mut s = scheduler(Box::new(spec_runner(6 * block)), 5, &setup);
+    // Four blocks: the long request alone needs three, so the 8 running ones preempt each other.
+    let mut s = scheduler(Box::new(spec_runner(4 * block)), 5, &setup);
     let metrics = s.metrics_handle().clone();
     let mut rxs = vec![submit(&mut s, 0, long.0.clone(), long.1.clone())];
     let mut next = 0;
