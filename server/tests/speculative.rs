@@ -122,10 +122,7 @@ fn greedy(max_tokens: usize) -> SamplingParams {
 }
 
 /// Runs `reqs` one after another (max_num_seqs 1) and returns each output.
-fn outputs(
-    mut s: Scheduler,
-    reqs: &[(Vec<u32>, SamplingParams)],
-) -> (Vec<Vec<u32>>, Scheduler) {
+fn outputs(mut s: Scheduler, reqs: &[(Vec<u32>, SamplingParams)]) -> (Vec<Vec<u32>>, Scheduler) {
     let mut rxs: Vec<_> = reqs
         .iter()
         .enumerate()
@@ -212,7 +209,10 @@ fn random_prompts_greedy_with_speculation_equal_plain_greedy() {
         accepted += s.spec_stats().num_accepted_tokens;
     }
     // Both accept paths (rejections and acceptances) ran through the target's KV.
-    assert!(accepted > 0, "no draft was ever accepted: the test proves less");
+    assert!(
+        accepted > 0,
+        "no draft was ever accepted: the test proves less"
+    );
 }
 
 /// One long request while short ones start and finish around it, 8 at a time, over a pool that
@@ -276,7 +276,10 @@ fn churning_concurrent_requests_with_preemption_match_their_solo_outputs() {
     for (i, (a, b)) in got.iter().zip(&solo).enumerate() {
         assert_eq!(a, b, "request {i} differs from its solo plain output");
     }
-    assert!(metrics.num_preemptions.get() > 0, "the pool never preempted");
+    assert!(
+        metrics.num_preemptions.get() > 0,
+        "the pool never preempted"
+    );
     assert!(s.spec_stats().num_drafts > 0);
     eprintln!(
         "churn: {steps} steps, {} preemptions, tokens per target step {:.3}",
@@ -363,7 +366,10 @@ fn sampled_output_with_speculation_follows_the_target_distribution() {
         .collect();
     run(&mut s);
     let outs: Vec<Vec<u32>> = rxs.iter_mut().map(tokens).collect();
-    assert!(s.spec_stats().num_drafts >= n, "every request verified a draft");
+    assert!(
+        s.spec_stats().num_drafts >= n,
+        "every request verified a draft"
+    );
     let rejected = s.spec_stats().num_draft_tokens - s.spec_stats().num_accepted_tokens;
     assert!(rejected > 100, "the residual path must be exercised");
 
@@ -371,7 +377,10 @@ fn sampled_output_with_speculation_follows_the_target_distribution() {
     for o in &outs {
         *first.entry(o[0]).or_default() += 1;
     }
-    let (&t0, _) = first.iter().max_by_key(|(t, c)| (**c, u32::MAX - **t)).unwrap();
+    let (&t0, _) = first
+        .iter()
+        .max_by_key(|(t, c)| (**c, u32::MAX - **t))
+        .unwrap();
     let mut second: HashMap<u32, u64> = HashMap::new();
     for o in outs.iter().filter(|o| o[0] == t0) {
         *second.entry(o[1]).or_default() += 1;
@@ -416,7 +425,10 @@ fn sampled_output_with_speculation_follows_the_target_distribution() {
     eprintln!("chi-square {chi2:.2} over {total} samples (first token {t0})");
     // 3 degrees of freedom, 0.1% critical value.
     assert!(total > 500, "too few samples: {total}");
-    assert!(chi2 < 16.27, "chi-square {chi2}: speculative sampling drifts from the target");
+    assert!(
+        chi2 < 16.27,
+        "chi-square {chi2}: speculative sampling drifts from the target"
+    );
 }
 
 /// Rank 0's runner in a two-rank group: every plan (and release) also goes to rank 1, which
