@@ -221,8 +221,9 @@ fn random_prompts_greedy_with_speculation_equal_plain_greedy() {
 #[test]
 fn churning_concurrent_requests_with_preemption_match_their_solo_outputs() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let system: Vec<u32> = (0..140).map(|i| 3000 + (i * 31) % 500).collect();
-    let long = (system.clone(), greedy(160));
+    // The long request crosses into its third block a few tokens in, while others hold it.
+    let system: Vec<u32> = (0..250).map(|i| 3000 + (i * 31) % 500).collect();
+    let long = (system.clone(), greedy(100));
     let shorts: Vec<(Vec<u32>, SamplingParams)> = (0..24)
         .map(|i| {
             let tail: Vec<u32> = (0..rng.random_range(1..40))
@@ -242,13 +243,15 @@ fn churning_concurrent_requests_with_preemption_match_their_solo_outputs() {
     let (solo, _) = outputs(scheduler(plain_runner(8192), 0, &SOLO), &all);
 
     let block = plain_runner(1).kv_layout().block_size;
+    assert_eq!(block, 128);
     let setup = Setup {
         max_model_len: 1024,
         max_num_seqs: 8,
         max_num_batched_tokens: 128,
         prefix_caching: true,
     };
-    // Four blocks: the long request alone needs three, so the 8 running ones preempt each other.
+    // Four blocks of 128: the long request alone needs three, so the running ones preempt each
+    // other.
     let mut s = scheduler(Box::new(spec_runner(4 * block)), 5, &setup);
     let metrics = s.metrics_handle().clone();
     let mut rxs = vec![submit(&mut s, 0, long.0.clone(), long.1.clone())];
