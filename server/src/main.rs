@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -142,11 +143,14 @@ fn run_follower(args: &ServeArgs, health: &GroupHealth) -> anyhow::Result<std::p
             });
         })
         .context("cannot start the signal thread")?;
+    let ready = Arc::new(AtomicBool::new(false));
+    spawn_follower_probes(args, ready.clone())?;
     let group = form_group(args, health)?;
     let Role::Follower(link) = group.role else {
         bail!("rank {} was given the leader's role", args.rank());
     };
     let (mut runner, _) = load_engine(args, group.comm.clone())?;
+    ready.store(true, Ordering::Release);
     match ranks::run_follower(runner.as_mut(), &link) {
         Ok(()) => {
             info!("rank {}: group shut down", args.rank());
@@ -160,6 +164,48 @@ fn run_follower(args: &ServeArgs, health: &GroupHealth) -> anyhow::Result<std::p
     }
 }
 
+/// Serves `/health` and `/ready` for a follower's pod probes on `--host:--port`.
+fn spawn_follower_probes(args: &ServeArgs, ready: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let addr = listen_addr(args)?;
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("rank {}: cannot listen on {addr} for probes", args.rank()))?;
+    listener.set_nonblocking(true)?;
+    info!(
+        "rank {}: probe endpoints /health and /ready on {}",
+        args.rank(),
+        listener.local_addr()?
+    );
+    std::thread::Builder::new()
+        .name("dspark-probes".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                error!("cannot start the probe runtime");
+                return;
+            };
+            rt.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    error!("cannot serve the probe endpoints");
+                    return;
+                };
+                if let Err(e) = axum::serve(listener, api::follower_probe_router(ready)).await {
+                    error!("probe endpoints stopped: {e}");
+                }
+            });
+        })
+        .context("cannot start the probe thread")?;
+    Ok(())
+}
+
+fn listen_addr(args: &ServeArgs) -> anyhow::Result<SocketAddr> {
+    format!("{}:{}", args.host, args.port)
+        .parse()
+        .or_else(|_| format!("[{}]:{}", args.host, args.port).parse())
+        .with_context(|| format!("invalid --host {:?} / --port {}", args.host, args.port))
+}
+
 async fn run_leader(args: ServeArgs, health: GroupHealth) -> anyhow::Result<()> {
     let model_dir = args.model_dir();
     let name = args.served_model_name();
@@ -170,10 +216,7 @@ async fn run_leader(args: ServeArgs, health: GroupHealth) -> anyhow::Result<()> 
         args.api_key(),
         metrics.clone(),
     ));
-    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
-        .parse()
-        .or_else(|_| format!("[{}]:{}", args.host, args.port).parse())
-        .with_context(|| format!("invalid --host {:?} / --port {}", args.host, args.port))?;
+    let addr = listen_addr(&args)?;
     // Listen first: /health answers while the model loads, /ready once it is warm.
     let listener = TcpListener::bind(addr)
         .await

@@ -259,3 +259,31 @@ pub fn random_id() -> String {
     use rand::distr::{Alphanumeric, SampleString};
     Alphanumeric.sample_string(&mut rand::rng(), 24)
 }
+
+/// The probe endpoints of a follower rank (rank > 0): it serves no generations, but its pod has
+/// the same liveness/readiness probes as rank 0's. `/ready` is 200 once `ready` is set (group
+/// formed, shard loaded, following plans) and while the group is healthy.
+pub fn follower_probe_router(ready: Arc<AtomicBool>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route(
+            "/ready",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    if ready.load(Ordering::Acquire) {
+                        (StatusCode::OK, "ready").into_response()
+                    } else {
+                        ApiError::not_ready(
+                            "not ready: the group is forming or the shard is loading",
+                        )
+                        .into_response()
+                    }
+                }
+            }),
+        )
+        .fallback(|| async {
+            ApiError::not_found("this is a follower rank: send requests to rank 0's service")
+                .into_response()
+        })
+}

@@ -74,6 +74,22 @@ fn strip_per_rank_flags(args: Vec<String>) -> Vec<String> {
     out
 }
 
+/// Ranks > 0 serve only their probe endpoints; on one machine they must not take rank 0's HTTP
+/// port, so they get an ephemeral one (`--port 0`).
+fn follower_args(args: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len() + 2);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--port" {
+            it.next();
+        } else if !a.starts_with("--port=") {
+            out.push(a.clone());
+        }
+    }
+    out.extend(["--port".to_string(), "0".to_string()]);
+    out
+}
+
 /// A free loopback port (released just before rank 0 binds it; the window is tiny).
 fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -110,7 +126,12 @@ async fn supervise(
     let mut pids: Vec<Option<u32>> = Vec::with_capacity(world_size);
     for rank in 0..world_size {
         let mut cmd = tokio::process::Command::new(program);
-        cmd.args(&args)
+        let rank_args = if rank == 0 {
+            args.clone()
+        } else {
+            follower_args(&args)
+        };
+        cmd.args(&rank_args)
             .args(["--rank", &rank.to_string()])
             .args(["--leader-addr", &leader])
             .args(["--control-port", &port.to_string()])
@@ -203,6 +224,18 @@ async fn supervise(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn followers_get_an_ephemeral_http_port() {
+        let args: Vec<String> = ["serve", "--port", "8000", "--port=9", "--world-size", "2"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            follower_args(&args),
+            ["serve", "--world-size", "2", "--port", "0"]
+        );
+    }
 
     #[test]
     fn per_rank_flags_are_replaced_not_duplicated() {
