@@ -281,7 +281,7 @@ fn protocol_version_mismatch_is_a_clear_error_on_both_sides() {
         matches!(
             e,
             RendezvousError::VersionMismatch {
-                leader: 1,
+                leader: wire::PROTOCOL_VERSION,
                 follower: 99,
                 ..
             }
