@@ -13,8 +13,9 @@ use tracing::{error, info, warn};
 
 use dspark_server::api::{self, AppState, Serving};
 use dspark_server::cli::{normalize_vllm_args, Cli, Command, ServeArgs};
-use dspark_server::cli::{Device, LoadFormat};
+use dspark_server::cli::{Device, LoadFormat, SpeculativeMethod};
 use dspark_server::engine::model;
+use dspark_server::engine::speculative::SpeculativeRunner;
 use dspark_server::engine::tokenizer::Tokenizer;
 use dspark_server::engine::{
     EngineError, KvLayout, LogitsWanted, ModelRunner, SeqPlan, StepOutput, StepPlan,
@@ -148,7 +149,7 @@ fn run_follower(args: &ServeArgs, health: &GroupHealth) -> anyhow::Result<std::p
     let Role::Follower(link) = group.role else {
         bail!("rank {} was given the leader's role", args.rank());
     };
-    let mut runner = load_engine(args, group.comm.clone())?;
+    let (mut runner, _) = load_engine(args, group.comm.clone())?;
     ready.store(true, Ordering::Release);
     match ranks::run_follower(runner.as_mut(), &link) {
         Ok(()) => {
@@ -313,7 +314,7 @@ fn load_and_run(
     } else {
         (Arc::new(SingleRank), None)
     };
-    let local = load_engine(args, comm)?;
+    let (local, spec_tokens) = load_engine(args, comm)?;
     let mut runner: Box<dyn ModelRunner> = match plans {
         Some(plans) => Box::new(GroupLeader::new(local, plans)),
         None => local,
@@ -371,7 +372,8 @@ fn load_and_run(
             eos,
         },
         metrics,
-    );
+    )
+    .with_speculation(spec_tokens);
     let (handle, join) =
         SchedulerHandle::spawn(scheduler).context("cannot start the scheduler thread")?;
     state.set_serving(Serving {
@@ -397,6 +399,7 @@ fn warm_up(runner: &mut dyn ModelRunner, bos: u32) -> anyhow::Result<()> {
             tokens: vec![bos],
             block_table: vec![0],
             logits: LogitsWanted::Last,
+            draft: None,
         }],
     };
     runner.step(&plan).context("warm-up step failed")?;
@@ -408,17 +411,26 @@ fn warm_up(runner: &mut dyn ModelRunner, bos: u32) -> anyhow::Result<()> {
 /// the engine's constructor (issues 3 / 5 / 7 wire it): it must build the backend on
 /// `args.device`, load `args.model_dir()` per `args.load_format`, shard over `comm`, and size the
 /// KV pool from `args.kv_pool_tokens` or `args.gpu_memory_utilization`.
+/// Also returns the drafts per decode step (0 without `--speculative-method dspark`).
 fn load_engine(
     args: &ServeArgs,
     comm: Arc<dyn Communicator>,
-) -> anyhow::Result<Box<dyn ModelRunner>> {
+) -> anyhow::Result<(Box<dyn ModelRunner>, usize)> {
     #[cfg(feature = "fake-engine")]
     if std::env::var("DSPARK_FAKE_ENGINE").is_ok_and(|v| v == "1") {
         warn!("DSPARK_FAKE_ENGINE=1: serving a deterministic fake model (API tests only)");
         let pool = args.kv_pool_tokens.unwrap_or(16 * 1024);
         let vocab = Tokenizer::from_file(&args.tokenizer_path())?.vocab_size();
-        return Ok(Box::new(
-            dspark_server::scheduler::fake_runner::FakeRunner::new(16, pool.div_ceil(16), vocab),
+        if args.speculative_method == Some(SpeculativeMethod::Dspark) {
+            bail!("--speculative-method dspark needs the real engine, not DSPARK_FAKE_ENGINE");
+        }
+        return Ok((
+            Box::new(dspark_server::scheduler::fake_runner::FakeRunner::new(
+                16,
+                pool.div_ceil(16),
+                vocab,
+            )),
+            0,
         ));
     }
     let dir = args.model_dir();
@@ -443,8 +455,37 @@ fn load_engine(
         },
         ..model::LoadOptions::default()
     };
-    model::load(&dir, &opts, comm)
-        .map_err(|e| anyhow::anyhow!("loading the model from {} failed: {e}", dir.display()))
+    if args.speculative_method != Some(SpeculativeMethod::Dspark) {
+        if args.num_speculative_tokens.is_some_and(|k| k > 0) {
+            warn!("--num-speculative-tokens is ignored without --speculative-method dspark");
+        }
+        let runner = model::load(&dir, &opts, comm)
+            .map_err(|e| anyhow::anyhow!("loading the model from {} failed: {e}", dir.display()))?;
+        return Ok((runner, 0));
+    }
+    if opts.device != model::Device::Cpu {
+        bail!("--speculative-method dspark runs on the CPU backend only so far; use --device cpu");
+    }
+    let runner = SpeculativeRunner::load_cpu(&dir, &opts, comm).map_err(|e| {
+        anyhow::anyhow!(
+            "loading the model and its DSpark draft from {} failed: {e}",
+            dir.display()
+        )
+    })?;
+    let block = runner.block_size();
+    let k = args.num_speculative_tokens.unwrap_or(block);
+    if k == 0 || k > block {
+        bail!(
+            "--num-speculative-tokens {k}: the DSpark draft proposes 1..={block} tokens per step \
+             (its block size; more needs a second drafting pass, see docs/DSPARK.md)"
+        );
+    }
+    info!(
+        num_speculative_tokens = k,
+        block_size = block,
+        "DSpark speculative decoding on"
+    );
+    Ok((Box::new(runner), k))
 }
 
 /// Rank 0's engine in a group: each step goes to every rank first. Dropping it (the scheduler

@@ -25,6 +25,8 @@ pub const REQUEST_QUEUE_TIME: &str = "vllm:request_queue_time_seconds";
 pub const SPEC_DECODE_NUM_DRAFTS: &str = "vllm:spec_decode_num_drafts";
 pub const SPEC_DECODE_NUM_DRAFT_TOKENS: &str = "vllm:spec_decode_num_draft_tokens";
 pub const SPEC_DECODE_NUM_ACCEPTED_TOKENS: &str = "vllm:spec_decode_num_accepted_tokens";
+pub const SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS: &str =
+    "vllm:spec_decode_num_accepted_tokens_per_pos";
 pub const KV_POOL_TOKENS: &str = "dspark_kv_pool_tokens";
 pub const KV_LIVE_TOKENS: &str = "dspark_kv_live_tokens";
 pub const MAX_FULL_LENGTH_CONCURRENCY: &str = "dspark_max_full_length_concurrency";
@@ -165,6 +167,8 @@ pub struct Metrics {
     pub spec_decode_num_drafts: Counter,
     pub spec_decode_num_draft_tokens: Counter,
     pub spec_decode_num_accepted_tokens: Counter,
+    /// `[i]`: drafts accepted at position `i` (0-based; vLLM's `position` label).
+    pub spec_decode_num_accepted_tokens_per_pos: Mutex<Vec<u64>>,
     pub kv_pool_tokens: Gauge,
     pub kv_live_tokens: Gauge,
     pub max_full_length_concurrency: Gauge,
@@ -193,9 +197,29 @@ impl Metrics {
             spec_decode_num_drafts: Counter::default(),
             spec_decode_num_draft_tokens: Counter::default(),
             spec_decode_num_accepted_tokens: Counter::default(),
+            spec_decode_num_accepted_tokens_per_pos: Mutex::new(Vec::new()),
             kv_pool_tokens: Gauge::default(),
             kv_live_tokens: Gauge::default(),
             max_full_length_concurrency: Gauge::default(),
+        }
+    }
+
+    /// One verification of `num_draft_tokens` drafts, the first `num_accepted` accepted.
+    pub fn record_spec_decode(&self, num_draft_tokens: usize, num_accepted: usize) {
+        let accepted = num_accepted.min(num_draft_tokens);
+        self.spec_decode_num_drafts.add(1);
+        self.spec_decode_num_draft_tokens
+            .add(num_draft_tokens as u64);
+        self.spec_decode_num_accepted_tokens.add(accepted as u64);
+        let mut per_pos = self
+            .spec_decode_num_accepted_tokens_per_pos
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if per_pos.len() < num_draft_tokens {
+            per_pos.resize(num_draft_tokens, 0);
+        }
+        for c in &mut per_pos[..accepted] {
+            *c += 1;
         }
     }
 
@@ -338,6 +362,21 @@ impl Metrics {
                 "Number of accepted tokens.",
                 self.spec_decode_num_accepted_tokens.get(),
             );
+            let per_pos = self
+                .spec_decode_num_accepted_tokens_per_pos
+                .lock()
+                .map(|v| v.clone())
+                .unwrap_or_else(|e| e.into_inner().clone());
+            let _ = writeln!(
+                out,
+                "# HELP {SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS}_total Accepted tokens per draft's position in speculative sequence.\n# TYPE {SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS} counter"
+            );
+            for (pos, c) in per_pos.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "{SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS}_total{{{labels},position=\"{pos}\"}} {c}"
+                );
+            }
         }
         gauge(
             &mut out,

@@ -54,6 +54,7 @@ fn run(
             tokens: tokens.to_vec(),
             block_table,
             logits: LogitsWanted::All,
+            draft: None,
         }],
     };
     let logits = m.step(&plan).unwrap().logits.remove(0);

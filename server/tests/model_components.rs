@@ -398,6 +398,7 @@ fn captured_target_features_are_stream_means_of_layer_outputs() {
             tokens: ids,
             block_table: vec![0],
             logits: LogitsWanted::None,
+            draft: None,
         }],
     })
     .unwrap();

@@ -61,6 +61,7 @@ impl ModelRunner for AllReducingRunner {
             .all_reduce_sum(&mut partial)
             .map_err(|e| EngineError::Comm(e.to_string()))?;
         Ok(StepOutput {
+            drafts: Vec::new(),
             logits: vec![vec![partial]; plan.seqs.len()],
         })
     }
@@ -75,6 +76,7 @@ fn one_seq_plan(i: u64) -> StepPlan {
             tokens: vec![1],
             block_table: vec![0],
             logits: LogitsWanted::Last,
+            draft: None,
         }],
     }
 }

@@ -156,3 +156,25 @@ def group_server():
         "--world-size", "2",
         "--max-model-len", str(MAX_MODEL_LEN), "--kv-pool-tokens", "4096",
     ])
+
+
+@pytest.fixture(scope="session")
+def spec_server():
+    """The same profile as `server`, with DSpark speculative decoding (K = 3)."""
+    yield from _start([
+        "--max-model-len", str(MAX_MODEL_LEN),
+        "--kv-pool-tokens", "4096",
+        "--max-num-seqs", str(MAX_NUM_SEQS),
+        "--speculative-method", "dspark",
+        "--num-speculative-tokens", "3",
+    ])
+
+
+@pytest.fixture(scope="session")
+def spec_group_server():
+    """Two ranks with DSpark speculative decoding (the default K = the block size)."""
+    yield from _start([
+        "--world-size", "2",
+        "--max-model-len", str(MAX_MODEL_LEN), "--kv-pool-tokens", "4096",
+        "--speculative-method", "dspark",
+    ])

@@ -460,6 +460,78 @@ def test_two_rank_group_gives_the_same_greedy_output(client, group_server):
         assert group.completions.create(**args).choices[0].text == client.completions.create(**args).choices[0].text
 
 
+# ---------------------------------------------------------------- DSpark speculative decoding
+
+SPEC_PROMPTS = ("The quick brown fox", "Speculate, then verify", "a a a a a a a a", "1, 2, 3, 4, 5,")
+
+
+def _spec_counters(base: str) -> dict[str, float]:
+    text = httpx.get(base + "/metrics").text
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r'^(vllm:spec_decode_[a-z_]+_total)\{([^}]*)\} (\S+)$', line)
+        if m:
+            pos = re.search(r'position="(\d+)"', m.group(2))
+            out[m.group(1) + (f"[{pos.group(1)}]" if pos else "")] = float(m.group(3))
+    return out
+
+
+def test_dspark_speculation_gives_the_same_greedy_output(client, spec_server):
+    spec = openai.OpenAI(base_url=spec_server.base + "/v1", api_key="x", max_retries=0, timeout=300)
+    for prompt in SPEC_PROMPTS:
+        args = dict(model=MODEL, prompt=prompt, max_tokens=24, **GREEDY, extra_body={"ignore_eos": True})
+        assert spec.completions.create(**args).choices[0].text == client.completions.create(**args).choices[0].text
+    # Eight at once, different lengths: batching with drafts changes nothing.
+    def both(i):
+        args = dict(model=MODEL, prompt=f"request {i}: " + "x" * i, max_tokens=4 + 3 * i, **GREEDY,
+                    extra_body={"ignore_eos": True})
+        return spec.completions.create(**args).choices[0].text, client.completions.create(**args).choices[0].text
+    with ThreadPoolExecutor(8) as ex:
+        for a, b in ex.map(both, range(8)):
+            assert a == b
+    # Stops still cut exactly (a stop token inside an accepted block ends the choice there).
+    plain = client.completions.create(model=MODEL, prompt="stop here", max_tokens=16, **GREEDY,
+                                      logprobs=0, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    ids = [int(t.removeprefix("token_id:")) for t in plain.choices[0].logprobs.tokens]
+    args = dict(model=MODEL, prompt="stop here", max_tokens=16, **GREEDY, logprobs=0,
+                extra_body={"stop_token_ids": [ids[5]], "return_tokens_as_token_ids": True})
+    r, want = spec.completions.create(**args), client.completions.create(**args)
+    assert r.choices[0].logprobs.tokens == want.choices[0].logprobs.tokens
+    assert r.choices[0].finish_reason == want.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == want.usage.completion_tokens == ids.index(ids[5]) + 1
+
+
+def test_dspark_seeded_sampling_reproduces(spec_server):
+    spec = openai.OpenAI(base_url=spec_server.base + "/v1", api_key="x", max_retries=0, timeout=300)
+    args = dict(model=MODEL, prompt="Sample me", max_tokens=20, temperature=0.9, top_p=0.9, seed=1234,
+                extra_body={"ignore_eos": True})
+    assert spec.completions.create(**args).choices[0].text == spec.completions.create(**args).choices[0].text
+
+
+def test_dspark_spec_decode_counters_rise(spec_server):
+    spec = openai.OpenAI(base_url=spec_server.base + "/v1", api_key="x", max_retries=0, timeout=300)
+    before = _spec_counters(spec_server.base)
+    spec.completions.create(model=MODEL, prompt="count my drafts", max_tokens=20, **GREEDY,
+                            extra_body={"ignore_eos": True})
+    after = _spec_counters(spec_server.base)
+    drafts = "vllm:spec_decode_num_drafts_total"
+    draft_tokens = "vllm:spec_decode_num_draft_tokens_total"
+    accepted = "vllm:spec_decode_num_accepted_tokens_total"
+    assert after[drafts] > before.get(drafts, 0)
+    assert after[draft_tokens] - before.get(draft_tokens, 0) <= 3 * (after[drafts] - before.get(drafts, 0))
+    assert after[draft_tokens] > before.get(draft_tokens, 0)
+    assert after[accepted] <= after[draft_tokens]
+    per_pos = sum(v for k, v in after.items() if k.startswith("vllm:spec_decode_num_accepted_tokens_per_pos_total["))
+    assert per_pos == after[accepted]
+
+
+def test_dspark_two_rank_group_gives_the_same_greedy_output(client, spec_group_server):
+    group = openai.OpenAI(base_url=spec_group_server.base + "/v1", api_key="x", max_retries=0, timeout=300)
+    for prompt in SPEC_PROMPTS[:2]:
+        args = dict(model=MODEL, prompt=prompt, max_tokens=16, **GREEDY, extra_body={"ignore_eos": True})
+        assert group.completions.create(**args).choices[0].text == client.completions.create(**args).choices[0].text
+
+
 # ---------------------------------------------------------------- graceful shutdown
 
 

@@ -5,6 +5,7 @@
 //! sequence's block table, so the scheduler can allocate, free, share (prefix cache) and preempt.
 pub mod draft;
 pub mod model;
+pub mod speculative;
 pub mod tokenizer;
 pub mod weights;
 
@@ -21,6 +22,28 @@ pub struct SeqPlan {
     pub block_table: Vec<u32>,
     /// Which rows of logits to return.
     pub logits: LogitsWanted,
+    /// Speculative decoding: `tokens` is just the anchor (the last sampled token); the runner
+    /// drafts up to `num_drafts` tokens, runs `[anchor, d_1..d_k]` at `start_pos..` in this same
+    /// pass with logits of every row (`k + 1` rows) and returns the drafts in
+    /// [`StepOutput::drafts`]. `block_table` must cover `start_pos + 1 + num_drafts` positions.
+    /// It travels to every rank, so followers run the same drafting collectives and draw the
+    /// same draft samples (same seed). Runners without a draft ignore it (`k = 0`).
+    /// Target features of drafted rows are committed to the draft state only when a later plan
+    /// shows them accepted (their positions are below that plan's `start_pos`).
+    pub draft: Option<DraftPlan>,
+}
+
+/// What the draft needs to propose for one sequence (identical on every rank).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DraftPlan {
+    /// Drafts wanted, `1..=` the draft's block size.
+    pub num_drafts: usize,
+    /// Seeds the draft's own sampling for this step (greedy requests never draw).
+    pub seed: u64,
+    /// The request's sampling transform, applied to the draft's logits too.
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -43,6 +66,10 @@ pub struct StepPlan {
 #[derive(Debug, Clone, Default)]
 pub struct StepOutput {
     pub logits: Vec<Vec<Vec<f32>>>,
+    /// Per sequence of the plan (same order; may be empty when no plan asked for drafts): the
+    /// drafts run after the anchor, `None` for a sequence without [`SeqPlan::draft`]. `Some`
+    /// with no tokens when the draft had no state for it yet (then one logits row came back).
+    pub drafts: Vec<Option<crate::engine::draft::Drafts>>,
 }
 
 /// Geometry of the KV pool the engine was built with. The scheduler counts blocks; only the

@@ -281,7 +281,7 @@ fn protocol_version_mismatch_is_a_clear_error_on_both_sides() {
         matches!(
             e,
             RendezvousError::VersionMismatch {
-                leader: 1,
+                leader: wire::PROTOCOL_VERSION,
                 follower: 99,
                 ..
             }
@@ -463,6 +463,7 @@ impl ModelRunner for RecordingRunner {
                 .map_err(|e| EngineError::Comm(e.to_string()))?;
         }
         Ok(StepOutput {
+            drafts: Vec::new(),
             logits: vec![vec![partial]; plan.seqs.len()],
         })
     }
@@ -480,6 +481,7 @@ fn plan(n: u64) -> StepPlan {
                 tokens: vec![1, 2, i as u32],
                 block_table: vec![i as u32],
                 logits: LogitsWanted::Last,
+                draft: None,
             })
             .collect(),
     }

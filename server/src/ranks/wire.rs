@@ -4,14 +4,14 @@
 
 use std::io::{self, Read, Write};
 
-use crate::engine::{LogitsWanted, SeqPlan, StepPlan};
+use crate::engine::{DraftPlan, LogitsWanted, SeqPlan, StepPlan};
 
 /// Sent once by the dialing side before its first frame; lets rank 0 ignore strangers
 /// (a TCP probe, a port scan) instead of failing the group.
 pub const PREAMBLE: [u8; 8] = *b"DSPKRANK";
 
 /// Bumped on any change to the frames below. Checked in the handshake.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame accepted; guards against garbage lengths. Larger than any collective we run
 /// (logits all-gather of a full verify batch is well under 1 GiB).
@@ -333,7 +333,8 @@ fn put_u32s(out: &mut Vec<u8>, xs: &[u32]) {
 }
 
 /// Compact binary plan: `[u32 n_seqs]` then per sequence `seq_id u64, start_pos u64,
-/// tokens (u32 count + u32s), block_table (u32 count + u32s), logits u8`.
+/// tokens (u32 count + u32s), block_table (u32 count + u32s), logits u8, draft u8 (0 = none;
+/// 1 = followed by num_drafts u32, seed u64, temperature f32, top_p f32, top_k u32)`.
 pub fn encode_plan(plan: &StepPlan, out: &mut Vec<u8>) {
     let StepPlan { seqs } = plan;
     out.extend_from_slice(&(seqs.len() as u32).to_le_bytes());
@@ -345,6 +346,7 @@ pub fn encode_plan(plan: &StepPlan, out: &mut Vec<u8>) {
             tokens,
             block_table,
             logits,
+            draft,
         } = s;
         out.extend_from_slice(&seq_id.to_le_bytes());
         out.extend_from_slice(&(*start_pos as u64).to_le_bytes());
@@ -355,6 +357,17 @@ pub fn encode_plan(plan: &StepPlan, out: &mut Vec<u8>) {
             LogitsWanted::Last => 1,
             LogitsWanted::All => 2,
         });
+        match draft {
+            None => out.push(0),
+            Some(d) => {
+                out.push(1);
+                out.extend_from_slice(&(d.num_drafts as u32).to_le_bytes());
+                out.extend_from_slice(&d.seed.to_le_bytes());
+                out.extend_from_slice(&d.temperature.to_le_bytes());
+                out.extend_from_slice(&d.top_p.to_le_bytes());
+                out.extend_from_slice(&(d.top_k as u32).to_le_bytes());
+            }
+        }
     }
 }
 
@@ -373,12 +386,24 @@ fn decode_plan(r: &mut Cursor<'_>) -> Result<StepPlan, WireError> {
             2 => LogitsWanted::All,
             x => return Err(WireError::Malformed(format!("logits selector {x}"))),
         };
+        let draft = match r.u8()? {
+            0 => None,
+            1 => Some(DraftPlan {
+                num_drafts: r.u32()? as usize,
+                seed: r.u64()?,
+                temperature: f32::from_bits(r.u32()?),
+                top_p: f32::from_bits(r.u32()?),
+                top_k: r.u32()? as usize,
+            }),
+            x => return Err(WireError::Malformed(format!("draft selector {x}"))),
+        };
         seqs.push(SeqPlan {
             seq_id,
             start_pos,
             tokens,
             block_table,
             logits,
+            draft,
         });
     }
     Ok(StepPlan { seqs })
@@ -453,6 +478,13 @@ mod tests {
                     tokens: vec![0, 1, u32::MAX],
                     block_table: vec![7, 9],
                     logits: LogitsWanted::All,
+                    draft: Some(DraftPlan {
+                        num_drafts: 5,
+                        seed: u64::MAX - 1,
+                        temperature: 0.7,
+                        top_p: 0.9,
+                        top_k: 40,
+                    }),
                 },
                 SeqPlan {
                     seq_id: 2,
@@ -460,6 +492,7 @@ mod tests {
                     tokens: vec![],
                     block_table: vec![],
                     logits: LogitsWanted::None,
+                    draft: None,
                 },
             ],
         };

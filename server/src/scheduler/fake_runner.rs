@@ -121,7 +121,10 @@ impl ModelRunner for FakeRunner {
             };
             logits.push(rows);
         }
-        Ok(StepOutput { logits })
+        Ok(StepOutput {
+            logits,
+            drafts: Vec::new(),
+        })
     }
     fn release(&mut self, _seq_id: u64) {}
 }

@@ -23,11 +23,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::engine::{EngineError, LogitsWanted, ModelRunner, SeqPlan, StepOutput, StepPlan};
+use crate::engine::draft::{self, RequestRng, SpecDecodeStats};
+use crate::engine::{
+    DraftPlan, EngineError, LogitsWanted, ModelRunner, SeqPlan, StepOutput, StepPlan,
+};
 use crate::kv::{BlockTable, KvPool};
 use crate::metrics::{FinishedReason, Metrics};
 
@@ -103,7 +106,21 @@ pub struct Scheduler {
     next_seq_id: u64,
     /// Requests submitted but never admitted (shared with the handle for the 429 decision).
     queued: Arc<AtomicUsize>,
+    /// Drafts per decode step (0: no speculation); the runner must draft (`SeqPlan::draft`).
+    spec_tokens: usize,
+    spec_stats: SpecDecodeStats,
 }
+
+/// One sequence's share of a step: `(index in running, tokens to compute, drafts asked)`.
+#[derive(Debug, Clone, Copy)]
+struct Scheduled {
+    index: usize,
+    chunk: usize,
+    drafts: usize,
+}
+
+/// Verification steps between two log lines of the mean acceptance length.
+const SPEC_LOG_EVERY: u64 = 256;
 
 impl Scheduler {
     pub fn new(runner: Box<dyn ModelRunner>, cfg: SchedulerConfig, metrics: Arc<Metrics>) -> Self {
@@ -123,7 +140,42 @@ impl Scheduler {
             requests: HashMap::new(),
             next_seq_id: 0,
             queued: Arc::default(),
+            spec_tokens: 0,
+            spec_stats: SpecDecodeStats::default(),
         }
+    }
+
+    /// Turns on speculative decoding with up to `k` drafts per decode step (the runner must
+    /// honour [`SeqPlan::draft`], e.g. `engine::speculative::SpeculativeRunner`).
+    pub fn with_speculation(mut self, k: usize) -> Self {
+        self.spec_tokens = k;
+        if k > 0 {
+            self.metrics
+                .spec_decode_enabled
+                .store(true, Ordering::Relaxed);
+        }
+        self
+    }
+
+    /// Drafting counters since start (tokens per target step: `mean_acceptance_length`).
+    pub fn spec_stats(&self) -> &SpecDecodeStats {
+        &self.spec_stats
+    }
+
+    /// Drafts worth asking for `s` this step: none when its sampling rules are ones the
+    /// acceptance rule does not model (logit bias, min_tokens masking), and never more than it
+    /// may still emit or its positions allow.
+    fn drafts_for(&self, s: &Sequence, budget: usize) -> usize {
+        let p = &s.params;
+        if self.spec_tokens == 0 || !p.logit_bias.is_empty() || s.generated() < p.min_tokens {
+            return 0;
+        }
+        let may_emit = p.max_tokens.saturating_sub(s.generated());
+        let positions_left = self.cfg.max_model_len.saturating_sub(s.tokens.len());
+        self.spec_tokens
+            .min(may_emit.saturating_sub(1))
+            .min(positions_left)
+            .min(budget.saturating_sub(1))
     }
 
     pub fn pool(&self) -> &KvPool {
@@ -257,28 +309,43 @@ impl Scheduler {
             self.update_gauges();
             return Ok(report);
         }
+        // Per scheduled sequence: the seed of its acceptance draws when it drafts.
+        let mut accept_seeds = Vec::with_capacity(scheduled.len());
         let plan = StepPlan {
             seqs: scheduled
                 .iter()
-                .map(|&(i, chunk)| {
-                    let s = &self.running[i];
-                    let wanted = if s.num_computed + chunk == s.tokens.len() {
+                .map(|sc| {
+                    let s = &mut self.running[sc.index];
+                    let wanted = if sc.drafts > 0 {
+                        LogitsWanted::All
+                    } else if s.num_computed + sc.chunk == s.tokens.len() {
                         LogitsWanted::Last
                     } else {
                         LogitsWanted::None
                     };
+                    // Both seeds come from the request's stream: a seeded request reproduces.
+                    let draft = (sc.drafts > 0).then(|| DraftPlan {
+                        num_drafts: sc.drafts,
+                        seed: s.rng.random(),
+                        temperature: s.params.temperature,
+                        top_p: s.params.top_p,
+                        top_k: s.params.top_k,
+                    });
+                    accept_seeds.push(draft.map(|_| s.rng.random::<u64>()));
                     SeqPlan {
                         seq_id: s.seq_id,
                         start_pos: s.num_computed,
-                        tokens: s.tokens[s.num_computed..s.num_computed + chunk].to_vec(),
+                        tokens: s.tokens[s.num_computed..s.num_computed + sc.chunk].to_vec(),
                         block_table: s.table.blocks().to_vec(),
                         logits: wanted,
+                        draft,
                     }
                 })
                 .collect(),
         };
         report.scheduled = plan.seqs.len();
-        report.tokens = plan.seqs.iter().map(|s| s.tokens.len()).sum();
+        report.tokens = plan.seqs.iter().map(|s| s.tokens.len()).sum::<usize>()
+            + scheduled.iter().map(|sc| sc.drafts).sum::<usize>();
         let output = self
             .runner
             .step(&plan)
@@ -301,9 +368,48 @@ impl Scheduler {
         };
         let now = Instant::now();
         let mut finished = Vec::new();
-        for ((&(i, chunk), sp), rows) in scheduled.iter().zip(&plan.seqs).zip(output.logits) {
+        let mut drafts = output.drafts;
+        drafts.resize(plan.seqs.len(), None);
+        for ((((sc, sp), rows), proposed), seed) in scheduled
+            .iter()
+            .zip(&plan.seqs)
+            .zip(output.logits)
+            .zip(drafts)
+            .zip(accept_seeds)
+        {
+            let i = sc.index;
+            if let (Some(seed), Some(proposed)) = (seed, proposed) {
+                match self.verify_drafts(i, &proposed, &rows, seed) {
+                    Ok(tokens) => {
+                        // The anchor and the accepted drafts are now in the KV state; rows
+                        // past them are rewritten by the next step.
+                        self.running[i].num_computed += tokens.len();
+                        for (j, token) in tokens.into_iter().enumerate() {
+                            let logprobs = self.running[i]
+                                .params
+                                .logprobs
+                                .map(|k| sampler::logprobs_of(&rows[j], token, k));
+                            if let Some(f) = self.emit(i, token, logprobs, now) {
+                                finished.push(f);
+                                break;
+                            }
+                        }
+                        let s = &mut self.running[i];
+                        s.num_computed = s.num_computed.min(s.tokens.len().saturating_sub(1));
+                        self.pool
+                            .commit_full_blocks(&mut s.table, &s.tokens, s.num_computed);
+                    }
+                    Err(msg) => {
+                        let s = &self.running[i];
+                        tracing::error!(seq_id = s.seq_id, "{msg}");
+                        let _ = s.events.send(SeqEvent::Failed(msg));
+                        finished.push((s.seq_id, FinishedReason::Abort));
+                    }
+                }
+                continue;
+            }
             let s = &mut self.running[i];
-            s.num_computed += chunk;
+            s.num_computed += sc.chunk;
             self.pool
                 .commit_full_blocks(&mut s.table, &s.tokens, s.num_computed);
             if sp.logits != LogitsWanted::Last {
@@ -314,45 +420,8 @@ impl Scheduler {
             };
             let (token, logprobs) =
                 sampler::sample(row, &s.params, s.generated(), self.cfg.eos, &mut s.rng);
-            s.tokens.push(token);
-            self.metrics.generation_tokens.add(1);
-            let generated = s.generated();
-            let by_stop_token = s.params.stop_token_ids.contains(&token)
-                || (!s.params.ignore_eos && token == self.cfg.eos);
-            let finish = if by_stop_token {
-                Some(FinishReason::Stop)
-            } else if generated >= s.params.max_tokens || s.tokens.len() >= self.cfg.max_model_len {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            if let Some(prev) = s.last_token_at {
-                self.metrics
-                    .inter_token_latency
-                    .observe(now.duration_since(prev).as_secs_f64());
-            }
-            s.last_token_at = Some(now);
-            if let Some(r) = self.requests.get_mut(&s.request_id) {
-                if !r.first_token_seen {
-                    r.first_token_seen = true;
-                    self.metrics
-                        .time_to_first_token
-                        .observe(now.duration_since(r.arrival).as_secs_f64());
-                }
-            }
-            let _ = s.events.send(SeqEvent::Token {
-                index: s.index,
-                token,
-                logprobs,
-                finish: finish.map(|reason| Finish {
-                    reason,
-                    by_stop_token,
-                }),
-            });
-            match finish {
-                Some(FinishReason::Length) => finished.push((s.seq_id, FinishedReason::Length)),
-                Some(_) => finished.push((s.seq_id, FinishedReason::Stop)),
-                None => {}
+            if let Some(f) = self.emit(i, token, logprobs, now) {
+                finished.push(f);
             }
         }
         for (id, reason) in finished {
@@ -362,10 +431,101 @@ impl Scheduler {
         Ok(report)
     }
 
+    /// Verifies the drafts of `running[i]` against the target rows of `[anchor, drafts]` and
+    /// records the acceptance; returns the tokens to emit (accepted drafts + the target's own).
+    fn verify_drafts(
+        &mut self,
+        i: usize,
+        proposed: &draft::Drafts,
+        rows: &[Vec<f32>],
+        seed: u64,
+    ) -> Result<Vec<u32>, String> {
+        let s = &self.running[i];
+        let params = draft::SamplingParams {
+            temperature: s.params.temperature,
+            top_p: s.params.top_p,
+            top_k: s.params.top_k,
+        };
+        let mut rng = RequestRng::seeded(seed);
+        let verdict = draft::verify(
+            &proposed.tokens,
+            proposed.q.as_deref(),
+            rows,
+            &params,
+            &mut rng,
+        )
+        .map_err(|e| format!("speculative verification failed: {e}"))?;
+        let k = proposed.tokens.len();
+        if k > 0 {
+            self.spec_stats.record(k, verdict.num_accepted);
+            self.metrics.record_spec_decode(k, verdict.num_accepted);
+            if self.spec_stats.num_drafts.is_multiple_of(SPEC_LOG_EVERY) {
+                tracing::info!(
+                    mean_acceptance_length = self.spec_stats.mean_acceptance_length(),
+                    acceptance_rate = self.spec_stats.acceptance_rate(),
+                    verifications = self.spec_stats.num_drafts,
+                    "speculative decoding"
+                );
+            }
+        }
+        Ok(verdict.tokens)
+    }
+
+    /// Appends `token` to `running[i]` and streams it; returns the sequence's finish, if any.
+    fn emit(
+        &mut self,
+        i: usize,
+        token: u32,
+        logprobs: Option<TokenLogprobs>,
+        now: Instant,
+    ) -> Option<(u64, FinishedReason)> {
+        let s = &mut self.running[i];
+        s.tokens.push(token);
+        self.metrics.generation_tokens.add(1);
+        let generated = s.generated();
+        let by_stop_token = s.params.stop_token_ids.contains(&token)
+            || (!s.params.ignore_eos && token == self.cfg.eos);
+        let finish = if by_stop_token {
+            Some(FinishReason::Stop)
+        } else if generated >= s.params.max_tokens || s.tokens.len() >= self.cfg.max_model_len {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        if let Some(prev) = s.last_token_at {
+            self.metrics
+                .inter_token_latency
+                .observe(now.duration_since(prev).as_secs_f64());
+        }
+        s.last_token_at = Some(now);
+        if let Some(r) = self.requests.get_mut(&s.request_id) {
+            if !r.first_token_seen {
+                r.first_token_seen = true;
+                self.metrics
+                    .time_to_first_token
+                    .observe(now.duration_since(r.arrival).as_secs_f64());
+            }
+        }
+        let _ = s.events.send(SeqEvent::Token {
+            index: s.index,
+            token,
+            logprobs,
+            finish: finish.map(|reason| Finish {
+                reason,
+                by_stop_token,
+            }),
+        });
+        match finish {
+            Some(FinishReason::Length) => Some((s.seq_id, FinishedReason::Length)),
+            Some(_) => Some((s.seq_id, FinishedReason::Stop)),
+            None => None,
+        }
+    }
+
     /// Picks this step's work: `(index in running, tokens to compute)`, in plan order.
-    fn schedule(&mut self, report: &mut StepReport) -> Vec<(usize, usize)> {
+    fn schedule(&mut self, report: &mut StepReport) -> Vec<Scheduled> {
         let mut budget = self.cfg.max_num_batched_tokens;
-        let mut chosen: Vec<(u64, usize)> = Vec::new();
+        let mut chosen: Vec<(u64, usize, usize)> = Vec::new();
         let mut in_plan: HashSet<u64> = HashSet::new();
         for decodes in [true, false] {
             let mut i = 0;
@@ -377,13 +537,28 @@ impl Scheduler {
                     continue;
                 }
                 let chunk = num_new.min(budget);
+                let drafts = if decodes {
+                    self.drafts_for(s, budget)
+                } else {
+                    0
+                };
                 let want = s.num_computed + chunk;
                 loop {
-                    if self.pool.allocate(&mut self.running[i].table, want).is_ok() {
+                    // The drafts' positions first; a full pool drops the drafts before it
+                    // preempts anyone for them.
+                    let table = &mut self.running[i].table;
+                    let drafts = if drafts > 0 && self.pool.allocate(table, want + drafts).is_ok() {
+                        Some(drafts)
+                    } else if self.pool.allocate(table, want).is_ok() {
+                        Some(0)
+                    } else {
+                        None
+                    };
+                    if let Some(drafts) = drafts {
                         let id = self.running[i].seq_id;
-                        chosen.push((id, chunk));
+                        chosen.push((id, chunk, drafts));
                         in_plan.insert(id);
-                        budget -= chunk;
+                        budget -= chunk + drafts;
                         i += 1;
                         break;
                     }
@@ -439,7 +614,7 @@ impl Scheduler {
                     self.metrics.prompt_tokens.add(s.prompt_len as u64);
                 }
             }
-            chosen.push((s.seq_id, chunk));
+            chosen.push((s.seq_id, chunk, 0));
             in_plan.insert(s.seq_id);
             budget -= chunk;
             self.running.push(s);
@@ -452,7 +627,13 @@ impl Scheduler {
             .collect();
         chosen
             .into_iter()
-            .filter_map(|(id, chunk)| pos.get(&id).map(|&i| (i, chunk)))
+            .filter_map(|(id, chunk, drafts)| {
+                pos.get(&id).map(|&index| Scheduled {
+                    index,
+                    chunk,
+                    drafts,
+                })
+            })
             .collect()
     }
 

@@ -118,7 +118,7 @@ fn sample_from(l: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 
 }
 
 /// Log-softmax of the raw model logits (vLLM's default: before any sampling transform).
-fn logprobs_of(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
+pub(crate) fn logprobs_of(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let lse = logits
         .iter()

@@ -190,6 +190,7 @@ pub fn seq(id: u64, start: usize, tokens: &[u32], bt: &[u32], logits: LogitsWant
         tokens: tokens.to_vec(),
         block_table: bt.to_vec(),
         logits,
+        draft: None,
     }
 }
 

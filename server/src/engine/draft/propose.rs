@@ -213,14 +213,15 @@ impl<B: Backend> DsparkDraft<B> {
                 features.len()
             )));
         }
-        let want = self.rings.next_pos(req);
-        if first_pos != want {
-            return Err(RingError::Gap {
-                req,
-                got: first_pos,
-                want,
+        if let Some(want) = self.rings.get(req).map(|r| r.next_pos()) {
+            if first_pos != want {
+                return Err(RingError::Gap {
+                    req,
+                    got: first_pos,
+                    want,
+                }
+                .into());
             }
-            .into());
         }
         let kept = self.rings.kept_rows(rows);
         let skip = rows - kept;
@@ -266,7 +267,7 @@ impl<B: Backend> DsparkDraft<B> {
                 )));
             }
             let next = self.rings.next_pos(r.req_id);
-            if next == 0 {
+            if self.rings.get(r.req_id).is_none_or(|g| g.next_pos() == 0) {
                 return Err(RingError::Empty { req: r.req_id }.into());
             }
             if r.pos != next {

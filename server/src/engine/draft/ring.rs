@@ -28,7 +28,10 @@ pub enum RingError {
 /// One request's rings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DraftRing {
-    /// First position not yet committed (= number of committed positions).
+    /// First committed position: 0, or where a request resumed without the features of its
+    /// earlier positions (a prefix-cache hit); positions before it are never attended to.
+    start_pos: usize,
+    /// First position not yet committed.
     next_pos: usize,
     /// `[stages, window, dim]`.
     rows: Vec<f32>,
@@ -86,7 +89,9 @@ impl DraftRings {
     /// Commits positions `first_pos .. first_pos + rows`. Only the last `window` of them can
     /// ever be attended to, so `stage_rows[s]` holds the KV rows of just those: `[kept, dim]`
     /// for stage `s` with `kept = min(rows, window)` (see [`DraftRings::kept_rows`]). A fresh
-    /// request starts at 0; otherwise `first_pos` must be exactly the next uncommitted position.
+    /// request starts at any position (usually 0; later when the target skipped computing its
+    /// prefix, e.g. a prefix-cache hit); otherwise `first_pos` must be exactly the next
+    /// uncommitted position.
     pub fn commit(
         &mut self,
         req: u64,
@@ -105,16 +110,18 @@ impl DraftRings {
                 dim,
             });
         }
-        let want = self.next_pos(req);
-        if first_pos != want {
-            return Err(RingError::Gap {
-                req,
-                got: first_pos,
-                want,
-            });
+        if let Some(want) = self.by_req.get(&req).map(|r| r.next_pos) {
+            if first_pos != want {
+                return Err(RingError::Gap {
+                    req,
+                    got: first_pos,
+                    want,
+                });
+            }
         }
         let ring = self.by_req.entry(req).or_insert_with(|| DraftRing {
-            next_pos: 0,
+            start_pos: first_pos,
+            next_pos: first_pos,
             rows: vec![0f32; stages * window * dim],
         });
         let skip = rows - kept;
@@ -135,10 +142,10 @@ impl DraftRings {
         let ring = self
             .by_req
             .get(&req)
-            .filter(|r| r.next_pos > 0)
+            .filter(|r| r.next_pos > r.start_pos)
             .ok_or(RingError::Empty { req })?;
         let (window, dim) = (self.window, self.dim);
-        let lo = ring.next_pos.saturating_sub(window);
+        let lo = ring.next_pos.saturating_sub(window).max(ring.start_pos);
         Ok((lo..ring.next_pos)
             .map(|p| {
                 let at = (stage * window + p % window) * dim;
@@ -206,8 +213,12 @@ mod tests {
                 want: 2
             })
         );
+        // A fresh request may start mid-sequence (prefix-cache hit): earlier positions are
+        // never visible.
+        r.commit(2, 5, 1, &rows_for(5..6, 1, 2)).unwrap();
+        assert_eq!(r.visible(2, 0).unwrap().len(), 1);
         assert!(matches!(
-            r.commit(2, 5, 1, &rows_for(5..6, 1, 2)),
+            r.commit(2, 7, 1, &rows_for(7..8, 1, 2)),
             Err(RingError::Gap { .. })
         ));
         assert!(matches!(

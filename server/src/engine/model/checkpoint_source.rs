@@ -63,7 +63,11 @@ pub fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
         .collect()
 }
 
-fn open(dir: &Path, cfg: &ModelConfig, opts: &LoadOptions) -> Result<Checkpoint, LoadError> {
+pub(crate) fn open(
+    dir: &Path,
+    cfg: &ModelConfig,
+    opts: &LoadOptions,
+) -> Result<Checkpoint, LoadError> {
     if opts.device == Device::Cpu {
         // Before mapping or generating anything.
         super::check_host_memory(&manifest::target_tensors(cfg), opts.shard.world_size)?;
@@ -74,7 +78,7 @@ fn open(dir: &Path, cfg: &ModelConfig, opts: &LoadOptions) -> Result<Checkpoint,
     })
 }
 
-fn log_loaded(dir: &Path, opts: &LoadOptions, ckpt: &Checkpoint, started: Instant) {
+pub(crate) fn log_loaded(dir: &Path, opts: &LoadOptions, ckpt: &Checkpoint, started: Instant) {
     let secs = started.elapsed().as_secs_f64();
     let bytes = ckpt.total_bytes();
     tracing::info!(

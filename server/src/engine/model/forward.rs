@@ -261,6 +261,7 @@ impl<B: Backend> DeepseekV4<B> {
             wanted.extend(picks);
         }
         let mut out = StepOutput {
+            drafts: Vec::new(),
             logits: per_seq.iter().map(|_| Vec::new()).collect(),
         };
         if wanted.is_empty() {
