@@ -24,7 +24,7 @@
 
 mod common;
 
-use clap::CommandFactory;
+use clap::{CommandFactory, Parser};
 use dspark_operator::crd::DSparkDeployment;
 use dspark_operator::resources::{self, BuildContext, LABEL_POD_INDEX};
 use dspark_server::cli::{Cli, Command as ServerCommand};
@@ -316,7 +316,10 @@ fn two_pods_from_the_rendered_template_serve_and_stop_cleanly() {
         .map(|p| (p.to_string(), probe_target(&container, p)))
         .collect();
     for (name, (_, port)) in &probes {
-        assert_eq!(*port, http_port, "{name} checks a port the server does not serve");
+        assert_eq!(
+            *port, http_port,
+            "{name} checks a port the server does not serve"
+        );
     }
     let (liveness_path, liveness_port) = probe_target(&container, "livenessProbe");
     assert_eq!(liveness_port, http_port);
@@ -415,11 +418,21 @@ fn two_pods_from_the_rendered_template_serve_and_stop_cleanly() {
         Some(&request.to_string()),
     )
     .unwrap();
-    assert_eq!(status, 200, "chat completion: {body}\n{}", pods[0].log_tail());
+    assert_eq!(
+        status,
+        200,
+        "chat completion: {body}\n{}",
+        pods[0].log_tail()
+    );
     let reply: Value = serde_json::from_str(&body).unwrap();
     let choice = &reply["choices"][0];
-    let content = choice["message"]["content"].as_str().unwrap_or("");
-    assert!(!content.is_empty(), "empty choice: {body}");
+    // The tiny model's random text may land in the thinking part: either field counts.
+    let text = ["content", "reasoning_content"]
+        .iter()
+        .filter_map(|f| choice["message"][f].as_str())
+        .collect::<String>();
+    assert!(!text.is_empty(), "empty choice: {body}");
+    assert!(choice["finish_reason"].is_string(), "{body}");
     assert!(reply["usage"]["completion_tokens"].as_u64().unwrap() >= 4);
 
     // Pod deletion: kubelet sends SIGTERM to both containers, SIGKILL after the grace period.
@@ -463,7 +476,11 @@ fn serve_cli_env_vars() -> Vec<String> {
 #[test]
 fn every_rendered_flag_and_env_var_is_known_to_the_server_cli() {
     let known_envs = serve_cli_env_vars();
-    for example in ["tiny-cpu.yaml", "long-context-1m.yaml", "concurrency-200k.yaml"] {
+    for example in [
+        "tiny-cpu.yaml",
+        "long-context-1m.yaml",
+        "concurrency-200k.yaml",
+    ] {
         let dsd = load_example(example);
         let sts = rendered_sts(&dsd);
         let container = server_container(&sts);
@@ -487,7 +504,10 @@ fn every_rendered_flag_and_env_var_is_known_to_the_server_cli() {
             Some(inv.profile.max_model_len),
             "{example}"
         );
-        assert_eq!(serve.max_num_seqs as i64, i64::from(inv.profile.max_num_seqs));
+        assert_eq!(
+            serve.max_num_seqs as i64,
+            i64::from(inv.profile.max_num_seqs)
+        );
 
         // Env vars meant for the server must be ones it reads; the rest are for NCCL/CUDA.
         for var in container["env"].as_array().into_iter().flatten() {
