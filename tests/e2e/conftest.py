@@ -2,8 +2,7 @@
 
 The binary is found at $DSPARK_SERVER_BIN, else under $CARGO_TARGET_DIR or ./target
 (release before debug). The model is $DSPARK_E2E_MODEL, else the tiny model in the repo.
-If the binary cannot load the model yet (the engine is not in this build, or the model
-directory has no weights), every test skips with that reason instead of failing.
+A server that exits before it is ready fails the test with its log.
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SERVED_NAME = "tiny-dsv4"
-# Reasons a server may legitimately not start yet; anything else is a failure.
-NOT_YET = ("not available in this build", "not implemented yet", "no such file")
 
 
 def _binary() -> Path | None:
@@ -86,9 +83,6 @@ class Server:
             code = self.proc.poll()
             if code is not None:
                 out = self.output()
-                last = [line for line in out.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
-                if any(reason in out.lower() for reason in NOT_YET):
-                    pytest.skip(f"dspark-server cannot load the model yet: {last[0]}")
                 pytest.fail(f"dspark-server exited with {code} before ready:\n{out[-4000:]}")
             try:
                 if httpx.get(self.base + "/ready", timeout=2).status_code == 200:
