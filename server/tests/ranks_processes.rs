@@ -153,19 +153,23 @@ struct RankProcess {
     child: Child,
     stdout: Arc<Mutex<String>>,
     stderr: Arc<Mutex<String>>,
+    /// The threads copying the pipes: joined once the process exited, so its last lines are in.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
-fn collect(pipe: impl std::io::Read + Send + 'static) -> Arc<Mutex<String>> {
+fn collect(
+    pipe: impl std::io::Read + Send + 'static,
+) -> (Arc<Mutex<String>>, std::thread::JoinHandle<()>) {
     let buf = Arc::new(Mutex::new(String::new()));
     let b = buf.clone();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         for line in BufReader::new(pipe).lines().map_while(Result::ok) {
             let mut b = b.lock().unwrap();
             b.push_str(&line);
             b.push('\n');
         }
     });
-    buf
+    (buf, reader)
 }
 
 fn spawn_rank(role: &str, addr: &str) -> RankProcess {
@@ -182,12 +186,13 @@ fn spawn_rank(role: &str, addr: &str) -> RankProcess {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = collect(child.stdout.take().unwrap());
-    let stderr = collect(child.stderr.take().unwrap());
+    let (stdout, out_reader) = collect(child.stdout.take().unwrap());
+    let (stderr, err_reader) = collect(child.stderr.take().unwrap());
     RankProcess {
         child,
         stdout,
         stderr,
+        readers: vec![out_reader, err_reader],
     }
 }
 
@@ -209,7 +214,11 @@ fn wait_exit(p: &mut RankProcess, within: Duration) -> (Option<i32>, Duration) {
     let t0 = Instant::now();
     loop {
         if let Some(status) = p.child.try_wait().unwrap() {
-            return (status.code(), t0.elapsed());
+            let took = t0.elapsed();
+            for reader in p.readers.drain(..) {
+                let _ = reader.join();
+            }
+            return (status.code(), took);
         }
         if t0.elapsed() > within {
             let _ = p.child.kill();
