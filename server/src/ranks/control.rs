@@ -384,7 +384,18 @@ pub fn run_follower(
     link: &PlanReceiver,
 ) -> Result<(), FollowerError> {
     loop {
-        match link.recv()? {
+        let message = match link.recv() {
+            Ok(message) => message,
+            Err(e) => {
+                // The plan channel can see the loss before the heartbeat watcher does: record
+                // it here too, so the one clear log line is written before the caller exits.
+                if let CommError::PeerLost { rank, reason } = &e {
+                    link.health().mark_lost(*rank, reason.clone());
+                }
+                return Err(e.into());
+            }
+        };
+        match message {
             PlanMessage::Step(plan) => match runner.step(&plan) {
                 // Outputs are discarded: rank 0 holds the same logits after the final gather.
                 Ok(_) => {}
