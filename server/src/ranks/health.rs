@@ -149,6 +149,9 @@ impl GroupHealth {
             if matches!(s, GroupState::Lost { .. } | GroupState::Closed) {
                 false
             } else {
+                // Logged while the state is still locked: whoever sees `Lost` (and may exit at
+                // once) is then sure the one clear line is already written.
+                tracing::error!("rank {rank} lost: {reason}");
                 *s = GroupState::Lost {
                     rank,
                     reason: reason.clone(),
@@ -159,7 +162,6 @@ impl GroupHealth {
         if !recorded || self.inner.loss_recorded.swap(true, Ordering::SeqCst) {
             return false;
         }
-        tracing::error!("rank {rank} lost: {reason}");
         let hooks =
             std::mem::take(&mut *self.inner.hooks.lock().unwrap_or_else(|p| p.into_inner()));
         for hook in hooks {
