@@ -17,8 +17,11 @@ fi
 "$venv/bin/pip" install -q --disable-pip-version-check -r tests/requirements.txt
 export PATH="$venv/bin:$PATH"
 
-step "cargo build (binaries used by the end-to-end tests)"
-cargo build --workspace --bins
+# One build for the binaries and the tests, with one feature set: a plain `cargo build --bins`
+# resolves features without dev-dependencies and would compile much of the tree a second time.
+step "cargo build (tests, and the binaries the end-to-end tests use)"
+cargo build --workspace --bins --tests
+export DSPARK_OPERATOR_BIN="$CARGO_TARGET_DIR/debug/dspark-operator"
 
 step "cargo test"
 cargo test --workspace --no-fail-fast

@@ -69,8 +69,12 @@ log "chart CRD == crds/dsparkdeployment.yaml"
 diff -u crds/dsparkdeployment.yaml charts/dspark/crds/dsparkdeployment.yaml
 
 log "operator-rendered children of examples/*.yaml | kubernetes-validate --strict"
-cargo build --quiet -p dspark-operator
-bin="${CARGO_TARGET_DIR:-$root/target}/debug/dspark-operator"
+# run-all.sh hands over the binary it built; alone, this script builds it.
+bin=${DSPARK_OPERATOR_BIN:-}
+if [[ -z "$bin" ]]; then
+  cargo build --quiet -p dspark-operator
+  bin="${CARGO_TARGET_DIR:-$root/target}/debug/dspark-operator"
+fi
 for example in examples/*.yaml; do
   name=$(basename "$example" .yaml)
   "$bin" render "$example" --namespace dspark-e2e > "$out/$name.children.yaml"
