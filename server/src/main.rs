@@ -88,7 +88,7 @@ fn form_group(args: &ServeArgs, health: &GroupHealth) -> anyhow::Result<ranks::G
         ..Default::default()
     };
     let fingerprint = GroupFingerprint::new(group_description(args));
-    let nccl_id = if args.rank() == 0 && args.device == Some(Device::Cuda) {
+    let nccl_id = if args.rank() == 0 && resolve_device(args) == model::Device::Cuda {
         Some(
             NcclUniqueId::create()
                 .map_err(|e| anyhow::anyhow!("cannot create the NCCL id: {e}"))?,
@@ -106,8 +106,9 @@ fn group_description(args: &ServeArgs) -> String {
     let digest = Sha256::digest(&config);
     let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
     format!(
-        "config={hex} max_model_len={:?} kv_cache_dtype={:?} kv_pool_tokens={:?} \
+        "config={hex} device={:?} max_model_len={:?} kv_cache_dtype={:?} kv_pool_tokens={:?} \
          speculative={:?}/{:?} load_format={:?}",
+        resolve_device(args),
         args.max_model_len,
         args.kv_cache_dtype,
         args.kv_pool_tokens,
@@ -146,10 +147,11 @@ fn run_follower(args: &ServeArgs, health: &GroupHealth) -> anyhow::Result<std::p
     let ready = Arc::new(AtomicBool::new(false));
     spawn_follower_probes(args, ready.clone())?;
     let group = form_group(args, health)?;
+    let comm = engine_communicator(args, &group)?;
     let Role::Follower(link) = group.role else {
         bail!("rank {} was given the leader's role", args.rank());
     };
-    let (mut runner, _) = load_engine(args, group.comm.clone())?;
+    let (mut runner, _) = load_engine(args, comm)?;
     ready.store(true, Ordering::Release);
     match ranks::run_follower(runner.as_mut(), &link) {
         Ok(()) => {
@@ -307,10 +309,11 @@ fn load_and_run(
         .with_context(|| format!("cannot load the tokenizer {}", tokenizer_path.display()))?;
     let (comm, plans): (Arc<dyn Communicator>, _) = if args.world_size > 1 {
         let group = form_group(args, health)?;
+        let comm = engine_communicator(args, &group)?;
         let Role::Leader(plans) = group.role else {
             bail!("rank 0 was given a follower's role");
         };
-        (group.comm.clone(), Some(plans))
+        (comm, Some(plans))
     } else {
         (Arc::new(SingleRank), None)
     };
@@ -434,12 +437,13 @@ fn load_engine(
         ));
     }
     let dir = args.model_dir();
+    let device = resolve_device(args);
     let opts = model::LoadOptions {
-        device: match args.device {
-            Some(Device::Cpu) => model::Device::Cpu,
-            Some(Device::Cuda) => model::Device::Cuda,
-            None if cuda_driver_present() => model::Device::Cuda,
-            None => model::Device::Cpu,
+        device,
+        gpu_ordinal: if device == model::Device::Cuda {
+            gpu_ordinal(args)?
+        } else {
+            0
         },
         load_format: match args.load_format {
             LoadFormat::Auto => model::LoadFormat::Auto,
@@ -463,16 +467,24 @@ fn load_engine(
             .map_err(|e| anyhow::anyhow!("loading the model from {} failed: {e}", dir.display()))?;
         return Ok((runner, 0));
     }
-    if opts.device != model::Device::Cpu {
-        bail!("--speculative-method dspark runs on the CPU backend only so far; use --device cpu");
-    }
-    let runner = SpeculativeRunner::load_cpu(&dir, &opts, comm).map_err(|e| {
+    let failed = |e: model::LoadError| {
         anyhow::anyhow!(
             "loading the model and its DSpark draft from {} failed: {e}",
             dir.display()
         )
-    })?;
-    let block = runner.block_size();
+    };
+    let (runner, block): (Box<dyn ModelRunner>, usize) = match opts.device {
+        model::Device::Cpu => {
+            let r = SpeculativeRunner::load_cpu(&dir, &opts, comm).map_err(failed)?;
+            let block = r.block_size();
+            (Box::new(r), block)
+        }
+        model::Device::Cuda => {
+            let r = SpeculativeRunner::load_cuda(&dir, &opts, comm).map_err(failed)?;
+            let block = r.block_size();
+            (Box::new(r), block)
+        }
+    };
     let k = args.num_speculative_tokens.unwrap_or(block);
     if k == 0 || k > block {
         bail!(
@@ -485,7 +497,7 @@ fn load_engine(
         block_size = block,
         "DSpark speculative decoding on"
     );
-    Ok((Box::new(runner), k))
+    Ok((runner, k))
 }
 
 /// Rank 0's engine in a group: each step goes to every rank first. Dropping it (the scheduler
@@ -557,9 +569,50 @@ impl Drop for GroupLeader {
     }
 }
 
-/// Whether an NVIDIA driver is present (the default device is CUDA then).
-fn cuda_driver_present() -> bool {
-    Path::new("/dev/nvidiactl").exists() || Path::new("/proc/driver/nvidia/version").exists()
+/// The device `args` ask for; without `--device`, CUDA when a GPU can be opened here.
+fn resolve_device(args: &ServeArgs) -> model::Device {
+    match args.device {
+        Some(Device::Cpu) => model::Device::Cpu,
+        Some(Device::Cuda) => model::Device::Cuda,
+        None if dspark_server::backend::cuda::gpu_present() => model::Device::Cuda,
+        None => model::Device::Cpu,
+    }
+}
+
+/// This rank's GPU: a pod sees one (0); the ranks of a local group share one machine, rank r
+/// on GPU r.
+fn gpu_ordinal(args: &ServeArgs) -> anyhow::Result<usize> {
+    let count = dspark_server::backend::cuda::gpu_count()
+        .map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?;
+    if count == 0 {
+        bail!("--device cuda: no GPU is visible to this process");
+    }
+    Ok(args.rank() % count)
+}
+
+/// The communicator the engine's collectives use: NCCL on CUDA (over the id rank 0 sent at
+/// rendezvous), TCP on the CPU backend.
+fn engine_communicator(
+    args: &ServeArgs,
+    group: &ranks::Group,
+) -> anyhow::Result<Arc<dyn Communicator>> {
+    if resolve_device(args) != model::Device::Cuda {
+        return Ok(group.comm.clone());
+    }
+    let Some(id) = group.nccl_unique_id.as_ref() else {
+        bail!("rank 0 sent no NCCL id: every rank must run with the same --device");
+    };
+    let ctx = dspark_kernels::open_gpu(gpu_ordinal(args)?)
+        .map_err(|e| anyhow::anyhow!("cannot open the GPU for NCCL: {e}"))?;
+    let comm = dspark_server::backend::cuda::nccl::NcclCommunicator::new(
+        ctx.default_stream(),
+        group.rank,
+        group.world_size,
+        id,
+    )
+    .map_err(|e| anyhow::anyhow!("cannot join the NCCL group: {e}"))?;
+    info!(rank = group.rank, "NCCL communicator ready");
+    Ok(Arc::new(comm))
 }
 
 /// `max_position_embeddings` from the model's config.json, if readable.

@@ -14,7 +14,9 @@ use dspark_server::backend::cpu::CpuBackend;
 use dspark_server::engine::model::config::{
     AttentionKind, ExpertDtype, MlpKind, ScoringFunc, YarnParams,
 };
-use dspark_server::engine::model::{self, DeepseekV4, LoadOptions, ModelConfig, Shard};
+use dspark_server::engine::model::{
+    self, DeepseekV4, LoadOptions, ModelConfig, Shard, WeightSource,
+};
 use dspark_server::engine::weights::{Checkpoint, DType, WeightFormat};
 use dspark_server::engine::{LogitsWanted, ModelRunner, StepPlan};
 use dspark_server::ranks::{Communicator, SingleRank};
@@ -550,5 +552,42 @@ fn v4_flash_dummy_checkpoint_lists_every_tensor_in_its_real_format() {
     if let Some(peak) = peak_rss() {
         assert!(peak < 4_000_000_000, "peak RSS {peak} bytes");
         eprintln!("V4-Flash dummy: peak RSS {:.2} GB", peak as f64 / 1e9);
+    }
+}
+
+#[test]
+fn packed_tensors_and_their_slices_decode_to_the_f32_values() {
+    // What the CUDA backend uploads (FP8 / FP4 kept packed) must be the same numbers the CPU
+    // backend reads widened, for whole tensors and for the tensor-parallel slices that keep
+    // scale tiles whole; a slice that cuts a tile is refused (the loader widens it instead).
+    let ckpt = Checkpoint::open(&quant_dir()).unwrap();
+    let cases: [(&str, Option<(usize, std::ops::Range<usize>)>, bool); 8] = [
+        ("layers.1.attn.wq_b.weight", None, true),
+        ("layers.1.attn.wo_b.weight", None, true),
+        ("layers.2.ffn.experts.5.w1.weight", None, true),
+        ("layers.2.ffn.experts.5.w2.weight", None, true),
+        ("layers.2.ffn.experts.5.w1.weight", Some((0, 16..32)), true),
+        ("layers.2.ffn.experts.5.w2.weight", Some((1, 0..16)), false),
+        ("layers.1.attn.wq_b.weight", Some((0, 0..64)), false),
+        (
+            "layers.2.ffn.shared_experts.w2.weight",
+            Some((1, 0..16)),
+            false,
+        ),
+    ];
+    for (name, slice, packs) in cases {
+        let got = WeightSource::packed(&ckpt, name, slice.clone()).unwrap();
+        let Some((shape, packed)) = got else {
+            assert!(!packs, "{name} {slice:?} was not packed");
+            continue;
+        };
+        assert!(packs, "{name} {slice:?} cuts a scale tile but was packed");
+        let want = match slice.clone() {
+            None => ckpt.tensor_f32(name).unwrap(),
+            Some((dim, r)) => ckpt.tensor_f32_slice(name, dim, r).unwrap(),
+        };
+        assert_eq!(shape, want.shape, "{name}");
+        let values = packed.dequantize(shape[0], shape[1]).unwrap();
+        assert_eq!(values, want.data, "{name} {slice:?}");
     }
 }

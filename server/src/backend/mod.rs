@@ -1,11 +1,98 @@
 //! Compute backends behind one trait: `cpu` (reference, f32) and `cuda`.
 //!
 //! The model code (`engine::model`) is written once over [`Backend`]. The trait holds the
-//! weight-heavy kernels (projections, embedding gathers); the CPU backend implements them in f32
-//! with rayon. Activations cross the trait as host `f32` rows for now; the CUDA backend will add a
-//! device activation type and move the remaining per-token math (norms, RoPE, attention) behind it.
+//! weight-heavy kernels (projections, routed experts, embedding gathers); the CPU backend
+//! implements them in f32 with rayon, the CUDA backend on the GPU with the weights resident in
+//! their checkpoint encodings (FP8 block-scaled, FP4 experts). Activations cross the trait as host
+//! `f32` rows; attention, norms and RoPE run on the host (docs/PERFORMANCE.md says what that
+//! costs and what moves next).
 pub mod cpu;
 pub mod cuda;
+
+use crate::engine::model::ops::silu;
+
+/// A weight matrix `[rows, cols]` in its checkpoint encoding, for backends that compute on it
+/// without widening it first.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PackedWeight {
+    /// e4m3 bytes `[rows, cols]`; one E8M0 scale byte per 128x128 tile,
+    /// `[ceil(rows/128), ceil(cols/128)]`.
+    Fp8Block { data: Vec<u8>, scales: Vec<u8> },
+    /// e2m1 pairs `[rows, cols/2]` (element 2j in the low nibble); one E8M0 scale per 32 values
+    /// along a row, `[rows, cols/32]`.
+    Fp4 { data: Vec<u8>, scales: Vec<u8> },
+}
+
+/// Side of the FP8 scale tile.
+pub const FP8_BLOCK: usize = 128;
+/// Values per FP4 scale.
+pub const FP4_GROUP: usize = 32;
+
+impl PackedWeight {
+    /// Whether the byte counts fit `[rows, cols]`.
+    pub fn check(&self, rows: usize, cols: usize) -> Result<(), BackendError> {
+        let (data_len, scale_len, want_data, want_scales) = match self {
+            PackedWeight::Fp8Block { data, scales } => (
+                data.len(),
+                scales.len(),
+                rows * cols,
+                rows.div_ceil(FP8_BLOCK) * cols.div_ceil(FP8_BLOCK),
+            ),
+            PackedWeight::Fp4 { data, scales } => {
+                if !cols.is_multiple_of(FP4_GROUP) {
+                    return Err(BackendError::Shape {
+                        op: "packed_matrix",
+                        detail: format!("FP4 columns {cols} not a multiple of {FP4_GROUP}"),
+                    });
+                }
+                (
+                    data.len(),
+                    scales.len(),
+                    rows * cols / 2,
+                    rows * cols / FP4_GROUP,
+                )
+            }
+        };
+        if data_len != want_data || scale_len != want_scales {
+            return Err(BackendError::Shape {
+                op: "packed_matrix",
+                detail: format!(
+                    "{data_len} bytes + {scale_len} scales for [{rows}, {cols}], expected \
+                     {want_data} + {want_scales}"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The values as f32 (row-major `[rows, cols]`).
+    pub fn dequantize(&self, rows: usize, cols: usize) -> Result<Vec<f32>, BackendError> {
+        use dspark_kernels::formats::{e2m1_at, e4m3_to_f32, e8m0_to_f64};
+        self.check(rows, cols)?;
+        let mut out = vec![0f32; rows * cols];
+        match self {
+            PackedWeight::Fp8Block { data, scales } => {
+                let scale_cols = cols.div_ceil(FP8_BLOCK);
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let s = e8m0_to_f64(scales[(r / FP8_BLOCK) * scale_cols + c / FP8_BLOCK]);
+                        out[r * cols + c] = (f64::from(e4m3_to_f32(data[r * cols + c])) * s) as f32;
+                    }
+                }
+            }
+            PackedWeight::Fp4 { data, scales } => {
+                for r in 0..rows {
+                    let row = &data[r * cols / 2..(r + 1) * cols / 2];
+                    for c in 0..cols {
+                        let s = e8m0_to_f64(scales[r * (cols / FP4_GROUP) + c / FP4_GROUP]);
+                        out[r * cols + c] = (f64::from(e2m1_at(row, c)) * s) as f32;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -41,4 +128,42 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Rows `ids` of `w`, concatenated (embedding lookup).
     fn gather_rows(&self, w: &Self::Matrix, ids: &[u32]) -> Result<Vec<f32>, BackendError>;
+
+    /// Whether the loader should hand quantized tensors over packed ([`Self::packed_matrix`])
+    /// instead of widened to f32.
+    fn accepts_packed(&self) -> bool {
+        false
+    }
+
+    /// A weight in its checkpoint encoding. By default widened to f32.
+    fn packed_matrix(
+        &self,
+        rows: usize,
+        cols: usize,
+        w: PackedWeight,
+    ) -> Result<Self::Matrix, BackendError> {
+        let data = w.dequantize(rows, cols)?;
+        self.matrix(rows, cols, data)
+    }
+
+    /// One SwiGLU expert with clipping over `n` rows of `x`:
+    /// `w2(silu(min(w1 x, limit)) * clamp(w3 x, -limit, limit))`.
+    fn swiglu_expert(
+        &self,
+        x: &[f32],
+        n: usize,
+        w1: &Self::Matrix,
+        w3: &Self::Matrix,
+        w2: &Self::Matrix,
+        limit: f32,
+    ) -> Result<Vec<f32>, BackendError> {
+        let gate = self.linear(x, n, w1)?;
+        let up = self.linear(x, n, w3)?;
+        let act: Vec<f32> = gate
+            .iter()
+            .zip(&up)
+            .map(|(&g, &u)| silu(g.min(limit)) * u.clamp(-limit, limit))
+            .collect();
+        self.linear(&act, n, w2)
+    }
 }

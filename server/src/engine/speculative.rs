@@ -16,11 +16,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
 use crate::backend::Backend;
 use crate::engine::draft::DEFAULT_NUM_STAGES;
 use crate::engine::draft::{Drafts, DsparkDraft, ProposeRequest, RequestRng, SamplingParams};
 use crate::engine::model::config::ModelConfig;
-use crate::engine::model::{build_cpu, DeepseekV4, LoadError, LoadOptions};
+use crate::engine::model::{build_cpu, build_cuda, DeepseekV4, LoadError, LoadOptions};
 use crate::engine::{EngineError, KvLayout, LogitsWanted, ModelRunner, StepOutput, StepPlan};
 use crate::ranks::Communicator;
 
@@ -49,17 +50,44 @@ impl SpeculativeRunner<CpuBackend> {
         opts: &LoadOptions,
         comm: Arc<dyn Communicator>,
     ) -> Result<Self, LoadError> {
+        Self::load_with(dir, opts, comm, build_cpu)
+    }
+}
+
+impl SpeculativeRunner<CudaBackend> {
+    /// Loads target and draft (`mtp.*`) from the checkpoint in `dir` on GPU `opts.gpu_ordinal`.
+    pub fn load_cuda(
+        dir: &Path,
+        opts: &LoadOptions,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self, LoadError> {
+        Self::load_with(dir, opts, comm, build_cuda)
+    }
+}
+
+type BuildTarget<B> = fn(
+    ModelConfig,
+    &dyn crate::engine::model::WeightSource,
+    &LoadOptions,
+    Arc<dyn Communicator>,
+) -> Result<DeepseekV4<B>, LoadError>;
+
+impl<B: Backend> SpeculativeRunner<B> {
+    fn load_with(
+        dir: &Path,
+        opts: &LoadOptions,
+        comm: Arc<dyn Communicator>,
+        build_target: BuildTarget<B>,
+    ) -> Result<Self, LoadError> {
         let cfg = ModelConfig::from_dir(dir)?;
         let started = Instant::now();
         let ckpt = crate::engine::model::checkpoint_source::open(dir, &cfg, opts)?;
-        let target = build_cpu(cfg, &ckpt, opts, comm)?;
+        let target = build_target(cfg, &ckpt, opts, comm)?;
         let draft = DsparkDraft::load(&ckpt, &target, DEFAULT_NUM_STAGES)?;
         crate::engine::model::checkpoint_source::log_loaded(dir, opts, &ckpt, started);
         Ok(Self::new(target, draft))
     }
-}
 
-impl<B: Backend> SpeculativeRunner<B> {
     pub fn new(mut target: DeepseekV4<B>, draft: DsparkDraft<B>) -> Self {
         target.set_capture_layers(draft.target_layers().to_vec());
         Self {

@@ -5,7 +5,7 @@
 //! logsumexp), |ours - reference| / max|reference logit of the row|; our top-1 must equal the
 //! reference's.
 
-use dspark_server::backend::cpu::CpuBackend;
+use dspark_server::backend::Backend;
 use dspark_server::engine::model::DeepseekV4;
 use dspark_server::engine::{LogitsWanted, ModelRunner, SeqPlan, StepPlan};
 use serde_json::Value;
@@ -60,7 +60,7 @@ impl Reference {
 
     /// Prefills each named prompt in chunks ending at its reference positions and checks every
     /// listed position; returns the worst relative error.
-    pub fn check_prefill(&self, m: &mut DeepseekV4<CpuBackend>, names: &[&str]) -> f64 {
+    pub fn check_prefill<B: Backend>(&self, m: &mut DeepseekV4<B>, names: &[&str]) -> f64 {
         let mut worst: f64 = 0.0;
         for (k, name) in names.iter().enumerate() {
             let p = self.prompt(name);
@@ -79,7 +79,7 @@ impl Reference {
     }
 
     /// Prefills all of each named prompt in one step and checks the listed positions.
-    pub fn check_one_shot_prefill(&self, m: &mut DeepseekV4<CpuBackend>, names: &[&str]) -> f64 {
+    pub fn check_one_shot_prefill<B: Backend>(&self, m: &mut DeepseekV4<B>, names: &[&str]) -> f64 {
         let mut worst: f64 = 0.0;
         for (k, name) in names.iter().enumerate() {
             let p = self.prompt(name);
@@ -101,7 +101,7 @@ impl Reference {
     /// Greedy decoding from each named prompt (prefill, then one token per step through the
     /// KV cache) must reproduce the reference continuation token for token, with every step's
     /// logits within the bound; returns the worst relative error.
-    pub fn check_greedy(&self, m: &mut DeepseekV4<CpuBackend>, names: &[&str]) -> f64 {
+    pub fn check_greedy<B: Backend>(&self, m: &mut DeepseekV4<B>, names: &[&str]) -> f64 {
         let mut worst: f64 = 0.0;
         for (k, name) in names.iter().enumerate() {
             let id = 200 + k as u64;
@@ -178,7 +178,7 @@ pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Consecutive KV block ids from `first`, enough for `tokens`.
-pub fn blocks_for(m: &DeepseekV4<CpuBackend>, first: u32, tokens: usize) -> Vec<u32> {
+pub fn blocks_for<B: Backend>(m: &DeepseekV4<B>, first: u32, tokens: usize) -> Vec<u32> {
     let bs = m.kv_layout().block_size;
     (first..first + tokens.div_ceil(bs) as u32).collect()
 }
@@ -194,14 +194,14 @@ pub fn seq(id: u64, start: usize, tokens: &[u32], bt: &[u32], logits: LogitsWant
     }
 }
 
-pub fn run(m: &mut DeepseekV4<CpuBackend>, seqs: Vec<SeqPlan>) -> Vec<Vec<Vec<f32>>> {
+pub fn run<B: Backend>(m: &mut DeepseekV4<B>, seqs: Vec<SeqPlan>) -> Vec<Vec<Vec<f32>>> {
     m.step(&StepPlan { seqs }).unwrap().logits
 }
 
 /// Prefills `prompt` in chunks that end at each of `positions` (+ the prompt end), returning
 /// the last-token logits of every chunk keyed by position.
-pub fn chunked_prefill(
-    m: &mut DeepseekV4<CpuBackend>,
+pub fn chunked_prefill<B: Backend>(
+    m: &mut DeepseekV4<B>,
     id: u64,
     prompt: &[u32],
     bt: &[u32],

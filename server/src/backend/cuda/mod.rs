@@ -1,3 +1,472 @@
-//! CUDA backend (cudarc with dynamic loading).
+//! CUDA backend (cudarc with dynamic loading: builds and links everywhere, finds libcuda at run
+//! time).
+//!
+//! Weights live on the GPU in their checkpoint encodings: FP8 e4m3 with 128x128 E8M0 tiles
+//! (`dspark-kernels` FP8 GEMV), FP4 e2m1 routed experts with E8M0 per 32 (the FP4 SwiGLU expert
+//! kernel), and everything else (bf16/f32 in the checkpoint) as f32 through cuBLAS SGEMM with
+//! TF32 off, so dense projections match the CPU reference to f32 rounding. Activations arrive and
+//! leave as host f32 rows (the engine's attention, norms and RoPE still run on the host; see
+//! docs/PERFORMANCE.md).
 
 pub mod nccl;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use dspark_kernels::launch::FP8_GEMV_MAX_M;
+use dspark_kernels::{ActDtype, Fp4Experts, Fp4MoeCall, Fp8Gemv, Kernels, LoaderConfig, OutDtype};
+
+use super::{Backend, BackendError, PackedWeight, FP4_GROUP};
+
+fn driver_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> BackendError {
+    move |e| BackendError::Other(format!("CUDA {what}: {e}"))
+}
+
+fn kernel_err(e: dspark_kernels::KernelError) -> BackendError {
+    BackendError::Other(format!("kernel: {e}"))
+}
+
+/// A weight matrix `[rows, cols]` on the GPU.
+pub enum CudaMatrix {
+    /// f32, row-major.
+    Dense {
+        rows: usize,
+        cols: usize,
+        w: CudaSlice<f32>,
+    },
+    /// e4m3 `[rows, cols]` + E8M0 `[ceil(rows/128), ceil(cols/128)]`.
+    Fp8 {
+        rows: usize,
+        cols: usize,
+        w: CudaSlice<u8>,
+        scales: CudaSlice<u8>,
+    },
+    /// e2m1 pairs `[rows, cols/2]` + E8M0 `[rows, cols/32]`.
+    Fp4 {
+        rows: usize,
+        cols: usize,
+        w: CudaSlice<u8>,
+        scales: CudaSlice<u8>,
+    },
+}
+
+impl CudaMatrix {
+    fn shape(&self) -> (usize, usize) {
+        match self {
+            CudaMatrix::Dense { rows, cols, .. }
+            | CudaMatrix::Fp8 { rows, cols, .. }
+            | CudaMatrix::Fp4 { rows, cols, .. } => (*rows, *cols),
+        }
+    }
+}
+
+/// How many weight matrices of each encoding a backend holds.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MatrixCensus {
+    pub dense: usize,
+    pub fp8: usize,
+    pub fp4: usize,
+}
+
+#[derive(Default)]
+struct Counters {
+    dense: AtomicUsize,
+    fp8: AtomicUsize,
+    fp4: AtomicUsize,
+}
+
+/// One GPU: its stream, the dspark kernels and a cuBLAS handle.
+pub struct CudaBackend {
+    stream: Arc<CudaStream>,
+    kernels: Kernels,
+    blas: Mutex<CudaBlas>,
+    device_name: String,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("device", &self.device_name)
+            .field("arch", &self.kernels.arch())
+            .finish()
+    }
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal` and loads the kernels (prebuilt cubins, the on-disk cache, or NVRTC).
+    pub fn open(ordinal: usize) -> Result<Self, BackendError> {
+        let ctx = dspark_kernels::open_gpu(ordinal).map_err(kernel_err)?;
+        Self::on_stream(ctx.default_stream())
+    }
+
+    /// A backend on an existing stream (shared with the NCCL communicator, so collectives and
+    /// kernels are ordered on one queue).
+    pub fn on_stream(stream: Arc<CudaStream>) -> Result<Self, BackendError> {
+        let ctx: &Arc<CudaContext> = stream.context();
+        ctx.bind_to_thread().map_err(driver_err("bind context"))?;
+        let kernels = Kernels::load(ctx, &LoaderConfig::from_env()).map_err(kernel_err)?;
+        let blas = CudaBlas::new(stream.clone())
+            .map_err(|e| BackendError::Other(format!("cuBLAS init: {e:?}")))?;
+        let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        tracing::info!(
+            device = %device_name,
+            arch = kernels.arch(),
+            origins = ?kernels.origins(),
+            "CUDA backend ready"
+        );
+        Ok(Self {
+            stream,
+            kernels,
+            blas: Mutex::new(blas),
+            device_name,
+            counters: Counters::default(),
+        })
+    }
+
+    /// Matrices held per encoding (how much of the checkpoint stayed packed).
+    pub fn census(&self) -> MatrixCensus {
+        MatrixCensus {
+            dense: self.counters.dense.load(Ordering::Relaxed),
+            fp8: self.counters.fp8.load(Ordering::Relaxed),
+            fp4: self.counters.fp4.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    fn upload<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>, BackendError> {
+        self.stream.clone_htod(v).map_err(driver_err("copy to GPU"))
+    }
+
+    fn download(&self, v: &CudaSlice<f32>) -> Result<Vec<f32>, BackendError> {
+        self.stream
+            .clone_dtoh(v)
+            .map_err(driver_err("copy from GPU"))
+    }
+
+    fn zeros(&self, len: usize) -> Result<CudaSlice<f32>, BackendError> {
+        self.stream
+            .alloc_zeros::<f32>(len.max(1))
+            .map_err(driver_err("alloc"))
+    }
+
+    /// `y[n, rows] = x[n, cols] W^T` with W f32 row-major, through SGEMM in the column-major
+    /// view: `y^T (rows x n) = W (cols x rows)^T * x^T (cols x n)`.
+    fn sgemm(
+        &self,
+        x: &CudaSlice<f32>,
+        n: usize,
+        w: &CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), BackendError> {
+        let dim = |v: usize| {
+            i32::try_from(v).map_err(|_| BackendError::Shape {
+                op: "linear",
+                detail: format!("{v} exceeds cuBLAS's int range"),
+            })
+        };
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: dim(rows)?,
+            n: dim(n)?,
+            k: dim(cols)?,
+            alpha: 1.0f32,
+            lda: dim(cols)?,
+            ldb: dim(cols)?,
+            beta: 0.0f32,
+            ldc: dim(rows)?,
+        };
+        let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: w holds rows*cols, x holds n*cols and y n*rows f32 values on this stream's
+        // context (checked by the callers), matching the leading dimensions above.
+        unsafe { blas.gemm(cfg, w, x, y) }
+            .map_err(|e| BackendError::Other(format!("cuBLAS SGEMM: {e:?}")))
+    }
+
+    /// FP8 GEMV/skinny GEMM in row chunks the kernel takes (<= 16 tokens per launch).
+    #[allow(clippy::too_many_arguments)]
+    fn fp8_linear(
+        &self,
+        x: &CudaSlice<f32>,
+        n: usize,
+        w: &CudaSlice<u8>,
+        scales: &CudaSlice<u8>,
+        rows: usize,
+        cols: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), BackendError> {
+        let s = &self.stream;
+        let (wp, _w) = w.device_ptr(s);
+        let (sp, _s) = scales.device_ptr(s);
+        let (xp, _x) = x.device_ptr(s);
+        let (yp, _y) = y.device_ptr_mut(s);
+        let mut start = 0;
+        while start < n {
+            let m = (n - start).min(FP8_GEMV_MAX_M);
+            let call = Fp8Gemv {
+                weight: wp,
+                scale: sp,
+                x: xp + (start * cols * 4) as u64,
+                x_dtype: ActDtype::F32,
+                out: yp + (start * rows * 4) as u64,
+                out_dtype: OutDtype::F32,
+                m,
+                n: rows,
+                k: cols,
+            };
+            // SAFETY: the weight/scale buffers hold [rows, cols] e4m3 and their tiles; x holds
+            // n*cols and y n*rows f32, so rows start..start+m of both are in bounds.
+            unsafe { self.kernels.fp8_gemv(s, &call) }.map_err(kernel_err)?;
+            start += m;
+        }
+        Ok(())
+    }
+
+    fn check_input(x: &[f32], n: usize, cols: usize, op: &'static str) -> Result<(), BackendError> {
+        if x.len() != n * cols {
+            return Err(BackendError::Shape {
+                op,
+                detail: format!("input has {} values, expected {n} x {cols}", x.len()),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Backend for CudaBackend {
+    type Matrix = CudaMatrix;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<CudaMatrix, BackendError> {
+        if data.len() != rows * cols {
+            return Err(BackendError::Shape {
+                op: "matrix",
+                detail: format!("{} values for [{rows}, {cols}]", data.len()),
+            });
+        }
+        self.counters.dense.fetch_add(1, Ordering::Relaxed);
+        Ok(CudaMatrix::Dense {
+            rows,
+            cols,
+            w: self.upload(&data)?,
+        })
+    }
+
+    fn shape(&self, m: &CudaMatrix) -> (usize, usize) {
+        m.shape()
+    }
+
+    fn accepts_packed(&self) -> bool {
+        true
+    }
+
+    fn packed_matrix(
+        &self,
+        rows: usize,
+        cols: usize,
+        w: PackedWeight,
+    ) -> Result<CudaMatrix, BackendError> {
+        w.check(rows, cols)?;
+        match w {
+            // The FP8 kernel reads 16 input features per step.
+            PackedWeight::Fp8Block { data, scales } if cols.is_multiple_of(16) => {
+                self.counters.fp8.fetch_add(1, Ordering::Relaxed);
+                Ok(CudaMatrix::Fp8 {
+                    rows,
+                    cols,
+                    w: self.upload(&data)?,
+                    scales: self.upload(&scales)?,
+                })
+            }
+            PackedWeight::Fp4 { data, scales }
+                if rows.is_multiple_of(FP4_GROUP) && cols.is_multiple_of(FP4_GROUP) =>
+            {
+                self.counters.fp4.fetch_add(1, Ordering::Relaxed);
+                Ok(CudaMatrix::Fp4 {
+                    rows,
+                    cols,
+                    w: self.upload(&data)?,
+                    scales: self.upload(&scales)?,
+                })
+            }
+            other => {
+                let data = other.dequantize(rows, cols)?;
+                self.matrix(rows, cols, data)
+            }
+        }
+    }
+
+    fn linear(&self, x: &[f32], n: usize, w: &CudaMatrix) -> Result<Vec<f32>, BackendError> {
+        let (rows, cols) = w.shape();
+        Self::check_input(x, n, cols, "linear")?;
+        if n == 0 || rows == 0 {
+            return Ok(vec![0f32; n * rows]);
+        }
+        let xd = self.upload(x)?;
+        let mut y = self.zeros(n * rows)?;
+        match w {
+            CudaMatrix::Dense { w, .. } => self.sgemm(&xd, n, w, rows, cols, &mut y)?,
+            CudaMatrix::Fp8 { w, scales, .. } => {
+                self.fp8_linear(&xd, n, w, scales, rows, cols, &mut y)?
+            }
+            CudaMatrix::Fp4 { .. } => {
+                return Err(BackendError::Other(
+                    "an FP4 matrix is only used inside a routed expert (swiglu_expert)".into(),
+                ))
+            }
+        }
+        let mut out = self.download(&y)?;
+        out.truncate(n * rows);
+        Ok(out)
+    }
+
+    fn gather_rows(&self, w: &CudaMatrix, ids: &[u32]) -> Result<Vec<f32>, BackendError> {
+        let CudaMatrix::Dense { rows, cols, w } = w else {
+            return Err(BackendError::Other(
+                "gather_rows needs a dense matrix (embeddings are bf16 in the checkpoint)".into(),
+            ));
+        };
+        let mut out = vec![0f32; ids.len() * cols];
+        for (chunk, &id) in out.chunks_mut(*cols).zip(ids) {
+            let id = id as usize;
+            if id >= *rows {
+                return Err(BackendError::Shape {
+                    op: "gather_rows",
+                    detail: format!("row {id} of {rows}"),
+                });
+            }
+            self.stream
+                .memcpy_dtoh(&w.slice(id * cols..(id + 1) * cols), chunk)
+                .map_err(driver_err("copy from GPU"))?;
+        }
+        self.stream
+            .synchronize()
+            .map_err(driver_err("synchronize"))?;
+        Ok(out)
+    }
+
+    fn swiglu_expert(
+        &self,
+        x: &[f32],
+        n: usize,
+        w1: &CudaMatrix,
+        w3: &CudaMatrix,
+        w2: &CudaMatrix,
+        limit: f32,
+    ) -> Result<Vec<f32>, BackendError> {
+        let (
+            CudaMatrix::Fp4 {
+                rows: inter,
+                cols: hidden,
+                w: w1,
+                scales: s1,
+            },
+            CudaMatrix::Fp4 {
+                rows: inter3,
+                cols: hidden3,
+                w: w3,
+                scales: s3,
+            },
+            CudaMatrix::Fp4 {
+                rows: hidden2,
+                cols: inter2,
+                w: w2,
+                scales: s2,
+            },
+        ) = (w1, w3, w2)
+        else {
+            // Dense or FP8 experts (the shared expert): three projections.
+            let gate = self.linear(x, n, w1)?;
+            let up = self.linear(x, n, w3)?;
+            let act: Vec<f32> = gate
+                .iter()
+                .zip(&up)
+                .map(|(&g, &u)| {
+                    crate::engine::model::ops::silu(g.min(limit)) * u.clamp(-limit, limit)
+                })
+                .collect();
+            return self.linear(&act, n, w2);
+        };
+        let (inter, hidden) = (*inter, *hidden);
+        if (*inter3, *hidden3, *hidden2, *inter2) != (inter, hidden, hidden, inter) {
+            return Err(BackendError::Shape {
+                op: "swiglu_expert",
+                detail: format!(
+                    "w1 [{inter}, {hidden}], w3 [{inter3}, {hidden3}], w2 [{hidden2}, {inter2}]"
+                ),
+            });
+        }
+        Self::check_input(x, n, hidden, "swiglu_expert")?;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let s = &self.stream;
+        let xd = self.upload(x)?;
+        let ids = self.upload(&vec![0i32; n])?;
+        let weights = self.upload(&vec![1f32; n])?;
+        let mut h = self.zeros(n * inter)?;
+        let mut partial = self.zeros(n * hidden)?;
+        let mut out = self.zeros(n * hidden)?;
+        {
+            let experts = Fp4Experts {
+                w1: w1.device_ptr(s).0,
+                s1: s1.device_ptr(s).0,
+                w3: w3.device_ptr(s).0,
+                s3: s3.device_ptr(s).0,
+                w2: w2.device_ptr(s).0,
+                s2: s2.device_ptr(s).0,
+                experts: 1,
+                hidden,
+                inter,
+            };
+            let call = Fp4MoeCall {
+                x: xd.device_ptr(s).0,
+                ids: ids.device_ptr(s).0,
+                weights: weights.device_ptr(s).0,
+                h: h.device_ptr_mut(s).0,
+                partial: partial.device_ptr_mut(s).0,
+                out: out.device_ptr_mut(s).0,
+                out_dtype: OutDtype::F32,
+                tokens: n,
+                topk: 1,
+                swiglu_limit: limit,
+            };
+            // SAFETY: one expert's FP4 weights and scales of the shapes checked above; x, ids,
+            // weights, h, partial and out were allocated for n tokens with top-1 routing.
+            unsafe { self.kernels.fp4_moe(s, &experts, &call) }.map_err(kernel_err)?;
+        }
+        self.download(&out)
+    }
+}
+
+/// Whether a CUDA driver and at least one GPU can be used here.
+pub fn gpu_present() -> bool {
+    gpu_count().is_ok_and(|n| n > 0)
+}
+
+/// GPUs visible to this process (an error when there is no usable driver).
+pub fn gpu_count() -> Result<usize, BackendError> {
+    // SAFETY: only tries to dlopen libcuda by its candidate names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(BackendError::Other(
+            "no CUDA driver library (libcuda) found".into(),
+        ));
+    }
+    let n = CudaContext::device_count().map_err(driver_err("device count"))?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}

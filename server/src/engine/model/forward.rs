@@ -10,7 +10,7 @@ use super::kv::KvPool;
 use super::load::{
     AttentionWeights, CompressorWeights, ExpertWeights, ModelWeights, MoeWeights, Routing, Shard,
 };
-use super::ops::{gated_pool, rms_norm_rows, sigmoid, silu, softplus, top_k_indices, PoolSlot};
+use super::ops::{gated_pool, rms_norm_rows, sigmoid, softplus, top_k_indices, PoolSlot};
 use super::rope::RopeTable;
 use crate::backend::cpu::dot;
 use crate::backend::Backend;
@@ -643,15 +643,9 @@ impl<B: Backend> DeepseekV4<B> {
 
     /// SwiGLU expert with clipping: `w2(silu(min(w1 x, L)) * clamp(w3 x, -L, L))`.
     fn expert(&self, ew: &ExpertWeights<B>, x: &[f32], n: usize) -> Result<Vec<f32>, EngineError> {
-        let lim = self.cfg.swiglu_limit;
-        let gate = self.linear(x, n, &ew.w1)?;
-        let up = self.linear(x, n, &ew.w3)?;
-        let act: Vec<f32> = gate
-            .iter()
-            .zip(&up)
-            .map(|(&g, &u)| silu(g.min(lim)) * u.clamp(-lim, lim))
-            .collect();
-        self.linear(&act, n, &ew.w2)
+        self.backend
+            .swiglu_expert(x, n, &ew.w1, &ew.w3, &ew.w2, self.cfg.swiglu_limit)
+            .map_err(backend_err)
     }
 }
 

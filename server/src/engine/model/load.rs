@@ -3,7 +3,7 @@
 
 use super::config::{AttentionKind, MlpKind, ModelConfig};
 use super::hyper::{HyperConnection, HyperHead};
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, PackedWeight};
 use std::ops::Range;
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +50,16 @@ pub trait WeightSource {
         range: Range<usize>,
     ) -> Result<HostTensor, LoadError>;
     fn tensor_i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>), LoadError>;
+    /// A quantized tensor in its checkpoint encoding with its logical shape, optionally only
+    /// `range` along `dim`; `None` when it is not quantized or the slice cuts a scale group
+    /// (the caller then reads it widened to f32).
+    fn packed(
+        &self,
+        _name: &str,
+        _slice: Option<(usize, Range<usize>)>,
+    ) -> Result<Option<(Vec<usize>, PackedWeight)>, LoadError> {
+        Ok(None)
+    }
 }
 
 /// This rank's place in the tensor-parallel group.
@@ -111,8 +121,31 @@ impl<'a, B: Backend> Reader<'a, B> {
         Ok(t.data)
     }
 
+    /// The packed form of `name` (sliced), when the backend computes on packed weights and the
+    /// tensor is stored quantized.
+    fn packed_matrix(
+        &self,
+        name: &str,
+        want: [usize; 2],
+        slice: Option<(usize, Range<usize>)>,
+    ) -> Result<Option<B::Matrix>, LoadError> {
+        if !self.backend.accepts_packed() || !self.src.contains(name) {
+            return Ok(None);
+        }
+        match self.src.packed(name, slice)? {
+            Some((shape, w)) => {
+                Self::check(name, &shape, &want)?;
+                Ok(Some(self.backend.packed_matrix(want[0], want[1], w)?))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// A whole `[rows, cols]` matrix on the device.
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<B::Matrix, LoadError> {
+        if let Some(m) = self.packed_matrix(name, [rows, cols], None)? {
+            return Ok(m);
+        }
         let data = self.vector(name, &[rows, cols])?;
         Ok(self.backend.matrix(rows, cols, data)?)
     }
@@ -132,6 +165,9 @@ impl<'a, B: Backend> Reader<'a, B> {
             return Err(LoadError::MissingTensor(name.to_string()));
         }
         let n = range.len();
+        if let Some(m) = self.packed_matrix(name, [n, cols], Some((0, range.clone())))? {
+            return Ok(m);
+        }
         let t = self.src.tensor_f32_slice(name, 0, range)?;
         Self::check(name, &t.shape, &[n, cols])?;
         Ok(self.backend.matrix(n, cols, t.data)?)
@@ -152,6 +188,9 @@ impl<'a, B: Backend> Reader<'a, B> {
             return Err(LoadError::MissingTensor(name.to_string()));
         }
         let n = range.len();
+        if let Some(m) = self.packed_matrix(name, [rows, n], Some((1, range.clone())))? {
+            return Ok(m);
+        }
         let t = self.src.tensor_f32_slice(name, 1, range)?;
         Self::check(name, &t.shape, &[rows, n])?;
         Ok(self.backend.matrix(rows, n, t.data)?)

@@ -28,6 +28,8 @@ pub use forward::DeepseekV4;
 pub use load::{HostTensor, LoadError, Shard, WeightSource};
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
+use crate::backend::Backend;
 use crate::engine::ModelRunner;
 use crate::ranks::Communicator;
 use kv::{BlockGeometry, KvPool};
@@ -62,6 +64,9 @@ pub struct LoadOptions {
     pub shard: Shard,
     /// Seed of `LoadFormat::Dummy`.
     pub dummy_seed: u64,
+    /// GPU ordinal of `Device::Cuda` (a pod sees one GPU: 0; the local launcher gives rank r
+    /// GPU r).
+    pub gpu_ordinal: usize,
 }
 
 impl Default for LoadOptions {
@@ -73,6 +78,7 @@ impl Default for LoadOptions {
             block_size: None,
             shard: Shard::SINGLE,
             dummy_seed: 0,
+            gpu_ordinal: 0,
         }
     }
 }
@@ -129,13 +135,14 @@ fn check_host_memory(
     }
 }
 
-/// Builds the CPU model of this rank from a weight source.
-pub fn build_cpu(
+/// Builds this rank's model on `backend` from a weight source.
+pub fn build_on<B: Backend>(
     cfg: ModelConfig,
     src: &dyn WeightSource,
     opts: &LoadOptions,
     comm: Arc<dyn Communicator>,
-) -> Result<DeepseekV4<CpuBackend>, LoadError> {
+    backend: B,
+) -> Result<DeepseekV4<B>, LoadError> {
     if comm.world_size() != opts.shard.world_size || comm.rank() != opts.shard.rank {
         return Err(LoadError::Sharding(format!(
             "communicator is rank {}/{}, options say {}/{}",
@@ -147,13 +154,33 @@ pub fn build_cpu(
     }
     let expected = manifest::target_tensors(&cfg);
     manifest::check_complete(src, &expected)?;
-    check_host_memory(&expected, opts.shard.world_size)?;
-    let backend = CpuBackend;
     let weights = load::load_weights(src, &backend, &cfg, opts.shard)?;
     let pool = kv_pool(&cfg, opts)?;
     Ok(DeepseekV4::new(
         cfg, backend, weights, pool, comm, opts.shard,
     ))
+}
+
+/// Builds the CPU model of this rank from a weight source.
+pub fn build_cpu(
+    cfg: ModelConfig,
+    src: &dyn WeightSource,
+    opts: &LoadOptions,
+    comm: Arc<dyn Communicator>,
+) -> Result<DeepseekV4<CpuBackend>, LoadError> {
+    check_host_memory(&manifest::target_tensors(&cfg), opts.shard.world_size)?;
+    build_on(cfg, src, opts, comm, CpuBackend)
+}
+
+/// Builds the CUDA model of this rank on GPU `opts.gpu_ordinal`.
+pub fn build_cuda(
+    cfg: ModelConfig,
+    src: &dyn WeightSource,
+    opts: &LoadOptions,
+    comm: Arc<dyn Communicator>,
+) -> Result<DeepseekV4<CudaBackend>, LoadError> {
+    let backend = CudaBackend::open(opts.gpu_ordinal)?;
+    build_on(cfg, src, opts, comm, backend)
 }
 
 /// Builds a runner over an already opened weight source (checkpoint or dummy).
@@ -165,9 +192,7 @@ pub fn build(
 ) -> Result<Box<dyn ModelRunner>, LoadError> {
     match opts.device {
         Device::Cpu => Ok(Box::new(build_cpu(cfg, src, opts, comm)?)),
-        Device::Cuda => Err(LoadError::Source(
-            "the CUDA backend is not implemented yet; use --device cpu".into(),
-        )),
+        Device::Cuda => Ok(Box::new(build_cuda(cfg, src, opts, comm)?)),
     }
 }
 

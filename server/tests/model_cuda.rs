@@ -1,0 +1,233 @@
+//! The CUDA backend against the same references as the CPU backend: the transformers fixtures
+//! (bf16 tiny model and the FP8/FP4 quantized one, same `REL_BOUND` as the CPU), and the CPU
+//! backend itself on dummy weights at a width where every packed kernel path is taken, at TP=1 and
+//! TP=2 (two shards on one GPU, joined by an in-process communicator).
+//!
+//! Needs a GPU: `DSPARK_TEST_CUDA=1 cargo test -p dspark-server --test model_cuda`. Elsewhere each
+//! test says it was skipped and passes.
+//!
+//! Why the CPU bound holds on the GPU: dense weights stay f32 (cuBLAS SGEMM, TF32 off) and the
+//! FP8/FP4 kernels decode the same e4m3/e2m1 values with exact power-of-two scales and accumulate
+//! in f32, so only the summation order differs from the CPU (~1e-6 relative).
+
+mod support;
+
+use dspark_server::backend::cuda::CudaBackend;
+use dspark_server::engine::model::{self, DeepseekV4, LoadOptions, ModelConfig, Shard};
+use dspark_server::engine::{LogitsWanted, ModelRunner, StepPlan};
+use dspark_server::ranks::{Communicator, SingleRank};
+use std::path::Path;
+use std::sync::Arc;
+use support::reference::{blocks_for, ids, max_rel_diff, seq, Reference};
+
+/// CUDA against CPU on the same weights: f32 accumulation in a different order.
+const CPU_BOUND: f64 = 1e-4;
+/// TP=2 against TP=1 on the same backend (model_fixtures.rs uses the same bound on the CPU).
+const TP_BOUND: f64 = 1e-5;
+
+fn gpu_enabled(test: &str) -> bool {
+    let on = std::env::var("DSPARK_TEST_CUDA").is_ok_and(|v| v == "1");
+    if !on {
+        eprintln!("{test}: skipped (set DSPARK_TEST_CUDA=1 on a machine with a GPU)");
+    }
+    on
+}
+
+fn cuda_opts(pool_tokens: usize) -> LoadOptions {
+    LoadOptions {
+        device: model::Device::Cuda,
+        kv_pool_tokens: pool_tokens,
+        ..LoadOptions::default()
+    }
+}
+
+fn tiny_cuda(pool_tokens: usize) -> DeepseekV4<CudaBackend> {
+    let dir = support::repo_path("assets/tiny-dsv4");
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let src = support::tiny_checkpoint();
+    model::build_cuda(cfg, &src, &cuda_opts(pool_tokens), Arc::new(SingleRank)).unwrap()
+}
+
+fn quant_cuda(pool_tokens: usize) -> DeepseekV4<CudaBackend> {
+    let dir = support::repo_path("tests/fixtures/tiny-dsv4-quant");
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let ckpt = dspark_server::engine::weights::Checkpoint::open(&dir).unwrap();
+    model::build_cuda(cfg, &ckpt, &cuda_opts(pool_tokens), Arc::new(SingleRank)).unwrap()
+}
+
+#[test]
+fn tiny_model_matches_transformers_on_cuda() {
+    if !gpu_enabled("tiny_model_matches_transformers_on_cuda") {
+        return;
+    }
+    let r = Reference::load(&support::repo_path("tests/fixtures/reference.json"));
+    let prompts = ["short", "chat", "one_hca_block", "long"];
+    let p = r.check_prefill(&mut tiny_cuda(2048), &prompts);
+    let o = r.check_one_shot_prefill(&mut tiny_cuda(512), &["short", "chat"]);
+    let g = r.check_greedy(&mut tiny_cuda(2048), &prompts);
+    eprintln!("cuda tiny: worst relative error prefill {p:e}, one-shot {o:e}, decode {g:e}");
+}
+
+#[test]
+fn quantized_model_matches_transformers_on_cuda_with_native_fp8_and_fp4() {
+    if !gpu_enabled("quantized_model_matches_transformers_on_cuda_with_native_fp8_and_fp4") {
+        return;
+    }
+    let m = quant_cuda(1024);
+    let census = m.backend().census();
+    eprintln!("cuda quantized: matrices by kind {census:?}");
+    assert!(census.fp8 > 0, "no FP8 matrix stayed packed: {census:?}");
+    assert!(census.fp4 > 0, "no FP4 expert stayed packed: {census:?}");
+    let r = Reference::load(&support::repo_path("tests/fixtures/reference_quant.json"));
+    let prompts = ["short", "chat", "long"];
+    let p = r.check_prefill(&mut quant_cuda(1024), &prompts);
+    let o = r.check_one_shot_prefill(&mut quant_cuda(512), &prompts);
+    let g = r.check_greedy(&mut quant_cuda(1024), &prompts);
+    eprintln!("cuda quantized: worst relative error prefill {p:e}, one-shot {o:e}, decode {g:e}");
+}
+
+/// A V4 config wide enough for every packed path (FP8 tiles of 128, FP4 groups of 32 on both
+/// TP shards), with the real formats (FP8 attention/shared experts, FP4 routed experts).
+fn write_wide_config(dir: &Path) {
+    let tiny: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(support::repo_path("assets/tiny-dsv4/config.json")).unwrap(),
+    )
+    .unwrap();
+    let mut c = tiny.as_object().unwrap().clone();
+    for (k, v) in [
+        ("hidden_size", 256),
+        ("moe_intermediate_size", 256),
+        ("q_lora_rank", 256),
+        ("o_lora_rank", 128),
+        ("head_dim", 128),
+        ("qk_rope_head_dim", 64),
+        ("num_attention_heads", 4),
+        ("index_head_dim", 64),
+        ("index_n_heads", 4),
+        ("o_groups", 2),
+    ] {
+        c.insert(k.into(), v.into());
+    }
+    c.insert("expert_dtype".into(), "fp4".into());
+    c.insert(
+        "quantization_config".into(),
+        serde_json::json!({"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+            "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}),
+    );
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&c).unwrap(),
+    )
+    .unwrap();
+}
+
+fn wide_logits(
+    dir: &Path,
+    device: model::Device,
+    shard: Shard,
+    comm: Arc<dyn Communicator>,
+    toks: &[u32],
+) -> (Vec<Vec<f32>>, Vec<f32>) {
+    let opts = LoadOptions {
+        device,
+        load_format: model::LoadFormat::Dummy,
+        dummy_seed: 11,
+        kv_pool_tokens: 1024,
+        shard,
+        ..LoadOptions::default()
+    };
+    let cfg = ModelConfig::from_dir(dir).unwrap();
+    let ckpt = dspark_server::engine::weights::Checkpoint::dummy(&model::tensor_specs(&cfg), 11);
+    let run = |m: &mut dyn ModelRunner, bt: &[u32]| {
+        let prefill = m
+            .step(&StepPlan {
+                seqs: vec![seq(1, 0, toks, bt, LogitsWanted::All)],
+            })
+            .unwrap()
+            .logits;
+        let decode = m
+            .step(&StepPlan {
+                seqs: vec![seq(1, toks.len(), &[77], bt, LogitsWanted::Last)],
+            })
+            .unwrap()
+            .logits;
+        (prefill[0].clone(), decode[0][0].clone())
+    };
+    match device {
+        model::Device::Cpu => {
+            let mut m = model::build_cpu(cfg, &ckpt, &opts, comm).unwrap();
+            let bt = blocks_for(&m, 0, toks.len() + 1);
+            run(&mut m, &bt)
+        }
+        model::Device::Cuda => {
+            let mut m = model::build_cuda(cfg, &ckpt, &opts, comm).unwrap();
+            if shard.world_size == 1 {
+                let census = m.backend().census();
+                assert!(census.fp8 > 0 && census.fp4 > 0, "{census:?}");
+            }
+            let bt = blocks_for(&m, 0, toks.len() + 1);
+            run(&mut m, &bt)
+        }
+    }
+}
+
+#[test]
+fn cuda_equals_cpu_on_wide_dummy_weights_at_tp1_and_tp2() {
+    if !gpu_enabled("cuda_equals_cpu_on_wide_dummy_weights_at_tp1_and_tp2") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_wide_config(dir.path());
+    let r = Reference::load(&support::repo_path("tests/fixtures/reference.json"));
+    let toks = ids(&r.prompt("one_hca_block")["input_ids"]);
+    let (cpu_p, cpu_d) = wide_logits(
+        dir.path(),
+        model::Device::Cpu,
+        Shard::SINGLE,
+        Arc::new(SingleRank),
+        &toks,
+    );
+    let (gpu_p, gpu_d) = wide_logits(
+        dir.path(),
+        model::Device::Cuda,
+        Shard::SINGLE,
+        Arc::new(SingleRank),
+        &toks,
+    );
+    let mut worst: f64 = 0.0;
+    for (g, c) in gpu_p.iter().zip(&cpu_p) {
+        worst = worst.max(max_rel_diff(g, c));
+    }
+    worst = worst.max(max_rel_diff(&gpu_d, &cpu_d));
+    eprintln!("cuda vs cpu (wide dummy, TP=1): worst relative logit difference {worst:e}");
+    assert!(worst < CPU_BOUND, "{worst:e}");
+
+    let comms = support::local_group::group(2);
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                let (path, toks) = (dir.path(), &toks);
+                s.spawn(move || {
+                    let shard = Shard {
+                        rank,
+                        world_size: 2,
+                    };
+                    wide_logits(path, model::Device::Cuda, shard, Arc::new(comm), toks)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut worst_tp: f64 = 0.0;
+    for (p, d) in &results {
+        for (g, want) in p.iter().zip(&gpu_p) {
+            worst_tp = worst_tp.max(max_rel_diff(g, want));
+        }
+        worst_tp = worst_tp.max(max_rel_diff(d, &gpu_d));
+    }
+    eprintln!("cuda TP=2 vs TP=1 (wide dummy): worst relative logit difference {worst_tp:e}");
+    assert!(worst_tp < TP_BOUND, "{worst_tp:e}");
+    assert_eq!(results[0], results[1], "ranks disagree");
+}

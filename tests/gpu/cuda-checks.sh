@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# GPU checks of the CUDA backend (not part of CI: CI has no GPU). Run on a machine with one or
+# two NVIDIA GPUs from the repository root, after building:
+#   cargo build -p dspark-server --bins && cargo test -p dspark-server --test model_cuda --no-run
+#   DSPARK_SERVER_BIN=target/debug/dspark-server DSPARK_MODEL_CUDA_BIN=target/debug/deps/model_cuda-<hash> \
+#     tests/gpu/cuda-checks.sh
+# 1. the engine fixture tests on the CUDA backend (transformers references, CUDA vs CPU, TP=2 in
+#    one process); 2. compute-sanitizer memcheck over the tiny-model fixture run (if installed);
+# 3. the server on --device cuda at TP=1 and, with two GPUs, TP=2 over NCCL (and with DSpark):
+#    greedy completions must equal the CPU backend's.
+set -uo pipefail
+server=${DSPARK_SERVER_BIN:?set DSPARK_SERVER_BIN}
+tests=${DSPARK_MODEL_CUDA_BIN:?set DSPARK_MODEL_CUDA_BIN}
+fail=0
+step() { printf '\n==> %s\n' "$*"; }
+
+step "model_cuda fixture tests"
+DSPARK_TEST_CUDA=1 "$tests" --test-threads 1 --nocapture || fail=1
+
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  step "compute-sanitizer memcheck (tiny model fixtures on CUDA)"
+  DSPARK_TEST_CUDA=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    "$tests" --test-threads 1 tiny_model_matches_transformers_on_cuda 2>&1 | tail -5
+  [[ ${PIPESTATUS[0]} == 0 ]] || fail=1
+else
+  step "compute-sanitizer not installed: memcheck skipped"
+fi
+
+complete() { # port -> greedy completion text of a fixed prompt
+  curl -sf "http://127.0.0.1:$1/v1/completions" -H 'content-type: application/json' \
+    -d '{"model":"tiny-dsv4","prompt":"The capital of France is","max_tokens":24,"temperature":0}' |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["text"])'
+}
+serve() { # port device world extra... ; waits for /ready
+  local port=$1 device=$2 world=$3; shift 3
+  "$server" serve --device "$device" --world-size "$world" --port "$port" \
+    --control-port $((port + 100)) --kv-pool-tokens 4096 "$@" > "/tmp/dspark-$port.log" 2>&1 &
+  echo $! > "/tmp/dspark-$port.pid"
+  for _ in $(seq 1 240); do
+    curl -sf "http://127.0.0.1:$port/ready" >/dev/null && return 0
+    kill -0 "$(cat /tmp/dspark-$port.pid)" 2>/dev/null || break
+    sleep 0.5
+  done
+  echo "server on $port ($device, world $world) did not become ready:"; tail -20 "/tmp/dspark-$port.log"
+  return 1
+}
+stop() { kill -TERM "$(cat /tmp/dspark-$1.pid)" 2>/dev/null; wait "$(cat /tmp/dspark-$1.pid)" 2>/dev/null; }
+
+step "server: CPU reference, CUDA TP=1"
+serve 8101 cpu 1 && want=$(complete 8101); stop 8101
+serve 8102 cuda 1 && got=$(complete 8102); stop 8102
+echo "cpu : $want"; echo "cuda: $got"
+[[ -n "$want" && "$want" == "$got" ]] || { echo "MISMATCH cuda tp1"; fail=1; }
+grep -m1 "CUDA backend ready" /tmp/dspark-8102.log
+
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+if (( gpus >= 2 )); then
+  step "server: CUDA TP=2 over NCCL"
+  serve 8103 cuda 2 && got2=$(complete 8103); stop 8103
+  echo "cuda tp2: $got2"
+  grep -m2 "NCCL communicator ready" /tmp/dspark-8103.log
+  [[ "$want" == "$got2" ]] || { echo "MISMATCH cuda tp2"; fail=1; }
+  step "server: CUDA TP=2 with DSpark speculative decoding"
+  serve 8104 cuda 2 --speculative-method dspark && got3=$(complete 8104); stop 8104
+  echo "cuda tp2 dspark: $got3"
+  [[ "$want" == "$got3" ]] || { echo "MISMATCH cuda tp2 dspark"; fail=1; }
+else
+  step "one GPU: TP=2 over NCCL skipped"
+fi
+step "result: $([[ $fail == 0 ]] && echo PASS || echo FAIL)"
+exit $fail
