@@ -561,7 +561,8 @@ fn packed_tensors_and_their_slices_decode_to_the_f32_values() {
     // backend reads widened, for whole tensors and for the tensor-parallel slices that keep
     // scale tiles whole; a slice that cuts a tile is refused (the loader widens it instead).
     let ckpt = Checkpoint::open(&quant_dir()).unwrap();
-    let cases: [(&str, Option<(usize, std::ops::Range<usize>)>, bool); 8] = [
+    type Slice = Option<(usize, std::ops::Range<usize>)>;
+    let cases: [(&str, Slice, bool); 8] = [
         ("layers.1.attn.wq_b.weight", None, true),
         ("layers.1.attn.wo_b.weight", None, true),
         ("layers.2.ffn.experts.5.w1.weight", None, true),
