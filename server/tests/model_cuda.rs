@@ -78,6 +78,10 @@ fn quantized_model_matches_transformers_on_cuda_with_native_fp8_and_fp4() {
     eprintln!("cuda quantized: matrices by kind {census:?}");
     assert!(census.fp8 > 0, "no FP8 matrix stayed packed: {census:?}");
     assert!(census.fp4 > 0, "no FP4 expert stayed packed: {census:?}");
+    assert!(
+        census.fp4_banks > 0,
+        "no MoE layer runs grouped: {census:?}"
+    );
     let r = Reference::load(&support::repo_path("tests/fixtures/reference_quant.json"));
     let prompts = ["short", "chat", "long"];
     let p = r.check_prefill(&mut quant_cuda(1024), &prompts);
@@ -163,7 +167,10 @@ fn wide_logits(
             let mut m = model::build_cuda(cfg, &ckpt, &opts, comm).unwrap();
             if shard.world_size == 1 {
                 let census = m.backend().census();
-                assert!(census.fp8 > 0 && census.fp4 > 0, "{census:?}");
+                assert!(
+                    census.fp8 > 0 && census.fp4 > 0 && census.fp4_banks > 0,
+                    "{census:?}"
+                );
             }
             let bt = blocks_for(&m, 0, toks.len() + 1);
             run(&mut m, &bt)

@@ -108,6 +108,10 @@ pub trait Backend: Send + Sync + 'static {
     /// device.
     type Matrix: Send + Sync;
 
+    /// The routed experts of one MoE layer as the backend keeps them (one grouped kernel per
+    /// layer on the GPU).
+    type ExpertBank: Send + Sync;
+
     fn name(&self) -> &'static str;
 
     /// Moves a dense f32 matrix to the device.
@@ -146,6 +150,23 @@ pub trait Backend: Send + Sync + 'static {
         self.matrix(rows, cols, data)
     }
 
+    /// Takes a layer's routed experts, `[w1, w3, w2]` each, in expert-id order.
+    fn expert_bank(
+        &self,
+        experts: Vec<[Self::Matrix; 3]>,
+    ) -> Result<Self::ExpertBank, BackendError>;
+
+    /// The routed experts' sum for `n` rows of `x`:
+    /// `out[t] = sum over (e, w) in routes[t] of w * swiglu_expert_e(x[t])`.
+    fn routed_experts(
+        &self,
+        bank: &Self::ExpertBank,
+        x: &[f32],
+        n: usize,
+        routes: &[Vec<(usize, f32)>],
+        limit: f32,
+    ) -> Result<Vec<f32>, BackendError>;
+
     /// One SwiGLU expert with clipping over `n` rows of `x`:
     /// `w2(silu(min(w1 x, limit)) * clamp(w3 x, -limit, limit))`.
     fn swiglu_expert(
@@ -166,4 +187,57 @@ pub trait Backend: Send + Sync + 'static {
             .collect();
         self.linear(&act, n, w2)
     }
+}
+
+/// [`Backend::routed_experts`] one expert at a time, in ascending expert id (the order the
+/// reference accumulates in): each expert runs once over the rows routed to it.
+pub fn routed_experts_one_by_one<B: Backend + ?Sized>(
+    backend: &B,
+    experts: &[[B::Matrix; 3]],
+    x: &[f32],
+    n: usize,
+    routes: &[Vec<(usize, f32)>],
+    limit: f32,
+) -> Result<Vec<f32>, BackendError> {
+    let h = x.len().checked_div(n).unwrap_or(0);
+    if x.len() != n * h || routes.len() != n {
+        return Err(BackendError::Shape {
+            op: "routed_experts",
+            detail: format!(
+                "{} values and {} routes for {n} rows",
+                x.len(),
+                routes.len()
+            ),
+        });
+    }
+    let mut out = vec![0f32; n * h];
+    for (ei, [w1, w3, w2]) in experts.iter().enumerate() {
+        let mut toks = Vec::new();
+        let mut wts = Vec::new();
+        for (t, r) in routes.iter().enumerate() {
+            for &(c, w) in r {
+                if c == ei {
+                    toks.push(t);
+                    wts.push(w);
+                }
+            }
+        }
+        if toks.is_empty() {
+            continue;
+        }
+        let xs: Vec<f32> = toks
+            .iter()
+            .flat_map(|&t| x[t * h..(t + 1) * h].iter().copied())
+            .collect();
+        let y = backend.swiglu_expert(&xs, toks.len(), w1, w3, w2, limit)?;
+        for (j, (&t, &w)) in toks.iter().zip(&wts).enumerate() {
+            for (o, v) in out[t * h..(t + 1) * h]
+                .iter_mut()
+                .zip(&y[j * h..(j + 1) * h])
+            {
+                *o += v * w;
+            }
+        }
+    }
+    Ok(out)
 }

@@ -42,6 +42,22 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 impl Backend for CpuBackend {
     type Matrix = CpuMatrix;
+    type ExpertBank = Vec<[CpuMatrix; 3]>;
+
+    fn expert_bank(&self, experts: Vec<[CpuMatrix; 3]>) -> Result<Self::ExpertBank, BackendError> {
+        Ok(experts)
+    }
+
+    fn routed_experts(
+        &self,
+        bank: &Self::ExpertBank,
+        x: &[f32],
+        n: usize,
+        routes: &[Vec<(usize, f32)>],
+        limit: f32,
+    ) -> Result<Vec<f32>, BackendError> {
+        super::routed_experts_one_by_one(self, bank, x, n, routes, limit)
+    }
 
     fn name(&self) -> &'static str {
         "cpu"

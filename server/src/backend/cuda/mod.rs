@@ -62,12 +62,37 @@ impl CudaMatrix {
     }
 }
 
+/// The routed experts of one MoE layer.
+pub enum CudaExpertBank {
+    /// All FP4 with one shape, contiguous for the grouped kernel.
+    Fp4(Box<Fp4Bank>),
+    /// Other encodings (or shapes the grouped kernel does not take): one expert at a time.
+    Each(Vec<[CudaMatrix; 3]>),
+}
+
+/// A layer's FP4 experts in the checkpoint layout the grouped kernel reads: w1/w3
+/// `[experts, inter, hidden/2]` + scales `[experts, inter, hidden/32]`, w2
+/// `[experts, hidden, inter/2]` + scales `[experts, hidden, inter/32]`.
+pub struct Fp4Bank {
+    experts: usize,
+    hidden: usize,
+    inter: usize,
+    w1: CudaSlice<u8>,
+    s1: CudaSlice<u8>,
+    w3: CudaSlice<u8>,
+    s3: CudaSlice<u8>,
+    w2: CudaSlice<u8>,
+    s2: CudaSlice<u8>,
+}
+
 /// How many weight matrices of each encoding a backend holds.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct MatrixCensus {
     pub dense: usize,
     pub fp8: usize,
     pub fp4: usize,
+    /// MoE layers whose routed experts run as one grouped FP4 kernel.
+    pub fp4_banks: usize,
 }
 
 #[derive(Default)]
@@ -75,6 +100,7 @@ struct Counters {
     dense: AtomicUsize,
     fp8: AtomicUsize,
     fp4: AtomicUsize,
+    fp4_banks: AtomicUsize,
 }
 
 /// One GPU: its stream, the dspark kernels and a cuBLAS handle.
@@ -132,6 +158,7 @@ impl CudaBackend {
             dense: self.counters.dense.load(Ordering::Relaxed),
             fp8: self.counters.fp8.load(Ordering::Relaxed),
             fp4: self.counters.fp4.load(Ordering::Relaxed),
+            fp4_banks: self.counters.fp4_banks.load(Ordering::Relaxed),
         }
     }
 
@@ -245,8 +272,174 @@ impl CudaBackend {
     }
 }
 
+impl CudaBackend {
+    /// Copies same-sized device buffers back to back into one allocation.
+    fn concat(&self, parts: &[&CudaSlice<u8>]) -> Result<CudaSlice<u8>, BackendError> {
+        let each = parts.first().map_or(0, |p| p.len());
+        let mut all = self
+            .stream
+            .alloc_zeros::<u8>((each * parts.len()).max(1))
+            .map_err(driver_err("alloc"))?;
+        for (i, p) in parts.iter().enumerate() {
+            self.stream
+                .memcpy_dtod(*p, &mut all.slice_mut(i * each..(i + 1) * each))
+                .map_err(driver_err("copy on GPU"))?;
+        }
+        Ok(all)
+    }
+}
+
 impl Backend for CudaBackend {
     type Matrix = CudaMatrix;
+    type ExpertBank = CudaExpertBank;
+
+    fn expert_bank(&self, experts: Vec<[CudaMatrix; 3]>) -> Result<CudaExpertBank, BackendError> {
+        let shapes: Option<Vec<_>> = experts
+            .iter()
+            .map(|[w1, w3, w2]| match (w1, w3, w2) {
+                (
+                    CudaMatrix::Fp4 {
+                        rows: i1, cols: h1, ..
+                    },
+                    CudaMatrix::Fp4 {
+                        rows: i3, cols: h3, ..
+                    },
+                    CudaMatrix::Fp4 {
+                        rows: h2, cols: i2, ..
+                    },
+                ) if (i1, h1) == (i3, h3) && (h2, i2) == (h1, i1) => Some((*i1, *h1)),
+                _ => None,
+            })
+            .collect();
+        let Some(shapes) = shapes else {
+            return Ok(CudaExpertBank::Each(experts));
+        };
+        let Some(&(inter, hidden)) = shapes.first() else {
+            return Ok(CudaExpertBank::Each(experts));
+        };
+        if shapes.iter().any(|&s| s != (inter, hidden)) {
+            return Ok(CudaExpertBank::Each(experts));
+        }
+        let pick = |which: usize, scales: bool| -> Vec<&CudaSlice<u8>> {
+            experts
+                .iter()
+                .filter_map(|e| match &e[which] {
+                    CudaMatrix::Fp4 { w, scales: s, .. } => Some(if scales { s } else { w }),
+                    _ => None,
+                })
+                .collect()
+        };
+        let bank = CudaExpertBank::Fp4(Box::new(Fp4Bank {
+            experts: experts.len(),
+            hidden,
+            inter,
+            w1: self.concat(&pick(0, false))?,
+            s1: self.concat(&pick(0, true))?,
+            w3: self.concat(&pick(1, false))?,
+            s3: self.concat(&pick(1, true))?,
+            w2: self.concat(&pick(2, false))?,
+            s2: self.concat(&pick(2, true))?,
+        }));
+        self.counters.fp4_banks.fetch_add(1, Ordering::Relaxed);
+        // The per-expert buffers are freed when `experts` drops; wait for the copies first.
+        self.stream
+            .synchronize()
+            .map_err(driver_err("synchronize"))?;
+        Ok(bank)
+    }
+
+    fn routed_experts(
+        &self,
+        bank: &CudaExpertBank,
+        x: &[f32],
+        n: usize,
+        routes: &[Vec<(usize, f32)>],
+        limit: f32,
+    ) -> Result<Vec<f32>, BackendError> {
+        let b = match bank {
+            CudaExpertBank::Fp4(b) => b,
+            CudaExpertBank::Each(each) => {
+                return super::routed_experts_one_by_one(self, each, x, n, routes, limit)
+            }
+        };
+        let Fp4Bank {
+            experts,
+            hidden,
+            inter,
+            w1,
+            s1,
+            w3,
+            s3,
+            w2,
+            s2,
+        } = &**b;
+        let (hidden, inter) = (*hidden, *inter);
+        Self::check_input(x, n, hidden, "routed_experts")?;
+        if routes.len() != n {
+            return Err(BackendError::Shape {
+                op: "routed_experts",
+                detail: format!("{} routes for {n} rows", routes.len()),
+            });
+        }
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        // Every token gets the same number of slots; a shorter route is padded with weight 0.
+        let topk = routes.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut ids = vec![0i32; n * topk];
+        let mut weights = vec![0f32; n * topk];
+        for (t, r) in routes.iter().enumerate() {
+            for (j, &(e, w)) in r.iter().enumerate() {
+                if e >= *experts {
+                    return Err(BackendError::Shape {
+                        op: "routed_experts",
+                        detail: format!("expert {e} of {experts}"),
+                    });
+                }
+                ids[t * topk + j] = e as i32;
+                weights[t * topk + j] = w;
+            }
+        }
+        let s = &self.stream;
+        let xd = self.upload(x)?;
+        let idd = self.upload(&ids)?;
+        let wd = self.upload(&weights)?;
+        let mut h = self.zeros(n * topk * inter)?;
+        let mut partial = self.zeros(n * topk * hidden)?;
+        let mut out = self.zeros(n * hidden)?;
+        {
+            let bank = Fp4Experts {
+                w1: w1.device_ptr(s).0,
+                s1: s1.device_ptr(s).0,
+                w3: w3.device_ptr(s).0,
+                s3: s3.device_ptr(s).0,
+                w2: w2.device_ptr(s).0,
+                s2: s2.device_ptr(s).0,
+                experts: *experts,
+                hidden,
+                inter,
+            };
+            let call = Fp4MoeCall {
+                x: xd.device_ptr(s).0,
+                ids: idd.device_ptr(s).0,
+                weights: wd.device_ptr(s).0,
+                h: h.device_ptr_mut(s).0,
+                partial: partial.device_ptr_mut(s).0,
+                out: out.device_ptr_mut(s).0,
+                out_dtype: OutDtype::F32,
+                tokens: n,
+                topk,
+                swiglu_limit: limit,
+            };
+            // SAFETY: the bank holds `experts` FP4 experts of [inter, hidden] / [hidden, inter]
+            // contiguously; ids are < experts (checked); x, weights, h, partial and out were
+            // allocated for n tokens x topk slots.
+            unsafe { self.kernels.fp4_moe(s, &bank, &call) }.map_err(kernel_err)?;
+        }
+        let mut y = self.download(&out)?;
+        y.truncate(n * hidden);
+        Ok(y)
+    }
 
     fn name(&self) -> &'static str {
         "cuda"

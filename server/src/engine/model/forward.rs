@@ -421,6 +421,8 @@ impl<B: Backend> DeepseekV4<B> {
         let scale = (hd as f32).powf(-0.5);
         let sinks = &aw.sinks;
         let mut out = vec![0f32; n * local_heads * hd];
+        // Parallel over tokens and, inside a token, over heads: a single decoding sequence at
+        // long context still uses every core. Each head is computed exactly as before.
         out.par_chunks_mut(local_heads * hd)
             .enumerate()
             .for_each(|(i, o)| {
@@ -438,9 +440,12 @@ impl<B: Backend> DeepseekV4<B> {
                     keys.push(&pool.data[at..at + hd]);
                 }
                 let qi = &q[i * local_heads * hd..(i + 1) * local_heads * hd];
-                attend_with_sinks(qi, &keys, sinks, scale, o);
-                // K = V carried RoPE into the output; undo it at the query position.
-                rope.apply(o, hd, row.pos, true);
+                o.par_chunks_mut(hd).enumerate().for_each(|(h, oh)| {
+                    let qh = &qi[h * hd..(h + 1) * hd];
+                    attend_with_sinks(qh, &keys, &sinks[h..h + 1], scale, oh);
+                    // K = V carried RoPE into the output; undo it at the query position.
+                    rope.apply(oh, hd, row.pos, true);
+                });
             });
         self.project_output(aw, &out, n)
     }
@@ -563,7 +568,10 @@ impl<B: Backend> DeepseekV4<B> {
             .into_par_iter()
             .map(|i| {
                 let bt = seqs[rows[i].seq].block_table;
+                // Rows in parallel too: one long sequence has ~context/4 rows to score.
                 (0..visible[i])
+                    .into_par_iter()
+                    .with_min_len(256)
                     .map(|w| {
                         let at = pool.idx_row(bt, l, w, ihd);
                         let k = &pool.data[at..at + ihd];
@@ -599,42 +607,15 @@ impl<B: Backend> DeepseekV4<B> {
     ) -> Result<Vec<f32>, EngineError> {
         let cfg = &self.cfg;
         let n = ids.len();
-        let h = cfg.hidden_size;
         let e = cfg.n_routed_experts;
         let k = cfg.num_experts_per_tok;
         let logits = self.linear(x, n, &mw.gate)?;
         let scores = router_scores(&logits, cfg.scoring_func);
         let routes = route(&scores, e, k, &mw.routing, ids, cfg.routed_scaling_factor);
-        let mut out = vec![0f32; n * h];
-        // Experts in ascending id order, as the reference accumulates them.
-        for (ei, ew) in mw.experts.iter().enumerate() {
-            let mut toks = Vec::new();
-            let mut wts = Vec::new();
-            for (t, r) in routes.iter().enumerate() {
-                for &(c, w) in r {
-                    if c == ei {
-                        toks.push(t);
-                        wts.push(w);
-                    }
-                }
-            }
-            if toks.is_empty() {
-                continue;
-            }
-            let xs: Vec<f32> = toks
-                .iter()
-                .flat_map(|&t| x[t * h..(t + 1) * h].iter().copied())
-                .collect();
-            let y = self.expert(ew, &xs, toks.len())?;
-            for (j, (&t, &w)) in toks.iter().zip(&wts).enumerate() {
-                for (o, v) in out[t * h..(t + 1) * h]
-                    .iter_mut()
-                    .zip(&y[j * h..(j + 1) * h])
-                {
-                    *o += v * w;
-                }
-            }
-        }
+        let mut out = self
+            .backend
+            .routed_experts(&mw.experts, x, n, &routes, cfg.swiglu_limit)
+            .map_err(backend_err)?;
         let shared = self.expert(&mw.shared, x, n)?;
         out.iter_mut().zip(&shared).for_each(|(o, s)| *o += s);
         self.all_reduce(&mut out)?;

@@ -276,7 +276,8 @@ pub enum Routing {
 pub struct MoeWeights<B: Backend> {
     pub gate: B::Matrix,
     pub routing: Routing,
-    pub experts: Vec<ExpertWeights<B>>,
+    /// The routed experts, in id order.
+    pub experts: B::ExpertBank,
     pub shared: ExpertWeights<B>,
 }
 
@@ -490,9 +491,11 @@ pub fn moe_at<B: Backend>(
     Ok(MoeWeights {
         gate: r.matrix(&format!("{p}.gate.weight"), e, h)?,
         routing,
-        experts: (0..e)
-            .map(|x| expert(r, &format!("{p}.experts.{x}"), cfg))
-            .collect::<Result<Vec<_>, _>>()?,
+        experts: r.backend.expert_bank(
+            (0..e)
+                .map(|x| expert(r, &format!("{p}.experts.{x}"), cfg).map(|w| [w.w1, w.w3, w.w2]))
+                .collect::<Result<Vec<_>, _>>()?,
+        )?,
         shared: expert(r, &format!("{p}.shared_experts"), cfg)?,
     })
 }
