@@ -126,11 +126,14 @@ pub struct ServeArgs {
     #[arg(long, env = "DSPARK_MAX_NUM_BATCHED_TOKENS", default_value_t = 8192)]
     pub max_num_batched_tokens: usize,
 
+    /// Storage type of KV entries. Accepted for vLLM compatibility and the operator's profiles;
+    /// today the pool stores f32 entries in host memory whatever is asked (a warning says so;
+    /// docs/CUDA.md).
     #[arg(long, env = "DSPARK_KV_CACHE_DTYPE", value_enum, default_value_t = KvCacheDtype::Auto)]
     pub kv_cache_dtype: KvCacheDtype,
 
-    /// Tokens in the shared KV pool [default: what fits in --gpu-memory-utilization after
-    /// weights and workspace].
+    /// Tokens in the shared KV pool [default: 16384; sizing from --gpu-memory-utilization comes
+    /// with the GPU-resident pool].
     #[arg(long, env = "DSPARK_KV_POOL_TOKENS")]
     pub kv_pool_tokens: Option<usize>,
 

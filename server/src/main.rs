@@ -438,6 +438,13 @@ fn load_engine(
     }
     let dir = args.model_dir();
     let device = resolve_device(args);
+    if args.kv_cache_dtype != dspark_server::cli::KvCacheDtype::Auto {
+        warn!(
+            "--kv-cache-dtype {:?}: the KV pool stores f32 entries in host memory today; other \
+             storage types are not implemented yet (docs/CUDA.md)",
+            args.kv_cache_dtype
+        );
+    }
     let opts = model::LoadOptions {
         device,
         gpu_ordinal: if device == model::Device::Cuda {
