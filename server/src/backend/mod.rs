@@ -130,6 +130,16 @@ pub trait Backend: Send + Sync + 'static {
     /// what else is in the batch.
     fn linear(&self, x: &[f32], n: usize, w: &Self::Matrix) -> Result<Vec<f32>, BackendError>;
 
+    /// Several independent projections of `n` rows each, `y_k = x_k W_k^T`: one round trip on
+    /// a device backend. Results are those of [`Self::linear`] one by one.
+    fn linear_many(
+        &self,
+        jobs: &[(&[f32], &Self::Matrix)],
+        n: usize,
+    ) -> Result<Vec<Vec<f32>>, BackendError> {
+        jobs.iter().map(|(x, w)| self.linear(x, n, w)).collect()
+    }
+
     /// Rows `ids` of `w`, concatenated (embedding lookup).
     fn gather_rows(&self, w: &Self::Matrix, ids: &[u32]) -> Result<Vec<f32>, BackendError>;
 

@@ -188,14 +188,14 @@ impl CudaBackend {
 
     /// `y[n, rows] = x[n, cols] W^T` with W f32 row-major, through SGEMM in the column-major
     /// view: `y^T (rows x n) = W (cols x rows)^T * x^T (cols x n)`.
-    fn sgemm(
+    fn sgemm<X: DevicePtr<f32>, Y: DevicePtrMut<f32>>(
         &self,
-        x: &CudaSlice<f32>,
+        x: &X,
         n: usize,
         w: &CudaSlice<f32>,
         rows: usize,
         cols: usize,
-        y: &mut CudaSlice<f32>,
+        y: &mut Y,
     ) -> Result<(), BackendError> {
         let dim = |v: usize| {
             i32::try_from(v).map_err(|_| BackendError::Shape {
@@ -224,15 +224,15 @@ impl CudaBackend {
 
     /// FP8 GEMV/skinny GEMM in row chunks the kernel takes (<= 16 tokens per launch).
     #[allow(clippy::too_many_arguments)]
-    fn fp8_linear(
+    fn fp8_linear<X: DevicePtr<f32>, Y: DevicePtrMut<f32>>(
         &self,
-        x: &CudaSlice<f32>,
+        x: &X,
         n: usize,
         w: &CudaSlice<u8>,
         scales: &CudaSlice<u8>,
         rows: usize,
         cols: usize,
-        y: &mut CudaSlice<f32>,
+        y: &mut Y,
     ) -> Result<(), BackendError> {
         let s = &self.stream;
         let (wp, _w) = w.device_ptr(s);
@@ -510,22 +510,68 @@ impl Backend for CudaBackend {
         if n == 0 || rows == 0 {
             return Ok(vec![0f32; n * rows]);
         }
-        let xd = self.upload(x)?;
-        let mut y = self.zeros(n * rows)?;
-        match w {
-            CudaMatrix::Dense { w, .. } => self.sgemm(&xd, n, w, rows, cols, &mut y)?,
-            CudaMatrix::Fp8 { w, scales, .. } => {
-                self.fp8_linear(&xd, n, w, scales, rows, cols, &mut y)?
-            }
-            CudaMatrix::Fp4 { .. } => {
+        let mut out = self.linear_many(&[(x, w)], n)?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    fn linear_many(
+        &self,
+        jobs: &[(&[f32], &CudaMatrix)],
+        n: usize,
+    ) -> Result<Vec<Vec<f32>>, BackendError> {
+        // Inputs uploaded once each (jobs often share one), outputs side by side in one buffer
+        // brought back with a single copy.
+        let mut inputs: Vec<(*const f32, usize, CudaSlice<f32>)> = Vec::new();
+        let mut which = Vec::with_capacity(jobs.len());
+        let mut offsets = Vec::with_capacity(jobs.len() + 1);
+        offsets.push(0usize);
+        for (x, w) in jobs {
+            let (rows, cols) = w.shape();
+            Self::check_input(x, n, cols, "linear")?;
+            if matches!(w, CudaMatrix::Fp4 { .. }) {
                 return Err(BackendError::Other(
                     "an FP4 matrix is only used inside a routed expert (swiglu_expert)".into(),
-                ))
+                ));
+            }
+            let key = (x.as_ptr(), x.len());
+            let idx = match inputs.iter().position(|(p, l, _)| (*p, *l) == key) {
+                Some(i) => i,
+                None => {
+                    inputs.push((key.0, key.1, self.upload(x)?));
+                    inputs.len() - 1
+                }
+            };
+            which.push(idx);
+            offsets.push(offsets.last().copied().unwrap_or(0) + n * rows);
+        }
+        let total = offsets.last().copied().unwrap_or(0);
+        if n == 0 || total == 0 {
+            return Ok(jobs
+                .iter()
+                .map(|(_, w)| vec![0f32; n * w.shape().0])
+                .collect());
+        }
+        let mut y = self.zeros(total)?;
+        for (k, (_, w)) in jobs.iter().enumerate() {
+            let (rows, cols) = w.shape();
+            if rows == 0 {
+                continue;
+            }
+            let xd = &inputs[which[k]].2;
+            let mut yk = y.slice_mut(offsets[k]..offsets[k + 1]);
+            match w {
+                CudaMatrix::Dense { w, .. } => self.sgemm(xd, n, w, rows, cols, &mut yk)?,
+                CudaMatrix::Fp8 { w, scales, .. } => {
+                    self.fp8_linear(xd, n, w, scales, rows, cols, &mut yk)?
+                }
+                CudaMatrix::Fp4 { .. } => {}
             }
         }
-        let mut out = self.download(&y)?;
-        out.truncate(n * rows);
-        Ok(out)
+        let all = self.download(&y)?;
+        Ok(offsets
+            .windows(2)
+            .map(|r| all[r[0]..r[1]].to_vec())
+            .collect())
     }
 
     fn gather_rows(&self, w: &CudaMatrix, ids: &[u32]) -> Result<Vec<f32>, BackendError> {
@@ -583,9 +629,9 @@ impl Backend for CudaBackend {
             },
         ) = (w1, w3, w2)
         else {
-            // Dense or FP8 experts (the shared expert): three projections.
-            let gate = self.linear(x, n, w1)?;
-            let up = self.linear(x, n, w3)?;
+            // Dense or FP8 experts (the shared expert): gate and up in one round trip.
+            let mut gu = self.linear_many(&[(x, w1), (x, w3)], n)?.into_iter();
+            let (gate, up) = (gu.next().unwrap_or_default(), gu.next().unwrap_or_default());
             let act: Vec<f32> = gate
                 .iter()
                 .zip(&up)

@@ -359,11 +359,34 @@ impl<B: Backend> DeepseekV4<B> {
         let rope = self.rope_for(kind).clone();
 
         let positions: Vec<usize> = rows.iter().map(|r| r.pos).collect();
-        let (q_res, q) = self.project_queries(aw, x, &positions, &rope)?;
+        // Every projection of the layer input at once (one round trip on a device backend):
+        // q LoRA, KV, the compressor's kv/gate, the indexer compressor's kv/gate and the
+        // indexer's head weights.
+        let mut jobs: Vec<(&[f32], &B::Matrix)> = vec![(x, &aw.wq_a), (x, &aw.wkv)];
+        if let Some(cw) = &aw.compressor {
+            jobs.extend([(x, &cw.wkv), (x, &cw.wgate)]);
+        }
+        if let Some(iw) = &aw.indexer {
+            jobs.extend([
+                (x, &iw.compressor.wkv),
+                (x, &iw.compressor.wgate),
+                (x, &iw.weights_proj),
+            ]);
+        }
+        let mut projected = self
+            .backend
+            .linear_many(&jobs, n)
+            .map_err(backend_err)?
+            .into_iter();
+        let mut next = || projected.next().unwrap_or_default();
+        let (q_lora, kv_raw) = (next(), next());
+        let (ckv, cg) = (next(), next());
+        let (ikv, ig, index_weights) = (next(), next(), next());
+        let (q_res, q) = self.queries_from_lora(aw, q_lora, &positions, &rope)?;
         let local_heads = q.len() / (n * hd);
 
         // The single latent KV head, written to each token's window slot.
-        let kv = self.project_kv(aw, x, &positions, &rope)?;
+        let kv = self.kv_from_projection(aw, kv_raw, &positions, &rope);
         for (i, row) in rows.iter().enumerate() {
             let at = self
                 .pool
@@ -376,8 +399,6 @@ impl<B: Backend> DeepseekV4<B> {
         let mut selected: Vec<Vec<usize>> = vec![Vec::new(); n];
         if let Some(cw) = &aw.compressor {
             let coff = if kind == AttentionKind::Csa { 2 } else { 1 };
-            let ckv = self.linear(x, n, &cw.wkv)?;
-            let cg = self.linear(x, n, &cw.wgate)?;
             store_compressor_inputs(&mut self.pool, l, rows, seqs, (&ckv, &cg), coff * hd, false);
             let win = Window {
                 dim: hd,
@@ -388,8 +409,6 @@ impl<B: Backend> DeepseekV4<B> {
             compress_new_windows(&mut self.pool, &self.rope_compress, eps, l, seqs, cw, win);
             if let Some(iw) = &aw.indexer {
                 let ihd = cfg.index_head_dim;
-                let ikv = self.linear(x, n, &iw.compressor.wkv)?;
-                let ig = self.linear(x, n, &iw.compressor.wgate)?;
                 store_compressor_inputs(&mut self.pool, l, rows, seqs, (&ikv, &ig), 2 * ihd, true);
                 let win = Window {
                     dim: ihd,
@@ -406,7 +425,7 @@ impl<B: Backend> DeepseekV4<B> {
                     &iw.compressor,
                     win,
                 );
-                selected = self.indexer_select(l, &q_res, x, rows, seqs, ratio)?;
+                selected = self.indexer_select(l, &q_res, index_weights, rows, seqs, ratio)?;
             } else {
                 selected = rows
                     .iter()
@@ -459,9 +478,20 @@ impl<B: Backend> DeepseekV4<B> {
         positions: &[usize],
         rope: &RopeTable,
     ) -> Result<(Vec<f32>, Vec<f32>), EngineError> {
+        let q_lora = self.linear(x, positions.len(), &aw.wq_a)?;
+        self.queries_from_lora(aw, q_lora, positions, rope)
+    }
+
+    /// [`Self::project_queries`] from the q LoRA projection `x wq_a^T`.
+    fn queries_from_lora(
+        &self,
+        aw: &AttentionWeights<B>,
+        mut q_res: Vec<f32>,
+        positions: &[usize],
+        rope: &RopeTable,
+    ) -> Result<(Vec<f32>, Vec<f32>), EngineError> {
         let cfg = &self.cfg;
         let (n, hd, eps) = (positions.len(), cfg.head_dim, cfg.rms_norm_eps);
-        let mut q_res = self.linear(x, n, &aw.wq_a)?;
         rms_norm_rows(&mut q_res, cfg.q_lora_rank, Some(&aw.q_norm), eps);
         let mut q = self.linear(&q_res, n, &aw.wq_b)?;
         if n > 0 {
@@ -484,13 +514,24 @@ impl<B: Backend> DeepseekV4<B> {
         positions: &[usize],
         rope: &RopeTable,
     ) -> Result<Vec<f32>, EngineError> {
+        let kv = self.linear(x, positions.len(), &aw.wkv)?;
+        Ok(self.kv_from_projection(aw, kv, positions, rope))
+    }
+
+    /// [`Self::project_kv`] from the projection `x wkv^T`.
+    fn kv_from_projection(
+        &self,
+        aw: &AttentionWeights<B>,
+        mut kv: Vec<f32>,
+        positions: &[usize],
+        rope: &RopeTable,
+    ) -> Vec<f32> {
         let (hd, eps) = (self.cfg.head_dim, self.cfg.rms_norm_eps);
-        let mut kv = self.linear(x, positions.len(), &aw.wkv)?;
         rms_norm_rows(&mut kv, hd, Some(&aw.kv_norm), eps);
         kv.par_chunks_mut(hd)
             .zip(positions.par_iter())
             .for_each(|(k, &pos)| rope.apply(k, hd, pos, false));
-        Ok(kv)
+        kv
     }
 
     /// Grouped low-rank output projection of the attention output `[n, local_heads * hd]`
@@ -512,12 +553,20 @@ impl<B: Backend> DeepseekV4<B> {
         let local_groups = aw.wo_a.len();
         let orank = cfg.o_lora_rank;
         let mut grouped = vec![0f32; n * local_groups * orank];
-        for (g, wg) in aw.wo_a.iter().enumerate() {
-            let xg: Vec<f32> = out
-                .chunks(local_heads * hd)
-                .flat_map(|r| r[g * group_in..(g + 1) * group_in].iter().copied())
-                .collect();
-            let yg = self.linear(&xg, n, wg)?;
+        let inputs: Vec<Vec<f32>> = (0..local_groups)
+            .map(|g| {
+                out.chunks(local_heads * hd)
+                    .flat_map(|r| r[g * group_in..(g + 1) * group_in].iter().copied())
+                    .collect()
+            })
+            .collect();
+        let jobs: Vec<(&[f32], &B::Matrix)> = inputs
+            .iter()
+            .zip(&aw.wo_a)
+            .map(|(xg, wg)| (xg.as_slice(), wg))
+            .collect();
+        let per_group = self.backend.linear_many(&jobs, n).map_err(backend_err)?;
+        for (g, yg) in per_group.iter().enumerate() {
             for r in 0..n {
                 grouped[r * local_groups * orank + g * orank
                     ..r * local_groups * orank + (g + 1) * orank]
@@ -535,7 +584,7 @@ impl<B: Backend> DeepseekV4<B> {
         &self,
         l: usize,
         q_res: &[f32],
-        x: &[f32],
+        mut wts: Vec<f32>,
         rows: &[TokenRow],
         seqs: &[SeqView<'_>],
         ratio: usize,
@@ -551,7 +600,6 @@ impl<B: Backend> DeepseekV4<B> {
         iq.par_chunks_mut(heads * ihd)
             .zip(rows.par_iter())
             .for_each(|(r, row)| self.rope_compress.apply(r, ihd, row.pos, false));
-        let mut wts = self.linear(x, n, &iw.weights_proj)?;
         let wscale = (cfg.index_n_heads as f32).powf(-0.5);
         wts.iter_mut().for_each(|w| *w *= wscale);
         let sscale = (ihd as f32).powf(-0.5);
