@@ -273,6 +273,52 @@ impl CudaBackend {
 }
 
 impl CudaBackend {
+    /// The grouped SwiGLU expert kernel over `n` rows of host `x` with `topk` (id, weight)
+    /// slots per row; returns `[n, hidden]`.
+    ///
+    /// # Safety
+    /// `bank` must point at this context's FP4 weights of its shapes, and every id must be
+    /// below `bank.experts`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn grouped_fp4(
+        &self,
+        bank: &Fp4Experts,
+        x: &[f32],
+        n: usize,
+        ids: &[i32],
+        weights: &[f32],
+        topk: usize,
+        limit: f32,
+    ) -> Result<Vec<f32>, BackendError> {
+        let s = &self.stream;
+        let xd = self.upload(x)?;
+        let idd = self.upload(ids)?;
+        let wd = self.upload(weights)?;
+        let mut h = self.zeros(n * topk * bank.inter)?;
+        let mut partial = self.zeros(n * topk * bank.hidden)?;
+        let mut out = self.zeros(n * bank.hidden)?;
+        {
+            let call = Fp4MoeCall {
+                x: xd.device_ptr(s).0,
+                ids: idd.device_ptr(s).0,
+                weights: wd.device_ptr(s).0,
+                h: h.device_ptr_mut(s).0,
+                partial: partial.device_ptr_mut(s).0,
+                out: out.device_ptr_mut(s).0,
+                out_dtype: OutDtype::F32,
+                tokens: n,
+                topk,
+                swiglu_limit: limit,
+            };
+            // SAFETY: the caller vouches for the bank; x, ids, weights, h, partial and out
+            // were just allocated for n rows x topk slots.
+            unsafe { self.kernels.fp4_moe(s, bank, &call) }.map_err(kernel_err)?;
+        }
+        let mut y = self.download(&out)?;
+        y.truncate(n * bank.hidden);
+        Ok(y)
+    }
+
     /// Copies same-sized device buffers back to back into one allocation.
     fn concat(&self, parts: &[&CudaSlice<u8>]) -> Result<CudaSlice<u8>, BackendError> {
         let each = parts.first().map_or(0, |p| p.len());
@@ -401,44 +447,20 @@ impl Backend for CudaBackend {
             }
         }
         let s = &self.stream;
-        let xd = self.upload(x)?;
-        let idd = self.upload(&ids)?;
-        let wd = self.upload(&weights)?;
-        let mut h = self.zeros(n * topk * inter)?;
-        let mut partial = self.zeros(n * topk * hidden)?;
-        let mut out = self.zeros(n * hidden)?;
-        {
-            let bank = Fp4Experts {
-                w1: w1.device_ptr(s).0,
-                s1: s1.device_ptr(s).0,
-                w3: w3.device_ptr(s).0,
-                s3: s3.device_ptr(s).0,
-                w2: w2.device_ptr(s).0,
-                s2: s2.device_ptr(s).0,
-                experts: *experts,
-                hidden,
-                inter,
-            };
-            let call = Fp4MoeCall {
-                x: xd.device_ptr(s).0,
-                ids: idd.device_ptr(s).0,
-                weights: wd.device_ptr(s).0,
-                h: h.device_ptr_mut(s).0,
-                partial: partial.device_ptr_mut(s).0,
-                out: out.device_ptr_mut(s).0,
-                out_dtype: OutDtype::F32,
-                tokens: n,
-                topk,
-                swiglu_limit: limit,
-            };
-            // SAFETY: the bank holds `experts` FP4 experts of [inter, hidden] / [hidden, inter]
-            // contiguously; ids are < experts (checked); x, weights, h, partial and out were
-            // allocated for n tokens x topk slots.
-            unsafe { self.kernels.fp4_moe(s, &bank, &call) }.map_err(kernel_err)?;
-        }
-        let mut y = self.download(&out)?;
-        y.truncate(n * hidden);
-        Ok(y)
+        let bank = Fp4Experts {
+            w1: w1.device_ptr(s).0,
+            s1: s1.device_ptr(s).0,
+            w3: w3.device_ptr(s).0,
+            s3: s3.device_ptr(s).0,
+            w2: w2.device_ptr(s).0,
+            s2: s2.device_ptr(s).0,
+            experts: *experts,
+            hidden,
+            inter,
+        };
+        // SAFETY: the bank holds `experts` FP4 experts of [inter, hidden] / [hidden, inter]
+        // contiguously and every id is below `experts` (checked above).
+        unsafe { self.grouped_fp4(&bank, x, n, &ids, &weights, topk, limit) }
     }
 
     fn name(&self) -> &'static str {
@@ -655,41 +677,20 @@ impl Backend for CudaBackend {
             return Ok(Vec::new());
         }
         let s = &self.stream;
-        let xd = self.upload(x)?;
-        let ids = self.upload(&vec![0i32; n])?;
-        let weights = self.upload(&vec![1f32; n])?;
-        let mut h = self.zeros(n * inter)?;
-        let mut partial = self.zeros(n * hidden)?;
-        let mut out = self.zeros(n * hidden)?;
-        {
-            let experts = Fp4Experts {
-                w1: w1.device_ptr(s).0,
-                s1: s1.device_ptr(s).0,
-                w3: w3.device_ptr(s).0,
-                s3: s3.device_ptr(s).0,
-                w2: w2.device_ptr(s).0,
-                s2: s2.device_ptr(s).0,
-                experts: 1,
-                hidden,
-                inter,
-            };
-            let call = Fp4MoeCall {
-                x: xd.device_ptr(s).0,
-                ids: ids.device_ptr(s).0,
-                weights: weights.device_ptr(s).0,
-                h: h.device_ptr_mut(s).0,
-                partial: partial.device_ptr_mut(s).0,
-                out: out.device_ptr_mut(s).0,
-                out_dtype: OutDtype::F32,
-                tokens: n,
-                topk: 1,
-                swiglu_limit: limit,
-            };
-            // SAFETY: one expert's FP4 weights and scales of the shapes checked above; x, ids,
-            // weights, h, partial and out were allocated for n tokens with top-1 routing.
-            unsafe { self.kernels.fp4_moe(s, &experts, &call) }.map_err(kernel_err)?;
-        }
-        self.download(&out)
+        let one = Fp4Experts {
+            w1: w1.device_ptr(s).0,
+            s1: s1.device_ptr(s).0,
+            w3: w3.device_ptr(s).0,
+            s3: s3.device_ptr(s).0,
+            w2: w2.device_ptr(s).0,
+            s2: s2.device_ptr(s).0,
+            experts: 1,
+            hidden,
+            inter,
+        };
+        // SAFETY: one expert's FP4 weights and scales of the shapes checked above; every row is
+        // routed to it (id 0) with weight 1.
+        unsafe { self.grouped_fp4(&one, x, n, &vec![0; n], &vec![1.0; n], 1, limit) }
     }
 }
 
