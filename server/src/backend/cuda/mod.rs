@@ -273,6 +273,28 @@ impl CudaBackend {
 }
 
 impl CudaBackend {
+    /// The kernel's view of FP4 expert buffers `[w1, s1, w3, s3, w2, s2]`.
+    fn fp4_experts(
+        &self,
+        [w1, s1, w3, s3, w2, s2]: [&CudaSlice<u8>; 6],
+        experts: usize,
+        hidden: usize,
+        inter: usize,
+    ) -> Fp4Experts {
+        let s = &self.stream;
+        Fp4Experts {
+            w1: w1.device_ptr(s).0,
+            s1: s1.device_ptr(s).0,
+            w3: w3.device_ptr(s).0,
+            s3: s3.device_ptr(s).0,
+            w2: w2.device_ptr(s).0,
+            s2: s2.device_ptr(s).0,
+            experts,
+            hidden,
+            inter,
+        }
+    }
+
     /// The grouped SwiGLU expert kernel over `n` rows of host `x` with `topk` (id, weight)
     /// slots per row; returns `[n, hidden]`.
     ///
@@ -446,18 +468,7 @@ impl Backend for CudaBackend {
                 weights[t * topk + j] = w;
             }
         }
-        let s = &self.stream;
-        let bank = Fp4Experts {
-            w1: w1.device_ptr(s).0,
-            s1: s1.device_ptr(s).0,
-            w3: w3.device_ptr(s).0,
-            s3: s3.device_ptr(s).0,
-            w2: w2.device_ptr(s).0,
-            s2: s2.device_ptr(s).0,
-            experts: *experts,
-            hidden,
-            inter,
-        };
+        let bank = self.fp4_experts([w1, s1, w3, s3, w2, s2], *experts, hidden, inter);
         // SAFETY: the bank holds `experts` FP4 experts of [inter, hidden] / [hidden, inter]
         // contiguously and every id is below `experts` (checked above).
         unsafe { self.grouped_fp4(&bank, x, n, &ids, &weights, topk, limit) }
@@ -676,18 +687,7 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let s = &self.stream;
-        let one = Fp4Experts {
-            w1: w1.device_ptr(s).0,
-            s1: s1.device_ptr(s).0,
-            w3: w3.device_ptr(s).0,
-            s3: s3.device_ptr(s).0,
-            w2: w2.device_ptr(s).0,
-            s2: s2.device_ptr(s).0,
-            experts: 1,
-            hidden,
-            inter,
-        };
+        let one = self.fp4_experts([w1, s1, w3, s3, w2, s2], 1, hidden, inter);
         // SAFETY: one expert's FP4 weights and scales of the shapes checked above; every row is
         // routed to it (id 0) with weight 1.
         unsafe { self.grouped_fp4(&one, x, n, &vec![0; n], &vec![1.0; n], 1, limit) }
