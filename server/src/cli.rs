@@ -25,7 +25,9 @@ pub struct Cli {
 pub enum Command {
     /// Serve the OpenAI-compatible API (rank 0) or follow rank 0's step plans (rank > 0).
     Serve(Box<ServeArgs>),
-    // `Bench(BenchArgs)` joins here: a load generator against a running server.
+    /// Offline engine benchmark (no HTTP): step times, bytes moved and achieved bandwidth per
+    /// case, against a copy bandwidth measured in the same run (docs/PERFORMANCE.md).
+    Bench(Box<BenchArgs>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -269,6 +271,137 @@ impl ServeArgs {
     }
 }
 
+/// Flags of `dspark-server bench`: an offline benchmark of the engine through `ModelRunner`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Model directory (config.json; safetensors unless --load-format dummy) [default: the tiny
+    /// model in the repo].
+    #[arg(long, env = "DSPARK_MODEL")]
+    pub model: Option<PathBuf>,
+
+    /// A config.json giving the model's shape instead of <model>/config.json (with dummy weights
+    /// no model directory is needed, e.g. server/tests/fixtures/v4-flash-config.json).
+    #[arg(long, env = "DSPARK_CONFIG_JSON")]
+    pub config_json: Option<PathBuf>,
+
+    #[arg(long, env = "DSPARK_LOAD_FORMAT", value_enum, default_value_t = LoadFormat::Dummy)]
+    pub load_format: LoadFormat,
+
+    /// Backend [default: cuda when a CUDA driver is present, else cpu].
+    #[arg(long, env = "DSPARK_DEVICE", value_enum)]
+    pub device: Option<Device>,
+
+    /// Run only the first N layers of the config (reduced depth); the report also gives step
+    /// times scaled to the config's full depth.
+    #[arg(long, env = "DSPARK_NUM_LAYERS")]
+    pub num_layers: Option<usize>,
+
+    /// Cases, comma-separated: decode:BATCH:CONTEXT, prefill:PROMPT, verify:BATCH:CONTEXT:K
+    /// (numbers take k = 1024 and m = 1048576 suffixes) [default: the issue's list].
+    #[arg(long, env = "DSPARK_CASES")]
+    pub cases: Option<String>,
+
+    /// Cases whose positions go past this are reported as skipped.
+    #[arg(long, env = "DSPARK_MAX_CONTEXT")]
+    pub max_context: Option<usize>,
+
+    /// Timed repetitions per case.
+    #[arg(long, env = "DSPARK_ITERS", default_value_t = 10)]
+    pub iters: usize,
+
+    /// Untimed repetitions before timing.
+    #[arg(long, env = "DSPARK_WARMUP", default_value_t = 2)]
+    pub warmup: usize,
+
+    /// Also write the results as CSV here.
+    #[arg(long, env = "DSPARK_CSV")]
+    pub csv: Option<PathBuf>,
+
+    /// Tokens in the KV pool [default: what the largest case needs].
+    #[arg(long, env = "DSPARK_KV_POOL_TOKENS")]
+    pub kv_pool_tokens: Option<usize>,
+
+    /// Tokens per prefill step (setup fills and prefill cases are chunked by it).
+    #[arg(long, env = "DSPARK_MAX_NUM_BATCHED_TOKENS", default_value_t = 8192)]
+    pub max_num_batched_tokens: usize,
+
+    /// KV element type the bytes model assumes [auto: f32 on cpu (the reference layout), bf16
+    /// on cuda]. The runner's own KV dtype is not changed by this flag.
+    #[arg(long, env = "DSPARK_KV_CACHE_DTYPE", value_enum, default_value_t = KvCacheDtype::Auto)]
+    pub kv_cache_dtype: KvCacheDtype,
+
+    /// Sequences of a decode/verify case share the KV blocks of their common context (filled
+    /// once, as prefix caching would) instead of each filling its own: much faster setup, but
+    /// caches may then serve part of the KV reads the bytes model counts per sequence.
+    #[arg(long, env = "DSPARK_SHARED_CONTEXT")]
+    pub shared_context: bool,
+
+    /// Bytes of each buffer of the copy-bandwidth measurement.
+    #[arg(long, env = "DSPARK_COPY_BYTES", default_value_t = 1 << 30)]
+    pub copy_bytes: usize,
+
+    /// Tensor-parallel ranks; only 1 for now.
+    #[arg(
+        long,
+        env = "DSPARK_WORLD_SIZE",
+        visible_alias = "tensor-parallel-size",
+        default_value_t = 1
+    )]
+    pub world_size: usize,
+
+    /// Seed of the dummy weights and of the benchmark's token ids.
+    #[arg(long, env = "DSPARK_SEED", default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl BenchArgs {
+    /// The model directory: --model, else the tiny model in the repo.
+    pub fn model_dir(&self) -> PathBuf {
+        if let Some(m) = &self.model {
+            return m.clone();
+        }
+        let in_cwd = PathBuf::from(TINY_MODEL_DIR);
+        if in_cwd.exists() {
+            return in_cwd;
+        }
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-dsv4")
+    }
+
+    /// Checks that do not need the model. Returns a message fit for the user.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.world_size != 1 {
+            return Err(format!(
+                "--world-size {}: the bench runs a single rank for now (tensor-parallel bench \
+                 not implemented yet)",
+                self.world_size
+            ));
+        }
+        if self.iters == 0 {
+            return Err("--iters must be at least 1".into());
+        }
+        if self.max_num_batched_tokens == 0 {
+            return Err("--max-num-batched-tokens must be at least 1".into());
+        }
+        if self.num_layers == Some(0) {
+            return Err("--num-layers must be at least 1".into());
+        }
+        if self.kv_pool_tokens == Some(0) {
+            return Err("--kv-pool-tokens must be at least 1".into());
+        }
+        if self.copy_bytes < 1 << 20 {
+            return Err("--copy-bytes must be at least 1 MiB".into());
+        }
+        if self.kv_cache_dtype == KvCacheDtype::Nvfp4 {
+            return Err(
+                "--kv-cache-dtype nvfp4: the bench's bytes model has no NVFP4 KV record \
+                 yet (auto, bf16, fp8)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Rewrites vLLM spellings clap cannot express (`-tp N`, `-tp=N`) into ours.
 pub fn normalize_vllm_args<I: IntoIterator<Item = String>>(args: I) -> Vec<String> {
     args.into_iter()
@@ -296,6 +429,7 @@ mod tests {
         );
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Serve(a) => *a,
+            other => panic!("expected serve, got {other:?}"),
         }
     }
 

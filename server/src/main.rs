@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
 use dspark_server::api::{self, AppState, Serving};
-use dspark_server::cli::{normalize_vllm_args, Cli, Command, ServeArgs};
+use dspark_server::cli::{normalize_vllm_args, BenchArgs, Cli, Command, ServeArgs};
 use dspark_server::cli::{Device, LoadFormat, SpeculativeMethod};
 use dspark_server::engine::model;
 use dspark_server::engine::speculative::SpeculativeRunner;
@@ -38,6 +38,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
+        Command::Bench(args) => bench(&args),
     };
     match result {
         Ok(code) => code,
@@ -47,6 +48,17 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `dspark-server bench`: the table on stdout, the CSV where --csv says.
+fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
+    let report = dspark_server::bench::run(args)?;
+    print!("{}", report.table());
+    if let Some(path) = &args.csv {
+        std::fs::write(path, report.csv())
+            .with_context(|| format!("cannot write the CSV to {}", path.display()))?;
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {

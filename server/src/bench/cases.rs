@@ -1,0 +1,608 @@
+//! Benchmark cases: parsing `--cases`, and running one case through a [`ModelRunner`] (fill the
+//! KV state untimed, then time the steps).
+
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::bytes::{self, KvEntryBytes, SeqShape, StepBytes, WeightBytes};
+use super::BenchError;
+use crate::engine::model::ModelConfig;
+use crate::engine::{LogitsWanted, ModelRunner, SeqPlan, StepPlan};
+
+/// What one case measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Case {
+    /// `batch` sequences with `context` tokens of KV each, one new token per sequence per step.
+    Decode { batch: usize, context: usize },
+    /// One sequence's prompt of `prompt` tokens, in chunks of `--max-num-batched-tokens`.
+    Prefill { prompt: usize },
+    /// `batch` sequences at `context` each verifying an anchor and `k` drafts (`k + 1` rows of
+    /// logits per sequence), the target's share of a DSpark step.
+    Verify {
+        batch: usize,
+        context: usize,
+        k: usize,
+    },
+}
+
+/// 1M as a context: the largest block-aligned context that leaves room for the decode/verify
+/// tokens below V4-Flash's `max_position_embeddings` (1,048,576).
+pub const CONTEXT_1M: usize = 1_048_576 - 128;
+
+/// The issue's list: decode at batch 1/6/16 x 8K/128K/1M, prefill of 8K/32K/100K prompts,
+/// verify (K = 5) at batch 1/6/16 and 8K.
+pub fn default_cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    for context in [8192, 131_072, CONTEXT_1M] {
+        for batch in [1, 6, 16] {
+            v.push(Case::Decode { batch, context });
+        }
+    }
+    for prompt in [8192, 32_768, 100_000] {
+        v.push(Case::Prefill { prompt });
+    }
+    for batch in [1, 6, 16] {
+        v.push(Case::Verify {
+            batch,
+            context: 8192,
+            k: 5,
+        });
+    }
+    v
+}
+
+impl Case {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Case::Decode { .. } => "decode",
+            Case::Prefill { .. } => "prefill",
+            Case::Verify { .. } => "verify",
+        }
+    }
+
+    /// The `--cases` spelling.
+    pub fn label(&self) -> String {
+        match *self {
+            Case::Decode { batch, context } => format!("decode:{batch}:{context}"),
+            Case::Prefill { prompt } => format!("prefill:{prompt}"),
+            Case::Verify { batch, context, k } => format!("verify:{batch}:{context}:{k}"),
+        }
+    }
+
+    pub fn batch(&self) -> usize {
+        match *self {
+            Case::Decode { batch, .. } | Case::Verify { batch, .. } => batch,
+            Case::Prefill { .. } => 1,
+        }
+    }
+
+    /// Tokens already in the KV state of each sequence when the timed work starts.
+    pub fn context(&self) -> usize {
+        match *self {
+            Case::Decode { context, .. } | Case::Verify { context, .. } => context,
+            Case::Prefill { .. } => 0,
+        }
+    }
+
+    /// Tokens each sequence runs in the timed unit.
+    pub fn new_tokens(&self) -> usize {
+        match *self {
+            Case::Decode { .. } => 1,
+            Case::Prefill { prompt } => prompt,
+            Case::Verify { k, .. } => k + 1,
+        }
+    }
+
+    /// Positions each sequence covers at the end: `context + new_tokens`.
+    pub fn end_position(&self) -> usize {
+        self.context() + self.new_tokens()
+    }
+
+    /// KV blocks the case holds at once (including a shared context's blocks).
+    pub fn blocks_needed(&self, block_size: usize, shared_context: bool) -> usize {
+        let per_seq = self.end_position().div_ceil(block_size);
+        let b = self.batch();
+        if shared_context && b > 1 {
+            let shared = self.context() / block_size;
+            shared + b * (per_seq - shared)
+        } else {
+            b * per_seq
+        }
+    }
+}
+
+/// Parses `--cases`: comma-separated `decode:B:C`, `prefill:P`, `verify:B:C:K`.
+pub fn parse_cases(list: &str) -> Result<Vec<Case>, BenchError> {
+    let cases = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(parse_case)
+        .collect::<Result<Vec<_>, _>>()?;
+    if cases.is_empty() {
+        return Err(BenchError::Case(format!("--cases `{list}` names no case")));
+    }
+    Ok(cases)
+}
+
+fn parse_case(s: &str) -> Result<Case, BenchError> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let err = |why: String| BenchError::Case(format!("case `{s}`: {why}"));
+    let num = |what: &str, v: &str| -> Result<usize, BenchError> {
+        let n = parse_count(v).ok_or_else(|| {
+            err(format!(
+                "{what} `{v}` is not a positive integer (suffixes k, m allowed)"
+            ))
+        })?;
+        if n == 0 {
+            return Err(err(format!("{what} must be at least 1")));
+        }
+        Ok(n)
+    };
+    match parts.as_slice() {
+        ["decode", b, c] => Ok(Case::Decode {
+            batch: num("batch", b)?,
+            context: parse_count(c)
+                .ok_or_else(|| err(format!("context `{c}` is not an integer")))?,
+        }),
+        ["decode", ..] => Err(err("expected decode:BATCH:CONTEXT".into())),
+        ["prefill", p] => Ok(Case::Prefill {
+            prompt: num("prompt length", p)?,
+        }),
+        ["prefill", ..] => Err(err("expected prefill:PROMPT_TOKENS".into())),
+        ["verify", b, c, k] => Ok(Case::Verify {
+            batch: num("batch", b)?,
+            context: parse_count(c)
+                .ok_or_else(|| err(format!("context `{c}` is not an integer")))?,
+            k: num("K (drafts)", k)?,
+        }),
+        ["verify", ..] => Err(err("expected verify:BATCH:CONTEXT:K".into())),
+        [kind, ..] => Err(err(format!(
+            "unknown kind `{kind}` (expected decode, prefill or verify)"
+        ))),
+        [] => Err(err("empty".into())),
+    }
+}
+
+/// `8192`, `8k` (x1024), `1m` (x1048576).
+fn parse_count(v: &str) -> Option<usize> {
+    let v = v.trim();
+    let (digits, mult) = match v.char_indices().last()? {
+        (i, 'k' | 'K') => (&v[..i], 1024),
+        (i, 'm' | 'M') => (&v[..i], 1024 * 1024),
+        _ => (v, 1),
+    };
+    digits.parse::<usize>().ok()?.checked_mul(mult)
+}
+
+/// Hands out pool block ids; a case returns its blocks when it ends.
+#[derive(Debug)]
+pub struct BlockAllocator {
+    free: Vec<u32>,
+}
+
+impl BlockAllocator {
+    pub fn new(num_blocks: usize) -> Self {
+        // Lowest ids first.
+        Self {
+            free: (0..num_blocks as u32).rev().collect(),
+        }
+    }
+
+    pub fn available(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn take(&mut self, n: usize) -> Result<Vec<u32>, BenchError> {
+        if n > self.free.len() {
+            return Err(BenchError::Case(format!(
+                "needs {n} more KV blocks, the pool has {} free",
+                self.free.len()
+            )));
+        }
+        Ok(self.free.split_off(self.free.len() - n))
+    }
+
+    pub fn give_back(&mut self, blocks: Vec<u32>) {
+        self.free.extend(blocks);
+    }
+}
+
+/// Run-wide settings of the cases.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    pub iters: usize,
+    pub warmup: usize,
+    pub chunk: usize,
+    pub shared_context: bool,
+    pub seed: u64,
+}
+
+/// What running one case measured.
+#[derive(Debug, Clone)]
+pub struct Measured {
+    /// Tokens run in one timed unit (a step; for prefill the whole prompt).
+    pub tokens: usize,
+    /// Engine steps in one timed unit (1, or the prefill's chunks).
+    pub steps: usize,
+    /// Wall time of each timed unit.
+    pub times: Vec<Duration>,
+    /// Modelled bytes of one unit.
+    pub bytes: StepBytes,
+    /// Untimed KV fill before the timed steps.
+    pub setup: Duration,
+    pub setup_tokens: usize,
+}
+
+impl Measured {
+    pub fn mean_s(&self) -> f64 {
+        let n = self.times.len().max(1) as f64;
+        self.times.iter().map(Duration::as_secs_f64).sum::<f64>() / n
+    }
+    pub fn min_s(&self) -> f64 {
+        self.times
+            .iter()
+            .map(Duration::as_secs_f64)
+            .fold(f64::INFINITY, f64::min)
+    }
+}
+
+/// The byte model's inputs for the run.
+pub struct BytesModel<'a> {
+    pub cfg: &'a ModelConfig,
+    pub weights: WeightBytes,
+    pub kv: KvEntryBytes,
+}
+
+impl BytesModel<'_> {
+    fn step(&self, seqs: &[SeqShape], wants_logits: bool) -> StepBytes {
+        bytes::step_bytes(self.cfg, &self.weights, self.kv, seqs, wants_logits)
+    }
+}
+
+/// One sequence of a case: its id, block table and the tokens of its context.
+struct BenchSeq {
+    id: u64,
+    table: Vec<u32>,
+}
+
+/// Runs `case` on `runner`: fills the KV state (untimed), warms up, times `iters` units, and
+/// releases its sequences and blocks whatever happens.
+pub fn run_case(
+    runner: &mut dyn ModelRunner,
+    alloc: &mut BlockAllocator,
+    next_seq_id: &mut u64,
+    case: Case,
+    settings: &RunSettings,
+    model: &BytesModel<'_>,
+) -> Result<Measured, BenchError> {
+    let bs = runner.kv_layout().block_size;
+    let mut rng = ChaCha8Rng::seed_from_u64(settings.seed ^ (*next_seq_id << 20));
+    let vocab = runner.vocab_size() as u32;
+    let mut owned: Vec<Vec<u32>> = Vec::new();
+    let mut ids: Vec<u64> = Vec::new();
+    let result = (|| {
+        let mut new_id = || {
+            let id = *next_seq_id;
+            *next_seq_id += 1;
+            ids.push(id);
+            id
+        };
+        match case {
+            Case::Prefill { prompt } => {
+                let blocks = alloc.take(prompt.div_ceil(bs))?;
+                owned.push(blocks.clone());
+                let seq = BenchSeq {
+                    id: new_id(),
+                    table: blocks,
+                };
+                let tokens: Vec<u32> = (0..prompt).map(|_| rng.random_range(0..vocab)).collect();
+                time_prefill(runner, &seq, &tokens, settings, model)
+            }
+            Case::Decode { batch, context } | Case::Verify { batch, context, .. } => {
+                let q = case.new_tokens();
+                let end_blocks = (context + q).div_ceil(bs);
+                let context_tokens: Vec<u32> =
+                    (0..context).map(|_| rng.random_range(0..vocab)).collect();
+                let started = Instant::now();
+                let mut fills: Vec<Fill> = Vec::new();
+                let mut seqs = Vec::with_capacity(batch);
+                // Blocks holding only context positions may be shared between the sequences.
+                let shared = if settings.shared_context && batch > 1 {
+                    let n = context / bs;
+                    let blocks = alloc.take(n)?;
+                    owned.push(blocks.clone());
+                    if n > 0 {
+                        fills.push(Fill {
+                            seq: new_id(),
+                            table: blocks.clone(),
+                            start: 0,
+                            tokens: context_tokens[..n * bs].to_vec(),
+                        });
+                    }
+                    blocks
+                } else {
+                    Vec::new()
+                };
+                // The shared prefix is filled before any sequence reads it.
+                let setup_tokens_shared = fill(runner, &fills, settings.chunk)?;
+                fills.clear();
+                for _ in 0..batch {
+                    let own = alloc.take(end_blocks - shared.len())?;
+                    owned.push(own.clone());
+                    let mut table = shared.clone();
+                    table.extend(own);
+                    let id = new_id();
+                    let start = shared.len() * bs;
+                    if start < context {
+                        fills.push(Fill {
+                            seq: id,
+                            table: table.clone(),
+                            start,
+                            tokens: context_tokens[start..].to_vec(),
+                        });
+                    }
+                    seqs.push(BenchSeq { id, table });
+                }
+                let setup_tokens = setup_tokens_shared + fill(runner, &fills, settings.chunk)?;
+                let setup = started.elapsed();
+                let wanted = if q == 1 {
+                    LogitsWanted::Last
+                } else {
+                    LogitsWanted::All
+                };
+                let plan = StepPlan {
+                    seqs: seqs
+                        .iter()
+                        .map(|s| SeqPlan {
+                            seq_id: s.id,
+                            start_pos: context,
+                            tokens: (0..q).map(|_| rng.random_range(0..vocab)).collect(),
+                            block_table: s.table.clone(),
+                            logits: wanted,
+                            draft: None,
+                        })
+                        .collect(),
+                };
+                let shapes = vec![
+                    SeqShape {
+                        start: context as u64,
+                        tokens: q as u64,
+                    };
+                    batch
+                ];
+                // Each repetition rewrites the same positions (as after rejected drafts), so
+                // the context stays exactly `context`.
+                let times = time_steps(runner, &plan, settings)?;
+                Ok(Measured {
+                    tokens: batch * q,
+                    steps: 1,
+                    times,
+                    bytes: model.step(&shapes, true),
+                    setup,
+                    setup_tokens,
+                })
+            }
+        }
+    })();
+    for id in ids {
+        runner.release(id);
+    }
+    for blocks in owned {
+        alloc.give_back(blocks);
+    }
+    result
+}
+
+/// A stretch of one sequence's tokens to run untimed.
+struct Fill {
+    seq: u64,
+    table: Vec<u32>,
+    start: usize,
+    tokens: Vec<u32>,
+}
+
+/// Runs the fills packed into steps of at most `chunk` tokens, no logits. Returns tokens run.
+fn fill(runner: &mut dyn ModelRunner, fills: &[Fill], chunk: usize) -> Result<usize, BenchError> {
+    let mut done = vec![0usize; fills.len()];
+    let total: usize = fills.iter().map(|f| f.tokens.len()).sum();
+    let mut ran = 0;
+    while ran < total {
+        let mut budget = chunk;
+        let mut plan = StepPlan::default();
+        for (f, d) in fills.iter().zip(done.iter_mut()) {
+            if budget == 0 {
+                break;
+            }
+            let n = (f.tokens.len() - *d).min(budget);
+            if n == 0 {
+                continue;
+            }
+            plan.seqs.push(SeqPlan {
+                seq_id: f.seq,
+                start_pos: f.start + *d,
+                tokens: f.tokens[*d..*d + n].to_vec(),
+                block_table: f.table.clone(),
+                logits: LogitsWanted::None,
+                draft: None,
+            });
+            *d += n;
+            budget -= n;
+            ran += n;
+        }
+        runner.step(&plan).map_err(BenchError::Engine)?;
+    }
+    Ok(total)
+}
+
+fn time_steps(
+    runner: &mut dyn ModelRunner,
+    plan: &StepPlan,
+    settings: &RunSettings,
+) -> Result<Vec<Duration>, BenchError> {
+    for _ in 0..settings.warmup {
+        runner.step(plan).map_err(BenchError::Engine)?;
+    }
+    let mut times = Vec::with_capacity(settings.iters);
+    for _ in 0..settings.iters {
+        let t = Instant::now();
+        runner.step(plan).map_err(BenchError::Engine)?;
+        times.push(t.elapsed());
+    }
+    Ok(times)
+}
+
+/// Times the whole chunked prefill of `tokens` from position 0 (each repetition rewrites it).
+fn time_prefill(
+    runner: &mut dyn ModelRunner,
+    seq: &BenchSeq,
+    tokens: &[u32],
+    settings: &RunSettings,
+    model: &BytesModel<'_>,
+) -> Result<Measured, BenchError> {
+    let chunks: Vec<StepPlan> = tokens
+        .chunks(settings.chunk)
+        .enumerate()
+        .map(|(i, c)| {
+            let start = i * settings.chunk;
+            let last = start + c.len() == tokens.len();
+            StepPlan {
+                seqs: vec![SeqPlan {
+                    seq_id: seq.id,
+                    start_pos: start,
+                    tokens: c.to_vec(),
+                    block_table: seq.table.clone(),
+                    logits: if last {
+                        LogitsWanted::Last
+                    } else {
+                        LogitsWanted::None
+                    },
+                    draft: None,
+                }],
+            }
+        })
+        .collect();
+    let mut bytes = StepBytes::default();
+    for p in &chunks {
+        let s = &p.seqs[0];
+        let shape = SeqShape {
+            start: s.start_pos as u64,
+            tokens: s.tokens.len() as u64,
+        };
+        bytes.add(&model.step(&[shape], s.logits != LogitsWanted::None));
+    }
+    let run = |runner: &mut dyn ModelRunner| -> Result<Duration, BenchError> {
+        let t = Instant::now();
+        for p in &chunks {
+            runner.step(p).map_err(BenchError::Engine)?;
+        }
+        Ok(t.elapsed())
+    };
+    for _ in 0..settings.warmup {
+        run(runner)?;
+    }
+    let times = (0..settings.iters)
+        .map(|_| run(runner))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Measured {
+        tokens: tokens.len(),
+        steps: chunks.len(),
+        times,
+        bytes,
+        setup: Duration::ZERO,
+        setup_tokens: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_three_kinds() {
+        let c = parse_cases("decode:1:8192, prefill:100000,verify:16:8k:5,decode:6:1m").unwrap();
+        assert_eq!(
+            c,
+            vec![
+                Case::Decode {
+                    batch: 1,
+                    context: 8192
+                },
+                Case::Prefill { prompt: 100_000 },
+                Case::Verify {
+                    batch: 16,
+                    context: 8192,
+                    k: 5
+                },
+                Case::Decode {
+                    batch: 6,
+                    context: 1_048_576
+                },
+            ]
+        );
+        assert_eq!(c[2].label(), "verify:16:8192:5");
+        assert_eq!(c[2].new_tokens(), 6);
+        assert_eq!(c[2].end_position(), 8198);
+        // Decode at context 0 is allowed (first token of an empty sequence).
+        assert_eq!(parse_cases("decode:1:0").unwrap()[0].end_position(), 1);
+    }
+
+    #[test]
+    fn bad_case_strings_are_clear_errors() {
+        let cases = [
+            ("decode:1", "expected decode:BATCH:CONTEXT"),
+            ("decode:x:8192", "batch `x` is not a positive integer"),
+            ("decode:0:8192", "batch must be at least 1"),
+            ("decode:1:-5", "context `-5` is not an integer"),
+            ("prefill", "expected prefill:PROMPT_TOKENS"),
+            ("prefill:0", "prompt length must be at least 1"),
+            ("verify:1:8192", "expected verify:BATCH:CONTEXT:K"),
+            ("verify:1:8192:0", "K (drafts) must be at least 1"),
+            ("train:1:2", "unknown kind `train`"),
+            ("decode:1:99999999999999999999m", "not an integer"),
+            (" , ", "names no case"),
+        ];
+        for (input, want) in cases {
+            let e = parse_cases(input).unwrap_err().to_string();
+            assert!(e.contains(want), "`{input}`: {e}");
+        }
+    }
+
+    #[test]
+    fn default_list_is_the_issues() {
+        let d = default_cases();
+        assert_eq!(d.len(), 15);
+        assert!(d.contains(&Case::Decode {
+            batch: 16,
+            context: CONTEXT_1M
+        }));
+        assert!(d.contains(&Case::Prefill { prompt: 100_000 }));
+        assert!(d.iter().all(|c| c.end_position() <= 1_048_576));
+        assert_eq!(CONTEXT_1M % 128, 0);
+    }
+
+    #[test]
+    fn block_counts() {
+        let c = Case::Decode {
+            batch: 6,
+            context: 1000,
+        };
+        // 1001 positions: 8 blocks of 128 each.
+        assert_eq!(c.blocks_needed(128, false), 48);
+        // Shared: 7 full context blocks + 1 own block each.
+        assert_eq!(c.blocks_needed(128, true), 7 + 6);
+        assert_eq!(Case::Prefill { prompt: 129 }.blocks_needed(128, true), 2);
+        let mut a = BlockAllocator::new(4);
+        let b = a.take(3).unwrap();
+        assert_eq!(a.available(), 1);
+        assert!(a
+            .take(2)
+            .unwrap_err()
+            .to_string()
+            .contains("pool has 1 free"));
+        a.give_back(b);
+        assert_eq!(a.available(), 4);
+    }
+}

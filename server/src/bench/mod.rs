@@ -1,0 +1,400 @@
+//! `dspark-server bench`: an offline benchmark of the engine through [`ModelRunner`] (no HTTP,
+//! no scheduler), on whatever backend `model::build` gives for the device.
+//!
+//! For each case it fills the KV state untimed, times the steps, and turns the step time into
+//! an achieved bandwidth with a model of the bytes the step had to move ([`bytes`]), compared
+//! with a copy bandwidth measured in the same run ([`copy`]). What each figure means:
+//! docs/PERFORMANCE.md.
+
+pub mod bytes;
+pub mod cases;
+pub mod copy;
+pub mod report;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::cli::{BenchArgs, KvCacheDtype, LoadFormat};
+use crate::engine::model::{
+    self, checkpoint_source, kv::BlockGeometry, manifest, ConfigError, Device, LoadError,
+    LoadOptions, ModelConfig,
+};
+use crate::engine::EngineError;
+use crate::ranks::SingleRank;
+use bytes::{KvDtype, WeightStorage};
+use cases::{BlockAllocator, BytesModel, Case, RunSettings};
+use report::{Outcome, Report, Row};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{0}")]
+    Args(String),
+    #[error("{0}")]
+    Case(String),
+    #[error("reading the model config: {0}")]
+    Config(#[from] ConfigError),
+    #[error("loading the model: {0}")]
+    Load(#[from] LoadError),
+    #[error("engine step failed: {0}")]
+    Engine(EngineError),
+    #[error("copy bandwidth: {0}")]
+    Copy(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Whether an NVIDIA driver is present (the default device is CUDA then), as `serve` decides.
+pub fn cuda_driver_present() -> bool {
+    Path::new("/dev/nvidiactl").exists() || Path::new("/proc/driver/nvidia/version").exists()
+}
+
+fn device_of(args: &BenchArgs) -> Device {
+    match args.device {
+        Some(crate::cli::Device::Cpu) => Device::Cpu,
+        Some(crate::cli::Device::Cuda) => Device::Cuda,
+        None if cuda_driver_present() => Device::Cuda,
+        None => Device::Cpu,
+    }
+}
+
+/// The shape the bench runs: the config (possibly cut to fewer layers) and the full depth.
+pub struct Shape {
+    pub cfg: ModelConfig,
+    pub full_layers: usize,
+    pub source: PathBuf,
+}
+
+/// Reads the config (--config-json, else the model directory's) and applies --num-layers.
+pub fn shape(args: &BenchArgs) -> Result<Shape, BenchError> {
+    let source = args
+        .config_json
+        .clone()
+        .unwrap_or_else(|| args.model_dir().join("config.json"));
+    let text = std::fs::read_to_string(&source).map_err(|e| ConfigError::Io {
+        path: source.display().to_string(),
+        source: e,
+    })?;
+    let mut value: serde_json::Value = serde_json::from_str(&text).map_err(ConfigError::Json)?;
+    let full = ModelConfig::from_json(&value)?;
+    let full_layers = full.num_hidden_layers;
+    let cfg = match args.num_layers {
+        None => full,
+        Some(n) if n > full_layers => {
+            return Err(BenchError::Args(format!(
+                "--num-layers {n}: the config has only {full_layers} layers"
+            )))
+        }
+        Some(n) => {
+            // The parser cuts the per-layer lists to num_hidden_layers (as transformers does):
+            // the reduced model is the first n layers of the full one.
+            if let Some(obj) = value.as_object_mut() {
+                obj.insert("num_hidden_layers".into(), n.into());
+            }
+            ModelConfig::from_json(&value)?
+        }
+    };
+    Ok(Shape {
+        cfg,
+        full_layers,
+        source,
+    })
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes.
+fn host_memory_available() -> Option<u64> {
+    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb = m
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// Why a case cannot run with these settings, if it cannot.
+fn skip_reason(
+    case: &Case,
+    cfg: &ModelConfig,
+    max_context: Option<usize>,
+    pool_blocks: Option<usize>,
+    block_size: usize,
+    shared: bool,
+) -> Option<String> {
+    let end = case.end_position();
+    if let Some(m) = max_context {
+        if end > m {
+            return Some(format!("needs {end} positions, above --max-context {m}"));
+        }
+    }
+    if end > cfg.max_position_embeddings {
+        return Some(format!(
+            "needs {end} positions, beyond max_position_embeddings {}",
+            cfg.max_position_embeddings
+        ));
+    }
+    let need = case.blocks_needed(block_size, shared);
+    match pool_blocks {
+        Some(have) if need > have => Some(format!(
+            "needs {} KV tokens, the pool holds {} (--kv-pool-tokens)",
+            need * block_size,
+            have * block_size
+        )),
+        _ => None,
+    }
+}
+
+/// Runs the benchmark described by `args`. Progress goes to the log; the caller prints the
+/// report.
+pub fn run(args: &BenchArgs) -> Result<Report, BenchError> {
+    args.validate().map_err(BenchError::Args)?;
+    let device = device_of(args);
+    let cases = match &args.cases {
+        Some(list) => cases::parse_cases(list)?,
+        None => cases::default_cases(),
+    };
+    let Shape {
+        cfg,
+        full_layers,
+        source,
+    } = shape(args)?;
+    let block_size = cfg.default_block_size();
+    let shared = args.shared_context;
+    let user_pool_blocks = args.kv_pool_tokens.map(|t| t.div_ceil(block_size));
+
+    let mut skips: Vec<Option<String>> = cases
+        .iter()
+        .map(|c| {
+            skip_reason(
+                c,
+                &cfg,
+                args.max_context,
+                user_pool_blocks,
+                block_size,
+                shared,
+            )
+        })
+        .collect();
+    let largest = cases
+        .iter()
+        .zip(&skips)
+        .filter(|(_, s)| s.is_none())
+        .map(|(c, _)| c.blocks_needed(block_size, shared))
+        .max()
+        .unwrap_or(1);
+    let pool_blocks = user_pool_blocks.unwrap_or(largest).max(1);
+
+    let manifest = manifest::target_tensors(&cfg);
+    if device == Device::Cpu {
+        // The pool is allocated whole at load: refuse one that cannot fit next to the f32
+        // weights rather than being killed by the kernel.
+        let pool =
+            pool_blocks as u64 * BlockGeometry::new(&cfg, block_size).bytes_per_block() as u64;
+        let weights: u64 = manifest
+            .iter()
+            .map(|t| t.shape.iter().product::<usize>() as u64 * 4)
+            .sum();
+        if let Some(avail) = host_memory_available() {
+            if pool + weights > avail {
+                return Err(BenchError::Args(format!(
+                    "the CPU backend needs {:.1} GB for the KV pool ({pool_blocks} blocks of \
+                     {block_size} tokens) and {:.1} GB for f32 weights; the host has {:.1} GB \
+                     available: lower --max-context or --kv-pool-tokens, pass --cases, or use \
+                     --shared-context",
+                    pool as f64 / 1e9,
+                    weights as f64 / 1e9,
+                    avail as f64 / 1e9
+                )));
+            }
+        }
+    }
+
+    let storage = match device {
+        Device::Cpu => WeightStorage::F32,
+        Device::Cuda => WeightStorage::Checkpoint,
+    };
+    let kv_dtype = match (args.kv_cache_dtype, device) {
+        (KvCacheDtype::Auto, Device::Cpu) => KvDtype::F32,
+        (KvCacheDtype::Auto, Device::Cuda) | (KvCacheDtype::Bf16, _) => KvDtype::Bf16,
+        (KvCacheDtype::Fp8, _) => KvDtype::Fp8,
+        (KvCacheDtype::Nvfp4, _) => {
+            return Err(BenchError::Args(
+                "--kv-cache-dtype nvfp4 is not modelled".into(),
+            ))
+        }
+    };
+
+    // Before the model takes the memory.
+    tracing::info!(bytes = args.copy_bytes, "measuring copy bandwidth");
+    let copy_bw = copy::copy_bandwidth(device, args.copy_bytes)?;
+    tracing::info!(gb_s = copy_bw.gb_s, device = %copy_bw.device_name, "copy bandwidth");
+
+    let opts = LoadOptions {
+        device,
+        load_format: match args.load_format {
+            LoadFormat::Auto => model::LoadFormat::Auto,
+            LoadFormat::Safetensors => model::LoadFormat::Safetensors,
+            LoadFormat::Dummy => model::LoadFormat::Dummy,
+        },
+        kv_pool_tokens: pool_blocks * block_size,
+        block_size: Some(block_size),
+        shard: model::Shard::SINGLE,
+        dummy_seed: args.seed,
+    };
+    let load_started = std::time::Instant::now();
+    let dir = args.model_dir();
+    let ckpt = checkpoint_source::open(&dir, &cfg, &opts)?;
+    let mut runner = model::build(cfg.clone(), &ckpt, &opts, Arc::new(SingleRank))?;
+    drop(ckpt);
+    let load_s = load_started.elapsed().as_secs_f64();
+    let layout = runner.kv_layout();
+    tracing::info!(
+        secs = load_s,
+        num_blocks = layout.num_blocks,
+        block_size = layout.block_size,
+        "model built"
+    );
+    tracing::info!(
+        "DSpark acceptance: not applicable (dummy weights); verify cases time the target's \
+         K+1-row verification pass only"
+    );
+
+    let model = BytesModel {
+        cfg: &cfg,
+        weights: bytes::weight_bytes(&cfg, &manifest, storage),
+        kv: kv_dtype.entry_bytes(&cfg),
+    };
+    let settings = RunSettings {
+        iters: args.iters,
+        warmup: args.warmup,
+        chunk: args.max_num_batched_tokens,
+        shared_context: shared,
+        seed: args.seed,
+    };
+    let mut alloc = BlockAllocator::new(layout.num_blocks);
+    let mut next_seq_id = 1u64;
+    let mut rows = Vec::with_capacity(cases.len());
+    for (case, skip) in cases.iter().zip(skips.iter_mut()) {
+        let outcome = match skip.take() {
+            Some(why) => {
+                tracing::info!(case = %case.label(), "skipped: {why}");
+                Outcome::Skipped(why)
+            }
+            None => {
+                tracing::info!(case = %case.label(), "running");
+                let m = cases::run_case(
+                    runner.as_mut(),
+                    &mut alloc,
+                    &mut next_seq_id,
+                    *case,
+                    &settings,
+                    &model,
+                )
+                .map_err(|e| BenchError::Case(format!("case {}: {e}", case.label())))?;
+                if m.setup_tokens > 0 {
+                    tracing::info!(
+                        case = %case.label(),
+                        tokens = m.setup_tokens,
+                        secs = m.setup.as_secs_f64(),
+                        "KV fill (untimed setup)"
+                    );
+                }
+                tracing::info!(
+                    case = %case.label(),
+                    ms = m.mean_s() * 1e3,
+                    "done"
+                );
+                Outcome::Ran(m)
+            }
+        };
+        rows.push(Row {
+            case: *case,
+            outcome,
+        });
+    }
+
+    Ok(Report {
+        device: match device {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        },
+        device_name: copy_bw.device_name.clone(),
+        copy: copy_bw,
+        config_source: source.display().to_string(),
+        layers: cfg.num_hidden_layers,
+        full_layers,
+        layer_mix: report::layer_mix(&cfg),
+        weights_as: storage,
+        kv_dtype,
+        shared_context: shared,
+        pool_tokens: layout.num_blocks * layout.block_size,
+        chunk: args.max_num_batched_tokens,
+        iters: args.iters,
+        warmup: args.warmup,
+        date: chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        rows,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> BenchArgs {
+        let argv = ["dspark-server", "bench"].iter().chain(extra.iter());
+        match crate::cli::Cli::try_parse_from(argv).unwrap().command {
+            crate::cli::Command::Bench(a) => *a,
+            other => panic!("expected bench, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reduced_depth_keeps_the_first_layers() {
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/v4-flash-config.json"
+        );
+        let s = shape(&args(&["--config-json", fixture, "--num-layers", "4"])).unwrap();
+        assert_eq!(s.full_layers, 43);
+        assert_eq!(s.cfg.num_hidden_layers, 4);
+        assert_eq!(s.cfg.hidden_size, 4096);
+        assert_eq!(report::layer_mix(&s.cfg), "2 sliding, 1 CSA, 1 HCA");
+        let e = shape(&args(&["--config-json", fixture, "--num-layers", "44"]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("only 43 layers"), "{e}");
+    }
+
+    #[test]
+    fn cases_past_the_limits_are_skipped_with_a_reason() {
+        let s = shape(&args(&[])).unwrap();
+        let c = Case::Decode {
+            batch: 2,
+            context: 1000,
+        };
+        let why = skip_reason(&c, &s.cfg, Some(512), None, 128, false).unwrap();
+        assert!(why.contains("above --max-context 512"), "{why}");
+        let c = Case::Decode {
+            batch: 1,
+            context: 1_048_576,
+        };
+        let why = skip_reason(&c, &s.cfg, None, None, 128, false).unwrap();
+        assert!(why.contains("max_position_embeddings"), "{why}");
+        let c = Case::Prefill { prompt: 1024 };
+        let why = skip_reason(&c, &s.cfg, None, Some(4), 128, false).unwrap();
+        assert!(why.contains("pool holds 512"), "{why}");
+        assert!(skip_reason(&c, &s.cfg, None, Some(8), 128, false).is_none());
+    }
+
+    #[test]
+    fn world_size_above_one_is_refused() {
+        let e = run(&args(&["--world-size", "2"]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("single rank"), "{e}");
+    }
+}
