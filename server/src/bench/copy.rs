@@ -74,14 +74,20 @@ fn cpu_name() -> String {
 
 /// Device-to-device copy on GPU 0, timed with CUDA events.
 fn cuda_copy(bytes: usize) -> Result<CopyBandwidth, BenchError> {
-    // cudarc panics when it cannot load libcuda: make that an error.
+    let no_driver = || {
+        BenchError::Copy(
+            "cannot load the CUDA driver library (libcuda.so): no GPU here? use --device cpu"
+                .into(),
+        )
+    };
+    // SAFETY: this only dlopens libcuda (running its initialisers), which the first cudarc call
+    // below would do anyway; no CUDA state exists yet in this process to be disturbed.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(no_driver());
+    }
+    // cudarc panics when it cannot load a symbol it needs: make that an error too.
     std::panic::catch_unwind(|| cuda_copy_inner(bytes))
-        .map_err(|_| {
-            BenchError::Copy(
-                "cannot load the CUDA driver library (libcuda.so): no GPU here? use --device cpu"
-                    .into(),
-            )
-        })?
+        .map_err(|_| no_driver())?
         .map_err(|e| BenchError::Copy(format!("CUDA device-to-device copy: {e:?}")))
 }
 

@@ -271,6 +271,25 @@ mod tests {
     use crate::bench::bytes::StepBytes;
     use std::time::Duration;
 
+    /// Splits one CSV line, honouring double-quoted fields.
+    fn split_csv(line: &str) -> Vec<String> {
+        let (mut out, mut cur, mut quoted) = (Vec::new(), String::new(), false);
+        let mut chars = line.chars().peekable();
+        while let Some(c) = chars.next() {
+            match (c, quoted) {
+                ('"', true) if chars.peek() == Some(&'"') => {
+                    cur.push('"');
+                    chars.next();
+                }
+                ('"', _) => quoted = !quoted,
+                (',', false) => out.push(std::mem::take(&mut cur)),
+                _ => cur.push(c),
+            }
+        }
+        out.push(cur);
+        out
+    }
+
     fn report(rows: Vec<Row>) -> Report {
         Report {
             device: "cpu",
@@ -336,7 +355,9 @@ mod tests {
         let lines: Vec<&str> = csv.lines().collect();
         let n = CSV_HEADER.split(',').count();
         assert_eq!(lines.len(), 3);
-        assert_eq!(lines[1].split(',').count(), n, "{}", lines[1]);
+        assert_eq!(split_csv(lines[1]).len(), n, "{}", lines[1]);
+        assert_eq!(split_csv(lines[2]).len(), n, "{}", lines[2]);
+        assert_eq!(split_csv(lines[2])[19], "Test CPU, 2 threads");
         assert!(lines[1].starts_with("decode:4:100,decode,4,100,4,1,20.000000,10.000000,"));
         assert!(lines[2].contains("\"skipped: above --max-context 10, really\""));
         assert!(lines[2].contains("\"Test CPU, 2 threads\""));
