@@ -197,11 +197,16 @@ pub fn run(args: &BenchArgs) -> Result<Report, BenchError> {
             .sum();
         if let Some(avail) = host_memory_available() {
             if pool + weights > avail {
+                let advice = if weights > avail {
+                    "the weights alone do not fit: use --device cuda or fewer --num-layers"
+                } else {
+                    "lower --max-context or --kv-pool-tokens, pass fewer --cases, or use \
+                     --shared-context"
+                };
                 return Err(BenchError::Args(format!(
-                    "the CPU backend needs {:.1} GB for the KV pool ({pool_blocks} blocks of \
-                     {block_size} tokens) and {:.1} GB for f32 weights; the host has {:.1} GB \
-                     available: lower --max-context or --kv-pool-tokens, pass --cases, or use \
-                     --shared-context",
+                    "the CPU backend needs {:.2} GB for the KV pool ({pool_blocks} blocks of \
+                     {block_size} tokens) and {:.2} GB for f32 weights; the host has {:.2} GB \
+                     available: {advice}",
                     pool as f64 / 1e9,
                     weights as f64 / 1e9,
                     avail as f64 / 1e9
