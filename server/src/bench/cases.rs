@@ -229,8 +229,10 @@ pub struct Measured {
     pub steps: usize,
     /// Wall time of each timed unit.
     pub times: Vec<Duration>,
-    /// Modelled bytes of one unit.
+    /// Modelled bytes of one unit, at the depth run.
     pub bytes: StepBytes,
+    /// The same at the config's full depth (equal to `bytes` when all layers run).
+    pub full_depth_bytes: StepBytes,
     /// Untimed KV fill before the timed steps.
     pub setup: Duration,
     pub setup_tokens: usize,
@@ -249,16 +251,28 @@ impl Measured {
     }
 }
 
-/// The byte model's inputs for the run.
+/// The byte model's inputs for the run, at the depth run and at the full depth.
 pub struct BytesModel<'a> {
     pub cfg: &'a ModelConfig,
     pub weights: WeightBytes,
+    pub full_cfg: &'a ModelConfig,
+    pub full_weights: WeightBytes,
     pub kv: KvEntryBytes,
 }
 
 impl BytesModel<'_> {
-    fn step(&self, seqs: &[SeqShape], wants_logits: bool) -> StepBytes {
-        bytes::step_bytes(self.cfg, &self.weights, self.kv, seqs, wants_logits)
+    /// `(run depth, full depth)` bytes of one step.
+    fn step(&self, seqs: &[SeqShape], wants_logits: bool) -> (StepBytes, StepBytes) {
+        (
+            bytes::step_bytes(self.cfg, &self.weights, self.kv, seqs, wants_logits),
+            bytes::step_bytes(
+                self.full_cfg,
+                &self.full_weights,
+                self.kv,
+                seqs,
+                wants_logits,
+            ),
+        )
     }
 }
 
@@ -376,11 +390,13 @@ pub fn run_case(
                 // Each repetition rewrites the same positions (as after rejected drafts), so
                 // the context stays exactly `context`.
                 let times = time_steps(runner, &plan, settings)?;
+                let (bytes, full_depth_bytes) = model.step(&shapes, true);
                 Ok(Measured {
                     tokens: batch * q,
                     steps: 1,
                     times,
-                    bytes: model.step(&shapes, true),
+                    bytes,
+                    full_depth_bytes,
                     setup,
                     setup_tokens,
                 })
@@ -485,13 +501,16 @@ fn time_prefill(
         })
         .collect();
     let mut bytes = StepBytes::default();
+    let mut full_depth_bytes = StepBytes::default();
     for p in &chunks {
         let s = &p.seqs[0];
         let shape = SeqShape {
             start: s.start_pos as u64,
             tokens: s.tokens.len() as u64,
         };
-        bytes.add(&model.step(&[shape], s.logits != LogitsWanted::None));
+        let (run, full) = model.step(&[shape], s.logits != LogitsWanted::None);
+        bytes.add(&run);
+        full_depth_bytes.add(&full);
     }
     let run = |runner: &mut dyn ModelRunner| -> Result<Duration, BenchError> {
         let t = Instant::now();
@@ -511,6 +530,7 @@ fn time_prefill(
         steps: chunks.len(),
         times,
         bytes,
+        full_depth_bytes,
         setup: Duration::ZERO,
         setup_tokens: 0,
     })

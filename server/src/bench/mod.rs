@@ -60,6 +60,8 @@ fn device_of(args: &BenchArgs) -> Device {
 /// The shape the bench runs: the config (possibly cut to fewer layers) and the full depth.
 pub struct Shape {
     pub cfg: ModelConfig,
+    /// The config as written (all layers).
+    pub full: ModelConfig,
     pub full_layers: usize,
     pub source: PathBuf,
 }
@@ -78,7 +80,7 @@ pub fn shape(args: &BenchArgs) -> Result<Shape, BenchError> {
     let full = ModelConfig::from_json(&value)?;
     let full_layers = full.num_hidden_layers;
     let cfg = match args.num_layers {
-        None => full,
+        None => full.clone(),
         Some(n) if n > full_layers => {
             return Err(BenchError::Args(format!(
                 "--num-layers {n}: the config has only {full_layers} layers"
@@ -95,6 +97,7 @@ pub fn shape(args: &BenchArgs) -> Result<Shape, BenchError> {
     };
     Ok(Shape {
         cfg,
+        full,
         full_layers,
         source,
     })
@@ -156,6 +159,7 @@ pub fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     };
     let Shape {
         cfg,
+        full,
         full_layers,
         source,
     } = shape(args)?;
@@ -268,6 +272,8 @@ pub fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     let model = BytesModel {
         cfg: &cfg,
         weights: bytes::weight_bytes(&cfg, &manifest, storage),
+        full_cfg: &full,
+        full_weights: bytes::weight_bytes(&full, &manifest::target_tensors(&full), storage),
         kv: kv_dtype.entry_bytes(&cfg),
     };
     let settings = RunSettings {

@@ -64,6 +64,11 @@ pub struct Figures {
     /// Step time scaled to the full depth: `step_s * full_layers / layers` (an estimate).
     pub scaled_step_s: f64,
     pub scaled_tok_s: f64,
+    /// Modelled bytes of the unit at the full depth.
+    pub full_depth_bytes: f64,
+    /// The time moving `full_depth_bytes` at this row's achieved GB/s would take (an estimate
+    /// that weighs the layer types as the full model has them).
+    pub full_depth_step_s_at_gb_s: f64,
 }
 
 impl Report {
@@ -83,6 +88,8 @@ impl Report {
             pct_of_copy: 100.0 * gb_s / self.copy.gb_s.max(1e-12),
             scaled_step_s: step_s * scale,
             scaled_tok_s: m.tokens as f64 / (step_s * scale).max(1e-12),
+            full_depth_bytes: m.full_depth_bytes.total(),
+            full_depth_step_s_at_gb_s: m.full_depth_bytes.total() / (gb_s * 1e9).max(1e-12),
         }
     }
 
@@ -198,7 +205,8 @@ impl Report {
                     let f = self.figures(m);
                     let _ = write!(
                         s,
-                        "{},{},{:.6},{:.6},{:.3},{:.0},{:.0},{:.0},{:.4},{:.3},{:.6},{:.3},{:.3},ok,",
+                        "{},{},{:.6},{:.6},{:.3},{:.0},{:.0},{:.0},{:.4},{:.3},{:.6},{:.3},{:.0},\
+                         {:.6},{:.3},ok,",
                         m.tokens,
                         m.steps,
                         f.step_s * 1e3,
@@ -211,11 +219,17 @@ impl Report {
                         f.pct_of_copy,
                         f.scaled_step_s * 1e3,
                         f.scaled_tok_s,
+                        f.full_depth_bytes,
+                        f.full_depth_step_s_at_gb_s * 1e3,
                         m.setup.as_secs_f64(),
                     );
                 }
                 Outcome::Skipped(why) => {
-                    let _ = write!(s, ",,,,,,,,,,,,,{},", csv_field(&format!("skipped: {why}")));
+                    let _ = write!(
+                        s,
+                        ",,,,,,,,,,,,,,,{},",
+                        csv_field(&format!("skipped: {why}"))
+                    );
                 }
             }
             let _ = writeln!(
@@ -242,7 +256,8 @@ impl Report {
 }
 
 pub const CSV_HEADER: &str = "case,kind,batch,context,tokens,steps,step_ms,min_step_ms,tok_s,\
-bytes,weight_bytes,kv_bytes,gb_s,pct_of_copy,scaled_step_ms,scaled_tok_s,setup_s,status,\
+bytes,weight_bytes,kv_bytes,gb_s,pct_of_copy,scaled_step_ms,scaled_tok_s,full_depth_bytes,\
+full_depth_ms_at_gb_s,setup_s,status,\
 device,device_name,layers,full_layers,weights_as,kv_dtype,kv_context,prefill_chunk,copy_gb_s,date";
 
 /// Quotes a field that holds a comma or quote.
@@ -326,6 +341,11 @@ mod tests {
                 kv_read: 1e8,
                 ..StepBytes::default()
             },
+            full_depth_bytes: StepBytes {
+                dense_weights: 2e8,
+                kv_read: 2e8,
+                ..StepBytes::default()
+            },
             setup: Duration::from_secs(1),
             setup_tokens: 100,
         };
@@ -351,13 +371,15 @@ mod tests {
         assert!((f.pct_of_copy - 100.0).abs() < 1e-9);
         assert!((f.tok_s - 200.0).abs() < 1e-9);
         assert!((f.scaled_step_s - 0.040).abs() < 1e-12);
+        // 400 MB at 10 GB/s.
+        assert!((f.full_depth_step_s_at_gb_s - 0.040).abs() < 1e-12);
         let csv = r.csv();
         let lines: Vec<&str> = csv.lines().collect();
         let n = CSV_HEADER.split(',').count();
         assert_eq!(lines.len(), 3);
         assert_eq!(split_csv(lines[1]).len(), n, "{}", lines[1]);
         assert_eq!(split_csv(lines[2]).len(), n, "{}", lines[2]);
-        assert_eq!(split_csv(lines[2])[19], "Test CPU, 2 threads");
+        assert_eq!(split_csv(lines[2])[21], "Test CPU, 2 threads");
         assert!(lines[1].starts_with("decode:4:100,decode,4,100,4,1,20.000000,10.000000,"));
         assert!(lines[2].contains("\"skipped: above --max-context 10, really\""));
         assert!(lines[2].contains("\"Test CPU, 2 threads\""));
