@@ -271,6 +271,19 @@ impl ServeArgs {
     }
 }
 
+/// How `dspark-server bench` counts weight bytes (see docs/PERFORMANCE.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WeightsAs {
+    /// f32 on cpu, packed-f32 on cuda: what each backend holds today.
+    Auto,
+    /// The checkpoint's encodings throughout (FP8 + tiles, FP4 + scales, bf16 at 2 bytes).
+    Checkpoint,
+    /// FP8/FP4 packed, bf16 and f32 tensors as f32.
+    PackedF32,
+    /// Everything as f32.
+    F32,
+}
+
 /// Flags of `dspark-server bench`: an offline benchmark of the engine through `ModelRunner`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -325,10 +338,15 @@ pub struct BenchArgs {
     #[arg(long, env = "DSPARK_MAX_NUM_BATCHED_TOKENS", default_value_t = 8192)]
     pub max_num_batched_tokens: usize,
 
-    /// KV element type the bytes model assumes [auto: f32 on cpu (the reference layout), bf16
-    /// on cuda]. The runner's own KV dtype is not changed by this flag.
+    /// KV element type the bytes model assumes [auto: f32, the pool both backends keep today
+    /// (docs/KV.md)]. The runner's own KV storage is not changed by this flag.
     #[arg(long, env = "DSPARK_KV_CACHE_DTYPE", value_enum, default_value_t = KvCacheDtype::Auto)]
     pub kv_cache_dtype: KvCacheDtype,
+
+    /// How the bytes model counts weight bytes [auto: f32 on cpu; packed-f32 on cuda, FP8/FP4
+    /// packed and bf16 widened to f32 as the CUDA backend holds them today (docs/CUDA.md)].
+    #[arg(long, env = "DSPARK_WEIGHTS_AS", value_enum, default_value_t = WeightsAs::Auto)]
+    pub weights_as: WeightsAs,
 
     /// Sequences of a decode/verify case share the KV blocks of their common context (filled
     /// once, as prefix caching would) instead of each filling its own: much faster setup, but

@@ -25,6 +25,9 @@ pub enum WeightStorage {
     /// The checkpoint's dtypes: FP8 e4m3 + one E8M0 scale per 128x128 block, FP4 e2m1 (two per
     /// byte) + one UE8M0 scale per 32 values, bf16, f32 (what a GPU backend keeps).
     Checkpoint,
+    /// FP8 and FP4 tensors kept packed as in the checkpoint, bf16 and f32 ones held as f32
+    /// (the CUDA backend as docs/CUDA.md describes it today).
+    PackedF32,
     /// Every float tensor dequantized to f32 (the CPU reference backend).
     F32,
 }
@@ -33,6 +36,7 @@ impl WeightStorage {
     pub fn name(self) -> &'static str {
         match self {
             Self::Checkpoint => "checkpoint",
+            Self::PackedF32 => "packed-f32",
             Self::F32 => "f32",
         }
     }
@@ -101,6 +105,7 @@ pub fn tensor_bytes(t: &ExpectedTensor, storage: WeightStorage) -> u64 {
     }
     match t.dtype {
         StoredDtype::F32 => n * 4,
+        StoredDtype::Bf16 if storage == WeightStorage::PackedF32 => n * 4,
         StoredDtype::Bf16 => n * 2,
         StoredDtype::I64 => n * 8,
         StoredDtype::Fp8Block => {
@@ -291,6 +296,18 @@ mod tests {
             tensor_bytes(&fp4, WeightStorage::Checkpoint),
             4_194_304 + 262_144
         );
+        // Packed FP8/FP4 stay packed, bf16 widens to f32.
+        assert_eq!(
+            tensor_bytes(&fp4, WeightStorage::PackedF32),
+            4_194_304 + 262_144
+        );
+        assert_eq!(
+            tensor_bytes(&fp8, WeightStorage::PackedF32),
+            4_194_304 + 256
+        );
+        let bf16 = t(vec![256, 4096], StoredDtype::Bf16);
+        assert_eq!(tensor_bytes(&bf16, WeightStorage::Checkpoint), 2_097_152);
+        assert_eq!(tensor_bytes(&bf16, WeightStorage::PackedF32), 4_194_304);
         let ids = t(vec![10, 6], StoredDtype::I64);
         assert_eq!(tensor_bytes(&ids, WeightStorage::F32), 480);
     }
