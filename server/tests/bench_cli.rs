@@ -149,6 +149,57 @@ fn tiny_model_cases_write_a_table_and_a_csv() {
 }
 
 #[test]
+fn shared_context_and_reduced_depth() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("bench.csv");
+    // 300 tokens of context: two full blocks shared by the three sequences, a partial third
+    // block each (filled per sequence).
+    let out = bench()
+        .args([
+            "--device",
+            "cpu",
+            "--cases",
+            "decode:3:300,verify:2:300:5",
+            "--shared-context",
+            "--num-layers",
+            "2",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--copy-bytes",
+            "16777216",
+            "--csv",
+        ])
+        .arg(&csv)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("layers run: 2 of 4"), "{stdout}");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let header = split_csv(lines[0]);
+    assert_eq!(lines.len(), 3, "{text}");
+    for line in &lines[1..] {
+        let row = split_csv(line);
+        assert_eq!(column(&header, &row, "status"), "ok");
+        assert_eq!(column(&header, &row, "kv_context"), "shared");
+        assert_eq!(column(&header, &row, "layers"), "2");
+        let ms: f64 = column(&header, &row, "step_ms").parse().unwrap();
+        let scaled: f64 = column(&header, &row, "scaled_step_ms").parse().unwrap();
+        assert!((scaled / ms - 2.0).abs() < 1e-3, "{line}");
+        let bytes: f64 = column(&header, &row, "bytes").parse().unwrap();
+        let full: f64 = column(&header, &row, "full_depth_bytes").parse().unwrap();
+        assert!(full > bytes && bytes > 0.0, "{line}");
+    }
+}
+
+#[test]
 fn bad_flags_exit_non_zero_with_a_clear_message() {
     let cases: [(&[&str], &str); 5] = [
         (
