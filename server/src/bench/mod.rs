@@ -203,16 +203,18 @@ pub fn run(args: &BenchArgs) -> Result<Report, BenchError> {
                 "lower --max-context or --kv-pool-tokens, pass fewer --cases, or use \
                  --shared-context"
             };
+            let weights_note = if weights > 0 {
+                format!(
+                    " and the CPU backend {:.2} GB for f32 weights",
+                    weights as f64 / 1e9
+                )
+            } else {
+                String::new()
+            };
             return Err(BenchError::Args(format!(
                 "the KV pool needs {:.2} GB of host memory ({pool_blocks} blocks of {block_size} \
-                 tokens) and the {} backend {:.2} GB for f32 weights; the host has {:.2} GB \
-                 available: {advice}",
+                 tokens){weights_note}; the host has {:.2} GB available: {advice}",
                 pool as f64 / 1e9,
-                match device {
-                    Device::Cpu => "cpu",
-                    Device::Cuda => "cuda",
-                },
-                weights as f64 / 1e9,
                 avail as f64 / 1e9
             )));
         }
