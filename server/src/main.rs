@@ -50,13 +50,18 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// `dspark-server bench`: the table on stdout, the CSV where --csv says.
+/// `dspark-server bench`: the table on stdout and the CSV where --csv says, row by row.
 fn bench(args: &BenchArgs) -> anyhow::Result<std::process::ExitCode> {
-    let report = dspark_server::bench::run(args)?;
-    print!("{}", report.table());
-    if let Some(path) = &args.csv {
-        std::fs::write(path, report.csv())
-            .with_context(|| format!("cannot write the CSV to {}", path.display()))?;
+    use dspark_server::bench::{self, report::Outcome};
+    let mut sink = bench::WriterSink::new(std::io::stdout(), args.csv.as_deref())?;
+    let report = bench::run(args, &mut sink)?;
+    let failed = report
+        .rows
+        .iter()
+        .filter(|r| matches!(r.outcome, Outcome::Failed(_)))
+        .count();
+    if failed > 0 {
+        bail!("{failed} case(s) failed (see the table)");
     }
     Ok(std::process::ExitCode::SUCCESS)
 }

@@ -201,7 +201,7 @@ fn shared_context_and_reduced_depth() {
 
 #[test]
 fn bad_flags_exit_non_zero_with_a_clear_message() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (
             &["--cases", "decode:x:256"],
             "batch `x` is not a positive integer",
@@ -210,6 +210,10 @@ fn bad_flags_exit_non_zero_with_a_clear_message() {
         (&["--world-size", "2"], "single rank"),
         (&["--iters", "0"], "--iters must be at least 1"),
         (&["--num-layers", "9"], "only 4 layers"),
+        (
+            &["--csv", "/nonexistent/dir/bench.csv"],
+            "cannot create the CSV /nonexistent/dir/bench.csv",
+        ),
     ];
     for (args, want) in cases {
         let out = bench()

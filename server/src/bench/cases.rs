@@ -539,6 +539,202 @@ fn time_prefill(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::{EngineError, KvLayout, StepOutput};
+
+    /// Records the plans it gets; fails the `fail_at`-th step.
+    struct Scripted {
+        plans: Vec<StepPlan>,
+        released: Vec<u64>,
+        fail_at: Option<usize>,
+    }
+
+    impl ModelRunner for Scripted {
+        fn kv_layout(&self) -> KvLayout {
+            KvLayout {
+                block_size: 16,
+                num_blocks: 64,
+                bytes_per_block: 1,
+            }
+        }
+        fn vocab_size(&self) -> usize {
+            100
+        }
+        fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, EngineError> {
+            self.plans.push(plan.clone());
+            if Some(self.plans.len()) == self.fail_at {
+                return Err(EngineError::Backend("out of device memory".into()));
+            }
+            Ok(StepOutput::default())
+        }
+        fn release(&mut self, seq_id: u64) {
+            self.released.push(seq_id);
+        }
+    }
+
+    fn bytes_model(cfg: &ModelConfig) -> BytesModel<'_> {
+        let w = WeightBytes::default();
+        BytesModel {
+            cfg,
+            weights: w,
+            full_cfg: cfg,
+            full_weights: w,
+            kv: KvEntryBytes {
+                latent_row: 1,
+                indexer_row: 1,
+            },
+        }
+    }
+
+    fn tiny() -> ModelConfig {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-dsv4");
+        ModelConfig::from_dir(&dir).unwrap()
+    }
+
+    fn settings(shared_context: bool) -> RunSettings {
+        RunSettings {
+            iters: 2,
+            warmup: 1,
+            chunk: 40,
+            shared_context,
+            seed: 7,
+        }
+    }
+
+    #[test]
+    fn plans_have_the_shapes_of_each_case() {
+        let cfg = tiny();
+        let model = bytes_model(&cfg);
+        let mut r = Scripted {
+            plans: vec![],
+            released: vec![],
+            fail_at: None,
+        };
+        let mut alloc = BlockAllocator::new(64);
+        let mut next = 1;
+        // Verify at 50 for 2 sequences: fills of 50 tokens each packed in 40-token steps
+        // (40 | 10 + 30 | 20), then 1 + 2 steps of K+1 = 4 rows with all logits.
+        let case = Case::Verify {
+            batch: 2,
+            context: 50,
+            k: 3,
+        };
+        let m = run_case(
+            &mut r,
+            &mut alloc,
+            &mut next,
+            case,
+            &settings(false),
+            &model,
+        )
+        .unwrap();
+        assert_eq!(
+            (m.tokens, m.steps, m.times.len(), m.setup_tokens),
+            (8, 1, 2, 100)
+        );
+        let fills: Vec<usize> = r.plans[..3]
+            .iter()
+            .map(|p| p.seqs.iter().map(|s| s.tokens.len()).sum())
+            .collect();
+        assert_eq!(fills, vec![40, 40, 20]);
+        assert!(r.plans[..3]
+            .iter()
+            .flat_map(|p| &p.seqs)
+            .all(|s| s.logits == LogitsWanted::None));
+        for p in &r.plans[3..] {
+            assert_eq!(p.seqs.len(), 2);
+            for s in &p.seqs {
+                assert_eq!((s.start_pos, s.tokens.len()), (50, 4));
+                assert_eq!(s.logits, LogitsWanted::All);
+                // 54 positions in blocks of 16: 4 blocks, none shared.
+                assert_eq!(s.block_table.len(), 4);
+                assert!(s.draft.is_none());
+            }
+            assert!(p.seqs[0]
+                .block_table
+                .iter()
+                .all(|b| !p.seqs[1].block_table.contains(b)));
+        }
+        assert_eq!(r.released, vec![1, 2]);
+        assert_eq!(alloc.available(), 64);
+
+        // Shared context: the 3 full blocks (48 tokens) once, then 2 tokens per sequence.
+        r.plans.clear();
+        let case = Case::Decode {
+            batch: 2,
+            context: 50,
+        };
+        let m = run_case(&mut r, &mut alloc, &mut next, case, &settings(true), &model).unwrap();
+        assert_eq!(m.setup_tokens, 48 + 2 * 2);
+        let timed = r.plans.last().unwrap();
+        let (a, b) = (&timed.seqs[0].block_table, &timed.seqs[1].block_table);
+        assert_eq!(a[..3], b[..3]);
+        assert_ne!(a[3], b[3]);
+        assert_eq!(timed.seqs[0].logits, LogitsWanted::Last);
+        assert_eq!(alloc.available(), 64);
+
+        // Prefill of 100 in chunks of 40: logits only at the end.
+        r.plans.clear();
+        let m = run_case(
+            &mut r,
+            &mut alloc,
+            &mut next,
+            Case::Prefill { prompt: 100 },
+            &settings(false),
+            &model,
+        )
+        .unwrap();
+        assert_eq!((m.tokens, m.steps), (100, 3));
+        let one: Vec<(usize, usize, LogitsWanted)> = r.plans[..3]
+            .iter()
+            .map(|p| {
+                (
+                    p.seqs[0].start_pos,
+                    p.seqs[0].tokens.len(),
+                    p.seqs[0].logits,
+                )
+            })
+            .collect();
+        assert_eq!(
+            one,
+            vec![
+                (0, 40, LogitsWanted::None),
+                (40, 40, LogitsWanted::None),
+                (80, 20, LogitsWanted::Last)
+            ]
+        );
+        // Warm-up + 2 timed runs of 3 chunks.
+        assert_eq!(r.plans.len(), 9);
+    }
+
+    #[test]
+    fn a_failing_step_still_releases_the_case() {
+        let cfg = tiny();
+        let model = bytes_model(&cfg);
+        let mut r = Scripted {
+            plans: vec![],
+            released: vec![],
+            fail_at: Some(2),
+        };
+        let mut alloc = BlockAllocator::new(64);
+        let mut next = 1;
+        let case = Case::Decode {
+            batch: 3,
+            context: 20,
+        };
+        let e = run_case(
+            &mut r,
+            &mut alloc,
+            &mut next,
+            case,
+            &settings(false),
+            &model,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("out of device memory"), "{e}");
+        assert_eq!(r.released, vec![1, 2, 3]);
+        assert_eq!(alloc.available(), 64);
+    }
 
     #[test]
     fn parses_the_three_kinds() {

@@ -143,9 +143,9 @@ fn skip_reason(
     }
 }
 
-/// Runs the benchmark described by `args`. Progress goes to the log; the caller prints the
-/// report.
-pub fn run(args: &BenchArgs) -> Result<Report, BenchError> {
+/// Runs the benchmark described by `args`, handing `sink` the report as it grows (progress goes
+/// to the log). A case whose step fails is reported as failed and the next one runs.
+pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchError> {
     args.validate().map_err(BenchError::Args)?;
     let device = device_of(args);
     let cases = match &args.cases {
@@ -290,47 +290,7 @@ pub fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     };
     let mut alloc = BlockAllocator::new(layout.num_blocks);
     let mut next_seq_id = 1u64;
-    let mut rows = Vec::with_capacity(cases.len());
-    for (case, skip) in cases.iter().zip(skips.iter_mut()) {
-        let outcome = match skip.take() {
-            Some(why) => {
-                tracing::info!(case = %case.label(), "skipped: {why}");
-                Outcome::Skipped(why)
-            }
-            None => {
-                tracing::info!(case = %case.label(), "running");
-                let m = cases::run_case(
-                    runner.as_mut(),
-                    &mut alloc,
-                    &mut next_seq_id,
-                    *case,
-                    &settings,
-                    &model,
-                )
-                .map_err(|e| BenchError::Case(format!("case {}: {e}", case.label())))?;
-                if m.setup_tokens > 0 {
-                    tracing::info!(
-                        case = %case.label(),
-                        tokens = m.setup_tokens,
-                        secs = m.setup.as_secs_f64(),
-                        "KV fill (untimed setup)"
-                    );
-                }
-                tracing::info!(
-                    case = %case.label(),
-                    ms = m.mean_s() * 1e3,
-                    "done"
-                );
-                Outcome::Ran(m)
-            }
-        };
-        rows.push(Row {
-            case: *case,
-            outcome,
-        });
-    }
-
-    Ok(Report {
+    let mut report = Report {
         device: match device {
             Device::Cpu => "cpu",
             Device::Cuda => "cuda",
@@ -349,8 +309,118 @@ pub fn run(args: &BenchArgs) -> Result<Report, BenchError> {
         iters: args.iters,
         warmup: args.warmup,
         date: chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
-        rows,
-    })
+        rows: Vec::with_capacity(cases.len()),
+    };
+    sink.begin(&report)?;
+    for (case, skip) in cases.iter().zip(skips.iter_mut()) {
+        let outcome = match skip.take() {
+            Some(why) => {
+                tracing::info!(case = %case.label(), "skipped: {why}");
+                Outcome::Skipped(why)
+            }
+            None => {
+                tracing::info!(case = %case.label(), "running");
+                match cases::run_case(
+                    runner.as_mut(),
+                    &mut alloc,
+                    &mut next_seq_id,
+                    *case,
+                    &settings,
+                    &model,
+                ) {
+                    Ok(m) => {
+                        if m.setup_tokens > 0 {
+                            tracing::info!(
+                                case = %case.label(),
+                                tokens = m.setup_tokens,
+                                secs = m.setup.as_secs_f64(),
+                                "KV fill (untimed setup)"
+                            );
+                        }
+                        tracing::info!(case = %case.label(), ms = m.mean_s() * 1e3, "done");
+                        Outcome::Ran(m)
+                    }
+                    // Keep what the other cases measure (e.g. one case out of device memory).
+                    Err(e) => {
+                        tracing::error!(case = %case.label(), "failed: {e}");
+                        Outcome::Failed(e.to_string())
+                    }
+                }
+            }
+        };
+        let row = Row {
+            case: *case,
+            outcome,
+        };
+        sink.row(&report, &row)?;
+        report.rows.push(row);
+    }
+    Ok(report)
+}
+
+/// Receives the report as it grows, so a run cut short keeps what it measured: the run's
+/// context once, then each row as its case ends.
+pub trait ReportSink {
+    fn begin(&mut self, report: &Report) -> Result<(), BenchError>;
+    fn row(&mut self, report: &Report, row: &Row) -> Result<(), BenchError>;
+}
+
+/// Discards everything (the caller reads the returned report).
+pub struct NoSink;
+
+impl ReportSink for NoSink {
+    fn begin(&mut self, _: &Report) -> Result<(), BenchError> {
+        Ok(())
+    }
+    fn row(&mut self, _: &Report, _: &Row) -> Result<(), BenchError> {
+        Ok(())
+    }
+}
+
+/// The table on a writer (stdout) and, optionally, the CSV in a file, each row flushed as it
+/// comes.
+pub struct WriterSink<W: std::io::Write> {
+    pub table: W,
+    pub csv: Option<(PathBuf, std::fs::File)>,
+}
+
+impl<W: std::io::Write> WriterSink<W> {
+    /// Creates the CSV file now, so a bad path fails before any work.
+    pub fn new(table: W, csv: Option<&std::path::Path>) -> Result<Self, BenchError> {
+        let csv = match csv {
+            None => None,
+            Some(p) => Some((
+                p.to_path_buf(),
+                std::fs::File::create(p).map_err(|e| {
+                    BenchError::Io(format!("cannot create the CSV {}: {e}", p.display()))
+                })?,
+            )),
+        };
+        Ok(Self { table, csv })
+    }
+
+    fn write(&mut self, table: &str, csv: &str) -> Result<(), BenchError> {
+        self.table
+            .write_all(table.as_bytes())
+            .and_then(|()| self.table.flush())
+            .map_err(|e| BenchError::Io(format!("cannot write the table: {e}")))?;
+        if let Some((path, file)) = &mut self.csv {
+            use std::io::Write as _;
+            file.write_all(csv.as_bytes())
+                .and_then(|()| file.flush())
+                .map_err(|e| BenchError::Io(format!("cannot write {}: {e}", path.display())))?;
+        }
+        Ok(())
+    }
+}
+
+impl<W: std::io::Write> ReportSink for WriterSink<W> {
+    fn begin(&mut self, report: &Report) -> Result<(), BenchError> {
+        self.write(&report.table_header(), &format!("{}\n", report::CSV_HEADER))
+    }
+    fn row(&mut self, report: &Report, row: &Row) -> Result<(), BenchError> {
+        self.write(&report.table_row(row), &report.csv_row(row))
+    }
 }
 
 #[cfg(test)]
@@ -407,7 +477,7 @@ mod tests {
 
     #[test]
     fn world_size_above_one_is_refused() {
-        let e = run(&args(&["--world-size", "2"]))
+        let e = run(&args(&["--world-size", "2"]), &mut NoSink)
             .err()
             .unwrap()
             .to_string();

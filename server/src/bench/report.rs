@@ -11,6 +11,8 @@ use crate::engine::model::config::{AttentionKind, ModelConfig};
 pub enum Outcome {
     Ran(Measured),
     Skipped(String),
+    /// The case started and an engine step failed; later cases still run.
+    Failed(String),
 }
 
 #[derive(Debug)]
@@ -95,6 +97,15 @@ impl Report {
 
     /// The header lines and the table.
     pub fn table(&self) -> String {
+        let mut s = self.table_header();
+        for r in &self.rows {
+            s.push_str(&self.table_row(r));
+        }
+        s
+    }
+
+    /// What the run ran on, and the column titles.
+    pub fn table_header(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "dspark-server bench  {}", self.date);
         let _ = writeln!(s, "device: {} ({})", self.device, self.device_name);
@@ -153,7 +164,13 @@ impl Report {
             scaled,
             scaled_tok
         );
-        for r in &self.rows {
+        s
+    }
+
+    /// One line of the table.
+    pub fn table_row(&self, r: &Row) -> String {
+        let mut s = String::new();
+        {
             let head = format!(
                 "{:<22} {:>5} {:>8}",
                 r.case.label(),
@@ -163,6 +180,9 @@ impl Report {
             match &r.outcome {
                 Outcome::Skipped(why) => {
                     let _ = writeln!(s, "{head} skipped: {why}");
+                }
+                Outcome::Failed(why) => {
+                    let _ = writeln!(s, "{head} FAILED: {why}");
                 }
                 Outcome::Ran(m) => {
                     let f = self.figures(m);
@@ -191,6 +211,15 @@ impl Report {
         let mut s = String::from(CSV_HEADER);
         s.push('\n');
         for r in &self.rows {
+            s.push_str(&self.csv_row(r));
+        }
+        s
+    }
+
+    /// One CSV line (with its newline).
+    pub fn csv_row(&self, r: &Row) -> String {
+        let mut s = String::new();
+        {
             let c = &r.case;
             let _ = write!(
                 s,
@@ -229,6 +258,13 @@ impl Report {
                         s,
                         ",,,,,,,,,,,,,,,{},",
                         csv_field(&format!("skipped: {why}"))
+                    );
+                }
+                Outcome::Failed(why) => {
+                    let _ = write!(
+                        s,
+                        ",,,,,,,,,,,,,,,{},",
+                        csv_field(&format!("failed: {why}"))
                     );
                 }
             }
