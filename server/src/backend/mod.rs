@@ -143,6 +143,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Rows `ids` of `w`, concatenated (embedding lookup).
     fn gather_rows(&self, w: &Self::Matrix, ids: &[u32]) -> Result<Vec<f32>, BackendError>;
 
+    /// Cumulative calls and wall time per kind of operation (device backends).
+    fn op_times(&self) -> Vec<crate::engine::OpTime> {
+        Vec::new()
+    }
+
     /// Whether the loader should hand quantized tensors over packed ([`Self::packed_matrix`])
     /// instead of widened to f32.
     fn accepts_packed(&self) -> bool {

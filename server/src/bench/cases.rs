@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use super::bytes::{self, KvEntryBytes, SeqShape, StepBytes, WeightBytes};
 use super::BenchError;
 use crate::engine::model::ModelConfig;
-use crate::engine::{LogitsWanted, ModelRunner, SeqPlan, StepPlan};
+use crate::engine::{LogitsWanted, ModelRunner, OpTime, SeqPlan, StepPlan};
 
 /// What one case measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -461,13 +461,42 @@ fn time_steps(
     for _ in 0..settings.warmup {
         runner.step(plan).map_err(BenchError::Engine)?;
     }
+    let before = runner.backend_time();
     let mut times = Vec::with_capacity(settings.iters);
     for _ in 0..settings.iters {
         let t = Instant::now();
         runner.step(plan).map_err(BenchError::Engine)?;
         times.push(t.elapsed());
     }
+    report_backend_split(&before, &runner.backend_time(), &times);
     Ok(times)
+}
+
+/// On a device backend: per timed unit, the time spent inside the backend's operations (each
+/// includes its host<->device copies) and what is left (host attention, norms,
+/// hyper-connections, routing, collectives), on stderr beside the fill time.
+fn report_backend_split(before: &[OpTime], after: &[OpTime], times: &[Duration]) {
+    if after.is_empty() || times.is_empty() {
+        return;
+    }
+    let units = times.len() as f64;
+    let total_ms = times.iter().map(Duration::as_secs_f64).sum::<f64>() * 1e3 / units;
+    let mut parts = Vec::new();
+    let mut inside_ms = 0.0;
+    for a in after {
+        let b = before.iter().find(|b| b.op == a.op);
+        let ms = (a.seconds - b.map_or(0.0, |b| b.seconds)) * 1e3 / units;
+        let calls = (a.calls - b.map_or(0, |b| b.calls)) as f64 / units;
+        if calls > 0.0 {
+            parts.push(format!("{} {ms:.3} ms ({calls:.0} calls)", a.op));
+            inside_ms += ms;
+        }
+    }
+    eprintln!(
+        "  per unit {total_ms:.3} ms: backend {inside_ms:.3} ms [{}], host and the rest {:.3} ms",
+        parts.join(", "),
+        total_ms - inside_ms
+    );
 }
 
 /// Times the whole chunked prefill of `tokens` from position 0 (each repetition rewrites it).
@@ -522,9 +551,11 @@ fn time_prefill(
     for _ in 0..settings.warmup {
         run(runner)?;
     }
+    let before = runner.backend_time();
     let times = (0..settings.iters)
         .map(|_| run(runner))
         .collect::<Result<Vec<_>, _>>()?;
+    report_backend_split(&before, &runner.backend_time(), &times);
     Ok(Measured {
         tokens: tokens.len(),
         steps: chunks.len(),

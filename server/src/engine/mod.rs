@@ -93,6 +93,19 @@ pub trait ModelRunner: Send {
     fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, EngineError>;
     /// Drops any per-request state kept outside the pool (e.g. draft rings) for `seq_id`.
     fn release(&mut self, seq_id: u64);
+    /// Cumulative time the backend spent per kind of operation (device backends; empty on the
+    /// CPU). The benchmark subtracts it from step time to show what the host costs.
+    fn backend_time(&self) -> Vec<OpTime> {
+        Vec::new()
+    }
+}
+
+/// Calls and wall time of one kind of backend operation, since the backend was built.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpTime {
+    pub op: &'static str,
+    pub calls: u64,
+    pub seconds: f64,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -275,6 +275,10 @@ impl<B: Backend> ModelRunner for SpeculativeRunner<B> {
         self.run(plan)
     }
 
+    fn backend_time(&self) -> Vec<crate::engine::OpTime> {
+        self.target.backend_time()
+    }
+
     fn release(&mut self, seq_id: u64) {
         self.target.release(seq_id);
         self.draft.release(seq_id);

@@ -10,7 +10,7 @@
 
 pub mod nccl;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
@@ -95,6 +95,54 @@ pub struct MatrixCensus {
     pub fp4_banks: usize,
 }
 
+/// Operation kinds timed by [`CudaBackend::op_times`].
+const OPS: [&str; 4] = ["projections", "routed experts", "expert", "embedding"];
+
+/// Per kind: calls and nanoseconds, counted at the outermost backend call only.
+#[derive(Default)]
+struct OpClock {
+    calls: [AtomicU64; OPS.len()],
+    nanos: [AtomicU64; OPS.len()],
+}
+
+thread_local! {
+    /// Nesting depth of timed calls on this thread (a shared expert's projections are part of
+    /// the expert's time, not counted twice).
+    static TIMED_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Records one outermost call of kind `op` when dropped.
+struct Timed<'a> {
+    clock: &'a OpClock,
+    op: usize,
+    started: Option<std::time::Instant>,
+}
+
+impl<'a> Timed<'a> {
+    fn start(clock: &'a OpClock, op: usize) -> Self {
+        let outer = TIMED_DEPTH.with(|d| {
+            d.set(d.get() + 1);
+            d.get() == 1
+        });
+        Self {
+            clock,
+            op,
+            started: outer.then(std::time::Instant::now),
+        }
+    }
+}
+
+impl Drop for Timed<'_> {
+    fn drop(&mut self) {
+        TIMED_DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+        if let Some(t) = self.started {
+            let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.clock.calls[self.op].fetch_add(1, Ordering::Relaxed);
+            self.clock.nanos[self.op].fetch_add(ns, Ordering::Relaxed);
+        }
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     dense: AtomicUsize,
@@ -110,6 +158,7 @@ pub struct CudaBackend {
     blas: Mutex<CudaBlas>,
     device_name: String,
     counters: Counters,
+    clock: OpClock,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -149,6 +198,7 @@ impl CudaBackend {
             blas: Mutex::new(blas),
             device_name,
             counters: Counters::default(),
+            clock: OpClock::default(),
         })
     }
 
@@ -424,6 +474,7 @@ impl Backend for CudaBackend {
         routes: &[Vec<(usize, f32)>],
         limit: f32,
     ) -> Result<Vec<f32>, BackendError> {
+        let _timed = Timed::start(&self.clock, 1);
         let b = match bank {
             CudaExpertBank::Fp4(b) => b,
             CudaExpertBank::Each(each) => {
@@ -501,6 +552,17 @@ impl Backend for CudaBackend {
         true
     }
 
+    fn op_times(&self) -> Vec<crate::engine::OpTime> {
+        OPS.iter()
+            .enumerate()
+            .map(|(i, op)| crate::engine::OpTime {
+                op,
+                calls: self.clock.calls[i].load(Ordering::Relaxed),
+                seconds: self.clock.nanos[i].load(Ordering::Relaxed) as f64 * 1e-9,
+            })
+            .collect()
+    }
+
     fn packed_matrix(
         &self,
         rows: usize,
@@ -552,6 +614,7 @@ impl Backend for CudaBackend {
         jobs: &[(&[f32], &CudaMatrix)],
         n: usize,
     ) -> Result<Vec<Vec<f32>>, BackendError> {
+        let _timed = Timed::start(&self.clock, 0);
         // Inputs uploaded once each (jobs often share one), outputs side by side in one buffer
         // brought back with a single copy.
         let mut inputs: Vec<(*const f32, usize, CudaSlice<f32>)> = Vec::new();
@@ -608,6 +671,7 @@ impl Backend for CudaBackend {
     }
 
     fn gather_rows(&self, w: &CudaMatrix, ids: &[u32]) -> Result<Vec<f32>, BackendError> {
+        let _timed = Timed::start(&self.clock, 3);
         let CudaMatrix::Dense { rows, cols, w } = w else {
             return Err(BackendError::Other(
                 "gather_rows needs a dense matrix (embeddings are bf16 in the checkpoint)".into(),
@@ -641,6 +705,7 @@ impl Backend for CudaBackend {
         w2: &CudaMatrix,
         limit: f32,
     ) -> Result<Vec<f32>, BackendError> {
+        let _timed = Timed::start(&self.clock, 2);
         let (
             CudaMatrix::Fp4 {
                 rows: inter,

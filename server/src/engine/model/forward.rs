@@ -913,4 +913,8 @@ impl<B: Backend> ModelRunner for DeepseekV4<B> {
     fn release(&mut self, _seq_id: u64) {
         // The target keeps nothing outside the pool.
     }
+
+    fn backend_time(&self) -> Vec<crate::engine::OpTime> {
+        self.backend.op_times()
+    }
 }
