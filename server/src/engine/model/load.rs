@@ -158,19 +158,7 @@ impl<'a, B: Backend> Reader<'a, B> {
         cols: usize,
         range: Range<usize>,
     ) -> Result<B::Matrix, LoadError> {
-        if range.len() == rows {
-            return self.matrix(name, rows, cols);
-        }
-        if !self.src.contains(name) {
-            return Err(LoadError::MissingTensor(name.to_string()));
-        }
-        let n = range.len();
-        if let Some(m) = self.packed_matrix(name, [n, cols], Some((0, range.clone())))? {
-            return Ok(m);
-        }
-        let t = self.src.tensor_f32_slice(name, 0, range)?;
-        Self::check(name, &t.shape, &[n, cols])?;
-        Ok(self.backend.matrix(n, cols, t.data)?)
+        self.matrix_slice(name, [rows, cols], 0, range)
     }
 
     /// Columns `range` of a `[rows, cols]` matrix (row-parallel: this rank's input features).
@@ -181,19 +169,32 @@ impl<'a, B: Backend> Reader<'a, B> {
         cols: usize,
         range: Range<usize>,
     ) -> Result<B::Matrix, LoadError> {
-        if range.len() == cols {
-            return self.matrix(name, rows, cols);
+        self.matrix_slice(name, [rows, cols], 1, range)
+    }
+
+    /// `range` along `dim` (0: rows, 1: columns) of a `[rows, cols]` matrix; the whole matrix
+    /// when the range covers the dim.
+    fn matrix_slice(
+        &self,
+        name: &str,
+        full: [usize; 2],
+        dim: usize,
+        range: Range<usize>,
+    ) -> Result<B::Matrix, LoadError> {
+        if range.len() == full[dim] {
+            return self.matrix(name, full[0], full[1]);
         }
         if !self.src.contains(name) {
             return Err(LoadError::MissingTensor(name.to_string()));
         }
-        let n = range.len();
-        if let Some(m) = self.packed_matrix(name, [rows, n], Some((1, range.clone())))? {
+        let mut want = full;
+        want[dim] = range.len();
+        if let Some(m) = self.packed_matrix(name, want, Some((dim, range.clone())))? {
             return Ok(m);
         }
-        let t = self.src.tensor_f32_slice(name, 1, range)?;
-        Self::check(name, &t.shape, &[rows, n])?;
-        Ok(self.backend.matrix(rows, n, t.data)?)
+        let t = self.src.tensor_f32_slice(name, dim, range)?;
+        Self::check(name, &t.shape, &want)?;
+        Ok(self.backend.matrix(want[0], want[1], t.data)?)
     }
 
     pub fn slice_vector(
