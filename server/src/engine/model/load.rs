@@ -207,6 +207,21 @@ impl<'a, B: Backend> Reader<'a, B> {
         Ok(v[range].to_vec())
     }
 
+    /// The output hyper-connection head, names prefixed by `prefix` (empty for the target,
+    /// `mtp.2.` for the last DSpark stage).
+    pub fn hyper_head(
+        &self,
+        prefix: &str,
+        hc: usize,
+        hidden: usize,
+    ) -> Result<HyperHead, LoadError> {
+        Ok(HyperHead {
+            fn_: self.vector(&format!("{prefix}hc_head_fn"), &[hc, hc * hidden])?,
+            base: self.vector(&format!("{prefix}hc_head_base"), &[hc])?,
+            scale: self.vector(&format!("{prefix}hc_head_scale"), &[1])?[0],
+        })
+    }
+
     pub fn hyper(
         &self,
         prefix: &str,
@@ -331,12 +346,24 @@ fn expert<B: Backend>(
     })
 }
 
-fn attention<B: Backend>(
+/// One block under `p` (`layers.3`, or `mtp.0` for a DSpark stage): norms,
+/// hyper-connections, attention of kind `attn`, MoE of kind `mlp`.
+pub fn layer_at<B: Backend>(
     r: &Reader<'_, B>,
-    l: usize,
+    p: &str,
+    attn: AttentionKind,
+    mlp: MlpKind,
     cfg: &ModelConfig,
-) -> Result<AttentionWeights<B>, LoadError> {
-    attention_at(r, &format!("layers.{l}.attn"), cfg.layer_types[l], cfg)
+) -> Result<LayerWeights<B>, LoadError> {
+    let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
+    Ok(LayerWeights {
+        attn_norm: r.vector(&format!("{p}.attn_norm.weight"), &[h])?,
+        ffn_norm: r.vector(&format!("{p}.ffn_norm.weight"), &[h])?,
+        hc_attn: r.hyper(&format!("{p}.hc_attn"), hc, h)?,
+        hc_ffn: r.hyper(&format!("{p}.hc_ffn"), hc, h)?,
+        attn: attention_at(r, &format!("{p}.attn"), attn, cfg)?,
+        moe: moe_at(r, &format!("{p}.ffn"), mlp, cfg)?,
+    })
 }
 
 /// Attention weights under `p` (e.g. `layers.3.attn`, or `mtp.0.attn` for a DSpark stage).
@@ -442,14 +469,6 @@ pub fn attention_at<B: Backend>(
     })
 }
 
-fn moe<B: Backend>(
-    r: &Reader<'_, B>,
-    l: usize,
-    cfg: &ModelConfig,
-) -> Result<MoeWeights<B>, LoadError> {
-    moe_at(r, &format!("layers.{l}.ffn"), cfg.mlp_layer_types[l], cfg)
-}
-
 /// MoE weights under `p` (e.g. `layers.3.ffn`, or `mtp.0.ffn` for a DSpark stage).
 pub fn moe_at<B: Backend>(
     r: &Reader<'_, B>,
@@ -517,30 +536,24 @@ pub fn load_weights<B: Backend>(
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for l in 0..cfg.num_hidden_layers {
         tracing::debug!(layer = l, "loading layer");
-        layers.push(LayerWeights {
-            attn_norm: r.vector(&format!("layers.{l}.attn_norm.weight"), &[h])?,
-            ffn_norm: r.vector(&format!("layers.{l}.ffn_norm.weight"), &[h])?,
-            hc_attn: r.hyper(&format!("layers.{l}.hc_attn"), hc, h)?,
-            hc_ffn: r.hyper(&format!("layers.{l}.hc_ffn"), hc, h)?,
-            attn: attention(&r, l, cfg)?,
-            moe: moe(&r, l, cfg)?,
-        });
+        layers.push(layer_at(
+            &r,
+            &format!("layers.{l}"),
+            cfg.layer_types[l],
+            cfg.mlp_layer_types[l],
+            cfg,
+        )?);
     }
     let head_name = if cfg.tie_word_embeddings && !src.contains("head.weight") {
         "embed.weight"
     } else {
         "head.weight"
     };
-    let scale = r.vector("hc_head_scale", &[1])?;
     Ok(ModelWeights {
         embed: r.matrix("embed.weight", v, h)?,
         layers,
         norm: r.vector("norm.weight", &[h])?,
-        hc_head: HyperHead {
-            fn_: r.vector("hc_head_fn", &[hc, hc * h])?,
-            base: r.vector("hc_head_base", &[hc])?,
-            scale: scale[0],
-        },
+        hc_head: r.hyper_head("", hc, h)?,
         head: r.matrix_rows(head_name, v, h, shard.range(v, "vocab_size")?)?,
     })
 }
