@@ -382,6 +382,19 @@ mod tests {
         "2026-11-28T10:00:00Z".parse().unwrap()
     }
 
+    /// The plan for two groups of two ranks whose desired spec hash is "new", default recovery,
+    /// no previous status.
+    fn plan_rollout(pods: &[Pod]) -> GroupPlan {
+        plan(
+            &observe(pods, 2, "new"),
+            &[],
+            Some(2),
+            2,
+            &RecoverySpec::default(),
+            now(),
+        )
+    }
+
     #[test]
     fn observes_readiness_rank0_and_failures() {
         let pods = [
@@ -453,8 +466,7 @@ mod tests {
             pod(1, 0, true, 0, "old"),
             pod(1, 1, true, 0, "old"),
         ];
-        let obs = observe(&pods, 2, "new");
-        let p = plan(&obs, &[], Some(2), 2, &RecoverySpec::default(), now());
+        let p = plan_rollout(&pods);
         assert_eq!(p.recreate, vec![(0, RecreateReason::Rollout)]);
 
         // Group 0 came back on the new spec but is not ready yet: group 1 waits.
@@ -464,14 +476,7 @@ mod tests {
             pod(1, 0, true, 0, "old"),
             pod(1, 1, true, 0, "old"),
         ];
-        let p = plan(
-            &observe(&pods, 2, "new"),
-            &[],
-            Some(2),
-            2,
-            &RecoverySpec::default(),
-            now(),
-        );
+        let p = plan_rollout(&pods);
         assert!(p.recreate.is_empty());
 
         // Group 0 serves again: now group 1.
@@ -481,14 +486,7 @@ mod tests {
             pod(1, 0, true, 0, "old"),
             pod(1, 1, true, 0, "old"),
         ];
-        let p = plan(
-            &observe(&pods, 2, "new"),
-            &[],
-            Some(2),
-            2,
-            &RecoverySpec::default(),
-            now(),
-        );
+        let p = plan_rollout(&pods);
         assert_eq!(p.recreate, vec![(1, RecreateReason::Rollout)]);
     }
 
@@ -500,14 +498,7 @@ mod tests {
             pod(1, 0, false, 0, "old"),
             pod(1, 1, false, 0, "old"),
         ];
-        let p = plan(
-            &observe(&pods, 2, "new"),
-            &[],
-            Some(2),
-            2,
-            &RecoverySpec::default(),
-            now(),
-        );
+        let p = plan_rollout(&pods);
         // Group 1 serves nothing, so it goes first; group 0 waits for it.
         assert_eq!(p.recreate, vec![(1, RecreateReason::Rollout)]);
     }

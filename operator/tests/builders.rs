@@ -33,6 +33,32 @@ fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
         .map(|i| args[i + 1].as_str())
 }
 
+/// The entry of a JSON list (env, volumes, mounts) with this `name`, if any.
+fn find_named<'a>(list: &'a Value, name: &str) -> Option<&'a Value> {
+    list.as_array().unwrap().iter().find(|e| e["name"] == name)
+}
+
+fn named<'a>(list: &'a Value, name: &str) -> &'a Value {
+    find_named(list, name).unwrap_or_else(|| panic!("no entry named {name}"))
+}
+
+/// A container's environment as (name, value), with `valueFrom` standing in for a value.
+fn env_vars(container: &Value) -> Vec<(String, Value)> {
+    container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_string(),
+                e.get("value")
+                    .cloned()
+                    .unwrap_or_else(|| e["valueFrom"].clone()),
+            )
+        })
+        .collect()
+}
+
 fn sts_json(d: &DSparkDeployment, g: i32) -> Value {
     serde_json::to_value(stateful_set(d, g, &ctx()).unwrap()).unwrap()
 }
@@ -180,12 +206,7 @@ fn statefulset_shape() {
     assert_eq!(c["command"], json!(["dspark-server"]));
     assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"], "1");
     assert_eq!(c["resources"]["requests"]["nvidia.com/gpu"], "1");
-    let rank = c["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == "DSPARK_RANK")
-        .unwrap();
+    let rank = named(&c["env"], "DSPARK_RANK");
     assert_eq!(
         rank["valueFrom"]["fieldRef"]["fieldPath"],
         "metadata.labels['apps.kubernetes.io/pod-index']"
@@ -202,20 +223,10 @@ fn statefulset_shape() {
     assert_eq!(c["terminationMessagePolicy"], "FallbackToLogsOnError");
     assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
-    let model_mount = c["volumeMounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == "model")
-        .unwrap();
+    let model_mount = named(&c["volumeMounts"], "model");
     assert_eq!(model_mount["readOnly"], true);
     assert_eq!(model_mount["mountPath"], "/models");
-    let model_vol = pod["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "model")
-        .unwrap();
+    let model_vol = named(&pod["volumes"], "model");
     assert_eq!(model_vol["persistentVolumeClaim"]["claimName"], "weights");
     assert_eq!(model_vol["persistentVolumeClaim"]["readOnly"], true);
     // Default: one pod of the group per node.
@@ -343,19 +354,7 @@ fn network_scheduling_and_image_fields() {
         pod["affinity"].get("podAntiAffinity").is_none(),
         "a user affinity replaces the default"
     );
-    let env: std::collections::BTreeMap<String, Value> = c["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["name"].as_str().unwrap().to_string(),
-                e.get("value")
-                    .cloned()
-                    .unwrap_or_else(|| e["valueFrom"].clone()),
-            )
-        })
-        .collect();
+    let env: std::collections::BTreeMap<String, Value> = env_vars(c).into_iter().collect();
     assert_eq!(env["NCCL_SOCKET_IFNAME"], "enp1s0f0np0");
     assert_eq!(env["NCCL_IB_DISABLE"], "0");
     assert_eq!(env["NCCL_IB_HCA"], "mlx5_0");
@@ -372,12 +371,7 @@ fn network_scheduling_and_image_fields() {
         json!(["IPC_LOCK"])
     );
     assert_eq!(c["startupProbe"]["failureThreshold"], 60);
-    let model_vol = pod["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "model")
-        .unwrap();
+    let model_vol = named(&pod["volumes"], "model");
     assert_eq!(model_vol["hostPath"]["path"], "/data/dsv4");
 }
 
@@ -397,19 +391,7 @@ fn hugging_face_download_init_container_and_cache() {
     let init = &pod["initContainers"][0];
     assert_eq!(init["name"], "download-model");
     assert_eq!(init["image"], "python:3.12-slim");
-    let env: Vec<(String, Value)> = init["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["name"].as_str().unwrap().to_string(),
-                e.get("value")
-                    .cloned()
-                    .unwrap_or_else(|| e["valueFrom"].clone()),
-            )
-        })
-        .collect();
+    let env = env_vars(init);
     assert!(env.contains(&("HF_REPO".into(), json!("deepseek-ai/DeepSeek-V4-Flash"))));
     assert!(env.contains(&("HF_REVISION".into(), json!("v1"))));
     assert!(env.contains(&(
@@ -419,22 +401,13 @@ fn hugging_face_download_init_container_and_cache() {
     let token = env.iter().find(|(k, _)| k == "HF_TOKEN").unwrap();
     assert_eq!(token.1["secretKeyRef"]["key"], "HF_TOKEN");
     // The init container writes the cache; the server reads it read-only.
-    let init_mount = init["volumeMounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == "model")
-        .unwrap();
+    let init_mount = named(&init["volumeMounts"], "model");
     assert!(init_mount.get("readOnly").is_none());
     let claim = &s["spec"]["volumeClaimTemplates"][0];
     assert_eq!(claim["metadata"]["name"], "model");
     assert_eq!(claim["spec"]["resources"]["requests"]["storage"], "500Gi");
     assert_eq!(claim["spec"]["storageClassName"], "fast");
-    assert!(pod["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|v| v["name"] != "model"));
+    assert!(find_named(&pod["volumes"], "model").is_none());
     let args: Vec<String> = serde_json::from_value(pod["containers"][0]["args"].clone()).unwrap();
     assert_eq!(
         flag(&args, "--model"),
@@ -446,13 +419,7 @@ fn hugging_face_download_init_container_and_cache() {
         dsd(json!({"model": {"huggingFace": {"repo": "a/b", "cache": {"claimName": "hf-cache"}}}}));
     let s = sts_json(&d, 0);
     assert!(s["spec"].get("volumeClaimTemplates").is_none());
-    let vol = s["spec"]["template"]["spec"]["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "model")
-        .unwrap()
-        .clone();
+    let vol = named(&s["spec"]["template"]["spec"]["volumes"], "model").clone();
     assert_eq!(vol["persistentVolumeClaim"]["claimName"], "hf-cache");
 }
 
@@ -465,11 +432,7 @@ fn cpu_device_has_no_gpu() {
     let c = &pod["containers"][0];
     assert!(c["resources"].get("limits").is_none());
     assert!(pod["tolerations"].as_array().unwrap().is_empty());
-    assert!(c["volumeMounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|m| m["name"] != "model"));
+    assert!(find_named(&c["volumeMounts"], "model").is_none());
     let args: Vec<String> = serde_json::from_value(c["args"].clone()).unwrap();
     assert_eq!(flag(&args, "--device"), Some("cpu"));
     assert_eq!(flag(&args, "--model"), Some("/opt/dspark/models/tiny-dsv4"));

@@ -88,6 +88,23 @@ impl ApiServer {
         self.expect("GET", path, move |_| (200, json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": "1"}, "items": items}))).await
     }
 
+    /// The pod list the operator reads: answer with `pods`.
+    async fn pods(&mut self, pods: Vec<Value>) -> Seen {
+        self.list(&format!("/api/v1/namespaces/{NS}/pods?"), "PodList", pods)
+            .await
+    }
+
+    /// A collection delete of pods (a group's recreation or rollout).
+    async fn delete_pods(&mut self) -> Seen {
+        self.expect("DELETE", &format!("/api/v1/namespaces/{NS}/pods?"), |_| {
+            (
+                200,
+                json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}),
+            )
+        })
+        .await
+    }
+
     async fn status(&mut self) -> Value {
         let path = format!("/apis/dspark.dev/v1alpha1/namespaces/{NS}/dsparkdeployments/ds/status");
         // The API server answers with the whole object.
@@ -244,7 +261,7 @@ async fn create_applies_children_and_reports_progress() {
         assert!(args.windows(2).any(|w| w[0] == "--max-model-len" && w[1] == "204800"));
         assert!(args.windows(2).any(|w| w[0] == "--max-num-seqs" && w[1] == "16"));
         api.event("GroupCreated").await;
-        api.list(&format!("/api/v1/namespaces/{NS}/pods?"), "PodList", vec![]).await;
+        api.pods(vec![]).await;
         let status = api.status().await;
         assert_eq!(status["observedGeneration"], 2);
         assert_eq!(status["profile"]["maxModelLen"], 204800);
@@ -268,11 +285,10 @@ async fn ready_group_is_reported_ready_and_formed() {
     let h = hash(&dsd);
     let action = run(dsd, move |mut api| async move {
         api.children(vec![existing_sts(0)]).await;
-        api.list(
-            &format!("/api/v1/namespaces/{NS}/pods?"),
-            "PodList",
-            vec![pod(0, 0, true, 0, &h, None), pod(0, 1, true, 0, &h, None)],
-        )
+        api.pods(vec![
+            pod(0, 0, true, 0, &h, None),
+            pod(0, 1, true, 0, &h, None),
+        ])
         .await;
         let status = api.status().await;
         assert_eq!(status["readyGroups"], 1);
@@ -293,23 +309,12 @@ async fn spec_update_rolls_the_group() {
     let action = run(dsd, |mut api| async move {
         api.children(vec![existing_sts(0)]).await;
         // Both pods ready but built from the previous spec.
-        api.list(
-            &format!("/api/v1/namespaces/{NS}/pods?"),
-            "PodList",
-            vec![
-                pod(0, 0, true, 0, "old", None),
-                pod(0, 1, true, 0, "old", None),
-            ],
-        )
+        api.pods(vec![
+            pod(0, 0, true, 0, "old", None),
+            pod(0, 1, true, 0, "old", None),
+        ])
         .await;
-        let del = api
-            .expect("DELETE", &format!("/api/v1/namespaces/{NS}/pods?"), |_| {
-                (
-                    200,
-                    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}),
-                )
-            })
-            .await;
+        let del = api.delete_pods().await;
         assert!(
             del.path.contains("dspark.dev%2Fgroup%3D0") || del.path.contains("dspark.dev/group=0"),
             "{}",
@@ -334,30 +339,19 @@ async fn member_restart_recreates_the_whole_group() {
     let h = hash(&dsd);
     run(dsd, move |mut api| async move {
         api.children(vec![existing_sts(0)]).await;
-        api.list(
-            &format!("/api/v1/namespaces/{NS}/pods?"),
-            "PodList",
-            vec![
-                pod(0, 0, false, 0, &h, None),
-                pod(
-                    0,
-                    1,
-                    true,
-                    1,
-                    &h,
-                    Some("NCCL error: unhandled system error\nbacktrace..."),
-                ),
-            ],
-        )
+        api.pods(vec![
+            pod(0, 0, false, 0, &h, None),
+            pod(
+                0,
+                1,
+                true,
+                1,
+                &h,
+                Some("NCCL error: unhandled system error\nbacktrace..."),
+            ),
+        ])
         .await;
-        let del = api
-            .expect("DELETE", &format!("/api/v1/namespaces/{NS}/pods?"), |_| {
-                (
-                    200,
-                    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}),
-                )
-            })
-            .await;
+        let del = api.delete_pods().await;
         assert!(del.path.contains("group"), "{}", del.path);
         let ev = api.event("GroupRecreated").await;
         assert!(ev.body["note"]
@@ -382,14 +376,10 @@ async fn recreation_waits_for_the_back_off() {
     let h = hash(&dsd);
     let action = run(dsd, move |mut api| async move {
         api.children(vec![existing_sts(0)]).await;
-        api.list(
-            &format!("/api/v1/namespaces/{NS}/pods?"),
-            "PodList",
-            vec![
-                pod(0, 0, true, 2, &h, Some("lost peer")),
-                pod(0, 1, true, 0, &h, None),
-            ],
-        )
+        api.pods(vec![
+            pod(0, 0, true, 2, &h, Some("lost peer")),
+            pod(0, 1, true, 0, &h, None),
+        ])
         .await;
         let status = api.status().await;
         assert_eq!(status["groupStatuses"][0]["restarts"], 1);
@@ -408,21 +398,17 @@ async fn exhausted_restart_budget_is_degraded_with_the_termination_message() {
     let h = hash(&dsd);
     run(dsd, move |mut api| async move {
         api.children(vec![existing_sts(0)]).await;
-        api.list(
-            &format!("/api/v1/namespaces/{NS}/pods?"),
-            "PodList",
-            vec![
-                pod(
-                    0,
-                    0,
-                    false,
-                    3,
-                    &h,
-                    Some("CUDA error: an illegal memory access was encountered\n  at kernel x"),
-                ),
-                pod(0, 1, false, 0, &h, None),
-            ],
-        )
+        api.pods(vec![
+            pod(
+                0,
+                0,
+                false,
+                3,
+                &h,
+                Some("CUDA error: an illegal memory access was encountered\n  at kernel x"),
+            ),
+            pod(0, 1, false, 0, &h, None),
+        ])
         .await;
         // No DELETE: the budget is spent.
         api.event("RestartBudgetExhausted").await;
@@ -494,7 +480,7 @@ async fn image_pull_failure_becomes_a_condition() {
         api.children(vec![existing_sts(0)]).await;
         let mut p = pod(0, 0, false, 0, &h, None);
         p["status"]["containerStatuses"][0]["state"] = json!({"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image \"ghcr.io/x:1\""}});
-        api.list(&format!("/api/v1/namespaces/{NS}/pods?"), "PodList", vec![p, pod(0, 1, false, 0, &h, None)]).await;
+        api.pods(vec![p, pod(0, 1, false, 0, &h, None)]).await;
         api.event("ImagePullFailed").await;
         let status = api.status().await;
         let degraded = condition(&status, "Degraded");
@@ -520,7 +506,7 @@ async fn scale_down_deletes_surplus_groups() {
         })
         .await;
         api.event("GroupDeleted").await;
-        api.list(&format!("/api/v1/namespaces/{NS}/pods?"), "PodList", vec![pod(0, 0, true, 0, &h, None), pod(0, 1, true, 0, &h, None)]).await;
+        api.pods(vec![pod(0, 0, true, 0, &h, None), pod(0, 1, true, 0, &h, None)]).await;
         let status = api.status().await;
         assert_eq!(status["ready"], "1/1");
     })

@@ -10,12 +10,13 @@ use dspark_server::engine::draft::{
 };
 use dspark_server::engine::model::{self, DeepseekV4, LoadOptions, ModelConfig};
 use dspark_server::engine::weights::Checkpoint;
-use dspark_server::engine::{LogitsWanted, ModelRunner, SeqPlan, StepPlan};
+use dspark_server::engine::{LogitsWanted, ModelRunner, StepPlan};
 use dspark_server::ranks::SingleRank;
 use std::sync::Arc;
+use support::reference::{blocks_for, seq};
 
 fn tiny() -> (DeepseekV4<CpuBackend>, DsparkDraft<CpuBackend>) {
-    let dir = support::repo_path("assets/tiny-dsv4");
+    let dir = support::tiny_dir();
     let cfg = ModelConfig::from_dir(&dir).unwrap();
     let src = support::tiny_checkpoint();
     let opts = LoadOptions {
@@ -44,18 +45,9 @@ fn run(
     start: usize,
     tokens: &[u32],
 ) -> (Vec<Vec<f32>>, Vec<f32>) {
-    let bs = m.kv_layout().block_size;
-    let end = start + tokens.len();
-    let block_table: Vec<u32> = (first_block..first_block + end.div_ceil(bs) as u32).collect();
+    let bt = blocks_for(m, first_block, start + tokens.len());
     let plan = StepPlan {
-        seqs: vec![SeqPlan {
-            seq_id: id,
-            start_pos: start,
-            tokens: tokens.to_vec(),
-            block_table,
-            logits: LogitsWanted::All,
-            draft: None,
-        }],
+        seqs: vec![seq(id, start, tokens, &bt, LogitsWanted::All)],
     };
     let logits = m.step(&plan).unwrap().logits.remove(0);
     let captured = m.take_captured();
@@ -91,6 +83,17 @@ fn propose(
     d.propose(m, &mut reqs).map(|mut v| v.remove(0))
 }
 
+/// Greedy drafts (the seed does not matter).
+fn propose_greedy(
+    m: &DeepseekV4<CpuBackend>,
+    d: &DsparkDraft<CpuBackend>,
+    id: u64,
+    at: (u32, usize),
+    k: usize,
+) -> Result<Drafts, DraftError> {
+    propose(m, d, id, at, k, SamplingParams::GREEDY, 0)
+}
+
 /// Prefills a prompt of `len` tokens as request `id` and commits its features; returns the
 /// anchor (the target's greedy next token).
 fn prefill(
@@ -112,16 +115,7 @@ fn draft_runs_and_is_deterministic_for_every_k() {
     assert_eq!(bsz, 5);
     let toks = prompt(20, 1);
     let anchor = prefill(&mut m, &mut d, 1, 0, &toks);
-    let full = propose(
-        &m,
-        &d,
-        1,
-        (anchor, toks.len()),
-        bsz,
-        SamplingParams::GREEDY,
-        0,
-    )
-    .unwrap();
+    let full = propose_greedy(&m, &d, 1, (anchor, toks.len()), bsz).unwrap();
     assert_eq!(full.tokens.len(), bsz);
     assert!(full.q.is_none());
     assert!(full
@@ -131,58 +125,23 @@ fn draft_runs_and_is_deterministic_for_every_k() {
     let vocab = m.config().vocab_size as u32;
     assert!(full.tokens.iter().all(|&t| t < vocab));
     // Same inputs, same drafts; the pass leaves the draft state alone.
-    let again = propose(
-        &m,
-        &d,
-        1,
-        (anchor, toks.len()),
-        bsz,
-        SamplingParams::GREEDY,
-        0,
-    )
-    .unwrap();
+    let again = propose_greedy(&m, &d, 1, (anchor, toks.len()), bsz).unwrap();
     assert_eq!(full, again);
     // Every K drafts the first K tokens of the full block (the block always runs whole).
     for k in 1..=bsz {
-        let dk = propose(
-            &m,
-            &d,
-            1,
-            (anchor, toks.len()),
-            k,
-            SamplingParams::GREEDY,
-            0,
-        )
-        .unwrap();
+        let dk = propose_greedy(&m, &d, 1, (anchor, toks.len()), k).unwrap();
         assert_eq!(dk.tokens, full.tokens[..k].to_vec(), "k = {k}");
         assert_eq!(dk.confidence, full.confidence[..k].to_vec());
     }
     for bad in [0, bsz + 1] {
         assert!(matches!(
-            propose(
-                &m,
-                &d,
-                1,
-                (anchor, toks.len()),
-                bad,
-                SamplingParams::GREEDY,
-                0
-            ),
+            propose_greedy(&m, &d, 1, (anchor, toks.len()), bad),
             Err(DraftError::Invalid(_))
         ));
     }
     // Wrong anchor position, unknown request: clear errors.
-    assert!(propose(
-        &m,
-        &d,
-        1,
-        (anchor, toks.len() + 1),
-        2,
-        SamplingParams::GREEDY,
-        0
-    )
-    .is_err());
-    assert!(propose(&m, &d, 9, (anchor, 5), 2, SamplingParams::GREEDY, 0).is_err());
+    assert!(propose_greedy(&m, &d, 1, (anchor, toks.len() + 1), 2).is_err());
+    assert!(propose_greedy(&m, &d, 9, (anchor, 5), 2).is_err());
 }
 
 #[test]
@@ -217,7 +176,7 @@ fn ring_after_partial_accept_equals_ring_built_from_accepted_tokens() {
     let toks = prompt(window + 9, 3);
     let l = toks.len();
     let anchor = prefill(&mut m, &mut d, 10, 0, &toks);
-    let drafts = propose(&m, &d, 10, (anchor, l), 5, SamplingParams::GREEDY, 0).unwrap();
+    let drafts = propose_greedy(&m, &d, 10, (anchor, l), 5).unwrap();
     let mut block = vec![anchor];
     block.extend(&drafts.tokens);
     for n in [0usize, 2, 5] {
@@ -251,24 +210,8 @@ fn ring_after_partial_accept_equals_ring_built_from_accepted_tokens() {
         }
         // And the next drafts agree.
         let next_anchor = argmax(&vlogits[n]);
-        let ds = propose(
-            &m,
-            &d,
-            spec_id,
-            (next_anchor, l + n + 1),
-            5,
-            SamplingParams::GREEDY,
-            0,
-        );
-        let dr = propose(
-            &m,
-            &d,
-            ref_id,
-            (next_anchor, l + n + 1),
-            5,
-            SamplingParams::GREEDY,
-            0,
-        );
+        let ds = propose_greedy(&m, &d, spec_id, (next_anchor, l + n + 1), 5);
+        let dr = propose_greedy(&m, &d, ref_id, (next_anchor, l + n + 1), 5);
         assert_eq!(ds.unwrap().tokens, dr.unwrap().tokens, "n = {n}");
         // A commit that skips or repeats positions is refused.
         assert!(d.commit(&m, spec_id, l, &vf[..width], 1).is_err());
@@ -308,7 +251,7 @@ fn speculative_greedy_equals_plain_greedy() {
             let mut step = 0;
             while out.len() < toks.len() + steps_tokens {
                 let pos = out.len() - 1;
-                let dr = propose(&m, &d, id, (out[pos], pos), k, SamplingParams::GREEDY, 0);
+                let dr = propose_greedy(&m, &d, id, (out[pos], pos), k);
                 let mut drafts = dr.unwrap().tokens;
                 let corrupt = step % (k + 1);
                 if oracle {
@@ -347,27 +290,7 @@ fn speculative_greedy_equals_plain_greedy() {
 
 #[test]
 fn missing_draft_tensor_is_named() {
-    struct Hide<'a>(&'a Checkpoint, &'static str);
-    impl model::WeightSource for Hide<'_> {
-        fn contains(&self, name: &str) -> bool {
-            name != self.1 && model::WeightSource::contains(self.0, name)
-        }
-        fn tensor_f32(&self, name: &str) -> Result<model::HostTensor, model::LoadError> {
-            model::WeightSource::tensor_f32(self.0, name)
-        }
-        fn tensor_f32_slice(
-            &self,
-            name: &str,
-            dim: usize,
-            range: std::ops::Range<usize>,
-        ) -> Result<model::HostTensor, model::LoadError> {
-            model::WeightSource::tensor_f32_slice(self.0, name, dim, range)
-        }
-        fn tensor_i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>), model::LoadError> {
-            model::WeightSource::tensor_i64(self.0, name)
-        }
-    }
-    let dir = support::repo_path("assets/tiny-dsv4");
+    let dir = support::tiny_dir();
     let cfg = ModelConfig::from_dir(&dir).unwrap();
     let src = support::tiny_checkpoint();
     let target =
@@ -377,9 +300,16 @@ fn missing_draft_tensor_is_named() {
         "mtp.2.confidence_head.proj.weight",
         "mtp.0.main_proj.weight",
     ] {
-        let err = DsparkDraft::load(&Hide(&src, name), &target, DEFAULT_NUM_STAGES)
-            .err()
-            .unwrap();
+        let err = DsparkDraft::load(
+            &support::WithoutTensor {
+                inner: &src,
+                missing: name,
+            },
+            &target,
+            DEFAULT_NUM_STAGES,
+        )
+        .err()
+        .unwrap();
         assert!(err.to_string().contains(name), "{err}");
     }
 }
@@ -392,48 +322,27 @@ fn tensor_parallel_two_ranks_draft_like_one() {
     let toks = prompt(40, 5);
     let (mut m, mut d) = tiny();
     let anchor = prefill(&mut m, &mut d, 1, 0, &toks);
-    let want = propose(
-        &m,
-        &d,
-        1,
-        (anchor, toks.len()),
-        5,
-        SamplingParams::GREEDY,
-        0,
-    )
-    .unwrap();
+    let want = propose_greedy(&m, &d, 1, (anchor, toks.len()), 5).unwrap();
     let want_ring = d.rings().get(1).unwrap().storage().to_vec();
 
-    let dir = support::repo_path("assets/tiny-dsv4");
+    let dir = support::tiny_dir();
     let cfg = ModelConfig::from_dir(&dir).unwrap();
     let src = support::tiny_checkpoint();
-    let comms = support::local_group::group(2);
-    let results: Vec<(Drafts, Vec<f32>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(rank, comm)| {
-                let (cfg, src, toks) = (cfg.clone(), &src, &toks);
-                s.spawn(move || {
-                    let opts = LoadOptions {
-                        kv_pool_tokens: 4096,
-                        shard: model::Shard {
-                            rank,
-                            world_size: 2,
-                        },
-                        ..LoadOptions::default()
-                    };
-                    let mut m = model::build_cpu(cfg, src, &opts, Arc::new(comm)).unwrap();
-                    let mut d = DsparkDraft::load(src, &m, DEFAULT_NUM_STAGES).unwrap();
-                    m.set_capture_layers(d.target_layers().to_vec());
-                    let a = prefill(&mut m, &mut d, 1, 0, toks);
-                    let dr =
-                        propose(&m, &d, 1, (a, toks.len()), 5, SamplingParams::GREEDY, 0).unwrap();
-                    (dr, d.rings().get(1).unwrap().storage().to_vec())
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let results: Vec<(Drafts, Vec<f32>)> = support::local_group::run_ranks(2, |rank, comm| {
+        let opts = LoadOptions {
+            kv_pool_tokens: 4096,
+            shard: model::Shard {
+                rank,
+                world_size: 2,
+            },
+            ..LoadOptions::default()
+        };
+        let mut m = model::build_cpu(cfg.clone(), &src, &opts, Arc::new(comm)).unwrap();
+        let mut d = DsparkDraft::load(&src, &m, DEFAULT_NUM_STAGES).unwrap();
+        m.set_capture_layers(d.target_layers().to_vec());
+        let a = prefill(&mut m, &mut d, 1, 0, &toks);
+        let dr = propose_greedy(&m, &d, 1, (a, toks.len()), 5).unwrap();
+        (dr, d.rings().get(1).unwrap().storage().to_vec())
     });
     assert_eq!(results[0], results[1], "ranks disagree");
     let (got, ring) = &results[0];
@@ -464,27 +373,9 @@ fn draft_loads_from_the_official_quantized_layout() {
     m.set_capture_layers(d.target_layers().to_vec());
     let toks: Vec<u32> = prompt(24, 6).iter().map(|t| t % 1000).collect();
     let anchor = prefill(&mut m, &mut d, 1, 0, &toks);
-    let full = propose(
-        &m,
-        &d,
-        1,
-        (anchor, toks.len()),
-        d.block_size(),
-        SamplingParams::GREEDY,
-        0,
-    )
-    .unwrap();
+    let full = propose_greedy(&m, &d, 1, (anchor, toks.len()), d.block_size()).unwrap();
     for k in 1..=d.block_size() {
-        let dk = propose(
-            &m,
-            &d,
-            1,
-            (anchor, toks.len()),
-            k,
-            SamplingParams::GREEDY,
-            0,
-        )
-        .unwrap();
+        let dk = propose_greedy(&m, &d, 1, (anchor, toks.len()), k).unwrap();
         assert_eq!(dk.tokens, full.tokens[..k].to_vec());
     }
 }
@@ -518,16 +409,7 @@ fn drafts_match_the_transformers_built_reference() {
     d.commit(&m, 3, 0, &features[..7 * width], 7).unwrap();
     d.commit(&m, 3, 7, &features[7 * width..], context - 7)
         .unwrap();
-    let got = propose(
-        &m,
-        &d,
-        3,
-        (anchor, context),
-        d.block_size(),
-        SamplingParams::GREEDY,
-        0,
-    )
-    .unwrap();
+    let got = propose_greedy(&m, &d, 3, (anchor, context), d.block_size()).unwrap();
     assert_eq!(got.tokens, want);
     for (g, w) in got
         .confidence

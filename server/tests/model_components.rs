@@ -18,7 +18,7 @@ use std::sync::Arc;
 use support::{f32s, i64s};
 
 fn cfg() -> ModelConfig {
-    ModelConfig::from_dir(&support::repo_path("assets/tiny-dsv4")).unwrap()
+    ModelConfig::from_dir(&support::tiny_dir()).unwrap()
 }
 
 fn weights() -> Checkpoint {
@@ -200,7 +200,7 @@ fn routers_match() {
 #[test]
 fn moe_block_matches() {
     let (c, cfg) = (components(), cfg());
-    let dir = support::repo_path("assets/tiny-dsv4");
+    let dir = support::tiny_dir();
     let src = weights();
     let m = model::build_cpu(
         cfg.clone(),

@@ -12,7 +12,7 @@ use dspark_server::engine::model::{self, DeepseekV4, LoadOptions, ModelConfig};
 use dspark_server::engine::{LogitsWanted, ModelRunner, SeqPlan, StepPlan};
 use dspark_server::ranks::SingleRank;
 use std::sync::{Arc, OnceLock};
-use support::reference::{blocks_for, ids, max_rel_diff, run, seq, Reference};
+use support::reference::{blocks_for, ids, max_rel_diff, prefill_then_decode, run, seq, Reference};
 
 fn fixture() -> &'static Reference {
     static F: OnceLock<Reference> = OnceLock::new();
@@ -27,7 +27,7 @@ fn fixture() -> &'static Reference {
 }
 
 fn tiny_model(pool_tokens: usize) -> DeepseekV4<CpuBackend> {
-    let dir = support::repo_path("assets/tiny-dsv4");
+    let dir = support::tiny_dir();
     let cfg = ModelConfig::from_dir(&dir).unwrap();
     let src = support::tiny_checkpoint();
     let opts = LoadOptions {
@@ -185,34 +185,16 @@ fn bad_plans_are_clear_errors() {
 
 #[test]
 fn missing_tensor_is_named() {
-    use dspark_server::engine::weights::Checkpoint;
-    struct Without<'a>(&'a Checkpoint, &'static str);
-    impl model::WeightSource for Without<'_> {
-        fn contains(&self, name: &str) -> bool {
-            name != self.1 && self.0.contains(name)
-        }
-        fn tensor_f32(&self, name: &str) -> Result<model::HostTensor, model::LoadError> {
-            model::WeightSource::tensor_f32(self.0, name)
-        }
-        fn tensor_f32_slice(
-            &self,
-            name: &str,
-            dim: usize,
-            range: std::ops::Range<usize>,
-        ) -> Result<model::HostTensor, model::LoadError> {
-            model::WeightSource::tensor_f32_slice(self.0, name, dim, range)
-        }
-        fn tensor_i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>), model::LoadError> {
-            model::WeightSource::tensor_i64(self.0, name)
-        }
-    }
-    let dir = support::repo_path("assets/tiny-dsv4");
+    let dir = support::tiny_dir();
     let cfg = ModelConfig::from_dir(&dir).unwrap();
     let src = support::tiny_checkpoint();
     let name = "layers.3.attn.indexer.compressor.ape";
     let err = model::build_cpu(
         cfg,
-        &Without(&src, name),
+        &support::WithoutTensor {
+            inner: &src,
+            missing: name,
+        },
         &LoadOptions::default(),
         Arc::new(SingleRank),
     )
@@ -228,46 +210,23 @@ fn tensor_parallel_two_ranks_match_one() {
     // joined by all-reduce / all-gather: same logits as one rank.
     let p = prompt("one_hca_block");
     let toks = ids(&p["input_ids"]);
-    let dir = support::repo_path("assets/tiny-dsv4");
+    let dir = support::tiny_dir();
     let cfg = ModelConfig::from_dir(&dir).unwrap();
     let src = support::tiny_checkpoint();
     let mut single = tiny_model(512);
     let bt = blocks_for(&single, 0, toks.len() + 1);
-    let plan = |next: Option<u32>| {
-        let (start, t) = match next {
-            None => (0, toks.clone()),
-            Some(x) => (toks.len(), vec![x]),
+    let (want_prefill, want_decode) = prefill_then_decode(&mut single, &toks, &bt, 77);
+    let results = support::local_group::run_ranks(2, |rank, comm| {
+        let opts = LoadOptions {
+            kv_pool_tokens: 512,
+            shard: model::Shard {
+                rank,
+                world_size: 2,
+            },
+            ..LoadOptions::default()
         };
-        StepPlan {
-            seqs: vec![seq(1, start, &t, &bt, LogitsWanted::All)],
-        }
-    };
-    let want_prefill = single.step(&plan(None)).unwrap().logits;
-    let want_decode = single.step(&plan(Some(77))).unwrap().logits;
-    let comms = support::local_group::group(2);
-    let results: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(rank, comm)| {
-                let (cfg, src, plan) = (cfg.clone(), &src, &plan);
-                s.spawn(move || {
-                    let opts = LoadOptions {
-                        kv_pool_tokens: 512,
-                        shard: model::Shard {
-                            rank,
-                            world_size: 2,
-                        },
-                        ..LoadOptions::default()
-                    };
-                    let mut m = model::build_cpu(cfg, src, &opts, Arc::new(comm)).unwrap();
-                    let a = m.step(&plan(None)).unwrap().logits;
-                    let b = m.step(&plan(Some(77))).unwrap().logits;
-                    (a, b)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+        let mut m = model::build_cpu(cfg.clone(), &src, &opts, Arc::new(comm)).unwrap();
+        prefill_then_decode(&mut m, &toks, &bt, 77)
     });
     for (a, b) in &results {
         for (got, want) in a[0].iter().zip(&want_prefill[0]) {
@@ -280,7 +239,7 @@ fn tensor_parallel_two_ranks_match_one() {
 
 #[test]
 fn load_entry_point_reads_the_checkpoint_and_dummy_weights() {
-    let dir = support::repo_path("assets/tiny-dsv4");
+    let dir = support::tiny_dir();
     let toks = ids(&prompt("short")["input_ids"]);
     let plan = StepPlan {
         seqs: vec![seq(1, 0, &toks, &[0], LogitsWanted::Last)],

@@ -18,11 +18,10 @@ use dspark_server::engine::model::{
     self, DeepseekV4, LoadOptions, ModelConfig, Shard, WeightSource,
 };
 use dspark_server::engine::weights::{Checkpoint, DType, WeightFormat};
-use dspark_server::engine::{LogitsWanted, ModelRunner, StepPlan};
 use dspark_server::ranks::{Communicator, SingleRank};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
-use support::reference::{blocks_for, ids, max_rel_diff, seq, Reference};
+use support::reference::{blocks_for, ids, max_rel_diff, prefill_then_decode, Reference};
 
 const PROMPTS: [&str; 3] = ["short", "chat", "long"];
 /// TP=N against TP=1, as model_fixtures.rs bounds it (only the summation order differs).
@@ -149,37 +148,14 @@ fn tensor_parallel_two_ranks_match_one() {
     let toks = ids(&p["input_ids"]);
     let mut single = quant_model(512);
     let bt = blocks_for(&single, 0, toks.len() + 1);
-    let plan = |next: Option<u32>| {
-        let (start, t) = match next {
-            None => (0, toks.clone()),
-            Some(x) => (toks.len(), vec![x]),
+    let (want_prefill, want_decode) = prefill_then_decode(&mut single, &toks, &bt, 77);
+    let results = support::local_group::run_ranks(2, |rank, comm| {
+        let shard = Shard {
+            rank,
+            world_size: 2,
         };
-        StepPlan {
-            seqs: vec![seq(1, start, &t, &bt, LogitsWanted::All)],
-        }
-    };
-    let want_prefill = single.step(&plan(None)).unwrap().logits;
-    let want_decode = single.step(&plan(Some(77))).unwrap().logits;
-    let comms = support::local_group::group(2);
-    let results: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(rank, comm)| {
-                let plan = &plan;
-                s.spawn(move || {
-                    let shard = Shard {
-                        rank,
-                        world_size: 2,
-                    };
-                    let mut m = load_quant(512, shard, Arc::new(comm));
-                    let a = m.step(&plan(None)).unwrap().logits;
-                    let b = m.step(&plan(Some(77))).unwrap().logits;
-                    (a, b)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+        let mut m = load_quant(512, shard, Arc::new(comm));
+        prefill_then_decode(&mut m, &toks, &bt, 77)
     });
     let mut worst: f64 = 0.0;
     for (a, b) in &results {

@@ -2,22 +2,17 @@
 //! far smaller than the sum of the requests, preemption by recompute, the prefix cache, and
 //! still every request's greedy output equals what it produces alone.
 
-use std::path::PathBuf;
+mod support;
+
 use std::sync::Arc;
-use std::time::Instant;
 
 use dspark_server::engine::model::{self, LoadOptions};
 use dspark_server::engine::ModelRunner;
 use dspark_server::metrics::Metrics;
 use dspark_server::ranks::SingleRank;
-use dspark_server::scheduler::{
-    GenerateRequest, SamplingParams, Scheduler, SchedulerConfig, SeqEvent,
-};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
-
-fn tiny_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-dsv4")
-}
+use dspark_server::scheduler::{SamplingParams, Scheduler, SchedulerConfig};
+use support::scheduler::{run, submit, tokens};
+use support::tiny_dir;
 
 fn runner(pool_tokens: usize) -> Box<dyn ModelRunner> {
     let opts = LoadOptions {
@@ -45,45 +40,6 @@ fn scheduler(
         },
         Arc::new(Metrics::new("tiny")),
     )
-}
-
-fn submit(
-    s: &mut Scheduler,
-    id: u64,
-    prompt: Vec<u32>,
-    params: SamplingParams,
-) -> UnboundedReceiver<SeqEvent> {
-    let (tx, rx) = unbounded_channel();
-    s.add(
-        id,
-        GenerateRequest {
-            prompt,
-            params,
-            arrival: Instant::now(),
-            events: tx,
-        },
-    );
-    rx
-}
-
-fn run(s: &mut Scheduler) {
-    while s.has_work() {
-        s.step().expect("engine step");
-        assert!(s.live_tokens() <= s.pool().pool_tokens());
-        assert!(s.num_running() <= s.config().max_num_seqs);
-    }
-}
-
-fn tokens(rx: &mut UnboundedReceiver<SeqEvent>) -> Vec<u32> {
-    let mut out = Vec::new();
-    while let Ok(ev) = rx.try_recv() {
-        match ev {
-            SeqEvent::Token { token, .. } => out.push(token),
-            SeqEvent::Finished { .. } => {}
-            SeqEvent::Failed(m) => panic!("{m}"),
-        }
-    }
-    out
 }
 
 /// 16 prompts sharing a system prefix of one full block, different tails.

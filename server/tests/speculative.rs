@@ -8,10 +8,8 @@
 mod support;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Instant;
 
 use dspark_server::backend::cpu::CpuBackend;
 use dspark_server::engine::model::{self, LoadOptions};
@@ -19,16 +17,11 @@ use dspark_server::engine::speculative::SpeculativeRunner;
 use dspark_server::engine::{EngineError, KvLayout, ModelRunner, StepOutput, StepPlan};
 use dspark_server::metrics::Metrics;
 use dspark_server::ranks::{Communicator, SingleRank};
-use dspark_server::scheduler::{
-    GenerateRequest, SamplingParams, Scheduler, SchedulerConfig, SeqEvent,
-};
+use dspark_server::scheduler::{SamplingParams, Scheduler, SchedulerConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
-
-fn tiny_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-dsv4")
-}
+use support::scheduler::{run, submit, tokens};
+use support::tiny_dir;
 
 fn opts(pool_tokens: usize) -> LoadOptions {
     LoadOptions {
@@ -74,44 +67,6 @@ fn scheduler(runner: Box<dyn ModelRunner>, k: usize, s: &Setup) -> Scheduler {
         Arc::new(Metrics::new("tiny")),
     )
     .with_speculation(k)
-}
-
-fn submit(
-    s: &mut Scheduler,
-    id: u64,
-    prompt: Vec<u32>,
-    params: SamplingParams,
-) -> UnboundedReceiver<SeqEvent> {
-    let (tx, rx) = unbounded_channel();
-    s.add(
-        id,
-        GenerateRequest {
-            prompt,
-            params,
-            arrival: Instant::now(),
-            events: tx,
-        },
-    );
-    rx
-}
-
-fn run(s: &mut Scheduler) {
-    while s.has_work() {
-        s.step().expect("engine step");
-        assert!(s.live_tokens() <= s.pool().pool_tokens());
-    }
-}
-
-fn tokens(rx: &mut UnboundedReceiver<SeqEvent>) -> Vec<u32> {
-    let mut out = Vec::new();
-    while let Ok(ev) = rx.try_recv() {
-        match ev {
-            SeqEvent::Token { token, .. } => out.push(token),
-            SeqEvent::Finished { .. } => {}
-            SeqEvent::Failed(m) => panic!("{m}"),
-        }
-    }
-    out
 }
 
 fn greedy(max_tokens: usize) -> SamplingParams {

@@ -6,7 +6,8 @@
 //! (CSA: 4 positions, HCA: 128) completed inside a rejected tail.
 //! Also: a draft state dropped mid-request (preemption) is rebuilt by recomputing the prefix.
 
-use std::path::PathBuf;
+mod support;
+
 use std::sync::Arc;
 
 use dspark_server::backend::cpu::CpuBackend;
@@ -17,10 +18,7 @@ use dspark_server::engine::{DraftPlan, LogitsWanted, ModelRunner, SeqPlan, StepP
 use dspark_server::ranks::SingleRank;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-fn tiny_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-dsv4")
-}
+use support::tiny_dir;
 
 fn target() -> DeepseekV4<CpuBackend> {
     let opts = LoadOptions {

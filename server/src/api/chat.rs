@@ -10,11 +10,11 @@ use axum::Json;
 
 use super::error::ApiError;
 use super::generate::{
-    params_for_prompt, validate_common, ChoiceDelta, ChoiceEvent, ChoiceText, Generation,
-    TokenNames, Validated,
+    params_for_prompt, stream_choices, validate_common, ChoiceDelta, ChoiceStream, Generation,
+    ResponseHead, TokenNames, Validated,
 };
 use super::types::*;
-use super::{now_secs, random_id, sse_response, AppState, JsonBody, Serving};
+use super::{sse_response, AppState, JsonBody, Serving};
 use crate::engine::tokenizer::chat::{encode_chat, ChatError, ChatOptions};
 use crate::scheduler::TokenLogprobs;
 
@@ -80,9 +80,7 @@ pub async fn chat_completions(
     let params = params_for_prompt(&v, prompt.len(), &limits)?;
     let gen = Generation::submit(&serving.scheduler, vec![(prompt, params)], arrival)?;
     let ctx = ChatCtx {
-        id: format!("chatcmpl-{}", random_id()),
-        created: now_secs(),
-        model: state.model_name.clone(),
+        head: ResponseHead::new("chatcmpl", &state.model_name),
         parse: (
             options.thinking && options.add_generation_prompt,
             !tools.is_empty(),
@@ -97,9 +95,7 @@ pub async fn chat_completions(
 }
 
 struct ChatCtx {
-    id: String,
-    created: u64,
-    model: String,
+    head: ResponseHead,
     /// (thinking, tools) for the output parser.
     parse: (bool, bool),
     v: Validated,
@@ -146,55 +142,26 @@ impl Collected {
 
 async fn complete(
     serving: &Serving,
-    mut gen: Generation,
+    gen: Generation,
     ctx: &ChatCtx,
 ) -> Result<ChatCompletionResponse, ApiError> {
     let tok = &serving.tokenizer;
     let mut names = TokenNames::new(tok, ctx.v.as_token_ids);
-    let mut texts: Vec<ChoiceText> = (0..gen.num_choices)
-        .map(|_| ChoiceText::new(tok, &ctx.v, Some(ctx.parse)))
+    let mut choices = ChoiceStream::new(gen, tok, &ctx.v, Some(ctx.parse));
+    let mut out: Vec<Collected> = (0..choices.num_choices())
+        .map(|_| Collected::default())
         .collect();
-    let mut out: Vec<Collected> = (0..gen.num_choices).map(|_| Collected::default()).collect();
-    while texts.iter().any(|t| t.finished.is_none()) {
-        match gen.next().await {
-            Some(ChoiceEvent::Token {
-                choice,
-                token,
-                logprobs,
-                finish,
-            }) => {
-                if texts[choice].finished.is_some() {
-                    continue;
-                }
-                if let Some(lp) = &logprobs {
-                    out[choice]
-                        .logprobs
-                        .push(logprob_entry(&mut names, token, lp));
-                }
-                let (d, stop_hit) = texts[choice].push(token, finish);
-                if stop_hit {
-                    gen.abort_choice(choice);
-                }
-                out[choice].add(d);
-            }
-            Some(ChoiceEvent::Finished { choice, reason }) => {
-                let d = texts[choice].end(reason);
-                out[choice].add(d);
-            }
-            Some(ChoiceEvent::Failed(m)) => return Err(ApiError::internal(m)),
-            None => {
-                return Err(ApiError::internal(
-                    "the engine stopped before the request finished",
-                ))
-            }
+    while let Some(step) = choices.next().await? {
+        let c = &mut out[step.choice];
+        if let Some((token, lp)) = &step.logprobs {
+            c.logprobs.push(logprob_entry(&mut names, *token, lp));
         }
+        c.add(step.delta);
     }
-    let completion_tokens = texts.iter().map(|t| t.completion_tokens).sum();
-    let choices = texts
-        .iter()
-        .zip(out)
+    let message_choices = out
+        .into_iter()
         .enumerate()
-        .map(|(index, (t, c))| ChatChoice {
+        .map(|(index, c)| ChatChoice {
             index,
             message: ChatMessageOut {
                 role: "assistant",
@@ -205,38 +172,36 @@ async fn complete(
             logprobs: ctx.v.params.logprobs.map(|_| ChatLogprobs {
                 content: c.logprobs,
             }),
-            finish_reason: t.finished,
+            finish_reason: choices.finish_reason(index),
         })
         .collect();
     Ok(ChatCompletionResponse {
-        id: ctx.id.clone(),
+        id: ctx.head.id.clone(),
         object: "chat.completion",
-        created: ctx.created,
-        model: ctx.model.clone(),
-        choices,
-        usage: Usage::new(gen.prompt_tokens, completion_tokens),
+        created: ctx.head.created,
+        model: ctx.head.model.clone(),
+        choices: message_choices,
+        usage: choices.usage(),
     })
 }
 
-fn stream(serving: Arc<Serving>, mut gen: Generation, ctx: ChatCtx) -> Response {
+fn stream(serving: Arc<Serving>, gen: Generation, ctx: ChatCtx) -> Response {
     sse_response(move |tx| async move {
         let tok = &serving.tokenizer;
         let mut names = TokenNames::new(tok, ctx.v.as_token_ids);
-        let mut texts: Vec<ChoiceText> = (0..gen.num_choices)
-            .map(|_| ChoiceText::new(tok, &ctx.v, Some(ctx.parse)))
-            .collect();
-        let mut tool_index = vec![0usize; gen.num_choices];
+        let choices = ChoiceStream::new(gen, tok, &ctx.v, Some(ctx.parse));
+        let mut tool_index = vec![0usize; choices.num_choices()];
         let chunk = |choices: Vec<ChatChunkChoice>, usage: Option<Usage>| {
             Event::default().json_data(ChatCompletionChunk {
-                id: ctx.id.clone(),
+                id: ctx.head.id.clone(),
                 object: "chat.completion.chunk",
-                created: ctx.created,
-                model: ctx.model.clone(),
+                created: ctx.head.created,
+                model: ctx.head.model.clone(),
                 choices,
                 usage,
             })
         };
-        let first: Vec<ChatChunkChoice> = (0..gen.num_choices)
+        let first: Vec<ChatChunkChoice> = (0..choices.num_choices())
             .map(|index| ChatChunkChoice {
                 index,
                 delta: ChatDelta {
@@ -251,37 +216,11 @@ fn stream(serving: Arc<Serving>, mut gen: Generation, ctx: ChatCtx) -> Response 
         if tx.send(chunk(first, None)).await.is_err() {
             return;
         }
-        while texts.iter().any(|t| t.finished.is_none()) {
-            let (choice, d, lp) = match gen.next().await {
-                Some(ChoiceEvent::Token {
-                    choice,
-                    token,
-                    logprobs,
-                    finish,
-                }) => {
-                    if texts[choice].finished.is_some() {
-                        continue;
-                    }
-                    let lp = logprobs.map(|lp| ChatLogprobs {
-                        content: vec![logprob_entry(&mut names, token, &lp)],
-                    });
-                    let (d, stop_hit) = texts[choice].push(token, finish);
-                    if stop_hit {
-                        gen.abort_choice(choice);
-                    }
-                    (choice, d, lp)
-                }
-                Some(ChoiceEvent::Finished { choice, reason }) => {
-                    (choice, texts[choice].end(reason), None)
-                }
-                Some(ChoiceEvent::Failed(m)) => {
-                    let _ = tx
-                        .send(Event::default().json_data(ApiError::internal(m).body()))
-                        .await;
-                    return;
-                }
-                None => return,
-            };
+        stream_choices(&tx, choices, ctx.v.include_usage, chunk, |step| {
+            let (choice, d) = (step.choice, step.delta);
+            let lp = step.logprobs.map(|(token, lp)| ChatLogprobs {
+                content: vec![logprob_entry(&mut names, token, &lp)],
+            });
             let tool_calls: Vec<ToolCallDelta> = d
                 .tool_calls
                 .into_iter()
@@ -300,9 +239,9 @@ fn stream(serving: Arc<Serving>, mut gen: Generation, ctx: ChatCtx) -> Response 
                 .collect();
             let has_delta = !d.text.is_empty() || !d.reasoning.is_empty() || !tool_calls.is_empty();
             if !has_delta && d.finish.is_none() && lp.is_none() {
-                continue;
+                return None;
             }
-            let c = ChatChunkChoice {
+            Some(ChatChunkChoice {
                 index: choice,
                 delta: ChatDelta {
                     role: None,
@@ -312,15 +251,8 @@ fn stream(serving: Arc<Serving>, mut gen: Generation, ctx: ChatCtx) -> Response 
                 },
                 logprobs: lp,
                 finish_reason: d.finish,
-            };
-            if tx.send(chunk(vec![c], None)).await.is_err() {
-                return;
-            }
-        }
-        if ctx.v.include_usage {
-            let completion_tokens = texts.iter().map(|t| t.completion_tokens).sum();
-            let usage = Usage::new(gen.prompt_tokens, completion_tokens);
-            let _ = tx.send(chunk(vec![], Some(usage))).await;
-        }
+            })
+        })
+        .await;
     })
 }

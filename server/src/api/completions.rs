@@ -11,10 +11,11 @@ use axum::Json;
 
 use super::error::ApiError;
 use super::generate::{
-    params_for_prompt, validate_common, ChoiceEvent, ChoiceText, Generation, TokenNames, Validated,
+    params_for_prompt, stream_choices, validate_common, ChoiceStream, Generation, ResponseHead,
+    TokenNames, Validated,
 };
 use super::types::*;
-use super::{now_secs, random_id, sse_response, AppState, JsonBody, Serving};
+use super::{sse_response, AppState, JsonBody, Serving};
 use crate::scheduler::TokenLogprobs;
 
 pub async fn completions(
@@ -103,9 +104,7 @@ pub async fn completions(
     let n = v.params.n;
     let gen = Generation::submit(&serving.scheduler, jobs, arrival)?;
     let ctx = CompletionCtx {
-        id: format!("cmpl-{}", random_id()),
-        created: now_secs(),
-        model: state.model_name.clone(),
+        head: ResponseHead::new("cmpl", &state.model_name),
         echo,
         n,
         v,
@@ -118,9 +117,7 @@ pub async fn completions(
 }
 
 struct CompletionCtx {
-    id: String,
-    created: u64,
-    model: String,
+    head: ResponseHead,
     /// Prompt text per prompt, when `echo`.
     echo: Vec<String>,
     n: usize,
@@ -154,93 +151,61 @@ fn push_logprobs(
 
 async fn complete(
     serving: &Serving,
-    mut gen: Generation,
+    gen: Generation,
     ctx: &CompletionCtx,
 ) -> Result<CompletionResponse, ApiError> {
     let tok = &serving.tokenizer;
     let mut names = TokenNames::new(tok, ctx.v.as_token_ids);
-    let mut texts: Vec<ChoiceText> = (0..gen.num_choices)
-        .map(|_| ChoiceText::new(tok, &ctx.v, None))
-        .collect();
-    let mut out: Vec<String> = (0..gen.num_choices)
-        .map(|c| ctx.echo_for(c).to_string())
-        .collect();
-    let mut lps: Vec<CompletionLogprobs> = vec![CompletionLogprobs::default(); gen.num_choices];
-    while texts.iter().any(|t| t.finished.is_none()) {
-        match gen.next().await {
-            Some(ChoiceEvent::Token {
-                choice,
-                token,
-                logprobs,
-                finish,
-            }) => {
-                if texts[choice].finished.is_some() {
-                    continue;
-                }
-                if let Some(lp) = &logprobs {
-                    push_logprobs(&mut lps[choice], &mut names, token, lp, out[choice].len());
-                }
-                let (d, stop_hit) = texts[choice].push(token, finish);
-                if stop_hit {
-                    gen.abort_choice(choice);
-                }
-                out[choice].push_str(&d.text);
-            }
-            Some(ChoiceEvent::Finished { choice, reason }) => {
-                let d = texts[choice].end(reason);
-                out[choice].push_str(&d.text);
-            }
-            Some(ChoiceEvent::Failed(m)) => return Err(ApiError::internal(m)),
-            None => {
-                return Err(ApiError::internal(
-                    "the engine stopped before the request finished",
-                ))
-            }
+    let mut choices = ChoiceStream::new(gen, tok, &ctx.v, None);
+    let n = choices.num_choices();
+    let mut out: Vec<String> = (0..n).map(|c| ctx.echo_for(c).to_string()).collect();
+    let mut lps: Vec<CompletionLogprobs> = vec![CompletionLogprobs::default(); n];
+    while let Some(step) = choices.next().await? {
+        let text = &mut out[step.choice];
+        if let Some((token, lp)) = &step.logprobs {
+            push_logprobs(&mut lps[step.choice], &mut names, *token, lp, text.len());
         }
+        text.push_str(&step.delta.text);
     }
-    let completion_tokens = texts.iter().map(|t| t.completion_tokens).sum();
-    let choices = texts
-        .iter()
-        .zip(out)
+    let text_choices = out
+        .into_iter()
         .zip(lps)
         .enumerate()
-        .map(|(index, ((t, text), lp))| CompletionChoice {
+        .map(|(index, (text, lp))| CompletionChoice {
             index,
             text,
             logprobs: ctx.v.params.logprobs.map(|_| lp),
-            finish_reason: t.finished,
+            finish_reason: choices.finish_reason(index),
         })
         .collect();
     Ok(CompletionResponse {
-        id: ctx.id.clone(),
+        id: ctx.head.id.clone(),
         object: "text_completion",
-        created: ctx.created,
-        model: ctx.model.clone(),
-        choices,
-        usage: Some(Usage::new(gen.prompt_tokens, completion_tokens)),
+        created: ctx.head.created,
+        model: ctx.head.model.clone(),
+        choices: text_choices,
+        usage: Some(choices.usage()),
     })
 }
 
-fn stream(serving: Arc<Serving>, mut gen: Generation, ctx: CompletionCtx) -> Response {
+fn stream(serving: Arc<Serving>, gen: Generation, ctx: CompletionCtx) -> Response {
     sse_response(move |tx| async move {
         let tok = &serving.tokenizer;
         let mut names = TokenNames::new(tok, ctx.v.as_token_ids);
-        let mut texts: Vec<ChoiceText> = (0..gen.num_choices)
-            .map(|_| ChoiceText::new(tok, &ctx.v, None))
-            .collect();
-        let mut offsets = vec![0usize; gen.num_choices];
+        let choices = ChoiceStream::new(gen, tok, &ctx.v, None);
+        let mut offsets = vec![0usize; choices.num_choices()];
         let chunk = |choices: Vec<CompletionChoice>, usage: Option<Usage>| {
             Event::default().json_data(CompletionResponse {
-                id: ctx.id.clone(),
+                id: ctx.head.id.clone(),
                 object: "text_completion",
-                created: ctx.created,
-                model: ctx.model.clone(),
+                created: ctx.head.created,
+                model: ctx.head.model.clone(),
                 choices,
                 usage,
             })
         };
         if !ctx.echo.is_empty() {
-            let choices = (0..gen.num_choices)
+            let first = (0..choices.num_choices())
                 .map(|index| {
                     offsets[index] = ctx.echo_for(index).len();
                     CompletionChoice {
@@ -251,65 +216,28 @@ fn stream(serving: Arc<Serving>, mut gen: Generation, ctx: CompletionCtx) -> Res
                     }
                 })
                 .collect();
-            if tx.send(chunk(choices, None)).await.is_err() {
+            if tx.send(chunk(first, None)).await.is_err() {
                 return;
             }
         }
-        while texts.iter().any(|t| t.finished.is_none()) {
-            let (choice, d, lp) = match gen.next().await {
-                Some(ChoiceEvent::Token {
-                    choice,
-                    token,
-                    logprobs,
-                    finish,
-                }) => {
-                    if texts[choice].finished.is_some() {
-                        continue;
-                    }
-                    let lp = logprobs.map(|t| {
-                        let mut lp = CompletionLogprobs::default();
-                        push_logprobs(&mut lp, &mut names, token, &t, offsets[choice]);
-                        lp
-                    });
-                    let (d, stop_hit) = texts[choice].push(token, finish);
-                    if stop_hit {
-                        gen.abort_choice(choice);
-                    }
-                    (choice, d, lp)
-                }
-                Some(ChoiceEvent::Finished { choice, reason }) => {
-                    (choice, texts[choice].end(reason), None)
-                }
-                Some(ChoiceEvent::Failed(m)) => {
-                    let _ = tx
-                        .send(Event::default().json_data(ApiError::internal(m).body()))
-                        .await;
-                    return;
-                }
-                None => return,
-            };
+        stream_choices(&tx, choices, ctx.v.include_usage, chunk, |step| {
+            let (choice, d) = (step.choice, step.delta);
+            let lp = step.logprobs.map(|(token, t)| {
+                let mut lp = CompletionLogprobs::default();
+                push_logprobs(&mut lp, &mut names, token, &t, offsets[choice]);
+                lp
+            });
             if d.text.is_empty() && d.finish.is_none() && lp.is_none() {
-                continue;
+                return None;
             }
             offsets[choice] += d.text.len();
-            let c = CompletionChoice {
+            Some(CompletionChoice {
                 index: choice,
                 text: d.text,
                 logprobs: lp,
                 finish_reason: d.finish,
-            };
-            if tx.send(chunk(vec![c], None)).await.is_err() {
-                return;
-            }
-        }
-        if ctx.v.include_usage {
-            let completion_tokens = texts.iter().map(|t| t.completion_tokens).sum();
-            let _ = tx
-                .send(chunk(
-                    vec![],
-                    Some(Usage::new(gen.prompt_tokens, completion_tokens)),
-                ))
-                .await;
-        }
+            })
+        })
+        .await;
     })
 }

@@ -3,16 +3,21 @@
 //! Shared by chat and completions: a [`Generation`] is one or more scheduler requests (one per
 //! prompt) whose events arrive merged; each choice turns its tokens into text through a
 //! [`ChoiceText`] (streaming detokenizer, stop strings, and for chat the reasoning/tool-call parser).
+//! [`ChoiceStream`] joins the two into per-choice steps; [`stream_choices`] sends them as SSE
+//! chunks. The endpoints only shape steps into their own response types.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
+use axum::response::sse::Event;
 use futures::stream::{select_all, SelectAll};
 use futures::StreamExt;
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::error::ApiError;
-use super::types::CommonParams;
+use super::types::{CommonParams, Usage};
+use super::{now_secs, random_id};
 use crate::engine::tokenizer::parse::{OutputEvent, OutputParser};
 use crate::engine::tokenizer::{IncrementalDecoder, StopStrings, Tokenizer};
 use crate::scheduler::handle::Limits;
@@ -233,6 +238,24 @@ pub fn params_for_prompt(
     })
 }
 
+/// What every response object (and stream chunk) of one request repeats.
+pub struct ResponseHead {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+impl ResponseHead {
+    /// A fresh id `{id_prefix}-<random>`, created now.
+    pub fn new(id_prefix: &str, model: &str) -> Self {
+        ResponseHead {
+            id: format!("{id_prefix}-{}", random_id()),
+            created: now_secs(),
+            model: model.to_string(),
+        }
+    }
+}
+
 /// An event of a generation, with its choice index across all prompts.
 #[derive(Debug)]
 pub enum ChoiceEvent {
@@ -324,6 +347,144 @@ impl Generation {
         {
             self.handle.abort(id, Some(choice - base));
         }
+    }
+}
+
+/// Why a generation's events ended before every choice finished.
+#[derive(Debug)]
+pub enum Interrupted {
+    /// The engine failed the request.
+    Failed(String),
+    /// The scheduler closed the request's channels (it stopped).
+    Closed,
+}
+
+impl From<Interrupted> for ApiError {
+    fn from(e: Interrupted) -> ApiError {
+        match e {
+            Interrupted::Failed(m) => ApiError::internal(m),
+            Interrupted::Closed => {
+                ApiError::internal("the engine stopped before the request finished")
+            }
+        }
+    }
+}
+
+/// What one event added to one choice.
+#[derive(Debug)]
+pub struct ChoiceStep {
+    pub choice: usize,
+    pub delta: ChoiceDelta,
+    /// The sampled token and its logprobs, when the request asked for logprobs.
+    pub logprobs: Option<(u32, TokenLogprobs)>,
+}
+
+/// A generation's choices as text: scheduler events in, per-choice steps out, stop strings
+/// aborting their choice in the scheduler.
+pub struct ChoiceStream {
+    gen: Generation,
+    texts: Vec<ChoiceText>,
+}
+
+impl ChoiceStream {
+    /// `parser`: `Some((thinking, tools))` for chat.
+    pub fn new(
+        gen: Generation,
+        tok: &Tokenizer,
+        v: &Validated,
+        parser: Option<(bool, bool)>,
+    ) -> Self {
+        let texts = (0..gen.num_choices)
+            .map(|_| ChoiceText::new(tok, v, parser))
+            .collect();
+        ChoiceStream { gen, texts }
+    }
+
+    pub fn num_choices(&self) -> usize {
+        self.texts.len()
+    }
+
+    /// The next step of an unfinished choice; `Ok(None)` once every choice finished.
+    pub async fn next(&mut self) -> Result<Option<ChoiceStep>, Interrupted> {
+        while self.texts.iter().any(|t| t.finished.is_none()) {
+            match self.gen.next().await {
+                Some(ChoiceEvent::Token {
+                    choice,
+                    token,
+                    logprobs,
+                    finish,
+                }) => {
+                    if self.texts[choice].finished.is_some() {
+                        continue;
+                    }
+                    let (delta, stop_hit) = self.texts[choice].push(token, finish);
+                    if stop_hit {
+                        self.gen.abort_choice(choice);
+                    }
+                    return Ok(Some(ChoiceStep {
+                        choice,
+                        delta,
+                        logprobs: logprobs.map(|lp| (token, lp)),
+                    }));
+                }
+                Some(ChoiceEvent::Finished { choice, reason }) => {
+                    return Ok(Some(ChoiceStep {
+                        choice,
+                        delta: self.texts[choice].end(reason),
+                        logprobs: None,
+                    }))
+                }
+                Some(ChoiceEvent::Failed(m)) => return Err(Interrupted::Failed(m)),
+                None => return Err(Interrupted::Closed),
+            }
+        }
+        Ok(None)
+    }
+
+    /// The finish reason of `choice`, once it finished.
+    pub fn finish_reason(&self, choice: usize) -> Option<&'static str> {
+        self.texts[choice].finished
+    }
+
+    /// Prompt and completion tokens so far, over all choices.
+    pub fn usage(&self) -> Usage {
+        let completion_tokens = self.texts.iter().map(|t| t.completion_tokens).sum();
+        Usage::new(self.gen.prompt_tokens, completion_tokens)
+    }
+}
+
+/// Sends a generation's steps as SSE chunks until every choice finished: `chunk` wraps choices
+/// (and usage) in the endpoint's chunk object; `step_choice` shapes a step into a chunk choice,
+/// `None` when there is nothing to send. An engine failure goes out as an error event; a usage
+/// chunk closes the stream when the request asked for one. Stops when the client is gone.
+pub async fn stream_choices<C>(
+    tx: &mpsc::Sender<Result<Event, axum::Error>>,
+    mut choices: ChoiceStream,
+    include_usage: bool,
+    chunk: impl Fn(Vec<C>, Option<Usage>) -> Result<Event, axum::Error>,
+    mut step_choice: impl FnMut(ChoiceStep) -> Option<C>,
+) {
+    loop {
+        let step = match choices.next().await {
+            Ok(Some(step)) => step,
+            Ok(None) => break,
+            Err(Interrupted::Failed(m)) => {
+                let _ = tx
+                    .send(Event::default().json_data(ApiError::internal(m).body()))
+                    .await;
+                return;
+            }
+            Err(Interrupted::Closed) => return,
+        };
+        let Some(c) = step_choice(step) else {
+            continue;
+        };
+        if tx.send(chunk(vec![c], None)).await.is_err() {
+            return;
+        }
+    }
+    if include_usage {
+        let _ = tx.send(chunk(vec![], Some(choices.usage()))).await;
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::request::{GenerateRequest, SamplingParams, SeqEvent};
 use super::Scheduler;
@@ -121,14 +121,8 @@ impl SchedulerHandle {
                 (q < limit).then_some(q + 1)
             })
             .map_err(SubmitError::QueueFull)?;
-        let (events, rx) = unbounded_channel();
+        let (req, rx) = GenerateRequest::new(prompt, params, arrival);
         let id = self.next_request_id.fetch_add(1, Ordering::SeqCst);
-        let req = GenerateRequest {
-            prompt,
-            params,
-            arrival,
-            events,
-        };
         if self.tx.send(Command::Add(id, req)).is_err() {
             self.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::Unavailable);

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 /// Sampling and stopping rules of one request, already validated by the API.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,6 +66,24 @@ pub struct GenerateRequest {
     pub arrival: Instant,
     /// Where the request's tokens go. Dropping the receiver cancels the request.
     pub events: UnboundedSender<SeqEvent>,
+}
+
+impl GenerateRequest {
+    /// A request and the receiver of its events.
+    pub fn new(
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        arrival: Instant,
+    ) -> (GenerateRequest, UnboundedReceiver<SeqEvent>) {
+        let (events, rx) = unbounded_channel();
+        let req = GenerateRequest {
+            prompt,
+            params,
+            arrival,
+            events,
+        };
+        (req, rx)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

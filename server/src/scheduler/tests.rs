@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::fake_runner::{FakeRunner, FAKE_EOS};
 use super::handle::SchedulerHandle;
@@ -47,17 +47,9 @@ fn submit(
     prompt: Vec<u32>,
     params: SamplingParams,
 ) -> UnboundedReceiver<SeqEvent> {
-    let (tx, rx) = unbounded_channel();
+    let (req, rx) = GenerateRequest::new(prompt, params, Instant::now());
     s.queued.fetch_add(1, Ordering::SeqCst);
-    s.add(
-        id,
-        GenerateRequest {
-            prompt,
-            params,
-            arrival: Instant::now(),
-            events: tx,
-        },
-    );
+    s.add(id, req);
     rx
 }
 

@@ -1,19 +1,54 @@
 //! Test support: repository paths, the tiny model's checkpoint, transformers reference checks
-//! (`reference`), and an in-process tensor-parallel group.
+//! (`reference`), a checkpoint with a tensor hidden, driving a scheduler by hand (`scheduler`),
+//! and an in-process tensor-parallel group.
 #![allow(dead_code)]
 
 pub mod reference;
+pub mod scheduler;
 
+use dspark_server::engine::model::{HostTensor, LoadError, WeightSource};
 use dspark_server::engine::weights::Checkpoint;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
+/// The tiny model shipped in the repo.
+pub fn tiny_dir() -> PathBuf {
+    repo_path("assets/tiny-dsv4")
+}
+
 /// The tiny model shipped in the repo, through the real checkpoint layer.
 pub fn tiny_checkpoint() -> Checkpoint {
-    Checkpoint::open(&repo_path("assets/tiny-dsv4")).unwrap()
+    Checkpoint::open(&tiny_dir()).unwrap()
+}
+
+/// A checkpoint that lacks one tensor, for the loaders' missing-tensor errors.
+pub struct WithoutTensor<'a> {
+    pub inner: &'a Checkpoint,
+    pub missing: &'a str,
+}
+
+impl WeightSource for WithoutTensor<'_> {
+    fn contains(&self, name: &str) -> bool {
+        name != self.missing && self.inner.contains(name)
+    }
+    fn tensor_f32(&self, name: &str) -> Result<HostTensor, LoadError> {
+        WeightSource::tensor_f32(self.inner, name)
+    }
+    fn tensor_f32_slice(
+        &self,
+        name: &str,
+        dim: usize,
+        range: Range<usize>,
+    ) -> Result<HostTensor, LoadError> {
+        WeightSource::tensor_f32_slice(self.inner, name, dim, range)
+    }
+    fn tensor_i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>), LoadError> {
+        WeightSource::tensor_i64(self.inner, name)
+    }
 }
 
 /// The fixture script's intermediate tensors (names pass through unchanged).
@@ -45,6 +80,25 @@ pub mod local_group {
         rank: usize,
         world: usize,
         shared: Arc<Shared>,
+    }
+
+    /// Runs `rank_fn(rank, comm)` for every rank of a `world`-rank group, each on its own
+    /// thread, and returns the results in rank order.
+    pub fn run_ranks<T: Send>(
+        world: usize,
+        rank_fn: impl Fn(usize, LocalComm) -> T + Sync,
+    ) -> Vec<T> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = group(world)
+                .into_iter()
+                .enumerate()
+                .map(|(rank, comm)| {
+                    let rank_fn = &rank_fn;
+                    s.spawn(move || rank_fn(rank, comm))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
     }
 
     pub fn group(world: usize) -> Vec<LocalComm> {

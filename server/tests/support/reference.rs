@@ -194,6 +194,28 @@ pub fn seq(id: u64, start: usize, tokens: &[u32], bt: &[u32], logits: LogitsWant
     }
 }
 
+/// A step's logits: per sequence, per position, per vocabulary entry.
+pub type StepLogits = Vec<Vec<Vec<f32>>>;
+
+/// Logits of one sequence's prefill of `toks` (every position), then of one decode step of
+/// `next`, over blocks `bt`.
+pub fn prefill_then_decode(
+    m: &mut dyn ModelRunner,
+    toks: &[u32],
+    bt: &[u32],
+    next: u32,
+) -> (StepLogits, StepLogits) {
+    let prefill = StepPlan {
+        seqs: vec![seq(1, 0, toks, bt, LogitsWanted::All)],
+    };
+    let decode = StepPlan {
+        seqs: vec![seq(1, toks.len(), &[next], bt, LogitsWanted::All)],
+    };
+    let a = m.step(&prefill).unwrap().logits;
+    let b = m.step(&decode).unwrap().logits;
+    (a, b)
+}
+
 pub fn run<B: Backend>(m: &mut DeepseekV4<B>, seqs: Vec<SeqPlan>) -> Vec<Vec<Vec<f32>>> {
     m.step(&StepPlan { seqs }).unwrap().logits
 }

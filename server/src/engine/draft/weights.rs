@@ -8,27 +8,19 @@
 
 use crate::backend::Backend;
 use crate::engine::model::config::{AttentionKind, DsparkConfig, MlpKind, ModelConfig};
-use crate::engine::model::hyper::{HyperConnection, HyperHead};
-use crate::engine::model::load::{
-    attention_at, moe_at, AttentionWeights, LoadError, MoeWeights, Reader, Shard, WeightSource,
+use crate::engine::model::hyper::HyperHead;
+use crate::engine::model::load::{layer_at, LayerWeights, LoadError, Reader, Shard, WeightSource};
+use crate::engine::model::manifest::{
+    check_complete, head_tensors, layer_tensors, linear_dtype, ExpectedTensor, StoredDtype,
 };
-use crate::engine::model::manifest::{check_complete, target_tensors, ExpectedTensor};
 
 /// Stages of the shipped draft. vLLM uses the config's `n_mtp_layers` with this default; the
 /// V4-Flash config does not carry that key.
 pub const DEFAULT_NUM_STAGES: usize = 3;
 
-pub struct StageWeights<B: Backend> {
-    pub attn_norm: Vec<f32>,
-    pub ffn_norm: Vec<f32>,
-    pub hc_attn: HyperConnection,
-    pub hc_ffn: HyperConnection,
-    pub attn: AttentionWeights<B>,
-    pub moe: MoeWeights<B>,
-}
-
 pub struct DsparkWeights<B: Backend> {
-    pub stages: Vec<StageWeights<B>>,
+    /// One block per stage, shaped like a sliding-only target layer.
+    pub stages: Vec<LayerWeights<B>>,
     /// `[hidden, n_target_layers * hidden]`, replicated on every rank.
     pub main_proj: B::Matrix,
     pub main_norm: Vec<f32>,
@@ -47,48 +39,17 @@ fn stage_prefix(s: usize) -> String {
     format!("mtp.{s}")
 }
 
-/// A one-layer config whose only layer has the shape of a draft stage (sliding-only attention,
-/// top-k routed MoE), so the target manifest can list a stage's tensors.
-fn stage_shaped(cfg: &ModelConfig) -> ModelConfig {
-    let mut c = cfg.clone();
-    c.num_hidden_layers = 1;
-    c.layer_types = vec![AttentionKind::Sliding];
-    c.mlp_layer_types = vec![MlpKind::Moe];
-    c
-}
-
 /// Every tensor the draft needs, with official names and logical shapes.
 pub fn draft_tensors(cfg: &ModelConfig, ds: &DsparkConfig, stages: usize) -> Vec<ExpectedTensor> {
-    let one = stage_shaped(cfg);
-    let layer_tensors: Vec<ExpectedTensor> = target_tensors(&one)
-        .into_iter()
-        .filter(|t| t.name.starts_with("layers.0."))
-        .collect();
-    let (h, hc, v, r) = (cfg.hidden_size, cfg.hc_mult, cfg.vocab_size, ds.markov_rank);
-    let find_dtype = |name: &str| {
-        target_tensors(&one)
-            .into_iter()
-            .find(|t| t.name == name)
-            .map(|t| t.dtype)
-    };
-    // Same storage as the target's projections / norms / hc tensors.
-    let linear = find_dtype("layers.0.attn.wq_a.weight");
-    let norm = find_dtype("norm.weight");
-    let f32_ = find_dtype("hc_head_base");
+    let (h, v, r) = (cfg.hidden_size, cfg.vocab_size, ds.markov_rank);
+    // Same storage as the target's projections / norms.
+    let (linear, norm) = (linear_dtype(cfg), StoredDtype::Bf16);
     let mut out = Vec::new();
     for s in 0..stages {
         let p = stage_prefix(s);
-        for t in &layer_tensors {
-            out.push(ExpectedTensor {
-                name: t.name.replacen("layers.0", &p, 1),
-                shape: t.shape.clone(),
-                dtype: t.dtype,
-            });
-        }
+        out.extend(layer_tensors(cfg, &p, AttentionKind::Sliding, MlpKind::Moe));
         let mut push = |name: String, shape: Vec<usize>, dtype| {
-            if let Some(dtype) = dtype {
-                out.push(ExpectedTensor { name, shape, dtype });
-            }
+            out.push(ExpectedTensor { name, shape, dtype });
         };
         if s == 0 {
             let n = ds.target_layer_ids.len();
@@ -96,25 +57,17 @@ pub fn draft_tensors(cfg: &ModelConfig, ds: &DsparkConfig, stages: usize) -> Vec
             push(format!("{p}.main_norm.weight"), vec![h], norm);
         }
         if s + 1 == stages {
-            push(format!("{p}.norm.weight"), vec![h], norm);
-            push(format!("{p}.hc_head_fn"), vec![hc, hc * h], f32_);
-            push(format!("{p}.hc_head_base"), vec![hc], f32_);
-            push(format!("{p}.hc_head_scale"), vec![1], f32_);
-            push(
-                format!("{p}.markov_head.markov_w1.weight"),
-                vec![v, r],
-                norm,
-            );
-            push(
-                format!("{p}.markov_head.markov_w2.weight"),
-                vec![v, r],
-                norm,
-            );
-            push(
-                format!("{p}.confidence_head.proj.weight"),
-                vec![1, h + r],
-                norm,
-            );
+            out.extend(head_tensors(cfg, &format!("{p}.")));
+            let mut push = |name: String, shape: Vec<usize>| {
+                out.push(ExpectedTensor {
+                    name,
+                    shape,
+                    dtype: norm,
+                });
+            };
+            push(format!("{p}.markov_head.markov_w1.weight"), vec![v, r]);
+            push(format!("{p}.markov_head.markov_w2.weight"), vec![v, r]);
+            push(format!("{p}.confidence_head.proj.weight"), vec![1, h + r]);
         }
     }
     out
@@ -146,14 +99,7 @@ pub fn load_draft_weights<B: Backend>(
     for s in 0..stages {
         let p = stage_prefix(s);
         tracing::debug!(stage = s, "loading DSpark stage");
-        stage_weights.push(StageWeights {
-            attn_norm: r.vector(&format!("{p}.attn_norm.weight"), &[h])?,
-            ffn_norm: r.vector(&format!("{p}.ffn_norm.weight"), &[h])?,
-            hc_attn: r.hyper(&format!("{p}.hc_attn"), hc, h)?,
-            hc_ffn: r.hyper(&format!("{p}.hc_ffn"), hc, h)?,
-            attn: attention_at(&r, &format!("{p}.attn"), AttentionKind::Sliding, cfg)?,
-            moe: moe_at(&r, &format!("{p}.ffn"), MlpKind::Moe, cfg)?,
-        });
+        stage_weights.push(layer_at(&r, &p, AttentionKind::Sliding, MlpKind::Moe, cfg)?);
     }
     let first = stage_prefix(0);
     let last = stage_prefix(stages - 1);
@@ -167,11 +113,7 @@ pub fn load_draft_weights<B: Backend>(
         main_proj: r.matrix(&format!("{first}.main_proj.weight"), h, n * h)?,
         main_norm: r.vector(&format!("{first}.main_norm.weight"), &[h])?,
         norm: r.vector(&format!("{last}.norm.weight"), &[h])?,
-        hc_head: HyperHead {
-            fn_: r.vector(&format!("{last}.hc_head_fn"), &[hc, hc * h])?,
-            base: r.vector(&format!("{last}.hc_head_base"), &[hc])?,
-            scale: r.vector(&format!("{last}.hc_head_scale"), &[1])?[0],
-        },
+        hc_head: r.hyper_head(&format!("{last}."), hc, h)?,
         markov_w1: r.vector(&format!("{last}.markov_head.markov_w1.weight"), &[v, rank])?,
         markov_w2: r.matrix(&format!("{last}.markov_head.markov_w2.weight"), v, rank)?,
         confidence,
@@ -181,16 +123,12 @@ pub fn load_draft_weights<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::model::config::tests::flash_compress_ratios;
 
     #[test]
     fn flash_draft_manifest() {
-        let mut ratios = vec![0, 0];
-        for _ in 0..20 {
-            ratios.extend([4, 128]);
-        }
-        ratios.extend([4, 0]);
         let cfg = ModelConfig::from_json(&serde_json::json!({
-            "model_type": "deepseek_v4", "compress_ratios": ratios,
+            "model_type": "deepseek_v4", "compress_ratios": flash_compress_ratios(),
             "quantization_config": {"quant_method": "fp8"}, "expert_dtype": "fp4",
             "dspark_block_size": 5, "dspark_noise_token_id": 128799,
             "dspark_target_layer_ids": [40, 41, 42], "dspark_markov_rank": 256

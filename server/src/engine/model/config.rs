@@ -797,19 +797,25 @@ fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
-    fn flash_like() -> Value {
+    /// V4-Flash's `compress_ratios`: two sliding layers, then CSA (4) / HCA (128) alternating,
+    /// a last CSA layer, and the MTP slot (0).
+    pub(crate) fn flash_compress_ratios() -> Vec<usize> {
         let mut ratios = vec![0, 0];
         for _ in 0..20 {
             ratios.extend([4, 128]);
         }
         ratios.extend([4, 0]);
+        ratios
+    }
+
+    fn flash_like() -> Value {
         json!({
             "model_type": "deepseek_v4",
-            "compress_ratios": ratios,
+            "compress_ratios": flash_compress_ratios(),
             "num_hash_layers": 3,
             "qk_rope_head_dim": 64,
             "rope_theta": 10000,

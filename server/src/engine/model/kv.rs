@@ -171,17 +171,13 @@ impl KvPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::model::config::tests::flash_compress_ratios;
     use serde_json::json;
 
     #[test]
     fn bytes_per_block_match_docs_kv_md() {
-        let mut ratios = vec![0, 0];
-        for _ in 0..20 {
-            ratios.extend([4, 128]);
-        }
-        ratios.extend([4, 0]);
         let flash = ModelConfig::from_json(
-            &json!({"model_type": "deepseek_v4", "compress_ratios": ratios}),
+            &json!({"model_type": "deepseek_v4", "compress_ratios": flash_compress_ratios()}),
         )
         .unwrap();
         let g = BlockGeometry::new(&flash, flash.default_block_size());

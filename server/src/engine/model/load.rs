@@ -158,19 +158,7 @@ impl<'a, B: Backend> Reader<'a, B> {
         cols: usize,
         range: Range<usize>,
     ) -> Result<B::Matrix, LoadError> {
-        if range.len() == rows {
-            return self.matrix(name, rows, cols);
-        }
-        if !self.src.contains(name) {
-            return Err(LoadError::MissingTensor(name.to_string()));
-        }
-        let n = range.len();
-        if let Some(m) = self.packed_matrix(name, [n, cols], Some((0, range.clone())))? {
-            return Ok(m);
-        }
-        let t = self.src.tensor_f32_slice(name, 0, range)?;
-        Self::check(name, &t.shape, &[n, cols])?;
-        Ok(self.backend.matrix(n, cols, t.data)?)
+        self.matrix_slice(name, [rows, cols], 0, range)
     }
 
     /// Columns `range` of a `[rows, cols]` matrix (row-parallel: this rank's input features).
@@ -181,19 +169,32 @@ impl<'a, B: Backend> Reader<'a, B> {
         cols: usize,
         range: Range<usize>,
     ) -> Result<B::Matrix, LoadError> {
-        if range.len() == cols {
-            return self.matrix(name, rows, cols);
+        self.matrix_slice(name, [rows, cols], 1, range)
+    }
+
+    /// `range` along `dim` (0: rows, 1: columns) of a `[rows, cols]` matrix; the whole matrix
+    /// when the range covers the dim.
+    fn matrix_slice(
+        &self,
+        name: &str,
+        full: [usize; 2],
+        dim: usize,
+        range: Range<usize>,
+    ) -> Result<B::Matrix, LoadError> {
+        if range.len() == full[dim] {
+            return self.matrix(name, full[0], full[1]);
         }
         if !self.src.contains(name) {
             return Err(LoadError::MissingTensor(name.to_string()));
         }
-        let n = range.len();
-        if let Some(m) = self.packed_matrix(name, [rows, n], Some((1, range.clone())))? {
+        let mut want = full;
+        want[dim] = range.len();
+        if let Some(m) = self.packed_matrix(name, want, Some((dim, range.clone())))? {
             return Ok(m);
         }
-        let t = self.src.tensor_f32_slice(name, 1, range)?;
-        Self::check(name, &t.shape, &[rows, n])?;
-        Ok(self.backend.matrix(rows, n, t.data)?)
+        let t = self.src.tensor_f32_slice(name, dim, range)?;
+        Self::check(name, &t.shape, &want)?;
+        Ok(self.backend.matrix(want[0], want[1], t.data)?)
     }
 
     pub fn slice_vector(
@@ -204,6 +205,21 @@ impl<'a, B: Backend> Reader<'a, B> {
     ) -> Result<Vec<f32>, LoadError> {
         let v = self.vector(name, &[len])?;
         Ok(v[range].to_vec())
+    }
+
+    /// The output hyper-connection head, names prefixed by `prefix` (empty for the target,
+    /// `mtp.2.` for the last DSpark stage).
+    pub fn hyper_head(
+        &self,
+        prefix: &str,
+        hc: usize,
+        hidden: usize,
+    ) -> Result<HyperHead, LoadError> {
+        Ok(HyperHead {
+            fn_: self.vector(&format!("{prefix}hc_head_fn"), &[hc, hc * hidden])?,
+            base: self.vector(&format!("{prefix}hc_head_base"), &[hc])?,
+            scale: self.vector(&format!("{prefix}hc_head_scale"), &[1])?[0],
+        })
     }
 
     pub fn hyper(
@@ -330,12 +346,24 @@ fn expert<B: Backend>(
     })
 }
 
-fn attention<B: Backend>(
+/// One block under `p` (`layers.3`, or `mtp.0` for a DSpark stage): norms,
+/// hyper-connections, attention of kind `attn`, MoE of kind `mlp`.
+pub fn layer_at<B: Backend>(
     r: &Reader<'_, B>,
-    l: usize,
+    p: &str,
+    attn: AttentionKind,
+    mlp: MlpKind,
     cfg: &ModelConfig,
-) -> Result<AttentionWeights<B>, LoadError> {
-    attention_at(r, &format!("layers.{l}.attn"), cfg.layer_types[l], cfg)
+) -> Result<LayerWeights<B>, LoadError> {
+    let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
+    Ok(LayerWeights {
+        attn_norm: r.vector(&format!("{p}.attn_norm.weight"), &[h])?,
+        ffn_norm: r.vector(&format!("{p}.ffn_norm.weight"), &[h])?,
+        hc_attn: r.hyper(&format!("{p}.hc_attn"), hc, h)?,
+        hc_ffn: r.hyper(&format!("{p}.hc_ffn"), hc, h)?,
+        attn: attention_at(r, &format!("{p}.attn"), attn, cfg)?,
+        moe: moe_at(r, &format!("{p}.ffn"), mlp, cfg)?,
+    })
 }
 
 /// Attention weights under `p` (e.g. `layers.3.attn`, or `mtp.0.attn` for a DSpark stage).
@@ -441,14 +469,6 @@ pub fn attention_at<B: Backend>(
     })
 }
 
-fn moe<B: Backend>(
-    r: &Reader<'_, B>,
-    l: usize,
-    cfg: &ModelConfig,
-) -> Result<MoeWeights<B>, LoadError> {
-    moe_at(r, &format!("layers.{l}.ffn"), cfg.mlp_layer_types[l], cfg)
-}
-
 /// MoE weights under `p` (e.g. `layers.3.ffn`, or `mtp.0.ffn` for a DSpark stage).
 pub fn moe_at<B: Backend>(
     r: &Reader<'_, B>,
@@ -516,30 +536,24 @@ pub fn load_weights<B: Backend>(
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for l in 0..cfg.num_hidden_layers {
         tracing::debug!(layer = l, "loading layer");
-        layers.push(LayerWeights {
-            attn_norm: r.vector(&format!("layers.{l}.attn_norm.weight"), &[h])?,
-            ffn_norm: r.vector(&format!("layers.{l}.ffn_norm.weight"), &[h])?,
-            hc_attn: r.hyper(&format!("layers.{l}.hc_attn"), hc, h)?,
-            hc_ffn: r.hyper(&format!("layers.{l}.hc_ffn"), hc, h)?,
-            attn: attention(&r, l, cfg)?,
-            moe: moe(&r, l, cfg)?,
-        });
+        layers.push(layer_at(
+            &r,
+            &format!("layers.{l}"),
+            cfg.layer_types[l],
+            cfg.mlp_layer_types[l],
+            cfg,
+        )?);
     }
     let head_name = if cfg.tie_word_embeddings && !src.contains("head.weight") {
         "embed.weight"
     } else {
         "head.weight"
     };
-    let scale = r.vector("hc_head_scale", &[1])?;
     Ok(ModelWeights {
         embed: r.matrix("embed.weight", v, h)?,
         layers,
         norm: r.vector("norm.weight", &[h])?,
-        hc_head: HyperHead {
-            fn_: r.vector("hc_head_fn", &[hc, hc * h])?,
-            base: r.vector("hc_head_base", &[hc])?,
-            scale: scale[0],
-        },
+        hc_head: r.hyper_head("", hc, h)?,
         head: r.matrix_rows(head_name, v, h, shard.range(v, "vocab_size")?)?,
     })
 }
