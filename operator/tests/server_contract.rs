@@ -491,7 +491,9 @@ fn every_rendered_flag_and_env_var_is_known_to_the_server_cli() {
             Ok(cli) => cli,
             Err(e) => panic!("{example}: the server rejects the rendered args {args:?}:\n{e}"),
         };
-        let ServerCommand::Serve(serve) = parsed.command;
+        let ServerCommand::Serve(serve) = parsed.command else {
+            panic!("{example}: the rendered args parse as another subcommand: {args:?}");
+        };
         // A few values that decide serving behaviour land where the operator meant them.
         let inv = resources::server_invocation(&dsd, 0);
         assert_eq!(serve.model.as_deref(), Some(Path::new(&inv.model_path)));
