@@ -26,6 +26,14 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     mkdir -p /out && \
     cp target/release/dspark-server target/release/dspark-operator /out/
 
+# ---- kernels -------------------------------------------------------------------------------
+# Ahead-of-time cubins for H100/H200 (sm_90a) and GB10 / DGX Spark (sm_121). The server loads
+# them from DSPARK_KERNEL_PREBUILT; on any other GPU it compiles with NVRTC at start-up and
+# caches the result (docs/KERNELS.md).
+FROM nvidia/cuda:13.0.0-devel-ubuntu24.04 AS kernels
+COPY kernels /src/kernels
+RUN /src/kernels/build.sh /out/kernels sm_90a sm_121
+
 # ---- runtime -------------------------------------------------------------------------------
 # The CUDA runtime image carries what the CUDA backend dlopens: NVRTC, cuBLAS, cuBLASLt and
 # NCCL (libcuda itself comes from the node's driver through the NVIDIA container toolkit).
@@ -39,9 +47,11 @@ RUN apt-get update && \
     useradd --system --uid ${UID} --gid ${UID} --home-dir /tmp --shell /usr/sbin/nologin dspark
 COPY --from=build /out/dspark-server /out/dspark-operator /usr/local/bin/
 COPY server/assets/tiny-dsv4 /opt/dspark/models/tiny-dsv4
+COPY --from=kernels /out/kernels /opt/dspark/kernels
 # Pods run with a read-only root filesystem; /tmp is an emptyDir there (kernel cache, scratch).
 ENV HOME=/tmp \
     XDG_CACHE_HOME=/tmp/cache \
+    DSPARK_KERNEL_PREBUILT=/opt/dspark/kernels \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER ${UID}:${UID}
