@@ -158,7 +158,8 @@ pub struct ServeArgs {
     #[arg(long, env = "DSPARK_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
-    /// Requests allowed to wait for a slot; past it new requests get 429.
+    /// Requests allowed to wait for a slot beyond the free running slots; past it new requests
+    /// get 429.
     #[arg(long, env = "DSPARK_MAX_WAITING_REQUESTS", default_value_t = 1024)]
     pub max_waiting_requests: usize,
 

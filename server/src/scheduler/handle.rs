@@ -50,6 +50,7 @@ pub struct Limits {
 pub struct SchedulerHandle {
     tx: mpsc::Sender<Command>,
     queued: Arc<AtomicUsize>,
+    running_seqs: Arc<AtomicUsize>,
     next_request_id: Arc<AtomicU64>,
     alive: Arc<AtomicBool>,
     limits: Limits,
@@ -76,6 +77,7 @@ impl SchedulerHandle {
         let handle = SchedulerHandle {
             tx,
             queued: scheduler.queued_counter(),
+            running_seqs: scheduler.running_counter(),
             next_request_id: Arc::new(AtomicU64::new(0)),
             alive: alive.clone(),
             limits,
@@ -115,7 +117,13 @@ impl SchedulerHandle {
             return Err(SubmitError::Unavailable);
         }
         // Reserve a queue slot atomically so concurrent submits cannot overshoot the bound.
-        let limit = self.limits.max_waiting_requests;
+        // Free running slots count on top of the waiting bound: what fills them starts at the
+        // next step instead of waiting, so a burst into an idle server is not refused.
+        let free = self
+            .limits
+            .max_num_seqs
+            .saturating_sub(self.running_seqs.load(Ordering::SeqCst));
+        let limit = self.limits.max_waiting_requests.saturating_add(free);
         self.queued
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
                 (q < limit).then_some(q + 1)

@@ -106,6 +106,9 @@ pub struct Scheduler {
     next_seq_id: u64,
     /// Requests submitted but never admitted (shared with the handle for the 429 decision).
     queued: Arc<AtomicUsize>,
+    /// Sequences running after the last step (the handle lets that many fewer than
+    /// `max_num_seqs` queue on top of `max_waiting_requests`: they start at the next step).
+    running_seqs: Arc<AtomicUsize>,
     /// Drafts per decode step (0: no speculation); the runner must draft (`SeqPlan::draft`).
     spec_tokens: usize,
     spec_stats: SpecDecodeStats,
@@ -140,6 +143,7 @@ impl Scheduler {
             requests: HashMap::new(),
             next_seq_id: 0,
             queued: Arc::default(),
+            running_seqs: Arc::default(),
             spec_tokens: 0,
             spec_stats: SpecDecodeStats::default(),
         }
@@ -201,6 +205,10 @@ impl Scheduler {
     }
     pub(crate) fn queued_counter(&self) -> Arc<AtomicUsize> {
         self.queued.clone()
+    }
+
+    pub(crate) fn running_counter(&self) -> Arc<AtomicUsize> {
+        self.running_seqs.clone()
     }
 
     /// Tokens held in blocks of running sequences, a shared (prefix) block counted once.
@@ -301,10 +309,20 @@ impl Scheduler {
 
     /// One scheduling decision and one engine step.
     pub fn step(&mut self) -> Result<StepReport, EngineError> {
+        let report = self.plan_and_run();
+        self.running_seqs
+            .store(self.running.len(), Ordering::SeqCst);
+        report
+    }
+
+    fn plan_and_run(&mut self) -> Result<StepReport, EngineError> {
         // A dropped receiver means the client is gone: free its blocks before planning.
         self.remove_where(|s| s.events.is_closed(), FinishedReason::Abort, |_| {});
         let mut report = StepReport::default();
         let scheduled = self.schedule(&mut report);
+        // Published before any token of this step reaches a client.
+        self.running_seqs
+            .store(self.running.len(), Ordering::SeqCst);
         if scheduled.is_empty() {
             self.update_gauges();
             return Ok(report);

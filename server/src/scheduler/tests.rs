@@ -345,6 +345,54 @@ fn stop_tokens_min_tokens_and_ceiling() {
 }
 
 #[test]
+fn a_burst_into_an_idle_server_fills_free_slots_and_the_waiting_bound() {
+    // Free running slots count on top of --max-waiting-requests, whether or not the scheduler
+    // has admitted the first requests yet: 2 slots + 1 waiting accept 3, the 4th gets 429.
+    let cfg = SchedulerConfig {
+        max_num_seqs: 2,
+        max_waiting_requests: 1,
+        ..config(32)
+    };
+    let mut runner = FakeRunner::new(BS, 16, VOCAB);
+    runner.step_delay = Duration::from_millis(5);
+    let s = Scheduler::new(Box::new(runner), cfg, Arc::new(Metrics::new("fake")));
+    let (h, join) = SchedulerHandle::spawn(s).unwrap();
+    let now = Instant::now();
+    let mut long = SamplingParams::greedy(20);
+    long.ignore_eos = true;
+    let accepted: Vec<_> = (0..3)
+        .map(|i| h.submit(prompt(i, 4), long.clone(), now).unwrap())
+        .collect();
+    assert!(matches!(
+        h.submit(prompt(3, 4), long.clone(), now),
+        Err(SubmitError::QueueFull(_))
+    ));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for (_, mut rx) in accepted {
+            let mut n = 0;
+            while let Some(ev) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .unwrap()
+            {
+                if let SeqEvent::Token { finish, .. } = ev {
+                    n += 1;
+                    if finish.is_some() {
+                        break;
+                    }
+                }
+            }
+            assert_eq!(n, 20);
+        }
+    });
+    drop(h);
+    join.join().unwrap().unwrap();
+}
+
+#[test]
 fn handle_validates_and_bounds_the_queue() {
     let cfg = SchedulerConfig {
         max_num_seqs: 1,
