@@ -112,6 +112,8 @@ pub struct Scheduler {
     /// Drafts per decode step (0: no speculation); the runner must draft (`SeqPlan::draft`).
     spec_tokens: usize,
     spec_stats: SpecDecodeStats,
+    /// Verifications and time at the last acceptance log line.
+    spec_logged: (u64, Instant),
 }
 
 /// One sequence's share of a step: `(index in running, tokens to compute, drafts asked)`.
@@ -122,8 +124,10 @@ struct Scheduled {
     drafts: usize,
 }
 
-/// Verification steps between two log lines of the mean acceptance length.
+/// Verification steps between two log lines of the mean acceptance length...
 const SPEC_LOG_EVERY: u64 = 256;
+/// ...or this much time, when fewer verifications ran (a single stream, light traffic).
+const SPEC_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Scheduler {
     pub fn new(runner: Box<dyn ModelRunner>, cfg: SchedulerConfig, metrics: Arc<Metrics>) -> Self {
@@ -146,6 +150,7 @@ impl Scheduler {
             running_seqs: Arc::default(),
             spec_tokens: 0,
             spec_stats: SpecDecodeStats::default(),
+            spec_logged: (0, Instant::now()),
         }
     }
 
@@ -477,16 +482,24 @@ impl Scheduler {
         if k > 0 {
             self.spec_stats.record(k, verdict.num_accepted);
             self.metrics.record_spec_decode(k, verdict.num_accepted);
-            if self.spec_stats.num_drafts.is_multiple_of(SPEC_LOG_EVERY) {
-                tracing::info!(
-                    mean_acceptance_length = self.spec_stats.mean_acceptance_length(),
-                    acceptance_rate = self.spec_stats.acceptance_rate(),
-                    verifications = self.spec_stats.num_drafts,
-                    "speculative decoding"
-                );
+            let (last, at) = self.spec_logged;
+            let n = self.spec_stats.num_drafts;
+            if n - last >= SPEC_LOG_EVERY || at.elapsed() >= SPEC_LOG_INTERVAL {
+                self.log_acceptance();
             }
         }
         Ok(verdict.tokens)
+    }
+
+    /// The mean acceptance length so far, in the log.
+    fn log_acceptance(&mut self) {
+        tracing::info!(
+            mean_acceptance_length = self.spec_stats.mean_acceptance_length(),
+            acceptance_rate = self.spec_stats.acceptance_rate(),
+            verifications = self.spec_stats.num_drafts,
+            "speculative decoding"
+        );
+        self.spec_logged = (self.spec_stats.num_drafts, Instant::now());
     }
 
     /// Appends `token` to `running[i]` and streams it; returns the sequence's finish, if any.
@@ -735,6 +748,15 @@ impl Scheduler {
 
 /// One request left the waiting queue (never below zero: requests added directly through
 /// [`Scheduler::add`], as tests do, never took a slot).
+impl Drop for Scheduler {
+    /// The final acceptance figure when the server stops.
+    fn drop(&mut self) {
+        if self.spec_stats.num_drafts > self.spec_logged.0 {
+            self.log_acceptance();
+        }
+    }
+}
+
 fn release_queue_slot(queued: &AtomicUsize) {
     let _ = queued.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| q.checked_sub(1));
 }
