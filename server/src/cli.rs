@@ -36,6 +36,17 @@ pub enum Device {
     Cpu,
 }
 
+/// The device `--device` asks for; without it, CUDA when a GPU can be opened here.
+pub fn resolve_device(device: Option<Device>) -> crate::engine::model::Device {
+    use crate::engine::model::Device as Model;
+    match device {
+        Some(Device::Cpu) => Model::Cpu,
+        Some(Device::Cuda) => Model::Cuda,
+        None if crate::backend::cuda::gpu_present() => Model::Cuda,
+        None => Model::Cpu,
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum KvCacheDtype {
     /// The checkpoint's native KV dtype (fp8 records for V4-Flash on CUDA, f32 on the CPU backend).

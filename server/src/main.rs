@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use dspark_server::api::{self, AppState, Serving};
 use dspark_server::cli::{normalize_vllm_args, BenchArgs, Cli, Command, ServeArgs};
-use dspark_server::cli::{Device, LoadFormat, SpeculativeMethod};
+use dspark_server::cli::{LoadFormat, SpeculativeMethod};
 use dspark_server::engine::model;
 use dspark_server::engine::speculative::SpeculativeRunner;
 use dspark_server::engine::tokenizer::Tokenizer;
@@ -593,14 +593,8 @@ impl Drop for GroupLeader {
     }
 }
 
-/// The device `args` ask for; without `--device`, CUDA when a GPU can be opened here.
 fn resolve_device(args: &ServeArgs) -> model::Device {
-    match args.device {
-        Some(Device::Cpu) => model::Device::Cpu,
-        Some(Device::Cuda) => model::Device::Cuda,
-        None if dspark_server::backend::cuda::gpu_present() => model::Device::Cuda,
-        None => model::Device::Cpu,
-    }
+    dspark_server::cli::resolve_device(args.device)
 }
 
 /// This rank's GPU: a pod sees one (0); the ranks of a local group share one machine, rank r

@@ -193,15 +193,30 @@ pub trait Backend: Send + Sync + 'static {
         w2: &Self::Matrix,
         limit: f32,
     ) -> Result<Vec<f32>, BackendError> {
-        let gate = self.linear(x, n, w1)?;
-        let up = self.linear(x, n, w3)?;
-        let act: Vec<f32> = gate
-            .iter()
-            .zip(&up)
-            .map(|(&g, &u)| silu(g.min(limit)) * u.clamp(-limit, limit))
-            .collect();
-        self.linear(&act, n, w2)
+        swiglu_by_projections(self, x, n, [w1, w3, w2], limit)
     }
+}
+
+/// [`Backend::swiglu_expert`] as three projections (gate and up together) around the clipped
+/// SwiGLU on the host.
+pub fn swiglu_by_projections<B: Backend + ?Sized>(
+    backend: &B,
+    x: &[f32],
+    n: usize,
+    [w1, w3, w2]: [&B::Matrix; 3],
+    limit: f32,
+) -> Result<Vec<f32>, BackendError> {
+    let mut gate_up = backend.linear_many(&[(x, w1), (x, w3)], n)?.into_iter();
+    let (gate, up) = (
+        gate_up.next().unwrap_or_default(),
+        gate_up.next().unwrap_or_default(),
+    );
+    let act: Vec<f32> = gate
+        .iter()
+        .zip(&up)
+        .map(|(&g, &u)| silu(g.min(limit)) * u.clamp(-limit, limit))
+        .collect();
+    backend.linear(&act, n, w2)
 }
 
 /// [`Backend::routed_experts`] one expert at a time, in ascending expert id (the order the

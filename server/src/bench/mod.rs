@@ -43,15 +43,6 @@ pub enum BenchError {
     Io(String),
 }
 
-fn device_of(args: &BenchArgs) -> Device {
-    match args.device {
-        Some(crate::cli::Device::Cpu) => Device::Cpu,
-        Some(crate::cli::Device::Cuda) => Device::Cuda,
-        None if crate::backend::cuda::gpu_present() => Device::Cuda,
-        None => Device::Cpu,
-    }
-}
-
 /// The shape the bench runs: the config (possibly cut to fewer layers) and the full depth.
 pub struct Shape {
     pub cfg: ModelConfig,
@@ -147,7 +138,7 @@ fn skip_reason(
 /// to the log). A case whose step fails is reported as failed and the next one runs.
 pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchError> {
     args.validate().map_err(BenchError::Args)?;
-    let device = device_of(args);
+    let device = crate::cli::resolve_device(args.device);
     let cases = match &args.cases {
         Some(list) => cases::parse_cases(list)?,
         None => cases::default_cases(),

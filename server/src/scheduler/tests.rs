@@ -344,6 +344,23 @@ fn stop_tokens_min_tokens_and_ceiling() {
     assert!(!toks[0][..first + 2].contains(&stop_at));
 }
 
+/// Tokens streamed to `rx` up to and including the finishing one (each wait bounded).
+async fn tokens_until_finish(rx: &mut UnboundedReceiver<SeqEvent>) -> usize {
+    let mut n = 0;
+    while let Some(ev) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+    {
+        if let SeqEvent::Token { finish, .. } = ev {
+            n += 1;
+            if finish.is_some() {
+                break;
+            }
+        }
+    }
+    n
+}
+
 #[test]
 fn a_burst_into_an_idle_server_fills_free_slots_and_the_waiting_bound() {
     // Free running slots count on top of --max-waiting-requests, whether or not the scheduler
@@ -373,19 +390,7 @@ fn a_burst_into_an_idle_server_fills_free_slots_and_the_waiting_bound() {
         .unwrap();
     rt.block_on(async {
         for (_, mut rx) in accepted {
-            let mut n = 0;
-            while let Some(ev) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-                .await
-                .unwrap()
-            {
-                if let SeqEvent::Token { finish, .. } = ev {
-                    n += 1;
-                    if finish.is_some() {
-                        break;
-                    }
-                }
-            }
-            assert_eq!(n, 20);
+            assert_eq!(tokens_until_finish(&mut rx).await, 20);
         }
     });
     drop(h);
@@ -447,19 +452,7 @@ fn handle_validates_and_bounds_the_queue() {
     );
     drop(a); // cancelling a lets b run
     rt.block_on(async {
-        let mut n = 0;
-        while let Some(ev) = tokio::time::timeout(Duration::from_secs(10), b.recv())
-            .await
-            .unwrap()
-        {
-            if let SeqEvent::Token { finish, .. } = ev {
-                n += 1;
-                if finish.is_some() {
-                    break;
-                }
-            }
-        }
-        assert_eq!(n, 28);
+        assert_eq!(tokens_until_finish(&mut b).await, 28);
     });
     drop(h);
     join.join().unwrap().unwrap();

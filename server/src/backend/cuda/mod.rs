@@ -727,17 +727,8 @@ impl Backend for CudaBackend {
             },
         ) = (w1, w3, w2)
         else {
-            // Dense or FP8 experts (the shared expert): gate and up in one round trip.
-            let mut gu = self.linear_many(&[(x, w1), (x, w3)], n)?.into_iter();
-            let (gate, up) = (gu.next().unwrap_or_default(), gu.next().unwrap_or_default());
-            let act: Vec<f32> = gate
-                .iter()
-                .zip(&up)
-                .map(|(&g, &u)| {
-                    crate::engine::model::ops::silu(g.min(limit)) * u.clamp(-limit, limit)
-                })
-                .collect();
-            return self.linear(&act, n, w2);
+            // Dense or FP8 experts (the shared expert).
+            return super::swiglu_by_projections(self, x, n, [w1, w3, w2], limit);
         };
         let (inter, hidden) = (*inter, *hidden);
         if (*inter3, *hidden3, *hidden2, *inter2) != (inter, hidden, hidden, inter) {
@@ -764,14 +755,19 @@ pub fn gpu_present() -> bool {
     gpu_count().is_ok_and(|n| n > 0)
 }
 
-/// GPUs visible to this process (an error when there is no usable driver).
+/// GPUs visible to this process (an error when there is no usable driver). Probed once: the
+/// server asks at several points of start-up.
 pub fn gpu_count() -> Result<usize, BackendError> {
-    // SAFETY: only tries to dlopen libcuda by its candidate names.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err(BackendError::Other(
-            "no CUDA driver library (libcuda) found".into(),
-        ));
-    }
-    let n = CudaContext::device_count().map_err(driver_err("device count"))?;
-    Ok(usize::try_from(n).unwrap_or(0))
+    static COUNT: std::sync::OnceLock<Result<usize, String>> = std::sync::OnceLock::new();
+    COUNT
+        .get_or_init(|| {
+            // SAFETY: only tries to dlopen libcuda by its candidate names.
+            if !unsafe { cudarc::driver::sys::is_culib_present() } {
+                return Err("no CUDA driver library (libcuda) found".into());
+            }
+            let n = CudaContext::device_count().map_err(|e| format!("CUDA device count: {e}"))?;
+            Ok(usize::try_from(n).unwrap_or(0))
+        })
+        .clone()
+        .map_err(BackendError::Other)
 }
