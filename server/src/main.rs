@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use dspark_server::api::{self, AppState, Serving};
 use dspark_server::cli::{normalize_vllm_args, BenchArgs, Cli, Command, ServeArgs};
-use dspark_server::cli::{LoadFormat, SpeculativeMethod};
+use dspark_server::cli::{resolve_device, LoadFormat, SpeculativeMethod};
 use dspark_server::engine::model;
 use dspark_server::engine::speculative::SpeculativeRunner;
 use dspark_server::engine::tokenizer::Tokenizer;
@@ -105,7 +105,7 @@ fn form_group(args: &ServeArgs, health: &GroupHealth) -> anyhow::Result<ranks::G
         ..Default::default()
     };
     let fingerprint = GroupFingerprint::new(group_description(args));
-    let nccl_id = if args.rank() == 0 && resolve_device(args) == model::Device::Cuda {
+    let nccl_id = if args.rank() == 0 && resolve_device(args.device) == model::Device::Cuda {
         Some(
             NcclUniqueId::create()
                 .map_err(|e| anyhow::anyhow!("cannot create the NCCL id: {e}"))?,
@@ -125,7 +125,7 @@ fn group_description(args: &ServeArgs) -> String {
     format!(
         "config={hex} device={:?} max_model_len={:?} kv_cache_dtype={:?} kv_pool_tokens={:?} \
          speculative={:?}/{:?} load_format={:?}",
-        resolve_device(args),
+        resolve_device(args.device),
         args.max_model_len,
         args.kv_cache_dtype,
         args.kv_pool_tokens,
@@ -454,7 +454,7 @@ fn load_engine(
         ));
     }
     let dir = args.model_dir();
-    let device = resolve_device(args);
+    let device = resolve_device(args.device);
     if args.kv_cache_dtype != dspark_server::cli::KvCacheDtype::Auto {
         warn!(
             "--kv-cache-dtype {:?}: the KV pool stores f32 entries in host memory today; other \
@@ -593,10 +593,6 @@ impl Drop for GroupLeader {
     }
 }
 
-fn resolve_device(args: &ServeArgs) -> model::Device {
-    dspark_server::cli::resolve_device(args.device)
-}
-
 /// This rank's GPU: a pod sees one (0); the ranks of a local group share one machine, rank r
 /// on GPU r.
 fn gpu_ordinal(args: &ServeArgs) -> anyhow::Result<usize> {
@@ -614,7 +610,7 @@ fn engine_communicator(
     args: &ServeArgs,
     group: &ranks::Group,
 ) -> anyhow::Result<Arc<dyn Communicator>> {
-    if resolve_device(args) != model::Device::Cuda {
+    if resolve_device(args.device) != model::Device::Cuda {
         return Ok(group.comm.clone());
     }
     let Some(id) = group.nccl_unique_id.as_ref() else {

@@ -106,19 +106,19 @@ pub fn rendezvous(
     nccl_unique_id: Option<NcclUniqueId>,
 ) -> Result<Group, RendezvousError> {
     cfg.validate()?;
-    let timing = Timing {
-        heartbeat_interval: cfg.heartbeat_interval,
-        heartbeat_timeout: cfg.heartbeat_timeout,
-    };
     let group = if cfg.rank == 0 {
-        let listener = bind_control(cfg)?;
-        lead(cfg, listener, fingerprint, health, nccl_unique_id, timing)?
+        lead(
+            cfg,
+            bind_control(cfg)?,
+            fingerprint,
+            health,
+            nccl_unique_id,
+            timing(cfg),
+        )?
     } else {
-        follow(cfg, fingerprint, health, timing)?
+        follow(cfg, fingerprint, health, timing(cfg))?
     };
-    health.mark_formed();
-    tracing::info!(rank = cfg.rank, world_size = cfg.world_size, "group formed");
-    Ok(group)
+    Ok(formed(cfg, health, group))
 }
 
 /// Like [`rendezvous`] for rank 0, on a listener the caller already bound (tests bind port 0).
@@ -130,13 +130,28 @@ pub fn rendezvous_leader_on(
     nccl_unique_id: Option<NcclUniqueId>,
 ) -> Result<Group, RendezvousError> {
     cfg.validate()?;
-    let timing = Timing {
+    let group = lead(
+        cfg,
+        listener,
+        fingerprint,
+        health,
+        nccl_unique_id,
+        timing(cfg),
+    )?;
+    Ok(formed(cfg, health, group))
+}
+
+fn timing(cfg: &RankConfig) -> Timing {
+    Timing {
         heartbeat_interval: cfg.heartbeat_interval,
         heartbeat_timeout: cfg.heartbeat_timeout,
-    };
-    let group = lead(cfg, listener, fingerprint, health, nccl_unique_id, timing)?;
+    }
+}
+
+fn formed(cfg: &RankConfig, health: &GroupHealth, group: Group) -> Group {
     health.mark_formed();
-    Ok(group)
+    tracing::info!(rank = cfg.rank, world_size = cfg.world_size, "group formed");
+    group
 }
 
 fn bind_control(cfg: &RankConfig) -> Result<TcpListener, RendezvousError> {
