@@ -12,6 +12,8 @@ use crate::error::KernelError;
 use crate::loader::{load_module, target_arch, LoaderConfig, ModuleOrigin};
 use crate::sources;
 
+pub mod attention;
+
 /// Activation element type of a GEMV input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ActDtype {
@@ -441,6 +443,11 @@ pub struct Kernels {
     topk1: CudaFunction,
     topk2: CudaFunction,
     spin: CudaFunction,
+    kv_scatter: CudaFunction,
+    kv_gather: CudaFunction,
+    attend_partial: CudaFunction,
+    attend_combine: CudaFunction,
+    indexer_scores: CudaFunction,
 }
 
 impl Kernels {
@@ -469,6 +476,7 @@ impl Kernels {
         let rope = module(&sources::ROPE)?;
         let samp = module(&sources::SAMPLING)?;
         let timing = module(&sources::TIMING)?;
+        let attn = module(&sources::ATTENTION)?;
         let f = |m: &Arc<cudarc::driver::CudaModule>, name: &str| {
             m.load_function(name)
                 .map_err(KernelError::driver("cuModuleGetFunction"))
@@ -499,6 +507,11 @@ impl Kernels {
             topk1: f(&samp, "dsk_topk_stage1")?,
             topk2: f(&samp, "dsk_topk_stage2")?,
             spin: f(&timing, "dsk_spin_ns")?,
+            kv_scatter: f(&attn, "dsk_kv_scatter_f32")?,
+            kv_gather: f(&attn, "dsk_kv_gather_f32")?,
+            attend_partial: f(&attn, "dsk_attend_partial_f32")?,
+            attend_combine: f(&attn, "dsk_attend_combine_f32")?,
+            indexer_scores: f(&attn, "dsk_indexer_scores_f32")?,
             ctx: ctx.clone(),
             arch,
             sms: usize::try_from(sms).unwrap_or(1).max(1),

@@ -17,6 +17,9 @@ pub mod reference;
 pub mod sources;
 
 pub use error::KernelError;
+pub use launch::attention::{
+    attention_splits, attention_workspace_floats, IndexerScores, KvRows, PagedAttention,
+};
 pub use launch::{
     ActDtype, Fp4Experts, Fp4MoeCall, Fp8Gemv, Fp8Path, Kernels, MoePath, OutDtype, RmsNorm, Rope,
     TopK,

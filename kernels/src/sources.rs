@@ -37,7 +37,14 @@ pub const TIMING: KernelSource = KernelSource {
     body: include_str!("../timing.cu"),
 };
 
-pub const ALL: [KernelSource; 6] = [FP8_GEMV, FP4_MOE, RMSNORM, ROPE, SAMPLING, TIMING];
+pub const ATTENTION: KernelSource = KernelSource {
+    name: "attention",
+    body: include_str!("../attention.cu"),
+};
+
+pub const ALL: [KernelSource; 7] = [
+    FP8_GEMV, FP4_MOE, RMSNORM, ROPE, SAMPLING, TIMING, ATTENTION,
+];
 
 impl KernelSource {
     /// The text NVRTC compiles: the common helpers, then the kernel file.

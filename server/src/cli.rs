@@ -47,6 +47,16 @@ pub fn resolve_device(device: Option<Device>) -> crate::engine::model::Device {
     }
 }
 
+/// How `dspark-server bench` builds the context of decode and verify cases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvFill {
+    /// Run the model over the context (chunked prefill, untimed).
+    Model,
+    /// Write seeded random values into the context's pool blocks: same bytes to read, no
+    /// prefill (a 1M-token context is otherwise hours of prefill on a reduced build).
+    Random,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum KvCacheDtype {
     /// The checkpoint's native KV dtype (fp8 records for V4-Flash on CUDA, f32 on the CPU backend).
@@ -140,8 +150,8 @@ pub struct ServeArgs {
     pub max_num_batched_tokens: usize,
 
     /// Storage type of KV entries. Accepted for vLLM compatibility and the operator's profiles;
-    /// today the pool stores f32 entries in host memory whatever is asked (a warning says so;
-    /// docs/CUDA.md).
+    /// today the pool stores f32 entries (in GPU memory on CUDA) whatever is asked (a warning says
+    /// so; docs/KV.md).
     #[arg(long, env = "DSPARK_KV_CACHE_DTYPE", value_enum, default_value_t = KvCacheDtype::Auto)]
     pub kv_cache_dtype: KvCacheDtype,
 
@@ -365,6 +375,11 @@ pub struct BenchArgs {
     /// caches may then serve part of the KV reads the bytes model counts per sequence.
     #[arg(long, env = "DSPARK_SHARED_CONTEXT")]
     pub shared_context: bool,
+
+    /// How decode/verify contexts are built: `model` runs the prefill, `random` writes seeded
+    /// random KV rows into the blocks (timing only; logits are then meaningless).
+    #[arg(long, env = "DSPARK_KV_FILL", value_enum, default_value_t = KvFill::Model)]
+    pub kv_fill: KvFill,
 
     /// Bytes of each buffer of the copy-bandwidth measurement.
     #[arg(long, env = "DSPARK_COPY_BYTES", default_value_t = 1 << 30)]

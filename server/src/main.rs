@@ -457,8 +457,8 @@ fn load_engine(
     let device = resolve_device(args.device);
     if args.kv_cache_dtype != dspark_server::cli::KvCacheDtype::Auto {
         warn!(
-            "--kv-cache-dtype {:?}: the KV pool stores f32 entries in host memory today; other \
-             storage types are not implemented yet (docs/CUDA.md)",
+            "--kv-cache-dtype {:?}: the KV pool stores f32 entries today (in GPU memory on \
+             CUDA); other storage types are not implemented yet (docs/KV.md)",
             args.kv_cache_dtype
         );
     }

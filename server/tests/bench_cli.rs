@@ -231,3 +231,30 @@ fn bad_flags_exit_non_zero_with_a_clear_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/config.json"));
 }
+
+#[test]
+fn random_kv_fill_times_decode_without_a_prefill() {
+    let out = bench()
+        .args([
+            "--device",
+            "cpu",
+            "--cases",
+            "decode:2:2048,verify:1:2048:5",
+            "--kv-fill",
+            "random",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--copy-bytes",
+            "67108864",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("written as random KV"), "{stdout}");
+    assert!(stdout.contains("decode:2:2048") && stdout.contains("verify:1:2048:5"));
+    assert!(!stdout.contains("error"), "{stdout}");
+}

@@ -3,11 +3,14 @@
 //! The model code (`engine::model`) is written once over [`Backend`]. The trait holds the
 //! weight-heavy kernels (projections, routed experts, embedding gathers); the CPU backend
 //! implements them in f32 with rayon, the CUDA backend on the GPU with the weights resident in
-//! their checkpoint encodings (FP8 block-scaled, FP4 experts). Activations cross the trait as host
-//! `f32` rows; attention, norms and RoPE run on the host (docs/PERFORMANCE.md says what that
-//! costs and what moves next).
+//! their checkpoint encodings (FP8 block-scaled, FP4 experts). The KV pool lives on the backend
+//! too (`kv`): the engine writes rows into it and asks for attention and indexer scores over it,
+//! so long-context reads stay on the device. Activations cross the trait as host `f32` rows;
+//! norms, RoPE and hyper-connections run on the host (docs/PERFORMANCE.md says what that costs
+//! and what moves next).
 pub mod cpu;
 pub mod cuda;
+pub mod kv;
 
 use crate::engine::model::ops::silu;
 
@@ -94,6 +97,106 @@ impl PackedWeight {
     }
 }
 
+/// Checks the shapes of a [`Backend::kv_attend`] call.
+pub fn check_attend(
+    q: &[f32],
+    heads: usize,
+    head_dim: usize,
+    keys: &kv::KeyLists,
+    sinks: &[f32],
+) -> Result<(), BackendError> {
+    let tokens = keys.tokens();
+    if q.len() != tokens * heads * head_dim || sinks.len() != heads {
+        return Err(BackendError::Shape {
+            op: "kv_attend",
+            detail: format!(
+                "{} query values and {} sinks for {tokens} tokens x {heads} heads x {head_dim}",
+                q.len(),
+                sinks.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Checks the shapes of a [`Backend::kv_indexer_scores`] call.
+pub fn check_indexer(
+    pool_len: usize,
+    q: &[f32],
+    weights: &[f32],
+    heads: usize,
+    dim: usize,
+    rows: &kv::IndexerRows<'_>,
+) -> Result<(), BackendError> {
+    let tokens = rows.visible.len();
+    if q.len() != tokens * heads * dim
+        || weights.len() != tokens * heads
+        || rows.block_tables.len() != tokens
+    {
+        return Err(BackendError::Shape {
+            op: "kv_indexer_scores",
+            detail: format!(
+                "{} query values, {} weights, {} block tables for {tokens} tokens x {heads} \
+                 heads x {dim}",
+                q.len(),
+                weights.len(),
+                rows.block_tables.len()
+            ),
+        });
+    }
+    // Every row a token sees must be covered by its block table and lie inside the pool.
+    let a = rows.addressing;
+    if a.ratio == 0 || a.block_size == 0 || dim > a.stride {
+        return Err(BackendError::Shape {
+            op: "kv_indexer_scores",
+            detail: format!("row addressing {a:?} for rows of {dim}"),
+        });
+    }
+    for (bt, &vis) in rows.block_tables.iter().zip(&rows.visible) {
+        if vis == 0 {
+            continue;
+        }
+        let blocks = ((vis - 1) * a.ratio) / a.block_size + 1;
+        let last_row = (a.block_size / a.ratio - 1) * a.stride + dim;
+        let outside = bt.len() < blocks
+            || bt[..blocks]
+                .iter()
+                .any(|&b| b as usize * a.floats_per_block + a.base + last_row > pool_len);
+        if outside {
+            return Err(BackendError::Shape {
+                op: "kv_indexer_scores",
+                detail: format!("{vis} visible rows are not all inside the pool"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `width`-float rows at `offsets` lie inside a pool of `pool_len` floats.
+pub fn check_kv_rows(
+    op: &'static str,
+    pool_len: usize,
+    offsets: &[usize],
+    width: usize,
+    rows_len: Option<usize>,
+) -> Result<(), BackendError> {
+    if let Some(len) = rows_len {
+        if len != offsets.len() * width {
+            return Err(BackendError::Shape {
+                op,
+                detail: format!("{len} values for {} rows of {width}", offsets.len()),
+            });
+        }
+    }
+    if let Some(o) = offsets.iter().find(|&&o| o + width > pool_len) {
+        return Err(BackendError::Shape {
+            op,
+            detail: format!("row at {o} (+{width}) outside the pool of {pool_len} floats"),
+        });
+    }
+    Ok(())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("shape mismatch in {op}: {detail}")]
@@ -112,7 +215,61 @@ pub trait Backend: Send + Sync + 'static {
     /// layer on the GPU).
     type ExpertBank: Send + Sync;
 
+    /// The KV pool storage: a flat array of f32 on the device (layout: `engine::model::kv`).
+    type KvStore: Send + Sync;
+
     fn name(&self) -> &'static str;
+
+    /// A zeroed pool of `floats` f32 values.
+    fn kv_store(&self, floats: usize) -> Result<Self::KvStore, BackendError>;
+
+    /// Writes row `r` of `rows` (`width` floats each) at pool offset `offsets[r]`.
+    fn kv_write(
+        &self,
+        store: &mut Self::KvStore,
+        offsets: &[usize],
+        width: usize,
+        rows: &[f32],
+    ) -> Result<(), BackendError>;
+
+    /// Reads `width` floats at each offset, concatenated.
+    fn kv_read(
+        &self,
+        store: &Self::KvStore,
+        offsets: &[usize],
+        width: usize,
+    ) -> Result<Vec<f32>, BackendError>;
+
+    /// Softmax attention of each token's `heads` query heads (`q`: `[tokens, heads, head_dim]`)
+    /// over its key rows in the pool (K = V), with a per-head sink logit in the denominator:
+    /// `out[t, h] = sum_k p_k row_k`, `p = softmax([q.k * scale..., sink_h])` without the sink's
+    /// value. Returns `[tokens, heads, head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_attend(
+        &self,
+        store: &Self::KvStore,
+        q: &[f32],
+        heads: usize,
+        head_dim: usize,
+        keys: &kv::KeyLists,
+        sinks: &[f32],
+        scale: f32,
+    ) -> Result<Vec<f32>, BackendError>;
+
+    /// Lightning Indexer scores `sum_h w[t, h] * relu(q[t, h] . k_r) * scale` of each token's
+    /// visible compressed rows (`q`: `[tokens, heads, dim]`, `weights`: `[tokens, heads]`),
+    /// token after token.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_indexer_scores(
+        &self,
+        store: &Self::KvStore,
+        q: &[f32],
+        weights: &[f32],
+        heads: usize,
+        dim: usize,
+        rows: &kv::IndexerRows<'_>,
+        scale: f32,
+    ) -> Result<Vec<f32>, BackendError>;
 
     /// Moves a dense f32 matrix to the device.
     fn matrix(

@@ -218,6 +218,8 @@ pub struct RunSettings {
     pub chunk: usize,
     pub shared_context: bool,
     pub seed: u64,
+    /// Contexts as random pool contents instead of a prefill (`--kv-fill random`).
+    pub random_fill: bool,
 }
 
 /// What running one case measured.
@@ -341,7 +343,7 @@ pub fn run_case(
                     Vec::new()
                 };
                 // The shared prefix is filled before any sequence reads it.
-                let setup_tokens_shared = fill(runner, &fills, settings.chunk)?;
+                let setup_tokens_shared = fill(runner, &fills, settings)?;
                 fills.clear();
                 for _ in 0..batch {
                     let own = alloc.take(end_blocks - shared.len())?;
@@ -360,7 +362,7 @@ pub fn run_case(
                     }
                     seqs.push(BenchSeq { id, table });
                 }
-                let setup_tokens = setup_tokens_shared + fill(runner, &fills, settings.chunk)?;
+                let setup_tokens = setup_tokens_shared + fill(runner, &fills, settings)?;
                 let setup = started.elapsed();
                 let wanted = if q == 1 {
                     LogitsWanted::Last
@@ -420,10 +422,33 @@ struct Fill {
     tokens: Vec<u32>,
 }
 
-/// Runs the fills packed into steps of at most `chunk` tokens, no logits. Returns tokens run.
-fn fill(runner: &mut dyn ModelRunner, fills: &[Fill], chunk: usize) -> Result<usize, BenchError> {
-    let mut done = vec![0usize; fills.len()];
+/// Runs the fills packed into steps of at most `settings.chunk` tokens, no logits (or, with
+/// `random_fill`, writes random KV into their blocks when the runner can). Returns the tokens.
+fn fill(
+    runner: &mut dyn ModelRunner,
+    fills: &[Fill],
+    settings: &RunSettings,
+) -> Result<usize, BenchError> {
     let total: usize = fills.iter().map(|f| f.tokens.len()).sum();
+    if settings.random_fill {
+        let bs = runner.kv_layout().block_size;
+        let blocks: Vec<u32> = fills
+            .iter()
+            .filter(|f| !f.tokens.is_empty())
+            .flat_map(|f| {
+                let (first, end) = (f.start / bs, (f.start + f.tokens.len()).div_ceil(bs));
+                f.table[first..end].iter().copied()
+            })
+            .collect();
+        if runner
+            .fill_blocks_random(&blocks, settings.seed)
+            .map_err(BenchError::Engine)?
+        {
+            return Ok(total);
+        }
+    }
+    let chunk = settings.chunk;
+    let mut done = vec![0usize; fills.len()];
     let mut ran = 0;
     while ran < total {
         let mut budget = chunk;
@@ -628,6 +653,7 @@ mod tests {
             chunk: 40,
             shared_context,
             seed: 7,
+            random_fill: false,
         }
     }
 
@@ -735,6 +761,31 @@ mod tests {
         );
         // Warm-up + 2 timed runs of 3 chunks.
         assert_eq!(r.plans.len(), 9);
+    }
+
+    #[test]
+    fn random_fill_falls_back_to_the_prefill_when_the_runner_cannot() {
+        let cfg = tiny();
+        let model = bytes_model(&cfg);
+        let mut r = Scripted {
+            plans: vec![],
+            released: vec![],
+            fail_at: None,
+        };
+        let mut alloc = BlockAllocator::new(64);
+        let mut next = 1;
+        let settings = RunSettings {
+            random_fill: true,
+            ..settings(false)
+        };
+        let case = Case::Decode {
+            batch: 1,
+            context: 50,
+        };
+        let m = run_case(&mut r, &mut alloc, &mut next, case, &settings, &model).unwrap();
+        // Scripted has no random fill: the 50 context tokens ran as 40 + 10, then 1 + 2 steps.
+        assert_eq!(m.setup_tokens, 50);
+        assert_eq!(r.plans.len(), 5);
     }
 
     #[test]

@@ -176,8 +176,9 @@ pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchE
     let pool_blocks = user_pool_blocks.unwrap_or(largest).max(1);
 
     let manifest = manifest::target_tensors(&cfg);
-    // The pool is allocated whole at load, in host memory on both backends today (docs/CUDA.md),
-    // and the CPU backend adds its f32 weights: refuse what cannot fit rather than being killed.
+    // The pool is allocated whole at load (host memory on the CPU backend, with its f32 weights;
+    // GPU memory on CUDA, where a pool that does not fit is a clear allocation error): refuse
+    // what cannot fit the host rather than being killed.
     let pool = pool_blocks as u64 * BlockGeometry::new(&cfg, block_size).bytes_per_block() as u64;
     let weights: u64 = match device {
         Device::Cpu => manifest
@@ -186,7 +187,7 @@ pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchE
             .sum(),
         Device::Cuda => 0,
     };
-    if let Some(avail) = host_memory_available() {
+    if let Some(avail) = host_memory_available().filter(|_| device == Device::Cpu) {
         if pool + weights > avail {
             let advice = if weights > avail {
                 "the weights alone do not fit: use --device cuda or fewer --num-layers"
@@ -216,7 +217,7 @@ pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchE
         (WeightsAs::Auto, Device::Cuda) | (WeightsAs::PackedF32, _) => WeightStorage::PackedF32,
         (WeightsAs::Checkpoint, _) => WeightStorage::Checkpoint,
     };
-    // Both backends keep the f32 pool of docs/KV.md today (the CUDA backend in host memory).
+    // Both backends keep the f32 pool of docs/KV.md today (the CUDA backend in GPU memory).
     let kv_dtype = match args.kv_cache_dtype {
         KvCacheDtype::Auto => KvDtype::F32,
         KvCacheDtype::Bf16 => KvDtype::Bf16,
@@ -278,6 +279,7 @@ pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchE
         chunk: args.max_num_batched_tokens,
         shared_context: shared,
         seed: args.seed,
+        random_fill: args.kv_fill == crate::cli::KvFill::Random,
     };
     let mut alloc = BlockAllocator::new(layout.num_blocks);
     let mut next_seq_id = 1u64;
@@ -295,6 +297,7 @@ pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchE
         weights_as: storage,
         kv_dtype,
         shared_context: shared,
+        random_fill: args.kv_fill == crate::cli::KvFill::Random,
         pool_tokens: layout.num_blocks * layout.block_size,
         chunk: args.max_num_batched_tokens,
         iters: args.iters,

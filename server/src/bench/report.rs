@@ -34,6 +34,8 @@ pub struct Report {
     pub weights_as: WeightStorage,
     pub kv_dtype: KvDtype,
     pub shared_context: bool,
+    /// Contexts written as random KV (`--kv-fill random`) instead of prefilled.
+    pub random_fill: bool,
     pub pool_tokens: usize,
     pub chunk: usize,
     pub iters: usize,
@@ -134,10 +136,16 @@ impl Report {
              uniform routing; KV {}",
             self.weights_as.name(),
             self.kv_dtype.name(),
-            if self.shared_context {
-                "context shared by the sequences of a case (--shared-context)"
-            } else {
-                "context filled per sequence"
+            match (self.shared_context, self.random_fill) {
+                (true, false) => "context shared by the sequences of a case (--shared-context)",
+                (false, false) => "context filled per sequence",
+                (true, true) => {
+                    "context shared by the sequences of a case, written as random KV \
+                     (--kv-fill random: timing only)"
+                }
+                (false, true) => {
+                    "context per sequence, written as random KV (--kv-fill random: timing only)"
+                }
             }
         );
         let _ = writeln!(
@@ -351,6 +359,7 @@ mod tests {
             weights_as: WeightStorage::F32,
             kv_dtype: KvDtype::F32,
             shared_context: false,
+            random_fill: false,
             pool_tokens: 1024,
             chunk: 8192,
             iters: 2,

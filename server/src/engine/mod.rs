@@ -93,6 +93,13 @@ pub trait ModelRunner: Send {
     fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, EngineError>;
     /// Drops any per-request state kept outside the pool (e.g. draft rings) for `seq_id`.
     fn release(&mut self, seq_id: u64);
+    /// Benchmarks only: writes seeded random values into every layer's region of `blocks`, as
+    /// if a context had been run there, without running it (a 1M-token context is hours of
+    /// prefill on a reduced build). `false` when the runner cannot; then nothing was written.
+    fn fill_blocks_random(&mut self, _blocks: &[u32], _seed: u64) -> Result<bool, EngineError> {
+        Ok(false)
+    }
+
     /// Cumulative time the backend spent per kind of operation (device backends; empty on the
     /// CPU). The benchmark subtracts it from step time to show what the host costs.
     fn backend_time(&self) -> Vec<OpTime> {

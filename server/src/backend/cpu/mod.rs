@@ -1,6 +1,7 @@
 //! CPU backend: the f32 reference every other backend is checked against.
 
-use super::{Backend, BackendError};
+use super::kv::{IndexerRows, KeyLists};
+use super::{check_attend, check_indexer, check_kv_rows, Backend, BackendError};
 use rayon::prelude::*;
 
 /// Dense row-major f32 matrix in host memory.
@@ -40,9 +41,143 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
+/// Lightning Indexer score of one key row: `sum_h w_h * relu(q_h . k) * scale` over the heads
+/// in `q` (`[heads, k.len()]`), `w` already scaled by `index_n_heads^-0.5`.
+pub fn indexer_score(q: &[f32], w: &[f32], k: &[f32], scale: f32) -> f32 {
+    q.chunks(k.len())
+        .zip(w)
+        .map(|(qh, wh)| (dot(qh, k).max(0.0) * scale) * wh)
+        .sum()
+}
+
+/// Softmax attention of one token's heads `q` (`[heads, hd]`) over `keys` (K = V), with a
+/// per-head sink logit in the denominator; adds the result into `out` (`[heads, hd]`).
+pub fn attend_with_sinks(q: &[f32], keys: &[&[f32]], sinks: &[f32], scale: f32, out: &mut [f32]) {
+    let Some(hd) = keys.first().map(|k| k.len()) else {
+        return;
+    };
+    let mut logits = vec![0f32; keys.len()];
+    for (hh, (qh, oh)) in q.chunks(hd).zip(out.chunks_mut(hd)).enumerate() {
+        let mut max = sinks[hh];
+        for (lg, k) in logits.iter_mut().zip(keys) {
+            *lg = dot(qh, k) * scale;
+            max = max.max(*lg);
+        }
+        let mut denom = (sinks[hh] - max).exp();
+        for lg in logits.iter_mut() {
+            *lg = (*lg - max).exp();
+            denom += *lg;
+        }
+        for (lg, k) in logits.iter().zip(keys) {
+            let p = lg / denom;
+            for (a, b) in oh.iter_mut().zip(k.iter()) {
+                *a += p * b;
+            }
+        }
+    }
+}
+
 impl Backend for CpuBackend {
     type Matrix = CpuMatrix;
     type ExpertBank = Vec<[CpuMatrix; 3]>;
+    type KvStore = Vec<f32>;
+
+    fn kv_store(&self, floats: usize) -> Result<Vec<f32>, BackendError> {
+        Ok(vec![0f32; floats])
+    }
+
+    fn kv_write(
+        &self,
+        store: &mut Vec<f32>,
+        offsets: &[usize],
+        width: usize,
+        rows: &[f32],
+    ) -> Result<(), BackendError> {
+        check_kv_rows("kv_write", store.len(), offsets, width, Some(rows.len()))?;
+        for (&o, row) in offsets.iter().zip(rows.chunks(width.max(1))) {
+            store[o..o + width].copy_from_slice(row);
+        }
+        Ok(())
+    }
+
+    fn kv_read(
+        &self,
+        store: &Vec<f32>,
+        offsets: &[usize],
+        width: usize,
+    ) -> Result<Vec<f32>, BackendError> {
+        check_kv_rows("kv_read", store.len(), offsets, width, None)?;
+        Ok(offsets
+            .iter()
+            .flat_map(|&o| store[o..o + width].iter().copied())
+            .collect())
+    }
+
+    fn kv_attend(
+        &self,
+        store: &Vec<f32>,
+        q: &[f32],
+        heads: usize,
+        head_dim: usize,
+        keys: &KeyLists,
+        sinks: &[f32],
+        scale: f32,
+    ) -> Result<Vec<f32>, BackendError> {
+        check_attend(q, heads, head_dim, keys, sinks)?;
+        check_kv_rows("kv_attend", store.len(), &keys.offsets, head_dim, None)?;
+        let mut out = vec![0f32; q.len()];
+        // Parallel over tokens and, inside a token, over heads: a single decoding sequence at
+        // long context still uses every core.
+        out.par_chunks_mut(heads * head_dim)
+            .enumerate()
+            .for_each(|(t, o)| {
+                let rows: Vec<&[f32]> = keys
+                    .of(t)
+                    .iter()
+                    .map(|&at| &store[at..at + head_dim])
+                    .collect();
+                let qt = &q[t * heads * head_dim..(t + 1) * heads * head_dim];
+                o.par_chunks_mut(head_dim).enumerate().for_each(|(h, oh)| {
+                    let qh = &qt[h * head_dim..(h + 1) * head_dim];
+                    attend_with_sinks(qh, &rows, &sinks[h..h + 1], scale, oh);
+                });
+            });
+        Ok(out)
+    }
+
+    fn kv_indexer_scores(
+        &self,
+        store: &Vec<f32>,
+        q: &[f32],
+        weights: &[f32],
+        heads: usize,
+        dim: usize,
+        rows: &IndexerRows<'_>,
+        scale: f32,
+    ) -> Result<Vec<f32>, BackendError> {
+        check_indexer(store.len(), q, weights, heads, dim, rows)?;
+        let a = rows.addressing;
+        let per_token: Vec<Vec<f32>> = (0..rows.visible.len())
+            .into_par_iter()
+            .map(|t| {
+                let bt = rows.block_tables[t];
+                let (qt, wt) = (
+                    &q[t * heads * dim..(t + 1) * heads * dim],
+                    &weights[t * heads..(t + 1) * heads],
+                );
+                // Rows in parallel too: one long sequence has ~context/4 rows to score.
+                (0..rows.visible[t])
+                    .into_par_iter()
+                    .with_min_len(256)
+                    .map(|r| {
+                        let at = a.offset(bt, r);
+                        indexer_score(qt, wt, &store[at..at + dim], scale)
+                    })
+                    .collect()
+            })
+            .collect();
+        Ok(per_token.into_iter().flatten().collect())
+    }
 
     fn expert_bank(&self, experts: Vec<[CpuMatrix; 3]>) -> Result<Self::ExpertBank, BackendError> {
         Ok(experts)

@@ -8,7 +8,10 @@
 //! leave as host f32 rows (the engine's attention, norms and RoPE still run on the host; see
 //! docs/PERFORMANCE.md).
 
+mod kv;
 pub mod nccl;
+
+pub use kv::CudaKvStore;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -96,7 +99,15 @@ pub struct MatrixCensus {
 }
 
 /// Operation kinds timed by [`CudaBackend::op_times`].
-const OPS: [&str; 4] = ["projections", "routed experts", "expert", "embedding"];
+const OPS: [&str; 7] = [
+    "projections",
+    "routed experts",
+    "expert",
+    "embedding",
+    "kv write/read",
+    "attention",
+    "indexer",
+];
 
 /// Per kind: calls and nanoseconds, counted at the outermost backend call only.
 #[derive(Default)]
@@ -408,6 +419,61 @@ impl CudaBackend {
 }
 
 impl Backend for CudaBackend {
+    type KvStore = CudaKvStore;
+
+    fn kv_store(&self, floats: usize) -> Result<CudaKvStore, BackendError> {
+        self.kv_alloc(floats)
+    }
+
+    fn kv_write(
+        &self,
+        store: &mut CudaKvStore,
+        offsets: &[usize],
+        width: usize,
+        rows: &[f32],
+    ) -> Result<(), BackendError> {
+        let _timed = Timed::start(&self.clock, 4);
+        self.kv_scatter(store, offsets, width, rows)
+    }
+
+    fn kv_read(
+        &self,
+        store: &CudaKvStore,
+        offsets: &[usize],
+        width: usize,
+    ) -> Result<Vec<f32>, BackendError> {
+        let _timed = Timed::start(&self.clock, 4);
+        self.kv_gather(store, offsets, width)
+    }
+
+    fn kv_attend(
+        &self,
+        store: &CudaKvStore,
+        q: &[f32],
+        heads: usize,
+        head_dim: usize,
+        keys: &super::kv::KeyLists,
+        sinks: &[f32],
+        scale: f32,
+    ) -> Result<Vec<f32>, BackendError> {
+        let _timed = Timed::start(&self.clock, 5);
+        self.attend(store, q, heads, head_dim, keys, sinks, scale)
+    }
+
+    fn kv_indexer_scores(
+        &self,
+        store: &CudaKvStore,
+        q: &[f32],
+        weights: &[f32],
+        heads: usize,
+        dim: usize,
+        rows: &super::kv::IndexerRows<'_>,
+        scale: f32,
+    ) -> Result<Vec<f32>, BackendError> {
+        let _timed = Timed::start(&self.clock, 6);
+        self.indexer(store, q, weights, heads, dim, rows, scale)
+    }
+
     type Matrix = CudaMatrix;
     type ExpertBank = CudaExpertBank;
 

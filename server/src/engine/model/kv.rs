@@ -13,6 +13,7 @@
 //! sequence can continue from any position given only its block table.
 
 use super::config::{AttentionKind, ModelConfig};
+use crate::backend::kv::RowAddressing;
 
 /// Offsets (in f32 values) of one layer's region inside a block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,21 +104,36 @@ impl BlockGeometry {
     }
 }
 
-/// The pool storage: `num_blocks * floats_per_block` f32 values.
-#[derive(Debug)]
+/// The pool's shape: `num_blocks * floats_per_block` f32 values, stored by the backend
+/// (`Backend::KvStore`); the methods give element offsets into that array.
+#[derive(Debug, Clone)]
 pub struct KvPool {
     pub geometry: BlockGeometry,
     pub num_blocks: usize,
-    pub data: Vec<f32>,
 }
 
 impl KvPool {
     pub fn new(geometry: BlockGeometry, num_blocks: usize) -> Self {
-        let data = vec![0f32; geometry.floats_per_block * num_blocks];
         Self {
             geometry,
             num_blocks,
-            data,
+        }
+    }
+
+    /// f32 values of the whole pool.
+    pub fn floats(&self) -> usize {
+        self.geometry.floats_per_block * self.num_blocks
+    }
+
+    /// How the indexer key rows of `layer` are found through a block table.
+    pub fn idx_rows_addressing(&self, layer: usize, ihd: usize) -> RowAddressing {
+        let l = &self.geometry.layers[layer];
+        RowAddressing {
+            floats_per_block: self.geometry.floats_per_block,
+            block_size: self.geometry.block_size,
+            base: l.base + l.idx_rows,
+            ratio: l.ratio,
+            stride: ihd,
         }
     }
 

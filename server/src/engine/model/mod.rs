@@ -158,7 +158,7 @@ pub fn build_on<B: Backend>(
     let pool = kv_pool(&cfg, opts)?;
     Ok(DeepseekV4::new(
         cfg, backend, weights, pool, comm, opts.shard,
-    ))
+    )?)
 }
 
 /// Builds the CPU model of this rank from a weight source.

@@ -1,0 +1,175 @@
+// The KV pool on the GPU (f32 layout of server/src/engine/model/kv.rs) and attention over it.
+// Offsets into the pool are 64-bit element offsets: a long-context pool exceeds 2^31 floats.
+
+// Row r of src (`width` floats) to pool + off[r]. One block per row.
+extern "C" __global__ void __launch_bounds__(256) dsk_kv_scatter_f32(
+    float *__restrict__ pool, const long long *__restrict__ off, const float *__restrict__ src,
+    int width) {
+    const int r = blockIdx.x;
+    float *dst = pool + off[r];
+    const float *s = src + (long long)r * width;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) dst[c] = s[c];
+}
+
+// pool + off[r] (`width` floats) to row r of dst. One block per row.
+extern "C" __global__ void __launch_bounds__(256) dsk_kv_gather_f32(
+    const float *__restrict__ pool, const long long *__restrict__ off, float *__restrict__ dst,
+    int width) {
+    const int r = blockIdx.x;
+    const float *s = pool + off[r];
+    float *d = dst + (long long)r * width;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) d[c] = s[c];
+}
+
+#define DSK_ATT_WARPS 4
+#define DSK_NEG_INF __int_as_float(0xff800000u)
+// Dimensions per lane: head_dim <= 32 * DSK_ATT_DPL (512 for V4-Flash).
+#define DSK_ATT_DPL 16
+
+// Split-KV attention, pass 1. Query token t, head h, split s (grid z, y, x) attends over its
+// share of the token's keys key_off[key_start[t] .. key_start[t+1]) (K = V: one latent row is
+// both). Each warp takes every DSK_ATT_WARPS-th key with an online softmax; lane j holds
+// dimensions j, j+32, ... so row loads are coalesced. Writes (max, sum, acc[hd]) of the split to
+// part[((t * heads + h) * splits + s) * (hd + 2)]; an empty split writes sum 0.
+extern "C" __global__ void __launch_bounds__(DSK_ATT_WARPS * 32) dsk_attend_partial_f32(
+    const float *__restrict__ pool, const float *__restrict__ q,
+    const long long *__restrict__ key_off, const int *__restrict__ key_start, int heads, int hd,
+    int splits, float scale, float *__restrict__ part) {
+    const int s = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int k0 = key_start[t], k1 = key_start[t + 1];
+    const int per = (k1 - k0 + splits - 1) / splits;
+    const int a = k0 + s * per;
+    const int b = min(k1, a + per);
+    const int dpl = hd >> 5;
+    const float *qh = q + ((long long)t * heads + h) * hd;
+    float qv[DSK_ATT_DPL], acc[DSK_ATT_DPL];
+#pragma unroll
+    for (int j = 0; j < DSK_ATT_DPL; ++j) {
+        qv[j] = j < dpl ? qh[lane + 32 * j] : 0.f;
+        acc[j] = 0.f;
+    }
+    float m = DSK_NEG_INF, l = 0.f;
+    for (int k = a + warp; k < b; k += DSK_ATT_WARPS) {
+        const float *kr = pool + key_off[k];
+        float kv[DSK_ATT_DPL];
+        float d = 0.f;
+#pragma unroll
+        for (int j = 0; j < DSK_ATT_DPL; ++j) {
+            kv[j] = j < dpl ? kr[lane + 32 * j] : 0.f;
+            d = fmaf(qv[j], kv[j], d);
+        }
+        d = dsk_warp_sum(d) * scale;
+        const float mn = fmaxf(m, d);
+        const float c = expf(m - mn);  // 0 on the first key (m = -inf)
+        const float p = expf(d - mn);
+        l = l * c + p;
+#pragma unroll
+        for (int j = 0; j < DSK_ATT_DPL; ++j) acc[j] = fmaf(acc[j], c, p * kv[j]);
+        m = mn;
+    }
+    __shared__ float sm[DSK_ATT_WARPS], sl[DSK_ATT_WARPS];
+    __shared__ float sacc[DSK_ATT_WARPS][32 * DSK_ATT_DPL];
+    if (lane == 0) {
+        sm[warp] = m;
+        sl[warp] = l;
+    }
+#pragma unroll
+    for (int j = 0; j < DSK_ATT_DPL; ++j)
+        if (j < dpl) sacc[warp][lane + 32 * j] = acc[j];
+    __syncthreads();
+    float mx = DSK_NEG_INF;
+#pragma unroll
+    for (int w = 0; w < DSK_ATT_WARPS; ++w)
+        if (sl[w] > 0.f) mx = fmaxf(mx, sm[w]);
+    float *out = part + (((long long)t * heads + h) * splits + s) * (hd + 2);
+    float cw[DSK_ATT_WARPS];
+    float lsum = 0.f;
+#pragma unroll
+    for (int w = 0; w < DSK_ATT_WARPS; ++w) {
+        cw[w] = sl[w] > 0.f ? expf(sm[w] - mx) : 0.f;
+        lsum = fmaf(sl[w], cw[w], lsum);
+    }
+    if (threadIdx.x == 0) {
+        out[0] = mx;
+        out[1] = lsum;
+    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < DSK_ATT_WARPS; ++w) v = fmaf(sacc[w][d], cw[w], v);
+        out[2 + d] = v;
+    }
+}
+
+// Split-KV attention, pass 2: merges the splits of (t, h) with the head's sink logit in the
+// denominator (the sink takes probability mass but contributes no value).
+extern "C" __global__ void __launch_bounds__(128) dsk_attend_combine_f32(
+    const float *__restrict__ part, const float *__restrict__ sinks, int heads, int hd,
+    int splits, float *__restrict__ out) {
+    const int h = blockIdx.x, t = blockIdx.y;
+    const float *p = part + ((long long)t * heads + h) * splits * (hd + 2);
+    const float sink = sinks[h];
+    float mx = sink;
+    for (int s = 0; s < splits; ++s)
+        if (p[s * (hd + 2) + 1] > 0.f) mx = fmaxf(mx, p[s * (hd + 2)]);
+    float denom = expf(sink - mx);
+    for (int s = 0; s < splits; ++s) {
+        const float l = p[s * (hd + 2) + 1];
+        if (l > 0.f) denom = fmaf(l, expf(p[s * (hd + 2)] - mx), denom);
+    }
+    float *o = out + ((long long)t * heads + h) * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float v = 0.f;
+        for (int s = 0; s < splits; ++s) {
+            const float l = p[s * (hd + 2) + 1];
+            if (l > 0.f) v = fmaf(p[s * (hd + 2) + 2 + d], expf(p[s * (hd + 2)] - mx), v);
+        }
+        o[d] = v / denom;
+    }
+}
+
+// Dimensions per lane of an indexer key: index_head_dim <= 32 * DSK_IDX_DPL.
+#define DSK_IDX_DPL 8
+
+// Lightning Indexer scores: for query token t (grid y) and each of its `visible[t]` compressed
+// rows r, score = sum_h w[t, h] * relu(q[t, h] . k_r) * scale, written to out[out_start[t] + r].
+// Row r of the token's sequence sits in the pool by its block table (bt from bt_start[t]):
+// position r * ratio, block bt[pos / bs], slot (pos % bs) / ratio of `stride` floats after `base`.
+// One warp per row; the token's queries and weights are staged in shared memory.
+extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_f32(
+    const float *__restrict__ pool, const float *__restrict__ q, const float *__restrict__ w,
+    const unsigned int *__restrict__ bt, const int *__restrict__ bt_start,
+    const int *__restrict__ visible, const long long *__restrict__ out_start, long long fpb,
+    int bs, long long base, int ratio, int stride, int heads, int dim, float scale,
+    float *__restrict__ out) {
+    extern __shared__ float sq[];  // [heads * dim] queries, then [heads] weights
+    const int t = blockIdx.y;
+    const float *qt = q + (long long)t * heads * dim;
+    for (int i = threadIdx.x; i < heads * dim; i += blockDim.x) sq[i] = qt[i];
+    for (int i = threadIdx.x; i < heads; i += blockDim.x) sq[heads * dim + i] = w[(long long)t * heads + i];
+    __syncthreads();
+    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int dpl = dim >> 5;
+    const int vis = visible[t];
+    const unsigned int *tb = bt + bt_start[t];
+    float *ot = out + out_start[t];
+    for (int r = blockIdx.x * warps + warp; r < vis; r += gridDim.x * warps) {
+        const long long pos = (long long)r * ratio;
+        const float *k = pool + (long long)tb[pos / bs] * fpb + base + (pos % bs) / ratio * stride;
+        float kv[DSK_IDX_DPL];
+#pragma unroll
+        for (int j = 0; j < DSK_IDX_DPL; ++j) kv[j] = j < dpl ? k[lane + 32 * j] : 0.f;
+        float score = 0.f;
+        for (int hh = 0; hh < heads; ++hh) {
+            const float *qh = sq + hh * dim;
+            float d = 0.f;
+#pragma unroll
+            for (int j = 0; j < DSK_IDX_DPL; ++j)
+                if (j < dpl) d = fmaf(qh[lane + 32 * j], kv[j], d);
+            d = dsk_warp_sum(d);
+            score += (fmaxf(d, 0.f) * scale) * sq[heads * dim + hh];
+        }
+        if (lane == 0) ot[r] = score;
+    }
+}

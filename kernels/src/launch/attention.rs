@@ -1,0 +1,422 @@
+//! Launches of `attention.cu`: the f32 KV pool's row scatter/gather, split-KV attention with
+//! per-head sinks over per-token key lists, and the Lightning Indexer's scores over a sequence's
+//! compressed rows addressed through its block table.
+
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
+
+use super::{i32_arg, i64_arg, nonnull, u32_grid, Kernels};
+use crate::error::KernelError;
+
+/// Largest head dimension of the attention kernel (32 lanes x 16 values).
+pub const ATTENTION_MAX_HEAD_DIM: usize = 512;
+/// Largest indexer head dimension (32 lanes x 8 values).
+pub const INDEXER_MAX_DIM: usize = 256;
+/// Shared memory a block may use without opting in.
+const DEFAULT_SMEM: usize = 48 * 1024;
+
+/// `rows` rows of `width` f32 between a dense buffer and the pool: row `r` at pool element
+/// `offsets[r]` (i64).
+#[derive(Clone, Copy, Debug)]
+pub struct KvRows {
+    pub pool: CUdeviceptr,
+    /// i64 `[rows]` element offsets into the pool.
+    pub offsets: CUdeviceptr,
+    /// f32 `[rows, width]`.
+    pub dense: CUdeviceptr,
+    pub rows: usize,
+    pub width: usize,
+}
+
+/// Attention of `tokens` query tokens with `heads` heads of `head_dim` over per-token key lists
+/// (K = V rows of the pool), softmax with a per-head sink logit.
+#[derive(Clone, Copy, Debug)]
+pub struct PagedAttention {
+    pub pool: CUdeviceptr,
+    /// f32 `[tokens, heads, head_dim]`.
+    pub q: CUdeviceptr,
+    /// i64 pool offsets of every key row, token by token.
+    pub key_offsets: CUdeviceptr,
+    /// i32 `[tokens + 1]`: token `t`'s keys are `key_offsets[key_starts[t]..key_starts[t + 1]]`.
+    pub key_starts: CUdeviceptr,
+    /// f32 `[heads]`.
+    pub sinks: CUdeviceptr,
+    /// f32 `[tokens, heads, head_dim]`.
+    pub out: CUdeviceptr,
+    /// f32 `[attention_workspace_floats(..)]`.
+    pub workspace: CUdeviceptr,
+    pub tokens: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Splits of each token's keys (see [`attention_splits`]).
+    pub splits: usize,
+    pub scale: f32,
+}
+
+/// Lightning Indexer scores of `tokens` query tokens over their sequences' compressed rows.
+#[derive(Clone, Copy, Debug)]
+pub struct IndexerScores {
+    pub pool: CUdeviceptr,
+    /// f32 `[tokens, heads, dim]` (RoPE applied).
+    pub q: CUdeviceptr,
+    /// f32 `[tokens, heads]` head weights, already scaled.
+    pub weights: CUdeviceptr,
+    /// u32 block tables of every token, concatenated.
+    pub block_tables: CUdeviceptr,
+    /// i32 `[tokens]`: where each token's block table starts.
+    pub block_table_starts: CUdeviceptr,
+    /// i32 `[tokens]`: rows each token sees.
+    pub visible: CUdeviceptr,
+    /// i64 `[tokens]`: where each token's scores start in `out`.
+    pub out_starts: CUdeviceptr,
+    /// f32 scores, `sum(visible)` values.
+    pub out: CUdeviceptr,
+    pub tokens: usize,
+    /// `max(visible)`, sizes the grid.
+    pub max_visible: usize,
+    /// Row addressing: `block_table[r * ratio / block_size] * floats_per_block + base +
+    /// (r * ratio % block_size) / ratio * stride`.
+    pub floats_per_block: usize,
+    pub block_size: usize,
+    pub base: usize,
+    pub ratio: usize,
+    pub stride: usize,
+    pub heads: usize,
+    pub dim: usize,
+    pub scale: f32,
+}
+
+/// Splits per token so `tokens * heads * splits` blocks fill the GPU about four times over, with
+/// at least 64 keys per split.
+pub fn attention_splits(max_keys: usize, tokens: usize, heads: usize, sms: usize) -> usize {
+    let blocks = (tokens * heads).max(1);
+    let want = (4 * sms).div_ceil(blocks);
+    want.min(max_keys.div_ceil(64)).max(1)
+}
+
+/// f32 scratch of a [`PagedAttention`]: one `(max, sum, acc[head_dim])` record per split.
+pub fn attention_workspace_floats(
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    splits: usize,
+) -> usize {
+    tokens * heads * splits * (head_dim + 2)
+}
+
+pub fn check_kv_rows(kernel: &'static str, a: &KvRows) -> Result<(), KernelError> {
+    if a.rows == 0 || a.width == 0 {
+        return Err(KernelError::invalid(
+            kernel,
+            format!("rows = {}, width = {}", a.rows, a.width),
+        ));
+    }
+    nonnull(
+        kernel,
+        &[("pool", a.pool), ("offsets", a.offsets), ("dense", a.dense)],
+    )
+}
+
+pub fn check_attention(a: &PagedAttention) -> Result<(), KernelError> {
+    const K: &str = "attention";
+    if a.tokens == 0
+        || a.heads == 0
+        || a.splits == 0
+        || a.head_dim == 0
+        || !a.head_dim.is_multiple_of(32)
+        || a.head_dim > ATTENTION_MAX_HEAD_DIM
+    {
+        return Err(KernelError::invalid(
+            K,
+            format!(
+                "tokens = {}, heads = {}, splits = {}, head_dim = {}: head_dim must be a multiple \
+                 of 32 up to {ATTENTION_MAX_HEAD_DIM}",
+                a.tokens, a.heads, a.splits, a.head_dim
+            ),
+        ));
+    }
+    nonnull(
+        K,
+        &[
+            ("pool", a.pool),
+            ("q", a.q),
+            ("key_offsets", a.key_offsets),
+            ("key_starts", a.key_starts),
+            ("sinks", a.sinks),
+            ("out", a.out),
+            ("workspace", a.workspace),
+        ],
+    )
+}
+
+/// Shared memory of the indexer block: the token's queries and head weights.
+pub fn indexer_smem_bytes(heads: usize, dim: usize) -> usize {
+    (heads * dim + heads) * 4
+}
+
+pub fn check_indexer(a: &IndexerScores) -> Result<(), KernelError> {
+    const K: &str = "indexer_scores";
+    if a.tokens == 0
+        || a.heads == 0
+        || a.dim == 0
+        || !a.dim.is_multiple_of(32)
+        || a.dim > INDEXER_MAX_DIM
+        || a.ratio == 0
+        || a.block_size == 0
+        || !a.block_size.is_multiple_of(a.ratio)
+    {
+        return Err(KernelError::invalid(
+            K,
+            format!(
+                "tokens = {}, heads = {}, dim = {}, ratio = {}, block_size = {}: dim must be a \
+                 multiple of 32 up to {INDEXER_MAX_DIM}, block_size a multiple of ratio",
+                a.tokens, a.heads, a.dim, a.ratio, a.block_size
+            ),
+        ));
+    }
+    if indexer_smem_bytes(a.heads, a.dim) > DEFAULT_SMEM {
+        return Err(KernelError::invalid(
+            K,
+            format!(
+                "{} heads x {} dims do not fit one block's shared memory",
+                a.heads, a.dim
+            ),
+        ));
+    }
+    nonnull(
+        K,
+        &[
+            ("pool", a.pool),
+            ("q", a.q),
+            ("weights", a.weights),
+            ("block_tables", a.block_tables),
+            ("block_table_starts", a.block_table_starts),
+            ("visible", a.visible),
+            ("out_starts", a.out_starts),
+            ("out", a.out),
+        ],
+    )
+}
+
+impl Kernels {
+    /// Writes dense rows into the pool at their offsets.
+    ///
+    /// # Safety
+    /// Every pointer must address device memory of this context holding the shapes given, and
+    /// every offset must leave `width` floats inside the pool.
+    pub unsafe fn kv_scatter(&self, stream: &CudaStream, a: &KvRows) -> Result<(), KernelError> {
+        self.kv_rows(stream, a, "kv_scatter")
+    }
+
+    /// Reads pool rows at their offsets into dense rows.
+    ///
+    /// # Safety
+    /// As [`Self::kv_scatter`].
+    pub unsafe fn kv_gather(&self, stream: &CudaStream, a: &KvRows) -> Result<(), KernelError> {
+        self.kv_rows(stream, a, "kv_gather")
+    }
+
+    unsafe fn kv_rows(
+        &self,
+        stream: &CudaStream,
+        a: &KvRows,
+        kernel: &'static str,
+    ) -> Result<(), KernelError> {
+        check_kv_rows(kernel, a)?;
+        let width = i32_arg(kernel, "width", a.width)?;
+        let cfg = LaunchConfig {
+            grid_dim: (u32_grid(kernel, a.rows)?, 1, 1),
+            block_dim: ((a.width.next_power_of_two().clamp(32, 256)) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let func = if kernel == "kv_scatter" {
+            &self.kv_scatter
+        } else {
+            &self.kv_gather
+        };
+        stream
+            .launch_builder(func)
+            .arg(&a.pool)
+            .arg(&a.offsets)
+            .arg(&a.dense)
+            .arg(&width)
+            .launch(cfg)
+            .map_err(KernelError::driver("launch kv rows"))?;
+        Ok(())
+    }
+
+    /// Split-KV attention with sinks (two launches: partial softmax per split, then merge).
+    ///
+    /// # Safety
+    /// Every pointer must address device memory of this context holding the shapes given; every
+    /// key offset must leave `head_dim` floats inside the pool.
+    pub unsafe fn paged_attention(
+        &self,
+        stream: &CudaStream,
+        a: &PagedAttention,
+    ) -> Result<(), KernelError> {
+        check_attention(a)?;
+        const K: &str = "attention";
+        let (heads, hd) = (
+            i32_arg(K, "heads", a.heads)?,
+            i32_arg(K, "head_dim", a.head_dim)?,
+        );
+        let splits = i32_arg(K, "splits", a.splits)?;
+        let partial = LaunchConfig {
+            grid_dim: (
+                u32_grid(K, a.splits)?,
+                u32_grid(K, a.heads)?,
+                u32_grid(K, a.tokens)?,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .launch_builder(&self.attend_partial)
+            .arg(&a.pool)
+            .arg(&a.q)
+            .arg(&a.key_offsets)
+            .arg(&a.key_starts)
+            .arg(&heads)
+            .arg(&hd)
+            .arg(&splits)
+            .arg(&a.scale)
+            .arg(&a.workspace)
+            .launch(partial)
+            .map_err(KernelError::driver("launch attend_partial"))?;
+        let combine = LaunchConfig {
+            grid_dim: (u32_grid(K, a.heads)?, u32_grid(K, a.tokens)?, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .launch_builder(&self.attend_combine)
+            .arg(&a.workspace)
+            .arg(&a.sinks)
+            .arg(&heads)
+            .arg(&hd)
+            .arg(&splits)
+            .arg(&a.out)
+            .launch(combine)
+            .map_err(KernelError::driver("launch attend_combine"))?;
+        Ok(())
+    }
+
+    /// Lightning Indexer scores over compressed rows in the pool.
+    ///
+    /// # Safety
+    /// Every pointer must address device memory of this context holding the shapes given; every
+    /// row a token sees must be covered by its block table and lie inside the pool.
+    pub unsafe fn indexer_scores(
+        &self,
+        stream: &CudaStream,
+        a: &IndexerScores,
+    ) -> Result<(), KernelError> {
+        check_indexer(a)?;
+        const K: &str = "indexer_scores";
+        if a.max_visible == 0 {
+            return Ok(());
+        }
+        let fpb = i64_arg(K, "floats_per_block", a.floats_per_block)?;
+        let bs = i32_arg(K, "block_size", a.block_size)?;
+        let base = i64_arg(K, "base", a.base)?;
+        let ratio = i32_arg(K, "ratio", a.ratio)?;
+        let stride = i32_arg(K, "stride", a.stride)?;
+        let (heads, dim) = (i32_arg(K, "heads", a.heads)?, i32_arg(K, "dim", a.dim)?);
+        // 8 warps a block, one row each per pass; about four blocks per SM over all tokens.
+        let rows_per_block = 8 * 4;
+        let per_token = (4 * self.sms).div_ceil(a.tokens).max(1);
+        let blocks = a.max_visible.div_ceil(rows_per_block).min(per_token).max(1);
+        let cfg = LaunchConfig {
+            grid_dim: (u32_grid(K, blocks)?, u32_grid(K, a.tokens)?, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: indexer_smem_bytes(a.heads, a.dim) as u32,
+        };
+        stream
+            .launch_builder(&self.indexer_scores)
+            .arg(&a.pool)
+            .arg(&a.q)
+            .arg(&a.weights)
+            .arg(&a.block_tables)
+            .arg(&a.block_table_starts)
+            .arg(&a.visible)
+            .arg(&a.out_starts)
+            .arg(&fpb)
+            .arg(&bs)
+            .arg(&base)
+            .arg(&ratio)
+            .arg(&stride)
+            .arg(&heads)
+            .arg(&dim)
+            .arg(&a.scale)
+            .arg(&a.out)
+            .launch(cfg)
+            .map_err(KernelError::driver("launch indexer_scores"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_fill_the_gpu_but_keep_work_per_split() {
+        // One decoding token, 64 heads, 132 SMs: 9 splits if the keys allow it.
+        assert_eq!(attention_splits(8320, 1, 64, 132), 9);
+        // Few keys: at least 64 per split.
+        assert_eq!(attention_splits(130, 1, 64, 132), 3);
+        // A prefill chunk already fills the GPU.
+        assert_eq!(attention_splits(640, 2048, 64, 132), 1);
+        assert_eq!(attention_workspace_floats(2, 4, 64, 3), 2 * 4 * 3 * 66);
+    }
+
+    #[test]
+    fn shapes_are_checked_before_launch() {
+        let a = PagedAttention {
+            pool: 16,
+            q: 16,
+            key_offsets: 16,
+            key_starts: 16,
+            sinks: 16,
+            out: 16,
+            workspace: 16,
+            tokens: 1,
+            heads: 1,
+            head_dim: 1024,
+            splits: 1,
+            scale: 1.0,
+        };
+        assert!(check_attention(&a).is_err());
+        assert!(check_attention(&PagedAttention { head_dim: 512, ..a }).is_ok());
+        assert!(check_attention(&PagedAttention {
+            q: 0,
+            head_dim: 512,
+            ..a
+        })
+        .is_err());
+        let i = IndexerScores {
+            pool: 16,
+            q: 16,
+            weights: 16,
+            block_tables: 16,
+            block_table_starts: 16,
+            visible: 16,
+            out_starts: 16,
+            out: 16,
+            tokens: 1,
+            max_visible: 1,
+            floats_per_block: 1,
+            block_size: 128,
+            base: 0,
+            ratio: 4,
+            stride: 128,
+            heads: 64,
+            dim: 128,
+            scale: 1.0,
+        };
+        assert!(check_indexer(&i).is_ok());
+        assert!(check_indexer(&IndexerScores { heads: 128, ..i }).is_err());
+        assert!(check_indexer(&IndexerScores { ratio: 3, ..i }).is_err());
+    }
+}

@@ -1,0 +1,253 @@
+//! The KV pool in GPU memory and the kernels that read it: row scatter/gather, split-KV
+//! attention with sinks, Lightning Indexer scores. Long-context reads (the indexer scans every
+//! compressed row of a CSA layer, HCA attends over all of its rows) stay on the GPU; only the
+//! step's new rows go up and the attention output / indexer scores come back.
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use dspark_kernels::{
+    attention_splits, attention_workspace_floats, IndexerScores, KvRows, PagedAttention,
+};
+
+use super::{kernel_err, CudaBackend};
+use crate::backend::kv::{IndexerRows, KeyLists};
+use crate::backend::{check_attend, check_indexer, check_kv_rows, BackendError};
+
+/// The pool: `len` f32 in one device allocation.
+pub struct CudaKvStore {
+    data: CudaSlice<f32>,
+    len: usize,
+}
+
+fn i32s(op: &'static str, v: impl IntoIterator<Item = usize>) -> Result<Vec<i32>, BackendError> {
+    v.into_iter()
+        .map(|x| {
+            i32::try_from(x).map_err(|_| BackendError::Shape {
+                op,
+                detail: format!("{x} exceeds i32"),
+            })
+        })
+        .collect()
+}
+
+fn i64s(v: &[usize]) -> Vec<i64> {
+    // Pool offsets are below the pool length, itself an allocation size: always fits i64.
+    v.iter().map(|&x| x as i64).collect()
+}
+
+impl CudaBackend {
+    pub(super) fn kv_alloc(&self, floats: usize) -> Result<CudaKvStore, BackendError> {
+        let data = self.zeros(floats).map_err(|e| {
+            BackendError::Other(format!(
+                "KV pool of {:.2} GB on {}: {e} (lower --kv-pool-tokens)",
+                floats as f64 * 4e-9,
+                self.device_name
+            ))
+        })?;
+        Ok(CudaKvStore { data, len: floats })
+    }
+
+    pub(super) fn kv_scatter(
+        &self,
+        store: &mut CudaKvStore,
+        offsets: &[usize],
+        width: usize,
+        rows: &[f32],
+    ) -> Result<(), BackendError> {
+        check_kv_rows("kv_write", store.len, offsets, width, Some(rows.len()))?;
+        if offsets.is_empty() || width == 0 {
+            return Ok(());
+        }
+        let s = &self.stream;
+        let off = self.upload(&i64s(offsets))?;
+        let dense = self.upload(rows)?;
+        let (pool, _p) = store.data.device_ptr_mut(s);
+        let (op, _o) = off.device_ptr(s);
+        let (dp, _d) = dense.device_ptr(s);
+        let call = KvRows {
+            pool,
+            offsets: op,
+            dense: dp,
+            rows: offsets.len(),
+            width,
+        };
+        // SAFETY: `off` holds one i64 per row, `dense` rows * width f32, and every offset + width
+        // was checked to lie inside the pool.
+        unsafe { self.kernels.kv_scatter(s, &call) }.map_err(kernel_err)
+    }
+
+    pub(super) fn kv_gather(
+        &self,
+        store: &CudaKvStore,
+        offsets: &[usize],
+        width: usize,
+    ) -> Result<Vec<f32>, BackendError> {
+        check_kv_rows("kv_read", store.len, offsets, width, None)?;
+        if offsets.is_empty() || width == 0 {
+            return Ok(Vec::new());
+        }
+        let s = &self.stream;
+        let off = self.upload(&i64s(offsets))?;
+        let mut dense = self.zeros(offsets.len() * width)?;
+        {
+            let (pool, _p) = store.data.device_ptr(s);
+            let (op, _o) = off.device_ptr(s);
+            let (dp, _d) = dense.device_ptr_mut(s);
+            let call = KvRows {
+                pool,
+                offsets: op,
+                dense: dp,
+                rows: offsets.len(),
+                width,
+            };
+            // SAFETY: as in `kv_scatter`, with `dense` the destination.
+            unsafe { self.kernels.kv_gather(s, &call) }.map_err(kernel_err)?;
+        }
+        self.download(&dense)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attend(
+        &self,
+        store: &CudaKvStore,
+        q: &[f32],
+        heads: usize,
+        head_dim: usize,
+        keys: &KeyLists,
+        sinks: &[f32],
+        scale: f32,
+    ) -> Result<Vec<f32>, BackendError> {
+        check_attend(q, heads, head_dim, keys, sinks)?;
+        check_kv_rows("kv_attend", store.len, &keys.offsets, head_dim, None)?;
+        let tokens = keys.tokens();
+        if tokens == 0 || heads == 0 || head_dim == 0 {
+            return Ok(vec![0f32; q.len()]);
+        }
+        let s = &self.stream;
+        let splits = attention_splits(
+            keys.max_len(),
+            tokens,
+            heads,
+            self.kernels.multiprocessors(),
+        );
+        let qd = self.upload(q)?;
+        // An empty key list still needs a valid pointer.
+        let off = self.upload(&i64s(if keys.offsets.is_empty() {
+            &[0]
+        } else {
+            &keys.offsets
+        }))?;
+        let starts = self.upload(&i32s("kv_attend", keys.starts.iter().copied())?)?;
+        let sk = self.upload(sinks)?;
+        let mut out = self.zeros(q.len())?;
+        let mut work = self.zeros(attention_workspace_floats(tokens, heads, head_dim, splits))?;
+        {
+            let (pool, _p) = store.data.device_ptr(s);
+            let (qp, _q) = qd.device_ptr(s);
+            let (op, _o) = off.device_ptr(s);
+            let (sp, _s) = starts.device_ptr(s);
+            let (kp, _k) = sk.device_ptr(s);
+            let (outp, _out) = out.device_ptr_mut(s);
+            let (wp, _w) = work.device_ptr_mut(s);
+            let call = PagedAttention {
+                pool,
+                q: qp,
+                key_offsets: op,
+                key_starts: sp,
+                sinks: kp,
+                out: outp,
+                workspace: wp,
+                tokens,
+                heads,
+                head_dim,
+                splits,
+                scale,
+            };
+            // SAFETY: q and out hold tokens * heads * head_dim f32, starts tokens + 1 i32 indexing
+            // into `off`, sinks `heads` f32, the workspace the size the launch asks for, and
+            // every key offset + head_dim was checked to lie inside the pool.
+            unsafe { self.kernels.paged_attention(s, &call) }.map_err(kernel_err)?;
+        }
+        self.download(&out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn indexer(
+        &self,
+        store: &CudaKvStore,
+        q: &[f32],
+        weights: &[f32],
+        heads: usize,
+        dim: usize,
+        rows: &IndexerRows<'_>,
+        scale: f32,
+    ) -> Result<Vec<f32>, BackendError> {
+        check_indexer(store.len, q, weights, heads, dim, rows)?;
+        let (out_starts, total) = rows.score_starts();
+        let tokens = rows.visible.len();
+        if total == 0 {
+            return Ok(Vec::new());
+        }
+        // Tokens of one sequence share its block table: upload each table once.
+        let mut tables: Vec<u32> = Vec::new();
+        let mut table_starts = Vec::with_capacity(tokens);
+        let mut last: Option<(*const u32, usize, usize)> = None;
+        for bt in &rows.block_tables {
+            let key = (bt.as_ptr(), bt.len());
+            match last {
+                Some((p, l, at)) if (p, l) == key => table_starts.push(at),
+                _ => {
+                    table_starts.push(tables.len());
+                    last = Some((key.0, key.1, tables.len()));
+                    tables.extend_from_slice(bt);
+                }
+            }
+        }
+        if tables.is_empty() {
+            tables.push(0);
+        }
+        let s = &self.stream;
+        let qd = self.upload(q)?;
+        let wd = self.upload(weights)?;
+        let bt = self.upload(&tables)?;
+        let bts = self.upload(&i32s("kv_indexer_scores", table_starts)?)?;
+        let vis = self.upload(&i32s("kv_indexer_scores", rows.visible.iter().copied())?)?;
+        let os = self.upload(&i64s(&out_starts))?;
+        let mut out = self.zeros(total)?;
+        {
+            let a = rows.addressing;
+            let (pool, _p) = store.data.device_ptr(s);
+            let (qp, _q) = qd.device_ptr(s);
+            let (wp, _w) = wd.device_ptr(s);
+            let (btp, _b) = bt.device_ptr(s);
+            let (btsp, _bs) = bts.device_ptr(s);
+            let (vp, _v) = vis.device_ptr(s);
+            let (osp, _os) = os.device_ptr(s);
+            let (outp, _out) = out.device_ptr_mut(s);
+            let call = IndexerScores {
+                pool,
+                q: qp,
+                weights: wp,
+                block_tables: btp,
+                block_table_starts: btsp,
+                visible: vp,
+                out_starts: osp,
+                out: outp,
+                tokens,
+                max_visible: rows.visible.iter().copied().max().unwrap_or(0),
+                floats_per_block: a.floats_per_block,
+                block_size: a.block_size,
+                base: a.base,
+                ratio: a.ratio,
+                stride: a.stride,
+                heads,
+                dim,
+                scale,
+            };
+            // SAFETY: q holds tokens * heads * dim f32, weights tokens * heads, the tables and
+            // their starts cover every visible row (checked against the pool by check_indexer),
+            // out holds the sum of visible rows.
+            unsafe { self.kernels.indexer_scores(s, &call) }.map_err(kernel_err)?;
+        }
+        self.download(&out)
+    }
+}
