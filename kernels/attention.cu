@@ -173,3 +173,80 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_f32(
         if (lane == 0) ot[r] = score;
     }
 }
+
+// Lightning Indexer scores, tiled for V4-Flash's shape (heads <= 64, dim <= 128): a block scores
+// 64 rows of token t (grid y) at a time, as a small GEMM [64 rows x dim] x [dim x heads] out of
+// shared memory. Thread (rg, hg) = (tid / 16, tid % 16) holds 4 rows x 4 heads of dot products;
+// relu, scale and head weights are applied per head, then the 16 head groups of a row are
+// summed with shuffles. Same row addressing and output as dsk_indexer_scores_f32.
+#define DSK_IDXT_ROWS 64
+#define DSK_IDXT_HEADS 64
+#define DSK_IDXT_DIM 128
+extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_tiled_f32(
+    const float *__restrict__ pool, const float *__restrict__ q, const float *__restrict__ w,
+    const unsigned int *__restrict__ bt, const int *__restrict__ bt_start,
+    const int *__restrict__ visible, const long long *__restrict__ out_start, long long fpb,
+    int bs, long long base, int ratio, int stride, int heads, int dim, float scale,
+    float *__restrict__ out) {
+    extern __shared__ float smem[];
+    float *qs = smem;                                   // [dim][64] queries, transposed
+    float *ks = smem + DSK_IDXT_DIM * DSK_IDXT_HEADS;   // [dim][65] key rows, transposed
+    const int t = blockIdx.y;
+    const int tid = threadIdx.x, rg = tid >> 4, hg = tid & 15;
+    const float *qt = q + (long long)t * heads * dim;
+    for (int i = tid; i < DSK_IDXT_HEADS * dim; i += 256) {
+        const int h = i / dim, d = i % dim;
+        qs[d * DSK_IDXT_HEADS + h] = h < heads ? qt[h * dim + d] : 0.f;
+    }
+    float wh[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int h = 4 * hg + j;
+        wh[j] = h < heads ? w[(long long)t * heads + h] : 0.f;
+    }
+    const int vis = visible[t];
+    const unsigned int *tb = bt + bt_start[t];
+    float *ot = out + out_start[t];
+    for (int r0 = blockIdx.x * DSK_IDXT_ROWS; r0 < vis; r0 += gridDim.x * DSK_IDXT_ROWS) {
+        __syncthreads();  // the previous tile's readers are done (and qs is written)
+        for (int i = tid; i < DSK_IDXT_ROWS * dim; i += 256) {
+            const int rr = i / dim, d = i % dim;
+            const int r = r0 + rr;
+            float v = 0.f;
+            if (r < vis) {
+                const long long pos = (long long)r * ratio;
+                v = pool[(long long)tb[pos / bs] * fpb + base + (pos % bs) / ratio * stride + d];
+            }
+            ks[d * (DSK_IDXT_ROWS + 1) + rr] = v;
+        }
+        __syncthreads();
+        float acc[4][4];
+#pragma unroll
+        for (int a = 0; a < 4; ++a)
+#pragma unroll
+            for (int b = 0; b < 4; ++b) acc[a][b] = 0.f;
+        for (int d = 0; d < dim; ++d) {
+            const float4 qv = *reinterpret_cast<const float4 *>(qs + d * DSK_IDXT_HEADS + 4 * hg);
+            const float *kr = ks + d * (DSK_IDXT_ROWS + 1) + 4 * rg;
+            const float kv[4] = {kr[0], kr[1], kr[2], kr[3]};
+#pragma unroll
+            for (int a = 0; a < 4; ++a) {
+                acc[a][0] = fmaf(kv[a], qv.x, acc[a][0]);
+                acc[a][1] = fmaf(kv[a], qv.y, acc[a][1]);
+                acc[a][2] = fmaf(kv[a], qv.z, acc[a][2]);
+                acc[a][3] = fmaf(kv[a], qv.w, acc[a][3]);
+            }
+        }
+#pragma unroll
+        for (int a = 0; a < 4; ++a) {
+            float s = 0.f;
+#pragma unroll
+            for (int b = 0; b < 4; ++b) s += (fmaxf(acc[a][b], 0.f) * scale) * wh[b];
+            // The 16 head groups of this row are lanes hg = 0..15 of one half-warp.
+#pragma unroll
+            for (int o = 8; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+            const int r = r0 + 4 * rg + a;
+            if (hg == 0 && r < vis) ot[r] = s;
+        }
+    }
+}

@@ -13,6 +13,7 @@ use crate::loader::{load_module, target_arch, LoaderConfig, ModuleOrigin};
 use crate::sources;
 
 pub mod attention;
+pub mod elementwise;
 
 /// Activation element type of a GEMV input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -448,6 +449,9 @@ pub struct Kernels {
     attend_partial: CudaFunction,
     attend_combine: CudaFunction,
     indexer_scores: CudaFunction,
+    indexer_scores_tiled: CudaFunction,
+    swiglu_clip: CudaFunction,
+    add: CudaFunction,
 }
 
 impl Kernels {
@@ -477,6 +481,7 @@ impl Kernels {
         let samp = module(&sources::SAMPLING)?;
         let timing = module(&sources::TIMING)?;
         let attn = module(&sources::ATTENTION)?;
+        let elementwise = module(&sources::ELEMENTWISE)?;
         let f = |m: &Arc<cudarc::driver::CudaModule>, name: &str| {
             m.load_function(name)
                 .map_err(KernelError::driver("cuModuleGetFunction"))
@@ -512,6 +517,9 @@ impl Kernels {
             attend_partial: f(&attn, "dsk_attend_partial_f32")?,
             attend_combine: f(&attn, "dsk_attend_combine_f32")?,
             indexer_scores: f(&attn, "dsk_indexer_scores_f32")?,
+            indexer_scores_tiled: f(&attn, "dsk_indexer_scores_tiled_f32")?,
+            swiglu_clip: f(&elementwise, "dsk_swiglu_clip_f32")?,
+            add: f(&elementwise, "dsk_add_f32")?,
             ctx: ctx.clone(),
             arch,
             sms: usize::try_from(sms).unwrap_or(1).max(1),
@@ -520,7 +528,11 @@ impl Kernels {
         // The expert kernels stage one activation row in dynamic shared memory; let them use
         // more than the default 48 KB (checked per launch against `smem_optin`).
         let optin = i32::try_from(kernels.smem_optin).unwrap_or(i32::MAX);
-        for func in [&kernels.fp4_gate_up, &kernels.fp4_down] {
+        for func in [
+            &kernels.fp4_gate_up,
+            &kernels.fp4_down,
+            &kernels.indexer_scores_tiled,
+        ] {
             func.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 optin,

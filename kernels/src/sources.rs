@@ -42,8 +42,20 @@ pub const ATTENTION: KernelSource = KernelSource {
     body: include_str!("../attention.cu"),
 };
 
-pub const ALL: [KernelSource; 7] = [
-    FP8_GEMV, FP4_MOE, RMSNORM, ROPE, SAMPLING, TIMING, ATTENTION,
+pub const ELEMENTWISE: KernelSource = KernelSource {
+    name: "elementwise",
+    body: include_str!("../elementwise.cu"),
+};
+
+pub const ALL: [KernelSource; 8] = [
+    FP8_GEMV,
+    FP4_MOE,
+    RMSNORM,
+    ROPE,
+    SAMPLING,
+    TIMING,
+    ATTENTION,
+    ELEMENTWISE,
 ];
 
 impl KernelSource {

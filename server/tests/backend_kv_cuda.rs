@@ -129,10 +129,19 @@ fn indexer_scores_match_cpu_through_block_tables() {
     if !gpu_enabled("indexer_scores_match_cpu_through_block_tables") {
         return;
     }
+    // V4-Flash's 64 heads x 128 (the tiled kernel), half of them (TP=2), the tiny model's 32-wide
+    // rows, and 256-wide rows (the one-warp-per-row kernel).
+    indexer_case(64, 128, 5);
+    indexer_case(32, 128, 6);
+    indexer_case(4, 32, 7);
+    indexer_case(16, 256, 8);
+}
+
+fn indexer_case(heads: usize, dim: usize, seed: u64) {
     let gpu = CudaBackend::open(0).unwrap();
     let cpu = CpuBackend;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    let (heads, dim, block_size, ratio) = (64, 128, 128, 4);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (block_size, ratio) = (128, 4);
     let floats_per_block = 40_000;
     let num_blocks = 300;
     let data = random(&mut rng, floats_per_block * num_blocks, 1.0);

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # GPU checks of the CUDA backend (not part of CI: CI has no GPU). Run on a machine with one or
 # two NVIDIA GPUs from the repository root, after building:
-#   cargo build -p dspark-server --bins && cargo test -p dspark-server --test model_cuda --no-run
+#   cargo build -p dspark-server --bins
+#   cargo test -p dspark-server --test model_cuda --test backend_kv_cuda --no-run
 #   DSPARK_SERVER_BIN=target/debug/dspark-server DSPARK_MODEL_CUDA_BIN=target/debug/deps/model_cuda-<hash> \
-#     tests/gpu/cuda-checks.sh
+#     DSPARK_BACKEND_KV_CUDA_BIN=target/debug/deps/backend_kv_cuda-<hash> tests/gpu/cuda-checks.sh
 # 1. the engine fixture tests on the CUDA backend (transformers references, CUDA vs CPU, TP=2 in
-#    one process); 2. compute-sanitizer memcheck over the tiny-model fixture run (if installed);
+#    one process) and the KV pool kernels against the CPU backend; 2. compute-sanitizer memcheck
+#    over the fixture runs and the KV kernel checks (if installed);
 # 3. the server on --device cuda at TP=1 and, with two GPUs, TP=2 over NCCL (and with DSpark):
 #    greedy completions must equal the CPU backend's.
 set -uo pipefail
@@ -14,14 +16,25 @@ tests=${DSPARK_MODEL_CUDA_BIN:?set DSPARK_MODEL_CUDA_BIN}
 fail=0
 step() { printf '\n==> %s\n' "$*"; }
 
+kv_tests=${DSPARK_BACKEND_KV_CUDA_BIN:-}
+
 step "model_cuda fixture tests"
 DSPARK_TEST_CUDA=1 "$tests" --test-threads 1 --nocapture || fail=1
+if [[ -n "$kv_tests" ]]; then
+  step "backend_kv_cuda: KV pool kernels against the CPU backend"
+  DSPARK_TEST_CUDA=1 "$kv_tests" --test-threads 1 --nocapture || fail=1
+fi
 
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  step "compute-sanitizer memcheck (tiny model fixtures on CUDA)"
+  step "compute-sanitizer memcheck (fixture runs on CUDA, KV pool kernels)"
   DSPARK_TEST_CUDA=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
-    "$tests" --test-threads 1 tiny_model_matches_transformers_on_cuda 2>&1 | tail -5
+    "$tests" --test-threads 1 2>&1 | tail -5
   [[ ${PIPESTATUS[0]} == 0 ]] || fail=1
+  if [[ -n "$kv_tests" ]]; then
+    DSPARK_TEST_CUDA=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
+      "$kv_tests" --test-threads 1 2>&1 | tail -3
+    [[ ${PIPESTATUS[0]} == 0 ]] || fail=1
+  fi
 else
   step "compute-sanitizer not installed: memcheck skipped"
 fi

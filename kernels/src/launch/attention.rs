@@ -154,6 +154,24 @@ pub fn indexer_smem_bytes(heads: usize, dim: usize) -> usize {
     (heads * dim + heads) * 4
 }
 
+/// Largest heads and dim of the tiled indexer kernel, and its rows per tile.
+pub const INDEXER_TILED_MAX_HEADS: usize = 64;
+pub const INDEXER_TILED_MAX_DIM: usize = 128;
+const INDEXER_TILED_ROWS: usize = 64;
+
+/// Shared memory of the tiled indexer block: queries `[128][64]` and a key tile `[128][65]`.
+pub fn indexer_tiled_smem_bytes() -> usize {
+    INDEXER_TILED_MAX_DIM * (INDEXER_TILED_MAX_HEADS + INDEXER_TILED_ROWS + 1) * 4
+}
+
+/// Whether the tiled kernel takes this shape on a device whose blocks may opt in to `smem_optin`
+/// bytes of shared memory.
+pub fn indexer_tiled_fits(heads: usize, dim: usize, smem_optin: usize) -> bool {
+    heads <= INDEXER_TILED_MAX_HEADS
+        && dim <= INDEXER_TILED_MAX_DIM
+        && indexer_tiled_smem_bytes() <= smem_optin
+}
+
 pub fn check_indexer(a: &IndexerScores) -> Result<(), KernelError> {
     const K: &str = "indexer_scores";
     if a.tokens == 0
@@ -174,7 +192,9 @@ pub fn check_indexer(a: &IndexerScores) -> Result<(), KernelError> {
             ),
         ));
     }
-    if indexer_smem_bytes(a.heads, a.dim) > DEFAULT_SMEM {
+    if indexer_smem_bytes(a.heads, a.dim) > DEFAULT_SMEM
+        && !indexer_tiled_fits(a.heads, a.dim, usize::MAX)
+    {
         return Err(KernelError::invalid(
             K,
             format!(
@@ -323,17 +343,37 @@ impl Kernels {
         let ratio = i32_arg(K, "ratio", a.ratio)?;
         let stride = i32_arg(K, "stride", a.stride)?;
         let (heads, dim) = (i32_arg(K, "heads", a.heads)?, i32_arg(K, "dim", a.dim)?);
-        // 8 warps a block, one row each per pass; about four blocks per SM over all tokens.
-        let rows_per_block = 8 * 4;
+        // Tiled: 64 rows per pass of a block. Else 8 warps a block, one row each per pass.
+        // About four blocks per SM over all tokens either way.
+        let tiled = indexer_tiled_fits(a.heads, a.dim, self.smem_optin);
+        if !tiled && indexer_smem_bytes(a.heads, a.dim) > DEFAULT_SMEM {
+            return Err(KernelError::invalid(
+                K,
+                format!("{} heads x {} dims need the tiled kernel, which does not fit this device's shared memory", a.heads, a.dim),
+            ));
+        }
+        let (rows_per_block, smem, func) = if tiled {
+            (
+                INDEXER_TILED_ROWS,
+                indexer_tiled_smem_bytes(),
+                &self.indexer_scores_tiled,
+            )
+        } else {
+            (
+                8 * 4,
+                indexer_smem_bytes(a.heads, a.dim),
+                &self.indexer_scores,
+            )
+        };
         let per_token = (4 * self.sms).div_ceil(a.tokens).max(1);
         let blocks = a.max_visible.div_ceil(rows_per_block).min(per_token).max(1);
         let cfg = LaunchConfig {
             grid_dim: (u32_grid(K, blocks)?, u32_grid(K, a.tokens)?, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: indexer_smem_bytes(a.heads, a.dim) as u32,
+            shared_mem_bytes: smem as u32,
         };
         stream
-            .launch_builder(&self.indexer_scores)
+            .launch_builder(func)
             .arg(&a.pool)
             .arg(&a.q)
             .arg(&a.weights)
@@ -417,6 +457,10 @@ mod tests {
         };
         assert!(check_indexer(&i).is_ok());
         assert!(check_indexer(&IndexerScores { heads: 128, ..i }).is_err());
+        // The tiled kernel takes V4-Flash's 64 x 128 (65 KB of shared memory, opt-in).
+        assert!(indexer_tiled_fits(64, 128, 227 * 1024));
+        assert!(!indexer_tiled_fits(64, 128, 48 * 1024));
+        assert!(!indexer_tiled_fits(64, 256, usize::MAX));
         assert!(check_indexer(&IndexerScores { ratio: 3, ..i }).is_err());
     }
 }

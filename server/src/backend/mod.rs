@@ -339,6 +339,25 @@ pub trait Backend: Send + Sync + 'static {
         limit: f32,
     ) -> Result<Vec<f32>, BackendError>;
 
+    /// An MoE block's experts: the routed experts' sum plus the shared expert, `routed + shared`
+    /// (one round trip on a device backend).
+    #[allow(clippy::too_many_arguments)]
+    fn moe_experts(
+        &self,
+        bank: &Self::ExpertBank,
+        shared: [&Self::Matrix; 3],
+        x: &[f32],
+        n: usize,
+        routes: &[Vec<(usize, f32)>],
+        limit: f32,
+    ) -> Result<Vec<f32>, BackendError> {
+        let mut out = self.routed_experts(bank, x, n, routes, limit)?;
+        let [w1, w3, w2] = shared;
+        let shared = self.swiglu_expert(x, n, w1, w3, w2, limit)?;
+        out.iter_mut().zip(&shared).for_each(|(o, s)| *o += s);
+        Ok(out)
+    }
+
     /// One SwiGLU expert with clipping over `n` rows of `x`:
     /// `w2(silu(min(w1 x, limit)) * clamp(w3 x, -limit, limit))`.
     fn swiglu_expert(

@@ -497,30 +497,52 @@ fn time_steps(
     Ok(times)
 }
 
-/// On a device backend: per timed unit, the time spent inside the backend's operations (each
-/// includes its host<->device copies) and what is left (host attention, norms,
-/// hyper-connections, routing, collectives), on stderr beside the fill time.
+/// Per timed unit: the time spent inside the backend's operations (each includes its
+/// host<->device copies), in the engine's measured host phases (`host: ...`: hyper-connections,
+/// norms, RoPE, routing, ...), and what is left (collectives, allocation, glue), on stderr beside
+/// the fill time.
 fn report_backend_split(before: &[OpTime], after: &[OpTime], times: &[Duration]) {
     if after.is_empty() || times.is_empty() {
         return;
     }
     let units = times.len() as f64;
     let total_ms = times.iter().map(Duration::as_secs_f64).sum::<f64>() * 1e3 / units;
-    let mut parts = Vec::new();
-    let mut inside_ms = 0.0;
+    let (mut device, mut host) = (Vec::new(), Vec::new());
+    let (mut device_ms, mut host_ms) = (0.0, 0.0);
     for a in after {
         let b = before.iter().find(|b| b.op == a.op);
         let ms = (a.seconds - b.map_or(0.0, |b| b.seconds)) * 1e3 / units;
         let calls = (a.calls - b.map_or(0, |b| b.calls)) as f64 / units;
-        if calls > 0.0 {
-            parts.push(format!("{} {ms:.3} ms ({calls:.0} calls)", a.op));
-            inside_ms += ms;
+        if calls <= 0.0 {
+            continue;
+        }
+        match a.op.strip_prefix("host: ") {
+            Some(phase) => {
+                host.push(format!("{phase} {ms:.3} ms"));
+                host_ms += ms;
+            }
+            None => {
+                device.push(format!("{} {ms:.3} ms ({calls:.0} calls)", a.op));
+                device_ms += ms;
+            }
         }
     }
+    if device.is_empty() {
+        // The CPU backend times nothing of its own: its work is the rest.
+        eprintln!(
+            "  per unit {total_ms:.3} ms: host phases {host_ms:.3} ms [{}], backend and the rest \
+             {:.3} ms",
+            host.join(", "),
+            total_ms - host_ms
+        );
+        return;
+    }
     eprintln!(
-        "  per unit {total_ms:.3} ms: backend {inside_ms:.3} ms [{}], host and the rest {:.3} ms",
-        parts.join(", "),
-        total_ms - inside_ms
+        "  per unit {total_ms:.3} ms: backend {device_ms:.3} ms [{}], host phases {host_ms:.3} ms \
+         [{}], the rest {:.3} ms",
+        device.join(", "),
+        host.join(", "),
+        total_ms - device_ms - host_ms
     );
 }
 

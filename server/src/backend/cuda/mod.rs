@@ -182,6 +182,24 @@ impl std::fmt::Debug for CudaBackend {
 }
 
 impl CudaBackend {
+    /// [`Backend::moe_experts`] as two calls (banks or shared experts the fused path does not
+    /// take).
+    #[allow(clippy::too_many_arguments)]
+    fn moe_experts_apart(
+        &self,
+        bank: &CudaExpertBank,
+        [w1, w3, w2]: [&CudaMatrix; 3],
+        x: &[f32],
+        n: usize,
+        routes: &[Vec<(usize, f32)>],
+        limit: f32,
+    ) -> Result<Vec<f32>, BackendError> {
+        let mut out = self.routed_experts(bank, x, n, routes, limit)?;
+        let shared = self.swiglu_expert(x, n, w1, w3, w2, limit)?;
+        out.iter_mut().zip(&shared).for_each(|(o, s)| *o += s);
+        Ok(out)
+    }
+
     /// Opens GPU `ordinal` and loads the kernels (prebuilt cubins, the on-disk cache, or NVRTC).
     pub fn open(ordinal: usize) -> Result<Self, BackendError> {
         let ctx = dspark_kernels::open_gpu(ordinal).map_err(kernel_err)?;
@@ -373,8 +391,30 @@ impl CudaBackend {
         topk: usize,
         limit: f32,
     ) -> Result<Vec<f32>, BackendError> {
-        let s = &self.stream;
         let xd = self.upload(x)?;
+        // SAFETY: as this function's contract.
+        let out = unsafe { self.grouped_fp4_on(bank, &xd, n, ids, weights, topk, limit) }?;
+        let mut y = self.download(&out)?;
+        y.truncate(n * bank.hidden);
+        Ok(y)
+    }
+
+    /// [`Self::grouped_fp4`] over rows already on the GPU; returns `[n, hidden]` there.
+    ///
+    /// # Safety
+    /// As [`Self::grouped_fp4`]; `xd` holds `n * bank.hidden` f32.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn grouped_fp4_on(
+        &self,
+        bank: &Fp4Experts,
+        xd: &CudaSlice<f32>,
+        n: usize,
+        ids: &[i32],
+        weights: &[f32],
+        topk: usize,
+        limit: f32,
+    ) -> Result<CudaSlice<f32>, BackendError> {
+        let s = &self.stream;
         let idd = self.upload(ids)?;
         let wd = self.upload(weights)?;
         let mut h = self.zeros(n * topk * bank.inter)?;
@@ -397,9 +437,75 @@ impl CudaBackend {
             // were just allocated for n rows x topk slots.
             unsafe { self.kernels.fp4_moe(s, bank, &call) }.map_err(kernel_err)?;
         }
-        let mut y = self.download(&out)?;
-        y.truncate(n * bank.hidden);
-        Ok(y)
+        Ok(out)
+    }
+
+    /// `y = x W^T` for rows already on the GPU (dense SGEMM or the FP8 kernel).
+    fn linear_on<X: DevicePtr<f32>, Y: DevicePtrMut<f32>>(
+        &self,
+        x: &X,
+        n: usize,
+        w: &CudaMatrix,
+        y: &mut Y,
+    ) -> Result<(), BackendError> {
+        match w {
+            CudaMatrix::Dense { w, rows, cols } => self.sgemm(x, n, w, *rows, *cols, y),
+            CudaMatrix::Fp8 {
+                w,
+                scales,
+                rows,
+                cols,
+            } => self.fp8_linear(x, n, w, scales, *rows, *cols, y),
+            CudaMatrix::Fp4 { .. } => Err(BackendError::Other(
+                "an FP4 matrix is only used inside a routed expert".into(),
+            )),
+        }
+    }
+
+    /// The shared expert (dense or FP8) over rows on the GPU, added into `acc` there:
+    /// gate and up projections, the clipped SwiGLU, the down projection, all on the device.
+    #[allow(clippy::too_many_arguments)]
+    fn add_swiglu_on(
+        &self,
+        xd: &CudaSlice<f32>,
+        n: usize,
+        [w1, w3, w2]: [&CudaMatrix; 3],
+        limit: f32,
+        acc: &mut CudaSlice<f32>,
+    ) -> Result<(), BackendError> {
+        let (inter, hidden) = w1.shape();
+        if w3.shape() != (inter, hidden) || w2.shape() != (hidden, inter) {
+            return Err(BackendError::Shape {
+                op: "moe_experts",
+                detail: format!(
+                    "shared expert w1 {:?}, w3 {:?}, w2 {:?}",
+                    w1.shape(),
+                    w3.shape(),
+                    w2.shape()
+                ),
+            });
+        }
+        let s = &self.stream;
+        let mut gate_up = self.zeros(2 * n * inter)?;
+        self.linear_on(xd, n, w1, &mut gate_up.slice_mut(0..n * inter))?;
+        self.linear_on(xd, n, w3, &mut gate_up.slice_mut(n * inter..2 * n * inter))?;
+        let mut act = self.zeros(n * inter)?;
+        {
+            let (g, _g) = gate_up.device_ptr(s);
+            let (a, _a) = act.device_ptr_mut(s);
+            // SAFETY: gate_up holds 2 * n * inter f32 (gate then up), act n * inter.
+            unsafe {
+                self.kernels
+                    .swiglu_clip(s, g, g + (n * inter * 4) as u64, a, n * inter, limit)
+            }
+            .map_err(kernel_err)?;
+        }
+        let mut down = self.zeros(n * hidden)?;
+        self.linear_on(&act, n, w2, &mut down)?;
+        let (ap, _a) = acc.device_ptr_mut(s);
+        let (dp, _d) = down.device_ptr(s);
+        // SAFETY: acc and down both hold n * hidden f32.
+        unsafe { self.kernels.add_into(s, ap, dp, n * hidden) }.map_err(kernel_err)
     }
 
     /// Copies same-sized device buffers back to back into one allocation.
@@ -569,26 +675,67 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(Vec::new());
         }
-        // Every token gets the same number of slots; a shorter route is padded with weight 0.
-        let topk = routes.iter().map(Vec::len).max().unwrap_or(0).max(1);
-        let mut ids = vec![0i32; n * topk];
-        let mut weights = vec![0f32; n * topk];
-        for (t, r) in routes.iter().enumerate() {
-            for (j, &(e, w)) in r.iter().enumerate() {
-                if e >= *experts {
-                    return Err(BackendError::Shape {
-                        op: "routed_experts",
-                        detail: format!("expert {e} of {experts}"),
-                    });
-                }
-                ids[t * topk + j] = e as i32;
-                weights[t * topk + j] = w;
-            }
-        }
+        let (ids, weights, topk) = route_table(routes, *experts)?;
         let bank = self.fp4_experts([w1, s1, w3, s3, w2, s2], *experts, hidden, inter);
         // SAFETY: the bank holds `experts` FP4 experts of [inter, hidden] / [hidden, inter]
         // contiguously and every id is below `experts` (checked above).
         unsafe { self.grouped_fp4(&bank, x, n, &ids, &weights, topk, limit) }
+    }
+
+    fn moe_experts(
+        &self,
+        bank: &CudaExpertBank,
+        shared: [&CudaMatrix; 3],
+        x: &[f32],
+        n: usize,
+        routes: &[Vec<(usize, f32)>],
+        limit: f32,
+    ) -> Result<Vec<f32>, BackendError> {
+        let fused = matches!(bank, CudaExpertBank::Fp4(_))
+            && shared
+                .iter()
+                .all(|m| matches!(m, CudaMatrix::Dense { .. } | CudaMatrix::Fp8 { .. }));
+        let CudaExpertBank::Fp4(b) = bank else {
+            return self.moe_experts_apart(bank, shared, x, n, routes, limit);
+        };
+        if !fused {
+            return self.moe_experts_apart(bank, shared, x, n, routes, limit);
+        }
+        let _timed = Timed::start(&self.clock, 1);
+        let Fp4Bank {
+            experts,
+            hidden,
+            inter,
+            w1,
+            s1,
+            w3,
+            s3,
+            w2,
+            s2,
+        } = &**b;
+        let (hidden, inter) = (*hidden, *inter);
+        Self::check_input(x, n, hidden, "moe_experts")?;
+        if routes.len() != n {
+            return Err(BackendError::Shape {
+                op: "moe_experts",
+                detail: format!("{} routes for {n} rows", routes.len()),
+            });
+        }
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let (ids, weights, topk) = route_table(routes, *experts)?;
+        let experts = self.fp4_experts([w1, s1, w3, s3, w2, s2], *experts, hidden, inter);
+        // x goes up once; the routed sum and the shared expert meet on the GPU.
+        let xd = self.upload(x)?;
+        // SAFETY: the bank holds `experts` FP4 experts of its shapes contiguously and every id
+        // is below `experts` (checked by route_table); xd holds n * hidden f32.
+        let mut out =
+            unsafe { self.grouped_fp4_on(&experts, &xd, n, &ids, &weights, topk, limit) }?;
+        self.add_swiglu_on(&xd, n, shared, limit, &mut out)?;
+        let mut y = self.download(&out)?;
+        y.truncate(n * hidden);
+        Ok(y)
     }
 
     fn name(&self) -> &'static str {
@@ -814,6 +961,31 @@ impl Backend for CudaBackend {
         // routed to it (id 0) with weight 1.
         unsafe { self.grouped_fp4(&one, x, n, &vec![0; n], &vec![1.0; n], 1, limit) }
     }
+}
+
+/// Per-token expert ids and weights in fixed `topk` slots (a shorter route is padded with weight
+/// 0), checked against the bank's size.
+fn route_table(
+    routes: &[Vec<(usize, f32)>],
+    experts: usize,
+) -> Result<(Vec<i32>, Vec<f32>, usize), BackendError> {
+    let n = routes.len();
+    let topk = routes.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut ids = vec![0i32; n * topk];
+    let mut weights = vec![0f32; n * topk];
+    for (t, r) in routes.iter().enumerate() {
+        for (j, &(e, w)) in r.iter().enumerate() {
+            if e >= experts {
+                return Err(BackendError::Shape {
+                    op: "routed_experts",
+                    detail: format!("expert {e} of {experts}"),
+                });
+            }
+            ids[t * topk + j] = e as i32;
+            weights[t * topk + j] = w;
+        }
+    }
+    Ok((ids, weights, topk))
 }
 
 /// Whether a CUDA driver and at least one GPU can be used here.

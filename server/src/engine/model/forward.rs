@@ -5,11 +5,10 @@
 //! compression and indexing run per token against that token's own sequence blocks.
 
 use super::config::{AttentionKind, ModelConfig, ScoringFunc};
+use super::host_clock::{HostClock, HostPhase};
 use super::hyper::{collapse, expand, HcMix};
 use super::kv::KvPool;
-use super::load::{
-    AttentionWeights, CompressorWeights, ExpertWeights, ModelWeights, MoeWeights, Routing, Shard,
-};
+use super::load::{AttentionWeights, CompressorWeights, ModelWeights, MoeWeights, Routing, Shard};
 use super::ops::{gated_pool, rms_norm_rows, sigmoid, softplus, top_k_indices, PoolSlot};
 use super::rope::RopeTable;
 use crate::backend::kv::{IndexerRows, KeyLists};
@@ -55,6 +54,8 @@ pub struct DeepseekV4<B: Backend> {
     pool: KvPool,
     /// The pool's storage, on the backend.
     kv: B::KvStore,
+    /// Time spent in host phases (reported with the backend's op times).
+    host: HostClock,
     comm: Arc<dyn Communicator>,
     shard: Shard,
     /// Layers whose output (mean of the residual streams) is kept for the DSpark draft.
@@ -82,6 +83,7 @@ impl<B: Backend> DeepseekV4<B> {
             rope_compress,
             pool,
             kv,
+            host: HostClock::default(),
             comm,
             shard,
             capture_layers: Vec::new(),
@@ -232,15 +234,23 @@ impl<B: Backend> DeepseekV4<B> {
             let lw = &self.weights.layers[l];
             // Attention site.
             let (mixes, mut x) = self.hc_pre(&streams, &lw.hc_attn, n)?;
-            rms_norm_rows(&mut x, h, Some(&lw.attn_norm), eps);
+            self.host.time(HostPhase::Norms, || {
+                rms_norm_rows(&mut x, h, Some(&lw.attn_norm), eps)
+            });
             let attn_out = self.attention(l, &x, &rows, &seqs)?;
-            hc_post(&mut streams, &mixes, &attn_out, h, hc);
+            self.host.time(HostPhase::HyperConnections, || {
+                hc_post(&mut streams, &mixes, &attn_out, h, hc)
+            });
             // FFN site.
             let lw = &self.weights.layers[l];
             let (mixes, mut x) = self.hc_pre(&streams, &lw.hc_ffn, n)?;
-            rms_norm_rows(&mut x, h, Some(&lw.ffn_norm), eps);
+            self.host.time(HostPhase::Norms, || {
+                rms_norm_rows(&mut x, h, Some(&lw.ffn_norm), eps)
+            });
             let ffn_out = self.moe(l, &x, &ids)?;
-            hc_post(&mut streams, &mixes, &ffn_out, h, hc);
+            self.host.time(HostPhase::HyperConnections, || {
+                hc_post(&mut streams, &mixes, &ffn_out, h, hc)
+            });
             if self.capture_layers.contains(&l) {
                 let mean: Vec<f32> = streams
                     .chunks(hc * h)
@@ -271,24 +281,29 @@ impl<B: Backend> DeepseekV4<B> {
         if wanted.is_empty() {
             return Ok(out);
         }
-        let mut final_h: Vec<f32> = Vec::with_capacity(wanted.len() * h);
-        for &r in &wanted {
-            final_h.extend(self.weights.hc_head.collapse(
-                &streams[r * hc * h..(r + 1) * hc * h],
-                hc,
-                hc_eps,
-                eps,
-            ));
-        }
-        rms_norm_rows(&mut final_h, h, Some(&self.weights.norm), eps);
+        let final_h = self.host.time(HostPhase::Logits, || {
+            let mut final_h: Vec<f32> = Vec::with_capacity(wanted.len() * h);
+            for &r in &wanted {
+                final_h.extend(self.weights.hc_head.collapse(
+                    &streams[r * hc * h..(r + 1) * hc * h],
+                    hc,
+                    hc_eps,
+                    eps,
+                ));
+            }
+            rms_norm_rows(&mut final_h, h, Some(&self.weights.norm), eps);
+            final_h
+        });
         let vocab = self.cfg.vocab_size;
         let logits = self.head_logits(&final_h, wanted.len())?;
-        for (si, picks) in per_seq.iter().enumerate() {
-            out.logits[si] = picks
-                .iter()
-                .map(|&i| logits[i * vocab..(i + 1) * vocab].to_vec())
-                .collect();
-        }
+        self.host.time(HostPhase::Logits, || {
+            for (si, picks) in per_seq.iter().enumerate() {
+                out.logits[si] = picks
+                    .iter()
+                    .map(|&i| logits[i * vocab..(i + 1) * vocab].to_vec())
+                    .collect();
+            }
+        });
         Ok(out)
     }
 
@@ -328,15 +343,18 @@ impl<B: Backend> DeepseekV4<B> {
     ) -> Result<(Vec<HcMix>, Vec<f32>), EngineError> {
         let cfg = &self.cfg;
         let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
-        let mixes: Vec<HcMix> = streams
-            .par_chunks(hc * h)
-            .map(|t| site.mix(t, hc, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps))
-            .collect();
-        let mut x = vec![0f32; n * h];
-        x.par_chunks_mut(h)
-            .zip(streams.par_chunks(hc * h))
-            .zip(mixes.par_iter())
-            .for_each(|((dst, t), m)| dst.copy_from_slice(&collapse(t, &m.pre, h)));
+        let (mixes, x) = self.host.time(HostPhase::HyperConnections, || {
+            let mixes: Vec<HcMix> = streams
+                .par_chunks(hc * h)
+                .map(|t| site.mix(t, hc, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps))
+                .collect();
+            let mut x = vec![0f32; n * h];
+            x.par_chunks_mut(h)
+                .zip(streams.par_chunks(hc * h))
+                .zip(mixes.par_iter())
+                .for_each(|((dst, t), m)| dst.copy_from_slice(&collapse(t, &m.pre, h)));
+            (mixes, x)
+        });
         Ok((mixes, x))
     }
 
@@ -416,6 +434,7 @@ impl<B: Backend> DeepseekV4<B> {
                 pool: &self.pool,
                 rope: &self.rope_compress,
                 eps,
+                host: &self.host,
             };
             compression.compress(l, rows, seqs, (&ckv, &cg), cw, win)?;
             if let Some(iw) = &aw.indexer {
@@ -437,31 +456,36 @@ impl<B: Backend> DeepseekV4<B> {
 
         // Attention per token: window rows + chosen compressed rows, with the per-head sink.
         let window = cfg.sliding_window;
-        let mut keys = KeyLists::new();
-        for (i, row) in rows.iter().enumerate() {
-            let bt = seqs[row.seq].block_table;
-            let lo = (row.pos + 1).saturating_sub(window);
-            keys.offsets
-                .extend((lo..=row.pos).map(|p| self.pool.window_row(bt, l, p, hd)));
-            keys.offsets.extend(
-                selected[i]
-                    .iter()
-                    .map(|&w| self.pool.comp_row(bt, l, w, hd)),
-            );
-            keys.finish_token();
-        }
+        let keys = self.host.time(HostPhase::AttentionSetup, || {
+            let mut keys = KeyLists::new();
+            for (i, row) in rows.iter().enumerate() {
+                let bt = seqs[row.seq].block_table;
+                let lo = (row.pos + 1).saturating_sub(window);
+                keys.offsets
+                    .extend((lo..=row.pos).map(|p| self.pool.window_row(bt, l, p, hd)));
+                keys.offsets.extend(
+                    selected[i]
+                        .iter()
+                        .map(|&w| self.pool.comp_row(bt, l, w, hd)),
+                );
+                keys.finish_token();
+            }
+            keys
+        });
         let scale = (hd as f32).powf(-0.5);
         let mut out = self
             .backend
             .kv_attend(&self.kv, &q, local_heads, hd, &keys, &aw.sinks, scale)
             .map_err(backend_err)?;
         // K = V carried RoPE into the output; undo it at the query position.
-        out.par_chunks_mut(local_heads * hd)
-            .zip(rows.par_iter())
-            .for_each(|(o, row)| {
-                o.chunks_mut(hd)
-                    .for_each(|oh| rope.apply(oh, hd, row.pos, true))
-            });
+        self.host.time(HostPhase::AttentionSetup, || {
+            out.par_chunks_mut(local_heads * hd)
+                .zip(rows.par_iter())
+                .for_each(|(o, row)| {
+                    o.chunks_mut(hd)
+                        .for_each(|oh| rope.apply(oh, hd, row.pos, true))
+                });
+        });
         self.project_output(aw, &out, n)
     }
 
@@ -488,16 +512,20 @@ impl<B: Backend> DeepseekV4<B> {
     ) -> Result<(Vec<f32>, Vec<f32>), EngineError> {
         let cfg = &self.cfg;
         let (n, hd, eps) = (positions.len(), cfg.head_dim, cfg.rms_norm_eps);
-        rms_norm_rows(&mut q_res, cfg.q_lora_rank, Some(&aw.q_norm), eps);
+        self.host.time(HostPhase::AttentionSetup, || {
+            rms_norm_rows(&mut q_res, cfg.q_lora_rank, Some(&aw.q_norm), eps)
+        });
         let mut q = self.linear(&q_res, n, &aw.wq_b)?;
         if n > 0 {
             let local_heads = q.len() / (n * hd);
-            q.par_chunks_mut(local_heads * hd)
-                .zip(positions.par_iter())
-                .for_each(|(qr, &pos)| {
-                    rms_norm_rows(qr, hd, None, eps);
-                    rope.apply(qr, hd, pos, false);
-                });
+            self.host.time(HostPhase::AttentionSetup, || {
+                q.par_chunks_mut(local_heads * hd)
+                    .zip(positions.par_iter())
+                    .for_each(|(qr, &pos)| {
+                        rms_norm_rows(qr, hd, None, eps);
+                        rope.apply(qr, hd, pos, false);
+                    });
+            });
         }
         Ok((q_res, q))
     }
@@ -523,10 +551,12 @@ impl<B: Backend> DeepseekV4<B> {
         rope: &RopeTable,
     ) -> Vec<f32> {
         let (hd, eps) = (self.cfg.head_dim, self.cfg.rms_norm_eps);
-        rms_norm_rows(&mut kv, hd, Some(&aw.kv_norm), eps);
-        kv.par_chunks_mut(hd)
-            .zip(positions.par_iter())
-            .for_each(|(k, &pos)| rope.apply(k, hd, pos, false));
+        self.host.time(HostPhase::AttentionSetup, || {
+            rms_norm_rows(&mut kv, hd, Some(&aw.kv_norm), eps);
+            kv.par_chunks_mut(hd)
+                .zip(positions.par_iter())
+                .for_each(|(k, &pos)| rope.apply(k, hd, pos, false));
+        });
         kv
     }
 
@@ -593,9 +623,11 @@ impl<B: Backend> DeepseekV4<B> {
         let ihd = cfg.index_head_dim;
         let mut iq = self.linear(q_res, n, &iw.wq_b)?;
         let heads = iq.len() / (n * ihd);
-        iq.par_chunks_mut(heads * ihd)
-            .zip(rows.par_iter())
-            .for_each(|(r, row)| self.rope_compress.apply(r, ihd, row.pos, false));
+        self.host.time(HostPhase::IndexerTopK, || {
+            iq.par_chunks_mut(heads * ihd)
+                .zip(rows.par_iter())
+                .for_each(|(r, row)| self.rope_compress.apply(r, ihd, row.pos, false));
+        });
         let wscale = (cfg.index_n_heads as f32).powf(-0.5);
         wts.iter_mut().for_each(|w| *w *= wscale);
         let sscale = (ihd as f32).powf(-0.5);
@@ -613,12 +645,15 @@ impl<B: Backend> DeepseekV4<B> {
             .kv_indexer_scores(&self.kv, &iq, &wts, heads, ihd, &index_rows, sscale)
             .map_err(backend_err)?;
         self.all_reduce(&mut flat)?;
-        Ok((0..n)
-            .map(|i| {
-                let from = offsets[i];
-                top_k_indices(&flat[from..from + index_rows.visible[i]], cfg.index_topk)
-            })
-            .collect())
+        Ok(self.host.time(HostPhase::IndexerTopK, || {
+            (0..n)
+                .into_par_iter()
+                .map(|i| {
+                    let from = offsets[i];
+                    top_k_indices(&flat[from..from + index_rows.visible[i]], cfg.index_topk)
+                })
+                .collect()
+        }))
     }
 
     /// The MoE block of layer `l` over rows `x` with token ids `ids`; returns `[n, hidden]`
@@ -639,23 +674,17 @@ impl<B: Backend> DeepseekV4<B> {
         let e = cfg.n_routed_experts;
         let k = cfg.num_experts_per_tok;
         let logits = self.linear(x, n, &mw.gate)?;
-        let scores = router_scores(&logits, cfg.scoring_func);
-        let routes = route(&scores, e, k, &mw.routing, ids, cfg.routed_scaling_factor);
+        let routes = self.host.time(HostPhase::Routing, || {
+            let scores = router_scores(&logits, cfg.scoring_func);
+            route(&scores, e, k, &mw.routing, ids, cfg.routed_scaling_factor)
+        });
+        let shared = [&mw.shared.w1, &mw.shared.w3, &mw.shared.w2];
         let mut out = self
             .backend
-            .routed_experts(&mw.experts, x, n, &routes, cfg.swiglu_limit)
+            .moe_experts(&mw.experts, shared, x, n, &routes, cfg.swiglu_limit)
             .map_err(backend_err)?;
-        let shared = self.expert(&mw.shared, x, n)?;
-        out.iter_mut().zip(&shared).for_each(|(o, s)| *o += s);
         self.all_reduce(&mut out)?;
         Ok(out)
-    }
-
-    /// SwiGLU expert with clipping: `w2(silu(min(w1 x, L)) * clamp(w3 x, -L, L))`.
-    fn expert(&self, ew: &ExpertWeights<B>, x: &[f32], n: usize) -> Result<Vec<f32>, EngineError> {
-        self.backend
-            .swiglu_expert(x, n, &ew.w1, &ew.w3, &ew.w2, self.cfg.swiglu_limit)
-            .map_err(backend_err)
     }
 }
 
@@ -669,6 +698,7 @@ struct Compression<'a, B: Backend> {
     pool: &'a KvPool,
     rope: &'a RopeTable,
     eps: f32,
+    host: &'a HostClock,
 }
 
 impl<B: Backend> Compression<'_, B> {
@@ -757,21 +787,23 @@ impl<B: Backend> Compression<'_, B> {
                 .map_err(backend_err)?
         };
         let rope = self.rope;
-        let new_rows: Vec<f32> = windows
-            .par_iter()
-            .flat_map_iter(|&(si, w)| {
-                let s = &seqs[si];
-                let input = |pos: usize| -> &[f32] {
-                    let row = if pos >= s.start {
-                        &step_inputs[(s.first_row + pos - s.start) * 2 * width..]
-                    } else {
-                        &earlier[(earlier_first[si] + pos - first_read[si]) * 2 * width..]
+        let new_rows: Vec<f32> = self.host.time(HostPhase::Compressor, || {
+            windows
+                .par_iter()
+                .flat_map_iter(|&(si, w)| {
+                    let s = &seqs[si];
+                    let input = |pos: usize| -> &[f32] {
+                        let row = if pos >= s.start {
+                            &step_inputs[(s.first_row + pos - s.start) * 2 * width..]
+                        } else {
+                            &earlier[(earlier_first[si] + pos - first_read[si]) * 2 * width..]
+                        };
+                        &row[..2 * width]
                     };
-                    &row[..2 * width]
-                };
-                compress_window(input, w, &cw.ape, &cw.norm, win, rope, eps)
-            })
-            .collect();
+                    compress_window(input, w, &cw.ape, &cw.norm, win, rope, eps)
+                })
+                .collect()
+        });
         self.backend
             .kv_write(self.kv, &new_at, dim, &new_rows)
             .map_err(backend_err)
@@ -911,7 +943,9 @@ impl<B: Backend> ModelRunner for DeepseekV4<B> {
     }
 
     fn backend_time(&self) -> Vec<crate::engine::OpTime> {
-        self.backend.op_times()
+        let mut t = self.backend.op_times();
+        t.extend(self.host.times());
+        t
     }
 
     fn fill_blocks_random(&mut self, blocks: &[u32], seed: u64) -> Result<bool, EngineError> {

@@ -15,6 +15,7 @@
 pub mod checkpoint_source;
 pub mod config;
 pub mod forward;
+pub mod host_clock;
 pub mod hyper;
 pub mod kv;
 pub mod load;

@@ -33,9 +33,27 @@ pub fn sigmoid(x: f32) -> f32 {
 /// (a stable sort); torch.topk's pick among exact ties is unspecified and differs between its
 /// cached and uncached paths, so the fixtures are made free of ties at the cut.
 pub fn top_k_indices(values: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..values.len()).collect();
-    idx.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
-    idx.truncate(k);
+    // Value descending, then index ascending: a total order. The indexer ranks ~context/4
+    // rows, so find the k-th value by selection on the values themselves, take everything
+    // above it and its ties by index, and sort only those k.
+    if k == 0 {
+        return Vec::new();
+    }
+    let order = |&a: &usize, &b: &usize| values[b].total_cmp(&values[a]).then(a.cmp(&b));
+    if k >= values.len() {
+        let mut idx: Vec<usize> = (0..values.len()).collect();
+        idx.sort_by(order);
+        return idx;
+    }
+    let mut scratch = values.to_vec();
+    let kth = *scratch
+        .select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a))
+        .1;
+    let mut idx: Vec<usize> = Vec::with_capacity(k);
+    idx.extend((0..values.len()).filter(|&i| values[i].total_cmp(&kth).is_gt()));
+    let ties = (0..values.len()).filter(|&i| values[i].total_cmp(&kth).is_eq());
+    idx.extend(ties.take(k - idx.len()));
+    idx.sort_by(order);
     idx
 }
 
@@ -68,4 +86,21 @@ pub fn gated_pool(slots: &[PoolSlot<'_>], dim: usize) -> Vec<f32> {
         *o = acc;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_equals_a_full_stable_sort_with_ties() {
+        // Many exact ties (values repeat every 7) and k across the edges.
+        let values: Vec<f32> = (0..1000).map(|i| ((i * 37) % 7) as f32 - 3.0).collect();
+        let mut full: Vec<usize> = (0..values.len()).collect();
+        full.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+        for k in [0, 1, 5, 142, 143, 512, 999, 1000, 2000] {
+            let want: Vec<usize> = full.iter().copied().take(k).collect();
+            assert_eq!(top_k_indices(&values, k), want, "k = {k}");
+        }
+    }
 }

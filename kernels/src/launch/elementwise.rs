@@ -1,0 +1,78 @@
+//! Launches of `elementwise.cu`: the clipped SwiGLU and an in-place add, so an expert's
+//! gate/up -> activation -> down chain (and the routed + shared sum) stays on the GPU.
+
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
+
+use super::{i64_arg, nonnull, u32_grid, Kernels};
+use crate::error::KernelError;
+
+fn config(kernel: &'static str, len: usize, sms: usize) -> Result<LaunchConfig, KernelError> {
+    // Grid-stride loops: enough blocks to fill the GPU, no more than the elements need.
+    let blocks = len.div_ceil(256).clamp(1, 8 * sms.max(1));
+    Ok(LaunchConfig {
+        grid_dim: (u32_grid(kernel, blocks)?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+impl Kernels {
+    /// `out = silu(min(gate, limit)) * clamp(up, -limit, limit)` over `len` f32.
+    ///
+    /// # Safety
+    /// `gate`, `up` and `out` must address `len` f32 of device memory of this context.
+    pub unsafe fn swiglu_clip(
+        &self,
+        stream: &CudaStream,
+        gate: CUdeviceptr,
+        up: CUdeviceptr,
+        out: CUdeviceptr,
+        len: usize,
+        limit: f32,
+    ) -> Result<(), KernelError> {
+        const K: &str = "swiglu_clip";
+        if len == 0 {
+            return Ok(());
+        }
+        nonnull(K, &[("gate", gate), ("up", up), ("out", out)])?;
+        let n = i64_arg(K, "len", len)?;
+        stream
+            .launch_builder(&self.swiglu_clip)
+            .arg(&gate)
+            .arg(&up)
+            .arg(&out)
+            .arg(&n)
+            .arg(&limit)
+            .launch(config(K, len, self.sms)?)
+            .map_err(KernelError::driver("launch swiglu_clip"))?;
+        Ok(())
+    }
+
+    /// `acc += x` over `len` f32.
+    ///
+    /// # Safety
+    /// `acc` and `x` must address `len` f32 of device memory of this context.
+    pub unsafe fn add_into(
+        &self,
+        stream: &CudaStream,
+        acc: CUdeviceptr,
+        x: CUdeviceptr,
+        len: usize,
+    ) -> Result<(), KernelError> {
+        const K: &str = "add";
+        if len == 0 {
+            return Ok(());
+        }
+        nonnull(K, &[("acc", acc), ("x", x)])?;
+        let n = i64_arg(K, "len", len)?;
+        stream
+            .launch_builder(&self.add)
+            .arg(&acc)
+            .arg(&x)
+            .arg(&n)
+            .launch(config(K, len, self.sms)?)
+            .map_err(KernelError::driver("launch add"))?;
+        Ok(())
+    }
+}
