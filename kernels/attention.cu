@@ -250,3 +250,107 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_tiled_f32(
         }
     }
 }
+
+// Order-preserving u32 key of an f32: a larger float (in IEEE total order, as Rust's
+// f32::total_cmp) gets a larger key.
+__device__ __forceinline__ unsigned int dsk_f32_order_key(float f) {
+    const unsigned int u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Top-k of each token's scores (scores[starts[t] .. + counts[t]]), one block of 1024 threads per
+// token: an exact radix select of the k-th largest key (four 8-bit passes over the scores),
+// then every index above it and the lowest-indexed ties at it, written in index order with their
+// values to out_idx / out_val [tokens, k]. Rows past min(k, count) are left untouched.
+extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_f32(
+    const float *__restrict__ scores, const long long *__restrict__ starts,
+    const int *__restrict__ counts, int k, int *__restrict__ out_idx,
+    float *__restrict__ out_val) {
+    __shared__ unsigned int hist[256];
+    __shared__ unsigned int prefix, mask;
+    __shared__ int remaining;
+    __shared__ int warp_gt[32], warp_eq[32];
+    __shared__ int base_gt, base_eq;
+    const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const float *v = scores + starts[t];
+    const int n = counts[t];
+    const int kk = min(k, n);
+    if (kk <= 0) return;
+    if (tid == 0) {
+        prefix = 0u;
+        mask = 0u;
+        remaining = kk;
+    }
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = tid; b < 256; b += blockDim.x) hist[b] = 0u;
+        __syncthreads();
+        const unsigned int p = prefix, m = mask;
+        for (int i = tid; i < n; i += blockDim.x) {
+            const unsigned int key = dsk_f32_order_key(v[i]);
+            if ((key & m) == p) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (tid == 0) {
+            int cum = 0;
+            for (int b = 255; b >= 0; --b) {
+                const int c = (int)hist[b];
+                if (cum + c >= remaining) {
+                    prefix |= (unsigned int)b << shift;
+                    mask |= 255u << shift;
+                    remaining -= cum;
+                    break;
+                }
+                cum += c;
+            }
+        }
+        __syncthreads();
+    }
+    const unsigned int kth = prefix;
+    const int ties = remaining;      // how many rows equal to the k-th value are taken
+    const int above = kk - ties;     // rows strictly above it
+    if (tid == 0) {
+        base_gt = 0;
+        base_eq = 0;
+    }
+    __syncthreads();
+    int *oi = out_idx + (long long)t * k;
+    float *ov = out_val + (long long)t * k;
+    for (int c0 = 0; c0 < n; c0 += blockDim.x) {
+        const int i = c0 + tid;
+        const float x = i < n ? v[i] : 0.f;
+        const unsigned int key = i < n ? dsk_f32_order_key(x) : 0u;
+        const bool gt = i < n && key > kth, eq = i < n && key == kth;
+        const unsigned int bg = __ballot_sync(0xffffffffu, gt), be = __ballot_sync(0xffffffffu, eq);
+        if (lane == 0) {
+            warp_gt[warp] = __popc(bg);
+            warp_eq[warp] = __popc(be);
+        }
+        __syncthreads();
+        int off_gt = base_gt, off_eq = base_eq;
+        for (int w = 0; w < warp; ++w) {
+            off_gt += warp_gt[w];
+            off_eq += warp_eq[w];
+        }
+        const unsigned int below = (1u << lane) - 1u;
+        if (gt) {
+            const int at = off_gt + __popc(bg & below);
+            oi[at] = i;
+            ov[at] = x;
+        }
+        if (eq) {
+            const int r = off_eq + __popc(be & below);
+            if (r < ties) {
+                oi[above + r] = i;
+                ov[above + r] = x;
+            }
+        }
+        __syncthreads();
+        if (tid == 0) {
+            for (int w = 0; w < (int)(blockDim.x >> 5); ++w) {
+                base_gt += warp_gt[w];
+                base_eq += warp_eq[w];
+            }
+        }
+        __syncthreads();
+    }
+}

@@ -452,6 +452,7 @@ pub struct Kernels {
     indexer_scores_tiled: CudaFunction,
     swiglu_clip: CudaFunction,
     add: CudaFunction,
+    topk_select: CudaFunction,
 }
 
 impl Kernels {
@@ -519,6 +520,7 @@ impl Kernels {
             indexer_scores: f(&attn, "dsk_indexer_scores_f32")?,
             indexer_scores_tiled: f(&attn, "dsk_indexer_scores_tiled_f32")?,
             swiglu_clip: f(&elementwise, "dsk_swiglu_clip_f32")?,
+            topk_select: f(&attn, "dsk_topk_select_f32")?,
             add: f(&elementwise, "dsk_add_f32")?,
             ctx: ctx.clone(),
             arch,

@@ -18,7 +18,7 @@ pub mod sources;
 
 pub use error::KernelError;
 pub use launch::attention::{
-    attention_splits, attention_workspace_floats, IndexerScores, KvRows, PagedAttention,
+    attention_splits, attention_workspace_floats, IndexerScores, KvRows, PagedAttention, TopKSelect,
 };
 pub use launch::{
     ActDtype, Fp4Experts, Fp4MoeCall, Fp8Gemv, Fp8Path, Kernels, MoePath, OutDtype, RmsNorm, Rope,

@@ -188,3 +188,52 @@ fn indexer_case(heads: usize, dim: usize, seed: u64) {
         .kv_indexer_scores(&g, &q, &w, heads, dim, &short, scale)
         .is_err());
 }
+
+#[test]
+fn indexer_top_k_on_gpu_equals_top_k_of_its_scores_with_ties() {
+    if !gpu_enabled("indexer_top_k_on_gpu_equals_top_k_of_its_scores_with_ties") {
+        return;
+    }
+    let gpu = CudaBackend::open(0).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let (heads, dim, block_size, ratio, k) = (64, 128, 128, 4, 512);
+    let rows_per_block = block_size / ratio;
+    let floats_per_block = rows_per_block * dim;
+    let num_blocks = 400;
+    // Key rows repeat every 7 rows, so scores tie exactly and the cut falls among ties.
+    let distinct = random(&mut rng, 7 * dim, 1.0);
+    let data: Vec<f32> = (0..num_blocks * rows_per_block)
+        .flat_map(|r| distinct[(r % 7) * dim..(r % 7 + 1) * dim].iter().copied())
+        .collect();
+    let mut g = gpu.kv_store(data.len()).unwrap();
+    let all: Vec<usize> = (0..num_blocks).map(|b| b * floats_per_block).collect();
+    gpu.kv_write(&mut g, &all, floats_per_block, &data).unwrap();
+    let table: Vec<u32> = (0..num_blocks as u32).rev().collect();
+    let rows = IndexerRows {
+        addressing: RowAddressing {
+            floats_per_block,
+            block_size,
+            base: 0,
+            ratio,
+            stride: dim,
+        },
+        block_tables: vec![&table, &table, &table],
+        // Many rows, fewer rows than k, exactly k.
+        visible: vec![num_blocks * rows_per_block, 300, k],
+    };
+    let q = random(&mut rng, 3 * heads * dim, 1.0);
+    let w = random(&mut rng, 3 * heads, 0.2);
+    let scale = (dim as f32).powf(-0.5);
+    let scores = gpu
+        .kv_indexer_scores(&g, &q, &w, heads, dim, &rows, scale)
+        .unwrap();
+    let chosen = gpu
+        .kv_indexer_top_k(&g, &q, &w, heads, dim, &rows, scale, k)
+        .unwrap();
+    let mut from = 0;
+    for (t, &vis) in rows.visible.iter().enumerate() {
+        let want = dspark_server::engine::model::ops::top_k_indices(&scores[from..from + vis], k);
+        assert_eq!(chosen[t], want, "token {t} ({vis} rows)");
+        from += vis;
+    }
+}

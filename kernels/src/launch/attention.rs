@@ -86,6 +86,25 @@ pub struct IndexerScores {
     pub scale: f32,
 }
 
+/// Top `k` of each token's scores, selected on the GPU: indices (i32) and values (f32) of the rows
+/// above the k-th largest and of its lowest-indexed ties, in index order, `[tokens, k]` (the
+/// first `min(k, counts[t])` of a token's row are written).
+#[derive(Clone, Copy, Debug)]
+pub struct TopKSelect {
+    /// f32 scores of every token, token after token.
+    pub scores: CUdeviceptr,
+    /// i64 `[tokens]`: where each token's scores start.
+    pub starts: CUdeviceptr,
+    /// i32 `[tokens]`: how many scores each token has.
+    pub counts: CUdeviceptr,
+    pub tokens: usize,
+    pub k: usize,
+    /// i32 `[tokens, k]`.
+    pub out_idx: CUdeviceptr,
+    /// f32 `[tokens, k]`.
+    pub out_val: CUdeviceptr,
+}
+
 /// Splits per token so `tokens * heads * splits` blocks fill the GPU about four times over, with
 /// at least 64 keys per split.
 pub fn attention_splits(max_keys: usize, tokens: usize, heads: usize, sms: usize) -> usize {
@@ -219,6 +238,49 @@ pub fn check_indexer(a: &IndexerScores) -> Result<(), KernelError> {
 }
 
 impl Kernels {
+    /// Exact top-k selection per token (see [`TopKSelect`]).
+    ///
+    /// # Safety
+    /// Every pointer must address device memory of this context holding the shapes given; each
+    /// token's scores must lie inside `scores`.
+    pub unsafe fn topk_select(
+        &self,
+        stream: &CudaStream,
+        a: &TopKSelect,
+    ) -> Result<(), KernelError> {
+        const K: &str = "topk_select";
+        if a.tokens == 0 || a.k == 0 {
+            return Ok(());
+        }
+        nonnull(
+            K,
+            &[
+                ("scores", a.scores),
+                ("starts", a.starts),
+                ("counts", a.counts),
+                ("out_idx", a.out_idx),
+                ("out_val", a.out_val),
+            ],
+        )?;
+        let k = i32_arg(K, "k", a.k)?;
+        let cfg = LaunchConfig {
+            grid_dim: (u32_grid(K, a.tokens)?, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .launch_builder(&self.topk_select)
+            .arg(&a.scores)
+            .arg(&a.starts)
+            .arg(&a.counts)
+            .arg(&k)
+            .arg(&a.out_idx)
+            .arg(&a.out_val)
+            .launch(cfg)
+            .map_err(KernelError::driver("launch topk_select"))?;
+        Ok(())
+    }
+
     /// Writes dense rows into the pool at their offsets.
     ///
     /// # Safety

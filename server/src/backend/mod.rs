@@ -220,6 +220,32 @@ pub trait Backend: Send + Sync + 'static {
 
     fn name(&self) -> &'static str;
 
+    /// The top `k` rows of each token by Lightning Indexer score ([`Self::kv_indexer_scores`]),
+    /// value descending with ties to the lower row, as `engine::model::ops::top_k_indices`. For
+    /// one rank only: with tensor parallelism the scores are summed over ranks first.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_indexer_top_k(
+        &self,
+        store: &Self::KvStore,
+        q: &[f32],
+        weights: &[f32],
+        heads: usize,
+        dim: usize,
+        rows: &kv::IndexerRows<'_>,
+        scale: f32,
+        k: usize,
+    ) -> Result<Vec<Vec<usize>>, BackendError> {
+        let scores = self.kv_indexer_scores(store, q, weights, heads, dim, rows, scale)?;
+        let (starts, _) = rows.score_starts();
+        Ok(starts
+            .iter()
+            .zip(&rows.visible)
+            .map(|(&from, &vis)| {
+                crate::engine::model::ops::top_k_indices(&scores[from..from + vis], k)
+            })
+            .collect())
+    }
+
     /// A zeroed pool of `floats` f32 values.
     fn kv_store(&self, floats: usize) -> Result<Self::KvStore, BackendError>;
 

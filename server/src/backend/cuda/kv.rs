@@ -5,7 +5,7 @@
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use dspark_kernels::{
-    attention_splits, attention_workspace_floats, IndexerScores, KvRows, PagedAttention,
+    attention_splits, attention_workspace_floats, IndexerScores, KvRows, PagedAttention, TopKSelect,
 };
 
 use super::{kernel_err, CudaBackend};
@@ -170,8 +170,9 @@ impl CudaBackend {
         self.download(&out)
     }
 
+    /// Indexer scores left on the GPU (`None` when no token sees a row).
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn indexer(
+    pub(super) fn indexer_on(
         &self,
         store: &CudaKvStore,
         q: &[f32],
@@ -180,12 +181,12 @@ impl CudaBackend {
         dim: usize,
         rows: &IndexerRows<'_>,
         scale: f32,
-    ) -> Result<Vec<f32>, BackendError> {
+    ) -> Result<Option<CudaSlice<f32>>, BackendError> {
         check_indexer(store.len, q, weights, heads, dim, rows)?;
         let (out_starts, total) = rows.score_starts();
         let tokens = rows.visible.len();
         if total == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         // Tokens of one sequence share its block table: upload each table once.
         let mut tables: Vec<u32> = Vec::new();
@@ -248,6 +249,72 @@ impl CudaBackend {
             // out holds the sum of visible rows.
             unsafe { self.kernels.indexer_scores(s, &call) }.map_err(kernel_err)?;
         }
-        self.download(&out)
+        Ok(Some(out))
+    }
+
+    /// Indexer scores and their per-token top `k` on the GPU; only the chosen rows come back.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn indexer_top_k(
+        &self,
+        store: &CudaKvStore,
+        q: &[f32],
+        weights: &[f32],
+        heads: usize,
+        dim: usize,
+        rows: &IndexerRows<'_>,
+        scale: f32,
+        k: usize,
+    ) -> Result<Vec<Vec<usize>>, BackendError> {
+        let tokens = rows.visible.len();
+        let Some(scores) = self.indexer_on(store, q, weights, heads, dim, rows, scale)? else {
+            return Ok(vec![Vec::new(); tokens]);
+        };
+        if k == 0 {
+            return Ok(vec![Vec::new(); tokens]);
+        }
+        let s = &self.stream;
+        let (starts, _) = rows.score_starts();
+        let starts_d = self.upload(&i64s(&starts))?;
+        let counts_d = self.upload(&i32s("kv_indexer_top_k", rows.visible.iter().copied())?)?;
+        let mut idx = self
+            .stream
+            .alloc_zeros::<i32>(tokens * k)
+            .map_err(super::driver_err("alloc"))?;
+        let mut val = self.zeros(tokens * k)?;
+        {
+            let (sp, _s) = scores.device_ptr(s);
+            let (stp, _st) = starts_d.device_ptr(s);
+            let (cp, _c) = counts_d.device_ptr(s);
+            let (ip, _i) = idx.device_ptr_mut(s);
+            let (vp, _v) = val.device_ptr_mut(s);
+            let call = TopKSelect {
+                scores: sp,
+                starts: stp,
+                counts: cp,
+                tokens,
+                k,
+                out_idx: ip,
+                out_val: vp,
+            };
+            // SAFETY: each token's scores lie at starts[t] .. + counts[t] inside `scores` (their
+            // sum is its length); idx and val hold tokens * k.
+            unsafe { self.kernels.topk_select(s, &call) }.map_err(kernel_err)?;
+        }
+        let idx = s
+            .clone_dtoh(&idx)
+            .map_err(super::driver_err("copy from GPU"))?;
+        let val = self.download(&val)?;
+        // The kernel writes the chosen rows in row order; order them as top_k_indices does
+        // (value descending, ties to the lower row).
+        Ok((0..tokens)
+            .map(|t| {
+                let m = k.min(rows.visible[t]);
+                let mut chosen: Vec<(f32, usize)> = (0..m)
+                    .map(|j| (val[t * k + j], idx[t * k + j] as usize))
+                    .collect();
+                chosen.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                chosen.into_iter().map(|(_, i)| i).collect()
+            })
+            .collect())
     }
 }

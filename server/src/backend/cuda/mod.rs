@@ -577,7 +577,25 @@ impl Backend for CudaBackend {
         scale: f32,
     ) -> Result<Vec<f32>, BackendError> {
         let _timed = Timed::start(&self.clock, 6);
-        self.indexer(store, q, weights, heads, dim, rows, scale)
+        match self.indexer_on(store, q, weights, heads, dim, rows, scale)? {
+            Some(scores) => self.download(&scores),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn kv_indexer_top_k(
+        &self,
+        store: &CudaKvStore,
+        q: &[f32],
+        weights: &[f32],
+        heads: usize,
+        dim: usize,
+        rows: &super::kv::IndexerRows<'_>,
+        scale: f32,
+        k: usize,
+    ) -> Result<Vec<Vec<usize>>, BackendError> {
+        let _timed = Timed::start(&self.clock, 6);
+        self.indexer_top_k(store, q, weights, heads, dim, rows, scale, k)
     }
 
     type Matrix = CudaMatrix;

@@ -344,10 +344,14 @@ impl<B: Backend> DeepseekV4<B> {
         let cfg = &self.cfg;
         let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
         let (mixes, x) = self.host.time(HostPhase::HyperConnections, || {
-            let mixes: Vec<HcMix> = streams
-                .par_chunks(hc * h)
-                .map(|t| site.mix(t, hc, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps))
-                .collect();
+            let mixes: Vec<HcMix> = site.mix_rows(
+                streams,
+                n,
+                hc,
+                cfg.hc_sinkhorn_iters,
+                cfg.hc_eps,
+                cfg.rms_norm_eps,
+            );
             let mut x = vec![0f32; n * h];
             x.par_chunks_mut(h)
                 .zip(streams.par_chunks(hc * h))
@@ -479,12 +483,9 @@ impl<B: Backend> DeepseekV4<B> {
             .map_err(backend_err)?;
         // K = V carried RoPE into the output; undo it at the query position.
         self.host.time(HostPhase::AttentionSetup, || {
-            out.par_chunks_mut(local_heads * hd)
-                .zip(rows.par_iter())
-                .for_each(|(o, row)| {
-                    o.chunks_mut(hd)
-                        .for_each(|oh| rope.apply(oh, hd, row.pos, true))
-                });
+            out.par_chunks_mut(hd)
+                .enumerate()
+                .for_each(|(i, oh)| rope.apply(oh, hd, rows[i / local_heads].pos, true));
         });
         self.project_output(aw, &out, n)
     }
@@ -519,12 +520,11 @@ impl<B: Backend> DeepseekV4<B> {
         if n > 0 {
             let local_heads = q.len() / (n * hd);
             self.host.time(HostPhase::AttentionSetup, || {
-                q.par_chunks_mut(local_heads * hd)
-                    .zip(positions.par_iter())
-                    .for_each(|(qr, &pos)| {
-                        rms_norm_rows(qr, hd, None, eps);
-                        rope.apply(qr, hd, pos, false);
-                    });
+                // Per head, so one decoding token's 64 heads spread over the cores.
+                q.par_chunks_mut(hd).enumerate().for_each(|(i, qh)| {
+                    rms_norm_rows(qh, hd, None, eps);
+                    rope.apply(qh, hd, positions[i / local_heads], false);
+                });
             });
         }
         Ok((q_res, q))
@@ -639,6 +639,22 @@ impl<B: Backend> DeepseekV4<B> {
             block_tables: rows.iter().map(|r| seqs[r.seq].block_table).collect(),
             visible,
         };
+        if self.shard.world_size == 1 {
+            // Nothing to sum over ranks: scores and selection stay on the device.
+            return self
+                .backend
+                .kv_indexer_top_k(
+                    &self.kv,
+                    &iq,
+                    &wts,
+                    heads,
+                    ihd,
+                    &index_rows,
+                    sscale,
+                    cfg.index_topk,
+                )
+                .map_err(backend_err);
+        }
         let (offsets, _) = index_rows.score_starts();
         let mut flat = self
             .backend

@@ -85,6 +85,49 @@ impl HyperConnection {
         let mixes: Vec<f32> = (0..(2 + hc) * hc)
             .map(|o| crate::backend::cpu::dot(&flat, &self.fn_[o * width..(o + 1) * width]))
             .collect();
+        self.finish(&mixes, hc, iters, hc_eps)
+    }
+
+    /// [`Self::mix`] of `n` tokens' streams at once (`[n, hc * hidden]`), parallel over tokens
+    /// and over the mixing projections' outputs, so one decoding token also uses every core.
+    /// Same values as calling [`Self::mix`] per token.
+    pub fn mix_rows(
+        &self,
+        streams: &[f32],
+        n: usize,
+        hc: usize,
+        iters: usize,
+        hc_eps: f32,
+        norm_eps: f32,
+    ) -> Vec<HcMix> {
+        use rayon::prelude::*;
+        let width = streams.len().checked_div(n).unwrap_or(0);
+        if width == 0 {
+            return Vec::new();
+        }
+        let flats: Vec<Vec<f32>> = streams
+            .par_chunks(width)
+            .map(|t| {
+                let inv = unweighted_rms_scale(t, norm_eps);
+                t.iter().map(|v| v * inv).collect()
+            })
+            .collect();
+        let outs = (2 + hc) * hc;
+        let mixes: Vec<f32> = (0..n * outs)
+            .into_par_iter()
+            .map(|i| {
+                let o = i % outs;
+                crate::backend::cpu::dot(&flats[i / outs], &self.fn_[o * width..(o + 1) * width])
+            })
+            .collect();
+        mixes
+            .chunks(outs)
+            .map(|m| self.finish(m, hc, iters, hc_eps))
+            .collect()
+    }
+
+    /// Pre / post / comb from the `(2 + hc) * hc` projections of the normed streams.
+    fn finish(&self, mixes: &[f32], hc: usize, iters: usize, hc_eps: f32) -> HcMix {
         let pre = (0..hc)
             .map(|i| sigmoid(mixes[i] * self.scale[0] + self.base[i]) + hc_eps)
             .collect();
@@ -112,20 +155,26 @@ pub fn collapse(streams: &[f32], pre: &[f32], hidden: usize) -> Vec<f32> {
 
 /// Applies a site's mixing after its sub-layer: `new[k] = post[k] * out + sum_j comb[j,k] * old[j]`.
 pub fn expand(streams: &mut [f32], mix: &HcMix, out: &[f32], hidden: usize) {
+    use rayon::prelude::*;
     let hc = mix.post.len();
     let old = streams.to_vec();
-    for k in 0..hc {
-        let dst = &mut streams[k * hidden..(k + 1) * hidden];
-        for (d, o) in dst.iter_mut().zip(out) {
-            *d = mix.post[k] * o;
-        }
-        for j in 0..hc {
-            let c = mix.comb[j * hc + k];
-            for (d, s) in dst.iter_mut().zip(&old[j * hidden..(j + 1) * hidden]) {
-                *d += c * s;
+    // Streams in parallel (one decoding token is 4 x hidden of work); each element is computed
+    // in the same order as a sequential pass.
+    streams
+        .par_chunks_mut(hidden)
+        .enumerate()
+        .take(hc)
+        .for_each(|(k, dst)| {
+            for (d, o) in dst.iter_mut().zip(out) {
+                *d = mix.post[k] * o;
             }
-        }
-    }
+            for j in 0..hc {
+                let c = mix.comb[j * hc + k];
+                for (d, s) in dst.iter_mut().zip(&old[j * hidden..(j + 1) * hidden]) {
+                    *d += c * s;
+                }
+            }
+        });
 }
 
 /// The final collapse before the model norm (`hc_head_*`).
@@ -156,6 +205,27 @@ impl HyperHead {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mix_rows_equals_mix_per_token() {
+        let (hc, hidden, n) = (4, 24, 3);
+        let width = hc * hidden;
+        let site = HyperConnection {
+            fn_: (0..(2 + hc) * hc * width)
+                .map(|i| ((i * 13) % 17) as f32 * 0.01 - 0.08)
+                .collect(),
+            base: (0..(2 + hc) * hc).map(|i| i as f32 * 0.1 - 1.0).collect(),
+            scale: [0.5, 0.7, 1.3],
+        };
+        let streams: Vec<f32> = (0..n * width)
+            .map(|i| ((i * 7) % 11) as f32 * 0.3 - 1.5)
+            .collect();
+        let rows = site.mix_rows(&streams, n, hc, 20, 1e-6, 1e-6);
+        for (t, got) in rows.iter().enumerate() {
+            let want = site.mix(&streams[t * width..(t + 1) * width], hc, 20, 1e-6, 1e-6);
+            assert_eq!(*got, want);
+        }
+    }
 
     #[test]
     fn sinkhorn_is_doubly_stochastic() {
