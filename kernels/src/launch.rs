@@ -453,6 +453,7 @@ pub struct Kernels {
     swiglu_clip: CudaFunction,
     add: CudaFunction,
     topk_select: CudaFunction,
+    fp8_dequant: CudaFunction,
 }
 
 impl Kernels {
@@ -521,6 +522,7 @@ impl Kernels {
             indexer_scores_tiled: f(&attn, "dsk_indexer_scores_tiled_f32")?,
             swiglu_clip: f(&elementwise, "dsk_swiglu_clip_f32")?,
             topk_select: f(&attn, "dsk_topk_select_f32")?,
+            fp8_dequant: f(&elementwise, "dsk_fp8_dequant_f32")?,
             add: f(&elementwise, "dsk_add_f32")?,
             ctx: ctx.clone(),
             arch,

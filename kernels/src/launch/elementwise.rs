@@ -4,7 +4,7 @@
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
 
-use super::{i64_arg, nonnull, u32_grid, Kernels};
+use super::{i32_arg, i64_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
 
 fn config(kernel: &'static str, len: usize, sms: usize) -> Result<LaunchConfig, KernelError> {
@@ -46,6 +46,38 @@ impl Kernels {
             .arg(&limit)
             .launch(config(K, len, self.sms)?)
             .map_err(KernelError::driver("launch swiglu_clip"))?;
+        Ok(())
+    }
+
+    /// Widens an FP8 block-scaled weight `[rows, cols]` (e4m3 + E8M0 per 128x128 tile) to f32.
+    ///
+    /// # Safety
+    /// `weight` must hold `rows * cols` bytes, `scales` `ceil(rows/128) * ceil(cols/128)`, and
+    /// `out` `rows * cols` f32, all device memory of this context.
+    pub unsafe fn fp8_dequant(
+        &self,
+        stream: &CudaStream,
+        weight: CUdeviceptr,
+        scales: CUdeviceptr,
+        out: CUdeviceptr,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), KernelError> {
+        const K: &str = "fp8_dequant";
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        nonnull(K, &[("weight", weight), ("scales", scales), ("out", out)])?;
+        let (r, c) = (i32_arg(K, "rows", rows)?, i32_arg(K, "cols", cols)?);
+        stream
+            .launch_builder(&self.fp8_dequant)
+            .arg(&weight)
+            .arg(&scales)
+            .arg(&out)
+            .arg(&r)
+            .arg(&c)
+            .launch(config(K, rows * cols, self.sms)?)
+            .map_err(KernelError::driver("launch fp8_dequant"))?;
         Ok(())
     }
 

@@ -98,6 +98,10 @@ pub struct MatrixCensus {
     pub fp4_banks: usize,
 }
 
+/// Rows from which an FP8 projection widens its weight to f32 and runs SGEMM (below, the FP8
+/// GEMV kernel reads the packed weight once per 16 rows).
+const FP8_WIDEN_MIN_ROWS: usize = 64;
+
 /// Operation kinds timed by [`CudaBackend::op_times`].
 const OPS: [&str; 7] = [
     "projections",
@@ -313,6 +317,25 @@ impl CudaBackend {
         cols: usize,
         y: &mut Y,
     ) -> Result<(), BackendError> {
+        if n >= FP8_WIDEN_MIN_ROWS {
+            // Many rows (prefill): widen the weight once and run one SGEMM instead of a GEMV
+            // launch per 16 rows, each re-reading the whole weight.
+            // SAFETY: uninitialised f32 storage, fully written by the dequantize kernel below
+            // before anything reads it.
+            let mut wide =
+                unsafe { self.stream.alloc::<f32>(rows * cols) }.map_err(driver_err("alloc"))?;
+            {
+                let s = &self.stream;
+                let (wp, _w) = w.device_ptr(s);
+                let (sp, _s) = scales.device_ptr(s);
+                let (op, _o) = wide.device_ptr_mut(s);
+                // SAFETY: w holds rows * cols e4m3 bytes and `scales` their 128x128 tiles (the
+                // matrix was built so); `wide` was just allocated for rows * cols f32.
+                unsafe { self.kernels.fp8_dequant(s, wp, sp, op, rows, cols) }
+                    .map_err(kernel_err)?;
+            }
+            return self.sgemm(x, n, &wide, rows, cols, y);
+        }
         let s = &self.stream;
         let (wp, _w) = w.device_ptr(s);
         let (sp, _s) = scales.device_ptr(s);

@@ -579,11 +579,16 @@ impl<B: Backend> DeepseekV4<B> {
         let local_groups = aw.wo_a.len();
         let orank = cfg.o_lora_rank;
         let mut grouped = vec![0f32; n * local_groups * orank];
+        // Regrouping moves n x heads x head_dim values (a prefill chunk: gigabytes): row copies,
+        // groups in parallel.
         let inputs: Vec<Vec<f32>> = (0..local_groups)
+            .into_par_iter()
             .map(|g| {
-                out.chunks(local_heads * hd)
-                    .flat_map(|r| r[g * group_in..(g + 1) * group_in].iter().copied())
-                    .collect()
+                let mut xg = Vec::with_capacity(n * group_in);
+                for r in out.chunks(local_heads * hd) {
+                    xg.extend_from_slice(&r[g * group_in..(g + 1) * group_in]);
+                }
+                xg
             })
             .collect();
         let jobs: Vec<(&[f32], &B::Matrix)> = inputs
@@ -592,13 +597,15 @@ impl<B: Backend> DeepseekV4<B> {
             .map(|(xg, wg)| (xg.as_slice(), wg))
             .collect();
         let per_group = self.backend.linear_many(&jobs, n).map_err(backend_err)?;
-        for (g, yg) in per_group.iter().enumerate() {
-            for r in 0..n {
-                grouped[r * local_groups * orank + g * orank
-                    ..r * local_groups * orank + (g + 1) * orank]
-                    .copy_from_slice(&yg[r * orank..(r + 1) * orank]);
-            }
-        }
+        grouped
+            .par_chunks_mut(local_groups * orank)
+            .enumerate()
+            .for_each(|(r, dst)| {
+                for (g, yg) in per_group.iter().enumerate() {
+                    dst[g * orank..(g + 1) * orank]
+                        .copy_from_slice(&yg[r * orank..(r + 1) * orank]);
+                }
+            });
         let mut y = self.linear(&grouped, n, &aw.wo_b)?;
         self.all_reduce(&mut y)?;
         Ok(y)
