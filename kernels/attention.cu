@@ -209,15 +209,20 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_tiled_f32(
     float *ot = out + out_start[t];
     for (int r0 = blockIdx.x * DSK_IDXT_ROWS; r0 < vis; r0 += gridDim.x * DSK_IDXT_ROWS) {
         __syncthreads();  // the previous tile's readers are done (and qs is written)
-        for (int i = tid; i < DSK_IDXT_ROWS * dim; i += 256) {
-            const int rr = i / dim, d = i % dim;
-            const int r = r0 + rr;
-            float v = 0.f;
-            if (r < vis) {
-                const long long pos = (long long)r * ratio;
-                v = pool[(long long)tb[pos / bs] * fpb + base + (pos % bs) / ratio * stride + d];
+        // Thread (row lane, d): a fixed column d over rows tid/dim, +256/dim, ...: the row's
+        // address is worked out once per row, not per element (positions are < 2^31).
+        {
+            const int rows_per_pass = 256 / dim, d = tid % dim;
+            for (int rr = tid / dim; rr < DSK_IDXT_ROWS && tid < rows_per_pass * dim;
+                 rr += rows_per_pass) {
+                const int r = r0 + rr;
+                float v = 0.f;
+                if (r < vis) {
+                    const int pos = r * ratio;
+                    v = pool[(long long)tb[pos / bs] * fpb + base + (long long)((pos % bs) / ratio) * stride + d];
+                }
+                ks[d * (DSK_IDXT_ROWS + 1) + rr] = v;
             }
-            ks[d * (DSK_IDXT_ROWS + 1) + rr] = v;
         }
         __syncthreads();
         float acc[4][4];
@@ -266,6 +271,9 @@ extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_f32(
     const float *__restrict__ scores, const long long *__restrict__ starts,
     const int *__restrict__ counts, int k, int *__restrict__ out_idx,
     float *__restrict__ out_val) {
+    // One histogram per warp, filled with warp-aggregated increments: the first passes see
+    // nearly every score in a handful of bins, which a shared histogram would serialise.
+    __shared__ unsigned int warp_hist[32][256];
     __shared__ unsigned int hist[256];
     __shared__ unsigned int prefix, mask;
     __shared__ int remaining;
@@ -281,13 +289,26 @@ extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_f32(
         mask = 0u;
         remaining = kk;
     }
+    const int warps = blockDim.x >> 5;
     for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int b = tid; b < 256; b += blockDim.x) hist[b] = 0u;
+        for (int b = tid; b < 256 * warps; b += blockDim.x) warp_hist[b >> 8][b & 255] = 0u;
         __syncthreads();
         const unsigned int p = prefix, m = mask;
-        for (int i = tid; i < n; i += blockDim.x) {
-            const unsigned int key = dsk_f32_order_key(v[i]);
-            if ((key & m) == p) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        for (int i0 = 0; i0 < n; i0 += blockDim.x) {
+            const int i = i0 + tid;
+            unsigned int bin = 256u;  // no bin: out of range or outside the current prefix
+            if (i < n) {
+                const unsigned int key = dsk_f32_order_key(v[i]);
+                if ((key & m) == p) bin = (key >> shift) & 255u;
+            }
+            const unsigned int peers = __match_any_sync(0xffffffffu, bin);
+            if (bin != 256u && lane == __ffs(peers) - 1) warp_hist[warp][bin] += __popc(peers);
+        }
+        __syncthreads();
+        for (int b = tid; b < 256; b += blockDim.x) {
+            unsigned int c = 0u;
+            for (int w = 0; w < warps; ++w) c += warp_hist[w][b];
+            hist[b] = c;
         }
         __syncthreads();
         if (tid == 0) {

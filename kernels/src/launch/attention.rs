@@ -211,6 +211,15 @@ pub fn check_indexer(a: &IndexerScores) -> Result<(), KernelError> {
             ),
         ));
     }
+    if a.max_visible.saturating_mul(a.ratio) > i32::MAX as usize {
+        return Err(KernelError::invalid(
+            K,
+            format!(
+                "{} rows of ratio {} reach past the i32 positions the kernel uses",
+                a.max_visible, a.ratio
+            ),
+        ));
+    }
     if indexer_smem_bytes(a.heads, a.dim) > DEFAULT_SMEM
         && !indexer_tiled_fits(a.heads, a.dim, usize::MAX)
     {
