@@ -263,6 +263,8 @@ __device__ __forceinline__ unsigned int dsk_f32_order_key(float f) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+#define DSK_TOPK_UNROLL 8
+
 // Top-k of each token's scores (scores[starts[t] .. + counts[t]]), one block of 1024 threads per
 // token: an exact radix select of the k-th largest key (four 8-bit passes over the scores),
 // then every index above it and the lowest-indexed ties at it, written in index order with their
@@ -294,15 +296,26 @@ extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_f32(
         for (int b = tid; b < 256 * warps; b += blockDim.x) warp_hist[b >> 8][b & 255] = 0u;
         __syncthreads();
         const unsigned int p = prefix, m = mask;
-        for (int i0 = 0; i0 < n; i0 += blockDim.x) {
-            const int i = i0 + tid;
-            unsigned int bin = 256u;  // no bin: out of range or outside the current prefix
-            if (i < n) {
-                const unsigned int key = dsk_f32_order_key(v[i]);
-                if ((key & m) == p) bin = (key >> shift) & 255u;
+        // One block reads all of a token's scores: keep DSK_TOPK_UNROLL loads in flight per
+        // thread, or the pass is bound by the latency of one load at a time.
+        for (int i0 = 0; i0 < n; i0 += blockDim.x * DSK_TOPK_UNROLL) {
+            float x[DSK_TOPK_UNROLL];
+#pragma unroll
+            for (int u = 0; u < DSK_TOPK_UNROLL; ++u) {
+                const int i = i0 + u * blockDim.x + tid;
+                x[u] = i < n ? v[i] : 0.f;
             }
-            const unsigned int peers = __match_any_sync(0xffffffffu, bin);
-            if (bin != 256u && lane == __ffs(peers) - 1) warp_hist[warp][bin] += __popc(peers);
+#pragma unroll
+            for (int u = 0; u < DSK_TOPK_UNROLL; ++u) {
+                const int i = i0 + u * blockDim.x + tid;
+                unsigned int bin = 256u;  // no bin: out of range or outside the current prefix
+                if (i < n) {
+                    const unsigned int key = dsk_f32_order_key(x[u]);
+                    if ((key & m) == p) bin = (key >> shift) & 255u;
+                }
+                const unsigned int peers = __match_any_sync(0xffffffffu, bin);
+                if (bin != 256u && lane == __ffs(peers) - 1) warp_hist[warp][bin] += __popc(peers);
+            }
         }
         __syncthreads();
         for (int b = tid; b < 256; b += blockDim.x) {
@@ -336,42 +349,52 @@ extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_f32(
     __syncthreads();
     int *oi = out_idx + (long long)t * k;
     float *ov = out_val + (long long)t * k;
-    for (int c0 = 0; c0 < n; c0 += blockDim.x) {
-        const int i = c0 + tid;
-        const float x = i < n ? v[i] : 0.f;
-        const unsigned int key = i < n ? dsk_f32_order_key(x) : 0u;
-        const bool gt = i < n && key > kth, eq = i < n && key == kth;
-        const unsigned int bg = __ballot_sync(0xffffffffu, gt), be = __ballot_sync(0xffffffffu, eq);
-        if (lane == 0) {
-            warp_gt[warp] = __popc(bg);
-            warp_eq[warp] = __popc(be);
+    for (int c0 = 0; c0 < n; c0 += blockDim.x * DSK_TOPK_UNROLL) {
+        float xs[DSK_TOPK_UNROLL];
+#pragma unroll
+        for (int u = 0; u < DSK_TOPK_UNROLL; ++u) {
+            const int i = c0 + u * blockDim.x + tid;
+            xs[u] = i < n ? v[i] : 0.f;
         }
-        __syncthreads();
-        int off_gt = base_gt, off_eq = base_eq;
-        for (int w = 0; w < warp; ++w) {
-            off_gt += warp_gt[w];
-            off_eq += warp_eq[w];
-        }
-        const unsigned int below = (1u << lane) - 1u;
-        if (gt) {
-            const int at = off_gt + __popc(bg & below);
-            oi[at] = i;
-            ov[at] = x;
-        }
-        if (eq) {
-            const int r = off_eq + __popc(be & below);
-            if (r < ties) {
-                oi[above + r] = i;
-                ov[above + r] = x;
+#pragma unroll
+        for (int u = 0; u < DSK_TOPK_UNROLL; ++u) {
+            const int i = c0 + u * blockDim.x + tid;
+            const float x = xs[u];
+            const unsigned int key = i < n ? dsk_f32_order_key(x) : 0u;
+            const bool gt = i < n && key > kth, eq = i < n && key == kth;
+            const unsigned int bg = __ballot_sync(0xffffffffu, gt);
+            const unsigned int be = __ballot_sync(0xffffffffu, eq);
+            if (lane == 0) {
+                warp_gt[warp] = __popc(bg);
+                warp_eq[warp] = __popc(be);
             }
-        }
-        __syncthreads();
-        if (tid == 0) {
-            for (int w = 0; w < (int)(blockDim.x >> 5); ++w) {
-                base_gt += warp_gt[w];
-                base_eq += warp_eq[w];
+            __syncthreads();
+            int off_gt = base_gt, off_eq = base_eq;
+            for (int w = 0; w < warp; ++w) {
+                off_gt += warp_gt[w];
+                off_eq += warp_eq[w];
             }
+            const unsigned int below = (1u << lane) - 1u;
+            if (gt) {
+                const int at = off_gt + __popc(bg & below);
+                oi[at] = i;
+                ov[at] = x;
+            }
+            if (eq) {
+                const int r = off_eq + __popc(be & below);
+                if (r < ties) {
+                    oi[above + r] = i;
+                    ov[above + r] = x;
+                }
+            }
+            __syncthreads();
+            if (tid == 0) {
+                for (int w = 0; w < (int)(blockDim.x >> 5); ++w) {
+                    base_gt += warp_gt[w];
+                    base_eq += warp_eq[w];
+                }
+            }
+            __syncthreads();
         }
-        __syncthreads();
     }
 }
