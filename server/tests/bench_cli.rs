@@ -201,7 +201,7 @@ fn bad_flags_exit_non_zero_with_a_clear_message() {
             "batch `x` is not a positive integer",
         ),
         (&["--cases", "train:1:1"], "unknown kind `train`"),
-        (&["--world-size", "2"], "single rank"),
+        (&["--world-size", "0"], "--world-size must be at least 1"),
         (&["--iters", "0"], "--iters must be at least 1"),
         (&["--num-layers", "9"], "only 4 layers"),
         (

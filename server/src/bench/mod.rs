@@ -10,6 +10,7 @@ pub mod bytes;
 pub mod cases;
 pub mod copy;
 pub mod report;
+pub mod tensor_parallel;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -250,9 +251,12 @@ pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchE
     };
     let load_started = std::time::Instant::now();
     let dir = args.model_dir();
-    let ckpt = checkpoint_source::open(&dir, &cfg, &opts)?;
-    let mut runner = model::build(cfg.clone(), &ckpt, &opts, Arc::new(SingleRank))?;
-    drop(ckpt);
+    let mut runner: Box<dyn crate::engine::ModelRunner> = if args.world_size > 1 {
+        Box::new(tensor_parallel::build(&cfg, &opts, args.world_size, &dir)?)
+    } else {
+        let ckpt = checkpoint_source::open(&dir, &cfg, &opts)?;
+        model::build(cfg.clone(), &ckpt, &opts, Arc::new(SingleRank))?
+    };
     let load_s = load_started.elapsed().as_secs_f64();
     let layout = runner.kv_layout();
     tracing::info!(
@@ -298,6 +302,7 @@ pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchE
         kv_dtype,
         shared_context: shared,
         random_fill: args.kv_fill == crate::cli::KvFill::Random,
+        world_size: args.world_size,
         pool_tokens: layout.num_blocks * layout.block_size,
         chunk: args.max_num_batched_tokens,
         iters: args.iters,
@@ -470,11 +475,33 @@ mod tests {
     }
 
     #[test]
-    fn world_size_above_one_is_refused() {
-        let e = run(&args(&["--world-size", "2"]), &mut NoSink)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("single rank"), "{e}");
+    fn two_ranks_run_in_process_on_the_cpu() {
+        // The CPU's in-process group: same cases at TP=1 and TP=2 both run.
+        let one = run(
+            &args(&["--cases", "decode:1:64", "--device", "cpu"]),
+            &mut NoSink,
+        )
+        .unwrap();
+        let two = run(
+            &args(&[
+                "--cases",
+                "decode:1:64",
+                "--device",
+                "cpu",
+                "--world-size",
+                "2",
+            ]),
+            &mut NoSink,
+        )
+        .unwrap();
+        assert_eq!(two.world_size, 2);
+        for r in [&one, &two] {
+            assert!(
+                matches!(r.rows[0].outcome, Outcome::Ran(_)),
+                "{:?}",
+                r.rows[0].outcome
+            );
+        }
+        assert!(two.table().contains("tensor parallel: 2 ranks"));
     }
 }

@@ -36,6 +36,9 @@ pub struct Report {
     pub shared_context: bool,
     /// Contexts written as random KV (`--kv-fill random`) instead of prefilled.
     pub random_fill: bool,
+    /// Tensor-parallel ranks (rank r on GPU r); bytes are the whole model's, and % of copy is
+    /// against this many times GPU 0's copy bandwidth.
+    pub world_size: usize,
     pub pool_tokens: usize,
     pub chunk: usize,
     pub iters: usize,
@@ -89,7 +92,7 @@ impl Report {
             weight_bytes: bytes - m.bytes.kv_read,
             kv_bytes: m.bytes.kv_read,
             gb_s,
-            pct_of_copy: 100.0 * gb_s / self.copy.gb_s.max(1e-12),
+            pct_of_copy: 100.0 * gb_s / (self.copy.gb_s * self.world_size.max(1) as f64).max(1e-12),
             scaled_step_s: step_s * scale,
             scaled_tok_s: m.tokens as f64 / (step_s * scale).max(1e-12),
             full_depth_bytes: m.full_depth_bytes.total(),
@@ -148,6 +151,14 @@ impl Report {
                 }
             }
         );
+        if self.world_size > 1 {
+            let _ = writeln!(
+                s,
+                "tensor parallel: {} ranks in this process (rank r on device r); bytes are the \
+                 whole model's, % copy is against {} x the copy bandwidth above",
+                self.world_size, self.world_size
+            );
+        }
         let _ = writeln!(
             s,
             "pool: {} tokens; prefill chunk {}; {} timed + {} warm-up repetitions per case; \
@@ -278,9 +289,10 @@ impl Report {
             }
             let _ = writeln!(
                 s,
-                "{},{},{},{},{},{},{},{},{:.3},{}",
+                "{},{},{},{},{},{},{},{},{},{:.3},{}",
                 self.device,
                 csv_field(&self.device_name),
+                self.world_size,
                 self.layers,
                 self.full_layers,
                 self.weights_as.name(),
@@ -302,7 +314,7 @@ impl Report {
 pub const CSV_HEADER: &str = "case,kind,batch,context,tokens,steps,step_ms,min_step_ms,tok_s,\
 bytes,weight_bytes,kv_bytes,gb_s,pct_of_copy,scaled_step_ms,scaled_tok_s,full_depth_bytes,\
 full_depth_ms_at_gb_s,setup_s,status,\
-device,device_name,layers,full_layers,weights_as,kv_dtype,kv_context,prefill_chunk,copy_gb_s,date";
+device,device_name,world_size,layers,full_layers,weights_as,kv_dtype,kv_context,prefill_chunk,copy_gb_s,date";
 
 /// Quotes a field that holds a comma or quote.
 fn csv_field(v: &str) -> String {
@@ -360,6 +372,7 @@ mod tests {
             kv_dtype: KvDtype::F32,
             shared_context: false,
             random_fill: false,
+            world_size: 1,
             pool_tokens: 1024,
             chunk: 8192,
             iters: 2,

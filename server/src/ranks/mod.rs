@@ -7,6 +7,7 @@ mod config;
 mod control;
 mod health;
 mod launcher;
+pub mod local;
 mod rendezvous;
 mod tcp;
 pub(crate) mod wire;
