@@ -186,6 +186,41 @@ impl std::fmt::Debug for CudaBackend {
 }
 
 impl CudaBackend {
+    /// Checks `n` rows and their routes against an FP4 bank and lays the routes out for the
+    /// grouped kernel; `None` when there are no rows.
+    fn routed_call(
+        &self,
+        b: &Fp4Bank,
+        x: &[f32],
+        n: usize,
+        routes: &[Vec<(usize, f32)>],
+        op: &'static str,
+    ) -> Result<Option<RoutedCall>, BackendError> {
+        Self::check_input(x, n, b.hidden, op)?;
+        if routes.len() != n {
+            return Err(BackendError::Shape {
+                op,
+                detail: format!("{} routes for {n} rows", routes.len()),
+            });
+        }
+        if n == 0 {
+            return Ok(None);
+        }
+        let (ids, weights, topk) = route_table(routes, b.experts)?;
+        let bank = self.fp4_experts(
+            [&b.w1, &b.s1, &b.w3, &b.s3, &b.w2, &b.s2],
+            b.experts,
+            b.hidden,
+            b.inter,
+        );
+        Ok(Some(RoutedCall {
+            bank,
+            ids,
+            weights,
+            topk,
+        }))
+    }
+
     /// [`Backend::moe_experts`] as two calls (banks or shared experts the fused path does not
     /// take).
     #[allow(clippy::too_many_arguments)]
@@ -694,33 +729,12 @@ impl Backend for CudaBackend {
                 return super::routed_experts_one_by_one(self, each, x, n, routes, limit)
             }
         };
-        let Fp4Bank {
-            experts,
-            hidden,
-            inter,
-            w1,
-            s1,
-            w3,
-            s3,
-            w2,
-            s2,
-        } = &**b;
-        let (hidden, inter) = (*hidden, *inter);
-        Self::check_input(x, n, hidden, "routed_experts")?;
-        if routes.len() != n {
-            return Err(BackendError::Shape {
-                op: "routed_experts",
-                detail: format!("{} routes for {n} rows", routes.len()),
-            });
-        }
-        if n == 0 {
+        let Some(call) = self.routed_call(b, x, n, routes, "routed_experts")? else {
             return Ok(Vec::new());
-        }
-        let (ids, weights, topk) = route_table(routes, *experts)?;
-        let bank = self.fp4_experts([w1, s1, w3, s3, w2, s2], *experts, hidden, inter);
-        // SAFETY: the bank holds `experts` FP4 experts of [inter, hidden] / [hidden, inter]
-        // contiguously and every id is below `experts` (checked above).
-        unsafe { self.grouped_fp4(&bank, x, n, &ids, &weights, topk, limit) }
+        };
+        // SAFETY: the bank holds its experts' FP4 weights contiguously and every id is below
+        // their count (checked by routed_call).
+        unsafe { self.grouped_fp4(&call.bank, x, n, &call.ids, &call.weights, call.topk, limit) }
     }
 
     fn moe_experts(
@@ -732,50 +746,36 @@ impl Backend for CudaBackend {
         routes: &[Vec<(usize, f32)>],
         limit: f32,
     ) -> Result<Vec<f32>, BackendError> {
-        let fused = matches!(bank, CudaExpertBank::Fp4(_))
-            && shared
-                .iter()
-                .all(|m| matches!(m, CudaMatrix::Dense { .. } | CudaMatrix::Fp8 { .. }));
+        let shared_fits = shared
+            .iter()
+            .all(|m| matches!(m, CudaMatrix::Dense { .. } | CudaMatrix::Fp8 { .. }));
         let CudaExpertBank::Fp4(b) = bank else {
             return self.moe_experts_apart(bank, shared, x, n, routes, limit);
         };
-        if !fused {
+        if !shared_fits {
             return self.moe_experts_apart(bank, shared, x, n, routes, limit);
         }
         let _timed = Timed::start(&self.clock, 1);
-        let Fp4Bank {
-            experts,
-            hidden,
-            inter,
-            w1,
-            s1,
-            w3,
-            s3,
-            w2,
-            s2,
-        } = &**b;
-        let (hidden, inter) = (*hidden, *inter);
-        Self::check_input(x, n, hidden, "moe_experts")?;
-        if routes.len() != n {
-            return Err(BackendError::Shape {
-                op: "moe_experts",
-                detail: format!("{} routes for {n} rows", routes.len()),
-            });
-        }
-        if n == 0 {
+        let Some(call) = self.routed_call(b, x, n, routes, "moe_experts")? else {
             return Ok(Vec::new());
-        }
-        let (ids, weights, topk) = route_table(routes, *experts)?;
-        let experts = self.fp4_experts([w1, s1, w3, s3, w2, s2], *experts, hidden, inter);
+        };
         // x goes up once; the routed sum and the shared expert meet on the GPU.
         let xd = self.upload(x)?;
-        // SAFETY: the bank holds `experts` FP4 experts of its shapes contiguously and every id
-        // is below `experts` (checked by route_table); xd holds n * hidden f32.
-        let mut out =
-            unsafe { self.grouped_fp4_on(&experts, &xd, n, &ids, &weights, topk, limit) }?;
+        // SAFETY: as in routed_experts; xd holds n * hidden f32.
+        let mut out = unsafe {
+            self.grouped_fp4_on(
+                &call.bank,
+                &xd,
+                n,
+                &call.ids,
+                &call.weights,
+                call.topk,
+                limit,
+            )
+        }?;
         self.add_swiglu_on(&xd, n, shared, limit, &mut out)?;
         let mut y = self.download(&out)?;
-        y.truncate(n * hidden);
+        y.truncate(n * b.hidden);
         Ok(y)
     }
 
@@ -1002,6 +1002,14 @@ impl Backend for CudaBackend {
         // routed to it (id 0) with weight 1.
         unsafe { self.grouped_fp4(&one, x, n, &vec![0; n], &vec![1.0; n], 1, limit) }
     }
+}
+
+/// A grouped FP4 expert call: the bank's pointers and the routes in the kernel's layout.
+struct RoutedCall {
+    bank: Fp4Experts,
+    ids: Vec<i32>,
+    weights: Vec<f32>,
+    topk: usize,
 }
 
 /// Per-token expert ids and weights in fixed `topk` slots (a shorter route is padded with weight
