@@ -155,12 +155,13 @@ pub struct ServeArgs {
     #[arg(long, env = "DSPARK_KV_CACHE_DTYPE", value_enum, default_value_t = KvCacheDtype::Auto)]
     pub kv_cache_dtype: KvCacheDtype,
 
-    /// Tokens in the shared KV pool [default: 16384; sizing from --gpu-memory-utilization comes
-    /// with the GPU-resident pool].
+    /// Tokens in the shared KV pool [default on CUDA: what --gpu-memory-utilization leaves after
+    /// the weights and a 4 GiB workspace, the same on every rank; on the CPU: 16384].
     #[arg(long, env = "DSPARK_KV_POOL_TOKENS")]
     pub kv_pool_tokens: Option<usize>,
 
-    /// Fraction of GPU memory the process may use (weights + workspace + KV pool).
+    /// Fraction of GPU memory the process may use (weights + workspace + KV pool); sizes the
+    /// pool when --kv-pool-tokens is not given.
     #[arg(long, env = "DSPARK_GPU_MEMORY_UTILIZATION", default_value_t = 0.9)]
     pub gpu_memory_utilization: f64,
 

@@ -477,6 +477,10 @@ fn load_engine(
         kv_pool_tokens: args
             .kv_pool_tokens
             .unwrap_or(model::LoadOptions::default().kv_pool_tokens),
+        // Without --kv-pool-tokens the GPU's pool takes what the utilization leaves after the
+        // weights (as vLLM sizes its KV cache); the CPU keeps the fixed default.
+        gpu_memory_utilization: (args.kv_pool_tokens.is_none() && device == model::Device::Cuda)
+            .then_some(args.gpu_memory_utilization),
         shard: model::load::Shard {
             rank: args.rank(),
             world_size: args.world_size,

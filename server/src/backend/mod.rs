@@ -220,6 +220,11 @@ pub trait Backend: Send + Sync + 'static {
 
     fn name(&self) -> &'static str;
 
+    /// `(free, total)` bytes of the device's memory, where the backend has its own (GPU).
+    fn memory_info(&self) -> Option<(usize, usize)> {
+        None
+    }
+
     /// The top `k` rows of each token by Lightning Indexer score ([`Self::kv_indexer_scores`]),
     /// value descending with ties to the lower row, as `engine::model::ops::top_k_indices`. For
     /// one rank only: with tensor parallelism the scores are summed over ranks first.

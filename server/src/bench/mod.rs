@@ -248,6 +248,8 @@ pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchE
         dummy_seed: args.seed,
         // The copy above measured GPU 0 too.
         gpu_ordinal: 0,
+        // The bench sizes the pool for its cases.
+        gpu_memory_utilization: None,
     };
     let load_started = std::time::Instant::now();
     let dir = args.model_dir();

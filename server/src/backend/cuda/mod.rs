@@ -783,6 +783,11 @@ impl Backend for CudaBackend {
         "cuda"
     }
 
+    fn memory_info(&self) -> Option<(usize, usize)> {
+        self.stream.context().bind_to_thread().ok()?;
+        cudarc::driver::result::mem_get_info().ok()
+    }
+
     fn matrix(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<CudaMatrix, BackendError> {
         if data.len() != rows * cols {
             return Err(BackendError::Shape {

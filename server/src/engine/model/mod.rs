@@ -68,6 +68,44 @@ pub struct LoadOptions {
     /// GPU ordinal of `Device::Cuda` (a pod sees one GPU: 0; the local launcher gives rank r
     /// GPU r).
     pub gpu_ordinal: usize,
+    /// vLLM's `--gpu-memory-utilization`: when set and the backend reports its memory, the pool
+    /// takes what is left of this fraction of the device after the weights and
+    /// [`KV_WORKSPACE_RESERVE`] bytes, instead of `kv_pool_tokens`; the ranks of a group agree on
+    /// the smallest.
+    pub gpu_memory_utilization: Option<f64>,
+}
+
+/// Device memory kept free for activations and per-step buffers when the pool is sized from
+/// `gpu_memory_utilization` (an 8K-token prefill chunk at V4-Flash width uses ~3 GB).
+pub const KV_WORKSPACE_RESERVE: usize = 4 << 30;
+
+/// Blocks of `bytes_per_block` that fit in `utilization` of a device of `total` bytes with
+/// `free` bytes free now (weights loaded), keeping `reserve` bytes for the workspace.
+pub fn pool_blocks_for_memory(
+    free: usize,
+    total: usize,
+    utilization: f64,
+    reserve: usize,
+    bytes_per_block: usize,
+) -> Result<usize, LoadError> {
+    let used = total.saturating_sub(free);
+    let budget = (total as f64 * utilization) as usize;
+    let left = budget.saturating_sub(used).saturating_sub(reserve);
+    let blocks = left / bytes_per_block.max(1);
+    if blocks == 0 {
+        return Err(LoadError::KvPool(format!(
+            "no room for the KV pool: {:.1} GB of {:.1} GB are in use (weights and other \
+             processes), --gpu-memory-utilization {utilization} allows {:.1} GB and {:.1} GB are \
+             kept for the workspace; one block needs {:.1} MB. Raise \
+             --gpu-memory-utilization, use more ranks, or give --kv-pool-tokens",
+            used as f64 / 1e9,
+            total as f64 / 1e9,
+            budget as f64 / 1e9,
+            reserve as f64 / 1e9,
+            bytes_per_block as f64 / 1e6
+        )));
+    }
+    Ok(blocks)
 }
 
 impl Default for LoadOptions {
@@ -80,12 +118,22 @@ impl Default for LoadOptions {
             shard: Shard::SINGLE,
             dummy_seed: 0,
             gpu_ordinal: 0,
+            gpu_memory_utilization: None,
         }
     }
 }
 
-/// Validates the block size and sizes the pool.
+/// Validates the block size and sizes the pool from `opts.kv_pool_tokens`.
 pub fn kv_pool(cfg: &ModelConfig, opts: &LoadOptions) -> Result<KvPool, LoadError> {
+    kv_pool_of(cfg, opts, None)
+}
+
+/// [`kv_pool`] with `blocks` overriding `opts.kv_pool_tokens`.
+fn kv_pool_of(
+    cfg: &ModelConfig,
+    opts: &LoadOptions,
+    blocks: Option<usize>,
+) -> Result<KvPool, LoadError> {
     let bs = opts.block_size.unwrap_or_else(|| cfg.default_block_size());
     for l in 0..cfg.num_hidden_layers {
         if let Some(r) = cfg.compress_ratio(l) {
@@ -96,7 +144,9 @@ pub fn kv_pool(cfg: &ModelConfig, opts: &LoadOptions) -> Result<KvPool, LoadErro
             }
         }
     }
-    let num_blocks = opts.kv_pool_tokens.div_ceil(bs).max(1);
+    let num_blocks = blocks
+        .unwrap_or_else(|| opts.kv_pool_tokens.div_ceil(bs))
+        .max(1);
     let geometry = BlockGeometry::new(cfg, bs);
     tracing::info!(
         block_size = bs,
@@ -156,10 +206,49 @@ pub fn build_on<B: Backend>(
     let expected = manifest::target_tensors(&cfg);
     manifest::check_complete(src, &expected)?;
     let weights = load::load_weights(src, &backend, &cfg, opts.shard)?;
-    let pool = kv_pool(&cfg, opts)?;
+    let blocks = pool_blocks_from_memory(&cfg, opts, &backend, comm.as_ref())?;
+    let pool = kv_pool_of(&cfg, opts, blocks)?;
     Ok(DeepseekV4::new(
         cfg, backend, weights, pool, comm, opts.shard,
     )?)
+}
+
+/// With `opts.gpu_memory_utilization` on a backend that reports its memory: the pool's blocks
+/// from the memory left after the weights, the smallest over the ranks (they must hold the same
+/// block ids). `None` otherwise (size from `kv_pool_tokens`).
+fn pool_blocks_from_memory<B: Backend>(
+    cfg: &ModelConfig,
+    opts: &LoadOptions,
+    backend: &B,
+    comm: &dyn Communicator,
+) -> Result<Option<usize>, LoadError> {
+    let (Some(utilization), Some((free, total))) =
+        (opts.gpu_memory_utilization, backend.memory_info())
+    else {
+        return Ok(None);
+    };
+    let bs = opts.block_size.unwrap_or_else(|| cfg.default_block_size());
+    let bytes_per_block = BlockGeometry::new(cfg, bs).bytes_per_block();
+    let mine = pool_blocks_for_memory(
+        free,
+        total,
+        utilization,
+        KV_WORKSPACE_RESERVE,
+        bytes_per_block,
+    )?;
+    // Every rank sees the same gathered values, so every rank picks the same minimum.
+    let all = comm
+        .all_gather(&[mine as f32])
+        .map_err(|e| LoadError::KvPool(format!("agreeing on the pool size: {e}")))?;
+    let agreed = all.iter().fold(f32::INFINITY, |a, &b| a.min(b)).max(1.0) as usize;
+    tracing::info!(
+        free_gb = free as f64 / 1e9,
+        total_gb = total as f64 / 1e9,
+        utilization,
+        blocks = agreed,
+        "KV pool sized from --gpu-memory-utilization"
+    );
+    Ok(Some(agreed))
 }
 
 /// Builds the CPU model of this rank from a weight source.
@@ -223,5 +312,24 @@ mod tests {
         };
         let e = kv_pool(&cfg, &bad).unwrap_err().to_string();
         assert!(e.contains("multiple of compress ratio 4"), "{e}");
+    }
+
+    #[test]
+    fn pool_from_memory_is_what_the_utilization_leaves() {
+        const GB: usize = 1 << 30;
+        // 100 GiB device, 30 GiB in use, half allowed: 50 - 30 - 4 = 16 blocks of 1 GiB.
+        let b = pool_blocks_for_memory(70 * GB, 100 * GB, 0.5, 4 * GB, GB).unwrap();
+        assert_eq!(b, 16);
+        // A partial block does not count.
+        let b = pool_blocks_for_memory(70 * GB, 100 * GB, 0.5, 4 * GB, GB - 1).unwrap();
+        assert_eq!(b, 16);
+        // Weights already past the budget: a clear error, not a zero-block pool.
+        let e = pool_blocks_for_memory(5 * GB, 100 * GB, 0.9, 4 * GB, GB)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no room for the KV pool") && e.contains("--gpu-memory-utilization"),
+            "{e}"
+        );
     }
 }
