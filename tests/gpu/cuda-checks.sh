@@ -8,8 +8,9 @@
 # 1. the engine fixture tests on the CUDA backend (transformers references, CUDA vs CPU, TP=2 in
 #    one process) and the KV pool kernels against the CPU backend; 2. compute-sanitizer memcheck
 #    over the fixture runs and the KV kernel checks (if installed);
-# 3. the server on --device cuda at TP=1 and, with two GPUs, TP=2 over NCCL (and with DSpark):
-#    greedy completions must equal the CPU backend's.
+# 3. the server on --device cuda at TP=1 (also with the pool sized from --gpu-memory-utilization)
+#    and, with two GPUs, TP=2 over NCCL (and with DSpark): greedy completions must equal the CPU
+#    backend's.
 set -uo pipefail
 server=${DSPARK_SERVER_BIN:?set DSPARK_SERVER_BIN}
 tests=${DSPARK_MODEL_CUDA_BIN:?set DSPARK_MODEL_CUDA_BIN}
@@ -65,6 +66,14 @@ serve 8102 cuda 1 && got=$(complete 8102); stop 8102
 echo "cpu : $want"; echo "cuda: $got"
 [[ -n "$want" && "$want" == "$got" ]] || { echo "MISMATCH cuda tp1"; fail=1; }
 grep -m1 "CUDA backend ready" /tmp/dspark-8102.log
+
+step "server: CUDA TP=1 without --kv-pool-tokens (pool from --gpu-memory-utilization)"
+"$server" serve --device cuda --port 8105 --control-port 8205 > /tmp/dspark-8105.log 2>&1 &
+echo $! > /tmp/dspark-8105.pid
+for _ in $(seq 1 240); do curl -sf http://127.0.0.1:8105/ready >/dev/null && break; sleep 0.5; done
+got_mem=$(complete 8105); stop 8105
+grep -m1 "sized from --gpu-memory-utilization" /tmp/dspark-8105.log
+[[ "$want" == "$got_mem" ]] || { echo "MISMATCH cuda pool from memory"; fail=1; }
 
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
 if (( gpus >= 2 )); then
