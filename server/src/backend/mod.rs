@@ -97,8 +97,9 @@ impl PackedWeight {
     }
 }
 
-/// Checks the shapes of a [`Backend::kv_attend`] call.
+/// Checks the shapes of a [`Backend::kv_attend`] call against a pool of `pool_len` floats.
 pub fn check_attend(
+    pool_len: usize,
     q: &[f32],
     heads: usize,
     head_dim: usize,
@@ -116,7 +117,7 @@ pub fn check_attend(
             ),
         });
     }
-    Ok(())
+    check_kv_rows("kv_attend", pool_len, &keys.offsets, head_dim, None)
 }
 
 /// Checks the shapes of a [`Backend::kv_indexer_scores`] call.
@@ -382,11 +383,7 @@ pub trait Backend: Send + Sync + 'static {
         routes: &[Vec<(usize, f32)>],
         limit: f32,
     ) -> Result<Vec<f32>, BackendError> {
-        let mut out = self.routed_experts(bank, x, n, routes, limit)?;
-        let [w1, w3, w2] = shared;
-        let shared = self.swiglu_expert(x, n, w1, w3, w2, limit)?;
-        out.iter_mut().zip(&shared).for_each(|(o, s)| *o += s);
-        Ok(out)
+        routed_plus_shared(self, bank, shared, x, n, routes, limit)
     }
 
     /// One SwiGLU expert with clipping over `n` rows of `x`:
@@ -424,6 +421,24 @@ pub fn swiglu_by_projections<B: Backend + ?Sized>(
         .map(|(&g, &u)| silu(g.min(limit)) * u.clamp(-limit, limit))
         .collect();
     backend.linear(&act, n, w2)
+}
+
+/// [`Backend::moe_experts`] as two calls: the routed experts, then the shared expert, summed on
+/// the host (the default, and the CUDA backend's path for banks its fused call does not take).
+#[allow(clippy::too_many_arguments)]
+pub fn routed_plus_shared<B: Backend + ?Sized>(
+    backend: &B,
+    bank: &B::ExpertBank,
+    [w1, w3, w2]: [&B::Matrix; 3],
+    x: &[f32],
+    n: usize,
+    routes: &[Vec<(usize, f32)>],
+    limit: f32,
+) -> Result<Vec<f32>, BackendError> {
+    let mut out = backend.routed_experts(bank, x, n, routes, limit)?;
+    let shared = backend.swiglu_expert(x, n, w1, w3, w2, limit)?;
+    out.iter_mut().zip(&shared).for_each(|(o, s)| *o += s);
+    Ok(out)
 }
 
 /// [`Backend::routed_experts`] one expert at a time, in ascending expert id (the order the

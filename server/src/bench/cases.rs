@@ -626,6 +626,16 @@ mod tests {
         fail_at: Option<usize>,
     }
 
+    impl Scripted {
+        fn new(fail_at: Option<usize>) -> Self {
+            Self {
+                plans: vec![],
+                released: vec![],
+                fail_at,
+            }
+        }
+    }
+
     impl ModelRunner for Scripted {
         fn kv_layout(&self) -> KvLayout {
             KvLayout {
@@ -683,11 +693,7 @@ mod tests {
     fn plans_have_the_shapes_of_each_case() {
         let cfg = tiny();
         let model = bytes_model(&cfg);
-        let mut r = Scripted {
-            plans: vec![],
-            released: vec![],
-            fail_at: None,
-        };
+        let mut r = Scripted::new(None);
         let mut alloc = BlockAllocator::new(64);
         let mut next = 1;
         // Verify at 50 for 2 sequences: fills of 50 tokens each packed in 40-token steps
@@ -789,11 +795,7 @@ mod tests {
     fn random_fill_falls_back_to_the_prefill_when_the_runner_cannot() {
         let cfg = tiny();
         let model = bytes_model(&cfg);
-        let mut r = Scripted {
-            plans: vec![],
-            released: vec![],
-            fail_at: None,
-        };
+        let mut r = Scripted::new(None);
         let mut alloc = BlockAllocator::new(64);
         let mut next = 1;
         let settings = RunSettings {
@@ -814,11 +816,7 @@ mod tests {
     fn a_failing_step_still_releases_the_case() {
         let cfg = tiny();
         let model = bytes_model(&cfg);
-        let mut r = Scripted {
-            plans: vec![],
-            released: vec![],
-            fail_at: Some(2),
-        };
+        let mut r = Scripted::new(Some(2));
         let mut alloc = BlockAllocator::new(64);
         let mut next = 1;
         let case = Case::Decode {

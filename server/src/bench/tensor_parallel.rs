@@ -40,15 +40,15 @@ fn fail_group(rank: usize, what: &str) -> ! {
     std::process::exit(1)
 }
 
-/// The communicator of each rank of a `world`-rank group on `device`.
-fn communicators(device: Device, world: usize) -> Result<Vec<Arc<dyn Communicator>>, BenchError> {
+/// On the CPU, every rank's in-process communicator, made up front; on CUDA `None` each, since
+/// NCCL's join is collective and happens on each rank's own thread (see `build`).
+fn cpu_communicators(device: Device, world: usize) -> Vec<Option<Arc<dyn Communicator>>> {
     match device {
-        Device::Cpu => Ok(crate::ranks::local::group(world)
+        Device::Cpu => crate::ranks::local::group(world)
             .into_iter()
-            .map(|c| Arc::new(c) as Arc<dyn Communicator>)
-            .collect()),
-        // NCCL joins collectively: made on each rank's own thread (see `build`).
-        Device::Cuda => Ok(Vec::new()),
+            .map(|c| Some(Arc::new(c) as Arc<dyn Communicator>))
+            .collect(),
+        Device::Cuda => (0..world).map(|_| None).collect(),
     }
 }
 
@@ -76,7 +76,7 @@ pub fn build(
         ),
         Device::Cpu => None,
     };
-    let mut comms = communicators(opts.device, world)?.into_iter();
+    let mut comms = cpu_communicators(opts.device, world).into_iter();
     let comm_for = move |rank: usize,
                          local: Option<Arc<dyn Communicator>>|
           -> Result<Arc<dyn Communicator>, String> {
@@ -116,13 +116,13 @@ pub fn build(
         }
     };
     let mut followers = Vec::with_capacity(world.saturating_sub(1));
-    let local_comm = comms.next();
+    let local_comm = comms.next().flatten();
     for rank in 1..world {
         let (work_tx, work_rx) = mpsc::channel::<Work>();
         let (done_tx, done_rx) = mpsc::channel::<Result<bool, String>>();
         let (opts, comm, comm_for, load) = (
             rank_opts(rank),
-            comms.next(),
+            comms.next().flatten(),
             comm_for.clone(),
             load.clone(),
         );

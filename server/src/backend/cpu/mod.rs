@@ -123,8 +123,7 @@ impl Backend for CpuBackend {
         sinks: &[f32],
         scale: f32,
     ) -> Result<Vec<f32>, BackendError> {
-        check_attend(q, heads, head_dim, keys, sinks)?;
-        check_kv_rows("kv_attend", store.len(), &keys.offsets, head_dim, None)?;
+        check_attend(store.len(), q, heads, head_dim, keys, sinks)?;
         let mut out = vec![0f32; q.len()];
         // Parallel over tokens and, inside a token, over heads: a single decoding sequence at
         // long context still uses every core.

@@ -116,8 +116,7 @@ impl CudaBackend {
         sinks: &[f32],
         scale: f32,
     ) -> Result<Vec<f32>, BackendError> {
-        check_attend(q, heads, head_dim, keys, sinks)?;
-        check_kv_rows("kv_attend", store.len, &keys.offsets, head_dim, None)?;
+        check_attend(store.len, q, heads, head_dim, keys, sinks)?;
         let tokens = keys.tokens();
         if tokens == 0 || heads == 0 || head_dim == 0 {
             return Ok(vec![0f32; q.len()]);

@@ -221,24 +221,6 @@ impl CudaBackend {
         }))
     }
 
-    /// [`Backend::moe_experts`] as two calls (banks or shared experts the fused path does not
-    /// take).
-    #[allow(clippy::too_many_arguments)]
-    fn moe_experts_apart(
-        &self,
-        bank: &CudaExpertBank,
-        [w1, w3, w2]: [&CudaMatrix; 3],
-        x: &[f32],
-        n: usize,
-        routes: &[Vec<(usize, f32)>],
-        limit: f32,
-    ) -> Result<Vec<f32>, BackendError> {
-        let mut out = self.routed_experts(bank, x, n, routes, limit)?;
-        let shared = self.swiglu_expert(x, n, w1, w3, w2, limit)?;
-        out.iter_mut().zip(&shared).for_each(|(o, s)| *o += s);
-        Ok(out)
-    }
-
     /// Opens GPU `ordinal` and loads the kernels (prebuilt cubins, the on-disk cache, or NVRTC).
     pub fn open(ordinal: usize) -> Result<Self, BackendError> {
         let ctx = dspark_kernels::open_gpu(ordinal).map_err(kernel_err)?;
@@ -749,12 +731,9 @@ impl Backend for CudaBackend {
         let shared_fits = shared
             .iter()
             .all(|m| matches!(m, CudaMatrix::Dense { .. } | CudaMatrix::Fp8 { .. }));
-        let CudaExpertBank::Fp4(b) = bank else {
-            return self.moe_experts_apart(bank, shared, x, n, routes, limit);
+        let (CudaExpertBank::Fp4(b), true) = (bank, shared_fits) else {
+            return super::routed_plus_shared(self, bank, shared, x, n, routes, limit);
         };
-        if !shared_fits {
-            return self.moe_experts_apart(bank, shared, x, n, routes, limit);
-        }
         let _timed = Timed::start(&self.clock, 1);
         let Some(call) = self.routed_call(b, x, n, routes, "moe_experts")? else {
             return Ok(Vec::new());
