@@ -47,7 +47,12 @@ pub const ELEMENTWISE: KernelSource = KernelSource {
     body: include_str!("../elementwise.cu"),
 };
 
-pub const ALL: [KernelSource; 8] = [
+pub const PAGED: KernelSource = KernelSource {
+    name: "paged",
+    body: include_str!("../paged.cu"),
+};
+
+pub const ALL: [KernelSource; 9] = [
     FP8_GEMV,
     FP4_MOE,
     RMSNORM,
@@ -56,6 +61,7 @@ pub const ALL: [KernelSource; 8] = [
     TIMING,
     ATTENTION,
     ELEMENTWISE,
+    PAGED,
 ];
 
 impl KernelSource {
