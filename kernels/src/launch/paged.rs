@@ -438,7 +438,7 @@ impl Kernels {
         let w = i32_arg(K, "width", width)?;
         let cfg = LaunchConfig {
             grid_dim: (u32_grid(K, rows.rows)?, 1, 1),
-            block_dim: (width.next_power_of_two().clamp(32, 256) as u32, 1, 1),
+            block_dim: (width.min(256).next_power_of_two().max(32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         stream
@@ -507,7 +507,7 @@ impl Kernels {
         );
         let cfg = LaunchConfig {
             grid_dim: (u32_grid(K, rows.rows)?, 1, 1),
-            block_dim: (c.dim.next_power_of_two().clamp(32, 256) as u32, 1, 1),
+            block_dim: (c.dim.min(256).next_power_of_two().max(32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         stream
@@ -544,8 +544,8 @@ impl Kernels {
     /// `topk_select` writes them). `key_starts` (i32 `[rows + 1]`) comes from [`key_counts`] /
     /// [`key_starts`]; a row never writes past `key_starts[r + 1]`, and any slot it has no valid
     /// key for (room past its keys, a selected index outside `0..(pos + 1) / ratio`, a block
-    /// past its table) gets -1. `max_keys` (the largest row's count; an upper bound is fine)
-    /// only sizes the grid.
+    /// past its table) gets -1. `max_keys` (the largest row's room) only sizes the grid: any
+    /// value gives the same offsets (each block grid-strides over the rest).
     ///
     /// # Safety
     /// Every pointer must address device memory of this context: the row table as documented on
@@ -567,7 +567,7 @@ impl Kernels {
         max_keys: usize,
     ) -> Result<(), KernelError> {
         const K: &str = "build_key_offsets";
-        if rows.rows == 0 || max_keys == 0 {
+        if rows.rows == 0 {
             return Ok(());
         }
         check_key_offsets(
