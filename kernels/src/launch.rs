@@ -14,6 +14,7 @@ use crate::sources;
 
 pub mod attention;
 pub mod elementwise;
+pub mod layer_ops;
 
 /// Activation element type of a GEMV input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -454,6 +455,7 @@ pub struct Kernels {
     add: CudaFunction,
     topk_select: CudaFunction,
     fp8_dequant: CudaFunction,
+    layer_ops: layer_ops::LayerOpsFns,
 }
 
 impl Kernels {
@@ -524,6 +526,7 @@ impl Kernels {
             topk_select: f(&attn, "dsk_topk_select_f32")?,
             fp8_dequant: f(&elementwise, "dsk_fp8_dequant_f32")?,
             add: f(&elementwise, "dsk_add_f32")?,
+            layer_ops: layer_ops::LayerOpsFns::load(&module(&sources::LAYER_OPS)?)?,
             ctx: ctx.clone(),
             arch,
             sms: usize::try_from(sms).unwrap_or(1).max(1),

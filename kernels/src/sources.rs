@@ -47,7 +47,12 @@ pub const ELEMENTWISE: KernelSource = KernelSource {
     body: include_str!("../elementwise.cu"),
 };
 
-pub const ALL: [KernelSource; 8] = [
+pub const LAYER_OPS: KernelSource = KernelSource {
+    name: "layer_ops",
+    body: include_str!("../layer_ops.cu"),
+};
+
+pub const ALL: [KernelSource; 9] = [
     FP8_GEMV,
     FP4_MOE,
     RMSNORM,
@@ -56,6 +61,7 @@ pub const ALL: [KernelSource; 8] = [
     TIMING,
     ATTENTION,
     ELEMENTWISE,
+    LAYER_OPS,
 ];
 
 impl KernelSource {
