@@ -15,6 +15,7 @@ use crate::sources;
 pub mod attention;
 pub mod elementwise;
 pub mod paged;
+pub mod layer_ops;
 
 /// Activation element type of a GEMV input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -456,6 +457,7 @@ pub struct Kernels {
     topk_select: CudaFunction,
     fp8_dequant: CudaFunction,
     paged: paged::PagedFns,
+    layer_ops: layer_ops::LayerOpsFns,
 }
 
 impl Kernels {
@@ -527,6 +529,7 @@ impl Kernels {
             fp8_dequant: f(&elementwise, "dsk_fp8_dequant_f32")?,
             add: f(&elementwise, "dsk_add_f32")?,
             paged: paged::PagedFns::load(&module(&sources::PAGED)?)?,
+            layer_ops: layer_ops::LayerOpsFns::load(&module(&sources::LAYER_OPS)?)?,
             ctx: ctx.clone(),
             arch,
             sms: usize::try_from(sms).unwrap_or(1).max(1),

@@ -52,7 +52,12 @@ pub const PAGED: KernelSource = KernelSource {
     body: include_str!("../paged.cu"),
 };
 
-pub const ALL: [KernelSource; 9] = [
+pub const LAYER_OPS: KernelSource = KernelSource {
+    name: "layer_ops",
+    body: include_str!("../layer_ops.cu"),
+};
+
+pub const ALL: [KernelSource; 10] = [
     FP8_GEMV,
     FP4_MOE,
     RMSNORM,
@@ -62,6 +67,7 @@ pub const ALL: [KernelSource; 9] = [
     ATTENTION,
     ELEMENTWISE,
     PAGED,
+    LAYER_OPS,
 ];
 
 impl KernelSource {

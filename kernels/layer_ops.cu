@@ -1,0 +1,419 @@
+// f32 "layer ops" of the device-resident decode path: RMSNorm, RoPE, hyper-connections (mHC),
+// the MoE router and small dense SwiGLU experts. Each mirrors the server's host code
+// (engine/model/{ops,rope,hyper,forward}.rs); elementwise steps use __fmul_rn/__fadd_rn so NVRTC's
+// default FMA contraction does not change their rounding against the host. Reductions are
+// parallel (not the host's sequential order), so sums agree to f32 rounding, not bit for bit.
+
+#define LO_BLOCK 256
+// Tokens one hc_mix block keeps accumulators for (grid.z covers more).
+#define LO_MIX_TOKENS 16
+#define LO_HC_MAX 8
+#define LO_ROUTE_MAX_E 1024
+#define LO_ROUTE_MAX_K 16
+
+// Sum over a block of LO_BLOCK threads; every thread gets the result. `red` holds 32 floats.
+__device__ __forceinline__ float lo_block_sum(float v, float *red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = dsk_warp_sum(v);
+    __syncthreads();  // `red` may still be read from a previous call
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float t = 0.0f;
+    if (warp == 0) {
+        t = lane < (int)(blockDim.x >> 5) ? red[lane] : 0.0f;
+        t = dsk_warp_sum(t);
+        if (lane == 0) red[0] = t;
+    }
+    __syncthreads();
+    return red[0];
+}
+
+__device__ __forceinline__ float lo_sigmoid(float x) {
+    return __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-x)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm: out = w * (v * inv), inv = 1 / sqrt(sum(v^2) / dim + eps); one block per row.
+// weight may be null (no weight). x == out is fine: each thread rewrites only what it read.
+extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_rms_norm_f32(
+    const float *x, float *out, const float *__restrict__ weight, int dim, long long ld_x,
+    long long ld_out, float eps) {
+    __shared__ float red[32];
+    const float *xr = x + (long long)blockIdx.x * ld_x;
+    float *orow = out + (long long)blockIdx.x * ld_out;
+    float sq = 0.0f;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) sq = fmaf(xr[c], xr[c], sq);
+    const float ms = __fdiv_rn(lo_block_sum(sq, red), (float)dim);
+    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, eps)));
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+        const float v = __fmul_rn(xr[c], inv);
+        orow[c] = weight ? __fmul_rn(weight[c], v) : v;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interleaved RoPE on the trailing rope_dim channels of x [tokens, heads, head_dim] (in place).
+// As RopeTable::cos_sin: the angle is the f32 product inv_freq * pos, widened; cos/sin in
+// double, rounded to f32, then times the attention factor.
+extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_rope_f32(
+    float *x, const int *__restrict__ positions, const float *__restrict__ inv_freq, int tokens,
+    int heads, int head_dim, int rope_dim, long long ld_token, long long ld_head,
+    float attention_factor, int inverse) {
+    const int half = rope_dim >> 1;
+    const long long total = (long long)tokens * heads * half;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const int j = (int)(i % half);
+        const long long th = i / half;
+        const int h = (int)(th % heads);
+        const int t = (int)(th / heads);
+        const float p = (float)positions[t];
+        const double a = (double)__fmul_rn(inv_freq[j], p);
+        const float c = __fmul_rn((float)cos(a), attention_factor);
+        float s = __fmul_rn((float)sin(a), attention_factor);
+        if (inverse) s = -s;
+        float *r = x + t * ld_token + h * ld_head + (head_dim - rope_dim) + 2 * j;
+        const float x0 = r[0], x1 = r[1];
+        r[0] = __fadd_rn(__fmul_rn(x0, c), __fmul_rn(-x1, s));
+        r[1] = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hyper-connection projections, split along the width so one token fills the GPU.
+// Block (kc, o, tz): chunk kc of the width, output o, tokens tz*16 .. +16. Writes
+// partial[(kc * n + t) * outs + o] = sum_chunk v[t, c] * fn[o, c]; blocks with o == 0 also
+// sq[kc * n + t] = sum_chunk v[t, c]^2. The reduce applies the RMS scale to the finished dot
+// (inv * dot instead of the host's dot(v * inv): equal up to f32 rounding).
+extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_mix_partial_f32(
+    const float *__restrict__ streams, const float *__restrict__ fn, float *__restrict__ partial,
+    float *__restrict__ sq, int n, int width, int outs, int chunk) {
+    __shared__ float red[32];
+    const int kc = blockIdx.x, o = blockIdx.y, t0 = blockIdx.z * LO_MIX_TOKENS;
+    const int nt = min(LO_MIX_TOKENS, n - t0);
+    const int c0 = kc * chunk, c1 = min(width, c0 + chunk);
+    const float *f = fn + (long long)o * width;
+    float acc[LO_MIX_TOKENS], acc2[LO_MIX_TOKENS];
+#pragma unroll
+    for (int t = 0; t < LO_MIX_TOKENS; ++t) acc[t] = acc2[t] = 0.0f;
+    for (int c = c0 + threadIdx.x; c < c1; c += blockDim.x) {
+        const float w = f[c];
+#pragma unroll
+        for (int t = 0; t < LO_MIX_TOKENS; ++t) {
+            if (t < nt) {
+                const float v = streams[(long long)(t0 + t) * width + c];
+                acc[t] = fmaf(v, w, acc[t]);
+                acc2[t] = fmaf(v, v, acc2[t]);
+            }
+        }
+    }
+#pragma unroll 1
+    for (int t = 0; t < nt; ++t) {
+        const float d = lo_block_sum(acc[t], red);
+        if (threadIdx.x == 0) partial[((long long)kc * n + t0 + t) * outs + o] = d;
+        if (o == 0) {
+            const float s = lo_block_sum(acc2[t], red);
+            if (threadIdx.x == 0) sq[(long long)kc * n + t0 + t] = s;
+        }
+    }
+}
+
+// out[t, o] = inv_t * sum_kc partial, inv_t = 1 / sqrt(sum_kc sq / width + eps); one thread each.
+extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_mix_reduce_f32(
+    const float *__restrict__ partial, const float *__restrict__ sq, float *__restrict__ out,
+    int n, int outs, int splits, int width, float eps) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n * outs) return;
+    const int t = i / outs, o = i % outs;
+    float d = 0.0f, s = 0.0f;
+    for (int kc = 0; kc < splits; ++kc) {
+        d += partial[((long long)kc * n + t) * outs + o];
+        s += sq[(long long)kc * n + t];
+    }
+    const float ms = __fdiv_rn(s, (float)width);
+    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, eps)));
+    out[i] = __fmul_rn(d, inv);
+}
+
+// hyper.rs sinkhorn: row softmax + eps, column normalisation, then iters - 1 (row, column) rounds.
+__device__ void lo_sinkhorn(float *m, int hc, int iters, float eps) {
+    for (int r = 0; r < hc; ++r) {
+        float mx = __int_as_float(0xff800000);  // -inf
+        for (int c = 0; c < hc; ++c) mx = fmaxf(mx, m[r * hc + c]);
+        float e[LO_HC_MAX];
+        float sum = 0.0f;
+        for (int c = 0; c < hc; ++c) {
+            e[c] = expf(__fadd_rn(m[r * hc + c], -mx));
+            sum = __fadd_rn(sum, e[c]);
+        }
+        for (int c = 0; c < hc; ++c) m[r * hc + c] = __fadd_rn(__fdiv_rn(e[c], sum), eps);
+    }
+    // The first column pass always runs (iters = 0 included), as in the host.
+    for (int it = 0; it < max(iters, 1); ++it) {
+        if (it > 0) {
+            for (int r = 0; r < hc; ++r) {
+                float s = 0.0f;
+                for (int c = 0; c < hc; ++c) s = __fadd_rn(s, m[r * hc + c]);
+                s = __fadd_rn(s, eps);
+                for (int c = 0; c < hc; ++c) m[r * hc + c] = __fdiv_rn(m[r * hc + c], s);
+            }
+        }
+        for (int c = 0; c < hc; ++c) {
+            float s = 0.0f;
+            for (int r = 0; r < hc; ++r) s = __fadd_rn(s, m[r * hc + c]);
+            s = __fadd_rn(s, eps);
+            for (int r = 0; r < hc; ++r) m[r * hc + c] = __fdiv_rn(m[r * hc + c], s);
+        }
+    }
+}
+
+// sum_k pre[k] * stream_k[c], k ascending from 0 (hyper.rs collapse).
+__device__ __forceinline__ float lo_collapse(const float *s, const float *pre, int hc, int hidden,
+                                             int c) {
+    float acc = 0.0f;
+    for (int k = 0; k < hc; ++k) acc = __fadd_rn(acc, __fmul_rn(pre[k], s[(long long)k * hidden + c]));
+    return acc;
+}
+
+// HyperConnection::finish + collapse. Block (cx, t): every block derives pre for its token; the
+// cx == 0 block also writes mix_out[t] = pre[hc], post[hc], comb[hc*hc] (sinkhorn by one thread).
+extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_pre_finish_f32(
+    const float *__restrict__ proj, const float *__restrict__ base, float scale0, float scale1,
+    float scale2, const float *__restrict__ streams, float *__restrict__ x_out,
+    float *__restrict__ mix_out, int hc, int hidden, int iters, float hc_eps) {
+    __shared__ float pre[LO_HC_MAX];
+    const int t = blockIdx.y, outs = (2 + hc) * hc;
+    const float *m = proj + (long long)t * outs;
+    if (threadIdx.x < hc) {
+        const int i = threadIdx.x;
+        pre[i] = __fadd_rn(lo_sigmoid(__fadd_rn(__fmul_rn(m[i], scale0), base[i])), hc_eps);
+    }
+    if (blockIdx.x == 0 && threadIdx.x == 32) {
+        float *mo = mix_out + (long long)t * outs;
+        for (int i = 0; i < hc; ++i) {
+            mo[i] = __fadd_rn(lo_sigmoid(__fadd_rn(__fmul_rn(m[i], scale0), base[i])), hc_eps);
+            mo[hc + i] = __fmul_rn(
+                2.0f, lo_sigmoid(__fadd_rn(__fmul_rn(m[hc + i], scale1), base[hc + i])));
+        }
+        float cm[LO_HC_MAX * LO_HC_MAX];
+        for (int i = 0; i < hc * hc; ++i)
+            cm[i] = __fadd_rn(__fmul_rn(m[2 * hc + i], scale2), base[2 * hc + i]);
+        lo_sinkhorn(cm, hc, iters, hc_eps);
+        for (int i = 0; i < hc * hc; ++i) mo[2 * hc + i] = cm[i];
+    }
+    __syncthreads();
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c < hidden)
+        x_out[(long long)t * hidden + c] =
+            lo_collapse(streams + (long long)t * hc * hidden, pre, hc, hidden, c);
+}
+
+// expand: new[k][c] = post[k] * out[c] + sum_j comb[j, k] * old[j][c] (j ascending), in place;
+// each thread owns channel c of one token across all streams.
+extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_post_f32(
+    float *streams, const float *__restrict__ mix, const float *__restrict__ out, int n, int hc,
+    int hidden) {
+    const long long total = (long long)n * hidden;
+    const int outs = (2 + hc) * hc;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const int t = (int)(i / hidden), c = (int)(i % hidden);
+        float *s = streams + (long long)t * hc * hidden + c;
+        const float *mx = mix + (long long)t * outs;
+        float old[LO_HC_MAX];
+        for (int j = 0; j < hc; ++j) old[j] = s[(long long)j * hidden];
+        const float o = out[i];
+        for (int k = 0; k < hc; ++k) {
+            float v = __fmul_rn(mx[hc + k], o);
+            for (int j = 0; j < hc; ++j) v = __fadd_rn(v, __fmul_rn(mx[2 * hc + j * hc + k], old[j]));
+            s[(long long)k * hidden] = v;
+        }
+    }
+}
+
+// HyperHead::collapse after the projections: pre[i] = sigmoid(dot * scale + base[i]) + hc_eps.
+extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_head_finish_f32(
+    const float *__restrict__ proj, const float *__restrict__ base, float scale,
+    const float *__restrict__ streams, float *__restrict__ x_out, int hc, int hidden,
+    float hc_eps) {
+    __shared__ float pre[LO_HC_MAX];
+    const int t = blockIdx.y;
+    if (threadIdx.x < hc) {
+        const int i = threadIdx.x;
+        pre[i] = __fadd_rn(
+            lo_sigmoid(__fadd_rn(__fmul_rn(proj[(long long)t * hc + i], scale), base[i])), hc_eps);
+    }
+    __syncthreads();
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c < hidden)
+        x_out[(long long)t * hidden + c] =
+            lo_collapse(streams + (long long)t * hc * hidden, pre, hc, hidden, c);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Router (forward.rs router_scores + route): one block per token.
+
+// f32::total_cmp order as an unsigned key (larger key = larger value; NaN ordered by its bits).
+__device__ __forceinline__ unsigned int lo_total_key(float v) {
+    int b = __float_as_int(v);
+    b ^= (int)(((unsigned int)(b >> 31)) >> 1);
+    return (unsigned int)b ^ 0x80000000u;
+}
+
+__device__ __forceinline__ unsigned long long lo_warp_max_u64(unsigned long long v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const unsigned long long w = __shfl_xor_sync(0xffffffffu, v, o);
+        v = w > v ? w : v;
+    }
+    return v;
+}
+
+extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_route_f32(
+    const float *__restrict__ logits, int scoring, const float *__restrict__ bias,
+    const int *__restrict__ hash_table, const int *__restrict__ token_ids, int vocab, int experts,
+    int k, float routed_scaling_factor, int *__restrict__ out_ids,
+    float *__restrict__ out_weights) {
+    __shared__ float s[LO_ROUTE_MAX_E];
+    __shared__ unsigned char taken[LO_ROUTE_MAX_E];
+    __shared__ unsigned long long red[32];
+    __shared__ int chosen[LO_ROUTE_MAX_K];
+    const int t = blockIdx.x;
+    const float *l = logits + (long long)t * experts;
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+        const float v = l[e];
+        float sc;
+        if (scoring == 0) {
+            const float sp = v > 20.0f ? v : log1pf(expf(v));
+            sc = __fsqrt_rn(sp);
+        } else {
+            sc = lo_sigmoid(v);
+        }
+        s[e] = sc;
+        taken[e] = 0;
+    }
+    __syncthreads();
+    if (hash_table) {
+        if (threadIdx.x == 0) {
+            const int id = token_ids[t];
+            for (int j = 0; j < k; ++j)
+                chosen[j] = (id >= 0 && id < vocab) ? hash_table[(long long)id * k + j] : -1;
+        }
+    } else {
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        for (int j = 0; j < k; ++j) {
+            // Largest biased score not yet taken; ties to the lower index (~index in the low bits).
+            unsigned long long best = 0;
+            for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+                if (taken[e]) continue;
+                const float b = bias ? __fadd_rn(s[e], bias[e]) : s[e];
+                const unsigned long long key =
+                    ((unsigned long long)lo_total_key(b) << 32) | (unsigned int)~(unsigned int)e;
+                best = key > best ? key : best;
+            }
+            best = lo_warp_max_u64(best);
+            if (lane == 0) red[warp] = best;
+            __syncthreads();
+            if (warp == 0) {
+                unsigned long long v = lane < (int)(blockDim.x >> 5) ? red[lane] : 0ull;
+                v = lo_warp_max_u64(v);
+                if (lane == 0) {
+                    const int e = (int)~(unsigned int)(v & 0xffffffffull);
+                    chosen[j] = e;
+                    taken[e] = 1;
+                }
+            }
+            __syncthreads();
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float sum = 0.0f;
+        for (int j = 0; j < k; ++j) {
+            const int c = chosen[j];
+            if (c >= 0 && c < experts) sum = __fadd_rn(sum, s[c]);
+        }
+        sum = __fadd_rn(sum, 1e-20f);
+        for (int j = 0; j < k; ++j) {
+            const int c = chosen[j];
+            const bool ok = c >= 0 && c < experts;
+            out_ids[(long long)t * k + j] = ok ? c : -1;
+            out_weights[(long long)t * k + j] =
+                ok ? __fmul_rn(__fdiv_rn(s[c], sum), routed_scaling_factor) : 0.0f;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dense f32 SwiGLU experts (tiny models / tests). One warp per output row.
+
+__device__ __forceinline__ float lo_warp_dot(const float *__restrict__ a,
+                                             const float *__restrict__ b, int len) {
+    float acc = 0.0f;
+    for (int i = threadIdx.x & 31; i < len; i += 32) acc = fmaf(a[i], b[i], acc);
+    return dsk_warp_sum(acc);
+}
+
+// h[(t * k + j), r] = silu(min(w1[e, r] . x[t], limit)) * clamp(w3[e, r] . x[t], -limit, limit).
+extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_dense_gate_up_f32(
+    const float *__restrict__ w1, const float *__restrict__ w3, const float *__restrict__ x,
+    const int *__restrict__ ids, float *__restrict__ h, int n, int k, int experts, int hidden,
+    int inter, float limit) {
+    const long long rows = (long long)n * k * inter;
+    const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
+    if (warp >= rows) return;
+    const int r = (int)(warp % inter);
+    const long long slot = warp / inter;
+    const int t = (int)(slot / k);
+    const int e = ids[slot];
+    float a = 0.0f;
+    if (e >= 0 && e < experts) {
+        const long long wrow = ((long long)e * inter + r) * hidden;
+        const float *xr = x + (long long)t * hidden;
+        const float g = fminf(lo_warp_dot(w1 + wrow, xr, hidden), limit);
+        const float u = fminf(fmaxf(lo_warp_dot(w3 + wrow, xr, hidden), -limit), limit);
+        a = __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
+    }
+    if ((threadIdx.x & 31) == 0) h[slot * inter + r] = a;
+}
+
+// out[t, c] = sum_j weights[t, j] * (w2[e_j, c] . h[t * k + j]), j ascending; invalid ids skipped.
+extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_dense_down_f32(
+    const float *__restrict__ w2, const float *__restrict__ h, const int *__restrict__ ids,
+    const float *__restrict__ weights, float *__restrict__ out, int n, int k, int experts,
+    int hidden, int inter) {
+    const long long rows = (long long)n * hidden;
+    const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
+    if (warp >= rows) return;
+    const int c = (int)(warp % hidden), t = (int)(warp / hidden);
+    float acc = 0.0f;
+    for (int j = 0; j < k; ++j) {
+        const long long slot = (long long)t * k + j;
+        const int e = ids[slot];
+        if (e < 0 || e >= experts) continue;
+        const float y = lo_warp_dot(w2 + ((long long)e * hidden + c) * inter, h + slot * inter, inter);
+        acc = __fadd_rn(acc, __fmul_rn(weights[slot], y));
+    }
+    if ((threadIdx.x & 31) == 0) out[warp] = acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// x *= s.
+extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_scale_f32(float *x, long long len,
+                                                                        float s) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < len;
+         i += (long long)gridDim.x * blockDim.x)
+        x[i] = __fmul_rn(x[i], s);
+}
+
+// dst[r, c] = src[r, c] for c < width (strided rows).
+extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_copy_rows_f32(
+    const float *__restrict__ src, long long ld_src, float *__restrict__ dst, long long ld_dst,
+    int rows, int width) {
+    const long long total = (long long)rows * width;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / width, c = i % width;
+        dst[r * ld_dst + c] = src[r * ld_src + c];
+    }
+}

@@ -1,0 +1,1132 @@
+//! Launches of `layer_ops.cu`: the f32 per-layer steps of the device-resident decode path
+//! (RMSNorm, RoPE, hyper-connections, the MoE router, small dense experts, scale, row copy).
+//! Each mirrors the server's host code (engine/model/{ops,rope,hyper,forward}.rs) to f32 rounding.
+//! No launch synchronises or allocates, so all of them can be captured in a CUDA graph.
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+
+use super::{i32_arg, i64_arg, nonnull, u32_grid, Kernels};
+use crate::error::KernelError;
+
+const BLOCK: usize = 256;
+/// Tokens one `hc_mix` block accumulates (more tokens take more blocks along grid z).
+const MIX_TOKENS: usize = 16;
+/// Most blocks one hyper-connection projection row is split over (sizes the workspace).
+pub const HC_MAX_SPLITS: usize = 32;
+/// Largest hyper-connection multiplicity (`hc_mult`).
+pub const HC_MAX: usize = 8;
+/// Largest expert count / top-k of `route_f32`.
+pub const ROUTE_MAX_EXPERTS: usize = 1024;
+pub const ROUTE_MAX_K: usize = 16;
+/// CUDA's limit on grid y / z (tokens ride on them in some kernels).
+const GRID_YZ_MAX: usize = 65_535;
+
+/// The functions of `layer_ops.cu`.
+pub struct LayerOpsFns {
+    rms_norm: CudaFunction,
+    rope: CudaFunction,
+    hc_mix_partial: CudaFunction,
+    hc_mix_reduce: CudaFunction,
+    hc_pre_finish: CudaFunction,
+    hc_post: CudaFunction,
+    hc_head_finish: CudaFunction,
+    route: CudaFunction,
+    dense_gate_up: CudaFunction,
+    dense_down: CudaFunction,
+    scale: CudaFunction,
+    copy_rows: CudaFunction,
+}
+
+impl LayerOpsFns {
+    pub fn load(m: &Arc<CudaModule>) -> Result<Self, KernelError> {
+        let f = |name: &str| {
+            m.load_function(name)
+                .map_err(KernelError::driver("cuModuleGetFunction"))
+        };
+        Ok(Self {
+            rms_norm: f("dsk_lo_rms_norm_f32")?,
+            rope: f("dsk_lo_rope_f32")?,
+            hc_mix_partial: f("dsk_lo_hc_mix_partial_f32")?,
+            hc_mix_reduce: f("dsk_lo_hc_mix_reduce_f32")?,
+            hc_pre_finish: f("dsk_lo_hc_pre_finish_f32")?,
+            hc_post: f("dsk_lo_hc_post_f32")?,
+            hc_head_finish: f("dsk_lo_hc_head_finish_f32")?,
+            route: f("dsk_lo_route_f32")?,
+            dense_gate_up: f("dsk_lo_dense_gate_up_f32")?,
+            dense_down: f("dsk_lo_dense_down_f32")?,
+            scale: f("dsk_lo_scale_f32")?,
+            copy_rows: f("dsk_lo_copy_rows_f32")?,
+        })
+    }
+}
+
+/// RMSNorm of `rows` rows of `dim` f32: `out = weight * (x * inv)`, `inv = 1 / sqrt(mean(x^2) +
+/// eps)` (`ops::rms_norm_rows`). `weight` 0 = no weight. `x == out` (in place) is allowed.
+#[derive(Clone, Copy, Debug)]
+pub struct RmsNormF32 {
+    pub x: CUdeviceptr,
+    pub out: CUdeviceptr,
+    /// f32 [dim], or 0 for none.
+    pub weight: CUdeviceptr,
+    pub rows: usize,
+    pub dim: usize,
+    pub ld_x: usize,
+    pub ld_out: usize,
+    pub eps: f32,
+}
+
+/// In-place interleaved RoPE on the trailing `rope_dim` channels of every `head_dim`-wide head of
+/// x [tokens, heads, head_dim] f32 (`RopeTable::apply`).
+#[derive(Clone, Copy, Debug)]
+pub struct RopeF32 {
+    pub x: CUdeviceptr,
+    /// i32 [tokens]
+    pub positions: CUdeviceptr,
+    /// f32 [rope_dim / 2]
+    pub inv_freq: CUdeviceptr,
+    pub tokens: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub rope_dim: usize,
+    pub ld_token: usize,
+    pub ld_head: usize,
+    pub attention_factor: f32,
+    /// Conjugate rotation (`-sin`), undoing RoPE on attention output.
+    pub inverse: bool,
+}
+
+/// Hyper-connection projections: `out[t, o] = dot(streams[t] * inv_t, fn_[o])`, `inv_t = 1 /
+/// sqrt(mean(streams[t]^2) + norm_eps)` (`HyperConnection::mix_rows` before `finish`).
+#[derive(Clone, Copy, Debug)]
+pub struct HcMix {
+    /// f32 [n, width] (a token's hc streams, stream-major).
+    pub streams: CUdeviceptr,
+    /// f32 [outs, width]
+    pub fn_: CUdeviceptr,
+    /// f32 [n, outs]
+    pub out: CUdeviceptr,
+    /// `hc_mix_workspace_floats(n, outs)` f32 of scratch.
+    pub workspace: CUdeviceptr,
+    pub n: usize,
+    pub width: usize,
+    pub outs: usize,
+    pub norm_eps: f32,
+}
+
+/// `HyperConnection::finish` + `collapse` from the `hc_mix` projections.
+#[derive(Clone, Copy, Debug)]
+pub struct HcPreFinish {
+    /// f32 [n, (2 + hc) * hc] (the `hc_mix` output).
+    pub proj: CUdeviceptr,
+    /// f32 [(2 + hc) * hc]
+    pub base: CUdeviceptr,
+    /// Scales of the pre / post / comb logits.
+    pub scale: [f32; 3],
+    /// f32 [n, hc * hidden]
+    pub streams: CUdeviceptr,
+    /// f32 [n, hidden]: the sub-layer input `sum_k pre[k] * stream_k`.
+    pub x_out: CUdeviceptr,
+    /// f32 [n, (2 + hc) * hc]: pre[hc], post[hc], comb[hc * hc] per token (for `hc_post`).
+    pub mix_out: CUdeviceptr,
+    pub n: usize,
+    pub hc: usize,
+    pub hidden: usize,
+    pub sinkhorn_iters: usize,
+    pub hc_eps: f32,
+}
+
+/// `expand`: `streams[t][k] = post[k] * out[t] + sum_j comb[j, k] * streams[t][j]` in place.
+#[derive(Clone, Copy, Debug)]
+pub struct HcPost {
+    /// f32 [n, hc * hidden], updated in place.
+    pub streams: CUdeviceptr,
+    /// f32 [n, (2 + hc) * hc] from `hc_pre_finish`.
+    pub mix: CUdeviceptr,
+    /// f32 [n, hidden]: the sub-layer output.
+    pub out: CUdeviceptr,
+    pub n: usize,
+    pub hc: usize,
+    pub hidden: usize,
+}
+
+/// `HyperHead::collapse`: `pre[i] = sigmoid(dot(norm(streams), fn_[i]) * scale + base[i]) +
+/// hc_eps`, then `x_out = sum_k pre[k] * stream_k`.
+#[derive(Clone, Copy, Debug)]
+pub struct HcHead {
+    /// f32 [n, hc * hidden]
+    pub streams: CUdeviceptr,
+    /// f32 [hc, hc * hidden]
+    pub fn_: CUdeviceptr,
+    /// f32 [hc]
+    pub base: CUdeviceptr,
+    pub scale: f32,
+    /// f32 [n, hidden]
+    pub x_out: CUdeviceptr,
+    /// `hc_head_workspace_floats(n, hc)` f32 of scratch.
+    pub workspace: CUdeviceptr,
+    pub n: usize,
+    pub hc: usize,
+    pub hidden: usize,
+    pub hc_eps: f32,
+    pub norm_eps: f32,
+}
+
+/// Router score function (config `scoring_func`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouterScoring {
+    /// sqrt(softplus(x)), softplus with torch's threshold 20.
+    SqrtSoftplus,
+    Sigmoid,
+}
+
+/// `router_scores` + `route`: expert ids and weights per token. Hash layers (`hash_table` != 0)
+/// take `hash_table[token_id]`; the others the top `k` of `score + bias` (ties to the lower index,
+/// descending). Weights: chosen scores / (their sum + 1e-20) * `routed_scaling_factor`.
+/// A token id outside `[0, vocab)` or a table entry outside `[0, experts)` yields id -1, weight 0.
+#[derive(Clone, Copy, Debug)]
+pub struct RouteF32 {
+    /// f32 [n, experts]
+    pub logits: CUdeviceptr,
+    pub scoring: RouterScoring,
+    /// f32 [experts], or 0 for none (top-k layers only).
+    pub bias: CUdeviceptr,
+    /// i32 [vocab, k], or 0 for a top-k layer.
+    pub hash_table: CUdeviceptr,
+    /// i32 [n] (read only by hash layers; may be 0 otherwise).
+    pub token_ids: CUdeviceptr,
+    /// Rows of `hash_table` (ignored without one).
+    pub vocab: usize,
+    pub n: usize,
+    pub experts: usize,
+    pub k: usize,
+    pub routed_scaling_factor: f32,
+    /// i32 [n, k]
+    pub out_ids: CUdeviceptr,
+    /// f32 [n, k]
+    pub out_weights: CUdeviceptr,
+}
+
+/// Dense f32 SwiGLU experts (banks that are not FP4; tiny models): per slot `(t, j)`,
+/// `e = ids[t, j]`, `a = silu(min(w1[e] x, limit)) * clamp(w3[e] x, -limit, limit)`,
+/// `out[t] = sum_j weights[t, j] * (w2[e] a)` (j ascending). Ids outside `[0, experts)` are skipped.
+#[derive(Clone, Copy, Debug)]
+pub struct DenseExpertsF32 {
+    /// f32 [experts, inter, hidden]
+    pub w1: CUdeviceptr,
+    /// f32 [experts, inter, hidden]
+    pub w3: CUdeviceptr,
+    /// f32 [experts, hidden, inter]
+    pub w2: CUdeviceptr,
+    /// f32 [n, hidden]
+    pub x: CUdeviceptr,
+    /// i32 [n, k]
+    pub ids: CUdeviceptr,
+    /// f32 [n, k]
+    pub weights: CUdeviceptr,
+    /// f32 [n * k, inter] scratch.
+    pub h_scratch: CUdeviceptr,
+    /// f32 [n, hidden]
+    pub out: CUdeviceptr,
+    pub n: usize,
+    pub k: usize,
+    pub experts: usize,
+    pub hidden: usize,
+    pub inter: usize,
+    pub limit: f32,
+}
+
+/// Strided row copy: `dst[r, c] = src[r, c]` for `r < rows`, `c < width` (f32).
+#[derive(Clone, Copy, Debug)]
+pub struct CopyRowsF32 {
+    pub src: CUdeviceptr,
+    pub ld_src: usize,
+    pub dst: CUdeviceptr,
+    pub ld_dst: usize,
+    pub rows: usize,
+    pub width: usize,
+}
+
+/// Scratch f32 `Kernels::hc_mix_f32` needs for `n` tokens and `outs` projections.
+pub fn hc_mix_workspace_floats(n: usize, outs: usize) -> usize {
+    HC_MAX_SPLITS * n * (outs + 1)
+}
+
+/// Scratch f32 `Kernels::hc_head_f32` needs.
+pub fn hc_head_workspace_floats(n: usize, hc: usize) -> usize {
+    hc_mix_workspace_floats(n, hc) + n * hc
+}
+
+/// Blocks one projection row is split over: enough blocks for two per SM, each chunk at least
+/// one block of threads wide.
+pub fn hc_mix_splits(n: usize, width: usize, outs: usize, sms: usize) -> usize {
+    let base = outs.max(1) * n.div_ceil(MIX_TOKENS).max(1);
+    (2 * sms.max(1))
+        .div_ceil(base)
+        .clamp(1, HC_MAX_SPLITS)
+        .min(width.div_ceil(BLOCK).max(1))
+}
+
+fn grid_stride(kernel: &'static str, len: usize, sms: usize) -> Result<LaunchConfig, KernelError> {
+    let blocks = len.div_ceil(BLOCK).clamp(1, 8 * sms.max(1));
+    Ok(LaunchConfig {
+        grid_dim: (u32_grid(kernel, blocks)?, 1, 1),
+        block_dim: (BLOCK as u32, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+fn invalid(kernel: &'static str, msg: String) -> KernelError {
+    KernelError::invalid(kernel, msg)
+}
+
+pub fn check_rms_norm_f32(a: &RmsNormF32) -> Result<(), KernelError> {
+    const K: &str = "rms_norm_f32";
+    if a.rows == 0 || a.dim == 0 || a.ld_x < a.dim || a.ld_out < a.dim {
+        return Err(invalid(
+            K,
+            format!(
+                "rows = {}, dim = {}, ld_x = {}, ld_out = {}: need rows, dim > 0 and strides >= dim",
+                a.rows, a.dim, a.ld_x, a.ld_out
+            ),
+        ));
+    }
+    i32_arg(K, "dim", a.dim)?;
+    u32_grid(K, a.rows)?;
+    i64_arg(K, "rows * ld", a.rows.saturating_mul(a.ld_x.max(a.ld_out)))?;
+    nonnull(K, &[("x", a.x), ("out", a.out)])
+}
+
+pub fn check_rope_f32(a: &RopeF32) -> Result<(), KernelError> {
+    const K: &str = "rope_f32";
+    if a.tokens == 0 || a.heads == 0 || a.rope_dim == 0 || !a.rope_dim.is_multiple_of(2) {
+        return Err(invalid(
+            K,
+            format!(
+                "tokens = {}, heads = {}, rope_dim = {}: need all > 0 and rope_dim even",
+                a.tokens, a.heads, a.rope_dim
+            ),
+        ));
+    }
+    if a.rope_dim > a.head_dim
+        || a.ld_head < a.head_dim
+        || a.ld_token
+            < a.ld_head
+                .saturating_mul(a.heads - 1)
+                .saturating_add(a.head_dim)
+    {
+        return Err(invalid(
+            K,
+            format!(
+                "rope_dim = {}, head_dim = {}, ld_head = {}, ld_token = {} do not fit [heads = {}]",
+                a.rope_dim, a.head_dim, a.ld_head, a.ld_token, a.heads
+            ),
+        ));
+    }
+    for (what, v) in [
+        ("tokens", a.tokens),
+        ("heads", a.heads),
+        ("head_dim", a.head_dim),
+    ] {
+        i32_arg(K, what, v)?;
+    }
+    i64_arg(K, "tokens * ld_token", a.tokens.saturating_mul(a.ld_token))?;
+    if a.attention_factor.is_nan() {
+        return Err(invalid(K, "attention_factor is NaN".into()));
+    }
+    nonnull(
+        K,
+        &[
+            ("x", a.x),
+            ("positions", a.positions),
+            ("inv_freq", a.inv_freq),
+        ],
+    )
+}
+
+pub fn check_hc_mix(a: &HcMix) -> Result<(), KernelError> {
+    const K: &str = "hc_mix_f32";
+    if a.n == 0 || a.width == 0 || a.outs == 0 || a.outs > GRID_YZ_MAX {
+        return Err(invalid(
+            K,
+            format!(
+                "n = {}, width = {}, outs = {}: need all > 0, outs <= {GRID_YZ_MAX}",
+                a.n, a.width, a.outs
+            ),
+        ));
+    }
+    if a.n.div_ceil(MIX_TOKENS) > GRID_YZ_MAX {
+        return Err(invalid(K, format!("n = {} too large", a.n)));
+    }
+    i32_arg(K, "width", a.width)?;
+    i32_arg(K, "n * outs", a.n.saturating_mul(a.outs))?;
+    nonnull(
+        K,
+        &[
+            ("streams", a.streams),
+            ("fn_", a.fn_),
+            ("out", a.out),
+            ("workspace", a.workspace),
+        ],
+    )
+}
+
+fn check_hc(kernel: &'static str, n: usize, hc: usize, hidden: usize) -> Result<(), KernelError> {
+    if n == 0 || n > GRID_YZ_MAX || hc == 0 || hc > HC_MAX || hidden == 0 {
+        return Err(invalid(
+            kernel,
+            format!("n = {n}, hc = {hc}, hidden = {hidden}: need n in 1..={GRID_YZ_MAX}, hc in 1..={HC_MAX}, hidden > 0"),
+        ));
+    }
+    i32_arg(kernel, "hidden", hidden)?;
+    i64_arg(kernel, "n * hc * hidden", n.saturating_mul(hc * hidden))?;
+    Ok(())
+}
+
+pub fn check_hc_pre_finish(a: &HcPreFinish) -> Result<(), KernelError> {
+    const K: &str = "hc_pre_finish_f32";
+    check_hc(K, a.n, a.hc, a.hidden)?;
+    i32_arg(K, "sinkhorn_iters", a.sinkhorn_iters)?;
+    nonnull(
+        K,
+        &[
+            ("proj", a.proj),
+            ("base", a.base),
+            ("streams", a.streams),
+            ("x_out", a.x_out),
+            ("mix_out", a.mix_out),
+        ],
+    )
+}
+
+pub fn check_hc_post(a: &HcPost) -> Result<(), KernelError> {
+    const K: &str = "hc_post_f32";
+    check_hc(K, a.n, a.hc, a.hidden)?;
+    nonnull(K, &[("streams", a.streams), ("mix", a.mix), ("out", a.out)])
+}
+
+pub fn check_hc_head(a: &HcHead) -> Result<(), KernelError> {
+    const K: &str = "hc_head_f32";
+    check_hc(K, a.n, a.hc, a.hidden)?;
+    i32_arg(K, "hc * hidden", a.hc * a.hidden)?;
+    nonnull(
+        K,
+        &[
+            ("streams", a.streams),
+            ("fn_", a.fn_),
+            ("base", a.base),
+            ("x_out", a.x_out),
+            ("workspace", a.workspace),
+        ],
+    )
+}
+
+pub fn check_route(a: &RouteF32) -> Result<(), KernelError> {
+    const K: &str = "route_f32";
+    if a.n == 0 || a.experts == 0 || a.experts > ROUTE_MAX_EXPERTS {
+        return Err(invalid(
+            K,
+            format!(
+                "n = {}, experts = {}: need n > 0, experts in 1..={ROUTE_MAX_EXPERTS}",
+                a.n, a.experts
+            ),
+        ));
+    }
+    if a.k == 0 || a.k > ROUTE_MAX_K || (a.hash_table == 0 && a.k > a.experts) {
+        return Err(invalid(
+            K,
+            format!(
+                "k = {} must be in 1..={ROUTE_MAX_K} and <= experts ({})",
+                a.k, a.experts
+            ),
+        ));
+    }
+    if a.hash_table != 0 && (a.token_ids == 0 || a.vocab == 0) {
+        return Err(invalid(
+            K,
+            "a hash layer needs token_ids and vocab > 0".into(),
+        ));
+    }
+    if a.routed_scaling_factor.is_nan() {
+        return Err(invalid(K, "routed_scaling_factor is NaN".into()));
+    }
+    u32_grid(K, a.n)?;
+    i32_arg(K, "vocab", a.vocab)?;
+    i64_arg(K, "vocab * k", a.vocab.saturating_mul(a.k))?;
+    nonnull(
+        K,
+        &[
+            ("logits", a.logits),
+            ("out_ids", a.out_ids),
+            ("out_weights", a.out_weights),
+        ],
+    )
+}
+
+pub fn check_dense_experts(a: &DenseExpertsF32) -> Result<(), KernelError> {
+    const K: &str = "dense_experts_f32";
+    if a.n == 0 || a.k == 0 || a.experts == 0 || a.hidden == 0 || a.inter == 0 {
+        return Err(invalid(
+            K,
+            format!(
+                "n = {}, k = {}, experts = {}, hidden = {}, inter = {}: all must be > 0",
+                a.n, a.k, a.experts, a.hidden, a.inter
+            ),
+        ));
+    }
+    if a.limit.is_nan() || a.limit <= 0.0 {
+        return Err(invalid(K, format!("limit = {} must be > 0", a.limit)));
+    }
+    for (what, v) in [
+        ("n", a.n),
+        ("k", a.k),
+        ("experts", a.experts),
+        ("hidden", a.hidden),
+        ("inter", a.inter),
+    ] {
+        i32_arg(K, what, v)?;
+    }
+    // Warps (one per output row) times 32 threads must index within i64 and the grid within u32.
+    let threads = |a: usize, b: usize, c: usize| {
+        a.checked_mul(b)
+            .and_then(|r| r.checked_mul(c))
+            .and_then(|r| r.checked_mul(32))
+            .ok_or_else(|| invalid(K, "n * k * inter or n * hidden too large".into()))
+    };
+    u32_grid(K, threads(a.n, a.k, a.inter)?.div_ceil(BLOCK))?;
+    u32_grid(K, threads(a.n, 1, a.hidden)?.div_ceil(BLOCK))?;
+    nonnull(
+        K,
+        &[
+            ("w1", a.w1),
+            ("w3", a.w3),
+            ("w2", a.w2),
+            ("x", a.x),
+            ("ids", a.ids),
+            ("weights", a.weights),
+            ("h_scratch", a.h_scratch),
+            ("out", a.out),
+        ],
+    )
+}
+
+pub fn check_copy_rows(a: &CopyRowsF32) -> Result<(), KernelError> {
+    const K: &str = "copy_rows_f32";
+    if a.ld_src < a.width || a.ld_dst < a.width {
+        return Err(invalid(
+            K,
+            format!(
+                "width = {}, ld_src = {}, ld_dst = {}: strides must be >= width",
+                a.width, a.ld_src, a.ld_dst
+            ),
+        ));
+    }
+    i32_arg(K, "rows", a.rows)?;
+    i32_arg(K, "width", a.width)?;
+    nonnull(K, &[("src", a.src), ("dst", a.dst)])
+}
+
+impl Kernels {
+    /// # Safety
+    /// `x` must hold `rows` rows of stride `ld_x`, `out` of stride `ld_out` (each >= dim), and
+    /// `weight` (when not 0) `dim` f32, all device memory of this context.
+    pub unsafe fn rms_norm_f32(
+        &self,
+        stream: &CudaStream,
+        a: &RmsNormF32,
+    ) -> Result<(), KernelError> {
+        const K: &str = "rms_norm_f32";
+        check_rms_norm_f32(a)?;
+        let dim = i32_arg(K, "dim", a.dim)?;
+        let (ldx, ldo) = (i64_arg(K, "ld_x", a.ld_x)?, i64_arg(K, "ld_out", a.ld_out)?);
+        let cfg = LaunchConfig {
+            grid_dim: (u32_grid(K, a.rows)?, 1, 1),
+            block_dim: (BLOCK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .launch_builder(&self.layer_ops.rms_norm)
+            .arg(&a.x)
+            .arg(&a.out)
+            .arg(&a.weight)
+            .arg(&dim)
+            .arg(&ldx)
+            .arg(&ldo)
+            .arg(&a.eps)
+            .launch(cfg)
+            .map_err(KernelError::driver("launch rms_norm_f32"))?;
+        Ok(())
+    }
+
+    /// # Safety
+    /// `x` must hold `tokens` x `heads` heads at the given strides, `positions` `tokens` i32 and
+    /// `inv_freq` `rope_dim / 2` f32, all device memory of this context.
+    pub unsafe fn rope_f32(&self, stream: &CudaStream, a: &RopeF32) -> Result<(), KernelError> {
+        const K: &str = "rope_f32";
+        check_rope_f32(a)?;
+        let (t, h) = (
+            i32_arg(K, "tokens", a.tokens)?,
+            i32_arg(K, "heads", a.heads)?,
+        );
+        let (hd, rd) = (
+            i32_arg(K, "head_dim", a.head_dim)?,
+            i32_arg(K, "rope_dim", a.rope_dim)?,
+        );
+        let (ldt, ldh) = (
+            i64_arg(K, "ld_token", a.ld_token)?,
+            i64_arg(K, "ld_head", a.ld_head)?,
+        );
+        let inverse = i32::from(a.inverse);
+        let pairs = a.tokens * a.heads * (a.rope_dim / 2);
+        stream
+            .launch_builder(&self.layer_ops.rope)
+            .arg(&a.x)
+            .arg(&a.positions)
+            .arg(&a.inv_freq)
+            .arg(&t)
+            .arg(&h)
+            .arg(&hd)
+            .arg(&rd)
+            .arg(&ldt)
+            .arg(&ldh)
+            .arg(&a.attention_factor)
+            .arg(&inverse)
+            .launch(grid_stride(K, pairs, self.sms)?)
+            .map_err(KernelError::driver("launch rope_f32"))?;
+        Ok(())
+    }
+
+    /// Hyper-connection projections (two launches: split partial dots, then a fixed-order reduce).
+    ///
+    /// # Safety
+    /// `streams` [n, width], `fn_` [outs, width], `out` [n, outs] and `workspace`
+    /// (`hc_mix_workspace_floats(n, outs)`) f32 must be device memory of this context; `out`
+    /// must not overlap the others.
+    pub unsafe fn hc_mix_f32(&self, stream: &CudaStream, a: &HcMix) -> Result<(), KernelError> {
+        const K: &str = "hc_mix_f32";
+        check_hc_mix(a)?;
+        let splits = hc_mix_splits(a.n, a.width, a.outs, self.sms);
+        let chunk = a.width.div_ceil(splits);
+        let partial = a.workspace;
+        let sq = a.workspace + (splits * a.n * a.outs * 4) as u64;
+        let (n, width) = (i32_arg(K, "n", a.n)?, i32_arg(K, "width", a.width)?);
+        let (outs, chunk_i) = (i32_arg(K, "outs", a.outs)?, i32_arg(K, "chunk", chunk)?);
+        let splits_i = i32_arg(K, "splits", splits)?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                u32_grid(K, splits)?,
+                u32_grid(K, a.outs)?,
+                u32_grid(K, a.n.div_ceil(MIX_TOKENS))?,
+            ),
+            block_dim: (BLOCK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .launch_builder(&self.layer_ops.hc_mix_partial)
+            .arg(&a.streams)
+            .arg(&a.fn_)
+            .arg(&partial)
+            .arg(&sq)
+            .arg(&n)
+            .arg(&width)
+            .arg(&outs)
+            .arg(&chunk_i)
+            .launch(cfg)
+            .map_err(KernelError::driver("launch hc_mix_partial"))?;
+        let cfg = LaunchConfig {
+            grid_dim: (u32_grid(K, (a.n * a.outs).div_ceil(BLOCK))?, 1, 1),
+            block_dim: (BLOCK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .launch_builder(&self.layer_ops.hc_mix_reduce)
+            .arg(&partial)
+            .arg(&sq)
+            .arg(&a.out)
+            .arg(&n)
+            .arg(&outs)
+            .arg(&splits_i)
+            .arg(&width)
+            .arg(&a.norm_eps)
+            .launch(cfg)
+            .map_err(KernelError::driver("launch hc_mix_reduce"))?;
+        Ok(())
+    }
+
+    /// # Safety
+    /// Every pointer must address the f32 shape documented on `HcPreFinish`, device memory of
+    /// this context; `x_out` and `mix_out` must not overlap the inputs.
+    pub unsafe fn hc_pre_finish_f32(
+        &self,
+        stream: &CudaStream,
+        a: &HcPreFinish,
+    ) -> Result<(), KernelError> {
+        const K: &str = "hc_pre_finish_f32";
+        check_hc_pre_finish(a)?;
+        let (hc, hidden) = (i32_arg(K, "hc", a.hc)?, i32_arg(K, "hidden", a.hidden)?);
+        let iters = i32_arg(K, "sinkhorn_iters", a.sinkhorn_iters)?;
+        let cfg = LaunchConfig {
+            grid_dim: (u32_grid(K, a.hidden.div_ceil(BLOCK))?, u32_grid(K, a.n)?, 1),
+            block_dim: (BLOCK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .launch_builder(&self.layer_ops.hc_pre_finish)
+            .arg(&a.proj)
+            .arg(&a.base)
+            .arg(&a.scale[0])
+            .arg(&a.scale[1])
+            .arg(&a.scale[2])
+            .arg(&a.streams)
+            .arg(&a.x_out)
+            .arg(&a.mix_out)
+            .arg(&hc)
+            .arg(&hidden)
+            .arg(&iters)
+            .arg(&a.hc_eps)
+            .launch(cfg)
+            .map_err(KernelError::driver("launch hc_pre_finish_f32"))?;
+        Ok(())
+    }
+
+    /// # Safety
+    /// Every pointer must address the f32 shape documented on `HcPost`, device memory of this
+    /// context; `out` and `mix` must not overlap `streams`.
+    pub unsafe fn hc_post_f32(&self, stream: &CudaStream, a: &HcPost) -> Result<(), KernelError> {
+        const K: &str = "hc_post_f32";
+        check_hc_post(a)?;
+        let n = i32_arg(K, "n", a.n)?;
+        let (hc, hidden) = (i32_arg(K, "hc", a.hc)?, i32_arg(K, "hidden", a.hidden)?);
+        stream
+            .launch_builder(&self.layer_ops.hc_post)
+            .arg(&a.streams)
+            .arg(&a.mix)
+            .arg(&a.out)
+            .arg(&n)
+            .arg(&hc)
+            .arg(&hidden)
+            .launch(grid_stride(K, a.n * a.hidden, self.sms)?)
+            .map_err(KernelError::driver("launch hc_post_f32"))?;
+        Ok(())
+    }
+
+    /// `HyperHead::collapse` (three launches: `hc_mix_f32` with `outs = hc`, then the finish).
+    ///
+    /// # Safety
+    /// Every pointer must address the f32 shape documented on `HcHead`, device memory of this
+    /// context; `x_out` and `workspace` must not overlap the inputs or each other.
+    pub unsafe fn hc_head_f32(&self, stream: &CudaStream, a: &HcHead) -> Result<(), KernelError> {
+        const K: &str = "hc_head_f32";
+        check_hc_head(a)?;
+        let proj = a.workspace + (hc_mix_workspace_floats(a.n, a.hc) * 4) as u64;
+        self.hc_mix_f32(
+            stream,
+            &HcMix {
+                streams: a.streams,
+                fn_: a.fn_,
+                out: proj,
+                workspace: a.workspace,
+                n: a.n,
+                width: a.hc * a.hidden,
+                outs: a.hc,
+                norm_eps: a.norm_eps,
+            },
+        )?;
+        let (hc, hidden) = (i32_arg(K, "hc", a.hc)?, i32_arg(K, "hidden", a.hidden)?);
+        let cfg = LaunchConfig {
+            grid_dim: (u32_grid(K, a.hidden.div_ceil(BLOCK))?, u32_grid(K, a.n)?, 1),
+            block_dim: (BLOCK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .launch_builder(&self.layer_ops.hc_head_finish)
+            .arg(&proj)
+            .arg(&a.base)
+            .arg(&a.scale)
+            .arg(&a.streams)
+            .arg(&a.x_out)
+            .arg(&hc)
+            .arg(&hidden)
+            .arg(&a.hc_eps)
+            .launch(cfg)
+            .map_err(KernelError::driver("launch hc_head_finish"))?;
+        Ok(())
+    }
+
+    /// # Safety
+    /// Every non-zero pointer must address the shape documented on `RouteF32`, device memory of
+    /// this context.
+    pub unsafe fn route_f32(&self, stream: &CudaStream, a: &RouteF32) -> Result<(), KernelError> {
+        const K: &str = "route_f32";
+        check_route(a)?;
+        let scoring = i32::from(a.scoring == RouterScoring::Sigmoid);
+        let vocab = i32_arg(K, "vocab", a.vocab)?;
+        let (e, k) = (i32_arg(K, "experts", a.experts)?, i32_arg(K, "k", a.k)?);
+        let cfg = LaunchConfig {
+            grid_dim: (u32_grid(K, a.n)?, 1, 1),
+            block_dim: (BLOCK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .launch_builder(&self.layer_ops.route)
+            .arg(&a.logits)
+            .arg(&scoring)
+            .arg(&a.bias)
+            .arg(&a.hash_table)
+            .arg(&a.token_ids)
+            .arg(&vocab)
+            .arg(&e)
+            .arg(&k)
+            .arg(&a.routed_scaling_factor)
+            .arg(&a.out_ids)
+            .arg(&a.out_weights)
+            .launch(cfg)
+            .map_err(KernelError::driver("launch route_f32"))?;
+        Ok(())
+    }
+
+    /// # Safety
+    /// Every pointer must address the shape documented on `DenseExpertsF32`, device memory of
+    /// this context; `out` and `h_scratch` must not overlap the inputs or each other.
+    pub unsafe fn dense_experts_f32(
+        &self,
+        stream: &CudaStream,
+        a: &DenseExpertsF32,
+    ) -> Result<(), KernelError> {
+        const K: &str = "dense_experts_f32";
+        check_dense_experts(a)?;
+        let (n, k) = (i32_arg(K, "n", a.n)?, i32_arg(K, "k", a.k)?);
+        let e = i32_arg(K, "experts", a.experts)?;
+        let (hidden, inter) = (
+            i32_arg(K, "hidden", a.hidden)?,
+            i32_arg(K, "inter", a.inter)?,
+        );
+        let cfg = |warps: usize| -> Result<LaunchConfig, KernelError> {
+            Ok(LaunchConfig {
+                grid_dim: (u32_grid(K, (warps * 32).div_ceil(BLOCK))?, 1, 1),
+                block_dim: (BLOCK as u32, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        };
+        stream
+            .launch_builder(&self.layer_ops.dense_gate_up)
+            .arg(&a.w1)
+            .arg(&a.w3)
+            .arg(&a.x)
+            .arg(&a.ids)
+            .arg(&a.h_scratch)
+            .arg(&n)
+            .arg(&k)
+            .arg(&e)
+            .arg(&hidden)
+            .arg(&inter)
+            .arg(&a.limit)
+            .launch(cfg(a.n * a.k * a.inter)?)
+            .map_err(KernelError::driver("launch dense_gate_up"))?;
+        stream
+            .launch_builder(&self.layer_ops.dense_down)
+            .arg(&a.w2)
+            .arg(&a.h_scratch)
+            .arg(&a.ids)
+            .arg(&a.weights)
+            .arg(&a.out)
+            .arg(&n)
+            .arg(&k)
+            .arg(&e)
+            .arg(&hidden)
+            .arg(&inter)
+            .launch(cfg(a.n * a.hidden)?)
+            .map_err(KernelError::driver("launch dense_down"))?;
+        Ok(())
+    }
+
+    /// `x *= s` over `len` f32.
+    ///
+    /// # Safety
+    /// `x` must address `len` f32 of device memory of this context.
+    pub unsafe fn scale_f32(
+        &self,
+        stream: &CudaStream,
+        x: CUdeviceptr,
+        len: usize,
+        s: f32,
+    ) -> Result<(), KernelError> {
+        const K: &str = "scale_f32";
+        if len == 0 {
+            return Ok(());
+        }
+        nonnull(K, &[("x", x)])?;
+        let n = i64_arg(K, "len", len)?;
+        stream
+            .launch_builder(&self.layer_ops.scale)
+            .arg(&x)
+            .arg(&n)
+            .arg(&s)
+            .launch(grid_stride(K, len, self.sms)?)
+            .map_err(KernelError::driver("launch scale_f32"))?;
+        Ok(())
+    }
+
+    /// # Safety
+    /// `src` must hold `rows` rows of stride `ld_src`, `dst` of stride `ld_dst`, device memory of
+    /// this context, not overlapping.
+    pub unsafe fn copy_rows_f32(
+        &self,
+        stream: &CudaStream,
+        a: &CopyRowsF32,
+    ) -> Result<(), KernelError> {
+        const K: &str = "copy_rows_f32";
+        if a.rows == 0 || a.width == 0 {
+            return Ok(());
+        }
+        check_copy_rows(a)?;
+        let (rows, width) = (i32_arg(K, "rows", a.rows)?, i32_arg(K, "width", a.width)?);
+        let (lds, ldd) = (
+            i64_arg(K, "ld_src", a.ld_src)?,
+            i64_arg(K, "ld_dst", a.ld_dst)?,
+        );
+        stream
+            .launch_builder(&self.layer_ops.copy_rows)
+            .arg(&a.src)
+            .arg(&lds)
+            .arg(&a.dst)
+            .arg(&ldd)
+            .arg(&rows)
+            .arg(&width)
+            .launch(grid_stride(K, a.rows * a.width, self.sms)?)
+            .map_err(KernelError::driver("launch copy_rows_f32"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm() -> RmsNormF32 {
+        RmsNormF32 {
+            x: 16,
+            out: 16,
+            weight: 0,
+            rows: 2,
+            dim: 4096,
+            ld_x: 4096,
+            ld_out: 4096,
+            eps: 1e-6,
+        }
+    }
+
+    fn rope() -> RopeF32 {
+        RopeF32 {
+            x: 16,
+            positions: 16,
+            inv_freq: 16,
+            tokens: 2,
+            heads: 64,
+            head_dim: 512,
+            rope_dim: 64,
+            ld_token: 64 * 512,
+            ld_head: 512,
+            attention_factor: 1.0,
+            inverse: false,
+        }
+    }
+
+    fn route() -> RouteF32 {
+        RouteF32 {
+            logits: 16,
+            scoring: RouterScoring::SqrtSoftplus,
+            bias: 16,
+            hash_table: 0,
+            token_ids: 0,
+            vocab: 0,
+            n: 3,
+            experts: 256,
+            k: 6,
+            routed_scaling_factor: 1.5,
+            out_ids: 16,
+            out_weights: 16,
+        }
+    }
+
+    #[test]
+    fn norm_and_rope_checks() {
+        assert!(check_rms_norm_f32(&norm()).is_ok());
+        assert!(check_rms_norm_f32(&RmsNormF32 { dim: 16, ..norm() }).is_ok());
+        assert!(check_rms_norm_f32(&RmsNormF32 { rows: 0, ..norm() }).is_err());
+        assert!(check_rms_norm_f32(&RmsNormF32 {
+            ld_x: 100,
+            ..norm()
+        })
+        .is_err());
+        assert!(check_rms_norm_f32(&RmsNormF32 { x: 0, ..norm() }).is_err());
+        assert!(check_rope_f32(&rope()).is_ok());
+        assert!(check_rope_f32(&RopeF32 {
+            rope_dim: 63,
+            ..rope()
+        })
+        .is_err());
+        assert!(check_rope_f32(&RopeF32 {
+            rope_dim: 514,
+            ..rope()
+        })
+        .is_err());
+        assert!(check_rope_f32(&RopeF32 {
+            ld_token: 512,
+            ..rope()
+        })
+        .is_err());
+        assert!(check_rope_f32(&RopeF32 {
+            positions: 0,
+            ..rope()
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn hyper_connection_checks_and_workspace() {
+        let mix = HcMix {
+            streams: 16,
+            fn_: 16,
+            out: 16,
+            workspace: 16,
+            n: 1,
+            width: 16384,
+            outs: 24,
+            norm_eps: 1e-6,
+        };
+        assert!(check_hc_mix(&mix).is_ok());
+        assert!(check_hc_mix(&HcMix { n: 0, ..mix }).is_err());
+        assert!(check_hc_mix(&HcMix {
+            workspace: 0,
+            ..mix
+        })
+        .is_err());
+        // One token on an H200: 24 outputs x 11 splits >= 2 blocks per SM; never past the cap,
+        // never a chunk narrower than a block.
+        assert_eq!(hc_mix_splits(1, 16384, 24, 132), 11);
+        assert!(hc_mix_splits(1, 16384, 4, 132) <= HC_MAX_SPLITS);
+        assert_eq!(hc_mix_splits(1, 64, 24, 132), 1);
+        assert_eq!(hc_mix_splits(64, 16384, 24, 132), 3);
+        assert!(hc_mix_workspace_floats(3, 24) >= HC_MAX_SPLITS * 3 * 25);
+        let post = HcPost {
+            streams: 16,
+            mix: 16,
+            out: 16,
+            n: 2,
+            hc: 4,
+            hidden: 4096,
+        };
+        assert!(check_hc_post(&post).is_ok());
+        assert!(check_hc_post(&HcPost { hc: 9, ..post }).is_err());
+        assert!(check_hc_post(&HcPost { hidden: 0, ..post }).is_err());
+        let fin = HcPreFinish {
+            proj: 16,
+            base: 16,
+            scale: [1.0; 3],
+            streams: 16,
+            x_out: 16,
+            mix_out: 16,
+            n: 1,
+            hc: 4,
+            hidden: 4096,
+            sinkhorn_iters: 20,
+            hc_eps: 1e-6,
+        };
+        assert!(check_hc_pre_finish(&fin).is_ok());
+        assert!(check_hc_pre_finish(&HcPreFinish { n: 70_000, ..fin }).is_err());
+        assert!(check_hc_pre_finish(&HcPreFinish { mix_out: 0, ..fin }).is_err());
+        let head = HcHead {
+            streams: 16,
+            fn_: 16,
+            base: 16,
+            scale: 1.0,
+            x_out: 16,
+            workspace: 16,
+            n: 1,
+            hc: 4,
+            hidden: 4096,
+            hc_eps: 1e-6,
+            norm_eps: 1e-6,
+        };
+        assert!(check_hc_head(&head).is_ok());
+        assert!(check_hc_head(&HcHead { hc: 0, ..head }).is_err());
+    }
+
+    #[test]
+    fn route_checks() {
+        assert!(check_route(&route()).is_ok());
+        assert!(check_route(&RouteF32 { k: 0, ..route() }).is_err());
+        assert!(check_route(&RouteF32 { k: 17, ..route() }).is_err());
+        assert!(check_route(&RouteF32 {
+            experts: 4,
+            ..route()
+        })
+        .is_err());
+        assert!(check_route(&RouteF32 {
+            experts: 2048,
+            k: 6,
+            ..route()
+        })
+        .is_err());
+        // A hash layer needs the token ids and the table's row count.
+        assert!(check_route(&RouteF32 {
+            hash_table: 16,
+            ..route()
+        })
+        .is_err());
+        assert!(check_route(&RouteF32 {
+            hash_table: 16,
+            token_ids: 16,
+            vocab: 129_280,
+            ..route()
+        })
+        .is_ok());
+        assert!(check_route(&RouteF32 {
+            routed_scaling_factor: f32::NAN,
+            ..route()
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn dense_and_copy_checks() {
+        let d = DenseExpertsF32 {
+            w1: 16,
+            w3: 16,
+            w2: 16,
+            x: 16,
+            ids: 16,
+            weights: 16,
+            h_scratch: 16,
+            out: 16,
+            n: 2,
+            k: 2,
+            experts: 8,
+            hidden: 64,
+            inter: 32,
+            limit: 10.0,
+        };
+        assert!(check_dense_experts(&d).is_ok());
+        assert!(check_dense_experts(&DenseExpertsF32 { limit: 0.0, ..d }).is_err());
+        assert!(check_dense_experts(&DenseExpertsF32 { inter: 0, ..d }).is_err());
+        assert!(check_dense_experts(&DenseExpertsF32 {
+            inter: usize::MAX / 2,
+            ..d
+        })
+        .is_err());
+        let c = CopyRowsF32 {
+            src: 16,
+            ld_src: 512,
+            dst: 16,
+            ld_dst: 256,
+            rows: 4,
+            width: 256,
+        };
+        assert!(check_copy_rows(&c).is_ok());
+        assert!(check_copy_rows(&CopyRowsF32 { width: 300, ..c }).is_err());
+        assert!(check_copy_rows(&CopyRowsF32 { dst: 0, ..c }).is_err());
+    }
+}

@@ -1,0 +1,882 @@
+//! GPU checks of `layer_ops.cu` against host references written here from the server's code
+//! (engine/model/{ops,rope,hyper,forward}.rs), at the real DeepSeek-V4-Flash sizes and tiny ones.
+//! Elementwise steps are f32 as on the host; long reductions (sums of squares, dot products)
+//! accumulate in f64 and round once, so the reference is the exactly rounded value and the
+//! tolerance measures the kernel's own error (the host's sequential f32 order is not a parallel
+//! one either). Skips (passes with a SKIP line) where there is no GPU.
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+use dspark_kernels::launch::layer_ops::{
+    hc_head_workspace_floats, hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcHead, HcMix,
+    HcPost, HcPreFinish, RmsNormF32, RopeF32, RouteF32, RouterScoring,
+};
+use dspark_kernels::reference::rel_err;
+use dspark_kernels::{open_gpu, Kernels, LoaderConfig};
+
+const TOL: f64 = 1e-5;
+
+struct Gpu {
+    k: Kernels,
+    s: Arc<CudaStream>,
+}
+
+fn gpu(test: &str) -> Option<Gpu> {
+    let ctx = match open_gpu(0) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("SKIP {test}: no GPU ({e})");
+            return None;
+        }
+    };
+    // One cache for all tests of this file (the loader writes entries atomically).
+    let cfg = LoaderConfig {
+        cache_dir: Some(std::env::temp_dir().join("dspark-layer-ops-test-cache")),
+        prebuilt_dir: None,
+    };
+    let k = Kernels::load(&ctx, &cfg).unwrap();
+    let s = ctx.default_stream();
+    Some(Gpu { k, s })
+}
+
+impl Gpu {
+    fn up<T: DeviceRepr>(&self, v: &[T]) -> CudaSlice<T> {
+        self.s.clone_htod(v).unwrap()
+    }
+    fn ptr<T>(&self, b: &CudaSlice<T>) -> CUdeviceptr {
+        b.device_ptr(&self.s).0
+    }
+    fn down<T: DeviceRepr + Default + Clone>(&self, b: &CudaSlice<T>) -> Vec<T> {
+        self.s.synchronize().unwrap();
+        self.s.clone_dtoh(b).unwrap()
+    }
+}
+
+/// xorshift64*: deterministic inputs without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        let u = (self.next() >> 40) as f32 / (1u64 << 24) as f32;
+        lo + (hi - lo) * u
+    }
+    fn vec(&mut self, len: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..len).map(|_| self.uniform(lo, hi)).collect()
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn rel(out: &[f32], reference: &[f32]) -> f64 {
+    let o: Vec<f64> = out.iter().map(|&v| f64::from(v)).collect();
+    let r: Vec<f64> = reference.iter().map(|&v| f64::from(v)).collect();
+    rel_err(&o, &r)
+}
+
+/// Exactly rounded dot product.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| f64::from(x) * f64::from(y))
+        .sum::<f64>() as f32
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+// ------------------------------------------------------------------------------------------
+// RMSNorm (ops::rms_norm_rows)
+
+fn rms_norm_ref(x: &[f32], dim: usize, w: Option<&[f32]>, eps: f32) -> Vec<f32> {
+    let mut out = x.to_vec();
+    for row in out.chunks_mut(dim) {
+        let ms = dot(row, row) / dim as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        match w {
+            Some(w) => row.iter_mut().zip(w).for_each(|(v, w)| *v = w * (*v * inv)),
+            None => row.iter_mut().for_each(|v| *v *= inv),
+        }
+    }
+    out
+}
+
+#[test]
+fn rms_norm_matches_host() {
+    let Some(g) = gpu("rms_norm_matches_host") else {
+        return;
+    };
+    let mut rng = Rng(0x1234_5678);
+    // (rows, dim, ld_x, ld_out, weighted, in place)
+    let cases = [
+        (1, 4096, 4096, 4096, true, false),
+        (3, 1024, 1100, 1030, true, false),
+        (2 * 64, 512, 512, 512, false, true),
+        (5, 128, 136, 136, true, true),
+        (4, 16, 16, 20, true, false),
+        (2, 16, 16, 16, false, false),
+    ];
+    for (rows, dim, ld_x, ld_out, weighted, in_place) in cases {
+        let x = rng.vec(rows * ld_x, -2.0, 2.0);
+        let w = rng.vec(dim, 0.5, 1.5);
+        let compact: Vec<f32> = x.chunks(ld_x).flat_map(|r| r[..dim].to_vec()).collect();
+        let want = rms_norm_ref(&compact, dim, weighted.then_some(&w[..]), 1e-6);
+        let xb = g.up(&x);
+        let wb = g.up(&w);
+        let ob = g.up(&vec![7.0f32; rows * ld_out]);
+        let out_ptr = if in_place { g.ptr(&xb) } else { g.ptr(&ob) };
+        let ld_out = if in_place { ld_x } else { ld_out };
+        let a = RmsNormF32 {
+            x: g.ptr(&xb),
+            out: out_ptr,
+            weight: if weighted { g.ptr(&wb) } else { 0 },
+            rows,
+            dim,
+            ld_x,
+            ld_out,
+            eps: 1e-6,
+        };
+        // SAFETY: the buffers above hold these shapes.
+        unsafe { g.k.rms_norm_f32(&g.s, &a) }.unwrap();
+        let got_full = g.down(if in_place { &xb } else { &ob });
+        let got: Vec<f32> = got_full
+            .chunks(ld_out)
+            .flat_map(|r| r[..dim].to_vec())
+            .collect();
+        let err = rel(&got, &want);
+        assert!(err < TOL, "rows {rows} dim {dim}: rel err {err}");
+        // Padding past dim is left alone.
+        for (r, row) in got_full.chunks(ld_out).enumerate() {
+            let pad_want: Vec<f32> = if in_place {
+                x[r * ld_x + dim..(r + 1) * ld_x].to_vec()
+            } else {
+                vec![7.0; ld_out - dim]
+            };
+            assert_eq!(&row[dim..], &pad_want[..], "row {r} padding changed");
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// RoPE (RopeTable::apply / apply_with)
+
+#[allow(clippy::too_many_arguments)]
+fn rope_ref(
+    x: &mut [f32],
+    positions: &[i32],
+    inv_freq: &[f32],
+    heads: usize,
+    head_dim: usize,
+    ld_token: usize,
+    ld_head: usize,
+    af: f32,
+    inverse: bool,
+) {
+    let rd = inv_freq.len() * 2;
+    for (t, &pos) in positions.iter().enumerate() {
+        let p = pos as f32;
+        let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
+            .iter()
+            .map(|&f| {
+                let a = (f * p) as f64;
+                ((a.cos() as f32) * af, (a.sin() as f32) * af)
+            })
+            .unzip();
+        for h in 0..heads {
+            let head = &mut x[t * ld_token + h * ld_head..t * ld_token + h * ld_head + head_dim];
+            let rope = &mut head[head_dim - rd..];
+            for j in 0..cos.len() {
+                let (c, s) = (cos[j], if inverse { -sin[j] } else { sin[j] });
+                let (x0, x1) = (rope[2 * j], rope[2 * j + 1]);
+                rope[2 * j] = x0 * c + (-x1) * s;
+                rope[2 * j + 1] = x1 * c + x0 * s;
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_matches_host() {
+    let Some(g) = gpu("rope_matches_host") else {
+        return;
+    };
+    let mut rng = Rng(0x9e37_79b9);
+    // (tokens, heads, head_dim, rope_dim, ld_head, ld_token, attention_factor, inverse)
+    let cases = [
+        (3, 64, 512, 64, 512, 64 * 512, 1.0f32, false),
+        (2, 64, 512, 64, 512, 64 * 512, 1.0, true),
+        (4, 1, 512, 64, 512, 600, 1.25, false),
+        (2, 3, 16, 8, 20, 64, 0.9, false),
+        (1, 2, 8, 8, 8, 16, 1.0, true),
+    ];
+    for (tokens, heads, head_dim, rope_dim, ld_head, ld_token, af, inverse) in cases {
+        let half = rope_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / rope_dim as f32))
+            .collect();
+        let positions: Vec<i32> = (0..tokens)
+            .map(|t| [0, 17, 100_003, 65_535, 4097][t % 5] + t as i32)
+            .collect();
+        let x = rng.vec(tokens * ld_token, -3.0, 3.0);
+        let mut want = x.clone();
+        rope_ref(
+            &mut want, &positions, &inv_freq, heads, head_dim, ld_token, ld_head, af, inverse,
+        );
+        let xb = g.up(&x);
+        let pb = g.up(&positions);
+        let fb = g.up(&inv_freq);
+        let a = RopeF32 {
+            x: g.ptr(&xb),
+            positions: g.ptr(&pb),
+            inv_freq: g.ptr(&fb),
+            tokens,
+            heads,
+            head_dim,
+            rope_dim,
+            ld_token,
+            ld_head,
+            attention_factor: af,
+            inverse,
+        };
+        // SAFETY: the buffers above hold these shapes.
+        unsafe { g.k.rope_f32(&g.s, &a) }.unwrap();
+        let got = g.down(&xb);
+        let err = rel(&got, &want);
+        assert!(err < TOL, "rope {tokens}x{heads}x{head_dim}: rel err {err}");
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Hyper-connections (hyper.rs)
+
+fn mix_ref(streams: &[f32], width: usize, fn_: &[f32], outs: usize, eps: f32) -> Vec<f32> {
+    let mut out = Vec::new();
+    for t in streams.chunks(width) {
+        let inv = 1.0 / (dot(t, t) / width as f32 + eps).sqrt();
+        let flat: Vec<f32> = t.iter().map(|v| v * inv).collect();
+        for o in 0..outs {
+            out.push(dot(&flat, &fn_[o * width..(o + 1) * width]));
+        }
+    }
+    out
+}
+
+fn sinkhorn_ref(logits: &[f32], hc: usize, iters: usize, eps: f32) -> Vec<f32> {
+    let mut m = vec![0f32; hc * hc];
+    for r in 0..hc {
+        let row = &logits[r * hc..(r + 1) * hc];
+        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let exps: Vec<f32> = row.iter().map(|v| (v - max).exp()).collect();
+        let sum: f32 = exps.iter().sum();
+        for c in 0..hc {
+            m[r * hc + c] = exps[c] / sum + eps;
+        }
+    }
+    let cols = |m: &mut [f32]| {
+        for c in 0..hc {
+            let s: f32 = (0..hc).map(|r| m[r * hc + c]).sum::<f32>() + eps;
+            for r in 0..hc {
+                m[r * hc + c] /= s;
+            }
+        }
+    };
+    let rows = |m: &mut [f32]| {
+        for r in 0..hc {
+            let s: f32 = m[r * hc..(r + 1) * hc].iter().sum::<f32>() + eps;
+            for v in &mut m[r * hc..(r + 1) * hc] {
+                *v /= s;
+            }
+        }
+    };
+    cols(&mut m);
+    for _ in 1..iters {
+        rows(&mut m);
+        cols(&mut m);
+    }
+    m
+}
+
+/// `finish` of one token: pre[hc], post[hc], comb[hc * hc] concatenated.
+fn finish_ref(
+    m: &[f32],
+    base: &[f32],
+    scale: [f32; 3],
+    hc: usize,
+    iters: usize,
+    eps: f32,
+) -> Vec<f32> {
+    let mut out: Vec<f32> = (0..hc)
+        .map(|i| sigmoid(m[i] * scale[0] + base[i]) + eps)
+        .collect();
+    out.extend((0..hc).map(|i| 2.0 * sigmoid(m[hc + i] * scale[1] + base[hc + i])));
+    let logits: Vec<f32> = (0..hc * hc)
+        .map(|i| m[2 * hc + i] * scale[2] + base[2 * hc + i])
+        .collect();
+    out.extend(sinkhorn_ref(&logits, hc, iters, eps));
+    out
+}
+
+fn collapse_ref(streams: &[f32], pre: &[f32], hidden: usize) -> Vec<f32> {
+    let mut out = vec![0f32; hidden];
+    for (k, p) in pre.iter().enumerate() {
+        for (o, s) in out.iter_mut().zip(&streams[k * hidden..(k + 1) * hidden]) {
+            *o += p * s;
+        }
+    }
+    out
+}
+
+fn expand_ref(streams: &mut [f32], mix: &[f32], out: &[f32], hc: usize, hidden: usize) {
+    let old = streams.to_vec();
+    for k in 0..hc {
+        let dst = &mut streams[k * hidden..(k + 1) * hidden];
+        for (d, o) in dst.iter_mut().zip(out) {
+            *d = mix[hc + k] * o;
+        }
+        for j in 0..hc {
+            let c = mix[2 * hc + j * hc + k];
+            for (d, s) in dst.iter_mut().zip(&old[j * hidden..(j + 1) * hidden]) {
+                *d += c * s;
+            }
+        }
+    }
+}
+
+/// (n, hc, hidden): the real width (hc 4 x 4096), several token chunks, tiny odd sizes.
+const HC_CASES: [(usize, usize, usize); 5] = [
+    (1, 4, 4096),
+    (3, 4, 4096),
+    (17, 4, 4096),
+    (2, 3, 40),
+    (1, 8, 16),
+];
+
+#[test]
+fn hc_mix_matches_host() {
+    let Some(g) = gpu("hc_mix_matches_host") else {
+        return;
+    };
+    let mut rng = Rng(0xdead_beef);
+    for (n, hc, hidden) in HC_CASES {
+        let (width, outs) = (hc * hidden, (2 + hc) * hc);
+        let streams = rng.vec(n * width, -4.0, 4.0);
+        let fn_ = rng.vec(outs * width, -0.05, 0.05);
+        let want = mix_ref(&streams, width, &fn_, outs, 1e-6);
+        let sb = g.up(&streams);
+        let fb = g.up(&fn_);
+        let ob = g.up(&vec![f32::NAN; n * outs]);
+        let wb = g.up(&vec![f32::NAN; hc_mix_workspace_floats(n, outs)]);
+        let a = HcMix {
+            streams: g.ptr(&sb),
+            fn_: g.ptr(&fb),
+            out: g.ptr(&ob),
+            workspace: g.ptr(&wb),
+            n,
+            width,
+            outs,
+            norm_eps: 1e-6,
+        };
+        // SAFETY: the buffers above hold these shapes.
+        unsafe { g.k.hc_mix_f32(&g.s, &a) }.unwrap();
+        let err = rel(&g.down(&ob), &want);
+        assert!(
+            err < TOL,
+            "hc_mix n {n} hc {hc} hidden {hidden}: rel err {err}"
+        );
+    }
+}
+
+#[test]
+fn hc_pre_finish_and_post_match_host() {
+    let Some(g) = gpu("hc_pre_finish_and_post_match_host") else {
+        return;
+    };
+    let mut rng = Rng(0x5eed_0001);
+    for (n, hc, hidden) in HC_CASES {
+        for iters in [20usize, 1, 0] {
+            let (width, outs) = (hc * hidden, (2 + hc) * hc);
+            let proj = rng.vec(n * outs, -2.0, 2.0);
+            let base = rng.vec(outs, -1.0, 1.0);
+            let scale = [
+                rng.uniform(0.5, 1.5),
+                rng.uniform(0.5, 1.5),
+                rng.uniform(0.5, 1.5),
+            ];
+            let streams = rng.vec(n * width, -4.0, 4.0);
+            let layer_out = rng.vec(n * hidden, -1.0, 1.0);
+            let mut want_mix = Vec::new();
+            let mut want_x = Vec::new();
+            let mut want_streams = streams.clone();
+            for t in 0..n {
+                let m = finish_ref(
+                    &proj[t * outs..(t + 1) * outs],
+                    &base,
+                    scale,
+                    hc,
+                    iters,
+                    1e-6,
+                );
+                want_x.extend(collapse_ref(
+                    &streams[t * width..(t + 1) * width],
+                    &m[..hc],
+                    hidden,
+                ));
+                expand_ref(
+                    &mut want_streams[t * width..(t + 1) * width],
+                    &m,
+                    &layer_out[t * hidden..(t + 1) * hidden],
+                    hc,
+                    hidden,
+                );
+                want_mix.extend(m);
+            }
+            let pb = g.up(&proj);
+            let bb = g.up(&base);
+            let sb = g.up(&streams);
+            let xb = g.up(&vec![f32::NAN; n * hidden]);
+            let mb = g.up(&vec![f32::NAN; n * outs]);
+            let ob = g.up(&layer_out);
+            let a = HcPreFinish {
+                proj: g.ptr(&pb),
+                base: g.ptr(&bb),
+                scale,
+                streams: g.ptr(&sb),
+                x_out: g.ptr(&xb),
+                mix_out: g.ptr(&mb),
+                n,
+                hc,
+                hidden,
+                sinkhorn_iters: iters,
+                hc_eps: 1e-6,
+            };
+            // SAFETY: the buffers above hold these shapes.
+            unsafe { g.k.hc_pre_finish_f32(&g.s, &a) }.unwrap();
+            let got_mix = g.down(&mb);
+            let err = rel(&got_mix, &want_mix);
+            assert!(err < TOL, "mix n {n} hc {hc} iters {iters}: rel err {err}");
+            let err = rel(&g.down(&xb), &want_x);
+            assert!(
+                err < TOL,
+                "collapse n {n} hc {hc} iters {iters}: rel err {err}"
+            );
+            // hc_post from the host's mix so the check isolates the expand step.
+            let hb = g.up(&want_mix);
+            let p = HcPost {
+                streams: g.ptr(&sb),
+                mix: g.ptr(&hb),
+                out: g.ptr(&ob),
+                n,
+                hc,
+                hidden,
+            };
+            // SAFETY: the buffers above hold these shapes.
+            unsafe { g.k.hc_post_f32(&g.s, &p) }.unwrap();
+            let err = rel(&g.down(&sb), &want_streams);
+            assert!(err < TOL, "expand n {n} hc {hc}: rel err {err}");
+        }
+    }
+}
+
+#[test]
+fn hc_head_matches_host() {
+    let Some(g) = gpu("hc_head_matches_host") else {
+        return;
+    };
+    let mut rng = Rng(0x0bad_cafe);
+    for (n, hc, hidden) in HC_CASES {
+        let width = hc * hidden;
+        let streams = rng.vec(n * width, -4.0, 4.0);
+        let fn_ = rng.vec(hc * width, -0.05, 0.05);
+        let base = rng.vec(hc, -1.0, 1.0);
+        let scale = 0.75f32;
+        let dots = mix_ref(&streams, width, &fn_, hc, 1e-6);
+        let mut want = Vec::new();
+        for t in 0..n {
+            let pre: Vec<f32> = (0..hc)
+                .map(|i| sigmoid(dots[t * hc + i] * scale + base[i]) + 1e-6)
+                .collect();
+            want.extend(collapse_ref(
+                &streams[t * width..(t + 1) * width],
+                &pre,
+                hidden,
+            ));
+        }
+        let sb = g.up(&streams);
+        let fb = g.up(&fn_);
+        let bb = g.up(&base);
+        let xb = g.up(&vec![f32::NAN; n * hidden]);
+        let wb = g.up(&vec![f32::NAN; hc_head_workspace_floats(n, hc)]);
+        let a = HcHead {
+            streams: g.ptr(&sb),
+            fn_: g.ptr(&fb),
+            base: g.ptr(&bb),
+            scale,
+            x_out: g.ptr(&xb),
+            workspace: g.ptr(&wb),
+            n,
+            hc,
+            hidden,
+            hc_eps: 1e-6,
+            norm_eps: 1e-6,
+        };
+        // SAFETY: the buffers above hold these shapes.
+        unsafe { g.k.hc_head_f32(&g.s, &a) }.unwrap();
+        let err = rel(&g.down(&xb), &want);
+        assert!(
+            err < TOL,
+            "hc_head n {n} hc {hc} hidden {hidden}: rel err {err}"
+        );
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Router (forward.rs router_scores + route)
+
+fn softplus(x: f32) -> f32 {
+    if x > 20.0 {
+        x
+    } else {
+        x.exp().ln_1p()
+    }
+}
+
+/// (ids, weights) of one token; `chosen` None = top-k of score + bias.
+fn route_ref(
+    logits: &[f32],
+    scoring: RouterScoring,
+    bias: &[f32],
+    chosen: Option<&[i32]>,
+    k: usize,
+    rsf: f32,
+) -> (Vec<i32>, Vec<f32>) {
+    let s: Vec<f32> = logits
+        .iter()
+        .map(|&v| match scoring {
+            RouterScoring::SqrtSoftplus => softplus(v).sqrt(),
+            RouterScoring::Sigmoid => sigmoid(v),
+        })
+        .collect();
+    let chosen: Vec<usize> = match chosen {
+        Some(c) => c.iter().map(|&c| c as usize).collect(),
+        None => {
+            let biased: Vec<f32> = s.iter().zip(bias).map(|(a, b)| a + b).collect();
+            let mut idx: Vec<usize> = (0..s.len()).collect();
+            idx.sort_by(|&a, &b| biased[b].total_cmp(&biased[a]).then(a.cmp(&b)));
+            // The test inputs must be tie-free at the cut for the ids to be well defined.
+            assert!(biased[idx[k - 1]] != biased[idx[k]], "tie at the top-k cut");
+            idx.truncate(k);
+            idx
+        }
+    };
+    let sum: f32 = chosen.iter().map(|&c| s[c]).sum::<f32>() + 1e-20;
+    (
+        chosen.iter().map(|&c| c as i32).collect(),
+        chosen.iter().map(|&c| s[c] / sum * rsf).collect(),
+    )
+}
+
+#[test]
+fn route_matches_host() {
+    let Some(g) = gpu("route_matches_host") else {
+        return;
+    };
+    let mut rng = Rng(0x7070_7070);
+    // (n, experts, k, scoring, with bias, hash vocab)
+    let cases = [
+        (1, 256, 6, RouterScoring::SqrtSoftplus, true, None),
+        (5, 256, 6, RouterScoring::SqrtSoftplus, true, None),
+        (3, 256, 6, RouterScoring::Sigmoid, false, None),
+        (4, 8, 2, RouterScoring::SqrtSoftplus, true, None),
+        (
+            3,
+            256,
+            6,
+            RouterScoring::SqrtSoftplus,
+            false,
+            Some(1000usize),
+        ),
+        (2, 8, 2, RouterScoring::Sigmoid, false, Some(50)),
+    ];
+    for (n, experts, k, scoring, with_bias, hash) in cases {
+        // sqrt(softplus): values past softplus's threshold of 20 included. Sigmoid: a range where
+        // it does not saturate to 1.0 in f32 (which would tie the scores).
+        let logits = match scoring {
+            RouterScoring::SqrtSoftplus => rng.vec(n * experts, -6.0, 24.0),
+            RouterScoring::Sigmoid => rng.vec(n * experts, -4.0, 4.0),
+        };
+        let bias = if with_bias {
+            rng.vec(experts, -0.5, 0.5)
+        } else {
+            vec![0.0; experts]
+        };
+        let vocab = hash.unwrap_or(0);
+        let table: Vec<i32> = (0..vocab * k).map(|_| rng.below(experts) as i32).collect();
+        let token_ids: Vec<i32> = (0..n).map(|_| rng.below(vocab.max(1)) as i32).collect();
+        let mut want_ids = Vec::new();
+        let mut want_w = Vec::new();
+        for t in 0..n {
+            let chosen = hash.map(|_| {
+                let id = token_ids[t] as usize;
+                &table[id * k..(id + 1) * k]
+            });
+            let (ids, w) = route_ref(
+                &logits[t * experts..(t + 1) * experts],
+                scoring,
+                &bias,
+                chosen,
+                k,
+                2.5,
+            );
+            want_ids.extend(ids);
+            want_w.extend(w);
+        }
+        let lb = g.up(&logits);
+        let bb = g.up(&bias);
+        let tb = g.up(&if table.is_empty() {
+            vec![0i32]
+        } else {
+            table.clone()
+        });
+        let ib = g.up(&token_ids);
+        let oi = g.up(&vec![-7i32; n * k]);
+        let ow = g.up(&vec![f32::NAN; n * k]);
+        let a = RouteF32 {
+            logits: g.ptr(&lb),
+            scoring,
+            bias: if with_bias { g.ptr(&bb) } else { 0 },
+            hash_table: if hash.is_some() { g.ptr(&tb) } else { 0 },
+            token_ids: g.ptr(&ib),
+            vocab,
+            n,
+            experts,
+            k,
+            routed_scaling_factor: 2.5,
+            out_ids: g.ptr(&oi),
+            out_weights: g.ptr(&ow),
+        };
+        // SAFETY: the buffers above hold these shapes.
+        unsafe { g.k.route_f32(&g.s, &a) }.unwrap();
+        assert_eq!(
+            g.down(&oi),
+            want_ids,
+            "route ids n {n} experts {experts} hash {hash:?}"
+        );
+        let err = rel(&g.down(&ow), &want_w);
+        assert!(
+            err < TOL,
+            "route weights n {n} experts {experts}: rel err {err}"
+        );
+    }
+}
+
+#[test]
+fn route_bad_token_id_gives_empty_slots() {
+    let Some(g) = gpu("route_bad_token_id_gives_empty_slots") else {
+        return;
+    };
+    let (experts, k, vocab) = (8usize, 2usize, 4usize);
+    let logits = vec![0.5f32; experts];
+    // Row 1 of the table names an expert out of range.
+    let table = vec![0i32, 1, 9, 2, 3, 4, 5, 6];
+    let lb = g.up(&logits);
+    let tb = g.up(&table);
+    for (id, want) in [(7i32, [-1, -1]), (1, [-1, 2])] {
+        let ib = g.up(&[id]);
+        let oi = g.up(&[0i32; 2]);
+        let ow = g.up(&[f32::NAN; 2]);
+        let a = RouteF32 {
+            logits: g.ptr(&lb),
+            scoring: RouterScoring::Sigmoid,
+            bias: 0,
+            hash_table: g.ptr(&tb),
+            token_ids: g.ptr(&ib),
+            vocab,
+            n: 1,
+            experts,
+            k,
+            routed_scaling_factor: 1.0,
+            out_ids: g.ptr(&oi),
+            out_weights: g.ptr(&ow),
+        };
+        // SAFETY: the buffers above hold these shapes.
+        unsafe { g.k.route_f32(&g.s, &a) }.unwrap();
+        assert_eq!(g.down(&oi), want);
+        let w = g.down(&ow);
+        for (wi, idi) in w.iter().zip(want) {
+            if idi < 0 {
+                assert_eq!(*wi, 0.0);
+            } else {
+                assert!(wi.is_finite() && *wi > 0.0);
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Dense SwiGLU experts
+
+#[allow(clippy::too_many_arguments)]
+fn dense_ref(
+    w1: &[f32],
+    w3: &[f32],
+    w2: &[f32],
+    x: &[f32],
+    ids: &[i32],
+    weights: &[f32],
+    n: usize,
+    k: usize,
+    experts: usize,
+    hidden: usize,
+    inter: usize,
+    limit: f32,
+) -> Vec<f32> {
+    let mut out = vec![0f32; n * hidden];
+    for t in 0..n {
+        let xr = &x[t * hidden..(t + 1) * hidden];
+        for j in 0..k {
+            let e = ids[t * k + j];
+            if e < 0 || e as usize >= experts {
+                continue;
+            }
+            let e = e as usize;
+            let a: Vec<f32> = (0..inter)
+                .map(|r| {
+                    let row = (e * inter + r) * hidden;
+                    let gt = dot(&w1[row..row + hidden], xr).min(limit);
+                    let u = dot(&w3[row..row + hidden], xr).clamp(-limit, limit);
+                    gt / (1.0 + (-gt).exp()) * u
+                })
+                .collect();
+            for c in 0..hidden {
+                let row = (e * hidden + c) * inter;
+                let y = dot(&w2[row..row + inter], &a);
+                out[t * hidden + c] += weights[t * k + j] * y;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn dense_experts_match_host() {
+    let Some(g) = gpu("dense_experts_match_host") else {
+        return;
+    };
+    let mut rng = Rng(0x4242_4242);
+    // (n, k, experts, hidden, inter)
+    for (n, k, experts, hidden, inter) in [(3, 2, 8, 64, 32), (2, 6, 16, 256, 96), (1, 1, 1, 16, 8)]
+    {
+        let w1 = rng.vec(experts * inter * hidden, -0.3, 0.3);
+        let w3 = rng.vec(experts * inter * hidden, -0.3, 0.3);
+        let w2 = rng.vec(experts * hidden * inter, -0.3, 0.3);
+        let x = rng.vec(n * hidden, -2.0, 2.0);
+        let mut ids: Vec<i32> = (0..n * k).map(|_| rng.below(experts) as i32).collect();
+        // Out-of-range ids are skipped (not read).
+        if n * k > 2 {
+            ids[1] = -1;
+            ids[2] = experts as i32;
+        }
+        let weights = rng.vec(n * k, 0.1, 1.0);
+        // A small limit so the clipping is exercised.
+        let limit = 1.5f32;
+        let want = dense_ref(
+            &w1, &w3, &w2, &x, &ids, &weights, n, k, experts, hidden, inter, limit,
+        );
+        let b1 = g.up(&w1);
+        let b3 = g.up(&w3);
+        let b2 = g.up(&w2);
+        let bx = g.up(&x);
+        let bi = g.up(&ids);
+        let bw = g.up(&weights);
+        let bh = g.up(&vec![f32::NAN; n * k * inter]);
+        let bo = g.up(&vec![f32::NAN; n * hidden]);
+        let a = DenseExpertsF32 {
+            w1: g.ptr(&b1),
+            w3: g.ptr(&b3),
+            w2: g.ptr(&b2),
+            x: g.ptr(&bx),
+            ids: g.ptr(&bi),
+            weights: g.ptr(&bw),
+            h_scratch: g.ptr(&bh),
+            out: g.ptr(&bo),
+            n,
+            k,
+            experts,
+            hidden,
+            inter,
+            limit,
+        };
+        // SAFETY: the buffers above hold these shapes.
+        unsafe { g.k.dense_experts_f32(&g.s, &a) }.unwrap();
+        let err = rel(&g.down(&bo), &want);
+        assert!(
+            err < TOL,
+            "dense experts n {n} k {k} hidden {hidden}: rel err {err}"
+        );
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// scale, copy_rows
+
+#[test]
+fn scale_and_copy_rows_are_exact() {
+    let Some(g) = gpu("scale_and_copy_rows_are_exact") else {
+        return;
+    };
+    let mut rng = Rng(0x1111_2222);
+    let x = rng.vec(100_003, -5.0, 5.0);
+    let xb = g.up(&x);
+    // SAFETY: xb holds x.len() f32.
+    unsafe { g.k.scale_f32(&g.s, g.ptr(&xb), x.len(), 0.375) }.unwrap();
+    let want: Vec<f32> = x.iter().map(|v| v * 0.375).collect();
+    assert_eq!(g.down(&xb), want);
+
+    // Regroup 8 heads of 512 from a [4, 64 * 512] buffer into [4 * 8, 512].
+    let (tokens, heads, hd) = (4usize, 8usize, 512usize);
+    let src = rng.vec(tokens * 64 * hd, -1.0, 1.0);
+    let sb = g.up(&src);
+    let db = g.up(&vec![f32::NAN; tokens * heads * hd]);
+    for t in 0..tokens {
+        let a = CopyRowsF32 {
+            src: g.ptr(&sb) + (t * 64 * hd * 4) as u64,
+            ld_src: hd,
+            dst: g.ptr(&db) + (t * heads * hd * 4) as u64,
+            ld_dst: hd,
+            rows: heads,
+            width: hd,
+        };
+        // SAFETY: both ranges lie inside their buffers.
+        unsafe { g.k.copy_rows_f32(&g.s, &a) }.unwrap();
+    }
+    let want: Vec<f32> = (0..tokens)
+        .flat_map(|t| src[t * 64 * hd..t * 64 * hd + heads * hd].to_vec())
+        .collect();
+    assert_eq!(g.down(&db), want);
+    // Strided on both sides, width below the strides.
+    let db2 = g.up(&vec![9.0f32; 6 * 40]);
+    let a = CopyRowsF32 {
+        src: g.ptr(&sb),
+        ld_src: 33,
+        dst: g.ptr(&db2),
+        ld_dst: 40,
+        rows: 6,
+        width: 31,
+    };
+    // SAFETY: both ranges lie inside their buffers.
+    unsafe { g.k.copy_rows_f32(&g.s, &a) }.unwrap();
+    let got = g.down(&db2);
+    for r in 0..6 {
+        assert_eq!(&got[r * 40..r * 40 + 31], &src[r * 33..r * 33 + 31]);
+        assert!(got[r * 40 + 31..(r + 1) * 40].iter().all(|&v| v == 9.0));
+    }
+}
