@@ -51,6 +51,8 @@ extern "C" __global__ void __launch_bounds__(DSK_ATT_WARPS * 32) dsk_attend_part
     }
     float m = DSK_NEG_INF, l = 0.f;
     for (int k = a + warp; k < b; k += DSK_ATT_WARPS) {
+        // A negative offset marks a slot without a key (device-built lists): masked out.
+        if (key_off[k] < 0) continue;
         const float *kr = pool + key_off[k];
         float kv[DSK_ATT_DPL];
         float d = 0.f;

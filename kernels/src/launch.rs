@@ -14,8 +14,8 @@ use crate::sources;
 
 pub mod attention;
 pub mod elementwise;
-pub mod paged;
 pub mod layer_ops;
+pub mod paged;
 
 /// Activation element type of a GEMV input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -4,7 +4,8 @@
 #   cargo build -p dspark-server --bins
 #   cargo test -p dspark-server --test model_cuda --test backend_kv_cuda --no-run
 #   DSPARK_SERVER_BIN=target/debug/dspark-server DSPARK_MODEL_CUDA_BIN=target/debug/deps/model_cuda-<hash> \
-#     DSPARK_BACKEND_KV_CUDA_BIN=target/debug/deps/backend_kv_cuda-<hash> tests/gpu/cuda-checks.sh
+#     DSPARK_BACKEND_KV_CUDA_BIN=target/debug/deps/backend_kv_cuda-<hash> \
+#     DSPARK_LAYER_STACK_CUDA_BIN=target/debug/deps/layer_stack_cuda-<hash> tests/gpu/cuda-checks.sh
 # 1. the engine fixture tests on the CUDA backend (transformers references, CUDA vs CPU, TP=2 in
 #    one process) and the KV pool kernels against the CPU backend; 2. compute-sanitizer memcheck
 #    over the fixture runs and the KV kernel checks (if installed);
@@ -18,12 +19,17 @@ fail=0
 step() { printf '\n==> %s\n' "$*"; }
 
 kv_tests=${DSPARK_BACKEND_KV_CUDA_BIN:-}
+stack_tests=${DSPARK_LAYER_STACK_CUDA_BIN:-}
 
 step "model_cuda fixture tests"
 DSPARK_TEST_CUDA=1 "$tests" --test-threads 1 --nocapture || fail=1
 if [[ -n "$kv_tests" ]]; then
   step "backend_kv_cuda: KV pool kernels against the CPU backend"
   DSPARK_TEST_CUDA=1 "$kv_tests" --test-threads 1 --nocapture || fail=1
+fi
+if [[ -n "$stack_tests" ]]; then
+  step "layer_stack_cuda: the device layer stack against the op-by-op forward (TP=1, TP=2)"
+  DSPARK_TEST_CUDA=1 "$stack_tests" --test-threads 1 --nocapture || fail=1
 fi
 
 if command -v compute-sanitizer >/dev/null 2>&1; then
@@ -34,6 +40,11 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
   if [[ -n "$kv_tests" ]]; then
     DSPARK_TEST_CUDA=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
       "$kv_tests" --test-threads 1 2>&1 | tail -3
+    [[ ${PIPESTATUS[0]} == 0 ]] || fail=1
+  fi
+  if [[ -n "$stack_tests" ]]; then
+    DSPARK_TEST_CUDA=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
+      "$stack_tests" --test-threads 1 2>&1 | tail -3
     [[ ${PIPESTATUS[0]} == 0 ]] || fail=1
   fi
 else

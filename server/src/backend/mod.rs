@@ -206,6 +206,25 @@ pub enum BackendError {
     Other(String),
 }
 
+/// The model as a whole-layer device forward needs it ([`Backend::layer_stack`]): config,
+/// weights, pool geometry and RoPE tables, borrowed from the engine's runner.
+pub struct StackModel<'a, B: Backend> {
+    pub cfg: &'a crate::engine::model::ModelConfig,
+    pub weights: &'a crate::engine::model::load::ModelWeights<B>,
+    pub geometry: &'a crate::engine::model::kv::BlockGeometry,
+    pub rope_main: &'a crate::engine::model::rope::RopeTable,
+    pub rope_compress: &'a crate::engine::model::rope::RopeTable,
+    pub shard: crate::engine::model::Shard,
+}
+
+/// The rows of one step as the layer stack needs them: position, token id and the block table
+/// of each row's sequence (rows of one sequence share one table).
+pub struct StackRows<'a> {
+    pub positions: Vec<usize>,
+    pub ids: Vec<u32>,
+    pub block_tables: Vec<&'a [u32]>,
+}
+
 /// A compute device holding weight matrices and running the kernels the model needs.
 pub trait Backend: Send + Sync + 'static {
     /// A weight matrix `[rows, cols]` (row-major, `rows` = output features) resident on the
@@ -219,7 +238,52 @@ pub trait Backend: Send + Sync + 'static {
     /// The KV pool storage: a flat array of f32 on the device (layout: `engine::model::kv`).
     type KvStore: Send + Sync;
 
+    /// Device-resident copies of what the whole-layer forward needs beyond the matrices (norm
+    /// weights, hyper-connection parameters, routing tables, scratch buffers).
+    type LayerStack: Send + Sync;
+
     fn name(&self) -> &'static str;
+
+    /// Prepares the whole-layer device forward (every layer of a step on the device, the
+    /// residual streams never leaving it), or `None` where the backend has none or does not take
+    /// this model's encodings; the engine then runs layers op by op.
+    fn layer_stack(
+        &self,
+        _model: &StackModel<'_, Self>,
+    ) -> Result<Option<Self::LayerStack>, BackendError>
+    where
+        Self: Sized,
+    {
+        Ok(None)
+    }
+
+    /// Most rows of a step the layer stack takes (0: none; larger steps run op by op).
+    fn layer_stack_max_rows(&self) -> usize {
+        0
+    }
+
+    /// Runs every layer over the step's residual streams `[rows, hc * hidden]` (in place) with
+    /// the layer stack; returns `(layer, mean of the streams [rows, hidden])` after each layer
+    /// of `capture`. Same results as the op-by-op forward to f32 rounding.
+    #[allow(clippy::too_many_arguments)]
+    fn run_layer_stack(
+        &self,
+        _stack: &mut Self::LayerStack,
+        _model: &StackModel<'_, Self>,
+        _kv: &mut Self::KvStore,
+        _comm: &dyn crate::ranks::Communicator,
+        _rows: &StackRows<'_>,
+        _streams: &mut [f32],
+        _capture: &[usize],
+    ) -> Result<Vec<(usize, Vec<f32>)>, BackendError>
+    where
+        Self: Sized,
+    {
+        Err(BackendError::Other(format!(
+            "the {} backend has no layer stack",
+            self.name()
+        )))
+    }
 
     /// `(free, total)` bytes of the device's memory, where the backend has its own (GPU).
     fn memory_info(&self) -> Option<(usize, usize)> {

@@ -36,6 +36,11 @@ pub trait Communicator: Send + Sync {
     fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError>;
     /// `data` of rank `root` replaces `data` on every other rank.
     fn broadcast_bytes(&self, root: usize, data: &mut Vec<u8>) -> Result<(), CommError>;
+    /// The NCCL communicator behind this one, for collectives on device buffers enqueued on
+    /// the GPU stream (the CUDA backend's layer stack); `None` for host-only communicators.
+    fn nccl(&self) -> Option<&crate::backend::cuda::nccl::NcclCommunicator> {
+        None
+    }
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<(), CommError> {
         // A sum needs every rank's input before anyone gets the result.

@@ -81,6 +81,8 @@ impl Backend for CpuBackend {
     type Matrix = CpuMatrix;
     type ExpertBank = Vec<[CpuMatrix; 3]>;
     type KvStore = Vec<f32>;
+    /// The CPU runs layers op by op.
+    type LayerStack = ();
 
     fn kv_store(&self, floats: usize) -> Result<Vec<f32>, BackendError> {
         Ok(vec![0f32; floats])

@@ -14,8 +14,8 @@ use crate::backend::{check_attend, check_indexer, check_kv_rows, BackendError};
 
 /// The pool: `len` f32 in one device allocation.
 pub struct CudaKvStore {
-    data: CudaSlice<f32>,
-    len: usize,
+    pub(super) data: CudaSlice<f32>,
+    pub(super) len: usize,
 }
 
 fn i32s(op: &'static str, v: impl IntoIterator<Item = usize>) -> Result<Vec<i32>, BackendError> {

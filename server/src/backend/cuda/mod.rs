@@ -9,9 +9,11 @@
 //! docs/PERFORMANCE.md).
 
 mod kv;
+mod layer_stack;
 pub mod nccl;
 
 pub use kv::CudaKvStore;
+pub use layer_stack::{CudaLayerStack, STACK_MAX_ROWS};
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -103,7 +105,7 @@ pub struct MatrixCensus {
 const FP8_WIDEN_MIN_ROWS: usize = 64;
 
 /// Operation kinds timed by [`CudaBackend::op_times`].
-const OPS: [&str; 7] = [
+const OPS: [&str; 8] = [
     "projections",
     "routed experts",
     "expert",
@@ -111,6 +113,7 @@ const OPS: [&str; 7] = [
     "kv write/read",
     "attention",
     "indexer",
+    "layer stack",
 ];
 
 /// Per kind: calls and nanoseconds, counted at the outermost backend call only.
@@ -505,13 +508,13 @@ impl CudaBackend {
     /// The shared expert (dense or FP8) over rows on the GPU, added into `acc` there:
     /// gate and up projections, the clipped SwiGLU, the down projection, all on the device.
     #[allow(clippy::too_many_arguments)]
-    fn add_swiglu_on(
+    fn add_swiglu_on<X: DevicePtr<f32>, A: DevicePtrMut<f32>>(
         &self,
-        xd: &CudaSlice<f32>,
+        xd: &X,
         n: usize,
         [w1, w3, w2]: [&CudaMatrix; 3],
         limit: f32,
-        acc: &mut CudaSlice<f32>,
+        acc: &mut A,
     ) -> Result<(), BackendError> {
         let (inter, hidden) = w1.shape();
         if w3.shape() != (inter, hidden) || w2.shape() != (hidden, inter) {
@@ -566,6 +569,32 @@ impl CudaBackend {
 
 impl Backend for CudaBackend {
     type KvStore = CudaKvStore;
+    type LayerStack = CudaLayerStack;
+
+    fn layer_stack(
+        &self,
+        model: &super::StackModel<'_, Self>,
+    ) -> Result<Option<CudaLayerStack>, BackendError> {
+        self.build_layer_stack(model)
+    }
+
+    fn layer_stack_max_rows(&self) -> usize {
+        STACK_MAX_ROWS
+    }
+
+    fn run_layer_stack(
+        &self,
+        stack: &mut CudaLayerStack,
+        model: &super::StackModel<'_, Self>,
+        kv: &mut CudaKvStore,
+        comm: &dyn crate::ranks::Communicator,
+        rows: &super::StackRows<'_>,
+        streams: &mut [f32],
+        capture: &[usize],
+    ) -> Result<Vec<(usize, Vec<f32>)>, BackendError> {
+        let _timed = Timed::start(&self.clock, 7);
+        self.run_stack(stack, model, kv, comm, rows, streams, capture)
+    }
 
     fn kv_store(&self, floats: usize) -> Result<CudaKvStore, BackendError> {
         self.kv_alloc(floats)

@@ -146,6 +146,10 @@ impl Communicator for NcclCommunicator {
         self.rank
     }
 
+    fn nccl(&self) -> Option<&NcclCommunicator> {
+        Some(self)
+    }
+
     fn world_size(&self) -> usize {
         self.world_size
     }

@@ -12,7 +12,7 @@ use super::load::{AttentionWeights, CompressorWeights, ModelWeights, MoeWeights,
 use super::ops::{gated_pool, rms_norm_rows, sigmoid, softplus, top_k_indices, PoolSlot};
 use super::rope::RopeTable;
 use crate::backend::kv::{IndexerRows, KeyLists};
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, StackModel, StackRows};
 use crate::engine::{EngineError, KvLayout, LogitsWanted, ModelRunner, StepOutput, StepPlan};
 use crate::ranks::Communicator;
 use rayon::prelude::*;
@@ -61,6 +61,14 @@ pub struct DeepseekV4<B: Backend> {
     /// Layers whose output (mean of the residual streams) is kept for the DSpark draft.
     capture_layers: Vec<usize>,
     captured: Vec<(usize, Vec<f32>)>,
+    /// The backend's whole-layer device forward, where it has one for these weights.
+    stack: Option<B::LayerStack>,
+}
+
+/// Whether runners use the backend's layer stack (`DSPARK_LAYER_STACK=0` forces the op-by-op
+/// path, e.g. to compare the two).
+fn layer_stack_wanted() -> bool {
+    std::env::var("DSPARK_LAYER_STACK").map_or(true, |v| v != "0")
 }
 
 impl<B: Backend> DeepseekV4<B> {
@@ -75,6 +83,18 @@ impl<B: Backend> DeepseekV4<B> {
         let rope_main = RopeTable::new(&cfg.rope_main, cfg.qk_rope_head_dim);
         let rope_compress = RopeTable::new(&cfg.rope_compress, cfg.qk_rope_head_dim);
         let kv = backend.kv_store(pool.floats())?;
+        let stack = if layer_stack_wanted() {
+            backend.layer_stack(&StackModel {
+                cfg: &cfg,
+                weights: &weights,
+                geometry: &pool.geometry,
+                rope_main: &rope_main,
+                rope_compress: &rope_compress,
+                shard,
+            })?
+        } else {
+            None
+        };
         Ok(Self {
             cfg,
             backend,
@@ -88,7 +108,18 @@ impl<B: Backend> DeepseekV4<B> {
             shard,
             capture_layers: Vec::new(),
             captured: Vec::new(),
+            stack,
         })
+    }
+
+    /// Whether steps of up to the backend's row limit run as one device layer stack.
+    pub fn uses_layer_stack(&self) -> bool {
+        self.stack.is_some()
+    }
+
+    /// Runs every later step op by op (the reference the layer stack is compared with).
+    pub fn disable_layer_stack(&mut self) {
+        self.stack = None;
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -230,7 +261,44 @@ impl<B: Backend> DeepseekV4<B> {
             .for_each(|(dst, e)| dst.chunks_mut(h).for_each(|s| s.copy_from_slice(e)));
 
         self.captured.clear();
-        for l in 0..self.cfg.num_hidden_layers {
+        let stacked = match self.stack.as_mut() {
+            Some(stack) if n <= self.backend.layer_stack_max_rows() => {
+                let model = StackModel {
+                    cfg: &self.cfg,
+                    weights: &self.weights,
+                    geometry: &self.pool.geometry,
+                    rope_main: &self.rope_main,
+                    rope_compress: &self.rope_compress,
+                    shard: self.shard,
+                };
+                let step_rows = StackRows {
+                    positions: rows.iter().map(|r| r.pos).collect(),
+                    ids: ids.clone(),
+                    block_tables: rows.iter().map(|r| seqs[r.seq].block_table).collect(),
+                };
+                self.captured = self
+                    .backend
+                    .run_layer_stack(
+                        stack,
+                        &model,
+                        &mut self.kv,
+                        self.comm.as_ref(),
+                        &step_rows,
+                        &mut streams,
+                        &self.capture_layers,
+                    )
+                    .map_err(backend_err)?;
+                true
+            }
+            _ => false,
+        };
+        // Op by op where the stack did not run the layers.
+        let host_layers = if stacked {
+            0
+        } else {
+            self.cfg.num_hidden_layers
+        };
+        for l in 0..host_layers {
             let lw = &self.weights.layers[l];
             // Attention site.
             let (mixes, mut x) = self.hc_pre(&streams, &lw.hc_attn, n)?;

@@ -1,0 +1,1452 @@
+//! The whole-layer device forward: every layer of a step runs on the GPU with the residual
+//! streams, projections, norms, RoPE, hyper-connections, compressors, indexer, attention,
+//! routing and experts all in device memory, enqueued on one stream without a host sync. The
+//! host uploads the step's row table (positions, block tables, key counts) once, and reads the
+//! streams back once at the end (and after a captured layer for the DSpark draft).
+//!
+//! The op-by-op forward in `engine::model::forward` is the reference: every kernel here computes
+//! what its host counterpart does, in f32 (docs/CUDA.md states the tolerances).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use dspark_kernels::launch::layer_ops::{
+    hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcMix, HcPost, HcPreFinish, RmsNormF32,
+    RopeF32, RouteF32, RouterScoring,
+};
+use dspark_kernels::launch::paged::{
+    key_counts, CompressParams, KeyMode, KeySelection, PoolSection, RowTable,
+};
+use dspark_kernels::{
+    attention_splits, attention_workspace_floats, Fp4MoeCall, IndexerScores, OutDtype,
+    PagedAttention, TopKSelect,
+};
+
+use super::{driver_err, kernel_err, CudaBackend, CudaExpertBank, CudaKvStore, CudaMatrix};
+use crate::backend::{BackendError, StackModel, StackRows};
+use crate::engine::model::config::{AttentionKind, ScoringFunc};
+use crate::engine::model::hyper::HyperConnection;
+use crate::engine::model::load::{LayerWeights, Routing};
+use crate::ranks::Communicator;
+
+/// Most rows a layer-stack step takes; larger steps (prefill chunks) run op by op, where the
+/// FP8 projections switch to widened SGEMMs.
+pub const STACK_MAX_ROWS: usize = 64;
+
+/// One hyper-connection site on the device.
+struct HcSite {
+    fn_: CudaSlice<f32>,
+    base: CudaSlice<f32>,
+    scale: [f32; 3],
+}
+
+/// A compressor's small parameters.
+struct CompressorParams {
+    ape: CudaSlice<f32>,
+    norm: CudaSlice<f32>,
+}
+
+enum RouteTable {
+    Bias(CudaSlice<f32>),
+    Hash(CudaSlice<i32>),
+}
+
+/// Routed experts that are not one FP4 bank: f32 `[E, inter, hidden]` (w1, w3) and
+/// `[E, hidden, inter]` (w2), contiguous for the grouped f32 kernel.
+struct DenseExperts {
+    w1: CudaSlice<f32>,
+    w3: CudaSlice<f32>,
+    w2: CudaSlice<f32>,
+    experts: usize,
+    hidden: usize,
+    inter: usize,
+}
+
+struct StackLayer {
+    attn_norm: CudaSlice<f32>,
+    ffn_norm: CudaSlice<f32>,
+    q_norm: CudaSlice<f32>,
+    kv_norm: CudaSlice<f32>,
+    sinks: CudaSlice<f32>,
+    hc_attn: HcSite,
+    hc_ffn: HcSite,
+    compressor: Option<CompressorParams>,
+    indexer: Option<CompressorParams>,
+    routes: RouteTable,
+    dense_experts: Option<DenseExperts>,
+}
+
+/// Device buffers of one step, sized for [`STACK_MAX_ROWS`] rows (the ones whose size depends
+/// on the context grow on demand).
+struct Scratch {
+    streams: CudaSlice<f32>,
+    proj: CudaSlice<f32>,
+    hc_work: CudaSlice<f32>,
+    mix: CudaSlice<f32>,
+    x: CudaSlice<f32>,
+    q_lora: CudaSlice<f32>,
+    kv: CudaSlice<f32>,
+    comp_kv: CudaSlice<f32>,
+    comp_gate: CudaSlice<f32>,
+    idx_kv: CudaSlice<f32>,
+    idx_gate: CudaSlice<f32>,
+    idx_weights: CudaSlice<f32>,
+    q: CudaSlice<f32>,
+    idx_q: CudaSlice<f32>,
+    attn: CudaSlice<f32>,
+    group_in: CudaSlice<f32>,
+    group_out: CudaSlice<f32>,
+    grouped: CudaSlice<f32>,
+    sub_out: CudaSlice<f32>,
+    router_logits: CudaSlice<f32>,
+    route_ids: CudaSlice<i32>,
+    route_weights: CudaSlice<f32>,
+    expert_h: CudaSlice<f32>,
+    expert_partial: CudaSlice<f32>,
+    sel_idx: CudaSlice<i32>,
+    sel_val: CudaSlice<f32>,
+    scores: CudaSlice<f32>,
+    key_offsets: CudaSlice<i64>,
+    attn_work: CudaSlice<f32>,
+}
+
+/// The CUDA backend's [`crate::backend::Backend::LayerStack`].
+pub struct CudaLayerStack {
+    layers: Vec<StackLayer>,
+    rope_main: CudaSlice<f32>,
+    rope_compress: CudaSlice<f32>,
+    scratch: Scratch,
+    /// The step's packed metadata (row table, key starts, indexer counts).
+    meta32: CudaSlice<i32>,
+    meta64: CudaSlice<i64>,
+}
+
+/// Where one step's row table lies in the stack's metadata buffers (device pointers).
+struct StepTables {
+    positions: u64,
+    ids: u64,
+    block_tables: u64,
+    bt_starts: u64,
+    bt_lens: u64,
+}
+
+/// Key lists of one attention class (sliding, HCA of a ratio, CSA of a ratio) in one step.
+struct KeyClass {
+    mode: KeyMode,
+    ratio: usize,
+    /// i32 `[rows + 1]`.
+    starts: u64,
+    total: usize,
+    max_keys: usize,
+}
+
+/// Indexer row counts of one step for a compress ratio.
+struct IndexerClass {
+    ratio: usize,
+    /// i32 `[rows]`: compressed rows each row sees.
+    visible: u64,
+    /// i64 `[rows]`: where each row's scores start.
+    out_starts: u64,
+    /// i32 `[rows]`: `min(index_topk, visible)`.
+    selected: u64,
+    total: usize,
+    max_visible: usize,
+}
+
+/// The step's metadata as built on the host: i32 and i64 arrays packed back to back, uploaded
+/// in one copy each into the stack's persistent buffers.
+#[derive(Default)]
+struct MetaBuilder {
+    i32s: Vec<i32>,
+    i64s: Vec<i64>,
+}
+
+impl MetaBuilder {
+    fn push32(&mut self, v: impl IntoIterator<Item = i32>) -> usize {
+        let at = self.i32s.len();
+        self.i32s.extend(v);
+        at
+    }
+
+    fn push64(&mut self, v: impl IntoIterator<Item = i64>) -> usize {
+        let at = self.i64s.len();
+        self.i64s.extend(v);
+        at
+    }
+}
+
+fn shape_err(detail: String) -> BackendError {
+    BackendError::Shape {
+        op: "layer_stack",
+        detail,
+    }
+}
+
+fn i32_of(v: usize) -> Result<i32, BackendError> {
+    i32::try_from(v).map_err(|_| shape_err(format!("{v} exceeds i32")))
+}
+
+fn ptr<T>(s: &Arc<CudaStream>, b: &CudaSlice<T>) -> u64 {
+    b.device_ptr(s).0
+}
+
+fn ptr_mut<T>(s: &Arc<CudaStream>, b: &mut CudaSlice<T>) -> u64 {
+    b.device_ptr_mut(s).0
+}
+
+impl CudaBackend {
+    fn alloc_f32(&self, len: usize) -> Result<CudaSlice<f32>, BackendError> {
+        self.zeros(len)
+    }
+
+    fn alloc_i32(&self, len: usize) -> Result<CudaSlice<i32>, BackendError> {
+        self.stream
+            .alloc_zeros::<i32>(len.max(1))
+            .map_err(driver_err("alloc"))
+    }
+
+    /// Grows `buf` to at least `len` elements (contents not kept).
+    fn ensure_f32(&self, buf: &mut CudaSlice<f32>, len: usize) -> Result<(), BackendError> {
+        if buf.len() < len {
+            *buf = self.alloc_f32(len.next_power_of_two())?;
+        }
+        Ok(())
+    }
+
+    fn hc_site(&self, site: &HyperConnection) -> Result<HcSite, BackendError> {
+        Ok(HcSite {
+            fn_: self.upload(&site.fn_)?,
+            base: self.upload(&site.base)?,
+            scale: site.scale,
+        })
+    }
+
+    /// Contiguous f32 copies of per-expert dense matrices, or `None` if any is not dense.
+    fn dense_experts(
+        &self,
+        experts: &[[CudaMatrix; 3]],
+    ) -> Result<Option<DenseExperts>, BackendError> {
+        let Some([first, ..]) = experts.first() else {
+            return Ok(None);
+        };
+        let (inter, hidden) = first.shape();
+        let mut parts: [Vec<&CudaSlice<f32>>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+        for e in experts {
+            for (which, m) in e.iter().enumerate() {
+                let want = if which == 2 {
+                    (hidden, inter)
+                } else {
+                    (inter, hidden)
+                };
+                match m {
+                    CudaMatrix::Dense { w, rows, cols } if (*rows, *cols) == want => {
+                        parts[which].push(w)
+                    }
+                    _ => return Ok(None),
+                }
+            }
+        }
+        let join = |ps: &[&CudaSlice<f32>]| -> Result<CudaSlice<f32>, BackendError> {
+            let each = inter * hidden;
+            let mut all = self.alloc_f32(each * ps.len())?;
+            for (i, p) in ps.iter().enumerate() {
+                self.stream
+                    .memcpy_dtod(*p, &mut all.slice_mut(i * each..(i + 1) * each))
+                    .map_err(driver_err("copy on GPU"))?;
+            }
+            Ok(all)
+        };
+        Ok(Some(DenseExperts {
+            w1: join(&parts[0])?,
+            w3: join(&parts[1])?,
+            w2: join(&parts[2])?,
+            experts: experts.len(),
+            hidden,
+            inter,
+        }))
+    }
+
+    fn stack_layer(
+        &self,
+        lw: &LayerWeights<CudaBackend>,
+    ) -> Result<Option<StackLayer>, BackendError> {
+        let aw = &lw.attn;
+        let mw = &lw.moe;
+        // Every matrix must be one the device projections take (dense f32 or FP8).
+        let mut mats: Vec<&CudaMatrix> = vec![&aw.wq_a, &aw.wq_b, &aw.wkv, &aw.wo_b, &mw.gate];
+        mats.extend(aw.wo_a.iter());
+        mats.extend([&mw.shared.w1, &mw.shared.w3, &mw.shared.w2]);
+        if let Some(c) = &aw.compressor {
+            mats.extend([&c.wkv, &c.wgate]);
+        }
+        if let Some(i) = &aw.indexer {
+            mats.extend([
+                &i.wq_b,
+                &i.weights_proj,
+                &i.compressor.wkv,
+                &i.compressor.wgate,
+            ]);
+        }
+        if mats.iter().any(|m| matches!(m, CudaMatrix::Fp4 { .. })) {
+            return Ok(None);
+        }
+        let dense_experts = match &mw.experts {
+            CudaExpertBank::Fp4(_) => None,
+            CudaExpertBank::Each(each) => match self.dense_experts(each)? {
+                Some(d) => Some(d),
+                None => return Ok(None),
+            },
+        };
+        let comp = |c: &crate::engine::model::load::CompressorWeights<CudaBackend>| {
+            Ok::<_, BackendError>(CompressorParams {
+                ape: self.upload(&c.ape)?,
+                norm: self.upload(&c.norm)?,
+            })
+        };
+        Ok(Some(StackLayer {
+            attn_norm: self.upload(&lw.attn_norm)?,
+            ffn_norm: self.upload(&lw.ffn_norm)?,
+            q_norm: self.upload(&aw.q_norm)?,
+            kv_norm: self.upload(&aw.kv_norm)?,
+            sinks: self.upload(&aw.sinks)?,
+            hc_attn: self.hc_site(&lw.hc_attn)?,
+            hc_ffn: self.hc_site(&lw.hc_ffn)?,
+            compressor: aw.compressor.as_ref().map(comp).transpose()?,
+            indexer: aw
+                .indexer
+                .as_ref()
+                .map(|i| comp(&i.compressor))
+                .transpose()?,
+            routes: match &mw.routing {
+                Routing::TopK(bias) => RouteTable::Bias(self.upload(bias)?),
+                Routing::Hash(table) => {
+                    let t: Vec<i32> = table
+                        .iter()
+                        .map(|&e| i32::try_from(e).unwrap_or(i32::MAX))
+                        .collect();
+                    RouteTable::Hash(self.upload(&t)?)
+                }
+            },
+            dense_experts,
+        }))
+    }
+
+    /// Builds the layer stack, or `None` when a layer uses an encoding the device path does not
+    /// take (it then runs op by op).
+    pub(super) fn build_layer_stack(
+        &self,
+        model: &StackModel<'_, CudaBackend>,
+    ) -> Result<Option<CudaLayerStack>, BackendError> {
+        let cfg = model.cfg;
+        let mut layers = Vec::with_capacity(model.weights.layers.len());
+        for (l, lw) in model.weights.layers.iter().enumerate() {
+            match self.stack_layer(lw)? {
+                Some(layer) => layers.push(layer),
+                None => {
+                    tracing::info!(
+                        layer = l,
+                        "layer stack off: a layer's weights are in an encoding only the \
+                         op-by-op path takes"
+                    );
+                    return Ok(None);
+                }
+            }
+        }
+        let ws = model.shard.world_size.max(1);
+        let rows = STACK_MAX_ROWS;
+        let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
+        let outs = (2 + hc) * hc;
+        let hd = cfg.head_dim;
+        let heads = cfg.num_attention_heads.div_ceil(ws);
+        let ih = cfg.index_n_heads.div_ceil(ws);
+        let ihd = cfg.index_head_dim;
+        let groups = cfg.o_groups.div_ceil(ws);
+        let group_in = cfg.num_attention_heads / cfg.o_groups.max(1) * hd;
+        let topk = cfg.num_experts_per_tok;
+        let inter = model
+            .weights
+            .layers
+            .iter()
+            .map(|lw| match &lw.moe.experts {
+                CudaExpertBank::Fp4(b) => b.inter,
+                CudaExpertBank::Each(e) => e.first().map_or(0, |m| m[0].shape().0),
+            })
+            .max()
+            .unwrap_or(0);
+        let scratch = Scratch {
+            streams: self.alloc_f32(rows * hc * h)?,
+            proj: self.alloc_f32(rows * outs)?,
+            hc_work: self.alloc_f32(hc_mix_workspace_floats(rows, outs))?,
+            mix: self.alloc_f32(rows * outs)?,
+            x: self.alloc_f32(rows * h)?,
+            q_lora: self.alloc_f32(rows * cfg.q_lora_rank)?,
+            kv: self.alloc_f32(rows * hd)?,
+            comp_kv: self.alloc_f32(rows * 2 * hd)?,
+            comp_gate: self.alloc_f32(rows * 2 * hd)?,
+            idx_kv: self.alloc_f32(rows * 2 * ihd)?,
+            idx_gate: self.alloc_f32(rows * 2 * ihd)?,
+            idx_weights: self.alloc_f32(rows * ih)?,
+            q: self.alloc_f32(rows * heads * hd)?,
+            idx_q: self.alloc_f32(rows * ih * ihd)?,
+            attn: self.alloc_f32(rows * heads * hd)?,
+            group_in: self.alloc_f32(rows * group_in)?,
+            group_out: self.alloc_f32(rows * cfg.o_lora_rank)?,
+            grouped: self.alloc_f32(rows * groups * cfg.o_lora_rank)?,
+            sub_out: self.alloc_f32(rows * h)?,
+            router_logits: self.alloc_f32(rows * cfg.n_routed_experts)?,
+            route_ids: self.alloc_i32(rows * topk)?,
+            route_weights: self.alloc_f32(rows * topk)?,
+            expert_h: self.alloc_f32(rows * topk * inter.max(1))?,
+            expert_partial: self.alloc_f32(rows * topk * h)?,
+            sel_idx: self.alloc_i32(rows * cfg.index_topk.max(1))?,
+            sel_val: self.alloc_f32(rows * cfg.index_topk.max(1))?,
+            scores: self.alloc_f32(1 << 16)?,
+            key_offsets: self
+                .stream
+                .alloc_zeros::<i64>(1 << 16)
+                .map_err(driver_err("alloc"))?,
+            attn_work: self.alloc_f32(1 << 16)?,
+        };
+        let stack = CudaLayerStack {
+            layers,
+            rope_main: self.upload(&model.rope_main.inv_freq)?,
+            rope_compress: self.upload(&model.rope_compress.inv_freq)?,
+            scratch,
+            meta32: self.alloc_i32(1 << 12)?,
+            meta64: self
+                .stream
+                .alloc_zeros::<i64>(1 << 10)
+                .map_err(driver_err("alloc"))?,
+        };
+        self.stream
+            .synchronize()
+            .map_err(driver_err("synchronize"))?;
+        Ok(Some(stack))
+    }
+
+    /// Packs the row table: positions, token ids, block table starts and lengths (rows of
+    /// one sequence share one table, packed once), then the tables. Returns element offsets.
+    fn pack_rows(meta: &mut MetaBuilder, rows: &StackRows<'_>) -> Result<[usize; 5], BackendError> {
+        let positions: Vec<i32> = rows
+            .positions
+            .iter()
+            .map(|&p| i32_of(p))
+            .collect::<Result<_, _>>()?;
+        let ids = rows
+            .ids
+            .iter()
+            .map(|&t| i32::try_from(t).unwrap_or(i32::MAX));
+        let mut tables: Vec<i32> = Vec::new();
+        let mut starts = Vec::with_capacity(rows.ids.len());
+        let mut lens = Vec::with_capacity(rows.ids.len());
+        let mut last: Option<(*const u32, usize, usize)> = None;
+        for bt in &rows.block_tables {
+            let key = (bt.as_ptr(), bt.len());
+            match last {
+                Some((p, l, at)) if (p, l) == key => starts.push(i32_of(at)?),
+                _ => {
+                    starts.push(i32_of(tables.len())?);
+                    last = Some((key.0, key.1, tables.len()));
+                    // Block ids are below the pool's block count, itself an i32-sized count
+                    // (checked by the caller): the bit pattern is the u32 the kernels read.
+                    tables.extend(bt.iter().map(|&b| b as i32));
+                }
+            }
+            lens.push(i32_of(bt.len())?);
+        }
+        Ok([
+            meta.push32(positions),
+            meta.push32(ids),
+            meta.push32(tables),
+            meta.push32(starts),
+            meta.push32(lens),
+        ])
+    }
+
+    /// Packs one key class's starts; returns `(offset, total, max_keys)`.
+    fn pack_keys(
+        meta: &mut MetaBuilder,
+        positions: &[usize],
+        window: usize,
+        mode: KeyMode,
+        ratio: usize,
+        topk: usize,
+    ) -> Result<(usize, usize, usize), BackendError> {
+        let counts = key_counts(positions, window, ratio.max(1), mode, topk);
+        let mut starts = Vec::with_capacity(counts.len() + 1);
+        let mut at = 0usize;
+        starts.push(0);
+        for &c in &counts {
+            at += c;
+            starts.push(i32_of(at)?);
+        }
+        let off = meta.push32(starts);
+        Ok((off, at, counts.iter().copied().max().unwrap_or(0)))
+    }
+
+    /// Packs one indexer class: `(visible, selected, out_starts (i64), total, max_visible)`.
+    fn pack_indexer(
+        meta: &mut MetaBuilder,
+        positions: &[usize],
+        ratio: usize,
+        topk: usize,
+    ) -> Result<(usize, usize, usize, usize, usize), BackendError> {
+        let visible: Vec<usize> = positions.iter().map(|&p| (p + 1) / ratio).collect();
+        let mut out_starts = Vec::with_capacity(visible.len());
+        let mut total = 0usize;
+        for &v in &visible {
+            out_starts.push(total as i64);
+            total += v;
+        }
+        let vis: Vec<i32> = visible
+            .iter()
+            .map(|&v| i32_of(v))
+            .collect::<Result<_, _>>()?;
+        let sel: Vec<i32> = visible
+            .iter()
+            .map(|&v| i32_of(v.min(topk)))
+            .collect::<Result<_, _>>()?;
+        let max_visible = visible.iter().copied().max().unwrap_or(0);
+        Ok((
+            meta.push32(vis),
+            meta.push32(sel),
+            meta.push64(out_starts),
+            total,
+            max_visible,
+        ))
+    }
+
+    /// Sum over ranks of `len` floats of `buf`: NCCL on this stream when the communicator is
+    /// NCCL on the same stream, else through the host.
+    fn stack_all_reduce(
+        &self,
+        comm: &dyn Communicator,
+        buf: &mut CudaSlice<f32>,
+        len: usize,
+    ) -> Result<(), BackendError> {
+        if comm.world_size() <= 1 || len == 0 {
+            return Ok(());
+        }
+        let comm_err = |e: crate::ranks::CommError| BackendError::Other(format!("all-reduce: {e}"));
+        if let Some(nccl) = comm.nccl() {
+            if nccl.stream().cu_stream() == self.stream.cu_stream()
+                && Arc::ptr_eq(nccl.stream().context(), self.stream.context())
+            {
+                return nccl
+                    .all_reduce_sum_device(&mut buf.slice_mut(0..len))
+                    .map_err(comm_err);
+            }
+        }
+        let mut host = vec![0f32; len];
+        self.stream
+            .memcpy_dtoh(&buf.slice(0..len), &mut host)
+            .map_err(driver_err("copy from GPU"))?;
+        self.stream
+            .synchronize()
+            .map_err(driver_err("synchronize"))?;
+        comm.all_reduce_sum(&mut host).map_err(comm_err)?;
+        self.stream
+            .memcpy_htod(&host, &mut buf.slice_mut(0..len))
+            .map_err(driver_err("copy to GPU"))
+    }
+
+    /// `y = x W^T` between scratch buffers.
+    fn stack_linear(
+        &self,
+        x: &CudaSlice<f32>,
+        n: usize,
+        w: &CudaMatrix,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), BackendError> {
+        let (rows, cols) = w.shape();
+        if x.len() < n * cols || y.len() < n * rows {
+            return Err(shape_err(format!(
+                "projection [{rows}, {cols}] of {n} rows does not fit its buffers"
+            )));
+        }
+        self.linear_on(&x.slice(0..n * cols), n, w, &mut y.slice_mut(0..n * rows))
+    }
+
+    /// The layer stack over one step (see [`crate::backend::Backend::run_layer_stack`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn run_stack(
+        &self,
+        stack: &mut CudaLayerStack,
+        model: &StackModel<'_, CudaBackend>,
+        kv: &mut CudaKvStore,
+        comm: &dyn Communicator,
+        rows: &StackRows<'_>,
+        streams: &mut [f32],
+        capture: &[usize],
+    ) -> Result<Vec<(usize, Vec<f32>)>, BackendError> {
+        let cfg = model.cfg;
+        let n = rows.ids.len();
+        let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
+        let width = hc * h;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        if n > STACK_MAX_ROWS
+            || streams.len() != n * width
+            || rows.positions.len() != n
+            || rows.block_tables.len() != n
+        {
+            return Err(shape_err(format!(
+                "{n} rows ({} positions, {} tables, {} stream values; at most {STACK_MAX_ROWS} \
+                 rows)",
+                rows.positions.len(),
+                rows.block_tables.len(),
+                streams.len()
+            )));
+        }
+        // Every row's pool rows must lie inside its table and the pool (the kernels trust them).
+        let g = model.geometry;
+        for (p, bt) in rows.positions.iter().zip(&rows.block_tables) {
+            let need = p / g.block_size + 1;
+            if bt.len() < need
+                || bt[..need]
+                    .iter()
+                    .any(|&b| (b as usize + 1) * g.floats_per_block > kv.len)
+            {
+                return Err(shape_err(format!(
+                    "position {p}: block table of {} blocks does not cover it inside the pool",
+                    bt.len()
+                )));
+            }
+        }
+        if kv.len / g.floats_per_block.max(1) > i32::MAX as usize {
+            return Err(shape_err("more pool blocks than i32 block ids".into()));
+        }
+        let mut meta = MetaBuilder::default();
+        let row_at = Self::pack_rows(&mut meta, rows)?;
+        let window = cfg.sliding_window;
+        // (mode, ratio, starts at, total, max) and (ratio, visible at, selected at, out_starts
+        // at, total, max) per class; pointers once the metadata is uploaded.
+        let mut key_at: Vec<(KeyMode, usize, usize, usize, usize)> = Vec::new();
+        let mut index_at: Vec<(usize, usize, usize, usize, usize, usize)> = Vec::new();
+        for l in 0..cfg.num_hidden_layers {
+            let aw = &model.weights.layers[l].attn;
+            let ratio = cfg.compress_ratio(l).unwrap_or(0);
+            let mode = match (&aw.compressor, &aw.indexer) {
+                (Some(_), Some(_)) => KeyMode::Selected,
+                (Some(_), None) => KeyMode::AllCompressed,
+                _ => KeyMode::Window,
+            };
+            if !key_at.iter().any(|c| c.0 == mode && c.1 == ratio) {
+                let (at, total, max) = Self::pack_keys(
+                    &mut meta,
+                    &rows.positions,
+                    window,
+                    mode,
+                    ratio,
+                    cfg.index_topk,
+                )?;
+                key_at.push((mode, ratio, at, total, max));
+            }
+            if mode == KeyMode::Selected && !index_at.iter().any(|c| c.0 == ratio) {
+                let (vis, sel, starts, total, max) =
+                    Self::pack_indexer(&mut meta, &rows.positions, ratio.max(1), cfg.index_topk)?;
+                index_at.push((ratio, vis, sel, starts, total, max));
+            }
+        }
+        let s = self.stream.clone();
+        if stack.meta32.len() < meta.i32s.len() {
+            stack.meta32 = self.alloc_i32(meta.i32s.len().next_power_of_two())?;
+        }
+        if stack.meta64.len() < meta.i64s.len().max(1) {
+            stack.meta64 = s
+                .alloc_zeros::<i64>(meta.i64s.len().next_power_of_two())
+                .map_err(driver_err("alloc"))?;
+        }
+        s.memcpy_htod(&meta.i32s, &mut stack.meta32.slice_mut(0..meta.i32s.len()))
+            .map_err(driver_err("copy to GPU"))?;
+        if !meta.i64s.is_empty() {
+            s.memcpy_htod(&meta.i64s, &mut stack.meta64.slice_mut(0..meta.i64s.len()))
+                .map_err(driver_err("copy to GPU"))?;
+        }
+        let m32 = ptr(&s, &stack.meta32);
+        let m64 = ptr(&s, &stack.meta64);
+        let at32 = |i: usize| m32 + (i * 4) as u64;
+        let at64 = |i: usize| m64 + (i * 8) as u64;
+        let tables = StepTables {
+            positions: at32(row_at[0]),
+            ids: at32(row_at[1]),
+            block_tables: at32(row_at[2]),
+            bt_starts: at32(row_at[3]),
+            bt_lens: at32(row_at[4]),
+        };
+        let key_classes: Vec<KeyClass> = key_at
+            .iter()
+            .map(|&(mode, ratio, at, total, max_keys)| KeyClass {
+                mode,
+                ratio,
+                starts: at32(at),
+                total,
+                max_keys,
+            })
+            .collect();
+        let index_classes: Vec<IndexerClass> = index_at
+            .iter()
+            .map(
+                |&(ratio, vis, sel, starts, total, max_visible)| IndexerClass {
+                    ratio,
+                    visible: at32(vis),
+                    out_starts: at64(starts),
+                    selected: at32(sel),
+                    total,
+                    max_visible,
+                },
+            )
+            .collect();
+        let sc = &mut stack.scratch;
+        s.memcpy_htod(streams, &mut sc.streams.slice_mut(0..n * width))
+            .map_err(driver_err("copy to GPU"))?;
+        let table = RowTable {
+            positions: tables.positions,
+            bt_starts: tables.bt_starts,
+            bt_lens: tables.bt_lens,
+            block_tables: tables.block_tables,
+            rows: n,
+        };
+        let mut captured = Vec::new();
+        for l in 0..cfg.num_hidden_layers {
+            self.stack_attention(
+                stack,
+                model,
+                kv,
+                comm,
+                &tables,
+                &table,
+                &key_classes,
+                &index_classes,
+                l,
+                n,
+            )?;
+            self.stack_ffn(stack, model, comm, &tables, l, n)?;
+            if capture.contains(&l) {
+                let mut host = vec![0f32; n * width];
+                s.memcpy_dtoh(&stack.scratch.streams.slice(0..n * width), &mut host)
+                    .map_err(driver_err("copy from GPU"))?;
+                s.synchronize().map_err(driver_err("synchronize"))?;
+                let mean: Vec<f32> = host
+                    .chunks(width)
+                    .flat_map(|t| {
+                        (0..h).map(move |c| (0..hc).map(|k| t[k * h + c]).sum::<f32>() / hc as f32)
+                    })
+                    .collect();
+                captured.push((l, mean));
+            }
+        }
+        s.memcpy_dtoh(&stack.scratch.streams.slice(0..n * width), streams)
+            .map_err(driver_err("copy from GPU"))?;
+        s.synchronize().map_err(driver_err("synchronize"))?;
+        Ok(captured)
+    }
+
+    /// Collapses the streams at a hyper-connection site and norms the sub-layer input into
+    /// `scratch.x`; the site's mix stays in `scratch.mix` for [`Self::hc_post`].
+    fn hc_pre(
+        &self,
+        sc: &mut Scratch,
+        site: &HcSite,
+        norm: &CudaSlice<f32>,
+        cfg: &crate::engine::model::ModelConfig,
+        n: usize,
+    ) -> Result<(), BackendError> {
+        let s = &self.stream;
+        let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
+        let outs = (2 + hc) * hc;
+        let width = hc * h;
+        let mix = HcMix {
+            streams: ptr(s, &sc.streams),
+            fn_: ptr(s, &site.fn_),
+            out: ptr_mut(s, &mut sc.proj),
+            workspace: ptr_mut(s, &mut sc.hc_work),
+            n,
+            width,
+            outs,
+            norm_eps: cfg.rms_norm_eps,
+        };
+        let finish = HcPreFinish {
+            proj: ptr(s, &sc.proj),
+            base: ptr(s, &site.base),
+            scale: site.scale,
+            streams: ptr(s, &sc.streams),
+            x_out: ptr_mut(s, &mut sc.x),
+            mix_out: ptr_mut(s, &mut sc.mix),
+            n,
+            hc,
+            hidden: h,
+            sinkhorn_iters: cfg.hc_sinkhorn_iters,
+            hc_eps: cfg.hc_eps,
+        };
+        // SAFETY: the scratch buffers hold STACK_MAX_ROWS >= n rows of each width (hc_work
+        // sized by hc_mix_workspace_floats); the site's parameters are [outs, hc * hidden] and
+        // [outs].
+        unsafe {
+            self.kernels
+                .hc_mix_f32(s, &mix)
+                .and_then(|()| self.kernels.hc_pre_finish_f32(s, &finish))
+        }
+        .map_err(kernel_err)?;
+        let x = ptr_mut(s, &mut sc.x);
+        // SAFETY: x holds n rows of `hidden`, the weight `hidden` values.
+        unsafe {
+            self.kernels.rms_norm_f32(
+                s,
+                &RmsNormF32 {
+                    x,
+                    out: x,
+                    weight: ptr(s, norm),
+                    rows: n,
+                    dim: h,
+                    ld_x: h,
+                    ld_out: h,
+                    eps: cfg.rms_norm_eps,
+                },
+            )
+        }
+        .map_err(kernel_err)
+    }
+
+    /// `streams = post * sub_out + comb^T streams` with the mix of the last [`Self::hc_pre`].
+    fn hc_post(
+        &self,
+        sc: &mut Scratch,
+        cfg: &crate::engine::model::ModelConfig,
+        n: usize,
+    ) -> Result<(), BackendError> {
+        let s = &self.stream;
+        let streams = ptr_mut(s, &mut sc.streams);
+        // SAFETY: streams holds n rows of hc * hidden, mix n rows of (2 + hc) * hc, sub_out n
+        // rows of hidden.
+        unsafe {
+            self.kernels.hc_post_f32(
+                s,
+                &HcPost {
+                    streams,
+                    mix: ptr(s, &sc.mix),
+                    out: ptr(s, &sc.sub_out),
+                    n,
+                    hc: cfg.hc_mult,
+                    hidden: cfg.hidden_size,
+                },
+            )
+        }
+        .map_err(kernel_err)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn stack_attention(
+        &self,
+        stack: &mut CudaLayerStack,
+        model: &StackModel<'_, CudaBackend>,
+        kv: &mut CudaKvStore,
+        comm: &dyn Communicator,
+        tables: &StepTables,
+        table: &RowTable,
+        key_classes: &[KeyClass],
+        index_classes: &[IndexerClass],
+        l: usize,
+        n: usize,
+    ) -> Result<(), BackendError> {
+        let cfg = model.cfg;
+        let s = &self.stream;
+        let lw = &model.weights.layers[l];
+        let aw = &lw.attn;
+        let layer = &stack.layers[l];
+        let sc = &mut stack.scratch;
+        let (h, hd, eps) = (cfg.hidden_size, cfg.head_dim, cfg.rms_norm_eps);
+        let rd = cfg.qk_rope_head_dim;
+        let kind = cfg.layer_types[l];
+        let ratio = cfg.compress_ratio(l).unwrap_or(0);
+        let (rope, rope_af) = match kind {
+            AttentionKind::Sliding => (&stack.rope_main, model.rope_main.attention_factor),
+            _ => (&stack.rope_compress, model.rope_compress.attention_factor),
+        };
+        let compress_af = model.rope_compress.attention_factor;
+        let positions = tables.positions;
+        let g = model.geometry;
+        let lay = &g.layers[l];
+        let fpb = g.floats_per_block;
+        let bs = g.block_size;
+
+        self.hc_pre(sc, &layer.hc_attn, &layer.attn_norm, cfg, n)?;
+        self.stack_linear(&sc.x, n, &aw.wq_a, &mut sc.q_lora)?;
+        self.stack_linear(&sc.x, n, &aw.wkv, &mut sc.kv)?;
+        if let Some(cw) = &aw.compressor {
+            self.stack_linear(&sc.x, n, &cw.wkv, &mut sc.comp_kv)?;
+            self.stack_linear(&sc.x, n, &cw.wgate, &mut sc.comp_gate)?;
+        }
+        let mut idx_heads = 0;
+        if let Some(iw) = &aw.indexer {
+            self.stack_linear(&sc.x, n, &iw.compressor.wkv, &mut sc.idx_kv)?;
+            self.stack_linear(&sc.x, n, &iw.compressor.wgate, &mut sc.idx_gate)?;
+            self.stack_linear(&sc.x, n, &iw.weights_proj, &mut sc.idx_weights)?;
+            idx_heads = iw.weights_proj.shape().0;
+        }
+        // Queries: q LoRA norm (kept as the indexer's input), wq_b, per-head norm, RoPE.
+        let qr = cfg.q_lora_rank;
+        let ql = ptr_mut(s, &mut sc.q_lora);
+        // SAFETY: q_lora holds n rows of q_lora_rank; q_norm that many values.
+        unsafe {
+            self.kernels.rms_norm_f32(
+                s,
+                &RmsNormF32 {
+                    x: ql,
+                    out: ql,
+                    weight: ptr(s, &layer.q_norm),
+                    rows: n,
+                    dim: qr,
+                    ld_x: qr,
+                    ld_out: qr,
+                    eps,
+                },
+            )
+        }
+        .map_err(kernel_err)?;
+        self.stack_linear(&sc.q_lora, n, &aw.wq_b, &mut sc.q)?;
+        let heads = aw.wq_b.shape().0 / hd;
+        let q = ptr_mut(s, &mut sc.q);
+        // SAFETY: q holds n * heads rows of head_dim; positions n i32; the RoPE table rd / 2.
+        unsafe {
+            self.kernels
+                .rms_norm_f32(
+                    s,
+                    &RmsNormF32 {
+                        x: q,
+                        out: q,
+                        weight: 0,
+                        rows: n * heads,
+                        dim: hd,
+                        ld_x: hd,
+                        ld_out: hd,
+                        eps,
+                    },
+                )
+                .and_then(|()| {
+                    self.kernels.rope_f32(
+                        s,
+                        &RopeF32 {
+                            x: q,
+                            positions,
+                            inv_freq: ptr(s, rope),
+                            tokens: n,
+                            heads,
+                            head_dim: hd,
+                            rope_dim: rd,
+                            ld_token: heads * hd,
+                            ld_head: hd,
+                            attention_factor: rope_af,
+                            inverse: false,
+                        },
+                    )
+                })
+        }
+        .map_err(kernel_err)?;
+        // The latent KV row: kv_norm, RoPE, into each row's window slot.
+        let kvp = ptr_mut(s, &mut sc.kv);
+        let pool = ptr_mut(s, &mut kv.data);
+        // SAFETY: kv holds n rows of head_dim; every row's block was checked to lie in the pool.
+        unsafe {
+            self.kernels
+                .rms_norm_f32(
+                    s,
+                    &RmsNormF32 {
+                        x: kvp,
+                        out: kvp,
+                        weight: ptr(s, &layer.kv_norm),
+                        rows: n,
+                        dim: hd,
+                        ld_x: hd,
+                        ld_out: hd,
+                        eps,
+                    },
+                )
+                .and_then(|()| {
+                    self.kernels.rope_f32(
+                        s,
+                        &RopeF32 {
+                            x: kvp,
+                            positions,
+                            inv_freq: ptr(s, rope),
+                            tokens: n,
+                            heads: 1,
+                            head_dim: hd,
+                            rope_dim: rd,
+                            ld_token: hd,
+                            ld_head: hd,
+                            attention_factor: rope_af,
+                            inverse: false,
+                        },
+                    )
+                })
+                .and_then(|()| {
+                    self.kernels.pool_write_rows(
+                        s,
+                        pool,
+                        table,
+                        fpb,
+                        bs,
+                        &PoolSection {
+                            base: lay.base + lay.window,
+                            stride: hd,
+                            ratio: 1,
+                        },
+                        kvp,
+                        hd,
+                        hd,
+                    )
+                })
+        }
+        .map_err(kernel_err)?;
+        // Compressors: this step's inputs into the pool, then every window closing in it.
+        if let (Some(_), Some(cp)) = (&aw.compressor, &layer.compressor) {
+            let coff = if kind == AttentionKind::Csa { 2 } else { 1 };
+            // SAFETY: comp_kv/comp_gate hold n rows of coff * head_dim; the sections are this
+            // layer's regions of blocks inside the pool.
+            unsafe {
+                self.kernels
+                    .pool_write_kv_gate(
+                        s,
+                        pool,
+                        table,
+                        fpb,
+                        bs,
+                        &PoolSection {
+                            base: lay.base + lay.comp_in,
+                            stride: 2 * lay.comp_width,
+                            ratio: 1,
+                        },
+                        ptr(s, &sc.comp_kv),
+                        ptr(s, &sc.comp_gate),
+                        coff * hd,
+                    )
+                    .and_then(|()| {
+                        self.kernels.compress_rows(
+                            s,
+                            pool,
+                            table,
+                            fpb,
+                            bs,
+                            &PoolSection {
+                                base: lay.base + lay.comp_in,
+                                stride: 2 * lay.comp_width,
+                                ratio: 1,
+                            },
+                            &PoolSection {
+                                base: lay.base + lay.comp_rows,
+                                stride: hd,
+                                ratio,
+                            },
+                            &CompressParams {
+                                ratio,
+                                coff,
+                                dim: hd,
+                                ape: ptr(s, &cp.ape),
+                                norm: ptr(s, &cp.norm),
+                                inv_freq: ptr(s, &stack.rope_compress),
+                                rope_dim: rd,
+                                attention_factor: compress_af,
+                                eps,
+                            },
+                        )
+                    })
+            }
+            .map_err(kernel_err)?;
+        }
+        let key_mode;
+        if let (Some(iw), Some(ip)) = (&aw.indexer, &layer.indexer) {
+            key_mode = KeyMode::Selected;
+            let ihd = cfg.index_head_dim;
+            // SAFETY: as for the compressor, with the indexer's sections and widths.
+            unsafe {
+                self.kernels
+                    .pool_write_kv_gate(
+                        s,
+                        pool,
+                        table,
+                        fpb,
+                        bs,
+                        &PoolSection {
+                            base: lay.base + lay.idx_in,
+                            stride: 2 * lay.idx_width,
+                            ratio: 1,
+                        },
+                        ptr(s, &sc.idx_kv),
+                        ptr(s, &sc.idx_gate),
+                        2 * ihd,
+                    )
+                    .and_then(|()| {
+                        self.kernels.compress_rows(
+                            s,
+                            pool,
+                            table,
+                            fpb,
+                            bs,
+                            &PoolSection {
+                                base: lay.base + lay.idx_in,
+                                stride: 2 * lay.idx_width,
+                                ratio: 1,
+                            },
+                            &PoolSection {
+                                base: lay.base + lay.idx_rows,
+                                stride: ihd,
+                                ratio,
+                            },
+                            &CompressParams {
+                                ratio,
+                                coff: 2,
+                                dim: ihd,
+                                ape: ptr(s, &ip.ape),
+                                norm: ptr(s, &ip.norm),
+                                inv_freq: ptr(s, &stack.rope_compress),
+                                rope_dim: rd,
+                                attention_factor: compress_af,
+                                eps,
+                            },
+                        )
+                    })
+            }
+            .map_err(kernel_err)?;
+            let class = index_classes
+                .iter()
+                .find(|c| c.ratio == ratio)
+                .ok_or_else(|| shape_err(format!("no indexer rows for ratio {ratio}")))?;
+            if class.total > 0 && cfg.index_topk > 0 {
+                // Indexer queries from the normed q LoRA, RoPE'd like the compressed keys.
+                self.stack_linear(&sc.q_lora, n, &iw.wq_b, &mut sc.idx_q)?;
+                let iq = ptr_mut(s, &mut sc.idx_q);
+                let iwts = ptr_mut(s, &mut sc.idx_weights);
+                let wscale = (cfg.index_n_heads as f32).powf(-0.5);
+                // SAFETY: idx_q holds n * idx_heads rows of ihd, idx_weights n * idx_heads.
+                unsafe {
+                    self.kernels
+                        .rope_f32(
+                            s,
+                            &RopeF32 {
+                                x: iq,
+                                positions,
+                                inv_freq: ptr(s, &stack.rope_compress),
+                                tokens: n,
+                                heads: idx_heads,
+                                head_dim: ihd,
+                                rope_dim: rd,
+                                ld_token: idx_heads * ihd,
+                                ld_head: ihd,
+                                attention_factor: compress_af,
+                                inverse: false,
+                            },
+                        )
+                        .and_then(|()| self.kernels.scale_f32(s, iwts, n * idx_heads, wscale))
+                }
+                .map_err(kernel_err)?;
+                self.ensure_f32(&mut sc.scores, class.total)?;
+                let call = IndexerScores {
+                    pool,
+                    q: iq,
+                    weights: iwts,
+                    block_tables: tables.block_tables,
+                    block_table_starts: tables.bt_starts,
+                    visible: class.visible,
+                    out_starts: class.out_starts,
+                    out: ptr_mut(s, &mut sc.scores),
+                    tokens: n,
+                    max_visible: class.max_visible,
+                    floats_per_block: fpb,
+                    block_size: bs,
+                    base: lay.base + lay.idx_rows,
+                    ratio,
+                    stride: ihd,
+                    heads: idx_heads,
+                    dim: ihd,
+                    scale: (ihd as f32).powf(-0.5),
+                };
+                // SAFETY: the tables cover every visible row of every token (checked above),
+                // `scores` holds their sum.
+                unsafe { self.kernels.indexer_scores(s, &call) }.map_err(kernel_err)?;
+                self.stack_all_reduce(comm, &mut sc.scores, class.total)?;
+                let call = TopKSelect {
+                    scores: ptr(s, &sc.scores),
+                    starts: class.out_starts,
+                    counts: class.visible,
+                    tokens: n,
+                    k: cfg.index_topk,
+                    out_idx: ptr_mut(s, &mut sc.sel_idx),
+                    out_val: ptr_mut(s, &mut sc.sel_val),
+                };
+                // SAFETY: each token's scores lie inside `scores`; sel_* hold n * index_topk.
+                unsafe { self.kernels.topk_select(s, &call) }.map_err(kernel_err)?;
+            }
+        } else if aw.compressor.is_some() {
+            key_mode = KeyMode::AllCompressed;
+        } else {
+            key_mode = KeyMode::Window;
+        }
+        // Attention over each row's window + compressed rows, with the per-head sinks.
+        let class = key_classes
+            .iter()
+            .find(|c| c.mode == key_mode && c.ratio == ratio)
+            .ok_or_else(|| shape_err(format!("no key lists for layer {l}")))?;
+        if class.total > 0 {
+            if sc.key_offsets.len() < class.total {
+                sc.key_offsets = s
+                    .alloc_zeros::<i64>(class.total.next_power_of_two())
+                    .map_err(driver_err("alloc"))?;
+            }
+            let index_class = index_classes.iter().find(|c| c.ratio == ratio);
+            // SAFETY: key_offsets holds `total` i64, the starts n + 1 i32 summing to it; the
+            // selected indices (CSA) were written by topk_select for n rows of index_topk.
+            unsafe {
+                self.kernels.build_key_offsets(
+                    s,
+                    table,
+                    fpb,
+                    bs,
+                    cfg.sliding_window,
+                    &PoolSection {
+                        base: lay.base + lay.window,
+                        stride: hd,
+                        ratio: 1,
+                    },
+                    // A sliding layer reads no compressed rows (and has no such section).
+                    &if key_mode == KeyMode::Window {
+                        PoolSection {
+                            base: lay.base + lay.window,
+                            stride: hd,
+                            ratio: 1,
+                        }
+                    } else {
+                        PoolSection {
+                            base: lay.base + lay.comp_rows,
+                            stride: hd,
+                            ratio,
+                        }
+                    },
+                    &KeySelection {
+                        mode: key_mode,
+                        selected: if key_mode == KeyMode::Selected {
+                            ptr(s, &sc.sel_idx)
+                        } else {
+                            0
+                        },
+                        selected_counts: match (key_mode, index_class) {
+                            (KeyMode::Selected, Some(c)) => c.selected,
+                            _ => 0,
+                        },
+                        sel_stride: cfg.index_topk.max(1),
+                    },
+                    class.starts,
+                    ptr_mut(s, &mut sc.key_offsets),
+                    class.max_keys,
+                )
+            }
+            .map_err(kernel_err)?;
+        }
+        let splits = attention_splits(class.max_keys, n, heads, self.kernels.multiprocessors());
+        self.ensure_f32(
+            &mut sc.attn_work,
+            attention_workspace_floats(n, heads, hd, splits),
+        )?;
+        let call = PagedAttention {
+            pool,
+            q: ptr(s, &sc.q),
+            key_offsets: ptr(s, &sc.key_offsets),
+            key_starts: class.starts,
+            sinks: ptr(s, &layer.sinks),
+            out: ptr_mut(s, &mut sc.attn),
+            workspace: ptr_mut(s, &mut sc.attn_work),
+            tokens: n,
+            heads,
+            head_dim: hd,
+            splits,
+            scale: (hd as f32).powf(-0.5),
+        };
+        let attn = ptr_mut(s, &mut sc.attn);
+        // SAFETY: q/attn hold n * heads * head_dim, the key lists were built above inside the
+        // pool, the workspace has the size the launch asks for.
+        unsafe {
+            self.kernels.paged_attention(s, &call).and_then(|()| {
+                // K = V carried RoPE into the output; undo it at the query position.
+                self.kernels.rope_f32(
+                    s,
+                    &RopeF32 {
+                        x: attn,
+                        positions,
+                        inv_freq: ptr(s, rope),
+                        tokens: n,
+                        heads,
+                        head_dim: hd,
+                        rope_dim: rd,
+                        ld_token: heads * hd,
+                        ld_head: hd,
+                        attention_factor: rope_af,
+                        inverse: true,
+                    },
+                )
+            })
+        }
+        .map_err(kernel_err)?;
+        // Grouped low-rank output projection, then wo_b and the sum over ranks.
+        let group_in = cfg.num_attention_heads / cfg.o_groups * hd;
+        let orank = cfg.o_lora_rank;
+        let local_groups = aw.wo_a.len();
+        if let Some(wg) = aw.wo_a.iter().find(|w| w.shape() != (orank, group_in)) {
+            return Err(shape_err(format!(
+                "layer {l}: wo_a group {:?}, expected [{orank}, {group_in}]",
+                wg.shape()
+            )));
+        }
+        for (gi, wg) in aw.wo_a.iter().enumerate() {
+            if n == 1 {
+                // One row: the group's heads and its output slot are contiguous already.
+                let (rows, cols) = wg.shape();
+                self.linear_on(
+                    &sc.attn.slice(gi * group_in..gi * group_in + cols),
+                    1,
+                    wg,
+                    &mut sc.grouped.slice_mut(gi * orank..gi * orank + rows),
+                )?;
+                continue;
+            }
+            let src = ptr(s, &sc.attn) + (gi * group_in * 4) as u64;
+            let dst = ptr_mut(s, &mut sc.group_in);
+            // SAFETY: attn rows hold local_groups * group_in values, group_in n rows of it.
+            unsafe {
+                self.kernels.copy_rows_f32(
+                    s,
+                    &CopyRowsF32 {
+                        src,
+                        ld_src: heads * hd,
+                        dst,
+                        ld_dst: group_in,
+                        rows: n,
+                        width: group_in,
+                    },
+                )
+            }
+            .map_err(kernel_err)?;
+            self.stack_linear(&sc.group_in, n, wg, &mut sc.group_out)?;
+            let src = ptr(s, &sc.group_out);
+            let dst = ptr_mut(s, &mut sc.grouped) + (gi * orank * 4) as u64;
+            // SAFETY: group_out holds n rows of orank, grouped n rows of local_groups * orank.
+            unsafe {
+                self.kernels.copy_rows_f32(
+                    s,
+                    &CopyRowsF32 {
+                        src,
+                        ld_src: orank,
+                        dst,
+                        ld_dst: local_groups * orank,
+                        rows: n,
+                        width: orank,
+                    },
+                )
+            }
+            .map_err(kernel_err)?;
+        }
+        self.stack_linear(&sc.grouped, n, &aw.wo_b, &mut sc.sub_out)?;
+        self.stack_all_reduce(comm, &mut sc.sub_out, n * h)?;
+        self.hc_post(sc, cfg, n)
+    }
+
+    fn stack_ffn(
+        &self,
+        stack: &mut CudaLayerStack,
+        model: &StackModel<'_, CudaBackend>,
+        comm: &dyn Communicator,
+        tables: &StepTables,
+        l: usize,
+        n: usize,
+    ) -> Result<(), BackendError> {
+        let cfg = model.cfg;
+        let s = &self.stream;
+        let mw = &model.weights.layers[l].moe;
+        let layer = &stack.layers[l];
+        let sc = &mut stack.scratch;
+        let h = cfg.hidden_size;
+        let (e, k) = (cfg.n_routed_experts, cfg.num_experts_per_tok);
+        self.hc_pre(sc, &layer.hc_ffn, &layer.ffn_norm, cfg, n)?;
+        self.stack_linear(&sc.x, n, &mw.gate, &mut sc.router_logits)?;
+        let (bias, hash) = match &layer.routes {
+            RouteTable::Bias(b) => (ptr(s, b), 0),
+            RouteTable::Hash(t) => (0, ptr(s, t)),
+        };
+        let call = RouteF32 {
+            logits: ptr(s, &sc.router_logits),
+            scoring: match cfg.scoring_func {
+                ScoringFunc::Sigmoid => RouterScoring::Sigmoid,
+                ScoringFunc::SqrtSoftplus => RouterScoring::SqrtSoftplus,
+            },
+            bias,
+            hash_table: hash,
+            token_ids: tables.ids,
+            vocab: cfg.vocab_size,
+            n,
+            experts: e,
+            k,
+            routed_scaling_factor: cfg.routed_scaling_factor,
+            out_ids: ptr_mut(s, &mut sc.route_ids),
+            out_weights: ptr_mut(s, &mut sc.route_weights),
+        };
+        unsafe { self.kernels.route_f32(s, &call) }.map_err(kernel_err)?;
+        match (&mw.experts, &layer.dense_experts) {
+            (CudaExpertBank::Fp4(b), _) => {
+                let bank = self.fp4_experts(
+                    [&b.w1, &b.s1, &b.w3, &b.s3, &b.w2, &b.s2],
+                    b.experts,
+                    b.hidden,
+                    b.inter,
+                );
+                let call = Fp4MoeCall {
+                    x: ptr(s, &sc.x),
+                    ids: ptr(s, &sc.route_ids),
+                    weights: ptr(s, &sc.route_weights),
+                    h: ptr_mut(s, &mut sc.expert_h),
+                    partial: ptr_mut(s, &mut sc.expert_partial),
+                    out: ptr_mut(s, &mut sc.sub_out),
+                    out_dtype: OutDtype::F32,
+                    tokens: n,
+                    topk: k,
+                    swiglu_limit: cfg.swiglu_limit,
+                };
+                // SAFETY: the bank is this layer's FP4 weights; ids come from the router (below
+                // `experts`), the scratch holds n * k rows of inter / hidden.
+                unsafe { self.kernels.fp4_moe(s, &bank, &call) }.map_err(kernel_err)?;
+            }
+            (_, Some(d)) => {
+                // SAFETY: the dense bank is [experts, inter, hidden] x2 and [experts, hidden,
+                // inter]; the scratch holds n * k rows of inter, sub_out n rows of hidden.
+                unsafe {
+                    self.kernels.dense_experts_f32(
+                        s,
+                        &DenseExpertsF32 {
+                            w1: ptr(s, &d.w1),
+                            w3: ptr(s, &d.w3),
+                            w2: ptr(s, &d.w2),
+                            x: ptr(s, &sc.x),
+                            ids: ptr(s, &sc.route_ids),
+                            weights: ptr(s, &sc.route_weights),
+                            h_scratch: ptr_mut(s, &mut sc.expert_h),
+                            out: ptr_mut(s, &mut sc.sub_out),
+                            n,
+                            k,
+                            experts: d.experts,
+                            hidden: d.hidden,
+                            inter: d.inter,
+                            limit: cfg.swiglu_limit,
+                        },
+                    )
+                }
+                .map_err(kernel_err)?;
+            }
+            _ => return Err(shape_err(format!("layer {l}: no device experts"))),
+        }
+        let shared = [&mw.shared.w1, &mw.shared.w3, &mw.shared.w2];
+        let x = sc.x.slice(0..n * h);
+        let mut acc = sc.sub_out.slice_mut(0..n * h);
+        self.add_swiglu_on(&x, n, shared, cfg.swiglu_limit, &mut acc)?;
+        self.stack_all_reduce(comm, &mut sc.sub_out, n * h)?;
+        self.hc_post(sc, cfg, n)
+    }
+}

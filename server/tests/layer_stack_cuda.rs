@@ -1,0 +1,176 @@
+//! The CUDA layer stack (every layer of a step on the device) against the op-by-op forward on
+//! the same GPU and weights: chunked prefill through compression-window and block boundaries,
+//! batched decode, a DSpark-style verify step of six tokens, at TP=1 and TP=2 (two shards on one
+//! GPU over the in-process group, so the stack's host all-reduce is taken).
+//!
+//! The transformers fixtures run through the stack too (model_cuda.rs: every step of up to 64
+//! rows takes it). Needs a GPU: `DSPARK_TEST_CUDA=1 cargo test -p dspark-server --test
+//! layer_stack_cuda`; elsewhere it says it was skipped and passes.
+
+mod support;
+
+use dspark_server::backend::cuda::CudaBackend;
+use dspark_server::engine::model::{self, DeepseekV4, LoadOptions, ModelConfig, Shard};
+use dspark_server::engine::LogitsWanted;
+use dspark_server::ranks::{Communicator, SingleRank};
+use std::path::Path;
+use std::sync::Arc;
+use support::reference::{blocks_for, max_rel_diff, run, seq};
+
+/// Same bound as CUDA against CPU: f32 throughout, only the summation order differs.
+const BOUND: f64 = 1e-4;
+
+fn gpu_enabled(test: &str) -> bool {
+    let on = std::env::var("DSPARK_TEST_CUDA").is_ok_and(|v| v == "1");
+    if !on {
+        eprintln!("{test}: skipped (set DSPARK_TEST_CUDA=1 on a machine with a GPU)");
+    }
+    on
+}
+
+/// The wide V4 config of model_cuda.rs (every packed kernel path, FP8 + FP4), 4 layers:
+/// sliding, CSA (ratio 4), HCA (ratio 128), CSA.
+fn write_wide_config(dir: &Path) {
+    let tiny: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(support::repo_path("assets/tiny-dsv4/config.json")).unwrap(),
+    )
+    .unwrap();
+    let mut c = tiny.as_object().unwrap().clone();
+    for (k, v) in [
+        ("hidden_size", 256),
+        ("moe_intermediate_size", 256),
+        ("q_lora_rank", 256),
+        ("o_lora_rank", 128),
+        ("head_dim", 128),
+        ("qk_rope_head_dim", 64),
+        ("num_attention_heads", 4),
+        ("index_head_dim", 64),
+        ("index_n_heads", 4),
+        ("o_groups", 2),
+        ("sliding_window", 32),
+        ("index_topk", 8),
+    ] {
+        c.insert(k.into(), v.into());
+    }
+    c.insert("expert_dtype".into(), "fp4".into());
+    c.insert(
+        "quantization_config".into(),
+        serde_json::json!({"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+            "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}),
+    );
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&c).unwrap(),
+    )
+    .unwrap();
+}
+
+fn wide_model(dir: &Path, shard: Shard, comm: Arc<dyn Communicator>) -> DeepseekV4<CudaBackend> {
+    let opts = LoadOptions {
+        device: model::Device::Cuda,
+        load_format: model::LoadFormat::Dummy,
+        dummy_seed: 5,
+        kv_pool_tokens: 2048,
+        shard,
+        ..LoadOptions::default()
+    };
+    let cfg = ModelConfig::from_dir(dir).unwrap();
+    let ckpt = dspark_server::engine::weights::Checkpoint::dummy(&model::tensor_specs(&cfg), 5);
+    model::build_cuda(cfg, &ckpt, &opts, comm).unwrap()
+}
+
+/// One fixed schedule of steps; returns every logits row it produced, in order.
+fn schedule(m: &mut DeepseekV4<CudaBackend>) -> Vec<Vec<f32>> {
+    let vocab = m.config().vocab_size as u32;
+    let tok = |i: usize| ((i * 7919 + 13) as u32) % vocab;
+    let prompt: Vec<u32> = (0..300).map(tok).collect();
+    let bt_a = blocks_for(m, 0, 400);
+    let bt_b = blocks_for(m, bt_a.len() as u32, 400);
+    let mut out = Vec::new();
+    let mut keep = |step: Vec<Vec<Vec<f32>>>| {
+        for s in step {
+            out.extend(s);
+        }
+    };
+    // Chunked prefill of A (windows of 4 and 128 and the 128-token blocks close inside chunks
+    // and at their edges); chunks over 64 rows run op by op even in the stacked runner, so the
+    // two paths also read each other's pool rows. B in one 64-row chunk.
+    let mut at = 0;
+    for (i, len) in [37usize, 100, 64, 27, 72].into_iter().enumerate() {
+        let logits = if i % 2 == 0 {
+            LogitsWanted::All
+        } else {
+            LogitsWanted::Last
+        };
+        keep(run(
+            m,
+            vec![seq(1, at, &prompt[at..at + len], &bt_a, logits)],
+        ));
+        at += len;
+    }
+    assert_eq!(at, 300);
+    keep(run(
+        m,
+        vec![seq(2, 0, &prompt[..64], &bt_b, LogitsWanted::Last)],
+    ));
+    // Batched decode of A and B (CSA windows close every 4 positions).
+    let (mut pa, mut pb) = (300usize, 64usize);
+    for step in 0..10 {
+        keep(run(
+            m,
+            vec![
+                seq(1, pa, &[tok(1000 + step)], &bt_a, LogitsWanted::Last),
+                seq(2, pb, &[tok(2000 + step)], &bt_b, LogitsWanted::Last),
+            ],
+        ));
+        pa += 1;
+        pb += 1;
+    }
+    // A verify step: six tokens of B at once, logits for all.
+    let verify: Vec<u32> = (0..6).map(|i| tok(3000 + i)).collect();
+    keep(run(m, vec![seq(2, pb, &verify, &bt_b, LogitsWanted::All)]));
+    out
+}
+
+fn worst(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    assert_eq!(a.len(), b.len(), "different numbers of logits rows");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| max_rel_diff(x, y))
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn layer_stack_equals_op_by_op_at_tp1_and_tp2() {
+    if !gpu_enabled("layer_stack_equals_op_by_op_at_tp1_and_tp2") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_wide_config(dir.path());
+    let mut stacked = wide_model(dir.path(), Shard::SINGLE, Arc::new(SingleRank));
+    assert!(
+        stacked.uses_layer_stack(),
+        "the wide FP8/FP4 model must take the layer stack"
+    );
+    let mut reference = wide_model(dir.path(), Shard::SINGLE, Arc::new(SingleRank));
+    reference.disable_layer_stack();
+    let got = schedule(&mut stacked);
+    let want = schedule(&mut reference);
+    let w1 = worst(&got, &want);
+    eprintln!("layer stack vs op by op (TP=1): worst relative logit difference {w1:e}");
+    assert!(w1 < BOUND, "{w1:e}");
+
+    let results = support::local_group::run_ranks(2, |rank, comm| {
+        let shard = Shard {
+            rank,
+            world_size: 2,
+        };
+        let mut m = wide_model(dir.path(), shard, Arc::new(comm));
+        assert!(m.uses_layer_stack());
+        schedule(&mut m)
+    });
+    let w2 = worst(&results[0], &want);
+    eprintln!("layer stack TP=2 vs op by op TP=1: worst relative logit difference {w2:e}");
+    assert!(w2 < BOUND, "{w2:e}");
+    assert_eq!(results[0], results[1], "ranks disagree");
+}
