@@ -507,13 +507,18 @@ fn report_backend_split(before: &[OpTime], after: &[OpTime], times: &[Duration])
     }
     let units = times.len() as f64;
     let total_ms = times.iter().map(Duration::as_secs_f64).sum::<f64>() * 1e3 / units;
-    let (mut device, mut host) = (Vec::new(), Vec::new());
+    let (mut device, mut host, mut stages) = (Vec::new(), Vec::new(), Vec::new());
     let (mut device_ms, mut host_ms) = (0.0, 0.0);
     for a in after {
         let b = before.iter().find(|b| b.op == a.op);
         let ms = (a.seconds - b.map_or(0.0, |b| b.seconds)) * 1e3 / units;
         let calls = (a.calls - b.map_or(0, |b| b.calls)) as f64 / units;
         if calls <= 0.0 {
+            continue;
+        }
+        if let Some(stage) = a.op.strip_prefix("stack: ") {
+            // GPU time inside the layer stack's one call (DSPARK_STACK_PROFILE=1).
+            stages.push(format!("{stage} {ms:.3} ms"));
             continue;
         }
         match a.op.strip_prefix("host: ") {
@@ -544,6 +549,9 @@ fn report_backend_split(before: &[OpTime], after: &[OpTime], times: &[Duration])
         host.join(", "),
         total_ms - device_ms - host_ms
     );
+    if !stages.is_empty() {
+        eprintln!("  layer stack, GPU time per stage: {}", stages.join(", "));
+    }
 }
 
 /// Times the whole chunked prefill of `tokens` from position 0 (each repetition rewrites it).

@@ -9,7 +9,8 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use dspark_kernels::launch::layer_ops::{
     hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcMix, HcPost, HcPreFinish, RmsNormF32,
     RopeF32, RouteF32, RouterScoring,
@@ -116,9 +117,53 @@ pub struct CudaLayerStack {
     rope_main: CudaSlice<f32>,
     rope_compress: CudaSlice<f32>,
     scratch: Scratch,
+    /// GPU time per stage, where asked for (`DSPARK_STACK_PROFILE=1`).
+    clock: Option<StageClock>,
     /// The step's packed metadata (row table, key starts, indexer counts).
     meta32: CudaSlice<i32>,
     meta64: CudaSlice<i64>,
+}
+
+/// GPU time of the stack's stages: an event recorded where each stage starts, read after the
+/// step's final synchronisation (so profiling adds no sync inside the step).
+#[derive(Default)]
+struct StageClock {
+    events: Vec<CudaEvent>,
+    marks: Vec<&'static str>,
+}
+
+impl StageClock {
+    fn mark(&mut self, stream: &Arc<CudaStream>, stage: &'static str) -> Result<(), BackendError> {
+        if self.marks.len() == self.events.len() {
+            let e = stream
+                .context()
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(driver_err("create event"))?;
+            self.events.push(e);
+        }
+        self.events[self.marks.len()]
+            .record(stream)
+            .map_err(driver_err("record event"))?;
+        self.marks.push(stage);
+        Ok(())
+    }
+
+    /// Seconds per stage of the finished step (the stream has synchronised).
+    fn drain(&mut self) -> Result<Vec<(&'static str, f64)>, BackendError> {
+        let mut out: Vec<(&'static str, f64)> = Vec::new();
+        for i in 1..self.marks.len() {
+            let ms = self.events[i - 1]
+                .elapsed_ms(&self.events[i])
+                .map_err(driver_err("event time"))?;
+            let stage = self.marks[i - 1];
+            match out.iter_mut().find(|(s, _)| *s == stage) {
+                Some((_, t)) => *t += f64::from(ms) * 1e-3,
+                None => out.push((stage, f64::from(ms) * 1e-3)),
+            }
+        }
+        self.marks.clear();
+        Ok(out)
+    }
 }
 
 /// Where one step's row table lies in the stack's metadata buffers (device pointers).
@@ -211,6 +256,18 @@ impl CudaBackend {
             *buf = self.alloc_f32(len.next_power_of_two())?;
         }
         Ok(())
+    }
+
+    /// Marks the start of a stage when the stack is being profiled.
+    fn stage(
+        &self,
+        clock: &mut Option<StageClock>,
+        stage: &'static str,
+    ) -> Result<(), BackendError> {
+        match clock {
+            Some(c) => c.mark(&self.stream, stage),
+            None => Ok(()),
+        }
     }
 
     fn hc_site(&self, site: &HyperConnection) -> Result<HcSite, BackendError> {
@@ -412,6 +469,9 @@ impl CudaBackend {
             rope_main: self.upload(&model.rope_main.inv_freq)?,
             rope_compress: self.upload(&model.rope_compress.inv_freq)?,
             scratch,
+            clock: std::env::var("DSPARK_STACK_PROFILE")
+                .is_ok_and(|v| v == "1")
+                .then(StageClock::default),
             meta32: self.alloc_i32(1 << 12)?,
             meta64: self
                 .stream
@@ -529,8 +589,10 @@ impl CudaBackend {
         }
         let comm_err = |e: crate::ranks::CommError| BackendError::Other(format!("all-reduce: {e}"));
         if let Some(nccl) = comm.nccl() {
+            // Same queue: the same stream handle in the same (primary) context, however each
+            // side opened it.
             if nccl.stream().cu_stream() == self.stream.cu_stream()
-                && Arc::ptr_eq(nccl.stream().context(), self.stream.context())
+                && nccl.stream().context().cu_ctx() == self.stream.context().cu_ctx()
             {
                 return nccl
                     .all_reduce_sum_device(&mut buf.slice_mut(0..len))
@@ -737,9 +799,27 @@ impl CudaBackend {
                 captured.push((l, mean));
             }
         }
+        self.stage(&mut stack.clock, "stack: end")?;
         s.memcpy_dtoh(&stack.scratch.streams.slice(0..n * width), streams)
             .map_err(driver_err("copy from GPU"))?;
         s.synchronize().map_err(driver_err("synchronize"))?;
+        if let Some(clock) = stack.clock.as_mut() {
+            let stages = clock.drain()?;
+            let mut totals = self.stage_times.lock().unwrap_or_else(|p| p.into_inner());
+            for (stage, secs) in stages {
+                match totals.iter_mut().find(|t| t.op == stage) {
+                    Some(t) => {
+                        t.calls += 1;
+                        t.seconds += secs;
+                    }
+                    None => totals.push(crate::engine::OpTime {
+                        op: stage,
+                        calls: 1,
+                        seconds: secs,
+                    }),
+                }
+            }
+        }
         Ok(captured)
     }
 
@@ -871,7 +951,9 @@ impl CudaBackend {
         let fpb = g.floats_per_block;
         let bs = g.block_size;
 
+        self.stage(&mut stack.clock, "stack: hyper-connections")?;
         self.hc_pre(sc, &layer.hc_attn, &layer.attn_norm, cfg, n)?;
+        self.stage(&mut stack.clock, "stack: projections")?;
         self.stack_linear(&sc.x, n, &aw.wq_a, &mut sc.q_lora)?;
         self.stack_linear(&sc.x, n, &aw.wkv, &mut sc.kv)?;
         if let Some(cw) = &aw.compressor {
@@ -885,6 +967,7 @@ impl CudaBackend {
             self.stack_linear(&sc.x, n, &iw.weights_proj, &mut sc.idx_weights)?;
             idx_heads = iw.weights_proj.shape().0;
         }
+        self.stage(&mut stack.clock, "stack: norms, RoPE, KV write")?;
         // Queries: q LoRA norm (kept as the indexer's input), wq_b, per-head norm, RoPE.
         let qr = cfg.q_lora_rank;
         let ql = ptr_mut(s, &mut sc.q_lora);
@@ -905,7 +988,9 @@ impl CudaBackend {
             )
         }
         .map_err(kernel_err)?;
+        self.stage(&mut stack.clock, "stack: projections")?;
         self.stack_linear(&sc.q_lora, n, &aw.wq_b, &mut sc.q)?;
+        self.stage(&mut stack.clock, "stack: norms, RoPE, KV write")?;
         let heads = aw.wq_b.shape().0 / hd;
         let q = ptr_mut(s, &mut sc.q);
         // SAFETY: q holds n * heads rows of head_dim; positions n i32; the RoPE table rd / 2.
@@ -1000,6 +1085,7 @@ impl CudaBackend {
                 })
         }
         .map_err(kernel_err)?;
+        self.stage(&mut stack.clock, "stack: compressors")?;
         // Compressors: this step's inputs into the pool, then every window closing in it.
         if let (Some(_), Some(cp)) = (&aw.compressor, &layer.compressor) {
             let coff = if kind == AttentionKind::Csa { 2 } else { 1 };
@@ -1115,6 +1201,7 @@ impl CudaBackend {
                 .ok_or_else(|| shape_err(format!("no indexer rows for ratio {ratio}")))?;
             if class.total > 0 && cfg.index_topk > 0 {
                 // Indexer queries from the normed q LoRA, RoPE'd like the compressed keys.
+                self.stage(&mut stack.clock, "stack: indexer")?;
                 self.stack_linear(&sc.q_lora, n, &iw.wq_b, &mut sc.idx_q)?;
                 let iq = ptr_mut(s, &mut sc.idx_q);
                 let iwts = ptr_mut(s, &mut sc.idx_weights);
@@ -1165,7 +1252,9 @@ impl CudaBackend {
                 // SAFETY: the tables cover every visible row of every token (checked above),
                 // `scores` holds their sum.
                 unsafe { self.kernels.indexer_scores(s, &call) }.map_err(kernel_err)?;
+                self.stage(&mut stack.clock, "stack: all-reduce")?;
                 self.stack_all_reduce(comm, &mut sc.scores, class.total)?;
+                self.stage(&mut stack.clock, "stack: indexer")?;
                 let call = TopKSelect {
                     scores: ptr(s, &sc.scores),
                     starts: class.out_starts,
@@ -1183,6 +1272,7 @@ impl CudaBackend {
         } else {
             key_mode = KeyMode::Window;
         }
+        self.stage(&mut stack.clock, "stack: attention")?;
         // Attention over each row's window + compressed rows, with the per-head sinks.
         let class = key_classes
             .iter()
@@ -1287,6 +1377,7 @@ impl CudaBackend {
             })
         }
         .map_err(kernel_err)?;
+        self.stage(&mut stack.clock, "stack: output projection")?;
         // Grouped low-rank output projection, then wo_b and the sum over ranks.
         let group_in = cfg.num_attention_heads / cfg.o_groups * hd;
         let orank = cfg.o_lora_rank;
@@ -1346,7 +1437,9 @@ impl CudaBackend {
             .map_err(kernel_err)?;
         }
         self.stack_linear(&sc.grouped, n, &aw.wo_b, &mut sc.sub_out)?;
+        self.stage(&mut stack.clock, "stack: all-reduce")?;
         self.stack_all_reduce(comm, &mut sc.sub_out, n * h)?;
+        self.stage(&mut stack.clock, "stack: hyper-connections")?;
         self.hc_post(sc, cfg, n)
     }
 
@@ -1366,7 +1459,9 @@ impl CudaBackend {
         let sc = &mut stack.scratch;
         let h = cfg.hidden_size;
         let (e, k) = (cfg.n_routed_experts, cfg.num_experts_per_tok);
+        self.stage(&mut stack.clock, "stack: hyper-connections")?;
         self.hc_pre(sc, &layer.hc_ffn, &layer.ffn_norm, cfg, n)?;
+        self.stage(&mut stack.clock, "stack: router")?;
         self.stack_linear(&sc.x, n, &mw.gate, &mut sc.router_logits)?;
         let (bias, hash) = match &layer.routes {
             RouteTable::Bias(b) => (ptr(s, b), 0),
@@ -1390,6 +1485,7 @@ impl CudaBackend {
             out_weights: ptr_mut(s, &mut sc.route_weights),
         };
         unsafe { self.kernels.route_f32(s, &call) }.map_err(kernel_err)?;
+        self.stage(&mut stack.clock, "stack: routed experts")?;
         match (&mw.experts, &layer.dense_experts) {
             (CudaExpertBank::Fp4(b), _) => {
                 let bank = self.fp4_experts(
@@ -1442,11 +1538,14 @@ impl CudaBackend {
             }
             _ => return Err(shape_err(format!("layer {l}: no device experts"))),
         }
+        self.stage(&mut stack.clock, "stack: shared expert")?;
         let shared = [&mw.shared.w1, &mw.shared.w3, &mw.shared.w2];
         let x = sc.x.slice(0..n * h);
         let mut acc = sc.sub_out.slice_mut(0..n * h);
         self.add_swiglu_on(&x, n, shared, cfg.swiglu_limit, &mut acc)?;
+        self.stage(&mut stack.clock, "stack: all-reduce")?;
         self.stack_all_reduce(comm, &mut sc.sub_out, n * h)?;
+        self.stage(&mut stack.clock, "stack: hyper-connections")?;
         self.hc_post(sc, cfg, n)
     }
 }

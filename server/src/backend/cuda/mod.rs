@@ -177,6 +177,8 @@ pub struct CudaBackend {
     device_name: String,
     counters: Counters,
     clock: OpClock,
+    /// GPU time per layer-stack stage (`DSPARK_STACK_PROFILE=1`), reported as `stack: ...`.
+    stage_times: Mutex<Vec<crate::engine::OpTime>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -252,6 +254,7 @@ impl CudaBackend {
             device_name,
             counters: Counters::default(),
             clock: OpClock::default(),
+            stage_times: Mutex::new(Vec::new()),
         })
     }
 
@@ -820,14 +823,23 @@ impl Backend for CudaBackend {
     }
 
     fn op_times(&self) -> Vec<crate::engine::OpTime> {
-        OPS.iter()
+        let mut times: Vec<crate::engine::OpTime> = OPS
+            .iter()
             .enumerate()
             .map(|(i, op)| crate::engine::OpTime {
                 op,
                 calls: self.clock.calls[i].load(Ordering::Relaxed),
                 seconds: self.clock.nanos[i].load(Ordering::Relaxed) as f64 * 1e-9,
             })
-            .collect()
+            .collect();
+        times.extend(
+            self.stage_times
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned(),
+        );
+        times
     }
 
     fn packed_matrix(
