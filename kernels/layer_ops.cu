@@ -208,6 +208,110 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_pre_finish_f32(
             lo_collapse(streams + (long long)t * hc * hidden, pre, hc, hidden, c);
 }
 
+// The whole pre side of a hyper-connection site for token t = blockIdx.x in one block: the mix
+// projections from hc_mix_partial's chunks (times the RMS scale), pre / post / comb (sinkhorn by
+// warp 0 with the matrix in shared memory, each row and column summed in the host's order), the
+// collapse, and the sub-layer's RMSNorm with `norm_w` (null: no weight) into x_out.
+extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_pre_fused_f32(
+    const float *__restrict__ partial, const float *__restrict__ sq, int splits, int width,
+    float mix_eps, const float *__restrict__ base, float scale0, float scale1, float scale2,
+    const float *__restrict__ streams, const float *__restrict__ norm_w,
+    float *__restrict__ x_out, float *__restrict__ mix_out, int n, int hc, int hidden, int iters,
+    float hc_eps, float norm_eps) {
+    __shared__ float red[32];
+    __shared__ float proj[(2 + LO_HC_MAX) * LO_HC_MAX];
+    __shared__ float cm[LO_HC_MAX * LO_HC_MAX];
+    __shared__ float sums[LO_HC_MAX];
+    __shared__ float pre[LO_HC_MAX];
+    const int t = blockIdx.x, outs = (2 + hc) * hc;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (threadIdx.x < outs) {
+        const int o = threadIdx.x;
+        float d = 0.0f, s = 0.0f;
+        for (int kc = 0; kc < splits; ++kc) {
+            d += partial[((long long)kc * n + t) * outs + o];
+            s += sq[(long long)kc * n + t];
+        }
+        const float ms = __fdiv_rn(s, (float)width);
+        proj[o] = __fmul_rn(d, __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, mix_eps))));
+    }
+    __syncthreads();
+    float *mo = mix_out + (long long)t * outs;
+    if (threadIdx.x < hc) {
+        const int i = threadIdx.x;
+        const float p = __fadd_rn(lo_sigmoid(__fadd_rn(__fmul_rn(proj[i], scale0), base[i])), hc_eps);
+        pre[i] = p;
+        mo[i] = p;
+        mo[hc + i] =
+            __fmul_rn(2.0f, lo_sigmoid(__fadd_rn(__fmul_rn(proj[hc + i], scale1), base[hc + i])));
+    }
+    if (warp == 0) {
+        for (int i = lane; i < hc * hc; i += 32)
+            cm[i] = __fadd_rn(__fmul_rn(proj[2 * hc + i], scale2), base[2 * hc + i]);
+        __syncwarp();
+        if (lane < hc) {
+            // Row softmax + eps (row `lane`).
+            float *row = cm + lane * hc;
+            float mx = __int_as_float(0xff800000);
+#pragma unroll
+            for (int c = 0; c < LO_HC_MAX; ++c)
+                if (c < hc) mx = fmaxf(mx, row[c]);
+            float e[LO_HC_MAX];
+            float sum = 0.0f;
+#pragma unroll
+            for (int c = 0; c < LO_HC_MAX; ++c)
+                if (c < hc) {
+                    e[c] = expf(__fadd_rn(row[c], -mx));
+                    sum = __fadd_rn(sum, e[c]);
+                }
+#pragma unroll
+            for (int c = 0; c < LO_HC_MAX; ++c)
+                if (c < hc) row[c] = __fadd_rn(__fdiv_rn(e[c], sum), hc_eps);
+        }
+        __syncwarp();
+        for (int it = 0; it < max(iters, 1); ++it) {
+            if (it > 0) {
+                if (lane < hc) {
+                    float s = 0.0f;
+#pragma unroll
+                    for (int c = 0; c < LO_HC_MAX; ++c)
+                        if (c < hc) s = __fadd_rn(s, cm[lane * hc + c]);
+                    sums[lane] = __fadd_rn(s, hc_eps);
+                }
+                __syncwarp();
+                for (int i = lane; i < hc * hc; i += 32) cm[i] = __fdiv_rn(cm[i], sums[i / hc]);
+                __syncwarp();
+            }
+            if (lane < hc) {
+                float s = 0.0f;
+#pragma unroll
+                for (int r = 0; r < LO_HC_MAX; ++r)
+                    if (r < hc) s = __fadd_rn(s, cm[r * hc + lane]);
+                sums[lane] = __fadd_rn(s, hc_eps);
+            }
+            __syncwarp();
+            for (int i = lane; i < hc * hc; i += 32) cm[i] = __fdiv_rn(cm[i], sums[i % hc]);
+            __syncwarp();
+        }
+        for (int i = lane; i < hc * hc; i += 32) mo[2 * hc + i] = cm[i];
+    }
+    __syncthreads();
+    const float *st = streams + (long long)t * hc * hidden;
+    float *xo = x_out + (long long)t * hidden;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
+        const float v = lo_collapse(st, pre, hc, hidden, c);
+        xo[c] = v;
+        ss = fmaf(v, v, ss);
+    }
+    const float ms = __fdiv_rn(lo_block_sum(ss, red), (float)hidden);
+    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, norm_eps)));
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
+        const float v = __fmul_rn(xo[c], inv);
+        xo[c] = norm_w ? __fmul_rn(norm_w[c], v) : v;
+    }
+}
+
 // expand: new[k][c] = post[k] * out[c] + sum_j comb[j, k] * old[j][c] (j ascending), in place;
 // each thread owns channel c of one token across all streams.
 extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_post_f32(

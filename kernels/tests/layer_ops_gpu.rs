@@ -11,7 +11,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 use dspark_kernels::launch::layer_ops::{
     hc_head_workspace_floats, hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcHead, HcMix,
-    HcPost, HcPreFinish, RmsNormF32, RopeF32, RouteF32, RouterScoring,
+    HcPost, HcPreFinish, HcPreFused, RmsNormF32, RopeF32, RouteF32, RouterScoring,
 };
 use dspark_kernels::reference::rel_err;
 use dspark_kernels::{open_gpu, Kernels, LoaderConfig};
@@ -482,6 +482,86 @@ fn hc_pre_finish_and_post_match_host() {
             unsafe { g.k.hc_post_f32(&g.s, &p) }.unwrap();
             let err = rel(&g.down(&sb), &want_streams);
             assert!(err < TOL, "expand n {n} hc {hc}: rel err {err}");
+        }
+    }
+}
+
+/// The fused pre side (mix projections, finish, collapse, sub-layer norm) against the host's
+/// chain of the same steps.
+#[test]
+fn hc_pre_fused_matches_host() {
+    let Some(g) = gpu("hc_pre_fused_matches_host") else {
+        return;
+    };
+    let mut rng = Rng(0xf00d_0002);
+    for (n, hc, hidden) in HC_CASES {
+        for (iters, weighted) in [(20usize, true), (1, false), (0, true)] {
+            let (width, outs) = (hc * hidden, (2 + hc) * hc);
+            let streams = rng.vec(n * width, -4.0, 4.0);
+            let fn_ = rng.vec(outs * width, -0.05, 0.05);
+            let base = rng.vec(outs, -1.0, 1.0);
+            let scale = [
+                rng.uniform(0.5, 1.5),
+                rng.uniform(0.5, 1.5),
+                rng.uniform(0.5, 1.5),
+            ];
+            let norm = rng.vec(hidden, 0.5, 1.5);
+            let proj = mix_ref(&streams, width, &fn_, outs, 1e-6);
+            let mut want_mix = Vec::new();
+            let mut want_x = Vec::new();
+            for t in 0..n {
+                let m = finish_ref(
+                    &proj[t * outs..(t + 1) * outs],
+                    &base,
+                    scale,
+                    hc,
+                    iters,
+                    1e-6,
+                );
+                let x = collapse_ref(&streams[t * width..(t + 1) * width], &m[..hc], hidden);
+                want_x.extend(rms_norm_ref(
+                    &x,
+                    hidden,
+                    weighted.then_some(&norm[..]),
+                    1e-6,
+                ));
+                want_mix.extend(m);
+            }
+            let sb = g.up(&streams);
+            let fb = g.up(&fn_);
+            let bb = g.up(&base);
+            let nb = g.up(&norm);
+            let xb = g.up(&vec![f32::NAN; n * hidden]);
+            let mb = g.up(&vec![f32::NAN; n * outs]);
+            let wb = g.up(&vec![f32::NAN; hc_mix_workspace_floats(n, outs)]);
+            let a = HcPreFused {
+                streams: g.ptr(&sb),
+                fn_: g.ptr(&fb),
+                base: g.ptr(&bb),
+                scale,
+                norm_weight: if weighted { g.ptr(&nb) } else { 0 },
+                x_out: g.ptr(&xb),
+                mix_out: g.ptr(&mb),
+                workspace: g.ptr(&wb),
+                n,
+                hc,
+                hidden,
+                sinkhorn_iters: iters,
+                hc_eps: 1e-6,
+                norm_eps: 1e-6,
+            };
+            // SAFETY: the buffers above hold these shapes.
+            unsafe { g.k.hc_pre_fused_f32(&g.s, &a) }.unwrap();
+            let err = rel(&g.down(&mb), &want_mix);
+            assert!(
+                err < TOL,
+                "fused mix n {n} hc {hc} iters {iters}: rel err {err}"
+            );
+            let err = rel(&g.down(&xb), &want_x);
+            assert!(
+                err < TOL,
+                "fused x n {n} hc {hc} iters {iters}: rel err {err}"
+            );
         }
     }
 }

@@ -31,6 +31,7 @@ pub struct LayerOpsFns {
     hc_mix_partial: CudaFunction,
     hc_mix_reduce: CudaFunction,
     hc_pre_finish: CudaFunction,
+    hc_pre_fused: CudaFunction,
     hc_post: CudaFunction,
     hc_head_finish: CudaFunction,
     route: CudaFunction,
@@ -52,6 +53,7 @@ impl LayerOpsFns {
             hc_mix_partial: f("dsk_lo_hc_mix_partial_f32")?,
             hc_mix_reduce: f("dsk_lo_hc_mix_reduce_f32")?,
             hc_pre_finish: f("dsk_lo_hc_pre_finish_f32")?,
+            hc_pre_fused: f("dsk_lo_hc_pre_fused_f32")?,
             hc_post: f("dsk_lo_hc_post_f32")?,
             hc_head_finish: f("dsk_lo_hc_head_finish_f32")?,
             route: f("dsk_lo_route_f32")?,
@@ -136,6 +138,29 @@ pub struct HcPreFinish {
     pub hidden: usize,
     pub sinkhorn_iters: usize,
     pub hc_eps: f32,
+}
+
+/// A hyper-connection site's whole pre side for `n` tokens: the mix projections of the streams
+/// (as [`HcMix`]), pre / post / comb (as [`HcPreFinish`], into `mix_out`), the collapse, and
+/// the sub-layer's RMSNorm with `norm_weight` (0: none) into `x_out` `[n, hidden]`. `workspace`
+/// holds `hc_mix_workspace_floats(n, (2 + hc) * hc)` f32. `norm_eps` is both the streams' RMS
+/// epsilon and the sub-layer norm's (the model uses one `rms_norm_eps`).
+#[derive(Clone, Copy, Debug)]
+pub struct HcPreFused {
+    pub streams: CUdeviceptr,
+    pub fn_: CUdeviceptr,
+    pub base: CUdeviceptr,
+    pub scale: [f32; 3],
+    pub norm_weight: CUdeviceptr,
+    pub x_out: CUdeviceptr,
+    pub mix_out: CUdeviceptr,
+    pub workspace: CUdeviceptr,
+    pub n: usize,
+    pub hc: usize,
+    pub hidden: usize,
+    pub sinkhorn_iters: usize,
+    pub hc_eps: f32,
+    pub norm_eps: f32,
 }
 
 /// `expand`: `streams[t][k] = post[k] * out[t] + sum_j comb[j, k] * streams[t][j]` in place.
@@ -608,33 +633,14 @@ impl Kernels {
         const K: &str = "hc_mix_f32";
         check_hc_mix(a)?;
         let splits = hc_mix_splits(a.n, a.width, a.outs, self.sms);
-        let chunk = a.width.div_ceil(splits);
         let partial = a.workspace;
         let sq = a.workspace + (splits * a.n * a.outs * 4) as u64;
         let (n, width) = (i32_arg(K, "n", a.n)?, i32_arg(K, "width", a.width)?);
-        let (outs, chunk_i) = (i32_arg(K, "outs", a.outs)?, i32_arg(K, "chunk", chunk)?);
-        let splits_i = i32_arg(K, "splits", splits)?;
-        let cfg = LaunchConfig {
-            grid_dim: (
-                u32_grid(K, splits)?,
-                u32_grid(K, a.outs)?,
-                u32_grid(K, a.n.div_ceil(MIX_TOKENS))?,
-            ),
-            block_dim: (BLOCK as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        stream
-            .launch_builder(&self.layer_ops.hc_mix_partial)
-            .arg(&a.streams)
-            .arg(&a.fn_)
-            .arg(&partial)
-            .arg(&sq)
-            .arg(&n)
-            .arg(&width)
-            .arg(&outs)
-            .arg(&chunk_i)
-            .launch(cfg)
-            .map_err(KernelError::driver("launch hc_mix_partial"))?;
+        let (outs, splits_i) = (i32_arg(K, "outs", a.outs)?, i32_arg(K, "splits", splits)?);
+        // SAFETY: as this function's contract.
+        unsafe {
+            self.hc_mix_partial(stream, a.streams, a.fn_, a.workspace, a.n, a.width, a.outs)
+        }?;
         let cfg = LaunchConfig {
             grid_dim: (u32_grid(K, (a.n * a.outs).div_ceil(BLOCK))?, 1, 1),
             block_dim: (BLOCK as u32, 1, 1),
@@ -652,6 +658,118 @@ impl Kernels {
             .arg(&a.norm_eps)
             .launch(cfg)
             .map_err(KernelError::driver("launch hc_mix_reduce"))?;
+        Ok(())
+    }
+
+    /// The chunked projections of `hc_mix_f32` into `workspace` (partials, then squares).
+    ///
+    /// # Safety
+    /// As [`Self::hc_mix_f32`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn hc_mix_partial(
+        &self,
+        stream: &CudaStream,
+        streams: CUdeviceptr,
+        fn_: CUdeviceptr,
+        workspace: CUdeviceptr,
+        n: usize,
+        width: usize,
+        outs: usize,
+    ) -> Result<(), KernelError> {
+        const K: &str = "hc_mix_partial";
+        let splits = hc_mix_splits(n, width, outs, self.sms);
+        let chunk = width.div_ceil(splits);
+        let partial = workspace;
+        let sq = workspace + (splits * n * outs * 4) as u64;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                u32_grid(K, splits)?,
+                u32_grid(K, outs)?,
+                u32_grid(K, n.div_ceil(MIX_TOKENS))?,
+            ),
+            block_dim: (BLOCK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .launch_builder(&self.layer_ops.hc_mix_partial)
+            .arg(&streams)
+            .arg(&fn_)
+            .arg(&partial)
+            .arg(&sq)
+            .arg(&i32_arg(K, "n", n)?)
+            .arg(&i32_arg(K, "width", width)?)
+            .arg(&i32_arg(K, "outs", outs)?)
+            .arg(&i32_arg(K, "chunk", chunk)?)
+            .launch(cfg)
+            .map_err(KernelError::driver("launch hc_mix_partial"))?;
+        Ok(())
+    }
+
+    /// # Safety
+    /// Every pointer must address the f32 shape documented on [`HcPreFused`], device memory of
+    /// this context; `x_out` and `mix_out` must not overlap the inputs.
+    pub unsafe fn hc_pre_fused_f32(
+        &self,
+        stream: &CudaStream,
+        a: &HcPreFused,
+    ) -> Result<(), KernelError> {
+        const K: &str = "hc_pre_fused_f32";
+        nonnull(
+            K,
+            &[
+                ("streams", a.streams),
+                ("fn_", a.fn_),
+                ("base", a.base),
+                ("x_out", a.x_out),
+                ("mix_out", a.mix_out),
+                ("workspace", a.workspace),
+            ],
+        )?;
+        if a.hc == 0 || a.hc > HC_MAX || a.hidden == 0 || a.n == 0 || a.n > GRID_YZ_MAX {
+            return Err(KernelError::invalid(
+                K,
+                format!("hc {} (1..={HC_MAX}), hidden {}, n {}", a.hc, a.hidden, a.n),
+            ));
+        }
+        if a.scale.iter().any(|v| !v.is_finite()) {
+            return Err(KernelError::invalid(K, format!("scale {:?}", a.scale)));
+        }
+        let outs = (2 + a.hc) * a.hc;
+        let width = a.hc * a.hidden;
+        let splits = hc_mix_splits(a.n, width, outs, self.sms);
+        let partial = a.workspace;
+        let sq = a.workspace + (splits * a.n * outs * 4) as u64;
+        // SAFETY: as this function's contract: the chunked mix projections into the workspace
+        // (hc_mix_f32's first kernel; its reduce is fused into the kernel below).
+        unsafe { self.hc_mix_partial(stream, a.streams, a.fn_, a.workspace, a.n, width, outs) }?;
+        let cfg = LaunchConfig {
+            grid_dim: (u32_grid(K, a.n)?, 1, 1),
+            block_dim: (BLOCK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .launch_builder(&self.layer_ops.hc_pre_fused)
+            .arg(&partial)
+            .arg(&sq)
+            .arg(&i32_arg(K, "splits", splits)?)
+            .arg(&i32_arg(K, "width", width)?)
+            .arg(&a.norm_eps)
+            .arg(&a.base)
+            .arg(&a.scale[0])
+            .arg(&a.scale[1])
+            .arg(&a.scale[2])
+            .arg(&a.streams)
+            .arg(&a.norm_weight)
+            .arg(&a.x_out)
+            .arg(&a.mix_out)
+            .arg(&i32_arg(K, "n", a.n)?)
+            .arg(&i32_arg(K, "hc", a.hc)?)
+            .arg(&i32_arg(K, "hidden", a.hidden)?)
+            .arg(&i32_arg(K, "sinkhorn_iters", a.sinkhorn_iters)?)
+            .arg(&a.hc_eps)
+            .arg(&a.norm_eps)
+            .launch(cfg)
+            .map_err(KernelError::driver("launch hc_pre_fused"))?;
         Ok(())
     }
 

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use dspark_kernels::launch::layer_ops::{
-    hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcMix, HcPost, HcPreFinish, RmsNormF32,
-    RopeF32, RouteF32, RouterScoring,
+    hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcPost, HcPreFused, RmsNormF32, RopeF32,
+    RouteF32, RouterScoring,
 };
 use dspark_kernels::launch::paged::{
     key_counts, CompressParams, KeyMode, KeySelection, PoolSection, RowTable,
@@ -835,58 +835,26 @@ impl CudaBackend {
     ) -> Result<(), BackendError> {
         let s = &self.stream;
         let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
-        let outs = (2 + hc) * hc;
-        let width = hc * h;
-        let mix = HcMix {
+        let call = HcPreFused {
             streams: ptr(s, &sc.streams),
             fn_: ptr(s, &site.fn_),
-            out: ptr_mut(s, &mut sc.proj),
-            workspace: ptr_mut(s, &mut sc.hc_work),
-            n,
-            width,
-            outs,
-            norm_eps: cfg.rms_norm_eps,
-        };
-        let finish = HcPreFinish {
-            proj: ptr(s, &sc.proj),
             base: ptr(s, &site.base),
             scale: site.scale,
-            streams: ptr(s, &sc.streams),
+            norm_weight: ptr(s, norm),
             x_out: ptr_mut(s, &mut sc.x),
             mix_out: ptr_mut(s, &mut sc.mix),
+            workspace: ptr_mut(s, &mut sc.hc_work),
             n,
             hc,
             hidden: h,
             sinkhorn_iters: cfg.hc_sinkhorn_iters,
             hc_eps: cfg.hc_eps,
+            norm_eps: cfg.rms_norm_eps,
         };
         // SAFETY: the scratch buffers hold STACK_MAX_ROWS >= n rows of each width (hc_work
         // sized by hc_mix_workspace_floats); the site's parameters are [outs, hc * hidden] and
-        // [outs].
-        unsafe {
-            self.kernels
-                .hc_mix_f32(s, &mix)
-                .and_then(|()| self.kernels.hc_pre_finish_f32(s, &finish))
-        }
-        .map_err(kernel_err)?;
-        let x = ptr_mut(s, &mut sc.x);
-        // SAFETY: x holds n rows of `hidden`, the weight `hidden` values.
-        unsafe {
-            self.kernels.rms_norm_f32(
-                s,
-                &RmsNormF32 {
-                    x,
-                    out: x,
-                    weight: ptr(s, norm),
-                    rows: n,
-                    dim: h,
-                    ld_x: h,
-                    ld_out: h,
-                    eps: cfg.rms_norm_eps,
-                },
-            )
-        }
-        .map_err(kernel_err)
+        // [outs], the norm weight `hidden` values.
+        unsafe { self.kernels.hc_pre_fused_f32(s, &call) }.map_err(kernel_err)
     }
 
     /// `streams = post * sub_out + comb^T streams` with the mix of the last [`Self::hc_pre`].
