@@ -81,7 +81,6 @@ struct StackLayer {
 /// on the context grow on demand).
 struct Scratch {
     streams: CudaSlice<f32>,
-    proj: CudaSlice<f32>,
     hc_work: CudaSlice<f32>,
     mix: CudaSlice<f32>,
     x: CudaSlice<f32>,
@@ -432,7 +431,6 @@ impl CudaBackend {
             .unwrap_or(0);
         let scratch = Scratch {
             streams: self.alloc_f32(rows * hc * h)?,
-            proj: self.alloc_f32(rows * outs)?,
             hc_work: self.alloc_f32(hc_mix_workspace_floats(rows, outs))?,
             mix: self.alloc_f32(rows * outs)?,
             x: self.alloc_f32(rows * h)?,
