@@ -620,10 +620,10 @@ fn engine_communicator(
     let Some(id) = group.nccl_unique_id.as_ref() else {
         bail!("rank 0 sent no NCCL id: every rank must run with the same --device");
     };
-    let ctx = dspark_kernels::open_gpu(gpu_ordinal(args)?)
+    let stream = dspark_server::backend::cuda::group_stream(gpu_ordinal(args)?)
         .map_err(|e| anyhow::anyhow!("cannot open the GPU for NCCL: {e}"))?;
     let comm = dspark_server::backend::cuda::nccl::NcclCommunicator::new(
-        ctx.default_stream(),
+        stream,
         group.rank,
         group.world_size,
         id,

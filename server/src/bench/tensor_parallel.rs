@@ -86,14 +86,9 @@ pub fn build(
         let Some(id) = nccl_id.as_ref() else {
             return Err("no communicator".into());
         };
-        let ctx = dspark_kernels::open_gpu(rank).map_err(|e| e.to_string())?;
-        let comm = crate::backend::cuda::nccl::NcclCommunicator::new(
-            ctx.default_stream(),
-            rank,
-            world,
-            id,
-        )
-        .map_err(|e| format!("cannot join the NCCL group: {e}"))?;
+        let stream = crate::backend::cuda::group_stream(rank).map_err(|e| e.to_string())?;
+        let comm = crate::backend::cuda::nccl::NcclCommunicator::new(stream, rank, world, id)
+            .map_err(|e| format!("cannot join the NCCL group: {e}"))?;
         Ok(Arc::new(comm))
     };
     let comm_for = Arc::new(comm_for);

@@ -9,8 +9,8 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use dspark_kernels::launch::layer_ops::{
     hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcPost, HcPreFused, RmsNormF32, RopeF32,
     RouteF32, RouterScoring,
@@ -116,8 +116,17 @@ pub struct CudaLayerStack {
     rope_main: CudaSlice<f32>,
     rope_compress: CudaSlice<f32>,
     scratch: Scratch,
-    /// GPU time per stage, where asked for (`DSPARK_STACK_PROFILE=1`).
+    /// GPU time per stage, where asked for (`DSPARK_STACK_PROFILE=1`; steps then run without
+    /// graphs).
     clock: Option<StageClock>,
+    /// Whether steps are captured and replayed as CUDA graphs (`DSPARK_CUDA_GRAPHS=0` or a
+    /// failed capture turns it off).
+    graphs_on: bool,
+    graphs: Vec<CapturedStep>,
+    /// Steps run, for least-recently-used eviction of graphs.
+    uses: u64,
+    /// The streams after each captured layer (copied inside the step, read after it).
+    captures: Vec<CudaSlice<f32>>,
     /// The step's packed metadata (row table, key starts, indexer counts).
     meta32: CudaSlice<i32>,
     meta64: CudaSlice<i64>,
@@ -165,6 +174,40 @@ impl StageClock {
     }
 }
 
+/// What identifies a captured step: its rows, its context bucket and the captured layers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct GraphKey {
+    rows: usize,
+    bucket: usize,
+    capture: Vec<usize>,
+}
+
+/// A captured step's executable graph.
+struct StepGraph(CudaGraph);
+
+// SAFETY: a graph is only launched (and dropped) through `&mut CudaLayerStack`, so never from two
+// threads at once, which is all CUDA asks of graph objects; its stream is Send + Sync.
+unsafe impl Send for StepGraph {}
+// SAFETY: as for Send: no `&StepGraph` method is reachable concurrently (every use needs the
+// stack mutably).
+unsafe impl Sync for StepGraph {}
+
+struct CapturedStep {
+    key: GraphKey,
+    graph: StepGraph,
+    last_use: u64,
+}
+
+/// One step's metadata pointers and launch shapes, as the layers need them.
+struct StepShape<'a> {
+    tables: &'a StepTables,
+    table: &'a RowTable,
+    key_classes: &'a [KeyClass],
+    index_classes: &'a [IndexerClass],
+    n: usize,
+    capture: &'a [usize],
+}
+
 /// Where one step's row table lies in the stack's metadata buffers (device pointers).
 struct StepTables {
     positions: u64,
@@ -197,25 +240,46 @@ struct IndexerClass {
     max_visible: usize,
 }
 
-/// The step's metadata as built on the host: i32 and i64 arrays packed back to back, uploaded
-/// in one copy each into the stack's persistent buffers.
-#[derive(Default)]
+/// Attention classes (mode, ratio) and indexer ratios a model may have (V4: sliding, HCA 128,
+/// CSA 4; and one indexer ratio).
+const MAX_KEY_CLASSES: usize = 8;
+const MAX_INDEX_CLASSES: usize = 4;
+/// Fixed element offsets of the step metadata, so a captured graph's pointers stay valid from
+/// step to step: positions, ids, block table starts and lengths, key starts per class, indexer
+/// visible / selected counts per class, then the block tables.
+const R: usize = STACK_MAX_ROWS;
+const META_POSITIONS: usize = 0;
+const META_IDS: usize = R;
+const META_BT_STARTS: usize = 2 * R;
+const META_BT_LENS: usize = 3 * R;
+const META_KEYS: usize = 4 * R;
+const META_INDEX: usize = META_KEYS + MAX_KEY_CLASSES * (R + 1);
+const META_TABLES: usize = META_INDEX + MAX_INDEX_CLASSES * 2 * R;
+/// Initial room for block tables (grown, and graphs dropped, when a step needs more).
+const META_TABLE_ROOM: usize = 1 << 20;
+/// Contexts are bucketed by powers of two from here: launch shapes (grids, splits, buffer sizes)
+/// come from the bucket, so one graph serves every step of a bucket.
+const MIN_CONTEXT_BUCKET: usize = 1024;
+/// Graphs kept (least recently used dropped first).
+const MAX_GRAPHS: usize = 48;
+
+/// The step's metadata as built on the host at the fixed offsets above, uploaded in one copy
+/// per array into the stack's persistent buffers.
 struct MetaBuilder {
     i32s: Vec<i32>,
     i64s: Vec<i64>,
 }
 
 impl MetaBuilder {
-    fn push32(&mut self, v: impl IntoIterator<Item = i32>) -> usize {
-        let at = self.i32s.len();
-        self.i32s.extend(v);
-        at
+    fn new() -> Self {
+        Self {
+            i32s: vec![0; META_TABLES],
+            i64s: vec![0; MAX_INDEX_CLASSES * R],
+        }
     }
 
-    fn push64(&mut self, v: impl IntoIterator<Item = i64>) -> usize {
-        let at = self.i64s.len();
-        self.i64s.extend(v);
-        at
+    fn put32(&mut self, at: usize, v: &[i32]) {
+        self.i32s[at..at + v.len()].copy_from_slice(v);
     }
 }
 
@@ -470,10 +534,14 @@ impl CudaBackend {
             clock: std::env::var("DSPARK_STACK_PROFILE")
                 .is_ok_and(|v| v == "1")
                 .then(StageClock::default),
-            meta32: self.alloc_i32(1 << 12)?,
+            graphs_on: std::env::var("DSPARK_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            graphs: Vec::new(),
+            uses: 0,
+            captures: Vec::new(),
+            meta32: self.alloc_i32(META_TABLES + META_TABLE_ROOM)?,
             meta64: self
                 .stream
-                .alloc_zeros::<i64>(1 << 10)
+                .alloc_zeros::<i64>(MAX_INDEX_CLASSES * R)
                 .map_err(driver_err("alloc"))?,
         };
         self.stream
@@ -482,19 +550,19 @@ impl CudaBackend {
         Ok(Some(stack))
     }
 
-    /// Packs the row table: positions, token ids, block table starts and lengths (rows of
-    /// one sequence share one table, packed once), then the tables. Returns element offsets.
-    fn pack_rows(meta: &mut MetaBuilder, rows: &StackRows<'_>) -> Result<[usize; 5], BackendError> {
+    /// Packs the row table: positions, token ids, block table starts and lengths (rows of one
+    /// sequence share one table, packed once after [`META_TABLES`]).
+    fn pack_rows(meta: &mut MetaBuilder, rows: &StackRows<'_>) -> Result<(), BackendError> {
         let positions: Vec<i32> = rows
             .positions
             .iter()
             .map(|&p| i32_of(p))
             .collect::<Result<_, _>>()?;
-        let ids = rows
+        let ids: Vec<i32> = rows
             .ids
             .iter()
-            .map(|&t| i32::try_from(t).unwrap_or(i32::MAX));
-        let mut tables: Vec<i32> = Vec::new();
+            .map(|&t| i32::try_from(t).unwrap_or(i32::MAX))
+            .collect();
         let mut starts = Vec::with_capacity(rows.ids.len());
         let mut lens = Vec::with_capacity(rows.ids.len());
         let mut last: Option<(*const u32, usize, usize)> = None;
@@ -503,58 +571,59 @@ impl CudaBackend {
             match last {
                 Some((p, l, at)) if (p, l) == key => starts.push(i32_of(at)?),
                 _ => {
-                    starts.push(i32_of(tables.len())?);
-                    last = Some((key.0, key.1, tables.len()));
+                    let at = meta.i32s.len() - META_TABLES;
+                    starts.push(i32_of(at)?);
+                    last = Some((key.0, key.1, at));
                     // Block ids are below the pool's block count, itself an i32-sized count
                     // (checked by the caller): the bit pattern is the u32 the kernels read.
-                    tables.extend(bt.iter().map(|&b| b as i32));
+                    meta.i32s.extend(bt.iter().map(|&b| b as i32));
                 }
             }
             lens.push(i32_of(bt.len())?);
         }
-        Ok([
-            meta.push32(positions),
-            meta.push32(ids),
-            meta.push32(tables),
-            meta.push32(starts),
-            meta.push32(lens),
-        ])
+        meta.put32(META_POSITIONS, &positions);
+        meta.put32(META_IDS, &ids);
+        meta.put32(META_BT_STARTS, &starts);
+        meta.put32(META_BT_LENS, &lens);
+        Ok(())
     }
 
-    /// Packs one key class's starts; returns `(offset, total, max_keys)`.
+    /// Packs key class `c`'s starts; returns its total and longest list.
+    #[allow(clippy::too_many_arguments)]
     fn pack_keys(
         meta: &mut MetaBuilder,
+        c: usize,
         positions: &[usize],
         window: usize,
         mode: KeyMode,
         ratio: usize,
         topk: usize,
-    ) -> Result<(usize, usize, usize), BackendError> {
+    ) -> Result<(usize, usize), BackendError> {
         let counts = key_counts(positions, window, ratio.max(1), mode, topk);
         let mut starts = Vec::with_capacity(counts.len() + 1);
         let mut at = 0usize;
         starts.push(0);
-        for &c in &counts {
-            at += c;
+        for &k in &counts {
+            at += k;
             starts.push(i32_of(at)?);
         }
-        let off = meta.push32(starts);
-        Ok((off, at, counts.iter().copied().max().unwrap_or(0)))
+        meta.put32(META_KEYS + c * (R + 1), &starts);
+        Ok((at, counts.iter().copied().max().unwrap_or(0)))
     }
 
-    /// Packs one indexer class: `(visible, selected, out_starts (i64), total, max_visible)`.
+    /// Packs indexer class `c`: visible and selected counts, score starts.
     fn pack_indexer(
         meta: &mut MetaBuilder,
+        c: usize,
         positions: &[usize],
         ratio: usize,
         topk: usize,
-    ) -> Result<(usize, usize, usize, usize, usize), BackendError> {
+    ) -> Result<(), BackendError> {
         let visible: Vec<usize> = positions.iter().map(|&p| (p + 1) / ratio).collect();
-        let mut out_starts = Vec::with_capacity(visible.len());
-        let mut total = 0usize;
-        for &v in &visible {
-            out_starts.push(total as i64);
-            total += v;
+        let mut total = 0i64;
+        for (r, &v) in visible.iter().enumerate() {
+            meta.i64s[c * R + r] = total;
+            total += v as i64;
         }
         let vis: Vec<i32> = visible
             .iter()
@@ -564,14 +633,9 @@ impl CudaBackend {
             .iter()
             .map(|&v| i32_of(v.min(topk)))
             .collect::<Result<_, _>>()?;
-        let max_visible = visible.iter().copied().max().unwrap_or(0);
-        Ok((
-            meta.push32(vis),
-            meta.push32(sel),
-            meta.push64(out_starts),
-            total,
-            max_visible,
-        ))
+        meta.put32(META_INDEX + c * 2 * R, &vis);
+        meta.put32(META_INDEX + c * 2 * R + R, &sel);
+        Ok(())
     }
 
     /// Sum over ranks of `len` floats of `buf`: NCCL on this stream when the communicator is
@@ -586,12 +650,8 @@ impl CudaBackend {
             return Ok(());
         }
         let comm_err = |e: crate::ranks::CommError| BackendError::Other(format!("all-reduce: {e}"));
-        if let Some(nccl) = comm.nccl() {
-            // Same queue: the same stream handle in the same (primary) context, however each
-            // side opened it.
-            if nccl.stream().cu_stream() == self.stream.cu_stream()
-                && nccl.stream().context().cu_ctx() == self.stream.context().cu_ctx()
-            {
+        if self.nccl_on_stream(comm) {
+            if let Some(nccl) = comm.nccl() {
                 return nccl
                     .all_reduce_sum_device(&mut buf.slice_mut(0..len))
                     .map_err(comm_err);
@@ -677,13 +737,15 @@ impl CudaBackend {
         if kv.len / g.floats_per_block.max(1) > i32::MAX as usize {
             return Err(shape_err("more pool blocks than i32 block ids".into()));
         }
-        let mut meta = MetaBuilder::default();
-        let row_at = Self::pack_rows(&mut meta, rows)?;
+        let max_pos = rows.positions.iter().copied().max().unwrap_or(0);
+        let bucket = (max_pos + 1).next_power_of_two().max(MIN_CONTEXT_BUCKET);
+        let mut meta = MetaBuilder::new();
+        Self::pack_rows(&mut meta, rows)?;
         let window = cfg.sliding_window;
-        // (mode, ratio, starts at, total, max) and (ratio, visible at, selected at, out_starts
-        // at, total, max) per class; pointers once the metadata is uploaded.
-        let mut key_at: Vec<(KeyMode, usize, usize, usize, usize)> = Vec::new();
-        let mut index_at: Vec<(usize, usize, usize, usize, usize, usize)> = Vec::new();
+        // Classes in layer order: (mode, ratio) of every attention kind, and every indexer
+        // ratio; counts packed at fixed offsets, launch shapes from the bucket.
+        let mut key_at: Vec<(KeyMode, usize)> = Vec::new();
+        let mut index_at: Vec<usize> = Vec::new();
         for l in 0..cfg.num_hidden_layers {
             let aw = &model.weights.layers[l].attn;
             let ratio = cfg.compress_ratio(l).unwrap_or(0);
@@ -692,74 +754,98 @@ impl CudaBackend {
                 (Some(_), None) => KeyMode::AllCompressed,
                 _ => KeyMode::Window,
             };
-            if !key_at.iter().any(|c| c.0 == mode && c.1 == ratio) {
-                let (at, total, max) = Self::pack_keys(
+            if !key_at.contains(&(mode, ratio)) {
+                if key_at.len() == MAX_KEY_CLASSES {
+                    return Err(shape_err(
+                        "more attention classes than the stack packs".into(),
+                    ));
+                }
+                Self::pack_keys(
                     &mut meta,
+                    key_at.len(),
                     &rows.positions,
                     window,
                     mode,
                     ratio,
                     cfg.index_topk,
                 )?;
-                key_at.push((mode, ratio, at, total, max));
+                key_at.push((mode, ratio));
             }
-            if mode == KeyMode::Selected && !index_at.iter().any(|c| c.0 == ratio) {
-                let (vis, sel, starts, total, max) =
-                    Self::pack_indexer(&mut meta, &rows.positions, ratio.max(1), cfg.index_topk)?;
-                index_at.push((ratio, vis, sel, starts, total, max));
+            if mode == KeyMode::Selected && !index_at.contains(&ratio) {
+                if index_at.len() == MAX_INDEX_CLASSES {
+                    return Err(shape_err("more indexer ratios than the stack packs".into()));
+                }
+                Self::pack_indexer(
+                    &mut meta,
+                    index_at.len(),
+                    &rows.positions,
+                    ratio.max(1),
+                    cfg.index_topk,
+                )?;
+                index_at.push(ratio);
             }
         }
         let s = self.stream.clone();
         if stack.meta32.len() < meta.i32s.len() {
-            stack.meta32 = self.alloc_i32(meta.i32s.len().next_power_of_two())?;
-        }
-        if stack.meta64.len() < meta.i64s.len().max(1) {
-            stack.meta64 = s
-                .alloc_zeros::<i64>(meta.i64s.len().next_power_of_two())
-                .map_err(driver_err("alloc"))?;
-        }
-        s.memcpy_htod(&meta.i32s, &mut stack.meta32.slice_mut(0..meta.i32s.len()))
-            .map_err(driver_err("copy to GPU"))?;
-        if !meta.i64s.is_empty() {
-            s.memcpy_htod(&meta.i64s, &mut stack.meta64.slice_mut(0..meta.i64s.len()))
-                .map_err(driver_err("copy to GPU"))?;
+            stack.meta32 = self.alloc_i32(
+                meta.i32s
+                    .len()
+                    .next_power_of_two()
+                    .max(META_TABLES + META_TABLE_ROOM),
+            )?;
+            stack.graphs.clear();
         }
         let m32 = ptr(&s, &stack.meta32);
         let m64 = ptr(&s, &stack.meta64);
         let at32 = |i: usize| m32 + (i * 4) as u64;
         let at64 = |i: usize| m64 + (i * 8) as u64;
         let tables = StepTables {
-            positions: at32(row_at[0]),
-            ids: at32(row_at[1]),
-            block_tables: at32(row_at[2]),
-            bt_starts: at32(row_at[3]),
-            bt_lens: at32(row_at[4]),
+            positions: at32(META_POSITIONS),
+            ids: at32(META_IDS),
+            block_tables: at32(META_TABLES),
+            bt_starts: at32(META_BT_STARTS),
+            bt_lens: at32(META_BT_LENS),
         };
         let key_classes: Vec<KeyClass> = key_at
             .iter()
-            .map(|&(mode, ratio, at, total, max_keys)| KeyClass {
-                mode,
-                ratio,
-                starts: at32(at),
-                total,
-                max_keys,
+            .enumerate()
+            .map(|(c, &(mode, ratio))| {
+                let compressed = match mode {
+                    KeyMode::Window => 0,
+                    KeyMode::AllCompressed => bucket / ratio.max(1),
+                    KeyMode::Selected => cfg.index_topk.min(bucket / ratio.max(1)),
+                };
+                let max_keys = window.min(bucket) + compressed;
+                KeyClass {
+                    mode,
+                    ratio,
+                    starts: at32(META_KEYS + c * (R + 1)),
+                    total: n * max_keys,
+                    max_keys,
+                }
             })
             .collect();
         let index_classes: Vec<IndexerClass> = index_at
             .iter()
-            .map(
-                |&(ratio, vis, sel, starts, total, max_visible)| IndexerClass {
+            .enumerate()
+            .map(|(c, &ratio)| {
+                let max_visible = bucket / ratio.max(1);
+                IndexerClass {
                     ratio,
-                    visible: at32(vis),
-                    out_starts: at64(starts),
-                    selected: at32(sel),
-                    total,
+                    visible: at32(META_INDEX + c * 2 * R),
+                    out_starts: at64(c * R),
+                    selected: at32(META_INDEX + c * 2 * R + R),
+                    total: n * max_visible,
                     max_visible,
-                },
-            )
+                }
+            })
             .collect();
-        let sc = &mut stack.scratch;
-        s.memcpy_htod(streams, &mut sc.streams.slice_mut(0..n * width))
+        self.size_scratch(stack, model, n, &key_classes, &index_classes, capture)?;
+        s.memcpy_htod(&meta.i32s, &mut stack.meta32.slice_mut(0..meta.i32s.len()))
+            .map_err(driver_err("copy to GPU"))?;
+        s.memcpy_htod(&meta.i64s, &mut stack.meta64.slice_mut(0..meta.i64s.len()))
+            .map_err(driver_err("copy to GPU"))?;
+        s.memcpy_htod(streams, &mut stack.scratch.streams.slice_mut(0..n * width))
             .map_err(driver_err("copy to GPU"))?;
         let table = RowTable {
             positions: tables.positions,
@@ -768,39 +854,95 @@ impl CudaBackend {
             block_tables: tables.block_tables,
             rows: n,
         };
-        let mut captured = Vec::new();
-        for l in 0..cfg.num_hidden_layers {
-            self.stack_attention(
-                stack,
-                model,
-                kv,
-                comm,
-                &tables,
-                &table,
-                &key_classes,
-                &index_classes,
-                l,
-                n,
-            )?;
-            self.stack_ffn(stack, model, comm, &tables, l, n)?;
-            if capture.contains(&l) {
-                let mut host = vec![0f32; n * width];
-                s.memcpy_dtoh(&stack.scratch.streams.slice(0..n * width), &mut host)
-                    .map_err(driver_err("copy from GPU"))?;
-                s.synchronize().map_err(driver_err("synchronize"))?;
+        let step = StepShape {
+            tables: &tables,
+            table: &table,
+            key_classes: &key_classes,
+            index_classes: &index_classes,
+            n,
+            capture,
+        };
+        let graphable = stack.graphs_on
+            && stack.clock.is_none()
+            && (comm.world_size() <= 1 || self.nccl_on_stream(comm));
+        if graphable {
+            let key = GraphKey {
+                rows: n,
+                bucket,
+                capture: capture.to_vec(),
+            };
+            stack.uses += 1;
+            let uses = stack.uses;
+            if let Some(g) = stack.graphs.iter_mut().find(|g| g.key == key) {
+                g.last_use = uses;
+                g.graph.0.launch().map_err(driver_err("launch graph"))?;
+            } else {
+                s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                    .map_err(driver_err("begin capture"))?;
+                let enqueued = self.enqueue_layers(stack, model, kv, comm, &step);
+                let ended = s.end_capture(CUgraphInstantiate_flags(0));
+                match (enqueued, ended) {
+                    (Ok(()), Ok(Some(graph))) => {
+                        graph.launch().map_err(driver_err("launch graph"))?;
+                        if stack.graphs.len() == MAX_GRAPHS {
+                            if let Some(oldest) = stack
+                                .graphs
+                                .iter()
+                                .enumerate()
+                                .min_by_key(|(_, g)| g.last_use)
+                                .map(|(i, _)| i)
+                            {
+                                stack.graphs.swap_remove(oldest);
+                            }
+                        }
+                        stack.graphs.push(CapturedStep {
+                            key,
+                            graph: StepGraph(graph),
+                            last_use: uses,
+                        });
+                        tracing::debug!(rows = n, bucket, "captured a layer-stack graph");
+                    }
+                    (enqueued, ended) => {
+                        // Nothing ran while capturing: run this step eagerly, and keep doing so.
+                        tracing::warn!(
+                            enqueue = ?enqueued.err(),
+                            capture = ?ended.err(),
+                            "CUDA graph capture of the layer stack failed; running it without \
+                             graphs"
+                        );
+                        stack.graphs_on = false;
+                        stack.graphs.clear();
+                        self.enqueue_layers(stack, model, kv, comm, &step)?;
+                    }
+                }
+            }
+        } else {
+            self.enqueue_layers(stack, model, kv, comm, &step)?;
+        }
+        self.stage(&mut stack.clock, "stack: end")?;
+        let mut captured = Vec::with_capacity(capture.len());
+        for (i, &l) in capture.iter().enumerate() {
+            let mut host = vec![0f32; n * width];
+            s.memcpy_dtoh(&stack.captures[i].slice(0..n * width), &mut host)
+                .map_err(driver_err("copy from GPU"))?;
+            captured.push((l, host));
+        }
+        s.memcpy_dtoh(&stack.scratch.streams.slice(0..n * width), streams)
+            .map_err(driver_err("copy from GPU"))?;
+        s.synchronize().map_err(driver_err("synchronize"))?;
+        // The draft's features: the mean of the residual streams after each captured layer.
+        let captured = captured
+            .into_iter()
+            .map(|(l, host)| {
                 let mean: Vec<f32> = host
                     .chunks(width)
                     .flat_map(|t| {
                         (0..h).map(move |c| (0..hc).map(|k| t[k * h + c]).sum::<f32>() / hc as f32)
                     })
                     .collect();
-                captured.push((l, mean));
-            }
-        }
-        self.stage(&mut stack.clock, "stack: end")?;
-        s.memcpy_dtoh(&stack.scratch.streams.slice(0..n * width), streams)
-            .map_err(driver_err("copy from GPU"))?;
-        s.synchronize().map_err(driver_err("synchronize"))?;
+                (l, mean)
+            })
+            .collect();
         if let Some(clock) = stack.clock.as_mut() {
             let stages = clock.drain()?;
             let mut totals = self.stage_times.lock().unwrap_or_else(|p| p.into_inner());
@@ -819,6 +961,107 @@ impl CudaBackend {
             }
         }
         Ok(captured)
+    }
+
+    /// Whether the communicator is NCCL enqueueing on this backend's stream (the same stream
+    /// handle in the same primary context, however each side opened it).
+    fn nccl_on_stream(&self, comm: &dyn Communicator) -> bool {
+        comm.nccl().is_some_and(|nccl| {
+            nccl.stream().cu_stream() == self.stream.cu_stream()
+                && nccl.stream().context().cu_ctx() == self.stream.context().cu_ctx()
+        })
+    }
+
+    /// Sizes the context-dependent scratch for this step's launch shapes before anything is
+    /// enqueued (a graph must not see a buffer move); a move drops the captured graphs.
+    fn size_scratch(
+        &self,
+        stack: &mut CudaLayerStack,
+        model: &StackModel<'_, CudaBackend>,
+        n: usize,
+        key_classes: &[KeyClass],
+        index_classes: &[IndexerClass],
+        capture: &[usize],
+    ) -> Result<(), BackendError> {
+        let cfg = model.cfg;
+        let hd = cfg.head_dim;
+        let heads = model
+            .weights
+            .layers
+            .first()
+            .map_or(0, |lw| lw.attn.wq_b.shape().0 / hd.max(1));
+        let scores = index_classes.iter().map(|c| c.total).max().unwrap_or(0);
+        let keys = key_classes.iter().map(|c| c.total).max().unwrap_or(0);
+        let work = key_classes
+            .iter()
+            .map(|c| {
+                let splits = attention_splits(c.max_keys, n, heads, self.kernels.multiprocessors());
+                attention_workspace_floats(n, heads, hd, splits)
+            })
+            .max()
+            .unwrap_or(0);
+        let sc = &mut stack.scratch;
+        let mut moved = false;
+        if sc.scores.len() < scores {
+            sc.scores = self.alloc_f32(scores.next_power_of_two())?;
+            moved = true;
+        }
+        if sc.key_offsets.len() < keys {
+            sc.key_offsets = self
+                .stream
+                .alloc_zeros::<i64>(keys.next_power_of_two())
+                .map_err(driver_err("alloc"))?;
+            moved = true;
+        }
+        if sc.attn_work.len() < work {
+            sc.attn_work = self.alloc_f32(work.next_power_of_two())?;
+            moved = true;
+        }
+        let width = cfg.hc_mult * cfg.hidden_size;
+        while stack.captures.len() < capture.len() {
+            stack.captures.push(self.alloc_f32(R * width)?);
+        }
+        if moved {
+            stack.graphs.clear();
+        }
+        Ok(())
+    }
+
+    /// Enqueues every layer of the step (and the copies of captured layers' streams).
+    fn enqueue_layers(
+        &self,
+        stack: &mut CudaLayerStack,
+        model: &StackModel<'_, CudaBackend>,
+        kv: &mut CudaKvStore,
+        comm: &dyn Communicator,
+        step: &StepShape<'_>,
+    ) -> Result<(), BackendError> {
+        let cfg = model.cfg;
+        let n = step.n;
+        let width = cfg.hc_mult * cfg.hidden_size;
+        for l in 0..cfg.num_hidden_layers {
+            self.stack_attention(
+                stack,
+                model,
+                kv,
+                comm,
+                step.tables,
+                step.table,
+                step.key_classes,
+                step.index_classes,
+                l,
+                n,
+            )?;
+            self.stack_ffn(stack, model, comm, step.tables, l, n)?;
+            if let Some(i) = step.capture.iter().position(|&c| c == l) {
+                let src = stack.scratch.streams.slice(0..n * width);
+                let mut dst = stack.captures[i].slice_mut(0..n * width);
+                self.stream
+                    .memcpy_dtod(&src, &mut dst)
+                    .map_err(driver_err("copy on GPU"))?;
+            }
+        }
+        Ok(())
     }
 
     /// Collapses the streams at a hyper-connection site and norms the sub-layer input into

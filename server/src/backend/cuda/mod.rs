@@ -227,9 +227,15 @@ impl CudaBackend {
     }
 
     /// Opens GPU `ordinal` and loads the kernels (prebuilt cubins, the on-disk cache, or NVRTC).
+    /// The backend works on the GPU's [`group_stream`] when one was made for a collective
+    /// communicator, else on a stream of its own (a real stream, not the legacy default one, so
+    /// the layer stack can be captured as CUDA graphs).
     pub fn open(ordinal: usize) -> Result<Self, BackendError> {
-        let ctx = dspark_kernels::open_gpu(ordinal).map_err(kernel_err)?;
-        Self::on_stream(ctx.default_stream())
+        let stream = match registered_stream(ordinal) {
+            Some(s) => s,
+            None => new_stream(ordinal)?,
+        };
+        Self::on_stream(stream)
     }
 
     /// A backend on an existing stream (shared with the NCCL communicator, so collectives and
@@ -1060,6 +1066,46 @@ fn route_table(
         }
     }
     Ok((ids, weights, topk))
+}
+
+/// `(GPU ordinal, stream)` pairs.
+type StreamsByGpu = Mutex<Vec<(usize, Arc<CudaStream>)>>;
+
+/// Streams shared by a GPU's backend and its NCCL communicator.
+static GROUP_STREAMS: std::sync::OnceLock<StreamsByGpu> = std::sync::OnceLock::new();
+
+fn registered_stream(ordinal: usize) -> Option<Arc<CudaStream>> {
+    let streams = GROUP_STREAMS.get()?;
+    let streams = streams.lock().unwrap_or_else(|p| p.into_inner());
+    streams
+        .iter()
+        .find(|(o, _)| *o == ordinal)
+        .map(|(_, s)| s.clone())
+}
+
+/// A new stream on GPU `ordinal`, in a context handle whose buffers do not track their uses
+/// with events: everything of a backend runs on its one stream in order, so the events would
+/// only cost time (and they cannot be recorded inside a graph capture).
+fn new_stream(ordinal: usize) -> Result<Arc<CudaStream>, BackendError> {
+    let ctx = dspark_kernels::open_gpu(ordinal).map_err(kernel_err)?;
+    // SAFETY: no buffer exists yet on this context handle; every buffer later made through the
+    // stream below is used only on that stream (the backend's and, sharing it, NCCL's).
+    unsafe { ctx.disable_event_tracking() };
+    ctx.new_stream().map_err(driver_err("create stream"))
+}
+
+/// The stream that GPU `ordinal`'s backend and collective communicator share (made on first
+/// use): NCCL's collectives then sit in the backend's queue, in order with its kernels and
+/// inside its CUDA graphs. Make the communicator on it before opening the backend.
+pub fn group_stream(ordinal: usize) -> Result<Arc<CudaStream>, BackendError> {
+    let streams = GROUP_STREAMS.get_or_init(|| Mutex::new(Vec::new()));
+    let mut streams = streams.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, s)) = streams.iter().find(|(o, _)| *o == ordinal) {
+        return Ok(s.clone());
+    }
+    let s = new_stream(ordinal)?;
+    streams.push((ordinal, s.clone()));
+    Ok(s)
 }
 
 /// Whether a CUDA driver and at least one GPU can be used here.
