@@ -103,6 +103,10 @@ struct Scratch {
     route_weights: CudaSlice<f32>,
     expert_h: CudaSlice<f32>,
     expert_partial: CudaSlice<f32>,
+    shared_gate: CudaSlice<f32>,
+    shared_up: CudaSlice<f32>,
+    shared_act: CudaSlice<f32>,
+    shared_down: CudaSlice<f32>,
     sel_idx: CudaSlice<i32>,
     sel_val: CudaSlice<f32>,
     scores: CudaSlice<f32>,
@@ -493,6 +497,14 @@ impl CudaBackend {
             })
             .max()
             .unwrap_or(0);
+        let shared_inter = model
+            .weights
+            .layers
+            .iter()
+            .map(|lw| lw.moe.shared.w1.shape().0)
+            .max()
+            .unwrap_or(0)
+            .max(1);
         let scratch = Scratch {
             streams: self.alloc_f32(rows * hc * h)?,
             hc_work: self.alloc_f32(hc_mix_workspace_floats(rows, outs))?,
@@ -517,6 +529,10 @@ impl CudaBackend {
             route_weights: self.alloc_f32(rows * topk)?,
             expert_h: self.alloc_f32(rows * topk * inter.max(1))?,
             expert_partial: self.alloc_f32(rows * topk * h)?,
+            shared_gate: self.alloc_f32(rows * shared_inter)?,
+            shared_up: self.alloc_f32(rows * shared_inter)?,
+            shared_act: self.alloc_f32(rows * shared_inter)?,
+            shared_down: self.alloc_f32(rows * h)?,
             sel_idx: self.alloc_i32(rows * cfg.index_topk.max(1))?,
             sel_val: self.alloc_f32(rows * cfg.index_topk.max(1))?,
             scores: self.alloc_f32(1 << 16)?,
@@ -684,7 +700,14 @@ impl CudaBackend {
                 "projection [{rows}, {cols}] of {n} rows does not fit its buffers"
             )));
         }
-        self.linear_on(&x.slice(0..n * cols), n, w, &mut y.slice_mut(0..n * rows))
+        // FP8 weights stay packed (GEMV in 16-row chunks): widening would allocate.
+        self.linear_on_with(
+            &x.slice(0..n * cols),
+            n,
+            w,
+            &mut y.slice_mut(0..n * rows),
+            false,
+        )
     }
 
     /// The layer stack over one step (see [`crate::backend::Backend::run_layer_stack`]).
@@ -1748,10 +1771,26 @@ impl CudaBackend {
             _ => return Err(shape_err(format!("layer {l}: no device experts"))),
         }
         self.stage(&mut stack.clock, "stack: shared expert")?;
-        let shared = [&mw.shared.w1, &mw.shared.w3, &mw.shared.w2];
-        let x = sc.x.slice(0..n * h);
-        let mut acc = sc.sub_out.slice_mut(0..n * h);
-        self.add_swiglu_on(&x, n, shared, cfg.swiglu_limit, &mut acc)?;
+        // The shared expert through the scratch (no allocation inside a captured step).
+        let sh = &mw.shared;
+        let inter = sh.w1.shape().0;
+        self.stack_linear(&sc.x, n, &sh.w1, &mut sc.shared_gate)?;
+        self.stack_linear(&sc.x, n, &sh.w3, &mut sc.shared_up)?;
+        let (g, u, a) = (
+            ptr(s, &sc.shared_gate),
+            ptr(s, &sc.shared_up),
+            ptr_mut(s, &mut sc.shared_act),
+        );
+        // SAFETY: gate, up and act hold n rows of the shared expert's inter size.
+        unsafe {
+            self.kernels
+                .swiglu_clip(s, g, u, a, n * inter, cfg.swiglu_limit)
+        }
+        .map_err(kernel_err)?;
+        self.stack_linear(&sc.shared_act, n, &sh.w2, &mut sc.shared_down)?;
+        let (acc, down) = (ptr_mut(s, &mut sc.sub_out), ptr(s, &sc.shared_down));
+        // SAFETY: sub_out and shared_down both hold n rows of hidden.
+        unsafe { self.kernels.add_into(s, acc, down, n * h) }.map_err(kernel_err)?;
         self.stage(&mut stack.clock, "stack: all-reduce")?;
         self.stack_all_reduce(comm, &mut sc.sub_out, n * h)?;
         self.stage(&mut stack.clock, "stack: hyper-connections")?;

@@ -345,8 +345,9 @@ impl CudaBackend {
         rows: usize,
         cols: usize,
         y: &mut Y,
+        widen: bool,
     ) -> Result<(), BackendError> {
-        if n >= FP8_WIDEN_MIN_ROWS {
+        if widen {
             // Many rows (prefill): widen the weight once and run one SGEMM instead of a GEMV
             // launch per 16 rows, each re-reading the whole weight.
             // SAFETY: uninitialised f32 storage, fully written by the dequantize kernel below
@@ -500,6 +501,19 @@ impl CudaBackend {
         w: &CudaMatrix,
         y: &mut Y,
     ) -> Result<(), BackendError> {
+        self.linear_on_with(x, n, w, y, n >= FP8_WIDEN_MIN_ROWS)
+    }
+
+    /// [`Self::linear_on`], saying whether an FP8 weight may be widened for one SGEMM (which
+    /// allocates: not inside a graph capture).
+    fn linear_on_with<X: DevicePtr<f32>, Y: DevicePtrMut<f32>>(
+        &self,
+        x: &X,
+        n: usize,
+        w: &CudaMatrix,
+        y: &mut Y,
+        widen_fp8: bool,
+    ) -> Result<(), BackendError> {
         match w {
             CudaMatrix::Dense { w, rows, cols } => self.sgemm(x, n, w, *rows, *cols, y),
             CudaMatrix::Fp8 {
@@ -507,7 +521,7 @@ impl CudaBackend {
                 scales,
                 rows,
                 cols,
-            } => self.fp8_linear(x, n, w, scales, *rows, *cols, y),
+            } => self.fp8_linear(x, n, w, scales, *rows, *cols, y, widen_fp8),
             CudaMatrix::Fp4 { .. } => Err(BackendError::Other(
                 "an FP4 matrix is only used inside a routed expert".into(),
             )),
@@ -942,9 +956,16 @@ impl Backend for CudaBackend {
             let mut yk = y.slice_mut(offsets[k]..offsets[k + 1]);
             match w {
                 CudaMatrix::Dense { w, .. } => self.sgemm(xd, n, w, rows, cols, &mut yk)?,
-                CudaMatrix::Fp8 { w, scales, .. } => {
-                    self.fp8_linear(xd, n, w, scales, rows, cols, &mut yk)?
-                }
+                CudaMatrix::Fp8 { w, scales, .. } => self.fp8_linear(
+                    xd,
+                    n,
+                    w,
+                    scales,
+                    rows,
+                    cols,
+                    &mut yk,
+                    n >= FP8_WIDEN_MIN_ROWS,
+                )?,
                 CudaMatrix::Fp4 { .. } => {}
             }
         }
