@@ -5,6 +5,12 @@
 // row stride K); out [M, N] (f32 or bf16, row stride N). Requires K % 16 == 0, 16-byte aligned W
 // rows (K % 16 == 0 gives that) and x rows, M <= MT.
 //
+// Grouped form (DeepSeek-V4's wo_a: o_groups matrices [group_rows, K] stacked into one W, scales
+// stacked likewise): row n reads x row m at x + m * ld_x + (n / group_rows) * x_group_stride, and
+// writes out[m * ld_out + n], so every group's result lands concatenated in one launch.
+// group_rows is a multiple of 128 (a scale tile never spans two groups) and even (both rows of a
+// warp's pair are in one group).
+//
 // Work split: a block is 8 warps; a warp owns a PAIR of rows (so every activation load feeds two
 // rows) and `ksplit` warps share one pair along K (so small-N matrices still fill 132 SMs). Each
 // lane reads 16 weight bytes per step; 16 | 128 so a 16-byte chunk has exactly one scale.
@@ -12,8 +18,9 @@
 #define FP8_WARPS 8
 
 template <int MT> struct XLoadBf16 {
-    __device__ static __forceinline__ void load(const void *x, int K, int m, int c, float (&xf)[16]) {
-        const uint4 *p = reinterpret_cast<const uint4 *>(reinterpret_cast<const unsigned short *>(x) + (long)m * K + c * 16);
+    typedef unsigned short T;
+    __device__ static __forceinline__ void load(const void *x, long ld, int m, int c, float (&xf)[16]) {
+        const uint4 *p = reinterpret_cast<const uint4 *>(reinterpret_cast<const unsigned short *>(x) + (long)m * ld + c * 16);
         uint4 a = __ldg(p), b = __ldg(p + 1);
         xf[0] = dsk_bf16lo(a.x); xf[1] = dsk_bf16hi(a.x); xf[2] = dsk_bf16lo(a.y); xf[3] = dsk_bf16hi(a.y);
         xf[4] = dsk_bf16lo(a.z); xf[5] = dsk_bf16hi(a.z); xf[6] = dsk_bf16lo(a.w); xf[7] = dsk_bf16hi(a.w);
@@ -23,8 +30,9 @@ template <int MT> struct XLoadBf16 {
 };
 
 template <int MT> struct XLoadF32 {
-    __device__ static __forceinline__ void load(const void *x, int K, int m, int c, float (&xf)[16]) {
-        const float4 *p = reinterpret_cast<const float4 *>(reinterpret_cast<const float *>(x) + (long)m * K + c * 16);
+    typedef float T;
+    __device__ static __forceinline__ void load(const void *x, long ld, int m, int c, float (&xf)[16]) {
+        const float4 *p = reinterpret_cast<const float4 *>(reinterpret_cast<const float *>(x) + (long)m * ld + c * 16);
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             float4 v = __ldg(p + q);
@@ -42,17 +50,23 @@ __device__ __forceinline__ void fp8_decode16(uint4 w, float (&f)[16]) {
     }
 }
 
-template <int MT, template <int> class XL>
+// GROUPED = false is the plain GEMV (the group arguments are ignored: x row stride K, out row
+// stride N); the per-element arithmetic is the same either way.
+template <int MT, template <int> class XL, bool GROUPED>
 __device__ __forceinline__ void fp8_gemv_body(const unsigned char *__restrict__ W,
                                               const unsigned char *__restrict__ S,
                                               const void *__restrict__ x, void *__restrict__ out,
-                                              int out_bf16, int M, int N, int K, int ksplit) {
+                                              int out_bf16, int M, int N, int K, int ksplit,
+                                              int group_rows, long x_group_stride, long ld_x,
+                                              long ld_out) {
     __shared__ float red[FP8_WARPS][2][MT];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int pairs_per_block = FP8_WARPS / ksplit;
     const int pair = warp / ksplit, kpart = warp % ksplit;
     const int r0 = (blockIdx.x * pairs_per_block + pair) * 2;
     const int r0c = min(r0, N - 1), r1c = min(r0 + 1, N - 1);
+    const long ldx = GROUPED ? ld_x : (long)K, ldo = GROUPED ? ld_out : (long)N;
+    if (GROUPED) x = reinterpret_cast<const typename XL<MT>::T *>(x) + (long)(r0c / group_rows) * x_group_stride;
     const int C = K >> 4, KB = (K + 127) >> 7;
     const unsigned char *w0 = W + (long)r0c * K, *w1 = W + (long)r1c * K;
     const unsigned char *s0 = S + (long)(r0c >> 7) * KB, *s1 = S + (long)(r1c >> 7) * KB;
@@ -72,7 +86,7 @@ __device__ __forceinline__ void fp8_gemv_body(const unsigned char *__restrict__ 
         for (int m = 0; m < MT; ++m) {
             if (m < M) {
                 float xf[16];
-                XL<MT>::load(x, K, m, c, xf);
+                XL<MT>::load(x, ldx, m, c, xf);
                 float p0 = 0.f, p1 = 0.f;
 #pragma unroll
                 for (int j = 0; j < 16; ++j) { p0 = fmaf(f0[j], xf[j], p0); p1 = fmaf(f1[j], xf[j], p1); }
@@ -95,8 +109,8 @@ __device__ __forceinline__ void fp8_gemv_body(const unsigned char *__restrict__ 
         if (m < M && row < N) {
             float v = 0.f;
             for (int s = 0; s < ksplit; ++s) v += red[warp + s][rr][m];
-            if (out_bf16) reinterpret_cast<unsigned short *>(out)[(long)m * N + row] = dsk_f32_to_bf16(v);
-            else reinterpret_cast<float *>(out)[(long)m * N + row] = v;
+            if (out_bf16) reinterpret_cast<unsigned short *>(out)[(long)m * ldo + row] = dsk_f32_to_bf16(v);
+            else reinterpret_cast<float *>(out)[(long)m * ldo + row] = v;
         }
     }
 }
@@ -106,7 +120,7 @@ __device__ __forceinline__ void fp8_gemv_body(const unsigned char *__restrict__ 
         const unsigned char *__restrict__ W, const unsigned char *__restrict__ S,                     \
         const void *__restrict__ x, void *__restrict__ out, int out_bf16, int M, int N, int K,       \
         int ksplit) {                                                                                 \
-        fp8_gemv_body<MT, XL>(W, S, x, out, out_bf16, M, N, K, ksplit);                               \
+        fp8_gemv_body<MT, XL, false>(W, S, x, out, out_bf16, M, N, K, ksplit, N, 0, K, N);            \
     }
 
 FP8_GEMV_INST(dsk_fp8_gemv_xbf16_m1, 1, XLoadBf16)
@@ -119,6 +133,22 @@ FP8_GEMV_INST(dsk_fp8_gemv_xf32_m2, 2, XLoadF32)
 FP8_GEMV_INST(dsk_fp8_gemv_xf32_m4, 4, XLoadF32)
 FP8_GEMV_INST(dsk_fp8_gemv_xf32_m8, 8, XLoadF32)
 FP8_GEMV_INST(dsk_fp8_gemv_xf32_m16, 16, XLoadF32)
+
+// Grouped form, f32 activations and f32 output.
+#define FP8_GEMV_GROUPED_INST(NAME, MT)                                                               \
+    extern "C" __global__ void __launch_bounds__(256) NAME(                                          \
+        const unsigned char *__restrict__ W, const unsigned char *__restrict__ S,                     \
+        const float *__restrict__ x, float *__restrict__ out, int M, int N, int K, int ksplit,       \
+        int group_rows, long x_group_stride, long ld_x, long ld_out) {                                \
+        fp8_gemv_body<MT, XLoadF32, true>(W, S, x, out, 0, M, N, K, ksplit, group_rows,               \
+                                          x_group_stride, ld_x, ld_out);                              \
+    }
+
+FP8_GEMV_GROUPED_INST(dsk_fp8_gemv_grouped_xf32_m1, 1)
+FP8_GEMV_GROUPED_INST(dsk_fp8_gemv_grouped_xf32_m2, 2)
+FP8_GEMV_GROUPED_INST(dsk_fp8_gemv_grouped_xf32_m4, 4)
+FP8_GEMV_GROUPED_INST(dsk_fp8_gemv_grouped_xf32_m8, 8)
+FP8_GEMV_GROUPED_INST(dsk_fp8_gemv_grouped_xf32_m16, 16)
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core variant for bf16 activations (mma.sync m16n8k16, f16 in, f32 accumulate): for more

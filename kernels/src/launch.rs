@@ -104,6 +104,35 @@ pub struct Fp8Gemv {
     pub k: usize,
 }
 
+/// Grouped FP8 GEMV (DeepSeek-V4's wo_a in one launch): `n / group_rows` matrices
+/// [group_rows, k] stacked into one e4m3 W [n, k] (E8M0 scales [n/128, ceil(k/128)], the groups'
+/// scale grids stacked), group g reading its own k inputs of each token:
+/// out[m * ld_out + r] = sum_j x[m * ld_x + (r / group_rows) * x_group_stride + j] * W[r, j].
+/// f32 activations and output; same arithmetic as the CUDA-core `Fp8Gemv` kernel.
+#[derive(Clone, Copy, Debug)]
+pub struct Fp8GroupedGemv {
+    pub weight: CUdeviceptr,
+    pub scale: CUdeviceptr,
+    /// f32, row m of group g at `x + m * ld_x + g * x_group_stride` (elements).
+    pub x: CUdeviceptr,
+    /// f32 [m, ld_out]; columns 0..n written.
+    pub out: CUdeviceptr,
+    /// Rows of x (tokens), 1..=16.
+    pub m: usize,
+    /// Output features of all groups together (rows of W).
+    pub n: usize,
+    /// Input features per group; multiple of 16.
+    pub k: usize,
+    /// Rows of one group: divides n, multiple of 128.
+    pub group_rows: usize,
+    /// Elements between the inputs of consecutive groups (multiple of 4).
+    pub x_group_stride: usize,
+    /// Elements between tokens in x (multiple of 4).
+    pub ld_x: usize,
+    /// Elements between tokens in out (>= n).
+    pub ld_out: usize,
+}
+
 /// Routed experts, FP4 weights in the checkpoint layout for ALL `experts` experts of a layer:
 /// w1/w3 [experts, inter, hidden/2] + scales [experts, inter, hidden/32]; w2 [experts, hidden,
 /// inter/2] + scales [experts, hidden, inter/32].
@@ -276,6 +305,98 @@ pub fn check_fp8_gemv(a: &Fp8Gemv) -> Result<(), KernelError> {
     aligned16(K, &[("weight", a.weight), ("x", a.x)])
 }
 
+/// Launch-time checks of a grouped FP8 GEMV (testable without a GPU).
+pub fn check_fp8_grouped_gemv(a: &Fp8GroupedGemv) -> Result<(), KernelError> {
+    const K: &str = "fp8_gemv_grouped";
+    if a.m == 0 || a.m > FP8_GEMV_MAX_M {
+        return Err(KernelError::invalid(
+            K,
+            format!("m = {} must be in 1..={FP8_GEMV_MAX_M}", a.m),
+        ));
+    }
+    if a.n == 0 || a.k == 0 || !a.k.is_multiple_of(16) {
+        return Err(KernelError::invalid(
+            K,
+            format!(
+                "n = {}, k = {}: need n > 0 and k a positive multiple of 16",
+                a.n, a.k
+            ),
+        ));
+    }
+    // A 128-row scale tile must not span two groups, and a warp's row pair must share one.
+    if a.group_rows == 0 || !a.group_rows.is_multiple_of(128) || !a.n.is_multiple_of(a.group_rows) {
+        return Err(KernelError::invalid(
+            K,
+            format!(
+                "group_rows = {} must be a positive multiple of 128 dividing n = {}",
+                a.group_rows, a.n
+            ),
+        ));
+    }
+    // x rows are read 16 bytes at a time.
+    if !a.ld_x.is_multiple_of(4) || !a.x_group_stride.is_multiple_of(4) {
+        return Err(KernelError::invalid(
+            K,
+            format!(
+                "ld_x = {}, x_group_stride = {} must be multiples of 4 (16-byte f32 loads)",
+                a.ld_x, a.x_group_stride
+            ),
+        ));
+    }
+    let groups = a.n / a.group_rows;
+    let x_span = (groups - 1)
+        .checked_mul(a.x_group_stride)
+        .and_then(|v| v.checked_add(a.k));
+    if x_span.is_none_or(|span| span > a.ld_x) {
+        return Err(KernelError::invalid(
+            K,
+            format!(
+                "{groups} groups x_group_stride = {} with k = {} overrun ld_x = {}",
+                a.x_group_stride, a.k, a.ld_x
+            ),
+        ));
+    }
+    if a.ld_out < a.n {
+        return Err(KernelError::invalid(
+            K,
+            format!("ld_out = {} < n = {}", a.ld_out, a.n),
+        ));
+    }
+    // The kernel indexes with 64-bit m * ld products and 32-bit shapes.
+    for (what, v) in [
+        ("m", a.m),
+        ("n", a.n),
+        ("k", a.k),
+        ("group_rows", a.group_rows),
+    ] {
+        i32_arg(K, what, v)?;
+    }
+    for (what, v) in [
+        ("x_group_stride", a.x_group_stride),
+        ("ld_x", a.ld_x),
+        ("ld_out", a.ld_out),
+    ] {
+        i64_arg(K, what, v)?;
+    }
+    if a.ld_x.checked_mul(a.m).is_none() || a.ld_out.checked_mul(a.m).is_none() {
+        return Err(KernelError::invalid(K, "m * ld overflows"));
+    }
+    nonnull(
+        K,
+        &[
+            ("weight", a.weight),
+            ("scale", a.scale),
+            ("x", a.x),
+            ("out", a.out),
+        ],
+    )?;
+    aligned16(K, &[("weight", a.weight), ("x", a.x)])?;
+    if !a.out.is_multiple_of(4) {
+        return Err(KernelError::invalid(K, "out must be 4-byte aligned (f32)"));
+    }
+    Ok(())
+}
+
 pub fn check_fp4_moe(e: &Fp4Experts, c: &Fp4MoeCall) -> Result<(), KernelError> {
     const K: &str = "fp4_moe";
     if e.hidden == 0 || e.inter == 0 || !e.hidden.is_multiple_of(32) || !e.inter.is_multiple_of(32)
@@ -433,6 +554,7 @@ pub struct Kernels {
     sms: usize,
     origins: Vec<(&'static str, ModuleOrigin)>,
     fp8_gemv: [[CudaFunction; 5]; 2],
+    fp8_gemv_grouped: [CudaFunction; 5],
     fp8_tc: [CudaFunction; 2],
     fp4_gate_up: CudaFunction,
     fp4_down: CudaFunction,
@@ -492,17 +614,22 @@ impl Kernels {
             m.load_function(name)
                 .map_err(KernelError::driver("cuModuleGetFunction"))
         };
-        let fp8_fns = |x: &str| -> Result<[CudaFunction; 5], KernelError> {
+        // One instantiation per token bucket: `{prefix}_m1` .. `{prefix}_m16`.
+        let fp8_fns = |prefix: &str| -> Result<[CudaFunction; 5], KernelError> {
             Ok([
-                f(&fp8, &format!("dsk_fp8_gemv_x{x}_m1"))?,
-                f(&fp8, &format!("dsk_fp8_gemv_x{x}_m2"))?,
-                f(&fp8, &format!("dsk_fp8_gemv_x{x}_m4"))?,
-                f(&fp8, &format!("dsk_fp8_gemv_x{x}_m8"))?,
-                f(&fp8, &format!("dsk_fp8_gemv_x{x}_m16"))?,
+                f(&fp8, &format!("{prefix}_m1"))?,
+                f(&fp8, &format!("{prefix}_m2"))?,
+                f(&fp8, &format!("{prefix}_m4"))?,
+                f(&fp8, &format!("{prefix}_m8"))?,
+                f(&fp8, &format!("{prefix}_m16"))?,
             ])
         };
         let kernels = Self {
-            fp8_gemv: [fp8_fns("bf16")?, fp8_fns("f32")?],
+            fp8_gemv: [
+                fp8_fns("dsk_fp8_gemv_xbf16")?,
+                fp8_fns("dsk_fp8_gemv_xf32")?,
+            ],
+            fp8_gemv_grouped: fp8_fns("dsk_fp8_gemv_grouped_xf32")?,
             fp8_tc: [
                 f(&fp8, "dsk_fp8_gemm_tc_xbf16_n8")?,
                 f(&fp8, "dsk_fp8_gemm_tc_xbf16_n16")?,
@@ -653,6 +780,79 @@ impl Kernels {
             .arg(&ks)
             .launch(cfg)
             .map_err(KernelError::driver("launch fp8_gemv"))?;
+        Ok(())
+    }
+
+    /// Grouped FP8 GEMV (see `Fp8GroupedGemv`) in one launch, K split across warps as the
+    /// plain CUDA-core kernel would split an [n, k] matrix (`fp8_ksplit`).
+    ///
+    /// # Safety
+    /// Every pointer must address device memory of this context holding the shapes in `a`.
+    pub unsafe fn fp8_gemv_grouped(
+        &self,
+        stream: &CudaStream,
+        a: &Fp8GroupedGemv,
+    ) -> Result<(), KernelError> {
+        self.fp8_gemv_grouped_ksplit(stream, a, fp8_ksplit(a.n, a.k, self.sms))
+    }
+
+    /// `fp8_gemv_grouped` with an explicit K split (1, 2, 4 or 8 warps per row pair): with
+    /// `fp8_ksplit(group_rows, k, sms)` every output is bit-identical to a plain `fp8_gemv` of
+    /// its group alone (checks, benchmarks).
+    ///
+    /// # Safety
+    /// As `fp8_gemv_grouped`.
+    pub unsafe fn fp8_gemv_grouped_ksplit(
+        &self,
+        stream: &CudaStream,
+        a: &Fp8GroupedGemv,
+        ksplit: usize,
+    ) -> Result<(), KernelError> {
+        const K: &str = "fp8_gemv_grouped";
+        check_fp8_grouped_gemv(a)?;
+        if !matches!(ksplit, 1 | 2 | 4 | 8) {
+            return Err(KernelError::invalid(
+                K,
+                format!("ksplit = {ksplit} must be 1, 2, 4 or 8"),
+            ));
+        }
+        let bucket = fp8_m_bucket(a.m).ok_or_else(|| KernelError::invalid(K, "m out of range"))?;
+        let mi = FP8_M_BUCKETS.iter().position(|&b| b == bucket).unwrap_or(0);
+        let func = &self.fp8_gemv_grouped[mi];
+        let blocks = a.n.div_ceil(2).div_ceil(FP8_WARPS / ksplit);
+        let (m, n, k, ks, group_rows) = (
+            i32_arg(K, "m", a.m)?,
+            i32_arg(K, "n", a.n)?,
+            i32_arg(K, "k", a.k)?,
+            i32_arg(K, "ksplit", ksplit)?,
+            i32_arg(K, "group_rows", a.group_rows)?,
+        );
+        let (x_group_stride, ld_x, ld_out) = (
+            i64_arg(K, "x_group_stride", a.x_group_stride)?,
+            i64_arg(K, "ld_x", a.ld_x)?,
+            i64_arg(K, "ld_out", a.ld_out)?,
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (u32_grid(K, blocks)?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .launch_builder(func)
+            .arg(&a.weight)
+            .arg(&a.scale)
+            .arg(&a.x)
+            .arg(&a.out)
+            .arg(&m)
+            .arg(&n)
+            .arg(&k)
+            .arg(&ks)
+            .arg(&group_rows)
+            .arg(&x_group_stride)
+            .arg(&ld_x)
+            .arg(&ld_out)
+            .launch(cfg)
+            .map_err(KernelError::driver("launch fp8_gemv_grouped"))?;
         Ok(())
     }
 
@@ -952,6 +1152,114 @@ mod tests {
         ));
         a.x = 0;
         assert!(check_fp8_gemv(&a).is_err());
+    }
+
+    fn grouped(m: usize) -> Fp8GroupedGemv {
+        // DeepSeek-V4-Flash wo_a: 8 groups of [1024, 4096], x = attention output [m, 64 * 512].
+        Fp8GroupedGemv {
+            weight: 256,
+            scale: 512,
+            x: 1024,
+            out: 2048,
+            m,
+            n: 8 * 1024,
+            k: 4096,
+            group_rows: 1024,
+            x_group_stride: 4096,
+            ld_x: 8 * 4096,
+            ld_out: 8 * 1024,
+        }
+    }
+
+    #[test]
+    fn fp8_grouped_checks() {
+        let ok = grouped(1);
+        assert!(check_fp8_grouped_gemv(&ok).is_ok());
+        assert!(check_fp8_grouped_gemv(&grouped(16)).is_ok());
+        // One group is the plain GEMV with strides.
+        assert!(check_fp8_grouped_gemv(&Fp8GroupedGemv {
+            n: 1024,
+            x_group_stride: 0,
+            ld_x: 4096,
+            ld_out: 1024,
+            ..ok
+        })
+        .is_ok());
+        // Every group may read the same inputs.
+        assert!(check_fp8_grouped_gemv(&Fp8GroupedGemv {
+            x_group_stride: 0,
+            ld_x: 4096,
+            ..ok
+        })
+        .is_ok());
+        let bad = [
+            grouped(0),
+            grouped(17),
+            Fp8GroupedGemv { k: 4008, ..ok },
+            Fp8GroupedGemv { k: 0, ..ok },
+            Fp8GroupedGemv { n: 0, ..ok },
+            Fp8GroupedGemv {
+                group_rows: 0,
+                ..ok
+            },
+            // Not a multiple of 128: a scale tile would span two groups.
+            Fp8GroupedGemv {
+                group_rows: 64,
+                ..ok
+            },
+            // Does not divide n.
+            Fp8GroupedGemv {
+                group_rows: 3 * 1024,
+                ..ok
+            },
+            // The last group's inputs run past the row.
+            Fp8GroupedGemv {
+                ld_x: 8 * 4096 - 4,
+                ..ok
+            },
+            Fp8GroupedGemv {
+                x_group_stride: 4100,
+                ..ok
+            },
+            Fp8GroupedGemv {
+                ld_out: 8 * 1024 - 1,
+                ..ok
+            },
+            // Misaligned f32 rows.
+            Fp8GroupedGemv {
+                ld_x: 8 * 4096 + 2,
+                ..ok
+            },
+            Fp8GroupedGemv {
+                x_group_stride: 4098,
+                ld_x: 8 * 4096 + 16,
+                ..ok
+            },
+            Fp8GroupedGemv { x: 1028, ..ok },
+            Fp8GroupedGemv { weight: 264, ..ok },
+            Fp8GroupedGemv { out: 2050, ..ok },
+            Fp8GroupedGemv { scale: 0, ..ok },
+            Fp8GroupedGemv { out: 0, ..ok },
+            // Overflowing stride arithmetic is an error, not a wrap.
+            Fp8GroupedGemv {
+                x_group_stride: usize::MAX / 4 * 4,
+                ..ok
+            },
+            Fp8GroupedGemv {
+                ld_x: usize::MAX / 4 * 4,
+                m: 16,
+                ..ok
+            },
+        ];
+        for a in bad {
+            assert!(
+                matches!(
+                    check_fp8_grouped_gemv(&a),
+                    Err(KernelError::InvalidLaunch { .. })
+                ),
+                "{a:?} accepted"
+            );
+        }
     }
 
     #[test]

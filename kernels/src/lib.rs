@@ -21,8 +21,8 @@ pub use launch::attention::{
     attention_splits, attention_workspace_floats, IndexerScores, KvRows, PagedAttention, TopKSelect,
 };
 pub use launch::{
-    ActDtype, Fp4Experts, Fp4MoeCall, Fp8Gemv, Fp8Path, Kernels, MoePath, OutDtype, RmsNorm, Rope,
-    TopK,
+    ActDtype, Fp4Experts, Fp4MoeCall, Fp8Gemv, Fp8GroupedGemv, Fp8Path, Kernels, MoePath, OutDtype,
+    RmsNorm, Rope, TopK,
 };
 pub use loader::{LoaderConfig, ModuleOrigin};
 
