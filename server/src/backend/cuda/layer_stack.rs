@@ -18,9 +18,10 @@ use dspark_kernels::launch::layer_ops::{
 use dspark_kernels::launch::paged::{
     key_counts, CompressParams, KeyMode, KeySelection, PoolSection, RowTable,
 };
+use dspark_kernels::launch::FP8_GEMV_MAX_M;
 use dspark_kernels::{
-    attention_splits, attention_workspace_floats, Fp4MoeCall, IndexerScores, OutDtype,
-    PagedAttention, TopKSelect,
+    attention_splits, attention_workspace_floats, Fp4MoeCall, Fp8GroupedGemv, IndexerScores,
+    OutDtype, PagedAttention, TopKSelect,
 };
 
 use super::{driver_err, kernel_err, CudaBackend, CudaExpertBank, CudaKvStore, CudaMatrix};
@@ -75,7 +76,13 @@ struct StackLayer {
     indexer: Option<CompressorParams>,
     routes: RouteTable,
     dense_experts: Option<DenseExperts>,
+    /// The output projection's FP8 groups stacked into one matrix `[groups * o_lora_rank,
+    /// group_in]` (weights, scales) for one grouped launch.
+    wo_a_stacked: Option<StackedFp8>,
 }
+
+/// FP8 weights and their scale tiles, several matrices stacked along the rows.
+type StackedFp8 = (CudaSlice<u8>, CudaSlice<u8>);
 
 /// Device buffers of one step, sized for [`STACK_MAX_ROWS`] rows (the ones whose size depends
 /// on the context grow on demand).
@@ -390,6 +397,36 @@ impl CudaBackend {
         }))
     }
 
+    /// The output projection's groups stacked for [`Kernels::fp8_gemv_grouped`], when they are
+    /// all FP8 of one shape with whole scale tiles.
+    fn stack_wo_a(
+        &self,
+        groups: &[CudaMatrix],
+    ) -> Result<Option<StackedFp8>, BackendError> {
+        let mut parts = Vec::with_capacity(groups.len());
+        let mut shape = None;
+        for g in groups {
+            match g {
+                CudaMatrix::Fp8 {
+                    w,
+                    scales,
+                    rows,
+                    cols,
+                } if rows % 128 == 0 && shape.is_none_or(|s| s == (*rows, *cols)) => {
+                    shape = Some((*rows, *cols));
+                    parts.push((w, scales));
+                }
+                _ => return Ok(None),
+            }
+        }
+        if parts.is_empty() {
+            return Ok(None);
+        }
+        let weights: Vec<&CudaSlice<u8>> = parts.iter().map(|p| p.0).collect();
+        let scales: Vec<&CudaSlice<u8>> = parts.iter().map(|p| p.1).collect();
+        Ok(Some((self.concat(&weights)?, self.concat(&scales)?)))
+    }
+
     fn stack_layer(
         &self,
         lw: &LayerWeights<CudaBackend>,
@@ -427,7 +464,9 @@ impl CudaBackend {
                 norm: self.upload(&c.norm)?,
             })
         };
+        let wo_a_stacked = self.stack_wo_a(&aw.wo_a)?;
         Ok(Some(StackLayer {
+            wo_a_stacked,
             attn_norm: self.upload(&lw.attn_norm)?,
             ffn_norm: self.upload(&lw.ffn_norm)?,
             q_norm: self.upload(&aw.q_norm)?,
@@ -1620,7 +1659,39 @@ impl CudaBackend {
                 wg.shape()
             )));
         }
-        for (gi, wg) in aw.wo_a.iter().enumerate() {
+        if let Some((w, scales)) = &layer.wo_a_stacked {
+            // All groups in one launch per 16 rows: group g reads its heads at g * group_in.
+            let (wp, sp) = (ptr(s, w), ptr(s, scales));
+            let (xp, op) = (ptr(s, &sc.attn), ptr_mut(s, &mut sc.grouped));
+            let n_out = local_groups * orank;
+            let mut start = 0;
+            while start < n {
+                let m = (n - start).min(FP8_GEMV_MAX_M);
+                let call = Fp8GroupedGemv {
+                    weight: wp,
+                    scale: sp,
+                    x: xp + (start * heads * hd * 4) as u64,
+                    out: op + (start * n_out * 4) as u64,
+                    m,
+                    n: n_out,
+                    k: group_in,
+                    group_rows: orank,
+                    x_group_stride: group_in,
+                    ld_x: heads * hd,
+                    ld_out: n_out,
+                };
+                // SAFETY: the stacked weight is [n_out, group_in] FP8 with its tiles; attn holds
+                // n rows of heads * hd = local_groups * group_in, grouped n rows of n_out.
+                unsafe { self.kernels.fp8_gemv_grouped(s, &call) }.map_err(kernel_err)?;
+                start += m;
+            }
+        }
+        let per_group = if layer.wo_a_stacked.is_some() {
+            &aw.wo_a[..0]
+        } else {
+            &aw.wo_a[..]
+        };
+        for (gi, wg) in per_group.iter().enumerate() {
             if n == 1 {
                 // One row: the group's heads and its output slot are contiguous already.
                 let (rows, cols) = wg.shape();
