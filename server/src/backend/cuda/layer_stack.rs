@@ -399,10 +399,7 @@ impl CudaBackend {
 
     /// The output projection's groups stacked for [`Kernels::fp8_gemv_grouped`], when they are
     /// all FP8 of one shape with whole scale tiles.
-    fn stack_wo_a(
-        &self,
-        groups: &[CudaMatrix],
-    ) -> Result<Option<StackedFp8>, BackendError> {
+    fn stack_wo_a(&self, groups: &[CudaMatrix]) -> Result<Option<StackedFp8>, BackendError> {
         let mut parts = Vec::with_capacity(groups.len());
         let mut shape = None;
         for g in groups {
@@ -1219,7 +1216,9 @@ impl CudaBackend {
         let positions = tables.positions;
         let g = model.geometry;
         let lay = &g.layers[l];
-        let fpb = g.floats_per_block;
+        // The pool is layer-major: this layer's part of block b at start + b * lay.len.
+        let fpb = lay.len;
+        let start = kv.len / g.floats_per_block.max(1) * lay.base;
         let bs = g.block_size;
 
         self.stage(&mut stack.clock, "stack: hyper-connections")?;
@@ -1345,7 +1344,7 @@ impl CudaBackend {
                         fpb,
                         bs,
                         &PoolSection {
-                            base: lay.base + lay.window,
+                            base: start + lay.window,
                             stride: hd,
                             ratio: 1,
                         },
@@ -1371,7 +1370,7 @@ impl CudaBackend {
                         fpb,
                         bs,
                         &PoolSection {
-                            base: lay.base + lay.comp_in,
+                            base: start + lay.comp_in,
                             stride: 2 * lay.comp_width,
                             ratio: 1,
                         },
@@ -1387,12 +1386,12 @@ impl CudaBackend {
                             fpb,
                             bs,
                             &PoolSection {
-                                base: lay.base + lay.comp_in,
+                                base: start + lay.comp_in,
                                 stride: 2 * lay.comp_width,
                                 ratio: 1,
                             },
                             &PoolSection {
-                                base: lay.base + lay.comp_rows,
+                                base: start + lay.comp_rows,
                                 stride: hd,
                                 ratio,
                             },
@@ -1426,7 +1425,7 @@ impl CudaBackend {
                         fpb,
                         bs,
                         &PoolSection {
-                            base: lay.base + lay.idx_in,
+                            base: start + lay.idx_in,
                             stride: 2 * lay.idx_width,
                             ratio: 1,
                         },
@@ -1442,12 +1441,12 @@ impl CudaBackend {
                             fpb,
                             bs,
                             &PoolSection {
-                                base: lay.base + lay.idx_in,
+                                base: start + lay.idx_in,
                                 stride: 2 * lay.idx_width,
                                 ratio: 1,
                             },
                             &PoolSection {
-                                base: lay.base + lay.idx_rows,
+                                base: start + lay.idx_rows,
                                 stride: ihd,
                                 ratio,
                             },
@@ -1513,7 +1512,7 @@ impl CudaBackend {
                     max_visible: class.max_visible,
                     floats_per_block: fpb,
                     block_size: bs,
-                    base: lay.base + lay.idx_rows,
+                    base: start + lay.idx_rows,
                     ratio,
                     stride: ihd,
                     heads: idx_heads,
@@ -1566,20 +1565,20 @@ impl CudaBackend {
                     bs,
                     cfg.sliding_window,
                     &PoolSection {
-                        base: lay.base + lay.window,
+                        base: start + lay.window,
                         stride: hd,
                         ratio: 1,
                     },
                     // A sliding layer reads no compressed rows (and has no such section).
                     &if key_mode == KeyMode::Window {
                         PoolSection {
-                            base: lay.base + lay.window,
+                            base: start + lay.window,
                             stride: hd,
                             ratio: 1,
                         }
                     } else {
                         PoolSection {
-                            base: lay.base + lay.comp_rows,
+                            base: start + lay.comp_rows,
                             stride: hd,
                             ratio,
                         }

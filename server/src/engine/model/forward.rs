@@ -1048,21 +1048,32 @@ impl<B: Backend> ModelRunner for DeepseekV4<B> {
                 self.pool.num_blocks
             )));
         }
-        // Four distinct random blocks, cycled; written a few blocks per call to bound the
-        // host buffer. Values in [-1, 1), the scale of normed latent rows.
+        // Four distinct random blocks, cycled; written layer by layer (the pool is
+        // layer-major), a few blocks per call to bound the host buffer. Values in [-1, 1), the
+        // scale of normed latent rows.
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let patterns: Vec<Vec<f32>> = (0..4)
             .map(|_| (0..fpb).map(|_| rng.random_range(-1.0f32..1.0)).collect())
             .collect();
         let per_call = (256 << 20) / (fpb * 4).max(1);
         for (c, chunk) in blocks.chunks(per_call.max(1)).enumerate() {
-            let offsets: Vec<usize> = chunk.iter().map(|&b| b as usize * fpb).collect();
-            let rows: Vec<f32> = (0..chunk.len())
-                .flat_map(|i| patterns[(c + i) % patterns.len()].iter().copied())
-                .collect();
-            self.backend
-                .kv_write(&mut self.kv, &offsets, fpb, &rows)
-                .map_err(backend_err)?;
+            for (l, lay) in self.pool.geometry.layers.iter().enumerate() {
+                let start = self.pool.layer_start(l);
+                let offsets: Vec<usize> = chunk
+                    .iter()
+                    .map(|&b| start + b as usize * lay.len)
+                    .collect();
+                let rows: Vec<f32> = (0..chunk.len())
+                    .flat_map(|i| {
+                        patterns[(c + i) % patterns.len()][lay.base..lay.base + lay.len]
+                            .iter()
+                            .copied()
+                    })
+                    .collect();
+                self.backend
+                    .kv_write(&mut self.kv, &offsets, lay.len, &rows)
+                    .map_err(backend_err)?;
+            }
         }
         Ok(true)
     }

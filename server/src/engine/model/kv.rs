@@ -11,11 +11,17 @@
 //!
 //! and, per window completed inside it, the compressed row (and the indexer key row). So a
 //! sequence can continue from any position given only its block table.
+//!
+//! The pool is layer-major: layer `l`'s parts of all blocks lie together (`num_blocks *
+//! base_l + block * len_l`), so a scan of one layer's rows over a long context (the indexer's
+//! keys, an HCA layer's compressed rows) stays inside one region instead of striding over
+//! every layer of every block (at 1M tokens that was one GPU page per row read).
 
 use super::config::{AttentionKind, ModelConfig};
 use crate::backend::kv::RowAddressing;
 
-/// Offsets (in f32 values) of one layer's region inside a block.
+/// Offsets (in f32 values) of one layer's part of a block (`base` is where it would start in a
+/// block holding every layer; the pool itself is layer-major, see [`KvPool::layer_start`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LayerBlockLayout {
     pub kind: AttentionKind,
@@ -125,23 +131,29 @@ impl KvPool {
         self.geometry.floats_per_block * self.num_blocks
     }
 
+    /// Where `layer`'s parts of all blocks start (block `b`'s part at `+ b * len`).
+    #[inline]
+    pub fn layer_start(&self, layer: usize) -> usize {
+        self.num_blocks * self.geometry.layers[layer].base
+    }
+
     /// How the indexer key rows of `layer` are found through a block table.
     pub fn idx_rows_addressing(&self, layer: usize, ihd: usize) -> RowAddressing {
         let l = &self.geometry.layers[layer];
         RowAddressing {
-            floats_per_block: self.geometry.floats_per_block,
+            floats_per_block: l.len,
             block_size: self.geometry.block_size,
-            base: l.base + l.idx_rows,
+            base: self.layer_start(layer) + l.idx_rows,
             ratio: l.ratio,
             stride: ihd,
         }
     }
 
-    /// Index of the first value of `layer`'s region of the block holding `pos`.
+    /// Index of the first value of `layer`'s part of the block holding `pos`.
     #[inline]
     pub fn region(&self, block_table: &[u32], layer: usize, pos: usize) -> usize {
         let g = &self.geometry;
-        block_table[pos / g.block_size] as usize * g.floats_per_block + g.layers[layer].base
+        self.layer_start(layer) + block_table[pos / g.block_size] as usize * g.layers[layer].len
     }
 
     /// The latent window row of the token at `pos`.
