@@ -94,7 +94,14 @@ fn gemv_ref(w: &[u16], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
     out
 }
 
-fn run_gemv(g: &Gpu, w: &CudaSlice<u16>, x: &CudaSlice<f32>, m: usize, n: usize, k: usize) -> Vec<f32> {
+fn run_gemv(
+    g: &Gpu,
+    w: &CudaSlice<u16>,
+    x: &CudaSlice<f32>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
     let ob = g.up(&vec![f32::NAN; m * n]);
     let a = Bf16Gemv {
         weight: g.ptr(w),
@@ -178,7 +185,9 @@ fn bf16_widen_and_gather_are_exact() {
         let got = g.down(&db);
         let want: Vec<f32> = src.iter().map(|&h| bf16_to_f32(h)).collect();
         assert!(
-            got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
             "bf16_to_f32 len {len} not exact"
         );
     }

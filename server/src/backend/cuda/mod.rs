@@ -444,7 +444,8 @@ impl CudaBackend {
             let tile_rows = (BF16_WIDEN_TILE / cols.max(1)).clamp(1, rows);
             // SAFETY: uninitialised f32 storage; every tile is written by the widening kernel
             // before the SGEMM that reads it (same stream).
-            let mut wide = unsafe { s.alloc::<f32>(tile_rows * cols) }.map_err(driver_err("alloc"))?;
+            let mut wide =
+                unsafe { s.alloc::<f32>(tile_rows * cols) }.map_err(driver_err("alloc"))?;
             let (wp, _w) = w.device_ptr(s);
             let (xp, _x) = x.device_ptr(s);
             let (yp, _y) = y.device_ptr_mut(s);
@@ -912,14 +913,12 @@ impl Backend for CudaBackend {
         routes: &[Vec<(usize, f32)>],
         limit: f32,
     ) -> Result<Vec<f32>, BackendError> {
-        let shared_fits = shared
-            .iter()
-            .all(|m| {
-                matches!(
-                    m,
-                    CudaMatrix::Dense { .. } | CudaMatrix::Bf16 { .. } | CudaMatrix::Fp8 { .. }
-                )
-            });
+        let shared_fits = shared.iter().all(|m| {
+            matches!(
+                m,
+                CudaMatrix::Dense { .. } | CudaMatrix::Bf16 { .. } | CudaMatrix::Fp8 { .. }
+            )
+        });
         let (CudaExpertBank::Fp4(b), true) = (bank, shared_fits) else {
             return super::routed_plus_shared(self, bank, shared, x, n, routes, limit);
         };
