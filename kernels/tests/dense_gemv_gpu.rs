@@ -82,13 +82,16 @@ impl Rng {
 
 /// `out[m, n] = sum_k x[m, k] w[n, k]` in f64 (products of the exact widened weights).
 fn gemv_ref(w: &[u16], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
-    let wf: Vec<f64> = w.iter().map(|&h| f64::from(bf16_to_f32(h))).collect();
     let mut out = vec![0f64; m * n];
     for t in 0..m {
         let xr = &x[t * k..(t + 1) * k];
         for r in 0..n {
-            let wr = &wf[r * k..(r + 1) * k];
-            out[t * n + r] = wr.iter().zip(xr).map(|(&a, &b)| a * f64::from(b)).sum();
+            let wr = &w[r * k..(r + 1) * k];
+            out[t * n + r] = wr
+                .iter()
+                .zip(xr)
+                .map(|(&a, &b)| f64::from(bf16_to_f32(a)) * f64::from(b))
+                .sum();
         }
     }
     out

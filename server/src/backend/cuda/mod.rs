@@ -3,11 +3,11 @@
 //!
 //! Weights live on the GPU in their checkpoint encodings: FP8 e4m3 with 128x128 E8M0 tiles
 //! (`dspark-kernels` FP8 GEMV), FP4 e2m1 routed experts with E8M0 per 32 (the FP4 SwiGLU expert
-//! kernel), bf16 tensors as bf16 (the bf16 GEMV with f32 activations and accumulation: products
-//! exact, half the bytes of an f32 copy per decode step), and anything else as f32 through cuBLAS
-//! SGEMM with TF32 off, so dense projections match the CPU reference to f32 rounding. Activations arrive and
-//! leave as host f32 rows (the engine's attention, norms and RoPE still run on the host; see
-//! docs/PERFORMANCE.md).
+//! kernel), bf16 tensors as bf16 (the bf16 GEMV with f32 activations and accumulation: exact
+//! products, half the bytes of an f32 copy per decode step), and anything else as f32 through
+//! cuBLAS SGEMM with TF32 off, so dense projections match the CPU reference to f32 rounding.
+//! Activations arrive and leave as host f32 rows (the engine's attention, norms and RoPE still
+//! run on the host; see docs/PERFORMANCE.md).
 
 mod kv;
 mod layer_stack;
@@ -489,8 +489,9 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// `y[n, ldy] (first `rows` columns) = x[n, cols] W^T` for a row-major f32 `W [rows, cols]`,
-    /// on raw device pointers (SGEMM, column-major view as in [`Self::sgemm`], `ldc = ldy`).
+    /// `y = x W^T` on raw device pointers: x f32 `[n, cols]`, W f32 `[rows, cols]` row-major, y
+    /// the first `rows` columns of `n` rows of stride `ldy` (SGEMM in the column-major view of
+    /// [`Self::sgemm`] with `ldc = ldy`).
     ///
     /// # Safety
     /// `x` must hold `n * cols` f32, `w` `rows * cols`, and `y` `(n - 1) * ldy + rows` f32, all
