@@ -104,7 +104,7 @@ BF16_GEMV_INST(dsk_bf16_gemv_xf32_m16, 16)
 
 // dst[i] = f32(src[i]), i < len. 8 values per thread per step (16-byte load, two 16-byte stores);
 // the last len % 8 one by one. src and dst 16-byte aligned (checked at launch).
-extern "C" __global__ void __launch_bounds__(256) dsk_bf16_to_f32(
+extern "C" __global__ void __launch_bounds__(256) dsk_widen_bf16_f32(
     const unsigned short *__restrict__ src, float *__restrict__ dst, long len) {
     const long groups = len >> 3;
     const long stride = (long)gridDim.x * blockDim.x;

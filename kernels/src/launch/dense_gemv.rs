@@ -43,7 +43,7 @@ impl DenseGemvFns {
                 f("dsk_bf16_gemv_xf32_m8")?,
                 f("dsk_bf16_gemv_xf32_m16")?,
             ],
-            widen: f("dsk_bf16_to_f32")?,
+            widen: f("dsk_widen_bf16_f32")?,
             gather: f("dsk_gather_rows_bf16")?,
         })
     }
