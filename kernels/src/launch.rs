@@ -13,6 +13,7 @@ use crate::loader::{load_module, target_arch, LoaderConfig, ModuleOrigin};
 use crate::sources;
 
 pub mod attention;
+pub mod dense_gemv;
 pub mod elementwise;
 pub mod layer_ops;
 pub mod paged;
@@ -580,6 +581,7 @@ pub struct Kernels {
     fp8_dequant: CudaFunction,
     paged: paged::PagedFns,
     layer_ops: layer_ops::LayerOpsFns,
+    dense_gemv: dense_gemv::DenseGemvFns,
 }
 
 impl Kernels {
@@ -657,6 +659,7 @@ impl Kernels {
             add: f(&elementwise, "dsk_add_f32")?,
             paged: paged::PagedFns::load(&module(&sources::PAGED)?)?,
             layer_ops: layer_ops::LayerOpsFns::load(&module(&sources::LAYER_OPS)?)?,
+            dense_gemv: dense_gemv::DenseGemvFns::load(&module(&sources::DENSE_GEMV)?)?,
             ctx: ctx.clone(),
             arch,
             sms: usize::try_from(sms).unwrap_or(1).max(1),

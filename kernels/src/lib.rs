@@ -20,6 +20,7 @@ pub use error::KernelError;
 pub use launch::attention::{
     attention_splits, attention_workspace_floats, IndexerScores, KvRows, PagedAttention, TopKSelect,
 };
+pub use launch::dense_gemv::{Bf16Gemv, BF16_GEMV_MAX_M};
 pub use launch::{
     ActDtype, Fp4Experts, Fp4MoeCall, Fp8Gemv, Fp8GroupedGemv, Fp8Path, Kernels, MoePath, OutDtype,
     RmsNorm, Rope, TopK,

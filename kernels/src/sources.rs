@@ -57,7 +57,12 @@ pub const LAYER_OPS: KernelSource = KernelSource {
     body: include_str!("../layer_ops.cu"),
 };
 
-pub const ALL: [KernelSource; 10] = [
+pub const DENSE_GEMV: KernelSource = KernelSource {
+    name: "dense_gemv",
+    body: include_str!("../dense_gemv.cu"),
+};
+
+pub const ALL: [KernelSource; 11] = [
     FP8_GEMV,
     FP4_MOE,
     RMSNORM,
@@ -68,6 +73,7 @@ pub const ALL: [KernelSource; 10] = [
     ELEMENTWISE,
     PAGED,
     LAYER_OPS,
+    DENSE_GEMV,
 ];
 
 impl KernelSource {

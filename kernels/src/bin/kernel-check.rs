@@ -24,8 +24,8 @@ use dspark_kernels::formats::{bf16_to_f32, f32_to_bf16};
 use dspark_kernels::launch::{self, topk_workspace_bytes};
 use dspark_kernels::reference::{self, rel_err};
 use dspark_kernels::{
-    ActDtype, Fp4Experts, Fp4MoeCall, Fp8Gemv, Fp8Path, Kernels, LoaderConfig, MoePath, OutDtype,
-    RmsNorm, Rope, TopK,
+    ActDtype, Bf16Gemv, Fp4Experts, Fp4MoeCall, Fp8Gemv, Fp8Path, Kernels, LoaderConfig, MoePath,
+    OutDtype, RmsNorm, Rope, TopK,
 };
 
 // ---------------------------------------------------------------- thresholds (see docs/KERNELS.md)
@@ -467,6 +467,91 @@ fn fp8_bench(
         us,
         bytes,
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------- bf16 GEMV
+fn bf16_case(
+    gpu: &Gpu,
+    k: &Kernels,
+    rep: &mut Report,
+    rng: &mut Rng,
+    m: usize,
+    n: usize,
+    kd: usize,
+) -> Result<()> {
+    let w = rng.bf16s(n * kd, 1.0);
+    let x = rng.f32s(m * kd, 2.0);
+    let wb = gpu.upload(&bytes_of(&w))?;
+    let xb = gpu.upload(&bytes_of(&x))?;
+    let ob = gpu.alloc(m * n * 4)?;
+    gpu.poison(&ob)?;
+    let a = Bf16Gemv {
+        weight: wb.ptr,
+        x: xb.ptr,
+        out: ob.ptr,
+        m,
+        n,
+        k: kd,
+    };
+    // SAFETY: buffers sized for these shapes.
+    unsafe { k.bf16_gemv(&gpu.stream, &a) }?;
+    gpu.sync("bf16_gemv")?;
+    let out: Vec<f64> = f32s_of(&gpu.download(&ob)?)
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let mut r = vec![0f64; m * n];
+    for t in 0..m {
+        for row in 0..n {
+            r[t * n + row] = (0..kd)
+                .map(|j| f64::from(bf16_to_f32(w[row * kd + j])) * f64::from(x[t * kd + j]))
+                .sum();
+        }
+    }
+    rep.check(
+        "bf16_gemv",
+        format!("m{m} n{n} k{kd}"),
+        rel_err(&out, &r),
+        TOL_F32,
+    );
+    Ok(())
+}
+
+fn bf16_bench(
+    gpu: &Gpu,
+    k: &Kernels,
+    rep: &mut Report,
+    rng: &mut Rng,
+    label: &str,
+    m: usize,
+    n: usize,
+    kd: usize,
+    reps: usize,
+) -> Result<()> {
+    let wbytes = n * kd * 2;
+    let sets = (512usize << 20).div_ceil(wbytes).clamp(2, 64);
+    let w = bytes_of(&rng.bf16s(n * kd, 1.0));
+    let mut wset = Vec::new();
+    for _ in 0..sets {
+        wset.push(gpu.upload(&w)?);
+    }
+    let xb = gpu.upload(&bytes_of(&rng.f32s(m * kd, 2.0)))?;
+    let ob = gpu.alloc(m * n * 4)?;
+    let us = gpu.time(k, reps, |i| {
+        let a = Bf16Gemv {
+            weight: wset[i % sets].ptr,
+            x: xb.ptr,
+            out: ob.ptr,
+            m,
+            n,
+            k: kd,
+        };
+        // SAFETY: buffers sized for these shapes.
+        unsafe { k.bf16_gemv(&gpu.stream, &a) }.map_err(Into::into)
+    })?;
+    let bytes = (wbytes + m * kd * 4 + m * n * 4) as f64;
+    rep.timed("bf16_gemv", format!("{label} m{m} n{n} k{kd}"), us, bytes);
     Ok(())
 }
 
@@ -1051,6 +1136,11 @@ fn main() -> Result<()> {
         }
     }
 
+    // bf16 GEMV.
+    for &(m, n, kd) in &[(1, 1024, 4096), (16, 1001, 1024), (5, 37, 264), (3, 3, 32)] {
+        bf16_case(&gpu, &k, &mut rep, &mut rng, m, n, kd)?;
+    }
+
     // FP4 MoE.
     let (experts, hidden, inter) = if quick {
         (16, 512, 256)
@@ -1127,6 +1217,18 @@ fn main() -> Result<()> {
             for path in [Fp8Path::CudaCore, Fp8Path::TensorCore] {
                 fp8_bench(&gpu, &k, &mut rep, &mut rng, label, m, n, kd, reps, path)?;
             }
+        }
+        for &(label, m, n, kd) in &[
+            ("lm_head full", 1, 129_280, 4096),
+            ("lm_head full", 4, 129_280, 4096),
+            ("lm_head full", 16, 129_280, 4096),
+            ("lm_head TP2", 1, 64_640, 4096),
+            ("compressor wkv", 1, 1024, 4096),
+            ("compressor wkv", 16, 1024, 4096),
+            ("indexer compressor", 1, 512, 4096),
+            ("router gate", 1, 256, 4096),
+        ] {
+            bf16_bench(&gpu, &k, &mut rep, &mut rng, label, m, n, kd, reps)?;
         }
         for &(inter, tokens) in &[(2048, 1), (2048, 16), (1024, 1), (1024, 16)] {
             for path in [MoePath::CudaCore, MoePath::TensorCore] {

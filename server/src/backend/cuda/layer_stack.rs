@@ -361,7 +361,7 @@ impl CudaBackend {
             return Ok(None);
         };
         let (inter, hidden) = first.shape();
-        let mut parts: [Vec<&CudaSlice<f32>>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+        let mut parts: [Vec<&CudaMatrix>; 3] = [Vec::new(), Vec::new(), Vec::new()];
         for e in experts {
             for (which, m) in e.iter().enumerate() {
                 let want = if which == 2 {
@@ -370,20 +370,34 @@ impl CudaBackend {
                     (inter, hidden)
                 };
                 match m {
-                    CudaMatrix::Dense { w, rows, cols } if (*rows, *cols) == want => {
-                        parts[which].push(w)
+                    CudaMatrix::Dense { rows, cols, .. } | CudaMatrix::Bf16 { rows, cols, .. }
+                        if (*rows, *cols) == want =>
+                    {
+                        parts[which].push(m)
                     }
                     _ => return Ok(None),
                 }
             }
         }
-        let join = |ps: &[&CudaSlice<f32>]| -> Result<CudaSlice<f32>, BackendError> {
+        // f32 copies back to back (bf16 ones widened: exact).
+        let join = |ps: &[&CudaMatrix]| -> Result<CudaSlice<f32>, BackendError> {
             let each = inter * hidden;
             let mut all = self.alloc_f32(each * ps.len())?;
             for (i, p) in ps.iter().enumerate() {
-                self.stream
-                    .memcpy_dtod(*p, &mut all.slice_mut(i * each..(i + 1) * each))
-                    .map_err(driver_err("copy on GPU"))?;
+                match p {
+                    CudaMatrix::Dense { w, .. } => self
+                        .stream
+                        .memcpy_dtod(w, &mut all.slice_mut(i * each..(i + 1) * each))
+                        .map_err(driver_err("copy on GPU"))?,
+                    CudaMatrix::Bf16 { w, .. } => {
+                        let s = &self.stream;
+                        let dst = ptr_mut(s, &mut all) + (i * each * 4) as u64;
+                        // SAFETY: w holds `each` bf16 values, `all` room for them from `dst`.
+                        unsafe { self.kernels.bf16_to_f32(s, ptr(s, w), dst, each) }
+                            .map_err(kernel_err)?;
+                    }
+                    _ => return Err(shape_err("a dense expert changed encoding".into())),
+                }
             }
             Ok(all)
         };

@@ -3,10 +3,11 @@
 //!
 //! Weights live on the GPU in their checkpoint encodings: FP8 e4m3 with 128x128 E8M0 tiles
 //! (`dspark-kernels` FP8 GEMV), FP4 e2m1 routed experts with E8M0 per 32 (the FP4 SwiGLU expert
-//! kernel), and everything else (bf16/f32 in the checkpoint) as f32 through cuBLAS SGEMM with
-//! TF32 off, so dense projections match the CPU reference to f32 rounding. Activations arrive and
-//! leave as host f32 rows (the engine's attention, norms and RoPE still run on the host; see
-//! docs/PERFORMANCE.md).
+//! kernel), bf16 tensors as bf16 (the bf16 GEMV with f32 activations and accumulation: exact
+//! products, half the bytes of an f32 copy per decode step), and anything else as f32 through
+//! cuBLAS SGEMM with TF32 off, so dense projections match the CPU reference to f32 rounding.
+//! Activations arrive and leave as host f32 rows (the engine's attention, norms and RoPE still
+//! run on the host; see docs/PERFORMANCE.md).
 
 mod kv;
 mod layer_stack;
@@ -21,7 +22,10 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use dspark_kernels::launch::FP8_GEMV_MAX_M;
-use dspark_kernels::{ActDtype, Fp4Experts, Fp4MoeCall, Fp8Gemv, Kernels, LoaderConfig, OutDtype};
+use dspark_kernels::{
+    ActDtype, Bf16Gemv, Fp4Experts, Fp4MoeCall, Fp8Gemv, Kernels, LoaderConfig, OutDtype,
+    BF16_GEMV_MAX_M,
+};
 
 use super::{Backend, BackendError, PackedWeight, FP4_GROUP};
 
@@ -40,6 +44,12 @@ pub enum CudaMatrix {
         rows: usize,
         cols: usize,
         w: CudaSlice<f32>,
+    },
+    /// bf16 bits, row-major; `cols % 8 == 0` (the bf16 GEMV reads 8 weights per load).
+    Bf16 {
+        rows: usize,
+        cols: usize,
+        w: CudaSlice<u16>,
     },
     /// e4m3 `[rows, cols]` + E8M0 `[ceil(rows/128), ceil(cols/128)]`.
     Fp8 {
@@ -61,6 +71,7 @@ impl CudaMatrix {
     fn shape(&self) -> (usize, usize) {
         match self {
             CudaMatrix::Dense { rows, cols, .. }
+            | CudaMatrix::Bf16 { rows, cols, .. }
             | CudaMatrix::Fp8 { rows, cols, .. }
             | CudaMatrix::Fp4 { rows, cols, .. } => (*rows, *cols),
         }
@@ -93,16 +104,40 @@ pub struct Fp4Bank {
 /// How many weight matrices of each encoding a backend holds.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct MatrixCensus {
+    /// f32 matrices (values that are not all bf16, or widths the bf16 GEMV does not take).
     pub dense: usize,
+    /// bf16 matrices (every value exactly a bf16, as checkpoint bf16 tensors are).
+    pub bf16: usize,
     pub fp8: usize,
     pub fp4: usize,
     /// MoE layers whose routed experts run as one grouped FP4 kernel.
     pub fp4_banks: usize,
 }
 
-/// Rows from which an FP8 projection widens its weight to f32 and runs SGEMM (below, the FP8
-/// GEMV kernel reads the packed weight once per 16 rows).
+/// Rows from which an FP8 or bf16 projection widens its weight to f32 and runs SGEMM (below, the
+/// GEMV kernels read the packed weight once per 16 rows).
 const FP8_WIDEN_MIN_ROWS: usize = 64;
+
+/// Most f32 values of one widened bf16 tile: a large matrix (the LM head is 0.5 G values) is
+/// widened and multiplied in row tiles of at most this size (256 MB), not as one 2 GB copy.
+const BF16_WIDEN_TILE: usize = 64 << 20;
+
+/// The bf16 bit patterns of `data` when every value is exactly a bf16 (the low 16 bits of its
+/// f32 bits are zero, as for a checkpoint bf16 tensor widened by the loader); else `None`.
+fn exact_bf16(data: &[f32]) -> Option<Vec<u16>> {
+    if !data.iter().all(|v| v.to_bits() & 0xffff == 0) {
+        return None;
+    }
+    Some(data.iter().map(|v| (v.to_bits() >> 16) as u16).collect())
+}
+
+/// Whether a `[rows, cols]` matrix of these values is stored as bf16 on the GPU.
+fn bf16_storable(cols: usize, data: &[f32]) -> Option<Vec<u16>> {
+    if cols == 0 || !cols.is_multiple_of(8) {
+        return None;
+    }
+    exact_bf16(data)
+}
 
 /// Operation kinds timed by [`CudaBackend::op_times`].
 const OPS: [&str; 8] = [
@@ -164,6 +199,7 @@ impl Drop for Timed<'_> {
 #[derive(Default)]
 struct Counters {
     dense: AtomicUsize,
+    bf16: AtomicUsize,
     fp8: AtomicUsize,
     fp4: AtomicUsize,
     fp4_banks: AtomicUsize,
@@ -268,6 +304,7 @@ impl CudaBackend {
     pub fn census(&self) -> MatrixCensus {
         MatrixCensus {
             dense: self.counters.dense.load(Ordering::Relaxed),
+            bf16: self.counters.bf16.load(Ordering::Relaxed),
             fp8: self.counters.fp8.load(Ordering::Relaxed),
             fp4: self.counters.fp4.load(Ordering::Relaxed),
             fp4_banks: self.counters.fp4_banks.load(Ordering::Relaxed),
@@ -393,6 +430,123 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// bf16-weight projection: up to 63 rows the bf16 GEMV in chunks of at most 16 rows (each
+    /// chunk reads the weight once); from 64 rows the weight is widened to f32 in row tiles of at
+    /// most [`BF16_WIDEN_TILE`] values, each multiplied by SGEMM straight into its columns of y.
+    #[allow(clippy::too_many_arguments)]
+    fn bf16_linear<X: DevicePtr<f32>, Y: DevicePtrMut<f32>>(
+        &self,
+        x: &X,
+        n: usize,
+        w: &CudaSlice<u16>,
+        rows: usize,
+        cols: usize,
+        y: &mut Y,
+        widen: bool,
+    ) -> Result<(), BackendError> {
+        if n == 0 || rows == 0 {
+            return Ok(());
+        }
+        let s = &self.stream;
+        if widen {
+            let tile_rows = (BF16_WIDEN_TILE / cols.max(1)).clamp(1, rows);
+            // SAFETY: uninitialised f32 storage; every tile is written by the widening kernel
+            // before the SGEMM that reads it (same stream).
+            let mut wide =
+                unsafe { s.alloc::<f32>(tile_rows * cols) }.map_err(driver_err("alloc"))?;
+            let (wp, _w) = w.device_ptr(s);
+            let (xp, _x) = x.device_ptr(s);
+            let (yp, _y) = y.device_ptr_mut(s);
+            let (tp, _t) = wide.device_ptr_mut(s);
+            let mut r0 = 0;
+            while r0 < rows {
+                let tr = tile_rows.min(rows - r0);
+                // SAFETY: w holds rows * cols bf16, so rows r0..r0 + tr are in bounds (16-byte
+                // aligned: cols % 8 == 0); the tile holds tile_rows * cols >= tr * cols f32.
+                unsafe {
+                    self.kernels
+                        .bf16_to_f32(s, wp + (r0 * cols * 2) as u64, tp, tr * cols)
+                }
+                .map_err(kernel_err)?;
+                // SAFETY: x holds n * cols and y n * rows f32 (checked by the callers); columns
+                // r0..r0 + tr of y's rows are written with row stride `rows`.
+                unsafe { self.sgemm_raw(xp, n, tp, tr, cols, yp + (r0 * 4) as u64, rows) }?;
+                r0 += tr;
+            }
+            return Ok(());
+        }
+        let (wp, _w) = w.device_ptr(s);
+        let (xp, _x) = x.device_ptr(s);
+        let (yp, _y) = y.device_ptr_mut(s);
+        let mut start = 0;
+        while start < n {
+            let m = (n - start).min(BF16_GEMV_MAX_M);
+            let call = Bf16Gemv {
+                weight: wp,
+                x: xp + (start * cols * 4) as u64,
+                out: yp + (start * rows * 4) as u64,
+                m,
+                n: rows,
+                k: cols,
+            };
+            // SAFETY: the weight holds [rows, cols] bf16; x holds n * cols and y n * rows f32, so
+            // rows start..start + m of both are in bounds.
+            unsafe { self.kernels.bf16_gemv(s, &call) }.map_err(kernel_err)?;
+            start += m;
+        }
+        Ok(())
+    }
+
+    /// `y = x W^T` on raw device pointers: x f32 `[n, cols]`, W f32 `[rows, cols]` row-major, y
+    /// the first `rows` columns of `n` rows of stride `ldy` (SGEMM in the column-major view of
+    /// [`Self::sgemm`] with `ldc = ldy`).
+    ///
+    /// # Safety
+    /// `x` must hold `n * cols` f32, `w` `rows * cols`, and `y` `(n - 1) * ldy + rows` f32, all
+    /// device memory of this stream's context, with `ldy >= rows`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn sgemm_raw(
+        &self,
+        x: cudarc::driver::sys::CUdeviceptr,
+        n: usize,
+        w: cudarc::driver::sys::CUdeviceptr,
+        rows: usize,
+        cols: usize,
+        y: cudarc::driver::sys::CUdeviceptr,
+        ldy: usize,
+    ) -> Result<(), BackendError> {
+        let dim = |v: usize| {
+            i32::try_from(v).map_err(|_| BackendError::Shape {
+                op: "linear",
+                detail: format!("{v} exceeds cuBLAS's int range"),
+            })
+        };
+        let (m, nn, k, ldc) = (dim(rows)?, dim(n)?, dim(cols)?, dim(ldy)?);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: the handle is bound to this backend's stream; the pointers hold the shapes
+        // above (this function's contract), matching the leading dimensions.
+        unsafe {
+            cudarc::cublas::result::sgemm(
+                *blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                m,
+                nn,
+                k,
+                &alpha,
+                w as *const f32,
+                k,
+                x as *const f32,
+                k,
+                &beta,
+                y as *mut f32,
+                ldc,
+            )
+        }
+        .map_err(|e| BackendError::Other(format!("cuBLAS SGEMM: {e:?}")))
+    }
+
     fn check_input(x: &[f32], n: usize, cols: usize, op: &'static str) -> Result<(), BackendError> {
         if x.len() != n * cols {
             return Err(BackendError::Shape {
@@ -493,7 +647,7 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// `y = x W^T` for rows already on the GPU (dense SGEMM or the FP8 kernel).
+    /// `y = x W^T` for rows already on the GPU (dense SGEMM, the bf16 or the FP8 kernels).
     fn linear_on<X: DevicePtr<f32>, Y: DevicePtrMut<f32>>(
         &self,
         x: &X,
@@ -504,8 +658,8 @@ impl CudaBackend {
         self.linear_on_with(x, n, w, y, n >= FP8_WIDEN_MIN_ROWS)
     }
 
-    /// [`Self::linear_on`], saying whether an FP8 weight may be widened for one SGEMM (which
-    /// allocates: not inside a graph capture).
+    /// [`Self::linear_on`], saying whether an FP8 or bf16 weight may be widened for SGEMM
+    /// (which allocates: not inside a graph capture).
     fn linear_on_with<X: DevicePtr<f32>, Y: DevicePtrMut<f32>>(
         &self,
         x: &X,
@@ -516,6 +670,9 @@ impl CudaBackend {
     ) -> Result<(), BackendError> {
         match w {
             CudaMatrix::Dense { w, rows, cols } => self.sgemm(x, n, w, *rows, *cols, y),
+            CudaMatrix::Bf16 { w, rows, cols } => {
+                self.bf16_linear(x, n, w, *rows, *cols, y, widen_fp8)
+            }
             CudaMatrix::Fp8 {
                 w,
                 scales,
@@ -528,7 +685,7 @@ impl CudaBackend {
         }
     }
 
-    /// The shared expert (dense or FP8) over rows on the GPU, added into `acc` there:
+    /// The shared expert (f32, bf16 or FP8) over rows on the GPU, added into `acc` there:
     /// gate and up projections, the clipped SwiGLU, the down projection, all on the device.
     #[allow(clippy::too_many_arguments)]
     fn add_swiglu_on<X: DevicePtr<f32>, A: DevicePtrMut<f32>>(
@@ -780,9 +937,12 @@ impl Backend for CudaBackend {
         routes: &[Vec<(usize, f32)>],
         limit: f32,
     ) -> Result<Vec<f32>, BackendError> {
-        let shared_fits = shared
-            .iter()
-            .all(|m| matches!(m, CudaMatrix::Dense { .. } | CudaMatrix::Fp8 { .. }));
+        let shared_fits = shared.iter().all(|m| {
+            matches!(
+                m,
+                CudaMatrix::Dense { .. } | CudaMatrix::Bf16 { .. } | CudaMatrix::Fp8 { .. }
+            )
+        });
         let (CudaExpertBank::Fp4(b), true) = (bank, shared_fits) else {
             return super::routed_plus_shared(self, bank, shared, x, n, routes, limit);
         };
@@ -824,6 +984,15 @@ impl Backend for CudaBackend {
             return Err(BackendError::Shape {
                 op: "matrix",
                 detail: format!("{} values for [{rows}, {cols}]", data.len()),
+            });
+        }
+        if let Some(bits) = bf16_storable(cols, &data) {
+            drop(data);
+            self.counters.bf16.fetch_add(1, Ordering::Relaxed);
+            return Ok(CudaMatrix::Bf16 {
+                rows,
+                cols,
+                w: self.upload(&bits)?,
             });
         }
         self.counters.dense.fetch_add(1, Ordering::Relaxed);
@@ -948,26 +1117,13 @@ impl Backend for CudaBackend {
         }
         let mut y = self.zeros(total)?;
         for (k, (_, w)) in jobs.iter().enumerate() {
-            let (rows, cols) = w.shape();
-            if rows == 0 {
+            if w.shape().0 == 0 {
                 continue;
             }
             let xd = &inputs[which[k]].2;
             let mut yk = y.slice_mut(offsets[k]..offsets[k + 1]);
-            match w {
-                CudaMatrix::Dense { w, .. } => self.sgemm(xd, n, w, rows, cols, &mut yk)?,
-                CudaMatrix::Fp8 { w, scales, .. } => self.fp8_linear(
-                    xd,
-                    n,
-                    w,
-                    scales,
-                    rows,
-                    cols,
-                    &mut yk,
-                    n >= FP8_WIDEN_MIN_ROWS,
-                )?,
-                CudaMatrix::Fp4 { .. } => {}
-            }
+            // FP4 was refused above; every other encoding goes through linear_on.
+            self.linear_on(xd, n, w, &mut yk)?;
         }
         let all = self.download(&y)?;
         Ok(offsets
@@ -978,28 +1134,61 @@ impl Backend for CudaBackend {
 
     fn gather_rows(&self, w: &CudaMatrix, ids: &[u32]) -> Result<Vec<f32>, BackendError> {
         let _timed = Timed::start(&self.clock, 3);
-        let CudaMatrix::Dense { rows, cols, w } = w else {
-            return Err(BackendError::Other(
-                "gather_rows needs a dense matrix (embeddings are bf16 in the checkpoint)".into(),
-            ));
-        };
-        let mut out = vec![0f32; ids.len() * cols];
-        for (chunk, &id) in out.chunks_mut(*cols).zip(ids) {
-            let id = id as usize;
-            if id >= *rows {
-                return Err(BackendError::Shape {
-                    op: "gather_rows",
-                    detail: format!("row {id} of {rows}"),
-                });
-            }
-            self.stream
-                .memcpy_dtoh(&w.slice(id * cols..(id + 1) * cols), chunk)
-                .map_err(driver_err("copy from GPU"))?;
+        let (rows, cols) = w.shape();
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= rows) {
+            return Err(BackendError::Shape {
+                op: "gather_rows",
+                detail: format!("row {id} of {rows}"),
+            });
         }
-        self.stream
-            .synchronize()
-            .map_err(driver_err("synchronize"))?;
-        Ok(out)
+        if ids.is_empty() || cols == 0 {
+            return Ok(vec![0f32; ids.len() * cols]);
+        }
+        let s = &self.stream;
+        // SAFETY: uninitialised f32 storage; every row is written below before the download.
+        let mut out = unsafe { s.alloc::<f32>(ids.len() * cols) }.map_err(driver_err("alloc"))?;
+        match w {
+            CudaMatrix::Bf16 { w, rows, cols } => {
+                let idx: Vec<i32> = ids
+                    .iter()
+                    .map(|&id| i32::try_from(id))
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| BackendError::Shape {
+                        op: "gather_rows",
+                        detail: format!("a row id of {rows} rows exceeds i32"),
+                    })?;
+                let idd = self.upload(&idx)?;
+                let (wp, _w) = w.device_ptr(s);
+                let (ip, _i) = idd.device_ptr(s);
+                let (op, _o) = out.device_ptr_mut(s);
+                // SAFETY: w holds rows * cols bf16, idd ids.len() i32 (each below rows, checked
+                // above), out ids.len() * cols f32.
+                unsafe {
+                    self.kernels
+                        .gather_rows_bf16(s, wp, ip, op, ids.len(), *cols, *rows)
+                }
+                .map_err(kernel_err)?;
+            }
+            CudaMatrix::Dense { w, cols, .. } => {
+                // Device-side row copies, then one download.
+                for (i, &id) in ids.iter().enumerate() {
+                    let id = id as usize;
+                    s.memcpy_dtod(
+                        &w.slice(id * cols..(id + 1) * cols),
+                        &mut out.slice_mut(i * cols..(i + 1) * cols),
+                    )
+                    .map_err(driver_err("copy on GPU"))?;
+                }
+            }
+            CudaMatrix::Fp8 { .. } | CudaMatrix::Fp4 { .. } => {
+                return Err(BackendError::Other(
+                    "gather_rows needs a bf16 or f32 matrix (embeddings are bf16 in the \
+                     checkpoint)"
+                        .into(),
+                ))
+            }
+        }
+        self.download(&out)
     }
 
     fn swiglu_expert(
@@ -1149,4 +1338,41 @@ pub fn gpu_count() -> Result<usize, BackendError> {
         })
         .clone()
         .map_err(BackendError::Other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_storage_only_for_exact_bf16_values() {
+        // Values a loader widens from bf16: low 16 bits zero, sign/inf/NaN/subnormal included.
+        let exact = [
+            1.0f32,
+            -2.5,
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::from_bits(0x7fc0_0000),
+            f32::from_bits(0x0001_0000),
+            3.140625,
+        ];
+        let bits = exact_bf16(&exact).unwrap();
+        assert_eq!(bits[0], 0x3f80);
+        assert_eq!(bits[1], 0xc020);
+        assert_eq!(bits[3], 0x8000);
+        for (b, v) in bits.iter().zip(&exact) {
+            assert_eq!(f32::from_bits(u32::from(*b) << 16).to_bits(), v.to_bits());
+        }
+        // One value that needs more than bf16's 8 significant bits keeps the matrix f32.
+        let mut mixed = exact.to_vec();
+        mixed.push(0.1);
+        assert!(exact_bf16(&mixed).is_none());
+        assert!(exact_bf16(&[1.0 + f32::EPSILON]).is_none());
+        assert_eq!(exact_bf16(&[]), Some(Vec::new()));
+        // Widths the bf16 GEMV does not take stay f32 too.
+        assert!(bf16_storable(8, &exact).is_some());
+        assert!(bf16_storable(4, &exact[..4]).is_none());
+        assert!(bf16_storable(0, &[]).is_none());
+    }
 }

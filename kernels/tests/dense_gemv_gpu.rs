@@ -1,0 +1,285 @@
+//! GPU checks of `dense_gemv.cu` (bf16 weights, f32 activations) against f64 host references,
+//! at the DeepSeek-V4-Flash decode shapes (LM head, compressor, router) and tiny/odd ones, plus a
+//! bandwidth print. Products are exact (bf16 -> f32 is), so the tolerance only covers the f32
+//! summation. Skips (passes with a SKIP line) where there is no GPU.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+use dspark_kernels::formats::bf16_to_f32;
+use dspark_kernels::launch::dense_gemv::{check_bf16_gemv, Bf16Gemv};
+use dspark_kernels::reference::rel_err;
+use dspark_kernels::{open_gpu, Kernels, LoaderConfig};
+
+const TOL: f64 = 1e-5;
+
+struct Gpu {
+    k: Kernels,
+    s: Arc<CudaStream>,
+}
+
+fn gpu(test: &str) -> Option<Gpu> {
+    let ctx = match open_gpu(0) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("SKIP {test}: no GPU ({e})");
+            return None;
+        }
+    };
+    let cfg = LoaderConfig {
+        cache_dir: Some(std::env::temp_dir().join("dspark-dense-gemv-test-cache")),
+        prebuilt_dir: None,
+    };
+    let k = Kernels::load(&ctx, &cfg).unwrap();
+    let s = ctx.default_stream();
+    Some(Gpu { k, s })
+}
+
+impl Gpu {
+    fn up<T: DeviceRepr>(&self, v: &[T]) -> CudaSlice<T> {
+        self.s.clone_htod(v).unwrap()
+    }
+    fn ptr<T>(&self, b: &CudaSlice<T>) -> CUdeviceptr {
+        b.device_ptr(&self.s).0
+    }
+    fn down<T: DeviceRepr + Default + Clone>(&self, b: &CudaSlice<T>) -> Vec<T> {
+        self.s.synchronize().unwrap();
+        self.s.clone_dtoh(b).unwrap()
+    }
+}
+
+/// xorshift64*: deterministic inputs without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        let u = (self.next() >> 40) as f32 / (1u64 << 24) as f32;
+        lo + (hi - lo) * u
+    }
+    fn vec(&mut self, len: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..len).map(|_| self.uniform(lo, hi)).collect()
+    }
+    /// Random bf16 bit patterns of finite values in about +-2^(-8..1), both signs.
+    fn bf16(&mut self, len: usize) -> Vec<u16> {
+        (0..len)
+            .map(|_| {
+                let r = self.next();
+                let sign = ((r >> 63) as u16) << 15;
+                let exp = 119 + (r >> 32) as u16 % 9;
+                sign | (exp << 7) | (r as u16 & 0x7f)
+            })
+            .collect()
+    }
+}
+
+/// `out[m, n] = sum_k x[m, k] w[n, k]` in f64 (products of the exact widened weights).
+fn gemv_ref(w: &[u16], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
+    let mut out = vec![0f64; m * n];
+    for t in 0..m {
+        let xr = &x[t * k..(t + 1) * k];
+        for r in 0..n {
+            let wr = &w[r * k..(r + 1) * k];
+            out[t * n + r] = wr
+                .iter()
+                .zip(xr)
+                .map(|(&a, &b)| f64::from(bf16_to_f32(a)) * f64::from(b))
+                .sum();
+        }
+    }
+    out
+}
+
+fn run_gemv(
+    g: &Gpu,
+    w: &CudaSlice<u16>,
+    x: &CudaSlice<f32>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
+    let ob = g.up(&vec![f32::NAN; m * n]);
+    let a = Bf16Gemv {
+        weight: g.ptr(w),
+        x: g.ptr(x),
+        out: g.ptr(&ob),
+        m,
+        n,
+        k,
+    };
+    // SAFETY: w holds n * k bf16, x m * k f32 and ob m * n f32.
+    unsafe { g.k.bf16_gemv(&g.s, &a) }.unwrap();
+    g.down(&ob)
+}
+
+fn check(g: &Gpu, rng: &mut Rng, m_list: &[usize], n: usize, k: usize) {
+    let w = rng.bf16(n * k);
+    let wb = g.up(&w);
+    let mmax = m_list.iter().copied().max().unwrap_or(1);
+    let x = rng.vec(mmax * k, -1.0, 1.0);
+    let xb = g.up(&x);
+    for &m in m_list {
+        let out = run_gemv(g, &wb, &xb, m, n, k);
+        let o: Vec<f64> = out.iter().map(|&v| f64::from(v)).collect();
+        let err = rel_err(&o, &gemv_ref(&w, &x[..m * k], m, n, k));
+        eprintln!("bf16_gemv m={m} n={n} k={k}: rel err {err:.2e}");
+        assert!(err < TOL, "m={m} n={n} k={k}: rel err {err}");
+    }
+}
+
+#[test]
+fn bf16_gemv_matches_reference() {
+    let Some(g) = gpu("bf16_gemv_matches_reference") else {
+        return;
+    };
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    // LM head at one token.
+    check(&g, &mut rng, &[1], 129_280, 4096);
+    // Compressor wkv / wgate, every token bucket and the counts between them.
+    check(&g, &mut rng, &[1, 2, 3, 4, 5, 8, 11, 16], 1024, 4096);
+    // Router gate, indexer compressor / weights_proj.
+    check(&g, &mut rng, &[1, 7], 256, 4096);
+    check(&g, &mut rng, &[1, 16], 512, 4096);
+    check(&g, &mut rng, &[2], 64, 4096);
+    // Odd row counts (partial row groups, clamped tail rows), short and odd K.
+    check(&g, &mut rng, &[1, 3, 16], 1001, 1024);
+    check(&g, &mut rng, &[1, 6], 37, 264);
+    check(&g, &mut rng, &[1, 2, 16], 3, 32);
+    check(&g, &mut rng, &[1, 9], 129, 8);
+}
+
+#[test]
+fn bf16_gemv_rejects_bad_shapes() {
+    let a = Bf16Gemv {
+        weight: 256,
+        x: 256,
+        out: 256,
+        m: 1,
+        n: 8,
+        k: 12,
+    };
+    assert!(check_bf16_gemv(&a).is_err());
+    let Some(g) = gpu("bf16_gemv_rejects_bad_shapes") else {
+        return;
+    };
+    // SAFETY: rejected before launch.
+    assert!(unsafe { g.k.bf16_gemv(&g.s, &Bf16Gemv { m: 17, k: 16, ..a }) }.is_err());
+}
+
+#[test]
+fn bf16_widen_and_gather_are_exact() {
+    let Some(g) = gpu("bf16_widen_and_gather_are_exact") else {
+        return;
+    };
+    let mut rng = Rng(42);
+    for len in [1usize, 7, 8, 9, 4096 + 5, 3_000_001] {
+        let src = rng.bf16(len);
+        let sb = g.up(&src);
+        let db = g.up(&vec![f32::NAN; len]);
+        // SAFETY: sb holds len bf16 and db len f32.
+        unsafe { g.k.bf16_to_f32(&g.s, g.ptr(&sb), g.ptr(&db), len) }.unwrap();
+        let got = g.down(&db);
+        let want: Vec<f32> = src.iter().map(|&h| bf16_to_f32(h)).collect();
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "bf16_to_f32 len {len} not exact"
+        );
+    }
+    for (rows, k) in [(129_280usize, 4096usize), (10, 8), (5, 24)] {
+        let w = rng.bf16(rows * k);
+        let wb = g.up(&w);
+        let ids: Vec<i32> = vec![
+            0,
+            rows as i32 - 1,
+            3 % rows as i32,
+            -1,
+            rows as i32,
+            i32::MAX,
+            (rows / 2) as i32,
+        ];
+        let ib = g.up(&ids);
+        let ob = g.up(&vec![f32::NAN; ids.len() * k]);
+        // SAFETY: wb holds rows * k bf16, ib ids.len() i32, ob ids.len() * k f32.
+        unsafe {
+            g.k.gather_rows_bf16(&g.s, g.ptr(&wb), g.ptr(&ib), g.ptr(&ob), ids.len(), k, rows)
+        }
+        .unwrap();
+        let got = g.down(&ob);
+        for (i, &id) in ids.iter().enumerate() {
+            let row = &got[i * k..(i + 1) * k];
+            if id < 0 || id as usize >= rows {
+                assert!(row.iter().all(|&v| v.to_bits() == 0), "id {id}: not zero");
+            } else {
+                let want = &w[id as usize * k..(id as usize + 1) * k];
+                assert!(
+                    row.iter()
+                        .zip(want)
+                        .all(|(a, &b)| a.to_bits() == bf16_to_f32(b).to_bits()),
+                    "row {id} of [{rows}, {k}] differs"
+                );
+            }
+        }
+    }
+}
+
+/// Effective weight bandwidth at decode shapes (printed, not asserted: shared GPUs vary). Wall
+/// time over back-to-back launches, so small shapes include launch gaps; `kernel-check` has the
+/// event-timed numbers.
+#[test]
+fn bf16_gemv_bandwidth() {
+    let Some(g) = gpu("bf16_gemv_bandwidth") else {
+        return;
+    };
+    let mut rng = Rng(7);
+    for (m, n, k) in [
+        (1usize, 129_280usize, 4096usize),
+        (1, 1024, 4096),
+        (16, 1024, 4096),
+        (1, 256, 4096),
+        (4, 129_280, 4096),
+        (16, 129_280, 4096),
+    ] {
+        // Values do not change the time; a constant fill keeps the host side quick. Small
+        // matrices rotate over copies totalling > 256 MB so the weights come from HBM, not L2.
+        let host = vec![0x3f80u16; n * k];
+        let sets = (256usize << 20).div_ceil(n * k * 2).clamp(1, 64);
+        let wsets: Vec<CudaSlice<u16>> = (0..sets).map(|_| g.up(&host)).collect();
+        let xb = g.up(&rng.vec(m * k, -1.0, 1.0));
+        let ob = g.up(&vec![0f32; m * n]);
+        let calls: Vec<Bf16Gemv> = wsets
+            .iter()
+            .map(|wb| Bf16Gemv {
+                weight: g.ptr(wb),
+                x: g.ptr(&xb),
+                out: g.ptr(&ob),
+                m,
+                n,
+                k,
+            })
+            .collect();
+        let iters = if n * k > 100_000_000 { 20 } else { 256 };
+        // SAFETY (all launches below): the buffers hold the shapes in each call.
+        unsafe { g.k.bf16_gemv(&g.s, &calls[0]) }.unwrap();
+        g.s.synchronize().unwrap();
+        let t0 = Instant::now();
+        for i in 0..iters {
+            unsafe { g.k.bf16_gemv(&g.s, &calls[i % sets]) }.unwrap();
+        }
+        g.s.synchronize().unwrap();
+        let secs = t0.elapsed().as_secs_f64() / iters as f64;
+        let gbs = (n * k * 2) as f64 / secs / 1e9;
+        eprintln!(
+            "bf16_gemv m={m:2} [{n}, {k}]: {:8.2} us  {gbs:7.0} GB/s of weights",
+            secs * 1e6
+        );
+    }
+}

@@ -1,0 +1,167 @@
+// CPU emulation of dense_gemv.cu (one std::thread per CUDA thread, barriers for __syncthreads and
+// warp shuffles) against f64 host references, for checking kernel logic on a machine without a
+// GPU (row groups, split K, tails, buckets, widening, gather; the same kinds of cases as
+// tests/dense_gemv_gpu.rs at smaller sizes):
+//   g++ -std=c++20 -O2 -pthread -w -o /tmp/dense_gemv_emu kernels/tools/dense_gemv_emu.cpp && /tmp/dense_gemv_emu
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+struct D3 { unsigned int x = 0, y = 0, z = 0; };
+thread_local D3 threadIdx, blockIdx;
+D3 blockDim, gridDim;
+thread_local std::barrier<> *g_block_bar;
+thread_local std::barrier<> *g_warp_bar;
+static float g_shfl[1024];
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __restrict__ __restrict
+#define __shared__ static
+struct uint4 { unsigned x, y, z, w; };
+struct float4 { float x, y, z, w; };
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+template <class T> inline T __ldg(const T *p) { return *p; }
+inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
+inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
+inline float dsk_bf16_to_f32(unsigned short h) { return __uint_as_float(((unsigned)h) << 16); }
+inline float dsk_bf16lo(unsigned w) { return __uint_as_float(w << 16); }
+inline float dsk_bf16hi(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
+inline uint4 dsk_ld_stream16(const void *p) { uint4 r; memcpy(&r, p, 16); return r; }
+inline float dsk_warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) {
+        g_shfl[threadIdx.x] = v;
+        g_warp_bar->arrive_and_wait();
+        float other = g_shfl[threadIdx.x ^ o];
+        g_warp_bar->arrive_and_wait();
+        v += other;
+    }
+    return v;
+}
+using std::max; using std::min;
+#include "../dense_gemv.cu"
+
+template <class F> void launch(unsigned grid, unsigned threads, F f) {
+    gridDim = {grid, 1, 1}; blockDim = {threads, 1, 1};
+    for (unsigned bx = 0; bx < grid; ++bx) {
+        std::barrier<> bar(threads);
+        std::vector<std::unique_ptr<std::barrier<>>> wb;
+        for (unsigned w = 0; w < threads / 32; ++w) wb.emplace_back(new std::barrier<>(32));
+        std::vector<std::thread> ts;
+        for (unsigned t = 0; t < threads; ++t)
+            ts.emplace_back([&, t] {
+                threadIdx = {t, 0, 0}; blockIdx = {bx, 0, 0};
+                g_block_bar = &bar; g_warp_bar = wb[t / 32].get();
+                f();
+            });
+        for (auto &t : ts) t.join();
+    }
+}
+
+struct Rng { unsigned long long s; unsigned long long next() { s ^= s >> 12; s ^= s << 25; s ^= s >> 27; return s * 0x2545f4914f6cdd1dULL; }
+    float f() { return (float)(next() >> 40) / (float)(1ULL << 24) * 2.f - 1.f; }
+    unsigned short bf16() { unsigned long long r = next(); return (unsigned short)(((r >> 63) << 15) | ((119 + (r >> 32) % 9) << 7) | (r & 0x7f)); } };
+
+// Host side of the launch (kernels/src/launch/dense_gemv.rs): split and grid.
+static int ksplit(int n, int k, int sms) {
+    int groups = (n + 3) / 4, chunks = k / 8, ks = 1;
+    while (ks < 8 && (groups + 8 / ks - 1) / (8 / ks) < 2 * sms && 32 * ks * 2 * 2 <= chunks) ks *= 2;
+    return ks;
+}
+
+static int failures = 0;
+
+static void gemv_case(Rng &rng, int M, int N, int K, int sms) {
+    std::vector<unsigned short> W(size_t(N) * K);
+    for (auto &w : W) w = rng.bf16();
+    std::vector<float> x(size_t(M) * K);
+    for (auto &v : x) v = rng.f();
+    std::vector<float> out(size_t(M) * N, NAN);
+    int ks = ksplit(N, K, sms);
+    unsigned blocks = ((N + 3) / 4 + 8 / ks - 1) / (8 / ks);
+    int mt = M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : M <= 8 ? 8 : 16;
+    launch(blocks, 256, [&] {
+        switch (mt) {
+        case 1: dsk_bf16_gemv_xf32_m1(W.data(), x.data(), out.data(), M, N, K, ks); break;
+        case 2: dsk_bf16_gemv_xf32_m2(W.data(), x.data(), out.data(), M, N, K, ks); break;
+        case 4: dsk_bf16_gemv_xf32_m4(W.data(), x.data(), out.data(), M, N, K, ks); break;
+        case 8: dsk_bf16_gemv_xf32_m8(W.data(), x.data(), out.data(), M, N, K, ks); break;
+        default: dsk_bf16_gemv_xf32_m16(W.data(), x.data(), out.data(), M, N, K, ks); break;
+        }
+    });
+    double num = 0, den = 0;
+    bool finite = true;
+    for (int m = 0; m < M; ++m)
+        for (int r = 0; r < N; ++r) {
+            double ref = 0;
+            for (int k = 0; k < K; ++k) ref += double(dsk_bf16_to_f32(W[size_t(r) * K + k])) * x[size_t(m) * K + k];
+            double o = out[size_t(m) * N + r];
+            finite &= std::isfinite(o);
+            num += (o - ref) * (o - ref);
+            den += ref * ref;
+        }
+    double err = finite ? std::sqrt(num / den) : INFINITY;
+    bool ok = err < 1e-5;
+    failures += !ok;
+    printf("%s bf16_gemv M=%2d N=%5d K=%5d ksplit=%d blocks=%u: rel err %.2e\n", ok ? "PASS" : "FAIL", M, N, K, ks, blocks, err);
+}
+
+static void widen_case(Rng &rng, long len) {
+    std::vector<unsigned short> src(len);
+    for (auto &h : src) h = rng.bf16();
+    std::vector<float> dst(len, NAN);
+    unsigned blocks = std::max(1L, std::min<long>((len + 8 * 256 - 1) / (8 * 256), 3));
+    launch(blocks, 256, [&] { dsk_widen_bf16_f32(src.data(), dst.data(), len); });
+    bool ok = true;
+    for (long i = 0; i < len; ++i) {
+        float want = dsk_bf16_to_f32(src[i]);
+        ok &= memcmp(&dst[i], &want, 4) == 0;
+    }
+    failures += !ok;
+    printf("%s bf16_to_f32 len=%ld blocks=%u\n", ok ? "PASS" : "FAIL", len, blocks);
+}
+
+static void gather_case(Rng &rng, int rows, int K) {
+    std::vector<unsigned short> W(size_t(rows) * K);
+    for (auto &w : W) w = rng.bf16();
+    std::vector<int> ids = {0, rows - 1, 3 % rows, -1, rows, 2147483647, rows / 2};
+    int n = ids.size();
+    std::vector<float> out(size_t(n) * K, NAN);
+    unsigned threads = 32;
+    while (threads < 256 && threads < unsigned(K / 8)) threads *= 2;
+    launch(n, threads, [&] { dsk_gather_rows_bf16(W.data(), ids.data(), out.data(), n, K, rows); });
+    bool ok = true;
+    for (int i = 0; i < n; ++i)
+        for (int k = 0; k < K; ++k) {
+            float want = (ids[i] < 0 || ids[i] >= rows) ? 0.f : dsk_bf16_to_f32(W[size_t(ids[i]) * K + k]);
+            ok &= memcmp(&out[size_t(i) * K + k], &want, 4) == 0;
+        }
+    failures += !ok;
+    printf("%s gather_rows_bf16 rows=%d K=%d threads=%u\n", ok ? "PASS" : "FAIL", rows, K, threads);
+}
+
+int main() {
+    Rng rng{0x9e3779b97f4a7c15ULL};
+    // Small "SM counts" force every split (1, 2, 4, 8) at sizes the emulation runs quickly.
+    for (int M : {1, 2, 3, 5, 8, 11, 16}) gemv_case(rng, M, 64, 4096, 132);
+    gemv_case(rng, 1, 1024, 4096, 132);
+    gemv_case(rng, 16, 37, 1024, 132);
+    gemv_case(rng, 6, 37, 264, 132);
+    gemv_case(rng, 3, 1001, 512, 4);
+    gemv_case(rng, 2, 130, 2048, 2);
+    gemv_case(rng, 5, 37, 2048, 132);
+    gemv_case(rng, 16, 3, 32, 132);
+    gemv_case(rng, 9, 129, 8, 132);
+    for (long len : {1L, 7L, 8L, 9L, 4096L + 5, 100003L}) widen_case(rng, len);
+    gather_case(rng, 1000, 256);
+    gather_case(rng, 10, 8);
+    gather_case(rng, 5, 24);
+    gather_case(rng, 3, 4096);
+    printf(failures ? "%d FAILED\n" : "all passed\n", failures);
+    return failures != 0;
+}
