@@ -66,12 +66,22 @@ fn write_wide_config(dir: &Path) {
 }
 
 fn wide_model(dir: &Path, shard: Shard, comm: Arc<dyn Communicator>) -> DeepseekV4<CudaBackend> {
+    wide_model_on(dir, shard, comm, 0)
+}
+
+fn wide_model_on(
+    dir: &Path,
+    shard: Shard,
+    comm: Arc<dyn Communicator>,
+    gpu: usize,
+) -> DeepseekV4<CudaBackend> {
     let opts = LoadOptions {
         device: model::Device::Cuda,
         load_format: model::LoadFormat::Dummy,
         dummy_seed: 5,
         kv_pool_tokens: 2048,
         shard,
+        gpu_ordinal: gpu,
         ..LoadOptions::default()
     };
     let cfg = ModelConfig::from_dir(dir).unwrap();
@@ -155,6 +165,10 @@ fn layer_stack_equals_op_by_op_at_tp1_and_tp2() {
     let mut reference = wide_model(dir.path(), Shard::SINGLE, Arc::new(SingleRank));
     reference.disable_layer_stack();
     let got = schedule(&mut stacked);
+    // TP=1: every stacked step after a shape's first ran from a CUDA graph.
+    let graphs = stacked.backend().graph_steps();
+    eprintln!("layer stack TP=1: {graphs} steps from CUDA graphs");
+    assert!(graphs >= 10, "{graphs}");
     let want = schedule(&mut reference);
     let w1 = worst(&got, &want);
     eprintln!("layer stack vs op by op (TP=1): worst relative logit difference {w1:e}");
@@ -172,5 +186,47 @@ fn layer_stack_equals_op_by_op_at_tp1_and_tp2() {
     let w2 = worst(&results[0], &want);
     eprintln!("layer stack TP=2 vs op by op TP=1: worst relative logit difference {w2:e}");
     assert!(w2 < BOUND, "{w2:e}");
+    assert_eq!(results[0], results[1], "ranks disagree");
+}
+
+/// TP=2 over NCCL, rank r on GPU r, the communicator on the backend's stream: the steps run as
+/// CUDA graphs with the all-reduces inside them. Needs two GPUs.
+#[test]
+fn layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op() {
+    if !gpu_enabled("layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op") {
+        return;
+    }
+    let gpus = dspark_server::backend::cuda::gpu_count().unwrap_or(0);
+    if gpus < 2 {
+        eprintln!("layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op: skipped ({gpus} GPU)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_wide_config(dir.path());
+    let mut reference = wide_model(dir.path(), Shard::SINGLE, Arc::new(SingleRank));
+    reference.disable_layer_stack();
+    let want = schedule(&mut reference);
+    drop(reference);
+    let id = dspark_server::ranks::NcclUniqueId::create().unwrap();
+    let results = support::local_group::run_ranks(2, |rank, _| {
+        let stream = dspark_server::backend::cuda::group_stream(rank).unwrap();
+        let comm = dspark_server::backend::cuda::nccl::NcclCommunicator::new(stream, rank, 2, &id)
+            .unwrap();
+        let shard = Shard {
+            rank,
+            world_size: 2,
+        };
+        let mut m = wide_model_on(dir.path(), shard, Arc::new(comm), rank);
+        assert!(m.uses_layer_stack());
+        let out = schedule(&mut m);
+        assert!(
+            m.backend().graph_steps() >= 10,
+            "NCCL steps did not run as graphs"
+        );
+        out
+    });
+    let w = worst(&results[0], &want);
+    eprintln!("layer stack graphs, TP=2 over NCCL vs op by op TP=1: worst relative logit difference {w:e}");
+    assert!(w < BOUND, "{w:e}");
     assert_eq!(results[0], results[1], "ranks disagree");
 }

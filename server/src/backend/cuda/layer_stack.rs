@@ -7,6 +7,7 @@
 //! The op-by-op forward in `engine::model::forward` is the reference: every kernel here computes
 //! what its host counterpart does, in f32 (docs/CUDA.md states the tolerances).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -949,6 +950,7 @@ impl CudaBackend {
             if let Some(g) = stack.graphs.iter_mut().find(|g| g.key == key) {
                 g.last_use = uses;
                 g.graph.0.launch().map_err(driver_err("launch graph"))?;
+                self.graph_steps.fetch_add(1, Ordering::Relaxed);
             } else {
                 s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                     .map_err(driver_err("begin capture"))?;
@@ -957,6 +959,7 @@ impl CudaBackend {
                 match (enqueued, ended) {
                     (Ok(()), Ok(Some(graph))) => {
                         graph.launch().map_err(driver_err("launch graph"))?;
+                        self.graph_steps.fetch_add(1, Ordering::Relaxed);
                         if stack.graphs.len() == MAX_GRAPHS {
                             if let Some(oldest) = stack
                                 .graphs

@@ -215,6 +215,8 @@ pub struct CudaBackend {
     clock: OpClock,
     /// GPU time per layer-stack stage (`DSPARK_STACK_PROFILE=1`), reported as `stack: ...`.
     stage_times: Mutex<Vec<crate::engine::OpTime>>,
+    /// Layer-stack steps replayed from a CUDA graph (captures included).
+    graph_steps: AtomicU64,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -297,6 +299,7 @@ impl CudaBackend {
             counters: Counters::default(),
             clock: OpClock::default(),
             stage_times: Mutex::new(Vec::new()),
+            graph_steps: AtomicU64::new(0),
         })
     }
 
@@ -309,6 +312,11 @@ impl CudaBackend {
             fp4: self.counters.fp4.load(Ordering::Relaxed),
             fp4_banks: self.counters.fp4_banks.load(Ordering::Relaxed),
         }
+    }
+
+    /// Layer-stack steps that ran as a CUDA graph so far.
+    pub fn graph_steps(&self) -> u64 {
+        self.graph_steps.load(Ordering::Relaxed)
     }
 
     pub fn device_name(&self) -> &str {
