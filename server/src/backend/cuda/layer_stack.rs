@@ -952,8 +952,14 @@ impl CudaBackend {
                 g.graph.0.launch().map_err(driver_err("launch graph"))?;
                 self.graph_steps.fetch_add(1, Ordering::Relaxed);
             } else {
-                s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                    .map_err(driver_err("begin capture"))?;
+                // NCCL sets up a captured collective with calls that the stricter modes refuse
+                // while a capture runs (the relaxed mode still captures only this stream).
+                let mode = if comm.world_size() > 1 {
+                    CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED
+                } else {
+                    CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+                };
+                s.begin_capture(mode).map_err(driver_err("begin capture"))?;
                 let enqueued = self.enqueue_layers(stack, model, kv, comm, &step);
                 let ended = s.end_capture(CUgraphInstantiate_flags(0));
                 match (enqueued, ended) {

@@ -40,8 +40,9 @@ impl std::fmt::Debug for NcclCommunicator {
     }
 }
 
-fn nccl_err(what: &str, e: impl std::fmt::Debug) -> CommError {
-    CommError::Failed(format!("NCCL {what}: {e:?}"))
+/// cudarc's NCCL error prints no code of its own: name the `ncclResult_t`.
+fn nccl_err(what: &str, e: cudarc::nccl::result::NcclError) -> CommError {
+    CommError::Failed(format!("NCCL {what}: {:?}", e.0))
 }
 
 fn driver_err(what: &str, e: impl std::fmt::Debug) -> CommError {
