@@ -46,6 +46,10 @@ struct SeqView<'a> {
 
 /// DeepSeek-V4 target model of one rank, with its KV pool.
 pub struct DeepseekV4<B: Backend> {
+    /// The backend's whole-layer device forward, where it has one for these weights. Declared
+    /// first so it is dropped first: its CUDA graphs hold NCCL collectives, which must go before
+    /// the communicator (`comm`) is torn down.
+    stack: Option<B::LayerStack>,
     cfg: ModelConfig,
     backend: B,
     weights: ModelWeights<B>,
@@ -61,8 +65,6 @@ pub struct DeepseekV4<B: Backend> {
     /// Layers whose output (mean of the residual streams) is kept for the DSpark draft.
     capture_layers: Vec<usize>,
     captured: Vec<(usize, Vec<f32>)>,
-    /// The backend's whole-layer device forward, where it has one for these weights.
-    stack: Option<B::LayerStack>,
 }
 
 /// Whether runners use the backend's layer stack (`DSPARK_LAYER_STACK=0` forces the op-by-op
