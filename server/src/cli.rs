@@ -165,6 +165,11 @@ pub struct ServeArgs {
     #[arg(long, env = "DSPARK_GPU_MEMORY_UTILIZATION", default_value_t = 0.9)]
     pub gpu_memory_utilization: f64,
 
+    /// Run every decode step's kernels from the host instead of replaying captured CUDA graphs
+    /// (vLLM's flag; for debugging and comparison).
+    #[arg(long, env = "DSPARK_ENFORCE_EAGER")]
+    pub enforce_eager: bool,
+
     /// Speculative decoding [default: dspark when the checkpoint carries the draft, else none].
     #[arg(long, env = "DSPARK_SPECULATIVE_METHOD", value_enum)]
     pub speculative_method: Option<SpeculativeMethod>,
@@ -382,6 +387,11 @@ pub struct BenchArgs {
     #[arg(long, env = "DSPARK_KV_FILL", value_enum, default_value_t = KvFill::Model)]
     pub kv_fill: KvFill,
 
+    /// Launch the layer stack's kernels from the host every step instead of replaying CUDA
+    /// graphs (vLLM's `--enforce-eager`).
+    #[arg(long, env = "DSPARK_ENFORCE_EAGER")]
+    pub enforce_eager: bool,
+
     /// Bytes of each buffer of the copy-bandwidth measurement.
     #[arg(long, env = "DSPARK_COPY_BYTES", default_value_t = 1 << 30)]
     pub copy_bytes: usize,
@@ -508,6 +518,8 @@ mod tests {
         assert!(!parse(&["--no-enable-prefix-caching"]).prefix_caching());
         assert!(!parse(&["--enable-prefix-caching=false"]).prefix_caching());
         assert!(parse(&["--enable-prefix-caching"]).prefix_caching());
+        assert!(parse(&["--enforce-eager"]).enforce_eager);
+        assert!(!parse(&[]).enforce_eager);
     }
 
     #[test]

@@ -481,6 +481,7 @@ fn load_engine(
         // weights (as vLLM sizes its KV cache); the CPU keeps the fixed default.
         gpu_memory_utilization: (args.kv_pool_tokens.is_none() && device == model::Device::Cuda)
             .then_some(args.gpu_memory_utilization),
+        enforce_eager: args.enforce_eager,
         shard: model::load::Shard {
             rank: args.rank(),
             world_size: args.world_size,

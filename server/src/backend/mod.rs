@@ -257,6 +257,14 @@ pub trait Backend: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Whether the layer stack may capture its steps as CUDA graphs (vLLM's `--enforce-eager`
+    /// turns it off); a no-op where there are none.
+    fn set_layer_stack_graphs(&self, _stack: &mut Self::LayerStack, _on: bool)
+    where
+        Self: Sized,
+    {
+    }
+
     /// Most rows of a step the layer stack takes (0: none; larger steps run op by op).
     fn layer_stack_max_rows(&self) -> usize {
         0

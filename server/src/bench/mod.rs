@@ -250,6 +250,7 @@ pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchE
         gpu_ordinal: 0,
         // The bench sizes the pool for its cases.
         gpu_memory_utilization: None,
+        enforce_eager: args.enforce_eager,
     };
     let load_started = std::time::Instant::now();
     let dir = args.model_dir();

@@ -314,6 +314,16 @@ fn ptr_mut<T>(s: &Arc<CudaStream>, b: &mut CudaSlice<T>) -> u64 {
     b.device_ptr_mut(s).0
 }
 
+impl CudaLayerStack {
+    /// Turns graph capture off (dropping the graphs) or back on (unless `DSPARK_CUDA_GRAPHS=0`).
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs_on = on && std::env::var("DSPARK_CUDA_GRAPHS").map_or(true, |v| v != "0");
+        if !self.graphs_on {
+            self.graphs.clear();
+        }
+    }
+}
+
 impl CudaBackend {
     fn alloc_f32(&self, len: usize) -> Result<CudaSlice<f32>, BackendError> {
         self.zeros(len)

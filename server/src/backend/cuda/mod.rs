@@ -770,6 +770,10 @@ impl Backend for CudaBackend {
         STACK_MAX_ROWS
     }
 
+    fn set_layer_stack_graphs(&self, stack: &mut CudaLayerStack, on: bool) {
+        stack.set_graphs(on);
+    }
+
     fn run_layer_stack(
         &self,
         stack: &mut CudaLayerStack,

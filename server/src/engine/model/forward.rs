@@ -119,6 +119,14 @@ impl<B: Backend> DeepseekV4<B> {
         self.stack.is_some()
     }
 
+    /// Whether the layer stack may run its steps as captured CUDA graphs (on by default;
+    /// `--enforce-eager` turns it off).
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        if let Some(stack) = self.stack.as_mut() {
+            self.backend.set_layer_stack_graphs(stack, on);
+        }
+    }
+
     /// Runs every later step op by op (the reference the layer stack is compared with).
     pub fn disable_layer_stack(&mut self) {
         self.stack = None;

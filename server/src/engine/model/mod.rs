@@ -73,6 +73,9 @@ pub struct LoadOptions {
     /// [`KV_WORKSPACE_RESERVE`] bytes, instead of `kv_pool_tokens`; the ranks of a group agree on
     /// the smallest.
     pub gpu_memory_utilization: Option<f64>,
+    /// vLLM's `--enforce-eager`: run the CUDA layer stack without capturing CUDA graphs (every
+    /// kernel launched from the host each step).
+    pub enforce_eager: bool,
 }
 
 /// Device memory kept free for activations and per-step buffers when the pool is sized from
@@ -119,6 +122,7 @@ impl Default for LoadOptions {
             dummy_seed: 0,
             gpu_ordinal: 0,
             gpu_memory_utilization: None,
+            enforce_eager: false,
         }
     }
 }
@@ -208,9 +212,11 @@ pub fn build_on<B: Backend>(
     let weights = load::load_weights(src, &backend, &cfg, opts.shard)?;
     let blocks = pool_blocks_from_memory(&cfg, opts, &backend, comm.as_ref())?;
     let pool = kv_pool_of(&cfg, opts, blocks)?;
-    Ok(DeepseekV4::new(
-        cfg, backend, weights, pool, comm, opts.shard,
-    )?)
+    let mut model = DeepseekV4::new(cfg, backend, weights, pool, comm, opts.shard)?;
+    if opts.enforce_eager {
+        model.set_cuda_graphs(false);
+    }
+    Ok(model)
 }
 
 /// With `opts.gpu_memory_utilization` on a backend that reports its memory: the pool's blocks
