@@ -3,81 +3,28 @@
 //! bandwidth print. Products are exact (bf16 -> f32 is), so the tolerance only covers the f32
 //! summation. Skips (passes with a SKIP line) where there is no GPU.
 
-use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+use cudarc::driver::CudaSlice;
 use dspark_kernels::formats::bf16_to_f32;
 use dspark_kernels::launch::dense_gemv::{check_bf16_gemv, Bf16Gemv};
 use dspark_kernels::reference::rel_err;
-use dspark_kernels::{open_gpu, Kernels, LoaderConfig};
+
+mod common;
+use common::{gpu, Gpu, Rng};
 
 const TOL: f64 = 1e-5;
 
-struct Gpu {
-    k: Kernels,
-    s: Arc<CudaStream>,
-}
-
-fn gpu(test: &str) -> Option<Gpu> {
-    let ctx = match open_gpu(0) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("SKIP {test}: no GPU ({e})");
-            return None;
-        }
-    };
-    let cfg = LoaderConfig {
-        cache_dir: Some(std::env::temp_dir().join("dspark-dense-gemv-test-cache")),
-        prebuilt_dir: None,
-    };
-    let k = Kernels::load(&ctx, &cfg).unwrap();
-    let s = ctx.default_stream();
-    Some(Gpu { k, s })
-}
-
-impl Gpu {
-    fn up<T: DeviceRepr>(&self, v: &[T]) -> CudaSlice<T> {
-        self.s.clone_htod(v).unwrap()
-    }
-    fn ptr<T>(&self, b: &CudaSlice<T>) -> CUdeviceptr {
-        b.device_ptr(&self.s).0
-    }
-    fn down<T: DeviceRepr + Default + Clone>(&self, b: &CudaSlice<T>) -> Vec<T> {
-        self.s.synchronize().unwrap();
-        self.s.clone_dtoh(b).unwrap()
-    }
-}
-
-/// xorshift64*: deterministic inputs without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        let u = (self.next() >> 40) as f32 / (1u64 << 24) as f32;
-        lo + (hi - lo) * u
-    }
-    fn vec(&mut self, len: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..len).map(|_| self.uniform(lo, hi)).collect()
-    }
-    /// Random bf16 bit patterns of finite values in about +-2^(-8..1), both signs.
-    fn bf16(&mut self, len: usize) -> Vec<u16> {
-        (0..len)
-            .map(|_| {
-                let r = self.next();
-                let sign = ((r >> 63) as u16) << 15;
-                let exp = 119 + (r >> 32) as u16 % 9;
-                sign | (exp << 7) | (r as u16 & 0x7f)
-            })
-            .collect()
-    }
+/// Random bf16 bit patterns of finite values in about +-2^(-8..1), both signs.
+fn bf16_bits(rng: &mut Rng, len: usize) -> Vec<u16> {
+    (0..len)
+        .map(|_| {
+            let r = rng.next();
+            let sign = ((r >> 63) as u16) << 15;
+            let exp = 119 + (r >> 32) as u16 % 9;
+            sign | (exp << 7) | (r as u16 & 0x7f)
+        })
+        .collect()
 }
 
 /// `out[m, n] = sum_k x[m, k] w[n, k]` in f64 (products of the exact widened weights).
@@ -120,7 +67,7 @@ fn run_gemv(
 }
 
 fn check(g: &Gpu, rng: &mut Rng, m_list: &[usize], n: usize, k: usize) {
-    let w = rng.bf16(n * k);
+    let w = bf16_bits(rng, n * k);
     let wb = g.up(&w);
     let mmax = m_list.iter().copied().max().unwrap_or(1);
     let x = rng.vec(mmax * k, -1.0, 1.0);
@@ -180,7 +127,7 @@ fn bf16_widen_and_gather_are_exact() {
     };
     let mut rng = Rng(42);
     for len in [1usize, 7, 8, 9, 4096 + 5, 3_000_001] {
-        let src = rng.bf16(len);
+        let src = bf16_bits(&mut rng, len);
         let sb = g.up(&src);
         let db = g.up(&vec![f32::NAN; len]);
         // SAFETY: sb holds len bf16 and db len f32.
@@ -195,7 +142,7 @@ fn bf16_widen_and_gather_are_exact() {
         );
     }
     for (rows, k) in [(129_280usize, 4096usize), (10, 8), (5, 24)] {
-        let w = rng.bf16(rows * k);
+        let w = bf16_bits(&mut rng, rows * k);
         let wb = g.up(&w);
         let ids: Vec<i32> = vec![
             0,

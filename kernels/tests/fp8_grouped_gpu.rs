@@ -14,15 +14,16 @@
 //! whole [n, k] matrix, which for 8 x 1024 rows is a different split (another summation order),
 //! so there the check is the reference tolerance only.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use cudarc::driver::sys::{CUdeviceptr, CUevent_flags};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::CudaSlice;
 use dspark_kernels::launch::fp8_ksplit;
 use dspark_kernels::reference::{fp8_gemv, rel_err};
-use dspark_kernels::{
-    open_gpu, ActDtype, Fp8Gemv, Fp8GroupedGemv, Fp8Path, Kernels, LoaderConfig, OutDtype,
-};
+use dspark_kernels::{ActDtype, Fp8Gemv, Fp8GroupedGemv, Fp8Path, OutDtype};
+
+mod common;
+use common::{gpu, Gpu, Rng};
 
 /// f32 accumulation of k <= 4096 random-sign terms against the exactly rounded f64 sum: the
 /// error is ~1e-7 of the result's norm; 1e-5 leaves two orders of margin and still catches any
@@ -31,57 +32,6 @@ const TOL: f64 = 1e-5;
 
 /// The tests of this file share the GPU one at a time (the timing must run alone).
 static GPU_LOCK: Mutex<()> = Mutex::new(());
-
-struct Gpu {
-    ctx: Arc<CudaContext>,
-    k: Kernels,
-    s: Arc<CudaStream>,
-}
-
-fn gpu(test: &str) -> Option<Gpu> {
-    let ctx = match open_gpu(0) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("SKIP {test}: no GPU ({e})");
-            return None;
-        }
-    };
-    let cfg = LoaderConfig {
-        cache_dir: Some(std::env::temp_dir().join("dspark-fp8-grouped-test-cache")),
-        prebuilt_dir: None,
-    };
-    let k = Kernels::load(&ctx, &cfg).unwrap();
-    let s = ctx.default_stream();
-    Some(Gpu { ctx, k, s })
-}
-
-impl Gpu {
-    fn up<T: DeviceRepr>(&self, v: &[T]) -> CudaSlice<T> {
-        self.s.clone_htod(v).unwrap()
-    }
-    fn ptr<T>(&self, b: &CudaSlice<T>) -> CUdeviceptr {
-        b.device_ptr(&self.s).0
-    }
-    fn down<T: DeviceRepr + Default + Clone>(&self, b: &CudaSlice<T>) -> Vec<T> {
-        self.s.synchronize().unwrap();
-        self.s.clone_dtoh(b).unwrap()
-    }
-}
-
-/// xorshift64*: deterministic inputs without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-}
 
 /// One grouped projection: `groups` matrices [rows, k] stacked, x [m, ld_x] with group g's inputs
 /// at g * x_group_stride. `gap` extra elements after each group's inputs (and after the row) are
@@ -140,7 +90,7 @@ fn data(c: &Case, seed: u64) -> Data {
         for g in 0..c.groups {
             let at = m * c.ld_x() + g * c.stride();
             for v in &mut x[at..at + c.k] {
-                *v = rng.uniform();
+                *v = rng.uniform(-1.0, 1.0);
             }
         }
     }

@@ -5,76 +5,16 @@
 //! tolerance measures the kernel's own error (the host's sequential f32 order is not a parallel
 //! one either). Skips (passes with a SKIP line) where there is no GPU.
 
-use std::sync::Arc;
-
-use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 use dspark_kernels::launch::layer_ops::{
     hc_head_workspace_floats, hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcHead, HcMix,
     HcPost, HcPreFinish, HcPreFused, RmsNormF32, RopeF32, RouteF32, RouterScoring,
 };
 use dspark_kernels::reference::rel_err;
-use dspark_kernels::{open_gpu, Kernels, LoaderConfig};
+
+mod common;
+use common::{gpu, Rng};
 
 const TOL: f64 = 1e-5;
-
-struct Gpu {
-    k: Kernels,
-    s: Arc<CudaStream>,
-}
-
-fn gpu(test: &str) -> Option<Gpu> {
-    let ctx = match open_gpu(0) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("SKIP {test}: no GPU ({e})");
-            return None;
-        }
-    };
-    // One cache for all tests of this file (the loader writes entries atomically).
-    let cfg = LoaderConfig {
-        cache_dir: Some(std::env::temp_dir().join("dspark-layer-ops-test-cache")),
-        prebuilt_dir: None,
-    };
-    let k = Kernels::load(&ctx, &cfg).unwrap();
-    let s = ctx.default_stream();
-    Some(Gpu { k, s })
-}
-
-impl Gpu {
-    fn up<T: DeviceRepr>(&self, v: &[T]) -> CudaSlice<T> {
-        self.s.clone_htod(v).unwrap()
-    }
-    fn ptr<T>(&self, b: &CudaSlice<T>) -> CUdeviceptr {
-        b.device_ptr(&self.s).0
-    }
-    fn down<T: DeviceRepr + Default + Clone>(&self, b: &CudaSlice<T>) -> Vec<T> {
-        self.s.synchronize().unwrap();
-        self.s.clone_dtoh(b).unwrap()
-    }
-}
-
-/// xorshift64*: deterministic inputs without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        let u = (self.next() >> 40) as f32 / (1u64 << 24) as f32;
-        lo + (hi - lo) * u
-    }
-    fn vec(&mut self, len: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..len).map(|_| self.uniform(lo, hi)).collect()
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 fn rel(out: &[f32], reference: &[f32]) -> f64 {
     let o: Vec<f64> = out.iter().map(|&v| f64::from(v)).collect();

@@ -5,69 +5,14 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use dspark_kernels::launch::paged::{
     key_counts, key_starts, CompressParams, KeyMode, KeySelection, PoolSection, RowTable,
 };
 use dspark_kernels::reference::rel_err;
-use dspark_kernels::{open_gpu, Kernels, LoaderConfig};
 
-struct Gpu {
-    _ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    k: Kernels,
-    _cache: tempfile::TempDir,
-}
-
-fn gpu(test: &str) -> Option<Gpu> {
-    let ctx = match open_gpu(0) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("SKIP {test}: no GPU ({e})");
-            return None;
-        }
-    };
-    let cache = tempfile::tempdir().unwrap();
-    let cfg = LoaderConfig {
-        cache_dir: Some(cache.path().to_path_buf()),
-        prebuilt_dir: None,
-    };
-    let k = Kernels::load(&ctx, &cfg).unwrap();
-    Some(Gpu {
-        stream: ctx.default_stream(),
-        _ctx: ctx,
-        k,
-        _cache: cache,
-    })
-}
-
-/// xorshift64*: deterministic test data without a rand dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn f32(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.f32() * scale).collect()
-    }
-    fn permutation(&mut self, n: usize) -> Vec<u32> {
-        let mut v: Vec<u32> = (0..n as u32).collect();
-        for i in (1..n).rev() {
-            v.swap(i, self.below(i + 1));
-        }
-        v
-    }
-}
+mod common;
+use common::{gpu, Gpu, Rng};
 
 /// One layer's region in a block, laid out as `BlockGeometry::new` does (window latent rows,
 /// compressor inputs, compressed rows), after `layer_base` floats of other layers.
@@ -295,20 +240,20 @@ impl StepBufs {
 /// Writes this step's latent rows and compressor inputs, compresses, and compares the whole pool
 /// with the host: bit-exact outside the compressed rows, 1e-5 relative on them.
 fn compress_case(g: &Gpu, name: &str, lay: Layout, rope_dim: usize, step: &Step, seed: u64) {
-    let s = &g.stream;
+    let s = &g.s;
     let mut rng = Rng(seed);
     let num_blocks = step.tables.iter().flatten().copied().max().unwrap_or(0) as usize + 1;
-    let mut pool = rng.vec(num_blocks * lay.fpb, 1.0);
+    let mut pool = rng.signed_vec(num_blocks * lay.fpb, 1.0);
     let n = step.rows.len();
     let width = lay.width();
-    let kv = rng.vec(n * width, 1.0);
-    let gate = rng.vec(n * width, 2.0);
+    let kv = rng.signed_vec(n * width, 1.0);
+    let gate = rng.signed_vec(n * width, 2.0);
     let ld_lat = lay.hd + 8;
-    let latent = rng.vec(n * ld_lat, 1.0);
+    let latent = rng.signed_vec(n * ld_lat, 1.0);
     let comp = Compressor {
-        ape: rng.vec(lay.ratio * width, 0.5),
+        ape: rng.signed_vec(lay.ratio * width, 0.5),
         norm: rng
-            .vec(lay.dim, 1.0)
+            .signed_vec(lay.dim, 1.0)
             .iter()
             .map(|v| 1.0 + 0.5 * v)
             .collect(),
@@ -503,7 +448,7 @@ fn run_keys(
     selected: Option<(&[i32], &[i32], usize)>,
     starts: &[i32],
 ) -> Vec<i64> {
-    let s = &g.stream;
+    let s = &g.s;
     let bufs = step.upload(s);
     let rows = bufs.table(s);
     let starts_d = up(s, starts);

@@ -28,43 +28,6 @@ fn gpu_enabled(test: &str) -> bool {
     on
 }
 
-/// The wide V4 config of model_cuda.rs (every packed kernel path, FP8 + FP4), 4 layers:
-/// sliding, CSA (ratio 4), HCA (ratio 128), CSA.
-fn write_wide_config(dir: &Path) {
-    let tiny: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(support::repo_path("assets/tiny-dsv4/config.json")).unwrap(),
-    )
-    .unwrap();
-    let mut c = tiny.as_object().unwrap().clone();
-    for (k, v) in [
-        ("hidden_size", 256),
-        ("moe_intermediate_size", 256),
-        ("q_lora_rank", 256),
-        ("o_lora_rank", 128),
-        ("head_dim", 128),
-        ("qk_rope_head_dim", 64),
-        ("num_attention_heads", 4),
-        ("index_head_dim", 64),
-        ("index_n_heads", 4),
-        ("o_groups", 2),
-        ("sliding_window", 32),
-        ("index_topk", 8),
-    ] {
-        c.insert(k.into(), v.into());
-    }
-    c.insert("expert_dtype".into(), "fp4".into());
-    c.insert(
-        "quantization_config".into(),
-        serde_json::json!({"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-            "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}),
-    );
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string_pretty(&c).unwrap(),
-    )
-    .unwrap();
-}
-
 fn wide_model(dir: &Path, shard: Shard, comm: Arc<dyn Communicator>) -> DeepseekV4<CudaBackend> {
     wide_model_on(dir, shard, comm, 0)
 }
@@ -156,7 +119,7 @@ fn layer_stack_equals_op_by_op_at_tp1_and_tp2() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    write_wide_config(dir.path());
+    support::write_wide_config(dir.path(), &[("sliding_window", 32), ("index_topk", 8)]);
     let mut stacked = wide_model(dir.path(), Shard::SINGLE, Arc::new(SingleRank));
     assert!(
         stacked.uses_layer_stack(),
@@ -202,7 +165,7 @@ fn layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    write_wide_config(dir.path());
+    support::write_wide_config(dir.path(), &[("sliding_window", 32), ("index_topk", 8)]);
     let mut reference = wide_model(dir.path(), Shard::SINGLE, Arc::new(SingleRank));
     reference.disable_layer_stack();
     let want = schedule(&mut reference);

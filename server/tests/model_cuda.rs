@@ -90,41 +90,6 @@ fn quantized_model_matches_transformers_on_cuda_with_native_fp8_and_fp4() {
     eprintln!("cuda quantized: worst relative error prefill {p:e}, one-shot {o:e}, decode {g:e}");
 }
 
-/// A V4 config wide enough for every packed path (FP8 tiles of 128, FP4 groups of 32 on both
-/// TP shards), with the real formats (FP8 attention/shared experts, FP4 routed experts).
-fn write_wide_config(dir: &Path) {
-    let tiny: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(support::repo_path("assets/tiny-dsv4/config.json")).unwrap(),
-    )
-    .unwrap();
-    let mut c = tiny.as_object().unwrap().clone();
-    for (k, v) in [
-        ("hidden_size", 256),
-        ("moe_intermediate_size", 256),
-        ("q_lora_rank", 256),
-        ("o_lora_rank", 128),
-        ("head_dim", 128),
-        ("qk_rope_head_dim", 64),
-        ("num_attention_heads", 4),
-        ("index_head_dim", 64),
-        ("index_n_heads", 4),
-        ("o_groups", 2),
-    ] {
-        c.insert(k.into(), v.into());
-    }
-    c.insert("expert_dtype".into(), "fp4".into());
-    c.insert(
-        "quantization_config".into(),
-        serde_json::json!({"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-            "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}),
-    );
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string_pretty(&c).unwrap(),
-    )
-    .unwrap();
-}
-
 fn wide_logits(
     dir: &Path,
     device: model::Device,
@@ -184,7 +149,7 @@ fn cuda_equals_cpu_on_wide_dummy_weights_at_tp1_and_tp2() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    write_wide_config(dir.path());
+    support::write_wide_config(dir.path(), &[]);
     let r = Reference::load(&support::repo_path("tests/fixtures/reference.json"));
     let toks = ids(&r.prompt("one_hca_block")["input_ids"]);
     let (cpu_p, cpu_d) = wide_logits(

@@ -25,6 +25,43 @@ pub fn tiny_checkpoint() -> Checkpoint {
     Checkpoint::open(&tiny_dir()).unwrap()
 }
 
+/// Writes `dir/config.json`: the tiny model's config at a width where every packed CUDA path
+/// runs (FP8 tiles of 128, FP4 groups of 32 on both TP shards), with the real formats (FP8
+/// attention and shared experts, FP4 routed experts), plus `overrides`.
+pub fn write_wide_config(dir: &Path, overrides: &[(&str, i64)]) {
+    let tiny: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_path("assets/tiny-dsv4/config.json")).unwrap(),
+    )
+    .unwrap();
+    let mut c = tiny.as_object().unwrap().clone();
+    let wide = [
+        ("hidden_size", 256),
+        ("moe_intermediate_size", 256),
+        ("q_lora_rank", 256),
+        ("o_lora_rank", 128),
+        ("head_dim", 128),
+        ("qk_rope_head_dim", 64),
+        ("num_attention_heads", 4),
+        ("index_head_dim", 64),
+        ("index_n_heads", 4),
+        ("o_groups", 2),
+    ];
+    for (k, v) in wide.iter().chain(overrides) {
+        c.insert((*k).into(), (*v).into());
+    }
+    c.insert("expert_dtype".into(), "fp4".into());
+    c.insert(
+        "quantization_config".into(),
+        serde_json::json!({"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+            "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}),
+    );
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&c).unwrap(),
+    )
+    .unwrap();
+}
+
 /// A checkpoint that lacks one tensor, for the loaders' missing-tensor errors.
 pub struct WithoutTensor<'a> {
     pub inner: &'a Checkpoint,

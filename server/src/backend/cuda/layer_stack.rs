@@ -220,6 +220,19 @@ struct StepShape<'a> {
     capture: &'a [usize],
 }
 
+/// What [`CudaBackend::stack_compress`] needs of one compressor (the attention's or the
+/// indexer's).
+struct CompressorSite {
+    /// The layer's part of a block, in floats (the pool is layer-major).
+    fpb: usize,
+    block_size: usize,
+    input: PoolSection,
+    output: PoolSection,
+    kv: u64,
+    gate: u64,
+    params: CompressParams,
+}
+
 /// Where one step's row table lies in the stack's metadata buffers (device pointers).
 struct StepTables {
     positions: u64,
@@ -1190,6 +1203,48 @@ impl CudaBackend {
         unsafe { self.kernels.hc_pre_fused_f32(s, &call) }.map_err(kernel_err)
     }
 
+    /// One compressor of a layer: the step's `kv` and `gate` rows (`coff * dim` each) into the
+    /// pool's input section, then every window closing in the step pooled, normed and rotated
+    /// into its compressed row (the closing windows read earlier inputs from the pool).
+    fn stack_compress(
+        &self,
+        pool: u64,
+        table: &RowTable,
+        site: &CompressorSite,
+    ) -> Result<(), BackendError> {
+        let s = &self.stream;
+        let c = &site.params;
+        // SAFETY: kv and gate hold the step's rows of coff * dim; the sections are this
+        // layer's parts of blocks the caller checked against the pool.
+        unsafe {
+            self.kernels
+                .pool_write_kv_gate(
+                    s,
+                    pool,
+                    table,
+                    site.fpb,
+                    site.block_size,
+                    &site.input,
+                    site.kv,
+                    site.gate,
+                    c.coff * c.dim,
+                )
+                .and_then(|()| {
+                    self.kernels.compress_rows(
+                        s,
+                        pool,
+                        table,
+                        site.fpb,
+                        site.block_size,
+                        &site.input,
+                        &site.output,
+                        c,
+                    )
+                })
+        }
+        .map_err(kernel_err)
+    }
+
     /// `streams = post * sub_out + comb^T streams` with the mix of the last [`Self::hc_pre`].
     fn hc_post(
         &self,
@@ -1392,112 +1447,74 @@ impl CudaBackend {
         // Compressors: this step's inputs into the pool, then every window closing in it.
         if let (Some(_), Some(cp)) = (&aw.compressor, &layer.compressor) {
             let coff = if kind == AttentionKind::Csa { 2 } else { 1 };
-            // SAFETY: comp_kv/comp_gate hold n rows of coff * head_dim; the sections are this
-            // layer's regions of blocks inside the pool.
-            unsafe {
-                self.kernels
-                    .pool_write_kv_gate(
-                        s,
-                        pool,
-                        table,
-                        fpb,
-                        bs,
-                        &PoolSection {
-                            base: start + lay.comp_in,
-                            stride: 2 * lay.comp_width,
-                            ratio: 1,
-                        },
-                        ptr(s, &sc.comp_kv),
-                        ptr(s, &sc.comp_gate),
-                        coff * hd,
-                    )
-                    .and_then(|()| {
-                        self.kernels.compress_rows(
-                            s,
-                            pool,
-                            table,
-                            fpb,
-                            bs,
-                            &PoolSection {
-                                base: start + lay.comp_in,
-                                stride: 2 * lay.comp_width,
-                                ratio: 1,
-                            },
-                            &PoolSection {
-                                base: start + lay.comp_rows,
-                                stride: hd,
-                                ratio,
-                            },
-                            &CompressParams {
-                                ratio,
-                                coff,
-                                dim: hd,
-                                ape: ptr(s, &cp.ape),
-                                norm: ptr(s, &cp.norm),
-                                inv_freq: ptr(s, &stack.rope_compress),
-                                rope_dim: rd,
-                                attention_factor: compress_af,
-                                eps,
-                            },
-                        )
-                    })
-            }
-            .map_err(kernel_err)?;
+            let input = PoolSection {
+                base: start + lay.comp_in,
+                stride: 2 * lay.comp_width,
+                ratio: 1,
+            };
+            self.stack_compress(
+                pool,
+                table,
+                &CompressorSite {
+                    fpb,
+                    block_size: bs,
+                    input,
+                    output: PoolSection {
+                        base: start + lay.comp_rows,
+                        stride: hd,
+                        ratio,
+                    },
+                    kv: ptr(s, &sc.comp_kv),
+                    gate: ptr(s, &sc.comp_gate),
+                    params: CompressParams {
+                        ratio,
+                        coff,
+                        dim: hd,
+                        ape: ptr(s, &cp.ape),
+                        norm: ptr(s, &cp.norm),
+                        inv_freq: ptr(s, &stack.rope_compress),
+                        rope_dim: rd,
+                        attention_factor: compress_af,
+                        eps,
+                    },
+                },
+            )?;
         }
         let key_mode;
         if let (Some(iw), Some(ip)) = (&aw.indexer, &layer.indexer) {
             key_mode = KeyMode::Selected;
             let ihd = cfg.index_head_dim;
-            // SAFETY: as for the compressor, with the indexer's sections and widths.
-            unsafe {
-                self.kernels
-                    .pool_write_kv_gate(
-                        s,
-                        pool,
-                        table,
-                        fpb,
-                        bs,
-                        &PoolSection {
-                            base: start + lay.idx_in,
-                            stride: 2 * lay.idx_width,
-                            ratio: 1,
-                        },
-                        ptr(s, &sc.idx_kv),
-                        ptr(s, &sc.idx_gate),
-                        2 * ihd,
-                    )
-                    .and_then(|()| {
-                        self.kernels.compress_rows(
-                            s,
-                            pool,
-                            table,
-                            fpb,
-                            bs,
-                            &PoolSection {
-                                base: start + lay.idx_in,
-                                stride: 2 * lay.idx_width,
-                                ratio: 1,
-                            },
-                            &PoolSection {
-                                base: start + lay.idx_rows,
-                                stride: ihd,
-                                ratio,
-                            },
-                            &CompressParams {
-                                ratio,
-                                coff: 2,
-                                dim: ihd,
-                                ape: ptr(s, &ip.ape),
-                                norm: ptr(s, &ip.norm),
-                                inv_freq: ptr(s, &stack.rope_compress),
-                                rope_dim: rd,
-                                attention_factor: compress_af,
-                                eps,
-                            },
-                        )
-                    })
-            }
-            .map_err(kernel_err)?;
+            self.stack_compress(
+                pool,
+                table,
+                &CompressorSite {
+                    fpb,
+                    block_size: bs,
+                    input: PoolSection {
+                        base: start + lay.idx_in,
+                        stride: 2 * lay.idx_width,
+                        ratio: 1,
+                    },
+                    output: PoolSection {
+                        base: start + lay.idx_rows,
+                        stride: ihd,
+                        ratio,
+                    },
+                    kv: ptr(s, &sc.idx_kv),
+                    gate: ptr(s, &sc.idx_gate),
+                    params: CompressParams {
+                        ratio,
+                        coff: 2,
+                        dim: ihd,
+                        ape: ptr(s, &ip.ape),
+                        norm: ptr(s, &ip.norm),
+                        inv_freq: ptr(s, &stack.rope_compress),
+                        rope_dim: rd,
+                        attention_factor: compress_af,
+                        eps,
+                    },
+                },
+            )?;
             let class = index_classes
                 .iter()
                 .find(|c| c.ratio == ratio)

@@ -1,0 +1,90 @@
+//! What the GPU tests of this crate share: a GPU with every kernel loaded (or a SKIP line where
+//! there is none, as in CI), buffer helpers, and deterministic inputs.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+use dspark_kernels::{open_gpu, Kernels, LoaderConfig};
+
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub k: Kernels,
+    pub s: Arc<CudaStream>,
+}
+
+/// GPU 0 with the kernels loaded, or `None` (after a SKIP line naming `test`) without one.
+pub fn gpu(test: &str) -> Option<Gpu> {
+    let ctx = match open_gpu(0) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("SKIP {test}: no GPU ({e})");
+            return None;
+        }
+    };
+    // One cache for every test (entries are keyed by source hash and written atomically), so
+    // NVRTC compiles each module once per machine.
+    let cfg = LoaderConfig {
+        cache_dir: Some(std::env::temp_dir().join("dspark-kernel-test-cache")),
+        prebuilt_dir: None,
+    };
+    let k = Kernels::load(&ctx, &cfg).unwrap();
+    let s = ctx.default_stream();
+    Some(Gpu { ctx, k, s })
+}
+
+impl Gpu {
+    pub fn up<T: DeviceRepr>(&self, v: &[T]) -> CudaSlice<T> {
+        self.s.clone_htod(v).unwrap()
+    }
+
+    pub fn ptr<T>(&self, b: &CudaSlice<T>) -> CUdeviceptr {
+        b.device_ptr(&self.s).0
+    }
+
+    pub fn down<T: DeviceRepr + Default + Clone>(&self, b: &CudaSlice<T>) -> Vec<T> {
+        self.s.synchronize().unwrap();
+        self.s.clone_dtoh(b).unwrap()
+    }
+}
+
+/// xorshift64*: deterministic inputs without a dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `[lo, hi)` on a grid of 2^-24 of the range.
+    pub fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        let u = (self.next() >> 40) as f32 / (1u64 << 24) as f32;
+        lo + (hi - lo) * u
+    }
+
+    pub fn vec(&mut self, len: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..len).map(|_| self.uniform(lo, hi)).collect()
+    }
+
+    /// Uniform in `[-1, 1)` times `scale` (the product rounded once).
+    pub fn signed_vec(&mut self, len: usize, scale: f32) -> Vec<f32> {
+        (0..len).map(|_| self.uniform(-1.0, 1.0) * scale).collect()
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    /// A random permutation of `0..n` (Fisher-Yates).
+    pub fn permutation(&mut self, n: usize) -> Vec<u32> {
+        let mut v: Vec<u32> = (0..n as u32).collect();
+        for i in (1..n).rev() {
+            v.swap(i, self.below(i + 1));
+        }
+        v
+    }
+}
