@@ -302,7 +302,8 @@ impl ServeArgs {
 /// How `dspark-server bench` counts weight bytes (see docs/PERFORMANCE.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum WeightsAs {
-    /// f32 on cpu, packed-f32 on cuda: what each backend holds today.
+    /// f32 on cpu, checkpoint on cuda: what each backend holds today (the CUDA backend keeps
+    /// FP8/FP4 packed and bf16 tensors as bf16).
     Auto,
     /// The checkpoint's encodings throughout (FP8 + tiles, FP4 + scales, bf16 at 2 bytes).
     Checkpoint,

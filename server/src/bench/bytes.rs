@@ -23,10 +23,10 @@ use crate::engine::model::manifest::{ExpectedTensor, StoredDtype};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightStorage {
     /// The checkpoint's dtypes: FP8 e4m3 + one E8M0 scale per 128x128 block, FP4 e2m1 (two per
-    /// byte) + one UE8M0 scale per 32 values, bf16, f32 (what a GPU backend keeps).
+    /// byte) + one UE8M0 scale per 32 values, bf16, f32 (what the CUDA backend keeps).
     Checkpoint,
     /// FP8 and FP4 tensors kept packed as in the checkpoint, bf16 and f32 ones held as f32
-    /// (the CUDA backend as docs/CUDA.md describes it today).
+    /// (the CUDA backend before bf16 tensors stayed bf16).
     PackedF32,
     /// Every float tensor dequantized to f32 (the CPU reference backend).
     F32,

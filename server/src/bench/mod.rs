@@ -215,8 +215,8 @@ pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchE
 
     let storage = match (args.weights_as, device) {
         (WeightsAs::Auto, Device::Cpu) | (WeightsAs::F32, _) => WeightStorage::F32,
-        (WeightsAs::Auto, Device::Cuda) | (WeightsAs::PackedF32, _) => WeightStorage::PackedF32,
-        (WeightsAs::Checkpoint, _) => WeightStorage::Checkpoint,
+        (WeightsAs::PackedF32, _) => WeightStorage::PackedF32,
+        (WeightsAs::Auto, Device::Cuda) | (WeightsAs::Checkpoint, _) => WeightStorage::Checkpoint,
     };
     // Both backends keep the f32 pool of docs/KV.md today (the CUDA backend in GPU memory).
     let kv_dtype = match args.kv_cache_dtype {
