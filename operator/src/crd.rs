@@ -398,6 +398,10 @@ pub struct ProfileSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self > 0.0 && self < 1.0").message("gpuMemoryUtilization must be > 0 and < 1"))]
     pub gpu_memory_utilization: Option<f64>,
+    /// Launch every decode step's kernels from the host instead of replaying captured CUDA
+    /// graphs (vLLM --enforce-eager): slower, for debugging. Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforce_eager: Option<bool>,
     /// Speculative decoding (DSpark draft).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub speculative: Option<SpeculativeSpec>,
@@ -536,6 +540,9 @@ pub struct ResolvedProfile {
     pub kv_pool_tokens: Option<i64>,
     /// --gpu-memory-utilization.
     pub gpu_memory_utilization: f64,
+    /// --enforce-eager.
+    #[serde(default)]
+    pub enforce_eager: bool,
     /// --speculative-method.
     pub speculative_method: SpeculativeMethod,
     /// --num-speculative-tokens.
@@ -563,6 +570,7 @@ pub fn resolve_profile(spec: &ProfileSpec) -> ResolvedProfile {
         kv_cache_dtype: spec.kv_cache_dtype.unwrap_or(KvCacheDtype::Fp8),
         kv_pool_tokens: spec.kv_pool_tokens,
         gpu_memory_utilization: spec.gpu_memory_utilization.unwrap_or(0.9),
+        enforce_eager: spec.enforce_eager.unwrap_or(false),
         speculative_method: speculative.method.unwrap_or(SpeculativeMethod::Dspark),
         // k = 5 is the draft block the DSpark head was trained for.
         num_speculative_tokens: speculative.num_tokens.unwrap_or(5),

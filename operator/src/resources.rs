@@ -91,6 +91,8 @@ pub fn server_args(inv: &ServerInvocation) -> Vec<String> {
     args.extend([
         "--gpu-memory-utilization".into(),
         p.gpu_memory_utilization.to_string(),
+        "--enforce-eager".into(),
+        p.enforce_eager.to_string(),
         "--speculative-method".into(),
         p.speculative_method.as_flag().into(),
         "--num-speculative-tokens".into(),

@@ -75,6 +75,7 @@ fn presets_resolve_to_concrete_values() {
     assert_eq!(long.num_speculative_tokens, 5);
     assert_eq!(long.gpu_memory_utilization, 0.9);
     assert_eq!(long.kv_pool_tokens, None);
+    assert!(!long.enforce_eager);
     assert_eq!(long.summary, "long-context 1048576x6");
 
     let conc = resolve_profile(&ProfileSpec {
@@ -95,6 +96,7 @@ fn explicit_fields_override_the_preset() {
         kv_cache_dtype: Some(KvCacheDtype::Nvfp4),
         kv_pool_tokens: Some(2_000_000),
         gpu_memory_utilization: Some(0.85),
+        enforce_eager: Some(true),
         speculative: Some(SpeculativeSpec {
             method: Some(SpeculativeMethod::None),
             num_tokens: Some(3),
@@ -108,6 +110,7 @@ fn explicit_fields_override_the_preset() {
     assert_eq!(r.kv_cache_dtype, KvCacheDtype::Nvfp4);
     assert_eq!(r.kv_pool_tokens, Some(2_000_000));
     assert_eq!(r.gpu_memory_utilization, 0.85);
+    assert!(r.enforce_eager);
     assert_eq!(r.speculative_method, SpeculativeMethod::None);
     assert_eq!(r.num_speculative_tokens, 3);
 }
@@ -137,6 +140,7 @@ fn server_args_carry_the_resolved_profile() {
     assert_eq!(flag(&args, "--kv-cache-dtype"), Some("fp8"));
     assert_eq!(flag(&args, "--kv-pool-tokens"), Some("3000000"));
     assert_eq!(flag(&args, "--gpu-memory-utilization"), Some("0.8"));
+    assert_eq!(flag(&args, "--enforce-eager"), Some("false"));
     assert_eq!(flag(&args, "--speculative-method"), Some("dspark"));
     assert_eq!(flag(&args, "--num-speculative-tokens"), Some("5"));
     // The rank is not a flag: it comes from the pod-index label through DSPARK_RANK.

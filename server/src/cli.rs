@@ -166,8 +166,9 @@ pub struct ServeArgs {
     pub gpu_memory_utilization: f64,
 
     /// Run every decode step's kernels from the host instead of replaying captured CUDA graphs
-    /// (vLLM's flag; for debugging and comparison).
-    #[arg(long, env = "DSPARK_ENFORCE_EAGER")]
+    /// (vLLM's flag; for debugging and comparison). Also `--enforce-eager=true|false`.
+    #[arg(long, env = "DSPARK_ENFORCE_EAGER", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
     pub enforce_eager: bool,
 
     /// Speculative decoding [default: dspark when the checkpoint carries the draft, else none].
@@ -520,6 +521,11 @@ mod tests {
         assert!(!parse(&["--enable-prefix-caching=false"]).prefix_caching());
         assert!(parse(&["--enable-prefix-caching"]).prefix_caching());
         assert!(parse(&["--enforce-eager"]).enforce_eager);
+        assert!(parse(&["--enforce-eager=true"]).enforce_eager);
+        assert!(!parse(&["--enforce-eager=false"]).enforce_eager);
+        // As the operator renders it (a value after every flag).
+        assert!(!parse(&["--enforce-eager", "false"]).enforce_eager);
+        assert!(parse(&["--enforce-eager", "true", "--port", "9000"]).enforce_eager);
         assert!(!parse(&[]).enforce_eager);
     }
 
