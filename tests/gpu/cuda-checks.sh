@@ -5,7 +5,8 @@
 #   cargo test -p dspark-server --test model_cuda --test backend_kv_cuda --no-run
 #   DSPARK_SERVER_BIN=target/debug/dspark-server DSPARK_MODEL_CUDA_BIN=target/debug/deps/model_cuda-<hash> \
 #     DSPARK_BACKEND_KV_CUDA_BIN=target/debug/deps/backend_kv_cuda-<hash> \
-#     DSPARK_LAYER_STACK_CUDA_BIN=target/debug/deps/layer_stack_cuda-<hash> tests/gpu/cuda-checks.sh
+#     DSPARK_LAYER_STACK_CUDA_BIN=target/debug/deps/layer_stack_cuda-<hash> \
+#     DSPARK_KERNEL_TEST_BINS="target/debug/deps/layer_ops_gpu-<hash> ..." tests/gpu/cuda-checks.sh
 # 1. the engine fixture tests on the CUDA backend (transformers references, CUDA vs CPU, TP=2 in
 #    one process) and the KV pool kernels against the CPU backend; 2. compute-sanitizer memcheck
 #    over the fixture runs and the KV kernel checks (if installed);
@@ -20,6 +21,14 @@ step() { printf '\n==> %s\n' "$*"; }
 
 kv_tests=${DSPARK_BACKEND_KV_CUDA_BIN:-}
 stack_tests=${DSPARK_LAYER_STACK_CUDA_BIN:-}
+# Optional: the kernels crate's GPU test binaries (layer_ops_gpu, paged_gpu, fp8_grouped_gpu,
+# dense_gemv_gpu, gpu_smoke), space-separated.
+kernel_tests=${DSPARK_KERNEL_TEST_BINS:-}
+
+for k in $kernel_tests; do
+  step "kernel test $(basename "$k")"
+  "$k" --test-threads 1 || fail=1
+done
 
 step "model_cuda fixture tests"
 DSPARK_TEST_CUDA=1 "$tests" --test-threads 1 --nocapture || fail=1
