@@ -3,69 +3,14 @@
 // GPU (row groups, split K, tails, buckets, widening, gather; the same kinds of cases as
 // tests/dense_gemv_gpu.rs at smaller sizes):
 //   g++ -std=c++20 -O2 -pthread -w -o /tmp/dense_gemv_emu kernels/tools/dense_gemv_emu.cpp && /tmp/dense_gemv_emu
-#include <algorithm>
-#include <barrier>
-#include <cmath>
-#include <cstdio>
-#include <cstring>
-#include <memory>
-#include <thread>
-#include <vector>
-struct D3 { unsigned int x = 0, y = 0, z = 0; };
-thread_local D3 threadIdx, blockIdx;
-D3 blockDim, gridDim;
-thread_local std::barrier<> *g_block_bar;
-thread_local std::barrier<> *g_warp_bar;
-static float g_shfl[1024];
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __launch_bounds__(x)
-#define __restrict__ __restrict
-#define __shared__ static
-struct uint4 { unsigned x, y, z, w; };
-struct float4 { float x, y, z, w; };
-inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
-template <class T> inline T __ldg(const T *p) { return *p; }
-inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
-inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
-inline float dsk_bf16_to_f32(unsigned short h) { return __uint_as_float(((unsigned)h) << 16); }
-inline float dsk_bf16lo(unsigned w) { return __uint_as_float(w << 16); }
-inline float dsk_bf16hi(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
-inline uint4 dsk_ld_stream16(const void *p) { uint4 r; memcpy(&r, p, 16); return r; }
-inline float dsk_warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) {
-        g_shfl[threadIdx.x] = v;
-        g_warp_bar->arrive_and_wait();
-        float other = g_shfl[threadIdx.x ^ o];
-        g_warp_bar->arrive_and_wait();
-        v += other;
-    }
-    return v;
-}
-using std::max; using std::min;
+#include "emu.h"
 #include "../dense_gemv.cu"
 
-template <class F> void launch(unsigned grid, unsigned threads, F f) {
-    gridDim = {grid, 1, 1}; blockDim = {threads, 1, 1};
-    for (unsigned bx = 0; bx < grid; ++bx) {
-        std::barrier<> bar(threads);
-        std::vector<std::unique_ptr<std::barrier<>>> wb;
-        for (unsigned w = 0; w < threads / 32; ++w) wb.emplace_back(new std::barrier<>(32));
-        std::vector<std::thread> ts;
-        for (unsigned t = 0; t < threads; ++t)
-            ts.emplace_back([&, t] {
-                threadIdx = {t, 0, 0}; blockIdx = {bx, 0, 0};
-                g_block_bar = &bar; g_warp_bar = wb[t / 32].get();
-                f();
-            });
-        for (auto &t : ts) t.join();
-    }
+// Random bf16 bit patterns of finite values in about +-2^(-8..1), both signs.
+static unsigned short rand_bf16(Rng &rng) {
+    unsigned long long r = rng.next();
+    return (unsigned short)(((r >> 63) << 15) | ((119 + (r >> 32) % 9) << 7) | (r & 0x7f));
 }
-
-struct Rng { unsigned long long s; unsigned long long next() { s ^= s >> 12; s ^= s << 25; s ^= s >> 27; return s * 0x2545f4914f6cdd1dULL; }
-    float f() { return (float)(next() >> 40) / (float)(1ULL << 24) * 2.f - 1.f; }
-    unsigned short bf16() { unsigned long long r = next(); return (unsigned short)(((r >> 63) << 15) | ((119 + (r >> 32) % 9) << 7) | (r & 0x7f)); } };
 
 // Host side of the launch (kernels/src/launch/dense_gemv.rs): split and grid.
 static int ksplit(int n, int k, int sms) {
@@ -78,7 +23,7 @@ static int failures = 0;
 
 static void gemv_case(Rng &rng, int M, int N, int K, int sms) {
     std::vector<unsigned short> W(size_t(N) * K);
-    for (auto &w : W) w = rng.bf16();
+    for (auto &w : W) w = rand_bf16(rng);
     std::vector<float> x(size_t(M) * K);
     for (auto &v : x) v = rng.f();
     std::vector<float> out(size_t(M) * N, NAN);
@@ -113,7 +58,7 @@ static void gemv_case(Rng &rng, int M, int N, int K, int sms) {
 
 static void widen_case(Rng &rng, long len) {
     std::vector<unsigned short> src(len);
-    for (auto &h : src) h = rng.bf16();
+    for (auto &h : src) h = rand_bf16(rng);
     std::vector<float> dst(len, NAN);
     unsigned blocks = std::max(1L, std::min<long>((len + 8 * 256 - 1) / (8 * 256), 3));
     launch(blocks, 256, [&] { dsk_widen_bf16_f32(src.data(), dst.data(), len); });
@@ -128,7 +73,7 @@ static void widen_case(Rng &rng, long len) {
 
 static void gather_case(Rng &rng, int rows, int K) {
     std::vector<unsigned short> W(size_t(rows) * K);
-    for (auto &w : W) w = rng.bf16();
+    for (auto &w : W) w = rand_bf16(rng);
     std::vector<int> ids = {0, rows - 1, 3 % rows, -1, rows, 2147483647, rows / 2};
     int n = ids.size();
     std::vector<float> out(size_t(n) * K, NAN);

@@ -6,81 +6,8 @@
 //   sed '/Tensor-core variant/,$d' kernels/fp8_gemv.cu > /tmp/fp8_gemv_cc.cu &&
 //   g++ -std=c++20 -O2 -pthread -w -DFP8_SRC='"/tmp/fp8_gemv_cc.cu"' \
 //       -o /tmp/fp8_grouped_emu kernels/tools/fp8_grouped_emu.cpp && /tmp/fp8_grouped_emu
-#include <algorithm>
-#include <barrier>
-#include <cmath>
-#include <cstdio>
-#include <cstring>
-#include <memory>
-#include <thread>
-#include <vector>
-struct D3 { unsigned int x = 0, y = 0, z = 0; };
-struct uint4 { unsigned int x, y, z, w; };
-struct float4 { float x, y, z, w; };
-thread_local D3 threadIdx, blockIdx;
-thread_local std::barrier<> *g_block_bar;
-thread_local std::barrier<> *g_warp_bar;
-static float g_shfl[1024];
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __launch_bounds__(x)
-#define __restrict__ __restrict
-#define __shared__ static
-inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
-template <class T> inline T __ldg(const T *p) { T v; memcpy(&v, p, sizeof v); return v; }
-inline float bits_f(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
-inline unsigned f_bits(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
-inline float dsk_bf16lo(unsigned w) { return bits_f(w << 16); }
-inline float dsk_bf16hi(unsigned w) { return bits_f(w & 0xffff0000u); }
-inline unsigned short dsk_f32_to_bf16(float f) {
-    unsigned u = f_bits(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (unsigned short)(u >> 16);
-}
-inline float dsk_e8m0_to_f32(unsigned s) {
-    if (s == 0xffu) return bits_f(0x7fc00000u);
-    if (s == 0u) return bits_f(0x00400000u);
-    return bits_f(s << 23);
-}
-// e4m3fn from its definition (bias 7, subnormals m * 2^-9, 0x7F/0xFF NaN).
-inline float e4m3(unsigned b) {
-    unsigned e = (b >> 3) & 15u, m = b & 7u;
-    float v = (e == 15u && m == 7u) ? NAN : e ? std::ldexp(1.f + m / 8.f, (int)e - 7) : std::ldexp((float)m, -9);
-    return (b & 0x80u) ? -v : v;
-}
-inline void dsk_e4m3x2_to_f32(unsigned two, float &lo, float &hi) { lo = e4m3(two & 0xffu); hi = e4m3((two >> 8) & 0xffu); }
-inline uint4 dsk_ld_stream16(const void *p) { uint4 r; memcpy(&r, p, 16); return r; }
-inline float dsk_warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) {
-        g_shfl[threadIdx.x] = v;
-        g_warp_bar->arrive_and_wait();
-        float other = g_shfl[threadIdx.x ^ o];
-        g_warp_bar->arrive_and_wait();
-        v += other;
-    }
-    return v;
-}
-using std::fmaf; using std::max; using std::min;
+#include "emu.h"
 #include FP8_SRC
-
-template <class F> void launch(unsigned grid, F f) {
-    const unsigned threads = 256;
-    for (unsigned bx = 0; bx < grid; ++bx) {
-        std::barrier<> bar(threads);
-        std::vector<std::unique_ptr<std::barrier<>>> wb;
-        for (unsigned w = 0; w < threads / 32; ++w) wb.emplace_back(new std::barrier<>(32));
-        std::vector<std::thread> ts;
-        for (unsigned t = 0; t < threads; ++t)
-            ts.emplace_back([&, t] {
-                threadIdx = {t, 0, 0}; blockIdx = {bx, 0, 0};
-                g_block_bar = &bar; g_warp_bar = wb[t / 32].get();
-                f();
-            });
-        for (auto &t : ts) t.join();
-    }
-}
 
 typedef void (*Plain)(const unsigned char *, const unsigned char *, const void *, void *, int, int, int, int, int);
 typedef void (*Grouped)(const unsigned char *, const unsigned char *, const float *, float *, int, int, int, int, int, long, long, long);
@@ -88,9 +15,6 @@ static const Plain plain_fns[5] = {dsk_fp8_gemv_xf32_m1, dsk_fp8_gemv_xf32_m2, d
 static const Grouped grouped_fns[5] = {dsk_fp8_gemv_grouped_xf32_m1, dsk_fp8_gemv_grouped_xf32_m2, dsk_fp8_gemv_grouped_xf32_m4,
                                        dsk_fp8_gemv_grouped_xf32_m8, dsk_fp8_gemv_grouped_xf32_m16};
 static int bucket(int m) { return m <= 1 ? 0 : m <= 2 ? 1 : m <= 4 ? 2 : m <= 8 ? 3 : 4; }
-
-struct Rng { unsigned long long s; unsigned long long next() { s ^= s >> 12; s ^= s << 25; s ^= s >> 27; return s * 0x2545f4914f6cdd1dULL; }
-    float f() { return (float)(next() >> 40) / (float)(1ULL << 23) - 1.f; } };
 
 int fails = 0;
 void run_case(int groups, int rows, int K, int M, int gap, int ks, unsigned long long seed) {
@@ -105,21 +29,21 @@ void run_case(int groups, int rows, int K, int M, int gap, int ks, unsigned long
     std::vector<float> out(M * ld_out, NAN);
     for (int m = 0; m < M; ++m) for (long c = N; c < ld_out; ++c) out[m * ld_out + c] = -12345.f;
     const int blocks = (N / 2 + (FP8_WARPS / ks) - 1) / (FP8_WARPS / ks);
-    launch(blocks, [&] { grouped_fns[bucket(M)](W.data(), S.data(), x.data(), out.data(), M, N, K, ks, rows, stride, ld_x, ld_out); });
+    launch(blocks, 256, [&] { grouped_fns[bucket(M)](W.data(), S.data(), x.data(), out.data(), M, N, K, ks, rows, stride, ld_x, ld_out); });
     double worst = 0; long differ = 0;
     for (int g = 0; g < groups; ++g) {
         std::vector<float> xg((size_t)M * K), og((size_t)M * rows, NAN);
         for (int m = 0; m < M; ++m) std::copy_n(&x[m * ld_x + (long)g * stride], K, &xg[(size_t)m * K]);
         const unsigned char *Wg = &W[(size_t)g * rows * K], *Sg = &S[(size_t)g * rows / 128 * KB];
         const int pblocks = (rows / 2 + (FP8_WARPS / ks) - 1) / (FP8_WARPS / ks);
-        launch(pblocks, [&] { plain_fns[bucket(M)](Wg, Sg, xg.data(), og.data(), 0, M, rows, K, ks); });
+        launch(pblocks, 256, [&] { plain_fns[bucket(M)](Wg, Sg, xg.data(), og.data(), 0, M, rows, K, ks); });
         double num = 0, den = 0;
         for (int m = 0; m < M; ++m) for (int r = 0; r < rows; ++r) {
             double ref = 0;
-            for (int j = 0; j < K; ++j) ref += (double)e4m3(Wg[(size_t)r * K + j]) * dsk_e8m0_to_f32(Sg[(r / 128) * KB + j / 128]) * xg[(size_t)m * K + j];
+            for (int j = 0; j < K; ++j) ref += (double)emu_e4m3(Wg[(size_t)r * K + j]) * dsk_e8m0_to_f32(Sg[(r / 128) * KB + j / 128]) * xg[(size_t)m * K + j];
             float got = out[m * ld_out + (long)g * rows + r], want = og[(size_t)m * rows + r];
             num += (got - ref) * (got - ref); den += ref * ref;
-            if (f_bits(got) != f_bits(want)) differ++;
+            if (emu_float_bits(got) != emu_float_bits(want)) differ++;
         }
         double e = std::sqrt(num / den);
         if (!(e < 1e-5)) worst = INFINITY; else worst = std::max(worst, e);

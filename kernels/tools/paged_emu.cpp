@@ -2,68 +2,8 @@
 // warp shuffles) against a host reference port of the server's compressor and key lists, for
 // checking kernel logic on a machine without a GPU (the same cases as tests/paged_gpu.rs):
 //   g++ -std=c++20 -O2 -pthread -w -o /tmp/paged_emu kernels/tools/paged_emu.cpp && /tmp/paged_emu
-#include <algorithm>
-#include <barrier>
-#include <cmath>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <thread>
-#include <vector>
-#include <memory>
-struct D3 { unsigned int x = 0, y = 0, z = 0; };
-thread_local D3 threadIdx, blockIdx;
-D3 blockDim, gridDim;
-thread_local std::barrier<> *g_block_bar;
-thread_local std::barrier<> *g_warp_bar;
-static float g_shfl[1024];
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __launch_bounds__(x)
-#define __restrict__ __restrict
-#define __shared__ static
-inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
-inline float __fsqrt_rn(float a) { return std::sqrt(a); }
-inline float __int_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
-inline float dsk_warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) {
-        g_shfl[threadIdx.x] = v;
-        g_warp_bar->arrive_and_wait();
-        float other = g_shfl[threadIdx.x ^ o];
-        g_warp_bar->arrive_and_wait();
-        v += other;
-    }
-    return v;
-}
-using std::max; using std::min;
+#include "emu.h"
 #include "../paged.cu"
-
-template <class F> void launch(D3 grid, unsigned threads, F f) {
-    gridDim = grid; blockDim = {threads, 1, 1};
-    for (unsigned by = 0; by < grid.y; ++by)
-        for (unsigned bx = 0; bx < grid.x; ++bx) {
-            std::barrier<> bar(threads);
-            std::vector<std::unique_ptr<std::barrier<>>> wb;
-            for (unsigned w = 0; w < threads / 32; ++w) wb.emplace_back(new std::barrier<>(32));
-            std::vector<std::thread> ts;
-            for (unsigned t = 0; t < threads; ++t)
-                ts.emplace_back([&, t] {
-                    threadIdx = {t, 0, 0}; blockIdx = {bx, by, 0};
-                    g_block_bar = &bar; g_warp_bar = wb[t / 32].get();
-                    f();
-                });
-            for (auto &t : ts) t.join();
-        }
-}
-
-struct Rng { unsigned long long s; unsigned long long next() { s ^= s >> 12; s ^= s << 25; s ^= s >> 27; return s * 0x2545f4914f6cdd1dULL; }
-    float f() { return (float)(next() >> 40) / (float)(1ULL << 24) * 2.f - 1.f; }
-    size_t below(size_t n) { return next() % n; } };
 
 struct Lay { size_t bs, ratio, coff, dim, hd, lb, fpb;
     Lay(size_t bs_, size_t r, size_t c, size_t d, size_t h, size_t l) : bs(bs_), ratio(r), coff(c), dim(d), hd(h), lb(l) {
