@@ -508,12 +508,17 @@ fn report_backend_split(before: &[OpTime], after: &[OpTime], times: &[Duration])
     let units = times.len() as f64;
     let total_ms = times.iter().map(Duration::as_secs_f64).sum::<f64>() * 1e3 / units;
     let (mut device, mut host, mut stages) = (Vec::new(), Vec::new(), Vec::new());
+    let mut graph_steps = 0.0;
     let (mut device_ms, mut host_ms) = (0.0, 0.0);
     for a in after {
         let b = before.iter().find(|b| b.op == a.op);
         let ms = (a.seconds - b.map_or(0.0, |b| b.seconds)) * 1e3 / units;
         let calls = (a.calls - b.map_or(0, |b| b.calls)) as f64 / units;
         if calls <= 0.0 {
+            continue;
+        }
+        if a.op == crate::backend::cuda::GRAPH_STEPS_OP {
+            graph_steps = calls;
             continue;
         }
         if let Some(stage) = a.op.strip_prefix("stack: ") {
@@ -551,6 +556,9 @@ fn report_backend_split(before: &[OpTime], after: &[OpTime], times: &[Duration])
     );
     if !stages.is_empty() {
         eprintln!("  layer stack, GPU time per stage: {}", stages.join(", "));
+    }
+    if graph_steps > 0.0 {
+        eprintln!("  layer stack steps from CUDA graphs per unit: {graph_steps:.0}");
     }
 }
 

@@ -151,6 +151,9 @@ const OPS: [&str; 8] = [
     "layer stack",
 ];
 
+/// The [`crate::engine::OpTime`] entry that counts layer-stack steps replayed from CUDA graphs.
+pub const GRAPH_STEPS_OP: &str = "graph steps";
+
 /// Per kind: calls and nanoseconds, counted at the outermost backend call only.
 #[derive(Default)]
 struct OpClock {
@@ -1040,6 +1043,12 @@ impl Backend for CudaBackend {
                 .iter()
                 .cloned(),
         );
+        // A count, not a time: how many layer-stack steps ran from a CUDA graph.
+        times.push(crate::engine::OpTime {
+            op: GRAPH_STEPS_OP,
+            calls: self.graph_steps(),
+            seconds: 0.0,
+        });
         times
     }
 
