@@ -308,6 +308,24 @@ impl MetaBuilder {
     }
 }
 
+/// The context bucket of a step whose longest row is at `max_pos`: launch shapes are sized for
+/// it, so every step of the bucket can replay one graph.
+fn context_bucket(max_pos: usize) -> usize {
+    (max_pos + 1).next_power_of_two().max(MIN_CONTEXT_BUCKET)
+}
+
+/// Most keys a row of a step in `bucket` can have in an attention class: its window (at most
+/// `window` rows) plus its compressed rows (none, all `bucket / ratio`, or the indexer's top
+/// `topk` of them).
+fn key_bound(mode: KeyMode, ratio: usize, window: usize, topk: usize, bucket: usize) -> usize {
+    let compressed = match mode {
+        KeyMode::Window => 0,
+        KeyMode::AllCompressed => bucket / ratio.max(1),
+        KeyMode::Selected => topk.min(bucket / ratio.max(1)),
+    };
+    window.min(bucket) + compressed
+}
+
 fn shape_err(detail: String) -> BackendError {
     BackendError::Shape {
         op: "layer_stack",
@@ -835,7 +853,7 @@ impl CudaBackend {
             return Err(shape_err("more pool blocks than i32 block ids".into()));
         }
         let max_pos = rows.positions.iter().copied().max().unwrap_or(0);
-        let bucket = (max_pos + 1).next_power_of_two().max(MIN_CONTEXT_BUCKET);
+        let bucket = context_bucket(max_pos);
         let mut meta = MetaBuilder::new();
         Self::pack_rows(&mut meta, rows)?;
         let window = cfg.sliding_window;
@@ -907,12 +925,7 @@ impl CudaBackend {
             .iter()
             .enumerate()
             .map(|(c, &(mode, ratio))| {
-                let compressed = match mode {
-                    KeyMode::Window => 0,
-                    KeyMode::AllCompressed => bucket / ratio.max(1),
-                    KeyMode::Selected => cfg.index_topk.min(bucket / ratio.max(1)),
-                };
-                let max_keys = window.min(bucket) + compressed;
+                let max_keys = key_bound(mode, ratio, window, cfg.index_topk, bucket);
                 KeyClass {
                     mode,
                     ratio,
@@ -1915,5 +1928,91 @@ impl CudaBackend {
         self.stack_all_reduce(comm, &mut sc.sub_out, n * h)?;
         self.stage(&mut stack.clock, "stack: hyper-connections")?;
         self.hc_post(sc, cfg, n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The packing and the launch bounds are host code: checked here without a GPU.
+    #[test]
+    fn every_rows_keys_fit_its_buckets_bound() {
+        let (window, topk) = (128, 512);
+        for max_pos in [0usize, 5, 127, 1023, 1024, 8191, 8192, 131_071, 1_048_447] {
+            let bucket = context_bucket(max_pos);
+            assert!(bucket > max_pos && bucket >= MIN_CONTEXT_BUCKET);
+            assert!(bucket.is_power_of_two());
+            let positions: Vec<usize> = (0..=max_pos).rev().step_by(97).take(64).collect();
+            for (mode, ratio) in [
+                (KeyMode::Window, 0),
+                (KeyMode::AllCompressed, 128),
+                (KeyMode::Selected, 4),
+            ] {
+                let bound = key_bound(mode, ratio, window, topk, bucket);
+                let counts = key_counts(&positions, window, ratio.max(1), mode, topk);
+                assert!(
+                    counts.iter().all(|&c| c <= bound),
+                    "{mode:?} at {max_pos}: {counts:?} over {bound}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn step_metadata_lands_at_fixed_offsets_and_tables_are_packed_once() {
+        let table_a: Vec<u32> = vec![7, 3, 9];
+        let table_b: Vec<u32> = vec![4];
+        let rows = StackRows {
+            positions: vec![300, 301, 5],
+            ids: vec![11, 12, 13],
+            block_tables: vec![&table_a, &table_a, &table_b],
+        };
+        let mut meta = MetaBuilder::new();
+        CudaBackend::pack_rows(&mut meta, &rows).unwrap();
+        assert_eq!(
+            &meta.i32s[META_POSITIONS..META_POSITIONS + 3],
+            &[300, 301, 5]
+        );
+        assert_eq!(&meta.i32s[META_IDS..META_IDS + 3], &[11, 12, 13]);
+        // Rows of one sequence share one packed table; the other sequence's follows it.
+        assert_eq!(&meta.i32s[META_BT_STARTS..META_BT_STARTS + 3], &[0, 0, 3]);
+        assert_eq!(&meta.i32s[META_BT_LENS..META_BT_LENS + 3], &[3, 3, 1]);
+        assert_eq!(&meta.i32s[META_TABLES..], &[7, 3, 9, 4]);
+
+        let (total, max) = CudaBackend::pack_keys(
+            &mut meta,
+            1,
+            &rows.positions,
+            128,
+            KeyMode::AllCompressed,
+            128,
+            512,
+        )
+        .unwrap();
+        let counts = key_counts(&rows.positions, 128, 128, KeyMode::AllCompressed, 512);
+        let at = META_KEYS + (R + 1);
+        let starts = &meta.i32s[at..at + 4];
+        assert_eq!(starts[0], 0);
+        for r in 0..3 {
+            assert_eq!((starts[r + 1] - starts[r]) as usize, counts[r]);
+        }
+        assert_eq!(total, counts.iter().sum::<usize>());
+        assert_eq!(max, *counts.iter().max().unwrap());
+
+        CudaBackend::pack_indexer(&mut meta, 0, &rows.positions, 4, 512).unwrap();
+        let visible: [usize; 3] = [301 / 4, 302 / 4, 6 / 4];
+        assert_eq!(
+            &meta.i32s[META_INDEX..META_INDEX + 3],
+            &visible.map(|v| v as i32)
+        );
+        assert_eq!(
+            &meta.i32s[META_INDEX + R..META_INDEX + R + 3],
+            &visible.map(|v| v.min(512) as i32)
+        );
+        assert_eq!(
+            &meta.i64s[..3],
+            &[0, visible[0] as i64, (visible[0] + visible[1]) as i64]
+        );
     }
 }
