@@ -25,6 +25,7 @@ use dspark_kernels::{
     OutDtype, PagedAttention, TopKSelect,
 };
 
+use super::nccl::NcclCommunicator;
 use super::{driver_err, kernel_err, CudaBackend, CudaExpertBank, CudaKvStore, CudaMatrix};
 use crate::backend::{BackendError, StackModel, StackRows};
 use crate::engine::model::config::{AttentionKind, ScoringFunc};
@@ -212,8 +213,9 @@ struct CapturedStep {
 
 /// One step's metadata pointers and launch shapes, as the layers need them.
 struct StepShape<'a> {
-    tables: &'a StepTables,
     table: &'a RowTable,
+    /// i32 `[rows]` token ids (hash routing).
+    ids: u64,
     key_classes: &'a [KeyClass],
     index_classes: &'a [IndexerClass],
     n: usize,
@@ -231,15 +233,6 @@ struct CompressorSite {
     kv: u64,
     gate: u64,
     params: CompressParams,
-}
-
-/// Where one step's row table lies in the stack's metadata buffers (device pointers).
-struct StepTables {
-    positions: u64,
-    ids: u64,
-    block_tables: u64,
-    bt_starts: u64,
-    bt_lens: u64,
 }
 
 /// Key lists of one attention class (sliding, HCA of a ratio, CSA of a ratio) in one step.
@@ -308,6 +301,11 @@ impl MetaBuilder {
     }
 }
 
+/// Whether the environment allows CUDA graphs (`DSPARK_CUDA_GRAPHS=0` forbids them).
+fn graphs_allowed() -> bool {
+    std::env::var("DSPARK_CUDA_GRAPHS").map_or(true, |v| v != "0")
+}
+
 /// The context bucket of a step whose longest row is at `max_pos`: launch shapes are sized for
 /// it, so every step of the bucket can replay one graph.
 fn context_bucket(max_pos: usize) -> usize {
@@ -324,6 +322,17 @@ fn key_bound(mode: KeyMode, ratio: usize, window: usize, topk: usize, bucket: us
         KeyMode::Selected => topk.min(bucket / ratio.max(1)),
     };
     window.min(bucket) + compressed
+}
+
+/// A buffer [`CudaBackend::size_scratch`] sized for the step must hold `need` elements (it
+/// always does; a step never grows a buffer, which would move it under a captured graph).
+fn fits(what: &str, len: usize, need: usize) -> Result<(), BackendError> {
+    if len < need {
+        return Err(shape_err(format!(
+            "{what}: {len} elements sized for the step, {need} needed"
+        )));
+    }
+    Ok(())
 }
 
 fn shape_err(detail: String) -> BackendError {
@@ -348,7 +357,7 @@ fn ptr_mut<T>(s: &Arc<CudaStream>, b: &mut CudaSlice<T>) -> u64 {
 impl CudaLayerStack {
     /// Turns graph capture off (dropping the graphs) or back on (unless `DSPARK_CUDA_GRAPHS=0`).
     pub fn set_graphs(&mut self, on: bool) {
-        self.graphs_on = on && std::env::var("DSPARK_CUDA_GRAPHS").map_or(true, |v| v != "0");
+        self.graphs_on = on && graphs_allowed();
         if !self.graphs_on {
             self.graphs.clear();
         }
@@ -364,14 +373,6 @@ impl CudaBackend {
         self.stream
             .alloc_zeros::<i32>(len.max(1))
             .map_err(driver_err("alloc"))
-    }
-
-    /// Grows `buf` to at least `len` elements (contents not kept).
-    fn ensure_f32(&self, buf: &mut CudaSlice<f32>, len: usize) -> Result<(), BackendError> {
-        if buf.len() < len {
-            *buf = self.alloc_f32(len.next_power_of_two())?;
-        }
-        Ok(())
     }
 
     /// Marks the start of a stage when the stack is being profiled.
@@ -642,7 +643,7 @@ impl CudaBackend {
             clock: std::env::var("DSPARK_STACK_PROFILE")
                 .is_ok_and(|v| v == "1")
                 .then(StageClock::default),
-            graphs_on: std::env::var("DSPARK_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            graphs_on: graphs_allowed(),
             graphs: Vec::new(),
             uses: 0,
             captures: Vec::new(),
@@ -758,12 +759,10 @@ impl CudaBackend {
             return Ok(());
         }
         let comm_err = |e: crate::ranks::CommError| BackendError::Other(format!("all-reduce: {e}"));
-        if self.nccl_on_stream(comm) {
-            if let Some(nccl) = comm.nccl() {
-                return nccl
-                    .all_reduce_sum_device(&mut buf.slice_mut(0..len))
-                    .map_err(comm_err);
-            }
+        if let Some(nccl) = self.stream_nccl(comm) {
+            return nccl
+                .all_reduce_sum_device(&mut buf.slice_mut(0..len))
+                .map_err(comm_err);
         }
         let mut host = vec![0f32; len];
         self.stream
@@ -914,13 +913,6 @@ impl CudaBackend {
         let m64 = ptr(&s, &stack.meta64);
         let at32 = |i: usize| m32 + (i * 4) as u64;
         let at64 = |i: usize| m64 + (i * 8) as u64;
-        let tables = StepTables {
-            positions: at32(META_POSITIONS),
-            ids: at32(META_IDS),
-            block_tables: at32(META_TABLES),
-            bt_starts: at32(META_BT_STARTS),
-            bt_lens: at32(META_BT_LENS),
-        };
         let key_classes: Vec<KeyClass> = key_at
             .iter()
             .enumerate()
@@ -958,15 +950,15 @@ impl CudaBackend {
         s.memcpy_htod(streams, &mut stack.scratch.streams.slice_mut(0..n * width))
             .map_err(driver_err("copy to GPU"))?;
         let table = RowTable {
-            positions: tables.positions,
-            bt_starts: tables.bt_starts,
-            bt_lens: tables.bt_lens,
-            block_tables: tables.block_tables,
+            positions: at32(META_POSITIONS),
+            bt_starts: at32(META_BT_STARTS),
+            bt_lens: at32(META_BT_LENS),
+            block_tables: at32(META_TABLES),
             rows: n,
         };
         let step = StepShape {
-            tables: &tables,
             table: &table,
+            ids: at32(META_IDS),
             key_classes: &key_classes,
             index_classes: &index_classes,
             n,
@@ -974,7 +966,7 @@ impl CudaBackend {
         };
         let graphable = stack.graphs_on
             && stack.clock.is_none()
-            && (comm.world_size() <= 1 || self.nccl_on_stream(comm));
+            && (comm.world_size() <= 1 || self.stream_nccl(comm).is_some());
         if graphable {
             let key = GraphKey {
                 rows: n,
@@ -1081,10 +1073,10 @@ impl CudaBackend {
         Ok(captured)
     }
 
-    /// Whether the communicator is NCCL enqueueing on this backend's stream (the same stream
+    /// The communicator's NCCL side when it enqueues on this backend's stream (the same stream
     /// handle in the same primary context, however each side opened it).
-    fn nccl_on_stream(&self, comm: &dyn Communicator) -> bool {
-        comm.nccl().is_some_and(|nccl| {
+    fn stream_nccl<'c>(&self, comm: &'c dyn Communicator) -> Option<&'c NcclCommunicator> {
+        comm.nccl().filter(|nccl| {
             nccl.stream().cu_stream() == self.stream.cu_stream()
                 && nccl.stream().context().cu_ctx() == self.stream.context().cu_ctx()
         })
@@ -1158,19 +1150,8 @@ impl CudaBackend {
         let n = step.n;
         let width = cfg.hc_mult * cfg.hidden_size;
         for l in 0..cfg.num_hidden_layers {
-            self.stack_attention(
-                stack,
-                model,
-                kv,
-                comm,
-                step.tables,
-                step.table,
-                step.key_classes,
-                step.index_classes,
-                l,
-                n,
-            )?;
-            self.stack_ffn(stack, model, comm, step.tables, l, n)?;
+            self.stack_attention(stack, model, kv, comm, step, l)?;
+            self.stack_ffn(stack, model, comm, step, l)?;
             if let Some(i) = step.capture.iter().position(|&c| c == l) {
                 let src = stack.scratch.streams.slice(0..n * width);
                 let mut dst = stack.captures[i].slice_mut(0..n * width);
@@ -1285,20 +1266,16 @@ impl CudaBackend {
         .map_err(kernel_err)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn stack_attention(
         &self,
         stack: &mut CudaLayerStack,
         model: &StackModel<'_, CudaBackend>,
         kv: &mut CudaKvStore,
         comm: &dyn Communicator,
-        tables: &StepTables,
-        table: &RowTable,
-        key_classes: &[KeyClass],
-        index_classes: &[IndexerClass],
+        step: &StepShape<'_>,
         l: usize,
-        n: usize,
     ) -> Result<(), BackendError> {
+        let (table, n) = (step.table, step.n);
         let cfg = model.cfg;
         let s = &self.stream;
         let lw = &model.weights.layers[l];
@@ -1314,7 +1291,7 @@ impl CudaBackend {
             _ => (&stack.rope_compress, model.rope_compress.attention_factor),
         };
         let compress_af = model.rope_compress.attention_factor;
-        let positions = tables.positions;
+        let positions = table.positions;
         let g = model.geometry;
         let lay = &g.layers[l];
         // The pool is layer-major: this layer's part of block b at start + b * lay.len.
@@ -1528,7 +1505,8 @@ impl CudaBackend {
                     },
                 },
             )?;
-            let class = index_classes
+            let class = step
+                .index_classes
                 .iter()
                 .find(|c| c.ratio == ratio)
                 .ok_or_else(|| shape_err(format!("no indexer rows for ratio {ratio}")))?;
@@ -1561,13 +1539,13 @@ impl CudaBackend {
                         .and_then(|()| self.kernels.scale_f32(s, iwts, n * idx_heads, wscale))
                 }
                 .map_err(kernel_err)?;
-                self.ensure_f32(&mut sc.scores, class.total)?;
+                fits("indexer scores", sc.scores.len(), class.total)?;
                 let call = IndexerScores {
                     pool,
                     q: iq,
                     weights: iwts,
-                    block_tables: tables.block_tables,
-                    block_table_starts: tables.bt_starts,
+                    block_tables: table.block_tables,
+                    block_table_starts: table.bt_starts,
                     visible: class.visible,
                     out_starts: class.out_starts,
                     out: ptr_mut(s, &mut sc.scores),
@@ -1607,17 +1585,14 @@ impl CudaBackend {
         }
         self.stage(&mut stack.clock, "stack: attention")?;
         // Attention over each row's window + compressed rows, with the per-head sinks.
-        let class = key_classes
+        let class = step
+            .key_classes
             .iter()
             .find(|c| c.mode == key_mode && c.ratio == ratio)
             .ok_or_else(|| shape_err(format!("no key lists for layer {l}")))?;
         if class.total > 0 {
-            if sc.key_offsets.len() < class.total {
-                sc.key_offsets = s
-                    .alloc_zeros::<i64>(class.total.next_power_of_two())
-                    .map_err(driver_err("alloc"))?;
-            }
-            let index_class = index_classes.iter().find(|c| c.ratio == ratio);
+            fits("key offsets", sc.key_offsets.len(), class.total)?;
+            let index_class = step.index_classes.iter().find(|c| c.ratio == ratio);
             // SAFETY: key_offsets holds `total` i64, the starts n + 1 i32 summing to it; the
             // selected indices (CSA) were written by topk_select for n rows of index_topk.
             unsafe {
@@ -1667,8 +1642,9 @@ impl CudaBackend {
             .map_err(kernel_err)?;
         }
         let splits = attention_splits(class.max_keys, n, heads, self.kernels.multiprocessors());
-        self.ensure_f32(
-            &mut sc.attn_work,
+        fits(
+            "attention workspace",
+            sc.attn_work.len(),
             attention_workspace_floats(n, heads, hd, splits),
         )?;
         let call = PagedAttention {
@@ -1726,9 +1702,7 @@ impl CudaBackend {
             let (wp, sp) = (ptr(s, w), ptr(s, scales));
             let (xp, op) = (ptr(s, &sc.attn), ptr_mut(s, &mut sc.grouped));
             let n_out = local_groups * orank;
-            let mut start = 0;
-            while start < n {
-                let m = (n - start).min(FP8_GEMV_MAX_M);
+            for (start, m) in super::row_chunks(n, FP8_GEMV_MAX_M) {
                 let call = Fp8GroupedGemv {
                     weight: wp,
                     scale: sp,
@@ -1745,7 +1719,6 @@ impl CudaBackend {
                 // SAFETY: the stacked weight is [n_out, group_in] FP8 with its tiles; attn holds
                 // n rows of heads * hd = local_groups * group_in, grouped n rows of n_out.
                 unsafe { self.kernels.fp8_gemv_grouped(s, &call) }.map_err(kernel_err)?;
-                start += m;
             }
         }
         let per_group = if layer.wo_a_stacked.is_some() {
@@ -1813,10 +1786,10 @@ impl CudaBackend {
         stack: &mut CudaLayerStack,
         model: &StackModel<'_, CudaBackend>,
         comm: &dyn Communicator,
-        tables: &StepTables,
+        step: &StepShape<'_>,
         l: usize,
-        n: usize,
     ) -> Result<(), BackendError> {
+        let n = step.n;
         let cfg = model.cfg;
         let s = &self.stream;
         let mw = &model.weights.layers[l].moe;
@@ -1840,7 +1813,7 @@ impl CudaBackend {
             },
             bias,
             hash_table: hash,
-            token_ids: tables.ids,
+            token_ids: step.ids,
             vocab: cfg.vocab_size,
             n,
             experts: e,
@@ -1934,6 +1907,15 @@ impl CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_are_chunked_for_the_gemv_kernels() {
+        let chunks = |n| super::super::row_chunks(n, 16).collect::<Vec<_>>();
+        assert_eq!(chunks(0), vec![]);
+        assert_eq!(chunks(1), vec![(0, 1)]);
+        assert_eq!(chunks(16), vec![(0, 16)]);
+        assert_eq!(chunks(37), vec![(0, 16), (16, 16), (32, 5)]);
+    }
 
     /// The packing and the launch bounds are host code: checked here without a GPU.
     #[test]

@@ -419,9 +419,7 @@ impl CudaBackend {
         let (sp, _s) = scales.device_ptr(s);
         let (xp, _x) = x.device_ptr(s);
         let (yp, _y) = y.device_ptr_mut(s);
-        let mut start = 0;
-        while start < n {
-            let m = (n - start).min(FP8_GEMV_MAX_M);
+        for (start, m) in row_chunks(n, FP8_GEMV_MAX_M) {
             let call = Fp8Gemv {
                 weight: wp,
                 scale: sp,
@@ -436,7 +434,6 @@ impl CudaBackend {
             // SAFETY: the weight/scale buffers hold [rows, cols] e4m3 and their tiles; x holds
             // n*cols and y n*rows f32, so rows start..start+m of both are in bounds.
             unsafe { self.kernels.fp8_gemv(s, &call) }.map_err(kernel_err)?;
-            start += m;
         }
         Ok(())
     }
@@ -489,9 +486,7 @@ impl CudaBackend {
         let (wp, _w) = w.device_ptr(s);
         let (xp, _x) = x.device_ptr(s);
         let (yp, _y) = y.device_ptr_mut(s);
-        let mut start = 0;
-        while start < n {
-            let m = (n - start).min(BF16_GEMV_MAX_M);
+        for (start, m) in row_chunks(n, BF16_GEMV_MAX_M) {
             let call = Bf16Gemv {
                 weight: wp,
                 x: xp + (start * cols * 4) as u64,
@@ -503,7 +498,6 @@ impl CudaBackend {
             // SAFETY: the weight holds [rows, cols] bf16; x holds n * cols and y n * rows f32, so
             // rows start..start + m of both are in bounds.
             unsafe { self.kernels.bf16_gemv(s, &call) }.map_err(kernel_err)?;
-            start += m;
         }
         Ok(())
     }
@@ -1297,6 +1291,13 @@ fn route_table(
         }
     }
     Ok((ids, weights, topk))
+}
+
+/// `(first row, rows)` of `n` rows taken at most `max` at a time (the GEMV kernels' row limit).
+pub(crate) fn row_chunks(n: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n)
+        .step_by(max.max(1))
+        .map(move |start| (start, (n - start).min(max.max(1))))
 }
 
 /// `(GPU ordinal, stream)` pairs.
