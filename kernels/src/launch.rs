@@ -16,6 +16,7 @@ pub mod attention;
 pub mod dense_gemv;
 pub mod elementwise;
 pub mod layer_ops;
+pub mod moe_sorted;
 pub mod paged;
 
 /// Activation element type of a GEMV input.
@@ -582,6 +583,7 @@ pub struct Kernels {
     paged: paged::PagedFns,
     layer_ops: layer_ops::LayerOpsFns,
     dense_gemv: dense_gemv::DenseGemvFns,
+    moe_sorted: moe_sorted::MoeSortedFns,
 }
 
 impl Kernels {
@@ -660,6 +662,7 @@ impl Kernels {
             paged: paged::PagedFns::load(&module(&sources::PAGED)?)?,
             layer_ops: layer_ops::LayerOpsFns::load(&module(&sources::LAYER_OPS)?)?,
             dense_gemv: dense_gemv::DenseGemvFns::load(&module(&sources::DENSE_GEMV)?)?,
+            moe_sorted: moe_sorted::MoeSortedFns::load(&module(&sources::MOE_SORTED)?)?,
             ctx: ctx.clone(),
             arch,
             sms: usize::try_from(sms).unwrap_or(1).max(1),

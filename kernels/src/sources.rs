@@ -62,7 +62,12 @@ pub const DENSE_GEMV: KernelSource = KernelSource {
     body: include_str!("../dense_gemv.cu"),
 };
 
-pub const ALL: [KernelSource; 11] = [
+pub const MOE_SORTED: KernelSource = KernelSource {
+    name: "moe_sorted",
+    body: include_str!("../moe_sorted.cu"),
+};
+
+pub const ALL: [KernelSource; 12] = [
     FP8_GEMV,
     FP4_MOE,
     RMSNORM,
@@ -74,6 +79,7 @@ pub const ALL: [KernelSource; 11] = [
     PAGED,
     LAYER_OPS,
     DENSE_GEMV,
+    MOE_SORTED,
 ];
 
 impl KernelSource {

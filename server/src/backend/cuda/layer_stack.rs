@@ -86,9 +86,10 @@ struct StackLayer {
 /// FP8 weights and their scale tiles, several matrices stacked along the rows.
 type StackedFp8 = (CudaSlice<u8>, CudaSlice<u8>);
 
-/// Device buffers of one step, sized for [`STACK_MAX_ROWS`] rows (the ones whose size depends
-/// on the context grow on demand).
+/// Device buffers of one step, sized for `rows` rows (the ones whose size depends on the
+/// context are sized per step by [`CudaBackend::size_scratch`]).
 struct Scratch {
+    rows: usize,
     streams: CudaSlice<f32>,
     hc_work: CudaSlice<f32>,
     mix: CudaSlice<f32>,
@@ -121,10 +122,90 @@ struct Scratch {
     scores: CudaSlice<f32>,
     key_offsets: CudaSlice<i64>,
     attn_work: CudaSlice<f32>,
+    /// The streams after each captured layer (copied inside the step, read after it).
+    captures: Vec<CudaSlice<f32>>,
+    /// GEMM steps only (one element otherwise).
+    gemm: GemmScratch,
+}
+
+/// What only GEMM steps use: widened weights and the routed experts sorted by expert.
+pub(super) struct GemmScratch {
+    /// One widened weight matrix (f32), grown to the largest.
+    pub(super) wide: CudaSlice<f32>,
+    /// A group of experts' widened w1, w3, w2.
+    pub(super) experts_wide: CudaSlice<f32>,
+    /// The (token, slot) pairs in expert order: their activation rows, gate and up outputs.
+    pub(super) x_sorted: CudaSlice<f32>,
+    pub(super) gate: CudaSlice<f32>,
+    pub(super) up: CudaSlice<f32>,
+    /// i32: each sorted pair's token; each (token, slot)'s sorted row or -1; the experts in use.
+    pub(super) tokens: CudaSlice<i32>,
+    pub(super) slots: CudaSlice<i32>,
+    pub(super) experts: CudaSlice<i32>,
+    /// Device pointer arrays of a grouped GEMM.
+    pub(super) gemm_ptrs: CudaSlice<u64>,
+}
+
+/// The widths the scratch buffers are sized by (per rank).
+#[derive(Clone, Copy, Debug)]
+struct ScratchDims {
+    hidden: usize,
+    width: usize,
+    hc_outs: usize,
+    q_lora: usize,
+    head_dim: usize,
+    heads: usize,
+    index_heads: usize,
+    index_dim: usize,
+    index_topk: usize,
+    group_in: usize,
+    o_lora: usize,
+    groups: usize,
+    experts: usize,
+    topk: usize,
+    inter: usize,
+    shared_inter: usize,
+}
+
+impl ScratchDims {
+    fn of(model: &StackModel<'_, CudaBackend>) -> Self {
+        let cfg = model.cfg;
+        let ws = model.shard.world_size.max(1);
+        let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
+        let max_over = |f: &dyn Fn(&LayerWeights<CudaBackend>) -> usize| {
+            model.weights.layers.iter().map(f).max().unwrap_or(0)
+        };
+        Self {
+            hidden: h,
+            width: hc * h,
+            hc_outs: (2 + hc) * hc,
+            q_lora: cfg.q_lora_rank,
+            head_dim: cfg.head_dim,
+            heads: cfg.num_attention_heads.div_ceil(ws),
+            index_heads: cfg.index_n_heads.div_ceil(ws),
+            index_dim: cfg.index_head_dim,
+            index_topk: cfg.index_topk.max(1),
+            group_in: cfg.num_attention_heads / cfg.o_groups.max(1) * cfg.head_dim,
+            o_lora: cfg.o_lora_rank,
+            groups: cfg.o_groups.div_ceil(ws),
+            experts: cfg.n_routed_experts,
+            topk: cfg.num_experts_per_tok,
+            inter: max_over(&|lw| match &lw.moe.experts {
+                CudaExpertBank::Fp4(b) => b.inter,
+                CudaExpertBank::Each(e) => e.first().map_or(0, |m| m[0].shape().0),
+            })
+            .max(1),
+            shared_inter: max_over(&|lw| lw.moe.shared.w1.shape().0).max(1),
+        }
+    }
 }
 
 /// The CUDA backend's [`crate::backend::Backend::LayerStack`].
 pub struct CudaLayerStack {
+    dims: ScratchDims,
+    /// The scratch of steps over [`STACK_MAX_ROWS`] rows (GEMM steps), made on the first one and
+    /// swapped in for each (so the graphed steps' buffers never move).
+    gemm_scratch: Option<Scratch>,
     layers: Vec<StackLayer>,
     rope_main: CudaSlice<f32>,
     rope_compress: CudaSlice<f32>,
@@ -138,8 +219,6 @@ pub struct CudaLayerStack {
     graphs: Vec<CapturedStep>,
     /// Steps run, for least-recently-used eviction of graphs.
     uses: u64,
-    /// The streams after each captured layer (copied inside the step, read after it).
-    captures: Vec<CudaSlice<f32>>,
     /// The step's packed metadata (row table, key starts, indexer counts).
     meta32: CudaSlice<i32>,
     meta64: CudaSlice<i64>,
@@ -148,7 +227,7 @@ pub struct CudaLayerStack {
 /// GPU time of the stack's stages: an event recorded where each stage starts, read after the
 /// step's final synchronisation (so profiling adds no sync inside the step).
 #[derive(Default)]
-struct StageClock {
+pub(super) struct StageClock {
     events: Vec<CudaEvent>,
     marks: Vec<&'static str>,
 }
@@ -262,17 +341,64 @@ struct IndexerClass {
 /// CSA 4; and one indexer ratio).
 const MAX_KEY_CLASSES: usize = 8;
 const MAX_INDEX_CLASSES: usize = 4;
-/// Fixed element offsets of the step metadata, so a captured graph's pointers stay valid from
-/// step to step: positions, ids, block table starts and lengths, key starts per class, indexer
-/// visible / selected counts per class, then the block tables.
-const R: usize = STACK_MAX_ROWS;
-const META_POSITIONS: usize = 0;
-const META_IDS: usize = R;
-const META_BT_STARTS: usize = 2 * R;
-const META_BT_LENS: usize = 3 * R;
-const META_KEYS: usize = 4 * R;
-const META_INDEX: usize = META_KEYS + MAX_KEY_CLASSES * (R + 1);
-const META_TABLES: usize = META_INDEX + MAX_INDEX_CLASSES * 2 * R;
+/// Element offsets of the step metadata for steps of up to `room` rows: positions, ids, block
+/// table starts and lengths, key starts per class, indexer visible / selected counts per class,
+/// then the block tables. Steps of up to [`STACK_MAX_ROWS`] rows all use `room =
+/// STACK_MAX_ROWS`, so a captured graph's pointers stay valid from step to step; larger (GEMM)
+/// steps, never captured, use their own row count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MetaLayout {
+    room: usize,
+}
+
+impl MetaLayout {
+    const GRAPHED: MetaLayout = MetaLayout {
+        room: STACK_MAX_ROWS,
+    };
+
+    fn for_rows(n: usize) -> Self {
+        if n <= STACK_MAX_ROWS {
+            Self::GRAPHED
+        } else {
+            Self { room: n }
+        }
+    }
+
+    fn positions(self) -> usize {
+        0
+    }
+
+    fn ids(self) -> usize {
+        self.room
+    }
+
+    fn bt_starts(self) -> usize {
+        2 * self.room
+    }
+
+    fn bt_lens(self) -> usize {
+        3 * self.room
+    }
+
+    /// Key class `c`'s `room + 1` starts.
+    fn keys(self, c: usize) -> usize {
+        4 * self.room + c * (self.room + 1)
+    }
+
+    /// Indexer class `c`'s visible counts (its selected counts follow, `room` later).
+    fn index(self, c: usize) -> usize {
+        4 * self.room + MAX_KEY_CLASSES * (self.room + 1) + c * 2 * self.room
+    }
+
+    fn tables(self) -> usize {
+        self.index(MAX_INDEX_CLASSES)
+    }
+
+    /// i64 entries: indexer class `c`'s score starts at `c * room`.
+    fn i64_len(self) -> usize {
+        MAX_INDEX_CLASSES * self.room
+    }
+}
 /// Initial room for block tables (grown, and graphs dropped, when a step needs more).
 const META_TABLE_ROOM: usize = 1 << 20;
 /// Contexts are bucketed by powers of two from here: launch shapes (grids, splits, buffer sizes)
@@ -284,15 +410,17 @@ const MAX_GRAPHS: usize = 48;
 /// The step's metadata as built on the host at the fixed offsets above, uploaded in one copy
 /// per array into the stack's persistent buffers.
 struct MetaBuilder {
+    layout: MetaLayout,
     i32s: Vec<i32>,
     i64s: Vec<i64>,
 }
 
 impl MetaBuilder {
-    fn new() -> Self {
+    fn new(layout: MetaLayout) -> Self {
         Self {
-            i32s: vec![0; META_TABLES],
-            i64s: vec![0; MAX_INDEX_CLASSES * R],
+            layout,
+            i32s: vec![0; layout.tables()],
+            i64s: vec![0; layout.i64_len()],
         }
     }
 
@@ -322,6 +450,23 @@ fn key_bound(mode: KeyMode, ratio: usize, window: usize, topk: usize, bucket: us
         KeyMode::Selected => topk.min(bucket / ratio.max(1)),
     };
     window.min(bucket) + compressed
+}
+
+/// Most rows of one GEMM piece (a prefill chunk of 8,192 tokens runs as two).
+pub const GEMM_PIECE_ROWS: usize = 4096;
+/// Most indexer scores one GEMM piece keeps (f32: 1 GiB): long contexts take smaller pieces.
+const GEMM_PIECE_SCORES: usize = 1 << 28;
+
+/// Rows per GEMM piece of a step in `bucket`: [`GEMM_PIECE_ROWS`], fewer where every row's
+/// indexer scores over the bucket's compressed rows would not fit [`GEMM_PIECE_SCORES`].
+fn gemm_piece_rows(bucket: usize, cfg: &crate::engine::model::ModelConfig) -> usize {
+    let finest = (0..cfg.num_hidden_layers)
+        .filter_map(|l| cfg.compress_ratio(l))
+        .filter(|&r| r > 0)
+        .min()
+        .unwrap_or(bucket.max(1));
+    let visible = (bucket / finest).max(1);
+    (GEMM_PIECE_SCORES / visible).clamp(STACK_MAX_ROWS + 1, GEMM_PIECE_ROWS)
 }
 
 /// A buffer [`CudaBackend::size_scratch`] sized for the step must hold `need` elements (it
@@ -376,7 +521,7 @@ impl CudaBackend {
     }
 
     /// Marks the start of a stage when the stack is being profiled.
-    fn stage(
+    pub(super) fn stage(
         &self,
         clock: &mut Option<StageClock>,
         stage: &'static str,
@@ -548,13 +693,76 @@ impl CudaBackend {
         }))
     }
 
+    /// A step's buffers for up to `rows` rows; `gemm` adds those only GEMM steps use.
+    fn new_scratch(
+        &self,
+        d: &ScratchDims,
+        rows: usize,
+        gemm: bool,
+    ) -> Result<Scratch, BackendError> {
+        let pairs = rows * d.topk;
+        let only_gemm = |len: usize| if gemm { len } else { 1 };
+        Ok(Scratch {
+            rows,
+            streams: self.alloc_f32(rows * d.width)?,
+            hc_work: self.alloc_f32(hc_mix_workspace_floats(rows, d.hc_outs))?,
+            mix: self.alloc_f32(rows * d.hc_outs)?,
+            x: self.alloc_f32(rows * d.hidden)?,
+            q_lora: self.alloc_f32(rows * d.q_lora)?,
+            kv: self.alloc_f32(rows * d.head_dim)?,
+            comp_kv: self.alloc_f32(rows * 2 * d.head_dim)?,
+            comp_gate: self.alloc_f32(rows * 2 * d.head_dim)?,
+            idx_kv: self.alloc_f32(rows * 2 * d.index_dim)?,
+            idx_gate: self.alloc_f32(rows * 2 * d.index_dim)?,
+            idx_weights: self.alloc_f32(rows * d.index_heads)?,
+            q: self.alloc_f32(rows * d.heads * d.head_dim)?,
+            idx_q: self.alloc_f32(rows * d.index_heads * d.index_dim)?,
+            attn: self.alloc_f32(rows * d.heads * d.head_dim)?,
+            group_in: self.alloc_f32(rows * d.group_in)?,
+            group_out: self.alloc_f32(rows * d.o_lora)?,
+            grouped: self.alloc_f32(rows * d.groups * d.o_lora)?,
+            sub_out: self.alloc_f32(rows * d.hidden)?,
+            router_logits: self.alloc_f32(rows * d.experts)?,
+            route_ids: self.alloc_i32(pairs)?,
+            route_weights: self.alloc_f32(pairs)?,
+            expert_h: self.alloc_f32(pairs * d.inter)?,
+            expert_partial: self.alloc_f32(pairs * d.hidden)?,
+            shared_gate: self.alloc_f32(rows * d.shared_inter)?,
+            shared_up: self.alloc_f32(rows * d.shared_inter)?,
+            shared_act: self.alloc_f32(rows * d.shared_inter)?,
+            shared_down: self.alloc_f32(rows * d.hidden)?,
+            sel_idx: self.alloc_i32(rows * d.index_topk)?,
+            sel_val: self.alloc_f32(rows * d.index_topk)?,
+            scores: self.alloc_f32(1 << 16)?,
+            key_offsets: self
+                .stream
+                .alloc_zeros::<i64>(1 << 16)
+                .map_err(driver_err("alloc"))?,
+            attn_work: self.alloc_f32(1 << 16)?,
+            captures: Vec::new(),
+            gemm: GemmScratch {
+                wide: self.alloc_f32(1)?,
+                experts_wide: self.alloc_f32(1)?,
+                x_sorted: self.alloc_f32(only_gemm(pairs * d.hidden))?,
+                gate: self.alloc_f32(only_gemm(pairs * d.inter))?,
+                up: self.alloc_f32(only_gemm(pairs * d.inter))?,
+                tokens: self.alloc_i32(only_gemm(pairs))?,
+                slots: self.alloc_i32(only_gemm(pairs))?,
+                experts: self.alloc_i32(only_gemm(d.experts))?,
+                gemm_ptrs: self
+                    .stream
+                    .alloc_zeros::<u64>(only_gemm(6 * d.experts))
+                    .map_err(driver_err("alloc"))?,
+            },
+        })
+    }
+
     /// Builds the layer stack, or `None` when a layer uses an encoding the device path does not
     /// take (it then runs op by op).
     pub(super) fn build_layer_stack(
         &self,
         model: &StackModel<'_, CudaBackend>,
     ) -> Result<Option<CudaLayerStack>, BackendError> {
-        let cfg = model.cfg;
         let mut layers = Vec::with_capacity(model.weights.layers.len());
         for (l, lw) in model.weights.layers.iter().enumerate() {
             match self.stack_layer(lw)? {
@@ -569,73 +777,11 @@ impl CudaBackend {
                 }
             }
         }
-        let ws = model.shard.world_size.max(1);
-        let rows = STACK_MAX_ROWS;
-        let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
-        let outs = (2 + hc) * hc;
-        let hd = cfg.head_dim;
-        let heads = cfg.num_attention_heads.div_ceil(ws);
-        let ih = cfg.index_n_heads.div_ceil(ws);
-        let ihd = cfg.index_head_dim;
-        let groups = cfg.o_groups.div_ceil(ws);
-        let group_in = cfg.num_attention_heads / cfg.o_groups.max(1) * hd;
-        let topk = cfg.num_experts_per_tok;
-        let inter = model
-            .weights
-            .layers
-            .iter()
-            .map(|lw| match &lw.moe.experts {
-                CudaExpertBank::Fp4(b) => b.inter,
-                CudaExpertBank::Each(e) => e.first().map_or(0, |m| m[0].shape().0),
-            })
-            .max()
-            .unwrap_or(0);
-        let shared_inter = model
-            .weights
-            .layers
-            .iter()
-            .map(|lw| lw.moe.shared.w1.shape().0)
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        let scratch = Scratch {
-            streams: self.alloc_f32(rows * hc * h)?,
-            hc_work: self.alloc_f32(hc_mix_workspace_floats(rows, outs))?,
-            mix: self.alloc_f32(rows * outs)?,
-            x: self.alloc_f32(rows * h)?,
-            q_lora: self.alloc_f32(rows * cfg.q_lora_rank)?,
-            kv: self.alloc_f32(rows * hd)?,
-            comp_kv: self.alloc_f32(rows * 2 * hd)?,
-            comp_gate: self.alloc_f32(rows * 2 * hd)?,
-            idx_kv: self.alloc_f32(rows * 2 * ihd)?,
-            idx_gate: self.alloc_f32(rows * 2 * ihd)?,
-            idx_weights: self.alloc_f32(rows * ih)?,
-            q: self.alloc_f32(rows * heads * hd)?,
-            idx_q: self.alloc_f32(rows * ih * ihd)?,
-            attn: self.alloc_f32(rows * heads * hd)?,
-            group_in: self.alloc_f32(rows * group_in)?,
-            group_out: self.alloc_f32(rows * cfg.o_lora_rank)?,
-            grouped: self.alloc_f32(rows * groups * cfg.o_lora_rank)?,
-            sub_out: self.alloc_f32(rows * h)?,
-            router_logits: self.alloc_f32(rows * cfg.n_routed_experts)?,
-            route_ids: self.alloc_i32(rows * topk)?,
-            route_weights: self.alloc_f32(rows * topk)?,
-            expert_h: self.alloc_f32(rows * topk * inter.max(1))?,
-            expert_partial: self.alloc_f32(rows * topk * h)?,
-            shared_gate: self.alloc_f32(rows * shared_inter)?,
-            shared_up: self.alloc_f32(rows * shared_inter)?,
-            shared_act: self.alloc_f32(rows * shared_inter)?,
-            shared_down: self.alloc_f32(rows * h)?,
-            sel_idx: self.alloc_i32(rows * cfg.index_topk.max(1))?,
-            sel_val: self.alloc_f32(rows * cfg.index_topk.max(1))?,
-            scores: self.alloc_f32(1 << 16)?,
-            key_offsets: self
-                .stream
-                .alloc_zeros::<i64>(1 << 16)
-                .map_err(driver_err("alloc"))?,
-            attn_work: self.alloc_f32(1 << 16)?,
-        };
+        let dims = ScratchDims::of(model);
+        let scratch = self.new_scratch(&dims, STACK_MAX_ROWS, false)?;
         let stack = CudaLayerStack {
+            dims,
+            gemm_scratch: None,
             layers,
             rope_main: self.upload(&model.rope_main.inv_freq)?,
             rope_compress: self.upload(&model.rope_compress.inv_freq)?,
@@ -646,11 +792,10 @@ impl CudaBackend {
             graphs_on: graphs_allowed(),
             graphs: Vec::new(),
             uses: 0,
-            captures: Vec::new(),
-            meta32: self.alloc_i32(META_TABLES + META_TABLE_ROOM)?,
+            meta32: self.alloc_i32(MetaLayout::GRAPHED.tables() + META_TABLE_ROOM)?,
             meta64: self
                 .stream
-                .alloc_zeros::<i64>(MAX_INDEX_CLASSES * R)
+                .alloc_zeros::<i64>(MetaLayout::GRAPHED.i64_len())
                 .map_err(driver_err("alloc"))?,
         };
         self.stream
@@ -660,7 +805,7 @@ impl CudaBackend {
     }
 
     /// Packs the row table: positions, token ids, block table starts and lengths (rows of one
-    /// sequence share one table, packed once after [`META_TABLES`]).
+    /// sequence share one table, packed once after the layout's `tables()`).
     fn pack_rows(meta: &mut MetaBuilder, rows: &StackRows<'_>) -> Result<(), BackendError> {
         let positions: Vec<i32> = rows
             .positions
@@ -680,7 +825,7 @@ impl CudaBackend {
             match last {
                 Some((p, l, at)) if (p, l) == key => starts.push(i32_of(at)?),
                 _ => {
-                    let at = meta.i32s.len() - META_TABLES;
+                    let at = meta.i32s.len() - meta.layout.tables();
                     starts.push(i32_of(at)?);
                     last = Some((key.0, key.1, at));
                     // Block ids are below the pool's block count, itself an i32-sized count
@@ -690,10 +835,11 @@ impl CudaBackend {
             }
             lens.push(i32_of(bt.len())?);
         }
-        meta.put32(META_POSITIONS, &positions);
-        meta.put32(META_IDS, &ids);
-        meta.put32(META_BT_STARTS, &starts);
-        meta.put32(META_BT_LENS, &lens);
+        let lay = meta.layout;
+        meta.put32(lay.positions(), &positions);
+        meta.put32(lay.ids(), &ids);
+        meta.put32(lay.bt_starts(), &starts);
+        meta.put32(lay.bt_lens(), &lens);
         Ok(())
     }
 
@@ -716,7 +862,7 @@ impl CudaBackend {
             at += k;
             starts.push(i32_of(at)?);
         }
-        meta.put32(META_KEYS + c * (R + 1), &starts);
+        meta.put32(meta.layout.keys(c), &starts);
         Ok((at, counts.iter().copied().max().unwrap_or(0)))
     }
 
@@ -731,7 +877,7 @@ impl CudaBackend {
         let visible: Vec<usize> = positions.iter().map(|&p| (p + 1) / ratio).collect();
         let mut total = 0i64;
         for (r, &v) in visible.iter().enumerate() {
-            meta.i64s[c * R + r] = total;
+            meta.i64s[c * meta.layout.room + r] = total;
             total += v as i64;
         }
         let vis: Vec<i32> = visible
@@ -742,8 +888,9 @@ impl CudaBackend {
             .iter()
             .map(|&v| i32_of(v.min(topk)))
             .collect::<Result<_, _>>()?;
-        meta.put32(META_INDEX + c * 2 * R, &vis);
-        meta.put32(META_INDEX + c * 2 * R + R, &sel);
+        let at = meta.layout.index(c);
+        meta.put32(at, &vis);
+        meta.put32(at + meta.layout.room, &sel);
         Ok(())
     }
 
@@ -777,19 +924,27 @@ impl CudaBackend {
             .map_err(driver_err("copy to GPU"))
     }
 
-    /// `y = x W^T` between scratch buffers.
+    /// `y = x W^T` between scratch buffers: GEMVs on the packed weights up to
+    /// [`STACK_MAX_ROWS`] rows, else one GEMM on the weight widened into `wide`.
     fn stack_linear(
         &self,
         x: &CudaSlice<f32>,
         n: usize,
         w: &CudaMatrix,
         y: &mut CudaSlice<f32>,
+        wide: &mut CudaSlice<f32>,
     ) -> Result<(), BackendError> {
         let (rows, cols) = w.shape();
         if x.len() < n * cols || y.len() < n * rows {
             return Err(shape_err(format!(
                 "projection [{rows}, {cols}] of {n} rows does not fit its buffers"
             )));
+        }
+        if n > STACK_MAX_ROWS {
+            let s = &self.stream;
+            let (xp, yp) = (ptr(s, x), ptr_mut(s, y));
+            // SAFETY: x holds n rows of cols and y n rows of rows f32 (checked above).
+            return unsafe { self.gemm_linear(xp, cols, n, w, yp, rows, wide) };
         }
         // FP8 weights stay packed (GEMV in 16-row chunks): widening would allocate.
         self.linear_on_with(
@@ -801,7 +956,11 @@ impl CudaBackend {
         )
     }
 
-    /// The layer stack over one step (see [`crate::backend::Backend::run_layer_stack`]).
+    /// The layer stack over one step (see [`crate::backend::Backend::run_layer_stack`]). Steps
+    /// of up to [`STACK_MAX_ROWS`] rows run whole, as CUDA graphs where allowed; larger ones
+    /// (prefill chunks) run as GEMM steps in pieces of at most [`gemm_piece_rows`] rows, one
+    /// after another: a piece's rows see the KV every earlier piece wrote, exactly as the next
+    /// chunk of a chunked prefill does.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn run_stack(
         &self,
@@ -820,14 +979,9 @@ impl CudaBackend {
         if n == 0 {
             return Ok(Vec::new());
         }
-        if n > STACK_MAX_ROWS
-            || streams.len() != n * width
-            || rows.positions.len() != n
-            || rows.block_tables.len() != n
-        {
+        if streams.len() != n * width || rows.positions.len() != n || rows.block_tables.len() != n {
             return Err(shape_err(format!(
-                "{n} rows ({} positions, {} tables, {} stream values; at most {STACK_MAX_ROWS} \
-                 rows)",
+                "{n} rows ({} positions, {} tables, {} stream values)",
                 rows.positions.len(),
                 rows.block_tables.len(),
                 streams.len()
@@ -851,11 +1005,92 @@ impl CudaBackend {
         if kv.len / g.floats_per_block.max(1) > i32::MAX as usize {
             return Err(shape_err("more pool blocks than i32 block ids".into()));
         }
+        if n <= STACK_MAX_ROWS {
+            return self.run_piece(stack, model, kv, comm, rows, streams, capture);
+        }
+        let max_pos = rows.positions.iter().copied().max().unwrap_or(0);
+        let piece = gemm_piece_rows(context_bucket(max_pos), cfg);
+        let mut captured: Vec<(usize, Vec<f32>)> = capture
+            .iter()
+            .map(|&l| (l, Vec::with_capacity(n * h)))
+            .collect();
+        for (start, len) in super::row_chunks(n, piece) {
+            let range = start..start + len;
+            let part = StackRows {
+                positions: rows.positions[range.clone()].to_vec(),
+                ids: rows.ids[range.clone()].to_vec(),
+                block_tables: rows.block_tables[range].to_vec(),
+            };
+            let got = self.run_piece(
+                stack,
+                model,
+                kv,
+                comm,
+                &part,
+                &mut streams[start * width..(start + len) * width],
+                capture,
+            )?;
+            for ((_, all), (_, rows_of_piece)) in captured.iter_mut().zip(got) {
+                all.extend(rows_of_piece);
+            }
+        }
+        Ok(captured)
+    }
+
+    /// One piece of a step (checked by [`Self::run_stack`]): up to [`STACK_MAX_ROWS`] rows on
+    /// the graphed scratch, more on the GEMM scratch (swapped in for the piece).
+    #[allow(clippy::too_many_arguments)]
+    fn run_piece(
+        &self,
+        stack: &mut CudaLayerStack,
+        model: &StackModel<'_, CudaBackend>,
+        kv: &mut CudaKvStore,
+        comm: &dyn Communicator,
+        rows: &StackRows<'_>,
+        streams: &mut [f32],
+        capture: &[usize],
+    ) -> Result<Vec<(usize, Vec<f32>)>, BackendError> {
+        let n = rows.ids.len();
+        if n <= STACK_MAX_ROWS {
+            return self.run_rows(stack, model, kv, comm, rows, streams, capture);
+        }
+        let mut gemm = match stack.gemm_scratch.take() {
+            Some(sc) if sc.rows >= n => sc,
+            old => {
+                // Free the smaller one first: the new one may need its memory.
+                drop(old);
+                self.new_scratch(&stack.dims, n, true)?
+            }
+        };
+        std::mem::swap(&mut stack.scratch, &mut gemm);
+        let out = self.run_rows(stack, model, kv, comm, rows, streams, capture);
+        std::mem::swap(&mut stack.scratch, &mut gemm);
+        stack.gemm_scratch = Some(gemm);
+        out
+    }
+
+    /// [`Self::run_piece`] on the scratch in place.
+    #[allow(clippy::too_many_arguments)]
+    fn run_rows(
+        &self,
+        stack: &mut CudaLayerStack,
+        model: &StackModel<'_, CudaBackend>,
+        kv: &mut CudaKvStore,
+        comm: &dyn Communicator,
+        rows: &StackRows<'_>,
+        streams: &mut [f32],
+        capture: &[usize],
+    ) -> Result<Vec<(usize, Vec<f32>)>, BackendError> {
+        let cfg = model.cfg;
+        let n = rows.ids.len();
+        let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
+        let width = hc * h;
+        let window = cfg.sliding_window;
         let max_pos = rows.positions.iter().copied().max().unwrap_or(0);
         let bucket = context_bucket(max_pos);
-        let mut meta = MetaBuilder::new();
+        let layout = MetaLayout::for_rows(n);
+        let mut meta = MetaBuilder::new(layout);
         Self::pack_rows(&mut meta, rows)?;
-        let window = cfg.sliding_window;
         // Classes in layer order: (mode, ratio) of every attention kind, and every indexer
         // ratio; counts packed at fixed offsets, launch shapes from the bucket.
         let mut key_at: Vec<(KeyMode, usize)> = Vec::new();
@@ -905,8 +1140,15 @@ impl CudaBackend {
                 meta.i32s
                     .len()
                     .next_power_of_two()
-                    .max(META_TABLES + META_TABLE_ROOM),
+                    .max(MetaLayout::GRAPHED.tables() + META_TABLE_ROOM),
             )?;
+            stack.graphs.clear();
+        }
+        if stack.meta64.len() < meta.i64s.len() {
+            stack.meta64 = self
+                .stream
+                .alloc_zeros::<i64>(meta.i64s.len())
+                .map_err(driver_err("alloc"))?;
             stack.graphs.clear();
         }
         let m32 = ptr(&s, &stack.meta32);
@@ -921,7 +1163,7 @@ impl CudaBackend {
                 KeyClass {
                     mode,
                     ratio,
-                    starts: at32(META_KEYS + c * (R + 1)),
+                    starts: at32(layout.keys(c)),
                     total: n * max_keys,
                     max_keys,
                 }
@@ -934,9 +1176,9 @@ impl CudaBackend {
                 let max_visible = bucket / ratio.max(1);
                 IndexerClass {
                     ratio,
-                    visible: at32(META_INDEX + c * 2 * R),
-                    out_starts: at64(c * R),
-                    selected: at32(META_INDEX + c * 2 * R + R),
+                    visible: at32(layout.index(c)),
+                    out_starts: at64(c * layout.room),
+                    selected: at32(layout.index(c) + layout.room),
                     total: n * max_visible,
                     max_visible,
                 }
@@ -950,21 +1192,23 @@ impl CudaBackend {
         s.memcpy_htod(streams, &mut stack.scratch.streams.slice_mut(0..n * width))
             .map_err(driver_err("copy to GPU"))?;
         let table = RowTable {
-            positions: at32(META_POSITIONS),
-            bt_starts: at32(META_BT_STARTS),
-            bt_lens: at32(META_BT_LENS),
-            block_tables: at32(META_TABLES),
+            positions: at32(layout.positions()),
+            bt_starts: at32(layout.bt_starts()),
+            bt_lens: at32(layout.bt_lens()),
+            block_tables: at32(layout.tables()),
             rows: n,
         };
         let step = StepShape {
             table: &table,
-            ids: at32(META_IDS),
+            ids: at32(layout.ids()),
             key_classes: &key_classes,
             index_classes: &index_classes,
             n,
             capture,
         };
-        let graphable = stack.graphs_on
+        // GEMM steps are never captured: they synchronise (the expert sort) and allocate.
+        let graphable = n <= STACK_MAX_ROWS
+            && stack.graphs_on
             && stack.clock.is_none()
             && (comm.world_size() <= 1 || self.stream_nccl(comm).is_some());
         if graphable {
@@ -1033,7 +1277,7 @@ impl CudaBackend {
         let mut captured = Vec::with_capacity(capture.len());
         for (i, &l) in capture.iter().enumerate() {
             let mut host = vec![0f32; n * width];
-            s.memcpy_dtoh(&stack.captures[i].slice(0..n * width), &mut host)
+            s.memcpy_dtoh(&stack.scratch.captures[i].slice(0..n * width), &mut host)
                 .map_err(driver_err("copy from GPU"))?;
             captured.push((l, host));
         }
@@ -1128,10 +1372,11 @@ impl CudaBackend {
             moved = true;
         }
         let width = cfg.hc_mult * cfg.hidden_size;
-        while stack.captures.len() < capture.len() {
-            stack.captures.push(self.alloc_f32(R * width)?);
+        while sc.captures.len() < capture.len() {
+            sc.captures.push(self.alloc_f32(sc.rows * width)?);
         }
-        if moved {
+        // The GEMM scratch is never under a graph.
+        if moved && n <= STACK_MAX_ROWS {
             stack.graphs.clear();
         }
         Ok(())
@@ -1154,7 +1399,7 @@ impl CudaBackend {
             self.stack_ffn(stack, model, comm, step, l)?;
             if let Some(i) = step.capture.iter().position(|&c| c == l) {
                 let src = stack.scratch.streams.slice(0..n * width);
-                let mut dst = stack.captures[i].slice_mut(0..n * width);
+                let mut dst = stack.scratch.captures[i].slice_mut(0..n * width);
                 self.stream
                     .memcpy_dtod(&src, &mut dst)
                     .map_err(driver_err("copy on GPU"))?;
@@ -1302,17 +1547,35 @@ impl CudaBackend {
         self.stage(&mut stack.clock, "stack: hyper-connections")?;
         self.hc_pre(sc, &layer.hc_attn, &layer.attn_norm, cfg, n)?;
         self.stage(&mut stack.clock, "stack: projections")?;
-        self.stack_linear(&sc.x, n, &aw.wq_a, &mut sc.q_lora)?;
-        self.stack_linear(&sc.x, n, &aw.wkv, &mut sc.kv)?;
+        self.stack_linear(&sc.x, n, &aw.wq_a, &mut sc.q_lora, &mut sc.gemm.wide)?;
+        self.stack_linear(&sc.x, n, &aw.wkv, &mut sc.kv, &mut sc.gemm.wide)?;
         if let Some(cw) = &aw.compressor {
-            self.stack_linear(&sc.x, n, &cw.wkv, &mut sc.comp_kv)?;
-            self.stack_linear(&sc.x, n, &cw.wgate, &mut sc.comp_gate)?;
+            self.stack_linear(&sc.x, n, &cw.wkv, &mut sc.comp_kv, &mut sc.gemm.wide)?;
+            self.stack_linear(&sc.x, n, &cw.wgate, &mut sc.comp_gate, &mut sc.gemm.wide)?;
         }
         let mut idx_heads = 0;
         if let Some(iw) = &aw.indexer {
-            self.stack_linear(&sc.x, n, &iw.compressor.wkv, &mut sc.idx_kv)?;
-            self.stack_linear(&sc.x, n, &iw.compressor.wgate, &mut sc.idx_gate)?;
-            self.stack_linear(&sc.x, n, &iw.weights_proj, &mut sc.idx_weights)?;
+            self.stack_linear(
+                &sc.x,
+                n,
+                &iw.compressor.wkv,
+                &mut sc.idx_kv,
+                &mut sc.gemm.wide,
+            )?;
+            self.stack_linear(
+                &sc.x,
+                n,
+                &iw.compressor.wgate,
+                &mut sc.idx_gate,
+                &mut sc.gemm.wide,
+            )?;
+            self.stack_linear(
+                &sc.x,
+                n,
+                &iw.weights_proj,
+                &mut sc.idx_weights,
+                &mut sc.gemm.wide,
+            )?;
             idx_heads = iw.weights_proj.shape().0;
         }
         self.stage(&mut stack.clock, "stack: norms, RoPE, KV write")?;
@@ -1337,7 +1600,7 @@ impl CudaBackend {
         }
         .map_err(kernel_err)?;
         self.stage(&mut stack.clock, "stack: projections")?;
-        self.stack_linear(&sc.q_lora, n, &aw.wq_b, &mut sc.q)?;
+        self.stack_linear(&sc.q_lora, n, &aw.wq_b, &mut sc.q, &mut sc.gemm.wide)?;
         self.stage(&mut stack.clock, "stack: norms, RoPE, KV write")?;
         let heads = aw.wq_b.shape().0 / hd;
         let q = ptr_mut(s, &mut sc.q);
@@ -1513,7 +1776,7 @@ impl CudaBackend {
             if class.total > 0 && cfg.index_topk > 0 {
                 // Indexer queries from the normed q LoRA, RoPE'd like the compressed keys.
                 self.stage(&mut stack.clock, "stack: indexer")?;
-                self.stack_linear(&sc.q_lora, n, &iw.wq_b, &mut sc.idx_q)?;
+                self.stack_linear(&sc.q_lora, n, &iw.wq_b, &mut sc.idx_q, &mut sc.gemm.wide)?;
                 let iq = ptr_mut(s, &mut sc.idx_q);
                 let iwts = ptr_mut(s, &mut sc.idx_weights);
                 let wscale = (cfg.index_n_heads as f32).powf(-0.5);
@@ -1697,7 +1960,26 @@ impl CudaBackend {
                 wg.shape()
             )));
         }
-        if let Some((w, scales)) = &layer.wo_a_stacked {
+        let gemm_step = n > STACK_MAX_ROWS;
+        if gemm_step {
+            // One GEMM per group, reading its heads and writing its slot in place.
+            let (xp, op) = (ptr(s, &sc.attn), ptr_mut(s, &mut sc.grouped));
+            for (gi, wg) in aw.wo_a.iter().enumerate() {
+                // SAFETY: attn rows hold local_groups * group_in values, grouped rows
+                // local_groups * orank; group gi reads and writes its own columns.
+                unsafe {
+                    self.gemm_linear(
+                        xp + (gi * group_in * 4) as u64,
+                        heads * hd,
+                        n,
+                        wg,
+                        op + (gi * orank * 4) as u64,
+                        local_groups * orank,
+                        &mut sc.gemm.wide,
+                    )
+                }?;
+            }
+        } else if let Some((w, scales)) = &layer.wo_a_stacked {
             // All groups in one launch per 16 rows: group g reads its heads at g * group_in.
             let (wp, sp) = (ptr(s, w), ptr(s, scales));
             let (xp, op) = (ptr(s, &sc.attn), ptr_mut(s, &mut sc.grouped));
@@ -1721,7 +2003,7 @@ impl CudaBackend {
                 unsafe { self.kernels.fp8_gemv_grouped(s, &call) }.map_err(kernel_err)?;
             }
         }
-        let per_group = if layer.wo_a_stacked.is_some() {
+        let per_group = if gemm_step || layer.wo_a_stacked.is_some() {
             &aw.wo_a[..0]
         } else {
             &aw.wo_a[..]
@@ -1755,7 +2037,7 @@ impl CudaBackend {
                 )
             }
             .map_err(kernel_err)?;
-            self.stack_linear(&sc.group_in, n, wg, &mut sc.group_out)?;
+            self.stack_linear(&sc.group_in, n, wg, &mut sc.group_out, &mut sc.gemm.wide)?;
             let src = ptr(s, &sc.group_out);
             let dst = ptr_mut(s, &mut sc.grouped) + (gi * orank * 4) as u64;
             // SAFETY: group_out holds n rows of orank, grouped n rows of local_groups * orank.
@@ -1774,7 +2056,7 @@ impl CudaBackend {
             }
             .map_err(kernel_err)?;
         }
-        self.stack_linear(&sc.grouped, n, &aw.wo_b, &mut sc.sub_out)?;
+        self.stack_linear(&sc.grouped, n, &aw.wo_b, &mut sc.sub_out, &mut sc.gemm.wide)?;
         self.stage(&mut stack.clock, "stack: all-reduce")?;
         self.stack_all_reduce(comm, &mut sc.sub_out, n * h)?;
         self.stage(&mut stack.clock, "stack: hyper-connections")?;
@@ -1800,7 +2082,7 @@ impl CudaBackend {
         self.stage(&mut stack.clock, "stack: hyper-connections")?;
         self.hc_pre(sc, &layer.hc_ffn, &layer.ffn_norm, cfg, n)?;
         self.stage(&mut stack.clock, "stack: router")?;
-        self.stack_linear(&sc.x, n, &mw.gate, &mut sc.router_logits)?;
+        self.stack_linear(&sc.x, n, &mw.gate, &mut sc.router_logits, &mut sc.gemm.wide)?;
         let (bias, hash) = match &layer.routes {
             RouteTable::Bias(b) => (ptr(s, b), 0),
             RouteTable::Hash(t) => (0, ptr(s, t)),
@@ -1825,6 +2107,27 @@ impl CudaBackend {
         unsafe { self.kernels.route_f32(s, &call) }.map_err(kernel_err)?;
         self.stage(&mut stack.clock, "stack: routed experts")?;
         match (&mw.experts, &layer.dense_experts) {
+            (CudaExpertBank::Fp4(b), _) if n > STACK_MAX_ROWS => {
+                let (x, w, out) = (
+                    ptr(s, &sc.x),
+                    ptr(s, &sc.route_weights),
+                    ptr_mut(s, &mut sc.sub_out),
+                );
+                self.sorted_experts(
+                    &mut stack.clock,
+                    b,
+                    &mut sc.gemm,
+                    x,
+                    &sc.route_ids,
+                    w,
+                    &mut sc.expert_h,
+                    &mut sc.expert_partial,
+                    out,
+                    n,
+                    k,
+                    cfg.swiglu_limit,
+                )?;
+            }
             (CudaExpertBank::Fp4(b), _) => {
                 let bank = self.fp4_experts(
                     [&b.w1, &b.s1, &b.w3, &b.s3, &b.w2, &b.s2],
@@ -1880,8 +2183,8 @@ impl CudaBackend {
         // The shared expert through the scratch (no allocation inside a captured step).
         let sh = &mw.shared;
         let inter = sh.w1.shape().0;
-        self.stack_linear(&sc.x, n, &sh.w1, &mut sc.shared_gate)?;
-        self.stack_linear(&sc.x, n, &sh.w3, &mut sc.shared_up)?;
+        self.stack_linear(&sc.x, n, &sh.w1, &mut sc.shared_gate, &mut sc.gemm.wide)?;
+        self.stack_linear(&sc.x, n, &sh.w3, &mut sc.shared_up, &mut sc.gemm.wide)?;
         let (g, u, a) = (
             ptr(s, &sc.shared_gate),
             ptr(s, &sc.shared_up),
@@ -1893,7 +2196,13 @@ impl CudaBackend {
                 .swiglu_clip(s, g, u, a, n * inter, cfg.swiglu_limit)
         }
         .map_err(kernel_err)?;
-        self.stack_linear(&sc.shared_act, n, &sh.w2, &mut sc.shared_down)?;
+        self.stack_linear(
+            &sc.shared_act,
+            n,
+            &sh.w2,
+            &mut sc.shared_down,
+            &mut sc.gemm.wide,
+        )?;
         let (acc, down) = (ptr_mut(s, &mut sc.sub_out), ptr(s, &sc.shared_down));
         // SAFETY: sub_out and shared_down both hold n rows of hidden.
         unsafe { self.kernels.add_into(s, acc, down, n * h) }.map_err(kernel_err)?;
@@ -1950,17 +2259,18 @@ mod tests {
             ids: vec![11, 12, 13],
             block_tables: vec![&table_a, &table_a, &table_b],
         };
-        let mut meta = MetaBuilder::new();
+        let lay = MetaLayout::GRAPHED;
+        let mut meta = MetaBuilder::new(lay);
         CudaBackend::pack_rows(&mut meta, &rows).unwrap();
         assert_eq!(
-            &meta.i32s[META_POSITIONS..META_POSITIONS + 3],
+            &meta.i32s[lay.positions()..lay.positions() + 3],
             &[300, 301, 5]
         );
-        assert_eq!(&meta.i32s[META_IDS..META_IDS + 3], &[11, 12, 13]);
+        assert_eq!(&meta.i32s[lay.ids()..lay.ids() + 3], &[11, 12, 13]);
         // Rows of one sequence share one packed table; the other sequence's follows it.
-        assert_eq!(&meta.i32s[META_BT_STARTS..META_BT_STARTS + 3], &[0, 0, 3]);
-        assert_eq!(&meta.i32s[META_BT_LENS..META_BT_LENS + 3], &[3, 3, 1]);
-        assert_eq!(&meta.i32s[META_TABLES..], &[7, 3, 9, 4]);
+        assert_eq!(&meta.i32s[lay.bt_starts()..lay.bt_starts() + 3], &[0, 0, 3]);
+        assert_eq!(&meta.i32s[lay.bt_lens()..lay.bt_lens() + 3], &[3, 3, 1]);
+        assert_eq!(&meta.i32s[lay.tables()..], &[7, 3, 9, 4]);
 
         let (total, max) = CudaBackend::pack_keys(
             &mut meta,
@@ -1973,7 +2283,7 @@ mod tests {
         )
         .unwrap();
         let counts = key_counts(&rows.positions, 128, 128, KeyMode::AllCompressed, 512);
-        let at = META_KEYS + (R + 1);
+        let at = lay.keys(1);
         let starts = &meta.i32s[at..at + 4];
         assert_eq!(starts[0], 0);
         for r in 0..3 {
@@ -1985,16 +2295,57 @@ mod tests {
         CudaBackend::pack_indexer(&mut meta, 0, &rows.positions, 4, 512).unwrap();
         let visible: [usize; 3] = [301 / 4, 302 / 4, 6 / 4];
         assert_eq!(
-            &meta.i32s[META_INDEX..META_INDEX + 3],
+            &meta.i32s[lay.index(0)..lay.index(0) + 3],
             &visible.map(|v| v as i32)
         );
         assert_eq!(
-            &meta.i32s[META_INDEX + R..META_INDEX + R + 3],
+            &meta.i32s[lay.index(0) + lay.room..lay.index(0) + lay.room + 3],
             &visible.map(|v| v.min(512) as i32)
         );
         assert_eq!(
             &meta.i64s[..3],
             &[0, visible[0] as i64, (visible[0] + visible[1]) as i64]
         );
+    }
+
+    #[test]
+    fn graphed_steps_keep_one_layout_and_gemm_steps_get_room_for_their_rows() {
+        let small = MetaLayout::for_rows(STACK_MAX_ROWS);
+        assert_eq!(small, MetaLayout::GRAPHED);
+        assert_eq!(MetaLayout::for_rows(1), MetaLayout::GRAPHED);
+        // The graphed layout is the one captured graphs were built on: positions first, tables
+        // after every per-row section.
+        assert_eq!(small.positions(), 0);
+        assert_eq!(small.ids(), STACK_MAX_ROWS);
+        assert_eq!(small.keys(0), 4 * STACK_MAX_ROWS);
+        let big = MetaLayout::for_rows(3000);
+        assert_eq!(big.room, 3000);
+        // Sections never overlap: each ends where the next starts.
+        assert_eq!(big.keys(MAX_KEY_CLASSES), big.index(0));
+        assert_eq!(big.index(MAX_INDEX_CLASSES), big.tables());
+        let rows = StackRows {
+            positions: (0..3000).collect(),
+            ids: vec![1; 3000],
+            block_tables: vec![&[0u32][..]; 3000],
+        };
+        let mut meta = MetaBuilder::new(big);
+        CudaBackend::pack_rows(&mut meta, &rows).unwrap();
+        assert_eq!(meta.i32s[big.positions() + 2999], 2999);
+        assert_eq!(meta.i32s[big.ids() + 2999], 1);
+        assert_eq!(meta.i32s.len(), big.tables() + 1);
+    }
+
+    #[test]
+    fn gemm_pieces_shrink_with_the_context_to_bound_indexer_scores() {
+        let cfg = crate::engine::model::ModelConfig::from_json_str(include_str!(
+            "../../../tests/fixtures/v4-flash-config.json"
+        ))
+        .unwrap();
+        assert_eq!(gemm_piece_rows(8192, &cfg), GEMM_PIECE_ROWS);
+        assert_eq!(gemm_piece_rows(131_072, &cfg), GEMM_PIECE_ROWS);
+        let at_1m = gemm_piece_rows(1 << 20, &cfg);
+        assert_eq!(at_1m, 1024);
+        assert!(at_1m * ((1 << 20) / 4) <= GEMM_PIECE_SCORES);
+        assert!(gemm_piece_rows(1 << 30, &cfg) > STACK_MAX_ROWS);
     }
 }

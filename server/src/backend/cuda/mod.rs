@@ -9,6 +9,7 @@
 //! Activations arrive and leave as host f32 rows (the engine's attention, norms and RoPE still
 //! run on the host; see docs/PERFORMANCE.md).
 
+mod gemm_step;
 mod kv;
 mod layer_stack;
 pub mod nccl;
@@ -16,7 +17,7 @@ pub mod nccl;
 pub use kv::CudaKvStore;
 pub use layer_stack::{CudaLayerStack, STACK_MAX_ROWS};
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
@@ -220,6 +221,10 @@ pub struct CudaBackend {
     stage_times: Mutex<Vec<crate::engine::OpTime>>,
     /// Layer-stack steps replayed from a CUDA graph (captures included).
     graph_steps: AtomicU64,
+    /// Whether the layer stack's GEMM steps use TF32 tensor cores (`gemm_step`).
+    gemm_tf32: AtomicBool,
+    /// Whether cuBLAS took the grouped GEMM of the sorted experts (else one GEMM each).
+    grouped_gemm_ok: AtomicBool,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -303,6 +308,8 @@ impl CudaBackend {
             clock: OpClock::default(),
             stage_times: Mutex::new(Vec::new()),
             graph_steps: AtomicU64::new(0),
+            gemm_tf32: AtomicBool::new(gemm_step::tf32_allowed()),
+            grouped_gemm_ok: AtomicBool::new(true),
         })
     }
 
@@ -764,7 +771,8 @@ impl Backend for CudaBackend {
     }
 
     fn layer_stack_max_rows(&self) -> usize {
-        STACK_MAX_ROWS
+        // Steps over STACK_MAX_ROWS run as GEMM steps, in pieces.
+        usize::MAX
     }
 
     fn set_layer_stack_graphs(&self, stack: &mut CudaLayerStack, on: bool) {

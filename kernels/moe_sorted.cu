@@ -1,0 +1,67 @@
+// Routed experts over many tokens (prefill): the (token, slot) pairs are sorted by expert on the
+// host, each expert's FP4 matrices are widened to f32 once per step, and cuBLAS multiplies every
+// expert's contiguous run of rows. These kernels are the glue around those GEMMs.
+//
+//   dsk_fp4_dequant_experts_f32: FP4 (e2m1 + one E8M0 scale per 32 values along K) matrices of
+//       the listed experts to f32, back to back: exact (an e2m1 value times a power of two).
+//   dsk_gather_rows_f32:         dst[i, :] = src[idx[i], :] (activations into expert order).
+//   dsk_moe_combine_sorted_f32:  out[t, :] = sum_j w[t, j] * y[pos[t, j], :], slots in order (as
+//       the decode kernels sum them); pos < 0 adds nothing.
+
+// e2m1 code (sign, two exponent bits, one mantissa bit) to f32 without a table: e > 0 is
+// 2^(e-1) * (1 + m/2), e = 0 the subnormal m/2.
+__device__ __forceinline__ float moe_e2m1(unsigned int nibble) {
+    const unsigned int e = (nibble >> 1) & 3u, m = nibble & 1u;
+    const float mag = e ? __uint_as_float(((e + 126u) << 23) | (m << 22)) : 0.5f * (float)m;
+    return (nibble & 8u) ? -mag : mag;
+}
+
+// W: bank [E, rows, k/2] bytes (element 2j in the low nibble of byte j), S: [E, rows, k/32].
+// out: [count, rows, k] f32, matrix blockIdx.y = expert experts[blockIdx.y]. One thread per
+// four values (two bytes in, one 16-byte store out), so a warp reads 64 contiguous bytes and
+// writes 512 contiguous bytes; eight consecutive threads share one scale.
+extern "C" __global__ void __launch_bounds__(256) dsk_fp4_dequant_experts_f32(
+    const unsigned char *__restrict__ w, const unsigned char *__restrict__ s,
+    const int *__restrict__ experts, int count, int rows, int k, float *__restrict__ out) {
+    const long long quads = (long long)rows * (k / 4);
+    const long long e = experts[blockIdx.y];
+    const unsigned short *src = reinterpret_cast<const unsigned short *>(w + e * quads * 2);
+    const unsigned char *sc = s + e * (quads / 8);
+    float4 *dst = reinterpret_cast<float4 *>(out + (long long)blockIdx.y * quads * 4);
+    for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < quads;
+         j += (long long)gridDim.x * blockDim.x) {
+        const unsigned int x = src[j];
+        const float scale = dsk_e8m0_to_f32(sc[j >> 3]);
+        dst[j] = make_float4(moe_e2m1(x & 0xFu) * scale, moe_e2m1((x >> 4) & 0xFu) * scale,
+                             moe_e2m1((x >> 8) & 0xFu) * scale, moe_e2m1(x >> 12) * scale);
+    }
+}
+
+// dst[i, c] = src[idx[i], c] for i < n, c < width.
+extern "C" __global__ void __launch_bounds__(256) dsk_gather_rows_f32(
+    const float *__restrict__ src, const int *__restrict__ idx, int n, int width,
+    float *__restrict__ dst) {
+    const long long total = (long long)n * width;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / width, c = i % width;
+        dst[i] = src[(long long)idx[r] * width + c];
+    }
+}
+
+// out[t, c] = sum over j < topk (in order) of weights[t * topk + j] * y[pos[t * topk + j], c].
+extern "C" __global__ void __launch_bounds__(256) dsk_moe_combine_sorted_f32(
+    const float *__restrict__ y, const int *__restrict__ pos, const float *__restrict__ weights,
+    int tokens, int topk, int hidden, float *__restrict__ out) {
+    const long long total = (long long)tokens * hidden;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long t = i / hidden, c = i % hidden;
+        float acc = 0.0f;
+        for (int j = 0; j < topk; ++j) {
+            const int p = pos[t * topk + j];
+            if (p >= 0) acc += weights[t * topk + j] * y[(long long)p * hidden + c];
+        }
+        out[i] = acc;
+    }
+}

@@ -1,0 +1,215 @@
+//! Launches of `moe_sorted.cu`: the glue of the routed experts over many tokens (prefill), where
+//! the (token, slot) pairs are sorted by expert and each expert's rows go through one cuBLAS GEMM
+//! on its widened weights. No launch synchronises or allocates.
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+
+use super::{aligned16, i32_arg, nonnull, u32_grid, Kernels};
+use crate::error::KernelError;
+
+/// The `moe_sorted.cu` kernels.
+pub struct MoeSortedFns {
+    dequant: CudaFunction,
+    gather: CudaFunction,
+    combine: CudaFunction,
+}
+
+impl MoeSortedFns {
+    pub(crate) fn load(module: &Arc<CudaModule>) -> Result<Self, KernelError> {
+        let f = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(KernelError::driver("cuModuleGetFunction"))
+        };
+        Ok(Self {
+            dequant: f("dsk_fp4_dequant_experts_f32")?,
+            gather: f("dsk_gather_rows_f32")?,
+            combine: f("dsk_moe_combine_sorted_f32")?,
+        })
+    }
+}
+
+fn config(kernel: &'static str, len: usize, sms: usize) -> Result<LaunchConfig, KernelError> {
+    // Grid-stride loops: enough blocks to fill the GPU, no more than the elements need.
+    let blocks = len.div_ceil(256).clamp(1, 16 * sms.max(1));
+    Ok(LaunchConfig {
+        grid_dim: (u32_grid(kernel, blocks)?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// Most matrices of one [`Kernels::fp4_dequant_experts`] launch (grid.y).
+const GRID_Y_MAX: usize = 65_535;
+
+/// Launch-time checks of [`Kernels::fp4_dequant_experts`], testable without a GPU.
+pub fn check_fp4_dequant_experts(
+    ptrs: [CUdeviceptr; 4],
+    count: usize,
+    rows: usize,
+    k: usize,
+) -> Result<(), KernelError> {
+    const K: &str = "fp4_dequant_experts";
+    if k == 0 || !k.is_multiple_of(32) {
+        return Err(KernelError::invalid(
+            K,
+            format!("k = {k} must be a positive multiple of 32 (one scale per 32 values)"),
+        ));
+    }
+    if count > GRID_Y_MAX {
+        return Err(KernelError::invalid(
+            K,
+            format!("{count} matrices in one launch (at most {GRID_Y_MAX})"),
+        ));
+    }
+    i32_arg(K, "rows", rows)?;
+    i32_arg(K, "k", k)?;
+    let [w, s, experts, out] = ptrs;
+    nonnull(K, &[("w", w), ("s", s), ("experts", experts), ("out", out)])?;
+    // One 16-byte load of 32 weights and eight 16-byte stores per thread.
+    aligned16(K, &[("w", w), ("out", out)])
+}
+
+impl Kernels {
+    /// Widens the FP4 matrices `[rows, k]` of `count` experts (ids in `experts`, device i32) of
+    /// one bank (`w` `[E, rows, k/2]` bytes, `s` `[E, rows, k/32]` E8M0) to f32 `[count, rows, k]`
+    /// in `out`: exact values, as the CPU reference widens them.
+    ///
+    /// # Safety
+    /// `w` and `s` must hold the bank, every id in `experts` must be below its expert count, and
+    /// `out` must hold `count * rows * k` f32, all device memory of this context.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn fp4_dequant_experts(
+        &self,
+        stream: &CudaStream,
+        w: CUdeviceptr,
+        s: CUdeviceptr,
+        experts: CUdeviceptr,
+        count: usize,
+        rows: usize,
+        k: usize,
+        out: CUdeviceptr,
+    ) -> Result<(), KernelError> {
+        const K: &str = "fp4_dequant_experts";
+        if count == 0 || rows == 0 {
+            return Ok(());
+        }
+        check_fp4_dequant_experts([w, s, experts, out], count, rows, k)?;
+        let (c, r, kk) = (count as i32, rows as i32, k as i32);
+        // grid.y = the matrix; grid.x strides over its values four at a time.
+        let per_matrix = (rows * k / 4).div_ceil(256).clamp(1, 4 * self.sms.max(1));
+        let cfg = LaunchConfig {
+            grid_dim: (u32_grid(K, per_matrix)?, u32_grid(K, count)?, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .launch_builder(&self.moe_sorted.dequant)
+            .arg(&w)
+            .arg(&s)
+            .arg(&experts)
+            .arg(&c)
+            .arg(&r)
+            .arg(&kk)
+            .arg(&out)
+            .launch(cfg)
+            .map_err(KernelError::driver("launch fp4_dequant_experts"))?;
+        Ok(())
+    }
+
+    /// `dst[i, :] = src[idx[i], :]` for `n` rows of `width` f32.
+    ///
+    /// # Safety
+    /// `idx` must hold `n` device i32, each a row of `src` (`width` f32 per row); `dst` must
+    /// hold `n * width` f32; all device memory of this context.
+    pub unsafe fn gather_rows_f32(
+        &self,
+        stream: &CudaStream,
+        src: CUdeviceptr,
+        idx: CUdeviceptr,
+        n: usize,
+        width: usize,
+        dst: CUdeviceptr,
+    ) -> Result<(), KernelError> {
+        const K: &str = "gather_rows_f32";
+        if n == 0 || width == 0 {
+            return Ok(());
+        }
+        nonnull(K, &[("src", src), ("idx", idx), ("dst", dst)])?;
+        let (nn, w) = (i32_arg(K, "n", n)?, i32_arg(K, "width", width)?);
+        stream
+            .launch_builder(&self.moe_sorted.gather)
+            .arg(&src)
+            .arg(&idx)
+            .arg(&nn)
+            .arg(&w)
+            .arg(&dst)
+            .launch(config(K, n * width, self.sms)?)
+            .map_err(KernelError::driver("launch gather_rows_f32"))?;
+        Ok(())
+    }
+
+    /// `out[t, :] = sum_j weights[t, j] * y[pos[t, j], :]` over the `topk` slots in order (a
+    /// negative position adds nothing): the expert outputs, sorted by expert, back in token
+    /// order.
+    ///
+    /// # Safety
+    /// `pos` and `weights` must hold `tokens * topk` device i32 / f32, every non-negative
+    /// position a row of `y` (`hidden` f32 per row); `out` must hold `tokens * hidden` f32; all
+    /// device memory of this context.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn moe_combine_sorted(
+        &self,
+        stream: &CudaStream,
+        y: CUdeviceptr,
+        pos: CUdeviceptr,
+        weights: CUdeviceptr,
+        tokens: usize,
+        topk: usize,
+        hidden: usize,
+        out: CUdeviceptr,
+    ) -> Result<(), KernelError> {
+        const K: &str = "moe_combine_sorted";
+        if tokens == 0 || hidden == 0 {
+            return Ok(());
+        }
+        nonnull(
+            K,
+            &[("y", y), ("pos", pos), ("weights", weights), ("out", out)],
+        )?;
+        let (t, k, h) = (
+            i32_arg(K, "tokens", tokens)?,
+            i32_arg(K, "topk", topk)?,
+            i32_arg(K, "hidden", hidden)?,
+        );
+        stream
+            .launch_builder(&self.moe_sorted.combine)
+            .arg(&y)
+            .arg(&pos)
+            .arg(&weights)
+            .arg(&t)
+            .arg(&k)
+            .arg(&h)
+            .arg(&out)
+            .launch(config(K, tokens * hidden, self.sms)?)
+            .map_err(KernelError::driver("launch moe_combine_sorted"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dequant_needs_whole_scale_groups_and_real_pointers() {
+        assert!(check_fp4_dequant_experts([16, 16, 16, 16], 2, 4, 64).is_ok());
+        assert!(check_fp4_dequant_experts([16, 16, 16, 16], 2, 4, 48).is_err());
+        assert!(check_fp4_dequant_experts([16, 0, 16, 16], 2, 4, 64).is_err());
+        assert!(check_fp4_dequant_experts([16, 16, 16, 8], 2, 4, 64).is_err());
+        assert!(check_fp4_dequant_experts([16, 16, 16, 16], 65_536, 4, 64).is_err());
+    }
+}

@@ -1,0 +1,140 @@
+//! GPU checks of `moe_sorted.cu` (the routed experts over many tokens) against host references:
+//! FP4 widening is exact, so it must match bit for bit; the gather is a copy; the combine sums
+//! the slots in the same order as the host, so it matches to f32 rounding of the same sums.
+//! Skips (passes with a SKIP line) where there is no GPU.
+
+use dspark_kernels::formats::{e2m1_at, e8m0_to_f64};
+
+mod common;
+use common::{gpu, Rng};
+
+#[test]
+fn fp4_experts_widen_exactly_in_list_order() {
+    let Some(g) = gpu("fp4_experts_widen_exactly_in_list_order") else {
+        return;
+    };
+    let mut rng = Rng(0x005e_edf4);
+    let (experts, rows, k) = (5usize, 48usize, 96usize);
+    let w: Vec<u8> = (0..experts * rows * k / 2)
+        .map(|_| rng.next() as u8)
+        .collect();
+    // Scales around 2^0 (codes 120..134), never NaN.
+    let s: Vec<u8> = (0..experts * rows * k / 32)
+        .map(|_| 120 + rng.below(15) as u8)
+        .collect();
+    let list = [3i32, 0, 4, 3];
+    let (wb, sb, lb) = (g.up(&w), g.up(&s), g.up(&list));
+    let out = g.up(&vec![f32::NAN; list.len() * rows * k]);
+    // SAFETY: buffers sized as the launch's contract asks (bank of `experts`, ids below it).
+    unsafe {
+        g.k.fp4_dequant_experts(
+            &g.s,
+            g.ptr(&wb),
+            g.ptr(&sb),
+            g.ptr(&lb),
+            list.len(),
+            rows,
+            k,
+            g.ptr(&out),
+        )
+    }
+    .unwrap();
+    let got = g.down(&out);
+    for (m, &e) in list.iter().enumerate() {
+        let e = e as usize;
+        for r in 0..rows {
+            let row = &w[(e * rows + r) * k / 2..(e * rows + r + 1) * k / 2];
+            for c in 0..k {
+                let scale = e8m0_to_f64(s[(e * rows + r) * k / 32 + c / 32]);
+                let want = (f64::from(e2m1_at(row, c)) * scale) as f32;
+                let have = got[(m * rows + r) * k + c];
+                assert_eq!(have.to_bits(), want.to_bits(), "expert {e} row {r} col {c}");
+            }
+        }
+    }
+}
+
+#[test]
+fn gather_and_combine_restore_token_order() {
+    let Some(g) = gpu("gather_and_combine_restore_token_order") else {
+        return;
+    };
+    let mut rng = Rng(0xc0b1);
+    let (tokens, topk, hidden) = (37usize, 3usize, 80usize);
+    let x = rng.signed_vec(tokens * hidden, 2.0);
+    // A permutation of the pairs (as the host's sort by expert makes), one slot dropped.
+    let pairs = tokens * topk;
+    let mut order: Vec<usize> = (0..pairs).collect();
+    for i in (1..pairs).rev() {
+        order.swap(i, rng.below(i + 1));
+    }
+    let dropped = 7usize;
+    let sorted: Vec<usize> = order.iter().copied().filter(|&p| p != dropped).collect();
+    let idx: Vec<i32> = sorted.iter().map(|&p| (p / topk) as i32).collect();
+    let mut pos = vec![-1i32; pairs];
+    for (i, &p) in sorted.iter().enumerate() {
+        pos[p] = i as i32;
+    }
+    let weights = rng.vec(pairs, 0.0, 1.0);
+    let (xb, ib) = (g.up(&x), g.up(&idx));
+    let gathered = g.up(&vec![f32::NAN; sorted.len() * hidden]);
+    // SAFETY: idx rows are tokens of x; gathered holds sorted.len() rows.
+    unsafe {
+        g.k.gather_rows_f32(
+            &g.s,
+            g.ptr(&xb),
+            g.ptr(&ib),
+            sorted.len(),
+            hidden,
+            g.ptr(&gathered),
+        )
+    }
+    .unwrap();
+    let got = g.down(&gathered);
+    for (i, &p) in sorted.iter().enumerate() {
+        let t = p / topk;
+        assert_eq!(
+            got[i * hidden..(i + 1) * hidden],
+            x[t * hidden..(t + 1) * hidden]
+        );
+    }
+    // y: the gathered rows scaled per pair, so each slot's contribution is distinct.
+    let y: Vec<f32> = got
+        .chunks(hidden)
+        .enumerate()
+        .flat_map(|(i, r)| r.iter().map(move |v| v * (1.0 + i as f32 / 64.0)))
+        .collect();
+    let (yb, pb, wb) = (g.up(&y), g.up(&pos), g.up(&weights));
+    let out = g.up(&vec![f32::NAN; tokens * hidden]);
+    // SAFETY: pos entries are rows of y or -1; out holds tokens rows.
+    unsafe {
+        g.k.moe_combine_sorted(
+            &g.s,
+            g.ptr(&yb),
+            g.ptr(&pb),
+            g.ptr(&wb),
+            tokens,
+            topk,
+            hidden,
+            g.ptr(&out),
+        )
+    }
+    .unwrap();
+    let got = g.down(&out);
+    for t in 0..tokens {
+        for c in 0..hidden {
+            let mut want = 0f32;
+            for j in 0..topk {
+                let p = pos[t * topk + j];
+                if p >= 0 {
+                    want += weights[t * topk + j] * y[p as usize * hidden + c];
+                }
+            }
+            let have = got[t * hidden + c];
+            assert!(
+                (have - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "token {t} col {c}: {have} vs {want}"
+            );
+        }
+    }
+}

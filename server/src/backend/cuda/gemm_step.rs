@@ -1,0 +1,526 @@
+//! The layer stack's GEMM steps (more than [`super::layer_stack::STACK_MAX_ROWS`] rows: prefill
+//! chunks). A GEMV re-reads the weight for every 16 rows; here each weight is widened to f32 once
+//! per step and multiplied by cuBLAS over all rows, and the routed experts are sorted by expert so
+//! that each expert's rows are one GEMM on its widened weights.
+//!
+//! Precision: by default the GEMMs run on the TF32 tensor cores. Every checkpoint weight (e4m3,
+//! e2m1, bf16, times a power-of-two scale) is exact in TF32, so only the activations round, to
+//! 11 significant bits (relative 2^-11 per element) with f32 accumulation, finer than the bf16
+//! activations the reference recipe runs. `DSPARK_GEMM_TF32=0` (or
+//! [`CudaBackend::set_gemm_tf32`]) keeps them f32 for exact comparisons.
+
+use std::sync::atomic::Ordering;
+
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+
+use super::layer_stack::{GemmScratch, StageClock};
+use super::{driver_err, kernel_err, CudaBackend, CudaMatrix, Fp4Bank};
+use crate::backend::BackendError;
+
+/// Most bytes of widened expert weights one group of experts takes (f32 w1, w3, w2).
+const EXPERT_GROUP_BYTES: usize = 1 << 30;
+
+/// Whether the environment lets GEMM steps use TF32 (`DSPARK_GEMM_TF32=0` forbids it).
+pub(super) fn tf32_allowed() -> bool {
+    std::env::var("DSPARK_GEMM_TF32").map_or(true, |v| v != "0")
+}
+
+fn gemm_err(detail: String) -> BackendError {
+    BackendError::Shape {
+        op: "gemm_step",
+        detail,
+    }
+}
+
+fn dim(v: usize) -> Result<i32, BackendError> {
+    i32::try_from(v).map_err(|_| gemm_err(format!("{v} exceeds cuBLAS's int range")))
+}
+
+/// The experts of a step's (token, slot) pairs in expert order: `tokens[i]` is sorted pair i's
+/// token, `slots[t * topk + j]` where pair (t, j) went (-1: an id outside the bank, which adds
+/// nothing, as in the decode kernels), and each used expert with its run of sorted rows.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct ExpertOrder {
+    pub(super) tokens: Vec<i32>,
+    pub(super) slots: Vec<i32>,
+    /// (expert, first sorted row, rows).
+    pub(super) runs: Vec<(usize, usize, usize)>,
+}
+
+impl ExpertOrder {
+    /// Stable by pair order within an expert, so the result does not depend on thread timing.
+    pub(super) fn of(ids: &[i32], topk: usize, experts: usize) -> Self {
+        let mut counts = vec![0usize; experts];
+        for &e in ids {
+            if let Some(c) = usize::try_from(e).ok().and_then(|e| counts.get_mut(e)) {
+                *c += 1;
+            }
+        }
+        let mut next = vec![0usize; experts];
+        let mut runs = Vec::new();
+        let mut at = 0;
+        for (e, &c) in counts.iter().enumerate() {
+            next[e] = at;
+            if c > 0 {
+                runs.push((e, at, c));
+            }
+            at += c;
+        }
+        let mut tokens = vec![0i32; at];
+        let mut slots = vec![-1i32; ids.len()];
+        for (p, &e) in ids.iter().enumerate() {
+            let Some(row) = usize::try_from(e).ok().and_then(|e| next.get_mut(e)) else {
+                continue;
+            };
+            // Rows and tokens are below the step's pair count, an i32-sized kernel argument.
+            tokens[*row] = (p / topk.max(1)) as i32;
+            slots[p] = *row as i32;
+            *row += 1;
+        }
+        Self {
+            tokens,
+            slots,
+            runs,
+        }
+    }
+}
+
+/// One `y = x W^T` of a grouped call (pointers and strides as [`CudaBackend::gemm_rows`]).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct GemmProblem {
+    pub(super) x: CUdeviceptr,
+    pub(super) ldx: usize,
+    pub(super) n: usize,
+    pub(super) w: CUdeviceptr,
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) y: CUdeviceptr,
+    pub(super) ldy: usize,
+}
+
+impl CudaBackend {
+    /// Whether GEMM steps use the TF32 tensor cores (see the module docs).
+    pub fn set_gemm_tf32(&self, on: bool) {
+        self.gemm_tf32.store(on, Ordering::Relaxed);
+    }
+
+    /// `y = x W^T`: x f32 `[n, cols]` with row stride `ldx`, W f32 `[rows, cols]` row-major, y
+    /// `[n, rows]` with row stride `ldy` (TF32 tensor cores unless turned off).
+    ///
+    /// # Safety
+    /// `x` must hold `(n - 1) * ldx + cols` f32, `w` `rows * cols`, `y` `(n - 1) * ldy + rows`,
+    /// all device memory of this stream's context, with `ldx >= cols` and `ldy >= rows`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemm_rows(
+        &self,
+        x: CUdeviceptr,
+        ldx: usize,
+        n: usize,
+        w: CUdeviceptr,
+        rows: usize,
+        cols: usize,
+        y: CUdeviceptr,
+        ldy: usize,
+    ) -> Result<(), BackendError> {
+        if n == 0 || rows == 0 {
+            return Ok(());
+        }
+        let compute = if self.gemm_tf32.load(Ordering::Relaxed) {
+            cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+        } else {
+            cublasComputeType_t::CUBLAS_COMPUTE_32F
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: the handle is bound to this backend's stream; in cuBLAS's column-major view
+        // W^T is [cols, rows] with lda = cols, x^T [cols, n] with ldb = ldx and y^T [rows, n]
+        // with ldc = ldy, all inside the buffers this function's contract describes.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                dim(rows)?,
+                dim(n)?,
+                dim(cols)?,
+                (&alpha as *const f32).cast(),
+                w as *const std::ffi::c_void,
+                cudaDataType::CUDA_R_32F,
+                dim(cols)?,
+                x as *const std::ffi::c_void,
+                cudaDataType::CUDA_R_32F,
+                dim(ldx)?,
+                (&beta as *const f32).cast(),
+                y as *mut std::ffi::c_void,
+                cudaDataType::CUDA_R_32F,
+                dim(ldy)?,
+                compute,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| BackendError::Other(format!("cuBLAS GEMM: {e:?}")))
+    }
+
+    /// Many small GEMMs (one per expert) as one cuBLAS grouped call, so they fill the GPU
+    /// together instead of one after another; `ptrs` (device, grown to fit) carries their
+    /// pointer arrays. Falls back to one call per problem where cuBLAS refuses the grouped form.
+    ///
+    /// # Safety
+    /// Every problem must satisfy [`Self::gemm_rows`]'s contract.
+    pub(super) unsafe fn gemm_grouped(
+        &self,
+        problems: &[GemmProblem],
+        ptrs: &mut CudaSlice<u64>,
+    ) -> Result<(), BackendError> {
+        let live: Vec<&GemmProblem> = problems.iter().filter(|p| p.n > 0 && p.rows > 0).collect();
+        if live.is_empty() {
+            return Ok(());
+        }
+        if self.grouped_gemm_ok.load(Ordering::Relaxed) {
+            match unsafe { self.try_gemm_grouped(&live, ptrs) } {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cuBLAS grouped GEMM refused; one GEMM per expert from now on");
+                    self.grouped_gemm_ok.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        for p in live {
+            // SAFETY: the caller's contract, per problem.
+            unsafe { self.gemm_rows(p.x, p.ldx, p.n, p.w, p.rows, p.cols, p.y, p.ldy) }?;
+        }
+        Ok(())
+    }
+
+    unsafe fn try_gemm_grouped(
+        &self,
+        live: &[&GemmProblem],
+        ptrs: &mut CudaSlice<u64>,
+    ) -> Result<(), BackendError> {
+        let count = live.len();
+        let s = &self.stream;
+        if ptrs.len() < 3 * count {
+            *ptrs = s
+                .alloc_zeros::<u64>(3 * count)
+                .map_err(driver_err("alloc"))?;
+        }
+        let mut host: Vec<u64> = Vec::with_capacity(3 * count);
+        host.extend(live.iter().map(|p| p.w));
+        host.extend(live.iter().map(|p| p.x));
+        host.extend(live.iter().map(|p| p.y));
+        s.memcpy_htod(&host, &mut ptrs.slice_mut(0..3 * count))
+            .map_err(driver_err("copy to GPU"))?;
+        let col = |f: &dyn Fn(&GemmProblem) -> usize| -> Result<Vec<i32>, BackendError> {
+            live.iter().map(|p| dim(f(p))).collect()
+        };
+        let (m, n, k) = (col(&|p| p.rows)?, col(&|p| p.n)?, col(&|p| p.cols)?);
+        let (lda, ldb, ldc) = (col(&|p| p.cols)?, col(&|p| p.ldx)?, col(&|p| p.ldy)?);
+        let ta = vec![cublasOperation_t::CUBLAS_OP_T; count];
+        let tb = vec![cublasOperation_t::CUBLAS_OP_N; count];
+        let (alpha, beta) = (vec![1.0f32; count], vec![0.0f32; count]);
+        let sizes = vec![1i32; count];
+        let compute = if self.gemm_tf32.load(Ordering::Relaxed) {
+            cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+        } else {
+            cublasComputeType_t::CUBLAS_COMPUTE_32F
+        };
+        let base = ptrs.device_ptr(s).0;
+        let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: the host arrays hold `count` entries each; the device arrays at base hold the
+        // W, x and y pointers of every problem (copied above, in stream order before the call),
+        // each problem within gemm_rows's contract (the caller's).
+        let status = unsafe {
+            cudarc::cublas::sys::cublasGemmGroupedBatchedEx(
+                *blas.handle(),
+                ta.as_ptr(),
+                tb.as_ptr(),
+                m.as_ptr(),
+                n.as_ptr(),
+                k.as_ptr(),
+                alpha.as_ptr().cast(),
+                base as *const *const std::ffi::c_void,
+                cudaDataType::CUDA_R_32F,
+                lda.as_ptr(),
+                (base + (count * 8) as u64) as *const *const std::ffi::c_void,
+                cudaDataType::CUDA_R_32F,
+                ldb.as_ptr(),
+                beta.as_ptr().cast(),
+                (base + (2 * count * 8) as u64) as *const *mut std::ffi::c_void,
+                cudaDataType::CUDA_R_32F,
+                ldc.as_ptr(),
+                dim(count)?,
+                sizes.as_ptr(),
+                compute,
+            )
+        };
+        status
+            .result()
+            .map_err(|e| BackendError::Other(format!("cuBLAS grouped GEMM: {e:?}")))
+    }
+
+    /// The f32 weights of `w` on the device: a dense matrix as it is, bf16 and FP8 ones widened
+    /// (exactly) into `wide`, grown to fit.
+    fn widened(
+        &self,
+        w: &CudaMatrix,
+        wide: &mut CudaSlice<f32>,
+    ) -> Result<CUdeviceptr, BackendError> {
+        let s = &self.stream;
+        let (rows, cols) = w.shape();
+        let len = rows * cols;
+        if !matches!(w, CudaMatrix::Dense { .. }) && wide.len() < len {
+            *wide = self.zeros(len)?;
+        }
+        match w {
+            CudaMatrix::Dense { w, .. } => Ok(w.device_ptr(s).0),
+            CudaMatrix::Bf16 { w, .. } => {
+                let out = wide.device_ptr_mut(s).0;
+                // SAFETY: w holds rows * cols bf16, `wide` at least that many f32.
+                unsafe { self.kernels.bf16_to_f32(s, w.device_ptr(s).0, out, len) }
+                    .map_err(kernel_err)?;
+                Ok(out)
+            }
+            CudaMatrix::Fp8 { w, scales, .. } => {
+                let out = wide.device_ptr_mut(s).0;
+                // SAFETY: w holds rows * cols e4m3 bytes and `scales` their 128x128 tiles;
+                // `wide` at least rows * cols f32.
+                unsafe {
+                    self.kernels.fp8_dequant(
+                        s,
+                        w.device_ptr(s).0,
+                        scales.device_ptr(s).0,
+                        out,
+                        rows,
+                        cols,
+                    )
+                }
+                .map_err(kernel_err)?;
+                Ok(out)
+            }
+            CudaMatrix::Fp4 { .. } => Err(gemm_err(
+                "an FP4 matrix is only used inside a routed expert".into(),
+            )),
+        }
+    }
+
+    /// `y = x W^T` over `n` rows (strides `ldx`, `ldy`) as one GEMM on the widened weight.
+    ///
+    /// # Safety
+    /// As [`Self::gemm_rows`] with `(rows, cols) = w.shape()`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemm_linear(
+        &self,
+        x: CUdeviceptr,
+        ldx: usize,
+        n: usize,
+        w: &CudaMatrix,
+        y: CUdeviceptr,
+        ldy: usize,
+        wide: &mut CudaSlice<f32>,
+    ) -> Result<(), BackendError> {
+        let (rows, cols) = w.shape();
+        let wp = self.widened(w, wide)?;
+        // SAFETY: wp holds rows * cols f32 (widened above or the dense matrix itself); the rest
+        // is the caller's contract.
+        unsafe { self.gemm_rows(x, ldx, n, wp, rows, cols, y, ldy) }
+    }
+
+    /// The routed experts of `n` rows from an FP4 bank: the router's ids (device `route_ids`,
+    /// `n * topk`) come to the host and are sorted by expert; each used expert's w1/w3/w2 are
+    /// widened (in groups) and its rows run as three GEMMs with the clipped SwiGLU between; the
+    /// weighted slots are summed back in token order into `out` (`n` rows of hidden).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn sorted_experts(
+        &self,
+        clock: &mut Option<StageClock>,
+        bank: &Fp4Bank,
+        g: &mut GemmScratch,
+        x: CUdeviceptr,
+        route_ids: &CudaSlice<i32>,
+        route_weights: CUdeviceptr,
+        act: &mut CudaSlice<f32>,
+        y_sorted: &mut CudaSlice<f32>,
+        out: CUdeviceptr,
+        n: usize,
+        topk: usize,
+        limit: f32,
+    ) -> Result<(), BackendError> {
+        let s = &self.stream;
+        let (h, inter) = (bank.hidden, bank.inter);
+        let pairs = n * topk;
+        self.stage(clock, "stack: routed experts: sort")?;
+        let mut ids = vec![0i32; pairs];
+        s.memcpy_dtoh(&route_ids.slice(0..pairs), &mut ids)
+            .map_err(driver_err("copy from GPU"))?;
+        s.synchronize().map_err(driver_err("synchronize"))?;
+        let order = ExpertOrder::of(&ids, topk, bank.experts);
+        let sorted = order.tokens.len();
+        let fits = |what: &str, len: usize, need: usize| {
+            if len < need {
+                return Err(gemm_err(format!("{what}: {len} elements, {need} needed")));
+            }
+            Ok(())
+        };
+        fits("sorted rows", g.x_sorted.len(), sorted * h)?;
+        fits("expert gate", g.gate.len(), sorted * inter)?;
+        fits("expert activations", act.len(), sorted * inter)?;
+        fits("expert outputs", y_sorted.len(), sorted * h)?;
+        fits("slots", g.slots.len(), pairs)?;
+        let used: Vec<i32> = order.runs.iter().map(|r| r.0 as i32).collect();
+        if sorted > 0 {
+            s.memcpy_htod(&order.tokens, &mut g.tokens.slice_mut(0..sorted))
+                .map_err(driver_err("copy to GPU"))?;
+            s.memcpy_htod(&used, &mut g.experts.slice_mut(0..used.len()))
+                .map_err(driver_err("copy to GPU"))?;
+        }
+        s.memcpy_htod(&order.slots, &mut g.slots.slice_mut(0..pairs))
+            .map_err(driver_err("copy to GPU"))?;
+        let per_expert = 3 * inter * h;
+        let group = (EXPERT_GROUP_BYTES / (4 * per_expert)).max(1);
+        let need = group.min(order.runs.len()) * per_expert;
+        if g.experts_wide.len() < need {
+            g.experts_wide = self.zeros(need)?;
+        }
+        self.stage(clock, "stack: routed experts: gather")?;
+        let xs = g.x_sorted.device_ptr_mut(s).0;
+        let (gate, up) = (g.gate.device_ptr_mut(s).0, g.up.device_ptr_mut(s).0);
+        let (a, ys) = (act.device_ptr_mut(s).0, y_sorted.device_ptr_mut(s).0);
+        let ew = g.experts_wide.device_ptr_mut(s).0;
+        let used_ptr = g.experts.device_ptr(s).0;
+        // SAFETY: tokens holds `sorted` rows of x (each below n), x_sorted room for them.
+        unsafe {
+            self.kernels
+                .gather_rows_f32(s, x, g.tokens.device_ptr(s).0, sorted, h, xs)
+        }
+        .map_err(kernel_err)?;
+        let f4 = |b: &CudaSlice<u8>| b.device_ptr(s).0;
+        for (gi, runs) in order.runs.chunks(group).enumerate() {
+            let count = runs.len();
+            let list = used_ptr + (gi * group * 4) as u64;
+            self.stage(clock, "stack: routed experts: widen")?;
+            let (w1, w3, w2) = (
+                ew,
+                ew + (count * inter * h * 4) as u64,
+                ew + (2 * count * inter * h * 4) as u64,
+            );
+            // SAFETY: the list holds `count` expert ids of this bank; experts_wide holds
+            // 3 * count * inter * hidden f32 (sized above).
+            unsafe {
+                self.kernels
+                    .fp4_dequant_experts(s, f4(&bank.w1), f4(&bank.s1), list, count, inter, h, w1)
+                    .and_then(|()| {
+                        self.kernels.fp4_dequant_experts(
+                            s,
+                            f4(&bank.w3),
+                            f4(&bank.s3),
+                            list,
+                            count,
+                            inter,
+                            h,
+                            w3,
+                        )
+                    })
+                    .and_then(|()| {
+                        self.kernels.fp4_dequant_experts(
+                            s,
+                            f4(&bank.w2),
+                            f4(&bank.s2),
+                            list,
+                            count,
+                            h,
+                            inter,
+                            w2,
+                        )
+                    })
+            }
+            .map_err(kernel_err)?;
+            self.stage(clock, "stack: routed experts: GEMMs")?;
+            let mut problems = Vec::with_capacity(2 * count);
+            for (j, &(_, first, rows)) in runs.iter().enumerate() {
+                let wo = (j * inter * h * 4) as u64;
+                let xr = xs + (first * h * 4) as u64;
+                let yo = (first * inter * 4) as u64;
+                for (w, y) in [(w1 + wo, gate + yo), (w3 + wo, up + yo)] {
+                    problems.push(GemmProblem {
+                        x: xr,
+                        ldx: h,
+                        n: rows,
+                        w,
+                        rows: inter,
+                        cols: h,
+                        y,
+                        ldy: inter,
+                    });
+                }
+            }
+            // SAFETY: rows first..first + rows of the sorted buffers exist (sized above);
+            // expert j's widened matrices are [inter, h], [inter, h], [h, inter].
+            unsafe { self.gemm_grouped(&problems, &mut g.gemm_ptrs) }?;
+            let (first, last) = (runs[0].1, runs[count - 1].1 + runs[count - 1].2);
+            let at = (first * inter * 4) as u64;
+            // SAFETY: the group's sorted rows first..last of gate, up and act hold inter f32 each.
+            unsafe {
+                self.kernels.swiglu_clip(
+                    s,
+                    gate + at,
+                    up + at,
+                    a + at,
+                    (last - first) * inter,
+                    limit,
+                )
+            }
+            .map_err(kernel_err)?;
+            let problems: Vec<GemmProblem> = runs
+                .iter()
+                .enumerate()
+                .map(|(j, &(_, first, rows))| GemmProblem {
+                    x: a + (first * inter * 4) as u64,
+                    ldx: inter,
+                    n: rows,
+                    w: w2 + (j * h * inter * 4) as u64,
+                    rows: h,
+                    cols: inter,
+                    y: ys + (first * h * 4) as u64,
+                    ldy: h,
+                })
+                .collect();
+            // SAFETY: as above; expert j's w2 is [h, inter].
+            unsafe { self.gemm_grouped(&problems, &mut g.gemm_ptrs) }?;
+        }
+        self.stage(clock, "stack: routed experts: combine")?;
+        // SAFETY: slots holds n * topk rows of y_sorted or -1, the weights n * topk f32, out n
+        // rows of hidden.
+        unsafe {
+            self.kernels.moe_combine_sorted(
+                s,
+                ys,
+                g.slots.device_ptr(s).0,
+                route_weights,
+                n,
+                topk,
+                h,
+                out,
+            )
+        }
+        .map_err(kernel_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_sort_stably_by_expert_and_bad_ids_drop_out() {
+        // 3 tokens x 2 slots; expert 9 is outside a bank of 4.
+        let ids = [2, 0, 0, 9, 2, 1];
+        let order = ExpertOrder::of(&ids, 2, 4);
+        assert_eq!(order.runs, vec![(0, 0, 2), (1, 2, 1), (2, 3, 2)]);
+        // Expert 0: pairs 1 (token 0) and 2 (token 1); expert 1: pair 5; expert 2: pairs 0, 4.
+        assert_eq!(order.tokens, vec![0, 1, 2, 0, 2]);
+        assert_eq!(order.slots, vec![3, 0, 1, -1, 4, 2]);
+        assert_eq!(ExpertOrder::of(&[], 2, 4), ExpertOrder::default());
+    }
+}
