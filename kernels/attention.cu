@@ -105,27 +105,47 @@ extern "C" __global__ void __launch_bounds__(DSK_ATT_WARPS * 32) dsk_attend_part
 }
 
 // Split-KV attention, pass 2: merges the splits of (t, h) with the head's sink logit in the
-// denominator (the sink takes probability mass but contributes no value).
+// denominator (the sink takes probability mass but contributes no value). Each split's weight
+// exp(max_s - max) is computed once into shared memory (up to DSK_COMBINE_SPLITS splits; more
+// are weighed in place), so the per-dimension loop only loads and multiplies.
+#define DSK_COMBINE_SPLITS 1024
 extern "C" __global__ void __launch_bounds__(128) dsk_attend_combine_f32(
     const float *__restrict__ part, const float *__restrict__ sinks, int heads, int hd,
     int splits, float *__restrict__ out) {
+    __shared__ float weight[DSK_COMBINE_SPLITS];
+    __shared__ float red[4];
     const int h = blockIdx.x, t = blockIdx.y;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const float *p = part + ((long long)t * heads + h) * splits * (hd + 2);
     const float sink = sinks[h];
     float mx = sink;
-    for (int s = 0; s < splits; ++s)
+    for (int s = threadIdx.x; s < splits; s += blockDim.x)
         if (p[s * (hd + 2) + 1] > 0.f) mx = fmaxf(mx, p[s * (hd + 2)]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if (lane == 0) red[warp] = mx;
+    __syncthreads();
+    mx = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
+    const int cached = min(splits, DSK_COMBINE_SPLITS);
+    for (int s = threadIdx.x; s < cached; s += blockDim.x) {
+        const float l = p[s * (hd + 2) + 1];
+        weight[s] = l > 0.f ? expf(p[s * (hd + 2)] - mx) : 0.f;
+    }
+    __syncthreads();
+    // The denominator in split order, as before (every thread the same sum).
     float denom = expf(sink - mx);
     for (int s = 0; s < splits; ++s) {
         const float l = p[s * (hd + 2) + 1];
-        if (l > 0.f) denom = fmaf(l, expf(p[s * (hd + 2)] - mx), denom);
+        const float w = s < cached ? weight[s] : (l > 0.f ? expf(p[s * (hd + 2)] - mx) : 0.f);
+        if (l > 0.f) denom = fmaf(l, w, denom);
     }
     float *o = out + ((long long)t * heads + h) * hd;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float v = 0.f;
         for (int s = 0; s < splits; ++s) {
             const float l = p[s * (hd + 2) + 1];
-            if (l > 0.f) v = fmaf(p[s * (hd + 2) + 2 + d], expf(p[s * (hd + 2)] - mx), v);
+            const float w = s < cached ? weight[s] : (l > 0.f ? expf(p[s * (hd + 2)] - mx) : 0.f);
+            if (l > 0.f) v = fmaf(p[s * (hd + 2) + 2 + d], w, v);
         }
         o[d] = v / denom;
     }
@@ -184,6 +204,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_f32(
 #define DSK_IDXT_ROWS 64
 #define DSK_IDXT_HEADS 64
 #define DSK_IDXT_DIM 128
+#define DSK_IDXT_TILE_PER_THREAD (DSK_IDXT_ROWS * DSK_IDXT_DIM / 256)
 extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_tiled_f32(
     const float *__restrict__ pool, const float *__restrict__ q, const float *__restrict__ w,
     const unsigned int *__restrict__ bt, const int *__restrict__ bt_start,
@@ -211,19 +232,26 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_tiled_f32(
     float *ot = out + out_start[t];
     for (int r0 = blockIdx.x * DSK_IDXT_ROWS; r0 < vis; r0 += gridDim.x * DSK_IDXT_ROWS) {
         __syncthreads();  // the previous tile's readers are done (and qs is written)
-        // Thread (row lane, d): a fixed column d over rows tid/dim, +256/dim, ...: the row's
-        // address is worked out once per row, not per element (positions are < 2^31).
+        // The tile's 64 x dim values, element i = tid + 256 j (row i / dim, column i % dim):
+        // every thread issues all its loads before storing any, so a tile costs about one load
+        // latency, not one per pass (a decoding token at 1M context scores 4,096 tiles a layer).
         {
-            const int rows_per_pass = 256 / dim, d = tid % dim;
-            for (int rr = tid / dim; rr < DSK_IDXT_ROWS && tid < rows_per_pass * dim;
-                 rr += rows_per_pass) {
+            float v[DSK_IDXT_TILE_PER_THREAD];
+#pragma unroll
+            for (int j = 0; j < DSK_IDXT_TILE_PER_THREAD; ++j) {
+                const int i = tid + 256 * j, rr = i / dim, d = i - rr * dim;
                 const int r = r0 + rr;
-                float v = 0.f;
-                if (r < vis) {
+                v[j] = 0.f;
+                if (rr < DSK_IDXT_ROWS && r < vis) {
                     const int pos = r * ratio;
-                    v = pool[(long long)tb[pos / bs] * fpb + base + (long long)((pos % bs) / ratio) * stride + d];
+                    v[j] = pool[(long long)tb[pos / bs] * fpb + base +
+                                (long long)((pos % bs) / ratio) * stride + d];
                 }
-                ks[d * (DSK_IDXT_ROWS + 1) + rr] = v;
+            }
+#pragma unroll
+            for (int j = 0; j < DSK_IDXT_TILE_PER_THREAD; ++j) {
+                const int i = tid + 256 * j, rr = i / dim, d = i - rr * dim;
+                if (rr < DSK_IDXT_ROWS) ks[d * (DSK_IDXT_ROWS + 1) + rr] = v[j];
             }
         }
         __syncthreads();
@@ -326,17 +354,36 @@ extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_f32(
             hist[b] = c;
         }
         __syncthreads();
-        if (tid == 0) {
-            int cum = 0;
-            for (int b = 255; b >= 0; --b) {
-                const int c = (int)hist[b];
-                if (cum + c >= remaining) {
-                    prefix |= (unsigned int)b << shift;
-                    mask |= 255u << shift;
-                    remaining -= cum;
-                    break;
+        // The bin holding the remaining-th largest key, scanning from bin 255 down: warp 0,
+        // lane L owning bins 255 - 8L .. 248 - 8L, a prefix sum over lanes finds the lane, which
+        // walks its eight bins (one thread walking all 256 was most of a decode step's select).
+        if (warp == 0) {
+            int c[8];
+            int own = 0;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                c[j] = (int)hist[255 - 8 * lane - j];
+                own += c[j];
+            }
+            int incl = own;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int y = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o) incl += y;
+            }
+            const int rem = remaining;
+            int cum = incl - own;
+            if (cum < rem && rem <= incl) {
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    if (cum + c[j] >= rem) {
+                        prefix |= (unsigned int)(255 - 8 * lane - j) << shift;
+                        mask |= 255u << shift;
+                        remaining = rem - cum;
+                        break;
+                    }
+                    cum += c[j];
                 }
-                cum += c;
             }
         }
         __syncthreads();

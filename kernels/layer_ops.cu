@@ -208,32 +208,42 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_pre_finish_f32(
             lo_collapse(streams + (long long)t * hc * hidden, pre, hc, hidden, c);
 }
 
-// The whole pre side of a hyper-connection site for token t = blockIdx.x in one block: the mix
-// projections from hc_mix_partial's chunks (times the RMS scale), pre / post / comb (sinkhorn by
-// warp 0 with the matrix in shared memory, each row and column summed in the host's order), the
-// collapse, and the sub-layer's RMSNorm with `norm_w` (null: no weight) into x_out.
-extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_pre_fused_f32(
+// The whole pre side of a hyper-connection site for token t = blockIdx.x in one block of
+// LO_HC_FUSED_BLOCK threads: the mix projections from hc_mix_partial's chunks (one warp per
+// output sums its chunks, so a decoding token does not wait on one thread's chain of loads),
+// times the RMS scale, pre / post / comb (sinkhorn by warp 0 with the matrix in shared memory,
+// each row and column summed in the host's order), the collapse (kept in registers), and the
+// sub-layer's RMSNorm with `norm_w` (null: no weight) into x_out.
+#define LO_HC_FUSED_BLOCK 1024
+// Collapsed values each thread keeps in registers between the collapse and the norm.
+#define LO_HC_VPT 8
+extern "C" __global__ void __launch_bounds__(LO_HC_FUSED_BLOCK) dsk_lo_hc_pre_fused_f32(
     const float *__restrict__ partial, const float *__restrict__ sq, int splits, int width,
     float mix_eps, const float *__restrict__ base, float scale0, float scale1, float scale2,
     const float *__restrict__ streams, const float *__restrict__ norm_w,
     float *__restrict__ x_out, float *__restrict__ mix_out, int n, int hc, int hidden, int iters,
     float hc_eps, float norm_eps) {
     __shared__ float red[32];
+    __shared__ float dots[(2 + LO_HC_MAX) * LO_HC_MAX + 1];
     __shared__ float proj[(2 + LO_HC_MAX) * LO_HC_MAX];
     __shared__ float cm[LO_HC_MAX * LO_HC_MAX];
     __shared__ float sums[LO_HC_MAX];
     __shared__ float pre[LO_HC_MAX];
     const int t = blockIdx.x, outs = (2 + hc) * hc;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    // Output o's chunk sums (o == outs: the sum of squares).
+    for (int o = warp; o <= outs; o += warps) {
+        float v = 0.0f;
+        for (int kc = lane; kc < splits; kc += 32)
+            v += o < outs ? partial[((long long)kc * n + t) * outs + o] : sq[(long long)kc * n + t];
+        v = dsk_warp_sum(v);
+        if (lane == 0) dots[o] = v;
+    }
+    __syncthreads();
     if (threadIdx.x < outs) {
         const int o = threadIdx.x;
-        float d = 0.0f, s = 0.0f;
-        for (int kc = 0; kc < splits; ++kc) {
-            d += partial[((long long)kc * n + t) * outs + o];
-            s += sq[(long long)kc * n + t];
-        }
-        const float ms = __fdiv_rn(s, (float)width);
-        proj[o] = __fmul_rn(d, __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, mix_eps))));
+        const float ms = __fdiv_rn(dots[outs], (float)width);
+        proj[o] = __fmul_rn(dots[o], __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, mix_eps))));
     }
     __syncthreads();
     float *mo = mix_out + (long long)t * outs;
@@ -298,15 +308,32 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_pre_fused_f32(
     __syncthreads();
     const float *st = streams + (long long)t * hc * hidden;
     float *xo = x_out + (long long)t * hidden;
+    const int step = blockDim.x;
+    float vals[LO_HC_VPT];
     float ss = 0.0f;
-    for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
+#pragma unroll
+    for (int i = 0; i < LO_HC_VPT; ++i) {
+        const int c = threadIdx.x + i * step;
+        vals[i] = c < hidden ? lo_collapse(st, pre, hc, hidden, c) : 0.0f;
+        ss = fmaf(vals[i], vals[i], ss);
+    }
+    // Rows wider than the registers hold go through x_out.
+    for (int c = threadIdx.x + LO_HC_VPT * step; c < hidden; c += step) {
         const float v = lo_collapse(st, pre, hc, hidden, c);
         xo[c] = v;
         ss = fmaf(v, v, ss);
     }
     const float ms = __fdiv_rn(lo_block_sum(ss, red), (float)hidden);
     const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, norm_eps)));
-    for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
+#pragma unroll
+    for (int i = 0; i < LO_HC_VPT; ++i) {
+        const int c = threadIdx.x + i * step;
+        if (c < hidden) {
+            const float v = __fmul_rn(vals[i], inv);
+            xo[c] = norm_w ? __fmul_rn(norm_w[c], v) : v;
+        }
+    }
+    for (int c = threadIdx.x + LO_HC_VPT * step; c < hidden; c += step) {
         const float v = __fmul_rn(xo[c], inv);
         xo[c] = norm_w ? __fmul_rn(norm_w[c], v) : v;
     }

@@ -12,6 +12,9 @@ use super::{i32_arg, i64_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
 
 const BLOCK: usize = 256;
+/// Threads of the fused hyper-connection pre kernel (`LO_HC_FUSED_BLOCK`): a decoding token's
+/// block is alone on the GPU, so it takes as many threads as a block may have.
+const HC_FUSED_BLOCK: usize = 1024;
 /// Tokens one `hc_mix` block accumulates (more tokens take more blocks along grid z).
 const MIX_TOKENS: usize = 16;
 /// Most blocks one hyper-connection projection row is split over (sizes the workspace).
@@ -744,7 +747,7 @@ impl Kernels {
         unsafe { self.hc_mix_partial(stream, a.streams, a.fn_, a.workspace, a.n, width, outs) }?;
         let cfg = LaunchConfig {
             grid_dim: (u32_grid(K, a.n)?, 1, 1),
-            block_dim: (BLOCK as u32, 1, 1),
+            block_dim: (HC_FUSED_BLOCK as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         stream
