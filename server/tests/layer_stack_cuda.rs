@@ -216,24 +216,24 @@ fn layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op() {
     assert_eq!(results[0], results[1], "ranks disagree");
 }
 
-/// A 4,200-token prompt in one step (two GEMM pieces: 4,096 rows, then 104 that read the first
-/// piece's KV), a 200-row chunk with every row's logits, then batched decode from both.
+/// An 8,300-token prompt in one step (two GEMM pieces: 8,192 rows, then 108 that read the first
+/// piece's KV), a 100-row chunk with every row's logits, then batched decode from both.
 fn long_prefill(m: &mut DeepseekV4<CudaBackend>) -> Vec<Vec<f32>> {
     let vocab = m.config().vocab_size as u32;
     let tok = |i: usize| ((i * 104_729 + 7) as u32) % vocab;
-    let prompt: Vec<u32> = (0..4400).map(tok).collect();
-    let bt_a = blocks_for(m, 0, 4500);
+    let prompt: Vec<u32> = (0..8400).map(tok).collect();
+    let bt_a = blocks_for(m, 0, 8500);
     let bt_b = blocks_for(m, bt_a.len() as u32, 300);
     let mut out = Vec::new();
     for step in [
         run(
             m,
-            vec![seq(1, 0, &prompt[..4200], &bt_a, LogitsWanted::Last)],
+            vec![seq(1, 0, &prompt[..8300], &bt_a, LogitsWanted::Last)],
         ),
         run(
             m,
             vec![
-                seq(1, 4200, &prompt[4200..4400], &bt_a, LogitsWanted::All),
+                seq(1, 8300, &prompt[8300..8400], &bt_a, LogitsWanted::All),
                 seq(2, 0, &prompt[..90], &bt_b, LogitsWanted::Last),
             ],
         ),
@@ -246,7 +246,7 @@ fn long_prefill(m: &mut DeepseekV4<CudaBackend>) -> Vec<Vec<f32>> {
         for s in run(
             m,
             vec![
-                seq(1, 4400 + i, &[tok(9000 + i)], &bt_a, LogitsWanted::Last),
+                seq(1, 8400 + i, &[tok(9000 + i)], &bt_a, LogitsWanted::Last),
                 seq(2, 90 + i, &[tok(9100 + i)], &bt_b, LogitsWanted::Last),
             ],
         ) {
@@ -263,7 +263,7 @@ fn gemm_steps_equal_op_by_op_in_f32_and_closely_in_tf32() {
     }
     let dir = tempfile::tempdir().unwrap();
     support::write_wide_config(dir.path(), &[("sliding_window", 32), ("index_topk", 8)]);
-    let load = || wide_model_with_pool(dir.path(), Shard::SINGLE, Arc::new(SingleRank), 0, 5120);
+    let load = || wide_model_with_pool(dir.path(), Shard::SINGLE, Arc::new(SingleRank), 0, 9216);
     let mut reference = load();
     reference.disable_layer_stack();
     let want = long_prefill(&mut reference);
@@ -288,7 +288,7 @@ fn gemm_steps_equal_op_by_op_in_f32_and_closely_in_tf32() {
             ("n_routed_experts", 2),
         ],
     );
-    let load = || wide_model_with_pool(smooth.path(), Shard::SINGLE, Arc::new(SingleRank), 0, 5120);
+    let load = || wide_model_with_pool(smooth.path(), Shard::SINGLE, Arc::new(SingleRank), 0, 9216);
     let mut reference = load();
     reference.disable_layer_stack();
     let want = long_prefill(&mut reference);

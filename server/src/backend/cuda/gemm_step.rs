@@ -22,6 +22,14 @@ use crate::backend::BackendError;
 /// Most bytes of widened expert weights one group of experts takes (f32 w1, w3, w2).
 const EXPERT_GROUP_BYTES: usize = 1 << 30;
 
+/// f32 values of one group of widened experts (w1, w3 and w2 of up to `experts` experts within
+/// [`EXPERT_GROUP_BYTES`]).
+pub(super) fn expert_group_floats(experts: usize, inter: usize, hidden: usize) -> usize {
+    let per_expert = 3 * inter * hidden;
+    let group = (EXPERT_GROUP_BYTES / (4 * per_expert.max(1))).max(1);
+    group.min(experts.max(1)) * per_expert
+}
+
 /// Whether the environment lets GEMM steps use TF32 (`DSPARK_GEMM_TF32=0` forbids it).
 pub(super) fn tf32_allowed() -> bool {
     std::env::var("DSPARK_GEMM_TF32").map_or(true, |v| v != "0")

@@ -165,6 +165,8 @@ struct ScratchDims {
     topk: usize,
     inter: usize,
     shared_inter: usize,
+    /// Values of the largest projection a GEMM step widens.
+    widest: usize,
 }
 
 impl ScratchDims {
@@ -196,6 +198,30 @@ impl ScratchDims {
             })
             .max(1),
             shared_inter: max_over(&|lw| lw.moe.shared.w1.shape().0).max(1),
+            widest: max_over(&|lw| {
+                let (a, m) = (&lw.attn, &lw.moe);
+                let mut mats: Vec<&CudaMatrix> = vec![&a.wq_a, &a.wq_b, &a.wkv, &a.wo_b, &m.gate];
+                mats.extend(a.wo_a.iter());
+                mats.extend([&m.shared.w1, &m.shared.w3, &m.shared.w2]);
+                if let Some(c) = &a.compressor {
+                    mats.extend([&c.wkv, &c.wgate]);
+                }
+                if let Some(i) = &a.indexer {
+                    mats.extend([
+                        &i.wq_b,
+                        &i.weights_proj,
+                        &i.compressor.wkv,
+                        &i.compressor.wgate,
+                    ]);
+                }
+                mats.iter()
+                    .map(|w| {
+                        let (r, c) = w.shape();
+                        r * c
+                    })
+                    .max()
+                    .unwrap_or(1)
+            }),
         }
     }
 }
@@ -452,8 +478,10 @@ fn key_bound(mode: KeyMode, ratio: usize, window: usize, topk: usize, bucket: us
     window.min(bucket) + compressed
 }
 
-/// Most rows of one GEMM piece (a prefill chunk of 8,192 tokens runs as two).
-pub const GEMM_PIECE_ROWS: usize = 4096;
+/// Most rows of one GEMM piece (a default 8,192-token prefill chunk is one piece): larger pieces
+/// widen each expert's weights for more rows and give its GEMMs more rows, at the price of
+/// scratch (about 5 GB of activations at V4-Flash width and TP=2).
+pub const GEMM_PIECE_ROWS: usize = 8192;
 /// Most indexer scores one GEMM piece keeps (f32: 1 GiB): long contexts take smaller pieces.
 const GEMM_PIECE_SCORES: usize = 1 << 28;
 
@@ -741,8 +769,10 @@ impl CudaBackend {
             attn_work: self.alloc_f32(1 << 16)?,
             captures: Vec::new(),
             gemm: GemmScratch {
-                wide: self.alloc_f32(1)?,
-                experts_wide: self.alloc_f32(1)?,
+                wide: self.alloc_f32(only_gemm(d.widest))?,
+                experts_wide: self.alloc_f32(only_gemm(super::gemm_step::expert_group_floats(
+                    d.experts, d.inter, d.hidden,
+                )))?,
                 x_sorted: self.alloc_f32(only_gemm(pairs * d.hidden))?,
                 gate: self.alloc_f32(only_gemm(pairs * d.inter))?,
                 up: self.alloc_f32(only_gemm(pairs * d.inter))?,
@@ -781,7 +811,9 @@ impl CudaBackend {
         let scratch = self.new_scratch(&dims, STACK_MAX_ROWS, false)?;
         let stack = CudaLayerStack {
             dims,
-            gemm_scratch: None,
+            // Made now, not at the first prefill, so a GPU without room for it fails at start
+            // with the allocation error rather than in the middle of serving.
+            gemm_scratch: Some(self.new_scratch(&dims, GEMM_PIECE_ROWS, true)?),
             layers,
             rope_main: self.upload(&model.rope_main.inv_freq)?,
             rope_compress: self.upload(&model.rope_compress.inv_freq)?,
