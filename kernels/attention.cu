@@ -185,13 +185,15 @@ extern "C" __global__ void __launch_bounds__(DSK_ATTH_WARPS * 32, 2) dsk_attend_
             // A negative offset marks a slot without a key (device-built lists): a zero row,
             // masked out of the softmax below.
             const long long off = k < b ? key_off[k] : -1;
+            // All of the lane's loads first, then the stores: a row's loads are in flight at once.
+            const float *kr = pool + (off >= 0 ? off : 0);
+            float v[DSK_ATT_DPL];
+#pragma unroll
+            for (int j = 0; j < DSK_ATT_DPL; ++j) v[j] = j < dpl && off >= 0 ? kr[lane + 32 * j] : 0.f;
             float *row = dsk_atth_tile + r * DSK_ATTH_ROW;
-            if (off >= 0) {
-                const float *kr = pool + off;
-                for (int c = lane; c < hd; c += 32) row[c] = kr[c];
-            } else {
-                for (int c = lane; c < hd; c += 32) row[c] = 0.f;
-            }
+#pragma unroll
+            for (int j = 0; j < DSK_ATT_DPL; ++j)
+                if (j < dpl) row[lane + 32 * j] = v[j];
             if (lane == 0) dsk_atth_valid[r] = off >= 0;
         }
         __syncthreads();
