@@ -104,6 +104,173 @@ extern "C" __global__ void __launch_bounds__(DSK_ATT_WARPS * 32) dsk_attend_part
     }
 }
 
+// Split-KV attention, pass 1, head-grouped for multi-query attention (every head of a token
+// attends over the same key rows): block (split s, head group g, token t) = grid (x, y, z) serves
+// heads g * DSK_ATTH_G .. + DSK_ATTH_G, so a key row is read from global memory once per group
+// instead of once per head. The block stages DSK_ATTH_TILE key rows at a time in dynamic shared
+// memory (row stride DSK_ATTH_ROW floats whatever hd is; a masked or missing row is zeros) and
+// every warp runs its DSK_ATTH_HPW heads over the tile in chunks of 8 keys:
+// - logits: lane partial dots for 8 keys x its heads, summed over the warp with a transposing
+//   butterfly (9 shuffles for 8 sums instead of 40), after which lane L holds key L >> 2's logit;
+// - online softmax per chunk: one rescale of acc per chunk, one expf per lane per head;
+// - acc += p_k * k_row with p_k broadcast from lane 4k.
+// Writes the same (max, sum, acc[hd]) record per (t, h, s) as dsk_attend_partial_f32, so
+// dsk_attend_combine_f32 merges it unchanged; an empty split writes sum 0.
+#define DSK_ATTH_G 16
+#define DSK_ATTH_WARPS 8
+#define DSK_ATTH_HPW (DSK_ATTH_G / DSK_ATTH_WARPS)
+#define DSK_ATTH_TILE 16
+#define DSK_ATTH_CHUNK 8
+#define DSK_ATTH_ROW (32 * DSK_ATT_DPL)
+
+// Sums v[0..8) of every lane over the warp. Each level hands half of the values still held to
+// the partner lane and keeps the other half: afterwards every lane holds the warp total of
+// v[lane >> 2].
+__device__ __forceinline__ float dsk_warp_sum8_transposed(float v[DSK_ATTH_CHUNK]) {
+    const int lane = threadIdx.x & 31;
+    const bool b4 = lane & 16, b3 = lane & 8, b2 = lane & 4;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float keep = b4 ? v[i + 4] : v[i], give = b4 ? v[i] : v[i + 4];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, give, 16);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const float keep = b3 ? v[i + 2] : v[i], give = b3 ? v[i] : v[i + 2];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, give, 8);
+    }
+    {
+        const float keep = b2 ? v[1] : v[0], give = b2 ? v[0] : v[1];
+        v[0] = keep + __shfl_xor_sync(0xffffffffu, give, 4);
+    }
+    v[0] += __shfl_xor_sync(0xffffffffu, v[0], 2);
+    v[0] += __shfl_xor_sync(0xffffffffu, v[0], 1);
+    return v[0];
+}
+
+extern "C" __global__ void __launch_bounds__(DSK_ATTH_WARPS * 32, 2) dsk_attend_partial_heads_f32(
+    const float *__restrict__ pool, const float *__restrict__ q,
+    const long long *__restrict__ key_off, const int *__restrict__ key_start, int heads, int hd,
+    int splits, float scale, float *__restrict__ part) {
+    // [DSK_ATTH_TILE][DSK_ATTH_ROW] key rows, then DSK_ATTH_TILE flags: row r holds a key.
+    extern __shared__ float dsk_atth_smem[];
+    float *const dsk_atth_tile = dsk_atth_smem;
+    int *const dsk_atth_valid = reinterpret_cast<int *>(dsk_atth_smem + DSK_ATTH_TILE * DSK_ATTH_ROW);
+    const int s = blockIdx.x, t = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int h0 = blockIdx.y * DSK_ATTH_G + warp * DSK_ATTH_HPW;
+    const int k0 = key_start[t], k1 = key_start[t + 1];
+    const int per = (k1 - k0 + splits - 1) / splits;
+    const int a = k0 + s * per;
+    const int b = min(k1, a + per);
+    const int dpl = hd >> 5;
+    float qv[DSK_ATTH_HPW][DSK_ATT_DPL], acc[DSK_ATTH_HPW][DSK_ATT_DPL];
+    float m[DSK_ATTH_HPW], l[DSK_ATTH_HPW];
+#pragma unroll
+    for (int h = 0; h < DSK_ATTH_HPW; ++h) {
+        const float *qh = q + ((long long)t * heads + h0 + h) * hd;
+#pragma unroll
+        for (int j = 0; j < DSK_ATT_DPL; ++j) {
+            qv[h][j] = j < dpl ? qh[lane + 32 * j] : 0.f;
+            acc[h][j] = 0.f;
+        }
+        m[h] = DSK_NEG_INF;
+        l[h] = 0.f;
+    }
+    for (int kt = a; kt < b; kt += DSK_ATTH_TILE) {
+        __syncthreads();  // the previous tile's readers are done
+        // Warp w stages rows w, w + 8: one coalesced row read per warp at a time.
+        for (int r = warp; r < DSK_ATTH_TILE; r += DSK_ATTH_WARPS) {
+            const int k = kt + r;
+            // A negative offset marks a slot without a key (device-built lists): a zero row,
+            // masked out of the softmax below.
+            const long long off = k < b ? key_off[k] : -1;
+            // All of the lane's loads first, then the stores: a row's loads are in flight at once.
+            const float *kr = pool + (off >= 0 ? off : 0);
+            float v[DSK_ATT_DPL];
+#pragma unroll
+            for (int j = 0; j < DSK_ATT_DPL; ++j) v[j] = j < dpl && off >= 0 ? kr[lane + 32 * j] : 0.f;
+            float *row = dsk_atth_tile + r * DSK_ATTH_ROW;
+#pragma unroll
+            for (int j = 0; j < DSK_ATT_DPL; ++j)
+                if (j < dpl) row[lane + 32 * j] = v[j];
+            if (lane == 0) dsk_atth_valid[r] = off >= 0;
+        }
+        __syncthreads();
+        for (int c0 = 0; c0 < DSK_ATTH_TILE && kt + c0 < b; c0 += DSK_ATTH_CHUNK) {
+            const float *tile = dsk_atth_tile + c0 * DSK_ATTH_ROW;
+            float pd[DSK_ATTH_HPW][DSK_ATTH_CHUNK];
+#pragma unroll
+            for (int h = 0; h < DSK_ATTH_HPW; ++h)
+#pragma unroll
+                for (int k = 0; k < DSK_ATTH_CHUNK; ++k) pd[h][k] = 0.f;
+#pragma unroll
+            for (int j = 0; j < DSK_ATT_DPL; ++j) {
+                if (j < dpl) {
+#pragma unroll
+                    for (int k = 0; k < DSK_ATTH_CHUNK; ++k) {
+                        const float kv = tile[k * DSK_ATTH_ROW + lane + 32 * j];
+#pragma unroll
+                        for (int h = 0; h < DSK_ATTH_HPW; ++h) pd[h][k] = fmaf(qv[h][j], kv, pd[h][k]);
+                    }
+                }
+            }
+            // This lane's key within the chunk, after the transposing sum.
+            const bool valid = dsk_atth_valid[c0 + (lane >> 2)] != 0;
+            float p[DSK_ATTH_HPW];
+            bool any = false;
+#pragma unroll
+            for (int h = 0; h < DSK_ATTH_HPW; ++h) {
+                // Every lane takes part in the shuffles; a masked key's (zero) logit is then -inf.
+                const float dot = dsk_warp_sum8_transposed(pd[h]);
+                const float lg = valid ? dot * scale : DSK_NEG_INF;
+                // Key lg sits in lanes 4k .. 4k + 3: lane bits 2..4 span the chunk's keys.
+                float cm = fmaxf(lg, __shfl_xor_sync(0xffffffffu, lg, 4));
+                cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 8));
+                cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 16));
+                const float mn = fmaxf(m[h], cm);
+                // A chunk without a valid key leaves m = -inf: no expf(-inf - -inf).
+                const float c = mn == DSK_NEG_INF ? 1.f : expf(m[h] - mn);  // 0 on the first key
+                p[h] = valid ? expf(lg - mn) : 0.f;
+                float ps = p[h] + __shfl_xor_sync(0xffffffffu, p[h], 4);
+                ps += __shfl_xor_sync(0xffffffffu, ps, 8);
+                ps += __shfl_xor_sync(0xffffffffu, ps, 16);
+                l[h] = fmaf(l[h], c, ps);
+#pragma unroll
+                for (int j = 0; j < DSK_ATT_DPL; ++j) acc[h][j] *= c;
+                m[h] = mn;
+                any |= cm != DSK_NEG_INF;
+            }
+            if (!any) continue;  // warp-uniform: cm is a warp-wide max
+#pragma unroll
+            for (int k = 0; k < DSK_ATTH_CHUNK; ++k) {
+                float pk[DSK_ATTH_HPW];
+#pragma unroll
+                for (int h = 0; h < DSK_ATTH_HPW; ++h) pk[h] = __shfl_sync(0xffffffffu, p[h], 4 * k);
+#pragma unroll
+                for (int j = 0; j < DSK_ATT_DPL; ++j) {
+                    if (j < dpl) {
+                        const float kv = tile[k * DSK_ATTH_ROW + lane + 32 * j];
+#pragma unroll
+                        for (int h = 0; h < DSK_ATTH_HPW; ++h) acc[h][j] = fmaf(pk[h], kv, acc[h][j]);
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < DSK_ATTH_HPW; ++h) {
+        float *out = part + (((long long)t * heads + h0 + h) * splits + s) * (hd + 2);
+        if (lane == 0) {
+            out[0] = m[h];
+            out[1] = l[h];
+        }
+#pragma unroll
+        for (int j = 0; j < DSK_ATT_DPL; ++j)
+            if (j < dpl) out[2 + lane + 32 * j] = acc[h][j];
+    }
+}
+
 // Split-KV attention, pass 2: merges the splits of (t, h) with the head's sink logit in the
 // denominator (the sink takes probability mass but contributes no value). Each split's weight
 // exp(max_s - max) is computed once into shared memory (up to DSK_COMBINE_SPLITS splits; more

@@ -168,6 +168,37 @@ pub fn check_attention(a: &PagedAttention) -> Result<(), KernelError> {
     )
 }
 
+/// Heads per block of the head-grouped attention kernel (`dsk_attend_partial_heads_f32`):
+/// `heads` must be a multiple of it.
+pub const ATTENTION_HEAD_GROUP: usize = 16;
+/// Key rows the head-grouped kernel stages in shared memory at a time.
+const ATTENTION_HEADS_TILE: usize = 16;
+
+/// Dynamic shared memory of the head-grouped attention block: a tile of key rows at a stride of
+/// [`ATTENTION_MAX_HEAD_DIM`] floats, then one i32 flag per row (32 KB + 64 B: under the default
+/// 48 KB, so no opt-in).
+pub fn attention_heads_smem_bytes() -> usize {
+    ATTENTION_HEADS_TILE * (ATTENTION_MAX_HEAD_DIM + 1) * 4
+}
+
+/// Launch-time checks of [`Kernels::paged_attention_heads`] (testable without a GPU): those of
+/// [`Kernels::paged_attention`], and `heads` a multiple of [`ATTENTION_HEAD_GROUP`]. A caller
+/// gets `KernelError::InvalidLaunch` otherwise and may fall back to `paged_attention`.
+pub fn check_attention_heads(a: &PagedAttention) -> Result<(), KernelError> {
+    check_attention(a)?;
+    if !a.heads.is_multiple_of(ATTENTION_HEAD_GROUP) {
+        return Err(KernelError::invalid(
+            "attention_heads",
+            format!(
+                "heads = {} is not a multiple of the {ATTENTION_HEAD_GROUP} heads a block serves \
+                 (use paged_attention)",
+                a.heads
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Shared memory of the indexer block: the token's queries and head weights.
 pub fn indexer_smem_bytes(heads: usize, dim: usize) -> usize {
     (heads * dim + heads) * 4
@@ -375,6 +406,66 @@ impl Kernels {
             .arg(&a.workspace)
             .launch(partial)
             .map_err(KernelError::driver("launch attend_partial"))?;
+        self.attend_combine(stream, a)
+    }
+
+    /// Split-KV attention with sinks as [`Self::paged_attention`] (same inputs, workspace and
+    /// output), pass 1 head-grouped for multi-query attention: a block serves
+    /// [`ATTENTION_HEAD_GROUP`] heads of one token and reads each key row once for all of them.
+    /// Shapes it does not take (see [`check_attention_heads`]) are an `InvalidLaunch` error, not
+    /// a silent fallback: the caller chooses `paged_attention` instead.
+    ///
+    /// # Safety
+    /// As [`Self::paged_attention`].
+    pub unsafe fn paged_attention_heads(
+        &self,
+        stream: &CudaStream,
+        a: &PagedAttention,
+    ) -> Result<(), KernelError> {
+        check_attention_heads(a)?;
+        const K: &str = "attention_heads";
+        let (heads, hd) = (
+            i32_arg(K, "heads", a.heads)?,
+            i32_arg(K, "head_dim", a.head_dim)?,
+        );
+        let splits = i32_arg(K, "splits", a.splits)?;
+        let partial = LaunchConfig {
+            grid_dim: (
+                u32_grid(K, a.splits)?,
+                u32_grid(K, a.heads / ATTENTION_HEAD_GROUP)?,
+                u32_grid(K, a.tokens)?,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: attention_heads_smem_bytes() as u32,
+        };
+        stream
+            .launch_builder(&self.attend_partial_heads)
+            .arg(&a.pool)
+            .arg(&a.q)
+            .arg(&a.key_offsets)
+            .arg(&a.key_starts)
+            .arg(&heads)
+            .arg(&hd)
+            .arg(&splits)
+            .arg(&a.scale)
+            .arg(&a.workspace)
+            .launch(partial)
+            .map_err(KernelError::driver("launch attend_partial_heads"))?;
+        self.attend_combine(stream, a)
+    }
+
+    /// Pass 2 of both attention paths: merges each (token, head)'s split records with its sink.
+    unsafe fn attend_combine(
+        &self,
+        stream: &CudaStream,
+        a: &PagedAttention,
+    ) -> Result<(), KernelError> {
+        const K: &str = "attention";
+        let (heads, hd) = (
+            i32_arg(K, "heads", a.heads)?,
+            i32_arg(K, "head_dim", a.head_dim)?,
+        );
+        let splits = i32_arg(K, "splits", a.splits)?;
         let combine = LaunchConfig {
             grid_dim: (u32_grid(K, a.heads)?, u32_grid(K, a.tokens)?, 1),
             block_dim: (128, 1, 1),
@@ -526,6 +617,44 @@ mod tests {
             dim: 128,
             scale: 1.0,
         };
+        // The head-grouped kernel: V4-Flash's 64 heads (TP=1) and 32 (TP=2), not 8 or 24.
+        let v4 = PagedAttention {
+            heads: 64,
+            head_dim: 512,
+            ..a
+        };
+        assert!(check_attention_heads(&v4).is_ok());
+        assert!(check_attention_heads(&PagedAttention { heads: 32, ..v4 }).is_ok());
+        assert!(check_attention_heads(&PagedAttention {
+            heads: 16,
+            head_dim: 64,
+            ..v4
+        })
+        .is_ok());
+        for bad in [
+            PagedAttention { heads: 8, ..v4 },
+            PagedAttention { heads: 24, ..v4 },
+            PagedAttention {
+                head_dim: 1024,
+                ..v4
+            },
+            PagedAttention {
+                head_dim: 500,
+                ..v4
+            },
+            PagedAttention { tokens: 0, ..v4 },
+            PagedAttention { splits: 0, ..v4 },
+            PagedAttention { workspace: 0, ..v4 },
+        ] {
+            assert!(
+                matches!(
+                    check_attention_heads(&bad),
+                    Err(KernelError::InvalidLaunch { .. })
+                ),
+                "{bad:?} accepted"
+            );
+        }
+        assert!(attention_heads_smem_bytes() <= DEFAULT_SMEM);
         assert!(check_indexer(&i).is_ok());
         assert!(check_indexer(&IndexerScores { heads: 128, ..i }).is_err());
         // The tiled kernel takes V4-Flash's 64 x 128 (65 KB of shared memory, opt-in).
