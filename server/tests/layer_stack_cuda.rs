@@ -262,7 +262,16 @@ fn gemm_steps_equal_op_by_op_in_f32_and_closely_in_tf32() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    support::write_wide_config(dir.path(), &[("sliding_window", 32), ("index_topk", 8)]);
+    // 16 heads: GEMM steps take the head-grouped attention kernel (the op-by-op path the
+    // per-head one).
+    support::write_wide_config(
+        dir.path(),
+        &[
+            ("sliding_window", 32),
+            ("index_topk", 8),
+            ("num_attention_heads", 16),
+        ],
+    );
     let load = || wide_model_with_pool(dir.path(), Shard::SINGLE, Arc::new(SingleRank), 0, 9216);
     let mut reference = load();
     reference.disable_layer_stack();
@@ -286,6 +295,7 @@ fn gemm_steps_equal_op_by_op_in_f32_and_closely_in_tf32() {
             ("sliding_window", 32),
             ("index_topk", 2048),
             ("n_routed_experts", 2),
+            ("num_attention_heads", 16),
         ],
     );
     let load = || wide_model_with_pool(smooth.path(), Shard::SINGLE, Arc::new(SingleRank), 0, 9216);

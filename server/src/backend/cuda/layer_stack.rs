@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use dspark_kernels::launch::attention::ATTENTION_HEAD_GROUP;
 use dspark_kernels::launch::layer_ops::{
     hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcPost, HcPreFused, RmsNormF32, RopeF32,
     RouteF32, RouterScoring,
@@ -495,6 +496,27 @@ fn gemm_piece_rows(bucket: usize, cfg: &crate::engine::model::ModelConfig) -> us
         .unwrap_or(bucket.max(1));
     let visible = (bucket / finest).max(1);
     (GEMM_PIECE_SCORES / visible).clamp(STACK_MAX_ROWS + 1, GEMM_PIECE_ROWS)
+}
+
+/// Keys per token from which a decode step's attention shares each key row among a group of
+/// heads (below it, one block per head keeps more of the GPU busy on short lists).
+const HEAD_GROUPED_MIN_KEYS: usize = 2048;
+
+/// How a step's attention over lists of up to `max_keys` keys runs: head-grouped (a key row read
+/// once per [`ATTENTION_HEAD_GROUP`] heads: GEMM steps, and long lists) where the heads divide
+/// into groups, else one block per head; and its split count.
+fn attention_plan(max_keys: usize, n: usize, heads: usize, sms: usize) -> (bool, usize) {
+    let grouped = heads.is_multiple_of(ATTENTION_HEAD_GROUP)
+        && (n > STACK_MAX_ROWS || max_keys >= HEAD_GROUPED_MIN_KEYS);
+    let blocks_per_token = if grouped {
+        heads / ATTENTION_HEAD_GROUP
+    } else {
+        heads
+    };
+    (
+        grouped,
+        attention_splits(max_keys, n, blocks_per_token, sms),
+    )
 }
 
 /// A buffer [`CudaBackend::size_scratch`] sized for the step must hold `need` elements (it
@@ -1381,7 +1403,8 @@ impl CudaBackend {
         let work = key_classes
             .iter()
             .map(|c| {
-                let splits = attention_splits(c.max_keys, n, heads, self.kernels.multiprocessors());
+                let (_, splits) =
+                    attention_plan(c.max_keys, n, heads, self.kernels.multiprocessors());
                 attention_workspace_floats(n, heads, hd, splits)
             })
             .max()
@@ -1936,7 +1959,8 @@ impl CudaBackend {
             }
             .map_err(kernel_err)?;
         }
-        let splits = attention_splits(class.max_keys, n, heads, self.kernels.multiprocessors());
+        let (grouped, splits) =
+            attention_plan(class.max_keys, n, heads, self.kernels.multiprocessors());
         fits(
             "attention workspace",
             sc.attn_work.len(),
@@ -1960,7 +1984,12 @@ impl CudaBackend {
         // SAFETY: q/attn hold n * heads * head_dim, the key lists were built above inside the
         // pool, the workspace has the size the launch asks for.
         unsafe {
-            self.kernels.paged_attention(s, &call).and_then(|()| {
+            if grouped {
+                self.kernels.paged_attention_heads(s, &call)
+            } else {
+                self.kernels.paged_attention(s, &call)
+            }
+            .and_then(|()| {
                 // K = V carried RoPE into the output; undo it at the query position.
                 self.kernels.rope_f32(
                     s,
@@ -2365,6 +2394,21 @@ mod tests {
         assert_eq!(meta.i32s[big.positions() + 2999], 2999);
         assert_eq!(meta.i32s[big.ids() + 2999], 1);
         assert_eq!(meta.i32s.len(), big.tables() + 1);
+    }
+
+    #[test]
+    fn attention_groups_heads_for_gemm_steps_and_long_lists_only() {
+        let sms = 132;
+        // Decode at 8K context (~700 keys): one block per head.
+        assert!(!attention_plan(700, 1, 32, sms).0);
+        // Decode over a 1M-context HCA list: grouped, with more splits for fewer head blocks.
+        let (grouped, splits) = attention_plan(8320, 1, 32, sms);
+        assert!(grouped);
+        assert!(splits > attention_splits(8320, 1, 32, sms));
+        // A GEMM step: grouped whatever the list.
+        assert!(attention_plan(700, 4096, 64, sms).0);
+        // Heads that do not divide into groups never are.
+        assert!(!attention_plan(8320, 4096, 4, sms).0);
     }
 
     #[test]
