@@ -79,7 +79,9 @@ pub struct LoadOptions {
 }
 
 /// Device memory kept free for activations and per-step buffers when the pool is sized from
-/// `gpu_memory_utilization` (an 8K-token prefill chunk at V4-Flash width uses ~3 GB).
+/// `gpu_memory_utilization`. The CUDA layer stack's scratch is made right after the pool (for
+/// prefill pieces of 8,192 rows about 6.5 GB at V4-Flash width and TP=2): it comes out of this
+/// and of the share the utilization leaves, and a GPU without room for it fails at start.
 pub const KV_WORKSPACE_RESERVE: usize = 4 << 30;
 
 /// Blocks of `bytes_per_block` that fit in `utilization` of a device of `total` bytes with
