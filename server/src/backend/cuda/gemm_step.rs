@@ -202,6 +202,11 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// The grouped call itself; an error leaves nothing half-done that the per-problem
+    /// fallback would not redo (every problem writes only its own output).
+    ///
+    /// # Safety
+    /// As [`Self::gemm_grouped`].
     unsafe fn try_gemm_grouped(
         &self,
         live: &[&GemmProblem],
