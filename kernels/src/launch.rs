@@ -6,7 +6,9 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUdeviceptr, CUfunction_attribute};
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
+};
 
 use crate::error::KernelError;
 use crate::loader::{load_module, target_arch, LoaderConfig, ModuleOrigin};
@@ -240,6 +242,31 @@ fn u32_grid(kernel: &'static str, v: usize) -> Result<u32, KernelError> {
         .map_err(|_| KernelError::invalid(kernel, format!("grid dimension {v} too large")))
 }
 
+/// A kernel of a loaded module by name.
+pub(crate) fn function(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction, KernelError> {
+    module
+        .load_function(name)
+        .map_err(KernelError::driver("cuModuleGetFunction"))
+}
+
+/// Threads per block of the grid-stride elementwise kernels.
+const STRIDE_BLOCK: usize = 256;
+
+/// A grid-stride launch of 256-thread blocks over `len` elements: enough blocks to fill the GPU,
+/// no more than the elements need.
+pub(crate) fn grid_stride(
+    kernel: &'static str,
+    len: usize,
+    sms: usize,
+) -> Result<LaunchConfig, KernelError> {
+    let blocks = len.div_ceil(STRIDE_BLOCK).clamp(1, 8 * sms.max(1));
+    Ok(LaunchConfig {
+        grid_dim: (u32_grid(kernel, blocks)?, 1, 1),
+        block_dim: (STRIDE_BLOCK as u32, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
 fn nonnull(kernel: &'static str, ptrs: &[(&str, CUdeviceptr)]) -> Result<(), KernelError> {
     match ptrs.iter().find(|(_, p)| *p == 0) {
         Some((name, _)) => Err(KernelError::invalid(
@@ -277,24 +304,27 @@ pub fn fp8_m_bucket(m: usize) -> Option<usize> {
     FP8_M_BUCKETS.iter().copied().find(|&b| b >= m)
 }
 
+/// The token count and matrix shape every FP8 GEMV launch takes.
+fn check_fp8_shape(kernel: &'static str, m: usize, n: usize, k: usize) -> Result<(), KernelError> {
+    if m == 0 || m > FP8_GEMV_MAX_M {
+        return Err(KernelError::invalid(
+            kernel,
+            format!("m = {m} must be in 1..={FP8_GEMV_MAX_M}"),
+        ));
+    }
+    if n == 0 || k == 0 || !k.is_multiple_of(16) {
+        return Err(KernelError::invalid(
+            kernel,
+            format!("n = {n}, k = {k}: need n > 0 and k a positive multiple of 16"),
+        ));
+    }
+    Ok(())
+}
+
 /// Launch-time checks of an FP8 GEMV, separate so they are testable without a GPU.
 pub fn check_fp8_gemv(a: &Fp8Gemv) -> Result<(), KernelError> {
     const K: &str = "fp8_gemv";
-    if a.m == 0 || a.m > FP8_GEMV_MAX_M {
-        return Err(KernelError::invalid(
-            K,
-            format!("m = {} must be in 1..={FP8_GEMV_MAX_M}", a.m),
-        ));
-    }
-    if a.n == 0 || a.k == 0 || !a.k.is_multiple_of(16) {
-        return Err(KernelError::invalid(
-            K,
-            format!(
-                "n = {}, k = {}: need n > 0 and k a positive multiple of 16",
-                a.n, a.k
-            ),
-        ));
-    }
+    check_fp8_shape(K, a.m, a.n, a.k)?;
     nonnull(
         K,
         &[
@@ -310,21 +340,7 @@ pub fn check_fp8_gemv(a: &Fp8Gemv) -> Result<(), KernelError> {
 /// Launch-time checks of a grouped FP8 GEMV (testable without a GPU).
 pub fn check_fp8_grouped_gemv(a: &Fp8GroupedGemv) -> Result<(), KernelError> {
     const K: &str = "fp8_gemv_grouped";
-    if a.m == 0 || a.m > FP8_GEMV_MAX_M {
-        return Err(KernelError::invalid(
-            K,
-            format!("m = {} must be in 1..={FP8_GEMV_MAX_M}", a.m),
-        ));
-    }
-    if a.n == 0 || a.k == 0 || !a.k.is_multiple_of(16) {
-        return Err(KernelError::invalid(
-            K,
-            format!(
-                "n = {}, k = {}: need n > 0 and k a positive multiple of 16",
-                a.n, a.k
-            ),
-        ));
-    }
+    check_fp8_shape(K, a.m, a.n, a.k)?;
     // A 128-row scale tile must not span two groups, and a warp's row pair must share one.
     if a.group_rows == 0 || !a.group_rows.is_multiple_of(128) || !a.n.is_multiple_of(a.group_rows) {
         return Err(KernelError::invalid(
@@ -615,10 +631,7 @@ impl Kernels {
         let timing = module(&sources::TIMING)?;
         let attn = module(&sources::ATTENTION)?;
         let elementwise = module(&sources::ELEMENTWISE)?;
-        let f = |m: &Arc<cudarc::driver::CudaModule>, name: &str| {
-            m.load_function(name)
-                .map_err(KernelError::driver("cuModuleGetFunction"))
-        };
+        let f = function;
         // One instantiation per token bucket: `{prefix}_m1` .. `{prefix}_m16`.
         let fp8_fns = |prefix: &str| -> Result<[CudaFunction; 5], KernelError> {
             Ok([

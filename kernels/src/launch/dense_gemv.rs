@@ -8,7 +8,7 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 
-use super::{aligned16, i32_arg, i64_arg, nonnull, u32_grid, Kernels};
+use super::{aligned16, function, i32_arg, i64_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
 
 /// Token buckets of the bf16 GEMV (one instantiation each; m rounds up to the next).
@@ -30,11 +30,7 @@ pub struct DenseGemvFns {
 
 impl DenseGemvFns {
     pub(crate) fn load(module: &Arc<CudaModule>) -> Result<Self, KernelError> {
-        let f = |name: &str| {
-            module
-                .load_function(name)
-                .map_err(KernelError::driver("cuModuleGetFunction"))
-        };
+        let f = |name: &str| function(module, name);
         Ok(Self {
             gemv: [
                 f("dsk_bf16_gemv_xf32_m1")?,

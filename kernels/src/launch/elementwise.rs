@@ -2,20 +2,10 @@
 //! gate/up -> activation -> down chain (and the routed + shared sum) stays on the GPU.
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaStream, PushKernelArg};
 
-use super::{i32_arg, i64_arg, nonnull, u32_grid, Kernels};
+use super::{grid_stride, i32_arg, i64_arg, nonnull, Kernels};
 use crate::error::KernelError;
-
-fn config(kernel: &'static str, len: usize, sms: usize) -> Result<LaunchConfig, KernelError> {
-    // Grid-stride loops: enough blocks to fill the GPU, no more than the elements need.
-    let blocks = len.div_ceil(256).clamp(1, 8 * sms.max(1));
-    Ok(LaunchConfig {
-        grid_dim: (u32_grid(kernel, blocks)?, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    })
-}
 
 impl Kernels {
     /// `out = silu(min(gate, limit)) * clamp(up, -limit, limit)` over `len` f32.
@@ -44,7 +34,7 @@ impl Kernels {
             .arg(&out)
             .arg(&n)
             .arg(&limit)
-            .launch(config(K, len, self.sms)?)
+            .launch(grid_stride(K, len, self.sms)?)
             .map_err(KernelError::driver("launch swiglu_clip"))?;
         Ok(())
     }
@@ -76,7 +66,7 @@ impl Kernels {
             .arg(&out)
             .arg(&r)
             .arg(&c)
-            .launch(config(K, rows * cols, self.sms)?)
+            .launch(grid_stride(K, rows * cols, self.sms)?)
             .map_err(KernelError::driver("launch fp8_dequant"))?;
         Ok(())
     }
@@ -103,7 +93,7 @@ impl Kernels {
             .arg(&acc)
             .arg(&x)
             .arg(&n)
-            .launch(config(K, len, self.sms)?)
+            .launch(grid_stride(K, len, self.sms)?)
             .map_err(KernelError::driver("launch add"))?;
         Ok(())
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 
-use super::{i32_arg, i64_arg, nonnull, u32_grid, Kernels};
+use super::{function, grid_stride, i32_arg, i64_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
 
 const BLOCK: usize = 256;
@@ -46,10 +46,7 @@ pub struct LayerOpsFns {
 
 impl LayerOpsFns {
     pub fn load(m: &Arc<CudaModule>) -> Result<Self, KernelError> {
-        let f = |name: &str| {
-            m.load_function(name)
-                .map_err(KernelError::driver("cuModuleGetFunction"))
-        };
+        let f = |name: &str| function(m, name);
         Ok(Self {
             rms_norm: f("dsk_lo_rms_norm_f32")?,
             rope: f("dsk_lo_rope_f32")?,
@@ -295,15 +292,6 @@ pub fn hc_mix_splits(n: usize, width: usize, outs: usize, sms: usize) -> usize {
         .div_ceil(base)
         .clamp(1, HC_MAX_SPLITS)
         .min(width.div_ceil(BLOCK).max(1))
-}
-
-fn grid_stride(kernel: &'static str, len: usize, sms: usize) -> Result<LaunchConfig, KernelError> {
-    let blocks = len.div_ceil(BLOCK).clamp(1, 8 * sms.max(1));
-    Ok(LaunchConfig {
-        grid_dim: (u32_grid(kernel, blocks)?, 1, 1),
-        block_dim: (BLOCK as u32, 1, 1),
-        shared_mem_bytes: 0,
-    })
 }
 
 fn invalid(kernel: &'static str, msg: String) -> KernelError {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 
-use super::{aligned16, i32_arg, nonnull, u32_grid, Kernels};
+use super::{aligned16, function, grid_stride, i32_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
 
 /// The `moe_sorted.cu` kernels.
@@ -19,27 +19,13 @@ pub struct MoeSortedFns {
 
 impl MoeSortedFns {
     pub(crate) fn load(module: &Arc<CudaModule>) -> Result<Self, KernelError> {
-        let f = |name: &str| {
-            module
-                .load_function(name)
-                .map_err(KernelError::driver("cuModuleGetFunction"))
-        };
+        let f = |name: &str| function(module, name);
         Ok(Self {
             dequant: f("dsk_fp4_dequant_experts_f32")?,
             gather: f("dsk_gather_rows_f32")?,
             combine: f("dsk_moe_combine_sorted_f32")?,
         })
     }
-}
-
-fn config(kernel: &'static str, len: usize, sms: usize) -> Result<LaunchConfig, KernelError> {
-    // Grid-stride loops: enough blocks to fill the GPU, no more than the elements need.
-    let blocks = len.div_ceil(256).clamp(1, 16 * sms.max(1));
-    Ok(LaunchConfig {
-        grid_dim: (u32_grid(kernel, blocks)?, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    })
 }
 
 /// Most matrices of one [`Kernels::fp4_dequant_experts`] launch (grid.y).
@@ -147,7 +133,7 @@ impl Kernels {
             .arg(&nn)
             .arg(&w)
             .arg(&dst)
-            .launch(config(K, n * width, self.sms)?)
+            .launch(grid_stride(K, n * width, self.sms)?)
             .map_err(KernelError::driver("launch gather_rows_f32"))?;
         Ok(())
     }
@@ -194,7 +180,7 @@ impl Kernels {
             .arg(&k)
             .arg(&h)
             .arg(&out)
-            .launch(config(K, tokens * hidden, self.sms)?)
+            .launch(grid_stride(K, tokens * hidden, self.sms)?)
             .map_err(KernelError::driver("launch moe_combine_sorted"))?;
         Ok(())
     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 
-use super::{i32_arg, i64_arg, nonnull, u32_grid, Kernels};
+use super::{function, i32_arg, i64_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
 
 /// Largest compressed row width (`head_dim` 512 of V4-Flash).
@@ -32,11 +32,7 @@ pub struct PagedFns {
 
 impl PagedFns {
     pub(crate) fn load(module: &Arc<CudaModule>) -> Result<Self, KernelError> {
-        let f = |name: &str| {
-            module
-                .load_function(name)
-                .map_err(KernelError::driver("cuModuleGetFunction"))
-        };
+        let f = |name: &str| function(module, name);
         Ok(Self {
             write: f("dsk_pool_write_f32")?,
             compress: f("dsk_compress_rows_f32")?,

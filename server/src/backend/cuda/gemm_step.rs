@@ -15,19 +15,21 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
-use super::layer_stack::{GemmScratch, StageClock};
+use super::layer_stack::{fits, GemmScratch, StageClock};
 use super::{driver_err, kernel_err, CudaBackend, CudaMatrix, Fp4Bank};
 use crate::backend::BackendError;
 
 /// Most bytes of widened expert weights one group of experts takes (f32 w1, w3, w2).
 const EXPERT_GROUP_BYTES: usize = 1 << 30;
 
-/// f32 values of one group of widened experts (w1, w3 and w2 of up to `experts` experts within
-/// [`EXPERT_GROUP_BYTES`]).
+/// Experts widened at once: as many w1/w3/w2 triples as fit [`EXPERT_GROUP_BYTES`] (at least 1).
+fn expert_group(inter: usize, hidden: usize) -> usize {
+    (EXPERT_GROUP_BYTES / (4 * 3 * inter * hidden).max(1)).max(1)
+}
+
+/// f32 values of one group of widened experts of a bank of `experts`.
 pub(super) fn expert_group_floats(experts: usize, inter: usize, hidden: usize) -> usize {
-    let per_expert = 3 * inter * hidden;
-    let group = (EXPERT_GROUP_BYTES / (4 * per_expert.max(1))).max(1);
-    group.min(experts.max(1)) * per_expert
+    expert_group(inter, hidden).min(experts.max(1)) * 3 * inter * hidden
 }
 
 /// Whether the environment lets GEMM steps use TF32 (`DSPARK_GEMM_TF32=0` forbids it).
@@ -114,6 +116,15 @@ impl CudaBackend {
         self.gemm_tf32.store(on, Ordering::Relaxed);
     }
 
+    /// The compute type of GEMM steps: TF32 tensor cores unless turned off.
+    fn gemm_compute(&self) -> cublasComputeType_t {
+        if self.gemm_tf32.load(Ordering::Relaxed) {
+            cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+        } else {
+            cublasComputeType_t::CUBLAS_COMPUTE_32F
+        }
+    }
+
     /// `y = x W^T`: x f32 `[n, cols]` with row stride `ldx`, W f32 `[rows, cols]` row-major, y
     /// `[n, rows]` with row stride `ldy` (TF32 tensor cores unless turned off).
     ///
@@ -132,14 +143,30 @@ impl CudaBackend {
         y: CUdeviceptr,
         ldy: usize,
     ) -> Result<(), BackendError> {
+        // SAFETY: this function's contract.
+        unsafe { self.gemm_f32(x, ldx, n, w, rows, cols, y, ldy, self.gemm_compute()) }
+    }
+
+    /// [`Self::gemm_rows`] with the compute type given (f32 data throughout).
+    ///
+    /// # Safety
+    /// As [`Self::gemm_rows`].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemm_f32(
+        &self,
+        x: CUdeviceptr,
+        ldx: usize,
+        n: usize,
+        w: CUdeviceptr,
+        rows: usize,
+        cols: usize,
+        y: CUdeviceptr,
+        ldy: usize,
+        compute: cublasComputeType_t,
+    ) -> Result<(), BackendError> {
         if n == 0 || rows == 0 {
             return Ok(());
         }
-        let compute = if self.gemm_tf32.load(Ordering::Relaxed) {
-            cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
-        } else {
-            cublasComputeType_t::CUBLAS_COMPUTE_32F
-        };
         let (alpha, beta) = (1.0f32, 0.0f32);
         let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: the handle is bound to this backend's stream; in cuBLAS's column-major view
@@ -234,11 +261,7 @@ impl CudaBackend {
         let tb = vec![cublasOperation_t::CUBLAS_OP_N; count];
         let (alpha, beta) = (vec![1.0f32; count], vec![0.0f32; count]);
         let sizes = vec![1i32; count];
-        let compute = if self.gemm_tf32.load(Ordering::Relaxed) {
-            cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
-        } else {
-            cublasComputeType_t::CUBLAS_COMPUTE_32F
-        };
+        let compute = self.gemm_compute();
         let base = ptrs.device_ptr(s).0;
         let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: the host arrays hold `count` entries each; the device arrays at base hold the
@@ -370,12 +393,6 @@ impl CudaBackend {
         s.synchronize().map_err(driver_err("synchronize"))?;
         let order = ExpertOrder::of(&ids, topk, bank.experts);
         let sorted = order.tokens.len();
-        let fits = |what: &str, len: usize, need: usize| {
-            if len < need {
-                return Err(gemm_err(format!("{what}: {len} elements, {need} needed")));
-            }
-            Ok(())
-        };
         fits("sorted rows", g.x_sorted.len(), sorted * h)?;
         fits("expert gate", g.gate.len(), sorted * inter)?;
         fits("expert activations", act.len(), sorted * inter)?;
@@ -390,9 +407,10 @@ impl CudaBackend {
         }
         s.memcpy_htod(&order.slots, &mut g.slots.slice_mut(0..pairs))
             .map_err(driver_err("copy to GPU"))?;
-        let per_expert = 3 * inter * h;
-        let group = (EXPERT_GROUP_BYTES / (4 * per_expert)).max(1);
-        let need = group.min(order.runs.len()) * per_expert;
+        let group = expert_group(inter, h);
+        // Sized for the largest layer when the stack was built; a bank of other widths may
+        // group differently.
+        let need = expert_group_floats(order.runs.len(), inter, h);
         if g.experts_wide.len() < need {
             g.experts_wide = self.zeros(need)?;
         }
@@ -413,42 +431,32 @@ impl CudaBackend {
             let count = runs.len();
             let list = used_ptr + (gi * group * 4) as u64;
             self.stage(clock, "stack: routed experts: widen")?;
-            let (w1, w3, w2) = (
-                ew,
-                ew + (count * inter * h * 4) as u64,
-                ew + (2 * count * inter * h * 4) as u64,
-            );
-            // SAFETY: the list holds `count` expert ids of this bank; experts_wide holds
-            // 3 * count * inter * hidden f32 (sized above).
-            unsafe {
-                self.kernels
-                    .fp4_dequant_experts(s, f4(&bank.w1), f4(&bank.s1), list, count, inter, h, w1)
-                    .and_then(|()| {
-                        self.kernels.fp4_dequant_experts(
-                            s,
-                            f4(&bank.w3),
-                            f4(&bank.s3),
-                            list,
-                            count,
-                            inter,
-                            h,
-                            w3,
-                        )
-                    })
-                    .and_then(|()| {
-                        self.kernels.fp4_dequant_experts(
-                            s,
-                            f4(&bank.w2),
-                            f4(&bank.s2),
-                            list,
-                            count,
-                            h,
-                            inter,
-                            w2,
-                        )
-                    })
+            let wide_of = |i: usize| ew + (i * count * inter * h * 4) as u64;
+            let (w1, w3, w2) = (wide_of(0), wide_of(1), wide_of(2));
+            for (i, (w, sc, rows, cols)) in [
+                (&bank.w1, &bank.s1, inter, h),
+                (&bank.w3, &bank.s3, inter, h),
+                (&bank.w2, &bank.s2, h, inter),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                // SAFETY: the list holds `count` expert ids of this bank; experts_wide holds
+                // 3 * count * inter * hidden f32 (sized above), matrix i at wide_of(i).
+                unsafe {
+                    self.kernels.fp4_dequant_experts(
+                        s,
+                        f4(w),
+                        f4(sc),
+                        list,
+                        count,
+                        rows,
+                        cols,
+                        wide_of(i),
+                    )
+                }
+                .map_err(kernel_err)?;
             }
-            .map_err(kernel_err)?;
             self.stage(clock, "stack: routed experts: GEMMs")?;
             let mut problems = Vec::with_capacity(2 * count);
             for (j, &(_, first, rows)) in runs.iter().enumerate() {

@@ -229,10 +229,9 @@ impl ScratchDims {
 
 /// The CUDA backend's [`crate::backend::Backend::LayerStack`].
 pub struct CudaLayerStack {
-    dims: ScratchDims,
-    /// The scratch of steps over [`STACK_MAX_ROWS`] rows (GEMM steps), made on the first one and
-    /// swapped in for each (so the graphed steps' buffers never move).
-    gemm_scratch: Option<Scratch>,
+    /// The scratch of steps over [`STACK_MAX_ROWS`] rows (GEMM steps), [`GEMM_PIECE_ROWS`] rows
+    /// of it, swapped in for each (so the graphed steps' buffers never move).
+    gemm_scratch: Scratch,
     layers: Vec<StackLayer>,
     rope_main: CudaSlice<f32>,
     rope_compress: CudaSlice<f32>,
@@ -521,7 +520,7 @@ fn attention_plan(max_keys: usize, n: usize, heads: usize, sms: usize) -> (bool,
 
 /// A buffer [`CudaBackend::size_scratch`] sized for the step must hold `need` elements (it
 /// always does; a step never grows a buffer, which would move it under a captured graph).
-fn fits(what: &str, len: usize, need: usize) -> Result<(), BackendError> {
+pub(super) fn fits(what: &str, len: usize, need: usize) -> Result<(), BackendError> {
     if len < need {
         return Err(shape_err(format!(
             "{what}: {len} elements sized for the step, {need} needed"
@@ -832,10 +831,9 @@ impl CudaBackend {
         let dims = ScratchDims::of(model);
         let scratch = self.new_scratch(&dims, STACK_MAX_ROWS, false)?;
         let stack = CudaLayerStack {
-            dims,
             // Made now, not at the first prefill, so a GPU without room for it fails at start
             // with the allocation error rather than in the middle of serving.
-            gemm_scratch: Some(self.new_scratch(&dims, GEMM_PIECE_ROWS, true)?),
+            gemm_scratch: self.new_scratch(&dims, GEMM_PIECE_ROWS, true)?,
             layers,
             rope_main: self.upload(&model.rope_main.inv_freq)?,
             rope_compress: self.upload(&model.rope_compress.inv_freq)?,
@@ -1108,18 +1106,11 @@ impl CudaBackend {
         if n <= STACK_MAX_ROWS {
             return self.run_rows(stack, model, kv, comm, rows, streams, capture);
         }
-        let mut gemm = match stack.gemm_scratch.take() {
-            Some(sc) if sc.rows >= n => sc,
-            old => {
-                // Free the smaller one first: the new one may need its memory.
-                drop(old);
-                self.new_scratch(&stack.dims, n, true)?
-            }
-        };
-        std::mem::swap(&mut stack.scratch, &mut gemm);
+        // Pieces are at most GEMM_PIECE_ROWS rows, what the GEMM scratch was made for.
+        fits("GEMM scratch rows", stack.gemm_scratch.rows, n)?;
+        std::mem::swap(&mut stack.scratch, &mut stack.gemm_scratch);
         let out = self.run_rows(stack, model, kv, comm, rows, streams, capture);
-        std::mem::swap(&mut stack.scratch, &mut gemm);
-        stack.gemm_scratch = Some(gemm);
+        std::mem::swap(&mut stack.scratch, &mut stack.gemm_scratch);
         out
     }
 

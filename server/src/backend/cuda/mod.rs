@@ -20,7 +20,7 @@ pub use layer_stack::{CudaLayerStack, STACK_MAX_ROWS};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::cublas::{sys::cublasComputeType_t, CudaBlas};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use dspark_kernels::launch::FP8_GEMV_MAX_M;
 use dspark_kernels::{
@@ -364,29 +364,13 @@ impl CudaBackend {
         cols: usize,
         y: &mut Y,
     ) -> Result<(), BackendError> {
-        let dim = |v: usize| {
-            i32::try_from(v).map_err(|_| BackendError::Shape {
-                op: "linear",
-                detail: format!("{v} exceeds cuBLAS's int range"),
-            })
-        };
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_T,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: dim(rows)?,
-            n: dim(n)?,
-            k: dim(cols)?,
-            alpha: 1.0f32,
-            lda: dim(cols)?,
-            ldb: dim(cols)?,
-            beta: 0.0f32,
-            ldc: dim(rows)?,
-        };
-        let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
-        // SAFETY: w holds rows*cols, x holds n*cols and y n*rows f32 values on this stream's
-        // context (checked by the callers), matching the leading dimensions above.
-        unsafe { blas.gemm(cfg, w, x, y) }
-            .map_err(|e| BackendError::Other(format!("cuBLAS SGEMM: {e:?}")))
+        let s = &self.stream;
+        let (xp, _x) = x.device_ptr(s);
+        let (wp, _w) = w.device_ptr(s);
+        let (yp, _y) = y.device_ptr_mut(s);
+        // SAFETY: w holds rows * cols, x n * cols and y n * rows f32 on this stream's context
+        // (checked by the callers).
+        unsafe { self.sgemm_raw(xp, n, wp, rows, cols, yp, rows) }
     }
 
     /// FP8 GEMV/skinny GEMM in row chunks the kernel takes (<= 16 tokens per launch).
@@ -527,36 +511,20 @@ impl CudaBackend {
         y: cudarc::driver::sys::CUdeviceptr,
         ldy: usize,
     ) -> Result<(), BackendError> {
-        let dim = |v: usize| {
-            i32::try_from(v).map_err(|_| BackendError::Shape {
-                op: "linear",
-                detail: format!("{v} exceeds cuBLAS's int range"),
-            })
-        };
-        let (m, nn, k, ldc) = (dim(rows)?, dim(n)?, dim(cols)?, dim(ldy)?);
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
-        // SAFETY: the handle is bound to this backend's stream; the pointers hold the shapes
-        // above (this function's contract), matching the leading dimensions.
+        // SAFETY: this function's contract, with x's rows packed (ldx = cols).
         unsafe {
-            cudarc::cublas::result::sgemm(
-                *blas.handle(),
-                cublasOperation_t::CUBLAS_OP_T,
-                cublasOperation_t::CUBLAS_OP_N,
-                m,
-                nn,
-                k,
-                &alpha,
-                w as *const f32,
-                k,
-                x as *const f32,
-                k,
-                &beta,
-                y as *mut f32,
-                ldc,
+            self.gemm_f32(
+                x,
+                cols,
+                n,
+                w,
+                rows,
+                cols,
+                y,
+                ldy,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
             )
         }
-        .map_err(|e| BackendError::Other(format!("cuBLAS SGEMM: {e:?}")))
     }
 
     fn check_input(x: &[f32], n: usize, cols: usize, op: &'static str) -> Result<(), BackendError> {
