@@ -11,12 +11,14 @@
 
 pub mod error;
 pub mod formats;
+pub mod kv_record;
 pub mod launch;
 pub mod loader;
 pub mod reference;
 pub mod sources;
 
 pub use error::KernelError;
+pub use kv_record::KvRowFormat;
 pub use launch::attention::{
     attention_splits, attention_workspace_floats, IndexerScores, KvRows, PagedAttention, TopKSelect,
 };
