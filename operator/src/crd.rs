@@ -632,6 +632,15 @@ pub fn validate_spec(spec: &DSparkDeploymentSpec) -> Result<(), Vec<String>> {
             ));
         }
     }
+    // The CRD keeps nvfp4 in its enum (the recipe's KV formats); this server does not store it
+    // yet, and starting pods that exit at once would be a crash loop.
+    if p.kv_cache_dtype == Some(KvCacheDtype::Nvfp4) {
+        problems.push(
+            "kvCacheDtype nvfp4 is not supported by this server version: use fp8 (the 584-byte \
+             FP8 record) or bf16"
+                .to_string(),
+        );
+    }
     if let Some(k) = p.speculative.as_ref().and_then(|s| s.num_tokens) {
         if !(1..=8).contains(&k) {
             problems.push(format!(

@@ -258,6 +258,25 @@ fn known_bad_specs_are_rejected() {
 }
 
 #[test]
+fn nvfp4_kv_is_admitted_but_reported_by_the_operator() {
+    // nvfp4 is part of the CRD's kvCacheDtype enum; the server cannot store it yet, so the
+    // operator reports it (InvalidSpec condition and Event) instead of starting pods that exit.
+    let object = with(&["profile", "kvCacheDtype"], json!("nvfp4"));
+    admit(&object).unwrap();
+    let dsd: DSparkDeployment = serde_json::from_value(object).unwrap();
+    let problems = validate_spec(&dsd.spec).unwrap_err();
+    assert!(
+        problems.iter().any(|p| p.contains("kvCacheDtype nvfp4")),
+        "{problems:?}"
+    );
+    for ok in ["fp8", "bf16", "auto"] {
+        let dsd: DSparkDeployment =
+            serde_json::from_value(with(&["profile", "kvCacheDtype"], json!(ok))).unwrap();
+        assert_eq!(validate_spec(&dsd.spec), Ok(()), "{ok}");
+    }
+}
+
+#[test]
 fn schema_rejects_bad_types_and_unknown_fields() {
     for (what, object) in [
         (

@@ -59,11 +59,27 @@ pub enum KvFill {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum KvCacheDtype {
-    /// The checkpoint's native KV dtype (fp8 records for V4-Flash on CUDA, f32 on the CPU backend).
+    /// f32 rows: exact, what transformers computes (docs/KV.md).
     Auto,
+    /// bf16 latent, compressed and indexer key rows.
     Bf16,
+    /// V4's FP8 records: 584-byte latent rows (e4m3 + bf16 rope + UE8M0 scales), 132-byte
+    /// indexer rows (the vLLM recipe's format).
     Fp8,
+    /// Not implemented: refused at start.
     Nvfp4,
+}
+
+impl KvCacheDtype {
+    /// The flag's value, as vLLM's `cache_dtype` label shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvCacheDtype::Auto => "auto",
+            KvCacheDtype::Bf16 => "bf16",
+            KvCacheDtype::Fp8 => "fp8",
+            KvCacheDtype::Nvfp4 => "nvfp4",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

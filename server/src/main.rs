@@ -229,6 +229,7 @@ async fn run_leader(args: ServeArgs, health: GroupHealth) -> anyhow::Result<()> 
     let model_dir = args.model_dir();
     let name = args.served_model_name();
     let metrics = Arc::new(Metrics::new(name.clone()));
+    let _ = metrics.cache_dtype.set(args.kv_cache_dtype.as_str());
     let state = Arc::new(AppState::new(
         name.clone(),
         model_dir.display().to_string(),

@@ -28,6 +28,7 @@ pub const SPEC_DECODE_NUM_ACCEPTED_TOKENS: &str = "vllm:spec_decode_num_accepted
 pub const SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS: &str =
     "vllm:spec_decode_num_accepted_tokens_per_pos";
 pub const KV_POOL_TOKENS: &str = "dspark_kv_pool_tokens";
+pub const CACHE_CONFIG_INFO: &str = "vllm:cache_config_info";
 pub const KV_LIVE_TOKENS: &str = "dspark_kv_live_tokens";
 pub const MAX_FULL_LENGTH_CONCURRENCY: &str = "dspark_max_full_length_concurrency";
 
@@ -172,6 +173,10 @@ pub struct Metrics {
     pub kv_pool_tokens: Gauge,
     pub kv_live_tokens: Gauge,
     pub max_full_length_concurrency: Gauge,
+    /// vLLM's `vllm:cache_config_info` labels: the `--kv-cache-dtype` value, set at start...
+    pub cache_dtype: std::sync::OnceLock<&'static str>,
+    /// ...and `(block_size, num_gpu_blocks)`, set when the scheduler has the pool.
+    pub cache_blocks: std::sync::OnceLock<(usize, usize)>,
 }
 
 impl Metrics {
@@ -201,6 +206,8 @@ impl Metrics {
             kv_pool_tokens: Gauge::default(),
             kv_live_tokens: Gauge::default(),
             max_full_length_concurrency: Gauge::default(),
+            cache_dtype: std::sync::OnceLock::new(),
+            cache_blocks: std::sync::OnceLock::new(),
         }
     }
 
@@ -396,6 +403,15 @@ impl Metrics {
             "Requests of max_model_len tokens the pool holds at once.",
             self.max_full_length_concurrency.get(),
         );
+        if let Some((block_size, blocks)) = self.cache_blocks.get() {
+            let dtype = self.cache_dtype.get().copied().unwrap_or("auto");
+            let _ = writeln!(
+                out,
+                "# HELP {CACHE_CONFIG_INFO} Information of the KV cache configuration.\n# TYPE \
+                 {CACHE_CONFIG_INFO} gauge\n{CACHE_CONFIG_INFO}{{{labels},block_size=\"{block_size}\",\
+                 cache_dtype=\"{dtype}\",num_gpu_blocks=\"{blocks}\"}} 1.0"
+            );
+        }
         out
     }
 }
@@ -417,7 +433,13 @@ mod tests {
         m.time_to_first_token.observe(0.003);
         m.time_to_first_token.observe(1e9);
         m.num_requests_running.set(2.0);
+        m.cache_dtype.set("fp8").unwrap();
+        m.cache_blocks.set((128, 77)).unwrap();
         let text = m.render();
+        assert!(text.contains(
+            "vllm:cache_config_info{model_name=\"tiny\\\"x\",block_size=\"128\",cache_dtype=\"fp8\",\
+             num_gpu_blocks=\"77\"} 1.0"
+        ));
         assert!(text.contains("vllm:num_preemptions_total{model_name=\"tiny\\\"x\"} 3"));
         assert!(text.contains("vllm:num_requests_running{model_name=\"tiny\\\"x\"} 2.0"));
         assert!(text.contains(

@@ -153,6 +153,27 @@ def group_server():
 
 
 @pytest.fixture(scope="session")
+def fp8_server():
+    """The same profile as `server`, with the KV pool in V4's FP8 records."""
+    yield from _start([
+        "--max-model-len", str(MAX_MODEL_LEN),
+        "--kv-pool-tokens", "4096",
+        "--max-num-seqs", str(MAX_NUM_SEQS),
+        "--kv-cache-dtype", "fp8",
+    ])
+
+
+@pytest.fixture(scope="session")
+def fp8_group_server():
+    """Two ranks with the KV pool in FP8 records."""
+    yield from _start([
+        "--world-size", "2",
+        "--max-model-len", str(MAX_MODEL_LEN), "--kv-pool-tokens", "4096",
+        "--kv-cache-dtype", "fp8",
+    ])
+
+
+@pytest.fixture(scope="session")
 def spec_server():
     """The same profile as `server`, with DSpark speculative decoding (K = 3)."""
     yield from _start([

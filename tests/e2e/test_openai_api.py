@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -458,6 +459,56 @@ def test_two_rank_group_gives_the_same_greedy_output(client, group_server):
     for prompt in ("Tensor parallel", "Two ranks, one answer"):
         args = dict(model=MODEL, prompt=prompt, max_tokens=12, **GREEDY, extra_body={"ignore_eos": True})
         assert group.completions.create(**args).choices[0].text == client.completions.create(**args).choices[0].text
+
+
+# ---------------------------------------------------------------- KV cache dtype (--kv-cache-dtype)
+
+
+def _cache_config(base: str) -> dict[str, str]:
+    text = httpx.get(base + "/metrics").text
+    m = re.search(r'^vllm:cache_config_info\{([^}]*)\} 1\.0$', text, re.M)
+    assert m, "no vllm:cache_config_info in /metrics"
+    return dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+
+
+def test_fp8_kv_cache_serves_and_reports_its_dtype(server, fp8_server):
+    fp8 = openai.OpenAI(base_url=fp8_server.base + "/v1", api_key="x", max_retries=0, timeout=300)
+    r = fp8.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, **GREEDY)
+    assert r.choices[0].message.content is not None and r.usage.completion_tokens == 8
+    # Greedy stays deterministic and streaming equals non-streaming with a lossy pool.
+    args = dict(model=MODEL, prompt="FP8 records", max_tokens=12, **GREEDY, extra_body={"ignore_eos": True})
+    once = fp8.completions.create(**args).choices[0].text
+    assert fp8.completions.create(**args).choices[0].text == once
+    streamed = "".join(c.choices[0].text for c in fp8.completions.create(**args, stream=True) if c.choices)
+    assert streamed == once
+    assert _cache_config(fp8_server.base)["cache_dtype"] == "fp8"
+    f32 = _cache_config(server.base)
+    assert f32["cache_dtype"] == "auto"
+    # Same --kv-pool-tokens: the same blocks (the records only shrink each block).
+    assert _cache_config(fp8_server.base)["num_gpu_blocks"] == f32["num_gpu_blocks"]
+
+
+def test_fp8_kv_two_rank_group_gives_the_same_greedy_output(fp8_server, fp8_group_server):
+    one = openai.OpenAI(base_url=fp8_server.base + "/v1", api_key="x", max_retries=0, timeout=300)
+    two = openai.OpenAI(base_url=fp8_group_server.base + "/v1", api_key="x", max_retries=0, timeout=300)
+    for prompt in ("Tensor parallel", "Two ranks, one answer"):
+        args = dict(model=MODEL, prompt=prompt, max_tokens=12, **GREEDY, extra_body={"ignore_eos": True})
+        assert two.completions.create(**args).choices[0].text == one.completions.create(**args).choices[0].text
+
+
+def test_unsupported_kv_cache_dtype_is_a_clear_start_error():
+    from conftest import _binary
+
+    binary = _binary()
+    if binary is None:
+        pytest.skip("dspark-server is not built")
+    out = subprocess.run(
+        [str(binary), "serve", "--model", str(model_dir()), "--device", "cpu", "--port", "0",
+         "--kv-cache-dtype", "nvfp4"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode != 0
+    assert "--kv-cache-dtype nvfp4 is not implemented" in out.stdout + out.stderr
 
 
 # ---------------------------------------------------------------- DSpark speculative decoding

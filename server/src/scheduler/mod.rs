@@ -134,6 +134,10 @@ impl Scheduler {
         let layout = runner.kv_layout();
         let pool = KvPool::new(layout, cfg.prefix_caching);
         metrics.kv_pool_tokens.set(pool.pool_tokens() as f64);
+        // Set once: a rebuilt scheduler (tests) sees the same pool.
+        let _ = metrics
+            .cache_blocks
+            .set((pool.block_size(), pool.num_blocks()));
         metrics
             .max_full_length_concurrency
             .set((pool.num_blocks() / pool.blocks_for(cfg.max_model_len).max(1)) as f64);
