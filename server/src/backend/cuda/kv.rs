@@ -5,7 +5,8 @@
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use dspark_kernels::{
-    attention_splits, attention_workspace_floats, IndexerScores, KvRows, PagedAttention, TopKSelect,
+    attention_splits, attention_workspace_floats, IndexerScores, KvRowFormat, KvRows,
+    PagedAttention, TopKSelect,
 };
 
 use super::{kernel_err, CudaBackend};
@@ -160,6 +161,7 @@ impl CudaBackend {
                 head_dim,
                 splits,
                 scale,
+                format: KvRowFormat::F32,
             };
             // SAFETY: q and out hold tokens * heads * head_dim f32, starts tokens + 1 i32 indexing
             // into `off`, sinks `heads` f32, the workspace the size the launch asks for, and
@@ -242,6 +244,7 @@ impl CudaBackend {
                 heads,
                 dim,
                 scale,
+                format: KvRowFormat::F32,
             };
             // SAFETY: q holds tokens * heads * dim f32, weights tokens * heads, the tables and
             // their starts cover every visible row (checked against the pool by check_indexer),

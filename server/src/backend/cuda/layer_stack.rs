@@ -23,7 +23,7 @@ use dspark_kernels::launch::paged::{
 use dspark_kernels::launch::FP8_GEMV_MAX_M;
 use dspark_kernels::{
     attention_splits, attention_workspace_floats, Fp4MoeCall, Fp8GroupedGemv, IndexerScores,
-    OutDtype, PagedAttention, TopKSelect,
+    KvRowFormat, OutDtype, PagedAttention, TopKSelect,
 };
 
 use super::nccl::NcclCommunicator;
@@ -1738,6 +1738,7 @@ impl CudaBackend {
                         kvp,
                         hd,
                         hd,
+                        KvRowFormat::F32,
                     )
                 })
         }
@@ -1775,6 +1776,7 @@ impl CudaBackend {
                         rope_dim: rd,
                         attention_factor: compress_af,
                         eps,
+                        out_format: KvRowFormat::F32,
                     },
                 },
             )?;
@@ -1811,6 +1813,7 @@ impl CudaBackend {
                         rope_dim: rd,
                         attention_factor: compress_af,
                         eps,
+                        out_format: KvRowFormat::F32,
                     },
                 },
             )?;
@@ -1868,6 +1871,7 @@ impl CudaBackend {
                     heads: idx_heads,
                     dim: ihd,
                     scale: (ihd as f32).powf(-0.5),
+                    format: KvRowFormat::F32,
                 };
                 // SAFETY: the tables cover every visible row of every token (checked above),
                 // `scores` holds their sum.
@@ -1970,6 +1974,7 @@ impl CudaBackend {
             head_dim: hd,
             splits,
             scale: (hd as f32).powf(-0.5),
+            format: KvRowFormat::F32,
         };
         let attn = ptr_mut(s, &mut sc.attn);
         // SAFETY: q/attn hold n * heads * head_dim, the key lists were built above inside the
