@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use dspark_server::api::{self, AppState, Serving};
 use dspark_server::cli::{normalize_vllm_args, BenchArgs, Cli, Command, ServeArgs};
-use dspark_server::cli::{resolve_device, LoadFormat, SpeculativeMethod};
+use dspark_server::cli::{resolve_device, KvCacheDtype, LoadFormat, SpeculativeMethod};
 use dspark_server::engine::model;
 use dspark_server::engine::speculative::SpeculativeRunner;
 use dspark_server::engine::tokenizer::Tokenizer;
@@ -455,13 +455,15 @@ fn load_engine(
     }
     let dir = args.model_dir();
     let device = resolve_device(args.device);
-    if args.kv_cache_dtype != dspark_server::cli::KvCacheDtype::Auto {
-        warn!(
-            "--kv-cache-dtype {:?}: the KV pool stores f32 entries today (in GPU memory on \
-             CUDA); other storage types are not implemented yet (docs/KV.md)",
-            args.kv_cache_dtype
-        );
-    }
+    let kv_storage = match args.kv_cache_dtype {
+        KvCacheDtype::Auto => model::KvStorage::F32,
+        KvCacheDtype::Bf16 => model::KvStorage::Bf16,
+        KvCacheDtype::Fp8 => model::KvStorage::Fp8,
+        KvCacheDtype::Nvfp4 => bail!(
+            "--kv-cache-dtype nvfp4 is not implemented; use fp8 (the 584-byte FP8 record), bf16 \
+             or auto (f32)"
+        ),
+    };
     let opts = model::LoadOptions {
         device,
         gpu_ordinal: if device == model::Device::Cuda {
@@ -474,6 +476,7 @@ fn load_engine(
             LoadFormat::Safetensors => model::LoadFormat::Safetensors,
             LoadFormat::Dummy => model::LoadFormat::Dummy,
         },
+        kv_storage,
         kv_pool_tokens: args
             .kv_pool_tokens
             .unwrap_or(model::LoadOptions::default().kv_pool_tokens),

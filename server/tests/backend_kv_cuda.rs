@@ -1,13 +1,15 @@
 //! The CUDA backend's KV pool kernels against the CPU backend on random data: row scatter and
 //! gather, split-KV attention with sinks (V4-Flash shape: 64 heads of 512 over a long key list,
-//! and the tiny model's shape), Lightning Indexer scores through block tables (64 heads of 128).
+//! and the tiny model's shape), Lightning Indexer scores through block tables (64 heads of 128),
+//! each over rows stored as f32, bf16 and the FP8 records (`--kv-cache-dtype`). Both backends
+//! decode a stored row to the same f32 values, so one bound serves every format.
 //!
 //! Needs a GPU: `DSPARK_TEST_CUDA=1 cargo test -p dspark-server --test backend_kv_cuda`.
 //! Elsewhere each test says it was skipped and passes.
 
 use dspark_server::backend::cpu::CpuBackend;
 use dspark_server::backend::cuda::CudaBackend;
-use dspark_server::backend::kv::{IndexerRows, KeyLists, RowAddressing};
+use dspark_server::backend::kv::{IndexerRows, KeyLists, KvRowFormat, RowAddressing};
 use dspark_server::backend::Backend;
 use rand::{Rng, SeedableRng};
 
@@ -39,6 +41,17 @@ fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
         .zip(b)
         .fold(0f64, |m, (x, y)| m.max(f64::from((x - y).abs())))
         / scale
+}
+
+/// `rows` random rows of `dim` values in [-scale, scale), stored back to back in `format`.
+fn stored_rows(
+    rng: &mut rand::rngs::StdRng,
+    format: KvRowFormat,
+    rows: usize,
+    dim: usize,
+    scale: f32,
+) -> Vec<f32> {
+    format.encode_rows(&random(rng, rows * dim, scale), dim)
 }
 
 /// The same pool contents on both backends.
@@ -76,17 +89,18 @@ fn kv_rows_round_trip_and_out_of_pool_rows_are_refused() {
     assert!(gpu.kv_read(&g, &[49_500], 999).is_err());
 }
 
-fn attention_case(heads: usize, hd: usize, key_counts: &[usize], seed: u64) {
+fn attention_case(format: KvRowFormat, heads: usize, hd: usize, key_counts: &[usize], seed: u64) {
     let gpu = CudaBackend::open(0).unwrap();
     let cpu = CpuBackend;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let rows_in_pool = 12_000;
-    let data = random(&mut rng, rows_in_pool * hd, 1.0);
+    let slots = format.slots(hd);
+    let data = stored_rows(&mut rng, format, rows_in_pool, hd, 1.0);
     let (c, g) = pools(&cpu, &gpu, &data);
-    let mut keys = KeyLists::new();
+    let mut keys = KeyLists::new(format);
     for &count in key_counts {
         keys.offsets
-            .extend((0..count).map(|_| rng.random_range(0..rows_in_pool) * hd));
+            .extend((0..count).map(|_| rng.random_range(0..rows_in_pool) * slots));
         keys.finish_token();
     }
     // Large enough logits that the softmax is peaked and the max matters.
@@ -100,8 +114,19 @@ fn attention_case(heads: usize, hd: usize, key_counts: &[usize], seed: u64) {
         .kv_attend(&g, &q, heads, hd, &keys, &sinks, scale)
         .unwrap();
     let d = rel_diff(&got, &want);
-    eprintln!("attention heads={heads} hd={hd} keys={key_counts:?}: relative difference {d:e}");
+    eprintln!(
+        "attention {format:?} heads={heads} hd={hd} keys={key_counts:?}: relative difference {d:e}"
+    );
     assert!(d < BOUND, "{d:e}");
+}
+
+/// The latent-row formats of a pool of `hd`-wide rows with `rope` rotary dims.
+fn latent_formats(rope: usize) -> [KvRowFormat; 3] {
+    [
+        KvRowFormat::F32,
+        KvRowFormat::Bf16,
+        KvRowFormat::Fp8Latent { rope },
+    ]
 }
 
 #[test]
@@ -111,8 +136,10 @@ fn attention_matches_cpu_at_v4_flash_shape() {
     }
     // One decoding token over 128 window + 8192 HCA rows (1M context), a CSA token (128 + 512),
     // and short lists (the first tokens of a sequence).
-    attention_case(64, 512, &[8320], 2);
-    attention_case(64, 512, &[640, 1, 128, 37], 3);
+    for format in latent_formats(64) {
+        attention_case(format, 64, 512, &[8320], 2);
+        attention_case(format, 64, 512, &[640, 1, 128, 37], 3);
+    }
 }
 
 #[test]
@@ -121,7 +148,9 @@ fn attention_matches_cpu_at_tiny_shape() {
         return;
     }
     let counts: Vec<usize> = (1..=40).collect();
-    attention_case(4, 64, &counts, 4);
+    for format in latent_formats(16) {
+        attention_case(format, 4, 64, &counts, 4);
+    }
 }
 
 #[test]
@@ -131,35 +160,41 @@ fn indexer_scores_match_cpu_through_block_tables() {
     }
     // V4-Flash's 64 heads x 128 (the tiled kernel), half of them (TP=2), the tiny model's 32-wide
     // rows, and 256-wide rows (the one-warp-per-row kernel).
-    indexer_case(64, 128, 5);
-    indexer_case(32, 128, 6);
-    indexer_case(4, 32, 7);
-    indexer_case(16, 256, 8);
+    for format in [KvRowFormat::F32, KvRowFormat::Bf16, KvRowFormat::Fp8Indexer] {
+        indexer_case(format, 64, 128, 5);
+        indexer_case(format, 32, 128, 6);
+        indexer_case(format, 4, 32, 7);
+        indexer_case(format, 16, 256, 8);
+    }
 }
 
-fn indexer_case(heads: usize, dim: usize, seed: u64) {
+fn indexer_case(format: KvRowFormat, heads: usize, dim: usize, seed: u64) {
     let gpu = CudaBackend::open(0).unwrap();
     let cpu = CpuBackend;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let (block_size, ratio) = (128, 4);
-    let floats_per_block = 40_000;
+    // Blocks of whole stored rows, so every row the addressing finds is a valid record.
+    let slots = format.slots(dim);
+    let rows_per_block = 40_000 / dim;
+    let floats_per_block = rows_per_block * slots;
     let num_blocks = 300;
-    let data = random(&mut rng, floats_per_block * num_blocks, 1.0);
-    let (c, g) = pools(&cpu, &gpu, &data);
+    let data = stored_rows(&mut rng, format, rows_per_block * num_blocks, dim, 1.0);
+    let (c, g) = pools(&cpu, &gpu, &data[..data.len() / 1000 * 1000]);
     let addressing = RowAddressing {
         floats_per_block,
         block_size,
-        base: 1_234,
+        base: 9 * slots,
         ratio,
-        stride: dim,
+        stride: slots,
     };
     // Two sequences with shuffled block tables; three query tokens (two share a table).
-    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+    let mut ids: Vec<u32> = (0..num_blocks as u32 - 1).collect();
     for i in (1..ids.len()).rev() {
         ids.swap(i, rng.random_range(0..=i));
     }
     let (a, b) = (&ids[..200], &ids[200..]);
     let rows = IndexerRows {
+        format,
         addressing,
         block_tables: vec![a, a, b],
         visible: vec![200 * block_size / ratio, 1_001, 97],
@@ -175,7 +210,7 @@ fn indexer_case(heads: usize, dim: usize, seed: u64) {
         .unwrap();
     let d = rel_diff(&got, &want);
     eprintln!(
-        "indexer scores ({} rows): relative difference {d:e}",
+        "indexer scores {format:?} heads={heads} dim={dim} ({} rows): relative difference {d:e}",
         want.len()
     );
     assert!(d < BOUND, "{d:e}");
@@ -210,6 +245,7 @@ fn indexer_top_k_on_gpu_equals_top_k_of_its_scores_with_ties() {
     gpu.kv_write(&mut g, &all, floats_per_block, &data).unwrap();
     let table: Vec<u32> = (0..num_blocks as u32).rev().collect();
     let rows = IndexerRows {
+        format: KvRowFormat::F32,
         addressing: RowAddressing {
             floats_per_block,
             block_size,

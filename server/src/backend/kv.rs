@@ -1,10 +1,17 @@
 //! How the engine addresses the KV pool a backend holds (host memory on the CPU, GPU memory on
-//! CUDA). The pool is a flat array of f32; the engine computes element offsets from its block
-//! geometry (`engine::model::kv`) and asks the backend to write, read and attend over rows there.
+//! CUDA). The pool is a flat array of 4-byte slots (`f32` bit patterns); the engine computes slot
+//! offsets from its block geometry (`engine::model::kv`) and asks the backend to write, read and
+//! attend over rows there. Latent and indexer key rows are stored in a [`KvRowFormat`]
+//! (`--kv-cache-dtype`); the backend decodes them where it reads them.
 
-/// Key rows of each query token, as pool offsets (each row `head_dim` floats, K = V).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub use dspark_kernels::kv_record::KvRowFormat;
+
+/// Key rows of each query token, as pool offsets (each row `head_dim` values stored in
+/// `format`, K = V).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyLists {
+    /// How every key row is stored.
+    pub format: KvRowFormat,
     /// Every token's key offsets, token after token.
     pub offsets: Vec<usize>,
     /// `tokens + 1` entries: token `t`'s keys are `offsets[starts[t]..starts[t + 1]]`.
@@ -12,8 +19,9 @@ pub struct KeyLists {
 }
 
 impl KeyLists {
-    pub fn new() -> Self {
+    pub fn new(format: KvRowFormat) -> Self {
         Self {
+            format,
             offsets: Vec::new(),
             starts: vec![0],
         }
@@ -50,7 +58,7 @@ pub struct RowAddressing {
     /// Offset of the region inside a block (layer base + region).
     pub base: usize,
     pub ratio: usize,
-    /// Floats between consecutive rows of the region.
+    /// Slots between consecutive rows of the region.
     pub stride: usize,
 }
 
@@ -65,9 +73,10 @@ impl RowAddressing {
 }
 
 /// The compressed rows each query token scores in the Lightning Indexer: rows `0..visible[t]`
-/// of the sequence whose block table is `block_tables[t]`.
+/// of the sequence whose block table is `block_tables[t]`, stored in `format`.
 #[derive(Debug, Clone)]
 pub struct IndexerRows<'a> {
+    pub format: KvRowFormat,
     pub addressing: RowAddressing,
     pub block_tables: Vec<&'a [u32]>,
     pub visible: Vec<usize>,
@@ -102,7 +111,7 @@ mod tests {
         // Window 3 starts at position 12: block table entry 1 (block 7), slot 1.
         assert_eq!(a.offset(&[5, 7], 3), 7 * 1000 + 100 + 10);
         assert_eq!(a.offset(&[5, 7], 0), 5 * 1000 + 100);
-        let mut k = KeyLists::new();
+        let mut k = KeyLists::new(KvRowFormat::F32);
         k.offsets.extend([1, 2, 3]);
         k.finish_token();
         k.offsets.push(9);

@@ -117,7 +117,19 @@ pub fn check_attend(
             ),
         });
     }
-    check_kv_rows("kv_attend", pool_len, &keys.offsets, head_dim, None)
+    keys.format
+        .check(head_dim)
+        .map_err(|e| BackendError::Shape {
+            op: "kv_attend",
+            detail: e.to_string(),
+        })?;
+    check_kv_rows(
+        "kv_attend",
+        pool_len,
+        &keys.offsets,
+        keys.format.slots(head_dim),
+        None,
+    )
 }
 
 /// Checks the shapes of a [`Backend::kv_indexer_scores`] call.
@@ -145,9 +157,14 @@ pub fn check_indexer(
             ),
         });
     }
+    rows.format.check(dim).map_err(|e| BackendError::Shape {
+        op: "kv_indexer_scores",
+        detail: e.to_string(),
+    })?;
     // Every row a token sees must be covered by its block table and lie inside the pool.
     let a = rows.addressing;
-    if a.ratio == 0 || a.block_size == 0 || dim > a.stride {
+    let row_slots = rows.format.slots(dim);
+    if a.ratio == 0 || a.block_size == 0 || row_slots > a.stride {
         return Err(BackendError::Shape {
             op: "kv_indexer_scores",
             detail: format!("row addressing {a:?} for rows of {dim}"),
@@ -158,7 +175,7 @@ pub fn check_indexer(
             continue;
         }
         let blocks = ((vis - 1) * a.ratio) / a.block_size + 1;
-        let last_row = (a.block_size / a.ratio - 1) * a.stride + dim;
+        let last_row = (a.block_size / a.ratio - 1) * a.stride + row_slots;
         let outside = bt.len() < blocks
             || bt[..blocks]
                 .iter()
@@ -324,10 +341,12 @@ pub trait Backend: Send + Sync + 'static {
             .collect())
     }
 
-    /// A zeroed pool of `floats` f32 values.
+    /// A zeroed pool of `floats` 4-byte slots.
     fn kv_store(&self, floats: usize) -> Result<Self::KvStore, BackendError>;
 
-    /// Writes row `r` of `rows` (`width` floats each) at pool offset `offsets[r]`.
+    /// Writes row `r` of `rows` (`width` slots each, as f32 bit patterns) at pool offset
+    /// `offsets[r]`, unchanged: a row in a stored format is encoded by the caller
+    /// ([`kv::KvRowFormat::encode_rows`]).
     fn kv_write(
         &self,
         store: &mut Self::KvStore,
@@ -336,7 +355,7 @@ pub trait Backend: Send + Sync + 'static {
         rows: &[f32],
     ) -> Result<(), BackendError>;
 
-    /// Reads `width` floats at each offset, concatenated.
+    /// Reads `width` slots at each offset, concatenated, unchanged.
     fn kv_read(
         &self,
         store: &Self::KvStore,
@@ -345,7 +364,8 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Vec<f32>, BackendError>;
 
     /// Softmax attention of each token's `heads` query heads (`q`: `[tokens, heads, head_dim]`)
-    /// over its key rows in the pool (K = V), with a per-head sink logit in the denominator:
+    /// over its key rows in the pool (K = V, stored in `keys.format`, decoded to f32), with a
+    /// per-head sink logit in the denominator:
     /// `out[t, h] = sum_k p_k row_k`, `p = softmax([q.k * scale..., sink_h])` without the sink's
     /// value. Returns `[tokens, heads, head_dim]`.
     #[allow(clippy::too_many_arguments)]

@@ -18,6 +18,7 @@
 
 use crate::engine::model::config::{AttentionKind, ModelConfig};
 use crate::engine::model::manifest::{ExpectedTensor, StoredDtype};
+use crate::engine::model::KvStorage;
 
 /// How the backend holds the weights in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,25 +72,21 @@ impl KvDtype {
         }
     }
 
-    pub fn entry_bytes(self, cfg: &ModelConfig) -> KvEntryBytes {
-        let (hd, ihd, rope) = (
-            cfg.head_dim as u64,
-            cfg.index_head_dim as u64,
-            cfg.qk_rope_head_dim as u64,
-        );
+    /// What the model's pool stores.
+    pub fn storage(self) -> KvStorage {
         match self {
-            Self::F32 => KvEntryBytes {
-                latent_row: hd * 4,
-                indexer_row: ihd * 4,
-            },
-            Self::Bf16 => KvEntryBytes {
-                latent_row: hd * 2,
-                indexer_row: ihd * 2,
-            },
-            Self::Fp8 => KvEntryBytes {
-                latent_row: (hd - rope) + rope * 2 + 8,
-                indexer_row: ihd + 4,
-            },
+            Self::F32 => KvStorage::F32,
+            Self::Bf16 => KvStorage::Bf16,
+            Self::Fp8 => KvStorage::Fp8,
+        }
+    }
+
+    /// Bytes of a stored row: the pool's own record sizes (`kv_record`).
+    pub fn entry_bytes(self, cfg: &ModelConfig) -> KvEntryBytes {
+        let storage = self.storage();
+        KvEntryBytes {
+            latent_row: storage.latent_format(cfg).bytes(cfg.head_dim) as u64,
+            indexer_row: storage.index_format().bytes(cfg.index_head_dim) as u64,
         }
     }
 }

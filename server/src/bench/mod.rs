@@ -176,11 +176,25 @@ pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchE
         .unwrap_or(1);
     let pool_blocks = user_pool_blocks.unwrap_or(largest).max(1);
 
+    // The pool stores rows as --kv-cache-dtype says, on both backends.
+    let kv_dtype = match args.kv_cache_dtype {
+        KvCacheDtype::Auto => KvDtype::F32,
+        KvCacheDtype::Bf16 => KvDtype::Bf16,
+        KvCacheDtype::Fp8 => KvDtype::Fp8,
+        KvCacheDtype::Nvfp4 => {
+            return Err(BenchError::Args(
+                "--kv-cache-dtype nvfp4 is not implemented (use fp8 or bf16)".into(),
+            ))
+        }
+    };
+    let geometry = BlockGeometry::new(&cfg, block_size, kv_dtype.storage())
+        .map_err(|e| BenchError::Args(e.to_string()))?;
+
     let manifest = manifest::target_tensors(&cfg);
     // The pool is allocated whole at load (host memory on the CPU backend, with its f32 weights;
     // GPU memory on CUDA, where a pool that does not fit is a clear allocation error): refuse
     // what cannot fit the host rather than being killed.
-    let pool = pool_blocks as u64 * BlockGeometry::new(&cfg, block_size).bytes_per_block() as u64;
+    let pool = pool_blocks as u64 * geometry.bytes_per_block() as u64;
     let weights: u64 = match device {
         Device::Cpu => manifest
             .iter()
@@ -218,17 +232,6 @@ pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchE
         (WeightsAs::PackedF32, _) => WeightStorage::PackedF32,
         (WeightsAs::Auto, Device::Cuda) | (WeightsAs::Checkpoint, _) => WeightStorage::Checkpoint,
     };
-    // Both backends keep the f32 pool of docs/KV.md today (the CUDA backend in GPU memory).
-    let kv_dtype = match args.kv_cache_dtype {
-        KvCacheDtype::Auto => KvDtype::F32,
-        KvCacheDtype::Bf16 => KvDtype::Bf16,
-        KvCacheDtype::Fp8 => KvDtype::Fp8,
-        KvCacheDtype::Nvfp4 => {
-            return Err(BenchError::Args(
-                "--kv-cache-dtype nvfp4 is not modelled".into(),
-            ))
-        }
-    };
 
     // Before the model takes the memory.
     tracing::info!(bytes = args.copy_bytes, "measuring copy bandwidth");
@@ -243,6 +246,7 @@ pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchE
             LoadFormat::Dummy => model::LoadFormat::Dummy,
         },
         kv_pool_tokens: pool_blocks * block_size,
+        kv_storage: kv_dtype.storage(),
         block_size: Some(block_size),
         shard: model::Shard::SINGLE,
         dummy_seed: args.seed,

@@ -1,6 +1,6 @@
 //! CPU backend: the f32 reference every other backend is checked against.
 
-use super::kv::{IndexerRows, KeyLists};
+use super::kv::{IndexerRows, KeyLists, KvRowFormat};
 use super::{check_attend, check_indexer, check_kv_rows, Backend, BackendError};
 use rayon::prelude::*;
 
@@ -77,6 +77,13 @@ pub fn attend_with_sinks(q: &[f32], keys: &[&[f32]], sinks: &[f32], scale: f32, 
     }
 }
 
+/// A stored row as f32 values.
+fn decode_row(format: KvRowFormat, slots: &[f32], dim: usize) -> Vec<f32> {
+    let mut row = vec![0f32; dim];
+    format.decode(slots, &mut row);
+    row
+}
+
 impl Backend for CpuBackend {
     type Matrix = CpuMatrix;
     type ExpertBank = Vec<[CpuMatrix; 3]>;
@@ -129,14 +136,27 @@ impl Backend for CpuBackend {
         let mut out = vec![0f32; q.len()];
         // Parallel over tokens and, inside a token, over heads: a single decoding sequence at
         // long context still uses every core.
+        let format = keys.format;
+        let slots = format.slots(head_dim);
         out.par_chunks_mut(heads * head_dim)
             .enumerate()
             .for_each(|(t, o)| {
-                let rows: Vec<&[f32]> = keys
-                    .of(t)
-                    .iter()
-                    .map(|&at| &store[at..at + head_dim])
-                    .collect();
+                let decoded: Vec<Vec<f32>> = match format {
+                    KvRowFormat::F32 => Vec::new(),
+                    _ => keys
+                        .of(t)
+                        .iter()
+                        .map(|&at| decode_row(format, &store[at..at + slots], head_dim))
+                        .collect(),
+                };
+                let rows: Vec<&[f32]> = match format {
+                    KvRowFormat::F32 => keys
+                        .of(t)
+                        .iter()
+                        .map(|&at| &store[at..at + head_dim])
+                        .collect(),
+                    _ => decoded.iter().map(Vec::as_slice).collect(),
+                };
                 let qt = &q[t * heads * head_dim..(t + 1) * heads * head_dim];
                 o.par_chunks_mut(head_dim).enumerate().for_each(|(h, oh)| {
                     let qh = &qt[h * head_dim..(h + 1) * head_dim];
@@ -172,7 +192,13 @@ impl Backend for CpuBackend {
                     .with_min_len(256)
                     .map(|r| {
                         let at = a.offset(bt, r);
-                        indexer_score(qt, wt, &store[at..at + dim], scale)
+                        match rows.format {
+                            KvRowFormat::F32 => indexer_score(qt, wt, &store[at..at + dim], scale),
+                            f => {
+                                let key = decode_row(f, &store[at..at + f.slots(dim)], dim);
+                                indexer_score(qt, wt, &key, scale)
+                            }
+                        }
                     })
                     .collect()
             })

@@ -11,7 +11,7 @@ use super::kv::KvPool;
 use super::load::{AttentionWeights, CompressorWeights, ModelWeights, MoeWeights, Routing, Shard};
 use super::ops::{gated_pool, rms_norm_rows, sigmoid, softplus, top_k_indices, PoolSlot};
 use super::rope::RopeTable;
-use crate::backend::kv::{IndexerRows, KeyLists};
+use crate::backend::kv::{IndexerRows, KeyLists, KvRowFormat};
 use crate::backend::{Backend, BackendError, StackModel, StackRows};
 use crate::engine::{EngineError, KvLayout, LogitsWanted, ModelRunner, StepOutput, StepPlan};
 use crate::ranks::Communicator;
@@ -493,10 +493,14 @@ impl<B: Backend> DeepseekV4<B> {
         let kv = self.kv_from_projection(aw, kv_raw, &positions, &rope);
         let at: Vec<usize> = rows
             .iter()
-            .map(|r| self.pool.window_row(seqs[r.seq].block_table, l, r.pos, hd))
+            .map(|r| self.pool.window_row(seqs[r.seq].block_table, l, r.pos))
             .collect();
+        let latent = self.pool.geometry.latent_format;
+        let stored = self
+            .host
+            .time(HostPhase::AttentionSetup, || latent.encode_rows(&kv, hd));
         self.backend
-            .kv_write(&mut self.kv, &at, hd, &kv)
+            .kv_write(&mut self.kv, &at, latent.slots(hd), &stored)
             .map_err(backend_err)?;
 
         // Compressor (CSA / HCA) and the Lightning Indexer (CSA).
@@ -539,17 +543,14 @@ impl<B: Backend> DeepseekV4<B> {
         // Attention per token: window rows + chosen compressed rows, with the per-head sink.
         let window = cfg.sliding_window;
         let keys = self.host.time(HostPhase::AttentionSetup, || {
-            let mut keys = KeyLists::new();
+            let mut keys = KeyLists::new(latent);
             for (i, row) in rows.iter().enumerate() {
                 let bt = seqs[row.seq].block_table;
                 let lo = (row.pos + 1).saturating_sub(window);
                 keys.offsets
-                    .extend((lo..=row.pos).map(|p| self.pool.window_row(bt, l, p, hd)));
-                keys.offsets.extend(
-                    selected[i]
-                        .iter()
-                        .map(|&w| self.pool.comp_row(bt, l, w, hd)),
-                );
+                    .extend((lo..=row.pos).map(|p| self.pool.window_row(bt, l, p)));
+                keys.offsets
+                    .extend(selected[i].iter().map(|&w| self.pool.comp_row(bt, l, w)));
                 keys.finish_token();
             }
             keys
@@ -720,7 +721,8 @@ impl<B: Backend> DeepseekV4<B> {
         // Scores of every visible row for every token, flattened for one all-reduce.
         let visible: Vec<usize> = rows.iter().map(|r| (r.pos + 1) / ratio).collect();
         let index_rows = IndexerRows {
-            addressing: self.pool.idx_rows_addressing(l, ihd),
+            format: self.pool.geometry.index_format,
+            addressing: self.pool.idx_rows_addressing(l),
             block_tables: rows.iter().map(|r| seqs[r.seq].block_table).collect(),
             visible,
         };
@@ -868,9 +870,9 @@ impl<B: Backend> Compression<'_, B> {
             .map(|&(si, w)| {
                 let bt = seqs[si].block_table;
                 if indexer {
-                    pool.idx_row(bt, l, w, dim)
+                    pool.idx_row(bt, l, w)
                 } else {
-                    pool.comp_row(bt, l, w, dim)
+                    pool.comp_row(bt, l, w)
                 }
             })
             .collect();
@@ -905,8 +907,16 @@ impl<B: Backend> Compression<'_, B> {
                 })
                 .collect()
         });
+        let format = if indexer {
+            pool.geometry.index_format
+        } else {
+            pool.geometry.latent_format
+        };
+        let stored = self
+            .host
+            .time(HostPhase::Compressor, || format.encode_rows(&new_rows, dim));
         self.backend
-            .kv_write(self.kv, &new_at, dim, &new_rows)
+            .kv_write(self.kv, &new_at, format.slots(dim), &stored)
             .map_err(backend_err)
     }
 }
@@ -1060,10 +1070,38 @@ impl<B: Backend> ModelRunner for DeepseekV4<B> {
         }
         // Four distinct random blocks, cycled; written layer by layer (the pool is
         // layer-major), a few blocks per call to bound the host buffer. Values in [-1, 1), the
-        // scale of normed latent rows.
+        // scale of normed latent rows; rows in a stored format are encoded, so an FP8 pool
+        // holds valid records (random bytes would include e4m3 NaNs).
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let g = &self.pool.geometry;
+        let (hd, ihd) = (self.cfg.head_dim, self.cfg.index_head_dim);
+        let mut random_rows = |out: &mut [f32], format: Option<(KvRowFormat, usize)>| {
+            let Some((format, dim)) = format else {
+                out.iter_mut()
+                    .for_each(|v| *v = rng.random_range(-1.0f32..1.0));
+                return;
+            };
+            let mut row = vec![0f32; dim];
+            for stored in out.chunks_exact_mut(format.slots(dim).max(1)) {
+                row.iter_mut()
+                    .for_each(|v| *v = rng.random_range(-1.0f32..1.0));
+                format.encode(&row, stored);
+            }
+        };
         let patterns: Vec<Vec<f32>> = (0..4)
-            .map(|_| (0..fpb).map(|_| rng.random_range(-1.0f32..1.0)).collect())
+            .map(|_| {
+                let mut image = vec![0f32; fpb];
+                for lay in &g.layers {
+                    let region = &mut image[lay.base..lay.base + lay.len];
+                    let latent = Some((g.latent_format, hd));
+                    random_rows(&mut region[lay.window..lay.comp_in], latent);
+                    random_rows(&mut region[lay.comp_in..lay.comp_rows], None);
+                    random_rows(&mut region[lay.comp_rows..lay.idx_in], latent);
+                    random_rows(&mut region[lay.idx_in..lay.idx_rows], None);
+                    random_rows(&mut region[lay.idx_rows..], Some((g.index_format, ihd)));
+                }
+                image
+            })
             .collect();
         let per_call = (256 << 20) / (fpb * 4).max(1);
         for (c, chunk) in blocks.chunks(per_call.max(1)).enumerate() {

@@ -17,17 +17,54 @@
 //! keys, an HCA layer's compressed rows) stays inside one region instead of striding over
 //! every layer of every block (at 1M tokens that was one GPU page per row read).
 
-use super::config::{AttentionKind, ModelConfig};
-use crate::backend::kv::RowAddressing;
+use dspark_kernels::kv_record::KvFormatError;
 
-/// Offsets (in f32 values) of one layer's part of a block (`base` is where it would start in a
+use super::config::{AttentionKind, ModelConfig};
+use crate::backend::kv::{KvRowFormat, RowAddressing};
+
+/// What the pool stores the latent, compressed and indexer key rows as (`--kv-cache-dtype`).
+/// The compressor inputs (the unfinished windows' raw rows) stay f32 in every case: they are
+/// pooled again and are a bounded part of a long context (docs/KV.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvStorage {
+    /// Exact: what transformers computes with.
+    #[default]
+    F32,
+    Bf16,
+    /// The 584-byte FP8 latent record and the 132-byte FP8 indexer row of V4-Flash.
+    Fp8,
+}
+
+impl KvStorage {
+    /// Format of the latent window rows and the compressed rows.
+    pub fn latent_format(self, cfg: &ModelConfig) -> KvRowFormat {
+        match self {
+            KvStorage::F32 => KvRowFormat::F32,
+            KvStorage::Bf16 => KvRowFormat::Bf16,
+            KvStorage::Fp8 => KvRowFormat::Fp8Latent {
+                rope: cfg.qk_rope_head_dim,
+            },
+        }
+    }
+
+    /// Format of the Lightning Indexer's key rows.
+    pub fn index_format(self) -> KvRowFormat {
+        match self {
+            KvStorage::F32 => KvRowFormat::F32,
+            KvStorage::Bf16 => KvRowFormat::Bf16,
+            KvStorage::Fp8 => KvRowFormat::Fp8Indexer,
+        }
+    }
+}
+
+/// Offsets (in 4-byte pool slots) of one layer's part of a block (`base` is where it would start in a
 /// block holding every layer; the pool itself is layer-major, see [`KvPool::layer_start`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LayerBlockLayout {
     pub kind: AttentionKind,
     /// Start of this layer's region within the block.
     pub base: usize,
-    /// `[block_size, head_dim]` latent rows.
+    /// `[block_size]` latent rows (`latent_slots` each).
     pub window: usize,
     /// Compress ratio (0 for sliding layers).
     pub ratio: usize,
@@ -35,13 +72,13 @@ pub struct LayerBlockLayout {
     pub comp_width: usize,
     /// `[block_size, 2 * comp_width]`: per token `kv` then `gate`.
     pub comp_in: usize,
-    /// `[block_size / ratio, head_dim]` compressed rows.
+    /// `[block_size / ratio]` compressed rows (`latent_slots` each).
     pub comp_rows: usize,
     /// Width of one token's indexer `kv` (and `gate`): `2 * index_head_dim` (CSA only).
     pub idx_width: usize,
     /// `[block_size, 2 * idx_width]` indexer compressor inputs.
     pub idx_in: usize,
-    /// `[block_size / ratio, index_head_dim]` indexer key rows.
+    /// `[block_size / ratio]` indexer key rows (`index_slots` each).
     pub idx_rows: usize,
     /// Values of this layer's region.
     pub len: usize,
@@ -52,14 +89,30 @@ pub struct LayerBlockLayout {
 pub struct BlockGeometry {
     pub block_size: usize,
     pub layers: Vec<LayerBlockLayout>,
-    /// f32 values per block (all layers).
+    /// Slots per block (all layers).
     pub floats_per_block: usize,
+    /// How latent and compressed rows are stored, and their slots per row.
+    pub latent_format: KvRowFormat,
+    pub latent_slots: usize,
+    /// How indexer key rows are stored, and their slots per row.
+    pub index_format: KvRowFormat,
+    pub index_slots: usize,
 }
 
 impl BlockGeometry {
-    pub fn new(cfg: &ModelConfig, block_size: usize) -> Self {
+    pub fn new(
+        cfg: &ModelConfig,
+        block_size: usize,
+        storage: KvStorage,
+    ) -> Result<Self, KvFormatError> {
         let hd = cfg.head_dim;
         let ihd = cfg.index_head_dim;
+        let latent_format = storage.latent_format(cfg);
+        let index_format = storage.index_format();
+        latent_format.check(hd)?;
+        index_format.check(ihd)?;
+        let latent_slots = latent_format.slots(hd);
+        let index_slots = index_format.slots(ihd);
         let mut base = 0;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
@@ -78,11 +131,11 @@ impl BlockGeometry {
             };
             let rows = block_size.checked_div(ratio).unwrap_or(0);
             let window = 0;
-            let comp_in = window + block_size * hd;
+            let comp_in = window + block_size * latent_slots;
             let comp_rows = comp_in + block_size * 2 * comp_width;
-            let idx_in = comp_rows + if coff > 0 { rows * hd } else { 0 };
+            let idx_in = comp_rows + if coff > 0 { rows * latent_slots } else { 0 };
             let idx_rows = idx_in + block_size * 2 * idx_width;
-            let len = idx_rows + if idx_width > 0 { rows * ihd } else { 0 };
+            let len = idx_rows + if idx_width > 0 { rows * index_slots } else { 0 };
             layers.push(LayerBlockLayout {
                 kind,
                 base,
@@ -98,11 +151,15 @@ impl BlockGeometry {
             });
             base += len;
         }
-        Self {
+        Ok(Self {
             block_size,
             layers,
             floats_per_block: base,
-        }
+            latent_format,
+            latent_slots,
+            index_format,
+            index_slots,
+        })
     }
 
     pub fn bytes_per_block(&self) -> usize {
@@ -110,8 +167,8 @@ impl BlockGeometry {
     }
 }
 
-/// The pool's shape: `num_blocks * floats_per_block` f32 values, stored by the backend
-/// (`Backend::KvStore`); the methods give element offsets into that array.
+/// The pool's shape: `num_blocks * floats_per_block` 4-byte slots, stored by the backend
+/// (`Backend::KvStore`); the methods give slot offsets into that array.
 #[derive(Debug, Clone)]
 pub struct KvPool {
     pub geometry: BlockGeometry,
@@ -126,7 +183,7 @@ impl KvPool {
         }
     }
 
-    /// f32 values of the whole pool.
+    /// Slots of the whole pool.
     pub fn floats(&self) -> usize {
         self.geometry.floats_per_block * self.num_blocks
     }
@@ -138,14 +195,14 @@ impl KvPool {
     }
 
     /// How the indexer key rows of `layer` are found through a block table.
-    pub fn idx_rows_addressing(&self, layer: usize, ihd: usize) -> RowAddressing {
+    pub fn idx_rows_addressing(&self, layer: usize) -> RowAddressing {
         let l = &self.geometry.layers[layer];
         RowAddressing {
             floats_per_block: l.len,
             block_size: self.geometry.block_size,
             base: self.layer_start(layer) + l.idx_rows,
             ratio: l.ratio,
-            stride: ihd,
+            stride: self.geometry.index_slots,
         }
     }
 
@@ -158,9 +215,10 @@ impl KvPool {
 
     /// The latent window row of the token at `pos`.
     #[inline]
-    pub fn window_row(&self, bt: &[u32], layer: usize, pos: usize, hd: usize) -> usize {
-        let slot = pos % self.geometry.block_size;
-        self.region(bt, layer, pos) + self.geometry.layers[layer].window + slot * hd
+    pub fn window_row(&self, bt: &[u32], layer: usize, pos: usize) -> usize {
+        let g = &self.geometry;
+        let slot = pos % g.block_size;
+        self.region(bt, layer, pos) + g.layers[layer].window + slot * g.latent_slots
     }
 
     /// The compressor input (`kv` then `gate`, each `comp_width`) of the token at `pos`.
@@ -173,11 +231,11 @@ impl KvPool {
 
     /// The compressed row of window `w`.
     #[inline]
-    pub fn comp_row(&self, bt: &[u32], layer: usize, w: usize, hd: usize) -> usize {
+    pub fn comp_row(&self, bt: &[u32], layer: usize, w: usize) -> usize {
         let l = &self.geometry.layers[layer];
         let pos = w * l.ratio;
         let idx = (pos % self.geometry.block_size) / l.ratio;
-        self.region(bt, layer, pos) + l.comp_rows + idx * hd
+        self.region(bt, layer, pos) + l.comp_rows + idx * self.geometry.latent_slots
     }
 
     #[inline]
@@ -188,11 +246,11 @@ impl KvPool {
     }
 
     #[inline]
-    pub fn idx_row(&self, bt: &[u32], layer: usize, w: usize, ihd: usize) -> usize {
+    pub fn idx_row(&self, bt: &[u32], layer: usize, w: usize) -> usize {
         let l = &self.geometry.layers[layer];
         let pos = w * l.ratio;
         let idx = (pos % self.geometry.block_size) / l.ratio;
-        self.region(bt, layer, pos) + l.idx_rows + idx * ihd
+        self.region(bt, layer, pos) + l.idx_rows + idx * self.geometry.index_slots
     }
 }
 
@@ -208,9 +266,21 @@ mod tests {
             &json!({"model_type": "deepseek_v4", "compress_ratios": flash_compress_ratios()}),
         )
         .unwrap();
-        let g = BlockGeometry::new(&flash, flash.default_block_size());
-        assert_eq!(g.block_size, 128);
-        assert_eq!(g.bytes_per_block(), 398_784 * 128);
+        let bytes = |cfg: &ModelConfig, storage| {
+            let g = BlockGeometry::new(cfg, cfg.default_block_size(), storage).unwrap();
+            assert_eq!(g.block_size, 128);
+            g.bytes_per_block()
+        };
+        assert_eq!(bytes(&flash, KvStorage::F32), 398_784 * 128);
+        // Per block: 2 sliding layers of 128 rows, 20 HCA (rows, f32 inputs, 1 compressed
+        // row), 21 CSA (rows, inputs, 32 compressed rows, indexer inputs, 32 indexer rows).
+        let per_block = |latent: usize, index: usize| {
+            2 * 128 * latent
+                + 20 * (128 * latent + 128 * 4096 + latent)
+                + 21 * (128 * latent + 128 * 8192 + 32 * latent + 128 * 2048 + 32 * index)
+        };
+        assert_eq!(bytes(&flash, KvStorage::Fp8), per_block(584, 132));
+        assert_eq!(bytes(&flash, KvStorage::Bf16), per_block(1024, 256));
 
         let tiny = ModelConfig::from_json(&json!({
             "model_type": "deepseek_v4", "hidden_size": 32, "head_dim": 64, "index_head_dim": 32,
@@ -219,8 +289,8 @@ mod tests {
                             "heavily_compressed_attention", "compressed_sparse_attention"]
         }))
         .unwrap();
-        let g = BlockGeometry::new(&tiny, tiny.default_block_size());
-        assert_eq!(g.block_size, 128);
-        assert_eq!(g.bytes_per_block(), 614_656);
+        assert_eq!(bytes(&tiny, KvStorage::F32), 614_656);
+        // 84-byte latent records, 36-byte indexer rows.
+        assert_eq!(bytes(&tiny, KvStorage::Fp8), 509_524);
     }
 }

@@ -33,6 +33,7 @@ use crate::backend::cuda::CudaBackend;
 use crate::backend::Backend;
 use crate::engine::ModelRunner;
 use crate::ranks::Communicator;
+pub use kv::KvStorage;
 use kv::{BlockGeometry, KvPool};
 use std::sync::Arc;
 
@@ -59,6 +60,8 @@ pub struct LoadOptions {
     pub load_format: LoadFormat,
     /// Tokens the KV pool must hold (rounded up to whole blocks).
     pub kv_pool_tokens: usize,
+    /// What the pool stores KV rows as (`--kv-cache-dtype`).
+    pub kv_storage: KvStorage,
     /// Tokens per block; `None` = [`ModelConfig::default_block_size`]. Must be a multiple of
     /// every compress ratio.
     pub block_size: Option<usize>,
@@ -119,6 +122,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             load_format: LoadFormat::Auto,
             kv_pool_tokens: 16 * 1024,
+            kv_storage: KvStorage::F32,
             block_size: None,
             shard: Shard::SINGLE,
             dummy_seed: 0,
@@ -127,6 +131,12 @@ impl Default for LoadOptions {
             enforce_eager: false,
         }
     }
+}
+
+/// The block geometry `opts` asks for (block size, KV storage).
+pub fn geometry_of(cfg: &ModelConfig, opts: &LoadOptions) -> Result<BlockGeometry, LoadError> {
+    let bs = opts.block_size.unwrap_or_else(|| cfg.default_block_size());
+    BlockGeometry::new(cfg, bs, opts.kv_storage).map_err(|e| LoadError::KvPool(e.to_string()))
 }
 
 /// Validates the block size and sizes the pool from `opts.kv_pool_tokens`.
@@ -153,11 +163,12 @@ fn kv_pool_of(
     let num_blocks = blocks
         .unwrap_or_else(|| opts.kv_pool_tokens.div_ceil(bs))
         .max(1);
-    let geometry = BlockGeometry::new(cfg, bs);
+    let geometry = geometry_of(cfg, opts)?;
     tracing::info!(
         block_size = bs,
         num_blocks,
         bytes_per_block = geometry.bytes_per_block(),
+        kv_cache_dtype = ?opts.kv_storage,
         "KV pool"
     );
     Ok(KvPool::new(geometry, num_blocks))
@@ -235,8 +246,7 @@ fn pool_blocks_from_memory<B: Backend>(
     else {
         return Ok(None);
     };
-    let bs = opts.block_size.unwrap_or_else(|| cfg.default_block_size());
-    let bytes_per_block = BlockGeometry::new(cfg, bs).bytes_per_block();
+    let bytes_per_block = geometry_of(cfg, opts)?.bytes_per_block();
     let mine = pool_blocks_for_memory(
         free,
         total,
