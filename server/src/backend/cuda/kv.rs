@@ -5,8 +5,7 @@
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use dspark_kernels::{
-    attention_splits, attention_workspace_floats, IndexerScores, KvRowFormat, KvRows,
-    PagedAttention, TopKSelect,
+    attention_splits, attention_workspace_floats, IndexerScores, KvRows, PagedAttention, TopKSelect,
 };
 
 use super::{kernel_err, CudaBackend};
@@ -161,11 +160,12 @@ impl CudaBackend {
                 head_dim,
                 splits,
                 scale,
-                format: KvRowFormat::F32,
+                format: keys.format,
             };
             // SAFETY: q and out hold tokens * heads * head_dim f32, starts tokens + 1 i32 indexing
             // into `off`, sinks `heads` f32, the workspace the size the launch asks for, and
-            // every key offset + head_dim was checked to lie inside the pool.
+            // every key offset + the row's slots in `keys.format` was checked to lie inside the
+            // pool.
             unsafe { self.kernels.paged_attention(s, &call) }.map_err(kernel_err)?;
         }
         self.download(&out)
@@ -244,7 +244,7 @@ impl CudaBackend {
                 heads,
                 dim,
                 scale,
-                format: KvRowFormat::F32,
+                format: rows.format,
             };
             // SAFETY: q holds tokens * heads * dim f32, weights tokens * heads, the tables and
             // their starts cover every visible row (checked against the pool by check_indexer),
