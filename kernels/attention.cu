@@ -428,18 +428,22 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_tiled_f32(
         // every thread issues all its loads before storing any, so a tile costs about one load
         // latency, not one per pass (a decoding token at 1M context scores 4,096 tiles a layer).
         // Stored records load a word (4 e4m3 or 2 bf16 values) at a time and decode into the
-        // same transposed tile.
+        // same transposed tile. A warp's pass takes 32 contiguous bytes of 4 rows (e4m3: lane
+        // L reads word 8 * co + L % 8 of row 4 * rq + L / 8) or 64 bytes of 2 rows (bf16: word
+        // 16 * co + L % 16 of row 2 * rq + L / 16), so its transposed stores (row stride 65
+        // floats) land in 32 different banks. dim % 32 == 0: whole passes.
         if (fmt == DSK_KV_FP8_INDEXER) {
             const int wpr = dim >> 2;  // words of a row; its scale is the word after them
+            const int warp = tid >> 5, lane = tid & 31;
             unsigned int v[DSK_IDXT_TILE_PER_THREAD / 4];
             float sc[DSK_IDXT_TILE_PER_THREAD / 4];
 #pragma unroll
             for (int j = 0; j < DSK_IDXT_TILE_PER_THREAD / 4; ++j) {
-                const int i = tid + 256 * j, rr = i / wpr, c = i - rr * wpr;
+                const int u = warp + 8 * j, rr = 4 * (u & 15) + (lane >> 3), c = 8 * (u >> 4) + (lane & 7);
                 const int r = r0 + rr;
                 v[j] = 0u;
                 sc[j] = 0.f;
-                if (rr < DSK_IDXT_ROWS && r < vis) {
+                if (c < wpr && r < vis) {
                     const int pos = r * ratio;
                     const float *k = pool + (long long)tb[pos / bs] * fpb + base +
                                      (long long)((pos % bs) / ratio) * stride;
@@ -449,8 +453,8 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_tiled_f32(
             }
 #pragma unroll
             for (int j = 0; j < DSK_IDXT_TILE_PER_THREAD / 4; ++j) {
-                const int i = tid + 256 * j, rr = i / wpr, c = i - rr * wpr;
-                if (rr < DSK_IDXT_ROWS) {
+                const int u = warp + 8 * j, rr = 4 * (u & 15) + (lane >> 3), c = 8 * (u >> 4) + (lane & 7);
+                if (c < wpr) {
                     float x0, x1, x2, x3;
                     dsk_e4m3x2_to_f32(v[j] & 0xffffu, x0, x1);
                     dsk_e4m3x2_to_f32(v[j] >> 16, x2, x3);
@@ -463,13 +467,14 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_tiled_f32(
             }
         } else if (fmt == DSK_KV_BF16) {
             const int wpr = dim >> 1;
+            const int warp = tid >> 5, lane = tid & 31;
             unsigned int v[DSK_IDXT_TILE_PER_THREAD / 2];
 #pragma unroll
             for (int j = 0; j < DSK_IDXT_TILE_PER_THREAD / 2; ++j) {
-                const int i = tid + 256 * j, rr = i / wpr, c = i - rr * wpr;
+                const int u = warp + 8 * j, rr = 2 * (u & 31) + (lane >> 4), c = 16 * (u >> 5) + (lane & 15);
                 const int r = r0 + rr;
                 v[j] = 0u;
-                if (rr < DSK_IDXT_ROWS && r < vis) {
+                if (c < wpr && r < vis) {
                     const int pos = r * ratio;
                     const float *k = pool + (long long)tb[pos / bs] * fpb + base +
                                      (long long)((pos % bs) / ratio) * stride;
@@ -478,8 +483,8 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_tiled_f32(
             }
 #pragma unroll
             for (int j = 0; j < DSK_IDXT_TILE_PER_THREAD / 2; ++j) {
-                const int i = tid + 256 * j, rr = i / wpr, c = i - rr * wpr;
-                if (rr < DSK_IDXT_ROWS) {
+                const int u = warp + 8 * j, rr = 2 * (u & 31) + (lane >> 4), c = 16 * (u >> 5) + (lane & 15);
+                if (c < wpr) {
                     float *col = ks + 2 * c * (DSK_IDXT_ROWS + 1) + rr;
                     col[0] = dsk_bf16lo(v[j]);
                     col[DSK_IDXT_ROWS + 1] = dsk_bf16hi(v[j]);
