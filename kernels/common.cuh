@@ -178,56 +178,63 @@ __device__ __forceinline__ void dsk_kv_store_row(float *dst, int fmt, int dim, i
     }
 }
 
-// Decodes a stored row of `dim` (<= 32 * 16, so at most 8 scale groups) values into `out`
-// (shared memory, 16-byte aligned; out[d] = value d), one warp: every lane calls it. Word loads
-// and vector stores where the record's layout allows (V4-Flash: all of it).
+// Most 4-byte words of a record a lane of dsk_kv_decode_row_warp loads (rows of up to 256
+// words: 512 bf16 values, any FP8 record of up to 512 values).
+#define DSK_KV_DEC_WPL 8
+
+// Decodes a stored row of `dim` (<= 512) values into `out` (shared memory, 16-byte aligned;
+// out[d] = value d), one warp: every lane calls it. The record's value words (e4m3 words of 4
+// values, then bf16 words of 2) are all loaded before any is decoded, so a row costs about one
+// load latency; layouts whose parts are not word-aligned (not V4-Flash's) go value by value.
 __device__ __forceinline__ void dsk_kv_decode_row_warp(const float *row, int fmt, int dim, int rope, float *out) {
     const int lane = threadIdx.x & 31;
     const unsigned char *b = reinterpret_cast<const unsigned char *>(row);
     const unsigned int *w = reinterpret_cast<const unsigned int *>(row);
     if (fmt == DSK_KV_F32) {
         for (int d = lane; d < dim; d += 32) out[d] = row[d];
-    } else if (fmt == DSK_KV_BF16) {
-        for (int p = lane; p < (dim >> 1); p += 32) {
-            const unsigned int v = w[p];
-            *reinterpret_cast<float2 *>(out + 2 * p) = make_float2(dsk_bf16lo(v), dsk_bf16hi(v));
-        }
-        if ((dim & 1) && lane == 0) out[dim - 1] = dsk_kv_value(row, fmt, dim, rope, dim - 1);
+        return;
+    }
+    int nope, n8, n16;  // e4m3 values, e4m3 words, bf16 words
+    bool aligned;
+    if (fmt == DSK_KV_BF16) {
+        nope = 0, n8 = 0, n16 = dim >> 1, aligned = (dim & 1) == 0;
     } else if (fmt == DSK_KV_FP8) {
-        const int nope = dim - rope, groups = (nope + DSK_KV_FP8_GROUP - 1) / DSK_KV_FP8_GROUP;
-        // Lane g < groups holds group g's scale; the others take it by shuffle.
-        const float my_scale = lane < groups ? __uint_as_float((unsigned int)b[nope + 2 * rope + lane] << 23) : 0.f;
-        if ((nope & 3) == 0) {
-            // Whole-warp passes, so every shuffle source lane is active.
-            for (int p0 = 0; p0 < (nope >> 2); p0 += 32) {
-                const int p = p0 + lane;
-                const float sc = __shfl_sync(0xffffffffu, my_scale, min((4 * p) / DSK_KV_FP8_GROUP, 31));
-                if (p >= (nope >> 2)) continue;
-                const unsigned int v = w[p];
-                float x0, x1, x2, x3;
-                dsk_e4m3x2_to_f32(v & 0xffffu, x0, x1);
-                dsk_e4m3x2_to_f32(v >> 16, x2, x3);
-                *reinterpret_cast<float4 *>(out + 4 * p) = make_float4(x0 * sc, x1 * sc, x2 * sc, x3 * sc);
-            }
-        } else {
-            for (int d = lane; d < nope; d += 32) out[d] = dsk_kv_value(row, fmt, dim, rope, d);
-        }
-        if ((nope & 3) == 0 && (rope & 1) == 0) {
-            for (int p = lane; p < (rope >> 1); p += 32) {
-                const unsigned int v = w[(nope >> 2) + p];
-                *reinterpret_cast<float2 *>(out + nope + 2 * p) = make_float2(dsk_bf16lo(v), dsk_bf16hi(v));
-            }
-        } else {
-            for (int d = nope + lane; d < dim; d += 32) out[d] = dsk_kv_value(row, fmt, dim, rope, d);
-        }
+        nope = dim - rope, n8 = nope >> 2, n16 = rope >> 1;
+        aligned = (nope & 3) == 0 && (rope & 1) == 0;
     } else {
-        const float sc = row[dim >> 2];
-        for (int p = lane; p < (dim >> 2); p += 32) {
-            const unsigned int v = w[p];
+        nope = dim, n8 = dim >> 2, n16 = 0, aligned = true;  // indexer rows: dim % 4 == 0
+    }
+    if (!aligned) {
+        for (int d = lane; d < dim; d += 32) out[d] = dsk_kv_value(row, fmt, dim, rope, d);
+        return;
+    }
+    // FP8 latent: lane g < groups holds group g's scale, the others take it by shuffle.
+    float my_scale = 1.f;
+    if (fmt == DSK_KV_FP8) {
+        const int groups = (nope + DSK_KV_FP8_GROUP - 1) / DSK_KV_FP8_GROUP;
+        my_scale = lane < groups ? __uint_as_float((unsigned int)b[nope + 2 * rope + lane] << 23) : 0.f;
+    } else if (fmt == DSK_KV_FP8_INDEXER) {
+        my_scale = row[dim >> 2];
+    }
+    unsigned int v[DSK_KV_DEC_WPL];
+#pragma unroll
+    for (int k = 0; k < DSK_KV_DEC_WPL; ++k) {
+        const int p = lane + 32 * k;
+        v[k] = p < n8 + n16 ? w[p] : 0u;
+    }
+#pragma unroll
+    for (int k = 0; k < DSK_KV_DEC_WPL; ++k) {
+        const int p = lane + 32 * k;
+        float sc = my_scale;
+        if (fmt == DSK_KV_FP8)  // uniform: every lane shuffles
+            sc = __shfl_sync(0xffffffffu, my_scale, min((4 * p) / DSK_KV_FP8_GROUP, 31));
+        if (p < n8) {
             float x0, x1, x2, x3;
-            dsk_e4m3x2_to_f32(v & 0xffffu, x0, x1);
-            dsk_e4m3x2_to_f32(v >> 16, x2, x3);
+            dsk_e4m3x2_to_f32(v[k] & 0xffffu, x0, x1);
+            dsk_e4m3x2_to_f32(v[k] >> 16, x2, x3);
             *reinterpret_cast<float4 *>(out + 4 * p) = make_float4(x0 * sc, x1 * sc, x2 * sc, x3 * sc);
+        } else if (p < n8 + n16) {
+            *reinterpret_cast<float2 *>(out + nope + 2 * (p - n8)) = make_float2(dsk_bf16lo(v[k]), dsk_bf16hi(v[k]));
         }
     }
 }
