@@ -31,10 +31,12 @@ extern "C" __global__ void __launch_bounds__(256) dsk_kv_gather_f32(
 // both). Each warp takes every DSK_ATT_WARPS-th key with an online softmax; lane j holds
 // dimensions j, j+32, ... so row loads are coalesced. Writes (max, sum, acc[hd]) of the split to
 // part[((t * heads + h) * splits + s) * (hd + 2)]; an empty split writes sum 0.
+// Key rows are `fmt` records (common.cuh; `rope` = the latent record's bf16 dims): f32 rows are
+// read as before, others value by value through dsk_kv_value.
 extern "C" __global__ void __launch_bounds__(DSK_ATT_WARPS * 32) dsk_attend_partial_f32(
     const float *__restrict__ pool, const float *__restrict__ q,
     const long long *__restrict__ key_off, const int *__restrict__ key_start, int heads, int hd,
-    int splits, float scale, float *__restrict__ part) {
+    int splits, float scale, float *__restrict__ part, int fmt, int rope) {
     const int s = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int k0 = key_start[t], k1 = key_start[t + 1];
@@ -55,12 +57,17 @@ extern "C" __global__ void __launch_bounds__(DSK_ATT_WARPS * 32) dsk_attend_part
         if (key_off[k] < 0) continue;
         const float *kr = pool + key_off[k];
         float kv[DSK_ATT_DPL];
+        if (fmt == DSK_KV_F32) {
+#pragma unroll
+            for (int j = 0; j < DSK_ATT_DPL; ++j) kv[j] = j < dpl ? kr[lane + 32 * j] : 0.f;
+        } else {
+#pragma unroll
+            for (int j = 0; j < DSK_ATT_DPL; ++j)
+                kv[j] = j < dpl ? dsk_kv_value(kr, fmt, hd, rope, lane + 32 * j) : 0.f;
+        }
         float d = 0.f;
 #pragma unroll
-        for (int j = 0; j < DSK_ATT_DPL; ++j) {
-            kv[j] = j < dpl ? kr[lane + 32 * j] : 0.f;
-            d = fmaf(qv[j], kv[j], d);
-        }
+        for (int j = 0; j < DSK_ATT_DPL; ++j) d = fmaf(qv[j], kv[j], d);
         d = dsk_warp_sum(d) * scale;
         const float mn = fmaxf(m, d);
         const float c = expf(m - mn);  // 0 on the first key (m = -inf)
@@ -115,7 +122,8 @@ extern "C" __global__ void __launch_bounds__(DSK_ATT_WARPS * 32) dsk_attend_part
 // - online softmax per chunk: one rescale of acc per chunk, one expf per lane per head;
 // - acc += p_k * k_row with p_k broadcast from lane 4k.
 // Writes the same (max, sum, acc[hd]) record per (t, h, s) as dsk_attend_partial_f32, so
-// dsk_attend_combine_f32 merges it unchanged; an empty split writes sum 0.
+// dsk_attend_combine_f32 merges it unchanged; an empty split writes sum 0. Key rows stored as
+// records (fmt, rope as dsk_attend_partial_f32) are decoded into the tile as it is staged.
 #define DSK_ATTH_G 16
 #define DSK_ATTH_WARPS 8
 #define DSK_ATTH_HPW (DSK_ATTH_G / DSK_ATTH_WARPS)
@@ -151,7 +159,7 @@ __device__ __forceinline__ float dsk_warp_sum8_transposed(float v[DSK_ATTH_CHUNK
 extern "C" __global__ void __launch_bounds__(DSK_ATTH_WARPS * 32, 2) dsk_attend_partial_heads_f32(
     const float *__restrict__ pool, const float *__restrict__ q,
     const long long *__restrict__ key_off, const int *__restrict__ key_start, int heads, int hd,
-    int splits, float scale, float *__restrict__ part) {
+    int splits, float scale, float *__restrict__ part, int fmt, int rope) {
     // [DSK_ATTH_TILE][DSK_ATTH_ROW] key rows, then DSK_ATTH_TILE flags: row r holds a key.
     extern __shared__ float dsk_atth_smem[];
     float *const dsk_atth_tile = dsk_atth_smem;
@@ -187,13 +195,18 @@ extern "C" __global__ void __launch_bounds__(DSK_ATTH_WARPS * 32, 2) dsk_attend_
             const long long off = k < b ? key_off[k] : -1;
             // All of the lane's loads first, then the stores: a row's loads are in flight at once.
             const float *kr = pool + (off >= 0 ? off : 0);
-            float v[DSK_ATT_DPL];
-#pragma unroll
-            for (int j = 0; j < DSK_ATT_DPL; ++j) v[j] = j < dpl && off >= 0 ? kr[lane + 32 * j] : 0.f;
             float *row = dsk_atth_tile + r * DSK_ATTH_ROW;
+            if (fmt == DSK_KV_F32 || off < 0) {
+                float v[DSK_ATT_DPL];
 #pragma unroll
-            for (int j = 0; j < DSK_ATT_DPL; ++j)
-                if (j < dpl) row[lane + 32 * j] = v[j];
+                for (int j = 0; j < DSK_ATT_DPL; ++j) v[j] = j < dpl && off >= 0 ? kr[lane + 32 * j] : 0.f;
+#pragma unroll
+                for (int j = 0; j < DSK_ATT_DPL; ++j)
+                    if (j < dpl) row[lane + 32 * j] = v[j];
+            } else {
+                // A stored record (warp-uniform branch: off is the row's): decoded into the tile.
+                dsk_kv_decode_row_warp(kr, fmt, hd, rope, row);
+            }
             if (lane == 0) dsk_atth_valid[r] = off >= 0;
         }
         __syncthreads();
@@ -325,13 +338,14 @@ extern "C" __global__ void __launch_bounds__(128) dsk_attend_combine_f32(
 // rows r, score = sum_h w[t, h] * relu(q[t, h] . k_r) * scale, written to out[out_start[t] + r].
 // Row r of the token's sequence sits in the pool by its block table (bt from bt_start[t]):
 // position r * ratio, block bt[pos / bs], slot (pos % bs) / ratio of `stride` floats after `base`.
-// One warp per row; the token's queries and weights are staged in shared memory.
+// One warp per row; the token's queries and weights are staged in shared memory. Rows are `fmt`
+// records (DSK_KV_F32, DSK_KV_BF16 or DSK_KV_FP8_INDEXER); `stride` counts 4-byte slots.
 extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_f32(
     const float *__restrict__ pool, const float *__restrict__ q, const float *__restrict__ w,
     const unsigned int *__restrict__ bt, const int *__restrict__ bt_start,
     const int *__restrict__ visible, const long long *__restrict__ out_start, long long fpb,
     int bs, long long base, int ratio, int stride, int heads, int dim, float scale,
-    float *__restrict__ out) {
+    float *__restrict__ out, int fmt) {
     extern __shared__ float sq[];  // [heads * dim] queries, then [heads] weights
     const int t = blockIdx.y;
     const float *qt = q + (long long)t * heads * dim;
@@ -347,8 +361,19 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_f32(
         const long long pos = (long long)r * ratio;
         const float *k = pool + (long long)tb[pos / bs] * fpb + base + (pos % bs) / ratio * stride;
         float kv[DSK_IDX_DPL];
+        if (fmt == DSK_KV_F32) {
 #pragma unroll
-        for (int j = 0; j < DSK_IDX_DPL; ++j) kv[j] = j < dpl ? k[lane + 32 * j] : 0.f;
+            for (int j = 0; j < DSK_IDX_DPL; ++j) kv[j] = j < dpl ? k[lane + 32 * j] : 0.f;
+        } else if (fmt == DSK_KV_FP8_INDEXER) {
+            // The warp's byte loads of a row are one 32-byte segment per j.
+            const unsigned char *kb = reinterpret_cast<const unsigned char *>(k);
+            const float sc = k[dim >> 2];
+#pragma unroll
+            for (int j = 0; j < DSK_IDX_DPL; ++j) kv[j] = j < dpl ? dsk_e4m3_to_f32(kb[lane + 32 * j]) * sc : 0.f;
+        } else {
+#pragma unroll
+            for (int j = 0; j < DSK_IDX_DPL; ++j) kv[j] = j < dpl ? dsk_kv_value(k, fmt, dim, 0, lane + 32 * j) : 0.f;
+        }
         float score = 0.f;
         for (int hh = 0; hh < heads; ++hh) {
             const float *qh = sq + hh * dim;
@@ -377,7 +402,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_tiled_f32(
     const unsigned int *__restrict__ bt, const int *__restrict__ bt_start,
     const int *__restrict__ visible, const long long *__restrict__ out_start, long long fpb,
     int bs, long long base, int ratio, int stride, int heads, int dim, float scale,
-    float *__restrict__ out) {
+    float *__restrict__ out, int fmt) {
     extern __shared__ float smem[];
     float *qs = smem;                                   // [dim][64] queries, transposed
     float *ks = smem + DSK_IDXT_DIM * DSK_IDXT_HEADS;   // [dim][65] key rows, transposed
@@ -402,7 +427,70 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_tiled_f32(
         // The tile's 64 x dim values, element i = tid + 256 j (row i / dim, column i % dim):
         // every thread issues all its loads before storing any, so a tile costs about one load
         // latency, not one per pass (a decoding token at 1M context scores 4,096 tiles a layer).
-        {
+        // Stored records load a word (4 e4m3 or 2 bf16 values) at a time and decode into the
+        // same transposed tile. A warp's pass takes 32 contiguous bytes of 4 rows (e4m3: lane
+        // L reads word 8 * co + L % 8 of row 4 * rq + L / 8) or 64 bytes of 2 rows (bf16: word
+        // 16 * co + L % 16 of row 2 * rq + L / 16), so its transposed stores (row stride 65
+        // floats) land in 32 different banks. dim % 32 == 0: whole passes.
+        if (fmt == DSK_KV_FP8_INDEXER) {
+            const int wpr = dim >> 2;  // words of a row; its scale is the word after them
+            const int warp = tid >> 5, lane = tid & 31;
+            unsigned int v[DSK_IDXT_TILE_PER_THREAD / 4];
+            float sc[DSK_IDXT_TILE_PER_THREAD / 4];
+#pragma unroll
+            for (int j = 0; j < DSK_IDXT_TILE_PER_THREAD / 4; ++j) {
+                const int u = warp + 8 * j, rr = 4 * (u & 15) + (lane >> 3), c = 8 * (u >> 4) + (lane & 7);
+                const int r = r0 + rr;
+                v[j] = 0u;
+                sc[j] = 0.f;
+                if (c < wpr && r < vis) {
+                    const int pos = r * ratio;
+                    const float *k = pool + (long long)tb[pos / bs] * fpb + base +
+                                     (long long)((pos % bs) / ratio) * stride;
+                    v[j] = reinterpret_cast<const unsigned int *>(k)[c];
+                    sc[j] = k[wpr];
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < DSK_IDXT_TILE_PER_THREAD / 4; ++j) {
+                const int u = warp + 8 * j, rr = 4 * (u & 15) + (lane >> 3), c = 8 * (u >> 4) + (lane & 7);
+                if (c < wpr) {
+                    float x0, x1, x2, x3;
+                    dsk_e4m3x2_to_f32(v[j] & 0xffffu, x0, x1);
+                    dsk_e4m3x2_to_f32(v[j] >> 16, x2, x3);
+                    float *col = ks + 4 * c * (DSK_IDXT_ROWS + 1) + rr;
+                    col[0] = x0 * sc[j];
+                    col[DSK_IDXT_ROWS + 1] = x1 * sc[j];
+                    col[2 * (DSK_IDXT_ROWS + 1)] = x2 * sc[j];
+                    col[3 * (DSK_IDXT_ROWS + 1)] = x3 * sc[j];
+                }
+            }
+        } else if (fmt == DSK_KV_BF16) {
+            const int wpr = dim >> 1;
+            const int warp = tid >> 5, lane = tid & 31;
+            unsigned int v[DSK_IDXT_TILE_PER_THREAD / 2];
+#pragma unroll
+            for (int j = 0; j < DSK_IDXT_TILE_PER_THREAD / 2; ++j) {
+                const int u = warp + 8 * j, rr = 2 * (u & 31) + (lane >> 4), c = 16 * (u >> 5) + (lane & 15);
+                const int r = r0 + rr;
+                v[j] = 0u;
+                if (c < wpr && r < vis) {
+                    const int pos = r * ratio;
+                    const float *k = pool + (long long)tb[pos / bs] * fpb + base +
+                                     (long long)((pos % bs) / ratio) * stride;
+                    v[j] = reinterpret_cast<const unsigned int *>(k)[c];
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < DSK_IDXT_TILE_PER_THREAD / 2; ++j) {
+                const int u = warp + 8 * j, rr = 2 * (u & 31) + (lane >> 4), c = 16 * (u >> 5) + (lane & 15);
+                if (c < wpr) {
+                    float *col = ks + 2 * c * (DSK_IDXT_ROWS + 1) + rr;
+                    col[0] = dsk_bf16lo(v[j]);
+                    col[DSK_IDXT_ROWS + 1] = dsk_bf16hi(v[j]);
+                }
+            }
+        } else {
             float v[DSK_IDXT_TILE_PER_THREAD];
 #pragma unroll
             for (int j = 0; j < DSK_IDXT_TILE_PER_THREAD; ++j) {

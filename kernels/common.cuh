@@ -58,3 +58,183 @@ __device__ __forceinline__ float dsk_warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
+
+// --- KV pool row records (--kv-cache-dtype), bit-exact with kernels/src/kv_record.rs ---
+// A row of `dim` values sits in 4-byte pool slots as little-endian bytes:
+// - DSK_KV_F32: dim f32.  DSK_KV_BF16: dim bf16.
+// - DSK_KV_FP8 (latent record): [nope = dim - rope e4m3][rope bf16][ceil(nope / 64) UE8M0 scale
+//   bytes (e + 127)][zero pad to 4 bytes]; value = e4m3 * 2^e of its 64-group.
+// - DSK_KV_FP8_INDEXER: [dim e4m3][f32 scale 2^e]; dim % 4 == 0, so the scale is slot dim / 4.
+#define DSK_KV_F32 0
+#define DSK_KV_BF16 1
+#define DSK_KV_FP8 2
+#define DSK_KV_FP8_INDEXER 3
+#define DSK_KV_FP8_GROUP 64
+
+// One e4m3 byte (the low byte of `byte`) to f32, exactly.
+__device__ __forceinline__ float dsk_e4m3_to_f32(unsigned int byte) {
+    float lo, hi;
+    dsk_e4m3x2_to_f32(byte & 0xffu, lo, hi);
+    return lo;
+}
+
+// Two f32 to two e4m3 bytes (lo at the lower address), round to nearest even, saturating to
+// +-448, NaN to 0x7f. PTX cvt puts its first source operand in the UPPER byte.
+__device__ __forceinline__ unsigned int dsk_f32x2_to_e4m3x2(float lo, float hi) {
+    unsigned short r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return (unsigned int)r;
+}
+
+__device__ __forceinline__ unsigned int dsk_f32_to_e4m3(float x) {
+    return dsk_f32x2_to_e4m3x2(x, 0.f) & 0xffu;
+}
+
+// 2^e from its bits, for e in [-126, 127] (exact).
+__device__ __forceinline__ float dsk_pow2(int e) { return __uint_as_float((unsigned int)(e + 127) << 23); }
+
+// The exponent of the scale of a group whose largest magnitude is `amax`: the smallest e with
+// amax <= 448 * 2^e, clamped to [-126, 126]; 0 for a zero (or NaN) group. 448 = 1.75 * 2^8:
+// for amax = m * 2^E that is E - 8, or E - 7 when m > 1.75 (kv_record.rs fp8_scale_exponent).
+__device__ __forceinline__ int dsk_fp8_scale_exponent(float amax) {
+    if (!(amax > 0.f)) return 0;
+    const unsigned int bits = __float_as_uint(amax);
+    if (bits >= 0x7f800000u) return 126;  // inf
+    const int field = (int)(bits >> 23);
+    if (field == 0) return -126;  // subnormal
+    const int e = field - 127 - 8 + ((bits & 0x7fffffu) > 0x600000u ? 1 : 0);
+    return min(max(e, -126), 126);
+}
+
+__device__ __forceinline__ float dsk_warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Value d of a stored row (`row` = its first slot) of `dim` values, any format.
+__device__ __forceinline__ float dsk_kv_value(const float *row, int fmt, int dim, int rope, int d) {
+    const unsigned char *b = reinterpret_cast<const unsigned char *>(row);
+    if (fmt == DSK_KV_F32) return row[d];
+    if (fmt == DSK_KV_BF16) return dsk_bf16_to_f32(reinterpret_cast<const unsigned short *>(row)[d]);
+    if (fmt == DSK_KV_FP8) {
+        const int nope = dim - rope;
+        if (d >= nope) return dsk_bf16_to_f32(*reinterpret_cast<const unsigned short *>(b + nope + 2 * (d - nope)));
+        const unsigned int s = b[nope + 2 * rope + d / DSK_KV_FP8_GROUP];
+        return dsk_e4m3_to_f32(b[d]) * __uint_as_float(s << 23);
+    }
+    return dsk_e4m3_to_f32(b[d]) * row[dim >> 2];
+}
+
+// Stores `row` (`dim` values in shared memory, written before a __syncthreads) as a record at
+// `dst` (its first slot). Every thread of the block calls it (warps take whole 64-groups: the
+// group's amax is a warp reduction); blockDim.x is a multiple of 32. Pad bytes are written zero.
+__device__ __forceinline__ void dsk_kv_store_row(float *dst, int fmt, int dim, int rope, const float *row) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+    unsigned char *b = reinterpret_cast<unsigned char *>(dst);
+    if (fmt == DSK_KV_F32) {
+        for (int i = tid; i < dim; i += blockDim.x) dst[i] = row[i];
+    } else if (fmt == DSK_KV_BF16) {
+        unsigned int *w = reinterpret_cast<unsigned int *>(dst);
+        for (int p = tid; p < (dim >> 1); p += blockDim.x)
+            w[p] = (unsigned int)dsk_f32_to_bf16(row[2 * p]) | ((unsigned int)dsk_f32_to_bf16(row[2 * p + 1]) << 16);
+        if ((dim & 1) && tid == 0) reinterpret_cast<unsigned short *>(dst)[dim - 1] = dsk_f32_to_bf16(row[dim - 1]);
+        const int nbytes = ((2 * dim + 3) >> 2) << 2;
+        for (int i = 2 * dim + tid; i < nbytes; i += blockDim.x) b[i] = 0;
+    } else if (fmt == DSK_KV_FP8) {
+        const int nope = dim - rope, groups = (nope + DSK_KV_FP8_GROUP - 1) / DSK_KV_FP8_GROUP;
+        const int scales_at = nope + 2 * rope;
+        // A lane takes two neighbouring values of its warp's group (nope is even).
+        for (int g = warp; g < groups; g += warps) {
+            const int i = g * DSK_KV_FP8_GROUP + 2 * lane;
+            const bool in = i < nope;
+            const float x0 = in ? row[i] : 0.f, x1 = in ? row[i + 1] : 0.f;
+            const float amax = dsk_warp_max(fmaxf(fabsf(x0), fabsf(x1)));
+            const int e = dsk_fp8_scale_exponent(amax);
+            const float inv = dsk_pow2(-e);
+            if (in)
+                *reinterpret_cast<unsigned short *>(b + i) =
+                    (unsigned short)dsk_f32x2_to_e4m3x2(__fmul_rn(x0, inv), __fmul_rn(x1, inv));
+            if (lane == 0) b[scales_at + g] = (unsigned char)(e + 127);
+        }
+        for (int i = tid; i < rope; i += blockDim.x)
+            *reinterpret_cast<unsigned short *>(b + nope + 2 * i) = dsk_f32_to_bf16(row[nope + i]);
+        const int nbytes = ((scales_at + groups + 3) >> 2) << 2;
+        for (int i = scales_at + groups + tid; i < nbytes; i += blockDim.x) b[i] = 0;
+    } else {  // DSK_KV_FP8_INDEXER: warp 0 does the row, 4 values (one word) a lane at a time
+        if (warp == 0) {
+            float amax = 0.f;
+            for (int i = lane; i < dim; i += 32) amax = fmaxf(amax, fabsf(row[i]));
+            const int e = dsk_fp8_scale_exponent(dsk_warp_max(amax));
+            const float inv = dsk_pow2(-e);
+            unsigned int *w = reinterpret_cast<unsigned int *>(dst);
+            for (int p = lane; p < (dim >> 2); p += 32) {
+                const float *x = row + 4 * p;
+                w[p] = dsk_f32x2_to_e4m3x2(__fmul_rn(x[0], inv), __fmul_rn(x[1], inv)) |
+                       (dsk_f32x2_to_e4m3x2(__fmul_rn(x[2], inv), __fmul_rn(x[3], inv)) << 16);
+            }
+            if (lane == 0) dst[dim >> 2] = dsk_pow2(e);
+        }
+    }
+}
+
+// Most 4-byte words of a record a lane of dsk_kv_decode_row_warp loads (rows of up to 256
+// words: 512 bf16 values, any FP8 record of up to 512 values).
+#define DSK_KV_DEC_WPL 8
+
+// Decodes a stored row of `dim` (<= 512) values into `out` (shared memory, 16-byte aligned;
+// out[d] = value d), one warp: every lane calls it. The record's value words (e4m3 words of 4
+// values, then bf16 words of 2) are all loaded before any is decoded, so a row costs about one
+// load latency; layouts whose parts are not word-aligned (not V4-Flash's) go value by value.
+__device__ __forceinline__ void dsk_kv_decode_row_warp(const float *row, int fmt, int dim, int rope, float *out) {
+    const int lane = threadIdx.x & 31;
+    const unsigned char *b = reinterpret_cast<const unsigned char *>(row);
+    const unsigned int *w = reinterpret_cast<const unsigned int *>(row);
+    if (fmt == DSK_KV_F32) {
+        for (int d = lane; d < dim; d += 32) out[d] = row[d];
+        return;
+    }
+    int nope, n8, n16;  // e4m3 values, e4m3 words, bf16 words
+    bool aligned;
+    if (fmt == DSK_KV_BF16) {
+        nope = 0, n8 = 0, n16 = dim >> 1, aligned = (dim & 1) == 0;
+    } else if (fmt == DSK_KV_FP8) {
+        nope = dim - rope, n8 = nope >> 2, n16 = rope >> 1;
+        aligned = (nope & 3) == 0 && (rope & 1) == 0;
+    } else {
+        nope = dim, n8 = dim >> 2, n16 = 0, aligned = true;  // indexer rows: dim % 4 == 0
+    }
+    if (!aligned) {
+        for (int d = lane; d < dim; d += 32) out[d] = dsk_kv_value(row, fmt, dim, rope, d);
+        return;
+    }
+    // FP8 latent: lane g < groups holds group g's scale, the others take it by shuffle.
+    float my_scale = 1.f;
+    if (fmt == DSK_KV_FP8) {
+        const int groups = (nope + DSK_KV_FP8_GROUP - 1) / DSK_KV_FP8_GROUP;
+        my_scale = lane < groups ? __uint_as_float((unsigned int)b[nope + 2 * rope + lane] << 23) : 0.f;
+    } else if (fmt == DSK_KV_FP8_INDEXER) {
+        my_scale = row[dim >> 2];
+    }
+    unsigned int v[DSK_KV_DEC_WPL];
+#pragma unroll
+    for (int k = 0; k < DSK_KV_DEC_WPL; ++k) {
+        const int p = lane + 32 * k;
+        v[k] = p < n8 + n16 ? w[p] : 0u;
+    }
+#pragma unroll
+    for (int k = 0; k < DSK_KV_DEC_WPL; ++k) {
+        const int p = lane + 32 * k;
+        float sc = my_scale;
+        if (fmt == DSK_KV_FP8)  // uniform: every lane shuffles
+            sc = __shfl_sync(0xffffffffu, my_scale, min((4 * p) / DSK_KV_FP8_GROUP, 31));
+        if (p < n8) {
+            float x0, x1, x2, x3;
+            dsk_e4m3x2_to_f32(v[k] & 0xffffu, x0, x1);
+            dsk_e4m3x2_to_f32(v[k] >> 16, x2, x3);
+            *reinterpret_cast<float4 *>(out + 4 * p) = make_float4(x0 * sc, x1 * sc, x2 * sc, x3 * sc);
+        } else if (p < n8 + n16) {
+            *reinterpret_cast<float2 *>(out + nope + 2 * (p - n8)) = make_float2(dsk_bf16lo(v[k]), dsk_bf16hi(v[k]));
+        }
+    }
+}

@@ -18,19 +18,30 @@ __device__ __forceinline__ long long dsk_section_row(const unsigned int *__restr
     return (long long)tb[blk] * fpb + base + ((p % bs) / ratio) * stride;
 }
 
+#define DSK_PW_MAX_DIM 1024
+
 // Row r of a (first `width` floats, row stride lda) to the section row of positions[r], then,
 // when b is not null, row r of b (row stride ldb) right after it. One block per row.
+// fmt != DSK_KV_F32 (b null, width <= DSK_PW_MAX_DIM): the row is stored as that record
+// (common.cuh; rope = the latent record's bf16 dims), staged in shared memory first.
 extern "C" __global__ void __launch_bounds__(256) dsk_pool_write_f32(
     float *__restrict__ pool, const int *__restrict__ positions, const int *__restrict__ bt_start,
     const int *__restrict__ bt_len, const unsigned int *__restrict__ bt, long long fpb, int bs,
     long long base, long long stride, const float *__restrict__ a, long long lda,
-    const float *__restrict__ b, long long ldb, int width) {
+    const float *__restrict__ b, long long ldb, int width, int fmt, int rope) {
     const int r = blockIdx.x;
     const int pos = positions[r];
     const long long o = dsk_section_row(bt + bt_start[r], bt_len[r], fpb, bs, base, stride, 1, pos);
     if (o < 0) return;
     float *dst = pool + o;
     const float *sa = a + (long long)r * lda;
+    if (fmt != DSK_KV_F32) {
+        __shared__ float srow[DSK_PW_MAX_DIM];
+        for (int c = threadIdx.x; c < width; c += blockDim.x) srow[c] = sa[c];
+        __syncthreads();  // o < 0 returned for the whole block
+        dsk_kv_store_row(dst, fmt, width, rope, srow);
+        return;
+    }
     for (int c = threadIdx.x; c < width; c += blockDim.x) dst[c] = sa[c];
     if (b != nullptr) {
         const float *sb = b + (long long)r * ldb;
@@ -47,7 +58,8 @@ extern "C" __global__ void __launch_bounds__(256) dsk_pool_write_f32(
 // the ratio tokens of window w (channels [off, off + dim), off = (coff - 1) * dim); per channel
 // the softmax over slots of gate + bias weights kv (in slot order, f32 as gated_pool); RMSNorm
 // with `norm`; interleaved RoPE at position w * ratio on the trailing rope_dim channels (angle an
-// f32 product, cos/sin in double then f32, times attention_factor); written to output row w.
+// f32 product, cos/sin in double then f32, times attention_factor); written to output row w as an
+// `out_fmt` record (common.cuh; out_rope = the latent record's bf16 dims).
 // Inputs are per-token rows of the input section (kv then gate, `coff * dim` each). One block per
 // step row, threads over channels.
 extern "C" __global__ void __launch_bounds__(256) dsk_compress_rows_f32(
@@ -55,7 +67,8 @@ extern "C" __global__ void __launch_bounds__(256) dsk_compress_rows_f32(
     const int *__restrict__ bt_len, const unsigned int *__restrict__ bt, long long fpb, int bs,
     long long in_base, long long in_stride, long long out_base, long long out_stride, int ratio,
     int coff, int dim, const float *__restrict__ ape, const float *__restrict__ norm,
-    const float *__restrict__ inv_freq, int rope_dim, float attention_factor, float eps) {
+    const float *__restrict__ inv_freq, int rope_dim, float attention_factor, float eps,
+    int out_fmt, int out_rope) {
     __shared__ long long slot_off[DSK_CMP_MAX_SLOTS];
     __shared__ float row[DSK_CMP_MAX_DIM];
     __shared__ float red[32];
@@ -120,18 +133,27 @@ extern "C" __global__ void __launch_bounds__(256) dsk_compress_rows_f32(
     const float inv = __fdiv_rn(1.f, __fsqrt_rn(__fadd_rn(__fdiv_rn(red[0], (float)dim), eps)));
     for (int c = threadIdx.x; c < dim; c += blockDim.x) row[c] = __fmul_rn(norm[c], __fmul_rn(row[c], inv));
     __syncthreads();
-    // RoPE on the trailing rope_dim channels, then the row goes to the pool.
+    // RoPE on the trailing rope_dim channels, then the row goes to the pool: f32 straight to its
+    // slots; a record rotates in place (thread j owns channels nope + 2j, + 1) and is stored
+    // once the whole row is done.
     float *dst = pool + out;
     const int nope = dim - rope_dim;
-    for (int c = threadIdx.x; c < nope; c += blockDim.x) dst[c] = row[c];
+    const bool raw = out_fmt == DSK_KV_F32;
+    if (raw)
+        for (int c = threadIdx.x; c < nope; c += blockDim.x) dst[c] = row[c];
     const float p = (float)(w * ratio);
     for (int j = threadIdx.x; j < rope_dim / 2; j += blockDim.x) {
         const float ang = __fmul_rn(inv_freq[j], p);
         const float cs = __fmul_rn((float)cos((double)ang), attention_factor);
         const float sn = __fmul_rn((float)sin((double)ang), attention_factor);
         const float x0 = row[nope + 2 * j], x1 = row[nope + 2 * j + 1];
-        dst[nope + 2 * j] = __fadd_rn(__fmul_rn(x0, cs), __fmul_rn(-x1, sn));
-        dst[nope + 2 * j + 1] = __fadd_rn(__fmul_rn(x1, cs), __fmul_rn(x0, sn));
+        float *y = raw ? dst : row;
+        y[nope + 2 * j] = __fadd_rn(__fmul_rn(x0, cs), __fmul_rn(-x1, sn));
+        y[nope + 2 * j + 1] = __fadd_rn(__fmul_rn(x1, cs), __fmul_rn(x0, sn));
+    }
+    if (!raw) {
+        __syncthreads();
+        dsk_kv_store_row(dst, out_fmt, dim, out_rope, row);
     }
 }
 

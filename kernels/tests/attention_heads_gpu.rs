@@ -6,7 +6,9 @@
 //! without a key (offset -1). Skips (passes with a SKIP line) where there is no GPU.
 
 use dspark_kernels::launch::attention::{check_attention_heads, ATTENTION_HEAD_GROUP};
-use dspark_kernels::{attention_splits, attention_workspace_floats, KernelError, PagedAttention};
+use dspark_kernels::{
+    attention_splits, attention_workspace_floats, KernelError, KvRowFormat, PagedAttention,
+};
 
 mod common;
 use common::{gpu, Gpu, Rng};
@@ -129,6 +131,7 @@ fn run(g: &Gpu, c: &Case, splits: usize, scale: f32, heads_path: bool) -> Vec<f3
         head_dim: c.hd,
         splits,
         scale,
+        format: KvRowFormat::F32,
     };
     // SAFETY: every buffer holds the shape `a` names; every key offset leaves hd floats in the
     // pool.
@@ -239,6 +242,7 @@ fn head_grouped_attention_rejects_ungrouped_heads() {
         head_dim: 64,
         splits: 1,
         scale: 0.125,
+        format: KvRowFormat::F32,
     };
     assert_eq!(ATTENTION_HEAD_GROUP, 16);
     assert!(matches!(

@@ -10,6 +10,7 @@ use dspark_kernels::launch::paged::{
     key_counts, key_starts, CompressParams, KeyMode, KeySelection, PoolSection, RowTable,
 };
 use dspark_kernels::reference::rel_err;
+use dspark_kernels::KvRowFormat;
 
 mod common;
 use common::{gpu, Gpu, Rng};
@@ -284,6 +285,7 @@ fn compress_case(g: &Gpu, name: &str, lay: Layout, rope_dim: usize, step: &Step,
         rope_dim,
         attention_factor: comp.attention_factor,
         eps: comp.eps,
+        out_format: KvRowFormat::F32,
     };
     // SAFETY: every buffer above holds the shapes passed; block ids are below num_blocks.
     unsafe {
@@ -297,6 +299,7 @@ fn compress_case(g: &Gpu, name: &str, lay: Layout, rope_dim: usize, step: &Step,
             ptr(s, &lat_d),
             ld_lat,
             lay.hd,
+            KvRowFormat::F32,
         )
         .unwrap();
         g.k.pool_write_kv_gate(

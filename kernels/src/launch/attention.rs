@@ -7,6 +7,7 @@ use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
 
 use super::{i32_arg, i64_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
+use crate::kv_record::KvRowFormat;
 
 /// Largest head dimension of the attention kernel (32 lanes x 16 values).
 pub const ATTENTION_MAX_HEAD_DIM: usize = 512;
@@ -51,6 +52,8 @@ pub struct PagedAttention {
     /// Splits of each token's keys (see [`attention_splits`]).
     pub splits: usize,
     pub scale: f32,
+    /// How the key rows are stored (a row of `head_dim` values at each offset).
+    pub format: KvRowFormat,
 }
 
 /// Lightning Indexer scores of `tokens` query tokens over their sequences' compressed rows.
@@ -84,6 +87,9 @@ pub struct IndexerScores {
     pub heads: usize,
     pub dim: usize,
     pub scale: f32,
+    /// How the rows are stored: `F32`, `Bf16` or `Fp8Indexer`; `stride` is in slots, at least
+    /// `format.slots(dim)`.
+    pub format: KvRowFormat,
 }
 
 /// Top `k` of each token's scores, selected on the GPU: indices (i32) and values (f32) of the rows
@@ -154,6 +160,9 @@ pub fn check_attention(a: &PagedAttention) -> Result<(), KernelError> {
             ),
         ));
     }
+    a.format
+        .check(a.head_dim)
+        .map_err(|e| KernelError::invalid(K, e.to_string()))?;
     nonnull(
         K,
         &[
@@ -248,6 +257,27 @@ pub fn check_indexer(a: &IndexerScores) -> Result<(), KernelError> {
             format!(
                 "{} rows of ratio {} reach past the i32 positions the kernel uses",
                 a.max_visible, a.ratio
+            ),
+        ));
+    }
+    a.format
+        .check(a.dim)
+        .map_err(|e| KernelError::invalid(K, e.to_string()))?;
+    if matches!(a.format, KvRowFormat::Fp8Latent { .. }) {
+        return Err(KernelError::invalid(
+            K,
+            "indexer rows are stored as F32, Bf16 or Fp8Indexer, not the latent record",
+        ));
+    }
+    if a.stride < a.format.slots(a.dim) {
+        return Err(KernelError::invalid(
+            K,
+            format!(
+                "stride {} slots is shorter than a {:?} row of {} values ({} slots)",
+                a.stride,
+                a.format,
+                a.dim,
+                a.format.slots(a.dim)
             ),
         ));
     }
@@ -371,7 +401,8 @@ impl Kernels {
     ///
     /// # Safety
     /// Every pointer must address device memory of this context holding the shapes given; every
-    /// key offset must leave `head_dim` floats inside the pool.
+    /// key offset must leave a `format` row of `head_dim` values (`format.slots(head_dim)` slots)
+    /// inside the pool.
     pub unsafe fn paged_attention(
         &self,
         stream: &CudaStream,
@@ -384,6 +415,7 @@ impl Kernels {
             i32_arg(K, "head_dim", a.head_dim)?,
         );
         let splits = i32_arg(K, "splits", a.splits)?;
+        let (fmt, rope) = (a.format.code(), i32_arg(K, "rope", a.format.rope())?);
         let partial = LaunchConfig {
             grid_dim: (
                 u32_grid(K, a.splits)?,
@@ -404,6 +436,8 @@ impl Kernels {
             .arg(&splits)
             .arg(&a.scale)
             .arg(&a.workspace)
+            .arg(&fmt)
+            .arg(&rope)
             .launch(partial)
             .map_err(KernelError::driver("launch attend_partial"))?;
         self.attend_combine(stream, a)
@@ -429,6 +463,7 @@ impl Kernels {
             i32_arg(K, "head_dim", a.head_dim)?,
         );
         let splits = i32_arg(K, "splits", a.splits)?;
+        let (fmt, rope) = (a.format.code(), i32_arg(K, "rope", a.format.rope())?);
         let partial = LaunchConfig {
             grid_dim: (
                 u32_grid(K, a.splits)?,
@@ -449,6 +484,8 @@ impl Kernels {
             .arg(&splits)
             .arg(&a.scale)
             .arg(&a.workspace)
+            .arg(&fmt)
+            .arg(&rope)
             .launch(partial)
             .map_err(KernelError::driver("launch attend_partial_heads"))?;
         self.attend_combine(stream, a)
@@ -505,6 +542,7 @@ impl Kernels {
         let ratio = i32_arg(K, "ratio", a.ratio)?;
         let stride = i32_arg(K, "stride", a.stride)?;
         let (heads, dim) = (i32_arg(K, "heads", a.heads)?, i32_arg(K, "dim", a.dim)?);
+        let fmt = a.format.code();
         // Tiled: 64 rows per pass of a block. Else 8 warps a block, one row each per pass.
         // About four blocks per SM over all tokens either way.
         let tiled = indexer_tiled_fits(a.heads, a.dim, self.smem_optin);
@@ -552,6 +590,7 @@ impl Kernels {
             .arg(&dim)
             .arg(&a.scale)
             .arg(&a.out)
+            .arg(&fmt)
             .launch(cfg)
             .map_err(KernelError::driver("launch indexer_scores"))?;
         Ok(())
@@ -588,6 +627,7 @@ mod tests {
             head_dim: 1024,
             splits: 1,
             scale: 1.0,
+            format: KvRowFormat::F32,
         };
         assert!(check_attention(&a).is_err());
         assert!(check_attention(&PagedAttention { head_dim: 512, ..a }).is_ok());
@@ -616,6 +656,7 @@ mod tests {
             heads: 64,
             dim: 128,
             scale: 1.0,
+            format: KvRowFormat::F32,
         };
         // The head-grouped kernel: V4-Flash's 64 heads (TP=1) and 32 (TP=2), not 8 or 24.
         let v4 = PagedAttention {
@@ -662,5 +703,88 @@ mod tests {
         assert!(!indexer_tiled_fits(64, 128, 48 * 1024));
         assert!(!indexer_tiled_fits(64, 256, usize::MAX));
         assert!(check_indexer(&IndexerScores { ratio: 3, ..i }).is_err());
+    }
+
+    #[test]
+    fn stored_row_formats_are_checked_before_launch() {
+        let a = PagedAttention {
+            pool: 16,
+            q: 16,
+            key_offsets: 16,
+            key_starts: 16,
+            sinks: 16,
+            out: 16,
+            workspace: 16,
+            tokens: 1,
+            heads: 64,
+            head_dim: 512,
+            splits: 1,
+            scale: 1.0,
+            format: KvRowFormat::Fp8Latent { rope: 64 },
+        };
+        assert!(check_attention(&a).is_ok());
+        assert!(check_attention_heads(&a).is_ok());
+        for format in [KvRowFormat::Bf16, KvRowFormat::Fp8Indexer] {
+            assert!(check_attention(&PagedAttention { format, ..a }).is_ok());
+        }
+        for format in [
+            // Odd e4m3 part, more rope dims than dims.
+            KvRowFormat::Fp8Latent { rope: 63 },
+            KvRowFormat::Fp8Latent { rope: 576 },
+        ] {
+            let bad = PagedAttention { format, ..a };
+            assert!(
+                matches!(
+                    check_attention(&bad),
+                    Err(KernelError::InvalidLaunch { .. })
+                ),
+                "{format:?} accepted"
+            );
+            assert!(check_attention_heads(&bad).is_err());
+        }
+        let i = IndexerScores {
+            pool: 16,
+            q: 16,
+            weights: 16,
+            block_tables: 16,
+            block_table_starts: 16,
+            visible: 16,
+            out_starts: 16,
+            out: 16,
+            tokens: 1,
+            max_visible: 1,
+            floats_per_block: 1 << 20,
+            block_size: 128,
+            base: 0,
+            ratio: 4,
+            // V4-Flash's 132-byte FP8 row.
+            stride: 33,
+            heads: 64,
+            dim: 128,
+            scale: 1.0,
+            format: KvRowFormat::Fp8Indexer,
+        };
+        assert!(check_indexer(&i).is_ok());
+        assert!(check_indexer(&IndexerScores { stride: 32, ..i }).is_err());
+        let bf16 = IndexerScores {
+            format: KvRowFormat::Bf16,
+            stride: 64,
+            ..i
+        };
+        assert!(check_indexer(&bf16).is_ok());
+        assert!(check_indexer(&IndexerScores { stride: 63, ..bf16 }).is_err());
+        // The f32 row needs its full width too.
+        let f32_rows = IndexerScores {
+            format: KvRowFormat::F32,
+            stride: 127,
+            ..i
+        };
+        assert!(check_indexer(&f32_rows).is_err());
+        assert!(check_indexer(&IndexerScores {
+            format: KvRowFormat::Fp8Latent { rope: 0 },
+            stride: 128,
+            ..i
+        })
+        .is_err());
     }
 }

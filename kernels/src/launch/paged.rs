@@ -14,9 +14,13 @@ use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKer
 
 use super::{function, i32_arg, i64_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
+use crate::kv_record::KvRowFormat;
 
 /// Largest compressed row width (`head_dim` 512 of V4-Flash).
 pub const COMPRESS_MAX_DIM: usize = 512;
+/// Widest row [`Kernels::pool_write_rows`] stores in a format other than f32 (staged in shared
+/// memory: `DSK_PW_MAX_DIM` in paged.cu).
+pub const POOL_WRITE_MAX_DIM: usize = 1024;
 /// Largest compress ratio (a CSA row pools `2 * ratio` slots, at most 256).
 pub const COMPRESS_MAX_RATIO: usize = 128;
 /// Threads of a key-list block, and the most blocks per row.
@@ -85,6 +89,9 @@ pub struct CompressParams {
     /// Multiplies cos and sin (YaRN attention factor; 1 for plain RoPE).
     pub attention_factor: f32,
     pub eps: f32,
+    /// How the compressed rows are stored (the output section's stride is in slots, at least
+    /// `out_format.slots(dim)`).
+    pub out_format: KvRowFormat,
 }
 
 /// Which compressed rows follow a row's window keys.
@@ -196,7 +203,9 @@ fn check_rows(kernel: &'static str, pool: CUdeviceptr, rows: &RowTable) -> Resul
 }
 
 /// Launch-time checks of [`Kernels::pool_write_rows`] / [`Kernels::pool_write_kv_gate`]
-/// (`parts` = 1 or 2 rows of `width` written back to back), testable without a GPU.
+/// (`parts` = 1 or 2 rows of `width` written back to back; a format other than f32 stores one
+/// row of at most [`POOL_WRITE_MAX_DIM`] values), testable without a GPU.
+#[allow(clippy::too_many_arguments)]
 pub fn check_pool_write(
     pool: CUdeviceptr,
     rows: &RowTable,
@@ -205,16 +214,36 @@ pub fn check_pool_write(
     section: &PoolSection,
     width: usize,
     parts: usize,
+    format: KvRowFormat,
 ) -> Result<(), KernelError> {
     const K: &str = "pool_write";
     check_rows(K, pool, rows)?;
+    format
+        .check(width)
+        .map_err(|e| KernelError::invalid(K, e.to_string()))?;
+    if format != KvRowFormat::F32 && (parts != 1 || width > POOL_WRITE_MAX_DIM) {
+        return Err(KernelError::invalid(
+            K,
+            format!(
+                "{format:?} stores one row of at most {POOL_WRITE_MAX_DIM} values, got {parts} \
+                 of {width}"
+            ),
+        ));
+    }
     if section.ratio != 1 {
         return Err(KernelError::invalid(
             K,
             format!("per-token section needs ratio 1, got {}", section.ratio),
         ));
     }
-    check_section(K, "section", fpb, block_size, section, parts * width)
+    check_section(
+        K,
+        "section",
+        fpb,
+        block_size,
+        section,
+        parts * format.slots(width),
+    )
 }
 
 /// Launch-time checks of [`Kernels::compress_rows`], testable without a GPU.
@@ -265,8 +294,18 @@ pub fn check_compress(
             format!("eps = {}, attention_factor = {}", c.eps, c.attention_factor),
         ));
     }
+    c.out_format
+        .check(c.dim)
+        .map_err(|e| KernelError::invalid(K, e.to_string()))?;
     check_section(K, "input", fpb, block_size, input, 2 * c.coff * c.dim)?;
-    check_section(K, "output", fpb, block_size, output, c.dim)
+    check_section(
+        K,
+        "output",
+        fpb,
+        block_size,
+        output,
+        c.out_format.slots(c.dim),
+    )
 }
 
 /// The compressed rows a key list reads (see [`Kernels::build_key_offsets`]).
@@ -332,7 +371,8 @@ pub fn check_key_offsets(
 
 impl Kernels {
     /// Row `r` of `src` (`[rows, ld_src]`, first `width` floats) to the section row of
-    /// `positions[r]` (per-token section, ratio 1). For the latent KV row (`head_dim`) and other
+    /// `positions[r]` (per-token section, ratio 1), stored as `format` (the section's stride is
+    /// in slots, at least `format.slots(width)`). For the latent KV row (`head_dim`) and other
     /// per-token rows.
     ///
     /// # Safety
@@ -350,12 +390,22 @@ impl Kernels {
         src: CUdeviceptr,
         ld_src: usize,
         width: usize,
+        format: KvRowFormat,
     ) -> Result<(), KernelError> {
         const K: &str = "pool_write_rows";
         if rows.rows == 0 {
             return Ok(());
         }
-        check_pool_write(pool, rows, floats_per_block, block_size, section, width, 1)?;
+        check_pool_write(
+            pool,
+            rows,
+            floats_per_block,
+            block_size,
+            section,
+            width,
+            1,
+            format,
+        )?;
         nonnull(K, &[("src", src)])?;
         if ld_src < width {
             return Err(KernelError::invalid(
@@ -373,6 +423,7 @@ impl Kernels {
             (src, ld_src),
             (0, 0),
             width,
+            format,
         )
     }
 
@@ -398,7 +449,16 @@ impl Kernels {
         if rows.rows == 0 {
             return Ok(());
         }
-        check_pool_write(pool, rows, floats_per_block, block_size, section, width, 2)?;
+        check_pool_write(
+            pool,
+            rows,
+            floats_per_block,
+            block_size,
+            section,
+            width,
+            2,
+            KvRowFormat::F32,
+        )?;
         nonnull(K, &[("kv", kv), ("gate", gate)])?;
         self.pool_write(
             stream,
@@ -410,6 +470,7 @@ impl Kernels {
             (kv, width),
             (gate, width),
             width,
+            KvRowFormat::F32,
         )
     }
 
@@ -425,8 +486,10 @@ impl Kernels {
         (a, lda): (CUdeviceptr, usize),
         (b, ldb): (CUdeviceptr, usize),
         width: usize,
+        format: KvRowFormat,
     ) -> Result<(), KernelError> {
         const K: &str = "pool_write";
+        let (fmt, rope) = (format.code(), i32_arg(K, "rope", format.rope())?);
         let fpb = i64_arg(K, "floats_per_block", fpb)?;
         let bs = i32_arg(K, "block_size", block_size)?;
         let base = i64_arg(K, "base", section.base)?;
@@ -454,6 +517,8 @@ impl Kernels {
             .arg(&b)
             .arg(&ldb)
             .arg(&w)
+            .arg(&fmt)
+            .arg(&rope)
             .launch(cfg)
             .map_err(KernelError::driver("launch pool_write"))?;
         Ok(())
@@ -462,8 +527,9 @@ impl Kernels {
     /// Builds the compressed row of every step row whose window closes at its position
     /// (`(pos + 1) % ratio == 0`) from the per-token inputs in `input` (`kv` then `gate`,
     /// `coff * dim` each; written first with [`Self::pool_write_kv_gate`]) into row
-    /// `(pos + 1) / ratio - 1` of `output`, exactly as the host's `compress_window`. Other rows,
-    /// and rows whose window reaches past their block table, write nothing.
+    /// `(pos + 1) / ratio - 1` of `output` (stored as `c.out_format`), exactly as the host's
+    /// `compress_window`. Other rows, and rows whose window reaches past their block table,
+    /// write nothing.
     ///
     /// # Safety
     /// Every pointer must address device memory of this context: the row table as documented on
@@ -502,6 +568,10 @@ impl Kernels {
             i32_arg(K, "dim", c.dim)?,
             i32_arg(K, "rope_dim", c.rope_dim)?,
         );
+        let (out_fmt, out_rope) = (
+            c.out_format.code(),
+            i32_arg(K, "out rope", c.out_format.rope())?,
+        );
         let cfg = LaunchConfig {
             grid_dim: (u32_grid(K, rows.rows)?, 1, 1),
             block_dim: (c.dim.min(256).next_power_of_two().max(32) as u32, 1, 1),
@@ -529,6 +599,8 @@ impl Kernels {
             .arg(&rope_dim)
             .arg(&c.attention_factor)
             .arg(&c.eps)
+            .arg(&out_fmt)
+            .arg(&out_rope)
             .launch(cfg)
             .map_err(KernelError::driver("launch compress_rows"))?;
         Ok(())
@@ -636,6 +708,7 @@ impl Kernels {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use KvRowFormat::F32;
 
     const ROWS: RowTable = RowTable {
         positions: 16,
@@ -698,19 +771,34 @@ mod tests {
     }
 
     #[test]
-    fn bad_launch_arguments_are_errors() {
+    fn stored_row_formats_are_checked_before_launch() {
+        use KvRowFormat::{Bf16, Fp8Indexer, Fp8Latent};
+        let latent = Fp8Latent { rope: 64 };
+        // V4-Flash's 584-byte latent record in a 146-slot row.
         let sec = PoolSection {
             base: 0,
-            stride: 128,
+            stride: 146,
             ratio: 1,
         };
-        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &sec, 64, 2).is_ok());
-        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &sec, 65, 2).is_err());
-        assert!(check_pool_write(0, &ROWS, 1 << 20, 128, &sec, 64, 1).is_err());
-        let no_lens = RowTable { bt_lens: 0, ..ROWS };
-        assert!(check_pool_write(16, &no_lens, 1 << 20, 128, &sec, 64, 1).is_err());
-        let ratio4 = PoolSection { ratio: 4, ..sec };
-        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &ratio4, 64, 1).is_err());
+        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &sec, 512, 1, latent).is_ok());
+        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &sec, 512, 1, F32).is_err());
+        let short = PoolSection { stride: 145, ..sec };
+        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &short, 512, 1, latent).is_err());
+        // A block part that holds 127 rows of 146 slots but not the 128th.
+        assert!(check_pool_write(16, &ROWS, 128 * 146 - 1, 128, &sec, 512, 1, latent).is_err());
+        // Records are one row (no kv + gate pair), at most POOL_WRITE_MAX_DIM wide, and the
+        // width must suit the format.
+        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &sec, 64, 2, Bf16).is_err());
+        let wide = PoolSection {
+            stride: 4096,
+            ..sec
+        };
+        assert!(check_pool_write(16, &ROWS, 1 << 22, 128, &wide, 2048, 1, Bf16).is_err());
+        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &sec, 30, 1, Fp8Indexer).is_err());
+        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &sec, 128, 1, Fp8Indexer).is_ok());
+        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &sec, 7, 1, Bf16).is_err());
+        let odd_nope = Fp8Latent { rope: 63 };
+        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &sec, 512, 1, odd_nope).is_err());
 
         let c = CompressParams {
             ratio: 4,
@@ -722,6 +810,84 @@ mod tests {
             rope_dim: 64,
             attention_factor: 1.0,
             eps: 1e-6,
+            out_format: latent,
+        };
+        let input = PoolSection {
+            base: 0,
+            stride: 2048,
+            ratio: 1,
+        };
+        let output = PoolSection {
+            base: 128 * 2048,
+            stride: 146,
+            ratio: 4,
+        };
+        let fpb = 128 * 2048 + 32 * 146;
+        assert!(check_compress(16, &ROWS, fpb, 128, &input, &output, &c).is_ok());
+        let short = PoolSection {
+            stride: 145,
+            ..output
+        };
+        assert!(check_compress(16, &ROWS, fpb, 128, &input, &short, &c).is_err());
+        let f32_out = CompressParams {
+            out_format: F32,
+            ..c
+        };
+        assert!(check_compress(16, &ROWS, fpb, 128, &input, &output, &f32_out).is_err());
+        let bad = CompressParams {
+            out_format: Fp8Latent { rope: 513 },
+            ..c
+        };
+        assert!(check_compress(16, &ROWS, fpb, 128, &input, &output, &bad).is_err());
+        // The indexer's compressed keys: 128 values in 33 slots.
+        let idx = CompressParams {
+            dim: 128,
+            out_format: Fp8Indexer,
+            ..c
+        };
+        let idx_out = PoolSection {
+            stride: 33,
+            ..output
+        };
+        let input = PoolSection {
+            stride: 512,
+            ..input
+        };
+        let fpb = 128 * 512 + 32 * 33;
+        assert!(check_compress(16, &ROWS, fpb, 128, &input, &idx_out, &idx).is_ok());
+        let idx_short = PoolSection {
+            stride: 32,
+            ..idx_out
+        };
+        assert!(check_compress(16, &ROWS, fpb, 128, &input, &idx_short, &idx).is_err());
+    }
+
+    #[test]
+    fn bad_launch_arguments_are_errors() {
+        let sec = PoolSection {
+            base: 0,
+            stride: 128,
+            ratio: 1,
+        };
+        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &sec, 64, 2, F32).is_ok());
+        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &sec, 65, 2, F32).is_err());
+        assert!(check_pool_write(0, &ROWS, 1 << 20, 128, &sec, 64, 1, F32).is_err());
+        let no_lens = RowTable { bt_lens: 0, ..ROWS };
+        assert!(check_pool_write(16, &no_lens, 1 << 20, 128, &sec, 64, 1, F32).is_err());
+        let ratio4 = PoolSection { ratio: 4, ..sec };
+        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &ratio4, 64, 1, F32).is_err());
+
+        let c = CompressParams {
+            ratio: 4,
+            coff: 2,
+            dim: 512,
+            ape: 16,
+            norm: 16,
+            inv_freq: 16,
+            rope_dim: 64,
+            attention_factor: 1.0,
+            eps: 1e-6,
+            out_format: F32,
         };
         let input = PoolSection {
             base: 0,

@@ -160,10 +160,12 @@ impl CudaBackend {
                 head_dim,
                 splits,
                 scale,
+                format: keys.format,
             };
             // SAFETY: q and out hold tokens * heads * head_dim f32, starts tokens + 1 i32 indexing
             // into `off`, sinks `heads` f32, the workspace the size the launch asks for, and
-            // every key offset + head_dim was checked to lie inside the pool.
+            // every key offset + the row's slots in `keys.format` was checked to lie inside the
+            // pool.
             unsafe { self.kernels.paged_attention(s, &call) }.map_err(kernel_err)?;
         }
         self.download(&out)
@@ -242,6 +244,7 @@ impl CudaBackend {
                 heads,
                 dim,
                 scale,
+                format: rows.format,
             };
             // SAFETY: q holds tokens * heads * dim f32, weights tokens * heads, the tables and
             // their starts cover every visible row (checked against the pool by check_indexer),

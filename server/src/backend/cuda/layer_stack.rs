@@ -1732,12 +1732,13 @@ impl CudaBackend {
                         bs,
                         &PoolSection {
                             base: start + lay.window,
-                            stride: hd,
+                            stride: g.latent_slots,
                             ratio: 1,
                         },
                         kvp,
                         hd,
                         hd,
+                        g.latent_format,
                     )
                 })
         }
@@ -1760,7 +1761,7 @@ impl CudaBackend {
                     input,
                     output: PoolSection {
                         base: start + lay.comp_rows,
-                        stride: hd,
+                        stride: g.latent_slots,
                         ratio,
                     },
                     kv: ptr(s, &sc.comp_kv),
@@ -1775,6 +1776,7 @@ impl CudaBackend {
                         rope_dim: rd,
                         attention_factor: compress_af,
                         eps,
+                        out_format: g.latent_format,
                     },
                 },
             )?;
@@ -1796,7 +1798,7 @@ impl CudaBackend {
                     },
                     output: PoolSection {
                         base: start + lay.idx_rows,
-                        stride: ihd,
+                        stride: g.index_slots,
                         ratio,
                     },
                     kv: ptr(s, &sc.idx_kv),
@@ -1811,6 +1813,7 @@ impl CudaBackend {
                         rope_dim: rd,
                         attention_factor: compress_af,
                         eps,
+                        out_format: g.index_format,
                     },
                 },
             )?;
@@ -1864,10 +1867,11 @@ impl CudaBackend {
                     block_size: bs,
                     base: start + lay.idx_rows,
                     ratio,
-                    stride: ihd,
+                    stride: g.index_slots,
                     heads: idx_heads,
                     dim: ihd,
                     scale: (ihd as f32).powf(-0.5),
+                    format: g.index_format,
                 };
                 // SAFETY: the tables cover every visible row of every token (checked above),
                 // `scores` holds their sum.
@@ -1913,20 +1917,20 @@ impl CudaBackend {
                     cfg.sliding_window,
                     &PoolSection {
                         base: start + lay.window,
-                        stride: hd,
+                        stride: g.latent_slots,
                         ratio: 1,
                     },
                     // A sliding layer reads no compressed rows (and has no such section).
                     &if key_mode == KeyMode::Window {
                         PoolSection {
                             base: start + lay.window,
-                            stride: hd,
+                            stride: g.latent_slots,
                             ratio: 1,
                         }
                     } else {
                         PoolSection {
                             base: start + lay.comp_rows,
-                            stride: hd,
+                            stride: g.latent_slots,
                             ratio,
                         }
                     },
@@ -1970,6 +1974,7 @@ impl CudaBackend {
             head_dim: hd,
             splits,
             scale: (hd as f32).powf(-0.5),
+            format: model.geometry.latent_format,
         };
         let attn = ptr_mut(s, &mut sc.attn);
         // SAFETY: q/attn hold n * heads * head_dim, the key lists were built above inside the
