@@ -15,7 +15,7 @@
 mod support;
 
 use dspark_server::backend::cuda::CudaBackend;
-use dspark_server::engine::model::{self, DeepseekV4, LoadOptions, ModelConfig, Shard};
+use dspark_server::engine::model::{self, DeepseekV4, KvStorage, LoadOptions, ModelConfig, Shard};
 use dspark_server::engine::{LogitsWanted, ModelRunner, StepPlan};
 use dspark_server::ranks::{Communicator, SingleRank};
 use std::path::Path;
@@ -74,6 +74,38 @@ fn tiny_model_matches_transformers_on_cuda() {
     let o = r.check_one_shot_prefill(&mut tiny_cuda(512), &["short", "chat"]);
     let g = r.check_greedy(&mut tiny_cuda(2048), &prompts);
     eprintln!("cuda tiny: worst relative error prefill {p:e}, one-shot {o:e}, decode {g:e}");
+}
+
+/// A pool of bf16 rows or FP8 records against transformers with the same roundings
+/// (make_kv_fixtures.py), at the CPU's bound for it (kv_storage.rs: rows within float noise of a
+/// rounding boundary may round the other way).
+const ROUNDED_BOUND: f64 = 1e-3;
+
+#[test]
+fn tiny_model_with_bf16_and_fp8_kv_matches_rounded_transformers_on_cuda() {
+    if !gpu_enabled("tiny_model_with_bf16_and_fp8_kv_matches_rounded_transformers_on_cuda") {
+        return;
+    }
+    let prompts = ["short", "chat", "one_hca_block", "long"];
+    for (storage, file) in [
+        (KvStorage::Bf16, "reference_kv_bf16.json"),
+        (KvStorage::Fp8, "reference_kv_fp8.json"),
+    ] {
+        let r = Reference::load(&support::repo_path(&format!("tests/fixtures/{file}")));
+        let load = || {
+            let dir = support::repo_path("assets/tiny-dsv4");
+            let cfg = ModelConfig::from_dir(&dir).unwrap();
+            let opts = LoadOptions {
+                kv_storage: storage,
+                ..cuda_opts(2048)
+            };
+            let src = support::tiny_checkpoint();
+            exact(model::build_cuda(cfg, &src, &opts, Arc::new(SingleRank)).unwrap())
+        };
+        let p = r.check_prefill_within(&mut load(), &prompts, ROUNDED_BOUND);
+        let g = r.check_greedy_within(&mut load(), &prompts, ROUNDED_BOUND);
+        eprintln!("cuda tiny, {storage:?} KV: worst relative error prefill {p:e}, decode {g:e}");
+    }
 }
 
 #[test]

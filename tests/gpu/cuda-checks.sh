@@ -12,7 +12,7 @@
 #    over the fixture runs and the KV kernel checks (if installed);
 # 3. the server on --device cuda at TP=1 (also with the pool sized from --gpu-memory-utilization)
 #    and, with two GPUs, TP=2 over NCCL (and with DSpark): greedy completions must equal the CPU
-#    backend's.
+#    backend's; with --kv-cache-dtype fp8 on both, CUDA (TP=1, TP=2) must equal the CPU too.
 set -uo pipefail
 server=${DSPARK_SERVER_BIN:?set DSPARK_SERVER_BIN}
 tests=${DSPARK_MODEL_CUDA_BIN:?set DSPARK_MODEL_CUDA_BIN}
@@ -22,7 +22,7 @@ step() { printf '\n==> %s\n' "$*"; }
 kv_tests=${DSPARK_BACKEND_KV_CUDA_BIN:-}
 stack_tests=${DSPARK_LAYER_STACK_CUDA_BIN:-}
 # Optional: the kernels crate's GPU test binaries (layer_ops_gpu, paged_gpu, fp8_grouped_gpu, moe_sorted_gpu,
-# dense_gemv_gpu, gpu_smoke), space-separated.
+# dense_gemv_gpu, gpu_smoke, attention_heads_gpu, kv_record_gpu), space-separated.
 kernel_tests=${DSPARK_KERNEL_TEST_BINS:-}
 
 for k in $kernel_tests; do
@@ -110,6 +110,17 @@ if (( gpus >= 2 )); then
   [[ "$want" == "$got3" ]] || { echo "MISMATCH cuda tp2 dspark"; fail=1; }
 else
   step "one GPU: TP=2 over NCCL skipped"
+fi
+
+step "server: FP8 KV records (--kv-cache-dtype fp8): CPU, CUDA TP=1$( (( gpus >= 2 )) && echo ', TP=2')"
+serve 8106 cpu 1 --kv-cache-dtype fp8 && want8=$(complete 8106); stop 8106
+serve 8107 cuda 1 --kv-cache-dtype fp8 && got8=$(complete 8107); stop 8107
+echo "cpu fp8 : $want8"; echo "cuda fp8: $got8"
+[[ -n "$want8" && "$want8" == "$got8" ]] || { echo "MISMATCH cuda fp8 kv"; fail=1; }
+if (( gpus >= 2 )); then
+  serve 8108 cuda 2 --kv-cache-dtype fp8 && got8b=$(complete 8108); stop 8108
+  echo "cuda tp2 fp8: $got8b"
+  [[ "$want8" == "$got8b" ]] || { echo "MISMATCH cuda tp2 fp8 kv"; fail=1; }
 fi
 step "result: $([[ $fail == 0 ]] && echo PASS || echo FAIL)"
 exit $fail
