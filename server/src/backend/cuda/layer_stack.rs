@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use dspark_kernels::kv_record::KvRowFormat;
 use dspark_kernels::launch::attention::ATTENTION_HEAD_GROUP;
 use dspark_kernels::launch::layer_ops::{
     hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcPost, HcPreFused, RmsNormF32, RopeF32,
@@ -502,11 +503,20 @@ fn gemm_piece_rows(bucket: usize, cfg: &crate::engine::model::ModelConfig) -> us
 const HEAD_GROUPED_MIN_KEYS: usize = 2048;
 
 /// How a step's attention over lists of up to `max_keys` keys runs: head-grouped (a key row read
-/// once per [`ATTENTION_HEAD_GROUP`] heads: GEMM steps, and long lists) where the heads divide
-/// into groups, else one block per head; and its split count.
-fn attention_plan(max_keys: usize, n: usize, heads: usize, sms: usize) -> (bool, usize) {
+/// once per [`ATTENTION_HEAD_GROUP`] heads: GEMM steps, long lists, and rows stored in a
+/// compact format, which are then decoded once per group instead of once per head) where the
+/// heads divide into groups, else one block per head; and its split count.
+fn attention_plan(
+    max_keys: usize,
+    n: usize,
+    heads: usize,
+    format: KvRowFormat,
+    sms: usize,
+) -> (bool, usize) {
     let grouped = heads.is_multiple_of(ATTENTION_HEAD_GROUP)
-        && (n > STACK_MAX_ROWS || max_keys >= HEAD_GROUPED_MIN_KEYS);
+        && (n > STACK_MAX_ROWS
+            || max_keys >= HEAD_GROUPED_MIN_KEYS
+            || format != KvRowFormat::F32);
     let blocks_per_token = if grouped {
         heads / ATTENTION_HEAD_GROUP
     } else {
@@ -1394,8 +1404,13 @@ impl CudaBackend {
         let work = key_classes
             .iter()
             .map(|c| {
-                let (_, splits) =
-                    attention_plan(c.max_keys, n, heads, self.kernels.multiprocessors());
+                let (_, splits) = attention_plan(
+                    c.max_keys,
+                    n,
+                    heads,
+                    model.geometry.latent_format,
+                    self.kernels.multiprocessors(),
+                );
                 attention_workspace_floats(n, heads, hd, splits)
             })
             .max()
@@ -1954,8 +1969,13 @@ impl CudaBackend {
             }
             .map_err(kernel_err)?;
         }
-        let (grouped, splits) =
-            attention_plan(class.max_keys, n, heads, self.kernels.multiprocessors());
+        let (grouped, splits) = attention_plan(
+            class.max_keys,
+            n,
+            heads,
+            model.geometry.latent_format,
+            self.kernels.multiprocessors(),
+        );
         fits(
             "attention workspace",
             sc.attn_work.len(),
@@ -2396,15 +2416,19 @@ mod tests {
     fn attention_groups_heads_for_gemm_steps_and_long_lists_only() {
         let sms = 132;
         // Decode at 8K context (~700 keys): one block per head.
-        assert!(!attention_plan(700, 1, 32, sms).0);
+        let f32 = KvRowFormat::F32;
+        assert!(!attention_plan(700, 1, 32, f32, sms).0);
         // Decode over a 1M-context HCA list: grouped, with more splits for fewer head blocks.
-        let (grouped, splits) = attention_plan(8320, 1, 32, sms);
+        let (grouped, splits) = attention_plan(8320, 1, 32, f32, sms);
         assert!(grouped);
         assert!(splits > attention_splits(8320, 1, 32, sms));
         // A GEMM step: grouped whatever the list.
-        assert!(attention_plan(700, 4096, 64, sms).0);
+        assert!(attention_plan(700, 4096, 64, f32, sms).0);
+        // FP8 or bf16 rows: grouped, so each row is decoded once per group of heads.
+        assert!(attention_plan(700, 1, 32, KvRowFormat::Fp8Latent { rope: 64 }, sms).0);
+        assert!(attention_plan(700, 1, 32, KvRowFormat::Bf16, sms).0);
         // Heads that do not divide into groups never are.
-        assert!(!attention_plan(8320, 4096, 4, sms).0);
+        assert!(!attention_plan(8320, 4096, 4, f32, sms).0);
     }
 
     #[test]
