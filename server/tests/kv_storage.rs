@@ -11,7 +11,7 @@ use dspark_server::engine::model::{self, DeepseekV4, KvStorage, LoadOptions, Mod
 use dspark_server::engine::{LogitsWanted, ModelRunner};
 use dspark_server::ranks::SingleRank;
 use std::sync::{Arc, OnceLock};
-use support::reference::{blocks_for, ids, max_rel_diff, run, seq, Reference};
+use support::reference::{cut_three_ways, ids, max_rel_diff, run, seq, Reference};
 
 fn fixture() -> &'static Reference {
     static F: OnceLock<Reference> = OnceLock::new();
@@ -98,53 +98,13 @@ fn lossy_formats_move_the_logits_by_their_rounding() {
     }
 }
 
-/// Logits of `toks` prefilled at once, decoded one by one after 100, and in uneven chunks.
-fn cut_three_ways(storage: KvStorage, toks: &[u32]) -> [Vec<Vec<f32>>; 3] {
-    let n = toks.len();
-    let mut m = tiny_model(1024, storage);
-    let bt = blocks_for(&m, 0, n);
-    let one = run(&mut m, vec![seq(1, 0, toks, &bt, LogitsWanted::All)]).remove(0);
-    let bt2 = blocks_for(&m, bt.len() as u32, n);
-    let mut decoded = run(
-        &mut m,
-        vec![seq(2, 0, &toks[..100], &bt2, LogitsWanted::All)],
-    )
-    .remove(0);
-    for pos in 100..n {
-        decoded.extend(
-            run(
-                &mut m,
-                vec![seq(2, pos, &toks[pos..pos + 1], &bt2, LogitsWanted::Last)],
-            )
-            .remove(0),
-        );
-    }
-    let bt3 = blocks_for(&m, 2 * bt.len() as u32, n);
-    let mut chunked = Vec::new();
-    let mut start: usize = 0;
-    for len in [3usize, 1, 60, 64, 5, 20, usize::MAX] {
-        let end = start.saturating_add(len).min(n);
-        if end > start {
-            chunked.extend(
-                run(
-                    &mut m,
-                    vec![seq(3, start, &toks[start..end], &bt3, LogitsWanted::All)],
-                )
-                .remove(0),
-            );
-        }
-        start = end;
-    }
-    [one, decoded, chunked]
-}
-
 #[test]
 fn stored_formats_keep_decode_and_chunking_equal_to_one_prefill() {
     let p = fixture().prompt("one_hca_block");
     let mut toks = ids(&p["input_ids"]);
     toks.extend(ids(&p["greedy"]));
     for storage in [KvStorage::Bf16, KvStorage::Fp8] {
-        let [one, decoded, chunked] = cut_three_ways(storage, &toks);
+        let [one, decoded, chunked] = cut_three_ways(&mut tiny_model(1024, storage), &toks);
         assert_eq!((decoded.len(), chunked.len()), (toks.len(), toks.len()));
         for i in 0..toks.len() {
             // The same bound as the f32 pool (model_fixtures.rs): the rows rounded into the pool

@@ -12,7 +12,9 @@ use dspark_server::engine::model::{self, DeepseekV4, LoadOptions, ModelConfig};
 use dspark_server::engine::{LogitsWanted, ModelRunner, SeqPlan, StepPlan};
 use dspark_server::ranks::SingleRank;
 use std::sync::{Arc, OnceLock};
-use support::reference::{blocks_for, ids, max_rel_diff, prefill_then_decode, run, seq, Reference};
+use support::reference::{
+    blocks_for, cut_three_ways, ids, max_rel_diff, prefill_then_decode, run, seq, Reference,
+};
 
 fn fixture() -> &'static Reference {
     static F: OnceLock<Reference> = OnceLock::new();
@@ -62,53 +64,13 @@ fn greedy_continuations_match_token_for_token() {
 
 #[test]
 fn decode_and_chunked_prefill_equal_one_prefill() {
-    // Crosses an HCA window (128) and several CSA windows in both modes.
+    // Crosses an HCA window (128) and several CSA windows in both modes: 100 tokens then decode
+    // one by one, and uneven chunks, against one prefill.
     let p = prompt("one_hca_block");
     let mut toks = ids(&p["input_ids"]);
     toks.extend(ids(&p["greedy"]));
     let n = toks.len();
-    let mut m = tiny_model(1024);
-    let bt = blocks_for(&m, 0, n);
-    let one = run(&mut m, vec![seq(1, 0, &toks, &bt, LogitsWanted::All)]).remove(0);
-
-    // Prefill 100 tokens, then decode one by one.
-    let bt2 = blocks_for(&m, bt.len() as u32, n);
-    let mut logits = run(
-        &mut m,
-        vec![seq(2, 0, &toks[..100], &bt2, LogitsWanted::All)],
-    )
-    .remove(0);
-    for pos in 100..n {
-        logits.extend(
-            run(
-                &mut m,
-                vec![seq(2, pos, &toks[pos..pos + 1], &bt2, LogitsWanted::Last)],
-            )
-            .remove(0),
-        );
-    }
-    // Uneven chunks.
-    let bt3 = blocks_for(&m, 2 * bt.len() as u32, n);
-    let mut chunked = Vec::new();
-    let mut start = 0;
-    for len in [3, 1, 60, 64, 5, 20] {
-        let end = (start + len).min(n);
-        chunked.extend(
-            run(
-                &mut m,
-                vec![seq(3, start, &toks[start..end], &bt3, LogitsWanted::All)],
-            )
-            .remove(0),
-        );
-        start = end;
-    }
-    chunked.extend(
-        run(
-            &mut m,
-            vec![seq(3, start, &toks[start..], &bt3, LogitsWanted::All)],
-        )
-        .remove(0),
-    );
+    let [one, logits, chunked] = cut_three_ways(&mut tiny_model(1024), &toks);
     assert_eq!(logits.len(), n);
     assert_eq!(chunked.len(), n);
     for i in 0..n {

@@ -64,15 +64,14 @@ impl Reference {
         (worst / max_abs, argmax(ours) == top_ids[0])
     }
 
-    /// Prefills each named prompt as [`Self::check_prefill`] does and returns, over every
-    /// listed position, the worst relative error and how many top-1s equal the reference's (of
-    /// how many), asserting nothing.
-    pub fn prefill_errors<B: Backend>(
+    /// Prefills each named prompt in chunks ending at its reference positions; for every listed
+    /// position: (prompt, position, relative error, whether our top-1 is the reference's).
+    pub fn prefill_rows<B: Backend>(
         &self,
         m: &mut DeepseekV4<B>,
         names: &[&str],
-    ) -> (f64, usize, usize) {
-        let (mut worst, mut same_top, mut rows): (f64, usize, usize) = (0.0, 0, 0);
+    ) -> Vec<(String, usize, f64, bool)> {
+        let mut out = Vec::new();
         for (k, name) in names.iter().enumerate() {
             let p = self.prompt(name);
             let toks = ids(&p["input_ids"]);
@@ -82,12 +81,23 @@ impl Reference {
             for (i, pos) in positions.iter().enumerate() {
                 let ours = &got.iter().find(|(q, _)| q == pos).unwrap().1;
                 let (e, top) = self.row_error_and_top1(ours, p, i);
-                worst = worst.max(e);
-                same_top += usize::from(top);
-                rows += 1;
+                out.push((name.to_string(), *pos, e, top));
             }
         }
-        (worst, same_top, rows)
+        out
+    }
+
+    /// [`Self::prefill_rows`] summed up, asserting nothing: the worst relative error and how
+    /// many top-1s equal the reference's, of how many.
+    pub fn prefill_errors<B: Backend>(
+        &self,
+        m: &mut DeepseekV4<B>,
+        names: &[&str],
+    ) -> (f64, usize, usize) {
+        let rows = self.prefill_rows(m, names);
+        let worst = rows.iter().fold(0f64, |w, r| w.max(r.2));
+        let same_top = rows.iter().filter(|r| r.3).count();
+        (worst, same_top, rows.len())
     }
 
     /// Prefills each named prompt in chunks ending at its reference positions and checks every
@@ -104,18 +114,10 @@ impl Reference {
         bound: f64,
     ) -> f64 {
         let mut worst: f64 = 0.0;
-        for (k, name) in names.iter().enumerate() {
-            let p = self.prompt(name);
-            let toks = ids(&p["input_ids"]);
-            let positions = usizes(&p["positions"]);
-            let bt = blocks_for(m, 0, toks.len());
-            let got = chunked_prefill(m, k as u64 + 1, &toks, &bt, &positions);
-            for (i, pos) in positions.iter().enumerate() {
-                let ours = &got.iter().find(|(q, _)| q == pos).unwrap().1;
-                let e = self.row_error(ours, p, i);
-                assert!(e < bound, "{name} position {pos}: relative error {e:e}");
-                worst = worst.max(e);
-            }
+        for (name, pos, e, top) in self.prefill_rows(m, names) {
+            assert!(top, "{name} position {pos}: top-1 differs");
+            assert!(e < bound, "{name} position {pos}: relative error {e:e}");
+            worst = worst.max(e);
         }
         worst
     }
@@ -227,6 +229,41 @@ pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f64 {
         .map(|(x, y)| (*x as f64 - *y as f64).abs())
         .fold(0.0, f64::max)
         / scale
+}
+
+/// Logits of `toks` prefilled at once, decoded one by one after 100, and in uneven chunks.
+pub fn cut_three_ways<B: Backend>(m: &mut DeepseekV4<B>, toks: &[u32]) -> [Vec<Vec<f32>>; 3] {
+    let n = toks.len();
+    let bt = blocks_for(m, 0, n);
+    let one = run(m, vec![seq(1, 0, toks, &bt, LogitsWanted::All)]).remove(0);
+    let bt2 = blocks_for(m, bt.len() as u32, n);
+    let mut decoded = run(m, vec![seq(2, 0, &toks[..100], &bt2, LogitsWanted::All)]).remove(0);
+    for pos in 100..n {
+        decoded.extend(
+            run(
+                m,
+                vec![seq(2, pos, &toks[pos..pos + 1], &bt2, LogitsWanted::Last)],
+            )
+            .remove(0),
+        );
+    }
+    let bt3 = blocks_for(m, 2 * bt.len() as u32, n);
+    let mut chunked = Vec::new();
+    let mut start: usize = 0;
+    for len in [3usize, 1, 60, 64, 5, 20, usize::MAX] {
+        let end = start.saturating_add(len).min(n);
+        if end > start {
+            chunked.extend(
+                run(
+                    m,
+                    vec![seq(3, start, &toks[start..end], &bt3, LogitsWanted::All)],
+                )
+                .remove(0),
+            );
+        }
+        start = end;
+    }
+    [one, decoded, chunked]
 }
 
 /// Consecutive KV block ids from `first`, enough for `tokens`.
