@@ -53,7 +53,7 @@ __device__ __forceinline__ uint4 dsk_ld_stream16(const void *p) {
     return r;
 }
 
-// f32 to TF32 (round to nearest, ties away from zero), as f32 bits with the low 13 zero.
+// f32 to TF32 (round to nearest, ties away from zero), as the 32-bit MMA operand (its top 19 bits).
 __device__ __forceinline__ unsigned int dsk_f32_to_tf32(float x) {
     unsigned int r;
     asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
