@@ -716,6 +716,12 @@ impl Kernels {
         self.sms
     }
 
+    /// Largest dynamic shared memory a block may opt in to (bytes): decides which indexer kernel
+    /// runs (see `attention::indexer_kernel`).
+    pub fn smem_optin(&self) -> usize {
+        self.smem_optin
+    }
+
     /// Where each module came from.
     pub fn origins(&self) -> &[(&'static str, ModuleOrigin)] {
         &self.origins

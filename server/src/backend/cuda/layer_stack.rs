@@ -514,9 +514,7 @@ fn attention_plan(
     sms: usize,
 ) -> (bool, usize) {
     let grouped = heads.is_multiple_of(ATTENTION_HEAD_GROUP)
-        && (n > STACK_MAX_ROWS
-            || max_keys >= HEAD_GROUPED_MIN_KEYS
-            || format != KvRowFormat::F32);
+        && (n > STACK_MAX_ROWS || max_keys >= HEAD_GROUPED_MIN_KEYS || format != KvRowFormat::F32);
     let blocks_per_token = if grouped {
         heads / ATTENTION_HEAD_GROUP
     } else {
