@@ -3,7 +3,8 @@
 // common.cuh helpers they call (written from their definitions, not the PTX), a launch loop over
 // blocks, and the tests' xorshift64*. A tool includes this, then the kernel source, then its cases.
 // They check kernel logic (indexing, synchronisation, order of operations) on a machine without a
-// GPU; they do not reproduce the GPU's expf/cos or the tensor-core paths.
+// GPU; they do not reproduce the GPU's expf/cos, nor the tensor cores beyond the TF32 MMA below
+// (from its PTX fragment layout, summed in double).
 #pragma once
 #include <algorithm>
 #include <barrier>
