@@ -541,6 +541,175 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_tiled_f32(
     }
 }
 
+// Lightning Indexer scores on the TF32 tensor cores (mma.sync m16n8k8, sm_80+), for heads <= 64
+// and dim <= 128 (dim % 8 == 0): the same scores, arguments, row addressing and output as
+// dsk_indexer_scores_tiled_f32, with the products rounded to TF32 (bf16 and e4m3 keys are exact
+// in TF32; f32 keys and the queries round to nearest, ties away: 2^-11 relative per value).
+// A block scores 64 rows of token t (grid y) per tile. Shared memory holds the token's queries
+// qs[h][d] (TF32, heads padded to 8 with zeros) and the decoded tile ks[row][d] (TF32), both with
+// a row stride of 132 words, so a fragment load (lane (g, tg) reads row g, word tg) hits 32
+// different banks. Warp w computes rows 16 (w & 3) .. +16 against the n-tiles (8 heads) w >> 2,
+// + 2, + 4, + 6: the A fragment of a k-step is loaded once for its (up to) four MMAs. The next
+// tile's record words are loaded into registers before this tile's MMAs (a block keeps one load
+// latency in flight behind its tensor-core work) and decoded into ks after them. relu, scale and
+// head weights are applied on the accumulators; a row's heads are summed over the 4 lanes of its
+// quad, then over the two warps of its rows through shared memory.
+#define DSK_IDXM_ROWS 64
+#define DSK_IDXM_LD 132
+// Most words of a row a lane loads: FP8 rows of 128 values are 32 words (plus the scale), bf16
+// 64, f32 128; a warp loads whole rows, 32 words at a time.
+template <int FMT> struct DskIdxmWords { static constexpr int n = FMT == DSK_KV_F32 ? 4 : FMT == DSK_KV_BF16 ? 2 : 1; };
+
+// Rows r0 + warp + 8 j (j < 8) of the tile: lane L takes words L + 32 i of each. Rows past the
+// visible ones load the last visible row instead (their scores are not written), so the code is
+// branch-free: the eight block-table loads go out together, then every record word.
+template <int FMT>
+__device__ __forceinline__ void dsk_idxm_load(
+    unsigned int (&v)[8][DskIdxmWords<FMT>::n], float (&sc)[8], const float *__restrict__ pool,
+    const unsigned int *__restrict__ tb, long long fpb, int bs, long long base, int ratio, int stride,
+    int dim, int vis, int r0) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int wpr = FMT == DSK_KV_F32 ? dim : FMT == DSK_KV_BF16 ? dim >> 1 : dim >> 2;
+    const float *k[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const int pos = min(r0 + warp + 8 * j, vis - 1) * ratio;
+        k[j] = pool + (long long)tb[pos / bs] * fpb + base + (long long)((pos % bs) / ratio) * stride;
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const unsigned int *kw = reinterpret_cast<const unsigned int *>(k[j]);
+#pragma unroll
+        for (int i = 0; i < DskIdxmWords<FMT>::n; ++i) v[j][i] = lane + 32 * i < wpr ? kw[lane + 32 * i] : 0u;
+        sc[j] = FMT == DSK_KV_FP8_INDEXER ? k[j][wpr] : 0.f;
+    }
+}
+
+// Row warp + 8 j of the tile into ks as TF32.
+template <int FMT>
+__device__ __forceinline__ void dsk_idxm_store(
+    const unsigned int (&v)[8][DskIdxmWords<FMT>::n], const float (&sc)[8], float *ks, int dim) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int wpr = FMT == DSK_KV_F32 ? dim : FMT == DSK_KV_BF16 ? dim >> 1 : dim >> 2;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        float *row = ks + (warp + 8 * j) * DSK_IDXM_LD;
+#pragma unroll
+        for (int i = 0; i < DskIdxmWords<FMT>::n; ++i) {
+            const int c = lane + 32 * i;
+            if (c < wpr) {
+                const unsigned int x = v[j][i];
+                if (FMT == DSK_KV_FP8_INDEXER) {
+                    // e4m3 times a power of two: exact in f32 and in TF32.
+                    float x0, x1, x2, x3;
+                    dsk_e4m3x2_to_f32(x & 0xffffu, x0, x1);
+                    dsk_e4m3x2_to_f32(x >> 16, x2, x3);
+                    *reinterpret_cast<float4 *>(row + 4 * c) = make_float4(x0 * sc[j], x1 * sc[j], x2 * sc[j], x3 * sc[j]);
+                } else if (FMT == DSK_KV_BF16) {
+                    *reinterpret_cast<float2 *>(row + 2 * c) = make_float2(dsk_bf16lo(x), dsk_bf16hi(x));
+                } else {
+                    row[c] = __uint_as_float(dsk_f32_to_tf32(__uint_as_float(x)));
+                }
+            }
+        }
+    }
+}
+
+template <int FMT>
+__device__ __forceinline__ void dsk_idxm_tiles(
+    const float *__restrict__ pool, const unsigned int *__restrict__ tb, long long fpb, int bs,
+    long long base, int ratio, int stride, int heads, int dim, float scale, float *__restrict__ ot,
+    int vis, float *ks, float *red, const float *ws, const float *qs) {
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tg = lane & 3;
+    const int mt = warp & 3, half = warp >> 2, ntiles = (heads + 7) >> 3;
+    const unsigned int *ka = reinterpret_cast<const unsigned int *>(ks) + (16 * mt + g) * DSK_IDXM_LD + tg;
+    const unsigned int *qb = reinterpret_cast<const unsigned int *>(qs) + g * DSK_IDXM_LD + tg;
+    unsigned int v[8][DskIdxmWords<FMT>::n];
+    float sc[8];
+    const int step = gridDim.x * DSK_IDXM_ROWS;
+    int r0 = blockIdx.x * DSK_IDXM_ROWS;
+    if (r0 < vis) dsk_idxm_load<FMT>(v, sc, pool, tb, fpb, bs, base, ratio, stride, dim, vis, r0);
+    for (; r0 < vis; r0 += step) {
+        __syncthreads();  // the previous tile's readers of ks and red are done (and qs is written)
+        dsk_idxm_store<FMT>(v, sc, ks, dim);
+        __syncthreads();
+        if (r0 + step < vis) dsk_idxm_load<FMT>(v, sc, pool, tb, fpb, bs, base, ratio, stride, dim, vis, r0 + step);
+        float acc[4][4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+        for (int k0 = 0; k0 < dim; k0 += 8) {
+            // A (16 rows x 8 dims, row-major): rows g, g + 8; dims tg, tg + 4.
+            const unsigned int a0 = ka[k0], a1 = ka[8 * DSK_IDXM_LD + k0];
+            const unsigned int a2 = ka[k0 + 4], a3 = ka[8 * DSK_IDXM_LD + k0 + 4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int nt = half + 2 * i;
+                if (nt < ntiles) {
+                    // B (8 dims x 8 heads, column-major = qs rows): head 8 nt + g; dims tg, tg + 4.
+                    const unsigned int *qn = qb + 8 * nt * DSK_IDXM_LD + k0;
+                    dsk_mma_tf32_m16n8k8(acc[i], a0, a1, a2, a3, qn[0], qn[4]);
+                }
+            }
+        }
+        // C: rows g (e = 0, 1) and g + 8 (e = 2, 3); heads 8 nt + 2 tg + (e & 1).
+        float sg = 0.f, sg8 = 0.f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int nt = half + 2 * i;
+            if (nt < ntiles) {
+                const float w0 = ws[8 * nt + 2 * tg], w1 = ws[8 * nt + 2 * tg + 1];
+                sg += (fmaxf(acc[i][0], 0.f) * scale) * w0 + (fmaxf(acc[i][1], 0.f) * scale) * w1;
+                sg8 += (fmaxf(acc[i][2], 0.f) * scale) * w0 + (fmaxf(acc[i][3], 0.f) * scale) * w1;
+            }
+        }
+#pragma unroll
+        for (int o = 1; o < 4; o <<= 1) {
+            sg += __shfl_xor_sync(0xffffffffu, sg, o);
+            sg8 += __shfl_xor_sync(0xffffffffu, sg8, o);
+        }
+        if (tg == 0) {
+            red[half * DSK_IDXM_ROWS + 16 * mt + g] = sg;
+            red[half * DSK_IDXM_ROWS + 16 * mt + g + 8] = sg8;
+        }
+        __syncthreads();
+        if (tid < DSK_IDXM_ROWS && r0 + tid < vis) ot[r0 + tid] = red[tid] + red[DSK_IDXM_ROWS + tid];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_mma(
+    const float *__restrict__ pool, const float *__restrict__ q, const float *__restrict__ w,
+    const unsigned int *__restrict__ bt, const int *__restrict__ bt_start,
+    const int *__restrict__ visible, const long long *__restrict__ out_start, long long fpb,
+    int bs, long long base, int ratio, int stride, int heads, int dim, float scale,
+    float *__restrict__ out, int fmt) {
+    extern __shared__ float smem[];
+    // ks [64][132] | red [2][64] | ws [64] | qs [heads rounded up to 8][132]
+    float *ks = smem;
+    float *red = ks + DSK_IDXM_ROWS * DSK_IDXM_LD;
+    float *ws = red + 2 * DSK_IDXM_ROWS;
+    float *qs = ws + 64;
+    const int t = blockIdx.y, tid = threadIdx.x;
+    const int vis = visible[t];
+    if ((int)blockIdx.x * DSK_IDXM_ROWS >= vis) return;  // the whole block: no tile of its own
+    const int hp = (heads + 7) & ~7;
+    const float *qt = q + (long long)t * heads * dim;
+    for (int i = tid; i < hp * dim; i += 256) {
+        const int h = i / dim, d = i - h * dim;
+        qs[h * DSK_IDXM_LD + d] = h < heads ? __uint_as_float(dsk_f32_to_tf32(qt[i])) : 0.f;
+    }
+    for (int i = tid; i < 64; i += 256) ws[i] = i < heads ? w[(long long)t * heads + i] : 0.f;
+    const unsigned int *tb = bt + bt_start[t];
+    float *ot = out + out_start[t];
+    if (fmt == DSK_KV_FP8_INDEXER)
+        dsk_idxm_tiles<DSK_KV_FP8_INDEXER>(pool, tb, fpb, bs, base, ratio, stride, heads, dim, scale, ot, vis, ks, red, ws, qs);
+    else if (fmt == DSK_KV_BF16)
+        dsk_idxm_tiles<DSK_KV_BF16>(pool, tb, fpb, bs, base, ratio, stride, heads, dim, scale, ot, vis, ks, red, ws, qs);
+    else
+        dsk_idxm_tiles<DSK_KV_F32>(pool, tb, fpb, bs, base, ratio, stride, heads, dim, scale, ot, vis, ks, red, ws, qs);
+}
+
 // Order-preserving u32 key of an f32: a larger float (in IEEE total order, as Rust's
 // f32::total_cmp) gets a larger key.
 __device__ __forceinline__ unsigned int dsk_f32_order_key(float f) {

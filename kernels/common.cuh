@@ -53,6 +53,27 @@ __device__ __forceinline__ uint4 dsk_ld_stream16(const void *p) {
     return r;
 }
 
+// f32 to TF32 (round to nearest, ties away from zero), as the 32-bit MMA operand (its top 19 bits).
+__device__ __forceinline__ unsigned int dsk_f32_to_tf32(float x) {
+    unsigned int r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+
+// d += A B on the TF32 tensor cores (sm_80+), one warp. Lane (g, tg) = (lane / 4, lane % 4) holds
+// A (16 x 8, row-major) at (g, tg), (g + 8, tg), (g, tg + 4), (g + 8, tg + 4); B (8 x 8,
+// column-major) at (tg, g), (tg + 4, g); C/D (16 x 8) at (g, 2 tg), (g, 2 tg + 1), (g + 8, 2 tg),
+// (g + 8, 2 tg + 1).
+__device__ __forceinline__ void dsk_mma_tf32_m16n8k8(float (&d)[4], unsigned int a0, unsigned int a1,
+                                                     unsigned int a2, unsigned int a3, unsigned int b0,
+                                                     unsigned int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
 __device__ __forceinline__ float dsk_warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -593,6 +593,7 @@ pub struct Kernels {
     attend_combine: CudaFunction,
     indexer_scores: CudaFunction,
     indexer_scores_tiled: CudaFunction,
+    indexer_scores_mma: CudaFunction,
     swiglu_clip: CudaFunction,
     add: CudaFunction,
     topk_select: CudaFunction,
@@ -670,6 +671,7 @@ impl Kernels {
             attend_combine: f(&attn, "dsk_attend_combine_f32")?,
             indexer_scores: f(&attn, "dsk_indexer_scores_f32")?,
             indexer_scores_tiled: f(&attn, "dsk_indexer_scores_tiled_f32")?,
+            indexer_scores_mma: f(&attn, "dsk_indexer_scores_mma")?,
             swiglu_clip: f(&elementwise, "dsk_swiglu_clip_f32")?,
             topk_select: f(&attn, "dsk_topk_select_f32")?,
             fp8_dequant: f(&elementwise, "dsk_fp8_dequant_f32")?,
@@ -690,6 +692,7 @@ impl Kernels {
             &kernels.fp4_gate_up,
             &kernels.fp4_down,
             &kernels.indexer_scores_tiled,
+            &kernels.indexer_scores_mma,
         ] {
             func.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -711,6 +714,12 @@ impl Kernels {
 
     pub fn multiprocessors(&self) -> usize {
         self.sms
+    }
+
+    /// Largest dynamic shared memory a block may opt in to (bytes): decides which indexer kernel
+    /// runs (see `attention::indexer_kernel`).
+    pub fn smem_optin(&self) -> usize {
+        self.smem_optin
     }
 
     /// Where each module came from.

@@ -759,6 +759,7 @@ fn indexer_case(
         dim,
         scale,
         format,
+        tensor_cores: false,
     };
     // SAFETY: q [tokens, heads, dim], weights [tokens, heads], each token's table covers its
     // visible rows, out holds their sum.

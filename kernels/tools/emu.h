@@ -3,7 +3,8 @@
 // common.cuh helpers they call (written from their definitions, not the PTX), a launch loop over
 // blocks, and the tests' xorshift64*. A tool includes this, then the kernel source, then its cases.
 // They check kernel logic (indexing, synchronisation, order of operations) on a machine without a
-// GPU; they do not reproduce the GPU's expf/cos or the tensor-core paths.
+// GPU; they do not reproduce the GPU's expf/cos, nor the tensor cores beyond the TF32 MMA below
+// (from its PTX fragment layout, summed in double).
 #pragma once
 #include <algorithm>
 #include <barrier>
@@ -18,6 +19,7 @@
 struct D3 { unsigned int x = 0, y = 0, z = 0; };
 struct uint4 { unsigned int x, y, z, w; };
 struct float4 { float x, y, z, w; };
+struct float2 { float x, y; };
 thread_local D3 threadIdx, blockIdx;
 D3 blockDim, gridDim;
 thread_local std::barrier<> *g_block_bar;
@@ -34,6 +36,7 @@ static float g_shfl[1024];
 inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
 template <class T> inline T __ldg(const T *p) { T v; memcpy(&v, p, sizeof v); return v; }
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+inline float2 make_float2(float a, float b) { return {a, b}; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
@@ -80,6 +83,60 @@ inline float dsk_warp_sum(float v) {
         v += other;
     }
     return v;
+}
+// KV pool row records (common.cuh), decoded from their definition.
+#define DSK_KV_F32 0
+#define DSK_KV_BF16 1
+#define DSK_KV_FP8 2
+#define DSK_KV_FP8_INDEXER 3
+#define DSK_KV_FP8_GROUP 64
+inline float dsk_e4m3_to_f32(unsigned b) { return emu_e4m3(b & 0xffu); }
+inline float dsk_kv_value(const float *row, int fmt, int dim, int rope, int d) {
+    const unsigned char *b = reinterpret_cast<const unsigned char *>(row);
+    if (fmt == DSK_KV_F32) return row[d];
+    if (fmt == DSK_KV_BF16) return dsk_bf16_to_f32(reinterpret_cast<const unsigned short *>(row)[d]);
+    if (fmt == DSK_KV_FP8) {
+        const int nope = dim - rope;
+        if (d >= nope) {
+            unsigned short h;
+            memcpy(&h, b + nope + 2 * (d - nope), 2);
+            return dsk_bf16_to_f32(h);
+        }
+        return emu_e4m3(b[d]) * std::ldexp(1.f, (int)b[nope + 2 * rope + d / DSK_KV_FP8_GROUP] - 127);
+    }
+    return emu_e4m3(b[d]) * row[dim >> 2];
+}
+// The same values as the warp decoder, value by value (lane d % 32 writes value d).
+inline void dsk_kv_decode_row_warp(const float *row, int fmt, int dim, int rope, float *out) {
+    for (int d = (int)(threadIdx.x & 31u); d < dim; d += 32) out[d] = dsk_kv_value(row, fmt, dim, rope, d);
+}
+// TF32 from its definition: round to nearest on the top 19 bits, ties away from zero.
+inline unsigned dsk_f32_to_tf32(float x) {
+    const unsigned u = emu_float_bits(x);
+    if ((u & 0x7f800000u) == 0x7f800000u) return u;
+    return (u + 0x1000u) & 0xffffe000u;
+}
+// mma.sync m16n8k8 TF32 from the PTX fragment layout (lane (g, tg) = (lane / 4, lane % 4)):
+// A (16 x 8) a0 (g, tg), a1 (g + 8, tg), a2 (g, tg + 4), a3 (g + 8, tg + 4); B (8 x 8) b0 (tg, g),
+// b1 (tg + 4, g); C/D (g, 2 tg), (g, 2 tg + 1), (g + 8, 2 tg), (g + 8, 2 tg + 1). The warp's
+// fragments meet in g_mma; products of TF32 operands (top 19 bits) summed in double.
+static unsigned g_mma[1024][6];
+inline void dsk_mma_tf32_m16n8k8(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                 unsigned b1) {
+    const unsigned tid = threadIdx.x, w0 = tid & ~31u, lane = tid & 31u, g = lane >> 2, tg = lane & 3u;
+    const unsigned mine[6] = {a0, a1, a2, a3, b0, b1};
+    memcpy(g_mma[tid], mine, sizeof mine);
+    g_warp_bar->arrive_and_wait();
+    auto tf = [](unsigned bits) { return (double)__uint_as_float(bits & 0xffffe000u); };
+    auto A = [&](unsigned row, unsigned k) { return tf(g_mma[w0 + (row & 7u) * 4 + (k & 3u)][(row >= 8) + 2 * (k >= 4)]); };
+    auto B = [&](unsigned k, unsigned n) { return tf(g_mma[w0 + n * 4 + (k & 3u)][4 + (k >= 4)]); };
+    for (unsigned e = 0; e < 4; ++e) {
+        const unsigned row = g + 8 * (e >> 1), col = 2 * tg + (e & 1u);
+        double s = d[e];
+        for (unsigned k = 0; k < 8; ++k) s += A(row, k) * B(k, col);
+        d[e] = (float)s;
+    }
+    g_warp_bar->arrive_and_wait();
 }
 using std::fmaf;
 using std::max;

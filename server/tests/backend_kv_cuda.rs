@@ -170,6 +170,8 @@ fn indexer_scores_match_cpu_through_block_tables() {
 
 fn indexer_case(format: KvRowFormat, heads: usize, dim: usize, seed: u64) {
     let gpu = CudaBackend::open(0).unwrap();
+    // f32 scores (the TF32 ones are bounded in kernels/tests/indexer_mma_gpu.rs).
+    gpu.set_gemm_tf32(false);
     let cpu = CpuBackend;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let (block_size, ratio) = (128, 4);
@@ -230,6 +232,8 @@ fn indexer_top_k_on_gpu_equals_top_k_of_its_scores_with_ties() {
         return;
     }
     let gpu = CudaBackend::open(0).unwrap();
+    // f32 scores: equal rows score exactly equal.
+    gpu.set_gemm_tf32(false);
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     let (heads, dim, block_size, ratio, k) = (64, 128, 128, 4, 512);
     let rows_per_block = block_size / ratio;

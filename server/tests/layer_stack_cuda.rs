@@ -159,6 +159,8 @@ fn layer_stack_equals_op_by_op_at_tp1_and_tp2() {
     stacked.backend().set_gemm_tf32(false);
     let mut reference = wide_model(dir.path(), Shard::SINGLE, Arc::new(SingleRank));
     reference.disable_layer_stack();
+    // The op-by-op indexer follows the TF32 switch too: the reference stays f32.
+    reference.backend().set_gemm_tf32(false);
     let got = schedule(&mut stacked);
     // TP=1: every stacked step after a shape's first ran from a CUDA graph.
     let graphs = stacked.backend().graph_steps();
@@ -217,6 +219,8 @@ fn layer_stack_equals_op_by_op_with_bf16_and_fp8_kv() {
         stacked.backend().set_gemm_tf32(false);
         let mut reference = load();
         reference.disable_layer_stack();
+        // The op-by-op indexer follows the TF32 switch too: the reference stays f32.
+        reference.backend().set_gemm_tf32(false);
         let got = schedule(&mut stacked);
         assert!(stacked.backend().graph_steps() >= 10);
         let want = schedule(&mut reference);
@@ -244,6 +248,8 @@ fn layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op() {
     support::write_wide_config(dir.path(), &[("sliding_window", 32), ("index_topk", 8)]);
     let mut reference = wide_model(dir.path(), Shard::SINGLE, Arc::new(SingleRank));
     reference.disable_layer_stack();
+    // The op-by-op indexer follows the TF32 switch too: the reference stays f32.
+    reference.backend().set_gemm_tf32(false);
     let want = schedule(&mut reference);
     drop(reference);
     let id = dspark_server::ranks::NcclUniqueId::create().unwrap();
@@ -330,6 +336,8 @@ fn gemm_steps_equal_op_by_op_in_f32_and_closely_in_tf32() {
     let load = || wide_model_with_pool(dir.path(), Shard::SINGLE, Arc::new(SingleRank), 0, 9216);
     let mut reference = load();
     reference.disable_layer_stack();
+    // The op-by-op indexer follows the TF32 switch too: the reference stays f32.
+    reference.backend().set_gemm_tf32(false);
     let want = long_prefill(&mut reference);
     drop(reference);
 
@@ -356,6 +364,8 @@ fn gemm_steps_equal_op_by_op_in_f32_and_closely_in_tf32() {
     let load = || wide_model_with_pool(smooth.path(), Shard::SINGLE, Arc::new(SingleRank), 0, 9216);
     let mut reference = load();
     reference.disable_layer_stack();
+    // The op-by-op indexer follows the TF32 switch too: the reference stays f32.
+    reference.backend().set_gemm_tf32(false);
     let want = long_prefill(&mut reference);
     drop(reference);
     let mut fast = load();

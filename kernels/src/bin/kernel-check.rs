@@ -7,8 +7,9 @@
 //! reps, inputs rotated over sets larger than L2; achieved GB/s against a device-to-device copy
 //! measured in the same run. Table on stdout, CSV to $OUT/kernels.csv (or --out DIR).
 //!
-//! Usage: kernel-check [--quick] [--out DIR] [--reps N]
+//! Usage: kernel-check [--quick] [--indexer] [--out DIR] [--reps N]
 //!   --quick: small shapes, correctness only (for compute-sanitizer).
+//!   --indexer: only the Lightning Indexer cases (f32 tiled kernel against the TF32 one).
 
 // The case functions take their shapes as plain arguments: clearer here than a struct per case.
 #![allow(clippy::too_many_arguments)]
@@ -24,8 +25,8 @@ use dspark_kernels::formats::{bf16_to_f32, f32_to_bf16};
 use dspark_kernels::launch::{self, topk_workspace_bytes};
 use dspark_kernels::reference::{self, rel_err};
 use dspark_kernels::{
-    ActDtype, Bf16Gemv, Fp4Experts, Fp4MoeCall, Fp8Gemv, Fp8Path, Kernels, LoaderConfig, MoePath,
-    OutDtype, RmsNorm, Rope, TopK,
+    ActDtype, Bf16Gemv, Fp4Experts, Fp4MoeCall, Fp8Gemv, Fp8Path, IndexerScores, Kernels,
+    KvRowFormat, LoaderConfig, MoePath, OutDtype, RmsNorm, Rope, TopK,
 };
 
 // ---------------------------------------------------------------- thresholds (see docs/KERNELS.md)
@@ -940,6 +941,125 @@ fn rope_case(
 }
 
 // ---------------------------------------------------------------- top-k
+/// Lightning Indexer scores of one decoding token over `rows` compressed rows stored as `format`
+/// (V4-Flash: dim 128, ratio 4, block 128) through shuffled block tables: the TF32 tensor-core
+/// kernel against the f32 tiled one on the same rows, then (with `reps`) both timed over three
+/// row sets, together larger than L2. The check is a sanity bound (a wrong fragment or row is
+/// off by ~1): TF32 moves a score by up to 2^-11 (2^-10 with f32 rows) of the magnitude behind
+/// it, which can exceed the score itself; tests/indexer_mma_gpu.rs holds the precise bounds.
+fn indexer_case(
+    gpu: &Gpu,
+    k: &Kernels,
+    rep: &mut Report,
+    rng: &mut Rng,
+    format: KvRowFormat,
+    heads: usize,
+    rows: usize,
+    reps: Option<usize>,
+) -> Result<()> {
+    let (dim, bs, ratio) = (128usize, 128usize, 4usize);
+    let rows_per_block = bs / ratio;
+    let stride = format.slots(dim);
+    let fpb = rows_per_block * stride;
+    let blocks = rows.div_ceil(rows_per_block);
+    let sets = if reps.is_some() { 3 } else { 1 };
+    let mut pool = vec![0u8; sets * blocks * fpb * 4];
+    match format {
+        KvRowFormat::F32 => {
+            for c in pool.chunks_mut(4) {
+                c.copy_from_slice(&rng.unif().to_le_bytes());
+            }
+        }
+        KvRowFormat::Bf16 => {
+            for c in pool.chunks_mut(2) {
+                c.copy_from_slice(&f32_to_bf16(rng.unif()).to_le_bytes());
+            }
+        }
+        _ => {
+            // Records: dim e4m3 values, then an f32 power-of-two scale.
+            for rec in pool.chunks_mut(stride * 4) {
+                rec[..dim].copy_from_slice(&rng.e4m3(dim));
+                let scale = 2f32.powi(rng.below(9) as i32 - 4);
+                rec[dim..dim + 4].copy_from_slice(&scale.to_le_bytes());
+            }
+        }
+    }
+    let pool_b = gpu.upload(&pool)?;
+    drop(pool);
+    let mut tables = Vec::new();
+    for set in 0..sets {
+        let mut t: Vec<u32> = (0..blocks as u32)
+            .map(|b| b + (set * blocks) as u32)
+            .collect();
+        for i in (1..t.len()).rev() {
+            t.swap(i, rng.below(i + 1));
+        }
+        tables.push(gpu.upload(&bytes_of(&t))?);
+    }
+    let q = gpu.upload(&bytes_of(&rng.f32s(heads * dim, 1.0)))?;
+    let w = gpu.upload(&bytes_of(&rng.f32s(heads, 0.2)))?;
+    let zero = gpu.upload(&bytes_of(&[0i64]))?;
+    let vis = gpu.upload(&bytes_of(&[rows as i32]))?;
+    let outs = [gpu.alloc(rows * 4)?, gpu.alloc(rows * 4)?];
+    let call = |set: usize, tensor_cores: bool| IndexerScores {
+        pool: pool_b.ptr,
+        q: q.ptr,
+        weights: w.ptr,
+        block_tables: tables[set].ptr,
+        block_table_starts: zero.ptr,
+        visible: vis.ptr,
+        out_starts: zero.ptr,
+        out: outs[usize::from(tensor_cores)].ptr,
+        tokens: 1,
+        max_visible: rows,
+        floats_per_block: fpb,
+        block_size: bs,
+        base: 0,
+        ratio,
+        stride,
+        heads,
+        dim,
+        scale: (dim as f32).powf(-0.5),
+        format,
+        tensor_cores,
+    };
+    let mut got = Vec::new();
+    for tc in [false, true] {
+        gpu.poison(&outs[usize::from(tc)])?;
+        // SAFETY: every table covers `rows` rows of the pool; q, weights and out are sized above.
+        unsafe { k.indexer_scores(&gpu.stream, &call(0, tc)) }?;
+        gpu.sync("indexer_scores")?;
+        let v: Vec<f64> = f32s_of(&gpu.download(&outs[usize::from(tc)])?)
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        got.push(v);
+    }
+    let case = format!("{format:?} h{heads} d{dim} rows{rows}");
+    rep.check(
+        "indexer",
+        format!("{case} tf32 vs f32"),
+        rel_err(&got[1], &got[0]),
+        1e-2,
+    );
+    if let Some(reps) = reps {
+        for tc in [false, true] {
+            let tm = gpu.time(k, reps, |i| {
+                // SAFETY: as above.
+                unsafe { k.indexer_scores(&gpu.stream, &call(i % sets, tc)) }.map_err(Into::into)
+            })?;
+            let kind = if tc { "tf32 mma" } else { "f32 tiled" };
+            rep.timed(
+                "indexer",
+                format!("{case} {kind}"),
+                tm,
+                (rows * (stride + 1) * 4) as f64,
+            );
+        }
+    }
+    Ok(())
+}
+
 fn topk_case(
     gpu: &Gpu,
     k: &Kernels,
@@ -1011,6 +1131,7 @@ fn topk_case(
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
+    let only_indexer = args.iter().any(|a| a == "--indexer");
     let flag = |name: &str| {
         args.iter()
             .position(|a| a == name)
@@ -1083,6 +1204,28 @@ fn main() -> Result<()> {
         );
     } else {
         rep.copy_gbps = 1.0;
+    }
+
+    // Lightning Indexer: a 1M-token context's 262,144 compressed rows of a CSA layer, TP=1 and
+    // TP=2 heads, every stored format.
+    let indexer_rows = if quick { 5_000 } else { 262_144 };
+    for format in [KvRowFormat::Fp8Indexer, KvRowFormat::Bf16, KvRowFormat::F32] {
+        for heads in [64, 32] {
+            let timed = (!quick).then_some(reps);
+            indexer_case(
+                &gpu,
+                &k,
+                &mut rep,
+                &mut rng,
+                format,
+                heads,
+                indexer_rows,
+                timed,
+            )?;
+        }
+    }
+    if only_indexer {
+        return finish(&rep, out_dir, quick);
     }
 
     // FP8 GEMV: correctness over buckets, dtypes, split-K and ragged shapes.
@@ -1258,6 +1401,11 @@ fn main() -> Result<()> {
         topk_case(&gpu, &k, &mut rep, &mut rng, 1, 129_280, 50, Some(reps))?;
     }
 
+    finish(&rep, out_dir, quick)
+}
+
+/// Writes the CSV (if asked) and fails on any failed check.
+fn finish(rep: &Report, out_dir: Option<String>, quick: bool) -> Result<()> {
     if let Some(dir) = out_dir {
         let path = std::path::Path::new(&dir).join(if quick {
             "kernels-quick.csv"

@@ -90,6 +90,9 @@ pub struct IndexerScores {
     /// How the rows are stored: `F32`, `Bf16` or `Fp8Indexer`; `stride` is in slots, at least
     /// `format.slots(dim)`.
     pub format: KvRowFormat,
+    /// Score on the TF32 tensor cores where the shape fits ([`indexer_mma_fits`]): the queries
+    /// (and f32 keys) round to TF32, 2^-11 relative per value. Off: the f32 kernels.
+    pub tensor_cores: bool,
 }
 
 /// Top `k` of each token's scores, selected on the GPU: indices (i32) and values (f32) of the rows
@@ -229,6 +232,57 @@ pub fn indexer_tiled_fits(heads: usize, dim: usize, smem_optin: usize) -> bool {
     heads <= INDEXER_TILED_MAX_HEADS
         && dim <= INDEXER_TILED_MAX_DIM
         && indexer_tiled_smem_bytes() <= smem_optin
+}
+
+/// Largest heads and dim of the tensor-core indexer kernel, and its rows per tile.
+pub const INDEXER_MMA_MAX_HEADS: usize = 64;
+pub const INDEXER_MMA_MAX_DIM: usize = 128;
+const INDEXER_MMA_ROWS: usize = 64;
+/// Row stride of its shared tiles in words (128 + 4: conflict-free fragment loads).
+const INDEXER_MMA_LD: usize = 132;
+
+/// Shared memory of the tensor-core indexer block: the key tile `[64][132]`, the two warps'
+/// partial scores `[2][64]`, head weights `[64]`, queries `[heads rounded up to 8][132]`.
+pub fn indexer_mma_smem_bytes(heads: usize) -> usize {
+    (INDEXER_MMA_ROWS * INDEXER_MMA_LD
+        + 2 * INDEXER_MMA_ROWS
+        + INDEXER_MMA_MAX_HEADS
+        + heads.next_multiple_of(8) * INDEXER_MMA_LD)
+        * 4
+}
+
+/// Whether the tensor-core kernel takes this shape (heads up to 64, zero-padded to a multiple of
+/// 8; dim a multiple of 8 up to 128) on a device whose blocks may opt in to `smem_optin` bytes.
+pub fn indexer_mma_fits(heads: usize, dim: usize, smem_optin: usize) -> bool {
+    heads > 0
+        && heads <= INDEXER_MMA_MAX_HEADS
+        && dim > 0
+        && dim.is_multiple_of(8)
+        && dim <= INDEXER_MMA_MAX_DIM
+        && indexer_mma_smem_bytes(heads) <= smem_optin
+}
+
+/// The kernel an [`IndexerScores`] launch runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IndexerKernel {
+    /// TF32 tensor cores (`dsk_indexer_scores_mma`).
+    TensorCore,
+    /// f32, 64-row tiles from shared memory (`dsk_indexer_scores_tiled_f32`).
+    Tiled,
+    /// f32, a warp per row (`dsk_indexer_scores_f32`).
+    Plain,
+}
+
+/// Which kernel scores `a` on a device whose blocks may opt in to `smem_optin` bytes of shared
+/// memory: the tensor cores when asked for and the shape fits, else the f32 kernels.
+pub fn indexer_kernel(a: &IndexerScores, smem_optin: usize) -> IndexerKernel {
+    if a.tensor_cores && indexer_mma_fits(a.heads, a.dim, smem_optin) {
+        IndexerKernel::TensorCore
+    } else if indexer_tiled_fits(a.heads, a.dim, smem_optin) {
+        IndexerKernel::Tiled
+    } else {
+        IndexerKernel::Plain
+    }
 }
 
 pub fn check_indexer(a: &IndexerScores) -> Result<(), KernelError> {
@@ -543,29 +597,42 @@ impl Kernels {
         let stride = i32_arg(K, "stride", a.stride)?;
         let (heads, dim) = (i32_arg(K, "heads", a.heads)?, i32_arg(K, "dim", a.dim)?);
         let fmt = a.format.code();
-        // Tiled: 64 rows per pass of a block. Else 8 warps a block, one row each per pass.
-        // About four blocks per SM over all tokens either way.
-        let tiled = indexer_tiled_fits(a.heads, a.dim, self.smem_optin);
-        if !tiled && indexer_smem_bytes(a.heads, a.dim) > DEFAULT_SMEM {
+        // Tiled and tensor-core: 64 rows per pass of a block. Else 8 warps a block, one row
+        // each per pass. About four blocks per SM over all tokens either way.
+        let kernel = indexer_kernel(a, self.smem_optin);
+        if kernel == IndexerKernel::Plain && indexer_smem_bytes(a.heads, a.dim) > DEFAULT_SMEM {
             return Err(KernelError::invalid(
                 K,
                 format!("{} heads x {} dims need the tiled kernel, which does not fit this device's shared memory", a.heads, a.dim),
             ));
         }
-        let (rows_per_block, smem, func) = if tiled {
-            (
+        let (rows_per_block, smem, func) = match kernel {
+            IndexerKernel::TensorCore => (
+                INDEXER_MMA_ROWS,
+                indexer_mma_smem_bytes(a.heads),
+                &self.indexer_scores_mma,
+            ),
+            IndexerKernel::Tiled => (
                 INDEXER_TILED_ROWS,
                 indexer_tiled_smem_bytes(),
                 &self.indexer_scores_tiled,
-            )
-        } else {
-            (
+            ),
+            IndexerKernel::Plain => (
                 8 * 4,
                 indexer_smem_bytes(a.heads, a.dim),
                 &self.indexer_scores,
-            )
+            ),
         };
-        let per_token = (4 * self.sms).div_ceil(a.tokens).max(1);
+        // The tensor-core kernel prefetches a block's next tile during its MMAs, so it gets
+        // as many blocks as fit the GPU at once (one wave, equal shares) rather than four per SM.
+        let per_sm = match kernel {
+            IndexerKernel::TensorCore => func
+                .occupancy_max_active_blocks_per_multiprocessor(256, smem, None)
+                .map_err(KernelError::driver("indexer_scores occupancy"))?
+                .max(1) as usize,
+            _ => 4,
+        };
+        let per_token = (per_sm * self.sms).div_ceil(a.tokens).max(1);
         let blocks = a.max_visible.div_ceil(rows_per_block).min(per_token).max(1);
         let cfg = LaunchConfig {
             grid_dim: (u32_grid(K, blocks)?, u32_grid(K, a.tokens)?, 1),
@@ -657,6 +724,7 @@ mod tests {
             dim: 128,
             scale: 1.0,
             format: KvRowFormat::F32,
+            tensor_cores: false,
         };
         // The head-grouped kernel: V4-Flash's 64 heads (TP=1) and 32 (TP=2), not 8 or 24.
         let v4 = PagedAttention {
@@ -703,6 +771,87 @@ mod tests {
         assert!(!indexer_tiled_fits(64, 128, 48 * 1024));
         assert!(!indexer_tiled_fits(64, 256, usize::MAX));
         assert!(check_indexer(&IndexerScores { ratio: 3, ..i }).is_err());
+    }
+
+    #[test]
+    fn tensor_cores_score_when_asked_and_the_shape_fits() {
+        let v4 = IndexerScores {
+            pool: 16,
+            q: 16,
+            weights: 16,
+            block_tables: 16,
+            block_table_starts: 16,
+            visible: 16,
+            out_starts: 16,
+            out: 16,
+            tokens: 1,
+            max_visible: 262_144,
+            floats_per_block: 1 << 20,
+            block_size: 128,
+            base: 0,
+            ratio: 4,
+            stride: 33,
+            heads: 64,
+            dim: 128,
+            scale: 1.0,
+            format: KvRowFormat::Fp8Indexer,
+            tensor_cores: true,
+        };
+        let h200 = 227 * 1024;
+        // V4-Flash at TP=1 (64 heads) and TP=2 (32), any stored format, and narrower shapes;
+        // heads not a multiple of 8 are zero-padded.
+        for (heads, dim) in [(64, 128), (32, 128), (16, 128), (13, 128), (1, 8), (64, 32)] {
+            for (format, stride) in [
+                (KvRowFormat::Fp8Indexer, 33),
+                (KvRowFormat::Bf16, 64),
+                (KvRowFormat::F32, 128),
+            ] {
+                let a = IndexerScores {
+                    heads,
+                    dim,
+                    format,
+                    stride,
+                    ..v4
+                };
+                assert_eq!(indexer_kernel(&a, h200), IndexerKernel::TensorCore, "{a:?}");
+                // The TF32 switch off: the f32 kernels, as before.
+                let exact = IndexerScores {
+                    tensor_cores: false,
+                    ..a
+                };
+                assert_eq!(indexer_kernel(&exact, h200), IndexerKernel::Tiled);
+            }
+        }
+        // More heads or wider rows than the tile takes: the f32 kernels.
+        assert_eq!(
+            indexer_kernel(&IndexerScores { heads: 80, ..v4 }, h200),
+            IndexerKernel::Plain
+        );
+        assert_eq!(
+            indexer_kernel(
+                &IndexerScores {
+                    dim: 256,
+                    heads: 16,
+                    ..v4
+                },
+                h200
+            ),
+            IndexerKernel::Plain
+        );
+        assert!(!indexer_mma_fits(64, 124, h200));
+        assert!(!indexer_mma_fits(0, 128, h200));
+        assert!(!indexer_mma_fits(64, 0, h200));
+        // 64 heads need 67 KB of shared memory (opt-in), 32 heads 50 KB; a device that cannot
+        // give it keeps the f32 kernels.
+        assert_eq!(
+            indexer_mma_smem_bytes(64),
+            (64 * 132 + 128 + 64 + 64 * 132) * 4
+        );
+        assert_eq!(indexer_mma_smem_bytes(13), indexer_mma_smem_bytes(16));
+        assert!(indexer_mma_fits(64, 128, 99 * 1024));
+        assert!(!indexer_mma_fits(64, 128, 48 * 1024));
+        assert_eq!(indexer_kernel(&v4, 48 * 1024), IndexerKernel::Plain);
+        assert!(check_indexer(&v4).is_ok());
     }
 
     #[test]
@@ -763,6 +912,7 @@ mod tests {
             dim: 128,
             scale: 1.0,
             format: KvRowFormat::Fp8Indexer,
+            tensor_cores: false,
         };
         assert!(check_indexer(&i).is_ok());
         assert!(check_indexer(&IndexerScores { stride: 32, ..i }).is_err());

@@ -3,6 +3,8 @@
 //! compressed row of a CSA layer, HCA attends over all of its rows) stay on the GPU; only the
 //! step's new rows go up and the attention output / indexer scores come back.
 
+use std::sync::atomic::Ordering;
+
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use dspark_kernels::{
     attention_splits, attention_workspace_floats, IndexerScores, KvRows, PagedAttention, TopKSelect,
@@ -245,6 +247,8 @@ impl CudaBackend {
                 dim,
                 scale,
                 format: rows.format,
+                // The TF32 switch of the GEMM steps: exact comparisons turn both off.
+                tensor_cores: self.gemm_tf32.load(Ordering::Relaxed),
             };
             // SAFETY: q holds tokens * heads * dim f32, weights tokens * heads, the tables and
             // their starts cover every visible row (checked against the pool by check_indexer),

@@ -1,0 +1,227 @@
+//! The tensor-core Lightning Indexer kernel (`dsk_indexer_scores_mma`, chosen by
+//! `IndexerScores::tensor_cores`) against an f64 reference over the host-DECODED rows, for rows
+//! stored as F32, BF16 and FP8_INDEXER records, V4-Flash's shapes (64 heads x 128 dims at TP=1,
+//! 32 at TP=2), 16 heads and a head count that is not a multiple of 8, thousands of rows through
+//! shuffled block tables, several tokens per launch with different visible counts (0 and 1
+//! included). Skips (passes with a SKIP line) where there is no GPU.
+//!
+//! Bounds, per score, relative to the magnitude behind it (`mag = sum_h |w_h| scale sum_d |q k|`):
+//! - against f64 over the decoded rows and the f32 queries: the kernel rounds each query value to
+//!   TF32 (round to nearest: at most 2^-11 relative), and f32 keys too; bf16 and e4m3 keys are
+//!   exact in TF32. So each product moves by at most 2^-11 of its magnitude (stored keys) or
+//!   (1 + 2^-11)^2 - 1 < 2^-10 + 2^-21 (f32 keys), and relu is 1-Lipschitz: the score moves by at
+//!   most that fraction of `mag`. The f32 accumulation (16 MMAs of 8 products, then up to 64
+//!   heads) adds well under 1e-5 of `mag`; the bound is 2^-11 + 1e-5 (BF16, FP8) and
+//!   2^-10 + 1e-5 (F32), the worst case, not a typical error.
+//! - against f64 over the TF32-rounded queries (and f32 keys), rounded on the host as cvt.rna
+//!   does: only the accumulation is left, so 1e-5 of `mag`. This one catches a kernel that
+//!   truncates instead of rounding, or drops part of a value.
+
+use dspark_kernels::launch::attention::{indexer_kernel, IndexerKernel};
+use dspark_kernels::{IndexerScores, KvRowFormat};
+
+mod common;
+use common::{gpu, Gpu, Rng};
+
+use KvRowFormat::{Bf16, Fp8Indexer, F32};
+
+/// TF32 as cvt.rna.tf32.f32: round to nearest on the top 19 bits, ties away from zero.
+fn tf32(x: f32) -> f64 {
+    let u = x.to_bits();
+    if u & 0x7f80_0000 == 0x7f80_0000 {
+        return f64::from(x);
+    }
+    f64::from(f32::from_bits(u.wrapping_add(0x1000) & 0xffff_e000))
+}
+
+/// Random rows whose 32-value groups have scales 2^-6 .. 2^6 (varying row by row): every value
+/// a normal f32 far from the subnormal range.
+fn random_row(rng: &mut Rng, dim: usize) -> Vec<f32> {
+    let e: Vec<i32> = (0..dim.div_ceil(32))
+        .map(|_| rng.below(13) as i32 - 6)
+        .collect();
+    (0..dim)
+        .map(|i| rng.uniform(-1.0, 1.0) * 2f32.powi(e[i / 32]))
+        .collect()
+}
+
+/// Scores of `visible.len()` tokens over rows stored as `format` on the tensor cores, checked
+/// against both references; returns the worst errors (vs f64, vs TF32-rounded f64).
+fn mma_case(
+    g: &Gpu,
+    rng: &mut Rng,
+    format: KvRowFormat,
+    heads: usize,
+    dim: usize,
+    visible: &[usize],
+    extra_stride: usize,
+) -> (f64, f64) {
+    let (bs, ratio) = (128, 4);
+    let rows_per_block = bs / ratio;
+    let slots = format.slots(dim);
+    let stride = slots + extra_stride;
+    let base = 5;
+    let fpb = base + rows_per_block * stride + 3;
+    let max_vis = visible.iter().copied().max().unwrap_or(0);
+    let blocks_per_seq = max_vis.div_ceil(rows_per_block).max(1);
+    let num_blocks = visible.len() * blocks_per_seq + 2;
+    // Noise between and around the records: a kernel reading the wrong slots shows.
+    let mut pool = rng.signed_vec(num_blocks * fpb, 1.0e3);
+    let mut decoded = vec![Vec::new(); num_blocks * rows_per_block];
+    for b in 0..num_blocks {
+        for s in 0..rows_per_block {
+            let row = random_row(rng, dim);
+            let at = b * fpb + base + s * stride;
+            format.encode(&row, &mut pool[at..at + slots]);
+            let mut back = vec![0f32; dim];
+            format.decode(&pool[at..at + slots], &mut back);
+            decoded[b * rows_per_block + s] = back;
+        }
+    }
+    let perm = rng.permutation(num_blocks);
+    let tables: Vec<Vec<u32>> = (0..visible.len())
+        .map(|t| perm[t * blocks_per_seq..(t + 1) * blocks_per_seq].to_vec())
+        .collect();
+    let tokens = visible.len();
+    let q = rng.signed_vec(tokens * heads * dim, 1.0);
+    let w = rng.signed_vec(tokens * heads, 1.0);
+    let scale = (dim as f32).powf(-0.5);
+    let mut flat = Vec::new();
+    let mut bt_starts = Vec::new();
+    let mut out_starts = Vec::new();
+    let mut total = 0i64;
+    for (t, table) in tables.iter().enumerate() {
+        bt_starts.push(flat.len() as i32);
+        flat.extend_from_slice(table);
+        out_starts.push(total);
+        total += visible[t] as i64;
+    }
+    let vis: Vec<i32> = visible.iter().map(|&v| v as i32).collect();
+    let (pool_d, q_d, w_d) = (g.up(&pool), g.up(&q), g.up(&w));
+    let (bt_d, bts_d, vis_d, os_d) = (g.up(&flat), g.up(&bt_starts), g.up(&vis), g.up(&out_starts));
+    // Sixteen sentinels past the last score: nothing may write there.
+    let out_d = g.up(&vec![f32::NAN; total as usize + 16]);
+    let call = IndexerScores {
+        pool: g.ptr(&pool_d),
+        q: g.ptr(&q_d),
+        weights: g.ptr(&w_d),
+        block_tables: g.ptr(&bt_d),
+        block_table_starts: g.ptr(&bts_d),
+        visible: g.ptr(&vis_d),
+        out_starts: g.ptr(&os_d),
+        out: g.ptr(&out_d),
+        tokens,
+        max_visible: max_vis,
+        floats_per_block: fpb,
+        block_size: bs,
+        base,
+        ratio,
+        stride,
+        heads,
+        dim,
+        scale,
+        format,
+        tensor_cores: true,
+    };
+    assert_eq!(
+        indexer_kernel(&call, g.k.smem_optin()),
+        IndexerKernel::TensorCore,
+        "{heads} heads x {dim} dims should take the tensor cores"
+    );
+    // SAFETY: q [tokens, heads, dim], weights [tokens, heads], each token's table covers its
+    // visible rows, out holds their sum (and the sentinels).
+    unsafe { g.k.indexer_scores(&g.s, &call) }.unwrap();
+    let got = g.down(&out_d);
+    let tol = match format {
+        F32 => 2f64.powi(-10),
+        _ => 2f64.powi(-11),
+    } + 1e-5;
+    let (mut worst, mut worst_tf32) = (0f64, 0f64);
+    for t in 0..tokens {
+        for r in 0..visible[t] {
+            let pos = r * ratio;
+            let blk = tables[t][pos / bs] as usize;
+            let k = &decoded[blk * rows_per_block + (pos % bs) / ratio];
+            // Keys as the kernel multiplies them: f32 keys round to TF32, stored ones are exact.
+            let k_tf32: Vec<f64> = k
+                .iter()
+                .map(|&x| if format == F32 { tf32(x) } else { f64::from(x) })
+                .collect();
+            let (mut want, mut want_tf32, mut mag) = (0f64, 0f64, 0f64);
+            for h in 0..heads {
+                let qh = &q[(t * heads + h) * dim..][..dim];
+                let (mut dot, mut dot_tf32, mut abs) = (0f64, 0f64, 0f64);
+                for d in 0..dim {
+                    let p = f64::from(qh[d]) * f64::from(k[d]);
+                    dot += p;
+                    abs += p.abs();
+                    dot_tf32 += tf32(qh[d]) * k_tf32[d];
+                }
+                let wh = f64::from(w[t * heads + h]);
+                let sc = f64::from(scale);
+                want += dot.max(0.0) * sc * wh;
+                want_tf32 += dot_tf32.max(0.0) * sc * wh;
+                mag += abs * sc * wh.abs();
+            }
+            let v = f64::from(got[out_starts[t] as usize + r]);
+            let (err, err_tf32) = ((v - want).abs() / mag, (v - want_tf32).abs() / mag);
+            assert!(
+                err < tol && err_tf32 < 1e-5,
+                "{format:?} heads={heads} dim={dim} token {t} row {r}: {v} vs f64 {want} (err \
+                 {err:.2e}, bound {tol:.2e}), vs TF32-rounded f64 {want_tf32} (err \
+                 {err_tf32:.2e}, bound 1e-5); magnitude {mag:.3e}"
+            );
+            worst = worst.max(err);
+            worst_tf32 = worst_tf32.max(err_tf32);
+        }
+    }
+    assert!(
+        got[total as usize..].iter().all(|x| x.is_nan()),
+        "{format:?} heads={heads} dim={dim}: scores written past the last row"
+    );
+    eprintln!(
+        "indexer mma {format:?} heads={heads} dim={dim} visible={visible:?}: worst {worst:.2e} \
+         of bound {tol:.2e}, vs TF32-rounded {worst_tf32:.2e}"
+    );
+    (worst, worst_tf32)
+}
+
+#[test]
+fn tensor_core_scores_match_f64_over_decoded_rows() {
+    let Some(g) = gpu("tensor_core_scores_match_f64_over_decoded_rows") else {
+        return;
+    };
+    let mut rng = Rng(0x1d3e_5c0e_00aa);
+    for format in [Fp8Indexer, Bf16, F32] {
+        // V4-Flash TP=1: a decoding token with thousands of rows next to short ones, 0 and 1.
+        mma_case(
+            &g,
+            &mut rng,
+            format,
+            64,
+            128,
+            &[0, 1, 3000, 4097, 64, 63],
+            0,
+        );
+        // TP=2, and a padded stride.
+        mma_case(&g, &mut rng, format, 32, 128, &[2500, 1, 0, 129], 3);
+        mma_case(&g, &mut rng, format, 16, 128, &[1000, 65, 7], 1);
+        // Heads not a multiple of 8: zero-padded to 16 in the kernel.
+        mma_case(&g, &mut rng, format, 13, 128, &[777, 2], 0);
+        // Narrower rows (k-steps of 8 up to dim).
+        mma_case(&g, &mut rng, format, 8, 64, &[300, 33], 2);
+    }
+}
+
+/// One token over more rows than a wave of blocks covers (V4-Flash's FP8 rows): every block
+/// scores several tiles, each prefetched during the previous one's MMAs.
+#[test]
+fn tensor_core_scores_over_many_tiles_per_block() {
+    let Some(g) = gpu("tensor_core_scores_over_many_tiles_per_block") else {
+        return;
+    };
+    let mut rng = Rng(0x1d3e_5c0e_00ab);
+    let rows = 64 * 8 * g.k.multiprocessors() + 37;
+    mma_case(&g, &mut rng, Fp8Indexer, 64, 128, &[rows], 0);
+    mma_case(&g, &mut rng, Bf16, 32, 128, &[rows / 2, 0, 3], 0);
+}
