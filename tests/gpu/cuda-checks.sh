@@ -22,7 +22,7 @@ step() { printf '\n==> %s\n' "$*"; }
 kv_tests=${DSPARK_BACKEND_KV_CUDA_BIN:-}
 stack_tests=${DSPARK_LAYER_STACK_CUDA_BIN:-}
 # Optional: the kernels crate's GPU test binaries (layer_ops_gpu, paged_gpu, fp8_grouped_gpu, moe_sorted_gpu,
-# dense_gemv_gpu, gpu_smoke, attention_heads_gpu, kv_record_gpu), space-separated.
+# dense_gemv_gpu, gpu_smoke, attention_heads_gpu, kv_record_gpu, indexer_mma_gpu), space-separated.
 kernel_tests=${DSPARK_KERNEL_TEST_BINS:-}
 
 for k in $kernel_tests; do

@@ -36,7 +36,18 @@ fn i64s(v: &[usize]) -> Vec<i64> {
     v.iter().map(|&x| x as i64).collect()
 }
 
+/// Visible rows from which the Lightning Indexer scores on TF32 tensor cores (where TF32 is on,
+/// [`CudaBackend::set_gemm_tf32`]): long scans, where the f32 kernel is a decode step's largest
+/// stage (~0.6 ms a CSA layer at 1M context on an H200). Shorter scans (below 64K tokens of
+/// context) keep exact f32 scores, so their top-k picks exactly the rows the CPU reference picks.
+pub const INDEXER_TENSOR_CORE_MIN_ROWS: usize = 16_384;
+
 impl CudaBackend {
+    /// Whether an indexer scan of up to `max_visible` rows takes the TF32 tensor-core kernel.
+    pub(super) fn indexer_tensor_cores(&self, max_visible: usize) -> bool {
+        self.gemm_tf32.load(Ordering::Relaxed) && max_visible >= INDEXER_TENSOR_CORE_MIN_ROWS
+    }
+
     pub(super) fn kv_alloc(&self, floats: usize) -> Result<CudaKvStore, BackendError> {
         let data = self.zeros(floats).map_err(|e| {
             BackendError::Other(format!(
@@ -247,8 +258,8 @@ impl CudaBackend {
                 dim,
                 scale,
                 format: rows.format,
-                // The TF32 switch of the GEMM steps: exact comparisons turn both off.
-                tensor_cores: self.gemm_tf32.load(Ordering::Relaxed),
+                tensor_cores: self
+                    .indexer_tensor_cores(rows.visible.iter().copied().max().unwrap_or(0)),
             };
             // SAFETY: q holds tokens * heads * dim f32, weights tokens * heads, the tables and
             // their starts cover every visible row (checked against the pool by check_indexer),

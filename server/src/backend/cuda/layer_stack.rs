@@ -1885,8 +1885,7 @@ impl CudaBackend {
                     dim: ihd,
                     scale: (ihd as f32).powf(-0.5),
                     format: g.index_format,
-                    // The TF32 switch of the GEMM steps: exact comparisons turn both off.
-                    tensor_cores: self.gemm_tf32.load(Ordering::Relaxed),
+                    tensor_cores: self.indexer_tensor_cores(class.max_visible),
                 };
                 // SAFETY: the tables cover every visible row of every token (checked above),
                 // `scores` holds their sum.
