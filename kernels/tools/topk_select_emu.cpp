@@ -150,10 +150,9 @@ static std::vector<float> random_list(Rng &rng, int n, float scale) {
 }
 
 int main() {
+    setvbuf(stdout, nullptr, _IOLBF, 0);
     Rng rng{0x70b5e1ec7ull};
     const int k = 512;
-    // A 1M-context decode: 262,144 random scores (the two-stage launch's shape).
-    run_case("random 262144", {random_list(rng, 262144, 10.f)}, k);
     // Several tokens with their own counts: long, 2 SEG + 1, SEG + 1, exactly k, below k, 1, 0.
     run_case("random mixed counts",
              {random_list(rng, 70000, 3.f), random_list(rng, 2 * SEG + 1, 3.f), random_list(rng, SEG + 1, 3.f),
@@ -218,6 +217,8 @@ int main() {
     }
     // A k that is not a power of two, a list of a partial last segment of 1 row.
     run_case("k 100", {random_list(rng, 2 * SEG + 1, 1.f), random_list(rng, 3 * SEG, 1.f)}, 100);
+    // A 1M-context decode: 262,144 random scores (the two-stage launch's shape).
+    run_case("random 262144", {random_list(rng, 262144, 10.f)}, k);
     printf(failures ? "FAILED (%d cases)\n" : "all cases passed\n", failures);
     return failures ? 1 : 0;
 }
