@@ -832,6 +832,12 @@ mod tests {
     }
 
     #[test]
+    fn topk_segment_is_the_kernels_segment() {
+        let define = format!("#define DSK_TOPK_SEG {TOPK_SEGMENT}\n");
+        assert!(crate::sources::ATTENTION.body.contains(&define));
+    }
+
+    #[test]
     fn topk_select_needs_a_workspace_only_for_two_stages() {
         assert!(check_topk_select(&topk_call(1, 4096, 512, 0)).is_ok());
         let e = check_topk_select(&topk_call(1, 262_144, 512, 0)).unwrap_err();
