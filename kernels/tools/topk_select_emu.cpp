@@ -2,7 +2,8 @@
 // (dsk_topk_select_f32) and the two-stage select for long lists (dsk_topk_select_segments_f32,
 // then dsk_topk_select_merge_f32), one std::thread per CUDA thread (1024 per block, as launched),
 // barriers for __syncthreads and the warp intrinsics. Both must equal a host reference exactly
-// (the top k by value descending, ties to the lower index, written in index order) and leave the
+// (the top k by value descending, ties to the lower index; the rows above the k-th value in index
+// order, then its ties in index order) and leave the
 // rows past min(k, count) untouched, on random lists of 262,144 / 70,000 / 2 * SEG + 1 scores,
 // several tokens with different counts (below k and exactly k included), heavy ties, ties at the
 // k-th value spread over segment boundaries, -inf, -0.0 / +0.0 and negative values.
@@ -62,7 +63,8 @@ static long long total_key(float f) {
     return b < 0 ? (long long)(b ^ 0x7fffffff) : (long long)b;
 }
 
-// The reference: top k by (value descending in total order, index ascending), in index order.
+// The reference: top k by (value descending in total order, index ascending), written as the
+// selects write it: the rows above the k-th value in index order, then its ties in index order.
 static std::vector<std::pair<int, float>> reference(const float *v, int n, int k) {
     std::vector<int> idx(n);
     std::iota(idx.begin(), idx.end(), 0);
@@ -71,7 +73,13 @@ static std::vector<std::pair<int, float>> reference(const float *v, int n, int k
         return ka != kb ? ka > kb : a < b;
     });
     idx.resize(std::min(k, n));
-    std::sort(idx.begin(), idx.end());
+    if (!idx.empty()) {
+        const long long kth = total_key(v[idx.back()]);
+        std::sort(idx.begin(), idx.end(), [&](int a, int b) {
+            const bool ta = total_key(v[a]) == kth, tb = total_key(v[b]) == kth;
+            return ta != tb ? tb : a < b;
+        });
+    }
     std::vector<std::pair<int, float>> r;
     for (int i : idx) r.push_back({i, v[i]});
     return r;
@@ -80,7 +88,8 @@ static std::vector<std::pair<int, float>> reference(const float *v, int n, int k
 // Launch geometry as Kernels::topk_select picks it.
 static const int SEG = DSK_TOPK_SEG;
 
-// Runs both selects over tokens' score lists and checks each against the reference.
+// Runs both selects over tokens' score lists and checks each against the reference, and that
+// stage 1 wrote each segment's top k with global indices all in index order.
 static void run_case(const char *name, const std::vector<std::vector<float>> &lists, int k) {
     const int tokens = (int)lists.size();
     std::vector<float> scores;
@@ -120,6 +129,20 @@ static void run_case(const char *name, const std::vector<std::vector<float>> &li
                                   oi2.data(), ov2.data());
     });
     int bad = 0;
+    for (int t = 0; t < tokens; ++t)
+        for (int sg = 0; sg * SEG < counts[t]; ++sg) {
+            const int lo = sg * SEG, len = std::min(SEG, counts[t] - lo);
+            auto want = reference(lists[t].data() + lo, len, kseg);
+            std::sort(want.begin(), want.end());
+            const size_t at = ((size_t)t * max_segs + sg) * kseg;
+            for (size_t j = 0; j < want.size(); ++j)
+                if ((cand_idx[at + j] != want[j].first + lo ||
+                     emu_float_bits(cand_val[at + j]) != emu_float_bits(want[j].second)) &&
+                    bad++ < 5)
+                    printf("  %s: candidates of token %d segment %d row %zu: got (%d, %g), want (%d, %g)\n",
+                           name, t, sg, j, cand_idx[at + j], cand_val[at + j], want[j].first + lo,
+                           want[j].second);
+        }
     for (int t = 0; t < tokens; ++t) {
         const auto want = reference(lists[t].data(), counts[t], k);
         const int m = (int)want.size();

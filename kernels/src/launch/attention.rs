@@ -96,8 +96,8 @@ pub struct IndexerScores {
 }
 
 /// Top `k` of each token's scores, selected on the GPU: indices (i32) and values (f32) of the rows
-/// above the k-th largest and of its lowest-indexed ties, in index order, `[tokens, k]` (the
-/// first `min(k, counts[t])` of a token's row are written).
+/// above the k-th largest (in index order), then of its lowest-indexed ties (in index order),
+/// `[tokens, k]` (the first `min(k, counts[t])` of a token's row are written).
 #[derive(Clone, Copy, Debug)]
 pub struct TopKSelect {
     /// f32 scores of every token, token after token.
