@@ -787,6 +787,9 @@ __device__ __forceinline__ void dsk_topk_block(const float *__restrict__ v, int 
         // lane L owning bins 255 - 8L .. 248 - 8L, a prefix sum over lanes finds the lane, which
         // walks its eight bins (one thread walking all 256 was most of a decode step's select).
         if (warp == 0) {
+            // Every lane reads `remaining` before the __syncwarp below, after which the lane that
+            // finds the bin rewrites it.
+            const int rem = remaining;
             int c[8];
             int own = 0;
 #pragma unroll
@@ -800,7 +803,7 @@ __device__ __forceinline__ void dsk_topk_block(const float *__restrict__ v, int 
                 const int y = __shfl_up_sync(0xffffffffu, incl, o);
                 if (lane >= o) incl += y;
             }
-            const int rem = remaining;
+            __syncwarp();
             int cum = incl - own;
             if (cum < rem && rem <= incl) {
 #pragma unroll

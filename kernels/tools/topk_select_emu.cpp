@@ -42,6 +42,7 @@ inline unsigned __ballot_sync(unsigned, bool p) {
     g_warp_bar->arrive_and_wait();
     return m;
 }
+inline void __syncwarp() { g_warp_bar->arrive_and_wait(); }
 inline int __shfl_up_sync(unsigned, int v, int o) {
     g_u32[threadIdx.x] = (unsigned)v;
     g_warp_bar->arrive_and_wait();
