@@ -718,15 +718,22 @@ __device__ __forceinline__ unsigned int dsk_f32_order_key(float f) {
 }
 
 #define DSK_TOPK_UNROLL 8
+// Scores per stage-1 block of the two-stage select (`DSK_TOPK_SEG` in launch/attention.rs).
+#define DSK_TOPK_SEG 4096
 
-// Top-k of each token's scores (scores[starts[t] .. + counts[t]]), one block of 1024 threads per
-// token: an exact radix select of the k-th largest key (four 8-bit passes over the scores),
-// then every index above it and the lowest-indexed ties at it, written in index order with their
-// values to out_idx / out_val [tokens, k]. Rows past min(k, count) are left untouched.
-extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_f32(
-    const float *__restrict__ scores, const long long *__restrict__ starts,
-    const int *__restrict__ counts, int k, int *__restrict__ out_idx,
-    float *__restrict__ out_val) {
+// Top-k of one list of n scores v[0 .. n), run by one whole block of 1024 threads: an exact
+// radix select of the k-th largest key (four 8-bit passes over the scores), then every position
+// above it and the lowest-positioned ties at it, written with their values to oi / ov
+// [min(k, n)]: the rows above the k-th value in position order, then its ties in position order
+// (the selects' output), or with index_order all of them in position order (the two-stage
+// select's candidates, so its second stage sees them in index order). The index written for
+// position i is map[i] with a map, index_base + i without one. Rows past min(k, n) are left
+// untouched. Every thread of the block must call it with the same arguments (it synchronises
+// the block).
+__device__ __forceinline__ void dsk_topk_block(const float *__restrict__ v, int n, int k,
+                                               int *__restrict__ oi, float *__restrict__ ov,
+                                               const int *__restrict__ map, int index_base,
+                                               bool index_order) {
     // One histogram per warp, filled with warp-aggregated increments: the first passes see
     // nearly every score in a handful of bins, which a shared histogram would serialise.
     __shared__ unsigned int warp_hist[32][256];
@@ -735,9 +742,7 @@ extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_f32(
     __shared__ int remaining;
     __shared__ int warp_gt[32], warp_eq[32];
     __shared__ int base_gt, base_eq;
-    const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const float *v = scores + starts[t];
-    const int n = counts[t];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int kk = min(k, n);
     if (kk <= 0) return;
     if (tid == 0) {
@@ -782,6 +787,9 @@ extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_f32(
         // lane L owning bins 255 - 8L .. 248 - 8L, a prefix sum over lanes finds the lane, which
         // walks its eight bins (one thread walking all 256 was most of a decode step's select).
         if (warp == 0) {
+            // Every lane reads `remaining` before the __syncwarp below, after which the lane that
+            // finds the bin rewrites it.
+            const int rem = remaining;
             int c[8];
             int own = 0;
 #pragma unroll
@@ -795,7 +803,7 @@ extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_f32(
                 const int y = __shfl_up_sync(0xffffffffu, incl, o);
                 if (lane >= o) incl += y;
             }
-            const int rem = remaining;
+            __syncwarp();
             int cum = incl - own;
             if (cum < rem && rem <= incl) {
 #pragma unroll
@@ -820,8 +828,6 @@ extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_f32(
         base_eq = 0;
     }
     __syncthreads();
-    int *oi = out_idx + (long long)t * k;
-    float *ov = out_val + (long long)t * k;
     for (int c0 = 0; c0 < n; c0 += blockDim.x * DSK_TOPK_UNROLL) {
         float xs[DSK_TOPK_UNROLL];
 #pragma unroll
@@ -848,17 +854,18 @@ extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_f32(
                 off_eq += warp_eq[w];
             }
             const unsigned int below = (1u << lane) - 1u;
+            // Rows before this one above the k-th value, and at it.
+            const int gt_before = off_gt + __popc(bg & below);
+            const int eq_before = off_eq + __popc(be & below);
             if (gt) {
-                const int at = off_gt + __popc(bg & below);
-                oi[at] = i;
+                const int at = index_order ? gt_before + min(eq_before, ties) : gt_before;
+                oi[at] = map ? map[i] : index_base + i;
                 ov[at] = x;
             }
-            if (eq) {
-                const int r = off_eq + __popc(be & below);
-                if (r < ties) {
-                    oi[above + r] = i;
-                    ov[above + r] = x;
-                }
+            if (eq && eq_before < ties) {
+                const int at = (index_order ? gt_before : above) + eq_before;
+                oi[at] = map ? map[i] : index_base + i;
+                ov[at] = x;
             }
             __syncthreads();
             if (tid == 0) {
@@ -870,4 +877,54 @@ extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_f32(
             __syncthreads();
         }
     }
+}
+
+// Top-k of each token's scores (scores[starts[t] .. + counts[t]]), one block of 1024 threads per
+// token (dsk_topk_block), written to out_idx / out_val [tokens, k]: the indices above the k-th
+// value in index order, then its lowest-indexed ties in index order.
+extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_f32(
+    const float *__restrict__ scores, const long long *__restrict__ starts,
+    const int *__restrict__ counts, int k, int *__restrict__ out_idx,
+    float *__restrict__ out_val) {
+    const int t = blockIdx.x;
+    dsk_topk_block(scores + starts[t], counts[t], k, out_idx + (long long)t * k,
+                   out_val + (long long)t * k, nullptr, 0, false);
+}
+
+// Two-stage select for long lists, stage 1: block (s, t) keeps the top kseg = min(k, SEG) of
+// segment s (scores [s * SEG, min((s + 1) * SEG, n))) of token t, values and GLOBAL indices all
+// in index order (ties not last) at candidates (t * max_segs + s) * kseg of cand_val / cand_idx. Every segment but
+// a token's last is full, so it keeps exactly kseg and a token's candidates are contiguous:
+// (segs - 1) * kseg + min(kseg, last segment's length), in global index order. A row of the
+// token's top k is in its segment's top k (fewer than k rows of the segment beat it), so the
+// candidates hold the whole answer. counts are clamped to max_segs * SEG (the workspace).
+extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_segments_f32(
+    const float *__restrict__ scores, const long long *__restrict__ starts,
+    const int *__restrict__ counts, int k, int max_segs, int *__restrict__ cand_idx,
+    float *__restrict__ cand_val) {
+    const int s = blockIdx.x, t = blockIdx.y;
+    const int n = min(counts[t], max_segs * DSK_TOPK_SEG);
+    const int lo = s * DSK_TOPK_SEG;
+    if (lo >= n) return;  // the whole block: past the token's scores
+    const int kseg = min(k, DSK_TOPK_SEG);
+    const long long at = ((long long)t * max_segs + s) * kseg;
+    dsk_topk_block(scores + starts[t] + lo, min(DSK_TOPK_SEG, n - lo), kseg, cand_idx + at,
+                   cand_val + at, nullptr, lo, true);
+}
+
+// Stage 2: one block per token selects the top k of its candidates. They are in global index
+// order, so "ties to the lower position" is "ties to the lower row" and position order is index
+// order: the rows written are the candidates' global indices, in dsk_topk_select_f32's order.
+extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_merge_f32(
+    const int *__restrict__ counts, int k, int max_segs, const int *__restrict__ cand_idx,
+    const float *__restrict__ cand_val, int *__restrict__ out_idx, float *__restrict__ out_val) {
+    const int t = blockIdx.x;
+    const int n = min(counts[t], max_segs * DSK_TOPK_SEG);
+    if (n <= 0) return;
+    const int kseg = min(k, DSK_TOPK_SEG);
+    const int segs = (n + DSK_TOPK_SEG - 1) / DSK_TOPK_SEG;
+    const int m = (segs - 1) * kseg + min(kseg, n - (segs - 1) * DSK_TOPK_SEG);
+    const long long at = (long long)t * max_segs * kseg;
+    dsk_topk_block(cand_val + at, m, k, out_idx + (long long)t * k, out_val + (long long)t * k,
+                   cand_idx + at, 0, false);
 }

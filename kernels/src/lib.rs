@@ -20,7 +20,8 @@ pub mod sources;
 pub use error::KernelError;
 pub use kv_record::KvRowFormat;
 pub use launch::attention::{
-    attention_splits, attention_workspace_floats, IndexerScores, KvRows, PagedAttention, TopKSelect,
+    attention_splits, attention_workspace_floats, topk_select_workspace_bytes, IndexerScores,
+    KvRows, PagedAttention, TopKSelect,
 };
 pub use launch::dense_gemv::{Bf16Gemv, BF16_GEMV_MAX_M};
 pub use launch::{

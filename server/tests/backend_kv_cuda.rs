@@ -231,18 +231,36 @@ fn indexer_top_k_on_gpu_equals_top_k_of_its_scores_with_ties() {
     if !gpu_enabled("indexer_top_k_on_gpu_equals_top_k_of_its_scores_with_ties") {
         return;
     }
+    // 12,800 rows (the single-block select). Key rows repeat every 7 rows, so scores tie
+    // exactly and the cut falls among ties.
+    indexer_top_k_case(9, 400, 7, |r| r % 7);
+}
+
+#[test]
+fn indexer_top_k_two_stage_equals_top_k_of_its_scores_with_ties() {
+    if !gpu_enabled("indexer_top_k_two_stage_equals_top_k_of_its_scores_with_ties") {
+        return;
+    }
+    // 70,400 rows: the two-stage select (a 4096-row segment's top k, then their top k). 5003
+    // distinct key rows each about 14 times, scattered over the whole list, so the top 512 are
+    // ties spread over every segment and the cut falls among ties of one value.
+    indexer_top_k_case(10, 2200, 5003, |r| (r * 7919) % 5003);
+}
+
+/// `kv_indexer_top_k` against `top_k_indices` of the GPU's own scores, for tokens seeing all
+/// `num_blocks * 32` rows, fewer rows than k, and exactly k; row `r` holds key row `key_of(r)`
+/// of `distinct` random ones.
+fn indexer_top_k_case(seed: u64, num_blocks: usize, distinct: usize, key_of: fn(usize) -> usize) {
     let gpu = CudaBackend::open(0).unwrap();
     // f32 scores: equal rows score exactly equal.
     gpu.set_gemm_tf32(false);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let (heads, dim, block_size, ratio, k) = (64, 128, 128, 4, 512);
     let rows_per_block = block_size / ratio;
     let floats_per_block = rows_per_block * dim;
-    let num_blocks = 400;
-    // Key rows repeat every 7 rows, so scores tie exactly and the cut falls among ties.
-    let distinct = random(&mut rng, 7 * dim, 1.0);
+    let keys = random(&mut rng, distinct * dim, 1.0);
     let data: Vec<f32> = (0..num_blocks * rows_per_block)
-        .flat_map(|r| distinct[(r % 7) * dim..(r % 7 + 1) * dim].iter().copied())
+        .flat_map(|r| keys[key_of(r) * dim..(key_of(r) + 1) * dim].iter().copied())
         .collect();
     let mut g = gpu.kv_store(data.len()).unwrap();
     let all: Vec<usize> = (0..num_blocks).map(|b| b * floats_per_block).collect();

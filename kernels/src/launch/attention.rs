@@ -96,8 +96,8 @@ pub struct IndexerScores {
 }
 
 /// Top `k` of each token's scores, selected on the GPU: indices (i32) and values (f32) of the rows
-/// above the k-th largest and of its lowest-indexed ties, in index order, `[tokens, k]` (the
-/// first `min(k, counts[t])` of a token's row are written).
+/// above the k-th largest (in index order), then of its lowest-indexed ties (in index order),
+/// `[tokens, k]` (the first `min(k, counts[t])` of a token's row are written).
 #[derive(Clone, Copy, Debug)]
 pub struct TopKSelect {
     /// f32 scores of every token, token after token.
@@ -112,6 +112,40 @@ pub struct TopKSelect {
     pub out_idx: CUdeviceptr,
     /// f32 `[tokens, k]`.
     pub out_val: CUdeviceptr,
+    /// At least every token's count: picks the single-block or the two-stage select
+    /// ([`topk_two_stage`]) and sizes the two-stage grid; counts above it are cut to the
+    /// segments it covers.
+    pub max_count: usize,
+    /// [`topk_select_workspace_bytes`]`(tokens, max_count, k)` bytes (4-byte aligned) of
+    /// scratch for the two-stage select; 0 allowed where that is 0.
+    pub workspace: CUdeviceptr,
+}
+
+/// Scores per stage-1 block of the two-stage top-k (`DSK_TOPK_SEG` in attention.cu).
+pub const TOPK_SEGMENT: usize = 4096;
+/// Longest score list the single-block select takes; longer ones take the two stages.
+pub const TOPK_SINGLE_MAX_COUNT: usize = 2 * TOPK_SEGMENT;
+/// Most tokens of a two-stage select: past it the single-block select already has a block per
+/// token on most SMs, and the second stage (a quarter more work at k = 512) would only add.
+pub const TOPK_TWO_STAGE_MAX_TOKENS: usize = 128;
+
+/// Whether [`Kernels::topk_select`] takes the two stages: few tokens with long lists, and a k
+/// well below a segment (each segment keeps k candidates; near a segment that saves nothing).
+pub fn topk_two_stage(tokens: usize, max_count: usize, k: usize) -> bool {
+    tokens <= TOPK_TWO_STAGE_MAX_TOKENS
+        && max_count > TOPK_SINGLE_MAX_COUNT
+        && k > 0
+        && k <= TOPK_SEGMENT / 2
+}
+
+/// Scratch bytes of a [`TopKSelect`]: per token, `k` candidates (f32 value + i32 index) per
+/// segment of `max_count`; 0 where the single-block select runs.
+pub fn topk_select_workspace_bytes(tokens: usize, max_count: usize, k: usize) -> usize {
+    if topk_two_stage(tokens, max_count, k) {
+        tokens * max_count.div_ceil(TOPK_SEGMENT) * k.min(TOPK_SEGMENT) * 8
+    } else {
+        0
+    }
 }
 
 /// Splits per token so `tokens * heads * splits` blocks fill the GPU about four times over, with
@@ -361,12 +395,46 @@ pub fn check_indexer(a: &IndexerScores) -> Result<(), KernelError> {
     )
 }
 
+/// Checks a [`TopKSelect`] before launch: its pointers, k and, for the two stages, the
+/// workspace and the segment count (`max_count` within i32).
+pub fn check_topk_select(a: &TopKSelect) -> Result<(), KernelError> {
+    const K: &str = "topk_select";
+    nonnull(
+        K,
+        &[
+            ("scores", a.scores),
+            ("starts", a.starts),
+            ("counts", a.counts),
+            ("out_idx", a.out_idx),
+            ("out_val", a.out_val),
+        ],
+    )?;
+    i32_arg(K, "k", a.k)?;
+    u32_grid(K, a.tokens)?;
+    if topk_two_stage(a.tokens, a.max_count, a.k) {
+        nonnull(K, &[("workspace (two-stage select)", a.workspace)])?;
+        if !a.workspace.is_multiple_of(4) {
+            return Err(KernelError::invalid(K, "workspace is not 4-byte aligned"));
+        }
+        i32_arg(
+            K,
+            "max_count rounded up to a segment",
+            a.max_count.div_ceil(TOPK_SEGMENT) * TOPK_SEGMENT,
+        )?;
+    }
+    Ok(())
+}
+
 impl Kernels {
-    /// Exact top-k selection per token (see [`TopKSelect`]).
+    /// Exact top-k selection per token (see [`TopKSelect`]): one block per token over all its
+    /// scores, or, for few tokens with long lists ([`topk_two_stage`]), a block per
+    /// [`TOPK_SEGMENT`] scores keeping each segment's top k, then a block per token selecting
+    /// among those candidates. Both give the same rows in the same order.
     ///
     /// # Safety
     /// Every pointer must address device memory of this context holding the shapes given; each
-    /// token's scores must lie inside `scores`.
+    /// token's scores must lie inside `scores`; `max_count` must be at least every token's
+    /// count; the workspace must hold [`topk_select_workspace_bytes`] bytes.
     pub unsafe fn topk_select(
         &self,
         stream: &CudaStream,
@@ -376,17 +444,11 @@ impl Kernels {
         if a.tokens == 0 || a.k == 0 {
             return Ok(());
         }
-        nonnull(
-            K,
-            &[
-                ("scores", a.scores),
-                ("starts", a.starts),
-                ("counts", a.counts),
-                ("out_idx", a.out_idx),
-                ("out_val", a.out_val),
-            ],
-        )?;
+        check_topk_select(a)?;
         let k = i32_arg(K, "k", a.k)?;
+        if topk_two_stage(a.tokens, a.max_count, a.k) {
+            return self.topk_select_two_stage(stream, a, k);
+        }
         let cfg = LaunchConfig {
             grid_dim: (u32_grid(K, a.tokens)?, 1, 1),
             block_dim: (1024, 1, 1),
@@ -402,6 +464,54 @@ impl Kernels {
             .arg(&a.out_val)
             .launch(cfg)
             .map_err(KernelError::driver("launch topk_select"))?;
+        Ok(())
+    }
+
+    /// The two stages of [`Self::topk_select`] (validated there).
+    unsafe fn topk_select_two_stage(
+        &self,
+        stream: &CudaStream,
+        a: &TopKSelect,
+        k: i32,
+    ) -> Result<(), KernelError> {
+        const K: &str = "topk_select";
+        let segs = a.max_count.div_ceil(TOPK_SEGMENT);
+        let max_segs = i32_arg(K, "max_count / segment", segs)?;
+        // Candidate values (f32), then their global indices (i32), each half the workspace.
+        let half = topk_select_workspace_bytes(a.tokens, a.max_count, a.k) / 2;
+        let (cand_val, cand_idx) = (a.workspace, a.workspace + half as CUdeviceptr);
+        let stage1 = LaunchConfig {
+            grid_dim: (u32_grid(K, segs)?, u32_grid(K, a.tokens)?, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .launch_builder(&self.topk_select_segments)
+            .arg(&a.scores)
+            .arg(&a.starts)
+            .arg(&a.counts)
+            .arg(&k)
+            .arg(&max_segs)
+            .arg(&cand_idx)
+            .arg(&cand_val)
+            .launch(stage1)
+            .map_err(KernelError::driver("launch topk_select segments"))?;
+        let stage2 = LaunchConfig {
+            grid_dim: (u32_grid(K, a.tokens)?, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .launch_builder(&self.topk_select_merge)
+            .arg(&a.counts)
+            .arg(&k)
+            .arg(&max_segs)
+            .arg(&cand_idx)
+            .arg(&cand_val)
+            .arg(&a.out_idx)
+            .arg(&a.out_val)
+            .launch(stage2)
+            .map_err(KernelError::driver("launch topk_select merge"))?;
         Ok(())
     }
 
@@ -667,6 +777,81 @@ impl Kernels {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn topk_call(tokens: usize, max_count: usize, k: usize, workspace: CUdeviceptr) -> TopKSelect {
+        TopKSelect {
+            scores: 16,
+            starts: 16,
+            counts: 16,
+            tokens,
+            k,
+            out_idx: 16,
+            out_val: 16,
+            max_count,
+            workspace,
+        }
+    }
+
+    #[test]
+    fn long_lists_of_few_tokens_take_the_two_stage_select() {
+        // A 1M-context decode: 262,144 scores, k = 512.
+        assert!(topk_two_stage(1, 262_144, 512));
+        assert!(topk_two_stage(
+            TOPK_TWO_STAGE_MAX_TOKENS,
+            TOPK_SINGLE_MAX_COUNT + 1,
+            512
+        ));
+        // Short lists, many tokens, or a k near a segment: one block per token.
+        assert!(!topk_two_stage(1, TOPK_SINGLE_MAX_COUNT, 512));
+        assert!(!topk_two_stage(1, 4000, 512));
+        assert!(!topk_two_stage(TOPK_TWO_STAGE_MAX_TOKENS + 1, 262_144, 512));
+        assert!(!topk_two_stage(1, 262_144, TOPK_SEGMENT / 2 + 1));
+        assert!(!topk_two_stage(1, 262_144, 0));
+    }
+
+    #[test]
+    fn two_stage_workspace_holds_k_candidates_per_segment() {
+        // 64 segments of 512 (value, index) pairs per token.
+        assert_eq!(topk_select_workspace_bytes(1, 262_144, 512), 64 * 512 * 8);
+        assert_eq!(
+            topk_select_workspace_bytes(3, 262_144, 512),
+            3 * 64 * 512 * 8
+        );
+        // A partial last segment still gets its k slots.
+        assert_eq!(
+            topk_select_workspace_bytes(2, 2 * TOPK_SEGMENT + 1, 512),
+            2 * 3 * 512 * 8
+        );
+        assert_eq!(topk_select_workspace_bytes(1, 70_000, 100), 18 * 100 * 8);
+        // The single-block select needs none.
+        assert_eq!(
+            topk_select_workspace_bytes(1, TOPK_SINGLE_MAX_COUNT, 512),
+            0
+        );
+        assert_eq!(topk_select_workspace_bytes(1000, 262_144, 512), 0);
+    }
+
+    #[test]
+    fn topk_segment_is_the_kernels_segment() {
+        let define = format!("#define DSK_TOPK_SEG {TOPK_SEGMENT}\n");
+        assert!(crate::sources::ATTENTION.body.contains(&define));
+    }
+
+    #[test]
+    fn topk_select_needs_a_workspace_only_for_two_stages() {
+        assert!(check_topk_select(&topk_call(1, 4096, 512, 0)).is_ok());
+        let e = check_topk_select(&topk_call(1, 262_144, 512, 0)).unwrap_err();
+        assert!(e.to_string().contains("workspace"), "{e}");
+        assert!(check_topk_select(&topk_call(1, 262_144, 512, 16)).is_ok());
+        let e = check_topk_select(&topk_call(1, 262_144, 512, 18)).unwrap_err();
+        assert!(e.to_string().contains("aligned"), "{e}");
+        // Counts past i32 cannot be indexed.
+        let e = check_topk_select(&topk_call(1, 1 << 31, 512, 16)).unwrap_err();
+        assert!(e.to_string().contains("i32"), "{e}");
+        let mut a = topk_call(1, 4096, 512, 0);
+        a.out_val = 0;
+        assert!(check_topk_select(&a).is_err());
+    }
 
     #[test]
     fn splits_fill_the_gpu_but_keep_work_per_split() {

@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use dspark_kernels::{
-    attention_splits, attention_workspace_floats, IndexerScores, KvRows, PagedAttention, TopKSelect,
+    attention_splits, attention_workspace_floats, topk_select_workspace_bytes, IndexerScores,
+    KvRows, PagedAttention, TopKSelect,
 };
 
 use super::{kernel_err, CudaBackend};
@@ -298,12 +299,15 @@ impl CudaBackend {
             .alloc_zeros::<i32>(tokens * k)
             .map_err(super::driver_err("alloc"))?;
         let mut val = self.zeros(tokens * k)?;
+        let max_count = rows.visible.iter().copied().max().unwrap_or(0);
+        let mut work = self.zeros(topk_select_workspace_bytes(tokens, max_count, k).div_ceil(4))?;
         {
             let (sp, _s) = scores.device_ptr(s);
             let (stp, _st) = starts_d.device_ptr(s);
             let (cp, _c) = counts_d.device_ptr(s);
             let (ip, _i) = idx.device_ptr_mut(s);
             let (vp, _v) = val.device_ptr_mut(s);
+            let (wp, _w) = work.device_ptr_mut(s);
             let call = TopKSelect {
                 scores: sp,
                 starts: stp,
@@ -312,9 +316,12 @@ impl CudaBackend {
                 k,
                 out_idx: ip,
                 out_val: vp,
+                max_count,
+                workspace: wp,
             };
             // SAFETY: each token's scores lie at starts[t] .. + counts[t] inside `scores` (their
-            // sum is its length); idx and val hold tokens * k.
+            // sum is its length); idx and val hold tokens * k; max_count is the largest count
+            // and `work` holds the workspace for it.
             unsafe { self.kernels.topk_select(s, &call) }.map_err(kernel_err)?;
         }
         let idx = s

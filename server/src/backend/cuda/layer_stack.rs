@@ -23,8 +23,8 @@ use dspark_kernels::launch::paged::{
 };
 use dspark_kernels::launch::FP8_GEMV_MAX_M;
 use dspark_kernels::{
-    attention_splits, attention_workspace_floats, Fp4MoeCall, Fp8GroupedGemv, IndexerScores,
-    OutDtype, PagedAttention, TopKSelect,
+    attention_splits, attention_workspace_floats, topk_select_workspace_bytes, Fp4MoeCall,
+    Fp8GroupedGemv, IndexerScores, OutDtype, PagedAttention, TopKSelect,
 };
 
 use super::nccl::NcclCommunicator;
@@ -124,6 +124,8 @@ struct Scratch {
     scores: CudaSlice<f32>,
     key_offsets: CudaSlice<i64>,
     attn_work: CudaSlice<f32>,
+    /// The two-stage indexer top-k's candidates (f32 values, then i32 indices), in f32 units.
+    topk_work: CudaSlice<f32>,
     /// The streams after each captured layer (copied inside the step, read after it).
     captures: Vec<CudaSlice<f32>>,
     /// GEMM steps only (one element otherwise).
@@ -526,6 +528,11 @@ fn attention_plan(
     )
 }
 
+/// f32 elements of the indexer top-k's workspace for `n` rows seeing at most `max_visible`.
+fn topk_work_floats(n: usize, max_visible: usize, k: usize) -> usize {
+    topk_select_workspace_bytes(n, max_visible, k).div_ceil(4)
+}
+
 /// A buffer [`CudaBackend::size_scratch`] sized for the step must hold `need` elements (it
 /// always does; a step never grows a buffer, which would move it under a captured graph).
 pub(super) fn fits(what: &str, len: usize, need: usize) -> Result<(), BackendError> {
@@ -796,6 +803,7 @@ impl CudaBackend {
                 .alloc_zeros::<i64>(1 << 16)
                 .map_err(driver_err("alloc"))?,
             attn_work: self.alloc_f32(1 << 16)?,
+            topk_work: self.alloc_f32(1 << 10)?,
             captures: Vec::new(),
             gemm: GemmScratch {
                 wide: self.alloc_f32(only_gemm(d.widest))?,
@@ -1413,6 +1421,11 @@ impl CudaBackend {
             })
             .max()
             .unwrap_or(0);
+        let topk = index_classes
+            .iter()
+            .map(|c| topk_work_floats(n, c.max_visible, cfg.index_topk))
+            .max()
+            .unwrap_or(0);
         let sc = &mut stack.scratch;
         let mut moved = false;
         if sc.scores.len() < scores {
@@ -1428,6 +1441,10 @@ impl CudaBackend {
         }
         if sc.attn_work.len() < work {
             sc.attn_work = self.alloc_f32(work.next_power_of_two())?;
+            moved = true;
+        }
+        if sc.topk_work.len() < topk {
+            sc.topk_work = self.alloc_f32(topk.next_power_of_two())?;
             moved = true;
         }
         let width = cfg.hc_mult * cfg.hidden_size;
@@ -1893,6 +1910,11 @@ impl CudaBackend {
                 self.stage(&mut stack.clock, "stack: all-reduce")?;
                 self.stack_all_reduce(comm, &mut sc.scores, class.total)?;
                 self.stage(&mut stack.clock, "stack: indexer")?;
+                fits(
+                    "indexer top-k workspace",
+                    sc.topk_work.len(),
+                    topk_work_floats(n, class.max_visible, cfg.index_topk),
+                )?;
                 let call = TopKSelect {
                     scores: ptr(s, &sc.scores),
                     starts: class.out_starts,
@@ -1901,8 +1923,12 @@ impl CudaBackend {
                     k: cfg.index_topk,
                     out_idx: ptr_mut(s, &mut sc.sel_idx),
                     out_val: ptr_mut(s, &mut sc.sel_val),
+                    max_count: class.max_visible,
+                    workspace: ptr_mut(s, &mut sc.topk_work),
                 };
-                // SAFETY: each token's scores lie inside `scores`; sel_* hold n * index_topk.
+                // SAFETY: each token's scores lie inside `scores`; sel_* hold n * index_topk;
+                // max_visible bounds every row's visible count and topk_work holds the workspace
+                // for it (checked above).
                 unsafe { self.kernels.topk_select(s, &call) }.map_err(kernel_err)?;
             }
         } else if aw.compressor.is_some() {
