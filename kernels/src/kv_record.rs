@@ -112,13 +112,13 @@ impl KvRowFormat {
     /// Stores `row` (`dim` values) into `out` (`slots(dim)` slots, as f32 bit patterns).
     pub fn encode(self, row: &[f32], out: &mut [f32]) {
         let dim = row.len();
+        if self == KvRowFormat::F32 {
+            out[..dim].copy_from_slice(row);
+            return;
+        }
         let mut bytes = vec![0u8; self.bytes(dim)];
         match self {
-            KvRowFormat::F32 => {
-                for (b, v) in bytes.chunks_exact_mut(4).zip(row) {
-                    b.copy_from_slice(&v.to_le_bytes());
-                }
-            }
+            KvRowFormat::F32 => return, // copied above
             KvRowFormat::Bf16 => {
                 for (b, &v) in bytes.chunks_exact_mut(2).zip(row) {
                     b.copy_from_slice(&f32_to_bf16(v).to_le_bytes());
@@ -192,6 +192,15 @@ impl KvRowFormat {
                     *o = e4m3_to_f32(b) * scale;
                 }
             }
+        }
+    }
+
+    /// `rows` (each `dim` values, back to back) as stored: borrowed unchanged for f32 (the
+    /// default pool's write path copies nothing), else encoded, `slots(dim)` slots per row.
+    pub fn stored_rows(self, rows: &[f32], dim: usize) -> std::borrow::Cow<'_, [f32]> {
+        match self {
+            KvRowFormat::F32 => std::borrow::Cow::Borrowed(rows),
+            _ => std::borrow::Cow::Owned(self.encode_rows(rows, dim)),
         }
     }
 

@@ -3,7 +3,7 @@
 //! compressed rows addressed through its block table.
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 
 use super::{i32_arg, i64_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
@@ -138,11 +138,11 @@ pub fn topk_two_stage(tokens: usize, max_count: usize, k: usize) -> bool {
         && k <= TOPK_SEGMENT / 2
 }
 
-/// Scratch bytes of a [`TopKSelect`]: per token, `k` candidates (f32 value + i32 index) per
+/// Scratch bytes of a [`TopKSelect`]: per token, `k` (at most half a segment) candidates (f32 value + i32 index) per
 /// segment of `max_count`; 0 where the single-block select runs.
 pub fn topk_select_workspace_bytes(tokens: usize, max_count: usize, k: usize) -> usize {
     if topk_two_stage(tokens, max_count, k) {
-        tokens * max_count.div_ceil(TOPK_SEGMENT) * k.min(TOPK_SEGMENT) * 8
+        tokens * max_count.div_ceil(TOPK_SEGMENT) * k * 8
     } else {
         0
     }
@@ -574,12 +574,6 @@ impl Kernels {
     ) -> Result<(), KernelError> {
         check_attention(a)?;
         const K: &str = "attention";
-        let (heads, hd) = (
-            i32_arg(K, "heads", a.heads)?,
-            i32_arg(K, "head_dim", a.head_dim)?,
-        );
-        let splits = i32_arg(K, "splits", a.splits)?;
-        let (fmt, rope) = (a.format.code(), i32_arg(K, "rope", a.format.rope())?);
         let partial = LaunchConfig {
             grid_dim: (
                 u32_grid(K, a.splits)?,
@@ -589,22 +583,16 @@ impl Kernels {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        stream
-            .launch_builder(&self.attend_partial)
-            .arg(&a.pool)
-            .arg(&a.q)
-            .arg(&a.key_offsets)
-            .arg(&a.key_starts)
-            .arg(&heads)
-            .arg(&hd)
-            .arg(&splits)
-            .arg(&a.scale)
-            .arg(&a.workspace)
-            .arg(&fmt)
-            .arg(&rope)
-            .launch(partial)
-            .map_err(KernelError::driver("launch attend_partial"))?;
-        self.attend_combine(stream, a)
+        // SAFETY: this function's contract; the shapes were checked above.
+        unsafe {
+            self.attend(
+                stream,
+                a,
+                (&self.attend_partial, "launch attend_partial"),
+                partial,
+                K,
+            )
+        }
     }
 
     /// Split-KV attention with sinks as [`Self::paged_attention`] (same inputs, workspace and
@@ -622,12 +610,6 @@ impl Kernels {
     ) -> Result<(), KernelError> {
         check_attention_heads(a)?;
         const K: &str = "attention_heads";
-        let (heads, hd) = (
-            i32_arg(K, "heads", a.heads)?,
-            i32_arg(K, "head_dim", a.head_dim)?,
-        );
-        let splits = i32_arg(K, "splits", a.splits)?;
-        let (fmt, rope) = (a.format.code(), i32_arg(K, "rope", a.format.rope())?);
         let partial = LaunchConfig {
             grid_dim: (
                 u32_grid(K, a.splits)?,
@@ -637,8 +619,38 @@ impl Kernels {
             block_dim: (256, 1, 1),
             shared_mem_bytes: attention_heads_smem_bytes() as u32,
         };
+        // SAFETY: this function's contract; the shapes were checked above.
+        unsafe {
+            self.attend(
+                stream,
+                a,
+                (&self.attend_partial_heads, "launch attend_partial_heads"),
+                partial,
+                K,
+            )
+        }
+    }
+
+    /// Pass 1 (`partial`, either kernel: both take the same arguments) on `cfg`, then pass 2.
+    ///
+    /// # Safety
+    /// As [`Self::paged_attention`], with `a` checked for `partial`'s shapes.
+    unsafe fn attend(
+        &self,
+        stream: &CudaStream,
+        a: &PagedAttention,
+        (partial, launch): (&CudaFunction, &'static str),
+        cfg: LaunchConfig,
+        name: &'static str,
+    ) -> Result<(), KernelError> {
+        let (heads, hd) = (
+            i32_arg(name, "heads", a.heads)?,
+            i32_arg(name, "head_dim", a.head_dim)?,
+        );
+        let splits = i32_arg(name, "splits", a.splits)?;
+        let (fmt, rope) = (a.format.code(), i32_arg(name, "rope", a.format.rope())?);
         stream
-            .launch_builder(&self.attend_partial_heads)
+            .launch_builder(partial)
             .arg(&a.pool)
             .arg(&a.q)
             .arg(&a.key_offsets)
@@ -650,8 +662,8 @@ impl Kernels {
             .arg(&a.workspace)
             .arg(&fmt)
             .arg(&rope)
-            .launch(partial)
-            .map_err(KernelError::driver("launch attend_partial_heads"))?;
+            .launch(cfg)
+            .map_err(KernelError::driver(launch))?;
         self.attend_combine(stream, a)
     }
 

@@ -346,7 +346,7 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Writes row `r` of `rows` (`width` slots each, as f32 bit patterns) at pool offset
     /// `offsets[r]`, unchanged: a row in a stored format is encoded by the caller
-    /// ([`kv::KvRowFormat::encode_rows`]).
+    /// ([`kv::KvRowFormat::stored_rows`]).
     fn kv_write(
         &self,
         store: &mut Self::KvStore,

@@ -43,6 +43,12 @@ fn i64s(v: &[usize]) -> Vec<i64> {
 /// context) keep exact f32 scores, so their top-k picks exactly the rows the CPU reference picks.
 pub const INDEXER_TENSOR_CORE_MIN_ROWS: usize = 16_384;
 
+/// f32 elements of the indexer top-k's workspace for `tokens` rows seeing at most `max_visible`
+/// (the two-stage select's candidates; none for short lists).
+pub(super) fn topk_work_floats(tokens: usize, max_visible: usize, k: usize) -> usize {
+    topk_select_workspace_bytes(tokens, max_visible, k).div_ceil(4)
+}
+
 impl CudaBackend {
     /// Whether an indexer scan of up to `max_visible` rows takes the TF32 tensor-core kernel.
     pub(super) fn indexer_tensor_cores(&self, max_visible: usize) -> bool {
@@ -300,7 +306,7 @@ impl CudaBackend {
             .map_err(super::driver_err("alloc"))?;
         let mut val = self.zeros(tokens * k)?;
         let max_count = rows.visible.iter().copied().max().unwrap_or(0);
-        let mut work = self.zeros(topk_select_workspace_bytes(tokens, max_count, k).div_ceil(4))?;
+        let mut work = self.zeros(topk_work_floats(tokens, max_count, k))?;
         {
             let (sp, _s) = scores.device_ptr(s);
             let (stp, _st) = starts_d.device_ptr(s);

@@ -23,10 +23,11 @@ use dspark_kernels::launch::paged::{
 };
 use dspark_kernels::launch::FP8_GEMV_MAX_M;
 use dspark_kernels::{
-    attention_splits, attention_workspace_floats, topk_select_workspace_bytes, Fp4MoeCall,
-    Fp8GroupedGemv, IndexerScores, OutDtype, PagedAttention, TopKSelect,
+    attention_splits, attention_workspace_floats, Fp4MoeCall, Fp8GroupedGemv, IndexerScores,
+    OutDtype, PagedAttention, TopKSelect,
 };
 
+use super::kv::topk_work_floats;
 use super::nccl::NcclCommunicator;
 use super::{driver_err, kernel_err, CudaBackend, CudaExpertBank, CudaKvStore, CudaMatrix};
 use crate::backend::{BackendError, StackModel, StackRows};
@@ -526,11 +527,6 @@ fn attention_plan(
         grouped,
         attention_splits(max_keys, n, blocks_per_token, sms),
     )
-}
-
-/// f32 elements of the indexer top-k's workspace for `n` rows seeing at most `max_visible`.
-fn topk_work_floats(n: usize, max_visible: usize, k: usize) -> usize {
-    topk_select_workspace_bytes(n, max_visible, k).div_ceil(4)
 }
 
 /// A buffer [`CudaBackend::size_scratch`] sized for the step must hold `need` elements (it

@@ -498,7 +498,7 @@ impl<B: Backend> DeepseekV4<B> {
         let latent = self.pool.geometry.latent_format;
         let stored = self
             .host
-            .time(HostPhase::AttentionSetup, || latent.encode_rows(&kv, hd));
+            .time(HostPhase::AttentionSetup, || latent.stored_rows(&kv, hd));
         self.backend
             .kv_write(&mut self.kv, &at, latent.slots(hd), &stored)
             .map_err(backend_err)?;
@@ -914,7 +914,7 @@ impl<B: Backend> Compression<'_, B> {
         };
         let stored = self
             .host
-            .time(HostPhase::Compressor, || format.encode_rows(&new_rows, dim));
+            .time(HostPhase::Compressor, || format.stored_rows(&new_rows, dim));
         self.backend
             .kv_write(self.kv, &new_at, format.slots(dim), &stored)
             .map_err(backend_err)
