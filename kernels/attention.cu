@@ -293,6 +293,7 @@ extern "C" __global__ void __launch_bounds__(128) dsk_attend_combine_f32(
     const float *__restrict__ part, const float *__restrict__ sinks, int heads, int hd,
     int splits, float *__restrict__ out) {
     __shared__ float weight[DSK_COMBINE_SPLITS];
+    __shared__ float sums[DSK_COMBINE_SPLITS];
     __shared__ float red[4];
     const int h = blockIdx.x, t = blockIdx.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -310,16 +311,30 @@ extern "C" __global__ void __launch_bounds__(128) dsk_attend_combine_f32(
     for (int s = threadIdx.x; s < cached; s += blockDim.x) {
         const float l = p[s * (hd + 2) + 1];
         weight[s] = l > 0.f ? expf(p[s * (hd + 2)] - mx) : 0.f;
+        sums[s] = l;
     }
     __syncthreads();
-    // The denominator in split order, as before (every thread the same sum).
+    // The denominator in split order, as before (every thread the same sum), from shared memory:
+    // a chain of global loads here and in the loop below was most of this kernel's time.
     float denom = expf(sink - mx);
     for (int s = 0; s < splits; ++s) {
-        const float l = p[s * (hd + 2) + 1];
+        const float l = s < cached ? sums[s] : p[s * (hd + 2) + 1];
         const float w = s < cached ? weight[s] : (l > 0.f ? expf(p[s * (hd + 2)] - mx) : 0.f);
         if (l > 0.f) denom = fmaf(l, w, denom);
     }
     float *o = out + ((long long)t * heads + h) * hd;
+    if (splits <= cached) {
+        // Every split's weight is cached: the loads of a dimension's splits do not depend on
+        // each other, so unrolled they are in flight together. Same sums in the same order.
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+            float v = 0.f;
+#pragma unroll 8
+            for (int s = 0; s < splits; ++s)
+                if (sums[s] > 0.f) v = fmaf(p[s * (hd + 2) + 2 + d], weight[s], v);
+            o[d] = v / denom;
+        }
+        return;
+    }
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float v = 0.f;
         for (int s = 0; s < splits; ++s) {

@@ -20,6 +20,7 @@ pub mod elementwise;
 pub mod layer_ops;
 pub mod moe_sorted;
 pub mod paged;
+pub mod skinny_mma;
 
 /// Activation element type of a GEMV input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -604,6 +605,7 @@ pub struct Kernels {
     layer_ops: layer_ops::LayerOpsFns,
     dense_gemv: dense_gemv::DenseGemvFns,
     moe_sorted: moe_sorted::MoeSortedFns,
+    skinny_mma: skinny_mma::SkinnyMmaFns,
 }
 
 impl Kernels {
@@ -684,6 +686,7 @@ impl Kernels {
             layer_ops: layer_ops::LayerOpsFns::load(&module(&sources::LAYER_OPS)?)?,
             dense_gemv: dense_gemv::DenseGemvFns::load(&module(&sources::DENSE_GEMV)?)?,
             moe_sorted: moe_sorted::MoeSortedFns::load(&module(&sources::MOE_SORTED)?)?,
+            skinny_mma: skinny_mma::SkinnyMmaFns::load(&module(&sources::SKINNY_MMA)?)?,
             ctx: ctx.clone(),
             arch,
             sms: usize::try_from(sms).unwrap_or(1).max(1),

@@ -24,6 +24,7 @@ pub use launch::attention::{
     KvRows, PagedAttention, TopKSelect,
 };
 pub use launch::dense_gemv::{Bf16Gemv, BF16_GEMV_MAX_M};
+pub use launch::skinny_mma::{SkinnyMma, SkinnyWeight, SKINNY_MMA_MAX_M};
 pub use launch::{
     ActDtype, Fp4Experts, Fp4MoeCall, Fp8Gemv, Fp8GroupedGemv, Fp8Path, Kernels, MoePath, OutDtype,
     RmsNorm, Rope, TopK,

@@ -67,7 +67,12 @@ pub const MOE_SORTED: KernelSource = KernelSource {
     body: include_str!("../moe_sorted.cu"),
 };
 
-pub const ALL: [KernelSource; 12] = [
+pub const SKINNY_MMA: KernelSource = KernelSource {
+    name: "skinny_mma",
+    body: include_str!("../skinny_mma.cu"),
+};
+
+pub const ALL: [KernelSource; 13] = [
     FP8_GEMV,
     FP4_MOE,
     RMSNORM,
@@ -80,6 +85,7 @@ pub const ALL: [KernelSource; 12] = [
     LAYER_OPS,
     DENSE_GEMV,
     MOE_SORTED,
+    SKINNY_MMA,
 ];
 
 impl KernelSource {

@@ -148,12 +148,19 @@ pub fn topk_select_workspace_bytes(tokens: usize, max_count: usize, k: usize) ->
     }
 }
 
+/// Fewest keys a split of [`attention_splits`] gets: one 16-row tile of the head-grouped kernel.
+/// A decoding token's lists are short (a 128-key window, + 512 CSA rows), and the head-grouped
+/// kernel has only `heads / 16` blocks per split: at 64 keys per split a window layer ran on 8
+/// blocks (4 at TP=2), each a ~35 us chain of 64 keys, where 16 keys per split take ~8 us.
+pub const ATTENTION_MIN_KEYS_PER_SPLIT: usize = 16;
+
 /// Splits per token so `tokens * heads * splits` blocks fill the GPU about four times over, with
-/// at least 64 keys per split.
+/// at least [`ATTENTION_MIN_KEYS_PER_SPLIT`] keys per split.
 pub fn attention_splits(max_keys: usize, tokens: usize, heads: usize, sms: usize) -> usize {
     let blocks = (tokens * heads).max(1);
     let want = (4 * sms).div_ceil(blocks);
-    want.min(max_keys.div_ceil(64)).max(1)
+    want.min(max_keys.div_ceil(ATTENTION_MIN_KEYS_PER_SPLIT))
+        .max(1)
 }
 
 /// f32 scratch of a [`PagedAttention`]: one `(max, sum, acc[head_dim])` record per split.
@@ -869,8 +876,11 @@ mod tests {
     fn splits_fill_the_gpu_but_keep_work_per_split() {
         // One decoding token, 64 heads, 132 SMs: 9 splits if the keys allow it.
         assert_eq!(attention_splits(8320, 1, 64, 132), 9);
-        // Few keys: at least 64 per split.
-        assert_eq!(attention_splits(130, 1, 64, 132), 3);
+        // Few keys: at least 16 per split; a window layer's 128 keys at TP=2 (2 head groups)
+        // get 8 splits.
+        assert_eq!(attention_splits(40, 1, 64, 132), 3);
+        assert_eq!(attention_splits(130, 1, 64, 132), 9);
+        assert_eq!(attention_splits(128, 1, 2, 132), 8);
         // A prefill chunk already fills the GPU.
         assert_eq!(attention_splits(640, 2048, 64, 132), 1);
         assert_eq!(attention_workspace_floats(2, 4, 64, 3), 2 * 4 * 3 * 66);

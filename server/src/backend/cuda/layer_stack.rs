@@ -24,7 +24,7 @@ use dspark_kernels::launch::paged::{
 use dspark_kernels::launch::FP8_GEMV_MAX_M;
 use dspark_kernels::{
     attention_splits, attention_workspace_floats, Fp4MoeCall, Fp8GroupedGemv, IndexerScores,
-    OutDtype, PagedAttention, TopKSelect,
+    OutDtype, PagedAttention, SkinnyMma, SkinnyWeight, TopKSelect,
 };
 
 use super::kv::topk_work_floats;
@@ -2083,11 +2083,26 @@ impl CudaBackend {
             let (xp, op) = (ptr(s, &sc.attn), ptr_mut(s, &mut sc.grouped));
             let n_out = local_groups * orank;
             for (start, m) in super::row_chunks(n, FP8_GEMV_MAX_M) {
+                let (xs, os) = (
+                    xp + (start * heads * hd * 4) as u64,
+                    op + (start * n_out * 4) as u64,
+                );
+                if self.skinny(SkinnyWeight::Fp8, m, n_out, group_in) {
+                    let call = SkinnyMma {
+                        ld_x: heads * hd,
+                        group_rows: orank,
+                        x_group_stride: group_in,
+                        ..SkinnyMma::plain(wp, SkinnyWeight::Fp8, sp, xs, os, (m, n_out, group_in))
+                    };
+                    // SAFETY: as the grouped GEMV below.
+                    unsafe { self.kernels.skinny_mma(s, &call) }.map_err(kernel_err)?;
+                    continue;
+                }
                 let call = Fp8GroupedGemv {
                     weight: wp,
                     scale: sp,
-                    x: xp + (start * heads * hd * 4) as u64,
-                    out: op + (start * n_out * 4) as u64,
+                    x: xs,
+                    out: os,
                     m,
                     n: n_out,
                     k: group_in,

@@ -22,10 +22,11 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{sys::cublasComputeType_t, CudaBlas};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use dspark_kernels::launch::skinny_mma::skinny_mma_pays;
 use dspark_kernels::launch::FP8_GEMV_MAX_M;
 use dspark_kernels::{
     ActDtype, Bf16Gemv, Fp4Experts, Fp4MoeCall, Fp8Gemv, Kernels, LoaderConfig, OutDtype,
-    BF16_GEMV_MAX_M,
+    SkinnyMma, SkinnyWeight, BF16_GEMV_MAX_M,
 };
 
 use super::{Backend, BackendError, PackedWeight, FP4_GROUP};
@@ -225,6 +226,9 @@ pub struct CudaBackend {
     gemm_tf32: AtomicBool,
     /// Whether cuBLAS took the grouped GEMM of the sorted experts (else one GEMM each).
     grouped_gemm_ok: AtomicBool,
+    /// Whether projections of 2..=16 rows run on the tensor-core skinny GEMM (`DSPARK_SKINNY_MMA=0`
+    /// keeps them on the CUDA-core GEMVs; both are f32-exact, the switch is for comparisons).
+    skinny_mma: bool,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -310,7 +314,14 @@ impl CudaBackend {
             graph_steps: AtomicU64::new(0),
             gemm_tf32: AtomicBool::new(gemm_step::tf32_allowed()),
             grouped_gemm_ok: AtomicBool::new(true),
+            skinny_mma: std::env::var("DSPARK_SKINNY_MMA").map_or(true, |v| v != "0"),
         })
+    }
+
+    /// Whether `m` rows through an `[n, k]` weight of this type take the tensor-core skinny
+    /// GEMM (one launch, f32-exact) instead of the CUDA-core GEMV.
+    fn skinny(&self, weight: SkinnyWeight, m: usize, n: usize, k: usize) -> bool {
+        self.skinny_mma && skinny_mma_pays(weight, m, n, k)
     }
 
     /// Matrices held per encoding (how much of the checkpoint stayed packed).
@@ -411,12 +422,22 @@ impl CudaBackend {
         let (xp, _x) = x.device_ptr(s);
         let (yp, _y) = y.device_ptr_mut(s);
         for (start, m) in row_chunks(n, FP8_GEMV_MAX_M) {
+            let (xs, ys) = (
+                xp + (start * cols * 4) as u64,
+                yp + (start * rows * 4) as u64,
+            );
+            if self.skinny(SkinnyWeight::Fp8, m, rows, cols) {
+                let call = SkinnyMma::plain(wp, SkinnyWeight::Fp8, sp, xs, ys, (m, rows, cols));
+                // SAFETY: as the GEMV below: [rows, cols] e4m3 with its tiles, m rows of x and y.
+                unsafe { self.kernels.skinny_mma(s, &call) }.map_err(kernel_err)?;
+                continue;
+            }
             let call = Fp8Gemv {
                 weight: wp,
                 scale: sp,
-                x: xp + (start * cols * 4) as u64,
+                x: xs,
                 x_dtype: ActDtype::F32,
-                out: yp + (start * rows * 4) as u64,
+                out: ys,
                 out_dtype: OutDtype::F32,
                 m,
                 n: rows,
@@ -478,10 +499,20 @@ impl CudaBackend {
         let (xp, _x) = x.device_ptr(s);
         let (yp, _y) = y.device_ptr_mut(s);
         for (start, m) in row_chunks(n, BF16_GEMV_MAX_M) {
+            let (xs, ys) = (
+                xp + (start * cols * 4) as u64,
+                yp + (start * rows * 4) as u64,
+            );
+            if self.skinny(SkinnyWeight::Bf16, m, rows, cols) {
+                let call = SkinnyMma::plain(wp, SkinnyWeight::Bf16, 0, xs, ys, (m, rows, cols));
+                // SAFETY: as the GEMV below: [rows, cols] bf16, m rows of x and y.
+                unsafe { self.kernels.skinny_mma(s, &call) }.map_err(kernel_err)?;
+                continue;
+            }
             let call = Bf16Gemv {
                 weight: wp,
-                x: xp + (start * cols * 4) as u64,
-                out: yp + (start * rows * 4) as u64,
+                x: xs,
+                out: ys,
                 m,
                 n: rows,
                 k: cols,
@@ -1117,6 +1148,10 @@ impl Backend for CudaBackend {
             self.linear_on(xd, n, w, &mut yk)?;
         }
         let all = self.download(&y)?;
+        if jobs.len() == 1 {
+            // One job (the LM head): its rows are the whole download, no second copy.
+            return Ok(vec![all]);
+        }
         Ok(offsets
             .windows(2)
             .map(|r| all[r[0]..r[1]].to_vec())
