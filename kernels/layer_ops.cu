@@ -38,6 +38,7 @@ __device__ __forceinline__ float lo_sigmoid(float x) {
 extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_rms_norm_f32(
     const float *x, float *out, const float *__restrict__ weight, int dim, long long ld_x,
     long long ld_out, float eps) {
+    dsk_pdl_entry();
     __shared__ float red[32];
     const float *xr = x + (long long)blockIdx.x * ld_x;
     float *orow = out + (long long)blockIdx.x * ld_out;
@@ -59,6 +60,7 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_rope_f32(
     float *x, const int *__restrict__ positions, const float *__restrict__ inv_freq, int tokens,
     int heads, int head_dim, int rope_dim, long long ld_token, long long ld_head,
     float attention_factor, int inverse) {
+    dsk_pdl_entry();
     const int half = rope_dim >> 1;
     const long long total = (long long)tokens * heads * half;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
@@ -88,6 +90,7 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_rope_f32(
 extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_mix_partial_f32(
     const float *__restrict__ streams, const float *__restrict__ fn, float *__restrict__ partial,
     float *__restrict__ sq, int n, int width, int outs, int chunk) {
+    dsk_pdl_entry();
     __shared__ float red[32];
     const int kc = blockIdx.x, o = blockIdx.y, t0 = blockIdx.z * LO_MIX_TOKENS;
     const int nt = min(LO_MIX_TOKENS, n - t0);
@@ -122,6 +125,7 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_mix_partial_f32
 extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_mix_reduce_f32(
     const float *__restrict__ partial, const float *__restrict__ sq, float *__restrict__ out,
     int n, int outs, int splits, int width, float eps) {
+    dsk_pdl_entry();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n * outs) return;
     const int t = i / outs, o = i % outs;
@@ -181,6 +185,7 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_pre_finish_f32(
     const float *__restrict__ proj, const float *__restrict__ base, float scale0, float scale1,
     float scale2, const float *__restrict__ streams, float *__restrict__ x_out,
     float *__restrict__ mix_out, int hc, int hidden, int iters, float hc_eps) {
+    dsk_pdl_entry();
     __shared__ float pre[LO_HC_MAX];
     const int t = blockIdx.y, outs = (2 + hc) * hc;
     const float *m = proj + (long long)t * outs;
@@ -223,6 +228,7 @@ extern "C" __global__ void __launch_bounds__(LO_HC_FUSED_BLOCK) dsk_lo_hc_pre_fu
     const float *__restrict__ streams, const float *__restrict__ norm_w,
     float *__restrict__ x_out, float *__restrict__ mix_out, int n, int hc, int hidden, int iters,
     float hc_eps, float norm_eps) {
+    dsk_pdl_entry();
     __shared__ float red[32];
     __shared__ float dots[(2 + LO_HC_MAX) * LO_HC_MAX + 1];
     __shared__ float proj[(2 + LO_HC_MAX) * LO_HC_MAX];
@@ -344,6 +350,7 @@ extern "C" __global__ void __launch_bounds__(LO_HC_FUSED_BLOCK) dsk_lo_hc_pre_fu
 extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_post_f32(
     float *streams, const float *__restrict__ mix, const float *__restrict__ out, int n, int hc,
     int hidden) {
+    dsk_pdl_entry();
     const long long total = (long long)n * hidden;
     const int outs = (2 + hc) * hc;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
@@ -367,6 +374,7 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_head_finish_f32
     const float *__restrict__ proj, const float *__restrict__ base, float scale,
     const float *__restrict__ streams, float *__restrict__ x_out, int hc, int hidden,
     float hc_eps) {
+    dsk_pdl_entry();
     __shared__ float pre[LO_HC_MAX];
     const int t = blockIdx.y;
     if (threadIdx.x < hc) {
@@ -405,6 +413,7 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_route_f32(
     const int *__restrict__ hash_table, const int *__restrict__ token_ids, int vocab, int experts,
     int k, float routed_scaling_factor, int *__restrict__ out_ids,
     float *__restrict__ out_weights) {
+    dsk_pdl_entry();
     __shared__ float s[LO_ROUTE_MAX_E];
     __shared__ unsigned char taken[LO_ROUTE_MAX_E];
     __shared__ unsigned long long red[32];
@@ -490,6 +499,7 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_dense_gate_up_f32(
     const float *__restrict__ w1, const float *__restrict__ w3, const float *__restrict__ x,
     const int *__restrict__ ids, float *__restrict__ h, int n, int k, int experts, int hidden,
     int inter, float limit) {
+    dsk_pdl_entry();
     const long long rows = (long long)n * k * inter;
     const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
     if (warp >= rows) return;
@@ -513,6 +523,7 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_dense_down_f32(
     const float *__restrict__ w2, const float *__restrict__ h, const int *__restrict__ ids,
     const float *__restrict__ weights, float *__restrict__ out, int n, int k, int experts,
     int hidden, int inter) {
+    dsk_pdl_entry();
     const long long rows = (long long)n * hidden;
     const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
     if (warp >= rows) return;
@@ -532,6 +543,7 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_dense_down_f32(
 // x *= s.
 extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_scale_f32(float *x, long long len,
                                                                         float s) {
+    dsk_pdl_entry();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < len;
          i += (long long)gridDim.x * blockDim.x)
         x[i] = __fmul_rn(x[i], s);
@@ -541,6 +553,7 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_scale_f32(float *x
 extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_copy_rows_f32(
     const float *__restrict__ src, long long ld_src, float *__restrict__ dst, long long ld_dst,
     int rows, int width) {
+    dsk_pdl_entry();
     const long long total = (long long)rows * width;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {

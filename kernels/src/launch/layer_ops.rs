@@ -6,8 +6,9 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig};
 
+use super::submit::SubmitKernel;
 use super::{function, grid_stride, i32_arg, i64_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
 
@@ -563,7 +564,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.layer_ops.rms_norm)
+            .kernel(&self.layer_ops.rms_norm)
             .arg(&a.x)
             .arg(&a.out)
             .arg(&a.weight)
@@ -597,7 +598,7 @@ impl Kernels {
         let inverse = i32::from(a.inverse);
         let pairs = a.tokens * a.heads * (a.rope_dim / 2);
         stream
-            .launch_builder(&self.layer_ops.rope)
+            .kernel(&self.layer_ops.rope)
             .arg(&a.x)
             .arg(&a.positions)
             .arg(&a.inv_freq)
@@ -638,7 +639,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.layer_ops.hc_mix_reduce)
+            .kernel(&self.layer_ops.hc_mix_reduce)
             .arg(&partial)
             .arg(&sq)
             .arg(&a.out)
@@ -682,7 +683,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.layer_ops.hc_mix_partial)
+            .kernel(&self.layer_ops.hc_mix_partial)
             .arg(&streams)
             .arg(&fn_)
             .arg(&partial)
@@ -739,7 +740,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.layer_ops.hc_pre_fused)
+            .kernel(&self.layer_ops.hc_pre_fused)
             .arg(&partial)
             .arg(&sq)
             .arg(&i32_arg(K, "splits", splits)?)
@@ -782,7 +783,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.layer_ops.hc_pre_finish)
+            .kernel(&self.layer_ops.hc_pre_finish)
             .arg(&a.proj)
             .arg(&a.base)
             .arg(&a.scale[0])
@@ -809,7 +810,7 @@ impl Kernels {
         let n = i32_arg(K, "n", a.n)?;
         let (hc, hidden) = (i32_arg(K, "hc", a.hc)?, i32_arg(K, "hidden", a.hidden)?);
         stream
-            .launch_builder(&self.layer_ops.hc_post)
+            .kernel(&self.layer_ops.hc_post)
             .arg(&a.streams)
             .arg(&a.mix)
             .arg(&a.out)
@@ -850,7 +851,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.layer_ops.hc_head_finish)
+            .kernel(&self.layer_ops.hc_head_finish)
             .arg(&proj)
             .arg(&a.base)
             .arg(&a.scale)
@@ -879,7 +880,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.layer_ops.route)
+            .kernel(&self.layer_ops.route)
             .arg(&a.logits)
             .arg(&scoring)
             .arg(&a.bias)
@@ -920,7 +921,7 @@ impl Kernels {
             })
         };
         stream
-            .launch_builder(&self.layer_ops.dense_gate_up)
+            .kernel(&self.layer_ops.dense_gate_up)
             .arg(&a.w1)
             .arg(&a.w3)
             .arg(&a.x)
@@ -935,7 +936,7 @@ impl Kernels {
             .launch(cfg(a.n * a.k * a.inter)?)
             .map_err(KernelError::driver("launch dense_gate_up"))?;
         stream
-            .launch_builder(&self.layer_ops.dense_down)
+            .kernel(&self.layer_ops.dense_down)
             .arg(&a.w2)
             .arg(&a.h_scratch)
             .arg(&a.ids)
@@ -969,7 +970,7 @@ impl Kernels {
         nonnull(K, &[("x", x)])?;
         let n = i64_arg(K, "len", len)?;
         stream
-            .launch_builder(&self.layer_ops.scale)
+            .kernel(&self.layer_ops.scale)
             .arg(&x)
             .arg(&n)
             .arg(&s)
@@ -997,7 +998,7 @@ impl Kernels {
             i64_arg(K, "ld_dst", a.ld_dst)?,
         );
         stream
-            .launch_builder(&self.layer_ops.copy_rows)
+            .kernel(&self.layer_ops.copy_rows)
             .arg(&a.src)
             .arg(&lds)
             .arg(&a.dst)
