@@ -1247,7 +1247,50 @@ mod tests {
         assert!(hc_mix_splits(1, 16384, 4, 132) <= HC_MAX_SPLITS);
         assert_eq!(hc_mix_splits(1, 64, 24, 132), 1);
         assert_eq!(hc_mix_splits(64, 16384, 24, 132), 3);
-        assert!(hc_mix_workspace_floats(3, 24) >= HC_MAX_SPLITS * 3 * 25);
+        assert!(hc_mix_workspace_floats(3, 24) >= HC_WS_HEADER + HC_MAX_SPLITS * 3 * 25);
+        // The partials start past the counter header, the squares past the partials.
+        assert_eq!(
+            hc_partials(1024, 11, 1, 24),
+            (
+                1024 + 4 * HC_WS_HEADER as u64,
+                1024 + 4 * (HC_WS_HEADER + 11 * 24) as u64
+            )
+        );
+        let pre = HcPreFused {
+            streams: 16,
+            fn_: 16,
+            base: 16,
+            scale: [1.0; 3],
+            norm_weight: 0,
+            x_out: 16,
+            mix_out: 16,
+            workspace: 16,
+            n: 1,
+            hc: 4,
+            hidden: 4096,
+            sinkhorn_iters: 20,
+            hc_eps: 1e-6,
+            norm_eps: 1e-6,
+            kernel: HcPreKernel::default(),
+        };
+        assert!(check_hc_pre_fused(&pre).is_ok());
+        assert!(check_hc_pre_fused(&HcPreFused { hc: 9, ..pre }).is_err());
+        assert!(check_hc_pre_fused(&HcPreFused { n: 0, ..pre }).is_err());
+        assert!(check_hc_pre_fused(&HcPreFused {
+            workspace: 0,
+            ..pre
+        })
+        .is_err());
+        assert!(check_hc_pre_fused(&HcPreFused {
+            scale: [1.0, f32::NAN, 1.0],
+            ..pre
+        })
+        .is_err());
+        assert_eq!("old".parse::<HcPreKernel>(), Ok(HcPreKernel::Old));
+        assert_eq!(" Split".parse::<HcPreKernel>(), Ok(HcPreKernel::Split));
+        assert_eq!("new".parse::<HcPreKernel>(), Ok(HcPreKernel::Fused));
+        assert_eq!(HcPreKernel::default(), HcPreKernel::Fused);
+        assert!("fast".parse::<HcPreKernel>().is_err());
         let post = HcPost {
             streams: 16,
             mix: 16,
