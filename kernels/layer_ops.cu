@@ -378,6 +378,13 @@ __device__ __forceinline__ void lo_bar_sync(int id, int threads) {
 __device__ __forceinline__ void lo_bar_arrive(int id, int threads) {
     asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
+// Counts a block in: a release of what the block wrote before its barrier (as CUTLASS's
+// semaphore) and an acquire of what the blocks counted before it wrote; no SC fences.
+__device__ __forceinline__ unsigned int lo_count_block(unsigned int *counter) {
+    unsigned int old;
+    asm volatile("atom.add.acq_rel.gpu.u32 %0, [%1], 1;" : "=r"(old) : "l"(counter) : "memory");
+    return old;
+}
 #endif
 
 // Chunk kc of projection o for tokens t0 .. t0 + TOK by the 256-thread group threadIdx.x / 256
@@ -734,13 +741,12 @@ extern "C" __global__ void __launch_bounds__(LO_HC_FUSED_BLOCK) dsk_lo_hc_pre_si
     lo_hc_mix_partial_group<1, 8>(streams, fn, partial, sq, 1, width, outs, chunk,
                                   active ? p % splits : 0, active ? p / splits : 1, 0, active,
                                   red);
-    // Make this block's partials visible device-wide before counting it (the writers fence).
-    if (((threadIdx.x >> 5) & 7) == 0) __threadfence();
+    // The partials written, one thread counts the block (release / acquire at gpu scope); the
+    // barriers order the other threads' writes before it and its acquire before their reads.
     __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    if (threadIdx.x == 0) last = lo_count_block(counter) == gridDim.x - 1;
     __syncthreads();
     if (!last) return;
-    __threadfence();
     if (threadIdx.x == 0) *counter = 0u;
     lo_hc_pre_token(partial, sq, splits, width, mix_eps, base, scale0, scale1, scale2, streams,
                     norm_w, x_out, mix_out, 1, 0, hc, hidden, iters, hc_eps, norm_eps);

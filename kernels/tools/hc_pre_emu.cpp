@@ -39,8 +39,7 @@ template <class T> inline T __shfl_sync(unsigned, T v, int src) {
 inline unsigned long long __shfl_xor_sync(unsigned, unsigned long long, int) { abort(); }
 inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }
 template <class T> inline T __ldcg(const T *p) { return *p; }
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-inline unsigned atomicAdd(unsigned *p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline unsigned lo_count_block(unsigned *p) { return __atomic_fetch_add(p, 1u, __ATOMIC_ACQ_REL); }
 
 #include "../layer_ops.cu"
 
