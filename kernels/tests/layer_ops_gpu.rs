@@ -945,3 +945,61 @@ fn scale_and_copy_rows_are_exact() {
         assert!(got[r * 40 + 31..(r + 1) * 40].iter().all(|&v| v == 9.0));
     }
 }
+
+/// Time per hyper-connection pre side at DeepSeek-V4-Flash's width with each kernel choice
+/// (printed, not asserted: shared GPUs vary). Wall time over back-to-back launches (so the
+/// launch gaps the single-launch path removes count), the projection weights rotating over
+/// copies totalling > 64 MB so they come from HBM as in a decode step (86 sites).
+#[test]
+fn hc_pre_time() {
+    let Some(g) = gpu("hc_pre_time") else {
+        return;
+    };
+    let mut rng = Rng(0x7173);
+    let (hc, hidden, iters) = (4usize, 4096usize, 20usize);
+    let (width, outs) = (hc * hidden, (2 + hc) * hc);
+    let sets = 48;
+    let fns: Vec<_> = (0..sets)
+        .map(|_| g.up(&rng.vec(outs * width, -0.05, 0.05)))
+        .collect();
+    let base = g.up(&rng.vec(outs, -1.0, 1.0));
+    let norm = g.up(&rng.vec(hidden, 0.5, 1.5));
+    for n in [1usize, 2, 4, 16, 64] {
+        let sb = g.up(&rng.vec(n * width, -4.0, 4.0));
+        let xb = g.up(&vec![0f32; n * hidden]);
+        let mb = g.up(&vec![0f32; n * outs]);
+        let wb = g.up(&vec![0f32; hc_mix_workspace_floats(n, outs)]);
+        let mut line = format!("hc_pre n={n:2}:");
+        for kernel in [HcPreKernel::Old, HcPreKernel::Split, HcPreKernel::Fused] {
+            let call = |f: usize| HcPreFused {
+                streams: g.ptr(&sb),
+                fn_: g.ptr(&fns[f % sets]),
+                base: g.ptr(&base),
+                scale: [0.7, 0.9, 1.1],
+                norm_weight: g.ptr(&norm),
+                x_out: g.ptr(&xb),
+                mix_out: g.ptr(&mb),
+                workspace: g.ptr(&wb),
+                n,
+                hc,
+                hidden,
+                sinkhorn_iters: iters,
+                hc_eps: 1e-6,
+                norm_eps: 1e-6,
+                kernel,
+            };
+            let reps = 400;
+            // SAFETY (all launches below): the buffers hold the shapes in each call.
+            unsafe { g.k.hc_pre_fused_f32(&g.s, &call(0)) }.unwrap();
+            g.s.synchronize().unwrap();
+            let t0 = std::time::Instant::now();
+            for i in 0..reps {
+                unsafe { g.k.hc_pre_fused_f32(&g.s, &call(i)) }.unwrap();
+            }
+            g.s.synchronize().unwrap();
+            let us = t0.elapsed().as_secs_f64() / reps as f64 * 1e6;
+            line += &format!("  {kernel:?} {us:6.2} us");
+        }
+        eprintln!("{line}");
+    }
+}
