@@ -6,8 +6,11 @@
 //! is unchanged. Kernels then call `griddepcontrol.launch_dependents` at once, so the successor's
 //! launch overlaps their whole run. Works inside CUDA-graph capture (programmatic edges).
 //!
-//! `DSPARK_PDL=0` submits without the attribute (plain stream order; the kernels' wait is then a
-//! no-op): the switch for comparisons.
+//! Off by default: on an H200 (8 layers of V4-Flash, decode, CUDA graphs) it measured 2.447 ms
+//! per batch-1 step against 2.356 ms without, and 12.47 against 12.61 ms at batch 16
+//! (docs/PERFORMANCE.md). `DSPARK_PDL=1` turns it on; without it the attribute is not set and the
+//! kernels' wait is a no-op. The entry is kept so kernels can later move work that does not
+//! depend on the predecessor (weight prefetch) ahead of the wait, which is where PDL pays.
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,9 +21,9 @@ use cudarc::driver::{CudaFunction, CudaStream, DriverError, LaunchConfig};
 /// Whether launches carry the PDL attribute: set by `Kernels::load` (sm_90+ and not disabled).
 static PDL: AtomicBool = AtomicBool::new(false);
 
-/// Turns PDL on for devices that have it (compute capability 9.0+), unless `DSPARK_PDL=0`.
+/// Turns PDL on for devices that have it (compute capability 9.0+) when `DSPARK_PDL=1`.
 pub(crate) fn enable_pdl(major: i32) {
-    let allowed = std::env::var("DSPARK_PDL").map_or(true, |v| v != "0");
+    let allowed = std::env::var("DSPARK_PDL").is_ok_and(|v| v == "1");
     PDL.store(allowed && major >= 9, Ordering::Relaxed);
 }
 

@@ -406,10 +406,25 @@ pub trait Backend: Send + Sync + 'static {
     /// `(rows, cols)` of a matrix.
     fn shape(&self, m: &Self::Matrix) -> (usize, usize);
 
-    /// `y[r, o] = sum_i x[r, i] * w[o, i]` for `x` of `n` rows. Each output element is computed
-    /// with a fixed summation order independent of `n`, so a row's result does not depend on
-    /// what else is in the batch.
+    /// `y[r, o] = sum_i x[r, i] * w[o, i]` for `x` of `n` rows. On the CPU each output element
+    /// is computed with a fixed summation order independent of `n`, so a row's result does not
+    /// depend on what else is in the batch; device backends may pick kernels by `n` (the CUDA
+    /// backend: docs/CUDA.md), which keeps f32 accuracy but not the summation order.
     fn linear(&self, x: &[f32], n: usize, w: &Self::Matrix) -> Result<Vec<f32>, BackendError>;
+
+    /// [`Self::linear`] of a vocab-parallel matrix (this rank's slice of the output columns)
+    /// with every rank's columns gathered and interleaved per row: `[n, world * rows]`, rank
+    /// `r`'s columns at `r * rows` of each row. `None` where the backend has no better way than
+    /// the engine's host gather (`linear`, then `Communicator::all_gather`).
+    fn linear_all_gather(
+        &self,
+        _x: &[f32],
+        _n: usize,
+        _w: &Self::Matrix,
+        _comm: &dyn crate::ranks::Communicator,
+    ) -> Option<Result<Vec<f32>, BackendError>> {
+        None
+    }
 
     /// Several independent projections of `n` rows each, `y_k = x_k W_k^T`: one round trip on
     /// a device backend. Results are those of [`Self::linear`] one by one.

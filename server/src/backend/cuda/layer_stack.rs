@@ -1376,7 +1376,10 @@ impl CudaBackend {
 
     /// The communicator's NCCL side when it enqueues on this backend's stream (the same stream
     /// handle in the same primary context, however each side opened it).
-    fn stream_nccl<'c>(&self, comm: &'c dyn Communicator) -> Option<&'c NcclCommunicator> {
+    pub(super) fn stream_nccl<'c>(
+        &self,
+        comm: &'c dyn Communicator,
+    ) -> Option<&'c NcclCommunicator> {
         comm.nccl().filter(|nccl| {
             nccl.stream().cu_stream() == self.stream.cu_stream()
                 && nccl.stream().context().cu_ctx() == self.stream.context().cu_ctx()

@@ -388,6 +388,23 @@ impl<B: Backend> DeepseekV4<B> {
     /// Full-vocabulary logits `[m, vocab]` of `m` normed hidden rows through the LM head.
     pub fn head_logits(&self, normed: &[f32], m: usize) -> Result<Vec<f32>, EngineError> {
         let vocab = self.cfg.vocab_size;
+        if self.shard.world_size > 1 {
+            // The backend's own gather (the CUDA backend: NCCL on the device, one download).
+            let gathered =
+                self.backend
+                    .linear_all_gather(normed, m, &self.weights.head, self.comm.as_ref());
+            if let Some(full) = gathered {
+                let full = full.map_err(backend_err)?;
+                if full.len() != m * vocab {
+                    return Err(EngineError::Comm(format!(
+                        "the LM head's gather returned {} values, expected {}",
+                        full.len(),
+                        m * vocab
+                    )));
+                }
+                return Ok(full);
+            }
+        }
         let local = self.linear(normed, m, &self.weights.head)?;
         if self.shard.world_size == 1 {
             return Ok(local);
