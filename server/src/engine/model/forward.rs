@@ -374,6 +374,13 @@ impl<B: Backend> DeepseekV4<B> {
         });
         let vocab = self.cfg.vocab_size;
         let logits = self.head_logits(&final_h, wanted.len())?;
+        if wanted.len() == 1 {
+            // One row (a batch-1 decode step): it is the whole buffer, no copy.
+            if let Some(si) = per_seq.iter().position(|p| !p.is_empty()) {
+                out.logits[si] = vec![logits];
+                return Ok(out);
+            }
+        }
         self.host.time(HostPhase::Logits, || {
             for (si, picks) in per_seq.iter().enumerate() {
                 out.logits[si] = picks
