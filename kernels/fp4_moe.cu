@@ -17,6 +17,12 @@
 // MOE_RW rows of W1 and of W3), every lane one 16-byte chunk per row per step, reusing the 32
 // activations it holds in registers for all of them. Pairs are the grid's fastest axis, so tokens
 // that chose the same expert read its rows at about the same time (served by L2).
+//
+// Two generations of the CUDA-core kernels share that structure (MoePath::CudaCore is v2,
+// MoePath::CudaCoreV1 the first; DSPARK_FP4_KERNEL=v1 makes Auto pick v1 for an A/B): v2 decodes
+// the same f16x2 pairs with fewer integer instructions (fp4_word_pairs) and builds the block
+// scale without branches (fp4_scale_v2). Products and summation order are the same, so v2's
+// results are bit-identical to v1's (kernels/tools/fp4_moe_emu.cpp checks it on the CPU).
 
 #define MOE_WARPS 8
 #define MOE_RW 4
@@ -67,7 +73,69 @@ __device__ __forceinline__ float fp4_chunk_dot(uint4 w, const float (&xs)[32]) {
 // 2^(s-127) * 2^14: the block scale with the decoder's 2^-14 folded back in.
 __device__ __forceinline__ float fp4_scale(unsigned int s) { return dsk_e8m0_to_f32(s) * 16384.0f; }
 
-extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_gate_up(
+// a's bits 1-3 of each byte, b's others: (a & m) | (b & ~m) as one LOP3. Written in C, the
+// compiler splits it in two where it can prove bits of b zero (v << 4).
+__device__ __forceinline__ unsigned int fp4_bitselect(unsigned int a, unsigned int b) {
+    const unsigned int m = 0x0E0E0E0Eu;
+#ifdef __CUDA_ARCH__
+    unsigned int r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xE4;" : "=r"(r) : "r"(a), "r"(b), "r"(m));
+    return r;
+#else
+    return (a & m) | (b & ~m); // CPU emulation (kernels/tools/fp4_moe_emu.cpp)
+#endif
+}
+
+// v2 decode: the four f16x2 pairs (p, p+4), p = 0..3, of word v, bit for bit those of
+// fp4_chunk_dot (magnitude at bits 9-11 / 25-27, sign at 15 / 31), in 11 integer instructions
+// instead of ~15. Bytes of `od` hold the odd nibbles, bytes of `ev` the even ones, each as
+// magnitude at bits 1-3 and sign at bit 7 (one LOP3 bit-select of two shifted copies of v; the
+// other bits are junk). Bytes 1 and 3 are then already under the f16 high bytes (one AND with
+// the pair mask); bytes 0 and 2 get there with a shift by 8.
+__device__ __forceinline__ void fp4_word_pairs(unsigned int v, unsigned int (&h)[4]) {
+    const unsigned int pair = 0x8E008E00u;
+    const unsigned int od = fp4_bitselect(v >> 3, v);
+    const unsigned int ev = fp4_bitselect(v << 1, v << 4);
+    h[0] = (ev << 8) & pair; // nibbles 0, 4
+    h[1] = (od << 8) & pair; // nibbles 1, 5
+    h[2] = ev & pair;        // nibbles 2, 6
+    h[3] = od & pair;        // nibbles 3, 7
+}
+
+// fp4_chunk_dot with the v2 decode: same products, same order, same result.
+__device__ __forceinline__ float fp4_chunk_dot_v2(uint4 w, const float (&xs)[32]) {
+    const unsigned int words[4] = {w.x, w.y, w.z, w.w};
+    float acc = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        unsigned int h[4];
+        fp4_word_pairs(words[q], h);
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+            float lo, hi;
+            dsk_f16x2_to_f32(h[p], lo, hi);
+            acc = fmaf(lo, xs[8 * q + p], acc);
+            acc = fmaf(hi, xs[8 * q + p + 4], acc);
+        }
+    }
+    return acc;
+}
+
+// fp4_scale without branches: 2^(s-127) * 2^14 is the f32 with exponent field s + 14 (s = 0
+// included: 2^-113 is normal); s in 241..254 saturates to inf as the product does, and the NaN
+// code 255 sets the quiet bit on top of it.
+__device__ __forceinline__ float fp4_scale_v2(unsigned int s) {
+    return __uint_as_float((min(s + 14u, 255u) << 23) | (s == 255u ? 0x00400000u : 0u));
+}
+
+template <bool V2> __device__ __forceinline__ float fp4_dot(uint4 w, const float (&xs)[32]) {
+    return V2 ? fp4_chunk_dot_v2(w, xs) : fp4_chunk_dot(w, xs);
+}
+template <bool V2> __device__ __forceinline__ float fp4_block_scale(unsigned int s) {
+    return V2 ? fp4_scale_v2(s) : fp4_scale(s);
+}
+
+template <bool V2> __device__ __forceinline__ void fp4_moe_gate_up(
     const float *__restrict__ x, const int *__restrict__ ids, const unsigned char *__restrict__ W1,
     const unsigned char *__restrict__ S1, const unsigned char *__restrict__ W3,
     const unsigned char *__restrict__ S3, float *__restrict__ h, int topk, int E, int I, int K,
@@ -102,8 +170,8 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_gate_up(
         moe_load_x(sm, c, xs);
 #pragma unroll
         for (int r = 0; r < MOE_RW; ++r) {
-            g[r] = fmaf(fp4_scale(s1[r][c]), fp4_chunk_dot(a[r], xs), g[r]);
-            u[r] = fmaf(fp4_scale(s3[r][c]), fp4_chunk_dot(b[r], xs), u[r]);
+            g[r] = fmaf(fp4_block_scale<V2>(s1[r][c]), fp4_dot<V2>(a[r], xs), g[r]);
+            u[r] = fmaf(fp4_block_scale<V2>(s3[r][c]), fp4_dot<V2>(b[r], xs), u[r]);
         }
     }
 #pragma unroll
@@ -114,7 +182,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_gate_up(
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down(
+template <bool V2> __device__ __forceinline__ void fp4_moe_down(
     const float *__restrict__ h, const int *__restrict__ ids, const float *__restrict__ weights,
     const unsigned char *__restrict__ W2, const unsigned char *__restrict__ S2,
     float *__restrict__ y, int E, int N, int I) {
@@ -148,7 +216,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down(
         float xs[32];
         moe_load_x(sm, c, xs);
 #pragma unroll
-        for (int r = 0; r < MOE_RW; ++r) acc[r] = fmaf(fp4_scale(s2[r][c]), fp4_chunk_dot(a[r], xs), acc[r]);
+        for (int r = 0; r < MOE_RW; ++r) acc[r] = fmaf(fp4_block_scale<V2>(s2[r][c]), fp4_dot<V2>(a[r], xs), acc[r]);
     }
     const float wt = weights[p];
 #pragma unroll
@@ -156,6 +224,29 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down(
         const float v = dsk_warp_sum(acc[r]);
         if (lane == r && n0 + r < N) y[(long)p * N + n0 + r] = wt * v;
     }
+}
+
+#define FP4_GATE_UP_PARAMS                                                                          \
+    const float *__restrict__ x, const int *__restrict__ ids, const unsigned char *__restrict__ W1,    \
+        const unsigned char *__restrict__ S1, const unsigned char *__restrict__ W3,                    \
+        const unsigned char *__restrict__ S3, float *__restrict__ h, int topk, int E, int I, int K,    \
+        float limit
+#define FP4_DOWN_PARAMS                                                                             \
+    const float *__restrict__ h, const int *__restrict__ ids, const float *__restrict__ weights,       \
+        const unsigned char *__restrict__ W2, const unsigned char *__restrict__ S2,                    \
+        float *__restrict__ y, int E, int N, int I
+
+extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_gate_up(FP4_GATE_UP_PARAMS) {
+    fp4_moe_gate_up<false>(x, ids, W1, S1, W3, S3, h, topk, E, I, K, limit);
+}
+extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_gate_up_v2(FP4_GATE_UP_PARAMS) {
+    fp4_moe_gate_up<true>(x, ids, W1, S1, W3, S3, h, topk, E, I, K, limit);
+}
+extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down(FP4_DOWN_PARAMS) {
+    fp4_moe_down<false>(h, ids, weights, W2, S2, y, E, N, I);
+}
+extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down_v2(FP4_DOWN_PARAMS) {
+    fp4_moe_down<true>(h, ids, weights, W2, S2, y, E, N, I);
 }
 
 // out[t, n] = sum over the token's slots, in slot order. One thread per output element.
