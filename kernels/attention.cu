@@ -5,6 +5,7 @@
 extern "C" __global__ void __launch_bounds__(256) dsk_kv_scatter_f32(
     float *__restrict__ pool, const long long *__restrict__ off, const float *__restrict__ src,
     int width) {
+    dsk_pdl_entry();
     const int r = blockIdx.x;
     float *dst = pool + off[r];
     const float *s = src + (long long)r * width;
@@ -15,6 +16,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_kv_scatter_f32(
 extern "C" __global__ void __launch_bounds__(256) dsk_kv_gather_f32(
     const float *__restrict__ pool, const long long *__restrict__ off, float *__restrict__ dst,
     int width) {
+    dsk_pdl_entry();
     const int r = blockIdx.x;
     const float *s = pool + off[r];
     float *d = dst + (long long)r * width;
@@ -37,6 +39,7 @@ extern "C" __global__ void __launch_bounds__(DSK_ATT_WARPS * 32) dsk_attend_part
     const float *__restrict__ pool, const float *__restrict__ q,
     const long long *__restrict__ key_off, const int *__restrict__ key_start, int heads, int hd,
     int splits, float scale, float *__restrict__ part, int fmt, int rope) {
+    dsk_pdl_entry();
     const int s = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int k0 = key_start[t], k1 = key_start[t + 1];
@@ -160,6 +163,7 @@ extern "C" __global__ void __launch_bounds__(DSK_ATTH_WARPS * 32, 2) dsk_attend_
     const float *__restrict__ pool, const float *__restrict__ q,
     const long long *__restrict__ key_off, const int *__restrict__ key_start, int heads, int hd,
     int splits, float scale, float *__restrict__ part, int fmt, int rope) {
+    dsk_pdl_entry();
     // [DSK_ATTH_TILE][DSK_ATTH_ROW] key rows, then DSK_ATTH_TILE flags: row r holds a key.
     extern __shared__ float dsk_atth_smem[];
     float *const dsk_atth_tile = dsk_atth_smem;
@@ -292,6 +296,7 @@ extern "C" __global__ void __launch_bounds__(DSK_ATTH_WARPS * 32, 2) dsk_attend_
 extern "C" __global__ void __launch_bounds__(128) dsk_attend_combine_f32(
     const float *__restrict__ part, const float *__restrict__ sinks, int heads, int hd,
     int splits, float *__restrict__ out) {
+    dsk_pdl_entry();
     __shared__ float weight[DSK_COMBINE_SPLITS];
     __shared__ float sums[DSK_COMBINE_SPLITS];
     __shared__ float red[4];
@@ -361,6 +366,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_f32(
     const int *__restrict__ visible, const long long *__restrict__ out_start, long long fpb,
     int bs, long long base, int ratio, int stride, int heads, int dim, float scale,
     float *__restrict__ out, int fmt) {
+    dsk_pdl_entry();
     extern __shared__ float sq[];  // [heads * dim] queries, then [heads] weights
     const int t = blockIdx.y;
     const float *qt = q + (long long)t * heads * dim;
@@ -418,6 +424,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_tiled_f32(
     const int *__restrict__ visible, const long long *__restrict__ out_start, long long fpb,
     int bs, long long base, int ratio, int stride, int heads, int dim, float scale,
     float *__restrict__ out, int fmt) {
+    dsk_pdl_entry();
     extern __shared__ float smem[];
     float *qs = smem;                                   // [dim][64] queries, transposed
     float *ks = smem + DSK_IDXT_DIM * DSK_IDXT_HEADS;   // [dim][65] key rows, transposed
@@ -699,6 +706,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_mma(
     const int *__restrict__ visible, const long long *__restrict__ out_start, long long fpb,
     int bs, long long base, int ratio, int stride, int heads, int dim, float scale,
     float *__restrict__ out, int fmt) {
+    dsk_pdl_entry();
     extern __shared__ float smem[];
     // ks [64][132] | red [2][64] | ws [64] | qs [heads rounded up to 8][132]
     float *ks = smem;
@@ -901,6 +909,7 @@ extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_f32(
     const float *__restrict__ scores, const long long *__restrict__ starts,
     const int *__restrict__ counts, int k, int *__restrict__ out_idx,
     float *__restrict__ out_val) {
+    dsk_pdl_entry();
     const int t = blockIdx.x;
     dsk_topk_block(scores + starts[t], counts[t], k, out_idx + (long long)t * k,
                    out_val + (long long)t * k, nullptr, 0, false);
@@ -917,6 +926,7 @@ extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_segments_f32(
     const float *__restrict__ scores, const long long *__restrict__ starts,
     const int *__restrict__ counts, int k, int max_segs, int *__restrict__ cand_idx,
     float *__restrict__ cand_val) {
+    dsk_pdl_entry();
     const int s = blockIdx.x, t = blockIdx.y;
     const int n = min(counts[t], max_segs * DSK_TOPK_SEG);
     const int lo = s * DSK_TOPK_SEG;
@@ -933,6 +943,7 @@ extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_segments_f32(
 extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_merge_f32(
     const int *__restrict__ counts, int k, int max_segs, const int *__restrict__ cand_idx,
     const float *__restrict__ cand_val, int *__restrict__ out_idx, float *__restrict__ out_val) {
+    dsk_pdl_entry();
     const int t = blockIdx.x;
     const int n = min(counts[t], max_segs * DSK_TOPK_SEG);
     if (n <= 0) return;

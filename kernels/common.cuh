@@ -259,3 +259,14 @@ __device__ __forceinline__ void dsk_kv_decode_row_warp(const float *row, int fmt
         }
     }
 }
+
+// Programmatic dependent launch (sm_90+; launch/submit.rs): every kernel's first statement. Wait
+// until the previous kernel of the stream has finished and its writes are visible (a no-op when
+// the launch did not ask for PDL), then let the next kernel's blocks be scheduled while this one
+// runs: they wait here in turn, so stream order holds for every read and write after this call.
+__device__ __forceinline__ void dsk_pdl_entry() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}

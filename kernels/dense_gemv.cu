@@ -93,6 +93,7 @@ __device__ __forceinline__ void bf16_gemv_body(const unsigned short *__restrict_
     extern "C" __global__ void __launch_bounds__(256) NAME(                                          \
         const unsigned short *__restrict__ W, const float *__restrict__ x, float *__restrict__ out,  \
         int M, int N, int K, int ksplit) {                                                           \
+        dsk_pdl_entry();                                                                             \
         bf16_gemv_body<MT>(W, x, out, M, N, K, ksplit);                                              \
     }
 
@@ -106,6 +107,7 @@ BF16_GEMV_INST(dsk_bf16_gemv_xf32_m16, 16)
 // the last len % 8 one by one. src and dst 16-byte aligned (checked at launch).
 extern "C" __global__ void __launch_bounds__(256) dsk_widen_bf16_f32(
     const unsigned short *__restrict__ src, float *__restrict__ dst, long len) {
+    dsk_pdl_entry();
     const long groups = len >> 3;
     const long stride = (long)gridDim.x * blockDim.x;
     for (long g = (long)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += stride) {
@@ -126,6 +128,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_widen_bf16_f32(
 extern "C" __global__ void __launch_bounds__(256) dsk_gather_rows_bf16(
     const unsigned short *__restrict__ W, const int *__restrict__ ids, float *__restrict__ out,
     int n, int K, int rows) {
+    dsk_pdl_entry();
     const int i = blockIdx.x;
     if (i >= n) return;
     const int id = ids[i];

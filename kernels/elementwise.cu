@@ -5,6 +5,7 @@
 extern "C" __global__ void __launch_bounds__(256) dsk_swiglu_clip_f32(
     const float *__restrict__ gate, const float *__restrict__ up, float *__restrict__ out,
     long long len, float limit) {
+    dsk_pdl_entry();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < len;
          i += (long long)gridDim.x * blockDim.x) {
         const float g = fminf(gate[i], limit);
@@ -16,6 +17,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_swiglu_clip_f32(
 // acc[i] += x[i].
 extern "C" __global__ void __launch_bounds__(256) dsk_add_f32(
     float *__restrict__ acc, const float *__restrict__ x, long long len) {
+    dsk_pdl_entry();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < len;
          i += (long long)gridDim.x * blockDim.x)
         acc[i] += x[i];
@@ -27,6 +29,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_add_f32(
 extern "C" __global__ void __launch_bounds__(256) dsk_fp8_dequant_f32(
     const unsigned char *__restrict__ w, const unsigned char *__restrict__ scales,
     float *__restrict__ out, int rows, int cols) {
+    dsk_pdl_entry();
     const long long len = (long long)rows * cols;
     const int scale_cols = (cols + 127) >> 7;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < len;

@@ -140,6 +140,7 @@ template <bool V2> __device__ __forceinline__ void fp4_moe_gate_up(
     const unsigned char *__restrict__ S1, const unsigned char *__restrict__ W3,
     const unsigned char *__restrict__ S3, float *__restrict__ h, int topk, int E, int I, int K,
     float limit) {
+    dsk_pdl_entry();
     extern __shared__ float4 moe_smem4[];
     float *sm = reinterpret_cast<float *>(moe_smem4);
     const int p = blockIdx.x, t = p / topk;
@@ -186,6 +187,7 @@ template <bool V2> __device__ __forceinline__ void fp4_moe_down(
     const float *__restrict__ h, const int *__restrict__ ids, const float *__restrict__ weights,
     const unsigned char *__restrict__ W2, const unsigned char *__restrict__ S2,
     float *__restrict__ y, int E, int N, int I) {
+    dsk_pdl_entry();
     extern __shared__ float4 moe_smem4[];
     float *sm = reinterpret_cast<float *>(moe_smem4);
     const int p = blockIdx.x;
@@ -252,6 +254,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down_v2(FP4_DOWN_P
 // out[t, n] = sum over the token's slots, in slot order. One thread per output element.
 extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_combine(
     const float *__restrict__ y, void *__restrict__ out, int out_bf16, int T, int topk, int N) {
+    dsk_pdl_entry();
     const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long)T * N) return;
     const long t = idx / N, n = idx % N;
@@ -334,6 +337,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_gate_up_mma(
     const unsigned char *__restrict__ S1, const unsigned char *__restrict__ W3,
     const unsigned char *__restrict__ S3, float *__restrict__ h, int topk, int E, int I, int K,
     float limit) {
+    dsk_pdl_entry();
     __shared__ float red[MOE_WARPS][2][16];
     const int p = blockIdx.x, t_tok = p / topk;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -384,6 +388,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down_mma(
     const float *__restrict__ h, const int *__restrict__ ids, const float *__restrict__ weights,
     const unsigned char *__restrict__ W2, const unsigned char *__restrict__ S2,
     float *__restrict__ y, int E, int N, int I) {
+    dsk_pdl_entry();
     __shared__ float red[MOE_WARPS][16];
     const int p = blockIdx.x;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

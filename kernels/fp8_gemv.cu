@@ -120,6 +120,7 @@ __device__ __forceinline__ void fp8_gemv_body(const unsigned char *__restrict__ 
         const unsigned char *__restrict__ W, const unsigned char *__restrict__ S,                     \
         const void *__restrict__ x, void *__restrict__ out, int out_bf16, int M, int N, int K,       \
         int ksplit) {                                                                                 \
+        dsk_pdl_entry();                                                                              \
         fp8_gemv_body<MT, XL, false>(W, S, x, out, out_bf16, M, N, K, ksplit, N, 0, K, N);            \
     }
 
@@ -140,6 +141,7 @@ FP8_GEMV_INST(dsk_fp8_gemv_xf32_m16, 16, XLoadF32)
         const unsigned char *__restrict__ W, const unsigned char *__restrict__ S,                     \
         const float *__restrict__ x, float *__restrict__ out, int M, int N, int K, int ksplit,       \
         int group_rows, long x_group_stride, long ld_x, long ld_out) {                                \
+        dsk_pdl_entry();                                                                              \
         fp8_gemv_body<MT, XLoadF32, true>(W, S, x, out, 0, M, N, K, ksplit, group_rows,               \
                                           x_group_stride, ld_x, ld_out);                              \
     }
@@ -285,11 +287,13 @@ __device__ __forceinline__ void fp8_gemm_tc_body(const unsigned char *__restrict
 extern "C" __global__ void __launch_bounds__(256) dsk_fp8_gemm_tc_xbf16_n8(
     const unsigned char *__restrict__ W, const unsigned char *__restrict__ S,
     const unsigned short *__restrict__ x, void *__restrict__ out, int out_bf16, int M, int N, int K) {
+    dsk_pdl_entry();
     fp8_gemm_tc_body<1>(W, S, x, out, out_bf16, M, N, K);
 }
 
 extern "C" __global__ void __launch_bounds__(256) dsk_fp8_gemm_tc_xbf16_n16(
     const unsigned char *__restrict__ W, const unsigned char *__restrict__ S,
     const unsigned short *__restrict__ x, void *__restrict__ out, int out_bf16, int M, int N, int K) {
+    dsk_pdl_entry();
     fp8_gemm_tc_body<2>(W, S, x, out, out_bf16, M, N, K);
 }

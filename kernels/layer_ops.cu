@@ -38,6 +38,7 @@ __device__ __forceinline__ float lo_sigmoid(float x) {
 extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_rms_norm_f32(
     const float *x, float *out, const float *__restrict__ weight, int dim, long long ld_x,
     long long ld_out, float eps) {
+    dsk_pdl_entry();
     __shared__ float red[32];
     const float *xr = x + (long long)blockIdx.x * ld_x;
     float *orow = out + (long long)blockIdx.x * ld_out;
@@ -59,6 +60,7 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_rope_f32(
     float *x, const int *__restrict__ positions, const float *__restrict__ inv_freq, int tokens,
     int heads, int head_dim, int rope_dim, long long ld_token, long long ld_head,
     float attention_factor, int inverse) {
+    dsk_pdl_entry();
     const int half = rope_dim >> 1;
     const long long total = (long long)tokens * heads * half;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
@@ -88,6 +90,7 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_rope_f32(
 extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_mix_partial_f32(
     const float *__restrict__ streams, const float *__restrict__ fn, float *__restrict__ partial,
     float *__restrict__ sq, int n, int width, int outs, int chunk) {
+    dsk_pdl_entry();
     __shared__ float red[32];
     const int kc = blockIdx.x, o = blockIdx.y, t0 = blockIdx.z * LO_MIX_TOKENS;
     const int nt = min(LO_MIX_TOKENS, n - t0);
@@ -122,6 +125,7 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_mix_partial_f32
 extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_mix_reduce_f32(
     const float *__restrict__ partial, const float *__restrict__ sq, float *__restrict__ out,
     int n, int outs, int splits, int width, float eps) {
+    dsk_pdl_entry();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n * outs) return;
     const int t = i / outs, o = i % outs;
@@ -181,6 +185,7 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_pre_finish_f32(
     const float *__restrict__ proj, const float *__restrict__ base, float scale0, float scale1,
     float scale2, const float *__restrict__ streams, float *__restrict__ x_out,
     float *__restrict__ mix_out, int hc, int hidden, int iters, float hc_eps) {
+    dsk_pdl_entry();
     __shared__ float pre[LO_HC_MAX];
     const int t = blockIdx.y, outs = (2 + hc) * hc;
     const float *m = proj + (long long)t * outs;
@@ -208,6 +213,57 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_pre_finish_f32(
             lo_collapse(streams + (long long)t * hc * hidden, pre, hc, hidden, c);
 }
 
+// hyper.rs sinkhorn by one warp with the matrix in shared memory (`cm`, filled; `sums` hc
+// floats): each row and column summed by one lane in the host's order.
+__device__ __forceinline__ void lo_sinkhorn_warp_smem(float *cm, float *sums, int hc, int iters,
+                                                      float hc_eps) {
+    const int lane = threadIdx.x & 31;
+    if (lane < hc) {
+        // Row softmax + eps (row `lane`).
+        float *row = cm + lane * hc;
+        float mx = __int_as_float(0xff800000);
+#pragma unroll
+        for (int c = 0; c < LO_HC_MAX; ++c)
+            if (c < hc) mx = fmaxf(mx, row[c]);
+        float e[LO_HC_MAX];
+        float sum = 0.0f;
+#pragma unroll
+        for (int c = 0; c < LO_HC_MAX; ++c)
+            if (c < hc) {
+                e[c] = expf(__fadd_rn(row[c], -mx));
+                sum = __fadd_rn(sum, e[c]);
+            }
+#pragma unroll
+        for (int c = 0; c < LO_HC_MAX; ++c)
+            if (c < hc) row[c] = __fadd_rn(__fdiv_rn(e[c], sum), hc_eps);
+    }
+    __syncwarp();
+    for (int it = 0; it < max(iters, 1); ++it) {
+        if (it > 0) {
+            if (lane < hc) {
+                float s = 0.0f;
+#pragma unroll
+                for (int c = 0; c < LO_HC_MAX; ++c)
+                    if (c < hc) s = __fadd_rn(s, cm[lane * hc + c]);
+                sums[lane] = __fadd_rn(s, hc_eps);
+            }
+            __syncwarp();
+            for (int i = lane; i < hc * hc; i += 32) cm[i] = __fdiv_rn(cm[i], sums[i / hc]);
+            __syncwarp();
+        }
+        if (lane < hc) {
+            float s = 0.0f;
+#pragma unroll
+            for (int r = 0; r < LO_HC_MAX; ++r)
+                if (r < hc) s = __fadd_rn(s, cm[r * hc + lane]);
+            sums[lane] = __fadd_rn(s, hc_eps);
+        }
+        __syncwarp();
+        for (int i = lane; i < hc * hc; i += 32) cm[i] = __fdiv_rn(cm[i], sums[i % hc]);
+        __syncwarp();
+    }
+}
+
 // The whole pre side of a hyper-connection site for token t = blockIdx.x in one block of
 // LO_HC_FUSED_BLOCK threads: the mix projections from hc_mix_partial's chunks (one warp per
 // output sums its chunks, so a decoding token does not wait on one thread's chain of loads),
@@ -223,6 +279,7 @@ extern "C" __global__ void __launch_bounds__(LO_HC_FUSED_BLOCK) dsk_lo_hc_pre_fu
     const float *__restrict__ streams, const float *__restrict__ norm_w,
     float *__restrict__ x_out, float *__restrict__ mix_out, int n, int hc, int hidden, int iters,
     float hc_eps, float norm_eps) {
+    dsk_pdl_entry();
     __shared__ float red[32];
     __shared__ float dots[(2 + LO_HC_MAX) * LO_HC_MAX + 1];
     __shared__ float proj[(2 + LO_HC_MAX) * LO_HC_MAX];
@@ -259,50 +316,7 @@ extern "C" __global__ void __launch_bounds__(LO_HC_FUSED_BLOCK) dsk_lo_hc_pre_fu
         for (int i = lane; i < hc * hc; i += 32)
             cm[i] = __fadd_rn(__fmul_rn(proj[2 * hc + i], scale2), base[2 * hc + i]);
         __syncwarp();
-        if (lane < hc) {
-            // Row softmax + eps (row `lane`).
-            float *row = cm + lane * hc;
-            float mx = __int_as_float(0xff800000);
-#pragma unroll
-            for (int c = 0; c < LO_HC_MAX; ++c)
-                if (c < hc) mx = fmaxf(mx, row[c]);
-            float e[LO_HC_MAX];
-            float sum = 0.0f;
-#pragma unroll
-            for (int c = 0; c < LO_HC_MAX; ++c)
-                if (c < hc) {
-                    e[c] = expf(__fadd_rn(row[c], -mx));
-                    sum = __fadd_rn(sum, e[c]);
-                }
-#pragma unroll
-            for (int c = 0; c < LO_HC_MAX; ++c)
-                if (c < hc) row[c] = __fadd_rn(__fdiv_rn(e[c], sum), hc_eps);
-        }
-        __syncwarp();
-        for (int it = 0; it < max(iters, 1); ++it) {
-            if (it > 0) {
-                if (lane < hc) {
-                    float s = 0.0f;
-#pragma unroll
-                    for (int c = 0; c < LO_HC_MAX; ++c)
-                        if (c < hc) s = __fadd_rn(s, cm[lane * hc + c]);
-                    sums[lane] = __fadd_rn(s, hc_eps);
-                }
-                __syncwarp();
-                for (int i = lane; i < hc * hc; i += 32) cm[i] = __fdiv_rn(cm[i], sums[i / hc]);
-                __syncwarp();
-            }
-            if (lane < hc) {
-                float s = 0.0f;
-#pragma unroll
-                for (int r = 0; r < LO_HC_MAX; ++r)
-                    if (r < hc) s = __fadd_rn(s, cm[r * hc + lane]);
-                sums[lane] = __fadd_rn(s, hc_eps);
-            }
-            __syncwarp();
-            for (int i = lane; i < hc * hc; i += 32) cm[i] = __fdiv_rn(cm[i], sums[i % hc]);
-            __syncwarp();
-        }
+        lo_sinkhorn_warp_smem(cm, sums, hc, iters, hc_eps);
         for (int i = lane; i < hc * hc; i += 32) mo[2 * hc + i] = cm[i];
     }
     __syncthreads();
@@ -339,11 +353,420 @@ extern "C" __global__ void __launch_bounds__(LO_HC_FUSED_BLOCK) dsk_lo_hc_pre_fu
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The pre side again, with a short dependent chain (HcPreKernel::Split / Fused in the launcher).
+// Every value is the one dsk_lo_hc_mix_partial_f32 + dsk_lo_hc_pre_fused_f32 compute, bit for bit:
+// the same per-thread fmaf order and block sums for the chunks, the same warp sums of them, the
+// same _rn steps, the host's order in the Sinkhorn, and the same 1024-thread layout for the
+// norm's sum of squares. What changes is what waits on what:
+// - the partial loads of a thread's chunk are issued together (U per tile) instead of one
+//   dependent round trip per column step, and a block's per-token sums share one barrier;
+// - the Sinkhorn (40 dependent passes) keeps the matrix in registers of one warp (a lane per
+//   element, row / column gathered by shuffles) instead of shared memory with __syncwarp and
+//   integer divisions between passes, and it runs beside the collapse and the norm (named
+//   barriers let warp 0 leave them) instead of before them;
+// - the streams and norm weights a thread collapses are loaded before the projections are
+//   reduced, so their latency overlaps;
+// - for one token, the partials and the finish are one launch: the last block to finish its
+//   partials (a counter in the workspace, reset by that block) does the finish.
+
+#define LO_FULL_MASK 0xffffffffu
+// Streams x columns a finishing thread prefetches (hc <= 4, hidden <= 4 * block: 4 x 4096).
+#define LO_PF_HC 4
+#define LO_PF_VPT 4
+
+#ifndef DSK_EMU
+// Named barriers (ids 1..3; __syncthreads is 0): `bar.arrive` signals without waiting, so the
+// warp doing the Sinkhorn hands its values to the norm and goes on.
+__device__ __forceinline__ void lo_bar_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void lo_bar_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+// Counts a block in: a release of what the block wrote before its barrier (as CUTLASS's
+// semaphore) and an acquire of what the blocks counted before it wrote; no SC fences.
+__device__ __forceinline__ unsigned int lo_count_block(unsigned int *counter) {
+    unsigned int old;
+    asm volatile("atom.add.acq_rel.gpu.u32 %0, [%1], 1;" : "=r"(old) : "l"(counter) : "memory");
+    return old;
+}
+#endif
+
+// Chunk kc of projection o for tokens t0 .. t0 + TOK by the 256-thread group threadIdx.x / 256
+// (dsk_lo_hc_mix_partial_f32's block, same sums). `red` [TOK][2][32] is the block's; inactive
+// groups still reach the barrier. Lane 0 of each group's first warp writes the results.
+template <int TOK, int U>
+__device__ __forceinline__ void lo_hc_mix_partial_group(
+    const float *__restrict__ streams, const float *__restrict__ fn, float *__restrict__ partial,
+    float *__restrict__ sq, int n, int width, int outs, int chunk, int kc, int o, int t0,
+    bool active, float (*red)[2][32]) {
+    const int gt = threadIdx.x & (LO_BLOCK - 1), g = threadIdx.x / LO_BLOCK;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int nt = active ? min(TOK, n - t0) : 0;
+    const int c0 = kc * chunk, c1 = active ? min(width, c0 + chunk) : c0;
+    const float *f = fn + (long long)o * width;
+    float acc[TOK], acc2[TOK];
+#pragma unroll
+    for (int t = 0; t < TOK; ++t) acc[t] = acc2[t] = 0.0f;
+    for (int cb = c0 + gt; cb < c1; cb += LO_BLOCK * U) {
+        float w[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = cb + u * LO_BLOCK;
+            w[u] = c < c1 ? f[c] : 0.0f;
+        }
+#pragma unroll
+        for (int t = 0; t < TOK; ++t) {
+            if (t < nt) {
+                const float *sr = streams + (long long)(t0 + t) * width;
+                float v[U];
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    const int c = cb + u * LO_BLOCK;
+                    v[u] = c < c1 ? sr[c] : 0.0f;
+                }
+                // Columns ascending, as the one-column-per-step loop.
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    if (cb + u * LO_BLOCK < c1) {
+                        acc[t] = fmaf(v[u], w[u], acc[t]);
+                        acc2[t] = fmaf(v[u], v[u], acc2[t]);
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < TOK; ++t) {
+        if (t < nt) {
+            const float d = dsk_warp_sum(acc[t]);
+            if (lane == 0) red[t][0][warp] = d;
+            if (o == 0) {
+                const float s = dsk_warp_sum(acc2[t]);
+                if (lane == 0) red[t][1][warp] = s;
+            }
+        }
+    }
+    __syncthreads();
+    if ((warp & 7) == 0) {
+        // lo_block_sum's second level for a 256-thread block: 8 warp sums, zeros above.
+#pragma unroll
+        for (int t = 0; t < TOK; ++t) {
+            if (t < nt) {
+                const float d = dsk_warp_sum(lane < 8 ? red[t][0][g * 8 + lane] : 0.0f);
+                if (lane == 0) partial[((long long)kc * n + t0 + t) * outs + o] = d;
+                if (o == 0) {
+                    const float s = dsk_warp_sum(lane < 8 ? red[t][1][g * 8 + lane] : 0.0f);
+                    if (lane == 0) sq[(long long)kc * n + t0 + t] = s;
+                }
+            }
+        }
+    }
+}
+
+// sum over lanes first + j * stride (j < hc) of v, in j order, + eps (a row or column sum).
+template <int HCT>
+__device__ __forceinline__ float lo_gather_sum(float v, int hc_rt, int first, int stride,
+                                               float eps) {
+    const int hc = HCT > 0 ? HCT : hc_rt;
+    float g[LO_HC_MAX];
+#pragma unroll
+    for (int j = 0; j < LO_HC_MAX; ++j)
+        if (j < hc) g[j] = __shfl_sync(LO_FULL_MASK, v, first + j * stride);
+    // The host's f32 sum starts at -0.0 and the old kernel's at 0; the elements are never -0.0
+    // (softmax + eps, then quotients of them by positive sums), so both equal g[0] + g[1] + ...
+    float s = g[0];
+#pragma unroll
+    for (int j = 1; j < LO_HC_MAX; ++j)
+        if (j < hc) s = __fadd_rn(s, g[j]);
+    return __fadd_rn(s, eps);
+}
+
+// hyper.rs sinkhorn for hc * hc <= 32 by one warp, the matrix in registers: lane l holds element
+// l % (hc * hc) (lanes past hc * hc mirror lower ones, so the warp runs one set of values) with
+// logit x; returns that element. Each pass is hc shuffles, hc adds and one division per lane.
+template <int HCT>
+__device__ __forceinline__ float lo_sinkhorn_regs(float x, int hc_rt, int iters, float eps) {
+    const int hc = HCT > 0 ? HCT : hc_rt;
+    const int idx = (threadIdx.x & 31) % (hc * hc);
+    const int r = idx / hc, c = idx - r * hc;
+    // Row softmax + eps: every lane of a row gathers the row and computes its sum.
+    float g[LO_HC_MAX];
+    float mx = __int_as_float(0xff800000);
+#pragma unroll
+    for (int j = 0; j < LO_HC_MAX; ++j)
+        if (j < hc) {
+            g[j] = __shfl_sync(LO_FULL_MASK, x, r * hc + j);
+            mx = fmaxf(mx, g[j]);
+        }
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < LO_HC_MAX; ++j)
+        if (j < hc) sum = __fadd_rn(sum, expf(__fadd_rn(g[j], -mx)));
+    float m = __fadd_rn(__fdiv_rn(expf(__fadd_rn(x, -mx)), sum), eps);
+    // The first column pass always runs (iters = 0 included), as in the host.
+    for (int it = 0; it < max(iters, 1); ++it) {
+        if (it > 0) m = __fdiv_rn(m, lo_gather_sum<HCT>(m, hc, r * hc, 1, eps));
+        m = __fdiv_rn(m, lo_gather_sum<HCT>(m, hc, c, hc, eps));
+    }
+    return m;
+}
+
+// The finish of token t in a block of LO_HC_FUSED_BLOCK threads (dsk_lo_hc_pre_fused_f32's work
+// after its chunk sums, same values): `st` / `xo` / `mo` are the token's streams, x_out and
+// mix_out rows. Warp 0 computes pre / post, hands pre to the block (barrier 1), collapses its
+// columns, hands its values and square sum over (barrier 2) and runs the Sinkhorn; warps 1..31
+// collapse, sum the squares (warp 1 as lo_block_sum's warp 0) and write the normed row
+// (warp 1 also warp 0's columns). Partials are read through L2 (other blocks wrote them).
+__device__ __forceinline__ void lo_hc_pre_token(
+    const float *partial, const float *sq, int splits, int width, float mix_eps,
+    const float *__restrict__ base, float scale0, float scale1, float scale2,
+    const float *__restrict__ st, const float *__restrict__ norm_w, float *__restrict__ xo,
+    float *__restrict__ mo, int n, int t, int hc, int hidden, int iters, float hc_eps,
+    float norm_eps) {
+    __shared__ float dots[(2 + LO_HC_MAX) * LO_HC_MAX + 1];
+    __shared__ float pre_s[LO_HC_MAX];
+    __shared__ float red[32];
+    __shared__ float total;
+    __shared__ float vals0[LO_HC_VPT * 32];
+    __shared__ float nw0[LO_PF_VPT * 32];
+    __shared__ float cm[LO_HC_MAX * LO_HC_MAX];
+    __shared__ float sums[LO_HC_MAX];
+    const int outs = (2 + hc) * hc, nn = hc * hc;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int step = blockDim.x;
+    // Loads that wait on nothing, issued before the chunk sums they overlap.
+    const bool pf = hc <= LO_PF_HC && hidden <= LO_PF_VPT * step;
+    float sv[LO_PF_HC][LO_PF_VPT], nw[LO_PF_VPT];
+#pragma unroll
+    for (int i = 0; i < LO_PF_VPT; ++i) {
+        const int c = threadIdx.x + i * step;
+#pragma unroll
+        for (int k = 0; k < LO_PF_HC; ++k)
+            sv[k][i] = pf && k < hc && c < hidden ? st[(long long)k * hidden + c] : 0.0f;
+        nw[i] = pf && norm_w && c < hidden ? norm_w[c] : 1.0f;
+    }
+    float b_pp = 0.0f, b_cm = 0.0f;
+    if (warp == 0) {
+        if (lane < 2 * hc) b_pp = base[lane];
+        if (nn <= 32) b_cm = base[2 * hc + lane % nn];
+    }
+    // Output o's chunk sums (o == outs: the sum of squares), as dsk_lo_hc_pre_fused_f32.
+    for (int o = warp; o <= outs; o += warps) {
+        float v = 0.0f;
+        for (int kc = lane; kc < splits; kc += 32)
+            v += o < outs ? __ldcg(partial + ((long long)kc * n + t) * outs + o)
+                          : __ldcg(sq + (long long)kc * n + t);
+        v = dsk_warp_sum(v);
+        if (lane == 0) dots[o] = v;
+    }
+    __syncthreads();
+    float logit = 0.0f;
+    if (warp == 0) {
+        const float ms = __fdiv_rn(dots[outs], (float)width);
+        const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, mix_eps)));
+        if (lane < 2 * hc) {
+            const float pj = __fmul_rn(dots[lane], inv);
+            if (lane < hc) {
+                const float p = __fadd_rn(lo_sigmoid(__fadd_rn(__fmul_rn(pj, scale0), b_pp)), hc_eps);
+                pre_s[lane] = p;
+                mo[lane] = p;
+            } else {
+                mo[lane] = __fmul_rn(2.0f, lo_sigmoid(__fadd_rn(__fmul_rn(pj, scale1), b_pp)));
+            }
+        }
+        if (nn <= 32) {
+            logit = __fadd_rn(__fmul_rn(__fmul_rn(dots[2 * hc + lane % nn], inv), scale2), b_cm);
+        } else {
+            for (int i = lane; i < nn; i += 32)
+                cm[i] = __fadd_rn(__fmul_rn(__fmul_rn(dots[2 * hc + i], inv), scale2),
+                                  base[2 * hc + i]);
+        }
+        __syncwarp();
+        lo_bar_arrive(1, step);
+    } else {
+        lo_bar_sync(1, step);
+    }
+    // Collapse (hyper.rs order: k ascending from 0) and this thread's sum of squares. Columns
+    // past hidden add fmaf(0, 0, ss) in the old kernel, which leaves ss as it is.
+    float vals[LO_HC_VPT];
+    float ss = 0.0f;
+    if (pf) {
+        float pre[LO_PF_HC];
+#pragma unroll
+        for (int k = 0; k < LO_PF_HC; ++k) pre[k] = k < hc ? pre_s[k] : 0.0f;
+#pragma unroll
+        for (int i = 0; i < LO_PF_VPT; ++i) {
+            float acc = 0.0f;
+            if (threadIdx.x + i * step < hidden) {
+#pragma unroll
+                for (int k = 0; k < LO_PF_HC; ++k)
+                    if (k < hc) acc = __fadd_rn(acc, __fmul_rn(pre[k], sv[k][i]));
+            }
+            vals[i] = acc;
+            ss = fmaf(acc, acc, ss);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < LO_HC_VPT; ++i) {
+            const int c = threadIdx.x + i * step;
+            vals[i] = c < hidden ? lo_collapse(st, pre_s, hc, hidden, c) : 0.0f;
+            ss = fmaf(vals[i], vals[i], ss);
+        }
+        // Rows wider than the registers hold go through x_out.
+        for (int c = threadIdx.x + LO_HC_VPT * step; c < hidden; c += step) {
+            const float v = lo_collapse(st, pre_s, hc, hidden, c);
+            xo[c] = v;
+            ss = fmaf(v, v, ss);
+        }
+    }
+    ss = dsk_warp_sum(ss);
+    if (lane == 0) red[warp] = ss;
+    if (warp == 0) {
+        // Warp 1 norms and writes this warp's columns.
+        if (pf) {
+#pragma unroll
+            for (int i = 0; i < LO_PF_VPT; ++i) {
+                vals0[i * 32 + lane] = vals[i];
+                nw0[i * 32 + lane] = nw[i];
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < LO_HC_VPT; ++i) vals0[i * 32 + lane] = vals[i];
+        }
+        lo_bar_arrive(2, step);
+        if (nn <= 32) {
+            const float m = hc == 4 ? lo_sinkhorn_regs<4>(logit, 4, iters, hc_eps)
+                                    : lo_sinkhorn_regs<0>(logit, hc, iters, hc_eps);
+            if (lane < nn) mo[2 * hc + lane] = m;
+        } else {
+            lo_sinkhorn_warp_smem(cm, sums, hc, iters, hc_eps);
+            for (int i = lane; i < nn; i += 32) mo[2 * hc + i] = cm[i];
+        }
+        return;
+    }
+    lo_bar_sync(2, step);
+    if (warp == 1) {
+        const float s = dsk_warp_sum(lane < warps ? red[lane] : 0.0f);
+        if (lane == 0) total = s;
+    }
+    lo_bar_sync(3, step - 32);
+    const float ms = __fdiv_rn(total, (float)hidden);
+    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, norm_eps)));
+    if (pf) {
+#pragma unroll
+        for (int i = 0; i < LO_PF_VPT; ++i) {
+            const int c = threadIdx.x + i * step;
+            if (c < hidden) {
+                const float v = __fmul_rn(vals[i], inv);
+                xo[c] = norm_w ? __fmul_rn(nw[i], v) : v;
+            }
+        }
+        if (warp == 1) {
+#pragma unroll
+            for (int i = 0; i < LO_PF_VPT; ++i) {
+                const int c = lane + i * step;
+                if (c < hidden) {
+                    const float v = __fmul_rn(vals0[i * 32 + lane], inv);
+                    xo[c] = norm_w ? __fmul_rn(nw0[i * 32 + lane], v) : v;
+                }
+            }
+        }
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < LO_HC_VPT; ++i) {
+        const int c = threadIdx.x + i * step;
+        if (c < hidden) {
+            const float v = __fmul_rn(vals[i], inv);
+            xo[c] = norm_w ? __fmul_rn(norm_w[c], v) : v;
+        }
+    }
+    for (int c = threadIdx.x + LO_HC_VPT * step; c < hidden; c += step) {
+        const float v = __fmul_rn(xo[c], inv);
+        xo[c] = norm_w ? __fmul_rn(norm_w[c], v) : v;
+    }
+    if (warp == 1) {
+        // Warp 0's columns.
+#pragma unroll
+        for (int i = 0; i < LO_HC_VPT; ++i) {
+            const int c = lane + i * step;
+            if (c < hidden) {
+                const float v = __fmul_rn(vals0[i * 32 + lane], inv);
+                xo[c] = norm_w ? __fmul_rn(norm_w[c], v) : v;
+            }
+        }
+        for (int c = lane + LO_HC_VPT * step; c < hidden; c += step) {
+            const float v = __fmul_rn(xo[c], inv);
+            xo[c] = norm_w ? __fmul_rn(norm_w[c], v) : v;
+        }
+    }
+}
+
+// dsk_lo_hc_mix_partial_f32 with the loads of U column steps issued together (same grid, same
+// values).
+extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_mix_partial2_f32(
+    const float *__restrict__ streams, const float *__restrict__ fn, float *__restrict__ partial,
+    float *__restrict__ sq, int n, int width, int outs, int chunk) {
+    dsk_pdl_entry();
+    __shared__ float red[LO_MIX_TOKENS][2][32];
+    lo_hc_mix_partial_group<LO_MIX_TOKENS, 4>(streams, fn, partial, sq, n, width, outs, chunk,
+                                              blockIdx.x, blockIdx.y,
+                                              blockIdx.z * LO_MIX_TOKENS, true, red);
+}
+
+// The finish of token blockIdx.x after dsk_lo_hc_mix_partial2_f32 (dsk_lo_hc_pre_fused_f32's
+// arguments and values).
+extern "C" __global__ void __launch_bounds__(LO_HC_FUSED_BLOCK) dsk_lo_hc_pre_finish2_f32(
+    const float *__restrict__ partial, const float *__restrict__ sq, int splits, int width,
+    float mix_eps, const float *__restrict__ base, float scale0, float scale1, float scale2,
+    const float *__restrict__ streams, const float *__restrict__ norm_w,
+    float *__restrict__ x_out, float *__restrict__ mix_out, int n, int hc, int hidden, int iters,
+    float hc_eps, float norm_eps) {
+    dsk_pdl_entry();
+    const int t = blockIdx.x, outs = (2 + hc) * hc;
+    lo_hc_pre_token(partial, sq, splits, width, mix_eps, base, scale0, scale1, scale2,
+                    streams + (long long)t * hc * hidden, norm_w, x_out + (long long)t * hidden,
+                    mix_out + (long long)t * outs, n, t, hc, hidden, iters, hc_eps, norm_eps);
+}
+
+// The whole pre side of one token in one launch: block b computes the chunks of (kc, o) pairs
+// 4b .. 4b + 3 (pair p: kc = p % splits, o = p / splits), one per 256-thread group; the last
+// block to count itself in `counter` (zero before the launch) finishes the token and zeroes the
+// counter again, so the next launch or graph replay starts from zero.
+extern "C" __global__ void __launch_bounds__(LO_HC_FUSED_BLOCK) dsk_lo_hc_pre_single_f32(
+    const float *__restrict__ streams, const float *__restrict__ fn, float *partial, float *sq,
+    unsigned int *counter, int splits, int chunk, int width, float mix_eps,
+    const float *__restrict__ base, float scale0, float scale1, float scale2,
+    const float *__restrict__ norm_w, float *__restrict__ x_out, float *__restrict__ mix_out,
+    int hc, int hidden, int iters, float hc_eps, float norm_eps) {
+    dsk_pdl_entry();
+    __shared__ float red[1][2][32];
+    __shared__ int last;
+    const int outs = (2 + hc) * hc;
+    const int p = blockIdx.x * (LO_HC_FUSED_BLOCK / LO_BLOCK) + threadIdx.x / LO_BLOCK;
+    const bool active = p < splits * outs;
+    lo_hc_mix_partial_group<1, 8>(streams, fn, partial, sq, 1, width, outs, chunk,
+                                  active ? p % splits : 0, active ? p / splits : 1, 0, active,
+                                  red);
+    // The partials written, one thread counts the block (release / acquire at gpu scope); the
+    // barriers order the other threads' writes before it and its acquire before their reads.
+    __syncthreads();
+    if (threadIdx.x == 0) last = lo_count_block(counter) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    if (threadIdx.x == 0) *counter = 0u;
+    lo_hc_pre_token(partial, sq, splits, width, mix_eps, base, scale0, scale1, scale2, streams,
+                    norm_w, x_out, mix_out, 1, 0, hc, hidden, iters, hc_eps, norm_eps);
+}
+
 // expand: new[k][c] = post[k] * out[c] + sum_j comb[j, k] * old[j][c] (j ascending), in place;
 // each thread owns channel c of one token across all streams.
 extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_post_f32(
     float *streams, const float *__restrict__ mix, const float *__restrict__ out, int n, int hc,
     int hidden) {
+    dsk_pdl_entry();
     const long long total = (long long)n * hidden;
     const int outs = (2 + hc) * hc;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
@@ -367,6 +790,7 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_head_finish_f32
     const float *__restrict__ proj, const float *__restrict__ base, float scale,
     const float *__restrict__ streams, float *__restrict__ x_out, int hc, int hidden,
     float hc_eps) {
+    dsk_pdl_entry();
     __shared__ float pre[LO_HC_MAX];
     const int t = blockIdx.y;
     if (threadIdx.x < hc) {
@@ -405,6 +829,7 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_route_f32(
     const int *__restrict__ hash_table, const int *__restrict__ token_ids, int vocab, int experts,
     int k, float routed_scaling_factor, int *__restrict__ out_ids,
     float *__restrict__ out_weights) {
+    dsk_pdl_entry();
     __shared__ float s[LO_ROUTE_MAX_E];
     __shared__ unsigned char taken[LO_ROUTE_MAX_E];
     __shared__ unsigned long long red[32];
@@ -490,6 +915,7 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_dense_gate_up_f32(
     const float *__restrict__ w1, const float *__restrict__ w3, const float *__restrict__ x,
     const int *__restrict__ ids, float *__restrict__ h, int n, int k, int experts, int hidden,
     int inter, float limit) {
+    dsk_pdl_entry();
     const long long rows = (long long)n * k * inter;
     const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
     if (warp >= rows) return;
@@ -513,6 +939,7 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_dense_down_f32(
     const float *__restrict__ w2, const float *__restrict__ h, const int *__restrict__ ids,
     const float *__restrict__ weights, float *__restrict__ out, int n, int k, int experts,
     int hidden, int inter) {
+    dsk_pdl_entry();
     const long long rows = (long long)n * hidden;
     const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
     if (warp >= rows) return;
@@ -532,6 +959,7 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_dense_down_f32(
 // x *= s.
 extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_scale_f32(float *x, long long len,
                                                                         float s) {
+    dsk_pdl_entry();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < len;
          i += (long long)gridDim.x * blockDim.x)
         x[i] = __fmul_rn(x[i], s);
@@ -541,6 +969,7 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_scale_f32(float *x
 extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_copy_rows_f32(
     const float *__restrict__ src, long long ld_src, float *__restrict__ dst, long long ld_dst,
     int rows, int width) {
+    dsk_pdl_entry();
     const long long total = (long long)rows * width;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {

@@ -23,6 +23,7 @@ __device__ __forceinline__ float moe_e2m1(unsigned int nibble) {
 extern "C" __global__ void __launch_bounds__(256) dsk_fp4_dequant_experts_f32(
     const unsigned char *__restrict__ w, const unsigned char *__restrict__ s,
     const int *__restrict__ experts, int count, int rows, int k, float *__restrict__ out) {
+    dsk_pdl_entry();
     const long long quads = (long long)rows * (k / 4);
     const long long e = experts[blockIdx.y];
     const unsigned short *src = reinterpret_cast<const unsigned short *>(w + e * quads * 2);
@@ -41,6 +42,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_dequant_experts_f32(
 extern "C" __global__ void __launch_bounds__(256) dsk_gather_rows_f32(
     const float *__restrict__ src, const int *__restrict__ idx, int n, int width,
     float *__restrict__ dst) {
+    dsk_pdl_entry();
     const long long total = (long long)n * width;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
@@ -53,6 +55,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_gather_rows_f32(
 extern "C" __global__ void __launch_bounds__(256) dsk_moe_combine_sorted_f32(
     const float *__restrict__ y, const int *__restrict__ pos, const float *__restrict__ weights,
     int tokens, int topk, int hidden, float *__restrict__ out) {
+    dsk_pdl_entry();
     const long long total = (long long)tokens * hidden;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {

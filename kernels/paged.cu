@@ -29,6 +29,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_pool_write_f32(
     const int *__restrict__ bt_len, const unsigned int *__restrict__ bt, long long fpb, int bs,
     long long base, long long stride, const float *__restrict__ a, long long lda,
     const float *__restrict__ b, long long ldb, int width, int fmt, int rope) {
+    dsk_pdl_entry();
     const int r = blockIdx.x;
     const int pos = positions[r];
     const long long o = dsk_section_row(bt + bt_start[r], bt_len[r], fpb, bs, base, stride, 1, pos);
@@ -69,6 +70,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_compress_rows_f32(
     int coff, int dim, const float *__restrict__ ape, const float *__restrict__ norm,
     const float *__restrict__ inv_freq, int rope_dim, float attention_factor, float eps,
     int out_fmt, int out_rope) {
+    dsk_pdl_entry();
     __shared__ long long slot_off[DSK_CMP_MAX_SLOTS];
     __shared__ float row[DSK_CMP_MAX_DIM];
     __shared__ float red[32];
@@ -171,6 +173,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_build_key_offsets(
     long long comp_stride, int ratio, int mode, const int *__restrict__ selected,
     const int *__restrict__ sel_count, int sel_stride, const int *__restrict__ key_start,
     long long *__restrict__ key_off) {
+    dsk_pdl_entry();
     const int r = blockIdx.x;
     const long long k0 = key_start[r];
     const long long room = (long long)key_start[r + 1] - k0;

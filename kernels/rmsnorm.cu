@@ -6,6 +6,7 @@
 extern "C" __global__ void __launch_bounds__(256) dsk_rmsnorm_bf16(
     const unsigned short *__restrict__ x, const unsigned short *__restrict__ w,
     unsigned short *__restrict__ out, int D, long ldx, long ldo, float eps) {
+    dsk_pdl_entry();
     __shared__ float red[8];
     const int row = blockIdx.x;
     const uint4 *xr = reinterpret_cast<const uint4 *>(x + row * ldx);

@@ -11,6 +11,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_rope_interleaved_bf16(
     unsigned short *__restrict__ x, const int *__restrict__ positions,
     const float *__restrict__ inv_freq, int T, int H, int D, int rope_dim, long ld_token,
     long ld_head, float mscale, int inverse) {
+    dsk_pdl_entry();
     const int groups = rope_dim >> 3;
     const long g = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (g >= (long)T * H * groups) return;

@@ -72,6 +72,7 @@ __device__ void block_topk(const float *__restrict__ vals, const int *__restrict
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS) dsk_topk_stage1(
     const float *__restrict__ logits, int V, long ld, int chunk_len, int k,
     float *__restrict__ cand_v, int *__restrict__ cand_i) {
+    dsk_pdl_entry();
     const int chunk = blockIdx.x, b = blockIdx.y, chunks = gridDim.x;
     const int start = chunk * chunk_len;
     const int n = min(chunk_len, V - start);
@@ -83,6 +84,7 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS) dsk_topk_stage1(
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS) dsk_topk_stage2(
     const float *__restrict__ cand_v, const int *__restrict__ cand_i, int n, int k,
     float *__restrict__ out_v, int *__restrict__ out_i) {
+    dsk_pdl_entry();
     const int b = blockIdx.x;
     block_topk<16>(cand_v + (long)b * n, cand_i + (long)b * n, 0, n, k, out_v + (long)b * k,
                    out_i + (long)b * k);

@@ -185,7 +185,8 @@ __device__ __forceinline__ void sk_body(const unsigned char *__restrict__ W,
     extern "C" __global__ void __launch_bounds__(MTILES == 1 ? 512 : 256) NAME(                      \
         const unsigned char *__restrict__ W, const unsigned char *__restrict__ S,                     \
         const float *__restrict__ x, float *__restrict__ out, int M, int N, int K, long ld_x,        \
-        long ld_out, int group_rows, long x_group_stride) {                                          \
+        long ld_out, int group_rows, long x_group_stride) {                                              \
+        dsk_pdl_entry();                                                                                 \
         sk_body<NT, MTILES, FP8, MTILES == 1 ? 16 : 8>(W, S, x, out, M, N, K, ld_x, ld_out, group_rows,  \
                                                  x_group_stride);                                 \
     }

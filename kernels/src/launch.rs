@@ -6,13 +6,12 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUdeviceptr, CUfunction_attribute};
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig};
 
 use crate::error::KernelError;
 use crate::loader::{load_module, target_arch, LoaderConfig, ModuleOrigin};
 use crate::sources;
+use submit::SubmitKernel;
 
 pub mod attention;
 pub mod dense_gemv;
@@ -21,6 +20,7 @@ pub mod layer_ops;
 pub mod moe_sorted;
 pub mod paged;
 pub mod skinny_mma;
+pub mod submit;
 
 /// Activation element type of a GEMV input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -636,6 +636,7 @@ impl Kernels {
             .compute_capability()
             .map_err(KernelError::driver("compute capability"))?;
         let arch = target_arch(major, minor)?;
+        submit::enable_pdl(major);
         let sms = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(KernelError::driver("multiprocessor count"))?;
@@ -812,7 +813,7 @@ impl Kernels {
                 shared_mem_bytes: 0,
             };
             stream
-                .launch_builder(func)
+                .kernel(func)
                 .arg(&a.weight)
                 .arg(&a.scale)
                 .arg(&a.x)
@@ -837,7 +838,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(func)
+            .kernel(func)
             .arg(&a.weight)
             .arg(&a.scale)
             .arg(&a.x)
@@ -907,7 +908,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(func)
+            .kernel(func)
             .arg(&a.weight)
             .arg(&a.scale)
             .arg(&a.x)
@@ -1012,7 +1013,7 @@ impl Kernels {
             shared_mem_bytes: if tensor { 0 } else { smem(e.hidden)? },
         };
         stream
-            .launch_builder(f_gate_up)
+            .kernel(f_gate_up)
             .arg(&c.x)
             .arg(&c.ids)
             .arg(&e.w1)
@@ -1037,7 +1038,7 @@ impl Kernels {
             shared_mem_bytes: if tensor { 0 } else { smem(e.inter)? },
         };
         stream
-            .launch_builder(f_down)
+            .kernel(f_down)
             .arg(&c.h)
             .arg(&c.ids)
             .arg(&c.weights)
@@ -1056,7 +1057,7 @@ impl Kernels {
         };
         let flag = c.out_dtype.flag();
         stream
-            .launch_builder(&self.fp4_combine)
+            .kernel(&self.fp4_combine)
             .arg(&c.partial)
             .arg(&c.out)
             .arg(&flag)
@@ -1082,7 +1083,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.rmsnorm)
+            .kernel(&self.rmsnorm)
             .arg(&a.x)
             .arg(&a.weight)
             .arg(&a.out)
@@ -1117,7 +1118,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.rope)
+            .kernel(&self.rope)
             .arg(&a.x)
             .arg(&a.positions)
             .arg(&a.inv_freq)
@@ -1153,7 +1154,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.topk1)
+            .kernel(&self.topk1)
             .arg(&a.logits)
             .arg(&v)
             .arg(&ld)
@@ -1170,7 +1171,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.topk2)
+            .kernel(&self.topk2)
             .arg(&cand_v)
             .arg(&cand_i)
             .arg(&n)
@@ -1190,7 +1191,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         // SAFETY: the kernel takes one integer and touches no memory.
-        unsafe { stream.launch_builder(&self.spin).arg(&ns).launch(cfg) }
+        unsafe { stream.kernel(&self.spin).arg(&ns).launch(cfg) }
             .map_err(KernelError::driver("launch spin"))?;
         Ok(())
     }

@@ -7,7 +7,8 @@
 
 use dspark_kernels::launch::layer_ops::{
     hc_head_workspace_floats, hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcHead, HcMix,
-    HcPost, HcPreFinish, HcPreFused, RmsNormF32, RopeF32, RouteF32, RouterScoring,
+    HcPost, HcPreFinish, HcPreFused, HcPreKernel, RmsNormF32, RopeF32, RouteF32, RouterScoring,
+    HC_WS_HEADER,
 };
 use dspark_kernels::reference::rel_err;
 
@@ -426,15 +427,30 @@ fn hc_pre_finish_and_post_match_host() {
     }
 }
 
+/// (n, hc, hidden) of the pre side: [`HC_CASES`] plus the decode batches 16 and 64 at the real
+/// width.
+const HC_PRE_CASES: [(usize, usize, usize); 7] = [
+    (1, 4, 4096),
+    (3, 4, 4096),
+    (16, 4, 4096),
+    (17, 4, 4096),
+    (64, 4, 4096),
+    (2, 3, 40),
+    (1, 8, 16),
+];
+
 /// The fused pre side (mix projections, finish, collapse, sub-layer norm) against the host's
-/// chain of the same steps.
+/// chain of the same steps, with each kernel choice: all within the tolerance, the new ones
+/// with the old one's bits, the workspace's counter header zero after every launch, and a
+/// repeated launch on the same workspace (the single-launch kernel's counter reset) with the
+/// same bits.
 #[test]
 fn hc_pre_fused_matches_host() {
     let Some(g) = gpu("hc_pre_fused_matches_host") else {
         return;
     };
     let mut rng = Rng(0xf00d_0002);
-    for (n, hc, hidden) in HC_CASES {
+    for (n, hc, hidden) in HC_PRE_CASES {
         for (iters, weighted) in [(20usize, true), (1, false), (0, true)] {
             let (width, outs) = (hc * hidden, (2 + hc) * hc);
             let streams = rng.vec(n * width, -4.0, 4.0);
@@ -471,37 +487,66 @@ fn hc_pre_fused_matches_host() {
             let fb = g.up(&fn_);
             let bb = g.up(&base);
             let nb = g.up(&norm);
-            let xb = g.up(&vec![f32::NAN; n * hidden]);
-            let mb = g.up(&vec![f32::NAN; n * outs]);
-            let wb = g.up(&vec![f32::NAN; hc_mix_workspace_floats(n, outs)]);
-            let a = HcPreFused {
-                streams: g.ptr(&sb),
-                fn_: g.ptr(&fb),
-                base: g.ptr(&bb),
-                scale,
-                norm_weight: if weighted { g.ptr(&nb) } else { 0 },
-                x_out: g.ptr(&xb),
-                mix_out: g.ptr(&mb),
-                workspace: g.ptr(&wb),
-                n,
-                hc,
-                hidden,
-                sinkhorn_iters: iters,
-                hc_eps: 1e-6,
-                norm_eps: 1e-6,
-            };
-            // SAFETY: the buffers above hold these shapes.
-            unsafe { g.k.hc_pre_fused_f32(&g.s, &a) }.unwrap();
-            let err = rel(&g.down(&mb), &want_mix);
-            assert!(
-                err < TOL,
-                "fused mix n {n} hc {hc} iters {iters}: rel err {err}"
-            );
-            let err = rel(&g.down(&xb), &want_x);
-            assert!(
-                err < TOL,
-                "fused x n {n} hc {hc} iters {iters}: rel err {err}"
-            );
+            let mut old_bits: Option<(Vec<u32>, Vec<u32>)> = None;
+            for kernel in [HcPreKernel::Old, HcPreKernel::Split, HcPreKernel::Fused] {
+                let what = format!("{kernel:?} n {n} hc {hc} hidden {hidden} iters {iters}");
+                let xb = g.up(&vec![f32::NAN; n * hidden]);
+                let mb = g.up(&vec![f32::NAN; n * outs]);
+                // The header zero (as the layer stack allocates it), the partials' room NaN.
+                let mut ws = vec![f32::NAN; hc_mix_workspace_floats(n, outs)];
+                ws[..HC_WS_HEADER].fill(0.0);
+                let wb = g.up(&ws);
+                let a = HcPreFused {
+                    streams: g.ptr(&sb),
+                    fn_: g.ptr(&fb),
+                    base: g.ptr(&bb),
+                    scale,
+                    norm_weight: if weighted { g.ptr(&nb) } else { 0 },
+                    x_out: g.ptr(&xb),
+                    mix_out: g.ptr(&mb),
+                    workspace: g.ptr(&wb),
+                    n,
+                    hc,
+                    hidden,
+                    sinkhorn_iters: iters,
+                    hc_eps: 1e-6,
+                    norm_eps: 1e-6,
+                    kernel,
+                };
+                // SAFETY: the buffers above hold these shapes.
+                unsafe { g.k.hc_pre_fused_f32(&g.s, &a) }.unwrap();
+                let (got_mix, got_x) = (g.down(&mb), g.down(&xb));
+                let err = rel(&got_mix, &want_mix);
+                assert!(err < TOL, "{what}: mix rel err {err}");
+                let err = rel(&got_x, &want_x);
+                assert!(err < TOL, "{what}: x rel err {err}");
+                let header = g.down(&wb)[..HC_WS_HEADER].to_vec();
+                assert!(
+                    header.iter().all(|v| v.to_bits() == 0),
+                    "{what}: workspace header {header:?}"
+                );
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+                let (mix_bits, x_bits) = (bits(&got_mix), bits(&got_x));
+                // Again on the same workspace and outputs: the same bits.
+                // SAFETY: as above.
+                unsafe { g.k.hc_pre_fused_f32(&g.s, &a) }.unwrap();
+                assert_eq!(bits(&g.down(&mb)), mix_bits, "{what}: repeated mix");
+                assert_eq!(bits(&g.down(&xb)), x_bits, "{what}: repeated x");
+                assert!(
+                    g.down(&wb)[..HC_WS_HEADER].iter().all(|v| v.to_bits() == 0),
+                    "{what}: workspace header after a repeat"
+                );
+                match &old_bits {
+                    None => old_bits = Some((mix_bits, x_bits)),
+                    Some((om, ox)) => {
+                        assert!(
+                            mix_bits == *om,
+                            "{what}: mix bits differ from the old kernels"
+                        );
+                        assert!(x_bits == *ox, "{what}: x bits differ from the old kernels");
+                    }
+                }
+            }
         }
     }
 }
@@ -898,5 +943,63 @@ fn scale_and_copy_rows_are_exact() {
     for r in 0..6 {
         assert_eq!(&got[r * 40..r * 40 + 31], &src[r * 33..r * 33 + 31]);
         assert!(got[r * 40 + 31..(r + 1) * 40].iter().all(|&v| v == 9.0));
+    }
+}
+
+/// Time per hyper-connection pre side at DeepSeek-V4-Flash's width with each kernel choice
+/// (printed, not asserted: shared GPUs vary). Wall time over back-to-back launches (so the
+/// launch gaps the single-launch path removes count), the projection weights rotating over
+/// copies totalling > 64 MB so they come from HBM as in a decode step (86 sites).
+#[test]
+fn hc_pre_time() {
+    let Some(g) = gpu("hc_pre_time") else {
+        return;
+    };
+    let mut rng = Rng(0x7173);
+    let (hc, hidden, iters) = (4usize, 4096usize, 20usize);
+    let (width, outs) = (hc * hidden, (2 + hc) * hc);
+    let sets = 48;
+    let fns: Vec<_> = (0..sets)
+        .map(|_| g.up(&rng.vec(outs * width, -0.05, 0.05)))
+        .collect();
+    let base = g.up(&rng.vec(outs, -1.0, 1.0));
+    let norm = g.up(&rng.vec(hidden, 0.5, 1.5));
+    for n in [1usize, 2, 4, 16, 64] {
+        let sb = g.up(&rng.vec(n * width, -4.0, 4.0));
+        let xb = g.up(&vec![0f32; n * hidden]);
+        let mb = g.up(&vec![0f32; n * outs]);
+        let wb = g.up(&vec![0f32; hc_mix_workspace_floats(n, outs)]);
+        let mut line = format!("hc_pre n={n:2}:");
+        for kernel in [HcPreKernel::Old, HcPreKernel::Split, HcPreKernel::Fused] {
+            let call = |f: usize| HcPreFused {
+                streams: g.ptr(&sb),
+                fn_: g.ptr(&fns[f % sets]),
+                base: g.ptr(&base),
+                scale: [0.7, 0.9, 1.1],
+                norm_weight: g.ptr(&norm),
+                x_out: g.ptr(&xb),
+                mix_out: g.ptr(&mb),
+                workspace: g.ptr(&wb),
+                n,
+                hc,
+                hidden,
+                sinkhorn_iters: iters,
+                hc_eps: 1e-6,
+                norm_eps: 1e-6,
+                kernel,
+            };
+            let reps = 400;
+            // SAFETY (all launches below): the buffers hold the shapes in each call.
+            unsafe { g.k.hc_pre_fused_f32(&g.s, &call(0)) }.unwrap();
+            g.s.synchronize().unwrap();
+            let t0 = std::time::Instant::now();
+            for i in 0..reps {
+                unsafe { g.k.hc_pre_fused_f32(&g.s, &call(i)) }.unwrap();
+            }
+            g.s.synchronize().unwrap();
+            let us = t0.elapsed().as_secs_f64() / reps as f64 * 1e6;
+            line += &format!("  {kernel:?} {us:6.2} us");
+        }
+        eprintln!("{line}");
     }
 }

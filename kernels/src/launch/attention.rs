@@ -3,8 +3,9 @@
 //! compressed rows addressed through its block table.
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 
+use super::submit::SubmitKernel;
 use super::{i32_arg, i64_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
 use crate::kv_record::KvRowFormat;
@@ -462,7 +463,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.topk_select)
+            .kernel(&self.topk_select)
             .arg(&a.scores)
             .arg(&a.starts)
             .arg(&a.counts)
@@ -493,7 +494,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.topk_select_segments)
+            .kernel(&self.topk_select_segments)
             .arg(&a.scores)
             .arg(&a.starts)
             .arg(&a.counts)
@@ -509,7 +510,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.topk_select_merge)
+            .kernel(&self.topk_select_merge)
             .arg(&a.counts)
             .arg(&k)
             .arg(&max_segs)
@@ -558,7 +559,7 @@ impl Kernels {
             &self.kv_gather
         };
         stream
-            .launch_builder(func)
+            .kernel(func)
             .arg(&a.pool)
             .arg(&a.offsets)
             .arg(&a.dense)
@@ -657,7 +658,7 @@ impl Kernels {
         let splits = i32_arg(name, "splits", a.splits)?;
         let (fmt, rope) = (a.format.code(), i32_arg(name, "rope", a.format.rope())?);
         stream
-            .launch_builder(partial)
+            .kernel(partial)
             .arg(&a.pool)
             .arg(&a.q)
             .arg(&a.key_offsets)
@@ -692,7 +693,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.attend_combine)
+            .kernel(&self.attend_combine)
             .arg(&a.workspace)
             .arg(&a.sinks)
             .arg(&heads)
@@ -769,7 +770,7 @@ impl Kernels {
             shared_mem_bytes: smem as u32,
         };
         stream
-            .launch_builder(func)
+            .kernel(func)
             .arg(&a.pool)
             .arg(&a.q)
             .arg(&a.weights)

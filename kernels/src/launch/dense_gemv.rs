@@ -6,8 +6,9 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig};
 
+use super::submit::SubmitKernel;
 use super::{aligned16, function, i32_arg, i64_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
 
@@ -156,7 +157,7 @@ impl Kernels {
         );
         let ks = ks as i32;
         stream
-            .launch_builder(&self.dense_gemv.gemv[mi])
+            .kernel(&self.dense_gemv.gemv[mi])
             .arg(&a.weight)
             .arg(&a.x)
             .arg(&a.out)
@@ -196,7 +197,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.dense_gemv.widen)
+            .kernel(&self.dense_gemv.widen)
             .arg(&src)
             .arg(&dst)
             .arg(&n)
@@ -240,7 +241,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.dense_gemv.gather)
+            .kernel(&self.dense_gemv.gather)
             .arg(&weight)
             .arg(&ids)
             .arg(&out)

@@ -2,8 +2,9 @@
 //! gate/up -> activation -> down chain (and the routed + shared sum) stays on the GPU.
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaStream, PushKernelArg};
+use cudarc::driver::CudaStream;
 
+use super::submit::SubmitKernel;
 use super::{grid_stride, i32_arg, i64_arg, nonnull, Kernels};
 use crate::error::KernelError;
 
@@ -28,7 +29,7 @@ impl Kernels {
         nonnull(K, &[("gate", gate), ("up", up), ("out", out)])?;
         let n = i64_arg(K, "len", len)?;
         stream
-            .launch_builder(&self.swiglu_clip)
+            .kernel(&self.swiglu_clip)
             .arg(&gate)
             .arg(&up)
             .arg(&out)
@@ -60,7 +61,7 @@ impl Kernels {
         nonnull(K, &[("weight", weight), ("scales", scales), ("out", out)])?;
         let (r, c) = (i32_arg(K, "rows", rows)?, i32_arg(K, "cols", cols)?);
         stream
-            .launch_builder(&self.fp8_dequant)
+            .kernel(&self.fp8_dequant)
             .arg(&weight)
             .arg(&scales)
             .arg(&out)
@@ -89,7 +90,7 @@ impl Kernels {
         nonnull(K, &[("acc", acc), ("x", x)])?;
         let n = i64_arg(K, "len", len)?;
         stream
-            .launch_builder(&self.add)
+            .kernel(&self.add)
             .arg(&acc)
             .arg(&x)
             .arg(&n)

@@ -6,8 +6,9 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig};
 
+use super::submit::SubmitKernel;
 use super::{function, grid_stride, i32_arg, i64_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
 
@@ -19,6 +20,12 @@ const HC_FUSED_BLOCK: usize = 1024;
 const MIX_TOKENS: usize = 16;
 /// Most blocks one hyper-connection projection row is split over (sizes the workspace).
 pub const HC_MAX_SPLITS: usize = 32;
+/// f32 slots at the start of every hyper-connection workspace that hold the one-launch pre
+/// kernel's block counter (u32, zero when the workspace is allocated zeroed and after every
+/// launch); the partial sums start after them.
+pub const HC_WS_HEADER: usize = 32;
+/// Largest token count [`HcPreKernel::Fused`] runs as one launch (more take the split path).
+pub const HC_SINGLE_MAX_TOKENS: usize = 1;
 /// Largest hyper-connection multiplicity (`hc_mult`).
 pub const HC_MAX: usize = 8;
 /// Largest expert count / top-k of `route_f32`.
@@ -35,6 +42,9 @@ pub struct LayerOpsFns {
     hc_mix_reduce: CudaFunction,
     hc_pre_finish: CudaFunction,
     hc_pre_fused: CudaFunction,
+    hc_mix_partial2: CudaFunction,
+    hc_pre_finish2: CudaFunction,
+    hc_pre_single: CudaFunction,
     hc_post: CudaFunction,
     hc_head_finish: CudaFunction,
     route: CudaFunction,
@@ -54,6 +64,9 @@ impl LayerOpsFns {
             hc_mix_reduce: f("dsk_lo_hc_mix_reduce_f32")?,
             hc_pre_finish: f("dsk_lo_hc_pre_finish_f32")?,
             hc_pre_fused: f("dsk_lo_hc_pre_fused_f32")?,
+            hc_mix_partial2: f("dsk_lo_hc_mix_partial2_f32")?,
+            hc_pre_finish2: f("dsk_lo_hc_pre_finish2_f32")?,
+            hc_pre_single: f("dsk_lo_hc_pre_single_f32")?,
             hc_post: f("dsk_lo_hc_post_f32")?,
             hc_head_finish: f("dsk_lo_hc_head_finish_f32")?,
             route: f("dsk_lo_route_f32")?,
@@ -140,10 +153,39 @@ pub struct HcPreFinish {
     pub hc_eps: f32,
 }
 
+/// Which kernels carry [`HcPreFused`] (an A/B switch; all give the same bits).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HcPreKernel {
+    /// `dsk_lo_hc_mix_partial_f32` + `dsk_lo_hc_pre_fused_f32` (the Sinkhorn in shared memory,
+    /// before the collapse).
+    Old,
+    /// `dsk_lo_hc_mix_partial2_f32` + `dsk_lo_hc_pre_finish2_f32`: loads issued together, the
+    /// Sinkhorn in registers beside the collapse and norm.
+    Split,
+    /// As `Split`, but up to [`HC_SINGLE_MAX_TOKENS`] tokens in one launch
+    /// (`dsk_lo_hc_pre_single_f32`: the last partial block finishes).
+    #[default]
+    Fused,
+}
+
+impl std::str::FromStr for HcPreKernel {
+    type Err = String;
+    /// `old`, `split` or `new` (= `Fused`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "old" => Ok(Self::Old),
+            "split" => Ok(Self::Split),
+            "new" | "fused" => Ok(Self::Fused),
+            other => Err(format!("unknown hc kernel {other:?} (old, split, new)")),
+        }
+    }
+}
+
 /// A hyper-connection site's whole pre side for `n` tokens: the mix projections of the streams
 /// (as [`HcMix`]), pre / post / comb (as [`HcPreFinish`], into `mix_out`), the collapse, and
 /// the sub-layer's RMSNorm with `norm_weight` (0: none) into `x_out` `[n, hidden]`. `workspace`
-/// holds `hc_mix_workspace_floats(n, (2 + hc) * hc)` f32. `norm_eps` is both the streams' RMS
+/// holds `hc_mix_workspace_floats(n, (2 + hc) * hc)` f32 whose first [`HC_WS_HEADER`] are zero
+/// (as allocated zeroed; every launch leaves them zero). `norm_eps` is both the streams' RMS
 /// epsilon and the sub-layer norm's (the model uses one `rms_norm_eps`).
 #[derive(Clone, Copy, Debug)]
 pub struct HcPreFused {
@@ -161,6 +203,7 @@ pub struct HcPreFused {
     pub sinkhorn_iters: usize,
     pub hc_eps: f32,
     pub norm_eps: f32,
+    pub kernel: HcPreKernel,
 }
 
 /// `expand`: `streams[t][k] = post[k] * out[t] + sum_j comb[j, k] * streams[t][j]` in place.
@@ -274,9 +317,17 @@ pub struct CopyRowsF32 {
     pub width: usize,
 }
 
-/// Scratch f32 `Kernels::hc_mix_f32` needs for `n` tokens and `outs` projections.
+/// Scratch f32 `Kernels::hc_mix_f32` / `hc_pre_fused_f32` need for `n` tokens and `outs`
+/// projections: the counter header, then the chunk partials and squares.
 pub fn hc_mix_workspace_floats(n: usize, outs: usize) -> usize {
-    HC_MAX_SPLITS * n * (outs + 1)
+    HC_WS_HEADER + HC_MAX_SPLITS * n * (outs + 1)
+}
+
+/// Where the chunk partials (`[splits, n, outs]`) and then the squares (`[splits, n]`) sit in a
+/// hyper-connection workspace.
+fn hc_partials(workspace: CUdeviceptr, splits: usize, n: usize, outs: usize) -> (u64, u64) {
+    let partial = workspace + (HC_WS_HEADER * 4) as u64;
+    (partial, partial + (splits * n * outs * 4) as u64)
 }
 
 /// Scratch f32 `Kernels::hc_head_f32` needs.
@@ -415,6 +466,28 @@ pub fn check_hc_pre_finish(a: &HcPreFinish) -> Result<(), KernelError> {
             ("mix_out", a.mix_out),
         ],
     )
+}
+
+pub fn check_hc_pre_fused(a: &HcPreFused) -> Result<(), KernelError> {
+    const K: &str = "hc_pre_fused_f32";
+    nonnull(
+        K,
+        &[
+            ("streams", a.streams),
+            ("fn_", a.fn_),
+            ("base", a.base),
+            ("x_out", a.x_out),
+            ("mix_out", a.mix_out),
+            ("workspace", a.workspace),
+        ],
+    )?;
+    check_hc(K, a.n, a.hc, a.hidden)?;
+    i32_arg(K, "hc * hidden", a.hc * a.hidden)?;
+    i32_arg(K, "sinkhorn_iters", a.sinkhorn_iters)?;
+    if a.scale.iter().any(|v| !v.is_finite()) {
+        return Err(invalid(K, format!("scale {:?}", a.scale)));
+    }
+    Ok(())
 }
 
 pub fn check_hc_post(a: &HcPost) -> Result<(), KernelError> {
@@ -563,7 +636,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.layer_ops.rms_norm)
+            .kernel(&self.layer_ops.rms_norm)
             .arg(&a.x)
             .arg(&a.out)
             .arg(&a.weight)
@@ -597,7 +670,7 @@ impl Kernels {
         let inverse = i32::from(a.inverse);
         let pairs = a.tokens * a.heads * (a.rope_dim / 2);
         stream
-            .launch_builder(&self.layer_ops.rope)
+            .kernel(&self.layer_ops.rope)
             .arg(&a.x)
             .arg(&a.positions)
             .arg(&a.inv_freq)
@@ -624,13 +697,21 @@ impl Kernels {
         const K: &str = "hc_mix_f32";
         check_hc_mix(a)?;
         let splits = hc_mix_splits(a.n, a.width, a.outs, self.sms);
-        let partial = a.workspace;
-        let sq = a.workspace + (splits * a.n * a.outs * 4) as u64;
+        let (partial, sq) = hc_partials(a.workspace, splits, a.n, a.outs);
         let (n, width) = (i32_arg(K, "n", a.n)?, i32_arg(K, "width", a.width)?);
         let (outs, splits_i) = (i32_arg(K, "outs", a.outs)?, i32_arg(K, "splits", splits)?);
         // SAFETY: as this function's contract.
         unsafe {
-            self.hc_mix_partial(stream, a.streams, a.fn_, a.workspace, a.n, a.width, a.outs)
+            self.hc_mix_partial(
+                stream,
+                a.streams,
+                a.fn_,
+                a.workspace,
+                a.n,
+                a.width,
+                a.outs,
+                false,
+            )
         }?;
         let cfg = LaunchConfig {
             grid_dim: (u32_grid(K, (a.n * a.outs).div_ceil(BLOCK))?, 1, 1),
@@ -638,7 +719,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.layer_ops.hc_mix_reduce)
+            .kernel(&self.layer_ops.hc_mix_reduce)
             .arg(&partial)
             .arg(&sq)
             .arg(&a.out)
@@ -652,7 +733,8 @@ impl Kernels {
         Ok(())
     }
 
-    /// The chunked projections of `hc_mix_f32` into `workspace` (partials, then squares).
+    /// The chunked projections of `hc_mix_f32` into `workspace` (partials, then squares);
+    /// `loads_together` picks `dsk_lo_hc_mix_partial2_f32` (same values).
     ///
     /// # Safety
     /// As [`Self::hc_mix_f32`].
@@ -666,12 +748,17 @@ impl Kernels {
         n: usize,
         width: usize,
         outs: usize,
+        loads_together: bool,
     ) -> Result<(), KernelError> {
         const K: &str = "hc_mix_partial";
         let splits = hc_mix_splits(n, width, outs, self.sms);
         let chunk = width.div_ceil(splits);
-        let partial = workspace;
-        let sq = workspace + (splits * n * outs * 4) as u64;
+        let (partial, sq) = hc_partials(workspace, splits, n, outs);
+        let f = if loads_together {
+            &self.layer_ops.hc_mix_partial2
+        } else {
+            &self.layer_ops.hc_mix_partial
+        };
         let cfg = LaunchConfig {
             grid_dim: (
                 u32_grid(K, splits)?,
@@ -682,7 +769,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.layer_ops.hc_mix_partial)
+            .kernel(f)
             .arg(&streams)
             .arg(&fn_)
             .arg(&partial)
@@ -696,54 +783,96 @@ impl Kernels {
         Ok(())
     }
 
+    /// The pre side of a hyper-connection site with the kernels `a.kernel` names: two launches
+    /// (chunk partials, then one finishing block per token), or for up to
+    /// [`HC_SINGLE_MAX_TOKENS`] tokens with [`HcPreKernel::Fused`] one launch.
+    ///
     /// # Safety
     /// Every pointer must address the f32 shape documented on [`HcPreFused`], device memory of
-    /// this context; `x_out` and `mix_out` must not overlap the inputs.
+    /// this context; `x_out` and `mix_out` must not overlap the inputs. Launches that share a
+    /// workspace must be ordered (one stream): the single-launch kernel counts its blocks there.
     pub unsafe fn hc_pre_fused_f32(
         &self,
         stream: &CudaStream,
         a: &HcPreFused,
     ) -> Result<(), KernelError> {
         const K: &str = "hc_pre_fused_f32";
-        nonnull(
-            K,
-            &[
-                ("streams", a.streams),
-                ("fn_", a.fn_),
-                ("base", a.base),
-                ("x_out", a.x_out),
-                ("mix_out", a.mix_out),
-                ("workspace", a.workspace),
-            ],
-        )?;
-        if a.hc == 0 || a.hc > HC_MAX || a.hidden == 0 || a.n == 0 || a.n > GRID_YZ_MAX {
-            return Err(KernelError::invalid(
-                K,
-                format!("hc {} (1..={HC_MAX}), hidden {}, n {}", a.hc, a.hidden, a.n),
-            ));
-        }
-        if a.scale.iter().any(|v| !v.is_finite()) {
-            return Err(KernelError::invalid(K, format!("scale {:?}", a.scale)));
-        }
+        check_hc_pre_fused(a)?;
         let outs = (2 + a.hc) * a.hc;
         let width = a.hc * a.hidden;
         let splits = hc_mix_splits(a.n, width, outs, self.sms);
-        let partial = a.workspace;
-        let sq = a.workspace + (splits * a.n * outs * 4) as u64;
+        let (partial, sq) = hc_partials(a.workspace, splits, a.n, outs);
+        let (splits_i, width_i) = (i32_arg(K, "splits", splits)?, i32_arg(K, "width", width)?);
+        let (hc, hidden) = (i32_arg(K, "hc", a.hc)?, i32_arg(K, "hidden", a.hidden)?);
+        let iters = i32_arg(K, "sinkhorn_iters", a.sinkhorn_iters)?;
+        if a.kernel == HcPreKernel::Fused && a.n <= HC_SINGLE_MAX_TOKENS {
+            // One block per four (chunk, output) pairs, as 256-thread groups.
+            let groups = HC_FUSED_BLOCK / BLOCK;
+            let cfg = LaunchConfig {
+                grid_dim: (u32_grid(K, (splits * outs).div_ceil(groups))?, 1, 1),
+                block_dim: (HC_FUSED_BLOCK as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let counter = a.workspace;
+            let chunk = i32_arg(K, "chunk", width.div_ceil(splits))?;
+            stream
+                .kernel(&self.layer_ops.hc_pre_single)
+                .arg(&a.streams)
+                .arg(&a.fn_)
+                .arg(&partial)
+                .arg(&sq)
+                .arg(&counter)
+                .arg(&splits_i)
+                .arg(&chunk)
+                .arg(&width_i)
+                .arg(&a.norm_eps)
+                .arg(&a.base)
+                .arg(&a.scale[0])
+                .arg(&a.scale[1])
+                .arg(&a.scale[2])
+                .arg(&a.norm_weight)
+                .arg(&a.x_out)
+                .arg(&a.mix_out)
+                .arg(&hc)
+                .arg(&hidden)
+                .arg(&iters)
+                .arg(&a.hc_eps)
+                .arg(&a.norm_eps)
+                .launch(cfg)
+                .map_err(KernelError::driver("launch hc_pre_single"))?;
+            return Ok(());
+        }
+        let old = a.kernel == HcPreKernel::Old;
         // SAFETY: as this function's contract: the chunked mix projections into the workspace
         // (hc_mix_f32's first kernel; its reduce is fused into the kernel below).
-        unsafe { self.hc_mix_partial(stream, a.streams, a.fn_, a.workspace, a.n, width, outs) }?;
+        unsafe {
+            self.hc_mix_partial(
+                stream,
+                a.streams,
+                a.fn_,
+                a.workspace,
+                a.n,
+                width,
+                outs,
+                !old,
+            )
+        }?;
         let cfg = LaunchConfig {
             grid_dim: (u32_grid(K, a.n)?, 1, 1),
             block_dim: (HC_FUSED_BLOCK as u32, 1, 1),
             shared_mem_bytes: 0,
         };
+        let f = if old {
+            &self.layer_ops.hc_pre_fused
+        } else {
+            &self.layer_ops.hc_pre_finish2
+        };
         stream
-            .launch_builder(&self.layer_ops.hc_pre_fused)
+            .kernel(f)
             .arg(&partial)
             .arg(&sq)
-            .arg(&i32_arg(K, "splits", splits)?)
-            .arg(&i32_arg(K, "width", width)?)
+            .arg(&splits_i)
+            .arg(&width_i)
             .arg(&a.norm_eps)
             .arg(&a.base)
             .arg(&a.scale[0])
@@ -754,9 +883,9 @@ impl Kernels {
             .arg(&a.x_out)
             .arg(&a.mix_out)
             .arg(&i32_arg(K, "n", a.n)?)
-            .arg(&i32_arg(K, "hc", a.hc)?)
-            .arg(&i32_arg(K, "hidden", a.hidden)?)
-            .arg(&i32_arg(K, "sinkhorn_iters", a.sinkhorn_iters)?)
+            .arg(&hc)
+            .arg(&hidden)
+            .arg(&iters)
             .arg(&a.hc_eps)
             .arg(&a.norm_eps)
             .launch(cfg)
@@ -782,7 +911,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.layer_ops.hc_pre_finish)
+            .kernel(&self.layer_ops.hc_pre_finish)
             .arg(&a.proj)
             .arg(&a.base)
             .arg(&a.scale[0])
@@ -809,7 +938,7 @@ impl Kernels {
         let n = i32_arg(K, "n", a.n)?;
         let (hc, hidden) = (i32_arg(K, "hc", a.hc)?, i32_arg(K, "hidden", a.hidden)?);
         stream
-            .launch_builder(&self.layer_ops.hc_post)
+            .kernel(&self.layer_ops.hc_post)
             .arg(&a.streams)
             .arg(&a.mix)
             .arg(&a.out)
@@ -850,7 +979,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.layer_ops.hc_head_finish)
+            .kernel(&self.layer_ops.hc_head_finish)
             .arg(&proj)
             .arg(&a.base)
             .arg(&a.scale)
@@ -879,7 +1008,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.layer_ops.route)
+            .kernel(&self.layer_ops.route)
             .arg(&a.logits)
             .arg(&scoring)
             .arg(&a.bias)
@@ -920,7 +1049,7 @@ impl Kernels {
             })
         };
         stream
-            .launch_builder(&self.layer_ops.dense_gate_up)
+            .kernel(&self.layer_ops.dense_gate_up)
             .arg(&a.w1)
             .arg(&a.w3)
             .arg(&a.x)
@@ -935,7 +1064,7 @@ impl Kernels {
             .launch(cfg(a.n * a.k * a.inter)?)
             .map_err(KernelError::driver("launch dense_gate_up"))?;
         stream
-            .launch_builder(&self.layer_ops.dense_down)
+            .kernel(&self.layer_ops.dense_down)
             .arg(&a.w2)
             .arg(&a.h_scratch)
             .arg(&a.ids)
@@ -969,7 +1098,7 @@ impl Kernels {
         nonnull(K, &[("x", x)])?;
         let n = i64_arg(K, "len", len)?;
         stream
-            .launch_builder(&self.layer_ops.scale)
+            .kernel(&self.layer_ops.scale)
             .arg(&x)
             .arg(&n)
             .arg(&s)
@@ -997,7 +1126,7 @@ impl Kernels {
             i64_arg(K, "ld_dst", a.ld_dst)?,
         );
         stream
-            .launch_builder(&self.layer_ops.copy_rows)
+            .kernel(&self.layer_ops.copy_rows)
             .arg(&a.src)
             .arg(&lds)
             .arg(&a.dst)
@@ -1119,7 +1248,50 @@ mod tests {
         assert!(hc_mix_splits(1, 16384, 4, 132) <= HC_MAX_SPLITS);
         assert_eq!(hc_mix_splits(1, 64, 24, 132), 1);
         assert_eq!(hc_mix_splits(64, 16384, 24, 132), 3);
-        assert!(hc_mix_workspace_floats(3, 24) >= HC_MAX_SPLITS * 3 * 25);
+        assert!(hc_mix_workspace_floats(3, 24) >= HC_WS_HEADER + HC_MAX_SPLITS * 3 * 25);
+        // The partials start past the counter header, the squares past the partials.
+        assert_eq!(
+            hc_partials(1024, 11, 1, 24),
+            (
+                1024 + 4 * HC_WS_HEADER as u64,
+                1024 + 4 * (HC_WS_HEADER + 11 * 24) as u64
+            )
+        );
+        let pre = HcPreFused {
+            streams: 16,
+            fn_: 16,
+            base: 16,
+            scale: [1.0; 3],
+            norm_weight: 0,
+            x_out: 16,
+            mix_out: 16,
+            workspace: 16,
+            n: 1,
+            hc: 4,
+            hidden: 4096,
+            sinkhorn_iters: 20,
+            hc_eps: 1e-6,
+            norm_eps: 1e-6,
+            kernel: HcPreKernel::default(),
+        };
+        assert!(check_hc_pre_fused(&pre).is_ok());
+        assert!(check_hc_pre_fused(&HcPreFused { hc: 9, ..pre }).is_err());
+        assert!(check_hc_pre_fused(&HcPreFused { n: 0, ..pre }).is_err());
+        assert!(check_hc_pre_fused(&HcPreFused {
+            workspace: 0,
+            ..pre
+        })
+        .is_err());
+        assert!(check_hc_pre_fused(&HcPreFused {
+            scale: [1.0, f32::NAN, 1.0],
+            ..pre
+        })
+        .is_err());
+        assert_eq!("old".parse::<HcPreKernel>(), Ok(HcPreKernel::Old));
+        assert_eq!(" Split".parse::<HcPreKernel>(), Ok(HcPreKernel::Split));
+        assert_eq!("new".parse::<HcPreKernel>(), Ok(HcPreKernel::Fused));
+        assert_eq!(HcPreKernel::default(), HcPreKernel::Fused);
+        assert!("fast".parse::<HcPreKernel>().is_err());
         let post = HcPost {
             streams: 16,
             mix: 16,

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig};
 
+use super::submit::SubmitKernel;
 use super::{aligned16, function, grid_stride, i32_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
 
@@ -93,7 +94,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.moe_sorted.dequant)
+            .kernel(&self.moe_sorted.dequant)
             .arg(&w)
             .arg(&s)
             .arg(&experts)
@@ -127,7 +128,7 @@ impl Kernels {
         nonnull(K, &[("src", src), ("idx", idx), ("dst", dst)])?;
         let (nn, w) = (i32_arg(K, "n", n)?, i32_arg(K, "width", width)?);
         stream
-            .launch_builder(&self.moe_sorted.gather)
+            .kernel(&self.moe_sorted.gather)
             .arg(&src)
             .arg(&idx)
             .arg(&nn)
@@ -172,7 +173,7 @@ impl Kernels {
             i32_arg(K, "hidden", hidden)?,
         );
         stream
-            .launch_builder(&self.moe_sorted.combine)
+            .kernel(&self.moe_sorted.combine)
             .arg(&y)
             .arg(&pos)
             .arg(&weights)

@@ -10,8 +10,9 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig};
 
+use super::submit::SubmitKernel;
 use super::{function, i32_arg, i64_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
 use crate::kv_record::KvRowFormat;
@@ -502,7 +503,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.paged.write)
+            .kernel(&self.paged.write)
             .arg(&pool)
             .arg(&rows.positions)
             .arg(&rows.bt_starts)
@@ -578,7 +579,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.paged.compress)
+            .kernel(&self.paged.compress)
             .arg(&pool)
             .arg(&rows.positions)
             .arg(&rows.bt_starts)
@@ -680,7 +681,7 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         stream
-            .launch_builder(&self.paged.key_offsets)
+            .kernel(&self.paged.key_offsets)
             .arg(&rows.positions)
             .arg(&rows.bt_starts)
             .arg(&rows.bt_lens)

@@ -6,8 +6,9 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig};
 
+use super::submit::SubmitKernel;
 use super::{aligned16, function, i32_arg, i64_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
 
@@ -227,7 +228,7 @@ impl Kernels {
             i64_arg(K, "x_group_stride", a.x_group_stride)?,
         );
         stream
-            .launch_builder(func)
+            .kernel(func)
             .arg(&a.weight)
             .arg(&a.scale)
             .arg(&a.x)

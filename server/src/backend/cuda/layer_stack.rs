@@ -15,8 +15,8 @@ use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaStream, DevicePtr, Dev
 use dspark_kernels::kv_record::KvRowFormat;
 use dspark_kernels::launch::attention::ATTENTION_HEAD_GROUP;
 use dspark_kernels::launch::layer_ops::{
-    hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcPost, HcPreFused, RmsNormF32, RopeF32,
-    RouteF32, RouterScoring,
+    hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcPost, HcPreFused, HcPreKernel,
+    RmsNormF32, RopeF32, RouteF32, RouterScoring,
 };
 use dspark_kernels::launch::paged::{
     key_counts, CompressParams, KeyMode, KeySelection, PoolSection, RowTable,
@@ -1480,8 +1480,22 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Which kernels carry the hyper-connection pre side: `DSPARK_HC_KERNEL` = `old` | `split`
+    /// | `new` (default), read once per process, so runs can A/B them (all give the same bits).
+    fn hc_pre_kernel() -> HcPreKernel {
+        static KERNEL: std::sync::OnceLock<HcPreKernel> = std::sync::OnceLock::new();
+        *KERNEL.get_or_init(|| match std::env::var("DSPARK_HC_KERNEL") {
+            Ok(v) => v.parse().unwrap_or_else(|e: String| {
+                tracing::warn!("DSPARK_HC_KERNEL: {e}; using the default");
+                HcPreKernel::default()
+            }),
+            Err(_) => HcPreKernel::default(),
+        })
+    }
+
     /// Collapses the streams at a hyper-connection site and norms the sub-layer input into
-    /// `scratch.x`; the site's mix stays in `scratch.mix` for [`Self::hc_post`].
+    /// `scratch.x`; the site's mix stays in `scratch.mix` for [`Self::hc_post`]. The kernels
+    /// are [`Self::hc_pre_kernel`]'s.
     fn hc_pre(
         &self,
         sc: &mut Scratch,
@@ -1507,10 +1521,12 @@ impl CudaBackend {
             sinkhorn_iters: cfg.hc_sinkhorn_iters,
             hc_eps: cfg.hc_eps,
             norm_eps: cfg.rms_norm_eps,
+            kernel: Self::hc_pre_kernel(),
         };
         // SAFETY: the scratch buffers hold STACK_MAX_ROWS >= n rows of each width (hc_work
-        // sized by hc_mix_workspace_floats); the site's parameters are [outs, hc * hidden] and
-        // [outs], the norm weight `hidden` values.
+        // sized by hc_mix_workspace_floats, allocated zeroed: its counter header starts at 0 and
+        // every launch on this stream leaves it 0); the site's parameters are [outs, hc *
+        // hidden] and [outs], the norm weight `hidden` values.
         unsafe { self.kernels.hc_pre_fused_f32(s, &call) }.map_err(kernel_err)
     }
 

@@ -1,0 +1,106 @@
+//! How every kernel of this crate is submitted: `cuLaunchKernelEx`, with programmatic dependent
+//! launch (PDL) on Hopper and later. A decode step is thousands of small dependent kernels; with
+//! PDL a kernel's blocks are scheduled while its predecessor drains, instead of after it, and each
+//! kernel's first act (`dsk_pdl_entry` in common.cuh) is `griddepcontrol.wait`, which returns once
+//! the predecessor has finished and its writes are visible: the stream order the kernels rely on
+//! is unchanged. Kernels then call `griddepcontrol.launch_dependents` at once, so the successor's
+//! launch overlaps their whole run. Works inside CUDA-graph capture (programmatic edges).
+//!
+//! `DSPARK_PDL=0` submits without the attribute (plain stream order; the kernels' wait is then a
+//! no-op): the switch for comparisons.
+
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use cudarc::driver::sys::{self, CUdeviceptr};
+use cudarc::driver::{CudaFunction, CudaStream, DriverError, LaunchConfig};
+
+/// Whether launches carry the PDL attribute: set by `Kernels::load` (sm_90+ and not disabled).
+static PDL: AtomicBool = AtomicBool::new(false);
+
+/// Turns PDL on for devices that have it (compute capability 9.0+), unless `DSPARK_PDL=0`.
+pub(crate) fn enable_pdl(major: i32) {
+    let allowed = std::env::var("DSPARK_PDL").map_or(true, |v| v != "0");
+    PDL.store(allowed && major >= 9, Ordering::Relaxed);
+}
+
+/// Whether kernels are being submitted with programmatic dependent launch.
+pub fn pdl_enabled() -> bool {
+    PDL.load(Ordering::Relaxed)
+}
+
+/// A value a kernel takes by value: the launch passes a pointer to it.
+pub(crate) trait KernelArg {}
+impl KernelArg for i32 {}
+impl KernelArg for u32 {}
+impl KernelArg for i64 {}
+impl KernelArg for f32 {}
+// CUdeviceptr is u64.
+impl KernelArg for CUdeviceptr {}
+
+/// One kernel submission being built: `stream.kernel(&f).arg(&a).arg(&b).launch(cfg)`.
+pub(crate) struct KernelLaunch<'a> {
+    stream: &'a CudaStream,
+    func: &'a CudaFunction,
+    args: Vec<*mut c_void>,
+}
+
+pub(crate) trait SubmitKernel {
+    fn kernel<'a>(&'a self, func: &'a CudaFunction) -> KernelLaunch<'a>;
+}
+
+impl SubmitKernel for CudaStream {
+    fn kernel<'a>(&'a self, func: &'a CudaFunction) -> KernelLaunch<'a> {
+        KernelLaunch {
+            stream: self,
+            func,
+            args: Vec::with_capacity(16),
+        }
+    }
+}
+
+impl<'a> KernelLaunch<'a> {
+    /// Appends the next parameter. The reference must outlive the launch (it does: the builder
+    /// borrows it for `'a`).
+    pub(crate) fn arg<T: KernelArg>(&mut self, v: &'a T) -> &mut Self {
+        self.args.push(v as *const T as *mut c_void);
+        self
+    }
+
+    /// Submits the kernel.
+    ///
+    /// # Safety
+    /// The parameters must be exactly the kernel's, in order and type, and every pointer among
+    /// them valid for what the kernel does with it.
+    pub(crate) unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<(), DriverError> {
+        self.stream.context().bind_to_thread()?;
+        // SAFETY: an all-zero attribute is a valid (ignored) value of the C union; it is set below.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let pdl = pdl_enabled();
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
+            numAttrs: u32::from(pdl),
+        };
+        // SAFETY: the config, function and stream are live; the parameter pointers point at
+        // values borrowed for 'a (the caller vouches for their types); no `extra`.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                self.func.cu_function(),
+                self.args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+            .result()
+        }
+    }
+}
