@@ -24,6 +24,7 @@
 // scale without branches (fp4_scale_v2). Products and summation order are the same, so v2's
 // results are bit-identical to v1's (kernels/tools/fp4_moe_emu.cpp checks it on the CPU).
 
+
 #define MOE_WARPS 8
 #define MOE_RW 4
 #define MOE_ROWS (MOE_WARPS * MOE_RW)
@@ -73,6 +74,99 @@ __device__ __forceinline__ float fp4_chunk_dot(uint4 w, const float (&xs)[32]) {
 // 2^(s-127) * 2^14: the block scale with the decoder's 2^-14 folded back in.
 __device__ __forceinline__ float fp4_scale(unsigned int s) { return dsk_e8m0_to_f32(s) * 16384.0f; }
 
+extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_gate_up(
+    const float *__restrict__ x, const int *__restrict__ ids, const unsigned char *__restrict__ W1,
+    const unsigned char *__restrict__ S1, const unsigned char *__restrict__ W3,
+    const unsigned char *__restrict__ S3, float *__restrict__ h, int topk, int E, int I, int K,
+    float limit) {
+    dsk_pdl_entry();
+    extern __shared__ float4 moe_smem4[];
+    float *sm = reinterpret_cast<float *>(moe_smem4);
+    const int p = blockIdx.x, t = p / topk;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int i0 = blockIdx.y * MOE_ROWS + warp * MOE_RW;
+    const int e = ids[p];
+    if (e < 0 || e >= E) {
+        if (lane < MOE_RW && i0 + lane < I) h[(long)p * I + i0 + lane] = 0.f;
+        return;
+    }
+    moe_stage(sm, x + (long)t * K, K);
+    const int C = K >> 5;
+    const unsigned char *w1[MOE_RW], *w3[MOE_RW], *s1[MOE_RW], *s3[MOE_RW];
+#pragma unroll
+    for (int r = 0; r < MOE_RW; ++r) {
+        const long row = (long)e * I + min(i0 + r, I - 1);
+        w1[r] = W1 + row * (K >> 1); w3[r] = W3 + row * (K >> 1);
+        s1[r] = S1 + row * C; s3[r] = S3 + row * C;
+    }
+    float g[MOE_RW], u[MOE_RW];
+#pragma unroll
+    for (int r = 0; r < MOE_RW; ++r) { g[r] = 0.f; u[r] = 0.f; }
+    for (int c = lane; c < C; c += 32) {
+        uint4 a[MOE_RW], b[MOE_RW];
+#pragma unroll
+        for (int r = 0; r < MOE_RW; ++r) { a[r] = dsk_ld_stream16(w1[r] + c * 16); b[r] = dsk_ld_stream16(w3[r] + c * 16); }
+        float xs[32];
+        moe_load_x(sm, c, xs);
+#pragma unroll
+        for (int r = 0; r < MOE_RW; ++r) {
+            g[r] = fmaf(fp4_scale(s1[r][c]), fp4_chunk_dot(a[r], xs), g[r]);
+            u[r] = fmaf(fp4_scale(s3[r][c]), fp4_chunk_dot(b[r], xs), u[r]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < MOE_RW; ++r) {
+        const float gs = fminf(dsk_warp_sum(g[r]), limit);
+        const float us = fminf(fmaxf(dsk_warp_sum(u[r]), -limit), limit);
+        if (lane == r && i0 + r < I) h[(long)p * I + i0 + r] = gs / (1.f + expf(-gs)) * us;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down(
+    const float *__restrict__ h, const int *__restrict__ ids, const float *__restrict__ weights,
+    const unsigned char *__restrict__ W2, const unsigned char *__restrict__ S2,
+    float *__restrict__ y, int E, int N, int I) {
+    dsk_pdl_entry();
+    extern __shared__ float4 moe_smem4[];
+    float *sm = reinterpret_cast<float *>(moe_smem4);
+    const int p = blockIdx.x;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int n0 = blockIdx.y * MOE_ROWS + warp * MOE_RW;
+    const int e = ids[p];
+    if (e < 0 || e >= E) {
+        if (lane < MOE_RW && n0 + lane < N) y[(long)p * N + n0 + lane] = 0.f;
+        return;
+    }
+    moe_stage(sm, h + (long)p * I, I);
+    const int C = I >> 5;
+    const unsigned char *w2[MOE_RW], *s2[MOE_RW];
+#pragma unroll
+    for (int r = 0; r < MOE_RW; ++r) {
+        const long row = (long)e * N + min(n0 + r, N - 1);
+        w2[r] = W2 + row * (I >> 1);
+        s2[r] = S2 + row * C;
+    }
+    float acc[MOE_RW];
+#pragma unroll
+    for (int r = 0; r < MOE_RW; ++r) acc[r] = 0.f;
+#pragma unroll 2
+    for (int c = lane; c < C; c += 32) {
+        uint4 a[MOE_RW];
+#pragma unroll
+        for (int r = 0; r < MOE_RW; ++r) a[r] = dsk_ld_stream16(w2[r] + c * 16);
+        float xs[32];
+        moe_load_x(sm, c, xs);
+#pragma unroll
+        for (int r = 0; r < MOE_RW; ++r) acc[r] = fmaf(fp4_scale(s2[r][c]), fp4_chunk_dot(a[r], xs), acc[r]);
+    }
+    const float wt = weights[p];
+#pragma unroll
+    for (int r = 0; r < MOE_RW; ++r) {
+        const float v = dsk_warp_sum(acc[r]);
+        if (lane == r && n0 + r < N) y[(long)p * N + n0 + r] = wt * v;
+    }
+}
+
 // a's bits 1-3 of each byte, b's others: (a & m) | (b & ~m) as one LOP3. Written in C, the
 // compiler splits it in two where it can prove bits of b zero (v << 4).
 __device__ __forceinline__ unsigned int fp4_bitselect(unsigned int a, unsigned int b) {
@@ -121,134 +215,152 @@ __device__ __forceinline__ float fp4_chunk_dot_v2(uint4 w, const float (&xs)[32]
     return acc;
 }
 
-// fp4_scale without branches: 2^(s-127) * 2^14 is the f32 with exponent field s + 14 (s = 0
-// included: 2^-113 is normal); s in 241..254 saturates to inf as the product does, and the NaN
-// code 255 sets the quiet bit on top of it.
+// fp4_scale without branches (it fills the v2 kernels' per-block table of all 256 codes):
+// 2^(s-127) * 2^14 is the f32 with exponent field s + 14 (s = 0 included: 2^-113 is normal);
+// s in 241..254 saturates to inf as the product does, and the NaN code 255 sets the quiet bit.
 __device__ __forceinline__ float fp4_scale_v2(unsigned int s) {
     return __uint_as_float((min(s + 14u, 255u) << 23) | (s == 255u ? 0x00400000u : 0u));
 }
 
-template <bool V2> __device__ __forceinline__ float fp4_dot(uint4 w, const float (&xs)[32]) {
-    return V2 ? fp4_chunk_dot_v2(w, xs) : fp4_chunk_dot(w, xs);
-}
-template <bool V2> __device__ __forceinline__ float fp4_block_scale(unsigned int s) {
-    return V2 ? fp4_scale_v2(s) : fp4_scale(s);
+// ---------------------------------------------------------------------------------------------
+// v2 CUDA-core kernels: v1's work split, products and summation order (so bit-identical
+// results), with fewer instructions per weight byte and less exposed latency:
+//   - fp4_word_pairs: 11 integer instructions per 8 nibbles instead of ~15;
+//   - the block scale from a 256-entry table in shared memory (one LDS instead of the branches);
+//   - the first chunks of every row (and their scales) are loaded before the activation row is
+//     staged, so the block's two memory latencies overlap; down also loads the next chunks
+//     before computing the current ones (gate/up holds twice the rows and would spill into a
+//     lower occupancy).
+// Dynamic shared memory: the scale table (256 floats), then the padded activation row
+// (launch.rs: fp4_moe_v2_smem_bytes). Rows are never clamped: hidden and inter are multiples of
+// 32 = MOE_ROWS (check_fp4_moe), so every tile is whole.
+
+__device__ __forceinline__ void fp4_fill_scale_table(float *lut) {
+    for (int s = threadIdx.x; s < 256; s += blockDim.x) lut[s] = fp4_scale_v2(s);
 }
 
-template <bool V2> __device__ __forceinline__ void fp4_moe_gate_up(
+extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_gate_up_v2(
     const float *__restrict__ x, const int *__restrict__ ids, const unsigned char *__restrict__ W1,
     const unsigned char *__restrict__ S1, const unsigned char *__restrict__ W3,
     const unsigned char *__restrict__ S3, float *__restrict__ h, int topk, int E, int I, int K,
     float limit) {
     dsk_pdl_entry();
     extern __shared__ float4 moe_smem4[];
-    float *sm = reinterpret_cast<float *>(moe_smem4);
+    float *lut = reinterpret_cast<float *>(moe_smem4), *sm = lut + 256;
     const int p = blockIdx.x, t = p / topk;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int i0 = blockIdx.y * MOE_ROWS + warp * MOE_RW;
     const int e = ids[p];
     if (e < 0 || e >= E) {
-        if (lane < MOE_RW && i0 + lane < I) h[(long)p * I + i0 + lane] = 0.f;
+        if (lane < MOE_RW) h[(long)p * I + i0 + lane] = 0.f;
         return;
     }
-    moe_stage(sm, x + (long)t * K, K);
     const int C = K >> 5;
-    const unsigned char *w1[MOE_RW], *w3[MOE_RW], *s1[MOE_RW], *s3[MOE_RW];
+    const long row0 = (long)e * I + i0;
+    const unsigned char *w1 = W1 + row0 * (K >> 1), *w3 = W3 + row0 * (K >> 1);
+    const unsigned char *s1 = S1 + row0 * C, *s3 = S3 + row0 * C;
+    uint4 a[MOE_RW], b[MOE_RW];
+    unsigned int sa[MOE_RW], sb[MOE_RW];
+    int c = lane;
+    if (c < C) {
 #pragma unroll
-    for (int r = 0; r < MOE_RW; ++r) {
-        const long row = (long)e * I + min(i0 + r, I - 1);
-        w1[r] = W1 + row * (K >> 1); w3[r] = W3 + row * (K >> 1);
-        s1[r] = S1 + row * C; s3[r] = S3 + row * C;
+        for (int r = 0; r < MOE_RW; ++r) {
+            a[r] = dsk_ld_stream16(w1 + (long)r * (K >> 1) + c * 16);
+            b[r] = dsk_ld_stream16(w3 + (long)r * (K >> 1) + c * 16);
+            sa[r] = s1[r * C + c];
+            sb[r] = s3[r * C + c];
+        }
     }
+    fp4_fill_scale_table(lut);
+    moe_stage(sm, x + (long)t * K, K);
     float g[MOE_RW], u[MOE_RW];
 #pragma unroll
     for (int r = 0; r < MOE_RW; ++r) { g[r] = 0.f; u[r] = 0.f; }
-    for (int c = lane; c < C; c += 32) {
-        uint4 a[MOE_RW], b[MOE_RW];
-#pragma unroll
-        for (int r = 0; r < MOE_RW; ++r) { a[r] = dsk_ld_stream16(w1[r] + c * 16); b[r] = dsk_ld_stream16(w3[r] + c * 16); }
+    for (; c < C; c += 32) {
         float xs[32];
         moe_load_x(sm, c, xs);
 #pragma unroll
         for (int r = 0; r < MOE_RW; ++r) {
-            g[r] = fmaf(fp4_block_scale<V2>(s1[r][c]), fp4_dot<V2>(a[r], xs), g[r]);
-            u[r] = fmaf(fp4_block_scale<V2>(s3[r][c]), fp4_dot<V2>(b[r], xs), u[r]);
+            g[r] = fmaf(lut[sa[r]], fp4_chunk_dot_v2(a[r], xs), g[r]);
+            u[r] = fmaf(lut[sb[r]], fp4_chunk_dot_v2(b[r], xs), u[r]);
+        }
+        const int cn = c + 32;
+        if (cn < C) {
+#pragma unroll
+            for (int r = 0; r < MOE_RW; ++r) {
+                a[r] = dsk_ld_stream16(w1 + (long)r * (K >> 1) + cn * 16);
+                b[r] = dsk_ld_stream16(w3 + (long)r * (K >> 1) + cn * 16);
+                sa[r] = s1[r * C + cn];
+                sb[r] = s3[r * C + cn];
+            }
         }
     }
 #pragma unroll
     for (int r = 0; r < MOE_RW; ++r) {
         const float gs = fminf(dsk_warp_sum(g[r]), limit);
         const float us = fminf(fmaxf(dsk_warp_sum(u[r]), -limit), limit);
-        if (lane == r && i0 + r < I) h[(long)p * I + i0 + r] = gs / (1.f + expf(-gs)) * us;
+        if (lane == r) h[(long)p * I + i0 + r] = gs / (1.f + expf(-gs)) * us;
     }
 }
 
-template <bool V2> __device__ __forceinline__ void fp4_moe_down(
+extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down_v2(
     const float *__restrict__ h, const int *__restrict__ ids, const float *__restrict__ weights,
     const unsigned char *__restrict__ W2, const unsigned char *__restrict__ S2,
     float *__restrict__ y, int E, int N, int I) {
     dsk_pdl_entry();
     extern __shared__ float4 moe_smem4[];
-    float *sm = reinterpret_cast<float *>(moe_smem4);
+    float *lut = reinterpret_cast<float *>(moe_smem4), *sm = lut + 256;
     const int p = blockIdx.x;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int n0 = blockIdx.y * MOE_ROWS + warp * MOE_RW;
     const int e = ids[p];
     if (e < 0 || e >= E) {
-        if (lane < MOE_RW && n0 + lane < N) y[(long)p * N + n0 + lane] = 0.f;
+        if (lane < MOE_RW) y[(long)p * N + n0 + lane] = 0.f;
         return;
     }
-    moe_stage(sm, h + (long)p * I, I);
     const int C = I >> 5;
-    const unsigned char *w2[MOE_RW], *s2[MOE_RW];
+    const long row0 = (long)e * N + n0;
+    const unsigned char *w2 = W2 + row0 * (I >> 1), *s2 = S2 + row0 * C;
+    uint4 a[MOE_RW];
+    unsigned int sa[MOE_RW];
+    int c = lane;
+    if (c < C) {
 #pragma unroll
-    for (int r = 0; r < MOE_RW; ++r) {
-        const long row = (long)e * N + min(n0 + r, N - 1);
-        w2[r] = W2 + row * (I >> 1);
-        s2[r] = S2 + row * C;
+        for (int r = 0; r < MOE_RW; ++r) {
+            a[r] = dsk_ld_stream16(w2 + (long)r * (I >> 1) + c * 16);
+            sa[r] = s2[r * C + c];
+        }
     }
+    fp4_fill_scale_table(lut);
+    moe_stage(sm, h + (long)p * I, I);
     float acc[MOE_RW];
 #pragma unroll
     for (int r = 0; r < MOE_RW; ++r) acc[r] = 0.f;
-#pragma unroll 2
-    for (int c = lane; c < C; c += 32) {
-        uint4 a[MOE_RW];
+    for (; c < C; c += 32) {
+        // The next chunks go out before this one is computed.
+        const int cn = c + 32;
+        uint4 an[MOE_RW];
+        unsigned int sn[MOE_RW];
+        if (cn < C) {
 #pragma unroll
-        for (int r = 0; r < MOE_RW; ++r) a[r] = dsk_ld_stream16(w2[r] + c * 16);
+            for (int r = 0; r < MOE_RW; ++r) {
+                an[r] = dsk_ld_stream16(w2 + (long)r * (I >> 1) + cn * 16);
+                sn[r] = s2[r * C + cn];
+            }
+        }
         float xs[32];
         moe_load_x(sm, c, xs);
 #pragma unroll
-        for (int r = 0; r < MOE_RW; ++r) acc[r] = fmaf(fp4_block_scale<V2>(s2[r][c]), fp4_dot<V2>(a[r], xs), acc[r]);
+        for (int r = 0; r < MOE_RW; ++r) acc[r] = fmaf(lut[sa[r]], fp4_chunk_dot_v2(a[r], xs), acc[r]);
+#pragma unroll
+        for (int r = 0; r < MOE_RW; ++r) { a[r] = an[r]; sa[r] = sn[r]; }
     }
     const float wt = weights[p];
 #pragma unroll
     for (int r = 0; r < MOE_RW; ++r) {
         const float v = dsk_warp_sum(acc[r]);
-        if (lane == r && n0 + r < N) y[(long)p * N + n0 + r] = wt * v;
+        if (lane == r) y[(long)p * N + n0 + r] = wt * v;
     }
-}
-
-#define FP4_GATE_UP_PARAMS                                                                          \
-    const float *__restrict__ x, const int *__restrict__ ids, const unsigned char *__restrict__ W1,    \
-        const unsigned char *__restrict__ S1, const unsigned char *__restrict__ W3,                    \
-        const unsigned char *__restrict__ S3, float *__restrict__ h, int topk, int E, int I, int K,    \
-        float limit
-#define FP4_DOWN_PARAMS                                                                             \
-    const float *__restrict__ h, const int *__restrict__ ids, const float *__restrict__ weights,       \
-        const unsigned char *__restrict__ W2, const unsigned char *__restrict__ S2,                    \
-        float *__restrict__ y, int E, int N, int I
-
-extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_gate_up(FP4_GATE_UP_PARAMS) {
-    fp4_moe_gate_up<false>(x, ids, W1, S1, W3, S3, h, topk, E, I, K, limit);
-}
-extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_gate_up_v2(FP4_GATE_UP_PARAMS) {
-    fp4_moe_gate_up<true>(x, ids, W1, S1, W3, S3, h, topk, E, I, K, limit);
-}
-extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down(FP4_DOWN_PARAMS) {
-    fp4_moe_down<false>(h, ids, weights, W2, S2, y, E, N, I);
-}
-extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down_v2(FP4_DOWN_PARAMS) {
-    fp4_moe_down<true>(h, ids, weights, W2, S2, y, E, N, I);
 }
 
 // out[t, n] = sum over the token's slots, in slot order. One thread per output element.

@@ -242,6 +242,12 @@ pub fn moe_stage_bytes(len: usize) -> usize {
     (len + len / 8) * 4
 }
 
+/// Dynamic shared memory of the v2 CUDA-core FP4 expert kernels: the 256-entry f32 table of the
+/// E8M0 block scales, then the staged activation row.
+pub fn fp4_moe_v2_smem_bytes(len: usize) -> usize {
+    256 * 4 + moe_stage_bytes(len)
+}
+
 /// Scratch bytes `Kernels::topk` needs.
 pub fn topk_workspace_bytes(rows: usize, vocab: usize, k: usize) -> usize {
     rows * vocab.div_ceil(TOPK_CHUNK) * k * 8
@@ -982,7 +988,11 @@ impl Kernels {
             (MOE_ROWS_PER_BLOCK, &self.fp4_gate_up, &self.fp4_down)
         };
         let smem = |len: usize| -> Result<u32, KernelError> {
-            let bytes = moe_stage_bytes(len);
+            let bytes = if path == MoePath::CudaCore {
+                fp4_moe_v2_smem_bytes(len)
+            } else {
+                moe_stage_bytes(len)
+            };
             if bytes > self.smem_optin {
                 return Err(KernelError::invalid(
                     K,
