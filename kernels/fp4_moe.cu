@@ -228,15 +228,32 @@ __device__ __forceinline__ float fp4_scale_v2(unsigned int s) {
 //   - fp4_word_pairs: 11 integer instructions per 8 nibbles instead of ~15;
 //   - the block scale from a 256-entry table in shared memory (one LDS instead of the branches);
 //   - the first chunks of every row (and their scales) are loaded before the activation row is
-//     staged, so the block's two memory latencies overlap; down also loads the next chunks
-//     before computing the current ones (gate/up holds twice the rows and would spill into a
-//     lower occupancy).
+//     staged, so the block's two memory latencies overlap, and the staging keeps four loads in
+//     flight per thread; down also loads the next chunks before computing the current ones
+//     (gate/up holds twice the rows: prefetching would cost registers and occupancy).
 // Dynamic shared memory: the scale table (256 floats), then the padded activation row
 // (launch.rs: fp4_moe_v2_smem_bytes). Rows are never clamped: hidden and inter are multiples of
 // 32 = MOE_ROWS (check_fp4_moe), so every tile is whole.
 
 __device__ __forceinline__ void fp4_fill_scale_table(float *lut) {
     for (int s = threadIdx.x; s < 256; s += blockDim.x) lut[s] = fp4_scale_v2(s);
+}
+
+// moe_stage with up to four 16-byte loads in flight per thread before their stores (moe_stage
+// waits out each load before the next: 4 round trips at K = 4096).
+__device__ __forceinline__ void moe_stage_v2(float *sm, const float *__restrict__ src, int K) {
+    const float4 *s4 = reinterpret_cast<const float4 *>(src);
+    const int n = K >> 2, step = MOE_WARPS * 32;
+    for (int v = threadIdx.x; v < n; v += 4 * step) {
+        float4 t[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            if (v + j * step < n) t[j] = __ldg(s4 + v + j * step);
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            if (v + j * step < n) *reinterpret_cast<float4 *>(sm + moe_pad((v + j * step) << 2)) = t[j];
+    }
+    __syncthreads();
 }
 
 extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_gate_up_v2(
@@ -272,7 +289,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_gate_up_v2(
         }
     }
     fp4_fill_scale_table(lut);
-    moe_stage(sm, x + (long)t * K, K);
+    moe_stage_v2(sm, x + (long)t * K, K);
     float g[MOE_RW], u[MOE_RW];
 #pragma unroll
     for (int r = 0; r < MOE_RW; ++r) { g[r] = 0.f; u[r] = 0.f; }
@@ -332,7 +349,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down_v2(
         }
     }
     fp4_fill_scale_table(lut);
-    moe_stage(sm, h + (long)p * I, I);
+    moe_stage_v2(sm, h + (long)p * I, I);
     float acc[MOE_RW];
 #pragma unroll
     for (int r = 0; r < MOE_RW; ++r) acc[r] = 0.f;
