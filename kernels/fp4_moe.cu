@@ -227,6 +227,7 @@ __device__ __forceinline__ float fp4_scale_v2(unsigned int s) {
 // results), with fewer instructions per weight byte and less exposed latency:
 //   - fp4_word_pairs: 11 integer instructions per 8 nibbles instead of ~15;
 //   - the block scale from a 256-entry table in shared memory (one LDS instead of the branches);
+//   - the four rows' warp sums in 6 shuffles instead of 20 (moe_warp_sum4, same bits);
 //   - the first chunks of every row (and their scales) are loaded before the activation row is
 //     staged, so the block's two memory latencies overlap, and the staging keeps four loads in
 //     flight per thread; down also loads the next chunks before computing the current ones
@@ -237,6 +238,21 @@ __device__ __forceinline__ float fp4_scale_v2(unsigned int s) {
 
 __device__ __forceinline__ void fp4_fill_scale_table(float *lut) {
     for (int s = threadIdx.x; s < 256; s += blockDim.x) lut[s] = fp4_scale_v2(s);
+}
+
+// The warp sums of a lane's four row partials, each exactly as dsk_warp_sum computes it (the
+// same pairs added at every step, so the same bits) in 6 shuffles instead of 20: at the first two
+// steps each lane hands its partner the rows it gives up. Row r ends in lanes (lane >> 3) == r.
+static_assert(MOE_RW == 4, "moe_warp_sum4 reduces four rows per warp");
+__device__ __forceinline__ float moe_warp_sum4(const float (&v)[4]) {
+    const int lane = threadIdx.x & 31;
+    const bool b4 = lane & 16, b3 = lane & 8;
+    const float r0 = (b4 ? v[2] : v[0]) + __shfl_xor_sync(0xffffffffu, b4 ? v[0] : v[2], 16);
+    const float r1 = (b4 ? v[3] : v[1]) + __shfl_xor_sync(0xffffffffu, b4 ? v[1] : v[3], 16);
+    float k = (b3 ? r1 : r0) + __shfl_xor_sync(0xffffffffu, b3 ? r0 : r1, 8);
+#pragma unroll
+    for (int o = 4; o > 0; o >>= 1) k += __shfl_xor_sync(0xffffffffu, k, o);
+    return k;
 }
 
 // moe_stage with up to four 16-byte loads in flight per thread before their stores (moe_stage
@@ -312,11 +328,10 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_gate_up_v2(
             }
         }
     }
-#pragma unroll
-    for (int r = 0; r < MOE_RW; ++r) {
-        const float gs = fminf(dsk_warp_sum(g[r]), limit);
-        const float us = fminf(fmaxf(dsk_warp_sum(u[r]), -limit), limit);
-        if (lane == r) h[(long)p * I + i0 + r] = gs / (1.f + expf(-gs)) * us;
+    const float gw = moe_warp_sum4(g), uw = moe_warp_sum4(u);
+    if ((lane & 7) == 0) {
+        const float gs = fminf(gw, limit), us = fminf(fmaxf(uw, -limit), limit);
+        h[(long)p * I + i0 + (lane >> 3)] = gs / (1.f + expf(-gs)) * us;
     }
 }
 
@@ -372,12 +387,8 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down_v2(
 #pragma unroll
         for (int r = 0; r < MOE_RW; ++r) { a[r] = an[r]; sa[r] = sn[r]; }
     }
-    const float wt = weights[p];
-#pragma unroll
-    for (int r = 0; r < MOE_RW; ++r) {
-        const float v = dsk_warp_sum(acc[r]);
-        if (lane == r) y[(long)p * N + n0 + r] = wt * v;
-    }
+    const float v = moe_warp_sum4(acc);
+    if ((lane & 7) == 0) y[(long)p * N + n0 + (lane >> 3)] = weights[p] * v;
 }
 
 // out[t, n] = sum over the token's slots, in slot order. One thread per output element.

@@ -34,6 +34,13 @@ inline void dsk_f16x2_to_f32(unsigned h2, float &lo, float &hi) {
 }
 inline float expf(float v) { return std::exp(v); }
 inline void dsk_pdl_entry() {} // launches run one after another here
+inline float __shfl_xor_sync(unsigned, float v, int o) {
+    g_shfl[threadIdx.x] = v;
+    g_warp_bar->arrive_and_wait();
+    const float r = g_shfl[threadIdx.x ^ o];
+    g_warp_bar->arrive_and_wait();
+    return r;
+}
 
 #include FP4_SRC
 
