@@ -17,6 +17,13 @@
 // MOE_RW rows of W1 and of W3), every lane one 16-byte chunk per row per step, reusing the 32
 // activations it holds in registers for all of them. Pairs are the grid's fastest axis, so tokens
 // that chose the same expert read its rows at about the same time (served by L2).
+//
+// Two generations of the CUDA-core kernels share that structure (MoePath::CudaCore is v2,
+// MoePath::CudaCoreV1 the first; DSPARK_FP4_KERNEL=v1 makes Auto pick v1 for an A/B): v2 decodes
+// the same f16x2 pairs with fewer integer instructions (fp4_word_pairs) and builds the block
+// scale without branches (fp4_scale_v2). Products and summation order are the same, so v2's
+// results are bit-identical to v1's (kernels/tools/fp4_moe_emu.cpp checks it on the CPU).
+
 
 #define MOE_WARPS 8
 #define MOE_RW 4
@@ -158,6 +165,230 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down(
         const float v = dsk_warp_sum(acc[r]);
         if (lane == r && n0 + r < N) y[(long)p * N + n0 + r] = wt * v;
     }
+}
+
+// a's bits 1-3 of each byte, b's others: (a & m) | (b & ~m) as one LOP3. Written in C, the
+// compiler splits it in two where it can prove bits of b zero (v << 4).
+__device__ __forceinline__ unsigned int fp4_bitselect(unsigned int a, unsigned int b) {
+    const unsigned int m = 0x0E0E0E0Eu;
+#ifdef __CUDA_ARCH__
+    unsigned int r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xE4;" : "=r"(r) : "r"(a), "r"(b), "r"(m));
+    return r;
+#else
+    return (a & m) | (b & ~m); // CPU emulation (kernels/tools/fp4_moe_emu.cpp)
+#endif
+}
+
+// v2 decode: the four f16x2 pairs (p, p+4), p = 0..3, of word v, bit for bit those of
+// fp4_chunk_dot (magnitude at bits 9-11 / 25-27, sign at 15 / 31), in 11 integer instructions
+// instead of ~15. Bytes of `od` hold the odd nibbles, bytes of `ev` the even ones, each as
+// magnitude at bits 1-3 and sign at bit 7 (one LOP3 bit-select of two shifted copies of v; the
+// other bits are junk). Bytes 1 and 3 are then already under the f16 high bytes (one AND with
+// the pair mask); bytes 0 and 2 get there with a shift by 8.
+__device__ __forceinline__ void fp4_word_pairs(unsigned int v, unsigned int (&h)[4]) {
+    const unsigned int pair = 0x8E008E00u;
+    const unsigned int od = fp4_bitselect(v >> 3, v);
+    const unsigned int ev = fp4_bitselect(v << 1, v << 4);
+    h[0] = (ev << 8) & pair; // nibbles 0, 4
+    h[1] = (od << 8) & pair; // nibbles 1, 5
+    h[2] = ev & pair;        // nibbles 2, 6
+    h[3] = od & pair;        // nibbles 3, 7
+}
+
+// fp4_chunk_dot with the v2 decode: same products, same order, same result.
+__device__ __forceinline__ float fp4_chunk_dot_v2(uint4 w, const float (&xs)[32]) {
+    const unsigned int words[4] = {w.x, w.y, w.z, w.w};
+    float acc = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        unsigned int h[4];
+        fp4_word_pairs(words[q], h);
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+            float lo, hi;
+            dsk_f16x2_to_f32(h[p], lo, hi);
+            acc = fmaf(lo, xs[8 * q + p], acc);
+            acc = fmaf(hi, xs[8 * q + p + 4], acc);
+        }
+    }
+    return acc;
+}
+
+// fp4_scale without branches (it fills the v2 kernels' per-block table of all 256 codes):
+// 2^(s-127) * 2^14 is the f32 with exponent field s + 14 (s = 0 included: 2^-113 is normal);
+// s in 241..254 saturates to inf as the product does, and the NaN code 255 sets the quiet bit.
+__device__ __forceinline__ float fp4_scale_v2(unsigned int s) {
+    return __uint_as_float((min(s + 14u, 255u) << 23) | (s == 255u ? 0x00400000u : 0u));
+}
+
+// ---------------------------------------------------------------------------------------------
+// v2 CUDA-core kernels: v1's work split, products and summation order (so bit-identical
+// results), with fewer instructions per weight byte and less exposed latency:
+//   - fp4_word_pairs: 11 integer instructions per 8 nibbles instead of ~15;
+//   - the block scale from a 256-entry table in shared memory (one LDS instead of the branches);
+//   - the four rows' warp sums in 6 shuffles instead of 20 (moe_warp_sum4, same bits);
+//   - the first chunks of every row (and their scales) are loaded before the activation row is
+//     staged, so the block's two memory latencies overlap, and the staging keeps four loads in
+//     flight per thread; down also loads the next chunks before computing the current ones
+//     (gate/up holds twice the rows: prefetching would cost registers and occupancy).
+// Dynamic shared memory: the scale table (256 floats), then the padded activation row
+// (launch.rs: fp4_moe_v2_smem_bytes). Rows are never clamped: hidden and inter are multiples of
+// 32 = MOE_ROWS (check_fp4_moe), so every tile is whole.
+
+__device__ __forceinline__ void fp4_fill_scale_table(float *lut) {
+    for (int s = threadIdx.x; s < 256; s += blockDim.x) lut[s] = fp4_scale_v2(s);
+}
+
+// The warp sums of a lane's four row partials, each exactly as dsk_warp_sum computes it (the
+// same pairs added at every step, so the same bits) in 6 shuffles instead of 20: at the first two
+// steps each lane hands its partner the rows it gives up. Row r ends in lanes (lane >> 3) == r.
+static_assert(MOE_RW == 4, "moe_warp_sum4 reduces four rows per warp");
+__device__ __forceinline__ float moe_warp_sum4(const float (&v)[4]) {
+    const int lane = threadIdx.x & 31;
+    const bool b4 = lane & 16, b3 = lane & 8;
+    const float r0 = (b4 ? v[2] : v[0]) + __shfl_xor_sync(0xffffffffu, b4 ? v[0] : v[2], 16);
+    const float r1 = (b4 ? v[3] : v[1]) + __shfl_xor_sync(0xffffffffu, b4 ? v[1] : v[3], 16);
+    float k = (b3 ? r1 : r0) + __shfl_xor_sync(0xffffffffu, b3 ? r0 : r1, 8);
+#pragma unroll
+    for (int o = 4; o > 0; o >>= 1) k += __shfl_xor_sync(0xffffffffu, k, o);
+    return k;
+}
+
+// moe_stage with up to four 16-byte loads in flight per thread before their stores (moe_stage
+// waits out each load before the next: 4 round trips at K = 4096).
+__device__ __forceinline__ void moe_stage_v2(float *sm, const float *__restrict__ src, int K) {
+    const float4 *s4 = reinterpret_cast<const float4 *>(src);
+    const int n = K >> 2, step = MOE_WARPS * 32;
+    for (int v = threadIdx.x; v < n; v += 4 * step) {
+        float4 t[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            if (v + j * step < n) t[j] = __ldg(s4 + v + j * step);
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            if (v + j * step < n) *reinterpret_cast<float4 *>(sm + moe_pad((v + j * step) << 2)) = t[j];
+    }
+    __syncthreads();
+}
+
+extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_gate_up_v2(
+    const float *__restrict__ x, const int *__restrict__ ids, const unsigned char *__restrict__ W1,
+    const unsigned char *__restrict__ S1, const unsigned char *__restrict__ W3,
+    const unsigned char *__restrict__ S3, float *__restrict__ h, int topk, int E, int I, int K,
+    float limit) {
+    dsk_pdl_entry();
+    extern __shared__ float4 moe_smem4[];
+    float *lut = reinterpret_cast<float *>(moe_smem4), *sm = lut + 256;
+    const int p = blockIdx.x, t = p / topk;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int i0 = blockIdx.y * MOE_ROWS + warp * MOE_RW;
+    const int e = ids[p];
+    if (e < 0 || e >= E) {
+        if (lane < MOE_RW) h[(long)p * I + i0 + lane] = 0.f;
+        return;
+    }
+    const int C = K >> 5;
+    const long row0 = (long)e * I + i0;
+    const unsigned char *w1 = W1 + row0 * (K >> 1), *w3 = W3 + row0 * (K >> 1);
+    const unsigned char *s1 = S1 + row0 * C, *s3 = S3 + row0 * C;
+    uint4 a[MOE_RW], b[MOE_RW];
+    unsigned int sa[MOE_RW], sb[MOE_RW];
+    int c = lane;
+    if (c < C) {
+#pragma unroll
+        for (int r = 0; r < MOE_RW; ++r) {
+            a[r] = dsk_ld_stream16(w1 + (long)r * (K >> 1) + c * 16);
+            b[r] = dsk_ld_stream16(w3 + (long)r * (K >> 1) + c * 16);
+            sa[r] = s1[r * C + c];
+            sb[r] = s3[r * C + c];
+        }
+    }
+    fp4_fill_scale_table(lut);
+    moe_stage_v2(sm, x + (long)t * K, K);
+    float g[MOE_RW], u[MOE_RW];
+#pragma unroll
+    for (int r = 0; r < MOE_RW; ++r) { g[r] = 0.f; u[r] = 0.f; }
+    for (; c < C; c += 32) {
+        float xs[32];
+        moe_load_x(sm, c, xs);
+#pragma unroll
+        for (int r = 0; r < MOE_RW; ++r) {
+            g[r] = fmaf(lut[sa[r]], fp4_chunk_dot_v2(a[r], xs), g[r]);
+            u[r] = fmaf(lut[sb[r]], fp4_chunk_dot_v2(b[r], xs), u[r]);
+        }
+        const int cn = c + 32;
+        if (cn < C) {
+#pragma unroll
+            for (int r = 0; r < MOE_RW; ++r) {
+                a[r] = dsk_ld_stream16(w1 + (long)r * (K >> 1) + cn * 16);
+                b[r] = dsk_ld_stream16(w3 + (long)r * (K >> 1) + cn * 16);
+                sa[r] = s1[r * C + cn];
+                sb[r] = s3[r * C + cn];
+            }
+        }
+    }
+    const float gw = moe_warp_sum4(g), uw = moe_warp_sum4(u);
+    if ((lane & 7) == 0) {
+        const float gs = fminf(gw, limit), us = fminf(fmaxf(uw, -limit), limit);
+        h[(long)p * I + i0 + (lane >> 3)] = gs / (1.f + expf(-gs)) * us;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down_v2(
+    const float *__restrict__ h, const int *__restrict__ ids, const float *__restrict__ weights,
+    const unsigned char *__restrict__ W2, const unsigned char *__restrict__ S2,
+    float *__restrict__ y, int E, int N, int I) {
+    dsk_pdl_entry();
+    extern __shared__ float4 moe_smem4[];
+    float *lut = reinterpret_cast<float *>(moe_smem4), *sm = lut + 256;
+    const int p = blockIdx.x;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int n0 = blockIdx.y * MOE_ROWS + warp * MOE_RW;
+    const int e = ids[p];
+    if (e < 0 || e >= E) {
+        if (lane < MOE_RW) y[(long)p * N + n0 + lane] = 0.f;
+        return;
+    }
+    const int C = I >> 5;
+    const long row0 = (long)e * N + n0;
+    const unsigned char *w2 = W2 + row0 * (I >> 1), *s2 = S2 + row0 * C;
+    uint4 a[MOE_RW];
+    unsigned int sa[MOE_RW];
+    int c = lane;
+    if (c < C) {
+#pragma unroll
+        for (int r = 0; r < MOE_RW; ++r) {
+            a[r] = dsk_ld_stream16(w2 + (long)r * (I >> 1) + c * 16);
+            sa[r] = s2[r * C + c];
+        }
+    }
+    fp4_fill_scale_table(lut);
+    moe_stage_v2(sm, h + (long)p * I, I);
+    float acc[MOE_RW];
+#pragma unroll
+    for (int r = 0; r < MOE_RW; ++r) acc[r] = 0.f;
+    for (; c < C; c += 32) {
+        // The next chunks go out before this one is computed.
+        const int cn = c + 32;
+        uint4 an[MOE_RW];
+        unsigned int sn[MOE_RW];
+        if (cn < C) {
+#pragma unroll
+            for (int r = 0; r < MOE_RW; ++r) {
+                an[r] = dsk_ld_stream16(w2 + (long)r * (I >> 1) + cn * 16);
+                sn[r] = s2[r * C + cn];
+            }
+        }
+        float xs[32];
+        moe_load_x(sm, c, xs);
+#pragma unroll
+        for (int r = 0; r < MOE_RW; ++r) acc[r] = fmaf(lut[sa[r]], fp4_chunk_dot_v2(a[r], xs), acc[r]);
+#pragma unroll
+        for (int r = 0; r < MOE_RW; ++r) { a[r] = an[r]; sa[r] = sn[r]; }
+    }
+    const float v = moe_warp_sum4(acc);
+    if ((lane & 7) == 0) y[(long)p * N + n0 + (lane >> 3)] = weights[p] * v;
 }
 
 // out[t, n] = sum over the token's slots, in slot order. One thread per output element.

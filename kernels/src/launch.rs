@@ -70,14 +70,31 @@ pub fn fp8_tensor_core_fits(a: &Fp8Gemv) -> bool {
 /// Which FP4 expert kernels to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MoePath {
-    /// The faster one as measured on H200 (docs/KERNELS.md): today the CUDA-core kernels.
+    /// The faster one as measured on H200 (docs/KERNELS.md): today the CUDA-core kernels, v2
+    /// unless DSPARK_FP4_KERNEL=v1 was set when the kernels were loaded (an A/B switch).
     Auto,
-    /// f32 FMAs on CUDA cores (any hidden/inter multiple of 32).
+    /// f32 FMAs on CUDA cores (any hidden/inter multiple of 32), v2: the nibble pairs decoded in
+    /// fewer integer instructions, results bit-identical to v1.
     CudaCore,
+    /// The first CUDA-core kernels (same products and order as v2), kept for A/B timing.
+    CudaCoreV1,
     /// mma.sync f16 with an f16 residual column (hidden, inter multiples of 256). Exact to f32
     /// level like the CUDA-core path, but slower on H200 at decode shapes (the FP4 unpacking,
     /// not the multiply-adds, limits both).
     TensorCore,
+}
+
+/// The CUDA-core FP4 expert kernels `MoePath::Auto` runs, from DSPARK_FP4_KERNEL: unset,
+/// empty or "v2" = v2 (`CudaCore`), "v1" = `CudaCoreV1`.
+pub fn fp4_kernel_choice(value: Option<&str>) -> Result<MoePath, KernelError> {
+    match value.map(str::trim) {
+        None | Some("") | Some("v2") => Ok(MoePath::CudaCore),
+        Some("v1") => Ok(MoePath::CudaCoreV1),
+        Some(other) => Err(KernelError::invalid(
+            "fp4_moe",
+            format!("DSPARK_FP4_KERNEL = {other:?}; expected v1 or v2"),
+        )),
+    }
 }
 
 /// Whether the tensor-core expert kernels take these shapes.
@@ -223,6 +240,12 @@ pub struct TopK {
 /// Dynamic shared memory of an FP4 expert block staging `len` f32 activations (padded 4 per 32).
 pub fn moe_stage_bytes(len: usize) -> usize {
     (len + len / 8) * 4
+}
+
+/// Dynamic shared memory of the v2 CUDA-core FP4 expert kernels: the 256-entry f32 table of the
+/// E8M0 block scales, then the staged activation row.
+pub fn fp4_moe_v2_smem_bytes(len: usize) -> usize {
+    256 * 4 + moe_stage_bytes(len)
 }
 
 /// Scratch bytes `Kernels::topk` needs.
@@ -577,6 +600,10 @@ pub struct Kernels {
     fp8_tc: [CudaFunction; 2],
     fp4_gate_up: CudaFunction,
     fp4_down: CudaFunction,
+    fp4_gate_up_v1: CudaFunction,
+    fp4_down_v1: CudaFunction,
+    /// What `MoePath::Auto` runs (DSPARK_FP4_KERNEL at load).
+    fp4_auto: MoePath,
     fp4_combine: CudaFunction,
     fp4_gate_up_mma: CudaFunction,
     fp4_down_mma: CudaFunction,
@@ -637,6 +664,7 @@ impl Kernels {
         let timing = module(&sources::TIMING)?;
         let attn = module(&sources::ATTENTION)?;
         let elementwise = module(&sources::ELEMENTWISE)?;
+        let fp4_auto = fp4_kernel_choice(std::env::var("DSPARK_FP4_KERNEL").ok().as_deref())?;
         let f = function;
         // One instantiation per token bucket: `{prefix}_m1` .. `{prefix}_m16`.
         let fp8_fns = |prefix: &str| -> Result<[CudaFunction; 5], KernelError> {
@@ -658,8 +686,11 @@ impl Kernels {
                 f(&fp8, "dsk_fp8_gemm_tc_xbf16_n8")?,
                 f(&fp8, "dsk_fp8_gemm_tc_xbf16_n16")?,
             ],
-            fp4_gate_up: f(&moe, "dsk_fp4_moe_gate_up")?,
-            fp4_down: f(&moe, "dsk_fp4_moe_down")?,
+            fp4_gate_up: f(&moe, "dsk_fp4_moe_gate_up_v2")?,
+            fp4_down: f(&moe, "dsk_fp4_moe_down_v2")?,
+            fp4_gate_up_v1: f(&moe, "dsk_fp4_moe_gate_up")?,
+            fp4_down_v1: f(&moe, "dsk_fp4_moe_down")?,
+            fp4_auto,
             fp4_combine: f(&moe, "dsk_fp4_moe_combine")?,
             fp4_gate_up_mma: f(&moe, "dsk_fp4_moe_gate_up_mma")?,
             fp4_down_mma: f(&moe, "dsk_fp4_moe_down_mma")?,
@@ -699,6 +730,8 @@ impl Kernels {
         for func in [
             &kernels.fp4_gate_up,
             &kernels.fp4_down,
+            &kernels.fp4_gate_up_v1,
+            &kernels.fp4_down_v1,
             &kernels.indexer_scores_tiled,
             &kernels.indexer_scores_mma,
         ] {
@@ -713,6 +746,11 @@ impl Kernels {
 
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+
+    /// The CUDA-core FP4 expert kernels `MoePath::Auto` runs (`CudaCore` = v2 or `CudaCoreV1`).
+    pub fn fp4_auto_path(&self) -> MoePath {
+        self.fp4_auto
     }
 
     /// The compile target in use (e.g. "sm_90a").
@@ -896,7 +934,8 @@ impl Kernels {
 
     /// Routed experts for the selected experts only: gate/up + SwiGLU into `c.h`, down (weighted
     /// by the router) into `c.partial`, then the top-k slots summed in order into `c.out`. Three
-    /// launches; `MoePath::Auto` (the CUDA-core kernels, faster on H200).
+    /// launches; `MoePath::Auto` (the CUDA-core kernels, faster on H200; v2 unless
+    /// DSPARK_FP4_KERNEL=v1).
     ///
     /// # Safety
     /// Every pointer must address device memory of this context holding the shapes given.
@@ -923,8 +962,12 @@ impl Kernels {
         check_fp4_moe(e, c)?;
         const K: &str = "fp4_moe";
         let fits = moe_tensor_core_fits(e.hidden, e.inter);
+        let path = match path {
+            MoePath::Auto => self.fp4_auto,
+            p => p,
+        };
         let tensor = match path {
-            MoePath::Auto | MoePath::CudaCore => false,
+            MoePath::Auto | MoePath::CudaCore | MoePath::CudaCoreV1 => false,
             MoePath::TensorCore if fits => true,
             MoePath::TensorCore => {
                 return Err(KernelError::invalid(
@@ -939,11 +982,17 @@ impl Kernels {
         let pairs = c.tokens * c.topk;
         let (rows_per_block, f_gate_up, f_down) = if tensor {
             (16, &self.fp4_gate_up_mma, &self.fp4_down_mma)
+        } else if path == MoePath::CudaCoreV1 {
+            (MOE_ROWS_PER_BLOCK, &self.fp4_gate_up_v1, &self.fp4_down_v1)
         } else {
             (MOE_ROWS_PER_BLOCK, &self.fp4_gate_up, &self.fp4_down)
         };
         let smem = |len: usize| -> Result<u32, KernelError> {
-            let bytes = moe_stage_bytes(len);
+            let bytes = if path == MoePath::CudaCore {
+                fp4_moe_v2_smem_bytes(len)
+            } else {
+                moe_stage_bytes(len)
+            };
             if bytes > self.smem_optin {
                 return Err(KernelError::invalid(
                     K,
@@ -1379,6 +1428,22 @@ mod tests {
             ..n
         })
         .is_err());
+    }
+
+    #[test]
+    fn fp4_kernel_switch() {
+        assert_eq!(fp4_kernel_choice(None).unwrap(), MoePath::CudaCore);
+        assert_eq!(fp4_kernel_choice(Some("")).unwrap(), MoePath::CudaCore);
+        assert_eq!(fp4_kernel_choice(Some("v2")).unwrap(), MoePath::CudaCore);
+        assert_eq!(
+            fp4_kernel_choice(Some(" v1 ")).unwrap(),
+            MoePath::CudaCoreV1
+        );
+        let err = fp4_kernel_choice(Some("old")).unwrap_err().to_string();
+        assert!(
+            err.contains("DSPARK_FP4_KERNEL") && err.contains("v1 or v2"),
+            "{err}"
+        );
     }
 
     #[test]

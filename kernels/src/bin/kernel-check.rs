@@ -1291,8 +1291,9 @@ fn main() -> Result<()> {
         (256, 4096, 2048)
     };
     let layer = moe_layer(&gpu, &mut rng, experts, hidden, inter)?;
-    for path in [MoePath::CudaCore, MoePath::TensorCore] {
-        let fits = |i: usize| path == MoePath::CudaCore || launch::moe_tensor_core_fits(hidden, i);
+    for path in [MoePath::CudaCore, MoePath::CudaCoreV1, MoePath::TensorCore] {
+        let fits =
+            |i: usize| path != MoePath::TensorCore || launch::moe_tensor_core_fits(hidden, i);
         if fits(inter) {
             moe_case(
                 &gpu,
@@ -1374,7 +1375,7 @@ fn main() -> Result<()> {
             bf16_bench(&gpu, &k, &mut rep, &mut rng, label, m, n, kd, reps)?;
         }
         for &(inter, tokens) in &[(2048, 1), (2048, 16), (1024, 1), (1024, 16)] {
-            for path in [MoePath::CudaCore, MoePath::TensorCore] {
+            for path in [MoePath::CudaCore, MoePath::CudaCoreV1, MoePath::TensorCore] {
                 moe_bench(
                     &gpu, &k, &mut rep, &mut rng, &layer, inter, tokens, reps, path,
                 )?;
