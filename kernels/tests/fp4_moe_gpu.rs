@@ -121,6 +121,10 @@ fn rel_err(got: &[f32], want: &[f64]) -> f64 {
 
 /// Ids of `tokens` x `topk` distinct experts per token; token 1 repeats token 0's first expert.
 fn draw_ids(rng: &mut Rng, tokens: usize, topk: usize, experts: usize, bad_id: bool) -> Vec<i32> {
+    assert!(
+        topk <= experts,
+        "{topk} distinct experts per token out of {experts} cannot be drawn"
+    );
     let mut ids = Vec::with_capacity(tokens * topk);
     for t in 0..tokens {
         let mut row: Vec<i32> = Vec::new();
@@ -229,7 +233,8 @@ fn fp4_moe_v2_matches_v1_on_extreme_scales() {
         return;
     };
     let mut rng = Rng(0xf40e_0003);
-    let l = Layer::new(&mut rng, 4, 512, 256, &[0, 1, 240, 241, 254, 255]);
+    // 8 experts: each token draws 6 distinct ones.
+    let l = Layer::new(&mut rng, 8, 512, 256, &[0, 1, 240, 241, 254, 255]);
     case(&g, &mut rng, &l, 2, true, false);
     case(&g, &mut rng, &l, 5, false, false);
 }
