@@ -412,17 +412,18 @@ pub trait Backend: Send + Sync + 'static {
     /// backend: docs/CUDA.md), which keeps f32 accuracy but not the summation order.
     fn linear(&self, x: &[f32], n: usize, w: &Self::Matrix) -> Result<Vec<f32>, BackendError>;
 
-    /// [`Self::linear`] of a vocab-parallel matrix (this rank's slice of the output columns)
-    /// with every rank's columns gathered and interleaved per row: `[n, world * rows]`, rank
-    /// `r`'s columns at `r * rows` of each row. `None` where the backend has no better way than
-    /// the engine's host gather (`linear`, then `Communicator::all_gather`).
-    fn linear_all_gather(
+    /// The LM head's logits of `n` normed rows, one `Vec` per row: [`Self::linear`] at world
+    /// size 1; at more ranks `w` is this rank's slice of the vocabulary and every rank's columns
+    /// are gathered and interleaved (rank `r`'s at `r * rows` of each row). `None` where the
+    /// backend has no better way than the engine's (`linear`, the communicator's host gather,
+    /// then a copy per row).
+    fn head_rows(
         &self,
         _x: &[f32],
         _n: usize,
         _w: &Self::Matrix,
         _comm: &dyn crate::ranks::Communicator,
-    ) -> Option<Result<Vec<f32>, BackendError>> {
+    ) -> Option<Result<Vec<Vec<f32>>, BackendError>> {
         None
     }
 

@@ -658,42 +658,51 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// [`Backend::linear_all_gather`] over NCCL on the device: the projection's output stays on
-    /// the GPU, is gathered there, and each (rank, row) slice is copied once into its place of
-    /// the host result. The host gather it replaces took a download, an upload, a second
-    /// download and an interleaving copy of the whole `[n, vocab]` block (8 MB at 16 rows).
-    fn linear_gathered(
+    /// [`Backend::head_rows`] on the device: the projection's output stays on the GPU, is
+    /// gathered there over NCCL at more than one rank, and each (rank, row) slice is copied once
+    /// into its row's `Vec`. The path it replaces downloaded the whole `[n, vocab]` block, copied
+    /// it again per row, and at TP=2 also uploaded and downloaded it around a host all-gather
+    /// (8 MB each way at 16 rows).
+    fn head_rows_on(
         &self,
         x: &[f32],
         n: usize,
         w: &CudaMatrix,
-        nccl: &nccl::NcclCommunicator,
-    ) -> Result<Vec<f32>, BackendError> {
+        nccl: Option<&nccl::NcclCommunicator>,
+    ) -> Result<Vec<Vec<f32>>, BackendError> {
         use crate::ranks::Communicator;
         let _timed = Timed::start(&self.clock, 0);
         let (rows, cols) = w.shape();
         Self::check_input(x, n, cols, "linear")?;
-        let world = nccl.world_size();
+        let world = nccl.map_or(1, |c| c.world_size());
         if n == 0 || rows == 0 {
-            return Ok(vec![0f32; n * rows * world]);
+            return Ok(vec![vec![0f32; rows * world]; n]);
         }
         let s = &self.stream;
         let xd = self.upload(x)?;
         let mut local = self.zeros(n * rows)?;
         self.linear_on(&xd, n, w, &mut local)?;
-        // SAFETY: uninitialised f32 storage, every element written by the all-gather below
-        // before the copies read it (same stream).
-        let mut gathered =
-            unsafe { s.alloc::<f32>(world * n * rows) }.map_err(driver_err("alloc"))?;
-        nccl.all_gather_device(&local, &mut gathered)
-            .map_err(|e| BackendError::Other(format!("LM head all-gather: {e}")))?;
-        let mut out = vec![0f32; world * n * rows];
-        for rank in 0..world {
-            for row in 0..n {
+        let gathered = match nccl {
+            None => local,
+            Some(nccl) => {
+                // SAFETY: uninitialised f32 storage, every element written by the all-gather
+                // below before the copies read it (same stream).
+                let mut all =
+                    unsafe { s.alloc::<f32>(world * n * rows) }.map_err(driver_err("alloc"))?;
+                nccl.all_gather_device(&local, &mut all)
+                    .map_err(|e| BackendError::Other(format!("LM head all-gather: {e}")))?;
+                all
+            }
+        };
+        let mut out = vec![vec![0f32; world * rows]; n];
+        for (row, dst) in out.iter_mut().enumerate() {
+            for rank in 0..world {
                 let src = (rank * n + row) * rows;
-                let dst = (row * world + rank) * rows;
-                s.memcpy_dtoh(&gathered.slice(src..src + rows), &mut out[dst..dst + rows])
-                    .map_err(driver_err("copy from GPU"))?;
+                s.memcpy_dtoh(
+                    &gathered.slice(src..src + rows),
+                    &mut dst[rank * rows..(rank + 1) * rows],
+                )
+                .map_err(driver_err("copy from GPU"))?;
             }
         }
         s.synchronize().map_err(driver_err("synchronize"))?;
@@ -1141,15 +1150,18 @@ impl Backend for CudaBackend {
         Ok(out.pop().unwrap_or_default())
     }
 
-    fn linear_all_gather(
+    fn head_rows(
         &self,
         x: &[f32],
         n: usize,
         w: &CudaMatrix,
         comm: &dyn crate::ranks::Communicator,
-    ) -> Option<Result<Vec<f32>, BackendError>> {
+    ) -> Option<Result<Vec<Vec<f32>>, BackendError>> {
+        if comm.world_size() == 1 {
+            return Some(self.head_rows_on(x, n, w, None));
+        }
         let nccl = self.stream_nccl(comm)?;
-        Some(self.linear_gathered(x, n, w, nccl))
+        Some(self.head_rows_on(x, n, w, Some(nccl)))
     }
 
     fn linear_many(

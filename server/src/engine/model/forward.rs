@@ -372,46 +372,49 @@ impl<B: Backend> DeepseekV4<B> {
             rms_norm_rows(&mut final_h, h, Some(&self.weights.norm), eps);
             final_h
         });
-        let vocab = self.cfg.vocab_size;
-        let logits = self.head_logits(&final_h, wanted.len())?;
-        if wanted.len() == 1 {
-            // One row (a batch-1 decode step): it is the whole buffer, no copy.
-            if let Some(si) = per_seq.iter().position(|p| !p.is_empty()) {
-                out.logits[si] = vec![logits];
-                return Ok(out);
-            }
+        let rows = self.head_logit_rows(&final_h, wanted.len())?;
+        // Every wanted row goes to exactly one sequence (picks are disjoint): moved, not copied.
+        let mut rows: Vec<Option<Vec<f32>>> = rows.into_iter().map(Some).collect();
+        for (si, picks) in per_seq.iter().enumerate() {
+            out.logits[si] = picks
+                .iter()
+                .map(|&i| rows.get_mut(i).and_then(Option::take).unwrap_or_default())
+                .collect();
         }
-        self.host.time(HostPhase::Logits, || {
-            for (si, picks) in per_seq.iter().enumerate() {
-                out.logits[si] = picks
-                    .iter()
-                    .map(|&i| logits[i * vocab..(i + 1) * vocab].to_vec())
-                    .collect();
-            }
-        });
         Ok(out)
+    }
+
+    /// [`Self::head_logits`] one `Vec` per row, from the backend where it can (the CUDA backend
+    /// copies each row once from the device), else split from the flat logits.
+    pub fn head_logit_rows(&self, normed: &[f32], m: usize) -> Result<Vec<Vec<f32>>, EngineError> {
+        let vocab = self.cfg.vocab_size;
+        let own = self
+            .backend
+            .head_rows(normed, m, &self.weights.head, self.comm.as_ref());
+        if let Some(rows) = own {
+            let rows = rows.map_err(backend_err)?;
+            if rows.len() != m || rows.iter().any(|r| r.len() != vocab) {
+                return Err(EngineError::Comm(format!(
+                    "the LM head returned {} rows of {} values, expected {m} of {vocab}",
+                    rows.len(),
+                    rows.first().map_or(0, Vec::len)
+                )));
+            }
+            return Ok(rows);
+        }
+        let flat = self.head_logits(normed, m)?;
+        if m == 1 {
+            return Ok(vec![flat]);
+        }
+        let rows = self.host.time(HostPhase::Logits, || {
+            flat.chunks_exact(vocab).map(<[f32]>::to_vec).collect()
+        });
+        Ok(rows)
     }
 
     /// Full-vocabulary logits `[m, vocab]` of `m` normed hidden rows through the LM head.
     pub fn head_logits(&self, normed: &[f32], m: usize) -> Result<Vec<f32>, EngineError> {
         let vocab = self.cfg.vocab_size;
-        if self.shard.world_size > 1 {
-            // The backend's own gather (the CUDA backend: NCCL on the device, one download).
-            let gathered =
-                self.backend
-                    .linear_all_gather(normed, m, &self.weights.head, self.comm.as_ref());
-            if let Some(full) = gathered {
-                let full = full.map_err(backend_err)?;
-                if full.len() != m * vocab {
-                    return Err(EngineError::Comm(format!(
-                        "the LM head's gather returned {} values, expected {}",
-                        full.len(),
-                        m * vocab
-                    )));
-                }
-                return Ok(full);
-            }
-        }
         let local = self.linear(normed, m, &self.weights.head)?;
         if self.shard.world_size == 1 {
             return Ok(local);
