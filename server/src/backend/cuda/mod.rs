@@ -226,6 +226,9 @@ pub struct CudaBackend {
     gemm_tf32: AtomicBool,
     /// Whether cuBLAS took the grouped GEMM of the sorted experts (else one GEMM each).
     grouped_gemm_ok: AtomicBool,
+    /// Page-locked host staging for the LM head's logits (grown on demand, never shrunk): a
+    /// download into pageable memory ran at ~3 GB/s, a page-locked one at the link's speed.
+    head_staging: Mutex<Option<cudarc::driver::PinnedHostSlice<f32>>>,
     /// Whether projections of 2..=16 rows run on the tensor-core skinny GEMM (`DSPARK_SKINNY_MMA=0`
     /// keeps them on the CUDA-core GEMVs; both are f32-exact, the switch is for comparisons).
     skinny_mma: bool,
@@ -315,6 +318,7 @@ impl CudaBackend {
             gemm_tf32: AtomicBool::new(gemm_step::tf32_allowed()),
             grouped_gemm_ok: AtomicBool::new(true),
             skinny_mma: std::env::var("DSPARK_SKINNY_MMA").map_or(true, |v| v != "0"),
+            head_staging: Mutex::new(None),
         })
     }
 
@@ -694,19 +698,52 @@ impl CudaBackend {
                 all
             }
         };
-        let mut out = vec![vec![0f32; world * rows]; n];
-        for (row, dst) in out.iter_mut().enumerate() {
-            for rank in 0..world {
-                let src = (rank * n + row) * rows;
-                s.memcpy_dtoh(
-                    &gathered.slice(src..src + rows),
-                    &mut dst[rank * rows..(rank + 1) * rows],
-                )
-                .map_err(driver_err("copy from GPU"))?;
+        // One download of the whole block into page-locked staging, then each (rank, row)
+        // slice copied once into its row.
+        let len = world * n * rows;
+        let mut staging = self.head_staging.lock().unwrap_or_else(|p| p.into_inner());
+        if staging.as_ref().is_none_or(|p| p.len() < len) {
+            *staging = None;
+            // SAFETY: uninitialised page-locked memory, written by the copy below before any
+            // read; flags 0: cached (write-combined memory is slow for the CPU to read).
+            let fresh = unsafe {
+                s.context()
+                    .alloc_pinned_with_flags::<f32>(len.next_power_of_two(), 0)
             }
+            .map_err(driver_err("page-locked alloc"))?;
+            *staging = Some(fresh);
+        }
+        let Some(stage) = staging.as_mut() else {
+            return Err(BackendError::Other("no staging buffer".into()));
+        };
+        let host = stage.as_mut_ptr().map_err(driver_err("staging"))?;
+        {
+            let (src, _guard) = gathered.device_ptr(s);
+            // SAFETY: `host` holds at least `len` f32 (checked above), `gathered` exactly `len`;
+            // the copy is on this stream, synchronised before the staging is read.
+            unsafe {
+                cudarc::driver::sys::cuMemcpyDtoHAsync_v2(
+                    host.cast(),
+                    src,
+                    len * std::mem::size_of::<f32>(),
+                    s.cu_stream(),
+                )
+            }
+            .result()
+            .map_err(driver_err("copy from GPU"))?;
         }
         s.synchronize().map_err(driver_err("synchronize"))?;
-        Ok(out)
+        let all = &stage.as_slice().map_err(driver_err("staging"))?[..len];
+        Ok((0..n)
+            .map(|row| {
+                let mut dst = Vec::with_capacity(world * rows);
+                for rank in 0..world {
+                    let src = (rank * n + row) * rows;
+                    dst.extend_from_slice(&all[src..src + rows]);
+                }
+                dst
+            })
+            .collect())
     }
 
     /// `y = x W^T` for rows already on the GPU (dense SGEMM, the bf16 or the FP8 kernels).
