@@ -1,6 +1,8 @@
 // Skinny GEMM on the TF32 tensor cores for f32 activations: out[m * ld_out + n] =
-// sum_k x[m * ld_x + xg(n) + k] * W[n, k] for 2..16 tokens (decode batches, DSpark verify), W e4m3
-// with E8M0 scales per 128x128 tile (the checkpoint's FP8 projections) or bf16.
+// sum_k x[m * ld_x + xg(n) + k] * W[n, k] for 1..16 tokens (the backend uses it from 4: decode
+// batches, DSpark verify), W e4m3 with E8M0 scales per 128x128 tile (the checkpoint's FP8
+// projections) or bf16. A token's results do not depend on the other tokens of the launch (each
+// output is its own mma column, summed in the same order whatever m is).
 //
 // Why: at 16 tokens the CUDA-core GEMVs (fp8_gemv.cu, dense_gemv.cu) spend their issue slots on
 // activation loads and 16 FMAs per weight, ~5-8x slower than at one token (docs/KERNELS.md). Here
