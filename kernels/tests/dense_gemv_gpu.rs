@@ -11,38 +11,9 @@ use dspark_kernels::launch::dense_gemv::{check_bf16_gemv, Bf16Gemv};
 use dspark_kernels::reference::rel_err;
 
 mod common;
-use common::{gpu, Gpu, Rng};
+use common::{bf16_bits, bf16_gemv_ref, gpu, Gpu, Rng};
 
 const TOL: f64 = 1e-5;
-
-/// Random bf16 bit patterns of finite values in about +-2^(-8..1), both signs.
-fn bf16_bits(rng: &mut Rng, len: usize) -> Vec<u16> {
-    (0..len)
-        .map(|_| {
-            let r = rng.next();
-            let sign = ((r >> 63) as u16) << 15;
-            let exp = 119 + (r >> 32) as u16 % 9;
-            sign | (exp << 7) | (r as u16 & 0x7f)
-        })
-        .collect()
-}
-
-/// `out[m, n] = sum_k x[m, k] w[n, k]` in f64 (products of the exact widened weights).
-fn gemv_ref(w: &[u16], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
-    let mut out = vec![0f64; m * n];
-    for t in 0..m {
-        let xr = &x[t * k..(t + 1) * k];
-        for r in 0..n {
-            let wr = &w[r * k..(r + 1) * k];
-            out[t * n + r] = wr
-                .iter()
-                .zip(xr)
-                .map(|(&a, &b)| f64::from(bf16_to_f32(a)) * f64::from(b))
-                .sum();
-        }
-    }
-    out
-}
 
 fn run_gemv(
     g: &Gpu,
@@ -75,7 +46,7 @@ fn check(g: &Gpu, rng: &mut Rng, m_list: &[usize], n: usize, k: usize) {
     for &m in m_list {
         let out = run_gemv(g, &wb, &xb, m, n, k);
         let o: Vec<f64> = out.iter().map(|&v| f64::from(v)).collect();
-        let err = rel_err(&o, &gemv_ref(&w, &x[..m * k], m, n, k));
+        let err = rel_err(&o, &bf16_gemv_ref(&w, &x[..m * k], m, n, k));
         eprintln!("bf16_gemv m={m} n={n} k={k}: rel err {err:.2e}");
         assert!(err < TOL, "m={m} n={n} k={k}: rel err {err}");
     }

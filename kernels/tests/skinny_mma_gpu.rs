@@ -8,14 +8,14 @@ use std::sync::Mutex;
 
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
-use dspark_kernels::formats::{bf16_to_f32, e4m3_to_f32, e8m0_to_f64};
+use dspark_kernels::formats::{e4m3_to_f32, e8m0_to_f64};
 use dspark_kernels::launch::dense_gemv::Bf16Gemv;
 use dspark_kernels::launch::skinny_mma::{check_skinny_mma, SkinnyMma, SkinnyWeight};
 use dspark_kernels::reference::{fp8_gemv, rel_err};
 use dspark_kernels::{ActDtype, Fp8Gemv, Fp8Path, OutDtype};
 
 mod common;
-use common::{gpu, Gpu, Rng};
+use common::{bf16_bits, bf16_gemv_ref, gpu, Gpu, Rng};
 
 /// The split keeps every product within 2^-22 of the f32 product and the sums are f32 over
 /// k <= 4096 random-sign terms: the norm-wise error against the exact f64 result is ~1e-7.
@@ -41,32 +41,6 @@ fn e4m3_codes(rng: &mut Rng, len: usize) -> Vec<u8> {
             }
         })
         .collect()
-}
-
-/// Random bf16 bit patterns of finite values in about +-2^(-8..1), both signs.
-fn bf16_bits(rng: &mut Rng, len: usize) -> Vec<u16> {
-    (0..len)
-        .map(|_| {
-            let r = rng.next();
-            let sign = ((r >> 63) as u16) << 15;
-            let exp = 119 + (r >> 32) as u16 % 9;
-            sign | (exp << 7) | (r as u16 & 0x7f)
-        })
-        .collect()
-}
-
-fn bf16_ref(w: &[u16], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
-    let mut out = vec![0f64; m * n];
-    for t in 0..m {
-        for r in 0..n {
-            out[t * n + r] = w[r * k..(r + 1) * k]
-                .iter()
-                .zip(&x[t * k..(t + 1) * k])
-                .map(|(&a, &b)| f64::from(bf16_to_f32(a)) * f64::from(b))
-                .sum();
-        }
-    }
-    out
 }
 
 /// Runs the skinny kernel into a padded output and returns the [m, n] values.
@@ -171,7 +145,7 @@ fn check_bf16(gpu: &Gpu, n: usize, k: usize, ms: &[usize], seed: u64) {
                 (m, n, k),
             ),
         );
-        let err = rel_err(&f64s(&got), &bf16_ref(&w, &x[..m * k], m, n, k));
+        let err = rel_err(&f64s(&got), &bf16_gemv_ref(&w, &x[..m * k], m, n, k));
         eprintln!("skinny bf16 m={m} n={n} k={k}: vs f64 {err:.2e}");
         assert!(err < TOL, "bf16 m={m} n={n} k={k}: rel err {err}");
     }

@@ -88,3 +88,31 @@ impl Rng {
         v
     }
 }
+
+/// Random bf16 bit patterns of finite values in about +-2^(-8..1), both signs.
+pub fn bf16_bits(rng: &mut Rng, len: usize) -> Vec<u16> {
+    (0..len)
+        .map(|_| {
+            let r = rng.next();
+            let sign = ((r >> 63) as u16) << 15;
+            let exp = 119 + (r >> 32) as u16 % 9;
+            sign | (exp << 7) | (r as u16 & 0x7f)
+        })
+        .collect()
+}
+
+/// `out[m, n] = sum_k x[m, k] w[n, k]` in f64 over bf16 weights (the exact widened products).
+pub fn bf16_gemv_ref(w: &[u16], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
+    let mut out = vec![0f64; m * n];
+    for t in 0..m {
+        let xr = &x[t * k..(t + 1) * k];
+        for r in 0..n {
+            out[t * n + r] = w[r * k..(r + 1) * k]
+                .iter()
+                .zip(xr)
+                .map(|(&a, &b)| f64::from(dspark_kernels::formats::bf16_to_f32(a)) * f64::from(b))
+                .sum();
+        }
+    }
+    out
+}
