@@ -229,6 +229,9 @@ pub struct CudaBackend {
     /// Page-locked host staging for the LM head's logits (grown on demand, never shrunk): a
     /// download into pageable memory ran at ~3 GB/s, a page-locked one at the link's speed.
     head_staging: Mutex<Option<cudarc::driver::PinnedHostSlice<f32>>>,
+    /// `DSPARK_HEAD_GATHER_DEVICE=1`: at TP>1 the LM head's logits are gathered over NCCL on the
+    /// device (see [`Backend::head_rows`]).
+    head_gather_device: bool,
     /// Whether projections of 2..=16 rows run on the tensor-core skinny GEMM (`DSPARK_SKINNY_MMA=0`
     /// keeps them on the CUDA-core GEMVs; both are f32-exact, the switch is for comparisons).
     skinny_mma: bool,
@@ -319,6 +322,7 @@ impl CudaBackend {
             grouped_gemm_ok: AtomicBool::new(true),
             skinny_mma: std::env::var("DSPARK_SKINNY_MMA").map_or(true, |v| v != "0"),
             head_staging: Mutex::new(None),
+            head_gather_device: std::env::var("DSPARK_HEAD_GATHER_DEVICE").is_ok_and(|v| v == "1"),
         })
     }
 
@@ -1196,6 +1200,11 @@ impl Backend for CudaBackend {
     ) -> Option<Result<Vec<Vec<f32>>, BackendError>> {
         if comm.world_size() == 1 {
             return Some(self.head_rows_on(x, n, w, None));
+        }
+        // The gather over NCCL on the device has not run on two GPUs yet (none was lent in the
+        // session that wrote it): opt-in until it has, the host gather (proven at TP=2) otherwise.
+        if !self.head_gather_device {
+            return None;
         }
         let nccl = self.stream_nccl(comm)?;
         Some(self.head_rows_on(x, n, w, Some(nccl)))
