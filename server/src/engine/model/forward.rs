@@ -372,14 +372,10 @@ impl<B: Backend> DeepseekV4<B> {
             rms_norm_rows(&mut final_h, h, Some(&self.weights.norm), eps);
             final_h
         });
-        let rows = self.head_logit_rows(&final_h, wanted.len())?;
-        // Every wanted row goes to exactly one sequence (picks are disjoint): moved, not copied.
-        let mut rows: Vec<Option<Vec<f32>>> = rows.into_iter().map(Some).collect();
+        // Each sequence's picks are the next consecutive rows of `wanted`: moved, not copied.
+        let mut rows = self.head_logit_rows(&final_h, wanted.len())?.into_iter();
         for (si, picks) in per_seq.iter().enumerate() {
-            out.logits[si] = picks
-                .iter()
-                .map(|&i| rows.get_mut(i).and_then(Option::take).unwrap_or_default())
-                .collect();
+            out.logits[si] = rows.by_ref().take(picks.len()).collect();
         }
         Ok(out)
     }
