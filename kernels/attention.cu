@@ -289,17 +289,28 @@ extern "C" __global__ void __launch_bounds__(DSK_ATTH_WARPS * 32, 2) dsk_attend_
 }
 
 // Split-KV attention, pass 2: merges the splits of (t, h) with the head's sink logit in the
-// denominator (the sink takes probability mass but contributes no value). Each split's weight
-// exp(max_s - max) is computed once into shared memory (up to DSK_COMBINE_SPLITS splits; more
-// are weighed in place), so the per-dimension loop only loads and multiplies.
+// denominator (the sink takes probability mass but contributes no value). Block (h, t, z) writes
+// dimensions z * DSK_COMBINE_DIMS .. + DSK_COMBINE_DIMS, one per thread, so a decode token's 64
+// heads run on 256 blocks rather than 64 (one block per head walked each of its 512 dimensions'
+// splits in turn: 25 us for a CSA layer's 40 splits). Each split's weight exp(max_s - max) is
+// computed once into shared memory (up to DSK_COMBINE_SPLITS splits; more are weighed in place);
+// a dimension's splits are summed in split order, as before.
+//
+// With `positions` the trailing `rope_dim` channels are rotated back by -angle at the token's
+// position (K = V carried RoPE into the output), exactly as dsk_lo_rope_f32 with `inverse` would
+// in a launch of its own: a channel pair lies in one block (hd - rope_dim is even, z-slices are
+// DSK_COMBINE_DIMS-aligned).
 #define DSK_COMBINE_SPLITS 1024
-extern "C" __global__ void __launch_bounds__(128) dsk_attend_combine_f32(
+#define DSK_COMBINE_DIMS 128
+extern "C" __global__ void __launch_bounds__(DSK_COMBINE_DIMS) dsk_attend_combine_f32(
     const float *__restrict__ part, const float *__restrict__ sinks, int heads, int hd,
-    int splits, float *__restrict__ out) {
+    int splits, float *__restrict__ out, const int *__restrict__ positions,
+    const float *__restrict__ inv_freq, int rope_dim, float attention_factor) {
     dsk_pdl_entry();
     __shared__ float weight[DSK_COMBINE_SPLITS];
     __shared__ float sums[DSK_COMBINE_SPLITS];
-    __shared__ float red[4];
+    __shared__ float vals[DSK_COMBINE_DIMS];
+    __shared__ float red[DSK_COMBINE_DIMS / 32];
     const int h = blockIdx.x, t = blockIdx.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const float *p = part + ((long long)t * heads + h) * splits * (hd + 2);
@@ -307,11 +318,10 @@ extern "C" __global__ void __launch_bounds__(128) dsk_attend_combine_f32(
     float mx = sink;
     for (int s = threadIdx.x; s < splits; s += blockDim.x)
         if (p[s * (hd + 2) + 1] > 0.f) mx = fmaxf(mx, p[s * (hd + 2)]);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    mx = dsk_warp_max(mx);
     if (lane == 0) red[warp] = mx;
     __syncthreads();
-    mx = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) mx = fmaxf(mx, red[w]);
     const int cached = min(splits, DSK_COMBINE_SPLITS);
     for (int s = threadIdx.x; s < cached; s += blockDim.x) {
         const float l = p[s * (hd + 2) + 1];
@@ -319,35 +329,49 @@ extern "C" __global__ void __launch_bounds__(128) dsk_attend_combine_f32(
         sums[s] = l;
     }
     __syncthreads();
-    // The denominator in split order, as before (every thread the same sum), from shared memory:
-    // a chain of global loads here and in the loop below was most of this kernel's time.
+    // The denominator in split order (every thread the same sum), from shared memory.
     float denom = expf(sink - mx);
     for (int s = 0; s < splits; ++s) {
         const float l = s < cached ? sums[s] : p[s * (hd + 2) + 1];
         const float w = s < cached ? weight[s] : (l > 0.f ? expf(p[s * (hd + 2)] - mx) : 0.f);
         if (l > 0.f) denom = fmaf(l, w, denom);
     }
-    float *o = out + ((long long)t * heads + h) * hd;
-    if (splits <= cached) {
-        // Every split's weight is cached: the loads of a dimension's splits do not depend on
-        // each other, so unrolled they are in flight together. Same sums in the same order.
-        for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-            float v = 0.f;
-#pragma unroll 8
+    const int d0 = blockIdx.z * DSK_COMBINE_DIMS;
+    const int d = d0 + threadIdx.x;
+    float v = 0.f;
+    if (d < hd) {
+        if (splits <= cached) {
+            // Every weight is cached: a dimension's loads do not depend on each other, so
+            // unrolled they are in flight together.
+#pragma unroll 16
             for (int s = 0; s < splits; ++s)
                 if (sums[s] > 0.f) v = fmaf(p[s * (hd + 2) + 2 + d], weight[s], v);
-            o[d] = v / denom;
+        } else {
+            for (int s = 0; s < splits; ++s) {
+                const float l = p[s * (hd + 2) + 1];
+                const float w = s < cached ? weight[s] : (l > 0.f ? expf(p[s * (hd + 2)] - mx) : 0.f);
+                if (l > 0.f) v = fmaf(p[s * (hd + 2) + 2 + d], w, v);
+            }
         }
+        v = v / denom;
+    }
+    float *o = out + ((long long)t * heads + h) * hd;
+    const int rope0 = hd - rope_dim;
+    if (positions == nullptr || d0 + DSK_COMBINE_DIMS <= rope0) {
+        if (d < hd) o[d] = v;
         return;
     }
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float v = 0.f;
-        for (int s = 0; s < splits; ++s) {
-            const float l = p[s * (hd + 2) + 1];
-            const float w = s < cached ? weight[s] : (l > 0.f ? expf(p[s * (hd + 2)] - mx) : 0.f);
-            if (l > 0.f) v = fmaf(p[s * (hd + 2) + 2 + d], w, v);
-        }
-        o[d] = v / denom;
+    vals[threadIdx.x] = v;
+    __syncthreads();
+    if (d >= hd) return;
+    if (d < rope0) {
+        o[d] = v;
+    } else if (((d - rope0) & 1) == 0) {
+        float y0, y1;
+        dsk_rope_pair_f32(vals[threadIdx.x], vals[threadIdx.x + 1], inv_freq[(d - rope0) >> 1],
+                          positions[t], attention_factor, true, y0, y1);
+        o[d] = y0;
+        o[d + 1] = y1;
     }
 }
 
@@ -781,6 +805,9 @@ __device__ __forceinline__ void dsk_topk_block(const float *__restrict__ v, int 
         // One block reads all of a token's scores: keep DSK_TOPK_UNROLL loads in flight per
         // thread, or the pass is bound by the latency of one load at a time.
         for (int i0 = 0; i0 < n; i0 += blockDim.x * DSK_TOPK_UNROLL) {
+            // Slices past the end are skipped (block-uniform): a decode token's 2,048 scores fill
+            // two of the eight, and each empty one still cost a __match_any_sync.
+            const int live = min(DSK_TOPK_UNROLL, (n - i0 + (int)blockDim.x - 1) / (int)blockDim.x);
             float x[DSK_TOPK_UNROLL];
 #pragma unroll
             for (int u = 0; u < DSK_TOPK_UNROLL; ++u) {
@@ -789,6 +816,7 @@ __device__ __forceinline__ void dsk_topk_block(const float *__restrict__ v, int 
             }
 #pragma unroll
             for (int u = 0; u < DSK_TOPK_UNROLL; ++u) {
+                if (u >= live) break;
                 const int i = i0 + u * blockDim.x + tid;
                 unsigned int bin = 256u;  // no bin: out of range or outside the current prefix
                 if (i < n) {
@@ -852,6 +880,9 @@ __device__ __forceinline__ void dsk_topk_block(const float *__restrict__ v, int 
     }
     __syncthreads();
     for (int c0 = 0; c0 < n; c0 += blockDim.x * DSK_TOPK_UNROLL) {
+        // As above: empty slices (no row, so no ballot bit and no offset) are skipped, with their
+        // two block barriers each.
+        const int live = min(DSK_TOPK_UNROLL, (n - c0 + (int)blockDim.x - 1) / (int)blockDim.x);
         float xs[DSK_TOPK_UNROLL];
 #pragma unroll
         for (int u = 0; u < DSK_TOPK_UNROLL; ++u) {
@@ -860,6 +891,7 @@ __device__ __forceinline__ void dsk_topk_block(const float *__restrict__ v, int 
         }
 #pragma unroll
         for (int u = 0; u < DSK_TOPK_UNROLL; ++u) {
+            if (u >= live) break;
             const int i = c0 + u * blockDim.x + tid;
             const float x = xs[u];
             const unsigned int key = i < n ? dsk_f32_order_key(x) : 0u;

@@ -74,6 +74,45 @@ __device__ __forceinline__ void dsk_mma_tf32_m16n8k8(float (&d)[4], unsigned int
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// Several GEMVs over one activation row in one launch (the projections of a decode token that
+// read the same normed x): segment i is the matrix w[i] (with scales s[i] where it has them) of
+// n[i] rows, written to out[i], split along K by ksplit[i] warps, on blocks block_end[i - 1] ..
+// block_end[i] (block_end[-1] = 0). Passed by value; the launcher (launch/multi_gemv.rs) lays out
+// the same bytes.
+#define DSK_GEMV_SEGMENTS 8
+struct DskGemvSegments {
+    unsigned long long w[DSK_GEMV_SEGMENTS];
+    unsigned long long s[DSK_GEMV_SEGMENTS];
+    unsigned long long out[DSK_GEMV_SEGMENTS];
+    int n[DSK_GEMV_SEGMENTS];
+    int ksplit[DSK_GEMV_SEGMENTS];
+    int block_end[DSK_GEMV_SEGMENTS];
+    int count;
+};
+
+// The segment block b belongs to, and b's index inside it.
+__device__ __forceinline__ int dsk_gemv_segment(const DskGemvSegments &g, int b, int &local) {
+    int i = 0;
+    while (i + 1 < g.count && b >= g.block_end[i]) ++i;
+    local = b - (i ? g.block_end[i - 1] : 0);
+    return i;
+}
+
+// One interleaved RoPE pair (x0, x1) rotated by pos * inv_freq (by minus that with `inverse`),
+// as RopeTable::cos_sin: the angle is the f32 product, widened; cos/sin in double, rounded to
+// f32, then times the attention factor. Every kernel applying RoPE to f32 rows goes through it,
+// so fused and stand-alone launches give the same bits.
+__device__ __forceinline__ void dsk_rope_pair_f32(float x0, float x1, float inv_freq, int pos,
+                                                  float attention_factor, bool inverse, float &y0,
+                                                  float &y1) {
+    const double a = (double)__fmul_rn(inv_freq, (float)pos);
+    const float c = __fmul_rn((float)cos(a), attention_factor);
+    float s = __fmul_rn((float)sin(a), attention_factor);
+    if (inverse) s = -s;
+    y0 = __fadd_rn(__fmul_rn(x0, c), __fmul_rn(-x1, s));
+    y1 = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s));
+}
+
 __device__ __forceinline__ float dsk_warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

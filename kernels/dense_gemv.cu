@@ -22,12 +22,12 @@ template <int MT>
 __device__ __forceinline__ void bf16_gemv_body(const unsigned short *__restrict__ W,
                                                const float *__restrict__ x,
                                                float *__restrict__ out, int M, int N, int K,
-                                               int ksplit) {
+                                               int ksplit, int block) {
     __shared__ float red[BG_WARPS][BG_ROWS][MT];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int groups_per_block = BG_WARPS / ksplit;
     const int group = warp / ksplit, kpart = warp % ksplit;
-    const long r0 = ((long)blockIdx.x * groups_per_block + group) * BG_ROWS;
+    const long r0 = ((long)block * groups_per_block + group) * BG_ROWS;
     const int C = K >> 3;
     // Rows past N read row N - 1 (valid memory) and are never written.
     const unsigned short *wr[BG_ROWS];
@@ -94,7 +94,7 @@ __device__ __forceinline__ void bf16_gemv_body(const unsigned short *__restrict_
         const unsigned short *__restrict__ W, const float *__restrict__ x, float *__restrict__ out,  \
         int M, int N, int K, int ksplit) {                                                           \
         dsk_pdl_entry();                                                                             \
-        bf16_gemv_body<MT>(W, x, out, M, N, K, ksplit);                                              \
+        bf16_gemv_body<MT>(W, x, out, M, N, K, ksplit, blockIdx.x);                                  \
     }
 
 BF16_GEMV_INST(dsk_bf16_gemv_xf32_m1, 1)
@@ -102,6 +102,17 @@ BF16_GEMV_INST(dsk_bf16_gemv_xf32_m2, 2)
 BF16_GEMV_INST(dsk_bf16_gemv_xf32_m4, 4)
 BF16_GEMV_INST(dsk_bf16_gemv_xf32_m8, 8)
 BF16_GEMV_INST(dsk_bf16_gemv_xf32_m16, 16)
+
+// One f32 activation row through every bf16 segment of `segs` (DskGemvSegments, scales unused) in
+// one launch, each row computed as dsk_bf16_gemv_xf32_m1 computes it for that matrix alone.
+extern "C" __global__ void __launch_bounds__(256) dsk_bf16_gemv_multi_xf32_m1(
+    const __grid_constant__ DskGemvSegments segs, const float *__restrict__ x, int K) {
+    dsk_pdl_entry();
+    int block;
+    const int i = dsk_gemv_segment(segs, blockIdx.x, block);
+    bf16_gemv_body<1>(reinterpret_cast<const unsigned short *>(segs.w[i]), x,
+                      reinterpret_cast<float *>(segs.out[i]), 1, segs.n[i], K, segs.ksplit[i], block);
+}
 
 // dst[i] = f32(src[i]), i < len. 8 values per thread per step (16-byte load, two 16-byte stores);
 // the last len % 8 one by one. src and dst 16-byte aligned (checked at launch).

@@ -391,15 +391,19 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down_v2(
     if ((lane & 7) == 0) y[(long)p * N + n0 + (lane >> 3)] = weights[p] * v;
 }
 
-// out[t, n] = sum over the token's slots, in slot order. One thread per output element.
+// out[t, n] = sum over the token's slots, in slot order, then + addend[t, n] where an addend is
+// given (the shared expert's output: the add it replaces summed the same two f32 values). One
+// thread per output element.
 extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_combine(
-    const float *__restrict__ y, void *__restrict__ out, int out_bf16, int T, int topk, int N) {
+    const float *__restrict__ y, void *__restrict__ out, int out_bf16, int T, int topk, int N,
+    const float *__restrict__ addend) {
     dsk_pdl_entry();
     const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long)T * N) return;
     const long t = idx / N, n = idx % N;
     float acc = 0.f;
     for (int j = 0; j < topk; ++j) acc += y[(t * topk + j) * N + n];
+    if (addend) acc += addend[idx];
     if (out_bf16) reinterpret_cast<unsigned short *>(out)[idx] = dsk_f32_to_bf16(acc);
     else reinterpret_cast<float *>(out)[idx] = acc;
 }

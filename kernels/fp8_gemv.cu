@@ -58,12 +58,12 @@ __device__ __forceinline__ void fp8_gemv_body(const unsigned char *__restrict__ 
                                               const void *__restrict__ x, void *__restrict__ out,
                                               int out_bf16, int M, int N, int K, int ksplit,
                                               int group_rows, long x_group_stride, long ld_x,
-                                              long ld_out) {
+                                              long ld_out, int block) {
     __shared__ float red[FP8_WARPS][2][MT];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int pairs_per_block = FP8_WARPS / ksplit;
     const int pair = warp / ksplit, kpart = warp % ksplit;
-    const int r0 = (blockIdx.x * pairs_per_block + pair) * 2;
+    const int r0 = (block * pairs_per_block + pair) * 2;
     const int r0c = min(r0, N - 1), r1c = min(r0 + 1, N - 1);
     const long ldx = GROUPED ? ld_x : (long)K, ldo = GROUPED ? ld_out : (long)N;
     if (GROUPED) x = reinterpret_cast<const typename XL<MT>::T *>(x) + (long)(r0c / group_rows) * x_group_stride;
@@ -121,7 +121,7 @@ __device__ __forceinline__ void fp8_gemv_body(const unsigned char *__restrict__ 
         const void *__restrict__ x, void *__restrict__ out, int out_bf16, int M, int N, int K,       \
         int ksplit) {                                                                                 \
         dsk_pdl_entry();                                                                              \
-        fp8_gemv_body<MT, XL, false>(W, S, x, out, out_bf16, M, N, K, ksplit, N, 0, K, N);            \
+        fp8_gemv_body<MT, XL, false>(W, S, x, out, out_bf16, M, N, K, ksplit, N, 0, K, N, blockIdx.x); \
     }
 
 FP8_GEMV_INST(dsk_fp8_gemv_xbf16_m1, 1, XLoadBf16)
@@ -143,7 +143,7 @@ FP8_GEMV_INST(dsk_fp8_gemv_xf32_m16, 16, XLoadF32)
         int group_rows, long x_group_stride, long ld_x, long ld_out) {                                \
         dsk_pdl_entry();                                                                              \
         fp8_gemv_body<MT, XLoadF32, true>(W, S, x, out, 0, M, N, K, ksplit, group_rows,               \
-                                          x_group_stride, ld_x, ld_out);                              \
+                                          x_group_stride, ld_x, ld_out, blockIdx.x);                  \
     }
 
 FP8_GEMV_GROUPED_INST(dsk_fp8_gemv_grouped_xf32_m1, 1)
@@ -151,6 +151,21 @@ FP8_GEMV_GROUPED_INST(dsk_fp8_gemv_grouped_xf32_m2, 2)
 FP8_GEMV_GROUPED_INST(dsk_fp8_gemv_grouped_xf32_m4, 4)
 FP8_GEMV_GROUPED_INST(dsk_fp8_gemv_grouped_xf32_m8, 8)
 FP8_GEMV_GROUPED_INST(dsk_fp8_gemv_grouped_xf32_m16, 16)
+
+// One f32 activation row through every FP8 segment of `segs` (DskGemvSegments) in one launch:
+// each row's arithmetic (lanes' chunks, ksplit, sums) is dsk_fp8_gemv_xf32_m1's for that matrix
+// alone, so the outputs are bit-identical to one launch per matrix.
+extern "C" __global__ void __launch_bounds__(256) dsk_fp8_gemv_multi_xf32_m1(
+    const __grid_constant__ DskGemvSegments segs, const float *__restrict__ x, int K) {
+    dsk_pdl_entry();
+    int block;
+    const int i = dsk_gemv_segment(segs, blockIdx.x, block);
+    const int N = segs.n[i];
+    fp8_gemv_body<1, XLoadF32, false>(
+        reinterpret_cast<const unsigned char *>(segs.w[i]),
+        reinterpret_cast<const unsigned char *>(segs.s[i]), x, reinterpret_cast<float *>(segs.out[i]),
+        0, 1, N, K, segs.ksplit[i], N, 0, K, N, block);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core variant for bf16 activations (mma.sync m16n8k16, f16 in, f32 accumulate): for more

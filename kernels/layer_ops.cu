@@ -52,6 +52,44 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_rms_norm_f32(
     }
 }
 
+// RMSNorm then RoPE of each row in one launch: row r = t * heads + h of x [rows, dim] (row
+// stride ld_x; out likewise, x == out allowed) is normed as dsk_lo_rms_norm_f32 does (same block
+// size, so the same sum), and its trailing rope_dim channels rotated at positions[t] as
+// dsk_lo_rope_f32 does: the bits of the two launches it replaces (the query heads' and the
+// latent KV row's norm + RoPE of every attention layer).
+extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_rms_norm_rope_f32(
+    const float *x, float *out, const float *__restrict__ weight, int dim, long long ld_x,
+    long long ld_out, float eps, const int *__restrict__ positions,
+    const float *__restrict__ inv_freq, int heads, int rope_dim, float attention_factor) {
+    dsk_pdl_entry();
+    __shared__ float red[32];
+    const float *xr = x + (long long)blockIdx.x * ld_x;
+    float *orow = out + (long long)blockIdx.x * ld_out;
+    float sq = 0.0f;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) sq = fmaf(xr[c], xr[c], sq);
+    // Every read of the row precedes this barrier: the writes below may overwrite it in place.
+    const float ms = __fdiv_rn(lo_block_sum(sq, red), (float)dim);
+    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, eps)));
+    const int rope0 = dim - rope_dim;
+    for (int c = threadIdx.x; c < rope0; c += blockDim.x) {
+        const float v = __fmul_rn(xr[c], inv);
+        orow[c] = weight ? __fmul_rn(weight[c], v) : v;
+    }
+    const int pos = positions[blockIdx.x / heads];
+    for (int j = threadIdx.x; j < (rope_dim >> 1); j += blockDim.x) {
+        const int c = rope0 + 2 * j;
+        float v0 = __fmul_rn(xr[c], inv), v1 = __fmul_rn(xr[c + 1], inv);
+        if (weight) {
+            v0 = __fmul_rn(weight[c], v0);
+            v1 = __fmul_rn(weight[c + 1], v1);
+        }
+        float y0, y1;
+        dsk_rope_pair_f32(v0, v1, inv_freq[j], pos, attention_factor, false, y0, y1);
+        orow[c] = y0;
+        orow[c + 1] = y1;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Interleaved RoPE on the trailing rope_dim channels of x [tokens, heads, head_dim] (in place).
 // As RopeTable::cos_sin: the angle is the f32 product inv_freq * pos, widened; cos/sin in
@@ -69,15 +107,9 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_rope_f32(
         const long long th = i / half;
         const int h = (int)(th % heads);
         const int t = (int)(th / heads);
-        const float p = (float)positions[t];
-        const double a = (double)__fmul_rn(inv_freq[j], p);
-        const float c = __fmul_rn((float)cos(a), attention_factor);
-        float s = __fmul_rn((float)sin(a), attention_factor);
-        if (inverse) s = -s;
         float *r = x + t * ld_token + h * ld_head + (head_dim - rope_dim) + 2 * j;
-        const float x0 = r[0], x1 = r[1];
-        r[0] = __fadd_rn(__fmul_rn(x0, c), __fmul_rn(-x1, s));
-        r[1] = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s));
+        dsk_rope_pair_f32(r[0], r[1], inv_freq[j], positions[t], attention_factor, inverse != 0,
+                          r[0], r[1]);
     }
 }
 

@@ -18,6 +18,7 @@ pub mod dense_gemv;
 pub mod elementwise;
 pub mod layer_ops;
 pub mod moe_sorted;
+pub mod multi_gemv;
 pub mod paged;
 pub mod skinny_mma;
 pub mod submit;
@@ -45,7 +46,7 @@ impl OutDtype {
 /// Token-count buckets of the FP8 GEMV (one instantiation each; M rounds up to the next).
 pub const FP8_GEMV_MAX_M: usize = 16;
 const FP8_M_BUCKETS: [usize; 5] = [1, 2, 4, 8, 16];
-const FP8_WARPS: usize = 8;
+pub(crate) const FP8_WARPS: usize = 8;
 /// Which FP8 GEMV kernel to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fp8Path {
@@ -174,7 +175,8 @@ pub struct Fp4Experts {
 /// One MoE call for `tokens` tokens: x f32 [tokens, hidden]; ids i32 [tokens, topk];
 /// weights f32 [tokens, topk] (already normalised and scaled by the router);
 /// h f32 [tokens * topk, inter] and partial f32 [tokens * topk, hidden] scratch (h holds the
-/// SwiGLU output, partial each slot's weighted down projection); out [tokens, hidden].
+/// SwiGLU output, partial each slot's weighted down projection); out [tokens, hidden], plus
+/// `addend` f32 [tokens, hidden] where one is given (0 = none).
 #[derive(Clone, Copy, Debug)]
 pub struct Fp4MoeCall {
     pub x: CUdeviceptr,
@@ -188,6 +190,9 @@ pub struct Fp4MoeCall {
     pub topk: usize,
     /// SwiGLU clipping (config `swiglu_limit`, 10 for V4-Flash).
     pub swiglu_limit: f32,
+    /// f32 `[tokens, hidden]` added to the sum before `out` is written (the shared expert's
+    /// output, saving a launch), or 0.
+    pub addend: CUdeviceptr,
 }
 
 /// bf16 RMSNorm over rows of length d (strides in elements).
@@ -597,6 +602,7 @@ pub struct Kernels {
     origins: Vec<(&'static str, ModuleOrigin)>,
     fp8_gemv: [[CudaFunction; 5]; 2],
     fp8_gemv_grouped: [CudaFunction; 5],
+    fp8_gemv_multi: CudaFunction,
     fp8_tc: [CudaFunction; 2],
     fp4_gate_up: CudaFunction,
     fp4_down: CudaFunction,
@@ -682,6 +688,7 @@ impl Kernels {
                 fp8_fns("dsk_fp8_gemv_xf32")?,
             ],
             fp8_gemv_grouped: fp8_fns("dsk_fp8_gemv_grouped_xf32")?,
+            fp8_gemv_multi: f(&fp8, "dsk_fp8_gemv_multi_xf32_m1")?,
             fp8_tc: [
                 f(&fp8, "dsk_fp8_gemm_tc_xbf16_n8")?,
                 f(&fp8, "dsk_fp8_gemm_tc_xbf16_n16")?,
@@ -1074,6 +1081,7 @@ impl Kernels {
             .arg(&tokens)
             .arg(&topk)
             .arg(&hidden)
+            .arg(&c.addend)
             .launch(cfg3)
             .map_err(KernelError::driver("launch fp4_moe_combine"))?;
         Ok(())
@@ -1470,6 +1478,7 @@ mod tests {
             tokens: 1,
             topk: 6,
             swiglu_limit: 10.0,
+            addend: 0,
         };
         assert!(check_fp4_moe(&e, &c).is_ok());
         assert!(moe_tensor_core_fits(4096, 2048) && moe_tensor_core_fits(4096, 1024));

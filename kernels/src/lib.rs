@@ -21,7 +21,7 @@ pub use error::KernelError;
 pub use kv_record::KvRowFormat;
 pub use launch::attention::{
     attention_splits, attention_workspace_floats, topk_select_workspace_bytes, IndexerScores,
-    KvRows, PagedAttention, TopKSelect,
+    InverseRope, KvRows, PagedAttention, TopKSelect,
 };
 pub use launch::dense_gemv::{Bf16Gemv, BF16_GEMV_MAX_M};
 pub use launch::skinny_mma::{SkinnyMma, SkinnyWeight, SKINNY_MMA_MAX_M};

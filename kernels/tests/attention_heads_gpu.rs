@@ -6,8 +6,10 @@
 //! without a key (offset -1). Skips (passes with a SKIP line) where there is no GPU.
 
 use dspark_kernels::launch::attention::{check_attention_heads, ATTENTION_HEAD_GROUP};
+use dspark_kernels::launch::layer_ops::RopeF32;
 use dspark_kernels::{
-    attention_splits, attention_workspace_floats, KernelError, KvRowFormat, PagedAttention,
+    attention_splits, attention_workspace_floats, InverseRope, KernelError, KvRowFormat,
+    PagedAttention,
 };
 
 mod common;
@@ -108,6 +110,18 @@ impl Case {
 
 /// Runs one attention path over `c` and returns its output.
 fn run(g: &Gpu, c: &Case, splits: usize, scale: f32, heads_path: bool) -> Vec<f32> {
+    run_with(g, c, splits, scale, heads_path, None)
+}
+
+/// [`run`], the merge also undoing RoPE where `inverse_rope` says.
+fn run_with(
+    g: &Gpu,
+    c: &Case,
+    splits: usize,
+    scale: f32,
+    heads_path: bool,
+    inverse_rope: Option<InverseRope>,
+) -> Vec<f32> {
     let tokens = c.tokens();
     let (pool, q, sinks) = (g.up(&c.pool), g.up(&c.q), g.up(&c.sinks));
     let (offsets, starts) = (g.up(&c.offsets), g.up(&c.starts));
@@ -132,6 +146,7 @@ fn run(g: &Gpu, c: &Case, splits: usize, scale: f32, heads_path: bool) -> Vec<f3
         splits,
         scale,
         format: KvRowFormat::F32,
+        inverse_rope,
     };
     // SAFETY: every buffer holds the shape `a` names; every key offset leaves hd floats in the
     // pool.
@@ -225,6 +240,69 @@ fn head_grouped_attention_matches_per_head_kernel_and_f64() {
     check(&g, &mut rng, 16, 64, &[5, 9], 1);
 }
 
+/// The merge's inverse RoPE gives the bits of the merge followed by an inverse `rope_f32` launch
+/// (what the layer stack ran before), for both attention kernels and several split counts.
+#[test]
+fn merge_with_inverse_rope_equals_a_separate_rope_launch() {
+    let Some(g) = gpu("merge_with_inverse_rope_equals_a_separate_rope_launch") else {
+        return;
+    };
+    let mut rng = Rng(0x00c0_ffee);
+    for (heads, hd, rope_dim, counts) in [
+        (64usize, 512usize, 64usize, vec![640usize]),
+        (32, 512, 64, vec![128, 192, 7]),
+        (16, 64, 16, vec![1, 33, 0]),
+    ] {
+        let c = Case::new(&mut rng, heads, hd, &counts, 0);
+        let tokens = c.tokens();
+        let positions: Vec<i32> = (0..tokens).map(|t| 8191 + 1000 * t as i32).collect();
+        let inv_freq: Vec<f32> = (0..rope_dim / 2)
+            .map(|i| 1.0 / 160000f32.powf((2 * i) as f32 / rope_dim as f32))
+            .collect();
+        let (pb, fb) = (g.up(&positions), g.up(&inv_freq));
+        let inverse = InverseRope {
+            positions: g.ptr(&pb),
+            inv_freq: g.ptr(&fb),
+            rope_dim,
+            attention_factor: 1.1,
+        };
+        let scale = 1.0 / (hd as f32).sqrt();
+        for splits in [1, 3, 40] {
+            for heads_path in [true, false] {
+                let fused = run_with(&g, &c, splits, scale, heads_path, Some(inverse));
+                let plain = g.up(&run(&g, &c, splits, scale, heads_path));
+                // SAFETY: `plain` holds tokens x heads x hd; positions and inv_freq as above.
+                unsafe {
+                    g.k.rope_f32(
+                        &g.s,
+                        &RopeF32 {
+                            x: g.ptr(&plain),
+                            positions: inverse.positions,
+                            inv_freq: inverse.inv_freq,
+                            tokens,
+                            heads,
+                            head_dim: hd,
+                            rope_dim,
+                            ld_token: heads * hd,
+                            ld_head: hd,
+                            attention_factor: inverse.attention_factor,
+                            inverse: true,
+                        },
+                    )
+                }
+                .unwrap();
+                let want = g.down(&plain);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&fused),
+                    bits(&want),
+                    "heads={heads} hd={hd} keys={counts:?} splits={splits} grouped={heads_path}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn head_grouped_attention_rejects_ungrouped_heads() {
     // heads 4 (or any count not a multiple of the group) is the caller's cue to run
@@ -243,6 +321,7 @@ fn head_grouped_attention_rejects_ungrouped_heads() {
         splits: 1,
         scale: 0.125,
         format: KvRowFormat::F32,
+        inverse_rope: None,
     };
     assert_eq!(ATTENTION_HEAD_GROUP, 16);
     assert!(matches!(

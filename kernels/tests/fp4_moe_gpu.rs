@@ -65,6 +65,19 @@ struct Outputs {
 }
 
 fn run(g: &Gpu, l: &Layer, x: &[f32], ids: &[i32], weights: &[f32], path: MoePath) -> Outputs {
+    run_adding(g, l, x, ids, weights, path, None)
+}
+
+/// [`run`] with `addend` (f32 `[tokens, hidden]`) summed into the output by the combine.
+fn run_adding(
+    g: &Gpu,
+    l: &Layer,
+    x: &[f32],
+    ids: &[i32],
+    weights: &[f32],
+    path: MoePath,
+    addend: Option<&[f32]>,
+) -> Outputs {
     let (topk, tokens) = (ids.len() / (x.len() / l.hidden), x.len() / l.hidden);
     let (w1, s1, w3, s3, w2, s2) = (
         g.up(&l.w1),
@@ -78,6 +91,7 @@ fn run(g: &Gpu, l: &Layer, x: &[f32], ids: &[i32], weights: &[f32], path: MoePat
     let hb = g.up(&vec![f32::NAN; ids.len() * l.inter]);
     let pb = g.up(&vec![f32::NAN; ids.len() * l.hidden]);
     let ob = g.up(&vec![f32::NAN; tokens * l.hidden]);
+    let ab = addend.map(|a| g.up(a));
     let e = Fp4Experts {
         w1: g.ptr(&w1),
         s1: g.ptr(&s1),
@@ -100,6 +114,7 @@ fn run(g: &Gpu, l: &Layer, x: &[f32], ids: &[i32], weights: &[f32], path: MoePat
         tokens,
         topk,
         swiglu_limit: 10.0,
+        addend: ab.as_ref().map_or(0, |a| g.ptr(a)),
     };
     // SAFETY: every buffer holds the shapes in `e` and `c`; ids are below `experts` or invalid.
     unsafe { g.k.fp4_moe_path(&g.s, &e, &c, path) }.unwrap();
@@ -183,6 +198,16 @@ fn case(g: &Gpu, rng: &mut Rng, l: &Layer, tokens: usize, bad_id: bool, check_re
         &v2
     };
     assert_eq!(same_bits(&auto.out, &want_auto.out), 0, "{name}: Auto");
+    // The combine's addend (the shared expert's output in the layer stack) gives the bits of
+    // the separate f32 add it replaces.
+    let addend = rng.signed_vec(tokens * l.hidden, 2.0);
+    let added = run_adding(g, l, &x, &ids, &weights, MoePath::CudaCore, Some(&addend));
+    let want_added: Vec<f32> = v2.out.iter().zip(&addend).map(|(a, b)| a + b).collect();
+    assert_eq!(
+        same_bits(&added.out, &want_added),
+        0,
+        "{name}: out + addend"
+    );
     if !check_ref {
         let nan = v2.out.iter().filter(|v| v.is_nan()).count();
         eprintln!("{name}: v1 == v2 bitwise, {nan} NaN outputs");

@@ -564,6 +564,7 @@ impl AttnCase {
             splits,
             scale,
             format: self.format,
+            inverse_rope: None,
         };
         // SAFETY: every buffer holds the shape `a` names; every key offset starts a whole
         // record inside the pool.

@@ -7,8 +7,8 @@
 
 use dspark_kernels::launch::layer_ops::{
     hc_head_workspace_floats, hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcHead, HcMix,
-    HcPost, HcPreFinish, HcPreFused, HcPreKernel, RmsNormF32, RopeF32, RouteF32, RouterScoring,
-    HC_WS_HEADER,
+    HcPost, HcPreFinish, HcPreFused, HcPreKernel, RmsNormF32, RmsNormRopeF32, RopeF32, RouteF32,
+    RouterScoring, HC_WS_HEADER,
 };
 use dspark_kernels::reference::rel_err;
 
@@ -194,6 +194,123 @@ fn rope_matches_host() {
         let err = rel(&got, &want);
         assert!(err < TOL, "rope {tokens}x{heads}x{head_dim}: rel err {err}");
     }
+}
+
+/// The fused norm + RoPE launch gives the bits of `rms_norm_f32` then `rope_f32`, and both match
+/// the host references (the query heads' and the latent row's shapes, and odd small ones).
+#[test]
+fn rms_norm_rope_fused_equals_the_two_launches() {
+    let Some(g) = gpu("rms_norm_rope_fused_equals_the_two_launches") else {
+        return;
+    };
+    let mut rng = Rng(0x0005_eed0_fa11);
+    // (tokens, heads, dim, rope_dim, weighted, attention_factor)
+    let cases = [
+        (1, 64, 512, 64, false, 1.0f32),
+        (3, 32, 512, 64, false, 1.2),
+        (2, 1, 512, 64, true, 1.0),
+        (5, 3, 48, 16, true, 0.9),
+        (1, 2, 8, 8, true, 1.0),
+    ];
+    for (tokens, heads, dim, rope_dim, weighted, af) in cases {
+        let rows = tokens * heads;
+        let inv_freq: Vec<f32> = (0..rope_dim / 2)
+            .map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / rope_dim as f32))
+            .collect();
+        let positions: Vec<i32> = (0..tokens)
+            .map(|t| [3, 8191, 1_048_000][t % 3] + t as i32)
+            .collect();
+        let x = rng.vec(rows * dim, -2.0, 2.0);
+        let w = rng.vec(dim, 0.5, 1.5);
+        let (pb, fb, wb) = (g.up(&positions), g.up(&inv_freq), g.up(&w));
+        let norm = |xp| RmsNormF32 {
+            x: xp,
+            out: xp,
+            weight: if weighted { g.ptr(&wb) } else { 0 },
+            rows,
+            dim,
+            ld_x: dim,
+            ld_out: dim,
+            eps: 1e-6,
+        };
+        let two = g.up(&x);
+        let fused = g.up(&x);
+        // SAFETY: the buffers above hold these shapes.
+        unsafe {
+            g.k.rms_norm_f32(&g.s, &norm(g.ptr(&two))).unwrap();
+            g.k.rope_f32(
+                &g.s,
+                &RopeF32 {
+                    x: g.ptr(&two),
+                    positions: g.ptr(&pb),
+                    inv_freq: g.ptr(&fb),
+                    tokens,
+                    heads,
+                    head_dim: dim,
+                    rope_dim,
+                    ld_token: heads * dim,
+                    ld_head: dim,
+                    attention_factor: af,
+                    inverse: false,
+                },
+            )
+            .unwrap();
+            g.k.rms_norm_rope_f32(
+                &g.s,
+                &RmsNormRopeF32 {
+                    norm: norm(g.ptr(&fused)),
+                    positions: g.ptr(&pb),
+                    inv_freq: g.ptr(&fb),
+                    heads,
+                    rope_dim,
+                    attention_factor: af,
+                },
+            )
+            .unwrap();
+        }
+        let (a, b) = (g.down(&two), g.down(&fused));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&a),
+            bits(&b),
+            "{tokens}x{heads}x{dim}: fused bits differ"
+        );
+        let mut want = rms_norm_ref(&x, dim, weighted.then_some(&w[..]), 1e-6);
+        rope_ref(
+            &mut want,
+            &positions,
+            &inv_freq,
+            heads,
+            dim,
+            heads * dim,
+            dim,
+            af,
+            false,
+        );
+        let err = rel(&b, &want);
+        assert!(err < TOL, "{tokens}x{heads}x{dim}: rel err {err}");
+    }
+    // Rows that are not whole tokens of heads are refused before launch.
+    let xb = g.up(&[0f32; 64]);
+    let bad = RmsNormRopeF32 {
+        norm: RmsNormF32 {
+            x: g.ptr(&xb),
+            out: g.ptr(&xb),
+            weight: 0,
+            rows: 3,
+            dim: 16,
+            ld_x: 16,
+            ld_out: 16,
+            eps: 1e-6,
+        },
+        positions: g.ptr(&xb),
+        inv_freq: g.ptr(&xb),
+        heads: 2,
+        rope_dim: 8,
+        attention_factor: 1.0,
+    };
+    // SAFETY: refused by the shape check, nothing is launched.
+    assert!(unsafe { g.k.rms_norm_rope_f32(&g.s, &bad) }.is_err());
 }
 
 // ------------------------------------------------------------------------------------------

@@ -690,6 +690,7 @@ fn moe_case(
         tokens,
         topk,
         swiglu_limit: 10.0,
+        addend: 0,
     };
     // SAFETY: buffers sized for these shapes; the layer holds `experts` experts at this inter or larger.
     unsafe { k.fp4_moe_path(&gpu.stream, &l.experts_arg(inter), &c, path) }?;
@@ -784,6 +785,7 @@ fn moe_bench(
             tokens,
             topk,
             swiglu_limit: 10.0,
+            addend: 0,
         };
         // SAFETY: ids buffer holds reps+5 id sets; others sized above.
         unsafe { k.fp4_moe_path(&gpu.stream, &ex, &c, path) }.map_err(Into::into)

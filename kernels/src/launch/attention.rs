@@ -55,7 +55,25 @@ pub struct PagedAttention {
     pub scale: f32,
     /// How the key rows are stored (a row of `head_dim` values at each offset).
     pub format: KvRowFormat,
+    /// Undo RoPE on the output's trailing channels in the merge (K = V rows carried it into the
+    /// output), saving the separate inverse [`super::RopeF32`] launch; `None` leaves it.
+    pub inverse_rope: Option<InverseRope>,
 }
+
+/// The rotation [`PagedAttention::inverse_rope`] undoes: each token's position, the RoPE table
+/// and attention factor the keys were rotated with, on the trailing `rope_dim` channels.
+#[derive(Clone, Copy, Debug)]
+pub struct InverseRope {
+    /// i32 `[tokens]`.
+    pub positions: CUdeviceptr,
+    /// f32 `[rope_dim / 2]`.
+    pub inv_freq: CUdeviceptr,
+    pub rope_dim: usize,
+    pub attention_factor: f32,
+}
+
+/// Dimensions one block of the attention merge writes (`DSK_COMBINE_DIMS` in attention.cu).
+const COMBINE_DIMS: usize = 128;
 
 /// Lightning Indexer scores of `tokens` query tokens over their sequences' compressed rows.
 #[derive(Clone, Copy, Debug)]
@@ -208,6 +226,19 @@ pub fn check_attention(a: &PagedAttention) -> Result<(), KernelError> {
     a.format
         .check(a.head_dim)
         .map_err(|e| KernelError::invalid(K, e.to_string()))?;
+    if let Some(r) = a.inverse_rope {
+        // An even rope_dim keeps every channel pair inside one merge block (head_dim is even).
+        if r.rope_dim == 0 || !r.rope_dim.is_multiple_of(2) || r.rope_dim > a.head_dim {
+            return Err(KernelError::invalid(
+                K,
+                format!(
+                    "inverse RoPE over {} channels of head_dim {}: need an even count up to it",
+                    r.rope_dim, a.head_dim
+                ),
+            ));
+        }
+        nonnull(K, &[("positions", r.positions), ("inv_freq", r.inv_freq)])?;
+    }
     nonnull(
         K,
         &[
@@ -688,9 +719,22 @@ impl Kernels {
         );
         let splits = i32_arg(K, "splits", a.splits)?;
         let combine = LaunchConfig {
-            grid_dim: (u32_grid(K, a.heads)?, u32_grid(K, a.tokens)?, 1),
-            block_dim: (128, 1, 1),
+            grid_dim: (
+                u32_grid(K, a.heads)?,
+                u32_grid(K, a.tokens)?,
+                u32_grid(K, a.head_dim.div_ceil(COMBINE_DIMS))?,
+            ),
+            block_dim: (COMBINE_DIMS as u32, 1, 1),
             shared_mem_bytes: 0,
+        };
+        let (positions, inv_freq, rope_dim, factor) = match a.inverse_rope {
+            Some(r) => (
+                r.positions,
+                r.inv_freq,
+                i32_arg(K, "rope_dim", r.rope_dim)?,
+                r.attention_factor,
+            ),
+            None => (0, 0, 0, 1.0f32),
         };
         stream
             .kernel(&self.attend_combine)
@@ -700,6 +744,10 @@ impl Kernels {
             .arg(&hd)
             .arg(&splits)
             .arg(&a.out)
+            .arg(&positions)
+            .arg(&inv_freq)
+            .arg(&rope_dim)
+            .arg(&factor)
             .launch(combine)
             .map_err(KernelError::driver("launch attend_combine"))?;
         Ok(())
@@ -903,6 +951,7 @@ mod tests {
             splits: 1,
             scale: 1.0,
             format: KvRowFormat::F32,
+            inverse_rope: None,
         };
         assert!(check_attention(&a).is_err());
         assert!(check_attention(&PagedAttention { head_dim: 512, ..a }).is_ok());
@@ -1078,6 +1127,7 @@ mod tests {
             splits: 1,
             scale: 1.0,
             format: KvRowFormat::Fp8Latent { rope: 64 },
+            inverse_rope: None,
         };
         assert!(check_attention(&a).is_ok());
         assert!(check_attention_heads(&a).is_ok());

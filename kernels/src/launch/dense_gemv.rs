@@ -18,13 +18,14 @@ const M_BUCKETS: [usize; 5] = [1, 2, 4, 8, 16];
 pub const BF16_GEMV_MAX_M: usize = 16;
 /// Warps per block and weight rows per warp (`BG_WARPS`, `BG_ROWS` in the kernel).
 const WARPS: usize = 8;
-const ROWS_PER_WARP: usize = 4;
+pub(crate) const ROWS_PER_WARP: usize = 4;
 /// Weights per 16-byte load.
 const CHUNK: usize = 8;
 
 /// The `dense_gemv.cu` kernels.
 pub struct DenseGemvFns {
     gemv: [CudaFunction; 5],
+    pub(crate) gemv_multi: CudaFunction,
     widen: CudaFunction,
     gather: CudaFunction,
 }
@@ -40,6 +41,7 @@ impl DenseGemvFns {
                 f("dsk_bf16_gemv_xf32_m8")?,
                 f("dsk_bf16_gemv_xf32_m16")?,
             ],
+            gemv_multi: f("dsk_bf16_gemv_multi_xf32_m1")?,
             widen: f("dsk_widen_bf16_f32")?,
             gather: f("dsk_gather_rows_bf16")?,
         })
@@ -99,7 +101,7 @@ pub fn bf16_ksplit(n: usize, k: usize, sms: usize) -> usize {
 }
 
 /// Blocks of a [`Kernels::bf16_gemv`] launch with split `ks`.
-fn gemv_blocks(n: usize, ks: usize) -> usize {
+pub(crate) fn gemv_blocks(n: usize, ks: usize) -> usize {
     n.div_ceil(ROWS_PER_WARP).div_ceil(WARPS / ks)
 }
 

@@ -37,6 +37,7 @@ const GRID_YZ_MAX: usize = 65_535;
 /// The functions of `layer_ops.cu`.
 pub struct LayerOpsFns {
     rms_norm: CudaFunction,
+    rms_norm_rope: CudaFunction,
     rope: CudaFunction,
     hc_mix_partial: CudaFunction,
     hc_mix_reduce: CudaFunction,
@@ -59,6 +60,7 @@ impl LayerOpsFns {
         let f = |name: &str| function(m, name);
         Ok(Self {
             rms_norm: f("dsk_lo_rms_norm_f32")?,
+            rms_norm_rope: f("dsk_lo_rms_norm_rope_f32")?,
             rope: f("dsk_lo_rope_f32")?,
             hc_mix_partial: f("dsk_lo_hc_mix_partial_f32")?,
             hc_mix_reduce: f("dsk_lo_hc_mix_reduce_f32")?,
@@ -91,6 +93,21 @@ pub struct RmsNormF32 {
     pub ld_x: usize,
     pub ld_out: usize,
     pub eps: f32,
+}
+
+/// [`RmsNormF32`] of every row, then RoPE on its trailing `rope_dim` channels in the same launch
+/// (row `r` is head `r % heads` of token `r / heads`, rotated at `positions[r / heads]`): the
+/// bits of `rms_norm_f32` followed by `rope_f32` over `[tokens, heads, dim]` rows.
+#[derive(Clone, Copy, Debug)]
+pub struct RmsNormRopeF32 {
+    pub norm: RmsNormF32,
+    /// i32 `[rows / heads]`.
+    pub positions: CUdeviceptr,
+    /// f32 `[rope_dim / 2]`.
+    pub inv_freq: CUdeviceptr,
+    pub heads: usize,
+    pub rope_dim: usize,
+    pub attention_factor: f32,
 }
 
 /// In-place interleaved RoPE on the trailing `rope_dim` channels of every `head_dim`-wide head of
@@ -364,6 +381,28 @@ pub fn check_rms_norm_f32(a: &RmsNormF32) -> Result<(), KernelError> {
     u32_grid(K, a.rows)?;
     i64_arg(K, "rows * ld", a.rows.saturating_mul(a.ld_x.max(a.ld_out)))?;
     nonnull(K, &[("x", a.x), ("out", a.out)])
+}
+
+pub fn check_rms_norm_rope_f32(a: &RmsNormRopeF32) -> Result<(), KernelError> {
+    const K: &str = "rms_norm_rope_f32";
+    check_rms_norm_f32(&a.norm)?;
+    if a.heads == 0
+        || !a.norm.rows.is_multiple_of(a.heads)
+        || a.rope_dim == 0
+        || !a.rope_dim.is_multiple_of(2)
+        || a.rope_dim > a.norm.dim
+    {
+        return Err(invalid(
+            K,
+            format!(
+                "rows = {}, heads = {}, rope_dim = {}, dim = {}: need whole tokens of heads and \
+                 an even rope_dim up to dim",
+                a.norm.rows, a.heads, a.rope_dim, a.norm.dim
+            ),
+        ));
+    }
+    i32_arg(K, "heads", a.heads)?;
+    nonnull(K, &[("positions", a.positions), ("inv_freq", a.inv_freq)])
 }
 
 pub fn check_rope_f32(a: &RopeF32) -> Result<(), KernelError> {
@@ -646,6 +685,47 @@ impl Kernels {
             .arg(&a.eps)
             .launch(cfg)
             .map_err(KernelError::driver("launch rms_norm_f32"))?;
+        Ok(())
+    }
+
+    /// # Safety
+    /// As [`Self::rms_norm_f32`] for `a.norm`, plus `positions` holding `rows / heads` i32 and
+    /// `inv_freq` `rope_dim / 2` f32, device memory of this context.
+    pub unsafe fn rms_norm_rope_f32(
+        &self,
+        stream: &CudaStream,
+        a: &RmsNormRopeF32,
+    ) -> Result<(), KernelError> {
+        const K: &str = "rms_norm_rope_f32";
+        check_rms_norm_rope_f32(a)?;
+        let n = &a.norm;
+        let dim = i32_arg(K, "dim", n.dim)?;
+        let (ldx, ldo) = (i64_arg(K, "ld_x", n.ld_x)?, i64_arg(K, "ld_out", n.ld_out)?);
+        let (heads, rd) = (
+            i32_arg(K, "heads", a.heads)?,
+            i32_arg(K, "rope_dim", a.rope_dim)?,
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (u32_grid(K, n.rows)?, 1, 1),
+            block_dim: (BLOCK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .kernel(&self.layer_ops.rms_norm_rope)
+            .arg(&n.x)
+            .arg(&n.out)
+            .arg(&n.weight)
+            .arg(&dim)
+            .arg(&ldx)
+            .arg(&ldo)
+            .arg(&n.eps)
+            .arg(&a.positions)
+            .arg(&a.inv_freq)
+            .arg(&heads)
+            .arg(&rd)
+            .arg(&a.attention_factor)
+            .launch(cfg)
+            .map_err(KernelError::driver("launch rms_norm_rope_f32"))?;
         Ok(())
     }
 

@@ -181,6 +181,7 @@ impl CudaBackend {
                 splits,
                 scale,
                 format: keys.format,
+                inverse_rope: None,
             };
             // SAFETY: q and out hold tokens * heads * head_dim f32, starts tokens + 1 i32 indexing
             // into `off`, sinks `heads` f32, the workspace the size the launch asks for, and

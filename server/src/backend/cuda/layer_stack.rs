@@ -16,15 +16,16 @@ use dspark_kernels::kv_record::KvRowFormat;
 use dspark_kernels::launch::attention::ATTENTION_HEAD_GROUP;
 use dspark_kernels::launch::layer_ops::{
     hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcPost, HcPreFused, HcPreKernel,
-    RmsNormF32, RopeF32, RouteF32, RouterScoring,
+    RmsNormF32, RmsNormRopeF32, RopeF32, RouteF32, RouterScoring,
 };
+use dspark_kernels::launch::multi_gemv::{GemvSegment, SegmentWeights, GEMV_MAX_SEGMENTS};
 use dspark_kernels::launch::paged::{
     key_counts, CompressParams, KeyMode, KeySelection, PoolSection, RowTable,
 };
 use dspark_kernels::launch::FP8_GEMV_MAX_M;
 use dspark_kernels::{
     attention_splits, attention_workspace_floats, Fp4MoeCall, Fp8GroupedGemv, IndexerScores,
-    OutDtype, PagedAttention, SkinnyMma, SkinnyWeight, TopKSelect,
+    InverseRope, OutDtype, PagedAttention, SkinnyMma, SkinnyWeight, TopKSelect,
 };
 
 use super::kv::topk_work_floats;
@@ -1020,6 +1021,64 @@ impl CudaBackend {
         )
     }
 
+    /// `y = x W^T` for several matrices reading the same `x` (see [`Self::stack_linear`]). A
+    /// one-row step runs the FP8 ones as one launch and the bf16 ones as another
+    /// ([`dspark_kernels::Kernels::gemv_multi`]: the same bits as a launch each); other steps,
+    /// and matrices alone of their kind, go through [`Self::stack_linear`].
+    fn stack_linear_many(
+        &self,
+        x: &CudaSlice<f32>,
+        n: usize,
+        jobs: &mut [(&CudaMatrix, &mut CudaSlice<f32>)],
+        wide: &mut CudaSlice<f32>,
+    ) -> Result<(), BackendError> {
+        let mut merged = vec![false; jobs.len()];
+        if n == 1 && self.gemv_multi {
+            let s = &self.stream;
+            for kind in [SegmentWeights::Fp8, SegmentWeights::Bf16] {
+                let mut segs = Vec::with_capacity(jobs.len());
+                let mut members = Vec::with_capacity(jobs.len());
+                let mut cols_of = None;
+                for (i, (w, y)) in jobs.iter_mut().enumerate() {
+                    let (rows, cols) = w.shape();
+                    let (weight, scale) = match (kind, &**w) {
+                        (SegmentWeights::Fp8, CudaMatrix::Fp8 { w, scales, .. }) => {
+                            (ptr(s, w), ptr(s, scales))
+                        }
+                        (SegmentWeights::Bf16, CudaMatrix::Bf16 { w, .. }) => (ptr(s, w), 0),
+                        _ => continue,
+                    };
+                    if x.len() < cols || y.len() < rows || *cols_of.get_or_insert(cols) != cols {
+                        continue;
+                    }
+                    segs.push(GemvSegment {
+                        weight,
+                        scale,
+                        out: ptr_mut(s, *y),
+                        rows,
+                    });
+                    members.push(i);
+                }
+                if segs.len() < 2 || segs.len() > GEMV_MAX_SEGMENTS {
+                    continue;
+                }
+                let k = cols_of.unwrap_or(0);
+                // SAFETY: every segment's weight holds [rows, k] of its kind (with its tiles),
+                // its output at least `rows` f32, x at least k (checked above); the outputs are
+                // distinct scratch buffers, none of them x.
+                unsafe { self.kernels.gemv_multi(s, kind, &segs, ptr(s, x), k) }
+                    .map_err(kernel_err)?;
+                members.iter().for_each(|&i| merged[i] = true);
+            }
+        }
+        for ((w, y), done) in jobs.iter_mut().zip(merged) {
+            if !done {
+                self.stack_linear(x, n, w, y, wide)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The layer stack over one step (see [`crate::backend::Backend::run_layer_stack`]). Steps
     /// of up to [`STACK_MAX_ROWS`] rows run whole, as CUDA graphs where allowed; larger ones
     /// (prefill chunks) run as GEMM steps in pieces of at most [`gemm_piece_rows`] rows, one
@@ -1638,37 +1697,21 @@ impl CudaBackend {
         self.stage(&mut stack.clock, "stack: hyper-connections")?;
         self.hc_pre(sc, &layer.hc_attn, &layer.attn_norm, cfg, n)?;
         self.stage(&mut stack.clock, "stack: projections")?;
-        self.stack_linear(&sc.x, n, &aw.wq_a, &mut sc.q_lora, &mut sc.gemm.wide)?;
-        self.stack_linear(&sc.x, n, &aw.wkv, &mut sc.kv, &mut sc.gemm.wide)?;
+        // Every projection of the normed input: one launch per weight kind at one row.
+        let mut jobs: Vec<(&CudaMatrix, &mut CudaSlice<f32>)> =
+            vec![(&aw.wq_a, &mut sc.q_lora), (&aw.wkv, &mut sc.kv)];
         if let Some(cw) = &aw.compressor {
-            self.stack_linear(&sc.x, n, &cw.wkv, &mut sc.comp_kv, &mut sc.gemm.wide)?;
-            self.stack_linear(&sc.x, n, &cw.wgate, &mut sc.comp_gate, &mut sc.gemm.wide)?;
+            jobs.push((&cw.wkv, &mut sc.comp_kv));
+            jobs.push((&cw.wgate, &mut sc.comp_gate));
         }
         let mut idx_heads = 0;
         if let Some(iw) = &aw.indexer {
-            self.stack_linear(
-                &sc.x,
-                n,
-                &iw.compressor.wkv,
-                &mut sc.idx_kv,
-                &mut sc.gemm.wide,
-            )?;
-            self.stack_linear(
-                &sc.x,
-                n,
-                &iw.compressor.wgate,
-                &mut sc.idx_gate,
-                &mut sc.gemm.wide,
-            )?;
-            self.stack_linear(
-                &sc.x,
-                n,
-                &iw.weights_proj,
-                &mut sc.idx_weights,
-                &mut sc.gemm.wide,
-            )?;
+            jobs.push((&iw.compressor.wkv, &mut sc.idx_kv));
+            jobs.push((&iw.compressor.wgate, &mut sc.idx_gate));
+            jobs.push((&iw.weights_proj, &mut sc.idx_weights));
             idx_heads = iw.weights_proj.shape().0;
         }
+        self.stack_linear_many(&sc.x, n, &mut jobs, &mut sc.gemm.wide)?;
         self.stage(&mut stack.clock, "stack: norms, RoPE, KV write")?;
         // Queries: q LoRA norm (kept as the indexer's input), wq_b, per-head norm, RoPE.
         let qr = cfg.q_lora_rank;
@@ -1691,16 +1734,29 @@ impl CudaBackend {
         }
         .map_err(kernel_err)?;
         self.stage(&mut stack.clock, "stack: projections")?;
-        self.stack_linear(&sc.q_lora, n, &aw.wq_b, &mut sc.q, &mut sc.gemm.wide)?;
+        // The queries, and the indexer's queries where its scores run this step (both read the
+        // normed q LoRA: one launch at one row).
+        let indexer_runs = cfg.index_topk > 0
+            && layer.indexer.is_some()
+            && step
+                .index_classes
+                .iter()
+                .any(|c| c.ratio == ratio && c.total > 0);
+        let mut jobs: Vec<(&CudaMatrix, &mut CudaSlice<f32>)> = vec![(&aw.wq_b, &mut sc.q)];
+        if let (Some(iw), true) = (&aw.indexer, indexer_runs) {
+            jobs.push((&iw.wq_b, &mut sc.idx_q));
+        }
+        self.stack_linear_many(&sc.q_lora, n, &mut jobs, &mut sc.gemm.wide)?;
         self.stage(&mut stack.clock, "stack: norms, RoPE, KV write")?;
         let heads = aw.wq_b.shape().0 / hd;
         let q = ptr_mut(s, &mut sc.q);
+        // Per-head norm and RoPE in one launch.
         // SAFETY: q holds n * heads rows of head_dim; positions n i32; the RoPE table rd / 2.
         unsafe {
-            self.kernels
-                .rms_norm_f32(
-                    s,
-                    &RmsNormF32 {
+            self.kernels.rms_norm_rope_f32(
+                s,
+                &RmsNormRopeF32 {
+                    norm: RmsNormF32 {
                         x: q,
                         out: q,
                         weight: 0,
@@ -1710,25 +1766,13 @@ impl CudaBackend {
                         ld_out: hd,
                         eps,
                     },
-                )
-                .and_then(|()| {
-                    self.kernels.rope_f32(
-                        s,
-                        &RopeF32 {
-                            x: q,
-                            positions,
-                            inv_freq: ptr(s, rope),
-                            tokens: n,
-                            heads,
-                            head_dim: hd,
-                            rope_dim: rd,
-                            ld_token: heads * hd,
-                            ld_head: hd,
-                            attention_factor: rope_af,
-                            inverse: false,
-                        },
-                    )
-                })
+                    positions,
+                    inv_freq: ptr(s, rope),
+                    heads,
+                    rope_dim: rd,
+                    attention_factor: rope_af,
+                },
+            )
         }
         .map_err(kernel_err)?;
         // The latent KV row: kv_norm, RoPE, into each row's window slot.
@@ -1737,37 +1781,26 @@ impl CudaBackend {
         // SAFETY: kv holds n rows of head_dim; every row's block was checked to lie in the pool.
         unsafe {
             self.kernels
-                .rms_norm_f32(
+                .rms_norm_rope_f32(
                     s,
-                    &RmsNormF32 {
-                        x: kvp,
-                        out: kvp,
-                        weight: ptr(s, &layer.kv_norm),
-                        rows: n,
-                        dim: hd,
-                        ld_x: hd,
-                        ld_out: hd,
-                        eps,
+                    &RmsNormRopeF32 {
+                        norm: RmsNormF32 {
+                            x: kvp,
+                            out: kvp,
+                            weight: ptr(s, &layer.kv_norm),
+                            rows: n,
+                            dim: hd,
+                            ld_x: hd,
+                            ld_out: hd,
+                            eps,
+                        },
+                        positions,
+                        inv_freq: ptr(s, rope),
+                        heads: 1,
+                        rope_dim: rd,
+                        attention_factor: rope_af,
                     },
                 )
-                .and_then(|()| {
-                    self.kernels.rope_f32(
-                        s,
-                        &RopeF32 {
-                            x: kvp,
-                            positions,
-                            inv_freq: ptr(s, rope),
-                            tokens: n,
-                            heads: 1,
-                            head_dim: hd,
-                            rope_dim: rd,
-                            ld_token: hd,
-                            ld_head: hd,
-                            attention_factor: rope_af,
-                            inverse: false,
-                        },
-                    )
-                })
                 .and_then(|()| {
                     self.kernels.pool_write_rows(
                         s,
@@ -1827,7 +1860,7 @@ impl CudaBackend {
             )?;
         }
         let key_mode;
-        if let (Some(iw), Some(ip)) = (&aw.indexer, &layer.indexer) {
+        if let (Some(_), Some(ip)) = (&aw.indexer, &layer.indexer) {
             key_mode = KeyMode::Selected;
             let ihd = cfg.index_head_dim;
             self.stack_compress(
@@ -1867,10 +1900,9 @@ impl CudaBackend {
                 .iter()
                 .find(|c| c.ratio == ratio)
                 .ok_or_else(|| shape_err(format!("no indexer rows for ratio {ratio}")))?;
-            if class.total > 0 && cfg.index_topk > 0 {
-                // Indexer queries from the normed q LoRA, RoPE'd like the compressed keys.
+            if indexer_runs {
+                // Indexer queries (projected with wq_b above), RoPE'd like the compressed keys.
                 self.stage(&mut stack.clock, "stack: indexer")?;
-                self.stack_linear(&sc.q_lora, n, &iw.wq_b, &mut sc.idx_q, &mut sc.gemm.wide)?;
                 let iq = ptr_mut(s, &mut sc.idx_q);
                 let iwts = ptr_mut(s, &mut sc.idx_weights);
                 let wscale = (cfg.index_n_heads as f32).powf(-0.5);
@@ -2035,8 +2067,14 @@ impl CudaBackend {
             splits,
             scale: (hd as f32).powf(-0.5),
             format: model.geometry.latent_format,
+            // K = V carried RoPE into the output; the merge undoes it at the query position.
+            inverse_rope: Some(InverseRope {
+                positions,
+                inv_freq: ptr(s, rope),
+                rope_dim: rd,
+                attention_factor: rope_af,
+            }),
         };
-        let attn = ptr_mut(s, &mut sc.attn);
         // SAFETY: q/attn hold n * heads * head_dim, the key lists were built above inside the
         // pool, the workspace has the size the launch asks for.
         unsafe {
@@ -2045,25 +2083,6 @@ impl CudaBackend {
             } else {
                 self.kernels.paged_attention(s, &call)
             }
-            .and_then(|()| {
-                // K = V carried RoPE into the output; undo it at the query position.
-                self.kernels.rope_f32(
-                    s,
-                    &RopeF32 {
-                        x: attn,
-                        positions,
-                        inv_freq: ptr(s, rope),
-                        tokens: n,
-                        heads,
-                        head_dim: hd,
-                        rope_dim: rd,
-                        ld_token: heads * hd,
-                        ld_head: hd,
-                        attention_factor: rope_af,
-                        inverse: true,
-                    },
-                )
-            })
         }
         .map_err(kernel_err)?;
         self.stage(&mut stack.clock, "stack: output projection")?;
@@ -2237,6 +2256,37 @@ impl CudaBackend {
             out_weights: ptr_mut(s, &mut sc.route_weights),
         };
         unsafe { self.kernels.route_f32(s, &call) }.map_err(kernel_err)?;
+        self.stage(&mut stack.clock, "stack: shared expert")?;
+        // The shared expert first, through the scratch (no allocation inside a captured step).
+        let sh = &mw.shared;
+        let inter = sh.w1.shape().0;
+        self.stack_linear_many(
+            &sc.x,
+            n,
+            &mut [(&sh.w1, &mut sc.shared_gate), (&sh.w3, &mut sc.shared_up)],
+            &mut sc.gemm.wide,
+        )?;
+        let (g, u, a) = (
+            ptr(s, &sc.shared_gate),
+            ptr(s, &sc.shared_up),
+            ptr_mut(s, &mut sc.shared_act),
+        );
+        // SAFETY: gate, up and act hold n rows of the shared expert's inter size.
+        unsafe {
+            self.kernels
+                .swiglu_clip(s, g, u, a, n * inter, cfg.swiglu_limit)
+        }
+        .map_err(kernel_err)?;
+        self.stack_linear(
+            &sc.shared_act,
+            n,
+            &sh.w2,
+            &mut sc.shared_down,
+            &mut sc.gemm.wide,
+        )?;
+        // The routed experts' sum takes the shared expert's output as its addend where the
+        // kernel can (the FP4 decode path), else it is added after.
+        let mut shared_added = false;
         self.stage(&mut stack.clock, "stack: routed experts")?;
         match (&mw.experts, &layer.dense_experts) {
             (CudaExpertBank::Fp4(b), _) if n > STACK_MAX_ROWS => {
@@ -2278,7 +2328,9 @@ impl CudaBackend {
                     tokens: n,
                     topk: k,
                     swiglu_limit: cfg.swiglu_limit,
+                    addend: ptr(s, &sc.shared_down),
                 };
+                shared_added = true;
                 // SAFETY: the bank is this layer's FP4 weights; ids come from the router (below
                 // `experts`), the scratch holds n * k rows of inter / hidden.
                 unsafe { self.kernels.fp4_moe(s, &bank, &call) }.map_err(kernel_err)?;
@@ -2311,33 +2363,11 @@ impl CudaBackend {
             }
             _ => return Err(shape_err(format!("layer {l}: no device experts"))),
         }
-        self.stage(&mut stack.clock, "stack: shared expert")?;
-        // The shared expert through the scratch (no allocation inside a captured step).
-        let sh = &mw.shared;
-        let inter = sh.w1.shape().0;
-        self.stack_linear(&sc.x, n, &sh.w1, &mut sc.shared_gate, &mut sc.gemm.wide)?;
-        self.stack_linear(&sc.x, n, &sh.w3, &mut sc.shared_up, &mut sc.gemm.wide)?;
-        let (g, u, a) = (
-            ptr(s, &sc.shared_gate),
-            ptr(s, &sc.shared_up),
-            ptr_mut(s, &mut sc.shared_act),
-        );
-        // SAFETY: gate, up and act hold n rows of the shared expert's inter size.
-        unsafe {
-            self.kernels
-                .swiglu_clip(s, g, u, a, n * inter, cfg.swiglu_limit)
+        if !shared_added {
+            let (acc, down) = (ptr_mut(s, &mut sc.sub_out), ptr(s, &sc.shared_down));
+            // SAFETY: sub_out and shared_down both hold n rows of hidden.
+            unsafe { self.kernels.add_into(s, acc, down, n * h) }.map_err(kernel_err)?;
         }
-        .map_err(kernel_err)?;
-        self.stack_linear(
-            &sc.shared_act,
-            n,
-            &sh.w2,
-            &mut sc.shared_down,
-            &mut sc.gemm.wide,
-        )?;
-        let (acc, down) = (ptr_mut(s, &mut sc.sub_out), ptr(s, &sc.shared_down));
-        // SAFETY: sub_out and shared_down both hold n rows of hidden.
-        unsafe { self.kernels.add_into(s, acc, down, n * h) }.map_err(kernel_err)?;
         self.stage(&mut stack.clock, "stack: all-reduce")?;
         self.stack_all_reduce(comm, &mut sc.sub_out, n * h)?;
         self.stage(&mut stack.clock, "stack: hyper-connections")?;

@@ -235,6 +235,9 @@ pub struct CudaBackend {
     /// Whether projections of 2..=16 rows run on the tensor-core skinny GEMM (`DSPARK_SKINNY_MMA=0`
     /// keeps them on the CUDA-core GEMVs; both are f32-exact, the switch is for comparisons).
     skinny_mma: bool,
+    /// Whether a one-row step runs the projections that read one input as one launch
+    /// (`DSPARK_GEMV_MULTI=0` keeps a launch per matrix; the results are the same bits).
+    gemv_multi: bool,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -321,6 +324,7 @@ impl CudaBackend {
             gemm_tf32: AtomicBool::new(gemm_step::tf32_allowed()),
             grouped_gemm_ok: AtomicBool::new(true),
             skinny_mma: std::env::var("DSPARK_SKINNY_MMA").map_or(true, |v| v != "0"),
+            gemv_multi: std::env::var("DSPARK_GEMV_MULTI").map_or(true, |v| v != "0"),
             head_staging: Mutex::new(None),
             head_gather_device: std::env::var("DSPARK_HEAD_GATHER_DEVICE").is_ok_and(|v| v == "1"),
         })
@@ -658,6 +662,7 @@ impl CudaBackend {
                 tokens: n,
                 topk,
                 swiglu_limit: limit,
+                addend: 0,
             };
             // SAFETY: the caller vouches for the bank; x, ids, weights, h, partial and out
             // were just allocated for n rows x topk slots.
