@@ -32,6 +32,15 @@ __device__ __forceinline__ float lo_sigmoid(float x) {
     return __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-x)));
 }
 
+// 1 / sqrt(sum(xr^2) / dim + eps) of one row, summed by the whole block (the same order for
+// every kernel that norms a row with it, so they agree bit for bit).
+__device__ __forceinline__ float lo_rms_inv(const float *xr, int dim, float eps, float *red) {
+    float sq = 0.0f;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) sq = fmaf(xr[c], xr[c], sq);
+    const float ms = __fdiv_rn(lo_block_sum(sq, red), (float)dim);
+    return __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, eps)));
+}
+
 // ---------------------------------------------------------------------------------------------
 // RMSNorm: out = w * (v * inv), inv = 1 / sqrt(sum(v^2) / dim + eps); one block per row.
 // weight may be null (no weight). x == out is fine: each thread rewrites only what it read.
@@ -42,10 +51,7 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_rms_norm_f32(
     __shared__ float red[32];
     const float *xr = x + (long long)blockIdx.x * ld_x;
     float *orow = out + (long long)blockIdx.x * ld_out;
-    float sq = 0.0f;
-    for (int c = threadIdx.x; c < dim; c += blockDim.x) sq = fmaf(xr[c], xr[c], sq);
-    const float ms = __fdiv_rn(lo_block_sum(sq, red), (float)dim);
-    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, eps)));
+    const float inv = lo_rms_inv(xr, dim, eps, red);
     for (int c = threadIdx.x; c < dim; c += blockDim.x) {
         const float v = __fmul_rn(xr[c], inv);
         orow[c] = weight ? __fmul_rn(weight[c], v) : v;
@@ -65,11 +71,9 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_rms_norm_rope_f32(
     __shared__ float red[32];
     const float *xr = x + (long long)blockIdx.x * ld_x;
     float *orow = out + (long long)blockIdx.x * ld_out;
-    float sq = 0.0f;
-    for (int c = threadIdx.x; c < dim; c += blockDim.x) sq = fmaf(xr[c], xr[c], sq);
-    // Every read of the row precedes this barrier: the writes below may overwrite it in place.
-    const float ms = __fdiv_rn(lo_block_sum(sq, red), (float)dim);
-    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, eps)));
+    // Every read of the row for the sum precedes its barrier: the writes below may overwrite it
+    // in place (each thread rewrites only channels it reads again itself).
+    const float inv = lo_rms_inv(xr, dim, eps, red);
     const int rope0 = dim - rope_dim;
     for (int c = threadIdx.x; c < rope0; c += blockDim.x) {
         const float v = __fmul_rn(xr[c], inv);

@@ -23,7 +23,7 @@ use dspark_kernels::reference::{fp8_gemv, rel_err};
 use dspark_kernels::{ActDtype, Fp8Gemv, Fp8GroupedGemv, Fp8Path, OutDtype};
 
 mod common;
-use common::{gpu, Gpu, Rng};
+use common::{e4m3_codes, e8m0_scales_near_one, gpu, Gpu, Rng};
 
 /// f32 accumulation of k <= 4096 random-sign terms against the exactly rounded f64 sum: the
 /// error is ~1e-7 of the result's norm; 1e-5 leaves two orders of margin and still catches any
@@ -71,20 +71,8 @@ struct Data {
 
 fn data(c: &Case, seed: u64) -> Data {
     let mut rng = Rng(seed);
-    // Any e4m3 code but the NaNs (0x7F, 0xFF).
-    let w = (0..c.n() * c.k)
-        .map(|_| {
-            let b = rng.next() as u8;
-            if b & 0x7f == 0x7f {
-                b ^ 1
-            } else {
-                b
-            }
-        })
-        .collect();
-    let s = (0..c.n() / 128 * c.kb())
-        .map(|_| 118 + (rng.next() % 8) as u8)
-        .collect();
+    let w = e4m3_codes(&mut rng, c.n() * c.k);
+    let s = e8m0_scales_near_one(&mut rng, c.n() / 128 * c.kb());
     let mut x = vec![f32::NAN; c.m * c.ld_x()];
     for m in 0..c.m {
         for g in 0..c.groups {

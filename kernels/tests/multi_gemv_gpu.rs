@@ -8,23 +8,12 @@ use dspark_kernels::launch::multi_gemv::{GemvSegment, SegmentWeights};
 use dspark_kernels::{ActDtype, Bf16Gemv, Fp8Gemv, OutDtype};
 
 mod common;
-use common::{bf16_bits, bf16_gemv_ref, gpu, Gpu, Rng};
+use common::{bf16_bits, bf16_gemv_ref, e4m3_codes, e8m0_scales_near_one, gpu, Gpu, Rng};
 
-/// Any e4m3 code but the NaNs, and E8M0 scales near 1.
+/// An FP8 matrix: e4m3 codes and E8M0 scales near 1.
 fn fp8_matrix(rng: &mut Rng, rows: usize, k: usize) -> (Vec<u8>, Vec<u8>) {
-    let w = (0..rows * k)
-        .map(|_| {
-            let b = rng.next() as u8;
-            if b & 0x7f == 0x7f {
-                b ^ 1
-            } else {
-                b
-            }
-        })
-        .collect();
-    let s = (0..rows.div_ceil(128) * k.div_ceil(128))
-        .map(|_| 118 + (rng.next() % 8) as u8)
-        .collect();
+    let w = e4m3_codes(rng, rows * k);
+    let s = e8m0_scales_near_one(rng, rows.div_ceil(128) * k.div_ceil(128));
     (w, s)
 }
 

@@ -89,6 +89,25 @@ impl Rng {
     }
 }
 
+/// Random e4m3 codes: any byte but the two NaNs (0x7F, 0xFF).
+pub fn e4m3_codes(rng: &mut Rng, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            let b = rng.next() as u8;
+            if b & 0x7f == 0x7f {
+                b ^ 1
+            } else {
+                b
+            }
+        })
+        .collect()
+}
+
+/// Random E8M0 block scales near 1 (2^-9 .. 2^-2).
+pub fn e8m0_scales_near_one(rng: &mut Rng, len: usize) -> Vec<u8> {
+    (0..len).map(|_| 118 + (rng.next() % 8) as u8).collect()
+}
+
 /// Random bf16 bit patterns of finite values in about +-2^(-8..1), both signs.
 pub fn bf16_bits(rng: &mut Rng, len: usize) -> Vec<u16> {
     (0..len)
