@@ -510,14 +510,14 @@ __device__ __forceinline__ void dsk_indexer_scores_tiled(
         // floats: 65 or 17, both 4 or 2 banks apart per word) land in 32 different banks.
         // dim % 32 == 0: whole passes.
         if (fmt == DSK_KV_FP8_INDEXER) {
-            constexpr int QUADS = R / 4;  // row quads of the tile
+            constexpr int QUADS = R / 4, QSH = R == 64 ? 4 : 2;  // row quads of the tile, log2
             const int wpr = dim >> 2;  // words of a row; its scale is the word after them
             const int warp = tid >> 5, lane = tid & 31;
             unsigned int v[TILE_PER_THREAD / 4];
             float sc[TILE_PER_THREAD / 4];
 #pragma unroll
             for (int j = 0; j < TILE_PER_THREAD / 4; ++j) {
-                const int u = warp + 8 * j, rr = 4 * (u % QUADS) + (lane >> 3), c = 8 * (u / QUADS) + (lane & 7);
+                const int u = warp + 8 * j, rr = 4 * (u & (QUADS - 1)) + (lane >> 3), c = 8 * (u >> QSH) + (lane & 7);
                 const int r = r0 + rr;
                 v[j] = 0u;
                 sc[j] = 0.f;
@@ -531,7 +531,7 @@ __device__ __forceinline__ void dsk_indexer_scores_tiled(
             }
 #pragma unroll
             for (int j = 0; j < TILE_PER_THREAD / 4; ++j) {
-                const int u = warp + 8 * j, rr = 4 * (u % QUADS) + (lane >> 3), c = 8 * (u / QUADS) + (lane & 7);
+                const int u = warp + 8 * j, rr = 4 * (u & (QUADS - 1)) + (lane >> 3), c = 8 * (u >> QSH) + (lane & 7);
                 if (c < wpr) {
                     float x0, x1, x2, x3;
                     dsk_e4m3x2_to_f32(v[j] & 0xffffu, x0, x1);
@@ -544,13 +544,13 @@ __device__ __forceinline__ void dsk_indexer_scores_tiled(
                 }
             }
         } else if (fmt == DSK_KV_BF16) {
-            constexpr int PAIRS = R / 2;  // row pairs of the tile
+            constexpr int PAIRS = R / 2, PSH = R == 64 ? 5 : 3;  // row pairs of the tile, log2
             const int wpr = dim >> 1;
             const int warp = tid >> 5, lane = tid & 31;
             unsigned int v[TILE_PER_THREAD / 2];
 #pragma unroll
             for (int j = 0; j < TILE_PER_THREAD / 2; ++j) {
-                const int u = warp + 8 * j, rr = 2 * (u % PAIRS) + (lane >> 4), c = 16 * (u / PAIRS) + (lane & 15);
+                const int u = warp + 8 * j, rr = 2 * (u & (PAIRS - 1)) + (lane >> 4), c = 16 * (u >> PSH) + (lane & 15);
                 const int r = r0 + rr;
                 v[j] = 0u;
                 if (c < wpr && r < vis) {
@@ -562,7 +562,7 @@ __device__ __forceinline__ void dsk_indexer_scores_tiled(
             }
 #pragma unroll
             for (int j = 0; j < TILE_PER_THREAD / 2; ++j) {
-                const int u = warp + 8 * j, rr = 2 * (u % PAIRS) + (lane >> 4), c = 16 * (u / PAIRS) + (lane & 15);
+                const int u = warp + 8 * j, rr = 2 * (u & (PAIRS - 1)) + (lane >> 4), c = 16 * (u >> PSH) + (lane & 15);
                 if (c < wpr) {
                     float *col = ks + 2 * c * (R + 1) + rr;
                     col[0] = dsk_bf16lo(v[j]);
