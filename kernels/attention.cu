@@ -445,6 +445,97 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_f32(
 #define DSK_IDXT_ROWS 64
 #define DSK_IDXT_HEADS 64
 #define DSK_IDXT_DIM 128
+// The 16-row tile into ks ([dim][17], transposed): the same values at the same places as the
+// 64-row kernel's staging (same lane mapping with 16 rows: e4m3 word 8 co + L % 8 of row
+// 4 rq + L / 8, bf16 word 16 co + L % 16 of row 2 rq + L / 16, f32 element tid + 256 j), and the
+// same bank spread (row stride 17). A short list's block does one tile, so its latency chain
+// matters: every row address is computed first (rows past the visible ones address the last
+// visible row, branch-free; their values are zeros, as in the 64-row kernel), so the block-table
+// loads go out together (a thread's e4m3 and bf16 words are all of one row), then every word.
+__device__ __forceinline__ void dsk_idxt_stage16(
+    float *ks, const float *__restrict__ pool, const unsigned int *__restrict__ tb, long long fpb,
+    int bs, long long base, int ratio, int stride, int dim, int vis, int r0, int fmt) {
+    constexpr int R = 16, TPT = R * DSK_IDXT_DIM / 256;  // 8 values a thread
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    auto row = [&](int r) {
+        const int pos = min(r, vis - 1) * ratio;
+        return pool + (long long)tb[pos / bs] * fpb + base + (long long)((pos % bs) / ratio) * stride;
+    };
+    if (fmt == DSK_KV_FP8_INDEXER) {
+        const int wpr = dim >> 2;
+        const float *k[TPT / 4];
+        unsigned int v[TPT / 4];
+        float sc[TPT / 4];
+#pragma unroll
+        for (int j = 0; j < TPT / 4; ++j) {
+            const int u = warp + 8 * j;
+            k[j] = row(r0 + 4 * (u & 3) + (lane >> 3));
+        }
+#pragma unroll
+        for (int j = 0; j < TPT / 4; ++j) {
+            const int u = warp + 8 * j, r = r0 + 4 * (u & 3) + (lane >> 3), c = 8 * (u >> 2) + (lane & 7);
+            const bool on = c < wpr && r < vis;
+            v[j] = on ? reinterpret_cast<const unsigned int *>(k[j])[c] : 0u;
+            sc[j] = on ? k[j][wpr] : 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < TPT / 4; ++j) {
+            const int u = warp + 8 * j, rr = 4 * (u & 3) + (lane >> 3), c = 8 * (u >> 2) + (lane & 7);
+            if (c < wpr) {
+                float x0, x1, x2, x3;
+                dsk_e4m3x2_to_f32(v[j] & 0xffffu, x0, x1);
+                dsk_e4m3x2_to_f32(v[j] >> 16, x2, x3);
+                float *col = ks + 4 * c * (R + 1) + rr;
+                col[0] = x0 * sc[j];
+                col[R + 1] = x1 * sc[j];
+                col[2 * (R + 1)] = x2 * sc[j];
+                col[3 * (R + 1)] = x3 * sc[j];
+            }
+        }
+    } else if (fmt == DSK_KV_BF16) {
+        const int wpr = dim >> 1;
+        const float *k[TPT / 2];
+        unsigned int v[TPT / 2];
+#pragma unroll
+        for (int j = 0; j < TPT / 2; ++j) {
+            const int u = warp + 8 * j;
+            k[j] = row(r0 + 2 * (u & 7) + (lane >> 4));
+        }
+#pragma unroll
+        for (int j = 0; j < TPT / 2; ++j) {
+            const int u = warp + 8 * j, r = r0 + 2 * (u & 7) + (lane >> 4), c = 16 * (u >> 3) + (lane & 15);
+            v[j] = c < wpr && r < vis ? reinterpret_cast<const unsigned int *>(k[j])[c] : 0u;
+        }
+#pragma unroll
+        for (int j = 0; j < TPT / 2; ++j) {
+            const int u = warp + 8 * j, rr = 2 * (u & 7) + (lane >> 4), c = 16 * (u >> 3) + (lane & 15);
+            if (c < wpr) {
+                float *col = ks + 2 * c * (R + 1) + rr;
+                col[0] = dsk_bf16lo(v[j]);
+                col[R + 1] = dsk_bf16hi(v[j]);
+            }
+        }
+    } else {
+        const float *k[TPT];
+        float v[TPT];
+#pragma unroll
+        for (int j = 0; j < TPT; ++j) {
+            const int i = tid + 256 * j, rr = i / dim;
+            k[j] = row(r0 + rr);
+        }
+#pragma unroll
+        for (int j = 0; j < TPT; ++j) {
+            const int i = tid + 256 * j, rr = i / dim, d = i - rr * dim;
+            v[j] = rr < R && r0 + rr < vis ? k[j][d] : 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < TPT; ++j) {
+            const int i = tid + 256 * j, rr = i / dim, d = i - rr * dim;
+            if (rr < R) ks[d * (R + 1) + rr] = v[j];
+        }
+    }
+}
+
 template <int R>
 __device__ __forceinline__ void dsk_indexer_scores_tiled(
     const float *__restrict__ pool, const float *__restrict__ q, const float *__restrict__ w,
@@ -473,19 +564,20 @@ __device__ __forceinline__ void dsk_indexer_scores_tiled(
         // A short list's block is short, so its query staging must be too: a warp's pass loads
         // 8 consecutive dims of 4 heads (four 32-byte segments; lane L: head 4 (u % 16) + L / 8,
         // dim 8 (u / 16) + L % 8) and stores them at (4 d + h) mod 32 = 32 different banks
-        // (a stride of 64 would put a pass's 32 dims of one head in one bank).
+        // (a stride of 64 would put a pass's 32 dims of one head in one bank). Sixteen loads
+        // in flight per thread: two L2 round trips at dim 128.
         const int warp = tid >> 5, lane = tid & 31;
-        for (int j0 = 0; j0 < (dim >> 2); j0 += 8) {
-            float v[8];
+        for (int j0 = 0; j0 < (dim >> 2); j0 += 16) {
+            float v[16];
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
+            for (int j = 0; j < 16; ++j) {
                 const int u = warp + 8 * (j0 + j), h = 4 * (u & 15) + (lane >> 3), d = 8 * (u >> 4) + (lane & 7);
-                v[j] = h < heads ? qt[h * dim + d] : 0.f;
+                v[j] = h < heads && j0 + j < (dim >> 2) ? qt[h * dim + d] : 0.f;
             }
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
+            for (int j = 0; j < 16; ++j) {
                 const int u = warp + 8 * (j0 + j), h = 4 * (u & 15) + (lane >> 3), d = 8 * (u >> 4) + (lane & 7);
-                qs[d * QLD + h] = v[j];
+                if (j0 + j < (dim >> 2)) qs[d * QLD + h] = v[j];
             }
         }
     }
@@ -509,7 +601,9 @@ __device__ __forceinline__ void dsk_indexer_scores_tiled(
         // 16 * co + L % 16 of row 2 * rq + L / 16), so its transposed stores (row stride R + 1
         // floats: 65 or 17, both 4 or 2 banks apart per word) land in 32 different banks.
         // dim % 32 == 0: whole passes.
-        if (fmt == DSK_KV_FP8_INDEXER) {
+        if (R == 16) {
+            dsk_idxt_stage16(ks, pool, tb, fpb, bs, base, ratio, stride, dim, vis, r0, fmt);
+        } else if (fmt == DSK_KV_FP8_INDEXER) {
             constexpr int QUADS = R / 4, QSH = R == 64 ? 4 : 2;  // row quads of the tile, log2
             const int wpr = dim >> 2;  // words of a row; its scale is the word after them
             const int warp = tid >> 5, lane = tid & 31;
