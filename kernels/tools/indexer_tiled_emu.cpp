@@ -3,7 +3,7 @@
 // std::thread per CUDA thread, barriers for __syncthreads and the warps' shuffles), on V4-Flash's
 // shapes (64 heads at TP=1, 32 at TP=2, x 128 dims) and F32 / BF16 / FP8_INDEXER records at
 // padded strides, several tokens per launch with their own shuffled block tables and visible
-// counts (1, 7, 100, 2048, 3000), ratio 4. Checks, per launch pair:
+// counts (1, 7, 100, 2048, 3000), ratio 4; and 13 / 16 heads x 64 / 96 dims. Checks, per launch pair:
 //  (a) the 16-row scores are bit-identical to the 64-row ones;
 //  (b) both are within the bound of the GPU tests of these kernels (server/tests/
 //      backend_kv_cuda.rs: max |got - want| / max |want| < 1e-4) of an f64 reference over the
@@ -248,6 +248,9 @@ int main() {
         // loops over several tiles.
         run_case(rng, fmt, 64, 128, {2048}, 1, 0);
         run_case(rng, fmt, 32, 128, {1, 7, 100, 2048, 3000}, 0, 3);
+        // Shapes the launcher also sends here: fewer heads (not a multiple of 4), narrower rows.
+        run_case(rng, fmt, 13, 64, {100, 1, 33, 0}, 2, 0);
+        run_case(rng, fmt, 16, 96, {17, 300}, 1, 2);
     }
     printf(failures ? "%d FAILURES\n" : "all cases pass\n", failures);
     return failures ? 1 : 0;
