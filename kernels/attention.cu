@@ -555,7 +555,7 @@ __device__ __forceinline__ void dsk_indexer_scores_tiled(
     const int t = blockIdx.y;
     const int tid = threadIdx.x, rg = tid >> 4, hg = tid & 15;
     const float *qt = q + (long long)t * heads * dim;
-    if (R == 64) {
+    if constexpr (R == 64) {
         for (int i = tid; i < DSK_IDXT_HEADS * dim; i += 256) {
             const int h = i / dim, d = i % dim;
             qs[d * DSK_IDXT_HEADS + h] = h < heads ? qt[h * dim + d] : 0.f;
@@ -601,7 +601,7 @@ __device__ __forceinline__ void dsk_indexer_scores_tiled(
         // 16 * co + L % 16 of row 2 * rq + L / 16), so its transposed stores (row stride R + 1
         // floats: 65 or 17, both 4 or 2 banks apart per word) land in 32 different banks.
         // dim % 32 == 0: whole passes.
-        if (R == 16) {
+        if constexpr (R == 16) {
             dsk_idxt_stage16(ks, pool, tb, fpb, bs, base, ratio, stride, dim, vis, r0, fmt);
         } else if (fmt == DSK_KV_FP8_INDEXER) {
             constexpr int QUADS = R / 4, QSH = R == 64 ? 4 : 2;  // row quads of the tile, log2
