@@ -434,30 +434,152 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_f32(
 }
 
 // Lightning Indexer scores, tiled for V4-Flash's shape (heads <= 64, dim <= 128): a block scores
-// 64 rows of token t (grid y) at a time, as a small GEMM [64 rows x dim] x [dim x heads] out of
-// shared memory. Thread (rg, hg) = (tid / 16, tid % 16) holds 4 rows x 4 heads of dot products;
-// relu, scale and head weights are applied per head, then the 16 head groups of a row are
-// summed with shuffles. Same row addressing and output as dsk_indexer_scores_f32.
+// R rows of token t (grid y) at a time, as a small GEMM [R rows x dim] x [dim x heads] out of
+// shared memory. Thread (rg, hg) = (tid / 16, tid % 16) holds R / 16 rows x 4 heads of dot
+// products; relu, scale and head weights are applied per head, then the 16 head groups of a row
+// are summed with shuffles. Same row addressing and output as dsk_indexer_scores_f32.
+// R = 64 (dsk_indexer_scores_tiled_f32) for long lists; R = 16 (dsk_indexer_scores_tiled16_f32)
+// gives a short list 4x the blocks (a decode token's 2,048 rows: 128 blocks, not 32), each a
+// quarter of the tile work. A (row, head) dot is the same fmaf chain over d in both, and a row's
+// sum the same 4 products then the same shuffle tree, so their scores are bit-identical.
 #define DSK_IDXT_ROWS 64
 #define DSK_IDXT_HEADS 64
 #define DSK_IDXT_DIM 128
-#define DSK_IDXT_TILE_PER_THREAD (DSK_IDXT_ROWS * DSK_IDXT_DIM / 256)
-extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_tiled_f32(
+// The 16-row tile into ks ([dim][17], transposed): the same values at the same places as the
+// 64-row kernel's staging (same lane mapping with 16 rows: e4m3 word 8 co + L % 8 of row
+// 4 rq + L / 8, bf16 word 16 co + L % 16 of row 2 rq + L / 16, f32 element tid + 256 j), and the
+// same bank spread (row stride 17). A short list's block does one tile, so its latency chain
+// matters: every row address is computed first (rows past the visible ones address the last
+// visible row, branch-free; their values are zeros, as in the 64-row kernel), so the block-table
+// loads go out together (a thread's e4m3 and bf16 words are all of one row), then every word.
+__device__ __forceinline__ void dsk_idxt_stage16(
+    float *ks, const float *__restrict__ pool, const unsigned int *__restrict__ tb, long long fpb,
+    int bs, long long base, int ratio, int stride, int dim, int vis, int r0, int fmt) {
+    constexpr int R = 16, TPT = R * DSK_IDXT_DIM / 256;  // 8 values a thread
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    auto row = [&](int r) {
+        const int pos = min(r, vis - 1) * ratio;
+        return pool + (long long)tb[pos / bs] * fpb + base + (long long)((pos % bs) / ratio) * stride;
+    };
+    if (fmt == DSK_KV_FP8_INDEXER) {
+        const int wpr = dim >> 2;
+        const float *k[TPT / 4];
+        unsigned int v[TPT / 4];
+        float sc[TPT / 4];
+#pragma unroll
+        for (int j = 0; j < TPT / 4; ++j) {
+            const int u = warp + 8 * j;
+            k[j] = row(r0 + 4 * (u & 3) + (lane >> 3));
+        }
+#pragma unroll
+        for (int j = 0; j < TPT / 4; ++j) {
+            const int u = warp + 8 * j, r = r0 + 4 * (u & 3) + (lane >> 3), c = 8 * (u >> 2) + (lane & 7);
+            const bool on = c < wpr && r < vis;
+            v[j] = on ? reinterpret_cast<const unsigned int *>(k[j])[c] : 0u;
+            sc[j] = on ? k[j][wpr] : 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < TPT / 4; ++j) {
+            const int u = warp + 8 * j, rr = 4 * (u & 3) + (lane >> 3), c = 8 * (u >> 2) + (lane & 7);
+            if (c < wpr) {
+                float x0, x1, x2, x3;
+                dsk_e4m3x2_to_f32(v[j] & 0xffffu, x0, x1);
+                dsk_e4m3x2_to_f32(v[j] >> 16, x2, x3);
+                float *col = ks + 4 * c * (R + 1) + rr;
+                col[0] = x0 * sc[j];
+                col[R + 1] = x1 * sc[j];
+                col[2 * (R + 1)] = x2 * sc[j];
+                col[3 * (R + 1)] = x3 * sc[j];
+            }
+        }
+    } else if (fmt == DSK_KV_BF16) {
+        const int wpr = dim >> 1;
+        const float *k[TPT / 2];
+        unsigned int v[TPT / 2];
+#pragma unroll
+        for (int j = 0; j < TPT / 2; ++j) {
+            const int u = warp + 8 * j;
+            k[j] = row(r0 + 2 * (u & 7) + (lane >> 4));
+        }
+#pragma unroll
+        for (int j = 0; j < TPT / 2; ++j) {
+            const int u = warp + 8 * j, r = r0 + 2 * (u & 7) + (lane >> 4), c = 16 * (u >> 3) + (lane & 15);
+            v[j] = c < wpr && r < vis ? reinterpret_cast<const unsigned int *>(k[j])[c] : 0u;
+        }
+#pragma unroll
+        for (int j = 0; j < TPT / 2; ++j) {
+            const int u = warp + 8 * j, rr = 2 * (u & 7) + (lane >> 4), c = 16 * (u >> 3) + (lane & 15);
+            if (c < wpr) {
+                float *col = ks + 2 * c * (R + 1) + rr;
+                col[0] = dsk_bf16lo(v[j]);
+                col[R + 1] = dsk_bf16hi(v[j]);
+            }
+        }
+    } else {
+        const float *k[TPT];
+        float v[TPT];
+#pragma unroll
+        for (int j = 0; j < TPT; ++j) {
+            const int i = tid + 256 * j, rr = i / dim;
+            k[j] = row(r0 + rr);
+        }
+#pragma unroll
+        for (int j = 0; j < TPT; ++j) {
+            const int i = tid + 256 * j, rr = i / dim, d = i - rr * dim;
+            v[j] = rr < R && r0 + rr < vis ? k[j][d] : 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < TPT; ++j) {
+            const int i = tid + 256 * j, rr = i / dim, d = i - rr * dim;
+            if (rr < R) ks[d * (R + 1) + rr] = v[j];
+        }
+    }
+}
+
+template <int R>
+__device__ __forceinline__ void dsk_indexer_scores_tiled(
     const float *__restrict__ pool, const float *__restrict__ q, const float *__restrict__ w,
     const unsigned int *__restrict__ bt, const int *__restrict__ bt_start,
     const int *__restrict__ visible, const long long *__restrict__ out_start, long long fpb,
     int bs, long long base, int ratio, int stride, int heads, int dim, float scale,
     float *__restrict__ out, int fmt) {
+    static_assert(R == 64 || R == 16, "tile rows");
+    constexpr int TILE_PER_THREAD = R * DSK_IDXT_DIM / 256;  // tile values a thread stages
+    constexpr int RPT = R / 16;                              // rows a thread scores
+    // Query row stride: R = 16 stores the queries conflict-free with a stride of 68 (see below).
+    constexpr int QLD = R == 64 ? DSK_IDXT_HEADS : DSK_IDXT_HEADS + 4;
     dsk_pdl_entry();
     extern __shared__ float smem[];
-    float *qs = smem;                                   // [dim][64] queries, transposed
-    float *ks = smem + DSK_IDXT_DIM * DSK_IDXT_HEADS;   // [dim][65] key rows, transposed
+    float *qs = smem;                        // [dim][QLD] queries, transposed
+    float *ks = smem + DSK_IDXT_DIM * QLD;   // [dim][R + 1] key rows, transposed
     const int t = blockIdx.y;
     const int tid = threadIdx.x, rg = tid >> 4, hg = tid & 15;
     const float *qt = q + (long long)t * heads * dim;
-    for (int i = tid; i < DSK_IDXT_HEADS * dim; i += 256) {
-        const int h = i / dim, d = i % dim;
-        qs[d * DSK_IDXT_HEADS + h] = h < heads ? qt[h * dim + d] : 0.f;
+    if constexpr (R == 64) {
+        for (int i = tid; i < DSK_IDXT_HEADS * dim; i += 256) {
+            const int h = i / dim, d = i % dim;
+            qs[d * DSK_IDXT_HEADS + h] = h < heads ? qt[h * dim + d] : 0.f;
+        }
+    } else {
+        // A short list's block is short, so its query staging must be too: a warp's pass loads
+        // 8 consecutive dims of 4 heads (four 32-byte segments; lane L: head 4 (u % 16) + L / 8,
+        // dim 8 (u / 16) + L % 8) and stores them at (4 d + h) mod 32 = 32 different banks
+        // (a stride of 64 would put a pass's 32 dims of one head in one bank). Sixteen loads
+        // in flight per thread: two L2 round trips at dim 128.
+        const int warp = tid >> 5, lane = tid & 31;
+        for (int j0 = 0; j0 < (dim >> 2); j0 += 16) {
+            float v[16];
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+                const int u = warp + 8 * (j0 + j), h = 4 * (u & 15) + (lane >> 3), d = 8 * (u >> 4) + (lane & 7);
+                v[j] = h < heads && j0 + j < (dim >> 2) ? qt[h * dim + d] : 0.f;
+            }
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+                const int u = warp + 8 * (j0 + j), h = 4 * (u & 15) + (lane >> 3), d = 8 * (u >> 4) + (lane & 7);
+                if (j0 + j < (dim >> 2)) qs[d * QLD + h] = v[j];
+            }
+        }
     }
     float wh[4];
 #pragma unroll
@@ -468,24 +590,28 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_tiled_f32(
     const int vis = visible[t];
     const unsigned int *tb = bt + bt_start[t];
     float *ot = out + out_start[t];
-    for (int r0 = blockIdx.x * DSK_IDXT_ROWS; r0 < vis; r0 += gridDim.x * DSK_IDXT_ROWS) {
+    for (int r0 = blockIdx.x * R; r0 < vis; r0 += gridDim.x * R) {
         __syncthreads();  // the previous tile's readers are done (and qs is written)
-        // The tile's 64 x dim values, element i = tid + 256 j (row i / dim, column i % dim):
+        // The tile's R x dim values, element i = tid + 256 j (row i / dim, column i % dim):
         // every thread issues all its loads before storing any, so a tile costs about one load
         // latency, not one per pass (a decoding token at 1M context scores 4,096 tiles a layer).
         // Stored records load a word (4 e4m3 or 2 bf16 values) at a time and decode into the
         // same transposed tile. A warp's pass takes 32 contiguous bytes of 4 rows (e4m3: lane
         // L reads word 8 * co + L % 8 of row 4 * rq + L / 8) or 64 bytes of 2 rows (bf16: word
-        // 16 * co + L % 16 of row 2 * rq + L / 16), so its transposed stores (row stride 65
-        // floats) land in 32 different banks. dim % 32 == 0: whole passes.
-        if (fmt == DSK_KV_FP8_INDEXER) {
+        // 16 * co + L % 16 of row 2 * rq + L / 16), so its transposed stores (row stride R + 1
+        // floats: 65 or 17, both 4 or 2 banks apart per word) land in 32 different banks.
+        // dim % 32 == 0: whole passes.
+        if constexpr (R == 16) {
+            dsk_idxt_stage16(ks, pool, tb, fpb, bs, base, ratio, stride, dim, vis, r0, fmt);
+        } else if (fmt == DSK_KV_FP8_INDEXER) {
+            constexpr int QUADS = R / 4, QSH = R == 64 ? 4 : 2;  // row quads of the tile, log2
             const int wpr = dim >> 2;  // words of a row; its scale is the word after them
             const int warp = tid >> 5, lane = tid & 31;
-            unsigned int v[DSK_IDXT_TILE_PER_THREAD / 4];
-            float sc[DSK_IDXT_TILE_PER_THREAD / 4];
+            unsigned int v[TILE_PER_THREAD / 4];
+            float sc[TILE_PER_THREAD / 4];
 #pragma unroll
-            for (int j = 0; j < DSK_IDXT_TILE_PER_THREAD / 4; ++j) {
-                const int u = warp + 8 * j, rr = 4 * (u & 15) + (lane >> 3), c = 8 * (u >> 4) + (lane & 7);
+            for (int j = 0; j < TILE_PER_THREAD / 4; ++j) {
+                const int u = warp + 8 * j, rr = 4 * (u & (QUADS - 1)) + (lane >> 3), c = 8 * (u >> QSH) + (lane & 7);
                 const int r = r0 + rr;
                 v[j] = 0u;
                 sc[j] = 0.f;
@@ -498,26 +624,27 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_tiled_f32(
                 }
             }
 #pragma unroll
-            for (int j = 0; j < DSK_IDXT_TILE_PER_THREAD / 4; ++j) {
-                const int u = warp + 8 * j, rr = 4 * (u & 15) + (lane >> 3), c = 8 * (u >> 4) + (lane & 7);
+            for (int j = 0; j < TILE_PER_THREAD / 4; ++j) {
+                const int u = warp + 8 * j, rr = 4 * (u & (QUADS - 1)) + (lane >> 3), c = 8 * (u >> QSH) + (lane & 7);
                 if (c < wpr) {
                     float x0, x1, x2, x3;
                     dsk_e4m3x2_to_f32(v[j] & 0xffffu, x0, x1);
                     dsk_e4m3x2_to_f32(v[j] >> 16, x2, x3);
-                    float *col = ks + 4 * c * (DSK_IDXT_ROWS + 1) + rr;
+                    float *col = ks + 4 * c * (R + 1) + rr;
                     col[0] = x0 * sc[j];
-                    col[DSK_IDXT_ROWS + 1] = x1 * sc[j];
-                    col[2 * (DSK_IDXT_ROWS + 1)] = x2 * sc[j];
-                    col[3 * (DSK_IDXT_ROWS + 1)] = x3 * sc[j];
+                    col[R + 1] = x1 * sc[j];
+                    col[2 * (R + 1)] = x2 * sc[j];
+                    col[3 * (R + 1)] = x3 * sc[j];
                 }
             }
         } else if (fmt == DSK_KV_BF16) {
+            constexpr int PAIRS = R / 2, PSH = R == 64 ? 5 : 3;  // row pairs of the tile, log2
             const int wpr = dim >> 1;
             const int warp = tid >> 5, lane = tid & 31;
-            unsigned int v[DSK_IDXT_TILE_PER_THREAD / 2];
+            unsigned int v[TILE_PER_THREAD / 2];
 #pragma unroll
-            for (int j = 0; j < DSK_IDXT_TILE_PER_THREAD / 2; ++j) {
-                const int u = warp + 8 * j, rr = 2 * (u & 31) + (lane >> 4), c = 16 * (u >> 5) + (lane & 15);
+            for (int j = 0; j < TILE_PER_THREAD / 2; ++j) {
+                const int u = warp + 8 * j, rr = 2 * (u & (PAIRS - 1)) + (lane >> 4), c = 16 * (u >> PSH) + (lane & 15);
                 const int r = r0 + rr;
                 v[j] = 0u;
                 if (c < wpr && r < vis) {
@@ -528,45 +655,47 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_tiled_f32(
                 }
             }
 #pragma unroll
-            for (int j = 0; j < DSK_IDXT_TILE_PER_THREAD / 2; ++j) {
-                const int u = warp + 8 * j, rr = 2 * (u & 31) + (lane >> 4), c = 16 * (u >> 5) + (lane & 15);
+            for (int j = 0; j < TILE_PER_THREAD / 2; ++j) {
+                const int u = warp + 8 * j, rr = 2 * (u & (PAIRS - 1)) + (lane >> 4), c = 16 * (u >> PSH) + (lane & 15);
                 if (c < wpr) {
-                    float *col = ks + 2 * c * (DSK_IDXT_ROWS + 1) + rr;
+                    float *col = ks + 2 * c * (R + 1) + rr;
                     col[0] = dsk_bf16lo(v[j]);
-                    col[DSK_IDXT_ROWS + 1] = dsk_bf16hi(v[j]);
+                    col[R + 1] = dsk_bf16hi(v[j]);
                 }
             }
         } else {
-            float v[DSK_IDXT_TILE_PER_THREAD];
+            float v[TILE_PER_THREAD];
 #pragma unroll
-            for (int j = 0; j < DSK_IDXT_TILE_PER_THREAD; ++j) {
+            for (int j = 0; j < TILE_PER_THREAD; ++j) {
                 const int i = tid + 256 * j, rr = i / dim, d = i - rr * dim;
                 const int r = r0 + rr;
                 v[j] = 0.f;
-                if (rr < DSK_IDXT_ROWS && r < vis) {
+                if (rr < R && r < vis) {
                     const int pos = r * ratio;
                     v[j] = pool[(long long)tb[pos / bs] * fpb + base +
                                 (long long)((pos % bs) / ratio) * stride + d];
                 }
             }
 #pragma unroll
-            for (int j = 0; j < DSK_IDXT_TILE_PER_THREAD; ++j) {
+            for (int j = 0; j < TILE_PER_THREAD; ++j) {
                 const int i = tid + 256 * j, rr = i / dim, d = i - rr * dim;
-                if (rr < DSK_IDXT_ROWS) ks[d * (DSK_IDXT_ROWS + 1) + rr] = v[j];
+                if (rr < R) ks[d * (R + 1) + rr] = v[j];
             }
         }
         __syncthreads();
-        float acc[4][4];
+        float acc[RPT][4];
 #pragma unroll
-        for (int a = 0; a < 4; ++a)
+        for (int a = 0; a < RPT; ++a)
 #pragma unroll
             for (int b = 0; b < 4; ++b) acc[a][b] = 0.f;
         for (int d = 0; d < dim; ++d) {
-            const float4 qv = *reinterpret_cast<const float4 *>(qs + d * DSK_IDXT_HEADS + 4 * hg);
-            const float *kr = ks + d * (DSK_IDXT_ROWS + 1) + 4 * rg;
-            const float kv[4] = {kr[0], kr[1], kr[2], kr[3]};
+            const float4 qv = *reinterpret_cast<const float4 *>(qs + d * QLD + 4 * hg);
+            const float *kr = ks + d * (R + 1) + RPT * rg;
+            float kv[RPT];
 #pragma unroll
-            for (int a = 0; a < 4; ++a) {
+            for (int a = 0; a < RPT; ++a) kv[a] = kr[a];
+#pragma unroll
+            for (int a = 0; a < RPT; ++a) {
                 acc[a][0] = fmaf(kv[a], qv.x, acc[a][0]);
                 acc[a][1] = fmaf(kv[a], qv.y, acc[a][1]);
                 acc[a][2] = fmaf(kv[a], qv.z, acc[a][2]);
@@ -574,17 +703,37 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_tiled_f32(
             }
         }
 #pragma unroll
-        for (int a = 0; a < 4; ++a) {
+        for (int a = 0; a < RPT; ++a) {
             float s = 0.f;
 #pragma unroll
             for (int b = 0; b < 4; ++b) s += (fmaxf(acc[a][b], 0.f) * scale) * wh[b];
             // The 16 head groups of this row are lanes hg = 0..15 of one half-warp.
 #pragma unroll
             for (int o = 8; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-            const int r = r0 + 4 * rg + a;
+            const int r = r0 + RPT * rg + a;
             if (hg == 0 && r < vis) ot[r] = s;
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_tiled_f32(
+    const float *__restrict__ pool, const float *__restrict__ q, const float *__restrict__ w,
+    const unsigned int *__restrict__ bt, const int *__restrict__ bt_start,
+    const int *__restrict__ visible, const long long *__restrict__ out_start, long long fpb,
+    int bs, long long base, int ratio, int stride, int heads, int dim, float scale,
+    float *__restrict__ out, int fmt) {
+    dsk_indexer_scores_tiled<DSK_IDXT_ROWS>(pool, q, w, bt, bt_start, visible, out_start, fpb, bs, base,
+                                            ratio, stride, heads, dim, scale, out, fmt);
+}
+
+extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_tiled16_f32(
+    const float *__restrict__ pool, const float *__restrict__ q, const float *__restrict__ w,
+    const unsigned int *__restrict__ bt, const int *__restrict__ bt_start,
+    const int *__restrict__ visible, const long long *__restrict__ out_start, long long fpb,
+    int bs, long long base, int ratio, int stride, int heads, int dim, float scale,
+    float *__restrict__ out, int fmt) {
+    dsk_indexer_scores_tiled<16>(pool, q, w, bt, bt_start, visible, out_start, fpb, bs, base, ratio,
+                                 stride, heads, dim, scale, out, fmt);
 }
 
 // Lightning Indexer scores on the TF32 tensor cores (mma.sync m16n8k8, sm_80+), for heads <= 64

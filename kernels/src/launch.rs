@@ -627,6 +627,9 @@ pub struct Kernels {
     attend_combine: CudaFunction,
     indexer_scores: CudaFunction,
     indexer_scores_tiled: CudaFunction,
+    indexer_scores_tiled16: CudaFunction,
+    /// How the tiled indexer's tile height is picked (DSPARK_INDEXER_TILE at load).
+    indexer_tile: attention::IndexerTileChoice,
     indexer_scores_mma: CudaFunction,
     swiglu_clip: CudaFunction,
     add: CudaFunction,
@@ -671,6 +674,8 @@ impl Kernels {
         let attn = module(&sources::ATTENTION)?;
         let elementwise = module(&sources::ELEMENTWISE)?;
         let fp4_auto = fp4_kernel_choice(std::env::var("DSPARK_FP4_KERNEL").ok().as_deref())?;
+        let indexer_tile =
+            attention::indexer_tile_choice(std::env::var("DSPARK_INDEXER_TILE").ok().as_deref())?;
         let f = function;
         // One instantiation per token bucket: `{prefix}_m1` .. `{prefix}_m16`.
         let fp8_fns = |prefix: &str| -> Result<[CudaFunction; 5], KernelError> {
@@ -714,6 +719,8 @@ impl Kernels {
             attend_combine: f(&attn, "dsk_attend_combine_f32")?,
             indexer_scores: f(&attn, "dsk_indexer_scores_f32")?,
             indexer_scores_tiled: f(&attn, "dsk_indexer_scores_tiled_f32")?,
+            indexer_scores_tiled16: f(&attn, "dsk_indexer_scores_tiled16_f32")?,
+            indexer_tile,
             indexer_scores_mma: f(&attn, "dsk_indexer_scores_mma")?,
             swiglu_clip: f(&elementwise, "dsk_swiglu_clip_f32")?,
             topk_select: f(&attn, "dsk_topk_select_f32")?,
@@ -740,6 +747,7 @@ impl Kernels {
             &kernels.fp4_gate_up_v1,
             &kernels.fp4_down_v1,
             &kernels.indexer_scores_tiled,
+            &kernels.indexer_scores_tiled16,
             &kernels.indexer_scores_mma,
         ] {
             func.set_attribute(
@@ -767,6 +775,16 @@ impl Kernels {
 
     pub fn multiprocessors(&self) -> usize {
         self.sms
+    }
+
+    /// How the tiled indexer's tile height is picked (DSPARK_INDEXER_TILE at load).
+    pub fn indexer_tile_choice(&self) -> attention::IndexerTileChoice {
+        self.indexer_tile
+    }
+
+    /// Overrides DSPARK_INDEXER_TILE for later launches (A/B timing and tests in one process).
+    pub fn set_indexer_tile_choice(&mut self, choice: attention::IndexerTileChoice) {
+        self.indexer_tile = choice;
     }
 
     /// Largest dynamic shared memory a block may opt in to (bytes): decides which indexer kernel

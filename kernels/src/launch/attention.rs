@@ -299,6 +299,92 @@ pub fn indexer_tiled_smem_bytes() -> usize {
     INDEXER_TILED_MAX_DIM * (INDEXER_TILED_MAX_HEADS + INDEXER_TILED_ROWS + 1) * 4
 }
 
+/// Rows per tile of the short-list tiled kernel (`dsk_indexer_scores_tiled16_f32`).
+const INDEXER_TILED16_ROWS: usize = 16;
+/// Its query row stride in words (64 heads + 4: conflict-free transposed stores).
+const INDEXER_TILED16_QLD: usize = INDEXER_TILED_MAX_HEADS + 4;
+
+/// Tile height of the tiled (f32) indexer kernel. Both give bit-identical scores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IndexerTile {
+    /// 64 rows a tile (`dsk_indexer_scores_tiled_f32`): long lists, busy GPUs.
+    Rows64,
+    /// 16 rows a tile (`dsk_indexer_scores_tiled16_f32`): 4x the blocks of a short list.
+    Rows16,
+}
+
+impl IndexerTile {
+    pub fn rows(self) -> usize {
+        match self {
+            IndexerTile::Rows64 => INDEXER_TILED_ROWS,
+            IndexerTile::Rows16 => INDEXER_TILED16_ROWS,
+        }
+    }
+
+    /// Shared memory of its block: queries `[128][64]` (`[128][68]` for 16 rows) and a key tile
+    /// `[128][rows + 1]`.
+    pub fn smem_bytes(self) -> usize {
+        match self {
+            IndexerTile::Rows64 => indexer_tiled_smem_bytes(),
+            IndexerTile::Rows16 => {
+                INDEXER_TILED_MAX_DIM * (INDEXER_TILED16_QLD + INDEXER_TILED16_ROWS + 1) * 4
+            }
+        }
+    }
+}
+
+/// How the tile height is picked, from DSPARK_INDEXER_TILE at load: unset, empty or "auto" =
+/// [`indexer_tile`]'s rule; "64" or "16" = always that one (an A/B switch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IndexerTileChoice {
+    Auto,
+    Force(IndexerTile),
+}
+
+pub fn indexer_tile_choice(value: Option<&str>) -> Result<IndexerTileChoice, KernelError> {
+    match value.map(str::trim) {
+        None | Some("") | Some("auto") => Ok(IndexerTileChoice::Auto),
+        Some("64") => Ok(IndexerTileChoice::Force(IndexerTile::Rows64)),
+        Some("16") => Ok(IndexerTileChoice::Force(IndexerTile::Rows16)),
+        Some(other) => Err(KernelError::invalid(
+            "indexer_scores",
+            format!("DSPARK_INDEXER_TILE = {other:?}; expected auto, 16 or 64"),
+        )),
+    }
+}
+
+/// 64-row blocks of a launch below which [`indexer_tile`] takes 16-row tiles, per SM.
+pub const INDEXER_TILE16_BELOW_BLOCKS_PER_SM: usize = 2;
+
+/// The tile height of a tiled launch of `tokens` tokens seeing up to `max_visible` rows on `sms`
+/// SMs. A block's tile is one serial chain (stage the queries, load and decode the rows, 2,048
+/// FMAs a thread at 64 rows, write), so when the 64-row grid (`ceil(max_visible / 64)` blocks
+/// a token) is under two blocks per SM, most SMs idle or hold one chain: 16-row tiles split the
+/// same rows over 4x the blocks, each with a quarter of the tile work (a decode token at 8K
+/// context: 128 blocks instead of 32 on 132 SMs). From two blocks per SM up, the 64-row grid
+/// already overlaps one block's loads with another's arithmetic, and 16-row tiles would only
+/// add query staging (32 KB a block) and block overheads.
+pub fn indexer_tile(
+    tokens: usize,
+    max_visible: usize,
+    sms: usize,
+    choice: IndexerTileChoice,
+) -> IndexerTile {
+    match choice {
+        IndexerTileChoice::Force(tile) => tile,
+        IndexerTileChoice::Auto => {
+            let blocks64 = max_visible
+                .div_ceil(INDEXER_TILED_ROWS)
+                .saturating_mul(tokens);
+            if blocks64 < INDEXER_TILE16_BELOW_BLOCKS_PER_SM.saturating_mul(sms) {
+                IndexerTile::Rows16
+            } else {
+                IndexerTile::Rows64
+            }
+        }
+    }
+}
+
 /// Whether the tiled kernel takes this shape on a device whose blocks may opt in to `smem_optin`
 /// bytes of shared memory.
 pub fn indexer_tiled_fits(heads: usize, dim: usize, smem_optin: usize) -> bool {
@@ -340,7 +426,8 @@ pub fn indexer_mma_fits(heads: usize, dim: usize, smem_optin: usize) -> bool {
 pub enum IndexerKernel {
     /// TF32 tensor cores (`dsk_indexer_scores_mma`).
     TensorCore,
-    /// f32, 64-row tiles from shared memory (`dsk_indexer_scores_tiled_f32`).
+    /// f32, 64- or 16-row tiles from shared memory (`dsk_indexer_scores_tiled_f32`,
+    /// `dsk_indexer_scores_tiled16_f32`; [`indexer_tile`] picks).
     Tiled,
     /// f32, a warp per row (`dsk_indexer_scores_f32`).
     Plain,
@@ -775,8 +862,8 @@ impl Kernels {
         let stride = i32_arg(K, "stride", a.stride)?;
         let (heads, dim) = (i32_arg(K, "heads", a.heads)?, i32_arg(K, "dim", a.dim)?);
         let fmt = a.format.code();
-        // Tiled and tensor-core: 64 rows per pass of a block. Else 8 warps a block, one row
-        // each per pass. About four blocks per SM over all tokens either way.
+        // Tensor-core: 64 rows per pass of a block; tiled: 64 or 16 ([`indexer_tile`]). Else 8
+        // warps a block, one row each per pass. About four blocks per SM over all tokens.
         let kernel = indexer_kernel(a, self.smem_optin);
         if kernel == IndexerKernel::Plain && indexer_smem_bytes(a.heads, a.dim) > DEFAULT_SMEM {
             return Err(KernelError::invalid(
@@ -790,11 +877,14 @@ impl Kernels {
                 indexer_mma_smem_bytes(a.heads),
                 &self.indexer_scores_mma,
             ),
-            IndexerKernel::Tiled => (
-                INDEXER_TILED_ROWS,
-                indexer_tiled_smem_bytes(),
-                &self.indexer_scores_tiled,
-            ),
+            IndexerKernel::Tiled => {
+                let tile = indexer_tile(a.tokens, a.max_visible, self.sms, self.indexer_tile);
+                let func = match tile {
+                    IndexerTile::Rows64 => &self.indexer_scores_tiled,
+                    IndexerTile::Rows16 => &self.indexer_scores_tiled16,
+                };
+                (tile.rows(), tile.smem_bytes(), func)
+            }
             IndexerKernel::Plain => (
                 8 * 4,
                 indexer_smem_bytes(a.heads, a.dim),
@@ -1194,5 +1284,70 @@ mod tests {
             ..i
         })
         .is_err());
+    }
+
+    #[test]
+    fn tiled_tile_smem_fits_its_arrays() {
+        // 64 rows: queries [128][64] + tile [128][65] (opt-in); 16 rows: [128][68] + [128][17],
+        // under the default 48 KB.
+        assert_eq!(IndexerTile::Rows64.smem_bytes(), indexer_tiled_smem_bytes());
+        assert_eq!(IndexerTile::Rows64.smem_bytes(), 128 * (64 + 65) * 4);
+        assert_eq!(IndexerTile::Rows16.smem_bytes(), 128 * (68 + 17) * 4);
+        assert!(IndexerTile::Rows16.smem_bytes() <= DEFAULT_SMEM);
+        assert_eq!(IndexerTile::Rows64.rows(), 64);
+        assert_eq!(IndexerTile::Rows16.rows(), 16);
+    }
+
+    #[test]
+    fn short_lists_on_an_idle_gpu_take_16_row_tiles() {
+        let auto = IndexerTileChoice::Auto;
+        let h200 = 132;
+        // A decode token at 8K context (2,048 CSA rows): 32 blocks of 64 -> 16-row tiles.
+        assert_eq!(indexer_tile(1, 2048, h200, auto), IndexerTile::Rows16);
+        // 32K context: 128 blocks of 64, still under two per SM.
+        assert_eq!(indexer_tile(1, 8192, h200, auto), IndexerTile::Rows16);
+        // 16 tokens at 8K: 512 blocks of 64 already fill the GPU.
+        assert_eq!(indexer_tile(16, 2048, h200, auto), IndexerTile::Rows64);
+        // The boundary: 2 x 132 = 264 blocks of 64.
+        assert_eq!(indexer_tile(1, 263 * 64, h200, auto), IndexerTile::Rows16);
+        assert_eq!(
+            indexer_tile(1, 263 * 64 + 1, h200, auto),
+            IndexerTile::Rows64
+        );
+        assert_eq!(indexer_tile(4, 66 * 64, h200, auto), IndexerTile::Rows64);
+        assert_eq!(
+            indexer_tile(4, 65 * 64 + 1, h200, auto),
+            IndexerTile::Rows64
+        );
+        assert_eq!(indexer_tile(4, 65 * 64, h200, auto), IndexerTile::Rows16);
+        // Tiny lists, and no overflow on absurd ones.
+        assert_eq!(indexer_tile(1, 1, h200, auto), IndexerTile::Rows16);
+        assert_eq!(
+            indexer_tile(usize::MAX, usize::MAX, h200, auto),
+            IndexerTile::Rows64
+        );
+        // The switch overrides the rule both ways.
+        let f64_ = IndexerTileChoice::Force(IndexerTile::Rows64);
+        let f16 = IndexerTileChoice::Force(IndexerTile::Rows16);
+        assert_eq!(indexer_tile(1, 2048, h200, f64_), IndexerTile::Rows64);
+        assert_eq!(indexer_tile(64, 1 << 20, h200, f16), IndexerTile::Rows16);
+    }
+
+    #[test]
+    fn indexer_tile_switch_parses() {
+        use IndexerTileChoice::{Auto, Force};
+        assert_eq!(indexer_tile_choice(None).unwrap(), Auto);
+        assert_eq!(indexer_tile_choice(Some("")).unwrap(), Auto);
+        assert_eq!(indexer_tile_choice(Some(" auto ")).unwrap(), Auto);
+        assert_eq!(
+            indexer_tile_choice(Some("64")).unwrap(),
+            Force(IndexerTile::Rows64)
+        );
+        assert_eq!(
+            indexer_tile_choice(Some("16")).unwrap(),
+            Force(IndexerTile::Rows16)
+        );
+        let err = indexer_tile_choice(Some("32")).unwrap_err().to_string();
+        assert!(err.contains("DSPARK_INDEXER_TILE"), "{err}");
     }
 }
