@@ -412,7 +412,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_combine(
 // mma2: tensor-core kernels organised for streaming (MoePath::TensorCoreV2; DSPARK_FP4_KERNEL=mma2
 // makes Auto pick them). Same arguments, outputs and requirements as the old tensor-core kernels
 // further down (hidden and inter multiples of 256, activations below 65504 in magnitude, the
-// host falls back to v2 otherwise; scale pointers 4-byte aligned), the same mma (m16n8k16 f16,
+// host falls back to v2 otherwise; scale pointers 8-byte aligned), the same mma (m16n8k16 f16,
 // f32 accumulate; B column 0 = f16(x), column 1 = f16(x - f16(x)), columns 2..7 zero) and the
 // same K permutation inside a 32-value chunk (lane (g, t) feeds word t of the chunk of rows g and
 // g + 8; its nibble pairs (p, p + 4) are its A slots), so each chunk's E8M0 scale is applied to
@@ -423,9 +423,10 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_combine(
 //   - each warp owns one 16-row tile over the whole K (gate/up: the W1 and W3 tiles of the same
 //     rows, sharing B): no K split, no shared-memory reduction;
 //   - weights stream with 16-byte cp.async into a per-warp ring of MMA2_NST stages of
-//     MMA2_CPS chunks (64 bytes of each of the 16 rows, and their 4 scale bytes per row), so
+//     MMA2_CPS chunks (128 bytes of each of the 16 rows, and their 8 scale bytes per row), so
 //     MMA2_NST - 1 stages are in flight while one is computed; the first stages are issued before
-//     the activation row is staged, overlapping both latencies;
+//     the activation row is staged, overlapping both latencies (8 chunks per stage rather than 4:
+//     the per-stage issue and wait code was ~30 % of the loop's instructions);
 //   - ldmatrix.x4 turns two chunks of the tile into exactly the words lane (g, t) needs (word t
 //     of rows g and g + 8; rows swizzled over the 16-byte slots, so conflict-free), decoded by
 //     fp4_word_pairs (11 integer instructions per 8 nibbles) straight into A fragments;
@@ -434,13 +435,14 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_combine(
 // deterministic. Rows: 16 per warp, MMA2_WARPS tiles per block (a last block's missing tiles
 // idle). Dynamic shared memory (launch.rs: fp4_moe_mma2_smem_bytes): scale table (1 KB), B
 // fragments (K / 32 * 128 B + a zero uint4), then per warp and matrix MMA2_NST stages of
-// 16 x 64 weight bytes + 16 x 4 scale bytes.
+// 16 x 128 weight bytes + 16 x 8 scale bytes (gate/up at K = 4096: 68 KB, 3 blocks per SM).
+// Needs K % 256 == 0 (whole stages), rows % 16 == 0 and scale pointers 8-byte aligned.
 
 #define MMA2_WARPS 4
-#define MMA2_CPS 4
-#define MMA2_NST 4
+#define MMA2_CPS 8
+#define MMA2_NST 3
 #define MMA2_STAGE_W (16 * MMA2_CPS * 16)
-#define MMA2_STAGE (MMA2_STAGE_W + 16 * 4)
+#define MMA2_STAGE (MMA2_STAGE_W + 16 * MMA2_CPS)
 
 // PTX wrappers; the CPU emulation (kernels/tools/fp4_moe_mma2_emu.cpp) defines the emu_ ones.
 __device__ __forceinline__ void mma2_cp16(void *dst, const void *src) {
@@ -451,12 +453,12 @@ __device__ __forceinline__ void mma2_cp16(void *dst, const void *src) {
     emu_cp_async(dst, src, 16);
 #endif
 }
-__device__ __forceinline__ void mma2_cp4(void *dst, const void *src) {
+__device__ __forceinline__ void mma2_cp8(void *dst, const void *src) {
 #ifdef __CUDA_ARCH__
     const unsigned int d = static_cast<unsigned int>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src) : "memory");
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(d), "l"(src) : "memory");
 #else
-    emu_cp_async(dst, src, 4);
+    emu_cp_async(dst, src, 8);
 #endif
 }
 __device__ __forceinline__ void mma2_commit() {
@@ -542,17 +544,22 @@ struct Mma2Tile {
     unsigned char *ring;
 };
 
+// A stage holds row r's chunk c (of 8) at 16-byte slot c ^ (r % 8) of its 128 bytes, so the 8
+// rows of one ldmatrix phase (same chunk) hit 8 different bank groups.
+static_assert(MMA2_CPS == 8, "the ring swizzle and the issue pattern assume 8 chunks per stage");
 // Issues stage `st` (chunks st * MMA2_CPS ..) of a tile into ring slot `slot`: lane L copies
-// 16 bytes of rows L / 4 and L / 4 + 8 (chunk L % 4 of the stage, at the swizzled slot), lanes
-// 0..15 the 4 scale bytes of row L.
+// chunk L % 8 of rows L / 8 + 4i, i = 0..3 (8 lanes read a row's 128 contiguous bytes), lanes
+// 0..15 the 8 scale bytes of row L.
 __device__ __forceinline__ void mma2_issue(const Mma2Tile &m, int st, int slot, int K, int lane) {
-    const int r = lane >> 2, cc = lane & 3, C = K >> 5;
+    const int r = lane >> 3, cc = lane & 7, C = K >> 5;
     unsigned char *dst = m.ring + slot * MMA2_STAGE;
-    const int so = (cc ^ ((r >> 1) & 3)) << 4;
     const unsigned char *src = m.w + (long)r * (K >> 1) + (st * MMA2_CPS + cc) * 16;
-    mma2_cp16(dst + r * 64 + so, src);
-    mma2_cp16(dst + (r + 8) * 64 + so, src + 8L * (K >> 1));
-    if (lane < 16) mma2_cp4(dst + MMA2_STAGE_W + lane * 4, m.s + (long)lane * C + st * MMA2_CPS);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int row = r + 4 * i;
+        mma2_cp16(dst + row * 128 + ((cc ^ (row & 7)) << 4), src + 4L * i * (K >> 1));
+    }
+    if (lane < 16) mma2_cp8(dst + MMA2_STAGE_W + lane * 8, m.s + (long)lane * C + st * MMA2_CPS);
 }
 
 // One stage of one tile: for each of its MMA2_CPS chunks, two mmas and the scaled FMA into the
@@ -561,14 +568,14 @@ __device__ __forceinline__ void mma2_issue(const Mma2Tile &m, int st, int slot, 
 __device__ __forceinline__ void mma2_compute(const unsigned char *slot, const uint4 *bq, int bs, const float *lut,
                                              int lane, float &acc, float &acc8) {
     const int g = lane >> 2;
-    const unsigned int sg = *reinterpret_cast<const unsigned int *>(slot + MMA2_STAGE_W + g * 4);
-    const unsigned int sg8 = *reinterpret_cast<const unsigned int *>(slot + MMA2_STAGE_W + (g + 8) * 4);
+    const uint2 sg = *reinterpret_cast<const uint2 *>(slot + MMA2_STAGE_W + g * 8);
+    const uint2 sg8 = *reinterpret_cast<const uint2 *>(slot + MMA2_STAGE_W + (g + 8) * 8);
     // ldmatrix row address: matrix j = lane / 8 is rows 8 (j & 1) .. + 7 of chunk j / 2 (+ cc).
-    const int j = lane >> 3, r = (lane & 7) + 8 * (j & 1), swz = (r >> 1) & 3;
+    const int j = lane >> 3, r = (lane & 7) + 8 * (j & 1), swz = r & 7;
 #pragma unroll
     for (int cc = 0; cc < MMA2_CPS; cc += 2) {
         unsigned int w[4];
-        mma2_ldsm4(slot + r * 64 + (((cc + (j >> 1)) ^ swz) << 4), w);
+        mma2_ldsm4(slot + r * 128 + (((cc + (j >> 1)) ^ swz) << 4), w);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int c = cc + h;
@@ -579,8 +586,9 @@ __device__ __forceinline__ void mma2_compute(const unsigned char *slot, const ui
             float d[4];
             mma2_mma(d, ag[0], a8[0], ag[1], a8[1], b.x, b.y, 0.f, 0.f, 0.f, 0.f);
             mma2_mma(d, ag[2], a8[2], ag[3], a8[3], b.z, b.w, d[0], d[1], d[2], d[3]);
-            acc = fmaf(lut[(sg >> (8 * c)) & 255u], d[0] + d[1], acc);
-            acc8 = fmaf(lut[(sg8 >> (8 * c)) & 255u], d[2] + d[3], acc8);
+            const unsigned int s0 = c < 4 ? sg.x : sg.y, s8 = c < 4 ? sg8.x : sg8.y;
+            acc = fmaf(lut[(s0 >> (8 * (c & 3))) & 255u], d[0] + d[1], acc);
+            acc8 = fmaf(lut[(s8 >> (8 * (c & 3))) & 255u], d[2] + d[3], acc8);
         }
     }
 }

@@ -85,7 +85,7 @@ pub enum MoePath {
     TensorCore,
     /// mma2: the same mma and accuracy, organised for streaming (B fragments staged once per
     /// block, one 16-row tile per warp over the whole K, weights through a cp.async ring, no
-    /// shared-memory reduction). Hidden, inter multiples of 256, scale pointers 4-byte aligned;
+    /// shared-memory reduction). Hidden, inter multiples of 256, scale pointers 8-byte aligned;
     /// `Auto` falls back to `CudaCore` otherwise. Not yet timed on H200: Auto picks it only
     /// with DSPARK_FP4_KERNEL=mma2.
     TensorCoreV2,
@@ -111,20 +111,20 @@ pub fn moe_tensor_core_fits(hidden: usize, inter: usize) -> bool {
 }
 
 /// Whether the mma2 expert kernels take this call: the tensor-core shapes, and scale rows they
-/// copy 4 bytes at a time (their stage of 4 chunks; K / 32 is then a multiple of 8).
+/// copy 8 bytes at a time (their stage of 8 chunks; K / 32 is then a multiple of 8).
 pub fn moe_mma2_fits(e: &Fp4Experts) -> bool {
     moe_tensor_core_fits(e.hidden, e.inter)
-        && [e.s1, e.s3, e.s2].iter().all(|p| p.is_multiple_of(4))
+        && [e.s1, e.s3, e.s2].iter().all(|p| p.is_multiple_of(8))
 }
 
 /// Rows per block of the FP4 expert kernels (8 warps x 4 rows).
 const MOE_ROWS_PER_BLOCK: usize = 32;
 /// Warps per block of the mma2 kernels (MMA2_WARPS in fp4_moe.cu), one 16-row tile each.
 const MMA2_WARPS: usize = 4;
-/// One warp's ring stage for one matrix (MMA2_STAGE): 16 rows x 64 weight bytes + 16 x 4 scale
-/// bytes; MMA2_NST stages.
-const MMA2_STAGE_BYTES: usize = 16 * 64 + 16 * 4;
-const MMA2_NST: usize = 4;
+/// One warp's ring stage for one matrix (MMA2_STAGE): 16 rows x 128 weight bytes + 16 x 8
+/// scale bytes; MMA2_NST stages.
+const MMA2_STAGE_BYTES: usize = 16 * 128 + 16 * 8;
+const MMA2_NST: usize = 3;
 const TOPK_CHUNK: usize = 2048;
 const TOPK_STAGE2_MAX: usize = 4096;
 /// Largest k of `topk` (selection is k block-wide rounds).
@@ -1015,7 +1015,7 @@ impl Kernels {
                 return Err(KernelError::invalid(
                     K,
                     format!(
-                        "mma2 path needs hidden ({}) and inter ({}) multiples of 256 and 4-byte \
+                        "mma2 path needs hidden ({}) and inter ({}) multiples of 256 and 8-byte \
                          aligned scales",
                         e.hidden, e.inter
                     ),
@@ -1644,11 +1644,12 @@ mod tests {
         assert!(!moe_tensor_core_fits(4096, 96));
         assert!(moe_mma2_fits(&e) && moe_mma2_fits(&Fp4Experts { inter: 1024, ..e }));
         assert!(!moe_mma2_fits(&Fp4Experts { inter: 96, ..e }));
-        assert!(!moe_mma2_fits(&Fp4Experts { s3: 18, ..e }));
+        assert!(!moe_mma2_fits(&Fp4Experts { s3: 20, ..e }));
         // V4-Flash: gate/up (K = 4096, 2 matrices) and down (K = 2048, 1) fit the 227 KB opt-in
         // of H200 with room for several blocks per SM.
-        assert_eq!(fp4_moe_mma2_smem_bytes(4096, 2), 1024 + 16384 + 16 + 34816);
-        assert!(fp4_moe_mma2_smem_bytes(2048, 1) < 30 * 1024);
+        assert_eq!(fp4_moe_mma2_smem_bytes(4096, 2), 1024 + 16384 + 16 + 52224);
+        assert!(fp4_moe_mma2_smem_bytes(4096, 2) * 3 < 227 * 1024);
+        assert!(fp4_moe_mma2_smem_bytes(2048, 1) < 36 * 1024);
         assert!(check_fp4_moe(&Fp4Experts { inter: 2000, ..e }, &c).is_err());
         assert!(check_fp4_moe(&e, &Fp4MoeCall { topk: 300, ..c }).is_err());
         assert!(check_fp4_moe(

@@ -27,7 +27,7 @@
 #define __shared__
 // Dynamic shared memory of the block that runs (blocks run one after another): the largest of
 // v2 (table + padded K = 4096 row) and mma2 (table + B of K = 4096 + the rings of 4 warps).
-alignas(16) float4 moe_smem4[(1024 + 128 * 128 + 16 + 4 * 2 * 4 * 1088) / 16 + 16];
+alignas(16) float4 moe_smem4[(1024 + 128 * 128 + 16 + 4 * 2 * 3 * 2176) / 16 + 16];
 
 inline float emu_f16(unsigned h) {
     const unsigned s = h >> 15, e = (h >> 10) & 31u, m = h & 1023u;
@@ -301,7 +301,7 @@ int main() {
     check_f16();
     const bool quick = getenv("FP4_EMU_QUICK") != nullptr;
     moe_case(rng, 8, 256, 512, 2, 6, true, true);   // two tokens sharing an expert, an invalid id
-    moe_case(rng, 8, 256, 256, 1, 6, false, true);   // K = 256: 2 stages, fewer than the ring holds
+    moe_case(rng, 8, 256, 256, 1, 6, false, true);   // K = 256: one stage of the 3-stage ring (gate/up: 2)
     moe_case(rng, 8, 256, 1024, 16, 6, true, true);  // 16 tokens over 8 experts: every expert shared
     moe_case(rng, 8, 2048, 4096, 1, 6, false, true); // V4-Flash
     moe_case(rng, 8, 1024, 4096, 1, 6, true, true);  // TP = 2 shard, an invalid id
