@@ -419,7 +419,8 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_combine(
 // the f32 partial of its two mmas. What differs is the organisation:
 //   - the block converts its activation row ONCE into ready-made B fragments in shared memory
 //     (per chunk and lane t: uint4 of the four f16x2 pairs, hi for column 0, residual for
-//     column 1; lanes of columns 2..7 read a zero uint4), so a chunk's B is one 16-byte LDS;
+//     column 1; lanes of columns 2..7 read the chunk's zero uint4, so every lane's address
+//     moves by the same 144 bytes per chunk: an immediate offset), a chunk's B is one LDS.128;
 //   - each warp owns one 16-row tile over the whole K (gate/up: the W1 and W3 tiles of the same
 //     rows, sharing B): no K split, no shared-memory reduction;
 //   - weights stream with 16-byte cp.async into a per-warp ring of MMA2_NST stages of
@@ -434,8 +435,8 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_combine(
 // Per row the sum runs over the chunks in order (acc = fma(scale_c, hi_c + lo_c, acc)):
 // deterministic. Rows: 16 per warp, MMA2_WARPS tiles per block (a last block's missing tiles
 // idle). Dynamic shared memory (launch.rs: fp4_moe_mma2_smem_bytes): scale table (1 KB), B
-// fragments (K / 32 * 128 B + a zero uint4), then per warp and matrix MMA2_NST stages of
-// 16 x 128 weight bytes + 16 x 8 scale bytes (gate/up at K = 4096: 68 KB, 3 blocks per SM).
+// fragments (K / 32 * 144 B), then per warp and matrix MMA2_NST stages of 16 x 128 weight
+// bytes + 16 x 8 scale bytes (gate/up at K = 4096: 70 KB, 3 blocks per SM).
 // Needs K % 256 == 0 (whole stages), rows % 16 == 0 and scale pointers 8-byte aligned.
 
 #define MMA2_WARPS 4
@@ -512,9 +513,11 @@ __device__ __forceinline__ unsigned int mma2_pack(float lo, float hi) {
 #endif
 }
 
-// The block's activation row as B fragments: for chunk c and lane t, uint4 b[c * 8 + t] holds
-// the f16x2 pairs (x[32c + 8t + p], x[32c + 8t + p + 4]), p = 0..3, rounded; b[c * 8 + 4 + t]
-// the rounding residuals; b[C * 8] = 0. Ends with __syncthreads (also publishing the table).
+// The block's activation row as B fragments, MMA2_BQ uint4 per chunk: for chunk c and lane t,
+// b[c * 9 + t] holds the f16x2 pairs (x[32c + 8t + p], x[32c + 8t + p + 4]), p = 0..3, rounded;
+// b[c * 9 + 4 + t] the rounding residuals; b[c * 9 + 8] = 0. Ends with __syncthreads (also
+// publishing the scale table).
+#define MMA2_BQ 9
 __device__ __forceinline__ void mma2_stage_b(uint4 *b, const float *__restrict__ src, int K) {
     const int C = K >> 5;
     for (int v = threadIdx.x; v < C * 4; v += blockDim.x) {
@@ -530,10 +533,10 @@ __device__ __forceinline__ void mma2_stage_b(uint4 *b, const float *__restrict__
             lo[p] = mma2_pack(e[p] - rl, e[p + 4] - rh);
         }
         const int c = v >> 2, t = v & 3;
-        b[c * 8 + t] = uint4{hi[0], hi[1], hi[2], hi[3]};
-        b[c * 8 + 4 + t] = uint4{lo[0], lo[1], lo[2], lo[3]};
+        b[c * MMA2_BQ + t] = uint4{hi[0], hi[1], hi[2], hi[3]};
+        b[c * MMA2_BQ + 4 + t] = uint4{lo[0], lo[1], lo[2], lo[3]};
+        if (t == 0) b[c * MMA2_BQ + 8] = uint4{0u, 0u, 0u, 0u};
     }
-    if (threadIdx.x == 0) b[C * 8] = uint4{0u, 0u, 0u, 0u};
     __syncthreads();
 }
 
@@ -564,9 +567,9 @@ __device__ __forceinline__ void mma2_issue(const Mma2Tile &m, int st, int slot, 
 
 // One stage of one tile: for each of its MMA2_CPS chunks, two mmas and the scaled FMA into the
 // lane's accumulators (rows g and g + 8; meaningful in lanes t == 0: columns 0 and 1).
-// `bq` points at this lane's B uint4 of the stage's first chunk, `bs` its chunk stride.
-__device__ __forceinline__ void mma2_compute(const unsigned char *slot, const uint4 *bq, int bs, const float *lut,
-                                             int lane, float &acc, float &acc8) {
+// `bq` points at this lane's B uint4 of the stage's first chunk.
+__device__ __forceinline__ void mma2_compute(const unsigned char *slot, const uint4 *bq, const float *lut, int lane,
+                                             float &acc, float &acc8) {
     const int g = lane >> 2;
     const uint2 sg = *reinterpret_cast<const uint2 *>(slot + MMA2_STAGE_W + g * 8);
     const uint2 sg8 = *reinterpret_cast<const uint2 *>(slot + MMA2_STAGE_W + (g + 8) * 8);
@@ -579,7 +582,7 @@ __device__ __forceinline__ void mma2_compute(const unsigned char *slot, const ui
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int c = cc + h;
-            const uint4 b = bq[c * bs];
+            const uint4 b = bq[c * MMA2_BQ];
             unsigned int ag[4], a8[4];
             fp4_word_pairs(w[2 * h], ag);
             fp4_word_pairs(w[2 * h + 1], a8);
@@ -597,23 +600,26 @@ __device__ __forceinline__ void mma2_compute(const unsigned char *slot, const ui
 // issued by the caller before staging B; here stage s waits for its group, the warp syncs (all
 // lanes' copies visible, and all lanes done with the slot the next issue overwrites), the stage
 // s + NST - 1 goes out, then stage s is computed.
+// The ring slots are tracked by running offsets (no modulo by 3 per stage).
 template <int NMAT>
-__device__ __forceinline__ void mma2_tiles(const Mma2Tile (&m)[NMAT], const uint4 *bq, int bs, const float *lut,
-                                           int K, int lane, float (&acc)[NMAT], float (&acc8)[NMAT]) {
+__device__ __forceinline__ void mma2_tiles(const Mma2Tile (&m)[NMAT], const uint4 *bq, const float *lut, int K,
+                                           int lane, float (&acc)[NMAT], float (&acc8)[NMAT]) {
     const int nst = (K >> 5) / MMA2_CPS;
+    int rd = 0, wr = MMA2_NST - 1; // slots of stages s and s + MMA2_NST - 1
     for (int s = 0; s < nst; ++s) {
         mma2_wait();
         __syncwarp();
         const int sn = s + MMA2_NST - 1;
         if (sn < nst) {
 #pragma unroll
-            for (int i = 0; i < NMAT; ++i) mma2_issue(m[i], sn, sn % MMA2_NST, K, lane);
+            for (int i = 0; i < NMAT; ++i) mma2_issue(m[i], sn, wr, K, lane);
         }
         mma2_commit();
 #pragma unroll
         for (int i = 0; i < NMAT; ++i)
-            mma2_compute(m[i].ring + (s % MMA2_NST) * MMA2_STAGE, bq + s * MMA2_CPS * bs, bs, lut, lane, acc[i],
-                         acc8[i]);
+            mma2_compute(m[i].ring + rd * MMA2_STAGE, bq + s * (MMA2_CPS * MMA2_BQ), lut, lane, acc[i], acc8[i]);
+        rd = rd == MMA2_NST - 1 ? 0 : rd + 1;
+        wr = wr == MMA2_NST - 1 ? 0 : wr + 1;
     }
 }
 
@@ -640,7 +646,7 @@ extern "C" __global__ void __launch_bounds__(MMA2_WARPS * 32) dsk_fp4_moe_gate_u
     float *lut = reinterpret_cast<float *>(moe_smem4);
     uint4 *bfr = reinterpret_cast<uint4 *>(lut + 256);
     const int C = K >> 5;
-    unsigned char *rings = reinterpret_cast<unsigned char *>(bfr + C * 8 + 1);
+    unsigned char *rings = reinterpret_cast<unsigned char *>(bfr + C * MMA2_BQ);
     const int p = blockIdx.x, t_tok = p / topk;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int row0 = (blockIdx.y * MMA2_WARPS + warp) * 16;
@@ -659,10 +665,9 @@ extern "C" __global__ void __launch_bounds__(MMA2_WARPS * 32) dsk_fp4_moe_gate_u
     mma2_stage_b(bfr, x + (long)t_tok * K, K);
     if (!live) return;
     const int g = lane >> 2, t = lane & 3;
-    const uint4 *bq = g < 2 ? bfr + g * 4 + t : bfr + C * 8;
-    const int bs = g < 2 ? 8 : 0;
+    const uint4 *bq = bfr + (g < 2 ? g * 4 + t : 8);
     float acc[2] = {0.f, 0.f}, acc8[2] = {0.f, 0.f};
-    mma2_tiles(m, bq, bs, lut, K, lane, acc, acc8);
+    mma2_tiles(m, bq, lut, K, lane, acc, acc8);
     if (t == 0) {
         float *hp = h + (long)p * I + row0 + g;
         float gs = fminf(acc[0], limit), us = fminf(fmaxf(acc[1], -limit), limit);
@@ -681,7 +686,7 @@ extern "C" __global__ void __launch_bounds__(MMA2_WARPS * 32) dsk_fp4_moe_down_m
     float *lut = reinterpret_cast<float *>(moe_smem4);
     uint4 *bfr = reinterpret_cast<uint4 *>(lut + 256);
     const int C = I >> 5;
-    unsigned char *rings = reinterpret_cast<unsigned char *>(bfr + C * 8 + 1);
+    unsigned char *rings = reinterpret_cast<unsigned char *>(bfr + C * MMA2_BQ);
     const int p = blockIdx.x;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int row0 = (blockIdx.y * MMA2_WARPS + warp) * 16;
@@ -698,10 +703,9 @@ extern "C" __global__ void __launch_bounds__(MMA2_WARPS * 32) dsk_fp4_moe_down_m
     mma2_stage_b(bfr, h + (long)p * I, I);
     if (!live) return;
     const int g = lane >> 2, t = lane & 3;
-    const uint4 *bq = g < 2 ? bfr + g * 4 + t : bfr + C * 8;
-    const int bs = g < 2 ? 8 : 0;
+    const uint4 *bq = bfr + (g < 2 ? g * 4 + t : 8);
     float acc[1] = {0.f}, acc8[1] = {0.f};
-    mma2_tiles(m, bq, bs, lut, I, lane, acc, acc8);
+    mma2_tiles(m, bq, lut, I, lane, acc, acc8);
     if (t == 0) {
         const float wt = weights[p];
         float *yp = y + (long)p * N + row0 + g;

@@ -275,9 +275,9 @@ pub fn fp4_moe_v2_smem_bytes(len: usize) -> usize {
 
 /// Dynamic shared memory of the mma2 FP4 expert kernels for an activation row of `k` values and
 /// `matrices` weight matrices per tile (gate/up 2, down 1): the scale table, the B fragments
-/// (128 bytes per 32 values, plus a zero fragment), then each warp's ring.
+/// (144 bytes per 32 values: hi, residual and a zero fragment), then each warp's ring.
 pub fn fp4_moe_mma2_smem_bytes(k: usize, matrices: usize) -> usize {
-    256 * 4 + k / 32 * 128 + 16 + MMA2_WARPS * matrices * MMA2_NST * MMA2_STAGE_BYTES
+    256 * 4 + k / 32 * 144 + MMA2_WARPS * matrices * MMA2_NST * MMA2_STAGE_BYTES
 }
 
 /// Scratch bytes `Kernels::topk` needs.
@@ -1647,7 +1647,7 @@ mod tests {
         assert!(!moe_mma2_fits(&Fp4Experts { s3: 20, ..e }));
         // V4-Flash: gate/up (K = 4096, 2 matrices) and down (K = 2048, 1) fit the 227 KB opt-in
         // of H200 with room for several blocks per SM.
-        assert_eq!(fp4_moe_mma2_smem_bytes(4096, 2), 1024 + 16384 + 16 + 52224);
+        assert_eq!(fp4_moe_mma2_smem_bytes(4096, 2), 1024 + 18432 + 52224);
         assert!(fp4_moe_mma2_smem_bytes(4096, 2) * 3 < 227 * 1024);
         assert!(fp4_moe_mma2_smem_bytes(2048, 1) < 36 * 1024);
         assert!(check_fp4_moe(&Fp4Experts { inter: 2000, ..e }, &c).is_err());

@@ -27,7 +27,7 @@
 #define __shared__
 // Dynamic shared memory of the block that runs (blocks run one after another): the largest of
 // v2 (table + padded K = 4096 row) and mma2 (table + B of K = 4096 + the rings of 4 warps).
-alignas(16) float4 moe_smem4[(1024 + 128 * 128 + 16 + 4 * 2 * 3 * 2176) / 16 + 16];
+alignas(16) float4 moe_smem4[(1024 + 128 * 144 + 4 * 2 * 3 * 2176) / 16 + 16];
 
 inline float emu_f16(unsigned h) {
     const unsigned s = h >> 15, e = (h >> 10) & 31u, m = h & 1023u;
@@ -166,7 +166,7 @@ static double row_dot(const unsigned char *w, const unsigned char *s, const floa
     return acc;
 }
 
-static size_t mma2_smem(int K, int nmat) { return 1024 + (size_t)(K / 32) * 128 + 16 + (size_t)MMA2_WARPS * nmat * MMA2_NST * MMA2_STAGE; }
+static size_t mma2_smem(int K, int nmat) { return 1024 + (size_t)(K / 32) * 16 * MMA2_BQ + (size_t)MMA2_WARPS * nmat * MMA2_NST * MMA2_STAGE; }
 
 static void run_moe(const Layer &L, const std::vector<int> &ids, const std::vector<float> &x, const std::vector<float> &wts, int topk,
                     float limit, bool mma2, std::vector<float> &h, std::vector<float> &y) {
