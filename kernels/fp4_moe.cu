@@ -409,6 +409,312 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_combine(
 }
 
 // ---------------------------------------------------------------------------------------------
+// mma2: tensor-core kernels organised for streaming (MoePath::TensorCoreV2; DSPARK_FP4_KERNEL=mma2
+// makes Auto pick them). Same arguments, outputs and requirements as the old tensor-core kernels
+// further down (hidden and inter multiples of 256, activations below 65504 in magnitude, the
+// host falls back to v2 otherwise; scale pointers 8-byte aligned), the same mma (m16n8k16 f16,
+// f32 accumulate; B column 0 = f16(x), column 1 = f16(x - f16(x)), columns 2..7 zero) and the
+// same K permutation inside a 32-value chunk (lane (g, t) feeds word t of the chunk of rows g and
+// g + 8; its nibble pairs (p, p + 4) are its A slots), so each chunk's E8M0 scale is applied to
+// the f32 partial of its two mmas. What differs is the organisation:
+//   - the block converts its activation row ONCE into ready-made B fragments in shared memory
+//     (per chunk and lane t: uint4 of the four f16x2 pairs, hi for column 0, residual for
+//     column 1; lanes of columns 2..7 read the chunk's zero uint4, so every lane's address
+//     moves by the same 144 bytes per chunk: an immediate offset), a chunk's B is one LDS.128;
+//   - each warp owns one 16-row tile over the whole K (gate/up: the W1 and W3 tiles of the same
+//     rows, sharing B): no K split, no shared-memory reduction;
+//   - weights stream with 16-byte cp.async into a per-warp ring of MMA2_NST stages of
+//     MMA2_CPS chunks (128 bytes of each of the 16 rows, and their 8 scale bytes per row), so
+//     MMA2_NST - 1 stages are in flight while one is computed; the first stages are issued before
+//     the activation row is staged, overlapping both latencies (8 chunks per stage rather than 4:
+//     the per-stage issue and wait code was ~30 % of the loop's instructions);
+//   - ldmatrix.x4 turns two chunks of the tile into exactly the words lane (g, t) needs (word t
+//     of rows g and g + 8; rows swizzled over the 16-byte slots, so conflict-free), decoded by
+//     fp4_word_pairs (11 integer instructions per 8 nibbles) straight into A fragments;
+//   - the block scale from the 256-entry table (fp4_scale_v2), one FMA per chunk and row.
+// Per row the sum runs over the chunks in order (acc = fma(scale_c, hi_c + lo_c, acc)):
+// deterministic. Rows: 16 per warp, MMA2_WARPS tiles per block (a last block's missing tiles
+// idle). Dynamic shared memory (launch.rs: fp4_moe_mma2_smem_bytes): scale table (1 KB), B
+// fragments (K / 32 * 144 B), then per warp and matrix MMA2_NST stages of 16 x 128 weight
+// bytes + 16 x 8 scale bytes (gate/up at K = 4096: 70 KB, 3 blocks per SM).
+// Needs K % 256 == 0 (whole stages), rows % 16 == 0 and scale pointers 8-byte aligned.
+
+#define MMA2_WARPS 4
+#define MMA2_CPS 8
+#define MMA2_NST 3
+#define MMA2_STAGE_W (16 * MMA2_CPS * 16)
+#define MMA2_STAGE (MMA2_STAGE_W + 16 * MMA2_CPS)
+
+// PTX wrappers; the CPU emulation (kernels/tools/fp4_moe_mma2_emu.cpp) defines the emu_ ones.
+__device__ __forceinline__ void mma2_cp16(void *dst, const void *src) {
+#ifdef __CUDA_ARCH__
+    const unsigned int d = static_cast<unsigned int>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+#else
+    emu_cp_async(dst, src, 16);
+#endif
+}
+__device__ __forceinline__ void mma2_cp8(void *dst, const void *src) {
+#ifdef __CUDA_ARCH__
+    const unsigned int d = static_cast<unsigned int>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(d), "l"(src) : "memory");
+#else
+    emu_cp_async(dst, src, 8);
+#endif
+}
+__device__ __forceinline__ void mma2_commit() {
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#else
+    emu_cp_commit();
+#endif
+}
+// Waits until at most MMA2_NST - 2 of this thread's groups are pending.
+__device__ __forceinline__ void mma2_wait() {
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.wait_group %0;" ::"n"(MMA2_NST - 2) : "memory");
+#else
+    emu_cp_wait(MMA2_NST - 2);
+#endif
+}
+// Four 8x8 b16 matrices; lanes 8j..8j+7 give the row addresses of matrix j, r[j] = word
+// (lane % 4) of row lane / 4 of matrix j.
+__device__ __forceinline__ void mma2_ldsm4(const void *p, unsigned int (&r)[4]) {
+#ifdef __CUDA_ARCH__
+    const unsigned int a = static_cast<unsigned int>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a) : "memory");
+#else
+    emu_ldsm4(p, r);
+#endif
+}
+// d = A B + c (m16n8k16, f16 in, f32 accumulate).
+__device__ __forceinline__ void mma2_mma(float (&d)[4], unsigned int a0, unsigned int a1, unsigned int a2,
+                                         unsigned int a3, unsigned int b0, unsigned int b1, float c0, float c1,
+                                         float c2, float c3) {
+#ifdef __CUDA_ARCH__
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%12,%13};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(c0), "f"(c1), "f"(c2), "f"(c3));
+#else
+    emu_mma_f16(d, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3);
+#endif
+}
+// (lo, hi) rounded to nearest f16 as one f16x2 (lo in the low half).
+__device__ __forceinline__ unsigned int mma2_pack(float lo, float hi) {
+#ifdef __CUDA_ARCH__
+    unsigned int r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    return emu_f32_to_f16(lo) | (emu_f32_to_f16(hi) << 16);
+#endif
+}
+
+// The block's activation row as B fragments, MMA2_BQ uint4 per chunk: for chunk c and lane t,
+// b[c * 9 + t] holds the f16x2 pairs (x[32c + 8t + p], x[32c + 8t + p + 4]), p = 0..3, rounded;
+// b[c * 9 + 4 + t] the rounding residuals; b[c * 9 + 8] = 0. Ends with __syncthreads (also
+// publishing the scale table).
+#define MMA2_BQ 9
+__device__ __forceinline__ void mma2_stage_b(uint4 *b, const float *__restrict__ src, int K) {
+    const int C = K >> 5;
+    for (int v = threadIdx.x; v < C * 4; v += blockDim.x) {
+        const float4 *q = reinterpret_cast<const float4 *>(src) + 2 * v;
+        const float4 v0 = __ldg(q), v1 = __ldg(q + 1);
+        const float e[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+        unsigned int hi[4], lo[4];
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+            hi[p] = mma2_pack(e[p], e[p + 4]);
+            float rl, rh;
+            dsk_f16x2_to_f32(hi[p], rl, rh);
+            lo[p] = mma2_pack(e[p] - rl, e[p + 4] - rh);
+        }
+        const int c = v >> 2, t = v & 3;
+        b[c * MMA2_BQ + t] = uint4{hi[0], hi[1], hi[2], hi[3]};
+        b[c * MMA2_BQ + 4 + t] = uint4{lo[0], lo[1], lo[2], lo[3]};
+        if (t == 0) b[c * MMA2_BQ + 8] = uint4{0u, 0u, 0u, 0u};
+    }
+    __syncthreads();
+}
+
+// One matrix's tile in flight: 16 rows from `w` (row stride K / 2 bytes), their scale rows `s`
+// (stride C bytes), the warp's ring `ring` (MMA2_NST stages).
+struct Mma2Tile {
+    const unsigned char *w, *s;
+    unsigned char *ring;
+};
+
+// A stage holds row r's chunk c (of 8) at 16-byte slot c ^ (r % 8) of its 128 bytes, so the 8
+// rows of one ldmatrix phase (same chunk) hit 8 different bank groups.
+static_assert(MMA2_CPS == 8, "the ring swizzle and the issue pattern assume 8 chunks per stage");
+// Issues stage `st` (chunks st * MMA2_CPS ..) of a tile into ring slot `slot`: lane L copies
+// chunk L % 8 of rows L / 8 + 4i, i = 0..3 (8 lanes read a row's 128 contiguous bytes), lanes
+// 0..15 the 8 scale bytes of row L.
+__device__ __forceinline__ void mma2_issue(const Mma2Tile &m, int st, int slot, int K, int lane) {
+    const int r = lane >> 3, cc = lane & 7, C = K >> 5;
+    unsigned char *dst = m.ring + slot * MMA2_STAGE;
+    const unsigned char *src = m.w + (long)r * (K >> 1) + (st * MMA2_CPS + cc) * 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int row = r + 4 * i;
+        mma2_cp16(dst + row * 128 + ((cc ^ (row & 7)) << 4), src + 4L * i * (K >> 1));
+    }
+    if (lane < 16) mma2_cp8(dst + MMA2_STAGE_W + lane * 8, m.s + (long)lane * C + st * MMA2_CPS);
+}
+
+// One stage of one tile: for each of its MMA2_CPS chunks, two mmas and the scaled FMA into the
+// lane's accumulators (rows g and g + 8; meaningful in lanes t == 0: columns 0 and 1).
+// `bq` points at this lane's B uint4 of the stage's first chunk.
+__device__ __forceinline__ void mma2_compute(const unsigned char *slot, const uint4 *bq, const float *lut, int lane,
+                                             float &acc, float &acc8) {
+    const int g = lane >> 2;
+    const uint2 sg = *reinterpret_cast<const uint2 *>(slot + MMA2_STAGE_W + g * 8);
+    const uint2 sg8 = *reinterpret_cast<const uint2 *>(slot + MMA2_STAGE_W + (g + 8) * 8);
+    // ldmatrix row address: matrix j = lane / 8 is rows 8 (j & 1) .. + 7 of chunk j / 2 (+ cc).
+    const int j = lane >> 3, r = (lane & 7) + 8 * (j & 1), swz = r & 7;
+#pragma unroll
+    for (int cc = 0; cc < MMA2_CPS; cc += 2) {
+        unsigned int w[4];
+        mma2_ldsm4(slot + r * 128 + (((cc + (j >> 1)) ^ swz) << 4), w);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int c = cc + h;
+            const uint4 b = bq[c * MMA2_BQ];
+            unsigned int ag[4], a8[4];
+            fp4_word_pairs(w[2 * h], ag);
+            fp4_word_pairs(w[2 * h + 1], a8);
+            float d[4];
+            mma2_mma(d, ag[0], a8[0], ag[1], a8[1], b.x, b.y, 0.f, 0.f, 0.f, 0.f);
+            mma2_mma(d, ag[2], a8[2], ag[3], a8[3], b.z, b.w, d[0], d[1], d[2], d[3]);
+            const unsigned int s0 = c < 4 ? sg.x : sg.y, s8 = c < 4 ? sg8.x : sg8.y;
+            acc = fmaf(lut[(s0 >> (8 * (c & 3))) & 255u], d[0] + d[1], acc);
+            acc8 = fmaf(lut[(s8 >> (8 * (c & 3))) & 255u], d[2] + d[3], acc8);
+        }
+    }
+}
+
+// The tile loop of NMAT matrices (gate/up: W1, W3) sharing B: prologue (stages 0..NST-2) is
+// issued by the caller before staging B; here stage s waits for its group, the warp syncs (all
+// lanes' copies visible, and all lanes done with the slot the next issue overwrites), the stage
+// s + NST - 1 goes out, then stage s is computed.
+// The ring slots are tracked by running offsets (no modulo by 3 per stage).
+template <int NMAT>
+__device__ __forceinline__ void mma2_tiles(const Mma2Tile (&m)[NMAT], const uint4 *bq, const float *lut, int K,
+                                           int lane, float (&acc)[NMAT], float (&acc8)[NMAT]) {
+    const int nst = (K >> 5) / MMA2_CPS;
+    int rd = 0, wr = MMA2_NST - 1; // slots of stages s and s + MMA2_NST - 1
+    for (int s = 0; s < nst; ++s) {
+        mma2_wait();
+        __syncwarp();
+        const int sn = s + MMA2_NST - 1;
+        if (sn < nst) {
+#pragma unroll
+            for (int i = 0; i < NMAT; ++i) mma2_issue(m[i], sn, wr, K, lane);
+        }
+        mma2_commit();
+#pragma unroll
+        for (int i = 0; i < NMAT; ++i)
+            mma2_compute(m[i].ring + rd * MMA2_STAGE, bq + s * (MMA2_CPS * MMA2_BQ), lut, lane, acc[i], acc8[i]);
+        rd = rd == MMA2_NST - 1 ? 0 : rd + 1;
+        wr = wr == MMA2_NST - 1 ? 0 : wr + 1;
+    }
+}
+
+template <int NMAT>
+__device__ __forceinline__ void mma2_prologue(const Mma2Tile (&m)[NMAT], int K, int lane) {
+    const int nst = (K >> 5) / MMA2_CPS;
+#pragma unroll
+    for (int s = 0; s < MMA2_NST - 1; ++s) {
+        if (s < nst) {
+#pragma unroll
+            for (int i = 0; i < NMAT; ++i) mma2_issue(m[i], s, s, K, lane);
+        }
+        mma2_commit();
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(MMA2_WARPS * 32) dsk_fp4_moe_gate_up_mma2(
+    const float *__restrict__ x, const int *__restrict__ ids, const unsigned char *__restrict__ W1,
+    const unsigned char *__restrict__ S1, const unsigned char *__restrict__ W3,
+    const unsigned char *__restrict__ S3, float *__restrict__ h, int topk, int E, int I, int K,
+    float limit) {
+    dsk_pdl_entry();
+    extern __shared__ float4 moe_smem4[];
+    float *lut = reinterpret_cast<float *>(moe_smem4);
+    uint4 *bfr = reinterpret_cast<uint4 *>(lut + 256);
+    const int C = K >> 5;
+    unsigned char *rings = reinterpret_cast<unsigned char *>(bfr + C * MMA2_BQ);
+    const int p = blockIdx.x, t_tok = p / topk;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int row0 = (blockIdx.y * MMA2_WARPS + warp) * 16;
+    const bool live = row0 < I;
+    const int e = ids[p];
+    if (e < 0 || e >= E) {
+        if (live && lane < 16) h[(long)p * I + row0 + lane] = 0.f;
+        return;
+    }
+    const long r0 = (long)e * I + row0;
+    unsigned char *ring = rings + warp * (2 * MMA2_NST * MMA2_STAGE);
+    const Mma2Tile m[2] = {{W1 + r0 * (K >> 1), S1 + r0 * C, ring},
+                           {W3 + r0 * (K >> 1), S3 + r0 * C, ring + MMA2_NST * MMA2_STAGE}};
+    if (live) mma2_prologue(m, K, lane);
+    fp4_fill_scale_table(lut);
+    mma2_stage_b(bfr, x + (long)t_tok * K, K);
+    if (!live) return;
+    const int g = lane >> 2, t = lane & 3;
+    const uint4 *bq = bfr + (g < 2 ? g * 4 + t : 8);
+    float acc[2] = {0.f, 0.f}, acc8[2] = {0.f, 0.f};
+    mma2_tiles(m, bq, lut, K, lane, acc, acc8);
+    if (t == 0) {
+        float *hp = h + (long)p * I + row0 + g;
+        float gs = fminf(acc[0], limit), us = fminf(fmaxf(acc[1], -limit), limit);
+        hp[0] = gs / (1.f + expf(-gs)) * us;
+        gs = fminf(acc8[0], limit), us = fminf(fmaxf(acc8[1], -limit), limit);
+        hp[8] = gs / (1.f + expf(-gs)) * us;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(MMA2_WARPS * 32) dsk_fp4_moe_down_mma2(
+    const float *__restrict__ h, const int *__restrict__ ids, const float *__restrict__ weights,
+    const unsigned char *__restrict__ W2, const unsigned char *__restrict__ S2,
+    float *__restrict__ y, int E, int N, int I) {
+    dsk_pdl_entry();
+    extern __shared__ float4 moe_smem4[];
+    float *lut = reinterpret_cast<float *>(moe_smem4);
+    uint4 *bfr = reinterpret_cast<uint4 *>(lut + 256);
+    const int C = I >> 5;
+    unsigned char *rings = reinterpret_cast<unsigned char *>(bfr + C * MMA2_BQ);
+    const int p = blockIdx.x;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int row0 = (blockIdx.y * MMA2_WARPS + warp) * 16;
+    const bool live = row0 < N;
+    const int e = ids[p];
+    if (e < 0 || e >= E) {
+        if (live && lane < 16) y[(long)p * N + row0 + lane] = 0.f;
+        return;
+    }
+    const long r0 = (long)e * N + row0;
+    const Mma2Tile m[1] = {{W2 + r0 * (I >> 1), S2 + r0 * C, rings + warp * (MMA2_NST * MMA2_STAGE)}};
+    if (live) mma2_prologue(m, I, lane);
+    fp4_fill_scale_table(lut);
+    mma2_stage_b(bfr, h + (long)p * I, I);
+    if (!live) return;
+    const int g = lane >> 2, t = lane & 3;
+    const uint4 *bq = bfr + (g < 2 ? g * 4 + t : 8);
+    float acc[1] = {0.f}, acc8[1] = {0.f};
+    mma2_tiles(m, bq, lut, I, lane, acc, acc8);
+    if (t == 0) {
+        const float wt = weights[p];
+        float *yp = y + (long)p * N + row0 + g;
+        yp[0] = wt * acc[0];
+        yp[8] = wt * acc8[0];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Tensor-core variant (sm_80+ mma.sync m16n8k16, f16 in, f32 accumulate). Dequantising for the
 // CUDA-core FMAs costs about as many instructions as the bytes allow; here the decoded f16 pairs
 // feed the tensor core directly and the FMAs and f16->f32 conversions disappear.

@@ -83,17 +83,24 @@ pub enum MoePath {
     /// level like the CUDA-core path, but slower on H200 at decode shapes (the FP4 unpacking,
     /// not the multiply-adds, limits both).
     TensorCore,
+    /// mma2: the same mma and accuracy, organised for streaming (B fragments staged once per
+    /// block, one 16-row tile per warp over the whole K, weights through a cp.async ring, no
+    /// shared-memory reduction). Hidden, inter multiples of 256, scale pointers 8-byte aligned;
+    /// `Auto` falls back to `CudaCore` otherwise. Not yet timed on H200: Auto picks it only
+    /// with DSPARK_FP4_KERNEL=mma2.
+    TensorCoreV2,
 }
 
-/// The CUDA-core FP4 expert kernels `MoePath::Auto` runs, from DSPARK_FP4_KERNEL: unset,
-/// empty or "v2" = v2 (`CudaCore`), "v1" = `CudaCoreV1`.
+/// The FP4 expert kernels `MoePath::Auto` runs, from DSPARK_FP4_KERNEL: unset, empty or "v2"
+/// = v2 (`CudaCore`), "v1" = `CudaCoreV1`, "mma2" = `TensorCoreV2` (v2 where mma2 does not fit).
 pub fn fp4_kernel_choice(value: Option<&str>) -> Result<MoePath, KernelError> {
     match value.map(str::trim) {
         None | Some("") | Some("v2") => Ok(MoePath::CudaCore),
         Some("v1") => Ok(MoePath::CudaCoreV1),
+        Some("mma2") => Ok(MoePath::TensorCoreV2),
         Some(other) => Err(KernelError::invalid(
             "fp4_moe",
-            format!("DSPARK_FP4_KERNEL = {other:?}; expected v1 or v2"),
+            format!("DSPARK_FP4_KERNEL = {other:?}; expected v1, v2 or mma2"),
         )),
     }
 }
@@ -103,8 +110,21 @@ pub fn moe_tensor_core_fits(hidden: usize, inter: usize) -> bool {
     hidden.is_multiple_of(256) && inter.is_multiple_of(256)
 }
 
+/// Whether the mma2 expert kernels take this call: the tensor-core shapes, and scale rows they
+/// copy 8 bytes at a time (their stage of 8 chunks; K / 32 is then a multiple of 8).
+pub fn moe_mma2_fits(e: &Fp4Experts) -> bool {
+    moe_tensor_core_fits(e.hidden, e.inter)
+        && [e.s1, e.s3, e.s2].iter().all(|p| p.is_multiple_of(8))
+}
+
 /// Rows per block of the FP4 expert kernels (8 warps x 4 rows).
 const MOE_ROWS_PER_BLOCK: usize = 32;
+/// Warps per block of the mma2 kernels (MMA2_WARPS in fp4_moe.cu), one 16-row tile each.
+const MMA2_WARPS: usize = 4;
+/// One warp's ring stage for one matrix (MMA2_STAGE): 16 rows x 128 weight bytes + 16 x 8
+/// scale bytes; MMA2_NST stages.
+const MMA2_STAGE_BYTES: usize = 16 * 128 + 16 * 8;
+const MMA2_NST: usize = 3;
 const TOPK_CHUNK: usize = 2048;
 const TOPK_STAGE2_MAX: usize = 4096;
 /// Largest k of `topk` (selection is k block-wide rounds).
@@ -251,6 +271,13 @@ pub fn moe_stage_bytes(len: usize) -> usize {
 /// E8M0 block scales, then the staged activation row.
 pub fn fp4_moe_v2_smem_bytes(len: usize) -> usize {
     256 * 4 + moe_stage_bytes(len)
+}
+
+/// Dynamic shared memory of the mma2 FP4 expert kernels for an activation row of `k` values and
+/// `matrices` weight matrices per tile (gate/up 2, down 1): the scale table, the B fragments
+/// (144 bytes per 32 values: hi, residual and a zero fragment), then each warp's ring.
+pub fn fp4_moe_mma2_smem_bytes(k: usize, matrices: usize) -> usize {
+    256 * 4 + k / 32 * 144 + MMA2_WARPS * matrices * MMA2_NST * MMA2_STAGE_BYTES
 }
 
 /// Scratch bytes `Kernels::topk` needs.
@@ -613,6 +640,8 @@ pub struct Kernels {
     fp4_combine: CudaFunction,
     fp4_gate_up_mma: CudaFunction,
     fp4_down_mma: CudaFunction,
+    fp4_gate_up_mma2: CudaFunction,
+    fp4_down_mma2: CudaFunction,
     /// Largest dynamic shared memory a block may opt in to (bytes).
     smem_optin: usize,
     rmsnorm: CudaFunction,
@@ -706,6 +735,8 @@ impl Kernels {
             fp4_combine: f(&moe, "dsk_fp4_moe_combine")?,
             fp4_gate_up_mma: f(&moe, "dsk_fp4_moe_gate_up_mma")?,
             fp4_down_mma: f(&moe, "dsk_fp4_moe_down_mma")?,
+            fp4_gate_up_mma2: f(&moe, "dsk_fp4_moe_gate_up_mma2")?,
+            fp4_down_mma2: f(&moe, "dsk_fp4_moe_down_mma2")?,
             smem_optin,
             rmsnorm: f(&norm, "dsk_rmsnorm_bf16")?,
             rope: f(&rope, "dsk_rope_interleaved_bf16")?,
@@ -746,6 +777,8 @@ impl Kernels {
             &kernels.fp4_down,
             &kernels.fp4_gate_up_v1,
             &kernels.fp4_down_v1,
+            &kernels.fp4_gate_up_mma2,
+            &kernels.fp4_down_mma2,
             &kernels.indexer_scores_tiled,
             &kernels.indexer_scores_tiled16,
             &kernels.indexer_scores_mma,
@@ -763,7 +796,8 @@ impl Kernels {
         &self.ctx
     }
 
-    /// The CUDA-core FP4 expert kernels `MoePath::Auto` runs (`CudaCore` = v2 or `CudaCoreV1`).
+    /// The FP4 expert kernels `MoePath::Auto` runs (`CudaCore` = v2, `CudaCoreV1`, or
+    /// `TensorCoreV2` where it fits, v2 elsewhere).
     pub fn fp4_auto_path(&self) -> MoePath {
         self.fp4_auto
     }
@@ -988,11 +1022,29 @@ impl Kernels {
         const K: &str = "fp4_moe";
         let fits = moe_tensor_core_fits(e.hidden, e.inter);
         let path = match path {
+            MoePath::Auto if self.fp4_auto == MoePath::TensorCoreV2 && !moe_mma2_fits(e) => {
+                MoePath::CudaCore
+            }
             MoePath::Auto => self.fp4_auto,
             p => p,
         };
+        if path == MoePath::TensorCoreV2 {
+            if !moe_mma2_fits(e) {
+                return Err(KernelError::invalid(
+                    K,
+                    format!(
+                        "mma2 path needs hidden ({}) and inter ({}) multiples of 256 and 8-byte \
+                         aligned scales",
+                        e.hidden, e.inter
+                    ),
+                ));
+            }
+            return self.fp4_moe_mma2(stream, e, c);
+        }
         let tensor = match path {
-            MoePath::Auto | MoePath::CudaCore | MoePath::CudaCoreV1 => false,
+            MoePath::Auto | MoePath::CudaCore | MoePath::CudaCoreV1 | MoePath::TensorCoreV2 => {
+                false
+            }
             MoePath::TensorCore if fits => true,
             MoePath::TensorCore => {
                 return Err(KernelError::invalid(
@@ -1037,7 +1089,6 @@ impl Kernels {
             i32_arg(K, "inter", e.inter)?,
             i32_arg(K, "hidden", e.hidden)?,
         );
-        let tokens = i32_arg(K, "tokens", c.tokens)?;
         let cfg1 = LaunchConfig {
             grid_dim: (
                 u32_grid(K, pairs)?,
@@ -1085,6 +1136,110 @@ impl Kernels {
             .arg(&inter)
             .launch(cfg2)
             .map_err(KernelError::driver("launch fp4_moe_down"))?;
+        self.fp4_moe_combine(stream, e, c)
+    }
+
+    /// The mma2 gate/up and down launches (shapes checked by the caller), then the combine.
+    ///
+    /// # Safety
+    /// As `fp4_moe`.
+    unsafe fn fp4_moe_mma2(
+        &self,
+        stream: &CudaStream,
+        e: &Fp4Experts,
+        c: &Fp4MoeCall,
+    ) -> Result<(), KernelError> {
+        const K: &str = "fp4_moe";
+        let rows_per_block = 16 * MMA2_WARPS;
+        let smem = |len: usize, matrices: usize| -> Result<u32, KernelError> {
+            let bytes = fp4_moe_mma2_smem_bytes(len, matrices);
+            if bytes > self.smem_optin {
+                return Err(KernelError::invalid(
+                    K,
+                    format!(
+                        "{len} activations need {bytes} B of shared memory (mma2); the GPU allows {}",
+                        self.smem_optin
+                    ),
+                ));
+            }
+            u32_grid(K, bytes)
+        };
+        let pairs = c.tokens * c.topk;
+        let (topk, experts) = (
+            i32_arg(K, "topk", c.topk)?,
+            i32_arg(K, "experts", e.experts)?,
+        );
+        let (inter, hidden) = (
+            i32_arg(K, "inter", e.inter)?,
+            i32_arg(K, "hidden", e.hidden)?,
+        );
+        let block = u32_grid(K, 32 * MMA2_WARPS)?;
+        let cfg1 = LaunchConfig {
+            grid_dim: (
+                u32_grid(K, pairs)?,
+                u32_grid(K, e.inter.div_ceil(rows_per_block))?,
+                1,
+            ),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: smem(e.hidden, 2)?,
+        };
+        stream
+            .kernel(&self.fp4_gate_up_mma2)
+            .arg(&c.x)
+            .arg(&c.ids)
+            .arg(&e.w1)
+            .arg(&e.s1)
+            .arg(&e.w3)
+            .arg(&e.s3)
+            .arg(&c.h)
+            .arg(&topk)
+            .arg(&experts)
+            .arg(&inter)
+            .arg(&hidden)
+            .arg(&c.swiglu_limit)
+            .launch(cfg1)
+            .map_err(KernelError::driver("launch fp4_moe_gate_up_mma2"))?;
+        let cfg2 = LaunchConfig {
+            grid_dim: (
+                u32_grid(K, pairs)?,
+                u32_grid(K, e.hidden.div_ceil(rows_per_block))?,
+                1,
+            ),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: smem(e.inter, 1)?,
+        };
+        stream
+            .kernel(&self.fp4_down_mma2)
+            .arg(&c.h)
+            .arg(&c.ids)
+            .arg(&c.weights)
+            .arg(&e.w2)
+            .arg(&e.s2)
+            .arg(&c.partial)
+            .arg(&experts)
+            .arg(&hidden)
+            .arg(&inter)
+            .launch(cfg2)
+            .map_err(KernelError::driver("launch fp4_moe_down_mma2"))?;
+        self.fp4_moe_combine(stream, e, c)
+    }
+
+    /// The top-k slots of `c.partial` summed in order into `c.out` (plus `c.addend`).
+    ///
+    /// # Safety
+    /// As `fp4_moe`.
+    unsafe fn fp4_moe_combine(
+        &self,
+        stream: &CudaStream,
+        e: &Fp4Experts,
+        c: &Fp4MoeCall,
+    ) -> Result<(), KernelError> {
+        const K: &str = "fp4_moe";
+        let (topk, hidden, tokens) = (
+            i32_arg(K, "topk", c.topk)?,
+            i32_arg(K, "hidden", e.hidden)?,
+            i32_arg(K, "tokens", c.tokens)?,
+        );
         let cfg3 = LaunchConfig {
             grid_dim: (u32_grid(K, (c.tokens * e.hidden).div_ceil(256))?, 1, 1),
             block_dim: (256, 1, 1),
@@ -1462,12 +1617,16 @@ mod tests {
         assert_eq!(fp4_kernel_choice(Some("")).unwrap(), MoePath::CudaCore);
         assert_eq!(fp4_kernel_choice(Some("v2")).unwrap(), MoePath::CudaCore);
         assert_eq!(
+            fp4_kernel_choice(Some("mma2")).unwrap(),
+            MoePath::TensorCoreV2
+        );
+        assert_eq!(
             fp4_kernel_choice(Some(" v1 ")).unwrap(),
             MoePath::CudaCoreV1
         );
         let err = fp4_kernel_choice(Some("old")).unwrap_err().to_string();
         assert!(
-            err.contains("DSPARK_FP4_KERNEL") && err.contains("v1 or v2"),
+            err.contains("DSPARK_FP4_KERNEL") && err.contains("v1, v2 or mma2"),
             "{err}"
         );
     }
@@ -1501,6 +1660,14 @@ mod tests {
         assert!(check_fp4_moe(&e, &c).is_ok());
         assert!(moe_tensor_core_fits(4096, 2048) && moe_tensor_core_fits(4096, 1024));
         assert!(!moe_tensor_core_fits(4096, 96));
+        assert!(moe_mma2_fits(&e) && moe_mma2_fits(&Fp4Experts { inter: 1024, ..e }));
+        assert!(!moe_mma2_fits(&Fp4Experts { inter: 96, ..e }));
+        assert!(!moe_mma2_fits(&Fp4Experts { s3: 20, ..e }));
+        // V4-Flash: gate/up (K = 4096, 2 matrices) and down (K = 2048, 1) fit the 227 KB opt-in
+        // of H200 with room for several blocks per SM.
+        assert_eq!(fp4_moe_mma2_smem_bytes(4096, 2), 1024 + 18432 + 52224);
+        assert!(fp4_moe_mma2_smem_bytes(4096, 2) * 3 < 227 * 1024);
+        assert!(fp4_moe_mma2_smem_bytes(2048, 1) < 36 * 1024);
         assert!(check_fp4_moe(&Fp4Experts { inter: 2000, ..e }, &c).is_err());
         assert!(check_fp4_moe(&e, &Fp4MoeCall { topk: 300, ..c }).is_err());
         assert!(check_fp4_moe(

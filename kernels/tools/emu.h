@@ -18,6 +18,7 @@
 
 struct D3 { unsigned int x = 0, y = 0, z = 0; };
 struct uint4 { unsigned int x, y, z, w; };
+struct uint2 { unsigned int x, y; };
 struct float4 { float x, y, z, w; };
 struct float2 { float x, y; };
 thread_local D3 threadIdx, blockIdx;

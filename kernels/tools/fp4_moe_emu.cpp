@@ -8,8 +8,9 @@
 //     f32 subnormals, 2^+-100, inf, NaN);
 //   - whole launches (gate/up + SwiGLU, down) bit-identical to v1, including an invalid expert
 //     id, scales 0 and 254 and the NaN code, and within 1e-4 of an f64 reference on sane scales.
-// The tensor-core part (PTX mma) is cut off first:
-//   sed '/Tensor-core variant/,$d' kernels/fp4_moe.cu > /tmp/fp4_moe_cc.cu &&
+// The tensor-core parts (PTX mma, cp.async; mma2 has its own emulator, fp4_moe_mma2_emu.cpp)
+// are cut off first:
+//   sed '/^\/\/ mma2: tensor-core kernels/,$d' kernels/fp4_moe.cu > /tmp/fp4_moe_cc.cu &&
 //   g++ -std=c++20 -O2 -pthread -w -I kernels/tools -DFP4_SRC='"/tmp/fp4_moe_cc.cu"' \
 //       -o /tmp/fp4_moe_emu kernels/tools/fp4_moe_emu.cpp && /tmp/fp4_moe_emu
 #include "emu.h"
