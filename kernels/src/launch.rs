@@ -71,8 +71,9 @@ pub fn fp8_tensor_core_fits(a: &Fp8Gemv) -> bool {
 /// Which FP4 expert kernels to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MoePath {
-    /// The faster one as measured on H200 (docs/KERNELS.md): today the CUDA-core kernels, v2
-    /// unless DSPARK_FP4_KERNEL=v1 was set when the kernels were loaded (an A/B switch).
+    /// The faster one as measured on H200 (docs/KERNELS.md): mma2 for calls of at least
+    /// [`FP4_MMA2_MIN_TOKENS`] tokens (where it fits), v2 below; DSPARK_FP4_KERNEL=v1|v2|mma2 at
+    /// load forces one (an A/B switch).
     Auto,
     /// f32 FMAs on CUDA cores (any hidden/inter multiple of 32), v2: the nibble pairs decoded in
     /// fewer integer instructions, results bit-identical to v1.
@@ -86,21 +87,32 @@ pub enum MoePath {
     /// mma2: the same mma and accuracy, organised for streaming (B fragments staged once per
     /// block, one 16-row tile per warp over the whole K, weights through a cp.async ring, no
     /// shared-memory reduction). Hidden, inter multiples of 256, scale pointers 8-byte aligned;
-    /// `Auto` falls back to `CudaCore` otherwise. Not yet timed on H200: Auto picks it only
-    /// with DSPARK_FP4_KERNEL=mma2.
+    /// `Auto` falls back to `CudaCore` otherwise. On H200 faster than v2 from a few tokens up
+    /// (T=16: 346 against 433 us), slower at one token (45 against 40 us).
     TensorCoreV2,
 }
 
-/// The FP4 expert kernels `MoePath::Auto` runs, from DSPARK_FP4_KERNEL: unset, empty or "v2"
-/// = v2 (`CudaCore`), "v1" = `CudaCoreV1`, "mma2" = `TensorCoreV2` (v2 where mma2 does not fit).
+/// Tokens of an FP4 expert call from which `MoePath::Auto` runs mma2. Measured on H200
+/// (`fp4_moe_timing_print`, 4096 hidden, top-6): at one token v2 is faster (40.8 against 45.5 us
+/// at inter 2048, 29.1 against 31.9 at 1024: each expert sees one row and the unpacking limits
+/// both); at two tokens it depends on the width (mma2 63.1 against 67.6 us at 2048, v2 42.5
+/// against 45.0 at 1024, the TP=2 shard); from four tokens mma2 leads at both widths (107 against
+/// 122 us and 62.7 against 71.5 at 4; 349 against 434 and 190 against 245 at 16), where v2's
+/// per-token FMAs grow and mma2's tensor-core steps do not.
+pub const FP4_MMA2_MIN_TOKENS: usize = 4;
+
+/// The FP4 expert kernels `MoePath::Auto` runs, from DSPARK_FP4_KERNEL: unset, empty or "auto"
+/// = by token count (`Auto`: mma2 from [`FP4_MMA2_MIN_TOKENS`], v2 below), "v2" = `CudaCore`,
+/// "v1" = `CudaCoreV1`, "mma2" = `TensorCoreV2` (v2 where mma2 does not fit).
 pub fn fp4_kernel_choice(value: Option<&str>) -> Result<MoePath, KernelError> {
     match value.map(str::trim) {
-        None | Some("") | Some("v2") => Ok(MoePath::CudaCore),
+        None | Some("") | Some("auto") => Ok(MoePath::Auto),
+        Some("v2") => Ok(MoePath::CudaCore),
         Some("v1") => Ok(MoePath::CudaCoreV1),
         Some("mma2") => Ok(MoePath::TensorCoreV2),
         Some(other) => Err(KernelError::invalid(
             "fp4_moe",
-            format!("DSPARK_FP4_KERNEL = {other:?}; expected v1, v2 or mma2"),
+            format!("DSPARK_FP4_KERNEL = {other:?}; expected auto, v1, v2 or mma2"),
         )),
     }
 }
@@ -796,8 +808,9 @@ impl Kernels {
         &self.ctx
     }
 
-    /// The FP4 expert kernels `MoePath::Auto` runs (`CudaCore` = v2, `CudaCoreV1`, or
-    /// `TensorCoreV2` where it fits, v2 elsewhere).
+    /// The FP4 expert kernels `MoePath::Auto` runs: `Auto` (by token count), or the one
+    /// DSPARK_FP4_KERNEL forced (`CudaCore` = v2, `CudaCoreV1`, or `TensorCoreV2` where it fits,
+    /// v2 elsewhere).
     pub fn fp4_auto_path(&self) -> MoePath {
         self.fp4_auto
     }
@@ -993,8 +1006,8 @@ impl Kernels {
 
     /// Routed experts for the selected experts only: gate/up + SwiGLU into `c.h`, down (weighted
     /// by the router) into `c.partial`, then the top-k slots summed in order into `c.out`. Three
-    /// launches; `MoePath::Auto` (the CUDA-core kernels, faster on H200; v2 unless
-    /// DSPARK_FP4_KERNEL=v1).
+    /// launches; `MoePath::Auto` (v2 below [`FP4_MMA2_MIN_TOKENS`] tokens, mma2 from there, unless
+    /// DSPARK_FP4_KERNEL forces one).
     ///
     /// # Safety
     /// Every pointer must address device memory of this context holding the shapes given.
@@ -1021,12 +1034,17 @@ impl Kernels {
         check_fp4_moe(e, c)?;
         const K: &str = "fp4_moe";
         let fits = moe_tensor_core_fits(e.hidden, e.inter);
-        let path = match path {
-            MoePath::Auto if self.fp4_auto == MoePath::TensorCoreV2 && !moe_mma2_fits(e) => {
-                MoePath::CudaCore
+        let path = match (path, self.fp4_auto) {
+            (MoePath::Auto, MoePath::Auto) => {
+                if c.tokens >= FP4_MMA2_MIN_TOKENS && moe_mma2_fits(e) {
+                    MoePath::TensorCoreV2
+                } else {
+                    MoePath::CudaCore
+                }
             }
-            MoePath::Auto => self.fp4_auto,
-            p => p,
+            (MoePath::Auto, MoePath::TensorCoreV2) if !moe_mma2_fits(e) => MoePath::CudaCore,
+            (MoePath::Auto, chosen) => chosen,
+            (p, _) => p,
         };
         if path == MoePath::TensorCoreV2 {
             if !moe_mma2_fits(e) {
@@ -1613,8 +1631,9 @@ mod tests {
 
     #[test]
     fn fp4_kernel_switch() {
-        assert_eq!(fp4_kernel_choice(None).unwrap(), MoePath::CudaCore);
-        assert_eq!(fp4_kernel_choice(Some("")).unwrap(), MoePath::CudaCore);
+        assert_eq!(fp4_kernel_choice(None).unwrap(), MoePath::Auto);
+        assert_eq!(fp4_kernel_choice(Some("")).unwrap(), MoePath::Auto);
+        assert_eq!(fp4_kernel_choice(Some("auto")).unwrap(), MoePath::Auto);
         assert_eq!(fp4_kernel_choice(Some("v2")).unwrap(), MoePath::CudaCore);
         assert_eq!(
             fp4_kernel_choice(Some("mma2")).unwrap(),
@@ -1626,7 +1645,7 @@ mod tests {
         );
         let err = fp4_kernel_choice(Some("old")).unwrap_err().to_string();
         assert!(
-            err.contains("DSPARK_FP4_KERNEL") && err.contains("v1, v2 or mma2"),
+            err.contains("DSPARK_FP4_KERNEL") && err.contains("auto, v1, v2 or mma2"),
             "{err}"
         );
     }

@@ -8,7 +8,7 @@
 //! (max difference printed) and against themselves (deterministic); `fp4_moe_timing_print` times
 //! v2, the old tensor-core kernels and mma2. Skips (passes with a SKIP line) without a GPU.
 
-use dspark_kernels::launch::fp4_kernel_choice;
+use dspark_kernels::launch::{fp4_kernel_choice, FP4_MMA2_MIN_TOKENS};
 use dspark_kernels::reference::{self, MoeShape};
 use dspark_kernels::{Fp4Experts, Fp4MoeCall, MoePath, OutDtype};
 
@@ -199,7 +199,8 @@ fn case(g: &Gpu, rng: &mut Rng, l: &Layer, tokens: usize, bad_id: bool, check_re
         match fp4_kernel_choice(std::env::var("DSPARK_FP4_KERNEL").ok().as_deref()).unwrap() {
             MoePath::CudaCoreV1 => &v1,
             // Every shape here fits mma2 (multiples of 256, allocations aligned).
-            MoePath::TensorCoreV2 => {
+            MoePath::Auto if tokens < FP4_MMA2_MIN_TOKENS => &v2,
+            MoePath::TensorCoreV2 | MoePath::Auto => {
                 mma2_auto = run(g, l, &x, &ids, &weights, MoePath::TensorCoreV2);
                 &mma2_auto
             }
@@ -397,7 +398,7 @@ fn expert_bytes(hidden: usize, inter: usize) -> usize {
     3 * (hidden * inter / 2 + hidden * inter / 32)
 }
 
-/// v2, the old tensor-core kernels and mma2 at T = 1 and 16, inter 2048 and 1024: 200 calls back
+/// v2, the old tensor-core kernels and mma2 at T = 1 to 16, inter 2048 and 1024: 200 calls back
 /// to back between two events, behind a spin kernel, each call on other experts of a layer of
 /// more than 512 MB (so weights come from memory, not the 60 MB L2). GB/s counts the distinct experts'
 /// bytes each call must read. Prints only; run on the GPU with
@@ -436,7 +437,7 @@ fn fp4_moe_timing_print() {
             hidden,
             inter,
         };
-        for tokens in [1usize, 16] {
+        for tokens in [1usize, 2, 4, 6, 8, 16] {
             // One id set per call, drawn as the router would (distinct per token).
             let sets: Vec<Vec<i32>> = (0..reps)
                 .map(|_| draw_ids(&mut rng, tokens, topk, experts, false))

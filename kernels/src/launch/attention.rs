@@ -353,17 +353,14 @@ pub fn indexer_tile_choice(value: Option<&str>) -> Result<IndexerTileChoice, Ker
     }
 }
 
-/// 64-row blocks of a launch below which [`indexer_tile`] takes 16-row tiles, per SM.
-pub const INDEXER_TILE16_BELOW_BLOCKS_PER_SM: usize = 2;
-
 /// The tile height of a tiled launch of `tokens` tokens seeing up to `max_visible` rows on `sms`
 /// SMs. A block's tile is one serial chain (stage the queries, load and decode the rows, 2,048
-/// FMAs a thread at 64 rows, write), so when the 64-row grid (`ceil(max_visible / 64)` blocks
-/// a token) is under two blocks per SM, most SMs idle or hold one chain: 16-row tiles split the
-/// same rows over 4x the blocks, each with a quarter of the tile work (a decode token at 8K
-/// context: 128 blocks instead of 32 on 132 SMs). From two blocks per SM up, the 64-row grid
-/// already overlaps one block's loads with another's arithmetic, and 16-row tiles would only
-/// add query staging (32 KB a block) and block overheads.
+/// FMAs a thread at 64 rows, write), so a short list's 64-row grid leaves most SMs idle (a decode
+/// token at 8K context: 32 blocks on 132 SMs). 16-row tiles split the same rows over 4x the
+/// blocks, each with a quarter of the tile work but the whole query staging (32 KB a block); they
+/// pay while their grid fits in one wave, one block per SM. Measured on H200 (one token, FP8
+/// rows): 2,048 rows 9.8 us at 16 rows (128 blocks) against 13.5 us at 64; 8,192 rows 20.2 us at
+/// 16 rows (512 blocks) against 13.8 us at 64.
 pub fn indexer_tile(
     tokens: usize,
     max_visible: usize,
@@ -373,10 +370,10 @@ pub fn indexer_tile(
     match choice {
         IndexerTileChoice::Force(tile) => tile,
         IndexerTileChoice::Auto => {
-            let blocks64 = max_visible
-                .div_ceil(INDEXER_TILED_ROWS)
+            let blocks16 = max_visible
+                .div_ceil(IndexerTile::Rows16.rows())
                 .saturating_mul(tokens);
-            if blocks64 < INDEXER_TILE16_BELOW_BLOCKS_PER_SM.saturating_mul(sms) {
+            if blocks16 <= sms {
                 IndexerTile::Rows16
             } else {
                 IndexerTile::Rows64
@@ -1302,24 +1299,23 @@ mod tests {
     fn short_lists_on_an_idle_gpu_take_16_row_tiles() {
         let auto = IndexerTileChoice::Auto;
         let h200 = 132;
-        // A decode token at 8K context (2,048 CSA rows): 32 blocks of 64 -> 16-row tiles.
+        // A decode token at 8K context (2,048 CSA rows): 128 blocks of 16 rows, one wave.
         assert_eq!(indexer_tile(1, 2048, h200, auto), IndexerTile::Rows16);
-        // 32K context: 128 blocks of 64, still under two per SM.
-        assert_eq!(indexer_tile(1, 8192, h200, auto), IndexerTile::Rows16);
+        // 32K context: 512 blocks of 16 would be four waves; 64-row tiles (measured faster).
+        assert_eq!(indexer_tile(1, 8192, h200, auto), IndexerTile::Rows64);
         // 16 tokens at 8K: 512 blocks of 64 already fill the GPU.
         assert_eq!(indexer_tile(16, 2048, h200, auto), IndexerTile::Rows64);
-        // The boundary: 2 x 132 = 264 blocks of 64.
-        assert_eq!(indexer_tile(1, 263 * 64, h200, auto), IndexerTile::Rows16);
+        // The boundary: 132 blocks of 16 rows.
+        assert_eq!(indexer_tile(1, 132 * 16, h200, auto), IndexerTile::Rows16);
         assert_eq!(
-            indexer_tile(1, 263 * 64 + 1, h200, auto),
+            indexer_tile(1, 132 * 16 + 1, h200, auto),
             IndexerTile::Rows64
         );
-        assert_eq!(indexer_tile(4, 66 * 64, h200, auto), IndexerTile::Rows64);
+        assert_eq!(indexer_tile(4, 33 * 16, h200, auto), IndexerTile::Rows16);
         assert_eq!(
-            indexer_tile(4, 65 * 64 + 1, h200, auto),
+            indexer_tile(4, 33 * 16 + 1, h200, auto),
             IndexerTile::Rows64
         );
-        assert_eq!(indexer_tile(4, 65 * 64, h200, auto), IndexerTile::Rows16);
         // Tiny lists, and no overflow on absurd ones.
         assert_eq!(indexer_tile(1, 1, h200, auto), IndexerTile::Rows16);
         assert_eq!(
