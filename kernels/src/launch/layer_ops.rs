@@ -937,6 +937,32 @@ impl Kernels {
                 !old,
             )
         }?;
+        // SAFETY: as this function's contract; the partials were written just above.
+        unsafe { self.hc_pre_finish_tokens(stream, a, splits, old) }
+    }
+
+    /// The per-token finish of the pre side from `splits` chunk partials in the workspace:
+    /// `old` = the first fused kernel, else finish2 (same values).
+    ///
+    /// # Safety
+    /// As [`Self::hc_pre_fused_f32`], with the workspace's partials and squares written for
+    /// `splits` chunks.
+    unsafe fn hc_pre_finish_tokens(
+        &self,
+        stream: &CudaStream,
+        a: &HcPreFused,
+        splits: usize,
+        old: bool,
+    ) -> Result<(), KernelError> {
+        const K: &str = "hc_pre_fused_f32";
+        let outs = (2 + a.hc) * a.hc;
+        let (partial, sq) = hc_partials(a.workspace, splits, a.n, outs);
+        let (splits_i, width_i) = (
+            i32_arg(K, "splits", splits)?,
+            i32_arg(K, "width", a.hc * a.hidden)?,
+        );
+        let (hc, hidden) = (i32_arg(K, "hc", a.hc)?, i32_arg(K, "hidden", a.hidden)?);
+        let iters = i32_arg(K, "sinkhorn_iters", a.sinkhorn_iters)?;
         let cfg = LaunchConfig {
             grid_dim: (u32_grid(K, a.n)?, 1, 1),
             block_dim: (HC_FUSED_BLOCK as u32, 1, 1),
@@ -970,6 +996,58 @@ impl Kernels {
             .arg(&a.norm_eps)
             .launch(cfg)
             .map_err(KernelError::driver("launch hc_pre_fused"))?;
+        Ok(())
+    }
+
+    /// Where a GEMM writes the mix dots for [`Self::hc_pre_given_dots_f32`]: f32 `[n, (2 + hc) *
+    /// hc]` row-major, the workspace's partials as one chunk.
+    pub fn hc_given_dots(workspace: CUdeviceptr, n: usize, hc: usize) -> CUdeviceptr {
+        hc_partials(workspace, 1, n, (2 + hc) * hc).0
+    }
+
+    /// The pre side of a hyper-connection site for many tokens (GEMM steps) with the mix dots
+    /// computed by the caller, in two launches around the caller's GEMM: `squares` = false
+    /// finishes from the dots at [`Self::hc_given_dots`]; `squares` = true (before the GEMM)
+    /// writes each token's sum of squares (the chunk kernel over the whole width, output 0
+    /// only: it also writes output 0's dot, which the GEMM then overwrites). The chunk kernel
+    /// re-reads the streams once per output (24 times at V4-Flash's hc = 4), which for an
+    /// 8,192-token piece (512 MB of streams) no cache holds; a GEMM reads them once.
+    ///
+    /// # Safety
+    /// As [`Self::hc_pre_fused_f32`]; with `squares` = false the squares launch and the dots
+    /// must have been written on this stream for the same `a`.
+    pub unsafe fn hc_pre_given_dots_f32(
+        &self,
+        stream: &CudaStream,
+        a: &HcPreFused,
+        squares: bool,
+    ) -> Result<(), KernelError> {
+        const K: &str = "hc_pre_given_dots_f32";
+        check_hc_pre_fused(a)?;
+        let outs = (2 + a.hc) * a.hc;
+        let width = a.hc * a.hidden;
+        if !squares {
+            // SAFETY: this function's contract (dots and squares written as one chunk).
+            return unsafe { self.hc_pre_finish_tokens(stream, a, 1, false) };
+        }
+        let (partial, sq) = hc_partials(a.workspace, 1, a.n, outs);
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, u32_grid(K, a.n.div_ceil(MIX_TOKENS))?),
+            block_dim: (BLOCK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .kernel(&self.layer_ops.hc_mix_partial2)
+            .arg(&a.streams)
+            .arg(&a.fn_)
+            .arg(&partial)
+            .arg(&sq)
+            .arg(&i32_arg(K, "n", a.n)?)
+            .arg(&i32_arg(K, "width", width)?)
+            .arg(&i32_arg(K, "outs", outs)?)
+            .arg(&i32_arg(K, "chunk", width)?)
+            .launch(cfg)
+            .map_err(KernelError::driver("launch hc squares"))?;
         Ok(())
     }
 

@@ -242,6 +242,19 @@ pub struct StackRows<'a> {
     pub block_tables: Vec<&'a [u32]>,
 }
 
+/// The residual streams of a layer-stack step.
+pub enum StackStreams<'a> {
+    /// `[rows, hc * hidden]` on the host, read and updated in place.
+    Host(&'a mut [f32]),
+    /// Built by the backend from the embedding rows of the step's token ids (every one of the
+    /// `hc` streams a copy) and kept on the device; after the last layer the step rows `keep`
+    /// come back into `kept` (`[keep.len(), hc * hidden]`, in `keep`'s order).
+    FromEmbedding {
+        keep: &'a [usize],
+        kept: &'a mut [f32],
+    },
+}
+
 /// A compute device holding weight matrices and running the kernels the model needs.
 pub trait Backend: Send + Sync + 'static {
     /// A weight matrix `[rows, cols]` (row-major, `rows` = output features) resident on the
@@ -287,8 +300,8 @@ pub trait Backend: Send + Sync + 'static {
         0
     }
 
-    /// Runs every layer over the step's residual streams `[rows, hc * hidden]` (in place) with
-    /// the layer stack; returns `(layer, mean of the streams [rows, hidden])` after each layer
+    /// Runs every layer over the step's residual streams ([`StackStreams`]) with the layer
+    /// stack; returns `(layer, mean of the streams [rows, hidden])` after each layer
     /// of `capture`. Same results as the op-by-op forward to f32 rounding.
     #[allow(clippy::too_many_arguments)]
     fn run_layer_stack(
@@ -298,7 +311,7 @@ pub trait Backend: Send + Sync + 'static {
         _kv: &mut Self::KvStore,
         _comm: &dyn crate::ranks::Communicator,
         _rows: &StackRows<'_>,
-        _streams: &mut [f32],
+        _streams: StackStreams<'_>,
         _capture: &[usize],
     ) -> Result<Vec<(usize, Vec<f32>)>, BackendError>
     where

@@ -31,7 +31,7 @@ use dspark_kernels::{
 use super::kv::topk_work_floats;
 use super::nccl::NcclCommunicator;
 use super::{driver_err, kernel_err, CudaBackend, CudaExpertBank, CudaKvStore, CudaMatrix};
-use crate::backend::{BackendError, StackModel, StackRows};
+use crate::backend::{BackendError, StackModel, StackRows, StackStreams};
 use crate::engine::model::config::{AttentionKind, ScoringFunc};
 use crate::engine::model::hyper::HyperConnection;
 use crate::engine::model::load::{LayerWeights, Routing};
@@ -89,6 +89,37 @@ struct StackLayer {
 
 /// FP8 weights and their scale tiles, several matrices stacked along the rows.
 type StackedFp8 = (CudaSlice<u8>, CudaSlice<u8>);
+
+/// One piece's residual streams: on the host (updated in place), or built on the device from
+/// the embedding, with the piece rows `keep` (piece row, index in `kept`) copied back into
+/// `kept`'s rows of `hc * hidden` values.
+enum PieceStreams<'a> {
+    Host(&'a mut [f32]),
+    Device {
+        keep: Vec<(usize, usize)>,
+        kept: &'a mut [f32],
+    },
+}
+
+impl<'a> PieceStreams<'a> {
+    /// Rows `start .. start + len` of a step's streams.
+    fn of(all: &'a mut StackStreams<'_>, start: usize, len: usize, width: usize) -> Self {
+        match all {
+            StackStreams::Host(v) => {
+                PieceStreams::Host(&mut v[start * width..(start + len) * width])
+            }
+            StackStreams::FromEmbedding { keep, kept } => PieceStreams::Device {
+                keep: keep
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &r)| (start..start + len).contains(&r))
+                    .map(|(at, &r)| (r - start, at))
+                    .collect(),
+                kept,
+            },
+        }
+    }
+}
 
 /// Device buffers of one step, sized for `rows` rows (the ones whose size depends on the
 /// context are sized per step by [`CudaBackend::size_scratch`]).
@@ -1092,7 +1123,7 @@ impl CudaBackend {
         kv: &mut CudaKvStore,
         comm: &dyn Communicator,
         rows: &StackRows<'_>,
-        streams: &mut [f32],
+        mut streams: StackStreams<'_>,
         capture: &[usize],
     ) -> Result<Vec<(usize, Vec<f32>)>, BackendError> {
         let cfg = model.cfg;
@@ -1102,13 +1133,31 @@ impl CudaBackend {
         if n == 0 {
             return Ok(Vec::new());
         }
-        if streams.len() != n * width || rows.positions.len() != n || rows.block_tables.len() != n {
+        let streams_ok = match &streams {
+            StackStreams::Host(all) => all.len() == n * width,
+            StackStreams::FromEmbedding { keep, kept } => {
+                kept.len() == keep.len() * width && keep.iter().all(|&r| r < n)
+            }
+        };
+        if !streams_ok || rows.positions.len() != n || rows.block_tables.len() != n {
             return Err(shape_err(format!(
-                "{n} rows ({} positions, {} tables, {} stream values)",
+                "{n} rows ({} positions, {} tables), streams that do not match them",
                 rows.positions.len(),
                 rows.block_tables.len(),
-                streams.len()
             )));
+        }
+        if matches!(streams, StackStreams::FromEmbedding { .. }) {
+            let (vocab, cols) = model.weights.embed.shape();
+            if cols != h {
+                return Err(shape_err(format!(
+                    "embedding rows of {cols} values for a hidden size of {h}"
+                )));
+            }
+            if let Some(id) = rows.ids.iter().find(|&&id| id as usize >= vocab) {
+                return Err(shape_err(format!(
+                    "token id {id} of {vocab} embedding rows"
+                )));
+            }
         }
         // Every row's pool rows must lie inside its table and the pool (the kernels trust them).
         let g = model.geometry;
@@ -1129,7 +1178,8 @@ impl CudaBackend {
             return Err(shape_err("more pool blocks than i32 block ids".into()));
         }
         if n <= STACK_MAX_ROWS {
-            return self.run_piece(stack, model, kv, comm, rows, streams, capture);
+            let piece = PieceStreams::of(&mut streams, 0, n, width);
+            return self.run_piece(stack, model, kv, comm, rows, piece, capture);
         }
         let max_pos = rows.positions.iter().copied().max().unwrap_or(0);
         let piece = gemm_piece_rows(context_bucket(max_pos), cfg);
@@ -1144,20 +1194,64 @@ impl CudaBackend {
                 ids: rows.ids[range.clone()].to_vec(),
                 block_tables: rows.block_tables[range].to_vec(),
             };
-            let got = self.run_piece(
-                stack,
-                model,
-                kv,
-                comm,
-                &part,
-                &mut streams[start * width..(start + len) * width],
-                capture,
-            )?;
+            let piece = PieceStreams::of(&mut streams, start, len, width);
+            let got = self.run_piece(stack, model, kv, comm, &part, piece, capture)?;
             for ((_, all), (_, rows_of_piece)) in captured.iter_mut().zip(got) {
                 all.extend(rows_of_piece);
             }
         }
         Ok(captured)
+    }
+
+    /// The step's residual streams made on the device (the stack's `streams` scratch, `n`
+    /// rows): each row's embedding gathered by its id (`ids`: n i32 on the device) into the
+    /// scratch `x`, then copied into each of the `hc` streams. The same f32 values the host
+    /// path uploads (the same gather kernel).
+    fn embed_streams(
+        &self,
+        sc: &mut Scratch,
+        model: &StackModel<'_, CudaBackend>,
+        ids: u64,
+        n: usize,
+    ) -> Result<(), BackendError> {
+        let s = &self.stream;
+        let (h, hc) = (model.cfg.hidden_size, model.cfg.hc_mult);
+        fits("stack x rows", sc.x.len(), n * h)?;
+        fits("stack streams", sc.streams.len(), n * hc * h)?;
+        let x = ptr_mut(s, &mut sc.x);
+        match &model.weights.embed {
+            // SAFETY: the embedding holds rows * cols values with cols == h (checked by
+            // run_stack, as every id below rows); x has room for n rows of h.
+            CudaMatrix::Bf16 { w, rows, cols } => unsafe {
+                self.kernels
+                    .gather_rows_bf16(s, ptr(s, w), ids, x, n, *cols, *rows)
+            }
+            .map_err(kernel_err)?,
+            // SAFETY: as above.
+            CudaMatrix::Dense { w, cols, .. } => {
+                unsafe { self.kernels.gather_rows_f32(s, ptr(s, w), ids, n, *cols, x) }
+                    .map_err(kernel_err)?
+            }
+            CudaMatrix::Fp8 { .. } | CudaMatrix::Fp4 { .. } => {
+                return Err(shape_err(
+                    "the embedding must be bf16 or f32 (it is bf16 in the checkpoint)".into(),
+                ))
+            }
+        }
+        let streams = ptr_mut(s, &mut sc.streams);
+        for k in 0..hc {
+            let copy = CopyRowsF32 {
+                src: x,
+                ld_src: h,
+                dst: streams + (k * h * 4) as u64,
+                ld_dst: hc * h,
+                rows: n,
+                width: h,
+            };
+            // SAFETY: x holds n rows of h, the streams n rows of hc * h (both checked above).
+            unsafe { self.kernels.copy_rows_f32(s, &copy) }.map_err(kernel_err)?;
+        }
+        Ok(())
     }
 
     /// One piece of a step (checked by [`Self::run_stack`]): up to [`STACK_MAX_ROWS`] rows on
@@ -1170,7 +1264,7 @@ impl CudaBackend {
         kv: &mut CudaKvStore,
         comm: &dyn Communicator,
         rows: &StackRows<'_>,
-        streams: &mut [f32],
+        streams: PieceStreams<'_>,
         capture: &[usize],
     ) -> Result<Vec<(usize, Vec<f32>)>, BackendError> {
         let n = rows.ids.len();
@@ -1194,7 +1288,7 @@ impl CudaBackend {
         kv: &mut CudaKvStore,
         comm: &dyn Communicator,
         rows: &StackRows<'_>,
-        streams: &mut [f32],
+        mut streams: PieceStreams<'_>,
         capture: &[usize],
     ) -> Result<Vec<(usize, Vec<f32>)>, BackendError> {
         let cfg = model.cfg;
@@ -1305,8 +1399,14 @@ impl CudaBackend {
             .map_err(driver_err("copy to GPU"))?;
         s.memcpy_htod(&meta.i64s, &mut stack.meta64.slice_mut(0..meta.i64s.len()))
             .map_err(driver_err("copy to GPU"))?;
-        s.memcpy_htod(streams, &mut stack.scratch.streams.slice_mut(0..n * width))
-            .map_err(driver_err("copy to GPU"))?;
+        match &streams {
+            PieceStreams::Host(all) => s
+                .memcpy_htod(&**all, &mut stack.scratch.streams.slice_mut(0..n * width))
+                .map_err(driver_err("copy to GPU"))?,
+            PieceStreams::Device { .. } => {
+                self.embed_streams(&mut stack.scratch, model, at32(layout.ids()), n)?
+            }
+        }
         let table = RowTable {
             positions: at32(layout.positions()),
             bt_starts: at32(layout.bt_starts()),
@@ -1397,8 +1497,31 @@ impl CudaBackend {
                 .map_err(driver_err("copy from GPU"))?;
             captured.push((l, host));
         }
-        s.memcpy_dtoh(&stack.scratch.streams.slice(0..n * width), streams)
-            .map_err(driver_err("copy from GPU"))?;
+        match &mut streams {
+            PieceStreams::Host(all) => s
+                .memcpy_dtoh(&stack.scratch.streams.slice(0..n * width), &mut **all)
+                .map_err(driver_err("copy from GPU"))?,
+            PieceStreams::Device { keep, kept } => {
+                // Runs of consecutive rows (a decode step keeps all of them) in one copy each.
+                let mut i = 0;
+                while i < keep.len() {
+                    let (row, at) = keep[i];
+                    let mut len = 1;
+                    while i + len < keep.len() && keep[i + len] == (row + len, at + len) {
+                        len += 1;
+                    }
+                    s.memcpy_dtoh(
+                        &stack
+                            .scratch
+                            .streams
+                            .slice(row * width..(row + len) * width),
+                        &mut kept[at * width..(at + len) * width],
+                    )
+                    .map_err(driver_err("copy from GPU"))?;
+                    i += len;
+                }
+            }
+        }
         s.synchronize().map_err(driver_err("synchronize"))?;
         // The draft's features: the mean of the residual streams after each captured layer.
         let captured = captured
@@ -1585,11 +1708,36 @@ impl CudaBackend {
             norm_eps: cfg.rms_norm_eps,
             kernel: Self::hc_pre_kernel(),
         };
+        if n > STACK_MAX_ROWS && Self::hc_mix_by_gemm() {
+            let (width, outs) = (hc * h, (2 + hc) * hc);
+            let dots = dspark_kernels::Kernels::hc_given_dots(call.workspace, n, hc);
+            // SAFETY: as below; the squares launch, the GEMM of the streams [n, width] by the
+            // site's [outs, width] projection into the workspace's [n, outs] dots, and the
+            // finish, in this order on the backend's stream (cuBLAS's handle is bound to it).
+            unsafe {
+                self.kernels
+                    .hc_pre_given_dots_f32(s, &call, true)
+                    .map_err(kernel_err)?;
+                self.gemm_rows(call.streams, width, n, call.fn_, outs, width, dots, outs)?;
+                return self
+                    .kernels
+                    .hc_pre_given_dots_f32(s, &call, false)
+                    .map_err(kernel_err);
+            }
+        }
         // SAFETY: the scratch buffers hold STACK_MAX_ROWS >= n rows of each width (hc_work
         // sized by hc_mix_workspace_floats, allocated zeroed: its counter header starts at 0 and
         // every launch on this stream leaves it 0); the site's parameters are [outs, hc *
         // hidden] and [outs], the norm weight `hidden` values.
         unsafe { self.kernels.hc_pre_fused_f32(s, &call) }.map_err(kernel_err)
+    }
+
+    /// Whether GEMM steps compute the hyper-connection mix dots as one cuBLAS GEMM (reading the
+    /// streams once) instead of the chunk kernels (once per output): on unless
+    /// `DSPARK_HC_GEMM=0`, read once per process (an A/B switch).
+    fn hc_mix_by_gemm() -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| std::env::var("DSPARK_HC_GEMM").map_or(true, |v| v != "0"))
     }
 
     /// One compressor of a layer: the step's `kv` and `gate` rows (`coff * dim` each) into the

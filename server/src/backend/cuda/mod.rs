@@ -882,7 +882,7 @@ impl Backend for CudaBackend {
         kv: &mut CudaKvStore,
         comm: &dyn crate::ranks::Communicator,
         rows: &super::StackRows<'_>,
-        streams: &mut [f32],
+        streams: super::StackStreams<'_>,
         capture: &[usize],
     ) -> Result<Vec<(usize, Vec<f32>)>, BackendError> {
         let _timed = Timed::start(&self.clock, 7);

@@ -12,7 +12,7 @@ use super::load::{AttentionWeights, CompressorWeights, ModelWeights, MoeWeights,
 use super::ops::{gated_pool, rms_norm_rows, sigmoid, softplus, top_k_indices, PoolSlot};
 use super::rope::RopeTable;
 use crate::backend::kv::{IndexerRows, KeyLists, KvRowFormat};
-use crate::backend::{Backend, BackendError, StackModel, StackRows};
+use crate::backend::{Backend, BackendError, StackModel, StackRows, StackStreams};
 use crate::engine::{EngineError, KvLayout, LogitsWanted, ModelRunner, StepOutput, StepPlan};
 use crate::ranks::Communicator;
 use rayon::prelude::*;
@@ -259,19 +259,25 @@ impl<B: Backend> DeepseekV4<B> {
         }
 
         let ids: Vec<u32> = rows.iter().map(|r| r.id).collect();
-        let embed = self
-            .backend
-            .gather_rows(&self.weights.embed, &ids)
-            .map_err(backend_err)?;
-        // Residual streams [n, hc, h]: the embedding copied into every stream.
-        let mut streams = vec![0f32; n * hc * h];
-        streams
-            .par_chunks_mut(hc * h)
-            .zip(embed.par_chunks(h))
-            .for_each(|(dst, e)| dst.chunks_mut(h).for_each(|s| s.copy_from_slice(e)));
+        let width = hc * h;
+
+        // Rows whose logits are wanted.
+        let mut wanted: Vec<usize> = Vec::new();
+        let mut per_seq: Vec<Vec<usize>> = Vec::with_capacity(plan.seqs.len());
+        for (s, view) in plan.seqs.iter().zip(&seqs) {
+            let picks: Vec<usize> = match s.logits {
+                LogitsWanted::None => vec![],
+                LogitsWanted::Last => vec![view.first_row + view.len - 1],
+                LogitsWanted::All => (view.first_row..view.first_row + view.len).collect(),
+            };
+            per_seq.push((wanted.len()..wanted.len() + picks.len()).collect());
+            wanted.extend(picks);
+        }
 
         self.captured.clear();
-        let stacked = match self.stack.as_mut() {
+        // The residual streams of the wanted rows after the last layer, [wanted, hc * h].
+        let mut head_streams = vec![0f32; wanted.len() * width];
+        match self.stack.as_mut() {
             Some(stack) if n <= self.backend.layer_stack_max_rows() => {
                 let model = StackModel {
                     cfg: &self.cfg,
@@ -286,6 +292,8 @@ impl<B: Backend> DeepseekV4<B> {
                     ids: ids.clone(),
                     block_tables: rows.iter().map(|r| seqs[r.seq].block_table).collect(),
                 };
+                // The streams are built from the embedding on the device and stay there: only
+                // the rows the head needs come back (a prefill chunk's 8,192 rows are 512 MB).
                 self.captured = self
                     .backend
                     .run_layer_stack(
@@ -294,28 +302,76 @@ impl<B: Backend> DeepseekV4<B> {
                         &mut self.kv,
                         self.comm.as_ref(),
                         &step_rows,
-                        &mut streams,
+                        StackStreams::FromEmbedding {
+                            keep: &wanted,
+                            kept: &mut head_streams,
+                        },
                         &self.capture_layers,
                     )
                     .map_err(backend_err)?;
-                true
             }
-            _ => false,
+            _ => {
+                let streams = self.forward_op_by_op(&ids, &rows, &seqs)?;
+                for (dst, &r) in head_streams.chunks_exact_mut(width).zip(&wanted) {
+                    dst.copy_from_slice(&streams[r * width..(r + 1) * width]);
+                }
+            }
+        }
+
+        let mut out = StepOutput {
+            drafts: Vec::new(),
+            logits: per_seq.iter().map(|_| Vec::new()).collect(),
         };
-        // Op by op where the stack did not run the layers.
-        let host_layers = if stacked {
-            0
-        } else {
-            self.cfg.num_hidden_layers
-        };
-        for l in 0..host_layers {
+        if wanted.is_empty() {
+            return Ok(out);
+        }
+        let final_h = self.host.time(HostPhase::Logits, || {
+            let mut final_h: Vec<f32> = Vec::with_capacity(wanted.len() * h);
+            for row in head_streams.chunks_exact(width) {
+                final_h.extend(self.weights.hc_head.collapse(row, hc, hc_eps, eps));
+            }
+            rms_norm_rows(&mut final_h, h, Some(&self.weights.norm), eps);
+            final_h
+        });
+        // Each sequence's picks are the next consecutive rows of `wanted`: moved, not copied.
+        let mut rows = self.head_logit_rows(&final_h, wanted.len())?.into_iter();
+        for (si, picks) in per_seq.iter().enumerate() {
+            out.logits[si] = rows.by_ref().take(picks.len()).collect();
+        }
+        Ok(out)
+    }
+
+    /// The layers op by op (backends without a layer stack, or steps too large for it): the
+    /// residual streams `[n, hc * h]` built on the host from the embedding and returned after
+    /// the last layer.
+    fn forward_op_by_op(
+        &mut self,
+        ids: &[u32],
+        rows: &[TokenRow],
+        seqs: &[SeqView<'_>],
+    ) -> Result<Vec<f32>, EngineError> {
+        let n = rows.len();
+        let (h, hc) = (self.cfg.hidden_size, self.cfg.hc_mult);
+        let eps = self.cfg.rms_norm_eps;
+        let embed = self
+            .backend
+            .gather_rows(&self.weights.embed, ids)
+            .map_err(backend_err)?;
+        // Residual streams [n, hc, h]: the embedding copied into every stream.
+        let mut streams = vec![0f32; n * hc * h];
+        streams
+            .par_chunks_mut(hc * h)
+            .zip(embed.par_chunks(h))
+            .for_each(|(dst, e)| dst.chunks_mut(h).for_each(|s| s.copy_from_slice(e)));
+
+        for l in 0..self.cfg.num_hidden_layers {
             let lw = &self.weights.layers[l];
             // Attention site.
             let (mixes, mut x) = self.hc_pre(&streams, &lw.hc_attn, n)?;
             self.host.time(HostPhase::Norms, || {
                 rms_norm_rows(&mut x, h, Some(&lw.attn_norm), eps)
             });
-            let attn_out = self.attention(l, &x, &rows, &seqs)?;
+            let attn_out = self.attention(l, &x, rows, seqs)?;
             self.host.time(HostPhase::HyperConnections, || {
                 hc_post(&mut streams, &mixes, &attn_out, h, hc)
             });
@@ -325,7 +381,7 @@ impl<B: Backend> DeepseekV4<B> {
             self.host.time(HostPhase::Norms, || {
                 rms_norm_rows(&mut x, h, Some(&lw.ffn_norm), eps)
             });
-            let ffn_out = self.moe(l, &x, &ids)?;
+            let ffn_out = self.moe(l, &x, ids)?;
             self.host.time(HostPhase::HyperConnections, || {
                 hc_post(&mut streams, &mixes, &ffn_out, h, hc)
             });
@@ -340,44 +396,7 @@ impl<B: Backend> DeepseekV4<B> {
             }
         }
 
-        // Rows whose logits are wanted.
-        let mut wanted: Vec<usize> = Vec::new();
-        let mut per_seq: Vec<Vec<usize>> = Vec::with_capacity(plan.seqs.len());
-        for (s, view) in plan.seqs.iter().zip(&seqs) {
-            let picks: Vec<usize> = match s.logits {
-                LogitsWanted::None => vec![],
-                LogitsWanted::Last => vec![view.first_row + view.len - 1],
-                LogitsWanted::All => (view.first_row..view.first_row + view.len).collect(),
-            };
-            per_seq.push((wanted.len()..wanted.len() + picks.len()).collect());
-            wanted.extend(picks);
-        }
-        let mut out = StepOutput {
-            drafts: Vec::new(),
-            logits: per_seq.iter().map(|_| Vec::new()).collect(),
-        };
-        if wanted.is_empty() {
-            return Ok(out);
-        }
-        let final_h = self.host.time(HostPhase::Logits, || {
-            let mut final_h: Vec<f32> = Vec::with_capacity(wanted.len() * h);
-            for &r in &wanted {
-                final_h.extend(self.weights.hc_head.collapse(
-                    &streams[r * hc * h..(r + 1) * hc * h],
-                    hc,
-                    hc_eps,
-                    eps,
-                ));
-            }
-            rms_norm_rows(&mut final_h, h, Some(&self.weights.norm), eps);
-            final_h
-        });
-        // Each sequence's picks are the next consecutive rows of `wanted`: moved, not copied.
-        let mut rows = self.head_logit_rows(&final_h, wanted.len())?.into_iter();
-        for (si, picks) in per_seq.iter().enumerate() {
-            out.logits[si] = rows.by_ref().take(picks.len()).collect();
-        }
-        Ok(out)
+        Ok(streams)
     }
 
     /// [`Self::head_logits`] one `Vec` per row, from the backend where it can (the CUDA backend
