@@ -7,6 +7,15 @@
 //   dsk_gather_rows_f32:         dst[i, :] = src[idx[i], :] (activations into expert order).
 //   dsk_moe_combine_sorted_f32:  out[t, :] = sum_j w[t, j] * y[pos[t, j], :], slots in order (as
 //       the decode kernels sum them); pos < 0 adds nothing.
+//   The f16 forms (GEMMs on f16 tensor cores with f32 accumulation): the widened weights are
+//   exact in f16 when every block scale is 2^-23 .. 2^13 (checked per bank with dsk_u8_range);
+//   activations round to f16's 11 significant bits, as TF32 rounds them.
+
+__device__ __forceinline__ unsigned short moe_f16(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
 
 // e2m1 code (sign, two exponent bits, one mantissa bit) to f32 without a table: e > 0 is
 // 2^(e-1) * (1 + m/2), e = 0 the subnormal m/2.
@@ -35,6 +44,75 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_dequant_experts_f32(
         const float scale = dsk_e8m0_to_f32(sc[j >> 3]);
         dst[j] = make_float4(moe_e2m1(x & 0xFu) * scale, moe_e2m1((x >> 4) & 0xFu) * scale,
                              moe_e2m1((x >> 8) & 0xFu) * scale, moe_e2m1(x >> 12) * scale);
+    }
+}
+
+// dsk_fp4_dequant_experts_f32 into f16 (one 8-byte store of four values per thread).
+extern "C" __global__ void __launch_bounds__(256) dsk_fp4_dequant_experts_f16(
+    const unsigned char *__restrict__ w, const unsigned char *__restrict__ s,
+    const int *__restrict__ experts, int count, int rows, int k, unsigned short *__restrict__ out) {
+    dsk_pdl_entry();
+    const long long quads = (long long)rows * (k / 4);
+    const long long e = experts[blockIdx.y];
+    const unsigned short *src = reinterpret_cast<const unsigned short *>(w + e * quads * 2);
+    const unsigned char *sc = s + e * (quads / 8);
+    uint2 *dst = reinterpret_cast<uint2 *>(out + (long long)blockIdx.y * quads * 4);
+    for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < quads;
+         j += (long long)gridDim.x * blockDim.x) {
+        const unsigned int x = src[j];
+        const float scale = dsk_e8m0_to_f32(sc[j >> 3]);
+        const unsigned int a = moe_f16(moe_e2m1(x & 0xFu) * scale);
+        const unsigned int b = moe_f16(moe_e2m1((x >> 4) & 0xFu) * scale);
+        const unsigned int c = moe_f16(moe_e2m1((x >> 8) & 0xFu) * scale);
+        const unsigned int d = moe_f16(moe_e2m1(x >> 12) * scale);
+        dst[j] = make_uint2(a | (b << 16), c | (d << 16));
+    }
+}
+
+// range[0] = min, range[1] = max of n bytes (range set to {255, 0} before the launch).
+extern "C" __global__ void __launch_bounds__(256) dsk_u8_range(
+    const unsigned char *__restrict__ v, long long n, unsigned int *range) {
+    dsk_pdl_entry();
+    unsigned int lo = 255u, hi = 0u;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const unsigned int b = v[i];
+        lo = min(lo, b);
+        hi = max(hi, b);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+        hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+    }
+    if ((threadIdx.x & 31) == 0) {
+        atomicMin(&range[0], lo);
+        atomicMax(&range[1], hi);
+    }
+}
+
+// dst[i, c] = f16(src[idx[i], c]).
+extern "C" __global__ void __launch_bounds__(256) dsk_gather_rows_f32_to_f16(
+    const float *__restrict__ src, const int *__restrict__ idx, int n, int width,
+    unsigned short *__restrict__ dst) {
+    dsk_pdl_entry();
+    const long long total = (long long)n * width;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / width, c = i % width;
+        dst[i] = moe_f16(src[(long long)idx[r] * width + c]);
+    }
+}
+
+// The clipped SwiGLU of dsk_swiglu_clip_f32 (same f32 arithmetic), stored as f16.
+extern "C" __global__ void __launch_bounds__(256) dsk_swiglu_clip_to_f16(
+    const float *__restrict__ gate, const float *__restrict__ up,
+    unsigned short *__restrict__ out, long long len, float limit) {
+    dsk_pdl_entry();
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < len;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float g = fminf(gate[i], limit);
+        const float u = fminf(fmaxf(up[i], -limit), limit);
+        out[i] = moe_f16(g / (1.0f + expf(-g)) * u);
     }
 }
 

@@ -8,14 +8,18 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig};
 
 use super::submit::SubmitKernel;
-use super::{aligned16, function, grid_stride, i32_arg, nonnull, u32_grid, Kernels};
+use super::{aligned16, function, grid_stride, i32_arg, i64_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
 
 /// The `moe_sorted.cu` kernels.
 pub struct MoeSortedFns {
     dequant: CudaFunction,
+    dequant_f16: CudaFunction,
     gather: CudaFunction,
+    gather_f16: CudaFunction,
+    swiglu_f16: CudaFunction,
     combine: CudaFunction,
+    u8_range: CudaFunction,
 }
 
 impl MoeSortedFns {
@@ -23,11 +27,19 @@ impl MoeSortedFns {
         let f = |name: &str| function(module, name);
         Ok(Self {
             dequant: f("dsk_fp4_dequant_experts_f32")?,
+            dequant_f16: f("dsk_fp4_dequant_experts_f16")?,
             gather: f("dsk_gather_rows_f32")?,
+            gather_f16: f("dsk_gather_rows_f32_to_f16")?,
+            swiglu_f16: f("dsk_swiglu_clip_to_f16")?,
             combine: f("dsk_moe_combine_sorted_f32")?,
+            u8_range: f("dsk_u8_range")?,
         })
     }
 }
+
+/// E8M0 scale bytes (exponent + 127) with which every FP4 value of a block is exact in f16:
+/// 6 * 2^13 is under f16's largest value, 1.5 * 2^-23 (the finest step, 2^-24) its smallest.
+pub const F16_EXACT_SCALES: std::ops::RangeInclusive<u8> = 104..=140;
 
 /// Most matrices of one [`Kernels::fp4_dequant_experts`] launch (grid.y).
 const GRID_Y_MAX: usize = 65_535;
@@ -80,11 +92,51 @@ impl Kernels {
         k: usize,
         out: CUdeviceptr,
     ) -> Result<(), KernelError> {
+        // SAFETY: this function's contract.
+        unsafe { self.fp4_dequant_experts_as(stream, [w, s, experts, out], count, rows, k, false) }
+    }
+
+    /// [`Self::fp4_dequant_experts`] into f16 `[count, rows, k]` (exact where every scale byte
+    /// of the bank is in [`F16_EXACT_SCALES`], see [`Self::u8_range`]).
+    ///
+    /// # Safety
+    /// As [`Self::fp4_dequant_experts`], with `out` holding `count * rows * k` f16.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn fp4_dequant_experts_f16(
+        &self,
+        stream: &CudaStream,
+        w: CUdeviceptr,
+        s: CUdeviceptr,
+        experts: CUdeviceptr,
+        count: usize,
+        rows: usize,
+        k: usize,
+        out: CUdeviceptr,
+    ) -> Result<(), KernelError> {
+        // SAFETY: this function's contract.
+        unsafe { self.fp4_dequant_experts_as(stream, [w, s, experts, out], count, rows, k, true) }
+    }
+
+    /// The f32 or f16 widening launch.
+    ///
+    /// # Safety
+    /// As [`Self::fp4_dequant_experts`] for the output type.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn fp4_dequant_experts_as(
+        &self,
+        stream: &CudaStream,
+        ptrs: [CUdeviceptr; 4],
+        count: usize,
+        rows: usize,
+        k: usize,
+        f16: bool,
+    ) -> Result<(), KernelError> {
         const K: &str = "fp4_dequant_experts";
         if count == 0 || rows == 0 {
             return Ok(());
         }
-        check_fp4_dequant_experts([w, s, experts, out], count, rows, k)?;
+        check_fp4_dequant_experts(ptrs, count, rows, k)?;
+        let [w, s, experts, out] = ptrs;
         let (c, r, kk) = (count as i32, rows as i32, k as i32);
         // grid.y = the matrix; grid.x strides over its values four at a time.
         let per_matrix = (rows * k / 4).div_ceil(256).clamp(1, 4 * self.sms.max(1));
@@ -93,8 +145,13 @@ impl Kernels {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
+        let f = if f16 {
+            &self.moe_sorted.dequant_f16
+        } else {
+            &self.moe_sorted.dequant
+        };
         stream
-            .kernel(&self.moe_sorted.dequant)
+            .kernel(f)
             .arg(&w)
             .arg(&s)
             .arg(&experts)
@@ -136,6 +193,97 @@ impl Kernels {
             .arg(&dst)
             .launch(grid_stride(K, n * width, self.sms)?)
             .map_err(KernelError::driver("launch gather_rows_f32"))?;
+        Ok(())
+    }
+
+    /// `dst[i, :] = f16(src[idx[i], :])` for `n` rows of `width` values (round to nearest).
+    ///
+    /// # Safety
+    /// As [`Self::gather_rows_f32`], with `dst` holding `n * width` f16.
+    pub unsafe fn gather_rows_f32_to_f16(
+        &self,
+        stream: &CudaStream,
+        src: CUdeviceptr,
+        idx: CUdeviceptr,
+        n: usize,
+        width: usize,
+        dst: CUdeviceptr,
+    ) -> Result<(), KernelError> {
+        const K: &str = "gather_rows_f32_to_f16";
+        if n == 0 || width == 0 {
+            return Ok(());
+        }
+        nonnull(K, &[("src", src), ("idx", idx), ("dst", dst)])?;
+        let (nn, w) = (i32_arg(K, "n", n)?, i32_arg(K, "width", width)?);
+        stream
+            .kernel(&self.moe_sorted.gather_f16)
+            .arg(&src)
+            .arg(&idx)
+            .arg(&nn)
+            .arg(&w)
+            .arg(&dst)
+            .launch(grid_stride(K, n * width, self.sms)?)
+            .map_err(KernelError::driver("launch gather_rows_f32_to_f16"))?;
+        Ok(())
+    }
+
+    /// [`Self::swiglu_clip`]'s values (the same f32 arithmetic) stored as f16 in `out`.
+    ///
+    /// # Safety
+    /// `gate` and `up` must address `len` f32 and `out` `len` f16 of device memory of this
+    /// context.
+    pub unsafe fn swiglu_clip_to_f16(
+        &self,
+        stream: &CudaStream,
+        gate: CUdeviceptr,
+        up: CUdeviceptr,
+        out: CUdeviceptr,
+        len: usize,
+        limit: f32,
+    ) -> Result<(), KernelError> {
+        const K: &str = "swiglu_clip_to_f16";
+        if len == 0 {
+            return Ok(());
+        }
+        nonnull(K, &[("gate", gate), ("up", up), ("out", out)])?;
+        let n = i64_arg(K, "len", len)?;
+        stream
+            .kernel(&self.moe_sorted.swiglu_f16)
+            .arg(&gate)
+            .arg(&up)
+            .arg(&out)
+            .arg(&n)
+            .arg(&limit)
+            .launch(grid_stride(K, len, self.sms)?)
+            .map_err(KernelError::driver("launch swiglu_clip_to_f16"))?;
+        Ok(())
+    }
+
+    /// The smallest and largest of `n` bytes at `v`, into `range` (two device u32 that must
+    /// hold 255 and 0 before the launch).
+    ///
+    /// # Safety
+    /// `v` must address `n` bytes and `range` two u32 of device memory of this context.
+    pub unsafe fn u8_range(
+        &self,
+        stream: &CudaStream,
+        v: CUdeviceptr,
+        n: usize,
+        range: CUdeviceptr,
+    ) -> Result<(), KernelError> {
+        const K: &str = "u8_range";
+        if n == 0 {
+            return Ok(());
+        }
+        nonnull(K, &[("v", v), ("range", range)])?;
+        let nn = i64_arg(K, "n", n)?;
+        stream
+            .kernel(&self.moe_sorted.u8_range)
+            .arg(&v)
+            .arg(&nn)
+            .arg(&range)
+            .launch(grid_stride(K, n, self.sms)?)
+            .map_err(KernelError::driver("launch u8_range"))?;
         Ok(())
     }
 

@@ -95,6 +95,9 @@ pub struct Fp4Bank {
     experts: usize,
     hidden: usize,
     inter: usize,
+    /// Every block scale of the bank in `F16_EXACT_SCALES`: its values are exact in f16, so GEMM
+    /// steps may multiply its experts on f16 tensor cores (`gemm_step`).
+    f16_exact: bool,
     w1: CudaSlice<u8>,
     s1: CudaSlice<u8>,
     w3: CudaSlice<u8>,
@@ -840,6 +843,31 @@ impl CudaBackend {
     }
 
     /// Copies same-sized device buffers back to back into one allocation.
+    /// The smallest and largest byte over `parts` (`None` when all are empty), on the device.
+    fn scale_range(&self, parts: &[&CudaSlice<u8>]) -> Result<Option<(u8, u8)>, BackendError> {
+        let s = &self.stream;
+        let mut range = self.upload(&[255u32, 0u32])?;
+        let mut any = false;
+        for p in parts {
+            if p.is_empty() {
+                continue;
+            }
+            any = true;
+            let (v, _v) = p.device_ptr(s);
+            let (r, _r) = range.device_ptr_mut(s);
+            // SAFETY: p holds p.len() bytes, range two u32 (255, 0 before the first launch).
+            unsafe { self.kernels.u8_range(s, v, p.len(), r) }.map_err(kernel_err)?;
+        }
+        let got = self
+            .stream
+            .clone_dtoh(&range)
+            .map_err(driver_err("copy from GPU"))?;
+        Ok(match (any, got.as_slice()) {
+            (true, [lo, hi]) => Some((*lo as u8, *hi as u8)),
+            _ => None,
+        })
+    }
+
     fn concat(&self, parts: &[&CudaSlice<u8>]) -> Result<CudaSlice<u8>, BackendError> {
         let each = parts.first().map_or(0, |p| p.len());
         let mut all = self
@@ -999,16 +1027,26 @@ impl Backend for CudaBackend {
                 })
                 .collect()
         };
+        let (s1, s3, s2) = (
+            self.concat(&pick(0, true))?,
+            self.concat(&pick(1, true))?,
+            self.concat(&pick(2, true))?,
+        );
+        let f16_exact = self.scale_range(&[&s1, &s3, &s2])?.is_some_and(|(lo, hi)| {
+            dspark_kernels::launch::moe_sorted::F16_EXACT_SCALES.contains(&lo)
+                && dspark_kernels::launch::moe_sorted::F16_EXACT_SCALES.contains(&hi)
+        });
         let bank = CudaExpertBank::Fp4(Box::new(Fp4Bank {
             experts: experts.len(),
             hidden,
             inter,
+            f16_exact,
             w1: self.concat(&pick(0, false))?,
-            s1: self.concat(&pick(0, true))?,
+            s1,
             w3: self.concat(&pick(1, false))?,
-            s3: self.concat(&pick(1, true))?,
+            s3,
             w2: self.concat(&pick(2, false))?,
-            s2: self.concat(&pick(2, true))?,
+            s2,
         }));
         self.counters.fp4_banks.fetch_add(1, Ordering::Relaxed);
         // The per-expert buffers are freed when `experts` drops; wait for the copies first.
