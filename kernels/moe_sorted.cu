@@ -47,25 +47,30 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_dequant_experts_f32(
     }
 }
 
-// dsk_fp4_dequant_experts_f32 into f16 (one 8-byte store of four values per thread).
+// dsk_fp4_dequant_experts_f32 into f16: one thread per eight values (a 4-byte load, one 16-byte
+// store; four consecutive threads share one scale), so a warp reads 128 and writes 512 contiguous
+// bytes, as the f32 form does.
 extern "C" __global__ void __launch_bounds__(256) dsk_fp4_dequant_experts_f16(
     const unsigned char *__restrict__ w, const unsigned char *__restrict__ s,
     const int *__restrict__ experts, int count, int rows, int k, unsigned short *__restrict__ out) {
     dsk_pdl_entry();
-    const long long quads = (long long)rows * (k / 4);
+    const long long octs = (long long)rows * (k / 8);
     const long long e = experts[blockIdx.y];
-    const unsigned short *src = reinterpret_cast<const unsigned short *>(w + e * quads * 2);
-    const unsigned char *sc = s + e * (quads / 8);
-    uint2 *dst = reinterpret_cast<uint2 *>(out + (long long)blockIdx.y * quads * 4);
-    for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < quads;
+    const unsigned int *src = reinterpret_cast<const unsigned int *>(w + e * octs * 4);
+    const unsigned char *sc = s + e * (octs / 4);
+    uint4 *dst = reinterpret_cast<uint4 *>(out + (long long)blockIdx.y * octs * 8);
+    for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < octs;
          j += (long long)gridDim.x * blockDim.x) {
         const unsigned int x = src[j];
-        const float scale = dsk_e8m0_to_f32(sc[j >> 3]);
-        const unsigned int a = moe_f16(moe_e2m1(x & 0xFu) * scale);
-        const unsigned int b = moe_f16(moe_e2m1((x >> 4) & 0xFu) * scale);
-        const unsigned int c = moe_f16(moe_e2m1((x >> 8) & 0xFu) * scale);
-        const unsigned int d = moe_f16(moe_e2m1(x >> 12) * scale);
-        dst[j] = make_uint2(a | (b << 16), c | (d << 16));
+        const float scale = dsk_e8m0_to_f32(sc[j >> 2]);
+        unsigned int h[4];
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+            const unsigned int lo = moe_f16(moe_e2m1((x >> (8 * p)) & 0xFu) * scale);
+            const unsigned int hi = moe_f16(moe_e2m1((x >> (8 * p + 4)) & 0xFu) * scale);
+            h[p] = lo | (hi << 16);
+        }
+        dst[j] = make_uint4(h[0], h[1], h[2], h[3]);
     }
 }
 

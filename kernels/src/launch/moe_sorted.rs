@@ -138,8 +138,12 @@ impl Kernels {
         check_fp4_dequant_experts(ptrs, count, rows, k)?;
         let [w, s, experts, out] = ptrs;
         let (c, r, kk) = (count as i32, rows as i32, k as i32);
-        // grid.y = the matrix; grid.x strides over its values four at a time.
-        let per_matrix = (rows * k / 4).div_ceil(256).clamp(1, 4 * self.sms.max(1));
+        // grid.y = the matrix; grid.x strides over its values four (f32) or eight (f16) at a
+        // time.
+        let per_thread = if f16 { 8 } else { 4 };
+        let per_matrix = (rows * k / per_thread)
+            .div_ceil(256)
+            .clamp(1, 4 * self.sms.max(1));
         let cfg = LaunchConfig {
             grid_dim: (u32_grid(K, per_matrix)?, u32_grid(K, count)?, 1),
             block_dim: (256, 1, 1),

@@ -14,7 +14,7 @@
 //! exactly, and its activations round to f16 (11 significant bits, as TF32 keeps; activations
 //! must stay below 65504 in magnitude, as the decode mma2 kernels already assume), so its GEMMs
 //! run on the f16 tensor cores with f32 accumulation and outputs: half the widened bytes and
-//! twice the TF32 rate (8 layers of an 8K prefill on H200: widening 64 -> 51 ms, GEMMs 151 -> 77
+//! twice the TF32 rate (8 layers of an 8K prefill on H200: widening 64 -> 43 ms, GEMMs 151 -> 77
 //! ms). `DSPARK_EXPERT_GEMM=tf32` keeps them on the TF32 path.
 
 use std::sync::atomic::Ordering;
