@@ -1074,7 +1074,6 @@ impl Kernels {
                 ))
             }
         };
-        let pairs = c.tokens * c.topk;
         let (rows_per_block, f_gate_up, f_down) = if tensor {
             (16, &self.fp4_gate_up_mma, &self.fp4_down_mma)
         } else if path == MoePath::CudaCoreV1 {
@@ -1099,6 +1098,44 @@ impl Kernels {
             }
             u32_grid(K, bytes)
         };
+        let (smem_gate_up, smem_down) = if tensor {
+            (0, 0)
+        } else {
+            (smem(e.hidden)?, smem(e.inter)?)
+        };
+        // SAFETY: this function's contract; the kernels take the shared arguments.
+        unsafe {
+            self.fp4_moe_launches(
+                stream,
+                e,
+                c,
+                [f_gate_up, f_down],
+                rows_per_block,
+                256,
+                [smem_gate_up, smem_down],
+            )
+        }
+    }
+
+    /// The gate/up and down launches of one FP4 expert path (every path's kernels take the same
+    /// arguments), each over (pair, rows / `rows_per_block`) blocks of `block` threads with the
+    /// dynamic shared memory given, then the combine.
+    ///
+    /// # Safety
+    /// As `fp4_moe`, with the functions and launch shapes of one path.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn fp4_moe_launches(
+        &self,
+        stream: &CudaStream,
+        e: &Fp4Experts,
+        c: &Fp4MoeCall,
+        [f_gate_up, f_down]: [&CudaFunction; 2],
+        rows_per_block: usize,
+        block: usize,
+        [smem_gate_up, smem_down]: [u32; 2],
+    ) -> Result<(), KernelError> {
+        const K: &str = "fp4_moe";
+        let pairs = c.tokens * c.topk;
         let (topk, experts) = (
             i32_arg(K, "topk", c.topk)?,
             i32_arg(K, "experts", e.experts)?,
@@ -1107,14 +1144,15 @@ impl Kernels {
             i32_arg(K, "inter", e.inter)?,
             i32_arg(K, "hidden", e.hidden)?,
         );
+        let block = u32_grid(K, block)?;
         let cfg1 = LaunchConfig {
             grid_dim: (
                 u32_grid(K, pairs)?,
                 u32_grid(K, e.inter.div_ceil(rows_per_block))?,
                 1,
             ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: if tensor { 0 } else { smem(e.hidden)? },
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: smem_gate_up,
         };
         stream
             .kernel(f_gate_up)
@@ -1131,15 +1169,15 @@ impl Kernels {
             .arg(&hidden)
             .arg(&c.swiglu_limit)
             .launch(cfg1)
-            .map_err(KernelError::driver("launch fp4_moe_gate_up"))?;
+            .map_err(KernelError::driver("launch fp4_moe gate/up"))?;
         let cfg2 = LaunchConfig {
             grid_dim: (
                 u32_grid(K, pairs)?,
                 u32_grid(K, e.hidden.div_ceil(rows_per_block))?,
                 1,
             ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: if tensor { 0 } else { smem(e.inter)? },
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: smem_down,
         };
         stream
             .kernel(f_down)
@@ -1153,7 +1191,7 @@ impl Kernels {
             .arg(&hidden)
             .arg(&inter)
             .launch(cfg2)
-            .map_err(KernelError::driver("launch fp4_moe_down"))?;
+            .map_err(KernelError::driver("launch fp4_moe down"))?;
         self.fp4_moe_combine(stream, e, c)
     }
 
@@ -1182,64 +1220,18 @@ impl Kernels {
             }
             u32_grid(K, bytes)
         };
-        let pairs = c.tokens * c.topk;
-        let (topk, experts) = (
-            i32_arg(K, "topk", c.topk)?,
-            i32_arg(K, "experts", e.experts)?,
-        );
-        let (inter, hidden) = (
-            i32_arg(K, "inter", e.inter)?,
-            i32_arg(K, "hidden", e.hidden)?,
-        );
-        let block = u32_grid(K, 32 * MMA2_WARPS)?;
-        let cfg1 = LaunchConfig {
-            grid_dim: (
-                u32_grid(K, pairs)?,
-                u32_grid(K, e.inter.div_ceil(rows_per_block))?,
-                1,
-            ),
-            block_dim: (block, 1, 1),
-            shared_mem_bytes: smem(e.hidden, 2)?,
-        };
-        stream
-            .kernel(&self.fp4_gate_up_mma2)
-            .arg(&c.x)
-            .arg(&c.ids)
-            .arg(&e.w1)
-            .arg(&e.s1)
-            .arg(&e.w3)
-            .arg(&e.s3)
-            .arg(&c.h)
-            .arg(&topk)
-            .arg(&experts)
-            .arg(&inter)
-            .arg(&hidden)
-            .arg(&c.swiglu_limit)
-            .launch(cfg1)
-            .map_err(KernelError::driver("launch fp4_moe_gate_up_mma2"))?;
-        let cfg2 = LaunchConfig {
-            grid_dim: (
-                u32_grid(K, pairs)?,
-                u32_grid(K, e.hidden.div_ceil(rows_per_block))?,
-                1,
-            ),
-            block_dim: (block, 1, 1),
-            shared_mem_bytes: smem(e.inter, 1)?,
-        };
-        stream
-            .kernel(&self.fp4_down_mma2)
-            .arg(&c.h)
-            .arg(&c.ids)
-            .arg(&c.weights)
-            .arg(&e.w2)
-            .arg(&e.s2)
-            .arg(&c.partial)
-            .arg(&experts)
-            .arg(&hidden)
-            .arg(&inter)
-            .launch(cfg2)
-            .map_err(KernelError::driver("launch fp4_moe_down_mma2"))?;
-        self.fp4_moe_combine(stream, e, c)
+        // SAFETY: this function's contract; the mma2 kernels take the shared arguments.
+        unsafe {
+            self.fp4_moe_launches(
+                stream,
+                e,
+                c,
+                [&self.fp4_gate_up_mma2, &self.fp4_down_mma2],
+                rows_per_block,
+                32 * MMA2_WARPS,
+                [smem(e.hidden, 2)?, smem(e.inter, 1)?],
+            )
+        }
     }
 
     /// The top-k slots of `c.partial` summed in order into `c.out` (plus `c.addend`).

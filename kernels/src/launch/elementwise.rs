@@ -2,7 +2,7 @@
 //! gate/up -> activation -> down chain (and the routed + shared sum) stays on the GPU.
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::CudaStream;
+use cudarc::driver::{CudaFunction, CudaStream};
 
 use super::submit::SubmitKernel;
 use super::{grid_stride, i32_arg, i64_arg, nonnull, Kernels};
@@ -22,21 +22,48 @@ impl Kernels {
         len: usize,
         limit: f32,
     ) -> Result<(), KernelError> {
-        const K: &str = "swiglu_clip";
+        // SAFETY: this function's contract.
+        unsafe {
+            self.swiglu_launch(
+                stream,
+                &self.swiglu_clip,
+                ["swiglu_clip", "launch swiglu_clip"],
+                [gate, up, out],
+                len,
+                limit,
+            )
+        }
+    }
+
+    /// The clipped-SwiGLU launch of `f` (f32 or f16 output; the same arguments); `kernel` names
+    /// it in checks, `what` in driver errors.
+    ///
+    /// # Safety
+    /// `gate` and `up` must address `len` f32 and `out` `len` values of `f`'s output type, device
+    /// memory of this context.
+    pub(crate) unsafe fn swiglu_launch(
+        &self,
+        stream: &CudaStream,
+        f: &CudaFunction,
+        [kernel, what]: [&'static str; 2],
+        [gate, up, out]: [CUdeviceptr; 3],
+        len: usize,
+        limit: f32,
+    ) -> Result<(), KernelError> {
         if len == 0 {
             return Ok(());
         }
-        nonnull(K, &[("gate", gate), ("up", up), ("out", out)])?;
-        let n = i64_arg(K, "len", len)?;
+        nonnull(kernel, &[("gate", gate), ("up", up), ("out", out)])?;
+        let n = i64_arg(kernel, "len", len)?;
         stream
-            .kernel(&self.swiglu_clip)
+            .kernel(f)
             .arg(&gate)
             .arg(&up)
             .arg(&out)
             .arg(&n)
             .arg(&limit)
-            .launch(grid_stride(K, len, self.sms)?)
-            .map_err(KernelError::driver("launch swiglu_clip"))?;
+            .launch(grid_stride(kernel, len, self.sms)?)
+            .map_err(KernelError::driver(what))?;
         Ok(())
     }
 

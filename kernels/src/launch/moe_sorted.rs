@@ -182,22 +182,8 @@ impl Kernels {
         width: usize,
         dst: CUdeviceptr,
     ) -> Result<(), KernelError> {
-        const K: &str = "gather_rows_f32";
-        if n == 0 || width == 0 {
-            return Ok(());
-        }
-        nonnull(K, &[("src", src), ("idx", idx), ("dst", dst)])?;
-        let (nn, w) = (i32_arg(K, "n", n)?, i32_arg(K, "width", width)?);
-        stream
-            .kernel(&self.moe_sorted.gather)
-            .arg(&src)
-            .arg(&idx)
-            .arg(&nn)
-            .arg(&w)
-            .arg(&dst)
-            .launch(grid_stride(K, n * width, self.sms)?)
-            .map_err(KernelError::driver("launch gather_rows_f32"))?;
-        Ok(())
+        // SAFETY: this function's contract.
+        unsafe { self.gather_rows_as(stream, [src, idx, dst], n, width, false) }
     }
 
     /// `dst[i, :] = f16(src[idx[i], :])` for `n` rows of `width` values (round to nearest).
@@ -213,21 +199,49 @@ impl Kernels {
         width: usize,
         dst: CUdeviceptr,
     ) -> Result<(), KernelError> {
-        const K: &str = "gather_rows_f32_to_f16";
+        // SAFETY: this function's contract.
+        unsafe { self.gather_rows_as(stream, [src, idx, dst], n, width, true) }
+    }
+
+    /// The gather launch, f32 or f16 rows out.
+    ///
+    /// # Safety
+    /// As [`Self::gather_rows_f32`] for the output type.
+    unsafe fn gather_rows_as(
+        &self,
+        stream: &CudaStream,
+        [src, idx, dst]: [CUdeviceptr; 3],
+        n: usize,
+        width: usize,
+        f16: bool,
+    ) -> Result<(), KernelError> {
+        let (kernel, what, f) = if f16 {
+            (
+                "gather_rows_f32_to_f16",
+                "launch gather_rows_f32_to_f16",
+                &self.moe_sorted.gather_f16,
+            )
+        } else {
+            (
+                "gather_rows_f32",
+                "launch gather_rows_f32",
+                &self.moe_sorted.gather,
+            )
+        };
         if n == 0 || width == 0 {
             return Ok(());
         }
-        nonnull(K, &[("src", src), ("idx", idx), ("dst", dst)])?;
-        let (nn, w) = (i32_arg(K, "n", n)?, i32_arg(K, "width", width)?);
+        nonnull(kernel, &[("src", src), ("idx", idx), ("dst", dst)])?;
+        let (nn, w) = (i32_arg(kernel, "n", n)?, i32_arg(kernel, "width", width)?);
         stream
-            .kernel(&self.moe_sorted.gather_f16)
+            .kernel(f)
             .arg(&src)
             .arg(&idx)
             .arg(&nn)
             .arg(&w)
             .arg(&dst)
-            .launch(grid_stride(K, n * width, self.sms)?)
-            .map_err(KernelError::driver("launch gather_rows_f32_to_f16"))?;
+            .launch(grid_stride(kernel, n * width, self.sms)?)
+            .map_err(KernelError::driver(what))?;
         Ok(())
     }
 
@@ -245,22 +259,17 @@ impl Kernels {
         len: usize,
         limit: f32,
     ) -> Result<(), KernelError> {
-        const K: &str = "swiglu_clip_to_f16";
-        if len == 0 {
-            return Ok(());
+        // SAFETY: this function's contract.
+        unsafe {
+            self.swiglu_launch(
+                stream,
+                &self.moe_sorted.swiglu_f16,
+                ["swiglu_clip_to_f16", "launch swiglu_clip_to_f16"],
+                [gate, up, out],
+                len,
+                limit,
+            )
         }
-        nonnull(K, &[("gate", gate), ("up", up), ("out", out)])?;
-        let n = i64_arg(K, "len", len)?;
-        stream
-            .kernel(&self.moe_sorted.swiglu_f16)
-            .arg(&gate)
-            .arg(&up)
-            .arg(&out)
-            .arg(&n)
-            .arg(&limit)
-            .launch(grid_stride(K, len, self.sms)?)
-            .map_err(KernelError::driver("launch swiglu_clip_to_f16"))?;
-        Ok(())
     }
 
     /// The smallest and largest of `n` bytes at `v`, into `range` (two device u32 that must
