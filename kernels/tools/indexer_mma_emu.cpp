@@ -39,6 +39,13 @@ inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __ffs(unsigned v) { return __builtin_ffs(v); }
 inline unsigned __float_as_uint(float f) { return emu_float_bits(f); }
 
+inline float dsk_warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = std::max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+inline void __syncwarp() { g_warp_bar->arrive_and_wait(); }
+template <class... A> inline void dsk_rope_pair_f32(A &&...) { abort(); }  // kernels not run here
+inline void dsk_pdl_entry() {}  // launches run one after another here
 #include "../attention.cu"
 
 enum { F32 = 0, BF16 = 1, FP8I = 3 };

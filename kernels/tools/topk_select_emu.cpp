@@ -52,6 +52,7 @@ inline int __shfl_up_sync(unsigned, int v, int o) {
     return r;
 }
 
+inline void dsk_pdl_entry() {}  // launches run one after another here
 #include "topk_section.cu"
 
 static int failures = 0;
