@@ -4,6 +4,28 @@
 // tests/dense_gemv_gpu.rs at smaller sizes):
 //   g++ -std=c++20 -O2 -pthread -w -o /tmp/dense_gemv_emu kernels/tools/dense_gemv_emu.cpp && /tmp/dense_gemv_emu
 #include "emu.h"
+inline void dsk_pdl_entry() {}  // launches run one after another here
+#define __grid_constant__
+// The merged-launch segment table and lookup, as common.cuh has them.
+#define DSK_GEMV_SEGMENTS 8
+struct DskGemvSegments {
+    unsigned long long w[DSK_GEMV_SEGMENTS];
+    unsigned long long s[DSK_GEMV_SEGMENTS];
+    unsigned long long out[DSK_GEMV_SEGMENTS];
+    int n[DSK_GEMV_SEGMENTS];
+    int ksplit[DSK_GEMV_SEGMENTS];
+    int block_end[DSK_GEMV_SEGMENTS];
+    int count;
+};
+
+// The segment block b belongs to, and b's index inside it.
+inline int dsk_gemv_segment(const DskGemvSegments &g, int b, int &local) {
+    int i = 0;
+    while (i + 1 < g.count && b >= g.block_end[i]) ++i;
+    local = b - (i ? g.block_end[i - 1] : 0);
+    return i;
+}
+
 #include "../dense_gemv.cu"
 
 // Random bf16 bit patterns of finite values in about +-2^(-8..1), both signs.

@@ -7,6 +7,28 @@
 //   g++ -std=c++20 -O2 -pthread -w -DFP8_SRC='"/tmp/fp8_gemv_cc.cu"' \
 //       -o /tmp/fp8_grouped_emu kernels/tools/fp8_grouped_emu.cpp && /tmp/fp8_grouped_emu
 #include "emu.h"
+inline void dsk_pdl_entry() {}  // launches run one after another here
+#define __grid_constant__
+// The merged-launch segment table and lookup, as common.cuh has them.
+#define DSK_GEMV_SEGMENTS 8
+struct DskGemvSegments {
+    unsigned long long w[DSK_GEMV_SEGMENTS];
+    unsigned long long s[DSK_GEMV_SEGMENTS];
+    unsigned long long out[DSK_GEMV_SEGMENTS];
+    int n[DSK_GEMV_SEGMENTS];
+    int ksplit[DSK_GEMV_SEGMENTS];
+    int block_end[DSK_GEMV_SEGMENTS];
+    int count;
+};
+
+// The segment block b belongs to, and b's index inside it.
+inline int dsk_gemv_segment(const DskGemvSegments &g, int b, int &local) {
+    int i = 0;
+    while (i + 1 < g.count && b >= g.block_end[i]) ++i;
+    local = b - (i ? g.block_end[i - 1] : 0);
+    return i;
+}
+
 #include FP8_SRC
 
 typedef void (*Plain)(const unsigned char *, const unsigned char *, const void *, void *, int, int, int, int, int);

@@ -3,6 +3,10 @@
 // checking kernel logic on a machine without a GPU (the same cases as tests/paged_gpu.rs):
 //   g++ -std=c++20 -O2 -pthread -w -o /tmp/paged_emu kernels/tools/paged_emu.cpp && /tmp/paged_emu
 #include "emu.h"
+inline void dsk_pdl_entry() {}  // launches run one after another here
+// f32 pool rows only here (fmt 0): the record writers are checked by tests/kv_record_gpu.rs.
+#define DSK_KV_F32 0
+template <class... A> inline void dsk_kv_store_row(A &&...) { abort(); }
 #include "../paged.cu"
 
 struct Lay { size_t bs, ratio, coff, dim, hd, lb, fpb;
@@ -60,11 +64,11 @@ void compress_case(const char *name, Lay L, int rope_dim, Step S, unsigned long 
     float af = 1.25f, eps = 1e-6f;
     std::vector<float> dev = pool;
     unsigned thr = std::clamp<unsigned>(1u << (unsigned)std::ceil(std::log2((double)L.hd)), 32, 256);
-    launch({(unsigned)n, 1, 1}, thr, [&] { dsk_pool_write_f32(dev.data(), S.pos.data(), S.st.data(), S.ln.data(), S.flat.data(), L.fpb, L.bs, L.lb, L.hd, lat.data(), ldl, nullptr, 0, L.hd); });
+    launch({(unsigned)n, 1, 1}, thr, [&] { dsk_pool_write_f32(dev.data(), S.pos.data(), S.st.data(), S.ln.data(), S.flat.data(), L.fpb, L.bs, L.lb, L.hd, lat.data(), ldl, nullptr, 0, L.hd, DSK_KV_F32, 0); });
     thr = std::clamp<unsigned>(1u << (unsigned)std::ceil(std::log2((double)width)), 32, 256);
-    launch({(unsigned)n, 1, 1}, thr, [&] { dsk_pool_write_f32(dev.data(), S.pos.data(), S.st.data(), S.ln.data(), S.flat.data(), L.fpb, L.bs, L.lb + L.cin(), 2 * width, kv.data(), width, gate.data(), width, width); });
+    launch({(unsigned)n, 1, 1}, thr, [&] { dsk_pool_write_f32(dev.data(), S.pos.data(), S.st.data(), S.ln.data(), S.flat.data(), L.fpb, L.bs, L.lb + L.cin(), 2 * width, kv.data(), width, gate.data(), width, width, DSK_KV_F32, 0); });
     thr = std::clamp<unsigned>(1u << (unsigned)std::ceil(std::log2((double)L.dim)), 32, 256);
-    launch({(unsigned)n, 1, 1}, thr, [&] { dsk_compress_rows_f32(dev.data(), S.pos.data(), S.st.data(), S.ln.data(), S.flat.data(), L.fpb, L.bs, L.lb + L.cin(), 2 * width, L.lb + L.crows(), L.dim, L.ratio, L.coff, L.dim, ape.data(), norm.data(), inv.data(), rope_dim, af, eps); });
+    launch({(unsigned)n, 1, 1}, thr, [&] { dsk_compress_rows_f32(dev.data(), S.pos.data(), S.st.data(), S.ln.data(), S.flat.data(), L.fpb, L.bs, L.lb + L.cin(), 2 * width, L.lb + L.crows(), L.dim, L.ratio, L.coff, L.dim, ape.data(), norm.data(), inv.data(), rope_dim, af, eps, DSK_KV_F32, 0); });
     for (size_t r = 0; r < n; ++r) { if (S.pos[r] < 0) continue; auto &bt = S.tables[S.rows[r].first]; size_t p = S.pos[r];
         std::copy_n(&lat[r * ldl], L.hd, &pool[L.window_row(bt, p)]);
         std::copy_n(&kv[r * width], width, &pool[L.comp_in_row(bt, p)]);
