@@ -999,37 +999,30 @@ impl Kernels {
         Ok(())
     }
 
-    /// Where a GEMM writes the mix dots for [`Self::hc_pre_given_dots_f32`]: f32 `[n, (2 + hc) *
+    /// Where a GEMM writes the mix dots for [`Self::hc_pre_from_dots_f32`]: f32 `[n, (2 + hc) *
     /// hc]` row-major, the workspace's partials as one chunk.
     pub fn hc_given_dots(workspace: CUdeviceptr, n: usize, hc: usize) -> CUdeviceptr {
         hc_partials(workspace, 1, n, (2 + hc) * hc).0
     }
 
     /// The pre side of a hyper-connection site for many tokens (GEMM steps) with the mix dots
-    /// computed by the caller, in two launches around the caller's GEMM: `squares` = false
-    /// finishes from the dots at [`Self::hc_given_dots`]; `squares` = true (before the GEMM)
-    /// writes each token's sum of squares (the chunk kernel over the whole width, output 0
-    /// only: it also writes output 0's dot, which the GEMM then overwrites). The chunk kernel
-    /// re-reads the streams once per output (24 times at V4-Flash's hc = 4), which for an
-    /// 8,192-token piece (512 MB of streams) no cache holds; a GEMM reads them once.
+    /// computed by the caller, first half: each token's sum of squares (the chunk kernel over the
+    /// whole width, output 0 only; it also writes output 0's dot, which the caller's GEMM into
+    /// [`Self::hc_given_dots`] then overwrites). The chunk kernels re-read the streams once per
+    /// output (24 times at V4-Flash's hc = 4), which for an 8,192-token piece (512 MB of streams)
+    /// no cache holds; a GEMM reads them once.
     ///
     /// # Safety
-    /// As [`Self::hc_pre_fused_f32`]; with `squares` = false the squares launch and the dots
-    /// must have been written on this stream for the same `a`.
-    pub unsafe fn hc_pre_given_dots_f32(
+    /// As [`Self::hc_pre_fused_f32`].
+    pub unsafe fn hc_squares_f32(
         &self,
         stream: &CudaStream,
         a: &HcPreFused,
-        squares: bool,
     ) -> Result<(), KernelError> {
-        const K: &str = "hc_pre_given_dots_f32";
+        const K: &str = "hc_squares_f32";
         check_hc_pre_fused(a)?;
         let outs = (2 + a.hc) * a.hc;
         let width = a.hc * a.hidden;
-        if !squares {
-            // SAFETY: this function's contract (dots and squares written as one chunk).
-            return unsafe { self.hc_pre_finish_tokens(stream, a, 1, false) };
-        }
         let (partial, sq) = hc_partials(a.workspace, 1, a.n, outs);
         let cfg = LaunchConfig {
             grid_dim: (1, 1, u32_grid(K, a.n.div_ceil(MIX_TOKENS))?),
@@ -1049,6 +1042,22 @@ impl Kernels {
             .launch(cfg)
             .map_err(KernelError::driver("launch hc squares"))?;
         Ok(())
+    }
+
+    /// Second half of [`Self::hc_squares_f32`]: the per-token finish from the squares and the
+    /// dots at [`Self::hc_given_dots`].
+    ///
+    /// # Safety
+    /// As [`Self::hc_pre_fused_f32`], with the squares and the dots written on this stream for
+    /// the same `a`.
+    pub unsafe fn hc_pre_from_dots_f32(
+        &self,
+        stream: &CudaStream,
+        a: &HcPreFused,
+    ) -> Result<(), KernelError> {
+        check_hc_pre_fused(a)?;
+        // SAFETY: this function's contract (dots and squares written as one chunk).
+        unsafe { self.hc_pre_finish_tokens(stream, a, 1, false) }
     }
 
     /// # Safety

@@ -242,17 +242,13 @@ pub struct StackRows<'a> {
     pub block_tables: Vec<&'a [u32]>,
 }
 
-/// The residual streams of a layer-stack step.
-pub enum StackStreams<'a> {
-    /// `[rows, hc * hidden]` on the host, read and updated in place.
-    Host(&'a mut [f32]),
-    /// Built by the backend from the embedding rows of the step's token ids (every one of the
-    /// `hc` streams a copy) and kept on the device; after the last layer the step rows `keep`
-    /// come back into `kept` (`[keep.len(), hc * hidden]`, in `keep`'s order).
-    FromEmbedding {
-        keep: &'a [usize],
-        kept: &'a mut [f32],
-    },
+/// The residual streams of a layer-stack step: built by the backend from the embedding rows of
+/// the step's token ids (every one of the `hc` streams a copy) and kept on the device; after the
+/// last layer the step rows `keep` come back into `kept` (`[keep.len(), hc * hidden]`, in
+/// `keep`'s order).
+pub struct StackStreams<'a> {
+    pub keep: &'a [usize],
+    pub kept: &'a mut [f32],
 }
 
 /// A compute device holding weight matrices and running the kernels the model needs.

@@ -90,33 +90,25 @@ struct StackLayer {
 /// FP8 weights and their scale tiles, several matrices stacked along the rows.
 type StackedFp8 = (CudaSlice<u8>, CudaSlice<u8>);
 
-/// One piece's residual streams: on the host (updated in place), or built on the device from
-/// the embedding, with the piece rows `keep` (piece row, index in `kept`) copied back into
-/// `kept`'s rows of `hc * hidden` values.
-enum PieceStreams<'a> {
-    Host(&'a mut [f32]),
-    Device {
-        keep: Vec<(usize, usize)>,
-        kept: &'a mut [f32],
-    },
+/// One piece's share of a step's [`StackStreams`]: the piece rows to copy back, as (piece row,
+/// row of `kept`), into `kept`'s rows of `hc * hidden` values.
+struct PieceStreams<'a> {
+    keep: Vec<(usize, usize)>,
+    kept: &'a mut [f32],
 }
 
 impl<'a> PieceStreams<'a> {
-    /// Rows `start .. start + len` of a step's streams.
-    fn of(all: &'a mut StackStreams<'_>, start: usize, len: usize, width: usize) -> Self {
-        match all {
-            StackStreams::Host(v) => {
-                PieceStreams::Host(&mut v[start * width..(start + len) * width])
-            }
-            StackStreams::FromEmbedding { keep, kept } => PieceStreams::Device {
-                keep: keep
-                    .iter()
-                    .enumerate()
-                    .filter(|&(_, &r)| (start..start + len).contains(&r))
-                    .map(|(at, &r)| (r - start, at))
-                    .collect(),
-                kept,
-            },
+    /// The kept rows among step rows `start .. start + len`.
+    fn of(all: &'a mut StackStreams<'_>, start: usize, len: usize) -> Self {
+        PieceStreams {
+            keep: all
+                .keep
+                .iter()
+                .enumerate()
+                .filter(|&(_, &r)| (start..start + len).contains(&r))
+                .map(|(at, &r)| (r - start, at))
+                .collect(),
+            kept: all.kept,
         }
     }
 }
@@ -1133,12 +1125,8 @@ impl CudaBackend {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let streams_ok = match &streams {
-            StackStreams::Host(all) => all.len() == n * width,
-            StackStreams::FromEmbedding { keep, kept } => {
-                kept.len() == keep.len() * width && keep.iter().all(|&r| r < n)
-            }
-        };
+        let streams_ok =
+            streams.kept.len() == streams.keep.len() * width && streams.keep.iter().all(|&r| r < n);
         if !streams_ok || rows.positions.len() != n || rows.block_tables.len() != n {
             return Err(shape_err(format!(
                 "{n} rows ({} positions, {} tables), streams that do not match them",
@@ -1146,18 +1134,16 @@ impl CudaBackend {
                 rows.block_tables.len(),
             )));
         }
-        if matches!(streams, StackStreams::FromEmbedding { .. }) {
-            let (vocab, cols) = model.weights.embed.shape();
-            if cols != h {
-                return Err(shape_err(format!(
-                    "embedding rows of {cols} values for a hidden size of {h}"
-                )));
-            }
-            if let Some(id) = rows.ids.iter().find(|&&id| id as usize >= vocab) {
-                return Err(shape_err(format!(
-                    "token id {id} of {vocab} embedding rows"
-                )));
-            }
+        let (vocab, cols) = model.weights.embed.shape();
+        if cols != h {
+            return Err(shape_err(format!(
+                "embedding rows of {cols} values for a hidden size of {h}"
+            )));
+        }
+        if let Some(id) = rows.ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(shape_err(format!(
+                "token id {id} of {vocab} embedding rows"
+            )));
         }
         // Every row's pool rows must lie inside its table and the pool (the kernels trust them).
         let g = model.geometry;
@@ -1178,7 +1164,7 @@ impl CudaBackend {
             return Err(shape_err("more pool blocks than i32 block ids".into()));
         }
         if n <= STACK_MAX_ROWS {
-            let piece = PieceStreams::of(&mut streams, 0, n, width);
+            let piece = PieceStreams::of(&mut streams, 0, n);
             return self.run_piece(stack, model, kv, comm, rows, piece, capture);
         }
         let max_pos = rows.positions.iter().copied().max().unwrap_or(0);
@@ -1194,7 +1180,7 @@ impl CudaBackend {
                 ids: rows.ids[range.clone()].to_vec(),
                 block_tables: rows.block_tables[range].to_vec(),
             };
-            let piece = PieceStreams::of(&mut streams, start, len, width);
+            let piece = PieceStreams::of(&mut streams, start, len);
             let got = self.run_piece(stack, model, kv, comm, &part, piece, capture)?;
             for ((_, all), (_, rows_of_piece)) in captured.iter_mut().zip(got) {
                 all.extend(rows_of_piece);
@@ -1288,7 +1274,7 @@ impl CudaBackend {
         kv: &mut CudaKvStore,
         comm: &dyn Communicator,
         rows: &StackRows<'_>,
-        mut streams: PieceStreams<'_>,
+        streams: PieceStreams<'_>,
         capture: &[usize],
     ) -> Result<Vec<(usize, Vec<f32>)>, BackendError> {
         let cfg = model.cfg;
@@ -1399,14 +1385,7 @@ impl CudaBackend {
             .map_err(driver_err("copy to GPU"))?;
         s.memcpy_htod(&meta.i64s, &mut stack.meta64.slice_mut(0..meta.i64s.len()))
             .map_err(driver_err("copy to GPU"))?;
-        match &streams {
-            PieceStreams::Host(all) => s
-                .memcpy_htod(&**all, &mut stack.scratch.streams.slice_mut(0..n * width))
-                .map_err(driver_err("copy to GPU"))?,
-            PieceStreams::Device { .. } => {
-                self.embed_streams(&mut stack.scratch, model, at32(layout.ids()), n)?
-            }
-        }
+        self.embed_streams(&mut stack.scratch, model, at32(layout.ids()), n)?;
         let table = RowTable {
             positions: at32(layout.positions()),
             bt_starts: at32(layout.bt_starts()),
@@ -1497,30 +1476,24 @@ impl CudaBackend {
                 .map_err(driver_err("copy from GPU"))?;
             captured.push((l, host));
         }
-        match &mut streams {
-            PieceStreams::Host(all) => s
-                .memcpy_dtoh(&stack.scratch.streams.slice(0..n * width), &mut **all)
-                .map_err(driver_err("copy from GPU"))?,
-            PieceStreams::Device { keep, kept } => {
-                // Runs of consecutive rows (a decode step keeps all of them) in one copy each.
-                let mut i = 0;
-                while i < keep.len() {
-                    let (row, at) = keep[i];
-                    let mut len = 1;
-                    while i + len < keep.len() && keep[i + len] == (row + len, at + len) {
-                        len += 1;
-                    }
-                    s.memcpy_dtoh(
-                        &stack
-                            .scratch
-                            .streams
-                            .slice(row * width..(row + len) * width),
-                        &mut kept[at * width..(at + len) * width],
-                    )
-                    .map_err(driver_err("copy from GPU"))?;
-                    i += len;
-                }
+        // Runs of consecutive kept rows (a decode step keeps all of them) in one copy each.
+        let keep = &streams.keep;
+        let mut i = 0;
+        while i < keep.len() {
+            let (row, at) = keep[i];
+            let mut len = 1;
+            while i + len < keep.len() && keep[i + len] == (row + len, at + len) {
+                len += 1;
             }
+            s.memcpy_dtoh(
+                &stack
+                    .scratch
+                    .streams
+                    .slice(row * width..(row + len) * width),
+                &mut streams.kept[at * width..(at + len) * width],
+            )
+            .map_err(driver_err("copy from GPU"))?;
+            i += len;
         }
         s.synchronize().map_err(driver_err("synchronize"))?;
         // The draft's features: the mean of the residual streams after each captured layer.
@@ -1715,13 +1688,11 @@ impl CudaBackend {
             // site's [outs, width] projection into the workspace's [n, outs] dots, and the
             // finish, in this order on the backend's stream (cuBLAS's handle is bound to it).
             unsafe {
-                self.kernels
-                    .hc_pre_given_dots_f32(s, &call, true)
-                    .map_err(kernel_err)?;
+                self.kernels.hc_squares_f32(s, &call).map_err(kernel_err)?;
                 self.gemm_rows(call.streams, width, n, call.fn_, outs, width, dots, outs)?;
                 return self
                     .kernels
-                    .hc_pre_given_dots_f32(s, &call, false)
+                    .hc_pre_from_dots_f32(s, &call)
                     .map_err(kernel_err);
             }
         }

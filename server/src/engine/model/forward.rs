@@ -302,7 +302,7 @@ impl<B: Backend> DeepseekV4<B> {
                         &mut self.kv,
                         self.comm.as_ref(),
                         &step_rows,
-                        StackStreams::FromEmbedding {
+                        StackStreams {
                             keep: &wanted,
                             kept: &mut head_streams,
                         },
