@@ -288,6 +288,186 @@ extern "C" __global__ void __launch_bounds__(DSK_ATTH_WARPS * 32, 2) dsk_attend_
     }
 }
 
+// Split-KV attention, pass 1, on the TF32 tensor cores (mma.sync m16n8k8, f32 accumulate, sm_80+)
+// for multi-query attention at head_dim 512: the same arguments, grid (split s, group of
+// DSK_ATTC_G heads, token t) and (max, sum, acc[hd]) records as dsk_attend_partial_heads_f32, so
+// dsk_attend_combine_f32 merges them unchanged. Per tile of DSK_ATTC_TILE key rows staged in
+// dynamic shared memory (rounded to TF32 once as they are staged; a masked or missing row is
+// zeros with its flag clear):
+// - logits S = Q K^T, heads as M (16), keys as N: warp w takes dims 64 w .. 64 w + 63 as its K
+//   slice (its Q fragments stay in registers for the whole block) over every key of the tile,
+//   and writes its partial S; the 8 partials are summed in shared memory;
+// - online softmax of the tile per head as the f32 kernel's (masked keys -inf, m = -inf stays
+//   until a valid key, an empty split writes sum 0), warp w for heads 2 w, 2 w + 1, lane = key;
+//   the probabilities are rounded to TF32 before they are summed into l, so numerator and
+//   denominator weigh a key alike;
+// - O += P V, heads as M, dims as N: warp w owns dims 64 w .. 64 w + 63 of all 16 heads (8 n
+//   tiles, 32 accumulators a thread), rescaled by the tile's correction first.
+// Within a k step the k index is permuted where that lets a thread load two operands at once:
+// in S, k = tg is dim 2 tg and k = tg + 4 dim 2 tg + 1 of the 8 (A and B alike, so the sum is
+// the same). Row strides keep every fragment load free of bank conflicts: DSK_ATTC_LD = 520
+// (8 mod 32) for the tile (S: float2 at 8 g + 2 tg; PV: 8 tg + g), DSK_ATTC_SLD = 40 for the
+// partial logits (float2 stores), DSK_ATTC_PLD = 36 for P (4 g + tg).
+// TF32 operands (10-bit mantissas, rounded to nearest) put each product within ~2^-10 of its
+// value; accumulation is f32.
+#define DSK_ATTC_G 16
+#define DSK_ATTC_WARPS 8
+#define DSK_ATTC_TILE 32
+#define DSK_ATTC_HD 512
+#define DSK_ATTC_LD 520
+#define DSK_ATTC_SLD (DSK_ATTC_TILE + 8)
+#define DSK_ATTC_PLD (DSK_ATTC_TILE + 4)
+// Shared memory (floats): tile [TILE][LD] | partial logits [WARPS][G][SLD] | P [G][PLD] |
+// corrections [G] | row flags [TILE] (int). Kept in step with attention_heads_tc_smem_bytes.
+#define DSK_ATTC_SMEM_FLOATS                                                                        \
+    (DSK_ATTC_TILE * DSK_ATTC_LD + DSK_ATTC_WARPS * DSK_ATTC_G * DSK_ATTC_SLD + DSK_ATTC_G * DSK_ATTC_PLD + \
+     DSK_ATTC_G + DSK_ATTC_TILE)
+
+extern "C" __global__ void __launch_bounds__(DSK_ATTC_WARPS * 32, 2) dsk_attend_partial_heads_tc(
+    const float *__restrict__ pool, const float *__restrict__ q,
+    const long long *__restrict__ key_off, const int *__restrict__ key_start, int heads, int hd,
+    int splits, float scale, float *__restrict__ part, int fmt, int rope) {
+    dsk_pdl_entry();
+    extern __shared__ float smem[];
+    float *const tile = smem;
+    float *const slog = tile + DSK_ATTC_TILE * DSK_ATTC_LD;
+    float *const prob = slog + DSK_ATTC_WARPS * DSK_ATTC_G * DSK_ATTC_SLD;
+    float *const corr = prob + DSK_ATTC_G * DSK_ATTC_PLD;
+    int *const valid = reinterpret_cast<int *>(corr + DSK_ATTC_G);
+    const int s = blockIdx.x, t = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tg = lane & 3;
+    const int hb = blockIdx.y * DSK_ATTC_G;
+    const int dw = warp * (DSK_ATTC_HD / DSK_ATTC_WARPS);  // this warp's 64 dims
+    const int k0 = key_start[t], k1 = key_start[t + 1];
+    const int per = (k1 - k0 + splits - 1) / splits;
+    const int a = k0 + s * per;
+    const int b = min(k1, a + per);
+    // A fragments of Q (heads g, g + 8) over the warp's dims, k step ks: dims 8 ks + 2 tg, + 1.
+    unsigned int qa[8][4];
+    {
+        const float *q0 = q + ((long long)t * heads + hb + g) * hd + dw + 2 * tg;
+        const float *q1 = q0 + 8LL * hd;
+#pragma unroll
+        for (int ks = 0; ks < 8; ++ks) {
+            qa[ks][0] = dsk_f32_to_tf32(q0[8 * ks]);
+            qa[ks][1] = dsk_f32_to_tf32(q1[8 * ks]);
+            qa[ks][2] = dsk_f32_to_tf32(q0[8 * ks + 1]);
+            qa[ks][3] = dsk_f32_to_tf32(q1[8 * ks + 1]);
+        }
+    }
+    // O accumulators: n tile j = dims dw + 8 j ..; (g, 2 tg), (g, 2 tg + 1), (g + 8, ..).
+    float o[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[j][e] = 0.f;
+    // Softmax state of heads 2 warp, 2 warp + 1 (the same in every lane of the warp).
+    float m[2] = {DSK_NEG_INF, DSK_NEG_INF}, l[2] = {0.f, 0.f};
+    for (int kt = a; kt < b; kt += DSK_ATTC_TILE) {
+        __syncthreads();  // the previous tile's readers are done
+        for (int r = warp; r < DSK_ATTC_TILE; r += DSK_ATTC_WARPS) {
+            const int k = kt + r;
+            // A negative offset marks a slot without a key: a zero row, masked out below.
+            const long long off = k < b ? key_off[k] : -1;
+            const float *kr = pool + (off >= 0 ? off : 0);
+            float *row = tile + r * DSK_ATTC_LD;
+            if (fmt == DSK_KV_F32 || off < 0) {
+                float v[DSK_ATTC_HD / 32];
+#pragma unroll
+                for (int j = 0; j < DSK_ATTC_HD / 32; ++j) v[j] = off >= 0 ? kr[lane + 32 * j] : 0.f;
+#pragma unroll
+                for (int j = 0; j < DSK_ATTC_HD / 32; ++j)
+                    row[lane + 32 * j] = __uint_as_float(dsk_f32_to_tf32(v[j]));
+            } else {
+                // A stored record (warp-uniform branch), decoded, then rounded in place.
+                dsk_kv_decode_row_warp(kr, fmt, hd, rope, row);
+                __syncwarp();
+#pragma unroll
+                for (int j = 0; j < DSK_ATTC_HD / 32; ++j)
+                    row[lane + 32 * j] = __uint_as_float(dsk_f32_to_tf32(row[lane + 32 * j]));
+            }
+            if (lane == 0) valid[r] = off >= 0;
+        }
+        __syncthreads();
+        // Partial logits over the warp's dims: key n tile j = keys 8 j .. 8 j + 7.
+#pragma unroll
+        for (int j = 0; j < DSK_ATTC_TILE / 8; ++j) {
+            float sc[4] = {0.f, 0.f, 0.f, 0.f};
+            const float *kr = tile + (8 * j + g) * DSK_ATTC_LD + dw + 2 * tg;
+#pragma unroll
+            for (int ks = 0; ks < 8; ++ks) {
+                const float2 kv = *reinterpret_cast<const float2 *>(kr + 8 * ks);
+                dsk_mma_tf32_m16n8k8(sc, qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3], __float_as_uint(kv.x),
+                                     __float_as_uint(kv.y));
+            }
+            float *sl = slog + (warp * DSK_ATTC_G + g) * DSK_ATTC_SLD + 8 * j + 2 * tg;
+            *reinterpret_cast<float2 *>(sl) = make_float2(sc[0], sc[1]);
+            *reinterpret_cast<float2 *>(sl + 8 * DSK_ATTC_SLD) = make_float2(sc[2], sc[3]);
+        }
+        __syncthreads();
+        {
+            const bool ok = valid[lane] != 0;
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int h = 2 * warp + hh;
+                float d = 0.f;
+#pragma unroll
+                for (int w = 0; w < DSK_ATTC_WARPS; ++w) d += slog[(w * DSK_ATTC_G + h) * DSK_ATTC_SLD + lane];
+                const float lg = ok ? d * scale : DSK_NEG_INF;
+                const float cm = dsk_warp_max(lg);
+                const float mn = fmaxf(m[hh], cm);
+                // A tile without a valid key leaves m = -inf: no expf(-inf - -inf).
+                const float c = mn == DSK_NEG_INF ? 1.f : expf(m[hh] - mn);  // 0 on the first key
+                const float p = ok ? __uint_as_float(dsk_f32_to_tf32(expf(lg - mn))) : 0.f;
+                l[hh] = fmaf(l[hh], c, dsk_warp_sum(p));
+                m[hh] = mn;
+                prob[h * DSK_ATTC_PLD + lane] = p;
+                if (lane == 0) corr[h] = c;
+            }
+        }
+        __syncthreads();
+        {
+            const float c0 = corr[g], c1 = corr[g + 8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                o[j][0] *= c0;
+                o[j][1] *= c0;
+                o[j][2] *= c1;
+                o[j][3] *= c1;
+            }
+        }
+#pragma unroll
+        for (int ks = 0; ks < DSK_ATTC_TILE / 8; ++ks) {
+            const float *pr = prob + g * DSK_ATTC_PLD + 8 * ks + tg;
+            const unsigned int a0 = __float_as_uint(pr[0]), a1 = __float_as_uint(pr[8 * DSK_ATTC_PLD]);
+            const unsigned int a2 = __float_as_uint(pr[4]), a3 = __float_as_uint(pr[8 * DSK_ATTC_PLD + 4]);
+            const float *v0 = tile + (8 * ks + tg) * DSK_ATTC_LD + dw + g;
+            const float *v1 = v0 + 4 * DSK_ATTC_LD;
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                dsk_mma_tf32_m16n8k8(o[j], a0, a1, a2, a3, __float_as_uint(v0[8 * j]), __float_as_uint(v1[8 * j]));
+        }
+    }
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        float *out = part + (((long long)t * heads + hb + 2 * warp + hh) * splits + s) * (hd + 2);
+        if (lane == 0) {
+            out[0] = m[hh];
+            out[1] = l[hh];
+        }
+    }
+    float *o0 = part + (((long long)t * heads + hb + g) * splits + s) * (hd + 2) + 2 + dw + 2 * tg;
+    float *o1 = o0 + 8LL * splits * (hd + 2);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        o0[8 * j] = o[j][0];
+        o0[8 * j + 1] = o[j][1];
+        o1[8 * j] = o[j][2];
+        o1[8 * j + 1] = o[j][3];
+    }
+}
+
 // Split-KV attention, pass 2: merges the splits of (t, h) with the head's sink logit in the
 // denominator (the sink takes probability mass but contributes no value). Block (h, t, z) writes
 // dimensions z * DSK_COMBINE_DIMS .. + DSK_COMBINE_DIMS, one per thread, so a decode token's 64
