@@ -284,6 +284,54 @@ pub fn check_attention_heads(a: &PagedAttention) -> Result<(), KernelError> {
     Ok(())
 }
 
+/// Head dimension the tensor-core attention kernel (`dsk_attend_partial_heads_tc`) takes: its
+/// warps split the 512 dims eight ways (V4-Flash's latent rows).
+pub const ATTENTION_TC_HEAD_DIM: usize = 512;
+/// Key rows the tensor-core attention kernel stages at a time (`DSK_ATTC_TILE`).
+const ATTENTION_TC_TILE: usize = 32;
+/// Row stride in floats of its key tile (`DSK_ATTC_LD`: 8 mod 32, conflict-free fragment loads).
+const ATTENTION_TC_LD: usize = 520;
+
+/// Dynamic shared memory of the tensor-core attention block (`DSK_ATTC_SMEM_FLOATS`): the key
+/// tile `[32][520]`, the 8 warps' partial logits `[8][16][40]`, probabilities `[16][36]`, 16
+/// corrections and 32 row flags: 87.4 KB, an opt-in above the default 48 KB.
+pub fn attention_heads_tc_smem_bytes() -> usize {
+    (ATTENTION_TC_TILE * ATTENTION_TC_LD
+        + 8 * ATTENTION_HEAD_GROUP * (ATTENTION_TC_TILE + 8)
+        + ATTENTION_HEAD_GROUP * (ATTENTION_TC_TILE + 4)
+        + ATTENTION_HEAD_GROUP
+        + ATTENTION_TC_TILE)
+        * 4
+}
+
+/// Launch-time checks of [`Kernels::paged_attention_heads_tc`] (testable without a GPU) on a
+/// device whose blocks may opt in to `smem_optin` bytes of shared memory: those of
+/// [`check_attention_heads`], `head_dim` [`ATTENTION_TC_HEAD_DIM`], and the block's shared memory
+/// within `smem_optin`. A caller gets `KernelError::InvalidLaunch` otherwise and may fall back to
+/// `paged_attention_heads`.
+pub fn check_attention_heads_tc(a: &PagedAttention, smem_optin: usize) -> Result<(), KernelError> {
+    check_attention_heads(a)?;
+    const K: &str = "attention_heads_tc";
+    if a.head_dim != ATTENTION_TC_HEAD_DIM {
+        return Err(KernelError::invalid(
+            K,
+            format!(
+                "head_dim = {}: the tensor-core kernel takes {ATTENTION_TC_HEAD_DIM} only (use \
+                 paged_attention_heads)",
+                a.head_dim
+            ),
+        ));
+    }
+    let smem = attention_heads_tc_smem_bytes();
+    if smem > smem_optin {
+        return Err(KernelError::invalid(
+            K,
+            format!("needs {smem} bytes of shared memory a block, the device allows {smem_optin}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Shared memory of the indexer block: the token's queries and head weights.
 pub fn indexer_smem_bytes(heads: usize, dim: usize) -> usize {
     (heads * dim + heads) * 4
@@ -754,6 +802,47 @@ impl Kernels {
         }
     }
 
+    /// Split-KV attention with sinks as [`Self::paged_attention_heads`] (same inputs, workspace,
+    /// grid and output), pass 1 on the TF32 tensor cores (`dsk_attend_partial_heads_tc`): Q, the
+    /// key rows and the probabilities are rounded to TF32 (10-bit mantissas), products summed in
+    /// f32, so outputs differ from the f32 kernels' by about 1e-3 relative (more where logits are
+    /// large: a logit's error grows with |q| |k|). Shapes it does not take (see
+    /// [`check_attention_heads_tc`]) are an `InvalidLaunch` error: the caller chooses
+    /// `paged_attention_heads` instead.
+    ///
+    /// # Safety
+    /// As [`Self::paged_attention`].
+    pub unsafe fn paged_attention_heads_tc(
+        &self,
+        stream: &CudaStream,
+        a: &PagedAttention,
+    ) -> Result<(), KernelError> {
+        check_attention_heads_tc(a, self.smem_optin)?;
+        const K: &str = "attention_heads_tc";
+        let partial = LaunchConfig {
+            grid_dim: (
+                u32_grid(K, a.splits)?,
+                u32_grid(K, a.heads / ATTENTION_HEAD_GROUP)?,
+                u32_grid(K, a.tokens)?,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: attention_heads_tc_smem_bytes() as u32,
+        };
+        // SAFETY: this function's contract; the shapes were checked above.
+        unsafe {
+            self.attend(
+                stream,
+                a,
+                (
+                    &self.attend_partial_heads_tc,
+                    "launch attend_partial_heads_tc",
+                ),
+                partial,
+                K,
+            )
+        }
+    }
+
     /// Pass 1 (`partial`, either kernel: both take the same arguments) on `cfg`, then pass 2.
     ///
     /// # Safety
@@ -1115,6 +1204,77 @@ mod tests {
         assert!(!indexer_tiled_fits(64, 128, 48 * 1024));
         assert!(!indexer_tiled_fits(64, 256, usize::MAX));
         assert!(check_indexer(&IndexerScores { ratio: 3, ..i }).is_err());
+    }
+
+    #[test]
+    fn tensor_core_attention_takes_v4_shapes_only() {
+        let v4 = PagedAttention {
+            pool: 16,
+            q: 16,
+            key_offsets: 16,
+            key_starts: 16,
+            sinks: 16,
+            out: 16,
+            workspace: 16,
+            tokens: 8192,
+            heads: 64,
+            head_dim: 512,
+            splits: 1,
+            scale: 1.0,
+            format: KvRowFormat::F32,
+            inverse_rope: None,
+        };
+        // H200 (227 KB a block) and GB10 (99 KB) take it; the default 48 KB does not.
+        let (h200, gb10) = (227 * 1024, 99 * 1024);
+        assert!(check_attention_heads_tc(&v4, h200).is_ok());
+        assert!(check_attention_heads_tc(&v4, gb10).is_ok());
+        // TP=2's 32 heads, several splits, stored latent records.
+        assert!(check_attention_heads_tc(
+            &PagedAttention {
+                heads: 32,
+                splits: 5,
+                format: KvRowFormat::Bf16,
+                ..v4
+            },
+            h200
+        )
+        .is_ok());
+        for (bad, optin) in [
+            (v4, DEFAULT_SMEM),
+            (PagedAttention { heads: 8, ..v4 }, h200),
+            (PagedAttention { heads: 24, ..v4 }, h200),
+            (PagedAttention { head_dim: 64, ..v4 }, h200),
+            (
+                PagedAttention {
+                    head_dim: 256,
+                    ..v4
+                },
+                h200,
+            ),
+            (
+                PagedAttention {
+                    head_dim: 1024,
+                    ..v4
+                },
+                h200,
+            ),
+            (PagedAttention { tokens: 0, ..v4 }, h200),
+            (PagedAttention { splits: 0, ..v4 }, h200),
+            (PagedAttention { q: 0, ..v4 }, h200),
+            (PagedAttention { workspace: 0, ..v4 }, h200),
+        ] {
+            assert!(
+                matches!(
+                    check_attention_heads_tc(&bad, optin),
+                    Err(KernelError::InvalidLaunch { .. })
+                ),
+                "{bad:?} accepted with {optin} bytes"
+            );
+        }
+        // The kernel's layout (attention.cu DSK_ATTC_SMEM_FLOATS): 22384 floats.
+        assert_eq!(attention_heads_tc_smem_bytes(), 22384 * 4);
+        // Two blocks an SM on an H200 (228 KB an SM, 1 KB reserved per block).
+        assert!(2 * (attention_heads_tc_smem_bytes() + 1024) <= 228 * 1024);
     }
 
     #[test]
