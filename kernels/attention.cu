@@ -291,37 +291,126 @@ extern "C" __global__ void __launch_bounds__(DSK_ATTH_WARPS * 32, 2) dsk_attend_
 // Split-KV attention, pass 1, on the TF32 tensor cores (mma.sync m16n8k8, f32 accumulate, sm_80+)
 // for multi-query attention at head_dim 512: the same arguments, grid (split s, group of
 // DSK_ATTC_G heads, token t) and (max, sum, acc[hd]) records as dsk_attend_partial_heads_f32, so
-// dsk_attend_combine_f32 merges them unchanged. Per tile of DSK_ATTC_TILE key rows staged in
-// dynamic shared memory (rounded to TF32 once as they are staged; a masked or missing row is
-// zeros with its flag clear):
+// dsk_attend_combine_f32 merges them unchanged. Key rows come in tiles of DSK_ATTC_TILE, double
+// buffered in dynamic shared memory: the next tile's rows are copied with cp.async while the
+// block computes on this one (f32 rows; stored records are decoded into the buffer as it is
+// filled, and a masked or missing row is zeros with its flag clear). Per tile:
 // - logits S = Q K^T, heads as M (16), keys as N: warp w takes dims 64 w .. 64 w + 63 as its K
-//   slice (its Q fragments stay in registers for the whole block) over every key of the tile,
-//   and writes its partial S; the 8 partials are summed in shared memory;
+//   slice (its Q fragments stay in registers for the whole block) over every key of the tile and
+//   writes its partial S; the 8 partials are summed in shared memory;
 // - online softmax of the tile per head as the f32 kernel's (masked keys -inf, m = -inf stays
-//   until a valid key, an empty split writes sum 0), warp w for heads 2 w, 2 w + 1, lane = key;
-//   the probabilities are rounded to TF32 before they are summed into l, so numerator and
-//   denominator weigh a key alike;
+//   until a valid key, an empty split writes sum 0): warp w for heads 2 w (lanes 0..15, lane =
+//   key) and 2 w + 1 (lanes 16..31); the probabilities are rounded to TF32 before they are summed
+//   into l, so numerator and denominator weigh a key alike;
 // - O += P V, heads as M, dims as N: warp w owns dims 64 w .. 64 w + 63 of all 16 heads (8 n
 //   tiles, 32 accumulators a thread), rescaled by the tile's correction first.
-// Within a k step the k index is permuted where that lets a thread load two operands at once:
-// in S, k = tg is dim 2 tg and k = tg + 4 dim 2 tg + 1 of the 8 (A and B alike, so the sum is
-// the same). Row strides keep every fragment load free of bank conflicts: DSK_ATTC_LD = 520
-// (8 mod 32) for the tile (S: float2 at 8 g + 2 tg; PV: 8 tg + g), DSK_ATTC_SLD = 40 for the
-// partial logits (float2 stores), DSK_ATTC_PLD = 36 for P (4 g + tg).
+// A warp reads only its own 64 dims of the tile in both products. Key values are rounded to TF32
+// as fragments are loaded (dsk_attc_tf32). In S, k index tg of a k step is dim 2 tg and tg + 4 is dim 2 tg + 1 (A
+// and B alike, so the sum is the same), which makes B one float2 load. Row strides keep every
+// fragment load free of bank conflicts: DSK_ATTC_LD = 520 (8 mod 32) for the tile (S: float2 at
+// 8 g + 2 tg; PV: 8 tg + g), DSK_ATTC_SLD = 24 for the partial logits (float2 stores),
+// DSK_ATTC_PLD = 20 for P (20 g + tg).
 // TF32 operands (10-bit mantissas, rounded to nearest) put each product within ~2^-10 of its
 // value; accumulation is f32.
 #define DSK_ATTC_G 16
 #define DSK_ATTC_WARPS 8
-#define DSK_ATTC_TILE 32
+#define DSK_ATTC_TILE 16
 #define DSK_ATTC_HD 512
 #define DSK_ATTC_LD 520
 #define DSK_ATTC_SLD (DSK_ATTC_TILE + 8)
 #define DSK_ATTC_PLD (DSK_ATTC_TILE + 4)
-// Shared memory (floats): tile [TILE][LD] | partial logits [WARPS][G][SLD] | P [G][PLD] |
-// corrections [G] | row flags [TILE] (int). Kept in step with attention_heads_tc_smem_bytes.
+// Shared memory (floats): tiles [2][TILE][LD] | partial logits [WARPS][G][SLD] | P [G][PLD] |
+// corrections [G] | row flags [2][TILE] (int). Kept in step with attention_heads_tc_smem_bytes.
 #define DSK_ATTC_SMEM_FLOATS                                                                        \
-    (DSK_ATTC_TILE * DSK_ATTC_LD + DSK_ATTC_WARPS * DSK_ATTC_G * DSK_ATTC_SLD + DSK_ATTC_G * DSK_ATTC_PLD + \
-     DSK_ATTC_G + DSK_ATTC_TILE)
+    (2 * DSK_ATTC_TILE * DSK_ATTC_LD + DSK_ATTC_WARPS * DSK_ATTC_G * DSK_ATTC_SLD +                 \
+     DSK_ATTC_G * DSK_ATTC_PLD + DSK_ATTC_G + 2 * DSK_ATTC_TILE)
+
+// cp.async wrappers. A CPU emulation defining DSK_EMU_CP_ASYNC supplies emu_cp_async /
+// emu_cp_commit / emu_cp_wait (copies land at the wait); other host builds copy at once.
+__device__ __forceinline__ void dsk_attc_cp16(float *dst, const float *src) {
+#ifdef __CUDA_ARCH__
+    const unsigned int d = static_cast<unsigned int>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+#elif defined(DSK_EMU_CP_ASYNC)
+    emu_cp_async(dst, src, 16);
+#else
+    memcpy(dst, src, 16);
+#endif
+}
+__device__ __forceinline__ void dsk_attc_cp4(float *dst, const float *src) {
+#ifdef __CUDA_ARCH__
+    const unsigned int d = static_cast<unsigned int>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src) : "memory");
+#elif defined(DSK_EMU_CP_ASYNC)
+    emu_cp_async(dst, src, 4);
+#else
+    memcpy(dst, src, 4);
+#endif
+}
+__device__ __forceinline__ void dsk_attc_commit() {
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#elif defined(DSK_EMU_CP_ASYNC)
+    emu_cp_commit();
+#endif
+}
+// Waits until at most one of this thread's groups (the newest: the next tile) is pending.
+__device__ __forceinline__ void dsk_attc_wait1() {
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+#elif defined(DSK_EMU_CP_ASYNC)
+    emu_cp_wait(1);
+#endif
+}
+
+// Fills tile buffer `buf` (and its row flags) with keys kt .. kt + TILE of the split [.., b):
+// warp w rows w, w + 8. f32 rows by cp.async (16-byte copies where the row is 16-byte aligned);
+// records decoded, masked or missing rows zeroed, with plain stores.
+__device__ __forceinline__ void dsk_attc_stage(float *buf, int *valid, const float *__restrict__ pool,
+                                               const long long *__restrict__ key_off, int kt, int b,
+                                               int fmt, int hd, int rope) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int i = 0; i < DSK_ATTC_TILE / DSK_ATTC_WARPS; ++i) {
+        const int r = warp + DSK_ATTC_WARPS * i;
+        const int k = kt + r;
+        // A negative offset marks a slot without a key: a zero row, masked out of the softmax.
+        const long long off = k < b ? key_off[k] : -1;
+        const float *kr = pool + (off >= 0 ? off : 0);
+        float *row = buf + r * DSK_ATTC_LD;
+        if (off < 0) {
+#pragma unroll
+            for (int j = 0; j < DSK_ATTC_HD / 32; ++j) row[lane + 32 * j] = 0.f;
+        } else if (fmt != DSK_KV_F32) {
+            dsk_kv_decode_row_warp(kr, fmt, hd, rope, row);  // warp-uniform branch
+        } else if ((reinterpret_cast<unsigned long long>(kr) & 15) == 0) {
+#pragma unroll
+            for (int j = 0; j < DSK_ATTC_HD / 128; ++j) dsk_attc_cp16(row + 4 * (lane + 32 * j), kr + 4 * (lane + 32 * j));
+        } else {
+#pragma unroll
+            for (int j = 0; j < DSK_ATTC_HD / 32; ++j) dsk_attc_cp4(row + lane + 32 * j, kr + lane + 32 * j);
+        }
+        if (lane == 0) valid[r] = off >= 0;
+    }
+}
+
+// A key value as an MMA operand, rounded to TF32: mma.sync reads only the top 19 bits of a .tf32
+// operand, so adding half a TF32 ulp to the bit pattern rounds to nearest (ties away from zero,
+// as cvt.rna) in one integer add where cvt.rna.tf32 takes three instructions (it also guards
+// inf/NaN, which attention rows do not hold). CUTLASS's round_half_ulp_truncate.
+__device__ __forceinline__ unsigned int dsk_attc_tf32(float x) { return __float_as_uint(x) + 0x1000u; }
+
+// Max and sum over the 16 lanes of a half warp.
+__device__ __forceinline__ float dsk_attc_half_max(float v) {
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ float dsk_attc_half_sum(float v) {
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
 
 extern "C" __global__ void __launch_bounds__(DSK_ATTC_WARPS * 32, 2) dsk_attend_partial_heads_tc(
     const float *__restrict__ pool, const float *__restrict__ q,
@@ -329,8 +418,8 @@ extern "C" __global__ void __launch_bounds__(DSK_ATTC_WARPS * 32, 2) dsk_attend_
     int splits, float scale, float *__restrict__ part, int fmt, int rope) {
     dsk_pdl_entry();
     extern __shared__ float smem[];
-    float *const tile = smem;
-    float *const slog = tile + DSK_ATTC_TILE * DSK_ATTC_LD;
+    float *const tiles = smem;
+    float *const slog = tiles + 2 * DSK_ATTC_TILE * DSK_ATTC_LD;
     float *const prob = slog + DSK_ATTC_WARPS * DSK_ATTC_G * DSK_ATTC_SLD;
     float *const corr = prob + DSK_ATTC_G * DSK_ATTC_PLD;
     int *const valid = reinterpret_cast<int *>(corr + DSK_ATTC_G);
@@ -343,6 +432,8 @@ extern "C" __global__ void __launch_bounds__(DSK_ATTC_WARPS * 32, 2) dsk_attend_
     const int per = (k1 - k0 + splits - 1) / splits;
     const int a = k0 + s * per;
     const int b = min(k1, a + per);
+    if (a < b) dsk_attc_stage(tiles, valid, pool, key_off, a, b, fmt, hd, rope);
+    dsk_attc_commit();
     // A fragments of Q (heads g, g + 8) over the warp's dims, k step ks: dims 8 ks + 2 tg, + 1.
     unsigned int qa[8][4];
     {
@@ -362,33 +453,18 @@ extern "C" __global__ void __launch_bounds__(DSK_ATTC_WARPS * 32, 2) dsk_attend_
     for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) o[j][e] = 0.f;
-    // Softmax state of heads 2 warp, 2 warp + 1 (the same in every lane of the warp).
-    float m[2] = {DSK_NEG_INF, DSK_NEG_INF}, l[2] = {0.f, 0.f};
-    for (int kt = a; kt < b; kt += DSK_ATTC_TILE) {
-        __syncthreads();  // the previous tile's readers are done
-        for (int r = warp; r < DSK_ATTC_TILE; r += DSK_ATTC_WARPS) {
-            const int k = kt + r;
-            // A negative offset marks a slot without a key: a zero row, masked out below.
-            const long long off = k < b ? key_off[k] : -1;
-            const float *kr = pool + (off >= 0 ? off : 0);
-            float *row = tile + r * DSK_ATTC_LD;
-            if (fmt == DSK_KV_F32 || off < 0) {
-                float v[DSK_ATTC_HD / 32];
-#pragma unroll
-                for (int j = 0; j < DSK_ATTC_HD / 32; ++j) v[j] = off >= 0 ? kr[lane + 32 * j] : 0.f;
-#pragma unroll
-                for (int j = 0; j < DSK_ATTC_HD / 32; ++j)
-                    row[lane + 32 * j] = __uint_as_float(dsk_f32_to_tf32(v[j]));
-            } else {
-                // A stored record (warp-uniform branch), decoded, then rounded in place.
-                dsk_kv_decode_row_warp(kr, fmt, hd, rope, row);
-                __syncwarp();
-#pragma unroll
-                for (int j = 0; j < DSK_ATTC_HD / 32; ++j)
-                    row[lane + 32 * j] = __uint_as_float(dsk_f32_to_tf32(row[lane + 32 * j]));
-            }
-            if (lane == 0) valid[r] = off >= 0;
-        }
+    // Softmax state of head 2 warp + (lane >> 4) (the same in the 16 lanes of a half warp).
+    const int hs = 2 * warp + (lane >> 4), key = lane & 15;
+    float m = DSK_NEG_INF, l = 0.f;
+    for (int kt = a, cur = 0; kt < b; kt += DSK_ATTC_TILE, cur ^= 1) {
+        float *const tile = tiles + cur * DSK_ATTC_TILE * DSK_ATTC_LD;
+        const int *const vcur = valid + cur * DSK_ATTC_TILE;
+        __syncthreads();  // the other buffer's readers (the previous tile) are done
+        if (kt + DSK_ATTC_TILE < b)
+            dsk_attc_stage(tiles + (cur ^ 1) * DSK_ATTC_TILE * DSK_ATTC_LD, valid + (cur ^ 1) * DSK_ATTC_TILE,
+                           pool, key_off, kt + DSK_ATTC_TILE, b, fmt, hd, rope);
+        dsk_attc_commit();  // (possibly empty: the wait below counts groups)
+        dsk_attc_wait1();   // this tile's copies have landed
         __syncthreads();
         // Partial logits over the warp's dims: key n tile j = keys 8 j .. 8 j + 7.
 #pragma unroll
@@ -398,8 +474,8 @@ extern "C" __global__ void __launch_bounds__(DSK_ATTC_WARPS * 32, 2) dsk_attend_
 #pragma unroll
             for (int ks = 0; ks < 8; ++ks) {
                 const float2 kv = *reinterpret_cast<const float2 *>(kr + 8 * ks);
-                dsk_mma_tf32_m16n8k8(sc, qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3], __float_as_uint(kv.x),
-                                     __float_as_uint(kv.y));
+                dsk_mma_tf32_m16n8k8(sc, qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3], dsk_attc_tf32(kv.x),
+                                     dsk_attc_tf32(kv.y));
             }
             float *sl = slog + (warp * DSK_ATTC_G + g) * DSK_ATTC_SLD + 8 * j + 2 * tg;
             *reinterpret_cast<float2 *>(sl) = make_float2(sc[0], sc[1]);
@@ -407,24 +483,20 @@ extern "C" __global__ void __launch_bounds__(DSK_ATTC_WARPS * 32, 2) dsk_attend_
         }
         __syncthreads();
         {
-            const bool ok = valid[lane] != 0;
+            const bool ok = vcur[key] != 0;
+            float d = 0.f;
 #pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int h = 2 * warp + hh;
-                float d = 0.f;
-#pragma unroll
-                for (int w = 0; w < DSK_ATTC_WARPS; ++w) d += slog[(w * DSK_ATTC_G + h) * DSK_ATTC_SLD + lane];
-                const float lg = ok ? d * scale : DSK_NEG_INF;
-                const float cm = dsk_warp_max(lg);
-                const float mn = fmaxf(m[hh], cm);
-                // A tile without a valid key leaves m = -inf: no expf(-inf - -inf).
-                const float c = mn == DSK_NEG_INF ? 1.f : expf(m[hh] - mn);  // 0 on the first key
-                const float p = ok ? __uint_as_float(dsk_f32_to_tf32(expf(lg - mn))) : 0.f;
-                l[hh] = fmaf(l[hh], c, dsk_warp_sum(p));
-                m[hh] = mn;
-                prob[h * DSK_ATTC_PLD + lane] = p;
-                if (lane == 0) corr[h] = c;
-            }
+            for (int w = 0; w < DSK_ATTC_WARPS; ++w) d += slog[(w * DSK_ATTC_G + hs) * DSK_ATTC_SLD + key];
+            const float lg = ok ? d * scale : DSK_NEG_INF;
+            const float cm = dsk_attc_half_max(lg);
+            const float mn = fmaxf(m, cm);
+            // A tile without a valid key leaves m = -inf: no expf(-inf - -inf).
+            const float c = mn == DSK_NEG_INF ? 1.f : expf(m - mn);  // 0 on the first key
+            const float p = ok ? __uint_as_float(dsk_f32_to_tf32(expf(lg - mn))) : 0.f;
+            l = fmaf(l, c, dsk_attc_half_sum(p));
+            m = mn;
+            prob[hs * DSK_ATTC_PLD + key] = p;
+            if (key == 0) corr[hs] = c;
         }
         __syncthreads();
         {
@@ -446,16 +518,13 @@ extern "C" __global__ void __launch_bounds__(DSK_ATTC_WARPS * 32, 2) dsk_attend_
             const float *v1 = v0 + 4 * DSK_ATTC_LD;
 #pragma unroll
             for (int j = 0; j < 8; ++j)
-                dsk_mma_tf32_m16n8k8(o[j], a0, a1, a2, a3, __float_as_uint(v0[8 * j]), __float_as_uint(v1[8 * j]));
+                dsk_mma_tf32_m16n8k8(o[j], a0, a1, a2, a3, dsk_attc_tf32(v0[8 * j]), dsk_attc_tf32(v1[8 * j]));
         }
     }
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-        float *out = part + (((long long)t * heads + hb + 2 * warp + hh) * splits + s) * (hd + 2);
-        if (lane == 0) {
-            out[0] = m[hh];
-            out[1] = l[hh];
-        }
+    if (key == 0) {
+        float *out = part + (((long long)t * heads + hb + hs) * splits + s) * (hd + 2);
+        out[0] = m;
+        out[1] = l;
     }
     float *o0 = part + (((long long)t * heads + hb + g) * splits + s) * (hd + 2) + 2 + dw + 2 * tg;
     float *o1 = o0 + 8LL * splits * (hd + 2);

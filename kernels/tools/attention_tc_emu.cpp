@@ -17,6 +17,7 @@
 // bringing it to the f64 record's max. About a minute on two cores:
 //   g++ -std=c++20 -O2 -pthread -w -I kernels/tools kernels/tools/attention_tc_emu.cpp -o /tmp/attc_emu && /tmp/attc_emu
 #include "emu.h"
+#include <deque>
 
 #undef __shared__
 #undef __launch_bounds__
@@ -24,11 +25,29 @@
 #define __shared__
 // Dynamic shared memory of the block that runs; the other kernels' static shared arrays become
 // per-thread locals (those kernels are not run here, the merge is done on the host).
-float smem[32 * 520 + 8 * 16 * 40 + 16 * 36 + 16 + 32];
+float smem[2 * 16 * 520 + 8 * 16 * 24 + 16 * 20 + 16 + 2 * 16];
 float dsk_atth_smem[16 * 512 + 16];
 float sq[1];
 
 inline void dsk_pdl_entry() {}
+// cp.async: per thread a list of committed groups and the open one; the destination is poisoned
+// (NaN) at issue and the data lands only when cp.async.wait_group requires it, so a read before
+// its wait shows.
+#define DSK_EMU_CP_ASYNC
+struct EmuCopy { void *dst; const void *src; int n; };
+thread_local std::deque<std::vector<EmuCopy>> t_groups;
+thread_local std::vector<EmuCopy> t_open;
+inline void emu_cp_async(void *dst, const void *src, int n) {
+    memset(dst, 0xff, n);
+    t_open.push_back({dst, src, n});
+}
+inline void emu_cp_commit() { t_groups.push_back(std::move(t_open)); t_open.clear(); }
+inline void emu_cp_wait(int pending) {
+    while ((int)t_groups.size() > pending) {
+        for (auto &c : t_groups.front()) memcpy(c.dst, c.src, c.n);
+        t_groups.pop_front();
+    }
+}
 inline float __shfl_xor_sync(unsigned, float v, int o) {
     g_shfl[threadIdx.x] = v;
     g_warp_bar->arrive_and_wait();

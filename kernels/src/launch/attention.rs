@@ -288,19 +288,20 @@ pub fn check_attention_heads(a: &PagedAttention) -> Result<(), KernelError> {
 /// warps split the 512 dims eight ways (V4-Flash's latent rows).
 pub const ATTENTION_TC_HEAD_DIM: usize = 512;
 /// Key rows the tensor-core attention kernel stages at a time (`DSK_ATTC_TILE`).
-const ATTENTION_TC_TILE: usize = 32;
-/// Row stride in floats of its key tile (`DSK_ATTC_LD`: 8 mod 32, conflict-free fragment loads).
+const ATTENTION_TC_TILE: usize = 16;
+/// Row stride in floats of its key tiles (`DSK_ATTC_LD`: 8 mod 32, conflict-free fragment loads).
 const ATTENTION_TC_LD: usize = 520;
 
-/// Dynamic shared memory of the tensor-core attention block (`DSK_ATTC_SMEM_FLOATS`): the key
-/// tile `[32][520]`, the 8 warps' partial logits `[8][16][40]`, probabilities `[16][36]`, 16
-/// corrections and 32 row flags: 87.4 KB, an opt-in above the default 48 KB.
+/// Dynamic shared memory of the tensor-core attention block (`DSK_ATTC_SMEM_FLOATS`): two key
+/// tiles `[16][520]` (one computed on while cp.async fills the other), the 8 warps' partial
+/// logits `[8][16][24]`, probabilities `[16][20]`, 16 corrections and 2 x 16 row flags: 78.4 KB,
+/// an opt-in above the default 48 KB; two blocks fit an H200 SM.
 pub fn attention_heads_tc_smem_bytes() -> usize {
-    (ATTENTION_TC_TILE * ATTENTION_TC_LD
+    (2 * ATTENTION_TC_TILE * ATTENTION_TC_LD
         + 8 * ATTENTION_HEAD_GROUP * (ATTENTION_TC_TILE + 8)
         + ATTENTION_HEAD_GROUP * (ATTENTION_TC_TILE + 4)
         + ATTENTION_HEAD_GROUP
-        + ATTENTION_TC_TILE)
+        + 2 * ATTENTION_TC_TILE)
         * 4
 }
 
@@ -1271,8 +1272,8 @@ mod tests {
                 "{bad:?} accepted with {optin} bytes"
             );
         }
-        // The kernel's layout (attention.cu DSK_ATTC_SMEM_FLOATS): 22384 floats.
-        assert_eq!(attention_heads_tc_smem_bytes(), 22384 * 4);
+        // The kernel's layout (attention.cu DSK_ATTC_SMEM_FLOATS): 20080 floats.
+        assert_eq!(attention_heads_tc_smem_bytes(), 20080 * 4);
         // Two blocks an SM on an H200 (228 KB an SM, 1 KB reserved per block).
         assert!(2 * (attention_heads_tc_smem_bytes() + 1024) <= 228 * 1024);
     }
