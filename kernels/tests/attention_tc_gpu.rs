@@ -423,6 +423,8 @@ fn attention_tc_timing_print() {
             inverse_rope: None,
         };
         let flops = (tokens * heads * keys * hd * 4) as f64;
+        // Key row bytes the blocks read (from L2 mostly): every 16-head block reads its token's rows.
+        let row_bytes = (tokens * heads.div_ceil(16) * keys * hd * 4) as f64;
         let reps = if tokens > 1 { 5 } else { 200 };
         for (what, tc) in [("f32 heads", false), ("tensor cores", true)] {
             let launch = || {
@@ -455,8 +457,9 @@ fn attention_tc_timing_print() {
             let us = f64::from(start.elapsed_ms(&end).unwrap()) * 1000.0 / reps as f64;
             eprintln!(
                 "attention T{tokens} H{heads} keys {keys} splits {splits} {what:>12}: {us:10.1} us \
-                 (pass 1 + merge) {:6.1} TFLOPS",
-                flops / us * 1e-6
+                 (pass 1 + merge) {:6.1} TFLOPS, key rows {:6.0} GB/s",
+                flops / us * 1e-6,
+                row_bytes / us * 1e-3
             );
         }
     }

@@ -1,6 +1,9 @@
 // CPU emulation of attention.cu's tensor-core split-KV pass 1 (dsk_attend_partial_heads_tc; one
 // std::thread per CUDA thread, barriers for __syncthreads, the warps' shuffles and MMAs, the MMA
-// from the PTX fragment layout in emu.h), merged on the host exactly as dsk_attend_combine_f32
+// from the PTX fragment layout in emu.h, operands truncated to their top 19 bits as the tensor
+// cores read them; cp.async copies land only at the cp.async.wait_group that requires them, the
+// destination NaN until then, so a tile read before its wait fails the checks), merged on the
+// host exactly as dsk_attend_combine_f32
 // merges (f32, split order), against an f64 reference (softmax with the head's sink in the
 // denominator) and against the f32 head-grouped kernel (dsk_attend_partial_heads_f32) emulated on
 // the same inputs. Cases: V4-Flash's 64 heads x 512 over ~640-key lists with -1 slots and several
