@@ -1,5 +1,5 @@
 //! GPU checks of split-KV attention with pass 1 on the TF32 tensor cores
-//! (`paged_attention_heads_tc`) against the f32 head-grouped kernel (`paged_attention_heads`,
+//! (`paged_attention_heads_tc`, both forms: 16 and 32 heads a block) against the f32 head-grouped kernel (`paged_attention_heads`,
 //! same workspace and merge) and an f64 host reference (softmax with the head's sink in the
 //! denominator), at DeepSeek-V4-Flash's shapes: 64 heads (TP=1) and 32 (TP=2) of 512 over one
 //! shared key row per key, several tokens with different key counts in one launch, one split and
@@ -17,7 +17,9 @@
 //! 5e-3, where the emulation measured 4e-4.
 
 use cudarc::driver::sys::CUevent_flags;
-use dspark_kernels::launch::attention::{check_attention_heads_tc, ATTENTION_TC_HEAD_DIM};
+use dspark_kernels::launch::attention::{
+    attention_tc_form, check_attention_heads_tc, AttentionTcForm, ATTENTION_TC_HEAD_DIM,
+};
 use dspark_kernels::{
     attention_splits, attention_workspace_floats, KernelError, KvRowFormat, PagedAttention,
 };
@@ -211,17 +213,16 @@ fn call(g: &Gpu, c: &Case, b: &Bufs, splits: usize, scale: f32) -> PagedAttentio
     }
 }
 
-/// Runs one attention path (tensor cores or the f32 head-grouped kernel) over `c`.
-fn run(g: &Gpu, c: &Case, splits: usize, scale: f32, tensor_cores: bool) -> Vec<f32> {
+/// Runs one attention path (the tensor cores in `form`, or the f32 head-grouped kernel) over `c`.
+fn run(g: &Gpu, c: &Case, splits: usize, scale: f32, form: Option<AttentionTcForm>) -> Vec<f32> {
     let b = upload(g, c, splits);
     let a = call(g, c, &b, splits, scale);
     // SAFETY: every buffer holds the shape `a` names; every key offset leaves a row of the
     // case's format in the pool.
     unsafe {
-        if tensor_cores {
-            g.k.paged_attention_heads_tc(&g.s, &a)
-        } else {
-            g.k.paged_attention_heads(&g.s, &a)
+        match form {
+            Some(form) => g.k.paged_attention_heads_tc_form(&g.s, &a, form),
+            None => g.k.paged_attention_heads(&g.s, &a),
         }
     }
     .unwrap();
@@ -263,9 +264,16 @@ fn check(g: &Gpu, c: &Case, what: &str) {
     let (want, bounds) = c.reference(scale);
     let mut split_counts = vec![1, picked];
     split_counts.dedup();
-    for splits in split_counts {
-        let tc = run(g, c, splits, scale, true);
-        let f32k: Vec<f64> = run(g, c, splits, scale, false)
+    let forms: Vec<AttentionTcForm> = [AttentionTcForm::Heads16, AttentionTcForm::Heads32]
+        .into_iter()
+        .filter(|f| c.heads.is_multiple_of(f.heads()))
+        .collect();
+    for (splits, form) in split_counts
+        .iter()
+        .flat_map(|&s| forms.iter().map(move |&f| (s, f)))
+    {
+        let tc = run(g, c, splits, scale, Some(form));
+        let f32k: Vec<f64> = run(g, c, splits, scale, None)
             .iter()
             .map(|&v| f64::from(v))
             .collect();
@@ -279,7 +287,7 @@ fn check(g: &Gpu, c: &Case, what: &str) {
             .map(|((&a, &b), &bd)| a.max(b) / bd)
             .fold(0.0, f64::max);
         eprintln!(
-            "attention_heads_tc {what}: heads={} keys={counts:?} splits={splits}: vs f64 {:.2e}, \
+            "attention_heads_tc {form:?} {what}: heads={} keys={counts:?} splits={splits}: vs f64 {:.2e}, \
              vs paged_attention_heads {:.2e}, bound {:.2e}..{:.2e} (worst err/bound {ratio:.2})",
             c.heads,
             worst(&vs_f64),
@@ -290,7 +298,7 @@ fn check(g: &Gpu, c: &Case, what: &str) {
         for (row, ((&e64, &ek), &bd)) in vs_f64.iter().zip(&vs_kernel).zip(&bounds).enumerate() {
             assert!(
                 e64 < bd && ek < bd,
-                "{what} heads={} splits={splits} (token, head) row {row}: vs f64 {e64}, vs f32 \
+                "{form:?} {what} heads={} splits={splits} (token, head) row {row}: vs f64 {e64}, vs f32 \
                  kernel {ek}, bound {bd}",
                 c.heads
             );
@@ -358,19 +366,27 @@ fn tensor_core_attention_rejects_other_head_dims() {
         format: KvRowFormat::F32,
         inverse_rope: None,
     };
-    assert!(check_attention_heads_tc(&a, g.k.smem_optin()).is_err());
+    for form in [AttentionTcForm::Heads16, AttentionTcForm::Heads32] {
+        assert!(check_attention_heads_tc(&a, form, g.k.smem_optin()).is_err());
+    }
     // SAFETY: rejected before launch, no pointer is read.
     assert!(matches!(
         unsafe { g.k.paged_attention_heads_tc(&g.s, &a) },
         Err(KernelError::InvalidLaunch { .. })
     ));
-    // V4's shape fits this device's shared memory (H200: 227 KB a block).
+    // V4's shape fits this device's shared memory in both forms (H200: 227 KB a block).
     let v4 = PagedAttention {
         heads: 64,
         head_dim: 512,
         ..a
     };
-    assert!(check_attention_heads_tc(&v4, g.k.smem_optin()).is_ok());
+    for form in [AttentionTcForm::Heads16, AttentionTcForm::Heads32] {
+        assert!(check_attention_heads_tc(&v4, form, g.k.smem_optin()).is_ok());
+    }
+    assert_eq!(
+        attention_tc_form(64, g.k.smem_optin()),
+        AttentionTcForm::Heads32
+    );
 }
 
 /// Prints the time of both pass-1 kernels (+ the shared merge) at prefill and decode shapes:
@@ -423,22 +439,26 @@ fn attention_tc_timing_print() {
             inverse_rope: None,
         };
         let flops = (tokens * heads * keys * hd * 4) as f64;
-        // Key row bytes the blocks read (from L2 mostly): every 16-head block reads its token's rows.
-        let row_bytes = (tokens * heads.div_ceil(16) * keys * hd * 4) as f64;
         let reps = if tokens > 1 { 5 } else { 200 };
-        for (what, tc) in [("f32 heads", false), ("tensor cores", true)] {
+        for (what, form) in [
+            ("f32 heads", None),
+            ("TC 16 heads", Some(AttentionTcForm::Heads16)),
+            ("TC 32 heads", Some(AttentionTcForm::Heads32)),
+        ] {
             let launch = || {
                 // SAFETY: the buffers above hold the shapes `a` names; every offset leaves a
                 // row in the pool.
                 unsafe {
-                    if tc {
-                        g.k.paged_attention_heads_tc(&g.s, &a)
-                    } else {
-                        g.k.paged_attention_heads(&g.s, &a)
+                    match form {
+                        Some(form) => g.k.paged_attention_heads_tc_form(&g.s, &a, form),
+                        None => g.k.paged_attention_heads(&g.s, &a),
                     }
                 }
                 .unwrap();
             };
+            // Key row bytes the blocks read (from L2 mostly): each block reads its token's rows.
+            let group = form.map_or(16, AttentionTcForm::heads);
+            let row_bytes = (tokens * (heads / group) * keys * hd * 4) as f64;
             launch();
             g.s.synchronize().unwrap();
             let ev = || {
@@ -456,7 +476,7 @@ fn attention_tc_timing_print() {
             g.s.synchronize().unwrap();
             let us = f64::from(start.elapsed_ms(&end).unwrap()) * 1000.0 / reps as f64;
             eprintln!(
-                "attention T{tokens} H{heads} keys {keys} splits {splits} {what:>12}: {us:10.1} us \
+                "attention T{tokens} H{heads} keys {keys} splits {splits} {what:>11}: {us:10.1} us \
                  (pass 1 + merge) {:6.1} TFLOPS, key rows {:6.0} GB/s",
                 flops / us * 1e-6,
                 row_bytes / us * 1e-3

@@ -28,7 +28,8 @@
 #define __shared__
 // Dynamic shared memory of the block that runs; the other kernels' static shared arrays become
 // per-thread locals (those kernels are not run here, the merge is done on the host).
-float smem[2 * 16 * 520 + 8 * 16 * 24 + 16 * 20 + 16 + 2 * 16];
+// (the larger form's: 32 heads).
+float smem[2 * 16 * 520 + 16 * 32 * 24 + 32 * 20 + 32 + 2 * 16];
 float dsk_atth_smem[16 * 512 + 16];
 float sq[1];
 
@@ -81,7 +82,7 @@ inline unsigned __float_as_uint(float f) { return emu_float_bits(f); }
 
 #include "../attention.cu"
 
-static_assert(sizeof smem / sizeof(float) == DSK_ATTC_SMEM_FLOATS, "smem sized as the kernel's layout");
+static_assert(sizeof smem / sizeof(float) == DSK_ATTC_SMEM_FLOATS(32), "smem sized as the kernel's layout");
 
 // emu.h's launch covers grid x and y; this one adds z (the token).
 template <class F> void launch3(D3 grid, unsigned threads, F f) {
@@ -125,8 +126,9 @@ static const double U = 1.0 / 2048;  // TF32 unit roundoff
 // One launch: tokens with the given key counts, every `hole`-th key (on average) a -1 slot,
 // queries times `qmag`, rows stored as `fmt` (F32, BF16 or FP8 latent with 64 rope dims).
 // `vs_f32` also runs the f32 head-grouped kernel on the same inputs.
-static void attention_case(const char *name, int heads, std::vector<int> counts, int splits, int hole, float qmag,
-                           int fmt, bool vs_f32, unsigned long long seed) {
+// `group`: the form run, 16 (dsk_attend_partial_heads_tc) or 32 heads a block (..._tc32).
+static void attention_case(const char *name, int group, int heads, std::vector<int> counts, int splits, int hole,
+                           float qmag, int fmt, bool vs_f32, unsigned long long seed) {
     const int hd = 512, rope = fmt == DSK_KV_FP8 ? 64 : 0;
     Rng rng{seed};
     const int tokens = counts.size();
@@ -178,9 +180,9 @@ static void attention_case(const char *name, int heads, std::vector<int> counts,
     const float scale = 1.f / std::sqrt((float)hd);
     const size_t plen = (size_t)tokens * heads * splits * (hd + 2);
     std::vector<float> part(plen, NAN), out((size_t)tokens * heads * hd, NAN);
-    launch3({(unsigned)splits, (unsigned)(heads / DSK_ATTC_G), (unsigned)tokens}, DSK_ATTC_WARPS * 32, [&] {
-        dsk_attend_partial_heads_tc(pool.data(), q.data(), off.data(), start.data(), heads, hd, splits, scale,
-                                    part.data(), fmt, rope);
+    launch3({(unsigned)splits, (unsigned)(heads / group), (unsigned)tokens}, (unsigned)group * 16, [&] {
+        (group == 32 ? dsk_attend_partial_heads_tc32 : dsk_attend_partial_heads_tc)(
+            pool.data(), q.data(), off.data(), start.data(), heads, hd, splits, scale, part.data(), fmt, rope);
     });
     combine(part, sinks, tokens, heads, hd, splits, out);
     std::vector<float> out32;
@@ -274,26 +276,28 @@ static void attention_case(const char *name, int heads, std::vector<int> counts,
         }
     const bool ok = bad_rows == 0 && !bad_empty && !nan_seen;
     fails += !ok;
-    printf("%s %-26s heads %2d fmt %d splits %d tokens %d: output err %.2e, record err %.2e (bound %.2e, worst "
+    printf("%s G%d %-24s heads %2d fmt %d splits %d tokens %d: output err %.2e, record err %.2e (bound %.2e, worst "
            "err/bound %.2f)",
-           ok ? "OK  " : "FAIL", name, heads, fmt, splits, tokens, worst_out, worst_rec, max_bound, worst_ratio);
+           ok ? "OK  " : "FAIL", group, name, heads, fmt, splits, tokens, worst_out, worst_rec, max_bound, worst_ratio);
     if (vs_f32) printf(", vs f32 kernel %.2e", worst_vs32);
     printf(", %d empty split records%s%s\n", empty, bad_empty ? " (NOT ZERO)" : "", nan_seen ? " NaN/inf" : "");
     fflush(stdout);
 }
 
 int main() {
-    // Edges: one head group; tokens with 1, 0, 33 (a partial second tile), 70 keys, -1 slots,
-    // more splits than some tokens have keys (empty splits); an all-masked token.
-    attention_case("edges, holes", 16, {1, 0, 33, 70}, 4, 3, 1.f, DSK_KV_F32, true, 1);
-    attention_case("all keys masked", 16, {5, 40}, 2, 1, 1.f, DSK_KV_F32, false, 2);
-    // V4-Flash at TP=1: 64 heads, ~640-key lists (window + compressed rows), -1 slots, splits.
-    attention_case("V4 64 heads, 640 keys", 64, {640, 611}, 3, 9, 1.f, DSK_KV_F32, true, 3);
-    // Sharp logits: queries x 8 (logits of several units; TF32's logit error grows with |q||k|).
-    attention_case("sharp logits", 16, {640}, 2, 11, 8.f, DSK_KV_F32, false, 4);
-    // Stored latent records, decoded as they are staged.
-    attention_case("BF16 records", 16, {200, 77}, 2, 6, 1.f, DSK_KV_BF16, false, 5);
-    attention_case("FP8 records", 16, {200}, 3, 6, 1.f, DSK_KV_FP8, false, 6);
+    for (int G : {16, 32}) {
+        // Edges: tokens with 1, 0, 33 (a partial third tile), 70 keys, -1 slots, more splits than
+        // some tokens have keys (empty splits); an all-masked token.
+        attention_case("edges, holes", G, 32, {1, 0, 33, 70}, 4, 3, 1.f, DSK_KV_F32, true, 1);
+        attention_case("all keys masked", G, 32, {5, 40}, 2, 1, 1.f, DSK_KV_F32, false, 2);
+        // V4-Flash at TP=1: 64 heads, ~640-key lists (window + compressed rows), -1 slots, splits.
+        attention_case("V4 64 heads, 640 keys", G, 64, {640, 611}, 3, 9, 1.f, DSK_KV_F32, true, 3);
+        // Sharp logits: queries x 8 (logits of several units; TF32's logit error grows with |q||k|).
+        attention_case("sharp logits", G, 32, {640}, 2, 11, 8.f, DSK_KV_F32, false, 4);
+        // Stored latent records, decoded as they are staged.
+        attention_case("BF16 records", G, 32, {200, 77}, 2, 6, 1.f, DSK_KV_BF16, false, 5);
+        attention_case("FP8 records", G, 32, {200}, 3, 6, 1.f, DSK_KV_FP8, false, 6);
+    }
     printf(fails ? "FAILURES %d\n" : "ALL OK\n", fails);
     return fails != 0;
 }
