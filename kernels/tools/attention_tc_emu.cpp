@@ -1,14 +1,15 @@
-// CPU emulation of attention.cu's tensor-core split-KV pass 1 (dsk_attend_partial_heads_tc; one
-// std::thread per CUDA thread, barriers for __syncthreads, the warps' shuffles and MMAs, the MMA
+// CPU emulation of attention.cu's tensor-core split-KV pass 1, both forms
+// (dsk_attend_partial_heads_tc, 16 heads a block; dsk_attend_partial_heads_tc32, 32), one
+// std::thread per CUDA thread, barriers for __syncthreads, the warps' shuffles and MMAs (the MMA
 // from the PTX fragment layout in emu.h, operands truncated to their top 19 bits as the tensor
-// cores read them; cp.async copies land only at the cp.async.wait_group that requires them, the
-// destination NaN until then, so a tile read before its wait fails the checks), merged on the
-// host exactly as dsk_attend_combine_f32
-// merges (f32, split order), against an f64 reference (softmax with the head's sink in the
-// denominator) and against the f32 head-grouped kernel (dsk_attend_partial_heads_f32) emulated on
-// the same inputs. Cases: V4-Flash's 64 heads x 512 over ~640-key lists with -1 slots and several
-// splits, several tokens with different key counts (0, 1, partial tiles) in one launch, empty
-// splits, an all-masked token, sharp logits (q x 8), and BF16 / FP8 latent records.
+// cores read them); cp.async copies land only at the cp.async.wait_group that requires them, the
+// destination NaN until then, so a tile read before its wait fails the checks. The records are
+// merged on the host exactly as dsk_attend_combine_f32 merges (f32, split order) and compared with
+// an f64 reference (softmax with the head's sink in the denominator) and with the f32
+// head-grouped kernel (dsk_attend_partial_heads_f32) emulated on the same inputs. Cases: V4-Flash's
+// 64 heads x 512 over ~640-key lists with -1 slots, several splits and one (a prefill chunk's),
+// several tokens with different key counts (0, 1, partial tiles) in one launch, empty splits, an
+// all-masked token, sharp logits (q x 8), and BF16 / FP8 latent records.
 // Bound (per (token, head) row, max |got - want| / max |want|): TF32 rounds Q, K = V and P to
 // 10-bit mantissas (unit roundoff u = 2^-11, round to nearest), f32 accumulation. A value is off
 // by up to u, a probability by u from its own rounding and relatively by twice its logit's error
@@ -17,7 +18,7 @@
 // over the row's keys), where the worst case 2 u scale sum_i |q_i k_i| is ~20x that at 512 dims
 // and would let real bugs through. Bound: 4 u + 16 E (8 sigmas of the logit term) + 1e-5 of f32
 // accumulation, per row; each split's record (max, sum, acc) is checked against it too after
-// bringing it to the f64 record's max. About a minute on two cores:
+// bringing it to the f64 record's max. About 2.5 minutes on two cores:
 //   g++ -std=c++20 -O2 -pthread -w -I kernels/tools kernels/tools/attention_tc_emu.cpp -o /tmp/attc_emu && /tmp/attc_emu
 #include "emu.h"
 #include <deque>
@@ -292,6 +293,8 @@ int main() {
         attention_case("all keys masked", G, 32, {5, 40}, 2, 1, 1.f, DSK_KV_F32, false, 2);
         // V4-Flash at TP=1: 64 heads, ~640-key lists (window + compressed rows), -1 slots, splits.
         attention_case("V4 64 heads, 640 keys", G, 64, {640, 611}, 3, 9, 1.f, DSK_KV_F32, true, 3);
+        // A prefill chunk's split count (attention_splits gives 1 at thousands of tokens).
+        attention_case("prefill, 1 split", G, 64, {640, 129}, 1, 13, 1.f, DSK_KV_F32, false, 7);
         // Sharp logits: queries x 8 (logits of several units; TF32's logit error grows with |q||k|).
         attention_case("sharp logits", G, 32, {640}, 2, 11, 8.f, DSK_KV_F32, false, 4);
         // Stored latent records, decoded as they are staged.
