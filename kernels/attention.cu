@@ -288,6 +288,305 @@ extern "C" __global__ void __launch_bounds__(DSK_ATTH_WARPS * 32, 2) dsk_attend_
     }
 }
 
+// Split-KV attention, pass 1, on the TF32 tensor cores (mma.sync m16n8k8, f32 accumulate, sm_80+)
+// for multi-query attention at head_dim 512: the same arguments and (max, sum, acc[hd]) records
+// as dsk_attend_partial_heads_f32, so dsk_attend_combine_f32 merges them unchanged. Grid (split s,
+// group of G heads, token t); two forms: dsk_attend_partial_heads_tc, G = 16 with 8 warps (78.4 KB
+// of shared memory, two blocks an H200 SM, fits sm_121), and dsk_attend_partial_heads_tc32,
+// G = 32 with 16 warps (115.8 KB, one block an SM), which reads each key row from L2 once per
+// 32 heads instead of 16. With W = G / 2 warps, a warp covers D = 512 / W dims (64 or 32). Key
+// rows come in tiles of DSK_ATTC_TILE, double buffered in dynamic shared memory: the next tile's
+// rows are copied with cp.async while the block computes on this one (f32 rows; stored records
+// are decoded into the buffer as it is filled, and a masked or missing row is zeros with its flag
+// clear). Per tile:
+// - logits S = Q K^T, heads as M (G / 16 m tiles), keys as N: warp w takes dims D w .. D w + D - 1
+//   as its K slice (its Q fragments, 32 registers, stay in registers for the whole block) over
+//   every key of the tile and writes its partial S; the W partials are summed in shared memory;
+// - online softmax of the tile per head as the f32 kernel's (masked keys -inf, m = -inf stays
+//   until a valid key, an empty split writes sum 0): warp w for heads 2 w (lanes 0..15, lane =
+//   key) and 2 w + 1 (lanes 16..31); the probabilities are rounded to TF32 before they are summed
+//   into l, so numerator and denominator weigh a key alike;
+// - O += P V, heads as M, dims as N: warp w owns dims D w .. D w + D - 1 of all G heads (32
+//   accumulators a thread), rescaled by the tile's correction first.
+// A warp reads only its own D dims of the tile in both products. Key values are rounded to TF32
+// as fragments are loaded (dsk_attc_tf32). In S, k index tg of a k step is dim 2 tg and tg + 4 is
+// dim 2 tg + 1 (A and B alike, so the sum is the same), which makes B one float2 load. Row strides
+// keep every fragment load free of bank conflicts: DSK_ATTC_LD = 520 (8 mod 32) for the tile (S:
+// float2 at 8 g + 2 tg; PV: 8 tg + g), DSK_ATTC_SLD = 24 for the partial logits (float2 stores),
+// DSK_ATTC_PLD = 20 for P (20 g + tg).
+// TF32 operands (10-bit mantissas, rounded to nearest) put each product within ~2^-10 of its
+// value; accumulation is f32.
+#define DSK_ATTC_TILE 16
+#define DSK_ATTC_HD 512
+#define DSK_ATTC_LD 520
+#define DSK_ATTC_SLD (DSK_ATTC_TILE + 8)
+#define DSK_ATTC_PLD (DSK_ATTC_TILE + 4)
+// Shared memory (floats) of the G-head form: tiles [2][TILE][LD] | partial logits [G/2][G][SLD] |
+// P [G][PLD] | corrections [G] | row flags [2][TILE] (int). Kept in step with
+// attention_heads_tc_smem_bytes.
+#define DSK_ATTC_SMEM_FLOATS(G)                                                                     \
+    (2 * DSK_ATTC_TILE * DSK_ATTC_LD + ((G) / 2) * (G) * DSK_ATTC_SLD + (G) * DSK_ATTC_PLD + (G) +  \
+     2 * DSK_ATTC_TILE)
+
+// cp.async wrappers. A CPU emulation defining DSK_EMU_CP_ASYNC supplies emu_cp_async /
+// emu_cp_commit / emu_cp_wait (copies land at the wait); other host builds copy at once.
+__device__ __forceinline__ void dsk_attc_cp16(float *dst, const float *src) {
+#ifdef __CUDA_ARCH__
+    const unsigned int d = static_cast<unsigned int>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+#elif defined(DSK_EMU_CP_ASYNC)
+    emu_cp_async(dst, src, 16);
+#else
+    memcpy(dst, src, 16);
+#endif
+}
+__device__ __forceinline__ void dsk_attc_cp4(float *dst, const float *src) {
+#ifdef __CUDA_ARCH__
+    const unsigned int d = static_cast<unsigned int>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src) : "memory");
+#elif defined(DSK_EMU_CP_ASYNC)
+    emu_cp_async(dst, src, 4);
+#else
+    memcpy(dst, src, 4);
+#endif
+}
+__device__ __forceinline__ void dsk_attc_commit() {
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#elif defined(DSK_EMU_CP_ASYNC)
+    emu_cp_commit();
+#endif
+}
+// Waits until at most one of this thread's groups (the newest: the next tile) is pending.
+__device__ __forceinline__ void dsk_attc_wait1() {
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+#elif defined(DSK_EMU_CP_ASYNC)
+    emu_cp_wait(1);
+#endif
+}
+
+// Fills tile buffer `buf` (and its row flags) with keys kt .. kt + TILE of the split [.., b):
+// warp w rows w, w + W, ... f32 rows by cp.async (16-byte copies where the row is 16-byte aligned);
+// records decoded, masked or missing rows zeroed, with plain stores.
+template <int W>
+__device__ __forceinline__ void dsk_attc_stage(float *buf, int *valid, const float *__restrict__ pool,
+                                               const long long *__restrict__ key_off, int kt, int b,
+                                               int fmt, int hd, int rope) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int i = 0; i < DSK_ATTC_TILE / W; ++i) {
+        const int r = warp + W * i;
+        const int k = kt + r;
+        // A negative offset marks a slot without a key: a zero row, masked out of the softmax.
+        const long long off = k < b ? key_off[k] : -1;
+        const float *kr = pool + (off >= 0 ? off : 0);
+        float *row = buf + r * DSK_ATTC_LD;
+        if (off < 0) {
+#pragma unroll
+            for (int j = 0; j < DSK_ATTC_HD / 32; ++j) row[lane + 32 * j] = 0.f;
+        } else if (fmt != DSK_KV_F32) {
+            dsk_kv_decode_row_warp(kr, fmt, hd, rope, row);  // warp-uniform branch
+        } else if ((reinterpret_cast<unsigned long long>(kr) & 15) == 0) {
+#pragma unroll
+            for (int j = 0; j < DSK_ATTC_HD / 128; ++j) dsk_attc_cp16(row + 4 * (lane + 32 * j), kr + 4 * (lane + 32 * j));
+        } else {
+#pragma unroll
+            for (int j = 0; j < DSK_ATTC_HD / 32; ++j) dsk_attc_cp4(row + lane + 32 * j, kr + lane + 32 * j);
+        }
+        if (lane == 0) valid[r] = off >= 0;
+    }
+}
+
+// A key value as an MMA operand, rounded to TF32: mma.sync reads only the top 19 bits of a .tf32
+// operand, so adding half a TF32 ulp to the bit pattern rounds to nearest (ties away from zero,
+// as cvt.rna) in one integer add where cvt.rna.tf32 takes three instructions (it also guards
+// inf/NaN, which attention rows do not hold). CUTLASS's round_half_ulp_truncate.
+__device__ __forceinline__ unsigned int dsk_attc_tf32(float x) { return __float_as_uint(x) + 0x1000u; }
+
+// Max and sum over the 16 lanes of a half warp.
+__device__ __forceinline__ float dsk_attc_half_max(float v) {
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ float dsk_attc_half_sum(float v) {
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+template <int G>
+__device__ __forceinline__ void dsk_attend_partial_heads_tc_body(
+    const float *__restrict__ pool, const float *__restrict__ q,
+    const long long *__restrict__ key_off, const int *__restrict__ key_start, int heads, int hd,
+    int splits, float scale, float *__restrict__ part, int fmt, int rope) {
+    constexpr int MT = G / 16, W = G / 2, D = DSK_ATTC_HD / W, KS = D / 8;
+    extern __shared__ float smem[];
+    float *const tiles = smem;
+    float *const slog = tiles + 2 * DSK_ATTC_TILE * DSK_ATTC_LD;
+    float *const prob = slog + W * G * DSK_ATTC_SLD;
+    float *const corr = prob + G * DSK_ATTC_PLD;
+    int *const valid = reinterpret_cast<int *>(corr + G);
+    const int s = blockIdx.x, t = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tg = lane & 3;
+    const int hb = blockIdx.y * G;
+    const int dw = warp * D;  // this warp's dims
+    const int k0 = key_start[t], k1 = key_start[t + 1];
+    const int per = (k1 - k0 + splits - 1) / splits;
+    const int a = k0 + s * per;
+    const int b = min(k1, a + per);
+    if (a < b) dsk_attc_stage<W>(tiles, valid, pool, key_off, a, b, fmt, hd, rope);
+    dsk_attc_commit();
+    // A fragments of Q (m tile mt: heads 16 mt + g, + 8) over the warp's dims, k step ks: dims
+    // 8 ks + 2 tg, + 1.
+    unsigned int qa[MT][KS][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        const float *q0 = q + ((long long)t * heads + hb + 16 * mt + g) * hd + dw + 2 * tg;
+        const float *q1 = q0 + 8LL * hd;
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+            qa[mt][ks][0] = dsk_f32_to_tf32(q0[8 * ks]);
+            qa[mt][ks][1] = dsk_f32_to_tf32(q1[8 * ks]);
+            qa[mt][ks][2] = dsk_f32_to_tf32(q0[8 * ks + 1]);
+            qa[mt][ks][3] = dsk_f32_to_tf32(q1[8 * ks + 1]);
+        }
+    }
+    // O accumulators: m tile mt, n tile j = dims dw + 8 j ..; (g, 2 tg), (g, 2 tg + 1), (g + 8, ..).
+    float o[MT][KS][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < KS; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[mt][j][e] = 0.f;
+    // Softmax state of head 2 warp + (lane >> 4) (the same in the 16 lanes of a half warp).
+    const int hs = 2 * warp + (lane >> 4), key = lane & 15;
+    float m = DSK_NEG_INF, l = 0.f;
+    for (int kt = a, cur = 0; kt < b; kt += DSK_ATTC_TILE, cur ^= 1) {
+        float *const tile = tiles + cur * DSK_ATTC_TILE * DSK_ATTC_LD;
+        const int *const vcur = valid + cur * DSK_ATTC_TILE;
+        __syncthreads();  // the other buffer's readers (the previous tile) are done
+        if (kt + DSK_ATTC_TILE < b)
+            dsk_attc_stage<W>(tiles + (cur ^ 1) * DSK_ATTC_TILE * DSK_ATTC_LD, valid + (cur ^ 1) * DSK_ATTC_TILE,
+                              pool, key_off, kt + DSK_ATTC_TILE, b, fmt, hd, rope);
+        dsk_attc_commit();  // (possibly empty: the wait below counts groups)
+        dsk_attc_wait1();   // this tile's copies have landed
+        __syncthreads();
+        // Partial logits over the warp's dims: key n tile j = keys 8 j .. 8 j + 7.
+#pragma unroll
+        for (int j = 0; j < DSK_ATTC_TILE / 8; ++j) {
+            float sc[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) sc[mt][e] = 0.f;
+            const float *kr = tile + (8 * j + g) * DSK_ATTC_LD + dw + 2 * tg;
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks) {
+                const float2 kv = *reinterpret_cast<const float2 *>(kr + 8 * ks);
+                const unsigned int b0 = dsk_attc_tf32(kv.x), b1 = dsk_attc_tf32(kv.y);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+                    dsk_mma_tf32_m16n8k8(sc[mt], qa[mt][ks][0], qa[mt][ks][1], qa[mt][ks][2], qa[mt][ks][3], b0, b1);
+            }
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                float *sl = slog + (warp * G + 16 * mt + g) * DSK_ATTC_SLD + 8 * j + 2 * tg;
+                *reinterpret_cast<float2 *>(sl) = make_float2(sc[mt][0], sc[mt][1]);
+                *reinterpret_cast<float2 *>(sl + 8 * DSK_ATTC_SLD) = make_float2(sc[mt][2], sc[mt][3]);
+            }
+        }
+        __syncthreads();
+        {
+            const bool ok = vcur[key] != 0;
+            float d = 0.f;
+#pragma unroll
+            for (int w = 0; w < W; ++w) d += slog[(w * G + hs) * DSK_ATTC_SLD + key];
+            const float lg = ok ? d * scale : DSK_NEG_INF;
+            const float cm = dsk_attc_half_max(lg);
+            const float mn = fmaxf(m, cm);
+            // A tile without a valid key leaves m = -inf: no expf(-inf - -inf).
+            const float c = mn == DSK_NEG_INF ? 1.f : expf(m - mn);  // 0 on the first key
+            const float p = ok ? __uint_as_float(dsk_f32_to_tf32(expf(lg - mn))) : 0.f;
+            l = fmaf(l, c, dsk_attc_half_sum(p));
+            m = mn;
+            prob[hs * DSK_ATTC_PLD + key] = p;
+            if (key == 0) corr[hs] = c;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            const float c0 = corr[16 * mt + g], c1 = corr[16 * mt + g + 8];
+#pragma unroll
+            for (int j = 0; j < KS; ++j) {
+                o[mt][j][0] *= c0;
+                o[mt][j][1] *= c0;
+                o[mt][j][2] *= c1;
+                o[mt][j][3] *= c1;
+            }
+        }
+#pragma unroll
+        for (int ks = 0; ks < DSK_ATTC_TILE / 8; ++ks) {
+            unsigned int pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const float *pr = prob + (16 * mt + g) * DSK_ATTC_PLD + 8 * ks + tg;
+                pa[mt][0] = __float_as_uint(pr[0]);
+                pa[mt][1] = __float_as_uint(pr[8 * DSK_ATTC_PLD]);
+                pa[mt][2] = __float_as_uint(pr[4]);
+                pa[mt][3] = __float_as_uint(pr[8 * DSK_ATTC_PLD + 4]);
+            }
+            const float *v0 = tile + (8 * ks + tg) * DSK_ATTC_LD + dw + g;
+            const float *v1 = v0 + 4 * DSK_ATTC_LD;
+#pragma unroll
+            for (int j = 0; j < KS; ++j) {
+                const unsigned int b0 = dsk_attc_tf32(v0[8 * j]), b1 = dsk_attc_tf32(v1[8 * j]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+                    dsk_mma_tf32_m16n8k8(o[mt][j], pa[mt][0], pa[mt][1], pa[mt][2], pa[mt][3], b0, b1);
+            }
+        }
+    }
+    if (key == 0) {
+        float *out = part + (((long long)t * heads + hb + hs) * splits + s) * (hd + 2);
+        out[0] = m;
+        out[1] = l;
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        float *o0 = part + (((long long)t * heads + hb + 16 * mt + g) * splits + s) * (hd + 2) + 2 + dw + 2 * tg;
+        float *o1 = o0 + 8LL * splits * (hd + 2);
+#pragma unroll
+        for (int j = 0; j < KS; ++j) {
+            o0[8 * j] = o[mt][j][0];
+            o0[8 * j + 1] = o[mt][j][1];
+            o1[8 * j] = o[mt][j][2];
+            o1[8 * j + 1] = o[mt][j][3];
+        }
+    }
+}
+
+// 16 heads a block, 8 warps, two blocks an SM.
+extern "C" __global__ void __launch_bounds__(256, 2) dsk_attend_partial_heads_tc(
+    const float *__restrict__ pool, const float *__restrict__ q,
+    const long long *__restrict__ key_off, const int *__restrict__ key_start, int heads, int hd,
+    int splits, float scale, float *__restrict__ part, int fmt, int rope) {
+    dsk_pdl_entry();
+    dsk_attend_partial_heads_tc_body<16>(pool, q, key_off, key_start, heads, hd, splits, scale, part, fmt, rope);
+}
+
+// 32 heads a block, 16 warps, one block an SM.
+extern "C" __global__ void __launch_bounds__(512, 1) dsk_attend_partial_heads_tc32(
+    const float *__restrict__ pool, const float *__restrict__ q,
+    const long long *__restrict__ key_off, const int *__restrict__ key_start, int heads, int hd,
+    int splits, float scale, float *__restrict__ part, int fmt, int rope) {
+    dsk_pdl_entry();
+    dsk_attend_partial_heads_tc_body<32>(pool, q, key_off, key_start, heads, hd, splits, scale, part, fmt, rope);
+}
+
 // Split-KV attention, pass 2: merges the splits of (t, h) with the head's sink logit in the
 // denominator (the sink takes probability mass but contributes no value). Block (h, t, z) writes
 // dimensions z * DSK_COMBINE_DIMS .. + DSK_COMBINE_DIMS, one per thread, so a decode token's 64

@@ -665,6 +665,8 @@ pub struct Kernels {
     kv_gather: CudaFunction,
     attend_partial: CudaFunction,
     attend_partial_heads: CudaFunction,
+    attend_partial_heads_tc: CudaFunction,
+    attend_partial_heads_tc32: CudaFunction,
     attend_combine: CudaFunction,
     indexer_scores: CudaFunction,
     indexer_scores_tiled: CudaFunction,
@@ -759,6 +761,8 @@ impl Kernels {
             kv_gather: f(&attn, "dsk_kv_gather_f32")?,
             attend_partial: f(&attn, "dsk_attend_partial_f32")?,
             attend_partial_heads: f(&attn, "dsk_attend_partial_heads_f32")?,
+            attend_partial_heads_tc: f(&attn, "dsk_attend_partial_heads_tc")?,
+            attend_partial_heads_tc32: f(&attn, "dsk_attend_partial_heads_tc32")?,
             attend_combine: f(&attn, "dsk_attend_combine_f32")?,
             indexer_scores: f(&attn, "dsk_indexer_scores_f32")?,
             indexer_scores_tiled: f(&attn, "dsk_indexer_scores_tiled_f32")?,
@@ -794,6 +798,8 @@ impl Kernels {
             &kernels.indexer_scores_tiled,
             &kernels.indexer_scores_tiled16,
             &kernels.indexer_scores_mma,
+            &kernels.attend_partial_heads_tc,
+            &kernels.attend_partial_heads_tc32,
         ] {
             func.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

@@ -284,6 +284,101 @@ pub fn check_attention_heads(a: &PagedAttention) -> Result<(), KernelError> {
     Ok(())
 }
 
+/// Head dimension the tensor-core attention kernels (`dsk_attend_partial_heads_tc*`) take: their
+/// warps split the 512 dims (V4-Flash's latent rows).
+pub const ATTENTION_TC_HEAD_DIM: usize = 512;
+/// Key rows the tensor-core attention kernels stage at a time (`DSK_ATTC_TILE`).
+const ATTENTION_TC_TILE: usize = 16;
+/// Row stride in floats of their key tiles (`DSK_ATTC_LD`: 8 mod 32, conflict-free fragment loads).
+const ATTENTION_TC_LD: usize = 520;
+
+/// The two forms of the tensor-core attention pass 1: heads a block serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionTcForm {
+    /// `dsk_attend_partial_heads_tc`: 16 heads, 8 warps, 78.4 KB of shared memory (two blocks
+    /// an H200 SM; fits sm_121's 99 KB).
+    Heads16,
+    /// `dsk_attend_partial_heads_tc32`: 32 heads, 16 warps, 115.8 KB (one block an SM): each key
+    /// row is read from L2 once per 32 heads instead of 16.
+    Heads32,
+}
+
+impl AttentionTcForm {
+    /// Heads a block serves: `heads` must be a multiple of it.
+    pub fn heads(self) -> usize {
+        match self {
+            Self::Heads16 => 16,
+            Self::Heads32 => 32,
+        }
+    }
+
+    /// Threads a block (a warp per two heads).
+    pub fn threads(self) -> usize {
+        self.heads() * 16
+    }
+
+    /// Dynamic shared memory of a block (`DSK_ATTC_SMEM_FLOATS(G)`): two key tiles `[16][520]`
+    /// (one computed on while cp.async fills the other), the warps' partial logits
+    /// `[G / 2][G][24]`, probabilities `[G][20]`, G corrections and 2 x 16 row flags.
+    pub fn smem_bytes(self) -> usize {
+        let g = self.heads();
+        (2 * ATTENTION_TC_TILE * ATTENTION_TC_LD
+            + (g / 2) * g * (ATTENTION_TC_TILE + 8)
+            + g * (ATTENTION_TC_TILE + 4)
+            + g
+            + 2 * ATTENTION_TC_TILE)
+            * 4
+    }
+}
+
+/// The form [`Kernels::paged_attention_heads_tc`] runs: 32 heads a block where `heads` is a
+/// multiple of 32 and its shared memory fits the device's opt-in (`smem_optin` bytes), else 16.
+pub fn attention_tc_form(heads: usize, smem_optin: usize) -> AttentionTcForm {
+    let wide = AttentionTcForm::Heads32;
+    if heads.is_multiple_of(wide.heads()) && wide.smem_bytes() <= smem_optin {
+        wide
+    } else {
+        AttentionTcForm::Heads16
+    }
+}
+
+/// Launch-time checks of the tensor-core attention in `form` (testable without a GPU) on a device
+/// whose blocks may opt in to `smem_optin` bytes of shared memory: those of
+/// [`check_attention_heads`], `heads` a multiple of the form's, `head_dim`
+/// [`ATTENTION_TC_HEAD_DIM`], and the block's shared memory within `smem_optin`. A caller gets
+/// `KernelError::InvalidLaunch` otherwise and may fall back to `paged_attention_heads`.
+pub fn check_attention_heads_tc(
+    a: &PagedAttention,
+    form: AttentionTcForm,
+    smem_optin: usize,
+) -> Result<(), KernelError> {
+    check_attention_heads(a)?;
+    const K: &str = "attention_heads_tc";
+    if a.head_dim != ATTENTION_TC_HEAD_DIM || !a.heads.is_multiple_of(form.heads()) {
+        return Err(KernelError::invalid(
+            K,
+            format!(
+                "heads = {}, head_dim = {}: the tensor-core kernel ({form:?}) takes a multiple of \
+                 {} heads of {ATTENTION_TC_HEAD_DIM} (use paged_attention_heads)",
+                a.heads,
+                a.head_dim,
+                form.heads()
+            ),
+        ));
+    }
+    let smem = form.smem_bytes();
+    if smem > smem_optin {
+        return Err(KernelError::invalid(
+            K,
+            format!(
+                "{form:?} needs {smem} bytes of shared memory a block, the device allows \
+                 {smem_optin}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Shared memory of the indexer block: the token's queries and head weights.
 pub fn indexer_smem_bytes(heads: usize, dim: usize) -> usize {
     (heads * dim + heads) * 4
@@ -754,6 +849,61 @@ impl Kernels {
         }
     }
 
+    /// Split-KV attention with sinks as [`Self::paged_attention_heads`] (same inputs, workspace
+    /// and output), pass 1 on the TF32 tensor cores in the form [`attention_tc_form`] picks: Q,
+    /// the key rows and the probabilities are rounded to TF32 (10-bit mantissas), products summed
+    /// in f32, so outputs differ from the f32 kernels' by about 1e-3 relative (more where logits
+    /// are large: a logit's error grows with |q| |k|). Shapes it does not take (see
+    /// [`check_attention_heads_tc`]) are an `InvalidLaunch` error: the caller chooses
+    /// `paged_attention_heads` instead.
+    ///
+    /// # Safety
+    /// As [`Self::paged_attention`].
+    pub unsafe fn paged_attention_heads_tc(
+        &self,
+        stream: &CudaStream,
+        a: &PagedAttention,
+    ) -> Result<(), KernelError> {
+        let form = attention_tc_form(a.heads, self.smem_optin);
+        // SAFETY: this function's contract.
+        unsafe { self.paged_attention_heads_tc_form(stream, a, form) }
+    }
+
+    /// [`Self::paged_attention_heads_tc`] in a given form (tests, timing).
+    ///
+    /// # Safety
+    /// As [`Self::paged_attention`].
+    pub unsafe fn paged_attention_heads_tc_form(
+        &self,
+        stream: &CudaStream,
+        a: &PagedAttention,
+        form: AttentionTcForm,
+    ) -> Result<(), KernelError> {
+        check_attention_heads_tc(a, form, self.smem_optin)?;
+        const K: &str = "attention_heads_tc";
+        let partial = LaunchConfig {
+            grid_dim: (
+                u32_grid(K, a.splits)?,
+                u32_grid(K, a.heads / form.heads())?,
+                u32_grid(K, a.tokens)?,
+            ),
+            block_dim: (form.threads() as u32, 1, 1),
+            shared_mem_bytes: form.smem_bytes() as u32,
+        };
+        let func = match form {
+            AttentionTcForm::Heads16 => (
+                &self.attend_partial_heads_tc,
+                "launch attend_partial_heads_tc",
+            ),
+            AttentionTcForm::Heads32 => (
+                &self.attend_partial_heads_tc32,
+                "launch attend_partial_heads_tc32",
+            ),
+        };
+        // SAFETY: this function's contract; the shapes were checked above.
+        unsafe { self.attend(stream, a, func, partial, K) }
+    }
+
     /// Pass 1 (`partial`, either kernel: both take the same arguments) on `cfg`, then pass 2.
     ///
     /// # Safety
@@ -1115,6 +1265,92 @@ mod tests {
         assert!(!indexer_tiled_fits(64, 128, 48 * 1024));
         assert!(!indexer_tiled_fits(64, 256, usize::MAX));
         assert!(check_indexer(&IndexerScores { ratio: 3, ..i }).is_err());
+    }
+
+    #[test]
+    fn tensor_core_attention_takes_v4_shapes_only() {
+        use AttentionTcForm::{Heads16, Heads32};
+        let v4 = PagedAttention {
+            pool: 16,
+            q: 16,
+            key_offsets: 16,
+            key_starts: 16,
+            sinks: 16,
+            out: 16,
+            workspace: 16,
+            tokens: 8192,
+            heads: 64,
+            head_dim: 512,
+            splits: 1,
+            scale: 1.0,
+            format: KvRowFormat::F32,
+            inverse_rope: None,
+        };
+        // H200 (227 KB a block) takes both forms; GB10 (99 KB) the 16-head one; the default
+        // 48 KB neither.
+        let (h200, gb10) = (227 * 1024, 99 * 1024);
+        for form in [Heads16, Heads32] {
+            assert!(check_attention_heads_tc(&v4, form, h200).is_ok());
+            // TP=2's 32 heads, several splits, stored latent records.
+            let tp2 = PagedAttention {
+                heads: 32,
+                splits: 5,
+                format: KvRowFormat::Bf16,
+                ..v4
+            };
+            assert!(check_attention_heads_tc(&tp2, form, h200).is_ok());
+        }
+        assert!(check_attention_heads_tc(&v4, Heads16, gb10).is_ok());
+        let h48 = PagedAttention { heads: 48, ..v4 };
+        for (bad, form, optin) in [
+            (v4, Heads16, DEFAULT_SMEM),
+            (v4, Heads32, gb10),
+            (h48, Heads32, h200),
+            (PagedAttention { heads: 16, ..v4 }, Heads32, h200),
+            (PagedAttention { heads: 8, ..v4 }, Heads16, h200),
+            (PagedAttention { heads: 24, ..v4 }, Heads16, h200),
+            (PagedAttention { head_dim: 64, ..v4 }, Heads16, h200),
+            (
+                PagedAttention {
+                    head_dim: 256,
+                    ..v4
+                },
+                Heads32,
+                h200,
+            ),
+            (
+                PagedAttention {
+                    head_dim: 1024,
+                    ..v4
+                },
+                Heads16,
+                h200,
+            ),
+            (PagedAttention { tokens: 0, ..v4 }, Heads16, h200),
+            (PagedAttention { splits: 0, ..v4 }, Heads32, h200),
+            (PagedAttention { q: 0, ..v4 }, Heads16, h200),
+            (PagedAttention { workspace: 0, ..v4 }, Heads32, h200),
+        ] {
+            assert!(
+                matches!(
+                    check_attention_heads_tc(&bad, form, optin),
+                    Err(KernelError::InvalidLaunch { .. })
+                ),
+                "{bad:?} accepted by {form:?} with {optin} bytes"
+            );
+        }
+        // 48 heads run 16 a block on any device; 64 and 32 take 32 where it fits.
+        assert!(check_attention_heads_tc(&h48, Heads16, h200).is_ok());
+        assert_eq!(attention_tc_form(48, h200), Heads16);
+        assert_eq!(attention_tc_form(64, h200), Heads32);
+        assert_eq!(attention_tc_form(32, h200), Heads32);
+        assert_eq!(attention_tc_form(64, gb10), Heads16);
+        // The kernels' layouts (attention.cu DSK_ATTC_SMEM_FLOATS(G)).
+        assert_eq!(Heads16.smem_bytes(), 20080 * 4);
+        assert_eq!(Heads32.smem_bytes(), 29632 * 4);
+        assert_eq!((Heads16.threads(), Heads32.threads()), (256, 512));
+        // Two 16-head blocks an H200 SM (228 KB an SM, 1 KB reserved per block).
+        assert!(2 * (Heads16.smem_bytes() + 1024) <= 228 * 1024);
     }
 
     #[test]
