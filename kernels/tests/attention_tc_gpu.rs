@@ -57,29 +57,25 @@ impl Case {
         format: KvRowFormat,
     ) -> Self {
         let (rows, hd) = (4000, ATTENTION_TC_HEAD_DIM);
-        let slots = if format == KvRowFormat::Bf16 {
-            hd / 2
-        } else {
-            hd
-        };
+        // Rows are stored in `format` by the crate's encoder; the reference uses the values its
+        // decoder gives back (what the kernels see after staging).
+        let slots = format.slots(hd);
         let stride = slots + 3;
         let mut pool = vec![0f32; rows * stride + 8];
         let mut values = std::collections::HashMap::new();
         for r in 0..rows {
             let off = r * stride + 5;
-            let row: Vec<f32> = if format == KvRowFormat::Bf16 {
-                let bits = bf16_bits(rng, hd);
-                for (i, pair) in bits.chunks(2).enumerate() {
-                    pool[off + i] = f32::from_bits(u32::from(pair[0]) | (u32::from(pair[1]) << 16));
-                }
-                bits.iter()
+            let raw: Vec<f32> = if format == KvRowFormat::Bf16 {
+                bf16_bits(rng, hd)
+                    .iter()
                     .map(|&b| f32::from_bits(u32::from(b) << 16))
                     .collect()
             } else {
-                let v = rng.signed_vec(hd, 1.0);
-                pool[off..off + hd].copy_from_slice(&v);
-                v
+                rng.signed_vec(hd, 1.0)
             };
+            format.encode(&raw, &mut pool[off..off + slots]);
+            let mut row = vec![0f32; hd];
+            format.decode(&pool[off..off + slots], &mut row);
             values.insert(off, row);
         }
         let mut offsets = Vec::new();
@@ -306,6 +302,31 @@ fn check(g: &Gpu, c: &Case, what: &str) {
     }
 }
 
+/// One decoding token per launch over the short key counts of a V4 layer (a partial tile, one
+/// tile, two, a window, an 8K CSA layer's 512 + 128), both forms; small enough for racecheck.
+#[test]
+fn tensor_core_attention_short_lists_match_f32_kernel_and_f64() {
+    let Some(g) = gpu("tensor_core_attention_short_lists_match_f32_kernel_and_f64") else {
+        return;
+    };
+    let mut rng = Rng(0x7f32_5407_u64);
+    for heads in [64, 32] {
+        for keys in [1, 7, 31, 33, 128, 640] {
+            let c = Case::new(&mut rng, heads, &[keys], 0, 1.0, KvRowFormat::F32);
+            check(&g, &c, "decode");
+        }
+    }
+    let c = Case::new(
+        &mut rng,
+        64,
+        &[33, 7],
+        4,
+        1.0,
+        KvRowFormat::Fp8Latent { rope: 64 },
+    );
+    check(&g, &c, "fp8 rows, short");
+}
+
 #[test]
 fn tensor_core_attention_matches_f32_kernel_and_f64() {
     let Some(g) = gpu("tensor_core_attention_matches_f32_kernel_and_f64") else {
@@ -314,9 +335,10 @@ fn tensor_core_attention_matches_f32_kernel_and_f64() {
     let mut rng = Rng(0x7f32_a77e_u64);
     let f32r = KvRowFormat::F32;
     for heads in [64, 32] {
-        // One decoding token per launch, each key count of a V4 layer (window only up to a
-        // 1M-token HCA layer's 8192 + 128), then prefill-like launches of mixed counts.
-        for keys in [1, 7, 31, 33, 128, 640, 1400, 8320] {
+        // One decoding token per launch over the long key counts (up to a 1M-token HCA layer's
+        // 8192 + 128; the short ones have their own test), then prefill-like launches of mixed
+        // counts.
+        for keys in [1400, 8320] {
             let c = Case::new(&mut rng, heads, &[keys], 0, 1.0, f32r);
             check(&g, &c, "decode");
         }
@@ -340,6 +362,11 @@ fn tensor_core_attention_matches_f32_kernel_and_f64() {
     // Stored BF16 rows, decoded as the tile is staged.
     let c = Case::new(&mut rng, 32, &[640, 7, 1400], 6, 1.0, KvRowFormat::Bf16);
     check(&g, &c, "bf16 rows");
+    // FP8 latent records (448 e4m3 + 64 bf16 RoPE dims + scales), as `--kv-cache-dtype fp8`
+    // stores them.
+    let fp8 = KvRowFormat::Fp8Latent { rope: 64 };
+    let c = Case::new(&mut rng, 64, &[640, 7, 1400, 128], 6, 1.0, fp8);
+    check(&g, &c, "fp8 rows");
     // Every slot masked: the sink takes everything, the output is zeros.
     let c = Case::new(&mut rng, 16, &[5, 40], 1, 1.0, f32r);
     check(&g, &c, "all masked");
@@ -384,7 +411,7 @@ fn tensor_core_attention_rejects_other_head_dims() {
         assert!(check_attention_heads_tc(&v4, form, g.k.smem_optin()).is_ok());
     }
     assert_eq!(
-        attention_tc_form(64, g.k.smem_optin()),
+        attention_tc_form(64, 8192, g.k.smem_optin()),
         AttentionTcForm::Heads32
     );
 }
@@ -401,16 +428,27 @@ fn attention_tc_timing_print() {
     let scale = 1.0 / (hd as f32).sqrt();
     // (tokens, heads, keys per token): an 8K prefill chunk at TP=1 and TP=2 (a 128-key window +
     // 512 compressed rows), a 2K chunk, one decoding token over 8320 keys.
-    for (tokens, heads, keys) in [
-        (8192usize, 64usize, 640usize),
-        (8192, 32, 640),
-        (2048, 64, 640),
-        (1, 64, 8320),
+    // Decode shapes: 1/6/16 tokens over a window (128), an 8K CSA layer (512 picked + 128) and a
+    // 1M HCA layer (8192 + 128). Prefill shapes in f32 rows, decode shapes in FP8 records too.
+    let fp8 = KvRowFormat::Fp8Latent { rope: 64 };
+    for (tokens, heads, keys, format) in [
+        (8192usize, 64usize, 640usize, KvRowFormat::F32),
+        (8192, 32, 640, KvRowFormat::F32),
+        (2048, 64, 640, KvRowFormat::F32),
+        (8192, 64, 640, fp8),
+        (1, 64, 8320, KvRowFormat::F32),
+        (1, 64, 8320, fp8),
+        (1, 64, 128, fp8),
+        (1, 64, 640, fp8),
+        (6, 64, 640, fp8),
+        (16, 64, 640, fp8),
+        (16, 64, 8320, fp8),
     ] {
         let rows = 16384usize;
-        let pool = g.up(&rng.signed_vec(rows * hd, 1.0));
+        let slots = format.slots(hd);
+        let pool = g.up(&format.encode_rows(&rng.signed_vec(rows * hd, 1.0), hd));
         let offsets: Vec<i64> = (0..tokens * keys)
-            .map(|_| (rng.below(rows) * hd) as i64)
+            .map(|_| (rng.below(rows) * slots) as i64)
             .collect();
         let starts: Vec<i32> = (0..=tokens).map(|t| (t * keys) as i32).collect();
         let splits = attention_splits(keys, tokens, heads, g.k.multiprocessors());
@@ -435,11 +473,11 @@ fn attention_tc_timing_print() {
             head_dim: hd,
             splits,
             scale,
-            format: KvRowFormat::F32,
+            format,
             inverse_rope: None,
         };
         let flops = (tokens * heads * keys * hd * 4) as f64;
-        let reps = if tokens > 1 { 5 } else { 200 };
+        let reps = if tokens > 16 { 5 } else { 200 };
         for (what, form) in [
             ("f32 heads", None),
             ("TC 16 heads", Some(AttentionTcForm::Heads16)),
@@ -458,7 +496,7 @@ fn attention_tc_timing_print() {
             };
             // Key row bytes the blocks read (from L2 mostly): each block reads its token's rows.
             let group = form.map_or(16, AttentionTcForm::heads);
-            let row_bytes = (tokens * (heads / group) * keys * hd * 4) as f64;
+            let row_bytes = (tokens * (heads / group) * keys * format.bytes(hd)) as f64;
             launch();
             g.s.synchronize().unwrap();
             let ev = || {
@@ -476,7 +514,8 @@ fn attention_tc_timing_print() {
             g.s.synchronize().unwrap();
             let us = f64::from(start.elapsed_ms(&end).unwrap()) * 1000.0 / reps as f64;
             eprintln!(
-                "attention T{tokens} H{heads} keys {keys} splits {splits} {what:>11}: {us:10.1} us \
+                "attention T{tokens} H{heads} keys {keys} {format:?} splits {splits} {what:>11}: \
+                 {us:10.1} us \
                  (pass 1 + merge) {:6.1} TFLOPS, key rows {:6.0} GB/s",
                 flops / us * 1e-6,
                 row_bytes / us * 1e-3

@@ -351,29 +351,38 @@ fn gemm_steps_equal_op_by_op_in_f32_and_closely_in_tf32() {
     assert!(w < BOUND, "{w:e}");
 
     // No discrete choices: index_topk above every row's compressed rows, top-2 of 2 experts.
-    let smooth = tempfile::tempdir().unwrap();
-    support::write_wide_config(
-        smooth.path(),
-        &[
-            ("sliding_window", 32),
-            ("index_topk", 2048),
-            ("n_routed_experts", 2),
-            ("num_attention_heads", 16),
-        ],
-    );
-    let load = || wide_model_with_pool(smooth.path(), Shard::SINGLE, Arc::new(SingleRank), 0, 9216);
-    let mut reference = load();
-    reference.disable_layer_stack();
-    // The op-by-op indexer follows the TF32 switch too: the reference stays f32.
-    reference.backend().set_gemm_tf32(false);
-    let want = long_prefill(&mut reference);
-    drop(reference);
-    let mut fast = load();
-    fast.backend().set_gemm_tf32(true);
-    let got = long_prefill(&mut fast);
-    let w = worst(&got, &want);
-    eprintln!(
-        "GEMM steps (TF32) vs op by op, no discrete choices: worst relative logit difference {w:e}"
-    );
-    assert!(w < TF32_BOUND, "{w:e}");
+    // Head dim 128 takes the f32 head-grouped attention; 512 (V4-Flash's) the tensor-core one,
+    // in the GEMM steps and in the decode steps after them.
+    for head_dim in [128, 512] {
+        let smooth = tempfile::tempdir().unwrap();
+        support::write_wide_config(
+            smooth.path(),
+            &[
+                ("sliding_window", 32),
+                ("index_topk", 2048),
+                ("n_routed_experts", 2),
+                ("num_attention_heads", 16),
+                ("head_dim", head_dim),
+                // The indexer's keys carry the rotary dims (a quarter of head_dim here).
+                ("index_head_dim", (head_dim / 4).max(64)),
+            ],
+        );
+        let load =
+            || wide_model_with_pool(smooth.path(), Shard::SINGLE, Arc::new(SingleRank), 0, 9216);
+        let mut reference = load();
+        reference.disable_layer_stack();
+        // The op-by-op indexer follows the TF32 switch too: the reference stays f32.
+        reference.backend().set_gemm_tf32(false);
+        let want = long_prefill(&mut reference);
+        drop(reference);
+        let mut fast = load();
+        fast.backend().set_gemm_tf32(true);
+        let got = long_prefill(&mut fast);
+        let w = worst(&got, &want);
+        eprintln!(
+            "GEMM steps (TF32) vs op by op, no discrete choices, head_dim {head_dim}: worst \
+             relative logit difference {w:e}"
+        );
+        assert!(w < TF32_BOUND, "head_dim {head_dim}: {w:e}");
+    }
 }

@@ -11,7 +11,7 @@ use dspark_kernels::{
     KvRows, PagedAttention, TopKSelect,
 };
 
-use super::{kernel_err, CudaBackend};
+use super::{kernel_err, CudaBackend, STACK_MAX_ROWS};
 use crate::backend::kv::{IndexerRows, KeyLists};
 use crate::backend::{check_attend, check_indexer, check_kv_rows, BackendError};
 
@@ -39,8 +39,10 @@ fn i64s(v: &[usize]) -> Vec<i64> {
 
 /// Visible rows from which the Lightning Indexer scores on TF32 tensor cores (where TF32 is on,
 /// [`CudaBackend::set_gemm_tf32`]): long scans, where the f32 kernel is a decode step's largest
-/// stage (~0.6 ms a CSA layer at 1M context on an H200). Shorter scans (below 64K tokens of
-/// context) keep exact f32 scores, so their top-k picks exactly the rows the CPU reference picks.
+/// stage (~0.6 ms a CSA layer at 1M context on an H200). Shorter scans of decode-sized steps
+/// (below 64K tokens of context) keep exact f32 scores, so their top-k picks exactly the rows the
+/// CPU reference picks; prefill chunks take the tensor cores at any length (see
+/// [`CudaBackend::indexer_tensor_cores`]).
 pub const INDEXER_TENSOR_CORE_MIN_ROWS: usize = 16_384;
 
 /// f32 elements of the indexer top-k's workspace for `tokens` rows seeing at most `max_visible`
@@ -50,9 +52,13 @@ pub(super) fn topk_work_floats(tokens: usize, max_visible: usize, k: usize) -> u
 }
 
 impl CudaBackend {
-    /// Whether an indexer scan of up to `max_visible` rows takes the TF32 tensor-core kernel.
-    pub(super) fn indexer_tensor_cores(&self, max_visible: usize) -> bool {
-        self.gemm_tf32.load(Ordering::Relaxed) && max_visible >= INDEXER_TENSOR_CORE_MIN_ROWS
+    /// Whether an indexer scan of `tokens` tokens seeing up to `max_visible` rows takes the TF32
+    /// tensor-core kernel: long scans, and every step of more than [`STACK_MAX_ROWS`] tokens (a
+    /// prefill chunk, whose GEMMs are on TF32 already). Measured on H200 (8 layers, 32K prompt):
+    /// the f32 tiled kernel scored the first chunks at about 20 TFLOPS.
+    pub(super) fn indexer_tensor_cores(&self, max_visible: usize, tokens: usize) -> bool {
+        self.gemm_tf32.load(Ordering::Relaxed)
+            && (max_visible >= INDEXER_TENSOR_CORE_MIN_ROWS || tokens > STACK_MAX_ROWS)
     }
 
     pub(super) fn kv_alloc(&self, floats: usize) -> Result<CudaKvStore, BackendError> {
@@ -267,7 +273,7 @@ impl CudaBackend {
                 scale,
                 format: rows.format,
                 tensor_cores: self
-                    .indexer_tensor_cores(rows.visible.iter().copied().max().unwrap_or(0)),
+                    .indexer_tensor_cores(rows.visible.iter().copied().max().unwrap_or(0), tokens),
             };
             // SAFETY: q holds tokens * heads * dim f32, weights tokens * heads, the tables and
             // their starts cover every visible row (checked against the pool by check_indexer),
