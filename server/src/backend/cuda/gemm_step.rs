@@ -18,10 +18,12 @@
 //! ms). `DSPARK_EXPERT_GEMM=tf32` keeps them on the TF32 path.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use super::layer_stack::{fits, GemmScratch, StageClock};
 use super::{driver_err, kernel_err, CudaBackend, CudaMatrix, Fp4Bank};
@@ -160,6 +162,109 @@ fn expert_gemm_f16_allowed() -> bool {
     *ON.get_or_init(|| std::env::var("DSPARK_EXPERT_GEMM").map_or(true, |v| v != "tf32"))
 }
 
+/// How many streams a GEMM step's per-expert GEMMs spread over (this backend's own included):
+/// `DSPARK_GEMM_LANES`, default 4; 1 keeps them on the backend's stream, one after another.
+fn gemm_lane_count() -> usize {
+    static LANES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LANES.get_or_init(|| {
+        std::env::var("DSPARK_GEMM_LANES")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .map_or(4, |n| n.clamp(1, 16))
+    })
+}
+
+/// Streams beside the backend's own, each with a cuBLAS handle (and so its own workspace) bound
+/// to it. They only ever run GEMMs between a [`Self::fork_from`] and a [`Self::join_into`] of the
+/// backend's stream, so everything before and after stays in that stream's order.
+pub(super) struct GemmLanes {
+    lanes: Vec<(Arc<CudaStream>, CudaBlas)>,
+}
+
+impl GemmLanes {
+    fn new(main: &Arc<CudaStream>, count: usize) -> Result<Self, BackendError> {
+        let lanes = (0..count)
+            .map(|_| {
+                let stream = main.fork().map_err(driver_err("GEMM lane stream"))?;
+                let blas = CudaBlas::new(stream.clone())
+                    .map_err(|e| BackendError::Other(format!("cuBLAS init (GEMM lane): {e:?}")))?;
+                Ok((stream, blas))
+            })
+            .collect::<Result<Vec<_>, BackendError>>()?;
+        Ok(Self { lanes })
+    }
+
+    /// Every lane waits for the work queued on `main` so far.
+    fn fork_from(&self, main: &CudaStream) -> Result<(), BackendError> {
+        let ready = main
+            .record_event(None)
+            .map_err(driver_err("GEMM lanes: record"))?;
+        for (stream, _) in &self.lanes {
+            stream
+                .wait(&ready)
+                .map_err(driver_err("GEMM lanes: wait"))?;
+        }
+        Ok(())
+    }
+
+    /// `main` waits for every lane's work.
+    fn join_into(&self, main: &CudaStream) -> Result<(), BackendError> {
+        for (stream, _) in &self.lanes {
+            main.join(stream).map_err(driver_err("GEMM lanes: join"))?;
+        }
+        Ok(())
+    }
+}
+
+/// One GEMM as [`CudaBackend::gemm_typed`] describes it, on `blas` (bound to the stream it runs
+/// on).
+///
+/// # Safety
+/// As [`CudaBackend::gemm_typed`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_on(
+    blas: &CudaBlas,
+    x: CUdeviceptr,
+    ldx: usize,
+    n: usize,
+    w: CUdeviceptr,
+    rows: usize,
+    cols: usize,
+    y: CUdeviceptr,
+    ldy: usize,
+    compute: cublasComputeType_t,
+    inputs: GemmInputs,
+) -> Result<(), BackendError> {
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    // SAFETY: the handle is bound to its stream; in cuBLAS's column-major view
+    // W^T is [cols, rows] with lda = cols, x^T [cols, n] with ldb = ldx and y^T [rows, n]
+    // with ldc = ldy, all inside the buffers this function's contract describes.
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            *blas.handle(),
+            cublasOperation_t::CUBLAS_OP_T,
+            cublasOperation_t::CUBLAS_OP_N,
+            dim(rows)?,
+            dim(n)?,
+            dim(cols)?,
+            (&alpha as *const f32).cast(),
+            w as *const std::ffi::c_void,
+            inputs.data_type(),
+            dim(cols)?,
+            x as *const std::ffi::c_void,
+            inputs.data_type(),
+            dim(ldx)?,
+            (&beta as *const f32).cast(),
+            y as *mut std::ffi::c_void,
+            cudaDataType::CUDA_R_32F,
+            dim(ldy)?,
+            compute,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| BackendError::Other(format!("cuBLAS GEMM: {e:?}")))
+}
+
 impl CudaBackend {
     /// Whether GEMM steps use the TF32 tensor cores (see the module docs).
     pub fn set_gemm_tf32(&self, on: bool) {
@@ -239,35 +344,9 @@ impl CudaBackend {
         if n == 0 || rows == 0 {
             return Ok(());
         }
-        let (alpha, beta) = (1.0f32, 0.0f32);
         let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
-        // SAFETY: the handle is bound to this backend's stream; in cuBLAS's column-major view
-        // W^T is [cols, rows] with lda = cols, x^T [cols, n] with ldb = ldx and y^T [rows, n]
-        // with ldc = ldy, all inside the buffers this function's contract describes.
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *blas.handle(),
-                cublasOperation_t::CUBLAS_OP_T,
-                cublasOperation_t::CUBLAS_OP_N,
-                dim(rows)?,
-                dim(n)?,
-                dim(cols)?,
-                (&alpha as *const f32).cast(),
-                w as *const std::ffi::c_void,
-                inputs.data_type(),
-                dim(cols)?,
-                x as *const std::ffi::c_void,
-                inputs.data_type(),
-                dim(ldx)?,
-                (&beta as *const f32).cast(),
-                y as *mut std::ffi::c_void,
-                cudaDataType::CUDA_R_32F,
-                dim(ldy)?,
-                compute,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| BackendError::Other(format!("cuBLAS GEMM: {e:?}")))
+        // SAFETY: this function's contract.
+        unsafe { gemm_on(&blas, x, ldx, n, w, rows, cols, y, ldy, compute, inputs) }
     }
 
     /// Many small GEMMs (one per expert) as one cuBLAS grouped call, so they fill the GPU
@@ -298,13 +377,39 @@ impl CudaBackend {
                 }
             }
         }
-        for p in live {
-            // SAFETY: the caller's contract, per problem.
+        // One GEMM per problem, dealt round-robin over the lanes: a single expert's GEMM fills
+        // a fraction of the GPU (~190 rows of an 8K chunk by 2,048 or 4,096 columns), so
+        // neighbours run side by side.
+        let mut lanes = self.gemm_lanes.lock().unwrap_or_else(|p| p.into_inner());
+        let side = match lanes.as_ref() {
+            Some(l) => Some(l),
+            None if live.len() > 1 && gemm_lane_count() > 1 => {
+                *lanes = Some(GemmLanes::new(&self.stream, gemm_lane_count() - 1)?);
+                lanes.as_ref()
+            }
+            None => None,
+        }
+        .filter(|_| live.len() > 1);
+        if let Some(side) = side {
+            side.fork_from(&self.stream)?;
+        }
+        let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+        let ways = 1 + side.map_or(0, |l| l.lanes.len());
+        for (i, p) in live.iter().enumerate() {
+            let handle = match (i % ways, side) {
+                (0, _) | (_, None) => &*blas,
+                (k, Some(l)) => &l.lanes[k - 1].1,
+            };
+            // SAFETY: the caller's contract, per problem; every problem writes its own output
+            // and the lanes waited for this stream's work before their first GEMM.
             unsafe {
-                self.gemm_typed(
-                    p.x, p.ldx, p.n, p.w, p.rows, p.cols, p.y, p.ldy, compute, inputs,
+                gemm_on(
+                    handle, p.x, p.ldx, p.n, p.w, p.rows, p.cols, p.y, p.ldy, compute, inputs,
                 )
             }?;
+        }
+        if let Some(side) = side {
+            side.join_into(&self.stream)?;
         }
         Ok(())
     }

@@ -229,6 +229,9 @@ pub struct CudaBackend {
     gemm_tf32: AtomicBool,
     /// Whether cuBLAS took the grouped GEMM of the sorted experts (else one GEMM each).
     grouped_gemm_ok: AtomicBool,
+    /// Streams (with their own cuBLAS handles) beside `stream` that a GEMM step's per-expert
+    /// GEMMs spread over; made on first use (`gemm_step::GemmLanes`).
+    gemm_lanes: Mutex<Option<gemm_step::GemmLanes>>,
     /// Page-locked host staging for the LM head's logits (grown on demand, never shrunk): a
     /// download into pageable memory ran at ~3 GB/s, a page-locked one at the link's speed.
     head_staging: Mutex<Option<cudarc::driver::PinnedHostSlice<f32>>>,
@@ -326,6 +329,7 @@ impl CudaBackend {
             graph_steps: AtomicU64::new(0),
             gemm_tf32: AtomicBool::new(gemm_step::tf32_allowed()),
             grouped_gemm_ok: AtomicBool::new(true),
+            gemm_lanes: Mutex::new(None),
             skinny_mma: std::env::var("DSPARK_SKINNY_MMA").map_or(true, |v| v != "0"),
             gemv_multi: std::env::var("DSPARK_GEMV_MULTI").map_or(true, |v| v != "0"),
             head_staging: Mutex::new(None),
