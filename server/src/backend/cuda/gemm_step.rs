@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::sys::{CUdeviceptr, CUevent_flags};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use super::layer_stack::{fits, GemmScratch, StageClock};
@@ -197,7 +197,7 @@ impl GemmLanes {
     /// Every lane waits for the work queued on `main` so far.
     fn fork_from(&self, main: &CudaStream) -> Result<(), BackendError> {
         let ready = main
-            .record_event(None)
+            .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
             .map_err(driver_err("GEMM lanes: record"))?;
         for (stream, _) in &self.lanes {
             stream
@@ -210,7 +210,10 @@ impl GemmLanes {
     /// `main` waits for every lane's work.
     fn join_into(&self, main: &CudaStream) -> Result<(), BackendError> {
         for (stream, _) in &self.lanes {
-            main.join(stream).map_err(driver_err("GEMM lanes: join"))?;
+            let done = stream
+                .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
+                .map_err(driver_err("GEMM lanes: record"))?;
+            main.wait(&done).map_err(driver_err("GEMM lanes: join"))?;
         }
         Ok(())
     }
@@ -381,15 +384,18 @@ impl CudaBackend {
         // a fraction of the GPU (~190 rows of an 8K chunk by 2,048 or 4,096 columns), so
         // neighbours run side by side.
         let mut lanes = self.gemm_lanes.lock().unwrap_or_else(|p| p.into_inner());
-        let side = match lanes.as_ref() {
-            Some(l) => Some(l),
-            None if live.len() > 1 && gemm_lane_count() > 1 => {
-                *lanes = Some(GemmLanes::new(&self.stream, gemm_lane_count() - 1)?);
-                lanes.as_ref()
-            }
-            None => None,
+        if lanes.is_none() && live.len() > 1 && gemm_lane_count() > 1 {
+            // A device that cannot make the streams or handles runs the GEMMs one after another.
+            *lanes = Some(
+                GemmLanes::new(&self.stream, gemm_lane_count() - 1).unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "no side streams for the expert GEMMs; one stream");
+                    GemmLanes { lanes: Vec::new() }
+                }),
+            );
         }
-        .filter(|_| live.len() > 1);
+        let side = lanes
+            .as_ref()
+            .filter(|l| live.len() > 1 && !l.lanes.is_empty());
         if let Some(side) = side {
             side.fork_from(&self.stream)?;
         }
