@@ -13,7 +13,7 @@ use dspark_kernels::{
 };
 
 mod common;
-use common::{gpu, Gpu, Rng};
+use common::{gpu, worst_row_err, Gpu, Rng};
 
 /// Bounds per (token, head) row: max |diff| / max |reference|.
 const TOL_VS_KERNEL: f64 = 1e-5;
@@ -159,32 +159,6 @@ fn run_with(
     }
     .unwrap();
     g.down(&out)
-}
-
-/// Worst max |diff| / max |reference| over the (token, head) rows of `hd` values; a row whose
-/// reference is all zeros (no key, so the sink took everything) must match exactly.
-fn worst_row_err(got: &[f32], want: &[f64], hd: usize) -> f64 {
-    got.chunks(hd)
-        .zip(want.chunks(hd))
-        .map(|(g, w)| {
-            let diff = g
-                .iter()
-                .zip(w)
-                .map(|(&a, &b)| (f64::from(a) - b).abs())
-                .fold(
-                    0.0,
-                    |m: f64, d| if d.is_nan() { f64::INFINITY } else { m.max(d) },
-                );
-            let mag = w.iter().fold(0.0, |m: f64, &b| m.max(b.abs()));
-            if mag > 0.0 {
-                diff / mag
-            } else if diff == 0.0 {
-                0.0
-            } else {
-                f64::INFINITY
-            }
-        })
-        .fold(0.0, f64::max)
 }
 
 fn check(g: &Gpu, rng: &mut Rng, heads: usize, hd: usize, counts: &[usize], hole: usize) {

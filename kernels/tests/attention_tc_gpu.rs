@@ -25,7 +25,7 @@ use dspark_kernels::{
 };
 
 mod common;
-use common::{bf16_bits, gpu, Gpu, Rng};
+use common::{bf16_bits, gpu, row_errs, Gpu, Rng};
 
 /// TF32's unit roundoff (round to nearest, 10 explicit mantissa bits).
 const TF32_U: f64 = 1.0 / 2048.0;
@@ -223,32 +223,6 @@ fn run(g: &Gpu, c: &Case, splits: usize, scale: f32, form: Option<AttentionTcFor
     }
     .unwrap();
     g.down(&b.out)
-}
-
-/// Per (token, head) row of `hd` values: max |diff| / max |reference| (a row whose reference is
-/// all zeros, no key, must match exactly; NaN is infinite).
-fn row_errs(got: &[f32], want: &[f64], hd: usize) -> Vec<f64> {
-    got.chunks(hd)
-        .zip(want.chunks(hd))
-        .map(|(g, w)| {
-            let diff = g
-                .iter()
-                .zip(w)
-                .map(|(&a, &b)| (f64::from(a) - b).abs())
-                .fold(
-                    0.0,
-                    |m: f64, d| if d.is_nan() { f64::INFINITY } else { m.max(d) },
-                );
-            let mag = w.iter().fold(0.0, |m: f64, &b| m.max(b.abs()));
-            if mag > 0.0 {
-                diff / mag
-            } else if diff == 0.0 {
-                0.0
-            } else {
-                f64::INFINITY
-            }
-        })
-        .collect()
 }
 
 fn check(g: &Gpu, c: &Case, what: &str) {

@@ -12,6 +12,23 @@ use half::f16;
 mod common;
 use common::{gpu, Rng};
 
+/// The listed experts' matrices of an FP4 bank (`rows` x `k` each, nibbles `w`, E8M0 scales `s`
+/// per 32 values) as exact f64 values, `[list index][row][col]`.
+fn widened_bank(w: &[u8], s: &[u8], list: &[i32], rows: usize, k: usize) -> Vec<f64> {
+    let mut out = Vec::with_capacity(list.len() * rows * k);
+    for &e in list {
+        let e = e as usize;
+        for r in 0..rows {
+            let row = &w[(e * rows + r) * k / 2..(e * rows + r + 1) * k / 2];
+            for c in 0..k {
+                let scale = e8m0_to_f64(s[(e * rows + r) * k / 32 + c / 32]);
+                out.push(f64::from(e2m1_at(row, c)) * scale);
+            }
+        }
+    }
+    out
+}
+
 #[test]
 fn fp4_experts_widen_exactly_in_list_order() {
     let Some(g) = gpu("fp4_experts_widen_exactly_in_list_order") else {
@@ -44,17 +61,16 @@ fn fp4_experts_widen_exactly_in_list_order() {
     }
     .unwrap();
     let got = g.down(&out);
-    for (m, &e) in list.iter().enumerate() {
-        let e = e as usize;
-        for r in 0..rows {
-            let row = &w[(e * rows + r) * k / 2..(e * rows + r + 1) * k / 2];
-            for c in 0..k {
-                let scale = e8m0_to_f64(s[(e * rows + r) * k / 32 + c / 32]);
-                let want = (f64::from(e2m1_at(row, c)) * scale) as f32;
-                let have = got[(m * rows + r) * k + c];
-                assert_eq!(have.to_bits(), want.to_bits(), "expert {e} row {r} col {c}");
-            }
-        }
+    let want = widened_bank(&w, &s, &list, rows, k);
+    assert_eq!(got.len(), want.len());
+    for (i, (&have, &want)) in got.iter().zip(&want).enumerate() {
+        let (m, r, c) = (i / (rows * k), i / k % rows, i % k);
+        assert_eq!(
+            have.to_bits(),
+            (want as f32).to_bits(),
+            "expert {} row {r} col {c}",
+            list[m]
+        );
     }
 }
 
@@ -178,20 +194,16 @@ fn f16_forms_widen_exactly_gather_and_swiglu_round_once() {
     }
     .unwrap();
     let got = g.down(&out);
-    for (m, &e) in list.iter().enumerate() {
-        let e = e as usize;
-        for r in 0..rows {
-            let row = &w[(e * rows + r) * k / 2..(e * rows + r + 1) * k / 2];
-            for c in 0..k {
-                let want =
-                    f64::from(e2m1_at(row, c)) * e8m0_to_f64(s[(e * rows + r) * k / 32 + c / 32]);
-                let have = f16::from_bits(got[(m * rows + r) * k + c]).to_f64();
-                assert_eq!(
-                    have, want,
-                    "f16 widening inexact: expert {e} row {r} col {c}"
-                );
-            }
-        }
+    let want = widened_bank(&w, &s, &list, rows, k);
+    assert_eq!(got.len(), want.len());
+    for (i, (&have, &want)) in got.iter().zip(&want).enumerate() {
+        let (m, r, c) = (i / (rows * k), i / k % rows, i % k);
+        assert_eq!(
+            f16::from_bits(have).to_f64(),
+            want,
+            "f16 widening inexact: expert {} row {r} col {c}",
+            list[m]
+        );
     }
 
     // The byte range over two buffers, accumulated in one pair.

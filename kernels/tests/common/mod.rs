@@ -135,3 +135,34 @@ pub fn bf16_gemv_ref(w: &[u16], x: &[f32], m: usize, n: usize, k: usize) -> Vec<
     }
     out
 }
+
+/// Per (token, head) row of `hd` values: max |diff| / max |reference|. A row whose reference is
+/// all zeros (no key, so the sink took everything) must match exactly; NaN counts as infinite.
+pub fn row_errs(got: &[f32], want: &[f64], hd: usize) -> Vec<f64> {
+    got.chunks(hd)
+        .zip(want.chunks(hd))
+        .map(|(g, w)| {
+            let diff = g
+                .iter()
+                .zip(w)
+                .map(|(&a, &b)| (f64::from(a) - b).abs())
+                .fold(
+                    0.0,
+                    |m: f64, d| if d.is_nan() { f64::INFINITY } else { m.max(d) },
+                );
+            let mag = w.iter().fold(0.0, |m: f64, &b| m.max(b.abs()));
+            if mag > 0.0 {
+                diff / mag
+            } else if diff == 0.0 {
+                0.0
+            } else {
+                f64::INFINITY
+            }
+        })
+        .collect()
+}
+
+/// The worst of [`row_errs`].
+pub fn worst_row_err(got: &[f32], want: &[f64], hd: usize) -> f64 {
+    row_errs(got, want, hd).into_iter().fold(0.0, f64::max)
+}

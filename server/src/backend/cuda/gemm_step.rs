@@ -162,16 +162,12 @@ fn expert_gemm_f16_allowed() -> bool {
     *ON.get_or_init(|| std::env::var("DSPARK_EXPERT_GEMM").map_or(true, |v| v != "tf32"))
 }
 
-/// How many streams a GEMM step's per-expert GEMMs spread over (this backend's own included):
-/// `DSPARK_GEMM_LANES`, default 4; 1 keeps them on the backend's stream, one after another.
-fn gemm_lane_count() -> usize {
-    static LANES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *LANES.get_or_init(|| {
-        std::env::var("DSPARK_GEMM_LANES")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .map_or(4, |n| n.clamp(1, 16))
-    })
+/// How many streams a GEMM step's per-expert GEMMs spread over (this backend's own included),
+/// from `DSPARK_GEMM_LANES`: default 4; 1 keeps them on the backend's stream, one after another.
+pub(super) fn gemm_lane_count(value: Option<&str>) -> usize {
+    value
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .map_or(4, |n| n.clamp(1, 16))
 }
 
 /// Streams beside the backend's own, each with a cuBLAS handle (and so its own workspace) bound
@@ -219,25 +215,27 @@ impl GemmLanes {
     }
 }
 
-/// One GEMM as [`CudaBackend::gemm_typed`] describes it, on `blas` (bound to the stream it runs
-/// on).
+/// One GEMM `p` as [`CudaBackend::gemm_typed`] describes it, on `blas` (bound to the stream it
+/// runs on).
 ///
 /// # Safety
-/// As [`CudaBackend::gemm_typed`].
-#[allow(clippy::too_many_arguments)]
+/// As [`CudaBackend::gemm_typed`], for `p`'s fields.
 unsafe fn gemm_on(
     blas: &CudaBlas,
-    x: CUdeviceptr,
-    ldx: usize,
-    n: usize,
-    w: CUdeviceptr,
-    rows: usize,
-    cols: usize,
-    y: CUdeviceptr,
-    ldy: usize,
+    p: &GemmProblem,
     compute: cublasComputeType_t,
     inputs: GemmInputs,
 ) -> Result<(), BackendError> {
+    let GemmProblem {
+        x,
+        ldx,
+        n,
+        w,
+        rows,
+        cols,
+        y,
+        ldy,
+    } = *p;
     let (alpha, beta) = (1.0f32, 0.0f32);
     // SAFETY: the handle is bound to its stream; in cuBLAS's column-major view
     // W^T is [cols, rows] with lda = cols, x^T [cols, n] with ldb = ldx and y^T [rows, n]
@@ -348,8 +346,18 @@ impl CudaBackend {
             return Ok(());
         }
         let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+        let problem = GemmProblem {
+            x,
+            ldx,
+            n,
+            w,
+            rows,
+            cols,
+            y,
+            ldy,
+        };
         // SAFETY: this function's contract.
-        unsafe { gemm_on(&blas, x, ldx, n, w, rows, cols, y, ldy, compute, inputs) }
+        unsafe { gemm_on(&blas, &problem, compute, inputs) }
     }
 
     /// Many small GEMMs (one per expert) as one cuBLAS grouped call, so they fill the GPU
@@ -384,10 +392,10 @@ impl CudaBackend {
         // a fraction of the GPU (~190 rows of an 8K chunk by 2,048 or 4,096 columns), so
         // neighbours run side by side.
         let mut lanes = self.gemm_lanes.lock().unwrap_or_else(|p| p.into_inner());
-        if lanes.is_none() && live.len() > 1 && gemm_lane_count() > 1 {
+        if lanes.is_none() && live.len() > 1 && self.gemm_lane_count > 1 {
             // A device that cannot make the streams or handles runs the GEMMs one after another.
             *lanes = Some(
-                GemmLanes::new(&self.stream, gemm_lane_count() - 1).unwrap_or_else(|e| {
+                GemmLanes::new(&self.stream, self.gemm_lane_count - 1).unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "no side streams for the expert GEMMs; one stream");
                     GemmLanes { lanes: Vec::new() }
                 }),
@@ -408,11 +416,7 @@ impl CudaBackend {
             };
             // SAFETY: the caller's contract, per problem; every problem writes its own output
             // and the lanes waited for this stream's work before their first GEMM.
-            unsafe {
-                gemm_on(
-                    handle, p.x, p.ldx, p.n, p.w, p.rows, p.cols, p.y, p.ldy, compute, inputs,
-                )
-            }?;
+            unsafe { gemm_on(handle, p, compute, inputs) }?;
         }
         if let Some(side) = side {
             side.join_into(&self.stream)?;
@@ -747,6 +751,15 @@ impl CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gemm_lanes_default_to_four_and_stay_in_range() {
+        assert_eq!(gemm_lane_count(None), 4);
+        assert_eq!(gemm_lane_count(Some(" 2 ")), 2);
+        assert_eq!(gemm_lane_count(Some("0")), 1);
+        assert_eq!(gemm_lane_count(Some("99")), 16);
+        assert_eq!(gemm_lane_count(Some("many")), 4);
+    }
 
     #[test]
     fn pairs_sort_stably_by_expert_and_bad_ids_drop_out() {

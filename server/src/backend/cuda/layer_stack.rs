@@ -531,6 +531,27 @@ fn gemm_piece_rows(bucket: usize, cfg: &crate::engine::model::ModelConfig) -> us
 /// heads (below it, one block per head keeps more of the GPU busy on short lists).
 const HEAD_GROUPED_MIN_KEYS: usize = 2048;
 
+/// Which steps run the head-grouped attention on the tensor cores (while TF32 is on), from
+/// `DSPARK_ATTENTION_TC`: unset, "1" or "all" = every step, "prefill" = GEMM steps only, "0" =
+/// none. Measured on H200 (8 layers, FP8 KV): an 8K prefill chunk 467 -> 335 ms, batch-1 decode
+/// at 8K 2.10 -> 2.01 ms, batch 16 8.99 -> 8.66 ms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum AttentionTcSteps {
+    Off,
+    Prefill,
+    All,
+}
+
+impl AttentionTcSteps {
+    pub(super) fn from_env(value: Option<&str>) -> Self {
+        match value.map(str::trim) {
+            Some("0") => Self::Off,
+            Some("prefill") => Self::Prefill,
+            _ => Self::All,
+        }
+    }
+}
+
 /// How a step's attention over lists of up to `max_keys` keys runs: head-grouped (a key row read
 /// once per [`ATTENTION_HEAD_GROUP`] heads: GEMM steps, long lists, and rows stored in a
 /// compact format, which are then decoded once per group instead of once per head) where the
@@ -1705,31 +1726,27 @@ impl CudaBackend {
         unsafe { self.kernels.hc_pre_fused_f32(s, &call) }.map_err(kernel_err)
     }
 
-    /// Whether GEMM steps compute the hyper-connection mix dots as one cuBLAS GEMM (reading the
-    /// streams once) instead of the chunk kernels (once per output): on unless
-    /// `DSPARK_HC_GEMM=0`, read once per process (an A/B switch).
     /// Whether a step of `n` rows runs its head-grouped attention's scores and values on TF32
     /// tensor cores (`paged_attention_heads_tc`): only with TF32 allowed (the same rounding of Q,
-    /// K and the probabilities as the step's GEMMs; `DSPARK_GEMM_TF32=0` keeps f32), where the
-    /// kernel takes the shape (head_dim 512, heads a multiple of 16), and as
-    /// `DSPARK_ATTENTION_TC` says: unset, "1" or "all" = every step, "prefill" = GEMM steps
-    /// only, "0" = none. Measured on H200 (8 layers, FP8 KV): an 8K prefill chunk 467 -> 335 ms,
-    /// batch-1 decode at 8K 2.10 -> 2.01 ms, batch 16 8.99 -> 8.66 ms.
+    /// K and the probabilities as the step's GEMMs; `DSPARK_GEMM_TF32=0` keeps f32), in the steps
+    /// [`AttentionTcSteps`] names, where the kernel takes the shape (head_dim 512, heads a
+    /// multiple of 16).
     fn attention_tc_fits(&self, call: &PagedAttention, n: usize) -> bool {
-        static MODE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-        // None: off; Some(false): GEMM steps; Some(true): all steps.
-        let mode = *MODE.get_or_init(|| match std::env::var("DSPARK_ATTENTION_TC").as_deref() {
-            Ok("0") => None,
-            Ok("prefill") => Some(false),
-            _ => Some(true),
-        });
+        let steps = match self.attention_tc {
+            AttentionTcSteps::Off => false,
+            AttentionTcSteps::Prefill => n > STACK_MAX_ROWS,
+            AttentionTcSteps::All => true,
+        };
         let optin = self.kernels.smem_optin();
-        mode.is_some_and(|all| all || n > STACK_MAX_ROWS)
+        steps
             && self.gemm_tf32.load(Ordering::Relaxed)
             && check_attention_heads_tc(call, attention_tc_form(call.heads, n, optin), optin)
                 .is_ok()
     }
 
+    /// Whether GEMM steps compute the hyper-connection mix dots as one cuBLAS GEMM (reading the
+    /// streams once) instead of the chunk kernels (once per output): on unless
+    /// `DSPARK_HC_GEMM=0`, read once per process (an A/B switch).
     fn hc_mix_by_gemm() -> bool {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *ON.get_or_init(|| std::env::var("DSPARK_HC_GEMM").map_or(true, |v| v != "0"))
@@ -2523,6 +2540,20 @@ impl CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attention_tc_switch_defaults_to_every_step() {
+        assert_eq!(AttentionTcSteps::from_env(None), AttentionTcSteps::All);
+        assert_eq!(
+            AttentionTcSteps::from_env(Some("all")),
+            AttentionTcSteps::All
+        );
+        assert_eq!(
+            AttentionTcSteps::from_env(Some("prefill")),
+            AttentionTcSteps::Prefill
+        );
+        assert_eq!(AttentionTcSteps::from_env(Some("0")), AttentionTcSteps::Off);
+    }
 
     #[test]
     fn rows_are_chunked_for_the_gemv_kernels() {

@@ -232,6 +232,10 @@ pub struct CudaBackend {
     /// Streams (with their own cuBLAS handles) beside `stream` that a GEMM step's per-expert
     /// GEMMs spread over; made on first use (`gemm_step::GemmLanes`).
     gemm_lanes: Mutex<Option<gemm_step::GemmLanes>>,
+    /// Streams the per-expert GEMMs spread over, this one included (`DSPARK_GEMM_LANES`).
+    gemm_lane_count: usize,
+    /// Which steps run attention on the tensor cores (`DSPARK_ATTENTION_TC`).
+    attention_tc: layer_stack::AttentionTcSteps,
     /// Page-locked host staging for the LM head's logits (grown on demand, never shrunk): a
     /// download into pageable memory ran at ~3 GB/s, a page-locked one at the link's speed.
     head_staging: Mutex<Option<cudarc::driver::PinnedHostSlice<f32>>>,
@@ -330,6 +334,12 @@ impl CudaBackend {
             gemm_tf32: AtomicBool::new(gemm_step::tf32_allowed()),
             grouped_gemm_ok: AtomicBool::new(true),
             gemm_lanes: Mutex::new(None),
+            gemm_lane_count: gemm_step::gemm_lane_count(
+                std::env::var("DSPARK_GEMM_LANES").ok().as_deref(),
+            ),
+            attention_tc: layer_stack::AttentionTcSteps::from_env(
+                std::env::var("DSPARK_ATTENTION_TC").ok().as_deref(),
+            ),
             skinny_mma: std::env::var("DSPARK_SKINNY_MMA").map_or(true, |v| v != "0"),
             gemv_multi: std::env::var("DSPARK_GEMV_MULTI").map_or(true, |v| v != "0"),
             head_staging: Mutex::new(None),
