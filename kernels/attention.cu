@@ -1417,20 +1417,51 @@ extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_segments_f32(
                    cand_val + at, nullptr, lo, true);
 }
 
-// Stage 2: one block per token selects the top k of its candidates. They are in global index
-// order, so "ties to the lower position" is "ties to the lower row" and position order is index
-// order: the rows written are the candidates' global indices, in dsk_topk_select_f32's order.
+// Candidates a token with n scores has after `level` rounds of keeping the top kseg of every
+// DSK_TOPK_SEG-long segment (every segment but the last is full, so it keeps exactly kseg).
+__device__ __forceinline__ int dsk_topk_level_count(int n, int kseg, int level) {
+    for (int l = 0; l < level && n > 0; ++l) {
+        const int segs = (n + DSK_TOPK_SEG - 1) / DSK_TOPK_SEG;
+        n = (segs - 1) * kseg + min(kseg, n - (segs - 1) * DSK_TOPK_SEG);
+    }
+    return n;
+}
+
+// A further round for very long lists (a 1M-context decode leaves 64 x 512 candidates, which one
+// block took ~115 us to select from): block (s, t) keeps the top kseg of candidates
+// [s * SEG, min((s + 1) * SEG, m)) of token t's m = dsk_topk_level_count(n, kseg, level)
+// candidates at in_* + t * in_stride, writing them (global indices, index order) at
+// out_* + t * out_stride + s * kseg. Candidates stay in global index order through every round,
+// so position order is index order and ties go to the lower row as in one select.
+extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_reduce_f32(
+    const int *__restrict__ counts, int k, int max_segs, int level,
+    const int *__restrict__ in_idx, const float *__restrict__ in_val, long long in_stride,
+    int *__restrict__ out_idx, float *__restrict__ out_val, long long out_stride) {
+    dsk_pdl_entry();
+    const int s = blockIdx.x, t = blockIdx.y;
+    const int kseg = min(k, DSK_TOPK_SEG);
+    const int m = dsk_topk_level_count(min(counts[t], max_segs * DSK_TOPK_SEG), kseg, level);
+    const int lo = s * DSK_TOPK_SEG;
+    if (lo >= m) return;  // the whole block: past the token's candidates
+    const long long in = (long long)t * in_stride, out = (long long)t * out_stride + (long long)s * kseg;
+    dsk_topk_block(in_val + in + lo, min(DSK_TOPK_SEG, m - lo), kseg, out_idx + out, out_val + out,
+                   in_idx + in + lo, 0, true);
+}
+
+// The last round: one block per token selects the top k of its m = dsk_topk_level_count(n, k,
+// level) candidates (at t * stride, at most a segment of them). They are in global index order,
+// so "ties to the lower position" is "ties to the lower row" and position order is index order:
+// the rows written are the candidates' global indices, in dsk_topk_select_f32's order.
 extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_merge_f32(
-    const int *__restrict__ counts, int k, int max_segs, const int *__restrict__ cand_idx,
-    const float *__restrict__ cand_val, int *__restrict__ out_idx, float *__restrict__ out_val) {
+    const int *__restrict__ counts, int k, int max_segs, int level, long long stride,
+    const int *__restrict__ cand_idx, const float *__restrict__ cand_val,
+    int *__restrict__ out_idx, float *__restrict__ out_val) {
     dsk_pdl_entry();
     const int t = blockIdx.x;
-    const int n = min(counts[t], max_segs * DSK_TOPK_SEG);
-    if (n <= 0) return;
     const int kseg = min(k, DSK_TOPK_SEG);
-    const int segs = (n + DSK_TOPK_SEG - 1) / DSK_TOPK_SEG;
-    const int m = (segs - 1) * kseg + min(kseg, n - (segs - 1) * DSK_TOPK_SEG);
-    const long long at = (long long)t * max_segs * kseg;
+    const int m = dsk_topk_level_count(min(counts[t], max_segs * DSK_TOPK_SEG), kseg, level);
+    if (m <= 0) return;
+    const long long at = (long long)t * stride;
     dsk_topk_block(cand_val + at, m, k, out_idx + (long long)t * k, out_val + (long long)t * k,
                    cand_idx + at, 0, false);
 }

@@ -1,13 +1,25 @@
 // Pool addressing on the device: the KV pool's rows found from each step row's position and its
-// sequence's block table, so no host-built offset list is needed (server/src/engine/model/kv.rs
-// is the layout). A pool section (one region of every layer block) is addressed by
-// (base, stride, ratio): its row i lives at position p = i * ratio, in block
-// bt[p / bs], at base + ((p % bs) / ratio) * stride floats into that block.
+// sequence's tables, so no host-built offset list is needed (server/src/engine/model/kv.rs is
+// the layout). A pool section (one region of every layer's part of a block) is addressed by
+// (fpb, base, stride, ratio, recent): its row i lives at position p = i * ratio, in block
+// t[p / bs], at t[p / bs] * fpb + base + ((p % bs) / ratio) * stride, where t is the row's
+// block table (persistent sections: compressed and indexer rows) or, with `recent`, its recent
+// table (window rows, compressor inputs).
 // Step row r: positions[r] (negative = padding row, skipped), its block table
-// bt[bt_start[r] .. + bt_len[r]]. Offsets are 64-bit element offsets.
+// bt[bt_start[r] .. + bt_len[r]], its recent table the bt_len[r] entries right after it (0xffffffff:
+// released, never read). Offsets are 64-bit element offsets.
 
-// Element offset of row i of a section for a sequence whose table is tb[0 .. tl), or -1 when
-// i is negative or its block is past the table.
+#define DSK_NO_RECENT 0xffffffffu
+
+// The table a section is addressed through: the block table tb[0 .. tl) or the recent table
+// after it.
+__device__ __forceinline__ const unsigned int *dsk_section_table(const unsigned int *tb, int tl,
+                                                                 int recent) {
+    return recent ? tb + tl : tb;
+}
+
+// Element offset of row i of a section for a sequence whose table (see dsk_section_table) is
+// tb[0 .. tl), or -1 when i is negative, its block is past the table or has no recent block.
 __device__ __forceinline__ long long dsk_section_row(const unsigned int *__restrict__ tb, int tl,
                                                      long long fpb, int bs, long long base,
                                                      long long stride, int ratio, long long i) {
@@ -15,7 +27,9 @@ __device__ __forceinline__ long long dsk_section_row(const unsigned int *__restr
     const long long p = i * ratio;
     const long long blk = p / bs;
     if (blk >= tl) return -1;
-    return (long long)tb[blk] * fpb + base + ((p % bs) / ratio) * stride;
+    const unsigned int b = tb[blk];
+    if (b == DSK_NO_RECENT) return -1;
+    return (long long)b * fpb + base + ((p % bs) / ratio) * stride;
 }
 
 #define DSK_PW_MAX_DIM 1024
@@ -27,12 +41,14 @@ __device__ __forceinline__ long long dsk_section_row(const unsigned int *__restr
 extern "C" __global__ void __launch_bounds__(256) dsk_pool_write_f32(
     float *__restrict__ pool, const int *__restrict__ positions, const int *__restrict__ bt_start,
     const int *__restrict__ bt_len, const unsigned int *__restrict__ bt, long long fpb, int bs,
-    long long base, long long stride, const float *__restrict__ a, long long lda,
+    long long base, long long stride, int recent, const float *__restrict__ a, long long lda,
     const float *__restrict__ b, long long ldb, int width, int fmt, int rope) {
     dsk_pdl_entry();
     const int r = blockIdx.x;
     const int pos = positions[r];
-    const long long o = dsk_section_row(bt + bt_start[r], bt_len[r], fpb, bs, base, stride, 1, pos);
+    const int tl = bt_len[r];
+    const unsigned int *tb = dsk_section_table(bt + bt_start[r], tl, recent);
+    const long long o = dsk_section_row(tb, tl, fpb, bs, base, stride, 1, pos);
     if (o < 0) return;
     float *dst = pool + o;
     const float *sa = a + (long long)r * lda;
@@ -65,8 +81,9 @@ extern "C" __global__ void __launch_bounds__(256) dsk_pool_write_f32(
 // step row, threads over channels.
 extern "C" __global__ void __launch_bounds__(256) dsk_compress_rows_f32(
     float *__restrict__ pool, const int *__restrict__ positions, const int *__restrict__ bt_start,
-    const int *__restrict__ bt_len, const unsigned int *__restrict__ bt, long long fpb, int bs,
-    long long in_base, long long in_stride, long long out_base, long long out_stride, int ratio,
+    const int *__restrict__ bt_len, const unsigned int *__restrict__ bt, int bs, long long in_fpb,
+    long long in_base, long long in_stride, int in_recent, long long out_fpb, long long out_base,
+    long long out_stride, int out_recent, int ratio,
     int coff, int dim, const float *__restrict__ ape, const float *__restrict__ norm,
     const float *__restrict__ inv_freq, int rope_dim, float attention_factor, float eps,
     int out_fmt, int out_rope) {
@@ -83,15 +100,18 @@ extern "C" __global__ void __launch_bounds__(256) dsk_compress_rows_f32(
     const int nslots = overlap + ratio;
     const unsigned int *tb = bt + bt_start[r];
     const int tl = bt_len[r];
+    const unsigned int *in_tb = dsk_section_table(tb, tl, in_recent);
+    const unsigned int *out_tb = dsk_section_table(tb, tl, out_recent);
     if (threadIdx.x == 0) ok = 1;
     __syncthreads();
     for (int s = threadIdx.x; s < nslots; s += blockDim.x) {
         const long long p = s < overlap ? (w - 1) * ratio + s : w * ratio + (s - overlap);
-        const long long o = dsk_section_row(tb, tl, fpb, bs, in_base, in_stride, 1, p);
+        const long long o = dsk_section_row(in_tb, tl, in_fpb, bs, in_base, in_stride, 1, p);
         if (o < 0) ok = 0;
         slot_off[s] = o;
     }
-    const long long out = dsk_section_row(tb, tl, fpb, bs, out_base, out_stride, ratio, w);
+    const long long out =
+        dsk_section_row(out_tb, tl, out_fpb, bs, out_base, out_stride, ratio, w);
     __syncthreads();
     if (!ok || out < 0) return;
     const int width = coff * dim, off = (coff - 1) * dim;
@@ -168,9 +188,10 @@ extern "C" __global__ void __launch_bounds__(256) dsk_compress_rows_f32(
 // Grid y splits a row's keys into chunks (grid-stride).
 extern "C" __global__ void __launch_bounds__(256) dsk_build_key_offsets(
     const int *__restrict__ positions, const int *__restrict__ bt_start,
-    const int *__restrict__ bt_len, const unsigned int *__restrict__ bt, long long fpb, int bs,
-    int window, long long win_base, long long win_stride, long long comp_base,
-    long long comp_stride, int ratio, int mode, const int *__restrict__ selected,
+    const int *__restrict__ bt_len, const unsigned int *__restrict__ bt, int bs, int window,
+    long long win_fpb, long long win_base, long long win_stride, int win_recent,
+    long long comp_fpb, long long comp_base, long long comp_stride, int comp_recent, int ratio,
+    int mode, const int *__restrict__ selected,
     const int *__restrict__ sel_count, int sel_stride, const int *__restrict__ key_start,
     long long *__restrict__ key_off) {
     dsk_pdl_entry();
@@ -187,13 +208,14 @@ extern "C" __global__ void __launch_bounds__(256) dsk_build_key_offsets(
         if (mode == 1) n_comp = visible;
         if (mode == 2) n_comp = max(0, min(sel_count[r], sel_stride));
     }
-    const unsigned int *tb = bt + bt_start[r];
     const int tl = bt_len[r];
+    const unsigned int *win_tb = dsk_section_table(bt + bt_start[r], tl, win_recent);
+    const unsigned int *comp_tb = dsk_section_table(bt + bt_start[r], tl, comp_recent);
     for (long long j = (long long)blockIdx.y * blockDim.x + threadIdx.x; j < room;
          j += (long long)gridDim.y * blockDim.x) {
         long long o = -1;
         if (j < n_win) {
-            o = dsk_section_row(tb, tl, fpb, bs, win_base, win_stride, 1, lo + j);
+            o = dsk_section_row(win_tb, tl, win_fpb, bs, win_base, win_stride, 1, lo + j);
         } else if (j - n_win < n_comp) {
             const long long k = j - n_win;
             long long i = k;
@@ -201,7 +223,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_build_key_offsets(
                 const int s = selected[(long long)r * sel_stride + k];
                 i = (s >= 0 && s < visible) ? s : -1;
             }
-            o = dsk_section_row(tb, tl, fpb, bs, comp_base, comp_stride, ratio, i);
+            o = dsk_section_row(comp_tb, tl, comp_fpb, bs, comp_base, comp_stride, ratio, i);
         }
         key_off[k0 + j] = o;
     }

@@ -212,9 +212,11 @@ fn pool_write_case(g: &Gpu, rng: &mut Rng, format: KvRowFormat, dim: usize) {
     let src_d = g.up(&src);
     let t = Table::new(g, std::slice::from_ref(&table), &step);
     let section = PoolSection {
+        floats_per_block: fpb,
         base,
         stride,
         ratio: 1,
+        recent: false,
     };
     // SAFETY: src holds step.len() rows of ld f32; every block id is below blocks + 1, and the
     // section's rows fit a block of fpb floats.
@@ -223,7 +225,6 @@ fn pool_write_case(g: &Gpu, rng: &mut Rng, format: KvRowFormat, dim: usize) {
             &g.s,
             g.ptr(&pool_d),
             &t.rows(g),
-            fpb,
             bs,
             &section,
             g.ptr(&src_d),
@@ -303,20 +304,24 @@ fn compress_case(g: &Gpu, rng: &mut Rng, format: KvRowFormat, dim: usize, rope_d
         .collect();
     let inv_freq = g.up(&inv_freq);
     let t = Table::new(g, &tables, &step);
-    let input = PoolSection {
-        base: 0,
-        stride: in_stride,
-        ratio: 1,
-    };
     // Runs the step into a fresh pool whose output rows take `out_slots` (+ 1 spare) slots.
     let run = |out_format: KvRowFormat, seed_pool: &[f32]| -> (Vec<f32>, PoolSection, usize) {
         let out_stride = out_format.slots(dim) + 1;
+        let fpb = bs * in_stride + bs / ratio * out_stride;
+        let input = PoolSection {
+            floats_per_block: fpb,
+            base: 0,
+            stride: in_stride,
+            ratio: 1,
+            recent: false,
+        };
         let output = PoolSection {
+            floats_per_block: fpb,
             base: bs * in_stride,
             stride: out_stride,
             ratio,
+            recent: false,
         };
-        let fpb = bs * in_stride + bs / ratio * out_stride;
         let pool_d = g.up(&seed_pool[..5 * fpb]);
         let params = CompressParams {
             ratio,
@@ -337,7 +342,6 @@ fn compress_case(g: &Gpu, rng: &mut Rng, format: KvRowFormat, dim: usize, rope_d
                 &g.s,
                 g.ptr(&pool_d),
                 &t.rows(g),
-                fpb,
                 bs,
                 &input,
                 g.ptr(&kv),
@@ -349,7 +353,6 @@ fn compress_case(g: &Gpu, rng: &mut Rng, format: KvRowFormat, dim: usize, rope_d
                 &g.s,
                 g.ptr(&pool_d),
                 &t.rows(g),
-                fpb,
                 bs,
                 &input,
                 &output,

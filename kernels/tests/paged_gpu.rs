@@ -15,8 +15,10 @@ use dspark_kernels::KvRowFormat;
 mod common;
 use common::{gpu, Gpu, Rng};
 
-/// One layer's region in a block, laid out as `BlockGeometry::new` does (window latent rows,
-/// compressor inputs, compressed rows), after `layer_base` floats of other layers.
+/// One layer's parts of a block, laid out as `BlockGeometry::new` does: the persistent part
+/// (compressed rows) in blocks of `fpb` floats, `layer_base` floats into each (other layers
+/// around it); the recent part (window latent rows, then compressor inputs) in recent blocks of
+/// `rfpb` floats, `recent_base` into each, after all `blocks` persistent blocks.
 #[derive(Clone, Copy)]
 struct Layout {
     bs: usize,
@@ -26,11 +28,21 @@ struct Layout {
     hd: usize,
     layer_base: usize,
     fpb: usize,
+    recent_base: usize,
+    rfpb: usize,
+    /// Persistent blocks (ids below it); the recent blocks start after them.
+    blocks: usize,
 }
+
+/// Recent blocks of every test pool.
+const RECENT_BLOCKS: usize = 16;
+const NO_RECENT: u32 = u32::MAX;
 
 impl Layout {
     fn new(bs: usize, ratio: usize, coff: usize, dim: usize, hd: usize, layer_base: usize) -> Self {
-        let len = bs * hd + bs * 2 * coff * dim + bs / ratio * dim;
+        let len = bs / ratio * dim;
+        let recent_len = bs * hd + bs * 2 * coff * dim;
+        let recent_base = layer_base / 2 + 3;
         Self {
             bs,
             ratio,
@@ -38,55 +50,72 @@ impl Layout {
             dim,
             hd,
             layer_base,
-            // Another layer after this one.
+            // Other layers after this one.
             fpb: layer_base + len + 13,
+            recent_base,
+            rfpb: recent_base + recent_len + 7,
+            blocks: 16,
         }
     }
     fn width(&self) -> usize {
         self.coff * self.dim
     }
-    fn window_off(&self) -> usize {
-        0
+    fn recent_start(&self) -> usize {
+        self.blocks * self.fpb
+    }
+    fn pool_len(&self) -> usize {
+        self.recent_start() + RECENT_BLOCKS * self.rfpb
     }
     fn comp_in_off(&self) -> usize {
         self.bs * self.hd
-    }
-    fn comp_rows_off(&self) -> usize {
-        self.comp_in_off() + self.bs * 2 * self.width()
     }
     // The host's KvPool addressing.
     fn region(&self, bt: &[u32], pos: usize) -> usize {
         bt[pos / self.bs] as usize * self.fpb + self.layer_base
     }
-    fn window_row(&self, bt: &[u32], pos: usize) -> usize {
-        self.region(bt, pos) + self.window_off() + pos % self.bs * self.hd
+    fn recent_region(&self, rt: &[u32], pos: usize) -> usize {
+        let r = rt[pos / self.bs];
+        assert_ne!(
+            r, NO_RECENT,
+            "host read of a released recent block at {pos}"
+        );
+        self.recent_start() + r as usize * self.rfpb + self.recent_base
     }
-    fn comp_in_row(&self, bt: &[u32], pos: usize) -> usize {
-        self.region(bt, pos) + self.comp_in_off() + pos % self.bs * 2 * self.width()
+    fn window_row(&self, rt: &[u32], pos: usize) -> usize {
+        self.recent_region(rt, pos) + pos % self.bs * self.hd
+    }
+    fn comp_in_row(&self, rt: &[u32], pos: usize) -> usize {
+        self.recent_region(rt, pos) + self.comp_in_off() + pos % self.bs * 2 * self.width()
     }
     fn comp_row(&self, bt: &[u32], w: usize) -> usize {
         let pos = w * self.ratio;
-        self.region(bt, pos) + self.comp_rows_off() + (pos % self.bs) / self.ratio * self.dim
+        self.region(bt, pos) + (pos % self.bs) / self.ratio * self.dim
     }
     fn window_section(&self) -> PoolSection {
         PoolSection {
-            base: self.layer_base + self.window_off(),
+            floats_per_block: self.rfpb,
+            base: self.recent_start() + self.recent_base,
             stride: self.hd,
             ratio: 1,
+            recent: true,
         }
     }
     fn comp_in_section(&self) -> PoolSection {
         PoolSection {
-            base: self.layer_base + self.comp_in_off(),
+            floats_per_block: self.rfpb,
+            base: self.recent_start() + self.recent_base + self.comp_in_off(),
             stride: 2 * self.width(),
             ratio: 1,
+            recent: true,
         }
     }
     fn comp_rows_section(&self) -> PoolSection {
         PoolSection {
-            base: self.layer_base + self.comp_rows_off(),
+            floats_per_block: self.fpb,
+            base: self.layer_base,
             stride: self.dim,
             ratio: self.ratio,
+            recent: false,
         }
     }
 }
@@ -184,10 +213,47 @@ fn ptr<T>(s: &Arc<CudaStream>, b: &CudaSlice<T>) -> u64 {
     b.device_ptr(s).0
 }
 
-/// A step: block tables per sequence, rows as (sequence, position; -1 = padding).
+/// A step: block and recent tables per sequence, rows as (sequence, position; -1 = padding).
 struct Step {
     tables: Vec<Vec<u32>>,
+    recent: Vec<Vec<u32>>,
     rows: Vec<(usize, i32)>,
+}
+
+impl Step {
+    /// Recent tables as the scheduler holds them: a recent block (numbered from the top, unlike
+    /// the block ids) for every block from `reach` positions before a sequence's first row on,
+    /// none before.
+    fn new(tables: Vec<Vec<u32>>, rows: Vec<(usize, i32)>, bs: usize, reach: usize) -> Self {
+        let mut next = RECENT_BLOCKS as u32;
+        let recent = tables
+            .iter()
+            .enumerate()
+            .map(|(seq, t)| {
+                let first = rows
+                    .iter()
+                    .filter(|r| r.0 == seq && r.1 >= 0)
+                    .map(|r| (r.1 as usize).saturating_sub(reach) / bs)
+                    .min()
+                    .unwrap_or(t.len());
+                (0..t.len())
+                    .map(|i| {
+                        if i < first {
+                            NO_RECENT
+                        } else {
+                            next -= 1;
+                            next
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        Step {
+            tables,
+            recent,
+            rows,
+        }
+    }
 }
 
 struct StepBufs {
@@ -202,9 +268,10 @@ impl Step {
     fn upload(&self, s: &Arc<CudaStream>) -> StepBufs {
         let mut starts_of = Vec::new();
         let mut flat = Vec::new();
-        for t in &self.tables {
+        for (t, r) in self.tables.iter().zip(&self.recent) {
             starts_of.push(flat.len() as i32);
             flat.extend_from_slice(t);
+            flat.extend_from_slice(r);
         }
         StepBufs {
             positions: up(s, &self.rows.iter().map(|r| r.1).collect::<Vec<_>>()),
@@ -243,8 +310,12 @@ impl StepBufs {
 fn compress_case(g: &Gpu, name: &str, lay: Layout, rope_dim: usize, step: &Step, seed: u64) {
     let s = &g.s;
     let mut rng = Rng(seed);
-    let num_blocks = step.tables.iter().flatten().copied().max().unwrap_or(0) as usize + 1;
-    let mut pool = rng.signed_vec(num_blocks * lay.fpb, 1.0);
+    assert!(step
+        .tables
+        .iter()
+        .flatten()
+        .all(|&b| (b as usize) < lay.blocks));
+    let mut pool = rng.signed_vec(lay.pool_len(), 1.0);
     let n = step.rows.len();
     let width = lay.width();
     let kv = rng.signed_vec(n * width, 1.0);
@@ -287,13 +358,13 @@ fn compress_case(g: &Gpu, name: &str, lay: Layout, rope_dim: usize, step: &Step,
         eps: comp.eps,
         out_format: KvRowFormat::F32,
     };
-    // SAFETY: every buffer above holds the shapes passed; block ids are below num_blocks.
+    // SAFETY: every buffer above holds the shapes passed; block ids are below lay.blocks and
+    // recent ids below RECENT_BLOCKS.
     unsafe {
         g.k.pool_write_rows(
             s,
             pool_p,
             &rows,
-            lay.fpb,
             lay.bs,
             &lay.window_section(),
             ptr(s, &lat_d),
@@ -306,7 +377,6 @@ fn compress_case(g: &Gpu, name: &str, lay: Layout, rope_dim: usize, step: &Step,
             s,
             pool_p,
             &rows,
-            lay.fpb,
             lay.bs,
             &lay.comp_in_section(),
             ptr(s, &kv_d),
@@ -318,7 +388,6 @@ fn compress_case(g: &Gpu, name: &str, lay: Layout, rope_dim: usize, step: &Step,
             s,
             pool_p,
             &rows,
-            lay.fpb,
             lay.bs,
             &lay.comp_in_section(),
             &lay.comp_rows_section(),
@@ -334,11 +403,11 @@ fn compress_case(g: &Gpu, name: &str, lay: Layout, rope_dim: usize, step: &Step,
         if pos < 0 {
             continue;
         }
-        let bt = &step.tables[seq];
+        let rt = &step.recent[seq];
         let pos = pos as usize;
-        let at = lay.window_row(bt, pos);
+        let at = lay.window_row(rt, pos);
         pool[at..at + lay.hd].copy_from_slice(&latent[r * ld_lat..r * ld_lat + lay.hd]);
-        let at = lay.comp_in_row(bt, pos);
+        let at = lay.comp_in_row(rt, pos);
         pool[at..at + width].copy_from_slice(&kv[r * width..(r + 1) * width]);
         pool[at + width..at + 2 * width].copy_from_slice(&gate[r * width..(r + 1) * width]);
     }
@@ -347,12 +416,12 @@ fn compress_case(g: &Gpu, name: &str, lay: Layout, rope_dim: usize, step: &Step,
         if pos < 0 || !(pos as usize + 1).is_multiple_of(lay.ratio) {
             continue;
         }
-        let bt = &step.tables[seq];
+        let (bt, rt) = (&step.tables[seq], &step.recent[seq]);
         let w = (pos as usize + 1) / lay.ratio - 1;
         let host = &pool;
         let row = compress_window(
             |p| {
-                let at = lay.comp_in_row(bt, p);
+                let at = lay.comp_in_row(rt, p);
                 &host[at..at + 2 * width]
             },
             w,
@@ -395,10 +464,12 @@ fn compress_rows_csa_tiny_geometry() {
     // block 16, ratio 4: A's rows 29..=31 (31 closes window 7), B's 19 closes window 4 whose
     // overlap window 3 (positions 12..15) sits in the previous block, C's 3 closes window 0 (no
     // overlap), C's 10 closes none, and a padding row.
-    let step = Step {
-        tables: vec![vec![5, 2, 7, 0], vec![3, 6, 1], vec![4]],
-        rows: vec![(0, 29), (0, 30), (0, 31), (1, 19), (2, 3), (2, 10), (0, -1)],
-    };
+    let step = Step::new(
+        vec![vec![5, 2, 7, 0], vec![3, 6, 1], vec![4]],
+        vec![(0, 29), (0, 30), (0, 31), (1, 19), (2, 3), (2, 10), (0, -1)],
+        16,
+        7,
+    );
     let lay = Layout::new(16, 4, 2, 64, 64, 7);
     compress_case(&g, "csa bs16", lay, 16, &step, 1);
 }
@@ -411,10 +482,12 @@ fn compress_rows_flash_shapes() {
     // CSA (ratio 4, head_dim 512; and the indexer's 128), block 128: window 32 closes at 131
     // with its overlap (124..127) in the previous block; two rows of one sequence close
     // windows 32 and 33 in the same step.
-    let step = Step {
-        tables: vec![vec![6, 1, 4], vec![0, 3], vec![2]],
-        rows: vec![(0, 131), (0, 132), (0, 135), (1, 255), (2, 3), (2, 0)],
-    };
+    let step = Step::new(
+        vec![vec![6, 1, 4], vec![0, 3], vec![2]],
+        vec![(0, 131), (0, 132), (0, 135), (1, 255), (2, 3), (2, 0)],
+        128,
+        127,
+    );
     let lay = Layout::new(128, 4, 2, 512, 512, 5);
     compress_case(&g, "csa bs128 dim512", lay, 64, &step, 2);
     let lay = Layout::new(128, 4, 2, 128, 512, 3);
@@ -424,19 +497,27 @@ fn compress_rows_flash_shapes() {
     // another, and a row closing none.
     let mut rng = Rng(9);
     let perm = rng.permutation(12);
-    let step = Step {
-        tables: vec![perm[..10].to_vec(), vec![perm[10]]],
-        rows: vec![(0, 1278), (0, 1279), (0, 639), (1, 127), (1, 100)],
-    };
+    let step = Step::new(
+        vec![perm[..10].to_vec(), vec![perm[10]]],
+        vec![(0, 1278), (0, 1279), (0, 639), (1, 127), (1, 100)],
+        128,
+        127,
+    );
     let lay = Layout::new(128, 128, 1, 512, 512, 11);
     compress_case(&g, "hca bs128", lay, 64, &step, 4);
 }
 
 /// The host's key list of a row: window rows `lo..=pos`, then the compressed rows.
-fn host_keys(lay: &Layout, bt: &[u32], pos: usize, window: usize, comp: &[usize]) -> Vec<i64> {
+fn host_keys(
+    lay: &Layout,
+    (bt, rt): (&[u32], &[u32]),
+    pos: usize,
+    window: usize,
+    comp: &[usize],
+) -> Vec<i64> {
     let lo = (pos + 1).saturating_sub(window);
     (lo..=pos)
-        .map(|p| lay.window_row(bt, p) as i64)
+        .map(|p| lay.window_row(rt, p) as i64)
         .chain(comp.iter().map(|&w| lay.comp_row(bt, w) as i64))
         .collect()
 }
@@ -473,7 +554,6 @@ fn run_keys(
         g.k.build_key_offsets(
             s,
             &rows,
-            lay.fpb,
             lay.bs,
             window,
             &lay.window_section(),
@@ -499,11 +579,13 @@ fn key_offsets_match_host_lists() {
     let mut rng = Rng(7);
     // Tiny geometry: block 16, ratio 4, window 8.
     let lay = Layout::new(16, 4, 2, 64, 64, 7);
-    let step = Step {
-        tables: vec![vec![5, 2, 7, 0], vec![3, 6, 1], vec![4]],
-        rows: vec![(0, 29), (0, 31), (1, 19), (2, 3), (2, 2), (1, 40), (0, -1)],
-    };
     let window = 8;
+    let step = Step::new(
+        vec![vec![5, 2, 7, 0], vec![3, 6, 1], vec![4]],
+        vec![(0, 29), (0, 31), (1, 19), (2, 3), (2, 2), (1, 40), (0, -1)],
+        16,
+        window - 1,
+    );
     let real: Vec<usize> = step.rows.iter().map(|r| r.1.max(0) as usize).collect();
     let pad = |counts: Vec<usize>| -> Vec<usize> {
         counts
@@ -552,7 +634,7 @@ fn key_offsets_match_host_lists() {
             if pos >= 0 {
                 want.extend(host_keys(
                     &lay,
-                    &step.tables[seq],
+                    (&step.tables[seq], &step.recent[seq]),
                     pos as usize,
                     window,
                     &comp[r],
@@ -564,10 +646,12 @@ fn key_offsets_match_host_lists() {
 
     // Room past a row's keys, a selected index outside the visible windows and a block past the
     // row's table all give -1, and nothing is written past a row's room.
-    let step = Step {
-        tables: vec![vec![5, 2], vec![3]],
-        rows: vec![(0, 11), (0, 5), (0, 7), (1, 40)],
-    };
+    let step = Step::new(
+        vec![vec![5, 2], vec![3]],
+        vec![(0, 11), (0, 5), (0, 7), (1, 40)],
+        16,
+        window - 1,
+    );
     let sel = [2i32, 0, 1, 9, 0, 0, 0, 0, 0, 0, 0, 0];
     let cnt = [3i32, 1, 1, 0];
     // Row 0: 8 window + 3 selected keys in a room of 13; row 1: 6 window keys + selected row 9,
@@ -583,7 +667,7 @@ fn key_offsets_match_host_lists() {
         Some((&sel, &cnt, 3)),
         &starts,
     );
-    let bt = &step.tables[0];
+    let bt = (&step.tables[0][..], &step.recent[0][..]);
     let mut want = host_keys(&lay, bt, 11, window, &[2, 0, 1]);
     want.extend([-1, -1]);
     want.extend(host_keys(&lay, bt, 5, window, &[]));
@@ -599,21 +683,26 @@ fn key_offsets_at_one_million_tokens() {
         return;
     };
     let mut rng = Rng(11);
-    // V4-Flash: block 128, head_dim 512, a block of ~12.8M floats, so offsets pass 2^31.
+    // V4-Flash: block 128, head_dim 512; 8,192 blocks of ~12.8M floats, so offsets of both
+    // the compressed rows and the recent blocks after them pass 2^31.
     let blocks = 8192;
     let hca = Layout {
         fpb: 398_784 * 32,
+        blocks,
         ..Layout::new(128, 128, 1, 512, 512, 5_000_000)
     };
     let csa = Layout {
         fpb: 398_784 * 32,
+        blocks,
         ..Layout::new(128, 4, 2, 512, 512, 1_000_000)
     };
     let table = rng.permutation(blocks);
-    let step = Step {
-        tables: vec![table.clone(), table[..4096].to_vec()],
-        rows: vec![(0, (1 << 20) - 1), (0, (1 << 20) - 200), (1, 300_000)],
-    };
+    let step = Step::new(
+        vec![table.clone(), table[..4096].to_vec()],
+        vec![(0, (1 << 20) - 1), (0, (1 << 20) - 200), (1, 300_000)],
+        128,
+        127,
+    );
     let positions: Vec<usize> = step.rows.iter().map(|r| r.1 as usize).collect();
     let window = 128;
 
@@ -638,7 +727,8 @@ fn key_offsets_at_one_million_tokens() {
     for &(seq, pos) in &step.rows {
         let pos = pos as usize;
         let comp: Vec<usize> = (0..(pos + 1) / 128).collect();
-        want.extend(host_keys(&hca, &step.tables[seq], pos, window, &comp));
+        let tables = (&step.tables[seq][..], &step.recent[seq][..]);
+        want.extend(host_keys(&hca, tables, pos, window, &comp));
     }
     assert!(want.iter().any(|&o| o > i32::MAX as i64));
     assert_eq!(got, want);
@@ -676,7 +766,7 @@ fn key_offsets_at_one_million_tokens() {
     for (r, &(seq, pos)) in step.rows.iter().enumerate() {
         want.extend(host_keys(
             &csa,
-            &step.tables[seq],
+            (&step.tables[seq], &step.recent[seq]),
             pos as usize,
             window,
             &comp[r],

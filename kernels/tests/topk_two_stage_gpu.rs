@@ -1,6 +1,8 @@
-//! The indexer's exact top-k select (`Kernels::topk_select`): the two-stage select (a block per
-//! 4096-score segment keeping its top k, then a block per token over those candidates), which
-//! few tokens with long lists take, against the single-block select and a host reference
+//! The indexer's exact top-k select (`Kernels::topk_select`): the multi-stage select (a block per
+//! 4096-score segment keeping its top k, rounds of the same over the candidates while more than
+//! a segment of them is left, then a block per token over the last ones: 262,144 and 70,000
+//! scores take a middle round, 2 * 4096 + 1 none), which few tokens with long lists take,
+//! against the single-block select and a host reference
 //! (`reference::topk`: value descending in total order, ties to the lower index), written as the
 //! rows above the k-th value in index order, then its ties in index order; the rows past
 //! `min(k, count)` stay untouched. Exactly equal indices and value
@@ -130,8 +132,10 @@ fn two_stage_select_equals_single_block_and_reference() {
         &[random_list(&mut rng, 262_144, 10.0)],
         k,
     );
-    // Tokens of different counts: long, 2 SEG + 1, SEG + 1, exactly k, below k, 1, 0.
+    // Tokens of different counts in one launch (all through the same rounds): 1M, long,
+    // 2 SEG + 1, SEG + 1, exactly k, below k, 1, 0.
     let mixed = vec![
+        random_list(&mut rng, 262_144, 3.0),
         random_list(&mut rng, 70_000, 3.0),
         random_list(&mut rng, 2 * seg + 1, 3.0),
         random_list(&mut rng, seg + 1, 3.0),
@@ -143,7 +147,7 @@ fn two_stage_select_equals_single_block_and_reference() {
     check(&g, "random mixed counts", &mixed, k);
     // Heavy ties: 7 distinct values, then 2.
     let vals = [-3.0f32, -1.0, -0.5, 0.0, 0.25, 1.0, 2.0];
-    let mut ties: Vec<Vec<f32>> = [70_000, 2 * seg + 1, 5000]
+    let mut ties: Vec<Vec<f32>> = [262_144, 70_000, 2 * seg + 1, 5000]
         .iter()
         .map(|&n| (0..n).map(|_| vals[rng.below(7)]).collect())
         .collect();

@@ -124,11 +124,13 @@ fn group_description(args: &ServeArgs) -> String {
     let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
     format!(
         "config={hex} device={:?} max_model_len={:?} kv_cache_dtype={:?} kv_pool_tokens={:?} \
-         speculative={:?}/{:?} load_format={:?}",
+         max_num_seqs={} max_num_batched_tokens={} speculative={:?}/{:?} load_format={:?}",
         resolve_device(args.device),
         args.max_model_len,
         args.kv_cache_dtype,
         args.kv_pool_tokens,
+        args.max_num_seqs,
+        args.max_num_batched_tokens,
         args.speculative_method,
         args.num_speculative_tokens,
         args.load_format
@@ -363,15 +365,19 @@ fn load_and_run(
     }
     let bytes_per_token = layout.bytes_per_block / layout.block_size.max(1);
     let full_length = pool_tokens / max_model_len.max(1);
+    let recent_mb = (layout.recent_blocks * layout.bytes_per_recent) as f64 / 1e6;
     info!(
         pool_tokens,
         bytes_per_token,
         block_size = layout.block_size,
         num_blocks = layout.num_blocks,
+        recent_blocks = layout.recent_blocks,
         max_model_len,
         max_concurrency_at_full_length = full_length,
-        "KV pool ready: {pool_tokens} tokens x {bytes_per_token} B/token; {full_length} request(s) at \
-         full length ({max_model_len} tokens) fit at once"
+        "KV pool ready: {pool_tokens} tokens x {bytes_per_token} B/token, plus {} recent blocks \
+         ({recent_mb:.1} MB) for the sliding windows and compressor inputs; {full_length} \
+         request(s) at full length ({max_model_len} tokens) fit at once",
+        layout.recent_blocks
     );
     warm_up(runner.as_mut(), tokenizer.special().bos)?;
     let eos = tokenizer.special().eos;
@@ -423,7 +429,7 @@ fn warm_up(runner: &mut dyn ModelRunner, bos: u32) -> anyhow::Result<()> {
     let layout = runner.kv_layout();
     let prefill_blocks = WARMUP_PREFILL_TOKENS.div_ceil(layout.block_size.max(1));
     let mut lengths = vec![1];
-    if prefill_blocks <= layout.num_blocks {
+    if prefill_blocks <= layout.num_blocks.min(layout.recent_blocks) {
         lengths.push(WARMUP_PREFILL_TOKENS);
     }
     for tokens in lengths {
@@ -434,6 +440,7 @@ fn warm_up(runner: &mut dyn ModelRunner, bos: u32) -> anyhow::Result<()> {
                 start_pos: 0,
                 tokens: vec![bos; tokens],
                 block_table: (0..blocks).collect(),
+                recent_table: (0..blocks).collect(),
                 logits: LogitsWanted::Last,
                 draft: None,
             }],
@@ -504,6 +511,8 @@ fn load_engine(
         gpu_memory_utilization: (args.kv_pool_tokens.is_none() && device == model::Device::Cuda)
             .then_some(args.gpu_memory_utilization),
         enforce_eager: args.enforce_eager,
+        // Recent blocks for the batch the scheduler may run (drafts count in the token budget).
+        batch_limits: Some((args.max_num_seqs, args.max_num_batched_tokens)),
         shard: model::load::Shard {
             rank: args.rank(),
             world_size: args.world_size,

@@ -397,6 +397,7 @@ fn captured_target_features_are_stream_means_of_layer_outputs() {
             start_pos: 0,
             tokens: ids,
             block_table: vec![0],
+            recent_table: vec![0],
             logits: LogitsWanted::None,
             draft: None,
         }],

@@ -76,6 +76,29 @@ fn tiny_model_matches_transformers_on_cuda() {
     eprintln!("cuda tiny: worst relative error prefill {p:e}, one-shot {o:e}, decode {g:e}");
 }
 
+#[test]
+fn released_recent_blocks_change_no_logit_on_cuda() {
+    if !gpu_enabled("released_recent_blocks_change_no_logit_on_cuda") {
+        return;
+    }
+    // As on the CPU (model_fixtures.rs): the 140-token chunks run the GEMM-step path, the
+    // decode steps the graphed layer stack; with FP8 records too.
+    let r = Reference::load(&support::repo_path("tests/fixtures/reference.json"));
+    let long = ids(&r.prompt("long")["input_ids"]);
+    let toks: Vec<u32> = long.iter().copied().cycle().take(420).collect();
+    support::reference::check_released_recent_blocks(&mut tiny_cuda(2048), &toks);
+    let dir = support::repo_path("assets/tiny-dsv4");
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let opts = LoadOptions {
+        kv_storage: KvStorage::Fp8,
+        ..cuda_opts(2048)
+    };
+    let src = support::tiny_checkpoint();
+    let mut m = exact(model::build_cuda(cfg, &src, &opts, Arc::new(SingleRank)).unwrap());
+    support::reference::check_released_recent_blocks(&mut m, &toks);
+    eprintln!("cuda tiny: released and renumbered recent blocks give identical logits");
+}
+
 /// A pool of bf16 rows or FP8 records against transformers with the same roundings
 /// (make_kv_fixtures.py), at the CPU's bound for it (kv_storage.rs: rows within float noise of a
 /// rounding boundary may round the other way).

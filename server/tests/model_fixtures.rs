@@ -130,6 +130,16 @@ fn continues_from_shared_prefix_blocks() {
 }
 
 #[test]
+fn released_recent_blocks_change_no_logit() {
+    // 420 tokens over 4 blocks of 128: the first blocks' recent blocks are released while the
+    // sequence decodes past them.
+    let long = ids(&prompt("long")["input_ids"]);
+    let toks: Vec<u32> = long.iter().copied().cycle().take(420).collect();
+    let mut m = tiny_model(2048);
+    support::reference::check_released_recent_blocks(&mut m, &toks);
+}
+
+#[test]
 fn bad_plans_are_clear_errors() {
     let mut m = tiny_model(256);
     let bad = |m: &mut DeepseekV4<CpuBackend>, s: SeqPlan| {
@@ -143,6 +153,19 @@ fn bad_plans_are_clear_errors() {
     assert!(e.contains("vocabulary"), "{e}");
     let e = bad(&mut m, seq(1, 0, &[], &[0], LogitsWanted::Last));
     assert!(e.contains("no tokens"), "{e}");
+    // A step must have the recent blocks of its window; entries outside it may be released.
+    let mut s = seq(1, 200, &[1], &[0, 1], LogitsWanted::Last);
+    s.recent_table = vec![0, u32::MAX];
+    let e = bad(&mut m, s);
+    assert!(e.contains("recent block none"), "{e}");
+    let mut s = seq(1, 0, &[1], &[0], LogitsWanted::Last);
+    s.recent_table = vec![];
+    let e = bad(&mut m, s);
+    assert!(e.contains("recent table of 0 entries"), "{e}");
+    let mut s = seq(1, 0, &[1], &[0], LogitsWanted::Last);
+    s.recent_table = vec![77];
+    let e = bad(&mut m, s);
+    assert!(e.contains("recent block 77"), "{e}");
 }
 
 #[test]

@@ -50,6 +50,9 @@ impl ModelRunner for AllReducingRunner {
             block_size: 16,
             num_blocks: 4,
             bytes_per_block: 1,
+            recent_blocks: 4,
+            bytes_per_recent: 1,
+            recent_reach: 15,
         }
     }
     fn vocab_size(&self) -> usize {
@@ -75,6 +78,7 @@ fn one_seq_plan(i: u64) -> StepPlan {
             start_pos: 0,
             tokens: vec![1],
             block_table: vec![0],
+            recent_table: vec![0],
             logits: LogitsWanted::Last,
             draft: None,
         }],

@@ -354,6 +354,7 @@ fn sampled_output_with_speculation_follows_the_target_distribution() {
             start_pos: 0,
             tokens: ctx,
             block_table: vec![0],
+            recent_table: vec![0],
             logits: dspark_server::engine::LogitsWanted::Last,
             draft: None,
         }],

@@ -43,6 +43,7 @@ fn step(
                 start_pos: start,
                 tokens: tokens.to_vec(),
                 block_table: (0..blocks).collect(),
+                recent_table: (0..blocks).collect(),
                 logits,
                 draft,
             }],

@@ -157,11 +157,27 @@ pub fn topk_two_stage(tokens: usize, max_count: usize, k: usize) -> bool {
         && k <= TOPK_SEGMENT / 2
 }
 
-/// Scratch bytes of a [`TopKSelect`]: per token, `k` (at most half a segment) candidates (f32 value + i32 index) per
-/// segment of `max_count`; 0 where the single-block select runs.
+/// Per-token candidates (the stride of each round's buffer) of the multi-stage select of lists
+/// of up to `max_count` scores: the first round keeps `k` of every [`TOPK_SEGMENT`] scores, each
+/// further round `k` of every segment of candidates, until at most a segment is left for the
+/// final block (a 1M-context decode: 32,768 candidates, then 4,096). `k <= TOPK_SEGMENT / 2`
+/// shrinks every round.
+pub fn topk_rounds(max_count: usize, k: usize) -> Vec<usize> {
+    let mut strides = vec![max_count.div_ceil(TOPK_SEGMENT) * k];
+    while let Some(&s) = strides
+        .last()
+        .filter(|&&s| s > TOPK_SEGMENT && k <= TOPK_SEGMENT / 2)
+    {
+        strides.push(s.div_ceil(TOPK_SEGMENT) * k);
+    }
+    strides
+}
+
+/// Scratch bytes of a [`TopKSelect`]: per token and round of [`topk_rounds`], its candidates (f32
+/// value + i32 index); 0 where the single-block select runs.
 pub fn topk_select_workspace_bytes(tokens: usize, max_count: usize, k: usize) -> usize {
     if topk_two_stage(tokens, max_count, k) {
-        tokens * max_count.div_ceil(TOPK_SEGMENT) * k * 8
+        tokens * topk_rounds(max_count, k).iter().sum::<usize>() * 8
     } else {
         0
     }
@@ -658,8 +674,9 @@ pub fn check_topk_select(a: &TopKSelect) -> Result<(), KernelError> {
 impl Kernels {
     /// Exact top-k selection per token (see [`TopKSelect`]): one block per token over all its
     /// scores, or, for few tokens with long lists ([`topk_two_stage`]), a block per
-    /// [`TOPK_SEGMENT`] scores keeping each segment's top k, then a block per token selecting
-    /// among those candidates. Both give the same rows in the same order.
+    /// [`TOPK_SEGMENT`] scores keeping each segment's top k, rounds of the same over the
+    /// candidates while more than a segment of them is left ([`topk_rounds`]), then a block per
+    /// token selecting among the last candidates. Both give the same rows in the same order.
     ///
     /// # Safety
     /// Every pointer must address device memory of this context holding the shapes given; each
@@ -707,9 +724,18 @@ impl Kernels {
         const K: &str = "topk_select";
         let segs = a.max_count.div_ceil(TOPK_SEGMENT);
         let max_segs = i32_arg(K, "max_count / segment", segs)?;
-        // Candidate values (f32), then their global indices (i32), each half the workspace.
-        let half = topk_select_workspace_bytes(a.tokens, a.max_count, a.k) / 2;
-        let (cand_val, cand_idx) = (a.workspace, a.workspace + half as CUdeviceptr);
+        // Each round's candidates: values (f32), then their global indices (i32).
+        let rounds = topk_rounds(a.max_count, a.k);
+        let mut at = a.workspace;
+        let buffers: Vec<(CUdeviceptr, CUdeviceptr, i64)> = rounds
+            .iter()
+            .map(|&stride| {
+                let (val, idx) = (at, at + (a.tokens * stride * 4) as CUdeviceptr);
+                at += (a.tokens * stride * 8) as CUdeviceptr;
+                Ok((val, idx, i64_arg(K, "candidates per token", stride)?))
+            })
+            .collect::<Result<_, KernelError>>()?;
+        let (cand_val, cand_idx, _) = buffers[0];
         let stage1 = LaunchConfig {
             grid_dim: (u32_grid(K, segs)?, u32_grid(K, a.tokens)?, 1),
             block_dim: (1024, 1, 1),
@@ -726,7 +752,36 @@ impl Kernels {
             .arg(&cand_val)
             .launch(stage1)
             .map_err(KernelError::driver("launch topk_select segments"))?;
-        let stage2 = LaunchConfig {
+        for (level, pair) in buffers.windows(2).enumerate() {
+            let ((in_val, in_idx, in_stride), (out_val, out_idx, out_stride)) = (pair[0], pair[1]);
+            let level = i32_arg(K, "round", level + 1)?;
+            let round = LaunchConfig {
+                grid_dim: (
+                    u32_grid(K, (in_stride as usize).div_ceil(TOPK_SEGMENT))?,
+                    u32_grid(K, a.tokens)?,
+                    1,
+                ),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            stream
+                .kernel(&self.topk_select_reduce)
+                .arg(&a.counts)
+                .arg(&k)
+                .arg(&max_segs)
+                .arg(&level)
+                .arg(&in_idx)
+                .arg(&in_val)
+                .arg(&in_stride)
+                .arg(&out_idx)
+                .arg(&out_val)
+                .arg(&out_stride)
+                .launch(round)
+                .map_err(KernelError::driver("launch topk_select round"))?;
+        }
+        let (last_val, last_idx, last_stride) = buffers[buffers.len() - 1];
+        let level = i32_arg(K, "rounds", buffers.len())?;
+        let last = LaunchConfig {
             grid_dim: (u32_grid(K, a.tokens)?, 1, 1),
             block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
@@ -736,11 +791,13 @@ impl Kernels {
             .arg(&a.counts)
             .arg(&k)
             .arg(&max_segs)
-            .arg(&cand_idx)
-            .arg(&cand_val)
+            .arg(&level)
+            .arg(&last_stride)
+            .arg(&last_idx)
+            .arg(&last_val)
             .arg(&a.out_idx)
             .arg(&a.out_val)
-            .launch(stage2)
+            .launch(last)
             .map_err(KernelError::driver("launch topk_select merge"))?;
         Ok(())
     }
@@ -1128,12 +1185,31 @@ mod tests {
 
     #[test]
     fn two_stage_workspace_holds_k_candidates_per_segment() {
-        // 64 segments of 512 (value, index) pairs per token.
-        assert_eq!(topk_select_workspace_bytes(1, 262_144, 512), 64 * 512 * 8);
+        // 64 segments of 512 (value, index) pairs per token, then 8 segments of 512 of those.
+        assert_eq!(topk_rounds(262_144, 512), [64 * 512, 8 * 512]);
+        assert_eq!(topk_select_workspace_bytes(1, 262_144, 512), 72 * 512 * 8);
         assert_eq!(
             topk_select_workspace_bytes(3, 262_144, 512),
-            3 * 64 * 512 * 8
+            3 * 72 * 512 * 8
         );
+        // Every round shrinks the candidates until a segment is left; short lists take one.
+        assert_eq!(topk_rounds(70_000, 512), [18 * 512, 3 * 512]);
+        assert_eq!(
+            topk_rounds(4 << 20, 2048),
+            [
+                1024 * 2048,
+                512 * 2048,
+                256 * 2048,
+                128 * 2048,
+                64 * 2048,
+                32 * 2048,
+                16 * 2048,
+                8 * 2048,
+                4 * 2048,
+                2 * 2048
+            ]
+        );
+        assert_eq!(topk_rounds(2 * TOPK_SEGMENT + 1, 512), [3 * 512]);
         // A partial last segment still gets its k slots.
         assert_eq!(
             topk_select_workspace_bytes(2, 2 * TOPK_SEGMENT + 1, 512),

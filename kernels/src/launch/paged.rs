@@ -1,10 +1,11 @@
 //! Launches of `paged.cu`: KV pool rows addressed on the device from each step row's position and
-//! its sequence's block table (writes of this step's rows, the compressor's compressed rows, and
-//! the attention key lists), so a decode step needs no host-built offsets.
+//! its sequence's tables (writes of this step's rows, the compressor's compressed rows, and the
+//! attention key lists), so a decode step needs no host-built offsets.
 //!
-//! Row `i` of a [`PoolSection`] for a sequence with block table `bt` is at element
-//! `bt[i * ratio / block_size] * floats_per_block + base + (i * ratio % block_size) / ratio *
-//! stride` (server/src/engine/model/kv.rs: `window_row`, `comp_in_row`, `comp_row`, ...).
+//! Row `i` of a [`PoolSection`] for a sequence with table `t` is at element
+//! `t[i * ratio / block_size] * floats_per_block + base + (i * ratio % block_size) / ratio *
+//! stride`, where `t` is the sequence's block table, or for a `recent` section its recent table
+//! (server/src/engine/model/kv.rs: `window_row`, `comp_in_row`, `comp_row`, ...).
 //! A step row with a negative position is padding: every kernel skips it.
 
 use std::sync::Arc;
@@ -46,17 +47,21 @@ impl PagedFns {
     }
 }
 
-/// One region of every layer block: `base` floats into the block (layer base + the region's
-/// offset), `stride` floats per row, `ratio` positions per row (1 for per-token rows, the
-/// compress ratio for compressed rows).
+/// One region of a layer's part of every block: block `b`'s region at `b * floats_per_block +
+/// base` (`base`: where the layer's parts start in the pool plus the region's offset in a part),
+/// `stride` floats per row, `ratio` positions per row (1 for per-token rows, the compress ratio
+/// for compressed rows). `recent`: the blocks are named by the rows' recent tables (window rows,
+/// compressor inputs), else by their block tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolSection {
+    pub floats_per_block: usize,
     pub base: usize,
     pub stride: usize,
     pub ratio: usize,
+    pub recent: bool,
 }
 
-/// The step's rows and their sequences' block tables, all device memory.
+/// The step's rows and their sequences' tables, all device memory.
 #[derive(Clone, Copy, Debug)]
 pub struct RowTable {
     /// i32 `[rows]`: each row's position (negative: padding, skipped).
@@ -65,7 +70,8 @@ pub struct RowTable {
     pub bt_starts: CUdeviceptr,
     /// i32 `[rows]`: how many blocks each row's table has (no entry past it is read).
     pub bt_lens: CUdeviceptr,
-    /// u32: every sequence's block table, concatenated.
+    /// u32: every sequence's block table, each followed by its recent table (as many entries;
+    /// `u32::MAX` where released, never read), concatenated.
     pub block_tables: CUdeviceptr,
     pub rows: usize,
 }
@@ -148,11 +154,11 @@ pub fn key_starts(counts: &[usize]) -> Result<Vec<i32>, KernelError> {
 pub fn check_section(
     kernel: &'static str,
     what: &str,
-    fpb: usize,
     block_size: usize,
     s: &PoolSection,
     width: usize,
 ) -> Result<(), KernelError> {
+    let fpb = s.floats_per_block;
     if block_size == 0 || s.ratio == 0 || !block_size.is_multiple_of(s.ratio) {
         return Err(KernelError::invalid(
             kernel,
@@ -210,7 +216,6 @@ fn check_rows(kernel: &'static str, pool: CUdeviceptr, rows: &RowTable) -> Resul
 pub fn check_pool_write(
     pool: CUdeviceptr,
     rows: &RowTable,
-    fpb: usize,
     block_size: usize,
     section: &PoolSection,
     width: usize,
@@ -240,7 +245,6 @@ pub fn check_pool_write(
     check_section(
         K,
         "section",
-        fpb,
         block_size,
         section,
         parts * format.slots(width),
@@ -251,7 +255,6 @@ pub fn check_pool_write(
 pub fn check_compress(
     pool: CUdeviceptr,
     rows: &RowTable,
-    fpb: usize,
     block_size: usize,
     input: &PoolSection,
     output: &PoolSection,
@@ -298,15 +301,8 @@ pub fn check_compress(
     c.out_format
         .check(c.dim)
         .map_err(|e| KernelError::invalid(K, e.to_string()))?;
-    check_section(K, "input", fpb, block_size, input, 2 * c.coff * c.dim)?;
-    check_section(
-        K,
-        "output",
-        fpb,
-        block_size,
-        output,
-        c.out_format.slots(c.dim),
-    )
+    check_section(K, "input", block_size, input, 2 * c.coff * c.dim)?;
+    check_section(K, "output", block_size, output, c.out_format.slots(c.dim))
 }
 
 /// The compressed rows a key list reads (see [`Kernels::build_key_offsets`]).
@@ -324,7 +320,6 @@ pub struct KeySelection {
 #[allow(clippy::too_many_arguments)]
 pub fn check_key_offsets(
     rows: &RowTable,
-    fpb: usize,
     block_size: usize,
     window_section: &PoolSection,
     comp_section: &PoolSection,
@@ -351,9 +346,9 @@ pub fn check_key_offsets(
         ));
     }
     let (ws, cs) = (window_section, comp_section);
-    check_section(K, "window section", fpb, block_size, ws, ws.stride)?;
+    check_section(K, "window section", block_size, ws, ws.stride)?;
     if sel.mode != KeyMode::Window {
-        check_section(K, "compressed section", fpb, block_size, cs, cs.stride)?;
+        check_section(K, "compressed section", block_size, cs, cs.stride)?;
     }
     if sel.mode == KeyMode::Selected {
         nonnull(
@@ -385,7 +380,6 @@ impl Kernels {
         stream: &CudaStream,
         pool: CUdeviceptr,
         rows: &RowTable,
-        floats_per_block: usize,
         block_size: usize,
         section: &PoolSection,
         src: CUdeviceptr,
@@ -397,16 +391,7 @@ impl Kernels {
         if rows.rows == 0 {
             return Ok(());
         }
-        check_pool_write(
-            pool,
-            rows,
-            floats_per_block,
-            block_size,
-            section,
-            width,
-            1,
-            format,
-        )?;
+        check_pool_write(pool, rows, block_size, section, width, 1, format)?;
         nonnull(K, &[("src", src)])?;
         if ld_src < width {
             return Err(KernelError::invalid(
@@ -418,7 +403,6 @@ impl Kernels {
             stream,
             pool,
             rows,
-            floats_per_block,
             block_size,
             section,
             (src, ld_src),
@@ -439,7 +423,6 @@ impl Kernels {
         stream: &CudaStream,
         pool: CUdeviceptr,
         rows: &RowTable,
-        floats_per_block: usize,
         block_size: usize,
         section: &PoolSection,
         kv: CUdeviceptr,
@@ -450,22 +433,12 @@ impl Kernels {
         if rows.rows == 0 {
             return Ok(());
         }
-        check_pool_write(
-            pool,
-            rows,
-            floats_per_block,
-            block_size,
-            section,
-            width,
-            2,
-            KvRowFormat::F32,
-        )?;
+        check_pool_write(pool, rows, block_size, section, width, 2, KvRowFormat::F32)?;
         nonnull(K, &[("kv", kv), ("gate", gate)])?;
         self.pool_write(
             stream,
             pool,
             rows,
-            floats_per_block,
             block_size,
             section,
             (kv, width),
@@ -481,7 +454,6 @@ impl Kernels {
         stream: &CudaStream,
         pool: CUdeviceptr,
         rows: &RowTable,
-        fpb: usize,
         block_size: usize,
         section: &PoolSection,
         (a, lda): (CUdeviceptr, usize),
@@ -491,10 +463,11 @@ impl Kernels {
     ) -> Result<(), KernelError> {
         const K: &str = "pool_write";
         let (fmt, rope) = (format.code(), i32_arg(K, "rope", format.rope())?);
-        let fpb = i64_arg(K, "floats_per_block", fpb)?;
+        let fpb = i64_arg(K, "floats_per_block", section.floats_per_block)?;
         let bs = i32_arg(K, "block_size", block_size)?;
         let base = i64_arg(K, "base", section.base)?;
         let stride = i64_arg(K, "stride", section.stride)?;
+        let recent = i32::from(section.recent);
         let (lda, ldb) = (i64_arg(K, "ld", lda)?, i64_arg(K, "ld", ldb)?);
         let w = i32_arg(K, "width", width)?;
         let cfg = LaunchConfig {
@@ -513,6 +486,7 @@ impl Kernels {
             .arg(&bs)
             .arg(&base)
             .arg(&stride)
+            .arg(&recent)
             .arg(&a)
             .arg(&lda)
             .arg(&b)
@@ -543,7 +517,6 @@ impl Kernels {
         stream: &CudaStream,
         pool: CUdeviceptr,
         rows: &RowTable,
-        floats_per_block: usize,
         block_size: usize,
         input: &PoolSection,
         output: &PoolSection,
@@ -553,16 +526,19 @@ impl Kernels {
         if rows.rows == 0 {
             return Ok(());
         }
-        check_compress(pool, rows, floats_per_block, block_size, input, output, c)?;
-        let fpb = i64_arg(K, "floats_per_block", floats_per_block)?;
+        check_compress(pool, rows, block_size, input, output, c)?;
         let bs = i32_arg(K, "block_size", block_size)?;
-        let (in_base, in_stride) = (
+        let (in_fpb, in_base, in_stride, in_recent) = (
+            i64_arg(K, "input floats_per_block", input.floats_per_block)?,
             i64_arg(K, "input base", input.base)?,
             i64_arg(K, "input stride", input.stride)?,
+            i32::from(input.recent),
         );
-        let (out_base, out_stride) = (
+        let (out_fpb, out_base, out_stride, out_recent) = (
+            i64_arg(K, "output floats_per_block", output.floats_per_block)?,
             i64_arg(K, "output base", output.base)?,
             i64_arg(K, "output stride", output.stride)?,
+            i32::from(output.recent),
         );
         let (ratio, coff) = (i32_arg(K, "ratio", c.ratio)?, i32_arg(K, "coff", c.coff)?);
         let (dim, rope_dim) = (
@@ -585,12 +561,15 @@ impl Kernels {
             .arg(&rows.bt_starts)
             .arg(&rows.bt_lens)
             .arg(&rows.block_tables)
-            .arg(&fpb)
             .arg(&bs)
+            .arg(&in_fpb)
             .arg(&in_base)
             .arg(&in_stride)
+            .arg(&in_recent)
+            .arg(&out_fpb)
             .arg(&out_base)
             .arg(&out_stride)
+            .arg(&out_recent)
             .arg(&ratio)
             .arg(&coff)
             .arg(&dim)
@@ -626,7 +605,6 @@ impl Kernels {
         &self,
         stream: &CudaStream,
         rows: &RowTable,
-        floats_per_block: usize,
         block_size: usize,
         window: usize,
         window_section: &PoolSection,
@@ -642,7 +620,6 @@ impl Kernels {
         }
         check_key_offsets(
             rows,
-            floats_per_block,
             block_size,
             window_section,
             comp_section,
@@ -650,16 +627,27 @@ impl Kernels {
             key_starts,
             key_offsets,
         )?;
-        let fpb = i64_arg(K, "floats_per_block", floats_per_block)?;
         let bs = i32_arg(K, "block_size", block_size)?;
         let win = i32_arg(K, "window", window)?;
-        let (win_base, win_stride) = (
+        let (win_fpb, win_base, win_stride, win_recent) = (
+            i64_arg(
+                K,
+                "window floats_per_block",
+                window_section.floats_per_block,
+            )?,
             i64_arg(K, "window base", window_section.base)?,
             i64_arg(K, "window stride", window_section.stride)?,
+            i32::from(window_section.recent),
         );
-        let (comp_base, comp_stride) = (
+        let (comp_fpb, comp_base, comp_stride, comp_recent) = (
+            i64_arg(
+                K,
+                "compressed floats_per_block",
+                comp_section.floats_per_block,
+            )?,
             i64_arg(K, "compressed base", comp_section.base)?,
             i64_arg(K, "compressed stride", comp_section.stride)?,
+            i32::from(comp_section.recent),
         );
         let ratio = if sel.mode == KeyMode::Window {
             0
@@ -686,13 +674,16 @@ impl Kernels {
             .arg(&rows.bt_starts)
             .arg(&rows.bt_lens)
             .arg(&rows.block_tables)
-            .arg(&fpb)
             .arg(&bs)
             .arg(&win)
+            .arg(&win_fpb)
             .arg(&win_base)
             .arg(&win_stride)
+            .arg(&win_recent)
+            .arg(&comp_fpb)
             .arg(&comp_base)
             .arg(&comp_stride)
+            .arg(&comp_recent)
             .arg(&ratio)
             .arg(&mode)
             .arg(&sel.selected)
@@ -710,6 +701,14 @@ impl Kernels {
 mod tests {
     use super::*;
     use KvRowFormat::F32;
+
+    /// `s` as a section of blocks of `fpb` floats.
+    fn at(s: &PoolSection, fpb: usize) -> PoolSection {
+        PoolSection {
+            floats_per_block: fpb,
+            ..*s
+        }
+    }
 
     const ROWS: RowTable = RowTable {
         positions: 16,
@@ -752,23 +751,25 @@ mod tests {
     fn sections_must_fit_the_block() {
         // Tiny geometry: block 16, ratio 4, latent 64 at base 10 of a 2000-float block.
         let s = PoolSection {
+            floats_per_block: 0,
             base: 10,
             stride: 64,
             ratio: 1,
+            recent: false,
         };
-        assert!(check_section("t", "s", 16 * 64, 16, &s, 64).is_ok());
-        assert!(check_section("t", "s", 16 * 64 - 1, 16, &s, 64).is_err());
-        assert!(check_section("t", "s", 5000, 16, &s, 65).is_err());
-        assert!(check_section("t", "s", 5000, 0, &s, 64).is_err());
+        assert!(check_section("t", "s", 16, &at(&s, 16 * 64), 64).is_ok());
+        assert!(check_section("t", "s", 16, &at(&s, 16 * 64 - 1), 64).is_err());
+        assert!(check_section("t", "s", 16, &at(&s, 5000), 65).is_err());
+        assert!(check_section("t", "s", 0, &at(&s, 5000), 64).is_err());
         let c = PoolSection { ratio: 3, ..s };
-        assert!(check_section("t", "s", 5000, 16, &c, 64).is_err());
+        assert!(check_section("t", "s", 16, &at(&c, 5000), 64).is_err());
         let c = PoolSection { ratio: 4, ..s };
-        assert!(check_section("t", "s", 4 * 64, 16, &c, 64).is_ok());
+        assert!(check_section("t", "s", 16, &at(&c, 4 * 64), 64).is_ok());
         let huge = PoolSection {
             base: usize::MAX - 1,
             ..s
         };
-        assert!(check_section("t", "s", usize::MAX, 16, &huge, 64).is_err());
+        assert!(check_section("t", "s", 16, &at(&huge, usize::MAX), 64).is_err());
     }
 
     #[test]
@@ -777,29 +778,33 @@ mod tests {
         let latent = Fp8Latent { rope: 64 };
         // V4-Flash's 584-byte latent record in a 146-slot row.
         let sec = PoolSection {
+            floats_per_block: 0,
             base: 0,
             stride: 146,
             ratio: 1,
+            recent: false,
         };
-        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &sec, 512, 1, latent).is_ok());
-        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &sec, 512, 1, F32).is_err());
+        assert!(check_pool_write(16, &ROWS, 128, &at(&sec, 1 << 20), 512, 1, latent).is_ok());
+        assert!(check_pool_write(16, &ROWS, 128, &at(&sec, 1 << 20), 512, 1, F32).is_err());
         let short = PoolSection { stride: 145, ..sec };
-        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &short, 512, 1, latent).is_err());
+        assert!(check_pool_write(16, &ROWS, 128, &at(&short, 1 << 20), 512, 1, latent).is_err());
         // A block part that holds 127 rows of 146 slots but not the 128th.
-        assert!(check_pool_write(16, &ROWS, 128 * 146 - 1, 128, &sec, 512, 1, latent).is_err());
+        assert!(
+            check_pool_write(16, &ROWS, 128, &at(&sec, 128 * 146 - 1), 512, 1, latent).is_err()
+        );
         // Records are one row (no kv + gate pair), at most POOL_WRITE_MAX_DIM wide, and the
         // width must suit the format.
-        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &sec, 64, 2, Bf16).is_err());
+        assert!(check_pool_write(16, &ROWS, 128, &at(&sec, 1 << 20), 64, 2, Bf16).is_err());
         let wide = PoolSection {
             stride: 4096,
             ..sec
         };
-        assert!(check_pool_write(16, &ROWS, 1 << 22, 128, &wide, 2048, 1, Bf16).is_err());
-        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &sec, 30, 1, Fp8Indexer).is_err());
-        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &sec, 128, 1, Fp8Indexer).is_ok());
-        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &sec, 7, 1, Bf16).is_err());
+        assert!(check_pool_write(16, &ROWS, 128, &at(&wide, 1 << 22), 2048, 1, Bf16).is_err());
+        assert!(check_pool_write(16, &ROWS, 128, &at(&sec, 1 << 20), 30, 1, Fp8Indexer).is_err());
+        assert!(check_pool_write(16, &ROWS, 128, &at(&sec, 1 << 20), 128, 1, Fp8Indexer).is_ok());
+        assert!(check_pool_write(16, &ROWS, 128, &at(&sec, 1 << 20), 7, 1, Bf16).is_err());
         let odd_nope = Fp8Latent { rope: 63 };
-        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &sec, 512, 1, odd_nope).is_err());
+        assert!(check_pool_write(16, &ROWS, 128, &at(&sec, 1 << 20), 512, 1, odd_nope).is_err());
 
         let c = CompressParams {
             ratio: 4,
@@ -814,32 +819,44 @@ mod tests {
             out_format: latent,
         };
         let input = PoolSection {
+            floats_per_block: 0,
             base: 0,
             stride: 2048,
             ratio: 1,
+            recent: false,
         };
         let output = PoolSection {
+            floats_per_block: 0,
             base: 128 * 2048,
             stride: 146,
             ratio: 4,
+            recent: false,
         };
         let fpb = 128 * 2048 + 32 * 146;
-        assert!(check_compress(16, &ROWS, fpb, 128, &input, &output, &c).is_ok());
+        assert!(check_compress(16, &ROWS, 128, &at(&input, fpb), &at(&output, fpb), &c).is_ok());
         let short = PoolSection {
             stride: 145,
             ..output
         };
-        assert!(check_compress(16, &ROWS, fpb, 128, &input, &short, &c).is_err());
+        assert!(check_compress(16, &ROWS, 128, &at(&input, fpb), &at(&short, fpb), &c).is_err());
         let f32_out = CompressParams {
             out_format: F32,
             ..c
         };
-        assert!(check_compress(16, &ROWS, fpb, 128, &input, &output, &f32_out).is_err());
+        assert!(check_compress(
+            16,
+            &ROWS,
+            128,
+            &at(&input, fpb),
+            &at(&output, fpb),
+            &f32_out
+        )
+        .is_err());
         let bad = CompressParams {
             out_format: Fp8Latent { rope: 513 },
             ..c
         };
-        assert!(check_compress(16, &ROWS, fpb, 128, &input, &output, &bad).is_err());
+        assert!(check_compress(16, &ROWS, 128, &at(&input, fpb), &at(&output, fpb), &bad).is_err());
         // The indexer's compressed keys: 128 values in 33 slots.
         let idx = CompressParams {
             dim: 128,
@@ -855,28 +872,32 @@ mod tests {
             ..input
         };
         let fpb = 128 * 512 + 32 * 33;
-        assert!(check_compress(16, &ROWS, fpb, 128, &input, &idx_out, &idx).is_ok());
+        assert!(check_compress(16, &ROWS, 128, &at(&input, fpb), &at(&idx_out, fpb), &idx).is_ok());
         let idx_short = PoolSection {
             stride: 32,
             ..idx_out
         };
-        assert!(check_compress(16, &ROWS, fpb, 128, &input, &idx_short, &idx).is_err());
+        assert!(
+            check_compress(16, &ROWS, 128, &at(&input, fpb), &at(&idx_short, fpb), &idx).is_err()
+        );
     }
 
     #[test]
     fn bad_launch_arguments_are_errors() {
         let sec = PoolSection {
+            floats_per_block: 0,
             base: 0,
             stride: 128,
             ratio: 1,
+            recent: false,
         };
-        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &sec, 64, 2, F32).is_ok());
-        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &sec, 65, 2, F32).is_err());
-        assert!(check_pool_write(0, &ROWS, 1 << 20, 128, &sec, 64, 1, F32).is_err());
+        assert!(check_pool_write(16, &ROWS, 128, &at(&sec, 1 << 20), 64, 2, F32).is_ok());
+        assert!(check_pool_write(16, &ROWS, 128, &at(&sec, 1 << 20), 65, 2, F32).is_err());
+        assert!(check_pool_write(0, &ROWS, 128, &at(&sec, 1 << 20), 64, 1, F32).is_err());
         let no_lens = RowTable { bt_lens: 0, ..ROWS };
-        assert!(check_pool_write(16, &no_lens, 1 << 20, 128, &sec, 64, 1, F32).is_err());
+        assert!(check_pool_write(16, &no_lens, 128, &at(&sec, 1 << 20), 64, 1, F32).is_err());
         let ratio4 = PoolSection { ratio: 4, ..sec };
-        assert!(check_pool_write(16, &ROWS, 1 << 20, 128, &ratio4, 64, 1, F32).is_err());
+        assert!(check_pool_write(16, &ROWS, 128, &at(&ratio4, 1 << 20), 64, 1, F32).is_err());
 
         let c = CompressParams {
             ratio: 4,
@@ -891,17 +912,21 @@ mod tests {
             out_format: F32,
         };
         let input = PoolSection {
+            floats_per_block: 0,
             base: 0,
             stride: 2048,
             ratio: 1,
+            recent: false,
         };
         let output = PoolSection {
+            floats_per_block: 0,
             base: 128 * 2048,
             stride: 512,
             ratio: 4,
+            recent: false,
         };
         let fpb = 128 * 2048 + 32 * 512;
-        assert!(check_compress(16, &ROWS, fpb, 128, &input, &output, &c).is_ok());
+        assert!(check_compress(16, &ROWS, 128, &at(&input, fpb), &at(&output, fpb), &c).is_ok());
         let bad = [
             CompressParams { dim: 1024, ..c },
             CompressParams { coff: 3, ..c },
@@ -913,7 +938,7 @@ mod tests {
         ];
         for b in bad {
             assert!(
-                check_compress(16, &ROWS, fpb, 128, &input, &output, &b).is_err(),
+                check_compress(16, &ROWS, 128, &at(&input, fpb), &at(&output, fpb), &b).is_err(),
                 "{b:?}"
             );
         }
@@ -922,12 +947,20 @@ mod tests {
             stride: 1024,
             ..input
         };
-        assert!(check_compress(16, &ROWS, fpb, 128, &narrow, &output, &c).is_err());
+        assert!(check_compress(16, &ROWS, 128, &at(&narrow, fpb), &at(&output, fpb), &c).is_err());
         let wrong = PoolSection { ratio: 1, ..output };
-        assert!(check_compress(16, &ROWS, fpb, 128, &input, &wrong, &c).is_err());
+        assert!(check_compress(16, &ROWS, 128, &at(&input, fpb), &at(&wrong, fpb), &c).is_err());
         // A block part one float shorter than the input rows' span.
         let span = 127 * input.stride + 2 * c.coff * c.dim;
-        assert!(check_compress(16, &ROWS, span - 1, 128, &input, &output, &c).is_err());
+        assert!(check_compress(
+            16,
+            &ROWS,
+            128,
+            &at(&input, span - 1),
+            &at(&output, span - 1),
+            &c
+        )
+        .is_err());
 
         let sel = KeySelection {
             mode: KeyMode::Selected,
@@ -936,30 +969,47 @@ mod tests {
             sel_stride: 512,
         };
         let win = PoolSection {
+            floats_per_block: 0,
             base: 0,
             stride: 512,
             ratio: 1,
+            recent: false,
         };
         let comp = PoolSection {
+            floats_per_block: 0,
             base: 128 * 512,
             stride: 512,
             ratio: 4,
+            recent: false,
         };
         let fpb = 128 * 512 + 32 * 512;
-        assert!(check_key_offsets(&ROWS, fpb, 128, &win, &comp, &sel, 16, 16).is_ok());
+        assert!(
+            check_key_offsets(&ROWS, 128, &at(&win, fpb), &at(&comp, fpb), &sel, 16, 16).is_ok()
+        );
         let no_sel = KeySelection { selected: 0, ..sel };
-        assert!(check_key_offsets(&ROWS, fpb, 128, &win, &comp, &no_sel, 16, 16).is_err());
+        assert!(
+            check_key_offsets(&ROWS, 128, &at(&win, fpb), &at(&comp, fpb), &no_sel, 16, 16)
+                .is_err()
+        );
         let hca = KeySelection {
             mode: KeyMode::AllCompressed,
             ..no_sel
         };
-        assert!(check_key_offsets(&ROWS, fpb, 128, &win, &comp, &hca, 16, 16).is_ok());
-        assert!(check_key_offsets(&ROWS, fpb, 128, &win, &comp, &hca, 16, 0).is_err());
-        assert!(check_key_offsets(&ROWS, fpb, 128, &comp, &comp, &hca, 16, 16).is_err());
+        assert!(
+            check_key_offsets(&ROWS, 128, &at(&win, fpb), &at(&comp, fpb), &hca, 16, 16).is_ok()
+        );
+        assert!(
+            check_key_offsets(&ROWS, 128, &at(&win, fpb), &at(&comp, fpb), &hca, 16, 0).is_err()
+        );
+        assert!(
+            check_key_offsets(&ROWS, 128, &at(&comp, fpb), &at(&comp, fpb), &hca, 16, 16).is_err()
+        );
         let zero = KeySelection {
             sel_stride: 0,
             ..sel
         };
-        assert!(check_key_offsets(&ROWS, fpb, 128, &win, &comp, &zero, 16, 16).is_err());
+        assert!(
+            check_key_offsets(&ROWS, 128, &at(&win, fpb), &at(&comp, fpb), &zero, 16, 16).is_err()
+        );
     }
 }

@@ -228,18 +228,20 @@ pub enum BackendError {
 pub struct StackModel<'a, B: Backend> {
     pub cfg: &'a crate::engine::model::ModelConfig,
     pub weights: &'a crate::engine::model::load::ModelWeights<B>,
-    pub geometry: &'a crate::engine::model::kv::BlockGeometry,
+    /// The pool's layout (geometry, persistent and recent block counts).
+    pub pool: &'a crate::engine::model::kv::KvPool,
     pub rope_main: &'a crate::engine::model::rope::RopeTable,
     pub rope_compress: &'a crate::engine::model::rope::RopeTable,
     pub shard: crate::engine::model::Shard,
 }
 
-/// The rows of one step as the layer stack needs them: position, token id and the block table
-/// of each row's sequence (rows of one sequence share one table).
+/// The rows of one step as the layer stack needs them: position, token id and the block and
+/// recent tables of each row's sequence (rows of one sequence share them).
 pub struct StackRows<'a> {
     pub positions: Vec<usize>,
     pub ids: Vec<u32>,
     pub block_tables: Vec<&'a [u32]>,
+    pub recent_tables: Vec<&'a [u32]>,
 }
 
 /// The residual streams of a layer-stack step: built by the backend from the embedding rows of

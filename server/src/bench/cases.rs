@@ -8,8 +8,8 @@ use rand_chacha::ChaCha8Rng;
 
 use super::bytes::{self, KvEntryBytes, SeqShape, StepBytes, WeightBytes};
 use super::BenchError;
-use crate::engine::model::ModelConfig;
-use crate::engine::{LogitsWanted, ModelRunner, OpTime, SeqPlan, StepPlan};
+use crate::engine::model::{ModelConfig, NO_RECENT};
+use crate::engine::{KvLayout, LogitsWanted, ModelRunner, OpTime, SeqPlan, StepPlan};
 
 /// What one case measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,6 +210,83 @@ impl BlockAllocator {
     }
 }
 
+/// Hands out recent block ids (docs/KV.md) as the scheduler would: a plan's recent table names
+/// one for every block from `reach` positions before its first token through its last, and
+/// earlier ones are given back. Ref-counted, because the sequences of a shared-context case read
+/// the shared prefix's last recent blocks together.
+#[derive(Debug)]
+pub struct RecentAllocator {
+    free: Vec<u32>,
+    refs: Vec<u32>,
+    block_size: usize,
+    reach: usize,
+}
+
+impl RecentAllocator {
+    pub fn new(layout: &KvLayout) -> Self {
+        Self {
+            free: (0..layout.recent_blocks as u32).rev().collect(),
+            refs: vec![0; layout.recent_blocks],
+            block_size: layout.block_size.max(1),
+            reach: layout.recent_reach,
+        }
+    }
+
+    /// Makes `recent` (one entry per block of a `blocks`-long table) name a recent block for
+    /// every block a step over positions `start..end` reads or writes, releasing the rest.
+    fn cover(
+        &mut self,
+        recent: &mut Vec<u32>,
+        blocks: usize,
+        start: usize,
+        end: usize,
+    ) -> Result<(), BenchError> {
+        recent.resize(blocks, NO_RECENT);
+        let first = start.saturating_sub(self.reach) / self.block_size;
+        let last = end.saturating_sub(1) / self.block_size;
+        for (i, r) in recent.iter_mut().enumerate() {
+            if (i < first || i > last) && *r != NO_RECENT {
+                self.release(std::mem::replace(r, NO_RECENT));
+            }
+        }
+        for r in recent.iter_mut().take(last + 1).skip(first) {
+            if *r == NO_RECENT {
+                let Some(id) = self.free.pop() else {
+                    return Err(BenchError::Case(format!(
+                        "needs more recent KV blocks than the pool's {}",
+                        self.refs.len()
+                    )));
+                };
+                self.refs[id as usize] = 1;
+                *r = id;
+            }
+        }
+        Ok(())
+    }
+
+    /// Another reader of the recent blocks in `recent`.
+    fn share(&mut self, recent: &[u32]) -> Vec<u32> {
+        for &r in recent.iter().filter(|&&r| r != NO_RECENT) {
+            self.refs[r as usize] += 1;
+        }
+        recent.to_vec()
+    }
+
+    fn release(&mut self, r: u32) {
+        let c = &mut self.refs[r as usize];
+        *c = c.saturating_sub(1);
+        if *c == 0 {
+            self.free.push(r);
+        }
+    }
+
+    fn give_back(&mut self, recent: Vec<u32>) {
+        for r in recent.into_iter().filter(|&r| r != NO_RECENT) {
+            self.release(r);
+        }
+    }
+}
+
 /// Run-wide settings of the cases.
 #[derive(Debug, Clone)]
 pub struct RunSettings {
@@ -278,10 +355,11 @@ impl BytesModel<'_> {
     }
 }
 
-/// One sequence of a case: its id, block table and the tokens of its context.
+/// One sequence of a case: its id, block table and recent table.
 struct BenchSeq {
     id: u64,
     table: Vec<u32>,
+    recent: Vec<u32>,
 }
 
 /// Runs `case` on `runner`: fills the KV state (untimed), warms up, times `iters` units, and
@@ -289,6 +367,7 @@ struct BenchSeq {
 pub fn run_case(
     runner: &mut dyn ModelRunner,
     alloc: &mut BlockAllocator,
+    recent_alloc: &mut RecentAllocator,
     next_seq_id: &mut u64,
     case: Case,
     settings: &RunSettings,
@@ -298,6 +377,7 @@ pub fn run_case(
     let mut rng = ChaCha8Rng::seed_from_u64(settings.seed ^ (*next_seq_id << 20));
     let vocab = runner.vocab_size() as u32;
     let mut owned: Vec<Vec<u32>> = Vec::new();
+    let mut owned_recent: Vec<Vec<u32>> = Vec::new();
     let mut ids: Vec<u64> = Vec::new();
     let result = (|| {
         let mut new_id = || {
@@ -310,12 +390,16 @@ pub fn run_case(
             Case::Prefill { prompt } => {
                 let blocks = alloc.take(prompt.div_ceil(bs))?;
                 owned.push(blocks.clone());
-                let seq = BenchSeq {
+                let mut seq = BenchSeq {
                     id: new_id(),
                     table: blocks,
+                    recent: Vec::new(),
                 };
                 let tokens: Vec<u32> = (0..prompt).map(|_| rng.random_range(0..vocab)).collect();
-                time_prefill(runner, &seq, &tokens, settings, model)
+                let measured =
+                    time_prefill(runner, &mut seq, recent_alloc, &tokens, settings, model);
+                owned_recent.push(std::mem::take(&mut seq.recent));
+                measured
             }
             Case::Decode { batch, context } | Case::Verify { batch, context, .. } => {
                 let q = case.new_tokens();
@@ -326,7 +410,7 @@ pub fn run_case(
                 let mut fills: Vec<Fill> = Vec::new();
                 let mut seqs = Vec::with_capacity(batch);
                 // Blocks holding only context positions may be shared between the sequences.
-                let shared = if settings.shared_context && batch > 1 {
+                let (shared, shared_recent) = if settings.shared_context && batch > 1 {
                     let n = context / bs;
                     let blocks = alloc.take(n)?;
                     owned.push(blocks.clone());
@@ -334,17 +418,21 @@ pub fn run_case(
                         fills.push(Fill {
                             seq: new_id(),
                             table: blocks.clone(),
+                            recent: Vec::new(),
                             start: 0,
                             tokens: context_tokens[..n * bs].to_vec(),
                         });
                     }
-                    blocks
+                    // The shared prefix is filled before any sequence reads it.
+                    let filled = fill(runner, recent_alloc, &mut fills, settings);
+                    let recent = fills.pop().map(|f| f.recent).unwrap_or_default();
+                    owned_recent.push(recent.clone());
+                    filled?;
+                    (blocks, recent)
                 } else {
-                    Vec::new()
+                    (Vec::new(), Vec::new())
                 };
-                // The shared prefix is filled before any sequence reads it.
-                let setup_tokens_shared = fill(runner, &fills, settings)?;
-                fills.clear();
+                let setup_tokens_shared = shared.len() * bs;
                 for _ in 0..batch {
                     let own = alloc.take(end_blocks - shared.len())?;
                     owned.push(own.clone());
@@ -352,17 +440,43 @@ pub fn run_case(
                     table.extend(own);
                     let id = new_id();
                     let start = shared.len() * bs;
+                    // Each sequence reads the tail of the shared prefix's recent blocks.
+                    let recent = recent_alloc.share(&shared_recent);
                     if start < context {
                         fills.push(Fill {
                             seq: id,
                             table: table.clone(),
+                            recent,
                             start,
                             tokens: context_tokens[start..].to_vec(),
                         });
+                        seqs.push(BenchSeq {
+                            id,
+                            table,
+                            recent: Vec::new(),
+                        });
+                    } else {
+                        seqs.push(BenchSeq { id, table, recent });
                     }
-                    seqs.push(BenchSeq { id, table });
                 }
-                let setup_tokens = setup_tokens_shared + fill(runner, &fills, settings)?;
+                let filled = fill(runner, recent_alloc, &mut fills, settings);
+                if filled.is_err() {
+                    owned_recent.extend(fills.drain(..).map(|f| f.recent));
+                    owned_recent.extend(seqs.iter_mut().map(|s| std::mem::take(&mut s.recent)));
+                }
+                let setup_tokens = setup_tokens_shared + filled?;
+                // Each sequence continues with the recent blocks its fill ended with.
+                for f in fills.drain(..) {
+                    if let Some(s) = seqs.iter_mut().find(|s| s.id == f.seq) {
+                        s.recent = f.recent;
+                    }
+                }
+                for s in &mut seqs {
+                    let blocks = s.table.len();
+                    let held = recent_alloc.cover(&mut s.recent, blocks, context, context + q);
+                    owned_recent.push(s.recent.clone());
+                    held?;
+                }
                 let setup = started.elapsed();
                 let wanted = if q == 1 {
                     LogitsWanted::Last
@@ -377,6 +491,7 @@ pub fn run_case(
                             start_pos: context,
                             tokens: (0..q).map(|_| rng.random_range(0..vocab)).collect(),
                             block_table: s.table.clone(),
+                            recent_table: s.recent.clone(),
                             logits: wanted,
                             draft: None,
                         })
@@ -411,37 +526,51 @@ pub fn run_case(
     for blocks in owned {
         alloc.give_back(blocks);
     }
+    for recent in owned_recent {
+        recent_alloc.give_back(recent);
+    }
     result
 }
 
-/// A stretch of one sequence's tokens to run untimed.
+/// A stretch of one sequence's tokens to run untimed, and the recent blocks it holds.
 struct Fill {
     seq: u64,
     table: Vec<u32>,
+    recent: Vec<u32>,
     start: usize,
     tokens: Vec<u32>,
 }
 
 /// Runs the fills packed into steps of at most `settings.chunk` tokens, no logits (or, with
-/// `random_fill`, writes random KV into their blocks when the runner can). Returns the tokens.
+/// `random_fill`, writes random KV into their blocks and the recent blocks of their ends when
+/// the runner can). Each fill's `recent` ends as a sequence at its end holds it (the caller
+/// gives the ids back). Returns the tokens.
 fn fill(
     runner: &mut dyn ModelRunner,
-    fills: &[Fill],
+    recent_alloc: &mut RecentAllocator,
+    fills: &mut [Fill],
     settings: &RunSettings,
 ) -> Result<usize, BenchError> {
     let total: usize = fills.iter().map(|f| f.tokens.len()).sum();
     if settings.random_fill {
         let bs = runner.kv_layout().block_size;
-        let blocks: Vec<u32> = fills
-            .iter()
-            .filter(|f| !f.tokens.is_empty())
-            .flat_map(|f| {
-                let (first, end) = (f.start / bs, (f.start + f.tokens.len()).div_ceil(bs));
-                f.table[first..end].iter().copied()
-            })
-            .collect();
+        let mut blocks = Vec::new();
+        let mut recent = Vec::new();
+        for f in fills.iter_mut().filter(|f| !f.tokens.is_empty()) {
+            let end = f.start + f.tokens.len();
+            blocks.extend_from_slice(&f.table[f.start / bs..end.div_ceil(bs)]);
+            // As a sequence that ran to `end` holds them: the blocks of its last positions.
+            let fresh: Vec<u32> = f.recent.clone();
+            recent_alloc.cover(&mut f.recent, f.table.len(), end, end)?;
+            recent.extend(
+                f.recent
+                    .iter()
+                    .filter(|&&r| r != NO_RECENT && !fresh.contains(&r))
+                    .copied(),
+            );
+        }
         if runner
-            .fill_blocks_random(&blocks, settings.seed)
+            .fill_blocks_random(&blocks, &recent, settings.seed)
             .map_err(BenchError::Engine)?
         {
             return Ok(total);
@@ -453,7 +582,7 @@ fn fill(
     while ran < total {
         let mut budget = chunk;
         let mut plan = StepPlan::default();
-        for (f, d) in fills.iter().zip(done.iter_mut()) {
+        for (f, d) in fills.iter_mut().zip(done.iter_mut()) {
             if budget == 0 {
                 break;
             }
@@ -461,11 +590,14 @@ fn fill(
             if n == 0 {
                 continue;
             }
+            let start = f.start + *d;
+            recent_alloc.cover(&mut f.recent, f.table.len(), start, start + n)?;
             plan.seqs.push(SeqPlan {
                 seq_id: f.seq,
-                start_pos: f.start + *d,
+                start_pos: start,
                 tokens: f.tokens[*d..*d + n].to_vec(),
                 block_table: f.table.clone(),
+                recent_table: f.recent.clone(),
                 logits: LogitsWanted::None,
                 draft: None,
             });
@@ -565,33 +697,35 @@ fn report_backend_split(before: &[OpTime], after: &[OpTime], times: &[Duration])
 /// Times the whole chunked prefill of `tokens` from position 0 (each repetition rewrites it).
 fn time_prefill(
     runner: &mut dyn ModelRunner,
-    seq: &BenchSeq,
+    seq: &mut BenchSeq,
+    recent_alloc: &mut RecentAllocator,
     tokens: &[u32],
     settings: &RunSettings,
     model: &BytesModel<'_>,
 ) -> Result<Measured, BenchError> {
-    let chunks: Vec<StepPlan> = tokens
-        .chunks(settings.chunk)
-        .enumerate()
-        .map(|(i, c)| {
-            let start = i * settings.chunk;
-            let last = start + c.len() == tokens.len();
-            StepPlan {
-                seqs: vec![SeqPlan {
-                    seq_id: seq.id,
-                    start_pos: start,
-                    tokens: c.to_vec(),
-                    block_table: seq.table.clone(),
-                    logits: if last {
-                        LogitsWanted::Last
-                    } else {
-                        LogitsWanted::None
-                    },
-                    draft: None,
-                }],
-            }
-        })
-        .collect();
+    let mut chunks: Vec<StepPlan> = Vec::new();
+    for (i, c) in tokens.chunks(settings.chunk).enumerate() {
+        let start = i * settings.chunk;
+        let last = start + c.len() == tokens.len();
+        // Each chunk's recent blocks as the scheduler would hold them then; the plans run in
+        // this order every repetition, so reusing released ids is sound.
+        recent_alloc.cover(&mut seq.recent, seq.table.len(), start, start + c.len())?;
+        chunks.push(StepPlan {
+            seqs: vec![SeqPlan {
+                seq_id: seq.id,
+                start_pos: start,
+                tokens: c.to_vec(),
+                block_table: seq.table.clone(),
+                recent_table: seq.recent.clone(),
+                logits: if last {
+                    LogitsWanted::Last
+                } else {
+                    LogitsWanted::None
+                },
+                draft: None,
+            }],
+        });
+    }
     let mut bytes = StepBytes::default();
     let mut full_depth_bytes = StepBytes::default();
     for p in &chunks {
@@ -658,12 +792,24 @@ mod tests {
                 block_size: 16,
                 num_blocks: 64,
                 bytes_per_block: 1,
+                recent_blocks: 12,
+                bytes_per_recent: 1,
+                recent_reach: 15,
             }
         }
         fn vocab_size(&self) -> usize {
             100
         }
         fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, EngineError> {
+            // The engine's rule: a recent block for every block from 15 positions before the
+            // first token through the last.
+            for s in &plan.seqs {
+                let end = s.start_pos + s.tokens.len();
+                assert_eq!(s.recent_table.len(), s.block_table.len());
+                for i in s.start_pos.saturating_sub(15) / 16..=(end - 1) / 16 {
+                    assert!(s.recent_table[i] < 12, "{s:?}: no recent block {i}");
+                }
+            }
             self.plans.push(plan.clone());
             if Some(self.plans.len()) == self.fail_at {
                 return Err(EngineError::Backend("out of device memory".into()));
@@ -711,6 +857,7 @@ mod tests {
         let model = bytes_model(&cfg);
         let mut r = Scripted::new(None);
         let mut alloc = BlockAllocator::new(64);
+        let mut recent = RecentAllocator::new(&Scripted::new(None).kv_layout());
         let mut next = 1;
         // Verify at 50 for 2 sequences: fills of 50 tokens each packed in 40-token steps
         // (40 | 10 + 30 | 20), then 1 + 2 steps of K+1 = 4 rows with all logits.
@@ -722,6 +869,7 @@ mod tests {
         let m = run_case(
             &mut r,
             &mut alloc,
+            &mut recent,
             &mut next,
             case,
             &settings(false),
@@ -757,6 +905,7 @@ mod tests {
         }
         assert_eq!(r.released, vec![1, 2]);
         assert_eq!(alloc.available(), 64);
+        assert_eq!(recent.free.len(), 12, "every recent block returned");
 
         // Shared context: the 3 full blocks (48 tokens) once, then 2 tokens per sequence.
         r.plans.clear();
@@ -764,7 +913,16 @@ mod tests {
             batch: 2,
             context: 50,
         };
-        let m = run_case(&mut r, &mut alloc, &mut next, case, &settings(true), &model).unwrap();
+        let m = run_case(
+            &mut r,
+            &mut alloc,
+            &mut recent,
+            &mut next,
+            case,
+            &settings(true),
+            &model,
+        )
+        .unwrap();
         assert_eq!(m.setup_tokens, 48 + 2 * 2);
         let timed = r.plans.last().unwrap();
         let (a, b) = (&timed.seqs[0].block_table, &timed.seqs[1].block_table);
@@ -772,12 +930,14 @@ mod tests {
         assert_ne!(a[3], b[3]);
         assert_eq!(timed.seqs[0].logits, LogitsWanted::Last);
         assert_eq!(alloc.available(), 64);
+        assert_eq!(recent.free.len(), 12, "every recent block returned");
 
         // Prefill of 100 in chunks of 40: logits only at the end.
         r.plans.clear();
         let m = run_case(
             &mut r,
             &mut alloc,
+            &mut recent,
             &mut next,
             Case::Prefill { prompt: 100 },
             &settings(false),
@@ -813,6 +973,7 @@ mod tests {
         let model = bytes_model(&cfg);
         let mut r = Scripted::new(None);
         let mut alloc = BlockAllocator::new(64);
+        let mut recent = RecentAllocator::new(&Scripted::new(None).kv_layout());
         let mut next = 1;
         let settings = RunSettings {
             random_fill: true,
@@ -822,7 +983,16 @@ mod tests {
             batch: 1,
             context: 50,
         };
-        let m = run_case(&mut r, &mut alloc, &mut next, case, &settings, &model).unwrap();
+        let m = run_case(
+            &mut r,
+            &mut alloc,
+            &mut recent,
+            &mut next,
+            case,
+            &settings,
+            &model,
+        )
+        .unwrap();
         // Scripted has no random fill: the 50 context tokens ran as 40 + 10, then 1 + 2 steps.
         assert_eq!(m.setup_tokens, 50);
         assert_eq!(r.plans.len(), 5);
@@ -834,6 +1004,7 @@ mod tests {
         let model = bytes_model(&cfg);
         let mut r = Scripted::new(Some(2));
         let mut alloc = BlockAllocator::new(64);
+        let mut recent = RecentAllocator::new(&Scripted::new(None).kv_layout());
         let mut next = 1;
         let case = Case::Decode {
             batch: 3,
@@ -842,6 +1013,7 @@ mod tests {
         let e = run_case(
             &mut r,
             &mut alloc,
+            &mut recent,
             &mut next,
             case,
             &settings(false),
@@ -852,6 +1024,7 @@ mod tests {
         assert!(e.contains("out of device memory"), "{e}");
         assert_eq!(r.released, vec![1, 2, 3]);
         assert_eq!(alloc.available(), 64);
+        assert_eq!(recent.free.len(), 12, "every recent block returned");
     }
 
     #[test]

@@ -194,7 +194,19 @@ pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchE
     // The pool is allocated whole at load (host memory on the CPU backend, with its f32 weights;
     // GPU memory on CUDA, where a pool that does not fit is a clear allocation error): refuse
     // what cannot fit the host rather than being killed.
-    let pool = pool_blocks as u64 * geometry.bytes_per_block() as u64;
+    // Recent blocks for the widest case's sequences and the fill's steps (docs/KV.md).
+    let widest = cases.iter().map(Case::batch).max().unwrap_or(1);
+    let step_tokens = cases
+        .iter()
+        .map(|c| c.batch() * c.new_tokens())
+        .max()
+        .unwrap_or(1)
+        .max(args.max_num_batched_tokens);
+    let recent_blocks = geometry
+        .recent_blocks_for(widest, step_tokens)
+        .min(pool_blocks);
+    let pool = pool_blocks as u64 * geometry.bytes_per_block() as u64
+        + recent_blocks as u64 * geometry.bytes_per_recent() as u64;
     let weights: u64 = match device {
         Device::Cpu => manifest
             .iter()
@@ -247,6 +259,8 @@ pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchE
         },
         kv_pool_tokens: pool_blocks * block_size,
         kv_storage: kv_dtype.storage(),
+        kv_recent_blocks: Some(recent_blocks),
+        batch_limits: None,
         block_size: Some(block_size),
         shard: model::Shard::SINGLE,
         dummy_seed: args.seed,
@@ -293,6 +307,7 @@ pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchE
         random_fill: args.kv_fill == crate::cli::KvFill::Random,
     };
     let mut alloc = BlockAllocator::new(layout.num_blocks);
+    let mut recent_alloc = cases::RecentAllocator::new(&layout);
     let mut next_seq_id = 1u64;
     let mut report = Report {
         device: match device {
@@ -329,6 +344,7 @@ pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchE
                 match cases::run_case(
                     runner.as_mut(),
                     &mut alloc,
+                    &mut recent_alloc,
                     &mut next_seq_id,
                     *case,
                     &settings,

@@ -17,7 +17,7 @@ use super::BenchError;
 
 enum Work {
     Step(StepPlan),
-    Fill(Vec<u32>, u64),
+    Fill(Vec<u32>, Vec<u32>, u64),
     Release(u64),
 }
 
@@ -138,7 +138,9 @@ pub fn build(
                 while let Ok(work) = work_rx.recv() {
                     let result = match work {
                         Work::Step(plan) => runner.step(&plan).map(|_| true),
-                        Work::Fill(blocks, seed) => runner.fill_blocks_random(&blocks, seed),
+                        Work::Fill(blocks, recent, seed) => {
+                            runner.fill_blocks_random(&blocks, &recent, seed)
+                        }
                         Work::Release(id) => {
                             runner.release(id);
                             Ok(true)
@@ -220,9 +222,14 @@ impl ModelRunner for TensorParallelRunner {
         self.collect();
     }
 
-    fn fill_blocks_random(&mut self, blocks: &[u32], seed: u64) -> Result<bool, EngineError> {
-        self.send(|| Work::Fill(blocks.to_vec(), seed));
-        let local = match self.local.fill_blocks_random(blocks, seed) {
+    fn fill_blocks_random(
+        &mut self,
+        blocks: &[u32],
+        recent: &[u32],
+        seed: u64,
+    ) -> Result<bool, EngineError> {
+        self.send(|| Work::Fill(blocks.to_vec(), recent.to_vec(), seed));
+        let local = match self.local.fill_blocks_random(blocks, recent, seed) {
             Ok(v) => v,
             Err(e) => fail_group(0, &e.to_string()),
         };

@@ -20,6 +20,11 @@ pub struct SeqPlan {
     pub tokens: Vec<u32>,
     /// Pool block ids covering positions `0 .. start_pos + tokens.len()`, in order.
     pub block_table: Vec<u32>,
+    /// Entry for entry with `block_table`: the recent block of each block (its window rows and
+    /// compressor inputs), `u32::MAX` for blocks whose recent block was released. Present for
+    /// every block holding a position in `start_pos - recent_reach .. start_pos + tokens.len()`
+    /// (drafts included).
+    pub recent_table: Vec<u32>,
     /// Which rows of logits to return.
     pub logits: LogitsWanted,
     /// Speculative decoding: `tokens` is just the anchor (the last sampled token); the runner
@@ -82,6 +87,13 @@ pub struct KvLayout {
     pub num_blocks: usize,
     /// Bytes one block occupies (all layers), for sizing and reporting.
     pub bytes_per_block: usize,
+    /// Number of recent blocks (ids `0..recent_blocks`): the sliding-window rows and compressor
+    /// inputs of the blocks near each sequence's end (docs/KV.md).
+    pub recent_blocks: usize,
+    /// Bytes one recent block occupies (all layers).
+    pub bytes_per_recent: usize,
+    /// Positions before the next one to compute whose recent blocks are still read.
+    pub recent_reach: usize,
 }
 
 /// What the scheduler (or a follower rank) drives. Implemented by the engine over a backend.
@@ -93,10 +105,16 @@ pub trait ModelRunner: Send {
     fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, EngineError>;
     /// Drops any per-request state kept outside the pool (e.g. draft rings) for `seq_id`.
     fn release(&mut self, seq_id: u64);
-    /// Benchmarks only: writes seeded random values into every layer's region of `blocks`, as
-    /// if a context had been run there, without running it (a 1M-token context is hours of
-    /// prefill on a reduced build). `false` when the runner cannot; then nothing was written.
-    fn fill_blocks_random(&mut self, _blocks: &[u32], _seed: u64) -> Result<bool, EngineError> {
+    /// Benchmarks only: writes seeded random values into every layer's part of `blocks` and of
+    /// the recent blocks `recent`, as if a context had been run there, without running it (a
+    /// 1M-token context is hours of prefill on a reduced build). `false` when the runner
+    /// cannot; then nothing was written.
+    fn fill_blocks_random(
+        &mut self,
+        _blocks: &[u32],
+        _recent: &[u32],
+        _seed: u64,
+    ) -> Result<bool, EngineError> {
         Ok(false)
     }
 

@@ -440,6 +440,9 @@ impl ModelRunner for RecordingRunner {
             block_size: 16,
             num_blocks: 8,
             bytes_per_block: 1,
+            recent_blocks: 8,
+            bytes_per_recent: 1,
+            recent_reach: 15,
         }
     }
     fn vocab_size(&self) -> usize {
@@ -480,6 +483,7 @@ fn plan(n: u64) -> StepPlan {
                 start_pos: i as usize * 3,
                 tokens: vec![1, 2, i as u32],
                 block_table: vec![i as u32],
+                recent_table: vec![i as u32],
                 logits: LogitsWanted::Last,
                 draft: None,
             })

@@ -11,7 +11,7 @@ use crate::engine::{DraftPlan, LogitsWanted, SeqPlan, StepPlan};
 pub const PREAMBLE: [u8; 8] = *b"DSPKRANK";
 
 /// Bumped on any change to the frames below. Checked in the handshake.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame accepted; guards against garbage lengths. Larger than any collective we run
 /// (logits all-gather of a full verify batch is well under 1 GiB).
@@ -333,7 +333,8 @@ fn put_u32s(out: &mut Vec<u8>, xs: &[u32]) {
 }
 
 /// Compact binary plan: `[u32 n_seqs]` then per sequence `seq_id u64, start_pos u64,
-/// tokens (u32 count + u32s), block_table (u32 count + u32s), logits u8, draft u8 (0 = none;
+/// tokens (u32 count + u32s), block_table (u32 count + u32s), recent_table (u32 count + u32s),
+/// logits u8, draft u8 (0 = none;
 /// 1 = followed by num_drafts u32, seed u64, temperature f32, top_p f32, top_k u32)`.
 pub fn encode_plan(plan: &StepPlan, out: &mut Vec<u8>) {
     let StepPlan { seqs } = plan;
@@ -345,6 +346,7 @@ pub fn encode_plan(plan: &StepPlan, out: &mut Vec<u8>) {
             start_pos,
             tokens,
             block_table,
+            recent_table,
             logits,
             draft,
         } = s;
@@ -352,6 +354,7 @@ pub fn encode_plan(plan: &StepPlan, out: &mut Vec<u8>) {
         out.extend_from_slice(&(*start_pos as u64).to_le_bytes());
         put_u32s(out, tokens);
         put_u32s(out, block_table);
+        put_u32s(out, recent_table);
         out.push(match logits {
             LogitsWanted::None => 0,
             LogitsWanted::Last => 1,
@@ -380,6 +383,7 @@ fn decode_plan(r: &mut Cursor<'_>) -> Result<StepPlan, WireError> {
             .map_err(|_| WireError::Malformed("start_pos overflows usize".into()))?;
         let tokens = r.u32s()?;
         let block_table = r.u32s()?;
+        let recent_table = r.u32s()?;
         let logits = match r.u8()? {
             0 => LogitsWanted::None,
             1 => LogitsWanted::Last,
@@ -402,6 +406,7 @@ fn decode_plan(r: &mut Cursor<'_>) -> Result<StepPlan, WireError> {
             start_pos,
             tokens,
             block_table,
+            recent_table,
             logits,
             draft,
         });
@@ -477,6 +482,7 @@ mod tests {
                     start_pos: 1 << 40,
                     tokens: vec![0, 1, u32::MAX],
                     block_table: vec![7, 9],
+                    recent_table: vec![u32::MAX, 3],
                     logits: LogitsWanted::All,
                     draft: Some(DraftPlan {
                         num_drafts: 5,
@@ -491,6 +497,7 @@ mod tests {
                     start_pos: 0,
                     tokens: vec![],
                     block_table: vec![],
+                    recent_table: vec![],
                     logits: LogitsWanted::None,
                     draft: None,
                 },

@@ -364,6 +364,7 @@ impl Scheduler {
                         start_pos: s.num_computed,
                         tokens: s.tokens[s.num_computed..s.num_computed + sc.chunk].to_vec(),
                         block_table: s.table.blocks().to_vec(),
+                        recent_table: s.table.recent().to_vec(),
                         logits: wanted,
                         draft,
                     }
@@ -425,6 +426,7 @@ impl Scheduler {
                         s.num_computed = s.num_computed.min(s.tokens.len().saturating_sub(1));
                         self.pool
                             .commit_full_blocks(&mut s.table, &s.tokens, s.num_computed);
+                        self.pool.release_recent(&mut s.table, s.num_computed);
                     }
                     Err(msg) => {
                         let s = &self.running[i];
@@ -439,6 +441,7 @@ impl Scheduler {
             s.num_computed += sc.chunk;
             self.pool
                 .commit_full_blocks(&mut s.table, &s.tokens, s.num_computed);
+            self.pool.release_recent(&mut s.table, s.num_computed);
             if sp.logits != LogitsWanted::Last {
                 continue;
             }
@@ -622,8 +625,7 @@ impl Scheduler {
             };
             let cached = hit.num_tokens(self.pool.block_size());
             let chunk = (s.tokens.len() - cached).min(budget);
-            let needed = self.pool.blocks_for(cached + chunk) - hit.blocks.len();
-            if needed > self.pool.free_blocks() - self.pool.free_blocks_taken_by(&hit) {
+            if !self.pool.can_start(&hit, cached + chunk) {
                 break;
             }
             let Some(mut s) = self.waiting.pop_front() else {

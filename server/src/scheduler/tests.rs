@@ -260,6 +260,92 @@ fn shared_system_prompt_hits_the_prefix_cache() {
 }
 
 #[test]
+fn recent_blocks_sized_for_the_batch_never_run_out() {
+    // Plenty of blocks, but recent blocks only for the batch: 8 sequences of up to
+    // ceil(reach / BS) + 2 = 3 held, plus a 24-token step's 6 (BlockGeometry::recent_blocks_for).
+    // Prompts of up to 70 tokens (18 blocks) each only fit if blocks behind each sequence's
+    // window give their recent block back; half of them share a 22-token system prompt, so
+    // prefix hits need the shared prefix's tail recent block too.
+    let cfg = SchedulerConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 24,
+        ..config(96)
+    };
+    let recent = 8 * 3 + 6;
+    let runner = FakeRunner::with_recent(BS, 400, recent, BS - 1, VOCAB);
+    let mut s = Scheduler::new(Box::new(runner), cfg, Arc::new(Metrics::new("fake")));
+    let system = prompt(3, 22);
+    let reqs: Vec<(Vec<u32>, SamplingParams)> = (0..20)
+        .map(|i| {
+            let mut p = SamplingParams::greedy(10 + i % 7);
+            p.ignore_eos = true;
+            let own = prompt(i, 20 + (i * 11) % 48);
+            let toks = if i % 2 == 0 {
+                [system.clone(), own].concat()
+            } else {
+                own
+            };
+            (toks, p)
+        })
+        .collect();
+    let mut rxs: Vec<_> = reqs
+        .iter()
+        .enumerate()
+        .map(|(i, (p, sp))| submit(&mut s, i as u64, p.clone(), sp.clone()))
+        .collect();
+    let preempted = run_to_end(&mut s);
+    assert_eq!(preempted, 0, "the recent blocks were sized for this batch");
+    assert!(
+        s.metrics.prefix_cache_hits.get() > 0,
+        "the system prompt was shared"
+    );
+    for (i, ((p, sp), rx)) in reqs.iter().zip(rxs.iter_mut()).enumerate() {
+        let (toks, _) = collect(rx, 1);
+        assert_eq!(toks[0], alone(p, sp, 96), "request {i}");
+    }
+    assert_eq!(s.pool().free_blocks(), 400);
+    assert_eq!(
+        s.pool().free_recent(),
+        recent,
+        "every recent block returned"
+    );
+}
+
+#[test]
+fn recent_blocks_running_short_preempt_instead_of_failing() {
+    // Fewer recent blocks than the batch needs: the scheduler preempts (and later resumes)
+    // rather than failing a step or corrupting a sequence.
+    let cfg = SchedulerConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 24,
+        ..config(64)
+    };
+    let runner = FakeRunner::with_recent(BS, 400, 12, BS - 1, VOCAB);
+    let mut s = Scheduler::new(Box::new(runner), cfg, Arc::new(Metrics::new("fake")));
+    let reqs: Vec<(Vec<u32>, SamplingParams)> = (0..10)
+        .map(|i| {
+            let mut p = SamplingParams::greedy(20);
+            p.ignore_eos = true;
+            (prompt(i, 30 + i), p)
+        })
+        .collect();
+    let mut rxs: Vec<_> = reqs
+        .iter()
+        .enumerate()
+        .map(|(i, (p, sp))| submit(&mut s, i as u64, p.clone(), sp.clone()))
+        .collect();
+    let preempted = run_to_end(&mut s);
+    assert!(
+        preempted > 0,
+        "12 recent blocks cannot hold 8 sequences' steps"
+    );
+    for (i, ((p, sp), rx)) in reqs.iter().zip(rxs.iter_mut()).enumerate() {
+        assert_eq!(collect(rx, 1).0[0], alone(p, sp, 64), "request {i}");
+    }
+    assert_eq!(s.pool().free_recent(), 12);
+}
+
+#[test]
 fn seeds_reproduce_regardless_of_batch() {
     let p = SamplingParams {
         temperature: 1.0,

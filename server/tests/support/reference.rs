@@ -278,9 +278,62 @@ pub fn seq(id: u64, start: usize, tokens: &[u32], bt: &[u32], logits: LogitsWant
         start_pos: start,
         tokens: tokens.to_vec(),
         block_table: bt.to_vec(),
+        recent_table: bt.to_vec(),
         logits,
         draft: None,
     }
+}
+
+/// Runs `toks` twice with the same chunking (two prefill chunks, then one token per step):
+/// once with a recent block for every block (the recent table equal to the block table), once
+/// with other block ids and recent blocks handed out and released as the scheduler does
+/// (released entries `u32::MAX`, freed ids reused at once). The logits must be identical: only
+/// the last `recent_reach` positions are ever read from recent blocks. Needs a pool of at least
+/// 2 * blocks(toks) blocks and as many recent blocks.
+pub fn check_released_recent_blocks<B: Backend>(m: &mut DeepseekV4<B>, toks: &[u32]) {
+    let layout = m.kv_layout();
+    let (bs, reach) = (layout.block_size, layout.recent_reach);
+    let n = toks.len();
+    let blocks = n.div_ceil(bs);
+    assert!(
+        blocks >= 3,
+        "{n} tokens: too short to release a recent block"
+    );
+    assert!(layout.num_blocks >= 2 * blocks && layout.recent_blocks >= 2 * blocks);
+    let steps: Vec<(usize, usize)> = {
+        let mut v = vec![(0, n / 3), (n / 3, 2 * n / 3)];
+        v.extend((2 * n / 3..n).map(|p| (p, p + 1)));
+        v
+    };
+    let plain: Vec<u32> = (0..blocks as u32).collect();
+    let moved: Vec<u32> = (blocks as u32..2 * blocks as u32).rev().collect();
+    let mut free: Vec<u32> = (0..layout.recent_blocks as u32).collect();
+    let mut recent = vec![u32::MAX; blocks];
+    let mut released = 0;
+    for (k, &(start, end)) in steps.iter().enumerate() {
+        let first = start.saturating_sub(reach) / bs;
+        for (i, r) in recent.iter_mut().enumerate() {
+            if i < first && *r != u32::MAX {
+                free.push(std::mem::replace(r, u32::MAX));
+                released += 1;
+            }
+        }
+        for r in recent.iter_mut().take((end - 1) / bs + 1).skip(first) {
+            if *r == u32::MAX {
+                *r = free.pop().unwrap();
+            }
+        }
+        let mut a = seq(1, start, &toks[start..end], &plain, LogitsWanted::All);
+        a.recent_table = plain.clone();
+        let mut b = seq(2, start, &toks[start..end], &moved, LogitsWanted::All);
+        b.recent_table = recent.clone();
+        let want = run(m, vec![a]);
+        let got = run(m, vec![b]);
+        assert_eq!(got, want, "step {k} (positions {start}..{end})");
+    }
+    assert!(released >= 1, "no recent block was released");
+    m.release(1);
+    m.release(2);
 }
 
 /// A step's logits: per sequence, per position, per vocabulary entry.

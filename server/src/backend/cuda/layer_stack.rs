@@ -360,8 +360,6 @@ struct StepShape<'a> {
 /// What [`CudaBackend::stack_compress`] needs of one compressor (the attention's or the
 /// indexer's).
 struct CompressorSite {
-    /// The layer's part of a block, in floats (the pool is layer-major).
-    fpb: usize,
     block_size: usize,
     input: PoolSection,
     output: PoolSection,
@@ -931,7 +929,7 @@ impl CudaBackend {
         let mut starts = Vec::with_capacity(rows.ids.len());
         let mut lens = Vec::with_capacity(rows.ids.len());
         let mut last: Option<(*const u32, usize, usize)> = None;
-        for bt in &rows.block_tables {
+        for (bt, rt) in rows.block_tables.iter().zip(&rows.recent_tables) {
             let key = (bt.as_ptr(), bt.len());
             match last {
                 Some((p, l, at)) if (p, l) == key => starts.push(i32_of(at)?),
@@ -940,8 +938,11 @@ impl CudaBackend {
                     starts.push(i32_of(at)?);
                     last = Some((key.0, key.1, at));
                     // Block ids are below the pool's block count, itself an i32-sized count
-                    // (checked by the caller): the bit pattern is the u32 the kernels read.
+                    // (checked by the caller): the bit pattern is the u32 the kernels read
+                    // (u32::MAX, a released recent block, stays u32::MAX). The recent table
+                    // follows its block table (paged.cu).
                     meta.i32s.extend(bt.iter().map(|&b| b as i32));
+                    meta.i32s.extend(rt.iter().map(|&r| r as i32));
                 }
             }
             lens.push(i32_of(bt.len())?);
@@ -1150,11 +1151,17 @@ impl CudaBackend {
         }
         let streams_ok =
             streams.kept.len() == streams.keep.len() * width && streams.keep.iter().all(|&r| r < n);
-        if !streams_ok || rows.positions.len() != n || rows.block_tables.len() != n {
+        if !streams_ok
+            || rows.positions.len() != n
+            || rows.block_tables.len() != n
+            || rows.recent_tables.len() != n
+        {
             return Err(shape_err(format!(
-                "{n} rows ({} positions, {} tables), streams that do not match them",
+                "{n} rows ({} positions, {} tables, {} recent tables), streams that do not \
+                 match them",
                 rows.positions.len(),
                 rows.block_tables.len(),
+                rows.recent_tables.len(),
             )));
         }
         let (vocab, cols) = model.weights.embed.shape();
@@ -1168,23 +1175,43 @@ impl CudaBackend {
                 "token id {id} of {vocab} embedding rows"
             )));
         }
-        // Every row's pool rows must lie inside its table and the pool (the kernels trust them).
-        let g = model.geometry;
-        for (p, bt) in rows.positions.iter().zip(&rows.block_tables) {
+        // Every row's pool rows must lie inside its tables and the pool (the kernels trust
+        // them): its block table covers it, its recent table names a recent block for every
+        // block of its last `recent_reach` positions, and every id is inside the pool.
+        let pool = model.pool;
+        let g = &pool.geometry;
+        if pool.floats() > kv.len {
+            return Err(shape_err(format!(
+                "a pool of {} slots for a layout of {}",
+                kv.len,
+                pool.floats()
+            )));
+        }
+        if pool.num_blocks.max(pool.num_recent) > i32::MAX as usize {
+            return Err(shape_err("more pool blocks than i32 block ids".into()));
+        }
+        for ((&p, bt), rt) in rows
+            .positions
+            .iter()
+            .zip(&rows.block_tables)
+            .zip(&rows.recent_tables)
+        {
             let need = p / g.block_size + 1;
-            if bt.len() < need
-                || bt[..need]
+            let first = g.first_recent_block(p);
+            let covered = bt.len() >= need
+                && rt.len() == bt.len()
+                && bt[..need].iter().all(|&b| (b as usize) < pool.num_blocks)
+                && rt[first..need]
                     .iter()
-                    .any(|&b| (b as usize + 1) * g.floats_per_block > kv.len)
-            {
+                    .all(|&r| (r as usize) < pool.num_recent);
+            if !covered {
                 return Err(shape_err(format!(
-                    "position {p}: block table of {} blocks does not cover it inside the pool",
-                    bt.len()
+                    "position {p}: block table of {} blocks (recent table of {}) does not cover \
+                     it inside the pool",
+                    bt.len(),
+                    rt.len()
                 )));
             }
-        }
-        if kv.len / g.floats_per_block.max(1) > i32::MAX as usize {
-            return Err(shape_err("more pool blocks than i32 block ids".into()));
         }
         if n <= STACK_MAX_ROWS {
             let piece = PieceStreams::of(&mut streams, 0, n);
@@ -1201,7 +1228,8 @@ impl CudaBackend {
             let part = StackRows {
                 positions: rows.positions[range.clone()].to_vec(),
                 ids: rows.ids[range.clone()].to_vec(),
-                block_tables: rows.block_tables[range].to_vec(),
+                block_tables: rows.block_tables[range.clone()].to_vec(),
+                recent_tables: rows.recent_tables[range].to_vec(),
             };
             let piece = PieceStreams::of(&mut streams, start, len);
             let got = self.run_piece(stack, model, kv, comm, &part, piece, capture)?;
@@ -1591,7 +1619,7 @@ impl CudaBackend {
                     c.max_keys,
                     n,
                     heads,
-                    model.geometry.latent_format,
+                    model.pool.geometry.latent_format,
                     self.kernels.multiprocessors(),
                 );
                 attention_workspace_floats(n, heads, hd, splits)
@@ -1771,7 +1799,6 @@ impl CudaBackend {
                     s,
                     pool,
                     table,
-                    site.fpb,
                     site.block_size,
                     &site.input,
                     site.kv,
@@ -1783,7 +1810,6 @@ impl CudaBackend {
                         s,
                         pool,
                         table,
-                        site.fpb,
                         site.block_size,
                         &site.input,
                         &site.output,
@@ -1847,12 +1873,21 @@ impl CudaBackend {
         };
         let compress_af = model.rope_compress.attention_factor;
         let positions = table.positions;
-        let g = model.geometry;
+        let g = &model.pool.geometry;
         let lay = &g.layers[l];
-        // The pool is layer-major: this layer's part of block b at start + b * lay.len.
-        let fpb = lay.len;
-        let start = kv.len / g.floats_per_block.max(1) * lay.base;
+        // The pool is layer-major: this layer's persistent part of block b at start + b *
+        // lay.len, its recent part of recent block r at recent + r * lay.recent_len.
+        let (fpb, rfpb) = (lay.len, lay.recent_len);
+        let start = model.pool.layer_start(l);
+        let recent = model.pool.recent_layer_start(l);
         let bs = g.block_size;
+        let window_section = PoolSection {
+            floats_per_block: rfpb,
+            base: recent + lay.window,
+            stride: g.latent_slots,
+            ratio: 1,
+            recent: true,
+        };
 
         self.stage(&mut stack.clock, "stack: hyper-connections")?;
         self.hc_pre(sc, &layer.hc_attn, &layer.attn_norm, cfg, n)?;
@@ -1966,13 +2001,8 @@ impl CudaBackend {
                         s,
                         pool,
                         table,
-                        fpb,
                         bs,
-                        &PoolSection {
-                            base: start + lay.window,
-                            stride: g.latent_slots,
-                            ratio: 1,
-                        },
+                        &window_section,
                         kvp,
                         hd,
                         hd,
@@ -1986,21 +2016,24 @@ impl CudaBackend {
         if let (Some(_), Some(cp)) = (&aw.compressor, &layer.compressor) {
             let coff = if kind == AttentionKind::Csa { 2 } else { 1 };
             let input = PoolSection {
-                base: start + lay.comp_in,
+                floats_per_block: rfpb,
+                base: recent + lay.comp_in,
                 stride: 2 * lay.comp_width,
                 ratio: 1,
+                recent: true,
             };
             self.stack_compress(
                 pool,
                 table,
                 &CompressorSite {
-                    fpb,
                     block_size: bs,
                     input,
                     output: PoolSection {
+                        floats_per_block: fpb,
                         base: start + lay.comp_rows,
                         stride: g.latent_slots,
                         ratio,
+                        recent: false,
                     },
                     kv: ptr(s, &sc.comp_kv),
                     gate: ptr(s, &sc.comp_gate),
@@ -2027,17 +2060,20 @@ impl CudaBackend {
                 pool,
                 table,
                 &CompressorSite {
-                    fpb,
                     block_size: bs,
                     input: PoolSection {
-                        base: start + lay.idx_in,
+                        floats_per_block: rfpb,
+                        base: recent + lay.idx_in,
                         stride: 2 * lay.idx_width,
                         ratio: 1,
+                        recent: true,
                     },
                     output: PoolSection {
+                        floats_per_block: fpb,
                         base: start + lay.idx_rows,
                         stride: g.index_slots,
                         ratio,
+                        recent: false,
                     },
                     kv: ptr(s, &sc.idx_kv),
                     gate: ptr(s, &sc.idx_gate),
@@ -2159,26 +2195,19 @@ impl CudaBackend {
                 self.kernels.build_key_offsets(
                     s,
                     table,
-                    fpb,
                     bs,
                     cfg.sliding_window,
-                    &PoolSection {
-                        base: start + lay.window,
-                        stride: g.latent_slots,
-                        ratio: 1,
-                    },
+                    &window_section,
                     // A sliding layer reads no compressed rows (and has no such section).
                     &if key_mode == KeyMode::Window {
-                        PoolSection {
-                            base: start + lay.window,
-                            stride: g.latent_slots,
-                            ratio: 1,
-                        }
+                        window_section
                     } else {
                         PoolSection {
+                            floats_per_block: fpb,
                             base: start + lay.comp_rows,
                             stride: g.latent_slots,
                             ratio,
+                            recent: false,
                         }
                     },
                     &KeySelection {
@@ -2205,7 +2234,7 @@ impl CudaBackend {
             class.max_keys,
             n,
             heads,
-            model.geometry.latent_format,
+            model.pool.geometry.latent_format,
             self.kernels.multiprocessors(),
         );
         fits(
@@ -2226,7 +2255,7 @@ impl CudaBackend {
             head_dim: hd,
             splits,
             scale: (hd as f32).powf(-0.5),
-            format: model.geometry.latent_format,
+            format: model.pool.geometry.latent_format,
             // K = V carried RoPE into the output; the merge undoes it at the query position.
             inverse_rope: Some(InverseRope {
                 positions,
@@ -2592,10 +2621,13 @@ mod tests {
     fn step_metadata_lands_at_fixed_offsets_and_tables_are_packed_once() {
         let table_a: Vec<u32> = vec![7, 3, 9];
         let table_b: Vec<u32> = vec![4];
+        let recent_a: Vec<u32> = vec![u32::MAX, 0, 5];
+        let recent_b: Vec<u32> = vec![2];
         let rows = StackRows {
             positions: vec![300, 301, 5],
             ids: vec![11, 12, 13],
             block_tables: vec![&table_a, &table_a, &table_b],
+            recent_tables: vec![&recent_a, &recent_a, &recent_b],
         };
         let lay = MetaLayout::GRAPHED;
         let mut meta = MetaBuilder::new(lay);
@@ -2605,10 +2637,11 @@ mod tests {
             &[300, 301, 5]
         );
         assert_eq!(&meta.i32s[lay.ids()..lay.ids() + 3], &[11, 12, 13]);
-        // Rows of one sequence share one packed table; the other sequence's follows it.
-        assert_eq!(&meta.i32s[lay.bt_starts()..lay.bt_starts() + 3], &[0, 0, 3]);
+        // Rows of one sequence share one packed table, its recent table right after it; the
+        // other sequence's follow them.
+        assert_eq!(&meta.i32s[lay.bt_starts()..lay.bt_starts() + 3], &[0, 0, 6]);
         assert_eq!(&meta.i32s[lay.bt_lens()..lay.bt_lens() + 3], &[3, 3, 1]);
-        assert_eq!(&meta.i32s[lay.tables()..], &[7, 3, 9, 4]);
+        assert_eq!(&meta.i32s[lay.tables()..], &[7, 3, 9, -1, 0, 5, 4, 2]);
 
         let (total, max) = CudaBackend::pack_keys(
             &mut meta,
@@ -2665,12 +2698,13 @@ mod tests {
             positions: (0..3000).collect(),
             ids: vec![1; 3000],
             block_tables: vec![&[0u32][..]; 3000],
+            recent_tables: vec![&[0u32][..]; 3000],
         };
         let mut meta = MetaBuilder::new(big);
         CudaBackend::pack_rows(&mut meta, &rows).unwrap();
         assert_eq!(meta.i32s[big.positions() + 2999], 2999);
         assert_eq!(meta.i32s[big.ids() + 2999], 1);
-        assert_eq!(meta.i32s.len(), big.tables() + 1);
+        assert_eq!(meta.i32s.len(), big.tables() + 2);
     }
 
     #[test]

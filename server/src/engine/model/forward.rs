@@ -7,7 +7,7 @@
 use super::config::{AttentionKind, ModelConfig, ScoringFunc};
 use super::host_clock::{HostClock, HostPhase};
 use super::hyper::{collapse, expand, HcMix};
-use super::kv::KvPool;
+use super::kv::{KvPool, NO_RECENT};
 use super::load::{AttentionWeights, CompressorWeights, ModelWeights, MoeWeights, Routing, Shard};
 use super::ops::{gated_pool, rms_norm_rows, sigmoid, softplus, top_k_indices, PoolSlot};
 use super::rope::RopeTable;
@@ -42,6 +42,7 @@ struct SeqView<'a> {
     /// Index of this sequence's first row in the flattened step.
     first_row: usize,
     block_table: &'a [u32],
+    recent_table: &'a [u32],
 }
 
 /// DeepSeek-V4 target model of one rank, with its KV pool.
@@ -89,7 +90,7 @@ impl<B: Backend> DeepseekV4<B> {
             backend.layer_stack(&StackModel {
                 cfg: &cfg,
                 weights: &weights,
-                geometry: &pool.geometry,
+                pool: &pool,
                 rope_main: &rope_main,
                 rope_compress: &rope_compress,
                 shard,
@@ -207,6 +208,36 @@ impl<B: Backend> DeepseekV4<B> {
                     s.seq_id, self.pool.num_blocks
                 )));
             }
+            // The recent blocks this step reads and writes: those of the positions from
+            // `recent_reach` before the first token through the last one.
+            if s.recent_table.len() != s.block_table.len() {
+                return Err(EngineError::Invalid(format!(
+                    "sequence {}: recent table of {} entries for a block table of {}",
+                    s.seq_id,
+                    s.recent_table.len(),
+                    s.block_table.len()
+                )));
+            }
+            let first = self.pool.geometry.first_recent_block(s.start_pos);
+            let last = (end - 1) / bs;
+            for (i, &r) in s.recent_table.iter().enumerate() {
+                let needed = (first..=last).contains(&i);
+                if (needed || r != NO_RECENT) && r as usize >= self.pool.num_recent {
+                    return Err(EngineError::Invalid(format!(
+                        "sequence {}: block {i} (positions {}..{}) has recent block {}, the \
+                         pool has {} recent blocks",
+                        s.seq_id,
+                        i * bs,
+                        (i + 1) * bs,
+                        if r == NO_RECENT {
+                            "none".to_string()
+                        } else {
+                            r.to_string()
+                        },
+                        self.pool.num_recent
+                    )));
+                }
+            }
             if let Some(t) = s
                 .tokens
                 .iter()
@@ -246,6 +277,7 @@ impl<B: Backend> DeepseekV4<B> {
                 len: s.tokens.len(),
                 first_row: rows.len(),
                 block_table: &s.block_table,
+                recent_table: &s.recent_table,
             });
             rows.extend(s.tokens.iter().enumerate().map(|(i, &id)| TokenRow {
                 seq: si,
@@ -282,7 +314,7 @@ impl<B: Backend> DeepseekV4<B> {
                 let model = StackModel {
                     cfg: &self.cfg,
                     weights: &self.weights,
-                    geometry: &self.pool.geometry,
+                    pool: &self.pool,
                     rope_main: &self.rope_main,
                     rope_compress: &self.rope_compress,
                     shard: self.shard,
@@ -291,6 +323,7 @@ impl<B: Backend> DeepseekV4<B> {
                     positions: rows.iter().map(|r| r.pos).collect(),
                     ids: ids.clone(),
                     block_tables: rows.iter().map(|r| seqs[r.seq].block_table).collect(),
+                    recent_tables: rows.iter().map(|r| seqs[r.seq].recent_table).collect(),
                 };
                 // The streams are built from the embedding on the device and stay there: only
                 // the rows the head needs come back (a prefill chunk's 8,192 rows are 512 MB).
@@ -535,7 +568,7 @@ impl<B: Backend> DeepseekV4<B> {
         let kv = self.kv_from_projection(aw, kv_raw, &positions, &rope);
         let at: Vec<usize> = rows
             .iter()
-            .map(|r| self.pool.window_row(seqs[r.seq].block_table, l, r.pos))
+            .map(|r| self.pool.window_row(seqs[r.seq].recent_table, l, r.pos))
             .collect();
         let latent = self.pool.geometry.latent_format;
         let stored = self
@@ -587,10 +620,10 @@ impl<B: Backend> DeepseekV4<B> {
         let keys = self.host.time(HostPhase::AttentionSetup, || {
             let mut keys = KeyLists::new(latent);
             for (i, row) in rows.iter().enumerate() {
-                let bt = seqs[row.seq].block_table;
+                let (bt, rt) = (seqs[row.seq].block_table, seqs[row.seq].recent_table);
                 let lo = (row.pos + 1).saturating_sub(window);
                 keys.offsets
-                    .extend((lo..=row.pos).map(|p| self.pool.window_row(bt, l, p)));
+                    .extend((lo..=row.pos).map(|p| self.pool.window_row(rt, l, p)));
                 keys.offsets
                     .extend(selected[i].iter().map(|&w| self.pool.comp_row(bt, l, w)));
                 keys.finish_token();
@@ -868,11 +901,11 @@ impl<B: Backend> Compression<'_, B> {
         } = win;
         let (width, eps) = (coff * dim, self.eps);
         let pool = self.pool;
-        let input_at = |bt: &[u32], pos: usize| {
+        let input_at = |rt: &[u32], pos: usize| {
             if indexer {
-                pool.idx_in_row(bt, l, pos)
+                pool.idx_in_row(rt, l, pos)
             } else {
-                pool.comp_in_row(bt, l, pos)
+                pool.comp_in_row(rt, l, pos)
             }
         };
         let mut step_inputs = Vec::with_capacity(rows.len() * 2 * width);
@@ -880,7 +913,7 @@ impl<B: Backend> Compression<'_, B> {
         for (i, r) in rows.iter().enumerate() {
             step_inputs.extend_from_slice(&kv[i * width..(i + 1) * width]);
             step_inputs.extend_from_slice(&gate[i * width..(i + 1) * width]);
-            at.push(input_at(seqs[r.seq].block_table, r.pos));
+            at.push(input_at(seqs[r.seq].recent_table, r.pos));
         }
         // First position the windows closing in this step read, per sequence.
         let first_read: Vec<usize> = seqs
@@ -900,7 +933,7 @@ impl<B: Backend> Compression<'_, B> {
         let mut earlier_first = Vec::with_capacity(seqs.len());
         for (s, &lo) in seqs.iter().zip(&first_read) {
             earlier_first.push(earlier_at.len());
-            earlier_at.extend((lo..s.start).map(|p| input_at(s.block_table, p)));
+            earlier_at.extend((lo..s.start).map(|p| input_at(s.recent_table, p)));
         }
         let windows: Vec<(usize, usize)> = seqs
             .iter()
@@ -1074,12 +1107,24 @@ pub fn hc_post(streams: &mut [f32], mixes: &[HcMix], out: &[f32], h: usize, hc: 
         .for_each(|((s, m), o)| expand(s, m, o, h));
 }
 
+/// Where one layer's part of a kind of block lies: its start in the pool, its offset in a
+/// block's worth of every layer, its length.
+#[derive(Clone, Copy)]
+struct LayerPart {
+    start: usize,
+    base: usize,
+    len: usize,
+}
+
 impl<B: Backend> ModelRunner for DeepseekV4<B> {
     fn kv_layout(&self) -> KvLayout {
         KvLayout {
             block_size: self.pool.geometry.block_size,
             num_blocks: self.pool.num_blocks,
             bytes_per_block: self.pool.geometry.bytes_per_block(),
+            recent_blocks: self.pool.num_recent,
+            bytes_per_recent: self.pool.geometry.bytes_per_recent(),
+            recent_reach: self.pool.geometry.recent_reach,
         }
     }
 
@@ -1101,22 +1146,34 @@ impl<B: Backend> ModelRunner for DeepseekV4<B> {
         t
     }
 
-    fn fill_blocks_random(&mut self, blocks: &[u32], seed: u64) -> Result<bool, EngineError> {
+    fn fill_blocks_random(
+        &mut self,
+        blocks: &[u32],
+        recent: &[u32],
+        seed: u64,
+    ) -> Result<bool, EngineError> {
         use rand::{Rng, SeedableRng};
-        let fpb = self.pool.geometry.floats_per_block;
         if let Some(b) = blocks.iter().find(|&&b| b as usize >= self.pool.num_blocks) {
             return Err(EngineError::Invalid(format!(
                 "block {b} outside the pool of {} blocks",
                 self.pool.num_blocks
             )));
         }
-        // Four distinct random blocks, cycled; written layer by layer (the pool is
-        // layer-major), a few blocks per call to bound the host buffer. Values in [-1, 1), the
-        // scale of normed latent rows; rows in a stored format are encoded, so an FP8 pool
-        // holds valid records (random bytes would include e4m3 NaNs).
+        if let Some(r) = recent.iter().find(|&&r| r as usize >= self.pool.num_recent) {
+            return Err(EngineError::Invalid(format!(
+                "recent block {r} outside the pool of {} recent blocks",
+                self.pool.num_recent
+            )));
+        }
+        // Four distinct random images of each kind of block, cycled; written layer by layer
+        // (the pool is layer-major), a few blocks per call to bound the host buffer. Values in
+        // [-1, 1), the scale of normed latent rows; rows in a stored format are encoded, so an
+        // FP8 pool holds valid records (random bytes would include e4m3 NaNs).
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let g = &self.pool.geometry;
+        let g = self.pool.geometry.clone();
         let (hd, ihd) = (self.cfg.head_dim, self.cfg.index_head_dim);
+        let latent = Some((g.latent_format, hd));
+        let index = Some((g.index_format, ihd));
         let mut random_rows = |out: &mut [f32], format: Option<(KvRowFormat, usize)>| {
             let Some((format, dim)) = format else {
                 out.iter_mut()
@@ -1130,39 +1187,75 @@ impl<B: Backend> ModelRunner for DeepseekV4<B> {
                 format.encode(&row, stored);
             }
         };
-        let patterns: Vec<Vec<f32>> = (0..4)
+        let persistent: Vec<Vec<f32>> = (0..4)
             .map(|_| {
-                let mut image = vec![0f32; fpb];
+                let mut image = vec![0f32; g.floats_per_block];
                 for lay in &g.layers {
-                    let region = &mut image[lay.base..lay.base + lay.len];
-                    let latent = Some((g.latent_format, hd));
-                    random_rows(&mut region[lay.window..lay.comp_in], latent);
-                    random_rows(&mut region[lay.comp_in..lay.comp_rows], None);
-                    random_rows(&mut region[lay.comp_rows..lay.idx_in], latent);
-                    random_rows(&mut region[lay.idx_in..lay.idx_rows], None);
-                    random_rows(&mut region[lay.idx_rows..], Some((g.index_format, ihd)));
+                    let part = &mut image[lay.base..lay.base + lay.len];
+                    random_rows(&mut part[lay.comp_rows..lay.idx_rows], latent);
+                    random_rows(&mut part[lay.idx_rows..], index);
                 }
                 image
             })
             .collect();
-        let per_call = (256 << 20) / (fpb * 4).max(1);
-        for (c, chunk) in blocks.chunks(per_call.max(1)).enumerate() {
-            for (l, lay) in self.pool.geometry.layers.iter().enumerate() {
-                let start = self.pool.layer_start(l);
-                let offsets: Vec<usize> = chunk
-                    .iter()
-                    .map(|&b| start + b as usize * lay.len)
-                    .collect();
-                let rows: Vec<f32> = (0..chunk.len())
-                    .flat_map(|i| {
-                        patterns[(c + i) % patterns.len()][lay.base..lay.base + lay.len]
-                            .iter()
-                            .copied()
-                    })
-                    .collect();
-                self.backend
-                    .kv_write(&mut self.kv, &offsets, lay.len, &rows)
-                    .map_err(backend_err)?;
+        let recent_images: Vec<Vec<f32>> = (0..4)
+            .map(|_| {
+                let mut image = vec![0f32; g.floats_per_recent];
+                for lay in &g.layers {
+                    let part = &mut image[lay.recent_base..lay.recent_base + lay.recent_len];
+                    random_rows(&mut part[lay.window..lay.comp_in], latent);
+                    random_rows(&mut part[lay.comp_in..], None);
+                }
+                image
+            })
+            .collect();
+        // Each kind: its ids, its images, and per layer where its parts start in the pool, in
+        // an image, and how long they are.
+        let parts_of = |recent: bool| -> Vec<LayerPart> {
+            (0..g.layers.len())
+                .map(|l| {
+                    let lay = &g.layers[l];
+                    if recent {
+                        LayerPart {
+                            start: self.pool.recent_layer_start(l),
+                            base: lay.recent_base,
+                            len: lay.recent_len,
+                        }
+                    } else {
+                        LayerPart {
+                            start: self.pool.layer_start(l),
+                            base: lay.base,
+                            len: lay.len,
+                        }
+                    }
+                })
+                .collect()
+        };
+        let kinds = [
+            (blocks, &persistent, parts_of(false)),
+            (recent, &recent_images, parts_of(true)),
+        ];
+        for (ids, images, parts) in kinds {
+            let per_block = images.first().map_or(0, Vec::len);
+            let per_call = (256 << 20) / (per_block * 4).max(1);
+            for (c, chunk) in ids.chunks(per_call.max(1)).enumerate() {
+                for &LayerPart { start, base, len } in &parts {
+                    if len == 0 {
+                        continue;
+                    }
+                    let offsets: Vec<usize> =
+                        chunk.iter().map(|&b| start + b as usize * len).collect();
+                    let rows: Vec<f32> = (0..chunk.len())
+                        .flat_map(|i| {
+                            images[(c + i) % images.len()][base..base + len]
+                                .iter()
+                                .copied()
+                        })
+                        .collect();
+                    self.backend
+                        .kv_write(&mut self.kv, &offsets, len, &rows)
+                        .map_err(backend_err)?;
+                }
             }
         }
         Ok(true)

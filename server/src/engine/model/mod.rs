@@ -33,8 +33,8 @@ use crate::backend::cuda::CudaBackend;
 use crate::backend::Backend;
 use crate::engine::ModelRunner;
 use crate::ranks::Communicator;
-pub use kv::KvStorage;
 use kv::{BlockGeometry, KvPool};
+pub use kv::{KvStorage, NO_RECENT};
 use std::sync::Arc;
 
 /// Where the model runs.
@@ -62,6 +62,13 @@ pub struct LoadOptions {
     pub kv_pool_tokens: usize,
     /// What the pool stores KV rows as (`--kv-cache-dtype`).
     pub kv_storage: KvStorage,
+    /// Recent blocks (window rows and compressor inputs of the blocks near each sequence's end,
+    /// docs/KV.md), at most one per block. `None`: [`BlockGeometry::recent_blocks_for`]
+    /// `batch_limits` when given, else one per block.
+    pub kv_recent_blocks: Option<usize>,
+    /// The scheduler's `(max_num_seqs, max_num_batched_tokens)`, which bound how many recent
+    /// blocks can be in use at once.
+    pub batch_limits: Option<(usize, usize)>,
     /// Tokens per block; `None` = [`ModelConfig::default_block_size`]. Must be a multiple of
     /// every compress ratio.
     pub block_size: Option<usize>,
@@ -88,28 +95,35 @@ pub struct LoadOptions {
 pub const KV_WORKSPACE_RESERVE: usize = 4 << 30;
 
 /// Blocks of `bytes_per_block` that fit in `utilization` of a device of `total` bytes with
-/// `free` bytes free now (weights loaded), keeping `reserve` bytes for the workspace.
+/// `free` bytes free now (weights loaded), keeping `reserve` bytes for the workspace and
+/// `fixed` bytes for the recent blocks.
 pub fn pool_blocks_for_memory(
     free: usize,
     total: usize,
     utilization: f64,
     reserve: usize,
+    fixed: usize,
     bytes_per_block: usize,
 ) -> Result<usize, LoadError> {
     let used = total.saturating_sub(free);
     let budget = (total as f64 * utilization) as usize;
-    let left = budget.saturating_sub(used).saturating_sub(reserve);
+    let left = budget
+        .saturating_sub(used)
+        .saturating_sub(reserve)
+        .saturating_sub(fixed);
     let blocks = left / bytes_per_block.max(1);
     if blocks == 0 {
         return Err(LoadError::KvPool(format!(
             "no room for the KV pool: {:.1} GB of {:.1} GB are in use (weights and other \
-             processes), --gpu-memory-utilization {utilization} allows {:.1} GB and {:.1} GB are \
-             kept for the workspace; one block needs {:.1} MB. Raise \
+             processes), --gpu-memory-utilization {utilization} allows {:.1} GB, {:.1} GB are \
+             kept for the workspace and {:.1} GB for the recent blocks (--max-num-seqs, \
+             --max-num-batched-tokens); one block needs {:.1} MB. Raise \
              --gpu-memory-utilization, use more ranks, or give --kv-pool-tokens",
             used as f64 / 1e9,
             total as f64 / 1e9,
             budget as f64 / 1e9,
             reserve as f64 / 1e9,
+            fixed as f64 / 1e9,
             bytes_per_block as f64 / 1e6
         )));
     }
@@ -123,6 +137,8 @@ impl Default for LoadOptions {
             load_format: LoadFormat::Auto,
             kv_pool_tokens: 16 * 1024,
             kv_storage: KvStorage::F32,
+            kv_recent_blocks: None,
+            batch_limits: None,
             block_size: None,
             shard: Shard::SINGLE,
             dummy_seed: 0,
@@ -130,6 +146,16 @@ impl Default for LoadOptions {
             gpu_memory_utilization: None,
             enforce_eager: false,
         }
+    }
+}
+
+impl LoadOptions {
+    /// Recent blocks asked for (before the cap at one per block); `None` = one per block.
+    pub fn recent_blocks(&self, geometry: &BlockGeometry) -> Option<usize> {
+        self.kv_recent_blocks.or_else(|| {
+            self.batch_limits
+                .map(|(seqs, tokens)| geometry.recent_blocks_for(seqs, tokens))
+        })
     }
 }
 
@@ -144,11 +170,18 @@ pub fn kv_pool(cfg: &ModelConfig, opts: &LoadOptions) -> Result<KvPool, LoadErro
     kv_pool_of(cfg, opts, None)
 }
 
-/// [`kv_pool`] with `blocks` overriding `opts.kv_pool_tokens`.
+/// Blocks and recent blocks agreed from the device memory (overriding the options).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SizedPool {
+    blocks: usize,
+    recent: Option<usize>,
+}
+
+/// [`kv_pool`] with `sized` overriding `opts.kv_pool_tokens` and the recent blocks asked for.
 fn kv_pool_of(
     cfg: &ModelConfig,
     opts: &LoadOptions,
-    blocks: Option<usize>,
+    sized: Option<SizedPool>,
 ) -> Result<KvPool, LoadError> {
     let bs = opts.block_size.unwrap_or_else(|| cfg.default_block_size());
     for l in 0..cfg.num_hidden_layers {
@@ -160,18 +193,27 @@ fn kv_pool_of(
             }
         }
     }
-    let num_blocks = blocks
-        .unwrap_or_else(|| opts.kv_pool_tokens.div_ceil(bs))
+    let num_blocks = sized
+        .map_or_else(|| opts.kv_pool_tokens.div_ceil(bs), |s| s.blocks)
         .max(1);
     let geometry = geometry_of(cfg, opts)?;
+    // A recent block is only ever held with its block, so more than one per block never helps.
+    let num_recent = match sized {
+        Some(s) => s.recent,
+        None => opts.recent_blocks(&geometry),
+    }
+    .unwrap_or(num_blocks)
+    .clamp(1, num_blocks);
     tracing::info!(
         block_size = bs,
         num_blocks,
         bytes_per_block = geometry.bytes_per_block(),
+        recent_blocks = num_recent,
+        bytes_per_recent = geometry.bytes_per_recent(),
         kv_cache_dtype = ?opts.kv_storage,
         "KV pool"
     );
-    Ok(KvPool::new(geometry, num_blocks))
+    Ok(KvPool::new(geometry, num_blocks, num_recent))
 }
 
 /// The CPU backend holds every weight as f32: refuse a model that cannot fit instead of being
@@ -223,8 +265,8 @@ pub fn build_on<B: Backend>(
     let expected = manifest::target_tensors(&cfg);
     manifest::check_complete(src, &expected)?;
     let weights = load::load_weights(src, &backend, &cfg, opts.shard)?;
-    let blocks = pool_blocks_from_memory(&cfg, opts, &backend, comm.as_ref())?;
-    let pool = kv_pool_of(&cfg, opts, blocks)?;
+    let sized = pool_from_memory(&cfg, opts, &backend, comm.as_ref())?;
+    let pool = kv_pool_of(&cfg, opts, sized)?;
     let mut model = DeepseekV4::new(cfg, backend, weights, pool, comm, opts.shard)?;
     if opts.enforce_eager {
         model.set_cuda_graphs(false);
@@ -232,38 +274,75 @@ pub fn build_on<B: Backend>(
     Ok(model)
 }
 
+/// Most of the memory left for KV that the recent blocks take: a `--max-num-seqs` too large to
+/// give every sequence its recent blocks then bounds how many run at once (the scheduler admits
+/// fewer, or preempts) instead of starving the pool.
+const RECENT_SHARE_MAX: f64 = 0.5;
+
 /// With `opts.gpu_memory_utilization` on a backend that reports its memory: the pool's blocks
-/// from the memory left after the weights, the smallest over the ranks (they must hold the same
-/// block ids). `None` otherwise (size from `kv_pool_tokens`).
-fn pool_blocks_from_memory<B: Backend>(
+/// (and recent blocks) from the memory left after the weights, the smallest over the ranks (they
+/// must hold the same block ids). `None` otherwise (size from `kv_pool_tokens`).
+fn pool_from_memory<B: Backend>(
     cfg: &ModelConfig,
     opts: &LoadOptions,
     backend: &B,
     comm: &dyn Communicator,
-) -> Result<Option<usize>, LoadError> {
+) -> Result<Option<SizedPool>, LoadError> {
     let (Some(utilization), Some((free, total))) =
         (opts.gpu_memory_utilization, backend.memory_info())
     else {
         return Ok(None);
     };
-    let bytes_per_block = geometry_of(cfg, opts)?.bytes_per_block();
+    let geometry = geometry_of(cfg, opts)?;
+    let asked = opts.recent_blocks(&geometry);
+    // The recent blocks come off the top (none asked: one per block, in the block's price).
+    let left = pool_blocks_for_memory(free, total, utilization, KV_WORKSPACE_RESERVE, 0, 1)?;
+    let recent = asked.map(|n| {
+        let cap = (left as f64 * RECENT_SHARE_MAX) as usize / geometry.bytes_per_recent().max(1);
+        if n > cap {
+            tracing::warn!(
+                asked = n,
+                kept = cap,
+                "the recent blocks for --max-num-seqs would take over half of the KV memory; \
+                 keeping {cap}: fewer sequences run at once than --max-num-seqs allows"
+            );
+        }
+        n.min(cap).max(1)
+    });
+    let per_block = geometry.bytes_per_block()
+        + if recent.is_none() {
+            geometry.bytes_per_recent()
+        } else {
+            0
+        };
     let mine = pool_blocks_for_memory(
         free,
         total,
         utilization,
         KV_WORKSPACE_RESERVE,
-        bytes_per_block,
+        recent.unwrap_or(0) * geometry.bytes_per_recent(),
+        per_block,
     )?;
-    // Every rank sees the same gathered values, so every rank picks the same minimum.
+    // Every rank sees the same gathered values, so every rank picks the same minima.
     let all = comm
-        .all_gather(&[mine as f32])
+        .all_gather(&[mine as f32, recent.unwrap_or(0) as f32])
         .map_err(|e| LoadError::KvPool(format!("agreeing on the pool size: {e}")))?;
-    let agreed = all.iter().fold(f32::INFINITY, |a, &b| a.min(b)).max(1.0) as usize;
+    let smallest = |i: usize| {
+        all.chunks(2)
+            .map(|v| v[i])
+            .fold(f32::INFINITY, f32::min)
+            .max(1.0) as usize
+    };
+    let agreed = SizedPool {
+        blocks: smallest(0),
+        recent: recent.map(|_| smallest(1)),
+    };
     tracing::info!(
         free_gb = free as f64 / 1e9,
         total_gb = total as f64 / 1e9,
         utilization,
-        blocks = agreed,
+        blocks = agreed.blocks,
+        recent_blocks = ?agreed.recent,
         "KV pool sized from --gpu-memory-utilization"
     );
     Ok(Some(agreed))
@@ -324,6 +403,17 @@ mod tests {
         };
         let pool = kv_pool(&cfg, &opts).unwrap();
         assert_eq!(pool.num_blocks, 4);
+        assert_eq!(
+            pool.num_recent, 4,
+            "one recent block per block unless asked"
+        );
+        for (asked, got) in [(2, 2), (100, 4), (0, 1)] {
+            let o = LoadOptions {
+                kv_recent_blocks: Some(asked),
+                ..opts.clone()
+            };
+            assert_eq!(kv_pool(&cfg, &o).unwrap().num_recent, got, "asked {asked}");
+        }
         let bad = LoadOptions {
             block_size: Some(30),
             ..opts
@@ -336,13 +426,16 @@ mod tests {
     fn pool_from_memory_is_what_the_utilization_leaves() {
         const GB: usize = 1 << 30;
         // 100 GiB device, 30 GiB in use, half allowed: 50 - 30 - 4 = 16 blocks of 1 GiB.
-        let b = pool_blocks_for_memory(70 * GB, 100 * GB, 0.5, 4 * GB, GB).unwrap();
+        let b = pool_blocks_for_memory(70 * GB, 100 * GB, 0.5, 4 * GB, 0, GB).unwrap();
         assert_eq!(b, 16);
         // A partial block does not count.
-        let b = pool_blocks_for_memory(70 * GB, 100 * GB, 0.5, 4 * GB, GB - 1).unwrap();
+        let b = pool_blocks_for_memory(70 * GB, 100 * GB, 0.5, 4 * GB, 0, GB - 1).unwrap();
         assert_eq!(b, 16);
+        // The recent blocks come off the top.
+        let b = pool_blocks_for_memory(70 * GB, 100 * GB, 0.5, 4 * GB, 3 * GB, GB).unwrap();
+        assert_eq!(b, 13);
         // Weights already past the budget: a clear error, not a zero-block pool.
-        let e = pool_blocks_for_memory(5 * GB, 100 * GB, 0.9, 4 * GB, GB)
+        let e = pool_blocks_for_memory(5 * GB, 100 * GB, 0.9, 4 * GB, 0, GB)
             .unwrap_err()
             .to_string();
         assert!(
