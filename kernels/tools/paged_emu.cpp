@@ -1,6 +1,7 @@
 // CPU emulation of paged.cu (one std::thread per CUDA thread, barriers for __syncthreads and
 // warp shuffles) against a host reference port of the server's compressor and key lists, for
-// checking kernel logic on a machine without a GPU (the same cases as tests/paged_gpu.rs):
+// checking kernel logic on a machine without a GPU (cases like tests/paged_gpu.rs's, with every
+// section in one part per block through the block table; the GPU test covers recent tables):
 //   g++ -std=c++20 -O2 -pthread -w -o /tmp/paged_emu kernels/tools/paged_emu.cpp && /tmp/paged_emu
 #include "emu.h"
 inline void dsk_pdl_entry() {}  // launches run one after another here
@@ -64,11 +65,11 @@ void compress_case(const char *name, Lay L, int rope_dim, Step S, unsigned long 
     float af = 1.25f, eps = 1e-6f;
     std::vector<float> dev = pool;
     unsigned thr = std::clamp<unsigned>(1u << (unsigned)std::ceil(std::log2((double)L.hd)), 32, 256);
-    launch({(unsigned)n, 1, 1}, thr, [&] { dsk_pool_write_f32(dev.data(), S.pos.data(), S.st.data(), S.ln.data(), S.flat.data(), L.fpb, L.bs, L.lb, L.hd, lat.data(), ldl, nullptr, 0, L.hd, DSK_KV_F32, 0); });
+    launch({(unsigned)n, 1, 1}, thr, [&] { dsk_pool_write_f32(dev.data(), S.pos.data(), S.st.data(), S.ln.data(), S.flat.data(), L.fpb, L.bs, L.lb, L.hd, 0, lat.data(), ldl, nullptr, 0, L.hd, DSK_KV_F32, 0); });
     thr = std::clamp<unsigned>(1u << (unsigned)std::ceil(std::log2((double)width)), 32, 256);
-    launch({(unsigned)n, 1, 1}, thr, [&] { dsk_pool_write_f32(dev.data(), S.pos.data(), S.st.data(), S.ln.data(), S.flat.data(), L.fpb, L.bs, L.lb + L.cin(), 2 * width, kv.data(), width, gate.data(), width, width, DSK_KV_F32, 0); });
+    launch({(unsigned)n, 1, 1}, thr, [&] { dsk_pool_write_f32(dev.data(), S.pos.data(), S.st.data(), S.ln.data(), S.flat.data(), L.fpb, L.bs, L.lb + L.cin(), 2 * width, 0, kv.data(), width, gate.data(), width, width, DSK_KV_F32, 0); });
     thr = std::clamp<unsigned>(1u << (unsigned)std::ceil(std::log2((double)L.dim)), 32, 256);
-    launch({(unsigned)n, 1, 1}, thr, [&] { dsk_compress_rows_f32(dev.data(), S.pos.data(), S.st.data(), S.ln.data(), S.flat.data(), L.fpb, L.bs, L.lb + L.cin(), 2 * width, L.lb + L.crows(), L.dim, L.ratio, L.coff, L.dim, ape.data(), norm.data(), inv.data(), rope_dim, af, eps, DSK_KV_F32, 0); });
+    launch({(unsigned)n, 1, 1}, thr, [&] { dsk_compress_rows_f32(dev.data(), S.pos.data(), S.st.data(), S.ln.data(), S.flat.data(), L.bs, L.fpb, L.lb + L.cin(), 2 * width, 0, L.fpb, L.lb + L.crows(), L.dim, 0, L.ratio, L.coff, L.dim, ape.data(), norm.data(), inv.data(), rope_dim, af, eps, DSK_KV_F32, 0); });
     for (size_t r = 0; r < n; ++r) { if (S.pos[r] < 0) continue; auto &bt = S.tables[S.rows[r].first]; size_t p = S.pos[r];
         std::copy_n(&lat[r * ldl], L.hd, &pool[L.window_row(bt, p)]);
         std::copy_n(&kv[r * width], width, &pool[L.comp_in_row(bt, p)]);
@@ -94,7 +95,7 @@ std::vector<long long> run_keys(const Lay &L, Step &S, int window, int mode, con
     std::vector<long long> out(starts.back(), LLONG_MIN);
     int maxk = 0; for (size_t i = 0; i + 1 < starts.size(); ++i) maxk = std::max(maxk, starts[i + 1] - starts[i]);
     unsigned chunks = std::max(1, std::min((maxk + 255) / 256, (int)((4 * 132 + S.rows.size() - 1) / S.rows.size())));
-    launch({(unsigned)S.rows.size(), chunks, 1}, 256, [&] { dsk_build_key_offsets(S.pos.data(), S.st.data(), S.ln.data(), S.flat.data(), L.fpb, L.bs, window, L.lb, L.hd, L.lb + L.crows(), L.dim, mode == 0 ? 0 : L.ratio, mode, sel.empty() ? nullptr : sel.data(), cnt.empty() ? nullptr : cnt.data(), stride, starts.data(), out.data()); });
+    launch({(unsigned)S.rows.size(), chunks, 1}, 256, [&] { dsk_build_key_offsets(S.pos.data(), S.st.data(), S.ln.data(), S.flat.data(), L.bs, window, L.fpb, L.lb, L.hd, 0, L.fpb, L.lb + L.crows(), L.dim, 0, mode == 0 ? 0 : L.ratio, mode, sel.empty() ? nullptr : sel.data(), cnt.empty() ? nullptr : cnt.data(), stride, starts.data(), out.data()); });
     return out; }
 
 void check(const char *n, const std::vector<long long> &a, const std::vector<long long> &b) {

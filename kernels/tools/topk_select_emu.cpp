@@ -126,9 +126,11 @@ static void run_case(const char *name, const std::vector<std::vector<float>> &li
         dsk_topk_select_segments_f32(scores.data(), starts.data(), counts.data(), k, max_segs,
                                      cand_idx.data(), cand_val.data());
     });
+    // The first round, then the last block over all its candidates (the launcher adds middle
+    // rounds for long lists, dsk_topk_select_reduce_f32; tests/topk_two_stage_gpu.rs covers them).
     launch((unsigned)tokens, 1024, [&] {
-        dsk_topk_select_merge_f32(counts.data(), k, max_segs, cand_idx.data(), cand_val.data(),
-                                  oi2.data(), ov2.data());
+        dsk_topk_select_merge_f32(counts.data(), k, max_segs, 1, (long long)max_segs * kseg,
+                                  cand_idx.data(), cand_val.data(), oi2.data(), ov2.data());
     });
     int bad = 0;
     for (int t = 0; t < tokens; ++t)

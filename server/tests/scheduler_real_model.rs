@@ -14,9 +14,10 @@ use dspark_server::scheduler::{SamplingParams, Scheduler, SchedulerConfig};
 use support::scheduler::{run, submit, tokens};
 use support::tiny_dir;
 
-fn runner(pool_tokens: usize) -> Box<dyn ModelRunner> {
+fn runner(pool_tokens: usize, recent_blocks: Option<usize>) -> Box<dyn ModelRunner> {
     let opts = LoadOptions {
         kv_pool_tokens: pool_tokens,
+        kv_recent_blocks: recent_blocks,
         ..LoadOptions::default()
     };
     model::load(&tiny_dir(), &opts, Arc::new(SingleRank)).expect("load the tiny model")
@@ -28,8 +29,24 @@ fn scheduler(
     max_num_seqs: usize,
     prefix_caching: bool,
 ) -> Scheduler {
+    scheduler_with(
+        pool_tokens,
+        None,
+        max_model_len,
+        max_num_seqs,
+        prefix_caching,
+    )
+}
+
+fn scheduler_with(
+    pool_tokens: usize,
+    recent_blocks: Option<usize>,
+    max_model_len: usize,
+    max_num_seqs: usize,
+    prefix_caching: bool,
+) -> Scheduler {
     Scheduler::new(
-        runner(pool_tokens),
+        runner(pool_tokens, recent_blocks),
         SchedulerConfig {
             max_num_seqs,
             max_num_batched_tokens: 96,
@@ -55,7 +72,7 @@ fn prompts(block: usize) -> Vec<Vec<u32>> {
 
 #[test]
 fn sixteen_requests_over_a_pool_for_three_match_their_solo_outputs() {
-    let block = runner(1).kv_layout().block_size;
+    let block = runner(1, None).kv_layout().block_size;
     let max_model_len = 2 * block + 8;
     let params = |p: &Vec<u32>| SamplingParams {
         ignore_eos: true,
@@ -95,4 +112,56 @@ fn sixteen_requests_over_a_pool_for_three_match_their_solo_outputs() {
         assert_eq!(tokens(rx), solo[i], "request {i}");
     }
     assert_eq!(s.pool().free_blocks(), s.pool().num_blocks());
+}
+
+#[test]
+fn few_recent_blocks_still_give_every_request_its_solo_output() {
+    // Sequences of up to 4 blocks with 6 recent blocks for 4 running at once: the window rows
+    // and compressor inputs of blocks a sequence has moved past must be released (and, for the
+    // 2-block system prompt, found again by the prefix cache) or nothing runs; where they run
+    // short the scheduler waits or preempts. Outputs must not change.
+    let block = runner(1, None).kv_layout().block_size;
+    let max_model_len = 4 * block;
+    let system: Vec<u32> = (0..2 * block as u32).map(|i| 1000 + i * 7).collect();
+    let ps: Vec<Vec<u32>> = (0..8u32)
+        .map(|i| {
+            let tail: Vec<u32> = (0..(5 + i * 11))
+                .map(|j| 20_000 + i * 97 + j * 13)
+                .collect();
+            [system.clone(), tail].concat()
+        })
+        .collect();
+    let params = |p: &Vec<u32>| SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy((max_model_len - p.len()).min(block + 20))
+    };
+    let build = |recent: Option<usize>, max_num_seqs: usize, caching: bool| {
+        scheduler_with(16 * block, recent, max_model_len, max_num_seqs, caching)
+    };
+    let solo: Vec<Vec<u32>> = ps
+        .iter()
+        .map(|p| {
+            let mut s = build(None, 1, false);
+            let mut rx = submit(&mut s, 0, p.clone(), params(p));
+            run(&mut s);
+            tokens(&mut rx)
+        })
+        .collect();
+    let mut s = build(Some(6), 4, true);
+    assert_eq!(s.pool().num_recent(), 6);
+    let mut rxs: Vec<_> = ps
+        .iter()
+        .enumerate()
+        .map(|(i, p)| submit(&mut s, i as u64, p.clone(), params(p)))
+        .collect();
+    run(&mut s);
+    assert!(
+        s.metrics_handle().prefix_cache_hits.get() > 0,
+        "the system prompt's blocks (and the recent block of its tail) were meant to hit"
+    );
+    for (i, rx) in rxs.iter_mut().enumerate() {
+        assert_eq!(tokens(rx), solo[i], "request {i}");
+    }
+    assert_eq!(s.pool().free_blocks(), s.pool().num_blocks());
+    assert_eq!(s.pool().free_recent(), 6, "every recent block returned");
 }

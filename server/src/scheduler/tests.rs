@@ -53,6 +53,17 @@ fn submit(
     rx
 }
 
+/// Submits each (prompt, params) as request `i`.
+fn submit_all(
+    s: &mut Scheduler,
+    reqs: &[(Vec<u32>, SamplingParams)],
+) -> Vec<UnboundedReceiver<SeqEvent>> {
+    reqs.iter()
+        .enumerate()
+        .map(|(i, (p, sp))| submit(s, i as u64, p.clone(), sp.clone()))
+        .collect()
+}
+
 /// Drains a request's events into (tokens per choice, finish reason per choice).
 fn collect(
     rx: &mut UnboundedReceiver<SeqEvent>,
@@ -121,11 +132,7 @@ fn tiny_pool_many_requests_same_greedy_outputs_as_alone() {
             (prompt(i, 6 + i % 9), p)
         })
         .collect();
-    let mut rxs: Vec<_> = reqs
-        .iter()
-        .enumerate()
-        .map(|(i, (p, sp))| submit(&mut s, i as u64, p.clone(), sp.clone()))
-        .collect();
+    let mut rxs = submit_all(&mut s, &reqs);
     let preempted = run_to_end(&mut s);
     assert!(preempted > 0, "the pool was meant to run out");
     assert_eq!(s.metrics.num_preemptions.get(), preempted as u64);
@@ -288,11 +295,7 @@ fn recent_blocks_sized_for_the_batch_never_run_out() {
             (toks, p)
         })
         .collect();
-    let mut rxs: Vec<_> = reqs
-        .iter()
-        .enumerate()
-        .map(|(i, (p, sp))| submit(&mut s, i as u64, p.clone(), sp.clone()))
-        .collect();
+    let mut rxs = submit_all(&mut s, &reqs);
     let preempted = run_to_end(&mut s);
     assert_eq!(preempted, 0, "the recent blocks were sized for this batch");
     assert!(
@@ -329,11 +332,7 @@ fn recent_blocks_running_short_preempt_instead_of_failing() {
             (prompt(i, 30 + i), p)
         })
         .collect();
-    let mut rxs: Vec<_> = reqs
-        .iter()
-        .enumerate()
-        .map(|(i, (p, sp))| submit(&mut s, i as u64, p.clone(), sp.clone()))
-        .collect();
+    let mut rxs = submit_all(&mut s, &reqs);
     let preempted = run_to_end(&mut s);
     assert!(
         preempted > 0,
