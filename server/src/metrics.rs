@@ -30,6 +30,8 @@ pub const SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS: &str =
 pub const KV_POOL_TOKENS: &str = "dspark_kv_pool_tokens";
 pub const CACHE_CONFIG_INFO: &str = "vllm:cache_config_info";
 pub const KV_LIVE_TOKENS: &str = "dspark_kv_live_tokens";
+pub const KV_RECENT_BLOCKS: &str = "dspark_kv_recent_blocks";
+pub const KV_RECENT_BLOCKS_USED: &str = "dspark_kv_recent_blocks_used";
 pub const MAX_FULL_LENGTH_CONCURRENCY: &str = "dspark_max_full_length_concurrency";
 
 // vLLM's bucket boundaries, so histogram quantiles compare across servers.
@@ -172,6 +174,9 @@ pub struct Metrics {
     pub spec_decode_num_accepted_tokens_per_pos: Mutex<Vec<u64>>,
     pub kv_pool_tokens: Gauge,
     pub kv_live_tokens: Gauge,
+    /// Recent blocks (window rows and compressor inputs, docs/KV.md), and those held.
+    pub kv_recent_blocks: Gauge,
+    pub kv_recent_blocks_used: Gauge,
     pub max_full_length_concurrency: Gauge,
     /// vLLM's `vllm:cache_config_info` labels: the `--kv-cache-dtype` value, set at start...
     pub cache_dtype: std::sync::OnceLock<&'static str>,
@@ -205,6 +210,8 @@ impl Metrics {
             spec_decode_num_accepted_tokens_per_pos: Mutex::new(Vec::new()),
             kv_pool_tokens: Gauge::default(),
             kv_live_tokens: Gauge::default(),
+            kv_recent_blocks: Gauge::default(),
+            kv_recent_blocks_used: Gauge::default(),
             max_full_length_concurrency: Gauge::default(),
             cache_dtype: std::sync::OnceLock::new(),
             cache_blocks: std::sync::OnceLock::new(),
@@ -396,6 +403,18 @@ impl Metrics {
             KV_LIVE_TOKENS,
             "Tokens held in KV blocks of running requests (shared prefix blocks counted once).",
             self.kv_live_tokens.get(),
+        );
+        gauge(
+            &mut out,
+            KV_RECENT_BLOCKS,
+            "Recent KV blocks (sliding-window rows and compressor inputs near each sequence's end).",
+            self.kv_recent_blocks.get(),
+        );
+        gauge(
+            &mut out,
+            KV_RECENT_BLOCKS_USED,
+            "Recent KV blocks held by running requests.",
+            self.kv_recent_blocks_used.get(),
         );
         gauge(
             &mut out,

@@ -142,11 +142,31 @@ fn stored_formats_resume_from_shared_prefix_blocks_and_ignore_the_batch() {
 
 #[test]
 fn stored_formats_shrink_the_pool_block() {
-    let f32_block = tiny_model(128, KvStorage::F32).kv_layout().bytes_per_block;
-    let bf16_block = tiny_model(128, KvStorage::Bf16).kv_layout().bytes_per_block;
-    let fp8_block = tiny_model(128, KvStorage::Fp8).kv_layout().bytes_per_block;
-    // docs/KV.md: the tiny model's block is 614,656 bytes in f32 and 509,524 with FP8 records
-    // (the compressor inputs stay f32).
-    assert_eq!((f32_block, fp8_block), (614_656, 509_524));
-    assert!(fp8_block < bf16_block && bf16_block < f32_block);
+    let layout = |storage| tiny_model(128, storage).kv_layout();
+    let (f32_l, bf16_l, fp8_l) = (
+        layout(KvStorage::F32),
+        layout(KvStorage::Bf16),
+        layout(KvStorage::Fp8),
+    );
+    // docs/KV.md: the tiny model's persistent block (compressed and indexer rows) is 24,832
+    // bytes in f32 and 7,764 with FP8 records; with its recent block (window rows, and the
+    // compressor inputs, which stay f32) 614,656 and 509,524, what one block held before the
+    // compact layout.
+    assert_eq!(
+        (f32_l.bytes_per_block, fp8_l.bytes_per_block),
+        (24_832, 7_764)
+    );
+    assert_eq!(
+        (
+            f32_l.bytes_per_block + f32_l.bytes_per_recent,
+            fp8_l.bytes_per_block + fp8_l.bytes_per_recent
+        ),
+        (614_656, 509_524)
+    );
+    for part in [
+        |l: &dspark_server::engine::KvLayout| l.bytes_per_block,
+        |l: &dspark_server::engine::KvLayout| l.bytes_per_recent,
+    ] {
+        assert!(part(&fp8_l) < part(&bf16_l) && part(&bf16_l) < part(&f32_l));
+    }
 }

@@ -79,6 +79,7 @@ def test_metrics_use_vllm_names(server, client):
         "vllm:time_per_output_token_seconds_bucket", "vllm:e2e_request_latency_seconds_bucket",
         "vllm:request_queue_time_seconds_bucket",
         "dspark_kv_pool_tokens", "dspark_kv_live_tokens", "dspark_max_full_length_concurrency",
+        "dspark_kv_recent_blocks", "dspark_kv_recent_blocks_used",
     ):
         assert re.search(rf"^{re.escape(name)}\{{{re.escape(label)}", text, re.M), name
     prompt_tokens = float(re.search(rf"^vllm:prompt_tokens_total\{{{label}\}} (\S+)", text, re.M).group(1))
@@ -86,6 +87,10 @@ def test_metrics_use_vllm_names(server, client):
     assert prompt_tokens > 0 and gen_tokens >= 3
     pool = float(re.search(rf"^dspark_kv_pool_tokens\{{{label}\}} (\S+)", text, re.M).group(1))
     assert pool >= 4096
+    # Recent blocks: at least one, at most one per block of the pool (docs/KV.md).
+    recent = float(re.search(rf"^dspark_kv_recent_blocks\{{{label}\}} (\S+)", text, re.M).group(1))
+    block = float(re.search(r'block_size="(\d+)"', text).group(1))
+    assert 1 <= recent <= pool / block
 
 
 # ---------------------------------------------------------------- chat and completions
@@ -325,7 +330,8 @@ def test_client_disconnect_cancels_the_request(server, client):
         text = httpx.get(server.base + "/metrics").text
         running = float(re.search(rf"^vllm:num_requests_running\{{{label}\}} (\S+)", text, re.M).group(1))
         live = float(re.search(rf"^dspark_kv_live_tokens\{{{label}\}} (\S+)", text, re.M).group(1))
-        if running == 0 and live == 0:
+        recent = float(re.search(rf"^dspark_kv_recent_blocks_used\{{{label}\}} (\S+)", text, re.M).group(1))
+        if running == 0 and live == 0 and recent == 0:
             return
         time.sleep(0.1)
     pytest.fail("the cancelled request kept running or kept its KV blocks")

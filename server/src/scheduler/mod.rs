@@ -134,6 +134,7 @@ impl Scheduler {
         let layout = runner.kv_layout();
         let pool = KvPool::new(layout, cfg.prefix_caching);
         metrics.kv_pool_tokens.set(pool.pool_tokens() as f64);
+        metrics.kv_recent_blocks.set(pool.num_recent() as f64);
         // Set once: a rebuilt scheduler (tests) sees the same pool.
         let _ = metrics
             .cache_blocks
@@ -749,6 +750,9 @@ impl Scheduler {
             .set(self.waiting.len() as f64);
         self.metrics.kv_cache_usage_perc.set(self.pool.usage());
         self.metrics.kv_live_tokens.set(self.live_tokens() as f64);
+        self.metrics
+            .kv_recent_blocks_used
+            .set((self.pool.num_recent() - self.pool.free_recent()) as f64);
     }
 }
 

@@ -312,6 +312,8 @@ fn recent_blocks_sized_for_the_batch_never_run_out() {
         recent,
         "every recent block returned"
     );
+    assert_eq!(s.metrics.kv_recent_blocks.get(), recent as f64);
+    assert_eq!(s.metrics.kv_recent_blocks_used.get(), 0.0);
 }
 
 #[test]
