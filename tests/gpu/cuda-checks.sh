@@ -12,7 +12,8 @@
 #    over the fixture runs and the KV kernel checks (if installed);
 # 3. the server on --device cuda at TP=1 (also with the pool sized from --gpu-memory-utilization)
 #    and, with two GPUs, TP=2 over NCCL (and with DSpark): greedy completions must equal the CPU
-#    backend's; with --kv-cache-dtype fp8 on both, CUDA (TP=1, TP=2) must equal the CPU too.
+#    backend's; with --kv-cache-dtype fp8 on both, CUDA (TP=1, TP=2) must equal the CPU too;
+# 4. a minute of mixed load on CUDA with a pool that preempts (tests/gpu/mixed-load.py).
 set -uo pipefail
 server=${DSPARK_SERVER_BIN:?set DSPARK_SERVER_BIN}
 tests=${DSPARK_MODEL_CUDA_BIN:?set DSPARK_MODEL_CUDA_BIN}
@@ -122,5 +123,17 @@ if (( gpus >= 2 )); then
   echo "cuda tp2 fp8: $got8b"
   [[ "$want8" == "$got8b" ]] || { echo "MISMATCH cuda tp2 fp8 kv"; fail=1; }
 fi
+step "server: a minute of mixed load (long shared-prefix prompts, preemption, abandoned streams)"
+# f32 GEMMs: a greedy output must then not depend on the batch it ran in (tests/gpu/mixed-load.py).
+DSPARK_GEMM_TF32=0 "$server" serve --device cuda --kv-cache-dtype fp8 --max-model-len 16384 \
+  --max-num-seqs 16 --max-num-batched-tokens 4096 --kv-pool-tokens 24576 --port 8109 \
+  --control-port 8209 > /tmp/dspark-8109.log 2>&1 &
+echo $! > /tmp/dspark-8109.pid
+for _ in $(seq 1 240); do curl -sf http://127.0.0.1:8109/ready >/dev/null && break; sleep 0.5; done
+python3 "$(dirname "$0")/mixed-load.py" --base-url http://127.0.0.1:8109 --model tiny-dsv4 \
+  --minutes 1 --clients 16 --replays 10 --strict || fail=1
+curl -s http://127.0.0.1:8109/metrics | grep -E "^vllm:num_preemptions_total"
+stop 8109
+
 step "result: $([[ $fail == 0 ]] && echo PASS || echo FAIL)"
 exit $fail
