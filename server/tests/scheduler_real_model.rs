@@ -59,6 +59,37 @@ fn scheduler_with(
     )
 }
 
+/// Each prompt alone on a fresh scheduler from `make`: the reference outputs.
+fn solo_outputs(
+    make: impl Fn() -> Scheduler,
+    ps: &[Vec<u32>],
+    params: impl Fn(&Vec<u32>) -> SamplingParams,
+) -> Vec<Vec<u32>> {
+    ps.iter()
+        .map(|p| {
+            let mut s = make();
+            let mut rx = submit(&mut s, 0, p.clone(), params(p));
+            run(&mut s);
+            tokens(&mut rx)
+        })
+        .collect()
+}
+
+/// Every prompt submitted to `s` at once and run to the end: each request's tokens.
+fn together_outputs(
+    s: &mut Scheduler,
+    ps: &[Vec<u32>],
+    params: impl Fn(&Vec<u32>) -> SamplingParams,
+) -> Vec<Vec<u32>> {
+    let mut rxs: Vec<_> = ps
+        .iter()
+        .enumerate()
+        .map(|(i, p)| submit(s, i as u64, p.clone(), params(p)))
+        .collect();
+    run(s);
+    rxs.iter_mut().map(tokens).collect()
+}
+
 /// 16 prompts sharing a system prefix of one full block, different tails.
 fn prompts(block: usize) -> Vec<Vec<u32>> {
     let system: Vec<u32> = (0..block as u32).map(|i| 1000 + i * 7).collect();
@@ -81,24 +112,15 @@ fn sixteen_requests_over_a_pool_for_three_match_their_solo_outputs() {
     let ps = prompts(block);
 
     // Each prompt alone, no prefix caching: the reference.
-    let solo: Vec<Vec<u32>> = ps
-        .iter()
-        .map(|p| {
-            let mut s = scheduler(4 * max_model_len, max_model_len, 1, false);
-            let mut rx = submit(&mut s, 0, p.clone(), params(p));
-            run(&mut s);
-            tokens(&mut rx)
-        })
-        .collect();
+    let solo = solo_outputs(
+        || scheduler(4 * max_model_len, max_model_len, 1, false),
+        &ps,
+        params,
+    );
 
     // All 16 at once over a pool for three at full length, prefix caching on.
     let mut s = scheduler(3 * max_model_len, max_model_len, 16, true);
-    let mut rxs: Vec<_> = ps
-        .iter()
-        .enumerate()
-        .map(|(i, p)| submit(&mut s, i as u64, p.clone(), params(p)))
-        .collect();
-    run(&mut s);
+    let together = together_outputs(&mut s, &ps, params);
     let metrics = s.metrics_handle();
     assert!(
         metrics.num_preemptions.get() > 0,
@@ -108,8 +130,8 @@ fn sixteen_requests_over_a_pool_for_three_match_their_solo_outputs() {
         metrics.prefix_cache_hits.get() > 0,
         "the shared system block was meant to hit"
     );
-    for (i, rx) in rxs.iter_mut().enumerate() {
-        assert_eq!(tokens(rx), solo[i], "request {i}");
+    for (i, (got, want)) in together.iter().zip(&solo).enumerate() {
+        assert_eq!(got, want, "request {i}");
     }
     assert_eq!(s.pool().free_blocks(), s.pool().num_blocks());
 }
@@ -138,29 +160,16 @@ fn few_recent_blocks_still_give_every_request_its_solo_output() {
     let build = |recent: Option<usize>, max_num_seqs: usize, caching: bool| {
         scheduler_with(16 * block, recent, max_model_len, max_num_seqs, caching)
     };
-    let solo: Vec<Vec<u32>> = ps
-        .iter()
-        .map(|p| {
-            let mut s = build(None, 1, false);
-            let mut rx = submit(&mut s, 0, p.clone(), params(p));
-            run(&mut s);
-            tokens(&mut rx)
-        })
-        .collect();
+    let solo = solo_outputs(|| build(None, 1, false), &ps, params);
     let mut s = build(Some(6), 4, true);
     assert_eq!(s.pool().num_recent(), 6);
-    let mut rxs: Vec<_> = ps
-        .iter()
-        .enumerate()
-        .map(|(i, p)| submit(&mut s, i as u64, p.clone(), params(p)))
-        .collect();
-    run(&mut s);
+    let together = together_outputs(&mut s, &ps, params);
     assert!(
         s.metrics_handle().prefix_cache_hits.get() > 0,
         "the system prompt's blocks (and the recent block of its tail) were meant to hit"
     );
-    for (i, rx) in rxs.iter_mut().enumerate() {
-        assert_eq!(tokens(rx), solo[i], "request {i}");
+    for (i, (got, want)) in together.iter().zip(&solo).enumerate() {
+        assert_eq!(got, want, "request {i}");
     }
     assert_eq!(s.pool().free_blocks(), s.pool().num_blocks());
     assert_eq!(s.pool().free_recent(), 6, "every recent block returned");

@@ -8,6 +8,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::bytes::{self, KvEntryBytes, SeqShape, StepBytes, WeightBytes};
 use super::BenchError;
+use crate::engine::model::kv::first_recent_block;
 use crate::engine::model::{ModelConfig, NO_RECENT};
 use crate::engine::{KvLayout, LogitsWanted, ModelRunner, OpTime, SeqPlan, StepPlan};
 
@@ -242,7 +243,7 @@ impl RecentAllocator {
         end: usize,
     ) -> Result<(), BenchError> {
         recent.resize(blocks, NO_RECENT);
-        let first = start.saturating_sub(self.reach) / self.block_size;
+        let first = first_recent_block(start, self.reach, self.block_size);
         let last = end.saturating_sub(1) / self.block_size;
         for (i, r) in recent.iter_mut().enumerate() {
             if (i < first || i > last) && *r != NO_RECENT {
@@ -283,6 +284,24 @@ impl RecentAllocator {
     fn give_back(&mut self, recent: Vec<u32>) {
         for r in recent.into_iter().filter(|&r| r != NO_RECENT) {
             self.release(r);
+        }
+    }
+}
+
+/// What the cases of a run share: the pool's block ids, its recent block ids, sequence ids.
+#[derive(Debug)]
+pub struct CaseResources {
+    pub blocks: BlockAllocator,
+    pub recent: RecentAllocator,
+    pub next_seq_id: u64,
+}
+
+impl CaseResources {
+    pub fn new(layout: &KvLayout) -> Self {
+        Self {
+            blocks: BlockAllocator::new(layout.num_blocks),
+            recent: RecentAllocator::new(layout),
+            next_seq_id: 1,
         }
     }
 }
@@ -366,13 +385,16 @@ struct BenchSeq {
 /// releases its sequences and blocks whatever happens.
 pub fn run_case(
     runner: &mut dyn ModelRunner,
-    alloc: &mut BlockAllocator,
-    recent_alloc: &mut RecentAllocator,
-    next_seq_id: &mut u64,
+    res: &mut CaseResources,
     case: Case,
     settings: &RunSettings,
     model: &BytesModel<'_>,
 ) -> Result<Measured, BenchError> {
+    let CaseResources {
+        blocks: alloc,
+        recent: recent_alloc,
+        next_seq_id,
+    } = res;
     let bs = runner.kv_layout().block_size;
     let mut rng = ChaCha8Rng::seed_from_u64(settings.seed ^ (*next_seq_id << 20));
     let vocab = runner.vocab_size() as u32;
@@ -856,9 +878,7 @@ mod tests {
         let cfg = tiny();
         let model = bytes_model(&cfg);
         let mut r = Scripted::new(None);
-        let mut alloc = BlockAllocator::new(64);
-        let mut recent = RecentAllocator::new(&Scripted::new(None).kv_layout());
-        let mut next = 1;
+        let mut res = CaseResources::new(&Scripted::new(None).kv_layout());
         // Verify at 50 for 2 sequences: fills of 50 tokens each packed in 40-token steps
         // (40 | 10 + 30 | 20), then 1 + 2 steps of K+1 = 4 rows with all logits.
         let case = Case::Verify {
@@ -866,16 +886,7 @@ mod tests {
             context: 50,
             k: 3,
         };
-        let m = run_case(
-            &mut r,
-            &mut alloc,
-            &mut recent,
-            &mut next,
-            case,
-            &settings(false),
-            &model,
-        )
-        .unwrap();
+        let m = run_case(&mut r, &mut res, case, &settings(false), &model).unwrap();
         assert_eq!(
             (m.tokens, m.steps, m.times.len(), m.setup_tokens),
             (8, 1, 2, 100)
@@ -904,8 +915,8 @@ mod tests {
                 .all(|b| !p.seqs[1].block_table.contains(b)));
         }
         assert_eq!(r.released, vec![1, 2]);
-        assert_eq!(alloc.available(), 64);
-        assert_eq!(recent.free.len(), 12, "every recent block returned");
+        assert_eq!(res.blocks.available(), 64);
+        assert_eq!(res.recent.free.len(), 12, "every recent block returned");
 
         // Shared context: the 3 full blocks (48 tokens) once, then 2 tokens per sequence.
         r.plans.clear();
@@ -913,32 +924,21 @@ mod tests {
             batch: 2,
             context: 50,
         };
-        let m = run_case(
-            &mut r,
-            &mut alloc,
-            &mut recent,
-            &mut next,
-            case,
-            &settings(true),
-            &model,
-        )
-        .unwrap();
+        let m = run_case(&mut r, &mut res, case, &settings(true), &model).unwrap();
         assert_eq!(m.setup_tokens, 48 + 2 * 2);
         let timed = r.plans.last().unwrap();
         let (a, b) = (&timed.seqs[0].block_table, &timed.seqs[1].block_table);
         assert_eq!(a[..3], b[..3]);
         assert_ne!(a[3], b[3]);
         assert_eq!(timed.seqs[0].logits, LogitsWanted::Last);
-        assert_eq!(alloc.available(), 64);
-        assert_eq!(recent.free.len(), 12, "every recent block returned");
+        assert_eq!(res.blocks.available(), 64);
+        assert_eq!(res.recent.free.len(), 12, "every recent block returned");
 
         // Prefill of 100 in chunks of 40: logits only at the end.
         r.plans.clear();
         let m = run_case(
             &mut r,
-            &mut alloc,
-            &mut recent,
-            &mut next,
+            &mut res,
             Case::Prefill { prompt: 100 },
             &settings(false),
             &model,
@@ -972,9 +972,7 @@ mod tests {
         let cfg = tiny();
         let model = bytes_model(&cfg);
         let mut r = Scripted::new(None);
-        let mut alloc = BlockAllocator::new(64);
-        let mut recent = RecentAllocator::new(&Scripted::new(None).kv_layout());
-        let mut next = 1;
+        let mut res = CaseResources::new(&Scripted::new(None).kv_layout());
         let settings = RunSettings {
             random_fill: true,
             ..settings(false)
@@ -983,16 +981,7 @@ mod tests {
             batch: 1,
             context: 50,
         };
-        let m = run_case(
-            &mut r,
-            &mut alloc,
-            &mut recent,
-            &mut next,
-            case,
-            &settings,
-            &model,
-        )
-        .unwrap();
+        let m = run_case(&mut r, &mut res, case, &settings, &model).unwrap();
         // Scripted has no random fill: the 50 context tokens ran as 40 + 10, then 1 + 2 steps.
         assert_eq!(m.setup_tokens, 50);
         assert_eq!(r.plans.len(), 5);
@@ -1003,28 +992,18 @@ mod tests {
         let cfg = tiny();
         let model = bytes_model(&cfg);
         let mut r = Scripted::new(Some(2));
-        let mut alloc = BlockAllocator::new(64);
-        let mut recent = RecentAllocator::new(&Scripted::new(None).kv_layout());
-        let mut next = 1;
+        let mut res = CaseResources::new(&Scripted::new(None).kv_layout());
         let case = Case::Decode {
             batch: 3,
             context: 20,
         };
-        let e = run_case(
-            &mut r,
-            &mut alloc,
-            &mut recent,
-            &mut next,
-            case,
-            &settings(false),
-            &model,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = run_case(&mut r, &mut res, case, &settings(false), &model)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("out of device memory"), "{e}");
         assert_eq!(r.released, vec![1, 2, 3]);
-        assert_eq!(alloc.available(), 64);
-        assert_eq!(recent.free.len(), 12, "every recent block returned");
+        assert_eq!(res.blocks.available(), 64);
+        assert_eq!(res.recent.free.len(), 12, "every recent block returned");
     }
 
     #[test]

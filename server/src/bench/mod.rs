@@ -23,7 +23,7 @@ use crate::engine::model::{
 use crate::engine::EngineError;
 use crate::ranks::SingleRank;
 use bytes::{KvDtype, WeightStorage};
-use cases::{BlockAllocator, BytesModel, Case, RunSettings};
+use cases::{BytesModel, Case, RunSettings};
 use report::{Outcome, Report, Row};
 
 #[derive(Debug, thiserror::Error)]
@@ -306,9 +306,7 @@ pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchE
         seed: args.seed,
         random_fill: args.kv_fill == crate::cli::KvFill::Random,
     };
-    let mut alloc = BlockAllocator::new(layout.num_blocks);
-    let mut recent_alloc = cases::RecentAllocator::new(&layout);
-    let mut next_seq_id = 1u64;
+    let mut resources = cases::CaseResources::new(&layout);
     let mut report = Report {
         device: match device {
             Device::Cpu => "cpu",
@@ -341,15 +339,7 @@ pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchE
             }
             None => {
                 tracing::info!(case = %case.label(), "running");
-                match cases::run_case(
-                    runner.as_mut(),
-                    &mut alloc,
-                    &mut recent_alloc,
-                    &mut next_seq_id,
-                    *case,
-                    &settings,
-                    &model,
-                ) {
+                match cases::run_case(runner.as_mut(), &mut resources, *case, &settings, &model) {
                     Ok(m) => {
                         if m.setup_tokens > 0 {
                             tracing::info!(

@@ -24,15 +24,15 @@ use std::collections::{BTreeMap, HashMap};
 
 use sha2::{Digest, Sha256};
 
+use crate::engine::model::kv::first_recent_block;
+/// Recent-table entry of a block without a recent block (released, or never needed).
+pub use crate::engine::model::kv::NO_RECENT;
 use crate::engine::KvLayout;
 
 pub type BlockId = u32;
 
 /// Identity of a full block: a hash of the parent block's hash and this block's tokens.
 pub type BlockHash = u128;
-
-/// Recent-table entry of a block without a recent block (released, or never needed).
-pub const NO_RECENT: BlockId = u32::MAX;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OutOfBlocks {
@@ -246,7 +246,7 @@ impl KvPool {
     /// Index of the first block whose recent block is still read once `computed` positions are
     /// in the pool.
     fn first_recent_block(&self, computed: usize) -> usize {
-        computed.saturating_sub(self.recent_reach) / self.block_size
+        first_recent_block(computed, self.recent_reach, self.block_size)
     }
 
     /// Longest run of cached full blocks that prefixes `tokens`, leaving at least the last

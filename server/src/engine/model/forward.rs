@@ -1107,15 +1107,6 @@ pub fn hc_post(streams: &mut [f32], mixes: &[HcMix], out: &[f32], h: usize, hc: 
         .for_each(|((s, m), o)| expand(s, m, o, h));
 }
 
-/// Where one layer's part of a kind of block lies: its start in the pool, its offset in a
-/// block's worth of every layer, its length.
-#[derive(Clone, Copy)]
-struct LayerPart {
-    start: usize,
-    base: usize,
-    len: usize,
-}
-
 impl<B: Backend> ModelRunner for DeepseekV4<B> {
     fn kv_layout(&self) -> KvLayout {
         KvLayout {
@@ -1165,10 +1156,10 @@ impl<B: Backend> ModelRunner for DeepseekV4<B> {
                 self.pool.num_recent
             )));
         }
-        // Four distinct random images of each kind of block, cycled; written layer by layer
-        // (the pool is layer-major), a few blocks per call to bound the host buffer. Values in
-        // [-1, 1), the scale of normed latent rows; rows in a stored format are encoded, so an
-        // FP8 pool holds valid records (random bytes would include e4m3 NaNs).
+        // Four distinct random images of each layer's part of each kind of block, cycled; written
+        // layer by layer (the pool is layer-major), a few blocks per call to bound the host
+        // buffer. Values in [-1, 1), the scale of normed latent rows; rows in a stored format are
+        // encoded, so an FP8 pool holds valid records (random bytes would include e4m3 NaNs).
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let g = self.pool.geometry.clone();
         let (hd, ihd) = (self.cfg.head_dim, self.cfg.index_head_dim);
@@ -1187,73 +1178,41 @@ impl<B: Backend> ModelRunner for DeepseekV4<B> {
                 format.encode(&row, stored);
             }
         };
-        let persistent: Vec<Vec<f32>> = (0..4)
-            .map(|_| {
-                let mut image = vec![0f32; g.floats_per_block];
-                for lay in &g.layers {
-                    let part = &mut image[lay.base..lay.base + lay.len];
-                    random_rows(&mut part[lay.comp_rows..lay.idx_rows], latent);
-                    random_rows(&mut part[lay.idx_rows..], index);
-                }
-                image
-            })
-            .collect();
-        let recent_images: Vec<Vec<f32>> = (0..4)
-            .map(|_| {
-                let mut image = vec![0f32; g.floats_per_recent];
-                for lay in &g.layers {
-                    let part = &mut image[lay.recent_base..lay.recent_base + lay.recent_len];
-                    random_rows(&mut part[lay.window..lay.comp_in], latent);
-                    random_rows(&mut part[lay.comp_in..], None);
-                }
-                image
-            })
-            .collect();
-        // Each kind: its ids, its images, and per layer where its parts start in the pool, in
-        // an image, and how long they are.
-        let parts_of = |recent: bool| -> Vec<LayerPart> {
-            (0..g.layers.len())
-                .map(|l| {
-                    let lay = &g.layers[l];
-                    if recent {
-                        LayerPart {
-                            start: self.pool.recent_layer_start(l),
-                            base: lay.recent_base,
-                            len: lay.recent_len,
+        for (ids, is_recent) in [(blocks, false), (recent, true)] {
+            // Per layer: where its parts start in the pool, their length, four images of one.
+            let mut parts = Vec::with_capacity(g.layers.len());
+            for (l, lay) in g.layers.iter().enumerate() {
+                let (start, len) = if is_recent {
+                    (self.pool.recent_layer_start(l), lay.recent_len)
+                } else {
+                    (self.pool.layer_start(l), lay.len)
+                };
+                let images: Vec<Vec<f32>> = (0..4)
+                    .map(|_| {
+                        let mut part = vec![0f32; len];
+                        if is_recent {
+                            random_rows(&mut part[lay.window..lay.comp_in], latent);
+                            random_rows(&mut part[lay.comp_in..], None);
+                        } else if len > 0 {
+                            random_rows(&mut part[lay.comp_rows..lay.idx_rows], latent);
+                            random_rows(&mut part[lay.idx_rows..], index);
                         }
-                    } else {
-                        LayerPart {
-                            start: self.pool.layer_start(l),
-                            base: lay.base,
-                            len: lay.len,
-                        }
-                    }
-                })
-                .collect()
-        };
-        let kinds = [
-            (blocks, &persistent, parts_of(false)),
-            (recent, &recent_images, parts_of(true)),
-        ];
-        for (ids, images, parts) in kinds {
-            let per_block = images.first().map_or(0, Vec::len);
+                        part
+                    })
+                    .collect();
+                parts.push((start, len, images));
+            }
+            let per_block: usize = parts.iter().map(|p| p.1).sum();
             let per_call = (256 << 20) / (per_block * 4).max(1);
             for (c, chunk) in ids.chunks(per_call.max(1)).enumerate() {
-                for &LayerPart { start, base, len } in &parts {
-                    if len == 0 {
-                        continue;
-                    }
+                for (start, len, images) in parts.iter().filter(|p| p.1 > 0) {
                     let offsets: Vec<usize> =
                         chunk.iter().map(|&b| start + b as usize * len).collect();
                     let rows: Vec<f32> = (0..chunk.len())
-                        .flat_map(|i| {
-                            images[(c + i) % images.len()][base..base + len]
-                                .iter()
-                                .copied()
-                        })
+                        .flat_map(|i| images[(c + i) % images.len()].iter().copied())
                         .collect();
                     self.backend
-                        .kv_write(&mut self.kv, &offsets, len, &rows)
+                        .kv_write(&mut self.kv, &offsets, *len, &rows)
                         .map_err(backend_err)?;
                 }
             }

@@ -32,6 +32,12 @@ use crate::backend::kv::{KvRowFormat, RowAddressing};
 /// Recent-table entry of a block whose recent part was released (never read).
 pub const NO_RECENT: u32 = u32::MAX;
 
+/// Index of the first block whose recent part is still read once `computed` positions are in
+/// the pool: the block of position `computed - reach` (blocks before it can release theirs).
+pub fn first_recent_block(computed: usize, reach: usize, block_size: usize) -> usize {
+    computed.saturating_sub(reach) / block_size.max(1)
+}
+
 /// What the pool stores the latent, compressed and indexer key rows as (`--kv-cache-dtype`).
 /// The compressor inputs (the unfinished windows' raw rows) stay f32 in every case: they live
 /// in recent blocks only, a bounded part of any context (docs/KV.md).
@@ -219,7 +225,7 @@ impl BlockGeometry {
     /// Index of the first block whose recent part is still read once `computed` positions are in
     /// the pool (blocks before it can release theirs).
     pub fn first_recent_block(&self, computed: usize) -> usize {
-        computed.saturating_sub(self.recent_reach) / self.block_size.max(1)
+        first_recent_block(computed, self.recent_reach, self.block_size)
     }
 }
 

@@ -107,10 +107,7 @@ pub fn pool_blocks_for_memory(
 ) -> Result<usize, LoadError> {
     let used = total.saturating_sub(free);
     let budget = (total as f64 * utilization) as usize;
-    let left = budget
-        .saturating_sub(used)
-        .saturating_sub(reserve)
-        .saturating_sub(fixed);
+    let left = kv_memory(free, total, utilization, reserve).saturating_sub(fixed);
     let blocks = left / bytes_per_block.max(1);
     if blocks == 0 {
         return Err(LoadError::KvPool(format!(
@@ -128,6 +125,15 @@ pub fn pool_blocks_for_memory(
         )));
     }
     Ok(blocks)
+}
+
+/// Bytes `utilization` of a device of `total` bytes leaves for KV with `free` bytes free now
+/// (weights loaded) and `reserve` kept for the workspace.
+fn kv_memory(free: usize, total: usize, utilization: f64, reserve: usize) -> usize {
+    let used = total.saturating_sub(free);
+    ((total as f64 * utilization) as usize)
+        .saturating_sub(used)
+        .saturating_sub(reserve)
 }
 
 impl Default for LoadOptions {
@@ -296,7 +302,7 @@ fn pool_from_memory<B: Backend>(
     let geometry = geometry_of(cfg, opts)?;
     let asked = opts.recent_blocks(&geometry);
     // The recent blocks come off the top (none asked: one per block, in the block's price).
-    let left = pool_blocks_for_memory(free, total, utilization, KV_WORKSPACE_RESERVE, 0, 1)?;
+    let left = kv_memory(free, total, utilization, KV_WORKSPACE_RESERVE);
     let recent = asked.map(|n| {
         let cap = (left as f64 * RECENT_SHARE_MAX) as usize / geometry.bytes_per_recent().max(1);
         if n > cap {
