@@ -1205,6 +1205,156 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_mma(
         dsk_idxm_tiles<DSK_KV_F32>(pool, tb, fpb, bs, base, ratio, stride, heads, dim, scale, ot, vis, ks, red, ws, qs);
 }
 
+// dsk_indexer_scores_mma for FP8_INDEXER rows on the f16 tensor cores (mma.sync m16n8k16: twice
+// the TF32 rate over half the operand bytes) at the same precision: the tile holds the raw e4m3
+// values as f16 (exact; one cvt per two values) and each row's power-of-two scale is applied to
+// its dot products afterwards (relu commutes with a positive factor); the queries are multiplied
+// by 2^e, e chosen per token so that their largest magnitude lands in [2^14, 2^15), and rounded
+// to f16: 11 significant bits, as TF32 rounds them, with f16's range safe for any query size
+// (only values below 2^-28 of that largest one, f16 subnormals, keep fewer bits). 2^-e comes off with the row scale.
+// Same blocks, tiles, warp layout, prefetch, epilogue and output as the TF32 kernel; rows of
+// DSK_IDXH_LD halves (68 words: lane (g, tg) word loads hit 32 banks). Needs dim % 16 == 0.
+#define DSK_IDXH_LD 136
+
+__device__ __forceinline__ void dsk_mma_f16_m16n8k16(float (&d)[4], unsigned int a0, unsigned int a1,
+                                                     unsigned int a2, unsigned int a3, unsigned int b0,
+                                                     unsigned int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Two e4m3 bytes (the low 16 bits, low byte first) as one f16x2 (low byte in the low half).
+__device__ __forceinline__ unsigned int dsk_e4m3x2_to_f16x2(unsigned int two_bytes) {
+    unsigned int h2;
+    asm("{\n\t.reg .b16 p;\n\tcvt.u16.u32 p, %1;\n\tcvt.rn.f16x2.e4m3x2 %0, p;\n\t}" : "=r"(h2) : "r"(two_bytes));
+    return h2;
+}
+
+__device__ __forceinline__ void dsk_idxh_tiles(
+    const float *__restrict__ pool, const unsigned int *__restrict__ tb, long long fpb, int bs,
+    long long base, int ratio, int stride, int heads, int dim, float scale, float *__restrict__ ot,
+    int vis, unsigned short *ks, float *ksc, float *red, const float *ws, const unsigned short *qs,
+    float q_unscale) {
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tg = lane & 3;
+    const int mt = warp & 3, half = warp >> 2, ntiles = (heads + 7) >> 3, wpr = dim >> 2;
+    const int ldw = DSK_IDXH_LD / 2;
+    const unsigned int *ka = reinterpret_cast<const unsigned int *>(ks) + (16 * mt + g) * ldw + tg;
+    const unsigned int *qb = reinterpret_cast<const unsigned int *>(qs) + g * ldw + tg;
+    unsigned int v[8][1];
+    float sc[8];
+    const int step = gridDim.x * DSK_IDXM_ROWS;
+    int r0 = blockIdx.x * DSK_IDXM_ROWS;
+    if (r0 < vis) dsk_idxm_load<DSK_KV_FP8_INDEXER>(v, sc, pool, tb, fpb, bs, base, ratio, stride, dim, vis, r0);
+    for (; r0 < vis; r0 += step) {
+        __syncthreads();  // the previous tile's readers of ks, ksc and red are done
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int r = warp + 8 * j;
+            if (lane < wpr)
+                *reinterpret_cast<uint2 *>(ks + r * DSK_IDXH_LD + 4 * lane) =
+                    make_uint2(dsk_e4m3x2_to_f16x2(v[j][0] & 0xffffu), dsk_e4m3x2_to_f16x2(v[j][0] >> 16));
+            if (lane == 0) ksc[r] = sc[j] * q_unscale;
+        }
+        __syncthreads();
+        if (r0 + step < vis) dsk_idxm_load<DSK_KV_FP8_INDEXER>(v, sc, pool, tb, fpb, bs, base, ratio, stride, dim, vis, r0 + step);
+        float acc[4][4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+        for (int kw = 0; kw < (dim >> 1); kw += 8) {
+            // A (16 rows x 16 dims): rows g, g + 8; dims 2 tg, 2 tg + 1 (word tg) and + 8 (word tg + 4).
+            const unsigned int a0 = ka[kw], a1 = ka[8 * ldw + kw];
+            const unsigned int a2 = ka[kw + 4], a3 = ka[8 * ldw + kw + 4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int nt = half + 2 * i;
+                if (nt < ntiles) {
+                    // B (16 dims x 8 heads, column-major = qs rows): head 8 nt + g.
+                    const unsigned int *qn = qb + 8 * nt * ldw + kw;
+                    dsk_mma_f16_m16n8k16(acc[i], a0, a1, a2, a3, qn[0], qn[4]);
+                }
+            }
+        }
+        const float fg = ksc[16 * mt + g], f8 = ksc[16 * mt + g + 8];
+        float sg = 0.f, sg8 = 0.f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int nt = half + 2 * i;
+            if (nt < ntiles) {
+                const float w0 = ws[8 * nt + 2 * tg], w1 = ws[8 * nt + 2 * tg + 1];
+                sg += (fmaxf(acc[i][0] * fg, 0.f) * scale) * w0 + (fmaxf(acc[i][1] * fg, 0.f) * scale) * w1;
+                sg8 += (fmaxf(acc[i][2] * f8, 0.f) * scale) * w0 + (fmaxf(acc[i][3] * f8, 0.f) * scale) * w1;
+            }
+        }
+#pragma unroll
+        for (int o = 1; o < 4; o <<= 1) {
+            sg += __shfl_xor_sync(0xffffffffu, sg, o);
+            sg8 += __shfl_xor_sync(0xffffffffu, sg8, o);
+        }
+        if (tg == 0) {
+            red[half * DSK_IDXM_ROWS + 16 * mt + g] = sg;
+            red[half * DSK_IDXM_ROWS + 16 * mt + g + 8] = sg8;
+        }
+        __syncthreads();
+        if (tid < DSK_IDXM_ROWS && r0 + tid < vis) ot[r0 + tid] = red[tid] + red[DSK_IDXM_ROWS + tid];
+    }
+}
+
+// Arguments as dsk_indexer_scores_mma (fmt must be DSK_KV_FP8_INDEXER). Shared memory: ks
+// [64][136] f16 | ksc [64] | red [2][64] | ws [64] | amax [8] | qs [heads rounded up to 8][136]
+// f16 (launch/attention.rs: indexer_mma_f16_smem_bytes).
+extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_mma_f16(
+    const float *__restrict__ pool, const float *__restrict__ q, const float *__restrict__ w,
+    const unsigned int *__restrict__ bt, const int *__restrict__ bt_start,
+    const int *__restrict__ visible, const long long *__restrict__ out_start, long long fpb,
+    int bs, long long base, int ratio, int stride, int heads, int dim, float scale,
+    float *__restrict__ out, int fmt) {
+    dsk_pdl_entry();
+    extern __shared__ float smem[];
+    unsigned short *ks = reinterpret_cast<unsigned short *>(smem);
+    float *ksc = smem + DSK_IDXM_ROWS * DSK_IDXH_LD / 2;
+    float *red = ksc + DSK_IDXM_ROWS;
+    float *ws = red + 2 * DSK_IDXM_ROWS;
+    float *amax_w = ws + 64;
+    unsigned short *qs = reinterpret_cast<unsigned short *>(amax_w + 8);
+    const int t = blockIdx.y, tid = threadIdx.x;
+    const int vis = visible[t];
+    if ((int)blockIdx.x * DSK_IDXM_ROWS >= vis) return;  // the whole block: no tile of its own
+    const int hp = (heads + 7) & ~7;
+    const float *qt = q + (long long)t * heads * dim;
+    float m = 0.f;
+    for (int i = tid; i < heads * dim; i += 256) m = fmaxf(m, fabsf(qt[i]));
+    m = dsk_warp_max(m);
+    if ((tid & 31) == 0) amax_w[tid >> 5] = m;
+    __syncthreads();
+    m = amax_w[0];
+#pragma unroll
+    for (int i = 1; i < 8; ++i) m = fmaxf(m, amax_w[i]);
+    // 2^e with m 2^e in [2^14, 2^15): e = 14 - floor(log2 m), kept where f32 powers of two exist.
+    int e = 0;
+    if (m > 0.f && m < __uint_as_float(0x7f800000u)) e = 14 - (((int)(__float_as_uint(m) >> 23) & 255) - 127);
+    e = min(max(e, -126), 126);
+    const float up = dsk_pow2(e), q_unscale = dsk_pow2(-e);
+    for (int i = tid; i < hp * (dim >> 1); i += 256) {
+        const int h = i / (dim >> 1), d = 2 * (i - h * (dim >> 1));
+        unsigned int pair = 0u;
+        if (h < heads) {
+            const float x0 = qt[h * dim + d] * up, x1 = qt[h * dim + d + 1] * up;
+            asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(pair) : "f"(x1), "f"(x0));
+        }
+        *reinterpret_cast<unsigned int *>(qs + h * DSK_IDXH_LD + d) = pair;
+    }
+    for (int i = tid; i < 64; i += 256) ws[i] = i < heads ? w[(long long)t * heads + i] : 0.f;
+    const unsigned int *tb = bt + bt_start[t];
+    float *ot = out + out_start[t];
+    (void)fmt;
+    dsk_idxh_tiles(pool, tb, fpb, bs, base, ratio, stride, heads, dim, scale, ot, vis, ks, ksc, red, ws, qs, q_unscale);
+}
+
 // Order-preserving u32 key of an f32: a larger float (in IEEE total order, as Rust's
 // f32::total_cmp) gets a larger key.
 __device__ __forceinline__ unsigned int dsk_f32_order_key(float f) {

@@ -1,4 +1,5 @@
-// FP4 (e2m1) routed experts for decode: only the experts each token selected are touched.
+// FP4 (e2m1) routed experts for decode: only the experts each token selected are touched; and,
+// at the end of the file, the grouped GEMMs of prefill chunks (dsk_fp4_grouped_*).
 //
 // Weights (the checkpoint's layout): W [E, rows, K/2] bytes, element 2j in the LOW nibble of byte j;
 // S [E, rows, K/32] E8M0 bytes, one per 32 values along K. A 16-byte chunk is exactly 32 values,
@@ -873,3 +874,307 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down_mma(
         y[(long)p * N + n0 + threadIdx.x] = weights[p] * s;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Grouped FP4 expert GEMMs for GEMM steps (prefill chunks), the weights decoded inside the kernel
+// (no widened copy). The (token, slot) pairs are sorted by expert on the host (gemm_step.rs) and
+// their activation rows gathered in that order; a tile is (expert e, first sorted row row0, rows
+// <= GRP_TOK) and one block computes a tile against GRP_WROWS weight rows:
+//   dsk_fp4_grouped_gate_up: act[r, i] = f16(silu(min(g, limit)) * clamp(u, -limit, limit)),
+//                            g = W1[e][i, :] . x[r], u = W3[e][i, :] . x[r]
+//   dsk_fp4_grouped_down:    y[r, n] = W2[e][n, :] . act[r]     (f32)
+// for the sorted rows r = row0 .. row0 + rows - 1; grid = (tile, GRP_WROWS-row block of W).
+// x and act are f16 rows with every 8 values stored in the order 0 4 1 5 2 6 3 7 ("k8 order":
+// dsk_gather_rows_f32_to_f16_k8 writes x so, gate_up writes act so), which makes a lane's 16-byte
+// shared load exactly its B fragments for both mmas of a 32-value chunk in the k permutation
+// that fp4_word_pairs decodes (nibbles p and p + 4 as one f16x2), as the mma2 kernels use.
+//
+//   - 8 warps; weights are the A operand (16 weight rows an m16 tile), tokens B (8 an n8 tile).
+//     Each warp holds two m16 tiles against all 64 tokens (acc: 2 x 8 x 4 f32). gate_up: the
+//     two tiles are the same 16 rows of W1 and of W3 (block: 128 rows of each), so the SwiGLU
+//     is done on the accumulators; down: 32 consecutive rows of W2 (block: 256 rows).
+//   - Stages of 128 values along K (4 chunks): 256 weight rows x 64 bytes (chunk slots swizzled
+//     by (row >> 1) & 3 so one ldmatrix phase hits 8 bank groups), their 4 scale bytes, and 64
+//     token rows x 256 bytes (16-byte slots swizzled by (token & 1) << 2); NST stages in
+//     flight with cp.async (rows past the tile are zero-filled), one __syncthreads per stage.
+//   - ldmatrix.x4 gives a lane the FP4 words of rows g, g + 8 of two chunks; fp4_word_pairs
+//     decodes them (value * 2^-14, exact) and one f16x2 multiply by the chunk's factor
+//     2^(s - 113 - shift) (a 256-entry table) makes them the weights times 2^-shift: exact in
+//     f16 for every scale byte s the host allowed (fp4_grouped_scale_shift), so the block scale
+//     costs nothing per mma. The accumulators are multiplied by 2^shift at the end.
+//   - Products and sums are the f16 tensor cores' (f32 accumulation), as the widened-weight
+//     cuBLAS path computes them; activations are the same f16 values.
+// Needs K % 128 == 0, gate_up: I % 128 == 0, down: N % 256 == 0; tiles of valid experts.
+// Dynamic shared memory: the table (1 KB) + NST stages (launch: Fp4GroupedForm::smem_bytes).
+
+#define GRP_TOK 64
+#define GRP_WROWS 256
+#define GRP_CPS 4
+#define GRP_STAGE_W (GRP_WROWS * GRP_CPS * 16)
+#define GRP_STAGE_S (GRP_WROWS * GRP_CPS)
+#define GRP_STAGE_X (GRP_TOK * GRP_CPS * 64)
+#define GRP_STAGE (GRP_STAGE_W + GRP_STAGE_S + GRP_STAGE_X)
+
+__device__ __forceinline__ void grp_cp16(void *dst, const void *src, bool valid) {
+    const unsigned int d = static_cast<unsigned int>(__cvta_generic_to_shared(dst));
+    const unsigned int n = valid ? 16u : 0u; // 0: the 16 bytes are zero-filled, nothing is read
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(n) : "memory");
+}
+__device__ __forceinline__ void grp_cp4(void *dst, const void *src) {
+    const unsigned int d = static_cast<unsigned int>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src) : "memory");
+}
+template <int N> __device__ __forceinline__ void grp_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ unsigned int grp_hmul2(unsigned int a, unsigned int b) {
+    unsigned int r;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+__device__ __forceinline__ void grp_mma(float (&d)[4], unsigned int a0, unsigned int a1, unsigned int a2,
+                                        unsigned int a3, unsigned int b0, unsigned int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// f16x2 (both halves) of 2^(s - 113 - shift): the block scale 2^(s - 127) times the decoder's
+// 2^14, divided by 2^shift. Codes the host excluded get whatever their exponent gives.
+__device__ __forceinline__ unsigned int grp_factor(int s, int shift) {
+    const int e = s - 113 - shift;
+    unsigned int h;
+    if (e > 15) h = 0x7c00u;
+    else if (e >= -14) h = (unsigned int)(e + 15) << 10;
+    else if (e >= -24) h = 1u << (e + 24);
+    else h = 0u;
+    return h | (h << 16);
+}
+
+__device__ __forceinline__ unsigned short grp_f16(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// Position of value k (0..7) of an 8-group in k8 order.
+__device__ __forceinline__ int grp_k8(int k) { return ((k & 3) << 1) | (k >> 2); }
+
+// Issues stage `st` into `slot`: weight rows 0..127 from `wlo`, 128..255 from `whi` (row stride
+// K / 2), their scales from `slo` / `shi` (stride K / 32), token rows from `x` (stride K values;
+// rows >= `rows` zero-filled).
+__device__ __forceinline__ void grp_issue(unsigned char *slot, const unsigned char *wlo, const unsigned char *whi,
+                                          const unsigned char *slo, const unsigned char *shi,
+                                          const unsigned short *x, int rows, int K, int st) {
+    const int tid = threadIdx.x;
+    const long ws = K >> 1, ss = K >> 5;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int q = tid + 256 * i, r = q >> 2, c = q & 3;
+        const unsigned char *src = (i < 2 ? wlo + r * ws : whi + (r - 128) * ws) + st * 64 + c * 16;
+        grp_cp16(slot + r * 64 + ((c ^ ((r >> 1) & 3)) << 4), src, true);
+    }
+    {
+        const int r = tid;
+        grp_cp4(slot + GRP_STAGE_W + r * 4, (r < 128 ? slo + r * ss : shi + (r - 128) * ss) + st * 4);
+    }
+    unsigned char *xs = slot + GRP_STAGE_W + GRP_STAGE_S;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int q = tid + 256 * i, tk = q >> 4, sl = q & 15;
+        const bool ok = tk < rows;
+        grp_cp16(xs + tk * 256 + ((sl ^ ((tk & 1) << 2)) << 4), x + (long)(ok ? tk : 0) * K + st * 128 + sl * 8, ok);
+    }
+}
+
+// One stage of a warp's two m16 tiles (shared-memory rows m0 and m1) against the 64 tokens.
+__device__ __forceinline__ void grp_compute(const unsigned char *slot, const unsigned int *lut, int m0, int m1,
+                                            int lane, float (&acc)[2][8][4]) {
+    const int g = lane >> 2, t = lane & 3;
+    const int mrow[2] = {m0, m1};
+    const unsigned char *xs = slot + GRP_STAGE_W + GRP_STAGE_S;
+    unsigned int sw[2][2];
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+        sw[m][0] = *reinterpret_cast<const unsigned int *>(slot + GRP_STAGE_W + (mrow[m] + g) * 4);
+        sw[m][1] = *reinterpret_cast<const unsigned int *>(slot + GRP_STAGE_W + (mrow[m] + g + 8) * 4);
+    }
+    // ldmatrix: matrix j = lane / 8 is rows 8 (j & 1) .. + 7 of chunk cc + j / 2.
+    const int j8 = lane >> 3, lr = (lane & 7) + 8 * (j8 & 1);
+    const int xsw = (g & 1) << 2; // the token's slot swizzle (tokens 8j + g)
+#pragma unroll
+    for (int cc = 0; cc < GRP_CPS; cc += 2) {
+        unsigned int w[2][4];
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+            const int r = mrow[m] + lr, ch = cc + (j8 >> 1);
+            mma2_ldsm4(slot + r * 64 + ((ch ^ ((r >> 1) & 3)) << 4), w[m]);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int c = cc + h;
+            unsigned int ag[2][4], a8[2][4];
+#pragma unroll
+            for (int m = 0; m < 2; ++m) {
+                fp4_word_pairs(w[m][2 * h], ag[m]);
+                fp4_word_pairs(w[m][2 * h + 1], a8[m]);
+                const unsigned int fg = lut[(sw[m][0] >> (8 * c)) & 255u];
+                const unsigned int f8 = lut[(sw[m][1] >> (8 * c)) & 255u];
+#pragma unroll
+                for (int p = 0; p < 4; ++p) {
+                    ag[m][p] = grp_hmul2(ag[m][p], fg);
+                    a8[m][p] = grp_hmul2(a8[m][p], f8);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const int tk = 8 * j + g, sl = 4 * c + t;
+                const uint4 b = *reinterpret_cast<const uint4 *>(xs + tk * 256 + ((sl ^ xsw) << 4));
+#pragma unroll
+                for (int m = 0; m < 2; ++m) {
+                    grp_mma(acc[m][j], ag[m][0], a8[m][0], ag[m][1], a8[m][1], b.x, b.y);
+                    grp_mma(acc[m][j], ag[m][2], a8[m][2], ag[m][3], a8[m][3], b.z, b.w);
+                }
+            }
+        }
+    }
+}
+
+// The pipelined main loop of both kernels; ends with every stage consumed and the block synced
+// (the stages' memory is free for the epilogue).
+template <int NST>
+__device__ __forceinline__ void grp_mainloop(unsigned char *stages, const unsigned int *lut, const unsigned char *wlo,
+                                             const unsigned char *whi, const unsigned char *slo,
+                                             const unsigned char *shi, const unsigned short *x, int rows, int K,
+                                             int m0, int m1, float (&acc)[2][8][4]) {
+    const int nst = K / (32 * GRP_CPS), lane = threadIdx.x & 31;
+#pragma unroll
+    for (int s = 0; s < NST - 1; ++s) {
+        if (s < nst) grp_issue(stages + s * GRP_STAGE, wlo, whi, slo, shi, x, rows, K, s);
+        mma2_commit();
+    }
+    int rd = 0, wr = NST - 1;
+    for (int s = 0; s < nst; ++s) {
+        grp_wait<NST - 2>();
+        __syncthreads(); // stage s landed for every thread; every warp is done with slot wr
+        if (s + NST - 1 < nst) grp_issue(stages + wr * GRP_STAGE, wlo, whi, slo, shi, x, rows, K, s + NST - 1);
+        mma2_commit();
+        grp_compute(stages + rd * GRP_STAGE, lut, m0, m1, lane, acc);
+        rd = rd == NST - 1 ? 0 : rd + 1;
+        wr = wr == NST - 1 ? 0 : wr + 1;
+    }
+    grp_wait<0>();
+    __syncthreads();
+}
+
+template <int NST>
+__device__ __forceinline__ void grp_gate_up(
+    const unsigned short *__restrict__ x, const int4 *__restrict__ tiles, const unsigned char *__restrict__ W1,
+    const unsigned char *__restrict__ S1, const unsigned char *__restrict__ W3,
+    const unsigned char *__restrict__ S3, unsigned short *__restrict__ act, int I, int K, int shift, float limit) {
+    extern __shared__ float4 moe_smem4[];
+    unsigned int *lut = reinterpret_cast<unsigned int *>(moe_smem4);
+    unsigned char *stages = reinterpret_cast<unsigned char *>(lut + 256);
+    const int4 tile = tiles[blockIdx.x];
+    const int e = tile.x, row0 = tile.y, rows = tile.z;
+    const int n0 = blockIdx.y * (GRP_WROWS / 2);
+    const long base = (long)e * I + n0;
+    const unsigned char *w1 = W1 + base * (K >> 1), *w3 = W3 + base * (K >> 1);
+    const unsigned char *s1 = S1 + base * (K >> 5), *s3 = S3 + base * (K >> 5);
+    for (int s = threadIdx.x; s < 256; s += blockDim.x) lut[s] = grp_factor(s, shift);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float acc[2][8][4];
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
+    grp_mainloop<NST>(stages, lut, w1, w3, s1, s3, x + (long)row0 * K, rows, K, 16 * warp, 128 + 16 * warp, acc);
+    // The SwiGLU on the accumulators into a [64 tokens][128 values] f16 tile in k8 order, then
+    // whole 16-byte pieces of each token's row out.
+    unsigned short *out = reinterpret_cast<unsigned short *>(stages);
+    const float unshift = __uint_as_float((unsigned int)(127 + shift) << 23);
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int tk = 8 * j + 2 * t + (q & 1), i = 16 * warp + g + 8 * (q >> 1);
+            const float gs = fminf(acc[0][j][q] * unshift, limit);
+            const float us = fminf(fmaxf(acc[1][j][q] * unshift, -limit), limit);
+            out[tk * 128 + (i & ~7) + grp_k8(i & 7)] = grp_f16(gs / (1.f + expf(-gs)) * us);
+        }
+    __syncthreads();
+    for (int q = threadIdx.x; q < GRP_TOK * 16; q += blockDim.x) {
+        const int tk = q >> 4, sl = q & 15;
+        if (tk < rows)
+            *reinterpret_cast<uint4 *>(act + (long)(row0 + tk) * I + n0 + sl * 8) =
+                *reinterpret_cast<const uint4 *>(out + tk * 128 + sl * 8);
+    }
+}
+
+#define GRP_OUT_LD (GRP_WROWS + 4)
+template <int NST>
+__device__ __forceinline__ void grp_down(
+    const unsigned short *__restrict__ act, const int4 *__restrict__ tiles, const unsigned char *__restrict__ W2,
+    const unsigned char *__restrict__ S2, float *__restrict__ y, int N, int K, int shift) {
+    extern __shared__ float4 moe_smem4[];
+    unsigned int *lut = reinterpret_cast<unsigned int *>(moe_smem4);
+    unsigned char *stages = reinterpret_cast<unsigned char *>(lut + 256);
+    const int4 tile = tiles[blockIdx.x];
+    const int e = tile.x, row0 = tile.y, rows = tile.z;
+    const int n0 = blockIdx.y * GRP_WROWS;
+    const long base = (long)e * N + n0;
+    const unsigned char *w = W2 + base * (K >> 1), *s = S2 + base * (K >> 5);
+    for (int c = threadIdx.x; c < 256; c += blockDim.x) lut[c] = grp_factor(c, shift);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float acc[2][8][4];
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
+    grp_mainloop<NST>(stages, lut, w, w + 128L * (K >> 1), s, s + 128L * (K >> 5), act + (long)row0 * K, rows, K,
+                 32 * warp, 32 * warp + 16, acc);
+    float *out = reinterpret_cast<float *>(stages);
+    const float unshift = __uint_as_float((unsigned int)(127 + shift) << 23);
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int tk = 8 * j + 2 * t + (q & 1), n = 32 * warp + 16 * m + g + 8 * (q >> 1);
+                out[tk * GRP_OUT_LD + n] = acc[m][j][q] * unshift;
+            }
+    __syncthreads();
+    for (int q = threadIdx.x; q < GRP_TOK * (GRP_WROWS / 4); q += blockDim.x) {
+        const int tk = q / (GRP_WROWS / 4), c4 = q % (GRP_WROWS / 4);
+        if (tk < rows)
+            *reinterpret_cast<float4 *>(y + (long)(row0 + tk) * N + n0 + 4 * c4) =
+                *reinterpret_cast<const float4 *>(out + tk * GRP_OUT_LD + 4 * c4);
+    }
+}
+
+// The entry points, two blocks an SM (registers capped at 128 a thread: ptxas spills 24-84
+// bytes, measured cheaper than one block an SM without spills): 2 stages (`_2st`, 67 KB of
+// shared memory, the default: faster on H200 and within sm_121's 99 KB) or 3 (100 KB).
+// launch: Fp4GroupedForm.
+#define GRP_ENTRIES(SUFFIX, MINB, NST)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256, MINB) dsk_fp4_grouped_gate_up##SUFFIX(                         \
+        const unsigned short *__restrict__ x, const int4 *__restrict__ tiles, const unsigned char *__restrict__ W1, \
+        const unsigned char *__restrict__ S1, const unsigned char *__restrict__ W3,                                 \
+        const unsigned char *__restrict__ S3, unsigned short *__restrict__ act, int I, int K, int shift,            \
+        float limit) {                                                                                              \
+        dsk_pdl_entry();                                                                                            \
+        grp_gate_up<NST>(x, tiles, W1, S1, W3, S3, act, I, K, shift, limit);                                        \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256, MINB) dsk_fp4_grouped_down##SUFFIX(                            \
+        const unsigned short *__restrict__ act, const int4 *__restrict__ tiles, const unsigned char *__restrict__ W2, \
+        const unsigned char *__restrict__ S2, float *__restrict__ y, int N, int K, int shift) {                     \
+        dsk_pdl_entry();                                                                                            \
+        grp_down<NST>(act, tiles, W2, S2, y, N, K, shift);                                                          \
+    }
+GRP_ENTRIES(, 2, 3)
+GRP_ENTRIES(_2st, 2, 2)

@@ -151,3 +151,25 @@ extern "C" __global__ void __launch_bounds__(256) dsk_moe_combine_sorted_f32(
         out[i] = acc;
     }
 }
+
+// dsk_gather_rows_f32_to_f16 into "k8 order" for the grouped FP4 kernels (fp4_moe.cu): every 8
+// values of a row stored as 0 4 1 5 2 6 3 7. One thread per 8 values (two 16-byte loads, one
+// 16-byte store); width % 8 == 0.
+extern "C" __global__ void __launch_bounds__(256) dsk_gather_rows_f32_to_f16_k8(
+    const float *__restrict__ src, const int *__restrict__ idx, int n, int width,
+    unsigned short *__restrict__ dst) {
+    dsk_pdl_entry();
+    const int per_row = width >> 3;
+    const long long total = (long long)n * per_row;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / per_row, c = i % per_row;
+        const float4 *s = reinterpret_cast<const float4 *>(src + (long long)idx[r] * width) + 2 * c;
+        const float4 a = s[0], b = s[1];
+        const unsigned int p0 = moe_f16(a.x) | ((unsigned int)moe_f16(b.x) << 16);
+        const unsigned int p1 = moe_f16(a.y) | ((unsigned int)moe_f16(b.y) << 16);
+        const unsigned int p2 = moe_f16(a.z) | ((unsigned int)moe_f16(b.z) << 16);
+        const unsigned int p3 = moe_f16(a.w) | ((unsigned int)moe_f16(b.w) << 16);
+        reinterpret_cast<uint4 *>(dst)[i] = make_uint4(p0, p1, p2, p3);
+    }
+}

@@ -17,6 +17,7 @@ pub mod attention;
 pub mod dense_gemv;
 pub mod elementwise;
 pub mod layer_ops;
+pub mod moe_grouped;
 pub mod moe_sorted;
 pub mod multi_gemv;
 pub mod paged;
@@ -674,6 +675,9 @@ pub struct Kernels {
     /// How the tiled indexer's tile height is picked (DSPARK_INDEXER_TILE at load).
     indexer_tile: attention::IndexerTileChoice,
     indexer_scores_mma: CudaFunction,
+    indexer_scores_mma_f16: CudaFunction,
+    /// Whether FP8 rows take the f16 tensor-core indexer (DSPARK_INDEXER_F16 at load).
+    indexer_f16: bool,
     swiglu_clip: CudaFunction,
     add: CudaFunction,
     topk_select: CudaFunction,
@@ -685,6 +689,7 @@ pub struct Kernels {
     layer_ops: layer_ops::LayerOpsFns,
     dense_gemv: dense_gemv::DenseGemvFns,
     moe_sorted: moe_sorted::MoeSortedFns,
+    moe_grouped: moe_grouped::MoeGroupedFns,
     skinny_mma: skinny_mma::SkinnyMmaFns,
 }
 
@@ -752,6 +757,7 @@ impl Kernels {
             fp4_down_mma: f(&moe, "dsk_fp4_moe_down_mma")?,
             fp4_gate_up_mma2: f(&moe, "dsk_fp4_moe_gate_up_mma2")?,
             fp4_down_mma2: f(&moe, "dsk_fp4_moe_down_mma2")?,
+            moe_grouped: moe_grouped::MoeGroupedFns::load(&moe, smem_optin)?,
             smem_optin,
             rmsnorm: f(&norm, "dsk_rmsnorm_bf16")?,
             rope: f(&rope, "dsk_rope_interleaved_bf16")?,
@@ -770,6 +776,8 @@ impl Kernels {
             indexer_scores_tiled16: f(&attn, "dsk_indexer_scores_tiled16_f32")?,
             indexer_tile,
             indexer_scores_mma: f(&attn, "dsk_indexer_scores_mma")?,
+            indexer_scores_mma_f16: f(&attn, "dsk_indexer_scores_mma_f16")?,
+            indexer_f16: std::env::var("DSPARK_INDEXER_F16").map_or(true, |v| v.trim() != "0"),
             swiglu_clip: f(&elementwise, "dsk_swiglu_clip_f32")?,
             topk_select: f(&attn, "dsk_topk_select_f32")?,
             topk_select_segments: f(&attn, "dsk_topk_select_segments_f32")?,
@@ -797,9 +805,14 @@ impl Kernels {
             &kernels.fp4_down_v1,
             &kernels.fp4_gate_up_mma2,
             &kernels.fp4_down_mma2,
+            &kernels.moe_grouped.gate_up[0],
+            &kernels.moe_grouped.gate_up[1],
+            &kernels.moe_grouped.down[0],
+            &kernels.moe_grouped.down[1],
             &kernels.indexer_scores_tiled,
             &kernels.indexer_scores_tiled16,
             &kernels.indexer_scores_mma,
+            &kernels.indexer_scores_mma_f16,
             &kernels.attend_partial_heads_tc,
             &kernels.attend_partial_heads_tc32,
         ] {
@@ -840,6 +853,16 @@ impl Kernels {
     /// Overrides DSPARK_INDEXER_TILE for later launches (A/B timing and tests in one process).
     pub fn set_indexer_tile_choice(&mut self, choice: attention::IndexerTileChoice) {
         self.indexer_tile = choice;
+    }
+
+    /// Whether FP8 indexer rows take the f16 tensor-core kernel (DSPARK_INDEXER_F16 at load).
+    pub fn indexer_f16(&self) -> bool {
+        self.indexer_f16
+    }
+
+    /// Overrides DSPARK_INDEXER_F16 for later launches (A/B timing and tests in one process).
+    pub fn set_indexer_f16(&mut self, on: bool) {
+        self.indexer_f16 = on;
     }
 
     /// Largest dynamic shared memory a block may opt in to (bytes): decides which indexer kernel

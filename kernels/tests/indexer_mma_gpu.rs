@@ -3,7 +3,11 @@
 //! stored as F32, BF16 and FP8_INDEXER records, V4-Flash's shapes (64 heads x 128 dims at TP=1,
 //! 32 at TP=2), 16 heads and a head count that is not a multiple of 8, thousands of rows through
 //! shuffled block tables, several tokens per launch with different visible counts (0 and 1
-//! included). Skips (passes with a SKIP line) where there is no GPU.
+//! included), queries of very different sizes per token. FP8 rows also through the f16 form
+//! (`dsk_indexer_scores_mma_f16`, the default for them: e4m3 keys exact in f16, the row scale
+//! applied after the products, each token's queries scaled by a power of two into f16's range),
+//! under the same bounds, since it keeps the same 11 significant bits of each query value.
+//! Skips (passes with a SKIP line) where there is no GPU.
 //!
 //! Bounds, per score, relative to the magnitude behind it (`mag = sum_h |w_h| scale sum_d |q k|`):
 //! - against f64 over the decoded rows and the f32 queries: the kernel rounds each query value to
@@ -14,10 +18,13 @@
 //!   heads) adds well under 1e-5 of `mag`; the bound is 2^-11 + 1e-5 (BF16, FP8) and
 //!   2^-10 + 1e-5 (F32), the worst case, not a typical error.
 //! - against f64 over the TF32-rounded queries (and f32 keys), rounded on the host as cvt.rna
-//!   does: only the accumulation is left, so 1e-5 of `mag`. This one catches a kernel that
-//!   truncates instead of rounding, or drops part of a value.
+//!   does (for the f16 form: as it scales and rounds them to f16, ties to even): only the
+//!   accumulation is left, so 1e-5 of `mag`. This one catches a kernel that truncates instead
+//!   of rounding, or drops part of a value.
 
-use dspark_kernels::launch::attention::{indexer_kernel, IndexerKernel};
+use dspark_kernels::launch::attention::{
+    indexer_kernel, indexer_mma_f16_fits, IndexerKernel, INDEXER_F16_MIN_TOKENS,
+};
 use dspark_kernels::{IndexerScores, KvRowFormat};
 
 mod common;
@@ -32,6 +39,21 @@ fn tf32(x: f32) -> f64 {
         return f64::from(x);
     }
     f64::from(f32::from_bits(u.wrapping_add(0x1000) & 0xffff_e000))
+}
+
+/// A token's query values as the f16 form multiplies them: times 2^e (the largest magnitude
+/// into [2^14, 2^15)), rounded to f16 (nearest, ties to even), times 2^-e.
+fn f16_form_queries(q: &[f32]) -> Vec<f64> {
+    let m = q.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let e = if m > 0.0 && m.is_finite() {
+        (14 - ((m.to_bits() >> 23) & 255) as i32 + 127).clamp(-126, 126)
+    } else {
+        0
+    };
+    let up = 2f32.powi(e);
+    q.iter()
+        .map(|&v| f64::from(half::f16::from_f32(v * up).to_f32()) / f64::from(up))
+        .collect()
 }
 
 /// Random rows whose 32-value groups have scales 2^-6 .. 2^6 (varying row by row): every value
@@ -83,7 +105,12 @@ fn mma_case(
         .map(|t| perm[t * blocks_per_seq..(t + 1) * blocks_per_seq].to_vec())
         .collect();
     let tokens = visible.len();
-    let q = rng.signed_vec(tokens * heads * dim, 1.0);
+    // Tokens' queries at different sizes (powers of two: exact), beyond f16's range for some:
+    // the f16 form scales each token's queries into range itself.
+    let mut q = rng.signed_vec(tokens * heads * dim, 1.0);
+    for (i, v) in q.iter_mut().enumerate() {
+        *v *= 2f32.powi([0, 18, -18, 7][i / (heads * dim) % 4]);
+    }
     let w = rng.signed_vec(tokens * heads, 1.0);
     let scale = (dim as f32).powf(-0.5);
     let mut flat = Vec::new();
@@ -131,6 +158,14 @@ fn mma_case(
     // SAFETY: q [tokens, heads, dim], weights [tokens, heads], each token's table covers its
     // visible rows, out holds their sum (and the sentinels).
     unsafe { g.k.indexer_scores(&g.s, &call) }.unwrap();
+    // The second reference rounds the queries as the form that ran does: TF32 (cvt.rna), or the
+    // f16 form's scaled f16 rounding (ties to even), per token.
+    let f16_form = indexer_mma_f16_fits(&call, g.k.indexer_f16());
+    let q_rounded: Vec<f64> = if f16_form {
+        q.chunks(heads * dim).flat_map(f16_form_queries).collect()
+    } else {
+        q.iter().map(|&v| tf32(v)).collect()
+    };
     let got = g.down(&out_d);
     let tol = match format {
         F32 => 2f64.powi(-10),
@@ -155,7 +190,7 @@ fn mma_case(
                     let p = f64::from(qh[d]) * f64::from(k[d]);
                     dot += p;
                     abs += p.abs();
-                    dot_tf32 += tf32(qh[d]) * k_tf32[d];
+                    dot_tf32 += q_rounded[(t * heads + h) * dim + d] * k_tf32[d];
                 }
                 let wh = f64::from(w[t * heads + h]);
                 let sc = f64::from(scale);
@@ -180,19 +215,37 @@ fn mma_case(
         "{format:?} heads={heads} dim={dim}: scores written past the last row"
     );
     eprintln!(
-        "indexer mma {format:?} heads={heads} dim={dim} visible={visible:?}: worst {worst:.2e} \
-         of bound {tol:.2e}, vs TF32-rounded {worst_tf32:.2e}"
+        "indexer mma {format:?} heads={heads} dim={dim} tokens={tokens} (f16 form: {}): worst \
+         {worst:.2e} of bound {tol:.2e}, vs TF32-rounded {worst_tf32:.2e}",
+        f16_form
     );
     (worst, worst_tf32)
 }
 
 #[test]
 fn tensor_core_scores_match_f64_over_decoded_rows() {
-    let Some(g) = gpu("tensor_core_scores_match_f64_over_decoded_rows") else {
+    let Some(mut g) = gpu("tensor_core_scores_match_f64_over_decoded_rows") else {
         return;
     };
     let mut rng = Rng(0x1d3e_5c0e_00aa);
-    for format in [Fp8Indexer, Bf16, F32] {
+    // FP8 rows twice: the f16 form (the default) and the TF32 one; the other formats always
+    // take TF32. The bounds are the same: both keep 11 significant bits of every query value.
+    for (format, f16) in [
+        (Fp8Indexer, true),
+        (Fp8Indexer, false),
+        (Bf16, true),
+        (F32, true),
+    ] {
+        g.k.set_indexer_f16(f16);
+        // The f16 form runs for launches of prefill size: the FP8 cases with it on get 64 more
+        // tokens of 0 .. 299 rows each.
+        let lists = |v: &[usize]| -> Vec<usize> {
+            let mut v = v.to_vec();
+            if f16 && format == Fp8Indexer {
+                v.extend((0..INDEXER_F16_MIN_TOKENS).map(|i| i * 37 % 300));
+            }
+            v
+        };
         // V4-Flash TP=1: a decoding token with thousands of rows next to short ones, 0 and 1.
         mma_case(
             &g,
@@ -200,16 +253,16 @@ fn tensor_core_scores_match_f64_over_decoded_rows() {
             format,
             64,
             128,
-            &[0, 1, 3000, 4097, 64, 63],
+            &lists(&[0, 1, 3000, 4097, 64, 63]),
             0,
         );
         // TP=2, and a padded stride.
-        mma_case(&g, &mut rng, format, 32, 128, &[2500, 1, 0, 129], 3);
-        mma_case(&g, &mut rng, format, 16, 128, &[1000, 65, 7], 1);
+        mma_case(&g, &mut rng, format, 32, 128, &lists(&[2500, 1, 0, 129]), 3);
+        mma_case(&g, &mut rng, format, 16, 128, &lists(&[1000, 65, 7]), 1);
         // Heads not a multiple of 8: zero-padded to 16 in the kernel.
-        mma_case(&g, &mut rng, format, 13, 128, &[777, 2], 0);
-        // Narrower rows (k-steps of 8 up to dim).
-        mma_case(&g, &mut rng, format, 8, 64, &[300, 33], 2);
+        mma_case(&g, &mut rng, format, 13, 128, &lists(&[777, 2]), 0);
+        // Narrower rows (k-steps of 8 up to dim; the f16 form's 16).
+        mma_case(&g, &mut rng, format, 8, 64, &lists(&[300, 33]), 2);
     }
 }
 
@@ -217,11 +270,16 @@ fn tensor_core_scores_match_f64_over_decoded_rows() {
 /// scores several tiles, each prefetched during the previous one's MMAs.
 #[test]
 fn tensor_core_scores_over_many_tiles_per_block() {
-    let Some(g) = gpu("tensor_core_scores_over_many_tiles_per_block") else {
+    let Some(mut g) = gpu("tensor_core_scores_over_many_tiles_per_block") else {
         return;
     };
     let mut rng = Rng(0x1d3e_5c0e_00ab);
     let rows = 64 * 8 * g.k.multiprocessors() + 37;
-    mma_case(&g, &mut rng, Fp8Indexer, 64, 128, &[rows], 0);
+    for f16 in [true, false] {
+        g.k.set_indexer_f16(f16);
+        let mut visible = vec![rows, 5, 700];
+        visible.extend((0..INDEXER_F16_MIN_TOKENS).map(|i| i % 3));
+        mma_case(&g, &mut rng, Fp8Indexer, 64, 128, &visible, 0);
+    }
     mma_case(&g, &mut rng, Bf16, 32, 128, &[rows / 2, 0, 3], 0);
 }

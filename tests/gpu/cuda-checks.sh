@@ -23,7 +23,8 @@ step() { printf '\n==> %s\n' "$*"; }
 kv_tests=${DSPARK_BACKEND_KV_CUDA_BIN:-}
 stack_tests=${DSPARK_LAYER_STACK_CUDA_BIN:-}
 # Optional: the kernels crate's GPU test binaries (layer_ops_gpu, paged_gpu, fp8_grouped_gpu, moe_sorted_gpu,
-# dense_gemv_gpu, gpu_smoke, attention_heads_gpu, kv_record_gpu, indexer_mma_gpu), space-separated.
+# fp4_grouped_gpu, dense_gemv_gpu, gpu_smoke, attention_heads_gpu, kv_record_gpu, indexer_mma_gpu),
+# space-separated; the grouped FP4 experts' and the indexer's also run under memcheck.
 kernel_tests=${DSPARK_KERNEL_TEST_BINS:-}
 
 for k in $kernel_tests; do
@@ -52,6 +53,13 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
       "$kv_tests" --test-threads 1 2>&1 | tail -3
     [[ ${PIPESTATUS[0]} == 0 ]] || fail=1
   fi
+  for k in $kernel_tests; do
+    case "$(basename "$k")" in
+      fp4_grouped_gpu* | indexer_mma_gpu*)
+        compute-sanitizer --tool memcheck --error-exitcode 9 "$k" --test-threads 1 2>&1 | tail -3
+        [[ ${PIPESTATUS[0]} == 0 ]] || fail=1 ;;
+    esac
+  done
   if [[ -n "$stack_tests" ]]; then
     # The in-process tests only: under memcheck NCCL's own peer-memory setup is reported (102
     # records on two H200s, none in our kernels: the same binary's in-process tests are clean).

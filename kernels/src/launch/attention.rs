@@ -530,6 +530,33 @@ pub fn indexer_mma_smem_bytes(heads: usize) -> usize {
         * 4
 }
 
+/// Shared memory of the f16 form for FP8 rows (`dsk_indexer_scores_mma_f16`): the key tile
+/// `[64][136]` f16, row scales `[64]`, partial scores `[2][64]`, head weights `[64]`, the
+/// per-warp query maxima `[8]`, queries `[heads rounded up to 8][136]` f16.
+pub fn indexer_mma_f16_smem_bytes(heads: usize) -> usize {
+    INDEXER_MMA_ROWS * 136 * 2
+        + (INDEXER_MMA_ROWS + 2 * INDEXER_MMA_ROWS + INDEXER_MMA_MAX_HEADS + 8) * 4
+        + heads.next_multiple_of(8) * 136 * 2
+}
+
+/// Fewest tokens of a launch that takes the f16 form. Every block stages (and scales) its token's
+/// queries; with a few tokens over long lists the f16 form's smaller blocks make twice the
+/// blocks, each with few tiles to amortise that over, and a decode step at 1M context measured
+/// slower (8 layers, H200: 2.616 against 2.517 ms), while prefill chunks gain (a 100K prompt's
+/// scores: 820 -> 678 ms).
+pub const INDEXER_F16_MIN_TOKENS: usize = 64;
+
+/// Whether a tensor-core launch of `a` takes the f16 form: FP8 rows (their e4m3 values are exact
+/// in f16, the row scale is applied after the products), dims in whole 16-value k-steps, at
+/// least [`INDEXER_F16_MIN_TOKENS`] tokens, and the switch on (`DSPARK_INDEXER_F16=0` keeps
+/// the TF32 form).
+pub fn indexer_mma_f16_fits(a: &IndexerScores, enabled: bool) -> bool {
+    enabled
+        && a.format == KvRowFormat::Fp8Indexer
+        && a.dim.is_multiple_of(16)
+        && a.tokens >= INDEXER_F16_MIN_TOKENS
+}
+
 /// Whether the tensor-core kernel takes this shape (heads up to 64, zero-padded to a multiple of
 /// 8; dim a multiple of 8 up to 128) on a device whose blocks may opt in to `smem_optin` bytes.
 pub fn indexer_mma_fits(heads: usize, dim: usize, smem_optin: usize) -> bool {
@@ -1088,6 +1115,11 @@ impl Kernels {
             ));
         }
         let (rows_per_block, smem, func) = match kernel {
+            IndexerKernel::TensorCore if indexer_mma_f16_fits(a, self.indexer_f16) => (
+                INDEXER_MMA_ROWS,
+                indexer_mma_f16_smem_bytes(a.heads),
+                &self.indexer_scores_mma_f16,
+            ),
             IndexerKernel::TensorCore => (
                 INDEXER_MMA_ROWS,
                 indexer_mma_smem_bytes(a.heads),
@@ -1608,6 +1640,53 @@ mod tests {
             ..i
         })
         .is_err());
+    }
+
+    #[test]
+    fn f16_indexer_takes_fp8_rows_of_prefill_sized_launches() {
+        let a = IndexerScores {
+            pool: 16,
+            q: 16,
+            weights: 16,
+            block_tables: 16,
+            block_table_starts: 16,
+            visible: 16,
+            out_starts: 16,
+            out: 16,
+            tokens: 8192,
+            max_visible: 2048,
+            floats_per_block: 1 << 20,
+            block_size: 128,
+            base: 0,
+            ratio: 4,
+            stride: 33,
+            heads: 64,
+            dim: 128,
+            scale: 1.0,
+            format: KvRowFormat::Fp8Indexer,
+            tensor_cores: true,
+        };
+        assert!(indexer_mma_f16_fits(&a, true));
+        assert!(!indexer_mma_f16_fits(&a, false));
+        // A decode step (even at 1M context) keeps the TF32 form.
+        let decode = IndexerScores {
+            tokens: 1,
+            max_visible: 262_144,
+            ..a
+        };
+        assert!(!indexer_mma_f16_fits(&decode, true));
+        assert!(!indexer_mma_f16_fits(
+            &IndexerScores {
+                format: KvRowFormat::Bf16,
+                stride: 64,
+                ..a
+            },
+            true
+        ));
+        assert!(!indexer_mma_f16_fits(&IndexerScores { dim: 40, ..a }, true));
+        // About half the TF32 form's shared memory at V4-Flash's 64 heads.
+        assert_eq!(indexer_mma_f16_smem_bytes(64), 35_872);
+        assert!(indexer_mma_f16_smem_bytes(64) * 100 <= indexer_mma_smem_bytes(64) * 53);
     }
 
     #[test]

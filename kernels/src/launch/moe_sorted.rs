@@ -17,6 +17,7 @@ pub struct MoeSortedFns {
     dequant_f16: CudaFunction,
     gather: CudaFunction,
     gather_f16: CudaFunction,
+    gather_f16_k8: CudaFunction,
     swiglu_f16: CudaFunction,
     combine: CudaFunction,
     u8_range: CudaFunction,
@@ -30,6 +31,7 @@ impl MoeSortedFns {
             dequant_f16: f("dsk_fp4_dequant_experts_f16")?,
             gather: f("dsk_gather_rows_f32")?,
             gather_f16: f("dsk_gather_rows_f32_to_f16")?,
+            gather_f16_k8: f("dsk_gather_rows_f32_to_f16_k8")?,
             swiglu_f16: f("dsk_swiglu_clip_to_f16")?,
             combine: f("dsk_moe_combine_sorted_f32")?,
             u8_range: f("dsk_u8_range")?,
@@ -201,6 +203,46 @@ impl Kernels {
     ) -> Result<(), KernelError> {
         // SAFETY: this function's contract.
         unsafe { self.gather_rows_as(stream, [src, idx, dst], n, width, true) }
+    }
+
+    /// [`Self::gather_rows_f32_to_f16`] with every 8 values of a row stored in the order
+    /// 0 4 1 5 2 6 3 7 (the grouped FP4 kernels' "k8 order", see `moe_grouped`).
+    ///
+    /// # Safety
+    /// As [`Self::gather_rows_f32_to_f16`].
+    pub unsafe fn gather_rows_f32_to_f16_k8(
+        &self,
+        stream: &CudaStream,
+        src: CUdeviceptr,
+        idx: CUdeviceptr,
+        n: usize,
+        width: usize,
+        dst: CUdeviceptr,
+    ) -> Result<(), KernelError> {
+        const K: &str = "gather_rows_f32_to_f16_k8";
+        if n == 0 || width == 0 {
+            return Ok(());
+        }
+        if !width.is_multiple_of(8) {
+            return Err(KernelError::invalid(
+                K,
+                format!("width {width} must be a multiple of 8"),
+            ));
+        }
+        nonnull(K, &[("src", src), ("idx", idx), ("dst", dst)])?;
+        // Two 16-byte loads and one 16-byte store per 8 values.
+        aligned16(K, &[("src", src), ("dst", dst)])?;
+        let (nn, w) = (i32_arg(K, "n", n)?, i32_arg(K, "width", width)?);
+        stream
+            .kernel(&self.moe_sorted.gather_f16_k8)
+            .arg(&src)
+            .arg(&idx)
+            .arg(&nn)
+            .arg(&w)
+            .arg(&dst)
+            .launch(grid_stride(K, n * width / 8, self.sms)?)
+            .map_err(KernelError::driver("launch gather_rows_f32_to_f16_k8"))?;
+        Ok(())
     }
 
     /// The gather launch, f32 or f16 rows out.

@@ -16,6 +16,12 @@
 //! run on the f16 tensor cores with f32 accumulation and outputs: half the widened bytes and
 //! twice the TF32 rate (8 layers of an 8K prefill on H200: widening 64 -> 43 ms, GEMMs 151 -> 77
 //! ms). `DSPARK_EXPERT_GEMM=tf32` keeps them on the TF32 path.
+//!
+//! Where the bank's shape and scales allow (`Fp4Bank::grouped_shift`), the experts skip the
+//! widening altogether: the grouped FP4 kernels (`dspark_kernels::launch::moe_grouped`) decode
+//! the weights inside the GEMM, on the same f16 tensor cores with the same f16 activations, all
+//! experts in one launch per matrix, and apply the SwiGLU to the gate/up accumulators. That is
+//! the default; `DSPARK_EXPERT_GEMM=widen` keeps the widened-f16 cuBLAS path for an A/B.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,6 +30,8 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{CUdeviceptr, CUevent_flags};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+
+use dspark_kernels::launch::moe_grouped::{fp4_grouped_tiles, Fp4GroupedBank};
 
 use super::layer_stack::{fits, GemmScratch, StageClock};
 use super::{driver_err, kernel_err, CudaBackend, CudaMatrix, Fp4Bank};
@@ -107,6 +115,18 @@ impl ExpertOrder {
     }
 }
 
+/// The step's side of a routed-expert call: activations `x` (`n` rows), the router's weights
+/// (`n * topk`), where the summed outputs go, and the SwiGLU clip.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct GroupedIo {
+    x: CUdeviceptr,
+    route_weights: CUdeviceptr,
+    out: CUdeviceptr,
+    n: usize,
+    topk: usize,
+    limit: f32,
+}
+
 /// One `y = x W^T` of a grouped call (pointers and strides as [`CudaBackend::gemm_rows`]).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct GemmProblem {
@@ -155,11 +175,32 @@ impl GemmInputs {
     }
 }
 
-/// Whether GEMM steps may multiply routed experts in f16 (`DSPARK_EXPERT_GEMM=tf32` keeps them
-/// on the f32/TF32 path), read once per process.
-fn expert_gemm_f16_allowed() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("DSPARK_EXPERT_GEMM").map_or(true, |v| v != "tf32"))
+/// How GEMM steps multiply the routed experts of an FP4 bank, from `DSPARK_EXPERT_GEMM`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ExpertGemm {
+    /// The grouped kernels with the FP4 weights decoded inside (default), where the bank allows;
+    /// the widened f16 path elsewhere.
+    Grouped,
+    /// `widen`: the weights widened to f16 per step and each expert's rows one cuBLAS GEMM.
+    Widened,
+    /// `tf32`: widened to f32, GEMMs on TF32 tensor cores.
+    Tf32,
+}
+
+impl ExpertGemm {
+    pub(super) fn parse(value: Option<&str>) -> Self {
+        match value.map(str::trim) {
+            Some("tf32") => ExpertGemm::Tf32,
+            Some("widen") => ExpertGemm::Widened,
+            _ => ExpertGemm::Grouped,
+        }
+    }
+
+    /// Read once per process.
+    pub(super) fn from_env() -> Self {
+        static CHOICE: std::sync::OnceLock<ExpertGemm> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(|| Self::parse(std::env::var("DSPARK_EXPERT_GEMM").ok().as_deref()))
+    }
 }
 
 /// How many streams a GEMM step's per-expert GEMMs spread over (this backend's own included),
@@ -590,10 +631,35 @@ impl CudaBackend {
         let order = ExpertOrder::of(&ids, topk, bank.experts);
         let sorted = order.tokens.len();
         fits("sorted rows", g.x_sorted.len(), sorted * h)?;
-        fits("expert gate", g.gate.len(), sorted * inter)?;
         fits("expert activations", act.len(), sorted * inter)?;
         fits("expert outputs", y_sorted.len(), sorted * h)?;
         fits("slots", g.slots.len(), pairs)?;
+        // f16 tensor cores where the bank's values are exact in f16 and TF32 is allowed (the
+        // activations round alike): decoded inside the grouped kernels where the bank allows,
+        // widened otherwise; f32 / TF32 elsewhere.
+        let choice = ExpertGemm::from_env();
+        let f16 = self.gemm_tf32.load(Ordering::Relaxed) && choice != ExpertGemm::Tf32;
+        if f16 && choice == ExpertGemm::Grouped {
+            if let Some(shift) = bank.grouped_shift {
+                let io = GroupedIo {
+                    x,
+                    route_weights,
+                    out,
+                    n,
+                    topk,
+                    limit,
+                };
+                return self.grouped_experts(clock, bank, shift, g, &order, act, y_sorted, io);
+            }
+        }
+        // Allocated up front only where the stack expected this path (ScratchDims); otherwise
+        // grown once to the piece's capacity (as many rows as x_sorted holds).
+        let capacity = (g.x_sorted.len() / h.max(1) * inter).max(sorted * inter);
+        for buf in [&mut g.gate, &mut g.up] {
+            if buf.len() < sorted * inter {
+                *buf = self.zeros(capacity)?;
+            }
+        }
         let used: Vec<i32> = order.runs.iter().map(|r| r.0 as i32).collect();
         if sorted > 0 {
             s.memcpy_htod(&order.tokens, &mut g.tokens.slice_mut(0..sorted))
@@ -610,12 +676,8 @@ impl CudaBackend {
         if g.experts_wide.len() < need {
             g.experts_wide = self.zeros(need)?;
         }
-        // f16 tensor cores where the bank's values are exact in f16 and TF32 is allowed (the
-        // activations round alike); f32 / TF32 otherwise. Buffers are f32-sized: f16 uses half.
-        let inputs = if self.gemm_tf32.load(Ordering::Relaxed)
-            && expert_gemm_f16_allowed()
-            && bank.f16_exact
-        {
+        // Buffers are f32-sized: f16 uses half.
+        let inputs = if f16 && bank.f16_exact {
             GemmInputs::F16
         } else {
             GemmInputs::F32
@@ -746,11 +808,103 @@ impl CudaBackend {
         }
         .map_err(kernel_err)
     }
+
+    /// [`Self::sorted_experts`] on the grouped FP4 kernels: the sorted rows gathered as f16 in k8
+    /// order, cut into tiles per expert, gate/up with the SwiGLU in one launch and down in
+    /// another, over every expert at once; the weights are never widened.
+    #[allow(clippy::too_many_arguments)]
+    fn grouped_experts(
+        &self,
+        clock: &mut Option<StageClock>,
+        bank: &Fp4Bank,
+        shift: u32,
+        g: &mut GemmScratch,
+        order: &ExpertOrder,
+        act: &mut CudaSlice<f32>,
+        y_sorted: &mut CudaSlice<f32>,
+        io: GroupedIo,
+    ) -> Result<(), BackendError> {
+        let s = &self.stream;
+        let (h, inter) = (bank.hidden, bank.inter);
+        let (sorted, pairs) = (order.tokens.len(), io.n * io.topk);
+        let tiles = fp4_grouped_tiles(&order.runs);
+        let flat: Vec<i32> = tiles.iter().flatten().copied().collect();
+        fits("expert tiles", g.tiles.len(), flat.len())?;
+        if sorted > 0 {
+            s.memcpy_htod(&order.tokens, &mut g.tokens.slice_mut(0..sorted))
+                .map_err(driver_err("copy to GPU"))?;
+            s.memcpy_htod(&flat, &mut g.tiles.slice_mut(0..flat.len()))
+                .map_err(driver_err("copy to GPU"))?;
+        }
+        s.memcpy_htod(&order.slots, &mut g.slots.slice_mut(0..pairs))
+            .map_err(driver_err("copy to GPU"))?;
+        self.stage(clock, "stack: routed experts: gather")?;
+        let xs = g.x_sorted.device_ptr_mut(s).0;
+        let (a, ys) = (act.device_ptr_mut(s).0, y_sorted.device_ptr_mut(s).0);
+        // SAFETY: tokens holds `sorted` rows of x (each below n); x_sorted room for them as f16.
+        unsafe {
+            self.kernels
+                .gather_rows_f32_to_f16_k8(s, io.x, g.tokens.device_ptr(s).0, sorted, h, xs)
+        }
+        .map_err(kernel_err)?;
+        let f4 = |b: &CudaSlice<u8>| b.device_ptr(s).0;
+        let kb = Fp4GroupedBank {
+            w1: f4(&bank.w1),
+            s1: f4(&bank.s1),
+            w3: f4(&bank.w3),
+            s3: f4(&bank.s3),
+            w2: f4(&bank.w2),
+            s2: f4(&bank.s2),
+            hidden: h,
+            inter,
+            shift,
+        };
+        let tp = g.tiles.device_ptr(s).0;
+        self.stage(clock, "stack: routed experts: grouped gate/up")?;
+        // SAFETY: the tiles name sorted rows (below `sorted`, which x_sorted, act and y_sorted
+        // hold: checked by the caller) of experts of this bank (ExpertOrder drops other ids).
+        unsafe {
+            self.kernels
+                .fp4_grouped_gate_up(s, &kb, xs, tp, tiles.len(), a, io.limit)
+        }
+        .map_err(kernel_err)?;
+        self.stage(clock, "stack: routed experts: grouped down")?;
+        // SAFETY: as above.
+        unsafe {
+            self.kernels
+                .fp4_grouped_down(s, &kb, a, tp, tiles.len(), ys)
+        }
+        .map_err(kernel_err)?;
+        self.stage(clock, "stack: routed experts: combine")?;
+        // SAFETY: slots holds n * topk rows of y_sorted or -1, the weights n * topk f32, out n
+        // rows of hidden.
+        unsafe {
+            self.kernels.moe_combine_sorted(
+                s,
+                ys,
+                g.slots.device_ptr(s).0,
+                io.route_weights,
+                io.n,
+                io.topk,
+                h,
+                io.out,
+            )
+        }
+        .map_err(kernel_err)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expert_gemm_choice_defaults_to_the_grouped_kernels() {
+        assert_eq!(ExpertGemm::parse(None), ExpertGemm::Grouped);
+        assert_eq!(ExpertGemm::parse(Some("widen")), ExpertGemm::Widened);
+        assert_eq!(ExpertGemm::parse(Some(" tf32 ")), ExpertGemm::Tf32);
+        assert_eq!(ExpertGemm::parse(Some("grouped")), ExpertGemm::Grouped);
+    }
 
     #[test]
     fn gemm_lanes_default_to_four_and_stay_in_range() {

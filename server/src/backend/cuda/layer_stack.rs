@@ -173,6 +173,8 @@ pub(super) struct GemmScratch {
     pub(super) tokens: CudaSlice<i32>,
     pub(super) slots: CudaSlice<i32>,
     pub(super) experts: CudaSlice<i32>,
+    /// The grouped FP4 kernels' tiles, four i32 each.
+    pub(super) tiles: CudaSlice<i32>,
     /// Device pointer arrays of a grouped GEMM.
     pub(super) gemm_ptrs: CudaSlice<u64>,
 }
@@ -198,6 +200,10 @@ struct ScratchDims {
     shared_inter: usize,
     /// Values of the largest projection a GEMM step widens.
     widest: usize,
+    /// Whether GEMM steps widen routed experts (a bank the grouped FP4 kernels do not take, or
+    /// the environment asks for the widened path): only then are the widened weights and the
+    /// gate/up outputs allocated up front (~1.8 GB at V4-Flash's 8K-row pieces).
+    widened_experts: bool,
 }
 
 impl ScratchDims {
@@ -229,6 +235,12 @@ impl ScratchDims {
             })
             .max(1),
             shared_inter: max_over(&|lw| lw.moe.shared.w1.shape().0).max(1),
+            widened_experts: super::gemm_step::ExpertGemm::from_env()
+                != super::gemm_step::ExpertGemm::Grouped
+                || !super::gemm_step::tf32_allowed()
+                || model.weights.layers.iter().any(|lw| {
+                    matches!(&lw.moe.experts, CudaExpertBank::Fp4(b) if b.grouped_shift.is_none())
+                }),
             widest: max_over(&|lw| {
                 let (a, m) = (&lw.attn, &lw.moe);
                 let mut mats: Vec<&CudaMatrix> = vec![&a.wq_a, &a.wq_b, &a.wkv, &a.wo_b, &m.gate];
@@ -807,6 +819,8 @@ impl CudaBackend {
     ) -> Result<Scratch, BackendError> {
         let pairs = rows * d.topk;
         let only_gemm = |len: usize| if gemm { len } else { 1 };
+        // Grown on first use if the widened path runs after all (e.g. TF32 turned off later).
+        let only_widened = |len: usize| if d.widened_experts { only_gemm(len) } else { 1 };
         Ok(Scratch {
             rows,
             streams: self.alloc_f32(rows * d.width)?,
@@ -848,15 +862,20 @@ impl CudaBackend {
             captures: Vec::new(),
             gemm: GemmScratch {
                 wide: self.alloc_f32(only_gemm(d.widest))?,
-                experts_wide: self.alloc_f32(only_gemm(super::gemm_step::expert_group_floats(
-                    d.experts, d.inter, d.hidden,
-                )))?,
+                experts_wide: self.alloc_f32(only_widened(
+                    super::gemm_step::expert_group_floats(d.experts, d.inter, d.hidden),
+                ))?,
                 x_sorted: self.alloc_f32(only_gemm(pairs * d.hidden))?,
-                gate: self.alloc_f32(only_gemm(pairs * d.inter))?,
-                up: self.alloc_f32(only_gemm(pairs * d.inter))?,
+                gate: self.alloc_f32(only_widened(pairs * d.inter))?,
+                up: self.alloc_f32(only_widened(pairs * d.inter))?,
                 tokens: self.alloc_i32(only_gemm(pairs))?,
                 slots: self.alloc_i32(only_gemm(pairs))?,
                 experts: self.alloc_i32(only_gemm(d.experts))?,
+                tiles: self.alloc_i32(only_gemm(
+                    4 * dspark_kernels::launch::moe_grouped::fp4_grouped_max_tiles(
+                        pairs, d.experts,
+                    ),
+                ))?,
                 gemm_ptrs: self
                     .stream
                     .alloc_zeros::<u64>(only_gemm(6 * d.experts))

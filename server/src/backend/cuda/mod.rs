@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{sys::cublasComputeType_t, CudaBlas};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use dspark_kernels::launch::moe_grouped;
 use dspark_kernels::launch::skinny_mma::skinny_mma_pays;
 use dspark_kernels::launch::FP8_GEMV_MAX_M;
 use dspark_kernels::{
@@ -98,6 +99,9 @@ pub struct Fp4Bank {
     /// Every block scale of the bank in `F16_EXACT_SCALES`: its values are exact in f16, so GEMM
     /// steps may multiply its experts on f16 tensor cores (`gemm_step`).
     f16_exact: bool,
+    /// The grouped kernels' scale shift where they take this bank (its shape fits and its scales
+    /// are exact in f16 after the shift: `moe_grouped::fp4_grouped_scale_shift`); `None` widens.
+    grouped_shift: Option<u32>,
     w1: CudaSlice<u8>,
     s1: CudaSlice<u8>,
     w3: CudaSlice<u8>,
@@ -1046,15 +1050,20 @@ impl Backend for CudaBackend {
             self.concat(&pick(1, true))?,
             self.concat(&pick(2, true))?,
         );
-        let f16_exact = self.scale_range(&[&s1, &s3, &s2])?.is_some_and(|(lo, hi)| {
+        let range = self.scale_range(&[&s1, &s3, &s2])?;
+        let f16_exact = range.is_some_and(|(lo, hi)| {
             dspark_kernels::launch::moe_sorted::F16_EXACT_SCALES.contains(&lo)
                 && dspark_kernels::launch::moe_sorted::F16_EXACT_SCALES.contains(&hi)
         });
+        let grouped_shift = range
+            .filter(|_| moe_grouped::fp4_grouped_fits(hidden, inter))
+            .and_then(|(lo, hi)| moe_grouped::fp4_grouped_scale_shift(lo, hi));
         let bank = CudaExpertBank::Fp4(Box::new(Fp4Bank {
             experts: experts.len(),
             hidden,
             inter,
             f16_exact,
+            grouped_shift,
             w1: self.concat(&pick(0, false))?,
             s1,
             w3: self.concat(&pick(1, false))?,
