@@ -1216,23 +1216,6 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_mma(
 // DSK_IDXH_LD halves (68 words: lane (g, tg) word loads hit 32 banks). Needs dim % 16 == 0.
 #define DSK_IDXH_LD 136
 
-__device__ __forceinline__ void dsk_mma_f16_m16n8k16(float (&d)[4], unsigned int a0, unsigned int a1,
-                                                     unsigned int a2, unsigned int a3, unsigned int b0,
-                                                     unsigned int b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// Two e4m3 bytes (the low 16 bits, low byte first) as one f16x2 (low byte in the low half).
-__device__ __forceinline__ unsigned int dsk_e4m3x2_to_f16x2(unsigned int two_bytes) {
-    unsigned int h2;
-    asm("{\n\t.reg .b16 p;\n\tcvt.u16.u32 p, %1;\n\tcvt.rn.f16x2.e4m3x2 %0, p;\n\t}" : "=r"(h2) : "r"(two_bytes));
-    return h2;
-}
-
 __device__ __forceinline__ void dsk_idxh_tiles(
     const float *__restrict__ pool, const unsigned int *__restrict__ tb, long long fpb, int bs,
     long long base, int ratio, int stride, int heads, int dim, float scale, float *__restrict__ ot,
@@ -1341,11 +1324,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_mma_f16(
     const float up = dsk_pow2(e), q_unscale = dsk_pow2(-e);
     for (int i = tid; i < hp * (dim >> 1); i += 256) {
         const int h = i / (dim >> 1), d = 2 * (i - h * (dim >> 1));
-        unsigned int pair = 0u;
-        if (h < heads) {
-            const float x0 = qt[h * dim + d] * up, x1 = qt[h * dim + d + 1] * up;
-            asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(pair) : "f"(x1), "f"(x0));
-        }
+        const unsigned int pair = h < heads ? dsk_f32x2_to_f16x2(qt[h * dim + d] * up, qt[h * dim + d + 1] * up) : 0u;
         *reinterpret_cast<unsigned int *>(qs + h * DSK_IDXH_LD + d) = pair;
     }
     for (int i = tid; i < 64; i += 256) ws[i] = i < heads ? w[(long long)t * heads + i] : 0.f;

@@ -34,11 +34,17 @@ __device__ __forceinline__ void dsk_f16x2_to_f32(unsigned int h2, float &lo, flo
         : "=f"(lo), "=f"(hi) : "r"(h2));
 }
 
-// Two e4m3 bytes (low byte = lower address) to f32, exactly, with the sm_89+ converter.
-__device__ __forceinline__ void dsk_e4m3x2_to_f32(unsigned int two_bytes, float &lo, float &hi) {
+// Two e4m3 bytes (the low 16 bits, low byte = lower address) as one f16x2 (low byte in the low
+// half), exactly, with the sm_89+ converter.
+__device__ __forceinline__ unsigned int dsk_e4m3x2_to_f16x2(unsigned int two_bytes) {
     unsigned int h2;
     asm("{\n\t.reg .b16 p;\n\tcvt.u16.u32 p, %1;\n\tcvt.rn.f16x2.e4m3x2 %0, p;\n\t}" : "=r"(h2) : "r"(two_bytes));
-    dsk_f16x2_to_f32(h2, lo, hi);
+    return h2;
+}
+
+// Two e4m3 bytes (low byte = lower address) to f32, exactly.
+__device__ __forceinline__ void dsk_e4m3x2_to_f32(unsigned int two_bytes, float &lo, float &hi) {
+    dsk_f16x2_to_f32(dsk_e4m3x2_to_f16x2(two_bytes), lo, hi);
 }
 
 // E2M1 -> f16 SCALED BY 2^-14: the three magnitude bits (e1 e0 m) go straight under the f16
@@ -72,6 +78,27 @@ __device__ __forceinline__ void dsk_mma_tf32_m16n8k8(float (&d)[4], unsigned int
         "{%0,%1,%2,%3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// d += A B on the f16 tensor cores (m16n8k16, f32 accumulate, sm_80+), one warp. Lane (g, tg)
+// holds A (16 x 16, row-major) at rows g / g + 8, columns 2 tg, 2 tg + 1 (a0 / a1) and those + 8
+// (a2 / a3), two f16 a register; B (16 x 8, column-major) at rows 2 tg, 2 tg + 1 (b0) and + 8
+// (b1) of column g; C/D as dsk_mma_tf32_m16n8k8.
+__device__ __forceinline__ void dsk_mma_f16_m16n8k16(float (&d)[4], unsigned int a0, unsigned int a1,
+                                                     unsigned int a2, unsigned int a3, unsigned int b0,
+                                                     unsigned int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// (lo, hi) rounded to nearest f16 as one f16x2 (lo in the low half).
+__device__ __forceinline__ unsigned int dsk_f32x2_to_f16x2(float lo, float hi) {
+    unsigned int r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
 }
 
 // Several GEMVs over one activation row in one launch (the projections of a decode token that

@@ -756,15 +756,6 @@ __device__ __forceinline__ void moe_xfrag(const float *__restrict__ x, int c, in
     }
 }
 
-__device__ __forceinline__ void moe_mma(float (&d)[4], unsigned int a0, unsigned int a1, unsigned int a2,
-                                        unsigned int a3, unsigned int b0, unsigned int b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // Nibble pair (p, p+4) of word v as f16x2 scaled by 2^-14 (see fp4_chunk_dot).
 __device__ __forceinline__ unsigned int moe_pair(unsigned int v, int p) {
     const unsigned int mag = (p < 3 ? (v << (9 - 4 * p)) : (v >> 3)) & 0x0E000E00u;
@@ -777,8 +768,8 @@ __device__ __forceinline__ unsigned int moe_pair(unsigned int v, int p) {
 __device__ __forceinline__ void moe_chunk_mma(unsigned int wg, unsigned int wg8, const unsigned int (&b)[4],
                                               float &dg, float &dg8) {
     float d[4] = {0.f, 0.f, 0.f, 0.f};
-    moe_mma(d, moe_pair(wg, 0), moe_pair(wg8, 0), moe_pair(wg, 1), moe_pair(wg8, 1), b[0], b[1]);
-    moe_mma(d, moe_pair(wg, 2), moe_pair(wg8, 2), moe_pair(wg, 3), moe_pair(wg8, 3), b[2], b[3]);
+    dsk_mma_f16_m16n8k16(d, moe_pair(wg, 0), moe_pair(wg8, 0), moe_pair(wg, 1), moe_pair(wg8, 1), b[0], b[1]);
+    dsk_mma_f16_m16n8k16(d, moe_pair(wg, 2), moe_pair(wg8, 2), moe_pair(wg, 3), moe_pair(wg8, 3), b[2], b[3]);
     dg = d[0] + d[1];
     dg8 = d[2] + d[3];
 }
@@ -932,15 +923,6 @@ __device__ __forceinline__ unsigned int grp_hmul2(unsigned int a, unsigned int b
     asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
     return r;
 }
-__device__ __forceinline__ void grp_mma(float (&d)[4], unsigned int a0, unsigned int a1, unsigned int a2,
-                                        unsigned int a3, unsigned int b0, unsigned int b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // f16x2 (both halves) of 2^(s - 113 - shift): the block scale 2^(s - 127) times the decoder's
 // 2^14, divided by 2^shift. Codes the host excluded get whatever their exponent gives.
 __device__ __forceinline__ unsigned int grp_factor(int s, int shift) {
@@ -951,12 +933,6 @@ __device__ __forceinline__ unsigned int grp_factor(int s, int shift) {
     else if (e >= -24) h = 1u << (e + 24);
     else h = 0u;
     return h | (h << 16);
-}
-
-__device__ __forceinline__ unsigned short grp_f16(float f) {
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
 }
 
 // Position of value k (0..7) of an 8-group in k8 order.
@@ -1034,8 +1010,8 @@ __device__ __forceinline__ void grp_compute(const unsigned char *slot, const uns
                 const uint4 b = *reinterpret_cast<const uint4 *>(xs + tk * 256 + ((sl ^ xsw) << 4));
 #pragma unroll
                 for (int m = 0; m < 2; ++m) {
-                    grp_mma(acc[m][j], ag[m][0], a8[m][0], ag[m][1], a8[m][1], b.x, b.y);
-                    grp_mma(acc[m][j], ag[m][2], a8[m][2], ag[m][3], a8[m][3], b.z, b.w);
+                    dsk_mma_f16_m16n8k16(acc[m][j], ag[m][0], a8[m][0], ag[m][1], a8[m][1], b.x, b.y);
+                    dsk_mma_f16_m16n8k16(acc[m][j], ag[m][2], a8[m][2], ag[m][3], a8[m][3], b.z, b.w);
                 }
             }
         }
@@ -1103,7 +1079,7 @@ __device__ __forceinline__ void grp_gate_up(
             const int tk = 8 * j + 2 * t + (q & 1), i = 16 * warp + g + 8 * (q >> 1);
             const float gs = fminf(acc[0][j][q] * unshift, limit);
             const float us = fminf(fmaxf(acc[1][j][q] * unshift, -limit), limit);
-            out[tk * 128 + (i & ~7) + grp_k8(i & 7)] = grp_f16(gs / (1.f + expf(-gs)) * us);
+            out[tk * 128 + (i & ~7) + grp_k8(i & 7)] = (unsigned short)(dsk_f32x2_to_f16x2(gs / (1.f + expf(-gs)) * us, 0.f) & 0xffffu);
         }
     __syncthreads();
     for (int q = threadIdx.x; q < GRP_TOK * 16; q += blockDim.x) {

@@ -181,11 +181,6 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp8_gemv_multi_xf32_m1(
 // span step j covers k = base + 16t + 4j + {0..3} over t, permuted identically in A and B.
 // B column n = token (NT tiles of 8 tokens). Requires K % 128 == 0 and M <= 8 * NT.
 
-__device__ __forceinline__ unsigned int f8t_e4m3x2_f16x2(unsigned int two_bytes) {
-    unsigned int h2;
-    asm("{\n\t.reg .b16 p;\n\tcvt.u16.u32 p, %1;\n\tcvt.rn.f16x2.e4m3x2 %0, p;\n\t}" : "=r"(h2) : "r"(two_bytes));
-    return h2;
-}
 
 __device__ __forceinline__ unsigned int f8t_bf16x2_f16x2(unsigned int w) {
     unsigned int r;
@@ -193,14 +188,6 @@ __device__ __forceinline__ unsigned int f8t_bf16x2_f16x2(unsigned int w) {
     return r;
 }
 
-__device__ __forceinline__ void f8t_mma(float (&d)[4], unsigned int a0, unsigned int a1, unsigned int a2,
-                                        unsigned int a3, unsigned int b0, unsigned int b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 template <int NT>
 __device__ __forceinline__ void fp8_gemm_tc_body(const unsigned char *__restrict__ W,
@@ -265,8 +252,8 @@ __device__ __forceinline__ void fp8_gemm_tc_body(const unsigned char *__restrict
                     const unsigned int b0 = f8t_bf16x2_f16x2(xw0), b1 = f8t_bf16x2_f16x2(xw1);
 #pragma unroll
                     for (int a = 0; a < 2; ++a)
-                        f8t_mma(d[a][n], f8t_e4m3x2_f16x2(wj[2 * a] & 0xffffu), f8t_e4m3x2_f16x2(wj[2 * a + 1] & 0xffffu),
-                                f8t_e4m3x2_f16x2(wj[2 * a] >> 16), f8t_e4m3x2_f16x2(wj[2 * a + 1] >> 16), b0, b1);
+                        dsk_mma_f16_m16n8k16(d[a][n], dsk_e4m3x2_to_f16x2(wj[2 * a] & 0xffffu), dsk_e4m3x2_to_f16x2(wj[2 * a + 1] & 0xffffu),
+                                dsk_e4m3x2_to_f16x2(wj[2 * a] >> 16), dsk_e4m3x2_to_f16x2(wj[2 * a + 1] >> 16), b0, b1);
                 }
             }
         }

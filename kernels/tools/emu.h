@@ -75,6 +75,13 @@ inline void dsk_e4m3x2_to_f32(unsigned two, float &lo, float &hi) {
     hi = emu_e4m3((two >> 8) & 0xffu);
 }
 inline uint4 dsk_ld_stream16(const void *p) { uint4 r; memcpy(&r, p, 16); return r; }
+inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
+inline float dsk_pow2(int e) { return std::ldexp(1.0f, e); }  // common.cuh's, exact
+// common.cuh's f16 tensor-core helpers: no emulated kernel runs them (the f16 indexer form and the
+// grouped FP4 GEMMs are checked on the GPU only), so calling one stops the tool.
+template <class... A> inline void dsk_mma_f16_m16n8k16(A &&...) { abort(); }
+template <class... A> inline unsigned dsk_e4m3x2_to_f16x2(A &&...) { abort(); }
+template <class... A> inline unsigned dsk_f32x2_to_f16x2(A &&...) { abort(); }
 inline float dsk_warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) {
         g_shfl[threadIdx.x] = v;
