@@ -1109,6 +1109,41 @@ __device__ __forceinline__ void dsk_idxm_store(
     }
 }
 
+// The end of a tile of both tensor-core indexer forms: relu(acc * f) x scale x w[h] (f the row's
+// factor, rows g and g + 8: only with ROW_FACTOR), summed over the heads of the lane's quad, then
+// over the two warps of its rows through `red`, into the tile's 64 scores.
+// C: rows g (e = 0, 1) and g + 8 (e = 2, 3); heads 8 nt + 2 tg + (e & 1).
+template <bool ROW_FACTOR>
+__device__ __forceinline__ void dsk_idxm_scores_out(const float (&acc)[4][4], float fg, float f8,
+                                                    const float *ws, float scale, int heads, float *red,
+                                                    float *__restrict__ ot, int r0, int vis) {
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tg = lane & 3;
+    const int mt = warp & 3, half = warp >> 2, ntiles = (heads + 7) >> 3;
+    float sg = 0.f, sg8 = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int nt = half + 2 * i;
+        if (nt < ntiles) {
+            const float w0 = ws[8 * nt + 2 * tg], w1 = ws[8 * nt + 2 * tg + 1];
+            const float a0 = ROW_FACTOR ? acc[i][0] * fg : acc[i][0], a1 = ROW_FACTOR ? acc[i][1] * fg : acc[i][1];
+            const float a2 = ROW_FACTOR ? acc[i][2] * f8 : acc[i][2], a3 = ROW_FACTOR ? acc[i][3] * f8 : acc[i][3];
+            sg += (fmaxf(a0, 0.f) * scale) * w0 + (fmaxf(a1, 0.f) * scale) * w1;
+            sg8 += (fmaxf(a2, 0.f) * scale) * w0 + (fmaxf(a3, 0.f) * scale) * w1;
+        }
+    }
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {
+        sg += __shfl_xor_sync(0xffffffffu, sg, o);
+        sg8 += __shfl_xor_sync(0xffffffffu, sg8, o);
+    }
+    if (tg == 0) {
+        red[half * DSK_IDXM_ROWS + 16 * mt + g] = sg;
+        red[half * DSK_IDXM_ROWS + 16 * mt + g + 8] = sg8;
+    }
+    __syncthreads();
+    if (tid < DSK_IDXM_ROWS && r0 + tid < vis) ot[r0 + tid] = red[tid] + red[DSK_IDXM_ROWS + tid];
+}
+
 template <int FMT>
 __device__ __forceinline__ void dsk_idxm_tiles(
     const float *__restrict__ pool, const unsigned int *__restrict__ tb, long long fpb, int bs,
@@ -1147,28 +1182,7 @@ __device__ __forceinline__ void dsk_idxm_tiles(
                 }
             }
         }
-        // C: rows g (e = 0, 1) and g + 8 (e = 2, 3); heads 8 nt + 2 tg + (e & 1).
-        float sg = 0.f, sg8 = 0.f;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int nt = half + 2 * i;
-            if (nt < ntiles) {
-                const float w0 = ws[8 * nt + 2 * tg], w1 = ws[8 * nt + 2 * tg + 1];
-                sg += (fmaxf(acc[i][0], 0.f) * scale) * w0 + (fmaxf(acc[i][1], 0.f) * scale) * w1;
-                sg8 += (fmaxf(acc[i][2], 0.f) * scale) * w0 + (fmaxf(acc[i][3], 0.f) * scale) * w1;
-            }
-        }
-#pragma unroll
-        for (int o = 1; o < 4; o <<= 1) {
-            sg += __shfl_xor_sync(0xffffffffu, sg, o);
-            sg8 += __shfl_xor_sync(0xffffffffu, sg8, o);
-        }
-        if (tg == 0) {
-            red[half * DSK_IDXM_ROWS + 16 * mt + g] = sg;
-            red[half * DSK_IDXM_ROWS + 16 * mt + g + 8] = sg8;
-        }
-        __syncthreads();
-        if (tid < DSK_IDXM_ROWS && r0 + tid < vis) ot[r0 + tid] = red[tid] + red[DSK_IDXM_ROWS + tid];
+        dsk_idxm_scores_out<false>(acc, 1.f, 1.f, ws, scale, heads, red, ot, r0, vis);
     }
 }
 
@@ -1262,28 +1276,7 @@ __device__ __forceinline__ void dsk_idxh_tiles(
                 }
             }
         }
-        const float fg = ksc[16 * mt + g], f8 = ksc[16 * mt + g + 8];
-        float sg = 0.f, sg8 = 0.f;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int nt = half + 2 * i;
-            if (nt < ntiles) {
-                const float w0 = ws[8 * nt + 2 * tg], w1 = ws[8 * nt + 2 * tg + 1];
-                sg += (fmaxf(acc[i][0] * fg, 0.f) * scale) * w0 + (fmaxf(acc[i][1] * fg, 0.f) * scale) * w1;
-                sg8 += (fmaxf(acc[i][2] * f8, 0.f) * scale) * w0 + (fmaxf(acc[i][3] * f8, 0.f) * scale) * w1;
-            }
-        }
-#pragma unroll
-        for (int o = 1; o < 4; o <<= 1) {
-            sg += __shfl_xor_sync(0xffffffffu, sg, o);
-            sg8 += __shfl_xor_sync(0xffffffffu, sg8, o);
-        }
-        if (tg == 0) {
-            red[half * DSK_IDXM_ROWS + 16 * mt + g] = sg;
-            red[half * DSK_IDXM_ROWS + 16 * mt + g + 8] = sg8;
-        }
-        __syncthreads();
-        if (tid < DSK_IDXM_ROWS && r0 + tid < vis) ot[r0 + tid] = red[tid] + red[DSK_IDXM_ROWS + tid];
+        dsk_idxm_scores_out<true>(acc, ksc[16 * mt + g], ksc[16 * mt + g + 8], ws, scale, heads, red, ot, r0, vis);
     }
 }
 

@@ -1018,14 +1018,20 @@ __device__ __forceinline__ void grp_compute(const unsigned char *slot, const uns
     }
 }
 
-// The pipelined main loop of both kernels; ends with every stage consumed and the block synced
-// (the stages' memory is free for the epilogue).
+// The pipelined main loop of both kernels: the factor table for `shift` is filled (published by
+// the loop's first barrier), the accumulators start at zero, the first stages go out; ends with
+// every stage consumed and the block synced (the stages' memory is free for the epilogue).
 template <int NST>
-__device__ __forceinline__ void grp_mainloop(unsigned char *stages, const unsigned int *lut, const unsigned char *wlo,
+__device__ __forceinline__ void grp_mainloop(unsigned char *stages, unsigned int *lut, int shift, const unsigned char *wlo,
                                              const unsigned char *whi, const unsigned char *slo,
                                              const unsigned char *shi, const unsigned short *x, int rows, int K,
                                              int m0, int m1, float (&acc)[2][8][4]) {
     const int nst = K / (32 * GRP_CPS), lane = threadIdx.x & 31;
+    for (int c = threadIdx.x; c < 256; c += blockDim.x) lut[c] = grp_factor(c, shift);
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
 #pragma unroll
     for (int s = 0; s < NST - 1; ++s) {
         if (s < nst) grp_issue(stages + s * GRP_STAGE, wlo, whi, slo, shi, x, rows, K, s);
@@ -1059,14 +1065,10 @@ __device__ __forceinline__ void grp_gate_up(
     const long base = (long)e * I + n0;
     const unsigned char *w1 = W1 + base * (K >> 1), *w3 = W3 + base * (K >> 1);
     const unsigned char *s1 = S1 + base * (K >> 5), *s3 = S3 + base * (K >> 5);
-    for (int s = threadIdx.x; s < 256; s += blockDim.x) lut[s] = grp_factor(s, shift);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     float acc[2][8][4];
-#pragma unroll
-    for (int m = 0; m < 2; ++m)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
-    grp_mainloop<NST>(stages, lut, w1, w3, s1, s3, x + (long)row0 * K, rows, K, 16 * warp, 128 + 16 * warp, acc);
+    grp_mainloop<NST>(stages, lut, shift, w1, w3, s1, s3, x + (long)row0 * K, rows, K, 16 * warp, 128 + 16 * warp,
+                      acc);
     // The SwiGLU on the accumulators into a [64 tokens][128 values] f16 tile in k8 order, then
     // whole 16-byte pieces of each token's row out.
     unsigned short *out = reinterpret_cast<unsigned short *>(stages);
@@ -1103,15 +1105,10 @@ __device__ __forceinline__ void grp_down(
     const int n0 = blockIdx.y * GRP_WROWS;
     const long base = (long)e * N + n0;
     const unsigned char *w = W2 + base * (K >> 1), *s = S2 + base * (K >> 5);
-    for (int c = threadIdx.x; c < 256; c += blockDim.x) lut[c] = grp_factor(c, shift);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     float acc[2][8][4];
-#pragma unroll
-    for (int m = 0; m < 2; ++m)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
-    grp_mainloop<NST>(stages, lut, w, w + 128L * (K >> 1), s, s + 128L * (K >> 5), act + (long)row0 * K, rows, K,
-                 32 * warp, 32 * warp + 16, acc);
+    grp_mainloop<NST>(stages, lut, shift, w, w + 128L * (K >> 1), s, s + 128L * (K >> 5), act + (long)row0 * K, rows,
+                      K, 32 * warp, 32 * warp + 16, acc);
     float *out = reinterpret_cast<float *>(stages);
     const float unshift = __uint_as_float((unsigned int)(127 + shift) << 23);
     const int g = lane >> 2, t = lane & 3;

@@ -15,6 +15,7 @@ use dspark_kernels::formats::{e2m1_at, e8m0_to_f64};
 use dspark_kernels::launch::moe_grouped::{
     fp4_grouped_scale_shift, fp4_grouped_tiles, Fp4GroupedBank, Fp4GroupedForm,
 };
+use dspark_kernels::Fp4Experts;
 use half::f16;
 
 mod common;
@@ -139,14 +140,17 @@ fn check(
         g.up(&w2.s),
     );
     let bank = Fp4GroupedBank {
-        w1: g.ptr(&b1w),
-        s1: g.ptr(&b1s),
-        w3: g.ptr(&b3w),
-        s3: g.ptr(&b3s),
-        w2: g.ptr(&b2w),
-        s2: g.ptr(&b2s),
-        hidden,
-        inter,
+        experts: Fp4Experts {
+            w1: g.ptr(&b1w),
+            s1: g.ptr(&b1s),
+            w3: g.ptr(&b3w),
+            s3: g.ptr(&b3s),
+            w2: g.ptr(&b2w),
+            s2: g.ptr(&b2s),
+            experts,
+            hidden,
+            inter,
+        },
         shift,
     };
     let act = g.up(&vec![0xffffu16; (sorted + 1) * inter]);

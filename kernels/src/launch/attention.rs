@@ -1184,6 +1184,33 @@ impl Kernels {
 mod tests {
     use super::*;
 
+    /// A V4-Flash indexer launch at TP=1 over FP8 rows (132-byte records) for one decode token at
+    /// 1M context, on the tensor cores; tests change the fields they are about.
+    fn v4_fp8_indexer() -> IndexerScores {
+        IndexerScores {
+            pool: 16,
+            q: 16,
+            weights: 16,
+            block_tables: 16,
+            block_table_starts: 16,
+            visible: 16,
+            out_starts: 16,
+            out: 16,
+            tokens: 1,
+            max_visible: 262_144,
+            floats_per_block: 1 << 20,
+            block_size: 128,
+            base: 0,
+            ratio: 4,
+            stride: 33,
+            heads: 64,
+            dim: 128,
+            scale: 1.0,
+            format: KvRowFormat::Fp8Indexer,
+            tensor_cores: true,
+        }
+    }
+
     fn topk_call(tokens: usize, max_count: usize, k: usize, workspace: CUdeviceptr) -> TopKSelect {
         TopKSelect {
             scores: 16,
@@ -1478,28 +1505,7 @@ mod tests {
 
     #[test]
     fn tensor_cores_score_when_asked_and_the_shape_fits() {
-        let v4 = IndexerScores {
-            pool: 16,
-            q: 16,
-            weights: 16,
-            block_tables: 16,
-            block_table_starts: 16,
-            visible: 16,
-            out_starts: 16,
-            out: 16,
-            tokens: 1,
-            max_visible: 262_144,
-            floats_per_block: 1 << 20,
-            block_size: 128,
-            base: 0,
-            ratio: 4,
-            stride: 33,
-            heads: 64,
-            dim: 128,
-            scale: 1.0,
-            format: KvRowFormat::Fp8Indexer,
-            tensor_cores: true,
-        };
+        let v4 = v4_fp8_indexer();
         let h200 = 227 * 1024;
         // V4-Flash at TP=1 (64 heads) and TP=2 (32), any stored format, and narrower shapes;
         // heads not a multiple of 8 are zero-padded.
@@ -1596,27 +1602,9 @@ mod tests {
             assert!(check_attention_heads(&bad).is_err());
         }
         let i = IndexerScores {
-            pool: 16,
-            q: 16,
-            weights: 16,
-            block_tables: 16,
-            block_table_starts: 16,
-            visible: 16,
-            out_starts: 16,
-            out: 16,
-            tokens: 1,
             max_visible: 1,
-            floats_per_block: 1 << 20,
-            block_size: 128,
-            base: 0,
-            ratio: 4,
-            // V4-Flash's 132-byte FP8 row.
-            stride: 33,
-            heads: 64,
-            dim: 128,
-            scale: 1.0,
-            format: KvRowFormat::Fp8Indexer,
             tensor_cores: false,
+            ..v4_fp8_indexer()
         };
         assert!(check_indexer(&i).is_ok());
         assert!(check_indexer(&IndexerScores { stride: 32, ..i }).is_err());
@@ -1645,26 +1633,9 @@ mod tests {
     #[test]
     fn f16_indexer_takes_fp8_rows_of_prefill_sized_launches() {
         let a = IndexerScores {
-            pool: 16,
-            q: 16,
-            weights: 16,
-            block_tables: 16,
-            block_table_starts: 16,
-            visible: 16,
-            out_starts: 16,
-            out: 16,
             tokens: 8192,
             max_visible: 2048,
-            floats_per_block: 1 << 20,
-            block_size: 128,
-            base: 0,
-            ratio: 4,
-            stride: 33,
-            heads: 64,
-            dim: 128,
-            scale: 1.0,
-            format: KvRowFormat::Fp8Indexer,
-            tensor_cores: true,
+            ..v4_fp8_indexer()
         };
         assert!(indexer_mma_f16_fits(&a, true));
         assert!(!indexer_mma_f16_fits(&a, false));

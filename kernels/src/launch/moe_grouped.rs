@@ -14,6 +14,7 @@ use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig};
 use super::submit::SubmitKernel;
 use super::{aligned16, function, i32_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
+use crate::Fp4Experts;
 
 /// Sorted rows (tokens of one expert) one block takes.
 pub const FP4_GROUPED_TILE_ROWS: usize = 64;
@@ -141,20 +142,12 @@ pub fn fp4_grouped_max_tiles(pairs: usize, experts: usize) -> usize {
     pairs.div_ceil(FP4_GROUPED_TILE_ROWS) + experts.min(pairs)
 }
 
-/// One layer's FP4 bank as the grouped kernels read it: w1/w3 `[experts, inter, hidden/2]` +
-/// scales `[experts, inter, hidden/32]`, w2 `[experts, hidden, inter/2]` + scales
-/// `[experts, hidden, inter/32]` (the checkpoint layout), every scale byte allowed by `shift`
-/// ([`fp4_grouped_scale_shift`]).
+/// One layer's FP4 bank as the grouped kernels read it: the decode kernels' view of the
+/// checkpoint layout, and the power of two every weight is divided by inside the kernel
+/// ([`fp4_grouped_scale_shift`], which the bank's scale bytes must allow).
 #[derive(Clone, Copy, Debug)]
 pub struct Fp4GroupedBank {
-    pub w1: CUdeviceptr,
-    pub s1: CUdeviceptr,
-    pub w3: CUdeviceptr,
-    pub s3: CUdeviceptr,
-    pub w2: CUdeviceptr,
-    pub s2: CUdeviceptr,
-    pub hidden: usize,
-    pub inter: usize,
+    pub experts: Fp4Experts,
     pub shift: u32,
 }
 
@@ -167,13 +160,13 @@ pub fn check_fp4_grouped(
     form: Fp4GroupedForm,
 ) -> Result<(), KernelError> {
     const K: &str = "fp4_grouped";
-    if !fp4_grouped_fits(bank.hidden, bank.inter) {
+    if !fp4_grouped_fits(bank.experts.hidden, bank.experts.inter) {
         return Err(KernelError::invalid(
             K,
             format!(
                 "hidden {} must be a multiple of {FP4_GROUPED_DOWN_ROWS} and inter {} of \
                  {FP4_GROUPED_GATE_UP_ROWS}",
-                bank.hidden, bank.inter
+                bank.experts.hidden, bank.experts.inter
             ),
         ));
     }
@@ -193,12 +186,12 @@ pub fn check_fp4_grouped(
     u32_grid(K, tiles)?;
     let [x, tile_list, out] = io;
     let ptrs = [
-        ("w1", bank.w1),
-        ("s1", bank.s1),
-        ("w3", bank.w3),
-        ("s3", bank.s3),
-        ("w2", bank.w2),
-        ("s2", bank.s2),
+        ("w1", bank.experts.w1),
+        ("s1", bank.experts.s1),
+        ("w3", bank.experts.w3),
+        ("s3", bank.experts.s3),
+        ("w2", bank.experts.w2),
+        ("s2", bank.experts.s2),
         ("x", x),
         ("tiles", tile_list),
         ("out", out),
@@ -209,15 +202,19 @@ pub fn check_fp4_grouped(
     aligned16(
         K,
         &[
-            ("w1", bank.w1),
-            ("w3", bank.w3),
-            ("w2", bank.w2),
+            ("w1", bank.experts.w1),
+            ("w3", bank.experts.w3),
+            ("w2", bank.experts.w2),
             ("x", x),
             ("tiles", tile_list),
             ("out", out),
         ],
     )?;
-    for (name, p) in [("s1", bank.s1), ("s3", bank.s3), ("s2", bank.s2)] {
+    for (name, p) in [
+        ("s1", bank.experts.s1),
+        ("s3", bank.experts.s3),
+        ("s2", bank.experts.s2),
+    ] {
         if p % 4 != 0 {
             return Err(KernelError::invalid(
                 K,
@@ -267,19 +264,24 @@ impl Kernels {
         let form = self.moe_grouped.form;
         check_fp4_grouped(bank, [x, tiles, act], count, self.smem_optin, form)?;
         let (i, k, shift) = (
-            i32_arg(K, "inter", bank.inter)?,
-            i32_arg(K, "hidden", bank.hidden)?,
+            i32_arg(K, "inter", bank.experts.inter)?,
+            i32_arg(K, "hidden", bank.experts.hidden)?,
             bank.shift as i32,
         );
-        let cfg = grouped_config(K, count, bank.inter / FP4_GROUPED_GATE_UP_ROWS, form)?;
+        let cfg = grouped_config(
+            K,
+            count,
+            bank.experts.inter / FP4_GROUPED_GATE_UP_ROWS,
+            form,
+        )?;
         stream
             .kernel(&self.moe_grouped.gate_up[self.moe_grouped.index()])
             .arg(&x)
             .arg(&tiles)
-            .arg(&bank.w1)
-            .arg(&bank.s1)
-            .arg(&bank.w3)
-            .arg(&bank.s3)
+            .arg(&bank.experts.w1)
+            .arg(&bank.experts.s1)
+            .arg(&bank.experts.w3)
+            .arg(&bank.experts.s3)
             .arg(&act)
             .arg(&i)
             .arg(&k)
@@ -311,17 +313,17 @@ impl Kernels {
         let form = self.moe_grouped.form;
         check_fp4_grouped(bank, [act, tiles, y], count, self.smem_optin, form)?;
         let (n, k, shift) = (
-            i32_arg(K, "hidden", bank.hidden)?,
-            i32_arg(K, "inter", bank.inter)?,
+            i32_arg(K, "hidden", bank.experts.hidden)?,
+            i32_arg(K, "inter", bank.experts.inter)?,
             bank.shift as i32,
         );
-        let cfg = grouped_config(K, count, bank.hidden / FP4_GROUPED_DOWN_ROWS, form)?;
+        let cfg = grouped_config(K, count, bank.experts.hidden / FP4_GROUPED_DOWN_ROWS, form)?;
         stream
             .kernel(&self.moe_grouped.down[self.moe_grouped.index()])
             .arg(&act)
             .arg(&tiles)
-            .arg(&bank.w2)
-            .arg(&bank.s2)
+            .arg(&bank.experts.w2)
+            .arg(&bank.experts.s2)
             .arg(&y)
             .arg(&n)
             .arg(&k)
@@ -412,17 +414,18 @@ mod tests {
 
     #[test]
     fn shapes_and_pointers_are_checked_before_launch() {
-        let bank = Fp4GroupedBank {
+        let experts = Fp4Experts {
             w1: 256,
             s1: 512,
             w3: 768,
             s3: 1024,
             w2: 1280,
             s2: 1536,
+            experts: 256,
             hidden: 4096,
             inter: 2048,
-            shift: 0,
         };
+        let bank = Fp4GroupedBank { experts, shift: 0 };
         let smem = 227 * 1024;
         let two = Fp4GroupedForm::ThreeStages;
         assert!(check_fp4_grouped(&bank, [16, 32, 48], 10, smem, two).is_ok());
@@ -434,11 +437,23 @@ mod tests {
         assert!(fp4_grouped_fits(4096, 1024));
         assert!(!fp4_grouped_fits(4096, 64));
         assert!(!fp4_grouped_fits(128, 2048));
-        let odd = Fp4GroupedBank { inter: 96, ..bank };
+        let odd = Fp4GroupedBank {
+            experts: Fp4Experts {
+                inter: 96,
+                ..experts
+            },
+            ..bank
+        };
         assert!(check_fp4_grouped(&odd, [16, 32, 48], 10, smem, two).is_err());
         assert!(check_fp4_grouped(&bank, [16, 0, 48], 10, smem, two).is_err());
         assert!(check_fp4_grouped(&bank, [16, 32, 40], 10, smem, two).is_err());
-        let scales = Fp4GroupedBank { s2: 1538, ..bank };
+        let scales = Fp4GroupedBank {
+            experts: Fp4Experts {
+                s2: 1538,
+                ..experts
+            },
+            ..bank
+        };
         assert!(check_fp4_grouped(&scales, [16, 32, 48], 10, smem, two).is_err());
         assert!(check_fp4_grouped(&bank, [16, 32, 48], 10, 48 * 1024, two).is_err());
         let shifted = Fp4GroupedBank { shift: 16, ..bank };

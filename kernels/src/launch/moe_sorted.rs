@@ -43,6 +43,15 @@ impl MoeSortedFns {
 /// 6 * 2^13 is under f16's largest value, 1.5 * 2^-23 (the finest step, 2^-24) its smallest.
 pub const F16_EXACT_SCALES: std::ops::RangeInclusive<u8> = 104..=140;
 
+/// What a gather writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GatherInto {
+    F32,
+    F16,
+    /// f16 in the grouped FP4 kernels' k8 order.
+    F16K8,
+}
+
 /// Most matrices of one [`Kernels::fp4_dequant_experts`] launch (grid.y).
 const GRID_Y_MAX: usize = 65_535;
 
@@ -185,7 +194,7 @@ impl Kernels {
         dst: CUdeviceptr,
     ) -> Result<(), KernelError> {
         // SAFETY: this function's contract.
-        unsafe { self.gather_rows_as(stream, [src, idx, dst], n, width, false) }
+        unsafe { self.gather_rows_as(stream, [src, idx, dst], n, width, GatherInto::F32) }
     }
 
     /// `dst[i, :] = f16(src[idx[i], :])` for `n` rows of `width` values (round to nearest).
@@ -202,11 +211,12 @@ impl Kernels {
         dst: CUdeviceptr,
     ) -> Result<(), KernelError> {
         // SAFETY: this function's contract.
-        unsafe { self.gather_rows_as(stream, [src, idx, dst], n, width, true) }
+        unsafe { self.gather_rows_as(stream, [src, idx, dst], n, width, GatherInto::F16) }
     }
 
     /// [`Self::gather_rows_f32_to_f16`] with every 8 values of a row stored in the order
-    /// 0 4 1 5 2 6 3 7 (the grouped FP4 kernels' "k8 order", see `moe_grouped`).
+    /// 0 4 1 5 2 6 3 7 (the grouped FP4 kernels' "k8 order", see `moe_grouped`); `width` must
+    /// be a multiple of 8 and `src`, `dst` 16-byte aligned.
     ///
     /// # Safety
     /// As [`Self::gather_rows_f32_to_f16`].
@@ -219,33 +229,11 @@ impl Kernels {
         width: usize,
         dst: CUdeviceptr,
     ) -> Result<(), KernelError> {
-        const K: &str = "gather_rows_f32_to_f16_k8";
-        if n == 0 || width == 0 {
-            return Ok(());
-        }
-        if !width.is_multiple_of(8) {
-            return Err(KernelError::invalid(
-                K,
-                format!("width {width} must be a multiple of 8"),
-            ));
-        }
-        nonnull(K, &[("src", src), ("idx", idx), ("dst", dst)])?;
-        // Two 16-byte loads and one 16-byte store per 8 values.
-        aligned16(K, &[("src", src), ("dst", dst)])?;
-        let (nn, w) = (i32_arg(K, "n", n)?, i32_arg(K, "width", width)?);
-        stream
-            .kernel(&self.moe_sorted.gather_f16_k8)
-            .arg(&src)
-            .arg(&idx)
-            .arg(&nn)
-            .arg(&w)
-            .arg(&dst)
-            .launch(grid_stride(K, n * width / 8, self.sms)?)
-            .map_err(KernelError::driver("launch gather_rows_f32_to_f16_k8"))?;
-        Ok(())
+        // SAFETY: this function's contract.
+        unsafe { self.gather_rows_as(stream, [src, idx, dst], n, width, GatherInto::F16K8) }
     }
 
-    /// The gather launch, f32 or f16 rows out.
+    /// The gather launch, into f32, f16 or f16 in k8 order.
     ///
     /// # Safety
     /// As [`Self::gather_rows_f32`] for the output type.
@@ -255,25 +243,42 @@ impl Kernels {
         [src, idx, dst]: [CUdeviceptr; 3],
         n: usize,
         width: usize,
-        f16: bool,
+        into: GatherInto,
     ) -> Result<(), KernelError> {
-        let (kernel, what, f) = if f16 {
-            (
-                "gather_rows_f32_to_f16",
-                "launch gather_rows_f32_to_f16",
-                &self.moe_sorted.gather_f16,
-            )
-        } else {
-            (
+        let (kernel, what, f, per_thread) = match into {
+            GatherInto::F32 => (
                 "gather_rows_f32",
                 "launch gather_rows_f32",
                 &self.moe_sorted.gather,
-            )
+                1,
+            ),
+            GatherInto::F16 => (
+                "gather_rows_f32_to_f16",
+                "launch gather_rows_f32_to_f16",
+                &self.moe_sorted.gather_f16,
+                1,
+            ),
+            // Two 16-byte loads and one 16-byte store per 8 values.
+            GatherInto::F16K8 => (
+                "gather_rows_f32_to_f16_k8",
+                "launch gather_rows_f32_to_f16_k8",
+                &self.moe_sorted.gather_f16_k8,
+                8,
+            ),
         };
         if n == 0 || width == 0 {
             return Ok(());
         }
         nonnull(kernel, &[("src", src), ("idx", idx), ("dst", dst)])?;
+        if into == GatherInto::F16K8 {
+            if !width.is_multiple_of(8) {
+                return Err(KernelError::invalid(
+                    kernel,
+                    format!("width {width} must be a multiple of 8"),
+                ));
+            }
+            aligned16(kernel, &[("src", src), ("dst", dst)])?;
+        }
         let (nn, w) = (i32_arg(kernel, "n", n)?, i32_arg(kernel, "width", width)?);
         stream
             .kernel(f)
@@ -282,7 +287,7 @@ impl Kernels {
             .arg(&nn)
             .arg(&w)
             .arg(&dst)
-            .launch(grid_stride(kernel, n * width, self.sms)?)
+            .launch(grid_stride(kernel, n * width / per_thread, self.sms)?)
             .map_err(KernelError::driver(what))?;
         Ok(())
     }

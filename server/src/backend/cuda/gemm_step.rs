@@ -203,6 +203,14 @@ impl ExpertGemm {
     }
 }
 
+/// The grouped kernels' scale shift when a GEMM step (TF32 allowed or not) multiplies `bank` on
+/// them: the default choice, TF32 on (they round activations as it does), and a bank they take;
+/// `None` widens. The layer stack sizes its scratch by the same rule.
+pub(super) fn grouped_shift(bank: &Fp4Bank, tf32: bool) -> Option<u32> {
+    bank.grouped_shift
+        .filter(|_| tf32 && ExpertGemm::from_env() == ExpertGemm::Grouped)
+}
+
 /// How many streams a GEMM step's per-expert GEMMs spread over (this backend's own included),
 /// from `DSPARK_GEMM_LANES`: default 4; 1 keeps them on the backend's stream, one after another.
 pub(super) fn gemm_lane_count(value: Option<&str>) -> usize {
@@ -637,21 +645,19 @@ impl CudaBackend {
         // f16 tensor cores where the bank's values are exact in f16 and TF32 is allowed (the
         // activations round alike): decoded inside the grouped kernels where the bank allows,
         // widened otherwise; f32 / TF32 elsewhere.
-        let choice = ExpertGemm::from_env();
-        let f16 = self.gemm_tf32.load(Ordering::Relaxed) && choice != ExpertGemm::Tf32;
-        if f16 && choice == ExpertGemm::Grouped {
-            if let Some(shift) = bank.grouped_shift {
-                let io = GroupedIo {
-                    x,
-                    route_weights,
-                    out,
-                    n,
-                    topk,
-                    limit,
-                };
-                return self.grouped_experts(clock, bank, shift, g, &order, act, y_sorted, io);
-            }
+        let tf32 = self.gemm_tf32.load(Ordering::Relaxed);
+        if let Some(shift) = grouped_shift(bank, tf32) {
+            let io = GroupedIo {
+                x,
+                route_weights,
+                out,
+                n,
+                topk,
+                limit,
+            };
+            return self.grouped_experts(clock, bank, shift, g, &order, act, y_sorted, io);
         }
+        let f16 = tf32 && ExpertGemm::from_env() != ExpertGemm::Tf32;
         // Allocated up front only where the stack expected this path (ScratchDims); otherwise
         // grown once to the piece's capacity (as many rows as x_sorted holds).
         let capacity = (g.x_sorted.len() / h.max(1) * inter).max(sorted * inter);
@@ -847,16 +853,13 @@ impl CudaBackend {
                 .gather_rows_f32_to_f16_k8(s, io.x, g.tokens.device_ptr(s).0, sorted, h, xs)
         }
         .map_err(kernel_err)?;
-        let f4 = |b: &CudaSlice<u8>| b.device_ptr(s).0;
         let kb = Fp4GroupedBank {
-            w1: f4(&bank.w1),
-            s1: f4(&bank.s1),
-            w3: f4(&bank.w3),
-            s3: f4(&bank.s3),
-            w2: f4(&bank.w2),
-            s2: f4(&bank.s2),
-            hidden: h,
-            inter,
+            experts: self.fp4_experts(
+                [&bank.w1, &bank.s1, &bank.w3, &bank.s3, &bank.w2, &bank.s2],
+                bank.experts,
+                h,
+                inter,
+            ),
             shift,
         };
         let tp = g.tiles.device_ptr(s).0;

@@ -200,9 +200,9 @@ struct ScratchDims {
     shared_inter: usize,
     /// Values of the largest projection a GEMM step widens.
     widest: usize,
-    /// Whether GEMM steps widen routed experts (a bank the grouped FP4 kernels do not take, or
-    /// the environment asks for the widened path): only then are the widened weights and the
-    /// gate/up outputs allocated up front (~1.8 GB at V4-Flash's 8K-row pieces).
+    /// Whether GEMM steps widen some FP4 bank's routed experts (`gemm_step::grouped_shift` says
+    /// no for it): only then are the widened weights and the gate/up outputs allocated up front
+    /// (~1.8 GB at V4-Flash's 8K-row pieces).
     widened_experts: bool,
 }
 
@@ -235,12 +235,10 @@ impl ScratchDims {
             })
             .max(1),
             shared_inter: max_over(&|lw| lw.moe.shared.w1.shape().0).max(1),
-            widened_experts: super::gemm_step::ExpertGemm::from_env()
-                != super::gemm_step::ExpertGemm::Grouped
-                || !super::gemm_step::tf32_allowed()
-                || model.weights.layers.iter().any(|lw| {
-                    matches!(&lw.moe.experts, CudaExpertBank::Fp4(b) if b.grouped_shift.is_none())
-                }),
+            widened_experts: model.weights.layers.iter().any(|lw| {
+                matches!(&lw.moe.experts, CudaExpertBank::Fp4(b)
+                    if super::gemm_step::grouped_shift(b, super::gemm_step::tf32_allowed()).is_none())
+            }),
             widest: max_over(&|lw| {
                 let (a, m) = (&lw.attn, &lw.moe);
                 let mut mats: Vec<&CudaMatrix> = vec![&a.wq_a, &a.wq_b, &a.wkv, &a.wo_b, &m.gate];
