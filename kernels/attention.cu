@@ -1220,23 +1220,45 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_mma(
 }
 
 // dsk_indexer_scores_mma for FP8_INDEXER rows on the f16 tensor cores (mma.sync m16n8k16: twice
-// the TF32 rate over half the operand bytes) at the same precision: the tile holds the raw e4m3
-// values as f16 (exact; one cvt per two values) and each row's power-of-two scale is applied to
-// its dot products afterwards (relu commutes with a positive factor); the queries are multiplied
-// by 2^e, e chosen per token so that their largest magnitude lands in [2^14, 2^15), and rounded
-// to f16: 11 significant bits, as TF32 rounds them, with f16's range safe for any query size
-// (only values below 2^-28 of that largest one, f16 subnormals, keep fewer bits). 2^-e comes off with the row scale.
-// Same blocks, tiles, warp layout, prefetch, epilogue and output as the TF32 kernel; rows of
-// DSK_IDXH_LD halves (68 words: lane (g, tg) word loads hit 32 banks). Needs dim % 16 == 0.
+// the TF32 rate over half the operand bytes) at the same precision, for prefill-sized launches:
+// - The tile holds the raw e4m3 values as f16 (exact; one cvt per two values) and each row's
+//   power-of-two scale is applied to its dot products afterwards (relu commutes with a positive
+//   factor).
+// - Each token's queries are multiplied by 2^e, e chosen per token so that their largest
+//   magnitude lands in [2^14, 2^15), and rounded to f16: 11 significant bits, as TF32 rounds
+//   them, with f16's range safe for any query size (only values below 2^-28 of that largest one,
+//   f16 subnormals, keep fewer bits). 2^-e comes off with the row scale.
+// - A block scores a group of consecutive tokens (grid y), DSK_IDXT_COLS / heads8 of them (4 at
+//   V4-Flash's 64 heads, 8 at TP=2's 32): neighbouring prefill tokens see the same rows through
+//   the same block table, so a key tile is loaded and decoded once for the whole group and its
+//   A fragments feed every token's MMAs (scoring one token a block, every token re-read and
+//   re-decoded all its rows: L2-bound at a tenth of the tensor cores' rate). Tokens of a group
+//   with different tables (another sequence, a decode row) are scored in runs of equal tables,
+//   one after the other.
+// - Warp w computes rows 16 (w & 3) .. +16 against the n-tiles (8 query columns: one token's 8
+//   heads) w >> 2, + 2, .. of the run. relu, the row and token factors, scale and head weights
+//   are applied on the accumulators; a quad's 8 heads are summed with shuffles into part[n-tile]
+//   [row], then each (token, row) sums its n-tiles in order: a token's score does not depend on
+//   the tokens grouped with it.
+// Rows of DSK_IDXH_LD halves (68 words: lane (g, tg) word loads hit 32 banks). Needs dim % 16 == 0
+// and heads <= 64.
 #define DSK_IDXH_LD 136
+#define DSK_IDXT_COLS 256
+#define DSK_IDXT_NTILES (DSK_IDXT_COLS / 8)
+#define DSK_IDXT_MAX_TOKENS 32
+// n-tiles a warp may own: half, half + 2, .. below DSK_IDXT_NTILES.
+#define DSK_IDXT_WARP_NTILES (DSK_IDXT_NTILES / 2)
 
-__device__ __forceinline__ void dsk_idxh_tiles(
+// The rows [r0, rvis) of the run's tokens [lo, hi) (group-relative; their table tb) in steps of
+// gridDim.x tiles.
+__device__ __forceinline__ void dsk_idxh_run(
     const float *__restrict__ pool, const unsigned int *__restrict__ tb, long long fpb, int bs,
-    long long base, int ratio, int stride, int heads, int dim, float scale, float *__restrict__ ot,
-    int vis, unsigned short *ks, float *ksc, float *red, const float *ws, const unsigned short *qs,
-    float q_unscale) {
+    long long base, int ratio, int stride, int hp, int dim, float scale, float *__restrict__ out,
+    int rvis, int lo, int hi, unsigned short *ks, float *ksc, float *part, const float *ws,
+    const float *unscale, const unsigned short *qs, const int *vis_s, const long long *os_s) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tg = lane & 3;
-    const int mt = warp & 3, half = warp >> 2, ntiles = (heads + 7) >> 3, wpr = dim >> 2;
+    const int mt = warp & 3, half = warp >> 2, wpr = dim >> 2, tiles_per_token = hp >> 3;
+    const int nt_lo = lo * tiles_per_token, nt_hi = hi * tiles_per_token;
     const int ldw = DSK_IDXH_LD / 2;
     const unsigned int *ka = reinterpret_cast<const unsigned int *>(ks) + (16 * mt + g) * ldw + tg;
     const unsigned int *qb = reinterpret_cast<const unsigned int *>(qs) + g * ldw + tg;
@@ -1244,22 +1266,22 @@ __device__ __forceinline__ void dsk_idxh_tiles(
     float sc[8];
     const int step = gridDim.x * DSK_IDXM_ROWS;
     int r0 = blockIdx.x * DSK_IDXM_ROWS;
-    if (r0 < vis) dsk_idxm_load<DSK_KV_FP8_INDEXER>(v, sc, pool, tb, fpb, bs, base, ratio, stride, dim, vis, r0);
-    for (; r0 < vis; r0 += step) {
-        __syncthreads();  // the previous tile's readers of ks, ksc and red are done
+    if (r0 < rvis) dsk_idxm_load<DSK_KV_FP8_INDEXER>(v, sc, pool, tb, fpb, bs, base, ratio, stride, dim, rvis, r0);
+    for (; r0 < rvis; r0 += step) {
+        __syncthreads();  // the previous tile's (or run's) readers of ks, ksc and part are done
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const int r = warp + 8 * j;
             if (lane < wpr)
                 *reinterpret_cast<uint2 *>(ks + r * DSK_IDXH_LD + 4 * lane) =
                     make_uint2(dsk_e4m3x2_to_f16x2(v[j][0] & 0xffffu), dsk_e4m3x2_to_f16x2(v[j][0] >> 16));
-            if (lane == 0) ksc[r] = sc[j] * q_unscale;
+            if (lane == 0) ksc[r] = sc[j];
         }
         __syncthreads();
-        if (r0 + step < vis) dsk_idxm_load<DSK_KV_FP8_INDEXER>(v, sc, pool, tb, fpb, bs, base, ratio, stride, dim, vis, r0 + step);
-        float acc[4][4];
+        if (r0 + step < rvis) dsk_idxm_load<DSK_KV_FP8_INDEXER>(v, sc, pool, tb, fpb, bs, base, ratio, stride, dim, rvis, r0 + step);
+        float acc[DSK_IDXT_WARP_NTILES][4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
+        for (int i = 0; i < DSK_IDXT_WARP_NTILES; ++i)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
         for (int kw = 0; kw < (dim >> 1); kw += 8) {
@@ -1267,64 +1289,124 @@ __device__ __forceinline__ void dsk_idxh_tiles(
             const unsigned int a0 = ka[kw], a1 = ka[8 * ldw + kw];
             const unsigned int a2 = ka[kw + 4], a3 = ka[8 * ldw + kw + 4];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
+            for (int i = 0; i < DSK_IDXT_WARP_NTILES; ++i) {
                 const int nt = half + 2 * i;
-                if (nt < ntiles) {
-                    // B (16 dims x 8 heads, column-major = qs rows): head 8 nt + g.
+                if (nt >= nt_lo && nt < nt_hi) {
+                    // B (16 dims x 8 columns, column-major = qs rows): column 8 nt + g.
                     const unsigned int *qn = qb + 8 * nt * ldw + kw;
                     dsk_mma_f16_m16n8k16(acc[i], a0, a1, a2, a3, qn[0], qn[4]);
                 }
             }
         }
-        dsk_idxm_scores_out<true>(acc, ksc[16 * mt + g], ksc[16 * mt + g + 8], ws, scale, heads, red, ot, r0, vis);
+        // C: rows g (e = 0, 1) and g + 8 (e = 2, 3); columns 8 nt + 2 tg + (e & 1).
+#pragma unroll
+        for (int i = 0; i < DSK_IDXT_WARP_NTILES; ++i) {
+            const int nt = half + 2 * i;
+            if (nt >= nt_lo && nt < nt_hi) {
+                const float f = unscale[nt / tiles_per_token];
+                const float fg = ksc[16 * mt + g] * f, f8 = ksc[16 * mt + g + 8] * f;
+                const float w0 = ws[8 * nt + 2 * tg], w1 = ws[8 * nt + 2 * tg + 1];
+                float sg = (fmaxf(acc[i][0] * fg, 0.f) * scale) * w0 + (fmaxf(acc[i][1] * fg, 0.f) * scale) * w1;
+                float sg8 = (fmaxf(acc[i][2] * f8, 0.f) * scale) * w0 + (fmaxf(acc[i][3] * f8, 0.f) * scale) * w1;
+#pragma unroll
+                for (int o = 1; o < 4; o <<= 1) {
+                    sg += __shfl_xor_sync(0xffffffffu, sg, o);
+                    sg8 += __shfl_xor_sync(0xffffffffu, sg8, o);
+                }
+                if (tg == 0) {
+                    part[nt * DSK_IDXM_ROWS + 16 * mt + g] = sg;
+                    part[nt * DSK_IDXM_ROWS + 16 * mt + g + 8] = sg8;
+                }
+            }
+        }
+        __syncthreads();
+        for (int p = tid; p < (hi - lo) * DSK_IDXM_ROWS; p += blockDim.x) {
+            const int tk = lo + p / DSK_IDXM_ROWS, row = p % DSK_IDXM_ROWS;
+            if (r0 + row < vis_s[tk]) {
+                float s = 0.f;
+                for (int j = tk * tiles_per_token; j < (tk + 1) * tiles_per_token; ++j) s += part[j * DSK_IDXM_ROWS + row];
+                out[os_s[tk] + r0 + row] = s;
+            }
+        }
     }
 }
 
-// Arguments as dsk_indexer_scores_mma (fmt must be DSK_KV_FP8_INDEXER). Shared memory: ks
-// [64][136] f16 | ksc [64] | red [2][64] | ws [64] | amax [8] | qs [heads rounded up to 8][136]
-// f16 (launch/attention.rs: indexer_mma_f16_smem_bytes).
+// Arguments as dsk_indexer_scores_mma (fmt must be DSK_KV_FP8_INDEXER) plus the token count; grid
+// y = token groups (launch/attention.rs: indexer_f16_group_tokens). Shared memory: ks [64][136]
+// f16 | ksc [64] | part [DSK_IDXT_NTILES][64] | ws [DSK_IDXT_COLS] | unscale, then i64 out starts,
+// i32 visible counts, table starts and query exponents [DSK_IDXT_MAX_TOKENS] | qs [group tokens x
+// heads8][136] f16 (launch/attention.rs: indexer_mma_f16_smem_bytes).
 extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_mma_f16(
     const float *__restrict__ pool, const float *__restrict__ q, const float *__restrict__ w,
     const unsigned int *__restrict__ bt, const int *__restrict__ bt_start,
     const int *__restrict__ visible, const long long *__restrict__ out_start, long long fpb,
     int bs, long long base, int ratio, int stride, int heads, int dim, float scale,
-    float *__restrict__ out, int fmt) {
+    float *__restrict__ out, int fmt, int tokens) {
     dsk_pdl_entry();
+    // All of it dynamic: a kernel with static shared memory cannot opt in to the device's whole
+    // per-block maximum.
     extern __shared__ float smem[];
     unsigned short *ks = reinterpret_cast<unsigned short *>(smem);
     float *ksc = smem + DSK_IDXM_ROWS * DSK_IDXH_LD / 2;
-    float *red = ksc + DSK_IDXM_ROWS;
-    float *ws = red + 2 * DSK_IDXM_ROWS;
-    float *amax_w = ws + 64;
-    unsigned short *qs = reinterpret_cast<unsigned short *>(amax_w + 8);
-    const int t = blockIdx.y, tid = threadIdx.x;
-    const int vis = visible[t];
-    if ((int)blockIdx.x * DSK_IDXM_ROWS >= vis) return;  // the whole block: no tile of its own
-    const int hp = (heads + 7) & ~7;
-    const float *qt = q + (long long)t * heads * dim;
-    float m = 0.f;
-    for (int i = tid; i < heads * dim; i += 256) m = fmaxf(m, fabsf(qt[i]));
-    m = dsk_warp_max(m);
-    if ((tid & 31) == 0) amax_w[tid >> 5] = m;
-    __syncthreads();
-    m = amax_w[0];
-#pragma unroll
-    for (int i = 1; i < 8; ++i) m = fmaxf(m, amax_w[i]);
-    // 2^e with m 2^e in [2^14, 2^15): e = 14 - floor(log2 m), kept where f32 powers of two exist.
-    int e = 0;
-    if (m > 0.f && m < __uint_as_float(0x7f800000u)) e = 14 - (((int)(__float_as_uint(m) >> 23) & 255) - 127);
-    e = min(max(e, -126), 126);
-    const float up = dsk_pow2(e), q_unscale = dsk_pow2(-e);
-    for (int i = tid; i < hp * (dim >> 1); i += 256) {
-        const int h = i / (dim >> 1), d = 2 * (i - h * (dim >> 1));
-        const unsigned int pair = h < heads ? dsk_f32x2_to_f16x2(qt[h * dim + d] * up, qt[h * dim + d + 1] * up) : 0u;
-        *reinterpret_cast<unsigned int *>(qs + h * DSK_IDXH_LD + d) = pair;
-    }
-    for (int i = tid; i < 64; i += 256) ws[i] = i < heads ? w[(long long)t * heads + i] : 0.f;
-    const unsigned int *tb = bt + bt_start[t];
-    float *ot = out + out_start[t];
+    float *part = ksc + DSK_IDXM_ROWS;
+    float *ws = part + DSK_IDXT_NTILES * DSK_IDXM_ROWS;
+    float *unscale = ws + DSK_IDXT_COLS;
+    long long *os_s = reinterpret_cast<long long *>(unscale + DSK_IDXT_MAX_TOKENS);  // 8-byte aligned offset
+    int *vis_s = reinterpret_cast<int *>(os_s + DSK_IDXT_MAX_TOKENS);
+    int *bts_s = vis_s + DSK_IDXT_MAX_TOKENS;
+    int *exp_s = bts_s + DSK_IDXT_MAX_TOKENS;
+    unsigned short *qs = reinterpret_cast<unsigned short *>(exp_s + DSK_IDXT_MAX_TOKENS);
     (void)fmt;
-    dsk_idxh_tiles(pool, tb, fpb, bs, base, ratio, stride, heads, dim, scale, ot, vis, ks, ksc, red, ws, qs, q_unscale);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int hp = (heads + 7) & ~7, group = min(DSK_IDXT_COLS / hp, DSK_IDXT_MAX_TOKENS);
+    const int t0 = blockIdx.y * group, count = min(group, tokens - t0);
+    if (count <= 0) return;
+    if (tid < count) {
+        vis_s[tid] = visible[t0 + tid];
+        bts_s[tid] = bt_start[t0 + tid];
+        os_s[tid] = out_start[t0 + tid];
+    }
+    __syncthreads();
+    int most = 0;
+    for (int k = 0; k < count; ++k) most = max(most, vis_s[k]);
+    if ((int)blockIdx.x * DSK_IDXM_ROWS >= most) return;  // the whole block: no tile of its own
+    // Per token (a warp each): 2^e with max|q| 2^e in [2^14, 2^15), e = 14 - floor(log2 max|q|),
+    // kept where f32 powers of two exist.
+    for (int k = warp; k < count; k += 8) {
+        const float *qt = q + (long long)(t0 + k) * heads * dim;
+        float m = 0.f;
+        for (int i = lane; i < heads * dim; i += 32) m = fmaxf(m, fabsf(qt[i]));
+        m = dsk_warp_max(m);
+        int e = 0;
+        if (m > 0.f && m < __uint_as_float(0x7f800000u)) e = 14 - (((int)(__float_as_uint(m) >> 23) & 255) - 127);
+        e = min(max(e, -126), 126);
+        if (lane == 0) {
+            exp_s[k] = e;
+            unscale[k] = dsk_pow2(-e);
+        }
+    }
+    __syncthreads();
+    const int pairs = hp * (dim >> 1);
+    for (int i = tid; i < count * pairs; i += 256) {
+        const int k = i / pairs, c = i - k * pairs, h = c / (dim >> 1), d = 2 * (c - h * (dim >> 1));
+        const float up = dsk_pow2(exp_s[k]);
+        const float *qt = q + ((long long)(t0 + k) * heads + h) * dim + d;
+        const unsigned int pair = h < heads ? dsk_f32x2_to_f16x2(qt[0] * up, qt[1] * up) : 0u;
+        *reinterpret_cast<unsigned int *>(qs + (k * hp + h) * DSK_IDXH_LD + d) = pair;
+    }
+    for (int i = tid; i < count * hp; i += 256) {
+        const int k = i / hp, h = i - k * hp;
+        ws[i] = h < heads ? w[(long long)(t0 + k) * heads + h] : 0.f;
+    }
+    // Runs of tokens sharing a block table, one after another (each tile starts with a
+    // __syncthreads, which orders the stores above before its readers).
+    for (int lo = 0; lo < count;) {
+        int hi = lo + 1, rvis = vis_s[lo];
+        while (hi < count && bts_s[hi] == bts_s[lo]) rvis = max(rvis, vis_s[hi++]);
+        dsk_idxh_run(pool, bt + bts_s[lo], fpb, bs, base, ratio, stride, hp, dim, scale, out, rvis, lo, hi,
+                     ks, ksc, part, ws, unscale, qs, vis_s, os_s);
+        lo = hi;
+    }
 }
 
 // Order-preserving u32 key of an f32: a larger float (in IEEE total order, as Rust's

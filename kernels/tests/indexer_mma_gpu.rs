@@ -4,9 +4,11 @@
 //! 32 at TP=2), 16 heads and a head count that is not a multiple of 8, thousands of rows through
 //! shuffled block tables, several tokens per launch with different visible counts (0 and 1
 //! included), queries of very different sizes per token. FP8 rows also through the f16 form
-//! (`dsk_indexer_scores_mma_f16`, the default for them: e4m3 keys exact in f16, the row scale
-//! applied after the products, each token's queries scaled by a power of two into f16's range),
-//! under the same bounds, since it keeps the same 11 significant bits of each query value.
+//! (`dsk_indexer_scores_mma_f16`, the default for them in launches of 64 tokens and more: e4m3
+//! keys exact in f16, the row scale applied after the products, each token's queries scaled by a
+//! power of two into f16's range, groups of neighbouring tokens sharing each key tile), under the
+//! same bounds, since it keeps the same 11 significant bits of each query value; prefill chunks
+//! whose tokens share a block table, next to tokens with tables of their own, check its groups.
 //! Skips (passes with a SKIP line) where there is no GPU.
 //!
 //! Bounds, per score, relative to the magnitude behind it (`mag = sum_h |w_h| scale sum_d |q k|`):
@@ -67,8 +69,9 @@ fn random_row(rng: &mut Rng, dim: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Scores of `visible.len()` tokens over rows stored as `format` on the tensor cores, checked
-/// against both references; returns the worst errors (vs f64, vs TF32-rounded f64).
+/// Scores of `visible.len()` tokens, each with its own block table, over rows stored as `format`
+/// on the tensor cores, checked against both references; returns the worst errors (vs f64, vs
+/// TF32-rounded f64).
 fn mma_case(
     g: &Gpu,
     rng: &mut Rng,
@@ -78,6 +81,25 @@ fn mma_case(
     visible: &[usize],
     extra_stride: usize,
 ) -> (f64, f64) {
+    let own: Vec<usize> = (0..visible.len()).collect();
+    mma_case_in(g, rng, format, heads, dim, visible, &own, extra_stride)
+}
+
+/// [`mma_case`] with token `t` in sequence `seq[t]`: the tokens of a sequence share one block
+/// table (one start in the packed tables), as a prefill chunk's do.
+#[allow(clippy::too_many_arguments)]
+fn mma_case_in(
+    g: &Gpu,
+    rng: &mut Rng,
+    format: KvRowFormat,
+    heads: usize,
+    dim: usize,
+    visible: &[usize],
+    seq: &[usize],
+    extra_stride: usize,
+) -> (f64, f64) {
+    assert_eq!(seq.len(), visible.len());
+    let seqs = seq.iter().copied().max().map_or(0, |s| s + 1);
     let (bs, ratio) = (128, 4);
     let rows_per_block = bs / ratio;
     let slots = format.slots(dim);
@@ -86,7 +108,7 @@ fn mma_case(
     let fpb = base + rows_per_block * stride + 3;
     let max_vis = visible.iter().copied().max().unwrap_or(0);
     let blocks_per_seq = max_vis.div_ceil(rows_per_block).max(1);
-    let num_blocks = visible.len() * blocks_per_seq + 2;
+    let num_blocks = seqs * blocks_per_seq + 2;
     // Noise between and around the records: a kernel reading the wrong slots shows.
     let mut pool = rng.signed_vec(num_blocks * fpb, 1.0e3);
     let mut decoded = vec![Vec::new(); num_blocks * rows_per_block];
@@ -101,8 +123,8 @@ fn mma_case(
         }
     }
     let perm = rng.permutation(num_blocks);
-    let tables: Vec<Vec<u32>> = (0..visible.len())
-        .map(|t| perm[t * blocks_per_seq..(t + 1) * blocks_per_seq].to_vec())
+    let tables: Vec<Vec<u32>> = (0..seqs)
+        .map(|s| perm[s * blocks_per_seq..(s + 1) * blocks_per_seq].to_vec())
         .collect();
     let tokens = visible.len();
     // Tokens' queries at different sizes (powers of two: exact), beyond f16's range for some:
@@ -117,9 +139,13 @@ fn mma_case(
     let mut bt_starts = Vec::new();
     let mut out_starts = Vec::new();
     let mut total = 0i64;
-    for (t, table) in tables.iter().enumerate() {
-        bt_starts.push(flat.len() as i32);
+    let mut table_at = Vec::new();
+    for table in &tables {
+        table_at.push(flat.len() as i32);
         flat.extend_from_slice(table);
+    }
+    for (t, &s) in seq.iter().enumerate() {
+        bt_starts.push(table_at[s]);
         out_starts.push(total);
         total += visible[t] as i64;
     }
@@ -160,7 +186,13 @@ fn mma_case(
     unsafe { g.k.indexer_scores(&g.s, &call) }.unwrap();
     // The second reference rounds the queries as the form that ran does: TF32 (cvt.rna), or the
     // f16 form's scaled f16 rounding (ties to even), per token.
-    let f16_form = indexer_mma_f16_fits(&call, g.k.indexer_f16());
+    let f16_form = indexer_mma_f16_fits(&call, g.k.indexer_f16(), g.k.smem_optin());
+    if g.k.indexer_f16() && format == Fp8Indexer && tokens >= INDEXER_F16_MIN_TOKENS {
+        assert!(
+            f16_form,
+            "the f16 form should take {tokens} tokens of FP8 rows"
+        );
+    }
     let q_rounded: Vec<f64> = if f16_form {
         q.chunks(heads * dim).flat_map(f16_form_queries).collect()
     } else {
@@ -175,7 +207,7 @@ fn mma_case(
     for t in 0..tokens {
         for r in 0..visible[t] {
             let pos = r * ratio;
-            let blk = tables[t][pos / bs] as usize;
+            let blk = tables[seq[t]][pos / bs] as usize;
             let k = &decoded[blk * rows_per_block + (pos % bs) / ratio];
             // Keys as the kernel multiplies them: f32 keys round to TF32, stored ones are exact.
             let k_tf32: Vec<f64> = k
@@ -215,8 +247,8 @@ fn mma_case(
         "{format:?} heads={heads} dim={dim}: scores written past the last row"
     );
     eprintln!(
-        "indexer mma {format:?} heads={heads} dim={dim} tokens={tokens} (f16 form: {}): worst \
-         {worst:.2e} of bound {tol:.2e}, vs TF32-rounded {worst_tf32:.2e}",
+        "indexer mma {format:?} heads={heads} dim={dim} tokens={tokens} in {seqs} sequences (f16 \
+         form: {}): worst {worst:.2e} of bound {tol:.2e}, vs TF32-rounded {worst_tf32:.2e}",
         f16_form
     );
     (worst, worst_tf32)
@@ -282,4 +314,41 @@ fn tensor_core_scores_over_many_tiles_per_block() {
         mma_case(&g, &mut rng, Fp8Indexer, 64, 128, &visible, 0);
     }
     mma_case(&g, &mut rng, Bf16, 32, 128, &[rows / 2, 0, 3], 0);
+}
+
+/// Prefill-shaped launches (the f16 form's): chunks of sequences whose tokens share a block table
+/// and see causally growing row counts (a row per 4 positions), next to decode tokens with tables
+/// of their own, so the f16 form's token groups (4 tokens at 64 heads, 8 at 32, 16 at 13) hold
+/// one run of a table, or several (a group straddling two sequences or a decode row), and tokens
+/// that see no row. Both forms, against the same references.
+#[test]
+fn prefill_chunks_sharing_tables_match_f64() {
+    let Some(mut g) = gpu("prefill_chunks_sharing_tables_match_f64") else {
+        return;
+    };
+    let mut rng = Rng(0x1d3e_5c0e_00ac);
+    // (sequence, chunk start, tokens): a decode token, a 150-token chunk from position 1,999
+    // (rows 500 .. 537), a decode token, a 70-token chunk from position 0 (rows 0 .. 17), a
+    // 3-token chunk, a decode token.
+    let layout: [(usize, usize); 6] = [
+        (4_000, 1),
+        (1_999, 150),
+        (9_000, 1),
+        (0, 70),
+        (37, 3),
+        (2_100, 1),
+    ];
+    let (mut visible, mut seq) = (Vec::new(), Vec::new());
+    for (s, &(start, n)) in layout.iter().enumerate() {
+        for i in 0..n {
+            visible.push((start + i + 1) / 4);
+            seq.push(s);
+        }
+    }
+    for f16 in [true, false] {
+        g.k.set_indexer_f16(f16);
+        for heads in [64, 32, 13] {
+            mma_case_in(&g, &mut rng, Fp8Indexer, heads, 128, &visible, &seq, 0);
+        }
+    }
 }

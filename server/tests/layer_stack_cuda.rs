@@ -252,29 +252,38 @@ fn layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op() {
     reference.backend().set_gemm_tf32(false);
     let want = schedule(&mut reference);
     drop(reference);
-    let id = dspark_server::ranks::NcclUniqueId::create().unwrap();
-    let results = support::local_group::run_ranks(2, |rank, _| {
-        let stream = dspark_server::backend::cuda::group_stream(rank).unwrap();
-        let comm = dspark_server::backend::cuda::nccl::NcclCommunicator::new(stream, rank, 2, &id)
-            .unwrap();
-        let shard = Shard {
-            rank,
-            world_size: 2,
-        };
-        let mut m = wide_model_on(dir.path(), shard, Arc::new(comm), rank);
-        assert!(m.uses_layer_stack());
-        m.backend().set_gemm_tf32(false);
-        let out = schedule(&mut m);
-        assert!(
-            m.backend().graph_steps() >= 10,
-            "NCCL steps did not run as graphs"
+    // The LM head's logits gathered over NCCL on the device (the default), then through host
+    // memory (DSPARK_HEAD_GATHER_DEVICE=0).
+    for head_on_device in [true, false] {
+        let id = dspark_server::ranks::NcclUniqueId::create().unwrap();
+        let results = support::local_group::run_ranks(2, |rank, _| {
+            let stream = dspark_server::backend::cuda::group_stream(rank).unwrap();
+            let comm =
+                dspark_server::backend::cuda::nccl::NcclCommunicator::new(stream, rank, 2, &id)
+                    .unwrap();
+            let shard = Shard {
+                rank,
+                world_size: 2,
+            };
+            let mut m = wide_model_on(dir.path(), shard, Arc::new(comm), rank);
+            assert!(m.uses_layer_stack());
+            m.backend().set_gemm_tf32(false);
+            m.backend().set_head_gather_device(head_on_device);
+            let out = schedule(&mut m);
+            assert!(
+                m.backend().graph_steps() >= 10,
+                "NCCL steps did not run as graphs"
+            );
+            out
+        });
+        let w = worst(&results[0], &want);
+        eprintln!(
+            "layer stack graphs, TP=2 over NCCL (LM head gathered on the device: \
+             {head_on_device}) vs op by op TP=1: worst relative logit difference {w:e}"
         );
-        out
-    });
-    let w = worst(&results[0], &want);
-    eprintln!("layer stack graphs, TP=2 over NCCL vs op by op TP=1: worst relative logit difference {w:e}");
-    assert!(w < BOUND, "{w:e}");
-    assert_eq!(results[0], results[1], "ranks disagree");
+        assert!(w < BOUND, "{w:e}");
+        assert_eq!(results[0], results[1], "ranks disagree");
+    }
 }
 
 /// An 8,300-token prompt in one step (two GEMM pieces: 8,192 rows, then 108 that read the first

@@ -530,31 +530,51 @@ pub fn indexer_mma_smem_bytes(heads: usize) -> usize {
         * 4
 }
 
-/// Shared memory of the f16 form for FP8 rows (`dsk_indexer_scores_mma_f16`): the key tile
-/// `[64][136]` f16, row scales `[64]`, partial scores `[2][64]`, head weights `[64]`, the
-/// per-warp query maxima `[8]`, queries `[heads rounded up to 8][136]` f16.
-pub fn indexer_mma_f16_smem_bytes(heads: usize) -> usize {
-    INDEXER_MMA_ROWS * 136 * 2
-        + (INDEXER_MMA_ROWS + 2 * INDEXER_MMA_ROWS + INDEXER_MMA_MAX_HEADS + 8) * 4
-        + heads.next_multiple_of(8) * 136 * 2
+/// Query columns (token x head, heads rounded up to 8) of a block of the f16 form, and the most
+/// tokens it groups (`DSK_IDXT_COLS`, `DSK_IDXT_MAX_TOKENS` in attention.cu).
+const INDEXER_F16_COLS: usize = 256;
+const INDEXER_F16_MAX_TOKENS: usize = 32;
+
+/// Consecutive tokens a block of the f16 form scores together (`dsk_indexer_scores_mma_f16`): as
+/// many as fill [`INDEXER_F16_COLS`] query columns, 4 at 64 heads, 8 at 32.
+pub fn indexer_f16_group_tokens(heads: usize) -> usize {
+    (INDEXER_F16_COLS / heads.next_multiple_of(8).max(8)).clamp(1, INDEXER_F16_MAX_TOKENS)
 }
 
-/// Fewest tokens of a launch that takes the f16 form. Every block stages (and scales) its token's
-/// queries; with a few tokens over long lists the f16 form's smaller blocks make twice the
-/// blocks, each with few tiles to amortise that over, and a decode step at 1M context measured
-/// slower (8 layers, H200: 2.616 against 2.517 ms), while prefill chunks gain (a 100K prompt's
-/// scores: 820 -> 678 ms).
+/// Shared memory of the f16 form for FP8 rows (`dsk_indexer_scores_mma_f16`): the key tile
+/// `[64][136]` f16, row scales `[64]`, per-n-tile partial scores `[32][64]`, head weights `[256]`,
+/// per-token query factors (f32), output starts (i64), visible counts, table starts and query
+/// exponents (i32) `[32]` each, the group's queries `[tokens x heads rounded up to 8][136]` f16
+/// (~95 KB at 64 or 32 heads: two blocks an SM on H200, and within sm_121's 99 KB).
+pub fn indexer_mma_f16_smem_bytes(heads: usize) -> usize {
+    let columns = indexer_f16_group_tokens(heads) * heads.next_multiple_of(8);
+    INDEXER_MMA_ROWS * 136 * 2
+        + (INDEXER_MMA_ROWS
+            + (INDEXER_F16_COLS / 8) * INDEXER_MMA_ROWS
+            + INDEXER_F16_COLS
+            + INDEXER_F16_MAX_TOKENS)
+            * 4
+        + INDEXER_F16_MAX_TOKENS * (8 + 3 * 4)
+        + columns * 136 * 2
+}
+
+/// Fewest tokens of a launch that takes the f16 form. It scores groups of neighbouring tokens
+/// against each key tile (prefill: they see the same rows); decode steps have a few tokens, each
+/// over its own table, where the TF32 kernel's one token a block spreads a long list over more
+/// blocks (at 1M context the per-token f16 form measured slower: 8 layers, H200, 2.616 against
+/// 2.517 ms a step).
 pub const INDEXER_F16_MIN_TOKENS: usize = 64;
 
 /// Whether a tensor-core launch of `a` takes the f16 form: FP8 rows (their e4m3 values are exact
 /// in f16, the row scale is applied after the products), dims in whole 16-value k-steps, at
-/// least [`INDEXER_F16_MIN_TOKENS`] tokens, and the switch on (`DSPARK_INDEXER_F16=0` keeps
-/// the TF32 form).
-pub fn indexer_mma_f16_fits(a: &IndexerScores, enabled: bool) -> bool {
+/// least [`INDEXER_F16_MIN_TOKENS`] tokens, its block within `smem_optin` bytes of shared
+/// memory, and the switch on (`DSPARK_INDEXER_F16=0` keeps the TF32 form).
+pub fn indexer_mma_f16_fits(a: &IndexerScores, enabled: bool, smem_optin: usize) -> bool {
     enabled
         && a.format == KvRowFormat::Fp8Indexer
         && a.dim.is_multiple_of(16)
         && a.tokens >= INDEXER_F16_MIN_TOKENS
+        && indexer_mma_f16_smem_bytes(a.heads) <= smem_optin
 }
 
 /// Whether the tensor-core kernel takes this shape (heads up to 64, zero-padded to a multiple of
@@ -1114,8 +1134,10 @@ impl Kernels {
                 format!("{} heads x {} dims need the tiled kernel, which does not fit this device's shared memory", a.heads, a.dim),
             ));
         }
+        let f16_form = kernel == IndexerKernel::TensorCore
+            && indexer_mma_f16_fits(a, self.indexer_f16, self.smem_optin);
         let (rows_per_block, smem, func) = match kernel {
-            IndexerKernel::TensorCore if indexer_mma_f16_fits(a, self.indexer_f16) => (
+            IndexerKernel::TensorCore if f16_form => (
                 INDEXER_MMA_ROWS,
                 indexer_mma_f16_smem_bytes(a.heads),
                 &self.indexer_scores_mma_f16,
@@ -1139,7 +1161,13 @@ impl Kernels {
                 &self.indexer_scores,
             ),
         };
-        // The tensor-core kernel prefetches a block's next tile during its MMAs, so it gets
+        // The f16 form's blocks take groups of tokens (grid y), the others one token each.
+        let row_groups = if f16_form {
+            a.tokens.div_ceil(indexer_f16_group_tokens(a.heads))
+        } else {
+            a.tokens
+        };
+        // The tensor-core kernels prefetch a block's next tile during its MMAs, so they get
         // as many blocks as fit the GPU at once (one wave, equal shares) rather than four per SM.
         let per_sm = match kernel {
             IndexerKernel::TensorCore => func
@@ -1148,15 +1176,16 @@ impl Kernels {
                 .max(1) as usize,
             _ => 4,
         };
-        let per_token = (per_sm * self.sms).div_ceil(a.tokens).max(1);
-        let blocks = a.max_visible.div_ceil(rows_per_block).min(per_token).max(1);
+        let per_group = (per_sm * self.sms).div_ceil(row_groups).max(1);
+        let blocks = a.max_visible.div_ceil(rows_per_block).min(per_group).max(1);
         let cfg = LaunchConfig {
-            grid_dim: (u32_grid(K, blocks)?, u32_grid(K, a.tokens)?, 1),
+            grid_dim: (u32_grid(K, blocks)?, u32_grid(K, row_groups)?, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        stream
-            .kernel(func)
+        let tokens = i32_arg(K, "tokens", a.tokens)?;
+        let mut launch = stream.kernel(func);
+        launch
             .arg(&a.pool)
             .arg(&a.q)
             .arg(&a.weights)
@@ -1173,7 +1202,11 @@ impl Kernels {
             .arg(&dim)
             .arg(&a.scale)
             .arg(&a.out)
-            .arg(&fmt)
+            .arg(&fmt);
+        if f16_form {
+            launch.arg(&tokens);
+        }
+        launch
             .launch(cfg)
             .map_err(KernelError::driver("launch indexer_scores"))?;
         Ok(())
@@ -1183,6 +1216,9 @@ impl Kernels {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Shared memory an H200 block may opt in to.
+    const H200_SMEM: usize = 227 * 1024;
 
     /// A V4-Flash indexer launch at TP=1 over FP8 rows (132-byte records) for one decode token at
     /// 1M context, on the tensor cores; tests change the fields they are about.
@@ -1637,27 +1673,39 @@ mod tests {
             max_visible: 2048,
             ..v4_fp8_indexer()
         };
-        assert!(indexer_mma_f16_fits(&a, true));
-        assert!(!indexer_mma_f16_fits(&a, false));
+        assert!(indexer_mma_f16_fits(&a, true, H200_SMEM));
+        assert!(!indexer_mma_f16_fits(&a, false, H200_SMEM));
         // A decode step (even at 1M context) keeps the TF32 form.
         let decode = IndexerScores {
             tokens: 1,
             max_visible: 262_144,
             ..a
         };
-        assert!(!indexer_mma_f16_fits(&decode, true));
+        assert!(!indexer_mma_f16_fits(&decode, true, H200_SMEM));
         assert!(!indexer_mma_f16_fits(
             &IndexerScores {
                 format: KvRowFormat::Bf16,
                 stride: 64,
                 ..a
             },
-            true
+            true,
+            H200_SMEM
         ));
-        assert!(!indexer_mma_f16_fits(&IndexerScores { dim: 40, ..a }, true));
-        // About half the TF32 form's shared memory at V4-Flash's 64 heads.
-        assert_eq!(indexer_mma_f16_smem_bytes(64), 35_872);
-        assert!(indexer_mma_f16_smem_bytes(64) * 100 <= indexer_mma_smem_bytes(64) * 53);
+        assert!(!indexer_mma_f16_fits(
+            &IndexerScores { dim: 40, ..a },
+            true,
+            H200_SMEM
+        ));
+        // A group of 4 tokens at V4-Flash's 64 heads, 8 at TP=2's 32: 256 query columns, ~95 KB,
+        // which fits sm_121's 99 KB opt-in (101,376 bytes) but not a 48 KB default.
+        assert_eq!(indexer_f16_group_tokens(64), 4);
+        assert_eq!(indexer_f16_group_tokens(32), 8);
+        assert_eq!(indexer_f16_group_tokens(13), 16);
+        assert_eq!(indexer_f16_group_tokens(8), 32);
+        assert_eq!(indexer_mma_f16_smem_bytes(64), 97_280);
+        assert_eq!(indexer_mma_f16_smem_bytes(32), 97_280);
+        assert!(indexer_mma_f16_fits(&a, true, 101_376));
+        assert!(!indexer_mma_f16_fits(&a, true, DEFAULT_SMEM));
     }
 
     #[test]
