@@ -3,8 +3,8 @@
 // common.cuh helpers they call (written from their definitions, not the PTX), a launch loop over
 // blocks, and the tests' xorshift64*. A tool includes this, then the kernel source, then its cases.
 // They check kernel logic (indexing, synchronisation, order of operations) on a machine without a
-// GPU; they do not reproduce the GPU's expf/cos, nor the tensor cores beyond the TF32 MMA below
-// (from its PTX fragment layout, summed in double).
+// GPU; they do not reproduce the GPU's expf/cos, nor the tensor cores beyond the TF32 and f16
+// MMAs below (from their PTX fragment layouts, summed in double).
 #pragma once
 #include <algorithm>
 #include <barrier>
@@ -77,11 +77,34 @@ inline void dsk_e4m3x2_to_f32(unsigned two, float &lo, float &hi) {
 inline uint4 dsk_ld_stream16(const void *p) { uint4 r; memcpy(&r, p, 16); return r; }
 inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
 inline float dsk_pow2(int e) { return std::ldexp(1.0f, e); }  // common.cuh's, exact
-// common.cuh's f16 tensor-core helpers: no emulated kernel runs them (the f16 indexer form and the
-// grouped FP4 GEMMs are checked on the GPU only), so calling one stops the tool.
-template <class... A> inline void dsk_mma_f16_m16n8k16(A &&...) { abort(); }
-template <class... A> inline unsigned dsk_e4m3x2_to_f16x2(A &&...) { abort(); }
-template <class... A> inline unsigned dsk_f32x2_to_f16x2(A &&...) { abort(); }
+// IEEE binary16 from its definition: f32 -> f16 bits rounded to nearest, ties to even
+// (subnormals, overflow to infinity, NaN kept quiet), and back.
+inline unsigned short emu_f32_to_f16(float f) {
+    const unsigned u = emu_float_bits(f), sign = (u >> 16) & 0x8000u;
+    const float a = std::fabs(f);
+    if (std::isnan(f)) return (unsigned short)(sign | 0x7e00u);
+    if (a >= 65520.f) return (unsigned short)(sign | 0x7c00u);  // rounds past the largest finite
+    if (a < std::ldexp(1.f, -14)) {                              // subnormal: units of 2^-24
+        return (unsigned short)(sign | (unsigned)std::nearbyint(std::ldexp(a, 24)));
+    }
+    int e;
+    const float m = std::frexp(a, &e);                           // a = m 2^e, m in [0.5, 1)
+    const unsigned mant = (unsigned)std::nearbyint(std::ldexp(m, 11));  // 1024 .. 2048
+    const unsigned bits = ((unsigned)(e - 1 + 15) << 10) + (mant - 1024u);  // a carry bumps the exponent
+    return (unsigned short)(sign | bits);
+}
+inline float emu_f16_to_f32(unsigned short h) {
+    const unsigned e = (h >> 10) & 31u, m = h & 1023u;
+    const float v = e == 31u ? (m ? NAN : INFINITY) : e ? std::ldexp(1.f + m / 1024.f, (int)e - 15) : std::ldexp((float)m, -24);
+    return (h & 0x8000u) ? -v : v;
+}
+// common.cuh's f16 helpers, from their definitions.
+inline unsigned dsk_e4m3x2_to_f16x2(unsigned two) {  // e4m3 values are exact in f16
+    return emu_f32_to_f16(emu_e4m3(two & 0xffu)) | ((unsigned)emu_f32_to_f16(emu_e4m3((two >> 8) & 0xffu)) << 16);
+}
+inline unsigned dsk_f32x2_to_f16x2(float lo, float hi) {
+    return emu_f32_to_f16(lo) | ((unsigned)emu_f32_to_f16(hi) << 16);
+}
 inline float dsk_warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) {
         g_shfl[threadIdx.x] = v;
@@ -142,6 +165,30 @@ inline void dsk_mma_tf32_m16n8k8(float (&d)[4], unsigned a0, unsigned a1, unsign
         const unsigned row = g + 8 * (e >> 1), col = 2 * tg + (e & 1u);
         double s = d[e];
         for (unsigned k = 0; k < 8; ++k) s += A(row, k) * B(k, col);
+        d[e] = (float)s;
+    }
+    g_warp_bar->arrive_and_wait();
+}
+// mma.sync m16n8k16 f16 -> f32 from the PTX fragment layout: A (16 x 16) a0 (g, 2 tg .. +1),
+// a1 (g + 8, 2 tg ..), a2 (g, 2 tg + 8 ..), a3 (g + 8, 2 tg + 8 ..), the lower column in the
+// low half; B (16 x 8) b0 (k 2 tg .. +1, n g), b1 (k 2 tg + 8 .., n g); C/D as the TF32 MMA.
+// Products of f16 operands (exact in double) summed in double.
+inline void dsk_mma_f16_m16n8k16(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                 unsigned b1) {
+    const unsigned tid = threadIdx.x, w0 = tid & ~31u, lane = tid & 31u, g = lane >> 2, tg = lane & 3u;
+    const unsigned mine[6] = {a0, a1, a2, a3, b0, b1};
+    memcpy(g_mma[tid], mine, sizeof mine);
+    g_warp_bar->arrive_and_wait();
+    auto half = [](unsigned word, unsigned hi) { return (double)emu_f16_to_f32((unsigned short)(hi ? word >> 16 : word)); };
+    // Column k of A row `row`: lane (row % 8, (k % 8) / 2), register (row >= 8) + 2 (k >= 8).
+    auto A = [&](unsigned row, unsigned k) {
+        return half(g_mma[w0 + (row & 7u) * 4 + ((k & 7u) >> 1)][(row >= 8) + 2 * (k >= 8)], k & 1u);
+    };
+    auto B = [&](unsigned k, unsigned n) { return half(g_mma[w0 + n * 4 + ((k & 7u) >> 1)][4 + (k >= 8)], k & 1u); };
+    for (unsigned e = 0; e < 4; ++e) {
+        const unsigned row = g + 8 * (e >> 1), col = 2 * tg + (e & 1u);
+        double s = d[e];
+        for (unsigned k = 0; k < 16; ++k) s += A(row, k) * B(k, col);
         d[e] = (float)s;
     }
     g_warp_bar->arrive_and_wait();
