@@ -1113,6 +1113,22 @@ __device__ __forceinline__ void dsk_idxm_store(
 // factor, rows g and g + 8: only with ROW_FACTOR), summed over the heads of the lane's quad, then
 // over the two warps of its rows through `red`, into the tile's 64 scores.
 // C: rows g (e = 0, 1) and g + 8 (e = 2, 3); heads 8 nt + 2 tg + (e & 1).
+// The lane's two heads of one n-tile (C: rows g, e = 0, 1, and g + 8, e = 2, 3; heads 8 nt + 2 tg
+// + (e & 1)), their accumulators already scaled: relu x scale x w[h] summed per row, then over
+// the quad's 8 heads with shuffles. Returns (row g, row g + 8).
+__device__ __forceinline__ float2 dsk_idxm_quad_heads(float a0, float a1, float a2, float a3, float w0, float w1,
+                                                      float scale) {
+    return make_float2((fmaxf(a0, 0.f) * scale) * w0 + (fmaxf(a1, 0.f) * scale) * w1,
+                       (fmaxf(a2, 0.f) * scale) * w0 + (fmaxf(a3, 0.f) * scale) * w1);
+}
+__device__ __forceinline__ void dsk_quad_sum2(float &x, float &y) {
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {
+        x += __shfl_xor_sync(0xffffffffu, x, o);
+        y += __shfl_xor_sync(0xffffffffu, y, o);
+    }
+}
+
 template <bool ROW_FACTOR>
 __device__ __forceinline__ void dsk_idxm_scores_out(const float (&acc)[4][4], float fg, float f8,
                                                     const float *ws, float scale, int heads, float *red,
@@ -1127,15 +1143,12 @@ __device__ __forceinline__ void dsk_idxm_scores_out(const float (&acc)[4][4], fl
             const float w0 = ws[8 * nt + 2 * tg], w1 = ws[8 * nt + 2 * tg + 1];
             const float a0 = ROW_FACTOR ? acc[i][0] * fg : acc[i][0], a1 = ROW_FACTOR ? acc[i][1] * fg : acc[i][1];
             const float a2 = ROW_FACTOR ? acc[i][2] * f8 : acc[i][2], a3 = ROW_FACTOR ? acc[i][3] * f8 : acc[i][3];
-            sg += (fmaxf(a0, 0.f) * scale) * w0 + (fmaxf(a1, 0.f) * scale) * w1;
-            sg8 += (fmaxf(a2, 0.f) * scale) * w0 + (fmaxf(a3, 0.f) * scale) * w1;
+            const float2 two = dsk_idxm_quad_heads(a0, a1, a2, a3, w0, w1, scale);
+            sg += two.x;
+            sg8 += two.y;
         }
     }
-#pragma unroll
-    for (int o = 1; o < 4; o <<= 1) {
-        sg += __shfl_xor_sync(0xffffffffu, sg, o);
-        sg8 += __shfl_xor_sync(0xffffffffu, sg8, o);
-    }
+    dsk_quad_sum2(sg, sg8);
     if (tg == 0) {
         red[half * DSK_IDXM_ROWS + 16 * mt + g] = sg;
         red[half * DSK_IDXM_ROWS + 16 * mt + g + 8] = sg8;
@@ -1305,17 +1318,12 @@ __device__ __forceinline__ void dsk_idxh_run(
             if (nt >= nt_lo && nt < nt_hi) {
                 const float f = unscale[nt / tiles_per_token];
                 const float fg = ksc[16 * mt + g] * f, f8 = ksc[16 * mt + g + 8] * f;
-                const float w0 = ws[8 * nt + 2 * tg], w1 = ws[8 * nt + 2 * tg + 1];
-                float sg = (fmaxf(acc[i][0] * fg, 0.f) * scale) * w0 + (fmaxf(acc[i][1] * fg, 0.f) * scale) * w1;
-                float sg8 = (fmaxf(acc[i][2] * f8, 0.f) * scale) * w0 + (fmaxf(acc[i][3] * f8, 0.f) * scale) * w1;
-#pragma unroll
-                for (int o = 1; o < 4; o <<= 1) {
-                    sg += __shfl_xor_sync(0xffffffffu, sg, o);
-                    sg8 += __shfl_xor_sync(0xffffffffu, sg8, o);
-                }
+                float2 two = dsk_idxm_quad_heads(acc[i][0] * fg, acc[i][1] * fg, acc[i][2] * f8, acc[i][3] * f8,
+                                                 ws[8 * nt + 2 * tg], ws[8 * nt + 2 * tg + 1], scale);
+                dsk_quad_sum2(two.x, two.y);
                 if (tg == 0) {
-                    part[nt * DSK_IDXM_ROWS + 16 * mt + g] = sg;
-                    part[nt * DSK_IDXM_ROWS + 16 * mt + g + 8] = sg8;
+                    part[nt * DSK_IDXM_ROWS + 16 * mt + g] = two.x;
+                    part[nt * DSK_IDXM_ROWS + 16 * mt + g + 8] = two.y;
                 }
             }
         }

@@ -79,32 +79,31 @@ inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
 inline float dsk_pow2(int e) { return std::ldexp(1.0f, e); }  // common.cuh's, exact
 // IEEE binary16 from its definition: f32 -> f16 bits rounded to nearest, ties to even
 // (subnormals, overflow to infinity, NaN kept quiet), and back.
-inline unsigned short emu_f32_to_f16(float f) {
-    const unsigned u = emu_float_bits(f), sign = (u >> 16) & 0x8000u;
+inline unsigned emu_f32_to_f16(float f) {
+    const unsigned sign = (emu_float_bits(f) >> 16) & 0x8000u;
     const float a = std::fabs(f);
-    if (std::isnan(f)) return (unsigned short)(sign | 0x7e00u);
-    if (a >= 65520.f) return (unsigned short)(sign | 0x7c00u);  // rounds past the largest finite
-    if (a < std::ldexp(1.f, -14)) {                              // subnormal: units of 2^-24
-        return (unsigned short)(sign | (unsigned)std::nearbyint(std::ldexp(a, 24)));
-    }
+    if (std::isnan(f)) return sign | 0x7e00u;
+    if (a >= 65520.f) return sign | 0x7c00u;                     // rounds past the largest finite
+    if (a < std::ldexp(1.f, -14)) return sign | (unsigned)std::nearbyint(std::ldexp(a, 24));  // units of 2^-24
     int e;
     const float m = std::frexp(a, &e);                           // a = m 2^e, m in [0.5, 1)
     const unsigned mant = (unsigned)std::nearbyint(std::ldexp(m, 11));  // 1024 .. 2048
-    const unsigned bits = ((unsigned)(e - 1 + 15) << 10) + (mant - 1024u);  // a carry bumps the exponent
-    return (unsigned short)(sign | bits);
+    return sign | ((((unsigned)(e - 1 + 15)) << 10) + (mant - 1024u));  // a carry bumps the exponent
 }
-inline float emu_f16_to_f32(unsigned short h) {
+inline float emu_f16(unsigned h) {
     const unsigned e = (h >> 10) & 31u, m = h & 1023u;
     const float v = e == 31u ? (m ? NAN : INFINITY) : e ? std::ldexp(1.f + m / 1024.f, (int)e - 15) : std::ldexp((float)m, -24);
     return (h & 0x8000u) ? -v : v;
 }
 // common.cuh's f16 helpers, from their definitions.
+inline void dsk_f16x2_to_f32(unsigned h2, float &lo, float &hi) {
+    lo = emu_f16(h2 & 0xffffu);
+    hi = emu_f16(h2 >> 16);
+}
 inline unsigned dsk_e4m3x2_to_f16x2(unsigned two) {  // e4m3 values are exact in f16
-    return emu_f32_to_f16(emu_e4m3(two & 0xffu)) | ((unsigned)emu_f32_to_f16(emu_e4m3((two >> 8) & 0xffu)) << 16);
+    return emu_f32_to_f16(emu_e4m3(two & 0xffu)) | (emu_f32_to_f16(emu_e4m3((two >> 8) & 0xffu)) << 16);
 }
-inline unsigned dsk_f32x2_to_f16x2(float lo, float hi) {
-    return emu_f32_to_f16(lo) | ((unsigned)emu_f32_to_f16(hi) << 16);
-}
+inline unsigned dsk_f32x2_to_f16x2(float lo, float hi) { return emu_f32_to_f16(lo) | (emu_f32_to_f16(hi) << 16); }
 inline float dsk_warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) {
         g_shfl[threadIdx.x] = v;
@@ -147,51 +146,52 @@ inline unsigned dsk_f32_to_tf32(float x) {
     if ((u & 0x7f800000u) == 0x7f800000u) return u;
     return (u + 0x1000u) & 0xffffe000u;
 }
-// mma.sync m16n8k8 TF32 from the PTX fragment layout (lane (g, tg) = (lane / 4, lane % 4)):
-// A (16 x 8) a0 (g, tg), a1 (g + 8, tg), a2 (g, tg + 4), a3 (g + 8, tg + 4); B (8 x 8) b0 (tg, g),
-// b1 (tg + 4, g); C/D (g, 2 tg), (g, 2 tg + 1), (g + 8, 2 tg), (g + 8, 2 tg + 1). The warp's
-// fragments meet in g_mma; products of TF32 operands (top 19 bits) summed in double.
+// The warp MMAs: each lane's fragments meet in g_mma, then D = C + A B with A(frags, row, k) and
+// B(frags, k, n) read from the warp's 32 rows of it, products summed in double.
 static unsigned g_mma[1024][6];
-inline void dsk_mma_tf32_m16n8k8(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
-                                 unsigned b1) {
-    const unsigned tid = threadIdx.x, w0 = tid & ~31u, lane = tid & 31u, g = lane >> 2, tg = lane & 3u;
-    const unsigned mine[6] = {a0, a1, a2, a3, b0, b1};
-    memcpy(g_mma[tid], mine, sizeof mine);
+template <class FA, class FB>
+inline void emu_mma(float (&d)[4], const float (&c)[4], const unsigned (&frag)[6], unsigned k_len, FA A, FB B) {
+    const unsigned tid = threadIdx.x, lane = tid & 31u, g = lane >> 2, tg = lane & 3u;
+    const unsigned(*warp)[6] = g_mma + (tid & ~31u);
+    memcpy(g_mma[tid], frag, sizeof frag);
     g_warp_bar->arrive_and_wait();
-    auto tf = [](unsigned bits) { return (double)__uint_as_float(bits & 0xffffe000u); };
-    auto A = [&](unsigned row, unsigned k) { return tf(g_mma[w0 + (row & 7u) * 4 + (k & 3u)][(row >= 8) + 2 * (k >= 4)]); };
-    auto B = [&](unsigned k, unsigned n) { return tf(g_mma[w0 + n * 4 + (k & 3u)][4 + (k >= 4)]); };
+    float out[4];
     for (unsigned e = 0; e < 4; ++e) {
         const unsigned row = g + 8 * (e >> 1), col = 2 * tg + (e & 1u);
-        double s = d[e];
-        for (unsigned k = 0; k < 8; ++k) s += A(row, k) * B(k, col);
-        d[e] = (float)s;
+        double s = c[e];
+        for (unsigned k = 0; k < k_len; ++k) s += A(warp, row, k) * B(warp, k, col);
+        out[e] = (float)s;
     }
     g_warp_bar->arrive_and_wait();
+    memcpy(d, out, sizeof out);
+}
+// mma.sync m16n8k8 TF32 from the PTX fragment layout (lane (g, tg) = (lane / 4, lane % 4)):
+// A (16 x 8) a0 (g, tg), a1 (g + 8, tg), a2 (g, tg + 4), a3 (g + 8, tg + 4); B (8 x 8) b0 (tg, g),
+// b1 (tg + 4, g); C/D (g, 2 tg), (g, 2 tg + 1), (g + 8, 2 tg), (g + 8, 2 tg + 1). Operands TF32
+// (top 19 bits).
+inline void dsk_mma_tf32_m16n8k8(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                 unsigned b1) {
+    auto tf = [](unsigned bits) { return (double)__uint_as_float(bits & 0xffffe000u); };
+    const float c[4] = {d[0], d[1], d[2], d[3]};
+    emu_mma(d, c, {a0, a1, a2, a3, b0, b1}, 8,
+            [&](const unsigned(*w)[6], unsigned row, unsigned k) { return tf(w[(row & 7u) * 4 + (k & 3u)][(row >= 8) + 2 * (k >= 4)]); },
+            [&](const unsigned(*w)[6], unsigned k, unsigned n) { return tf(w[n * 4 + (k & 3u)][4 + (k >= 4)]); });
 }
 // mma.sync m16n8k16 f16 -> f32 from the PTX fragment layout: A (16 x 16) a0 (g, 2 tg .. +1),
 // a1 (g + 8, 2 tg ..), a2 (g, 2 tg + 8 ..), a3 (g + 8, 2 tg + 8 ..), the lower column in the
 // low half; B (16 x 8) b0 (k 2 tg .. +1, n g), b1 (k 2 tg + 8 .., n g); C/D as the TF32 MMA.
-// Products of f16 operands (exact in double) summed in double.
+// D = C + A B (C apart from D for callers that keep them apart).
+inline void emu_mma_f16_m16n8k16(float (&d)[4], const float (&c)[4], const unsigned (&frag)[6]) {
+    auto half = [](unsigned word, unsigned k) { return (double)emu_f16(k & 1u ? word >> 16 : word & 0xffffu); };
+    // A(row, k): lane (row % 8, (k % 8) / 2), register (row >= 8) + 2 (k >= 8), half k % 2.
+    emu_mma(d, c, frag, 16,
+            [&](const unsigned(*w)[6], unsigned row, unsigned k) { return half(w[(row & 7u) * 4 + ((k & 7u) >> 1)][(row >= 8) + 2 * (k >= 8)], k); },
+            [&](const unsigned(*w)[6], unsigned k, unsigned n) { return half(w[n * 4 + ((k & 7u) >> 1)][4 + (k >= 8)], k); });
+}
 inline void dsk_mma_f16_m16n8k16(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
                                  unsigned b1) {
-    const unsigned tid = threadIdx.x, w0 = tid & ~31u, lane = tid & 31u, g = lane >> 2, tg = lane & 3u;
-    const unsigned mine[6] = {a0, a1, a2, a3, b0, b1};
-    memcpy(g_mma[tid], mine, sizeof mine);
-    g_warp_bar->arrive_and_wait();
-    auto half = [](unsigned word, unsigned hi) { return (double)emu_f16_to_f32((unsigned short)(hi ? word >> 16 : word)); };
-    // Column k of A row `row`: lane (row % 8, (k % 8) / 2), register (row >= 8) + 2 (k >= 8).
-    auto A = [&](unsigned row, unsigned k) {
-        return half(g_mma[w0 + (row & 7u) * 4 + ((k & 7u) >> 1)][(row >= 8) + 2 * (k >= 8)], k & 1u);
-    };
-    auto B = [&](unsigned k, unsigned n) { return half(g_mma[w0 + n * 4 + ((k & 7u) >> 1)][4 + (k >= 8)], k & 1u); };
-    for (unsigned e = 0; e < 4; ++e) {
-        const unsigned row = g + 8 * (e >> 1), col = 2 * tg + (e & 1u);
-        double s = d[e];
-        for (unsigned k = 0; k < 16; ++k) s += A(row, k) * B(k, col);
-        d[e] = (float)s;
-    }
-    g_warp_bar->arrive_and_wait();
+    const float c[4] = {d[0], d[1], d[2], d[3]};
+    emu_mma_f16_m16n8k16(d, c, {a0, a1, a2, a3, b0, b1});
 }
 using std::fmaf;
 using std::max;

@@ -23,16 +23,6 @@
 #define __shared__
 float4 moe_smem4[64 + (4096 / 32) * 36 / 4]; // K <= 4096 here
 
-// common.cuh's f16x2 -> f32 (PTX cvt), from the f16 definition: exact.
-inline float emu_f16(unsigned h) {
-    const unsigned s = h >> 15, e = (h >> 10) & 31u, m = h & 1023u;
-    const float v = e == 31u ? (m ? NAN : INFINITY) : e ? std::ldexp(1.f + m / 1024.f, (int)e - 15) : std::ldexp((float)m, -24);
-    return s ? -v : v;
-}
-inline void dsk_f16x2_to_f32(unsigned h2, float &lo, float &hi) {
-    lo = emu_f16(h2 & 0xffffu);
-    hi = emu_f16(h2 >> 16);
-}
 inline float expf(float v) { return std::exp(v); }
 inline void dsk_pdl_entry() {} // launches run one after another here
 inline float __shfl_xor_sync(unsigned, float v, int o) {

@@ -29,35 +29,6 @@
 // v2 (table + padded K = 4096 row) and mma2 (table + B of K = 4096 + the rings of 4 warps).
 alignas(16) float4 moe_smem4[(1024 + 128 * 144 + 4 * 2 * 3 * 2176) / 16 + 16];
 
-inline float emu_f16(unsigned h) {
-    const unsigned s = h >> 15, e = (h >> 10) & 31u, m = h & 1023u;
-    const float v = e == 31u ? (m ? NAN : INFINITY) : e ? std::ldexp(1.f + m / 1024.f, (int)e - 15) : std::ldexp((float)m, -24);
-    return s ? -v : v;
-}
-inline void dsk_f16x2_to_f32(unsigned h2, float &lo, float &hi) {
-    lo = emu_f16(h2 & 0xffffu);
-    hi = emu_f16(h2 >> 16);
-}
-// f32 -> f16, round to nearest even (cvt.rn), from the definition: overflow to inf, subnormals.
-inline unsigned emu_f32_to_f16(float f) {
-    const unsigned s = std::signbit(f) ? 0x8000u : 0u;
-    const float a = std::fabs(f);
-    if (std::isnan(a)) return s | 0x7e00u;
-    if (a >= 65520.f) return s | 0x7c00u; // rounds past the largest finite (65504)
-    int ex;
-    std::frexp(a, &ex);                    // a = m 2^ex, m in [0.5, 1)
-    int q = std::max(ex - 11, -24);        // quantum: 11 significant bits, subnormals 2^-24
-    const double units = std::nearbyint((double)a / std::ldexp(1.0, q)); // ties to even (default mode)
-    const double v = units * std::ldexp(1.0, q);
-    if (v == 0) return s;
-    // Re-encode v exactly.
-    int e2;
-    std::frexp(v, &e2);
-    if (e2 - 1 < -14) return s | (unsigned)std::ldexp(v, 24); // subnormal: m * 2^-24
-    const unsigned E = (unsigned)(e2 - 1 + 15);
-    const unsigned M = (unsigned)(std::ldexp(v, -(e2 - 1)) * 1024.0 - 1024.0);
-    return s | (E << 10) | M;
-}
 inline float expf(float v) { return std::exp(v); }
 inline void dsk_pdl_entry() {}
 inline float __shfl_xor_sync(unsigned, float v, int o) {
@@ -97,31 +68,13 @@ inline void emu_ldsm4(const void *p, unsigned (&r)[4]) {
     g_warp_bar->arrive_and_wait();
 }
 
-// mma.sync m16n8k16 f16 x f16 + f32 from the PTX fragment layout.
-static unsigned g_frag[1024][6];
+// mma.sync m16n8k16 f16 x f16 + f32 (emu.h), counted.
 static long g_mmas = 0;
 inline void emu_mma_f16(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1, float c0, float c1,
                         float c2, float c3) {
-    const unsigned tid = threadIdx.x, w0 = tid & ~31u, lane = tid & 31u, g = lane >> 2, t = lane & 3u;
-    const unsigned mine[6] = {a0, a1, a2, a3, b0, b1};
-    memcpy(g_frag[tid], mine, sizeof mine);
-    g_warp_bar->arrive_and_wait();
-    auto half = [](unsigned w, unsigned k) { return (double)emu_f16(k & 1u ? w >> 16 : w & 0xffffu); };
-    // A(row, k): lane (row % 8, (k % 8) / 2), register (row >= 8) + 2 (k >= 8), half k % 2.
-    auto A = [&](unsigned row, unsigned k) { return half(g_frag[w0 + (row & 7u) * 4 + ((k & 7u) >> 1)][(row >= 8) + 2 * (k >= 8)], k); };
-    // B(k, n): lane (n, (k % 8) / 2), register 4 + (k >= 8), half k % 2.
-    auto B = [&](unsigned k, unsigned n) { return half(g_frag[w0 + n * 4 + ((k & 7u) >> 1)][4 + (k >= 8)], k); };
     const float c[4] = {c0, c1, c2, c3};
-    float out[4];
-    for (unsigned e = 0; e < 4; ++e) {
-        const unsigned row = g + 8 * (e >> 1), col = 2 * t + (e & 1u);
-        double s = c[e];
-        for (unsigned k = 0; k < 16; ++k) s += A(row, k) * B(k, col);
-        out[e] = (float)s;
-    }
-    g_warp_bar->arrive_and_wait();
-    memcpy(d, out, sizeof out);
-    if (tid == w0) __atomic_fetch_add(&g_mmas, 1, __ATOMIC_RELAXED);
+    emu_mma_f16_m16n8k16(d, c, {a0, a1, a2, a3, b0, b1});
+    if ((threadIdx.x & 31u) == 0) __atomic_fetch_add(&g_mmas, 1, __ATOMIC_RELAXED);
 }
 
 #include FP4_SRC

@@ -63,7 +63,7 @@ static std::vector<double> f16_form_queries(const float *q, int n) {
     int e = 0;
     if (m > 0.f && std::isfinite(m)) e = std::clamp(14 - (int)((emu_float_bits(m) >> 23) & 255) + 127, -126, 126);
     std::vector<double> r(n);
-    for (int i = 0; i < n; ++i) r[i] = (double)emu_f16_to_f32(emu_f32_to_f16(q[i] * std::ldexp(1.f, e))) / std::ldexp(1.0, e);
+    for (int i = 0; i < n; ++i) r[i] = (double)emu_f16(emu_f32_to_f16(q[i] * std::ldexp(1.f, e))) / std::ldexp(1.0, e);
     return r;
 }
 
