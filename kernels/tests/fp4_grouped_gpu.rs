@@ -15,6 +15,7 @@ use dspark_kernels::formats::{e2m1_at, e8m0_to_f64};
 use dspark_kernels::launch::moe_grouped::{
     fp4_grouped_scale_shift, fp4_grouped_tiles, Fp4GroupedBank, Fp4GroupedForm,
 };
+use dspark_kernels::launch::moe_sorted::GatherInto;
 use dspark_kernels::Fp4Experts;
 use half::f16;
 
@@ -113,7 +114,15 @@ fn check(
     let xs = g.up(&vec![0xffffu16; (sorted + 1) * hidden]);
     // SAFETY: idx rows are tokens of x; xs holds sorted rows (and one more).
     unsafe {
-        g.k.gather_rows_f32_to_f16_k8(&g.s, g.ptr(&xb), g.ptr(&ib), sorted, hidden, g.ptr(&xs))
+        g.k.gather_rows(
+            &g.s,
+            GatherInto::F16K8,
+            g.ptr(&xb),
+            g.ptr(&ib),
+            sorted,
+            hidden,
+            g.ptr(&xs),
+        )
     }
     .unwrap();
     let xs_host = g.down(&xs);

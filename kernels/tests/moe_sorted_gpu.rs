@@ -6,7 +6,7 @@
 //! Skips (passes with a SKIP line) where there is no GPU.
 
 use dspark_kernels::formats::{e2m1_at, e8m0_to_f64};
-use dspark_kernels::launch::moe_sorted::F16_EXACT_SCALES;
+use dspark_kernels::launch::moe_sorted::{GatherInto, F16_EXACT_SCALES};
 use half::f16;
 
 mod common;
@@ -100,8 +100,9 @@ fn gather_and_combine_restore_token_order() {
     let gathered = g.up(&vec![f32::NAN; sorted.len() * hidden]);
     // SAFETY: idx rows are tokens of x; gathered holds sorted.len() rows.
     unsafe {
-        g.k.gather_rows_f32(
+        g.k.gather_rows(
             &g.s,
+            GatherInto::F32,
             g.ptr(&xb),
             g.ptr(&ib),
             sorted.len(),
@@ -233,7 +234,15 @@ fn f16_forms_widen_exactly_gather_and_swiglu_round_once() {
     let dst = g.up(&vec![0u16; idx.len() * width]);
     // SAFETY: every index is a row of `src`; `dst` holds idx.len() rows of `width` f16.
     unsafe {
-        g.k.gather_rows_f32_to_f16(&g.s, g.ptr(&sb), g.ptr(&ib), idx.len(), width, g.ptr(&dst))
+        g.k.gather_rows(
+            &g.s,
+            GatherInto::F16,
+            g.ptr(&sb),
+            g.ptr(&ib),
+            idx.len(),
+            width,
+            g.ptr(&dst),
+        )
     }
     .unwrap();
     let got = g.down(&dst);

@@ -1382,26 +1382,12 @@ mod tests {
         })
         .is_err());
         let i = IndexerScores {
-            pool: 16,
-            q: 16,
-            weights: 16,
-            block_tables: 16,
-            block_table_starts: 16,
-            visible: 16,
-            out_starts: 16,
-            out: 16,
-            tokens: 1,
             max_visible: 1,
             floats_per_block: 1,
-            block_size: 128,
-            base: 0,
-            ratio: 4,
             stride: 128,
-            heads: 64,
-            dim: 128,
-            scale: 1.0,
             format: KvRowFormat::F32,
             tensor_cores: false,
+            ..v4_fp8_indexer()
         };
         // The head-grouped kernel: V4-Flash's 64 heads (TP=1) and 32 (TP=2), not 8 or 24.
         let v4 = PagedAttention {

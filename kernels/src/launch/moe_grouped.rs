@@ -4,7 +4,7 @@
 //! The host sorts the (token, slot) pairs by expert and cuts each expert's run of sorted rows
 //! into tiles of [`FP4_GROUPED_TILE_ROWS`] ([`fp4_grouped_tiles`]); activations travel as f16 in
 //! "k8 order" (every 8 values stored 0 4 1 5 2 6 3 7, see the kernel's comment), gathered by
-//! [`Kernels::gather_rows_f32_to_f16_k8`]. No launch synchronises or allocates.
+//! [`Kernels::gather_rows`] into `GatherInto::F16K8`. No launch synchronises or allocates.
 
 use std::sync::Arc;
 

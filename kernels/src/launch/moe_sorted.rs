@@ -43,12 +43,16 @@ impl MoeSortedFns {
 /// 6 * 2^13 is under f16's largest value, 1.5 * 2^-23 (the finest step, 2^-24) its smallest.
 pub const F16_EXACT_SCALES: std::ops::RangeInclusive<u8> = 104..=140;
 
-/// What a gather writes.
+/// What [`Kernels::gather_rows`] writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum GatherInto {
+pub enum GatherInto {
+    /// The rows as they are (`dsk_gather_rows_f32`).
     F32,
+    /// Rounded to f16, to nearest (`dsk_gather_rows_f32_to_f16`).
     F16,
-    /// f16 in the grouped FP4 kernels' k8 order.
+    /// Rounded to f16 with every 8 values of a row stored in the order 0 4 1 5 2 6 3 7, the
+    /// grouped FP4 kernels' "k8 order" (see `moe_grouped`; `dsk_gather_rows_f32_to_f16_k8`):
+    /// `width` a multiple of 8, `src` and `dst` 16-byte aligned.
     F16K8,
 }
 
@@ -179,71 +183,21 @@ impl Kernels {
         Ok(())
     }
 
-    /// `dst[i, :] = src[idx[i], :]` for `n` rows of `width` f32.
+    /// `dst[i, :] = src[idx[i], :]` for `n` rows of `width` f32 values, written as `into` says.
     ///
     /// # Safety
     /// `idx` must hold `n` device i32, each a row of `src` (`width` f32 per row); `dst` must
-    /// hold `n * width` f32; all device memory of this context.
-    pub unsafe fn gather_rows_f32(
+    /// hold `n * width` values of the output type; all device memory of this context.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gather_rows(
         &self,
         stream: &CudaStream,
-        src: CUdeviceptr,
-        idx: CUdeviceptr,
-        n: usize,
-        width: usize,
-        dst: CUdeviceptr,
-    ) -> Result<(), KernelError> {
-        // SAFETY: this function's contract.
-        unsafe { self.gather_rows_as(stream, [src, idx, dst], n, width, GatherInto::F32) }
-    }
-
-    /// `dst[i, :] = f16(src[idx[i], :])` for `n` rows of `width` values (round to nearest).
-    ///
-    /// # Safety
-    /// As [`Self::gather_rows_f32`], with `dst` holding `n * width` f16.
-    pub unsafe fn gather_rows_f32_to_f16(
-        &self,
-        stream: &CudaStream,
-        src: CUdeviceptr,
-        idx: CUdeviceptr,
-        n: usize,
-        width: usize,
-        dst: CUdeviceptr,
-    ) -> Result<(), KernelError> {
-        // SAFETY: this function's contract.
-        unsafe { self.gather_rows_as(stream, [src, idx, dst], n, width, GatherInto::F16) }
-    }
-
-    /// [`Self::gather_rows_f32_to_f16`] with every 8 values of a row stored in the order
-    /// 0 4 1 5 2 6 3 7 (the grouped FP4 kernels' "k8 order", see `moe_grouped`); `width` must
-    /// be a multiple of 8 and `src`, `dst` 16-byte aligned.
-    ///
-    /// # Safety
-    /// As [`Self::gather_rows_f32_to_f16`].
-    pub unsafe fn gather_rows_f32_to_f16_k8(
-        &self,
-        stream: &CudaStream,
-        src: CUdeviceptr,
-        idx: CUdeviceptr,
-        n: usize,
-        width: usize,
-        dst: CUdeviceptr,
-    ) -> Result<(), KernelError> {
-        // SAFETY: this function's contract.
-        unsafe { self.gather_rows_as(stream, [src, idx, dst], n, width, GatherInto::F16K8) }
-    }
-
-    /// The gather launch, into f32, f16 or f16 in k8 order.
-    ///
-    /// # Safety
-    /// As [`Self::gather_rows_f32`] for the output type.
-    unsafe fn gather_rows_as(
-        &self,
-        stream: &CudaStream,
-        [src, idx, dst]: [CUdeviceptr; 3],
-        n: usize,
-        width: usize,
         into: GatherInto,
+        src: CUdeviceptr,
+        idx: CUdeviceptr,
+        n: usize,
+        width: usize,
+        dst: CUdeviceptr,
     ) -> Result<(), KernelError> {
         let (kernel, what, f, per_thread) = match into {
             GatherInto::F32 => (

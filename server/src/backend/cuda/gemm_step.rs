@@ -32,6 +32,7 @@ use cudarc::driver::sys::{CUdeviceptr, CUevent_flags};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use dspark_kernels::launch::moe_grouped::{fp4_grouped_tiles, Fp4GroupedBank};
+use dspark_kernels::launch::moe_sorted::GatherInto;
 
 use super::layer_stack::{fits, GemmScratch, StageClock};
 use super::{driver_err, kernel_err, CudaBackend, CudaMatrix, Fp4Bank};
@@ -697,15 +698,12 @@ impl CudaBackend {
         let used_ptr = g.experts.device_ptr(s).0;
         let tokens = g.tokens.device_ptr(s).0;
         // SAFETY: tokens holds `sorted` rows of x (each below n), x_sorted room for them.
-        unsafe {
-            match inputs {
-                GemmInputs::F32 => self.kernels.gather_rows_f32(s, x, tokens, sorted, h, xs),
-                GemmInputs::F16 => self
-                    .kernels
-                    .gather_rows_f32_to_f16(s, x, tokens, sorted, h, xs),
-            }
-        }
-        .map_err(kernel_err)?;
+        let into = match inputs {
+            GemmInputs::F32 => GatherInto::F32,
+            GemmInputs::F16 => GatherInto::F16,
+        };
+        unsafe { self.kernels.gather_rows(s, into, x, tokens, sorted, h, xs) }
+            .map_err(kernel_err)?;
         let f4 = |b: &CudaSlice<u8>| b.device_ptr(s).0;
         for (gi, runs) in order.runs.chunks(group).enumerate() {
             let count = runs.len();
@@ -849,8 +847,9 @@ impl CudaBackend {
         let (a, ys) = (act.device_ptr_mut(s).0, y_sorted.device_ptr_mut(s).0);
         // SAFETY: tokens holds `sorted` rows of x (each below n); x_sorted room for them as f16.
         unsafe {
+            let tokens = g.tokens.device_ptr(s).0;
             self.kernels
-                .gather_rows_f32_to_f16_k8(s, io.x, g.tokens.device_ptr(s).0, sorted, h, xs)
+                .gather_rows(s, GatherInto::F16K8, io.x, tokens, sorted, h, xs)
         }
         .map_err(kernel_err)?;
         let kb = Fp4GroupedBank {

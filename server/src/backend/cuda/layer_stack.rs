@@ -20,6 +20,7 @@ use dspark_kernels::launch::layer_ops::{
     hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcPost, HcPreFused, HcPreKernel,
     RmsNormF32, RmsNormRopeF32, RopeF32, RouteF32, RouterScoring,
 };
+use dspark_kernels::launch::moe_sorted::GatherInto;
 use dspark_kernels::launch::multi_gemv::{GemvSegment, SegmentWeights, GEMV_MAX_SEGMENTS};
 use dspark_kernels::launch::paged::{
     key_counts, CompressParams, KeyMode, KeySelection, PoolSection, RowTable,
@@ -1282,10 +1283,11 @@ impl CudaBackend {
             }
             .map_err(kernel_err)?,
             // SAFETY: as above.
-            CudaMatrix::Dense { w, cols, .. } => {
-                unsafe { self.kernels.gather_rows_f32(s, ptr(s, w), ids, n, *cols, x) }
-                    .map_err(kernel_err)?
+            CudaMatrix::Dense { w, cols, .. } => unsafe {
+                self.kernels
+                    .gather_rows(s, GatherInto::F32, ptr(s, w), ids, n, *cols, x)
             }
+            .map_err(kernel_err)?,
             CudaMatrix::Fp8 { .. } | CudaMatrix::Fp4 { .. } => {
                 return Err(shape_err(
                     "the embedding must be bf16 or f32 (it is bf16 in the checkpoint)".into(),
