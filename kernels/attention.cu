@@ -677,8 +677,10 @@ extern "C" __global__ void __launch_bounds__(DSK_COMBINE_DIMS) dsk_attend_combin
 // Dimensions per lane of an indexer key: index_head_dim <= 32 * DSK_IDX_DPL.
 #define DSK_IDX_DPL 8
 
-// Lightning Indexer scores: for query token t (grid y) and each of its `visible[t]` compressed
-// rows r, score = sum_h w[t, h] * relu(q[t, h] . k_r) * scale, written to out[out_start[t] + r].
+// Lightning Indexer scores: for query token t (grid y) and each of its compressed rows r in
+// [row_lo[t], visible[t]) (from 0 where row_lo is null: a rank of a tensor-parallel group scores
+// its share of the rows, launch/attention.rs: IndexerScores::row_starts),
+// score = sum_h w[t, h] * relu(q[t, h] . k_r) * scale, written to out[out_start[t] + r].
 // Row r of the token's sequence sits in the pool by its block table (bt from bt_start[t]):
 // position r * ratio, block bt[pos / bs], slot (pos % bs) / ratio of `stride` floats after `base`.
 // One warp per row; the token's queries and weights are staged in shared memory. Rows are `fmt`
@@ -686,7 +688,8 @@ extern "C" __global__ void __launch_bounds__(DSK_COMBINE_DIMS) dsk_attend_combin
 extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_f32(
     const float *__restrict__ pool, const float *__restrict__ q, const float *__restrict__ w,
     const unsigned int *__restrict__ bt, const int *__restrict__ bt_start,
-    const int *__restrict__ visible, const long long *__restrict__ out_start, long long fpb,
+    const int *__restrict__ visible, const int *__restrict__ row_lo,
+    const long long *__restrict__ out_start, long long fpb,
     int bs, long long base, int ratio, int stride, int heads, int dim, float scale,
     float *__restrict__ out, int fmt) {
     dsk_pdl_entry();
@@ -698,10 +701,10 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_f32(
     __syncthreads();
     const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int dpl = dim >> 5;
-    const int vis = visible[t];
+    const int vis = visible[t], lo = row_lo ? row_lo[t] : 0;
     const unsigned int *tb = bt + bt_start[t];
     float *ot = out + out_start[t];
-    for (int r = blockIdx.x * warps + warp; r < vis; r += gridDim.x * warps) {
+    for (int r = lo + blockIdx.x * warps + warp; r < vis; r += gridDim.x * warps) {
         const long long pos = (long long)r * ratio;
         const float *k = pool + (long long)tb[pos / bs] * fpb + base + (pos % bs) / ratio * stride;
         float kv[DSK_IDX_DPL];
@@ -839,7 +842,8 @@ template <int R>
 __device__ __forceinline__ void dsk_indexer_scores_tiled(
     const float *__restrict__ pool, const float *__restrict__ q, const float *__restrict__ w,
     const unsigned int *__restrict__ bt, const int *__restrict__ bt_start,
-    const int *__restrict__ visible, const long long *__restrict__ out_start, long long fpb,
+    const int *__restrict__ visible, const int *__restrict__ row_lo,
+    const long long *__restrict__ out_start, long long fpb,
     int bs, long long base, int ratio, int stride, int heads, int dim, float scale,
     float *__restrict__ out, int fmt) {
     static_assert(R == 64 || R == 16, "tile rows");
@@ -886,10 +890,10 @@ __device__ __forceinline__ void dsk_indexer_scores_tiled(
         const int h = 4 * hg + j;
         wh[j] = h < heads ? w[(long long)t * heads + h] : 0.f;
     }
-    const int vis = visible[t];
+    const int vis = visible[t], lo = row_lo ? row_lo[t] : 0;
     const unsigned int *tb = bt + bt_start[t];
     float *ot = out + out_start[t];
-    for (int r0 = blockIdx.x * R; r0 < vis; r0 += gridDim.x * R) {
+    for (int r0 = lo + blockIdx.x * R; r0 < vis; r0 += gridDim.x * R) {
         __syncthreads();  // the previous tile's readers are done (and qs is written)
         // The tile's R x dim values, element i = tid + 256 j (row i / dim, column i % dim):
         // every thread issues all its loads before storing any, so a tile costs about one load
@@ -1018,20 +1022,22 @@ __device__ __forceinline__ void dsk_indexer_scores_tiled(
 extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_tiled_f32(
     const float *__restrict__ pool, const float *__restrict__ q, const float *__restrict__ w,
     const unsigned int *__restrict__ bt, const int *__restrict__ bt_start,
-    const int *__restrict__ visible, const long long *__restrict__ out_start, long long fpb,
+    const int *__restrict__ visible, const int *__restrict__ row_lo,
+    const long long *__restrict__ out_start, long long fpb,
     int bs, long long base, int ratio, int stride, int heads, int dim, float scale,
     float *__restrict__ out, int fmt) {
-    dsk_indexer_scores_tiled<DSK_IDXT_ROWS>(pool, q, w, bt, bt_start, visible, out_start, fpb, bs, base,
+    dsk_indexer_scores_tiled<DSK_IDXT_ROWS>(pool, q, w, bt, bt_start, visible, row_lo, out_start, fpb, bs, base,
                                             ratio, stride, heads, dim, scale, out, fmt);
 }
 
 extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_tiled16_f32(
     const float *__restrict__ pool, const float *__restrict__ q, const float *__restrict__ w,
     const unsigned int *__restrict__ bt, const int *__restrict__ bt_start,
-    const int *__restrict__ visible, const long long *__restrict__ out_start, long long fpb,
+    const int *__restrict__ visible, const int *__restrict__ row_lo,
+    const long long *__restrict__ out_start, long long fpb,
     int bs, long long base, int ratio, int stride, int heads, int dim, float scale,
     float *__restrict__ out, int fmt) {
-    dsk_indexer_scores_tiled<16>(pool, q, w, bt, bt_start, visible, out_start, fpb, bs, base, ratio,
+    dsk_indexer_scores_tiled<16>(pool, q, w, bt, bt_start, visible, row_lo, out_start, fpb, bs, base, ratio,
                                  stride, heads, dim, scale, out, fmt);
 }
 
@@ -1161,7 +1167,7 @@ template <int FMT>
 __device__ __forceinline__ void dsk_idxm_tiles(
     const float *__restrict__ pool, const unsigned int *__restrict__ tb, long long fpb, int bs,
     long long base, int ratio, int stride, int heads, int dim, float scale, float *__restrict__ ot,
-    int vis, float *ks, float *red, const float *ws, const float *qs) {
+    int lo, int vis, float *ks, float *red, const float *ws, const float *qs) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tg = lane & 3;
     const int mt = warp & 3, half = warp >> 2, ntiles = (heads + 7) >> 3;
     const unsigned int *ka = reinterpret_cast<const unsigned int *>(ks) + (16 * mt + g) * DSK_IDXM_LD + tg;
@@ -1169,7 +1175,7 @@ __device__ __forceinline__ void dsk_idxm_tiles(
     unsigned int v[8][DskIdxmWords<FMT>::n];
     float sc[8];
     const int step = gridDim.x * DSK_IDXM_ROWS;
-    int r0 = blockIdx.x * DSK_IDXM_ROWS;
+    int r0 = lo + blockIdx.x * DSK_IDXM_ROWS;
     if (r0 < vis) dsk_idxm_load<FMT>(v, sc, pool, tb, fpb, bs, base, ratio, stride, dim, vis, r0);
     for (; r0 < vis; r0 += step) {
         __syncthreads();  // the previous tile's readers of ks and red are done (and qs is written)
@@ -1202,7 +1208,8 @@ __device__ __forceinline__ void dsk_idxm_tiles(
 extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_mma(
     const float *__restrict__ pool, const float *__restrict__ q, const float *__restrict__ w,
     const unsigned int *__restrict__ bt, const int *__restrict__ bt_start,
-    const int *__restrict__ visible, const long long *__restrict__ out_start, long long fpb,
+    const int *__restrict__ visible, const int *__restrict__ row_lo,
+    const long long *__restrict__ out_start, long long fpb,
     int bs, long long base, int ratio, int stride, int heads, int dim, float scale,
     float *__restrict__ out, int fmt) {
     dsk_pdl_entry();
@@ -1213,8 +1220,8 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_mma(
     float *ws = red + 2 * DSK_IDXM_ROWS;
     float *qs = ws + 64;
     const int t = blockIdx.y, tid = threadIdx.x;
-    const int vis = visible[t];
-    if ((int)blockIdx.x * DSK_IDXM_ROWS >= vis) return;  // the whole block: no tile of its own
+    const int vis = visible[t], lo = row_lo ? row_lo[t] : 0;
+    if (lo + (int)blockIdx.x * DSK_IDXM_ROWS >= vis) return;  // the whole block: no tile of its own
     const int hp = (heads + 7) & ~7;
     const float *qt = q + (long long)t * heads * dim;
     for (int i = tid; i < hp * dim; i += 256) {
@@ -1225,11 +1232,11 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_mma(
     const unsigned int *tb = bt + bt_start[t];
     float *ot = out + out_start[t];
     if (fmt == DSK_KV_FP8_INDEXER)
-        dsk_idxm_tiles<DSK_KV_FP8_INDEXER>(pool, tb, fpb, bs, base, ratio, stride, heads, dim, scale, ot, vis, ks, red, ws, qs);
+        dsk_idxm_tiles<DSK_KV_FP8_INDEXER>(pool, tb, fpb, bs, base, ratio, stride, heads, dim, scale, ot, lo, vis, ks, red, ws, qs);
     else if (fmt == DSK_KV_BF16)
-        dsk_idxm_tiles<DSK_KV_BF16>(pool, tb, fpb, bs, base, ratio, stride, heads, dim, scale, ot, vis, ks, red, ws, qs);
+        dsk_idxm_tiles<DSK_KV_BF16>(pool, tb, fpb, bs, base, ratio, stride, heads, dim, scale, ot, lo, vis, ks, red, ws, qs);
     else
-        dsk_idxm_tiles<DSK_KV_F32>(pool, tb, fpb, bs, base, ratio, stride, heads, dim, scale, ot, vis, ks, red, ws, qs);
+        dsk_idxm_tiles<DSK_KV_F32>(pool, tb, fpb, bs, base, ratio, stride, heads, dim, scale, ot, lo, vis, ks, red, ws, qs);
 }
 
 // dsk_indexer_scores_mma for FP8_INDEXER rows on the f16 tensor cores (mma.sync m16n8k16: twice
@@ -1262,13 +1269,13 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_mma(
 // n-tiles a warp may own: half, half + 2, .. below DSK_IDXT_NTILES.
 #define DSK_IDXT_WARP_NTILES (DSK_IDXT_NTILES / 2)
 
-// The rows [r0, rvis) of the run's tokens [lo, hi) (group-relative; their table tb) in steps of
-// gridDim.x tiles.
+// The rows [rlo, rvis) of the run's tokens [lo, hi) (group-relative; their table tb) in steps of
+// gridDim.x tiles; a token's scores are written for its own rows [lo_s, vis_s) only.
 __device__ __forceinline__ void dsk_idxh_run(
     const float *__restrict__ pool, const unsigned int *__restrict__ tb, long long fpb, int bs,
     long long base, int ratio, int stride, int hp, int dim, float scale, float *__restrict__ out,
-    int rvis, int lo, int hi, unsigned short *ks, float *ksc, float *part, const float *ws,
-    const float *unscale, const unsigned short *qs, const int *vis_s, const long long *os_s) {
+    int rlo, int rvis, int lo, int hi, unsigned short *ks, float *ksc, float *part, const float *ws,
+    const float *unscale, const unsigned short *qs, const int *lo_s, const int *vis_s, const long long *os_s) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tg = lane & 3;
     const int mt = warp & 3, half = warp >> 2, wpr = dim >> 2, tiles_per_token = hp >> 3;
     const int nt_lo = lo * tiles_per_token, nt_hi = hi * tiles_per_token;
@@ -1278,7 +1285,7 @@ __device__ __forceinline__ void dsk_idxh_run(
     unsigned int v[8][1];
     float sc[8];
     const int step = gridDim.x * DSK_IDXM_ROWS;
-    int r0 = blockIdx.x * DSK_IDXM_ROWS;
+    int r0 = rlo + blockIdx.x * DSK_IDXM_ROWS;
     if (r0 < rvis) dsk_idxm_load<DSK_KV_FP8_INDEXER>(v, sc, pool, tb, fpb, bs, base, ratio, stride, dim, rvis, r0);
     for (; r0 < rvis; r0 += step) {
         __syncthreads();  // the previous tile's (or run's) readers of ks, ksc and part are done
@@ -1330,7 +1337,7 @@ __device__ __forceinline__ void dsk_idxh_run(
         __syncthreads();
         for (int p = tid; p < (hi - lo) * DSK_IDXM_ROWS; p += blockDim.x) {
             const int tk = lo + p / DSK_IDXM_ROWS, row = p % DSK_IDXM_ROWS;
-            if (r0 + row < vis_s[tk]) {
+            if (r0 + row >= lo_s[tk] && r0 + row < vis_s[tk]) {
                 float s = 0.f;
                 for (int j = tk * tiles_per_token; j < (tk + 1) * tiles_per_token; ++j) s += part[j * DSK_IDXM_ROWS + row];
                 out[os_s[tk] + r0 + row] = s;
@@ -1342,12 +1349,13 @@ __device__ __forceinline__ void dsk_idxh_run(
 // Arguments as dsk_indexer_scores_mma (fmt must be DSK_KV_FP8_INDEXER) plus the token count; grid
 // y = token groups (launch/attention.rs: indexer_f16_group_tokens). Shared memory: ks [64][136]
 // f16 | ksc [64] | part [DSK_IDXT_NTILES][64] | ws [DSK_IDXT_COLS] | unscale, then i64 out starts,
-// i32 visible counts, table starts and query exponents [DSK_IDXT_MAX_TOKENS] | qs [group tokens x
-// heads8][136] f16 (launch/attention.rs: indexer_mma_f16_smem_bytes).
+// i32 visible counts, table starts, query exponents and first rows [DSK_IDXT_MAX_TOKENS] | qs
+// [group tokens x heads8][136] f16 (launch/attention.rs: indexer_mma_f16_smem_bytes).
 extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_mma_f16(
     const float *__restrict__ pool, const float *__restrict__ q, const float *__restrict__ w,
     const unsigned int *__restrict__ bt, const int *__restrict__ bt_start,
-    const int *__restrict__ visible, const long long *__restrict__ out_start, long long fpb,
+    const int *__restrict__ visible, const int *__restrict__ row_lo,
+    const long long *__restrict__ out_start, long long fpb,
     int bs, long long base, int ratio, int stride, int heads, int dim, float scale,
     float *__restrict__ out, int fmt, int tokens) {
     dsk_pdl_entry();
@@ -1363,7 +1371,8 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_mma_f16(
     int *vis_s = reinterpret_cast<int *>(os_s + DSK_IDXT_MAX_TOKENS);
     int *bts_s = vis_s + DSK_IDXT_MAX_TOKENS;
     int *exp_s = bts_s + DSK_IDXT_MAX_TOKENS;
-    unsigned short *qs = reinterpret_cast<unsigned short *>(exp_s + DSK_IDXT_MAX_TOKENS);
+    int *lo_s = exp_s + DSK_IDXT_MAX_TOKENS;
+    unsigned short *qs = reinterpret_cast<unsigned short *>(lo_s + DSK_IDXT_MAX_TOKENS);
     (void)fmt;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int hp = (heads + 7) & ~7, group = min(DSK_IDXT_COLS / hp, DSK_IDXT_MAX_TOKENS);
@@ -1371,13 +1380,18 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_mma_f16(
     if (count <= 0) return;
     if (tid < count) {
         vis_s[tid] = visible[t0 + tid];
+        lo_s[tid] = row_lo ? row_lo[t0 + tid] : 0;
         bts_s[tid] = bt_start[t0 + tid];
         os_s[tid] = out_start[t0 + tid];
     }
     __syncthreads();
-    int most = 0;
-    for (int k = 0; k < count; ++k) most = max(most, vis_s[k]);
-    if ((int)blockIdx.x * DSK_IDXM_ROWS >= most) return;  // the whole block: no tile of its own
+    // Every run's rows lie in [first, most): a block past that span has no tile of its own.
+    int first = lo_s[0], most = 0;
+    for (int k = 0; k < count; ++k) {
+        first = min(first, lo_s[k]);
+        most = max(most, vis_s[k]);
+    }
+    if (first + (int)blockIdx.x * DSK_IDXM_ROWS >= most) return;
     // Per token (a warp each): 2^e with max|q| 2^e in [2^14, 2^15), e = 14 - floor(log2 max|q|),
     // kept where f32 powers of two exist.
     for (int k = warp; k < count; k += 8) {
@@ -1409,10 +1423,13 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_mma_f16(
     // Runs of tokens sharing a block table, one after another (each tile starts with a
     // __syncthreads, which orders the stores above before its readers).
     for (int lo = 0; lo < count;) {
-        int hi = lo + 1, rvis = vis_s[lo];
-        while (hi < count && bts_s[hi] == bts_s[lo]) rvis = max(rvis, vis_s[hi++]);
-        dsk_idxh_run(pool, bt + bts_s[lo], fpb, bs, base, ratio, stride, hp, dim, scale, out, rvis, lo, hi,
-                     ks, ksc, part, ws, unscale, qs, vis_s, os_s);
+        int hi = lo + 1, rlo = lo_s[lo], rvis = vis_s[lo];
+        while (hi < count && bts_s[hi] == bts_s[lo]) {
+            rlo = min(rlo, lo_s[hi]);
+            rvis = max(rvis, vis_s[hi++]);
+        }
+        dsk_idxh_run(pool, bt + bts_s[lo], fpb, bs, base, ratio, stride, hp, dim, scale, out, rlo, rvis, lo,
+                     hi, ks, ksc, part, ws, unscale, qs, lo_s, vis_s, os_s);
         lo = hi;
     }
 }
@@ -1436,11 +1453,20 @@ __device__ __forceinline__ unsigned int dsk_f32_order_key(float f) {
 // select's candidates, so its second stage sees them in index order). The index written for
 // position i is map[i] with a map, index_base + i without one. Rows past min(k, n) are left
 // untouched. Every thread of the block must call it with the same arguments (it synchronises
-// the block).
-__device__ __forceinline__ void dsk_topk_block(const float *__restrict__ v, int n, int k,
-                                               int *__restrict__ oi, float *__restrict__ ov,
-                                               const int *__restrict__ map, int index_base,
-                                               bool index_order) {
+// the block). The list is read through `src` (DskTopkList: one array; DskTopkRanks: the
+// candidates of a tensor-parallel group's ranks as gathered), which gives position i's value
+// and the index written for it.
+struct DskTopkList {
+    const float *__restrict__ v;
+    const int *__restrict__ map;
+    int index_base;
+    __device__ __forceinline__ float value(int i) const { return v[i]; }
+    __device__ __forceinline__ int index(int i) const { return map ? map[i] : index_base + i; }
+};
+
+template <class Src>
+__device__ __forceinline__ void dsk_topk_block_of(const Src &src, int n, int k, int *__restrict__ oi,
+                                                  float *__restrict__ ov, bool index_order) {
     // One histogram per warp, filled with warp-aggregated increments: the first passes see
     // nearly every score in a handful of bins, which a shared histogram would serialise.
     __shared__ unsigned int warp_hist[32][256];
@@ -1458,6 +1484,19 @@ __device__ __forceinline__ void dsk_topk_block(const float *__restrict__ v, int 
         remaining = kk;
     }
     const int warps = blockDim.x >> 5;
+    // A list of up to one unrolled slice (a segment, a round's block, a decode token's scores,
+    // the ranks' candidates) is read once into registers and kept for every pass: each pass
+    // re-reading it cost a global load latency, and the chained selects of a long list are
+    // latency-bound.
+    const bool resident = n <= (int)blockDim.x * DSK_TOPK_UNROLL;
+    float kept[DSK_TOPK_UNROLL];
+    if (resident) {
+#pragma unroll
+        for (int u = 0; u < DSK_TOPK_UNROLL; ++u) {
+            const int i = u * blockDim.x + tid;
+            kept[u] = i < n ? src.value(i) : 0.f;
+        }
+    }
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int b = tid; b < 256 * warps; b += blockDim.x) warp_hist[b >> 8][b & 255] = 0u;
         __syncthreads();
@@ -1472,7 +1511,7 @@ __device__ __forceinline__ void dsk_topk_block(const float *__restrict__ v, int 
 #pragma unroll
             for (int u = 0; u < DSK_TOPK_UNROLL; ++u) {
                 const int i = i0 + u * blockDim.x + tid;
-                x[u] = i < n ? v[i] : 0.f;
+                x[u] = resident ? kept[u] : i < n ? src.value(i) : 0.f;
             }
 #pragma unroll
             for (int u = 0; u < DSK_TOPK_UNROLL; ++u) {
@@ -1547,7 +1586,7 @@ __device__ __forceinline__ void dsk_topk_block(const float *__restrict__ v, int 
 #pragma unroll
         for (int u = 0; u < DSK_TOPK_UNROLL; ++u) {
             const int i = c0 + u * blockDim.x + tid;
-            xs[u] = i < n ? v[i] : 0.f;
+            xs[u] = resident ? kept[u] : i < n ? src.value(i) : 0.f;
         }
 #pragma unroll
         for (int u = 0; u < DSK_TOPK_UNROLL; ++u) {
@@ -1574,12 +1613,12 @@ __device__ __forceinline__ void dsk_topk_block(const float *__restrict__ v, int 
             const int eq_before = off_eq + __popc(be & below);
             if (gt) {
                 const int at = index_order ? gt_before + min(eq_before, ties) : gt_before;
-                oi[at] = map ? map[i] : index_base + i;
+                oi[at] = src.index(i);
                 ov[at] = x;
             }
             if (eq && eq_before < ties) {
                 const int at = (index_order ? gt_before : above) + eq_before;
-                oi[at] = map ? map[i] : index_base + i;
+                oi[at] = src.index(i);
                 ov[at] = x;
             }
             __syncthreads();
@@ -1594,21 +1633,31 @@ __device__ __forceinline__ void dsk_topk_block(const float *__restrict__ v, int 
     }
 }
 
+__device__ __forceinline__ void dsk_topk_block(const float *__restrict__ v, int n, int k,
+                                               int *__restrict__ oi, float *__restrict__ ov,
+                                               const int *__restrict__ map, int index_base,
+                                               bool index_order) {
+    dsk_topk_block_of(DskTopkList{v, map, index_base}, n, k, oi, ov, index_order);
+}
+
 // Top-k of each token's scores (scores[starts[t] .. + counts[t]]), one block of 1024 threads per
 // token (dsk_topk_block), written to out_idx / out_val [tokens, k]: the indices above the k-th
-// value in index order, then its lowest-indexed ties in index order.
+// value in index order, then its lowest-indexed ties in index order; with index_order, all of
+// them in index order (a rank's share, merged by dsk_topk_merge_ranks_f32). Position i of a
+// token's list is row index_base[t] + i (i where index_base is null).
 extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_f32(
     const float *__restrict__ scores, const long long *__restrict__ starts,
     const int *__restrict__ counts, int k, int *__restrict__ out_idx,
-    float *__restrict__ out_val) {
+    float *__restrict__ out_val, const int *__restrict__ index_base, int index_order) {
     dsk_pdl_entry();
     const int t = blockIdx.x;
     dsk_topk_block(scores + starts[t], counts[t], k, out_idx + (long long)t * k,
-                   out_val + (long long)t * k, nullptr, 0, false);
+                   out_val + (long long)t * k, nullptr, index_base ? index_base[t] : 0, index_order != 0);
 }
 
 // Two-stage select for long lists, stage 1: block (s, t) keeps the top kseg = min(k, SEG) of
-// segment s (scores [s * SEG, min((s + 1) * SEG, n))) of token t, values and GLOBAL indices all
+// segment s (scores [s * SEG, min((s + 1) * SEG, n))) of token t, values and GLOBAL indices
+// (index_base[t] + position, as dsk_topk_select_f32) all
 // in index order (ties not last) at candidates (t * max_segs + s) * kseg of cand_val / cand_idx. Every segment but
 // a token's last is full, so it keeps exactly kseg and a token's candidates are contiguous:
 // (segs - 1) * kseg + min(kseg, last segment's length), in global index order. A row of the
@@ -1617,7 +1666,7 @@ extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_f32(
 extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_segments_f32(
     const float *__restrict__ scores, const long long *__restrict__ starts,
     const int *__restrict__ counts, int k, int max_segs, int *__restrict__ cand_idx,
-    float *__restrict__ cand_val) {
+    float *__restrict__ cand_val, const int *__restrict__ index_base) {
     dsk_pdl_entry();
     const int s = blockIdx.x, t = blockIdx.y;
     const int n = min(counts[t], max_segs * DSK_TOPK_SEG);
@@ -1626,7 +1675,7 @@ extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_segments_f32(
     const int kseg = min(k, DSK_TOPK_SEG);
     const long long at = ((long long)t * max_segs + s) * kseg;
     dsk_topk_block(scores + starts[t] + lo, min(DSK_TOPK_SEG, n - lo), kseg, cand_idx + at,
-                   cand_val + at, nullptr, lo, true);
+                   cand_val + at, nullptr, (index_base ? index_base[t] : 0) + lo, true);
 }
 
 // Candidates a token with n scores has after `level` rounds of keeping the top kseg of every
@@ -1663,11 +1712,12 @@ extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_reduce_f32(
 // The last round: one block per token selects the top k of its m = dsk_topk_level_count(n, k,
 // level) candidates (at t * stride, at most a segment of them). They are in global index order,
 // so "ties to the lower position" is "ties to the lower row" and position order is index order:
-// the rows written are the candidates' global indices, in dsk_topk_select_f32's order.
+// the rows written are the candidates' global indices, in dsk_topk_select_f32's order (all in
+// index order with index_order).
 extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_merge_f32(
     const int *__restrict__ counts, int k, int max_segs, int level, long long stride,
     const int *__restrict__ cand_idx, const float *__restrict__ cand_val,
-    int *__restrict__ out_idx, float *__restrict__ out_val) {
+    int *__restrict__ out_idx, float *__restrict__ out_val, int index_order) {
     dsk_pdl_entry();
     const int t = blockIdx.x;
     const int kseg = min(k, DSK_TOPK_SEG);
@@ -1675,5 +1725,36 @@ extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_merge_f32(
     if (m <= 0) return;
     const long long at = (long long)t * stride;
     dsk_topk_block(cand_val + at, m, k, out_idx + (long long)t * k, out_val + (long long)t * k,
-                   cand_idx + at, 0, false);
+                   cand_idx + at, 0, index_order != 0);
+}
+
+// The candidates of the ranks of a tensor-parallel group, each having selected (in index order)
+// the top k of its share of a token's rows, as an all-gather leaves them: rank r's block of
+// 2 * tokens * k words holds its values [tokens][k] then its indices [tokens][k] (i32 bits).
+// Shares are contiguous, rank after rank, and every rank before the last with rows holds at
+// least k of them (launch/attention.rs: indexer_row_share), so a token's candidates are rank
+// 0's k, rank 1's k, .. in global index order: position i is slot i % k of rank i / k.
+struct DskTopkRanks {
+    const float *__restrict__ g;
+    long long rank_words, index_words, token;
+    int k;
+    __device__ __forceinline__ long long at(int i) const {
+        const int r = i / k;
+        return r * rank_words + token + (i - r * k);
+    }
+    __device__ __forceinline__ float value(int i) const { return g[at(i)]; }
+    __device__ __forceinline__ int index(int i) const { return __float_as_int(g[at(i) + index_words]); }
+};
+
+// The top k of each token's gathered candidates (counts[t] of them: the sum over ranks of
+// min(k, its share)), one block per token, written as dsk_topk_select_f32 writes the top k of
+// the whole list: ties at the k-th value go to the lower row, as in one select over all rows.
+extern "C" __global__ void __launch_bounds__(1024) dsk_topk_merge_ranks_f32(
+    const float *__restrict__ gathered, const int *__restrict__ counts, int tokens, int k,
+    int *__restrict__ out_idx, float *__restrict__ out_val) {
+    dsk_pdl_entry();
+    const int t = blockIdx.x;
+    const long long tk = (long long)tokens * k;
+    const DskTopkRanks src{gathered, 2 * tk, tk, (long long)t * k, k};
+    dsk_topk_block_of(src, counts[t], k, out_idx + (long long)t * k, out_val + (long long)t * k, false);
 }

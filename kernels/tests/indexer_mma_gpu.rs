@@ -9,6 +9,9 @@
 //! power of two into f16's range, groups of neighbouring tokens sharing each key tile), under the
 //! same bounds, since it keeps the same 11 significant bits of each query value; prefill chunks
 //! whose tokens share a block table, next to tokens with tables of their own, check its groups.
+//! Every case is also scored in the shares a tensor-parallel group's ranks take when they split
+//! the rows (`IndexerScores::row_starts`): bit-identical to the whole launch inside a share,
+//! nothing written outside it.
 //! Skips (passes with a SKIP line) where there is no GPU.
 //!
 //! Bounds, per score, relative to the magnitude behind it (`mag = sum_h |w_h| scale sum_d |q k|`):
@@ -30,7 +33,7 @@ use dspark_kernels::launch::attention::{
 use dspark_kernels::{IndexerScores, KvRowFormat};
 
 mod common;
-use common::{gpu, Gpu, Rng};
+use common::{check_row_shares, gpu, Gpu, Rng};
 
 use KvRowFormat::{Bf16, Fp8Indexer, F32};
 
@@ -161,6 +164,7 @@ fn mma_case_in(
         block_tables: g.ptr(&bt_d),
         block_table_starts: g.ptr(&bts_d),
         visible: g.ptr(&vis_d),
+        row_starts: 0,
         out_starts: g.ptr(&os_d),
         out: g.ptr(&out_d),
         tokens,
@@ -246,9 +250,19 @@ fn mma_case_in(
         got[total as usize..].iter().all(|x| x.is_nan()),
         "{format:?} heads={heads} dim={dim}: scores written past the last row"
     );
+    let shares = check_row_shares(
+        g,
+        &call,
+        visible,
+        &out_starts,
+        total as usize + 16,
+        &got,
+        &format!("{format:?} heads={heads} dim={dim}"),
+    );
     eprintln!(
         "indexer mma {format:?} heads={heads} dim={dim} tokens={tokens} in {seqs} sequences (f16 \
-         form: {}): worst {worst:.2e} of bound {tol:.2e}, vs TF32-rounded {worst_tf32:.2e}",
+         form: {}): worst {worst:.2e} of bound {tol:.2e}, vs TF32-rounded {worst_tf32:.2e}; \
+         {shares} rank-share launches bit-identical",
         f16_form
     );
     (worst, worst_tf32)

@@ -9,6 +9,8 @@
 //!   host-decoded rows (max |got - want| / max |want| < 1e-4), and each score within 1e-5 of the
 //!   magnitude behind it (`sum_h |w_h| scale sum_d |q k|`: f32 accumulation only, as
 //!   tests/indexer_mma_gpu.rs bounds it);
+//! - the shares of the rows a tensor-parallel group's ranks take (`IndexerScores::row_starts`)
+//!   are bit-identical to the whole launch inside each share, and nothing else is written;
 //! - every visible row is written and nothing else: NaN sentinels between the tokens' score
 //!   ranges and after the last stay NaN. (That each row is written exactly once, not twice with
 //!   the same value, is checked by the CPU emulator, kernels/tools/indexer_tiled_emu.cpp, which
@@ -28,7 +30,7 @@ use dspark_kernels::launch::attention::{
 use dspark_kernels::{IndexerScores, KvRowFormat};
 
 mod common;
-use common::{gpu, Gpu, Rng};
+use common::{check_row_shares, gpu, Gpu, Rng};
 
 use KvRowFormat::{Bf16, Fp8Indexer, F32};
 
@@ -164,6 +166,7 @@ impl Case {
             block_tables: g.ptr(&self.bufs.bt),
             block_table_starts: g.ptr(&self.bufs.bt_starts),
             visible: g.ptr(&self.bufs.vis),
+            row_starts: 0,
             out_starts: g.ptr(&self.bufs.out_starts),
             out: g.ptr(&self.bufs.out),
             tokens: self.visible.len(),
@@ -288,9 +291,23 @@ fn tiled_16_row_scores_are_bit_identical_to_64_row_and_match_f64() {
             );
             let oa = c.run(&mut g, IndexerTileChoice::Auto);
             assert!(oa.iter().zip(&o64).all(|(a, b)| a.to_bits() == b.to_bits()));
+            // The ranks' shares of the rows (IndexerScores::row_starts) in both tile heights.
+            for tile in [IndexerTile::Rows64, IndexerTile::Rows16] {
+                g.k.set_indexer_tile_choice(IndexerTileChoice::Force(tile));
+                check_row_shares(
+                    &g,
+                    &c.call(&g),
+                    &c.visible,
+                    &c.out_starts,
+                    c.out_len,
+                    &o64,
+                    &format!("{label} {tile:?}"),
+                );
+            }
+            g.k.set_indexer_tile_choice(IndexerTileChoice::Auto);
             eprintln!(
-                "{label}: bit-identical; vs f64 {rel64:.2e} (bound 1e-4), per score {mag64:.2e} \
-                 of magnitude; auto picks {picked:?}"
+                "{label}: bit-identical, rank shares too; vs f64 {rel64:.2e} (bound 1e-4), per \
+                 score {mag64:.2e} of magnitude; auto picks {picked:?}"
             );
         }
     }

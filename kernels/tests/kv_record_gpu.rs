@@ -724,6 +724,7 @@ fn indexer_case(
         block_tables: g.ptr(&bt_d),
         block_table_starts: g.ptr(&bts_d),
         visible: g.ptr(&vis_d),
+        row_starts: 0,
         out_starts: g.ptr(&os_d),
         out: g.ptr(&out_d),
         tokens,

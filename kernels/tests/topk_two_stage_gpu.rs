@@ -9,13 +9,19 @@
 //! bits on random lists of 262,144 (a 1M-context decode), 70,000 and 2 * 4096 + 1 scores, tokens
 //! of different counts in one launch (below k, exactly k, 1 and 0 included), heavy ties (7 and
 //! 2 distinct values), ties at the k-th value spread over segment boundaries, -inf (as the k-th
-//! value too), -0.0 next to +0.0 and negative values. Skips (passes with a SKIP line) where
+//! value too), -0.0 next to +0.0 and negative values. The split select of a tensor-parallel
+//! group (each rank's top k of its share of the rows in index order, then
+//! `Kernels::topk_merge_ranks` over the ranks' candidates as gathered) equals the same reference
+//! exactly, for 2 and 3 ranks, ties straddling the share boundary included. Skips (passes with a SKIP line) where
 //! there is no GPU.
 
 use dspark_kernels::launch::attention::{
     topk_two_stage, TOPK_SEGMENT, TOPK_SINGLE_MAX_COUNT, TOPK_TWO_STAGE_MAX_TOKENS,
 };
-use dspark_kernels::{reference, topk_select_workspace_bytes, TopKSelect};
+use dspark_kernels::{
+    indexer_rank_candidates, indexer_row_share, reference, topk_select_workspace_bytes,
+    TopKMergeRanks, TopKSelect,
+};
 
 mod common;
 use common::{gpu, Gpu, Rng};
@@ -53,6 +59,8 @@ fn select(g: &Gpu, lists: &[Vec<f32>], tokens: usize, k: usize) -> (Vec<i32>, Ve
         out_val: g.ptr(&val),
         max_count,
         workspace: if bytes > 0 { g.ptr(&work) } else { 0 },
+        index_base: 0,
+        index_order: false,
     };
     // SAFETY: each token's scores lie inside `flat`, idx / val hold tokens * k, max_count is the
     // largest count and `work` holds the workspace for it.
@@ -232,4 +240,359 @@ fn two_stage_select_equals_single_block_and_reference() {
         .map(|t| random_list(&mut rng, 2 * seg + 1 + 997 * t, 1.0))
         .collect();
     check(&g, "128 tokens", &many, k);
+}
+
+/// The select of a tensor-parallel group whose ranks split each token's scores
+/// ([`indexer_row_share`]): every rank's top k of its share (index order, rows numbered from the
+/// share's start), the ranks' outputs concatenated as an all-gather leaves them, then
+/// `topk_merge_ranks` over them. Returns out_idx and out_val, `[tokens, k]`, of the merge.
+fn select_in_shares(
+    g: &Gpu,
+    lists: &[Vec<f32>],
+    tokens: usize,
+    k: usize,
+    ranks: usize,
+) -> (Vec<i32>, Vec<f32>) {
+    let mut flat = Vec::new();
+    let mut list_starts = Vec::new();
+    for t in 0..tokens {
+        list_starts.push(flat.len() as i64);
+        flat.extend_from_slice(lists.get(t).map_or(&[][..], |l| &l[..]));
+    }
+    flat.push(0.0);
+    let count = |t: usize| lists.get(t).map_or(0, Vec::len);
+    let sd = g.up(&flat);
+    let mut gathered: Vec<f32> = Vec::new();
+    for rank in 0..ranks {
+        let shares: Vec<(usize, usize)> = (0..tokens)
+            .map(|t| indexer_row_share(count(t), k, ranks, rank))
+            .collect();
+        let starts: Vec<i64> = (0..tokens)
+            .map(|t| list_starts[t] + shares[t].0 as i64)
+            .collect();
+        let counts: Vec<i32> = shares.iter().map(|&(s, e)| (e - s) as i32).collect();
+        let bases: Vec<i32> = shares.iter().map(|&(s, _)| s as i32).collect();
+        let max_count = shares.iter().map(|&(s, e)| e - s).max().unwrap_or(0);
+        let bytes = topk_select_workspace_bytes(tokens, max_count, k);
+        let (std_, cd, bd) = (g.up(&starts), g.up(&counts), g.up(&bases));
+        // NaN where a rank writes nothing: a merge reading past a rank's candidates would take it.
+        let send = g.up(&vec![f32::NAN; 2 * tokens * k]);
+        let work = g.up(&vec![f32::NAN; bytes.div_ceil(4).max(1)]);
+        let call = TopKSelect {
+            scores: g.ptr(&sd),
+            starts: g.ptr(&std_),
+            counts: g.ptr(&cd),
+            tokens,
+            k,
+            out_val: g.ptr(&send),
+            out_idx: g.ptr(&send) + (tokens * k * 4) as u64,
+            max_count,
+            workspace: if bytes > 0 { g.ptr(&work) } else { 0 },
+            index_base: g.ptr(&bd),
+            index_order: true,
+        };
+        // SAFETY: each share lies inside `flat`, send holds 2 tokens k, max_count is the largest
+        // share and `work` holds the workspace for it.
+        unsafe { g.k.topk_select(&g.s, &call) }.unwrap();
+        gathered.extend(g.down(&send));
+    }
+    let candidates: Vec<i32> = (0..tokens)
+        .map(|t| indexer_rank_candidates(count(t), k, ranks) as i32)
+        .collect();
+    let (gd, cd) = (g.up(&gathered), g.up(&candidates));
+    let idx = g.up(&vec![SENTINEL_IDX; tokens * k]);
+    let val = g.up(&vec![SENTINEL_VAL; tokens * k]);
+    let merge = TopKMergeRanks {
+        gathered: g.ptr(&gd),
+        counts: g.ptr(&cd),
+        tokens,
+        k,
+        out_idx: g.ptr(&idx),
+        out_val: g.ptr(&val),
+    };
+    // SAFETY: gathered holds every rank's 2 tokens k words; no count exceeds ranks k.
+    unsafe { g.k.topk_merge_ranks(&g.s, &merge) }.unwrap();
+    (g.down(&idx), g.down(&val))
+}
+
+/// The split select over `lists` equals the reference exactly, with each rank's share through
+/// the two stages (the lists as given, where a share is long) and through the single block
+/// (padded past TOPK_TWO_STAGE_MAX_TOKENS tokens).
+fn check_shares(g: &Gpu, name: &str, lists: &[Vec<f32>], k: usize, ranks: usize) {
+    let padded = TOPK_TWO_STAGE_MAX_TOKENS + 1;
+    let runs = [
+        ("shares", select_in_shares(g, lists, lists.len(), k, ranks)),
+        (
+            "single-block shares",
+            select_in_shares(g, lists, padded, k, ranks),
+        ),
+    ];
+    for (t, list) in lists.iter().enumerate() {
+        let want = written_order(reference::topk(list, k));
+        for (which, (idx, val)) in &runs {
+            for j in 0..k {
+                let (gi, gv) = (idx[t * k + j], val[t * k + j]);
+                match want.get(j) {
+                    Some(&(wv, wi)) => assert!(
+                        gi == wi && gv.to_bits() == wv.to_bits(),
+                        "{name} {which} ({ranks} ranks): token {t} ({} scores) row {j}: ({gi}, \
+                         {gv}) vs ({wi}, {wv})",
+                        list.len()
+                    ),
+                    None => assert!(
+                        gi == SENTINEL_IDX && gv.to_bits() == SENTINEL_VAL.to_bits(),
+                        "{name} {which} ({ranks} ranks): token {t} ({} scores) wrote row {j} \
+                         past min(k, count)",
+                        list.len()
+                    ),
+                }
+            }
+        }
+    }
+    eprintln!(
+        "top-k {name}: {} tokens over {ranks} ranks' shares, k {k}: exact",
+        lists.len()
+    );
+}
+
+/// A tensor-parallel group's split select (each rank's top k of its share of the rows, gathered
+/// and merged) writes exactly what one select over the whole lists writes: the same rows in the
+/// same order, ties at the k-th value to the lower row even where they straddle two shares.
+#[test]
+fn rank_shares_merged_equal_one_select() {
+    let Some(g) = gpu("rank_shares_merged_equal_one_select") else {
+        return;
+    };
+    let mut rng = Rng(0x70b5_e1ec_7002);
+    let k = 512;
+    // The shares of each rank are max(ceil(n / ranks), k) rows.
+    assert_eq!(indexer_row_share(262_144, k, 2, 1), (131_072, 262_144));
+    assert_eq!(indexer_row_share(700, k, 2, 0), (0, 512));
+    assert_eq!(indexer_row_share(700, k, 2, 1), (512, 700));
+    assert_eq!(indexer_row_share(300, k, 2, 1), (300, 300));
+    assert_eq!(indexer_rank_candidates(700, k, 2), 700);
+    assert_eq!(indexer_rank_candidates(262_144, k, 2), 1024);
+    assert_eq!(indexer_rank_candidates(300, k, 3), 300);
+    for ranks in [2, 3] {
+        // A 1M-context decode, long and short lists, exactly k, 2 k, 2 k + 1, below k, 1, 0.
+        let mixed = vec![
+            random_list(&mut rng, 262_144, 3.0),
+            random_list(&mut rng, 70_000, 3.0),
+            random_list(&mut rng, 2 * k + 1, 3.0),
+            random_list(&mut rng, 2 * k, 3.0),
+            random_list(&mut rng, k + 188, 3.0),
+            random_list(&mut rng, k, 3.0),
+            random_list(&mut rng, 100, 3.0),
+            random_list(&mut rng, 1, 3.0),
+            Vec::new(),
+        ];
+        check_shares(&g, "random mixed counts", &mixed, k, ranks);
+        // Heavy ties: 3 distinct values, so the k-th value's ties fill every share.
+        let vals = [-1.0f32, 0.0, 1.0];
+        let ties: Vec<Vec<f32>> = [70_000, 5_000, 1_500, 700]
+            .iter()
+            .map(|&n| (0..n).map(|_| vals[rng.below(3)]).collect())
+            .collect();
+        check_shares(&g, "3 distinct values", &ties, k, ranks);
+        // k - 10 rows above, then ties at the k-th value on both sides of the share boundary.
+        let n = 70_000;
+        let mut v: Vec<f32> = (0..n).map(|_| -2.0 - rng.uniform(0.0, 1.0)).collect();
+        for (i, x) in v.iter_mut().take(k - 10).enumerate() {
+            *x = 1.0 + i as f32;
+        }
+        let boundary = indexer_row_share(n, k, ranks, 1).0;
+        for x in &mut v[boundary - 20..boundary + 20] {
+            *x = 0.5;
+        }
+        // -inf below fewer than k finite scores.
+        let mut few = vec![f32::NEG_INFINITY; 20_000];
+        for x in few.iter_mut().step_by(97) {
+            *x = rng.uniform(-5.0, 5.0);
+        }
+        check_shares(
+            &g,
+            "ties across the share boundary, -inf",
+            &[v, few],
+            k,
+            ranks,
+        );
+        check_shares(
+            &g,
+            "k 100",
+            &[
+                random_list(&mut rng, 9_000, 1.0),
+                random_list(&mut rng, 150, 1.0),
+            ],
+            100,
+            ranks,
+        );
+    }
+}
+
+/// Microseconds per decode token and CSA layer of the indexer's scores and select, as a rank of
+/// a TP=2 group runs them, over FP8 rows on the tensor cores (`--nocapture` prints them):
+/// - heads split (each rank 32 of the 64 heads over every row, the scores then all-reduced, and
+///   every rank selecting from all of them),
+/// - whole (a rank with all 64 heads over every row, no exchange: short contexts),
+/// - rows split (64 heads over the rank's share, its top k in index order, then the merge of
+///   both ranks' candidates).
+///
+/// The collectives are not in these figures (an all-reduce of the scores against an all-gather
+/// of 2 k candidates per rank).
+#[test]
+fn split_indexer_timing() {
+    let Some(g) = gpu("split_indexer_timing") else {
+        return;
+    };
+    use cudarc::driver::sys::CUevent_flags;
+    use dspark_kernels::{IndexerScores, KvRowFormat};
+    let mut rng = Rng(0x70b5_e1ec_7003);
+    let (heads, dim, k, bs, ratio) = (64, 128, 512, 128, 4);
+    let format = KvRowFormat::Fp8Indexer;
+    let stride = format.slots(dim);
+    let rows_per_block = bs / ratio;
+    let base = 5;
+    let fpb = base + rows_per_block * stride + 3;
+    let max_rows = 262_144;
+    let blocks = max_rows / rows_per_block;
+    let mut pool = vec![0f32; blocks * fpb];
+    for b in 0..blocks {
+        for s in 0..rows_per_block {
+            let row = rng.signed_vec(dim, 1.0);
+            let at = b * fpb + base + s * stride;
+            format.encode(&row, &mut pool[at..at + stride]);
+        }
+    }
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let pool_d = g.up(&pool);
+    let bt_d = g.up(&table);
+    let q_d = g.up(&rng.signed_vec(heads * dim, 1.0));
+    let w_d = g.up(&rng.signed_vec(heads, 1.0));
+    let zero_i32 = g.up(&[0i32]);
+    let zero_i64 = g.up(&[0i64]);
+    let scores = g.up(&vec![0f32; max_rows]);
+    let send = g.up(&vec![0f32; 4 * k]);
+    let out_idx = g.up(&vec![0i32; k]);
+    let out_val = g.up(&vec![0f32; k]);
+    let reps = 100;
+    for rows in [2_048usize, 32_768, 262_144] {
+        let (share_start, share_end) = indexer_row_share(rows, k, 2, 1);
+        let share = share_end - share_start;
+        let vis_d = g.up(&[rows as i32]);
+        let share_start_d = g.up(&[share_start as i32]);
+        let share_count_d = g.up(&[share as i32]);
+        let share_end_d = g.up(&[share_end as i32]);
+        let share_at_d = g.up(&[share_start as i64]);
+        let cand_d = g.up(&[indexer_rank_candidates(rows, k, 2) as i32]);
+        let work = g.up(&vec![
+            0f32;
+            topk_select_workspace_bytes(1, rows, k)
+                .div_ceil(4)
+                .max(1)
+        ]);
+        let scoring = |heads: usize, row_starts, visible, max_visible| IndexerScores {
+            pool: g.ptr(&pool_d),
+            q: g.ptr(&q_d),
+            weights: g.ptr(&w_d),
+            block_tables: g.ptr(&bt_d),
+            block_table_starts: g.ptr(&zero_i32),
+            visible,
+            row_starts,
+            out_starts: g.ptr(&zero_i64),
+            out: g.ptr(&scores),
+            tokens: 1,
+            max_visible,
+            floats_per_block: fpb,
+            block_size: bs,
+            base,
+            ratio,
+            stride,
+            heads,
+            dim,
+            scale: (dim as f32).powf(-0.5),
+            format,
+            tensor_cores: true,
+        };
+        let select = TopKSelect {
+            scores: g.ptr(&scores),
+            starts: g.ptr(&zero_i64),
+            counts: g.ptr(&vis_d),
+            tokens: 1,
+            k,
+            out_idx: g.ptr(&out_idx),
+            out_val: g.ptr(&out_val),
+            max_count: rows,
+            workspace: g.ptr(&work),
+            index_base: 0,
+            index_order: false,
+        };
+        let share_select = TopKSelect {
+            starts: g.ptr(&share_at_d),
+            counts: g.ptr(&share_count_d),
+            out_val: g.ptr(&send),
+            out_idx: g.ptr(&send) + (k * 4) as u64,
+            max_count: share,
+            index_base: g.ptr(&share_start_d),
+            index_order: true,
+            ..select
+        };
+        let merge = TopKMergeRanks {
+            gathered: g.ptr(&send),
+            counts: g.ptr(&cand_d),
+            tokens: 1,
+            k,
+            out_idx: g.ptr(&out_idx),
+            out_val: g.ptr(&out_val),
+        };
+        let time = |f: &dyn Fn()| {
+            f();
+            let ev = || {
+                g.ctx
+                    .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                    .unwrap()
+            };
+            let (start, end) = (ev(), ev());
+            start.record(&g.s).unwrap();
+            for _ in 0..reps {
+                f();
+            }
+            end.record(&g.s).unwrap();
+            g.s.synchronize().unwrap();
+            f64::from(start.elapsed_ms(&end).unwrap()) * 1000.0 / reps as f64
+        };
+        // SAFETY (all three): the pool holds every row the table addresses, scores `rows`
+        // floats, the workspace is sized for `rows`, send 2 k values and indices (the merge
+        // reads it as both ranks' candidates).
+        let heads_split = time(&|| unsafe {
+            g.k.indexer_scores(&g.s, &scoring(32, 0, g.ptr(&vis_d), rows))
+                .unwrap();
+            g.k.topk_select(&g.s, &select).unwrap();
+        });
+        let whole = time(&|| unsafe {
+            g.k.indexer_scores(&g.s, &scoring(64, 0, g.ptr(&vis_d), rows))
+                .unwrap();
+            g.k.topk_select(&g.s, &select).unwrap();
+        });
+        let scores_only = time(&|| unsafe {
+            g.k.indexer_scores(
+                &g.s,
+                &scoring(64, g.ptr(&share_start_d), g.ptr(&share_end_d), share),
+            )
+            .unwrap();
+        });
+        let rows_split = time(&|| unsafe {
+            g.k.indexer_scores(
+                &g.s,
+                &scoring(64, g.ptr(&share_start_d), g.ptr(&share_end_d), share),
+            )
+            .unwrap();
+            g.k.topk_select(&g.s, &share_select).unwrap();
+            g.k.topk_merge_ranks(&g.s, &merge).unwrap();
+        });
+        eprintln!(
+            "indexer at {rows} rows, one decode token, a rank of TP=2: heads split {heads_split:.1} \
+             us, whole {whole:.1} us, rows split {rows_split:.1} us (its scores {scores_only:.1} \
+             us); collectives not included"
+        );
+    }
 }

@@ -45,6 +45,7 @@ inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
 inline float __int_as_float(unsigned u) { return __uint_as_float(u); }
+inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }
 inline unsigned emu_float_bits(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
 
 // common.cuh helpers.

@@ -143,13 +143,13 @@ static void run_case(Rng &rng, int fmt, int heads, int dim, std::vector<int> vis
     if (f16) {
         launch(D3{(unsigned)blocks, (unsigned)((tokens + group - 1) / group), 1}, 256, [&] {
             dsk_indexer_scores_mma_f16(pool.data(), q.data(), w.data(), bt.data(), bt_start.data(), vis.data(),
-                                       out_start.data(), fpb, bs, base, ratio, stride, heads, dim, scale, out.data(),
+                                       nullptr, out_start.data(), fpb, bs, base, ratio, stride, heads, dim, scale, out.data(),
                                        fmt, tokens);
         });
     } else {
         launch(D3{(unsigned)blocks, (unsigned)tokens, 1}, 256, [&] {
             dsk_indexer_scores_mma(pool.data(), q.data(), w.data(), bt.data(), bt_start.data(), vis.data(),
-                                   out_start.data(), fpb, bs, base, ratio, stride, heads, dim, scale, out.data(), fmt);
+                                   nullptr, out_start.data(), fpb, bs, base, ratio, stride, heads, dim, scale, out.data(), fmt);
         });
     }
     // The second reference rounds the queries as the form that ran does.

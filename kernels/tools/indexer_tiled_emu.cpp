@@ -60,7 +60,7 @@ static int failures = 0;
 static const int SMS = 132;
 
 using Kernel = void (*)(const float *, const float *, const float *, const unsigned *, const int *, const int *,
-                        const long long *, long long, int, long long, int, int, int, int, float, float *, int);
+                        const int *, const long long *, long long, int, long long, int, int, int, int, float, float *, int);
 
 // Runs `k` on grid (blocks, tokens) with a private NaN-filled output per CUDA thread; returns the
 // merged output and counts how often each position was written (over all threads and blocks).
@@ -158,7 +158,7 @@ static void run_case(Rng &rng, int fmt, int heads, int dim, std::vector<int> vis
     for (auto &x : w) x = rng.f();
     const float scale = 1.f / std::sqrt((float)dim);
     auto call = [&](Kernel k, float *out) {
-        k(pool.data(), q.data(), w.data(), bt.data(), bt_start.data(), vis.data(), out_start.data(), fpb, bs, base,
+        k(pool.data(), q.data(), w.data(), bt.data(), bt_start.data(), vis.data(), nullptr, out_start.data(), fpb, bs, base,
           ratio, stride, heads, dim, scale, out, fmt);
     };
     // Grids as the launcher: ceil(max_visible / rows) blocks a token, at most ~4 per SM overall.

@@ -1,6 +1,7 @@
 // CPU emulation of attention.cu's exact top-k select: the single-block kernel
 // (dsk_topk_select_f32) and the two-stage select for long lists (dsk_topk_select_segments_f32,
-// then dsk_topk_select_merge_f32), one std::thread per CUDA thread (1024 per block, as launched),
+// then dsk_topk_select_merge_f32), and two ranks' shares of each list selected in index order
+// then merged (dsk_topk_merge_ranks_f32), one std::thread per CUDA thread (1024 per block, as launched),
 // barriers for __syncthreads and the warp intrinsics. Both must equal a host reference exactly
 // (the top k by value descending, ties to the lower index; the rows above the k-th value in index
 // order, then its ties in index order) and leave the
@@ -115,7 +116,7 @@ static void run_case(const char *name, const std::vector<std::vector<float>> &li
     fresh(oi1, ov1);
     fresh(oi2, ov2);
     launch((unsigned)tokens, 1024, [&] {
-        dsk_topk_select_f32(scores.data(), starts.data(), counts.data(), k, oi1.data(), ov1.data());
+        dsk_topk_select_f32(scores.data(), starts.data(), counts.data(), k, oi1.data(), ov1.data(), nullptr, 0);
     });
     const int max_segs = (max_count + SEG - 1) / SEG;
     const int kseg = std::min(k, SEG);
@@ -124,14 +125,46 @@ static void run_case(const char *name, const std::vector<std::vector<float>> &li
     std::vector<float> cand_val(cand_idx.size(), 1e30f);
     launch(D3{(unsigned)max_segs, (unsigned)tokens, 1}, 1024, [&] {
         dsk_topk_select_segments_f32(scores.data(), starts.data(), counts.data(), k, max_segs,
-                                     cand_idx.data(), cand_val.data());
+                                     cand_idx.data(), cand_val.data(), nullptr);
     });
     // The first round, then the last block over all its candidates (the launcher adds middle
     // rounds for long lists, dsk_topk_select_reduce_f32; tests/topk_two_stage_gpu.rs covers them).
     launch((unsigned)tokens, 1024, [&] {
         dsk_topk_select_merge_f32(counts.data(), k, max_segs, 1, (long long)max_segs * kseg,
-                                  cand_idx.data(), cand_val.data(), oi2.data(), ov2.data());
+                                  cand_idx.data(), cand_val.data(), oi2.data(), ov2.data(), 0);
     });
+    // Two ranks splitting every list (launch/attention.rs: indexer_row_share): each selects the
+    // top k of its share in index order (the single-block select with index_base), their
+    // outputs [values | indices] side by side as an all-gather leaves them, then the merge.
+    std::vector<int> oi3;
+    std::vector<float> ov3;
+    fresh(oi3, ov3);
+    {
+        const int ranks = 2;
+        const long long tk = (long long)tokens * k;
+        std::vector<float> gathered((size_t)(ranks * 2 * tk), std::numeric_limits<float>::quiet_NaN());
+        std::vector<int> cand(tokens, 0);
+        for (int r = 0; r < ranks; ++r) {
+            std::vector<long long> sst(tokens);
+            std::vector<int> scnt(tokens), sbase(tokens);
+            for (int t = 0; t < tokens; ++t) {
+                const int share = std::max((counts[t] + ranks - 1) / ranks, k);
+                const int lo = std::min(counts[t], r * share), hi = std::min(counts[t], (r + 1) * share);
+                sst[t] = starts[t] + lo;
+                scnt[t] = hi - lo;
+                sbase[t] = lo;
+                cand[t] += std::min(k, hi - lo);
+            }
+            float *out = gathered.data() + (size_t)r * 2 * tk;
+            launch((unsigned)tokens, 1024, [&] {
+                dsk_topk_select_f32(scores.data(), sst.data(), scnt.data(), k, reinterpret_cast<int *>(out + tk),
+                                    out, sbase.data(), 1);
+            });
+        }
+        launch((unsigned)tokens, 1024, [&] {
+            dsk_topk_merge_ranks_f32(gathered.data(), cand.data(), tokens, k, oi3.data(), ov3.data());
+        });
+    }
     int bad = 0;
     for (int t = 0; t < tokens; ++t)
         for (int sg = 0; sg * SEG < counts[t]; ++sg) {
@@ -150,9 +183,9 @@ static void run_case(const char *name, const std::vector<std::vector<float>> &li
     for (int t = 0; t < tokens; ++t) {
         const auto want = reference(lists[t].data(), counts[t], k);
         const int m = (int)want.size();
-        for (int which = 0; which < 2; ++which) {
-            const auto &oi = which ? oi2 : oi1;
-            const auto &ov = which ? ov2 : ov1;
+        for (int which = 0; which < 3; ++which) {
+            const auto &oi = which == 2 ? oi3 : which ? oi2 : oi1;
+            const auto &ov = which == 2 ? ov3 : which ? ov2 : ov1;
             for (int j = 0; j < k; ++j) {
                 const int gi = oi[(size_t)t * k + j];
                 const float gv = ov[(size_t)t * k + j];
@@ -160,7 +193,7 @@ static void run_case(const char *name, const std::vector<std::vector<float>> &li
                                       : gi == sentinel_idx && gv == sentinel_val;
                 if (!ok && bad++ < 5)
                     printf("  %s: %s token %d (count %d) row %d: got (%d, %g), want (%d, %g)\n", name,
-                           which ? "two-stage" : "single", t, counts[t], j, gi, gv,
+                           which == 2 ? "two ranks' shares" : which ? "two-stage" : "single", t, counts[t], j, gi, gv,
                            j < m ? want[j].first : sentinel_idx, j < m ? want[j].second : sentinel_val);
             }
         }

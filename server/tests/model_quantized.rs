@@ -221,7 +221,6 @@ fn tensor_parallel_shards_read_fp8_and_fp4_by_slice() {
         ("layers.1.attn.wq_b.weight", 0),
         ("layers.1.attn.wo_a.weight", 0),
         ("layers.1.attn.wo_b.weight", 1),
-        ("layers.1.attn.indexer.wq_b.weight", 0),
         ("layers.2.ffn.shared_experts.w1.weight", 0),
         ("layers.2.ffn.shared_experts.w2.weight", 1),
         ("layers.2.ffn.experts.5.w3.weight", 0),
@@ -230,6 +229,16 @@ fn tensor_parallel_shards_read_fp8_and_fp4_by_slice() {
         assert!(
             slices.iter().any(|(n, d)| n == name && *d == dim),
             "{name} not read by slice along dim {dim}"
+        );
+    }
+    // Every rank holds all the indexer heads: its weights are read whole.
+    for name in [
+        "layers.1.attn.indexer.wq_b.weight",
+        "layers.1.attn.indexer.weights_proj.weight",
+    ] {
+        assert!(
+            !slices.iter().any(|(n, _)| n == name),
+            "{name} read by slice: every rank should hold all the indexer heads"
         );
     }
     let formats: Vec<_> = slices.iter().map(|(n, _)| ckpt.format(n)).collect();

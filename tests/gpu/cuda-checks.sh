@@ -12,7 +12,8 @@
 #    over the fixture runs and the KV kernel checks (if installed);
 # 3. the server on --device cuda at TP=1 (also with the pool sized from --gpu-memory-utilization)
 #    and, with two GPUs, TP=2 over NCCL (and with DSpark): greedy completions must equal the CPU
-#    backend's; with --kv-cache-dtype fp8 on both, CUDA (TP=1, TP=2) must equal the CPU too;
+#    backend's; with --kv-cache-dtype fp8 on both, CUDA (TP=1, TP=2, and TP=2 with the indexer's
+#    rows split between the ranks at every context) must equal the CPU too;
 # 4. a minute of mixed load on CUDA with a pool that preempts (tests/gpu/mixed-load.py).
 set -uo pipefail
 server=${DSPARK_SERVER_BIN:?set DSPARK_SERVER_BIN}
@@ -130,6 +131,11 @@ if (( gpus >= 2 )); then
   serve 8108 cuda 2 --kv-cache-dtype fp8 && got8b=$(complete 8108); stop 8108
   echo "cuda tp2 fp8: $got8b"
   [[ "$want8" == "$got8b" ]] || { echo "MISMATCH cuda tp2 fp8 kv"; fail=1; }
+  # The ranks split the indexer's rows only past 32K context by default: forced at every context
+  # here, each rank scores its share, and the gathered candidates must select what TP=1 selects.
+  (export DSPARK_INDEXER_SPLIT_ROWS=0; serve 8111 cuda 2 --kv-cache-dtype fp8) && got8c=$(complete 8111); stop 8111
+  echo "cuda tp2 fp8, indexer rows split: $got8c"
+  [[ "$want8" == "$got8c" ]] || { echo "MISMATCH cuda tp2 fp8 kv, indexer rows split"; fail=1; }
 fi
 step "server: a minute of mixed load (long shared-prefix prompts, preemption, abandoned streams)"
 # f32 GEMMs: a greedy output must then not depend on the batch it ran in (tests/gpu/mixed-load.py).

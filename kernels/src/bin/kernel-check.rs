@@ -1010,6 +1010,7 @@ fn indexer_case(
         block_tables: tables[set].ptr,
         block_table_starts: zero.ptr,
         visible: vis.ptr,
+        row_starts: 0,
         out_starts: zero.ptr,
         out: outs[usize::from(tensor_cores)].ptr,
         tokens: 1,

@@ -87,14 +87,19 @@ pub struct IndexerScores {
     pub block_tables: CUdeviceptr,
     /// i32 `[tokens]`: where each token's block table starts.
     pub block_table_starts: CUdeviceptr,
-    /// i32 `[tokens]`: rows each token sees.
+    /// i32 `[tokens]`: the end of the rows each token scores: the rows it sees, or the end of
+    /// its share of them.
     pub visible: CUdeviceptr,
-    /// i64 `[tokens]`: where each token's scores start in `out`.
+    /// i32 `[tokens]`: the first row each token scores, or 0 (null) for all from row 0. A rank
+    /// of a tensor-parallel group scores its share of the rows ([`indexer_row_share`]: starts
+    /// here, ends in `visible`); rows outside `[row_starts[t], visible[t])` are not written.
+    pub row_starts: CUdeviceptr,
+    /// i64 `[tokens]`: where each token's scores start in `out` (row r at `out_starts[t] + r`).
     pub out_starts: CUdeviceptr,
     /// f32 scores, `sum(visible)` values.
     pub out: CUdeviceptr,
     pub tokens: usize,
-    /// `max(visible)`, sizes the grid.
+    /// The most rows a token scores (`max(visible - row_starts)`), sizes the grid.
     pub max_visible: usize,
     /// Row addressing: `block_table[r * ratio / block_size] * floats_per_block + base +
     /// (r * ratio % block_size) / ratio * stride`.
@@ -138,6 +143,52 @@ pub struct TopKSelect {
     /// [`topk_select_workspace_bytes`]`(tokens, max_count, k)` bytes (4-byte aligned) of
     /// scratch for the two-stage select; 0 allowed where that is 0.
     pub workspace: CUdeviceptr,
+    /// i32 `[tokens]`: the row of each token's first score (its indices are `index_base[t] +
+    /// position`), or 0 (null) for rows from 0: a rank's share of the rows.
+    pub index_base: CUdeviceptr,
+    /// Write all the selected rows in index order (a rank's share, for
+    /// [`Kernels::topk_merge_ranks`]) rather than those above the k-th value, then its ties.
+    pub index_order: bool,
+}
+
+/// The rows `[start, end)` of a token's `visible` indexer rows that rank `rank` of `ranks` scores
+/// and selects from when a tensor-parallel group splits the rows (every rank holds all the
+/// indexer heads): contiguous shares of `max(ceil(visible / ranks), k)` rows, rank after rank, so
+/// every rank before the last with rows keeps exactly `k` candidates and the gathered candidates
+/// are in row order ([`Kernels::topk_merge_ranks`]). Ranks past the rows get an empty share.
+pub fn indexer_row_share(visible: usize, k: usize, ranks: usize, rank: usize) -> (usize, usize) {
+    let share = visible.div_ceil(ranks.max(1)).max(k);
+    let start = (rank * share).min(visible);
+    (start, ((rank + 1) * share).min(visible))
+}
+
+/// Candidates a token with `visible` rows has after each of `ranks` kept the top `k` of its
+/// [`indexer_row_share`]: `min(k, visible)` and more, at most `ranks * k`.
+pub fn indexer_rank_candidates(visible: usize, k: usize, ranks: usize) -> usize {
+    (0..ranks.max(1))
+        .map(|r| {
+            let (start, end) = indexer_row_share(visible, k, ranks, r);
+            (end - start).min(k)
+        })
+        .sum()
+}
+
+/// The top `k` of each token's candidates gathered from the ranks of a tensor-parallel group
+/// ([`Kernels::topk_merge_ranks`]).
+#[derive(Clone, Copy, Debug)]
+pub struct TopKMergeRanks {
+    /// f32 words, `ranks` blocks of `2 * tokens * k`: a rank's selected values `[tokens, k]`,
+    /// then its selected indices `[tokens, k]` (i32 bits), as an all-gather of each rank's
+    /// [`TopKSelect`] output (index order, over its [`indexer_row_share`]) leaves them.
+    pub gathered: CUdeviceptr,
+    /// i32 `[tokens]`: candidates per token ([`indexer_rank_candidates`]).
+    pub counts: CUdeviceptr,
+    pub tokens: usize,
+    pub k: usize,
+    /// i32 `[tokens, k]`.
+    pub out_idx: CUdeviceptr,
+    /// f32 `[tokens, k]`.
+    pub out_val: CUdeviceptr,
 }
 
 /// Scores per stage-1 block of the two-stage top-k (`DSK_TOPK_SEG` in attention.cu).
@@ -543,8 +594,8 @@ pub fn indexer_f16_group_tokens(heads: usize) -> usize {
 
 /// Shared memory of the f16 form for FP8 rows (`dsk_indexer_scores_mma_f16`): the key tile
 /// `[64][136]` f16, row scales `[64]`, per-n-tile partial scores `[32][64]`, head weights `[256]`,
-/// per-token query factors (f32), output starts (i64), visible counts, table starts and query
-/// exponents (i32) `[32]` each, the group's queries `[tokens x heads rounded up to 8][136]` f16
+/// per-token query factors (f32), output starts (i64), visible counts, table starts, query
+/// exponents and first rows (i32) `[32]` each, the group's queries `[tokens x heads rounded up to 8][136]` f16
 /// (~95 KB at 64 or 32 heads: two blocks an SM on H200, and within sm_121's 99 KB).
 pub fn indexer_mma_f16_smem_bytes(heads: usize) -> usize {
     let columns = indexer_f16_group_tokens(heads) * heads.next_multiple_of(8);
@@ -554,7 +605,7 @@ pub fn indexer_mma_f16_smem_bytes(heads: usize) -> usize {
             + INDEXER_F16_COLS
             + INDEXER_F16_MAX_TOKENS)
             * 4
-        + INDEXER_F16_MAX_TOKENS * (8 + 3 * 4)
+        + INDEXER_F16_MAX_TOKENS * (8 + 4 * 4)
         + columns * 136 * 2
 }
 
@@ -756,6 +807,8 @@ impl Kernels {
             .arg(&k)
             .arg(&a.out_idx)
             .arg(&a.out_val)
+            .arg(&a.index_base)
+            .arg(&i32::from(a.index_order))
             .launch(cfg)
             .map_err(KernelError::driver("launch topk_select"))?;
         Ok(())
@@ -797,6 +850,7 @@ impl Kernels {
             .arg(&max_segs)
             .arg(&cand_idx)
             .arg(&cand_val)
+            .arg(&a.index_base)
             .launch(stage1)
             .map_err(KernelError::driver("launch topk_select segments"))?;
         for (level, pair) in buffers.windows(2).enumerate() {
@@ -844,8 +898,56 @@ impl Kernels {
             .arg(&last_val)
             .arg(&a.out_idx)
             .arg(&a.out_val)
+            .arg(&i32::from(a.index_order))
             .launch(last)
             .map_err(KernelError::driver("launch topk_select merge"))?;
+        Ok(())
+    }
+
+    /// The top `k` of each token's candidates from the ranks of a tensor-parallel group (see
+    /// [`TopKMergeRanks`]), one block per token: the same rows, in the same order, as
+    /// [`Self::topk_select`] over the token's whole list (ties to the lower row), since the
+    /// candidates hold every row of the answer and come in row order.
+    ///
+    /// # Safety
+    /// Every pointer must address device memory of this context holding the shapes given; no
+    /// count may exceed `ranks * k` for the ranks whose blocks `gathered` holds.
+    pub unsafe fn topk_merge_ranks(
+        &self,
+        stream: &CudaStream,
+        a: &TopKMergeRanks,
+    ) -> Result<(), KernelError> {
+        const K: &str = "topk_merge_ranks";
+        if a.tokens == 0 || a.k == 0 {
+            return Ok(());
+        }
+        nonnull(
+            K,
+            &[
+                ("gathered", a.gathered),
+                ("counts", a.counts),
+                ("out_idx", a.out_idx),
+                ("out_val", a.out_val),
+            ],
+        )?;
+        let k = i32_arg(K, "k", a.k)?;
+        let tokens = i32_arg(K, "tokens", a.tokens)?;
+        i64_arg(K, "2 x tokens x k", 2 * a.tokens * a.k)?;
+        let cfg = LaunchConfig {
+            grid_dim: (u32_grid(K, a.tokens)?, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .kernel(&self.topk_merge_ranks)
+            .arg(&a.gathered)
+            .arg(&a.counts)
+            .arg(&tokens)
+            .arg(&k)
+            .arg(&a.out_idx)
+            .arg(&a.out_val)
+            .launch(cfg)
+            .map_err(KernelError::driver("launch topk_merge_ranks"))?;
         Ok(())
     }
 
@@ -1192,6 +1294,7 @@ impl Kernels {
             .arg(&a.block_tables)
             .arg(&a.block_table_starts)
             .arg(&a.visible)
+            .arg(&a.row_starts)
             .arg(&a.out_starts)
             .arg(&fpb)
             .arg(&bs)
@@ -1230,6 +1333,7 @@ mod tests {
             block_tables: 16,
             block_table_starts: 16,
             visible: 16,
+            row_starts: 0,
             out_starts: 16,
             out: 16,
             tokens: 1,
@@ -1258,6 +1362,8 @@ mod tests {
             out_val: 16,
             max_count,
             workspace,
+            index_base: 0,
+            index_order: false,
         }
     }
 
@@ -1688,8 +1794,8 @@ mod tests {
         assert_eq!(indexer_f16_group_tokens(32), 8);
         assert_eq!(indexer_f16_group_tokens(13), 16);
         assert_eq!(indexer_f16_group_tokens(8), 32);
-        assert_eq!(indexer_mma_f16_smem_bytes(64), 97_280);
-        assert_eq!(indexer_mma_f16_smem_bytes(32), 97_280);
+        assert_eq!(indexer_mma_f16_smem_bytes(64), 97_408);
+        assert_eq!(indexer_mma_f16_smem_bytes(32), 97_408);
         assert!(indexer_mma_f16_fits(&a, true, 101_376));
         assert!(!indexer_mma_f16_fits(&a, true, DEFAULT_SMEM));
     }

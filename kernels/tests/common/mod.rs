@@ -166,3 +166,67 @@ pub fn row_errs(got: &[f32], want: &[f64], hd: usize) -> Vec<f64> {
 pub fn worst_row_err(got: &[f32], want: &[f64], hd: usize) -> f64 {
     row_errs(got, want, hd).into_iter().fold(0.0, f64::max)
 }
+
+/// Each rank's share of the rows ([`dspark_kernels::indexer_row_share`], for 2 ranks with k = 64
+/// and 3 with k = 100) scored by `call` with `row_starts` (`call` as launched for `full`, the
+/// whole rows' scores, with `visible` and `out_starts` its tokens'): inside its share a rank's
+/// scores are bit-identical to the whole launch's (a row's score does not depend on the tile or
+/// group it is computed in), and nothing outside the share is written (NaN sentinels, `out_len`
+/// floats). Returns the launches checked.
+pub fn check_row_shares(
+    g: &Gpu,
+    call: &dspark_kernels::IndexerScores,
+    visible: &[usize],
+    out_starts: &[i64],
+    out_len: usize,
+    full: &[f32],
+    label: &str,
+) -> usize {
+    let mut launches = 0;
+    for (ranks, k) in [(2, 64), (3, 100)] {
+        for rank in 0..ranks {
+            let shares: Vec<(usize, usize)> = visible
+                .iter()
+                .map(|&v| dspark_kernels::indexer_row_share(v, k, ranks, rank))
+                .collect();
+            let starts: Vec<i32> = shares.iter().map(|&(s, _)| s as i32).collect();
+            let ends: Vec<i32> = shares.iter().map(|&(_, e)| e as i32).collect();
+            let most = shares.iter().map(|&(s, e)| e - s).max().unwrap_or(0);
+            let (starts_d, ends_d) = (g.up(&starts), g.up(&ends));
+            let out_d = g.up(&vec![f32::NAN; out_len]);
+            let share_call = dspark_kernels::IndexerScores {
+                visible: g.ptr(&ends_d),
+                row_starts: g.ptr(&starts_d),
+                out: g.ptr(&out_d),
+                max_visible: most,
+                ..*call
+            };
+            // SAFETY: as the whole launch, which `call` was; each share lies inside its token's
+            // visible rows.
+            unsafe { g.k.indexer_scores(&g.s, &share_call) }.unwrap();
+            let got = g.down(&out_d);
+            let mut inside = vec![false; out_len];
+            for (t, &(s, e)) in shares.iter().enumerate() {
+                let at = out_starts[t] as usize;
+                for r in s..e {
+                    inside[at + r] = true;
+                    assert!(
+                        got[at + r].to_bits() == full[at + r].to_bits(),
+                        "{label}: rank {rank} of {ranks}: token {t} row {r} (share {s}..{e}): {} \
+                         vs the whole launch's {}",
+                        got[at + r],
+                        full[at + r]
+                    );
+                }
+            }
+            for (i, x) in got.iter().enumerate() {
+                assert!(
+                    inside[i] || x.is_nan(),
+                    "{label}: rank {rank} of {ranks} wrote score {i} outside its shares ({x})"
+                );
+            }
+            launches += 1;
+        }
+    }
+    launches
+}

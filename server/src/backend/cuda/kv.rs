@@ -259,6 +259,7 @@ impl CudaBackend {
                 block_tables: btp,
                 block_table_starts: btsp,
                 visible: vp,
+                row_starts: 0,
                 out_starts: osp,
                 out: outp,
                 tokens,
@@ -331,6 +332,8 @@ impl CudaBackend {
                 out_val: vp,
                 max_count,
                 workspace: wp,
+                index_base: 0,
+                index_order: false,
             };
             // SAFETY: each token's scores lie at starts[t] .. + counts[t] inside `scores` (their
             // sum is its length); idx and val hold tokens * k; max_count is the largest count

@@ -14,7 +14,7 @@ use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptu
 use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use dspark_kernels::kv_record::KvRowFormat;
 use dspark_kernels::launch::attention::{
-    attention_tc_form, check_attention_heads_tc, ATTENTION_HEAD_GROUP,
+    attention_tc_form, check_attention_heads_tc, ATTENTION_HEAD_GROUP, TOPK_SINGLE_MAX_COUNT,
 };
 use dspark_kernels::launch::layer_ops::{
     hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcPost, HcPreFused, HcPreKernel,
@@ -27,8 +27,9 @@ use dspark_kernels::launch::paged::{
 };
 use dspark_kernels::launch::FP8_GEMV_MAX_M;
 use dspark_kernels::{
-    attention_splits, attention_workspace_floats, Fp4MoeCall, Fp8GroupedGemv, IndexerScores,
-    InverseRope, OutDtype, PagedAttention, SkinnyMma, SkinnyWeight, TopKSelect,
+    attention_splits, attention_workspace_floats, indexer_rank_candidates, indexer_row_share,
+    Fp4MoeCall, Fp8GroupedGemv, IndexerScores, InverseRope, OutDtype, PagedAttention, SkinnyMma,
+    SkinnyWeight, TopKMergeRanks, TopKSelect,
 };
 
 use super::kv::topk_work_floats;
@@ -154,6 +155,10 @@ struct Scratch {
     attn_work: CudaSlice<f32>,
     /// The two-stage indexer top-k's candidates (f32 values, then i32 indices), in f32 units.
     topk_work: CudaSlice<f32>,
+    /// Where the indexer's rows are split between ranks: this rank's top k of its share (values
+    /// `[rows, k]`, then indices as i32 bits), and every rank's, gathered.
+    share_top: CudaSlice<f32>,
+    shares_gathered: CudaSlice<f32>,
     /// The streams after each captured layer (copied inside the step, read after it).
     captures: Vec<CudaSlice<f32>>,
     /// GEMM steps only (one element otherwise).
@@ -222,7 +227,8 @@ impl ScratchDims {
             q_lora: cfg.q_lora_rank,
             head_dim: cfg.head_dim,
             heads: cfg.num_attention_heads.div_ceil(ws),
-            index_heads: cfg.index_n_heads.div_ceil(ws),
+            // Every rank holds all the indexer heads (load.rs).
+            index_heads: cfg.index_n_heads,
             index_dim: cfg.index_head_dim,
             index_topk: cfg.index_topk.max(1),
             group_in: cfg.num_attention_heads / cfg.o_groups.max(1) * cfg.head_dim,
@@ -339,6 +345,8 @@ struct GraphKey {
     rows: usize,
     bucket: usize,
     capture: Vec<usize>,
+    /// The indexer split threshold the step was captured under (it picks the launches).
+    split_rows: usize,
 }
 
 /// A captured step's executable graph.
@@ -400,12 +408,41 @@ struct IndexerClass {
     selected: u64,
     total: usize,
     max_visible: usize,
+    /// Where the ranks of a tensor-parallel group split the rows (each scores and selects from
+    /// its share, then the shares' top k are gathered and merged); else every rank scores all.
+    split: Option<IndexerShares>,
 }
+
+/// This rank's shares of the indexer rows ([`indexer_row_share`]), packed per row.
+#[derive(Clone, Copy, Debug)]
+struct IndexerShares {
+    /// i32 `[rows]`: the share's first row.
+    starts: u64,
+    /// i32 `[rows]`: the row after its last.
+    ends: u64,
+    /// i32 `[rows]`: the share's rows.
+    counts: u64,
+    /// i64 `[rows]`: where the share's scores start (`out_starts + starts`).
+    score_starts: u64,
+    /// i32 `[rows]`: every rank's candidates together ([`indexer_rank_candidates`]).
+    candidates: u64,
+    /// The most rows of a share: sizes the scoring grid and the top-k.
+    max_share: usize,
+}
+
+/// Compressed rows above which the ranks of a tensor-parallel group split the indexer's rows
+/// rather than each scoring all of them (32K context at ratio 4: where one token's top k needs
+/// the two-stage select). Below it the whole select costs less than the exchange of the ranks'
+/// candidates, and needs no collective.
+pub(super) const INDEXER_SPLIT_ROWS: usize = TOPK_SINGLE_MAX_COUNT;
 
 /// Attention classes (mode, ratio) and indexer ratios a model may have (V4: sliding, HCA 128,
 /// CSA 4; and one indexer ratio).
 const MAX_KEY_CLASSES: usize = 8;
 const MAX_INDEX_CLASSES: usize = 4;
+/// i32 arrays per indexer class: visible, selected, share starts, share ends, share counts,
+/// candidates.
+const INDEX_ARRAYS: usize = 6;
 /// Element offsets of the step metadata for steps of up to `room` rows: positions, ids, block
 /// table starts and lengths, key starts per class, indexer visible / selected counts per class,
 /// then the block tables. Steps of up to [`STACK_MAX_ROWS`] rows all use `room =
@@ -450,18 +487,20 @@ impl MetaLayout {
         4 * self.room + c * (self.room + 1)
     }
 
-    /// Indexer class `c`'s visible counts (its selected counts follow, `room` later).
+    /// Indexer class `c`'s visible counts; its selected counts, share starts, share ends, share
+    /// counts and candidate counts follow, `room` apart.
     fn index(self, c: usize) -> usize {
-        4 * self.room + MAX_KEY_CLASSES * (self.room + 1) + c * 2 * self.room
+        4 * self.room + MAX_KEY_CLASSES * (self.room + 1) + c * INDEX_ARRAYS * self.room
     }
 
     fn tables(self) -> usize {
         self.index(MAX_INDEX_CLASSES)
     }
 
-    /// i64 entries: indexer class `c`'s score starts at `c * room`.
+    /// i64 entries: indexer class `c`'s score starts at `2 c room`, its shares' score starts
+    /// `room` later.
     fn i64_len(self) -> usize {
-        MAX_INDEX_CLASSES * self.room
+        MAX_INDEX_CLASSES * 2 * self.room
     }
 }
 /// Initial room for block tables (grown, and graphs dropped, when a step needs more).
@@ -523,6 +562,12 @@ fn key_bound(mode: KeyMode, ratio: usize, window: usize, topk: usize, bucket: us
 pub const GEMM_PIECE_ROWS: usize = 8192;
 /// Most indexer scores one GEMM piece keeps (f32: 1 GiB): long contexts take smaller pieces.
 const GEMM_PIECE_SCORES: usize = 1 << 28;
+
+/// Whether a group of `ranks` splits the indexer's rows of a step in `bucket` at `ratio`
+/// ([`IndexerClass::split`]): more than `split_rows` compressed rows.
+fn indexer_splits(ranks: usize, bucket: usize, ratio: usize, split_rows: usize) -> bool {
+    ranks > 1 && bucket / ratio.max(1) > split_rows
+}
 
 /// Rows per GEMM piece of a step in `bucket`: [`GEMM_PIECE_ROWS`], fewer where every row's
 /// indexer scores over the bucket's compressed rows would not fit [`GEMM_PIECE_SCORES`].
@@ -858,6 +903,8 @@ impl CudaBackend {
                 .map_err(driver_err("alloc"))?,
             attn_work: self.alloc_f32(1 << 16)?,
             topk_work: self.alloc_f32(1 << 10)?,
+            share_top: self.alloc_f32(1)?,
+            shares_gathered: self.alloc_f32(1)?,
             captures: Vec::new(),
             gemm: GemmScratch {
                 wide: self.alloc_f32(only_gemm(d.widest))?,
@@ -997,18 +1044,44 @@ impl CudaBackend {
     }
 
     /// Packs indexer class `c`: visible and selected counts, score starts.
+    /// With `split` (ranks, rank), also this rank's share of each row's indexer rows and the
+    /// candidates every rank's top k of its share gives together.
     fn pack_indexer(
         meta: &mut MetaBuilder,
         c: usize,
         positions: &[usize],
         ratio: usize,
         topk: usize,
+        split: Option<(usize, usize)>,
     ) -> Result<(), BackendError> {
+        let room = meta.layout.room;
         let visible: Vec<usize> = positions.iter().map(|&p| (p + 1) / ratio).collect();
         let mut total = 0i64;
         for (r, &v) in visible.iter().enumerate() {
-            meta.i64s[c * meta.layout.room + r] = total;
+            meta.i64s[2 * c * room + r] = total;
+            if let Some((ranks, rank)) = split {
+                let (start, _) = indexer_row_share(v, topk, ranks, rank);
+                meta.i64s[(2 * c + 1) * room + r] = total + start as i64;
+            }
             total += v as i64;
+        }
+        if let Some((ranks, rank)) = split {
+            let mut starts = Vec::with_capacity(visible.len());
+            let mut ends = Vec::with_capacity(visible.len());
+            let mut counts = Vec::with_capacity(visible.len());
+            let mut candidates = Vec::with_capacity(visible.len());
+            for &v in &visible {
+                let (start, end) = indexer_row_share(v, topk, ranks, rank);
+                starts.push(i32_of(start)?);
+                ends.push(i32_of(end)?);
+                counts.push(i32_of(end - start)?);
+                candidates.push(i32_of(indexer_rank_candidates(v, topk, ranks))?);
+            }
+            let at = meta.layout.index(c);
+            meta.put32(at + 2 * room, &starts);
+            meta.put32(at + 3 * room, &ends);
+            meta.put32(at + 4 * room, &counts);
+            meta.put32(at + 5 * room, &candidates);
         }
         let vis: Vec<i32> = visible
             .iter()
@@ -1051,6 +1124,37 @@ impl CudaBackend {
         comm.all_reduce_sum(&mut host).map_err(comm_err)?;
         self.stream
             .memcpy_htod(&host, &mut buf.slice_mut(0..len))
+            .map_err(driver_err("copy to GPU"))
+    }
+
+    /// Every rank's first `len` floats of `send`, in rank order, into `recv`: NCCL on this
+    /// stream when the communicator is NCCL on the same stream, else through the host.
+    fn stack_all_gather(
+        &self,
+        comm: &dyn Communicator,
+        send: &CudaSlice<f32>,
+        len: usize,
+        recv: &mut CudaSlice<f32>,
+    ) -> Result<(), BackendError> {
+        let ranks = comm.world_size();
+        fits("all-gather receive buffer", recv.len(), ranks * len)?;
+        let comm_err = |e: crate::ranks::CommError| BackendError::Other(format!("all-gather: {e}"));
+        if let Some(nccl) = self.stream_nccl(comm) {
+            return nccl
+                .all_gather_device(&send.slice(0..len), &mut recv.slice_mut(0..ranks * len))
+                .map_err(comm_err);
+        }
+        let mut host = vec![0f32; len];
+        self.stream
+            .memcpy_dtoh(&send.slice(0..len), &mut host)
+            .map_err(driver_err("copy from GPU"))?;
+        self.stream
+            .synchronize()
+            .map_err(driver_err("synchronize"))?;
+        let all = comm.all_gather(&host).map_err(comm_err)?;
+        fits("all-gather result", ranks * len, all.len())?;
+        self.stream
+            .memcpy_htod(&all, &mut recv.slice_mut(0..all.len()))
             .map_err(driver_err("copy to GPU"))
     }
 
@@ -1354,6 +1458,7 @@ impl CudaBackend {
         let window = cfg.sliding_window;
         let max_pos = rows.positions.iter().copied().max().unwrap_or(0);
         let bucket = context_bucket(max_pos);
+        let split_rows = self.indexer_split_rows.load(Ordering::Relaxed);
         let layout = MetaLayout::for_rows(n);
         let mut meta = MetaBuilder::new(layout);
         Self::pack_rows(&mut meta, rows)?;
@@ -1390,12 +1495,15 @@ impl CudaBackend {
                 if index_at.len() == MAX_INDEX_CLASSES {
                     return Err(shape_err("more indexer ratios than the stack packs".into()));
                 }
+                let split = indexer_splits(comm.world_size(), bucket, ratio, split_rows)
+                    .then(|| (comm.world_size(), comm.rank()));
                 Self::pack_indexer(
                     &mut meta,
                     index_at.len(),
                     &rows.positions,
                     ratio.max(1),
                     cfg.index_topk,
+                    split,
                 )?;
                 index_at.push(ratio);
             }
@@ -1440,13 +1548,26 @@ impl CudaBackend {
             .enumerate()
             .map(|(c, &ratio)| {
                 let max_visible = bucket / ratio.max(1);
+                let ranks = comm.world_size();
+                let at = layout.index(c);
+                let split =
+                    indexer_splits(ranks, bucket, ratio, split_rows).then(|| IndexerShares {
+                        starts: at32(at + 2 * layout.room),
+                        ends: at32(at + 3 * layout.room),
+                        counts: at32(at + 4 * layout.room),
+                        score_starts: at64((2 * c + 1) * layout.room),
+                        candidates: at32(at + 5 * layout.room),
+                        // Every share is at most max(ceil(visible / ranks), k) rows.
+                        max_share: max_visible.min(max_visible.div_ceil(ranks).max(cfg.index_topk)),
+                    });
                 IndexerClass {
                     ratio,
-                    visible: at32(layout.index(c)),
-                    out_starts: at64(c * layout.room),
-                    selected: at32(layout.index(c) + layout.room),
+                    visible: at32(at),
+                    out_starts: at64(2 * c * layout.room),
+                    selected: at32(at + layout.room),
                     total: n * max_visible,
                     max_visible,
+                    split,
                 }
             })
             .collect();
@@ -1481,6 +1602,7 @@ impl CudaBackend {
                 rows: n,
                 bucket,
                 capture: capture.to_vec(),
+                split_rows,
             };
             stack.uses += 1;
             let uses = stack.uses;
@@ -1623,6 +1745,7 @@ impl CudaBackend {
         capture: &[usize],
     ) -> Result<(), BackendError> {
         let cfg = model.cfg;
+        let ranks = model.shard.world_size.max(1);
         let hd = cfg.head_dim;
         let heads = model
             .weights
@@ -1650,6 +1773,13 @@ impl CudaBackend {
             .map(|c| topk_work_floats(n, c.max_visible, cfg.index_topk))
             .max()
             .unwrap_or(0);
+        // A split indexer's top k of this rank's share, and every rank's gathered.
+        let share_top = if index_classes.iter().any(|c| c.split.is_some()) {
+            2 * n * cfg.index_topk
+        } else {
+            0
+        };
+
         let sc = &mut stack.scratch;
         let mut moved = false;
         if sc.scores.len() < scores {
@@ -1669,6 +1799,11 @@ impl CudaBackend {
         }
         if sc.topk_work.len() < topk {
             sc.topk_work = self.alloc_f32(topk.next_power_of_two())?;
+            moved = true;
+        }
+        if sc.share_top.len() < share_top {
+            sc.share_top = self.alloc_f32(share_top.next_power_of_two())?;
+            sc.shares_gathered = self.alloc_f32(ranks * share_top.next_power_of_two())?;
             moved = true;
         }
         let width = cfg.hc_mult * cfg.hidden_size;
@@ -2144,17 +2279,19 @@ impl CudaBackend {
                 }
                 .map_err(kernel_err)?;
                 fits("indexer scores", sc.scores.len(), class.total)?;
+                let share = class.split;
                 let call = IndexerScores {
                     pool,
                     q: iq,
                     weights: iwts,
                     block_tables: table.block_tables,
                     block_table_starts: table.bt_starts,
-                    visible: class.visible,
+                    visible: share.map_or(class.visible, |sh| sh.ends),
+                    row_starts: share.map_or(0, |sh| sh.starts),
                     out_starts: class.out_starts,
                     out: ptr_mut(s, &mut sc.scores),
                     tokens: n,
-                    max_visible: class.max_visible,
+                    max_visible: share.map_or(class.max_visible, |sh| sh.max_share),
                     floats_per_block: fpb,
                     block_size: bs,
                     base: start + lay.idx_rows,
@@ -2167,31 +2304,80 @@ impl CudaBackend {
                     tensor_cores: self.indexer_tensor_cores(class.max_visible, n),
                 };
                 // SAFETY: the tables cover every visible row of every token (checked above),
-                // `scores` holds their sum.
+                // `scores` holds their sum; a share lies inside its token's rows.
                 unsafe { self.kernels.indexer_scores(s, &call) }.map_err(kernel_err)?;
-                self.stage(&mut stack.clock, "stack: all-reduce")?;
-                self.stack_all_reduce(comm, &mut sc.scores, class.total)?;
                 self.stage(&mut stack.clock, "stack: indexer: top-k")?;
                 fits(
                     "indexer top-k workspace",
                     sc.topk_work.len(),
                     topk_work_floats(n, class.max_visible, cfg.index_topk),
                 )?;
-                let call = TopKSelect {
+                let k = cfg.index_topk;
+                let select = TopKSelect {
                     scores: ptr(s, &sc.scores),
                     starts: class.out_starts,
                     counts: class.visible,
                     tokens: n,
-                    k: cfg.index_topk,
+                    k,
                     out_idx: ptr_mut(s, &mut sc.sel_idx),
                     out_val: ptr_mut(s, &mut sc.sel_val),
                     max_count: class.max_visible,
                     workspace: ptr_mut(s, &mut sc.topk_work),
+                    index_base: 0,
+                    index_order: false,
                 };
-                // SAFETY: each token's scores lie inside `scores`; sel_* hold n * index_topk;
-                // max_visible bounds every row's visible count and topk_work holds the workspace
-                // for it (checked above).
-                unsafe { self.kernels.topk_select(s, &call) }.map_err(kernel_err)?;
+                match share {
+                    None => {
+                        // SAFETY: each token's scores lie inside `scores`; sel_* hold n *
+                        // index_topk; max_visible bounds every row's visible count and
+                        // topk_work holds the workspace for it (checked above).
+                        unsafe { self.kernels.topk_select(s, &select) }.map_err(kernel_err)?;
+                    }
+                    Some(sh) => {
+                        // This rank's top k of its share, in row order, then every rank's
+                        // gathered and merged into the top k of the whole list.
+                        fits("indexer share top-k", sc.share_top.len(), 2 * n * k)?;
+                        fits(
+                            "gathered indexer shares",
+                            sc.shares_gathered.len(),
+                            comm.world_size() * 2 * n * k,
+                        )?;
+                        let top = ptr_mut(s, &mut sc.share_top);
+                        let call = TopKSelect {
+                            starts: sh.score_starts,
+                            counts: sh.counts,
+                            out_val: top,
+                            out_idx: top + (n * k * 4) as u64,
+                            max_count: sh.max_share,
+                            index_base: sh.starts,
+                            index_order: true,
+                            ..select
+                        };
+                        // SAFETY: each share's scores lie inside `scores`; share_top holds 2 n
+                        // k; max_share bounds every share and topk_work holds the workspace for
+                        // the whole lists (checked above).
+                        unsafe { self.kernels.topk_select(s, &call) }.map_err(kernel_err)?;
+                        self.stage(&mut stack.clock, "stack: all-gather")?;
+                        self.stack_all_gather(
+                            comm,
+                            &sc.share_top,
+                            2 * n * k,
+                            &mut sc.shares_gathered,
+                        )?;
+                        self.stage(&mut stack.clock, "stack: indexer: top-k")?;
+                        let merge = TopKMergeRanks {
+                            gathered: ptr(s, &sc.shares_gathered),
+                            counts: sh.candidates,
+                            tokens: n,
+                            k,
+                            out_idx: select.out_idx,
+                            out_val: select.out_val,
+                        };
+                        // SAFETY: shares_gathered holds every rank's 2 n k words, and no count
+                        // exceeds ranks * k (indexer_rank_candidates).
+                        unsafe { self.kernels.topk_merge_ranks(s, &merge) }.map_err(kernel_err)?;
+                    }
+                }
             }
         } else if aw.compressor.is_some() {
             key_mode = KeyMode::AllCompressed;
@@ -2682,7 +2868,7 @@ mod tests {
         assert_eq!(total, counts.iter().sum::<usize>());
         assert_eq!(max, *counts.iter().max().unwrap());
 
-        CudaBackend::pack_indexer(&mut meta, 0, &rows.positions, 4, 512).unwrap();
+        CudaBackend::pack_indexer(&mut meta, 0, &rows.positions, 4, 512, None).unwrap();
         let visible: [usize; 3] = [301 / 4, 302 / 4, 6 / 4];
         assert_eq!(
             &meta.i32s[lay.index(0)..lay.index(0) + 3],
@@ -2696,6 +2882,31 @@ mod tests {
             &meta.i64s[..3],
             &[0, visible[0] as i64, (visible[0] + visible[1]) as i64]
         );
+
+        // Rank 1 of 2 splitting the rows of indexer class 1 (k = 32): shares of max(ceil(v /
+        // 2), 32) rows, so a token of 75 rows is split 38 / 37, one of 1 row is rank 0's alone.
+        let positions = [300usize, 5, 4000];
+        CudaBackend::pack_indexer(&mut meta, 1, &positions, 4, 32, Some((2, 1))).unwrap();
+        let at = lay.index(1);
+        let room = lay.room;
+        let arrays = |i: usize| meta.i32s[at + i * room..at + i * room + 3].to_vec();
+        assert_eq!(arrays(0), [75, 1, 1000]);
+        assert_eq!(arrays(1), [32, 1, 32]);
+        assert_eq!(arrays(2), [38, 1, 500], "share starts");
+        assert_eq!(arrays(3), [75, 1, 1000], "share ends");
+        assert_eq!(arrays(4), [37, 0, 500], "share counts");
+        assert_eq!(arrays(5), [64, 1, 64], "candidates of both ranks");
+        // Score starts, then the share's: the token's start plus its share's first row.
+        assert_eq!(&meta.i64s[2 * room..2 * room + 3], &[0, 75, 76]);
+        assert_eq!(&meta.i64s[3 * room..3 * room + 3], &[38, 76, 576]);
+        // Class 0 was not split: its arrays are untouched.
+        assert_eq!(&meta.i64s[..3], &[0, 75, 150]);
+        // Splitting starts above the threshold's compressed rows, and only with more than one
+        // rank.
+        assert!(!indexer_splits(2, 32_768, 4, INDEXER_SPLIT_ROWS));
+        assert!(indexer_splits(2, 65_536, 4, INDEXER_SPLIT_ROWS));
+        assert!(!indexer_splits(1, 1 << 20, 4, INDEXER_SPLIT_ROWS));
+        assert!(indexer_splits(2, 1024, 4, 0));
     }
 
     #[test]

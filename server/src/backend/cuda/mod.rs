@@ -246,6 +246,10 @@ pub struct CudaBackend {
     /// At TP>1 the LM head's logits are gathered over NCCL on the device (see
     /// [`Backend::head_rows`]); `DSPARK_HEAD_GATHER_DEVICE=0` gathers them through host memory.
     head_gather_device: AtomicBool,
+    /// Compressed rows above which the ranks of a tensor-parallel group split the indexer's rows
+    /// between them in the layer stack (`DSPARK_INDEXER_SPLIT_ROWS`, default
+    /// [`layer_stack::INDEXER_SPLIT_ROWS`]); at or below it every rank scores all of them.
+    indexer_split_rows: AtomicUsize,
     /// Whether projections of 2..=16 rows run on the tensor-core skinny GEMM (`DSPARK_SKINNY_MMA=0`
     /// keeps them on the CUDA-core GEMVs; both are f32-exact, the switch is for comparisons).
     skinny_mma: bool,
@@ -350,6 +354,12 @@ impl CudaBackend {
             head_gather_device: AtomicBool::new(
                 std::env::var("DSPARK_HEAD_GATHER_DEVICE").map_or(true, |v| v.trim() != "0"),
             ),
+            indexer_split_rows: AtomicUsize::new(
+                std::env::var("DSPARK_INDEXER_SPLIT_ROWS")
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(layer_stack::INDEXER_SPLIT_ROWS),
+            ),
         })
     }
 
@@ -374,6 +384,12 @@ impl CudaBackend {
     /// or through host memory (as `DSPARK_HEAD_GATHER_DEVICE=0`).
     pub fn set_head_gather_device(&self, on: bool) {
         self.head_gather_device.store(on, Ordering::Relaxed);
+    }
+
+    /// Compressed rows above which a tensor-parallel group splits the indexer's rows between its
+    /// ranks (as `DSPARK_INDEXER_SPLIT_ROWS`; 0 splits at every context).
+    pub fn set_indexer_split_rows(&self, rows: usize) {
+        self.indexer_split_rows.store(rows, Ordering::Relaxed);
     }
 
     /// Layer-stack steps that ran as a CUDA graph so far.

@@ -793,7 +793,7 @@ impl<B: Backend> DeepseekV4<B> {
         wts.iter_mut().for_each(|w| *w *= wscale);
         let sscale = (ihd as f32).powf(-0.5);
 
-        // Scores of every visible row for every token, flattened for one all-reduce.
+        // Every rank holds all the indexer heads, so each selects the same rows on its own.
         let visible: Vec<usize> = rows.iter().map(|r| (r.pos + 1) / ratio).collect();
         let index_rows = IndexerRows {
             format: self.pool.geometry.index_format,
@@ -801,37 +801,18 @@ impl<B: Backend> DeepseekV4<B> {
             block_tables: rows.iter().map(|r| seqs[r.seq].block_table).collect(),
             visible,
         };
-        if self.shard.world_size == 1 {
-            // Nothing to sum over ranks: scores and selection stay on the device.
-            return self
-                .backend
-                .kv_indexer_top_k(
-                    &self.kv,
-                    &iq,
-                    &wts,
-                    heads,
-                    ihd,
-                    &index_rows,
-                    sscale,
-                    cfg.index_topk,
-                )
-                .map_err(backend_err);
-        }
-        let (offsets, _) = index_rows.score_starts();
-        let mut flat = self
-            .backend
-            .kv_indexer_scores(&self.kv, &iq, &wts, heads, ihd, &index_rows, sscale)
-            .map_err(backend_err)?;
-        self.all_reduce(&mut flat)?;
-        Ok(self.host.time(HostPhase::IndexerTopK, || {
-            (0..n)
-                .into_par_iter()
-                .map(|i| {
-                    let from = offsets[i];
-                    top_k_indices(&flat[from..from + index_rows.visible[i]], cfg.index_topk)
-                })
-                .collect()
-        }))
+        self.backend
+            .kv_indexer_top_k(
+                &self.kv,
+                &iq,
+                &wts,
+                heads,
+                ihd,
+                &index_rows,
+                sscale,
+                cfg.index_topk,
+            )
+            .map_err(backend_err)
     }
 
     /// The MoE block of layer `l` over rows `x` with token ids `ids`; returns `[n, hidden]`

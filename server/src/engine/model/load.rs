@@ -409,7 +409,11 @@ pub fn attention_at<B: Backend>(
             None,
         ),
         AttentionKind::Csa => {
-            let ih = r.shard.range(cfg.index_n_heads, "index_n_heads")?;
+            // Every rank holds all the indexer heads (8 MB a layer in FP8): each then scores
+            // whole rows, so a tensor-parallel group splits the rows between its ranks and
+            // exchanges only each rank's top k, not the score matrix (or, at short contexts, each
+            // rank selects alone and nothing is exchanged).
+            let ih = 0..cfg.index_n_heads;
             let ihd = cfg.index_head_dim;
             (
                 Some(compressor(
