@@ -16,8 +16,8 @@
 #undef __launch_bounds__
 #define __launch_bounds__(...)
 #define __shared__
-// The larger of the two kernels' dynamic shared memory (the f16 form's: 97,280 bytes).
-float smem[97280 / 4];
+// The larger of the two kernels' dynamic shared memory (the f16 form's: 97,408 bytes).
+float smem[97408 / 4];
 float sq[1], dsk_atth_smem[1];
 
 inline float __shfl_xor_sync(unsigned, float v, int o) {
