@@ -1728,33 +1728,36 @@ extern "C" __global__ void __launch_bounds__(1024) dsk_topk_select_merge_f32(
                    cand_idx + at, 0, index_order != 0);
 }
 
-// The candidates of the ranks of a tensor-parallel group, each having selected (in index order)
-// the top k of its share of a token's rows, as an all-gather leaves them: rank r's block of
-// 2 * tokens * k words holds its values [tokens][k] then its indices [tokens][k] (i32 bits).
-// Shares are contiguous, rank after rank, and every rank before the last with rows holds at
-// least k of them (launch/attention.rs: indexer_row_share), so a token's candidates are rank
-// 0's k, rank 1's k, .. in global index order: position i is slot i % k of rank i / k.
+// The candidates of the ranks of a tensor-parallel group, each having kept (in index order) a
+// superset of the top k of its share of a token's rows (its top k, or the last round's
+// candidates of its two-stage select), as an all-gather leaves them: rank r's block of
+// 2 * tokens * stride words holds its values [tokens][stride] then its indices [tokens][stride]
+// (i32 bits). Shares are contiguous, rank after rank, and every rank before the last with rows
+// has the same number of rows, so the same number `per` of candidates (launch/attention.rs:
+// indexer_row_share): a token's candidates are rank 0's per, rank 1's per, .. in global index
+// order, and position i is slot i % per of rank i / per.
 struct DskTopkRanks {
     const float *__restrict__ g;
     long long rank_words, index_words, token;
-    int k;
+    int per;
     __device__ __forceinline__ long long at(int i) const {
-        const int r = i / k;
-        return r * rank_words + token + (i - r * k);
+        const int r = i / per;
+        return r * rank_words + token + (i - r * per);
     }
     __device__ __forceinline__ float value(int i) const { return g[at(i)]; }
     __device__ __forceinline__ int index(int i) const { return __float_as_int(g[at(i) + index_words]); }
 };
 
-// The top k of each token's gathered candidates (counts[t] of them: the sum over ranks of
-// min(k, its share)), one block per token, written as dsk_topk_select_f32 writes the top k of
-// the whole list: ties at the k-th value go to the lower row, as in one select over all rows.
+// The top k of each token's gathered candidates (counts[t] of them, per[t] from each rank
+// before the last with rows), one block per token, written as dsk_topk_select_f32 writes the
+// top k of the whole list: ties at the k-th value go to the lower row, as in one select over all
+// rows.
 extern "C" __global__ void __launch_bounds__(1024) dsk_topk_merge_ranks_f32(
-    const float *__restrict__ gathered, const int *__restrict__ counts, int tokens, int k,
-    int *__restrict__ out_idx, float *__restrict__ out_val) {
+    const float *__restrict__ gathered, const int *__restrict__ counts, const int *__restrict__ per,
+    long long stride, int tokens, int k, int *__restrict__ out_idx, float *__restrict__ out_val) {
     dsk_pdl_entry();
     const int t = blockIdx.x;
-    const long long tk = (long long)tokens * k;
-    const DskTopkRanks src{gathered, 2 * tk, tk, (long long)t * k, k};
+    const long long ts = (long long)tokens * stride;
+    const DskTopkRanks src{gathered, 2 * ts, ts, (long long)t * stride, max(per[t], 1)};
     dsk_topk_block_of(src, counts[t], k, out_idx + (long long)t * k, out_val + (long long)t * k, false);
 }

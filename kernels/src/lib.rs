@@ -21,8 +21,8 @@ pub use error::KernelError;
 pub use kv_record::KvRowFormat;
 pub use launch::attention::{
     attention_splits, attention_workspace_floats, indexer_rank_candidates, indexer_row_share,
-    topk_select_workspace_bytes, IndexerScores, InverseRope, KvRows, PagedAttention,
-    TopKMergeRanks, TopKSelect,
+    topk_last_round, topk_select_workspace_bytes, IndexerScores, InverseRope, KvRows,
+    PagedAttention, TopKMergeRanks, TopKSelect,
 };
 pub use launch::dense_gemv::{Bf16Gemv, BF16_GEMV_MAX_M};
 pub use launch::skinny_mma::{SkinnyMma, SkinnyWeight, SKINNY_MMA_MAX_M};

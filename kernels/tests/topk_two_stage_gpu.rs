@@ -19,8 +19,8 @@ use dspark_kernels::launch::attention::{
     topk_two_stage, TOPK_SEGMENT, TOPK_SINGLE_MAX_COUNT, TOPK_TWO_STAGE_MAX_TOKENS,
 };
 use dspark_kernels::{
-    indexer_rank_candidates, indexer_row_share, reference, topk_select_workspace_bytes,
-    TopKMergeRanks, TopKSelect,
+    indexer_rank_candidates, indexer_row_share, reference, topk_last_round,
+    topk_select_workspace_bytes, TopKMergeRanks, TopKSelect,
 };
 
 mod common;
@@ -61,6 +61,7 @@ fn select(g: &Gpu, lists: &[Vec<f32>], tokens: usize, k: usize) -> (Vec<i32>, Ve
         workspace: if bytes > 0 { g.ptr(&work) } else { 0 },
         index_base: 0,
         index_order: false,
+        rounds_only: false,
     };
     // SAFETY: each token's scores lie inside `flat`, idx / val hold tokens * k, max_count is the
     // largest count and `work` holds the workspace for it.
@@ -244,14 +245,17 @@ fn two_stage_select_equals_single_block_and_reference() {
 
 /// The select of a tensor-parallel group whose ranks split each token's scores
 /// ([`indexer_row_share`]): every rank's top k of its share (index order, rows numbered from the
-/// share's start), the ranks' outputs concatenated as an all-gather leaves them, then
-/// `topk_merge_ranks` over them. Returns out_idx and out_val, `[tokens, k]`, of the merge.
+/// share's start), or with `from_rounds`, where the shares take the two stages, the last round's
+/// candidates left in the workspace (`rounds_only`); the ranks' outputs concatenated as an
+/// all-gather leaves them, then `topk_merge_ranks` over them. Returns out_idx and out_val,
+/// `[tokens, k]`, of the merge.
 fn select_in_shares(
     g: &Gpu,
     lists: &[Vec<f32>],
     tokens: usize,
     k: usize,
     ranks: usize,
+    from_rounds: bool,
 ) -> (Vec<i32>, Vec<f32>) {
     let mut flat = Vec::new();
     let mut list_starts = Vec::new();
@@ -262,6 +266,21 @@ fn select_in_shares(
     flat.push(0.0);
     let count = |t: usize| lists.get(t).map_or(0, Vec::len);
     let sd = g.up(&flat);
+    // One bound for every rank's launch (rank 0 has the longest shares), as the layer stack
+    // sizes them from the step's bucket.
+    let max_count = (0..tokens)
+        .map(|t| {
+            let (s, e) = indexer_row_share(count(t), k, ranks, 0);
+            e - s
+        })
+        .max()
+        .unwrap_or(0);
+    let last_round = if from_rounds {
+        topk_last_round(tokens, max_count, k)
+    } else {
+        None
+    };
+    let (stride, levels) = last_round.map_or((k, 0), |(_, stride, levels)| (stride, levels));
     let mut gathered: Vec<f32> = Vec::new();
     for rank in 0..ranks {
         let shares: Vec<(usize, usize)> = (0..tokens)
@@ -272,7 +291,6 @@ fn select_in_shares(
             .collect();
         let counts: Vec<i32> = shares.iter().map(|&(s, e)| (e - s) as i32).collect();
         let bases: Vec<i32> = shares.iter().map(|&(s, _)| s as i32).collect();
-        let max_count = shares.iter().map(|&(s, e)| e - s).max().unwrap_or(0);
         let bytes = topk_select_workspace_bytes(tokens, max_count, k);
         let (std_, cd, bd) = (g.up(&starts), g.up(&counts), g.up(&bases));
         // NaN where a rank writes nothing: a merge reading past a rank's candidates would take it.
@@ -290,41 +308,62 @@ fn select_in_shares(
             workspace: if bytes > 0 { g.ptr(&work) } else { 0 },
             index_base: g.ptr(&bd),
             index_order: true,
+            rounds_only: last_round.is_some(),
         };
         // SAFETY: each share lies inside `flat`, send holds 2 tokens k, max_count is the largest
         // share and `work` holds the workspace for it.
         unsafe { g.k.topk_select(&g.s, &call) }.unwrap();
-        gathered.extend(g.down(&send));
+        match last_round {
+            Some((bytes, stride, _)) => {
+                let at = bytes / 4;
+                gathered.extend_from_slice(&g.down(&work)[at..at + 2 * tokens * stride]);
+            }
+            None => gathered.extend(g.down(&send)),
+        }
     }
-    let candidates: Vec<i32> = (0..tokens)
-        .map(|t| indexer_rank_candidates(count(t), k, ranks) as i32)
-        .collect();
-    let (gd, cd) = (g.up(&gathered), g.up(&candidates));
+    let (per, candidates): (Vec<i32>, Vec<i32>) = (0..tokens)
+        .map(|t| {
+            let (per, all) = indexer_rank_candidates(count(t), k, ranks, levels);
+            (per as i32, all as i32)
+        })
+        .unzip();
+    let (gd, cd, pd) = (g.up(&gathered), g.up(&candidates), g.up(&per));
     let idx = g.up(&vec![SENTINEL_IDX; tokens * k]);
     let val = g.up(&vec![SENTINEL_VAL; tokens * k]);
     let merge = TopKMergeRanks {
         gathered: g.ptr(&gd),
         counts: g.ptr(&cd),
+        per_rank: g.ptr(&pd),
+        stride,
         tokens,
         k,
         out_idx: g.ptr(&idx),
         out_val: g.ptr(&val),
     };
-    // SAFETY: gathered holds every rank's 2 tokens k words; no count exceeds ranks k.
+    // SAFETY: gathered holds every rank's 2 tokens stride words; no count exceeds what they
+    // hold.
     unsafe { g.k.topk_merge_ranks(&g.s, &merge) }.unwrap();
     (g.down(&idx), g.down(&val))
 }
 
 /// The split select over `lists` equals the reference exactly, with each rank's share through
-/// the two stages (the lists as given, where a share is long) and through the single block
-/// (padded past TOPK_TWO_STAGE_MAX_TOKENS tokens).
+/// the two stages (the lists as given, where a share is long), merged from the shares' top k
+/// and from their last rounds' candidates, and through the single block (padded past
+/// TOPK_TWO_STAGE_MAX_TOKENS tokens).
 fn check_shares(g: &Gpu, name: &str, lists: &[Vec<f32>], k: usize, ranks: usize) {
     let padded = TOPK_TWO_STAGE_MAX_TOKENS + 1;
     let runs = [
-        ("shares", select_in_shares(g, lists, lists.len(), k, ranks)),
+        (
+            "shares",
+            select_in_shares(g, lists, lists.len(), k, ranks, false),
+        ),
+        (
+            "shares' last rounds",
+            select_in_shares(g, lists, lists.len(), k, ranks, true),
+        ),
         (
             "single-block shares",
-            select_in_shares(g, lists, padded, k, ranks),
+            select_in_shares(g, lists, padded, k, ranks, true),
         ),
     ];
     for (t, list) in lists.iter().enumerate() {
@@ -370,9 +409,14 @@ fn rank_shares_merged_equal_one_select() {
     assert_eq!(indexer_row_share(700, k, 2, 0), (0, 512));
     assert_eq!(indexer_row_share(700, k, 2, 1), (512, 700));
     assert_eq!(indexer_row_share(300, k, 2, 1), (300, 300));
-    assert_eq!(indexer_rank_candidates(700, k, 2), 700);
-    assert_eq!(indexer_rank_candidates(262_144, k, 2), 1024);
-    assert_eq!(indexer_rank_candidates(300, k, 3), 300);
+    assert_eq!(indexer_rank_candidates(700, k, 2, 0), (512, 700));
+    assert_eq!(indexer_rank_candidates(262_144, k, 2, 0), (512, 1024));
+    assert_eq!(indexer_rank_candidates(300, k, 3, 0), (300, 300));
+    // After the rounds of a two-stage select: 131,072 rows keep 32 x 512, then 4 x 512.
+    assert_eq!(indexer_rank_candidates(262_144, k, 2, 1), (16_384, 32_768));
+    assert_eq!(indexer_rank_candidates(262_144, k, 2, 2), (2_048, 4_096));
+    assert_eq!(topk_last_round(1, 131_072, k), Some((16_384 * 8, 2_048, 2)));
+    assert_eq!(topk_last_round(1, 8_192, k), None);
     for ranks in [2, 3] {
         // A 1M-context decode, long and short lists, exactly k, 2 k, 2 k + 1, below k, 1, 0.
         let mixed = vec![
@@ -472,6 +516,8 @@ fn split_indexer_timing() {
     let zero_i64 = g.up(&[0i64]);
     let scores = g.up(&vec![0f32; max_rows]);
     let send = g.up(&vec![0f32; 4 * k]);
+    // Both ranks' candidates as the merge reads them: their top k, or their last rounds'.
+    let gathered = g.up(&vec![0f32; 4 * TOPK_SEGMENT]);
     let out_idx = g.up(&vec![0i32; k]);
     let out_val = g.up(&vec![0f32; k]);
     let reps = 100;
@@ -483,7 +529,12 @@ fn split_indexer_timing() {
         let share_count_d = g.up(&[share as i32]);
         let share_end_d = g.up(&[share_end as i32]);
         let share_at_d = g.up(&[share_start as i64]);
-        let cand_d = g.up(&[indexer_rank_candidates(rows, k, 2) as i32]);
+        // Where the share's select takes rounds, the merge takes its last round's candidates.
+        let last_round = topk_last_round(1, share, k);
+        let (merge_stride, levels) =
+            last_round.map_or((k, 0), |(_, stride, levels)| (stride, levels));
+        let (per, all) = indexer_rank_candidates(rows, k, 2, levels);
+        let (per_d, cand_d) = (g.up(&[per as i32]), g.up(&[all as i32]));
         let work = g.up(&vec![
             0f32;
             topk_select_workspace_bytes(1, rows, k)
@@ -525,6 +576,7 @@ fn split_indexer_timing() {
             workspace: g.ptr(&work),
             index_base: 0,
             index_order: false,
+            rounds_only: false,
         };
         let share_select = TopKSelect {
             starts: g.ptr(&share_at_d),
@@ -534,11 +586,14 @@ fn split_indexer_timing() {
             max_count: share,
             index_base: g.ptr(&share_start_d),
             index_order: true,
+            rounds_only: last_round.is_some(),
             ..select
         };
         let merge = TopKMergeRanks {
-            gathered: g.ptr(&send),
+            gathered: g.ptr(&gathered),
             counts: g.ptr(&cand_d),
+            per_rank: g.ptr(&per_d),
+            stride: merge_stride,
             tokens: 1,
             k,
             out_idx: g.ptr(&out_idx),
@@ -590,7 +645,8 @@ fn split_indexer_timing() {
             g.k.topk_merge_ranks(&g.s, &merge).unwrap();
         });
         eprintln!(
-            "indexer at {rows} rows, one decode token, a rank of TP=2: heads split {heads_split:.1} \
+            "indexer at {rows} rows, one decode token, a rank of TP=2 ({levels} rounds before the \
+             merge): heads split {heads_split:.1} \
              us, whole {whole:.1} us, rows split {rows_split:.1} us (its scores {scores_only:.1} \
              us); collectives not included"
         );

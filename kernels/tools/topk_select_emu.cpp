@@ -143,7 +143,7 @@ static void run_case(const char *name, const std::vector<std::vector<float>> &li
         const int ranks = 2;
         const long long tk = (long long)tokens * k;
         std::vector<float> gathered((size_t)(ranks * 2 * tk), std::numeric_limits<float>::quiet_NaN());
-        std::vector<int> cand(tokens, 0);
+        std::vector<int> cand(tokens, 0), per(tokens, 0);
         for (int r = 0; r < ranks; ++r) {
             std::vector<long long> sst(tokens);
             std::vector<int> scnt(tokens), sbase(tokens);
@@ -154,6 +154,7 @@ static void run_case(const char *name, const std::vector<std::vector<float>> &li
                 scnt[t] = hi - lo;
                 sbase[t] = lo;
                 cand[t] += std::min(k, hi - lo);
+                if (r == 0) per[t] = std::min(k, hi - lo);
             }
             float *out = gathered.data() + (size_t)r * 2 * tk;
             launch((unsigned)tokens, 1024, [&] {
@@ -162,7 +163,8 @@ static void run_case(const char *name, const std::vector<std::vector<float>> &li
             });
         }
         launch((unsigned)tokens, 1024, [&] {
-            dsk_topk_merge_ranks_f32(gathered.data(), cand.data(), tokens, k, oi3.data(), ov3.data());
+            dsk_topk_merge_ranks_f32(gathered.data(), cand.data(), per.data(), (long long)k, tokens, k, oi3.data(),
+                                     ov3.data());
         });
     }
     int bad = 0;

@@ -149,6 +149,12 @@ pub struct TopKSelect {
     /// Write all the selected rows in index order (a rank's share, for
     /// [`Kernels::topk_merge_ranks`]) rather than those above the k-th value, then its ties.
     pub index_order: bool,
+    /// Stop the two-stage select before its last block: the last round's candidates (a superset
+    /// of the top k, in index order) stay in the workspace where [`topk_last_round`] says, for a
+    /// rank's share to be merged with the other ranks' ([`Kernels::topk_merge_ranks`]) without a
+    /// select of its own. Only with the two stages ([`topk_two_stage`]); out_idx / out_val are
+    /// not written.
+    pub rounds_only: bool,
 }
 
 /// The rows `[start, end)` of a token's `visible` indexer rows that rank `rank` of `ranks` scores
@@ -162,27 +168,73 @@ pub fn indexer_row_share(visible: usize, k: usize, ranks: usize, rank: usize) ->
     (start, ((rank + 1) * share).min(visible))
 }
 
-/// Candidates a token with `visible` rows has after each of `ranks` kept the top `k` of its
-/// [`indexer_row_share`]: `min(k, visible)` and more, at most `ranks * k`.
-pub fn indexer_rank_candidates(visible: usize, k: usize, ranks: usize) -> usize {
-    (0..ranks.max(1))
-        .map(|r| {
-            let (start, end) = indexer_row_share(visible, k, ranks, r);
+/// Candidates of a token with `visible` rows once each of `ranks` kept a superset of the top `k`
+/// of its [`indexer_row_share`]: its top k (`levels` 0: [`TopKSelect`] written out), or the
+/// candidates after `levels` rounds of the two-stage select ([`TopKSelect::rounds_only`]).
+/// Returns (what rank 0 keeps, which every rank before the last with rows keeps too; the sum
+/// over the ranks).
+pub fn indexer_rank_candidates(
+    visible: usize,
+    k: usize,
+    ranks: usize,
+    levels: usize,
+) -> (usize, usize) {
+    let kept = |r: usize| {
+        let (start, end) = indexer_row_share(visible, k, ranks, r);
+        if levels == 0 {
             (end - start).min(k)
-        })
-        .sum()
+        } else {
+            topk_level_count(end - start, k.min(TOPK_SEGMENT), levels)
+        }
+    };
+    (kept(0), (0..ranks.max(1)).map(kept).sum())
+}
+
+/// Candidates a list of `n` scores has after `levels` rounds of keeping the top `kseg` of every
+/// [`TOPK_SEGMENT`] of them (`dsk_topk_level_count` in attention.cu).
+pub fn topk_level_count(mut n: usize, kseg: usize, levels: usize) -> usize {
+    for _ in 0..levels {
+        if n == 0 {
+            break;
+        }
+        let segs = n.div_ceil(TOPK_SEGMENT);
+        n = (segs - 1) * kseg + kseg.min(n - (segs - 1) * TOPK_SEGMENT);
+    }
+    n
+}
+
+/// Where the two-stage select of `tokens` lists of at most `max_count` scores leaves its last
+/// round's candidates in the workspace ([`TopKSelect::rounds_only`]): (byte offset, candidates
+/// per token, rounds). The values `[tokens, stride]` (f32) start there, the indices
+/// `[tokens, stride]` (i32) follow. `None` where the select is not two-stage.
+pub fn topk_last_round(tokens: usize, max_count: usize, k: usize) -> Option<(usize, usize, usize)> {
+    if !topk_two_stage(tokens, max_count, k) {
+        return None;
+    }
+    let rounds = topk_rounds(max_count, k);
+    let (last, before) = rounds.split_last()?;
+    Some((
+        tokens * before.iter().sum::<usize>() * 8,
+        *last,
+        rounds.len(),
+    ))
 }
 
 /// The top `k` of each token's candidates gathered from the ranks of a tensor-parallel group
 /// ([`Kernels::topk_merge_ranks`]).
 #[derive(Clone, Copy, Debug)]
 pub struct TopKMergeRanks {
-    /// f32 words, `ranks` blocks of `2 * tokens * k`: a rank's selected values `[tokens, k]`,
-    /// then its selected indices `[tokens, k]` (i32 bits), as an all-gather of each rank's
-    /// [`TopKSelect`] output (index order, over its [`indexer_row_share`]) leaves them.
+    /// f32 words, `ranks` blocks of `2 * tokens * stride`: a rank's candidates' values
+    /// `[tokens, stride]`, then their indices `[tokens, stride]` (i32 bits), as an all-gather of
+    /// each rank's [`TopKSelect`] over its [`indexer_row_share`] leaves them: its output (index
+    /// order, `stride` = k) or its last round ([`TopKSelect::rounds_only`], [`topk_last_round`]).
     pub gathered: CUdeviceptr,
-    /// i32 `[tokens]`: candidates per token ([`indexer_rank_candidates`]).
+    /// i32 `[tokens]`: candidates per token, over all the ranks ([`indexer_rank_candidates`]).
     pub counts: CUdeviceptr,
+    /// i32 `[tokens]`: the candidates of rank 0 ([`indexer_rank_candidates`]).
+    pub per_rank: CUdeviceptr,
+    /// Candidates a rank's block holds per token.
+    pub stride: usize,
     pub tokens: usize,
     pub k: usize,
     /// i32 `[tokens, k]`.
@@ -755,6 +807,12 @@ pub fn check_topk_select(a: &TopKSelect) -> Result<(), KernelError> {
     )?;
     i32_arg(K, "k", a.k)?;
     u32_grid(K, a.tokens)?;
+    if a.rounds_only && !topk_two_stage(a.tokens, a.max_count, a.k) {
+        return Err(KernelError::invalid(
+            K,
+            "rounds_only needs the two-stage select (few tokens, long lists)",
+        ));
+    }
     if topk_two_stage(a.tokens, a.max_count, a.k) {
         nonnull(K, &[("workspace (two-stage select)", a.workspace)])?;
         if !a.workspace.is_multiple_of(4) {
@@ -880,6 +938,9 @@ impl Kernels {
                 .launch(round)
                 .map_err(KernelError::driver("launch topk_select round"))?;
         }
+        if a.rounds_only {
+            return Ok(());
+        }
         let (last_val, last_idx, last_stride) = buffers[buffers.len() - 1];
         let level = i32_arg(K, "rounds", buffers.len())?;
         let last = LaunchConfig {
@@ -926,13 +987,18 @@ impl Kernels {
             &[
                 ("gathered", a.gathered),
                 ("counts", a.counts),
+                ("per_rank", a.per_rank),
                 ("out_idx", a.out_idx),
                 ("out_val", a.out_val),
             ],
         )?;
         let k = i32_arg(K, "k", a.k)?;
         let tokens = i32_arg(K, "tokens", a.tokens)?;
-        i64_arg(K, "2 x tokens x k", 2 * a.tokens * a.k)?;
+        let stride = i64_arg(K, "stride", a.stride)?;
+        if a.stride == 0 {
+            return Err(KernelError::invalid(K, "stride 0: no candidates per rank"));
+        }
+        i64_arg(K, "2 x tokens x stride", 2 * a.tokens * a.stride)?;
         let cfg = LaunchConfig {
             grid_dim: (u32_grid(K, a.tokens)?, 1, 1),
             block_dim: (1024, 1, 1),
@@ -942,6 +1008,8 @@ impl Kernels {
             .kernel(&self.topk_merge_ranks)
             .arg(&a.gathered)
             .arg(&a.counts)
+            .arg(&a.per_rank)
+            .arg(&stride)
             .arg(&tokens)
             .arg(&k)
             .arg(&a.out_idx)
@@ -1364,6 +1432,7 @@ mod tests {
             workspace,
             index_base: 0,
             index_order: false,
+            rounds_only: false,
         }
     }
 

@@ -334,6 +334,7 @@ impl CudaBackend {
                 workspace: wp,
                 index_base: 0,
                 index_order: false,
+                rounds_only: false,
             };
             // SAFETY: each token's scores lie at starts[t] .. + counts[t] inside `scores` (their
             // sum is its length); idx and val hold tokens * k; max_count is the largest count

@@ -28,8 +28,8 @@ use dspark_kernels::launch::paged::{
 use dspark_kernels::launch::FP8_GEMV_MAX_M;
 use dspark_kernels::{
     attention_splits, attention_workspace_floats, indexer_rank_candidates, indexer_row_share,
-    Fp4MoeCall, Fp8GroupedGemv, IndexerScores, InverseRope, OutDtype, PagedAttention, SkinnyMma,
-    SkinnyWeight, TopKMergeRanks, TopKSelect,
+    topk_last_round, Fp4MoeCall, Fp8GroupedGemv, IndexerScores, InverseRope, OutDtype,
+    PagedAttention, SkinnyMma, SkinnyWeight, TopKMergeRanks, TopKSelect,
 };
 
 use super::kv::topk_work_floats;
@@ -426,8 +426,28 @@ struct IndexerShares {
     score_starts: u64,
     /// i32 `[rows]`: every rank's candidates together ([`indexer_rank_candidates`]).
     candidates: u64,
+    /// i32 `[rows]`: rank 0's candidates (every rank's before the last with rows).
+    per_rank: u64,
     /// The most rows of a share: sizes the scoring grid and the top-k.
     max_share: usize,
+}
+
+/// The most rows of a rank's [`indexer_row_share`] when tokens see at most `max_visible` rows.
+fn max_share_rows(max_visible: usize, ranks: usize, k: usize) -> usize {
+    max_visible.min(max_visible.div_ceil(ranks.max(1)).max(k))
+}
+
+/// The rounds a rank's two-stage select of its shares runs before the merge, which then takes the
+/// last round's candidates ([`TopKSelect::rounds_only`]); 0 where the share's select is one
+/// block (the merge takes its top k).
+fn share_select_levels(n: usize, max_share: usize, k: usize) -> usize {
+    topk_last_round(n, max_share, k).map_or(0, |(_, _, levels)| levels)
+}
+
+/// Candidates per token a rank sends to the merge: the last round's of its two-stage select, or
+/// its top k.
+fn share_candidates_stride(n: usize, max_share: usize, k: usize) -> usize {
+    topk_last_round(n, max_share, k).map_or(k, |(_, stride, _)| stride)
 }
 
 /// Compressed rows above which the ranks of a tensor-parallel group split the indexer's rows
@@ -441,8 +461,8 @@ pub(super) const INDEXER_SPLIT_ROWS: usize = TOPK_SINGLE_MAX_COUNT;
 const MAX_KEY_CLASSES: usize = 8;
 const MAX_INDEX_CLASSES: usize = 4;
 /// i32 arrays per indexer class: visible, selected, share starts, share ends, share counts,
-/// candidates.
-const INDEX_ARRAYS: usize = 6;
+/// candidates, rank 0's candidates.
+const INDEX_ARRAYS: usize = 7;
 /// Element offsets of the step metadata for steps of up to `room` rows: positions, ids, block
 /// table starts and lengths, key starts per class, indexer visible / selected counts per class,
 /// then the block tables. Steps of up to [`STACK_MAX_ROWS`] rows all use `room =
@@ -488,7 +508,7 @@ impl MetaLayout {
     }
 
     /// Indexer class `c`'s visible counts; its selected counts, share starts, share ends, share
-    /// counts and candidate counts follow, `room` apart.
+    /// counts, candidate counts and rank 0's candidate counts follow, `room` apart.
     fn index(self, c: usize) -> usize {
         4 * self.room + MAX_KEY_CLASSES * (self.room + 1) + c * INDEX_ARRAYS * self.room
     }
@@ -1044,28 +1064,30 @@ impl CudaBackend {
     }
 
     /// Packs indexer class `c`: visible and selected counts, score starts.
-    /// With `split` (ranks, rank), also this rank's share of each row's indexer rows and the
-    /// candidates every rank's top k of its share gives together.
+    /// With `split` (ranks, rank, levels), also this rank's share of each row's indexer rows and
+    /// the candidates of rank 0 and of every rank together that the merge takes: each share's top
+    /// k, or its select's candidates after `levels` rounds ([`share_select_levels`]).
     fn pack_indexer(
         meta: &mut MetaBuilder,
         c: usize,
         positions: &[usize],
         ratio: usize,
         topk: usize,
-        split: Option<(usize, usize)>,
+        split: Option<(usize, usize, usize)>,
     ) -> Result<(), BackendError> {
         let room = meta.layout.room;
         let visible: Vec<usize> = positions.iter().map(|&p| (p + 1) / ratio).collect();
         let mut total = 0i64;
         for (r, &v) in visible.iter().enumerate() {
             meta.i64s[2 * c * room + r] = total;
-            if let Some((ranks, rank)) = split {
+            if let Some((ranks, rank, _)) = split {
                 let (start, _) = indexer_row_share(v, topk, ranks, rank);
                 meta.i64s[(2 * c + 1) * room + r] = total + start as i64;
             }
             total += v as i64;
         }
-        if let Some((ranks, rank)) = split {
+        if let Some((ranks, rank, levels)) = split {
+            let mut per_rank = Vec::with_capacity(visible.len());
             let mut starts = Vec::with_capacity(visible.len());
             let mut ends = Vec::with_capacity(visible.len());
             let mut counts = Vec::with_capacity(visible.len());
@@ -1075,13 +1097,16 @@ impl CudaBackend {
                 starts.push(i32_of(start)?);
                 ends.push(i32_of(end)?);
                 counts.push(i32_of(end - start)?);
-                candidates.push(i32_of(indexer_rank_candidates(v, topk, ranks))?);
+                let (first, all) = indexer_rank_candidates(v, topk, ranks, levels);
+                per_rank.push(i32_of(first)?);
+                candidates.push(i32_of(all)?);
             }
             let at = meta.layout.index(c);
             meta.put32(at + 2 * room, &starts);
             meta.put32(at + 3 * room, &ends);
             meta.put32(at + 4 * room, &counts);
             meta.put32(at + 5 * room, &candidates);
+            meta.put32(at + 6 * room, &per_rank);
         }
         let vis: Vec<i32> = visible
             .iter()
@@ -1127,12 +1152,13 @@ impl CudaBackend {
             .map_err(driver_err("copy to GPU"))
     }
 
-    /// Every rank's first `len` floats of `send`, in rank order, into `recv`: NCCL on this
+    /// Every rank's `len` floats of `send` from `from`, in rank order, into `recv`: NCCL on this
     /// stream when the communicator is NCCL on the same stream, else through the host.
     fn stack_all_gather(
         &self,
         comm: &dyn Communicator,
         send: &CudaSlice<f32>,
+        from: usize,
         len: usize,
         recv: &mut CudaSlice<f32>,
     ) -> Result<(), BackendError> {
@@ -1141,12 +1167,15 @@ impl CudaBackend {
         let comm_err = |e: crate::ranks::CommError| BackendError::Other(format!("all-gather: {e}"));
         if let Some(nccl) = self.stream_nccl(comm) {
             return nccl
-                .all_gather_device(&send.slice(0..len), &mut recv.slice_mut(0..ranks * len))
+                .all_gather_device(
+                    &send.slice(from..from + len),
+                    &mut recv.slice_mut(0..ranks * len),
+                )
                 .map_err(comm_err);
         }
         let mut host = vec![0f32; len];
         self.stream
-            .memcpy_dtoh(&send.slice(0..len), &mut host)
+            .memcpy_dtoh(&send.slice(from..from + len), &mut host)
             .map_err(driver_err("copy from GPU"))?;
         self.stream
             .synchronize()
@@ -1495,8 +1524,12 @@ impl CudaBackend {
                 if index_at.len() == MAX_INDEX_CLASSES {
                     return Err(shape_err("more indexer ratios than the stack packs".into()));
                 }
-                let split = indexer_splits(comm.world_size(), bucket, ratio, split_rows)
-                    .then(|| (comm.world_size(), comm.rank()));
+                let ranks = comm.world_size();
+                let split = indexer_splits(ranks, bucket, ratio, split_rows).then(|| {
+                    let max_share = max_share_rows(bucket / ratio.max(1), ranks, cfg.index_topk);
+                    let levels = share_select_levels(n, max_share, cfg.index_topk);
+                    (ranks, comm.rank(), levels)
+                });
                 Self::pack_indexer(
                     &mut meta,
                     index_at.len(),
@@ -1557,8 +1590,8 @@ impl CudaBackend {
                         counts: at32(at + 4 * layout.room),
                         score_starts: at64((2 * c + 1) * layout.room),
                         candidates: at32(at + 5 * layout.room),
-                        // Every share is at most max(ceil(visible / ranks), k) rows.
-                        max_share: max_visible.min(max_visible.div_ceil(ranks).max(cfg.index_topk)),
+                        per_rank: at32(at + 6 * layout.room),
+                        max_share: max_share_rows(max_visible, ranks, cfg.index_topk),
                     });
                 IndexerClass {
                     ratio,
@@ -1773,12 +1806,19 @@ impl CudaBackend {
             .map(|c| topk_work_floats(n, c.max_visible, cfg.index_topk))
             .max()
             .unwrap_or(0);
-        // A split indexer's top k of this rank's share, and every rank's gathered.
+        // A split indexer's top k of this rank's share, and every rank's candidates gathered
+        // (its top k, or its select's last round).
         let share_top = if index_classes.iter().any(|c| c.split.is_some()) {
             2 * n * cfg.index_topk
         } else {
             0
         };
+        let gathered = index_classes
+            .iter()
+            .filter_map(|c| c.split)
+            .map(|sh| ranks * 2 * n * share_candidates_stride(n, sh.max_share, cfg.index_topk))
+            .max()
+            .unwrap_or(0);
 
         let sc = &mut stack.scratch;
         let mut moved = false;
@@ -1803,7 +1843,10 @@ impl CudaBackend {
         }
         if sc.share_top.len() < share_top {
             sc.share_top = self.alloc_f32(share_top.next_power_of_two())?;
-            sc.shares_gathered = self.alloc_f32(ranks * share_top.next_power_of_two())?;
+            moved = true;
+        }
+        if sc.shares_gathered.len() < gathered {
+            sc.shares_gathered = self.alloc_f32(gathered.next_power_of_two())?;
             moved = true;
         }
         let width = cfg.hc_mult * cfg.hidden_size;
@@ -2325,6 +2368,7 @@ impl CudaBackend {
                     workspace: ptr_mut(s, &mut sc.topk_work),
                     index_base: 0,
                     index_order: false,
+                    rounds_only: false,
                 };
                 match share {
                     None => {
@@ -2334,13 +2378,19 @@ impl CudaBackend {
                         unsafe { self.kernels.topk_select(s, &select) }.map_err(kernel_err)?;
                     }
                     Some(sh) => {
-                        // This rank's top k of its share, in row order, then every rank's
-                        // gathered and merged into the top k of the whole list.
+                        // This rank's share: its top k in row order (one block a token), or,
+                        // where the share's select takes rounds, the last round's candidates
+                        // (a superset of it, in row order, left in the workspace: the merge's
+                        // select stands in for the share's last block). Every rank's gathered,
+                        // then merged into the top k of the whole list.
+                        let ranks = comm.world_size();
+                        let last_round = topk_last_round(n, sh.max_share, k);
+                        let stride = last_round.map_or(k, |(_, stride, _)| stride);
                         fits("indexer share top-k", sc.share_top.len(), 2 * n * k)?;
                         fits(
                             "gathered indexer shares",
                             sc.shares_gathered.len(),
-                            comm.world_size() * 2 * n * k,
+                            ranks * 2 * n * stride,
                         )?;
                         let top = ptr_mut(s, &mut sc.share_top);
                         let call = TopKSelect {
@@ -2351,30 +2401,38 @@ impl CudaBackend {
                             max_count: sh.max_share,
                             index_base: sh.starts,
                             index_order: true,
+                            rounds_only: last_round.is_some(),
                             ..select
                         };
                         // SAFETY: each share's scores lie inside `scores`; share_top holds 2 n
                         // k; max_share bounds every share and topk_work holds the workspace for
-                        // the whole lists (checked above).
+                        // the whole lists (checked above), so for the shares too.
                         unsafe { self.kernels.topk_select(s, &call) }.map_err(kernel_err)?;
                         self.stage(&mut stack.clock, "stack: all-gather")?;
+                        let (send, from) = match last_round {
+                            Some((bytes, _, _)) => (&sc.topk_work, bytes / 4),
+                            None => (&sc.share_top, 0),
+                        };
                         self.stack_all_gather(
                             comm,
-                            &sc.share_top,
-                            2 * n * k,
+                            send,
+                            from,
+                            2 * n * stride,
                             &mut sc.shares_gathered,
                         )?;
                         self.stage(&mut stack.clock, "stack: indexer: top-k")?;
                         let merge = TopKMergeRanks {
                             gathered: ptr(s, &sc.shares_gathered),
                             counts: sh.candidates,
+                            per_rank: sh.per_rank,
+                            stride,
                             tokens: n,
                             k,
                             out_idx: select.out_idx,
                             out_val: select.out_val,
                         };
-                        // SAFETY: shares_gathered holds every rank's 2 n k words, and no count
-                        // exceeds ranks * k (indexer_rank_candidates).
+                        // SAFETY: shares_gathered holds every rank's 2 n stride words, and no
+                        // count exceeds what the ranks hold (indexer_rank_candidates).
                         unsafe { self.kernels.topk_merge_ranks(s, &merge) }.map_err(kernel_err)?;
                     }
                 }
@@ -2886,7 +2944,7 @@ mod tests {
         // Rank 1 of 2 splitting the rows of indexer class 1 (k = 32): shares of max(ceil(v /
         // 2), 32) rows, so a token of 75 rows is split 38 / 37, one of 1 row is rank 0's alone.
         let positions = [300usize, 5, 4000];
-        CudaBackend::pack_indexer(&mut meta, 1, &positions, 4, 32, Some((2, 1))).unwrap();
+        CudaBackend::pack_indexer(&mut meta, 1, &positions, 4, 32, Some((2, 1, 0))).unwrap();
         let at = lay.index(1);
         let room = lay.room;
         let arrays = |i: usize| meta.i32s[at + i * room..at + i * room + 3].to_vec();
@@ -2896,11 +2954,24 @@ mod tests {
         assert_eq!(arrays(3), [75, 1, 1000], "share ends");
         assert_eq!(arrays(4), [37, 0, 500], "share counts");
         assert_eq!(arrays(5), [64, 1, 64], "candidates of both ranks");
+        assert_eq!(arrays(6), [32, 1, 32], "candidates of rank 0");
         // Score starts, then the share's: the token's start plus its share's first row.
         assert_eq!(&meta.i64s[2 * room..2 * room + 3], &[0, 75, 76]);
         assert_eq!(&meta.i64s[3 * room..3 * room + 3], &[38, 76, 576]);
         // Class 0 was not split: its arrays are untouched.
         assert_eq!(&meta.i64s[..3], &[0, 75, 150]);
+        // A 1M-context decode token (262,112 rows) whose shares' selects take two rounds before
+        // the merge: each rank keeps 4 x 512 candidates of its 131,056 rows.
+        assert_eq!(
+            share_select_levels(1, max_share_rows(262_144, 2, 512), 512),
+            2
+        );
+        CudaBackend::pack_indexer(&mut meta, 2, &[1_048_448], 4, 512, Some((2, 0, 2))).unwrap();
+        let at = lay.index(2);
+        assert_eq!(meta.i32s[at], 262_112);
+        assert_eq!(meta.i32s[at + 4 * room], 131_056, "share counts");
+        assert_eq!(meta.i32s[at + 5 * room], 4_096, "candidates of both ranks");
+        assert_eq!(meta.i32s[at + 6 * room], 2_048, "candidates of rank 0");
         // Splitting starts above the threshold's compressed rows, and only with more than one
         // rank.
         assert!(!indexer_splits(2, 32_768, 4, INDEXER_SPLIT_ROWS));
