@@ -22,7 +22,6 @@
 
 use std::sync::Mutex;
 
-use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 use dspark_kernels::launch::attention::{
     indexer_kernel, indexer_tile, IndexerKernel, IndexerTile, IndexerTileChoice,
@@ -30,7 +29,7 @@ use dspark_kernels::launch::attention::{
 use dspark_kernels::{IndexerScores, KvRowFormat};
 
 mod common;
-use common::{check_row_shares, gpu, Gpu, Rng};
+use common::{check_row_shares, gpu, time_us, Gpu, Rng};
 
 use KvRowFormat::{Bf16, Fp8Indexer, F32};
 
@@ -335,20 +334,10 @@ fn tiled_indexer_timing() {
                         c.run(&mut g, IndexerTileChoice::Force(tile));
                         let call = c.call(&g);
                         g.k.spin(&g.s, 20_000_000).unwrap();
-                        let ev = || {
-                            g.ctx
-                                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                                .unwrap()
-                        };
-                        let (start, end) = (ev(), ev());
-                        start.record(&g.s).unwrap();
-                        for _ in 0..reps {
-                            // SAFETY: as in `Case::run` (the same buffers and shapes).
-                            unsafe { g.k.indexer_scores(&g.s, &call) }.unwrap();
-                        }
-                        end.record(&g.s).unwrap();
-                        g.s.synchronize().unwrap();
-                        us.push(f64::from(start.elapsed_ms(&end).unwrap()) * 1000.0 / reps as f64);
+                        // SAFETY: as in `Case::run` (the same buffers and shapes).
+                        us.push(time_us(&g, reps, &|| unsafe {
+                            g.k.indexer_scores(&g.s, &call).unwrap()
+                        }));
                     }
                     eprintln!(
                         "tiled indexer {format:?} heads={heads} rows={rows} tokens={tokens}: \

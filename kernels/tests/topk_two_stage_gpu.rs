@@ -24,7 +24,7 @@ use dspark_kernels::{
 };
 
 mod common;
-use common::{gpu, Gpu, Rng};
+use common::{gpu, time_us, Gpu, Rng};
 
 const SENTINEL_IDX: i32 = -7;
 const SENTINEL_VAL: f32 = 1234.5;
@@ -488,7 +488,6 @@ fn split_indexer_timing() {
     let Some(g) = gpu("split_indexer_timing") else {
         return;
     };
-    use cudarc::driver::sys::CUevent_flags;
     use dspark_kernels::{IndexerScores, KvRowFormat};
     let mut rng = Rng(0x70b5_e1ec_7003);
     let (heads, dim, k, bs, ratio) = (64, 128, 512, 128, 4);
@@ -599,22 +598,7 @@ fn split_indexer_timing() {
             out_idx: g.ptr(&out_idx),
             out_val: g.ptr(&out_val),
         };
-        let time = |f: &dyn Fn()| {
-            f();
-            let ev = || {
-                g.ctx
-                    .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                    .unwrap()
-            };
-            let (start, end) = (ev(), ev());
-            start.record(&g.s).unwrap();
-            for _ in 0..reps {
-                f();
-            }
-            end.record(&g.s).unwrap();
-            g.s.synchronize().unwrap();
-            f64::from(start.elapsed_ms(&end).unwrap()) * 1000.0 / reps as f64
-        };
+        let time = |f: &dyn Fn()| time_us(&g, reps, f);
         // SAFETY (all three): the pool holds every row the table addresses, scores `rows`
         // floats, the workspace is sized for `rows`, send 2 k values and indices (the merge
         // reads it as both ranks' candidates).

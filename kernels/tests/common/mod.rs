@@ -230,3 +230,22 @@ pub fn check_row_shares(
     }
     launches
 }
+
+/// Microseconds per call of `f` over `reps` calls back to back on the stream, between two
+/// events (one call first, untimed, to warm up).
+pub fn time_us(g: &Gpu, reps: usize, f: &dyn Fn()) -> f64 {
+    f();
+    let ev = || {
+        g.ctx
+            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .unwrap()
+    };
+    let (start, end) = (ev(), ev());
+    start.record(&g.s).unwrap();
+    for _ in 0..reps {
+        f();
+    }
+    end.record(&g.s).unwrap();
+    g.s.synchronize().unwrap();
+    f64::from(start.elapsed_ms(&end).unwrap()) * 1000.0 / reps as f64
+}

@@ -428,26 +428,54 @@ struct IndexerShares {
     candidates: u64,
     /// i32 `[rows]`: rank 0's candidates (every rank's before the last with rows).
     per_rank: u64,
+    plan: SharePlan,
+}
+
+/// The launch shapes of a step's split indexer class, from its bucket: decided once, when its
+/// shares are packed.
+#[derive(Clone, Copy, Debug)]
+struct SharePlan {
     /// The most rows of a share: sizes the scoring grid and the top-k.
     max_share: usize,
+    /// Where a share's select takes rounds, where its last round's candidates lie in the
+    /// workspace ([`topk_last_round`]): the merge takes them instead of the share's top k.
+    last_round: Option<(usize, usize, usize)>,
+}
+
+impl SharePlan {
+    /// The plan of a step of `n` rows in `bucket` at `ratio`, where a group of `ranks` splits
+    /// its rows ([`indexer_splits`]).
+    fn of(
+        ranks: usize,
+        bucket: usize,
+        ratio: usize,
+        split_rows: usize,
+        n: usize,
+        k: usize,
+    ) -> Option<Self> {
+        indexer_splits(ranks, bucket, ratio, split_rows).then(|| {
+            let max_share = max_share_rows(bucket / ratio.max(1), ranks, k);
+            Self {
+                max_share,
+                last_round: topk_last_round(n, max_share, k),
+            }
+        })
+    }
+
+    /// Rounds of a share's select before the merge (0: the merge takes its top k).
+    fn levels(self) -> usize {
+        self.last_round.map_or(0, |(_, _, levels)| levels)
+    }
+
+    /// Candidates per token a rank sends to the merge.
+    fn stride(self, k: usize) -> usize {
+        self.last_round.map_or(k, |(_, stride, _)| stride)
+    }
 }
 
 /// The most rows of a rank's [`indexer_row_share`] when tokens see at most `max_visible` rows.
 fn max_share_rows(max_visible: usize, ranks: usize, k: usize) -> usize {
     max_visible.min(max_visible.div_ceil(ranks.max(1)).max(k))
-}
-
-/// The rounds a rank's two-stage select of its shares runs before the merge, which then takes the
-/// last round's candidates ([`TopKSelect::rounds_only`]); 0 where the share's select is one
-/// block (the merge takes its top k).
-fn share_select_levels(n: usize, max_share: usize, k: usize) -> usize {
-    topk_last_round(n, max_share, k).map_or(0, |(_, _, levels)| levels)
-}
-
-/// Candidates per token a rank sends to the merge: the last round's of its two-stage select, or
-/// its top k.
-fn share_candidates_stride(n: usize, max_share: usize, k: usize) -> usize {
-    topk_last_round(n, max_share, k).map_or(k, |(_, stride, _)| stride)
 }
 
 /// Compressed rows above which the ranks of a tensor-parallel group split the indexer's rows
@@ -1066,7 +1094,7 @@ impl CudaBackend {
     /// Packs indexer class `c`: visible and selected counts, score starts.
     /// With `split` (ranks, rank, levels), also this rank's share of each row's indexer rows and
     /// the candidates of rank 0 and of every rank together that the merge takes: each share's top
-    /// k, or its select's candidates after `levels` rounds ([`share_select_levels`]).
+    /// k, or its select's candidates after `levels` rounds ([`SharePlan::levels`]).
     fn pack_indexer(
         meta: &mut MetaBuilder,
         c: usize,
@@ -1494,7 +1522,7 @@ impl CudaBackend {
         // Classes in layer order: (mode, ratio) of every attention kind, and every indexer
         // ratio; counts packed at fixed offsets, launch shapes from the bucket.
         let mut key_at: Vec<(KeyMode, usize)> = Vec::new();
-        let mut index_at: Vec<usize> = Vec::new();
+        let mut index_at: Vec<(usize, Option<SharePlan>)> = Vec::new();
         for l in 0..cfg.num_hidden_layers {
             let aw = &model.weights.layers[l].attn;
             let ratio = cfg.compress_ratio(l).unwrap_or(0);
@@ -1520,25 +1548,21 @@ impl CudaBackend {
                 )?;
                 key_at.push((mode, ratio));
             }
-            if mode == KeyMode::Selected && !index_at.contains(&ratio) {
+            if mode == KeyMode::Selected && !index_at.iter().any(|&(r, _)| r == ratio) {
                 if index_at.len() == MAX_INDEX_CLASSES {
                     return Err(shape_err("more indexer ratios than the stack packs".into()));
                 }
                 let ranks = comm.world_size();
-                let split = indexer_splits(ranks, bucket, ratio, split_rows).then(|| {
-                    let max_share = max_share_rows(bucket / ratio.max(1), ranks, cfg.index_topk);
-                    let levels = share_select_levels(n, max_share, cfg.index_topk);
-                    (ranks, comm.rank(), levels)
-                });
+                let plan = SharePlan::of(ranks, bucket, ratio, split_rows, n, cfg.index_topk);
                 Self::pack_indexer(
                     &mut meta,
                     index_at.len(),
                     &rows.positions,
                     ratio.max(1),
                     cfg.index_topk,
-                    split,
+                    plan.map(|p| (ranks, comm.rank(), p.levels())),
                 )?;
-                index_at.push(ratio);
+                index_at.push((ratio, plan));
             }
         }
         let s = self.stream.clone();
@@ -1579,20 +1603,18 @@ impl CudaBackend {
         let index_classes: Vec<IndexerClass> = index_at
             .iter()
             .enumerate()
-            .map(|(c, &ratio)| {
+            .map(|(c, &(ratio, plan))| {
                 let max_visible = bucket / ratio.max(1);
-                let ranks = comm.world_size();
                 let at = layout.index(c);
-                let split =
-                    indexer_splits(ranks, bucket, ratio, split_rows).then(|| IndexerShares {
-                        starts: at32(at + 2 * layout.room),
-                        ends: at32(at + 3 * layout.room),
-                        counts: at32(at + 4 * layout.room),
-                        score_starts: at64((2 * c + 1) * layout.room),
-                        candidates: at32(at + 5 * layout.room),
-                        per_rank: at32(at + 6 * layout.room),
-                        max_share: max_share_rows(max_visible, ranks, cfg.index_topk),
-                    });
+                let split = plan.map(|plan| IndexerShares {
+                    starts: at32(at + 2 * layout.room),
+                    ends: at32(at + 3 * layout.room),
+                    counts: at32(at + 4 * layout.room),
+                    score_starts: at64((2 * c + 1) * layout.room),
+                    candidates: at32(at + 5 * layout.room),
+                    per_rank: at32(at + 6 * layout.room),
+                    plan,
+                });
                 IndexerClass {
                     ratio,
                     visible: at32(at),
@@ -1816,7 +1838,7 @@ impl CudaBackend {
         let gathered = index_classes
             .iter()
             .filter_map(|c| c.split)
-            .map(|sh| ranks * 2 * n * share_candidates_stride(n, sh.max_share, cfg.index_topk))
+            .map(|sh| ranks * 2 * n * sh.plan.stride(cfg.index_topk))
             .max()
             .unwrap_or(0);
 
@@ -2334,7 +2356,7 @@ impl CudaBackend {
                     out_starts: class.out_starts,
                     out: ptr_mut(s, &mut sc.scores),
                     tokens: n,
-                    max_visible: share.map_or(class.max_visible, |sh| sh.max_share),
+                    max_visible: share.map_or(class.max_visible, |sh| sh.plan.max_share),
                     floats_per_block: fpb,
                     block_size: bs,
                     base: start + lay.idx_rows,
@@ -2384,8 +2406,8 @@ impl CudaBackend {
                         // select stands in for the share's last block). Every rank's gathered,
                         // then merged into the top k of the whole list.
                         let ranks = comm.world_size();
-                        let last_round = topk_last_round(n, sh.max_share, k);
-                        let stride = last_round.map_or(k, |(_, stride, _)| stride);
+                        let last_round = sh.plan.last_round;
+                        let stride = sh.plan.stride(k);
                         fits("indexer share top-k", sc.share_top.len(), 2 * n * k)?;
                         fits(
                             "gathered indexer shares",
@@ -2398,7 +2420,7 @@ impl CudaBackend {
                             counts: sh.counts,
                             out_val: top,
                             out_idx: top + (n * k * 4) as u64,
-                            max_count: sh.max_share,
+                            max_count: sh.plan.max_share,
                             index_base: sh.starts,
                             index_order: true,
                             rounds_only: last_round.is_some(),
@@ -2962,9 +2984,10 @@ mod tests {
         assert_eq!(&meta.i64s[..3], &[0, 75, 150]);
         // A 1M-context decode token (262,112 rows) whose shares' selects take two rounds before
         // the merge: each rank keeps 4 x 512 candidates of its 131,056 rows.
+        let plan = SharePlan::of(2, 1 << 20, 4, INDEXER_SPLIT_ROWS, 1, 512).unwrap();
         assert_eq!(
-            share_select_levels(1, max_share_rows(262_144, 2, 512), 512),
-            2
+            (plan.max_share, plan.levels(), plan.stride(512)),
+            (131_072, 2, 2_048)
         );
         CudaBackend::pack_indexer(&mut meta, 2, &[1_048_448], 4, 512, Some((2, 0, 2))).unwrap();
         let at = lay.index(2);
