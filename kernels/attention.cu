@@ -587,6 +587,421 @@ extern "C" __global__ void __launch_bounds__(512, 1) dsk_attend_partial_heads_tc
     dsk_attend_partial_heads_tc_body<32>(pool, q, key_off, key_start, heads, hd, splits, scale, part, fmt, rope);
 }
 
+// --- Split-KV attention pass 1 on the f16 tensor cores (head_dim 512) ---
+// dsk_attend_partial_heads_f16 (G = 16 heads a block) / _f16x32 (G = 32): the same inputs, split
+// records and merge as the f32 and TF32 kernels, for stored records (FP8 latent, BF16) and f32
+// rows. Block (split, G heads, token), 8 warps, tiles of 32 keys. Per tile:
+// - its rows arrive raw (the stored bytes) by cp.async while the block computes on the previous
+//   tile, and are decoded once into an f16 key tile [32][520] (zeros for slots without a key);
+// - S = Q K^T on m16n8k16, Q (f16, staged once) and K from shared memory by ldmatrix: warp w
+//   takes m tile w % MT, keys 16 ((w / MT) % 2) .. + 15, and dims kq KQ .. + KQ - 1 with
+//   kq = w / (2 MT) (KSPLIT = 64 / G slices); the softmax sums the KSPLIT partial logits;
+// - online softmax per head as the other kernels' (masked keys -inf, m = -inf until a valid key,
+//   an empty split writes sum 0): a warp per G / 8 heads, lane = key; each probability is
+//   rounded to f16 before it is summed into l, so numerator and denominator weigh a key alike;
+// - O += P V: warp w owns dims 64 w .. 64 w + 63 of all G heads (MT x 8 accumulator tiles), V
+//   fragments by ldmatrix.trans from the same key tile (K = V).
+// Three barriers a tile of 32 keys (the TF32 kernel: four a tile of 16). f16 has TF32's 10
+// mantissa bits (unit roundoff 2^-11): Q, K = V and P are rounded to them and products summed in
+// f32, as the TF32 kernel (the same error bound). e4m3 and bf16 values are exact in f16 within its
+// range; values past +-65504 saturate there (queries and latent rows are RMS-normed, far inside).
+// Row strides: Q and key tiles 520 halves (1040 B = 65 x 16 B: the 8 rows of an ldmatrix phase
+// hit 8 distinct 16-byte bank groups), probabilities 40 halves (80 B = 5 x 16 B).
+#define DSK_ATTF_TILE 32
+#define DSK_ATTF_HD 512
+#define DSK_ATTF_WARPS 8
+#define DSK_ATTF_LDH 520
+#define DSK_ATTF_SLD (DSK_ATTF_TILE + 4)
+#define DSK_ATTF_PLD (DSK_ATTF_TILE + 8)
+#define DSK_ATTF_KSPLIT(G) (64 / (G))
+// Shared memory (bytes) of the G-head form with raw rows `rs` bytes apart: Q [G][LDH] f16 | key
+// tile [TILE][LDH] f16 | partial logits [KSPLIT][G][SLD] f32 | P [G][PLD] f16 | corrections [G] |
+// row flags [2][TILE] | raw rows [TILE][rs]. Kept in step with AttentionTcForm::smem_bytes_for.
+#define DSK_ATTF_SMEM_BYTES(G, RS)                                                                   \
+    (((G) + DSK_ATTF_TILE) * DSK_ATTF_LDH * 2 + DSK_ATTF_KSPLIT(G) * (G) * DSK_ATTF_SLD * 4 +         \
+     (G) * DSK_ATTF_PLD * 2 + (G) * 4 + 2 * DSK_ATTF_TILE * 4 + DSK_ATTF_TILE * (RS))
+
+// cp.async of N (4, 8 or 16) bytes; see dsk_attc_cp16 for the host forms.
+template <int N>
+__device__ __forceinline__ void dsk_attf_cp(void *dst, const void *src) {
+#ifdef __CUDA_ARCH__
+    const unsigned int d = static_cast<unsigned int>(__cvta_generic_to_shared(dst));
+    if (N == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(d), "l"(src), "n"(N) : "memory");
+#elif defined(DSK_EMU_CP_ASYNC)
+    emu_cp_async(dst, src, N);
+#else
+    memcpy(dst, src, N);
+#endif
+}
+__device__ __forceinline__ void dsk_attf_wait0() {
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+#elif defined(DSK_EMU_CP_ASYNC)
+    emu_cp_wait(0);
+#endif
+}
+
+// ldmatrix.x4 (b16): lanes 8 j .. 8 j + 7 give the 16-byte rows of matrix j; r[j] is lane
+// (g, tg)'s pair (g, 2 tg .. + 1) of matrix j, or with `.trans` ((2 tg, g), (2 tg + 1, g)).
+__device__ __forceinline__ void dsk_attf_ldsm4(const void *p, unsigned int (&r)[4]) {
+#ifdef __CUDA_ARCH__
+    const unsigned int a = static_cast<unsigned int>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#else
+    emu_ldsm4_b16(p, r, false);
+#endif
+}
+__device__ __forceinline__ void dsk_attf_ldsm4_trans(const void *p, unsigned int (&r)[4]) {
+#ifdef __CUDA_ARCH__
+    const unsigned int a = static_cast<unsigned int>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#else
+    emu_ldsm4_b16(p, r, true);
+#endif
+}
+
+// Two f32 as an f16x2, saturating at +-65504 (NaN stays NaN).
+__device__ __forceinline__ unsigned int dsk_attf_h2(float lo, float hi) {
+    return dsk_f32x2_to_f16x2(fminf(fmaxf(lo, -65504.f), 65504.f), fminf(fmaxf(hi, -65504.f), 65504.f));
+}
+
+// UE8M0 scale bytes whose e4m3 products are all exact finite f16 values: 448 x 2^(se - 127) <=
+// 65504 (se <= 134), the smallest e4m3 subnormal 2^-9 x 2^(se - 127) >= 2^-24 and the scale
+// itself a normal f16 (se >= 113).
+#define DSK_ATTF_F16_SCALE_LO 113u
+#define DSK_ATTF_F16_SCALE_HI 134u
+
+// a * b on f16x2 pairs (round to nearest).
+__device__ __forceinline__ unsigned int dsk_attf_hmul2(unsigned int a, unsigned int b) {
+#ifdef __CUDA_ARCH__
+    unsigned int r;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+#else
+    float a0, a1, b0, b1;
+    dsk_f16x2_to_f32(a, a0, a1);
+    dsk_f16x2_to_f32(b, b0, b1);
+    return dsk_f32x2_to_f16x2(a0 * b0, a1 * b1);
+#endif
+}
+
+// The pool offset of this warp's row `lane` of the tile at kt (rows w, w + 8, ...: lanes 0 ..
+// TILE / WARPS - 1 hold one each; -1 past the split's end b), loaded a tile ahead of its copies
+// so the load's latency hides behind a tile's work.
+__device__ __forceinline__ long long dsk_attf_offset(const long long *__restrict__ key_off, int kt, int b) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int k = kt + warp + DSK_ATTF_WARPS * lane;
+    return lane < DSK_ATTF_TILE / DSK_ATTF_WARPS && k < b ? key_off[k] : -1;
+}
+
+// Issues the cp.async copies of this warp's rows (their offsets in lanes 0.. of `off`, from
+// dsk_attf_offset) into `raw` (row r at r * rs, `rb` bytes of it) and sets their flags; 16-, 8-
+// or 4-byte copies as the row's address allows (warp-uniform); a slot without a key copies
+// nothing.
+__device__ __forceinline__ void dsk_attf_stage(unsigned char *raw, int *valid, const float *__restrict__ pool,
+                                               long long off_lanes, int rb, int rs) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int i = 0; i < DSK_ATTF_TILE / DSK_ATTF_WARPS; ++i) {
+        const int r = warp + DSK_ATTF_WARPS * i;
+        // Lane i's offset to the whole warp, as two 32-bit halves.
+        const unsigned int lo = __float_as_uint(
+            __shfl_sync(0xffffffffu, __uint_as_float((unsigned int)(unsigned long long)off_lanes), i));
+        const unsigned int hi = __float_as_uint(
+            __shfl_sync(0xffffffffu, __uint_as_float((unsigned int)((unsigned long long)off_lanes >> 32)), i));
+        const long long off = (long long)(((unsigned long long)hi << 32) | lo);
+        if (lane == 0) valid[r] = off >= 0;
+        if (off < 0) continue;
+        const unsigned char *src = reinterpret_cast<const unsigned char *>(pool + off);
+        unsigned char *dst = raw + r * rs;
+        const unsigned long long at = reinterpret_cast<unsigned long long>(src);
+        if ((at & 15) == 0 && (rb & 15) == 0) {
+            for (int c = 16 * lane; c < rb; c += 16 * 32) dsk_attf_cp<16>(dst + c, src + c);
+        } else if ((at & 7) == 0 && (rb & 7) == 0) {
+            for (int c = 8 * lane; c < rb; c += 8 * 32) dsk_attf_cp<8>(dst + c, src + c);
+        } else {
+            for (int c = 4 * lane; c < rb; c += 4 * 32) dsk_attf_cp<4>(dst + c, src + c);
+        }
+    }
+}
+
+// Decodes the landed raw rows into the f16 key tile (row r at r * LDH halves; zeros where the
+// flag is clear), warp w rows w, w + 8, ... in 16-byte chunks of the record: FP8 latent (e4m3
+// chunks of 16 values under one scale, then bf16 RoPE chunks of 8), BF16 (8 values) or f32 (4).
+__device__ __forceinline__ void dsk_attf_decode(const unsigned char *raw, const int *valid, unsigned int *kw, int fmt,
+                                                int rope, int rs) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    constexpr int RW = DSK_ATTF_LDH / 2;  // words a key row
+#pragma unroll
+    for (int i = 0; i < DSK_ATTF_TILE / DSK_ATTF_WARPS; ++i) {
+        const int r = warp + DSK_ATTF_WARPS * i;
+        unsigned int *row = kw + r * RW;
+        const unsigned char *rec = raw + r * rs;
+        if (!valid[r]) {
+            for (int c = lane; c < DSK_ATTF_HD / 8; c += 32)
+                *reinterpret_cast<uint4 *>(row + 4 * c) = make_uint4(0u, 0u, 0u, 0u);
+            continue;
+        }
+        if (fmt == DSK_KV_FP8) {
+            const int nope = DSK_ATTF_HD - rope, n8 = nope / 16, chunks = n8 + rope / 8;
+            for (int c = lane; c < chunks; c += 32) {
+                const uint4 v = *reinterpret_cast<const uint4 *>(rec + 16 * c);
+                if (c < n8) {
+                    const unsigned int se = rec[nope + 2 * rope + (16 * c) / DSK_KV_FP8_GROUP];
+                    const unsigned int w[4] = {v.x, v.y, v.z, v.w};
+                    unsigned int h[8];
+                    if (se >= DSK_ATTF_F16_SCALE_LO && se <= DSK_ATTF_F16_SCALE_HI) {
+                        // Every e4m3 value times 2^(se - 127) is an exact finite f16 here: scale
+                        // in f16 (one multiply a pair), the same bits as the f32 path below.
+                        const unsigned int s1 = (se - 112u) << 10, s2 = s1 | (s1 << 16);
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) {
+                            h[2 * j] = dsk_attf_hmul2(dsk_e4m3x2_to_f16x2(w[j] & 0xffffu), s2);
+                            h[2 * j + 1] = dsk_attf_hmul2(dsk_e4m3x2_to_f16x2(w[j] >> 16), s2);
+                        }
+                    } else {
+                        const float sc = __uint_as_float(se << 23);
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) {
+                            float x0, x1, x2, x3;
+                            dsk_e4m3x2_to_f32(w[j] & 0xffffu, x0, x1);
+                            dsk_e4m3x2_to_f32(w[j] >> 16, x2, x3);
+                            h[2 * j] = dsk_attf_h2(x0 * sc, x1 * sc);
+                            h[2 * j + 1] = dsk_attf_h2(x2 * sc, x3 * sc);
+                        }
+                    }
+                    *reinterpret_cast<uint4 *>(row + 8 * c) = make_uint4(h[0], h[1], h[2], h[3]);
+                    *reinterpret_cast<uint4 *>(row + 8 * c + 4) = make_uint4(h[4], h[5], h[6], h[7]);
+                } else {
+                    const unsigned int w[4] = {v.x, v.y, v.z, v.w};
+                    unsigned int h[4];
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) h[j] = dsk_attf_h2(dsk_bf16lo(w[j]), dsk_bf16hi(w[j]));
+                    *reinterpret_cast<uint4 *>(row + nope / 2 + 4 * (c - n8)) = make_uint4(h[0], h[1], h[2], h[3]);
+                }
+            }
+        } else if (fmt == DSK_KV_BF16) {
+            for (int c = lane; c < DSK_ATTF_HD / 8; c += 32) {
+                const uint4 v = *reinterpret_cast<const uint4 *>(rec + 16 * c);
+                *reinterpret_cast<uint4 *>(row + 4 * c) =
+                    make_uint4(dsk_attf_h2(dsk_bf16lo(v.x), dsk_bf16hi(v.x)), dsk_attf_h2(dsk_bf16lo(v.y), dsk_bf16hi(v.y)),
+                               dsk_attf_h2(dsk_bf16lo(v.z), dsk_bf16hi(v.z)), dsk_attf_h2(dsk_bf16lo(v.w), dsk_bf16hi(v.w)));
+            }
+        } else {
+            for (int c = lane; c < DSK_ATTF_HD / 4; c += 32) {
+                const float4 v = *reinterpret_cast<const float4 *>(rec + 16 * c);
+                *reinterpret_cast<uint2 *>(row + 2 * c) = make_uint2(dsk_attf_h2(v.x, v.y), dsk_attf_h2(v.z, v.w));
+            }
+        }
+    }
+}
+
+template <int G>
+__device__ __forceinline__ void dsk_attend_partial_heads_f16_body(
+    const float *__restrict__ pool, const float *__restrict__ q, const long long *__restrict__ key_off,
+    const int *__restrict__ key_start, int heads, int hd, int splits, float scale, float *__restrict__ part, int fmt,
+    int rope, int rb, int rs) {
+    constexpr int MT = G / 16, KSPLIT = DSK_ATTF_KSPLIT(G), KQ = DSK_ATTF_HD / KSPLIT, RW = G / DSK_ATTF_WARPS;
+    constexpr int CHAINS = G == 16 ? 2 : 1;
+    extern __shared__ __align__(16) unsigned char dsk_attf_smem[];
+    unsigned short *const qs = reinterpret_cast<unsigned short *>(dsk_attf_smem);
+    unsigned short *const ks = qs + G * DSK_ATTF_LDH;
+    float *const slog = reinterpret_cast<float *>(ks + DSK_ATTF_TILE * DSK_ATTF_LDH);
+    unsigned short *const prob = reinterpret_cast<unsigned short *>(slog + KSPLIT * G * DSK_ATTF_SLD);
+    float *const corr = reinterpret_cast<float *>(prob + G * DSK_ATTF_PLD);
+    int *const valid = reinterpret_cast<int *>(corr + G);
+    unsigned char *const raw = reinterpret_cast<unsigned char *>(valid + 2 * DSK_ATTF_TILE);
+    const int s = blockIdx.x, t = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tg = lane & 3;
+    const int hb = blockIdx.y * G;
+    const int k0 = key_start[t], k1 = key_start[t + 1];
+    const int per = (k1 - k0 + splits - 1) / splits;
+    const int a = k0 + s * per;
+    const int b = min(k1, a + per);
+    long long nxt = dsk_attf_offset(key_off, a, b);
+    if (a < b) dsk_attf_stage(raw, valid, pool, nxt, rb, rs);
+    dsk_attc_commit();
+    // Q as f16 rows (the copies above are in flight meanwhile).
+#pragma unroll 4
+    for (int i = threadIdx.x; i < G * (DSK_ATTF_HD / 4); i += DSK_ATTF_WARPS * 32) {
+        const int h = i / (DSK_ATTF_HD / 4), c = i % (DSK_ATTF_HD / 4);
+        const float4 v = *reinterpret_cast<const float4 *>(q + ((long long)t * heads + hb + h) * hd + 4 * c);
+        *reinterpret_cast<uint2 *>(qs + h * DSK_ATTF_LDH + 4 * c) = make_uint2(dsk_attf_h2(v.x, v.y), dsk_attf_h2(v.z, v.w));
+    }
+    // This warp's parts: S (m tile, key pair of n tiles, dim slice), softmax rows, PV dims.
+    const int smt = warp % MT, snp = (warp / MT) & 1, skq = warp / (2 * MT);
+    const unsigned short *const qa_at =
+        qs + (16 * smt + (lane & 7) + 8 * ((lane >> 3) & 1)) * DSK_ATTF_LDH + skq * KQ + 8 * (lane >> 4);
+    const unsigned short *const kb_at =
+        ks + (16 * snp + 8 * (lane >> 4) + (lane & 7)) * DSK_ATTF_LDH + skq * KQ + 8 * ((lane >> 3) & 1);
+    const int dw = 64 * warp;
+    float o[MT][8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[mt][j][e] = 0.f;
+    float mrow[RW], lrow[RW];
+#pragma unroll
+    for (int i = 0; i < RW; ++i) mrow[i] = DSK_NEG_INF, lrow[i] = 0.f;
+    for (int kt = a, cur = 0; kt < b; kt += DSK_ATTF_TILE, cur ^= 1) {
+        const int *const vcur = valid + cur * DSK_ATTF_TILE;
+        nxt = dsk_attf_offset(key_off, kt + DSK_ATTF_TILE, b);  // the next tile's rows
+        dsk_attf_wait0();
+        __syncthreads();  // the raw tile has landed; the previous tile's P V is done with ks and P
+        dsk_attf_decode(raw, vcur, reinterpret_cast<unsigned int *>(ks), fmt, rope, rs);
+        __syncthreads();  // the key tile is whole; raw is free
+        if (kt + DSK_ATTF_TILE < b) dsk_attf_stage(raw, valid + (cur ^ 1) * DSK_ATTF_TILE, pool, nxt, rb, rs);
+        dsk_attc_commit();
+        {
+            // CHAINS accumulators per n tile (k steps taken in turn), so the dependent MMA chains
+            // are KQ / 16 / CHAINS long; the 32-head form has no registers to spare for a second.
+            float sc[2][CHAINS][4];
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int h = 0; h < CHAINS; ++h)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) sc[n][h][e] = 0.f;
+#pragma unroll 4
+            for (int kk = 0; kk < KQ / 16; ++kk) {
+                unsigned int qa[4], kb[4];
+                dsk_attf_ldsm4(qa_at + 16 * kk, qa);
+                dsk_attf_ldsm4(kb_at + 16 * kk, kb);
+                dsk_mma_f16_m16n8k16(sc[0][kk % CHAINS], qa[0], qa[1], qa[2], qa[3], kb[0], kb[1]);
+                dsk_mma_f16_m16n8k16(sc[1][kk % CHAINS], qa[0], qa[1], qa[2], qa[3], kb[2], kb[3]);
+            }
+#pragma unroll
+            for (int n = 0; n < 2; ++n) {
+#pragma unroll
+                for (int h = 1; h < CHAINS; ++h)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) sc[n][0][e] += sc[n][h][e];
+                float *sl = slog + (skq * G + 16 * smt + g) * DSK_ATTF_SLD + 16 * snp + 8 * n + 2 * tg;
+                *reinterpret_cast<float2 *>(sl) = make_float2(sc[n][0][0], sc[n][0][1]);
+                *reinterpret_cast<float2 *>(sl + 8 * DSK_ATTF_SLD) = make_float2(sc[n][0][2], sc[n][0][3]);
+            }
+        }
+        __syncthreads();
+        {
+            // The warp's RW rows side by side, so their shuffle chains interleave.
+            const bool ok = vcur[lane] != 0;
+            float lg[RW], cm[RW];
+#pragma unroll
+            for (int i = 0; i < RW; ++i) {
+                float d = 0.f;
+#pragma unroll
+                for (int kq = 0; kq < KSPLIT; ++kq) d += slog[(kq * G + warp * RW + i) * DSK_ATTF_SLD + lane];
+                lg[i] = ok ? d * scale : DSK_NEG_INF;
+                cm[i] = lg[i];
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+                for (int i = 0; i < RW; ++i) cm[i] = fmaxf(cm[i], __shfl_xor_sync(0xffffffffu, cm[i], o));
+            float c[RW], p[RW], ps[RW];
+            unsigned int ph[RW];
+#pragma unroll
+            for (int i = 0; i < RW; ++i) {
+                const float mn = fmaxf(mrow[i], cm[i]);
+                // A tile without a valid key leaves m = -inf: no expf(-inf - -inf).
+                c[i] = mn == DSK_NEG_INF ? 1.f : expf(mrow[i] - mn);  // 0 on the first key
+                ph[i] = ok ? dsk_f32x2_to_f16x2(expf(lg[i] - mn), 0.f) : 0u;
+                float unused;
+                dsk_f16x2_to_f32(ph[i], p[i], unused);
+                ps[i] = p[i];
+                mrow[i] = mn;
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+                for (int i = 0; i < RW; ++i) ps[i] += __shfl_xor_sync(0xffffffffu, ps[i], o);
+#pragma unroll
+            for (int i = 0; i < RW; ++i) {
+                const int row = warp * RW + i;
+                lrow[i] = fmaf(lrow[i], c[i], ps[i]);
+                prob[row * DSK_ATTF_PLD + lane] = (unsigned short)(ph[i] & 0xffffu);
+                if (lane == 0) corr[row] = c[i];
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            const float c0 = corr[16 * mt + g], c1 = corr[16 * mt + g + 8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                o[mt][j][0] *= c0;
+                o[mt][j][1] *= c0;
+                o[mt][j][2] *= c1;
+                o[mt][j][3] *= c1;
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < DSK_ATTF_TILE / 16; ++kk) {
+            unsigned int pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                dsk_attf_ldsm4(prob + (16 * mt + (lane & 7) + 8 * ((lane >> 3) & 1)) * DSK_ATTF_PLD + 16 * kk + 8 * (lane >> 4),
+                               pa[mt]);
+            const unsigned short *const vb_at =
+                ks + (16 * kk + 8 * ((lane >> 3) & 1) + (lane & 7)) * DSK_ATTF_LDH + dw + 8 * (lane >> 4);
+#pragma unroll
+            for (int qd = 0; qd < 4; ++qd) {
+                unsigned int vb[4];
+                dsk_attf_ldsm4_trans(vb_at + 16 * qd, vb);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    dsk_mma_f16_m16n8k16(o[mt][2 * qd], pa[mt][0], pa[mt][1], pa[mt][2], pa[mt][3], vb[0], vb[1]);
+                    dsk_mma_f16_m16n8k16(o[mt][2 * qd + 1], pa[mt][0], pa[mt][1], pa[mt][2], pa[mt][3], vb[2], vb[3]);
+                }
+            }
+        }
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int i = 0; i < RW; ++i) {
+            float *out = part + (((long long)t * heads + hb + warp * RW + i) * splits + s) * (hd + 2);
+            out[0] = mrow[i];
+            out[1] = lrow[i];
+        }
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        float *o0 = part + (((long long)t * heads + hb + 16 * mt + g) * splits + s) * (hd + 2) + 2 + dw + 2 * tg;
+        float *o1 = o0 + 8LL * splits * (hd + 2);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            *reinterpret_cast<float2 *>(o0 + 8 * j) = make_float2(o[mt][j][0], o[mt][j][1]);
+            *reinterpret_cast<float2 *>(o1 + 8 * j) = make_float2(o[mt][j][2], o[mt][j][3]);
+        }
+    }
+}
+
+// Both forms: 8 warps, two blocks an H200 SM with FP8 or BF16 records (one with f32 rows).
+extern "C" __global__ void __launch_bounds__(DSK_ATTF_WARPS * 32, 2) dsk_attend_partial_heads_f16(
+    const float *__restrict__ pool, const float *__restrict__ q, const long long *__restrict__ key_off,
+    const int *__restrict__ key_start, int heads, int hd, int splits, float scale, float *__restrict__ part, int fmt,
+    int rope, int rb, int rs) {
+    dsk_pdl_entry();
+    dsk_attend_partial_heads_f16_body<16>(pool, q, key_off, key_start, heads, hd, splits, scale, part, fmt, rope, rb, rs);
+}
+extern "C" __global__ void __launch_bounds__(DSK_ATTF_WARPS * 32, 2) dsk_attend_partial_heads_f16x32(
+    const float *__restrict__ pool, const float *__restrict__ q, const long long *__restrict__ key_off,
+    const int *__restrict__ key_start, int heads, int hd, int splits, float scale, float *__restrict__ part, int fmt,
+    int rope, int rb, int rs) {
+    dsk_pdl_entry();
+    dsk_attend_partial_heads_f16_body<32>(pool, q, key_off, key_start, heads, hd, splits, scale, part, fmt, rope, rb, rs);
+}
+
 // Split-KV attention, pass 2: merges the splits of (t, h) with the head's sink logit in the
 // denominator (the sink takes probability mass but contributes no value). Block (h, t, z) writes
 // dimensions z * DSK_COMBINE_DIMS .. + DSK_COMBINE_DIMS, one per thread, so a decode token's 64
@@ -671,6 +1086,44 @@ extern "C" __global__ void __launch_bounds__(DSK_COMBINE_DIMS) dsk_attend_combin
                           positions[t], attention_factor, true, y0, y1);
         o[d] = y0;
         o[d + 1] = y1;
+    }
+}
+
+// Pass 2 where pass 1 ran one split (prefill chunks): the same values, bit for bit, as
+// dsk_attend_combine_f32 computes with splits = 1 (the same max, weight, denominator, fmaf and
+// division, the same inverse rotation), one warp per (token, head) row and 8 rows a block; the
+// general kernel's blocks of 128 dimensions cost more to schedule than to run at this size (an
+// 8K chunk's 32 heads: a million blocks). Lane l takes dimension pairs 2 l + 64 j (hd even, and
+// the RoPE channels start at an even dimension, so a pair never straddles them).
+extern "C" __global__ void __launch_bounds__(256) dsk_attend_combine_one_f32(
+    const float *__restrict__ part, const float *__restrict__ sinks, int tokens, int heads, int hd,
+    float *__restrict__ out, const int *__restrict__ positions, const float *__restrict__ inv_freq, int rope_dim,
+    float attention_factor) {
+    dsk_pdl_entry();
+    const long long row = (long long)blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (row >= (long long)tokens * heads) return;
+    const int lane = threadIdx.x & 31;
+    const int h = (int)(row % heads), t = (int)(row / heads);
+    const float *p = part + row * (hd + 2);
+    const float m = p[0], l = p[1], sink = sinks[h];
+    const float mx = l > 0.f ? fmaxf(sink, m) : sink;
+    const float w = l > 0.f ? expf(m - mx) : 0.f;
+    float denom = expf(sink - mx);
+    if (l > 0.f) denom = fmaf(l, w, denom);
+    const int rope0 = hd - rope_dim;
+    float *o = out + row * hd;
+    for (int d = 2 * lane; d < hd; d += 64) {
+        const float2 a = *reinterpret_cast<const float2 *>(p + 2 + d);
+        float v0 = 0.f, v1 = 0.f;
+        if (l > 0.f) v0 = fmaf(a.x, w, v0), v1 = fmaf(a.y, w, v1);
+        v0 = v0 / denom;
+        v1 = v1 / denom;
+        if (positions != nullptr && d >= rope0) {
+            float y0, y1;
+            dsk_rope_pair_f32(v0, v1, inv_freq[(d - rope0) >> 1], positions[t], attention_factor, true, y0, y1);
+            v0 = y0, v1 = y1;
+        }
+        *reinterpret_cast<float2 *>(o + d) = make_float2(v0, v1);
     }
 }
 

@@ -122,6 +122,19 @@ fn run_with(
     heads_path: bool,
     inverse_rope: Option<InverseRope>,
 ) -> Vec<f32> {
+    run_merged_twice(g, c, splits, scale, heads_path, inverse_rope).0
+}
+
+/// [`run_with`], then the general merge again over the same split records: (the path's
+/// output, the general merge's).
+fn run_merged_twice(
+    g: &Gpu,
+    c: &Case,
+    splits: usize,
+    scale: f32,
+    heads_path: bool,
+    inverse_rope: Option<InverseRope>,
+) -> (Vec<f32>, Vec<f32>) {
     let tokens = c.tokens();
     let (pool, q, sinks) = (g.up(&c.pool), g.up(&c.q), g.up(&c.sinks));
     let (offsets, starts) = (g.up(&c.offsets), g.up(&c.starts));
@@ -158,7 +171,10 @@ fn run_with(
         }
     }
     .unwrap();
-    g.down(&out)
+    let first = g.down(&out);
+    // SAFETY: as above; pass 1 wrote every split record of the workspace.
+    unsafe { g.k.attention_merge(&g.s, &a, true) }.unwrap();
+    (first, g.down(&out))
 }
 
 fn check(g: &Gpu, rng: &mut Rng, heads: usize, hd: usize, counts: &[usize], hole: usize) {
@@ -216,6 +232,54 @@ fn head_grouped_attention_matches_per_head_kernel_and_f64() {
 
 /// The merge's inverse RoPE gives the bits of the merge followed by an inverse `rope_f32` launch
 /// (what the layer stack ran before), for both attention kernels and several split counts.
+/// One split's merge (a warp per (token, head) row: prefill chunks) gives the general merge's
+/// bits, with and without the inverse RoPE, over tokens with keys, without keys (the sink takes
+/// everything) and with every key masked.
+#[test]
+fn one_split_merge_equals_the_general_merge() {
+    let Some(g) = gpu("one_split_merge_equals_the_general_merge") else {
+        return;
+    };
+    let mut rng = Rng(0x0005_1a7e_u64);
+    for (heads, hd, rope_dim, counts, hole) in [
+        (
+            32usize,
+            512usize,
+            64usize,
+            vec![640usize, 0, 128, 7],
+            0usize,
+        ),
+        (64, 512, 64, vec![33, 640], 5),
+        (16, 64, 16, vec![5, 40], 1),
+    ] {
+        let c = Case::new(&mut rng, heads, hd, &counts, hole);
+        let positions: Vec<i32> = (0..c.tokens()).map(|t| 4095 + 777 * t as i32).collect();
+        let inv_freq: Vec<f32> = (0..rope_dim / 2)
+            .map(|i| 1.0 / 160000f32.powf((2 * i) as f32 / rope_dim as f32))
+            .collect();
+        let (pb, fb) = (g.up(&positions), g.up(&inv_freq));
+        let inverse = InverseRope {
+            positions: g.ptr(&pb),
+            inv_freq: g.ptr(&fb),
+            rope_dim,
+            attention_factor: 1.1,
+        };
+        let scale = 1.0 / (hd as f32).sqrt();
+        for rope in [None, Some(inverse)] {
+            for heads_path in [true, false] {
+                let (one, general) = run_merged_twice(&g, &c, 1, scale, heads_path, rope);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&one),
+                    bits(&general),
+                    "heads={heads} hd={hd} keys={counts:?} rope={} grouped={heads_path}",
+                    rope.is_some()
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn merge_with_inverse_rope_equals_a_separate_rope_launch() {
     let Some(g) = gpu("merge_with_inverse_rope_equals_a_separate_rope_launch") else {

@@ -1,15 +1,15 @@
-//! GPU checks of split-KV attention with pass 1 on the TF32 tensor cores
-//! (`paged_attention_heads_tc`, both forms: 16 and 32 heads a block) against the f32 head-grouped kernel (`paged_attention_heads`,
+//! GPU checks of split-KV attention with pass 1 on the tensor cores (`paged_attention_heads_tc`,
+//! every form: TF32 and f16 MMAs, 16 and 32 heads a block) against the f32 head-grouped kernel (`paged_attention_heads`,
 //! same workspace and merge) and an f64 host reference (softmax with the head's sink in the
 //! denominator), at DeepSeek-V4-Flash's shapes: 64 heads (TP=1) and 32 (TP=2) of 512 over one
 //! shared key row per key, several tokens with different key counts in one launch, one split and
 //! the split count `attention_splits` picks, slots without a key (offset -1), sharp logits, BF16
-//! rows; and a timing print of both kernels at a prefill shape. Skips (passes with a SKIP line)
+//! rows; and a timing print of every form at prefill and decode shapes. Skips (passes with a SKIP line)
 //! where there is no GPU.
 //!
 //! Bound, per (token, head) row as max |got - want| / max |want| (the CPU emulation
-//! kernels/tools/attention_tc_emu.cpp checks the same one): TF32 rounds Q, K = V and P to 10-bit
-//! mantissas (unit roundoff u = 2^-11), f32 accumulation. A value is off by up to u, a
+//! kernels/tools/attention_tc_emu.cpp checks the same one): TF32 and f16 both round Q, K = V and
+//! P to 10-bit mantissas (unit roundoff u = 2^-11), f32 accumulation. A value is off by up to u, a
 //! probability by u from its own rounding and relatively by twice its logit's error; the
 //! roundings of a logit's 512 products are independent and of either sign, so that error is about
 //! E = u scale sqrt(sum_i (q_i k_i)^2) (the largest over the row's keys). Bound: 4 u + 16 E
@@ -27,8 +27,17 @@ use dspark_kernels::{
 mod common;
 use common::{bf16_bits, gpu, row_errs, Gpu, Rng};
 
-/// TF32's unit roundoff (round to nearest, 10 explicit mantissa bits).
+/// TF32's unit roundoff (round to nearest, 10 explicit mantissa bits), f16's as well: the f16
+/// forms keep the same bound.
 const TF32_U: f64 = 1.0 / 2048.0;
+
+/// Every form of the tensor-core pass 1: TF32 and f16, 16 and 32 heads a block.
+const ALL_FORMS: [AttentionTcForm; 4] = [
+    AttentionTcForm::Heads16,
+    AttentionTcForm::Heads32,
+    AttentionTcForm::F16Heads16,
+    AttentionTcForm::F16Heads32,
+];
 
 /// One launch's inputs: a pool of key rows (at offsets that are not all multiples of the row's
 /// size), per-token key lists, queries and sinks.
@@ -234,7 +243,7 @@ fn check(g: &Gpu, c: &Case, what: &str) {
     let (want, bounds) = c.reference(scale);
     let mut split_counts = vec![1, picked];
     split_counts.dedup();
-    let forms: Vec<AttentionTcForm> = [AttentionTcForm::Heads16, AttentionTcForm::Heads32]
+    let forms: Vec<AttentionTcForm> = ALL_FORMS
         .into_iter()
         .filter(|f| c.heads.is_multiple_of(f.heads()))
         .collect();
@@ -277,7 +286,7 @@ fn check(g: &Gpu, c: &Case, what: &str) {
 }
 
 /// One decoding token per launch over the short key counts of a V4 layer (a partial tile, one
-/// tile, two, a window, an 8K CSA layer's 512 + 128), both forms; small enough for racecheck.
+/// tile, two, a window, an 8K CSA layer's 512 + 128), every form; small enough for racecheck.
 #[test]
 fn tensor_core_attention_short_lists_match_f32_kernel_and_f64() {
     let Some(g) = gpu("tensor_core_attention_short_lists_match_f32_kernel_and_f64") else {
@@ -367,7 +376,7 @@ fn tensor_core_attention_rejects_other_head_dims() {
         format: KvRowFormat::F32,
         inverse_rope: None,
     };
-    for form in [AttentionTcForm::Heads16, AttentionTcForm::Heads32] {
+    for form in ALL_FORMS {
         assert!(check_attention_heads_tc(&a, form, g.k.smem_optin()).is_err());
     }
     // SAFETY: rejected before launch, no pointer is read.
@@ -375,13 +384,13 @@ fn tensor_core_attention_rejects_other_head_dims() {
         unsafe { g.k.paged_attention_heads_tc(&g.s, &a) },
         Err(KernelError::InvalidLaunch { .. })
     ));
-    // V4's shape fits this device's shared memory in both forms (H200: 227 KB a block).
+    // V4's shape fits this device's shared memory in every form (H200: 227 KB a block).
     let v4 = PagedAttention {
         heads: 64,
         head_dim: 512,
         ..a
     };
-    for form in [AttentionTcForm::Heads16, AttentionTcForm::Heads32] {
+    for form in ALL_FORMS {
         assert!(check_attention_heads_tc(&v4, form, g.k.smem_optin()).is_ok());
     }
     assert_eq!(
@@ -410,6 +419,7 @@ fn attention_tc_timing_print() {
         (8192, 32, 640, KvRowFormat::F32),
         (2048, 64, 640, KvRowFormat::F32),
         (8192, 64, 640, fp8),
+        (8192, 32, 640, fp8),
         (1, 64, 8320, KvRowFormat::F32),
         (1, 64, 8320, fp8),
         (1, 64, 128, fp8),
@@ -456,6 +466,8 @@ fn attention_tc_timing_print() {
             ("f32 heads", None),
             ("TC 16 heads", Some(AttentionTcForm::Heads16)),
             ("TC 32 heads", Some(AttentionTcForm::Heads32)),
+            ("F16 16 heads", Some(AttentionTcForm::F16Heads16)),
+            ("F16 32 heads", Some(AttentionTcForm::F16Heads32)),
         ] {
             let launch = || {
                 // SAFETY: the buffers above hold the shapes `a` names; every offset leaves a
@@ -488,7 +500,7 @@ fn attention_tc_timing_print() {
             g.s.synchronize().unwrap();
             let us = f64::from(start.elapsed_ms(&end).unwrap()) * 1000.0 / reps as f64;
             eprintln!(
-                "attention T{tokens} H{heads} keys {keys} {format:?} splits {splits} {what:>11}: \
+                "attention T{tokens} H{heads} keys {keys} {format:?} splits {splits} {what:>12}: \
                  {us:10.1} us \
                  (pass 1 + merge) {:6.1} TFLOPS, key rows {:6.0} GB/s",
                 flops / us * 1e-6,

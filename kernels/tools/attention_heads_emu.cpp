@@ -17,6 +17,8 @@
 #define __shared__
 float dsk_atth_smem[16 * 512 + 16];
 float sq[1], smem[1];
+// The f16 attention forms' shared memory (not run here).
+alignas(16) unsigned char dsk_attf_smem[16];
 
 // Warp intrinsics the file uses, through emu.h's per-warp exchange.
 inline float __shfl_xor_sync(unsigned, float v, int o) {

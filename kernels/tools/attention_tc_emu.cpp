@@ -1,5 +1,6 @@
-// CPU emulation of attention.cu's tensor-core split-KV pass 1, both forms
-// (dsk_attend_partial_heads_tc, 16 heads a block; dsk_attend_partial_heads_tc32, 32), one
+// CPU emulation of attention.cu's tensor-core split-KV pass 1, every form (TF32:
+// dsk_attend_partial_heads_tc, 16 heads a block, and _tc32, 32; f16: dsk_attend_partial_heads_f16
+// and _f16x32, whose ldmatrix / ldmatrix.trans come from emu.h), one
 // std::thread per CUDA thread, barriers for __syncthreads, the warps' shuffles and MMAs (the MMA
 // from the PTX fragment layout in emu.h, operands truncated to their top 19 bits as the tensor
 // cores read them); cp.async copies land only at the cp.async.wait_group that requires them, the
@@ -18,10 +19,13 @@
 // over the row's keys), where the worst case 2 u scale sum_i |q_i k_i| is ~20x that at 512 dims
 // and would let real bugs through. Bound: 4 u + 16 E (8 sigmas of the logit term) + 1e-5 of f32
 // accumulation, per row; each split's record (max, sum, acc) is checked against it too after
-// bringing it to the f64 record's max. About 2.5 minutes on two cores:
+// bringing it to the f64 record's max. The f16 forms keep the same bound (f16 has TF32's 10
+// mantissa bits); their FP8 cases take both decode paths (scales f16 can carry, and smaller
+// ones). About 5 minutes on two cores (`tf32` or `f16` as the argument runs those forms only):
 //   g++ -std=c++20 -O2 -pthread -w -I kernels/tools kernels/tools/attention_tc_emu.cpp -o /tmp/attc_emu && /tmp/attc_emu
 #include "emu.h"
 #include <deque>
+#include <string>
 
 #undef __shared__
 #undef __launch_bounds__
@@ -32,6 +36,9 @@
 // (the larger form's: 32 heads).
 float smem[2 * 16 * 520 + 16 * 32 * 24 + 32 * 20 + 32 + 2 * 16];
 float dsk_atth_smem[16 * 512 + 16];
+// The f16 forms' dynamic shared memory (the largest: 32 heads over f32 rows).
+alignas(16) unsigned char dsk_attf_smem[((32 + 32) * 520 * 2 + 2 * 32 * 36 * 4 + 32 * 40 * 2 + 32 * 4 + 2 * 32 * 4 +
+                                         32 * 2048)];
 float sq[1];
 
 inline void dsk_pdl_entry() {}
@@ -84,6 +91,7 @@ inline unsigned __float_as_uint(float f) { return emu_float_bits(f); }
 #include "../attention.cu"
 
 static_assert(sizeof smem / sizeof(float) == DSK_ATTC_SMEM_FLOATS(32), "smem sized as the kernel's layout");
+static_assert(sizeof dsk_attf_smem == DSK_ATTF_SMEM_BYTES(32, 2048), "f16 smem sized as the kernel's layout");
 
 // emu.h's launch covers grid x and y; this one adds z (the token).
 template <class F> void launch3(D3 grid, unsigned threads, F f) {
@@ -127,7 +135,9 @@ static const double U = 1.0 / 2048;  // TF32 unit roundoff
 // One launch: tokens with the given key counts, every `hole`-th key (on average) a -1 slot,
 // queries times `qmag`, rows stored as `fmt` (F32, BF16 or FP8 latent with 64 rope dims).
 // `vs_f32` also runs the f32 head-grouped kernel on the same inputs.
-// `group`: the form run, 16 (dsk_attend_partial_heads_tc) or 32 heads a block (..._tc32).
+// `group`: the form run, 16 (dsk_attend_partial_heads_tc) or 32 heads a block (..._tc32); with
+// `f16` the f16 forms (dsk_attend_partial_heads_f16 / _f16x32).
+static bool g_f16 = false;
 static void attention_case(const char *name, int group, int heads, std::vector<int> counts, int splits, int hole,
                            float qmag, int fmt, bool vs_f32, unsigned long long seed) {
     const int hd = 512, rope = fmt == DSK_KV_FP8 ? 64 : 0;
@@ -158,7 +168,10 @@ static void attention_case(const char *name, int group, int heads, std::vector<i
                 unsigned short h = dsk_f32_to_bf16(rng.f());
                 memcpy(b + nope + 2 * d, &h, 2);
             }
-            for (int gi = 0; gi < nope / 64; ++gi) b[nope + 2 * rope + gi] = 127 - 8 + rng.below(4);
+            // Mostly scales whose products the f16 forms scale in f16, one in eight below that
+            // range (their f32 path; products in f16's subnormals).
+            for (int gi = 0; gi < nope / 64; ++gi)
+                b[nope + 2 * rope + gi] = rng.below(8) ? 127 - 8 + rng.below(4) : 105 + rng.below(8);
         }
         for (int d = 0; d < hd; ++d) dec[r * hd + d] = dsk_kv_value(rec, fmt, hd, rope, d);
     }
@@ -181,10 +194,18 @@ static void attention_case(const char *name, int group, int heads, std::vector<i
     const float scale = 1.f / std::sqrt((float)hd);
     const size_t plen = (size_t)tokens * heads * splits * (hd + 2);
     std::vector<float> part(plen, NAN), out((size_t)tokens * heads * hd, NAN);
-    launch3({(unsigned)splits, (unsigned)(heads / group), (unsigned)tokens}, (unsigned)group * 16, [&] {
-        (group == 32 ? dsk_attend_partial_heads_tc32 : dsk_attend_partial_heads_tc)(
-            pool.data(), q.data(), off.data(), start.data(), heads, hd, splits, scale, part.data(), fmt, rope);
-    });
+    if (g_f16) {
+        const int rb = 4 * slots, rs = (rb + 15) / 16 * 16;
+        launch3({(unsigned)splits, (unsigned)(heads / group), (unsigned)tokens}, DSK_ATTF_WARPS * 32, [&] {
+            (group == 32 ? dsk_attend_partial_heads_f16x32 : dsk_attend_partial_heads_f16)(
+                pool.data(), q.data(), off.data(), start.data(), heads, hd, splits, scale, part.data(), fmt, rope, rb, rs);
+        });
+    } else {
+        launch3({(unsigned)splits, (unsigned)(heads / group), (unsigned)tokens}, (unsigned)group * 16, [&] {
+            (group == 32 ? dsk_attend_partial_heads_tc32 : dsk_attend_partial_heads_tc)(
+                pool.data(), q.data(), off.data(), start.data(), heads, hd, splits, scale, part.data(), fmt, rope);
+        });
+    }
     combine(part, sinks, tokens, heads, hd, splits, out);
     std::vector<float> out32;
     if (vs_f32) {
@@ -277,16 +298,22 @@ static void attention_case(const char *name, int group, int heads, std::vector<i
         }
     const bool ok = bad_rows == 0 && !bad_empty && !nan_seen;
     fails += !ok;
-    printf("%s G%d %-24s heads %2d fmt %d splits %d tokens %d: output err %.2e, record err %.2e (bound %.2e, worst "
+    printf("%s %s%d %-24s heads %2d fmt %d splits %d tokens %d: output err %.2e, record err %.2e (bound %.2e, worst "
            "err/bound %.2f)",
-           ok ? "OK  " : "FAIL", group, name, heads, fmt, splits, tokens, worst_out, worst_rec, max_bound, worst_ratio);
+           ok ? "OK  " : "FAIL", g_f16 ? "F16-G" : "TF32-G", group, name, heads, fmt, splits, tokens, worst_out, worst_rec, max_bound, worst_ratio);
     if (vs_f32) printf(", vs f32 kernel %.2e", worst_vs32);
     printf(", %d empty split records%s%s\n", empty, bad_empty ? " (NOT ZERO)" : "", nan_seen ? " NaN/inf" : "");
     fflush(stdout);
 }
 
-int main() {
-    for (int G : {16, 32}) {
+int main(int argc, char **argv) {
+    // Which forms: "tf32", "f16" or both (no argument).
+    const std::string which = argc > 1 ? argv[1] : "";
+    for (int form = 0; form < 4; ++form) {
+        const int G = form % 2 ? 32 : 16;
+        g_f16 = form >= 2;
+        if (which == "tf32" && g_f16) continue;
+        if (which == "f16" && !g_f16) continue;
         // Edges: tokens with 1, 0, 33 (a partial third tile), 70 keys, -1 slots, more splits than
         // some tokens have keys (empty splits); an all-masked token.
         attention_case("edges, holes", G, 32, {1, 0, 33, 70}, 4, 3, 1.f, DSK_KV_F32, true, 1);

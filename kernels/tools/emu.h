@@ -77,6 +77,8 @@ inline void dsk_e4m3x2_to_f32(unsigned two, float &lo, float &hi) {
 }
 inline uint4 dsk_ld_stream16(const void *p) { uint4 r; memcpy(&r, p, 16); return r; }
 inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+#define __align__(n) __attribute__((aligned(n)))
 inline float dsk_pow2(int e) { return std::ldexp(1.0f, e); }  // common.cuh's, exact
 // IEEE binary16 from its definition: f32 -> f16 bits rounded to nearest, ties to even
 // (subnormals, overflow to infinity, NaN kept quiet), and back.
@@ -193,6 +195,27 @@ inline void dsk_mma_f16_m16n8k16(float (&d)[4], unsigned a0, unsigned a1, unsign
                                  unsigned b1) {
     const float c[4] = {d[0], d[1], d[2], d[3]};
     emu_mma_f16_m16n8k16(d, c, {a0, a1, a2, a3, b0, b1});
+}
+// ldmatrix.m8n8.x4.b16: lanes 8 j .. 8 j + 7 give the 16-byte rows of matrix j; r[j] of lane
+// (g, tg) = (lane / 4, lane % 4) is the pair (row g, elements 2 tg, 2 tg + 1) of matrix j, or with
+// `trans` (row 2 tg, element g) low and (row 2 tg + 1, element g) high.
+static const void *g_ldsm_b16[1024];
+inline void emu_ldsm4_b16(const void *p, unsigned (&r)[4], bool trans) {
+    const unsigned tid = threadIdx.x, w0 = tid & ~31u, lane = tid & 31u, g = lane / 4, tg = lane % 4;
+    g_ldsm_b16[tid] = p;
+    g_warp_bar->arrive_and_wait();
+    for (int j = 0; j < 4; ++j) {
+        const unsigned char *const *rows = reinterpret_cast<const unsigned char *const *>(g_ldsm_b16 + w0 + 8 * j);
+        if (!trans) {
+            memcpy(&r[j], rows[g] + 4 * tg, 4);
+        } else {
+            unsigned short lo, hi;
+            memcpy(&lo, rows[2 * tg] + 2 * g, 2);
+            memcpy(&hi, rows[2 * tg + 1] + 2 * g, 2);
+            r[j] = lo | ((unsigned)hi << 16);
+        }
+    }
+    g_warp_bar->arrive_and_wait();
 }
 using std::fmaf;
 using std::max;

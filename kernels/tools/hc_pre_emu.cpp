@@ -37,7 +37,6 @@ template <class T> inline T __shfl_sync(unsigned, T v, int src) {
 }
 // Used only by kernels this tool does not run (the router).
 inline unsigned long long __shfl_xor_sync(unsigned, unsigned long long, int) { abort(); }
-inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }
 template <class T> inline T __ldcg(const T *p) { return *p; }
 inline unsigned lo_count_block(unsigned *p) { return __atomic_fetch_add(p, 1u, __ATOMIC_ACQ_REL); }
 

@@ -19,6 +19,8 @@
 // The larger of the two kernels' dynamic shared memory (the f16 form's: 97,408 bytes).
 float smem[97408 / 4];
 float sq[1], dsk_atth_smem[1];
+// The f16 attention forms' shared memory (not run here).
+alignas(16) unsigned char dsk_attf_smem[16];
 
 inline float __shfl_xor_sync(unsigned, float v, int o) {
     g_shfl[threadIdx.x] = v;

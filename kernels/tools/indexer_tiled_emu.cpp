@@ -26,6 +26,8 @@
 // Dynamic shared memory of the block that runs (the largest tile: [128][64] + [128][65]).
 float smem[128 * (64 + 65)];
 float sq[1], dsk_atth_smem[1];
+// The f16 attention forms' shared memory (not run here).
+alignas(16) unsigned char dsk_attf_smem[16];
 
 inline void dsk_pdl_entry() {}
 inline float __shfl_xor_sync(unsigned, float v, int o) {

@@ -367,23 +367,27 @@ fn gemm_steps_equal_op_by_op_in_f32_and_closely_in_tf32() {
 
     // No discrete choices: index_topk above every row's compressed rows, top-2 of 2 experts.
     // Head dim 128 takes the f32 head-grouped attention; 512 (V4-Flash's) the tensor-core one,
-    // in the GEMM steps and in the decode steps after them.
-    for head_dim in [128, 512] {
-        let smooth = tempfile::tempdir().unwrap();
-        support::write_wide_config(
-            smooth.path(),
-            &[
-                ("sliding_window", 32),
-                ("index_topk", 2048),
-                ("n_routed_experts", 2),
-                ("num_attention_heads", 16),
-                ("head_dim", head_dim),
-                // The indexer's keys carry the rotary dims (a quarter of head_dim here).
-                ("index_head_dim", (head_dim / 4).max(64)),
-            ],
-        );
-        let load =
-            || wide_model_with_pool(smooth.path(), Shard::SINGLE, Arc::new(SingleRank), 0, 9216);
+    // in the GEMM steps and in the decode steps after them: TF32 over f32 rows, f16 over stored
+    // BF16 records (the reference reads the stored values, in f32). FP8 records are compared
+    // below against the same stack on TF32 attention instead: against the f32 reference the
+    // TF32 GEMMs upstream move latent values across e4m3 rounding boundaries (a step of 1/16),
+    // which measured 1.24e-2 with either attention form.
+    for (head_dim, storage) in [
+        (128, KvStorage::F32),
+        (512, KvStorage::F32),
+        (512, KvStorage::Bf16),
+    ] {
+        let smooth = smooth_config(head_dim);
+        let load = || {
+            wide_model_stored(
+                smooth.path(),
+                Shard::SINGLE,
+                Arc::new(SingleRank),
+                0,
+                9216,
+                storage,
+            )
+        };
         let mut reference = load();
         reference.disable_layer_stack();
         // The op-by-op indexer follows the TF32 switch too: the reference stays f32.
@@ -395,9 +399,63 @@ fn gemm_steps_equal_op_by_op_in_f32_and_closely_in_tf32() {
         let got = long_prefill(&mut fast);
         let w = worst(&got, &want);
         eprintln!(
-            "GEMM steps (TF32) vs op by op, no discrete choices, head_dim {head_dim}: worst \
-             relative logit difference {w:e}"
+            "GEMM steps (TF32) vs op by op, no discrete choices, head_dim {head_dim}, \
+             {storage:?} KV: worst relative logit difference {w:e}"
         );
-        assert!(w < TF32_BOUND, "head_dim {head_dim}: {w:e}");
+        assert!(w < TF32_BOUND, "head_dim {head_dim}, {storage:?}: {w:e}");
+    }
+}
+
+/// The wide config without discrete choices (index_topk above every row's compressed rows, top-2
+/// of 2 experts) at `head_dim`, 16 heads.
+fn smooth_config(head_dim: i64) -> tempfile::TempDir {
+    let smooth = tempfile::tempdir().unwrap();
+    support::write_wide_config(
+        smooth.path(),
+        &[
+            ("sliding_window", 32),
+            ("index_topk", 2048),
+            ("n_routed_experts", 2),
+            ("num_attention_heads", 16),
+            ("head_dim", head_dim),
+            // The indexer's keys carry the rotary dims (a quarter of head_dim here).
+            ("index_head_dim", (head_dim / 4).max(64)),
+        ],
+    );
+    smooth
+}
+
+/// The f16 attention (GEMM and decode steps) against the same layer stack on the TF32 form, over
+/// stored BF16 and FP8 records at head_dim 512: the same upstream, so what differs is the two
+/// kernels' rounding (both 10-bit mantissas) and what it moves downstream.
+#[test]
+fn f16_attention_equals_tf32_attention_over_stored_rows() {
+    if !gpu_enabled("f16_attention_equals_tf32_attention_over_stored_rows") {
+        return;
+    }
+    let smooth = smooth_config(512);
+    for storage in [KvStorage::Bf16, KvStorage::Fp8] {
+        let run = |f16: bool| {
+            let mut m = wide_model_stored(
+                smooth.path(),
+                Shard::SINGLE,
+                Arc::new(SingleRank),
+                0,
+                9216,
+                storage,
+            );
+            assert!(m.uses_layer_stack());
+            m.backend().set_gemm_tf32(true);
+            m.backend().set_attention_f16(f16);
+            long_prefill(&mut m)
+        };
+        let want = run(false);
+        let got = run(true);
+        let w = worst(&got, &want);
+        eprintln!(
+            "f16 attention vs TF32 attention, {storage:?} KV, head_dim 512: worst relative logit \
+             difference {w:e}"
+        );
+        assert!(w < TF32_BOUND, "{storage:?}: {w:e}");
     }
 }

@@ -411,43 +411,83 @@ const ATTENTION_TC_TILE: usize = 16;
 /// Row stride in floats of their key tiles (`DSK_ATTC_LD`: 8 mod 32, conflict-free fragment loads).
 const ATTENTION_TC_LD: usize = 520;
 
-/// The two forms of the tensor-core attention pass 1: heads a block serves.
+/// Key rows the f16 forms stage at a time (`DSK_ATTF_TILE`).
+const ATTENTION_F16_TILE: usize = 32;
+/// Row stride in halves of their Q and key tiles (`DSK_ATTF_LDH`: 1040 bytes = 65 x 16, so the 8
+/// rows of an ldmatrix phase hit 8 distinct 16-byte bank groups).
+const ATTENTION_F16_LDH: usize = 520;
+
+/// The forms of the tensor-core attention pass 1: which MMAs, and heads a block serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionTcForm {
-    /// `dsk_attend_partial_heads_tc`: 16 heads, 8 warps, 78.4 KB of shared memory (two blocks
-    /// an H200 SM; fits sm_121's 99 KB).
+    /// `dsk_attend_partial_heads_tc`: TF32, 16 heads, 8 warps, 78.4 KB of shared memory (two
+    /// blocks an H200 SM; fits sm_121's 99 KB).
     Heads16,
-    /// `dsk_attend_partial_heads_tc32`: 32 heads, 16 warps, 115.8 KB (one block an SM): each key
-    /// row is read from L2 once per 32 heads instead of 16.
+    /// `dsk_attend_partial_heads_tc32`: TF32, 32 heads, 16 warps, 115.8 KB (one block an SM):
+    /// each key row is read from L2 once per 32 heads instead of 16.
     Heads32,
+    /// `dsk_attend_partial_heads_f16`: f16 m16n8k16, 16 heads, 8 warps, 32-key tiles whose
+    /// stored records arrive raw by cp.async and are decoded once into an f16 tile.
+    F16Heads16,
+    /// `dsk_attend_partial_heads_f16x32`: the f16 form for 32 heads.
+    F16Heads32,
 }
 
 impl AttentionTcForm {
     /// Heads a block serves: `heads` must be a multiple of it.
     pub fn heads(self) -> usize {
         match self {
-            Self::Heads16 => 16,
-            Self::Heads32 => 32,
+            Self::Heads16 | Self::F16Heads16 => 16,
+            Self::Heads32 | Self::F16Heads32 => 32,
         }
     }
 
-    /// Threads a block (a warp per two heads).
-    pub fn threads(self) -> usize {
-        self.heads() * 16
+    /// Whether the form runs f16 MMAs (else TF32).
+    pub fn is_f16(self) -> bool {
+        matches!(self, Self::F16Heads16 | Self::F16Heads32)
     }
 
-    /// Dynamic shared memory of a block (`DSK_ATTC_SMEM_FLOATS(G)`): two key tiles `[16][520]`
-    /// (one computed on while cp.async fills the other), the warps' partial logits
-    /// `[G / 2][G][24]`, probabilities `[G][20]`, G corrections and 2 x 16 row flags.
-    pub fn smem_bytes(self) -> usize {
-        let g = self.heads();
-        (2 * ATTENTION_TC_TILE * ATTENTION_TC_LD
-            + (g / 2) * g * (ATTENTION_TC_TILE + 8)
-            + g * (ATTENTION_TC_TILE + 4)
-            + g
-            + 2 * ATTENTION_TC_TILE)
-            * 4
+    /// Threads a block: a warp per two heads (TF32), 8 warps (f16).
+    pub fn threads(self) -> usize {
+        if self.is_f16() {
+            256
+        } else {
+            self.heads() * 16
+        }
     }
+
+    /// Dynamic shared memory of a block over rows stored as `format` (head_dim
+    /// [`ATTENTION_TC_HEAD_DIM`]).
+    /// - TF32 (`DSK_ATTC_SMEM_FLOATS(G)`, any format): two key tiles `[16][520]` f32 (one
+    ///   computed on while cp.async fills the other), the warps' partial logits `[G / 2][G][24]`,
+    ///   probabilities `[G][20]`, G corrections and 2 x 16 row flags.
+    /// - f16 (`DSK_ATTF_SMEM_BYTES(G, rs)`): Q `[G][520]` and the key tile `[32][520]` in f16,
+    ///   partial logits `[64 / G][G][36]` f32, probabilities `[G][40]` f16, G corrections,
+    ///   2 x 32 row flags and 32 raw rows of the record's bytes rounded up to 16.
+    pub fn smem_bytes(self, format: KvRowFormat) -> usize {
+        let g = self.heads();
+        if self.is_f16() {
+            let raw_stride = attention_f16_raw_bytes(format).next_multiple_of(16);
+            (g + ATTENTION_F16_TILE) * ATTENTION_F16_LDH * 2
+                + (64 / g) * g * (ATTENTION_F16_TILE + 4) * 4
+                + g * (ATTENTION_F16_TILE + 8) * 2
+                + g * 4
+                + 2 * ATTENTION_F16_TILE * 4
+                + ATTENTION_F16_TILE * raw_stride
+        } else {
+            (2 * ATTENTION_TC_TILE * ATTENTION_TC_LD
+                + (g / 2) * g * (ATTENTION_TC_TILE + 8)
+                + g * (ATTENTION_TC_TILE + 4)
+                + g
+                + 2 * ATTENTION_TC_TILE)
+                * 4
+        }
+    }
+}
+
+/// Bytes of one stored row the f16 forms copy raw (the whole record).
+fn attention_f16_raw_bytes(format: KvRowFormat) -> usize {
+    format.bytes(ATTENTION_TC_HEAD_DIM)
 }
 
 /// Launches of at most this many tokens take the 16-head form: their grids are small, and twice
@@ -458,14 +498,14 @@ impl AttentionTcForm {
 /// 22.2 / 19.1 ms.
 pub const ATTENTION_TC_NARROW_MAX_TOKENS: usize = 64;
 
-/// The form [`Kernels::paged_attention_heads_tc`] runs for `tokens` tokens: 32 heads a block
-/// where there are more than [`ATTENTION_TC_NARROW_MAX_TOKENS`] tokens, `heads` is a multiple
-/// of 32 and its shared memory fits the device's opt-in (`smem_optin` bytes), else 16.
+/// The TF32 form [`Kernels::paged_attention_heads_tc`] runs for `tokens` tokens: 32 heads a
+/// block where there are more than [`ATTENTION_TC_NARROW_MAX_TOKENS`] tokens, `heads` is a
+/// multiple of 32 and its shared memory fits the device's opt-in (`smem_optin` bytes), else 16.
 pub fn attention_tc_form(heads: usize, tokens: usize, smem_optin: usize) -> AttentionTcForm {
     let wide = AttentionTcForm::Heads32;
     if tokens > ATTENTION_TC_NARROW_MAX_TOKENS
         && heads.is_multiple_of(wide.heads())
-        && wide.smem_bytes() <= smem_optin
+        && wide.smem_bytes(KvRowFormat::F32) <= smem_optin
     {
         wide
     } else {
@@ -473,11 +513,36 @@ pub fn attention_tc_form(heads: usize, tokens: usize, smem_optin: usize) -> Atte
     }
 }
 
+/// The f16 form for `tokens` tokens of `heads` over rows stored as `format`: 32 heads a block
+/// where there are more than [`ATTENTION_TC_NARROW_MAX_TOKENS`] tokens, `heads` is a multiple of
+/// 32 and its shared memory fits `smem_optin`, else 16 (as the TF32 forms; measured on H200, 64
+/// heads over FP8 records, 16 / 32 heads a block: one token over 640 keys 22.5 / 28.3 us, 16
+/// tokens 105 / 132 us, an 8,192-token chunk 17.9 / 12.4 ms). Whether it fits at all is
+/// [`check_attention_heads_tc`]'s to say.
+pub fn attention_f16_form(
+    heads: usize,
+    tokens: usize,
+    format: KvRowFormat,
+    smem_optin: usize,
+) -> AttentionTcForm {
+    let wide = AttentionTcForm::F16Heads32;
+    if tokens > ATTENTION_TC_NARROW_MAX_TOKENS
+        && heads.is_multiple_of(wide.heads())
+        && wide.smem_bytes(format) <= smem_optin
+    {
+        wide
+    } else {
+        AttentionTcForm::F16Heads16
+    }
+}
+
 /// Launch-time checks of the tensor-core attention in `form` (testable without a GPU) on a device
 /// whose blocks may opt in to `smem_optin` bytes of shared memory: those of
 /// [`check_attention_heads`], `heads` a multiple of the form's, `head_dim`
-/// [`ATTENTION_TC_HEAD_DIM`], and the block's shared memory within `smem_optin`. A caller gets
-/// `KernelError::InvalidLaunch` otherwise and may fall back to `paged_attention_heads`.
+/// [`ATTENTION_TC_HEAD_DIM`], the block's shared memory within `smem_optin`, and for the f16
+/// forms rows of f32, BF16 or FP8 latent records whose parts fall on 16-byte chunks (RoPE dims a
+/// multiple of 8). A caller gets `KernelError::InvalidLaunch` otherwise and may fall back to
+/// `paged_attention_heads`.
 pub fn check_attention_heads_tc(
     a: &PagedAttention,
     form: AttentionTcForm,
@@ -497,7 +562,24 @@ pub fn check_attention_heads_tc(
             ),
         ));
     }
-    let smem = form.smem_bytes();
+    if form.is_f16() {
+        let chunked = match a.format {
+            KvRowFormat::F32 | KvRowFormat::Bf16 => true,
+            KvRowFormat::Fp8Latent { rope } => rope.is_multiple_of(8) && rope < a.head_dim,
+            KvRowFormat::Fp8Indexer => false,
+        };
+        if !chunked {
+            return Err(KernelError::invalid(
+                K,
+                format!(
+                    "{form:?} decodes f32, BF16 or FP8 latent rows with RoPE dims a multiple of 8, \
+                     not {:?}",
+                    a.format
+                ),
+            ));
+        }
+    }
+    let smem = form.smem_bytes(a.format);
     if smem > smem_optin {
         return Err(KernelError::invalid(
             K,
@@ -1095,6 +1177,7 @@ impl Kernels {
                 (&self.attend_partial, "launch attend_partial"),
                 partial,
                 K,
+                None,
             )
         }
     }
@@ -1131,6 +1214,7 @@ impl Kernels {
                 (&self.attend_partial_heads, "launch attend_partial_heads"),
                 partial,
                 K,
+                None,
             )
         }
     }
@@ -1174,7 +1258,7 @@ impl Kernels {
                 u32_grid(K, a.tokens)?,
             ),
             block_dim: (form.threads() as u32, 1, 1),
-            shared_mem_bytes: form.smem_bytes() as u32,
+            shared_mem_bytes: form.smem_bytes(a.format) as u32,
         };
         let func = match form {
             AttentionTcForm::Heads16 => (
@@ -1185,9 +1269,22 @@ impl Kernels {
                 &self.attend_partial_heads_tc32,
                 "launch attend_partial_heads_tc32",
             ),
+            AttentionTcForm::F16Heads16 => (
+                &self.attend_partial_heads_f16,
+                "launch attend_partial_heads_f16",
+            ),
+            AttentionTcForm::F16Heads32 => (
+                &self.attend_partial_heads_f16x32,
+                "launch attend_partial_heads_f16x32",
+            ),
         };
+        // The f16 forms also take the bytes of a stored row and their stride in shared memory.
+        let raw = form.is_f16().then(|| {
+            let bytes = attention_f16_raw_bytes(a.format);
+            (bytes, bytes.next_multiple_of(16))
+        });
         // SAFETY: this function's contract; the shapes were checked above.
-        unsafe { self.attend(stream, a, func, partial, K) }
+        unsafe { self.attend(stream, a, func, partial, K, raw) }
     }
 
     /// Pass 1 (`partial`, either kernel: both take the same arguments) on `cfg`, then pass 2.
@@ -1201,6 +1298,7 @@ impl Kernels {
         (partial, launch): (&CudaFunction, &'static str),
         cfg: LaunchConfig,
         name: &'static str,
+        raw_rows: Option<(usize, usize)>,
     ) -> Result<(), KernelError> {
         let (heads, hd) = (
             i32_arg(name, "heads", a.heads)?,
@@ -1208,8 +1306,8 @@ impl Kernels {
         );
         let splits = i32_arg(name, "splits", a.splits)?;
         let (fmt, rope) = (a.format.code(), i32_arg(name, "rope", a.format.rope())?);
-        stream
-            .kernel(partial)
+        let mut launch_args = stream.kernel(partial);
+        launch_args
             .arg(&a.pool)
             .arg(&a.q)
             .arg(&a.key_offsets)
@@ -1220,33 +1318,45 @@ impl Kernels {
             .arg(&a.scale)
             .arg(&a.workspace)
             .arg(&fmt)
-            .arg(&rope)
+            .arg(&rope);
+        let raw = match raw_rows {
+            Some((bytes, stride)) => Some((
+                i32_arg(name, "row bytes", bytes)?,
+                i32_arg(name, "row stride", stride)?,
+            )),
+            None => None,
+        };
+        if let Some((bytes, stride)) = &raw {
+            launch_args.arg(bytes).arg(stride);
+        }
+        launch_args
             .launch(cfg)
             .map_err(KernelError::driver(launch))?;
-        self.attend_combine(stream, a)
+        // SAFETY: pass 1 above wrote every split record of `a`'s workspace.
+        unsafe { self.attention_merge(stream, a, false) }
     }
 
-    /// Pass 2 of both attention paths: merges each (token, head)'s split records with its sink.
-    unsafe fn attend_combine(
+    /// Pass 2 of every attention path (run by them; public so tests can run it again over a
+    /// workspace): merges each (token, head)'s split records in `a.workspace` with its sink into
+    /// `a.out`, undoing the output's RoPE where `a.inverse_rope` says. One split takes a warp per
+    /// (token, head) row (`dsk_attend_combine_one_f32`) unless `general`, which forces the
+    /// general kernel; both give the same bits.
+    ///
+    /// # Safety
+    /// As [`Self::paged_attention`], with every split record of the workspace written.
+    pub unsafe fn attention_merge(
         &self,
         stream: &CudaStream,
         a: &PagedAttention,
+        general: bool,
     ) -> Result<(), KernelError> {
+        check_attention(a)?;
         const K: &str = "attention";
         let (heads, hd) = (
             i32_arg(K, "heads", a.heads)?,
             i32_arg(K, "head_dim", a.head_dim)?,
         );
         let splits = i32_arg(K, "splits", a.splits)?;
-        let combine = LaunchConfig {
-            grid_dim: (
-                u32_grid(K, a.heads)?,
-                u32_grid(K, a.tokens)?,
-                u32_grid(K, a.head_dim.div_ceil(COMBINE_DIMS))?,
-            ),
-            block_dim: (COMBINE_DIMS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let (positions, inv_freq, rope_dim, factor) = match a.inverse_rope {
             Some(r) => (
                 r.positions,
@@ -1255,6 +1365,44 @@ impl Kernels {
                 r.attention_factor,
             ),
             None => (0, 0, 0, 1.0f32),
+        };
+        let rope_channels = a.inverse_rope.map_or(0, |r| r.rope_dim);
+        if !general
+            && a.splits == 1
+            && a.head_dim.is_multiple_of(2)
+            && rope_channels.is_multiple_of(2)
+        {
+            // One split (prefill chunks): a warp per (token, head) row, the same bits.
+            let tokens = i32_arg(K, "tokens", a.tokens)?;
+            let one = LaunchConfig {
+                grid_dim: (u32_grid(K, (a.tokens * a.heads).div_ceil(8))?, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            stream
+                .kernel(&self.attend_combine_one)
+                .arg(&a.workspace)
+                .arg(&a.sinks)
+                .arg(&tokens)
+                .arg(&heads)
+                .arg(&hd)
+                .arg(&a.out)
+                .arg(&positions)
+                .arg(&inv_freq)
+                .arg(&rope_dim)
+                .arg(&factor)
+                .launch(one)
+                .map_err(KernelError::driver("launch attend_combine_one"))?;
+            return Ok(());
+        }
+        let combine = LaunchConfig {
+            grid_dim: (
+                u32_grid(K, a.heads)?,
+                u32_grid(K, a.tokens)?,
+                u32_grid(K, a.head_dim.div_ceil(COMBINE_DIMS))?,
+            ),
+            block_dim: (COMBINE_DIMS as u32, 1, 1),
+            shared_mem_bytes: 0,
         };
         stream
             .kernel(&self.attend_combine)
@@ -1693,11 +1841,114 @@ mod tests {
         assert_eq!(attention_tc_form(64, 64, h200), Heads16);
         assert_eq!(attention_tc_form(32, 1, h200), Heads16);
         // The kernels' layouts (attention.cu DSK_ATTC_SMEM_FLOATS(G)).
-        assert_eq!(Heads16.smem_bytes(), 20080 * 4);
-        assert_eq!(Heads32.smem_bytes(), 29632 * 4);
+        let f32r = KvRowFormat::F32;
+        assert_eq!(Heads16.smem_bytes(f32r), 20080 * 4);
+        assert_eq!(Heads32.smem_bytes(f32r), 29632 * 4);
         assert_eq!((Heads16.threads(), Heads32.threads()), (256, 512));
         // Two 16-head blocks an H200 SM (228 KB an SM, 1 KB reserved per block).
-        assert!(2 * (Heads16.smem_bytes() + 1024) <= 228 * 1024);
+        assert!(2 * (Heads16.smem_bytes(f32r) + 1024) <= 228 * 1024);
+    }
+
+    #[test]
+    fn f16_attention_forms_fit_and_reject_what_they_cannot_decode() {
+        use AttentionTcForm::{F16Heads16, F16Heads32};
+        let v4 = PagedAttention {
+            pool: 16,
+            q: 16,
+            key_offsets: 16,
+            key_starts: 16,
+            sinks: 16,
+            out: 16,
+            workspace: 16,
+            tokens: 8192,
+            heads: 32,
+            head_dim: 512,
+            splits: 1,
+            scale: 1.0,
+            format: KvRowFormat::Fp8Latent { rope: 64 },
+            inverse_rope: None,
+        };
+        let (h200, gb10) = (227 * 1024, 99 * 1024);
+        let (fp8, bf16, f32r) = (
+            KvRowFormat::Fp8Latent { rope: 64 },
+            KvRowFormat::Bf16,
+            KvRowFormat::F32,
+        );
+        // attention.cu's DSK_ATTF_SMEM_BYTES(G, rs): (G + 32) x 1040 + (64 / G) x G x 144
+        // + G x 80 + 4 G + 256 + 32 rs, rs the record's bytes rounded up to 16 (584 -> 592).
+        assert_eq!(
+            F16Heads32.smem_bytes(fp8),
+            64 * 1040 + 9216 + 2560 + 128 + 256 + 32 * 592
+        );
+        assert_eq!(
+            F16Heads16.smem_bytes(fp8),
+            48 * 1040 + 9216 + 1280 + 64 + 256 + 32 * 592
+        );
+        assert_eq!(
+            F16Heads32.smem_bytes(f32r),
+            64 * 1040 + 9216 + 2560 + 128 + 256 + 32 * 2048
+        );
+        assert_eq!((F16Heads16.threads(), F16Heads32.threads()), (256, 256));
+        assert!(F16Heads32.is_f16() && !AttentionTcForm::Heads32.is_f16());
+        // Two blocks an H200 SM over stored records (228 KB an SM, 1 KB reserved per block);
+        // both forms fit GB10 over FP8 records.
+        for format in [fp8, bf16] {
+            assert!(2 * (F16Heads32.smem_bytes(format) + 1024) <= 228 * 1024);
+        }
+        for form in [F16Heads16, F16Heads32] {
+            for format in [fp8, bf16, f32r] {
+                let a = PagedAttention { format, ..v4 };
+                assert!(
+                    check_attention_heads_tc(&a, form, h200).is_ok(),
+                    "{form:?} {format:?}"
+                );
+            }
+            assert!(check_attention_heads_tc(&v4, form, gb10).is_ok());
+        }
+        assert_eq!(attention_f16_form(32, 8192, fp8, h200), F16Heads32);
+        assert_eq!(attention_f16_form(64, 65, bf16, h200), F16Heads32);
+        assert_eq!(attention_f16_form(64, 64, fp8, h200), F16Heads16);
+        assert_eq!(attention_f16_form(32, 1, fp8, h200), F16Heads16);
+        assert_eq!(attention_f16_form(48, 8192, fp8, h200), F16Heads16);
+        assert_eq!(attention_f16_form(64, 8192, f32r, gb10), F16Heads16);
+        for (bad, form, optin) in [
+            // RoPE dims that split a 16-byte chunk, indexer rows.
+            (
+                PagedAttention {
+                    format: KvRowFormat::Fp8Latent { rope: 60 },
+                    ..v4
+                },
+                F16Heads16,
+                h200,
+            ),
+            (
+                PagedAttention {
+                    format: KvRowFormat::Fp8Indexer,
+                    ..v4
+                },
+                F16Heads32,
+                h200,
+            ),
+            (PagedAttention { format: f32r, ..v4 }, F16Heads32, gb10),
+            (
+                PagedAttention {
+                    head_dim: 256,
+                    ..v4
+                },
+                F16Heads16,
+                h200,
+            ),
+            (PagedAttention { heads: 16, ..v4 }, F16Heads32, h200),
+            (v4, F16Heads16, DEFAULT_SMEM),
+        ] {
+            assert!(
+                matches!(
+                    check_attention_heads_tc(&bad, form, optin),
+                    Err(KernelError::InvalidLaunch { .. })
+                ),
+                "{bad:?} accepted by {form:?} with {optin} bytes"
+            );
+        }
     }
 
     #[test]

@@ -14,7 +14,8 @@ use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptu
 use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use dspark_kernels::kv_record::KvRowFormat;
 use dspark_kernels::launch::attention::{
-    attention_tc_form, check_attention_heads_tc, ATTENTION_HEAD_GROUP, TOPK_SINGLE_MAX_COUNT,
+    attention_f16_form, attention_tc_form, check_attention_heads_tc, AttentionTcForm,
+    ATTENTION_HEAD_GROUP, TOPK_SINGLE_MAX_COUNT,
 };
 use dspark_kernels::launch::layer_ops::{
     hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcPost, HcPreFused, HcPreKernel,
@@ -347,6 +348,8 @@ struct GraphKey {
     capture: Vec<usize>,
     /// The indexer split threshold the step was captured under (it picks the launches).
     split_rows: usize,
+    /// Which steps took the f16 attention when the step was captured (it picks the kernel).
+    attention_f16: AttentionF16Steps,
 }
 
 /// A captured step's executable graph.
@@ -650,6 +653,53 @@ impl AttentionTcSteps {
             Some("0") => Self::Off,
             Some("prefill") => Self::Prefill,
             _ => Self::All,
+        }
+    }
+}
+
+/// Which of the tensor-core attention steps run the f16 form (`dsk_attend_partial_heads_f16*`,
+/// f16 MMAs over key tiles decoded once from the raw records) instead of the TF32 one, from
+/// `DSPARK_ATTENTION_F16`: unset, "1" or "all" = every step, "prefill" = GEMM steps only, "0" =
+/// none. Both round Q, K = V and P to 10-bit mantissas (the same error bound); rows stored as
+/// f32 stay on TF32 (see docs/KERNELS.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum AttentionF16Steps {
+    Off,
+    Prefill,
+    All,
+}
+
+impl AttentionF16Steps {
+    /// As stored in the backend's atomic (see [`Self::from_code`]).
+    pub(super) fn code(self) -> u8 {
+        match self {
+            Self::Off => 0,
+            Self::Prefill => 1,
+            Self::All => 2,
+        }
+    }
+
+    pub(super) fn from_code(code: u8) -> Self {
+        match code {
+            0 => Self::Off,
+            1 => Self::Prefill,
+            _ => Self::All,
+        }
+    }
+
+    pub(super) fn from_env(value: Option<&str>) -> Self {
+        match value.map(str::trim) {
+            Some("0") => Self::Off,
+            Some("prefill") => Self::Prefill,
+            _ => Self::All,
+        }
+    }
+
+    fn takes(self, n: usize) -> bool {
+        match self {
+            Self::Off => false,
+            Self::Prefill => n > STACK_MAX_ROWS,
+            Self::All => true,
         }
     }
 }
@@ -1658,6 +1708,7 @@ impl CudaBackend {
                 bucket,
                 capture: capture.to_vec(),
                 split_rows,
+                attention_f16: self.attention_f16_steps(),
             };
             stack.uses += 1;
             let uses = stack.uses;
@@ -1973,22 +2024,34 @@ impl CudaBackend {
         unsafe { self.kernels.hc_pre_fused_f32(s, &call) }.map_err(kernel_err)
     }
 
-    /// Whether a step of `n` rows runs its head-grouped attention's scores and values on TF32
-    /// tensor cores (`paged_attention_heads_tc`): only with TF32 allowed (the same rounding of Q,
-    /// K and the probabilities as the step's GEMMs; `DSPARK_GEMM_TF32=0` keeps f32), in the steps
-    /// [`AttentionTcSteps`] names, where the kernel takes the shape (head_dim 512, heads a
-    /// multiple of 16).
-    fn attention_tc_fits(&self, call: &PagedAttention, n: usize) -> bool {
+    /// The tensor-core form a step of `n` rows runs its head-grouped attention's scores and
+    /// values in, if any: only with TF32 allowed (the same rounding of Q, K and the probabilities
+    /// as the step's GEMMs; `DSPARK_GEMM_TF32=0` keeps f32), in the steps [`AttentionTcSteps`]
+    /// names, where a kernel takes the shape (head_dim 512, heads a multiple of 16); the f16 form
+    /// in the steps [`AttentionF16Steps`] names where it fits, else TF32.
+    fn attention_tc_form(&self, call: &PagedAttention, n: usize) -> Option<AttentionTcForm> {
         let steps = match self.attention_tc {
             AttentionTcSteps::Off => false,
             AttentionTcSteps::Prefill => n > STACK_MAX_ROWS,
             AttentionTcSteps::All => true,
         };
+        if !steps || !self.gemm_tf32.load(Ordering::Relaxed) {
+            return None;
+        }
         let optin = self.kernels.smem_optin();
-        steps
-            && self.gemm_tf32.load(Ordering::Relaxed)
-            && check_attention_heads_tc(call, attention_tc_form(call.heads, n, optin), optin)
-                .is_ok()
+        // f32 rows stay on TF32: their raw tile takes a block's second slot on the SM (H200,
+        // 32 heads of an 8K chunk over 640 keys: TF32 7.7 ms, f16 8.5 ms).
+        let f16 = attention_f16_form(call.heads, n, call.format, optin);
+        if call.format != KvRowFormat::F32
+            && self.attention_f16_steps().takes(n)
+            && check_attention_heads_tc(call, f16, optin).is_ok()
+        {
+            return Some(f16);
+        }
+        let tf32 = attention_tc_form(call.heads, n, optin);
+        check_attention_heads_tc(call, tf32, optin)
+            .is_ok()
+            .then_some(tf32)
     }
 
     /// Whether GEMM steps compute the hyper-connection mix dots as one cuBLAS GEMM (reading the
@@ -2552,8 +2615,8 @@ impl CudaBackend {
         // SAFETY: q/attn hold n * heads * head_dim, the key lists were built above inside the
         // pool, the workspace has the size the launch asks for.
         unsafe {
-            if grouped && self.attention_tc_fits(&call, n) {
-                self.kernels.paged_attention_heads_tc(s, &call)
+            if let Some(form) = grouped.then(|| self.attention_tc_form(&call, n)).flatten() {
+                self.kernels.paged_attention_heads_tc_form(s, &call, form)
             } else if grouped {
                 self.kernels.paged_attention_heads(s, &call)
             } else {
@@ -2867,6 +2930,29 @@ mod tests {
             AttentionTcSteps::Prefill
         );
         assert_eq!(AttentionTcSteps::from_env(Some("0")), AttentionTcSteps::Off);
+        assert_eq!(AttentionF16Steps::from_env(None), AttentionF16Steps::All);
+        assert_eq!(
+            AttentionF16Steps::from_env(Some(" prefill")),
+            AttentionF16Steps::Prefill
+        );
+        assert_eq!(
+            AttentionF16Steps::from_env(Some("1")),
+            AttentionF16Steps::All
+        );
+        assert_eq!(
+            AttentionF16Steps::from_env(Some("0")),
+            AttentionF16Steps::Off
+        );
+        assert!(AttentionF16Steps::Prefill.takes(STACK_MAX_ROWS + 1));
+        assert!(!AttentionF16Steps::Prefill.takes(STACK_MAX_ROWS));
+        assert!(AttentionF16Steps::All.takes(1) && !AttentionF16Steps::Off.takes(100_000));
+        for steps in [
+            AttentionF16Steps::Off,
+            AttentionF16Steps::Prefill,
+            AttentionF16Steps::All,
+        ] {
+            assert_eq!(AttentionF16Steps::from_code(steps.code()), steps);
+        }
     }
 
     #[test]

@@ -240,6 +240,9 @@ pub struct CudaBackend {
     gemm_lane_count: usize,
     /// Which steps run attention on the tensor cores (`DSPARK_ATTENTION_TC`).
     attention_tc: layer_stack::AttentionTcSteps,
+    /// Which of those steps run the f16 form (`DSPARK_ATTENTION_F16`, or
+    /// [`Self::set_attention_f16`]), as [`layer_stack::AttentionF16Steps::code`].
+    attention_f16: std::sync::atomic::AtomicU8,
     /// Page-locked host staging for the LM head's logits (grown on demand, never shrunk): a
     /// download into pageable memory ran at ~3 GB/s, a page-locked one at the link's speed.
     head_staging: Mutex<Option<cudarc::driver::PinnedHostSlice<f32>>>,
@@ -348,6 +351,12 @@ impl CudaBackend {
             attention_tc: layer_stack::AttentionTcSteps::from_env(
                 std::env::var("DSPARK_ATTENTION_TC").ok().as_deref(),
             ),
+            attention_f16: std::sync::atomic::AtomicU8::new(
+                layer_stack::AttentionF16Steps::from_env(
+                    std::env::var("DSPARK_ATTENTION_F16").ok().as_deref(),
+                )
+                .code(),
+            ),
             skinny_mma: std::env::var("DSPARK_SKINNY_MMA").map_or(true, |v| v != "0"),
             gemv_multi: std::env::var("DSPARK_GEMV_MULTI").map_or(true, |v| v != "0"),
             head_staging: Mutex::new(None),
@@ -390,6 +399,22 @@ impl CudaBackend {
     /// ranks (as `DSPARK_INDEXER_SPLIT_ROWS`; 0 splits at every context).
     pub fn set_indexer_split_rows(&self, rows: usize) {
         self.indexer_split_rows.store(rows, Ordering::Relaxed);
+    }
+
+    /// Whether the head-grouped attention runs its f16 tensor-core form (every step, over
+    /// stored BF16 / FP8 rows) or stays on TF32 (as `DSPARK_ATTENTION_F16=all` / `0`); captured
+    /// decode graphs are keyed by it.
+    pub fn set_attention_f16(&self, on: bool) {
+        let steps = if on {
+            layer_stack::AttentionF16Steps::All
+        } else {
+            layer_stack::AttentionF16Steps::Off
+        };
+        self.attention_f16.store(steps.code(), Ordering::Relaxed);
+    }
+
+    fn attention_f16_steps(&self) -> layer_stack::AttentionF16Steps {
+        layer_stack::AttentionF16Steps::from_code(self.attention_f16.load(Ordering::Relaxed))
     }
 
     /// Layer-stack steps that ran as a CUDA graph so far.
