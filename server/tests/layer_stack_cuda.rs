@@ -253,10 +253,14 @@ fn layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op() {
     let want = schedule(&mut reference);
     drop(reference);
     // The LM head's logits gathered over NCCL on the device (the default), then through host
-    // memory (DSPARK_HEAD_GATHER_DEVICE=0); the indexer's rows scored whole on each rank (the
-    // default at these short contexts), then split between the ranks at every context (each
-    // rank's top k of its share gathered and merged).
-    for (head_on_device, split_rows) in [(true, None), (false, None), (true, Some(0))] {
+    // memory (DSPARK_HEAD_GATHER_DEVICE=0); the indexer's rows scored whole on each rank in
+    // every step, then split between the ranks in GEMM steps only (the default at these short
+    // contexts), then at every context (each rank's top k of its share gathered and merged).
+    for (head_on_device, split_rows, split_prefill) in [
+        (true, None, false),
+        (false, None, true),
+        (true, Some(0), true),
+    ] {
         let id = dspark_server::ranks::NcclUniqueId::create().unwrap();
         let results = support::local_group::run_ranks(2, |rank, _| {
             let stream = dspark_server::backend::cuda::group_stream(rank).unwrap();
@@ -274,6 +278,7 @@ fn layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op() {
             if let Some(rows) = split_rows {
                 m.backend().set_indexer_split_rows(rows);
             }
+            m.backend().set_indexer_split_prefill(split_prefill);
             let out = schedule(&mut m);
             assert!(
                 m.backend().graph_steps() >= 10,
@@ -284,7 +289,8 @@ fn layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op() {
         let w = worst(&results[0], &want);
         eprintln!(
             "layer stack graphs, TP=2 over NCCL (LM head gathered on the device: \
-             {head_on_device}; indexer rows split above {split_rows:?} rows) vs op by op TP=1: \
+             {head_on_device}; indexer rows split above {split_rows:?} rows, in GEMM steps at \
+             every context: {split_prefill}) vs op by op TP=1: \
              worst relative logit difference {w:e}"
         );
         assert!(w < BOUND, "{w:e}");

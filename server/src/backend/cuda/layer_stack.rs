@@ -1565,7 +1565,12 @@ impl CudaBackend {
         let window = cfg.sliding_window;
         let max_pos = rows.positions.iter().copied().max().unwrap_or(0);
         let bucket = context_bucket(max_pos);
-        let split_rows = self.indexer_split_rows.load(Ordering::Relaxed);
+        let split_rows = if n > STACK_MAX_ROWS && self.indexer_split_prefill.load(Ordering::Relaxed)
+        {
+            0
+        } else {
+            self.indexer_split_rows.load(Ordering::Relaxed)
+        };
         let layout = MetaLayout::for_rows(n);
         let mut meta = MetaBuilder::new(layout);
         Self::pack_rows(&mut meta, rows)?;
