@@ -232,6 +232,34 @@ fn head_grouped_attention_matches_per_head_kernel_and_f64() {
 
 /// The merge's inverse RoPE gives the bits of the merge followed by an inverse `rope_f32` launch
 /// (what the layer stack ran before), for both attention kernels and several split counts.
+/// The merge's inverse RoPE at `positions` (V4's compressed-row theta, attention factor 1.1), with
+/// the device tables it points at (alive as long as this value).
+struct RopeTables {
+    _positions: cudarc::driver::CudaSlice<i32>,
+    _inv_freq: cudarc::driver::CudaSlice<f32>,
+    inverse: InverseRope,
+}
+
+impl RopeTables {
+    fn new(g: &Gpu, positions: &[i32], rope_dim: usize) -> Self {
+        let inv_freq: Vec<f32> = (0..rope_dim / 2)
+            .map(|i| 1.0 / 160000f32.powf((2 * i) as f32 / rope_dim as f32))
+            .collect();
+        let (positions, inv_freq) = (g.up(positions), g.up(&inv_freq));
+        let inverse = InverseRope {
+            positions: g.ptr(&positions),
+            inv_freq: g.ptr(&inv_freq),
+            rope_dim,
+            attention_factor: 1.1,
+        };
+        Self {
+            _positions: positions,
+            _inv_freq: inv_freq,
+            inverse,
+        }
+    }
+}
+
 /// One split's merge (a warp per (token, head) row: prefill chunks) gives the general merge's
 /// bits, with and without the inverse RoPE, over tokens with keys, without keys (the sink takes
 /// everything) and with every key masked.
@@ -254,16 +282,8 @@ fn one_split_merge_equals_the_general_merge() {
     ] {
         let c = Case::new(&mut rng, heads, hd, &counts, hole);
         let positions: Vec<i32> = (0..c.tokens()).map(|t| 4095 + 777 * t as i32).collect();
-        let inv_freq: Vec<f32> = (0..rope_dim / 2)
-            .map(|i| 1.0 / 160000f32.powf((2 * i) as f32 / rope_dim as f32))
-            .collect();
-        let (pb, fb) = (g.up(&positions), g.up(&inv_freq));
-        let inverse = InverseRope {
-            positions: g.ptr(&pb),
-            inv_freq: g.ptr(&fb),
-            rope_dim,
-            attention_factor: 1.1,
-        };
+        let tables = RopeTables::new(&g, &positions, rope_dim);
+        let inverse = tables.inverse;
         let scale = 1.0 / (hd as f32).sqrt();
         for rope in [None, Some(inverse)] {
             for heads_path in [true, false] {
@@ -294,16 +314,8 @@ fn merge_with_inverse_rope_equals_a_separate_rope_launch() {
         let c = Case::new(&mut rng, heads, hd, &counts, 0);
         let tokens = c.tokens();
         let positions: Vec<i32> = (0..tokens).map(|t| 8191 + 1000 * t as i32).collect();
-        let inv_freq: Vec<f32> = (0..rope_dim / 2)
-            .map(|i| 1.0 / 160000f32.powf((2 * i) as f32 / rope_dim as f32))
-            .collect();
-        let (pb, fb) = (g.up(&positions), g.up(&inv_freq));
-        let inverse = InverseRope {
-            positions: g.ptr(&pb),
-            inv_freq: g.ptr(&fb),
-            rope_dim,
-            attention_factor: 1.1,
-        };
+        let tables = RopeTables::new(&g, &positions, rope_dim);
+        let inverse = tables.inverse;
         let scale = 1.0 / (hd as f32).sqrt();
         for splits in [1, 3, 40] {
             for heads_path in [true, false] {
