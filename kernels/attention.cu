@@ -328,41 +328,37 @@ extern "C" __global__ void __launch_bounds__(DSK_ATTH_WARPS * 32, 2) dsk_attend_
     (2 * DSK_ATTC_TILE * DSK_ATTC_LD + ((G) / 2) * (G) * DSK_ATTC_SLD + (G) * DSK_ATTC_PLD + (G) +  \
      2 * DSK_ATTC_TILE)
 
-// cp.async wrappers. A CPU emulation defining DSK_EMU_CP_ASYNC supplies emu_cp_async /
-// emu_cp_commit / emu_cp_wait (copies land at the wait); other host builds copy at once.
-__device__ __forceinline__ void dsk_attc_cp16(float *dst, const float *src) {
+// cp.async wrappers of both tensor-core attention forms: a copy of N (4, 8 or 16) bytes, the
+// group commit, and the wait until at most N of this thread's groups are pending. A CPU emulation
+// defining DSK_EMU_CP_ASYNC supplies emu_cp_async / emu_cp_commit / emu_cp_wait (copies land at
+// the wait); other host builds copy at once.
+template <int N>
+__device__ __forceinline__ void dsk_cp_async(void *dst, const void *src) {
 #ifdef __CUDA_ARCH__
     const unsigned int d = static_cast<unsigned int>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+    if (N == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(d), "l"(src), "n"(N) : "memory");
 #elif defined(DSK_EMU_CP_ASYNC)
-    emu_cp_async(dst, src, 16);
+    emu_cp_async(dst, src, N);
 #else
-    memcpy(dst, src, 16);
+    memcpy(dst, src, N);
 #endif
 }
-__device__ __forceinline__ void dsk_attc_cp4(float *dst, const float *src) {
-#ifdef __CUDA_ARCH__
-    const unsigned int d = static_cast<unsigned int>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src) : "memory");
-#elif defined(DSK_EMU_CP_ASYNC)
-    emu_cp_async(dst, src, 4);
-#else
-    memcpy(dst, src, 4);
-#endif
-}
-__device__ __forceinline__ void dsk_attc_commit() {
+__device__ __forceinline__ void dsk_cp_commit() {
 #ifdef __CUDA_ARCH__
     asm volatile("cp.async.commit_group;" ::: "memory");
 #elif defined(DSK_EMU_CP_ASYNC)
     emu_cp_commit();
 #endif
 }
-// Waits until at most one of this thread's groups (the newest: the next tile) is pending.
-__device__ __forceinline__ void dsk_attc_wait1() {
+template <int N>
+__device__ __forceinline__ void dsk_cp_wait() {
 #ifdef __CUDA_ARCH__
-    asm volatile("cp.async.wait_group 1;" ::: "memory");
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 #elif defined(DSK_EMU_CP_ASYNC)
-    emu_cp_wait(1);
+    emu_cp_wait(N);
 #endif
 }
 
@@ -389,10 +385,10 @@ __device__ __forceinline__ void dsk_attc_stage(float *buf, int *valid, const flo
             dsk_kv_decode_row_warp(kr, fmt, hd, rope, row);  // warp-uniform branch
         } else if ((reinterpret_cast<unsigned long long>(kr) & 15) == 0) {
 #pragma unroll
-            for (int j = 0; j < DSK_ATTC_HD / 128; ++j) dsk_attc_cp16(row + 4 * (lane + 32 * j), kr + 4 * (lane + 32 * j));
+            for (int j = 0; j < DSK_ATTC_HD / 128; ++j) dsk_cp_async<16>(row + 4 * (lane + 32 * j), kr + 4 * (lane + 32 * j));
         } else {
 #pragma unroll
-            for (int j = 0; j < DSK_ATTC_HD / 32; ++j) dsk_attc_cp4(row + lane + 32 * j, kr + lane + 32 * j);
+            for (int j = 0; j < DSK_ATTC_HD / 32; ++j) dsk_cp_async<4>(row + lane + 32 * j, kr + lane + 32 * j);
         }
         if (lane == 0) valid[r] = off >= 0;
     }
@@ -438,7 +434,7 @@ __device__ __forceinline__ void dsk_attend_partial_heads_tc_body(
     const int a = k0 + s * per;
     const int b = min(k1, a + per);
     if (a < b) dsk_attc_stage<W>(tiles, valid, pool, key_off, a, b, fmt, hd, rope);
-    dsk_attc_commit();
+    dsk_cp_commit();
     // A fragments of Q (m tile mt: heads 16 mt + g, + 8) over the warp's dims, k step ks: dims
     // 8 ks + 2 tg, + 1.
     unsigned int qa[MT][KS][4];
@@ -472,8 +468,8 @@ __device__ __forceinline__ void dsk_attend_partial_heads_tc_body(
         if (kt + DSK_ATTC_TILE < b)
             dsk_attc_stage<W>(tiles + (cur ^ 1) * DSK_ATTC_TILE * DSK_ATTC_LD, valid + (cur ^ 1) * DSK_ATTC_TILE,
                               pool, key_off, kt + DSK_ATTC_TILE, b, fmt, hd, rope);
-        dsk_attc_commit();  // (possibly empty: the wait below counts groups)
-        dsk_attc_wait1();   // this tile's copies have landed
+        dsk_cp_commit();  // (possibly empty: the wait below counts groups)
+        dsk_cp_wait<1>();   // this tile's copies have landed (the newest group: the next tile)
         __syncthreads();
         // Partial logits over the warp's dims: key n tile j = keys 8 j .. 8 j + 7.
 #pragma unroll
@@ -621,29 +617,6 @@ extern "C" __global__ void __launch_bounds__(512, 1) dsk_attend_partial_heads_tc
     (((G) + DSK_ATTF_TILE) * DSK_ATTF_LDH * 2 + DSK_ATTF_KSPLIT(G) * (G) * DSK_ATTF_SLD * 4 +         \
      (G) * DSK_ATTF_PLD * 2 + (G) * 4 + 2 * DSK_ATTF_TILE * 4 + DSK_ATTF_TILE * (RS))
 
-// cp.async of N (4, 8 or 16) bytes; see dsk_attc_cp16 for the host forms.
-template <int N>
-__device__ __forceinline__ void dsk_attf_cp(void *dst, const void *src) {
-#ifdef __CUDA_ARCH__
-    const unsigned int d = static_cast<unsigned int>(__cvta_generic_to_shared(dst));
-    if (N == 16)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
-    else
-        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(d), "l"(src), "n"(N) : "memory");
-#elif defined(DSK_EMU_CP_ASYNC)
-    emu_cp_async(dst, src, N);
-#else
-    memcpy(dst, src, N);
-#endif
-}
-__device__ __forceinline__ void dsk_attf_wait0() {
-#ifdef __CUDA_ARCH__
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
-#elif defined(DSK_EMU_CP_ASYNC)
-    emu_cp_wait(0);
-#endif
-}
-
 // ldmatrix.x4 (b16): lanes 8 j .. 8 j + 7 give the 16-byte rows of matrix j; r[j] is lane
 // (g, tg)'s pair (g, 2 tg .. + 1) of matrix j, or with `.trans` ((2 tg, g), (2 tg + 1, g)).
 __device__ __forceinline__ void dsk_attf_ldsm4(const void *p, unsigned int (&r)[4]) {
@@ -723,11 +696,11 @@ __device__ __forceinline__ void dsk_attf_stage(unsigned char *raw, int *valid, c
         unsigned char *dst = raw + r * rs;
         const unsigned long long at = reinterpret_cast<unsigned long long>(src);
         if ((at & 15) == 0 && (rb & 15) == 0) {
-            for (int c = 16 * lane; c < rb; c += 16 * 32) dsk_attf_cp<16>(dst + c, src + c);
+            for (int c = 16 * lane; c < rb; c += 16 * 32) dsk_cp_async<16>(dst + c, src + c);
         } else if ((at & 7) == 0 && (rb & 7) == 0) {
-            for (int c = 8 * lane; c < rb; c += 8 * 32) dsk_attf_cp<8>(dst + c, src + c);
+            for (int c = 8 * lane; c < rb; c += 8 * 32) dsk_cp_async<8>(dst + c, src + c);
         } else {
-            for (int c = 4 * lane; c < rb; c += 4 * 32) dsk_attf_cp<4>(dst + c, src + c);
+            for (int c = 4 * lane; c < rb; c += 4 * 32) dsk_cp_async<4>(dst + c, src + c);
         }
     }
 }
@@ -828,7 +801,7 @@ __device__ __forceinline__ void dsk_attend_partial_heads_f16_body(
     const int b = min(k1, a + per);
     long long nxt = dsk_attf_offset(key_off, a, b);
     if (a < b) dsk_attf_stage(raw, valid, pool, nxt, rb, rs);
-    dsk_attc_commit();
+    dsk_cp_commit();
     // Q as f16 rows (the copies above are in flight meanwhile).
 #pragma unroll 4
     for (int i = threadIdx.x; i < G * (DSK_ATTF_HD / 4); i += DSK_ATTF_WARPS * 32) {
@@ -856,12 +829,12 @@ __device__ __forceinline__ void dsk_attend_partial_heads_f16_body(
     for (int kt = a, cur = 0; kt < b; kt += DSK_ATTF_TILE, cur ^= 1) {
         const int *const vcur = valid + cur * DSK_ATTF_TILE;
         nxt = dsk_attf_offset(key_off, kt + DSK_ATTF_TILE, b);  // the next tile's rows
-        dsk_attf_wait0();
+        dsk_cp_wait<0>();
         __syncthreads();  // the raw tile has landed; the previous tile's P V is done with ks and P
         dsk_attf_decode(raw, vcur, reinterpret_cast<unsigned int *>(ks), fmt, rope, rs);
         __syncthreads();  // the key tile is whole; raw is free
         if (kt + DSK_ATTF_TILE < b) dsk_attf_stage(raw, valid + (cur ^ 1) * DSK_ATTF_TILE, pool, nxt, rb, rs);
-        dsk_attc_commit();
+        dsk_cp_commit();
         {
             // CHAINS accumulators per n tile (k steps taken in turn), so the dependent MMA chains
             // are KQ / 16 / CHAINS long; the 32-head form has no registers to spare for a second.

@@ -467,7 +467,7 @@ impl AttentionTcForm {
     pub fn smem_bytes(self, format: KvRowFormat) -> usize {
         let g = self.heads();
         if self.is_f16() {
-            let raw_stride = attention_f16_raw_bytes(format).next_multiple_of(16);
+            let (_, raw_stride) = attention_f16_raw_rows(format);
             (g + ATTENTION_F16_TILE) * ATTENTION_F16_LDH * 2
                 + (64 / g) * g * (ATTENTION_F16_TILE + 4) * 4
                 + g * (ATTENTION_F16_TILE + 8) * 2
@@ -485,9 +485,11 @@ impl AttentionTcForm {
     }
 }
 
-/// Bytes of one stored row the f16 forms copy raw (the whole record).
-fn attention_f16_raw_bytes(format: KvRowFormat) -> usize {
-    format.bytes(ATTENTION_TC_HEAD_DIM)
+/// The f16 forms' raw rows: the bytes of one stored record they copy, and its stride in shared
+/// memory (rounded up to 16 bytes).
+fn attention_f16_raw_rows(format: KvRowFormat) -> (usize, usize) {
+    let bytes = format.bytes(ATTENTION_TC_HEAD_DIM);
+    (bytes, bytes.next_multiple_of(16))
 }
 
 /// Launches of at most this many tokens take the 16-head form: their grids are small, and twice
@@ -1279,10 +1281,7 @@ impl Kernels {
             ),
         };
         // The f16 forms also take the bytes of a stored row and their stride in shared memory.
-        let raw = form.is_f16().then(|| {
-            let bytes = attention_f16_raw_bytes(a.format);
-            (bytes, bytes.next_multiple_of(16))
-        });
+        let raw = form.is_f16().then(|| attention_f16_raw_rows(a.format));
         // SAFETY: this function's contract; the shapes were checked above.
         unsafe { self.attend(stream, a, func, partial, K, raw) }
     }
@@ -1319,13 +1318,14 @@ impl Kernels {
             .arg(&a.workspace)
             .arg(&fmt)
             .arg(&rope);
-        let raw = match raw_rows {
-            Some((bytes, stride)) => Some((
-                i32_arg(name, "row bytes", bytes)?,
-                i32_arg(name, "row stride", stride)?,
-            )),
-            None => None,
-        };
+        let raw = raw_rows
+            .map(|(bytes, stride)| {
+                Ok::<_, KernelError>((
+                    i32_arg(name, "row bytes", bytes)?,
+                    i32_arg(name, "row stride", stride)?,
+                ))
+            })
+            .transpose()?;
         if let Some((bytes, stride)) = &raw {
             launch_args.arg(bytes).arg(stride);
         }
@@ -1366,12 +1366,7 @@ impl Kernels {
             ),
             None => (0, 0, 0, 1.0f32),
         };
-        let rope_channels = a.inverse_rope.map_or(0, |r| r.rope_dim);
-        if !general
-            && a.splits == 1
-            && a.head_dim.is_multiple_of(2)
-            && rope_channels.is_multiple_of(2)
-        {
+        if !general && a.splits == 1 && a.head_dim.is_multiple_of(2) && rope_dim % 2 == 0 {
             // One split (prefill chunks): a warp per (token, head) row, the same bits.
             let tokens = i32_arg(K, "tokens", a.tokens)?;
             let one = LaunchConfig {

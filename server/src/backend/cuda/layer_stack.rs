@@ -349,7 +349,7 @@ struct GraphKey {
     /// The indexer split threshold the step was captured under (it picks the launches).
     split_rows: usize,
     /// Which steps took the f16 attention when the step was captured (it picks the kernel).
-    attention_f16: AttentionF16Steps,
+    attention_f16: AttentionTcSteps,
 }
 
 /// A captured step's executable graph.
@@ -636,10 +636,15 @@ fn gemm_piece_rows(bucket: usize, cfg: &crate::engine::model::ModelConfig) -> us
 /// heads (below it, one block per head keeps more of the GPU busy on short lists).
 const HEAD_GROUPED_MIN_KEYS: usize = 2048;
 
-/// Which steps run the head-grouped attention on the tensor cores (while TF32 is on), from
-/// `DSPARK_ATTENTION_TC`: unset, "1" or "all" = every step, "prefill" = GEMM steps only, "0" =
-/// none. Measured on H200 (8 layers, FP8 KV): an 8K prefill chunk 467 -> 335 ms, batch-1 decode
-/// at 8K 2.10 -> 2.01 ms, batch 16 8.99 -> 8.66 ms.
+/// A set of steps an attention kernel choice applies to, read from a switch: unset, "1" or
+/// "all" = every step, "prefill" = GEMM steps only, "0" = none. Two switches take it:
+/// - `DSPARK_ATTENTION_TC`: which steps run the head-grouped attention on the tensor cores (while
+///   TF32 is on). Measured on H200 (8 layers, FP8 KV): an 8K prefill chunk 467 -> 335 ms,
+///   batch-1 decode at 8K 2.10 -> 2.01 ms, batch 16 8.99 -> 8.66 ms.
+/// - `DSPARK_ATTENTION_F16`: which of those run the f16 form (`dsk_attend_partial_heads_f16*`,
+///   f16 MMAs over key tiles decoded once from the raw records) instead of the TF32 one. Both
+///   round Q, K = V and P to 10-bit mantissas (the same error bound); rows stored as f32 stay
+///   on TF32 (see docs/KERNELS.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum AttentionTcSteps {
     Off,
@@ -655,21 +660,16 @@ impl AttentionTcSteps {
             _ => Self::All,
         }
     }
-}
 
-/// Which of the tensor-core attention steps run the f16 form (`dsk_attend_partial_heads_f16*`,
-/// f16 MMAs over key tiles decoded once from the raw records) instead of the TF32 one, from
-/// `DSPARK_ATTENTION_F16`: unset, "1" or "all" = every step, "prefill" = GEMM steps only, "0" =
-/// none. Both round Q, K = V and P to 10-bit mantissas (the same error bound); rows stored as
-/// f32 stay on TF32 (see docs/KERNELS.md).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum AttentionF16Steps {
-    Off,
-    Prefill,
-    All,
-}
+    /// Whether a step of `n` rows is in the set.
+    fn takes(self, n: usize) -> bool {
+        match self {
+            Self::Off => false,
+            Self::Prefill => n > STACK_MAX_ROWS,
+            Self::All => true,
+        }
+    }
 
-impl AttentionF16Steps {
     /// As stored in the backend's atomic (see [`Self::from_code`]).
     pub(super) fn code(self) -> u8 {
         match self {
@@ -684,22 +684,6 @@ impl AttentionF16Steps {
             0 => Self::Off,
             1 => Self::Prefill,
             _ => Self::All,
-        }
-    }
-
-    pub(super) fn from_env(value: Option<&str>) -> Self {
-        match value.map(str::trim) {
-            Some("0") => Self::Off,
-            Some("prefill") => Self::Prefill,
-            _ => Self::All,
-        }
-    }
-
-    fn takes(self, n: usize) -> bool {
-        match self {
-            Self::Off => false,
-            Self::Prefill => n > STACK_MAX_ROWS,
-            Self::All => true,
         }
     }
 }
@@ -2033,14 +2017,9 @@ impl CudaBackend {
     /// values in, if any: only with TF32 allowed (the same rounding of Q, K and the probabilities
     /// as the step's GEMMs; `DSPARK_GEMM_TF32=0` keeps f32), in the steps [`AttentionTcSteps`]
     /// names, where a kernel takes the shape (head_dim 512, heads a multiple of 16); the f16 form
-    /// in the steps [`AttentionF16Steps`] names where it fits, else TF32.
+    /// in the steps `DSPARK_ATTENTION_F16` names where it fits, else TF32.
     fn attention_tc_form(&self, call: &PagedAttention, n: usize) -> Option<AttentionTcForm> {
-        let steps = match self.attention_tc {
-            AttentionTcSteps::Off => false,
-            AttentionTcSteps::Prefill => n > STACK_MAX_ROWS,
-            AttentionTcSteps::All => true,
-        };
-        if !steps || !self.gemm_tf32.load(Ordering::Relaxed) {
+        if !self.attention_tc.takes(n) || !self.gemm_tf32.load(Ordering::Relaxed) {
             return None;
         }
         let optin = self.kernels.smem_optin();
@@ -2935,28 +2914,20 @@ mod tests {
             AttentionTcSteps::Prefill
         );
         assert_eq!(AttentionTcSteps::from_env(Some("0")), AttentionTcSteps::Off);
-        assert_eq!(AttentionF16Steps::from_env(None), AttentionF16Steps::All);
+        assert_eq!(AttentionTcSteps::from_env(Some("1")), AttentionTcSteps::All);
         assert_eq!(
-            AttentionF16Steps::from_env(Some(" prefill")),
-            AttentionF16Steps::Prefill
+            AttentionTcSteps::from_env(Some(" prefill")),
+            AttentionTcSteps::Prefill
         );
-        assert_eq!(
-            AttentionF16Steps::from_env(Some("1")),
-            AttentionF16Steps::All
-        );
-        assert_eq!(
-            AttentionF16Steps::from_env(Some("0")),
-            AttentionF16Steps::Off
-        );
-        assert!(AttentionF16Steps::Prefill.takes(STACK_MAX_ROWS + 1));
-        assert!(!AttentionF16Steps::Prefill.takes(STACK_MAX_ROWS));
-        assert!(AttentionF16Steps::All.takes(1) && !AttentionF16Steps::Off.takes(100_000));
+        assert!(AttentionTcSteps::Prefill.takes(STACK_MAX_ROWS + 1));
+        assert!(!AttentionTcSteps::Prefill.takes(STACK_MAX_ROWS));
+        assert!(AttentionTcSteps::All.takes(1) && !AttentionTcSteps::Off.takes(100_000));
         for steps in [
-            AttentionF16Steps::Off,
-            AttentionF16Steps::Prefill,
-            AttentionF16Steps::All,
+            AttentionTcSteps::Off,
+            AttentionTcSteps::Prefill,
+            AttentionTcSteps::All,
         ] {
-            assert_eq!(AttentionF16Steps::from_code(steps.code()), steps);
+            assert_eq!(AttentionTcSteps::from_code(steps.code()), steps);
         }
     }
 

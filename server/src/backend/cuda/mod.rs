@@ -241,7 +241,7 @@ pub struct CudaBackend {
     /// Which steps run attention on the tensor cores (`DSPARK_ATTENTION_TC`).
     attention_tc: layer_stack::AttentionTcSteps,
     /// Which of those steps run the f16 form (`DSPARK_ATTENTION_F16`, or
-    /// [`Self::set_attention_f16`]), as [`layer_stack::AttentionF16Steps::code`].
+    /// [`Self::set_attention_f16`]), as [`layer_stack::AttentionTcSteps::code`].
     attention_f16: std::sync::atomic::AtomicU8,
     /// Page-locked host staging for the LM head's logits (grown on demand, never shrunk): a
     /// download into pageable memory ran at ~3 GB/s, a page-locked one at the link's speed.
@@ -357,7 +357,7 @@ impl CudaBackend {
                 std::env::var("DSPARK_ATTENTION_TC").ok().as_deref(),
             ),
             attention_f16: std::sync::atomic::AtomicU8::new(
-                layer_stack::AttentionF16Steps::from_env(
+                layer_stack::AttentionTcSteps::from_env(
                     std::env::var("DSPARK_ATTENTION_F16").ok().as_deref(),
                 )
                 .code(),
@@ -421,15 +421,15 @@ impl CudaBackend {
     /// decode graphs are keyed by it.
     pub fn set_attention_f16(&self, on: bool) {
         let steps = if on {
-            layer_stack::AttentionF16Steps::All
+            layer_stack::AttentionTcSteps::All
         } else {
-            layer_stack::AttentionF16Steps::Off
+            layer_stack::AttentionTcSteps::Off
         };
         self.attention_f16.store(steps.code(), Ordering::Relaxed);
     }
 
-    fn attention_f16_steps(&self) -> layer_stack::AttentionF16Steps {
-        layer_stack::AttentionF16Steps::from_code(self.attention_f16.load(Ordering::Relaxed))
+    fn attention_f16_steps(&self) -> layer_stack::AttentionTcSteps {
+        layer_stack::AttentionTcSteps::from_code(self.attention_f16.load(Ordering::Relaxed))
     }
 
     /// Layer-stack steps that ran as a CUDA graph so far.
