@@ -97,8 +97,8 @@ fn schedule(m: &mut DeepseekV4<CudaBackend>) -> Vec<Vec<f32>> {
         }
     };
     // Chunked prefill of A (windows of 4 and 128 and the 128-token blocks close inside chunks
-    // and at their edges); chunks over 64 rows run op by op even in the stacked runner, so the
-    // two paths also read each other's pool rows. B in one 64-row chunk.
+    // and at their edges); chunks over 64 rows run as GEMM steps, so the decode-step and GEMM
+    // paths also read each other's pool rows. B in one 64-row chunk.
     let mut at = 0;
     for (i, len) in [37usize, 100, 64, 27, 72].into_iter().enumerate() {
         let logits = if i % 2 == 0 {
@@ -133,6 +133,33 @@ fn schedule(m: &mut DeepseekV4<CudaBackend>) -> Vec<Vec<f32>> {
     // A verify step: six tokens of B at once, logits for all.
     let verify: Vec<u32> = (0..6).map(|i| tok(3000 + i)).collect();
     keep(run(m, vec![seq(2, pb, &verify, &bt_b, LogitsWanted::All)]));
+    out
+}
+
+/// A third sequence's 77-token prompt (an odd GEMM step: split hyper-connections give the ranks
+/// 39 and 38 rows) with every row's logits, and the draft features of two layers captured in
+/// it, as extra rows after the logits. Runs after [`schedule`] (its blocks follow A's and B's).
+fn captured_prompt(m: &mut DeepseekV4<CudaBackend>) -> Vec<Vec<f32>> {
+    let vocab = m.config().vocab_size as u32;
+    let prompt: Vec<u32> = (0..77).map(|i| ((i * 6151 + 5) as u32) % vocab).collect();
+    let last = m.config().num_hidden_layers - 1;
+    let bt = blocks_for(m, 2 * blocks_for(m, 0, 400).len() as u32, 100);
+    m.set_capture_layers(vec![0, last]);
+    let mut out: Vec<Vec<f32>> = run(m, vec![seq(3, 0, &prompt, &bt, LogitsWanted::All)])
+        .into_iter()
+        .flatten()
+        .collect();
+    let captured = m.take_captured();
+    m.set_capture_layers(Vec::new());
+    assert_eq!(
+        captured.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
+        [0, last]
+    );
+    let h = m.config().hidden_size;
+    for (_, features) in captured {
+        assert_eq!(features.len(), prompt.len() * h);
+        out.extend(features.chunks(h).map(<[f32]>::to_vec));
+    }
     out
 }
 
@@ -250,16 +277,18 @@ fn layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op() {
     reference.disable_layer_stack();
     // The op-by-op indexer follows the TF32 switch too: the reference stays f32.
     reference.backend().set_gemm_tf32(false);
-    let want = schedule(&mut reference);
+    let mut want = schedule(&mut reference);
+    want.extend(captured_prompt(&mut reference));
     drop(reference);
     // The LM head's logits gathered over NCCL on the device (the default), then through host
     // memory (DSPARK_HEAD_GATHER_DEVICE=0); the indexer's rows scored whole on each rank in
     // every step, then split between the ranks in GEMM steps only (the default at these short
-    // contexts), then at every context (each rank's top k of its share gathered and merged).
-    for (head_on_device, split_rows, split_prefill) in [
-        (true, None, false),
-        (false, None, true),
-        (true, Some(0), true),
+    // contexts), then at every context (each rank's top k of its share gathered and merged);
+    // the hyper-connections of GEMM steps whole on each rank, then split by rows (the default).
+    for (head_on_device, split_rows, split_prefill, hc_split) in [
+        (true, None, false, false),
+        (false, None, true, true),
+        (true, Some(0), true, true),
     ] {
         let id = dspark_server::ranks::NcclUniqueId::create().unwrap();
         let results = support::local_group::run_ranks(2, |rank, _| {
@@ -279,19 +308,21 @@ fn layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op() {
                 m.backend().set_indexer_split_rows(rows);
             }
             m.backend().set_indexer_split_prefill(split_prefill);
-            let out = schedule(&mut m);
+            m.backend().set_hc_split_prefill(hc_split);
+            let mut out = schedule(&mut m);
             assert!(
                 m.backend().graph_steps() >= 10,
                 "NCCL steps did not run as graphs"
             );
+            out.extend(captured_prompt(&mut m));
             out
         });
         let w = worst(&results[0], &want);
         eprintln!(
             "layer stack graphs, TP=2 over NCCL (LM head gathered on the device: \
              {head_on_device}; indexer rows split above {split_rows:?} rows, in GEMM steps at \
-             every context: {split_prefill}) vs op by op TP=1: \
-             worst relative logit difference {w:e}"
+             every context: {split_prefill}; GEMM steps' hyper-connections split: {hc_split}) \
+             vs op by op TP=1: worst relative difference of logits and captured features {w:e}"
         );
         assert!(w < BOUND, "{w:e}");
         assert_eq!(results[0], results[1], "ranks disagree");

@@ -368,6 +368,44 @@ struct CapturedStep {
     last_use: u64,
 }
 
+/// The rows of a step whose hyper-connections this rank computes. GEMM steps of a
+/// tensor-parallel group on NCCL split them ([`HcRows::split`]): rank r owns rows `[r * share,
+/// r * share + share)` (the last rank may own fewer; the buffers hold `ranks * share` rows), a
+/// sub-layer's normed input is all-gathered and its output reduce-scattered, the same bytes on
+/// the links as the one all-reduce of the whole form, while each rank mixes, collapses and
+/// expands only its share of the residual streams.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct HcRows {
+    start: usize,
+    len: usize,
+    /// Rows of one rank's part of a collective; 0 when the rows are not split.
+    share: usize,
+}
+
+impl HcRows {
+    fn whole(n: usize) -> Self {
+        Self {
+            start: 0,
+            len: n,
+            share: 0,
+        }
+    }
+
+    fn split(n: usize, ranks: usize, rank: usize) -> Self {
+        let share = n.div_ceil(ranks.max(1));
+        let start = (rank * share).min(n);
+        Self {
+            start,
+            len: share.min(n - start),
+            share,
+        }
+    }
+
+    fn is_split(self) -> bool {
+        self.share > 0
+    }
+}
+
 /// One step's metadata pointers and launch shapes, as the layers need them.
 struct StepShape<'a> {
     table: &'a RowTable,
@@ -376,6 +414,8 @@ struct StepShape<'a> {
     key_classes: &'a [KeyClass],
     index_classes: &'a [IndexerClass],
     n: usize,
+    /// The rows this rank's hyper-connections cover.
+    hc: HcRows,
     capture: &'a [usize],
 }
 
@@ -721,6 +761,10 @@ pub(super) fn fits(what: &str, len: usize, need: usize) -> Result<(), BackendErr
         )));
     }
     Ok(())
+}
+
+fn comm_err(e: crate::ranks::CommError) -> BackendError {
+    BackendError::Other(format!("collective: {e}"))
 }
 
 fn shape_err(detail: String) -> BackendError {
@@ -1249,6 +1293,61 @@ impl CudaBackend {
             .map_err(driver_err("copy to GPU"))
     }
 
+    /// The NCCL side of a split step's communicator (split steps are only made with one).
+    fn nccl_of<'c>(
+        &self,
+        comm: &'c dyn Communicator,
+    ) -> Result<&'c NcclCommunicator, BackendError> {
+        self.stream_nccl(comm).ok_or_else(|| {
+            BackendError::Other("a split step without NCCL on the backend's stream".into())
+        })
+    }
+
+    /// A split step's ([`HcRows`]) every rank's rows of `width` values of `buf` to every rank,
+    /// in place; nothing for a whole step.
+    fn gather_hc_rows(
+        &self,
+        comm: &dyn Communicator,
+        buf: &mut CudaSlice<f32>,
+        width: usize,
+        rows: HcRows,
+    ) -> Result<(), BackendError> {
+        if !rows.is_split() {
+            return Ok(());
+        }
+        let share = rows.share * width;
+        fits("all-gather buffer", buf.len(), comm.world_size() * share)?;
+        let nccl = self.nccl_of(comm)?;
+        let at = ptr_mut(&self.stream, buf);
+        // SAFETY: buf holds world_size * share floats (checked above) and is scratch of the
+        // stack, alive past the stream's work on it.
+        unsafe { nccl.all_gather_in_place_f32(at, share) }.map_err(comm_err)
+    }
+
+    /// A sub-layer's output (`width` values a row) summed over the ranks: reduce-scattered onto
+    /// each rank's rows in a split step ([`HcRows`]), else all-reduced over all of them.
+    fn reduce_sub_out(
+        &self,
+        comm: &dyn Communicator,
+        buf: &mut CudaSlice<f32>,
+        width: usize,
+        rows: HcRows,
+    ) -> Result<(), BackendError> {
+        if !rows.is_split() {
+            return self.stack_all_reduce(comm, buf, rows.len * width);
+        }
+        let share = rows.share * width;
+        fits(
+            "reduce-scatter buffer",
+            buf.len(),
+            comm.world_size() * share,
+        )?;
+        let nccl = self.nccl_of(comm)?;
+        let at = ptr_mut(&self.stream, buf);
+        // SAFETY: as in gather_hc_rows.
+        unsafe { nccl.reduce_scatter_in_place_f32(at, share) }.map_err(comm_err)
+    }
+
     /// `y = x W^T` between scratch buffers: GEMVs on the packed weights up to
     /// [`STACK_MAX_ROWS`] rows, else one GEMM on the weight widened into `wide`.
     fn stack_linear(
@@ -1453,22 +1552,24 @@ impl CudaBackend {
         Ok(captured)
     }
 
-    /// The step's residual streams made on the device (the stack's `streams` scratch, `n`
-    /// rows): each row's embedding gathered by its id (`ids`: n i32 on the device) into the
-    /// scratch `x`, then copied into each of the `hc` streams. The same f32 values the host
-    /// path uploads (the same gather kernel).
+    /// The residual streams of the step's `rows` made on the device (the stack's `streams`
+    /// scratch): each row's embedding gathered by its id (`ids`: the step's i32 ids on the
+    /// device) into the scratch `x`, then copied into each of the `hc` streams. The same f32
+    /// values the host path uploads (the same gather kernel).
     fn embed_streams(
         &self,
         sc: &mut Scratch,
         model: &StackModel<'_, CudaBackend>,
         ids: u64,
-        n: usize,
+        rows: HcRows,
     ) -> Result<(), BackendError> {
         let s = &self.stream;
         let (h, hc) = (model.cfg.hidden_size, model.cfg.hc_mult);
-        fits("stack x rows", sc.x.len(), n * h)?;
-        fits("stack streams", sc.streams.len(), n * hc * h)?;
-        let x = ptr_mut(s, &mut sc.x);
+        let (first, n) = (rows.start, rows.len);
+        fits("stack x rows", sc.x.len(), (first + n) * h)?;
+        fits("stack streams", sc.streams.len(), (first + n) * hc * h)?;
+        let ids = ids + (first * 4) as u64;
+        let x = ptr_mut(s, &mut sc.x) + (first * h * 4) as u64;
         match &model.weights.embed {
             // SAFETY: the embedding holds rows * cols values with cols == h (checked by
             // run_stack, as every id below rows); x has room for n rows of h.
@@ -1489,7 +1590,7 @@ impl CudaBackend {
                 ))
             }
         }
-        let streams = ptr_mut(s, &mut sc.streams);
+        let streams = ptr_mut(s, &mut sc.streams) + (first * hc * h * 4) as u64;
         for k in 0..hc {
             let copy = CopyRowsF32 {
                 src: x,
@@ -1670,7 +1771,18 @@ impl CudaBackend {
             .map_err(driver_err("copy to GPU"))?;
         s.memcpy_htod(&meta.i64s, &mut stack.meta64.slice_mut(0..meta.i64s.len()))
             .map_err(driver_err("copy to GPU"))?;
-        self.embed_streams(&mut stack.scratch, model, at32(layout.ids()), n)?;
+        let ranks = comm.world_size();
+        let hc_rows = if n > STACK_MAX_ROWS
+            && ranks > 1
+            && self.hc_split_prefill.load(Ordering::Relaxed)
+            && self.stream_nccl(comm).is_some()
+            && n.div_ceil(ranks) * ranks <= stack.scratch.rows
+        {
+            HcRows::split(n, ranks, comm.rank())
+        } else {
+            HcRows::whole(n)
+        };
+        self.embed_streams(&mut stack.scratch, model, at32(layout.ids()), hc_rows)?;
         let table = RowTable {
             positions: at32(layout.positions()),
             bt_starts: at32(layout.bt_starts()),
@@ -1684,6 +1796,7 @@ impl CudaBackend {
             key_classes: &key_classes,
             index_classes: &index_classes,
             n,
+            hc: hc_rows,
             capture,
         };
         // GEMM steps are never captured: they synchronise (the expert sort) and allocate.
@@ -1754,6 +1867,12 @@ impl CudaBackend {
             }
         } else {
             self.enqueue_layers(stack, model, kv, comm, &step)?;
+        }
+        if hc_rows.is_split() && !streams.keep.is_empty() {
+            // The kept rows may be any rank's: every rank's share of the streams to all.
+            self.stage(&mut stack.clock, "stack: all-gather")?;
+            let sc = &mut stack.scratch;
+            self.gather_hc_rows(comm, &mut sc.streams, width, hc_rows)?;
         }
         self.stage(&mut stack.clock, "stack: end")?;
         let mut captured = Vec::with_capacity(capture.len());
@@ -1938,6 +2057,20 @@ impl CudaBackend {
             self.stack_attention(stack, model, kv, comm, step, l)?;
             self.stack_ffn(stack, model, comm, step, l)?;
             if let Some(i) = step.capture.iter().position(|&c| c == l) {
+                if step.hc.is_split() {
+                    let sc = &mut stack.scratch;
+                    let share = step.hc.share * width;
+                    let ranks = comm.world_size();
+                    fits("captured streams", sc.captures[i].len(), ranks * share)?;
+                    fits("stack streams", sc.streams.len(), ranks * share)?;
+                    let nccl = self.nccl_of(comm)?;
+                    let send = ptr(&self.stream, &sc.streams) + (comm.rank() * share * 4) as u64;
+                    let recv = ptr_mut(&self.stream, &mut sc.captures[i]);
+                    // SAFETY: both buffers hold ranks * share floats (checked above) and live
+                    // in the stack, which outlives the stream's work on them.
+                    unsafe { nccl.all_gather_raw_f32(send, recv, share) }.map_err(comm_err)?;
+                    continue;
+                }
                 let src = stack.scratch.streams.slice(0..n * width);
                 let mut dst = stack.scratch.captures[i].slice_mut(0..n * width);
                 self.stream
@@ -1961,27 +2094,47 @@ impl CudaBackend {
         })
     }
 
-    /// Collapses the streams at a hyper-connection site and norms the sub-layer input into
-    /// `scratch.x`; the site's mix stays in `scratch.mix` for [`Self::hc_post`]. The kernels
-    /// are [`Self::hc_pre_kernel`]'s.
+    /// Collapses the streams of `rows` at a hyper-connection site and norms the sub-layer input
+    /// into `scratch.x`; the site's mix stays in `scratch.mix` for [`Self::hc_post`]. The
+    /// kernels are [`Self::hc_pre_kernel`]'s. A split step then gathers every rank's rows of
+    /// `x` ([`HcRows`]).
     fn hc_pre(
+        &self,
+        comm: &dyn Communicator,
+        sc: &mut Scratch,
+        site: &HcSite,
+        norm: &CudaSlice<f32>,
+        cfg: &crate::engine::model::ModelConfig,
+        rows: HcRows,
+    ) -> Result<(), BackendError> {
+        self.hc_pre_rows(sc, site, norm, cfg, rows)?;
+        self.gather_hc_rows(comm, &mut sc.x, cfg.hidden_size, rows)
+    }
+
+    /// [`Self::hc_pre`]'s kernels over this rank's rows.
+    fn hc_pre_rows(
         &self,
         sc: &mut Scratch,
         site: &HcSite,
         norm: &CudaSlice<f32>,
         cfg: &crate::engine::model::ModelConfig,
-        n: usize,
+        rows: HcRows,
     ) -> Result<(), BackendError> {
         let s = &self.stream;
         let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
+        let (first, n) = (rows.start, rows.len);
+        let outs = (2 + hc) * hc;
+        fits("stack streams", sc.streams.len(), (first + n) * hc * h)?;
+        fits("stack x rows", sc.x.len(), (first + n) * h)?;
+        fits("stack mix rows", sc.mix.len(), (first + n) * outs)?;
         let call = HcPreFused {
-            streams: ptr(s, &sc.streams),
+            streams: ptr(s, &sc.streams) + (first * hc * h * 4) as u64,
             fn_: ptr(s, &site.fn_),
             base: ptr(s, &site.base),
             scale: site.scale,
             norm_weight: ptr(s, norm),
-            x_out: ptr_mut(s, &mut sc.x),
-            mix_out: ptr_mut(s, &mut sc.mix),
+            x_out: ptr_mut(s, &mut sc.x) + (first * h * 4) as u64,
+            mix_out: ptr_mut(s, &mut sc.mix) + (first * outs * 4) as u64,
             workspace: ptr_mut(s, &mut sc.hc_work),
             n,
             hc,
@@ -2006,10 +2159,10 @@ impl CudaBackend {
                     .map_err(kernel_err);
             }
         }
-        // SAFETY: the scratch buffers hold STACK_MAX_ROWS >= n rows of each width (hc_work
-        // sized by hc_mix_workspace_floats, allocated zeroed: its counter header starts at 0 and
-        // every launch on this stream leaves it 0); the site's parameters are [outs, hc *
-        // hidden] and [outs], the norm weight `hidden` values.
+        // SAFETY: the scratch buffers hold first + n rows of each width (checked above; hc_work
+        // sized by hc_mix_workspace_floats for the scratch's rows, allocated zeroed: its counter
+        // header starts at 0 and every launch on this stream leaves it 0); the site's parameters
+        // are [outs, hc * hidden] and [outs], the norm weight `hidden` values.
         unsafe { self.kernels.hc_pre_fused_f32(s, &call) }.map_err(kernel_err)
     }
 
@@ -2086,24 +2239,31 @@ impl CudaBackend {
         .map_err(kernel_err)
     }
 
-    /// `streams = post * sub_out + comb^T streams` with the mix of the last [`Self::hc_pre`].
+    /// `streams = post * sub_out + comb^T streams` over `rows` with the mix of the last
+    /// [`Self::hc_pre`].
     fn hc_post(
         &self,
         sc: &mut Scratch,
         cfg: &crate::engine::model::ModelConfig,
-        n: usize,
+        rows: HcRows,
     ) -> Result<(), BackendError> {
         let s = &self.stream;
-        let streams = ptr_mut(s, &mut sc.streams);
-        // SAFETY: streams holds n rows of hc * hidden, mix n rows of (2 + hc) * hc, sub_out n
-        // rows of hidden.
+        let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
+        let (first, n) = (rows.start, rows.len);
+        let outs = (2 + hc) * hc;
+        fits("stack streams", sc.streams.len(), (first + n) * hc * h)?;
+        fits("stack mix rows", sc.mix.len(), (first + n) * outs)?;
+        fits("stack output rows", sc.sub_out.len(), (first + n) * h)?;
+        let streams = ptr_mut(s, &mut sc.streams) + (first * hc * h * 4) as u64;
+        // SAFETY: streams, mix and sub_out hold first + n rows of hc * hidden, (2 + hc) * hc and
+        // hidden (checked above).
         unsafe {
             self.kernels.hc_post_f32(
                 s,
                 &HcPost {
                     streams,
-                    mix: ptr(s, &sc.mix),
-                    out: ptr(s, &sc.sub_out),
+                    mix: ptr(s, &sc.mix) + (first * outs * 4) as u64,
+                    out: ptr(s, &sc.sub_out) + (first * h * 4) as u64,
                     n,
                     hc: cfg.hc_mult,
                     hidden: cfg.hidden_size,
@@ -2156,7 +2316,7 @@ impl CudaBackend {
         };
 
         self.stage(&mut stack.clock, "stack: hyper-connections")?;
-        self.hc_pre(sc, &layer.hc_attn, &layer.attn_norm, cfg, n)?;
+        self.hc_pre(comm, sc, &layer.hc_attn, &layer.attn_norm, cfg, step.hc)?;
         self.stage(&mut stack.clock, "stack: projections")?;
         // Every projection of the normed input: one launch per weight kind at one row.
         let mut jobs: Vec<(&CudaMatrix, &mut CudaSlice<f32>)> =
@@ -2732,9 +2892,9 @@ impl CudaBackend {
         }
         self.stack_linear(&sc.grouped, n, &aw.wo_b, &mut sc.sub_out, &mut sc.gemm.wide)?;
         self.stage(&mut stack.clock, "stack: all-reduce")?;
-        self.stack_all_reduce(comm, &mut sc.sub_out, n * h)?;
+        self.reduce_sub_out(comm, &mut sc.sub_out, h, step.hc)?;
         self.stage(&mut stack.clock, "stack: hyper-connections")?;
-        self.hc_post(sc, cfg, n)
+        self.hc_post(sc, cfg, step.hc)
     }
 
     fn stack_ffn(
@@ -2754,7 +2914,7 @@ impl CudaBackend {
         let h = cfg.hidden_size;
         let (e, k) = (cfg.n_routed_experts, cfg.num_experts_per_tok);
         self.stage(&mut stack.clock, "stack: hyper-connections")?;
-        self.hc_pre(sc, &layer.hc_ffn, &layer.ffn_norm, cfg, n)?;
+        self.hc_pre(comm, sc, &layer.hc_ffn, &layer.ffn_norm, cfg, step.hc)?;
         self.stage(&mut stack.clock, "stack: router")?;
         self.stack_linear(&sc.x, n, &mw.gate, &mut sc.router_logits, &mut sc.gemm.wide)?;
         let (bias, hash) = match &layer.routes {
@@ -2892,9 +3052,9 @@ impl CudaBackend {
             unsafe { self.kernels.add_into(s, acc, down, n * h) }.map_err(kernel_err)?;
         }
         self.stage(&mut stack.clock, "stack: all-reduce")?;
-        self.stack_all_reduce(comm, &mut sc.sub_out, n * h)?;
+        self.reduce_sub_out(comm, &mut sc.sub_out, h, step.hc)?;
         self.stage(&mut stack.clock, "stack: hyper-connections")?;
-        self.hc_post(sc, cfg, n)
+        self.hc_post(sc, cfg, step.hc)
     }
 }
 
@@ -2929,6 +3089,27 @@ mod tests {
         ] {
             assert_eq!(AttentionTcSteps::from_code(steps.code()), steps);
         }
+    }
+
+    #[test]
+    fn split_hyper_connection_rows_tile_the_step_in_equal_shares() {
+        for (n, ranks) in [(8192, 2), (77, 2), (100, 4), (65, 3), (4097, 8)] {
+            let mut next = 0;
+            for rank in 0..ranks {
+                let r = HcRows::split(n, ranks, rank);
+                assert!(r.is_split());
+                assert_eq!(r.share, n.div_ceil(ranks));
+                assert_eq!(r.start, next);
+                assert!(r.len <= r.share);
+                next = r.start + r.len;
+            }
+            assert_eq!(next, n, "{n} rows over {ranks} ranks");
+        }
+        let one = HcRows::split(77, 2, 1);
+        assert_eq!((one.start, one.len), (39, 38));
+        let whole = HcRows::whole(300);
+        assert!(!whole.is_split());
+        assert_eq!((whole.start, whole.len), (0, 300));
     }
 
     #[test]

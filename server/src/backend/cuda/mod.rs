@@ -258,6 +258,11 @@ pub struct CudaBackend {
     /// a chunk's many tokens amortise the all-gather and merge that a decode step's few cannot
     /// (two H200s, 43 layers: a 100K prompt 12.50 -> 12.28 s, an 8K one unchanged).
     indexer_split_prefill: AtomicBool,
+    /// Whether GEMM steps of a tensor-parallel group split the hyper-connections' rows between
+    /// the ranks (`DSPARK_HC_SPLIT=0` computes them whole on every rank): each sub-layer's
+    /// all-reduce becomes a reduce-scatter and its input an all-gather, the same bytes on the
+    /// links, while each rank mixes only its share of the residual streams.
+    hc_split_prefill: AtomicBool,
     /// Whether projections of 2..=16 rows run on the tensor-core skinny GEMM (`DSPARK_SKINNY_MMA=0`
     /// keeps them on the CUDA-core GEMVs; both are f32-exact, the switch is for comparisons).
     skinny_mma: bool,
@@ -377,6 +382,9 @@ impl CudaBackend {
             indexer_split_prefill: AtomicBool::new(
                 std::env::var("DSPARK_INDEXER_SPLIT_PREFILL").map_or(true, |v| v.trim() != "0"),
             ),
+            hc_split_prefill: AtomicBool::new(
+                std::env::var("DSPARK_HC_SPLIT").map_or(true, |v| v.trim() != "0"),
+            ),
         })
     }
 
@@ -414,6 +422,12 @@ impl CudaBackend {
     /// `DSPARK_INDEXER_SPLIT_PREFILL`).
     pub fn set_indexer_split_prefill(&self, on: bool) {
         self.indexer_split_prefill.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether GEMM steps at TP>1 split the hyper-connections' rows between the ranks (the
+    /// default) or compute them whole on every rank (as `DSPARK_HC_SPLIT=0`).
+    pub fn set_hc_split_prefill(&self, on: bool) {
+        self.hc_split_prefill.store(on, Ordering::Relaxed);
     }
 
     /// Whether the head-grouped attention runs its f16 tensor-core form (every step, over

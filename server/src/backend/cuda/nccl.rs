@@ -11,7 +11,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
 use cudarc::nccl::safe::{Comm, NcclType, ReduceOp};
 
 use crate::ranks::{CommError, Communicator, NcclUniqueId};
@@ -135,10 +135,102 @@ impl NcclCommunicator {
             .map_err(|e| nccl_err("broadcast", e))
     }
 
+    /// In-place all-gather over one buffer of `world_size x share` f32 at `buf`: this rank's
+    /// `share` values at `buf + rank x share` reach every rank's same place. Enqueued on
+    /// [`Self::stream`].
+    ///
+    /// # Safety
+    /// `buf` must be a device allocation of at least `world_size * share` f32 that stays alive
+    /// until the stream has run the collective.
+    pub unsafe fn all_gather_in_place_f32(&self, buf: u64, share: usize) -> Result<(), CommError> {
+        let at = buf + (self.rank * share * 4) as u64;
+        // SAFETY: the caller's buffer holds every rank's share; NCCL takes a send pointer at
+        // this rank's share of the receive buffer as the in-place form.
+        unsafe { self.all_gather_raw_f32(at, buf, share) }
+    }
+
+    /// `world_size x share` f32 at `recv` get every rank's `share` values at `send`, in rank
+    /// order. Enqueued on [`Self::stream`].
+    ///
+    /// # Safety
+    /// `send` must hold `share` f32 and `recv` `world_size * share`, both device allocations
+    /// alive until the stream has run the collective; they overlap only as the in-place form.
+    pub unsafe fn all_gather_raw_f32(
+        &self,
+        send: u64,
+        recv: u64,
+        share: usize,
+    ) -> Result<(), CommError> {
+        let send = RawSpan::new(&self.stream, send, share);
+        let mut recv = RawSpan::new(&self.stream, recv, self.world_size * share);
+        self.comm()?
+            .0
+            .all_gather(&send, &mut recv)
+            .map(|_| ())
+            .map_err(|e| nccl_err("all_gather", e))
+    }
+
+    /// In-place reduce-scatter (sum) over `world_size x share` f32 at `buf`: afterwards this
+    /// rank's `share` values at `buf + rank x share` are the sum over ranks of that part (the
+    /// rest of the buffer is left undefined). Enqueued on [`Self::stream`].
+    ///
+    /// # Safety
+    /// As [`Self::all_gather_in_place_f32`].
+    pub unsafe fn reduce_scatter_in_place_f32(
+        &self,
+        buf: u64,
+        share: usize,
+    ) -> Result<(), CommError> {
+        let send = RawSpan::new(&self.stream, buf, self.world_size * share);
+        let mut recv = RawSpan::new(&self.stream, buf + (self.rank * share * 4) as u64, share);
+        self.comm()?
+            .0
+            .reduce_scatter(&send, &mut recv, &ReduceOp::Sum)
+            .map(|_| ())
+            .map_err(|e| nccl_err("reduce_scatter", e))
+    }
+
     fn sync(&self) -> Result<(), CommError> {
         self.stream
             .synchronize()
             .map_err(|e| driver_err("synchronize", e))
+    }
+}
+
+/// f32 device memory named by address and length, so a collective can work on parts of one
+/// buffer in place (cudarc's slices would borrow the buffer twice). Its pointer carries no
+/// event: the collective is enqueued on the same stream as every producer and consumer.
+struct RawSpan<'s> {
+    ptr: u64,
+    len: usize,
+    stream: &'s Arc<CudaStream>,
+}
+
+impl<'s> RawSpan<'s> {
+    fn new(stream: &'s Arc<CudaStream>, ptr: u64, len: usize) -> Self {
+        Self { ptr, len, stream }
+    }
+}
+
+impl DeviceSlice<f32> for RawSpan<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn stream(&self) -> &Arc<CudaStream> {
+        self.stream
+    }
+}
+
+impl DevicePtr<f32> for RawSpan<'_> {
+    fn device_ptr<'a>(&'a self, _stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+        (self.ptr, SyncOnDrop::Sync(None))
+    }
+}
+
+impl DevicePtrMut<f32> for RawSpan<'_> {
+    fn device_ptr_mut<'a>(&'a mut self, _stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+        (self.ptr, SyncOnDrop::Sync(None))
     }
 }
 
