@@ -1674,47 +1674,62 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_mma(
 //   magnitude lands in [2^14, 2^15), and rounded to f16: 11 significant bits, as TF32 rounds
 //   them, with f16's range safe for any query size (only values below 2^-28 of that largest one,
 //   f16 subnormals, keep fewer bits). 2^-e comes off with the row scale.
-// - A block scores a group of consecutive tokens (grid y), DSK_IDXT_COLS / heads8 of them (4 at
-//   V4-Flash's 64 heads, 8 at TP=2's 32): neighbouring prefill tokens see the same rows through
+// - A block scores a group of consecutive tokens (grid y), DSK_IDXT_COLS / hp of them (hp: the
+//   heads rounded up to a power of two, at least 8; 4 tokens at V4-Flash's 64 heads, 8 at 32):
+//   neighbouring prefill tokens see the same rows through
 //   the same block table, so a key tile is loaded and decoded once for the whole group and its
 //   A fragments feed every token's MMAs (scoring one token a block, every token re-read and
 //   re-decoded all its rows: L2-bound at a tenth of the tensor cores' rate). Tokens of a group
 //   with different tables (another sequence, a decode row) are scored in runs of equal tables,
 //   one after the other.
-// - Warp w computes rows 16 (w & 3) .. +16 against the n-tiles (8 query columns: one token's 8
-//   heads) w >> 2, + 2, .. of the run. relu, the row and token factors, scale and head weights
-//   are applied on the accumulators; a quad's 8 heads are summed with shuffles into part[n-tile]
-//   [row], then each (token, row) sums its n-tiles in order: a token's score does not depend on
-//   the tokens grouped with it.
-// Rows of DSK_IDXH_LD halves (68 words: lane (g, tg) word loads hit 32 banks). Needs dim % 16 == 0
-// and heads <= 64.
+// - Warp w computes a 32 x 64 tile: rows 32 (w & 1) .. +32 against the 64 query columns 64 (w >> 1)
+//   .. (8 n-tiles of 8 columns), two m-tiles by eight n-tiles, A and B fragments by ldmatrix (6
+//   per 16 MMAs). hp being a power of two, a token's columns lie in one warp: its head weights
+//   times relu of the accumulators are summed over its n-tiles in registers, then over the quad
+//   with shuffles, and the score (times the row and token factors and scale) is written straight
+//   from the warp. The summation order is a token's own (its n-tiles in order, then the quad):
+//   its score does not depend on the tokens grouped with it.
+//   (Session 13's layout gave each warp 16 rows by 16 n-tiles with fragments loaded word by word
+//   and a shuffle reduction and shared partial per n-tile: about 1,000 issue slots a tile for
+//   128 MMAs, where this one takes about 400.)
+// Rows of DSK_IDXH_LD halves (272 bytes: the 8 rows of an ldmatrix phase hit 8 distinct groups of
+// 4 banks). Needs dim % 16 == 0 and heads <= 64.
 #define DSK_IDXH_LD 136
 #define DSK_IDXT_COLS 256
-#define DSK_IDXT_NTILES (DSK_IDXT_COLS / 8)
 #define DSK_IDXT_MAX_TOKENS 32
-// n-tiles a warp may own: half, half + 2, .. below DSK_IDXT_NTILES.
-#define DSK_IDXT_WARP_NTILES (DSK_IDXT_NTILES / 2)
+
+// Heads of a token in the f16 indexer's columns: a power of two, at least 8 (one n-tile), so
+// that a token's n-tiles never straddle two warps (launch/attention.rs: indexer_f16_heads).
+__device__ __forceinline__ int dsk_idxh_heads(int heads) {
+    int hp = 8;
+    while (hp < heads) hp <<= 1;
+    return hp;
+}
 
 // The rows [rlo, rvis) of the run's tokens [lo, hi) (group-relative; their table tb) in steps of
 // gridDim.x tiles; a token's scores are written for its own rows [lo_s, vis_s) only.
 __device__ __forceinline__ void dsk_idxh_run(
     const float *__restrict__ pool, const unsigned int *__restrict__ tb, long long fpb, int bs,
     long long base, int ratio, int stride, int hp, int dim, float scale, float *__restrict__ out,
-    int rlo, int rvis, int lo, int hi, unsigned short *ks, float *ksc, float *part, const float *ws,
+    int rlo, int rvis, int lo, int hi, unsigned short *ks, float *ksc, const float *ws,
     const float *unscale, const unsigned short *qs, const int *lo_s, const int *vis_s, const long long *os_s) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tg = lane & 3;
-    const int mt = warp & 3, half = warp >> 2, wpr = dim >> 2, tiles_per_token = hp >> 3;
-    const int nt_lo = lo * tiles_per_token, nt_hi = hi * tiles_per_token;
-    const int ldw = DSK_IDXH_LD / 2;
-    const unsigned int *ka = reinterpret_cast<const unsigned int *>(ks) + (16 * mt + g) * ldw + tg;
-    const unsigned int *qb = reinterpret_cast<const unsigned int *>(qs) + g * ldw + tg;
+    const int wr = warp & 1, nt0 = 8 * (warp >> 1), tpt = hp >> 3, wpr = dim >> 2;
+    // Whether any of the warp's n-tiles belongs to the run (warp-uniform); its other columns are
+    // computed against the run's rows too and dropped.
+    const bool active = nt0 < hi * tpt && nt0 + 8 > lo * tpt;
+    // ldmatrix rows: A, this lane's key row of the warp's m-tile 0 at dims + 8 (lane >> 4); B,
+    // query row (column) 8 nt + (lane & 7) of n-tile pair p's tile (lane >> 4), dims + 8 ((lane
+    // >> 3) & 1).
+    const unsigned short *a_row = ks + (32 * wr + (lane & 15)) * DSK_IDXH_LD + 8 * (lane >> 4);
+    const unsigned short *b_row = qs + (8 * (nt0 + (lane >> 4)) + (lane & 7)) * DSK_IDXH_LD + 8 * ((lane >> 3) & 1);
     unsigned int v[8][1];
     float sc[8];
     const int step = gridDim.x * DSK_IDXM_ROWS;
     int r0 = rlo + blockIdx.x * DSK_IDXM_ROWS;
     if (r0 < rvis) dsk_idxm_load<DSK_KV_FP8_INDEXER>(v, sc, pool, tb, fpb, bs, base, ratio, stride, dim, rvis, r0);
     for (; r0 < rvis; r0 += step) {
-        __syncthreads();  // the previous tile's (or run's) readers of ks, ksc and part are done
+        __syncthreads();  // the previous tile's (or run's) readers of ks and ksc are done
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const int r = warp + 8 * j;
@@ -1725,48 +1740,54 @@ __device__ __forceinline__ void dsk_idxh_run(
         }
         __syncthreads();
         if (r0 + step < rvis) dsk_idxm_load<DSK_KV_FP8_INDEXER>(v, sc, pool, tb, fpb, bs, base, ratio, stride, dim, rvis, r0 + step);
-        float acc[DSK_IDXT_WARP_NTILES][4];
+        if (!active) continue;
+        float acc[2][8][4];
 #pragma unroll
-        for (int i = 0; i < DSK_IDXT_WARP_NTILES; ++i)
+        for (int m = 0; m < 2; ++m)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
-        for (int kw = 0; kw < (dim >> 1); kw += 8) {
-            // A (16 rows x 16 dims): rows g, g + 8; dims 2 tg, 2 tg + 1 (word tg) and + 8 (word tg + 4).
-            const unsigned int a0 = ka[kw], a1 = ka[8 * ldw + kw];
-            const unsigned int a2 = ka[kw + 4], a3 = ka[8 * ldw + kw + 4];
+            for (int i = 0; i < 8; ++i)
 #pragma unroll
-            for (int i = 0; i < DSK_IDXT_WARP_NTILES; ++i) {
-                const int nt = half + 2 * i;
-                if (nt >= nt_lo && nt < nt_hi) {
-                    // B (16 dims x 8 columns, column-major = qs rows): column 8 nt + g.
-                    const unsigned int *qn = qb + 8 * nt * ldw + kw;
-                    dsk_mma_f16_m16n8k16(acc[i], a0, a1, a2, a3, qn[0], qn[4]);
+                for (int e = 0; e < 4; ++e) acc[m][i][e] = 0.f;
+        for (int k0 = 0; k0 < dim; k0 += 16) {
+            unsigned int a[2][4];
+            dsk_attf_ldsm4(a_row + k0, a[0]);
+            dsk_attf_ldsm4(a_row + 16 * DSK_IDXH_LD + k0, a[1]);
+#pragma unroll
+            for (int p = 0; p < 4; ++p) {
+                unsigned int b[4];
+                dsk_attf_ldsm4(b_row + 16 * p * DSK_IDXH_LD + k0, b);
+#pragma unroll
+                for (int m = 0; m < 2; ++m) {
+                    dsk_mma_f16_m16n8k16(acc[m][2 * p], a[m][0], a[m][1], a[m][2], a[m][3], b[0], b[1]);
+                    dsk_mma_f16_m16n8k16(acc[m][2 * p + 1], a[m][0], a[m][1], a[m][2], a[m][3], b[2], b[3]);
                 }
             }
         }
-        // C: rows g (e = 0, 1) and g + 8 (e = 2, 3); columns 8 nt + 2 tg + (e & 1).
+        // C of n-tile i: rows g (e = 0, 1) and g + 8 (e = 2, 3) of each m-tile; heads 8 (nt0 + i) +
+        // 2 tg + (e & 1). A token's n-tiles (tpt of them, hp a power of two) all lie in one warp:
+        // w[h] relu(acc) summed over the lane's heads of them in order, then over the quad, then
+        // times the row's and token's factors and scale.
+        float s[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
 #pragma unroll
-        for (int i = 0; i < DSK_IDXT_WARP_NTILES; ++i) {
-            const int nt = half + 2 * i;
-            if (nt >= nt_lo && nt < nt_hi) {
-                const float f = unscale[nt / tiles_per_token];
-                const float fg = ksc[16 * mt + g] * f, f8 = ksc[16 * mt + g + 8] * f;
-                float2 two = dsk_idxm_quad_heads(acc[i][0] * fg, acc[i][1] * fg, acc[i][2] * f8, acc[i][3] * f8,
-                                                 ws[8 * nt + 2 * tg], ws[8 * nt + 2 * tg + 1], scale);
-                dsk_quad_sum2(two.x, two.y);
-                if (tg == 0) {
-                    part[nt * DSK_IDXM_ROWS + 16 * mt + g] = two.x;
-                    part[nt * DSK_IDXM_ROWS + 16 * mt + g + 8] = two.y;
-                }
+        for (int i = 0; i < 8; ++i) {
+            const float2 w2 = *reinterpret_cast<const float2 *>(ws + 8 * (nt0 + i) + 2 * tg);
+#pragma unroll
+            for (int m = 0; m < 2; ++m) {
+                s[m][0] = fmaf(fmaxf(acc[m][i][1], 0.f), w2.y, fmaf(fmaxf(acc[m][i][0], 0.f), w2.x, s[m][0]));
+                s[m][1] = fmaf(fmaxf(acc[m][i][3], 0.f), w2.y, fmaf(fmaxf(acc[m][i][2], 0.f), w2.x, s[m][1]));
             }
-        }
-        __syncthreads();
-        for (int p = tid; p < (hi - lo) * DSK_IDXM_ROWS; p += blockDim.x) {
-            const int tk = lo + p / DSK_IDXM_ROWS, row = p % DSK_IDXM_ROWS;
-            if (r0 + row >= lo_s[tk] && r0 + row < vis_s[tk]) {
-                float s = 0.f;
-                for (int j = tk * tiles_per_token; j < (tk + 1) * tiles_per_token; ++j) s += part[j * DSK_IDXM_ROWS + row];
-                out[os_s[tk] + r0 + row] = s;
+            if (((i + 1) & (tpt - 1)) == 0) {
+                const int tk = (nt0 + i) / tpt;
+#pragma unroll
+                for (int m = 0; m < 2; ++m) {
+                    dsk_quad_sum2(s[m][0], s[m][1]);
+                    // Lane tg 0 writes row g, lane tg 1 row g + 8.
+                    const int row = 32 * wr + 16 * m + g + 8 * tg;
+                    if (tg < 2 && tk >= lo && tk < hi && r0 + row >= lo_s[tk] && r0 + row < vis_s[tk])
+                        out[os_s[tk] + r0 + row] = (tg ? s[m][1] : s[m][0]) * (ksc[row] * unscale[tk]) * scale;
+                    s[m][0] = 0.f;
+                    s[m][1] = 0.f;
+                }
             }
         }
     }
@@ -1774,10 +1795,10 @@ __device__ __forceinline__ void dsk_idxh_run(
 
 // Arguments as dsk_indexer_scores_mma (fmt must be DSK_KV_FP8_INDEXER) plus the token count; grid
 // y = token groups (launch/attention.rs: indexer_f16_group_tokens). Shared memory: ks [64][136]
-// f16 | ksc [64] | part [DSK_IDXT_NTILES][64] | ws [DSK_IDXT_COLS] | unscale, then i64 out starts,
-// i32 visible counts, table starts, query exponents and first rows [DSK_IDXT_MAX_TOKENS] | qs
-// [group tokens x heads8][136] f16 (launch/attention.rs: indexer_mma_f16_smem_bytes).
-extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_mma_f16(
+// f16 | ksc [64] | ws [DSK_IDXT_COLS] | unscale, then i64 out starts, i32 visible counts, table
+// starts, query exponents and first rows [DSK_IDXT_MAX_TOKENS] | qs [DSK_IDXT_COLS][136] f16
+// (launch/attention.rs: indexer_mma_f16_smem_bytes). Two blocks an SM (128 registers).
+extern "C" __global__ void __launch_bounds__(256, 2) dsk_indexer_scores_mma_f16(
     const float *__restrict__ pool, const float *__restrict__ q, const float *__restrict__ w,
     const unsigned int *__restrict__ bt, const int *__restrict__ bt_start,
     const int *__restrict__ visible, const int *__restrict__ row_lo,
@@ -1790,8 +1811,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_mma_f16(
     extern __shared__ float smem[];
     unsigned short *ks = reinterpret_cast<unsigned short *>(smem);
     float *ksc = smem + DSK_IDXM_ROWS * DSK_IDXH_LD / 2;
-    float *part = ksc + DSK_IDXM_ROWS;
-    float *ws = part + DSK_IDXT_NTILES * DSK_IDXM_ROWS;
+    float *ws = ksc + DSK_IDXM_ROWS;
     float *unscale = ws + DSK_IDXT_COLS;
     long long *os_s = reinterpret_cast<long long *>(unscale + DSK_IDXT_MAX_TOKENS);  // 8-byte aligned offset
     int *vis_s = reinterpret_cast<int *>(os_s + DSK_IDXT_MAX_TOKENS);
@@ -1801,7 +1821,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_mma_f16(
     unsigned short *qs = reinterpret_cast<unsigned short *>(lo_s + DSK_IDXT_MAX_TOKENS);
     (void)fmt;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int hp = (heads + 7) & ~7, group = min(DSK_IDXT_COLS / hp, DSK_IDXT_MAX_TOKENS);
+    const int hp = dsk_idxh_heads(heads), group = DSK_IDXT_COLS / hp;
     const int t0 = blockIdx.y * group, count = min(group, tokens - t0);
     if (count <= 0) return;
     if (tid < count) {
@@ -1855,7 +1875,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_indexer_scores_mma_f16(
             rvis = max(rvis, vis_s[hi++]);
         }
         dsk_idxh_run(pool, bt + bts_s[lo], fpb, bs, base, ratio, stride, hp, dim, scale, out, rlo, rvis, lo,
-                     hi, ks, ksc, part, ws, unscale, qs, lo_s, vis_s, os_s);
+                     hi, ks, ksc, ws, unscale, qs, lo_s, vis_s, os_s);
         lo = hi;
     }
 }

@@ -366,3 +366,109 @@ fn prefill_chunks_sharing_tables_match_f64() {
         }
     }
 }
+
+/// Prints the scoring time of the last 8,192-token chunk of a 100K prompt at a CSA layer (ratio 4:
+/// its tokens see 23,000 to 25,000 compressed rows through one table), 64 heads x 128 dims over
+/// FP8 rows, whole and as one rank of two that split the rows, on the f16 form and on the TF32
+/// kernel, with the rate of the products actually needed (`tokens x visible x heads x dim x 2`).
+/// Timing only: correctness is the other tests'.
+#[test]
+fn f16_indexer_chunk_timing() {
+    let Some(mut g) = gpu("f16_indexer_chunk_timing") else {
+        return;
+    };
+    let mut rng = Rng(0x7e57_c4a2_0016);
+    let (heads, dim, bs, ratio) = (64usize, 128usize, 128usize, 4usize);
+    let (first, tokens) = (91_808usize, 8_192usize);
+    let format = Fp8Indexer;
+    let stride = format.slots(dim);
+    let rows_per_block = bs / ratio;
+    let base = 5;
+    let fpb = base + rows_per_block * stride + 3;
+    let max_visible = (first + tokens) / ratio;
+    let blocks = max_visible.div_ceil(rows_per_block);
+    let mut pool = vec![0f32; blocks * fpb];
+    for b in 0..blocks {
+        for s in 0..rows_per_block {
+            let row = rng.signed_vec(dim, 1.0);
+            let at = b * fpb + base + s * stride;
+            format.encode(&row, &mut pool[at..at + stride]);
+        }
+    }
+    // Blocks in a shuffled order, as a pool hands them out.
+    let mut table: Vec<u32> = (0..blocks as u32).collect();
+    for i in (1..table.len()).rev() {
+        let j = (rng.next() as usize) % (i + 1);
+        table.swap(i, j);
+    }
+    let visible: Vec<i32> = (0..tokens)
+        .map(|t| ((first + t + 1) / ratio) as i32)
+        .collect();
+    // Rank 1 of 2 scores the second half of each token's rows.
+    let share_start: Vec<i32> = visible.iter().map(|&v| v / 2).collect();
+    let mut out_starts = Vec::with_capacity(tokens);
+    let mut total = 0i64;
+    for &v in &visible {
+        out_starts.push(total);
+        total += i64::from(v);
+    }
+    let pool_d = g.up(&pool);
+    let bt_d = g.up(&table);
+    let q_d = g.up(&rng.signed_vec(tokens * heads * dim, 1.0));
+    let w_d = g.up(&rng.signed_vec(tokens * heads, 1.0));
+    let tables_d = g.up(&vec![0i32; tokens]);
+    let vis_d = g.up(&visible);
+    let share_d = g.up(&share_start);
+    let starts_d = g.up(&out_starts);
+    let out_d = g.up(&vec![0f32; total as usize]);
+    let (pool_p, q_p, w_p, bt_p) = (g.ptr(&pool_d), g.ptr(&q_d), g.ptr(&w_d), g.ptr(&bt_d));
+    let (tables_p, vis_p, share_p) = (g.ptr(&tables_d), g.ptr(&vis_d), g.ptr(&share_d));
+    let (starts_p, out_p) = (g.ptr(&starts_d), g.ptr(&out_d));
+    let call = |row_starts| IndexerScores {
+        pool: pool_p,
+        q: q_p,
+        weights: w_p,
+        block_tables: bt_p,
+        block_table_starts: tables_p,
+        visible: vis_p,
+        row_starts,
+        out_starts: starts_p,
+        out: out_p,
+        tokens,
+        max_visible,
+        floats_per_block: fpb,
+        block_size: bs,
+        base,
+        ratio,
+        stride,
+        heads,
+        dim,
+        scale: (dim as f32).powf(-0.5),
+        format,
+        tensor_cores: true,
+    };
+    let whole_pairs: f64 = visible.iter().map(|&v| f64::from(v)).sum();
+    let share_pairs: f64 = visible.iter().map(|&v| f64::from(v - v / 2)).sum();
+    for f16 in [true, false] {
+        g.k.set_indexer_f16(f16);
+        let form = if f16 { "f16 form" } else { "TF32 kernel" };
+        for (what, row_starts, pairs) in [
+            ("whole", 0, whole_pairs),
+            ("rank 1 of 2", share_p, share_pairs),
+        ] {
+            let c = call(row_starts);
+            // SAFETY: the pool holds every block the table names, each token's output room is
+            // its visible count, the queries and weights are [tokens, heads (, dim)].
+            let us = common::time_us(&g, 5, &|| unsafe {
+                g.k.indexer_scores(&g.s, &c).unwrap();
+            });
+            let tflops = pairs * (heads * dim * 2) as f64 / (us * 1e-6) / 1e12;
+            eprintln!(
+                "indexer scores, {tokens} tokens over {} .. {max_visible} FP8 rows, {heads} \
+                 heads, {what}, {form}: {:.3} ms, {tflops:.1} TFLOPS",
+                visible[0],
+                us / 1000.0
+            );
+        }
+    }
+}

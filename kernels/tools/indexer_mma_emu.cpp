@@ -16,8 +16,8 @@
 #undef __launch_bounds__
 #define __launch_bounds__(...)
 #define __shared__
-// The larger of the two kernels' dynamic shared memory (the f16 form's: 97,408 bytes).
-float smem[97408 / 4];
+// The larger of the two kernels' dynamic shared memory (the f16 form's: 89,216 bytes).
+float smem[89216 / 4];
 float sq[1], dsk_atth_smem[1];
 // The f16 attention forms' shared memory (not run here).
 alignas(16) unsigned char dsk_attf_smem[16];

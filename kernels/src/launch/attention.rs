@@ -717,30 +717,32 @@ pub fn indexer_mma_smem_bytes(heads: usize) -> usize {
         * 4
 }
 
-/// Query columns (token x head, heads rounded up to 8) of a block of the f16 form, and the most
-/// tokens it groups (`DSK_IDXT_COLS`, `DSK_IDXT_MAX_TOKENS` in attention.cu).
+/// Query columns (token x head) of a block of the f16 form, and the most tokens it groups
+/// (`DSK_IDXT_COLS`, `DSK_IDXT_MAX_TOKENS` in attention.cu).
 const INDEXER_F16_COLS: usize = 256;
 const INDEXER_F16_MAX_TOKENS: usize = 32;
+
+/// A token's query columns in the f16 form (`dsk_idxh_heads`): its heads rounded up to a power
+/// of two, at least 8, so that one warp's 64 columns hold whole tokens.
+pub fn indexer_f16_heads(heads: usize) -> usize {
+    heads.next_power_of_two().max(8)
+}
 
 /// Consecutive tokens a block of the f16 form scores together (`dsk_indexer_scores_mma_f16`): as
 /// many as fill [`INDEXER_F16_COLS`] query columns, 4 at 64 heads, 8 at 32.
 pub fn indexer_f16_group_tokens(heads: usize) -> usize {
-    (INDEXER_F16_COLS / heads.next_multiple_of(8).max(8)).clamp(1, INDEXER_F16_MAX_TOKENS)
+    (INDEXER_F16_COLS / indexer_f16_heads(heads)).clamp(1, INDEXER_F16_MAX_TOKENS)
 }
 
 /// Shared memory of the f16 form for FP8 rows (`dsk_indexer_scores_mma_f16`): the key tile
-/// `[64][136]` f16, row scales `[64]`, per-n-tile partial scores `[32][64]`, head weights `[256]`,
-/// per-token query factors (f32), output starts (i64), visible counts, table starts, query
-/// exponents and first rows (i32) `[32]` each, the group's queries `[tokens x heads rounded up to 8][136]` f16
-/// (~95 KB at 64 or 32 heads: two blocks an SM on H200, and within sm_121's 99 KB).
+/// `[64][136]` f16, row scales `[64]`, head weights `[256]`, per-token query factors (f32),
+/// output starts (i64), visible counts, table starts, query exponents and first rows (i32) `[32]`
+/// each, the group's queries `[256][136]` f16 (~87 KB: two blocks an SM on H200, and within
+/// sm_121's 99 KB).
 pub fn indexer_mma_f16_smem_bytes(heads: usize) -> usize {
-    let columns = indexer_f16_group_tokens(heads) * heads.next_multiple_of(8);
+    let columns = indexer_f16_group_tokens(heads) * indexer_f16_heads(heads);
     INDEXER_MMA_ROWS * 136 * 2
-        + (INDEXER_MMA_ROWS
-            + (INDEXER_F16_COLS / 8) * INDEXER_MMA_ROWS
-            + INDEXER_F16_COLS
-            + INDEXER_F16_MAX_TOKENS)
-            * 4
+        + (INDEXER_MMA_ROWS + INDEXER_F16_COLS + INDEXER_F16_MAX_TOKENS) * 4
         + INDEXER_F16_MAX_TOKENS * (8 + 4 * 4)
         + columns * 136 * 2
 }
@@ -2103,14 +2105,19 @@ mod tests {
             true,
             H200_SMEM
         ));
-        // A group of 4 tokens at V4-Flash's 64 heads, 8 at TP=2's 32: 256 query columns, ~95 KB,
-        // which fits sm_121's 99 KB opt-in (101,376 bytes) but not a 48 KB default.
+        // A group of 4 tokens at V4-Flash's 64 heads, 8 at 32: 256 query columns, ~87 KB, which
+        // fits sm_121's 99 KB opt-in (101,376 bytes) but not a 48 KB default. Heads round up to
+        // a power of two (a token's columns within one warp's 64).
         assert_eq!(indexer_f16_group_tokens(64), 4);
+        assert_eq!(indexer_f16_group_tokens(40), 4);
         assert_eq!(indexer_f16_group_tokens(32), 8);
         assert_eq!(indexer_f16_group_tokens(13), 16);
         assert_eq!(indexer_f16_group_tokens(8), 32);
-        assert_eq!(indexer_mma_f16_smem_bytes(64), 97_408);
-        assert_eq!(indexer_mma_f16_smem_bytes(32), 97_408);
+        assert_eq!(indexer_f16_group_tokens(3), 32);
+        assert_eq!(indexer_f16_heads(24), 32);
+        for heads in [1, 3, 8, 13, 24, 32, 40, 64] {
+            assert_eq!(indexer_mma_f16_smem_bytes(heads), 89_216, "{heads} heads");
+        }
         assert!(indexer_mma_f16_fits(&a, true, 101_376));
         assert!(!indexer_mma_f16_fits(&a, true, DEFAULT_SMEM));
     }
