@@ -2098,22 +2098,26 @@ impl CudaBackend {
     /// into `scratch.x`; the site's mix stays in `scratch.mix` for [`Self::hc_post`]. The
     /// kernels are [`Self::hc_pre_kernel`]'s. A split step then gathers every rank's rows of
     /// `x` ([`HcRows`]).
+    #[allow(clippy::too_many_arguments)]
     fn hc_pre(
         &self,
         comm: &dyn Communicator,
+        clock: &mut Option<StageClock>,
         sc: &mut Scratch,
         site: &HcSite,
         norm: &CudaSlice<f32>,
         cfg: &crate::engine::model::ModelConfig,
         rows: HcRows,
     ) -> Result<(), BackendError> {
-        self.hc_pre_rows(sc, site, norm, cfg, rows)?;
+        self.hc_pre_rows(clock, sc, site, norm, cfg, rows)?;
+        self.stage(clock, "stack: all-gather")?;
         self.gather_hc_rows(comm, &mut sc.x, cfg.hidden_size, rows)
     }
 
     /// [`Self::hc_pre`]'s kernels over this rank's rows.
     fn hc_pre_rows(
         &self,
+        clock: &mut Option<StageClock>,
         sc: &mut Scratch,
         site: &HcSite,
         norm: &CudaSlice<f32>,
@@ -2151,14 +2155,17 @@ impl CudaBackend {
             // site's [outs, width] projection into the workspace's [n, outs] dots, and the
             // finish, in this order on the backend's stream (cuBLAS's handle is bound to it).
             unsafe {
+                self.stage(clock, "stack: hyper-connections (mix)")?;
                 self.kernels.hc_squares_f32(s, &call).map_err(kernel_err)?;
                 self.gemm_rows(call.streams, width, n, call.fn_, outs, width, dots, outs)?;
+                self.stage(clock, "stack: hyper-connections (pre)")?;
                 return self
                     .kernels
                     .hc_pre_from_dots_f32(s, &call)
                     .map_err(kernel_err);
             }
         }
+        self.stage(clock, "stack: hyper-connections (pre)")?;
         // SAFETY: the scratch buffers hold first + n rows of each width (checked above; hc_work
         // sized by hc_mix_workspace_floats for the scratch's rows, allocated zeroed: its counter
         // header starts at 0 and every launch on this stream leaves it 0); the site's parameters
@@ -2315,8 +2322,16 @@ impl CudaBackend {
             recent: true,
         };
 
-        self.stage(&mut stack.clock, "stack: hyper-connections")?;
-        self.hc_pre(comm, sc, &layer.hc_attn, &layer.attn_norm, cfg, step.hc)?;
+        let clock = &mut stack.clock;
+        self.hc_pre(
+            comm,
+            clock,
+            sc,
+            &layer.hc_attn,
+            &layer.attn_norm,
+            cfg,
+            step.hc,
+        )?;
         self.stage(&mut stack.clock, "stack: projections")?;
         // Every projection of the normed input: one launch per weight kind at one row.
         let mut jobs: Vec<(&CudaMatrix, &mut CudaSlice<f32>)> =
@@ -2893,7 +2908,7 @@ impl CudaBackend {
         self.stack_linear(&sc.grouped, n, &aw.wo_b, &mut sc.sub_out, &mut sc.gemm.wide)?;
         self.stage(&mut stack.clock, "stack: all-reduce")?;
         self.reduce_sub_out(comm, &mut sc.sub_out, h, step.hc)?;
-        self.stage(&mut stack.clock, "stack: hyper-connections")?;
+        self.stage(&mut stack.clock, "stack: hyper-connections (post)")?;
         self.hc_post(sc, cfg, step.hc)
     }
 
@@ -2913,8 +2928,16 @@ impl CudaBackend {
         let sc = &mut stack.scratch;
         let h = cfg.hidden_size;
         let (e, k) = (cfg.n_routed_experts, cfg.num_experts_per_tok);
-        self.stage(&mut stack.clock, "stack: hyper-connections")?;
-        self.hc_pre(comm, sc, &layer.hc_ffn, &layer.ffn_norm, cfg, step.hc)?;
+        let clock = &mut stack.clock;
+        self.hc_pre(
+            comm,
+            clock,
+            sc,
+            &layer.hc_ffn,
+            &layer.ffn_norm,
+            cfg,
+            step.hc,
+        )?;
         self.stage(&mut stack.clock, "stack: router")?;
         self.stack_linear(&sc.x, n, &mw.gate, &mut sc.router_logits, &mut sc.gemm.wide)?;
         let (bias, hash) = match &layer.routes {
@@ -3053,7 +3076,7 @@ impl CudaBackend {
         }
         self.stage(&mut stack.clock, "stack: all-reduce")?;
         self.reduce_sub_out(comm, &mut sc.sub_out, h, step.hc)?;
-        self.stage(&mut stack.clock, "stack: hyper-connections")?;
+        self.stage(&mut stack.clock, "stack: hyper-connections (post)")?;
         self.hc_post(sc, cfg, step.hc)
     }
 }
