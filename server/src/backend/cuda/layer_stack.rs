@@ -1293,14 +1293,23 @@ impl CudaBackend {
             .map_err(driver_err("copy to GPU"))
     }
 
-    /// The NCCL side of a split step's communicator (split steps are only made with one).
-    fn nccl_of<'c>(
+    /// A split step's ([`HcRows`]) in-place collective over `buf` (`width` values a row): the
+    /// NCCL communicator (split steps are only made with one on this stream), the buffer's
+    /// address and one rank's share in floats, the buffer checked to hold every rank's.
+    fn split_share<'c>(
         &self,
         comm: &'c dyn Communicator,
-    ) -> Result<&'c NcclCommunicator, BackendError> {
-        self.stream_nccl(comm).ok_or_else(|| {
+        buf: &mut CudaSlice<f32>,
+        width: usize,
+        rows: HcRows,
+        what: &str,
+    ) -> Result<(&'c NcclCommunicator, u64, usize), BackendError> {
+        let share = rows.share * width;
+        fits(what, buf.len(), comm.world_size() * share)?;
+        let nccl = self.stream_nccl(comm).ok_or_else(|| {
             BackendError::Other("a split step without NCCL on the backend's stream".into())
-        })
+        })?;
+        Ok((nccl, ptr_mut(&self.stream, buf), share))
     }
 
     /// A split step's ([`HcRows`]) every rank's rows of `width` values of `buf` to every rank,
@@ -1315,12 +1324,9 @@ impl CudaBackend {
         if !rows.is_split() {
             return Ok(());
         }
-        let share = rows.share * width;
-        fits("all-gather buffer", buf.len(), comm.world_size() * share)?;
-        let nccl = self.nccl_of(comm)?;
-        let at = ptr_mut(&self.stream, buf);
-        // SAFETY: buf holds world_size * share floats (checked above) and is scratch of the
-        // stack, alive past the stream's work on it.
+        let (nccl, at, share) = self.split_share(comm, buf, width, rows, "all-gather buffer")?;
+        // SAFETY: buf holds world_size * share floats (split_share checked) and is scratch of
+        // the stack, alive past the stream's work on it.
         unsafe { nccl.all_gather_in_place_f32(at, share) }.map_err(comm_err)
     }
 
@@ -1336,14 +1342,8 @@ impl CudaBackend {
         if !rows.is_split() {
             return self.stack_all_reduce(comm, buf, rows.len * width);
         }
-        let share = rows.share * width;
-        fits(
-            "reduce-scatter buffer",
-            buf.len(),
-            comm.world_size() * share,
-        )?;
-        let nccl = self.nccl_of(comm)?;
-        let at = ptr_mut(&self.stream, buf);
+        let (nccl, at, share) =
+            self.split_share(comm, buf, width, rows, "reduce-scatter buffer")?;
         // SAFETY: as in gather_hc_rows.
         unsafe { nccl.reduce_scatter_in_place_f32(at, share) }.map_err(comm_err)
     }
@@ -2059,15 +2059,17 @@ impl CudaBackend {
             if let Some(i) = step.capture.iter().position(|&c| c == l) {
                 if step.hc.is_split() {
                     let sc = &mut stack.scratch;
-                    let share = step.hc.share * width;
-                    let ranks = comm.world_size();
-                    fits("captured streams", sc.captures[i].len(), ranks * share)?;
-                    fits("stack streams", sc.streams.len(), ranks * share)?;
-                    let nccl = self.nccl_of(comm)?;
+                    let (nccl, recv, share) = self.split_share(
+                        comm,
+                        &mut sc.captures[i],
+                        width,
+                        step.hc,
+                        "captured streams",
+                    )?;
+                    fits("stack streams", sc.streams.len(), comm.world_size() * share)?;
                     let send = ptr(&self.stream, &sc.streams) + (comm.rank() * share * 4) as u64;
-                    let recv = ptr_mut(&self.stream, &mut sc.captures[i]);
-                    // SAFETY: both buffers hold ranks * share floats (checked above) and live
-                    // in the stack, which outlives the stream's work on them.
+                    // SAFETY: both buffers hold world_size * share floats (checked) and live in
+                    // the stack, which outlives the stream's work on them.
                     unsafe { nccl.all_gather_raw_f32(send, recv, share) }.map_err(comm_err)?;
                     continue;
                 }
