@@ -71,7 +71,8 @@ static std::vector<double> f16_form_queries(const float *q, int n) {
 
 // One launch: `visible[t]` rows per token, rows of `dim` stored as `fmt` with `extra` pad slots;
 // token t in sequence seq[t] (empty: each its own), the tokens of a sequence sharing one block
-// table; `f16`: the f16 form (FP8 rows), in groups of 256 / heads8 tokens.
+// table; `f16`: the f16 form (FP8 rows), in groups of 256 / hp tokens (hp: the heads rounded up
+// to a power of two, at least 8).
 static void run_case(Rng &rng, int fmt, int heads, int dim, std::vector<int> visible, int blocks, int extra,
                      std::vector<int> seq = {}, bool f16 = false) {
     const int bs = 128, ratio = 4, rpb = bs / ratio, base = 5;
@@ -141,7 +142,7 @@ static void run_case(Rng &rng, int fmt, int heads, int dim, std::vector<int> vis
     for (int i = 0; i < (int)q.size(); ++i) q[i] *= std::ldexp(1.f, (int[]){0, 18, -18, 7}[i / (heads * dim) % 4]);
     for (auto &x : w) x = rng.f();
     const float scale = 1.f / std::sqrt((float)dim);
-    const int group = std::min(256 / ((heads + 7) & ~7), 32);
+    const int group = 256 / dsk_idxh_heads(heads);  // the kernel's grouping (heads to a power of two)
     if (f16) {
         launch(D3{(unsigned)blocks, (unsigned)((tokens + group - 1) / group), 1}, 256, [&] {
             dsk_indexer_scores_mma_f16(pool.data(), q.data(), w.data(), bt.data(), bt_start.data(), vis.data(),
@@ -221,7 +222,7 @@ int main() {
     }
     // The f16 form: a decode token, a chunk of 19 tokens from position 401 (rows 100 .. 105), a
     // decode token, a chunk of 9 from position 0 (rows 0 .. 2) and one of 2, so groups of 4 (64
-    // heads), 8 (32) and 16 (13) hold one run of a table or several.
+    // heads), 8 (32, and 24 padded to 32) and 16 (13) hold one run of a table or several.
     std::vector<int> visible, seq;
     const int layout[][2] = {{300, 1}, {401, 19}, {150, 1}, {0, 9}, {37, 2}};
     for (int s = 0; s < 5; ++s)
@@ -229,7 +230,7 @@ int main() {
             visible.push_back((layout[s][0] + i + 1) / 4);
             seq.push_back(s);
         }
-    for (int heads : {64, 32, 13}) run_case(rng, FP8I, heads, 128, visible, 2, 0, seq, true);
+    for (int heads : {64, 32, 24, 13}) run_case(rng, FP8I, heads, 128, visible, 2, 0, seq, true);
     run_case(rng, FP8I, 8, 64, {70, 0, 65, 1}, 1, 2, {}, true);
     printf(failures ? "%d FAILURES\n" : "all cases pass\n", failures);
     return failures ? 1 : 0;
