@@ -381,26 +381,12 @@ fn f16_indexer_chunk_timing() {
     let (heads, dim, bs, ratio) = (64usize, 128usize, 128usize, 4usize);
     let (first, tokens) = (91_808usize, 8_192usize);
     let format = Fp8Indexer;
-    let stride = format.slots(dim);
     let rows_per_block = bs / ratio;
-    let base = 5;
-    let fpb = base + rows_per_block * stride + 3;
     let max_visible = (first + tokens) / ratio;
     let blocks = max_visible.div_ceil(rows_per_block);
-    let mut pool = vec![0f32; blocks * fpb];
-    for b in 0..blocks {
-        for s in 0..rows_per_block {
-            let row = rng.signed_vec(dim, 1.0);
-            let at = b * fpb + base + s * stride;
-            format.encode(&row, &mut pool[at..at + stride]);
-        }
-    }
+    let pool = common::random_indexer_pool(&mut rng, format, dim, rows_per_block, blocks);
     // Blocks in a shuffled order, as a pool hands them out.
-    let mut table: Vec<u32> = (0..blocks as u32).collect();
-    for i in (1..table.len()).rev() {
-        let j = (rng.next() as usize) % (i + 1);
-        table.swap(i, j);
-    }
+    let table = rng.permutation(blocks);
     let visible: Vec<i32> = (0..tokens)
         .map(|t| ((first + t + 1) / ratio) as i32)
         .collect();
@@ -412,7 +398,7 @@ fn f16_indexer_chunk_timing() {
         out_starts.push(total);
         total += i64::from(v);
     }
-    let pool_d = g.up(&pool);
+    let pool_d = g.up(&pool.data);
     let bt_d = g.up(&table);
     let q_d = g.up(&rng.signed_vec(tokens * heads * dim, 1.0));
     let w_d = g.up(&rng.signed_vec(tokens * heads, 1.0));
@@ -436,11 +422,11 @@ fn f16_indexer_chunk_timing() {
         out: out_p,
         tokens,
         max_visible,
-        floats_per_block: fpb,
+        floats_per_block: pool.floats_per_block,
         block_size: bs,
-        base,
+        base: pool.base,
         ratio,
-        stride,
+        stride: pool.stride,
         heads,
         dim,
         scale: (dim as f32).powf(-0.5),

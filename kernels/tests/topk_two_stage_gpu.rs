@@ -24,7 +24,7 @@ use dspark_kernels::{
 };
 
 mod common;
-use common::{gpu, time_us, Gpu, Rng};
+use common::{gpu, random_indexer_pool, time_us, Gpu, Rng};
 
 const SENTINEL_IDX: i32 = -7;
 const SENTINEL_VAL: f32 = 1234.5;
@@ -492,22 +492,13 @@ fn split_indexer_timing() {
     let mut rng = Rng(0x70b5_e1ec_7003);
     let (heads, dim, k, bs, ratio) = (64, 128, 512, 128, 4);
     let format = KvRowFormat::Fp8Indexer;
-    let stride = format.slots(dim);
     let rows_per_block = bs / ratio;
-    let base = 5;
-    let fpb = base + rows_per_block * stride + 3;
     let max_rows = 262_144;
     let blocks = max_rows / rows_per_block;
-    let mut pool = vec![0f32; blocks * fpb];
-    for b in 0..blocks {
-        for s in 0..rows_per_block {
-            let row = rng.signed_vec(dim, 1.0);
-            let at = b * fpb + base + s * stride;
-            format.encode(&row, &mut pool[at..at + stride]);
-        }
-    }
+    let pool = random_indexer_pool(&mut rng, format, dim, rows_per_block, blocks);
+    let (fpb, base, stride) = (pool.floats_per_block, pool.base, pool.stride);
     let table: Vec<u32> = (0..blocks as u32).collect();
-    let pool_d = g.up(&pool);
+    let pool_d = g.up(&pool.data);
     let bt_d = g.up(&table);
     let q_d = g.up(&rng.signed_vec(heads * dim, 1.0));
     let w_d = g.up(&rng.signed_vec(heads, 1.0));

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
-use dspark_kernels::{open_gpu, Kernels, LoaderConfig};
+use dspark_kernels::{open_gpu, Kernels, KvRowFormat, LoaderConfig};
 
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
@@ -86,6 +86,42 @@ impl Rng {
             v.swap(i, self.below(i + 1));
         }
         v
+    }
+}
+
+/// A pool of indexer rows for the timing tests: `blocks` blocks of `rows_per_block` random rows
+/// (`dim` values in [-1, 1]) stored as `format`, `base` slots into each block, `stride` slots
+/// apart, `floats_per_block` a block (3 slots of padding after the rows).
+pub struct IndexerPool {
+    pub data: Vec<f32>,
+    pub floats_per_block: usize,
+    pub base: usize,
+    pub stride: usize,
+}
+
+pub fn random_indexer_pool(
+    rng: &mut Rng,
+    format: KvRowFormat,
+    dim: usize,
+    rows_per_block: usize,
+    blocks: usize,
+) -> IndexerPool {
+    let stride = format.slots(dim);
+    let base = 5;
+    let fpb = base + rows_per_block * stride + 3;
+    let mut data = vec![0f32; blocks * fpb];
+    for b in 0..blocks {
+        for s in 0..rows_per_block {
+            let row = rng.signed_vec(dim, 1.0);
+            let at = b * fpb + base + s * stride;
+            format.encode(&row, &mut data[at..at + stride]);
+        }
+    }
+    IndexerPool {
+        data,
+        floats_per_block: fpb,
+        base,
+        stride,
     }
 }
 
