@@ -1061,6 +1061,7 @@ __device__ __forceinline__ void grp_gate_up(
     unsigned char *stages = reinterpret_cast<unsigned char *>(lut + 256);
     const int4 tile = tiles[blockIdx.x];
     const int e = tile.x, row0 = tile.y, rows = tile.z;
+    if (rows <= 0) return; // an unused tile of a list sized for the worst case
     const int n0 = blockIdx.y * (GRP_WROWS / 2);
     const long base = (long)e * I + n0;
     const unsigned char *w1 = W1 + base * (K >> 1), *w3 = W3 + base * (K >> 1);
@@ -1102,6 +1103,7 @@ __device__ __forceinline__ void grp_down(
     unsigned char *stages = reinterpret_cast<unsigned char *>(lut + 256);
     const int4 tile = tiles[blockIdx.x];
     const int e = tile.x, row0 = tile.y, rows = tile.z;
+    if (rows <= 0) return; // an unused tile of a list sized for the worst case
     const int n0 = blockIdx.y * GRP_WROWS;
     const long base = (long)e * N + n0;
     const unsigned char *w = W2 + base * (K >> 1), *s = S2 + base * (K >> 5);
@@ -1151,3 +1153,353 @@ __device__ __forceinline__ void grp_down(
     }
 GRP_ENTRIES(, 2, 3)
 GRP_ENTRIES(_2st, 2, 2)
+
+// ---------------------------------------------------------------------------------------------
+// The grouped FP4 expert GEMMs on Hopper's warpgroup MMA (wgmma, sm_90a only; the `_wg` entry
+// points): the same tiles and results as dsk_fp4_grouped_* above (products exact, f32 sums on the
+// tensor cores), but with 128 tokens a tile and the MMAs asynchronous, so one decode of the FP4
+// weights feeds twice the tokens and the decode of the next chunk overlaps the MMAs of this one.
+//
+//   - 256 threads = two warpgroups. Each warpgroup multiplies two m64 tiles of weight rows
+//     (gate/up: the same 64 rows of W1 and of W3, so the SwiGLU runs on the accumulators; down:
+//     128 consecutive rows of W2) by the tile's tokens: m64n128k16 (or m64n64k16 for a tile of
+//     at most 64 rows), A (weights) from registers, B (tokens) from shared memory.
+//   - A: ldmatrix.x4 and fp4_word_pairs exactly as above; the wgmma register fragment of A is
+//     the m16n8k16 one for each warp's 16 rows, so the same words make the same fragments.
+//   - B: token rows in "k32 order" (wgmma reads K in order, so the activations are permuted to
+//     match the decode's nibble pairs instead: in each 32-value chunk, position
+//     16 st + 8 h + 2 t + e holds value 8 t + 2 st + h + 4 e; grp_k32 below), staged with the
+//     128-byte swizzle the B descriptor names: a stage's 128 values are two 64-value atoms of
+//     128 tokens x 128 bytes, 16-byte piece c of token r at (c ^ (r & 7)).
+//   - Per 32-value chunk a warpgroup issues 4 wgmmas (2 m tiles x 2 k16 steps) and commits them
+//     as one group; A registers alternate between two sets so chunk c + 1 is decoded while chunk
+//     c runs (wgmma.wait_group 1 before a set is rewritten); the stage's MMAs are waited for
+//     before its slot is refilled.
+// Shared memory: the factor table, 1 KB of alignment slack, WG_NST stages of 49 KB (x first:
+// the descriptor's atoms must sit on 1024-byte boundaries).
+
+#define WG_TOK 128
+#define WG_NST 4
+#define WG_STAGE_X (2 * WG_TOK * 128)
+#define WG_STAGE_W (GRP_WROWS * GRP_CPS * 16)
+#define WG_STAGE (WG_STAGE_X + WG_STAGE_W + GRP_STAGE_S)
+
+// Position of value v (0..31) of a chunk in k32 order.
+__device__ __forceinline__ int grp_k32(int v) {
+    const int t = v >> 3, r = v & 7;
+    return 16 * ((r >> 1) & 1) + 8 * (r & 1) + 2 * t + (r >> 2);
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The shared-memory matrix descriptor of B: K-major, 128-byte swizzle, 8-row groups 1024 bytes
+// apart (the leading offset is unused in this mode).
+__device__ __forceinline__ unsigned long long wg_desc(const void *p) {
+    const unsigned int a = static_cast<unsigned int>(__cvta_generic_to_shared(p));
+    return (unsigned long long)((a & 0x3FFFFu) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) |
+           (1ull << 62);
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+#define WG_R8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+                 "+f"(d[i + 6]), "+f"(d[i + 7])
+// d += A B for one m64n128k16 (A: this warp's m16k16 fragment, B: descriptor).
+__device__ __forceinline__ void wg_mma128(float (&d)[64], const unsigned int (&a)[4], unsigned long long desc) {
+    asm volatile("{\n"
+                 ".reg .pred p;\n"
+                 "setp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+                 "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n"
+                 "}\n"
+                 : WG_R8(0), WG_R8(8), WG_R8(16), WG_R8(24), WG_R8(32), WG_R8(40), WG_R8(48), WG_R8(56)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+// The same for m64n64k16 (the first 32 accumulators).
+__device__ __forceinline__ void wg_mma64(float (&d)[64], const unsigned int (&a)[4], unsigned long long desc) {
+    asm volatile("{\n"
+                 ".reg .pred p;\n"
+                 "setp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+                 "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n"
+                 "}\n"
+                 : WG_R8(0), WG_R8(8), WG_R8(16), WG_R8(24)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+#undef WG_R8
+
+// Issues stage `st` into `slot`: the weights and scales as grp_issue, and this thread's eight
+// activation rows (`xrow[i]`: the row of x for tile row (tid >> 4) + 16 i, or -1: zero-filled;
+// rows in k32 order) into the two swizzled atoms.
+__device__ __forceinline__ void wg_issue(unsigned char *slot, const unsigned char *wlo, const unsigned char *whi,
+                                         const unsigned char *slo, const unsigned char *shi,
+                                         const unsigned short *x, const int (&xrow)[8], int K, int st) {
+    const int tid = threadIdx.x;
+    const long ws = K >> 1, ss = K >> 5;
+    unsigned char *wsl = slot + WG_STAGE_X;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int q = tid + 256 * i, r = q >> 2, c = q & 3;
+        const unsigned char *src = (i < 2 ? wlo + r * ws : whi + (r - 128) * ws) + st * 64 + c * 16;
+        grp_cp16(wsl + r * 64 + ((c ^ ((r >> 1) & 3)) << 4), src, true);
+    }
+    {
+        const int r = tid;
+        grp_cp4(wsl + WG_STAGE_W + r * 4, (r < 128 ? slo + r * ss : shi + (r - 128) * ss) + st * 4);
+    }
+    const int sl = tid & 15, atom = sl >> 3, c = sl & 7;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int tk = (tid >> 4) + 16 * i;
+        const bool ok = xrow[i] >= 0;
+        grp_cp16(slot + atom * (WG_TOK * 128) + (tk >> 3) * 1024 + (tk & 7) * 128 + ((c ^ (tk & 7)) << 4),
+                 x + (long)(ok ? xrow[i] : 0) * K + st * 128 + sl * 8, ok);
+    }
+}
+
+// This thread's activation rows for wg_issue: tile row tk = (tid >> 4) + 16 i of a tile of `rows`
+// sorted rows from `row0` is row `row_of[row0 + tk]` of x (a token: the gather done by the loads;
+// -1: a zero row), or row0 + tk itself where `row_of` is null (x already in sorted order).
+__device__ __forceinline__ void wg_rows(const int *__restrict__ row_of, int row0, int rows, int (&xrow)[8]) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int tk = (threadIdx.x >> 4) + 16 * i;
+        xrow[i] = tk < rows ? (row_of ? row_of[row0 + tk] : row0 + tk) : -1;
+    }
+}
+
+// One stage of a warpgroup: its two m tiles (shared-memory weight rows m0 and m1 for this warp's
+// 16) against the tile's tokens, N = 128 or 64.
+template <int N>
+__device__ __forceinline__ void wg_compute(const unsigned char *slot, const unsigned int *lut, int m0, int m1,
+                                           int lane, float (&acc)[2][64]) {
+    const int g = lane >> 2;
+    const unsigned char *wsl = slot + WG_STAGE_X;
+    const int mrow[2] = {m0, m1};
+    unsigned int sw[2][2];
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+        sw[m][0] = *reinterpret_cast<const unsigned int *>(wsl + WG_STAGE_W + (mrow[m] + g) * 4);
+        sw[m][1] = *reinterpret_cast<const unsigned int *>(wsl + WG_STAGE_W + (mrow[m] + g + 8) * 4);
+    }
+    const int j8 = lane >> 3, lr = (lane & 7) + 8 * (j8 & 1);
+    // Two register sets of A: [set][m][k16 step][4].
+    unsigned int a[2][2][2][4];
+#pragma unroll
+    for (int cc = 0; cc < GRP_CPS; cc += 2) {
+        unsigned int w[2][4];
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+            const int r = mrow[m] + lr, ch = cc + (j8 >> 1);
+            mma2_ldsm4(wsl + r * 64 + ((ch ^ ((r >> 1) & 3)) << 4), w[m]);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int c = cc + h, set = h;
+            // The set about to be rewritten was last read by chunk c - 2: wait for it.
+            if (c >= 2) wg_wait<1>();
+#pragma unroll
+            for (int m = 0; m < 2; ++m) {
+                unsigned int ag[4], a8[4];
+                fp4_word_pairs(w[m][2 * h], ag);
+                fp4_word_pairs(w[m][2 * h + 1], a8);
+                const unsigned int fg = lut[(sw[m][0] >> (8 * c)) & 255u];
+                const unsigned int f8 = lut[(sw[m][1] >> (8 * c)) & 255u];
+#pragma unroll
+                for (int s = 0; s < 2; ++s) {
+                    a[set][m][s][0] = grp_hmul2(ag[2 * s], fg);
+                    a[set][m][s][1] = grp_hmul2(a8[2 * s], f8);
+                    a[set][m][s][2] = grp_hmul2(ag[2 * s + 1], fg);
+                    a[set][m][s][3] = grp_hmul2(a8[2 * s + 1], f8);
+                }
+            }
+            wg_fence();
+#pragma unroll
+            for (int s = 0; s < 2; ++s) {
+                // k16 step 2c + s of the stage: atom c / 2, 32-byte step within its rows.
+                const unsigned long long desc = wg_desc(slot + (c >> 1) * (WG_TOK * 128) + (c & 1) * 64 + s * 32);
+#pragma unroll
+                for (int m = 0; m < 2; ++m) {
+                    if (N == 128) wg_mma128(acc[m], a[set][m][s], desc);
+                    else wg_mma64(acc[m], a[set][m][s], desc);
+                }
+            }
+            wg_commit();
+        }
+    }
+    wg_wait<0>();
+}
+
+template <int N>
+__device__ __forceinline__ void wg_mainloop(unsigned char *stages, const unsigned char *wlo, const unsigned char *whi,
+                                            const unsigned char *slo, const unsigned char *shi,
+                                            const unsigned int *lut, const unsigned short *x, const int (&xrow)[8],
+                                            int K, int m0, int m1, float (&acc)[2][64]) {
+    const int nst = K / (32 * GRP_CPS), lane = threadIdx.x & 31;
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int i = 0; i < 64; ++i) acc[m][i] = 0.f;
+#pragma unroll
+    for (int s = 0; s < WG_NST - 1; ++s) {
+        if (s < nst) wg_issue(stages + s * WG_STAGE, wlo, whi, slo, shi, x, xrow, K, s);
+        mma2_commit();
+    }
+    int rd = 0, wr = WG_NST - 1;
+    for (int s = 0; s < nst; ++s) {
+        grp_wait<WG_NST - 2>();
+        // cp.async wrote the stage through the generic proxy; wgmma reads it through the async one.
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        __syncthreads(); // stage s landed for every thread; every warpgroup is done with slot wr
+        if (s + WG_NST - 1 < nst) wg_issue(stages + wr * WG_STAGE, wlo, whi, slo, shi, x, xrow, K, s + WG_NST - 1);
+        mma2_commit();
+        wg_compute<N>(stages + rd * WG_STAGE, lut, m0, m1, lane, acc);
+        rd = rd == WG_NST - 1 ? 0 : rd + 1;
+        wr = wr == WG_NST - 1 ? 0 : wr + 1;
+    }
+    grp_wait<0>();
+    __syncthreads();
+}
+#endif
+
+// The stages' base (1024-byte aligned) after the factor table, which is filled here.
+__device__ __forceinline__ unsigned char *wg_smem(unsigned int *&lut, int shift) {
+    extern __shared__ float4 wg_smem4[];
+    lut = reinterpret_cast<unsigned int *>(wg_smem4);
+    for (int c = threadIdx.x; c < 256; c += blockDim.x) lut[c] = grp_factor(c, shift);
+    const unsigned long long base = reinterpret_cast<unsigned long long>(lut + 256);
+    return reinterpret_cast<unsigned char *>((base + 1023) & ~1023ull);
+}
+
+// `row_of` (may be null): the x row of each sorted row (its token, or -1), so x is the step's own
+// rows in k32 order and the loads do the gather; null: x is already in sorted order.
+extern "C" __global__ void __launch_bounds__(256, 1) dsk_fp4_grouped_gate_up_wg(
+    const unsigned short *__restrict__ x, const int4 *__restrict__ tiles, const unsigned char *__restrict__ W1,
+    const unsigned char *__restrict__ S1, const unsigned char *__restrict__ W3, const unsigned char *__restrict__ S3,
+    unsigned short *__restrict__ act, int I, int K, int shift, float limit, const int *__restrict__ row_of) {
+    dsk_pdl_entry();
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    const int4 tile = tiles[blockIdx.x];
+    const int e = tile.x, row0 = tile.y, rows = tile.z;
+    if (rows <= 0) return;
+    unsigned int *lut;
+    unsigned char *stages = wg_smem(lut, shift);
+    const int n0 = blockIdx.y * (GRP_WROWS / 2);
+    const long base = (long)e * I + n0;
+    const unsigned char *w1 = W1 + base * (K >> 1), *w3 = W3 + base * (K >> 1);
+    const unsigned char *s1 = S1 + base * (K >> 5), *s3 = S3 + base * (K >> 5);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp >> 2, w4 = warp & 3;
+    // Warpgroup wg: gate rows 64 wg .. + 63 (shared-memory rows of W1) and the same rows of W3.
+    const int m0 = 64 * wg + 16 * w4, m1 = 128 + 64 * wg + 16 * w4;
+    float acc[2][64];
+    int xrow[8];
+    wg_rows(row_of, row0, rows, xrow);
+    if (rows <= 64) wg_mainloop<64>(stages, w1, w3, s1, s3, lut, x, xrow, K, m0, m1, acc);
+    else wg_mainloop<128>(stages, w1, w3, s1, s3, lut, x, xrow, K, m0, m1, acc);
+    // The SwiGLU on the accumulators into a [128 tokens][128 values] f16 tile in k32 order, then
+    // whole 16-byte pieces of each token's row out.
+    unsigned short *out = reinterpret_cast<unsigned short *>(stages);
+    const float unshift = __uint_as_float((unsigned int)(127 + shift) << 23);
+    const int g = lane >> 2, t = lane & 3;
+    const int jn = rows <= 64 ? 8 : 16;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        if (j >= jn) break;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int tk = 8 * j + 2 * t + (q & 1), i = 64 * wg + 16 * w4 + g + 8 * (q >> 1);
+            const float gs = fminf(acc[0][4 * j + q] * unshift, limit);
+            const float us = fminf(fmaxf(acc[1][4 * j + q] * unshift, -limit), limit);
+            out[tk * 128 + (i & ~31) + grp_k32(i & 31)] =
+                (unsigned short)(dsk_f32x2_to_f16x2(gs / (1.f + expf(-gs)) * us, 0.f) & 0xffffu);
+        }
+    }
+    __syncthreads();
+    for (int q = threadIdx.x; q < WG_TOK * 16; q += blockDim.x) {
+        const int tk = q >> 4, sl = q & 15;
+        if (tk < rows)
+            *reinterpret_cast<uint4 *>(act + (long)(row0 + tk) * I + n0 + sl * 8) =
+                *reinterpret_cast<const uint4 *>(out + tk * 128 + sl * 8);
+    }
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1) dsk_fp4_grouped_down_wg(
+    const unsigned short *__restrict__ act, const int4 *__restrict__ tiles, const unsigned char *__restrict__ W2,
+    const unsigned char *__restrict__ S2, float *__restrict__ y, int N, int K, int shift) {
+    dsk_pdl_entry();
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    const int4 tile = tiles[blockIdx.x];
+    const int e = tile.x, row0 = tile.y, rows = tile.z;
+    if (rows <= 0) return;
+    unsigned int *lut;
+    unsigned char *stages = wg_smem(lut, shift);
+    const int n0 = blockIdx.y * GRP_WROWS;
+    const long base = (long)e * N + n0;
+    const unsigned char *w = W2 + base * (K >> 1), *s = S2 + base * (K >> 5);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp >> 2, w4 = warp & 3;
+    const int m0 = 128 * wg + 16 * w4, m1 = 128 * wg + 64 + 16 * w4;
+    float acc[2][64];
+    int xrow[8];
+    wg_rows(nullptr, row0, rows, xrow);
+    if (rows <= 64)
+        wg_mainloop<64>(stages, w, w + 128L * (K >> 1), s, s + 128L * (K >> 5), lut, act, xrow, K, m0, m1, acc);
+    else
+        wg_mainloop<128>(stages, w, w + 128L * (K >> 1), s, s + 128L * (K >> 5), lut, act, xrow, K, m0, m1, acc);
+    float *out = reinterpret_cast<float *>(stages);
+    const float unshift = __uint_as_float((unsigned int)(127 + shift) << 23);
+    const int g = lane >> 2, t = lane & 3;
+    const int jn = rows <= 64 ? 8 : 16;
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            if (j >= jn) break;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int tk = 8 * j + 2 * t + (q & 1), n = 128 * wg + 64 * m + 16 * w4 + g + 8 * (q >> 1);
+                out[tk * GRP_OUT_LD + n] = acc[m][4 * j + q] * unshift;
+            }
+        }
+    __syncthreads();
+    for (int q = threadIdx.x; q < WG_TOK * (GRP_WROWS / 4); q += blockDim.x) {
+        const int tk = q / (GRP_WROWS / 4), c4 = q % (GRP_WROWS / 4);
+        if (tk < rows)
+            *reinterpret_cast<float4 *>(y + (long)(row0 + tk) * N + n0 + 4 * c4) =
+                *reinterpret_cast<const float4 *>(out + tk * GRP_OUT_LD + 4 * c4);
+    }
+#endif
+}
+
+// dsk_gather_rows_f32_to_f16 into k32 order for the wgmma kernels: one thread per 8 stored values
+// (positions 16 st + 8 h + 0..7 of a chunk: values 8 t + 2 st + h + 4 e for t = 0..3, e = 0..1);
+// a negative index writes a zero row (sorted rows no pair maps to); a null idx converts the rows
+// in place order (x for the wgmma gate/up's own gather). width % 32 == 0.
+extern "C" __global__ void __launch_bounds__(256) dsk_gather_rows_f32_to_f16_k32(
+    const float *__restrict__ src, const int *__restrict__ idx, int n, int width,
+    unsigned short *__restrict__ dst) {
+    dsk_pdl_entry();
+    const int per_row = width >> 3;
+    const long long total = (long long)n * per_row;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / per_row;
+        const int piece = (int)(i % per_row), chunk = piece >> 2, st = (piece >> 1) & 1, h = piece & 1;
+        const int row = idx ? idx[r] : (int)r;
+        unsigned int p[4] = {0u, 0u, 0u, 0u};
+        if (row >= 0) {
+            const float *s = src + (long long)row * width + 32 * chunk + 2 * st + h;
+#pragma unroll
+            for (int t = 0; t < 4; ++t) p[t] = dsk_f32x2_to_f16x2(s[8 * t], s[8 * t + 4]);
+        }
+        reinterpret_cast<uint4 *>(dst)[i] = make_uint4(p[0], p[1], p[2], p[3]);
+    }
+}

@@ -1,7 +1,8 @@
 //! GPU checks of the grouped FP4 expert GEMMs (`dsk_fp4_grouped_*`, the routed experts of
 //! prefill chunks with the weights decoded in the kernel) against an f64 host reference over
 //! the same f16 activations:
-//! - gate/up: the SwiGLU of two FP4 GEMMs, stored as f16 in k8 order. The products are exact,
+//! - gate/up: the SwiGLU of two FP4 GEMMs, stored as f16 in the form's order (k8, or k32 for the
+//!   wgmma form). The products are exact,
 //!   the sums f32 on the tensor cores, then one f16 rounding (relative 2^-11 per value): the
 //!   relative L2 error is bounded by 1e-3.
 //! - down: f32 outputs from the kernel's own f16 activations, so only the f32 sums differ:
@@ -9,13 +10,13 @@
 //!
 //! Shapes: expert runs of 1, 63, 64, 65 and 130 rows (partial tiles, several tiles, a run that
 //! starts mid-tile), experts left out, K from 256 (2 stages) to V4-Flash's 4096, scale shifts
-//! 0 and 6, both builds (3 and 2 pipeline stages); nothing written past the sorted rows. Skips (passes with a SKIP line) without a GPU.
+//! 0 and 6, every build (the wgmma form on sm_90a, 3 and 2 pipeline stages); nothing written past
+//! the sorted rows. Skips (passes with a SKIP line) without a GPU.
 
 use dspark_kernels::formats::{e2m1_at, e8m0_to_f64};
 use dspark_kernels::launch::moe_grouped::{
-    fp4_grouped_scale_shift, fp4_grouped_tiles, Fp4GroupedBank, Fp4GroupedForm,
+    fp4_grouped_scale_shift, fp4_grouped_tiles_of, ActivationOrder, Fp4GroupedBank, Fp4GroupedForm,
 };
-use dspark_kernels::launch::moe_sorted::GatherInto;
 use dspark_kernels::Fp4Experts;
 use half::f16;
 
@@ -24,20 +25,11 @@ use common::{gpu, Gpu, Rng};
 
 const LIMIT: f32 = 7.0;
 
-/// Position of value k of an 8-group in k8 order.
-fn k8(k: usize) -> usize {
-    ((k & 3) << 1) | (k >> 2)
-}
-
-/// A row of k8-ordered f16 bits back in natural order, as f64.
-fn unpermute(row: &[u16]) -> Vec<f64> {
-    let mut out = vec![0.0; row.len()];
-    for (g, chunk) in row.chunks(8).enumerate() {
-        for k in 0..8 {
-            out[8 * g + k] = f64::from(f16::from_bits(chunk[k8(k)]).to_f32());
-        }
-    }
-    out
+/// A row of f16 bits stored in `order` back in natural order, as f64.
+fn unpermute(row: &[u16], order: ActivationOrder) -> Vec<f64> {
+    (0..row.len())
+        .map(|v| f64::from(f16::from_bits(row[order.position(v)]).to_f32()))
+        .collect()
 }
 
 /// One FP4 matrix bank `[experts, rows, k]`: nibbles and scale bytes in `lo..=hi`.
@@ -110,19 +102,13 @@ fn check(
     let x = rng.signed_vec(tokens * hidden, 2.0 / (mid * (hidden as f32).sqrt()));
     let idx: Vec<i32> = (0..sorted).map(|_| rng.below(tokens) as i32).collect();
     let (xb, ib) = (g.up(&x), g.up(&idx));
+    let form = g.k.fp4_grouped_form();
+    let order = form.order();
     // One spare row past the sorted rows, which must stay poisoned.
     let xs = g.up(&vec![0xffffu16; (sorted + 1) * hidden]);
     // SAFETY: idx rows are tokens of x; xs holds sorted rows (and one more).
     unsafe {
-        g.k.gather_rows(
-            &g.s,
-            GatherInto::F16K8,
-            g.ptr(&xb),
-            g.ptr(&ib),
-            sorted,
-            hidden,
-            g.ptr(&xs),
-        )
+        g.k.gather_rows_grouped(&g.s, g.ptr(&xb), g.ptr(&ib), sorted, hidden, g.ptr(&xs))
     }
     .unwrap();
     let xs_host = g.down(&xs);
@@ -132,12 +118,12 @@ fn check(
             .map(|&v| f64::from(f16::from_f32(v).to_f32()))
             .collect();
         assert_eq!(
-            unpermute(&xs_host[r * hidden..(r + 1) * hidden]),
+            unpermute(&xs_host[r * hidden..(r + 1) * hidden], order),
             want,
             "gathered row {r}"
         );
     }
-    let tiles = fp4_grouped_tiles(&spans);
+    let tiles = fp4_grouped_tiles_of(&spans, form.tile_rows());
     let flat: Vec<i32> = tiles.iter().flatten().copied().collect();
     let tb = g.up(&flat);
     let (b1w, b1s, b3w, b3s, b2w, b2s) = (
@@ -171,6 +157,7 @@ fn check(
             &g.s,
             &bank,
             g.ptr(&xs),
+            None,
             g.ptr(&tb),
             tiles.len(),
             g.ptr(&act),
@@ -182,6 +169,48 @@ fn check(
     }
     let act_host = g.down(&act);
     let y_host = g.down(&y);
+    if form.gathers_in_kernel() {
+        // The same gate/up reading x's own rows through the row list (its loads do the
+        // gather): the same values in the same order, so the same bits.
+        let xf = g.up(&vec![0xffffu16; tokens * hidden]);
+        let act2 = g.up(&vec![0xffffu16; (sorted + 1) * inter]);
+        // SAFETY: x holds `tokens` rows, xf as many f16; idx names rows of x for every sorted
+        // row the tiles cover.
+        unsafe {
+            g.k.gather_rows_grouped(&g.s, g.ptr(&xb), 0, tokens, hidden, g.ptr(&xf))
+                .unwrap();
+            g.k.fp4_grouped_gate_up(
+                &g.s,
+                &bank,
+                g.ptr(&xf),
+                Some(g.ptr(&ib)),
+                g.ptr(&tb),
+                tiles.len(),
+                g.ptr(&act2),
+                LIMIT,
+            )
+            .unwrap();
+        }
+        assert!(
+            g.down(&act2) == act_host,
+            "gate/up through the row list differs from gate/up over gathered rows"
+        );
+    } else {
+        // SAFETY: as above; only the wgmma form takes a row list.
+        let refused = unsafe {
+            g.k.fp4_grouped_gate_up(
+                &g.s,
+                &bank,
+                g.ptr(&xs),
+                Some(g.ptr(&ib)),
+                g.ptr(&tb),
+                tiles.len(),
+                g.ptr(&act),
+                LIMIT,
+            )
+        };
+        assert!(refused.is_err(), "{form:?} accepted a row list");
+    }
     assert!(
         act_host[sorted * inter..].iter().all(|&v| v == 0xffff),
         "act written past the sorted rows"
@@ -197,8 +226,8 @@ fn check(
         let w3_rows: Vec<Vec<f64>> = (0..inter).map(|i| w3.row(e, i)).collect();
         let w2_rows: Vec<Vec<f64>> = (0..hidden).map(|n| w2.row(e, n)).collect();
         for r in first..first + rows {
-            let xr = unpermute(&xs_host[r * hidden..(r + 1) * hidden]);
-            let ar = unpermute(&act_host[r * inter..(r + 1) * inter]);
+            let xr = unpermute(&xs_host[r * hidden..(r + 1) * hidden], order);
+            let ar = unpermute(&act_host[r * inter..(r + 1) * inter], order);
             for i in 0..inter {
                 let gv = dot(&w1_rows[i], &xr).min(f64::from(LIMIT));
                 let uv = dot(&w3_rows[i], &xr).clamp(-f64::from(LIMIT), f64::from(LIMIT));
@@ -233,10 +262,15 @@ fn grouped_fp4_experts_match_f64_reference() {
     let Some(mut g) = gpu("grouped_fp4_experts_match_f64_reference") else {
         return;
     };
-    for form in [Fp4GroupedForm::ThreeStages, Fp4GroupedForm::TwoStages] {
+    let mut forms = vec![Fp4GroupedForm::ThreeStages, Fp4GroupedForm::TwoStages];
+    if g.k.arch() == "sm_90a" {
+        forms.insert(0, Fp4GroupedForm::Wgmma);
+    }
+    for form in forms {
         g.k.set_fp4_grouped_form(form);
         eprintln!("{form:?}");
         // Expert 2 and 5 take no rows; expert 4's run ends mid-tile and expert 1's starts there.
+        // With 128-row tiles: 65 and 128 rows take the n128 MMAs, 1, 2, 63 and 64 the n64 ones.
         let runs = [(4, 65), (1, 130), (0, 1), (3, 63), (6, 64)];
         check(&g, 0x6a0e, 7, 256, 256, (118, 128), &runs);
         // More stages than the ring holds (K = 512 and 384), a scale shift of 6.

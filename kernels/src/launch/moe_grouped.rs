@@ -1,10 +1,11 @@
-//! Launches of the grouped FP4 expert GEMMs (`dsk_fp4_grouped_*` at the end of `fp4_moe.cu`):
-//! the routed experts of a GEMM step (prefill chunk) with the FP4 weights decoded inside the
-//! kernel, on the f16 tensor cores, instead of widened to f16 per step and multiplied by cuBLAS.
-//! The host sorts the (token, slot) pairs by expert and cuts each expert's run of sorted rows
-//! into tiles of [`FP4_GROUPED_TILE_ROWS`] ([`fp4_grouped_tiles`]); activations travel as f16 in
-//! "k8 order" (every 8 values stored 0 4 1 5 2 6 3 7, see the kernel's comment), gathered by
-//! [`Kernels::gather_rows`] into `GatherInto::F16K8`. No launch synchronises or allocates.
+//! Launches of the grouped FP4 expert GEMMs (`dsk_fp4_grouped_*` in `fp4_moe.cu`): the routed
+//! experts of a GEMM step (prefill chunk) with the FP4 weights decoded inside the kernel, on the
+//! f16 tensor cores, instead of widened to f16 per step and multiplied by cuBLAS. The (token,
+//! slot) pairs are sorted by expert (on the device, `Kernels::moe_sort`, or on the host) and
+//! each expert's run of sorted rows is cut into tiles of the form's
+//! [`Fp4GroupedForm::tile_rows`] ([`fp4_grouped_tiles_of`]). Activations travel as f16 in the
+//! form's [`ActivationOrder`]: k8 for the mma.sync builds, k32 for the warpgroup-MMA one
+//! ([`Kernels::gather_rows_grouped`]). No launch synchronises or allocates.
 
 use std::sync::Arc;
 
@@ -16,8 +17,10 @@ use super::{aligned16, function, i32_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
 use crate::Fp4Experts;
 
-/// Sorted rows (tokens of one expert) one block takes.
+/// Sorted rows (tokens of one expert) one block takes (the mma.sync forms).
 pub const FP4_GROUPED_TILE_ROWS: usize = 64;
+/// Sorted rows one block of the wgmma form takes.
+pub const FP4_GROUPED_WG_TILE_ROWS: usize = 128;
 /// Rows of W1 (and the same rows of W3) one gate/up block takes.
 pub const FP4_GROUPED_GATE_UP_ROWS: usize = 128;
 /// Rows of W2 one down block takes.
@@ -26,10 +29,17 @@ pub const FP4_GROUPED_DOWN_ROWS: usize = 256;
 pub const FP4_GROUPED_K_STEP: usize = 128;
 /// Bytes of one pipeline stage (weights, their scales, activations).
 const STAGE_BYTES: usize = 256 * 64 + 256 * 4 + 64 * 256;
+/// The wgmma form's stage (128 tokens) and stage count.
+const WG_STAGE_BYTES: usize = 256 * 64 + 256 * 4 + 128 * 256;
+const WG_STAGES: usize = 4;
 
-/// The two builds of the grouped kernels, by pipeline depth (both two blocks an SM).
+/// The builds of the grouped kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fp4GroupedForm {
+    /// Hopper's warpgroup MMA (sm_90a only): 128 tokens a tile, asynchronous MMAs with A from
+    /// registers, activations in k32 order, 4 stages (199 KB, one block an SM). The default on
+    /// sm_90a; `DSPARK_GROUPED_FORM=wg`.
+    Wgmma,
     /// 2 stages in flight (67 KB of shared memory a block; fits sm_121's 99 KB): the default,
     /// measured faster on H200 (8 layers of an 8K prefill: gate/up 46.3 against 52.1 ms, down
     /// 23.6 against 23.2; a 100K prompt 4.30 against 4.46 s).
@@ -39,11 +49,14 @@ pub enum Fp4GroupedForm {
 }
 
 impl Fp4GroupedForm {
-    /// The form `DSPARK_GROUPED_FORM` (`2` or `3`, read by the caller) asks for, or the default.
-    /// A form needing more shared memory than the device allows (`smem_optin`) falls back to 2.
-    pub fn choose(value: Option<&str>, smem_optin: usize) -> Result<Self, KernelError> {
+    /// The form `DSPARK_GROUPED_FORM` (`wg`, `2` or `3`, read by the caller) asks for, or the
+    /// default: the wgmma form on `sm_90a` (`arch`) where the device allows its shared memory,
+    /// else 2 stages. A form the device cannot run falls back to 2 stages.
+    pub fn choose(value: Option<&str>, smem_optin: usize, arch: &str) -> Result<Self, KernelError> {
+        let wg_runs = arch == "sm_90a" && Fp4GroupedForm::Wgmma.smem_bytes() <= smem_optin;
         match value.map(str::trim) {
-            None | Some("") => Ok(Fp4GroupedForm::TwoStages),
+            None | Some("") | Some("wg") if wg_runs => Ok(Fp4GroupedForm::Wgmma),
+            None | Some("") | Some("wg") => Ok(Fp4GroupedForm::TwoStages),
             Some("3") if Fp4GroupedForm::ThreeStages.smem_bytes() <= smem_optin => {
                 Ok(Fp4GroupedForm::ThreeStages)
             }
@@ -51,40 +64,100 @@ impl Fp4GroupedForm {
             Some("2") => Ok(Fp4GroupedForm::TwoStages),
             Some(other) => Err(KernelError::invalid(
                 "fp4_grouped",
-                format!("DSPARK_GROUPED_FORM={other:?}: expected 3 or 2 (pipeline stages)"),
+                format!(
+                    "DSPARK_GROUPED_FORM={other:?}: expected wg (warpgroup MMA), 3 or 2 \
+                     (pipeline stages)"
+                ),
             )),
         }
     }
 
     /// Dynamic shared memory of a block: the factor table and the stages.
     pub fn smem_bytes(self) -> usize {
-        let stages = match self {
-            Fp4GroupedForm::ThreeStages => 3,
-            Fp4GroupedForm::TwoStages => 2,
-        };
-        1024 + stages * STAGE_BYTES
+        match self {
+            // The table, 1 KB of slack to put the stages on a 1024-byte boundary, the stages.
+            Fp4GroupedForm::Wgmma => 1024 + 1024 + WG_STAGES * WG_STAGE_BYTES,
+            Fp4GroupedForm::ThreeStages => 1024 + 3 * STAGE_BYTES,
+            Fp4GroupedForm::TwoStages => 1024 + 2 * STAGE_BYTES,
+        }
+    }
+
+    /// Whether gate/up can read x rows through a row list (the gather done by its loads).
+    pub fn gathers_in_kernel(self) -> bool {
+        self == Fp4GroupedForm::Wgmma
+    }
+
+    /// Sorted rows a tile of this form holds at most ([`fp4_grouped_tiles_of`]).
+    pub fn tile_rows(self) -> usize {
+        match self {
+            Fp4GroupedForm::Wgmma => FP4_GROUPED_WG_TILE_ROWS,
+            _ => FP4_GROUPED_TILE_ROWS,
+        }
+    }
+
+    /// The order the form's activations (x and the gate/up output) are stored in.
+    pub fn order(self) -> ActivationOrder {
+        match self {
+            Fp4GroupedForm::Wgmma => ActivationOrder::K32,
+            _ => ActivationOrder::K8,
+        }
+    }
+}
+
+/// How the grouped kernels store a row of f16 activations (see the kernels' comments).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActivationOrder {
+    /// Every 8 values as 0 4 1 5 2 6 3 7 (the mma.sync forms' B fragments).
+    K8,
+    /// In every 32 values, position `16 st + 8 h + 2 t + e` holds value `8 t + 2 st + h + 4 e`
+    /// (the wgmma form: K in order in shared memory, matching the decode's nibble pairs).
+    K32,
+}
+
+impl ActivationOrder {
+    /// Where value `v` of a row is stored.
+    pub fn position(self, v: usize) -> usize {
+        let base = v & !31;
+        match self {
+            ActivationOrder::K8 => (v & !7) | ((v & 3) << 1) | ((v >> 2) & 1),
+            ActivationOrder::K32 => {
+                let (t, r) = ((v & 31) >> 3, v & 7);
+                base + 16 * ((r >> 1) & 1) + 8 * (r & 1) + 2 * t + (r >> 2)
+            }
+        }
     }
 }
 
 /// The grouped kernels' kernels, both forms.
 pub struct MoeGroupedFns {
-    pub(crate) gate_up: [CudaFunction; 2],
-    pub(crate) down: [CudaFunction; 2],
+    pub(crate) gate_up: [CudaFunction; 3],
+    pub(crate) down: [CudaFunction; 3],
+    gather_k32: CudaFunction,
     pub(crate) form: Fp4GroupedForm,
 }
 
 impl MoeGroupedFns {
     /// From the `fp4_moe` module, for a device whose blocks may opt in to `smem_optin` bytes.
-    pub(crate) fn load(module: &Arc<CudaModule>, smem_optin: usize) -> Result<Self, KernelError> {
+    pub(crate) fn load(
+        module: &Arc<CudaModule>,
+        smem_optin: usize,
+        arch: &str,
+    ) -> Result<Self, KernelError> {
         let f = |name: &str| function(module, name);
         let value = std::env::var("DSPARK_GROUPED_FORM").ok();
         Ok(Self {
             gate_up: [
                 f("dsk_fp4_grouped_gate_up")?,
                 f("dsk_fp4_grouped_gate_up_2st")?,
+                f("dsk_fp4_grouped_gate_up_wg")?,
             ],
-            down: [f("dsk_fp4_grouped_down")?, f("dsk_fp4_grouped_down_2st")?],
-            form: Fp4GroupedForm::choose(value.as_deref(), smem_optin)?,
+            down: [
+                f("dsk_fp4_grouped_down")?,
+                f("dsk_fp4_grouped_down_2st")?,
+                f("dsk_fp4_grouped_down_wg")?,
+            ],
+            gather_k32: f("dsk_gather_rows_f32_to_f16_k32")?,
+            form: Fp4GroupedForm::choose(value.as_deref(), smem_optin, arch)?,
         })
     }
 
@@ -92,6 +165,7 @@ impl MoeGroupedFns {
         match self.form {
             Fp4GroupedForm::ThreeStages => 0,
             Fp4GroupedForm::TwoStages => 1,
+            Fp4GroupedForm::Wgmma => 2,
         }
     }
 }
@@ -124,11 +198,18 @@ pub fn fp4_grouped_fits(hidden: usize, inter: usize) -> bool {
 /// The tiles of expert runs `(expert, first sorted row, rows)`: `[expert, first row, rows, 0]`
 /// for every [`FP4_GROUPED_TILE_ROWS`] rows of a run (the last one of a run may be shorter).
 pub fn fp4_grouped_tiles(runs: &[(usize, usize, usize)]) -> Vec<[i32; 4]> {
+    fp4_grouped_tiles_of(runs, FP4_GROUPED_TILE_ROWS)
+}
+
+/// [`fp4_grouped_tiles`] with tiles of up to `tile_rows` rows (a form's
+/// [`Fp4GroupedForm::tile_rows`]).
+pub fn fp4_grouped_tiles_of(runs: &[(usize, usize, usize)], tile_rows: usize) -> Vec<[i32; 4]> {
+    let tile_rows = tile_rows.max(1);
     let mut tiles = Vec::new();
     for &(expert, first, rows) in runs {
         let mut at = 0;
         while at < rows {
-            let n = (rows - at).min(FP4_GROUPED_TILE_ROWS);
+            let n = (rows - at).min(tile_rows);
             // Experts, rows and positions are below the step's pair count (an i32 on the device).
             tiles.push([expert as i32, (first + at) as i32, n as i32, 0]);
             at += n;
@@ -226,6 +307,62 @@ pub fn check_fp4_grouped(
 }
 
 impl Kernels {
+    /// `dst[i, :] = f16(src[idx[i], :])` for `n` rows of `width` values, in the activation
+    /// order of the grouped form that runs ([`Fp4GroupedForm::order`]); a negative index makes a
+    /// zero row. In k32 order a null `idx` converts the rows in place order (`dst[i] = src[i]`:
+    /// x for a gate/up that gathers through its row list).
+    ///
+    /// # Safety
+    /// `idx` must hold `n` device i32, each a row of `src` (`width` f32 per row) or negative in
+    /// k32 order; `dst` must hold `n * width` f16; all device memory of this context.
+    pub unsafe fn gather_rows_grouped(
+        &self,
+        stream: &CudaStream,
+        src: CUdeviceptr,
+        idx: CUdeviceptr,
+        n: usize,
+        width: usize,
+        dst: CUdeviceptr,
+    ) -> Result<(), KernelError> {
+        const K: &str = "gather_rows_f32_to_f16_k32";
+        if self.moe_grouped.form.order() == ActivationOrder::K8 {
+            // SAFETY: this function's contract.
+            return unsafe {
+                self.gather_rows(
+                    stream,
+                    super::moe_sorted::GatherInto::F16K8,
+                    src,
+                    idx,
+                    n,
+                    width,
+                    dst,
+                )
+            };
+        }
+        if n == 0 || width == 0 {
+            return Ok(());
+        }
+        nonnull(K, &[("src", src), ("dst", dst)])?;
+        if !width.is_multiple_of(32) {
+            return Err(KernelError::invalid(
+                K,
+                format!("width {width} must be a multiple of 32"),
+            ));
+        }
+        aligned16(K, &[("dst", dst)])?;
+        let (nn, w) = (i32_arg(K, "n", n)?, i32_arg(K, "width", width)?);
+        stream
+            .kernel(&self.moe_grouped.gather_k32)
+            .arg(&src)
+            .arg(&idx)
+            .arg(&nn)
+            .arg(&w)
+            .arg(&dst)
+            .launch(super::grid_stride(K, n * width / 8, self.sms)?)
+            .map_err(KernelError::driver("launch gather_rows_f32_to_f16_k32"))?;
+        Ok(())
+    }
+
     /// Which build of the grouped kernels runs (DSPARK_GROUPED_FORM at load).
     pub fn fp4_grouped_form(&self) -> Fp4GroupedForm {
         self.moe_grouped.form
@@ -240,18 +377,21 @@ impl Kernels {
     /// `act[r, i] = f16(silu(min(g, limit)) * clamp(u, -limit, limit))` with `g = W1[e] x[r]`,
     /// `u = W3[e] x[r]` for every sorted row r of every tile `(e, first row, rows)` in `tiles`
     /// (`count` device `[i32; 4]`); `x` `[rows, hidden]` and `act` `[rows, inter]` are f16 in
-    /// k8 order.
+    /// the form's [`ActivationOrder`]. `x_rows` (the wgmma form only): `x` holds the step's own
+    /// rows and `x_rows` (one i32 per sorted row: its row of `x`, or -1 for a zero row) says
+    /// which, so the kernel's loads do the gather.
     ///
     /// # Safety
     /// The bank's pointers must hold its experts (every tile's expert below their count), `x`
-    /// and `act` every row any tile names, `tiles` `count` descriptors; all device memory of
-    /// this context.
+    /// (or `x_rows`, and `x` every row it names) and `act` every row any tile names, `tiles`
+    /// `count` descriptors; all device memory of this context.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn fp4_grouped_gate_up(
         &self,
         stream: &CudaStream,
         bank: &Fp4GroupedBank,
         x: CUdeviceptr,
+        x_rows: Option<CUdeviceptr>,
         tiles: CUdeviceptr,
         count: usize,
         act: CUdeviceptr,
@@ -263,6 +403,19 @@ impl Kernels {
         }
         let form = self.moe_grouped.form;
         check_fp4_grouped(bank, [x, tiles, act], count, self.smem_optin, form)?;
+        let row_of = match x_rows {
+            Some(p) if form.gathers_in_kernel() => {
+                nonnull(K, &[("x_rows", p)])?;
+                p
+            }
+            Some(_) => {
+                return Err(KernelError::invalid(
+                    K,
+                    format!("the {form:?} form reads x in sorted order (no row list)"),
+                ))
+            }
+            None => 0,
+        };
         let (i, k, shift) = (
             i32_arg(K, "inter", bank.experts.inter)?,
             i32_arg(K, "hidden", bank.experts.hidden)?,
@@ -274,8 +427,8 @@ impl Kernels {
             bank.experts.inter / FP4_GROUPED_GATE_UP_ROWS,
             form,
         )?;
-        stream
-            .kernel(&self.moe_grouped.gate_up[self.moe_grouped.index()])
+        let mut launch = stream.kernel(&self.moe_grouped.gate_up[self.moe_grouped.index()]);
+        launch
             .arg(&x)
             .arg(&tiles)
             .arg(&bank.experts.w1)
@@ -286,7 +439,11 @@ impl Kernels {
             .arg(&i)
             .arg(&k)
             .arg(&shift)
-            .arg(&limit)
+            .arg(&limit);
+        if form == Fp4GroupedForm::Wgmma {
+            launch.arg(&row_of);
+        }
+        launch
             .launch(cfg)
             .map_err(KernelError::driver("launch fp4_grouped_gate_up"))?;
         Ok(())
@@ -376,22 +533,68 @@ mod tests {
     }
 
     #[test]
-    fn form_defaults_to_two_stages_and_fits_the_device() {
-        use Fp4GroupedForm::{ThreeStages, TwoStages};
+    fn form_defaults_to_wgmma_on_hopper_and_fits_the_device() {
+        use Fp4GroupedForm::{ThreeStages, TwoStages, Wgmma};
         let (h200, gb10) = (227 * 1024, 99 * 1024);
-        assert_eq!(Fp4GroupedForm::choose(None, h200).unwrap(), TwoStages);
-        assert_eq!(Fp4GroupedForm::choose(None, gb10).unwrap(), TwoStages);
-        assert!(TwoStages.smem_bytes() <= gb10);
-        assert_eq!(Fp4GroupedForm::choose(Some(" 2"), h200).unwrap(), TwoStages);
+        assert_eq!(Fp4GroupedForm::choose(None, h200, "sm_90a").unwrap(), Wgmma);
+        assert!(Wgmma.smem_bytes() <= h200);
+        // wgmma is sm_90a's alone; GB10 (sm_121) and a device without the room take 2 stages.
         assert_eq!(
-            Fp4GroupedForm::choose(Some("3"), h200).unwrap(),
+            Fp4GroupedForm::choose(None, gb10, "sm_121").unwrap(),
+            TwoStages
+        );
+        assert_eq!(
+            Fp4GroupedForm::choose(Some("wg"), h200, "sm_121").unwrap(),
+            TwoStages
+        );
+        assert_eq!(
+            Fp4GroupedForm::choose(None, 100 * 1024, "sm_90a").unwrap(),
+            TwoStages
+        );
+        assert!(TwoStages.smem_bytes() <= gb10);
+        assert_eq!(
+            Fp4GroupedForm::choose(Some(" 2"), h200, "sm_90a").unwrap(),
+            TwoStages
+        );
+        assert_eq!(
+            Fp4GroupedForm::choose(Some("3"), h200, "sm_90a").unwrap(),
             ThreeStages
         );
-        assert_eq!(Fp4GroupedForm::choose(Some("3"), gb10).unwrap(), TwoStages);
-        let err = Fp4GroupedForm::choose(Some("4"), h200)
+        assert_eq!(
+            Fp4GroupedForm::choose(Some("3"), gb10, "sm_121").unwrap(),
+            TwoStages
+        );
+        let err = Fp4GroupedForm::choose(Some("4"), h200, "sm_90a")
             .unwrap_err()
             .to_string();
         assert!(err.contains("DSPARK_GROUPED_FORM"), "{err}");
+        assert_eq!(Wgmma.tile_rows(), 128);
+        assert_eq!(TwoStages.tile_rows(), 64);
+    }
+
+    #[test]
+    fn activation_orders_are_permutations_within_their_groups() {
+        for order in [ActivationOrder::K8, ActivationOrder::K32] {
+            let group = if order == ActivationOrder::K8 { 8 } else { 32 };
+            let mut seen = [false; 96];
+            for v in 0..96 {
+                let p = order.position(v);
+                assert_eq!(p / group, v / group, "{order:?} {v}");
+                assert!(!seen[p], "{order:?}: position {p} twice");
+                seen[p] = true;
+            }
+        }
+        // k8: 0 4 1 5 2 6 3 7.
+        let k8: Vec<usize> = (0..8).map(|v| ActivationOrder::K8.position(v)).collect();
+        assert_eq!(k8, [0, 2, 4, 6, 1, 3, 5, 7]);
+        // k32: each k16 step holds, for lane t, the nibble pairs (8t + 2st + h, + 4) at
+        // 2t + 8h: values 0 and 4 first, then 8 and 12, ...
+        let at = |p: usize| (0..32).find(|&v| ActivationOrder::K32.position(v) == p);
+        let first: Vec<usize> = (0..8).filter_map(at).collect();
+        assert_eq!(first, [0, 4, 8, 12, 16, 20, 24, 28]);
+        assert_eq!(at(8), Some(1));
+        assert_eq!(at(16), Some(2));
+        assert_eq!(at(31), Some(31));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Launches of `moe_sorted.cu`: the glue of the routed experts over many tokens (prefill), where
-//! the (token, slot) pairs are sorted by expert and each expert's rows go through one cuBLAS GEMM
-//! on its widened weights. No launch synchronises or allocates.
+//! the (token, slot) pairs are sorted by expert (on the host, or on the device for the grouped
+//! FP4 kernels: [`Kernels::moe_sort`]) and each expert's rows go through one cuBLAS GEMM on its
+//! widened weights. No launch synchronises or allocates.
 
 use std::sync::Arc;
 
@@ -21,6 +22,8 @@ pub struct MoeSortedFns {
     swiglu_f16: CudaFunction,
     combine: CudaFunction,
     u8_range: CudaFunction,
+    sort_plan: CudaFunction,
+    sort_scatter: CudaFunction,
 }
 
 impl MoeSortedFns {
@@ -35,6 +38,8 @@ impl MoeSortedFns {
             swiglu_f16: f("dsk_swiglu_clip_to_f16")?,
             combine: f("dsk_moe_combine_sorted_f32")?,
             u8_range: f("dsk_u8_range")?,
+            sort_plan: f("dsk_moe_sort_plan")?,
+            sort_scatter: f("dsk_moe_sort_scatter")?,
         })
     }
 }
@@ -58,6 +63,99 @@ pub enum GatherInto {
 
 /// Most matrices of one [`Kernels::fp4_dequant_experts`] launch (grid.y).
 const GRID_Y_MAX: usize = 65_535;
+
+/// Most experts [`Kernels::moe_sort`] takes: its plan kernel scans the experts with one thread
+/// each (`MOE_SORT_MAX_EXPERTS` in `moe_sorted.cu`). Larger banks sort on the host.
+pub const MOE_SORT_MAX_EXPERTS: usize = 1024;
+/// Threads of the plan's single block (at least [`MOE_SORT_MAX_EXPERTS`]).
+const SORT_PLAN_THREADS: u32 = 1024;
+/// Threads of each of the scatter's blocks (one block per expert).
+const SORT_SCATTER_THREADS: u32 = 256;
+
+/// Most tiles of at most `tile_rows` sorted rows that `pairs` rows over at most `experts` runs
+/// can make: `pairs / tile_rows` whole tiles plus one partial tile per used expert (the grouped
+/// kernels' `fp4_grouped_max_tiles` for any tile size).
+pub fn fp4_grouped_max_tiles_of(pairs: usize, experts: usize, tile_rows: usize) -> usize {
+    pairs.div_ceil(tile_rows.max(1)) + experts.min(pairs)
+}
+
+/// The device buffers of [`Kernels::moe_sort`] (all i32, device memory of this context).
+#[derive(Clone, Copy, Debug)]
+pub struct MoeSortBuffers {
+    /// In: the router's expert ids, `pairs` values (pair p = token p / topk, slot p % topk);
+    /// 16-byte aligned (read four at a time).
+    pub ids: CUdeviceptr,
+    /// Out, `pairs` values: sorted row r's token, -1 for the rows no pair maps to (past the
+    /// last valid one, where ids fall outside the bank).
+    pub tokens: CUdeviceptr,
+    /// Out, `pairs` values: pair p's sorted row, -1 for an id outside `0..experts`.
+    pub slots: CUdeviceptr,
+    /// Out, `max_tiles` `[expert, first row, rows, 0]`: the tiles in expert order, then empty
+    /// ones (`[0, 0, 0, 0]`: rows = 0); 16-byte aligned.
+    pub tiles: CUdeviceptr,
+    /// Workspace of `experts` values (each expert's end row, from the plan to the scatter).
+    pub ends: CUdeviceptr,
+}
+
+/// The sizes of a [`Kernels::moe_sort`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoeSortShape {
+    /// (token, slot) pairs: `tokens * topk`.
+    pub pairs: usize,
+    pub topk: usize,
+    /// Experts of the bank: ids outside `0..experts` are dropped (slot -1).
+    pub experts: usize,
+    /// Most sorted rows of one tile (the grouped kernels' tile size).
+    pub tile_rows: usize,
+    /// Tiles written: at least [`fp4_grouped_max_tiles_of`] of the other sizes.
+    pub max_tiles: usize,
+}
+
+/// Launch-time checks of [`Kernels::moe_sort`], testable without a GPU.
+pub fn check_moe_sort(buf: &MoeSortBuffers, shape: &MoeSortShape) -> Result<(), KernelError> {
+    const K: &str = "moe_sort";
+    let MoeSortShape {
+        pairs,
+        topk,
+        experts,
+        tile_rows,
+        max_tiles,
+    } = *shape;
+    if experts == 0 || experts > MOE_SORT_MAX_EXPERTS {
+        return Err(KernelError::invalid(
+            K,
+            format!("{experts} experts (the device sort takes 1..={MOE_SORT_MAX_EXPERTS})"),
+        ));
+    }
+    if topk == 0 || tile_rows == 0 {
+        return Err(KernelError::invalid(
+            K,
+            format!("topk {topk} and tile_rows {tile_rows} must be positive"),
+        ));
+    }
+    let need = fp4_grouped_max_tiles_of(pairs, experts, tile_rows);
+    if max_tiles < need {
+        return Err(KernelError::invalid(
+            K,
+            format!(
+                "max_tiles {max_tiles} below the {need} tiles {pairs} pairs over {experts} \
+                 experts can make"
+            ),
+        ));
+    }
+    i32_arg(K, "pairs", pairs)?;
+    i32_arg(K, "tile_rows", tile_rows)?;
+    i32_arg(K, "max_tiles", max_tiles)?;
+    let ptrs = [
+        ("ids", buf.ids),
+        ("tokens", buf.tokens),
+        ("slots", buf.slots),
+        ("tiles", buf.tiles),
+        ("ends", buf.ends),
+    ];
+    nonnull(K, &ptrs)?;
+    aligned16(K, &[("ids", buf.ids), ("tiles", buf.tiles)])
+}
 
 /// Launch-time checks of [`Kernels::fp4_dequant_experts`], testable without a GPU.
 pub fn check_fp4_dequant_experts(
@@ -183,11 +281,12 @@ impl Kernels {
         Ok(())
     }
 
-    /// `dst[i, :] = src[idx[i], :]` for `n` rows of `width` f32 values, written as `into` says.
+    /// `dst[i, :] = src[idx[i], :]` for `n` rows of `width` f32 values, written as `into` says;
+    /// a negative `idx[i]` writes a row of zeros (the rows [`Self::moe_sort`] leaves unused).
     ///
     /// # Safety
-    /// `idx` must hold `n` device i32, each a row of `src` (`width` f32 per row); `dst` must
-    /// hold `n * width` values of the output type; all device memory of this context.
+    /// `idx` must hold `n` device i32, each a row of `src` (`width` f32 per row) or negative;
+    /// `dst` must hold `n * width` values of the output type; all device memory of this context.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn gather_rows(
         &self,
@@ -301,6 +400,75 @@ impl Kernels {
         Ok(())
     }
 
+    /// Sorts a GEMM step's (token, slot) pairs by expert on the device, for the grouped FP4
+    /// kernels: the host's order (experts ascending, stable by pair within an expert, ids
+    /// outside the bank dropped) and its tiles of at most `tile_rows` rows, bit for bit, with
+    /// no host synchronisation. Two launches: `dsk_moe_sort_plan` (one block: counts, scans,
+    /// every tile, the tail of `tokens` and the dropped pairs' slots) and `dsk_moe_sort_scatter`
+    /// (a block per expert: its pairs' slots and tokens in pair order). See [`MoeSortBuffers`]
+    /// for what lands where; the `max_tiles` tiles past the used ones are empty (rows 0), the
+    /// rows past the valid ones have token -1, so the gather and the grouped kernels can run
+    /// over `pairs` rows and `max_tiles` tiles without knowing the counts.
+    ///
+    /// # Safety
+    /// The buffers must hold what [`MoeSortBuffers`] says for `shape`, all device memory of this
+    /// context.
+    pub unsafe fn moe_sort(
+        &self,
+        stream: &CudaStream,
+        buf: &MoeSortBuffers,
+        shape: &MoeSortShape,
+    ) -> Result<(), KernelError> {
+        if shape.pairs == 0 && shape.max_tiles == 0 {
+            return Ok(());
+        }
+        check_moe_sort(buf, shape)?;
+        // pairs, tile_rows and max_tiles checked to fit i32, experts <= 1024.
+        let (p, k, e) = (
+            shape.pairs as i32,
+            i32_arg("moe_sort", "topk", shape.topk)?,
+            shape.experts as i32,
+        );
+        let (tr, mt) = (shape.tile_rows as i32, shape.max_tiles as i32);
+        let plan = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (SORT_PLAN_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .kernel(&self.moe_sorted.sort_plan)
+            .arg(&buf.ids)
+            .arg(&p)
+            .arg(&e)
+            .arg(&tr)
+            .arg(&mt)
+            .arg(&buf.tiles)
+            .arg(&buf.ends)
+            .arg(&buf.tokens)
+            .arg(&buf.slots)
+            .launch(plan)
+            .map_err(KernelError::driver("launch moe_sort_plan"))?;
+        if shape.pairs == 0 {
+            return Ok(());
+        }
+        let scatter = LaunchConfig {
+            grid_dim: (u32_grid("moe_sort", shape.experts)?, 1, 1),
+            block_dim: (SORT_SCATTER_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .kernel(&self.moe_sorted.sort_scatter)
+            .arg(&buf.ids)
+            .arg(&p)
+            .arg(&k)
+            .arg(&buf.ends)
+            .arg(&buf.tokens)
+            .arg(&buf.slots)
+            .launch(scatter)
+            .map_err(KernelError::driver("launch moe_sort_scatter"))?;
+        Ok(())
+    }
+
     /// `out[t, :] = sum_j weights[t, j] * y[pos[t, j], :]` over the `topk` slots in order (a
     /// negative position adds nothing): the expert outputs, sorted by expert, back in token
     /// order.
@@ -360,5 +528,82 @@ mod tests {
         assert!(check_fp4_dequant_experts([16, 0, 16, 16], 2, 4, 64).is_err());
         assert!(check_fp4_dequant_experts([16, 16, 16, 8], 2, 4, 64).is_err());
         assert!(check_fp4_dequant_experts([16, 16, 16, 16], 65_536, 4, 64).is_err());
+    }
+
+    #[test]
+    fn max_tiles_bound_any_split_and_match_the_grouped_kernels() {
+        use crate::launch::moe_grouped::{fp4_grouped_max_tiles, FP4_GROUPED_TILE_ROWS};
+        for (pairs, experts) in [(0, 256), (1, 256), (130, 3), (49_152, 256), (5, 1024)] {
+            assert_eq!(
+                fp4_grouped_max_tiles_of(pairs, experts, FP4_GROUPED_TILE_ROWS),
+                fp4_grouped_max_tiles(pairs, experts)
+            );
+        }
+        // Every split of `pairs` rows over `experts` runs fits the bound.
+        for tile_rows in [1, 3, 64, 128] {
+            for pairs in 0..40usize {
+                for experts in 1..6usize {
+                    let bound = fp4_grouped_max_tiles_of(pairs, experts, tile_rows);
+                    // The worst split: every expert but one with a single row.
+                    let used = experts.min(pairs);
+                    let worst = if used == 0 {
+                        0
+                    } else {
+                        (used - 1) + (pairs - (used - 1)).div_ceil(tile_rows)
+                    };
+                    assert!(
+                        worst <= bound,
+                        "{pairs} pairs, {experts} experts, {tile_rows}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn device_sort_checks_experts_tiles_and_pointers() {
+        let buf = MoeSortBuffers {
+            ids: 256,
+            tokens: 512,
+            slots: 768,
+            tiles: 1024,
+            ends: 1280,
+        };
+        let shape = MoeSortShape {
+            pairs: 49_152,
+            topk: 6,
+            experts: 256,
+            tile_rows: 64,
+            max_tiles: fp4_grouped_max_tiles_of(49_152, 256, 64),
+        };
+        assert!(check_moe_sort(&buf, &shape).is_ok());
+        let too_many = MoeSortShape {
+            experts: MOE_SORT_MAX_EXPERTS + 1,
+            max_tiles: fp4_grouped_max_tiles_of(49_152, MOE_SORT_MAX_EXPERTS + 1, 64),
+            ..shape
+        };
+        let err = check_moe_sort(&buf, &too_many).unwrap_err().to_string();
+        assert!(err.contains("1025 experts"), "{err}");
+        let short = MoeSortShape {
+            max_tiles: shape.max_tiles - 1,
+            ..shape
+        };
+        assert!(check_moe_sort(&buf, &short).is_err());
+        for bad in [
+            MoeSortShape { topk: 0, ..shape },
+            MoeSortShape {
+                tile_rows: 0,
+                ..shape
+            },
+            MoeSortShape {
+                experts: 0,
+                ..shape
+            },
+        ] {
+            assert!(check_moe_sort(&buf, &bad).is_err(), "{bad:?}");
+        }
+        assert!(check_moe_sort(&MoeSortBuffers { ends: 0, ..buf }, &shape).is_err());
+        assert!(check_moe_sort(&MoeSortBuffers { ids: 260, ..buf }, &shape).is_err());
+        assert!(check_moe_sort(&MoeSortBuffers { tiles: 1032, ..buf }, &shape).is_err());
     }
 }

@@ -22,6 +22,11 @@
 //! the weights inside the GEMM, on the same f16 tensor cores with the same f16 activations, all
 //! experts in one launch per matrix, and apply the SwiGLU to the gate/up accumulators. That is
 //! the default; `DSPARK_EXPERT_GEMM=widen` keeps the widened-f16 cuBLAS path for an A/B.
+//!
+//! The grouped path also sorts the (token, slot) pairs by expert on the device
+//! (`Kernels::moe_sort`, the host's order and tiles bit for bit), so the stream never waits for
+//! the router's ids; the widened paths, banks of more than `MOE_SORT_MAX_EXPERTS` experts and
+//! `DSPARK_EXPERT_SORT=host` sort on the host ([`ExpertOrder`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -31,8 +36,10 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{CUdeviceptr, CUevent_flags};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
-use dspark_kernels::launch::moe_grouped::{fp4_grouped_tiles, Fp4GroupedBank};
-use dspark_kernels::launch::moe_sorted::GatherInto;
+use dspark_kernels::launch::moe_grouped::{fp4_grouped_tiles_of, Fp4GroupedBank};
+use dspark_kernels::launch::moe_sorted::{
+    fp4_grouped_max_tiles_of, GatherInto, MoeSortBuffers, MoeSortShape, MOE_SORT_MAX_EXPERTS,
+};
 
 use super::layer_stack::{fits, GemmScratch, StageClock};
 use super::{driver_err, kernel_err, CudaBackend, CudaMatrix, Fp4Bank};
@@ -204,6 +211,72 @@ impl ExpertGemm {
     }
 }
 
+/// Where GEMM steps sort the routed experts' (token, slot) pairs for the grouped kernels, from
+/// `DSPARK_EXPERT_SORT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ExpertSort {
+    /// On the device (`Kernels::moe_sort`; default): no host round trip, for banks of at most
+    /// `MOE_SORT_MAX_EXPERTS` experts (larger ones sort on the host).
+    Device,
+    /// `host`: the ids copied to the host and sorted there ([`ExpertOrder`]), one stream
+    /// synchronisation per layer and step.
+    Host,
+}
+
+impl ExpertSort {
+    pub(super) fn parse(value: Option<&str>) -> Self {
+        match value.map(str::trim) {
+            Some("host") => ExpertSort::Host,
+            _ => ExpertSort::Device,
+        }
+    }
+
+    /// Read once per process.
+    pub(super) fn from_env() -> Self {
+        static CHOICE: std::sync::OnceLock<ExpertSort> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(|| Self::parse(std::env::var("DSPARK_EXPERT_SORT").ok().as_deref()))
+    }
+}
+
+/// How the grouped path got its pairs in expert order.
+#[derive(Clone, Copy)]
+enum GroupedSort<'a> {
+    /// Sorted on the host: the order to upload (exact row and tile counts).
+    Host(&'a ExpertOrder),
+    /// To sort on the device from the router's ids (`n * topk` i32): every pair's row gathered
+    /// and the worst-case tile count launched.
+    Device(&'a CudaSlice<i32>),
+}
+
+/// How GEMM steps multiply the FP8 projections (attention, shared expert), from
+/// `DSPARK_PROJ_GEMM`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ProjGemm {
+    /// The weights widened exactly to f16 (times a power of two that the matrix's scale range
+    /// allows: `fp8_f16_shift`), the activations rounded to f16 (11 significant bits, as TF32
+    /// keeps; they must stay below 65504 in magnitude, which normed inputs and clipped SwiGLU
+    /// outputs do), on the f16 tensor cores with f32 accumulation: twice the TF32 rate (default,
+    /// where TF32 is allowed and the matrix's range fits).
+    F16,
+    /// `tf32`: widened to f32, on the TF32 tensor cores.
+    Tf32,
+}
+
+impl ProjGemm {
+    pub(super) fn parse(value: Option<&str>) -> Self {
+        match value.map(str::trim) {
+            Some("tf32") => ProjGemm::Tf32,
+            _ => ProjGemm::F16,
+        }
+    }
+
+    /// Read once per process.
+    pub(super) fn from_env() -> Self {
+        static CHOICE: std::sync::OnceLock<ProjGemm> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(|| Self::parse(std::env::var("DSPARK_PROJ_GEMM").ok().as_deref()))
+    }
+}
+
 /// The grouped kernels' scale shift when a GEMM step (TF32 allowed or not) multiplies `bank` on
 /// them: the default choice, TF32 on (they round activations as it does), and a bank they take;
 /// `None` widens. The layer stack sizes its scratch by the same rule.
@@ -275,6 +348,7 @@ unsafe fn gemm_on(
     p: &GemmProblem,
     compute: cublasComputeType_t,
     inputs: GemmInputs,
+    alpha: f32,
 ) -> Result<(), BackendError> {
     let GemmProblem {
         x,
@@ -286,7 +360,7 @@ unsafe fn gemm_on(
         y,
         ldy,
     } = *p;
-    let (alpha, beta) = (1.0f32, 0.0f32);
+    let beta = 0.0f32;
     // SAFETY: the handle is bound to its stream; in cuBLAS's column-major view
     // W^T is [cols, rows] with lda = cols, x^T [cols, n] with ldb = ldx and y^T [rows, n]
     // with ldc = ldy, all inside the buffers this function's contract describes.
@@ -371,26 +445,31 @@ impl CudaBackend {
         compute: cublasComputeType_t,
     ) -> Result<(), BackendError> {
         // SAFETY: this function's contract.
-        unsafe { self.gemm_typed(x, ldx, n, w, rows, cols, y, ldy, compute, GemmInputs::F32) }
+        unsafe {
+            self.gemm_typed(
+                (x, ldx, n),
+                (w, rows, cols),
+                (y, ldy),
+                compute,
+                GemmInputs::F32,
+                1.0,
+            )
+        }
     }
 
-    /// [`Self::gemm_f32`] with x and W of the type `inputs` names (y f32).
+    /// `y = alpha x W^T` as [`Self::gemm_f32`], with x and W of the type `inputs` names (y f32):
+    /// x `(pointer, row stride, rows)`, W `(pointer, rows, cols)`, y `(pointer, row stride)`.
     ///
     /// # Safety
     /// As [`Self::gemm_rows`], counting x and W in elements of `inputs`.
-    #[allow(clippy::too_many_arguments)]
     unsafe fn gemm_typed(
         &self,
-        x: CUdeviceptr,
-        ldx: usize,
-        n: usize,
-        w: CUdeviceptr,
-        rows: usize,
-        cols: usize,
-        y: CUdeviceptr,
-        ldy: usize,
+        (x, ldx, n): (CUdeviceptr, usize, usize),
+        (w, rows, cols): (CUdeviceptr, usize, usize),
+        (y, ldy): (CUdeviceptr, usize),
         compute: cublasComputeType_t,
         inputs: GemmInputs,
+        alpha: f32,
     ) -> Result<(), BackendError> {
         if n == 0 || rows == 0 {
             return Ok(());
@@ -407,7 +486,7 @@ impl CudaBackend {
             ldy,
         };
         // SAFETY: this function's contract.
-        unsafe { gemm_on(&blas, &problem, compute, inputs) }
+        unsafe { gemm_on(&blas, &problem, compute, inputs, alpha) }
     }
 
     /// Many small GEMMs (one per expert) as one cuBLAS grouped call, so they fill the GPU
@@ -466,7 +545,7 @@ impl CudaBackend {
             };
             // SAFETY: the caller's contract, per problem; every problem writes its own output
             // and the lanes waited for this stream's work before their first GEMM.
-            unsafe { gemm_on(handle, p, compute, inputs) }?;
+            unsafe { gemm_on(handle, p, compute, inputs, 1.0) }?;
         }
         if let Some(side) = side {
             side.join_into(&self.stream)?;
@@ -587,7 +666,11 @@ impl CudaBackend {
         }
     }
 
-    /// `y = x W^T` over `n` rows (strides `ldx`, `ldy`) as one GEMM on the widened weight.
+    /// `y = x W^T` over `n` rows (strides `ldx`, `ldy`) as one GEMM on the widened weight: an
+    /// FP8 matrix whose scales allow it ([`ProjGemm`]) widened exactly to f16 and multiplied on
+    /// the f16 tensor cores with its activations rounded to f16, others widened to f32 (TF32
+    /// tensor cores unless turned off). `reuse_x`: `x` has not changed since the last call that
+    /// passed it with the same shape (the projections of one input), so its f16 copy stands.
     ///
     /// # Safety
     /// As [`Self::gemm_rows`] with `(rows, cols) = w.shape()`.
@@ -600,19 +683,101 @@ impl CudaBackend {
         w: &CudaMatrix,
         y: CUdeviceptr,
         ldy: usize,
-        wide: &mut CudaSlice<f32>,
+        g: &mut GemmScratch,
+        reuse_x: bool,
     ) -> Result<(), BackendError> {
         let (rows, cols) = w.shape();
-        let wp = self.widened(w, wide)?;
+        if let CudaMatrix::Fp8 {
+            w: wq,
+            scales,
+            f16_shift: Some(shift),
+            ..
+        } = w
+        {
+            if self.gemm_tf32.load(Ordering::Relaxed) && ProjGemm::from_env() == ProjGemm::F16 {
+                let weight = (
+                    wq.device_ptr(&self.stream).0,
+                    scales.device_ptr(&self.stream).0,
+                );
+                // SAFETY: this function's contract; `weight` is w's bytes and tiles.
+                return unsafe {
+                    self.gemm_fp8_f16(
+                        (x, ldx, n),
+                        weight,
+                        (rows, cols, *shift),
+                        (y, ldy),
+                        g,
+                        reuse_x,
+                    )
+                };
+            }
+        }
+        let wp = self.widened(w, &mut g.wide)?;
         // SAFETY: wp holds rows * cols f32 (widened above or the dense matrix itself); the rest
         // is the caller's contract.
         unsafe { self.gemm_rows(x, ldx, n, wp, rows, cols, y, ldy) }
     }
 
+    /// [`Self::gemm_linear`]'s f16 form: the FP8 weight `(bytes, tiles)` of `(rows, cols)` times
+    /// `2^-shift` into `g.wide` (exact), x rounded to f16 into `g.x_half` (unless `reuse_x` finds
+    /// it there), one f16 GEMM with f32 accumulation and `alpha = 2^shift`.
+    ///
+    /// # Safety
+    /// As [`Self::gemm_rows`]; `weight` must be an FP8 matrix of `(rows, cols)` with its tiles.
+    unsafe fn gemm_fp8_f16(
+        &self,
+        (x, ldx, n): (CUdeviceptr, usize, usize),
+        (wq, scales): (CUdeviceptr, CUdeviceptr),
+        (rows, cols, shift): (usize, usize, i32),
+        (y, ldy): (CUdeviceptr, usize),
+        g: &mut GemmScratch,
+        reuse_x: bool,
+    ) -> Result<(), BackendError> {
+        let s = &self.stream;
+        // f16 pairs in the f32 buffer.
+        if g.wide.len() * 2 < rows * cols {
+            g.wide = self.zeros((rows * cols).div_ceil(2))?;
+        }
+        let wp = g.wide.device_ptr_mut(s).0;
+        // SAFETY: wq holds rows * cols e4m3 bytes with their tiles, wide room for as many f16.
+        unsafe {
+            self.kernels
+                .fp8_dequant_f16(s, [wq, scales, wp], rows, cols, shift)
+        }
+        .map_err(kernel_err)?;
+        let key = (x, ldx, n, cols);
+        if !(reuse_x && g.x_half_of == Some(key)) {
+            if g.x_half.len() < n * cols {
+                g.x_half = s
+                    .alloc_zeros::<u16>(n * cols)
+                    .map_err(driver_err("alloc"))?;
+            }
+            let xh = g.x_half.device_ptr_mut(s).0;
+            // SAFETY: x holds n rows of cols at stride ldx (the caller's contract), x_half room
+            // for n * cols f16.
+            unsafe { self.kernels.rows_to_f16(s, x, ldx, xh, n, cols) }.map_err(kernel_err)?;
+            g.x_half_of = reuse_x.then_some(key);
+        }
+        let xh = g.x_half.device_ptr(s).0;
+        // SAFETY: x_half holds n dense rows of cols f16, wide rows * cols f16; y is the caller's.
+        unsafe {
+            self.gemm_typed(
+                (xh, cols, n),
+                (wp, rows, cols),
+                (y, ldy),
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                GemmInputs::F16,
+                2f32.powi(shift),
+            )
+        }
+    }
+
     /// The routed experts of `n` rows from an FP4 bank: the router's ids (device `route_ids`,
-    /// `n * topk`) come to the host and are sorted by expert; each used expert's w1/w3/w2 are
-    /// widened (in groups) and its rows run as three GEMMs with the clipped SwiGLU between; the
-    /// weighted slots are summed back in token order into `out` (`n` rows of hidden).
+    /// `n * topk`) are sorted by expert (on the device for the grouped kernels, see
+    /// [`ExpertSort`]; otherwise on the host); on the widened paths each used expert's
+    /// w1/w3/w2 are widened (in groups) and its rows run as three GEMMs with the clipped SwiGLU
+    /// between; the weighted slots are summed back in token order into `out` (`n` rows of
+    /// hidden).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn sorted_experts(
         &self,
@@ -632,32 +797,41 @@ impl CudaBackend {
         let s = &self.stream;
         let (h, inter) = (bank.hidden, bank.inter);
         let pairs = n * topk;
+        // f16 tensor cores where the bank's values are exact in f16 and TF32 is allowed (the
+        // activations round alike): decoded inside the grouped kernels where the bank allows,
+        // widened otherwise; f32 / TF32 elsewhere.
+        let tf32 = self.gemm_tf32.load(Ordering::Relaxed);
+        let grouped = grouped_shift(bank, tf32);
+        let io = GroupedIo {
+            x,
+            route_weights,
+            out,
+            n,
+            topk,
+            limit,
+        };
         self.stage(clock, "stack: routed experts: sort")?;
+        if let Some(shift) = grouped {
+            if ExpertSort::from_env() == ExpertSort::Device && bank.experts <= MOE_SORT_MAX_EXPERTS
+            {
+                let sort = GroupedSort::Device(route_ids);
+                return self.grouped_experts(clock, bank, shift, g, sort, act, y_sorted, io);
+            }
+        }
         let mut ids = vec![0i32; pairs];
         s.memcpy_dtoh(&route_ids.slice(0..pairs), &mut ids)
             .map_err(driver_err("copy from GPU"))?;
         s.synchronize().map_err(driver_err("synchronize"))?;
         let order = ExpertOrder::of(&ids, topk, bank.experts);
+        if let Some(shift) = grouped {
+            let sort = GroupedSort::Host(&order);
+            return self.grouped_experts(clock, bank, shift, g, sort, act, y_sorted, io);
+        }
         let sorted = order.tokens.len();
         fits("sorted rows", g.x_sorted.len(), sorted * h)?;
         fits("expert activations", act.len(), sorted * inter)?;
         fits("expert outputs", y_sorted.len(), sorted * h)?;
         fits("slots", g.slots.len(), pairs)?;
-        // f16 tensor cores where the bank's values are exact in f16 and TF32 is allowed (the
-        // activations round alike): decoded inside the grouped kernels where the bank allows,
-        // widened otherwise; f32 / TF32 elsewhere.
-        let tf32 = self.gemm_tf32.load(Ordering::Relaxed);
-        if let Some(shift) = grouped_shift(bank, tf32) {
-            let io = GroupedIo {
-                x,
-                route_weights,
-                out,
-                n,
-                topk,
-                limit,
-            };
-            return self.grouped_experts(clock, bank, shift, g, &order, act, y_sorted, io);
-        }
         let f16 = tf32 && ExpertGemm::from_env() != ExpertGemm::Tf32;
         // Allocated up front only where the stack expected this path (ScratchDims); otherwise
         // grown once to the piece's capacity (as many rows as x_sorted holds).
@@ -813,9 +987,10 @@ impl CudaBackend {
         .map_err(kernel_err)
     }
 
-    /// [`Self::sorted_experts`] on the grouped FP4 kernels: the sorted rows gathered as f16 in k8
-    /// order, cut into tiles per expert, gate/up with the SwiGLU in one launch and down in
-    /// another, over every expert at once; the weights are never widened.
+    /// [`Self::sorted_experts`] on the grouped FP4 kernels: the pairs sorted (`sort`) and cut
+    /// into tiles of the running form's size, the sorted rows gathered as f16 in the form's
+    /// order, gate/up with the SwiGLU in one launch and down in another, over every expert at
+    /// once; the weights are never widened.
     #[allow(clippy::too_many_arguments)]
     fn grouped_experts(
         &self,
@@ -823,33 +998,86 @@ impl CudaBackend {
         bank: &Fp4Bank,
         shift: u32,
         g: &mut GemmScratch,
-        order: &ExpertOrder,
+        sort: GroupedSort<'_>,
         act: &mut CudaSlice<f32>,
         y_sorted: &mut CudaSlice<f32>,
         io: GroupedIo,
     ) -> Result<(), BackendError> {
         let s = &self.stream;
         let (h, inter) = (bank.hidden, bank.inter);
-        let (sorted, pairs) = (order.tokens.len(), io.n * io.topk);
-        let tiles = fp4_grouped_tiles(&order.runs);
-        let flat: Vec<i32> = tiles.iter().flatten().copied().collect();
-        fits("expert tiles", g.tiles.len(), flat.len())?;
-        if sorted > 0 {
-            s.memcpy_htod(&order.tokens, &mut g.tokens.slice_mut(0..sorted))
-                .map_err(driver_err("copy to GPU"))?;
-            s.memcpy_htod(&flat, &mut g.tiles.slice_mut(0..flat.len()))
-                .map_err(driver_err("copy to GPU"))?;
-        }
-        s.memcpy_htod(&order.slots, &mut g.slots.slice_mut(0..pairs))
-            .map_err(driver_err("copy to GPU"))?;
+        let pairs = io.n * io.topk;
+        let tile_rows = self.kernels.fp4_grouped_form().tile_rows();
+        fits("slots", g.slots.len(), pairs)?;
+        // Rows gathered and tiles launched: the host's exact counts, or every pair's row and
+        // the most tiles for the device sort (its unused rows have token -1 and are gathered as
+        // zeros, its unused tiles have no rows and return at once).
+        let (rows, tile_count) = match sort {
+            GroupedSort::Host(order) => {
+                let sorted = order.tokens.len();
+                let flat: Vec<i32> = fp4_grouped_tiles_of(&order.runs, tile_rows)
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                fits("sorted tokens", g.tokens.len(), sorted)?;
+                fits("expert tiles", g.tiles.len(), flat.len())?;
+                if sorted > 0 {
+                    s.memcpy_htod(&order.tokens, &mut g.tokens.slice_mut(0..sorted))
+                        .map_err(driver_err("copy to GPU"))?;
+                    s.memcpy_htod(&flat, &mut g.tiles.slice_mut(0..flat.len()))
+                        .map_err(driver_err("copy to GPU"))?;
+                }
+                s.memcpy_htod(&order.slots, &mut g.slots.slice_mut(0..pairs))
+                    .map_err(driver_err("copy to GPU"))?;
+                (sorted, flat.len() / 4)
+            }
+            GroupedSort::Device(ids) => {
+                let max_tiles = fp4_grouped_max_tiles_of(pairs, bank.experts, tile_rows);
+                fits("router ids", ids.len(), pairs)?;
+                fits("sorted tokens", g.tokens.len(), pairs)?;
+                fits("expert tiles", g.tiles.len(), 4 * max_tiles)?;
+                fits("expert sort workspace", g.experts.len(), bank.experts)?;
+                let buf = MoeSortBuffers {
+                    ids: ids.device_ptr(s).0,
+                    tokens: g.tokens.device_ptr_mut(s).0,
+                    slots: g.slots.device_ptr_mut(s).0,
+                    tiles: g.tiles.device_ptr_mut(s).0,
+                    ends: g.experts.device_ptr_mut(s).0,
+                };
+                let shape = MoeSortShape {
+                    pairs,
+                    topk: io.topk,
+                    experts: bank.experts,
+                    tile_rows,
+                    max_tiles,
+                };
+                // SAFETY: ids holds the step's pairs, tokens and slots as many i32, tiles
+                // 4 * max_tiles, the workspace (`experts`) the bank's expert count (all checked
+                // above).
+                unsafe { self.kernels.moe_sort(s, &buf, &shape) }.map_err(kernel_err)?;
+                (pairs, max_tiles)
+            }
+        };
+        fits("expert activations", act.len(), rows * inter)?;
+        fits("expert outputs", y_sorted.len(), rows * h)?;
         self.stage(clock, "stack: routed experts: gather")?;
         let xs = g.x_sorted.device_ptr_mut(s).0;
         let (a, ys) = (act.device_ptr_mut(s).0, y_sorted.device_ptr_mut(s).0);
-        // SAFETY: tokens holds `sorted` rows of x (each below n); x_sorted room for them as f16.
-        unsafe {
-            let tokens = g.tokens.device_ptr(s).0;
-            self.kernels
-                .gather_rows(s, GatherInto::F16K8, io.x, tokens, sorted, h, xs)
+        let tokens = g.tokens.device_ptr(s).0;
+        // The wgmma form gathers through its loads: x only needs its f16 copy (n rows, a sixth
+        // of the sorted rows' bytes); the other forms read a gathered copy.
+        let in_kernel = self.kernels.fp4_grouped_form().gathers_in_kernel();
+        if in_kernel {
+            fits("f16 rows", g.x_sorted.len(), io.n * h)?;
+            // SAFETY: x holds n rows of hidden f32, x_sorted room for as many f16 (checked).
+            unsafe { self.kernels.gather_rows_grouped(s, io.x, 0, io.n, h, xs) }
+        } else {
+            fits("sorted rows", g.x_sorted.len(), rows * h)?;
+            // SAFETY: tokens holds `rows` rows of x (each below n) or -1 (a zero row); x_sorted
+            // room for them as f16 (checked).
+            unsafe {
+                self.kernels
+                    .gather_rows_grouped(s, io.x, tokens, rows, h, xs)
+            }
         }
         .map_err(kernel_err)?;
         let kb = Fp4GroupedBank {
@@ -863,20 +1091,19 @@ impl CudaBackend {
         };
         let tp = g.tiles.device_ptr(s).0;
         self.stage(clock, "stack: routed experts: grouped gate/up")?;
-        // SAFETY: the tiles name sorted rows (below `sorted`, which x_sorted, act and y_sorted
-        // hold: checked by the caller) of experts of this bank (ExpertOrder drops other ids).
+        // SAFETY: the tiles name sorted rows below `rows` (which x_sorted, act and y_sorted
+        // hold: checked above) of experts of this bank (other ids are dropped by either sort),
+        // or no rows.
         unsafe {
+            let x_rows = in_kernel.then_some(tokens);
             self.kernels
-                .fp4_grouped_gate_up(s, &kb, xs, tp, tiles.len(), a, io.limit)
+                .fp4_grouped_gate_up(s, &kb, xs, x_rows, tp, tile_count, a, io.limit)
         }
         .map_err(kernel_err)?;
         self.stage(clock, "stack: routed experts: grouped down")?;
         // SAFETY: as above.
-        unsafe {
-            self.kernels
-                .fp4_grouped_down(s, &kb, a, tp, tiles.len(), ys)
-        }
-        .map_err(kernel_err)?;
+        unsafe { self.kernels.fp4_grouped_down(s, &kb, a, tp, tile_count, ys) }
+            .map_err(kernel_err)?;
         self.stage(clock, "stack: routed experts: combine")?;
         // SAFETY: slots holds n * topk rows of y_sorted or -1, the weights n * topk f32, out n
         // rows of hidden.
@@ -901,11 +1128,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn projection_gemm_choice_defaults_to_f16() {
+        assert_eq!(ProjGemm::parse(None), ProjGemm::F16);
+        assert_eq!(ProjGemm::parse(Some("f16")), ProjGemm::F16);
+        assert_eq!(ProjGemm::parse(Some(" tf32 ")), ProjGemm::Tf32);
+    }
+
+    #[test]
     fn expert_gemm_choice_defaults_to_the_grouped_kernels() {
         assert_eq!(ExpertGemm::parse(None), ExpertGemm::Grouped);
         assert_eq!(ExpertGemm::parse(Some("widen")), ExpertGemm::Widened);
         assert_eq!(ExpertGemm::parse(Some(" tf32 ")), ExpertGemm::Tf32);
         assert_eq!(ExpertGemm::parse(Some("grouped")), ExpertGemm::Grouped);
+    }
+
+    #[test]
+    fn expert_sort_defaults_to_the_device() {
+        assert_eq!(ExpertSort::parse(None), ExpertSort::Device);
+        assert_eq!(ExpertSort::parse(Some("device")), ExpertSort::Device);
+        assert_eq!(ExpertSort::parse(Some(" host ")), ExpertSort::Host);
     }
 
     #[test]

@@ -168,8 +168,12 @@ struct Scratch {
 
 /// What only GEMM steps use: widened weights and the routed experts sorted by expert.
 pub(super) struct GemmScratch {
-    /// One widened weight matrix (f32), grown to the largest.
+    /// One widened weight matrix (f32, or f16 pairs), grown to the largest.
     pub(super) wide: CudaSlice<f32>,
+    /// A projection's activations rounded to f16 (`gemm_step::ProjGemm::F16`), and which
+    /// `(x, ldx, rows, cols)` they are while one input's projections run.
+    pub(super) x_half: CudaSlice<u16>,
+    pub(super) x_half_of: Option<(cudarc::driver::sys::CUdeviceptr, usize, usize, usize)>,
     /// A group of experts' widened w1, w3, w2.
     pub(super) experts_wide: CudaSlice<f32>,
     /// The (token, slot) pairs in expert order: their activation rows, gate and up outputs.
@@ -207,6 +211,8 @@ struct ScratchDims {
     shared_inter: usize,
     /// Values of the largest projection a GEMM step widens.
     widest: usize,
+    /// Columns of the widest projection a GEMM step multiplies (its f16 activations' width).
+    widest_cols: usize,
     /// Whether GEMM steps widen some FP4 bank's routed experts (`gemm_step::grouped_shift` says
     /// no for it): only then are the widened weights and the gate/up outputs allocated up front
     /// (~1.8 GB at V4-Flash's 8K-row pieces).
@@ -248,22 +254,8 @@ impl ScratchDims {
                     if super::gemm_step::grouped_shift(b, super::gemm_step::tf32_allowed()).is_none())
             }),
             widest: max_over(&|lw| {
-                let (a, m) = (&lw.attn, &lw.moe);
-                let mut mats: Vec<&CudaMatrix> = vec![&a.wq_a, &a.wq_b, &a.wkv, &a.wo_b, &m.gate];
-                mats.extend(a.wo_a.iter());
-                mats.extend([&m.shared.w1, &m.shared.w3, &m.shared.w2]);
-                if let Some(c) = &a.compressor {
-                    mats.extend([&c.wkv, &c.wgate]);
-                }
-                if let Some(i) = &a.indexer {
-                    mats.extend([
-                        &i.wq_b,
-                        &i.weights_proj,
-                        &i.compressor.wkv,
-                        &i.compressor.wgate,
-                    ]);
-                }
-                mats.iter()
+                gemm_matrices(lw)
+                    .iter()
                     .map(|w| {
                         let (r, c) = w.shape();
                         r * c
@@ -271,8 +263,35 @@ impl ScratchDims {
                     .max()
                     .unwrap_or(1)
             }),
+            widest_cols: max_over(&|lw| {
+                gemm_matrices(lw)
+                    .iter()
+                    .map(|w| w.shape().1)
+                    .max()
+                    .unwrap_or(1)
+            }),
         }
     }
+}
+
+/// Every projection matrix of a layer that GEMM steps multiply through `gemm_linear`.
+fn gemm_matrices(lw: &LayerWeights<CudaBackend>) -> Vec<&CudaMatrix> {
+    let (a, m) = (&lw.attn, &lw.moe);
+    let mut mats: Vec<&CudaMatrix> = vec![&a.wq_a, &a.wq_b, &a.wkv, &a.wo_b, &m.gate];
+    mats.extend(a.wo_a.iter());
+    mats.extend([&m.shared.w1, &m.shared.w3, &m.shared.w2]);
+    if let Some(c) = &a.compressor {
+        mats.extend([&c.wkv, &c.wgate]);
+    }
+    if let Some(i) = &a.indexer {
+        mats.extend([
+            &i.wq_b,
+            &i.weights_proj,
+            &i.compressor.wkv,
+            &i.compressor.wgate,
+        ]);
+    }
+    mats
 }
 
 /// The CUDA backend's [`crate::backend::Backend::LayerStack`].
@@ -898,6 +917,7 @@ impl CudaBackend {
                     scales,
                     rows,
                     cols,
+                    ..
                 } if rows % 128 == 0 && shape.is_none_or(|s| s == (*rows, *cols)) => {
                     shape = Some((*rows, *cols));
                     parts.push((w, scales));
@@ -1034,6 +1054,11 @@ impl CudaBackend {
             captures: Vec::new(),
             gemm: GemmScratch {
                 wide: self.alloc_f32(only_gemm(d.widest))?,
+                x_half: self
+                    .stream
+                    .alloc_zeros::<u16>(only_gemm(rows * d.widest_cols))
+                    .map_err(driver_err("alloc"))?,
+                x_half_of: None,
                 experts_wide: self.alloc_f32(only_widened(
                     super::gemm_step::expert_group_floats(d.experts, d.inter, d.hidden),
                 ))?,
@@ -1349,14 +1374,16 @@ impl CudaBackend {
     }
 
     /// `y = x W^T` between scratch buffers: GEMVs on the packed weights up to
-    /// [`STACK_MAX_ROWS`] rows, else one GEMM on the weight widened into `wide`.
+    /// [`STACK_MAX_ROWS`] rows, else one GEMM on the weight widened into `g`
+    /// (`CudaBackend::gemm_linear`; `reuse_x` as there).
     fn stack_linear(
         &self,
         x: &CudaSlice<f32>,
         n: usize,
         w: &CudaMatrix,
         y: &mut CudaSlice<f32>,
-        wide: &mut CudaSlice<f32>,
+        g: &mut GemmScratch,
+        reuse_x: bool,
     ) -> Result<(), BackendError> {
         let (rows, cols) = w.shape();
         if x.len() < n * cols || y.len() < n * rows {
@@ -1368,7 +1395,7 @@ impl CudaBackend {
             let s = &self.stream;
             let (xp, yp) = (ptr(s, x), ptr_mut(s, y));
             // SAFETY: x holds n rows of cols and y n rows of rows f32 (checked above).
-            return unsafe { self.gemm_linear(xp, cols, n, w, yp, rows, wide) };
+            return unsafe { self.gemm_linear(xp, cols, n, w, yp, rows, g, reuse_x) };
         }
         // FP8 weights stay packed (GEMV in 16-row chunks): widening would allocate.
         self.linear_on_with(
@@ -1389,7 +1416,7 @@ impl CudaBackend {
         x: &CudaSlice<f32>,
         n: usize,
         jobs: &mut [(&CudaMatrix, &mut CudaSlice<f32>)],
-        wide: &mut CudaSlice<f32>,
+        g: &mut GemmScratch,
     ) -> Result<(), BackendError> {
         let mut merged = vec![false; jobs.len()];
         if n == 1 && self.gemv_multi {
@@ -1430,11 +1457,15 @@ impl CudaBackend {
                 members.iter().for_each(|&i| merged[i] = true);
             }
         }
+        // The outputs are other buffers than x: its f16 copy serves every job (none left over
+        // from an earlier input).
+        g.x_half_of = None;
         for ((w, y), done) in jobs.iter_mut().zip(merged) {
             if !done {
-                self.stack_linear(x, n, w, y, wide)?;
+                self.stack_linear(x, n, w, y, g, true)?;
             }
         }
+        g.x_half_of = None;
         Ok(())
     }
 
@@ -2349,7 +2380,7 @@ impl CudaBackend {
             jobs.push((&iw.weights_proj, &mut sc.idx_weights));
             idx_heads = iw.weights_proj.shape().0;
         }
-        self.stack_linear_many(&sc.x, n, &mut jobs, &mut sc.gemm.wide)?;
+        self.stack_linear_many(&sc.x, n, &mut jobs, &mut sc.gemm)?;
         self.stage(&mut stack.clock, "stack: norms, RoPE, KV write")?;
         // Queries: q LoRA norm (kept as the indexer's input), wq_b, per-head norm, RoPE.
         let qr = cfg.q_lora_rank;
@@ -2384,7 +2415,7 @@ impl CudaBackend {
         if let (Some(iw), true) = (&aw.indexer, indexer_runs) {
             jobs.push((&iw.wq_b, &mut sc.idx_q));
         }
-        self.stack_linear_many(&sc.q_lora, n, &mut jobs, &mut sc.gemm.wide)?;
+        self.stack_linear_many(&sc.q_lora, n, &mut jobs, &mut sc.gemm)?;
         self.stage(&mut stack.clock, "stack: norms, RoPE, KV write")?;
         let heads = aw.wq_b.shape().0 / hd;
         let q = ptr_mut(s, &mut sc.q);
@@ -2811,7 +2842,8 @@ impl CudaBackend {
                         wg,
                         op + (gi * orank * 4) as u64,
                         local_groups * orank,
-                        &mut sc.gemm.wide,
+                        &mut sc.gemm,
+                        false,
                     )
                 }?;
             }
@@ -2888,7 +2920,7 @@ impl CudaBackend {
                 )
             }
             .map_err(kernel_err)?;
-            self.stack_linear(&sc.group_in, n, wg, &mut sc.group_out, &mut sc.gemm.wide)?;
+            self.stack_linear(&sc.group_in, n, wg, &mut sc.group_out, &mut sc.gemm, false)?;
             let src = ptr(s, &sc.group_out);
             let dst = ptr_mut(s, &mut sc.grouped) + (gi * orank * 4) as u64;
             // SAFETY: group_out holds n rows of orank, grouped n rows of local_groups * orank.
@@ -2907,7 +2939,14 @@ impl CudaBackend {
             }
             .map_err(kernel_err)?;
         }
-        self.stack_linear(&sc.grouped, n, &aw.wo_b, &mut sc.sub_out, &mut sc.gemm.wide)?;
+        self.stack_linear(
+            &sc.grouped,
+            n,
+            &aw.wo_b,
+            &mut sc.sub_out,
+            &mut sc.gemm,
+            false,
+        )?;
         self.stage(&mut stack.clock, "stack: all-reduce")?;
         self.reduce_sub_out(comm, &mut sc.sub_out, h, step.hc)?;
         self.stage(&mut stack.clock, "stack: hyper-connections (post)")?;
@@ -2941,7 +2980,14 @@ impl CudaBackend {
             step.hc,
         )?;
         self.stage(&mut stack.clock, "stack: router")?;
-        self.stack_linear(&sc.x, n, &mw.gate, &mut sc.router_logits, &mut sc.gemm.wide)?;
+        self.stack_linear(
+            &sc.x,
+            n,
+            &mw.gate,
+            &mut sc.router_logits,
+            &mut sc.gemm,
+            false,
+        )?;
         let (bias, hash) = match &layer.routes {
             RouteTable::Bias(b) => (ptr(s, b), 0),
             RouteTable::Hash(t) => (0, ptr(s, t)),
@@ -2972,7 +3018,7 @@ impl CudaBackend {
             &sc.x,
             n,
             &mut [(&sh.w1, &mut sc.shared_gate), (&sh.w3, &mut sc.shared_up)],
-            &mut sc.gemm.wide,
+            &mut sc.gemm,
         )?;
         let (g, u, a) = (
             ptr(s, &sc.shared_gate),
@@ -2990,7 +3036,8 @@ impl CudaBackend {
             n,
             &sh.w2,
             &mut sc.shared_down,
-            &mut sc.gemm.wide,
+            &mut sc.gemm,
+            false,
         )?;
         // The routed experts' sum takes the shared expert's output as its addend where the
         // kernel can (the FP4 decode path), else it is added after.

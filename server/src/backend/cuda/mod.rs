@@ -60,6 +60,9 @@ pub enum CudaMatrix {
         cols: usize,
         w: CudaSlice<u8>,
         scales: CudaSlice<u8>,
+        /// The power of two GEMM steps divide the weights by to widen them exactly to f16
+        /// (`fp8_f16_shift` of the scale bytes' range); `None`: they widen to f32.
+        f16_shift: Option<i32>,
     },
     /// e2m1 pairs `[rows, cols/2]` + E8M0 `[rows, cols/32]`.
     Fp4 {
@@ -885,6 +888,7 @@ impl CudaBackend {
                 scales,
                 rows,
                 cols,
+                ..
             } => self.fp8_linear(x, n, w, scales, *rows, *cols, y, widen_fp8),
             CudaMatrix::Fp4 { .. } => Err(BackendError::Other(
                 "an FP4 matrix is only used inside a routed expert".into(),
@@ -1300,11 +1304,18 @@ impl Backend for CudaBackend {
             // The FP8 kernel reads 16 input features per step.
             PackedWeight::Fp8Block { data, scales } if cols.is_multiple_of(16) => {
                 self.counters.fp8.fetch_add(1, Ordering::Relaxed);
+                let f16_shift = match (scales.iter().min(), scales.iter().max()) {
+                    (Some(&lo), Some(&hi)) if cols.is_multiple_of(8) => {
+                        dspark_kernels::launch::elementwise::fp8_f16_shift(lo, hi)
+                    }
+                    _ => None,
+                };
                 Ok(CudaMatrix::Fp8 {
                     rows,
                     cols,
                     w: self.upload(&data)?,
                     scales: self.upload(&scales)?,
+                    f16_shift,
                 })
             }
             PackedWeight::Fp4 { data, scales }
