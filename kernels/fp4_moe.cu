@@ -938,6 +938,23 @@ __device__ __forceinline__ unsigned int grp_factor(int s, int shift) {
 // Position of value k (0..7) of an 8-group in k8 order.
 __device__ __forceinline__ int grp_k8(int k) { return ((k & 3) << 1) | (k >> 2); }
 
+// This thread's part of stage `st`'s weights into `wsl`: rows 0..127 from `wlo`, 128..255 from
+// `whi` (row stride K / 2; 16-byte chunk slots swizzled by (row >> 1) & 3), their scale bytes
+// from `slo` / `shi` (stride K / 32) at wsl + GRP_STAGE_W.
+__device__ __forceinline__ void grp_issue_weights(unsigned char *wsl, const unsigned char *wlo,
+                                                  const unsigned char *whi, const unsigned char *slo,
+                                                  const unsigned char *shi, int K, int st) {
+    const int tid = threadIdx.x;
+    const long ws = K >> 1, ss = K >> 5;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int q = tid + 256 * i, r = q >> 2, c = q & 3;
+        const unsigned char *src = (i < 2 ? wlo + r * ws : whi + (r - 128) * ws) + st * 64 + c * 16;
+        grp_cp16(wsl + r * 64 + ((c ^ ((r >> 1) & 3)) << 4), src, true);
+    }
+    grp_cp4(wsl + GRP_STAGE_W + tid * 4, (tid < 128 ? slo + tid * ss : shi + (tid - 128) * ss) + st * 4);
+}
+
 // Issues stage `st` into `slot`: weight rows 0..127 from `wlo`, 128..255 from `whi` (row stride
 // K / 2), their scales from `slo` / `shi` (stride K / 32), token rows from `x` (stride K values;
 // rows >= `rows` zero-filled).
@@ -945,23 +962,45 @@ __device__ __forceinline__ void grp_issue(unsigned char *slot, const unsigned ch
                                           const unsigned char *slo, const unsigned char *shi,
                                           const unsigned short *x, int rows, int K, int st) {
     const int tid = threadIdx.x;
-    const long ws = K >> 1, ss = K >> 5;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int q = tid + 256 * i, r = q >> 2, c = q & 3;
-        const unsigned char *src = (i < 2 ? wlo + r * ws : whi + (r - 128) * ws) + st * 64 + c * 16;
-        grp_cp16(slot + r * 64 + ((c ^ ((r >> 1) & 3)) << 4), src, true);
-    }
-    {
-        const int r = tid;
-        grp_cp4(slot + GRP_STAGE_W + r * 4, (r < 128 ? slo + r * ss : shi + (r - 128) * ss) + st * 4);
-    }
+    grp_issue_weights(slot, wlo, whi, slo, shi, K, st);
     unsigned char *xs = slot + GRP_STAGE_W + GRP_STAGE_S;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int q = tid + 256 * i, tk = q >> 4, sl = q & 15;
         const bool ok = tk < rows;
         grp_cp16(xs + tk * 256 + ((sl ^ ((tk & 1) << 2)) << 4), x + (long)(ok ? tk : 0) * K + st * 128 + sl * 8, ok);
+    }
+}
+
+// The E8M0 bytes of the stage's four chunks for weight rows m0 + g and m0 + g + 8 (weights at
+// `wsl`, scales at wsl + GRP_STAGE_W).
+__device__ __forceinline__ void grp_scale_words(const unsigned char *wsl, int m0, int g, unsigned int (&sw)[2]) {
+    sw[0] = *reinterpret_cast<const unsigned int *>(wsl + GRP_STAGE_W + (m0 + g) * 4);
+    sw[1] = *reinterpret_cast<const unsigned int *>(wsl + GRP_STAGE_W + (m0 + g + 8) * 4);
+}
+
+// ldmatrix.x4: this lane's raw FP4 words (word lane % 4) of rows m0 + g and m0 + g + 8 for chunks
+// cc and cc + 1 (w = {row g cc, row g + 8 cc, row g cc + 1, row g + 8 cc + 1}); matrix j = lane / 8
+// is rows 8 (j & 1) .. + 7 of chunk cc + j / 2.
+__device__ __forceinline__ void grp_weight_words(const unsigned char *wsl, int m0, int lane, int cc,
+                                                 unsigned int (&w)[4]) {
+    const int j8 = lane >> 3, r = m0 + (lane & 7) + 8 * (j8 & 1), ch = cc + (j8 >> 1);
+    mma2_ldsm4(wsl + r * 64 + ((ch ^ ((r >> 1) & 3)) << 4), w);
+}
+
+// Chunk c (= cc + h) of one m16 tile as f16 weights times 2^-shift: the nibble pairs (p, p + 4)
+// of rows g (`ag`) and g + 8 (`a8`), each times its chunk factor from the table.
+__device__ __forceinline__ void grp_decode_chunk(const unsigned int (&w)[4], int h, const unsigned int (&sw)[2],
+                                                 const unsigned int *lut, int c, unsigned int (&ag)[4],
+                                                 unsigned int (&a8)[4]) {
+    fp4_word_pairs(w[2 * h], ag);
+    fp4_word_pairs(w[2 * h + 1], a8);
+    const unsigned int fg = lut[(sw[0] >> (8 * c)) & 255u];
+    const unsigned int f8 = lut[(sw[1] >> (8 * c)) & 255u];
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+        ag[p] = grp_hmul2(ag[p], fg);
+        a8[p] = grp_hmul2(a8[p], f8);
     }
 }
 
@@ -973,37 +1012,19 @@ __device__ __forceinline__ void grp_compute(const unsigned char *slot, const uns
     const unsigned char *xs = slot + GRP_STAGE_W + GRP_STAGE_S;
     unsigned int sw[2][2];
 #pragma unroll
-    for (int m = 0; m < 2; ++m) {
-        sw[m][0] = *reinterpret_cast<const unsigned int *>(slot + GRP_STAGE_W + (mrow[m] + g) * 4);
-        sw[m][1] = *reinterpret_cast<const unsigned int *>(slot + GRP_STAGE_W + (mrow[m] + g + 8) * 4);
-    }
-    // ldmatrix: matrix j = lane / 8 is rows 8 (j & 1) .. + 7 of chunk cc + j / 2.
-    const int j8 = lane >> 3, lr = (lane & 7) + 8 * (j8 & 1);
+    for (int m = 0; m < 2; ++m) grp_scale_words(slot, mrow[m], g, sw[m]);
     const int xsw = (g & 1) << 2; // the token's slot swizzle (tokens 8j + g)
 #pragma unroll
     for (int cc = 0; cc < GRP_CPS; cc += 2) {
         unsigned int w[2][4];
 #pragma unroll
-        for (int m = 0; m < 2; ++m) {
-            const int r = mrow[m] + lr, ch = cc + (j8 >> 1);
-            mma2_ldsm4(slot + r * 64 + ((ch ^ ((r >> 1) & 3)) << 4), w[m]);
-        }
+        for (int m = 0; m < 2; ++m) grp_weight_words(slot, mrow[m], lane, cc, w[m]);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int c = cc + h;
             unsigned int ag[2][4], a8[2][4];
 #pragma unroll
-            for (int m = 0; m < 2; ++m) {
-                fp4_word_pairs(w[m][2 * h], ag[m]);
-                fp4_word_pairs(w[m][2 * h + 1], a8[m]);
-                const unsigned int fg = lut[(sw[m][0] >> (8 * c)) & 255u];
-                const unsigned int f8 = lut[(sw[m][1] >> (8 * c)) & 255u];
-#pragma unroll
-                for (int p = 0; p < 4; ++p) {
-                    ag[m][p] = grp_hmul2(ag[m][p], fg);
-                    a8[m][p] = grp_hmul2(a8[m][p], f8);
-                }
-            }
+            for (int m = 0; m < 2; ++m) grp_decode_chunk(w[m], h, sw[m], lut, c, ag[m], a8[m]);
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 const int tk = 8 * j + g, sl = 4 * c + t;
@@ -1243,18 +1264,7 @@ __device__ __forceinline__ void wg_issue(unsigned char *slot, const unsigned cha
                                          const unsigned char *slo, const unsigned char *shi,
                                          const unsigned short *x, const int (&xrow)[8], int K, int st) {
     const int tid = threadIdx.x;
-    const long ws = K >> 1, ss = K >> 5;
-    unsigned char *wsl = slot + WG_STAGE_X;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int q = tid + 256 * i, r = q >> 2, c = q & 3;
-        const unsigned char *src = (i < 2 ? wlo + r * ws : whi + (r - 128) * ws) + st * 64 + c * 16;
-        grp_cp16(wsl + r * 64 + ((c ^ ((r >> 1) & 3)) << 4), src, true);
-    }
-    {
-        const int r = tid;
-        grp_cp4(wsl + WG_STAGE_W + r * 4, (r < 128 ? slo + r * ss : shi + (r - 128) * ss) + st * 4);
-    }
+    grp_issue_weights(slot + WG_STAGE_X, wlo, whi, slo, shi, K, st);
     const int sl = tid & 15, atom = sl >> 3, c = sl & 7;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -1286,21 +1296,14 @@ __device__ __forceinline__ void wg_compute(const unsigned char *slot, const unsi
     const int mrow[2] = {m0, m1};
     unsigned int sw[2][2];
 #pragma unroll
-    for (int m = 0; m < 2; ++m) {
-        sw[m][0] = *reinterpret_cast<const unsigned int *>(wsl + WG_STAGE_W + (mrow[m] + g) * 4);
-        sw[m][1] = *reinterpret_cast<const unsigned int *>(wsl + WG_STAGE_W + (mrow[m] + g + 8) * 4);
-    }
-    const int j8 = lane >> 3, lr = (lane & 7) + 8 * (j8 & 1);
+    for (int m = 0; m < 2; ++m) grp_scale_words(wsl, mrow[m], g, sw[m]);
     // Two register sets of A: [set][m][k16 step][4].
     unsigned int a[2][2][2][4];
 #pragma unroll
     for (int cc = 0; cc < GRP_CPS; cc += 2) {
         unsigned int w[2][4];
 #pragma unroll
-        for (int m = 0; m < 2; ++m) {
-            const int r = mrow[m] + lr, ch = cc + (j8 >> 1);
-            mma2_ldsm4(wsl + r * 64 + ((ch ^ ((r >> 1) & 3)) << 4), w[m]);
-        }
+        for (int m = 0; m < 2; ++m) grp_weight_words(wsl, mrow[m], lane, cc, w[m]);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int c = cc + h, set = h;
@@ -1309,16 +1312,14 @@ __device__ __forceinline__ void wg_compute(const unsigned char *slot, const unsi
 #pragma unroll
             for (int m = 0; m < 2; ++m) {
                 unsigned int ag[4], a8[4];
-                fp4_word_pairs(w[m][2 * h], ag);
-                fp4_word_pairs(w[m][2 * h + 1], a8);
-                const unsigned int fg = lut[(sw[m][0] >> (8 * c)) & 255u];
-                const unsigned int f8 = lut[(sw[m][1] >> (8 * c)) & 255u];
+                grp_decode_chunk(w[m], h, sw[m], lut, c, ag, a8);
+                // k16 step s of the chunk: the pairs (2s, 2s + 1) as the m16k16 fragment.
 #pragma unroll
                 for (int s = 0; s < 2; ++s) {
-                    a[set][m][s][0] = grp_hmul2(ag[2 * s], fg);
-                    a[set][m][s][1] = grp_hmul2(a8[2 * s], f8);
-                    a[set][m][s][2] = grp_hmul2(ag[2 * s + 1], fg);
-                    a[set][m][s][3] = grp_hmul2(a8[2 * s + 1], f8);
+                    a[set][m][s][0] = ag[2 * s];
+                    a[set][m][s][1] = a8[2 * s];
+                    a[set][m][s][2] = ag[2 * s + 1];
+                    a[set][m][s][3] = a8[2 * s + 1];
                 }
             }
             wg_fence();
@@ -1477,29 +1478,4 @@ extern "C" __global__ void __launch_bounds__(256, 1) dsk_fp4_grouped_down_wg(
                 *reinterpret_cast<const float4 *>(out + tk * GRP_OUT_LD + 4 * c4);
     }
 #endif
-}
-
-// dsk_gather_rows_f32_to_f16 into k32 order for the wgmma kernels: one thread per 8 stored values
-// (positions 16 st + 8 h + 0..7 of a chunk: values 8 t + 2 st + h + 4 e for t = 0..3, e = 0..1);
-// a negative index writes a zero row (sorted rows no pair maps to); a null idx converts the rows
-// in place order (x for the wgmma gate/up's own gather). width % 32 == 0.
-extern "C" __global__ void __launch_bounds__(256) dsk_gather_rows_f32_to_f16_k32(
-    const float *__restrict__ src, const int *__restrict__ idx, int n, int width,
-    unsigned short *__restrict__ dst) {
-    dsk_pdl_entry();
-    const int per_row = width >> 3;
-    const long long total = (long long)n * per_row;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long r = i / per_row;
-        const int piece = (int)(i % per_row), chunk = piece >> 2, st = (piece >> 1) & 1, h = piece & 1;
-        const int row = idx ? idx[r] : (int)r;
-        unsigned int p[4] = {0u, 0u, 0u, 0u};
-        if (row >= 0) {
-            const float *s = src + (long long)row * width + 32 * chunk + 2 * st + h;
-#pragma unroll
-            for (int t = 0; t < 4; ++t) p[t] = dsk_f32x2_to_f16x2(s[8 * t], s[8 * t + 4]);
-        }
-        reinterpret_cast<uint4 *>(dst)[i] = make_uint4(p[0], p[1], p[2], p[3]);
-    }
 }

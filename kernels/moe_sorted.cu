@@ -209,6 +209,31 @@ extern "C" __global__ void __launch_bounds__(256) dsk_gather_rows_f32_to_f16_k8(
     }
 }
 
+// dsk_gather_rows_f32_to_f16 into "k32 order" for the wgmma build of the grouped FP4 kernels: one thread per 8 stored values
+// (positions 16 st + 8 h + 0..7 of a chunk: values 8 t + 2 st + h + 4 e for t = 0..3, e = 0..1);
+// a negative index writes a zero row (sorted rows no pair maps to); a null idx converts the rows
+// in place order (x for the wgmma gate/up's own gather). width % 32 == 0.
+extern "C" __global__ void __launch_bounds__(256) dsk_gather_rows_f32_to_f16_k32(
+    const float *__restrict__ src, const int *__restrict__ idx, int n, int width,
+    unsigned short *__restrict__ dst) {
+    dsk_pdl_entry();
+    const int per_row = width >> 3;
+    const long long total = (long long)n * per_row;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / per_row;
+        const int piece = (int)(i % per_row), chunk = piece >> 2, st = (piece >> 1) & 1, h = piece & 1;
+        const int row = idx ? idx[r] : (int)r;
+        unsigned int p[4] = {0u, 0u, 0u, 0u};
+        if (row >= 0) {
+            const float *s = src + (long long)row * width + 32 * chunk + 2 * st + h;
+#pragma unroll
+            for (int t = 0; t < 4; ++t) p[t] = (unsigned int)moe_f16(s[8 * t]) | ((unsigned int)moe_f16(s[8 * t + 4]) << 16);
+        }
+        reinterpret_cast<uint4 *>(dst)[i] = make_uint4(p[0], p[1], p[2], p[3]);
+    }
+}
+
 // The device sort of a GEMM step's (token, slot) pairs by expert for the grouped FP4 kernels
 // (dsk_moe_sort_plan, then dsk_moe_sort_scatter): the host never waits for the router's ids, and
 // the result is bit for bit the host's (ExpertOrder and fp4_grouped_tiles in the server and

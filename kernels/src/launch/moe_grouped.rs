@@ -12,6 +12,7 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig};
 
+use super::moe_sorted::GatherInto;
 use super::submit::SubmitKernel;
 use super::{aligned16, function, i32_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
@@ -132,7 +133,6 @@ impl ActivationOrder {
 pub struct MoeGroupedFns {
     pub(crate) gate_up: [CudaFunction; 3],
     pub(crate) down: [CudaFunction; 3],
-    gather_k32: CudaFunction,
     pub(crate) form: Fp4GroupedForm,
 }
 
@@ -156,7 +156,6 @@ impl MoeGroupedFns {
                 f("dsk_fp4_grouped_down_2st")?,
                 f("dsk_fp4_grouped_down_wg")?,
             ],
-            gather_k32: f("dsk_gather_rows_f32_to_f16_k32")?,
             form: Fp4GroupedForm::choose(value.as_deref(), smem_optin, arch)?,
         })
     }
@@ -324,43 +323,12 @@ impl Kernels {
         width: usize,
         dst: CUdeviceptr,
     ) -> Result<(), KernelError> {
-        const K: &str = "gather_rows_f32_to_f16_k32";
-        if self.moe_grouped.form.order() == ActivationOrder::K8 {
-            // SAFETY: this function's contract.
-            return unsafe {
-                self.gather_rows(
-                    stream,
-                    super::moe_sorted::GatherInto::F16K8,
-                    src,
-                    idx,
-                    n,
-                    width,
-                    dst,
-                )
-            };
-        }
-        if n == 0 || width == 0 {
-            return Ok(());
-        }
-        nonnull(K, &[("src", src), ("dst", dst)])?;
-        if !width.is_multiple_of(32) {
-            return Err(KernelError::invalid(
-                K,
-                format!("width {width} must be a multiple of 32"),
-            ));
-        }
-        aligned16(K, &[("dst", dst)])?;
-        let (nn, w) = (i32_arg(K, "n", n)?, i32_arg(K, "width", width)?);
-        stream
-            .kernel(&self.moe_grouped.gather_k32)
-            .arg(&src)
-            .arg(&idx)
-            .arg(&nn)
-            .arg(&w)
-            .arg(&dst)
-            .launch(super::grid_stride(K, n * width / 8, self.sms)?)
-            .map_err(KernelError::driver("launch gather_rows_f32_to_f16_k32"))?;
-        Ok(())
+        let into = match self.moe_grouped.form.order() {
+            ActivationOrder::K8 => GatherInto::F16K8,
+            ActivationOrder::K32 => GatherInto::F16K32,
+        };
+        // SAFETY: this function's contract.
+        unsafe { self.gather_rows(stream, into, src, idx, n, width, dst) }
     }
 
     /// Which build of the grouped kernels runs (DSPARK_GROUPED_FORM at load).

@@ -19,6 +19,7 @@ pub struct MoeSortedFns {
     gather: CudaFunction,
     gather_f16: CudaFunction,
     gather_f16_k8: CudaFunction,
+    gather_f16_k32: CudaFunction,
     swiglu_f16: CudaFunction,
     combine: CudaFunction,
     u8_range: CudaFunction,
@@ -35,6 +36,7 @@ impl MoeSortedFns {
             gather: f("dsk_gather_rows_f32")?,
             gather_f16: f("dsk_gather_rows_f32_to_f16")?,
             gather_f16_k8: f("dsk_gather_rows_f32_to_f16_k8")?,
+            gather_f16_k32: f("dsk_gather_rows_f32_to_f16_k32")?,
             swiglu_f16: f("dsk_swiglu_clip_to_f16")?,
             combine: f("dsk_moe_combine_sorted_f32")?,
             u8_range: f("dsk_u8_range")?,
@@ -59,6 +61,12 @@ pub enum GatherInto {
     /// grouped FP4 kernels' "k8 order" (see `moe_grouped`; `dsk_gather_rows_f32_to_f16_k8`):
     /// `width` a multiple of 8, `src` and `dst` 16-byte aligned.
     F16K8,
+    /// Rounded to f16 in "k32 order" (in every 32 values, position `16 st + 8 h + 2 t + e` holds
+    /// value `8 t + 2 st + h + 4 e`: the wgmma build of the grouped FP4 kernels,
+    /// `moe_grouped::ActivationOrder::K32`; `dsk_gather_rows_f32_to_f16_k32`): `width` a multiple
+    /// of 32, `dst` 16-byte aligned. A null `idx` converts the rows in place order
+    /// (`dst[i] = src[i]`: x for a gate/up that gathers through its row list).
+    F16K32,
 }
 
 /// Most matrices of one [`Kernels::fp4_dequant_experts`] launch (grid.y).
@@ -285,8 +293,9 @@ impl Kernels {
     /// a negative `idx[i]` writes a row of zeros (the rows [`Self::moe_sort`] leaves unused).
     ///
     /// # Safety
-    /// `idx` must hold `n` device i32, each a row of `src` (`width` f32 per row) or negative;
-    /// `dst` must hold `n * width` values of the output type; all device memory of this context.
+    /// `idx` must hold `n` device i32, each a row of `src` (`width` f32 per row) or negative
+    /// (or be null for [`GatherInto::F16K32`], `src` then holding `n` rows); `dst` must hold
+    /// `n * width` values of the output type; all device memory of this context.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn gather_rows(
         &self,
@@ -318,19 +327,35 @@ impl Kernels {
                 &self.moe_sorted.gather_f16_k8,
                 8,
             ),
+            // Eight scattered loads and one 16-byte store per 8 values.
+            GatherInto::F16K32 => (
+                "gather_rows_f32_to_f16_k32",
+                "launch gather_rows_f32_to_f16_k32",
+                &self.moe_sorted.gather_f16_k32,
+                8,
+            ),
         };
         if n == 0 || width == 0 {
             return Ok(());
         }
-        nonnull(kernel, &[("src", src), ("idx", idx), ("dst", dst)])?;
-        if into == GatherInto::F16K8 {
-            if !width.is_multiple_of(8) {
-                return Err(KernelError::invalid(
-                    kernel,
-                    format!("width {width} must be a multiple of 8"),
-                ));
+        // Only the k32 form reads a null list as "the rows in order".
+        if into == GatherInto::F16K32 {
+            nonnull(kernel, &[("src", src), ("dst", dst)])?;
+        } else {
+            nonnull(kernel, &[("src", src), ("idx", idx), ("dst", dst)])?;
+        }
+        match into {
+            GatherInto::F16K8 | GatherInto::F16K32 => {
+                let group = if into == GatherInto::F16K8 { 8 } else { 32 };
+                if !width.is_multiple_of(group) {
+                    return Err(KernelError::invalid(
+                        kernel,
+                        format!("width {width} must be a multiple of {group}"),
+                    ));
+                }
+                aligned16(kernel, &[("src", src), ("dst", dst)])?;
             }
-            aligned16(kernel, &[("src", src), ("dst", dst)])?;
+            GatherInto::F32 | GatherInto::F16 => {}
         }
         let (nn, w) = (i32_arg(kernel, "n", n)?, i32_arg(kernel, "width", width)?);
         stream
