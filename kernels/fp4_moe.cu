@@ -1202,8 +1202,7 @@ GRP_ENTRIES(_2st, 2, 2)
 #define WG_TOK 128
 #define WG_NST 4
 #define WG_STAGE_X (2 * WG_TOK * 128)
-#define WG_STAGE_W (GRP_WROWS * GRP_CPS * 16)
-#define WG_STAGE (WG_STAGE_X + WG_STAGE_W + GRP_STAGE_S)
+#define WG_STAGE (WG_STAGE_X + GRP_STAGE_W + GRP_STAGE_S)
 
 // Position of value v (0..31) of a chunk in k32 order.
 __device__ __forceinline__ int grp_k32(int v) {

@@ -455,9 +455,8 @@ fn check_device_sort(
     experts: usize,
     tile_rows: usize,
 ) {
-    use dspark_kernels::launch::moe_sorted::{
-        fp4_grouped_max_tiles_of, MoeSortBuffers, MoeSortShape,
-    };
+    use dspark_kernels::launch::moe_grouped::fp4_grouped_max_tiles_of;
+    use dspark_kernels::launch::moe_sorted::{MoeSortBuffers, MoeSortShape};
     let pairs = ids.len();
     let max_tiles = fp4_grouped_max_tiles_of(pairs, experts, tile_rows);
     let idb = g.up(ids);
@@ -548,9 +547,8 @@ fn device_sort_matches_the_host_order_and_tiles() {
     }
 
     // Too many experts for the plan's block: a clear error, nothing launched.
-    use dspark_kernels::launch::moe_sorted::{
-        fp4_grouped_max_tiles_of, MoeSortBuffers, MoeSortShape, MOE_SORT_MAX_EXPERTS,
-    };
+    use dspark_kernels::launch::moe_grouped::fp4_grouped_max_tiles_of;
+    use dspark_kernels::launch::moe_sorted::{MoeSortBuffers, MoeSortShape, MOE_SORT_MAX_EXPERTS};
     let experts = MOE_SORT_MAX_EXPERTS + 1;
     let max_tiles = fp4_grouped_max_tiles_of(chunk.len(), experts, 64);
     let idb = g.up(&chunk);

@@ -118,12 +118,11 @@ pub enum ActivationOrder {
 impl ActivationOrder {
     /// Where value `v` of a row is stored.
     pub fn position(self, v: usize) -> usize {
-        let base = v & !31;
         match self {
             ActivationOrder::K8 => (v & !7) | ((v & 3) << 1) | ((v >> 2) & 1),
             ActivationOrder::K32 => {
                 let (t, r) = ((v & 31) >> 3, v & 7);
-                base + 16 * ((r >> 1) & 1) + 8 * (r & 1) + 2 * t + (r >> 2)
+                (v & !31) + 16 * ((r >> 1) & 1) + 8 * (r & 1) + 2 * t + (r >> 2)
             }
         }
     }
@@ -217,9 +216,15 @@ pub fn fp4_grouped_tiles_of(runs: &[(usize, usize, usize)], tile_rows: usize) ->
     tiles
 }
 
-/// Most tiles `pairs` sorted rows over at most `experts` runs can make.
+/// Most tiles `pairs` sorted rows over at most `experts` runs can make (64-row tiles).
 pub fn fp4_grouped_max_tiles(pairs: usize, experts: usize) -> usize {
-    pairs.div_ceil(FP4_GROUPED_TILE_ROWS) + experts.min(pairs)
+    fp4_grouped_max_tiles_of(pairs, experts, FP4_GROUPED_TILE_ROWS)
+}
+
+/// Most tiles of at most `tile_rows` sorted rows that `pairs` rows over at most `experts` runs
+/// can make: `pairs / tile_rows` whole tiles plus one partial tile per used expert.
+pub fn fp4_grouped_max_tiles_of(pairs: usize, experts: usize, tile_rows: usize) -> usize {
+    pairs.div_ceil(tile_rows.max(1)) + experts.min(pairs)
 }
 
 /// One layer's FP4 bank as the grouped kernels read it: the decode kernels' view of the
@@ -408,7 +413,8 @@ impl Kernels {
             .arg(&k)
             .arg(&shift)
             .arg(&limit);
-        if form == Fp4GroupedForm::Wgmma {
+        // The row list is the last argument of the builds that take one.
+        if form.gathers_in_kernel() {
             launch.arg(&row_of);
         }
         launch

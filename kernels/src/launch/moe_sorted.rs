@@ -8,6 +8,7 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig};
 
+use super::moe_grouped::fp4_grouped_max_tiles_of;
 use super::submit::SubmitKernel;
 use super::{aligned16, function, grid_stride, i32_arg, i64_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
@@ -79,13 +80,6 @@ pub const MOE_SORT_MAX_EXPERTS: usize = 1024;
 const SORT_PLAN_THREADS: u32 = 1024;
 /// Threads of each of the scatter's blocks (one block per expert).
 const SORT_SCATTER_THREADS: u32 = 256;
-
-/// Most tiles of at most `tile_rows` sorted rows that `pairs` rows over at most `experts` runs
-/// can make: `pairs / tile_rows` whole tiles plus one partial tile per used expert (the grouped
-/// kernels' `fp4_grouped_max_tiles` for any tile size).
-pub fn fp4_grouped_max_tiles_of(pairs: usize, experts: usize, tile_rows: usize) -> usize {
-    pairs.div_ceil(tile_rows.max(1)) + experts.min(pairs)
-}
 
 /// The device buffers of [`Kernels::moe_sort`] (all i32, device memory of this context).
 #[derive(Clone, Copy, Debug)]

@@ -29,16 +29,18 @@
 //! `DSPARK_EXPERT_SORT=host` sort on the host ([`ExpertOrder`]).
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{CUdeviceptr, CUevent_flags};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
-use dspark_kernels::launch::moe_grouped::{fp4_grouped_tiles_of, Fp4GroupedBank};
+use dspark_kernels::launch::moe_grouped::{
+    fp4_grouped_max_tiles_of, fp4_grouped_tiles_of, Fp4GroupedBank,
+};
 use dspark_kernels::launch::moe_sorted::{
-    fp4_grouped_max_tiles_of, GatherInto, MoeSortBuffers, MoeSortShape, MOE_SORT_MAX_EXPERTS,
+    GatherInto, MoeSortBuffers, MoeSortShape, MOE_SORT_MAX_EXPERTS,
 };
 
 use super::layer_stack::{fits, GemmScratch, StageClock};
@@ -183,6 +185,11 @@ impl GemmInputs {
     }
 }
 
+/// A switch's value from the environment variable `var`, parsed once per process into `cell`.
+fn env_choice<T: Copy>(cell: &'static OnceLock<T>, var: &str, parse: fn(Option<&str>) -> T) -> T {
+    *cell.get_or_init(|| parse(std::env::var(var).ok().as_deref()))
+}
+
 /// How GEMM steps multiply the routed experts of an FP4 bank, from `DSPARK_EXPERT_GEMM`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum ExpertGemm {
@@ -206,8 +213,8 @@ impl ExpertGemm {
 
     /// Read once per process.
     pub(super) fn from_env() -> Self {
-        static CHOICE: std::sync::OnceLock<ExpertGemm> = std::sync::OnceLock::new();
-        *CHOICE.get_or_init(|| Self::parse(std::env::var("DSPARK_EXPERT_GEMM").ok().as_deref()))
+        static CHOICE: OnceLock<ExpertGemm> = OnceLock::new();
+        env_choice(&CHOICE, "DSPARK_EXPERT_GEMM", Self::parse)
     }
 }
 
@@ -233,8 +240,8 @@ impl ExpertSort {
 
     /// Read once per process.
     pub(super) fn from_env() -> Self {
-        static CHOICE: std::sync::OnceLock<ExpertSort> = std::sync::OnceLock::new();
-        *CHOICE.get_or_init(|| Self::parse(std::env::var("DSPARK_EXPERT_SORT").ok().as_deref()))
+        static CHOICE: OnceLock<ExpertSort> = OnceLock::new();
+        env_choice(&CHOICE, "DSPARK_EXPERT_SORT", Self::parse)
     }
 }
 
@@ -272,8 +279,8 @@ impl ProjGemm {
 
     /// Read once per process.
     pub(super) fn from_env() -> Self {
-        static CHOICE: std::sync::OnceLock<ProjGemm> = std::sync::OnceLock::new();
-        *CHOICE.get_or_init(|| Self::parse(std::env::var("DSPARK_PROJ_GEMM").ok().as_deref()))
+        static CHOICE: OnceLock<ProjGemm> = OnceLock::new();
+        env_choice(&CHOICE, "DSPARK_PROJ_GEMM", Self::parse)
     }
 }
 

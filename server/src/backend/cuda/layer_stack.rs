@@ -939,22 +939,11 @@ impl CudaBackend {
     ) -> Result<Option<StackLayer>, BackendError> {
         let aw = &lw.attn;
         let mw = &lw.moe;
-        // Every matrix must be one the device projections take (dense f32 or FP8).
-        let mut mats: Vec<&CudaMatrix> = vec![&aw.wq_a, &aw.wq_b, &aw.wkv, &aw.wo_b, &mw.gate];
-        mats.extend(aw.wo_a.iter());
-        mats.extend([&mw.shared.w1, &mw.shared.w3, &mw.shared.w2]);
-        if let Some(c) = &aw.compressor {
-            mats.extend([&c.wkv, &c.wgate]);
-        }
-        if let Some(i) = &aw.indexer {
-            mats.extend([
-                &i.wq_b,
-                &i.weights_proj,
-                &i.compressor.wkv,
-                &i.compressor.wgate,
-            ]);
-        }
-        if mats.iter().any(|m| matches!(m, CudaMatrix::Fp4 { .. })) {
+        // Every matrix must be one the device projections take (not FP4).
+        if gemm_matrices(lw)
+            .iter()
+            .any(|m| matches!(m, CudaMatrix::Fp4 { .. }))
+        {
             return Ok(None);
         }
         let dense_experts = match &mw.experts {
