@@ -610,12 +610,16 @@ extern "C" __global__ void __launch_bounds__(512, 1) dsk_attend_partial_heads_tc
 #define DSK_ATTF_SLD (DSK_ATTF_TILE + 4)
 #define DSK_ATTF_PLD (DSK_ATTF_TILE + 8)
 #define DSK_ATTF_KSPLIT(G) (64 / (G))
+// RoPE pairs the block's cos/sin table holds (rope_dim <= 2 x this).
+#define DSK_ATTF_ROPE_PAIRS 64
 // Shared memory (bytes) of the G-head form with raw rows `rs` bytes apart: Q [G][LDH] f16 | key
 // tile [TILE][LDH] f16 | partial logits [KSPLIT][G][SLD] f32 | P [G][PLD] f16 | corrections [G] |
-// row flags [2][TILE] | raw rows [TILE][rs]. Kept in step with AttentionTcForm::smem_bytes_for.
+// row flags [2][TILE] | RoPE cos, sin [2][ROPE_PAIRS] f32 | raw rows [TILE][rs]. Kept in step
+// with AttentionTcForm::smem_bytes.
 #define DSK_ATTF_SMEM_BYTES(G, RS)                                                                   \
     (((G) + DSK_ATTF_TILE) * DSK_ATTF_LDH * 2 + DSK_ATTF_KSPLIT(G) * (G) * DSK_ATTF_SLD * 4 +         \
-     (G) * DSK_ATTF_PLD * 2 + (G) * 4 + 2 * DSK_ATTF_TILE * 4 + DSK_ATTF_TILE * (RS))
+     (G) * DSK_ATTF_PLD * 2 + (G) * 4 + 2 * DSK_ATTF_TILE * 4 + 2 * DSK_ATTF_ROPE_PAIRS * 4 +          \
+     DSK_ATTF_TILE * (RS))
 
 // ldmatrix.x4 (b16): lanes 8 j .. 8 j + 7 give the 16-byte rows of matrix j; r[j] is lane
 // (g, tg)'s pair (g, 2 tg .. + 1) of matrix j, or with `.trans` ((2 tg, g), (2 tg + 1, g)).
@@ -776,11 +780,66 @@ __device__ __forceinline__ void dsk_attf_decode(const unsigned char *raw, const 
     }
 }
 
+// Stages the block's G query heads from their raw projections (q: head 0 of the block, rows of
+// DSK_ATTF_HD) as f16 rows of `qs`: each head RMS-normed without a weight, then its trailing
+// rope_dim channels rotated by the block's table `rope_cs` (cos [pairs], sin at
+// DSK_ATTF_ROPE_PAIRS), the bits dsk_lo_rms_norm_rope_f32 writes before the plain staging rounds
+// them. A warp per head, lane l holding dims l + 32 k: dsk_lo_rms_norm_rope_f32's 256 threads sum
+// dims u and u + 256 (u = 32 v + l: this lane's k = v and v + 8), warp v's butterfly is this
+// warp's over the same lanes, and its second level adds the 8 warp sums as
+// ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7)): the same sum. A RoPE pair (d, d + 1) lies in
+// lanes (l, l ^ 1) (rope0 is even).
+template <int G>
+__device__ __forceinline__ void dsk_attf_stage_raw_q(const float *__restrict__ q, unsigned short *qs,
+                                                     const float *rope_cs, int rope_dim, float eps) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    constexpr int RW = G / DSK_ATTF_WARPS, PER = DSK_ATTF_HD / 32;
+    static_assert(PER == 16, "the emulated sum assumes 512 dims over 256 threads");
+    const int rope0 = DSK_ATTF_HD - rope_dim;
+#pragma unroll 1
+    for (int i = 0; i < RW; ++i) {
+        const int h = warp * RW + i;
+        const float *qr = q + (long long)h * DSK_ATTF_HD;
+        float x[PER];
+#pragma unroll
+        for (int k = 0; k < PER; ++k) x[k] = qr[lane + 32 * k];
+        float s[8];
+#pragma unroll
+        for (int v = 0; v < 8; ++v) s[v] = dsk_warp_sum(fmaf(x[v + 8], x[v + 8], fmaf(x[v], x[v], 0.0f)));
+        const float sum = __fadd_rn(__fadd_rn(__fadd_rn(s[0], s[4]), __fadd_rn(s[2], s[6])),
+                                    __fadd_rn(__fadd_rn(s[1], s[5]), __fadd_rn(s[3], s[7])));
+        const float ms = __fdiv_rn(sum, (float)DSK_ATTF_HD);
+        const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, eps)));
+#pragma unroll
+        for (int k = 0; k < PER; ++k) {
+            const int d = lane + 32 * k;
+            float v = __fmul_rn(x[k], inv);
+            if (32 * k + 32 > rope0) {  // warp-uniform: the shuffle needs every lane
+                const float other = __shfl_xor_sync(0xffffffffu, v, 1);
+                if (d >= rope0) {
+                    const int j = (d - rope0) >> 1;
+                    const float c = rope_cs[j], sn = rope_cs[DSK_ATTF_ROPE_PAIRS + j];
+                    float y0, y1;
+                    if (lane & 1) {
+                        dsk_rope_apply_f32(other, v, c, sn, false, y0, y1);
+                        v = y1;
+                    } else {
+                        dsk_rope_apply_f32(v, other, c, sn, false, y0, y1);
+                        v = y0;
+                    }
+                }
+            }
+            qs[h * DSK_ATTF_LDH + d] = (unsigned short)(dsk_attf_h2(v, 0.0f) & 0xffffu);
+        }
+    }
+}
+
 template <int G>
 __device__ __forceinline__ void dsk_attend_partial_heads_f16_body(
     const float *__restrict__ pool, const float *__restrict__ q, const long long *__restrict__ key_off,
     const int *__restrict__ key_start, int heads, int hd, int splits, float scale, float *__restrict__ part, int fmt,
-    int rope, int rb, int rs) {
+    int rope, int rb, int rs, const int *__restrict__ positions, const float *__restrict__ inv_freq, int rope_dim,
+    float rope_factor, int q_raw, float q_eps, const float *__restrict__ sinks, float *__restrict__ out, int out_f16) {
     constexpr int MT = G / 16, KSPLIT = DSK_ATTF_KSPLIT(G), KQ = DSK_ATTF_HD / KSPLIT, RW = G / DSK_ATTF_WARPS;
     constexpr int CHAINS = G == 16 ? 2 : 1;
     extern __shared__ __align__(16) unsigned char dsk_attf_smem[];
@@ -790,7 +849,8 @@ __device__ __forceinline__ void dsk_attend_partial_heads_f16_body(
     unsigned short *const prob = reinterpret_cast<unsigned short *>(slog + KSPLIT * G * DSK_ATTF_SLD);
     float *const corr = reinterpret_cast<float *>(prob + G * DSK_ATTF_PLD);
     int *const valid = reinterpret_cast<int *>(corr + G);
-    unsigned char *const raw = reinterpret_cast<unsigned char *>(valid + 2 * DSK_ATTF_TILE);
+    float *const rope_cs = reinterpret_cast<float *>(valid + 2 * DSK_ATTF_TILE);
+    unsigned char *const raw = reinterpret_cast<unsigned char *>(rope_cs + 2 * DSK_ATTF_ROPE_PAIRS);
     const int s = blockIdx.x, t = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, tg = lane & 3;
@@ -802,12 +862,24 @@ __device__ __forceinline__ void dsk_attend_partial_heads_f16_body(
     long long nxt = dsk_attf_offset(key_off, a, b);
     if (a < b) dsk_attf_stage(raw, valid, pool, nxt, rb, rs);
     dsk_cp_commit();
+    // The token's RoPE table (the raw queries' rotation and the finish's inverse one).
+    if (positions != nullptr) {
+        const int pos = positions[t];
+        for (int j = threadIdx.x; j < (rope_dim >> 1); j += DSK_ATTF_WARPS * 32)
+            dsk_rope_cos_sin_f32(inv_freq[j], pos, rope_factor, rope_cs[j], rope_cs[DSK_ATTF_ROPE_PAIRS + j]);
+    }
     // Q as f16 rows (the copies above are in flight meanwhile).
+    if (q_raw) {
+        __syncthreads();  // the RoPE table
+        dsk_attf_stage_raw_q<G>(q + ((long long)t * heads + hb) * hd, qs, rope_cs, rope_dim, q_eps);
+    } else {
 #pragma unroll 4
-    for (int i = threadIdx.x; i < G * (DSK_ATTF_HD / 4); i += DSK_ATTF_WARPS * 32) {
-        const int h = i / (DSK_ATTF_HD / 4), c = i % (DSK_ATTF_HD / 4);
-        const float4 v = *reinterpret_cast<const float4 *>(q + ((long long)t * heads + hb + h) * hd + 4 * c);
-        *reinterpret_cast<uint2 *>(qs + h * DSK_ATTF_LDH + 4 * c) = make_uint2(dsk_attf_h2(v.x, v.y), dsk_attf_h2(v.z, v.w));
+        for (int i = threadIdx.x; i < G * (DSK_ATTF_HD / 4); i += DSK_ATTF_WARPS * 32) {
+            const int h = i / (DSK_ATTF_HD / 4), c = i % (DSK_ATTF_HD / 4);
+            const float4 v = *reinterpret_cast<const float4 *>(q + ((long long)t * heads + hb + h) * hd + 4 * c);
+            *reinterpret_cast<uint2 *>(qs + h * DSK_ATTF_LDH + 4 * c) =
+                make_uint2(dsk_attf_h2(v.x, v.y), dsk_attf_h2(v.z, v.w));
+        }
     }
     // This warp's parts: S (m tile, key pair of n tiles, dim slice), softmax rows, PV dims.
     const int smt = warp % MT, snp = (warp / MT) & 1, skq = warp / (2 * MT);
@@ -939,12 +1011,63 @@ __device__ __forceinline__ void dsk_attend_partial_heads_f16_body(
             }
         }
     }
+    if (out != nullptr) {
+        // One split (the launcher's rule): the rows finished here as dsk_attend_combine_one_f32
+        // finishes a one-split record (the same max, weight, denominator, fmaf, division and
+        // inverse rotation: the same bits), without the record's round trip through memory.
+        // slog is free: the last tile's softmax read it before the barrier ahead of its P V.
+        float *const ml = slog;
+        if (lane == 0) {
+#pragma unroll
+            for (int i = 0; i < RW; ++i) {
+                ml[warp * RW + i] = mrow[i];
+                ml[G + warp * RW + i] = lrow[i];
+            }
+        }
+        __syncthreads();
+        const int rope0 = DSK_ATTF_HD - rope_dim;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const int row = 16 * mt + g + 8 * hf;
+                const float m = ml[row], l = ml[G + row], sink = sinks[hb + row];
+                const float mx = l > 0.f ? fmaxf(sink, m) : sink;
+                const float w = l > 0.f ? expf(m - mx) : 0.f;
+                float denom = expf(sink - mx);
+                if (l > 0.f) denom = fmaf(l, w, denom);
+                const long long orow = ((long long)t * heads + hb + row) * hd;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const int d = dw + 8 * j + 2 * tg;
+                    float v0 = 0.f, v1 = 0.f;
+                    if (l > 0.f) v0 = fmaf(o[mt][j][2 * hf], w, v0), v1 = fmaf(o[mt][j][2 * hf + 1], w, v1);
+                    v0 = v0 / denom;
+                    v1 = v1 / denom;
+                    if (positions != nullptr && d >= rope0) {
+                        const int jr = (d - rope0) >> 1;
+                        float y0, y1;
+                        dsk_rope_apply_f32(v0, v1, rope_cs[jr], rope_cs[DSK_ATTF_ROPE_PAIRS + jr], true, y0, y1);
+                        v0 = y0, v1 = y1;
+                    }
+                    // f16 for a GEMM that rounds its input so anyway (dsk_rows_f32_to_f16's
+                    // conversion), else f32.
+                    if (out_f16)
+                        *reinterpret_cast<unsigned int *>(reinterpret_cast<unsigned short *>(out) + orow + d) =
+                            dsk_f32x2_to_f16x2(v0, v1);
+                    else
+                        *reinterpret_cast<float2 *>(out + orow + d) = make_float2(v0, v1);
+                }
+            }
+        }
+        return;
+    }
     if (lane == 0) {
 #pragma unroll
         for (int i = 0; i < RW; ++i) {
-            float *out = part + (((long long)t * heads + hb + warp * RW + i) * splits + s) * (hd + 2);
-            out[0] = mrow[i];
-            out[1] = lrow[i];
+            float *rec = part + (((long long)t * heads + hb + warp * RW + i) * splits + s) * (hd + 2);
+            rec[0] = mrow[i];
+            rec[1] = lrow[i];
         }
     }
 #pragma unroll
@@ -963,16 +1086,22 @@ __device__ __forceinline__ void dsk_attend_partial_heads_f16_body(
 extern "C" __global__ void __launch_bounds__(DSK_ATTF_WARPS * 32, 2) dsk_attend_partial_heads_f16(
     const float *__restrict__ pool, const float *__restrict__ q, const long long *__restrict__ key_off,
     const int *__restrict__ key_start, int heads, int hd, int splits, float scale, float *__restrict__ part, int fmt,
-    int rope, int rb, int rs) {
+    int rope, int rb, int rs, const int *__restrict__ positions, const float *__restrict__ inv_freq, int rope_dim,
+    float rope_factor, int q_raw, float q_eps, const float *__restrict__ sinks, float *__restrict__ out, int out_f16) {
     dsk_pdl_entry();
-    dsk_attend_partial_heads_f16_body<16>(pool, q, key_off, key_start, heads, hd, splits, scale, part, fmt, rope, rb, rs);
+    dsk_attend_partial_heads_f16_body<16>(pool, q, key_off, key_start, heads, hd, splits, scale, part, fmt, rope, rb, rs,
+                                           positions, inv_freq, rope_dim, rope_factor, q_raw, q_eps, sinks, out,
+                                           out_f16);
 }
 extern "C" __global__ void __launch_bounds__(DSK_ATTF_WARPS * 32, 2) dsk_attend_partial_heads_f16x32(
     const float *__restrict__ pool, const float *__restrict__ q, const long long *__restrict__ key_off,
     const int *__restrict__ key_start, int heads, int hd, int splits, float scale, float *__restrict__ part, int fmt,
-    int rope, int rb, int rs) {
+    int rope, int rb, int rs, const int *__restrict__ positions, const float *__restrict__ inv_freq, int rope_dim,
+    float rope_factor, int q_raw, float q_eps, const float *__restrict__ sinks, float *__restrict__ out, int out_f16) {
     dsk_pdl_entry();
-    dsk_attend_partial_heads_f16_body<32>(pool, q, key_off, key_start, heads, hd, splits, scale, part, fmt, rope, rb, rs);
+    dsk_attend_partial_heads_f16_body<32>(pool, q, key_off, key_start, heads, hd, splits, scale, part, fmt, rope, rb, rs,
+                                           positions, inv_freq, rope_dim, rope_factor, q_raw, q_eps, sinks, out,
+                                           out_f16);
 }
 
 // Split-KV attention, pass 2: merges the splits of (t, h) with the head's sink logit in the

@@ -125,19 +125,34 @@ __device__ __forceinline__ int dsk_gemv_segment(const DskGemvSegments &g, int b,
     return i;
 }
 
-// One interleaved RoPE pair (x0, x1) rotated by pos * inv_freq (by minus that with `inverse`),
-// as RopeTable::cos_sin: the angle is the f32 product, widened; cos/sin in double, rounded to
-// f32, then times the attention factor. Every kernel applying RoPE to f32 rows goes through it,
-// so fused and stand-alone launches give the same bits.
-__device__ __forceinline__ void dsk_rope_pair_f32(float x0, float x1, float inv_freq, int pos,
-                                                  float attention_factor, bool inverse, float &y0,
-                                                  float &y1) {
+// The cosine and sine (times the attention factor) of RoPE pair j at `pos`, as
+// RopeTable::cos_sin: the angle is the f32 product inv_freq * pos, widened; cos/sin in double,
+// rounded to f32, then times the attention factor. Kernels that rotate many rows at one position
+// compute them once (dsk_rope_apply_f32 then gives dsk_rope_pair_f32's bits).
+__device__ __forceinline__ void dsk_rope_cos_sin_f32(float inv_freq, int pos, float attention_factor, float &c,
+                                                     float &s) {
     const double a = (double)__fmul_rn(inv_freq, (float)pos);
-    const float c = __fmul_rn((float)cos(a), attention_factor);
-    float s = __fmul_rn((float)sin(a), attention_factor);
+    c = __fmul_rn((float)cos(a), attention_factor);
+    s = __fmul_rn((float)sin(a), attention_factor);
+}
+
+// (x0, x1) rotated by the angle whose cos_sin is (c, s), or by minus it with `inverse`.
+__device__ __forceinline__ void dsk_rope_apply_f32(float x0, float x1, float c, float s, bool inverse, float &y0,
+                                                   float &y1) {
     if (inverse) s = -s;
     y0 = __fadd_rn(__fmul_rn(x0, c), __fmul_rn(-x1, s));
     y1 = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s));
+}
+
+// One interleaved RoPE pair (x0, x1) rotated by pos * inv_freq (by minus that with `inverse`).
+// Every kernel applying RoPE to f32 rows goes through it or the two steps above, so fused and
+// stand-alone launches give the same bits.
+__device__ __forceinline__ void dsk_rope_pair_f32(float x0, float x1, float inv_freq, int pos,
+                                                  float attention_factor, bool inverse, float &y0,
+                                                  float &y1) {
+    float c, s;
+    dsk_rope_cos_sin_f32(inv_freq, pos, attention_factor, c, s);
+    dsk_rope_apply_f32(x0, x1, c, s, inverse, y0, y1);
 }
 
 __device__ __forceinline__ float dsk_warp_sum(float v) {

@@ -797,6 +797,233 @@ extern "C" __global__ void __launch_bounds__(LO_HC_FUSED_BLOCK) dsk_lo_hc_pre_si
                     norm_w, x_out, mix_out, 1, 0, hc, hidden, iters, hc_eps, norm_eps);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The pre side of GEMM steps (thousands of tokens): a cuBLAS GEMM writes the mix dots [n, outs]
+// and these kernels the sums of squares [n] (one chunk: hc_given_dots / hc_given_squares), then
+// the finish. Every value is the one dsk_lo_hc_mix_partial2_f32 (chunk = width) and
+// dsk_lo_hc_pre_finish2_f32 compute, bit for bit (tools/hc_rows_emu.cpp checks it).
+
+// The squares' two levels as dsk_lo_hc_mix_partial_f32 sums them in its 256-thread block: each
+// warp (dsk_warp_sum), then warp 0 the 8 warp sums (zeros above); thread 0 writes *dst.
+__device__ __forceinline__ void lo_squares_total(float acc, float *red, float *dst) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    acc = dsk_warp_sum(acc);
+    if (lane == 0) red[warp] = acc;
+    __syncthreads();
+    if (warp == 0) {
+        const float s = dsk_warp_sum(lane < LO_BLOCK / 32 ? red[lane] : 0.0f);
+        if (lane == 0) *dst = s;
+    }
+}
+
+// Loads a thread of dsk_lo_hc_squares_f32 issues together.
+#define LO_SQ_U 8
+// sq[t] = sum of squares of row t of streams [n, width], one 256-thread block per row: thread
+// gt sums columns gt + 256 m in m order (fmaf), as the chunk kernel with one chunk does.
+// Replaces that kernel in GEMM steps: it re-read the projection row and wrote output 0's dot
+// (which the GEMM overwrites), and kept 16 tokens in a block (n / 16 blocks).
+extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_squares_f32(
+    const float *__restrict__ streams, float *__restrict__ sq, int width) {
+    dsk_pdl_entry();
+    __shared__ float red[LO_BLOCK / 32];
+    const float *sr = streams + (long long)blockIdx.x * width;
+    float acc = 0.0f;
+    for (int cb = threadIdx.x; cb < width; cb += LO_BLOCK * LO_SQ_U) {
+        float v[LO_SQ_U];
+#pragma unroll
+        for (int u = 0; u < LO_SQ_U; ++u) {
+            const int c = cb + u * LO_BLOCK;
+            v[u] = c < width ? sr[c] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < LO_SQ_U; ++u)
+            if (cb + u * LO_BLOCK < width) acc = fmaf(v[u], v[u], acc);
+    }
+    lo_squares_total(acc, red, sq + blockIdx.x);
+}
+
+// The finish from given dots. finish2 gives each token a 1,024-thread block whose warp 0 runs
+// the Sinkhorn (40 dependent passes) while the others collapse and norm: one block fits an SM,
+// which then idles on that chain (442 us for 8,192 tokens on an H200, 1.5 TB/s). Here blocks
+// come in groups of LO_ROWS_GROUP + 1: LO_ROWS_GROUP blocks of 256 threads collapse and norm a
+// token each from float4 loads, and one block runs those tokens' Sinkhorns (a warp each), so
+// the chains share the SMs with the streaming. finish2's bits:
+// - pre / post / comb: the same steps and Sinkhorn functions on the same values (a dot there is
+//   a warp sum of one chunk partial and zeros: x + 0, here __fadd_rn(x, 0));
+// - the norm's sum of squares: finish2's thread T (of 1,024) chains channels T + 1024 i in i
+//   order (fmaf), warps sum their threads (dsk_warp_sum), one warp the 32 warps. Thread r here
+//   loads the float4s r + 256 i, channels 4 r + e + 1024 i (e < 4): the whole chains of
+//   finish2's threads 4 r + e. Its warp W = r / 8 has them as lanes 4 (r % 8) + e, so that
+//   warp's butterfly (lanes xor 16, 8, 4, 2, 1) is, with the same operands, lanes xor 4, 2, 1
+//   here, then e ^ 2 and e ^ 1 in the thread; the 32 warp sums are summed as there.
+#define LO_ROWS_GROUP 8
+// float4s per stream a thread collapses: hidden <= LO_ROWS_VPT * 4 * 256.
+#define LO_ROWS_VPT 4
+
+// One token's pre[hc] / post[hc] / comb[hc * hc] into mo by one warp (finish2's warp 0).
+__device__ __forceinline__ void lo_hc_rows_mix(const float *__restrict__ d, float sq, int width,
+                                               float mix_eps, const float *__restrict__ base,
+                                               float scale0, float scale1, float scale2,
+                                               float *__restrict__ mo, int hc, int iters,
+                                               float hc_eps, float *cm, float *sums) {
+    const int lane = threadIdx.x & 31, nn = hc * hc;
+    const float ms = __fdiv_rn(__fadd_rn(sq, 0.0f), (float)width);
+    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, mix_eps)));
+    if (lane < 2 * hc) {
+        const float pj = __fmul_rn(__fadd_rn(d[lane], 0.0f), inv);
+        mo[lane] = lane < hc
+                       ? __fadd_rn(lo_sigmoid(__fadd_rn(__fmul_rn(pj, scale0), base[lane])), hc_eps)
+                       : __fmul_rn(2.0f, lo_sigmoid(__fadd_rn(__fmul_rn(pj, scale1), base[lane])));
+    }
+    if (nn <= 32) {
+        const int i = lane % nn;
+        const float logit = __fadd_rn(
+            __fmul_rn(__fmul_rn(__fadd_rn(d[2 * hc + i], 0.0f), inv), scale2), base[2 * hc + i]);
+        const float m = hc == 4 ? lo_sinkhorn_regs<4>(logit, 4, iters, hc_eps)
+                                : lo_sinkhorn_regs<0>(logit, hc, iters, hc_eps);
+        if (lane < nn) mo[2 * hc + lane] = m;
+    } else {
+        for (int i = lane; i < nn; i += 32)
+            cm[i] = __fadd_rn(__fmul_rn(__fmul_rn(__fadd_rn(d[2 * hc + i], 0.0f), inv), scale2),
+                              base[2 * hc + i]);
+        __syncwarp();
+        lo_sinkhorn_warp_smem(cm, sums, hc, iters, hc_eps);
+        for (int i = lane; i < nn; i += 32) mo[2 * hc + i] = cm[i];
+    }
+}
+
+// One token's collapse and sub-layer norm by a 256-thread block: `st`, `xo` the token's streams
+// and x_out rows (16-byte aligned, hidden a multiple of 4). HCT = 4 loads all four streams
+// before pre is known.
+template <int HCT>
+__device__ __forceinline__ void lo_hc_rows_collapse(
+    const float *__restrict__ d, float sq, int width, float mix_eps,
+    const float *__restrict__ base, float scale0, const float *__restrict__ st,
+    const float *__restrict__ norm_w, float *__restrict__ xo, int hc_rt, int hidden,
+    float hc_eps, float norm_eps, float *pre_s, float *red) {
+    const int hc = HCT > 0 ? HCT : hc_rt;
+    const int r = threadIdx.x, lane = r & 31;
+    float4 sv[HCT > 0 ? HCT : 1][LO_ROWS_VPT];
+#pragma unroll
+    for (int i = 0; i < LO_ROWS_VPT; ++i) {
+        const int c = 4 * (r + LO_BLOCK * i);
+        if constexpr (HCT > 0) {
+            if (c < hidden) {
+#pragma unroll
+                for (int k = 0; k < HCT; ++k)
+                    sv[k][i] = *reinterpret_cast<const float4 *>(st + (long long)k * hidden + c);
+            }
+        }
+    }
+    if (r < hc) {
+        const float ms = __fdiv_rn(__fadd_rn(sq, 0.0f), (float)width);
+        const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, mix_eps)));
+        const float pj = __fmul_rn(__fadd_rn(d[r], 0.0f), inv);
+        pre_s[r] = __fadd_rn(lo_sigmoid(__fadd_rn(__fmul_rn(pj, scale0), base[r])), hc_eps);
+    }
+    __syncthreads();
+    float pre[HCT > 0 ? HCT : LO_HC_MAX];
+#pragma unroll
+    for (int k = 0; k < (HCT > 0 ? HCT : LO_HC_MAX); ++k) pre[k] = k < hc ? pre_s[k] : 0.0f;
+    // Collapse (k ascending from 0, as lo_collapse) and the chains of threads 4 r + e.
+    float v[LO_ROWS_VPT][4];
+    float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int i = 0; i < LO_ROWS_VPT; ++i) {
+        const int c = 4 * (r + LO_BLOCK * i);
+        if (c < hidden) {
+            float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int k = 0; k < (HCT > 0 ? HCT : LO_HC_MAX); ++k) {
+                if (k < hc) {
+                    float4 s;
+                    if constexpr (HCT > 0)
+                        s = sv[k][i];
+                    else
+                        s = *reinterpret_cast<const float4 *>(st + (long long)k * hidden + c);
+                    a[0] = __fadd_rn(a[0], __fmul_rn(pre[k], s.x));
+                    a[1] = __fadd_rn(a[1], __fmul_rn(pre[k], s.y));
+                    a[2] = __fadd_rn(a[2], __fmul_rn(pre[k], s.z));
+                    a[3] = __fadd_rn(a[3], __fmul_rn(pre[k], s.w));
+                }
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                v[i][e] = a[e];
+                x[e] = fmaf(a[e], a[e], x[e]);
+            }
+        }
+    }
+    // finish2's warp r / 8: its lanes xor 16, 8, 4 (lanes xor 4, 2, 1 here), then xor 2, 1.
+#pragma unroll
+    for (int o = 4; o > 0; o >>= 1) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) x[e] += __shfl_xor_sync(LO_FULL_MASK, x[e], o);
+    }
+    const float wsum = (x[0] + x[2]) + (x[1] + x[3]);
+    if ((lane & 7) == 0) red[r >> 3] = wsum;
+    __syncthreads();
+    // Every warp sums the 32 warp sums (same bits in each), so no second barrier.
+    const float total = dsk_warp_sum(red[lane]);
+    const float ms = __fdiv_rn(total, (float)hidden);
+    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, norm_eps)));
+#pragma unroll
+    for (int i = 0; i < LO_ROWS_VPT; ++i) {
+        const int c = 4 * (r + LO_BLOCK * i);
+        if (c < hidden) {
+            float y[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) y[e] = __fmul_rn(v[i][e], inv);
+            if (norm_w) {
+                const float4 w = *reinterpret_cast<const float4 *>(norm_w + c);
+                y[0] = __fmul_rn(w.x, y[0]);
+                y[1] = __fmul_rn(w.y, y[1]);
+                y[2] = __fmul_rn(w.z, y[2]);
+                y[3] = __fmul_rn(w.w, y[3]);
+            }
+            *reinterpret_cast<float4 *>(xo + c) = make_float4(y[0], y[1], y[2], y[3]);
+        }
+    }
+}
+
+// dsk_lo_hc_pre_finish2_f32 with one chunk (dots [n, outs], sq [n]) for many tokens: block
+// g * (LO_ROWS_GROUP + 1) + j collapses and norms token g * LO_ROWS_GROUP + j (j <
+// LO_ROWS_GROUP), or (j == LO_ROWS_GROUP) writes the mix_out rows of those tokens, a warp each.
+// 256 threads; streams, x_out and norm_w 16-byte aligned, hidden a multiple of 4 and at most
+// 4,096.
+extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_pre_rows_f32(
+    const float *__restrict__ dots, const float *__restrict__ sq, int width, float mix_eps,
+    const float *__restrict__ base, float scale0, float scale1, float scale2,
+    const float *__restrict__ streams, const float *__restrict__ norm_w,
+    float *__restrict__ x_out, float *__restrict__ mix_out, int n, int hc, int hidden, int iters,
+    float hc_eps, float norm_eps) {
+    dsk_pdl_entry();
+    __shared__ float cm[LO_BLOCK / 32][LO_HC_MAX * LO_HC_MAX];
+    __shared__ float sums[LO_BLOCK / 32][LO_HC_MAX];
+    __shared__ float pre_s[LO_HC_MAX];
+    __shared__ float red[32];
+    const int outs = (2 + hc) * hc;
+    const int g = blockIdx.x / (LO_ROWS_GROUP + 1), j = blockIdx.x % (LO_ROWS_GROUP + 1);
+    if (j == LO_ROWS_GROUP) {
+        const int warp = threadIdx.x >> 5, t = g * LO_ROWS_GROUP + warp;
+        if (warp < LO_ROWS_GROUP && t < n)
+            lo_hc_rows_mix(dots + (long long)t * outs, sq[t], width, mix_eps, base, scale0,
+                           scale1, scale2, mix_out + (long long)t * outs, hc, iters, hc_eps,
+                           cm[warp], sums[warp]);
+        return;
+    }
+    const int t = g * LO_ROWS_GROUP + j;
+    if (t >= n) return;
+    const float *st = streams + (long long)t * hc * hidden;
+    float *xo = x_out + (long long)t * hidden;
+    if (hc == 4)
+        lo_hc_rows_collapse<4>(dots + (long long)t * outs, sq[t], width, mix_eps, base, scale0, st,
+                               norm_w, xo, 4, hidden, hc_eps, norm_eps, pre_s, red);
+    else
+        lo_hc_rows_collapse<0>(dots + (long long)t * outs, sq[t], width, mix_eps, base, scale0, st,
+                               norm_w, xo, hc, hidden, hc_eps, norm_eps, pre_s, red);
+}
+
 // expand: new[k][c] = post[k] * out[c] + sum_j comb[j, k] * old[j][c] (j ascending), in place;
 // each thread owns channel c of one token across all streams.
 extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_post_f32(
@@ -819,6 +1046,150 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_post_f32(
             s[(long long)k * hidden] = v;
         }
     }
+}
+
+// VEC consecutive floats at p (VEC 4: one 16-byte access, p 16-byte aligned).
+template <int VEC>
+__device__ __forceinline__ void lo_ld(const float *p, float (&v)[VEC]) {
+    if constexpr (VEC == 4) {
+        const float4 q = *reinterpret_cast<const float4 *>(p);
+        v[0] = q.x;
+        v[1] = q.y;
+        v[2] = q.z;
+        v[3] = q.w;
+    } else {
+#pragma unroll
+        for (int u = 0; u < VEC; ++u) v[u] = p[u];
+    }
+}
+template <int VEC>
+__device__ __forceinline__ void lo_st(float *p, const float (&v)[VEC]) {
+    if constexpr (VEC == 4) {
+        *reinterpret_cast<float4 *>(p) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+#pragma unroll
+        for (int u = 0; u < VEC; ++u) p[u] = v[u];
+    }
+}
+
+// dsk_lo_hc_post_f32's update of channels c .. c + VEC of token blockIdx.y, element by element
+// the same steps (post[k] * out, then + comb[j, k] * old[j] for j ascending). The old kernel
+// spent its time on 64-bit index divisions, the coefficients re-read per element and its
+// streams in a local-memory array (runtime hc); here the streams are registers (hc a constant or
+// guarded loops up to LO_HC_MAX), the token's coefficients are read once into shared memory
+// (after the streams' loads are issued, so the two latencies overlap) and a thread moves VEC
+// channels of every stream with 16-byte accesses.
+template <int HCT, int VEC>
+__device__ __forceinline__ void lo_hc_post_cols(float *streams, const float *__restrict__ mix,
+                                                const float *__restrict__ out, int hc_rt,
+                                                int hidden, float *coef) {
+    constexpr int HM = HCT > 0 ? HCT : LO_HC_MAX;
+    const int hc = HCT > 0 ? HCT : hc_rt;
+    const int t = blockIdx.y;
+    const int c = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+    const bool live = c < hidden;
+    float *s = streams + (long long)t * hc * hidden + c;
+    float old[HM][VEC], o[VEC];
+    if (live) {
+#pragma unroll
+        for (int j = 0; j < HM; ++j)
+            if (j < hc) lo_ld<VEC>(s + (long long)j * hidden, old[j]);
+        lo_ld<VEC>(out + (long long)t * hidden + c, o);
+    }
+    for (int i = threadIdx.x; i < (1 + hc) * hc; i += blockDim.x)
+        coef[i] = mix[(long long)t * (2 + hc) * hc + hc + i];
+    __syncthreads();
+    if (!live) return;
+#pragma unroll
+    for (int k = 0; k < HM; ++k) {
+        if (k < hc) {
+            const float pk = coef[k];
+            float v[VEC];
+#pragma unroll
+            for (int u = 0; u < VEC; ++u) v[u] = __fmul_rn(pk, o[u]);
+#pragma unroll
+            for (int j = 0; j < HM; ++j) {
+                if (j < hc) {
+                    const float cjk = coef[hc + j * hc + k];
+#pragma unroll
+                    for (int u = 0; u < VEC; ++u) v[u] = __fadd_rn(v[u], __fmul_rn(cjk, old[j][u]));
+                }
+            }
+            lo_st<VEC>(s + (long long)k * hidden, v);
+        }
+    }
+}
+
+// dsk_lo_hc_post_f32's values (same bits) for tokens blockIdx.y and channel groups of VEC = 4
+// (vec4: hidden a multiple of 4, streams and out 16-byte aligned) or 1 per thread over
+// blockIdx.x. Any block size (the launcher takes fewer threads at decode sizes, so one row's
+// channels spread over more SMs).
+extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_post2_f32(
+    float *streams, const float *__restrict__ mix, const float *__restrict__ out, int hc,
+    int hidden, int vec4) {
+    dsk_pdl_entry();
+    __shared__ float coef[(1 + LO_HC_MAX) * LO_HC_MAX];
+    if (vec4) {
+        if (hc == 4)
+            lo_hc_post_cols<4, 4>(streams, mix, out, 4, hidden, coef);
+        else
+            lo_hc_post_cols<0, 4>(streams, mix, out, hc, hidden, coef);
+    } else if (hc == 4) {
+        lo_hc_post_cols<4, 1>(streams, mix, out, 4, hidden, coef);
+    } else {
+        lo_hc_post_cols<0, 1>(streams, mix, out, hc, hidden, coef);
+    }
+}
+
+// Channels a thread of dsk_lo_hc_post_squares_f32 updates per stream: hidden <= 16 * 256.
+#define LO_PS_CPT 16
+// dsk_lo_hc_post_f32 for hc = 4, plus sq[t] = the sum of squares of token t's new streams with
+// dsk_lo_hc_squares_f32's bits (so a GEMM step's next pre skips that launch and its read of the
+// streams). One 256-thread block per token (blockIdx.x); hidden a multiple of 256. Thread gt
+// owns channels gt + 256 m of every stream: the squares kernel's columns gt + 256 m' of the
+// flat row, in the same order (stream-major) once the thread holds all its new values.
+extern "C" __global__ void __launch_bounds__(LO_BLOCK, 2) dsk_lo_hc_post_squares_f32(
+    float *streams, const float *__restrict__ mix, const float *__restrict__ out,
+    float *__restrict__ sq, int hidden) {
+    dsk_pdl_entry();
+    __shared__ float coef[5 * 4];
+    __shared__ float red[LO_BLOCK / 32];
+    const int t = blockIdx.x, cpt = hidden / LO_BLOCK;
+    float *s = streams + (long long)t * 4 * hidden + threadIdx.x;
+    const float *o = out + (long long)t * hidden + threadIdx.x;
+    float old[4][LO_PS_CPT], ov[LO_PS_CPT];
+#pragma unroll
+    for (int m = 0; m < LO_PS_CPT; ++m) {
+        if (m < cpt) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) old[j][m] = s[(long long)j * hidden + m * LO_BLOCK];
+            ov[m] = o[m * LO_BLOCK];
+        }
+    }
+    if (threadIdx.x < 5 * 4) coef[threadIdx.x] = mix[(long long)t * 24 + 4 + threadIdx.x];
+    __syncthreads();
+    float pk[4], cjk[4][4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        pk[k] = coef[k];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) cjk[j][k] = coef[4 + j * 4 + k];
+    }
+    float acc = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+#pragma unroll
+        for (int m = 0; m < LO_PS_CPT; ++m) {
+            if (m < cpt) {
+                float v = __fmul_rn(pk[k], ov[m]);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) v = __fadd_rn(v, __fmul_rn(cjk[j][k], old[j][m]));
+                s[(long long)k * hidden + m * LO_BLOCK] = v;
+                acc = fmaf(v, v, acc);
+            }
+        }
+    }
+    lo_squares_total(acc, red, sq + t);
 }
 
 // HyperHead::collapse after the projections: pre[i] = sigmoid(dot * scale + base[i]) + hc_eps.

@@ -8,7 +8,8 @@
 //   dsk_gather_rows_f32:         dst[i, :] = src[idx[i], :] (activations into expert order);
 //       idx[i] < 0 (a sorted row no pair maps to, from the device sort) writes zeros.
 //   dsk_moe_combine_sorted_f32:  out[t, :] = sum_j w[t, j] * y[pos[t, j], :], slots in order (as
-//       the decode kernels sum them); pos < 0 adds nothing.
+//       the decode kernels sum them), then + addend[t, :] where addend is given (the shared
+//       expert's output, added as a separate add_f32 would); pos < 0 adds nothing.
 //   The f16 forms (GEMMs on f16 tensor cores with f32 accumulation): the widened weights are
 //   exact in f16 when every block scale is 2^-23 .. 2^13 (checked per bank with dsk_u8_range);
 //   activations round to f16's 11 significant bits, as TF32 rounds them.
@@ -141,12 +142,13 @@ extern "C" __global__ void __launch_bounds__(256) dsk_gather_rows_f32(
 // out[t, c] = sum over j < topk (in order) of weights[t * topk + j] * y[pos[t * topk + j], c].
 extern "C" __global__ void __launch_bounds__(256) dsk_moe_combine_sorted_f32(
     const float *__restrict__ y, const int *__restrict__ pos, const float *__restrict__ weights,
-    int tokens, int topk, int hidden, float *__restrict__ out) {
+    int tokens, int topk, int hidden, float *__restrict__ out, const float *__restrict__ addend) {
     dsk_pdl_entry();
     // Four values a thread with 16-byte loads and stores where hidden allows (the same products
     // summed in the same slot order, so the same bits): the scalar form ran at about half the
     // copy bandwidth.
-    if ((hidden & 3) == 0 && ((reinterpret_cast<unsigned long long>(y) | reinterpret_cast<unsigned long long>(out)) & 15) == 0) {
+    if ((hidden & 3) == 0 && ((reinterpret_cast<unsigned long long>(y) | reinterpret_cast<unsigned long long>(out) |
+                               reinterpret_cast<unsigned long long>(addend)) & 15) == 0) {
         const int quads = hidden >> 2;
         const long long total = (long long)tokens * quads;
         for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
@@ -164,6 +166,13 @@ extern "C" __global__ void __launch_bounds__(256) dsk_moe_combine_sorted_f32(
                 acc.z += w * v.z;
                 acc.w += w * v.w;
             }
+            if (addend != nullptr) {
+                const float4 a = reinterpret_cast<const float4 *>(addend + t * hidden)[c];
+                acc.x += a.x;
+                acc.y += a.y;
+                acc.z += a.z;
+                acc.w += a.w;
+            }
             reinterpret_cast<float4 *>(out + t * hidden)[c] = acc;
         }
         return;
@@ -177,6 +186,7 @@ extern "C" __global__ void __launch_bounds__(256) dsk_moe_combine_sorted_f32(
             const int p = pos[t * topk + j];
             if (p >= 0) acc += weights[t * topk + j] * y[(long long)p * hidden + c];
         }
+        if (addend != nullptr) acc += addend[i];
         out[i] = acc;
     }
 }

@@ -160,6 +160,9 @@ fn run_merged_twice(
         scale,
         format: KvRowFormat::F32,
         inverse_rope,
+        query_norm_eps: None,
+        separate_merge: false,
+        out_f16: false,
     };
     // SAFETY: every buffer holds the shape `a` names; every key offset leaves hd floats in the
     // pool.
@@ -372,6 +375,9 @@ fn head_grouped_attention_rejects_ungrouped_heads() {
         scale: 0.125,
         format: KvRowFormat::F32,
         inverse_rope: None,
+        query_norm_eps: None,
+        separate_merge: false,
+        out_f16: false,
     };
     assert_eq!(ATTENTION_HEAD_GROUP, 16);
     assert!(matches!(

@@ -20,12 +20,14 @@ use cudarc::driver::sys::CUevent_flags;
 use dspark_kernels::launch::attention::{
     attention_tc_form, check_attention_heads_tc, AttentionTcForm, ATTENTION_TC_HEAD_DIM,
 };
+use dspark_kernels::launch::layer_ops::{RmsNormF32, RmsNormRopeF32};
 use dspark_kernels::{
-    attention_splits, attention_workspace_floats, KernelError, KvRowFormat, PagedAttention,
+    attention_splits, attention_workspace_floats, InverseRope, KernelError, KvRowFormat,
+    PagedAttention,
 };
 
 mod common;
-use common::{bf16_bits, gpu, row_errs, Gpu, Rng};
+use common::{bf16_bits, gpu, row_errs, time_us, Gpu, Rng};
 
 /// TF32's unit roundoff (round to nearest, 10 explicit mantissa bits), f16's as well: the f16
 /// forms keep the same bound.
@@ -215,6 +217,9 @@ fn call(g: &Gpu, c: &Case, b: &Bufs, splits: usize, scale: f32) -> PagedAttentio
         scale,
         format: c.format,
         inverse_rope: None,
+        query_norm_eps: None,
+        separate_merge: false,
+        out_f16: false,
     }
 }
 
@@ -355,6 +360,165 @@ fn tensor_core_attention_matches_f32_kernel_and_f64() {
     check(&g, &c, "all masked");
 }
 
+/// A RoPE table (V4's 64 rotated channels, base 10000) and a position per token up to 1M, on
+/// the device: what the layer stack rotates queries and keys with.
+struct RopeBufs {
+    positions: cudarc::driver::CudaSlice<i32>,
+    inv_freq: cudarc::driver::CudaSlice<f32>,
+}
+
+impl RopeBufs {
+    const DIM: usize = 64;
+    const FACTOR: f32 = 1.25;
+
+    fn new(g: &Gpu, rng: &mut Rng, tokens: usize) -> Self {
+        let inv_freq: Vec<f32> = (0..Self::DIM / 2)
+            .map(|j| 10000f32.powf(-2.0 * j as f32 / Self::DIM as f32))
+            .collect();
+        let positions: Vec<i32> = (0..tokens).map(|_| rng.below(1 << 20) as i32).collect();
+        Self {
+            positions: g.up(&positions),
+            inv_freq: g.up(&inv_freq),
+        }
+    }
+
+    fn table(&self, g: &Gpu) -> InverseRope {
+        InverseRope {
+            positions: g.ptr(&self.positions),
+            inv_freq: g.ptr(&self.inv_freq),
+            rope_dim: Self::DIM,
+            attention_factor: Self::FACTOR,
+        }
+    }
+
+    /// The separate launch the f16 forms' raw-query staging replaces: each head of `q`
+    /// RMS-normed (no weight) and rotated, into `out`.
+    fn norm_rope(&self, g: &Gpu, q: u64, out: u64, tokens: usize, heads: usize, eps: f32) {
+        let call = RmsNormRopeF32 {
+            norm: RmsNormF32 {
+                x: q,
+                out,
+                weight: 0,
+                rows: tokens * heads,
+                dim: ATTENTION_TC_HEAD_DIM,
+                ld_x: ATTENTION_TC_HEAD_DIM,
+                ld_out: ATTENTION_TC_HEAD_DIM,
+                eps,
+            },
+            positions: g.ptr(&self.positions),
+            inv_freq: g.ptr(&self.inv_freq),
+            heads,
+            rope_dim: Self::DIM,
+            attention_factor: Self::FACTOR,
+        };
+        // SAFETY: q and out hold tokens x heads rows of 512, positions `tokens` i32, inv_freq
+        // 32 f32.
+        unsafe { g.k.rms_norm_rope_f32(&g.s, &call) }.unwrap();
+    }
+}
+
+/// The f16 forms' fusions give the separate launches' bits: raw queries normed and rotated as
+/// they are staged (against `rms_norm_rope_f32` first), and one split finished in pass 1 (against
+/// pass 1's record and the one-split merge), each alone and both together, over FP8 and BF16
+/// records, with holes, a token without keys and one whose keys are all masked; at several
+/// splits the merge stays separate and only the queries' staging differs.
+#[test]
+fn f16_fused_query_norm_and_one_split_finish_equal_the_separate_launches() {
+    let Some(g) = gpu("f16_fused_query_norm_and_one_split_finish_equal_the_separate_launches")
+    else {
+        return;
+    };
+    let mut rng = Rng(0x5f16_f05e_u64);
+    let eps = 1e-6f32;
+    let fp8 = KvRowFormat::Fp8Latent { rope: 64 };
+    for (heads, format) in [(32, fp8), (64, fp8), (32, KvRowFormat::Bf16)] {
+        // Raw projections of several units (the norm matters), holes in the key lists.
+        let c = Case::new(&mut rng, heads, &[640, 7, 0, 128, 33, 1400], 5, 3.0, format);
+        let masked = Case::new(&mut rng, heads, &[9], 1, 3.0, format);
+        for c in [&c, &masked] {
+            let tokens = c.tokens();
+            let rope = RopeBufs::new(&g, &mut rng, tokens);
+            let picked = attention_splits(1400, tokens, heads, g.k.multiprocessors());
+            for splits in [1, picked.max(2)] {
+                for form in [AttentionTcForm::F16Heads16, AttentionTcForm::F16Heads32] {
+                    let b = upload(&g, c, splits);
+                    let normed = g.up(&vec![f32::NAN; c.q.len()]);
+                    rope.norm_rope(&g, g.ptr(&b.q), g.ptr(&normed), tokens, heads, eps);
+                    let base = PagedAttention {
+                        inverse_rope: Some(rope.table(&g)),
+                        ..call(&g, c, &b, splits, 1.0 / (c.hd as f32).sqrt())
+                    };
+                    let mut outs = Vec::new();
+                    // (raw queries, finish in pass 1 where one split)
+                    for (raw, fused_finish) in
+                        [(false, false), (false, true), (true, false), (true, true)]
+                    {
+                        let a = PagedAttention {
+                            q: if raw { g.ptr(&b.q) } else { g.ptr(&normed) },
+                            query_norm_eps: raw.then_some(eps),
+                            separate_merge: !fused_finish,
+                            out_f16: false,
+                            ..base
+                        };
+                        // SAFETY: every buffer holds the shape `a` names; every key offset
+                        // leaves a row of the case's format in the pool.
+                        unsafe { g.k.paged_attention_heads_tc_form(&g.s, &a, form) }.unwrap();
+                        outs.push(g.down(&b.out));
+                    }
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                    assert!(
+                        outs[0].iter().all(|v| v.is_finite()),
+                        "{form:?}: non-finite output"
+                    );
+                    for (i, o) in outs.iter().enumerate().skip(1) {
+                        assert!(
+                            bits(o) == bits(&outs[0]),
+                            "{form:?} {format:?} heads {heads} splits {splits}: variant {i} \
+                             differs from the separate launches"
+                        );
+                    }
+                    // One split: the rows finished straight to f16 equal the f32 output rounded by
+                    // rows_to_f16 (what the output projection's GEMM would do with it); more
+                    // splits merge into f32, and f16 output is refused.
+                    let n = c.q.len();
+                    let half = g.up(&vec![0u16; n]);
+                    let a = PagedAttention {
+                        q: g.ptr(&b.q),
+                        out: g.ptr(&half),
+                        query_norm_eps: Some(eps),
+                        separate_merge: false,
+                        out_f16: true,
+                        ..base
+                    };
+                    // SAFETY: as above; `half` holds the output's values as f16.
+                    let got = unsafe { g.k.paged_attention_heads_tc_form(&g.s, &a, form) };
+                    if splits == 1 {
+                        got.unwrap();
+                        let want = g.up(&vec![0u16; n]);
+                        let f32_out = g.up(&outs[0]);
+                        // SAFETY: f32_out holds n / 512 rows of 512, want as many f16.
+                        unsafe {
+                            g.k.rows_to_f16(&g.s, g.ptr(&f32_out), 512, g.ptr(&want), n / 512, 512)
+                        }
+                        .unwrap();
+                        assert!(
+                            g.down(&half) == g.down(&want),
+                            "{form:?} {format:?} heads {heads}: f16 output differs from the \
+                             rounded f32 one"
+                        );
+                    } else {
+                        assert!(matches!(got, Err(KernelError::InvalidLaunch { .. })));
+                    }
+                    eprintln!(
+                        "f16 fusions {form:?} {format:?} heads {heads} tokens {tokens} splits \
+                         {splits}: same bits"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn tensor_core_attention_rejects_other_head_dims() {
     let Some(g) = gpu("tensor_core_attention_rejects_other_head_dims") else {
@@ -375,6 +539,9 @@ fn tensor_core_attention_rejects_other_head_dims() {
         scale: 0.125,
         format: KvRowFormat::F32,
         inverse_rope: None,
+        query_norm_eps: None,
+        separate_merge: false,
+        out_f16: false,
     };
     for form in ALL_FORMS {
         assert!(check_attention_heads_tc(&a, form, g.k.smem_optin()).is_err());
@@ -444,9 +611,11 @@ fn attention_tc_timing_print() {
             0f32;
             attention_workspace_floats(tokens, heads, hd, splits)
         ]);
+        let rope = RopeBufs::new(&g, &mut rng, tokens);
+        let normed = g.up(&vec![0f32; tokens * heads * hd]);
         let a = PagedAttention {
             pool: g.ptr(&pool),
-            q: g.ptr(&q),
+            q: g.ptr(&normed),
             key_offsets: g.ptr(&offsets),
             key_starts: g.ptr(&starts),
             sinks: g.ptr(&sinks),
@@ -458,8 +627,42 @@ fn attention_tc_timing_print() {
             splits,
             scale,
             format,
-            inverse_rope: None,
+            inverse_rope: Some(rope.table(&g)),
+            query_norm_eps: None,
+            separate_merge: true,
+            out_f16: false,
         };
+        // The layer stack's two ways for the f16 forms: the queries' norm + RoPE launch, pass 1
+        // and the merge; or pass 1 norming the raw queries and finishing one split itself.
+        let fused = PagedAttention {
+            q: g.ptr(&q),
+            query_norm_eps: Some(1e-6),
+            separate_merge: false,
+            out_f16: false,
+            ..a
+        };
+        for (what, form) in [
+            ("F16 16", AttentionTcForm::F16Heads16),
+            ("F16 32", AttentionTcForm::F16Heads32),
+        ] {
+            if format == KvRowFormat::F32 {
+                continue;
+            }
+            let reps = if tokens > 16 { 5 } else { 200 };
+            let separate = time_us(&g, reps, &|| {
+                rope.norm_rope(&g, g.ptr(&q), g.ptr(&normed), tokens, heads, 1e-6);
+                // SAFETY: as the launches below.
+                unsafe { g.k.paged_attention_heads_tc_form(&g.s, &a, form) }.unwrap();
+            });
+            let together = time_us(&g, reps, &|| {
+                // SAFETY: as the launches below; q holds the raw queries.
+                unsafe { g.k.paged_attention_heads_tc_form(&g.s, &fused, form) }.unwrap();
+            });
+            eprintln!(
+                "attention T{tokens} H{heads} keys {keys} {format:?} splits {splits} {what}: \
+                 norm + RoPE, pass 1, merge {separate:10.1} us; fused {together:10.1} us"
+            );
+        }
         let flops = (tokens * heads * keys * hd * 4) as f64;
         let reps = if tokens > 16 { 5 } else { 200 };
         for (what, form) in [

@@ -568,6 +568,9 @@ impl AttnCase {
             scale,
             format: self.format,
             inverse_rope: None,
+            query_norm_eps: None,
+            separate_merge: false,
+            out_f16: false,
         };
         // SAFETY: every buffer holds the shape `a` names; every key offset starts a whole
         // record inside the pool.

@@ -6,11 +6,12 @@
 //! one either). Skips (passes with a SKIP line) where there is no GPU.
 
 use dspark_kernels::launch::layer_ops::{
-    hc_head_workspace_floats, hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcHead, HcMix,
-    HcPost, HcPreFinish, HcPreFused, HcPreKernel, RmsNormF32, RmsNormRopeF32, RopeF32, RouteF32,
-    RouterScoring, HC_WS_HEADER,
+    hc_head_workspace_floats, hc_mix_workspace_floats, hc_post_squares_fits, hc_pre_rows_fits,
+    CopyRowsF32, DenseExpertsF32, HcHead, HcMix, HcPost, HcPostKernel, HcPreFinish, HcPreFused,
+    HcPreKernel, RmsNormF32, RmsNormRopeF32, RopeF32, RouteF32, RouterScoring, HC_WS_HEADER,
 };
 use dspark_kernels::reference::rel_err;
+use dspark_kernels::Kernels;
 
 mod common;
 use common::{gpu, Rng};
@@ -526,22 +527,47 @@ fn hc_pre_finish_and_post_match_host() {
                 err < TOL,
                 "collapse n {n} hc {hc} iters {iters}: rel err {err}"
             );
-            // hc_post from the host's mix so the check isolates the expand step.
+            // hc_post from the host's mix so the check isolates the expand step; each kernel
+            // on its own copy of the streams, the new one with the old one's bits.
             let hb = g.up(&want_mix);
-            let p = HcPost {
-                streams: g.ptr(&sb),
-                mix: g.ptr(&hb),
-                out: g.ptr(&ob),
-                n,
-                hc,
-                hidden,
-            };
-            // SAFETY: the buffers above hold these shapes.
-            unsafe { g.k.hc_post_f32(&g.s, &p) }.unwrap();
-            let err = rel(&g.down(&sb), &want_streams);
-            assert!(err < TOL, "expand n {n} hc {hc}: rel err {err}");
+            let mut old_bits = None;
+            for kernel in [HcPostKernel::Old, HcPostKernel::New] {
+                let sb = g.up(&streams);
+                let p = HcPost {
+                    streams: g.ptr(&sb),
+                    mix: g.ptr(&hb),
+                    out: g.ptr(&ob),
+                    squares: 0,
+                    n,
+                    hc,
+                    hidden,
+                    kernel,
+                };
+                // SAFETY: the buffers above hold these shapes.
+                unsafe { g.k.hc_post_f32(&g.s, &p) }.unwrap();
+                let got = g.down(&sb);
+                let err = rel(&got, &want_streams);
+                assert!(err < TOL, "expand {kernel:?} n {n} hc {hc}: rel err {err}");
+                match &old_bits {
+                    None => old_bits = Some(got),
+                    Some(old) => assert_eq!(
+                        differing_bits(&got, old),
+                        0,
+                        "expand n {n} hc {hc}: new bits differ from the old kernel's"
+                    ),
+                }
+            }
         }
     }
+}
+
+/// Elements whose bits differ (NaNs included), without a copy of either side.
+fn differing_bits(a: &[f32], b: &[f32]) -> usize {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count()
 }
 
 /// (n, hc, hidden) of the pre side: [`HC_CASES`] plus the decode batches 16 and 64 at the real
@@ -1118,5 +1144,362 @@ fn hc_pre_time() {
             line += &format!("  {kernel:?} {us:6.2} us");
         }
         eprintln!("{line}");
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Hyper-connections of GEMM steps (and the post everywhere): the new kernels against the old.
+
+/// (n, hc, hidden, streams offset in floats): V4-Flash's GEMM-step chunk (8,192 rows) and decode
+/// batches (1, 3, 16); generic hc (3 and 8: float4 channels; 2 x 30: a channel per thread);
+/// rows the fused squares do not take (1,000: not whole 256-channel columns, so post then
+/// squares); V4's row with the streams off 16-byte alignment (the scalar post, finish2).
+const HC_ROWS_CASES: [(usize, usize, usize, usize); 9] = [
+    (8192, 4, 4096, 0),
+    (1, 4, 4096, 0),
+    (3, 4, 4096, 0),
+    (16, 4, 4096, 0),
+    (37, 3, 40, 0),
+    (9, 8, 16, 0),
+    (5, 2, 30, 0),
+    (20, 4, 1000, 0),
+    (2, 4, 4096, 1),
+];
+
+/// Buffers of one hyper-connection site: streams (`off` floats into their buffer), a mix per
+/// token as the pre side leaves it (host `finish_ref` of random logits), the sub-layer output,
+/// the site's parameters and the norm weight.
+struct HcSiteBufs {
+    streams: Vec<f32>,
+    mix: cudarc::driver::CudaSlice<f32>,
+    out: cudarc::driver::CudaSlice<f32>,
+    fn_: cudarc::driver::CudaSlice<f32>,
+    base_host: Vec<f32>,
+    base: cudarc::driver::CudaSlice<f32>,
+    norm_host: Vec<f32>,
+    norm: cudarc::driver::CudaSlice<f32>,
+    scale: [f32; 3],
+    dots: Vec<f32>,
+}
+
+const HC_ITERS: usize = 20;
+
+fn hc_site_bufs(
+    g: &common::Gpu,
+    rng: &mut Rng,
+    n: usize,
+    hc: usize,
+    hidden: usize,
+    off: usize,
+) -> HcSiteBufs {
+    let (width, outs) = (hc * hidden, (2 + hc) * hc);
+    let base_host = rng.vec(outs, -1.0, 1.0);
+    let scale = [
+        rng.uniform(0.5, 1.5),
+        rng.uniform(0.5, 1.5),
+        rng.uniform(0.5, 1.5),
+    ];
+    let logits = rng.vec(n * outs, -2.0, 2.0);
+    let mix: Vec<f32> = logits
+        .chunks(outs)
+        .flat_map(|m| finish_ref(m, &base_host, scale, hc, HC_ITERS, 1e-6))
+        .collect();
+    let norm_host = rng.vec(hidden, 0.5, 1.5);
+    HcSiteBufs {
+        streams: rng.vec(n * width + off, -4.0, 4.0),
+        mix: g.up(&mix),
+        out: g.up(&rng.vec(n * hidden, -1.0, 1.0)),
+        fn_: g.up(&rng.vec(outs * width, -0.05, 0.05)),
+        base: g.up(&base_host),
+        base_host,
+        norm: g.up(&norm_host),
+        norm_host,
+        scale,
+        // Raw dots as the GEMM writes them (a token's streams by a projection row).
+        dots: rng.vec(n * outs, -20.0, 20.0),
+    }
+}
+
+/// The post, the squares and the GEMM steps' finish with the new kernels give the old ones'
+/// bits: `dsk_lo_hc_post2_f32` (and the scalar / generic-hc paths) as `dsk_lo_hc_post_f32`;
+/// the squares (`dsk_lo_hc_squares_f32`, and written by `dsk_lo_hc_post_squares_f32` or by a
+/// post followed by that kernel) as the chunk kernel's over one chunk; `dsk_lo_hc_pre_rows_f32`
+/// as `dsk_lo_hc_pre_finish2_f32` from the same dots and squares, which for up to 64 rows also
+/// match the host's finish, collapse and norm.
+#[test]
+fn hc_rows_kernels_equal_the_old_ones() {
+    let Some(g) = gpu("hc_rows_kernels_equal_the_old_ones") else {
+        return;
+    };
+    let mut rng = Rng(0x0c0f_fee5);
+    for (n, hc, hidden, off) in HC_ROWS_CASES {
+        let (width, outs) = (hc * hidden, (2 + hc) * hc);
+        let what = format!("n {n} hc {hc} hidden {hidden} offset {off}");
+        let b = hc_site_bufs(&g, &mut rng, n, hc, hidden, off);
+        let ws_len = hc_mix_workspace_floats(n, outs);
+        let sq_at = HC_WS_HEADER + n * outs;
+        let at = |buf: &cudarc::driver::CudaSlice<f32>| g.ptr(buf) + (off * 4) as u64;
+        let post = |sb: &cudarc::driver::CudaSlice<f32>, kernel, squares| HcPost {
+            streams: at(sb),
+            mix: g.ptr(&b.mix),
+            out: g.ptr(&b.out),
+            squares,
+            n,
+            hc,
+            hidden,
+            kernel,
+        };
+        let xb = g.up(&vec![f32::NAN; n * hidden]);
+        let mb = g.up(&vec![f32::NAN; n * outs]);
+        let pre = |sb: &cudarc::driver::CudaSlice<f32>,
+                   wb: &cudarc::driver::CudaSlice<f32>,
+                   kernel| HcPreFused {
+            streams: at(sb),
+            fn_: g.ptr(&b.fn_),
+            base: g.ptr(&b.base),
+            scale: b.scale,
+            norm_weight: g.ptr(&b.norm),
+            x_out: g.ptr(&xb),
+            mix_out: g.ptr(&mb),
+            workspace: g.ptr(wb),
+            n,
+            hc,
+            hidden,
+            sinkhorn_iters: HC_ITERS,
+            hc_eps: 1e-6,
+            norm_eps: 1e-6,
+            kernel,
+        };
+        // The old flow: the old post, then the chunk kernel's squares (one chunk).
+        let (want_streams, want_sq) = {
+            let sb = g.up(&b.streams);
+            let wb = g.up(&vec![f32::NAN; ws_len]);
+            // SAFETY: the buffers hold the shapes the call names (so in every launch below).
+            unsafe { g.k.hc_post_f32(&g.s, &post(&sb, HcPostKernel::Old, 0)) }.unwrap();
+            // SAFETY: the buffers hold the shapes the call names.
+            unsafe { g.k.hc_squares_f32(&g.s, &pre(&sb, &wb, HcPreKernel::Split)) }.unwrap();
+            (g.down(&sb), g.down(&wb)[sq_at..sq_at + n].to_vec())
+        };
+        assert!(want_sq.iter().all(|v| v.is_finite() && *v > 0.0), "{what}");
+        // The squares kernel alone (the first site of a step).
+        {
+            let sb = g.up(&want_streams);
+            let wb = g.up(&vec![f32::NAN; ws_len]);
+            // SAFETY: the buffers hold the shapes the call names.
+            unsafe { g.k.hc_squares_f32(&g.s, &pre(&sb, &wb, HcPreKernel::Fused)) }.unwrap();
+            let got = g.down(&wb)[sq_at..sq_at + n].to_vec();
+            assert_eq!(differing_bits(&got, &want_sq), 0, "{what}: squares kernel");
+        }
+        // The new post, without and with the squares, and the old one with them.
+        for (kernel, squares) in [
+            (HcPostKernel::New, false),
+            (HcPostKernel::New, true),
+            (HcPostKernel::Old, true),
+        ] {
+            let sb = g.up(&b.streams);
+            let wb = g.up(&vec![f32::NAN; ws_len]);
+            let sq = if squares {
+                Kernels::hc_given_squares(g.ptr(&wb), n, hc)
+            } else {
+                0
+            };
+            let a = post(&sb, kernel, sq);
+            // SAFETY: the buffers hold the shapes the call names.
+            unsafe { g.k.hc_post_f32(&g.s, &a) }.unwrap();
+            let fused = squares && kernel == HcPostKernel::New && hc_post_squares_fits(&a);
+            let tag = format!("{what}: post {kernel:?} squares {squares} (one launch {fused})");
+            assert_eq!(
+                differing_bits(&g.down(&sb), &want_streams),
+                0,
+                "{tag}: streams"
+            );
+            if squares {
+                let got = g.down(&wb)[sq_at..sq_at + n].to_vec();
+                assert_eq!(differing_bits(&got, &want_sq), 0, "{tag}: squares");
+            }
+        }
+        // The finish from the dots and those squares: finish2, then the rows kernel.
+        let mut ws = vec![f32::NAN; ws_len];
+        ws[..HC_WS_HEADER].fill(0.0);
+        ws[HC_WS_HEADER..sq_at].copy_from_slice(&b.dots);
+        ws[sq_at..sq_at + n].copy_from_slice(&want_sq);
+        let sb = g.up(&want_streams);
+        let wb = g.up(&ws);
+        let mut old: Option<(Vec<f32>, Vec<f32>)> = None;
+        for kernel in [HcPreKernel::Split, HcPreKernel::Fused] {
+            let a = pre(&sb, &wb, kernel);
+            let rows = kernel == HcPreKernel::Fused && hc_pre_rows_fits(&a);
+            let xn = g.up(&vec![f32::NAN; n * hidden]);
+            let mn = g.up(&vec![f32::NAN; n * outs]);
+            let a = HcPreFused {
+                x_out: g.ptr(&xn),
+                mix_out: g.ptr(&mn),
+                ..a
+            };
+            // SAFETY: the buffers hold the shapes the call names.
+            unsafe { g.k.hc_pre_from_dots_f32(&g.s, &a) }.unwrap();
+            let (x, m) = (g.down(&xn), g.down(&mn));
+            let tag = format!("{what}: finish {kernel:?} (rows kernel {rows})");
+            assert!(
+                x.iter().chain(&m).all(|v| v.is_finite()),
+                "{tag}: not finite"
+            );
+            match &old {
+                None => old = Some((x, m)),
+                Some((ox, om)) => {
+                    assert_eq!(differing_bits(&m, om), 0, "{tag}: mix bits");
+                    assert_eq!(differing_bits(&x, ox), 0, "{tag}: x bits");
+                }
+            }
+        }
+        if n <= 64 {
+            // The host's finish, collapse and norm of the same dots and squares.
+            let (x, m) = old.unwrap();
+            let streams = &want_streams[off..];
+            let (mut want_x, mut want_m) = (Vec::new(), Vec::new());
+            for t in 0..n {
+                let inv = 1.0 / (want_sq[t] / width as f32 + 1e-6).sqrt();
+                let proj: Vec<f32> = b.dots[t * outs..(t + 1) * outs]
+                    .iter()
+                    .map(|d| d * inv)
+                    .collect();
+                let mt = finish_ref(&proj, &b.base_host, b.scale, hc, HC_ITERS, 1e-6);
+                let xt = collapse_ref(&streams[t * width..(t + 1) * width], &mt[..hc], hidden);
+                want_x.extend(rms_norm_ref(&xt, hidden, Some(&b.norm_host), 1e-6));
+                want_m.extend(mt);
+            }
+            let err = rel(&m, &want_m);
+            assert!(err < TOL, "{what}: mix rel err {err}");
+            let err = rel(&x, &want_x);
+            assert!(err < TOL, "{what}: x rel err {err}");
+        }
+    }
+}
+
+/// [`common::time_us`] queued behind a spin kernel, so the host's launch cost stays out (as in
+/// a CUDA graph or a busy stream).
+fn queued_us(g: &common::Gpu, reps: usize, f: &dyn Fn()) -> f64 {
+    g.k.spin(&g.s, 20_000_000).unwrap();
+    common::time_us(g, reps, f)
+}
+
+/// GPU microseconds per call of the hyper-connection kernels at V4-Flash's width, old against
+/// new (printed, not asserted): at 8,192 rows (a GEMM step's chunk) the post, the post with the
+/// next site's squares (old: the post, then the chunk kernel's squares launch), the squares
+/// alone (a step's first site) and the finish from the dots; at 16 and 1 rows (decode) the
+/// post. With the bytes each moves over its time, to set against a device copy (~4.15 TB/s on
+/// an H200).
+/// `cargo test --release -p dspark-kernels --test layer_ops_gpu hc_rows_timing_print -- --nocapture`
+#[test]
+fn hc_rows_timing_print() {
+    let Some(g) = gpu("hc_rows_timing_print") else {
+        return;
+    };
+    let mut rng = Rng(0x7173_0002);
+    let (hc, hidden) = (4usize, 4096usize);
+    let (width, outs) = (hc * hidden, (2 + hc) * hc);
+    for n in [8192usize, 16, 1] {
+        let b = hc_site_bufs(&g, &mut rng, n, hc, hidden, 0);
+        let sb = g.up(&b.streams);
+        let mut ws = vec![0f32; hc_mix_workspace_floats(n, outs)];
+        ws[HC_WS_HEADER..HC_WS_HEADER + n * outs].copy_from_slice(&b.dots);
+        let wb = g.up(&ws);
+        let xb = g.up(&vec![0f32; n * hidden]);
+        let mb = g.up(&vec![0f32; n * outs]);
+        let sq = Kernels::hc_given_squares(g.ptr(&wb), n, hc);
+        let post = |kernel, squares| HcPost {
+            streams: g.ptr(&sb),
+            mix: g.ptr(&b.mix),
+            out: g.ptr(&b.out),
+            squares,
+            n,
+            hc,
+            hidden,
+            kernel,
+        };
+        let pre = |kernel| HcPreFused {
+            streams: g.ptr(&sb),
+            fn_: g.ptr(&b.fn_),
+            base: g.ptr(&b.base),
+            scale: b.scale,
+            norm_weight: g.ptr(&b.norm),
+            x_out: g.ptr(&xb),
+            mix_out: g.ptr(&mb),
+            workspace: g.ptr(&wb),
+            n,
+            hc,
+            hidden,
+            sinkhorn_iters: HC_ITERS,
+            hc_eps: 1e-6,
+            norm_eps: 1e-6,
+            kernel,
+        };
+        let reps = if n >= 1024 { 20 } else { 200 };
+        // The timed posts update the streams in place; they stay finite (the comb matrices are
+        // about doubly stochastic).
+        let post_us = |kernel| {
+            queued_us(&g, reps, &|| {
+                // SAFETY: the buffers hold the shapes the call names.
+                unsafe { g.k.hc_post_f32(&g.s, &post(kernel, 0)) }.unwrap();
+            })
+        };
+        let (old, new) = (post_us(HcPostKernel::Old), post_us(HcPostKernel::New));
+        // Streams and output read, streams written.
+        let gbs = |us: f64| (n * (2 * width + hidden) * 4) as f64 / us / 1e3;
+        eprintln!(
+            "hc n={n:5} post:               old {old:8.1} us ({:6.0} GB/s)  new {new:8.1} us ({:6.0} GB/s)",
+            gbs(old),
+            gbs(new)
+        );
+        if n < 1024 {
+            continue;
+        }
+        let old = queued_us(&g, reps, &|| {
+            // SAFETY: the buffers hold the shapes the call names.
+            unsafe { g.k.hc_post_f32(&g.s, &post(HcPostKernel::Old, 0)) }.unwrap();
+            // SAFETY: the buffers hold the shapes the call names.
+            unsafe { g.k.hc_squares_f32(&g.s, &pre(HcPreKernel::Split)) }.unwrap();
+        });
+        let new = queued_us(&g, reps, &|| {
+            // SAFETY: the buffers hold the shapes the call names.
+            unsafe { g.k.hc_post_f32(&g.s, &post(HcPostKernel::New, sq)) }.unwrap();
+        });
+        eprintln!(
+            "hc n={n:5} post + squares:     old {old:8.1} us (post, then squares)  new {new:8.1} us ({:6.0} GB/s)",
+            gbs(new)
+        );
+        let squares_us = |kernel| {
+            queued_us(&g, reps, &|| {
+                // SAFETY: the buffers hold the shapes the call names.
+                unsafe { g.k.hc_squares_f32(&g.s, &pre(kernel)) }.unwrap();
+            })
+        };
+        let (old, new) = (
+            squares_us(HcPreKernel::Split),
+            squares_us(HcPreKernel::Fused),
+        );
+        let gbs = |us: f64| (n * width * 4) as f64 / us / 1e3;
+        eprintln!(
+            "hc n={n:5} squares:            old {old:8.1} us ({:6.0} GB/s)  new {new:8.1} us ({:6.0} GB/s)",
+            gbs(old),
+            gbs(new)
+        );
+        // Real squares for the finish (the timing loops above left the streams changed).
+        // SAFETY: the buffers hold the shapes the call names.
+        unsafe { g.k.hc_squares_f32(&g.s, &pre(HcPreKernel::Fused)) }.unwrap();
+        let finish_us = |kernel| {
+            queued_us(&g, reps, &|| {
+                // SAFETY: the buffers hold the shapes the call names.
+                unsafe { g.k.hc_pre_from_dots_f32(&g.s, &pre(kernel)) }.unwrap();
+            })
+        };
+        let (old, new) = (finish_us(HcPreKernel::Split), finish_us(HcPreKernel::Fused));
+        // Streams read, x written.
+        let gbs = |us: f64| (n * (width + hidden) * 4) as f64 / us / 1e3;
+        eprintln!(
+            "hc n={n:5} finish from dots:   old {old:8.1} us ({:6.0} GB/s)  new {new:8.1} us ({:6.0} GB/s)",
+            gbs(old),
+            gbs(new)
+        );
     }
 }

@@ -138,6 +138,7 @@ fn gather_and_combine_restore_token_order() {
             topk,
             hidden,
             g.ptr(&out),
+            0,
         )
     }
     .unwrap();
@@ -172,6 +173,7 @@ fn gather_and_combine_restore_token_order() {
             topk,
             hidden,
             g.ptr(&out2) + 4,
+            0,
         )
     }
     .unwrap();
@@ -182,6 +184,44 @@ fn gather_and_combine_restore_token_order() {
             b.to_bits(),
             "value {i}: vector {a} vs scalar {b}"
         );
+    }
+    // With an addend (the shared expert's rows), both forms give the bits of the sum above
+    // plus a separate add_into after it, which GEMM steps used to launch.
+    let addend = rng.signed_vec(tokens * hidden + 1, 2.0);
+    let ab = g.up(&addend);
+    for (offset, what) in [(0usize, "vector"), (1, "scalar")] {
+        let want = g.up(&got);
+        // SAFETY: want holds tokens * hidden f32, the addend one more than the offset needs.
+        unsafe {
+            g.k.add_into(
+                &g.s,
+                g.ptr(&want),
+                g.ptr(&ab) + 4 * offset as u64,
+                tokens * hidden,
+            )
+        }
+        .unwrap();
+        let want = g.down(&want);
+        let out3 = g.up(&vec![f32::NAN; tokens * hidden + 1]);
+        // SAFETY: as above; out3 and the addend hold one float more than the offset rows need.
+        unsafe {
+            g.k.moe_combine_sorted(
+                &g.s,
+                g.ptr(&yb),
+                g.ptr(&pb),
+                g.ptr(&wb),
+                tokens,
+                topk,
+                hidden,
+                g.ptr(&out3) + 4 * offset as u64,
+                g.ptr(&ab) + 4 * offset as u64,
+            )
+        }
+        .unwrap();
+        let fused = g.down(&out3);
+        for (i, (a, b)) in fused[offset..].iter().zip(&want).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "{what} value {i}: {a} vs {b}");
+        }
     }
 }
 

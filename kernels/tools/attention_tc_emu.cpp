@@ -37,7 +37,7 @@
 float smem[2 * 16 * 520 + 16 * 32 * 24 + 32 * 20 + 32 + 2 * 16];
 float dsk_atth_smem[16 * 512 + 16];
 // The f16 forms' dynamic shared memory (the largest: 32 heads over f32 rows).
-alignas(16) unsigned char dsk_attf_smem[((32 + 32) * 520 * 2 + 2 * 32 * 36 * 4 + 32 * 40 * 2 + 32 * 4 + 2 * 32 * 4 +
+alignas(16) unsigned char dsk_attf_smem[((32 + 32) * 520 * 2 + 2 * 32 * 36 * 4 + 32 * 40 * 2 + 32 * 4 + 2 * 32 * 4 + 2 * 64 * 4 +
                                          32 * 2048)];
 float sq[1];
 
@@ -84,6 +84,9 @@ inline unsigned __match_any_sync(unsigned, unsigned) { abort(); }
 inline float __shfl_up_sync(unsigned, float, int) { abort(); }
 inline unsigned __ballot_sync(unsigned, int) { abort(); }
 template <class... A> inline void dsk_rope_pair_f32(A &&...) { abort(); }
+// The f16 forms' raw queries and one-split finish are not emulated (positions and out null).
+template <class... A> inline void dsk_rope_cos_sin_f32(A &&...) { abort(); }
+template <class... A> inline void dsk_rope_apply_f32(A &&...) { abort(); }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __ffs(unsigned v) { return __builtin_ffs(v); }
 inline unsigned __float_as_uint(float f) { return emu_float_bits(f); }
@@ -198,7 +201,8 @@ static void attention_case(const char *name, int group, int heads, std::vector<i
         const int rb = 4 * slots, rs = (rb + 15) / 16 * 16;
         launch3({(unsigned)splits, (unsigned)(heads / group), (unsigned)tokens}, DSK_ATTF_WARPS * 32, [&] {
             (group == 32 ? dsk_attend_partial_heads_f16x32 : dsk_attend_partial_heads_f16)(
-                pool.data(), q.data(), off.data(), start.data(), heads, hd, splits, scale, part.data(), fmt, rope, rb, rs);
+                pool.data(), q.data(), off.data(), start.data(), heads, hd, splits, scale, part.data(), fmt, rope, rb, rs,
+                nullptr, nullptr, 0, 1.f, 0, 0.f, nullptr, nullptr, 0);
         });
     } else {
         launch3({(unsigned)splits, (unsigned)(heads / group), (unsigned)tokens}, (unsigned)group * 16, [&] {

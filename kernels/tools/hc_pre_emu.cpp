@@ -18,6 +18,8 @@
 #include <random>
 
 // What layer_ops.cu uses beyond emu.h.
+#undef __launch_bounds__
+#define __launch_bounds__(...)
 #define DSK_EMU
 thread_local std::barrier<> *g_named[4];
 inline void lo_bar_sync(int id, int) { g_named[id]->arrive_and_wait(); }
@@ -35,8 +37,10 @@ template <class T> inline T __shfl_sync(unsigned, T v, int src) {
     memcpy(&out, &r, 4);
     return out;
 }
-// Used only by kernels this tool does not run (the router).
+// Used only by kernels this tool does not run (the router; the GEMM steps' finish, which
+// tools/hc_rows_emu.cpp runs).
 inline unsigned long long __shfl_xor_sync(unsigned, unsigned long long, int) { abort(); }
+inline float __shfl_xor_sync(unsigned, float, int) { abort(); }
 template <class T> inline T __ldcg(const T *p) { return *p; }
 inline unsigned lo_count_block(unsigned *p) { return __atomic_fetch_add(p, 1u, __ATOMIC_ACQ_REL); }
 

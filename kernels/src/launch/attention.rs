@@ -58,6 +58,25 @@ pub struct PagedAttention {
     /// Undo RoPE on the output's trailing channels in the merge (K = V rows carried it into the
     /// output), saving the separate inverse [`super::RopeF32`] launch; `None` leaves it.
     pub inverse_rope: Option<InverseRope>,
+    /// `Some(eps)`: `q` holds each head's raw projection, and pass 1 RMS-norms it (no weight,
+    /// this epsilon) and rotates its trailing channels forward by [`Self::inverse_rope`]'s table
+    /// as it stages the queries, the bits [`super::RmsNormRopeF32`] (norm + RoPE, 256-thread
+    /// blocks) would write first, without that launch's round trip of the queries through
+    /// memory. The f16 tensor-core forms only, with `inverse_rope` given (else `InvalidLaunch`).
+    pub query_norm_eps: Option<f32>,
+    /// Run pass 2 as its own launch even where pass 1 would finish the rows itself (the f16 forms
+    /// over one split write the output directly, the same bits): tests compare the two.
+    pub separate_merge: bool,
+    /// `out` holds f16 `[tokens, heads, head_dim]` instead of f32: the values rounded to nearest
+    /// as `rows_to_f16` rounds them, for a GEMM that takes f16 input. Only where pass 1 finishes
+    /// the rows ([`finishes_in_pass_one`]), else `InvalidLaunch`.
+    pub out_f16: bool,
+}
+
+/// Whether pass 1 in `form` finishes `a`'s rows itself (the f16 forms over one split, unless
+/// [`PagedAttention::separate_merge`]), with no workspace records and no merge launch.
+pub fn finishes_in_pass_one(a: &PagedAttention, form: AttentionTcForm) -> bool {
+    form.is_f16() && a.splits == 1 && !a.separate_merge
 }
 
 /// The rotation [`PagedAttention::inverse_rope`] undoes: each token's position, the RoPE table
@@ -358,6 +377,12 @@ pub fn check_attention(a: &PagedAttention) -> Result<(), KernelError> {
         }
         nonnull(K, &[("positions", r.positions), ("inv_freq", r.inv_freq)])?;
     }
+    if a.query_norm_eps.is_some() && a.inverse_rope.is_none() {
+        return Err(KernelError::invalid(
+            K,
+            "raw queries (query_norm_eps) are rotated by inverse_rope's table: give it".to_string(),
+        ));
+    }
     nonnull(
         K,
         &[
@@ -416,6 +441,8 @@ const ATTENTION_F16_TILE: usize = 32;
 /// Row stride in halves of their Q and key tiles (`DSK_ATTF_LDH`: 1040 bytes = 65 x 16, so the 8
 /// rows of an ldmatrix phase hit 8 distinct 16-byte bank groups).
 const ATTENTION_F16_LDH: usize = 520;
+/// RoPE pairs of their cos/sin table (`DSK_ATTF_ROPE_PAIRS`).
+const ATTENTION_F16_ROPE_PAIRS: usize = 64;
 
 /// The forms of the tensor-core attention pass 1: which MMAs, and heads a block serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -463,7 +490,8 @@ impl AttentionTcForm {
     ///   probabilities `[G][20]`, G corrections and 2 x 16 row flags.
     /// - f16 (`DSK_ATTF_SMEM_BYTES(G, rs)`): Q `[G][520]` and the key tile `[32][520]` in f16,
     ///   partial logits `[64 / G][G][36]` f32, probabilities `[G][40]` f16, G corrections,
-    ///   2 x 32 row flags and 32 raw rows of the record's bytes rounded up to 16.
+    ///   2 x 32 row flags, the RoPE table `[2][64]` f32 and 32 raw rows of the record's bytes
+    ///   rounded up to 16.
     pub fn smem_bytes(self, format: KvRowFormat) -> usize {
         let g = self.heads();
         if self.is_f16() {
@@ -473,6 +501,7 @@ impl AttentionTcForm {
                 + g * (ATTENTION_F16_TILE + 8) * 2
                 + g * 4
                 + 2 * ATTENTION_F16_TILE * 4
+                + 2 * ATTENTION_F16_ROPE_PAIRS * 4
                 + ATTENTION_F16_TILE * raw_stride
         } else {
             (2 * ATTENTION_TC_TILE * ATTENTION_TC_LD
@@ -563,6 +592,33 @@ pub fn check_attention_heads_tc(
                 form.heads()
             ),
         ));
+    }
+    if a.out_f16 && !finishes_in_pass_one(a, form) {
+        return Err(KernelError::invalid(
+            K,
+            format!(
+                "{form:?} over {} splits merges into f32; f16 output needs an f16 form finishing \
+                 one split",
+                a.splits
+            ),
+        ));
+    }
+    if a.query_norm_eps.is_some() && !form.is_f16() {
+        return Err(KernelError::invalid(
+            K,
+            format!("{form:?} takes normed queries; only the f16 forms norm raw ones"),
+        ));
+    }
+    if let (true, Some(r)) = (form.is_f16(), a.inverse_rope) {
+        if r.rope_dim > 2 * ATTENTION_F16_ROPE_PAIRS {
+            return Err(KernelError::invalid(
+                K,
+                format!(
+                    "{form:?} holds a RoPE table of {ATTENTION_F16_ROPE_PAIRS} pairs, not {} channels",
+                    r.rope_dim
+                ),
+            ));
+        }
     }
     if form.is_f16() {
         let chunked = match a.format {
@@ -1328,12 +1384,50 @@ impl Kernels {
                 ))
             })
             .transpose()?;
+        if raw.is_none() && (a.query_norm_eps.is_some() || a.out_f16) {
+            return Err(KernelError::invalid(
+                name,
+                "only the f16 forms norm raw queries or write f16".to_string(),
+            ));
+        }
+        // The f16 forms also take the RoPE table's source (the raw queries' rotation and the
+        // finish's inverse one), the raw-query switch, and where they finish one split
+        // themselves the sinks and the output.
+        let rope = a.inverse_rope.map_or(Ok((0, 0, 0, 1.0f32)), |r| {
+            Ok::<_, KernelError>((
+                r.positions,
+                r.inv_freq,
+                i32_arg(name, "rope_dim", r.rope_dim)?,
+                r.attention_factor,
+            ))
+        })?;
+        let (q_raw, q_eps) = (
+            i32::from(a.query_norm_eps.is_some()),
+            a.query_norm_eps.unwrap_or(0.0),
+        );
+        let finish = raw.is_some() && a.splits == 1 && !a.separate_merge;
+        let out: CUdeviceptr = if finish { a.out } else { 0 };
+        let out_f16 = i32::from(a.out_f16);
         if let Some((bytes, stride)) = &raw {
-            launch_args.arg(bytes).arg(stride);
+            launch_args
+                .arg(bytes)
+                .arg(stride)
+                .arg(&rope.0)
+                .arg(&rope.1)
+                .arg(&rope.2)
+                .arg(&rope.3)
+                .arg(&q_raw)
+                .arg(&q_eps)
+                .arg(&a.sinks)
+                .arg(&out)
+                .arg(&out_f16);
         }
         launch_args
             .launch(cfg)
             .map_err(KernelError::driver(launch))?;
+        if finish {
+            return Ok(());
+        }
         // SAFETY: pass 1 above wrote every split record of `a`'s workspace.
         unsafe { self.attention_merge(stream, a, false) }
     }
@@ -1692,6 +1786,9 @@ mod tests {
             scale: 1.0,
             format: KvRowFormat::F32,
             inverse_rope: None,
+            query_norm_eps: None,
+            separate_merge: false,
+            out_f16: false,
         };
         assert!(check_attention(&a).is_err());
         assert!(check_attention(&PagedAttention { head_dim: 512, ..a }).is_ok());
@@ -1774,6 +1871,9 @@ mod tests {
             scale: 1.0,
             format: KvRowFormat::F32,
             inverse_rope: None,
+            query_norm_eps: None,
+            separate_merge: false,
+            out_f16: false,
         };
         // H200 (227 KB a block) takes both forms; GB10 (99 KB) the 16-head one; the default
         // 48 KB neither.
@@ -1864,6 +1964,9 @@ mod tests {
             scale: 1.0,
             format: KvRowFormat::Fp8Latent { rope: 64 },
             inverse_rope: None,
+            query_norm_eps: None,
+            separate_merge: false,
+            out_f16: false,
         };
         let (h200, gb10) = (227 * 1024, 99 * 1024);
         let (fp8, bf16, f32r) = (
@@ -1872,18 +1975,19 @@ mod tests {
             KvRowFormat::F32,
         );
         // attention.cu's DSK_ATTF_SMEM_BYTES(G, rs): (G + 32) x 1040 + (64 / G) x G x 144
-        // + G x 80 + 4 G + 256 + 32 rs, rs the record's bytes rounded up to 16 (584 -> 592).
+        // + G x 80 + 4 G + 256 + 512 + 32 rs, rs the record's bytes rounded up to 16 (584 ->
+        // 592).
         assert_eq!(
             F16Heads32.smem_bytes(fp8),
-            64 * 1040 + 9216 + 2560 + 128 + 256 + 32 * 592
+            64 * 1040 + 9216 + 2560 + 128 + 256 + 512 + 32 * 592
         );
         assert_eq!(
             F16Heads16.smem_bytes(fp8),
-            48 * 1040 + 9216 + 1280 + 64 + 256 + 32 * 592
+            48 * 1040 + 9216 + 1280 + 64 + 256 + 512 + 32 * 592
         );
         assert_eq!(
             F16Heads32.smem_bytes(f32r),
-            64 * 1040 + 9216 + 2560 + 128 + 256 + 32 * 2048
+            64 * 1040 + 9216 + 2560 + 128 + 256 + 512 + 32 * 2048
         );
         assert_eq!((F16Heads16.threads(), F16Heads32.threads()), (256, 256));
         assert!(F16Heads32.is_f16() && !AttentionTcForm::Heads32.is_f16());
@@ -1902,6 +2006,60 @@ mod tests {
             }
             assert!(check_attention_heads_tc(&v4, form, gb10).is_ok());
         }
+        // Raw queries: the f16 forms norm them, with the RoPE table given and at most 64 pairs.
+        let rope = InverseRope {
+            positions: 256,
+            inv_freq: 256,
+            rope_dim: 64,
+            attention_factor: 1.0,
+        };
+        let raw = PagedAttention {
+            format: fp8,
+            query_norm_eps: Some(1e-6),
+            inverse_rope: Some(rope),
+            ..v4
+        };
+        for form in [F16Heads16, F16Heads32] {
+            assert!(check_attention_heads_tc(&raw, form, h200).is_ok());
+            let wide = InverseRope {
+                rope_dim: 130,
+                ..rope
+            };
+            let too_wide = PagedAttention {
+                inverse_rope: Some(wide),
+                ..raw
+            };
+            assert!(check_attention_heads_tc(&too_wide, form, h200).is_err());
+        }
+        for form in [AttentionTcForm::Heads16, AttentionTcForm::Heads32] {
+            assert!(check_attention_heads_tc(&raw, form, h200).is_err());
+        }
+        let unrotated = PagedAttention {
+            inverse_rope: None,
+            ..raw
+        };
+        assert!(check_attention(&unrotated).is_err());
+        // f16 output: only where an f16 form finishes one split itself.
+        let half = PagedAttention {
+            out_f16: true,
+            splits: 1,
+            ..raw
+        };
+        for form in [F16Heads16, F16Heads32] {
+            assert!(finishes_in_pass_one(&half, form));
+            assert!(check_attention_heads_tc(&half, form, h200).is_ok());
+            for bad in [
+                PagedAttention { splits: 2, ..half },
+                PagedAttention {
+                    separate_merge: true,
+                    ..half
+                },
+            ] {
+                assert!(!finishes_in_pass_one(&bad, form));
+                assert!(check_attention_heads_tc(&bad, form, h200).is_err());
+            }
+        }
+        assert!(check_attention_heads_tc(&half, AttentionTcForm::Heads32, h200).is_err());
         assert_eq!(attention_f16_form(32, 8192, fp8, h200), F16Heads32);
         assert_eq!(attention_f16_form(64, 65, bf16, h200), F16Heads32);
         assert_eq!(attention_f16_form(64, 64, fp8, h200), F16Heads16);
@@ -2025,6 +2183,9 @@ mod tests {
             scale: 1.0,
             format: KvRowFormat::Fp8Latent { rope: 64 },
             inverse_rope: None,
+            query_norm_eps: None,
+            separate_merge: false,
+            out_f16: false,
         };
         assert!(check_attention(&a).is_ok());
         assert!(check_attention_heads(&a).is_ok());

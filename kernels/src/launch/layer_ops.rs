@@ -9,7 +9,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig};
 
 use super::submit::SubmitKernel;
-use super::{function, grid_stride, i32_arg, i64_arg, nonnull, u32_grid, Kernels};
+use super::{aligned16, function, grid_stride, i32_arg, i64_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
 
 const BLOCK: usize = 256;
@@ -28,6 +28,18 @@ pub const HC_WS_HEADER: usize = 32;
 pub const HC_SINGLE_MAX_TOKENS: usize = 1;
 /// Largest hyper-connection multiplicity (`hc_mult`).
 pub const HC_MAX: usize = 8;
+/// Tokens one Sinkhorn block of `dsk_lo_hc_pre_rows_f32` serves (`LO_ROWS_GROUP`): the grid
+/// is groups of this many collapsing blocks and one Sinkhorn block.
+const HC_ROWS_GROUP: usize = 8;
+/// Widest row `dsk_lo_hc_pre_rows_f32` keeps in registers (`LO_ROWS_VPT` float4s per stream of
+/// each of 256 threads).
+pub const HC_ROWS_MAX_HIDDEN: usize = 4 * 4 * BLOCK;
+/// Widest row `dsk_lo_hc_post_squares_f32` keeps in registers (`LO_PS_CPT` channels per stream
+/// of each of 256 threads).
+pub const HC_POST_SQUARES_MAX_HIDDEN: usize = 16 * BLOCK;
+/// Threads of a `dsk_lo_hc_post2_f32` block when the step has too few rows to give every SM a
+/// 256-thread block: a decoding row then spreads over more SMs (16 blocks at hidden 4096).
+const HC_POST_SMALL_BLOCK: usize = 64;
 /// Largest expert count / top-k of `route_f32`.
 pub const ROUTE_MAX_EXPERTS: usize = 1024;
 pub const ROUTE_MAX_K: usize = 16;
@@ -46,7 +58,11 @@ pub struct LayerOpsFns {
     hc_mix_partial2: CudaFunction,
     hc_pre_finish2: CudaFunction,
     hc_pre_single: CudaFunction,
+    hc_squares: CudaFunction,
+    hc_pre_rows: CudaFunction,
     hc_post: CudaFunction,
+    hc_post2: CudaFunction,
+    hc_post_squares: CudaFunction,
     hc_head_finish: CudaFunction,
     route: CudaFunction,
     dense_gate_up: CudaFunction,
@@ -69,7 +85,11 @@ impl LayerOpsFns {
             hc_mix_partial2: f("dsk_lo_hc_mix_partial2_f32")?,
             hc_pre_finish2: f("dsk_lo_hc_pre_finish2_f32")?,
             hc_pre_single: f("dsk_lo_hc_pre_single_f32")?,
+            hc_squares: f("dsk_lo_hc_squares_f32")?,
+            hc_pre_rows: f("dsk_lo_hc_pre_rows_f32")?,
             hc_post: f("dsk_lo_hc_post_f32")?,
+            hc_post2: f("dsk_lo_hc_post2_f32")?,
+            hc_post_squares: f("dsk_lo_hc_post_squares_f32")?,
             hc_head_finish: f("dsk_lo_hc_head_finish_f32")?,
             route: f("dsk_lo_route_f32")?,
             dense_gate_up: f("dsk_lo_dense_gate_up_f32")?,
@@ -174,15 +194,44 @@ pub struct HcPreFinish {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum HcPreKernel {
     /// `dsk_lo_hc_mix_partial_f32` + `dsk_lo_hc_pre_fused_f32` (the Sinkhorn in shared memory,
-    /// before the collapse).
+    /// before the collapse). GEMM steps ([`Kernels::hc_squares_f32`] /
+    /// [`Kernels::hc_pre_from_dots_f32`]): as `Split`.
     Old,
     /// `dsk_lo_hc_mix_partial2_f32` + `dsk_lo_hc_pre_finish2_f32`: loads issued together, the
-    /// Sinkhorn in registers beside the collapse and norm.
+    /// Sinkhorn in registers beside the collapse and norm. GEMM steps: the squares by the chunk
+    /// kernel (one chunk), the finish by finish2.
     Split,
     /// As `Split`, but up to [`HC_SINGLE_MAX_TOKENS`] tokens in one launch
-    /// (`dsk_lo_hc_pre_single_f32`: the last partial block finishes).
+    /// (`dsk_lo_hc_pre_single_f32`: the last partial block finishes). GEMM steps:
+    /// `dsk_lo_hc_squares_f32` and `dsk_lo_hc_pre_rows_f32` where the row fits it
+    /// ([`hc_pre_rows_fits`]).
     #[default]
     Fused,
+}
+
+/// Which kernel carries [`HcPost`] (an A/B switch; both give the same bits).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HcPostKernel {
+    /// `dsk_lo_hc_post_f32`, a thread per channel (the squares, when asked for, by
+    /// `dsk_lo_hc_squares_f32` after it).
+    Old,
+    /// `dsk_lo_hc_post2_f32` (float4 channels, the coefficients read once per block), or with
+    /// the squares asked for `dsk_lo_hc_post_squares_f32` where it fits
+    /// ([`hc_post_squares_fits`]).
+    #[default]
+    New,
+}
+
+impl std::str::FromStr for HcPostKernel {
+    type Err = String;
+    /// `old` or `new`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "old" => Ok(Self::Old),
+            "new" => Ok(Self::New),
+            other => Err(format!("unknown hc post kernel {other:?} (old, new)")),
+        }
+    }
 }
 
 impl std::str::FromStr for HcPreKernel {
@@ -232,9 +281,14 @@ pub struct HcPost {
     pub mix: CUdeviceptr,
     /// f32 [n, hidden]: the sub-layer output.
     pub out: CUdeviceptr,
+    /// f32 [n]: each token's sum of squares of its new streams, with the bits
+    /// [`Kernels::hc_squares_f32`] gives (a GEMM step's next site reads them at
+    /// [`Kernels::hc_given_squares`]), or 0 for none.
+    pub squares: CUdeviceptr,
     pub n: usize,
     pub hc: usize,
     pub hidden: usize,
+    pub kernel: HcPostKernel,
 }
 
 /// `HyperHead::collapse`: `pre[i] = sigmoid(dot(norm(streams), fn_[i]) * scale + base[i]) +
@@ -533,6 +587,36 @@ pub fn check_hc_post(a: &HcPost) -> Result<(), KernelError> {
     const K: &str = "hc_post_f32";
     check_hc(K, a.n, a.hc, a.hidden)?;
     nonnull(K, &[("streams", a.streams), ("mix", a.mix), ("out", a.out)])
+}
+
+/// Whether `dsk_lo_hc_post2_f32` may move 4 channels per thread (16-byte accesses).
+fn hc_post_vec4(a: &HcPost) -> bool {
+    a.hidden.is_multiple_of(4)
+        && aligned16("hc_post_f32", &[("streams", a.streams), ("out", a.out)]).is_ok()
+}
+
+/// Whether `dsk_lo_hc_post_squares_f32` takes the shape: hc 4 (V4-Flash), hidden a multiple of
+/// 256 up to [`HC_POST_SQUARES_MAX_HIDDEN`] (its threads own channels `gt + 256 m`, as the
+/// squares kernel's columns). Elsewhere the post and the squares are two launches.
+pub fn hc_post_squares_fits(a: &HcPost) -> bool {
+    a.hc == 4 && a.hidden.is_multiple_of(BLOCK) && a.hidden <= HC_POST_SQUARES_MAX_HIDDEN
+}
+
+/// Whether `dsk_lo_hc_pre_rows_f32` takes the shape: hidden a multiple of 4 up to
+/// [`HC_ROWS_MAX_HIDDEN`], the streams, `x_out` and the norm weight 16-byte aligned. Elsewhere
+/// GEMM steps finish with `dsk_lo_hc_pre_finish2_f32`.
+pub fn hc_pre_rows_fits(a: &HcPreFused) -> bool {
+    a.hidden.is_multiple_of(4)
+        && a.hidden <= HC_ROWS_MAX_HIDDEN
+        && aligned16(
+            "hc_pre_rows",
+            &[
+                ("streams", a.streams),
+                ("x_out", a.x_out),
+                ("norm_weight", a.norm_weight),
+            ],
+        )
+        .is_ok()
 }
 
 pub fn check_hc_head(a: &HcHead) -> Result<(), KernelError> {
@@ -1005,12 +1089,20 @@ impl Kernels {
         hc_partials(workspace, 1, n, (2 + hc) * hc).0
     }
 
+    /// Where [`Self::hc_squares_f32`] (or a post with [`HcPost::squares`]) leaves the sums of
+    /// squares for [`Self::hc_pre_from_dots_f32`]: f32 `[n]` after the dots.
+    pub fn hc_given_squares(workspace: CUdeviceptr, n: usize, hc: usize) -> CUdeviceptr {
+        hc_partials(workspace, 1, n, (2 + hc) * hc).1
+    }
+
     /// The pre side of a hyper-connection site for many tokens (GEMM steps) with the mix dots
-    /// computed by the caller, first half: each token's sum of squares (the chunk kernel over the
-    /// whole width, output 0 only; it also writes output 0's dot, which the caller's GEMM into
-    /// [`Self::hc_given_dots`] then overwrites). The chunk kernels re-read the streams once per
-    /// output (24 times at V4-Flash's hc = 4), which for an 8,192-token piece (512 MB of streams)
-    /// no cache holds; a GEMM reads them once.
+    /// computed by the caller, first half: each token's sum of squares at
+    /// [`Self::hc_given_squares`], with `a.kernel`'s choice: `dsk_lo_hc_squares_f32` (a block per
+    /// token), or for `Old` / `Split` the chunk kernel over the whole width (output 0 only; it
+    /// also writes output 0's dot, which the caller's GEMM into [`Self::hc_given_dots`] then
+    /// overwrites); the same bits. The chunk kernels re-read the streams once per output (24
+    /// times at V4-Flash's hc = 4), which for an 8,192-token piece (512 MB of streams) no cache
+    /// holds; a GEMM reads them once.
     ///
     /// # Safety
     /// As [`Self::hc_pre_fused_f32`].
@@ -1024,6 +1116,10 @@ impl Kernels {
         let outs = (2 + a.hc) * a.hc;
         let width = a.hc * a.hidden;
         let (partial, sq) = hc_partials(a.workspace, 1, a.n, outs);
+        if a.kernel == HcPreKernel::Fused {
+            // SAFETY: the streams hold n rows of width, sq n floats (this function's contract).
+            return unsafe { self.hc_row_squares(stream, a.streams, sq, a.n, width) };
+        }
         let cfg = LaunchConfig {
             grid_dim: (1, 1, u32_grid(K, a.n.div_ceil(MIX_TOKENS))?),
             block_dim: (BLOCK as u32, 1, 1),
@@ -1044,8 +1140,40 @@ impl Kernels {
         Ok(())
     }
 
+    /// `sq[t]` = the sum of squares of row `t` of `streams` `[n, width]`
+    /// (`dsk_lo_hc_squares_f32`: the chunk kernel's bits for one chunk).
+    ///
+    /// # Safety
+    /// `streams` must hold `n * width` f32 and `sq` `n`, device memory of this context.
+    unsafe fn hc_row_squares(
+        &self,
+        stream: &CudaStream,
+        streams: CUdeviceptr,
+        sq: CUdeviceptr,
+        n: usize,
+        width: usize,
+    ) -> Result<(), KernelError> {
+        const K: &str = "hc_squares_f32";
+        let cfg = LaunchConfig {
+            grid_dim: (u32_grid(K, n)?, 1, 1),
+            block_dim: (BLOCK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .kernel(&self.layer_ops.hc_squares)
+            .arg(&streams)
+            .arg(&sq)
+            .arg(&i32_arg(K, "width", width)?)
+            .launch(cfg)
+            .map_err(KernelError::driver("launch hc squares"))?;
+        Ok(())
+    }
+
     /// Second half of [`Self::hc_squares_f32`]: the per-token finish from the squares and the
-    /// dots at [`Self::hc_given_dots`].
+    /// dots at [`Self::hc_given_dots`]: `dsk_lo_hc_pre_rows_f32` (groups of blocks collapsing a
+    /// token each and a block of Sinkhorns) for [`HcPreKernel::Fused`] where
+    /// [`hc_pre_rows_fits`], else `dsk_lo_hc_pre_finish2_f32` (a 1,024-thread block per token);
+    /// the same bits.
     ///
     /// # Safety
     /// As [`Self::hc_pre_fused_f32`], with the squares and the dots written on this stream for
@@ -1055,9 +1183,46 @@ impl Kernels {
         stream: &CudaStream,
         a: &HcPreFused,
     ) -> Result<(), KernelError> {
+        const K: &str = "hc_pre_rows";
         check_hc_pre_fused(a)?;
-        // SAFETY: this function's contract (dots and squares written as one chunk).
-        unsafe { self.hc_pre_finish_tokens(stream, a, 1, false) }
+        if a.kernel != HcPreKernel::Fused || !hc_pre_rows_fits(a) {
+            // SAFETY: this function's contract (dots and squares written as one chunk).
+            return unsafe { self.hc_pre_finish_tokens(stream, a, 1, false) };
+        }
+        let outs = (2 + a.hc) * a.hc;
+        let (dots, sq) = hc_partials(a.workspace, 1, a.n, outs);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                u32_grid(K, a.n.div_ceil(HC_ROWS_GROUP) * (HC_ROWS_GROUP + 1))?,
+                1,
+                1,
+            ),
+            block_dim: (BLOCK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .kernel(&self.layer_ops.hc_pre_rows)
+            .arg(&dots)
+            .arg(&sq)
+            .arg(&i32_arg(K, "width", a.hc * a.hidden)?)
+            .arg(&a.norm_eps)
+            .arg(&a.base)
+            .arg(&a.scale[0])
+            .arg(&a.scale[1])
+            .arg(&a.scale[2])
+            .arg(&a.streams)
+            .arg(&a.norm_weight)
+            .arg(&a.x_out)
+            .arg(&a.mix_out)
+            .arg(&i32_arg(K, "n", a.n)?)
+            .arg(&i32_arg(K, "hc", a.hc)?)
+            .arg(&i32_arg(K, "hidden", a.hidden)?)
+            .arg(&i32_arg(K, "sinkhorn_iters", a.sinkhorn_iters)?)
+            .arg(&a.hc_eps)
+            .arg(&a.norm_eps)
+            .launch(cfg)
+            .map_err(KernelError::driver("launch hc_pre_rows"))?;
+        Ok(())
     }
 
     /// # Safety
@@ -1096,24 +1261,84 @@ impl Kernels {
         Ok(())
     }
 
+    /// The expand step with `a.kernel`'s kernels, and with `a.squares` set each token's sum of
+    /// squares of its new streams (one launch where [`hc_post_squares_fits`], else the post then
+    /// `dsk_lo_hc_squares_f32`); every choice gives the same bits.
+    ///
     /// # Safety
     /// Every pointer must address the f32 shape documented on `HcPost`, device memory of this
-    /// context; `out` and `mix` must not overlap `streams`.
+    /// context; `out`, `mix` and `squares` must not overlap `streams`.
     pub unsafe fn hc_post_f32(&self, stream: &CudaStream, a: &HcPost) -> Result<(), KernelError> {
         const K: &str = "hc_post_f32";
         check_hc_post(a)?;
         let n = i32_arg(K, "n", a.n)?;
         let (hc, hidden) = (i32_arg(K, "hc", a.hc)?, i32_arg(K, "hidden", a.hidden)?);
-        stream
-            .kernel(&self.layer_ops.hc_post)
-            .arg(&a.streams)
-            .arg(&a.mix)
-            .arg(&a.out)
-            .arg(&n)
-            .arg(&hc)
-            .arg(&hidden)
-            .launch(grid_stride(K, a.n * a.hidden, self.sms)?)
-            .map_err(KernelError::driver("launch hc_post_f32"))?;
+        if a.kernel == HcPostKernel::New && a.squares != 0 && hc_post_squares_fits(a) {
+            let cfg = LaunchConfig {
+                grid_dim: (u32_grid(K, a.n)?, 1, 1),
+                block_dim: (BLOCK as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            stream
+                .kernel(&self.layer_ops.hc_post_squares)
+                .arg(&a.streams)
+                .arg(&a.mix)
+                .arg(&a.out)
+                .arg(&a.squares)
+                .arg(&hidden)
+                .launch(cfg)
+                .map_err(KernelError::driver("launch hc_post_squares"))?;
+            return Ok(());
+        }
+        match a.kernel {
+            HcPostKernel::Old => {
+                stream
+                    .kernel(&self.layer_ops.hc_post)
+                    .arg(&a.streams)
+                    .arg(&a.mix)
+                    .arg(&a.out)
+                    .arg(&n)
+                    .arg(&hc)
+                    .arg(&hidden)
+                    .launch(grid_stride(K, a.n * a.hidden, self.sms)?)
+                    .map_err(KernelError::driver("launch hc_post_f32"))?;
+            }
+            HcPostKernel::New => {
+                let vec4 = hc_post_vec4(a);
+                let per_token = a.hidden.div_ceil(if vec4 { 4 } else { 1 });
+                // A 256-thread block per 1,024 channels where that gives every SM a block;
+                // smaller blocks (more of them) for decode's few rows.
+                let threads = if a.n * per_token.div_ceil(BLOCK) >= self.sms {
+                    BLOCK
+                } else {
+                    HC_POST_SMALL_BLOCK
+                };
+                let cfg = LaunchConfig {
+                    grid_dim: (
+                        u32_grid(K, per_token.div_ceil(threads))?,
+                        u32_grid(K, a.n)?,
+                        1,
+                    ),
+                    block_dim: (threads as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                stream
+                    .kernel(&self.layer_ops.hc_post2)
+                    .arg(&a.streams)
+                    .arg(&a.mix)
+                    .arg(&a.out)
+                    .arg(&hc)
+                    .arg(&hidden)
+                    .arg(&i32::from(vec4))
+                    .launch(cfg)
+                    .map_err(KernelError::driver("launch hc_post2"))?;
+            }
+        }
+        if a.squares != 0 {
+            // SAFETY: the streams hold n rows of hc * hidden and `squares` n floats (this
+            // function's contract); the post above wrote the streams first on this stream.
+            unsafe { self.hc_row_squares(stream, a.streams, a.squares, a.n, a.hc * a.hidden) }?;
+        }
         Ok(())
     }
 
@@ -1463,13 +1688,60 @@ mod tests {
             streams: 16,
             mix: 16,
             out: 16,
+            squares: 0,
             n: 2,
             hc: 4,
             hidden: 4096,
+            kernel: HcPostKernel::default(),
         };
         assert!(check_hc_post(&post).is_ok());
         assert!(check_hc_post(&HcPost { hc: 9, ..post }).is_err());
         assert!(check_hc_post(&HcPost { hidden: 0, ..post }).is_err());
+        // float4 channels need hidden % 4 == 0 and 16-byte aligned streams and output.
+        assert!(hc_post_vec4(&post));
+        assert!(!hc_post_vec4(&HcPost { hidden: 30, ..post }));
+        assert!(!hc_post_vec4(&HcPost { out: 20, ..post }));
+        // The fused squares: hc 4 and whole 256-channel columns up to 16 per thread.
+        assert!(hc_post_squares_fits(&post));
+        assert!(!hc_post_squares_fits(&HcPost { hc: 3, ..post }));
+        assert!(!hc_post_squares_fits(&HcPost {
+            hidden: 4000,
+            ..post
+        }));
+        assert!(!hc_post_squares_fits(&HcPost {
+            hidden: 4352,
+            ..post
+        }));
+        assert!(hc_post_squares_fits(&HcPost {
+            hidden: 256,
+            ..post
+        }));
+        assert_eq!(HcPostKernel::default(), HcPostKernel::New);
+        assert_eq!("old".parse::<HcPostKernel>(), Ok(HcPostKernel::Old));
+        assert_eq!(" New".parse::<HcPostKernel>(), Ok(HcPostKernel::New));
+        assert!("split".parse::<HcPostKernel>().is_err());
+        // The GEMM steps' finish: hidden a multiple of 4 up to 4,096, aligned rows.
+        assert!(hc_pre_rows_fits(&pre));
+        assert!(hc_pre_rows_fits(&HcPreFused { hidden: 40, ..pre }));
+        assert!(!hc_pre_rows_fits(&HcPreFused {
+            hidden: 4100,
+            ..pre
+        }));
+        assert!(!hc_pre_rows_fits(&HcPreFused { hidden: 42, ..pre }));
+        assert!(!hc_pre_rows_fits(&HcPreFused { x_out: 24, ..pre }));
+        assert!(!hc_pre_rows_fits(&HcPreFused {
+            norm_weight: 8,
+            ..pre
+        }));
+        // The squares sit after the dots, where hc_pre_from_dots_f32 reads them.
+        assert_eq!(
+            Kernels::hc_given_squares(1024, 8192, 4),
+            1024 + 4 * (HC_WS_HEADER + 8192 * 24) as u64
+        );
+        assert_eq!(
+            Kernels::hc_given_dots(1024, 8192, 4),
+            1024 + 4 * HC_WS_HEADER as u64
+        );
         let fin = HcPreFinish {
             proj: 16,
             base: 16,

@@ -489,13 +489,14 @@ impl Kernels {
     }
 
     /// `out[t, :] = sum_j weights[t, j] * y[pos[t, j], :]` over the `topk` slots in order (a
-    /// negative position adds nothing): the expert outputs, sorted by expert, back in token
-    /// order.
+    /// negative position adds nothing), then `+ addend[t, :]` unless `addend` is 0 (the shared
+    /// expert's output: the bits of a separate `add_into` after the sum): the expert outputs,
+    /// sorted by expert, back in token order.
     ///
     /// # Safety
     /// `pos` and `weights` must hold `tokens * topk` device i32 / f32, every non-negative
-    /// position a row of `y` (`hidden` f32 per row); `out` must hold `tokens * hidden` f32; all
-    /// device memory of this context.
+    /// position a row of `y` (`hidden` f32 per row); `out` (and a non-zero `addend`) must hold
+    /// `tokens * hidden` f32; all device memory of this context.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn moe_combine_sorted(
         &self,
@@ -507,6 +508,7 @@ impl Kernels {
         topk: usize,
         hidden: usize,
         out: CUdeviceptr,
+        addend: CUdeviceptr,
     ) -> Result<(), KernelError> {
         const K: &str = "moe_combine_sorted";
         if tokens == 0 || hidden == 0 {
@@ -530,6 +532,7 @@ impl Kernels {
             .arg(&k)
             .arg(&h)
             .arg(&out)
+            .arg(&addend)
             .launch(grid_stride(K, tokens * hidden, self.sms)?)
             .map_err(KernelError::driver("launch moe_combine_sorted"))?;
         Ok(())

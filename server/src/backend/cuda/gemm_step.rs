@@ -132,6 +132,8 @@ pub(super) struct GroupedIo {
     x: CUdeviceptr,
     route_weights: CUdeviceptr,
     out: CUdeviceptr,
+    /// Rows added to the sum (the shared expert's output), or 0.
+    addend: CUdeviceptr,
     n: usize,
     topk: usize,
     limit: f32,
@@ -395,6 +397,21 @@ unsafe fn gemm_on(
         )
     }
     .map_err(|e| BackendError::Other(format!("cuBLAS GEMM: {e:?}")))
+}
+
+/// The activations of an f16 GEMM: f32 rows rounded to f16 on the way (their copy kept for
+/// the next projection of the same input where `reuse_x`), or rows already in f16.
+#[derive(Clone, Copy)]
+enum GemmX {
+    F32 {
+        x: CUdeviceptr,
+        ldx: usize,
+        reuse_x: bool,
+    },
+    F16 {
+        x: CUdeviceptr,
+        ldx: usize,
+    },
 }
 
 impl CudaBackend {
@@ -694,30 +711,18 @@ impl CudaBackend {
         reuse_x: bool,
     ) -> Result<(), BackendError> {
         let (rows, cols) = w.shape();
-        if let CudaMatrix::Fp8 {
-            w: wq,
-            scales,
-            f16_shift: Some(shift),
-            ..
-        } = w
-        {
-            if self.gemm_tf32.load(Ordering::Relaxed) && ProjGemm::from_env() == ProjGemm::F16 {
-                let weight = (
-                    wq.device_ptr(&self.stream).0,
-                    scales.device_ptr(&self.stream).0,
-                );
-                // SAFETY: this function's contract; `weight` is w's bytes and tiles.
-                return unsafe {
-                    self.gemm_fp8_f16(
-                        (x, ldx, n),
-                        weight,
-                        (rows, cols, *shift),
-                        (y, ldy),
-                        g,
-                        reuse_x,
-                    )
-                };
-            }
+        if let Some((weight, shift)) = self.f16_weight(w) {
+            // SAFETY: this function's contract; `weight` is w's bytes and tiles.
+            return unsafe {
+                self.gemm_fp8_f16(
+                    GemmX::F32 { x, ldx, reuse_x },
+                    n,
+                    weight,
+                    (rows, cols, shift),
+                    (y, ldy),
+                    g,
+                )
+            };
         }
         let wp = self.widened(w, &mut g.wide)?;
         // SAFETY: wp holds rows * cols f32 (widened above or the dense matrix itself); the rest
@@ -725,20 +730,81 @@ impl CudaBackend {
         unsafe { self.gemm_rows(x, ldx, n, wp, rows, cols, y, ldy) }
     }
 
+    /// An FP8 matrix's `(bytes, tiles)` and f16 shift where [`Self::gemm_linear`] runs it on the
+    /// f16 tensor cores ([`ProjGemm`]), else `None`.
+    fn f16_weight(&self, w: &CudaMatrix) -> Option<((CUdeviceptr, CUdeviceptr), i32)> {
+        match w {
+            CudaMatrix::Fp8 {
+                w: wq,
+                scales,
+                f16_shift: Some(shift),
+                ..
+            } if self.gemm_tf32.load(Ordering::Relaxed)
+                && ProjGemm::from_env() == ProjGemm::F16 =>
+            {
+                let s = &self.stream;
+                Some(((wq.device_ptr(s).0, scales.device_ptr(s).0), *shift))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether [`Self::gemm_linear_f16_input`] takes `w`.
+    pub(super) fn takes_f16_input(&self, w: &CudaMatrix) -> bool {
+        self.f16_weight(w).is_some()
+    }
+
+    /// [`Self::gemm_linear`] over activations already rounded to f16 (`xh`: `n` rows of
+    /// `w.shape().1` halves at stride `ldxh`), where their producer wrote them so (the same
+    /// rounding `gemm_linear` applies). `w` must be one [`Self::takes_f16_input`] accepts.
+    ///
+    /// # Safety
+    /// As [`Self::gemm_rows`], with `xh` holding the f16 rows.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemm_linear_f16_input(
+        &self,
+        xh: CUdeviceptr,
+        ldxh: usize,
+        n: usize,
+        w: &CudaMatrix,
+        y: CUdeviceptr,
+        ldy: usize,
+        g: &mut GemmScratch,
+    ) -> Result<(), BackendError> {
+        let (rows, cols) = w.shape();
+        let Some((weight, shift)) = self.f16_weight(w) else {
+            return Err(gemm_err(format!(
+                "a [{rows}, {cols}] matrix does not run on the f16 GEMM; it needs f32 input"
+            )));
+        };
+        // SAFETY: this function's contract; `weight` is w's bytes and tiles.
+        unsafe {
+            self.gemm_fp8_f16(
+                GemmX::F16 { x: xh, ldx: ldxh },
+                n,
+                weight,
+                (rows, cols, shift),
+                (y, ldy),
+                g,
+            )
+        }
+    }
+
     /// [`Self::gemm_linear`]'s f16 form: the FP8 weight `(bytes, tiles)` of `(rows, cols)` times
-    /// `2^-shift` into `g.wide` (exact), x rounded to f16 into `g.x_half` (unless `reuse_x` finds
-    /// it there), one f16 GEMM with f32 accumulation and `alpha = 2^shift`.
+    /// `2^-shift` into `g.wide` (exact), f32 activations rounded to f16 into `g.x_half` (unless
+    /// their `reuse_x` finds them there), one f16 GEMM with f32 accumulation and `alpha =
+    /// 2^shift`.
     ///
     /// # Safety
     /// As [`Self::gemm_rows`]; `weight` must be an FP8 matrix of `(rows, cols)` with its tiles.
     unsafe fn gemm_fp8_f16(
         &self,
-        (x, ldx, n): (CUdeviceptr, usize, usize),
+        x: GemmX,
+        n: usize,
         (wq, scales): (CUdeviceptr, CUdeviceptr),
         (rows, cols, shift): (usize, usize, i32),
         (y, ldy): (CUdeviceptr, usize),
         g: &mut GemmScratch,
-        reuse_x: bool,
     ) -> Result<(), BackendError> {
         let s = &self.stream;
         // f16 pairs in the f32 buffer.
@@ -752,24 +818,31 @@ impl CudaBackend {
                 .fp8_dequant_f16(s, [wq, scales, wp], rows, cols, shift)
         }
         .map_err(kernel_err)?;
-        let key = (x, ldx, n, cols);
-        if !(reuse_x && g.x_half_of == Some(key)) {
-            if g.x_half.len() < n * cols {
-                g.x_half = s
-                    .alloc_zeros::<u16>(n * cols)
-                    .map_err(driver_err("alloc"))?;
+        let (xh, ldxh) = match x {
+            GemmX::F16 { x, ldx } => (x, ldx),
+            GemmX::F32 { x, ldx, reuse_x } => {
+                let key = (x, ldx, n, cols);
+                if !(reuse_x && g.x_half_of == Some(key)) {
+                    if g.x_half.len() < n * cols {
+                        g.x_half = s
+                            .alloc_zeros::<u16>(n * cols)
+                            .map_err(driver_err("alloc"))?;
+                    }
+                    let xh = g.x_half.device_ptr_mut(s).0;
+                    // SAFETY: x holds n rows of cols at stride ldx (the caller's contract),
+                    // x_half room for n * cols f16.
+                    unsafe { self.kernels.rows_to_f16(s, x, ldx, xh, n, cols) }
+                        .map_err(kernel_err)?;
+                    g.x_half_of = reuse_x.then_some(key);
+                }
+                (g.x_half.device_ptr(s).0, cols)
             }
-            let xh = g.x_half.device_ptr_mut(s).0;
-            // SAFETY: x holds n rows of cols at stride ldx (the caller's contract), x_half room
-            // for n * cols f16.
-            unsafe { self.kernels.rows_to_f16(s, x, ldx, xh, n, cols) }.map_err(kernel_err)?;
-            g.x_half_of = reuse_x.then_some(key);
-        }
-        let xh = g.x_half.device_ptr(s).0;
-        // SAFETY: x_half holds n dense rows of cols f16, wide rows * cols f16; y is the caller's.
+        };
+        // SAFETY: xh holds n rows of cols f16 at stride ldxh, wide rows * cols f16; y is the
+        // caller's.
         unsafe {
             self.gemm_typed(
-                (xh, cols, n),
+                (xh, ldxh, n),
                 (wp, rows, cols),
                 (y, ldy),
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -784,7 +857,8 @@ impl CudaBackend {
     /// [`ExpertSort`]; otherwise on the host); on the widened paths each used expert's
     /// w1/w3/w2 are widened (in groups) and its rows run as three GEMMs with the clipped SwiGLU
     /// between; the weighted slots are summed back in token order into `out` (`n` rows of
-    /// hidden).
+    /// hidden), plus `addend`'s rows unless it is 0 (the shared expert's output, added in the
+    /// same pass).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn sorted_experts(
         &self,
@@ -796,7 +870,7 @@ impl CudaBackend {
         route_weights: CUdeviceptr,
         act: &mut CudaSlice<f32>,
         y_sorted: &mut CudaSlice<f32>,
-        out: CUdeviceptr,
+        (out, addend): (CUdeviceptr, CUdeviceptr),
         n: usize,
         topk: usize,
         limit: f32,
@@ -813,6 +887,7 @@ impl CudaBackend {
             x,
             route_weights,
             out,
+            addend,
             n,
             topk,
             limit,
@@ -989,6 +1064,7 @@ impl CudaBackend {
                 topk,
                 h,
                 out,
+                addend,
             )
         }
         .map_err(kernel_err)
@@ -1124,6 +1200,7 @@ impl CudaBackend {
                 io.topk,
                 h,
                 io.out,
+                io.addend,
             )
         }
         .map_err(kernel_err)

@@ -188,6 +188,9 @@ impl CudaBackend {
                 scale,
                 format: keys.format,
                 inverse_rope: None,
+                query_norm_eps: None,
+                separate_merge: false,
+                out_f16: false,
             };
             // SAFETY: q and out hold tokens * heads * head_dim f32, starts tokens + 1 i32 indexing
             // into `off`, sinks `heads` f32, the workspace the size the launch asks for, and

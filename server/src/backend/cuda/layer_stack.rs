@@ -14,12 +14,12 @@ use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptu
 use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use dspark_kernels::kv_record::KvRowFormat;
 use dspark_kernels::launch::attention::{
-    attention_f16_form, attention_tc_form, check_attention_heads_tc, AttentionTcForm,
-    ATTENTION_HEAD_GROUP, TOPK_SINGLE_MAX_COUNT,
+    attention_f16_form, attention_tc_form, check_attention_heads_tc, finishes_in_pass_one,
+    AttentionTcForm, ATTENTION_HEAD_GROUP, TOPK_SINGLE_MAX_COUNT,
 };
 use dspark_kernels::launch::layer_ops::{
-    hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcPost, HcPreFused, HcPreKernel,
-    RmsNormF32, RmsNormRopeF32, RopeF32, RouteF32, RouterScoring,
+    hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcPost, HcPostKernel, HcPreFused,
+    HcPreKernel, RmsNormF32, RmsNormRopeF32, RopeF32, RouteF32, RouterScoring,
 };
 use dspark_kernels::launch::moe_sorted::GatherInto;
 use dspark_kernels::launch::multi_gemv::{GemvSegment, SegmentWeights, GEMV_MAX_SEGMENTS};
@@ -124,6 +124,10 @@ struct Scratch {
     rows: usize,
     streams: CudaSlice<f32>,
     hc_work: CudaSlice<f32>,
+    /// The rows whose sums of squares of the current streams a GEMM step's post left in
+    /// `hc_work` for the next site's pre ([`CudaBackend::hc_post_then`]); `None` once read or
+    /// when the streams were written otherwise (the embedding).
+    hc_squares_of: Option<HcRows>,
     mix: CudaSlice<f32>,
     x: CudaSlice<f32>,
     q_lora: CudaSlice<f32>,
@@ -815,6 +819,21 @@ impl CudaLayerStack {
     }
 }
 
+/// A kernel choice from the environment variable `var`, read once into `cell`: its default when
+/// unset, and (with a warning) when the value does not parse.
+fn env_kernel<T>(cell: &'static std::sync::OnceLock<T>, var: &str) -> T
+where
+    T: Copy + Default + std::str::FromStr<Err = String>,
+{
+    *cell.get_or_init(|| match std::env::var(var) {
+        Ok(v) => v.parse().unwrap_or_else(|e: String| {
+            tracing::warn!("{var}: {e}; using the default");
+            T::default()
+        }),
+        Err(_) => T::default(),
+    })
+}
+
 impl CudaBackend {
     fn alloc_f32(&self, len: usize) -> Result<CudaSlice<f32>, BackendError> {
         self.zeros(len)
@@ -1004,6 +1023,7 @@ impl CudaBackend {
             rows,
             streams: self.alloc_f32(rows * d.width)?,
             hc_work: self.alloc_f32(hc_mix_workspace_floats(rows, d.hc_outs))?,
+            hc_squares_of: None,
             mix: self.alloc_f32(rows * d.hc_outs)?,
             x: self.alloc_f32(rows * d.hidden)?,
             q_lora: self.alloc_f32(rows * d.q_lora)?,
@@ -1586,6 +1606,8 @@ impl CudaBackend {
         let s = &self.stream;
         let (h, hc) = (model.cfg.hidden_size, model.cfg.hc_mult);
         let (first, n) = (rows.start, rows.len);
+        // New streams: no post's squares describe them.
+        sc.hc_squares_of = None;
         fits("stack x rows", sc.x.len(), (first + n) * h)?;
         fits("stack streams", sc.streams.len(), (first + n) * hc * h)?;
         let ids = ids + (first * 4) as u64;
@@ -2107,13 +2129,7 @@ impl CudaBackend {
     /// | `new` (default), read once per process, so runs can A/B them (all give the same bits).
     fn hc_pre_kernel() -> HcPreKernel {
         static KERNEL: std::sync::OnceLock<HcPreKernel> = std::sync::OnceLock::new();
-        *KERNEL.get_or_init(|| match std::env::var("DSPARK_HC_KERNEL") {
-            Ok(v) => v.parse().unwrap_or_else(|e: String| {
-                tracing::warn!("DSPARK_HC_KERNEL: {e}; using the default");
-                HcPreKernel::default()
-            }),
-            Err(_) => HcPreKernel::default(),
-        })
+        env_kernel(&KERNEL, "DSPARK_HC_KERNEL")
     }
 
     /// Collapses the streams of `rows` at a hyper-connection site and norms the sub-layer input
@@ -2150,6 +2166,8 @@ impl CudaBackend {
         let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
         let (first, n) = (rows.start, rows.len);
         let outs = (2 + hc) * hc;
+        // Whether the last post left these rows' squares in the workspace (read at most once).
+        let squares_ready = sc.hc_squares_of.take() == Some(rows);
         fits("stack streams", sc.streams.len(), (first + n) * hc * h)?;
         fits("stack x rows", sc.x.len(), (first + n) * h)?;
         fits("stack mix rows", sc.mix.len(), (first + n) * outs)?;
@@ -2170,15 +2188,18 @@ impl CudaBackend {
             norm_eps: cfg.rms_norm_eps,
             kernel: Self::hc_pre_kernel(),
         };
-        if n > STACK_MAX_ROWS && Self::hc_mix_by_gemm() {
+        if Self::hc_pre_by_gemm(n) {
             let (width, outs) = (hc * h, (2 + hc) * hc);
             let dots = dspark_kernels::Kernels::hc_given_dots(call.workspace, n, hc);
-            // SAFETY: as below; the squares launch, the GEMM of the streams [n, width] by the
-            // site's [outs, width] projection into the workspace's [n, outs] dots, and the
-            // finish, in this order on the backend's stream (cuBLAS's handle is bound to it).
+            // SAFETY: as below; the squares launch (unless the post that wrote these streams
+            // left their squares), the GEMM of the streams [n, width] by the site's [outs,
+            // width] projection into the workspace's [n, outs] dots, and the finish, in this
+            // order on the backend's stream (cuBLAS's handle is bound to it).
             unsafe {
                 self.stage(clock, "stack: hyper-connections (mix)")?;
-                self.kernels.hc_squares_f32(s, &call).map_err(kernel_err)?;
+                if !squares_ready {
+                    self.kernels.hc_squares_f32(s, &call).map_err(kernel_err)?;
+                }
                 self.gemm_rows(call.streams, width, n, call.fn_, outs, width, dots, outs)?;
                 self.stage(clock, "stack: hyper-connections (pre)")?;
                 return self
@@ -2220,12 +2241,35 @@ impl CudaBackend {
             .then_some(tf32)
     }
 
+    /// Whether the f16 attention forms norm and rotate the raw queries as they stage them and
+    /// finish one-split rows themselves (the same bits as the separate launches): on unless
+    /// `DSPARK_ATTENTION_FUSED=0`, read once per process (an A/B switch).
+    fn attention_fused() -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| std::env::var("DSPARK_ATTENTION_FUSED").map_or(true, |v| v != "0"))
+    }
+
     /// Whether GEMM steps compute the hyper-connection mix dots as one cuBLAS GEMM (reading the
     /// streams once) instead of the chunk kernels (once per output): on unless
     /// `DSPARK_HC_GEMM=0`, read once per process (an A/B switch).
     fn hc_mix_by_gemm() -> bool {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *ON.get_or_init(|| std::env::var("DSPARK_HC_GEMM").map_or(true, |v| v != "0"))
+    }
+
+    /// Whether the pre side over `n` rows of this rank runs as the squares, a GEMM and the
+    /// finish from the dots ([`Self::hc_pre_rows`]); the post before such a site writes the
+    /// squares ([`Self::hc_post_then`]).
+    fn hc_pre_by_gemm(n: usize) -> bool {
+        n > STACK_MAX_ROWS && Self::hc_mix_by_gemm()
+    }
+
+    /// Which kernel carries the hyper-connection post side: `DSPARK_HC_POST_KERNEL` = `old` |
+    /// `new` (default), read once per process (same bits). `old` also leaves the squares of GEMM
+    /// steps to the next site's pre, as before.
+    fn hc_post_kernel() -> HcPostKernel {
+        static KERNEL: std::sync::OnceLock<HcPostKernel> = std::sync::OnceLock::new();
+        env_kernel(&KERNEL, "DSPARK_HC_POST_KERNEL")
     }
 
     /// One compressor of a layer: the step's `kv` and `gate` rows (`coff * dim` each) into the
@@ -2269,12 +2313,26 @@ impl CudaBackend {
     }
 
     /// `streams = post * sub_out + comb^T streams` over `rows` with the mix of the last
-    /// [`Self::hc_pre`].
+    /// [`Self::hc_pre`], where another site follows in the step (the attention's post).
     fn hc_post(
         &self,
         sc: &mut Scratch,
         cfg: &crate::engine::model::ModelConfig,
         rows: HcRows,
+    ) -> Result<(), BackendError> {
+        self.hc_post_then(sc, cfg, rows, true)
+    }
+
+    /// [`Self::hc_post`]; `next_site`: another hyper-connection site reads these streams in this
+    /// step (every post but the last layer's FFN one). If that site's pre runs as a GEMM
+    /// ([`Self::hc_pre_by_gemm`]), the post also leaves the rows' sums of squares of the new
+    /// streams where that pre reads them (the bits of its squares launch, which it then skips).
+    fn hc_post_then(
+        &self,
+        sc: &mut Scratch,
+        cfg: &crate::engine::model::ModelConfig,
+        rows: HcRows,
+        next_site: bool,
     ) -> Result<(), BackendError> {
         let s = &self.stream;
         let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
@@ -2283,9 +2341,22 @@ impl CudaBackend {
         fits("stack streams", sc.streams.len(), (first + n) * hc * h)?;
         fits("stack mix rows", sc.mix.len(), (first + n) * outs)?;
         fits("stack output rows", sc.sub_out.len(), (first + n) * h)?;
+        let kernel = Self::hc_post_kernel();
+        let squares = next_site && kernel == HcPostKernel::New && Self::hc_pre_by_gemm(n);
+        sc.hc_squares_of = None;
+        let sq = if squares {
+            fits(
+                "stack hc workspace",
+                sc.hc_work.len(),
+                hc_mix_workspace_floats(n, outs),
+            )?;
+            dspark_kernels::Kernels::hc_given_squares(ptr(s, &sc.hc_work), n, hc)
+        } else {
+            0
+        };
         let streams = ptr_mut(s, &mut sc.streams) + (first * hc * h * 4) as u64;
         // SAFETY: streams, mix and sub_out hold first + n rows of hc * hidden, (2 + hc) * hc and
-        // hidden (checked above).
+        // hidden, hc_work (when sq is set) the squares of n rows after the dots (checked above).
         unsafe {
             self.kernels.hc_post_f32(
                 s,
@@ -2293,13 +2364,19 @@ impl CudaBackend {
                     streams,
                     mix: ptr(s, &sc.mix) + (first * outs * 4) as u64,
                     out: ptr(s, &sc.sub_out) + (first * h * 4) as u64,
+                    squares: sq,
                     n,
                     hc: cfg.hc_mult,
                     hidden: cfg.hidden_size,
+                    kernel,
                 },
             )
         }
-        .map_err(kernel_err)
+        .map_err(kernel_err)?;
+        if squares {
+            sc.hc_squares_of = Some(rows);
+        }
+        Ok(())
     }
 
     fn stack_attention(
@@ -2407,32 +2484,6 @@ impl CudaBackend {
         self.stack_linear_many(&sc.q_lora, n, &mut jobs, &mut sc.gemm)?;
         self.stage(&mut stack.clock, "stack: norms, RoPE, KV write")?;
         let heads = aw.wq_b.shape().0 / hd;
-        let q = ptr_mut(s, &mut sc.q);
-        // Per-head norm and RoPE in one launch.
-        // SAFETY: q holds n * heads rows of head_dim; positions n i32; the RoPE table rd / 2.
-        unsafe {
-            self.kernels.rms_norm_rope_f32(
-                s,
-                &RmsNormRopeF32 {
-                    norm: RmsNormF32 {
-                        x: q,
-                        out: q,
-                        weight: 0,
-                        rows: n * heads,
-                        dim: hd,
-                        ld_x: hd,
-                        ld_out: hd,
-                        eps,
-                    },
-                    positions,
-                    inv_freq: ptr(s, rope),
-                    heads,
-                    rope_dim: rd,
-                    attention_factor: rope_af,
-                },
-            )
-        }
-        .map_err(kernel_err)?;
         // The latent KV row: kv_norm, RoPE, into each row's window slot.
         let kvp = ptr_mut(s, &mut sc.kv);
         let pool = ptr_mut(s, &mut kv.data);
@@ -2792,11 +2843,57 @@ impl CudaBackend {
                 rope_dim: rd,
                 attention_factor: rope_af,
             }),
+            query_norm_eps: None,
+            separate_merge: !Self::attention_fused(),
+            out_f16: false,
         };
+        let form = grouped.then(|| self.attention_tc_form(&call, n)).flatten();
+        // The queries' per-head norm and RoPE: in the f16 forms' staging (no round trip of the
+        // n x heads x 512 queries through memory), else one launch of their own first.
+        let fuse_query = form.is_some_and(|f| f.is_f16()) && Self::attention_fused();
+        // A GEMM step whose output projection runs on f16 tensor cores takes the attention's
+        // rows in f16, written so by pass 1 where it finishes them (the rounding the GEMM would
+        // apply to f32 rows: no f32 round trip, no conversion launch).
+        let gemm_step = n > STACK_MAX_ROWS;
+        let out_f16 = gemm_step
+            && form.is_some_and(|f| finishes_in_pass_one(&call, f))
+            && aw.wo_a.iter().all(|w| self.takes_f16_input(w));
+        let call = PagedAttention {
+            query_norm_eps: fuse_query.then_some(eps),
+            out_f16,
+            ..call
+        };
+        if !fuse_query {
+            let q = ptr_mut(s, &mut sc.q);
+            // SAFETY: q holds n * heads rows of head_dim; positions n i32; the RoPE table rd / 2.
+            unsafe {
+                self.kernels.rms_norm_rope_f32(
+                    s,
+                    &RmsNormRopeF32 {
+                        norm: RmsNormF32 {
+                            x: q,
+                            out: q,
+                            weight: 0,
+                            rows: n * heads,
+                            dim: hd,
+                            ld_x: hd,
+                            ld_out: hd,
+                            eps,
+                        },
+                        positions,
+                        inv_freq: ptr(s, rope),
+                        heads,
+                        rope_dim: rd,
+                        attention_factor: rope_af,
+                    },
+                )
+            }
+            .map_err(kernel_err)?;
+        }
         // SAFETY: q/attn hold n * heads * head_dim, the key lists were built above inside the
         // pool, the workspace has the size the launch asks for.
         unsafe {
-            if let Some(form) = grouped.then(|| self.attention_tc_form(&call, n)).flatten() {
+            if let Some(form) = form {
                 self.kernels.paged_attention_heads_tc_form(s, &call, form)
             } else if grouped {
                 self.kernels.paged_attention_heads(s, &call)
@@ -2816,24 +2913,23 @@ impl CudaBackend {
                 wg.shape()
             )));
         }
-        let gemm_step = n > STACK_MAX_ROWS;
         if gemm_step {
             // One GEMM per group, reading its heads and writing its slot in place.
             let (xp, op) = (ptr(s, &sc.attn), ptr_mut(s, &mut sc.grouped));
             for (gi, wg) in aw.wo_a.iter().enumerate() {
-                // SAFETY: attn rows hold local_groups * group_in values, grouped rows
-                // local_groups * orank; group gi reads and writes its own columns.
+                let y = op + (gi * orank * 4) as u64;
+                let ldy = local_groups * orank;
+                // SAFETY: attn rows hold local_groups * group_in values (f32, or f16 where
+                // out_f16 had the attention write them so), grouped rows local_groups * orank;
+                // group gi reads and writes its own columns.
                 unsafe {
-                    self.gemm_linear(
-                        xp + (gi * group_in * 4) as u64,
-                        heads * hd,
-                        n,
-                        wg,
-                        op + (gi * orank * 4) as u64,
-                        local_groups * orank,
-                        &mut sc.gemm,
-                        false,
-                    )
+                    if out_f16 {
+                        let xh = xp + (gi * group_in * 2) as u64;
+                        self.gemm_linear_f16_input(xh, heads * hd, n, wg, y, ldy, &mut sc.gemm)
+                    } else {
+                        let x = xp + (gi * group_in * 4) as u64;
+                        self.gemm_linear(x, heads * hd, n, wg, y, ldy, &mut sc.gemm, false)
+                    }
                 }?;
             }
         } else if let Some((w, scales)) = &layer.wo_a_stacked {
@@ -3034,11 +3130,13 @@ impl CudaBackend {
         self.stage(&mut stack.clock, "stack: routed experts")?;
         match (&mw.experts, &layer.dense_experts) {
             (CudaExpertBank::Fp4(b), _) if n > STACK_MAX_ROWS => {
-                let (x, w, out) = (
+                let (x, w, out, addend) = (
                     ptr(s, &sc.x),
                     ptr(s, &sc.route_weights),
                     ptr_mut(s, &mut sc.sub_out),
+                    ptr(s, &sc.shared_down),
                 );
+                shared_added = true;
                 self.sorted_experts(
                     &mut stack.clock,
                     b,
@@ -3048,7 +3146,7 @@ impl CudaBackend {
                     w,
                     &mut sc.expert_h,
                     &mut sc.expert_partial,
-                    out,
+                    (out, addend),
                     n,
                     k,
                     cfg.swiglu_limit,
@@ -3115,7 +3213,8 @@ impl CudaBackend {
         self.stage(&mut stack.clock, "stack: all-reduce")?;
         self.reduce_sub_out(comm, &mut sc.sub_out, h, step.hc)?;
         self.stage(&mut stack.clock, "stack: hyper-connections (post)")?;
-        self.hc_post(sc, cfg, step.hc)
+        // The last layer's streams go to the head, not to another site.
+        self.hc_post_then(sc, cfg, step.hc, l + 1 < cfg.num_hidden_layers)
     }
 }
 
