@@ -990,9 +990,9 @@ __device__ __forceinline__ void lo_hc_rows_collapse(
 // g * (LO_ROWS_GROUP + 1) + j collapses and norms token g * LO_ROWS_GROUP + j (j <
 // LO_ROWS_GROUP), or (j == LO_ROWS_GROUP) writes the mix_out rows of those tokens, a warp each.
 // 256 threads; streams, x_out and norm_w 16-byte aligned, hidden a multiple of 4 and at most
-// 4,096.
+// 4,096. The arguments are finish2's (so one launcher serves both); `splits` must be 1.
 extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_pre_rows_f32(
-    const float *__restrict__ dots, const float *__restrict__ sq, int width, float mix_eps,
+    const float *__restrict__ dots, const float *__restrict__ sq, int splits, int width, float mix_eps,
     const float *__restrict__ base, float scale0, float scale1, float scale2,
     const float *__restrict__ streams, const float *__restrict__ norm_w,
     float *__restrict__ x_out, float *__restrict__ mix_out, int n, int hc, int hidden, int iters,

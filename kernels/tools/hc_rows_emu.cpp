@@ -180,7 +180,7 @@ static void rows_case(int n, int hc, int hidden, int iters, bool weighted, unsig
     });
     std::vector<float> x_new((size_t)n * hidden, NAN), m_new((size_t)n * outs, NAN);
     launch_named({(unsigned)((n + 7) / 8 * 9), 1, 1}, 256, [&] {
-        dsk_lo_hc_pre_rows_f32(ws.data(), ws.data() + (size_t)n * outs, width, eps, base.data(), scale[0], scale[1],
+        dsk_lo_hc_pre_rows_f32(ws.data(), ws.data() + (size_t)n * outs, 1, width, eps, base.data(), scale[0], scale[1],
                                scale[2], streams.data(), nw, x_new.data(), m_new.data(), n, hc, hidden, iters, eps,
                                eps);
     });

@@ -1390,22 +1390,24 @@ impl Kernels {
                 "only the f16 forms norm raw queries or write f16".to_string(),
             ));
         }
-        // The f16 forms also take the RoPE table's source (the raw queries' rotation and the
-        // finish's inverse one), the raw-query switch, and where they finish one split
-        // themselves the sinks and the output.
-        let rope = a.inverse_rope.map_or(Ok((0, 0, 0, 1.0f32)), |r| {
-            Ok::<_, KernelError>((
+        // The f16 forms also take the RoPE table's source where they rotate (the raw queries
+        // forward, the finished rows back; a null table otherwise, so no block computes it), the
+        // raw-query switch, and where they finish one split themselves the sinks and the output.
+        let finish = raw.is_some() && a.splits == 1 && !a.separate_merge;
+        let rotates = a.query_norm_eps.is_some() || finish;
+        let rope = match a.inverse_rope {
+            Some(r) if rotates => (
                 r.positions,
                 r.inv_freq,
                 i32_arg(name, "rope_dim", r.rope_dim)?,
                 r.attention_factor,
-            ))
-        })?;
+            ),
+            _ => (0, 0, 0, 1.0f32),
+        };
         let (q_raw, q_eps) = (
             i32::from(a.query_norm_eps.is_some()),
             a.query_norm_eps.unwrap_or(0.0),
         );
-        let finish = raw.is_some() && a.splits == 1 && !a.separate_merge;
         let out: CUdeviceptr = if finish { a.out } else { 0 };
         let out_f16 = i32::from(a.out_f16);
         if let Some((bytes, stride)) = &raw {

@@ -209,6 +209,18 @@ pub enum HcPreKernel {
     Fused,
 }
 
+/// The kernel finishing a pre side from its chunk partials (`Kernels::hc_pre_finish_tokens`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PreFinish {
+    /// `dsk_lo_hc_pre_fused_f32`, a 1,024-thread block per token.
+    Fused,
+    /// `dsk_lo_hc_pre_finish2_f32`, a 1,024-thread block per token.
+    Finish2,
+    /// `dsk_lo_hc_pre_rows_f32` (one chunk; [`hc_pre_rows_fits`]): groups of 8 collapsing
+    /// blocks and a block of their Sinkhorns.
+    Rows,
+}
+
 /// Which kernel carries [`HcPost`] (an A/B switch; both give the same bits).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum HcPostKernel {
@@ -1021,12 +1033,17 @@ impl Kernels {
                 !old,
             )
         }?;
+        let finish = if old {
+            PreFinish::Fused
+        } else {
+            PreFinish::Finish2
+        };
         // SAFETY: as this function's contract; the partials were written just above.
-        unsafe { self.hc_pre_finish_tokens(stream, a, splits, old) }
+        unsafe { self.hc_pre_finish_tokens(stream, a, splits, finish) }
     }
 
-    /// The per-token finish of the pre side from `splits` chunk partials in the workspace:
-    /// `old` = the first fused kernel, else finish2 (same values).
+    /// The per-token finish of the pre side from `splits` chunk partials in the workspace, by
+    /// `finish`'s kernel (all take the same arguments and give the same values).
     ///
     /// # Safety
     /// As [`Self::hc_pre_fused_f32`], with the workspace's partials and squares written for
@@ -1036,7 +1053,7 @@ impl Kernels {
         stream: &CudaStream,
         a: &HcPreFused,
         splits: usize,
-        old: bool,
+        finish: PreFinish,
     ) -> Result<(), KernelError> {
         const K: &str = "hc_pre_fused_f32";
         let outs = (2 + a.hc) * a.hc;
@@ -1047,15 +1064,19 @@ impl Kernels {
         );
         let (hc, hidden) = (i32_arg(K, "hc", a.hc)?, i32_arg(K, "hidden", a.hidden)?);
         let iters = i32_arg(K, "sinkhorn_iters", a.sinkhorn_iters)?;
-        let cfg = LaunchConfig {
-            grid_dim: (u32_grid(K, a.n)?, 1, 1),
-            block_dim: (HC_FUSED_BLOCK as u32, 1, 1),
-            shared_mem_bytes: 0,
+        let (f, blocks, threads) = match finish {
+            PreFinish::Fused => (&self.layer_ops.hc_pre_fused, a.n, HC_FUSED_BLOCK),
+            PreFinish::Finish2 => (&self.layer_ops.hc_pre_finish2, a.n, HC_FUSED_BLOCK),
+            PreFinish::Rows => (
+                &self.layer_ops.hc_pre_rows,
+                a.n.div_ceil(HC_ROWS_GROUP) * (HC_ROWS_GROUP + 1),
+                BLOCK,
+            ),
         };
-        let f = if old {
-            &self.layer_ops.hc_pre_fused
-        } else {
-            &self.layer_ops.hc_pre_finish2
+        let cfg = LaunchConfig {
+            grid_dim: (u32_grid(K, blocks)?, 1, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: 0,
         };
         stream
             .kernel(f)
@@ -1183,46 +1204,14 @@ impl Kernels {
         stream: &CudaStream,
         a: &HcPreFused,
     ) -> Result<(), KernelError> {
-        const K: &str = "hc_pre_rows";
         check_hc_pre_fused(a)?;
-        if a.kernel != HcPreKernel::Fused || !hc_pre_rows_fits(a) {
-            // SAFETY: this function's contract (dots and squares written as one chunk).
-            return unsafe { self.hc_pre_finish_tokens(stream, a, 1, false) };
-        }
-        let outs = (2 + a.hc) * a.hc;
-        let (dots, sq) = hc_partials(a.workspace, 1, a.n, outs);
-        let cfg = LaunchConfig {
-            grid_dim: (
-                u32_grid(K, a.n.div_ceil(HC_ROWS_GROUP) * (HC_ROWS_GROUP + 1))?,
-                1,
-                1,
-            ),
-            block_dim: (BLOCK as u32, 1, 1),
-            shared_mem_bytes: 0,
+        let finish = if a.kernel == HcPreKernel::Fused && hc_pre_rows_fits(a) {
+            PreFinish::Rows
+        } else {
+            PreFinish::Finish2
         };
-        stream
-            .kernel(&self.layer_ops.hc_pre_rows)
-            .arg(&dots)
-            .arg(&sq)
-            .arg(&i32_arg(K, "width", a.hc * a.hidden)?)
-            .arg(&a.norm_eps)
-            .arg(&a.base)
-            .arg(&a.scale[0])
-            .arg(&a.scale[1])
-            .arg(&a.scale[2])
-            .arg(&a.streams)
-            .arg(&a.norm_weight)
-            .arg(&a.x_out)
-            .arg(&a.mix_out)
-            .arg(&i32_arg(K, "n", a.n)?)
-            .arg(&i32_arg(K, "hc", a.hc)?)
-            .arg(&i32_arg(K, "hidden", a.hidden)?)
-            .arg(&i32_arg(K, "sinkhorn_iters", a.sinkhorn_iters)?)
-            .arg(&a.hc_eps)
-            .arg(&a.norm_eps)
-            .launch(cfg)
-            .map_err(KernelError::driver("launch hc_pre_rows"))?;
-        Ok(())
+        // SAFETY: this function's contract (dots and squares written as one chunk).
+        unsafe { self.hc_pre_finish_tokens(stream, a, 1, finish) }
     }
 
     /// # Safety
