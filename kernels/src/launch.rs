@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUdeviceptr, CUfunction_attribute};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, LaunchConfig};
 
 use crate::error::KernelError;
 use crate::loader::{load_module, target_arch, LoaderConfig, ModuleOrigin};
@@ -1067,6 +1067,23 @@ impl Kernels {
         self.fp4_moe_path(stream, e, c, MoePath::Auto)
     }
 
+    /// `fp4_moe` whose final combine (the only launch reading `c.addend`) first waits for
+    /// `addend_ready`, an event recorded on another stream after the addend's last write: the
+    /// experts' products overlap whatever writes the addend there (a decode step's shared
+    /// expert).
+    ///
+    /// # Safety
+    /// As `fp4_moe`; the addend may still be being written until the event completes.
+    pub unsafe fn fp4_moe_after(
+        &self,
+        stream: &CudaStream,
+        e: &Fp4Experts,
+        c: &Fp4MoeCall,
+        addend_ready: &CudaEvent,
+    ) -> Result<(), KernelError> {
+        self.fp4_moe_path_after(stream, e, c, MoePath::Auto, Some(addend_ready))
+    }
+
     /// `fp4_moe` with an explicit kernel choice (benchmarks, checks).
     ///
     /// # Safety
@@ -1077,6 +1094,21 @@ impl Kernels {
         e: &Fp4Experts,
         c: &Fp4MoeCall,
         path: MoePath,
+    ) -> Result<(), KernelError> {
+        self.fp4_moe_path_after(stream, e, c, path, None)
+    }
+
+    /// `fp4_moe_path`, the combine waiting for `addend_ready` where given (`fp4_moe_after`).
+    ///
+    /// # Safety
+    /// As `fp4_moe_after`.
+    unsafe fn fp4_moe_path_after(
+        &self,
+        stream: &CudaStream,
+        e: &Fp4Experts,
+        c: &Fp4MoeCall,
+        path: MoePath,
+        addend_ready: Option<&CudaEvent>,
     ) -> Result<(), KernelError> {
         check_fp4_moe(e, c)?;
         const K: &str = "fp4_moe";
@@ -1104,7 +1136,7 @@ impl Kernels {
                     ),
                 ));
             }
-            return self.fp4_moe_mma2(stream, e, c);
+            return self.fp4_moe_mma2(stream, e, c, addend_ready);
         }
         let tensor = match path {
             MoePath::Auto | MoePath::CudaCore | MoePath::CudaCoreV1 | MoePath::TensorCoreV2 => {
@@ -1160,6 +1192,7 @@ impl Kernels {
                 rows_per_block,
                 256,
                 [smem_gate_up, smem_down],
+                addend_ready,
             )
         }
     }
@@ -1180,6 +1213,7 @@ impl Kernels {
         rows_per_block: usize,
         block: usize,
         [smem_gate_up, smem_down]: [u32; 2],
+        addend_ready: Option<&CudaEvent>,
     ) -> Result<(), KernelError> {
         const K: &str = "fp4_moe";
         let pairs = c.tokens * c.topk;
@@ -1239,6 +1273,11 @@ impl Kernels {
             .arg(&inter)
             .launch(cfg2)
             .map_err(KernelError::driver("launch fp4_moe down"))?;
+        if let Some(ready) = addend_ready {
+            stream
+                .wait(ready)
+                .map_err(KernelError::driver("fp4_moe: wait for the addend"))?;
+        }
         self.fp4_moe_combine(stream, e, c)
     }
 
@@ -1251,6 +1290,7 @@ impl Kernels {
         stream: &CudaStream,
         e: &Fp4Experts,
         c: &Fp4MoeCall,
+        addend_ready: Option<&CudaEvent>,
     ) -> Result<(), KernelError> {
         const K: &str = "fp4_moe";
         let rows_per_block = 16 * MMA2_WARPS;
@@ -1277,6 +1317,7 @@ impl Kernels {
                 rows_per_block,
                 32 * MMA2_WARPS,
                 [smem(e.hidden, 2)?, smem(e.inter, 1)?],
+                addend_ready,
             )
         }
     }

@@ -496,3 +496,51 @@ fn f16_attention_equals_tf32_attention_over_stored_rows() {
         assert!(w < TF32_BOUND, "{storage:?}: {w:e}");
     }
 }
+
+/// The side stream (an attention sub-layer's KV writes and compressors beside its query path, a
+/// decode step's shared expert beside the routed experts) against every launch on one stream:
+/// the same kernels on the same inputs, so the same bits, in decode graphs, GEMM steps and the
+/// verify step, over f32 rows and FP8 records.
+#[test]
+fn side_stream_gives_the_bits_of_one_stream() {
+    if !gpu_enabled("side_stream_gives_the_bits_of_one_stream") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    support::write_wide_config(dir.path(), &[("sliding_window", 32), ("index_topk", 8)]);
+    let bits = |rows: &[Vec<f32>]| -> Vec<Vec<u32>> {
+        rows.iter()
+            .map(|r| r.iter().map(|v| v.to_bits()).collect())
+            .collect()
+    };
+    for storage in [KvStorage::F32, KvStorage::Fp8] {
+        let run = |side: bool| {
+            let mut m = wide_model_stored(
+                dir.path(),
+                Shard::SINGLE,
+                Arc::new(SingleRank),
+                0,
+                2048,
+                storage,
+            );
+            assert!(m.uses_layer_stack());
+            m.backend().set_side_stream(side);
+            let rows = schedule(&mut m);
+            (rows, m.backend().graph_steps())
+        };
+        let (one, _) = run(false);
+        let (two, graphs) = run(true);
+        assert!(graphs >= 10, "{storage:?}: {graphs} steps from CUDA graphs");
+        assert_eq!(one.len(), two.len());
+        let differing = bits(&one)
+            .iter()
+            .zip(bits(&two))
+            .filter(|(a, b)| **a != *b)
+            .count();
+        eprintln!(
+            "side stream vs one stream, {storage:?} KV: {} logits rows, {differing} differ",
+            one.len()
+        );
+        assert_eq!(differing, 0, "{storage:?}");
+    }
+}

@@ -39,7 +39,7 @@ use super::{driver_err, kernel_err, CudaBackend, CudaExpertBank, CudaKvStore, Cu
 use crate::backend::{BackendError, StackModel, StackRows, StackStreams};
 use crate::engine::model::config::{AttentionKind, ScoringFunc};
 use crate::engine::model::hyper::HyperConnection;
-use crate::engine::model::load::{LayerWeights, Routing};
+use crate::engine::model::load::{ExpertWeights, LayerWeights, Routing};
 use crate::ranks::Communicator;
 
 /// Most rows a layer-stack step takes; larger steps (prefill chunks) run op by op, where the
@@ -319,6 +319,92 @@ pub struct CudaLayerStack {
     /// The step's packed metadata (row table, key starts, indexer counts).
     meta32: CudaSlice<i32>,
     meta64: CudaSlice<i64>,
+    /// The second stream for work off the critical path (`None` where it could not be made).
+    side: Option<SideBranch>,
+}
+
+/// A stream beside the backend's for a layer's work that the launches queued next do not read:
+/// an attention sub-layer's KV writes and compressors beside its query path, a decode step's
+/// shared expert beside the router and routed experts. A decode step is a chain of small
+/// launches that each leave most of the GPU idle; these run beside it instead of in it. The
+/// main stream forks the side one (an event the side waits on) and waits for a marked point of
+/// it before the first launch that reads the side's results; a graph capture takes both
+/// streams' launches with those edges. Every step ends joined ([`Self::join`]).
+pub(super) struct SideBranch {
+    stream: Arc<CudaStream>,
+    forked: CudaEvent,
+    /// Points of the side stream the main one waits for, one per [`SidePoint`].
+    marks: [CudaEvent; 4],
+    /// Whether work was forked since the last [`Self::join`] (a join without it would wait on
+    /// an event from outside a running capture).
+    forked_since_join: std::sync::atomic::AtomicBool,
+}
+
+/// The marks of [`SideBranch`] a layer waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SidePoint {
+    /// The indexer's compressed keys and scaled head weights (read by its scores).
+    IndexerKeys = 0,
+    /// The latent row and the compressed rows in the pool (read by the attention).
+    AttentionKeys = 1,
+    /// The shared expert's output (the routed experts' addend).
+    SharedExpert = 2,
+    /// Everything queued on the side stream ([`SideBranch::join`]).
+    Done = 3,
+}
+
+impl SideBranch {
+    fn new(main: &Arc<CudaStream>) -> Result<Self, BackendError> {
+        let stream = main.fork().map_err(driver_err("side stream"))?;
+        let event = || {
+            main.context()
+                .new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
+                .map_err(driver_err("side stream event"))
+        };
+        Ok(Self {
+            stream,
+            forked: event()?,
+            marks: [event()?, event()?, event()?, event()?],
+            forked_since_join: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// The side stream, after everything queued on `main` so far.
+    fn fork(&self, main: &CudaStream) -> Result<&Arc<CudaStream>, BackendError> {
+        self.forked
+            .record(main)
+            .map_err(driver_err("side stream: fork"))?;
+        self.stream
+            .wait(&self.forked)
+            .map_err(driver_err("side stream: fork"))?;
+        self.forked_since_join.store(true, Ordering::Relaxed);
+        Ok(&self.stream)
+    }
+
+    /// Marks everything queued on the side stream so far as `point`.
+    fn mark(&self, point: SidePoint) -> Result<&CudaEvent, BackendError> {
+        let event = &self.marks[point as usize];
+        event
+            .record(&self.stream)
+            .map_err(driver_err("side stream: mark"))?;
+        Ok(event)
+    }
+
+    /// `main` waits for the side stream's work up to `point`'s last mark.
+    fn wait(&self, main: &CudaStream, point: SidePoint) -> Result<(), BackendError> {
+        main.wait(&self.marks[point as usize])
+            .map_err(driver_err("side stream: join"))
+    }
+
+    /// `main` waits for everything queued on the side stream (nothing to do where nothing was
+    /// forked since the last join).
+    fn join(&self, main: &CudaStream) -> Result<(), BackendError> {
+        if !self.forked_since_join.swap(false, Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.mark(SidePoint::Done)?;
+        self.wait(main, SidePoint::Done)
+    }
 }
 
 /// GPU time of the stack's stages: an event recorded where each stage starts, read after the
@@ -373,6 +459,8 @@ struct GraphKey {
     split_rows: usize,
     /// Which steps took the f16 attention when the step was captured (it picks the kernel).
     attention_f16: AttentionTcSteps,
+    /// Whether the step was captured with its side work on the second stream.
+    side_stream: bool,
 }
 
 /// A captured step's executable graph.
@@ -1131,6 +1219,10 @@ impl CudaBackend {
                 .stream
                 .alloc_zeros::<i64>(MetaLayout::GRAPHED.i64_len())
                 .map_err(driver_err("alloc"))?,
+            // A device that cannot make the stream runs every launch on the main one.
+            side: SideBranch::new(&self.stream)
+                .inspect_err(|e| tracing::warn!(error = %e, "no side stream; one stream"))
+                .ok(),
         };
         self.stream
             .synchronize()
@@ -1427,6 +1519,61 @@ impl CudaBackend {
         jobs: &mut [(&CudaMatrix, &mut CudaSlice<f32>)],
         g: &mut GemmScratch,
     ) -> Result<(), BackendError> {
+        let merged = self.gemv_multi_jobs(&self.stream, x, n, jobs)?;
+        // The outputs are other buffers than x: its f16 copy serves every job (none left over
+        // from an earlier input).
+        g.x_half_of = None;
+        for ((w, y), done) in jobs.iter_mut().zip(merged) {
+            if !done {
+                self.stack_linear(x, n, w, y, g, true)?;
+            }
+        }
+        g.x_half_of = None;
+        Ok(())
+    }
+
+    /// [`Self::stack_linear_many`] on `on` (a stream beside the backend's) for steps of up to
+    /// [`STACK_MAX_ROWS`] rows whose matrices are all FP8 or bf16: the same launches, so the
+    /// same bits.
+    fn linear_many_on(
+        &self,
+        on: &CudaStream,
+        x: &CudaSlice<f32>,
+        n: usize,
+        jobs: &mut [(&CudaMatrix, &mut CudaSlice<f32>)],
+    ) -> Result<(), BackendError> {
+        let merged = self.gemv_multi_jobs(on, x, n, jobs)?;
+        for ((w, y), done) in jobs.iter_mut().zip(merged) {
+            if done {
+                continue;
+            }
+            let (rows, cols) = w.shape();
+            if n > STACK_MAX_ROWS || x.len() < n * cols || y.len() < n * rows {
+                return Err(shape_err(format!(
+                    "projection [{rows}, {cols}] of {n} rows does not fit its buffers"
+                )));
+            }
+            let (xp, yp) = (ptr(&self.stream, x), ptr_mut(&self.stream, *y));
+            // SAFETY: x holds n rows of cols and y n rows of rows f32 (checked above).
+            if !unsafe { self.gemv_rows_on(on, w, xp, n, yp) }? {
+                return Err(shape_err(format!(
+                    "projection [{rows}, {cols}] has no GEMV for a second stream"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The jobs of [`Self::stack_linear_many`] that a one-row step runs as one launch per
+    /// weight kind ([`dspark_kernels::Kernels::gemv_multi`]) on `on`, launched; `true` where
+    /// merged so.
+    fn gemv_multi_jobs(
+        &self,
+        on: &CudaStream,
+        x: &CudaSlice<f32>,
+        n: usize,
+        jobs: &mut [(&CudaMatrix, &mut CudaSlice<f32>)],
+    ) -> Result<Vec<bool>, BackendError> {
         let mut merged = vec![false; jobs.len()];
         if n == 1 && self.gemv_multi {
             let s = &self.stream;
@@ -1461,21 +1608,41 @@ impl CudaBackend {
                 // SAFETY: every segment's weight holds [rows, k] of its kind (with its tiles),
                 // its output at least `rows` f32, x at least k (checked above); the outputs are
                 // distinct scratch buffers, none of them x.
-                unsafe { self.kernels.gemv_multi(s, kind, &segs, ptr(s, x), k) }
+                unsafe { self.kernels.gemv_multi(on, kind, &segs, ptr(s, x), k) }
                     .map_err(kernel_err)?;
                 members.iter().for_each(|&i| merged[i] = true);
             }
         }
-        // The outputs are other buffers than x: its f16 copy serves every job (none left over
-        // from an earlier input).
-        g.x_half_of = None;
-        for ((w, y), done) in jobs.iter_mut().zip(merged) {
-            if !done {
-                self.stack_linear(x, n, w, y, g, true)?;
-            }
-        }
-        g.x_half_of = None;
-        Ok(())
+        Ok(merged)
+    }
+
+    /// A decode step's shared expert on `on` (gate and up, the clipped SwiGLU, down) into
+    /// `sc.shared_down`: the launches of [`Self::stack_ffn`]'s own path, on another stream.
+    fn shared_expert_on(
+        &self,
+        on: &CudaStream,
+        sc: &mut Scratch,
+        sh: &ExpertWeights<CudaBackend>,
+        n: usize,
+        limit: f32,
+    ) -> Result<(), BackendError> {
+        let inter = sh.w1.shape().0;
+        self.linear_many_on(
+            on,
+            &sc.x,
+            n,
+            &mut [(&sh.w1, &mut sc.shared_gate), (&sh.w3, &mut sc.shared_up)],
+        )?;
+        let s = &self.stream;
+        let (g, u, a) = (
+            ptr(s, &sc.shared_gate),
+            ptr(s, &sc.shared_up),
+            ptr_mut(s, &mut sc.shared_act),
+        );
+        fits("shared expert activations", sc.shared_act.len(), n * inter)?;
+        // SAFETY: gate, up and act hold n rows of the shared expert's inter size.
+        unsafe { self.kernels.swiglu_clip(on, g, u, a, n * inter, limit) }.map_err(kernel_err)?;
+        self.linear_many_on(on, &sc.shared_act, n, &mut [(&sh.w2, &mut sc.shared_down)])
     }
 
     /// The layer stack over one step (see [`crate::backend::Backend::run_layer_stack`]). Steps
@@ -1853,6 +2020,7 @@ impl CudaBackend {
                 capture: capture.to_vec(),
                 split_rows,
                 attention_f16: self.attention_f16_steps(),
+                side_stream: self.side_stream_on(),
             };
             stack.uses += 1;
             let uses = stack.uses;
@@ -2092,6 +2260,25 @@ impl CudaBackend {
         comm: &dyn Communicator,
         step: &StepShape<'_>,
     ) -> Result<(), BackendError> {
+        let enqueued = self.enqueue_layers_on(stack, model, kv, comm, step);
+        // Whatever the side stream still holds (a layer that failed between a fork and its
+        // join included) finishes before the main stream goes on, and a capture ends joined.
+        let joined = match &stack.side {
+            Some(side) => side.join(&self.stream),
+            None => Ok(()),
+        };
+        enqueued.and(joined)
+    }
+
+    /// The layers of [`Self::enqueue_layers`].
+    fn enqueue_layers_on(
+        &self,
+        stack: &mut CudaLayerStack,
+        model: &StackModel<'_, CudaBackend>,
+        kv: &mut CudaKvStore,
+        comm: &dyn Communicator,
+        step: &StepShape<'_>,
+    ) -> Result<(), BackendError> {
         let cfg = model.cfg;
         let n = step.n;
         let width = cfg.hc_mult * cfg.hidden_size;
@@ -2277,11 +2464,11 @@ impl CudaBackend {
     /// into its compressed row (the closing windows read earlier inputs from the pool).
     fn stack_compress(
         &self,
+        s: &CudaStream,
         pool: u64,
         table: &RowTable,
         site: &CompressorSite,
     ) -> Result<(), BackendError> {
-        let s = &self.stream;
         let c = &site.params;
         // SAFETY: kv and gate hold the step's rows of coff * dim; the sections are this
         // layer's parts of blocks the caller checked against the pool.
@@ -2447,130 +2634,36 @@ impl CudaBackend {
             idx_heads = iw.weights_proj.shape().0;
         }
         self.stack_linear_many(&sc.x, n, &mut jobs, &mut sc.gemm)?;
-        self.stage(&mut stack.clock, "stack: norms, RoPE, KV write")?;
-        // Queries: q LoRA norm (kept as the indexer's input), wq_b, per-head norm, RoPE.
-        let qr = cfg.q_lora_rank;
-        let ql = ptr_mut(s, &mut sc.q_lora);
-        // SAFETY: q_lora holds n rows of q_lora_rank; q_norm that many values.
-        unsafe {
-            self.kernels.rms_norm_f32(
-                s,
-                &RmsNormF32 {
-                    x: ql,
-                    out: ql,
-                    weight: ptr(s, &layer.q_norm),
-                    rows: n,
-                    dim: qr,
-                    ld_x: qr,
-                    ld_out: qr,
-                    eps,
-                },
-            )
-        }
-        .map_err(kernel_err)?;
-        self.stage(&mut stack.clock, "stack: projections")?;
-        // The queries, and the indexer's queries where its scores run this step (both read the
-        // normed q LoRA: one launch at one row).
+        // Whether the indexer scores this step (its queries are projected beside the attention's).
         let indexer_runs = cfg.index_topk > 0
             && layer.indexer.is_some()
             && step
                 .index_classes
                 .iter()
                 .any(|c| c.ratio == ratio && c.total > 0);
-        let mut jobs: Vec<(&CudaMatrix, &mut CudaSlice<f32>)> = vec![(&aw.wq_b, &mut sc.q)];
-        if let (Some(iw), true) = (&aw.indexer, indexer_runs) {
-            jobs.push((&iw.wq_b, &mut sc.idx_q));
-        }
-        self.stack_linear_many(&sc.q_lora, n, &mut jobs, &mut sc.gemm)?;
-        self.stage(&mut stack.clock, "stack: norms, RoPE, KV write")?;
         let heads = aw.wq_b.shape().0 / hd;
-        // The latent KV row: kv_norm, RoPE, into each row's window slot.
-        let kvp = ptr_mut(s, &mut sc.kv);
         let pool = ptr_mut(s, &mut kv.data);
-        // SAFETY: kv holds n rows of head_dim; every row's block was checked to lie in the pool.
-        unsafe {
-            self.kernels
-                .rms_norm_rope_f32(
-                    s,
-                    &RmsNormRopeF32 {
-                        norm: RmsNormF32 {
-                            x: kvp,
-                            out: kvp,
-                            weight: ptr(s, &layer.kv_norm),
-                            rows: n,
-                            dim: hd,
-                            ld_x: hd,
-                            ld_out: hd,
-                            eps,
-                        },
-                        positions,
-                        inv_freq: ptr(s, rope),
-                        heads: 1,
-                        rope_dim: rd,
-                        attention_factor: rope_af,
-                    },
-                )
-                .and_then(|()| {
-                    self.kernels.pool_write_rows(
-                        s,
-                        pool,
-                        table,
-                        bs,
-                        &window_section,
-                        kvp,
-                        hd,
-                        hd,
-                        g.latent_format,
-                    )
-                })
-        }
-        .map_err(kernel_err)?;
-        self.stage(&mut stack.clock, "stack: compressors")?;
-        // Compressors: this step's inputs into the pool, then every window closing in it.
-        if let (Some(_), Some(cp)) = (&aw.compressor, &layer.compressor) {
-            let coff = if kind == AttentionKind::Csa { 2 } else { 1 };
-            let input = PoolSection {
-                floats_per_block: rfpb,
-                base: recent + lay.comp_in,
-                stride: 2 * lay.comp_width,
-                ratio: 1,
-                recent: true,
-            };
-            self.stack_compress(
-                pool,
-                table,
-                &CompressorSite {
-                    block_size: bs,
-                    input,
-                    output: PoolSection {
-                        floats_per_block: fpb,
-                        base: start + lay.comp_rows,
-                        stride: g.latent_slots,
-                        ratio,
-                        recent: false,
-                    },
-                    kv: ptr(s, &sc.comp_kv),
-                    gate: ptr(s, &sc.comp_gate),
-                    params: CompressParams {
-                        ratio,
-                        coff,
-                        dim: hd,
-                        ape: ptr(s, &cp.ape),
-                        norm: ptr(s, &cp.norm),
-                        inv_freq: ptr(s, &stack.rope_compress),
-                        rope_dim: rd,
-                        attention_factor: compress_af,
-                        eps,
-                        out_format: g.latent_format,
-                    },
-                },
-            )?;
-        }
-        let key_mode;
-        if let (Some(_), Some(ip)) = (&aw.indexer, &layer.indexer) {
-            key_mode = KeyMode::Selected;
+        // The side work: nothing on the query path reads it before the indexer's scores (its
+        // compressed keys, its scaled head weights) or the attention (the latent row in its
+        // window slot, the compressed rows), so it runs on the second stream where there is one
+        // (not while profiling: the stages would overlap).
+        let side = stack
+            .side
+            .as_ref()
+            .filter(|_| self.side_stream_on() && stack.clock.is_none());
+        let on = match side {
+            Some(branch) => branch.fork(s)?,
+            None => s,
+        };
+        let indexer_site = match (&aw.indexer, &layer.indexer) {
+            (Some(_), Some(ip)) => Some(ip),
+            _ => None,
+        };
+        if let Some(ip) = indexer_site {
+            self.stage(&mut stack.clock, "stack: compressors")?;
             let ihd = cfg.index_head_dim;
             self.stack_compress(
+                on,
                 pool,
                 table,
                 &CompressorSite {
@@ -2605,6 +2698,138 @@ impl CudaBackend {
                     },
                 },
             )?;
+            if indexer_runs {
+                self.stage(&mut stack.clock, "stack: indexer: scores")?;
+                let iwts = ptr_mut(s, &mut sc.idx_weights);
+                let wscale = (cfg.index_n_heads as f32).powf(-0.5);
+                // SAFETY: idx_weights holds n * idx_heads values.
+                unsafe { self.kernels.scale_f32(on, iwts, n * idx_heads, wscale) }
+                    .map_err(kernel_err)?;
+            }
+        }
+        if let Some(branch) = side {
+            branch.mark(SidePoint::IndexerKeys)?;
+        }
+        self.stage(&mut stack.clock, "stack: norms, RoPE, KV write")?;
+        // The latent KV row: kv_norm, RoPE, into each row's window slot.
+        let kvp = ptr_mut(s, &mut sc.kv);
+        // SAFETY: kv holds n rows of head_dim; every row's block was checked to lie in the pool.
+        unsafe {
+            self.kernels
+                .rms_norm_rope_f32(
+                    on,
+                    &RmsNormRopeF32 {
+                        norm: RmsNormF32 {
+                            x: kvp,
+                            out: kvp,
+                            weight: ptr(s, &layer.kv_norm),
+                            rows: n,
+                            dim: hd,
+                            ld_x: hd,
+                            ld_out: hd,
+                            eps,
+                        },
+                        positions,
+                        inv_freq: ptr(s, rope),
+                        heads: 1,
+                        rope_dim: rd,
+                        attention_factor: rope_af,
+                    },
+                )
+                .and_then(|()| {
+                    self.kernels.pool_write_rows(
+                        on,
+                        pool,
+                        table,
+                        bs,
+                        &window_section,
+                        kvp,
+                        hd,
+                        hd,
+                        g.latent_format,
+                    )
+                })
+        }
+        .map_err(kernel_err)?;
+        self.stage(&mut stack.clock, "stack: compressors")?;
+        // Compressors: this step's inputs into the pool, then every window closing in it.
+        if let (Some(_), Some(cp)) = (&aw.compressor, &layer.compressor) {
+            let coff = if kind == AttentionKind::Csa { 2 } else { 1 };
+            let input = PoolSection {
+                floats_per_block: rfpb,
+                base: recent + lay.comp_in,
+                stride: 2 * lay.comp_width,
+                ratio: 1,
+                recent: true,
+            };
+            self.stack_compress(
+                on,
+                pool,
+                table,
+                &CompressorSite {
+                    block_size: bs,
+                    input,
+                    output: PoolSection {
+                        floats_per_block: fpb,
+                        base: start + lay.comp_rows,
+                        stride: g.latent_slots,
+                        ratio,
+                        recent: false,
+                    },
+                    kv: ptr(s, &sc.comp_kv),
+                    gate: ptr(s, &sc.comp_gate),
+                    params: CompressParams {
+                        ratio,
+                        coff,
+                        dim: hd,
+                        ape: ptr(s, &cp.ape),
+                        norm: ptr(s, &cp.norm),
+                        inv_freq: ptr(s, &stack.rope_compress),
+                        rope_dim: rd,
+                        attention_factor: compress_af,
+                        eps,
+                        out_format: g.latent_format,
+                    },
+                },
+            )?;
+        }
+        if let Some(branch) = side {
+            branch.mark(SidePoint::AttentionKeys)?;
+        }
+        self.stage(&mut stack.clock, "stack: norms, RoPE, KV write")?;
+        // Queries: q LoRA norm (kept as the indexer's input), wq_b, per-head norm, RoPE.
+        let qr = cfg.q_lora_rank;
+        let ql = ptr_mut(s, &mut sc.q_lora);
+        // SAFETY: q_lora holds n rows of q_lora_rank; q_norm that many values.
+        unsafe {
+            self.kernels.rms_norm_f32(
+                s,
+                &RmsNormF32 {
+                    x: ql,
+                    out: ql,
+                    weight: ptr(s, &layer.q_norm),
+                    rows: n,
+                    dim: qr,
+                    ld_x: qr,
+                    ld_out: qr,
+                    eps,
+                },
+            )
+        }
+        .map_err(kernel_err)?;
+        self.stage(&mut stack.clock, "stack: projections")?;
+        // The queries, and the indexer's queries where its scores run this step (both read the
+        // normed q LoRA: one launch at one row).
+        let mut jobs: Vec<(&CudaMatrix, &mut CudaSlice<f32>)> = vec![(&aw.wq_b, &mut sc.q)];
+        if let (Some(iw), true) = (&aw.indexer, indexer_runs) {
+            jobs.push((&iw.wq_b, &mut sc.idx_q));
+        }
+        self.stack_linear_many(&sc.q_lora, n, &mut jobs, &mut sc.gemm)?;
+        self.stage(&mut stack.clock, "stack: norms, RoPE, KV write")?;
+        let key_mode;
+        if indexer_site.is_some() {
+            key_mode = KeyMode::Selected;
+            let ihd = cfg.index_head_dim;
             let class = step
                 .index_classes
                 .iter()
@@ -2614,30 +2839,31 @@ impl CudaBackend {
                 // Indexer queries (projected with wq_b above), RoPE'd like the compressed keys.
                 self.stage(&mut stack.clock, "stack: indexer: scores")?;
                 let iq = ptr_mut(s, &mut sc.idx_q);
-                let iwts = ptr_mut(s, &mut sc.idx_weights);
-                let wscale = (cfg.index_n_heads as f32).powf(-0.5);
-                // SAFETY: idx_q holds n * idx_heads rows of ihd, idx_weights n * idx_heads.
+                let iwts = ptr(s, &sc.idx_weights);
+                // SAFETY: idx_q holds n * idx_heads rows of ihd.
                 unsafe {
-                    self.kernels
-                        .rope_f32(
-                            s,
-                            &RopeF32 {
-                                x: iq,
-                                positions,
-                                inv_freq: ptr(s, &stack.rope_compress),
-                                tokens: n,
-                                heads: idx_heads,
-                                head_dim: ihd,
-                                rope_dim: rd,
-                                ld_token: idx_heads * ihd,
-                                ld_head: ihd,
-                                attention_factor: compress_af,
-                                inverse: false,
-                            },
-                        )
-                        .and_then(|()| self.kernels.scale_f32(s, iwts, n * idx_heads, wscale))
+                    self.kernels.rope_f32(
+                        s,
+                        &RopeF32 {
+                            x: iq,
+                            positions,
+                            inv_freq: ptr(s, &stack.rope_compress),
+                            tokens: n,
+                            heads: idx_heads,
+                            head_dim: ihd,
+                            rope_dim: rd,
+                            ld_token: idx_heads * ihd,
+                            ld_head: ihd,
+                            attention_factor: compress_af,
+                            inverse: false,
+                        },
+                    )
                 }
                 .map_err(kernel_err)?;
+                // The keys and head weights from the side stream.
+                if let Some(branch) = side {
+                    branch.wait(s, SidePoint::IndexerKeys)?;
+                }
                 fits("indexer scores", sc.scores.len(), class.total)?;
                 let share = class.split;
                 let call = IndexerScores {
@@ -2890,6 +3116,10 @@ impl CudaBackend {
             }
             .map_err(kernel_err)?;
         }
+        // The latent and compressed rows from the side stream.
+        if let Some(branch) = side {
+            branch.wait(s, SidePoint::AttentionKeys)?;
+        }
         // SAFETY: q/attn hold n * heads * head_dim, the key lists were built above inside the
         // pool, the workspace has the size the launch asks for.
         unsafe {
@@ -3064,6 +3294,27 @@ impl CudaBackend {
             cfg,
             step.hc,
         )?;
+        // A decode step's shared expert runs on the side stream beside the router, the routing
+        // and the routed experts' products (not while profiling); their combine, which adds it,
+        // waits for it. Its matrices must have GEMVs there.
+        let gemv_weight =
+            |w: &CudaMatrix| matches!(w, CudaMatrix::Fp8 { .. } | CudaMatrix::Bf16 { .. });
+        let sh = &mw.shared;
+        let side = stack.side.as_ref().filter(|_| {
+            self.side_stream_on()
+                && stack.clock.is_none()
+                && n <= STACK_MAX_ROWS
+                && matches!(mw.experts, CudaExpertBank::Fp4(_))
+                && [&sh.w1, &sh.w3, &sh.w2].into_iter().all(gemv_weight)
+        });
+        let shared_ready = match side {
+            Some(branch) => {
+                let on = branch.fork(s)?;
+                self.shared_expert_on(on, sc, sh, n, cfg.swiglu_limit)?;
+                Some(branch.mark(SidePoint::SharedExpert)?)
+            }
+            None => None,
+        };
         self.stage(&mut stack.clock, "stack: router")?;
         self.stack_linear(
             &sc.x,
@@ -3095,6 +3346,38 @@ impl CudaBackend {
             out_weights: ptr_mut(s, &mut sc.route_weights),
         };
         unsafe { self.kernels.route_f32(s, &call) }.map_err(kernel_err)?;
+        if let Some(ready) = shared_ready {
+            let CudaExpertBank::Fp4(b) = &mw.experts else {
+                return Err(shape_err(format!("layer {l}: the side stream's experts")));
+            };
+            self.stage(&mut stack.clock, "stack: routed experts")?;
+            let bank = self.fp4_experts(
+                [&b.w1, &b.s1, &b.w3, &b.s3, &b.w2, &b.s2],
+                b.experts,
+                b.hidden,
+                b.inter,
+            );
+            let call = Fp4MoeCall {
+                x: ptr(s, &sc.x),
+                ids: ptr(s, &sc.route_ids),
+                weights: ptr(s, &sc.route_weights),
+                h: ptr_mut(s, &mut sc.expert_h),
+                partial: ptr_mut(s, &mut sc.expert_partial),
+                out: ptr_mut(s, &mut sc.sub_out),
+                out_dtype: OutDtype::F32,
+                tokens: n,
+                topk: k,
+                swiglu_limit: cfg.swiglu_limit,
+                addend: ptr(s, &sc.shared_down),
+            };
+            // SAFETY: as the FP4 path below; the combine reads the addend after `ready`, the
+            // side stream's mark after the shared expert's last write.
+            unsafe { self.kernels.fp4_moe_after(s, &bank, &call, ready) }.map_err(kernel_err)?;
+            self.stage(&mut stack.clock, "stack: all-reduce")?;
+            self.reduce_sub_out(comm, &mut sc.sub_out, h, step.hc)?;
+            self.stage(&mut stack.clock, "stack: hyper-connections (post)")?;
+            return self.hc_post_then(sc, cfg, step.hc, l + 1 < cfg.num_hidden_layers);
+        }
         self.stage(&mut stack.clock, "stack: shared expert")?;
         // The shared expert first, through the scratch (no allocation inside a captured step).
         let sh = &mw.shared;

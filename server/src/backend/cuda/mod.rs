@@ -272,6 +272,11 @@ pub struct CudaBackend {
     /// Whether a one-row step runs the projections that read one input as one launch
     /// (`DSPARK_GEMV_MULTI=0` keeps a launch per matrix; the results are the same bits).
     gemv_multi: bool,
+    /// Whether layer-stack steps run the work off the critical path (an attention sub-layer's
+    /// KV writes and compressors, a decode step's shared expert) on a second stream beside the
+    /// main one (`DSPARK_SIDE_STREAM=0`, or [`Self::set_side_stream`], keeps one stream; the
+    /// same kernels on the same inputs, so the same bits). Captured graphs are keyed by it.
+    side_stream: AtomicBool,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -372,6 +377,9 @@ impl CudaBackend {
             ),
             skinny_mma: std::env::var("DSPARK_SKINNY_MMA").map_or(true, |v| v != "0"),
             gemv_multi: std::env::var("DSPARK_GEMV_MULTI").map_or(true, |v| v != "0"),
+            side_stream: AtomicBool::new(
+                std::env::var("DSPARK_SIDE_STREAM").map_or(true, |v| v != "0"),
+            ),
             head_staging: Mutex::new(None),
             head_gather_device: AtomicBool::new(
                 std::env::var("DSPARK_HEAD_GATHER_DEVICE").map_or(true, |v| v.trim() != "0"),
@@ -443,6 +451,17 @@ impl CudaBackend {
             layer_stack::AttentionTcSteps::Off
         };
         self.attention_f16.store(steps.code(), Ordering::Relaxed);
+    }
+
+    /// Whether layer-stack steps put their side work on a second stream (the default) or keep
+    /// every launch on one (as `DSPARK_SIDE_STREAM=0`); for comparisons, the results are the
+    /// same bits.
+    pub fn set_side_stream(&self, on: bool) {
+        self.side_stream.store(on, Ordering::Relaxed);
+    }
+
+    fn side_stream_on(&self) -> bool {
+        self.side_stream.load(Ordering::Relaxed)
     }
 
     fn attention_f16_steps(&self) -> layer_stack::AttentionTcSteps {
@@ -535,6 +554,27 @@ impl CudaBackend {
         let (sp, _s) = scales.device_ptr(s);
         let (xp, _x) = x.device_ptr(s);
         let (yp, _y) = y.device_ptr_mut(s);
+        // SAFETY: the weight/scale buffers hold [rows, cols] e4m3 and their tiles; x holds
+        // n * cols and y n * rows f32 (the callers check it).
+        unsafe { self.fp8_gemv_rows(s, [wp, sp], xp, yp, n, (rows, cols)) }
+    }
+
+    /// `y = x W^T` for an FP8 weight by GEMV (or skinny tensor-core GEMM) launches on `s`, in
+    /// chunks of at most [`FP8_GEMV_MAX_M`] rows: the launches of [`Self::fp8_linear`] without
+    /// widening, on any stream of this context.
+    ///
+    /// # Safety
+    /// `wp` / `sp` must hold `[rows, cols]` e4m3 bytes and their 128x128 tiles, `xp` `n * cols`
+    /// f32 and `yp` `n * rows` f32, device memory of this context.
+    unsafe fn fp8_gemv_rows(
+        &self,
+        s: &CudaStream,
+        [wp, sp]: [u64; 2],
+        xp: u64,
+        yp: u64,
+        n: usize,
+        (rows, cols): (usize, usize),
+    ) -> Result<(), BackendError> {
         for (start, m) in row_chunks(n, FP8_GEMV_MAX_M) {
             let (xs, ys) = (
                 xp + (start * cols * 4) as u64,
@@ -612,6 +652,26 @@ impl CudaBackend {
         let (wp, _w) = w.device_ptr(s);
         let (xp, _x) = x.device_ptr(s);
         let (yp, _y) = y.device_ptr_mut(s);
+        // SAFETY: the weight holds [rows, cols] bf16; x holds n * cols and y n * rows f32 (the
+        // callers check it).
+        unsafe { self.bf16_gemv_rows(s, wp, xp, yp, n, (rows, cols)) }
+    }
+
+    /// `y = x W^T` for a bf16 weight by GEMV (or skinny tensor-core GEMM) launches on `s`, in
+    /// chunks of at most [`BF16_GEMV_MAX_M`] rows: [`Self::bf16_linear`] without widening.
+    ///
+    /// # Safety
+    /// `wp` must hold `[rows, cols]` bf16, `xp` `n * cols` f32 and `yp` `n * rows` f32, device
+    /// memory of this context.
+    unsafe fn bf16_gemv_rows(
+        &self,
+        s: &CudaStream,
+        wp: u64,
+        xp: u64,
+        yp: u64,
+        n: usize,
+        (rows, cols): (usize, usize),
+    ) -> Result<(), BackendError> {
         for (start, m) in row_chunks(n, BF16_GEMV_MAX_M) {
             let (xs, ys) = (
                 xp + (start * cols * 4) as u64,
@@ -894,6 +954,39 @@ impl CudaBackend {
                 "an FP4 matrix is only used inside a routed expert".into(),
             )),
         }
+    }
+
+    /// `y = x W^T` by the GEMV launches of an FP8 or bf16 weight on `s` (the paths
+    /// [`Self::linear_on_with`] takes without widening), for work on a stream beside the
+    /// backend's own. `Ok(false)`, with nothing launched, for the other encodings (SGEMM runs on
+    /// the backend's stream only).
+    ///
+    /// # Safety
+    /// `xp` must hold `n * cols` f32 and `yp` `n * rows` f32 of `w`'s `[rows, cols]`, device
+    /// memory of this context.
+    unsafe fn gemv_rows_on(
+        &self,
+        s: &CudaStream,
+        w: &CudaMatrix,
+        xp: u64,
+        n: usize,
+        yp: u64,
+    ) -> Result<bool, BackendError> {
+        let shape = w.shape();
+        // SAFETY: the caller's contract; the weight buffers hold their matrix (built so).
+        unsafe {
+            match w {
+                CudaMatrix::Fp8 { w, scales, .. } => {
+                    let (wp, sp) = (w.device_ptr(s).0, scales.device_ptr(s).0);
+                    self.fp8_gemv_rows(s, [wp, sp], xp, yp, n, shape)?;
+                }
+                CudaMatrix::Bf16 { w, .. } => {
+                    self.bf16_gemv_rows(s, w.device_ptr(s).0, xp, yp, n, shape)?;
+                }
+                CudaMatrix::Dense { .. } | CudaMatrix::Fp4 { .. } => return Ok(false),
+            }
+        }
+        Ok(true)
     }
 
     /// The shared expert (f32, bf16 or FP8) over rows on the GPU, added into `acc` there:
