@@ -863,6 +863,11 @@ fn attention_plan(
     )
 }
 
+/// Whether `w` runs as GEMV launches on any stream ([`CudaBackend::gemv_rows_on`]).
+fn gemv_weight(w: &CudaMatrix) -> bool {
+    matches!(w, CudaMatrix::Fp8 { .. } | CudaMatrix::Bf16 { .. })
+}
+
 /// A buffer [`CudaBackend::size_scratch`] sized for the step must hold `need` elements (it
 /// always does; a step never grows a buffer, which would move it under a captured graph).
 pub(super) fn fits(what: &str, len: usize, need: usize) -> Result<(), BackendError> {
@@ -2619,7 +2624,17 @@ impl CudaBackend {
             step.hc,
         )?;
         self.stage(&mut stack.clock, "stack: projections")?;
-        // Every projection of the normed input: one launch per weight kind at one row.
+        // The side work: nothing on the query path reads it before the indexer's scores (its
+        // compressed keys, its scaled head weights) or the attention (the latent row in its
+        // window slot, the compressed rows), so it runs on the second stream where there is one
+        // (not while profiling: the stages would overlap).
+        let side = stack
+            .side
+            .as_ref()
+            .filter(|_| self.side_stream_on() && stack.clock.is_none());
+        // Every projection of the normed input: one launch per weight kind at one row. Only
+        // wq_a's feeds the query path: where the others have GEMVs for the second stream (a
+        // decode step), they run there, first of the side work.
         let mut jobs: Vec<(&CudaMatrix, &mut CudaSlice<f32>)> =
             vec![(&aw.wq_a, &mut sc.q_lora), (&aw.wkv, &mut sc.kv)];
         if let Some(cw) = &aw.compressor {
@@ -2633,7 +2648,24 @@ impl CudaBackend {
             jobs.push((&iw.weights_proj, &mut sc.idx_weights));
             idx_heads = iw.weights_proj.shape().0;
         }
-        self.stack_linear_many(&sc.x, n, &mut jobs, &mut sc.gemm)?;
+        let side_projects =
+            side.is_some() && n <= STACK_MAX_ROWS && jobs[1..].iter().all(|(w, _)| gemv_weight(w));
+        let on = if side_projects {
+            let (query, rest) = jobs.split_at_mut(1);
+            self.stack_linear_many(&sc.x, n, query, &mut sc.gemm)?;
+            let on = match side {
+                Some(branch) => branch.fork(s)?,
+                None => s,
+            };
+            self.linear_many_on(on, &sc.x, n, rest)?;
+            on
+        } else {
+            self.stack_linear_many(&sc.x, n, &mut jobs, &mut sc.gemm)?;
+            match side {
+                Some(branch) => branch.fork(s)?,
+                None => s,
+            }
+        };
         // Whether the indexer scores this step (its queries are projected beside the attention's).
         let indexer_runs = cfg.index_topk > 0
             && layer.indexer.is_some()
@@ -2643,18 +2675,6 @@ impl CudaBackend {
                 .any(|c| c.ratio == ratio && c.total > 0);
         let heads = aw.wq_b.shape().0 / hd;
         let pool = ptr_mut(s, &mut kv.data);
-        // The side work: nothing on the query path reads it before the indexer's scores (its
-        // compressed keys, its scaled head weights) or the attention (the latent row in its
-        // window slot, the compressed rows), so it runs on the second stream where there is one
-        // (not while profiling: the stages would overlap).
-        let side = stack
-            .side
-            .as_ref()
-            .filter(|_| self.side_stream_on() && stack.clock.is_none());
-        let on = match side {
-            Some(branch) => branch.fork(s)?,
-            None => s,
-        };
         let indexer_site = match (&aw.indexer, &layer.indexer) {
             (Some(_), Some(ip)) => Some(ip),
             _ => None,
@@ -3297,8 +3317,6 @@ impl CudaBackend {
         // A decode step's shared expert runs on the side stream beside the router, the routing
         // and the routed experts' products (not while profiling); their combine, which adds it,
         // waits for it. Its matrices must have GEMVs there.
-        let gemv_weight =
-            |w: &CudaMatrix| matches!(w, CudaMatrix::Fp8 { .. } | CudaMatrix::Bf16 { .. });
         let sh = &mw.shared;
         let side = stack.side.as_ref().filter(|_| {
             self.side_stream_on()
