@@ -3364,67 +3364,38 @@ impl CudaBackend {
             out_weights: ptr_mut(s, &mut sc.route_weights),
         };
         unsafe { self.kernels.route_f32(s, &call) }.map_err(kernel_err)?;
-        if let Some(ready) = shared_ready {
-            let CudaExpertBank::Fp4(b) = &mw.experts else {
-                return Err(shape_err(format!("layer {l}: the side stream's experts")));
-            };
-            self.stage(&mut stack.clock, "stack: routed experts")?;
-            let bank = self.fp4_experts(
-                [&b.w1, &b.s1, &b.w3, &b.s3, &b.w2, &b.s2],
-                b.experts,
-                b.hidden,
-                b.inter,
+        // The shared expert first (unless it runs on the side stream), through the scratch (no
+        // allocation inside a captured step).
+        if shared_ready.is_none() {
+            self.stage(&mut stack.clock, "stack: shared expert")?;
+            let sh = &mw.shared;
+            let inter = sh.w1.shape().0;
+            self.stack_linear_many(
+                &sc.x,
+                n,
+                &mut [(&sh.w1, &mut sc.shared_gate), (&sh.w3, &mut sc.shared_up)],
+                &mut sc.gemm,
+            )?;
+            let (g, u, a) = (
+                ptr(s, &sc.shared_gate),
+                ptr(s, &sc.shared_up),
+                ptr_mut(s, &mut sc.shared_act),
             );
-            let call = Fp4MoeCall {
-                x: ptr(s, &sc.x),
-                ids: ptr(s, &sc.route_ids),
-                weights: ptr(s, &sc.route_weights),
-                h: ptr_mut(s, &mut sc.expert_h),
-                partial: ptr_mut(s, &mut sc.expert_partial),
-                out: ptr_mut(s, &mut sc.sub_out),
-                out_dtype: OutDtype::F32,
-                tokens: n,
-                topk: k,
-                swiglu_limit: cfg.swiglu_limit,
-                addend: ptr(s, &sc.shared_down),
-            };
-            // SAFETY: as the FP4 path below; the combine reads the addend after `ready`, the
-            // side stream's mark after the shared expert's last write.
-            unsafe { self.kernels.fp4_moe_after(s, &bank, &call, ready) }.map_err(kernel_err)?;
-            self.stage(&mut stack.clock, "stack: all-reduce")?;
-            self.reduce_sub_out(comm, &mut sc.sub_out, h, step.hc)?;
-            self.stage(&mut stack.clock, "stack: hyper-connections (post)")?;
-            return self.hc_post_then(sc, cfg, step.hc, l + 1 < cfg.num_hidden_layers);
+            // SAFETY: gate, up and act hold n rows of the shared expert's inter size.
+            unsafe {
+                self.kernels
+                    .swiglu_clip(s, g, u, a, n * inter, cfg.swiglu_limit)
+            }
+            .map_err(kernel_err)?;
+            self.stack_linear(
+                &sc.shared_act,
+                n,
+                &sh.w2,
+                &mut sc.shared_down,
+                &mut sc.gemm,
+                false,
+            )?;
         }
-        self.stage(&mut stack.clock, "stack: shared expert")?;
-        // The shared expert first, through the scratch (no allocation inside a captured step).
-        let sh = &mw.shared;
-        let inter = sh.w1.shape().0;
-        self.stack_linear_many(
-            &sc.x,
-            n,
-            &mut [(&sh.w1, &mut sc.shared_gate), (&sh.w3, &mut sc.shared_up)],
-            &mut sc.gemm,
-        )?;
-        let (g, u, a) = (
-            ptr(s, &sc.shared_gate),
-            ptr(s, &sc.shared_up),
-            ptr_mut(s, &mut sc.shared_act),
-        );
-        // SAFETY: gate, up and act hold n rows of the shared expert's inter size.
-        unsafe {
-            self.kernels
-                .swiglu_clip(s, g, u, a, n * inter, cfg.swiglu_limit)
-        }
-        .map_err(kernel_err)?;
-        self.stack_linear(
-            &sc.shared_act,
-            n,
-            &sh.w2,
-            &mut sc.shared_down,
-            &mut sc.gemm,
-            false,
-        )?;
         // The routed experts' sum takes the shared expert's output as its addend where the
         // kernel can (the FP4 decode path), else it is added after.
         let mut shared_added = false;
@@ -3475,8 +3446,16 @@ impl CudaBackend {
                 };
                 shared_added = true;
                 // SAFETY: the bank is this layer's FP4 weights; ids come from the router (below
-                // `experts`), the scratch holds n * k rows of inter / hidden.
-                unsafe { self.kernels.fp4_moe(s, &bank, &call) }.map_err(kernel_err)?;
+                // `experts`), the scratch holds n * k rows of inter / hidden. With the shared
+                // expert on the side stream, the combine reads its output after `ready`, the
+                // side stream's mark after its last write.
+                unsafe {
+                    match shared_ready {
+                        Some(ready) => self.kernels.fp4_moe_after(s, &bank, &call, ready),
+                        None => self.kernels.fp4_moe(s, &bank, &call),
+                    }
+                }
+                .map_err(kernel_err)?;
             }
             (_, Some(d)) => {
                 // SAFETY: the dense bank is [experts, inter, hidden] x2 and [experts, hidden,
