@@ -2650,22 +2650,17 @@ impl CudaBackend {
         }
         let side_projects =
             side.is_some() && n <= STACK_MAX_ROWS && jobs[1..].iter().all(|(w, _)| gemv_weight(w));
-        let on = if side_projects {
-            let (query, rest) = jobs.split_at_mut(1);
-            self.stack_linear_many(&sc.x, n, query, &mut sc.gemm)?;
-            let on = match side {
-                Some(branch) => branch.fork(s)?,
-                None => s,
-            };
-            self.linear_many_on(on, &sc.x, n, rest)?;
-            on
-        } else {
-            self.stack_linear_many(&sc.x, n, &mut jobs, &mut sc.gemm)?;
-            match side {
-                Some(branch) => branch.fork(s)?,
-                None => s,
-            }
+        // wq_a alone on the main stream where the rest go to the side stream, else all of them.
+        let on_main = if side_projects { 1 } else { jobs.len() };
+        let (query, rest) = jobs.split_at_mut(on_main);
+        self.stack_linear_many(&sc.x, n, query, &mut sc.gemm)?;
+        let on = match side {
+            Some(branch) => branch.fork(s)?,
+            None => s,
         };
+        if !rest.is_empty() {
+            self.linear_many_on(on, &sc.x, n, rest)?;
+        }
         // Whether the indexer scores this step (its queries are projected beside the attention's).
         let indexer_runs = cfg.index_topk > 0
             && layer.indexer.is_some()
