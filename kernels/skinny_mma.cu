@@ -201,3 +201,244 @@ SK_INST(dsk_skinny_mma_bf16_t8_r16, 1, 1, false)
 SK_INST(dsk_skinny_mma_bf16_t8_r32, 1, 2, false)
 SK_INST(dsk_skinny_mma_bf16_t16_r16, 2, 1, false)
 SK_INST(dsk_skinny_mma_bf16_t16_r32, 2, 2, false)
+
+// ---------------------------------------------------------------------------------------------
+// FP8 skinny GEMM on the f16 tensor cores, split over a thread-block cluster (sm_90+): the same
+// out[m * ld_out + n] = sum_k x[m * ld_x + xg(n) + k] * W[n, k] for 1..16 tokens, e4m3 weights
+// with 128x128 E8M0 scales, plain or grouped.
+//
+// Why: a decode step's projections are 4-32 MB each, so a launch is mostly latency: the kernel
+// that issues its loads earliest and in the fewest dependent rounds wins. The TF32 kernel above
+// re-reads every token's activations from L2 for each warp's 32 rows, two spans at a time (at 16
+// tokens as many bytes as the weights, twice) and issues two TF32 mmas per 8 k and token tile.
+// Here a block is 64 or 128 weight rows (4 or 8 warps of one 16-row tile) by at most 512 k (32 or
+// 64 KB of weights), small enough that every block of a 16 MB projection is resident at once
+// (128 registers a thread), and
+// - each lane issues all its weight loads (16 x 16 bytes) before anything else;
+// - meanwhile the block stages its K range of the activations once, as ready-made B fragments in
+//   shared memory (each thread's loads in flight together);
+// - e4m3 converts exactly to f16 (one cvt per two weights) for mma.m16n8k16: a quarter of the
+//   TF32 path's mma issues per weight, at the same precision;
+// - the blocks of a cluster (up to 8) split K and sum their partial tiles through distributed
+//   shared memory in cluster-rank order: deterministic, no scratch in global memory, no second
+//   launch. K beyond 8 x 512 takes several rounds of loads per block.
+//
+// Precision: each activation span (64 k of one token) is scaled by the power of two that puts its
+// largest magnitude in [2^14, 2^15) (exact) and split x' = hi + lo, hi = f16(x'), lo = f16(x' - hi):
+// |x' - hi - lo| <= 2^-22 |x'| where lo is a normal f16 and below 2^-25 (2^-39 of the span's
+// largest value) where it is subnormal. e4m3 x f16 products are exact in the f32 accumulators, and
+// the power of two is undone with the weight scale. So, as the TF32 path: f32-level results, for
+// any activation magnitude (no f16 overflow). A token's result depends on its own row only, and
+// the split (cluster size) on k only: the same bits whatever m is.
+//
+// K order: lane (g, t) loads 16 bytes at 16 t of a 64-byte span of weight rows g and g + 8; mma
+// step j of the span takes word j (k = 16 t + 4 j .. + 3) as its A slots (2t, 2t+1) and (2t+8,
+// 2t+9), and the staged B fragment of (step, token tile, lane) holds the same four k of token
+// 8 tile + g as {hi(k0, k1), hi(k2, k3), lo(k0, k1), lo(k2, k3)}.
+
+#define SKF_SPANS 8  // spans of one round of loads (512 k)
+
+__device__ __forceinline__ void skf_cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#else
+    __syncthreads();
+#endif
+}
+
+// The f32 at `p` in the shared memory of cluster block `rank`.
+__device__ __forceinline__ float skf_ld_cluster(const float *p, unsigned int rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const unsigned int a = static_cast<unsigned int>(__cvta_generic_to_shared(p));
+    unsigned int r;
+    float v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r) : "memory");
+    return v;
+#else
+    return *p;
+#endif
+}
+
+// Loads spans sp0 .. sp0 + SKF_SPANS - 1 (those below `spans`) of rows g and g + 8.
+__device__ __forceinline__ void skf_load(uint4 (&w)[SKF_SPANS][2], const unsigned char *const (&wrow)[2], int sp0,
+                                         int spans) {
+#pragma unroll
+    for (int p = 0; p < SKF_SPANS; ++p) {
+        if (sp0 + p < spans) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) w[p][h] = dsk_ld_stream16(wrow[h] + (long)(sp0 + p) * 64);
+        }
+    }
+}
+
+// Multiplies spans sp0 .. (of the block's range) of the warp's tile by the staged fragments.
+template <int NT>
+__device__ __forceinline__ void skf_compute(const uint4 (&w)[SKF_SPANS][2], int sp0, int spans, int k0,
+                                            const uint4 *__restrict__ bfr, const float *__restrict__ sxf,
+                                            const unsigned char *__restrict__ srow, int lane,
+                                            float (&acc)[NT][4]) {
+    const int t = lane & 3;
+#pragma unroll
+    for (int p = 0; p < SKF_SPANS; ++p) {
+        const int sp = sp0 + p;
+        if (sp >= spans) break;
+        float d[NT][4];
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) d[n][i] = 0.f;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const uint4 &wg = w[p][0], &wg8 = w[p][1];
+            const unsigned int vg = j == 0 ? wg.x : j == 1 ? wg.y : j == 2 ? wg.z : wg.w;
+            const unsigned int v8 = j == 0 ? wg8.x : j == 1 ? wg8.y : j == 2 ? wg8.z : wg8.w;
+            const unsigned int a0 = dsk_e4m3x2_to_f16x2(vg & 0xffffu), a2 = dsk_e4m3x2_to_f16x2(vg >> 16);
+            const unsigned int a1 = dsk_e4m3x2_to_f16x2(v8 & 0xffffu), a3 = dsk_e4m3x2_to_f16x2(v8 >> 16);
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                const uint4 b = bfr[((sp * 4 + j) * NT + n) * 32 + lane];
+                dsk_mma_f16_m16n8k16(d[n], a0, a1, a2, a3, b.x, b.y);
+                dsk_mma_f16_m16n8k16(d[n], a0, a1, a2, a3, b.z, b.w);
+            }
+        }
+        const float ws = dsk_e8m0_to_f32(srow[(k0 + sp * 64) >> 7]);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            // C fragment: d[i] is token 8 n + 2 t + (i & 1); the span's unscale of each token.
+            const float2 u = *reinterpret_cast<const float2 *>(sxf + sp * 16 + 8 * n + 2 * t);
+            const float f0 = ws * u.x, f1 = ws * u.y;
+            acc[n][0] = fmaf(f0, d[n][0], acc[n][0]);
+            acc[n][1] = fmaf(f1, d[n][1], acc[n][1]);
+            acc[n][2] = fmaf(f0, d[n][2], acc[n][2]);
+            acc[n][3] = fmaf(f1, d[n][3], acc[n][3]);
+        }
+    }
+}
+
+// One (token, quad of 4 k) item of the staging: scale by the span's power of two (the max over
+// the 16 lanes of the half-warp, which hold the span's 16 quads), split, store the fragment.
+template <int NT>
+__device__ __forceinline__ void skf_stage_item(float4 v, int tok, int q, uint4 *__restrict__ bfr,
+                                               float *__restrict__ sxf) {
+    float mx = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+#pragma unroll
+    for (int o = 8; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    const int ex = (int)((__float_as_uint(mx) >> 23) & 0xffu) - 127;
+    const int sf = max(-126, min(126, 14 - ex));
+    const float up = __uint_as_float((unsigned int)(127 + sf) << 23);
+    const float e0 = v.x * up, e1 = v.y * up, e2 = v.z * up, e3 = v.w * up;
+    const unsigned int h01 = dsk_f32x2_to_f16x2(e0, e1), h23 = dsk_f32x2_to_f16x2(e2, e3);
+    float r0, r1, r2, r3;
+    dsk_f16x2_to_f32(h01, r0, r1);
+    dsk_f16x2_to_f32(h23, r2, r3);
+    const unsigned int l01 = dsk_f32x2_to_f16x2(e0 - r0, e1 - r1), l23 = dsk_f32x2_to_f16x2(e2 - r2, e3 - r3);
+    const int sp = q >> 4, tq = (q >> 2) & 3, j = q & 3;
+    bfr[((sp * 4 + j) * NT + (tok >> 3)) * 32 + (tok & 7) * 4 + tq] = make_uint4(h01, h23, l01, l23);
+    if ((threadIdx.x & 15) == 0) sxf[sp * 16 + tok] = __uint_as_float((unsigned int)(127 - sf) << 23);
+}
+
+// Block: WARPS warps of one 16-row tile each (ROWS = 16 WARPS), rank c of a cluster of `cl`
+// blocks along x taking k range [c K / cl, (c + 1) K / cl) (Kb, a multiple of 64). Dynamic shared
+// memory: B fragments [Kb / 16][NT][32] uint4, span unscales [Kb / 64][16] f32, the partial tile
+// [16][ROWS + 4] f32 (the pad spreads a fragment's tokens over the banks).
+template <int NT, int WARPS>
+__device__ __forceinline__ void skf_body(const unsigned char *__restrict__ W, const unsigned char *__restrict__ S,
+                                         const float *__restrict__ x, float *__restrict__ out, int M, int N,
+                                         int K, long ld_x, long ld_out, int group_rows, long x_group_stride,
+                                         int cl) {
+    constexpr int ROWS = 16 * WARPS, RS = ROWS + 4;
+    extern __shared__ uint4 skf_smem[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int c = blockIdx.x % cl, r0 = (blockIdx.x / cl) * ROWS;
+    const int Kb = K / cl, k0 = c * Kb, spans = Kb >> 6;
+    uint4 *bfr = skf_smem;
+    float *sxf = reinterpret_cast<float *>(bfr + (Kb >> 4) * NT * 32);
+    float *red = sxf + spans * 16;
+    const float *xb = x + (long)(min(r0, N - 1) / group_rows) * x_group_stride + k0;
+
+    // Rows g and g + 8 of the warp's tile (past N: row N - 1, loaded but never written).
+    const int rt = r0 + warp * 16;
+    const unsigned char *wrow[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) wrow[h] = W + (long)min(rt + 8 * h + g, N - 1) * K + k0 + 16 * t;
+    const unsigned char *srow = S + (long)(min(rt, N - 1) >> 7) * ((K + 127) >> 7);
+    dsk_pdl_entry();
+    uint4 w[SKF_SPANS][2];
+    skf_load(w, wrow, 0, spans);
+
+    // Stage while the weights are in flight: item (token, quad of 4 k), quads fastest (Kb / 4 is
+    // a multiple of 16 and blockDim of 32, so a half-warp holds one span of one token); eight
+    // loads in flight per thread, tokens past M as zeros without a load. The items (2 NT Kb) are
+    // whole rounds of the block's threads: for 8 warps the host's plan keeps Kb % 128 == 0.
+    const int quads = Kb >> 2, per_thread = 8 * NT * quads / blockDim.x;
+    for (int b0 = 0; b0 < per_thread; b0 += 8) {
+        float4 v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int it = (b0 + u) * blockDim.x + threadIdx.x, tok = it / quads;
+            v[u] = b0 + u < per_thread && tok < M
+                       ? __ldg(reinterpret_cast<const float4 *>(xb + (long)tok * ld_x) + (it - tok * quads))
+                       : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            if (b0 + u < per_thread) {
+                const int it = (b0 + u) * blockDim.x + threadIdx.x, tok = it / quads;
+                skf_stage_item<NT>(v[u], tok, it - tok * quads, bfr, sxf);
+            }
+        }
+    }
+    __syncthreads();
+
+    float acc[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
+    skf_compute<NT>(w, 0, spans, k0, bfr, sxf, srow, lane, acc);
+    // K ranges past one round (more than 8 x 512 k in all) load and compute in turn.
+    for (int s0 = SKF_SPANS; s0 < spans; s0 += SKF_SPANS) {
+        skf_load(w, wrow, s0, spans);
+        skf_compute<NT>(w, s0, spans, k0, bfr, sxf, srow, lane, acc);
+    }
+
+    // The block's partial tile, then the cluster's sum: block c writes rows [c R / cl, (c+1) R / cl)
+    // of the output, adding the ranks' partials in rank order.
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[(8 * n + 2 * t + (i & 1)) * RS + warp * 16 + g + 8 * (i >> 1)] = acc[n][i];
+    if (cl > 1) skf_cluster_sync(); else __syncthreads();
+    const int per = ROWS / cl;
+    for (int o = threadIdx.x; o < M * per; o += blockDim.x) {
+        const int tok = o / per, rl = c * per + (o - tok * per), row = r0 + rl;
+        if (row >= N) continue;
+        const float *p = red + tok * RS + rl;
+        float v;
+        if (cl == 1) {
+            v = *p;
+        } else {
+            v = skf_ld_cluster(p, 0);
+            for (int q = 1; q < cl; ++q) v += skf_ld_cluster(p, q);
+        }
+        out[(long)tok * ld_out + row] = v;
+    }
+    // No block may leave while another still reads its partial tile.
+    if (cl > 1) skf_cluster_sync();
+}
+
+// At most 128 registers a thread: four 4-warp or two 8-warp blocks an SM.
+#define SKF_INST(NAME, NT, WARPS)                                                                    \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS) NAME(                       \
+        const unsigned char *__restrict__ W, const unsigned char *__restrict__ S,                     \
+        const float *__restrict__ x, float *__restrict__ out, int M, int N, int K, long ld_x,        \
+        long ld_out, int group_rows, long x_group_stride, int cl) {                                  \
+        skf_body<NT, WARPS>(W, S, x, out, M, N, K, ld_x, ld_out, group_rows, x_group_stride, cl);   \
+    }
+
+SKF_INST(dsk_skinny_f16_fp8_t8_r64, 1, 4)
+SKF_INST(dsk_skinny_f16_fp8_t8_r128, 1, 8)
+SKF_INST(dsk_skinny_f16_fp8_t16_r64, 2, 4)
+SKF_INST(dsk_skinny_f16_fp8_t16_r128, 2, 8)

@@ -720,6 +720,11 @@ impl Kernels {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(KernelError::driver("shared memory opt-in limit"))?;
         let smem_optin = usize::try_from(smem_optin).unwrap_or(0);
+        // The f16 skinny GEMM splits K over thread-block clusters; without them it stays off.
+        let clusters = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH)
+            .map_err(KernelError::driver("cluster launch support"))?
+            != 0;
         let fp8 = module(&sources::FP8_GEMV)?;
         let moe = module(&sources::FP4_MOE)?;
         let norm = module(&sources::RMSNORM)?;
@@ -801,7 +806,7 @@ impl Kernels {
             layer_ops: layer_ops::LayerOpsFns::load(&module(&sources::LAYER_OPS)?)?,
             dense_gemv: dense_gemv::DenseGemvFns::load(&module(&sources::DENSE_GEMV)?)?,
             moe_sorted: moe_sorted::MoeSortedFns::load(&module(&sources::MOE_SORTED)?)?,
-            skinny_mma: skinny_mma::SkinnyMmaFns::load(&module(&sources::SKINNY_MMA)?)?,
+            skinny_mma: skinny_mma::SkinnyMmaFns::load(&module(&sources::SKINNY_MMA)?, clusters)?,
             ctx: ctx.clone(),
             arch,
             sms: usize::try_from(sms).unwrap_or(1).max(1),
@@ -831,7 +836,10 @@ impl Kernels {
             &kernels.attend_partial_heads_tc32,
             &kernels.attend_partial_heads_f16,
             &kernels.attend_partial_heads_f16x32,
-        ] {
+        ]
+        .into_iter()
+        .chain(kernels.skinny_mma.large_smem())
+        {
             func.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 optin,

@@ -1,8 +1,9 @@
-//! GPU checks of the tensor-core skinny GEMM (`Kernels::skinny_mma`, f32 activations split into
-//! two TF32 halves) against f64 host references and against the CUDA-core GEMVs it replaces for
-//! 2..=16 rows, FP8 (block-scaled) and bf16 weights, plain and grouped (wo_a), at odd and at
-//! DeepSeek-V4-Flash shapes; then a timing print of both paths at the decode shapes. Skips (passes
-//! with a SKIP line) where there is no GPU.
+//! GPU checks of the tensor-core skinny GEMMs (`Kernels::skinny_mma`: f32 activations split into
+//! two TF32 halves, or for FP8 weights into two f16 halves on the cluster kernel) against f64 host
+//! references and against the CUDA-core GEMVs they replace for 2..=16 rows, FP8 (block-scaled)
+//! and bf16 weights, plain and grouped (wo_a), at odd and at DeepSeek-V4-Flash shapes; that a
+//! token's f16 result is the same bits in any batch and at any activation magnitude; then a timing
+//! print of the paths at the decode shapes. Skips (passes with a SKIP line) where there is no GPU.
 
 use std::sync::Mutex;
 
@@ -10,7 +11,9 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 use dspark_kernels::formats::{e4m3_to_f32, e8m0_to_f64};
 use dspark_kernels::launch::dense_gemv::Bf16Gemv;
-use dspark_kernels::launch::skinny_mma::{check_skinny_mma, SkinnyMma, SkinnyWeight};
+use dspark_kernels::launch::skinny_mma::{
+    check_skinny_mma, skinny_f16_plan, SkinnyMma, SkinnyPath, SkinnyWeight,
+};
 use dspark_kernels::reference::{fp8_gemv, rel_err};
 use dspark_kernels::{ActDtype, Fp8Gemv, Fp8Path, OutDtype};
 
@@ -45,6 +48,10 @@ fn e4m3_codes(rng: &mut Rng, len: usize) -> Vec<u8> {
 
 /// Runs the skinny kernel into a padded output and returns the [m, n] values.
 fn run_skinny(gpu: &Gpu, a: SkinnyMma) -> Vec<f32> {
+    run_skinny_on(gpu, a, SkinnyPath::Auto)
+}
+
+fn run_skinny_on(gpu: &Gpu, a: SkinnyMma, path: SkinnyPath) -> Vec<f32> {
     let ld_out = a.n + OUT_PAD_COLS;
     let mut init = vec![f32::NAN; a.m * ld_out];
     for row in init.chunks_mut(ld_out) {
@@ -59,7 +66,7 @@ fn run_skinny(gpu: &Gpu, a: SkinnyMma) -> Vec<f32> {
     check_skinny_mma(&call).unwrap();
     // SAFETY: the callers' buffers hold W [n, k] (+ scales) and x rows as `a` describes; out was
     // just allocated for m rows of ld_out.
-    unsafe { gpu.k.skinny_mma(&gpu.s, &call) }.unwrap();
+    unsafe { gpu.k.skinny_mma_path(&gpu.s, &call, path) }.unwrap();
     let v = gpu.down(&out);
     let mut dense = Vec::with_capacity(a.m * a.n);
     for row in v.chunks(ld_out) {
@@ -85,18 +92,22 @@ fn check_fp8(gpu: &Gpu, n: usize, k: usize, ms: &[usize], seed: u64) {
     let mmax = ms.iter().copied().max().unwrap_or(1);
     let x = rng.vec(mmax * k, -1.0, 1.0);
     let (wb, sb, xb) = (gpu.up(&w), gpu.up(&s), gpu.up(&x));
-    for &m in ms {
-        let got = run_skinny(
-            gpu,
-            SkinnyMma::plain(
-                gpu.ptr(&wb),
-                SkinnyWeight::Fp8,
-                gpu.ptr(&sb),
-                gpu.ptr(&xb),
-                0,
-                (m, n, k),
-            ),
-        );
+    let mut paths = vec![SkinnyPath::Tf32];
+    let plain = |m| {
+        SkinnyMma::plain(
+            gpu.ptr(&wb),
+            SkinnyWeight::Fp8,
+            gpu.ptr(&sb),
+            gpu.ptr(&xb),
+            0,
+            (m, n, k),
+        )
+    };
+    if skinny_f16_plan(&plain(1), gpu.k.multiprocessors()).is_some() {
+        paths.push(SkinnyPath::F16);
+    }
+    for (&m, path) in ms.iter().flat_map(|m| paths.iter().map(move |p| (m, *p))) {
+        let got = run_skinny_on(gpu, plain(m), path);
         let reference = fp8_gemv(&w, &s, &x[..m * k], m, n, k);
         let err = rel_err(&f64s(&got), &reference);
         // The CUDA-core kernel on the same inputs (what the backend ran before).
@@ -117,12 +128,12 @@ fn check_fp8(gpu: &Gpu, n: usize, k: usize, ms: &[usize], seed: u64) {
         let gemv = gpu.down(&ob);
         let vs_gemv = rel_err(&f64s(&got), &f64s(&gemv));
         eprintln!(
-            "skinny fp8 m={m} n={n} k={k}: vs f64 {err:.2e}, vs CUDA-core GEMV {vs_gemv:.2e}"
+            "skinny fp8 {path:?} m={m} n={n} k={k}: vs f64 {err:.2e}, vs CUDA-core GEMV {vs_gemv:.2e}"
         );
-        assert!(err < TOL, "fp8 m={m} n={n} k={k}: rel err {err}");
+        assert!(err < TOL, "fp8 {path:?} m={m} n={n} k={k}: rel err {err}");
         assert!(
             vs_gemv < 2.0 * TOL,
-            "fp8 m={m} n={n} k={k}: vs GEMV {vs_gemv}"
+            "fp8 {path:?} m={m} n={n} k={k}: vs GEMV {vs_gemv}"
         );
     }
 }
@@ -166,6 +177,99 @@ fn skinny_fp8_matches_f64_and_the_gemv() {
     check_fp8(&gpu, 1024, 4096, &[2, 16], 4);
     check_fp8(&gpu, 16_384, 1024, &[2, 7, 16], 5);
     check_fp8(&gpu, 4096, 8192, &[16], 6);
+    // The f16 kernel's cluster splits: wo_b and the shared expert's w2 at TP=2.
+    check_fp8(&gpu, 4096, 4096, &[4, 16], 7);
+    check_fp8(&gpu, 4096, 1024, &[6, 16], 8);
+}
+
+/// The f16 kernel: a token's outputs are the same bits alone, in any batch and at any position
+/// in it (the backend batches decode tokens of different sequences), and activations far outside
+/// the f16 range (or deep in its subnormals) lose nothing: each span is scaled by a power of two.
+#[test]
+fn skinny_f16_is_batch_invariant_at_any_magnitude() {
+    let _lock = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(gpu) = gpu("skinny_f16_is_batch_invariant_at_any_magnitude") else {
+        return;
+    };
+    for &(n, k, seed) in &[(1024, 4096, 21u64), (4096, 1024, 22), (16_384, 1024, 23)] {
+        let mut rng = Rng(seed);
+        let w = e4m3_codes(&mut rng, n * k);
+        let s: Vec<u8> = (0..n.div_ceil(128) * k.div_ceil(128))
+            .map(|_| 118 + (rng.next() % 8) as u8)
+            .collect();
+        // 16 tokens of different magnitudes: 1e6 overflows f16, 1e-9 is below its subnormals.
+        let scales = [
+            1.0, 1e6, 1e-9, 3.0, 1e30, 1e-30, 0.5, 100.0, 1.0, 7e4, 2.0, 1e-3, 1.0, 0.0, 5.0, 1.0,
+        ];
+        let mut x = Vec::with_capacity(16 * k);
+        for sc in scales {
+            x.extend(rng.vec(k, -1.0, 1.0).into_iter().map(|v| v * sc as f32));
+        }
+        let (wb, sb) = (gpu.up(&w), gpu.up(&s));
+        let rows_of = |x: &[f32], m: usize| -> Vec<f32> {
+            let xb = gpu.up(x);
+            run_skinny_on(
+                &gpu,
+                SkinnyMma::plain(
+                    gpu.ptr(&wb),
+                    SkinnyWeight::Fp8,
+                    gpu.ptr(&sb),
+                    gpu.ptr(&xb),
+                    0,
+                    (m, n, k),
+                ),
+                SkinnyPath::F16,
+            )
+        };
+        let all = rows_of(&x, 16);
+        let reference = fp8_gemv(&w, &s, &x, 16, n, k);
+        for (t, sc) in scales.iter().enumerate() {
+            let got = f64s(&all[t * n..(t + 1) * n]);
+            let want = &reference[t * n..(t + 1) * n];
+            if *sc == 0.0 {
+                assert!(got.iter().all(|&v| v == 0.0), "n={n} k={k}: zero token");
+                continue;
+            }
+            let err = rel_err(&got, want);
+            eprintln!("skinny f16 n={n} k={k} token {t} (x ~ {sc:e}): vs f64 {err:.2e}");
+            assert!(
+                err < TOL,
+                "n={n} k={k} token {t} (x ~ {sc:e}): rel err {err}"
+            );
+        }
+        // Each token alone, and the batch reversed: the same bits as in the batch of 16.
+        for t in [0usize, 1, 2, 7, 8, 15] {
+            let alone = rows_of(&x[t * k..(t + 1) * k], 1);
+            assert!(
+                alone
+                    .iter()
+                    .zip(&all[t * n..(t + 1) * n])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "n={n} k={k}: token {t} alone differs from the batch"
+            );
+        }
+        let reversed: Vec<f32> = (0..16)
+            .rev()
+            .flat_map(|t| x[t * k..(t + 1) * k].to_vec())
+            .collect();
+        let rev = rows_of(&reversed, 16);
+        for t in 0..16 {
+            let (a, b) = (&rev[(15 - t) * n..(16 - t) * n], &all[t * n..(t + 1) * n]);
+            assert!(
+                a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "n={n} k={k}: token {t} differs at another position"
+            );
+        }
+        // The first 8 tokens as a batch of 8 (one token tile instead of two).
+        let eight = rows_of(&x[..8 * k], 8);
+        assert!(
+            eight
+                .iter()
+                .zip(&all[..8 * n])
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "n={n} k={k}: a batch of 8 differs from the first 8 of 16"
+        );
+    }
 }
 
 #[test]
@@ -306,6 +410,8 @@ fn skinny_timing_print() {
         ("wq_b TP2", 16_384, 1024),
         ("wo_b TP2", 4096, 4096),
         ("shared w1 TP2", 1024, 4096),
+        ("shared w2 TP2", 4096, 1024),
+        ("wkv", 512, 4096),
     ];
     for (name, n, k) in fp8_shapes {
         let copies = copies_for(n * k);
@@ -314,18 +420,22 @@ fn skinny_timing_print() {
             .collect();
         let sc = gpu.up(&vec![127u8; n.div_ceil(128) * k.div_ceil(128)]);
         for m in [1, 2, 4, 8, 16] {
-            let skinny = time_us(&gpu, 200, |i| {
-                let a = SkinnyMma::plain(
-                    gpu.ptr(&ws[i % copies]),
-                    SkinnyWeight::Fp8,
-                    gpu.ptr(&sc),
-                    gpu.ptr(&x),
-                    gpu.ptr(&out),
-                    (m, n, k),
-                );
-                // SAFETY: W [n, k] and its scales, x >= 16 x 8192 and out >= 16 x 129280 f32.
-                unsafe { gpu.k.skinny_mma(&gpu.s, &a) }.unwrap();
-            });
+            let skinny_on = |path| {
+                time_us(&gpu, 200, |i| {
+                    let a = SkinnyMma::plain(
+                        gpu.ptr(&ws[i % copies]),
+                        SkinnyWeight::Fp8,
+                        gpu.ptr(&sc),
+                        gpu.ptr(&x),
+                        gpu.ptr(&out),
+                        (m, n, k),
+                    );
+                    // SAFETY: W [n, k] and its scales, x >= 16 x 8192 and out >= 16 x 129280 f32.
+                    unsafe { gpu.k.skinny_mma_path(&gpu.s, &a, path) }.unwrap();
+                })
+            };
+            let skinny = skinny_on(SkinnyPath::Tf32);
+            let f16 = skinny_on(SkinnyPath::F16);
             let gemv = time_us(&gpu, 200, |i| {
                 let a = Fp8Gemv {
                     weight: gpu.ptr(&ws[i % copies]),
@@ -343,7 +453,8 @@ fn skinny_timing_print() {
             });
             let gb = (n * k) as f64 / 1e3;
             eprintln!(
-                "TIMING fp8 {name:14} m={m:2}: skinny {skinny:7.2} us ({:6.0} GB/s), CUDA-core GEMV {gemv:7.2} us ({:6.0} GB/s)",
+                "TIMING fp8 {name:14} m={m:2}: f16 cluster {f16:7.2} us ({:6.0} GB/s), TF32 skinny {skinny:7.2} us ({:6.0} GB/s), CUDA-core GEMV {gemv:7.2} us ({:6.0} GB/s)",
+                gb / f16,
                 gb / skinny,
                 gb / gemv
             );

@@ -76,12 +76,37 @@ impl<'a> KernelLaunch<'a> {
     /// The parameters must be exactly the kernel's, in order and type, and every pointer among
     /// them valid for what the kernel does with it.
     pub(crate) unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<(), DriverError> {
+        // SAFETY: the caller's promise, passed on; one block per cluster is a plain launch.
+        unsafe { self.launch_clusters(cfg, 1) }
+    }
+
+    /// Submits the kernel with blocks grouped into clusters of `cluster_x` consecutive x indices
+    /// (sm_90+; `grid_dim.0` a multiple of it). 1 sets no cluster attribute.
+    ///
+    /// # Safety
+    /// As [`Self::launch`].
+    pub(crate) unsafe fn launch_clusters(
+        &mut self,
+        cfg: LaunchConfig,
+        cluster_x: u32,
+    ) -> Result<(), DriverError> {
         self.stream.context().bind_to_thread()?;
-        // SAFETY: an all-zero attribute is a valid (ignored) value of the C union; it is set below.
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
-        let pdl = pdl_enabled();
+        // SAFETY: an all-zero attribute is a valid (ignored) value of the C union; set below.
+        let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+        let mut n_attrs = 0;
+        if pdl_enabled() {
+            attrs[n_attrs].id =
+                sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attrs[n_attrs].value.programmaticStreamSerializationAllowed = 1;
+            n_attrs += 1;
+        }
+        if cluster_x > 1 {
+            attrs[n_attrs].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            attrs[n_attrs].value.clusterDim.x = cluster_x;
+            attrs[n_attrs].value.clusterDim.y = 1;
+            attrs[n_attrs].value.clusterDim.z = 1;
+            n_attrs += 1;
+        }
         let config = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -91,8 +116,12 @@ impl<'a> KernelLaunch<'a> {
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
-            attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
-            numAttrs: u32::from(pdl),
+            attrs: if n_attrs > 0 {
+                attrs.as_mut_ptr()
+            } else {
+                std::ptr::null_mut()
+            },
+            numAttrs: n_attrs as u32,
         };
         // SAFETY: the config, function and stream are live; the parameter pointers point at
         // values borrowed for 'a (the caller vouches for their types); no `extra`.
