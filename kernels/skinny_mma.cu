@@ -210,15 +210,15 @@ SK_INST(dsk_skinny_mma_bf16_t16_r32, 2, 2, false)
 // Why: a decode step's projections are 4-32 MB each, so a launch is mostly latency: the kernel
 // that issues its loads earliest and in the fewest dependent rounds wins. The TF32 kernel above
 // re-reads every token's activations from L2 for each warp's 32 rows, two spans at a time (at 16
-// tokens as many bytes as the weights, twice) and issues two TF32 mmas per 8 k and token tile.
+// tokens twice the weights' bytes) and issues two TF32 mmas per 8 k and token tile.
 // Here a block is 64 or 128 weight rows (4 or 8 warps of one 16-row tile) by at most 512 k (32 or
 // 64 KB of weights), small enough that every block of a 16 MB projection is resident at once
 // (128 registers a thread), and
 // - each lane issues all its weight loads (16 x 16 bytes) before anything else;
 // - meanwhile the block stages its K range of the activations once, as ready-made B fragments in
 //   shared memory (each thread's loads in flight together);
-// - e4m3 converts exactly to f16 (one cvt per two weights) for mma.m16n8k16: a quarter of the
-//   TF32 path's mma issues per weight, at the same precision;
+// - e4m3 converts exactly to f16 (one cvt per two weights, no widening to f32) for
+//   mma.m16n8k16: half the TF32 path's mma issues per weight, at the same precision;
 // - the blocks of a cluster (up to 8) split K and sum their partial tiles through distributed
 //   shared memory in cluster-rank order: deterministic, no scratch in global memory, no second
 //   launch. K beyond 8 x 512 takes several rounds of loads per block.
