@@ -46,6 +46,15 @@ fn e4m3_codes(rng: &mut Rng, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// A random FP8 weight `[n, k]` and its 128 x 128 E8M0 scales (2^-9 .. 2^-2).
+fn fp8_weight(rng: &mut Rng, n: usize, k: usize) -> (Vec<u8>, Vec<u8>) {
+    let w = e4m3_codes(rng, n * k);
+    let s = (0..n.div_ceil(128) * k.div_ceil(128))
+        .map(|_| 118 + (rng.next() % 8) as u8)
+        .collect();
+    (w, s)
+}
+
 /// Runs the skinny kernel into a padded output and returns the [m, n] values.
 fn run_skinny(gpu: &Gpu, a: SkinnyMma) -> Vec<f32> {
     run_skinny_on(gpu, a, SkinnyPath::Auto)
@@ -85,10 +94,7 @@ fn f64s(v: &[f32]) -> Vec<f64> {
 
 fn check_fp8(gpu: &Gpu, n: usize, k: usize, ms: &[usize], seed: u64) {
     let mut rng = Rng(seed);
-    let w = e4m3_codes(&mut rng, n * k);
-    let s: Vec<u8> = (0..n.div_ceil(128) * k.div_ceil(128))
-        .map(|_| 118 + (rng.next() % 8) as u8)
-        .collect();
+    let (w, s) = fp8_weight(&mut rng, n, k);
     let mmax = ms.iter().copied().max().unwrap_or(1);
     let x = rng.vec(mmax * k, -1.0, 1.0);
     let (wb, sb, xb) = (gpu.up(&w), gpu.up(&s), gpu.up(&x));
@@ -193,10 +199,7 @@ fn skinny_f16_is_batch_invariant_at_any_magnitude() {
     };
     for &(n, k, seed) in &[(1024, 4096, 21u64), (4096, 1024, 22), (16_384, 1024, 23)] {
         let mut rng = Rng(seed);
-        let w = e4m3_codes(&mut rng, n * k);
-        let s: Vec<u8> = (0..n.div_ceil(128) * k.div_ceil(128))
-            .map(|_| 118 + (rng.next() % 8) as u8)
-            .collect();
+        let (w, s) = fp8_weight(&mut rng, n, k);
         // 16 tokens of different magnitudes: 1e6 overflows f16, 1e-9 is below its subnormals.
         let scales = [
             1.0, 1e6, 1e-9, 3.0, 1e30, 1e-30, 0.5, 100.0, 1.0, 7e4, 2.0, 1e-3, 1.0, 0.0, 5.0, 1.0,
@@ -302,11 +305,8 @@ fn skinny_grouped_reads_each_groups_inputs() {
         let mut rng = Rng(0x5a_0000 + m as u64 + rows as u64);
         let (n, stride) = (groups * rows, k + gap);
         let ld_x = groups * stride + gap;
-        let w = e4m3_codes(&mut rng, n * k);
+        let (w, s) = fp8_weight(&mut rng, n, k);
         let kb = k.div_ceil(128);
-        let s: Vec<u8> = (0..n.div_ceil(128) * kb)
-            .map(|_| 118 + (rng.next() % 8) as u8)
-            .collect();
         let mut x = vec![f32::NAN; m * ld_x];
         for t in 0..m {
             for g in 0..groups {

@@ -370,11 +370,10 @@ impl Kernels {
                     return Err(KernelError::invalid(
                         K,
                         format!(
-                            "the f16 kernel takes FP8 weights with k = {} in whole spans of up to \
-                             {} per cluster block and groups of whole blocks (group_rows = {})",
-                            a.k,
-                            F16_MAX_BLOCK_K * F16_MAX_CLUSTER,
-                            a.group_rows
+                            "the f16 kernel takes FP8 weights whose k = {} splits into at most \
+                             {F16_MAX_CLUSTER} blocks of whole {SPAN_BYTES}-value spans, at most \
+                             {F16_MAX_BLOCK_K} each, and groups of whole blocks (group_rows = {})",
+                            a.k, a.group_rows
                         ),
                     ))
                 }
@@ -440,12 +439,13 @@ unsafe fn submit_skinny(
     cluster: Option<usize>,
 ) -> Result<(), KernelError> {
     const K: &str = "skinny_mma";
+    let cluster_x = cluster.unwrap_or(1);
     let (m, n, k, group_rows, cl) = (
         i32_arg(K, "m", a.m)?,
         i32_arg(K, "n", a.n)?,
         i32_arg(K, "k", a.k)?,
         i32_arg(K, "group_rows", a.group_rows)?,
-        i32_arg(K, "cluster", cluster.unwrap_or(1))?,
+        i32_arg(K, "cluster", cluster_x)?,
     );
     let (ld_x, ld_out, xgs) = (
         i64_arg(K, "ld_x", a.ld_x)?,
@@ -470,7 +470,7 @@ unsafe fn submit_skinny(
     }
     // SAFETY: the parameters are the kernel's (the caller's promise for `func`), the pointers
     // valid for the call (the caller's promise for `a`).
-    unsafe { launch.launch_clusters(cfg, cl.unsigned_abs()) }
+    unsafe { launch.launch_clusters(cfg, cluster_x as u32) }
         .map_err(KernelError::driver("launch skinny_mma"))
 }
 
