@@ -767,34 +767,38 @@ extern "C" __global__ void __launch_bounds__(LO_HC_FUSED_BLOCK) dsk_lo_hc_pre_fi
                     mix_out + (long long)t * outs, n, t, hc, hidden, iters, hc_eps, norm_eps);
 }
 
-// The whole pre side of one token in one launch: block b computes the chunks of (kc, o) pairs
-// 4b .. 4b + 3 (pair p: kc = p % splits, o = p / splits), one per 256-thread group; the last
-// block to count itself in `counter` (zero before the launch) finishes the token and zeroes the
-// counter again, so the next launch or graph replay starts from zero.
+// The whole pre side of n tokens in one launch: block (b, t) computes token t's chunks of (kc, o)
+// pairs 4b .. 4b + 3 (pair p: kc = p % splits, o = p / splits), one per 256-thread group, into the
+// [splits, n, outs] partials; the last of token t's blocks to count itself in counter[t] (zero
+// before the launch) finishes that token as dsk_lo_hc_pre_finish2_f32 does and zeroes its counter
+// again, so the next launch or graph replay starts from zero. A chunk's sums are those of the
+// partial kernels (each thread's columns in ascending order, then the two-level block sum,
+// whatever the tokens a block holds), so every path gives the same bits.
 extern "C" __global__ void __launch_bounds__(LO_HC_FUSED_BLOCK) dsk_lo_hc_pre_single_f32(
     const float *__restrict__ streams, const float *__restrict__ fn, float *partial, float *sq,
     unsigned int *counter, int splits, int chunk, int width, float mix_eps,
     const float *__restrict__ base, float scale0, float scale1, float scale2,
     const float *__restrict__ norm_w, float *__restrict__ x_out, float *__restrict__ mix_out,
-    int hc, int hidden, int iters, float hc_eps, float norm_eps) {
+    int n, int hc, int hidden, int iters, float hc_eps, float norm_eps) {
     dsk_pdl_entry();
     __shared__ float red[1][2][32];
     __shared__ int last;
-    const int outs = (2 + hc) * hc;
+    const int outs = (2 + hc) * hc, t = blockIdx.y;
     const int p = blockIdx.x * (LO_HC_FUSED_BLOCK / LO_BLOCK) + threadIdx.x / LO_BLOCK;
     const bool active = p < splits * outs;
-    lo_hc_mix_partial_group<1, 8>(streams, fn, partial, sq, 1, width, outs, chunk,
-                                  active ? p % splits : 0, active ? p / splits : 1, 0, active,
+    lo_hc_mix_partial_group<1, 8>(streams, fn, partial, sq, n, width, outs, chunk,
+                                  active ? p % splits : 0, active ? p / splits : 1, t, active,
                                   red);
     // The partials written, one thread counts the block (release / acquire at gpu scope); the
     // barriers order the other threads' writes before it and its acquire before their reads.
     __syncthreads();
-    if (threadIdx.x == 0) last = lo_count_block(counter) == gridDim.x - 1;
+    if (threadIdx.x == 0) last = lo_count_block(counter + t) == gridDim.x - 1;
     __syncthreads();
     if (!last) return;
-    if (threadIdx.x == 0) *counter = 0u;
-    lo_hc_pre_token(partial, sq, splits, width, mix_eps, base, scale0, scale1, scale2, streams,
-                    norm_w, x_out, mix_out, 1, 0, hc, hidden, iters, hc_eps, norm_eps);
+    if (threadIdx.x == 0) counter[t] = 0u;
+    lo_hc_pre_token(partial, sq, splits, width, mix_eps, base, scale0, scale1, scale2,
+                    streams + (long long)t * hc * hidden, norm_w, x_out + (long long)t * hidden,
+                    mix_out + (long long)t * outs, n, t, hc, hidden, iters, hc_eps, norm_eps);
 }
 
 // ---------------------------------------------------------------------------------------------

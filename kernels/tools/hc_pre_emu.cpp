@@ -4,9 +4,9 @@
 // - the register Sinkhorn (lo_sinkhorn_regs, hc 1..5) and the shared-memory one (hc 1..8) equal,
 //   bit for bit, a sequential port of hyper.rs's sinkhorn (same expf), iters 0, 1, 2, 20;
 // - the three kernel paths (old: mix_partial + pre_fused; split: mix_partial2 + pre_finish2;
-//   single: pre_single, one token) give the same x_out and mix_out bits, and match f64 / host-order
+//   single: pre_single, up to 16 tokens, a counter each) give the same x_out and mix_out bits, and match f64 / host-order
 //   references within the GPU tests' tolerance (1e-5 relative);
-// - the single-launch kernel's counter is zero after every launch (blocks run in a random order,
+// - the single-launch kernel's counters are zero after every launch (blocks run in a random order,
 //   so any block may be the finishing one) and a repeated launch gives the same bits; the other
 //   paths never touch the workspace header.
 //   g++ -std=c++20 -O2 -pthread -w -ffp-contract=off -o /tmp/hc_pre_emu kernels/tools/hc_pre_emu.cpp && /tmp/hc_pre_emu
@@ -211,9 +211,9 @@ static Out run_path(Path p, int sms, const std::vector<float> &streams, const st
     Out o{std::vector<float>((size_t)n * hidden, NAN), std::vector<float>((size_t)n * outs, NAN), {}};
     if (p == SINGLE) {
         const int blocks = (splits * outs + 3) / 4;
-        launch3({(unsigned)blocks, 1, 1}, 1024, [&] {
+        launch3({(unsigned)blocks, (unsigned)n, 1}, 1024, [&] {
             dsk_lo_hc_pre_single_f32(streams.data(), fn.data(), partial, sq, counter, splits, chunk, width, eps,
-                                     base.data(), scale[0], scale[1], scale[2], nw, o.x.data(), o.mix.data(), hc,
+                                     base.data(), scale[0], scale[1], scale[2], nw, o.x.data(), o.mix.data(), n, hc,
                                      hidden, iters, eps, eps);
         });
     } else {
@@ -276,7 +276,7 @@ static void pre_case(int n, int hc, int hidden, int iters, bool weighted, int sm
     const int splits = mix_splits(n, width, outs, sms);
     std::vector<Out> outs_by_path;
     std::vector<Path> paths = {OLD, SPLIT};
-    if (n == 1) paths.push_back(SINGLE);
+    if (n <= 16) paths.push_back(SINGLE); // the kernel takes up to 16 (HC_SINGLE_MAX_TOKENS picks 2)
     bool ok = true;
     char msg[256];
     for (Path p : paths) {

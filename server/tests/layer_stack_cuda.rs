@@ -1,7 +1,7 @@
 //! The CUDA layer stack (every layer of a step on the device) against the op-by-op forward on
 //! the same GPU and weights: chunked prefill through compression-window and block boundaries
 //! (chunks over 64 rows run as GEMM steps), batched decode, a DSpark-style verify step of six
-//! tokens, at TP=1 and TP=2 (two shards on one GPU over the in-process group, so the stack's
+//! tokens and a step of twelve (the f16 skinny GEMM's row counts), at TP=1 and TP=2 (two shards on one GPU over the in-process group, so the stack's
 //! host all-reduce is taken), and a prefill long enough to run in two GEMM pieces.
 //!
 //! The transformers fixtures run through the stack too (model_cuda.rs: every step takes it). Needs a GPU: `DSPARK_TEST_CUDA=1 cargo test -p dspark-server --test
@@ -133,6 +133,10 @@ fn schedule(m: &mut DeepseekV4<CudaBackend>) -> Vec<Vec<f32>> {
     // A verify step: six tokens of B at once, logits for all.
     let verify: Vec<u32> = (0..6).map(|i| tok(3000 + i)).collect();
     keep(run(m, vec![seq(2, pb, &verify, &bt_b, LogitsWanted::All)]));
+    // Twelve tokens of A at once: projections of 9-16 rows large enough for the skinny kernels
+    // (wq_b at TP=1) take their f16 cluster form, here inside a CUDA graph.
+    let wide: Vec<u32> = (0..12).map(|i| tok(4000 + i)).collect();
+    keep(run(m, vec![seq(1, pa, &wide, &bt_a, LogitsWanted::All)]));
     out
 }
 

@@ -21,11 +21,17 @@ const MIX_TOKENS: usize = 16;
 /// Most blocks one hyper-connection projection row is split over (sizes the workspace).
 pub const HC_MAX_SPLITS: usize = 32;
 /// f32 slots at the start of every hyper-connection workspace that hold the one-launch pre
-/// kernel's block counter (u32, zero when the workspace is allocated zeroed and after every
-/// launch); the partial sums start after them.
+/// kernel's block counters, one per token (u32, zero when the workspace is allocated zeroed and
+/// after every launch); the partial sums start after them.
 pub const HC_WS_HEADER: usize = 32;
 /// Largest token count [`HcPreKernel::Fused`] runs as one launch (more take the split path).
-pub const HC_SINGLE_MAX_TOKENS: usize = 1;
+/// The one launch reads the site's projection once per token where the split path's partial
+/// blocks read it once for up to 16 tokens; on an H200 (`layer_ops_gpu hc_pre_time`, session
+/// 21) it is faster at 1 and 2 tokens (11.3 against 13.1 us, 11.8 against 13.8) and slower
+/// from 4 (16.6 against 14.9 us; 32.4 against 22.4 at 16). At most 16 (the split path's
+/// tokens a block, so both split a row into the same chunks) and one counter a token.
+pub const HC_SINGLE_MAX_TOKENS: usize = 2;
+const _: () = assert!(HC_SINGLE_MAX_TOKENS <= HC_WS_HEADER && HC_SINGLE_MAX_TOKENS <= MIX_TOKENS);
 /// Largest hyper-connection multiplicity (`hc_mult`).
 pub const HC_MAX: usize = 8;
 /// Tokens one Sinkhorn block of `dsk_lo_hc_pre_rows_f32` serves (`LO_ROWS_GROUP`): the grid
@@ -982,10 +988,14 @@ impl Kernels {
         let (hc, hidden) = (i32_arg(K, "hc", a.hc)?, i32_arg(K, "hidden", a.hidden)?);
         let iters = i32_arg(K, "sinkhorn_iters", a.sinkhorn_iters)?;
         if a.kernel == HcPreKernel::Fused && a.n <= HC_SINGLE_MAX_TOKENS {
-            // One block per four (chunk, output) pairs, as 256-thread groups.
+            // One block per token and four (chunk, output) pairs, as 256-thread groups.
             let groups = HC_FUSED_BLOCK / BLOCK;
             let cfg = LaunchConfig {
-                grid_dim: (u32_grid(K, (splits * outs).div_ceil(groups))?, 1, 1),
+                grid_dim: (
+                    u32_grid(K, (splits * outs).div_ceil(groups))?,
+                    u32_grid(K, a.n)?,
+                    1,
+                ),
                 block_dim: (HC_FUSED_BLOCK as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -1009,6 +1019,7 @@ impl Kernels {
                 .arg(&a.norm_weight)
                 .arg(&a.x_out)
                 .arg(&a.mix_out)
+                .arg(&i32_arg(K, "n", a.n)?)
                 .arg(&hc)
                 .arg(&hidden)
                 .arg(&iters)
