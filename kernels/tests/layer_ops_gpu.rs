@@ -570,10 +570,11 @@ fn differing_bits(a: &[f32], b: &[f32]) -> usize {
         .count()
 }
 
-/// (n, hc, hidden) of the pre side: [`HC_CASES`] plus the decode batches 16 and 64 at the real
-/// width.
-const HC_PRE_CASES: [(usize, usize, usize); 7] = [
+/// (n, hc, hidden) of the pre side: [`HC_CASES`] plus the decode batches 2 (the largest the
+/// one-launch kernel takes), 16 and 64 at the real width.
+const HC_PRE_CASES: [(usize, usize, usize); 8] = [
     (1, 4, 4096),
+    (2, 4, 4096),
     (3, 4, 4096),
     (16, 4, 4096),
     (17, 4, 4096),
