@@ -276,7 +276,7 @@ static void pre_case(int n, int hc, int hidden, int iters, bool weighted, int sm
     const int splits = mix_splits(n, width, outs, sms);
     std::vector<Out> outs_by_path;
     std::vector<Path> paths = {OLD, SPLIT};
-    if (n <= 16) paths.push_back(SINGLE); // the kernel takes up to 16 (HC_SINGLE_MAX_TOKENS picks 2)
+    if (n <= 16) paths.push_back(SINGLE); // checked up to 16 tokens (HC_SINGLE_MAX_TOKENS picks 2)
     bool ok = true;
     char msg[256];
     for (Path p : paths) {

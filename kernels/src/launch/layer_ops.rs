@@ -28,10 +28,11 @@ pub const HC_WS_HEADER: usize = 32;
 /// The one launch reads the site's projection once per token where the split path's partial
 /// blocks read it once for up to 16 tokens; on an H200 (`layer_ops_gpu hc_pre_time`, session
 /// 21) it is faster at 1 and 2 tokens (11.3 against 13.1 us, 11.8 against 13.8) and slower
-/// from 4 (16.6 against 14.9 us; 32.4 against 22.4 at 16). At most 16 (the split path's
-/// tokens a block, so both split a row into the same chunks) and one counter a token.
+/// from 4 (16.6 against 14.9 us; 32.4 against 22.4 at 16). Both paths take their chunks from
+/// [`hc_mix_splits`] of the same token count (so the same bits); the one launch needs a counter
+/// a token in the workspace header (checked on the GPU up to 16 tokens).
 pub const HC_SINGLE_MAX_TOKENS: usize = 2;
-const _: () = assert!(HC_SINGLE_MAX_TOKENS <= HC_WS_HEADER && HC_SINGLE_MAX_TOKENS <= MIX_TOKENS);
+const _: () = assert!(HC_SINGLE_MAX_TOKENS <= HC_WS_HEADER);
 /// Largest hyper-connection multiplicity (`hc_mult`).
 pub const HC_MAX: usize = 8;
 /// Tokens one Sinkhorn block of `dsk_lo_hc_pre_rows_f32` serves (`LO_ROWS_GROUP`): the grid
