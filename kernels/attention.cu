@@ -593,10 +593,13 @@ extern "C" __global__ void __launch_bounds__(512, 1) dsk_attend_partial_heads_tc
 //   takes m tile w % MT, keys 16 ((w / MT) % 2) .. + 15, and dims kq KQ .. + KQ - 1 with
 //   kq = w / (2 MT) (KSPLIT = 64 / G slices); the softmax sums the KSPLIT partial logits;
 // - online softmax per head as the other kernels' (masked keys -inf, m = -inf until a valid key,
-//   an empty split writes sum 0): a warp per G / 8 heads, lane = key; each probability is
-//   rounded to f16 before it is summed into l, so numerator and denominator weigh a key alike;
+//   an empty split writes sum 0): a warp per G / 8 heads, 32 / (G / 8) lanes a head, each lane
+//   its neighbouring keys (4 at G = 32, 2 at G = 16), so a row's max and sum take 3 or 4
+//   shuffles; each probability is rounded to f16 before it is summed into l, so numerator and
+//   denominator weigh a key alike;
 // - O += P V: warp w owns dims 64 w .. 64 w + 63 of all G heads (MT x 8 accumulator tiles), V
-//   fragments by ldmatrix.trans from the same key tile (K = V).
+//   fragments by ldmatrix.trans from the same key tile (K = V); rows whose max held skip the
+//   rescale.
 // Three barriers a tile of 32 keys (the TF32 kernel: four a tile of 16). f16 has TF32's 10
 // mantissa bits (unit roundoff 2^-11): Q, K = V and P are rounded to them and products summed in
 // f32, as the TF32 kernel (the same error bound). e4m3 and bf16 values are exact in f16 within its
@@ -678,25 +681,77 @@ __device__ __forceinline__ long long dsk_attf_offset(const long long *__restrict
     return lane < DSK_ATTF_TILE / DSK_ATTF_WARPS && k < b ? key_off[k] : -1;
 }
 
+// V4-Flash's FP8 record at head_dim 512 (448 e4m3, 64 bf16 RoPE, 7 scale bytes, a pad byte) and
+// its raw row stride: the layout the stage and decode below take a flat path for.
+#define DSK_ATTF_FP8_ROPE 64
+#define DSK_ATTF_FP8_RB 584
+#define DSK_ATTF_FP8_RS 592
+
+// Whether a launch's rows take that path (uniform: launch parameters only).
+__device__ __forceinline__ bool dsk_attf_fp8_flat(int fmt, int rope, int rb, int rs) {
+    return fmt == DSK_KV_FP8 && rope == DSK_ATTF_FP8_ROPE && rb == DSK_ATTF_FP8_RB && rs == DSK_ATTF_FP8_RS;
+}
+
 // Issues the cp.async copies of this warp's rows (their offsets in lanes 0.. of `off`, from
-// dsk_attf_offset) into `raw` (row r at r * rs, `rb` bytes of it) and sets their flags; 16-, 8-
-// or 4-byte copies as the row's address allows (warp-uniform); a slot without a key copies
-// nothing.
+// dsk_attf_offset) into `raw` (row r at r * rs, `rb` bytes of it) and sets their flags: 0 for a
+// slot without a key, else 1 + the byte the record starts at in its raw row.
+//
+// `fp8_flat` (dsk_attf_fp8_flat): lanes 8 i .. 8 i + 7 copy the warp's row i. An 8-byte aligned
+// record (every one in a pool: FP8 records are 584 bytes apart, so every other one is 16-byte
+// aligned) keeps its offset within 16 bytes (0 or 8) in its raw row, so its bytes are 37 16-byte
+// pieces, one of them half, each lane taking every 8th (5 copies a lane where each row's warp-wide
+// loop took 73 8-byte copies); another record lands at 0 in 4-byte copies. Nothing outside the
+// record is read. Else a row at a time, 16-, 8- or 4-byte copies as the row's address allows
+// (warp-uniform), the record at 0.
 __device__ __forceinline__ void dsk_attf_stage(unsigned char *raw, int *valid, const float *__restrict__ pool,
-                                               long long off_lanes, int rb, int rs) {
+                                               long long off_lanes, int rb, int rs, bool fp8_flat) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-#pragma unroll
-    for (int i = 0; i < DSK_ATTF_TILE / DSK_ATTF_WARPS; ++i) {
-        const int r = warp + DSK_ATTF_WARPS * i;
-        // Lane i's offset to the whole warp, as two 32-bit halves.
+    constexpr int ROWS = DSK_ATTF_TILE / DSK_ATTF_WARPS;
+    static_assert(ROWS * 8 == 32, "eight lanes a row");
+    // Lane `from`'s offset, as two 32-bit halves (`from` may differ between lanes).
+    const auto lane_offset = [&](int from) {
         const unsigned int lo = __float_as_uint(
-            __shfl_sync(0xffffffffu, __uint_as_float((unsigned int)(unsigned long long)off_lanes), i));
+            __shfl_sync(0xffffffffu, __uint_as_float((unsigned int)(unsigned long long)off_lanes), from));
         const unsigned int hi = __float_as_uint(
-            __shfl_sync(0xffffffffu, __uint_as_float((unsigned int)((unsigned long long)off_lanes >> 32)), i));
-        const long long off = (long long)(((unsigned long long)hi << 32) | lo);
-        if (lane == 0) valid[r] = off >= 0;
-        if (off < 0) continue;
-        const unsigned char *src = reinterpret_cast<const unsigned char *>(pool + off);
+            __shfl_sync(0xffffffffu, __uint_as_float((unsigned int)((unsigned long long)off_lanes >> 32)), from));
+        return (long long)(((unsigned long long)hi << 32) | lo);
+    };
+    if (fp8_flat) {
+        const int i = lane >> 3, q = lane & 7, r = warp + DSK_ATTF_WARPS * i;
+        const long long o = lane_offset(i);
+        const unsigned char *src = reinterpret_cast<const unsigned char *>(pool + (o < 0 ? 0 : o));
+        const unsigned long long at = reinterpret_cast<unsigned long long>(src);
+        unsigned char *dst = raw + r * rs;
+        const int sh = (at & 7) == 0 ? (int)(at & 15) : 0;
+        if (q == 0) valid[r] = o >= 0 ? 1 + sh : 0;
+        if (o < 0) return;
+        if ((at & 7) != 0) {
+            for (int c = 4 * q; c < DSK_ATTF_FP8_RB; c += 4 * 8) dsk_cp_async<4>(dst + c, src + c);
+            return;
+        }
+        // Raw byte x of the row is base[x]; piece p is raw bytes 16 p .. 16 p + 15, the half one
+        // at the record's start (sh = 8) or end (sh = 0).
+        const unsigned char *base = src - sh;
+        constexpr int PIECES = DSK_ATTF_FP8_RS / 16;
+        const int half = sh ? 0 : PIECES - 1, half_at = sh ? 8 : 16 * (PIECES - 1);
+#pragma unroll
+        for (int k = 0; k < (PIECES + 7) / 8; ++k) {
+            const int p = q + 8 * k;
+            if (p >= PIECES) break;
+            if (p == half)
+                dsk_cp_async<8>(dst + half_at, base + half_at);
+            else
+                dsk_cp_async<16>(dst + 16 * p, base + 16 * p);
+        }
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) {
+        const int r = warp + DSK_ATTF_WARPS * i;
+        const long long o = lane_offset(i);
+        if (lane == 0) valid[r] = o >= 0;
+        if (o < 0) continue;
+        const unsigned char *src = reinterpret_cast<const unsigned char *>(pool + o);
         unsigned char *dst = raw + r * rs;
         const unsigned long long at = reinterpret_cast<unsigned long long>(src);
         if ((at & 15) == 0 && (rb & 15) == 0) {
@@ -709,15 +764,111 @@ __device__ __forceinline__ void dsk_attf_stage(unsigned char *raw, int *valid, c
     }
 }
 
+// A word's four e4m3 bytes as two f16x2 (bytes 0-1, then 2-3), exactly: the converter reads the
+// word's halves in place.
+__device__ __forceinline__ void dsk_attf_e4m3x4_to_f16x2(unsigned int w, unsigned int &lo, unsigned int &hi) {
+#ifdef __CUDA_ARCH__
+    asm("{\n\t.reg .b16 a, b;\n\tmov.b32 {a, b}, %2;\n\tcvt.rn.f16x2.e4m3x2 %0, a;\n\tcvt.rn.f16x2.e4m3x2 %1, b;\n\t}"
+        : "=r"(lo), "=r"(hi)
+        : "r"(w));
+#else
+    lo = dsk_e4m3x2_to_f16x2(w & 0xffffu);
+    hi = dsk_e4m3x2_to_f16x2(w >> 16);
+#endif
+}
+
+// One 16-value e4m3 half-chunk's 8 values (two words of the record) times its group's scale
+// byte `se` as four f16x2 words: in f16 where every product is an exact finite f16 (one multiply a
+// pair), else through f32 (the same bits in that range).
+__device__ __forceinline__ uint4 dsk_attf_fp8x8(unsigned int w0, unsigned int w1, unsigned int se) {
+    const unsigned int w[2] = {w0, w1};
+    unsigned int h[4];
+    if (se >= DSK_ATTF_F16_SCALE_LO && se <= DSK_ATTF_F16_SCALE_HI) {
+        const unsigned int s1 = (se - 112u) << 10, s2 = s1 | (s1 << 16);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            h[2 * j] = dsk_attf_hmul2(dsk_e4m3x2_to_f16x2(w[j] & 0xffffu), s2);
+            h[2 * j + 1] = dsk_attf_hmul2(dsk_e4m3x2_to_f16x2(w[j] >> 16), s2);
+        }
+    } else {
+        const float sc = __uint_as_float(se << 23);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            float x0, x1, x2, x3;
+            dsk_e4m3x2_to_f32(w[j] & 0xffffu, x0, x1);
+            dsk_e4m3x2_to_f32(w[j] >> 16, x2, x3);
+            h[2 * j] = dsk_attf_h2(x0 * sc, x1 * sc);
+            h[2 * j + 1] = dsk_attf_h2(x2 * sc, x3 * sc);
+        }
+    }
+    return make_uint4(h[0], h[1], h[2], h[3]);
+}
+
 // Decodes the landed raw rows into the f16 key tile (row r at r * LDH halves; zeros where the
-// flag is clear), warp w rows w, w + 8, ... in 16-byte chunks of the record: FP8 latent (e4m3
-// chunks of 16 values under one scale, then bf16 RoPE chunks of 8), BF16 (8 values) or f32 (4).
+// flag is clear), warp w rows w, w + 8, ...
+//
+// `fp8_flat` (as the stage's): lanes 8 i .. 8 i + 7 decode the warp's row i from the flag's
+// byte: lane q its e4m3 chunks of 8 values q, q + 8, .., q + 48 (one in each scale group, the
+// scale bytes read once as a word pair and tested once; each chunk an 8-byte read and a 16-byte
+// write) and its RoPE chunk of 8 bf16 values q. Else a row at a time in 16-byte chunks of the
+// record: FP8 latent (e4m3 chunks of 16 values under one scale, then bf16 RoPE chunks of 8), BF16
+// (8 values) or f32 (4). Both give the same bits.
 __device__ __forceinline__ void dsk_attf_decode(const unsigned char *raw, const int *valid, unsigned int *kw, int fmt,
-                                                int rope, int rs) {
+                                                int rope, int rs, bool fp8_flat) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     constexpr int RW = DSK_ATTF_LDH / 2;  // words a key row
+    constexpr int ROWS = DSK_ATTF_TILE / DSK_ATTF_WARPS;
+    if (fp8_flat) {
+        constexpr int NOPE = DSK_ATTF_HD - DSK_ATTF_FP8_ROPE, SCALES = NOPE + 2 * DSK_ATTF_FP8_ROPE;
+        static_assert(NOPE / 8 == 7 * 8 && DSK_ATTF_FP8_ROPE / 8 == 8 && DSK_KV_FP8_GROUP == 64,
+                      "a lane's e4m3 chunks are one per scale group");
+        const int i = lane >> 3, q = lane & 7, r = warp + DSK_ATTF_WARPS * i;
+        const int flag = valid[r];
+        unsigned int *const row = kw + r * RW;
+        if (!flag) {
 #pragma unroll
-    for (int i = 0; i < DSK_ATTF_TILE / DSK_ATTF_WARPS; ++i) {
+            for (int k = 0; k < DSK_ATTF_HD / 64; ++k)
+                *reinterpret_cast<uint4 *>(row + 4 * (q + 8 * k)) = make_uint4(0u, 0u, 0u, 0u);
+            return;
+        }
+        const unsigned char *const rec = raw + r * rs + (flag - 1);
+        // The record's 7 scale bytes (and its pad byte); chunk q + 8 k is in group k. Where all
+        // 7 let f16 scale exactly (dsk_attf_fp8x8's test), the chunks go without a branch each.
+        const uint2 scales = *reinterpret_cast<const uint2 *>(rec + SCALES);
+        const auto scale_byte = [&](int k) { return ((k < 4 ? scales.x : scales.y) >> (8 * (k & 3))) & 0xffu; };
+        bool f16_scales = true;
+#pragma unroll
+        for (int k = 0; k < NOPE / 64; ++k)
+            f16_scales = f16_scales && scale_byte(k) - DSK_ATTF_F16_SCALE_LO <= DSK_ATTF_F16_SCALE_HI - DSK_ATTF_F16_SCALE_LO;
+        if (f16_scales) {
+#pragma unroll
+            for (int k = 0; k < NOPE / 64; ++k) {
+                const int c = q + 8 * k;
+                const uint2 v = *reinterpret_cast<const uint2 *>(rec + 8 * c);
+                const unsigned int s1 = (scale_byte(k) - 112u) << 10, s2 = s1 | (s1 << 16);
+                unsigned int h[4];
+                dsk_attf_e4m3x4_to_f16x2(v.x, h[0], h[1]);
+                dsk_attf_e4m3x4_to_f16x2(v.y, h[2], h[3]);
+                *reinterpret_cast<uint4 *>(row + 4 * c) = make_uint4(dsk_attf_hmul2(h[0], s2), dsk_attf_hmul2(h[1], s2),
+                                                                     dsk_attf_hmul2(h[2], s2), dsk_attf_hmul2(h[3], s2));
+            }
+        } else {
+#pragma unroll
+            for (int k = 0; k < NOPE / 64; ++k) {
+                const int c = q + 8 * k;
+                const uint2 v = *reinterpret_cast<const uint2 *>(rec + 8 * c);
+                *reinterpret_cast<uint4 *>(row + 4 * c) = dsk_attf_fp8x8(v.x, v.y, scale_byte(k));
+            }
+        }
+        const uint2 lo = *reinterpret_cast<const uint2 *>(rec + NOPE + 16 * q);
+        const uint2 hi = *reinterpret_cast<const uint2 *>(rec + NOPE + 16 * q + 8);
+        *reinterpret_cast<uint4 *>(row + NOPE / 2 + 4 * q) =
+            make_uint4(dsk_attf_h2(dsk_bf16lo(lo.x), dsk_bf16hi(lo.x)), dsk_attf_h2(dsk_bf16lo(lo.y), dsk_bf16hi(lo.y)),
+                       dsk_attf_h2(dsk_bf16lo(hi.x), dsk_bf16hi(hi.x)), dsk_attf_h2(dsk_bf16lo(hi.y), dsk_bf16hi(hi.y)));
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) {
         const int r = warp + DSK_ATTF_WARPS * i;
         unsigned int *row = kw + r * RW;
         const unsigned char *rec = raw + r * rs;
@@ -732,30 +883,8 @@ __device__ __forceinline__ void dsk_attf_decode(const unsigned char *raw, const 
                 const uint4 v = *reinterpret_cast<const uint4 *>(rec + 16 * c);
                 if (c < n8) {
                     const unsigned int se = rec[nope + 2 * rope + (16 * c) / DSK_KV_FP8_GROUP];
-                    const unsigned int w[4] = {v.x, v.y, v.z, v.w};
-                    unsigned int h[8];
-                    if (se >= DSK_ATTF_F16_SCALE_LO && se <= DSK_ATTF_F16_SCALE_HI) {
-                        // Every e4m3 value times 2^(se - 127) is an exact finite f16 here: scale
-                        // in f16 (one multiply a pair), the same bits as the f32 path below.
-                        const unsigned int s1 = (se - 112u) << 10, s2 = s1 | (s1 << 16);
-#pragma unroll
-                        for (int j = 0; j < 4; ++j) {
-                            h[2 * j] = dsk_attf_hmul2(dsk_e4m3x2_to_f16x2(w[j] & 0xffffu), s2);
-                            h[2 * j + 1] = dsk_attf_hmul2(dsk_e4m3x2_to_f16x2(w[j] >> 16), s2);
-                        }
-                    } else {
-                        const float sc = __uint_as_float(se << 23);
-#pragma unroll
-                        for (int j = 0; j < 4; ++j) {
-                            float x0, x1, x2, x3;
-                            dsk_e4m3x2_to_f32(w[j] & 0xffffu, x0, x1);
-                            dsk_e4m3x2_to_f32(w[j] >> 16, x2, x3);
-                            h[2 * j] = dsk_attf_h2(x0 * sc, x1 * sc);
-                            h[2 * j + 1] = dsk_attf_h2(x2 * sc, x3 * sc);
-                        }
-                    }
-                    *reinterpret_cast<uint4 *>(row + 8 * c) = make_uint4(h[0], h[1], h[2], h[3]);
-                    *reinterpret_cast<uint4 *>(row + 8 * c + 4) = make_uint4(h[4], h[5], h[6], h[7]);
+                    *reinterpret_cast<uint4 *>(row + 8 * c) = dsk_attf_fp8x8(v.x, v.y, se);
+                    *reinterpret_cast<uint4 *>(row + 8 * c + 4) = dsk_attf_fp8x8(v.z, v.w, se);
                 } else {
                     const unsigned int w[4] = {v.x, v.y, v.z, v.w};
                     unsigned int h[4];
@@ -796,7 +925,7 @@ __device__ __forceinline__ void dsk_attf_stage_raw_q(const float *__restrict__ q
     constexpr int RW = G / DSK_ATTF_WARPS, PER = DSK_ATTF_HD / 32;
     static_assert(PER == 16, "the emulated sum assumes 512 dims over 256 threads");
     const int rope0 = DSK_ATTF_HD - rope_dim;
-#pragma unroll 1
+#pragma unroll 2
     for (int i = 0; i < RW; ++i) {
         const int h = warp * RW + i;
         const float *qr = q + (long long)h * DSK_ATTF_HD;
@@ -859,8 +988,9 @@ __device__ __forceinline__ void dsk_attend_partial_heads_f16_body(
     const int per = (k1 - k0 + splits - 1) / splits;
     const int a = k0 + s * per;
     const int b = min(k1, a + per);
+    const bool fp8_flat = dsk_attf_fp8_flat(fmt, rope, rb, rs);
     long long nxt = dsk_attf_offset(key_off, a, b);
-    if (a < b) dsk_attf_stage(raw, valid, pool, nxt, rb, rs);
+    if (a < b) dsk_attf_stage(raw, valid, pool, nxt, rb, rs, fp8_flat);
     dsk_cp_commit();
     // The token's RoPE table (the raw queries' rotation and the finish's inverse one).
     if (positions != nullptr) {
@@ -895,17 +1025,18 @@ __device__ __forceinline__ void dsk_attend_partial_heads_f16_body(
         for (int j = 0; j < 8; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) o[mt][j][e] = 0.f;
-    float mrow[RW], lrow[RW];
-#pragma unroll
-    for (int i = 0; i < RW; ++i) mrow[i] = DSK_NEG_INF, lrow[i] = 0.f;
+    // The softmax's row of this lane (LPR lanes a row, KPL keys a lane) and its running max / sum.
+    constexpr int LPR = 32 / RW, KPL = DSK_ATTF_TILE / LPR;
+    const int srow = warp * RW + lane / LPR;
+    float mrow = DSK_NEG_INF, lrow = 0.f;
     for (int kt = a, cur = 0; kt < b; kt += DSK_ATTF_TILE, cur ^= 1) {
         const int *const vcur = valid + cur * DSK_ATTF_TILE;
         nxt = dsk_attf_offset(key_off, kt + DSK_ATTF_TILE, b);  // the next tile's rows
         dsk_cp_wait<0>();
         __syncthreads();  // the raw tile has landed; the previous tile's P V is done with ks and P
-        dsk_attf_decode(raw, vcur, reinterpret_cast<unsigned int *>(ks), fmt, rope, rs);
+        dsk_attf_decode(raw, vcur, reinterpret_cast<unsigned int *>(ks), fmt, rope, rs, fp8_flat);
         __syncthreads();  // the key tile is whole; raw is free
-        if (kt + DSK_ATTF_TILE < b) dsk_attf_stage(raw, valid + (cur ^ 1) * DSK_ATTF_TILE, pool, nxt, rb, rs);
+        if (kt + DSK_ATTF_TILE < b) dsk_attf_stage(raw, valid + (cur ^ 1) * DSK_ATTF_TILE, pool, nxt, rb, rs, fp8_flat);
         dsk_cp_commit();
         {
             // CHAINS accumulators per n tile (k steps taken in turn), so the dependent MMA chains
@@ -917,7 +1048,7 @@ __device__ __forceinline__ void dsk_attend_partial_heads_f16_body(
                 for (int h = 0; h < CHAINS; ++h)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) sc[n][h][e] = 0.f;
-#pragma unroll 4
+#pragma unroll
             for (int kk = 0; kk < KQ / 16; ++kk) {
                 unsigned int qa[4], kb[4];
                 dsk_attf_ldsm4(qa_at + 16 * kk, qa);
@@ -938,50 +1069,51 @@ __device__ __forceinline__ void dsk_attend_partial_heads_f16_body(
         }
         __syncthreads();
         {
-            // The warp's RW rows side by side, so their shuffle chains interleave.
-            const bool ok = vcur[lane] != 0;
-            float lg[RW], cm[RW];
+            // Lanes LPR i .. LPR i + LPR - 1 take the warp's row i, KPL neighbouring keys a lane:
+            // the row's max and sum over log2(LPR) shuffles, one correction a lane.
+            const int kq0 = (lane % LPR) * KPL;
+            float lg[KPL];
+            bool ok[KPL];
+            float cm = DSK_NEG_INF;
 #pragma unroll
-            for (int i = 0; i < RW; ++i) {
+            for (int e = 0; e < KPL; ++e) {
                 float d = 0.f;
 #pragma unroll
-                for (int kq = 0; kq < KSPLIT; ++kq) d += slog[(kq * G + warp * RW + i) * DSK_ATTF_SLD + lane];
-                lg[i] = ok ? d * scale : DSK_NEG_INF;
-                cm[i] = lg[i];
+                for (int kq = 0; kq < KSPLIT; ++kq) d += slog[(kq * G + srow) * DSK_ATTF_SLD + kq0 + e];
+                ok[e] = vcur[kq0 + e] != 0;
+                lg[e] = ok[e] ? d * scale : DSK_NEG_INF;
+                cm = fmaxf(cm, lg[e]);
             }
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1)
+            for (int o = LPR / 2; o > 0; o >>= 1) cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, o));
+            const float mn = fmaxf(mrow, cm);
+            // A tile without a valid key leaves m = -inf: no expf(-inf - -inf).
+            const float c = mn == DSK_NEG_INF ? 1.f : expf(mrow - mn);  // 0 on the first key
+            unsigned short ph[KPL];
+            float ps = 0.f;
 #pragma unroll
-                for (int i = 0; i < RW; ++i) cm[i] = fmaxf(cm[i], __shfl_xor_sync(0xffffffffu, cm[i], o));
-            float c[RW], p[RW], ps[RW];
-            unsigned int ph[RW];
-#pragma unroll
-            for (int i = 0; i < RW; ++i) {
-                const float mn = fmaxf(mrow[i], cm[i]);
-                // A tile without a valid key leaves m = -inf: no expf(-inf - -inf).
-                c[i] = mn == DSK_NEG_INF ? 1.f : expf(mrow[i] - mn);  // 0 on the first key
-                ph[i] = ok ? dsk_f32x2_to_f16x2(expf(lg[i] - mn), 0.f) : 0u;
-                float unused;
-                dsk_f16x2_to_f32(ph[i], p[i], unused);
-                ps[i] = p[i];
-                mrow[i] = mn;
+            for (int e = 0; e < KPL; ++e) {
+                const unsigned int h2 = ok[e] ? dsk_f32x2_to_f16x2(expf(lg[e] - mn), 0.f) : 0u;
+                float p, unused;
+                dsk_f16x2_to_f32(h2, p, unused);
+                ph[e] = (unsigned short)(h2 & 0xffffu);
+                ps += p;
             }
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1)
+            for (int o = LPR / 2; o > 0; o >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, o);
+            mrow = mn;
+            lrow = fmaf(lrow, c, ps);
 #pragma unroll
-                for (int i = 0; i < RW; ++i) ps[i] += __shfl_xor_sync(0xffffffffu, ps[i], o);
-#pragma unroll
-            for (int i = 0; i < RW; ++i) {
-                const int row = warp * RW + i;
-                lrow[i] = fmaf(lrow[i], c[i], ps[i]);
-                prob[row * DSK_ATTF_PLD + lane] = (unsigned short)(ph[i] & 0xffffu);
-                if (lane == 0) corr[row] = c[i];
-            }
+            for (int e = 0; e < KPL; ++e) prob[srow * DSK_ATTF_PLD + kq0 + e] = ph[e];
+            if (lane % LPR == 0) corr[srow] = c;
         }
         __syncthreads();
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
             const float c0 = corr[16 * mt + g], c1 = corr[16 * mt + g + 8];
+            // A row whose max held keeps its accumulators (x 1 is exact): once the first tiles
+            // have set the maxima, most tiles skip the 32 multiplies.
+            if (c0 == 1.f && c1 == 1.f) continue;
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 o[mt][j][0] *= c0;
@@ -1017,12 +1149,9 @@ __device__ __forceinline__ void dsk_attend_partial_heads_f16_body(
         // inverse rotation: the same bits), without the record's round trip through memory.
         // slog is free: the last tile's softmax read it before the barrier ahead of its P V.
         float *const ml = slog;
-        if (lane == 0) {
-#pragma unroll
-            for (int i = 0; i < RW; ++i) {
-                ml[warp * RW + i] = mrow[i];
-                ml[G + warp * RW + i] = lrow[i];
-            }
+        if (lane % LPR == 0) {
+            ml[srow] = mrow;
+            ml[G + srow] = lrow;
         }
         __syncthreads();
         const int rope0 = DSK_ATTF_HD - rope_dim;
@@ -1062,13 +1191,10 @@ __device__ __forceinline__ void dsk_attend_partial_heads_f16_body(
         }
         return;
     }
-    if (lane == 0) {
-#pragma unroll
-        for (int i = 0; i < RW; ++i) {
-            float *rec = part + (((long long)t * heads + hb + warp * RW + i) * splits + s) * (hd + 2);
-            rec[0] = mrow[i];
-            rec[1] = lrow[i];
-        }
+    if (lane % LPR == 0) {
+        float *rec = part + (((long long)t * heads + hb + srow) * splits + s) * (hd + 2);
+        rec[0] = mrow;
+        rec[1] = lrow;
     }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {

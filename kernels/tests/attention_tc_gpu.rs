@@ -67,15 +67,30 @@ impl Case {
         qmag: f32,
         format: KvRowFormat,
     ) -> Self {
+        Self::with_layout(rng, heads, counts, hole, qmag, format, false)
+    }
+
+    /// As [`Self::new`]; rows `packed` back to back from an 8-byte aligned start, as the pool
+    /// stores them (FP8 records alternately 16- and 8-byte aligned: the f16 forms' flat
+    /// staging), else an odd number of slots apart (rows at any 4-byte alignment).
+    fn with_layout(
+        rng: &mut Rng,
+        heads: usize,
+        counts: &[usize],
+        hole: usize,
+        qmag: f32,
+        format: KvRowFormat,
+        packed: bool,
+    ) -> Self {
         let (rows, hd) = (4000, ATTENTION_TC_HEAD_DIM);
         // Rows are stored in `format` by the crate's encoder; the reference uses the values its
         // decoder gives back (what the kernels see after staging).
         let slots = format.slots(hd);
-        let stride = slots + 3;
+        let (stride, first) = if packed { (slots, 6) } else { (slots + 3, 5) };
         let mut pool = vec![0f32; rows * stride + 8];
         let mut values = std::collections::HashMap::new();
         for r in 0..rows {
-            let off = r * stride + 5;
+            let off = r * stride + first;
             let raw: Vec<f32> = if format == KvRowFormat::Bf16 {
                 bf16_bits(rng, hd)
                     .iter()
@@ -94,7 +109,7 @@ impl Case {
         for &c in counts {
             for _ in 0..c {
                 let masked = hole > 0 && rng.below(hole) == 0;
-                let off = rng.below(rows) * stride + 5;
+                let off = rng.below(rows) * stride + first;
                 offsets.push(if masked { -1 } else { off as i64 });
             }
             starts.push(offsets.len() as i32);
@@ -313,6 +328,11 @@ fn tensor_core_attention_short_lists_match_f32_kernel_and_f64() {
         KvRowFormat::Fp8Latent { rope: 64 },
     );
     check(&g, &c, "fp8 rows, short");
+    let fp8 = KvRowFormat::Fp8Latent { rope: 64 };
+    for heads in [64, 32] {
+        let c = Case::with_layout(&mut rng, heads, &[33, 7, 1], 4, 1.0, fp8, true);
+        check(&g, &c, "fp8 rows as the pool packs them, short");
+    }
 }
 
 #[test]
@@ -355,6 +375,10 @@ fn tensor_core_attention_matches_f32_kernel_and_f64() {
     let fp8 = KvRowFormat::Fp8Latent { rope: 64 };
     let c = Case::new(&mut rng, 64, &[640, 7, 1400, 128], 6, 1.0, fp8);
     check(&g, &c, "fp8 rows");
+    for heads in [64, 32] {
+        let c = Case::with_layout(&mut rng, heads, &[640, 7, 1400, 128, 0], 6, 1.0, fp8, true);
+        check(&g, &c, "fp8 rows as the pool packs them");
+    }
     // Every slot masked: the sink takes everything, the output is zeros.
     let c = Case::new(&mut rng, 16, &[5, 40], 1, 1.0, f32r);
     check(&g, &c, "all masked");
@@ -595,6 +619,13 @@ fn attention_tc_timing_print() {
         (16, 64, 640, fp8),
         (16, 64, 8320, fp8),
     ] {
+        // `DSPARK_ATTENTION_TIMING=TxHxK` times that shape only (e.g. under a profiler).
+        if let Ok(only) = std::env::var("DSPARK_ATTENTION_TIMING") {
+            let fp8_rows = matches!(format, KvRowFormat::Fp8Latent { .. });
+            if only != format!("{tokens}x{heads}x{keys}") || !fp8_rows {
+                continue;
+            }
+        }
         let rows = 16384usize;
         let slots = format.slots(hd);
         let pool = g.up(&format.encode_rows(&rng.signed_vec(rows * hd, 1.0), hd));

@@ -10,7 +10,8 @@
 // head-grouped kernel (dsk_attend_partial_heads_f32) emulated on the same inputs. Cases: V4-Flash's
 // 64 heads x 512 over ~640-key lists with -1 slots, several splits and one (a prefill chunk's),
 // several tokens with different key counts (0, 1, partial tiles) in one launch, empty splits, an
-// all-masked token, sharp logits (q x 8), and BF16 / FP8 latent records.
+// all-masked token, sharp logits (q x 8), and BF16 / FP8 latent records (FP8 also packed as the
+// pool stores them: the f16 forms' flat staging and decode).
 // Bound (per (token, head) row, max |got - want| / max |want|): TF32 rounds Q, K = V and P to
 // 10-bit mantissas (unit roundoff u = 2^-11, round to nearest), f32 accumulation. A value is off
 // by up to u, a probability by u from its own rounding and relatively by twice its logit's error
@@ -142,20 +143,22 @@ static const double U = 1.0 / 2048;  // TF32 unit roundoff
 // `f16` the f16 forms (dsk_attend_partial_heads_f16 / _f16x32).
 static bool g_f16 = false;
 static void attention_case(const char *name, int group, int heads, std::vector<int> counts, int splits, int hole,
-                           float qmag, int fmt, bool vs_f32, unsigned long long seed) {
+                           float qmag, int fmt, bool vs_f32, unsigned long long seed, bool packed = false) {
     const int hd = 512, rope = fmt == DSK_KV_FP8 ? 64 : 0;
     Rng rng{seed};
     const int tokens = counts.size();
-    // Record size in 4-byte slots and an odd stride between records.
+    // Record size in 4-byte slots and an odd stride between records (records at any 4-byte
+    // alignment); `packed`: records back to back from an 8-byte aligned start, as in the pool (FP8
+    // records alternately 16- and 8-byte aligned: the f16 forms' flat staging).
     const int slots = fmt == DSK_KV_F32 ? hd : fmt == DSK_KV_BF16 ? hd / 2 : (hd - rope + 2 * rope + (hd - rope) / 64 + 3) / 4;
-    const int stride = slots + 3;
+    const int stride = packed ? slots : slots + 3, first = packed ? 6 : 5;
     const size_t rows = 1500;
     std::vector<float> pool(rows * stride + 8);
     for (auto &v : pool) v = rng.f();
     // The row values every kernel sees (decoded), for the reference.
     std::vector<float> dec(rows * hd);
     for (size_t r = 0; r < rows; ++r) {
-        float *rec = &pool[r * stride + 5];
+        float *rec = &pool[r * stride + first];
         if (fmt == DSK_KV_BF16) {
             unsigned short *b = reinterpret_cast<unsigned short *>(rec);
             for (int d = 0; d < hd; ++d) b[d] = dsk_f32_to_bf16(rng.f());
@@ -185,7 +188,7 @@ static void attention_case(const char *name, int group, int heads, std::vector<i
         for (int i = 0; i < c; ++i) {
             const bool masked = hole && rng.below(hole) == 0;
             const size_t r = rng.below(rows);
-            off.push_back(masked ? -1 : (long long)(r * stride + 5));
+            off.push_back(masked ? -1 : (long long)(r * stride + first));
             rowof.push_back(masked ? -1 : (int)r);
         }
         start.push_back(off.size());
@@ -331,6 +334,7 @@ int main(int argc, char **argv) {
         // Stored latent records, decoded as they are staged.
         attention_case("BF16 records", G, 32, {200, 77}, 2, 6, 1.f, DSK_KV_BF16, false, 5);
         attention_case("FP8 records", G, 32, {200}, 3, 6, 1.f, DSK_KV_FP8, false, 6);
+        attention_case("FP8 records, packed pool", G, 32, {200, 70}, 1, 6, 1.f, DSK_KV_FP8, false, 8, true);
     }
     printf(fails ? "FAILURES %d\n" : "ALL OK\n", fails);
     return fails != 0;
