@@ -836,10 +836,11 @@ __device__ __forceinline__ void dsk_attf_decode(const unsigned char *raw, const 
         // 7 let f16 scale exactly (dsk_attf_fp8x8's test), the chunks go without a branch each.
         const uint2 scales = *reinterpret_cast<const uint2 *>(rec + SCALES);
         const auto scale_byte = [&](int k) { return ((k < 4 ? scales.x : scales.y) >> (8 * (k & 3))) & 0xffu; };
+        constexpr unsigned int F16_SPAN = DSK_ATTF_F16_SCALE_HI - DSK_ATTF_F16_SCALE_LO;
         bool f16_scales = true;
 #pragma unroll
         for (int k = 0; k < NOPE / 64; ++k)
-            f16_scales = f16_scales && scale_byte(k) - DSK_ATTF_F16_SCALE_LO <= DSK_ATTF_F16_SCALE_HI - DSK_ATTF_F16_SCALE_LO;
+            f16_scales = f16_scales && scale_byte(k) - DSK_ATTF_F16_SCALE_LO <= F16_SPAN;
         if (f16_scales) {
 #pragma unroll
             for (int k = 0; k < NOPE / 64; ++k) {
@@ -849,8 +850,9 @@ __device__ __forceinline__ void dsk_attf_decode(const unsigned char *raw, const 
                 unsigned int h[4];
                 dsk_attf_e4m3x4_to_f16x2(v.x, h[0], h[1]);
                 dsk_attf_e4m3x4_to_f16x2(v.y, h[2], h[3]);
-                *reinterpret_cast<uint4 *>(row + 4 * c) = make_uint4(dsk_attf_hmul2(h[0], s2), dsk_attf_hmul2(h[1], s2),
-                                                                     dsk_attf_hmul2(h[2], s2), dsk_attf_hmul2(h[3], s2));
+                *reinterpret_cast<uint4 *>(row + 4 * c) =
+                    make_uint4(dsk_attf_hmul2(h[0], s2), dsk_attf_hmul2(h[1], s2), dsk_attf_hmul2(h[2], s2),
+                               dsk_attf_hmul2(h[3], s2));
             }
         } else {
 #pragma unroll
@@ -862,9 +864,9 @@ __device__ __forceinline__ void dsk_attf_decode(const unsigned char *raw, const 
         }
         const uint2 lo = *reinterpret_cast<const uint2 *>(rec + NOPE + 16 * q);
         const uint2 hi = *reinterpret_cast<const uint2 *>(rec + NOPE + 16 * q + 8);
-        *reinterpret_cast<uint4 *>(row + NOPE / 2 + 4 * q) =
-            make_uint4(dsk_attf_h2(dsk_bf16lo(lo.x), dsk_bf16hi(lo.x)), dsk_attf_h2(dsk_bf16lo(lo.y), dsk_bf16hi(lo.y)),
-                       dsk_attf_h2(dsk_bf16lo(hi.x), dsk_bf16hi(hi.x)), dsk_attf_h2(dsk_bf16lo(hi.y), dsk_bf16hi(hi.y)));
+        *reinterpret_cast<uint4 *>(row + NOPE / 2 + 4 * q) = make_uint4(
+            dsk_attf_h2(dsk_bf16lo(lo.x), dsk_bf16hi(lo.x)), dsk_attf_h2(dsk_bf16lo(lo.y), dsk_bf16hi(lo.y)),
+            dsk_attf_h2(dsk_bf16lo(hi.x), dsk_bf16hi(hi.x)), dsk_attf_h2(dsk_bf16lo(hi.y), dsk_bf16hi(hi.y)));
         return;
     }
 #pragma unroll
