@@ -764,42 +764,38 @@ __device__ __forceinline__ void dsk_attf_stage(unsigned char *raw, int *valid, c
     }
 }
 
-// A word's four e4m3 bytes as two f16x2 (bytes 0-1, then 2-3), exactly: the converter reads the
-// word's halves in place.
-__device__ __forceinline__ void dsk_attf_e4m3x4_to_f16x2(unsigned int w, unsigned int &lo, unsigned int &hi) {
-#ifdef __CUDA_ARCH__
-    asm("{\n\t.reg .b16 a, b;\n\tmov.b32 {a, b}, %2;\n\tcvt.rn.f16x2.e4m3x2 %0, a;\n\tcvt.rn.f16x2.e4m3x2 %1, b;\n\t}"
-        : "=r"(lo), "=r"(hi)
-        : "r"(w));
-#else
-    lo = dsk_e4m3x2_to_f16x2(w & 0xffffu);
-    hi = dsk_e4m3x2_to_f16x2(w >> 16);
-#endif
+// Whether scale byte `se` lets f16 scale its group exactly (DSK_ATTF_F16_SCALE_LO .. _HI).
+__device__ __forceinline__ bool dsk_attf_f16_scale(unsigned int se) {
+    return se - DSK_ATTF_F16_SCALE_LO <= DSK_ATTF_F16_SCALE_HI - DSK_ATTF_F16_SCALE_LO;
+}
+
+// 8 e4m3 values (two words of a record) times 2^(se - 127) for a scale byte that passes
+// dsk_attf_f16_scale, as four f16x2 words: every product is an exact finite f16, so one f16
+// multiply a pair (by 2^(se - 127) as an f16x2 pair) gives the f32 path's bits.
+__device__ __forceinline__ uint4 dsk_attf_fp8x8_f16(unsigned int w0, unsigned int w1, unsigned int se) {
+    const unsigned int s1 = (se - 112u) << 10, s2 = s1 | (s1 << 16);
+    unsigned int h[4];
+    dsk_e4m3x4_to_f16x2(w0, h[0], h[1]);
+    dsk_e4m3x4_to_f16x2(w1, h[2], h[3]);
+    return make_uint4(dsk_attf_hmul2(h[0], s2), dsk_attf_hmul2(h[1], s2), dsk_attf_hmul2(h[2], s2),
+                      dsk_attf_hmul2(h[3], s2));
 }
 
 // One 16-value e4m3 half-chunk's 8 values (two words of the record) times its group's scale
 // byte `se` as four f16x2 words: in f16 where every product is an exact finite f16 (one multiply a
 // pair), else through f32 (the same bits in that range).
 __device__ __forceinline__ uint4 dsk_attf_fp8x8(unsigned int w0, unsigned int w1, unsigned int se) {
+    if (dsk_attf_f16_scale(se)) return dsk_attf_fp8x8_f16(w0, w1, se);
     const unsigned int w[2] = {w0, w1};
+    const float sc = __uint_as_float(se << 23);
     unsigned int h[4];
-    if (se >= DSK_ATTF_F16_SCALE_LO && se <= DSK_ATTF_F16_SCALE_HI) {
-        const unsigned int s1 = (se - 112u) << 10, s2 = s1 | (s1 << 16);
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            h[2 * j] = dsk_attf_hmul2(dsk_e4m3x2_to_f16x2(w[j] & 0xffffu), s2);
-            h[2 * j + 1] = dsk_attf_hmul2(dsk_e4m3x2_to_f16x2(w[j] >> 16), s2);
-        }
-    } else {
-        const float sc = __uint_as_float(se << 23);
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            float x0, x1, x2, x3;
-            dsk_e4m3x2_to_f32(w[j] & 0xffffu, x0, x1);
-            dsk_e4m3x2_to_f32(w[j] >> 16, x2, x3);
-            h[2 * j] = dsk_attf_h2(x0 * sc, x1 * sc);
-            h[2 * j + 1] = dsk_attf_h2(x2 * sc, x3 * sc);
-        }
+    for (int j = 0; j < 2; ++j) {
+        float x0, x1, x2, x3;
+        dsk_e4m3x2_to_f32(w[j] & 0xffffu, x0, x1);
+        dsk_e4m3x2_to_f32(w[j] >> 16, x2, x3);
+        h[2 * j] = dsk_attf_h2(x0 * sc, x1 * sc);
+        h[2 * j + 1] = dsk_attf_h2(x2 * sc, x3 * sc);
     }
     return make_uint4(h[0], h[1], h[2], h[3]);
 }
@@ -833,26 +829,18 @@ __device__ __forceinline__ void dsk_attf_decode(const unsigned char *raw, const 
         }
         const unsigned char *const rec = raw + r * rs + (flag - 1);
         // The record's 7 scale bytes (and its pad byte); chunk q + 8 k is in group k. Where all
-        // 7 let f16 scale exactly (dsk_attf_fp8x8's test), the chunks go without a branch each.
+        // 7 let f16 scale exactly, the chunks go without a branch each.
         const uint2 scales = *reinterpret_cast<const uint2 *>(rec + SCALES);
         const auto scale_byte = [&](int k) { return ((k < 4 ? scales.x : scales.y) >> (8 * (k & 3))) & 0xffu; };
-        constexpr unsigned int F16_SPAN = DSK_ATTF_F16_SCALE_HI - DSK_ATTF_F16_SCALE_LO;
         bool f16_scales = true;
 #pragma unroll
-        for (int k = 0; k < NOPE / 64; ++k)
-            f16_scales = f16_scales && scale_byte(k) - DSK_ATTF_F16_SCALE_LO <= F16_SPAN;
+        for (int k = 0; k < NOPE / 64; ++k) f16_scales = f16_scales && dsk_attf_f16_scale(scale_byte(k));
         if (f16_scales) {
 #pragma unroll
             for (int k = 0; k < NOPE / 64; ++k) {
                 const int c = q + 8 * k;
                 const uint2 v = *reinterpret_cast<const uint2 *>(rec + 8 * c);
-                const unsigned int s1 = (scale_byte(k) - 112u) << 10, s2 = s1 | (s1 << 16);
-                unsigned int h[4];
-                dsk_attf_e4m3x4_to_f16x2(v.x, h[0], h[1]);
-                dsk_attf_e4m3x4_to_f16x2(v.y, h[2], h[3]);
-                *reinterpret_cast<uint4 *>(row + 4 * c) =
-                    make_uint4(dsk_attf_hmul2(h[0], s2), dsk_attf_hmul2(h[1], s2), dsk_attf_hmul2(h[2], s2),
-                               dsk_attf_hmul2(h[3], s2));
+                *reinterpret_cast<uint4 *>(row + 4 * c) = dsk_attf_fp8x8_f16(v.x, v.y, scale_byte(k));
             }
         } else {
 #pragma unroll

@@ -42,6 +42,14 @@ __device__ __forceinline__ unsigned int dsk_e4m3x2_to_f16x2(unsigned int two_byt
     return h2;
 }
 
+// A word's four e4m3 bytes as two f16x2 (bytes 0-1 in `lo`, 2-3 in `hi`), exactly: the converter
+// reads the word's halves in place, where two dsk_e4m3x2_to_f16x2 calls would mask and shift.
+__device__ __forceinline__ void dsk_e4m3x4_to_f16x2(unsigned int w, unsigned int &lo, unsigned int &hi) {
+    asm("{\n\t.reg .b16 a, b;\n\tmov.b32 {a, b}, %2;\n\tcvt.rn.f16x2.e4m3x2 %0, a;\n\tcvt.rn.f16x2.e4m3x2 %1, b;\n\t}"
+        : "=r"(lo), "=r"(hi)
+        : "r"(w));
+}
+
 // Two e4m3 bytes (low byte = lower address) to f32, exactly.
 __device__ __forceinline__ void dsk_e4m3x2_to_f32(unsigned int two_bytes, float &lo, float &hi) {
     dsk_f16x2_to_f32(dsk_e4m3x2_to_f16x2(two_bytes), lo, hi);

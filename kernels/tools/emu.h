@@ -106,6 +106,10 @@ inline void dsk_f16x2_to_f32(unsigned h2, float &lo, float &hi) {
 inline unsigned dsk_e4m3x2_to_f16x2(unsigned two) {  // e4m3 values are exact in f16
     return emu_f32_to_f16(emu_e4m3(two & 0xffu)) | (emu_f32_to_f16(emu_e4m3((two >> 8) & 0xffu)) << 16);
 }
+inline void dsk_e4m3x4_to_f16x2(unsigned w, unsigned &lo, unsigned &hi) {
+    lo = dsk_e4m3x2_to_f16x2(w & 0xffffu);
+    hi = dsk_e4m3x2_to_f16x2(w >> 16);
+}
 inline unsigned dsk_f32x2_to_f16x2(float lo, float hi) { return emu_f32_to_f16(lo) | (emu_f32_to_f16(hi) << 16); }
 inline float dsk_warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) {

@@ -1,8 +1,9 @@
 //! The CUDA layer stack (every layer of a step on the device) against the op-by-op forward on
 //! the same GPU and weights: chunked prefill through compression-window and block boundaries
 //! (chunks over 64 rows run as GEMM steps), batched decode, a DSpark-style verify step of six
-//! tokens and a step of twelve (the f16 skinny GEMM's row counts), at TP=1 and TP=2 (two shards on one GPU over the in-process group, so the stack's
-//! host all-reduce is taken), and a prefill long enough to run in two GEMM pieces.
+//! tokens and a step of twelve (the f16 skinny GEMM's row counts), at TP=1 and TP=2 (two shards
+//! on one GPU over the in-process group, so the stack's host all-reduce is taken), and a prefill
+//! long enough to run in two GEMM pieces.
 //!
 //! The transformers fixtures run through the stack too (model_cuda.rs: every step takes it). Needs a GPU: `DSPARK_TEST_CUDA=1 cargo test -p dspark-server --test
 //! layer_stack_cuda`; elsewhere it says it was skipped and passes.
