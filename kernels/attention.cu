@@ -1741,12 +1741,19 @@ __device__ __forceinline__ void dsk_idxm_load(
     int dim, int vis, int r0) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int wpr = FMT == DSK_KV_F32 ? dim : FMT == DSK_KV_BF16 ? dim >> 1 : dim >> 2;
+    // Lane j < 8 finds row warp + 8 j's record and the warp takes the eight by shuffles: one
+    // integer division a lane, where every lane finding every row took eight (about a third of
+    // the f16 kernel's instructions). block_size is a multiple of ratio (checked at launch), so
+    // row r lies in table entry r / (bs / ratio) at slot r % (bs / ratio).
+    long long at = 0;
+    if (lane < 8) {
+        const int r = min(r0 + warp + 8 * lane, vis - 1), rows_per_block = bs / ratio;
+        const int blk = r / rows_per_block;
+        at = (long long)tb[blk] * fpb + base + (long long)(r - blk * rows_per_block) * stride;
+    }
     const float *k[8];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        const int pos = min(r0 + warp + 8 * j, vis - 1) * ratio;
-        k[j] = pool + (long long)tb[pos / bs] * fpb + base + (long long)((pos % bs) / ratio) * stride;
-    }
+    for (int j = 0; j < 8; ++j) k[j] = pool + __shfl_sync(0xffffffffu, at, j);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
         const unsigned int *kw = reinterpret_cast<const unsigned int *>(k[j]);
@@ -1952,7 +1959,10 @@ __device__ __forceinline__ int dsk_idxh_heads(int heads) {
 }
 
 // The rows [rlo, rvis) of the run's tokens [lo, hi) (group-relative; their table tb) in steps of
-// gridDim.x tiles; a token's scores are written for its own rows [lo_s, vis_s) only.
+// gridDim.x tiles; a token's scores are written for its own rows [lo_s, vis_s) only. DIM is dim
+// where it is known at compile time (the model's 128: the dimension loop unrolled, ldmatrix at
+// immediate offsets), 0 for any other.
+template <int DIM>
 __device__ __forceinline__ void dsk_idxh_run(
     const float *__restrict__ pool, const unsigned int *__restrict__ tb, long long fpb, int bs,
     long long base, int ratio, int stride, int hp, int dim, float scale, float *__restrict__ out,
@@ -1978,22 +1988,21 @@ __device__ __forceinline__ void dsk_idxh_run(
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const int r = warp + 8 * j;
-            if (lane < wpr)
-                *reinterpret_cast<uint2 *>(ks + r * DSK_IDXH_LD + 4 * lane) =
-                    make_uint2(dsk_e4m3x2_to_f16x2(v[j][0] & 0xffffu), dsk_e4m3x2_to_f16x2(v[j][0] >> 16));
+            if (lane < wpr) {
+                unsigned int lo, hi;
+                dsk_e4m3x4_to_f16x2(v[j][0], lo, hi);
+                *reinterpret_cast<uint2 *>(ks + r * DSK_IDXH_LD + 4 * lane) = make_uint2(lo, hi);
+            }
             if (lane == 0) ksc[r] = sc[j];
         }
         __syncthreads();
         if (r0 + step < rvis) dsk_idxm_load<DSK_KV_FP8_INDEXER>(v, sc, pool, tb, fpb, bs, base, ratio, stride, dim, rvis, r0 + step);
         if (!active) continue;
+        // The first 16 dimensions start the accumulators (C = 0), the rest add to them.
         float acc[2][8][4];
+        const int dims = DIM ? DIM : dim;
 #pragma unroll
-        for (int m = 0; m < 2; ++m)
-#pragma unroll
-            for (int i = 0; i < 8; ++i)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc[m][i][e] = 0.f;
-        for (int k0 = 0; k0 < dim; k0 += 16) {
+        for (int k0 = 0; k0 < dims; k0 += 16) {
             unsigned int a[2][4];
             dsk_attf_ldsm4(a_row + k0, a[0]);
             dsk_attf_ldsm4(a_row + 16 * DSK_IDXH_LD + k0, a[1]);
@@ -2003,8 +2012,13 @@ __device__ __forceinline__ void dsk_idxh_run(
                 dsk_attf_ldsm4(b_row + 16 * p * DSK_IDXH_LD + k0, b);
 #pragma unroll
                 for (int m = 0; m < 2; ++m) {
-                    dsk_mma_f16_m16n8k16(acc[m][2 * p], a[m][0], a[m][1], a[m][2], a[m][3], b[0], b[1]);
-                    dsk_mma_f16_m16n8k16(acc[m][2 * p + 1], a[m][0], a[m][1], a[m][2], a[m][3], b[2], b[3]);
+                    if (k0 == 0) {
+                        dsk_mma_f16_m16n8k16_first(acc[m][2 * p], a[m][0], a[m][1], a[m][2], a[m][3], b[0], b[1]);
+                        dsk_mma_f16_m16n8k16_first(acc[m][2 * p + 1], a[m][0], a[m][1], a[m][2], a[m][3], b[2], b[3]);
+                    } else {
+                        dsk_mma_f16_m16n8k16(acc[m][2 * p], a[m][0], a[m][1], a[m][2], a[m][3], b[0], b[1]);
+                        dsk_mma_f16_m16n8k16(acc[m][2 * p + 1], a[m][0], a[m][1], a[m][2], a[m][3], b[2], b[3]);
+                    }
                 }
             }
         }
@@ -2022,7 +2036,7 @@ __device__ __forceinline__ void dsk_idxh_run(
                 s[m][1] = fmaf(fmaxf(acc[m][i][3], 0.f), w2.y, fmaf(fmaxf(acc[m][i][2], 0.f), w2.x, s[m][1]));
             }
             if (((i + 1) & (tpt - 1)) == 0) {
-                const int tk = (nt0 + i) / tpt;
+                const int tk = (nt0 + i) >> (__ffs(tpt) - 1);  // tpt a power of two: no division
 #pragma unroll
                 for (int m = 0; m < 2; ++m) {
                     dsk_quad_sum2(s[m][0], s[m][1]);
@@ -2119,8 +2133,12 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsk_indexer_scores_mma_f16(
             rlo = min(rlo, lo_s[hi]);
             rvis = max(rvis, vis_s[hi++]);
         }
-        dsk_idxh_run(pool, bt + bts_s[lo], fpb, bs, base, ratio, stride, hp, dim, scale, out, rlo, rvis, lo,
-                     hi, ks, ksc, ws, unscale, qs, lo_s, vis_s, os_s);
+        if (dim == 128)
+            dsk_idxh_run<128>(pool, bt + bts_s[lo], fpb, bs, base, ratio, stride, hp, dim, scale, out, rlo, rvis,
+                              lo, hi, ks, ksc, ws, unscale, qs, lo_s, vis_s, os_s);
+        else
+            dsk_idxh_run<0>(pool, bt + bts_s[lo], fpb, bs, base, ratio, stride, hp, dim, scale, out, rlo, rvis, lo,
+                            hi, ks, ksc, ws, unscale, qs, lo_s, vis_s, os_s);
         lo = hi;
     }
 }
@@ -2451,4 +2469,190 @@ extern "C" __global__ void __launch_bounds__(1024) dsk_topk_merge_ranks_f32(
     const long long ts = (long long)tokens * stride;
     const DskTopkRanks src{gathered, 2 * ts, ts, (long long)t * stride, max(per[t], 1)};
     dsk_topk_block_of(src, counts[t], k, out_idx + (long long)t * k, out_val + (long long)t * k, false);
+}
+
+// ---- The shared-memory select: many tokens' lists at once (prefill chunks) ----
+//
+// dsk_topk_block_of runs one list per 1,024-thread block: at most one block fits an SM (its
+// registers), so every one of its block barriers and one-thread scans idles the SM, and a
+// prefill chunk's 8,192 lists ran one after another on each SM. This form selects the same rows
+// in the same order with 256 threads and the list's keys in dynamic shared memory (read from
+// global memory once), so several blocks share an SM and overlap each other's barriers:
+// - four 8-bit radix passes over the keys as before (one histogram per warp, increments
+//   aggregated by __match_any_sync), where a warp with no key inside the current prefix skips
+//   the match; a pass whose chosen bin holds one key ends the search (that key is the k-th);
+// - the write pass gives each warp a contiguous run of positions: one ballot pass counts its
+//   rows above and at the k-th key, one barrier, then a second pass writes them at their
+//   offsets (the old form took three barriers per 1,024 positions).
+// Lists longer than `cap` keys are read from global memory in every pass instead.
+#define DSK_TOPK_SMEM_THREADS 256
+#define DSK_TOPK_SMEM_WARPS (DSK_TOPK_SMEM_THREADS / 32)
+#ifndef DSK_TOPK_DYN_KEYS
+#define DSK_TOPK_DYN_KEYS(name) extern __shared__ unsigned int name[]
+#endif
+
+// The f32 whose dsk_f32_order_key is `key` (its exact bits).
+__device__ __forceinline__ float dsk_f32_of_order_key(unsigned int key) {
+    return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+template <class Src>
+__device__ __forceinline__ void dsk_topk_block_smem(const Src &src, int n, int k, int *__restrict__ oi,
+                                                    float *__restrict__ ov, bool index_order,
+                                                    unsigned int *__restrict__ keys, int cap) {
+    __shared__ unsigned int warp_hist[DSK_TOPK_SMEM_WARPS][256];
+    __shared__ int warp_sum[DSK_TOPK_SMEM_WARPS], warp_sum_eq[DSK_TOPK_SMEM_WARPS];
+    __shared__ unsigned int found_prefix, found_mask;
+    __shared__ int found_rem, found_last;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int kk = min(k, n);
+    if (kk <= 0) return;
+    const bool resident = n <= cap;
+    // Keys of a resident list: thread tid writes positions tid + 256 j, the positions it reads in
+    // the first pass, so that pass needs no barrier after the load.
+    if (resident) {
+        for (int i0 = 0; i0 < n; i0 += DSK_TOPK_SMEM_THREADS * DSK_TOPK_UNROLL) {
+            float x[DSK_TOPK_UNROLL];
+#pragma unroll
+            for (int u = 0; u < DSK_TOPK_UNROLL; ++u) {
+                const int i = i0 + u * DSK_TOPK_SMEM_THREADS + tid;
+                x[u] = i < n ? src.value(i) : 0.f;
+            }
+#pragma unroll
+            for (int u = 0; u < DSK_TOPK_UNROLL; ++u) {
+                const int i = i0 + u * DSK_TOPK_SMEM_THREADS + tid;
+                if (i < n) keys[i] = dsk_f32_order_key(x[u]);
+            }
+        }
+    }
+    unsigned int prefix = 0u, mask = 0u;
+    int rem = kk;  // the k-th key is the rem-th largest of those inside the prefix
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        // A warp clears and fills only its own histogram; the last pass's readers of it finished
+        // before that pass's second barrier.
+        for (int b = lane; b < 256; b += 32) warp_hist[warp][b] = 0u;
+        __syncwarp();
+        for (int i0 = 0; i0 < n; i0 += DSK_TOPK_SMEM_THREADS * DSK_TOPK_UNROLL) {
+            unsigned int key[DSK_TOPK_UNROLL];
+#pragma unroll
+            for (int u = 0; u < DSK_TOPK_UNROLL; ++u) {
+                const int i = i0 + u * DSK_TOPK_SMEM_THREADS + tid;
+                key[u] = i >= n ? 0u : resident ? keys[i] : dsk_f32_order_key(src.value(i));
+            }
+#pragma unroll
+            for (int u = 0; u < DSK_TOPK_UNROLL; ++u) {
+                if (i0 + u * DSK_TOPK_SMEM_THREADS >= n) break;  // block-uniform
+                const int i = i0 + u * DSK_TOPK_SMEM_THREADS + tid;
+                const bool in = i < n && (key[u] & mask) == prefix;
+                // Past the first pass most warps hold no key inside the prefix.
+                if (__ballot_sync(0xffffffffu, in) == 0u) continue;
+                const unsigned int bin = in ? (key[u] >> shift) & 255u : 256u;
+                const unsigned int peers = __match_any_sync(0xffffffffu, bin);
+                if (in && lane == __ffs(peers) - 1) warp_hist[warp][bin] += __popc(peers);
+            }
+        }
+        __syncthreads();
+        // Thread t owns bin 255 - t: an inclusive scan over the threads counts the keys in that
+        // bin and above, and the thread whose span holds the rem-th names the next prefix.
+        const unsigned int bin = 255u - (unsigned int)tid;
+        int count = 0;
+#pragma unroll
+        for (int w = 0; w < DSK_TOPK_SMEM_WARPS; ++w) count += (int)warp_hist[w][bin];
+        int incl = count;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= o) incl += y;
+        }
+        if (lane == 31) warp_sum[warp] = incl;
+        __syncthreads();
+        for (int w = 0; w < warp; ++w) incl += warp_sum[w];
+        const int excl = incl - count;
+        if (excl < rem && rem <= incl) {
+            found_prefix = prefix | (bin << shift);
+            found_mask = mask | (255u << shift);
+            found_rem = rem - excl;
+            found_last = count == 1;
+        }
+        __syncthreads();
+        prefix = found_prefix;
+        mask = found_mask;
+        rem = found_rem;
+        if (found_last) break;  // block-uniform; the bin's one key is the k-th
+    }
+    // The k-th key is the one key matching `prefix` under `mask` (all 32 bits once four passes
+    // ran); rows compare by their masked keys.
+    const int ties = rem;         // rows equal to the k-th value that are taken
+    const int above = kk - ties;  // rows strictly above it
+    const int span = (n + DSK_TOPK_SMEM_THREADS - 1) / DSK_TOPK_SMEM_THREADS * 32;
+    const int lo = min(n, warp * span), hi = min(n, lo + span);
+    int count_gt = 0, count_eq = 0;
+    for (int i0 = lo; i0 < hi; i0 += 32) {
+        const int i = i0 + lane;
+        const unsigned int key = i >= hi ? 0u : resident ? keys[i] : dsk_f32_order_key(src.value(i));
+        const unsigned int mk = key & mask;
+        count_gt += __popc(__ballot_sync(0xffffffffu, i < hi && mk > prefix));
+        count_eq += __popc(__ballot_sync(0xffffffffu, i < hi && mk == prefix));
+    }
+    if (lane == 0) {
+        warp_sum[warp] = count_gt;
+        warp_sum_eq[warp] = count_eq;
+    }
+    __syncthreads();
+    int base_gt = 0, base_eq = 0;
+    for (int w = 0; w < warp; ++w) {
+        base_gt += warp_sum[w];
+        base_eq += warp_sum_eq[w];
+    }
+    const unsigned int below = (1u << lane) - 1u;
+    for (int i0 = lo; i0 < hi; i0 += 32) {
+        const int i = i0 + lane;
+        const unsigned int key = i >= hi ? 0u : resident ? keys[i] : dsk_f32_order_key(src.value(i));
+        const unsigned int mk = key & mask;
+        const bool gt = i < hi && mk > prefix, eq = i < hi && mk == prefix;
+        const unsigned int bg = __ballot_sync(0xffffffffu, gt);
+        const unsigned int be = __ballot_sync(0xffffffffu, eq);
+        const int gt_before = base_gt + __popc(bg & below);
+        const int eq_before = base_eq + __popc(be & below);
+        if (gt) {
+            const int at = index_order ? gt_before + min(eq_before, ties) : gt_before;
+            oi[at] = src.index(i);
+            ov[at] = dsk_f32_of_order_key(key);
+        }
+        if (eq && eq_before < ties) {
+            const int at = (index_order ? gt_before : above) + eq_before;
+            oi[at] = src.index(i);
+            ov[at] = dsk_f32_of_order_key(key);
+        }
+        base_gt += __popc(bg);
+        base_eq += __popc(be);
+    }
+}
+
+// dsk_topk_select_f32's select, one 256-thread block per token with `cap` keys of dynamic shared
+// memory (dsk_topk_block_smem): the same rows in the same order.
+extern "C" __global__ void __launch_bounds__(DSK_TOPK_SMEM_THREADS) dsk_topk_select_smem_f32(
+    const float *__restrict__ scores, const long long *__restrict__ starts,
+    const int *__restrict__ counts, int k, int *__restrict__ out_idx,
+    float *__restrict__ out_val, const int *__restrict__ index_base, int index_order, int cap) {
+    DSK_TOPK_DYN_KEYS(dsk_topk_keys);
+    dsk_pdl_entry();
+    const int t = blockIdx.x;
+    const DskTopkList src{scores + starts[t], nullptr, index_base ? index_base[t] : 0};
+    dsk_topk_block_smem(src, counts[t], k, out_idx + (long long)t * k, out_val + (long long)t * k,
+                        index_order != 0, dsk_topk_keys, cap);
+}
+
+// dsk_topk_merge_ranks_f32's merge, one 256-thread block per token (dsk_topk_block_smem).
+extern "C" __global__ void __launch_bounds__(DSK_TOPK_SMEM_THREADS) dsk_topk_merge_ranks_smem_f32(
+    const float *__restrict__ gathered, const int *__restrict__ counts, const int *__restrict__ per,
+    long long stride, int tokens, int k, int *__restrict__ out_idx, float *__restrict__ out_val,
+    int cap) {
+    DSK_TOPK_DYN_KEYS(dsk_topk_keys);
+    dsk_pdl_entry();
+    const int t = blockIdx.x;
+    const long long ts = (long long)tokens * stride;
+    const DskTopkRanks src{gathered, 2 * ts, ts, (long long)t * stride, max(per[t], 1)};
+    dsk_topk_block_smem(src, counts[t], k, out_idx + (long long)t * k, out_val + (long long)t * k, false,
+                        dsk_topk_keys, cap);
 }

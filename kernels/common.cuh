@@ -102,6 +102,18 @@ __device__ __forceinline__ void dsk_mma_f16_m16n8k16(float (&d)[4], unsigned int
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// d = A B with C = 0 (a chain's first step: no zeroed accumulators to set up).
+__device__ __forceinline__ void dsk_mma_f16_m16n8k16_first(float (&d)[4], unsigned int a0, unsigned int a1,
+                                                           unsigned int a2, unsigned int a3, unsigned int b0,
+                                                           unsigned int b1) {
+    const float z = 0.f;
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%10,%10,%10};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(z));
+}
+
 // (lo, hi) rounded to nearest f16 as one f16x2 (lo in the low half).
 __device__ __forceinline__ unsigned int dsk_f32x2_to_f16x2(float lo, float hi) {
     unsigned int r;

@@ -688,6 +688,10 @@ pub struct Kernels {
     topk_select_reduce: CudaFunction,
     topk_select_merge: CudaFunction,
     topk_merge_ranks: CudaFunction,
+    topk_select_smem: CudaFunction,
+    topk_merge_ranks_smem: CudaFunction,
+    /// Which block form the many-token selects take (DSPARK_TOPK_BLOCK at load).
+    topk_block: attention::TopKBlockChoice,
     fp8_dequant: CudaFunction,
     fp8_dequant_f16: CudaFunction,
     rows_to_f16: CudaFunction,
@@ -736,6 +740,8 @@ impl Kernels {
         let fp4_auto = fp4_kernel_choice(std::env::var("DSPARK_FP4_KERNEL").ok().as_deref())?;
         let indexer_tile =
             attention::indexer_tile_choice(std::env::var("DSPARK_INDEXER_TILE").ok().as_deref())?;
+        let topk_block =
+            attention::topk_block_choice(std::env::var("DSPARK_TOPK_BLOCK").ok().as_deref())?;
         let f = function;
         // One instantiation per token bucket: `{prefix}_m1` .. `{prefix}_m16`.
         let fp8_fns = |prefix: &str| -> Result<[CudaFunction; 5], KernelError> {
@@ -798,6 +804,9 @@ impl Kernels {
             topk_select_reduce: f(&attn, "dsk_topk_select_reduce_f32")?,
             topk_select_merge: f(&attn, "dsk_topk_select_merge_f32")?,
             topk_merge_ranks: f(&attn, "dsk_topk_merge_ranks_f32")?,
+            topk_select_smem: f(&attn, "dsk_topk_select_smem_f32")?,
+            topk_merge_ranks_smem: f(&attn, "dsk_topk_merge_ranks_smem_f32")?,
+            topk_block,
             fp8_dequant: f(&elementwise, "dsk_fp8_dequant_f32")?,
             fp8_dequant_f16: f(&elementwise, "dsk_fp8_dequant_f16")?,
             rows_to_f16: f(&elementwise, "dsk_rows_f32_to_f16")?,
@@ -846,6 +855,15 @@ impl Kernels {
             )
             .map_err(KernelError::driver("cuFuncSetAttribute"))?;
         }
+        // The shared-key selects have static arrays too: they opt in to their largest key buffer.
+        let topk_keys = attention::topk_smem_keys(usize::MAX, kernels.smem_optin);
+        for func in [&kernels.topk_select_smem, &kernels.topk_merge_ranks_smem] {
+            func.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                (topk_keys * 4) as i32,
+            )
+            .map_err(KernelError::driver("cuFuncSetAttribute (top-k keys)"))?;
+        }
         Ok(kernels)
     }
 
@@ -887,6 +905,16 @@ impl Kernels {
     /// Overrides DSPARK_INDEXER_F16 for later launches (A/B timing and tests in one process).
     pub fn set_indexer_f16(&mut self, on: bool) {
         self.indexer_f16 = on;
+    }
+
+    /// Which block form many-token top-k selects take (DSPARK_TOPK_BLOCK at load).
+    pub fn topk_block_choice(&self) -> attention::TopKBlockChoice {
+        self.topk_block
+    }
+
+    /// Overrides DSPARK_TOPK_BLOCK for later launches (A/B timing and tests in one process).
+    pub fn set_topk_block_choice(&mut self, choice: attention::TopKBlockChoice) {
+        self.topk_block = choice;
     }
 
     /// Largest dynamic shared memory a block may opt in to (bytes): decides which indexer kernel

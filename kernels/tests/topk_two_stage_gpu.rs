@@ -12,11 +12,16 @@
 //! value too), -0.0 next to +0.0 and negative values. The split select of a tensor-parallel
 //! group (each rank's top k of its share of the rows in index order, then
 //! `Kernels::topk_merge_ranks` over the ranks' candidates as gathered) equals the same reference
-//! exactly, for 2 and 3 ranks, ties straddling the share boundary included. Skips (passes with a SKIP line) where
+//! exactly, for 2 and 3 ranks, ties straddling the share boundary included. Every
+//! one-block-per-token launch runs in both block forms (`TopKBlock::Wide`, 1,024 threads, and
+//! `TopKBlock::Smem`, 256 threads with the keys in shared memory, lists past its 16,384 keys read
+//! from global memory). `prefill_chunk_select_timing` times both forms on a prefill chunk's
+//! 8,192 lists and asserts their outputs equal bit for bit. Skips (passes with a SKIP line) where
 //! there is no GPU.
 
 use dspark_kernels::launch::attention::{
-    topk_two_stage, TOPK_SEGMENT, TOPK_SINGLE_MAX_COUNT, TOPK_TWO_STAGE_MAX_TOKENS,
+    topk_two_stage, TopKBlock, TopKBlockChoice, TOPK_SEGMENT, TOPK_SINGLE_MAX_COUNT,
+    TOPK_TWO_STAGE_MAX_TOKENS,
 };
 use dspark_kernels::{
     indexer_rank_candidates, indexer_row_share, reference, topk_last_round,
@@ -128,15 +133,24 @@ fn random_list(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
 
 #[test]
 fn two_stage_select_equals_single_block_and_reference() {
-    let Some(g) = gpu("two_stage_select_equals_single_block_and_reference") else {
+    let Some(mut g) = gpu("two_stage_select_equals_single_block_and_reference") else {
         return;
     };
+    // Every one-block-per-token launch in both block forms.
+    for block in [TopKBlock::Wide, TopKBlock::Smem] {
+        g.k.set_topk_block_choice(TopKBlockChoice::Force(block));
+        eprintln!("two_stage_select_equals_single_block_and_reference: {block:?} blocks");
+        two_stage_cases(&g);
+    }
+}
+
+fn two_stage_cases(g: &Gpu) {
     let mut rng = Rng(0x70b5_e1ec_7001);
     let (k, seg) = (512, TOPK_SEGMENT);
     assert_eq!(TOPK_SINGLE_MAX_COUNT, 2 * seg);
     // A 1M-context decode: 262,144 scores.
     check(
-        &g,
+        g,
         "random 262144",
         &[random_list(&mut rng, 262_144, 10.0)],
         k,
@@ -153,20 +167,20 @@ fn two_stage_select_equals_single_block_and_reference() {
         random_list(&mut rng, 1, 3.0),
         Vec::new(),
     ];
-    check(&g, "random mixed counts", &mixed, k);
+    check(g, "random mixed counts", &mixed, k);
     // Heavy ties: 7 distinct values, then 2.
     let vals = [-3.0f32, -1.0, -0.5, 0.0, 0.25, 1.0, 2.0];
     let mut ties: Vec<Vec<f32>> = [262_144, 70_000, 2 * seg + 1, 5000]
         .iter()
         .map(|&n| (0..n).map(|_| vals[rng.below(7)]).collect())
         .collect();
-    check(&g, "7 distinct values", &ties, k);
+    check(g, "7 distinct values", &ties, k);
     for l in &mut ties {
         for x in l.iter_mut() {
             *x = if *x > 0.0 { 1.0 } else { -1.0 };
         }
     }
-    check(&g, "2 distinct values", &ties, k);
+    check(g, "2 distinct values", &ties, k);
     // Ties exactly at the k-th value around segment boundaries: k - 10 rows above, 50 at it
     // (the 10 lowest-indexed are taken), the rest below.
     let n = 70_000;
@@ -203,7 +217,7 @@ fn two_stage_select_equals_single_block_and_reference() {
             *x = 0.0;
         }
     }
-    check(&g, "ties at the k-th across segment boundaries", &[v, z], k);
+    check(g, "ties at the k-th across segment boundaries", &[v, z], k);
     // -inf as the k-th value: fewer than k finite scores; and a list all -inf.
     let mut few = vec![f32::NEG_INFINITY; 70_000];
     for _ in 0..300 {
@@ -214,7 +228,7 @@ fn two_stage_select_equals_single_block_and_reference() {
         few[b] = 5.0;
     }
     let all = vec![f32::NEG_INFINITY; 2 * seg + 1];
-    check(&g, "-inf below k finite scores", &[few, all], k);
+    check(g, "-inf below k finite scores", &[few, all], k);
     // -inf every third score among negative ones.
     let neg: Vec<f32> = (0..70_000)
         .map(|i| {
@@ -225,10 +239,10 @@ fn two_stage_select_equals_single_block_and_reference() {
             }
         })
         .collect();
-    check(&g, "-inf and negatives", &[neg], k);
+    check(g, "-inf and negatives", &[neg], k);
     // A k that is not a power of two; a last segment of one score.
     check(
-        &g,
+        g,
         "k 100",
         &[
             random_list(&mut rng, 2 * seg + 1, 1.0),
@@ -240,7 +254,7 @@ fn two_stage_select_equals_single_block_and_reference() {
     let many: Vec<Vec<f32>> = (0..TOPK_TWO_STAGE_MAX_TOKENS)
         .map(|t| random_list(&mut rng, 2 * seg + 1 + 997 * t, 1.0))
         .collect();
-    check(&g, "128 tokens", &many, k);
+    check(g, "128 tokens", &many, k);
 }
 
 /// The select of a tensor-parallel group whose ranks split each token's scores
@@ -335,6 +349,7 @@ fn select_in_shares(
         counts: g.ptr(&cd),
         per_rank: g.ptr(&pd),
         stride,
+        max_count: ranks * stride,
         tokens,
         k,
         out_idx: g.ptr(&idx),
@@ -399,9 +414,18 @@ fn check_shares(g: &Gpu, name: &str, lists: &[Vec<f32>], k: usize, ranks: usize)
 /// same order, ties at the k-th value to the lower row even where they straddle two shares.
 #[test]
 fn rank_shares_merged_equal_one_select() {
-    let Some(g) = gpu("rank_shares_merged_equal_one_select") else {
+    let Some(mut g) = gpu("rank_shares_merged_equal_one_select") else {
         return;
     };
+    // Every one-block-per-token launch in both block forms.
+    for block in [TopKBlock::Wide, TopKBlock::Smem] {
+        g.k.set_topk_block_choice(TopKBlockChoice::Force(block));
+        eprintln!("rank_shares_merged_equal_one_select: {block:?} blocks");
+        rank_share_cases(&g);
+    }
+}
+
+fn rank_share_cases(g: &Gpu) {
     let mut rng = Rng(0x70b5_e1ec_7002);
     let k = 512;
     // The shares of each rank are max(ceil(n / ranks), k) rows.
@@ -430,14 +454,14 @@ fn rank_shares_merged_equal_one_select() {
             random_list(&mut rng, 1, 3.0),
             Vec::new(),
         ];
-        check_shares(&g, "random mixed counts", &mixed, k, ranks);
+        check_shares(g, "random mixed counts", &mixed, k, ranks);
         // Heavy ties: 3 distinct values, so the k-th value's ties fill every share.
         let vals = [-1.0f32, 0.0, 1.0];
         let ties: Vec<Vec<f32>> = [70_000, 5_000, 1_500, 700]
             .iter()
             .map(|&n| (0..n).map(|_| vals[rng.below(3)]).collect())
             .collect();
-        check_shares(&g, "3 distinct values", &ties, k, ranks);
+        check_shares(g, "3 distinct values", &ties, k, ranks);
         // k - 10 rows above, then ties at the k-th value on both sides of the share boundary.
         let n = 70_000;
         let mut v: Vec<f32> = (0..n).map(|_| -2.0 - rng.uniform(0.0, 1.0)).collect();
@@ -454,14 +478,14 @@ fn rank_shares_merged_equal_one_select() {
             *x = rng.uniform(-5.0, 5.0);
         }
         check_shares(
-            &g,
+            g,
             "ties across the share boundary, -inf",
             &[v, few],
             k,
             ranks,
         );
         check_shares(
-            &g,
+            g,
             "k 100",
             &[
                 random_list(&mut rng, 9_000, 1.0),
@@ -584,6 +608,7 @@ fn split_indexer_timing() {
             counts: g.ptr(&cand_d),
             per_rank: g.ptr(&per_d),
             stride: merge_stride,
+            max_count: 2 * merge_stride,
             tokens: 1,
             k,
             out_idx: g.ptr(&out_idx),
@@ -624,6 +649,104 @@ fn split_indexer_timing() {
              merge): heads split {heads_split:.1} \
              us, whole {whole:.1} us, rows split {rows_split:.1} us (its scores {scores_only:.1} \
              us); collectives not included"
+        );
+    }
+}
+
+/// Microseconds per CSA layer of a prefill chunk's select on one rank of a TP=2 group (8,192
+/// tokens, `--nocapture` prints them): each token's top 512 of its share of the rows (index
+/// order), then the merge of both ranks' 512 candidates, in both block forms ([`TopKBlock`]),
+/// for a chunk in the middle of a 100K prompt (shares of 5.6-6.6K rows) and at its end (11.5-12.5K).
+/// The two forms' outputs must be equal bit for bit.
+#[test]
+fn prefill_chunk_select_timing() {
+    let Some(mut g) = gpu("prefill_chunk_select_timing") else {
+        return;
+    };
+    let mut rng = Rng(0x70b5_e1ec_7004);
+    let (tokens, k, ratio) = (8_192usize, 512usize, 4usize);
+    // One pool of scores that every token's list is a window of.
+    let pool_len = 1 << 25;
+    let pool = g.up(&random_list(&mut rng, pool_len, 2.0));
+    let gathered_vals = random_list(&mut rng, 2 * tokens * k, 2.0);
+    let mut gathered = Vec::with_capacity(4 * tokens * k);
+    for rank in 0..2 {
+        gathered.extend_from_slice(&gathered_vals[rank * tokens * k..(rank + 1) * tokens * k]);
+        gathered.extend((0..tokens * k).map(|i| f32::from_bits((rank * k + i % k) as u32)));
+    }
+    let gathered = g.up(&gathered);
+    let merge_counts = g.up(&vec![2 * k as i32; tokens]);
+    let merge_per = g.up(&vec![k as i32; tokens]);
+    let reps = 5;
+    for first_pos in [48_000usize, 92_000] {
+        let shares: Vec<(usize, usize)> = (0..tokens)
+            .map(|t| indexer_row_share((first_pos + t + 1) / ratio, k, 2, 0))
+            .collect();
+        let max_share = shares.iter().map(|&(s, e)| e - s).max().unwrap_or(0);
+        let starts: Vec<i64> = (0..tokens)
+            .map(|t| ((t * 7_919) % (pool_len - max_share)) as i64)
+            .collect();
+        let counts: Vec<i32> = shares.iter().map(|&(s, e)| (e - s) as i32).collect();
+        let bases: Vec<i32> = shares.iter().map(|&(s, _)| s as i32).collect();
+        let (std_, cd, bd) = (g.up(&starts), g.up(&counts), g.up(&bases));
+        let send = g.up(&vec![0f32; 2 * tokens * k]);
+        let (out_idx, out_val) = (g.up(&vec![0i32; tokens * k]), g.up(&vec![0f32; tokens * k]));
+        let select = TopKSelect {
+            scores: g.ptr(&pool),
+            starts: g.ptr(&std_),
+            counts: g.ptr(&cd),
+            tokens,
+            k,
+            out_val: g.ptr(&send),
+            out_idx: g.ptr(&send) + (tokens * k * 4) as u64,
+            max_count: max_share,
+            workspace: 0,
+            index_base: g.ptr(&bd),
+            index_order: true,
+            rounds_only: false,
+        };
+        let merge = TopKMergeRanks {
+            gathered: g.ptr(&gathered),
+            counts: g.ptr(&merge_counts),
+            per_rank: g.ptr(&merge_per),
+            stride: k,
+            max_count: 2 * k,
+            tokens,
+            k,
+            out_idx: g.ptr(&out_idx),
+            out_val: g.ptr(&out_val),
+        };
+        let mut outputs = Vec::new();
+        for block in [TopKBlock::Wide, TopKBlock::Smem] {
+            g.k.set_topk_block_choice(TopKBlockChoice::Force(block));
+            let g = &g;
+            // SAFETY: every window lies inside the pool, send holds 2 tokens k, the gathered
+            // buffer both ranks' 2 tokens k words, the outputs tokens k.
+            let select_us = time_us(g, reps, &|| unsafe {
+                g.k.topk_select(&g.s, &select).unwrap();
+            });
+            let merge_us = time_us(g, reps, &|| unsafe {
+                g.k.topk_merge_ranks(&g.s, &merge).unwrap();
+            });
+            eprintln!(
+                "prefill chunk at {first_pos}: {tokens} tokens, shares up to {max_share} rows, \
+                 {block:?} blocks: select {select_us:.0} us, merge {merge_us:.0} us"
+            );
+            outputs.push((
+                g.down(&send)
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>(),
+                g.down(&out_idx),
+                g.down(&out_val)
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>(),
+            ));
+        }
+        assert!(
+            outputs[0] == outputs[1],
+            "prefill chunk at {first_pos}: the block forms' outputs differ"
         );
     }
 }

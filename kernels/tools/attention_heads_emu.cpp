@@ -49,6 +49,8 @@ inline float dsk_warp_max(float v) {
 inline void __syncwarp() { g_warp_bar->arrive_and_wait(); }
 inline float __shfl_up_sync(unsigned, float, int) { abort(); }
 template <class... A> inline void dsk_rope_pair_f32(A &&...) { abort(); }  // no inverse RoPE here
+template <class... A> inline void dsk_rope_cos_sin_f32(A &&...) { abort(); }
+template <class... A> inline void dsk_rope_apply_f32(A &&...) { abort(); }
 inline void dsk_pdl_entry() {}  // launches run one after another here
 #include "../attention.cu"
 

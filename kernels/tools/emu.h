@@ -35,6 +35,18 @@ static float g_shfl[1024];
 #define __shared__ static
 
 inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
+// 64-bit lane shuffle (the indexer's row offsets, dsk_idxm_load); tools define their float ones.
+static long long g_shfl64[1024];
+inline long long __shfl_sync(unsigned, long long v, int src) {
+    g_shfl64[threadIdx.x] = v;
+    g_warp_bar->arrive_and_wait();
+    long long r = g_shfl64[(threadIdx.x & ~31u) + (src & 31)];
+    g_warp_bar->arrive_and_wait();
+    return r;
+}
+// The shared-memory top-k's dynamic key buffer (attention.cu; blocks run one after another here).
+static unsigned g_topk_keys[1 << 17];
+#define DSK_TOPK_DYN_KEYS(name) unsigned int *name = g_topk_keys
 template <class T> inline T __ldg(const T *p) { T v; memcpy(&v, p, sizeof v); return v; }
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 inline float2 make_float2(float a, float b) { return {a, b}; }
@@ -198,6 +210,11 @@ inline void emu_mma_f16_m16n8k16(float (&d)[4], const float (&c)[4], const unsig
 inline void dsk_mma_f16_m16n8k16(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
                                  unsigned b1) {
     const float c[4] = {d[0], d[1], d[2], d[3]};
+    emu_mma_f16_m16n8k16(d, c, {a0, a1, a2, a3, b0, b1});
+}
+inline void dsk_mma_f16_m16n8k16_first(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                       unsigned b0, unsigned b1) {
+    const float c[4] = {0.f, 0.f, 0.f, 0.f};
     emu_mma_f16_m16n8k16(d, c, {a0, a1, a2, a3, b0, b1});
 }
 // ldmatrix.m8n8.x4.b16: lanes 8 j .. 8 j + 7 give the 16-byte rows of matrix j; r[j] of lane

@@ -37,6 +37,8 @@ inline float __shfl_sync(unsigned, float v, int src) {
     return r;
 }
 // Used only by kernels this tool does not run.
+template <class... A> inline void dsk_rope_cos_sin_f32(A &&...) { abort(); }
+template <class... A> inline void dsk_rope_apply_f32(A &&...) { abort(); }
 inline unsigned __match_any_sync(unsigned, unsigned) { abort(); }
 inline float __shfl_up_sync(unsigned, float, int) { abort(); }
 inline unsigned __ballot_sync(unsigned, int) { abort(); }

@@ -51,6 +51,8 @@ inline unsigned __ballot_sync(unsigned, int) { abort(); }
 inline void __syncwarp() { abort(); }
 inline float dsk_warp_max(float) { abort(); }
 template <class... A> inline void dsk_rope_pair_f32(A &&...) { abort(); }
+template <class... A> inline void dsk_rope_cos_sin_f32(A &&...) { abort(); }
+template <class... A> inline void dsk_rope_apply_f32(A &&...) { abort(); }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __ffs(unsigned v) { return __builtin_ffs(v); }
 inline unsigned __float_as_uint(float f) { return emu_float_bits(f); }

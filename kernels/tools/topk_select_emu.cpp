@@ -167,6 +167,52 @@ static void run_case(const char *name, const std::vector<std::vector<float>> &li
                                      ov3.data());
         });
     }
+    // The shared-memory form (256 threads): with the keys the launcher gives it (every list
+    // resident up to 16,384), with 1,000 (longer lists read from global memory in every pass),
+    // and as both ranks' share selects and their merge.
+    std::vector<int> oi4, oi5, oi6;
+    std::vector<float> ov4, ov5, ov6;
+    fresh(oi4, ov4);
+    fresh(oi5, ov5);
+    fresh(oi6, ov6);
+    for (int cap : {std::min(max_count, 16384), 1000}) {
+        auto &oi = cap == 1000 ? oi5 : oi4;
+        auto &ov = cap == 1000 ? ov5 : ov4;
+        launch((unsigned)tokens, DSK_TOPK_SMEM_THREADS, [&] {
+            dsk_topk_select_smem_f32(scores.data(), starts.data(), counts.data(), k, oi.data(), ov.data(), nullptr,
+                                     0, cap);
+        });
+    }
+    {
+        const int ranks = 2;
+        const long long tk = (long long)tokens * k;
+        std::vector<float> gathered((size_t)(ranks * 2 * tk), std::numeric_limits<float>::quiet_NaN());
+        std::vector<int> cand(tokens, 0), per(tokens, 0);
+        for (int r = 0; r < ranks; ++r) {
+            std::vector<long long> sst(tokens);
+            std::vector<int> scnt(tokens), sbase(tokens);
+            int max_share = 1;
+            for (int t = 0; t < tokens; ++t) {
+                const int share = std::max((counts[t] + ranks - 1) / ranks, k);
+                const int lo = std::min(counts[t], r * share), hi = std::min(counts[t], (r + 1) * share);
+                sst[t] = starts[t] + lo;
+                scnt[t] = hi - lo;
+                sbase[t] = lo;
+                cand[t] += std::min(k, hi - lo);
+                if (r == 0) per[t] = std::min(k, hi - lo);
+                max_share = std::max(max_share, hi - lo);
+            }
+            float *out = gathered.data() + (size_t)r * 2 * tk;
+            launch((unsigned)tokens, DSK_TOPK_SMEM_THREADS, [&] {
+                dsk_topk_select_smem_f32(scores.data(), sst.data(), scnt.data(), k, reinterpret_cast<int *>(out + tk),
+                                         out, sbase.data(), 1, std::min(max_share, 16384));
+            });
+        }
+        launch((unsigned)tokens, DSK_TOPK_SMEM_THREADS, [&] {
+            dsk_topk_merge_ranks_smem_f32(gathered.data(), cand.data(), per.data(), (long long)k, tokens, k,
+                                          oi6.data(), ov6.data(), ranks * k);
+        });
+    }
     int bad = 0;
     for (int t = 0; t < tokens; ++t)
         for (int sg = 0; sg * SEG < counts[t]; ++sg) {
@@ -185,9 +231,14 @@ static void run_case(const char *name, const std::vector<std::vector<float>> &li
     for (int t = 0; t < tokens; ++t) {
         const auto want = reference(lists[t].data(), counts[t], k);
         const int m = (int)want.size();
-        for (int which = 0; which < 3; ++which) {
-            const auto &oi = which == 2 ? oi3 : which ? oi2 : oi1;
-            const auto &ov = which == 2 ? ov3 : which ? ov2 : ov1;
+        static const char *const forms[6] = {"single",          "two-stage",       "two ranks' shares",
+                                             "shared-key single", "shared-key single (1,000 keys)",
+                                             "shared-key shares"};
+        const std::vector<int> *ois[6] = {&oi1, &oi2, &oi3, &oi4, &oi5, &oi6};
+        const std::vector<float> *ovs[6] = {&ov1, &ov2, &ov3, &ov4, &ov5, &ov6};
+        for (int which = 0; which < 6; ++which) {
+            const auto &oi = *ois[which];
+            const auto &ov = *ovs[which];
             for (int j = 0; j < k; ++j) {
                 const int gi = oi[(size_t)t * k + j];
                 const float gv = ov[(size_t)t * k + j];
@@ -195,7 +246,7 @@ static void run_case(const char *name, const std::vector<std::vector<float>> &li
                                       : gi == sentinel_idx && gv == sentinel_val;
                 if (!ok && bad++ < 5)
                     printf("  %s: %s token %d (count %d) row %d: got (%d, %g), want (%d, %g)\n", name,
-                           which == 2 ? "two ranks' shares" : which ? "two-stage" : "single", t, counts[t], j, gi, gv,
+                           forms[which], t, counts[t], j, gi, gv,
                            j < m ? want[j].first : sentinel_idx, j < m ? want[j].second : sentinel_val);
             }
         }

@@ -254,12 +254,74 @@ pub struct TopKMergeRanks {
     pub per_rank: CUdeviceptr,
     /// Candidates a rank's block holds per token.
     pub stride: usize,
+    /// The largest count (at most `ranks * stride`): sizes the shared-memory select's key
+    /// buffer ([`TopKBlock::Smem`]). A longer list is still selected exactly, its keys read
+    /// from global memory in every pass.
+    pub max_count: usize,
     pub tokens: usize,
     pub k: usize,
     /// i32 `[tokens, k]`.
     pub out_idx: CUdeviceptr,
     /// f32 `[tokens, k]`.
     pub out_val: CUdeviceptr,
+}
+
+/// The block form of a one-block-per-token select ([`Kernels::topk_select`] outside the two
+/// stages, [`Kernels::topk_merge_ranks`]); both write the same rows in the same order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopKBlock {
+    /// 1,024 threads over the list (`dsk_topk_block_of`): the lowest latency for one token,
+    /// but one block an SM.
+    Wide,
+    /// 256 threads with the list's keys in shared memory (`dsk_topk_block_smem`): several
+    /// blocks an SM, for launches of many tokens (prefill chunks).
+    Smem,
+}
+
+/// How [`TopKBlock`] is picked (DSPARK_TOPK_BLOCK: `auto`, `wide` or `smem`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopKBlockChoice {
+    /// [`TopKBlock::Smem`] for launches of more than [`TOPK_SMEM_MIN_TOKENS`] - 1 tokens, else
+    /// [`TopKBlock::Wide`].
+    Auto,
+    Force(TopKBlock),
+}
+
+pub fn topk_block_choice(value: Option<&str>) -> Result<TopKBlockChoice, KernelError> {
+    match value.map(str::trim) {
+        None | Some("") | Some("auto") => Ok(TopKBlockChoice::Auto),
+        Some("wide") => Ok(TopKBlockChoice::Force(TopKBlock::Wide)),
+        Some("smem") => Ok(TopKBlockChoice::Force(TopKBlock::Smem)),
+        Some(other) => Err(KernelError::invalid(
+            "topk_select",
+            format!("DSPARK_TOPK_BLOCK = {other:?}; expected auto, wide or smem"),
+        )),
+    }
+}
+
+/// Fewest tokens of a launch that [`TopKBlockChoice::Auto`] gives the shared-memory form: a
+/// decode step's few lists finish sooner on the wide blocks, a prefill chunk's thousands fill
+/// every SM either way and the small blocks overlap each other's barriers.
+pub const TOPK_SMEM_MIN_TOKENS: usize = TOPK_TWO_STAGE_MAX_TOKENS + 1;
+/// Most keys the shared-memory form keeps in shared memory (64 KB, three blocks an SM on H200).
+pub const TOPK_SMEM_MAX_KEYS: usize = 16_384;
+/// Threads of a shared-memory select block (`DSK_TOPK_SMEM_THREADS` in attention.cu).
+const TOPK_SMEM_THREADS: u32 = 256;
+
+/// The block form a select of `tokens` lists takes under `choice`.
+pub fn topk_block(tokens: usize, choice: TopKBlockChoice) -> TopKBlock {
+    match choice {
+        TopKBlockChoice::Force(block) => block,
+        TopKBlockChoice::Auto if tokens >= TOPK_SMEM_MIN_TOKENS => TopKBlock::Smem,
+        TopKBlockChoice::Auto => TopKBlock::Wide,
+    }
+}
+
+/// Keys the shared-memory form keeps for lists of at most `max_count` scores where blocks may
+/// opt in to `smem_optin` bytes (its static arrays take about 8.3 KB).
+pub(crate) fn topk_smem_keys(max_count: usize, smem_optin: usize) -> usize {
+    let room = smem_optin.saturating_sub(9 * 1024) / 4;
+    max_count.clamp(1, TOPK_SMEM_MAX_KEYS).min(room)
 }
 
 /// Scores per stage-1 block of the two-stage top-k (`DSK_TOPK_SEG` in attention.cu).
@@ -994,6 +1056,29 @@ impl Kernels {
         if topk_two_stage(a.tokens, a.max_count, a.k) {
             return self.topk_select_two_stage(stream, a, k);
         }
+        if topk_block(a.tokens, self.topk_block_choice()) == TopKBlock::Smem {
+            let keys = topk_smem_keys(a.max_count, self.smem_optin());
+            let cap = i32_arg(K, "shared keys", keys)?;
+            let cfg = LaunchConfig {
+                grid_dim: (u32_grid(K, a.tokens)?, 1, 1),
+                block_dim: (TOPK_SMEM_THREADS, 1, 1),
+                shared_mem_bytes: (keys * 4) as u32,
+            };
+            stream
+                .kernel(&self.topk_select_smem)
+                .arg(&a.scores)
+                .arg(&a.starts)
+                .arg(&a.counts)
+                .arg(&k)
+                .arg(&a.out_idx)
+                .arg(&a.out_val)
+                .arg(&a.index_base)
+                .arg(&i32::from(a.index_order))
+                .arg(&cap)
+                .launch(cfg)
+                .map_err(KernelError::driver("launch topk_select (shared keys)"))?;
+            return Ok(());
+        }
         let cfg = LaunchConfig {
             grid_dim: (u32_grid(K, a.tokens)?, 1, 1),
             block_dim: (1024, 1, 1),
@@ -1141,6 +1226,29 @@ impl Kernels {
             return Err(KernelError::invalid(K, "stride 0: no candidates per rank"));
         }
         i64_arg(K, "2 x tokens x stride", 2 * a.tokens * a.stride)?;
+        if topk_block(a.tokens, self.topk_block_choice()) == TopKBlock::Smem {
+            let keys = topk_smem_keys(a.max_count, self.smem_optin());
+            let cap = i32_arg(K, "shared keys", keys)?;
+            let cfg = LaunchConfig {
+                grid_dim: (u32_grid(K, a.tokens)?, 1, 1),
+                block_dim: (TOPK_SMEM_THREADS, 1, 1),
+                shared_mem_bytes: (keys * 4) as u32,
+            };
+            stream
+                .kernel(&self.topk_merge_ranks_smem)
+                .arg(&a.gathered)
+                .arg(&a.counts)
+                .arg(&a.per_rank)
+                .arg(&stride)
+                .arg(&tokens)
+                .arg(&k)
+                .arg(&a.out_idx)
+                .arg(&a.out_val)
+                .arg(&cap)
+                .launch(cfg)
+                .map_err(KernelError::driver("launch topk_merge_ranks (shared keys)"))?;
+            return Ok(());
+        }
         let cfg = LaunchConfig {
             grid_dim: (u32_grid(K, a.tokens)?, 1, 1),
             block_dim: (1024, 1, 1),
@@ -2347,5 +2455,40 @@ mod tests {
         );
         let err = indexer_tile_choice(Some("32")).unwrap_err().to_string();
         assert!(err.contains("DSPARK_INDEXER_TILE"), "{err}");
+    }
+
+    #[test]
+    fn topk_block_form_follows_the_token_count_unless_forced() {
+        use TopKBlockChoice::{Auto, Force};
+        assert_eq!(topk_block_choice(None).unwrap(), Auto);
+        assert_eq!(topk_block_choice(Some(" auto")).unwrap(), Auto);
+        assert_eq!(
+            topk_block_choice(Some("wide")).unwrap(),
+            Force(TopKBlock::Wide)
+        );
+        assert_eq!(
+            topk_block_choice(Some("smem")).unwrap(),
+            Force(TopKBlock::Smem)
+        );
+        let err = topk_block_choice(Some("fast")).unwrap_err().to_string();
+        assert!(err.contains("DSPARK_TOPK_BLOCK"), "{err}");
+        // Decode steps (up to the two-stage select's tokens) keep the wide blocks, prefill chunks
+        // take the shared-key ones; a forced form holds at any count.
+        assert_eq!(topk_block(1, Auto), TopKBlock::Wide);
+        assert_eq!(topk_block(TOPK_TWO_STAGE_MAX_TOKENS, Auto), TopKBlock::Wide);
+        assert_eq!(topk_block(TOPK_SMEM_MIN_TOKENS, Auto), TopKBlock::Smem);
+        assert_eq!(topk_block(8192, Force(TopKBlock::Wide)), TopKBlock::Wide);
+        assert_eq!(topk_block(1, Force(TopKBlock::Smem)), TopKBlock::Smem);
+    }
+
+    #[test]
+    fn topk_shared_keys_fit_the_list_and_the_device() {
+        // A list's own length up to 16,384 keys (64 KB), never more than the device allows next
+        // to the static arrays, and at least one key.
+        assert_eq!(topk_smem_keys(1024, H200_SMEM), 1024);
+        assert_eq!(topk_smem_keys(12_524, H200_SMEM), 12_524);
+        assert_eq!(topk_smem_keys(usize::MAX, H200_SMEM), TOPK_SMEM_MAX_KEYS);
+        assert_eq!(topk_smem_keys(0, H200_SMEM), 1);
+        assert_eq!(topk_smem_keys(usize::MAX, 48 * 1024), (48 - 9) * 1024 / 4);
     }
 }

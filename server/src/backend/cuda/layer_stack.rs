@@ -2984,6 +2984,7 @@ impl CudaBackend {
                             counts: sh.candidates,
                             per_rank: sh.per_rank,
                             stride,
+                            max_count: ranks * stride,
                             tokens: n,
                             k,
                             out_idx: select.out_idx,
