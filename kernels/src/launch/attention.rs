@@ -281,7 +281,7 @@ pub enum TopKBlock {
 /// How [`TopKBlock`] is picked (DSPARK_TOPK_BLOCK: `auto`, `wide` or `smem`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TopKBlockChoice {
-    /// [`TopKBlock::Smem`] for launches of more than [`TOPK_SMEM_MIN_TOKENS`] - 1 tokens, else
+    /// [`TopKBlock::Smem`] for launches of at least [`TOPK_SMEM_MIN_TOKENS`] tokens, else
     /// [`TopKBlock::Wide`].
     Auto,
     Force(TopKBlock),
@@ -322,6 +322,23 @@ pub fn topk_block(tokens: usize, choice: TopKBlockChoice) -> TopKBlock {
 pub(crate) fn topk_smem_keys(max_count: usize, smem_optin: usize) -> usize {
     let room = smem_optin.saturating_sub(9 * 1024) / 4;
     max_count.clamp(1, TOPK_SMEM_MAX_KEYS).min(room)
+}
+
+/// The launch of a shared-key select of `tokens` lists of at most `max_count` scores (a block a
+/// list) and its `cap` argument: the keys its dynamic shared memory holds.
+fn topk_smem_launch(
+    kernel: &'static str,
+    tokens: usize,
+    max_count: usize,
+    smem_optin: usize,
+) -> Result<(LaunchConfig, i32), KernelError> {
+    let keys = topk_smem_keys(max_count, smem_optin);
+    let cfg = LaunchConfig {
+        grid_dim: (u32_grid(kernel, tokens)?, 1, 1),
+        block_dim: (TOPK_SMEM_THREADS, 1, 1),
+        shared_mem_bytes: (keys * 4) as u32,
+    };
+    Ok((cfg, i32_arg(kernel, "shared keys", keys)?))
 }
 
 /// Scores per stage-1 block of the two-stage top-k (`DSK_TOPK_SEG` in attention.cu).
@@ -1057,13 +1074,7 @@ impl Kernels {
             return self.topk_select_two_stage(stream, a, k);
         }
         if topk_block(a.tokens, self.topk_block_choice()) == TopKBlock::Smem {
-            let keys = topk_smem_keys(a.max_count, self.smem_optin());
-            let cap = i32_arg(K, "shared keys", keys)?;
-            let cfg = LaunchConfig {
-                grid_dim: (u32_grid(K, a.tokens)?, 1, 1),
-                block_dim: (TOPK_SMEM_THREADS, 1, 1),
-                shared_mem_bytes: (keys * 4) as u32,
-            };
+            let (cfg, cap) = topk_smem_launch(K, a.tokens, a.max_count, self.smem_optin())?;
             stream
                 .kernel(&self.topk_select_smem)
                 .arg(&a.scores)
@@ -1227,13 +1238,7 @@ impl Kernels {
         }
         i64_arg(K, "2 x tokens x stride", 2 * a.tokens * a.stride)?;
         if topk_block(a.tokens, self.topk_block_choice()) == TopKBlock::Smem {
-            let keys = topk_smem_keys(a.max_count, self.smem_optin());
-            let cap = i32_arg(K, "shared keys", keys)?;
-            let cfg = LaunchConfig {
-                grid_dim: (u32_grid(K, a.tokens)?, 1, 1),
-                block_dim: (TOPK_SMEM_THREADS, 1, 1),
-                shared_mem_bytes: (keys * 4) as u32,
-            };
+            let (cfg, cap) = topk_smem_launch(K, a.tokens, a.max_count, self.smem_optin())?;
             stream
                 .kernel(&self.topk_merge_ranks_smem)
                 .arg(&a.gathered)
