@@ -1,7 +1,9 @@
 // CPU emulation of attention.cu's exact top-k select: the single-block kernel
 // (dsk_topk_select_f32) and the two-stage select for long lists (dsk_topk_select_segments_f32,
 // then dsk_topk_select_merge_f32), and two ranks' shares of each list selected in index order
-// then merged (dsk_topk_merge_ranks_f32), one std::thread per CUDA thread (1024 per block, as launched),
+// then merged (dsk_topk_merge_ranks_f32), and the shared-key form of the select and the merge
+// (dsk_topk_select_smem_f32, dsk_topk_merge_ranks_smem_f32: 256 threads, lists resident in its
+// key buffer or read from global memory), one std::thread per CUDA thread (as launched),
 // barriers for __syncthreads and the warp intrinsics. Both must equal a host reference exactly
 // (the top k by value descending, ties to the lower index; the rows above the k-th value in index
 // order, then its ties in index order) and leave the
@@ -135,55 +137,9 @@ static void run_case(const char *name, const std::vector<std::vector<float>> &li
     });
     // Two ranks splitting every list (launch/attention.rs: indexer_row_share): each selects the
     // top k of its share in index order (the single-block select with index_base), their
-    // outputs [values | indices] side by side as an all-gather leaves them, then the merge.
-    std::vector<int> oi3;
-    std::vector<float> ov3;
-    fresh(oi3, ov3);
-    {
-        const int ranks = 2;
-        const long long tk = (long long)tokens * k;
-        std::vector<float> gathered((size_t)(ranks * 2 * tk), std::numeric_limits<float>::quiet_NaN());
-        std::vector<int> cand(tokens, 0), per(tokens, 0);
-        for (int r = 0; r < ranks; ++r) {
-            std::vector<long long> sst(tokens);
-            std::vector<int> scnt(tokens), sbase(tokens);
-            for (int t = 0; t < tokens; ++t) {
-                const int share = std::max((counts[t] + ranks - 1) / ranks, k);
-                const int lo = std::min(counts[t], r * share), hi = std::min(counts[t], (r + 1) * share);
-                sst[t] = starts[t] + lo;
-                scnt[t] = hi - lo;
-                sbase[t] = lo;
-                cand[t] += std::min(k, hi - lo);
-                if (r == 0) per[t] = std::min(k, hi - lo);
-            }
-            float *out = gathered.data() + (size_t)r * 2 * tk;
-            launch((unsigned)tokens, 1024, [&] {
-                dsk_topk_select_f32(scores.data(), sst.data(), scnt.data(), k, reinterpret_cast<int *>(out + tk),
-                                    out, sbase.data(), 1);
-            });
-        }
-        launch((unsigned)tokens, 1024, [&] {
-            dsk_topk_merge_ranks_f32(gathered.data(), cand.data(), per.data(), (long long)k, tokens, k, oi3.data(),
-                                     ov3.data());
-        });
-    }
-    // The shared-memory form (256 threads): with the keys the launcher gives it (every list
-    // resident up to 16,384), with 1,000 (longer lists read from global memory in every pass),
-    // and as both ranks' share selects and their merge.
-    std::vector<int> oi4, oi5, oi6;
-    std::vector<float> ov4, ov5, ov6;
-    fresh(oi4, ov4);
-    fresh(oi5, ov5);
-    fresh(oi6, ov6);
-    for (int cap : {std::min(max_count, 16384), 1000}) {
-        auto &oi = cap == 1000 ? oi5 : oi4;
-        auto &ov = cap == 1000 ? ov5 : ov4;
-        launch((unsigned)tokens, DSK_TOPK_SMEM_THREADS, [&] {
-            dsk_topk_select_smem_f32(scores.data(), starts.data(), counts.data(), k, oi.data(), ov.data(), nullptr,
-                                     0, cap);
-        });
-    }
-    {
+    // outputs [values | indices] side by side as an all-gather leaves them, then the merge; in
+    // the wide form (1,024 threads) or the shared-key one (256, keys for the longest share).
+    auto two_ranks = [&](bool smem, std::vector<int> &oi, std::vector<float> &ov) {
         const int ranks = 2;
         const long long tk = (long long)tokens * k;
         std::vector<float> gathered((size_t)(ranks * 2 * tk), std::numeric_limits<float>::quiet_NaN());
@@ -203,16 +159,43 @@ static void run_case(const char *name, const std::vector<std::vector<float>> &li
                 max_share = std::max(max_share, hi - lo);
             }
             float *out = gathered.data() + (size_t)r * 2 * tk;
-            launch((unsigned)tokens, DSK_TOPK_SMEM_THREADS, [&] {
-                dsk_topk_select_smem_f32(scores.data(), sst.data(), scnt.data(), k, reinterpret_cast<int *>(out + tk),
-                                         out, sbase.data(), 1, std::min(max_share, 16384));
+            int *out_idx = reinterpret_cast<int *>(out + tk);
+            launch((unsigned)tokens, smem ? DSK_TOPK_SMEM_THREADS : 1024, [&] {
+                if (smem)
+                    dsk_topk_select_smem_f32(scores.data(), sst.data(), scnt.data(), k, out_idx, out, sbase.data(), 1,
+                                             std::min(max_share, 16384));
+                else
+                    dsk_topk_select_f32(scores.data(), sst.data(), scnt.data(), k, out_idx, out, sbase.data(), 1);
             });
         }
+        launch((unsigned)tokens, smem ? DSK_TOPK_SMEM_THREADS : 1024, [&] {
+            if (smem)
+                dsk_topk_merge_ranks_smem_f32(gathered.data(), cand.data(), per.data(), (long long)k, tokens, k,
+                                              oi.data(), ov.data(), ranks * k);
+            else
+                dsk_topk_merge_ranks_f32(gathered.data(), cand.data(), per.data(), (long long)k, tokens, k, oi.data(),
+                                         ov.data());
+        });
+    };
+    std::vector<int> oi3, oi4, oi5, oi6;
+    std::vector<float> ov3, ov4, ov5, ov6;
+    fresh(oi3, ov3);
+    fresh(oi4, ov4);
+    fresh(oi5, ov5);
+    fresh(oi6, ov6);
+    two_ranks(false, oi3, ov3);
+    // The shared-key form: with the keys the launcher gives it (every list resident up to
+    // 16,384), with 1,000 (longer lists read from global memory in every pass), and as both
+    // ranks' share selects and their merge.
+    for (int cap : {std::min(max_count, 16384), 1000}) {
+        auto &oi = cap == 1000 ? oi5 : oi4;
+        auto &ov = cap == 1000 ? ov5 : ov4;
         launch((unsigned)tokens, DSK_TOPK_SMEM_THREADS, [&] {
-            dsk_topk_merge_ranks_smem_f32(gathered.data(), cand.data(), per.data(), (long long)k, tokens, k,
-                                          oi6.data(), ov6.data(), ranks * k);
+            dsk_topk_select_smem_f32(scores.data(), starts.data(), counts.data(), k, oi.data(), ov.data(), nullptr,
+                                     0, cap);
         });
     }
+    two_ranks(true, oi6, ov6);
     int bad = 0;
     for (int t = 0; t < tokens; ++t)
         for (int sg = 0; sg * SEG < counts[t]; ++sg) {
