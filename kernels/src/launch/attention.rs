@@ -288,15 +288,38 @@ pub enum TopKBlockChoice {
 }
 
 pub fn topk_block_choice(value: Option<&str>) -> Result<TopKBlockChoice, KernelError> {
-    match value.map(str::trim) {
-        None | Some("") | Some("auto") => Ok(TopKBlockChoice::Auto),
-        Some("wide") => Ok(TopKBlockChoice::Force(TopKBlock::Wide)),
-        Some("smem") => Ok(TopKBlockChoice::Force(TopKBlock::Smem)),
-        Some(other) => Err(KernelError::invalid(
-            "topk_select",
-            format!("DSPARK_TOPK_BLOCK = {other:?}; expected auto, wide or smem"),
-        )),
-    }
+    use TopKBlockChoice::{Auto, Force};
+    let forms = [
+        ("auto", Auto),
+        ("wide", Force(TopKBlock::Wide)),
+        ("smem", Force(TopKBlock::Smem)),
+    ];
+    env_switch("topk_select", "DSPARK_TOPK_BLOCK", value, &forms)
+}
+
+/// An A/B switch's value: unset or empty is the first option, else the option named (spaces
+/// trimmed), else an error naming the variable and its options.
+fn env_switch<T: Copy>(
+    kernel: &'static str,
+    var: &str,
+    value: Option<&str>,
+    options: &[(&str, T)],
+) -> Result<T, KernelError> {
+    let value = value.map(str::trim).filter(|v| !v.is_empty());
+    let Some(value) = value else {
+        return Ok(options[0].1);
+    };
+    options
+        .iter()
+        .find(|(name, _)| *name == value)
+        .map(|&(_, choice)| choice)
+        .ok_or_else(|| {
+            let names: Vec<&str> = options.iter().map(|(name, _)| *name).collect();
+            KernelError::invalid(
+                kernel,
+                format!("{var} = {value:?}; expected one of {}", names.join(", ")),
+            )
+        })
 }
 
 /// Fewest tokens of a launch that [`TopKBlockChoice::Auto`] gives the shared-memory form: a
@@ -787,15 +810,13 @@ pub enum IndexerTileChoice {
 }
 
 pub fn indexer_tile_choice(value: Option<&str>) -> Result<IndexerTileChoice, KernelError> {
-    match value.map(str::trim) {
-        None | Some("") | Some("auto") => Ok(IndexerTileChoice::Auto),
-        Some("64") => Ok(IndexerTileChoice::Force(IndexerTile::Rows64)),
-        Some("16") => Ok(IndexerTileChoice::Force(IndexerTile::Rows16)),
-        Some(other) => Err(KernelError::invalid(
-            "indexer_scores",
-            format!("DSPARK_INDEXER_TILE = {other:?}; expected auto, 16 or 64"),
-        )),
-    }
+    use IndexerTileChoice::{Auto, Force};
+    let tiles = [
+        ("auto", Auto),
+        ("64", Force(IndexerTile::Rows64)),
+        ("16", Force(IndexerTile::Rows16)),
+    ];
+    env_switch("indexer_scores", "DSPARK_INDEXER_TILE", value, &tiles)
 }
 
 /// The tile height of a tiled launch of `tokens` tokens seeing up to `max_visible` rows on `sms`
