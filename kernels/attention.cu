@@ -2525,6 +2525,8 @@ __device__ __forceinline__ void dsk_topk_block_smem(const Src &src, int n, int k
             }
         }
     }
+    // Position i's key (i < n): from the buffer, or from the list where it did not fit.
+    auto key_at = [&](int i) { return resident ? keys[i] : dsk_f32_order_key(src.value(i)); };
     unsigned int prefix = 0u, mask = 0u;
     int rem = kk;  // the k-th key is the rem-th largest of those inside the prefix
     for (int shift = 24; shift >= 0; shift -= 8) {
@@ -2537,7 +2539,7 @@ __device__ __forceinline__ void dsk_topk_block_smem(const Src &src, int n, int k
 #pragma unroll
             for (int u = 0; u < DSK_TOPK_UNROLL; ++u) {
                 const int i = i0 + u * DSK_TOPK_SMEM_THREADS + tid;
-                key[u] = i >= n ? 0u : resident ? keys[i] : dsk_f32_order_key(src.value(i));
+                key[u] = i < n ? key_at(i) : 0u;
             }
 #pragma unroll
             for (int u = 0; u < DSK_TOPK_UNROLL; ++u) {
@@ -2589,7 +2591,7 @@ __device__ __forceinline__ void dsk_topk_block_smem(const Src &src, int n, int k
     int count_gt = 0, count_eq = 0;
     for (int i0 = lo; i0 < hi; i0 += 32) {
         const int i = i0 + lane;
-        const unsigned int key = i >= hi ? 0u : resident ? keys[i] : dsk_f32_order_key(src.value(i));
+        const unsigned int key = i < hi ? key_at(i) : 0u;
         const unsigned int mk = key & mask;
         count_gt += __popc(__ballot_sync(0xffffffffu, i < hi && mk > prefix));
         count_eq += __popc(__ballot_sync(0xffffffffu, i < hi && mk == prefix));
@@ -2607,7 +2609,7 @@ __device__ __forceinline__ void dsk_topk_block_smem(const Src &src, int n, int k
     const unsigned int below = (1u << lane) - 1u;
     for (int i0 = lo; i0 < hi; i0 += 32) {
         const int i = i0 + lane;
-        const unsigned int key = i >= hi ? 0u : resident ? keys[i] : dsk_f32_order_key(src.value(i));
+        const unsigned int key = i < hi ? key_at(i) : 0u;
         const unsigned int mk = key & mask;
         const bool gt = i < hi && mk > prefix, eq = i < hi && mk == prefix;
         const unsigned int bg = __ballot_sync(0xffffffffu, gt);
