@@ -244,6 +244,45 @@ extern "C" __global__ void __launch_bounds__(256) dsk_gather_rows_f32_to_f16_k32
     }
 }
 
+// Rows already rounded to f16 (in place order) into "k32 order", as dsk_gather_rows_f32_to_f16_k32
+// with a null idx stores them: the same values, for a split step whose x was gathered in f16
+// (rounding then reordering equals reordering then rounding). One thread per 32-value chunk: four
+// 16-byte loads, four 16-byte stores. width % 32 == 0, src and dst 16-byte aligned.
+extern "C" __global__ void __launch_bounds__(256) dsk_rows_f16_to_k32(
+    const unsigned short *__restrict__ src, int n, int width, unsigned short *__restrict__ dst) {
+    dsk_pdl_entry();
+    const long long total = (long long)n * (width >> 5);
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const uint4 *in = reinterpret_cast<const uint4 *>(src) + 4 * i;
+        unsigned int w[16];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const uint4 v = in[q];
+            w[4 * q] = v.x;
+            w[4 * q + 1] = v.y;
+            w[4 * q + 2] = v.z;
+            w[4 * q + 3] = v.w;
+        }
+        // Stored position 16 st + 8 h + 2 t + e holds value 8 t + 2 st + h + 4 e.
+        unsigned int out[16];
+#pragma unroll
+        for (int st = 0; st < 2; ++st)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int t = 0; t < 4; ++t) {
+                    const int v0 = 8 * t + 2 * st + h, v1 = v0 + 4;
+                    const unsigned int lo = (w[v0 >> 1] >> (16 * (v0 & 1))) & 0xffffu;
+                    const unsigned int hi = (w[v1 >> 1] >> (16 * (v1 & 1))) & 0xffffu;
+                    out[8 * st + 4 * h + t] = lo | (hi << 16);
+                }
+        uint4 *o = reinterpret_cast<uint4 *>(dst) + 4 * i;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) o[q] = make_uint4(out[4 * q], out[4 * q + 1], out[4 * q + 2], out[4 * q + 3]);
+    }
+}
+
 // The device sort of a GEMM step's (token, slot) pairs by expert for the grouped FP4 kernels
 // (dsk_moe_sort_plan, then dsk_moe_sort_scatter): the host never waits for the router's ids, and
 // the result is bit for bit the host's (ExpertOrder and fp4_grouped_tiles in the server and

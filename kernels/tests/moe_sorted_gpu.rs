@@ -684,3 +684,57 @@ fn gather_writes_zero_rows_for_negative_indices() {
         }
     }
 }
+
+/// Rows rounded to f16 first and then put in k32 order (a split step's gathered f16 x) equal the
+/// k32 gather of the f32 rows with a null list, and the host's placement of every value.
+#[test]
+fn f16_rows_to_k32_equal_the_k32_gather_of_their_f32_rows() {
+    let Some(g) = gpu("f16_rows_to_k32_equal_the_k32_gather_of_their_f32_rows") else {
+        return;
+    };
+    let mut rng = Rng(0x6b32);
+    let (n, width) = (7usize, 160usize);
+    let x = rng.signed_vec(n * width, 40.0);
+    let xb = g.up(&x);
+    // Filled with 0xffff so every written value shows; f16 values two a u32.
+    let (half, gathered, reordered) = (
+        g.up(&vec![u32::MAX; n * width / 2]),
+        g.up(&vec![u32::MAX; n * width / 2]),
+        g.up(&vec![u32::MAX; n * width / 2]),
+    );
+    // SAFETY: x holds n rows of width f32; each output n * width f16.
+    unsafe {
+        g.k.rows_to_f16(&g.s, g.ptr(&xb), width, g.ptr(&half), n, width)
+            .unwrap();
+        g.k.gather_rows(
+            &g.s,
+            GatherInto::F16K32,
+            g.ptr(&xb),
+            0,
+            n,
+            width,
+            g.ptr(&gathered),
+        )
+        .unwrap();
+        g.k.rows_f16_to_k32(&g.s, g.ptr(&half), n, width, g.ptr(&reordered))
+            .unwrap();
+    }
+    let (want, got) = (g.down(&gathered), g.down(&reordered));
+    assert_eq!(got, want, "reordered f16 rows against the k32 gather");
+    let at = |i: usize| (got[i / 2] >> (16 * (i % 2))) & 0xffff;
+    for r in 0..n {
+        for p in 0..width {
+            let q = p % 32;
+            let (st, h, t, e) = (q / 16, (q / 8) % 2, (q / 2) % 4, q % 2);
+            let value = p - q + 8 * t + 2 * st + h + 4 * e;
+            let want = u32::from(f16::from_f32(x[r * width + value]).to_bits());
+            assert_eq!(at(r * width + p), want, "row {r} stored position {p}");
+        }
+    }
+    // A width off the 32-value chunks is refused.
+    // SAFETY: nothing is launched for a refused shape.
+    let refused = unsafe {
+        g.k.rows_f16_to_k32(&g.s, g.ptr(&half), n, 48, g.ptr(&reordered))
+    };
+    assert!(refused.is_err());
+}

@@ -334,6 +334,62 @@ fn layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op() {
     }
 }
 
+/// Split GEMM steps over NCCL as served (TF32 on: the f16 projections and the grouped FP4
+/// experts): gathering the feed-forward input as f16, which every reader after the gather rounds
+/// it to anyway, gives the f32 gather's bits, and both ranks agree.
+#[test]
+fn split_steps_gather_the_ffn_input_as_f16_with_the_f32_gathers_bits() {
+    let test = "split_steps_gather_the_ffn_input_as_f16_with_the_f32_gathers_bits";
+    if !gpu_enabled(test) {
+        return;
+    }
+    let gpus = dspark_server::backend::cuda::gpu_count().unwrap_or(0);
+    if gpus < 2 {
+        eprintln!("{test}: skipped ({gpus} GPU)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    support::write_wide_config(dir.path(), &[("sliding_window", 32), ("index_topk", 8)]);
+    let mut runs = Vec::new();
+    for f16_gather in [false, true] {
+        let id = dspark_server::ranks::NcclUniqueId::create().unwrap();
+        let results = support::local_group::run_ranks(2, |rank, _| {
+            let stream = dspark_server::backend::cuda::group_stream(rank).unwrap();
+            let comm =
+                dspark_server::backend::cuda::nccl::NcclCommunicator::new(stream, rank, 2, &id)
+                    .unwrap();
+            let shard = Shard {
+                rank,
+                world_size: 2,
+            };
+            let mut m = wide_model_on(dir.path(), shard, Arc::new(comm), rank);
+            m.backend().set_ffn_gather_f16(f16_gather);
+            let out = schedule(&mut m);
+            (out, m.backend().ffn_f16_gathers())
+        });
+        assert_eq!(
+            results[0].0, results[1].0,
+            "ranks disagree (f16 gather: {f16_gather})"
+        );
+        eprintln!(
+            "TP=2 split steps, f16 gather {f16_gather}: {} feed-forward inputs gathered as f16",
+            results[0].1
+        );
+        runs.push(results);
+    }
+    let (f32_gather, f16_gather) = (&runs[0][0], &runs[1][0]);
+    assert_eq!(f32_gather.1, 0);
+    assert!(
+        f16_gather.1 > 0,
+        "no split step gathered its feed-forward input as f16"
+    );
+    assert!(
+        f16_gather.0 == f32_gather.0,
+        "the f16 gather changed the logits: worst relative difference {:e}",
+        worst(&f16_gather.0, &f32_gather.0)
+    );
+}
+
 /// An 8,300-token prompt in one step (two GEMM pieces: 8,192 rows, then 108 that read the first
 /// piece's KV), a 100-row chunk with every row's logits, then batched decode from both.
 fn long_prefill(m: &mut DeepseekV4<CudaBackend>) -> Vec<Vec<f32>> {

@@ -21,6 +21,7 @@ pub struct MoeSortedFns {
     gather_f16: CudaFunction,
     gather_f16_k8: CudaFunction,
     gather_f16_k32: CudaFunction,
+    f16_to_k32: CudaFunction,
     swiglu_f16: CudaFunction,
     combine: CudaFunction,
     u8_range: CudaFunction,
@@ -38,6 +39,7 @@ impl MoeSortedFns {
             gather_f16: f("dsk_gather_rows_f32_to_f16")?,
             gather_f16_k8: f("dsk_gather_rows_f32_to_f16_k8")?,
             gather_f16_k32: f("dsk_gather_rows_f32_to_f16_k32")?,
+            f16_to_k32: f("dsk_rows_f16_to_k32")?,
             swiglu_f16: f("dsk_swiglu_clip_to_f16")?,
             combine: f("dsk_moe_combine_sorted_f32")?,
             u8_range: f("dsk_u8_range")?,
@@ -361,6 +363,44 @@ impl Kernels {
             .arg(&dst)
             .launch(grid_stride(kernel, n * width / per_thread, self.sms)?)
             .map_err(KernelError::driver(what))?;
+        Ok(())
+    }
+
+    /// `n` rows of `width` f16 values (in place order) stored in [`GatherInto::F16K32`]'s order:
+    /// what that gather with a null list stores for the f32 rows these were rounded from.
+    ///
+    /// # Safety
+    /// `src` and `dst` must each address `n * width` u16 of device memory of this context, not
+    /// overlapping.
+    pub unsafe fn rows_f16_to_k32(
+        &self,
+        stream: &CudaStream,
+        src: CUdeviceptr,
+        n: usize,
+        width: usize,
+        dst: CUdeviceptr,
+    ) -> Result<(), KernelError> {
+        const K: &str = "rows_f16_to_k32";
+        if n == 0 || width == 0 {
+            return Ok(());
+        }
+        nonnull(K, &[("src", src), ("dst", dst)])?;
+        if !width.is_multiple_of(32) {
+            return Err(KernelError::invalid(
+                K,
+                format!("width {width} must be a multiple of 32"),
+            ));
+        }
+        aligned16(K, &[("src", src), ("dst", dst)])?;
+        let (nn, w) = (i32_arg(K, "n", n)?, i32_arg(K, "width", width)?);
+        stream
+            .kernel(&self.moe_sorted.f16_to_k32)
+            .arg(&src)
+            .arg(&nn)
+            .arg(&w)
+            .arg(&dst)
+            .launch(grid_stride(K, n * width / 32, self.sms)?)
+            .map_err(KernelError::driver("launch rows_f16_to_k32"))?;
         Ok(())
     }
 

@@ -125,11 +125,20 @@ impl ExpertOrder {
     }
 }
 
+/// The activations of a routed-expert call (`n` rows of hidden): f32, or already rounded to f16
+/// (a split step's gathered rows, [`CudaBackend::experts_take_f16_rows`]), which only the grouped
+/// kernels that gather through their own loads take.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum ExpertRows {
+    F32(CUdeviceptr),
+    F16(CUdeviceptr),
+}
+
 /// The step's side of a routed-expert call: activations `x` (`n` rows), the router's weights
 /// (`n * topk`), where the summed outputs go, and the SwiGLU clip.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct GroupedIo {
-    x: CUdeviceptr,
+    x: ExpertRows,
     route_weights: CUdeviceptr,
     out: CUdeviceptr,
     /// Rows added to the sum (the shared expert's output), or 0.
@@ -852,6 +861,13 @@ impl CudaBackend {
         }
     }
 
+    /// Whether a GEMM step's routed experts of `bank` take their activations already rounded
+    /// to f16 ([`ExpertRows::F16`]): the grouped kernels that gather through their own loads.
+    pub(super) fn experts_take_f16_rows(&self, bank: &Fp4Bank) -> bool {
+        grouped_shift(bank, self.gemm_tf32.load(Ordering::Relaxed)).is_some()
+            && self.kernels.fp4_grouped_form().gathers_in_kernel()
+    }
+
     /// The routed experts of `n` rows from an FP4 bank: the router's ids (device `route_ids`,
     /// `n * topk`) are sorted by expert (on the device for the grouped kernels, see
     /// [`ExpertSort`]; otherwise on the host); on the widened paths each used expert's
@@ -865,7 +881,7 @@ impl CudaBackend {
         clock: &mut Option<StageClock>,
         bank: &Fp4Bank,
         g: &mut GemmScratch,
-        x: CUdeviceptr,
+        x: ExpertRows,
         route_ids: &CudaSlice<i32>,
         route_weights: CUdeviceptr,
         act: &mut CudaSlice<f32>,
@@ -909,6 +925,11 @@ impl CudaBackend {
             let sort = GroupedSort::Host(&order);
             return self.grouped_experts(clock, bank, shift, g, sort, act, y_sorted, io);
         }
+        let ExpertRows::F32(x) = x else {
+            return Err(gemm_err(
+                "f16 expert rows reach only the grouped kernels that gather them".into(),
+            ));
+        };
         let sorted = order.tokens.len();
         fits("sorted rows", g.x_sorted.len(), sorted * h)?;
         fits("expert activations", act.len(), sorted * inter)?;
@@ -1149,17 +1170,28 @@ impl CudaBackend {
         // The wgmma form gathers through its loads: x only needs its f16 copy (n rows, a sixth
         // of the sorted rows' bytes); the other forms read a gathered copy.
         let in_kernel = self.kernels.fp4_grouped_form().gathers_in_kernel();
-        if in_kernel {
-            fits("f16 rows", g.x_sorted.len(), io.n * h)?;
-            // SAFETY: x holds n rows of hidden f32, x_sorted room for as many f16 (checked).
-            unsafe { self.kernels.gather_rows_grouped(s, io.x, 0, io.n, h, xs) }
-        } else {
-            fits("sorted rows", g.x_sorted.len(), rows * h)?;
-            // SAFETY: tokens holds `rows` rows of x (each below n) or -1 (a zero row); x_sorted
-            // room for them as f16 (checked).
-            unsafe {
-                self.kernels
-                    .gather_rows_grouped(s, io.x, tokens, rows, h, xs)
+        match (in_kernel, io.x) {
+            (true, ExpertRows::F32(x)) => {
+                fits("f16 rows", g.x_sorted.len(), io.n * h)?;
+                // SAFETY: x holds n rows of hidden f32, x_sorted room for as many f16 (checked).
+                unsafe { self.kernels.gather_rows_grouped(s, x, 0, io.n, h, xs) }
+            }
+            (true, ExpertRows::F16(x)) => {
+                fits("f16 rows", g.x_sorted.len(), io.n * h)?;
+                // SAFETY: x holds n rows of hidden f16, x_sorted room for as many (checked);
+                // the wgmma form's rows are in k32 order, which this launch stores.
+                unsafe { self.kernels.rows_f16_to_k32(s, x, io.n, h, xs) }
+            }
+            (false, ExpertRows::F32(x)) => {
+                fits("sorted rows", g.x_sorted.len(), rows * h)?;
+                // SAFETY: tokens holds `rows` rows of x (each below n) or -1 (a zero row);
+                // x_sorted room for them as f16 (checked).
+                unsafe { self.kernels.gather_rows_grouped(s, x, tokens, rows, h, xs) }
+            }
+            (false, ExpertRows::F16(_)) => {
+                return Err(gemm_err(
+                    "f16 expert rows reach only the grouped kernels that gather them".into(),
+                ));
             }
         }
         .map_err(kernel_err)?;

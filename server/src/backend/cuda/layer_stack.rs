@@ -33,13 +33,14 @@ use dspark_kernels::{
     PagedAttention, SkinnyMma, SkinnyWeight, TopKMergeRanks, TopKSelect,
 };
 
+use super::gemm_step::ExpertRows;
 use super::kv::topk_work_floats;
 use super::nccl::NcclCommunicator;
 use super::{driver_err, kernel_err, CudaBackend, CudaExpertBank, CudaKvStore, CudaMatrix};
 use crate::backend::{BackendError, StackModel, StackRows, StackStreams};
 use crate::engine::model::config::{AttentionKind, ScoringFunc};
 use crate::engine::model::hyper::HyperConnection;
-use crate::engine::model::load::{ExpertWeights, LayerWeights, Routing};
+use crate::engine::model::load::{ExpertWeights, LayerWeights, MoeWeights, Routing};
 use crate::ranks::Communicator;
 
 /// Most rows a layer-stack step takes; larger steps (prefill chunks) run op by op, where the
@@ -130,6 +131,9 @@ struct Scratch {
     hc_squares_of: Option<HcRows>,
     mix: CudaSlice<f32>,
     x: CudaSlice<f32>,
+    /// A split GEMM step's feed-forward input rounded to f16, gathered in place of `x` where
+    /// every reader rounds it so ([`CudaBackend::ffn_takes_f16_rows`]); `[rows, hidden]`.
+    x_f16: CudaSlice<u16>,
     q_lora: CudaSlice<f32>,
     kv: CudaSlice<f32>,
     comp_kv: CudaSlice<f32>,
@@ -481,10 +485,12 @@ struct CapturedStep {
 
 /// The rows of a step whose hyper-connections this rank computes. GEMM steps of a
 /// tensor-parallel group on NCCL split them ([`HcRows::split`]): rank r owns rows `[r * share,
-/// r * share + share)` (the last rank may own fewer; the buffers hold `ranks * share` rows), a
-/// sub-layer's normed input is all-gathered and its output reduce-scattered, the same bytes on
-/// the links as the one all-reduce of the whole form, while each rank mixes, collapses and
-/// expands only its share of the residual streams.
+/// r * share + share)` (the last rank may own fewer; the buffers hold `ranks * share` rows) and
+/// mixes, collapses and expands only its share of the residual streams. Each sub-layer's output
+/// is reduce-scattered onto the owners' rows. Of its input, the feed-forward sub-layer gathers
+/// the normed rows (with the routes of the router, which ran on each rank's own rows); the
+/// attention sub-layer gathers instead what its replicated projections make of them, each rank
+/// projecting its own rows.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct HcRows {
     start: usize,
@@ -894,6 +900,41 @@ fn i32_of(v: usize) -> Result<i32, BackendError> {
     i32::try_from(v).map_err(|_| shape_err(format!("{v} exceeds i32")))
 }
 
+/// The address of row `row` of a buffer of 4-byte values, `width` a row.
+fn rows_at(base: u64, row: usize, width: usize) -> u64 {
+    base + (row * width * 4) as u64
+}
+
+/// A scratch buffer of 4-byte values (f32 or i32) a split step gathers by rows
+/// ([`CudaBackend::gather_split_rows`]).
+struct SplitBuffer {
+    at: u64,
+    /// Values it holds.
+    len: usize,
+    /// Values a row.
+    width: usize,
+}
+
+impl SplitBuffer {
+    fn of<T>(s: &Arc<CudaStream>, buf: &mut CudaSlice<T>, width: usize) -> Self {
+        const { assert!(std::mem::size_of::<T>() == 4) };
+        Self {
+            at: ptr_mut(s, buf),
+            len: buf.len(),
+            width,
+        }
+    }
+
+    /// f16 rows of `width` (even) values, moved as `width / 2` four-byte units.
+    fn of_f16(s: &Arc<CudaStream>, buf: &mut CudaSlice<u16>, width: usize) -> Self {
+        Self {
+            at: ptr_mut(s, buf),
+            len: buf.len() / 2,
+            width: width / 2,
+        }
+    }
+}
+
 fn ptr<T>(s: &Arc<CudaStream>, b: &CudaSlice<T>) -> u64 {
     b.device_ptr(s).0
 }
@@ -1119,6 +1160,10 @@ impl CudaBackend {
             hc_squares_of: None,
             mix: self.alloc_f32(rows * d.hc_outs)?,
             x: self.alloc_f32(rows * d.hidden)?,
+            x_f16: self
+                .stream
+                .alloc_zeros::<u16>(only_gemm(rows * d.hidden))
+                .map_err(driver_err("alloc"))?,
             q_lora: self.alloc_f32(rows * d.q_lora)?,
             kv: self.alloc_f32(rows * d.head_dim)?,
             comp_kv: self.alloc_f32(rows * 2 * d.head_dim)?,
@@ -1459,6 +1504,82 @@ impl CudaBackend {
         // SAFETY: buf holds world_size * share floats (split_share checked) and is scratch of
         // the stack, alive past the stream's work on it.
         unsafe { nccl.all_gather_in_place_f32(at, share) }.map_err(comm_err)
+    }
+
+    /// `y = x W^T` for each job over a split step's own rows ([`HcRows`]) only, each output at
+    /// the same rows (GEMMs at any row count, as a whole GEMM step's projections are).
+    fn own_rows_linear_many(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: HcRows,
+        jobs: &mut [(&CudaMatrix, &mut CudaSlice<f32>)],
+        g: &mut GemmScratch,
+    ) -> Result<(), BackendError> {
+        let s = &self.stream;
+        let end = rows.start + rows.len;
+        // Every job reads the same rows of x: one f16 copy of them serves all.
+        g.x_half_of = None;
+        for (w, y) in jobs.iter_mut() {
+            let (outs, cols) = w.shape();
+            fits("projection input rows", x.len(), end * cols)?;
+            fits("projection output rows", y.len(), end * outs)?;
+            if rows.len == 0 {
+                continue;
+            }
+            let xp = rows_at(ptr(s, x), rows.start, cols);
+            let yp = rows_at(ptr_mut(s, *y), rows.start, outs);
+            // SAFETY: x holds rows.start + rows.len rows of cols and y as many of outs (checked
+            // above), both scratch of this stream.
+            unsafe { self.gemm_linear(xp, cols, rows.len, w, yp, outs, g, true) }?;
+        }
+        g.x_half_of = None;
+        Ok(())
+    }
+
+    /// Whether a split step's ([`HcRows`]) feed-forward sub-layer gathers its input as f16
+    /// ([`Scratch::x_f16`]): every reader after the gather must round it so (the shared expert's
+    /// gate and up on the f16 GEMM, the routed experts on the grouped kernels that gather their
+    /// own rows), and the scratch must hold every rank's rows.
+    fn ffn_takes_f16_rows(
+        &self,
+        mw: &MoeWeights<CudaBackend>,
+        sc: &Scratch,
+        ranks: usize,
+        rows: HcRows,
+    ) -> bool {
+        let h = sc.x.len() / sc.rows.max(1);
+        let routed = match &mw.experts {
+            CudaExpertBank::Fp4(b) => b.hidden == h && self.experts_take_f16_rows(b),
+            _ => false,
+        };
+        self.ffn_gather_f16.load(Ordering::Relaxed)
+            && routed
+            && h.is_multiple_of(32)
+            && self.takes_f16_input(&mw.shared.w1)
+            && self.takes_f16_input(&mw.shared.w3)
+            && sc.x_f16.len() >= ranks * rows.share * h
+    }
+
+    /// A split step's ([`HcRows`]) every rank's rows of each buffer to every rank, in place, as
+    /// one NCCL group.
+    fn gather_split_rows(
+        &self,
+        comm: &dyn Communicator,
+        rows: HcRows,
+        bufs: &[SplitBuffer],
+    ) -> Result<(), BackendError> {
+        let ranks = comm.world_size();
+        let nccl = self.stream_nccl(comm).ok_or_else(|| {
+            BackendError::Other("a split step without NCCL on the backend's stream".into())
+        })?;
+        let mut shares = Vec::with_capacity(bufs.len());
+        for b in bufs {
+            fits("all-gather buffer", b.len, ranks * rows.share * b.width)?;
+            shares.push((b.at, rows.share * b.width));
+        }
+        // SAFETY: every buffer holds ranks * share rows of its width (checked above), is
+        // scratch of the stack alive past the stream's work on it, and they are distinct.
+        unsafe { nccl.all_gather_many_in_place_f32(&shares) }.map_err(comm_err)
     }
 
     /// A sub-layer's output (`width` values a row) summed over the ranks: reduce-scattered onto
@@ -2324,27 +2445,11 @@ impl CudaBackend {
         env_kernel(&KERNEL, "DSPARK_HC_KERNEL")
     }
 
-    /// Collapses the streams of `rows` at a hyper-connection site and norms the sub-layer input
-    /// into `scratch.x`; the site's mix stays in `scratch.mix` for [`Self::hc_post`]. The
-    /// kernels are [`Self::hc_pre_kernel`]'s. A split step then gathers every rank's rows of
-    /// `x` ([`HcRows`]).
-    #[allow(clippy::too_many_arguments)]
-    fn hc_pre(
-        &self,
-        comm: &dyn Communicator,
-        clock: &mut Option<StageClock>,
-        sc: &mut Scratch,
-        site: &HcSite,
-        norm: &CudaSlice<f32>,
-        cfg: &crate::engine::model::ModelConfig,
-        rows: HcRows,
-    ) -> Result<(), BackendError> {
-        self.hc_pre_rows(clock, sc, site, norm, cfg, rows)?;
-        self.stage(clock, "stack: all-gather")?;
-        self.gather_hc_rows(comm, &mut sc.x, cfg.hidden_size, rows)
-    }
-
-    /// [`Self::hc_pre`]'s kernels over this rank's rows.
+    /// Collapses the streams of `rows` (this rank's in a split step, [`HcRows`]) at a
+    /// hyper-connection site and norms the sub-layer input into `scratch.x`; the site's mix stays
+    /// in `scratch.mix` for [`Self::hc_post`]. The kernels are [`Self::hc_pre_kernel`]'s. A split
+    /// step's caller gathers what every rank needs of it: the attention its projections, the
+    /// feed-forward `x` itself with the routes.
     fn hc_pre_rows(
         &self,
         clock: &mut Option<StageClock>,
@@ -2505,7 +2610,7 @@ impl CudaBackend {
     }
 
     /// `streams = post * sub_out + comb^T streams` over `rows` with the mix of the last
-    /// [`Self::hc_pre`], where another site follows in the step (the attention's post).
+    /// [`Self::hc_pre_rows`], where another site follows in the step (the attention's post).
     fn hc_post(
         &self,
         sc: &mut Scratch,
@@ -2613,10 +2718,9 @@ impl CudaBackend {
             recent: true,
         };
 
-        let clock = &mut stack.clock;
-        self.hc_pre(
-            comm,
-            clock,
+        // A split step's normed input is not gathered: its projections are (below).
+        self.hc_pre_rows(
+            &mut stack.clock,
             sc,
             &layer.hc_attn,
             &layer.attn_norm,
@@ -2653,7 +2757,20 @@ impl CudaBackend {
         // wq_a alone on the main stream where the rest go to the side stream, else all of them.
         let on_main = if side_projects { 1 } else { jobs.len() };
         let (query, rest) = jobs.split_at_mut(on_main);
-        self.stack_linear_many(&sc.x, n, query, &mut sc.gemm)?;
+        if step.hc.is_split() {
+            // Each rank projects its own rows, then every output is gathered: half the
+            // multiplications of projecting every row, and (outside the CSA layers, whose
+            // outputs are about as wide as the input) fewer bytes on the links.
+            self.own_rows_linear_many(&sc.x, step.hc, query, &mut sc.gemm)?;
+            self.stage(&mut stack.clock, "stack: all-gather")?;
+            let outputs: Vec<_> = query
+                .iter_mut()
+                .map(|(w, y)| SplitBuffer::of(s, &mut **y, w.shape().0))
+                .collect();
+            self.gather_split_rows(comm, step.hc, &outputs)?;
+        } else {
+            self.stack_linear_many(&sc.x, n, query, &mut sc.gemm)?;
+        }
         let on = match side {
             Some(branch) => branch.fork(s)?,
             None => s,
@@ -3300,10 +3417,10 @@ impl CudaBackend {
         let sc = &mut stack.scratch;
         let h = cfg.hidden_size;
         let (e, k) = (cfg.n_routed_experts, cfg.num_experts_per_tok);
-        let clock = &mut stack.clock;
-        self.hc_pre(
-            comm,
-            clock,
+        // A split step gathers its normed input after the router has run on its own rows
+        // (below), with the routes.
+        self.hc_pre_rows(
+            &mut stack.clock,
             sc,
             &layer.hc_ffn,
             &layer.ffn_norm,
@@ -3330,48 +3447,107 @@ impl CudaBackend {
             None => None,
         };
         self.stage(&mut stack.clock, "stack: router")?;
-        self.stack_linear(
-            &sc.x,
-            n,
-            &mw.gate,
-            &mut sc.router_logits,
-            &mut sc.gemm,
-            false,
-        )?;
+        // The rows this rank routes: its own in a split step, whose routes are then gathered.
+        let routed = if step.hc.is_split() {
+            self.own_rows_linear_many(
+                &sc.x,
+                step.hc,
+                &mut [(&mw.gate, &mut sc.router_logits)],
+                &mut sc.gemm,
+            )?;
+            step.hc
+        } else {
+            self.stack_linear(
+                &sc.x,
+                n,
+                &mw.gate,
+                &mut sc.router_logits,
+                &mut sc.gemm,
+                false,
+            )?;
+            HcRows::whole(n)
+        };
+        let routed_end = routed.start + routed.len;
+        fits("router logits", sc.router_logits.len(), routed_end * e)?;
+        fits("route ids", sc.route_ids.len(), routed_end * k)?;
+        fits("route weights", sc.route_weights.len(), routed_end * k)?;
         let (bias, hash) = match &layer.routes {
             RouteTable::Bias(b) => (ptr(s, b), 0),
             RouteTable::Hash(t) => (0, ptr(s, t)),
         };
         let call = RouteF32 {
-            logits: ptr(s, &sc.router_logits),
+            logits: rows_at(ptr(s, &sc.router_logits), routed.start, e),
             scoring: match cfg.scoring_func {
                 ScoringFunc::Sigmoid => RouterScoring::Sigmoid,
                 ScoringFunc::SqrtSoftplus => RouterScoring::SqrtSoftplus,
             },
             bias,
             hash_table: hash,
-            token_ids: step.ids,
+            token_ids: rows_at(step.ids, routed.start, 1),
             vocab: cfg.vocab_size,
-            n,
+            n: routed.len,
             experts: e,
             k,
             routed_scaling_factor: cfg.routed_scaling_factor,
-            out_ids: ptr_mut(s, &mut sc.route_ids),
-            out_weights: ptr_mut(s, &mut sc.route_weights),
+            out_ids: rows_at(ptr_mut(s, &mut sc.route_ids), routed.start, k),
+            out_weights: rows_at(ptr_mut(s, &mut sc.route_weights), routed.start, k),
         };
-        unsafe { self.kernels.route_f32(s, &call) }.map_err(kernel_err)?;
+        if routed.len > 0 {
+            // SAFETY: the logits, ids and weights hold routed.start + routed.len rows (checked
+            // above), the step's ids n >= that many; the tables are the layer's.
+            unsafe { self.kernels.route_f32(s, &call) }.map_err(kernel_err)?;
+        }
+        // Where every reader of the gathered input rounds it to f16 (the shared expert's f16
+        // GEMMs, the grouped experts' gather), the ranks exchange it so rounded: half the bytes
+        // of the f32 rows, the same values for every reader.
+        let x_f16 =
+            step.hc.is_split() && self.ffn_takes_f16_rows(mw, sc, comm.world_size(), step.hc);
+        if step.hc.is_split() {
+            self.stage(&mut stack.clock, "stack: all-gather")?;
+            let x_rows = if x_f16 {
+                self.ffn_f16_gathers.fetch_add(1, Ordering::Relaxed);
+                let (first, len) = (step.hc.start, step.hc.len);
+                let from = rows_at(ptr(s, &sc.x), first, h);
+                // f16 rows of `h` values are h / 2 four-byte units.
+                let into = rows_at(ptr_mut(s, &mut sc.x_f16), first, h / 2);
+                // SAFETY: x holds this rank's rows of hidden f32 and x_f16 room for every rank's
+                // rows of hidden f16 (ffn_takes_f16_rows checked both widths and lengths).
+                unsafe { self.kernels.rows_to_f16(s, from, h, into, len, h) }
+                    .map_err(kernel_err)?;
+                SplitBuffer::of_f16(s, &mut sc.x_f16, h)
+            } else {
+                SplitBuffer::of(s, &mut sc.x, h)
+            };
+            let gathered = [
+                x_rows,
+                SplitBuffer::of(s, &mut sc.route_ids, k),
+                SplitBuffer::of(s, &mut sc.route_weights, k),
+            ];
+            self.gather_split_rows(comm, step.hc, &gathered)?;
+        }
         // The shared expert first (unless it runs on the side stream), through the scratch (no
         // allocation inside a captured step).
         if shared_ready.is_none() {
             self.stage(&mut stack.clock, "stack: shared expert")?;
             let sh = &mw.shared;
             let inter = sh.w1.shape().0;
-            self.stack_linear_many(
-                &sc.x,
-                n,
-                &mut [(&sh.w1, &mut sc.shared_gate), (&sh.w3, &mut sc.shared_up)],
-                &mut sc.gemm,
-            )?;
+            if x_f16 {
+                let xh = ptr(s, &sc.x_f16);
+                for (w, y) in [(&sh.w1, &mut sc.shared_gate), (&sh.w3, &mut sc.shared_up)] {
+                    fits("shared expert rows", y.len(), n * inter)?;
+                    let yp = ptr_mut(s, y);
+                    // SAFETY: x_f16 holds n rows of hidden f16 (gathered above), y n rows of
+                    // the shared expert's inter f32 (checked).
+                    unsafe { self.gemm_linear_f16_input(xh, h, n, w, yp, inter, &mut sc.gemm) }?;
+                }
+            } else {
+                self.stack_linear_many(
+                    &sc.x,
+                    n,
+                    &mut [(&sh.w1, &mut sc.shared_gate), (&sh.w3, &mut sc.shared_up)],
+                    &mut sc.gemm,
+                )?;
+            }
             let (g, u, a) = (
                 ptr(s, &sc.shared_gate),
                 ptr(s, &sc.shared_up),
@@ -3398,8 +3574,12 @@ impl CudaBackend {
         self.stage(&mut stack.clock, "stack: routed experts")?;
         match (&mw.experts, &layer.dense_experts) {
             (CudaExpertBank::Fp4(b), _) if n > STACK_MAX_ROWS => {
-                let (x, w, out, addend) = (
-                    ptr(s, &sc.x),
+                let x = if x_f16 {
+                    ExpertRows::F16(ptr(s, &sc.x_f16))
+                } else {
+                    ExpertRows::F32(ptr(s, &sc.x))
+                };
+                let (w, out, addend) = (
                     ptr(s, &sc.route_weights),
                     ptr_mut(s, &mut sc.sub_out),
                     ptr(s, &sc.shared_down),

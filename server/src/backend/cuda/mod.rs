@@ -266,6 +266,11 @@ pub struct CudaBackend {
     /// all-reduce becomes a reduce-scatter and its input an all-gather, the same bytes on the
     /// links, while each rank mixes only its share of the residual streams.
     hc_split_prefill: AtomicBool,
+    /// Whether such split steps gather the feed-forward input as f16 where every reader rounds
+    /// it so (`DSPARK_FFN_GATHER_F16=0` keeps f32; the same bits either way, half the bytes).
+    ffn_gather_f16: AtomicBool,
+    /// Feed-forward sub-layers whose input a split step gathered as f16.
+    ffn_f16_gathers: AtomicU64,
     /// Whether projections of 2..=16 rows run on the tensor-core skinny GEMM (`DSPARK_SKINNY_MMA=0`
     /// keeps them on the CUDA-core GEMVs; both are f32-exact, the switch is for comparisons).
     skinny_mma: bool,
@@ -396,6 +401,10 @@ impl CudaBackend {
             hc_split_prefill: AtomicBool::new(
                 std::env::var("DSPARK_HC_SPLIT").map_or(true, |v| v.trim() != "0"),
             ),
+            ffn_gather_f16: AtomicBool::new(
+                std::env::var("DSPARK_FFN_GATHER_F16").map_or(true, |v| v.trim() != "0"),
+            ),
+            ffn_f16_gathers: AtomicU64::new(0),
         })
     }
 
@@ -439,6 +448,17 @@ impl CudaBackend {
     /// default) or compute them whole on every rank (as `DSPARK_HC_SPLIT=0`).
     pub fn set_hc_split_prefill(&self, on: bool) {
         self.hc_split_prefill.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether split GEMM steps gather the feed-forward input as f16 where every reader rounds
+    /// it so (the default) or as f32 (as `DSPARK_FFN_GATHER_F16=0`): the same bits either way.
+    pub fn set_ffn_gather_f16(&self, on: bool) {
+        self.ffn_gather_f16.store(on, Ordering::Relaxed);
+    }
+
+    /// Feed-forward sub-layers whose input a split GEMM step gathered as f16 so far.
+    pub fn ffn_f16_gathers(&self) -> u64 {
+        self.ffn_f16_gathers.load(Ordering::Relaxed)
     }
 
     /// Whether the head-grouped attention runs its f16 tensor-core form (every step, over

@@ -149,6 +149,34 @@ impl NcclCommunicator {
         unsafe { self.all_gather_raw_f32(at, buf, share) }
     }
 
+    /// [`Self::all_gather_in_place_f32`] over several buffers `(buf, share)` as one NCCL group:
+    /// one launch moves them all, so narrow buffers cost no launch of their own.
+    ///
+    /// # Safety
+    /// Each `buf` as [`Self::all_gather_in_place_f32`]'s, the buffers disjoint.
+    pub unsafe fn all_gather_many_in_place_f32(
+        &self,
+        bufs: &[(u64, usize)],
+    ) -> Result<(), CommError> {
+        let comm = self.comm()?;
+        cudarc::nccl::result::group_start().map_err(|e| nccl_err("group start", e))?;
+        // The group must be closed whatever the calls in it did.
+        let mut failed = None;
+        for &(buf, share) in bufs {
+            let send = RawSpan::new(&self.stream, buf + (self.rank * share * 4) as u64, share);
+            let mut recv = RawSpan::new(&self.stream, buf, self.world_size * share);
+            if let Err(e) = comm.0.all_gather(&send, &mut recv) {
+                failed = Some(nccl_err("all_gather", e));
+                break;
+            }
+        }
+        let ended = cudarc::nccl::result::group_end().map_err(|e| nccl_err("group end", e));
+        match failed {
+            Some(e) => Err(e),
+            None => ended.map(|_| ()),
+        }
+    }
+
     /// `world_size x share` f32 at `recv` get every rank's `share` values at `send`, in rank
     /// order. Enqueued on [`Self::stream`].
     ///
