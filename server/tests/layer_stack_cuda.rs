@@ -84,6 +84,22 @@ fn wide_model_stored(
     model::build_cuda(cfg, &ckpt, &opts, comm).unwrap()
 }
 
+/// Rank `rank` of a two-GPU group over NCCL (its own GPU and stream) with the wide model.
+fn nccl_rank_model(
+    dir: &Path,
+    rank: usize,
+    id: &dspark_server::ranks::NcclUniqueId,
+) -> DeepseekV4<CudaBackend> {
+    let stream = dspark_server::backend::cuda::group_stream(rank).unwrap();
+    let comm =
+        dspark_server::backend::cuda::nccl::NcclCommunicator::new(stream, rank, 2, id).unwrap();
+    let shard = Shard {
+        rank,
+        world_size: 2,
+    };
+    wide_model_on(dir, shard, Arc::new(comm), rank)
+}
+
 /// One fixed schedule of steps; returns every logits row it produced, in order.
 fn schedule(m: &mut DeepseekV4<CudaBackend>) -> Vec<Vec<f32>> {
     let vocab = m.config().vocab_size as u32;
@@ -297,15 +313,7 @@ fn layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op() {
     ] {
         let id = dspark_server::ranks::NcclUniqueId::create().unwrap();
         let results = support::local_group::run_ranks(2, |rank, _| {
-            let stream = dspark_server::backend::cuda::group_stream(rank).unwrap();
-            let comm =
-                dspark_server::backend::cuda::nccl::NcclCommunicator::new(stream, rank, 2, &id)
-                    .unwrap();
-            let shard = Shard {
-                rank,
-                world_size: 2,
-            };
-            let mut m = wide_model_on(dir.path(), shard, Arc::new(comm), rank);
+            let mut m = nccl_rank_model(dir.path(), rank, &id);
             assert!(m.uses_layer_stack());
             m.backend().set_gemm_tf32(false);
             m.backend().set_head_gather_device(head_on_device);
@@ -338,8 +346,8 @@ fn layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op() {
 /// experts): gathering the feed-forward input as f16, which every reader after the gather rounds
 /// it to anyway, gives the f32 gather's bits, and both ranks agree.
 #[test]
-fn split_steps_gather_the_ffn_input_as_f16_with_the_f32_gathers_bits() {
-    let test = "split_steps_gather_the_ffn_input_as_f16_with_the_f32_gathers_bits";
+fn split_steps_over_nccl_gather_the_ffn_input_as_f16_with_the_f32_gathers_bits() {
+    let test = "split_steps_over_nccl_gather_the_ffn_input_as_f16_with_the_f32_gathers_bits";
     if !gpu_enabled(test) {
         return;
     }
@@ -354,15 +362,7 @@ fn split_steps_gather_the_ffn_input_as_f16_with_the_f32_gathers_bits() {
     for f16_gather in [false, true] {
         let id = dspark_server::ranks::NcclUniqueId::create().unwrap();
         let results = support::local_group::run_ranks(2, |rank, _| {
-            let stream = dspark_server::backend::cuda::group_stream(rank).unwrap();
-            let comm =
-                dspark_server::backend::cuda::nccl::NcclCommunicator::new(stream, rank, 2, &id)
-                    .unwrap();
-            let shard = Shard {
-                rank,
-                world_size: 2,
-            };
-            let mut m = wide_model_on(dir.path(), shard, Arc::new(comm), rank);
+            let mut m = nccl_rank_model(dir.path(), rank, &id);
             m.backend().set_ffn_gather_f16(f16_gather);
             let out = schedule(&mut m);
             (out, m.backend().ffn_f16_gathers())
