@@ -84,6 +84,18 @@ fn wide_model_stored(
     model::build_cuda(cfg, &ckpt, &opts, comm).unwrap()
 }
 
+/// [`gpu_enabled`], and two GPUs there (a skip line otherwise).
+fn two_gpus_enabled(test: &str) -> bool {
+    if !gpu_enabled(test) {
+        return false;
+    }
+    let gpus = dspark_server::backend::cuda::gpu_count().unwrap_or(0);
+    if gpus < 2 {
+        eprintln!("{test}: skipped ({gpus} GPU)");
+    }
+    gpus >= 2
+}
+
 /// Rank `rank` of a two-GPU group over NCCL (its own GPU and stream) with the wide model.
 fn nccl_rank_model(
     dir: &Path,
@@ -284,12 +296,7 @@ fn layer_stack_equals_op_by_op_with_bf16_and_fp8_kv() {
 /// CUDA graphs with the all-reduces inside them. Needs two GPUs.
 #[test]
 fn layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op() {
-    if !gpu_enabled("layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op") {
-        return;
-    }
-    let gpus = dspark_server::backend::cuda::gpu_count().unwrap_or(0);
-    if gpus < 2 {
-        eprintln!("layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op: skipped ({gpus} GPU)");
+    if !two_gpus_enabled("layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -347,13 +354,9 @@ fn layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op() {
 /// it to anyway, gives the f32 gather's bits, and both ranks agree.
 #[test]
 fn split_steps_over_nccl_gather_the_ffn_input_as_f16_with_the_f32_gathers_bits() {
-    let test = "split_steps_over_nccl_gather_the_ffn_input_as_f16_with_the_f32_gathers_bits";
-    if !gpu_enabled(test) {
-        return;
-    }
-    let gpus = dspark_server::backend::cuda::gpu_count().unwrap_or(0);
-    if gpus < 2 {
-        eprintln!("{test}: skipped ({gpus} GPU)");
+    if !two_gpus_enabled(
+        "split_steps_over_nccl_gather_the_ffn_input_as_f16_with_the_f32_gathers_bits",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
