@@ -173,12 +173,17 @@ fn probe_target(container: &Value, probe: &str) -> (String, i64) {
     (path.to_string(), port)
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `n` distinct free loopback ports. The listeners are all held until every port is known: a
+/// port picked and released one at a time can come back for the next pick, and a pod's HTTP
+/// port equal to the group's control port fails its start ("Address already in use").
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 fn server_binary() -> PathBuf {
@@ -330,13 +335,15 @@ fn two_pods_from_the_rendered_template_serve_and_stop_cleanly() {
 
     // Substitutions (see the module docs), consistent across both pods.
     let model_dir = common::repo_root().join("server/assets/tiny-dsv4");
-    let local_control = free_port();
+    // The group's control port, then each pod's HTTP port.
+    let ports = free_ports(1 + replicas);
+    let local_control = ports[0];
     let scratch = std::env::temp_dir().join(format!("dspark-contract-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).unwrap();
 
     let mut pods = Vec::new();
     for ordinal in 0..replicas {
-        let local_http = free_port();
+        let local_http = ports[1 + ordinal];
         let mut args = rendered_args.clone();
         set_flag(&mut args, "--model", model_dir.display().to_string());
         set_flag(&mut args, "--port", local_http.to_string());
