@@ -278,17 +278,21 @@ pub enum TopKBlock {
     Smem,
 }
 
-/// How [`TopKBlock`] is picked (DSPARK_TOPK_BLOCK: `auto`, `wide` or `smem`).
+/// How an A/B switch between kernel forms picks one: by the launch's rule, or always the one
+/// named.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TopKBlockChoice {
-    /// [`TopKBlock::Smem`] for launches of at least [`TOPK_SMEM_MIN_TOKENS`] tokens, else
-    /// [`TopKBlock::Wide`].
+pub enum KernelChoice<T> {
     Auto,
-    Force(TopKBlock),
+    Force(T),
 }
 
+/// How [`TopKBlock`] is picked (DSPARK_TOPK_BLOCK: `auto`, `wide` or `smem`): `Auto` takes
+/// [`TopKBlock::Smem`] for launches of at least [`TOPK_SMEM_MIN_TOKENS`] tokens, else
+/// [`TopKBlock::Wide`].
+pub type TopKBlockChoice = KernelChoice<TopKBlock>;
+
 pub fn topk_block_choice(value: Option<&str>) -> Result<TopKBlockChoice, KernelError> {
-    use TopKBlockChoice::{Auto, Force};
+    use KernelChoice::{Auto, Force};
     let forms = [
         ("auto", Auto),
         ("wide", Force(TopKBlock::Wide)),
@@ -803,14 +807,10 @@ impl IndexerTile {
 
 /// How the tile height is picked, from DSPARK_INDEXER_TILE at load: unset, empty or "auto" =
 /// [`indexer_tile`]'s rule; "64" or "16" = always that one (an A/B switch).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IndexerTileChoice {
-    Auto,
-    Force(IndexerTile),
-}
+pub type IndexerTileChoice = KernelChoice<IndexerTile>;
 
 pub fn indexer_tile_choice(value: Option<&str>) -> Result<IndexerTileChoice, KernelError> {
-    use IndexerTileChoice::{Auto, Force};
+    use KernelChoice::{Auto, Force};
     let tiles = [
         ("auto", Auto),
         ("64", Force(IndexerTile::Rows64)),
@@ -2467,7 +2467,7 @@ mod tests {
 
     #[test]
     fn indexer_tile_switch_parses() {
-        use IndexerTileChoice::{Auto, Force};
+        use KernelChoice::{Auto, Force};
         assert_eq!(indexer_tile_choice(None).unwrap(), Auto);
         assert_eq!(indexer_tile_choice(Some("")).unwrap(), Auto);
         assert_eq!(indexer_tile_choice(Some(" auto ")).unwrap(), Auto);
@@ -2485,7 +2485,7 @@ mod tests {
 
     #[test]
     fn topk_block_form_follows_the_token_count_unless_forced() {
-        use TopKBlockChoice::{Auto, Force};
+        use KernelChoice::{Auto, Force};
         assert_eq!(topk_block_choice(None).unwrap(), Auto);
         assert_eq!(topk_block_choice(Some(" auto")).unwrap(), Auto);
         assert_eq!(

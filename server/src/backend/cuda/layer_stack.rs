@@ -1482,10 +1482,18 @@ impl CudaBackend {
     ) -> Result<(&'c NcclCommunicator, u64, usize), BackendError> {
         let share = rows.share * width;
         fits(what, buf.len(), comm.world_size() * share)?;
-        let nccl = self.stream_nccl(comm).ok_or_else(|| {
+        Ok((self.split_nccl(comm)?, ptr_mut(&self.stream, buf), share))
+    }
+
+    /// The NCCL communicator of a split step ([`HcRows`]): split steps are only made with one
+    /// on this stream.
+    fn split_nccl<'c>(
+        &self,
+        comm: &'c dyn Communicator,
+    ) -> Result<&'c NcclCommunicator, BackendError> {
+        self.stream_nccl(comm).ok_or_else(|| {
             BackendError::Other("a split step without NCCL on the backend's stream".into())
-        })?;
-        Ok((nccl, ptr_mut(&self.stream, buf), share))
+        })
     }
 
     /// A split step's ([`HcRows`]) every rank's rows of `width` values of `buf` to every rank,
@@ -1500,10 +1508,8 @@ impl CudaBackend {
         if !rows.is_split() {
             return Ok(());
         }
-        let (nccl, at, share) = self.split_share(comm, buf, width, rows, "all-gather buffer")?;
-        // SAFETY: buf holds world_size * share floats (split_share checked) and is scratch of
-        // the stack, alive past the stream's work on it.
-        unsafe { nccl.all_gather_in_place_f32(at, share) }.map_err(comm_err)
+        let buf = SplitBuffer::of(&self.stream, buf, width);
+        self.gather_split_rows(comm, rows, &[buf])
     }
 
     /// `y = x W^T` for each job over a split step's own rows ([`HcRows`]) only, each output at
@@ -1544,10 +1550,10 @@ impl CudaBackend {
         &self,
         mw: &MoeWeights<CudaBackend>,
         sc: &Scratch,
+        h: usize,
         ranks: usize,
         rows: HcRows,
     ) -> bool {
-        let h = sc.x.len() / sc.rows.max(1);
         let routed = match &mw.experts {
             CudaExpertBank::Fp4(b) => b.hidden == h && self.experts_take_f16_rows(b),
             _ => false,
@@ -1569,9 +1575,7 @@ impl CudaBackend {
         bufs: &[SplitBuffer],
     ) -> Result<(), BackendError> {
         let ranks = comm.world_size();
-        let nccl = self.stream_nccl(comm).ok_or_else(|| {
-            BackendError::Other("a split step without NCCL on the backend's stream".into())
-        })?;
+        let nccl = self.split_nccl(comm)?;
         let mut shares = Vec::with_capacity(bufs.len());
         for b in bufs {
             fits("all-gather buffer", b.len, ranks * rows.share * b.width)?;
@@ -3501,7 +3505,7 @@ impl CudaBackend {
         // GEMMs, the grouped experts' gather), the ranks exchange it so rounded: half the bytes
         // of the f32 rows, the same values for every reader.
         let x_f16 =
-            step.hc.is_split() && self.ffn_takes_f16_rows(mw, sc, comm.world_size(), step.hc);
+            step.hc.is_split() && self.ffn_takes_f16_rows(mw, sc, h, comm.world_size(), step.hc);
         if step.hc.is_split() {
             self.stage(&mut stack.clock, "stack: all-gather")?;
             let x_rows = if x_f16 {

@@ -135,25 +135,14 @@ impl NcclCommunicator {
             .map_err(|e| nccl_err("broadcast", e))
     }
 
-    /// In-place all-gather over one buffer of `world_size x share` f32 at `buf`: this rank's
-    /// `share` values at `buf + rank x share` reach every rank's same place. Enqueued on
+    /// In-place all-gathers over buffers `(buf, share)` of `world_size x share` f32 each: this
+    /// rank's `share` values at `buf + rank x share` reach every rank's same place. One NCCL group
+    /// (one launch moves them all, so narrow buffers cost no launch of their own), enqueued on
     /// [`Self::stream`].
     ///
     /// # Safety
-    /// `buf` must be a device allocation of at least `world_size * share` f32 that stays alive
-    /// until the stream has run the collective.
-    pub unsafe fn all_gather_in_place_f32(&self, buf: u64, share: usize) -> Result<(), CommError> {
-        let at = buf + (self.rank * share * 4) as u64;
-        // SAFETY: the caller's buffer holds every rank's share; NCCL takes a send pointer at
-        // this rank's share of the receive buffer as the in-place form.
-        unsafe { self.all_gather_raw_f32(at, buf, share) }
-    }
-
-    /// [`Self::all_gather_in_place_f32`] over several buffers `(buf, share)` as one NCCL group:
-    /// one launch moves them all, so narrow buffers cost no launch of their own.
-    ///
-    /// # Safety
-    /// Each `buf` as [`Self::all_gather_in_place_f32`]'s, the buffers disjoint.
+    /// Each `buf` must be a device allocation of at least `world_size * share` f32 that stays
+    /// alive until the stream has run the collective; the buffers must be disjoint.
     pub unsafe fn all_gather_many_in_place_f32(
         &self,
         bufs: &[(u64, usize)],
@@ -203,7 +192,7 @@ impl NcclCommunicator {
     /// rest of the buffer is left undefined). Enqueued on [`Self::stream`].
     ///
     /// # Safety
-    /// As [`Self::all_gather_in_place_f32`].
+    /// As [`Self::all_gather_many_in_place_f32`] for one buffer.
     pub unsafe fn reduce_scatter_in_place_f32(
         &self,
         buf: u64,
