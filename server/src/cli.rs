@@ -161,7 +161,9 @@ pub struct ServeArgs {
     #[arg(long, env = "DSPARK_MAX_NUM_SEQS", default_value_t = 256)]
     pub max_num_seqs: usize,
 
-    /// Token budget of one step: decodes first, then prefill chunks.
+    /// Token budget of one step: decodes first, then prefill chunks. On CUDA a chunk runs in
+    /// pieces of up to this many rows (8,192 to 16,384; buffers sized at start): 16384 gives long
+    /// prompts ~5% more throughput for ~6 GB more memory a GPU and longer mixed steps.
     #[arg(long, env = "DSPARK_MAX_NUM_BATCHED_TOKENS", default_value_t = 8192)]
     pub max_num_batched_tokens: usize,
 

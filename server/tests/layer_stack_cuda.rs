@@ -351,45 +351,64 @@ fn layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op() {
 
 /// Split GEMM steps over NCCL as served (TF32 on: the f16 projections and the grouped FP4
 /// experts): gathering the feed-forward input as f16, which every reader after the gather rounds
-/// it to anyway, gives the f32 gather's bits, and both ranks agree.
+/// it to anyway, and gathering the attention's projections other than wq_a's on the second
+/// stream beside the query GEMMs, each give the bits of the plain f32 gathers on the main stream,
+/// and both ranks agree.
 #[test]
-fn split_steps_over_nccl_gather_the_ffn_input_as_f16_with_the_f32_gathers_bits() {
+fn split_steps_over_nccl_keep_their_bits_with_the_f16_and_side_stream_gathers() {
     if !two_gpus_enabled(
-        "split_steps_over_nccl_gather_the_ffn_input_as_f16_with_the_f32_gathers_bits",
+        "split_steps_over_nccl_keep_their_bits_with_the_f16_and_side_stream_gathers",
     ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     support::write_wide_config(dir.path(), &[("sliding_window", 32), ("index_topk", 8)]);
     let mut runs = Vec::new();
-    for f16_gather in [false, true] {
+    for (f16_gather, side_gather) in [(false, false), (true, false), (true, true)] {
         let id = dspark_server::ranks::NcclUniqueId::create().unwrap();
         let results = support::local_group::run_ranks(2, |rank, _| {
             let mut m = nccl_rank_model(dir.path(), rank, &id);
             m.backend().set_ffn_gather_f16(f16_gather);
+            m.backend().set_split_side_gather(side_gather);
             let out = schedule(&mut m);
-            (out, m.backend().ffn_f16_gathers())
+            (
+                out,
+                m.backend().ffn_f16_gathers(),
+                m.backend().side_gathers(),
+            )
         });
         assert_eq!(
             results[0].0, results[1].0,
-            "ranks disagree (f16 gather: {f16_gather})"
+            "ranks disagree (f16 gather: {f16_gather}, side gather: {side_gather})"
         );
         eprintln!(
-            "TP=2 split steps, f16 gather {f16_gather}: {} feed-forward inputs gathered as f16",
-            results[0].1
+            "TP=2 split steps, f16 gather {f16_gather}, side gather {side_gather}: {} \
+             feed-forward inputs gathered as f16, {} attention inputs gathered partly on the \
+             side stream",
+            results[0].1, results[0].2
         );
         runs.push(results);
     }
-    let (f32_gather, f16_gather) = (&runs[0][0], &runs[1][0]);
-    assert_eq!(f32_gather.1, 0);
+    let (plain, f16, side) = (&runs[0][0], &runs[1][0], &runs[2][0]);
+    assert_eq!((plain.1, plain.2), (0, 0));
     assert!(
-        f16_gather.1 > 0,
+        f16.1 > 0,
         "no split step gathered its feed-forward input as f16"
     );
+    assert_eq!(f16.2, 0);
     assert!(
-        f16_gather.0 == f32_gather.0,
+        side.2 > 0,
+        "no split step gathered its attention projections on the side stream"
+    );
+    assert!(
+        f16.0 == plain.0,
         "the f16 gather changed the logits: worst relative difference {:e}",
-        worst(&f16_gather.0, &f32_gather.0)
+        worst(&f16.0, &plain.0)
+    );
+    assert!(
+        side.0 == plain.0,
+        "the side-stream gather changed the logits: worst relative difference {:e}",
+        worst(&side.0, &plain.0)
     );
 }
 

@@ -326,6 +326,11 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// The scheduler's token budget of one step (`--max-num-batched-tokens`), told before the
+    /// layer stack is built so its per-step buffers can be sized for it (the CUDA backend's
+    /// prefill pieces, [`crate::engine::model::step_piece_tokens`]).
+    fn set_step_tokens(&self, _tokens: usize) {}
+
     /// The top `k` rows of each token by Lightning Indexer score ([`Self::kv_indexer_scores`]),
     /// value descending with ties to the lower row, as `engine::model::ops::top_k_indices`. For
     /// one rank only: with tensor parallelism the scores are summed over ranks first.

@@ -260,7 +260,8 @@ pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchE
         kv_pool_tokens: pool_blocks * block_size,
         kv_storage: kv_dtype.storage(),
         kv_recent_blocks: Some(recent_blocks),
-        batch_limits: None,
+        // As the server passes them: the step budget sizes the GEMM pieces of prefill chunks.
+        batch_limits: Some((widest, args.max_num_batched_tokens)),
         block_size: Some(block_size),
         shard: model::Shard::SINGLE,
         dummy_seed: args.seed,

@@ -304,7 +304,7 @@ fn gemm_matrices(lw: &LayerWeights<CudaBackend>) -> Vec<&CudaMatrix> {
 
 /// The CUDA backend's [`crate::backend::Backend::LayerStack`].
 pub struct CudaLayerStack {
-    /// The scratch of steps over [`STACK_MAX_ROWS`] rows (GEMM steps), [`GEMM_PIECE_ROWS`] rows
+    /// The scratch of steps over [`STACK_MAX_ROWS`] rows (GEMM steps), [`gemm_piece_rows_max`] rows
     /// of it, swapped in for each (so the graphed steps' buffers never move).
     gemm_scratch: Scratch,
     layers: Vec<StackLayer>,
@@ -764,12 +764,33 @@ fn key_bound(mode: KeyMode, ratio: usize, window: usize, topk: usize, bucket: us
     window.min(bucket) + compressed
 }
 
-/// Most rows of one GEMM piece (a default 8,192-token prefill chunk is one piece): larger pieces
-/// widen each expert's weights for more rows and give its GEMMs more rows, at the price of
-/// scratch (about 5 GB of activations at V4-Flash width and TP=2).
-pub const GEMM_PIECE_ROWS: usize = 8192;
-/// Most indexer scores one GEMM piece keeps (f32: 1 GiB): long contexts take smaller pieces.
+/// Most rows of one GEMM piece at the default `--max-num-batched-tokens` (a default 8,192-token
+/// prefill chunk is one piece): larger pieces widen each expert's weights for more rows and give
+/// its GEMMs more rows, at the price of scratch (about 5 GB of activations at V4-Flash width and
+/// TP=2). [`CudaBackend::gemm_piece_rows_max`] follows the step budget.
+pub const GEMM_PIECE_ROWS: usize = crate::engine::model::STEP_PIECE_TOKENS;
+/// Most indexer scores one GEMM piece of [`GEMM_PIECE_ROWS`] keeps (f32: 1 GiB), scaled with
+/// the piece rows: long contexts take smaller pieces.
 const GEMM_PIECE_SCORES: usize = 1 << 28;
+
+/// `DSPARK_GEMM_PIECE_ROWS`: most rows of a GEMM piece whatever the step budget (65..=65,536).
+fn parse_gemm_piece_rows(value: Option<&str>) -> Option<usize> {
+    value
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .map(|r| r.clamp(STACK_MAX_ROWS + 1, 1 << 16))
+}
+
+impl CudaBackend {
+    /// Most rows of one GEMM piece, what the GEMM scratch is sized for at start-up:
+    /// `DSPARK_GEMM_PIECE_ROWS` where set, else [`crate::engine::model::step_piece_tokens`] of
+    /// the step budget the engine told ([`crate::backend::Backend::set_step_tokens`]). A step of
+    /// more rows runs as several pieces.
+    pub(super) fn gemm_piece_rows_max(&self) -> usize {
+        let told = self.step_tokens.load(Ordering::Relaxed);
+        parse_gemm_piece_rows(std::env::var("DSPARK_GEMM_PIECE_ROWS").ok().as_deref())
+            .unwrap_or_else(|| crate::engine::model::step_piece_tokens((told > 0).then_some(told)))
+    }
+}
 
 /// Whether a group of `ranks` splits the indexer's rows of a step in `bucket` at `ratio`
 /// ([`IndexerClass::split`]): more than `split_rows` compressed rows.
@@ -777,16 +798,22 @@ fn indexer_splits(ranks: usize, bucket: usize, ratio: usize, split_rows: usize) 
     ranks > 1 && bucket / ratio.max(1) > split_rows
 }
 
-/// Rows per GEMM piece of a step in `bucket`: [`GEMM_PIECE_ROWS`], fewer where every row's
-/// indexer scores over the bucket's compressed rows would not fit [`GEMM_PIECE_SCORES`].
-fn gemm_piece_rows(bucket: usize, cfg: &crate::engine::model::ModelConfig) -> usize {
+/// Rows per GEMM piece of a step in `bucket`: `max_rows`, fewer where every row's indexer scores
+/// over the bucket's compressed rows would not fit the scores of [`GEMM_PIECE_SCORES`] scaled to
+/// `max_rows`.
+fn gemm_piece_rows(
+    bucket: usize,
+    cfg: &crate::engine::model::ModelConfig,
+    max_rows: usize,
+) -> usize {
     let finest = (0..cfg.num_hidden_layers)
         .filter_map(|l| cfg.compress_ratio(l))
         .filter(|&r| r > 0)
         .min()
         .unwrap_or(bucket.max(1));
     let visible = (bucket / finest).max(1);
-    (GEMM_PIECE_SCORES / visible).clamp(STACK_MAX_ROWS + 1, GEMM_PIECE_ROWS)
+    let scores = GEMM_PIECE_SCORES / GEMM_PIECE_ROWS * max_rows;
+    (scores / visible).clamp(STACK_MAX_ROWS + 1, max_rows)
 }
 
 /// Keys per token from which a decode step's attention shares each key row among a group of
@@ -1253,7 +1280,7 @@ impl CudaBackend {
         let stack = CudaLayerStack {
             // Made now, not at the first prefill, so a GPU without room for it fails at start
             // with the allocation error rather than in the middle of serving.
-            gemm_scratch: self.new_scratch(&dims, GEMM_PIECE_ROWS, true)?,
+            gemm_scratch: self.new_scratch(&dims, self.gemm_piece_rows_max(), true)?,
             layers,
             rope_main: self.upload(&model.rope_main.inv_freq)?,
             rope_compress: self.upload(&model.rope_compress.inv_freq)?,
@@ -1574,6 +1601,19 @@ impl CudaBackend {
         rows: HcRows,
         bufs: &[SplitBuffer],
     ) -> Result<(), BackendError> {
+        self.gather_split_rows_on(&self.stream, comm, rows, bufs)
+    }
+
+    /// [`Self::gather_split_rows`] enqueued on `on` (the backend's stream or the side one). A
+    /// collective on the side stream must have run before the main stream calls the next one:
+    /// the main stream waits for a side mark after it first.
+    fn gather_split_rows_on(
+        &self,
+        on: &CudaStream,
+        comm: &dyn Communicator,
+        rows: HcRows,
+        bufs: &[SplitBuffer],
+    ) -> Result<(), BackendError> {
         let ranks = comm.world_size();
         let nccl = self.split_nccl(comm)?;
         let mut shares = Vec::with_capacity(bufs.len());
@@ -1583,7 +1623,7 @@ impl CudaBackend {
         }
         // SAFETY: every buffer holds ranks * share rows of its width (checked above), is
         // scratch of the stack alive past the stream's work on it, and they are distinct.
-        unsafe { nccl.all_gather_many_in_place_f32(&shares) }.map_err(comm_err)
+        unsafe { nccl.all_gather_many_in_place_f32_on(on, &shares) }.map_err(comm_err)
     }
 
     /// A sub-layer's output (`width` values a row) summed over the ranks: reduce-scattered onto
@@ -1867,7 +1907,7 @@ impl CudaBackend {
             return self.run_piece(stack, model, kv, comm, rows, piece, capture);
         }
         let max_pos = rows.positions.iter().copied().max().unwrap_or(0);
-        let piece = gemm_piece_rows(context_bucket(max_pos), cfg);
+        let piece = gemm_piece_rows(context_bucket(max_pos), cfg, stack.gemm_scratch.rows);
         let mut captured: Vec<(usize, Vec<f32>)> = capture
             .iter()
             .map(|&l| (l, Vec::with_capacity(n * h)))
@@ -1962,7 +2002,7 @@ impl CudaBackend {
         if n <= STACK_MAX_ROWS {
             return self.run_rows(stack, model, kv, comm, rows, streams, capture);
         }
-        // Pieces are at most GEMM_PIECE_ROWS rows, what the GEMM scratch was made for.
+        // Pieces are at most gemm_piece_rows_max rows, what the GEMM scratch was made for.
         fits("GEMM scratch rows", stack.gemm_scratch.rows, n)?;
         std::mem::swap(&mut stack.scratch, &mut stack.gemm_scratch);
         let out = self.run_rows(stack, model, kv, comm, rows, streams, capture);
@@ -2761,16 +2801,25 @@ impl CudaBackend {
         // wq_a alone on the main stream where the rest go to the side stream, else all of them.
         let on_main = if side_projects { 1 } else { jobs.len() };
         let (query, rest) = jobs.split_at_mut(on_main);
+        // A split step's outputs gathered on the side stream, where their readers run.
+        let mut side_gathered = Vec::new();
         if step.hc.is_split() {
             // Each rank projects its own rows, then every output is gathered: half the
             // multiplications of projecting every row, and (outside the CSA layers, whose
             // outputs are about as wide as the input) fewer bytes on the links.
             self.own_rows_linear_many(&sc.x, step.hc, query, &mut sc.gemm)?;
             self.stage(&mut stack.clock, "stack: all-gather")?;
-            let outputs: Vec<_> = query
+            let mut outputs: Vec<_> = query
                 .iter_mut()
                 .map(|(w, y)| SplitBuffer::of(s, &mut **y, w.shape().0))
                 .collect();
+            // Only wq_a's output feeds the query path: with a side stream, the rest (60-75% of
+            // the bytes) cross the links there while this stream multiplies the queries. The
+            // main stream's next collective (the indexer's candidates, or the output's
+            // reduce-scatter) comes after it waits for the side's keys, so after this gather.
+            if side.is_some() && self.split_side_gather.load(Ordering::Relaxed) {
+                side_gathered = outputs.split_off(1);
+            }
             self.gather_split_rows(comm, step.hc, &outputs)?;
         } else {
             self.stack_linear_many(&sc.x, n, query, &mut sc.gemm)?;
@@ -2779,6 +2828,10 @@ impl CudaBackend {
             Some(branch) => branch.fork(s)?,
             None => s,
         };
+        if !side_gathered.is_empty() {
+            self.side_gathers.fetch_add(1, Ordering::Relaxed);
+            self.gather_split_rows_on(on, comm, step.hc, &side_gathered)?;
+        }
         if !rest.is_empty() {
             self.linear_many_on(on, &sc.x, n, rest)?;
         }
@@ -3919,11 +3972,26 @@ mod tests {
             "../../../tests/fixtures/v4-flash-config.json"
         ))
         .unwrap();
-        assert_eq!(gemm_piece_rows(8192, &cfg), GEMM_PIECE_ROWS);
-        assert_eq!(gemm_piece_rows(131_072, &cfg), GEMM_PIECE_ROWS);
-        let at_1m = gemm_piece_rows(1 << 20, &cfg);
+        let rows = |bucket| gemm_piece_rows(bucket, &cfg, GEMM_PIECE_ROWS);
+        assert_eq!(rows(8192), GEMM_PIECE_ROWS);
+        assert_eq!(rows(131_072), GEMM_PIECE_ROWS);
+        let at_1m = rows(1 << 20);
         assert_eq!(at_1m, 1024);
         assert!(at_1m * ((1 << 20) / 4) <= GEMM_PIECE_SCORES);
-        assert!(gemm_piece_rows(1 << 30, &cfg) > STACK_MAX_ROWS);
+        assert!(rows(1 << 30) > STACK_MAX_ROWS);
+        // Twice the rows a piece: twice the scores, so the same cut-over at long contexts.
+        let wide = |bucket| gemm_piece_rows(bucket, &cfg, 2 * GEMM_PIECE_ROWS);
+        assert_eq!(wide(8192), 2 * GEMM_PIECE_ROWS);
+        assert_eq!(wide(131_072), 2 * GEMM_PIECE_ROWS);
+        assert_eq!(wide(1 << 20), 2 * at_1m);
+    }
+
+    #[test]
+    fn gemm_piece_rows_switch_is_clamped() {
+        assert_eq!(parse_gemm_piece_rows(None), None);
+        assert_eq!(parse_gemm_piece_rows(Some("x")), None);
+        assert_eq!(parse_gemm_piece_rows(Some(" 16384")), Some(16384));
+        assert_eq!(parse_gemm_piece_rows(Some("8")), Some(STACK_MAX_ROWS + 1));
+        assert_eq!(parse_gemm_piece_rows(Some("10000000")), Some(1 << 16));
     }
 }

@@ -271,6 +271,15 @@ pub struct CudaBackend {
     ffn_gather_f16: AtomicBool,
     /// Feed-forward sub-layers whose input a split step gathered as f16.
     ffn_f16_gathers: AtomicU64,
+    /// Whether split steps gather the attention's projections other than `wq_a`'s on the second
+    /// stream, beside the query path's GEMMs (`DSPARK_SPLIT_SIDE_GATHER=0` gathers them all on
+    /// the main stream before it; the same values either way).
+    split_side_gather: AtomicBool,
+    /// Attention sub-layers whose projections a split step gathered partly on the second stream.
+    side_gathers: AtomicU64,
+    /// The engine's step budget (`--max-num-batched-tokens`; 0 = not told), which sizes the
+    /// GEMM pieces ([`Self::gemm_piece_rows_max`]).
+    step_tokens: AtomicUsize,
     /// Whether projections of 2..=16 rows run on the tensor-core skinny GEMM (`DSPARK_SKINNY_MMA=0`
     /// keeps them on the CUDA-core GEMVs; both are f32-exact, the switch is for comparisons).
     skinny_mma: bool,
@@ -405,6 +414,11 @@ impl CudaBackend {
                 std::env::var("DSPARK_FFN_GATHER_F16").map_or(true, |v| v.trim() != "0"),
             ),
             ffn_f16_gathers: AtomicU64::new(0),
+            split_side_gather: AtomicBool::new(
+                std::env::var("DSPARK_SPLIT_SIDE_GATHER").map_or(true, |v| v.trim() != "0"),
+            ),
+            side_gathers: AtomicU64::new(0),
+            step_tokens: AtomicUsize::new(0),
         })
     }
 
@@ -459,6 +473,19 @@ impl CudaBackend {
     /// Feed-forward sub-layers whose input a split GEMM step gathered as f16 so far.
     pub fn ffn_f16_gathers(&self) -> u64 {
         self.ffn_f16_gathers.load(Ordering::Relaxed)
+    }
+
+    /// Whether split GEMM steps gather the attention's projections other than `wq_a`'s on the
+    /// second stream while the main one multiplies the queries (the default), or all of them
+    /// on the main stream first (as `DSPARK_SPLIT_SIDE_GATHER=0`): the same values either way.
+    pub fn set_split_side_gather(&self, on: bool) {
+        self.split_side_gather.store(on, Ordering::Relaxed);
+    }
+
+    /// Attention sub-layers whose projections a split GEMM step gathered partly on the second
+    /// stream so far.
+    pub fn side_gathers(&self) -> u64 {
+        self.side_gathers.load(Ordering::Relaxed)
     }
 
     /// Whether the head-grouped attention runs its f16 tensor-core form (every step, over
@@ -1105,6 +1132,10 @@ impl Backend for CudaBackend {
         model: &super::StackModel<'_, Self>,
     ) -> Result<Option<CudaLayerStack>, BackendError> {
         self.build_layer_stack(model)
+    }
+
+    fn set_step_tokens(&self, tokens: usize) {
+        self.step_tokens.store(tokens, Ordering::Relaxed);
     }
 
     fn layer_stack_max_rows(&self) -> usize {

@@ -11,18 +11,32 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
-use cudarc::nccl::safe::{Comm, NcclType, ReduceOp};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::nccl::result as nccl;
+use cudarc::nccl::safe::NcclType;
+use cudarc::nccl::sys;
 
 use crate::ranks::{CommError, Communicator, NcclUniqueId};
 
-/// Owns the NCCL communicator so it can live in a `Send + Sync` [`NcclCommunicator`].
-struct OwnedComm(Comm);
+/// The NCCL communicator handle, owned here rather than through cudarc's `Comm` so collectives
+/// can be enqueued on a stream other than the one the group was built with (a split prefill
+/// step gathers part of its projections on the second stream while the first computes).
+struct OwnedComm(sys::ncclComm_t);
 
 // SAFETY: NCCL allows a communicator to be used from any thread provided calls on it are not
 // concurrent; `OwnedComm` is only reachable through `NcclCommunicator::comm`'s Mutex, which
-// serialises every call. The stream it holds is itself Send + Sync in cudarc.
+// serialises every call.
 unsafe impl Send for OwnedComm {}
+
+impl Drop for OwnedComm {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from ncclCommInitRank and is released once, here. Abort (as
+        // cudarc's Comm does) rather than destroy: a peer may be gone, and destroy would wait.
+        if let Err(e) = unsafe { nccl::comm_abort(self.0) } {
+            tracing::warn!("NCCL communicator abort: {:?}", e.0);
+        }
+    }
+}
 
 pub struct NcclCommunicator {
     rank: usize,
@@ -41,12 +55,17 @@ impl std::fmt::Debug for NcclCommunicator {
 }
 
 /// cudarc's NCCL error prints no code of its own: name the `ncclResult_t`.
-fn nccl_err(what: &str, e: cudarc::nccl::result::NcclError) -> CommError {
+fn nccl_err(what: &str, e: nccl::NcclError) -> CommError {
     CommError::Failed(format!("NCCL {what}: {:?}", e.0))
 }
 
 fn driver_err(what: &str, e: impl std::fmt::Debug) -> CommError {
     CommError::Failed(format!("CUDA {what}: {e:?}"))
+}
+
+/// NCCL's stream type from a cudarc stream.
+fn raw_stream(stream: &CudaStream) -> sys::cudaStream_t {
+    stream.cu_stream() as sys::cudaStream_t
 }
 
 impl NcclCommunicator {
@@ -63,8 +82,19 @@ impl NcclCommunicator {
             .context()
             .bind_to_thread()
             .map_err(|e| driver_err("bind context", e))?;
-        let comm = Comm::from_rank(stream.clone(), rank, world_size, id.to_cudarc())
-            .map_err(|e| nccl_err("ncclCommInitRank", e))?;
+        let ranks = i32::try_from(world_size)
+            .map_err(|_| CommError::Failed(format!("world size {world_size}")))?;
+        let me = i32::try_from(rank).map_err(|_| CommError::Failed(format!("rank {rank}")))?;
+        let unique = sys::ncclUniqueId {
+            internal: id.to_c_chars(),
+        };
+        let mut comm = std::mem::MaybeUninit::uninit();
+        // SAFETY: `comm` is written by a successful ncclCommInitRank and read only then.
+        let comm = unsafe {
+            nccl::comm_init_rank(comm.as_mut_ptr(), ranks, unique, me)
+                .map_err(|e| nccl_err("ncclCommInitRank", e))?;
+            comm.assume_init()
+        };
         Ok(Self {
             rank,
             world_size,
@@ -92,11 +122,24 @@ impl NcclCommunicator {
         &self,
         buf: &mut B,
     ) -> Result<(), CommError> {
-        self.comm()?
-            .0
-            .all_reduce_in_place(buf, &ReduceOp::Sum)
-            .map(|_| ())
-            .map_err(|e| nccl_err("all_reduce", e))
+        let comm = self.comm()?;
+        let count = buf.len();
+        let (at, _record) = buf.device_ptr_mut(&self.stream);
+        // SAFETY: `at` is `count` elements of T on this rank's device, alive (and recorded
+        // against) the stream the collective is enqueued on.
+        unsafe {
+            nccl::all_reduce(
+                at as _,
+                at as _,
+                count,
+                T::as_nccl_type(),
+                sys::ncclRedOp_t::ncclSum,
+                comm.0,
+                raw_stream(&self.stream),
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| nccl_err("all_reduce", e))
     }
 
     /// `recv` (world_size x `send.len()`) gets every rank's `send` in rank order.
@@ -113,11 +156,24 @@ impl NcclCommunicator {
                 send.len()
             )));
         }
-        self.comm()?
-            .0
-            .all_gather(send, recv)
-            .map(|_| ())
-            .map_err(|e| nccl_err("all_gather", e))
+        let comm = self.comm()?;
+        let count = send.len();
+        let (from, _record_send) = send.device_ptr(&self.stream);
+        let (into, _record_recv) = recv.device_ptr_mut(&self.stream);
+        // SAFETY: `from` holds `count` elements and `into` world_size times as many (checked
+        // above), both alive on the stream the collective is enqueued on.
+        unsafe {
+            nccl::all_gather(
+                from as _,
+                into as _,
+                count,
+                T::as_nccl_type(),
+                comm.0,
+                raw_stream(&self.stream),
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| nccl_err("all_gather", e))
     }
 
     /// `buf` of rank `root` replaces `buf` on every rank (same length everywhere).
@@ -128,11 +184,23 @@ impl NcclCommunicator {
     ) -> Result<(), CommError> {
         let root =
             i32::try_from(root).map_err(|_| CommError::Failed(format!("broadcast root {root}")))?;
-        self.comm()?
-            .0
-            .broadcast_in_place(buf, root)
-            .map(|_| ())
-            .map_err(|e| nccl_err("broadcast", e))
+        let comm = self.comm()?;
+        let count = buf.len();
+        let (at, _record) = buf.device_ptr_mut(&self.stream);
+        // SAFETY: `at` holds `count` elements alive on the stream the collective is enqueued on.
+        unsafe {
+            nccl::broadcast(
+                at as _,
+                at as _,
+                count,
+                T::as_nccl_type(),
+                root,
+                comm.0,
+                raw_stream(&self.stream),
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| nccl_err("broadcast", e))
     }
 
     /// In-place all-gathers over buffers `(buf, share)` of `world_size x share` f32 each: this
@@ -147,19 +215,47 @@ impl NcclCommunicator {
         &self,
         bufs: &[(u64, usize)],
     ) -> Result<(), CommError> {
+        // SAFETY: the caller's contract, on this communicator's own stream.
+        unsafe { self.all_gather_many_in_place_f32_on(&self.stream, bufs) }
+    }
+
+    /// [`Self::all_gather_many_in_place_f32`] enqueued on `stream` (of this rank's device). NCCL
+    /// orders a communicator's collectives by their calls, not by streams: the caller must
+    /// make sure this one has run before another collective is called on another stream (an
+    /// event between the streams), as every rank calls them in the same order.
+    ///
+    /// # Safety
+    /// As [`Self::all_gather_many_in_place_f32`], with the buffers alive until `stream` has run
+    /// the collective.
+    pub unsafe fn all_gather_many_in_place_f32_on(
+        &self,
+        stream: &CudaStream,
+        bufs: &[(u64, usize)],
+    ) -> Result<(), CommError> {
         let comm = self.comm()?;
-        cudarc::nccl::result::group_start().map_err(|e| nccl_err("group start", e))?;
+        nccl::group_start().map_err(|e| nccl_err("group start", e))?;
         // The group must be closed whatever the calls in it did.
         let mut failed = None;
         for &(buf, share) in bufs {
-            let send = RawSpan::new(&self.stream, buf + (self.rank * share * 4) as u64, share);
-            let mut recv = RawSpan::new(&self.stream, buf, self.world_size * share);
-            if let Err(e) = comm.0.all_gather(&send, &mut recv) {
+            let send = buf + (self.rank * share * 4) as u64;
+            // SAFETY: buf holds world_size * share f32 (the caller's contract); this rank's
+            // part is the in-place send buffer NCCL allows.
+            let called = unsafe {
+                nccl::all_gather(
+                    send as _,
+                    buf as _,
+                    share,
+                    sys::ncclDataType_t::ncclFloat32,
+                    comm.0,
+                    raw_stream(stream),
+                )
+            };
+            if let Err(e) = called {
                 failed = Some(nccl_err("all_gather", e));
                 break;
             }
         }
-        let ended = cudarc::nccl::result::group_end().map_err(|e| nccl_err("group end", e));
+        let ended = nccl::group_end().map_err(|e| nccl_err("group end", e));
         match failed {
             Some(e) => Err(e),
             None => ended.map(|_| ()),
@@ -178,13 +274,20 @@ impl NcclCommunicator {
         recv: u64,
         share: usize,
     ) -> Result<(), CommError> {
-        let send = RawSpan::new(&self.stream, send, share);
-        let mut recv = RawSpan::new(&self.stream, recv, self.world_size * share);
-        self.comm()?
-            .0
-            .all_gather(&send, &mut recv)
-            .map(|_| ())
-            .map_err(|e| nccl_err("all_gather", e))
+        let comm = self.comm()?;
+        // SAFETY: the caller's contract.
+        unsafe {
+            nccl::all_gather(
+                send as _,
+                recv as _,
+                share,
+                sys::ncclDataType_t::ncclFloat32,
+                comm.0,
+                raw_stream(&self.stream),
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| nccl_err("all_gather", e))
     }
 
     /// In-place reduce-scatter (sum) over `world_size x share` f32 at `buf`: afterwards this
@@ -198,56 +301,29 @@ impl NcclCommunicator {
         buf: u64,
         share: usize,
     ) -> Result<(), CommError> {
-        let send = RawSpan::new(&self.stream, buf, self.world_size * share);
-        let mut recv = RawSpan::new(&self.stream, buf + (self.rank * share * 4) as u64, share);
-        self.comm()?
-            .0
-            .reduce_scatter(&send, &mut recv, &ReduceOp::Sum)
-            .map(|_| ())
-            .map_err(|e| nccl_err("reduce_scatter", e))
+        let comm = self.comm()?;
+        let recv = buf + (self.rank * share * 4) as u64;
+        // SAFETY: buf holds world_size * share f32 (the caller's contract); the in-place form
+        // receives into this rank's part of the send buffer, as NCCL allows.
+        unsafe {
+            nccl::reduce_scatter(
+                buf as _,
+                recv as _,
+                share,
+                sys::ncclDataType_t::ncclFloat32,
+                sys::ncclRedOp_t::ncclSum,
+                comm.0,
+                raw_stream(&self.stream),
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| nccl_err("reduce_scatter", e))
     }
 
     fn sync(&self) -> Result<(), CommError> {
         self.stream
             .synchronize()
             .map_err(|e| driver_err("synchronize", e))
-    }
-}
-
-/// f32 device memory named by address and length, so a collective can work on parts of one
-/// buffer in place (cudarc's slices would borrow the buffer twice). Its pointer carries no
-/// event: the collective is enqueued on the same stream as every producer and consumer.
-struct RawSpan<'s> {
-    ptr: u64,
-    len: usize,
-    stream: &'s Arc<CudaStream>,
-}
-
-impl<'s> RawSpan<'s> {
-    fn new(stream: &'s Arc<CudaStream>, ptr: u64, len: usize) -> Self {
-        Self { ptr, len, stream }
-    }
-}
-
-impl DeviceSlice<f32> for RawSpan<'_> {
-    fn len(&self) -> usize {
-        self.len
-    }
-
-    fn stream(&self) -> &Arc<CudaStream> {
-        self.stream
-    }
-}
-
-impl DevicePtr<f32> for RawSpan<'_> {
-    fn device_ptr<'a>(&'a self, _stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
-        (self.ptr, SyncOnDrop::Sync(None))
-    }
-}
-
-impl DevicePtrMut<f32> for RawSpan<'_> {
-    fn device_ptr_mut<'a>(&'a mut self, _stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
-        (self.ptr, SyncOnDrop::Sync(None))
     }
 }
 

@@ -80,7 +80,7 @@ pub struct LoadOptions {
     pub gpu_ordinal: usize,
     /// vLLM's `--gpu-memory-utilization`: when set and the backend reports its memory, the pool
     /// takes what is left of this fraction of the device after the weights and
-    /// [`KV_WORKSPACE_RESERVE`] bytes, instead of `kv_pool_tokens`; the ranks of a group agree on
+    /// [`workspace_reserve`] bytes, instead of `kv_pool_tokens`; the ranks of a group agree on
     /// the smallest.
     pub gpu_memory_utilization: Option<f64>,
     /// vLLM's `--enforce-eager`: run the CUDA layer stack without capturing CUDA graphs (every
@@ -89,10 +89,34 @@ pub struct LoadOptions {
 }
 
 /// Device memory kept free for activations and per-step buffers when the pool is sized from
-/// `gpu_memory_utilization`. The CUDA layer stack's scratch is made right after the pool (for
-/// prefill pieces of 8,192 rows about 6.5 GB at V4-Flash width and TP=2): it comes out of this
-/// and of the share the utilization leaves, and a GPU without room for it fails at start.
+/// `gpu_memory_utilization`, for prefill pieces of [`STEP_PIECE_TOKENS`] rows
+/// ([`workspace_reserve`] scales it). The CUDA layer stack's scratch is made right after the pool
+/// (for pieces of 8,192 rows about 6.5 GB at V4-Flash width and TP=2): it comes out of this and
+/// of the share the utilization leaves, and a GPU without room for it fails at start.
 pub const KV_WORKSPACE_RESERVE: usize = 4 << 30;
+
+/// Rows of a prefill piece (one pass of a step's rows through the layers) at the default
+/// `--max-num-batched-tokens`.
+pub const STEP_PIECE_TOKENS: usize = 8192;
+/// Most rows of a prefill piece that a larger `--max-num-batched-tokens` gives: a longer step's
+/// rows run as several pieces. Two H200s, 43 layers, TP=2: a 100K prompt in chunks of 16,384
+/// took 6.45 s against 6.76 s in chunks of 8,192 (the grouped experts' 128-row tiles fuller, a
+/// collective and a launch of each kernel for twice the rows), at ~6 GB more scratch a GPU.
+pub const STEP_PIECE_TOKENS_MAX: usize = 16384;
+
+/// Rows of a prefill piece for a step budget of `step_tokens`: the budget, within
+/// `[STEP_PIECE_TOKENS, STEP_PIECE_TOKENS_MAX]` (`None`: the default).
+pub fn step_piece_tokens(step_tokens: Option<usize>) -> usize {
+    step_tokens
+        .unwrap_or(STEP_PIECE_TOKENS)
+        .clamp(STEP_PIECE_TOKENS, STEP_PIECE_TOKENS_MAX)
+}
+
+/// [`KV_WORKSPACE_RESERVE`] for prefill pieces of [`step_piece_tokens`] rows: the per-step
+/// buffers grow with them.
+pub fn workspace_reserve(step_tokens: Option<usize>) -> usize {
+    KV_WORKSPACE_RESERVE / STEP_PIECE_TOKENS * step_piece_tokens(step_tokens)
+}
 
 /// Blocks of `bytes_per_block` that fit in `utilization` of a device of `total` bytes with
 /// `free` bytes free now (weights loaded), keeping `reserve` bytes for the workspace and
@@ -271,6 +295,9 @@ pub fn build_on<B: Backend>(
     let expected = manifest::target_tensors(&cfg);
     manifest::check_complete(src, &expected)?;
     let weights = load::load_weights(src, &backend, &cfg, opts.shard)?;
+    if let Some((_, tokens)) = opts.batch_limits {
+        backend.set_step_tokens(tokens);
+    }
     let sized = pool_from_memory(&cfg, opts, &backend, comm.as_ref())?;
     let pool = kv_pool_of(&cfg, opts, sized)?;
     let mut model = DeepseekV4::new(cfg, backend, weights, pool, comm, opts.shard)?;
@@ -302,7 +329,8 @@ fn pool_from_memory<B: Backend>(
     let geometry = geometry_of(cfg, opts)?;
     let asked = opts.recent_blocks(&geometry);
     // The recent blocks come off the top (none asked: one per block, in the block's price).
-    let left = kv_memory(free, total, utilization, KV_WORKSPACE_RESERVE);
+    let reserve = workspace_reserve(opts.batch_limits.map(|(_, tokens)| tokens));
+    let left = kv_memory(free, total, utilization, reserve);
     let recent = asked.map(|n| {
         let cap = (left as f64 * RECENT_SHARE_MAX) as usize / geometry.bytes_per_recent().max(1);
         if n > cap {
@@ -325,7 +353,7 @@ fn pool_from_memory<B: Backend>(
         free,
         total,
         utilization,
-        KV_WORKSPACE_RESERVE,
+        reserve,
         recent.unwrap_or(0) * geometry.bytes_per_recent(),
         per_block,
     )?;
@@ -392,6 +420,20 @@ pub fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefill_pieces_and_the_workspace_reserve_follow_the_step_budget() {
+        assert_eq!(step_piece_tokens(None), STEP_PIECE_TOKENS);
+        // Smaller budgets keep the default pieces (a step never fills them anyway).
+        assert_eq!(step_piece_tokens(Some(2048)), STEP_PIECE_TOKENS);
+        assert_eq!(step_piece_tokens(Some(12_000)), 12_000);
+        assert_eq!(step_piece_tokens(Some(16_384)), STEP_PIECE_TOKENS_MAX);
+        // Larger budgets run as several pieces of the most rows.
+        assert_eq!(step_piece_tokens(Some(1 << 20)), STEP_PIECE_TOKENS_MAX);
+        assert_eq!(workspace_reserve(None), KV_WORKSPACE_RESERVE);
+        assert_eq!(workspace_reserve(Some(16_384)), 2 * KV_WORKSPACE_RESERVE);
+        assert_eq!(workspace_reserve(Some(1 << 20)), 2 * KV_WORKSPACE_RESERVE);
+    }
 
     #[test]
     fn pool_is_sized_in_whole_blocks_and_block_size_is_checked() {
