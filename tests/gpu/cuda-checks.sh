@@ -13,13 +13,15 @@
 # 3. the server on --device cuda at TP=1 (also with the pool sized from --gpu-memory-utilization)
 #    and, with two GPUs, TP=2 over NCCL (and with DSpark): greedy completions must equal the CPU
 #    backend's; with --kv-cache-dtype fp8 on both, CUDA (TP=1, TP=2, and TP=2 with the indexer's
-#    rows split between the ranks at every context) must equal the CPU too;
+#    rows split between the ranks at every context) must equal the CPU too; a 780-token prompt
+#    at TP=2 (split prefill steps) with f32 GEMMs must equal the CPU and TP=1 (long-prompt-tp2.sh);
 # 4. a minute of mixed load on CUDA with a pool that preempts (tests/gpu/mixed-load.py).
 set -uo pipefail
 server=${DSPARK_SERVER_BIN:?set DSPARK_SERVER_BIN}
 tests=${DSPARK_MODEL_CUDA_BIN:?set DSPARK_MODEL_CUDA_BIN}
 fail=0
-step() { printf '\n==> %s\n' "$*"; }
+# shellcheck source=tests/gpu/serve-lib.sh
+source "$(dirname "$0")/serve-lib.sh"
 
 kv_tests=${DSPARK_BACKEND_KV_CUDA_BIN:-}
 stack_tests=${DSPARK_LAYER_STACK_CUDA_BIN:-}
@@ -72,26 +74,6 @@ else
   step "compute-sanitizer not installed: memcheck skipped"
 fi
 
-complete() { # port -> greedy completion text of a fixed prompt
-  curl -sf "http://127.0.0.1:$1/v1/completions" -H 'content-type: application/json' \
-    -d '{"model":"tiny-dsv4","prompt":"The capital of France is","max_tokens":24,"temperature":0}' |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["text"])'
-}
-serve() { # port device world extra... ; waits for /ready
-  local port=$1 device=$2 world=$3; shift 3
-  "$server" serve --device "$device" --world-size "$world" --port "$port" \
-    --control-port $((port + 100)) --kv-pool-tokens 4096 "$@" > "/tmp/dspark-$port.log" 2>&1 &
-  echo $! > "/tmp/dspark-$port.pid"
-  for _ in $(seq 1 240); do
-    curl -sf "http://127.0.0.1:$port/ready" >/dev/null && return 0
-    kill -0 "$(cat /tmp/dspark-$port.pid)" 2>/dev/null || break
-    sleep 0.5
-  done
-  echo "server on $port ($device, world $world) did not become ready:"; tail -20 "/tmp/dspark-$port.log"
-  return 1
-}
-stop() { kill -TERM "$(cat /tmp/dspark-$1.pid)" 2>/dev/null; wait "$(cat /tmp/dspark-$1.pid)" 2>/dev/null; }
-
 step "server: CPU reference, CUDA TP=1"
 serve 8101 cpu 1 && want=$(complete 8101); stop 8101
 serve 8102 cuda 1 && got=$(complete 8102); stop 8102
@@ -118,6 +100,8 @@ if (( gpus >= 2 )); then
   serve 8104 cuda 2 --speculative-method dspark && got3=$(complete 8104); stop 8104
   echo "cuda tp2 dspark: $got3"
   [[ "$want" == "$got3" ]] || { echo "MISMATCH cuda tp2 dspark"; fail=1; }
+  # A prompt long enough for the split prefill steps, which the five-token one never reaches.
+  bash "$(dirname "$0")/long-prompt-tp2.sh" || fail=1
 else
   step "one GPU: TP=2 over NCCL skipped"
 fi
