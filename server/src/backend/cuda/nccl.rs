@@ -117,29 +117,45 @@ impl NcclCommunicator {
         Ok(self.comm.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// One NCCL call on the communicator (locked, this rank's device current) and `stream`,
+    /// its error named `what`.
+    fn call_on(
+        &self,
+        stream: &CudaStream,
+        what: &str,
+        call: impl FnOnce(
+            sys::ncclComm_t,
+            sys::cudaStream_t,
+        ) -> Result<nccl::NcclStatus, nccl::NcclError>,
+    ) -> Result<(), CommError> {
+        let comm = self.comm()?;
+        call(comm.0, raw_stream(stream))
+            .map(|_| ())
+            .map_err(|e| nccl_err(what, e))
+    }
+
     /// In-place sum over ranks of a device buffer, enqueued on [`Self::stream`].
     pub fn all_reduce_sum_device<T: NcclType, B: DevicePtrMut<T>>(
         &self,
         buf: &mut B,
     ) -> Result<(), CommError> {
-        let comm = self.comm()?;
         let count = buf.len();
-        let (at, _record) = buf.device_ptr_mut(&self.stream);
-        // SAFETY: `at` is `count` elements of T on this rank's device, alive (and recorded
-        // against) the stream the collective is enqueued on.
-        unsafe {
-            nccl::all_reduce(
-                at as _,
-                at as _,
-                count,
-                T::as_nccl_type(),
-                sys::ncclRedOp_t::ncclSum,
-                comm.0,
-                raw_stream(&self.stream),
-            )
-        }
-        .map(|_| ())
-        .map_err(|e| nccl_err("all_reduce", e))
+        self.call_on(&self.stream, "all_reduce", |comm, stream| {
+            let (at, _record) = buf.device_ptr_mut(&self.stream);
+            // SAFETY: `at` is `count` elements of T on this rank's device, alive (and recorded
+            // against) the stream the collective is enqueued on.
+            unsafe {
+                nccl::all_reduce(
+                    at as _,
+                    at as _,
+                    count,
+                    T::as_nccl_type(),
+                    sys::ncclRedOp_t::ncclSum,
+                    comm,
+                    stream,
+                )
+            }
+        })
     }
 
     /// `recv` (world_size x `send.len()`) gets every rank's `send` in rank order.
@@ -156,24 +172,16 @@ impl NcclCommunicator {
                 send.len()
             )));
         }
-        let comm = self.comm()?;
         let count = send.len();
-        let (from, _record_send) = send.device_ptr(&self.stream);
-        let (into, _record_recv) = recv.device_ptr_mut(&self.stream);
-        // SAFETY: `from` holds `count` elements and `into` world_size times as many (checked
-        // above), both alive on the stream the collective is enqueued on.
-        unsafe {
-            nccl::all_gather(
-                from as _,
-                into as _,
-                count,
-                T::as_nccl_type(),
-                comm.0,
-                raw_stream(&self.stream),
-            )
-        }
-        .map(|_| ())
-        .map_err(|e| nccl_err("all_gather", e))
+        self.call_on(&self.stream, "all_gather", |comm, stream| {
+            let (from, _record_send) = send.device_ptr(&self.stream);
+            let (into, _record_recv) = recv.device_ptr_mut(&self.stream);
+            // SAFETY: `from` holds `count` elements and `into` world_size times as many (checked
+            // above), both alive on the stream the collective is enqueued on.
+            unsafe {
+                nccl::all_gather(from as _, into as _, count, T::as_nccl_type(), comm, stream)
+            }
+        })
     }
 
     /// `buf` of rank `root` replaces `buf` on every rank (same length everywhere).
@@ -184,23 +192,23 @@ impl NcclCommunicator {
     ) -> Result<(), CommError> {
         let root =
             i32::try_from(root).map_err(|_| CommError::Failed(format!("broadcast root {root}")))?;
-        let comm = self.comm()?;
         let count = buf.len();
-        let (at, _record) = buf.device_ptr_mut(&self.stream);
-        // SAFETY: `at` holds `count` elements alive on the stream the collective is enqueued on.
-        unsafe {
-            nccl::broadcast(
-                at as _,
-                at as _,
-                count,
-                T::as_nccl_type(),
-                root,
-                comm.0,
-                raw_stream(&self.stream),
-            )
-        }
-        .map(|_| ())
-        .map_err(|e| nccl_err("broadcast", e))
+        self.call_on(&self.stream, "broadcast", |comm, stream| {
+            let (at, _record) = buf.device_ptr_mut(&self.stream);
+            // SAFETY: `at` holds `count` elements alive on the stream the collective is
+            // enqueued on.
+            unsafe {
+                nccl::broadcast(
+                    at as _,
+                    at as _,
+                    count,
+                    T::as_nccl_type(),
+                    root,
+                    comm,
+                    stream,
+                )
+            }
+        })
     }
 
     /// In-place all-gathers over buffers `(buf, share)` of `world_size x share` f32 each: this
@@ -274,20 +282,11 @@ impl NcclCommunicator {
         recv: u64,
         share: usize,
     ) -> Result<(), CommError> {
-        let comm = self.comm()?;
-        // SAFETY: the caller's contract.
-        unsafe {
-            nccl::all_gather(
-                send as _,
-                recv as _,
-                share,
-                sys::ncclDataType_t::ncclFloat32,
-                comm.0,
-                raw_stream(&self.stream),
-            )
-        }
-        .map(|_| ())
-        .map_err(|e| nccl_err("all_gather", e))
+        self.call_on(&self.stream, "all_gather", |comm, stream| {
+            let f32s = sys::ncclDataType_t::ncclFloat32;
+            // SAFETY: the caller's contract.
+            unsafe { nccl::all_gather(send as _, recv as _, share, f32s, comm, stream) }
+        })
     }
 
     /// In-place reduce-scatter (sum) over `world_size x share` f32 at `buf`: afterwards this
@@ -301,23 +300,13 @@ impl NcclCommunicator {
         buf: u64,
         share: usize,
     ) -> Result<(), CommError> {
-        let comm = self.comm()?;
         let recv = buf + (self.rank * share * 4) as u64;
-        // SAFETY: buf holds world_size * share f32 (the caller's contract); the in-place form
-        // receives into this rank's part of the send buffer, as NCCL allows.
-        unsafe {
-            nccl::reduce_scatter(
-                buf as _,
-                recv as _,
-                share,
-                sys::ncclDataType_t::ncclFloat32,
-                sys::ncclRedOp_t::ncclSum,
-                comm.0,
-                raw_stream(&self.stream),
-            )
-        }
-        .map(|_| ())
-        .map_err(|e| nccl_err("reduce_scatter", e))
+        self.call_on(&self.stream, "reduce_scatter", |comm, stream| {
+            let (f32s, sum) = (sys::ncclDataType_t::ncclFloat32, sys::ncclRedOp_t::ncclSum);
+            // SAFETY: buf holds world_size * share f32 (the caller's contract); the in-place
+            // form receives into this rank's part of the send buffer, as NCCL allows.
+            unsafe { nccl::reduce_scatter(buf as _, recv as _, share, f32s, sum, comm, stream) }
+        })
     }
 
     fn sync(&self) -> Result<(), CommError> {

@@ -104,12 +104,14 @@ pub const STEP_PIECE_TOKENS: usize = 8192;
 /// collective and a launch of each kernel for twice the rows), at ~6 GB more scratch a GPU.
 pub const STEP_PIECE_TOKENS_MAX: usize = 16384;
 
-/// Rows of a prefill piece for a step budget of `step_tokens`: the budget, within
+/// Rows of a prefill piece for a step budget of `step_tokens`: the budget rounded up to a
+/// multiple of 256 (even shares for the ranks, whole GEMM tiles), within
 /// `[STEP_PIECE_TOKENS, STEP_PIECE_TOKENS_MAX]` (`None`: the default).
 pub fn step_piece_tokens(step_tokens: Option<usize>) -> usize {
     step_tokens
         .unwrap_or(STEP_PIECE_TOKENS)
         .clamp(STEP_PIECE_TOKENS, STEP_PIECE_TOKENS_MAX)
+        .next_multiple_of(256)
 }
 
 /// [`KV_WORKSPACE_RESERVE`] for prefill pieces of [`step_piece_tokens`] rows: the per-step
@@ -426,7 +428,7 @@ mod tests {
         assert_eq!(step_piece_tokens(None), STEP_PIECE_TOKENS);
         // Smaller budgets keep the default pieces (a step never fills them anyway).
         assert_eq!(step_piece_tokens(Some(2048)), STEP_PIECE_TOKENS);
-        assert_eq!(step_piece_tokens(Some(12_000)), 12_000);
+        assert_eq!(step_piece_tokens(Some(12_000)), 12_032);
         assert_eq!(step_piece_tokens(Some(16_384)), STEP_PIECE_TOKENS_MAX);
         // Larger budgets run as several pieces of the most rows.
         assert_eq!(step_piece_tokens(Some(1 << 20)), STEP_PIECE_TOKENS_MAX);
