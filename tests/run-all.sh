@@ -26,6 +26,20 @@ export DSPARK_OPERATOR_BIN="$CARGO_TARGET_DIR/debug/dspark-operator"
 step "cargo test"
 cargo test --workspace --no-fail-fast
 
+# No GPU is needed to compile the kernels: NVRTC from PyPI compiles every CUDA source for sm_90a
+# and sm_121 (the test is a skip without the library; here it must run).
+step "kernels: every CUDA source compiles with NVRTC (libnvrtc from PyPI, no GPU)"
+"$venv/bin/pip" install -q --disable-pip-version-check "nvidia-cuda-nvrtc>=13,<14"
+nvrtc_lib=$(python -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')
+LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" DSPARK_REQUIRE_NVRTC=1 \
+  cargo test -p dspark-kernels --lib all_sources_compile_with_nvrtc
+
+# The two-rank peer all-reduce is a protocol between GPUs; its CPU emulation runs the kernel source
+# with both ranks' blocks as threads, skewed at random, and checks every sum bit for bit.
+step "kernels: the peer all-reduce's protocol, emulated on the CPU"
+g++ -std=c++20 -O2 -pthread -w -o "$CARGO_TARGET_DIR/peer_reduce_emu" kernels/tools/peer_reduce_emu.cpp
+"$CARGO_TARGET_DIR/peer_reduce_emu" 1000
+
 step "end-to-end + reliability: the real server with the official openai client"
 DSPARK_SERVER_BIN="$CARGO_TARGET_DIR/debug/dspark-server" python -m pytest -q tests/e2e tests/reliability
 

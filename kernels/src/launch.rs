@@ -14,6 +14,7 @@ use crate::sources;
 use submit::SubmitKernel;
 
 pub mod attention;
+pub mod collective;
 pub mod dense_gemv;
 pub mod elementwise;
 pub mod layer_ops;
@@ -701,6 +702,7 @@ pub struct Kernels {
     moe_sorted: moe_sorted::MoeSortedFns,
     moe_grouped: moe_grouped::MoeGroupedFns,
     skinny_mma: skinny_mma::SkinnyMmaFns,
+    collective: collective::CollectiveFns,
 }
 
 impl Kernels {
@@ -816,6 +818,7 @@ impl Kernels {
             dense_gemv: dense_gemv::DenseGemvFns::load(&module(&sources::DENSE_GEMV)?)?,
             moe_sorted: moe_sorted::MoeSortedFns::load(&module(&sources::MOE_SORTED)?)?,
             skinny_mma: skinny_mma::SkinnyMmaFns::load(&module(&sources::SKINNY_MMA)?, clusters)?,
+            collective: collective::CollectiveFns::load(&module(&sources::COLLECTIVE)?)?,
             ctx: ctx.clone(),
             arch,
             sms: usize::try_from(sms).unwrap_or(1).max(1),

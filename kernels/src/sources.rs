@@ -72,7 +72,12 @@ pub const SKINNY_MMA: KernelSource = KernelSource {
     body: include_str!("../skinny_mma.cu"),
 };
 
-pub const ALL: [KernelSource; 13] = [
+pub const COLLECTIVE: KernelSource = KernelSource {
+    name: "collective",
+    body: include_str!("../collective.cu"),
+};
+
+pub const ALL: [KernelSource; 14] = [
     FP8_GEMV,
     FP4_MOE,
     RMSNORM,
@@ -86,6 +91,7 @@ pub const ALL: [KernelSource; 13] = [
     DENSE_GEMV,
     MOE_SORTED,
     SKINNY_MMA,
+    COLLECTIVE,
 ];
 
 impl KernelSource {

@@ -189,6 +189,14 @@ pub struct ServeArgs {
           default_missing_value = "true", action = clap::ArgAction::Set)]
     pub enforce_eager: bool,
 
+    /// Keep every all-reduce on NCCL (vLLM's flag). The one-kernel all-reduce over the peer
+    /// GPU's memory, for decode-sized sums of a pair on one host, is opt-in for now
+    /// (`DSPARK_CUSTOM_ALL_REDUCE=1`, docs/CUDA.md); this flag keeps it off even then. Also
+    /// `--disable-custom-all-reduce=true|false`.
+    #[arg(long, env = "DSPARK_DISABLE_CUSTOM_ALL_REDUCE", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub disable_custom_all_reduce: bool,
+
     /// Speculative decoding [default: dspark when the checkpoint carries the draft, else none].
     #[arg(long, env = "DSPARK_SPECULATIVE_METHOD", value_enum)]
     pub speculative_method: Option<SpeculativeMethod>,
@@ -412,6 +420,12 @@ pub struct BenchArgs {
     #[arg(long, env = "DSPARK_ENFORCE_EAGER")]
     pub enforce_eager: bool,
 
+    /// Keep every all-reduce of a `--world-size 2` run on NCCL even where
+    /// `DSPARK_CUSTOM_ALL_REDUCE=1` opts in to the peer-memory kernel (vLLM's flag; as `serve`'s).
+    #[arg(long, env = "DSPARK_DISABLE_CUSTOM_ALL_REDUCE", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub disable_custom_all_reduce: bool,
+
     /// Bytes of each buffer of the copy-bandwidth measurement.
     #[arg(long, env = "DSPARK_COPY_BYTES", default_value_t = 1 << 30)]
     pub copy_bytes: usize,
@@ -545,6 +559,9 @@ mod tests {
         assert!(!parse(&["--enforce-eager", "false"]).enforce_eager);
         assert!(parse(&["--enforce-eager", "true", "--port", "9000"]).enforce_eager);
         assert!(!parse(&[]).enforce_eager);
+        assert!(parse(&["--disable-custom-all-reduce"]).disable_custom_all_reduce);
+        assert!(!parse(&["--disable-custom-all-reduce=false"]).disable_custom_all_reduce);
+        assert!(!parse(&[]).disable_custom_all_reduce);
     }
 
     #[test]

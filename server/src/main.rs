@@ -654,14 +654,19 @@ fn engine_communicator(
     };
     let stream = dspark_server::backend::cuda::group_stream(gpu_ordinal(args)?)
         .map_err(|e| anyhow::anyhow!("cannot open the GPU for NCCL: {e}"))?;
-    let comm = dspark_server::backend::cuda::nccl::NcclCommunicator::new(
+    let mut comm = dspark_server::backend::cuda::nccl::NcclCommunicator::new(
         stream,
         group.rank,
         group.world_size,
         id,
     )
     .map_err(|e| anyhow::anyhow!("cannot join the NCCL group: {e}"))?;
-    info!(rank = group.rank, "NCCL communicator ready");
+    let small_sums = comm
+        .connect_peer_memory(dspark_server::backend::cuda::peer::peer_all_reduce_wanted(
+            args.disable_custom_all_reduce,
+        ))
+        .map_err(|e| anyhow::anyhow!("cannot set up the peer all-reduce: {e}"))?;
+    info!(rank = group.rank, all_reduce = %small_sums, "NCCL communicator ready");
     Ok(Arc::new(comm))
 }
 

@@ -10,6 +10,7 @@
 
 mod support;
 
+use dspark_server::backend::cuda::peer::PeerMemory;
 use dspark_server::backend::cuda::CudaBackend;
 use dspark_server::engine::model::{self, DeepseekV4, KvStorage, LoadOptions, ModelConfig, Shard};
 use dspark_server::engine::LogitsWanted;
@@ -96,15 +97,33 @@ fn two_gpus_enabled(test: &str) -> bool {
     gpus >= 2
 }
 
-/// Rank `rank` of a two-GPU group over NCCL (its own GPU and stream) with the wide model.
+/// Rank `rank` of a two-GPU group over NCCL (its own GPU and stream) with the wide model; small
+/// all-reduces over peer memory, as served.
 fn nccl_rank_model(
     dir: &Path,
     rank: usize,
     id: &dspark_server::ranks::NcclUniqueId,
 ) -> DeepseekV4<CudaBackend> {
+    nccl_rank_model_with(dir, rank, id, true)
+}
+
+/// [`nccl_rank_model`], the peer all-reduce as `peer` says (false: NCCL carries every sum).
+fn nccl_rank_model_with(
+    dir: &Path,
+    rank: usize,
+    id: &dspark_server::ranks::NcclUniqueId,
+    peer: bool,
+) -> DeepseekV4<CudaBackend> {
     let stream = dspark_server::backend::cuda::group_stream(rank).unwrap();
-    let comm =
+    let mut comm =
         dspark_server::backend::cuda::nccl::NcclCommunicator::new(stream, rank, 2, id).unwrap();
+    let memory = comm.connect_peer_memory(peer).unwrap().clone();
+    let want = if peer {
+        PeerMemory::SameProcess
+    } else {
+        PeerMemory::Unused("off on this rank".into())
+    };
+    assert_eq!(memory, want, "rank {rank}");
     let shard = Shard {
         rank,
         world_size: 2,
@@ -347,6 +366,52 @@ fn layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op() {
         assert!(w < BOUND, "{w:e}");
         assert_eq!(results[0], results[1], "ranks disagree");
     }
+}
+
+/// The one-kernel all-reduce over the peer GPU's memory (the ranks are threads of this process)
+/// gives NCCL's bits for every step of the schedule, eager and from CUDA graphs, and the ranks
+/// agree.
+#[test]
+fn peer_memory_all_reduce_over_nccl_pairs_keeps_the_nccl_bits() {
+    if !two_gpus_enabled("peer_memory_all_reduce_over_nccl_pairs_keeps_the_nccl_bits") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    support::write_wide_config(dir.path(), &[("sliding_window", 32), ("index_topk", 8)]);
+    let mut runs = Vec::new();
+    for (peer, graphs) in [(false, true), (true, true), (true, false)] {
+        let id = dspark_server::ranks::NcclUniqueId::create().unwrap();
+        let results = support::local_group::run_ranks(2, |rank, _| {
+            let mut m = nccl_rank_model_with(dir.path(), rank, &id, peer);
+            m.backend().set_gemm_tf32(false);
+            if !graphs {
+                m.set_cuda_graphs(false);
+            }
+            let mut out = schedule(&mut m);
+            out.extend(captured_prompt(&mut m));
+            let sums = m.backend().peer_all_reduces();
+            if peer {
+                assert!(sums > 0, "rank {rank}: no all-reduce went over peer memory");
+            } else {
+                assert_eq!(sums, 0, "rank {rank}");
+            }
+            assert_eq!(m.backend().graph_steps() > 0, graphs, "rank {rank}");
+            out
+        });
+        assert_eq!(
+            results[0], results[1],
+            "ranks disagree (peer {peer}, graphs {graphs})"
+        );
+        runs.push(results.into_iter().next().unwrap());
+    }
+    assert_eq!(
+        runs[1], runs[0],
+        "peer memory against NCCL, both from graphs"
+    );
+    assert_eq!(
+        runs[2], runs[0],
+        "peer memory eager against NCCL from graphs"
+    );
 }
 
 /// Split GEMM steps over NCCL as served (TF32 on: the f16 projections and the grouped FP4

@@ -5,8 +5,12 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cudarc::driver::CudaContext;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+use dspark_kernels::{Kernels, LoaderConfig};
 use dspark_server::backend::cuda::nccl::NcclCommunicator;
+use dspark_server::backend::cuda::peer::{PeerMemory, PEER_CAP};
 use dspark_server::ranks::{
     rendezvous, Communicator, FailPolicy, GroupFingerprint, GroupHealth, NcclUniqueId, RankConfig,
 };
@@ -58,8 +62,9 @@ fn nccl_rank_entry() {
     println!("rank {rank}: nccl id starts {:02x?}", &id.0[..8]);
 
     let ctx = CudaContext::new(rank).unwrap();
-    let stream = ctx.default_stream();
-    let nccl = NcclCommunicator::new(stream.clone(), rank, 2, &id).unwrap();
+    // A stream of its own: the legacy default stream cannot be captured into a graph.
+    let stream = ctx.new_stream().unwrap();
+    let mut nccl = NcclCommunicator::new(stream.clone(), rank, 2, &id).unwrap();
 
     // Host-path all-reduce equals the TCP communicator's, bit for bit (a sum of two is
     // commutative in IEEE arithmetic, so NCCL's order cannot matter here).
@@ -104,9 +109,157 @@ fn nccl_rank_entry() {
         "rank {rank}: device all_reduce f32 x {n}: {:.1} us/op",
         t0.elapsed().as_secs_f64() * 1e6 / iters as f64
     );
+    let nccl_graph_us = graph_us_per_op(&stream, 100, || {
+        nccl.all_reduce_sum_device(&mut dev).unwrap();
+    });
+    println!("rank {rank}: NCCL all_reduce f32 x {n} in a CUDA graph: {nccl_graph_us:.2} us/op");
+
+    peer_all_reduce_checks(rank, &ctx, &stream, &mut nccl);
     group.comm.barrier().unwrap();
     println!("rank {rank}: NCCL OK");
     std::process::exit(0);
+}
+
+/// Microseconds per call of `op` captured `calls` times into one CUDA graph and replayed.
+fn graph_us_per_op(stream: &Arc<CudaStream>, calls: usize, mut op: impl FnMut()) -> f64 {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+        .unwrap();
+    for _ in 0..calls {
+        op();
+    }
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("a captured graph");
+    graph.launch().unwrap();
+    stream.synchronize().unwrap();
+    let replays = 20;
+    let t0 = Instant::now();
+    for _ in 0..replays {
+        graph.launch().unwrap();
+    }
+    stream.synchronize().unwrap();
+    t0.elapsed().as_secs_f64() * 1e6 / (replays * calls) as f64
+}
+
+/// Rank `rank`'s value `j` of call `call`: exact sums of two that differ call to call, so a
+/// read of the wrong call's half (or a stale line) shows.
+fn peer_value(rank: usize, call: usize, j: usize) -> f32 {
+    ((rank * 7 + call * 13 + j * 3) % 4093) as f32 * 0.25 - 500.0
+}
+
+/// The peer all-reduce between the two processes (CUDA IPC): bit-exact sums over sizes that take
+/// the vector and scalar paths, in place and not, eager and from a graph, both halves of the
+/// region in turn; then its latency in a graph beside NCCL's.
+fn peer_all_reduce_checks(
+    rank: usize,
+    ctx: &Arc<CudaContext>,
+    stream: &Arc<CudaStream>,
+    nccl: &mut NcclCommunicator,
+) {
+    let memory = nccl.connect_peer_memory(true).unwrap().clone();
+    println!("rank {rank}: small all-reduces over {memory}");
+    assert_eq!(
+        memory,
+        PeerMemory::CudaIpc,
+        "two processes on one host that see both GPUs map each other's memory"
+    );
+    let kernels = Kernels::load(ctx, &LoaderConfig::from_env()).unwrap();
+    let link = nccl.peer_link().unwrap();
+    let ptr = |b: &CudaSlice<f32>| b.device_ptr(stream).0;
+    for (n, calls) in [
+        (1usize, 9usize),
+        (3, 9),
+        (4, 9),
+        (4099, 7),
+        (4096, 64),
+        (65_536, 5),
+        (PEER_CAP, 3),
+    ] {
+        let input: Vec<f32> = (0..calls * n)
+            .map(|k| peer_value(rank, k / n, k % n))
+            .collect();
+        let dev_in = stream.clone_htod(&input).unwrap();
+        let dev_out = stream.alloc_zeros::<f32>(calls * n).unwrap();
+        for c in 0..calls {
+            let (i, o) = (
+                ptr(&dev_in) + (c * n * 4) as u64,
+                ptr(&dev_out) + (c * n * 4) as u64,
+            );
+            // SAFETY: both hold `n` f32 at these offsets; the link and buffers outlive the
+            // stream's work (synchronised below); both ranks make the same calls.
+            unsafe { kernels.peer_all_reduce2(stream, &link.all_reduce(i, o, n)) }.unwrap();
+        }
+        let got = stream.clone_dtoh(&dev_out).unwrap();
+        stream.synchronize().unwrap();
+        for (k, v) in got.iter().enumerate() {
+            let (c, j) = (k / n, k % n);
+            let want = peer_value(0, c, j) + peer_value(1, c, j);
+            assert_eq!(
+                v.to_bits(),
+                want.to_bits(),
+                "rank {rank}: n {n}, call {c}, value {j}"
+            );
+        }
+    }
+    // In place, the same buffer every call (as the layer stack uses it).
+    let n = 16_384;
+    let mut buf = stream.alloc_zeros::<f32>(n).unwrap();
+    for c in 0..5 {
+        let host: Vec<f32> = (0..n).map(|j| peer_value(rank, c, j)).collect();
+        stream.memcpy_htod(&host, &mut buf).unwrap();
+        let at = ptr(&buf);
+        // SAFETY: as above, in place.
+        unsafe { kernels.peer_all_reduce2(stream, &link.all_reduce(at, at, n)) }.unwrap();
+        let got = stream.clone_dtoh(&buf).unwrap();
+        stream.synchronize().unwrap();
+        assert!(got
+            .iter()
+            .enumerate()
+            .all(|(j, v)| *v == peer_value(0, c, j) + peer_value(1, c, j)));
+    }
+    // From a graph: one captured call replayed on new inputs (the call counters live on the
+    // device, so each replay takes the next half and flag).
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let out = stream.alloc_zeros::<f32>(n).unwrap();
+    let (at, to) = (ptr(&buf), ptr(&out));
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+        .unwrap();
+    // SAFETY: as above; captured, then replayed while `buf`, `out` and the link live.
+    unsafe { kernels.peer_all_reduce2(stream, &link.all_reduce(at, to, n)) }.unwrap();
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("a captured graph");
+    for c in 0..9 {
+        let host: Vec<f32> = (0..n).map(|j| peer_value(rank, 100 + c, j)).collect();
+        stream.memcpy_htod(&host, &mut buf).unwrap();
+        graph.launch().unwrap();
+        let got = stream.clone_dtoh(&out).unwrap();
+        stream.synchronize().unwrap();
+        assert!(got
+            .iter()
+            .enumerate()
+            .all(|(j, v)| *v == peer_value(0, 100 + c, j) + peer_value(1, 100 + c, j)));
+    }
+    for width in [4096usize, 16 * 4096] {
+        let mut dev = stream.alloc_zeros::<f32>(width).unwrap();
+        let at = ptr(&dev);
+        let peer_us = graph_us_per_op(stream, 100, || {
+            // SAFETY: as above.
+            unsafe { kernels.peer_all_reduce2(stream, &link.all_reduce(at, at, width)) }.unwrap();
+        });
+        let nccl_us = graph_us_per_op(stream, 100, || {
+            nccl.all_reduce_sum_device(&mut dev).unwrap();
+        });
+        println!(
+            "rank {rank}: all-reduce f32 x {width} in a CUDA graph: peer memory {peer_us:.2} us/op, \
+             NCCL {nccl_us:.2} us/op"
+        );
+    }
 }
 
 #[test]

@@ -6,6 +6,7 @@
 #   DSPARK_SERVER_BIN=target/debug/dspark-server DSPARK_MODEL_CUDA_BIN=target/debug/deps/model_cuda-<hash> \
 #     DSPARK_BACKEND_KV_CUDA_BIN=target/debug/deps/backend_kv_cuda-<hash> \
 #     DSPARK_LAYER_STACK_CUDA_BIN=target/debug/deps/layer_stack_cuda-<hash> \
+#     DSPARK_RANKS_NCCL_BIN=target/debug/deps/ranks_nccl-<hash> \
 #     DSPARK_KERNEL_TEST_BINS="target/debug/deps/layer_ops_gpu-<hash> ..." tests/gpu/cuda-checks.sh
 # 1. the engine fixture tests on the CUDA backend (transformers references, CUDA vs CPU, TP=2 in
 #    one process) and the KV pool kernels against the CPU backend; 2. compute-sanitizer memcheck
@@ -44,6 +45,12 @@ fi
 if [[ -n "$stack_tests" ]]; then
   step "layer_stack_cuda: the device layer stack against the op-by-op forward (TP=1, TP=2)"
   DSPARK_TEST_CUDA=1 "$stack_tests" --test-threads 1 --nocapture || fail=1
+fi
+# Optional: the ranks_nccl test binary (two processes over NCCL, and the peer all-reduce between
+# them over CUDA IPC); needs two GPUs.
+if [[ -n "${DSPARK_RANKS_NCCL_BIN:-}" ]] && (( $(nvidia-smi -L 2>/dev/null | wc -l) >= 2 )); then
+  step "ranks_nccl: NCCL and the peer all-reduce between two processes"
+  DSPARK_TEST_NCCL=1 "$DSPARK_RANKS_NCCL_BIN" --test-threads 1 --nocapture || fail=1
 fi
 
 if command -v compute-sanitizer >/dev/null 2>&1; then
@@ -102,6 +109,14 @@ if (( gpus >= 2 )); then
   [[ "$want" == "$got3" ]] || { echo "MISMATCH cuda tp2 dspark"; fail=1; }
   # A prompt long enough for the split prefill steps, which the five-token one never reaches.
   bash "$(dirname "$0")/long-prompt-tp2.sh" || fail=1
+  # The opt-in peer all-reduce: the local launcher's two processes map each other's region over
+  # CUDA IPC, and the text must not change (the sums are NCCL's bits).
+  step "server: CUDA TP=2, decode all-reduces over peer memory (DSPARK_CUSTOM_ALL_REDUCE=1)"
+  (export DSPARK_CUSTOM_ALL_REDUCE=1; serve 8112 cuda 2) && got4=$(complete 8112); stop 8112
+  echo "cuda tp2 peer all-reduce: $got4"
+  grep -m2 "NCCL communicator ready" /tmp/dspark-8112.log
+  grep -q "CUDA IPC" /tmp/dspark-8112.log || { echo "the ranks did not map each other's memory"; fail=1; }
+  [[ "$want" == "$got4" ]] || { echo "MISMATCH cuda tp2 peer all-reduce"; fail=1; }
 else
   step "one GPU: TP=2 over NCCL skipped"
 fi

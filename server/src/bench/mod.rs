@@ -273,8 +273,13 @@ pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchE
     };
     let load_started = std::time::Instant::now();
     let dir = args.model_dir();
+    let mut all_reduce = None;
     let mut runner: Box<dyn crate::engine::ModelRunner> = if args.world_size > 1 {
-        Box::new(tensor_parallel::build(&cfg, &opts, args.world_size, &dir)?)
+        let peer =
+            crate::backend::cuda::peer::peer_all_reduce_wanted(args.disable_custom_all_reduce);
+        let group = tensor_parallel::build(&cfg, &opts, args.world_size, &dir, peer)?;
+        all_reduce = Some(group.all_reduce.clone());
+        Box::new(group)
     } else {
         let ckpt = checkpoint_source::open(&dir, &cfg, &opts)?;
         model::build(cfg.clone(), &ckpt, &opts, Arc::new(SingleRank))?
@@ -324,6 +329,7 @@ pub fn run(args: &BenchArgs, sink: &mut dyn ReportSink) -> Result<Report, BenchE
         shared_context: shared,
         random_fill: args.kv_fill == crate::cli::KvFill::Random,
         world_size: args.world_size,
+        all_reduce,
         pool_tokens: layout.num_blocks * layout.block_size,
         chunk: args.max_num_batched_tokens,
         iters: args.iters,

@@ -39,6 +39,8 @@ pub struct Report {
     /// Tensor-parallel ranks (rank r on GPU r); bytes are the whole model's, and % of copy is
     /// against this many times GPU 0's copy bandwidth.
     pub world_size: usize,
+    /// How a tensor-parallel run's small all-reduces travel (peer memory or NCCL only).
+    pub all_reduce: Option<String>,
     pub pool_tokens: usize,
     pub chunk: usize,
     pub iters: usize,
@@ -158,6 +160,9 @@ impl Report {
                  whole model's, % copy is against {} x the copy bandwidth above",
                 self.world_size, self.world_size
             );
+            if let Some(how) = &self.all_reduce {
+                let _ = writeln!(s, "small all-reduces: {how}");
+            }
         }
         let _ = writeln!(
             s,
@@ -373,6 +378,7 @@ mod tests {
             shared_context: false,
             random_fill: false,
             world_size: 1,
+            all_reduce: None,
             pool_tokens: 1024,
             chunk: 8192,
             iters: 2,

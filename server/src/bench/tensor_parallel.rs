@@ -31,6 +31,8 @@ struct Follower {
 pub struct TensorParallelRunner {
     local: Box<dyn ModelRunner>,
     followers: Vec<Follower>,
+    /// How rank 0's small all-reduces travel (the report's header).
+    pub all_reduce: String,
 }
 
 /// Ends the process: a rank failed while the others may wait in a collective for it.
@@ -59,6 +61,7 @@ pub fn build(
     opts: &LoadOptions,
     world: usize,
     dir: &std::path::Path,
+    peer_all_reduce: bool,
 ) -> Result<TensorParallelRunner, BenchError> {
     if opts.device == Device::Cuda {
         let gpus =
@@ -77,19 +80,25 @@ pub fn build(
         Device::Cpu => None,
     };
     let mut comms = cpu_communicators(opts.device, world).into_iter();
+    // Each rank's communicator and how its small all-reduces travel.
     let comm_for = move |rank: usize,
                          local: Option<Arc<dyn Communicator>>|
-          -> Result<Arc<dyn Communicator>, String> {
+          -> Result<(Arc<dyn Communicator>, String), String> {
         if let Some(c) = local {
-            return Ok(c);
+            return Ok((c, "in-process group".into()));
         }
         let Some(id) = nccl_id.as_ref() else {
             return Err("no communicator".into());
         };
         let stream = crate::backend::cuda::group_stream(rank).map_err(|e| e.to_string())?;
-        let comm = crate::backend::cuda::nccl::NcclCommunicator::new(stream, rank, world, id)
+        let mut comm = crate::backend::cuda::nccl::NcclCommunicator::new(stream, rank, world, id)
             .map_err(|e| format!("cannot join the NCCL group: {e}"))?;
-        Ok(Arc::new(comm))
+        let small_sums = comm
+            .connect_peer_memory(peer_all_reduce)
+            .map_err(|e| format!("cannot set up the peer all-reduce: {e}"))?
+            .to_string();
+        tracing::info!(rank, all_reduce = %small_sums, "NCCL communicator ready");
+        Ok((Arc::new(comm), small_sums))
     };
     let comm_for = Arc::new(comm_for);
     let rank_opts = |rank: usize| LoadOptions {
@@ -124,7 +133,7 @@ pub fn build(
         let thread = std::thread::Builder::new()
             .name(format!("bench-rank-{rank}"))
             .spawn(move || {
-                let built = comm_for(rank, comm).and_then(|c| load(opts, c));
+                let built = comm_for(rank, comm).and_then(|(c, _)| load(opts, c));
                 let mut runner = match built {
                     Ok(r) => {
                         let _ = done_tx.send(Ok(true));
@@ -161,7 +170,11 @@ pub fn build(
             thread: Some(thread),
         });
     }
-    let local = comm_for(0, local_comm).and_then(|c| load(rank_opts(0), c));
+    let mut all_reduce = String::new();
+    let local = comm_for(0, local_comm).and_then(|(c, how)| {
+        all_reduce = how;
+        load(rank_opts(0), c)
+    });
     for (i, f) in followers.iter().enumerate() {
         match f.done.recv() {
             Ok(Ok(_)) => {}
@@ -170,7 +183,11 @@ pub fn build(
         }
     }
     let local = local.map_err(|e| BenchError::Args(format!("rank 0: {e}")))?;
-    Ok(TensorParallelRunner { local, followers })
+    Ok(TensorParallelRunner {
+        local,
+        followers,
+        all_reduce,
+    })
 }
 
 impl TensorParallelRunner {

@@ -11,7 +11,7 @@ use crate::engine::{DraftPlan, LogitsWanted, SeqPlan, StepPlan};
 pub const PREAMBLE: [u8; 8] = *b"DSPKRANK";
 
 /// Bumped on any change to the frames below. Checked in the handshake.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame accepted; guards against garbage lengths. Larger than any collective we run
 /// (logits all-gather of a full verify batch is well under 1 GiB).

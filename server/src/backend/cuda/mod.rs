@@ -13,6 +13,7 @@ mod gemm_step;
 mod kv;
 mod layer_stack;
 pub mod nccl;
+pub mod peer;
 
 pub use kv::CudaKvStore;
 pub use layer_stack::{CudaLayerStack, STACK_MAX_ROWS};
@@ -277,6 +278,9 @@ pub struct CudaBackend {
     split_side_gather: AtomicBool,
     /// Attention sub-layers whose projections a split step gathered partly on the second stream.
     side_gathers: AtomicU64,
+    /// Layer-stack all-reduces enqueued as the peer-memory kernel (a graph counts once, when
+    /// captured, not per replay).
+    peer_all_reduces: AtomicU64,
     /// The engine's step budget (`--max-num-batched-tokens`; 0 = not told), which sizes the
     /// GEMM pieces ([`Self::gemm_piece_rows_max`]).
     step_tokens: AtomicUsize,
@@ -418,6 +422,7 @@ impl CudaBackend {
                 std::env::var("DSPARK_SPLIT_SIDE_GATHER").map_or(true, |v| v.trim() != "0"),
             ),
             side_gathers: AtomicU64::new(0),
+            peer_all_reduces: AtomicU64::new(0),
             step_tokens: AtomicUsize::new(0),
         })
     }
@@ -486,6 +491,12 @@ impl CudaBackend {
     /// stream so far.
     pub fn side_gathers(&self) -> u64 {
         self.side_gathers.load(Ordering::Relaxed)
+    }
+
+    /// Layer-stack all-reduces enqueued (or captured into a graph) as the peer-memory kernel
+    /// rather than NCCL so far.
+    pub fn peer_all_reduces(&self) -> u64 {
+        self.peer_all_reduces.load(Ordering::Relaxed)
     }
 
     /// Whether the head-grouped attention runs its f16 tensor-core form (every step, over
