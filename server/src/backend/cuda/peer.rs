@@ -281,14 +281,9 @@ impl PeerLink {
             boot_id: boot_id(),
         };
         let theirs = exchange(comm, &mine)?;
-        let mapped = match (&allocs, theirs.offered) {
-            (None, _) => Err(local_refusal.unwrap_or_default()),
-            (Some(_), false) => Err("the peer rank offers no peer memory".to_string()),
-            (Some(_), true) if theirs.cap != mine.cap => Err(format!(
-                "the peer's buffer holds {} values, this rank's {}",
-                theirs.cap, mine.cap
-            )),
-            (Some(_), true) => map_peer(ctx, &mine, &theirs),
+        let mapped = match route(&mine, &theirs) {
+            Route::Refuse(why) => Err(local_refusal.unwrap_or(why)),
+            route => map_peer(ctx, route),
         };
         // Both or neither: one rank in the peer kernel would wait forever for the other.
         let mut ok = [if mapped.is_ok() { 1.0f32 } else { 0.0 }];
@@ -366,46 +361,85 @@ fn exchange(comm: &dyn Communicator, mine: &PeerRecord) -> Result<PeerRecord, Co
     Ok(records.swap_remove(1 - rank))
 }
 
-/// The peer's region in this context.
-fn map_peer(
-    ctx: &Arc<CudaContext>,
-    mine: &PeerRecord,
-    theirs: &PeerRecord,
-) -> Result<(CUdeviceptr, PeerMapping), String> {
+/// How this rank can reach the peer's region, decided from the two records alone.
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    /// The same process: the peer's pointer, once peer access to its GPU is on.
+    SameProcess {
+        ordinal: usize,
+        region: CUdeviceptr,
+    },
+    /// Another process on this host: open the peer's IPC handle.
+    Ipc([u8; 64]),
+    Refuse(String),
+}
+
+fn route(mine: &PeerRecord, theirs: &PeerRecord) -> Route {
+    if !mine.offered {
+        return Route::Refuse("this rank offers no peer memory".into());
+    }
+    if !theirs.offered {
+        return Route::Refuse("the peer rank offers no peer memory".into());
+    }
+    if theirs.cap != mine.cap {
+        return Route::Refuse(format!(
+            "the peer's buffer holds {} values, this rank's {}",
+            theirs.cap, mine.cap
+        ));
+    }
+    if theirs.process == mine.process {
+        return match usize::try_from(theirs.ordinal) {
+            Ok(ordinal) => Route::SameProcess {
+                ordinal,
+                region: theirs.region,
+            },
+            Err(e) => Route::Refuse(format!("peer GPU ordinal: {e}")),
+        };
+    }
+    // Containers share the host kernel's boot id; pids and hostnames they do not.
+    if mine.boot_id.is_empty() || mine.boot_id != theirs.boot_id {
+        return Route::Refuse("the ranks run on different hosts".into());
+    }
+    match theirs.ipc {
+        Some(handle) => Route::Ipc(handle),
+        None => Route::Refuse("the peer rank has no CUDA IPC handle".into()),
+    }
+}
+
+/// The peer's region in this context, along `route` (not `Refuse`).
+fn map_peer(ctx: &Arc<CudaContext>, route: Route) -> Result<(CUdeviceptr, PeerMapping), String> {
     ctx.bind_to_thread()
         .map_err(|e| format!("bind context: {e:?}"))?;
-    if theirs.process == mine.process {
-        let peer_ordinal = usize::try_from(theirs.ordinal).map_err(|e| e.to_string())?;
-        let peer = CudaContext::new(peer_ordinal).map_err(|e| format!("peer GPU: {e:?}"))?;
-        let mut can = 0;
-        // SAFETY: both devices are valid ordinals of this process; `can` is written.
-        unsafe {
-            cuda(
-                "cuDeviceCanAccessPeer",
-                sys::cuDeviceCanAccessPeer(&mut can, ctx.cu_device(), peer.cu_device()),
-            )?;
+    let handle = match route {
+        Route::Refuse(why) => return Err(why),
+        Route::SameProcess { ordinal, region } => {
+            let peer = CudaContext::new(ordinal).map_err(|e| format!("peer GPU: {e:?}"))?;
+            let mut can = 0;
+            // SAFETY: both devices are valid ordinals of this process; `can` is written.
+            unsafe {
+                cuda(
+                    "cuDeviceCanAccessPeer",
+                    sys::cuDeviceCanAccessPeer(&mut can, ctx.cu_device(), peer.cu_device()),
+                )?;
+            }
+            if can == 0 {
+                return Err(format!(
+                    "GPU {} cannot access GPU {ordinal} directly",
+                    ctx.ordinal()
+                ));
+            }
+            // Opening the peer's context may have made it current.
+            ctx.bind_to_thread()
+                .map_err(|e| format!("bind context: {e:?}"))?;
+            // SAFETY: enables this (current) context's access to the peer's; NCCL may have done
+            // so already, which the driver reports and which is fine.
+            match unsafe { sys::cuCtxEnablePeerAccess(peer.cu_ctx(), 0) } {
+                CUresult::CUDA_SUCCESS | CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {}
+                e => return Err(format!("cuCtxEnablePeerAccess: {e:?}")),
+            }
+            return Ok((region, PeerMapping::SameProcess { _peer: peer }));
         }
-        if can == 0 {
-            return Err(format!(
-                "GPU {} cannot access GPU {peer_ordinal} directly",
-                ctx.ordinal()
-            ));
-        }
-        ctx.bind_to_thread()
-            .map_err(|e| format!("bind context: {e:?}"))?;
-        // SAFETY: enables this (current) context's access to the peer's; NCCL may have done
-        // so already, which the driver reports and which is fine.
-        match unsafe { sys::cuCtxEnablePeerAccess(peer.cu_ctx(), 0) } {
-            CUresult::CUDA_SUCCESS | CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {}
-            e => return Err(format!("cuCtxEnablePeerAccess: {e:?}")),
-        }
-        return Ok((theirs.region, PeerMapping::SameProcess { _peer: peer }));
-    }
-    if mine.boot_id.is_empty() || mine.boot_id != theirs.boot_id {
-        return Err("the ranks run on different hosts".into());
-    }
-    let Some(handle) = theirs.ipc else {
-        return Err("the peer rank has no CUDA IPC handle".into());
+        Route::Ipc(handle) => handle,
     };
     let mut raw = sys::CUipcMemHandle { reserved: [0; 64] };
     for (r, b) in raw.reserved.iter_mut().zip(handle) {
@@ -454,6 +488,76 @@ mod tests {
         let mut wrong = r.encode();
         wrong[0] = 2;
         assert!(PeerRecord::decode(&wrong).is_err());
+    }
+
+    fn record(process: u64, boot_id: &str) -> PeerRecord {
+        PeerRecord {
+            offered: true,
+            process,
+            ordinal: 0,
+            region: 0x7f00_0000_0000,
+            cap: PEER_CAP as u64,
+            ipc: Some([3; 64]),
+            boot_id: boot_id.into(),
+        }
+    }
+
+    #[test]
+    fn routes_follow_process_and_host() {
+        let here = record(1, "boot-a");
+        let thread = PeerRecord {
+            ordinal: 1,
+            region: 0x7f10_0000_0000,
+            ..record(1, "boot-a")
+        };
+        assert_eq!(
+            route(&here, &thread),
+            Route::SameProcess {
+                ordinal: 1,
+                region: 0x7f10_0000_0000
+            }
+        );
+        assert_eq!(route(&here, &record(2, "boot-a")), Route::Ipc([3; 64]));
+        let refused = |theirs: &PeerRecord, mine: &PeerRecord, says: &str| match route(mine, theirs)
+        {
+            Route::Refuse(why) => assert!(why.contains(says), "{why}"),
+            other => panic!("expected a refusal ({says}), got {other:?}"),
+        };
+        refused(&record(2, "boot-b"), &here, "different hosts");
+        refused(&record(2, ""), &record(1, ""), "different hosts");
+        let no_handle = PeerRecord {
+            ipc: None,
+            ..record(2, "boot-a")
+        };
+        refused(&no_handle, &here, "no CUDA IPC handle");
+        let smaller = PeerRecord {
+            cap: 4096,
+            ..record(2, "boot-a")
+        };
+        refused(&smaller, &here, "buffer holds 4096");
+        let declined = PeerRecord {
+            offered: false,
+            ..record(2, "boot-a")
+        };
+        refused(&declined, &here, "peer rank offers no");
+        refused(&record(2, "boot-a"), &declined, "this rank offers no");
+    }
+
+    #[test]
+    fn each_rank_receives_the_others_record() {
+        let group = crate::ranks::local::group(2);
+        let got: Vec<PeerRecord> = std::thread::scope(|s| {
+            let handles: Vec<_> = group
+                .iter()
+                .enumerate()
+                .map(|(rank, comm)| {
+                    s.spawn(move || exchange(comm, &record(rank as u64 + 10, "boot")).unwrap())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(got[0], record(11, "boot"));
+        assert_eq!(got[1], record(10, "boot"));
     }
 
     #[test]
