@@ -1444,14 +1444,15 @@ impl CudaBackend {
         }
         let comm_err = |e: crate::ranks::CommError| BackendError::Other(format!("all-reduce: {e}"));
         if let Some(nccl) = self.stream_nccl(comm) {
+            fits("all-reduce buffer", buf.len(), len)?;
             // Decode-sized sums: one kernel over the peer's memory, a few microseconds where
             // NCCL's launch and protocol take ~12 (two a layer).
             if let Some(link) = nccl.peer_link().filter(|l| l.fits(len)) {
                 let at = ptr_mut(&self.stream, buf);
-                // SAFETY: `buf` holds at least `len` f32 (its slice above would have failed
-                // otherwise); the link's regions live as long as the communicator, which the
-                // model holds past its stream's work; every rank runs this call in the same
-                // order with the same `len`, on the stream the communicator serves.
+                // SAFETY: `buf` holds at least `len` f32 (checked); the link's regions live as
+                // long as the communicator, which the model holds past its stream's work; every
+                // rank runs this call in the same order with the same `len`, on the stream the
+                // communicator serves.
                 unsafe {
                     self.kernels
                         .peer_all_reduce2(&self.stream, &link.all_reduce(at, at, len))
