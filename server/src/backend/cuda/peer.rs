@@ -3,7 +3,8 @@
 //! all-reduce). Each rank allocates a region the other maps: in one process (the bench's ranks
 //! are threads) through peer access and the shared address space, across processes on one host
 //! (the server's local group, two pods on one node that both see the two GPUs) through CUDA
-//! IPC. Where neither works (pods that each see one GPU, two hosts) the pair keeps NCCL.
+//! IPC. Where neither works (two hosts, as the operator places its pods; processes that each
+//! see one GPU) the pair keeps NCCL.
 //!
 //! Setting up is collective: both ranks exchange what they have over NCCL and use the peer
 //! path only if both mapped the other's region, so a rank that could not (or was told not to)
