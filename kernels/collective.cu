@@ -33,7 +33,7 @@ __device__ __forceinline__ unsigned int dsk_ld_acquire_sys(const unsigned int *p
 extern "C" __global__ void __launch_bounds__(256) dsk_peer_all_reduce2_f32(
     const float *in, float *out, long long n, int vec4, float *peer_recv,
     unsigned int *peer_flags, const float *own_recv, const unsigned int *own_flags,
-    unsigned int *epochs, long long cap) {
+    unsigned int *epochs, long long cap, int system_fence) {
     dsk_pdl_entry();
     // Every thread reads the block's count; thread 0 stores the new one after the barrier below,
     // once all have read it.
@@ -56,7 +56,10 @@ extern "C" __global__ void __launch_bounds__(256) dsk_peer_all_reduce2_f32(
     const int slot = (int)(epoch & 1) * DSK_PEER_BLOCKS + blockIdx.x;
     if (threadIdx.x == 0) {
         epochs[blockIdx.x] = epoch;
-        __threadfence_system();
+        // The release below already orders the pushes the barrier put before it; the full fence
+        // is the conservative form, kept switchable (DSPARK_PEER_FENCE) until timed.
+        if (system_fence)
+            __threadfence_system();
         dsk_st_release_sys(peer_flags + slot, epoch);
         while (dsk_ld_acquire_sys(own_flags + slot) != epoch) {
         }

@@ -4,7 +4,8 @@
 // are resident; the flags' release stores and acquire loads are std::atomic_ref. Blocks and ranks
 // are skewed at random (sleeps before pushing, before reading, between calls). Checked bit for
 // bit: every output of every call is the sum of the two ranks' inputs of that call, over
-// thousands of calls whose sizes change call to call (vector and scalar paths, in place and not).
+// thousands of calls whose sizes change call to call (vector and scalar paths, in place and not,
+// with and without the system fence before the flag: every other call each).
 // A stale half, a flag read one call early or a missed barrier shows as a wrong sum.
 //
 // `--one-half` runs the kernel with both halves at one place (capacity 0), i.e. the protocol
@@ -77,8 +78,9 @@ static void launch(Rank &me, Rank &peer, const float *in, float *out, long long 
                 g_block_bar = bars[b].get();
                 Skew skew(seed * 7919u + (unsigned)(b * kThreads + t));
                 skew.maybe_sleep(10, 200);
+                // Odd calls without the system fence (DSPARK_PEER_FENCE=0): the release alone.
                 dsk_peer_all_reduce2_f32(in, out, n, vec4, peer.recv(), peer.flags(), me.recv(), me.flags(),
-                                         me.epochs.data(), cap);
+                                         me.epochs.data(), cap, (int)(seed / 2 % 2 == 0));
             });
     for (auto &th : threads) th.join();
 }

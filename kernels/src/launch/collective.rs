@@ -18,14 +18,23 @@ const PEER_THREADS: u32 = 256;
 /// The `collective.cu` kernels.
 pub struct CollectiveFns {
     all_reduce2: CudaFunction,
+    /// 1: a system-scope fence before each flag's release store (the conservative form, the
+    /// default); 0 (`DSPARK_PEER_FENCE=0`): the release store alone.
+    system_fence: i32,
 }
 
 impl CollectiveFns {
     pub(crate) fn load(module: &Arc<CudaModule>) -> Result<Self, KernelError> {
         Ok(Self {
             all_reduce2: function(module, "dsk_peer_all_reduce2_f32")?,
+            system_fence: system_fence(std::env::var("DSPARK_PEER_FENCE").ok().as_deref()),
         })
     }
+}
+
+/// DSPARK_PEER_FENCE: unset or anything but "0" keeps the fence.
+fn system_fence(value: Option<&str>) -> i32 {
+    i32::from(value.map(str::trim) != Some("0"))
 }
 
 /// Layout of the region each rank allocates for its peer to write into: two rows of
@@ -153,6 +162,7 @@ impl Kernels {
             .arg(&own_flags)
             .arg(&a.epochs)
             .arg(&cap)
+            .arg(&self.collective.system_fence)
             .launch(cfg)
             .map_err(KernelError::driver("launch peer_all_reduce2"))?;
         Ok(())
@@ -196,6 +206,13 @@ mod tests {
         let mut odd = call(4096, 4096);
         odd.input += 4;
         assert!(!vectorised(&odd));
+    }
+
+    #[test]
+    fn the_fence_stays_unless_turned_off() {
+        assert_eq!(system_fence(None), 1);
+        assert_eq!(system_fence(Some("1")), 1);
+        assert_eq!(system_fence(Some(" 0 ")), 0);
     }
 
     #[test]
