@@ -117,7 +117,7 @@ fn nccl_rank_model_with(
     let stream = dspark_server::backend::cuda::group_stream(rank).unwrap();
     let mut comm =
         dspark_server::backend::cuda::nccl::NcclCommunicator::new(stream, rank, 2, id).unwrap();
-    let memory = comm.connect_peer_memory(peer).unwrap().clone();
+    let memory = comm.connect_peer_memory(peer).unwrap();
     let want = if peer {
         PeerMemory::SameProcess
     } else {

@@ -159,7 +159,7 @@ fn peer_all_reduce_checks(
     stream: &Arc<CudaStream>,
     nccl: &mut NcclCommunicator,
 ) {
-    let memory = nccl.connect_peer_memory(true).unwrap().clone();
+    let memory = nccl.connect_peer_memory(true).unwrap();
     println!("rank {rank}: small all-reduces over {memory}");
     assert_eq!(
         memory,

@@ -44,10 +44,9 @@ pub struct NcclCommunicator {
     world_size: usize,
     stream: Arc<CudaStream>,
     comm: Mutex<OwnedComm>,
-    /// The peer's memory for the one-kernel all-reduce, once [`Self::connect_peer_memory`] has
-    /// mapped it on both ranks.
-    peer: Option<PeerLink>,
-    peer_memory: PeerMemory,
+    /// The peer's memory for the one-kernel all-reduce once [`Self::connect_peer_memory`] has
+    /// mapped it on both ranks, else why not.
+    peer: Result<PeerLink, String>,
 }
 
 impl std::fmt::Debug for NcclCommunicator {
@@ -105,30 +104,26 @@ impl NcclCommunicator {
             world_size,
             stream,
             comm: Mutex::new(OwnedComm(comm)),
-            peer: None,
-            peer_memory: PeerMemory::Unused("not connected".into()),
+            peer: Err("not connected".into()),
         })
     }
 
     /// Maps the peer GPU's memory for small all-reduces ([`super::peer`]; vLLM's custom
     /// all-reduce). Collective: every rank calls it once, right after [`Self::new`]; `wanted`
     /// false (`--disable-custom-all-reduce`) still takes part and leaves the pair on NCCL.
-    pub fn connect_peer_memory(&mut self, wanted: bool) -> Result<&PeerMemory, CommError> {
+    /// Returns how small all-reduces travel (for logs and the bench's header).
+    pub fn connect_peer_memory(&mut self, wanted: bool) -> Result<PeerMemory, CommError> {
         let ctx = self.stream.context().clone();
-        let (link, memory) = PeerLink::connect(&*self, &ctx, wanted)?;
-        self.peer = link;
-        self.peer_memory = memory;
-        Ok(&self.peer_memory)
+        self.peer = PeerLink::connect(&*self, &ctx, wanted)?;
+        Ok(match &self.peer {
+            Ok(link) => link.memory(),
+            Err(why) => PeerMemory::Unused(why.clone()),
+        })
     }
 
     /// The peer's memory, where both ranks mapped it.
     pub fn peer_link(&self) -> Option<&PeerLink> {
-        self.peer.as_ref()
-    }
-
-    /// How small all-reduces travel (for logs and the bench's header).
-    pub fn peer_memory(&self) -> &PeerMemory {
-        &self.peer_memory
+        self.peer.as_ref().ok()
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {

@@ -177,8 +177,13 @@ impl Drop for DeviceAlloc {
     }
 }
 
-/// The peer's region as mapped here.
-enum PeerMapping {
+/// The peer's region as mapped here, at `at`; an IPC mapping is closed on drop.
+struct PeerMapping {
+    at: CUdeviceptr,
+    how: MappedBy,
+}
+
+enum MappedBy {
     /// Keeps the peer's context alive while its pointer is used.
     SameProcess {
         _peer: Arc<CudaContext>,
@@ -188,30 +193,23 @@ enum PeerMapping {
     },
 }
 
+impl Drop for PeerMapping {
+    fn drop(&mut self) {
+        if let MappedBy::Ipc { ctx } = &self.how {
+            if ctx.bind_to_thread().is_ok() {
+                // SAFETY: `at` came from cuIpcOpenMemHandle in this context; closed once.
+                let _ = unsafe { sys::cuIpcCloseMemHandle(self.at) };
+            }
+        }
+    }
+}
+
 /// This rank's half of a connected pair: its own region and counters, the peer's region.
 pub struct PeerLink {
     region: PeerRegion,
     own: DeviceAlloc,
     epochs: DeviceAlloc,
-    peer: CUdeviceptr,
-    mapping: PeerMapping,
-}
-
-// SAFETY: the link holds device pointers and contexts (both shareable between threads); it is
-// used by the one stream that runs the pair's all-reduces, which the communicator orders.
-unsafe impl Send for PeerLink {}
-// SAFETY: as for Send; `&PeerLink` gives out only pointer values.
-unsafe impl Sync for PeerLink {}
-
-impl Drop for PeerLink {
-    fn drop(&mut self) {
-        if let PeerMapping::Ipc { ctx } = &self.mapping {
-            if ctx.bind_to_thread().is_ok() {
-                // SAFETY: `peer` came from cuIpcOpenMemHandle in this context; closed once.
-                let _ = unsafe { sys::cuIpcCloseMemHandle(self.peer) };
-            }
-        }
-    }
+    peer: PeerMapping,
 }
 
 impl std::fmt::Debug for PeerLink {
@@ -235,30 +233,30 @@ impl PeerLink {
             out,
             n,
             region: self.region,
-            peer_base: self.peer,
+            peer_base: self.peer.at,
             own_base: self.own.at,
             epochs: self.epochs.at,
         }
     }
 
     pub fn memory(&self) -> PeerMemory {
-        match self.mapping {
-            PeerMapping::SameProcess { .. } => PeerMemory::SameProcess,
-            PeerMapping::Ipc { .. } => PeerMemory::CudaIpc,
+        match self.peer.how {
+            MappedBy::SameProcess { .. } => PeerMemory::SameProcess,
+            MappedBy::Ipc { .. } => PeerMemory::CudaIpc,
         }
     }
 
     /// Connects the two ranks of `comm` (collective: both must call it, in the same place of
-    /// their order of collectives). `wanted` false still takes part, offering nothing. A group
-    /// of other than two ranks gets `None` without exchanging anything.
+    /// their order of collectives): the link, or why the pair keeps NCCL. `wanted` false still
+    /// takes part, offering nothing. A group of other than two ranks exchanges nothing.
     pub fn connect(
         comm: &dyn Communicator,
         ctx: &Arc<CudaContext>,
         wanted: bool,
-    ) -> Result<(Option<Self>, PeerMemory), CommError> {
+    ) -> Result<Result<Self, String>, CommError> {
         if comm.world_size() != 2 {
             let why = format!("{} ranks; the peer all-reduce pairs two", comm.world_size());
-            return Ok((None, PeerMemory::Unused(why)));
+            return Ok(Err(why));
         }
         let region = PeerRegion { cap: PEER_CAP };
         let mut local_refusal = (!wanted).then(|| "off on this rank".to_string());
@@ -289,30 +287,17 @@ impl PeerLink {
         // Both or neither: one rank in the peer kernel would wait forever for the other.
         let mut ok = [if mapped.is_ok() { 1.0f32 } else { 0.0 }];
         comm.all_reduce_sum(&mut ok)?;
-        match (mapped, allocs) {
-            (Ok((peer, mapping)), Some((own, epochs))) if ok[0] == 2.0 => {
-                let link = Self {
-                    region,
-                    own,
-                    epochs,
-                    peer,
-                    mapping,
-                };
-                let memory = link.memory();
-                Ok((Some(link), memory))
-            }
-            (Ok((peer, mapping)), _) => {
-                if let PeerMapping::Ipc { .. } = mapping {
-                    // SAFETY: opened above in this context and not used since.
-                    let _ = unsafe { sys::cuIpcCloseMemHandle(peer) };
-                }
-                Ok((
-                    None,
-                    PeerMemory::Unused("the peer rank could not map this rank's memory".into()),
-                ))
-            }
-            (Err(why), _) => Ok((None, PeerMemory::Unused(why))),
-        }
+        Ok(match (mapped, allocs) {
+            (Ok(peer), Some((own, epochs))) if ok[0] == 2.0 => Ok(Self {
+                region,
+                own,
+                epochs,
+                peer,
+            }),
+            // Dropping the mapping closes an IPC handle.
+            (Ok(_), _) => Err("the peer rank could not map this rank's memory".into()),
+            (Err(why), _) => Err(why),
+        })
     }
 
     fn allocate(
@@ -408,7 +393,7 @@ fn route(mine: &PeerRecord, theirs: &PeerRecord) -> Route {
 }
 
 /// The peer's region in this context, along `route` (not `Refuse`).
-fn map_peer(ctx: &Arc<CudaContext>, route: Route) -> Result<(CUdeviceptr, PeerMapping), String> {
+fn map_peer(ctx: &Arc<CudaContext>, route: Route) -> Result<PeerMapping, String> {
     ctx.bind_to_thread()
         .map_err(|e| format!("bind context: {e:?}"))?;
     let handle = match route {
@@ -438,7 +423,10 @@ fn map_peer(ctx: &Arc<CudaContext>, route: Route) -> Result<(CUdeviceptr, PeerMa
                 CUresult::CUDA_SUCCESS | CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {}
                 e => return Err(format!("cuCtxEnablePeerAccess: {e:?}")),
             }
-            return Ok((region, PeerMapping::SameProcess { _peer: peer }));
+            return Ok(PeerMapping {
+                at: region,
+                how: MappedBy::SameProcess { _peer: peer },
+            });
         }
         Route::Ipc(handle) => handle,
     };
@@ -459,7 +447,10 @@ fn map_peer(ctx: &Arc<CudaContext>, route: Route) -> Result<(CUdeviceptr, PeerMa
             ),
         )?;
     }
-    Ok((at, PeerMapping::Ipc { ctx: ctx.clone() }))
+    Ok(PeerMapping {
+        at,
+        how: MappedBy::Ipc { ctx: ctx.clone() },
+    })
 }
 
 #[cfg(test)]
