@@ -27,11 +27,15 @@ __device__ __forceinline__ unsigned int dsk_ld_acquire_sys(const unsigned int *p
 // raises its flag there to e (release, system scope: the pushes are visible first), waits for
 // the peer's block b to raise its flag here to e, and adds the peer's share from its own half.
 //
+// The index map (which block moves which values) depends on n alone (vec4: n % 4 == 0, the
+// halves are 16-byte aligned), never on this rank's pointers, so the ranks agree on it even where
+// one rank's `in` / `out` are 16-byte aligned (`aligned`: moved as float4) and the other's not.
+//
 // Why one barrier a call suffices: the peer writes half e & 1 again only at call e + 2, which
 // needs this rank's flag of call e + 1, raised after this kernel (all of call e's reads) ended.
 // A flag slot holds e - 2 or e when read, never e + 2, for the same reason.
 extern "C" __global__ void __launch_bounds__(256) dsk_peer_all_reduce2_f32(
-    const float *in, float *out, long long n, int vec4, float *peer_recv,
+    const float *in, float *out, long long n, int vec4, int aligned, float *peer_recv,
     unsigned int *peer_flags, const float *own_recv, const unsigned int *own_flags,
     unsigned int *epochs, long long cap, int system_fence) {
     dsk_pdl_entry();
@@ -47,7 +51,8 @@ extern "C" __global__ void __launch_bounds__(256) dsk_peer_all_reduce2_f32(
     if (vec4) {
         const long long n4 = n >> 2;
         for (long long i = first; i < n4; i += stride)
-            reinterpret_cast<float4 *>(push)[i] = reinterpret_cast<const float4 *>(in)[i];
+            reinterpret_cast<float4 *>(push)[i] = aligned ? reinterpret_cast<const float4 *>(in)[i]
+                                                          : make_float4(in[4 * i], in[4 * i + 1], in[4 * i + 2], in[4 * i + 3]);
     } else {
         for (long long i = first; i < n; i += stride)
             push[i] = in[i];
@@ -69,9 +74,17 @@ extern "C" __global__ void __launch_bounds__(256) dsk_peer_all_reduce2_f32(
     if (vec4) {
         const long long n4 = n >> 2;
         for (long long i = first; i < n4; i += stride) {
-            const float4 a = reinterpret_cast<const float4 *>(in)[i];
             const float4 b = __ldcg(reinterpret_cast<const float4 *>(pulled) + i);
-            reinterpret_cast<float4 *>(out)[i] = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+            if (aligned) {
+                const float4 a = reinterpret_cast<const float4 *>(in)[i];
+                reinterpret_cast<float4 *>(out)[i] = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+            } else {
+                const float a0 = in[4 * i], a1 = in[4 * i + 1], a2 = in[4 * i + 2], a3 = in[4 * i + 3];
+                out[4 * i] = a0 + b.x;
+                out[4 * i + 1] = a1 + b.y;
+                out[4 * i + 2] = a2 + b.z;
+                out[4 * i + 3] = a3 + b.w;
+            }
         }
     } else {
         for (long long i = first; i < n; i += stride)

@@ -8,7 +8,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig};
 
 use super::submit::SubmitKernel;
-use super::{function, i32_arg, i64_arg, nonnull, Kernels};
+use super::{function, i64_arg, nonnull, Kernels};
 use crate::error::KernelError;
 
 /// Blocks of every peer all-reduce (DSK_PEER_BLOCKS in collective.cu).
@@ -115,13 +115,17 @@ pub fn check_peer_all_reduce(a: &PeerAllReduce) -> Result<(), KernelError> {
     Ok(())
 }
 
-/// Whether a call can move four values a thread: every buffer 16-byte aligned and n a multiple
-/// of 4 (the regions are: 256-byte flag rows, a capacity that is a multiple of 4).
-fn vectorised(a: &PeerAllReduce) -> bool {
-    a.n.is_multiple_of(4)
-        && [a.input, a.out, a.peer_base, a.own_base]
+/// The kernel's (vec4, aligned): whether its blocks take the values four at a time, which must
+/// depend on what both ranks share (n; the regions' halves are 16-byte aligned, checked here)
+/// and never on one rank's buffers, or a block would read values its peer block never pushed;
+/// and whether this rank's `input` / `out` can move as float4 (16-byte aligned).
+fn index_map(a: &PeerAllReduce) -> (bool, bool) {
+    let vec4 = a.n.is_multiple_of(4)
+        && [a.peer_base, a.own_base]
             .iter()
-            .all(|p| p.is_multiple_of(16))
+            .all(|p| p.is_multiple_of(16));
+    let aligned = [a.input, a.out].iter().all(|p| p.is_multiple_of(16));
+    (vec4, vec4 && aligned)
 }
 
 impl Kernels {
@@ -142,7 +146,8 @@ impl Kernels {
         check_peer_all_reduce(a)?;
         let n = i64_arg(K, "n", a.n)?;
         let cap = i64_arg(K, "cap", a.region.cap)?;
-        let vec4 = i32_arg(K, "vec4", usize::from(vectorised(a)))?;
+        let (vec4, aligned) = index_map(a);
+        let (vec4, aligned) = (i32::from(vec4), i32::from(aligned));
         let (peer_recv, peer_flags) = (a.region.recv(a.peer_base), a.region.flags(a.peer_base));
         let (own_recv, own_flags) = (a.region.recv(a.own_base), a.region.flags(a.own_base));
         let cfg = LaunchConfig {
@@ -156,6 +161,7 @@ impl Kernels {
             .arg(&a.out)
             .arg(&n)
             .arg(&vec4)
+            .arg(&aligned)
             .arg(&peer_recv)
             .arg(&peer_flags)
             .arg(&own_recv)
@@ -200,12 +206,16 @@ mod tests {
     }
 
     #[test]
-    fn vectorises_only_aligned_multiples_of_four() {
-        assert!(vectorised(&call(4096, 4096)));
-        assert!(!vectorised(&call(4095, 4096)));
+    fn the_index_map_follows_n_alone_and_alignment_only_the_access() {
+        assert_eq!(index_map(&call(4096, 4096)), (true, true));
+        assert_eq!(index_map(&call(4095, 4096)), (false, false));
+        // One rank's input off 16 bytes: the same map as its peer's, scalar accesses.
         let mut odd = call(4096, 4096);
         odd.input += 4;
-        assert!(!vectorised(&odd));
+        assert_eq!(index_map(&odd), (true, false));
+        let mut odd_out = call(4096, 4096);
+        odd_out.out += 8;
+        assert_eq!(index_map(&odd_out), (true, false));
     }
 
     #[test]
