@@ -361,10 +361,14 @@ __device__ __forceinline__ void dsk_kv_decode_row_warp(const float *row, int fmt
     }
 }
 
-// Programmatic dependent launch (sm_90+; launch/submit.rs): every kernel's first statement. Wait
-// until the previous kernel of the stream has finished and its writes are visible (a no-op when
-// the launch did not ask for PDL), then let the next kernel's blocks be scheduled while this one
-// runs: they wait here in turn, so stream order holds for every read and write after this call.
+// Programmatic dependent launch (sm_90+; launch/submit.rs): every kernel calls it before its first
+// read of anything an earlier kernel may write (in most, the first statement). Wait until the
+// previous kernel of the stream has finished and its writes are visible (a no-op when the launch
+// did not ask for PDL), then let the next kernel's blocks be scheduled while this one runs: they
+// wait here in turn, so stream order holds for every read and write after this call. What may
+// come before it: loads of model weights, which no kernel writes once the model is loaded (the
+// GEMV and skinny GEMM kernels issue their first weight loads there, so under PDL they overlap
+// the previous kernel's tail).
 __device__ __forceinline__ void dsk_pdl_entry() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");

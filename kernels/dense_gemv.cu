@@ -40,11 +40,24 @@ __device__ __forceinline__ void bf16_gemv_body(const unsigned short *__restrict_
 #pragma unroll
         for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
 
+    // Weights are never written while a step runs, so the first chunk's loads go out before
+    // the wait for the previous kernel (programmatic dependent launch: they overlap its tail);
+    // each later chunk's loads go out before the previous chunk's arithmetic.
+    const int cstep = 32 * ksplit;
+    int c = kpart * 32 + lane;
+    uint4 next[BG_ROWS];
+#pragma unroll
+    for (int r = 0; r < BG_ROWS; ++r) next[r] = c < C ? dsk_ld_stream16(wr[r] + c * 8) : make_uint4(0u, 0u, 0u, 0u);
+    dsk_pdl_entry();
+
 #pragma unroll 2
-    for (int c = kpart * 32 + lane; c < C; c += 32 * ksplit) {
+    for (; c < C; c += cstep) {
         uint4 q[BG_ROWS];
 #pragma unroll
-        for (int r = 0; r < BG_ROWS; ++r) q[r] = dsk_ld_stream16(wr[r] + c * 8);
+        for (int r = 0; r < BG_ROWS; ++r) {
+            q[r] = next[r];
+            if (c + cstep < C) next[r] = dsk_ld_stream16(wr[r] + (c + cstep) * 8);
+        }
         float f[BG_ROWS][8];
 #pragma unroll
         for (int r = 0; r < BG_ROWS; ++r) bg_unpack8(q[r], f[r]);
@@ -93,7 +106,6 @@ __device__ __forceinline__ void bf16_gemv_body(const unsigned short *__restrict_
     extern "C" __global__ void __launch_bounds__(256) NAME(                                          \
         const unsigned short *__restrict__ W, const float *__restrict__ x, float *__restrict__ out,  \
         int M, int N, int K, int ksplit) {                                                           \
-        dsk_pdl_entry();                                                                             \
         bf16_gemv_body<MT>(W, x, out, M, N, K, ksplit, blockIdx.x);                                  \
     }
 
@@ -107,7 +119,7 @@ BF16_GEMV_INST(dsk_bf16_gemv_xf32_m16, 16)
 // one launch, each row computed as dsk_bf16_gemv_xf32_m1 computes it for that matrix alone.
 extern "C" __global__ void __launch_bounds__(256) dsk_bf16_gemv_multi_xf32_m1(
     const __grid_constant__ DskGemvSegments segs, const float *__restrict__ x, int K) {
-    dsk_pdl_entry();
+    // The body waits for the previous kernel (after its first weight loads).
     int block;
     const int i = dsk_gemv_segment(segs, blockIdx.x, block);
     bf16_gemv_body<1>(reinterpret_cast<const unsigned short *>(segs.w[i]), x,

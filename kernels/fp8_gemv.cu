@@ -66,7 +66,6 @@ __device__ __forceinline__ void fp8_gemv_body(const unsigned char *__restrict__ 
     const int r0 = (block * pairs_per_block + pair) * 2;
     const int r0c = min(r0, N - 1), r1c = min(r0 + 1, N - 1);
     const long ldx = GROUPED ? ld_x : (long)K, ldo = GROUPED ? ld_out : (long)N;
-    if (GROUPED) x = reinterpret_cast<const typename XL<MT>::T *>(x) + (long)(r0c / group_rows) * x_group_stride;
     const int C = K >> 4, KB = (K + 127) >> 7;
     const unsigned char *w0 = W + (long)r0c * K, *w1 = W + (long)r1c * K;
     const unsigned char *s0 = S + (long)(r0c >> 7) * KB, *s1 = S + (long)(r1c >> 7) * KB;
@@ -75,9 +74,26 @@ __device__ __forceinline__ void fp8_gemv_body(const unsigned char *__restrict__ 
 #pragma unroll
     for (int m = 0; m < MT; ++m) { acc0[m] = 0.f; acc1[m] = 0.f; }
 
+    // Weights are never written while a step runs, so the first chunk's loads go out before
+    // the wait for the previous kernel (programmatic dependent launch: they overlap its tail);
+    // each later chunk's loads go out before the previous chunk's arithmetic.
+    const int cstep = 32 * ksplit;
+    int c = kpart * 32 + lane;
+    uint4 n0 = make_uint4(0u, 0u, 0u, 0u), n1 = n0;
+    if (c < C) {
+        n0 = dsk_ld_stream16(w0 + c * 16);
+        n1 = dsk_ld_stream16(w1 + c * 16);
+    }
+    dsk_pdl_entry();
+    if (GROUPED) x = reinterpret_cast<const typename XL<MT>::T *>(x) + (long)(r0c / group_rows) * x_group_stride;
+
 #pragma unroll 2
-    for (int c = kpart * 32 + lane; c < C; c += 32 * ksplit) {
-        const uint4 q0 = dsk_ld_stream16(w0 + c * 16), q1 = dsk_ld_stream16(w1 + c * 16);
+    for (; c < C; c += cstep) {
+        const uint4 q0 = n0, q1 = n1;
+        if (c + cstep < C) {
+            n0 = dsk_ld_stream16(w0 + (c + cstep) * 16);
+            n1 = dsk_ld_stream16(w1 + (c + cstep) * 16);
+        }
         const float sc0 = dsk_e8m0_to_f32(s0[c >> 3]), sc1 = dsk_e8m0_to_f32(s1[c >> 3]);
         float f0[16], f1[16];
         fp8_decode16(q0, f0);
@@ -120,7 +136,6 @@ __device__ __forceinline__ void fp8_gemv_body(const unsigned char *__restrict__ 
         const unsigned char *__restrict__ W, const unsigned char *__restrict__ S,                     \
         const void *__restrict__ x, void *__restrict__ out, int out_bf16, int M, int N, int K,       \
         int ksplit) {                                                                                 \
-        dsk_pdl_entry();                                                                              \
         fp8_gemv_body<MT, XL, false>(W, S, x, out, out_bf16, M, N, K, ksplit, N, 0, K, N, blockIdx.x); \
     }
 
@@ -141,7 +156,6 @@ FP8_GEMV_INST(dsk_fp8_gemv_xf32_m16, 16, XLoadF32)
         const unsigned char *__restrict__ W, const unsigned char *__restrict__ S,                     \
         const float *__restrict__ x, float *__restrict__ out, int M, int N, int K, int ksplit,       \
         int group_rows, long x_group_stride, long ld_x, long ld_out) {                                \
-        dsk_pdl_entry();                                                                              \
         fp8_gemv_body<MT, XLoadF32, true>(W, S, x, out, 0, M, N, K, ksplit, group_rows,               \
                                           x_group_stride, ld_x, ld_out, blockIdx.x);                  \
     }
@@ -157,7 +171,7 @@ FP8_GEMV_GROUPED_INST(dsk_fp8_gemv_grouped_xf32_m16, 16)
 // alone, so the outputs are bit-identical to one launch per matrix.
 extern "C" __global__ void __launch_bounds__(256) dsk_fp8_gemv_multi_xf32_m1(
     const __grid_constant__ DskGemvSegments segs, const float *__restrict__ x, int K) {
-    dsk_pdl_entry();
+    // The body waits for the previous kernel (after its first weight loads).
     int block;
     const int i = dsk_gemv_segment(segs, blockIdx.x, block);
     const int N = segs.n[i];

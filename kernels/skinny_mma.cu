@@ -103,9 +103,10 @@ __device__ __forceinline__ void sk_body(const unsigned char *__restrict__ W,
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[a][n][i] = 0.f;
 
-    for (int s0 = warp; s0 < spans; s0 += 2 * WARPS) {
+    // Spans s0 and s0 + WARPS (where below `spans`) of every row this lane reads.
+    uint4 wv[2][MTILES][2];
+    auto load_spans = [&](int s0) {
         const bool second = s0 + WARPS < spans;
-        uint4 wv[2][MTILES][2];
 #pragma unroll
         for (int p = 0; p < 2; ++p) {
             const long off = (long)(s0 + p * WARPS) * 64;
@@ -115,6 +116,14 @@ __device__ __forceinline__ void sk_body(const unsigned char *__restrict__ W,
                 for (int h = 0; h < 2; ++h)
                     wv[p][a][h] = (p == 0 || second) ? dsk_ld_stream16(wrow[a][h] + off) : make_uint4(0u, 0u, 0u, 0u);
         }
+    };
+    // Weights are never written while a step runs: the first spans' loads go out before the wait
+    // for the previous kernel (programmatic dependent launch: they overlap its tail).
+    if (warp < spans) load_spans(warp);
+    dsk_pdl_entry();
+    for (int s0 = warp; s0 < spans; s0 += 2 * WARPS) {
+        const bool second = s0 + WARPS < spans;
+        if (s0 != warp) load_spans(s0);
 #pragma unroll
         for (int p = 0; p < 2; ++p) {
             if (p == 1 && !second) break;
@@ -188,7 +197,6 @@ __device__ __forceinline__ void sk_body(const unsigned char *__restrict__ W,
         const unsigned char *__restrict__ W, const unsigned char *__restrict__ S,                     \
         const float *__restrict__ x, float *__restrict__ out, int M, int N, int K, long ld_x,        \
         long ld_out, int group_rows, long x_group_stride) {                                              \
-        dsk_pdl_entry();                                                                                 \
         sk_body<NT, MTILES, FP8, MTILES == 1 ? 16 : 8>(W, S, x, out, M, N, K, ld_x, ld_out, group_rows,  \
                                                  x_group_stride);                                 \
     }
@@ -364,9 +372,11 @@ __device__ __forceinline__ void skf_body(const unsigned char *__restrict__ W, co
 #pragma unroll
     for (int h = 0; h < 2; ++h) wrow[h] = W + (long)min(rt + 8 * h + g, N - 1) * K + k0 + 16 * t;
     const unsigned char *srow = S + (long)(min(rt, N - 1) >> 7) * ((K + 127) >> 7);
-    dsk_pdl_entry();
+    // Weights are never written while a step runs: the first round's loads go out before the
+    // wait for the previous kernel (programmatic dependent launch: they overlap its tail).
     uint4 w[SKF_SPANS][2];
     skf_load(w, wrow, 0, spans);
+    dsk_pdl_entry();
 
     // Stage while the weights are in flight: item (token, quad of 4 k), quads fastest (Kb / 4 is
     // a multiple of 16 and blockDim of 32, so a half-warp holds one span of one token); eight

@@ -935,6 +935,8 @@ impl Kernels {
     ///
     /// # Safety
     /// Every pointer must address device memory of this context holding the shapes in `a`.
+    /// The weights (and scales) are read before the kernel waits for the previous kernel of the
+    /// stream (PDL): no kernel still running before this launch may write them.
     pub unsafe fn fp8_gemv(&self, stream: &CudaStream, a: &Fp8Gemv) -> Result<(), KernelError> {
         self.fp8_gemv_path(stream, a, Fp8Path::Auto)
     }
@@ -1022,6 +1024,8 @@ impl Kernels {
     ///
     /// # Safety
     /// Every pointer must address device memory of this context holding the shapes in `a`.
+    /// The weights (and scales) are read before the kernel waits for the previous kernel of the
+    /// stream (PDL): no kernel still running before this launch may write them.
     pub unsafe fn fp8_gemv_grouped(
         &self,
         stream: &CudaStream,

@@ -139,6 +139,8 @@ impl Kernels {
     /// # Safety
     /// Every pointer must address device memory of this context: `weight` `n * k` bf16, `x`
     /// `m * k` f32, `out` `m * n` f32 (not overlapping `x`).
+    /// The weights (and scales) are read before the kernel waits for the previous kernel of the
+    /// stream (PDL): no kernel still running before this launch may write them.
     pub unsafe fn bf16_gemv(&self, stream: &CudaStream, a: &Bf16Gemv) -> Result<(), KernelError> {
         check_bf16_gemv(a)?;
         const K: &str = "bf16_gemv";

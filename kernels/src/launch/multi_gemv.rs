@@ -117,6 +117,8 @@ impl Kernels {
     /// # Safety
     /// Every pointer must address device memory of this context holding the shapes given; no
     /// output may overlap `x` or another segment's output.
+    /// The weights (and scales) are read before the kernel waits for the previous kernel of the
+    /// stream (PDL): no kernel still running before this launch may write them.
     pub unsafe fn gemv_multi(
         &self,
         stream: &CudaStream,

@@ -329,6 +329,8 @@ impl Kernels {
     /// Every pointer must address device memory of this context: `weight` `n * k` elements (and
     /// its FP8 scale grid), `x` rows `0..m` of stride `ld_x` (plus the group offsets) of which `k`
     /// values are read, `out` `m` rows of stride `ld_out` (not overlapping `x`).
+    /// The weights (and scales) are read before the kernel waits for the previous kernel of the
+    /// stream (PDL): no kernel still running before this launch may write them.
     pub unsafe fn skinny_mma(&self, stream: &CudaStream, a: &SkinnyMma) -> Result<(), KernelError> {
         // SAFETY: the caller's promise, passed on.
         unsafe { self.skinny_mma_path(stream, a, self.skinny_mma.path) }

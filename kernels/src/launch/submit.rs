@@ -6,11 +6,12 @@
 //! is unchanged. Kernels then call `griddepcontrol.launch_dependents` at once, so the successor's
 //! launch overlaps their whole run. Works inside CUDA-graph capture (programmatic edges).
 //!
-//! Off by default: on an H200 (8 layers of V4-Flash, decode, CUDA graphs) it measured 2.447 ms
-//! per batch-1 step against 2.356 ms without, and 12.47 against 12.61 ms at batch 16
-//! (docs/PERFORMANCE.md). `DSPARK_PDL=1` turns it on; without it the attribute is not set and the
-//! kernels' wait is a no-op. The entry is kept so kernels can later move work that does not
-//! depend on the predecessor (weight prefetch) ahead of the wait, which is where PDL pays.
+//! On by default since session 27 (`DSPARK_PDL=0` turns it off; then the attribute is not set and
+//! the kernels' wait is a no-op). The GEMV and skinny GEMM kernels issue their first weight loads
+//! before the wait (weights are never written once the model is loaded), so those loads overlap
+//! the previous kernel's tail: at the shapes of one TP=2 rank on an H200 a decode step took 4-7%
+//! less time at batch 1 and 1-6% at batch 16 (docs/PERFORMANCE.md). Before, with the wait first
+//! in every kernel, it had measured slower or mixed (sessions 7 and 19).
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,10 +22,15 @@ use cudarc::driver::{CudaFunction, CudaStream, DriverError, LaunchConfig};
 /// Whether launches carry the PDL attribute: set by `Kernels::load` (sm_90+ and not disabled).
 static PDL: AtomicBool = AtomicBool::new(false);
 
-/// Turns PDL on for devices that have it (compute capability 9.0+) when `DSPARK_PDL=1`.
+/// Turns PDL on for devices that have it (compute capability 9.0+) unless `DSPARK_PDL=0`.
 pub(crate) fn enable_pdl(major: i32) {
-    let allowed = std::env::var("DSPARK_PDL").is_ok_and(|v| v == "1");
+    let allowed = pdl_allowed(std::env::var("DSPARK_PDL").ok().as_deref());
     PDL.store(allowed && major >= 9, Ordering::Relaxed);
+}
+
+/// DSPARK_PDL: unset or anything but "0" allows PDL.
+fn pdl_allowed(value: Option<&str>) -> bool {
+    value.map(str::trim) != Some("0")
 }
 
 /// Whether kernels are being submitted with programmatic dependent launch.
@@ -134,5 +140,18 @@ impl<'a> KernelLaunch<'a> {
             )
             .result()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pdl_allowed;
+
+    #[test]
+    fn pdl_is_on_unless_turned_off() {
+        assert!(pdl_allowed(None));
+        assert!(pdl_allowed(Some("1")));
+        assert!(!pdl_allowed(Some("0")));
+        assert!(!pdl_allowed(Some(" 0 ")));
     }
 }
