@@ -52,6 +52,38 @@ fn check(g: &Gpu, rng: &mut Rng, m_list: &[usize], n: usize, k: usize) {
     }
 }
 
+/// A token's outputs do not depend on the batch it runs in: up to four tokens share one block,
+/// more run as 4-token tiles along grid.y, and every token's arithmetic is the same either way,
+/// so each of m tokens gives the bits it gives alone.
+#[test]
+fn bf16_gemv_tokens_give_their_bits_alone() {
+    let Some(g) = gpu("bf16_gemv_tokens_give_their_bits_alone") else {
+        return;
+    };
+    let mut rng = Rng(0x7e57_0b17);
+    for (n, k) in [(256, 4096), (1001, 1024), (37, 264)] {
+        let w = bf16_bits(&mut rng, n * k);
+        let wb = g.up(&w);
+        let x = rng.vec(16 * k, -1.0, 1.0);
+        let alone: Vec<Vec<f32>> = (0..16)
+            .map(|t| run_gemv(&g, &wb, &g.up(&x[t * k..(t + 1) * k]), 1, n, k))
+            .collect();
+        let xb = g.up(&x);
+        for m in [2, 3, 4, 5, 6, 8, 9, 13, 16] {
+            let out = run_gemv(&g, &wb, &xb, m, n, k);
+            for (t, want) in alone.iter().take(m).enumerate() {
+                let got = &out[t * n..(t + 1) * n];
+                assert!(
+                    got.iter()
+                        .zip(want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "n {n} k {k}: token {t} of {m} differs from the token alone"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn bf16_gemv_matches_reference() {
     let Some(g) = gpu("bf16_gemv_matches_reference") else {

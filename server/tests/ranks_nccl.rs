@@ -62,6 +62,12 @@ fn nccl_rank_entry() {
     println!("rank {rank}: nccl id starts {:02x?}", &id.0[..8]);
 
     let ctx = CudaContext::new(rank).unwrap();
+    // SAFETY: no buffer of this context exists yet and every one below is used on `stream` only
+    // (as the CUDA backend does, which turns tracking off for the same reason): cudarc's
+    // per-buffer events would otherwise make a captured collective wait on an event recorded
+    // before the capture, which invalidates it ("operation failed due to a previous error
+    // during capture", seen on two H200s).
+    unsafe { ctx.disable_event_tracking() };
     // A stream of its own: the legacy default stream cannot be captured into a graph.
     let stream = ctx.new_stream().unwrap();
     let mut nccl = NcclCommunicator::new(stream.clone(), rank, 2, &id).unwrap();

@@ -12,8 +12,9 @@ use super::submit::SubmitKernel;
 use super::{aligned16, function, i32_arg, i64_arg, nonnull, u32_grid, Kernels};
 use crate::error::KernelError;
 
-/// Token buckets of the bf16 GEMV (one instantiation each; m rounds up to the next).
-const M_BUCKETS: [usize; 5] = [1, 2, 4, 8, 16];
+/// Token buckets of the bf16 GEMV (one instantiation each; m rounds up to the next); more tokens
+/// than the largest run as tiles of it along grid.y (dense_gemv.cu says why).
+const M_BUCKETS: [usize; 3] = [1, 2, 4];
 /// Most tokens (rows of x) per launch.
 pub const BF16_GEMV_MAX_M: usize = 16;
 /// Warps per block and weight rows per warp (`BG_WARPS`, `BG_ROWS` in the kernel).
@@ -24,7 +25,7 @@ const CHUNK: usize = 8;
 
 /// The `dense_gemv.cu` kernels.
 pub struct DenseGemvFns {
-    gemv: [CudaFunction; 5],
+    gemv: [CudaFunction; 3],
     pub(crate) gemv_multi: CudaFunction,
     widen: CudaFunction,
     gather: CudaFunction,
@@ -38,8 +39,6 @@ impl DenseGemvFns {
                 f("dsk_bf16_gemv_xf32_m1")?,
                 f("dsk_bf16_gemv_xf32_m2")?,
                 f("dsk_bf16_gemv_xf32_m4")?,
-                f("dsk_bf16_gemv_xf32_m8")?,
-                f("dsk_bf16_gemv_xf32_m16")?,
             ],
             gemv_multi: f("dsk_bf16_gemv_multi_xf32_m1")?,
             widen: f("dsk_widen_bf16_f32")?,
@@ -105,9 +104,15 @@ pub(crate) fn gemv_blocks(n: usize, ks: usize) -> usize {
     n.div_ceil(ROWS_PER_WARP).div_ceil(WARPS / ks)
 }
 
-/// The GEMV's token bucket for m tokens.
-pub fn bf16_m_bucket(m: usize) -> Option<usize> {
-    M_BUCKETS.iter().copied().find(|&b| b >= m)
+/// The instantiation (index into the buckets) and the token tiles along grid.y for m tokens:
+/// one tile of the smallest bucket that holds m, else tiles of the largest.
+fn token_tiles(m: usize) -> Result<(usize, u32), KernelError> {
+    let bucket = m.min(M_BUCKETS[M_BUCKETS.len() - 1]);
+    let mi = M_BUCKETS
+        .iter()
+        .position(|&b| b >= bucket)
+        .ok_or_else(|| KernelError::invalid("bf16_gemv", "m out of range"))?;
+    Ok((mi, m.div_ceil(M_BUCKETS[mi]) as u32))
 }
 
 /// Launch-time checks of [`Kernels::gather_rows_bf16`], testable without a GPU.
@@ -144,13 +149,10 @@ impl Kernels {
     pub unsafe fn bf16_gemv(&self, stream: &CudaStream, a: &Bf16Gemv) -> Result<(), KernelError> {
         check_bf16_gemv(a)?;
         const K: &str = "bf16_gemv";
-        let mi = M_BUCKETS
-            .iter()
-            .position(|&b| b >= a.m)
-            .ok_or_else(|| KernelError::invalid(K, "m out of range"))?;
+        let (mi, tiles) = token_tiles(a.m)?;
         let ks = bf16_ksplit(a.n, a.k, self.sms);
         let cfg = LaunchConfig {
-            grid_dim: (u32_grid(K, gemv_blocks(a.n, ks))?, 1, 1),
+            grid_dim: (u32_grid(K, gemv_blocks(a.n, ks))?, tiles, 1),
             block_dim: ((32 * WARPS) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -274,6 +276,24 @@ mod tests {
     }
 
     #[test]
+    fn more_than_four_tokens_run_as_four_token_tiles() {
+        // (m, instantiation index, tiles): m1, m2, m4 alone; then m4 tiles.
+        for (m, mi, tiles) in [
+            (1, 0, 1),
+            (2, 1, 1),
+            (3, 2, 1),
+            (4, 2, 1),
+            (5, 2, 2),
+            (6, 2, 2),
+            (8, 2, 2),
+            (9, 2, 3),
+            (16, 2, 4),
+        ] {
+            assert_eq!(token_tiles(m).unwrap(), (mi, tiles), "m = {m}");
+        }
+    }
+
+    #[test]
     fn shape_checks() {
         assert!(check_bf16_gemv(&gemv(1, 129_280, 4096)).is_ok());
         assert!(check_bf16_gemv(&gemv(16, 3, 32)).is_ok());
@@ -309,9 +329,5 @@ mod tests {
         // k = 32: 4 chunks, never split.
         assert_eq!(bf16_ksplit(3, 32, 132), 1);
         assert_eq!(gemv_blocks(3, 1), 1);
-        assert_eq!(bf16_m_bucket(1), Some(1));
-        assert_eq!(bf16_m_bucket(3), Some(4));
-        assert_eq!(bf16_m_bucket(9), Some(16));
-        assert_eq!(bf16_m_bucket(17), None);
     }
 }
