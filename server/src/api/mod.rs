@@ -182,8 +182,7 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
     let max_model_len = state
         .serving
         .get()
-        .map(|s| s.scheduler.limits().max_model_len)
-        .unwrap_or(0);
+        .map(|s| s.scheduler.limits().max_model_len);
     Json(ModelList {
         object: "list",
         data: vec![ModelCard {

@@ -111,6 +111,12 @@ async fn not_ready_until_the_engine_is_set() {
     let (s, v) = post(&st, "/v1/completions", json!({"prompt": "x"})).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert_error_shape(&v);
+    // The model is listed while it loads, without a context limit it cannot know yet (not 0).
+    let (s, b) = call(&st, "GET", "/v1/models", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["data"][0]["id"], "tiny");
+    assert!(v["data"][0].get("max_model_len").is_none(), "{v}");
     let st = state(None, true);
     assert_eq!(
         call(&st, "GET", "/ready", None, None).await.0,

@@ -257,7 +257,9 @@ pub struct ModelCard {
     pub created: u64,
     pub owned_by: &'static str,
     pub root: String,
-    pub max_model_len: usize,
+    /// vLLM's field; absent while the engine is still loading (the limit is the engine's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_model_len: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
