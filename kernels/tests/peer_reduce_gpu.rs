@@ -137,6 +137,19 @@ impl Pair {
         unsafe { self.g.k.peer_all_reduce2(&self.s[r], call) }.unwrap();
     }
 
+    /// The graph of what `enqueue` submits on rank `r`'s stream (captured, not run: rank r's
+    /// calls in it wait for the other rank's when replayed).
+    fn capture(&self, r: usize, enqueue: impl FnOnce()) -> CudaGraph {
+        self.s[r]
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .unwrap();
+        enqueue();
+        self.s[r]
+            .end_capture(CUgraphInstantiate_flags(0))
+            .unwrap()
+            .expect("a captured graph")
+    }
+
     /// Enqueues rank 0's call, then rank 1's, with no wait in between: each spins until the
     /// other's has pushed its share, so they must be in flight together. Callers alternate the
     /// ranks call by call: many calls of one rank first could fill its stream's launch queue and
@@ -520,20 +533,13 @@ fn graph_replays_advance_the_counters() {
     // One eager call first: the counters are not at zero when the graphs are captured.
     p.launch([step_call(0, 0), step_call(1, 0)]);
     p.wait(&format!("{TEST}: the eager call before capture"));
-    let graphs: Vec<CudaGraph> = (0..2)
-        .map(|r| {
-            p.s[r]
-                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-                .unwrap();
+    let graphs = [0, 1].map(|r| {
+        p.capture(r, || {
             for k in 0..STEPS.len() {
                 p.launch_one(r, &step_call(r, k));
             }
-            p.s[r]
-                .end_capture(CUgraphInstantiate_flags(0))
-                .unwrap()
-                .expect("a captured graph")
         })
-        .collect();
+    });
     for rep in 0..REPLAYS {
         // This replay's inputs, copied on each rank's own stream (after its previous replay).
         for r in 0..2 {
@@ -641,20 +647,13 @@ fn peer_reduce_timing_print() {
         };
         let warm = time_us(CALLS, &format!("{TEST}: eager warm-up, n {n}"), &eager);
         let eager_us = time_us(CALLS, &format!("{TEST}: eager, n {n}"), &eager);
-        let graphs: Vec<CudaGraph> = (0..2)
-            .map(|r| {
-                p.s[r]
-                    .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-                    .unwrap();
+        let graphs = [0, 1].map(|r| {
+            p.capture(r, || {
                 for _ in 0..PER_GRAPH {
                     p.launch_one(r, &calls[r]);
                 }
-                p.s[r]
-                    .end_capture(CUgraphInstantiate_flags(0))
-                    .unwrap()
-                    .expect("a captured graph")
             })
-            .collect();
+        });
         let replays = CALLS / PER_GRAPH;
         let replay = || {
             for _ in 0..replays {
