@@ -273,7 +273,32 @@ __device__ __forceinline__ void moe_stage_v2(float *sm, const float *__restrict_
     __syncthreads();
 }
 
-extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_gate_up_v2(
+// The warp sums of a lane's two row partials, each with dsk_warp_sum's bits (its first step
+// swaps the row a lane gives up, as moe_warp_sum4): row r ends in lanes (lane >> 4) == r.
+__device__ __forceinline__ float moe_warp_sum2(const float (&v)[2]) {
+    const bool b4 = threadIdx.x & 16;
+    float k = (b4 ? v[1] : v[0]) + __shfl_xor_sync(0xffffffffu, b4 ? v[0] : v[1], 16);
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) k += __shfl_xor_sync(0xffffffffu, k, o);
+    return k;
+}
+
+// A lane's RW row partials summed over the warp; row r ends in lanes lane / (32 / RW) == r.
+template <int RW> __device__ __forceinline__ float moe_warp_sum_rows(const float (&v)[RW]);
+template <> __device__ __forceinline__ float moe_warp_sum_rows<4>(const float (&v)[4]) {
+    return moe_warp_sum4(v);
+}
+template <> __device__ __forceinline__ float moe_warp_sum_rows<2>(const float (&v)[2]) {
+    return moe_warp_sum2(v);
+}
+
+// v2 gate/up with RW rows a warp (a block MOE_WARPS * RW rows). RW = 4 is the kernel the file
+// describes; RW = 2 gives a call of few pairs twice the blocks (one token's 6 x 1,024 rows: 384
+// blocks where RW = 4 gives 192, so every SM holds two or three instead of one or two) with
+// fewer registers each. Each row's chunk sums, their order and the warp sums are RW = 4's, so
+// the results are bit-identical.
+template <int RW>
+__device__ __forceinline__ void fp4_gate_up_v2_rows(
     const float *__restrict__ x, const int *__restrict__ ids, const unsigned char *__restrict__ W1,
     const unsigned char *__restrict__ S1, const unsigned char *__restrict__ W3,
     const unsigned char *__restrict__ S3, float *__restrict__ h, int topk, int E, int I, int K,
@@ -283,22 +308,22 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_gate_up_v2(
     float *lut = reinterpret_cast<float *>(moe_smem4), *sm = lut + 256;
     const int p = blockIdx.x, t = p / topk;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int i0 = blockIdx.y * MOE_ROWS + warp * MOE_RW;
+    const int i0 = blockIdx.y * (MOE_WARPS * RW) + warp * RW;
     const int e = ids[p];
     if (e < 0 || e >= E) {
-        if (lane < MOE_RW) h[(long)p * I + i0 + lane] = 0.f;
+        if (lane < RW) h[(long)p * I + i0 + lane] = 0.f;
         return;
     }
     const int C = K >> 5;
     const long row0 = (long)e * I + i0;
     const unsigned char *w1 = W1 + row0 * (K >> 1), *w3 = W3 + row0 * (K >> 1);
     const unsigned char *s1 = S1 + row0 * C, *s3 = S3 + row0 * C;
-    uint4 a[MOE_RW], b[MOE_RW];
-    unsigned int sa[MOE_RW], sb[MOE_RW];
+    uint4 a[RW], b[RW];
+    unsigned int sa[RW], sb[RW];
     int c = lane;
     if (c < C) {
 #pragma unroll
-        for (int r = 0; r < MOE_RW; ++r) {
+        for (int r = 0; r < RW; ++r) {
             a[r] = dsk_ld_stream16(w1 + (long)r * (K >> 1) + c * 16);
             b[r] = dsk_ld_stream16(w3 + (long)r * (K >> 1) + c * 16);
             sa[r] = s1[r * C + c];
@@ -307,21 +332,21 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_gate_up_v2(
     }
     fp4_fill_scale_table(lut);
     moe_stage_v2(sm, x + (long)t * K, K);
-    float g[MOE_RW], u[MOE_RW];
+    float g[RW], u[RW];
 #pragma unroll
-    for (int r = 0; r < MOE_RW; ++r) { g[r] = 0.f; u[r] = 0.f; }
+    for (int r = 0; r < RW; ++r) { g[r] = 0.f; u[r] = 0.f; }
     for (; c < C; c += 32) {
         float xs[32];
         moe_load_x(sm, c, xs);
 #pragma unroll
-        for (int r = 0; r < MOE_RW; ++r) {
+        for (int r = 0; r < RW; ++r) {
             g[r] = fmaf(lut[sa[r]], fp4_chunk_dot_v2(a[r], xs), g[r]);
             u[r] = fmaf(lut[sb[r]], fp4_chunk_dot_v2(b[r], xs), u[r]);
         }
         const int cn = c + 32;
         if (cn < C) {
 #pragma unroll
-            for (int r = 0; r < MOE_RW; ++r) {
+            for (int r = 0; r < RW; ++r) {
                 a[r] = dsk_ld_stream16(w1 + (long)r * (K >> 1) + cn * 16);
                 b[r] = dsk_ld_stream16(w3 + (long)r * (K >> 1) + cn * 16);
                 sa[r] = s1[r * C + cn];
@@ -329,14 +354,36 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_gate_up_v2(
             }
         }
     }
-    const float gw = moe_warp_sum4(g), uw = moe_warp_sum4(u);
-    if ((lane & 7) == 0) {
+    const float gw = moe_warp_sum_rows<RW>(g), uw = moe_warp_sum_rows<RW>(u);
+    if ((lane & (32 / RW - 1)) == 0) {
         const float gs = fminf(gw, limit), us = fminf(fmaxf(uw, -limit), limit);
-        h[(long)p * I + i0 + (lane >> 3)] = gs / (1.f + expf(-gs)) * us;
+        h[(long)p * I + i0 + lane / (32 / RW)] = gs / (1.f + expf(-gs)) * us;
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down_v2(
+extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_gate_up_v2(
+    const float *__restrict__ x, const int *__restrict__ ids, const unsigned char *__restrict__ W1,
+    const unsigned char *__restrict__ S1, const unsigned char *__restrict__ W3,
+    const unsigned char *__restrict__ S3, float *__restrict__ h, int topk, int E, int I, int K,
+    float limit) {
+    fp4_gate_up_v2_rows<MOE_RW>(x, ids, W1, S1, W3, S3, h, topk, E, I, K, limit);
+}
+
+// Two rows a warp (16 a block); at most 80 registers, so three blocks an SM.
+extern "C" __global__ void __launch_bounds__(256, 3) dsk_fp4_moe_gate_up_v2_r2(
+    const float *__restrict__ x, const int *__restrict__ ids, const unsigned char *__restrict__ W1,
+    const unsigned char *__restrict__ S1, const unsigned char *__restrict__ W3,
+    const unsigned char *__restrict__ S3, float *__restrict__ h, int topk, int E, int I, int K,
+    float limit) {
+    fp4_gate_up_v2_rows<2>(x, ids, W1, S1, W3, S3, h, topk, E, I, K, limit);
+}
+
+// v2 down; PREFETCH loads a lane's next chunks before computing the current ones. Without it
+// (inter <= 1,024: every lane has one chunk a row, so nothing is ever prefetched, but the
+// registers for it cost the kernel its third block an SM) the code is otherwise the same, so
+// the same bits.
+template <bool PREFETCH>
+__device__ __forceinline__ void fp4_down_v2_rows(
     const float *__restrict__ h, const int *__restrict__ ids, const float *__restrict__ weights,
     const unsigned char *__restrict__ W2, const unsigned char *__restrict__ S2,
     float *__restrict__ y, int E, int N, int I) {
@@ -370,26 +417,55 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down_v2(
 #pragma unroll
     for (int r = 0; r < MOE_RW; ++r) acc[r] = 0.f;
     for (; c < C; c += 32) {
-        // The next chunks go out before this one is computed.
         const int cn = c + 32;
-        uint4 an[MOE_RW];
-        unsigned int sn[MOE_RW];
-        if (cn < C) {
+        if (PREFETCH) {
+            // The next chunks go out before this one is computed.
+            uint4 an[MOE_RW];
+            unsigned int sn[MOE_RW];
+            if (cn < C) {
 #pragma unroll
-            for (int r = 0; r < MOE_RW; ++r) {
-                an[r] = dsk_ld_stream16(w2 + (long)r * (I >> 1) + cn * 16);
-                sn[r] = s2[r * C + cn];
+                for (int r = 0; r < MOE_RW; ++r) {
+                    an[r] = dsk_ld_stream16(w2 + (long)r * (I >> 1) + cn * 16);
+                    sn[r] = s2[r * C + cn];
+                }
+            }
+            float xs[32];
+            moe_load_x(sm, c, xs);
+#pragma unroll
+            for (int r = 0; r < MOE_RW; ++r) acc[r] = fmaf(lut[sa[r]], fp4_chunk_dot_v2(a[r], xs), acc[r]);
+#pragma unroll
+            for (int r = 0; r < MOE_RW; ++r) { a[r] = an[r]; sa[r] = sn[r]; }
+        } else {
+            float xs[32];
+            moe_load_x(sm, c, xs);
+#pragma unroll
+            for (int r = 0; r < MOE_RW; ++r) acc[r] = fmaf(lut[sa[r]], fp4_chunk_dot_v2(a[r], xs), acc[r]);
+            if (cn < C) {
+#pragma unroll
+                for (int r = 0; r < MOE_RW; ++r) {
+                    a[r] = dsk_ld_stream16(w2 + (long)r * (I >> 1) + cn * 16);
+                    sa[r] = s2[r * C + cn];
+                }
             }
         }
-        float xs[32];
-        moe_load_x(sm, c, xs);
-#pragma unroll
-        for (int r = 0; r < MOE_RW; ++r) acc[r] = fmaf(lut[sa[r]], fp4_chunk_dot_v2(a[r], xs), acc[r]);
-#pragma unroll
-        for (int r = 0; r < MOE_RW; ++r) { a[r] = an[r]; sa[r] = sn[r]; }
     }
     const float v = moe_warp_sum4(acc);
     if ((lane & 7) == 0) y[(long)p * N + n0 + (lane >> 3)] = weights[p] * v;
+}
+
+extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_down_v2(
+    const float *__restrict__ h, const int *__restrict__ ids, const float *__restrict__ weights,
+    const unsigned char *__restrict__ W2, const unsigned char *__restrict__ S2,
+    float *__restrict__ y, int E, int N, int I) {
+    fp4_down_v2_rows<true>(h, ids, weights, W2, S2, y, E, N, I);
+}
+
+// Without the prefetch registers: at most 80 a thread, three blocks an SM.
+extern "C" __global__ void __launch_bounds__(256, 3) dsk_fp4_moe_down_v2_once(
+    const float *__restrict__ h, const int *__restrict__ ids, const float *__restrict__ weights,
+    const unsigned char *__restrict__ W2, const unsigned char *__restrict__ S2,
+    float *__restrict__ y, int E, int N, int I) {
+    fp4_down_v2_rows<false>(h, ids, weights, W2, S2, y, E, N, I);
 }
 
 // out[t, n] = sum over the token's slots, in slot order, then + addend[t, n] where an addend is
@@ -516,27 +592,44 @@ __device__ __forceinline__ unsigned int mma2_pack(float lo, float hi) {
 
 // The block's activation row as B fragments, MMA2_BQ uint4 per chunk: for chunk c and lane t,
 // b[c * 9 + t] holds the f16x2 pairs (x[32c + 8t + p], x[32c + 8t + p + 4]), p = 0..3, rounded;
-// b[c * 9 + 4 + t] the rounding residuals; b[c * 9 + 8] = 0. Ends with __syncthreads (also
-// publishing the scale table).
+// b[c * 9 + 4 + t] the rounding residuals; b[c * 9 + 8] = 0. Each thread loads MMA2_STAGE_U of
+// its 8-value groups before converting any (one round trip to L2 for K = 4096 at 128 threads
+// where a load-convert loop took four). Ends with __syncthreads (also publishing the scale
+// table).
 #define MMA2_BQ 9
+#define MMA2_STAGE_U 4
 __device__ __forceinline__ void mma2_stage_b(uint4 *b, const float *__restrict__ src, int K) {
-    const int C = K >> 5;
-    for (int v = threadIdx.x; v < C * 4; v += blockDim.x) {
-        const float4 *q = reinterpret_cast<const float4 *>(src) + 2 * v;
-        const float4 v0 = __ldg(q), v1 = __ldg(q + 1);
-        const float e[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-        unsigned int hi[4], lo[4];
+    const int n = (K >> 5) * 4, step = blockDim.x;
+    for (int v0 = threadIdx.x; v0 < n; v0 += MMA2_STAGE_U * step) {
+        float4 r[MMA2_STAGE_U][2];
 #pragma unroll
-        for (int p = 0; p < 4; ++p) {
-            hi[p] = mma2_pack(e[p], e[p + 4]);
-            float rl, rh;
-            dsk_f16x2_to_f32(hi[p], rl, rh);
-            lo[p] = mma2_pack(e[p] - rl, e[p + 4] - rh);
+        for (int u = 0; u < MMA2_STAGE_U; ++u) {
+            const int v = v0 + u * step;
+            if (v < n) {
+                const float4 *q = reinterpret_cast<const float4 *>(src) + 2 * v;
+                r[u][0] = __ldg(q);
+                r[u][1] = __ldg(q + 1);
+            }
         }
-        const int c = v >> 2, t = v & 3;
-        b[c * MMA2_BQ + t] = uint4{hi[0], hi[1], hi[2], hi[3]};
-        b[c * MMA2_BQ + 4 + t] = uint4{lo[0], lo[1], lo[2], lo[3]};
-        if (t == 0) b[c * MMA2_BQ + 8] = uint4{0u, 0u, 0u, 0u};
+#pragma unroll
+        for (int u = 0; u < MMA2_STAGE_U; ++u) {
+            const int v = v0 + u * step;
+            if (v >= n) break;
+            const float4 v0v = r[u][0], v1v = r[u][1];
+            const float e[8] = {v0v.x, v0v.y, v0v.z, v0v.w, v1v.x, v1v.y, v1v.z, v1v.w};
+            unsigned int hi[4], lo[4];
+#pragma unroll
+            for (int p = 0; p < 4; ++p) {
+                hi[p] = mma2_pack(e[p], e[p + 4]);
+                float rl, rh;
+                dsk_f16x2_to_f32(hi[p], rl, rh);
+                lo[p] = mma2_pack(e[p] - rl, e[p + 4] - rh);
+            }
+            const int c = v >> 2, t = v & 3;
+            b[c * MMA2_BQ + t] = uint4{hi[0], hi[1], hi[2], hi[3]};
+            b[c * MMA2_BQ + 4 + t] = uint4{lo[0], lo[1], lo[2], lo[3]};
+            if (t == 0) b[c * MMA2_BQ + 8] = uint4{0u, 0u, 0u, 0u};
+        }
     }
     __syncthreads();
 }

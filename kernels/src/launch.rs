@@ -100,7 +100,10 @@ pub enum MoePath {
 /// both); at two tokens it depends on the width (mma2 63.1 against 67.6 us at 2048, v2 42.5
 /// against 45.0 at 1024, the TP=2 shard); from four tokens mma2 leads at both widths (107 against
 /// 122 us and 62.7 against 71.5 at 4; 349 against 434 and 190 against 245 at 16), where v2's
-/// per-token FMAs grow and mma2's tensor-core steps do not.
+/// per-token FMAs grow and mma2's tensor-core steps do not. Re-measured after v2's two-row
+/// gate/up and prefetch-free down and mma2's batched staging (session 28): one token 21.1
+/// against 27.4 us at 1024 and 37.5 against 41.4 at 2048; two tokens 36.2 against 40.2 at 1024,
+/// 64.1 against 57.5 at 2048 (only TP=1 has that width; left at v2 with the threshold).
 pub const FP4_MMA2_MIN_TOKENS: usize = 4;
 
 /// The FP4 expert kernels `MoePath::Auto` runs, from DSPARK_FP4_KERNEL: unset, empty or "auto"
@@ -647,6 +650,10 @@ pub struct Kernels {
     fp8_tc: [CudaFunction; 2],
     fp4_gate_up: CudaFunction,
     fp4_down: CudaFunction,
+    /// v2 with two rows a warp (calls of few pairs, [`Self::fp4_v2_forms`]).
+    fp4_gate_up_r2: CudaFunction,
+    /// v2 down without the prefetch (inter up to 1,024, [`Self::fp4_v2_forms`]).
+    fp4_down_once: CudaFunction,
     fp4_gate_up_v1: CudaFunction,
     fp4_down_v1: CudaFunction,
     /// What `MoePath::Auto` runs (DSPARK_FP4_KERNEL at load).
@@ -768,6 +775,8 @@ impl Kernels {
             ],
             fp4_gate_up: f(&moe, "dsk_fp4_moe_gate_up_v2")?,
             fp4_down: f(&moe, "dsk_fp4_moe_down_v2")?,
+            fp4_gate_up_r2: f(&moe, "dsk_fp4_moe_gate_up_v2_r2")?,
+            fp4_down_once: f(&moe, "dsk_fp4_moe_down_v2_once")?,
             fp4_gate_up_v1: f(&moe, "dsk_fp4_moe_gate_up")?,
             fp4_down_v1: f(&moe, "dsk_fp4_moe_down")?,
             fp4_auto,
@@ -830,6 +839,8 @@ impl Kernels {
         for func in [
             &kernels.fp4_gate_up,
             &kernels.fp4_down,
+            &kernels.fp4_gate_up_r2,
+            &kernels.fp4_down_once,
             &kernels.fp4_gate_up_v1,
             &kernels.fp4_down_v1,
             &kernels.fp4_gate_up_mma2,
@@ -1197,11 +1208,15 @@ impl Kernels {
             }
         };
         let (rows_per_block, f_gate_up, f_down) = if tensor {
-            (16, &self.fp4_gate_up_mma, &self.fp4_down_mma)
+            ([16, 16], &self.fp4_gate_up_mma, &self.fp4_down_mma)
         } else if path == MoePath::CudaCoreV1 {
-            (MOE_ROWS_PER_BLOCK, &self.fp4_gate_up_v1, &self.fp4_down_v1)
+            (
+                [MOE_ROWS_PER_BLOCK; 2],
+                &self.fp4_gate_up_v1,
+                &self.fp4_down_v1,
+            )
         } else {
-            (MOE_ROWS_PER_BLOCK, &self.fp4_gate_up, &self.fp4_down)
+            self.fp4_v2_forms(c.tokens * c.topk, e.inter)
         };
         let smem = |len: usize| -> Result<u32, KernelError> {
             let bytes = if path == MoePath::CudaCore {
@@ -1240,9 +1255,32 @@ impl Kernels {
         }
     }
 
+    /// The v2 kernels for `pairs` (token, slot) pairs of `inter`-wide experts, with their rows
+    /// per block (gate/up, down); all give the same bits. Gate/up takes two rows a warp where
+    /// four would give fewer than two blocks an SM (one token: 192 blocks of 32 rows for 132
+    /// SMs, so some SMs ran two and others one); down leaves out the prefetch, which never
+    /// fires when every lane holds a row's only chunk (inter <= 1,024).
+    fn fp4_v2_forms(
+        &self,
+        pairs: usize,
+        inter: usize,
+    ) -> ([usize; 2], &CudaFunction, &CudaFunction) {
+        let (rows_gate_up, gate_up) = if pairs * inter.div_ceil(MOE_ROWS_PER_BLOCK) < 2 * self.sms {
+            (MOE_ROWS_PER_BLOCK / 2, &self.fp4_gate_up_r2)
+        } else {
+            (MOE_ROWS_PER_BLOCK, &self.fp4_gate_up)
+        };
+        let down = if inter <= 32 * 32 {
+            &self.fp4_down_once
+        } else {
+            &self.fp4_down
+        };
+        ([rows_gate_up, MOE_ROWS_PER_BLOCK], gate_up, down)
+    }
+
     /// The gate/up and down launches of one FP4 expert path (every path's kernels take the same
-    /// arguments), each over (pair, rows / `rows_per_block`) blocks of `block` threads with the
-    /// dynamic shared memory given, then the combine.
+    /// arguments), each over (pair, rows / `rows_per_block[i]`) blocks of `block` threads with
+    /// the dynamic shared memory given, then the combine.
     ///
     /// # Safety
     /// As `fp4_moe`, with the functions and launch shapes of one path.
@@ -1253,7 +1291,7 @@ impl Kernels {
         e: &Fp4Experts,
         c: &Fp4MoeCall,
         [f_gate_up, f_down]: [&CudaFunction; 2],
-        rows_per_block: usize,
+        [rows_gate_up, rows_down]: [usize; 2],
         block: usize,
         [smem_gate_up, smem_down]: [u32; 2],
         addend_ready: Option<&CudaEvent>,
@@ -1272,7 +1310,7 @@ impl Kernels {
         let cfg1 = LaunchConfig {
             grid_dim: (
                 u32_grid(K, pairs)?,
-                u32_grid(K, e.inter.div_ceil(rows_per_block))?,
+                u32_grid(K, e.inter.div_ceil(rows_gate_up))?,
                 1,
             ),
             block_dim: (block, 1, 1),
@@ -1297,7 +1335,7 @@ impl Kernels {
         let cfg2 = LaunchConfig {
             grid_dim: (
                 u32_grid(K, pairs)?,
-                u32_grid(K, e.hidden.div_ceil(rows_per_block))?,
+                u32_grid(K, e.hidden.div_ceil(rows_down))?,
                 1,
             ),
             block_dim: (block, 1, 1),
@@ -1336,7 +1374,7 @@ impl Kernels {
         addend_ready: Option<&CudaEvent>,
     ) -> Result<(), KernelError> {
         const K: &str = "fp4_moe";
-        let rows_per_block = 16 * MMA2_WARPS;
+        let rows_per_block = [16 * MMA2_WARPS; 2];
         let smem = |len: usize, matrices: usize| -> Result<u32, KernelError> {
             let bytes = fp4_moe_mma2_smem_bytes(len, matrices);
             if bytes > self.smem_optin {

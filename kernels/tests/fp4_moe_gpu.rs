@@ -408,9 +408,17 @@ fn fp4_moe_timing_print() {
     let Some(g) = gpu("fp4_moe_timing_print") else {
         return;
     };
-    let (hidden, topk, reps) = (4096usize, 6usize, 200usize);
+    let (hidden, topk) = (4096usize, 6usize);
+    // DSPARK_FP4_TIMING_{INTER,TOKENS,REPS} narrow the sweep (e.g. a few calls under ncu).
+    let list = |var: &str, default: &[usize]| -> Vec<usize> {
+        std::env::var(var)
+            .ok()
+            .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+            .unwrap_or_else(|| default.to_vec())
+    };
+    let reps = list("DSPARK_FP4_TIMING_REPS", &[200])[0];
     let mut rng = Rng(0xf40e_0005);
-    for inter in [2048usize, 1024] {
+    for inter in list("DSPARK_FP4_TIMING_INTER", &[2048, 1024]) {
         let experts = (512 << 20) / expert_bytes(hidden, inter) + 8;
         let n = experts * hidden * inter;
         let mut fill = |len: usize| -> Vec<u8> {
@@ -437,7 +445,7 @@ fn fp4_moe_timing_print() {
             hidden,
             inter,
         };
-        for tokens in [1usize, 2, 4, 6, 8, 16] {
+        for tokens in list("DSPARK_FP4_TIMING_TOKENS", &[1, 2, 4, 6, 8, 16]) {
             // One id set per call, drawn as the router would (distinct per token).
             let sets: Vec<Vec<i32>> = (0..reps)
                 .map(|_| draw_ids(&mut rng, tokens, topk, experts, false))
@@ -482,7 +490,7 @@ fn fp4_moe_timing_print() {
                     // is `tokens * topk` ids below `experts`; scratch sized for the call.
                     unsafe { g.k.fp4_moe_path(&g.s, &e, &call(i), path) }.unwrap();
                 };
-                for i in 0..5 {
+                for i in 0..reps.min(5) {
                     launch(i);
                 }
                 g.s.synchronize().unwrap();

@@ -1,12 +1,12 @@
 // CPU emulation of fp4_moe.cu's CUDA-core kernels (one std::thread per CUDA thread, barriers for
 // __syncthreads and warp shuffles), checking the v2 kernels (dsk_fp4_moe_gate_up_v2 /
-// dsk_fp4_moe_down_v2) against v1 on a machine without a GPU:
+// dsk_fp4_moe_down_v2, and their forms _v2_r2 / _v2_once) against v1 on a machine without a GPU:
 //   - the v2 nibble-pair decode gives v1's f16x2 bits for every value of every pair's two
 //     nibbles (the other six nibbles random), and for random words;
 //   - the v2 block scale has v1's bits for all 256 E8M0 codes (NaN for 255);
 //   - the v2 chunk dot is bit-identical to v1's on random chunks with edge activations (0, +-0,
 //     f32 subnormals, 2^+-100, inf, NaN);
-//   - whole launches (gate/up + SwiGLU, down) bit-identical to v1, including an invalid expert
+//   - whole launches (gate/up + SwiGLU, down; both v2 forms) bit-identical to v1, including an invalid expert
 //     id, scales 0 and 254 and the NaN code, and within 1e-4 of an f64 reference on sane scales.
 // The tensor-core parts (PTX mma, cp.async; mma2 has its own emulator, fp4_moe_mma2_emu.cpp)
 // are cut off first:
@@ -129,17 +129,21 @@ static double row_dot(const unsigned char *w, const unsigned char *s, const floa
     return acc;
 }
 
+// form 0: v1; 1: v2 (four rows a warp, down with the prefetch); 2: v2's other forms (gate/up at
+// two rows a warp, dsk_fp4_moe_gate_up_v2_r2; down without the prefetch, dsk_fp4_moe_down_v2_once).
 static void run_moe(const Layer &L, const std::vector<int> &ids, const std::vector<float> &x, const std::vector<float> &wts, int topk,
-                     float limit, bool v2, std::vector<float> &h, std::vector<float> &y) {
+                     float limit, int form, std::vector<float> &h, std::vector<float> &y) {
     const int pairs = (int)ids.size();
     h.assign((size_t)pairs * L.I, NAN);
     y.assign((size_t)pairs * L.H, NAN);
-    launch(D3{(unsigned)pairs, (unsigned)((L.I + MOE_ROWS - 1) / MOE_ROWS), 1}, 256, [&] {
-        (v2 ? dsk_fp4_moe_gate_up_v2 : dsk_fp4_moe_gate_up)(x.data(), ids.data(), L.w1.data(), L.s1.data(), L.w3.data(), L.s3.data(), h.data(),
-                                                           topk, L.E, L.I, L.H, limit);
+    const int gate_up_rows = form == 2 ? MOE_ROWS / 2 : MOE_ROWS;
+    auto gate_up = form == 0 ? dsk_fp4_moe_gate_up : form == 1 ? dsk_fp4_moe_gate_up_v2 : dsk_fp4_moe_gate_up_v2_r2;
+    auto down = form == 0 ? dsk_fp4_moe_down : form == 1 ? dsk_fp4_moe_down_v2 : dsk_fp4_moe_down_v2_once;
+    launch(D3{(unsigned)pairs, (unsigned)((L.I + gate_up_rows - 1) / gate_up_rows), 1}, 256, [&] {
+        gate_up(x.data(), ids.data(), L.w1.data(), L.s1.data(), L.w3.data(), L.s3.data(), h.data(), topk, L.E, L.I, L.H, limit);
     });
     launch(D3{(unsigned)pairs, (unsigned)((L.H + MOE_ROWS - 1) / MOE_ROWS), 1}, 256, [&] {
-        (v2 ? dsk_fp4_moe_down_v2 : dsk_fp4_moe_down)(h.data(), ids.data(), wts.data(), L.w2.data(), L.s2.data(), y.data(), L.E, L.H, L.I);
+        down(h.data(), ids.data(), wts.data(), L.w2.data(), L.s2.data(), y.data(), L.E, L.H, L.I);
     });
 }
 
@@ -184,13 +188,17 @@ static void moe_case(Rng &rng, int E, int I, int H, int tokens, int topk, bool b
     for (auto &v : x) v = rng.f();
     for (auto &v : wts) v = 0.1f + 0.4f * (rng.f() + 1.f);
     const float limit = 10.f;
-    std::vector<float> h1, y1, h2, y2;
-    run_moe(L, ids, x, wts, topk, limit, false, h1, y1);
-    run_moe(L, ids, x, wts, topk, limit, true, h2, y2);
-    long diff = 0, nan = 0;
+    std::vector<float> h1, y1, h2, y2, h3, y3;
+    run_moe(L, ids, x, wts, topk, limit, 0, h1, y1);
+    run_moe(L, ids, x, wts, topk, limit, 1, h2, y2);
+    run_moe(L, ids, x, wts, topk, limit, 2, h3, y3);
+    long diff = 0, diff_forms = 0, nan = 0;
     for (size_t i = 0; i < h1.size(); ++i) diff += !same_bits(h1[i], h2[i]), nan += std::isnan(h2[i]);
     for (size_t i = 0; i < y1.size(); ++i) diff += !same_bits(y1[i], y2[i]), nan += std::isnan(y2[i]);
+    for (size_t i = 0; i < h1.size(); ++i) diff_forms += !same_bits(h2[i], h3[i]);
+    for (size_t i = 0; i < y1.size(); ++i) diff_forms += !same_bits(y2[i], y3[i]);
     CHECK(diff == 0, "E%d I%d H%d T%d: %ld outputs differ between v1 and v2", E, I, H, tokens, diff);
+    CHECK(diff_forms == 0, "E%d I%d H%d T%d: %ld outputs differ between v2's forms", E, I, H, tokens, diff_forms);
     double eh = 0, ey = 0;
     long clipped = 0;
     if (!odd_scales) {
@@ -223,8 +231,8 @@ static void moe_case(Rng &rng, int E, int I, int H, int tokens, int topk, bool b
         eh = rel_err(h2, rh), ey = rel_err(y2, ry);
         CHECK(eh < 1e-4 && ey < 1e-4 && nan == 0, "E%d I%d H%d T%d: rel err h %.2e y %.2e, %ld NaN", E, I, H, tokens, eh, ey, nan);
     }
-    printf("moe E%d I%d H%d T%d top%d%s%s: v1 == v2 bitwise (%ld differ); rel err vs f64 h %.2e y %.2e; %ld near clip, %ld NaN\n", E, I, H,
-           tokens, topk, bad_id ? " +invalid id" : "", odd_scales ? " +scales 0/254/255" : "", diff, eh, ey, clipped, nan);
+    printf("moe E%d I%d H%d T%d top%d%s%s: v1 == v2 == v2 r2/once bitwise (%ld, %ld differ); rel err vs f64 h %.2e y %.2e; %ld near clip, %ld NaN\n", E, I, H,
+           tokens, topk, bad_id ? " +invalid id" : "", odd_scales ? " +scales 0/254/255" : "", diff, diff_forms, eh, ey, clipped, nan);
 }
 
 int main() {
