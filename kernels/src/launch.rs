@@ -122,6 +122,28 @@ pub fn fp4_kernel_choice(value: Option<&str>) -> Result<MoePath, KernelError> {
     }
 }
 
+/// v2's gate/up runs two rows a warp where four would give fewer blocks than this per SM. H200,
+/// 200 calls from memory (session 28), four rows -> two: inter 1,024 at 1 / 2 / 3 tokens (192 /
+/// 384 / 576 blocks of four) 24.3 -> 21.1, 36.1 -> 35.2, 51.3 -> 48.4 us; inter 2,048 (384 /
+/// 768 / 1,152 blocks) 37.4 -> 36.6, 64.1 -> 63.4, 91.4 -> 90.5 us. Larger calls are untimed
+/// (v2 runs them only where mma2 does not fit or is switched off) and keep four.
+pub const V2_TWO_ROWS_BELOW_BLOCKS_PER_SM: usize = 9;
+
+/// Rows a warp of v2's gate/up (`Kernels::fp4_v2_forms`), from DSPARK_FP4_V2_ROWS: unset, empty
+/// or "auto" = by the call's block count (`None`), "2" or "4" always that form (an A/B switch:
+/// both give the same bits).
+pub fn fp4_v2_rows_choice(value: Option<&str>) -> Result<Option<usize>, KernelError> {
+    match value.map(str::trim) {
+        None | Some("") | Some("auto") => Ok(None),
+        Some("2") => Ok(Some(2)),
+        Some("4") => Ok(Some(4)),
+        Some(other) => Err(KernelError::invalid(
+            "fp4_moe",
+            format!("DSPARK_FP4_V2_ROWS = {other:?}; expected auto, 2 or 4"),
+        )),
+    }
+}
+
 /// Whether the tensor-core expert kernels take these shapes.
 pub fn moe_tensor_core_fits(hidden: usize, inter: usize) -> bool {
     hidden.is_multiple_of(256) && inter.is_multiple_of(256)
@@ -658,6 +680,8 @@ pub struct Kernels {
     fp4_down_v1: CudaFunction,
     /// What `MoePath::Auto` runs (DSPARK_FP4_KERNEL at load).
     fp4_auto: MoePath,
+    /// v2 gate/up's rows a warp when forced (DSPARK_FP4_V2_ROWS at load), else by block count.
+    fp4_v2_rows: Option<usize>,
     fp4_combine: CudaFunction,
     fp4_gate_up_mma: CudaFunction,
     fp4_down_mma: CudaFunction,
@@ -747,6 +771,7 @@ impl Kernels {
         let attn = module(&sources::ATTENTION)?;
         let elementwise = module(&sources::ELEMENTWISE)?;
         let fp4_auto = fp4_kernel_choice(std::env::var("DSPARK_FP4_KERNEL").ok().as_deref())?;
+        let fp4_v2_rows = fp4_v2_rows_choice(std::env::var("DSPARK_FP4_V2_ROWS").ok().as_deref())?;
         let indexer_tile =
             attention::indexer_tile_choice(std::env::var("DSPARK_INDEXER_TILE").ok().as_deref())?;
         let topk_block =
@@ -780,6 +805,7 @@ impl Kernels {
             fp4_gate_up_v1: f(&moe, "dsk_fp4_moe_gate_up")?,
             fp4_down_v1: f(&moe, "dsk_fp4_moe_down")?,
             fp4_auto,
+            fp4_v2_rows,
             fp4_combine: f(&moe, "dsk_fp4_moe_combine")?,
             fp4_gate_up_mma: f(&moe, "dsk_fp4_moe_gate_up_mma")?,
             fp4_down_mma: f(&moe, "dsk_fp4_moe_down_mma")?,
@@ -1257,15 +1283,23 @@ impl Kernels {
 
     /// The v2 kernels for `pairs` (token, slot) pairs of `inter`-wide experts, with their rows
     /// per block (gate/up, down); all give the same bits. Gate/up takes two rows a warp where
-    /// four would give fewer than two blocks an SM (one token: 192 blocks of 32 rows for 132
-    /// SMs, so some SMs ran two and others one); down leaves out the prefetch, which never
-    /// fires when every lane holds a row's only chunk (inter <= 1,024).
+    /// four would give fewer than [`V2_TWO_ROWS_BELOW_BLOCKS_PER_SM`] blocks an SM (one token at
+    /// inter 1,024: 192 blocks of 32 rows for 132 SMs, so some SMs ran two and others one), or
+    /// as DSPARK_FP4_V2_ROWS forces; down leaves out the prefetch, which never fires when every
+    /// lane holds a row's only chunk (inter <= 1,024).
     fn fp4_v2_forms(
         &self,
         pairs: usize,
         inter: usize,
     ) -> ([usize; 2], &CudaFunction, &CudaFunction) {
-        let (rows_gate_up, gate_up) = if pairs * inter.div_ceil(MOE_ROWS_PER_BLOCK) < 2 * self.sms {
+        let two_rows = match self.fp4_v2_rows {
+            Some(rows) => rows == 2,
+            None => {
+                pairs * inter.div_ceil(MOE_ROWS_PER_BLOCK)
+                    < V2_TWO_ROWS_BELOW_BLOCKS_PER_SM * self.sms
+            }
+        };
+        let (rows_gate_up, gate_up) = if two_rows {
             (MOE_ROWS_PER_BLOCK / 2, &self.fp4_gate_up_r2)
         } else {
             (MOE_ROWS_PER_BLOCK, &self.fp4_gate_up)
@@ -1807,6 +1841,15 @@ mod tests {
         let err = fp4_kernel_choice(Some("old")).unwrap_err().to_string();
         assert!(
             err.contains("DSPARK_FP4_KERNEL") && err.contains("auto, v1, v2 or mma2"),
+            "{err}"
+        );
+        assert_eq!(fp4_v2_rows_choice(None).unwrap(), None);
+        assert_eq!(fp4_v2_rows_choice(Some(" auto ")).unwrap(), None);
+        assert_eq!(fp4_v2_rows_choice(Some("2")).unwrap(), Some(2));
+        assert_eq!(fp4_v2_rows_choice(Some("4")).unwrap(), Some(4));
+        let err = fp4_v2_rows_choice(Some("8")).unwrap_err().to_string();
+        assert!(
+            err.contains("DSPARK_FP4_V2_ROWS") && err.contains("auto, 2 or 4"),
             "{err}"
         );
     }
