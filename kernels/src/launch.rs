@@ -102,8 +102,8 @@ pub enum MoePath {
 /// 122 us and 62.7 against 71.5 at 4; 349 against 434 and 190 against 245 at 16), where v2's
 /// per-token FMAs grow and mma2's tensor-core steps do not. Re-measured after v2's two-row
 /// gate/up and prefetch-free down and mma2's batched staging (session 28): one token 21.1
-/// against 27.4 us at 1024 and 37.5 against 41.4 at 2048; two tokens 36.2 against 40.2 at 1024,
-/// 64.1 against 57.5 at 2048 (only TP=1 has that width; left at v2 with the threshold).
+/// against 27.4 us at 1024 and 36.6 against 41.4 at 2048; two tokens 35.2 against 40.2 at 1024,
+/// 63.4 against 57.5 at 2048 (only TP=1 has that width; left at v2 with the threshold).
 pub const FP4_MMA2_MIN_TOKENS: usize = 4;
 
 /// The FP4 expert kernels `MoePath::Auto` runs, from DSPARK_FP4_KERNEL: unset, empty or "auto"
@@ -128,6 +128,10 @@ pub fn fp4_kernel_choice(value: Option<&str>) -> Result<MoePath, KernelError> {
 /// 768 / 1,152 blocks) 37.4 -> 36.6, 64.1 -> 63.4, 91.4 -> 90.5 us. Larger calls are untimed
 /// (v2 runs them only where mma2 does not fit or is switched off) and keep four.
 pub const V2_TWO_ROWS_BELOW_BLOCKS_PER_SM: usize = 9;
+
+/// The widest experts whose rows are one 32-value chunk per lane of v2's down (32 lanes x 32
+/// values): there its next-chunk prefetch never fires, so the prefetch-free form runs.
+const V2_DOWN_ONE_CHUNK_MAX_INTER: usize = 32 * 32;
 
 /// Rows a warp of v2's gate/up (`Kernels::fp4_v2_forms`), from DSPARK_FP4_V2_ROWS: unset, empty
 /// or "auto" = by the call's block count (`None`), "2" or "4" always that form (an A/B switch:
@@ -1304,7 +1308,7 @@ impl Kernels {
         } else {
             (MOE_ROWS_PER_BLOCK, &self.fp4_gate_up)
         };
-        let down = if inter <= 32 * 32 {
+        let down = if inter <= V2_DOWN_ONE_CHUNK_MAX_INTER {
             &self.fp4_down_once
         } else {
             &self.fp4_down
