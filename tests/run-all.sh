@@ -40,6 +40,15 @@ step "kernels: the peer all-reduce's protocol, emulated on the CPU"
 g++ -std=c++20 -O2 -pthread -w -o "$CARGO_TARGET_DIR/peer_reduce_emu" kernels/tools/peer_reduce_emu.cpp
 "$CARGO_TARGET_DIR/peer_reduce_emu" 1000
 
+# The FP4 experts' CUDA-core kernels run as one of several forms per call (rows a warp, with or
+# without the prefetch), all of which must give v1's bits: the emulation runs the kernel source
+# (the tensor-core part cut off) over every form and checks them bit for bit (~1 minute).
+step "kernels: the FP4 experts' CUDA-core forms, emulated on the CPU (bit-identical to v1)"
+sed '/^\/\/ mma2: tensor-core kernels/,$d' kernels/fp4_moe.cu > "$CARGO_TARGET_DIR/fp4_moe_cc.cu"
+g++ -std=c++20 -O2 -pthread -w -I kernels/tools -DFP4_SRC="\"$CARGO_TARGET_DIR/fp4_moe_cc.cu\"" \
+  -o "$CARGO_TARGET_DIR/fp4_moe_emu" kernels/tools/fp4_moe_emu.cpp
+"$CARGO_TARGET_DIR/fp4_moe_emu"
+
 step "end-to-end + reliability: the real server with the official openai client"
 DSPARK_SERVER_BIN="$CARGO_TARGET_DIR/debug/dspark-server" python -m pytest -q tests/e2e tests/reliability
 
