@@ -418,36 +418,29 @@ __device__ __forceinline__ void fp4_down_v2_rows(
     for (int r = 0; r < MOE_RW; ++r) acc[r] = 0.f;
     for (; c < C; c += 32) {
         const int cn = c + 32;
-        if (PREFETCH) {
-            // The next chunks go out before this one is computed.
-            uint4 an[MOE_RW];
-            unsigned int sn[MOE_RW];
-            if (cn < C) {
+        // With PREFETCH the next chunks go out before this one is computed; without, after.
+        uint4 an[MOE_RW];
+        unsigned int sn[MOE_RW];
+        if (PREFETCH && cn < C) {
 #pragma unroll
-                for (int r = 0; r < MOE_RW; ++r) {
-                    an[r] = dsk_ld_stream16(w2 + (long)r * (I >> 1) + cn * 16);
-                    sn[r] = s2[r * C + cn];
-                }
-            }
-            float xs[32];
-            moe_load_x(sm, c, xs);
-#pragma unroll
-            for (int r = 0; r < MOE_RW; ++r) acc[r] = fmaf(lut[sa[r]], fp4_chunk_dot_v2(a[r], xs), acc[r]);
-#pragma unroll
-            for (int r = 0; r < MOE_RW; ++r) { a[r] = an[r]; sa[r] = sn[r]; }
-        } else {
-            float xs[32];
-            moe_load_x(sm, c, xs);
-#pragma unroll
-            for (int r = 0; r < MOE_RW; ++r) acc[r] = fmaf(lut[sa[r]], fp4_chunk_dot_v2(a[r], xs), acc[r]);
-            if (cn < C) {
-#pragma unroll
-                for (int r = 0; r < MOE_RW; ++r) {
-                    a[r] = dsk_ld_stream16(w2 + (long)r * (I >> 1) + cn * 16);
-                    sa[r] = s2[r * C + cn];
-                }
+            for (int r = 0; r < MOE_RW; ++r) {
+                an[r] = dsk_ld_stream16(w2 + (long)r * (I >> 1) + cn * 16);
+                sn[r] = s2[r * C + cn];
             }
         }
+        float xs[32];
+        moe_load_x(sm, c, xs);
+#pragma unroll
+        for (int r = 0; r < MOE_RW; ++r) acc[r] = fmaf(lut[sa[r]], fp4_chunk_dot_v2(a[r], xs), acc[r]);
+        if (!PREFETCH && cn < C) {
+#pragma unroll
+            for (int r = 0; r < MOE_RW; ++r) {
+                an[r] = dsk_ld_stream16(w2 + (long)r * (I >> 1) + cn * 16);
+                sn[r] = s2[r * C + cn];
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < MOE_RW; ++r) { a[r] = an[r]; sa[r] = sn[r]; }
     }
     const float v = moe_warp_sum4(acc);
     if ((lane & 7) == 0) y[(long)p * N + n0 + (lane >> 3)] = weights[p] * v;

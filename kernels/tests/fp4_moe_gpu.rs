@@ -416,7 +416,11 @@ fn fp4_moe_timing_print() {
             .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
             .unwrap_or_else(|| default.to_vec())
     };
-    let reps = list("DSPARK_FP4_TIMING_REPS", &[200])[0];
+    let reps = list("DSPARK_FP4_TIMING_REPS", &[200])
+        .first()
+        .copied()
+        .unwrap_or(200)
+        .max(1);
     let mut rng = Rng(0xf40e_0005);
     for inter in list("DSPARK_FP4_TIMING_INTER", &[2048, 1024]) {
         let experts = (512 << 20) / expert_bytes(hidden, inter) + 8;
