@@ -181,6 +181,31 @@ __device__ __forceinline__ float dsk_warp_sum(float v) {
     return v;
 }
 
+// --- Thread-block clusters (sm_90+) ---
+// Every thread of every block of the cluster arrives; shared-memory writes before it are visible
+// to the cluster's reads after it (release / acquire).
+__device__ __forceinline__ void dsk_cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#else
+    __syncthreads();
+#endif
+}
+
+// The f32 at `p` in the shared memory of cluster block `rank`.
+__device__ __forceinline__ float dsk_ld_cluster(const float *p, unsigned int rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const unsigned int a = static_cast<unsigned int>(__cvta_generic_to_shared(p));
+    unsigned int r;
+    float v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r) : "memory");
+    return v;
+#else
+    return *p;
+#endif
+}
+
 // --- KV pool row records (--kv-cache-dtype), bit-exact with kernels/src/kv_record.rs ---
 // A row of `dim` values sits in 4-byte pool slots as little-endian bytes:
 // - DSK_KV_F32: dim f32.  DSK_KV_BF16: dim bf16.

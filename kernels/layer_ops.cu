@@ -1217,6 +1217,198 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_head_finish_f32
 }
 
 // ---------------------------------------------------------------------------------------------
+// The seam between two hyper-connection sites of a decode step of one or two tokens: the post of
+// the site that ends (streams = post * out + comb^T streams) and the pre of the site that starts
+// (mix projections of the new streams, pre / post / comb logits, collapse, sub-layer norm) in one
+// launch, where they were a post and a one-launch pre whose last block finished the token alone.
+// hc = 4 (mix outputs 24). A cluster of C blocks of T = hidden / C threads (a multiple of 32, at
+// most LO_SEAM_MAX_T) per token (blockIdx.y); thread cl of cluster block b owns channel
+// c = b T + cl of the four streams, so the post, the collapse and the norm stay in its registers,
+// and the cross-block sums (the 24 dots with the sum of squares, then the norm's sum of squares)
+// go through distributed shared memory, summed in rank order by every block (the same bits).
+//
+// What it reads before griddepcontrol.wait (so PDL overlaps it with the kernel before): the next
+// site's projection columns, norm weight and biases (model weights), and in post mode the old
+// streams and the ending site's post / comb: the previous seam (or pre) wrote those, and at least
+// one launch (the sub-layer) separates it from this one, which PDL starts only once its own
+// predecessor has passed its wait, i.e. once everything before that predecessor has finished.
+// The comb is final: the Sinkhorn of the logits this kernel leaves runs in its own launch
+// (dsk_lo_hc_sinkhorn_f32, off the critical path on the layer stack's second stream).
+// `post_mix` and `mix_out` may be the same rows: every block reads post_mix before the first
+// cluster barrier, and only block 0 writes mix_out, after it.
+//
+// Summation orders (f32 throughout): a dot is thread cl's four columns (stream order, fmaf), the
+// block's threads (lane + 32 i in i order, then dsk_warp_sum), then the C blocks in rank order;
+// the norm's squares likewise. Element-wise steps are those of dsk_lo_hc_post2_f32 and the finish
+// (__fmul_rn / __fadd_rn, the host's order), so the new streams are post2's bits and the rest is
+// within f32 rounding of the host (tests/layer_ops_gpu.rs).
+#define LO_SEAM_OUTS 24
+#define LO_SEAM_MAX_T 256
+
+template <int C>
+__device__ __forceinline__ void lo_hc_seam(
+    float *streams, const float *post_mix, const float *__restrict__ out,
+    const float *__restrict__ fn, const float *__restrict__ base, float scale0, float scale1,
+    float scale2, const float *__restrict__ norm_w, float *__restrict__ x_out, float *mix_out,
+    int hidden, float mix_eps, float hc_eps, float norm_eps) {
+    constexpr int O = LO_SEAM_OUTS;
+    __shared__ float sums[O + 1][LO_SEAM_MAX_T];
+    __shared__ float part[O + 1];
+    __shared__ float mixv[O];
+    __shared__ float sq_warp[LO_SEAM_MAX_T / 32];
+    __shared__ float sq_part, sq_total;
+    const int T = blockDim.x, cl = threadIdx.x, lane = cl & 31, warp = cl >> 5, warps = T >> 5;
+    const int b = blockIdx.x, t = blockIdx.y, c = b * T + cl;
+    const long long width = 4ll * hidden;
+    float *st = streams + (long long)t * width;
+    float w[O][4];
+#pragma unroll
+    for (int o = 0; o < O; ++o) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) w[o][k] = __ldg(fn + o * width + (long long)k * hidden + c);
+    }
+    const float nw = norm_w ? __ldg(norm_w + c) : 1.0f;
+    const float bias = lane < O ? __ldg(base + lane) : 0.0f;
+    const bool post = post_mix != nullptr;
+    float old[4], coef[20];
+    if (post) {
+        const float *pm = post_mix + (long long)t * O + 4;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) old[k] = __ldcg(st + (long long)k * hidden + c);
+#pragma unroll
+        for (int i = 0; i < 20; ++i) coef[i] = __ldcg(pm + i);
+    }
+    dsk_pdl_entry();
+    float nv[4];
+    if (post) {
+        const float o = out[(long long)t * hidden + c];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            float v = __fmul_rn(coef[k], o);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) v = __fadd_rn(v, __fmul_rn(coef[4 + j * 4 + k], old[j]));
+            nv[k] = v;
+            st[(long long)k * hidden + c] = v;
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) nv[k] = st[(long long)k * hidden + c];
+    }
+    // The 24 dots and the sum of squares of this thread's four columns, then the block's.
+#pragma unroll
+    for (int o = 0; o < O; ++o) {
+        float d = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) d = fmaf(nv[k], w[o][k], d);
+        sums[o][cl] = d;
+    }
+    {
+        float q = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) q = fmaf(nv[k], nv[k], q);
+        sums[O][cl] = q;
+    }
+    __syncthreads();
+    for (int o = warp; o <= O; o += warps) {
+        float a = 0.0f;
+        for (int i = lane; i < T; i += 32) a += sums[o][i];
+        a = dsk_warp_sum(a);
+        if (lane == 0) part[o] = a;
+    }
+    if constexpr (C > 1) dsk_cluster_sync(); else __syncthreads();
+    if (warp == 0) {
+        float total = 0.0f;
+        if (lane <= O) {
+            float r[C];
+#pragma unroll
+            for (int q = 0; q < C; ++q) r[q] = C > 1 ? dsk_ld_cluster(&part[lane], q) : part[lane];
+#pragma unroll
+            for (int q = 0; q < C; ++q) total += r[q];
+        }
+        const float sq = __shfl_sync(LO_FULL_MASK, total, O);
+        const float ms = __fdiv_rn(sq, (float)width);
+        const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, mix_eps)));
+        const float pj = __fmul_rn(total, inv);
+        float m = 0.0f;
+        if (lane < 4)
+            m = __fadd_rn(lo_sigmoid(__fadd_rn(__fmul_rn(pj, scale0), bias)), hc_eps);
+        else if (lane < 8)
+            m = __fmul_rn(2.0f, lo_sigmoid(__fadd_rn(__fmul_rn(pj, scale1), bias)));
+        else if (lane < O)
+            m = __fadd_rn(__fmul_rn(pj, scale2), bias);
+        if (lane < O) {
+            mixv[lane] = m;
+            if (b == 0) mix_out[(long long)t * O + lane] = m;
+        }
+    }
+    __syncthreads();
+    // Collapse (k ascending from 0, as lo_collapse) and the norm's sum of squares.
+    float x = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) x = __fadd_rn(x, __fmul_rn(mixv[k], nv[k]));
+    const float xs = dsk_warp_sum(__fmul_rn(x, x));
+    if (lane == 0) sq_warp[warp] = xs;
+    __syncthreads();
+    if (warp == 0) {
+        const float s = dsk_warp_sum(lane < warps ? sq_warp[lane] : 0.0f);
+        if (lane == 0) sq_part = s;
+    }
+    if constexpr (C > 1) dsk_cluster_sync(); else __syncthreads();
+    if (warp == 0) {
+        float r = 0.0f;
+        if constexpr (C > 1) {
+            if (lane < C) r = dsk_ld_cluster(&sq_part, lane);
+        } else {
+            if (lane == 0) r = sq_part;
+        }
+        // Lane q holds rank q's part (zeros above): the same butterfly in every block.
+        const float s = dsk_warp_sum(r);
+        if (lane == 0) sq_total = s;
+    }
+    __syncthreads();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // Every remote read of this block's shared memory is done: arrive now, wait before leaving
+    // (a block's shared memory must outlive the cluster's reads of it).
+    if constexpr (C > 1) asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#endif
+    const float ms = __fdiv_rn(sq_total, (float)hidden);
+    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, norm_eps)));
+    const float y = __fmul_rn(x, inv);
+    x_out[(long long)t * hidden + c] = norm_w ? __fmul_rn(nw, y) : y;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (C > 1) asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+
+#define LO_HC_SEAM(C)                                                                           \
+    extern "C" __global__ void __launch_bounds__(LO_SEAM_MAX_T) dsk_lo_hc_seam_c##C##_f32(     \
+        float *streams, const float *post_mix, const float *__restrict__ out,                  \
+        const float *__restrict__ fn, const float *__restrict__ base, float scale0,            \
+        float scale1, float scale2, const float *__restrict__ norm_w, float *__restrict__ x_out, \
+        float *mix_out, int hidden, float mix_eps, float hc_eps, float norm_eps) {             \
+        lo_hc_seam<C>(streams, post_mix, out, fn, base, scale0, scale1, scale2, norm_w, x_out,  \
+                      mix_out, hidden, mix_eps, hc_eps, norm_eps);                             \
+    }
+LO_HC_SEAM(1)
+LO_HC_SEAM(2)
+LO_HC_SEAM(4)
+LO_HC_SEAM(8)
+LO_HC_SEAM(16)
+
+// The comb of each token's mix row in place: mix[t, 8 .. 24) holds the logits the seam left and
+// gets lo_sinkhorn_regs's matrix of them (the bits the pre's finish writes). A warp per token.
+extern "C" __global__ void __launch_bounds__(32) dsk_lo_hc_sinkhorn_f32(float *mix, int iters,
+                                                                         float hc_eps) {
+    dsk_pdl_entry();
+    float *m = mix + (long long)blockIdx.x * LO_SEAM_OUTS + 8;
+    const int lane = threadIdx.x;
+    const float logit = m[lane & 15];
+    // Every lane has read its logit before any writes (the shuffles inside synchronise the warp).
+    const float v = lo_sinkhorn_regs<4>(logit, 4, iters, hc_eps);
+    if (lane < 16) m[lane] = v;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Router (forward.rs router_scores + route): one block per token.
 
 // f32::total_cmp order as an unsigned key (larger key = larger value; NaN ordered by its bits).

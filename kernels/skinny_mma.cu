@@ -246,27 +246,6 @@ SK_INST(dsk_skinny_mma_bf16_t16_r32, 2, 2, false)
 
 #define SKF_SPANS 8  // spans of one round of loads (512 k)
 
-__device__ __forceinline__ void skf_cluster_sync() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-#else
-    __syncthreads();
-#endif
-}
-
-// The f32 at `p` in the shared memory of cluster block `rank`.
-__device__ __forceinline__ float skf_ld_cluster(const float *p, unsigned int rank) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    const unsigned int a = static_cast<unsigned int>(__cvta_generic_to_shared(p));
-    unsigned int r;
-    float v;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r) : "memory");
-    return v;
-#else
-    return *p;
-#endif
-}
 
 // Loads spans sp0 .. sp0 + SKF_SPANS - 1 (those below `spans`) of rows g and g + 8.
 __device__ __forceinline__ void skf_load(uint4 (&w)[SKF_SPANS][2], const unsigned char *const (&wrow)[2], int sp0,
@@ -420,7 +399,7 @@ __device__ __forceinline__ void skf_body(const unsigned char *__restrict__ W, co
     for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int i = 0; i < 4; ++i) red[(8 * n + 2 * t + (i & 1)) * RS + warp * 16 + g + 8 * (i >> 1)] = acc[n][i];
-    if (cl > 1) skf_cluster_sync(); else __syncthreads();
+    if (cl > 1) dsk_cluster_sync(); else __syncthreads();
     const int per = ROWS / cl;
     for (int o = threadIdx.x; o < M * per; o += blockDim.x) {
         const int tok = o / per, rl = c * per + (o - tok * per), row = r0 + rl;
@@ -430,13 +409,13 @@ __device__ __forceinline__ void skf_body(const unsigned char *__restrict__ W, co
         if (cl == 1) {
             v = *p;
         } else {
-            v = skf_ld_cluster(p, 0);
-            for (int q = 1; q < cl; ++q) v += skf_ld_cluster(p, q);
+            v = dsk_ld_cluster(p, 0);
+            for (int q = 1; q < cl; ++q) v += dsk_ld_cluster(p, q);
         }
         out[(long)tok * ld_out + row] = v;
     }
     // No block may leave while another still reads its partial tile.
-    if (cl > 1) skf_cluster_sync();
+    if (cl > 1) dsk_cluster_sync();
 }
 
 // At most 128 registers a thread: four 4-warp or two 8-warp blocks an SM.

@@ -853,7 +853,7 @@ impl Kernels {
             rows_to_f16: f(&elementwise, "dsk_rows_f32_to_f16")?,
             add: f(&elementwise, "dsk_add_f32")?,
             paged: paged::PagedFns::load(&module(&sources::PAGED)?)?,
-            layer_ops: layer_ops::LayerOpsFns::load(&module(&sources::LAYER_OPS)?)?,
+            layer_ops: layer_ops::LayerOpsFns::load(&module(&sources::LAYER_OPS)?, clusters)?,
             dense_gemv: dense_gemv::DenseGemvFns::load(&module(&sources::DENSE_GEMV)?)?,
             moe_sorted: moe_sorted::MoeSortedFns::load(&module(&sources::MOE_SORTED)?)?,
             skinny_mma: skinny_mma::SkinnyMmaFns::load(&module(&sources::SKINNY_MMA)?, clusters)?,

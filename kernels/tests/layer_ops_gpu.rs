@@ -8,7 +8,8 @@
 use dspark_kernels::launch::layer_ops::{
     hc_head_workspace_floats, hc_mix_workspace_floats, hc_post_squares_fits, hc_pre_rows_fits,
     CopyRowsF32, DenseExpertsF32, HcHead, HcMix, HcPost, HcPostKernel, HcPreFinish, HcPreFused,
-    HcPreKernel, RmsNormF32, RmsNormRopeF32, RopeF32, RouteF32, RouterScoring, HC_WS_HEADER,
+    HcPreKernel, HcSeam, RmsNormF32, RmsNormRopeF32, RopeF32, RouteF32, RouterScoring,
+    HC_WS_HEADER,
 };
 use dspark_kernels::reference::rel_err;
 use dspark_kernels::Kernels;
@@ -692,6 +693,216 @@ fn hc_pre_fused_matches_host() {
                 }
             }
         }
+    }
+}
+
+/// (n, hidden) of the seam: V4-Flash's width (clusters of 16) at one and two tokens, and widths
+/// that take each other cluster size (32 and 64: one block, as the tiny model; 512: 2; 1,024:
+/// 4; 2,048: 8).
+const HC_SEAM_CASES: [(usize, usize); 7] = [
+    (1, 4096),
+    (2, 4096),
+    (1, 32),
+    (2, 64),
+    (1, 512),
+    (2, 1024),
+    (1, 2048),
+];
+
+/// The seam (one site's post and the next site's pre in one launch) and the in-place Sinkhorn
+/// after it, against the host's expand then mix projections, finish, collapse and norm: the
+/// new streams with the post kernel's bits, everything within the tolerance, with and without a
+/// post, with the norm weight or none, with the output mix in the input mix's rows; repeated
+/// launches give the same bits; shapes it does not take are errors.
+#[test]
+fn hc_seam_matches_host() {
+    let Some(g) = gpu("hc_seam_matches_host") else {
+        return;
+    };
+    let mut rng = Rng(0x5ea3_0001);
+    let (hc, outs, iters, eps) = (4usize, 24usize, 20usize, 1e-6f32);
+    for (n, hidden) in HC_SEAM_CASES {
+        let Some((cluster, _)) = g.k.hc_seam_cluster(hc, hidden) else {
+            eprintln!("SKIP hc_seam hidden {hidden}: no cluster size here");
+            continue;
+        };
+        let width = hc * hidden;
+        for (post, weighted, in_place) in [
+            (true, true, false),
+            (false, true, false),
+            (true, false, true),
+        ] {
+            let what = format!("seam n {n} hidden {hidden} (cluster {cluster}) post {post} weighted {weighted} in place {in_place}");
+            let streams = rng.vec(n * width, -4.0, 4.0);
+            let layer_out = rng.vec(n * hidden, -1.0, 1.0);
+            // The ending site's mix as its pre leaves it after the Sinkhorn.
+            let mut post_mix = Vec::new();
+            for _ in 0..n {
+                let proj = rng.vec(outs, -2.0, 2.0);
+                let b = rng.vec(outs, -1.0, 1.0);
+                post_mix.extend(finish_ref(&proj, &b, [1.0, 1.0, 1.0], hc, iters, eps));
+            }
+            let fn_ = rng.vec(outs * width, -0.05, 0.05);
+            let base = rng.vec(outs, -1.0, 1.0);
+            let scale = [
+                rng.uniform(0.5, 1.5),
+                rng.uniform(0.5, 1.5),
+                rng.uniform(0.5, 1.5),
+            ];
+            let norm = rng.vec(hidden, 0.5, 1.5);
+            let mut new_streams = streams.clone();
+            if post {
+                for t in 0..n {
+                    expand_ref(
+                        &mut new_streams[t * width..(t + 1) * width],
+                        &post_mix[t * outs..(t + 1) * outs],
+                        &layer_out[t * hidden..(t + 1) * hidden],
+                        hc,
+                        hidden,
+                    );
+                }
+            }
+            let proj = mix_ref(&new_streams, width, &fn_, outs, eps);
+            let (mut want_mix, mut want_x) = (Vec::new(), Vec::new());
+            for t in 0..n {
+                let m = finish_ref(
+                    &proj[t * outs..(t + 1) * outs],
+                    &base,
+                    scale,
+                    hc,
+                    iters,
+                    eps,
+                );
+                let x = collapse_ref(&new_streams[t * width..(t + 1) * width], &m[..hc], hidden);
+                want_x.extend(rms_norm_ref(&x, hidden, weighted.then_some(&norm[..]), eps));
+                want_mix.extend(m);
+            }
+            let sb = g.up(&streams);
+            let pmb = g.up(&post_mix);
+            let ob = g.up(&layer_out);
+            let fb = g.up(&fn_);
+            let bb = g.up(&base);
+            let nb = g.up(&norm);
+            let xb = g.up(&vec![f32::NAN; n * hidden]);
+            let mb = g.up(&vec![f32::NAN; n * outs]);
+            let a = HcSeam {
+                streams: g.ptr(&sb),
+                post_mix: if post { g.ptr(&pmb) } else { 0 },
+                out: g.ptr(&ob),
+                fn_: g.ptr(&fb),
+                base: g.ptr(&bb),
+                scale,
+                norm_weight: if weighted { g.ptr(&nb) } else { 0 },
+                x_out: g.ptr(&xb),
+                mix_out: if in_place { g.ptr(&pmb) } else { g.ptr(&mb) },
+                n,
+                hc,
+                hidden,
+                hc_eps: eps,
+                norm_eps: eps,
+            };
+            // SAFETY: the buffers above hold these shapes; nothing else runs on the stream.
+            unsafe { g.k.hc_seam_f32(&g.s, &a) }.unwrap();
+            let mix_buf = if in_place { &pmb } else { &mb };
+            let logits = g.down(mix_buf);
+            // SAFETY: mix_buf holds n rows of 24.
+            unsafe { g.k.hc_sinkhorn_f32(&g.s, a.mix_out, n, iters, eps) }.unwrap();
+            let got_mix = g.down(mix_buf);
+            let err = rel(&got_mix, &want_mix);
+            assert!(err < TOL, "{what}: mix rel err {err}");
+            for t in 0..n {
+                let row = t * outs;
+                assert_eq!(
+                    differing_bits(&got_mix[row..row + 8], &logits[row..row + 8]),
+                    0,
+                    "{what}: the Sinkhorn changed pre / post"
+                );
+            }
+            let got_x = g.down(&xb);
+            let err = rel(&got_x, &want_x);
+            assert!(err < TOL, "{what}: x rel err {err}");
+            let got_streams = g.down(&sb);
+            let err = rel(&got_streams, &new_streams);
+            assert!(err < TOL, "{what}: streams rel err {err}");
+            if post {
+                // The post kernel on the same mix: the same bits.
+                let pb = g.up(&streams);
+                let mix2 = g.up(&post_mix);
+                let p = HcPost {
+                    streams: g.ptr(&pb),
+                    mix: g.ptr(&mix2),
+                    out: g.ptr(&ob),
+                    squares: 0,
+                    n,
+                    hc,
+                    hidden,
+                    kernel: HcPostKernel::New,
+                };
+                // SAFETY: as above.
+                unsafe { g.k.hc_post_f32(&g.s, &p) }.unwrap();
+                assert_eq!(
+                    differing_bits(&got_streams, &g.down(&pb)),
+                    0,
+                    "{what}: new streams differ from the post kernel's bits"
+                );
+            } else {
+                assert_eq!(
+                    differing_bits(&got_streams, &streams),
+                    0,
+                    "{what}: streams written"
+                );
+                // Again on the same inputs (no post: nothing it read has changed): the same bits.
+                // SAFETY: as above.
+                unsafe { g.k.hc_seam_f32(&g.s, &a) }.unwrap();
+                unsafe { g.k.hc_sinkhorn_f32(&g.s, a.mix_out, n, iters, eps) }.unwrap();
+                assert_eq!(
+                    differing_bits(&g.down(mix_buf), &got_mix),
+                    0,
+                    "{what}: repeated mix"
+                );
+                assert_eq!(
+                    differing_bits(&g.down(&xb), &got_x),
+                    0,
+                    "{what}: repeated x"
+                );
+            }
+        }
+    }
+    // Shapes the seam does not take.
+    let buf = g.up(&vec![0f32; 4 * 24 * 4096]);
+    let p = g.ptr(&buf);
+    let ok = HcSeam {
+        streams: p,
+        post_mix: p,
+        out: p,
+        fn_: p,
+        base: p,
+        scale: [1.0; 3],
+        norm_weight: 0,
+        x_out: p,
+        mix_out: p,
+        n: 1,
+        hc,
+        hidden: 32,
+        hc_eps: eps,
+        norm_eps: eps,
+    };
+    for (bad, why) in [
+        (HcSeam { hc: 3, ..ok }, "hc 3"),
+        (HcSeam { n: 3, ..ok }, "three tokens"),
+        (HcSeam { out: 0, ..ok }, "a post without its output"),
+        (HcSeam { hidden: 48, ..ok }, "48 channels: no whole warps"),
+        (
+            HcSeam {
+                scale: [f32::NAN, 1.0, 1.0],
+                ..ok
+            },
+            "a NaN scale",
+        ),
+    ] {
+        // SAFETY: rejected before any launch.
+        let r = unsafe { g.k.hc_seam_f32(&g.s, &bad) };
+        assert!(r.is_err(), "{why}: accepted");
     }
 }
 

@@ -133,6 +133,9 @@ inline float dsk_warp_sum(float v) {
     }
     return v;
 }
+// common.cuh's cluster helpers for the clusters of one block an emulator runs.
+inline void dsk_cluster_sync() { __syncthreads(); }
+inline float dsk_ld_cluster(const float *p, unsigned) { return *p; }
 // KV pool row records (common.cuh), decoded from their definition.
 #define DSK_KV_F32 0
 #define DSK_KV_BF16 1

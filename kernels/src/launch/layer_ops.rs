@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::sys::{self, CUdeviceptr, CUfunction_attribute};
 use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig};
 
 use super::submit::SubmitKernel;
@@ -47,6 +47,13 @@ pub const HC_POST_SQUARES_MAX_HIDDEN: usize = 16 * BLOCK;
 /// Threads of a `dsk_lo_hc_post2_f32` block when the step has too few rows to give every SM a
 /// 256-thread block: a decoding row then spreads over more SMs (16 blocks at hidden 4096).
 const HC_POST_SMALL_BLOCK: usize = 64;
+/// Most tokens [`Kernels::hc_seam_f32`] takes (a cluster each; it reads the next site's
+/// projection once per token, 1.5 MB at V4-Flash's width).
+pub const HC_SEAM_MAX_TOKENS: usize = 2;
+/// Cluster sizes the seam kernel is built for (`dsk_lo_hc_seam_c{C}_f32`), and the most threads
+/// a block of it has (`LO_SEAM_MAX_T`: a thread per channel of its slice).
+const HC_SEAM_CLUSTERS: [usize; 5] = [1, 2, 4, 8, 16];
+const HC_SEAM_MAX_THREADS: usize = 256;
 /// Largest expert count / top-k of `route_f32`.
 pub const ROUTE_MAX_EXPERTS: usize = 1024;
 pub const ROUTE_MAX_K: usize = 16;
@@ -71,6 +78,12 @@ pub struct LayerOpsFns {
     hc_post2: CudaFunction,
     hc_post_squares: CudaFunction,
     hc_head_finish: CudaFunction,
+    /// `dsk_lo_hc_seam_c{C}_f32` for C in [`HC_SEAM_CLUSTERS`] order.
+    hc_seam: [CudaFunction; 5],
+    /// Largest cluster the seam may launch here: 1 without clusters, 8 (portable), or 16 where
+    /// the device takes a non-portable cluster of 16 of its blocks.
+    hc_seam_max_cluster: usize,
+    hc_sinkhorn: CudaFunction,
     route: CudaFunction,
     dense_gate_up: CudaFunction,
     dense_down: CudaFunction,
@@ -79,9 +92,27 @@ pub struct LayerOpsFns {
 }
 
 impl LayerOpsFns {
-    pub fn load(m: &Arc<CudaModule>) -> Result<Self, KernelError> {
+    /// `clusters`: whether the device launches thread-block clusters (sm_90+).
+    pub fn load(m: &Arc<CudaModule>, clusters: bool) -> Result<Self, KernelError> {
         let f = |name: &str| function(m, name);
+        let hc_seam = [
+            f("dsk_lo_hc_seam_c1_f32")?,
+            f("dsk_lo_hc_seam_c2_f32")?,
+            f("dsk_lo_hc_seam_c4_f32")?,
+            f("dsk_lo_hc_seam_c8_f32")?,
+            f("dsk_lo_hc_seam_c16_f32")?,
+        ];
+        let hc_seam_max_cluster = if !clusters {
+            1
+        } else if seam_takes_16(&hc_seam[4]) {
+            16
+        } else {
+            8
+        };
         Ok(Self {
+            hc_seam,
+            hc_seam_max_cluster,
+            hc_sinkhorn: f("dsk_lo_hc_sinkhorn_f32")?,
             rms_norm: f("dsk_lo_rms_norm_f32")?,
             rms_norm_rope: f("dsk_lo_rms_norm_rope_f32")?,
             rope: f("dsk_lo_rope_f32")?,
@@ -105,6 +136,45 @@ impl LayerOpsFns {
             copy_rows: f("dsk_lo_copy_rows_f32")?,
         })
     }
+}
+
+/// Whether a cluster of 16 seam blocks of the widest form can run here: the non-portable size
+/// allowed on the function and at least one such cluster resident (H100 / H200: yes; smaller
+/// parts may have fewer SMs to a GPC). Any failure says no: the seam then takes clusters of 8.
+fn seam_takes_16(f: &CudaFunction) -> bool {
+    if f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+        1,
+    )
+    .is_err()
+    {
+        return false;
+    }
+    // SAFETY: an all-zero attribute is a valid value of the C union; set below.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attr.value.clusterDim.x = 16;
+    attr.value.clusterDim.y = 1;
+    attr.value.clusterDim.z = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: 16,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: HC_SEAM_MAX_THREADS as u32,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: 0,
+        hStream: std::ptr::null_mut(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    let mut clusters: std::ffi::c_int = 0;
+    // SAFETY: the function is live, the config and its one attribute outlive the call, which
+    // only writes `clusters`.
+    let queried = unsafe {
+        sys::cuOccupancyMaxActiveClusters(&mut clusters, f.cu_function(), &config).result()
+    };
+    queried.is_ok() && clusters >= 1
 }
 
 /// RMSNorm of `rows` rows of `dim` f32: `out = weight * (x * inv)`, `inv = 1 / sqrt(mean(x^2) +
@@ -308,6 +378,40 @@ pub struct HcPost {
     pub hc: usize,
     pub hidden: usize,
     pub kernel: HcPostKernel,
+}
+
+/// The seam between two hyper-connection sites of a decode step ([`Kernels::hc_seam_f32`]): the
+/// ending site's post (`streams = post * out + comb^T streams`, [`Kernels::hc_post_f32`]'s bits)
+/// and the starting site's pre (its mix: pre, post and the comb's *logits*; the collapse and the
+/// sub-layer norm into `x_out`, [`Kernels::hc_pre_fused_f32`]'s values to f32 rounding) in one
+/// launch. hc must be 4. A post reads the comb only after [`Kernels::hc_sinkhorn_f32`] has turned
+/// the logits into it.
+#[derive(Clone, Copy, Debug)]
+pub struct HcSeam {
+    /// f32 [n, hc * hidden]: read, and with a post updated in place.
+    pub streams: CUdeviceptr,
+    /// f32 [n, (2 + hc) * hc]: the ending site's mix with its final comb, or 0 for no post (the
+    /// step's first site). At least one launch must separate the kernel that wrote it (and the
+    /// streams) from this one: the seam reads both before its PDL wait.
+    pub post_mix: CUdeviceptr,
+    /// f32 [n, hidden]: the ending sub-layer's output (with a post).
+    pub out: CUdeviceptr,
+    /// The starting site's projection [(2 + hc) * hc, hc * hidden], biases and scales.
+    pub fn_: CUdeviceptr,
+    pub base: CUdeviceptr,
+    pub scale: [f32; 3],
+    /// f32 [hidden], or 0 for none.
+    pub norm_weight: CUdeviceptr,
+    /// f32 [n, hidden]: the starting sub-layer's normed input.
+    pub x_out: CUdeviceptr,
+    /// f32 [n, (2 + hc) * hc]: the starting site's mix; may be `post_mix` itself.
+    pub mix_out: CUdeviceptr,
+    pub n: usize,
+    pub hc: usize,
+    pub hidden: usize,
+    pub hc_eps: f32,
+    /// The mix projections' epsilon and the sub-layer norm's (the model uses one).
+    pub norm_eps: f32,
 }
 
 /// `HyperHead::collapse`: `pre[i] = sigmoid(dot(norm(streams), fn_[i]) * scale + base[i]) +
@@ -561,6 +665,37 @@ fn check_hc(kernel: &'static str, n: usize, hc: usize, hidden: usize) -> Result<
     }
     i32_arg(kernel, "hidden", hidden)?;
     i64_arg(kernel, "n * hc * hidden", n.saturating_mul(hc * hidden))?;
+    Ok(())
+}
+
+pub fn check_hc_seam(a: &HcSeam) -> Result<(), KernelError> {
+    const K: &str = "hc_seam_f32";
+    check_hc(K, a.n, a.hc, a.hidden)?;
+    if a.hc != 4 || a.n > HC_SEAM_MAX_TOKENS {
+        return Err(invalid(
+            K,
+            format!(
+                "n = {}, hc = {}: the seam takes hc 4 and 1..={HC_SEAM_MAX_TOKENS} tokens",
+                a.n, a.hc
+            ),
+        ));
+    }
+    nonnull(
+        K,
+        &[
+            ("streams", a.streams),
+            ("fn_", a.fn_),
+            ("base", a.base),
+            ("x_out", a.x_out),
+            ("mix_out", a.mix_out),
+        ],
+    )?;
+    if a.post_mix != 0 {
+        nonnull(K, &[("out", a.out)])?;
+    }
+    if a.scale.iter().any(|v| !v.is_finite()) {
+        return Err(invalid(K, format!("scale {:?}", a.scale)));
+    }
     Ok(())
 }
 
@@ -1259,6 +1394,109 @@ impl Kernels {
             .arg(&a.hc_eps)
             .launch(cfg)
             .map_err(KernelError::driver("launch hc_pre_finish_f32"))?;
+        Ok(())
+    }
+
+    /// The cluster size and index of the form [`Self::hc_seam_f32`] launches for tokens of
+    /// `hidden` channels at multiplicity `hc`: the smallest cluster whose blocks each take a
+    /// slice of whole warps of at most 256 threads (V4-Flash's 4,096: 16 blocks of 256), or
+    /// `None` where there is none here (hc other than 4, or a larger cluster than the device
+    /// launches). The layer stack runs the split pre and post where this is `None`.
+    pub fn hc_seam_cluster(&self, hc: usize, hidden: usize) -> Option<(usize, usize)> {
+        if hc != 4 {
+            return None;
+        }
+        HC_SEAM_CLUSTERS
+            .into_iter()
+            .enumerate()
+            .find(|&(_, c)| {
+                c <= self.layer_ops.hc_seam_max_cluster
+                    && hidden.is_multiple_of(c)
+                    && (hidden / c).is_multiple_of(32)
+                    && hidden / c <= HC_SEAM_MAX_THREADS
+            })
+            .map(|(i, c)| (c, i))
+    }
+
+    /// One seam of a decode step (see [`HcSeam`]): a cluster of [`Self::hc_seam_cluster`]
+    /// blocks per token.
+    ///
+    /// # Safety
+    /// Every pointer must address the f32 shape documented on [`HcSeam`], device memory of this
+    /// context; `x_out` must not overlap the others, `mix_out` only `post_mix`. The kernel that
+    /// wrote `post_mix` and `streams` must not be the one launched just before on the stream.
+    pub unsafe fn hc_seam_f32(&self, stream: &CudaStream, a: &HcSeam) -> Result<(), KernelError> {
+        const K: &str = "hc_seam_f32";
+        check_hc_seam(a)?;
+        let (cluster, form) = self.hc_seam_cluster(a.hc, a.hidden).ok_or_else(|| {
+            invalid(
+                K,
+                format!(
+                    "hidden = {}: no cluster of at most {} blocks splits it into slices of whole warps of at most {HC_SEAM_MAX_THREADS} threads",
+                    a.hidden, self.layer_ops.hc_seam_max_cluster
+                ),
+            )
+        })?;
+        let cfg = LaunchConfig {
+            grid_dim: (cluster as u32, u32_grid(K, a.n)?, 1),
+            block_dim: ((a.hidden / cluster) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let hidden = i32_arg(K, "hidden", a.hidden)?;
+        stream
+            .kernel(&self.layer_ops.hc_seam[form])
+            .arg(&a.streams)
+            .arg(&a.post_mix)
+            .arg(&a.out)
+            .arg(&a.fn_)
+            .arg(&a.base)
+            .arg(&a.scale[0])
+            .arg(&a.scale[1])
+            .arg(&a.scale[2])
+            .arg(&a.norm_weight)
+            .arg(&a.x_out)
+            .arg(&a.mix_out)
+            .arg(&hidden)
+            .arg(&a.norm_eps)
+            .arg(&a.hc_eps)
+            .arg(&a.norm_eps)
+            .launch_clusters(cfg, cluster as u32)
+            .map_err(KernelError::driver("launch hc_seam"))?;
+        Ok(())
+    }
+
+    /// The comb of `n` seam mix rows ([`HcSeam`], hc 4) in place: columns 8..24 of each row go
+    /// from the logits the seam left to their Sinkhorn matrix (`sinkhorn_iters` passes), the
+    /// bits [`Self::hc_pre_fused_f32`]'s finish writes for the same logits. A warp per row.
+    ///
+    /// # Safety
+    /// `mix` must address `n` f32 rows of 24 in device memory of this context.
+    pub unsafe fn hc_sinkhorn_f32(
+        &self,
+        stream: &CudaStream,
+        mix: CUdeviceptr,
+        n: usize,
+        sinkhorn_iters: usize,
+        hc_eps: f32,
+    ) -> Result<(), KernelError> {
+        const K: &str = "hc_sinkhorn_f32";
+        nonnull(K, &[("mix", mix)])?;
+        if n == 0 || n > GRID_YZ_MAX {
+            return Err(invalid(K, format!("n = {n}: need 1..={GRID_YZ_MAX}")));
+        }
+        let iters = i32_arg(K, "sinkhorn_iters", sinkhorn_iters)?;
+        let cfg = LaunchConfig {
+            grid_dim: (u32_grid(K, n)?, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        stream
+            .kernel(&self.layer_ops.hc_sinkhorn)
+            .arg(&mix)
+            .arg(&iters)
+            .arg(&hc_eps)
+            .launch(cfg)
+            .map_err(KernelError::driver("launch hc_sinkhorn"))?;
         Ok(())
     }
 

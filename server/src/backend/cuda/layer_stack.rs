@@ -19,7 +19,8 @@ use dspark_kernels::launch::attention::{
 };
 use dspark_kernels::launch::layer_ops::{
     hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcPost, HcPostKernel, HcPreFused,
-    HcPreKernel, RmsNormF32, RmsNormRopeF32, RopeF32, RouteF32, RouterScoring,
+    HcPreKernel, HcSeam, RmsNormF32, RmsNormRopeF32, RopeF32, RouteF32, RouterScoring,
+    HC_SEAM_MAX_TOKENS,
 };
 use dspark_kernels::launch::moe_sorted::GatherInto;
 use dspark_kernels::launch::multi_gemv::{GemvSegment, SegmentWeights, GEMV_MAX_SEGMENTS};
@@ -129,6 +130,12 @@ struct Scratch {
     /// `hc_work` for the next site's pre ([`CudaBackend::hc_post_then`]); `None` once read or
     /// when the streams were written otherwise (the embedding).
     hc_squares_of: Option<HcRows>,
+    /// The rows whose next site's pre the last seam ran ([`CudaBackend::hc_seam`]): that
+    /// site's `x` and `mix` are ready and its [`CudaBackend::hc_pre_rows`] has nothing to do.
+    hc_pre_done: Option<HcRows>,
+    /// Whether `mix`'s comb is being written by the Sinkhorn on the second stream, which the
+    /// main stream waits for ([`SidePoint::Comb`]) before a post reads it.
+    comb_on_side: bool,
     mix: CudaSlice<f32>,
     x: CudaSlice<f32>,
     /// A split GEMM step's feed-forward input rounded to f16, gathered in place of `x` where
@@ -338,7 +345,7 @@ pub(super) struct SideBranch {
     stream: Arc<CudaStream>,
     forked: CudaEvent,
     /// Points of the side stream the main one waits for, one per [`SidePoint`].
-    marks: [CudaEvent; 4],
+    marks: [CudaEvent; 5],
     /// Whether work was forked since the last [`Self::join`] (a join without it would wait on
     /// an event from outside a running capture).
     forked_since_join: std::sync::atomic::AtomicBool,
@@ -353,8 +360,10 @@ enum SidePoint {
     AttentionKeys = 1,
     /// The shared expert's output (the routed experts' addend).
     SharedExpert = 2,
+    /// A hyper-connection site's comb (the Sinkhorn after a seam; read by the site's post).
+    Comb = 3,
     /// Everything queued on the side stream ([`SideBranch::join`]).
-    Done = 3,
+    Done = 4,
 }
 
 impl SideBranch {
@@ -368,7 +377,7 @@ impl SideBranch {
         Ok(Self {
             stream,
             forked: event()?,
-            marks: [event()?, event()?, event()?, event()?],
+            marks: [event()?, event()?, event()?, event()?, event()?],
             forked_since_join: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -1185,6 +1194,8 @@ impl CudaBackend {
             streams: self.alloc_f32(rows * d.width)?,
             hc_work: self.alloc_f32(hc_mix_workspace_floats(rows, d.hc_outs))?,
             hc_squares_of: None,
+            hc_pre_done: None,
+            comb_on_side: false,
             mix: self.alloc_f32(rows * d.hc_outs)?,
             x: self.alloc_f32(rows * d.hidden)?,
             x_f16: self
@@ -1960,8 +1971,9 @@ impl CudaBackend {
         let s = &self.stream;
         let (h, hc) = (model.cfg.hidden_size, model.cfg.hc_mult);
         let (first, n) = (rows.start, rows.len);
-        // New streams: no post's squares describe them.
+        // New streams: no post's squares describe them, no seam ran the next pre.
         sc.hc_squares_of = None;
+        sc.hc_pre_done = None;
         fits("stack x rows", sc.x.len(), (first + n) * h)?;
         fits("stack streams", sc.streams.len(), (first + n) * hc * h)?;
         let ids = ids + (first * 4) as u64;
@@ -2469,6 +2481,9 @@ impl CudaBackend {
         let cfg = model.cfg;
         let n = step.n;
         let width = cfg.hc_mult * cfg.hidden_size;
+        // Nothing of an earlier step's seams carries over (a failed step may have left them).
+        stack.scratch.hc_pre_done = None;
+        stack.scratch.comb_on_side = false;
         for l in 0..cfg.num_hidden_layers {
             self.stack_attention(stack, model, kv, comm, step, l)?;
             self.stack_ffn(stack, model, comm, step, l)?;
@@ -2511,15 +2526,26 @@ impl CudaBackend {
     /// in `scratch.mix` for [`Self::hc_post`]. The kernels are [`Self::hc_pre_kernel`]'s. A split
     /// step's caller gathers what every rank needs of it: the attention its projections, the
     /// feed-forward `x` itself with the routes.
+    #[allow(clippy::too_many_arguments)]
     fn hc_pre_rows(
         &self,
         clock: &mut Option<StageClock>,
+        side: Option<&SideBranch>,
         sc: &mut Scratch,
         site: &HcSite,
         norm: &CudaSlice<f32>,
         cfg: &crate::engine::model::ModelConfig,
         rows: HcRows,
     ) -> Result<(), BackendError> {
+        if self.hc_seam_takes(cfg, rows) {
+            // The seam at the end of the last sub-layer ran this pre; the step's first site
+            // has no post before it.
+            if sc.hc_pre_done.take() == Some(rows) {
+                return Ok(());
+            }
+            self.stage(clock, "stack: hyper-connections (pre)")?;
+            return self.hc_seam(side, sc, site, norm, cfg, rows, false);
+        }
         let s = &self.stream;
         let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
         let (first, n) = (rows.start, rows.len);
@@ -2572,6 +2598,114 @@ impl CudaBackend {
         // header starts at 0 and every launch on this stream leaves it 0); the site's parameters
         // are [outs, hc * hidden] and [outs], the norm weight `hidden` values.
         unsafe { self.kernels.hc_pre_fused_f32(s, &call) }.map_err(kernel_err)
+    }
+
+    /// Whether the hyper-connection sites of a step over `rows` meet in seams
+    /// ([`Self::hc_seam`]): decode steps of up to [`HC_SEAM_MAX_TOKENS`] unsplit rows, with the
+    /// default pre and post kernels (`DSPARK_HC_KERNEL` / `DSPARK_HC_POST_KERNEL` keep their
+    /// A/B meaning), a shape the seam kernel takes here, and unless `DSPARK_HC_SEAM=0`.
+    fn hc_seam_takes(&self, cfg: &crate::engine::model::ModelConfig, rows: HcRows) -> bool {
+        Self::hc_seam_on()
+            && !rows.is_split()
+            && rows.len <= HC_SEAM_MAX_TOKENS
+            && Self::hc_pre_kernel() == HcPreKernel::Fused
+            && Self::hc_post_kernel() == HcPostKernel::New
+            && self
+                .kernels
+                .hc_seam_cluster(cfg.hc_mult, cfg.hidden_size)
+                .is_some()
+    }
+
+    /// `DSPARK_HC_SEAM=0` keeps the pre and post of every site apart (an A/B switch), read once
+    /// per process.
+    fn hc_seam_on() -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| std::env::var("DSPARK_HC_SEAM").map_or(true, |v| v.trim() != "0"))
+    }
+
+    /// The seam between the site that ends (its post, when `post`) and `site`, which starts:
+    /// one launch for both ([`HcSeam`]), leaving `site`'s normed input in `scratch.x` and its
+    /// mix in `scratch.mix` with the comb's logits, then the Sinkhorn of those logits in place,
+    /// on the second stream where there is one (only the site's post reads the comb, a
+    /// sub-layer later; [`Self::comb_ready`]).
+    #[allow(clippy::too_many_arguments)]
+    fn hc_seam(
+        &self,
+        side: Option<&SideBranch>,
+        sc: &mut Scratch,
+        site: &HcSite,
+        norm: &CudaSlice<f32>,
+        cfg: &crate::engine::model::ModelConfig,
+        rows: HcRows,
+        post: bool,
+    ) -> Result<(), BackendError> {
+        let s = &self.stream;
+        let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
+        let (first, n) = (rows.start, rows.len);
+        let outs = (2 + hc) * hc;
+        fits("stack streams", sc.streams.len(), (first + n) * hc * h)?;
+        fits("stack x rows", sc.x.len(), (first + n) * h)?;
+        fits("stack mix rows", sc.mix.len(), (first + n) * outs)?;
+        fits("stack output rows", sc.sub_out.len(), (first + n) * h)?;
+        if post {
+            self.comb_ready(side, sc)?;
+        }
+        let mix = ptr_mut(s, &mut sc.mix) + (first * outs * 4) as u64;
+        let call = HcSeam {
+            streams: ptr_mut(s, &mut sc.streams) + (first * hc * h * 4) as u64,
+            post_mix: if post { mix } else { 0 },
+            out: ptr(s, &sc.sub_out) + (first * h * 4) as u64,
+            fn_: ptr(s, &site.fn_),
+            base: ptr(s, &site.base),
+            scale: site.scale,
+            norm_weight: ptr(s, norm),
+            x_out: ptr_mut(s, &mut sc.x) + (first * h * 4) as u64,
+            mix_out: mix,
+            n,
+            hc,
+            hidden: h,
+            hc_eps: cfg.hc_eps,
+            norm_eps: cfg.rms_norm_eps,
+        };
+        // SAFETY: the scratch holds first + n rows of every width (checked above); the site's
+        // parameters are [outs, hc * hidden] and [outs], the norm weight `hidden` values. The
+        // mix and streams the seam reads before its PDL wait were written by the last seam or
+        // pre, a sub-layer of launches ago (or, for the first site, are read after it).
+        unsafe { self.kernels.hc_seam_f32(s, &call) }.map_err(kernel_err)?;
+        sc.hc_pre_done = Some(rows);
+        sc.hc_squares_of = None;
+        let (iters, eps) = (cfg.hc_sinkhorn_iters, cfg.hc_eps);
+        match side {
+            Some(branch) => {
+                let on = branch.fork(s)?;
+                // SAFETY: `mix` holds n rows of outs (checked above); the fork orders the
+                // Sinkhorn after the seam that wrote them.
+                unsafe { self.kernels.hc_sinkhorn_f32(on, mix, n, iters, eps) }
+                    .map_err(kernel_err)?;
+                branch.mark(SidePoint::Comb)?;
+                sc.comb_on_side = true;
+            }
+            None => {
+                // SAFETY: as above, in stream order.
+                unsafe { self.kernels.hc_sinkhorn_f32(s, mix, n, iters, eps) }
+                    .map_err(kernel_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The main stream waits for the comb a seam's Sinkhorn writes on the second stream, where
+    /// one is still pending.
+    fn comb_ready(&self, side: Option<&SideBranch>, sc: &mut Scratch) -> Result<(), BackendError> {
+        if !std::mem::take(&mut sc.comb_on_side) {
+            return Ok(());
+        }
+        match side {
+            Some(branch) => branch.wait(&self.stream, SidePoint::Comb),
+            None => Err(shape_err(
+                "a hyper-connection comb is pending on the second stream, which is gone".into(),
+            )),
+        }
     }
 
     /// The tensor-core form a step of `n` rows runs its head-grouped attention's scores and
@@ -2671,27 +2805,31 @@ impl CudaBackend {
     }
 
     /// `streams = post * sub_out + comb^T streams` over `rows` with the mix of the last
-    /// [`Self::hc_pre_rows`], where another site follows in the step (the attention's post).
-    fn hc_post(
-        &self,
-        sc: &mut Scratch,
-        cfg: &crate::engine::model::ModelConfig,
-        rows: HcRows,
-    ) -> Result<(), BackendError> {
-        self.hc_post_then(sc, cfg, rows, true)
-    }
-
-    /// [`Self::hc_post`]; `next_site`: another hyper-connection site reads these streams in this
-    /// step (every post but the last layer's FFN one). If that site's pre runs as a GEMM
-    /// ([`Self::hc_pre_by_gemm`]), the post also leaves the rows' sums of squares of the new
-    /// streams where that pre reads them (the bits of its squares launch, which it then skips).
+    /// [`Self::hc_pre_rows`]. `next`: the site (and its norm weight) that reads these streams
+    /// next in this step (every post but the last layer's FFN one). Where the step's sites meet
+    /// in seams ([`Self::hc_seam_takes`]) this post and that site's pre are one launch
+    /// ([`Self::hc_seam`]; `side`, `side_on`: the second stream, and whether the step uses it).
+    /// If that site's pre runs as a GEMM ([`Self::hc_pre_by_gemm`]), the post also leaves the
+    /// rows' sums of squares of the new streams where that pre reads them (the bits of its
+    /// squares launch, which it then skips).
+    #[allow(clippy::too_many_arguments)]
     fn hc_post_then(
         &self,
+        side: Option<&SideBranch>,
+        side_on: bool,
         sc: &mut Scratch,
         cfg: &crate::engine::model::ModelConfig,
         rows: HcRows,
-        next_site: bool,
+        next: Option<(&HcSite, &CudaSlice<f32>)>,
     ) -> Result<(), BackendError> {
+        if self.hc_seam_takes(cfg, rows) {
+            if let Some((site, norm)) = next {
+                return self.hc_seam(side.filter(|_| side_on), sc, site, norm, cfg, rows, true);
+            }
+            // The step's last site: a plain post, once its comb is there.
+            self.comb_ready(side, sc)?;
+        }
+        let next_site = next.is_some();
         let s = &self.stream;
         let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
         let (first, n) = (rows.start, rows.len);
@@ -2780,8 +2918,10 @@ impl CudaBackend {
         };
 
         // A split step's normed input is not gathered: its projections are (below).
+        let side_on = self.side_stream_on() && stack.clock.is_none();
         self.hc_pre_rows(
             &mut stack.clock,
+            stack.side.as_ref().filter(|_| side_on),
             sc,
             &layer.hc_attn,
             &layer.attn_norm,
@@ -3472,7 +3612,9 @@ impl CudaBackend {
         self.stage(&mut stack.clock, "stack: all-reduce")?;
         self.reduce_sub_out(comm, &mut sc.sub_out, h, step.hc)?;
         self.stage(&mut stack.clock, "stack: hyper-connections (post)")?;
-        self.hc_post(sc, cfg, step.hc)
+        let side_on = self.side_stream_on() && stack.clock.is_none();
+        let next = (&layer.hc_ffn, &layer.ffn_norm);
+        self.hc_post_then(stack.side.as_ref(), side_on, sc, cfg, step.hc, Some(next))
     }
 
     fn stack_ffn(
@@ -3493,8 +3635,10 @@ impl CudaBackend {
         let (e, k) = (cfg.n_routed_experts, cfg.num_experts_per_tok);
         // A split step gathers its normed input after the router has run on its own rows
         // (below), with the routes.
+        let side_on = self.side_stream_on() && stack.clock.is_none();
         self.hc_pre_rows(
             &mut stack.clock,
+            stack.side.as_ref().filter(|_| side_on),
             sc,
             &layer.hc_ffn,
             &layer.ffn_norm,
@@ -3744,7 +3888,12 @@ impl CudaBackend {
         self.reduce_sub_out(comm, &mut sc.sub_out, h, step.hc)?;
         self.stage(&mut stack.clock, "stack: hyper-connections (post)")?;
         // The last layer's streams go to the head, not to another site.
-        self.hc_post_then(sc, cfg, step.hc, l + 1 < cfg.num_hidden_layers)
+        let side_on = self.side_stream_on() && stack.clock.is_none();
+        let next = stack
+            .layers
+            .get(l + 1)
+            .map(|up| (&up.hc_attn, &up.attn_norm));
+        self.hc_post_then(stack.side.as_ref(), side_on, sc, cfg, step.hc, next)
     }
 }
 
