@@ -696,12 +696,15 @@ fn hc_pre_fused_matches_host() {
     }
 }
 
-/// (n, hidden) of the seam: V4-Flash's width (clusters of 16) at one and two tokens, and widths
+/// (n, hidden) of the seam: V4-Flash's width (clusters of 16) at 1, 2, 6 (a K = 5 verify step)
+/// and 16 tokens, and widths
 /// that take each other cluster size (32 and 64: one block, as the tiny model; 512: 2; 1,024:
 /// 4; 2,048: 8).
-const HC_SEAM_CASES: [(usize, usize); 7] = [
+const HC_SEAM_CASES: [(usize, usize); 9] = [
     (1, 4096),
     (2, 4096),
+    (6, 4096),
+    (16, 4096),
     (1, 32),
     (2, 64),
     (1, 512),
@@ -889,7 +892,7 @@ fn hc_seam_matches_host() {
     };
     for (bad, why) in [
         (HcSeam { hc: 3, ..ok }, "hc 3"),
-        (HcSeam { n: 3, ..ok }, "three tokens"),
+        (HcSeam { n: 17, ..ok }, "17 tokens"),
         (HcSeam { out: 0, ..ok }, "a post without its output"),
         (HcSeam { hidden: 48, ..ok }, "48 channels: no whole warps"),
         (

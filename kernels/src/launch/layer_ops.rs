@@ -47,9 +47,9 @@ pub const HC_POST_SQUARES_MAX_HIDDEN: usize = 16 * BLOCK;
 /// Threads of a `dsk_lo_hc_post2_f32` block when the step has too few rows to give every SM a
 /// 256-thread block: a decoding row then spreads over more SMs (16 blocks at hidden 4096).
 const HC_POST_SMALL_BLOCK: usize = 64;
-/// Most tokens [`Kernels::hc_seam_f32`] takes (a cluster each; it reads the next site's
-/// projection once per token, 1.5 MB at V4-Flash's width).
-pub const HC_SEAM_MAX_TOKENS: usize = 2;
+/// Most tokens [`Kernels::hc_seam_f32`] takes (a cluster each, independent of the others; it
+/// reads the next site's projection once per token, 1.5 MB at V4-Flash's width).
+pub const HC_SEAM_MAX_TOKENS: usize = 16;
 /// Cluster sizes the seam kernel is built for (`dsk_lo_hc_seam_c{C}_f32`), and the most threads
 /// a block of it has (`LO_SEAM_MAX_T`: a thread per channel of its slice).
 const HC_SEAM_CLUSTERS: [usize; 5] = [1, 2, 4, 8, 16];

@@ -492,6 +492,24 @@ struct CapturedStep {
     last_use: u64,
 }
 
+/// Tokens up to which a decode step's hyper-connection sites meet in seams by default
+/// ([`CudaBackend::hc_seam_max_tokens`]): every decode-sized step. On an H200 at one TP=2
+/// rank's shapes (12 layers, against seams up to 2 tokens) 4 tokens took 7% less time, a K = 5
+/// verify step 1-3% and 16 tokens 1-3% (docs/PERFORMANCE.md).
+const HC_SEAM_DEFAULT_MAX_TOKENS: usize = HC_SEAM_MAX_TOKENS;
+
+/// `DSPARK_HC_SEAM_MAX_TOKENS`'s value: unset is the default, else a whole number in
+/// 1..=[`HC_SEAM_MAX_TOKENS`]; `Err` carries a value that is neither.
+fn seam_max_tokens(value: Option<&str>) -> Result<usize, String> {
+    let Some(v) = value else {
+        return Ok(HC_SEAM_DEFAULT_MAX_TOKENS);
+    };
+    match v.trim().parse::<usize>() {
+        Ok(n) if (1..=HC_SEAM_MAX_TOKENS).contains(&n) => Ok(n),
+        _ => Err(v.to_string()),
+    }
+}
+
 /// The rows of a step whose hyper-connections this rank computes. GEMM steps of a
 /// tensor-parallel group on NCCL split them ([`HcRows::split`]): rank r owns rows `[r * share,
 /// r * share + share)` (the last rank may own fewer; the buffers hold `ranks * share` rows) and
@@ -2601,19 +2619,36 @@ impl CudaBackend {
     }
 
     /// Whether the hyper-connection sites of a step over `rows` meet in seams
-    /// ([`Self::hc_seam`]): decode steps of up to [`HC_SEAM_MAX_TOKENS`] unsplit rows, with the
-    /// default pre and post kernels (`DSPARK_HC_KERNEL` / `DSPARK_HC_POST_KERNEL` keep their
-    /// A/B meaning), a shape the seam kernel takes here, and unless `DSPARK_HC_SEAM=0`.
+    /// ([`Self::hc_seam`]): decode steps of up to [`Self::hc_seam_max_tokens`] unsplit rows,
+    /// with the default pre and post kernels (`DSPARK_HC_KERNEL` / `DSPARK_HC_POST_KERNEL` keep
+    /// their A/B meaning), a shape the seam kernel takes here, and unless `DSPARK_HC_SEAM=0`.
     fn hc_seam_takes(&self, cfg: &crate::engine::model::ModelConfig, rows: HcRows) -> bool {
         Self::hc_seam_on()
             && !rows.is_split()
-            && rows.len <= HC_SEAM_MAX_TOKENS
+            && rows.len <= Self::hc_seam_max_tokens()
             && Self::hc_pre_kernel() == HcPreKernel::Fused
             && Self::hc_post_kernel() == HcPostKernel::New
             && self
                 .kernels
                 .hc_seam_cluster(cfg.hc_mult, cfg.hidden_size)
                 .is_some()
+    }
+
+    /// The most tokens a step may have for its sites to meet in seams: `DSPARK_HC_SEAM_MAX_TOKENS`
+    /// (1..=[`HC_SEAM_MAX_TOKENS`], default [`HC_SEAM_DEFAULT_MAX_TOKENS`]), read once per
+    /// process; another value is reported and the default kept.
+    fn hc_seam_max_tokens() -> usize {
+        static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        *MAX.get_or_init(|| {
+            let v = std::env::var("DSPARK_HC_SEAM_MAX_TOKENS").ok();
+            seam_max_tokens(v.as_deref()).unwrap_or_else(|bad| {
+                tracing::warn!(
+                    value = %bad,
+                    "DSPARK_HC_SEAM_MAX_TOKENS: want 1..={HC_SEAM_MAX_TOKENS}; keeping {HC_SEAM_DEFAULT_MAX_TOKENS}"
+                );
+                HC_SEAM_DEFAULT_MAX_TOKENS
+            })
+        })
     }
 
     /// `DSPARK_HC_SEAM=0` keeps the pre and post of every site apart (an A/B switch), read once
@@ -3900,6 +3935,16 @@ impl CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seam_max_tokens_takes_1_to_16_and_reports_the_rest() {
+        assert_eq!(seam_max_tokens(None), Ok(HC_SEAM_DEFAULT_MAX_TOKENS));
+        assert_eq!(seam_max_tokens(Some("1")), Ok(1));
+        assert_eq!(seam_max_tokens(Some(" 16 ")), Ok(16));
+        for bad in ["0", "17", "-1", "two", ""] {
+            assert_eq!(seam_max_tokens(Some(bad)), Err(bad.to_string()), "{bad}");
+        }
+    }
 
     #[test]
     fn attention_tc_switch_defaults_to_every_step() {
