@@ -393,7 +393,10 @@ __device__ __forceinline__ void dsk_kv_decode_row_warp(const float *row, int fmt
 // wait here in turn, so stream order holds for every read and write after this call. What may
 // come before it: loads of model weights, which no kernel writes once the model is loaded (the
 // GEMV and skinny GEMM kernels issue their first weight loads there, so under PDL they overlap
-// the previous kernel's tail).
+// the previous kernel's tail); and, read through L2 (__ldcg), what a kernel at least two launches
+// back wrote: PDL starts this grid only once its predecessor has passed this wait, so everything
+// before that predecessor has finished (the hyper-connection seam, layer_ops.cu, reads the
+// streams and mix the previous seam left a sub-layer ago).
 __device__ __forceinline__ void dsk_pdl_entry() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
