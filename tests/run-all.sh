@@ -49,6 +49,15 @@ g++ -std=c++20 -O2 -pthread -w -I kernels/tools -DFP4_SRC="\"$CARGO_TARGET_DIR/f
   -o "$CARGO_TARGET_DIR/fp4_moe_emu" kernels/tools/fp4_moe_emu.cpp
 "$CARGO_TARGET_DIR/fp4_moe_emu"
 
+# A decode step's hyper-connection seam (one site's post and the next site's pre in one launch)
+# and the Sinkhorn after it: the emulation runs the kernel source for one-block clusters and checks
+# the new streams against the post kernel's bits, the comb against the host order's, the rest
+# against f64 references (seconds).
+step "kernels: the hyper-connection seam, emulated on the CPU"
+g++ -std=c++20 -O2 -pthread -w -ffp-contract=off -I kernels/tools \
+  -o "$CARGO_TARGET_DIR/hc_pre_emu" kernels/tools/hc_pre_emu.cpp
+"$CARGO_TARGET_DIR/hc_pre_emu" --seam
+
 step "end-to-end + reliability: the real server with the official openai client"
 DSPARK_SERVER_BIN="$CARGO_TARGET_DIR/debug/dspark-server" python -m pytest -q tests/e2e tests/reliability
 

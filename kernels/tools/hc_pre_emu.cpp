@@ -9,6 +9,8 @@
 // - the single-launch kernel's counters are zero after every launch (blocks run in a random order,
 //   so any block may be the finishing one) and a repeated launch gives the same bits; the other
 //   paths never touch the workspace header.
+// - the decode seam (one site's post and the next site's pre in one launch, dsk_lo_hc_seam_c1_f32)
+//   and its in-place Sinkhorn: see seam_case; `--seam` runs only those (seconds; in CI).
 //   g++ -std=c++20 -O2 -pthread -w -ffp-contract=off -o /tmp/hc_pre_emu kernels/tools/hc_pre_emu.cpp && /tmp/hc_pre_emu
 #include "emu.h"
 
@@ -237,16 +239,14 @@ static Out run_path(Path p, int sms, const std::vector<float> &streams, const st
     return o;
 }
 
-static void pre_case(int n, int hc, int hidden, int iters, bool weighted, int sms, unsigned long long seed) {
-    Rng rng{seed};
+// References: f64 projections rounded once, then hyper.rs's finish / collapse in f32, and an f64
+// norm (as the GPU tests).
+static void references(const std::vector<float> &streams, const std::vector<float> &fn,
+                       const std::vector<float> &base, const float scale[3], const std::vector<float> &norm,
+                       bool weighted, int n, int hc, int hidden, int iters, std::vector<float> &x_out,
+                       std::vector<float> &mix_out) {
     const int outs = (2 + hc) * hc, width = hc * hidden;
     const float eps = 1e-6f;
-    std::vector<float> streams = vec(rng, (size_t)n * width, -4, 4), fn = vec(rng, (size_t)outs * width, -0.05f, 0.05f);
-    std::vector<float> base = vec(rng, outs, -1, 1), norm = vec(rng, hidden, 0.5f, 1.5f);
-    float scale[3];
-    for (float &s : scale) s = vec(rng, 1, 0.5f, 1.5f)[0];
-    // References: f64 projections rounded once, then hyper.rs's finish / collapse in f32, and
-    // an f64 norm (as the GPU tests).
     std::vector<float> want_x, want_mix;
     for (int t = 0; t < n; ++t) {
         const float *st = &streams[(size_t)t * width];
@@ -273,6 +273,19 @@ static void pre_case(int n, int hc, int hidden, int iters, bool weighted, int sm
         const float xinv = 1.0f / std::sqrt((float)xs / (float)hidden + eps);
         for (int c = 0; c < hidden; ++c) want_x.push_back(weighted ? norm[c] * (x[c] * xinv) : x[c] * xinv);
     }
+    x_out = std::move(want_x);
+    mix_out = std::move(want_mix);
+}
+
+static void pre_case(int n, int hc, int hidden, int iters, bool weighted, int sms, unsigned long long seed) {
+    Rng rng{seed};
+    const int outs = (2 + hc) * hc, width = hc * hidden;
+    std::vector<float> streams = vec(rng, (size_t)n * width, -4, 4), fn = vec(rng, (size_t)outs * width, -0.05f, 0.05f);
+    std::vector<float> base = vec(rng, outs, -1, 1), norm = vec(rng, hidden, 0.5f, 1.5f);
+    float scale[3];
+    for (float &s : scale) s = vec(rng, 1, 0.5f, 1.5f)[0];
+    std::vector<float> want_x, want_mix;
+    references(streams, fn, base, scale, norm, weighted, n, hc, hidden, iters, want_x, want_mix);
     const int splits = mix_splits(n, width, outs, sms);
     std::vector<Out> outs_by_path;
     std::vector<Path> paths = {OLD, SPLIT};
@@ -307,7 +320,88 @@ static void pre_case(int n, int hc, int hidden, int iters, bool weighted, int sm
     (void)ok;
 }
 
-int main() {
+
+// The seam (dsk_lo_hc_seam_c1_f32: one block a token, widths of whole warps up to 256) and the
+// in-place Sinkhorn after it: the new streams with the post kernel's bits (or untouched without a
+// post), the comb the host-order Sinkhorn of the seam's logits bit for bit, the mix and the normed
+// input within 1e-5 of the references over the new streams, the output mix in the input's rows,
+// a repeated pre-only launch the same bits. Clusters of more blocks run only on the GPU
+// (tests/layer_ops_gpu.rs): this emulator runs a grid's blocks one after another.
+static void seam_case(int n, int hidden, bool post, bool weighted, bool in_place, unsigned long long seed) {
+    Rng rng{seed};
+    const int hc = 4, outs = 24, width = hc * hidden, iters = 20;
+    const float eps = 1e-6f;
+    std::vector<float> streams = vec(rng, (size_t)n * width, -4, 4), fn = vec(rng, (size_t)outs * width, -0.05f, 0.05f);
+    std::vector<float> base = vec(rng, outs, -1, 1), norm = vec(rng, hidden, 0.5f, 1.5f);
+    std::vector<float> layer_out = vec(rng, (size_t)n * hidden, -1, 1);
+    float scale[3];
+    for (float &s : scale) s = vec(rng, 1, 0.5f, 1.5f)[0];
+    // The ending site's mix as the Sinkhorn leaves it: pre, post, comb.
+    std::vector<float> post_mix;
+    for (int t = 0; t < n; ++t) {
+        for (float v : vec(rng, 4, 0.5f, 1.5f)) post_mix.push_back(v);
+        for (float v : vec(rng, 4, 0.2f, 1.8f)) post_mix.push_back(v);
+        for (float v : sinkhorn_ref(vec(rng, 16, -2, 2), hc, iters, eps)) post_mix.push_back(v);
+    }
+    std::vector<float> new_streams = streams;
+    if (post)
+        launch3({(unsigned)((hidden + 63) / 64), (unsigned)n, 1}, 64, [&] {
+            dsk_lo_hc_post2_f32(new_streams.data(), post_mix.data(), layer_out.data(), hc, hidden, 0);
+        });
+    std::vector<float> want_x, want_mix;
+    references(new_streams, fn, base, scale, norm, weighted, n, hc, hidden, iters, want_x, want_mix);
+    std::vector<float> got_streams = streams, x((size_t)n * hidden, NAN), mix_sep((size_t)n * outs, NAN);
+    std::vector<float> mix_in = post_mix;
+    float *mix_out = in_place ? mix_in.data() : mix_sep.data();
+    auto seam = [&] {
+        launch3({1, (unsigned)n, 1}, hidden, [&] {
+            dsk_lo_hc_seam_c1_f32(got_streams.data(), post ? mix_in.data() : nullptr, layer_out.data(), fn.data(),
+                                  base.data(), scale[0], scale[1], scale[2], weighted ? norm.data() : nullptr,
+                                  x.data(), mix_out, hidden, eps, eps, eps);
+        });
+    };
+    seam();
+    std::vector<float> logits(mix_out, mix_out + (size_t)n * outs);
+    launch3({(unsigned)n, 1, 1}, 32, [&] { dsk_lo_hc_sinkhorn_f32(mix_out, iters, eps); });
+    std::vector<float> got_mix(mix_out, mix_out + (size_t)n * outs);
+    bool comb_bits = true, kept = true;
+    for (int t = 0; t < n; ++t) {
+        std::vector<float> l(logits.begin() + t * outs + 8, logits.begin() + (t + 1) * outs);
+        std::vector<float> c(got_mix.begin() + t * outs + 8, got_mix.begin() + (t + 1) * outs);
+        comb_bits &= same_bits(c, sinkhorn_ref(l, hc, iters, eps));
+        kept &= memcmp(&got_mix[t * outs], &logits[t * outs], 8 * 4) == 0;
+    }
+    const bool streams_ok = same_bits(got_streams, new_streams);
+    bool repeat = true;
+    if (!post) {
+        const std::vector<float> x1 = x;
+        std::vector<float> mix1(mix_out, mix_out + (size_t)n * outs);
+        seam();
+        launch3({(unsigned)n, 1, 1}, 32, [&] { dsk_lo_hc_sinkhorn_f32(mix_out, iters, eps); });
+        repeat = same_bits(x, x1) && memcmp(mix_out, mix1.data(), mix1.size() * 4) == 0;
+    }
+    const double ex = rel(x, want_x), em = rel(got_mix, want_mix);
+    char msg[256];
+    snprintf(msg, sizeof msg,
+             "seam   n %2d hidden %4d %s %s %s: rel err x %.1e mix %.1e, streams %s %d, comb == host order %d, "
+             "pre/post kept %d, repeat same %d",
+             n, hidden, post ? "post   " : "no post", weighted ? "w " : "nw", in_place ? "in place" : "apart   ", ex,
+             em, post ? "== post2" : "untouched", streams_ok, comb_bits, kept, repeat);
+    check(ex < 1e-5 && em < 1e-5 && streams_ok && comb_bits && kept && repeat, msg);
+}
+
+int main(int argc, char **argv) {
+    // --seam: the seam's cases only (a few seconds; tests/run-all.sh runs them).
+    const bool seam_only = argc > 1 && strcmp(argv[1], "--seam") == 0;
+    seam_case(1, 32, true, true, false, 101);
+    seam_case(2, 64, true, false, true, 102);
+    seam_case(1, 256, true, true, true, 103);
+    seam_case(2, 256, false, true, false, 104);
+    seam_case(1, 96, false, false, false, 105);
+    if (seam_only) {
+        printf(failures ? "%d FAILED\n" : "all passed\n", failures);
+        return failures != 0;
+    }
     sinkhorn_cases();
     // (n, hc, hidden, iters, weighted, sms): the real width at one token (the single-launch path,
     // 11 splits at 132 SMs), token counts across the 16-token groups, hc = 4 / 3 / 5 (registers),
