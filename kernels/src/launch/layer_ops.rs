@@ -680,21 +680,32 @@ pub fn check_hc_seam(a: &HcSeam) -> Result<(), KernelError> {
             ),
         ));
     }
-    nonnull(
-        K,
-        &[
-            ("streams", a.streams),
-            ("fn_", a.fn_),
-            ("base", a.base),
-            ("x_out", a.x_out),
-            ("mix_out", a.mix_out),
-        ],
-    )?;
+    check_pre_site(K, [a.streams, a.fn_, a.base, a.x_out, a.mix_out], a.scale)?;
     if a.post_mix != 0 {
         nonnull(K, &[("out", a.out)])?;
     }
-    if a.scale.iter().any(|v| !v.is_finite()) {
-        return Err(invalid(K, format!("scale {:?}", a.scale)));
+    Ok(())
+}
+
+/// What every pre side takes: the streams, the site's projection and biases, the normed input
+/// and mix outputs (all non-null, in that order) and finite scales.
+fn check_pre_site(
+    kernel: &'static str,
+    [streams, fn_, base, x_out, mix_out]: [CUdeviceptr; 5],
+    scale: [f32; 3],
+) -> Result<(), KernelError> {
+    nonnull(
+        kernel,
+        &[
+            ("streams", streams),
+            ("fn_", fn_),
+            ("base", base),
+            ("x_out", x_out),
+            ("mix_out", mix_out),
+        ],
+    )?;
+    if scale.iter().any(|v| !v.is_finite()) {
+        return Err(invalid(kernel, format!("scale {scale:?}")));
     }
     Ok(())
 }
@@ -717,23 +728,11 @@ pub fn check_hc_pre_finish(a: &HcPreFinish) -> Result<(), KernelError> {
 
 pub fn check_hc_pre_fused(a: &HcPreFused) -> Result<(), KernelError> {
     const K: &str = "hc_pre_fused_f32";
-    nonnull(
-        K,
-        &[
-            ("streams", a.streams),
-            ("fn_", a.fn_),
-            ("base", a.base),
-            ("x_out", a.x_out),
-            ("mix_out", a.mix_out),
-            ("workspace", a.workspace),
-        ],
-    )?;
+    check_pre_site(K, [a.streams, a.fn_, a.base, a.x_out, a.mix_out], a.scale)?;
+    nonnull(K, &[("workspace", a.workspace)])?;
     check_hc(K, a.n, a.hc, a.hidden)?;
     i32_arg(K, "hc * hidden", a.hc * a.hidden)?;
     i32_arg(K, "sinkhorn_iters", a.sinkhorn_iters)?;
-    if a.scale.iter().any(|v| !v.is_finite()) {
-        return Err(invalid(K, format!("scale {:?}", a.scale)));
-    }
     Ok(())
 }
 

@@ -510,6 +510,16 @@ fn seam_max_tokens(value: Option<&str>) -> Result<usize, String> {
     }
 }
 
+/// The step's scratch holds `rows` of every buffer a hyper-connection site reads or writes: the
+/// streams, the normed input, the mix and the sub-layer's output.
+fn hc_rows_fit(sc: &Scratch, rows: HcRows, hidden: usize, hc: usize) -> Result<(), BackendError> {
+    let end = rows.start + rows.len;
+    fits("stack streams", sc.streams.len(), end * hc * hidden)?;
+    fits("stack x rows", sc.x.len(), end * hidden)?;
+    fits("stack mix rows", sc.mix.len(), end * (2 + hc) * hc)?;
+    fits("stack output rows", sc.sub_out.len(), end * hidden)
+}
+
 /// The rows of a step whose hyper-connections this rank computes. GEMM steps of a
 /// tensor-parallel group on NCCL split them ([`HcRows::split`]): rank r owns rows `[r * share,
 /// r * share + share)` (the last rank may own fewer; the buffers hold `ranks * share` rows) and
@@ -2570,9 +2580,7 @@ impl CudaBackend {
         let outs = (2 + hc) * hc;
         // Whether the last post left these rows' squares in the workspace (read at most once).
         let squares_ready = sc.hc_squares_of.take() == Some(rows);
-        fits("stack streams", sc.streams.len(), (first + n) * hc * h)?;
-        fits("stack x rows", sc.x.len(), (first + n) * h)?;
-        fits("stack mix rows", sc.mix.len(), (first + n) * outs)?;
+        hc_rows_fit(sc, rows, h, hc)?;
         let call = HcPreFused {
             streams: ptr(s, &sc.streams) + (first * hc * h * 4) as u64,
             fn_: ptr(s, &site.fn_),
@@ -2678,10 +2686,7 @@ impl CudaBackend {
         let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
         let (first, n) = (rows.start, rows.len);
         let outs = (2 + hc) * hc;
-        fits("stack streams", sc.streams.len(), (first + n) * hc * h)?;
-        fits("stack x rows", sc.x.len(), (first + n) * h)?;
-        fits("stack mix rows", sc.mix.len(), (first + n) * outs)?;
-        fits("stack output rows", sc.sub_out.len(), (first + n) * h)?;
+        hc_rows_fit(sc, rows, h, hc)?;
         if post {
             self.comb_ready(side, sc)?;
         }
@@ -2869,9 +2874,7 @@ impl CudaBackend {
         let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
         let (first, n) = (rows.start, rows.len);
         let outs = (2 + hc) * hc;
-        fits("stack streams", sc.streams.len(), (first + n) * hc * h)?;
-        fits("stack mix rows", sc.mix.len(), (first + n) * outs)?;
-        fits("stack output rows", sc.sub_out.len(), (first + n) * h)?;
+        hc_rows_fit(sc, rows, h, hc)?;
         let kernel = Self::hc_post_kernel();
         let squares = next_site && kernel == HcPostKernel::New && Self::hc_pre_by_gemm(n);
         sc.hc_squares_of = None;
