@@ -533,20 +533,7 @@ fn hc_pre_finish_and_post_match_host() {
             let hb = g.up(&want_mix);
             let mut old_bits = None;
             for kernel in [HcPostKernel::Old, HcPostKernel::New] {
-                let sb = g.up(&streams);
-                let p = HcPost {
-                    streams: g.ptr(&sb),
-                    mix: g.ptr(&hb),
-                    out: g.ptr(&ob),
-                    squares: 0,
-                    n,
-                    hc,
-                    hidden,
-                    kernel,
-                };
-                // SAFETY: the buffers above hold these shapes.
-                unsafe { g.k.hc_post_f32(&g.s, &p) }.unwrap();
-                let got = g.down(&sb);
+                let got = post_on_copy(&g, &streams, &hb, &ob, (n, hc, hidden), kernel);
                 let err = rel(&got, &want_streams);
                 assert!(err < TOL, "expand {kernel:?} n {n} hc {hc}: rel err {err}");
                 match &old_bits {
@@ -560,6 +547,32 @@ fn hc_pre_finish_and_post_match_host() {
             }
         }
     }
+}
+
+/// `hc_post_f32` with `kernel` on a device copy of `streams` ([n, hc * hidden]) with the given
+/// mix and sub-layer output buffers; returns the new streams.
+fn post_on_copy(
+    g: &common::Gpu,
+    streams: &[f32],
+    mix: &cudarc::driver::CudaSlice<f32>,
+    out: &cudarc::driver::CudaSlice<f32>,
+    (n, hc, hidden): (usize, usize, usize),
+    kernel: HcPostKernel,
+) -> Vec<f32> {
+    let sb = g.up(streams);
+    let p = HcPost {
+        streams: g.ptr(&sb),
+        mix: g.ptr(mix),
+        out: g.ptr(out),
+        squares: 0,
+        n,
+        hc,
+        hidden,
+        kernel,
+    };
+    // SAFETY: the caller's buffers hold these shapes; the streams are this call's copy.
+    unsafe { g.k.hc_post_f32(&g.s, &p) }.unwrap();
+    g.down(&sb)
 }
 
 /// Elements whose bits differ (NaNs included), without a copy of either side.
@@ -829,22 +842,11 @@ fn hc_seam_matches_host() {
             assert!(err < TOL, "{what}: streams rel err {err}");
             if post {
                 // The post kernel on the same mix: the same bits.
-                let pb = g.up(&streams);
                 let mix2 = g.up(&post_mix);
-                let p = HcPost {
-                    streams: g.ptr(&pb),
-                    mix: g.ptr(&mix2),
-                    out: g.ptr(&ob),
-                    squares: 0,
-                    n,
-                    hc,
-                    hidden,
-                    kernel: HcPostKernel::New,
-                };
-                // SAFETY: as above.
-                unsafe { g.k.hc_post_f32(&g.s, &p) }.unwrap();
+                let posted =
+                    post_on_copy(&g, &streams, &mix2, &ob, (n, hc, hidden), HcPostKernel::New);
                 assert_eq!(
-                    differing_bits(&got_streams, &g.down(&pb)),
+                    differing_bits(&got_streams, &posted),
                     0,
                     "{what}: new streams differ from the post kernel's bits"
                 );

@@ -2848,7 +2848,7 @@ impl CudaBackend {
     /// [`Self::hc_pre_rows`]. `next`: the site (and its norm weight) that reads these streams
     /// next in this step (every post but the last layer's FFN one). Where the step's sites meet
     /// in seams ([`Self::hc_seam_takes`]) this post and that site's pre are one launch
-    /// ([`Self::hc_seam`]; `side`, `side_on`: the second stream, and whether the step uses it).
+    /// ([`Self::hc_seam`]; `side`: the second stream where the step uses one).
     /// If that site's pre runs as a GEMM ([`Self::hc_pre_by_gemm`]), the post also leaves the
     /// rows' sums of squares of the new streams where that pre reads them (the bits of its
     /// squares launch, which it then skips).
@@ -2856,7 +2856,6 @@ impl CudaBackend {
     fn hc_post_then(
         &self,
         side: Option<&SideBranch>,
-        side_on: bool,
         sc: &mut Scratch,
         cfg: &crate::engine::model::ModelConfig,
         rows: HcRows,
@@ -2864,7 +2863,7 @@ impl CudaBackend {
     ) -> Result<(), BackendError> {
         if self.hc_seam_takes(cfg, rows) {
             if let Some((site, norm)) = next {
-                return self.hc_seam(side.filter(|_| side_on), sc, site, norm, cfg, rows, true);
+                return self.hc_seam(side, sc, site, norm, cfg, rows, true);
             }
             // The step's last site: a plain post, once its comb is there.
             self.comb_ready(side, sc)?;
@@ -3652,7 +3651,8 @@ impl CudaBackend {
         self.stage(&mut stack.clock, "stack: hyper-connections (post)")?;
         let side_on = self.side_stream_on() && stack.clock.is_none();
         let next = (&layer.hc_ffn, &layer.ffn_norm);
-        self.hc_post_then(stack.side.as_ref(), side_on, sc, cfg, step.hc, Some(next))
+        let side = stack.side.as_ref().filter(|_| side_on);
+        self.hc_post_then(side, sc, cfg, step.hc, Some(next))
     }
 
     fn stack_ffn(
@@ -3931,7 +3931,8 @@ impl CudaBackend {
             .layers
             .get(l + 1)
             .map(|up| (&up.hc_attn, &up.attn_norm));
-        self.hc_post_then(stack.side.as_ref(), side_on, sc, cfg, step.hc, next)
+        let side = stack.side.as_ref().filter(|_| side_on);
+        self.hc_post_then(side, sc, cfg, step.hc, next)
     }
 }
 
