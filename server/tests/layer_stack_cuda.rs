@@ -245,10 +245,28 @@ fn layer_stack_equals_op_by_op_at_tp1_and_tp2() {
     let graphs = stacked.backend().graph_steps();
     eprintln!("layer stack TP=1: {graphs} steps from CUDA graphs");
     assert!(graphs >= 10, "{graphs}");
+    // Every step of up to 16 rows (ten decode steps, a verify step of 6 rows, one of 12) ran
+    // the model's head inside the stack; the prefill chunks handed their streams back.
+    let head_steps = stacked.backend().stack_head_steps();
+    assert_eq!(head_steps, 12, "steps that ran the head on the device");
     let want = schedule(&mut reference);
     let w1 = worst(&got, &want);
     eprintln!("layer stack vs op by op (TP=1): worst relative logit difference {w1:e}");
     assert!(w1 < BOUND, "{w1:e}");
+    // The host's collapse, norm and LM head call instead (DSPARK_DEVICE_HEAD=0).
+    let mut host_head = wide_model(dir.path(), Shard::SINGLE, Arc::new(SingleRank));
+    host_head.backend().set_gemm_tf32(false);
+    host_head.backend().set_stack_head(false);
+    let got_host_head = schedule(&mut host_head);
+    assert_eq!(host_head.backend().stack_head_steps(), 0);
+    drop(host_head);
+    let w_head = worst(&got, &got_host_head);
+    let w_host = worst(&got_host_head, &want);
+    eprintln!(
+        "layer stack, head on the device vs on the host: worst relative logit difference \
+         {w_head:e} (host head vs op by op {w_host:e})"
+    );
+    assert!(w_head < BOUND && w_host < BOUND, "{w_head:e} {w_host:e}");
 
     let results = support::local_group::run_ranks(2, |rank, comm| {
         let shard = Shard {
@@ -327,8 +345,10 @@ fn layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op() {
     let mut want = schedule(&mut reference);
     want.extend(captured_prompt(&mut reference));
     drop(reference);
-    // The LM head's logits gathered over NCCL on the device (the default), then through host
-    // memory (DSPARK_HEAD_GATHER_DEVICE=0); the indexer's rows scored whole on each rank in
+    // The model's head in the steps of up to 16 rows (the default) and the LM head's own call
+    // in the others, its logits gathered over NCCL on the device (the default), then through
+    // host memory (DSPARK_HEAD_GATHER_DEVICE=0) with every step's head in that call
+    // (DSPARK_DEVICE_HEAD=0); the indexer's rows scored whole on each rank in
     // every step, then split between the ranks in GEMM steps only (the default at these short
     // contexts), then at every context (each rank's top k of its share gathered and merged);
     // the hyper-connections of GEMM steps whole on each rank, then split by rows (the default).
@@ -343,6 +363,7 @@ fn layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op() {
             assert!(m.uses_layer_stack());
             m.backend().set_gemm_tf32(false);
             m.backend().set_head_gather_device(head_on_device);
+            m.backend().set_stack_head(head_on_device);
             if let Some(rows) = split_rows {
                 m.backend().set_indexer_split_rows(rows);
             }
@@ -353,6 +374,8 @@ fn layer_stack_graphs_over_nccl_on_two_gpus_equal_op_by_op() {
                 m.backend().graph_steps() >= 10,
                 "NCCL steps did not run as graphs"
             );
+            let head_steps = m.backend().stack_head_steps();
+            assert_eq!(head_steps, if head_on_device { 12 } else { 0 });
             out.extend(captured_prompt(&mut m));
             out
         });

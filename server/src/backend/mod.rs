@@ -248,9 +248,15 @@ pub struct StackRows<'a> {
 /// the step's token ids (every one of the `hc` streams a copy) and kept on the device; after the
 /// last layer the step rows `keep` come back into `kept` (`[keep.len(), hc * hidden]`, in
 /// `keep`'s order).
+///
+/// Where `logits` is given, a backend may instead run the model's head on the device inside the
+/// step (the final hyper-connection collapse, the model norm and the LM head, gathered over the
+/// ranks) and put the `keep` rows' full-vocabulary logits there, in `keep`'s order; it then
+/// leaves `kept` as it was. A backend that does not leaves `logits` empty.
 pub struct StackStreams<'a> {
     pub keep: &'a [usize],
     pub kept: &'a mut [f32],
+    pub logits: Option<&'a mut Vec<Vec<f32>>>,
 }
 
 /// A compute device holding weight matrices and running the kernels the model needs.

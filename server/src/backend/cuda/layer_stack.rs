@@ -55,6 +55,15 @@ struct HcSite {
     scale: [f32; 3],
 }
 
+/// The model's head as a step's graph runs it ([`CudaBackend::stack_head`]): the final
+/// hyper-connection collapse as a site whose mix rows past the first `hc` are zero (a seam's
+/// pre coefficients, `sigmoid(m * scale + base) + hc_eps`, are the head's), and the model norm.
+/// The LM head's matrix is the model's.
+struct StackHead {
+    site: HcSite,
+    norm: CudaSlice<f32>,
+}
+
 /// A compressor's small parameters.
 struct CompressorParams {
     ape: CudaSlice<f32>,
@@ -102,12 +111,20 @@ type StackedFp8 = (CudaSlice<u8>, CudaSlice<u8>);
 struct PieceStreams<'a> {
     keep: Vec<(usize, usize)>,
     kept: &'a mut [f32],
+    /// Where the kept rows' logits go if the piece runs the head ([`StackStreams::logits`]).
+    logits: Option<&'a mut Vec<Vec<f32>>>,
 }
 
 impl<'a> PieceStreams<'a> {
-    /// The kept rows among step rows `start .. start + len`.
-    fn of(all: &'a mut StackStreams<'_>, start: usize, len: usize) -> Self {
+    /// The kept rows among step rows `start .. start + len`; the logits' place only for a
+    /// piece that is the whole step (`whole`).
+    fn of(all: &'a mut StackStreams<'_>, start: usize, len: usize, whole: bool) -> Self {
         PieceStreams {
+            logits: if whole {
+                all.logits.as_deref_mut()
+            } else {
+                None
+            },
             keep: all
                 .keep
                 .iter()
@@ -332,6 +349,10 @@ pub struct CudaLayerStack {
     meta64: CudaSlice<i64>,
     /// The second stream for work off the critical path (`None` where it could not be made).
     side: Option<SideBranch>,
+    head: StackHead,
+    /// The logits of a step that runs the head (`[world, rows, vocab / world]`), made at the
+    /// first such step for [`HC_SEAM_MAX_TOKENS`] rows, so graphs never see it move.
+    head_logits: Option<CudaSlice<f32>>,
 }
 
 /// A stream beside the backend's for a layer's work that the launches queued next do not read:
@@ -474,6 +495,8 @@ struct GraphKey {
     attention_f16: AttentionTcSteps,
     /// Whether the step was captured with its side work on the second stream.
     side_stream: bool,
+    /// Whether the step runs the model's head ([`StepShape::head`]).
+    head: bool,
 }
 
 /// A captured step's executable graph.
@@ -571,6 +594,9 @@ struct StepShape<'a> {
     /// The rows this rank's hyper-connections cover.
     hc: HcRows,
     capture: &'a [usize],
+    /// Whether the step ends with the model's head: the last post meets the head's collapse in
+    /// a seam, then the LM head into [`CudaLayerStack::head_logits`] (gathered over the ranks).
+    head: bool,
 }
 
 /// What [`CudaBackend::stack_compress`] needs of one compressor (the attention's or the
@@ -1055,6 +1081,35 @@ impl CudaBackend {
         }
     }
 
+    /// [`StackHead`] from the model's head parameters.
+    fn stack_head(&self, model: &StackModel<'_, CudaBackend>) -> Result<StackHead, BackendError> {
+        let cfg = model.cfg;
+        let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
+        let (width, outs) = (hc * h, (2 + hc) * hc);
+        let head = &model.weights.hc_head;
+        if head.fn_.len() != hc * width || head.base.len() != hc || model.weights.norm.len() != h {
+            return Err(shape_err(format!(
+                "head collapse of {} weights and {} biases, model norm of {}, for hc {hc} and \
+                 hidden {h}",
+                head.fn_.len(),
+                head.base.len(),
+                model.weights.norm.len()
+            )));
+        }
+        let mut fn_ = vec![0f32; outs * width];
+        fn_[..hc * width].copy_from_slice(&head.fn_);
+        let mut base = vec![0f32; outs];
+        base[..hc].copy_from_slice(&head.base);
+        Ok(StackHead {
+            site: HcSite {
+                fn_: self.upload(&fn_)?,
+                base: self.upload(&base)?,
+                scale: [head.scale, 0.0, 0.0],
+            },
+            norm: self.upload(&model.weights.norm)?,
+        })
+    }
+
     fn hc_site(&self, site: &HyperConnection) -> Result<HcSite, BackendError> {
         Ok(HcSite {
             fn_: self.upload(&site.fn_)?,
@@ -1339,6 +1394,8 @@ impl CudaBackend {
             side: SideBranch::new(&self.stream)
                 .inspect_err(|e| tracing::warn!(error = %e, "no side stream; one stream"))
                 .ok(),
+            head: self.stack_head(model)?,
+            head_logits: None,
         };
         self.stream
             .synchronize()
@@ -1959,7 +2016,7 @@ impl CudaBackend {
             }
         }
         if n <= STACK_MAX_ROWS {
-            let piece = PieceStreams::of(&mut streams, 0, n);
+            let piece = PieceStreams::of(&mut streams, 0, n, true);
             return self.run_piece(stack, model, kv, comm, rows, piece, capture);
         }
         let max_pos = rows.positions.iter().copied().max().unwrap_or(0);
@@ -1976,7 +2033,7 @@ impl CudaBackend {
                 block_tables: rows.block_tables[range.clone()].to_vec(),
                 recent_tables: rows.recent_tables[range].to_vec(),
             };
-            let piece = PieceStreams::of(&mut streams, start, len);
+            let piece = PieceStreams::of(&mut streams, start, len, false);
             let got = self.run_piece(stack, model, kv, comm, &part, piece, capture)?;
             for ((_, all), (_, rows_of_piece)) in captured.iter_mut().zip(got) {
                 all.extend(rows_of_piece);
@@ -2219,6 +2276,13 @@ impl CudaBackend {
             HcRows::whole(n)
         };
         self.embed_streams(&mut stack.scratch, model, at32(layout.ids()), hc_rows)?;
+        let head = streams.logits.is_some()
+            && !streams.keep.is_empty()
+            && self.stack_head_takes(cfg, comm, hc_rows, model.weights.head.shape().1);
+        if head && stack.head_logits.is_none() {
+            let vl = model.weights.head.shape().0;
+            stack.head_logits = Some(self.alloc_f32(ranks * HC_SEAM_MAX_TOKENS * vl)?);
+        }
         let table = RowTable {
             positions: at32(layout.positions()),
             bt_starts: at32(layout.bt_starts()),
@@ -2234,6 +2298,7 @@ impl CudaBackend {
             n,
             hc: hc_rows,
             capture,
+            head,
         };
         // GEMM steps are never captured: they synchronise (the expert sort) and allocate.
         let graphable = n <= STACK_MAX_ROWS
@@ -2248,6 +2313,7 @@ impl CudaBackend {
                 split_rows,
                 attention_f16: self.attention_f16_steps(),
                 side_stream: self.side_stream_on(),
+                head,
             };
             stack.uses += 1;
             let uses = stack.uses;
@@ -2319,8 +2385,24 @@ impl CudaBackend {
                 .map_err(driver_err("copy from GPU"))?;
             captured.push((l, host));
         }
-        // Runs of consecutive kept rows (a decode step keeps all of them) in one copy each.
-        let keep = &streams.keep;
+        if head {
+            let (vl, _) = model.weights.head.shape();
+            let logits = stack
+                .head_logits
+                .as_ref()
+                .ok_or_else(|| shape_err("a step ran the head without its logits".into()))?;
+            let mut picks = streams.keep.clone();
+            picks.sort_by_key(|&(_, at)| at);
+            let picks: Vec<usize> = picks.into_iter().map(|(row, _)| row).collect();
+            let rows_out = self.logit_rows(&logits.slice(..), ranks, n, vl, &picks)?;
+            if let Some(out) = streams.logits {
+                *out = rows_out;
+            }
+            self.stack_head_steps.fetch_add(1, Ordering::Relaxed);
+        }
+        // Runs of consecutive kept rows (a decode step keeps all of them) in one copy each; a
+        // step that ran the head keeps none.
+        let keep: &[(usize, usize)] = if head { &[] } else { &streams.keep };
         let mut i = 0;
         while i < keep.len() {
             let (row, at) = keep[i];
@@ -2539,6 +2621,50 @@ impl CudaBackend {
                     .map_err(driver_err("copy on GPU"))?;
             }
         }
+        if step.head {
+            self.stack_head_logits(stack, model, comm, n)?;
+        }
+        Ok(())
+    }
+
+    /// The LM head of a step that runs the head ([`StepShape::head`]): the normed rows the
+    /// head's seam left in `scratch.x` through this rank's vocabulary rows, into its share of
+    /// [`CudaLayerStack::head_logits`], then every rank's share to all (NCCL, in place).
+    fn stack_head_logits(
+        &self,
+        stack: &mut CudaLayerStack,
+        model: &StackModel<'_, CudaBackend>,
+        comm: &dyn Communicator,
+        n: usize,
+    ) -> Result<(), BackendError> {
+        let s = &self.stream;
+        let w = &model.weights.head;
+        let (vl, cols) = w.shape();
+        let (ranks, rank) = (comm.world_size(), comm.rank());
+        let logits = stack
+            .head_logits
+            .as_mut()
+            .ok_or_else(|| shape_err("a step runs the head without its logits".into()))?;
+        fits("head logits", logits.len(), ranks * n * vl)?;
+        fits("stack x", stack.scratch.x.len(), n * cols)?;
+        let share = n * vl;
+        self.linear_on_with(
+            &stack.scratch.x.slice(0..n * cols),
+            n,
+            w,
+            &mut logits.slice_mut(rank * share..(rank + 1) * share),
+            false,
+        )?;
+        if ranks > 1 {
+            let nccl = self.stream_nccl(comm).ok_or_else(|| {
+                BackendError::Other("the head's all-gather needs NCCL on this stream".into())
+            })?;
+            let recv = ptr_mut(s, logits);
+            // SAFETY: `logits` holds ranks * share floats (checked above); this rank's share,
+            // the send buffer, is its slot of the receive buffer (NCCL's in-place all-gather).
+            unsafe { nccl.all_gather_raw_f32(recv + (rank * share * 4) as u64, recv, share) }
+                .map_err(comm_err)?;
+        }
         Ok(())
     }
 
@@ -2572,7 +2698,7 @@ impl CudaBackend {
                 return Ok(());
             }
             self.stage(clock, "stack: hyper-connections (pre)")?;
-            return self.hc_seam(side, sc, site, norm, cfg, rows, false);
+            return self.hc_seam(side, sc, site, norm, cfg, rows, false, false);
         }
         let s = &self.stream;
         let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
@@ -2659,6 +2785,25 @@ impl CudaBackend {
         })
     }
 
+    /// Whether a step over `rows` runs the model's head in its own launches (and graph): where
+    /// its last post meets the head's collapse in a seam ([`Self::hc_seam_takes`]: decode and
+    /// verify steps of up to 16 rows), the ranks gather on this stream (NCCL) and the LM head
+    /// reads `hidden` features; [`CudaBackend::set_stack_head`] (`DSPARK_DEVICE_HEAD=0`) turns
+    /// it off, leaving the collapse and norm to the host and the LM head to its own call.
+    fn stack_head_takes(
+        &self,
+        cfg: &crate::engine::model::ModelConfig,
+        comm: &dyn Communicator,
+        rows: HcRows,
+        head_cols: usize,
+    ) -> bool {
+        self.stack_head.load(Ordering::Relaxed)
+            && head_cols == cfg.hidden_size
+            && rows.len <= HC_SEAM_MAX_TOKENS
+            && self.hc_seam_takes(cfg, rows)
+            && (comm.world_size() <= 1 || self.stream_nccl(comm).is_some())
+    }
+
     /// `DSPARK_HC_SEAM=0` keeps the pre and post of every site apart (an A/B switch), read once
     /// per process.
     fn hc_seam_on() -> bool {
@@ -2671,6 +2816,7 @@ impl CudaBackend {
     /// mix in `scratch.mix` with the comb's logits, then the Sinkhorn of those logits in place,
     /// on the second stream where there is one (only the site's post reads the comb, a
     /// sub-layer later; [`Self::comb_ready`]).
+    /// The head's seam ([`StackHead`]) passes `head`: its comb is never read, so no Sinkhorn.
     #[allow(clippy::too_many_arguments)]
     fn hc_seam(
         &self,
@@ -2681,6 +2827,7 @@ impl CudaBackend {
         cfg: &crate::engine::model::ModelConfig,
         rows: HcRows,
         post: bool,
+        head: bool,
     ) -> Result<(), BackendError> {
         let s = &self.stream;
         let (h, hc) = (cfg.hidden_size, cfg.hc_mult);
@@ -2714,6 +2861,9 @@ impl CudaBackend {
         unsafe { self.kernels.hc_seam_f32(s, &call) }.map_err(kernel_err)?;
         sc.hc_pre_done = Some(rows);
         sc.hc_squares_of = None;
+        if head {
+            return Ok(());
+        }
         let (iters, eps) = (cfg.hc_sinkhorn_iters, cfg.hc_eps);
         match side {
             Some(branch) => {
@@ -2851,7 +3001,8 @@ impl CudaBackend {
     /// ([`Self::hc_seam`]; `side`: the second stream where the step uses one).
     /// If that site's pre runs as a GEMM ([`Self::hc_pre_by_gemm`]), the post also leaves the
     /// rows' sums of squares of the new streams where that pre reads them (the bits of its
-    /// squares launch, which it then skips).
+    /// squares launch, which it then skips). `next_is_head`: `next` is the model's head
+    /// ([`StackHead`]), which only a seam runs.
     #[allow(clippy::too_many_arguments)]
     fn hc_post_then(
         &self,
@@ -2860,13 +3011,19 @@ impl CudaBackend {
         cfg: &crate::engine::model::ModelConfig,
         rows: HcRows,
         next: Option<(&HcSite, &CudaSlice<f32>)>,
+        next_is_head: bool,
     ) -> Result<(), BackendError> {
         if self.hc_seam_takes(cfg, rows) {
             if let Some((site, norm)) = next {
-                return self.hc_seam(side, sc, site, norm, cfg, rows, true);
+                return self.hc_seam(side, sc, site, norm, cfg, rows, true, next_is_head);
             }
             // The step's last site: a plain post, once its comb is there.
             self.comb_ready(side, sc)?;
+        }
+        if next_is_head {
+            return Err(shape_err(
+                "the head's collapse runs only in a seam, which this step does not take".into(),
+            ));
         }
         let next_site = next.is_some();
         let s = &self.stream;
@@ -3652,7 +3809,7 @@ impl CudaBackend {
         let side_on = self.side_stream_on() && stack.clock.is_none();
         let next = (&layer.hc_ffn, &layer.ffn_norm);
         let side = stack.side.as_ref().filter(|_| side_on);
-        self.hc_post_then(side, sc, cfg, step.hc, Some(next))
+        self.hc_post_then(side, sc, cfg, step.hc, Some(next), false)
     }
 
     fn stack_ffn(
@@ -3925,14 +4082,17 @@ impl CudaBackend {
         self.stage(&mut stack.clock, "stack: all-reduce")?;
         self.reduce_sub_out(comm, &mut sc.sub_out, h, step.hc)?;
         self.stage(&mut stack.clock, "stack: hyper-connections (post)")?;
-        // The last layer's streams go to the head, not to another site.
+        // The last layer's streams go to the head: in a seam with its collapse where the step
+        // runs it, else to the caller.
         let side_on = self.side_stream_on() && stack.clock.is_none();
-        let next = stack
-            .layers
-            .get(l + 1)
-            .map(|up| (&up.hc_attn, &up.attn_norm));
+        let up = stack.layers.get(l + 1);
+        let to_head = up.is_none() && step.head;
+        let next = match up {
+            Some(up) => Some((&up.hc_attn, &up.attn_norm)),
+            None => step.head.then_some((&stack.head.site, &stack.head.norm)),
+        };
         let side = stack.side.as_ref().filter(|_| side_on);
-        self.hc_post_then(side, sc, cfg, step.hc, next)
+        self.hc_post_then(side, sc, cfg, step.hc, next, to_head)
     }
 }
 

@@ -253,6 +253,10 @@ pub struct CudaBackend {
     /// At TP>1 the LM head's logits are gathered over NCCL on the device (see
     /// [`Backend::head_rows`]); `DSPARK_HEAD_GATHER_DEVICE=0` gathers them through host memory.
     head_gather_device: AtomicBool,
+    /// Whether decode steps run the model's head inside the layer stack
+    /// (`DSPARK_DEVICE_HEAD`, default on), and how many steps did.
+    stack_head: AtomicBool,
+    stack_head_steps: AtomicU64,
     /// Compressed rows above which the ranks of a tensor-parallel group split the indexer's rows
     /// between them in the layer stack (`DSPARK_INDEXER_SPLIT_ROWS`, default
     /// [`layer_stack::INDEXER_SPLIT_ROWS`]); at or below it every rank scores all of them.
@@ -402,6 +406,10 @@ impl CudaBackend {
             head_gather_device: AtomicBool::new(
                 std::env::var("DSPARK_HEAD_GATHER_DEVICE").map_or(true, |v| v.trim() != "0"),
             ),
+            stack_head: AtomicBool::new(
+                std::env::var("DSPARK_DEVICE_HEAD").map_or(true, |v| v.trim() != "0"),
+            ),
+            stack_head_steps: AtomicU64::new(0),
             indexer_split_rows: AtomicUsize::new(
                 std::env::var("DSPARK_INDEXER_SPLIT_ROWS")
                     .ok()
@@ -448,6 +456,18 @@ impl CudaBackend {
     /// or through host memory (as `DSPARK_HEAD_GATHER_DEVICE=0`).
     pub fn set_head_gather_device(&self, on: bool) {
         self.head_gather_device.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether layer-stack steps of up to 16 rows end with the model's head on the device, in
+    /// their graph (the default), or hand the streams back for the host's collapse and norm and
+    /// the LM head's own call (as `DSPARK_DEVICE_HEAD=0`).
+    pub fn set_stack_head(&self, on: bool) {
+        self.stack_head.store(on, Ordering::Relaxed);
+    }
+
+    /// Layer-stack steps that ran the model's head on the device.
+    pub fn stack_head_steps(&self) -> u64 {
+        self.stack_head_steps.load(Ordering::Relaxed)
     }
 
     /// Compressed rows above which a tensor-parallel group splits the indexer's rows between its
@@ -927,9 +947,34 @@ impl CudaBackend {
                 all
             }
         };
-        // One download of the whole block into page-locked staging, then each (rank, row)
-        // slice copied once into its row.
-        let len = world * n * rows;
+        let picks: Vec<usize> = (0..n).collect();
+        self.logit_rows(&gathered.slice(..), world, n, rows, &picks)
+    }
+
+    /// Rows `picks` (in that order) of a `[world, n, vl]` block of logits on the device (each
+    /// rank's `vl` vocabulary columns of the `n` rows): one download of the block into
+    /// page-locked staging, then each (rank, row) slice copied once into its row, rows in
+    /// parallel (at 16 rows the block is 8 MB).
+    pub(super) fn logit_rows(
+        &self,
+        block: &cudarc::driver::CudaView<'_, f32>,
+        world: usize,
+        n: usize,
+        vl: usize,
+        picks: &[usize],
+    ) -> Result<Vec<Vec<f32>>, BackendError> {
+        use rayon::prelude::*;
+        let s = &self.stream;
+        let len = world * n * vl;
+        if block.len() < len || picks.iter().any(|&r| r >= n) {
+            return Err(BackendError::Shape {
+                op: "logit rows",
+                detail: format!(
+                    "rows {picks:?} of {n} x {world} x {vl} logits in a block of {}",
+                    block.len()
+                ),
+            });
+        }
         let mut staging = self.head_staging.lock().unwrap_or_else(|p| p.into_inner());
         if staging.as_ref().is_none_or(|p| p.len() < len) {
             *staging = None;
@@ -947,8 +992,8 @@ impl CudaBackend {
         };
         let host = stage.as_mut_ptr().map_err(driver_err("staging"))?;
         {
-            let (src, _guard) = gathered.device_ptr(s);
-            // SAFETY: `host` holds at least `len` f32 (checked above), `gathered` exactly `len`;
+            let (src, _guard) = block.device_ptr(s);
+            // SAFETY: `host` holds at least `len` f32 (checked above), `block` at least `len`;
             // the copy is on this stream, synchronised before the staging is read.
             unsafe {
                 cudarc::driver::sys::cuMemcpyDtoHAsync_v2(
@@ -963,12 +1008,13 @@ impl CudaBackend {
         }
         s.synchronize().map_err(driver_err("synchronize"))?;
         let all = &stage.as_slice().map_err(driver_err("staging"))?[..len];
-        Ok((0..n)
-            .map(|row| {
-                let mut dst = Vec::with_capacity(world * rows);
+        Ok(picks
+            .par_iter()
+            .map(|&row| {
+                let mut dst = Vec::with_capacity(world * vl);
                 for rank in 0..world {
-                    let src = (rank * n + row) * rows;
-                    dst.extend_from_slice(&all[src..src + rows]);
+                    let src = (rank * n + row) * vl;
+                    dst.extend_from_slice(&all[src..src + vl]);
                 }
                 dst
             })

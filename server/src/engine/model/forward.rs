@@ -309,6 +309,8 @@ impl<B: Backend> DeepseekV4<B> {
         self.captured.clear();
         // The residual streams of the wanted rows after the last layer, [wanted, hc * h].
         let mut head_streams = vec![0f32; wanted.len() * width];
+        // The wanted rows' logits, where the layer stack ran the head on the device.
+        let mut stack_logits: Vec<Vec<f32>> = Vec::new();
         match self.stack.as_mut() {
             Some(stack) if n <= self.backend.layer_stack_max_rows() => {
                 let model = StackModel {
@@ -338,6 +340,7 @@ impl<B: Backend> DeepseekV4<B> {
                         StackStreams {
                             keep: &wanted,
                             kept: &mut head_streams,
+                            logits: Some(&mut stack_logits),
                         },
                         &self.capture_layers,
                     )
@@ -356,6 +359,24 @@ impl<B: Backend> DeepseekV4<B> {
             logits: per_seq.iter().map(|_| Vec::new()).collect(),
         };
         if wanted.is_empty() {
+            return Ok(out);
+        }
+        if !stack_logits.is_empty() {
+            if stack_logits.len() != wanted.len()
+                || stack_logits.iter().any(|r| r.len() != self.cfg.vocab_size)
+            {
+                return Err(EngineError::Backend(format!(
+                    "the layer stack's head returned {} rows of {} values, expected {} of {}",
+                    stack_logits.len(),
+                    stack_logits.first().map_or(0, Vec::len),
+                    wanted.len(),
+                    self.cfg.vocab_size
+                )));
+            }
+            let mut rows = stack_logits.into_iter();
+            for (si, picks) in per_seq.iter().enumerate() {
+                out.logits[si] = rows.by_ref().take(picks.len()).collect();
+            }
             return Ok(out);
         }
         let final_h = self.host.time(HostPhase::Logits, || {
