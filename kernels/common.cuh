@@ -5,6 +5,10 @@
 
 #define DSK_WARP 32
 
+// A kernel's dynamic shared memory, as one array of `type` (the launch sizes it). The CPU
+// emulators (tools/emu.h) define it as one static buffer per kernel, which a block's threads share.
+#define DSK_DYN_SMEM(type, name) extern __shared__ __align__(16) type name[]
+
 __device__ __forceinline__ float dsk_bf16_to_f32(unsigned short h) {
     return __uint_as_float(((unsigned int)h) << 16);
 }

@@ -1217,15 +1217,20 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_head_finish_f32
 }
 
 // ---------------------------------------------------------------------------------------------
-// The seam between two hyper-connection sites of a decode step of one or two tokens: the post of
-// the site that ends (streams = post * out + comb^T streams) and the pre of the site that starts
-// (mix projections of the new streams, pre / post / comb logits, collapse, sub-layer norm) in one
-// launch, where they were a post and a one-launch pre whose last block finished the token alone.
-// hc = 4 (mix outputs 24). A cluster of C blocks of T = hidden / C threads (a multiple of 32, at
-// most LO_SEAM_MAX_T) per token (blockIdx.y); thread cl of cluster block b owns channel
-// c = b T + cl of the four streams, so the post, the collapse and the norm stay in its registers,
-// and the cross-block sums (the 24 dots with the sum of squares, then the norm's sum of squares)
-// go through distributed shared memory, summed in rank order by every block (the same bits).
+// The seam between two hyper-connection sites of a decode step: the post of the site that ends
+// (streams = post * out + comb^T streams) and the pre of the site that starts (mix projections of
+// the new streams, pre / post / comb logits, collapse, sub-layer norm) in one launch, where they
+// were a post and a one-launch pre whose last block finished the token alone. hc = 4 (mix outputs
+// 24). A cluster of C blocks of T = hidden / C threads (a multiple of 32, at most LO_SEAM_MAX_T)
+// serves TK consecutive tokens (cluster blockIdx.y: tokens TK y .. TK y + TK - 1, fewer at the
+// end of n); thread cl of cluster block b owns channel c = b T + cl of the four streams of each,
+// so the post, the collapse and the norm stay in its registers, and the cross-block sums (the 24
+// dots with the sum of squares, then the norm's sum of squares) go through distributed shared
+// memory, summed in rank order by every block (the same bits). The projection columns a thread
+// holds (96 values) are loaded once for its TK tokens: at 16 tokens of V4-Flash one cluster a
+// token read the site's 1.5 MB projection 16 times and needed more clusters of 16 blocks than
+// the GPU holds at once; TK tokens a cluster read it n / TK times in one wave. Each token's
+// arithmetic is the same whatever TK (the same bits).
 //
 // What it reads before griddepcontrol.wait (so PDL overlaps it with the kernel before): the next
 // site's projection columns, norm weight and biases (model weights), and in post mode the old
@@ -1242,25 +1247,29 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_hc_head_finish_f32
 // the norm's squares likewise. Element-wise steps are those of dsk_lo_hc_post2_f32 and the finish
 // (__fmul_rn / __fadd_rn, the host's order), so the new streams are post2's bits and the rest is
 // within f32 rounding of the host (tests/layer_ops_gpu.rs).
+//
+// Dynamic shared memory: TK * (LO_SEAM_OUTS + 1) * T floats (the dots' transpose).
 #define LO_SEAM_OUTS 24
 #define LO_SEAM_MAX_T 256
+#define LO_SEAM_MAX_TK 4
 
-template <int C>
+template <int C, int TK>
 __device__ __forceinline__ void lo_hc_seam(
     float *streams, const float *post_mix, const float *__restrict__ out,
     const float *__restrict__ fn, const float *__restrict__ base, float scale0, float scale1,
     float scale2, const float *__restrict__ norm_w, float *__restrict__ x_out, float *mix_out,
-    int hidden, float mix_eps, float hc_eps, float norm_eps) {
+    int n, int hidden, float mix_eps, float hc_eps, float norm_eps) {
     constexpr int O = LO_SEAM_OUTS;
-    __shared__ float sums[O + 1][LO_SEAM_MAX_T];
-    __shared__ float part[O + 1];
-    __shared__ float mixv[O];
-    __shared__ float sq_warp[LO_SEAM_MAX_T / 32];
-    __shared__ float sq_part, sq_total;
+    DSK_DYN_SMEM(float, lo_seam_sums);  // [TK][O + 1][T]
+    __shared__ float part[TK][O + 1];
+    __shared__ float mixv[TK][O];
+    __shared__ float coefs[TK][20];
+    __shared__ float sq_warp[TK][LO_SEAM_MAX_T / 32];
+    __shared__ float sq_part[TK], sq_total[TK];
     const int T = blockDim.x, cl = threadIdx.x, lane = cl & 31, warp = cl >> 5, warps = T >> 5;
-    const int b = blockIdx.x, t = blockIdx.y, c = b * T + cl;
+    const int b = blockIdx.x, t0 = blockIdx.y * TK, c = b * T + cl;
+    const int tokens = min(TK, n - t0);
     const long long width = 4ll * hidden;
-    float *st = streams + (long long)t * width;
     float w[O][4];
 #pragma unroll
     for (int o = 0; o < O; ++o) {
@@ -1270,58 +1279,76 @@ __device__ __forceinline__ void lo_hc_seam(
     const float nw = norm_w ? __ldg(norm_w + c) : 1.0f;
     const float bias = lane < O ? __ldg(base + lane) : 0.0f;
     const bool post = post_mix != nullptr;
-    float old[4], coef[20];
+    float old[TK][4];
     if (post) {
-        const float *pm = post_mix + (long long)t * O + 4;
 #pragma unroll
-        for (int k = 0; k < 4; ++k) old[k] = __ldcg(st + (long long)k * hidden + c);
+        for (int j = 0; j < TK; ++j) {
+            if (j < tokens) {
+                const float *st = streams + (long long)(t0 + j) * width;
 #pragma unroll
-        for (int i = 0; i < 20; ++i) coef[i] = __ldcg(pm + i);
+                for (int k = 0; k < 4; ++k) old[j][k] = __ldcg(st + (long long)k * hidden + c);
+            }
+        }
+        for (int i = cl; i < TK * 20; i += T) {
+            const int j = i / 20;
+            coefs[j][i % 20] = j < tokens ? __ldcg(post_mix + (long long)(t0 + j) * O + 4 + i % 20) : 0.0f;
+        }
     }
     dsk_pdl_entry();
-    float nv[4];
-    if (post) {
-        const float o = out[(long long)t * hidden + c];
+    __syncthreads();
+    float nv[TK][4];
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            float v = __fmul_rn(coef[k], o);
+    for (int j = 0; j < TK; ++j) {
+        float *st = streams + (long long)(t0 + j) * width;
+        if (j >= tokens) {
 #pragma unroll
-            for (int j = 0; j < 4; ++j) v = __fadd_rn(v, __fmul_rn(coef[4 + j * 4 + k], old[j]));
-            nv[k] = v;
-            st[(long long)k * hidden + c] = v;
+            for (int k = 0; k < 4; ++k) nv[j][k] = 0.0f;
+        } else if (post) {
+            const float o = out[(long long)(t0 + j) * hidden + c];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                float v = __fmul_rn(coefs[j][k], o);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) v = __fadd_rn(v, __fmul_rn(coefs[j][4 + i * 4 + k], old[j][i]));
+                nv[j][k] = v;
+                st[(long long)k * hidden + c] = v;
+            }
+        } else {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) nv[j][k] = st[(long long)k * hidden + c];
         }
-    } else {
-#pragma unroll
-        for (int k = 0; k < 4; ++k) nv[k] = st[(long long)k * hidden + c];
     }
     // The 24 dots and the sum of squares of this thread's four columns, then the block's.
 #pragma unroll
-    for (int o = 0; o < O; ++o) {
-        float d = 0.0f;
+    for (int j = 0; j < TK; ++j) {
+        float *sums = lo_seam_sums + (long long)j * (O + 1) * T;
 #pragma unroll
-        for (int k = 0; k < 4; ++k) d = fmaf(nv[k], w[o][k], d);
-        sums[o][cl] = d;
-    }
-    {
+        for (int o = 0; o < O; ++o) {
+            float d = 0.0f;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) d = fmaf(nv[j][k], w[o][k], d);
+            sums[o * T + cl] = d;
+        }
         float q = 0.0f;
 #pragma unroll
-        for (int k = 0; k < 4; ++k) q = fmaf(nv[k], nv[k], q);
-        sums[O][cl] = q;
+        for (int k = 0; k < 4; ++k) q = fmaf(nv[j][k], nv[j][k], q);
+        sums[O * T + cl] = q;
     }
     __syncthreads();
-    for (int o = warp; o <= O; o += warps) {
+    for (int r = warp; r < TK * (O + 1); r += warps) {
+        const float *row = lo_seam_sums + (long long)r * T;
         float a = 0.0f;
-        for (int i = lane; i < T; i += 32) a += sums[o][i];
+        for (int i = lane; i < T; i += 32) a += row[i];
         a = dsk_warp_sum(a);
-        if (lane == 0) part[o] = a;
+        if (lane == 0) part[r / (O + 1)][r % (O + 1)] = a;
     }
     if constexpr (C > 1) dsk_cluster_sync(); else __syncthreads();
-    if (warp == 0) {
+    for (int j = warp; j < TK; j += warps) {
         float total = 0.0f;
         if (lane <= O) {
             float r[C];
 #pragma unroll
-            for (int q = 0; q < C; ++q) r[q] = C > 1 ? dsk_ld_cluster(&part[lane], q) : part[lane];
+            for (int q = 0; q < C; ++q) r[q] = C > 1 ? dsk_ld_cluster(&part[j][lane], q) : part[j][lane];
 #pragma unroll
             for (int q = 0; q < C; ++q) total += r[q];
         }
@@ -1337,33 +1364,37 @@ __device__ __forceinline__ void lo_hc_seam(
         else if (lane < O)
             m = __fadd_rn(__fmul_rn(pj, scale2), bias);
         if (lane < O) {
-            mixv[lane] = m;
-            if (b == 0) mix_out[(long long)t * O + lane] = m;
+            mixv[j][lane] = m;
+            if (b == 0 && j < tokens) mix_out[(long long)(t0 + j) * O + lane] = m;
         }
     }
     __syncthreads();
     // Collapse (k ascending from 0, as lo_collapse) and the norm's sum of squares.
-    float x = 0.0f;
+    float x[TK];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) x = __fadd_rn(x, __fmul_rn(mixv[k], nv[k]));
-    const float xs = dsk_warp_sum(__fmul_rn(x, x));
-    if (lane == 0) sq_warp[warp] = xs;
+    for (int j = 0; j < TK; ++j) {
+        x[j] = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) x[j] = __fadd_rn(x[j], __fmul_rn(mixv[j][k], nv[j][k]));
+        const float xs = dsk_warp_sum(__fmul_rn(x[j], x[j]));
+        if (lane == 0) sq_warp[j][warp] = xs;
+    }
     __syncthreads();
-    if (warp == 0) {
-        const float s = dsk_warp_sum(lane < warps ? sq_warp[lane] : 0.0f);
-        if (lane == 0) sq_part = s;
+    for (int j = warp; j < TK; j += warps) {
+        const float s = dsk_warp_sum(lane < warps ? sq_warp[j][lane] : 0.0f);
+        if (lane == 0) sq_part[j] = s;
     }
     if constexpr (C > 1) dsk_cluster_sync(); else __syncthreads();
-    if (warp == 0) {
+    for (int j = warp; j < TK; j += warps) {
         float r = 0.0f;
         if constexpr (C > 1) {
-            if (lane < C) r = dsk_ld_cluster(&sq_part, lane);
+            if (lane < C) r = dsk_ld_cluster(&sq_part[j], lane);
         } else {
-            if (lane == 0) r = sq_part;
+            if (lane == 0) r = sq_part[j];
         }
         // Lane q holds rank q's part (zeros above): the same butterfly in every block.
         const float s = dsk_warp_sum(r);
-        if (lane == 0) sq_total = s;
+        if (lane == 0) sq_total[j] = s;
     }
     __syncthreads();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -1371,29 +1402,45 @@ __device__ __forceinline__ void lo_hc_seam(
     // (a block's shared memory must outlive the cluster's reads of it).
     if constexpr (C > 1) asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
 #endif
-    const float ms = __fdiv_rn(sq_total, (float)hidden);
-    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, norm_eps)));
-    const float y = __fmul_rn(x, inv);
-    x_out[(long long)t * hidden + c] = norm_w ? __fmul_rn(nw, y) : y;
+#pragma unroll
+    for (int j = 0; j < TK; ++j) {
+        if (j < tokens) {
+            const float ms = __fdiv_rn(sq_total[j], (float)hidden);
+            const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(ms, norm_eps)));
+            const float y = __fmul_rn(x[j], inv);
+            x_out[(long long)(t0 + j) * hidden + c] = norm_w ? __fmul_rn(nw, y) : y;
+        }
+    }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if constexpr (C > 1) asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
 #endif
 }
 
-#define LO_HC_SEAM(C)                                                                           \
-    extern "C" __global__ void __launch_bounds__(LO_SEAM_MAX_T) dsk_lo_hc_seam_c##C##_f32(     \
+// dsk_lo_hc_seam_c{C}_f32 serves one token a cluster, dsk_lo_hc_seam_c{C}_t{TK}_f32 TK tokens.
+#define LO_HC_SEAM(C, TK, NAME)                                                                 \
+    extern "C" __global__ void __launch_bounds__(LO_SEAM_MAX_T) NAME(                          \
         float *streams, const float *post_mix, const float *__restrict__ out,                  \
         const float *__restrict__ fn, const float *__restrict__ base, float scale0,            \
         float scale1, float scale2, const float *__restrict__ norm_w, float *__restrict__ x_out, \
-        float *mix_out, int hidden, float mix_eps, float hc_eps, float norm_eps) {             \
-        lo_hc_seam<C>(streams, post_mix, out, fn, base, scale0, scale1, scale2, norm_w, x_out,  \
-                      mix_out, hidden, mix_eps, hc_eps, norm_eps);                             \
+        float *mix_out, int n, int hidden, float mix_eps, float hc_eps, float norm_eps) {      \
+        lo_hc_seam<C, TK>(streams, post_mix, out, fn, base, scale0, scale1, scale2, norm_w,     \
+                          x_out, mix_out, n, hidden, mix_eps, hc_eps, norm_eps);               \
     }
-LO_HC_SEAM(1)
-LO_HC_SEAM(2)
-LO_HC_SEAM(4)
-LO_HC_SEAM(8)
-LO_HC_SEAM(16)
+LO_HC_SEAM(1, 1, dsk_lo_hc_seam_c1_f32)
+LO_HC_SEAM(2, 1, dsk_lo_hc_seam_c2_f32)
+LO_HC_SEAM(4, 1, dsk_lo_hc_seam_c4_f32)
+LO_HC_SEAM(8, 1, dsk_lo_hc_seam_c8_f32)
+LO_HC_SEAM(16, 1, dsk_lo_hc_seam_c16_f32)
+LO_HC_SEAM(1, 2, dsk_lo_hc_seam_c1_t2_f32)
+LO_HC_SEAM(2, 2, dsk_lo_hc_seam_c2_t2_f32)
+LO_HC_SEAM(4, 2, dsk_lo_hc_seam_c4_t2_f32)
+LO_HC_SEAM(8, 2, dsk_lo_hc_seam_c8_t2_f32)
+LO_HC_SEAM(16, 2, dsk_lo_hc_seam_c16_t2_f32)
+LO_HC_SEAM(1, 4, dsk_lo_hc_seam_c1_t4_f32)
+LO_HC_SEAM(2, 4, dsk_lo_hc_seam_c2_t4_f32)
+LO_HC_SEAM(4, 4, dsk_lo_hc_seam_c4_t4_f32)
+LO_HC_SEAM(8, 4, dsk_lo_hc_seam_c8_t4_f32)
+LO_HC_SEAM(16, 4, dsk_lo_hc_seam_c16_t4_f32)
 
 // The comb of each token's mix row in place: mix[t, 8 .. 24) holds the logits the seam left and
 // gets lo_sinkhorn_regs's matrix of them (the bits the pre's finish writes). A warp per token.

@@ -9,7 +9,7 @@ use dspark_kernels::launch::layer_ops::{
     hc_head_workspace_floats, hc_mix_workspace_floats, hc_post_squares_fits, hc_pre_rows_fits,
     CopyRowsF32, DenseExpertsF32, HcHead, HcMix, HcPost, HcPostKernel, HcPreFinish, HcPreFused,
     HcPreKernel, HcSeam, RmsNormF32, RmsNormRopeF32, RopeF32, RouteF32, RouterScoring,
-    HC_WS_HEADER,
+    HC_SEAM_TOKENS_PER_CLUSTER, HC_WS_HEADER,
 };
 use dspark_kernels::reference::rel_err;
 use dspark_kernels::Kernels;
@@ -816,11 +816,47 @@ fn hc_seam_matches_host() {
                 hidden,
                 hc_eps: eps,
                 norm_eps: eps,
+                tokens_per_cluster: 0,
             };
             // SAFETY: the buffers above hold these shapes; nothing else runs on the stream.
             unsafe { g.k.hc_seam_f32(&g.s, &a) }.unwrap();
             let mix_buf = if in_place { &pmb } else { &mb };
             let logits = g.down(mix_buf);
+            // Every number of tokens a cluster that runs here: the same bits as the choice.
+            let (chosen_x, chosen_streams) = (g.down(&xb), g.down(&sb));
+            for tk in HC_SEAM_TOKENS_PER_CLUSTER {
+                if g.k.hc_seam_tokens_per_cluster(hc, hidden, n, tk).is_none() {
+                    eprintln!("SKIP {what}: {tk} tokens a cluster do not run here");
+                    continue;
+                }
+                let (sb2, pmb2) = (g.up(&streams), g.up(&post_mix));
+                let (xb2, mb2) = (
+                    g.up(&vec![f32::NAN; n * hidden]),
+                    g.up(&vec![f32::NAN; n * outs]),
+                );
+                let a2 = HcSeam {
+                    streams: g.ptr(&sb2),
+                    post_mix: if post { g.ptr(&pmb2) } else { 0 },
+                    x_out: g.ptr(&xb2),
+                    mix_out: if in_place { g.ptr(&pmb2) } else { g.ptr(&mb2) },
+                    tokens_per_cluster: tk,
+                    ..a
+                };
+                // SAFETY: fresh copies of the same shapes.
+                unsafe { g.k.hc_seam_f32(&g.s, &a2) }.unwrap();
+                let mix2 = g.down(if in_place { &pmb2 } else { &mb2 });
+                for (got, want, of) in [
+                    (g.down(&xb2), &chosen_x, "x"),
+                    (mix2, &logits, "mix"),
+                    (g.down(&sb2), &chosen_streams, "streams"),
+                ] {
+                    assert_eq!(
+                        differing_bits(&got, want),
+                        0,
+                        "{what}: {tk} tokens a cluster changed the {of} bits"
+                    );
+                }
+            }
             // SAFETY: mix_buf holds n rows of 24.
             unsafe { g.k.hc_sinkhorn_f32(&g.s, a.mix_out, n, iters, eps) }.unwrap();
             let got_mix = g.down(mix_buf);
@@ -891,8 +927,16 @@ fn hc_seam_matches_host() {
         hidden: 32,
         hc_eps: eps,
         norm_eps: eps,
+        tokens_per_cluster: 0,
     };
     for (bad, why) in [
+        (
+            HcSeam {
+                tokens_per_cluster: 3,
+                ..ok
+            },
+            "3 tokens a cluster",
+        ),
         (HcSeam { hc: 3, ..ok }, "hc 3"),
         (HcSeam { n: 17, ..ok }, "17 tokens"),
         (HcSeam { out: 0, ..ok }, "a post without its output"),

@@ -133,6 +133,9 @@ inline float dsk_warp_sum(float v) {
     }
     return v;
 }
+// common.cuh's dynamic shared memory: one static buffer of 256 KB per kernel, which the threads of
+// the block that runs share (blocks run one after another).
+#define DSK_DYN_SMEM(type, name) alignas(16) static type name[(256 << 10) / sizeof(type)]
 // common.cuh's cluster helpers for the clusters of one block an emulator runs.
 inline void dsk_cluster_sync() { __syncthreads(); }
 inline float dsk_ld_cluster(const float *p, unsigned) { return *p; }

@@ -98,6 +98,8 @@ static void launch(cudaStream_t s, void (*k)(KArgs...), dim3 grid, dim3 block, b
     cfg.gridDim = grid;
     cfg.blockDim = block;
     cfg.stream = s;
+    // The seam's dots' transpose: one token a cluster, 25 rows of a float per thread.
+    if ((void *)k == (void *)dsk_lo_hc_seam_c16_f32) cfg.dynamicSmemBytes = 25 * block.x * 4;
     cudaLaunchAttribute attr[2];
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
@@ -133,7 +135,7 @@ static void site(cudaStream_t s, const Bufs &b, int i, const Variant &v, int sms
         if (v.kind == Pre::Seam && i > 0) CK(cudaStreamWaitEvent(s, g_comb[i - 1], 0));
         launch(s, dsk_lo_hc_seam_c16_f32, dim3(16, 1), dim3(HIDDEN / 16), pdl, 16, b.streams,
                (const float *)b.mix, (const float *)b.out, fn, (const float *)b.base, 0.7f, 0.9f,
-               1.1f, (const float *)b.norm, b.x, b.mix, HIDDEN, 1e-6f, 1e-6f, 1e-6f);
+               1.1f, (const float *)b.norm, b.x, b.mix, 1, HIDDEN, 1e-6f, 1e-6f, 1e-6f);
         if (v.kind == Pre::Seam) {
             CK(cudaEventRecord(g_fork[i], s));
             CK(cudaStreamWaitEvent(g_side, g_fork[i], 0));
@@ -220,7 +222,7 @@ static bool check_seam(cudaStream_t s, const Bufs &b) {
     launch(s, dsk_lo_hc_seam_c16_f32, dim3(16), dim3(HIDDEN / 16), false, 16, s2,
            (const float *)mix_prev, (const float *)out, (const float *)b.fn,
            (const float *)b.base, 0.7f, 0.9f, 1.1f, (const float *)b.norm, x_seam, mix_prev,
-           HIDDEN, 1e-6f, 1e-6f, 1e-6f);
+           1, HIDDEN, 1e-6f, 1e-6f, 1e-6f);
     launch(s, dsk_lo_hc_sinkhorn_f32, dim3(1), dim3(32), false, 1, mix_prev, SINKHORN, 1e-6f);
     auto a1 = down(s, s1, WIDTH), a2 = down(s, s2, WIDTH);
     int differ = 0;

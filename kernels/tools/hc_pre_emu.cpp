@@ -357,11 +357,25 @@ static void seam_case(int n, int hidden, bool post, bool weighted, bool in_place
         launch3({1, (unsigned)n, 1}, hidden, [&] {
             dsk_lo_hc_seam_c1_f32(got_streams.data(), post ? mix_in.data() : nullptr, layer_out.data(), fn.data(),
                                   base.data(), scale[0], scale[1], scale[2], weighted ? norm.data() : nullptr,
-                                  x.data(), mix_out, hidden, eps, eps, eps);
+                                  x.data(), mix_out, n, hidden, eps, eps, eps);
         });
     };
     seam();
     std::vector<float> logits(mix_out, mix_out + (size_t)n * outs);
+    // Two and four tokens a cluster (the same block's registers and shared memory serving each
+    // token in turn, the last cluster short where n is not a multiple): the same bits.
+    bool tokens_same = true;
+    for (int tk : {2, 4}) {
+        std::vector<float> s2 = streams, x2((size_t)n * hidden, NAN), m_in = post_mix, m_sep((size_t)n * outs, NAN);
+        float *m_out = in_place ? m_in.data() : m_sep.data();
+        launch3({1, (unsigned)((n + tk - 1) / tk), 1}, hidden, [&] {
+            auto f = tk == 2 ? dsk_lo_hc_seam_c1_t2_f32 : dsk_lo_hc_seam_c1_t4_f32;
+            f(s2.data(), post ? m_in.data() : nullptr, layer_out.data(), fn.data(), base.data(), scale[0], scale[1],
+              scale[2], weighted ? norm.data() : nullptr, x2.data(), m_out, n, hidden, eps, eps, eps);
+        });
+        tokens_same &= same_bits(s2, got_streams) && same_bits(x2, x) &&
+                       memcmp(m_out, logits.data(), logits.size() * 4) == 0;
+    }
     launch3({(unsigned)n, 1, 1}, 32, [&] { dsk_lo_hc_sinkhorn_f32(mix_out, iters, eps); });
     std::vector<float> got_mix(mix_out, mix_out + (size_t)n * outs);
     bool comb_bits = true, kept = true;
@@ -384,10 +398,10 @@ static void seam_case(int n, int hidden, bool post, bool weighted, bool in_place
     char msg[256];
     snprintf(msg, sizeof msg,
              "seam   n %2d hidden %4d %s %s %s: rel err x %.1e mix %.1e, streams %s %d, comb == host order %d, "
-             "pre/post kept %d, repeat same %d",
+             "pre/post kept %d, repeat same %d, 2 and 4 tokens a cluster same %d",
              n, hidden, post ? "post   " : "no post", weighted ? "w " : "nw", in_place ? "in place" : "apart   ", ex,
-             em, post ? "== post2" : "untouched", streams_ok, comb_bits, kept, repeat);
-    check(ex < 1e-5 && em < 1e-5 && streams_ok && comb_bits && kept && repeat, msg);
+             em, post ? "== post2" : "untouched", streams_ok, comb_bits, kept, repeat, tokens_same);
+    check(ex < 1e-5 && em < 1e-5 && streams_ok && comb_bits && kept && repeat && tokens_same, msg);
 }
 
 int main(int argc, char **argv) {
@@ -398,6 +412,8 @@ int main(int argc, char **argv) {
     seam_case(1, 256, true, true, true, 103);
     seam_case(2, 256, false, true, false, 104);
     seam_case(1, 96, false, false, false, 105);
+    seam_case(5, 64, true, true, true, 106);
+    seam_case(3, 32, false, true, false, 107);
     if (seam_only) {
         printf(failures ? "%d FAILED\n" : "all passed\n", failures);
         return failures != 0;

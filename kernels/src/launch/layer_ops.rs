@@ -54,6 +54,10 @@ pub const HC_SEAM_MAX_TOKENS: usize = 16;
 /// a block of it has (`LO_SEAM_MAX_T`: a thread per channel of its slice).
 const HC_SEAM_CLUSTERS: [usize; 5] = [1, 2, 4, 8, 16];
 const HC_SEAM_MAX_THREADS: usize = 256;
+/// Tokens one seam cluster serves, as the kernel is built (`dsk_lo_hc_seam_c{C}[_t{TK}]_f32`).
+pub const HC_SEAM_TOKENS_PER_CLUSTER: [usize; 3] = [1, 2, 4];
+/// The seam's mix outputs plus the sum of squares: the rows of its shared-memory transpose.
+const HC_SEAM_SUM_ROWS: usize = 25;
 /// Largest expert count / top-k of `route_f32`.
 pub const ROUTE_MAX_EXPERTS: usize = 1024;
 pub const ROUTE_MAX_K: usize = 16;
@@ -78,8 +82,14 @@ pub struct LayerOpsFns {
     hc_post2: CudaFunction,
     hc_post_squares: CudaFunction,
     hc_head_finish: CudaFunction,
-    /// `dsk_lo_hc_seam_c{C}_f32` for C in [`HC_SEAM_CLUSTERS`] order.
-    hc_seam: [CudaFunction; 5],
+    /// `dsk_lo_hc_seam_c{C}[_t{TK}]_f32` for C in [`HC_SEAM_CLUSTERS`] order, then TK in
+    /// [`HC_SEAM_TOKENS_PER_CLUSTER`] order.
+    hc_seam: [[CudaFunction; 3]; 5],
+    /// Clusters of a seam form resident at once, by (form, TK index, threads), asked of the
+    /// driver at a form's first launch of that width.
+    hc_seam_waves: std::sync::Mutex<Vec<(SeamForm, usize)>>,
+    /// Whether the forms of each TK took their shared memory.
+    hc_seam_tk_ok: [bool; 3],
     /// Largest cluster the seam may launch here: 1 without clusters, 8 (portable), or 16 where
     /// the device takes a non-portable cluster of 16 of its blocks.
     hc_seam_max_cluster: usize,
@@ -95,22 +105,38 @@ impl LayerOpsFns {
     /// `clusters`: whether the device launches thread-block clusters (sm_90+).
     pub fn load(m: &Arc<CudaModule>, clusters: bool) -> Result<Self, KernelError> {
         let f = |name: &str| function(m, name);
-        let hc_seam = [
-            f("dsk_lo_hc_seam_c1_f32")?,
-            f("dsk_lo_hc_seam_c2_f32")?,
-            f("dsk_lo_hc_seam_c4_f32")?,
-            f("dsk_lo_hc_seam_c8_f32")?,
-            f("dsk_lo_hc_seam_c16_f32")?,
-        ];
+        let seam = |c: usize| -> Result<[CudaFunction; 3], KernelError> {
+            Ok([
+                f(&format!("dsk_lo_hc_seam_c{c}_f32"))?,
+                f(&format!("dsk_lo_hc_seam_c{c}_t2_f32"))?,
+                f(&format!("dsk_lo_hc_seam_c{c}_t4_f32"))?,
+            ])
+        };
+        let hc_seam = [seam(1)?, seam(2)?, seam(4)?, seam(8)?, seam(16)?];
+        // Each form may take its widest transpose; a device without that much shared memory
+        // a block leaves the form out (hc_seam_tokens_per_cluster).
+        let mut hc_seam_tk_ok = [true; 3];
+        for (i, &tk) in HC_SEAM_TOKENS_PER_CLUSTER.iter().enumerate() {
+            let bytes = seam_smem_bytes(tk, HC_SEAM_MAX_THREADS) as i32;
+            for forms in &hc_seam {
+                let set = forms[i].set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes,
+                );
+                hc_seam_tk_ok[i] &= set.is_ok();
+            }
+        }
         let hc_seam_max_cluster = if !clusters {
             1
-        } else if seam_takes_16(&hc_seam[4]) {
+        } else if hc_seam_tk_ok[0] && seam_takes_16(&hc_seam[4]) {
             16
         } else {
             8
         };
         Ok(Self {
             hc_seam,
+            hc_seam_tk_ok,
+            hc_seam_waves: std::sync::Mutex::new(Vec::new()),
             hc_seam_max_cluster,
             hc_sinkhorn: f("dsk_lo_hc_sinkhorn_f32")?,
             rms_norm: f("dsk_lo_rms_norm_f32")?,
@@ -138,32 +164,54 @@ impl LayerOpsFns {
     }
 }
 
-/// Whether a cluster of 16 seam blocks of the widest form can run here: the non-portable size
-/// allowed on the function and at least one such cluster resident (H100 / H200: yes; smaller
-/// parts may have fewer SMs to a GPC). Any failure says no: the seam then takes clusters of 8.
-fn seam_takes_16(f: &CudaFunction) -> bool {
-    if f.set_attribute(
-        CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
-        1,
-    )
-    .is_err()
-    {
-        return false;
-    }
+/// A seam form at a width: (cluster form, tokens-a-cluster form, threads a block).
+type SeamForm = (usize, usize, usize);
+
+/// Dynamic shared memory of a seam block: its dots' transpose, TK tokens of 25 rows of a float
+/// per thread.
+fn seam_smem_bytes(tokens_per_cluster: usize, threads: usize) -> usize {
+    tokens_per_cluster * HC_SEAM_SUM_ROWS * threads * 4
+}
+
+/// Whether clusters of 16 seam blocks of the widest form can run here: the non-portable size
+/// allowed on every form and at least one such cluster of the one-token form resident (H100 /
+/// H200: yes; smaller parts may have fewer SMs to a GPC). Any failure says no: the seam then
+/// takes clusters of 8.
+fn seam_takes_16(forms: &[CudaFunction; 3]) -> bool {
+    let allowed = forms.iter().all(|f| {
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+            1,
+        )
+        .is_ok()
+    });
+    allowed
+        && seam_active_clusters(&forms[0], 16, HC_SEAM_MAX_THREADS, seam_smem_bytes(1, 256))
+            .is_some_and(|c| c >= 1)
+}
+
+/// Clusters of `cluster` blocks of `threads` threads and `smem` bytes of dynamic shared memory
+/// of `f` resident at once (the driver's occupancy query), or `None` where it does not answer.
+fn seam_active_clusters(
+    f: &CudaFunction,
+    cluster: usize,
+    threads: usize,
+    smem: usize,
+) -> Option<usize> {
     // SAFETY: an all-zero attribute is a valid value of the C union; set below.
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
     attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-    attr.value.clusterDim.x = 16;
+    attr.value.clusterDim.x = cluster as u32;
     attr.value.clusterDim.y = 1;
     attr.value.clusterDim.z = 1;
     let config = sys::CUlaunchConfig {
-        gridDimX: 16,
+        gridDimX: cluster as u32,
         gridDimY: 1,
         gridDimZ: 1,
-        blockDimX: HC_SEAM_MAX_THREADS as u32,
+        blockDimX: threads as u32,
         blockDimY: 1,
         blockDimZ: 1,
-        sharedMemBytes: 0,
+        sharedMemBytes: smem as u32,
         hStream: std::ptr::null_mut(),
         attrs: &mut attr,
         numAttrs: 1,
@@ -174,7 +222,9 @@ fn seam_takes_16(f: &CudaFunction) -> bool {
     let queried = unsafe {
         sys::cuOccupancyMaxActiveClusters(&mut clusters, f.cu_function(), &config).result()
     };
-    queried.is_ok() && clusters >= 1
+    queried
+        .ok()
+        .map(|()| usize::try_from(clusters).unwrap_or(0))
 }
 
 /// RMSNorm of `rows` rows of `dim` f32: `out = weight * (x * inv)`, `inv = 1 / sqrt(mean(x^2) +
@@ -412,6 +462,9 @@ pub struct HcSeam {
     pub hc_eps: f32,
     /// The mix projections' epsilon and the sub-layer norm's (the model uses one).
     pub norm_eps: f32,
+    /// Tokens a cluster serves, one of [`HC_SEAM_TOKENS_PER_CLUSTER`], or 0 for
+    /// [`Kernels::hc_seam_tokens_per_cluster`]'s choice. Every token gets the same bits either way.
+    pub tokens_per_cluster: usize,
 }
 
 /// `HyperHead::collapse`: `pre[i] = sigmoid(dot(norm(streams), fn_[i]) * scale + base[i]) +
@@ -677,6 +730,16 @@ pub fn check_hc_seam(a: &HcSeam) -> Result<(), KernelError> {
             format!(
                 "n = {}, hc = {}: the seam takes hc 4 and 1..={HC_SEAM_MAX_TOKENS} tokens",
                 a.n, a.hc
+            ),
+        ));
+    }
+    if a.tokens_per_cluster != 0 && !HC_SEAM_TOKENS_PER_CLUSTER.contains(&a.tokens_per_cluster) {
+        return Err(invalid(
+            K,
+            format!(
+                "{} tokens a cluster: the seam is built for {HC_SEAM_TOKENS_PER_CLUSTER:?} (0: \
+                 its choice)",
+                a.tokens_per_cluster
             ),
         ));
     }
@@ -1417,8 +1480,52 @@ impl Kernels {
             .map(|(i, c)| (c, i))
     }
 
+    /// Tokens per cluster for a seam of `n` tokens of `hidden` channels (hc 4): the fewest of
+    /// [`HC_SEAM_TOKENS_PER_CLUSTER`] whose clusters all fit on the GPU at once (one wave), else
+    /// the most; `want` (non-zero) asks for one. `None` where the seam does not run (see
+    /// [`Self::hc_seam_cluster`]) or the wanted form cannot run here.
+    pub fn hc_seam_tokens_per_cluster(
+        &self,
+        hc: usize,
+        hidden: usize,
+        n: usize,
+        want: usize,
+    ) -> Option<usize> {
+        let (cluster, form) = self.hc_seam_cluster(hc, hidden)?;
+        let threads = hidden / cluster;
+        let ops = &self.layer_ops;
+        let active = |i: usize| -> Option<usize> {
+            if !ops.hc_seam_tk_ok[i] {
+                return Some(0);
+            }
+            let key = (form, i, threads);
+            let mut waves = ops.hc_seam_waves.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(&(_, a)) = waves.iter().find(|(k, _)| *k == key) {
+                return Some(a);
+            }
+            let smem = seam_smem_bytes(HC_SEAM_TOKENS_PER_CLUSTER[i], threads);
+            // No answer (no clusters on this device): take the form as fitting.
+            let a = seam_active_clusters(&ops.hc_seam[form][i], cluster, threads, smem)
+                .unwrap_or(usize::MAX);
+            waves.push((key, a));
+            Some(a)
+        };
+        let runs: Vec<(usize, usize)> = HC_SEAM_TOKENS_PER_CLUSTER
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &tk)| active(i).filter(|&a| a >= 1).map(|a| (tk, a)))
+            .collect();
+        if want != 0 {
+            return runs.iter().find(|&&(tk, _)| tk == want).map(|&(tk, _)| tk);
+        }
+        runs.iter()
+            .find(|&&(tk, a)| n.div_ceil(tk) <= a)
+            .or(runs.last())
+            .map(|&(tk, _)| tk)
+    }
+
     /// One seam of a decode step (see [`HcSeam`]): a cluster of [`Self::hc_seam_cluster`]
-    /// blocks per token.
+    /// blocks per [`Self::hc_seam_tokens_per_cluster`] tokens.
     ///
     /// # Safety
     /// Every pointer must address the f32 shape documented on [`HcSeam`], device memory of this
@@ -1436,14 +1543,32 @@ impl Kernels {
                 ),
             )
         })?;
+        let tokens = self
+            .hc_seam_tokens_per_cluster(a.hc, a.hidden, a.n, a.tokens_per_cluster)
+            .ok_or_else(|| {
+                invalid(
+                    K,
+                    format!(
+                        "{} tokens a cluster: want one of {HC_SEAM_TOKENS_PER_CLUSTER:?} that \
+                         runs here (or 0)",
+                        a.tokens_per_cluster
+                    ),
+                )
+            })?;
+        let tk_form = HC_SEAM_TOKENS_PER_CLUSTER
+            .iter()
+            .position(|&tk| tk == tokens)
+            .unwrap_or(0);
+        let threads = a.hidden / cluster;
         let cfg = LaunchConfig {
-            grid_dim: (cluster as u32, u32_grid(K, a.n)?, 1),
-            block_dim: ((a.hidden / cluster) as u32, 1, 1),
-            shared_mem_bytes: 0,
+            grid_dim: (cluster as u32, u32_grid(K, a.n.div_ceil(tokens))?, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: seam_smem_bytes(tokens, threads) as u32,
         };
+        let n = i32_arg(K, "n", a.n)?;
         let hidden = i32_arg(K, "hidden", a.hidden)?;
         stream
-            .kernel(&self.layer_ops.hc_seam[form])
+            .kernel(&self.layer_ops.hc_seam[form][tk_form])
             .arg(&a.streams)
             .arg(&a.post_mix)
             .arg(&a.out)
@@ -1455,6 +1580,7 @@ impl Kernels {
             .arg(&a.norm_weight)
             .arg(&a.x_out)
             .arg(&a.mix_out)
+            .arg(&n)
             .arg(&hidden)
             .arg(&a.norm_eps)
             .arg(&a.hc_eps)

@@ -20,7 +20,7 @@ use dspark_kernels::launch::attention::{
 use dspark_kernels::launch::layer_ops::{
     hc_mix_workspace_floats, CopyRowsF32, DenseExpertsF32, HcPost, HcPostKernel, HcPreFused,
     HcPreKernel, HcSeam, RmsNormF32, RmsNormRopeF32, RopeF32, RouteF32, RouterScoring,
-    HC_SEAM_MAX_TOKENS,
+    HC_SEAM_MAX_TOKENS, HC_SEAM_TOKENS_PER_CLUSTER,
 };
 use dspark_kernels::launch::moe_sorted::GatherInto;
 use dspark_kernels::launch::multi_gemv::{GemvSegment, SegmentWeights, GEMV_MAX_SEGMENTS};
@@ -520,6 +520,18 @@ struct CapturedStep {
 /// rank's shapes (12 layers, against seams up to 2 tokens) 4 tokens took 7% less time, a K = 5
 /// verify step 1-3% and 16 tokens 1-3% (docs/PERFORMANCE.md).
 const HC_SEAM_DEFAULT_MAX_TOKENS: usize = HC_SEAM_MAX_TOKENS;
+
+/// `DSPARK_HC_SEAM_TOKENS_PER_CLUSTER`'s value: unset is 0 (the kernels' choice), else 0 or one
+/// of [`HC_SEAM_TOKENS_PER_CLUSTER`]; `Err` carries a value that is neither.
+fn seam_tokens_per_cluster(value: Option<&str>) -> Result<usize, String> {
+    let Some(v) = value else {
+        return Ok(0);
+    };
+    match v.trim().parse::<usize>() {
+        Ok(n) if n == 0 || HC_SEAM_TOKENS_PER_CLUSTER.contains(&n) => Ok(n),
+        _ => Err(v.to_string()),
+    }
+}
 
 /// `DSPARK_HC_SEAM_MAX_TOKENS`'s value: unset is the default, else a whole number in
 /// 1..=[`HC_SEAM_MAX_TOKENS`]; `Err` carries a value that is neither.
@@ -2804,6 +2816,23 @@ impl CudaBackend {
             && (comm.world_size() <= 1 || self.stream_nccl(comm).is_some())
     }
 
+    /// Tokens a seam cluster serves: `DSPARK_HC_SEAM_TOKENS_PER_CLUSTER` = 1 | 2 | 4 (an A/B
+    /// switch), else 0, the kernels' choice (the fewest that fit the step's clusters in one wave
+    /// of the GPU); read once per process, another value reported and 0 kept.
+    fn hc_seam_tokens_per_cluster() -> usize {
+        static TOKENS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        *TOKENS.get_or_init(|| {
+            let v = std::env::var("DSPARK_HC_SEAM_TOKENS_PER_CLUSTER").ok();
+            seam_tokens_per_cluster(v.as_deref()).unwrap_or_else(|bad| {
+                tracing::warn!(
+                    value = %bad,
+                    "DSPARK_HC_SEAM_TOKENS_PER_CLUSTER: want one of {HC_SEAM_TOKENS_PER_CLUSTER:?}; keeping the kernels' choice"
+                );
+                0
+            })
+        })
+    }
+
     /// `DSPARK_HC_SEAM=0` keeps the pre and post of every site apart (an A/B switch), read once
     /// per process.
     fn hc_seam_on() -> bool {
@@ -2853,6 +2882,7 @@ impl CudaBackend {
             hidden: h,
             hc_eps: cfg.hc_eps,
             norm_eps: cfg.rms_norm_eps,
+            tokens_per_cluster: Self::hc_seam_tokens_per_cluster(),
         };
         // SAFETY: the scratch holds first + n rows of every width (checked above); the site's
         // parameters are [outs, hc * hidden] and [outs], the norm weight `hidden` values. The
@@ -4099,6 +4129,17 @@ impl CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seam_tokens_per_cluster_takes_the_built_forms_and_reports_the_rest() {
+        assert_eq!(seam_tokens_per_cluster(None), Ok(0));
+        for (v, want) in [("0", 0), ("1", 1), (" 2", 2), ("4 ", 4)] {
+            assert_eq!(seam_tokens_per_cluster(Some(v)), Ok(want), "{v:?}");
+        }
+        for bad in ["3", "8", "-1", "two", ""] {
+            assert_eq!(seam_tokens_per_cluster(Some(bad)), Err(bad.to_string()));
+        }
+    }
 
     #[test]
     fn seam_max_tokens_takes_1_to_16_and_reports_the_rest() {
