@@ -1,18 +1,21 @@
 #!/usr/bin/env python3
-"""What each kernel adds to a graph replay's chain, from tools/cupti_trace.cpp's CSV.
+"""What each kernel adds to a graph replay's span, from tools/cupti_trace.cpp's CSV.
 
-A decode step is a CUDA graph replayed once a step. Its main stream's kernels run one after
-another (under PDL a kernel's blocks start early and wait), so the step's time is the sum, over
-the main stream's kernels in order, of how far each moved the chain's end: end[i] - end[i-1].
-That sum, grouped by kernel name, says where a step's time goes as the GPU ran it, waits on
-the side stream included (they land on the kernel that waited). `ncu` cannot say this: it times
-kernels one at a time.
+A decode step is a CUDA graph replayed once a step; under PDL a kernel's blocks start early and
+wait, so its start says little, and CUPTI reports a graph's branches on streams of its own. So
+the replay's span is swept in time: each moment goes to the kernel running then that finishes
+first (under PDL the one the others wait on: a successor that started early ends later), and a
+moment with no kernel running is idle. On the chain of launches that gives each kernel
+end[i] - end[i-1]; a kernel on the second stream that finishes inside a longer one takes part of
+that one's time, so read the totals with the listing. `ncu` cannot say this: it times kernels
+one at a time.
 
-usage: chain_trace.py TRACE.csv [--graph-min-kernels 50] [--last 5] [--sequence 90]
+usage: chain_trace.py TRACE.csv [--graph-min-kernels 50] [--last 5] [--sequence 90] [--top 40]
 """
 import argparse
 import collections
 import csv
+import heapq
 import statistics
 import sys
 
@@ -34,6 +37,30 @@ def load(path):
                 )
             )
     return rows
+
+
+def sweep(ks, per_name):
+    """Gives each moment of a replay to the running kernel that ends first (per_name[name][1],
+    in us); returns the ns with no kernel running."""
+    order = sorted(ks, key=lambda k: k["start"])
+    running, idle, i = [], 0, 0
+    t = order[0]["start"]
+    while i < len(order) or running:
+        while i < len(order) and order[i]["start"] <= t:
+            heapq.heappush(running, (order[i]["end"], i))
+            i += 1
+        while running and running[0][0] <= t:
+            heapq.heappop(running)
+        if not running:
+            if i < len(order):
+                idle += order[i]["start"] - t
+                t = order[i]["start"]
+            continue
+        end, j = running[0]
+        nxt = min(end, order[i]["start"]) if i < len(order) else end
+        per_name[order[j]["name"]][1] += (nxt - t) / 1e3
+        t = nxt
+    return idle
 
 
 def short(name):
@@ -65,62 +92,40 @@ def main():
     for graph, reps in sorted(by_graph.items()):
         reps.sort(key=lambda t: t[0])
         chosen = [ks for _, ks in reps[-args.last :]]
-        streams = collections.Counter(k["stream"] for k in chosen[-1])
-        main_stream = streams.most_common(1)[0][0]
-        spans, per_name = [], collections.defaultdict(lambda: [0, 0.0, 0.0])
-        side_busy = []
+        n = len(chosen)
+        spans, idle = [], 0.0
+        per_name = collections.defaultdict(lambda: [0, 0.0, 0.0])
         for ks in chosen:
             t0 = min(k["start"] for k in ks)
             spans.append((max(k["end"] for k in ks) - t0) / 1e3)
-            chain = sorted((k for k in ks if k["stream"] == main_stream), key=lambda k: k["start"])
-            prev_end = t0
-            for k in chain:
+            for k in ks:
                 entry = per_name[k["name"]]
                 entry[0] += 1
-                entry[1] += (k["end"] - prev_end) / 1e3
                 entry[2] += (k["end"] - k["start"]) / 1e3
-                prev_end = max(prev_end, k["end"])
-            side_busy.append(sum(k["end"] - k["start"] for k in ks if k["stream"] != main_stream) / 1e3)
-        n = len(chosen)
+            idle += sweep(ks, per_name) / 1e3
+        streams = len({k["stream"] for k in chosen[-1]})
         print(
-            f"\n== graph {graph}: {len(reps)} replays, {len(chosen[-1])} kernels a replay "
-            f"({streams[main_stream]} on the main stream, {len(streams)} streams); "
-            f"replay span {statistics.mean(spans):.1f} us (min {min(spans):.1f}) over the last {n}; "
-            f"side streams busy {statistics.mean(side_busy):.1f} us a replay"
+            f"\n== graph {graph}: {len(reps)} replays, {len(chosen[-1])} kernels a replay on "
+            f"{streams} streams; span {statistics.mean(spans):.1f} us (min {min(spans):.1f}) over "
+            f"the last {n}, of it {idle / n:.1f} us with no kernel running"
         )
-        print(f"{'kernel (main stream)':44} {'a replay':>8} {'chain us':>9} {'us each':>8} {'own us':>8} {'share':>6}")
-        total = sum(v[1] for v in per_name.values()) / n
-        for name, (count, chain_us, own_us) in sorted(per_name.items(), key=lambda kv: -kv[1][1])[: args.top]:
+        print(f"{'kernel':44} {'a replay':>8} {'adds us':>9} {'us each':>8} {'runs us':>8} {'share':>6}")
+        total = statistics.mean(spans)
+        for name, (count, adds, runs) in sorted(per_name.items(), key=lambda kv: -kv[1][1])[: args.top]:
             print(
-                f"{short(name):44} {count / n:8.1f} {chain_us / n:9.1f} {chain_us / count:8.2f} "
-                f"{own_us / count:8.2f} {100 * chain_us / n / total:5.1f}%"
+                f"{short(name):44} {count / n:8.1f} {adds / n:9.1f} {adds / count:8.2f} "
+                f"{runs / count:8.2f} {100 * adds / n / total:5.1f}%"
             )
-        print(f"{'main stream total':44} {'':8} {total:9.1f}")
-        side = collections.defaultdict(lambda: [0, 0.0])
-        for ks in chosen:
-            for k in ks:
-                if k["stream"] != main_stream:
-                    side[k["name"]][0] += 1
-                    side[k["name"]][1] += (k["end"] - k["start"]) / 1e3
-        if side:
-            print(f"{'kernel (other streams)':44} {'a replay':>8} {'own us':>9}")
-            for name, (count, own_us) in sorted(side.items(), key=lambda kv: -kv[1][1])[:15]:
-                print(f"{short(name):44} {count / n:8.1f} {own_us / n:9.1f}")
         if args.sequence:
             ks = sorted(chosen[-1], key=lambda k: k["start"])
             t0 = ks[0]["start"]
-            prev_end = t0
-            print(f"\nfirst {args.sequence} kernels of the last replay (us from its start; 'adds' on the main stream)")
-            print(f"{'kernel':44} {'start':>8} {'end':>8} {'adds':>6} {'grid':>14} {'block':>6} s")
+            print(f"\nfirst {args.sequence} kernels of the last replay by start (us from its start)")
+            print(f"{'kernel':44} {'start':>8} {'end':>8} {'grid':>14} {'block':>6}")
             for k in ks[: args.sequence]:
-                on_main = k["stream"] == main_stream
-                adds = (k["end"] - prev_end) / 1e3 if on_main else float("nan")
-                if on_main:
-                    prev_end = max(prev_end, k["end"])
                 g = "x".join(str(v) for v in k["grid"])
                 print(
-                    f"{short(k['name']):44} {(k['start'] - t0) / 1e3:8.2f} {(k['end'] - t0) / 1e3:8.2f} "
-                    f"{adds:6.2f} {g:>14} {k['block'][0]:6} {'m' if on_main else 's'}"
+                    f"{short(k['name']):44} {(k['start'] - t0) / 1e3:8.2f} "
+                    f"{(k['end'] - t0) / 1e3:8.2f} {g:>14} {k['block'][0]:6}"
                 )
 
 
