@@ -350,9 +350,10 @@ pub struct CudaLayerStack {
     /// The second stream for work off the critical path (`None` where it could not be made).
     side: Option<SideBranch>,
     head: StackHead,
-    /// The logits of a step that runs the head (`[world, rows, vocab / world]`), made at the
-    /// first such step for [`HC_SEAM_MAX_TOKENS`] rows, so graphs never see it move.
-    head_logits: Option<CudaSlice<f32>>,
+    /// The logits of a step that runs the head (`[world, rows, vocab / world]`), for
+    /// [`HC_SEAM_MAX_TOKENS`] rows: made with the stack, so a GPU without room for it fails at
+    /// start, and graphs never see it move.
+    head_logits: CudaSlice<f32>,
 }
 
 /// A stream beside the backend's for a layer's work that the launches queued next do not read:
@@ -1407,7 +1408,9 @@ impl CudaBackend {
                 .inspect_err(|e| tracing::warn!(error = %e, "no side stream; one stream"))
                 .ok(),
             head: self.stack_head(model)?,
-            head_logits: None,
+            head_logits: self.alloc_f32(
+                model.shard.world_size * HC_SEAM_MAX_TOKENS * model.weights.head.shape().0,
+            )?,
         };
         self.stream
             .synchronize()
@@ -2291,10 +2294,6 @@ impl CudaBackend {
         let head = streams.logits.is_some()
             && !streams.keep.is_empty()
             && self.stack_head_takes(cfg, comm, hc_rows, model.weights.head.shape().1);
-        if head && stack.head_logits.is_none() {
-            let vl = model.weights.head.shape().0;
-            stack.head_logits = Some(self.alloc_f32(ranks * HC_SEAM_MAX_TOKENS * vl)?);
-        }
         let table = RowTable {
             positions: at32(layout.positions()),
             bt_starts: at32(layout.bt_starts()),
@@ -2399,10 +2398,7 @@ impl CudaBackend {
         }
         if head {
             let (vl, _) = model.weights.head.shape();
-            let logits = stack
-                .head_logits
-                .as_ref()
-                .ok_or_else(|| shape_err("a step ran the head without its logits".into()))?;
+            let logits = &stack.head_logits;
             let mut picks = streams.keep.clone();
             picks.sort_by_key(|&(_, at)| at);
             let picks: Vec<usize> = picks.into_iter().map(|(row, _)| row).collect();
@@ -2653,10 +2649,7 @@ impl CudaBackend {
         let w = &model.weights.head;
         let (vl, cols) = w.shape();
         let (ranks, rank) = (comm.world_size(), comm.rank());
-        let logits = stack
-            .head_logits
-            .as_mut()
-            .ok_or_else(|| shape_err("a step runs the head without its logits".into()))?;
+        let logits = &mut stack.head_logits;
         fits("head logits", logits.len(), ranks * n * vl)?;
         fits("stack x", stack.scratch.x.len(), n * cols)?;
         let share = n * vl;
