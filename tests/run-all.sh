@@ -59,7 +59,7 @@ g++ -std=c++20 -O2 -pthread -w -ffp-contract=off -I kernels/tools \
 "$CARGO_TARGET_DIR/hc_pre_emu" --seam
 
 step "end-to-end + reliability: the real server with the official openai client"
-DSPARK_SERVER_BIN="$CARGO_TARGET_DIR/debug/dspark-server" python -m pytest -q tests/e2e tests/reliability
+DSPARK_SERVER_BIN="$CARGO_TARGET_DIR/debug/dspark-server" python -m pytest -q tests/e2e tests/reliability tests/tools
 
 step "manifests: helm lint/template, kubernetes-validate, examples vs CRD"
 bash tests/k8s/check-manifests.sh
