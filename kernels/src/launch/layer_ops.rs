@@ -1494,26 +1494,28 @@ impl Kernels {
         let (cluster, form) = self.hc_seam_cluster(hc, hidden)?;
         let threads = hidden / cluster;
         let ops = &self.layer_ops;
-        let active = |i: usize| -> Option<usize> {
+        // Clusters of form i resident at once; 0 where the form cannot run here.
+        let active = |i: usize| -> usize {
             if !ops.hc_seam_tk_ok[i] {
-                return Some(0);
+                return 0;
             }
             let key = (form, i, threads);
             let mut waves = ops.hc_seam_waves.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(&(_, a)) = waves.iter().find(|(k, _)| *k == key) {
-                return Some(a);
+                return a;
             }
             let smem = seam_smem_bytes(HC_SEAM_TOKENS_PER_CLUSTER[i], threads);
             // No answer (no clusters on this device): take the form as fitting.
             let a = seam_active_clusters(&ops.hc_seam[form][i], cluster, threads, smem)
                 .unwrap_or(usize::MAX);
             waves.push((key, a));
-            Some(a)
+            a
         };
         let runs: Vec<(usize, usize)> = HC_SEAM_TOKENS_PER_CLUSTER
             .iter()
             .enumerate()
-            .filter_map(|(i, &tk)| active(i).filter(|&a| a >= 1).map(|a| (tk, a)))
+            .map(|(i, &tk)| (tk, active(i)))
+            .filter(|&(_, a)| a >= 1)
             .collect();
         if want != 0 {
             return runs.iter().find(|&&(tk, _)| tk == want).map(|&(tk, _)| tk);

@@ -1058,6 +1058,24 @@ impl CudaLayerStack {
 
 /// A kernel choice from the environment variable `var`, read once into `cell`: its default when
 /// unset, and (with a warning) when the value does not parse.
+/// A count read once per process from `var` by `parse` (unset included; `Err` carries a value it
+/// does not take), which is reported with `what` (what it wants, what is kept) and `fallback`
+/// kept. Later calls only read the cell.
+fn env_count(
+    cell: &'static std::sync::OnceLock<usize>,
+    var: &str,
+    parse: fn(Option<&str>) -> Result<usize, String>,
+    fallback: usize,
+    what: impl FnOnce() -> String,
+) -> usize {
+    *cell.get_or_init(|| {
+        parse(std::env::var(var).ok().as_deref()).unwrap_or_else(|bad| {
+            tracing::warn!(value = %bad, "{var}: {}", what());
+            fallback
+        })
+    })
+}
+
 fn env_kernel<T>(cell: &'static std::sync::OnceLock<T>, var: &str) -> T
 where
     T: Copy + Default + std::str::FromStr<Err = String>,
@@ -2399,9 +2417,8 @@ impl CudaBackend {
         if head {
             let (vl, _) = model.weights.head.shape();
             let logits = &stack.head_logits;
-            let mut picks = streams.keep.clone();
-            picks.sort_by_key(|&(_, at)| at);
-            let picks: Vec<usize> = picks.into_iter().map(|(row, _)| row).collect();
+            // The whole step's piece lists its kept rows in `keep`'s order (PieceStreams::of).
+            let picks: Vec<usize> = streams.keep.iter().map(|&(row, _)| row).collect();
             let rows_out = self.logit_rows(&logits.slice(..), ranks, n, vl, &picks)?;
             if let Some(out) = streams.logits {
                 *out = rows_out;
@@ -2778,16 +2795,13 @@ impl CudaBackend {
     /// process; another value is reported and the default kept.
     fn hc_seam_max_tokens() -> usize {
         static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-        *MAX.get_or_init(|| {
-            let v = std::env::var("DSPARK_HC_SEAM_MAX_TOKENS").ok();
-            seam_max_tokens(v.as_deref()).unwrap_or_else(|bad| {
-                tracing::warn!(
-                    value = %bad,
-                    "DSPARK_HC_SEAM_MAX_TOKENS: want 1..={HC_SEAM_MAX_TOKENS}; keeping {HC_SEAM_DEFAULT_MAX_TOKENS}"
-                );
-                HC_SEAM_DEFAULT_MAX_TOKENS
-            })
-        })
+        env_count(
+            &MAX,
+            "DSPARK_HC_SEAM_MAX_TOKENS",
+            seam_max_tokens,
+            HC_SEAM_DEFAULT_MAX_TOKENS,
+            || format!("want 1..={HC_SEAM_MAX_TOKENS}; keeping {HC_SEAM_DEFAULT_MAX_TOKENS}"),
+        )
     }
 
     /// Whether a step over `rows` runs the model's head in its own launches (and graph): where
@@ -2802,9 +2816,9 @@ impl CudaBackend {
         rows: HcRows,
         head_cols: usize,
     ) -> bool {
+        // hc_seam_takes bounds the rows by HC_SEAM_MAX_TOKENS, what head_logits holds.
         self.stack_head.load(Ordering::Relaxed)
             && head_cols == cfg.hidden_size
-            && rows.len <= HC_SEAM_MAX_TOKENS
             && self.hc_seam_takes(cfg, rows)
             && (comm.world_size() <= 1 || self.stream_nccl(comm).is_some())
     }
@@ -2814,16 +2828,13 @@ impl CudaBackend {
     /// of the GPU); read once per process, another value reported and 0 kept.
     fn hc_seam_tokens_per_cluster() -> usize {
         static TOKENS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-        *TOKENS.get_or_init(|| {
-            let v = std::env::var("DSPARK_HC_SEAM_TOKENS_PER_CLUSTER").ok();
-            seam_tokens_per_cluster(v.as_deref()).unwrap_or_else(|bad| {
-                tracing::warn!(
-                    value = %bad,
-                    "DSPARK_HC_SEAM_TOKENS_PER_CLUSTER: want one of {HC_SEAM_TOKENS_PER_CLUSTER:?}; keeping the kernels' choice"
-                );
-                0
-            })
-        })
+        env_count(
+            &TOKENS,
+            "DSPARK_HC_SEAM_TOKENS_PER_CLUSTER",
+            seam_tokens_per_cluster,
+            0,
+            || format!("want one of {HC_SEAM_TOKENS_PER_CLUSTER:?}; keeping the kernels' choice"),
+        )
     }
 
     /// `DSPARK_HC_SEAM=0` keeps the pre and post of every site apart (an A/B switch), read once

@@ -361,34 +361,33 @@ impl<B: Backend> DeepseekV4<B> {
         if wanted.is_empty() {
             return Ok(out);
         }
-        if !stack_logits.is_empty() {
-            if stack_logits.len() != wanted.len()
-                || stack_logits.iter().any(|r| r.len() != self.cfg.vocab_size)
-            {
-                return Err(EngineError::Backend(format!(
-                    "the layer stack's head returned {} rows of {} values, expected {} of {}",
-                    stack_logits.len(),
-                    stack_logits.first().map_or(0, Vec::len),
-                    wanted.len(),
-                    self.cfg.vocab_size
-                )));
-            }
-            let mut rows = stack_logits.into_iter();
-            for (si, picks) in per_seq.iter().enumerate() {
-                out.logits[si] = rows.by_ref().take(picks.len()).collect();
-            }
-            return Ok(out);
-        }
-        let final_h = self.host.time(HostPhase::Logits, || {
-            let mut final_h: Vec<f32> = Vec::with_capacity(wanted.len() * h);
-            for row in head_streams.chunks_exact(width) {
-                final_h.extend(self.weights.hc_head.collapse(row, hc, hc_eps, eps));
-            }
-            rms_norm_rows(&mut final_h, h, Some(&self.weights.norm), eps);
-            final_h
-        });
+        // The wanted rows' logits: from the layer stack where it ran the head, else the host's
+        // collapse and norm, then the LM head.
+        let rows = if stack_logits.is_empty() {
+            let final_h = self.host.time(HostPhase::Logits, || {
+                let mut final_h: Vec<f32> = Vec::with_capacity(wanted.len() * h);
+                for row in head_streams.chunks_exact(width) {
+                    final_h.extend(self.weights.hc_head.collapse(row, hc, hc_eps, eps));
+                }
+                rms_norm_rows(&mut final_h, h, Some(&self.weights.norm), eps);
+                final_h
+            });
+            self.head_logit_rows(&final_h, wanted.len())?
+        } else if stack_logits.len() != wanted.len()
+            || stack_logits.iter().any(|r| r.len() != self.cfg.vocab_size)
+        {
+            return Err(EngineError::Backend(format!(
+                "the layer stack's head returned {} rows of {} values, expected {} of {}",
+                stack_logits.len(),
+                stack_logits.first().map_or(0, Vec::len),
+                wanted.len(),
+                self.cfg.vocab_size
+            )));
+        } else {
+            stack_logits
+        };
         // Each sequence's picks are the next consecutive rows of `wanted`: moved, not copied.
-        let mut rows = self.head_logit_rows(&final_h, wanted.len())?.into_iter();
+        let mut rows = rows.into_iter();
         for (si, picks) in per_seq.iter().enumerate() {
             out.logits[si] = rows.by_ref().take(picks.len()).collect();
         }
