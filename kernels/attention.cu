@@ -328,40 +328,6 @@ extern "C" __global__ void __launch_bounds__(DSK_ATTH_WARPS * 32, 2) dsk_attend_
     (2 * DSK_ATTC_TILE * DSK_ATTC_LD + ((G) / 2) * (G) * DSK_ATTC_SLD + (G) * DSK_ATTC_PLD + (G) +  \
      2 * DSK_ATTC_TILE)
 
-// cp.async wrappers of both tensor-core attention forms: a copy of N (4, 8 or 16) bytes, the
-// group commit, and the wait until at most N of this thread's groups are pending. A CPU emulation
-// defining DSK_EMU_CP_ASYNC supplies emu_cp_async / emu_cp_commit / emu_cp_wait (copies land at
-// the wait); other host builds copy at once.
-template <int N>
-__device__ __forceinline__ void dsk_cp_async(void *dst, const void *src) {
-#ifdef __CUDA_ARCH__
-    const unsigned int d = static_cast<unsigned int>(__cvta_generic_to_shared(dst));
-    if (N == 16)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
-    else
-        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(d), "l"(src), "n"(N) : "memory");
-#elif defined(DSK_EMU_CP_ASYNC)
-    emu_cp_async(dst, src, N);
-#else
-    memcpy(dst, src, N);
-#endif
-}
-__device__ __forceinline__ void dsk_cp_commit() {
-#ifdef __CUDA_ARCH__
-    asm volatile("cp.async.commit_group;" ::: "memory");
-#elif defined(DSK_EMU_CP_ASYNC)
-    emu_cp_commit();
-#endif
-}
-template <int N>
-__device__ __forceinline__ void dsk_cp_wait() {
-#ifdef __CUDA_ARCH__
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-#elif defined(DSK_EMU_CP_ASYNC)
-    emu_cp_wait(N);
-#endif
-}
-
 // Fills tile buffer `buf` (and its row flags) with keys kt .. kt + TILE of the split [.., b):
 // warp w rows w, w + W, ... f32 rows by cp.async (16-byte copies where the row is 16-byte aligned);
 // records decoded, masked or missing rows zeroed, with plain stores.

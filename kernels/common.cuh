@@ -71,6 +71,31 @@ __device__ __forceinline__ uint4 dsk_ld_stream16(const void *p) {
     return r;
 }
 
+// cp.async: a copy of N (4, 8 or 16) bytes global -> shared (16: through L2 only), the group
+// commit, and the wait until at most N of this thread's groups are pending; the thread that
+// issued a copy may read its slot after the wait with no barrier. The CPU emulators (tools/emu.h)
+// define their own: copies land at once, or at the wait where a tool asks for it.
+template <int N>
+__device__ __forceinline__ void dsk_cp_async(void *dst, const void *src) {
+#ifdef __CUDA_ARCH__
+    const unsigned int d = static_cast<unsigned int>(__cvta_generic_to_shared(dst));
+    if (N == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(d), "l"(src), "n"(N) : "memory");
+#endif
+}
+__device__ __forceinline__ void dsk_cp_commit() {
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void dsk_cp_wait() {
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
 // f32 to TF32 (round to nearest, ties away from zero), as the 32-bit MMA operand (its top 19 bits).
 __device__ __forceinline__ unsigned int dsk_f32_to_tf32(float x) {
     unsigned int r;

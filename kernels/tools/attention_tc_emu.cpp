@@ -24,6 +24,8 @@
 // mantissa bits); their FP8 cases take both decode paths (scales f16 can carry, and smaller
 // ones). About 5 minutes on two cores (`tf32` or `f16` as the argument runs those forms only):
 //   g++ -std=c++20 -O2 -pthread -w -I kernels/tools kernels/tools/attention_tc_emu.cpp -o /tmp/attc_emu && /tmp/attc_emu
+// This tool's cp.async copies land at their wait, the destination poisoned until then (emu.h).
+#define DSK_EMU_CP_ASYNC
 #include "emu.h"
 #include <deque>
 #include <string>
@@ -43,24 +45,6 @@ alignas(16) unsigned char dsk_attf_smem[((32 + 32) * 520 * 2 + 2 * 32 * 36 * 4 +
 float sq[1];
 
 inline void dsk_pdl_entry() {}
-// cp.async: per thread a list of committed groups and the open one; the destination is poisoned
-// (NaN) at issue and the data lands only when cp.async.wait_group requires it, so a read before
-// its wait shows.
-#define DSK_EMU_CP_ASYNC
-struct EmuCopy { void *dst; const void *src; int n; };
-thread_local std::deque<std::vector<EmuCopy>> t_groups;
-thread_local std::vector<EmuCopy> t_open;
-inline void emu_cp_async(void *dst, const void *src, int n) {
-    memset(dst, 0xff, n);
-    t_open.push_back({dst, src, n});
-}
-inline void emu_cp_commit() { t_groups.push_back(std::move(t_open)); t_open.clear(); }
-inline void emu_cp_wait(int pending) {
-    while ((int)t_groups.size() > pending) {
-        for (auto &c : t_groups.front()) memcpy(c.dst, c.src, c.n);
-        t_groups.pop_front();
-    }
-}
 inline float __shfl_xor_sync(unsigned, float v, int o) {
     g_shfl[threadIdx.x] = v;
     g_warp_bar->arrive_and_wait();

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -88,6 +89,37 @@ inline void dsk_e4m3x2_to_f32(unsigned two, float &lo, float &hi) {
     hi = emu_e4m3((two >> 8) & 0xffu);
 }
 inline uint4 dsk_ld_stream16(const void *p) { uint4 r; memcpy(&r, p, 16); return r; }
+// common.cuh's cp.async. By default a copy lands at once. A tool that defines DSK_EMU_CP_ASYNC
+// before including this file gets copies that land only at their wait (per thread: the committed
+// groups and the open one; the destination is poisoned with 0xff bytes at issue), so a read
+// before its wait shows; g_emu_cp_copies counts the landed copies.
+#ifdef DSK_EMU_CP_ASYNC
+struct EmuCopy { void *dst; const void *src; int n; };
+inline thread_local std::deque<std::vector<EmuCopy>> t_emu_cp_groups;
+inline thread_local std::vector<EmuCopy> t_emu_cp_open;
+inline long g_emu_cp_copies = 0;
+inline void emu_cp_async(void *dst, const void *src, int n) {
+    memset(dst, 0xff, n);
+    t_emu_cp_open.push_back({dst, src, n});
+}
+inline void emu_cp_commit() { t_emu_cp_groups.push_back(std::move(t_emu_cp_open)); t_emu_cp_open.clear(); }
+inline void emu_cp_wait(int pending) {
+    while ((int)t_emu_cp_groups.size() > pending) {
+        for (auto &c : t_emu_cp_groups.front()) {
+            memcpy(c.dst, c.src, c.n);
+            __atomic_fetch_add(&g_emu_cp_copies, 1, __ATOMIC_RELAXED);
+        }
+        t_emu_cp_groups.pop_front();
+    }
+}
+#else
+inline void emu_cp_async(void *dst, const void *src, int n) { memcpy(dst, src, n); }
+inline void emu_cp_commit() {}
+inline void emu_cp_wait(int) {}
+#endif
+template <int N> inline void dsk_cp_async(void *dst, const void *src) { emu_cp_async(dst, src, N); }
+inline void dsk_cp_commit() { emu_cp_commit(); }
+template <int N> inline void dsk_cp_wait() { emu_cp_wait(N); }
 inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 #define __align__(n) __attribute__((aligned(n)))

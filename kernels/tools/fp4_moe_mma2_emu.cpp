@@ -18,6 +18,8 @@
 //       -o /tmp/fp4_mma2_emu kernels/tools/fp4_moe_mma2_emu.cpp && /tmp/fp4_mma2_emu
 // FP4_EMU_QUICK=1 leaves out the V4-Flash 16-token case (the slowest; FP4_EMU_BIG_ONLY=1 runs it
 // alone): the rest takes about 15 minutes on 2 shared cores.
+// This tool's cp.async copies land at their wait (emu.h).
+#define DSK_EMU_CP_ASYNC
 #include "emu.h"
 
 #include <cstdint>
@@ -39,23 +41,6 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
     return r;
 }
 inline void __syncwarp() { g_warp_bar->arrive_and_wait(); }
-
-// cp.async: per thread a list of committed groups and the open one; copies land at the wait.
-struct EmuCopy { void *dst; const void *src; int n; };
-thread_local std::deque<std::vector<EmuCopy>> t_groups;
-thread_local std::vector<EmuCopy> t_open;
-static long g_copies = 0;
-inline void emu_cp_async(void *dst, const void *src, int n) {
-    memset(dst, 0xff, n); // poison until the wait says it has landed
-    t_open.push_back({dst, src, n});
-}
-inline void emu_cp_commit() { t_groups.push_back(std::move(t_open)); t_open.clear(); }
-inline void emu_cp_wait(int pending) {
-    while ((int)t_groups.size() > pending) {
-        for (auto &c : t_groups.front()) memcpy(c.dst, c.src, c.n), __atomic_fetch_add(&g_copies, 1, __ATOMIC_RELAXED);
-        t_groups.pop_front();
-    }
-}
 
 // ldmatrix.x4: lanes 8j..8j+7 give the 16-byte rows of matrix j; r[j] = word (lane % 4) of row
 // lane / 4 of matrix j.

@@ -14,7 +14,8 @@
 //! in every kernel, it had measured slower or mixed (sessions 7 and 19).
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Mutex;
 
 use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::{CudaFunction, CudaStream, DriverError, LaunchConfig};
@@ -36,6 +37,68 @@ fn pdl_allowed(value: Option<&str>) -> bool {
 /// Whether kernels are being submitted with programmatic dependent launch.
 pub fn pdl_enabled() -> bool {
     PDL.load(Ordering::Relaxed)
+}
+
+/// Streams whose kernels launch at the device's greatest priority (the launch attribute, which a
+/// graph capture keeps on the kernel node): the layer stack's side stream. Its kernels are short
+/// and feed the main stream's next wait, but a wide kernel launched early under PDL holds every
+/// free block slot, so at equal priority a side kernel waited for all its pending blocks to be
+/// placed before it got an SM. Raw stream handles; a handful at most.
+static HIGH_PRIORITY_STREAMS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+/// The device's greatest (numerically least) stream priority, read at the first registration.
+static GREATEST_PRIORITY: AtomicI32 = AtomicI32::new(0);
+
+/// DSPARK_SIDE_PRIORITY: unset or anything but "0" raises the side stream's priority.
+pub fn side_priority_allowed(value: Option<&str>) -> bool {
+    value.map(str::trim) != Some("0")
+}
+
+/// Launches on `stream` from now on carry the greatest priority the device has. Graphs captured
+/// from it keep that priority on their nodes; they honour it when instantiated with
+/// `CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY` ([`graph_instantiate_flags`]).
+pub fn set_high_priority(stream: &CudaStream) -> Result<(), DriverError> {
+    stream.context().bind_to_thread()?;
+    let (mut least, mut greatest) = (0i32, 0i32);
+    // SAFETY: two valid out-pointers; the context is current.
+    unsafe { sys::cuCtxGetStreamPriorityRange(&mut least, &mut greatest) }.result()?;
+    GREATEST_PRIORITY.store(greatest, Ordering::Relaxed);
+    let mut streams = HIGH_PRIORITY_STREAMS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let handle = stream.cu_stream() as usize;
+    if !streams.contains(&handle) {
+        streams.push(handle);
+    }
+    Ok(())
+}
+
+/// Launches on `stream` go back to the default priority: called before the stream is destroyed,
+/// so that a stream created later at the same handle does not inherit the raise.
+pub fn clear_high_priority(stream: &CudaStream) {
+    let mut streams = HIGH_PRIORITY_STREAMS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let handle = stream.cu_stream() as usize;
+    streams.retain(|&s| s != handle);
+}
+
+/// The priority launches on `stream` carry, where one was set ([`set_high_priority`]).
+fn launch_priority(stream: &CudaStream) -> Option<i32> {
+    let streams = HIGH_PRIORITY_STREAMS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if streams.is_empty() {
+        return None;
+    }
+    streams
+        .contains(&(stream.cu_stream() as usize))
+        .then(|| GREATEST_PRIORITY.load(Ordering::Relaxed))
+}
+
+/// Instantiation flags for a captured graph: its nodes' priorities honoured (they are all the
+/// default unless a stream was raised with [`set_high_priority`]).
+pub fn graph_instantiate_flags() -> sys::CUgraphInstantiate_flags {
+    sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY
 }
 
 /// A value a kernel takes by value: the launch passes a pointer to it.
@@ -98,12 +161,17 @@ impl<'a> KernelLaunch<'a> {
     ) -> Result<(), DriverError> {
         self.stream.context().bind_to_thread()?;
         // SAFETY: an all-zero attribute is a valid (ignored) value of the C union; set below.
-        let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+        let mut attrs: [sys::CUlaunchAttribute; 3] = unsafe { std::mem::zeroed() };
         let mut n_attrs = 0;
         if pdl_enabled() {
             attrs[n_attrs].id =
                 sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
             attrs[n_attrs].value.programmaticStreamSerializationAllowed = 1;
+            n_attrs += 1;
+        }
+        if let Some(priority) = launch_priority(self.stream) {
+            attrs[n_attrs].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PRIORITY;
+            attrs[n_attrs].value.priority = priority;
             n_attrs += 1;
         }
         if cluster_x > 1 {
@@ -145,7 +213,14 @@ impl<'a> KernelLaunch<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::pdl_allowed;
+    use super::{pdl_allowed, side_priority_allowed};
+
+    #[test]
+    fn side_priority_is_on_unless_turned_off() {
+        assert!(side_priority_allowed(None));
+        assert!(side_priority_allowed(Some("1")));
+        assert!(!side_priority_allowed(Some(" 0")));
+    }
 
     #[test]
     fn pdl_is_on_unless_turned_off() {

@@ -10,7 +10,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::sys::{CUevent_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use dspark_kernels::kv_record::KvRowFormat;
 use dspark_kernels::launch::attention::{
@@ -388,9 +388,21 @@ enum SidePoint {
     Done = 4,
 }
 
+impl Drop for SideBranch {
+    fn drop(&mut self) {
+        dspark_kernels::launch::submit::clear_high_priority(&self.stream);
+    }
+}
+
 impl SideBranch {
     fn new(main: &Arc<CudaStream>) -> Result<Self, BackendError> {
         let stream = main.fork().map_err(driver_err("side stream"))?;
+        if dspark_kernels::launch::submit::side_priority_allowed(
+            std::env::var("DSPARK_SIDE_PRIORITY").ok().as_deref(),
+        ) {
+            dspark_kernels::launch::submit::set_high_priority(&stream)
+                .map_err(driver_err("side stream priority"))?;
+        }
         let event = || {
             main.context()
                 .new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
@@ -2360,7 +2372,8 @@ impl CudaBackend {
                 };
                 s.begin_capture(mode).map_err(driver_err("begin capture"))?;
                 let enqueued = self.enqueue_layers(stack, model, kv, comm, &step);
-                let ended = s.end_capture(CUgraphInstantiate_flags(0));
+                let ended =
+                    s.end_capture(dspark_kernels::launch::submit::graph_instantiate_flags());
                 match (enqueued, ended) {
                     (Ok(()), Ok(Some(graph))) => {
                         graph.launch().map_err(driver_err("launch graph"))?;
