@@ -27,7 +27,6 @@
 // This tool's cp.async copies land at their wait, the destination poisoned until then (emu.h).
 #define DSK_EMU_CP_ASYNC
 #include "emu.h"
-#include <deque>
 #include <string>
 
 #undef __shared__

@@ -92,12 +92,11 @@ inline uint4 dsk_ld_stream16(const void *p) { uint4 r; memcpy(&r, p, 16); return
 // common.cuh's cp.async. By default a copy lands at once. A tool that defines DSK_EMU_CP_ASYNC
 // before including this file gets copies that land only at their wait (per thread: the committed
 // groups and the open one; the destination is poisoned with 0xff bytes at issue), so a read
-// before its wait shows; g_emu_cp_copies counts the landed copies.
+// before its wait shows.
 #ifdef DSK_EMU_CP_ASYNC
 struct EmuCopy { void *dst; const void *src; int n; };
 inline thread_local std::deque<std::vector<EmuCopy>> t_emu_cp_groups;
 inline thread_local std::vector<EmuCopy> t_emu_cp_open;
-inline long g_emu_cp_copies = 0;
 inline void emu_cp_async(void *dst, const void *src, int n) {
     memset(dst, 0xff, n);
     t_emu_cp_open.push_back({dst, src, n});
@@ -105,10 +104,7 @@ inline void emu_cp_async(void *dst, const void *src, int n) {
 inline void emu_cp_commit() { t_emu_cp_groups.push_back(std::move(t_emu_cp_open)); t_emu_cp_open.clear(); }
 inline void emu_cp_wait(int pending) {
     while ((int)t_emu_cp_groups.size() > pending) {
-        for (auto &c : t_emu_cp_groups.front()) {
-            memcpy(c.dst, c.src, c.n);
-            __atomic_fetch_add(&g_emu_cp_copies, 1, __ATOMIC_RELAXED);
-        }
+        for (auto &c : t_emu_cp_groups.front()) memcpy(c.dst, c.src, c.n);
         t_emu_cp_groups.pop_front();
     }
 }

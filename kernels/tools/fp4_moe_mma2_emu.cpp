@@ -23,7 +23,6 @@
 #include "emu.h"
 
 #include <cstdint>
-#include <deque>
 
 #undef __shared__
 #define __shared__

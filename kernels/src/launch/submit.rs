@@ -14,8 +14,7 @@
 //! in every kernel, it had measured slower or mixed (sessions 7 and 19).
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 
 use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::{CudaFunction, CudaStream, DriverError, LaunchConfig};
@@ -40,12 +39,13 @@ pub fn pdl_enabled() -> bool {
 }
 
 /// Streams whose kernels launch at the device's greatest priority (the launch attribute, which a
-/// graph capture keeps on the kernel node): the layer stack's side stream. Its kernels are short
-/// and feed the main stream's next wait, but a wide kernel launched early under PDL holds every
-/// free block slot, so at equal priority a side kernel waited for all its pending blocks to be
-/// placed before it got an SM. Raw stream handles; a handful at most.
-static HIGH_PRIORITY_STREAMS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-/// The device's greatest (numerically least) stream priority, read at the first registration.
+/// graph capture keeps on the kernel node): the layer stack's side streams, one per backend.
+/// Their kernels are short and feed the main stream's next wait, but a wide kernel launched early
+/// under PDL holds every free block slot, so at equal priority a side kernel waited for all its
+/// pending blocks to be placed before it got an SM. Raw stream handles (0 = free slot), read by
+/// every launch without a lock; ranks of one process launch concurrently.
+static HIGH_PRIORITY_STREAMS: [AtomicUsize; 8] = [const { AtomicUsize::new(0) }; 8];
+/// The device's greatest (numerically least) stream priority, read at each registration.
 static GREATEST_PRIORITY: AtomicI32 = AtomicI32::new(0);
 
 /// DSPARK_SIDE_PRIORITY: unset or anything but "0" raises the side stream's priority.
@@ -55,19 +55,28 @@ pub fn side_priority_allowed(value: Option<&str>) -> bool {
 
 /// Launches on `stream` from now on carry the greatest priority the device has. Graphs captured
 /// from it keep that priority on their nodes; they honour it when instantiated with
-/// `CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY` ([`graph_instantiate_flags`]).
+/// `CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY` ([`graph_instantiate_flags`]). Where every slot
+/// is taken the stream keeps the default priority (a slower step, the same results).
 pub fn set_high_priority(stream: &CudaStream) -> Result<(), DriverError> {
     stream.context().bind_to_thread()?;
     let (mut least, mut greatest) = (0i32, 0i32);
     // SAFETY: two valid out-pointers; the context is current.
     unsafe { sys::cuCtxGetStreamPriorityRange(&mut least, &mut greatest) }.result()?;
     GREATEST_PRIORITY.store(greatest, Ordering::Relaxed);
-    let mut streams = HIGH_PRIORITY_STREAMS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
     let handle = stream.cu_stream() as usize;
-    if !streams.contains(&handle) {
-        streams.push(handle);
+    if handle == 0
+        || HIGH_PRIORITY_STREAMS
+            .iter()
+            .any(|s| s.load(Ordering::Relaxed) == handle)
+    {
+        return Ok(());
+    }
+    let claimed = HIGH_PRIORITY_STREAMS.iter().any(|s| {
+        s.compare_exchange(0, handle, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    });
+    if !claimed {
+        tracing::warn!("no free slot for another high-priority stream; it keeps the default");
     }
     Ok(())
 }
@@ -75,23 +84,22 @@ pub fn set_high_priority(stream: &CudaStream) -> Result<(), DriverError> {
 /// Launches on `stream` go back to the default priority: called before the stream is destroyed,
 /// so that a stream created later at the same handle does not inherit the raise.
 pub fn clear_high_priority(stream: &CudaStream) {
-    let mut streams = HIGH_PRIORITY_STREAMS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
     let handle = stream.cu_stream() as usize;
-    streams.retain(|&s| s != handle);
+    for s in &HIGH_PRIORITY_STREAMS {
+        let _ = s.compare_exchange(handle, 0, Ordering::Relaxed, Ordering::Relaxed);
+    }
 }
 
 /// The priority launches on `stream` carry, where one was set ([`set_high_priority`]).
 fn launch_priority(stream: &CudaStream) -> Option<i32> {
-    let streams = HIGH_PRIORITY_STREAMS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if streams.is_empty() {
+    let handle = stream.cu_stream() as usize;
+    // 0 is the legacy default stream, and also a free slot's value.
+    if handle == 0 {
         return None;
     }
-    streams
-        .contains(&(stream.cu_stream() as usize))
+    HIGH_PRIORITY_STREAMS
+        .iter()
+        .any(|s| s.load(Ordering::Relaxed) == handle)
         .then(|| GREATEST_PRIORITY.load(Ordering::Relaxed))
 }
 
