@@ -247,16 +247,23 @@ SK_INST(dsk_skinny_mma_bf16_t16_r32, 2, 2, false)
 #define SKF_SPANS 8  // spans of one round of loads (512 k)
 
 
-// Loads spans sp0 .. sp0 + SKF_SPANS - 1 (those below `spans`) of rows g and g + 8.
-__device__ __forceinline__ void skf_load(uint4 (&w)[SKF_SPANS][2], const unsigned char *const (&wrow)[2], int sp0,
-                                         int spans) {
+// Loads spans sp0 + P0 .. sp0 + P1 - 1 (those below `spans`) of rows g and g + 8.
+template <int P0, int P1>
+__device__ __forceinline__ void skf_load_part(uint4 (&w)[SKF_SPANS][2], const unsigned char *const (&wrow)[2],
+                                              int sp0, int spans) {
 #pragma unroll
-    for (int p = 0; p < SKF_SPANS; ++p) {
+    for (int p = P0; p < P1; ++p) {
         if (sp0 + p < spans) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) w[p][h] = dsk_ld_stream16(wrow[h] + (long)(sp0 + p) * 64);
         }
     }
+}
+
+// Loads spans sp0 .. sp0 + SKF_SPANS - 1 (those below `spans`) of rows g and g + 8.
+__device__ __forceinline__ void skf_load(uint4 (&w)[SKF_SPANS][2], const unsigned char *const (&wrow)[2], int sp0,
+                                         int spans) {
+    skf_load_part<0, SKF_SPANS>(w, wrow, sp0, spans);
 }
 
 // Multiplies spans sp0 .. (of the block's range) of the warp's tile by the staged fragments.
@@ -329,7 +336,11 @@ __device__ __forceinline__ void skf_stage_item(float4 v, int tok, int q, uint4 *
 // blocks along x taking k range [c K / cl, (c + 1) K / cl) (Kb, a multiple of 64). Dynamic shared
 // memory: B fragments [Kb / 16][NT][32] uint4, span unscales [Kb / 64][16] f32, the partial tile
 // [16][ROWS + 4] f32 (the pad spreads a fragment's tokens over the banks).
-template <int NT, int WARPS>
+// EARLY: spans of the first round whose loads go out before the PDL wait; the rest go out right
+// after the staging's activation loads (SKF_SPANS, every span early, is what the kernels below
+// run; tools/proj_chain_bench.cu times fewer: a lane's 16 loads in flight may hold back the
+// staging's own loads). Which loads go first changes no arithmetic: the same bits.
+template <int NT, int WARPS, int EARLY = SKF_SPANS>
 __device__ __forceinline__ void skf_body(const unsigned char *__restrict__ W, const unsigned char *__restrict__ S,
                                          const float *__restrict__ x, float *__restrict__ out, int M, int N,
                                          int K, long ld_x, long ld_out, int group_rows, long x_group_stride,
@@ -354,7 +365,7 @@ __device__ __forceinline__ void skf_body(const unsigned char *__restrict__ W, co
     // Weights are never written while a step runs: the first round's loads go out before the
     // wait for the previous kernel (programmatic dependent launch: they overlap its tail).
     uint4 w[SKF_SPANS][2];
-    skf_load(w, wrow, 0, spans);
+    skf_load_part<0, EARLY>(w, wrow, 0, spans);
     dsk_pdl_entry();
 
     // Stage while the weights are in flight: item (token, quad of 4 k), quads fastest (Kb / 4 is
@@ -371,6 +382,7 @@ __device__ __forceinline__ void skf_body(const unsigned char *__restrict__ W, co
                        ? __ldg(reinterpret_cast<const float4 *>(xb + (long)tok * ld_x) + (it - tok * quads))
                        : make_float4(0.f, 0.f, 0.f, 0.f);
         }
+        if (b0 == 0) skf_load_part<EARLY, SKF_SPANS>(w, wrow, 0, spans);
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
             if (b0 + u < per_thread) {
@@ -379,6 +391,7 @@ __device__ __forceinline__ void skf_body(const unsigned char *__restrict__ W, co
             }
         }
     }
+    if (per_thread == 0) skf_load_part<EARLY, SKF_SPANS>(w, wrow, 0, spans);
     __syncthreads();
 
     float acc[NT][4];

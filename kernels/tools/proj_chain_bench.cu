@@ -9,10 +9,13 @@
 //          whose shared memory fits, beside the floor with a cluster's two barriers;
 //   gemv: the one-token GEMV against k_gemv2 below (four or eight rows a warp, every weight
 //         load before the wait), each variant checked bit for bit against the GEMV at the
-//         same K split. docs/PERFORMANCE.md (session 34) has the figures and what they did in a
+//         same K split;
+//   early: the f16 skinny GEMM at 16 tokens with 8 (the kernel's), 4, 2 or 0 spans' weight
+//          loads before the PDL wait and the rest after the activations' (skf_body's EARLY),
+//          each checked bit for bit against the kernel. docs/PERFORMANCE.md (session 34) has the figures and what they did in a
 //         whole decode step.
 //   nvcc -O3 -std=c++17 -arch=sm_90a -include kernels/common.cuh -o /tmp/proj_chain \
-//     kernels/tools/proj_chain_bench.cu && /tmp/proj_chain [plans|gemv]
+//     kernels/tools/proj_chain_bench.cu && /tmp/proj_chain [plans|gemv|early]
 // About 20 seconds on an H200.
 #include <cuda_runtime.h>
 
@@ -133,6 +136,25 @@ template <int RPW> static const void *gemv2_fn(int nj) {
     }
 }
 
+// The f16 skinny kernel with only EARLY spans' loads before the PDL wait (skinny_mma.cu:
+// skf_body's EARLY; the product kernels run SKF_SPANS).
+template <int NT, int WARPS, int EARLY>
+__global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
+    k_skf(const unsigned char *__restrict__ W, const unsigned char *__restrict__ S, const float *__restrict__ x,
+          float *__restrict__ out, int M, int N, int K, long ld_x, long ld_out, int group_rows, long x_group_stride,
+          int cl) {
+    skf_body<NT, WARPS, EARLY>(W, S, x, out, M, N, K, ld_x, ld_out, group_rows, x_group_stride, cl);
+}
+
+template <int WARPS> static const void *skf_fn(int early) {
+    switch (early) {
+    case 0: return (const void *)k_skf<2, WARPS, 0>;
+    case 2: return (const void *)k_skf<2, WARPS, 2>;
+    case 4: return (const void *)k_skf<2, WARPS, 4>;
+    default: return (const void *)k_skf<2, WARPS, SKF_SPANS>;
+    }
+}
+
 struct Shape {
     const char *name;
     int n, k;
@@ -239,6 +261,7 @@ static double chain_us(const Ctx &c, const Launch &l, bool pdl) {
 int main(int argc, char **argv) {
     const bool sweep = argc > 1 && std::string(argv[1]) == "plans";
     const bool gemv = argc > 1 && std::string(argv[1]) == "gemv";
+    const bool early = argc > 1 && std::string(argv[1]) == "early";
     Ctx c{};
     CK(cudaDeviceGetAttribute(&c.sms, cudaDevAttrMultiProcessorCount, 0));
     const Shape shapes[] = {{"wq_b [16384, 1024]", 16384, 1024}, {"wo_b [4096, 4096]", 4096, 4096},
@@ -344,6 +367,43 @@ int main(int argc, char **argv) {
         }
         int rows0 = 0, cl0 = 0;
         f16_plan(sh.n, sh.k, c.sms, rows0, cl0);
+        if (early) {
+            // 16 tokens on the launcher's plan, the product kernel against fewer early spans.
+            const int rows = rows0, cl = cl0, blocks = (sh.n + rows - 1) / rows * cl;
+            const size_t smem = f16_smem(sh.k, 16, rows, cl);
+            const void *product = rows == 128 ? (const void *)dsk_skinny_f16_fp8_t16_r128 : (const void *)dsk_skinny_f16_fp8_t16_r64;
+            auto launch_f16 = [&, rows, cl, blocks, smem](const Ctx &c, const void *fn, int i, float *o, bool pdl) {
+                const unsigned char *w = c.w + i * c.wbytes, *s = c.sc + i * c.sbytes;
+                const float *x = c.x;
+                int M = 16, N = sh.n, K = sh.k, gr = sh.n, cl2 = cl;
+                long ldx = sh.k, ldo = sh.n, xgs = 0;
+                void *args[] = {&w, &s, &x, &o, &M, &N, &K, &ldx, &ldo, &gr, &xgs, &cl2};
+                launch_ex(c, pdl, fn, dim3(blocks), dim3(rows / 16 * 32), smem, cl, args);
+            };
+            std::vector<float> want(16L * sh.n), got(16L * sh.n);
+            float *o_want = c.out + 16L * 16384 * (CHAIN - 1), *o_got = c.out + 16L * 16384 * (CHAIN - 2);
+            CK(cudaFuncSetAttribute(product, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+            launch_f16(c, product, 0, o_want, false);
+            CK(cudaStreamSynchronize(c.s));
+            CK(cudaMemcpy(want.data(), o_want, want.size() * 4, cudaMemcpyDeviceToHost));
+            cases.clear();
+            for (int e : {SKF_SPANS, 4, 2, 0}) {
+                const void *fn = rows == 128 ? skf_fn<8>(e) : skf_fn<4>(e);
+                CK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+                CK(cudaMemset(o_got, 0xff, got.size() * 4));
+                launch_f16(c, fn, 0, o_got, false);
+                CK(cudaStreamSynchronize(c.s));
+                CK(cudaMemcpy(got.data(), o_got, got.size() * 4, cudaMemcpyDeviceToHost));
+                const bool same = memcmp(want.data(), got.data(), want.size() * 4) == 0;
+                cases.push_back({"f16 m=16 r" + std::to_string(rows) + " cl" + std::to_string(cl) + " early " + std::to_string(e) +
+                                     (same ? " =bits" : " DIFFERS"),
+                                 [&, fn, launch_f16](const Ctx &c, int i, bool pdl) {
+                                     launch_f16(c, fn, i, c.out + (long)i * 16 * 16384, pdl);
+                                 }});
+            }
+            for (auto &[name, l] : cases) printf("%-20s %-40s %9.2f\n", sh.name, name.c_str(), chain_us(c, l, true));
+            continue;
+        }
         std::vector<std::pair<int, int>> plans = {{rows0, cl0}};
         if (sweep)
             for (int r : {64, 128})

@@ -13,6 +13,8 @@
 // - groups of 64 rows reading their own slices of x (NaN between them);
 // - tokens scaled from 1e-30 to 1e30 (7e4 is beyond f16), and a zero token (exact zeros);
 // - each token's outputs the same bits alone as in the batch, and the output's padding untouched;
+// - the kernel with 0 or 2 spans' weight loads before the PDL wait (skf_body's EARLY, the rest
+//   after the staging's loads) gives the kernel's bits;
 // - why `skinny_f16_plan` keeps 8-warp blocks to K ranges of whole 128s: an 8-warp block at
 //   K = 576 leaves activations unstaged, which this emulation shows as a large error.
 //   g++ -std=c++20 -O2 -pthread -w -I kernels/tools -o /tmp/skf_emu kernels/tools/skinny_f16_emu.cpp \
@@ -41,6 +43,21 @@ inline void dsk_pdl_entry() {}
 
 #include <cmath>
 
+// skf_body with EARLY spans' weight loads before the PDL wait (the kernels run SKF_SPANS): the
+// same arithmetic, so the same bits; here the loads issued after the staging's must still land
+// where the MMAs read them.
+template <int NT, int WARPS, int EARLY>
+void skf_early(const unsigned char *W, const unsigned char *S, const float *x, float *out, int M, int N, int K,
+               long ld_x, long ld_out, int group_rows, long x_group_stride, int cl) {
+    skf_body<NT, WARPS, EARLY>(W, S, x, out, M, N, K, ld_x, ld_out, group_rows, x_group_stride, cl);
+}
+typedef void (*SkfFn)(const unsigned char *, const unsigned char *, const float *, float *, int, int, int, long, long,
+                      int, long, int);
+template <int EARLY> static SkfFn skf_form(int m, int warps) {
+    return m > 8 ? (warps == 8 ? skf_early<2, 8, EARLY> : skf_early<2, 4, EARLY>)
+                 : (warps == 8 ? skf_early<1, 8, EARLY> : skf_early<1, 4, EARLY>);
+}
+
 static const float OUT_PAD = -12345.f;
 static int g_failed = 0;
 
@@ -62,7 +79,7 @@ struct Case {
 
 // The kernel's [m, n] outputs (padding columns checked untouched).
 static std::vector<float> run(const Case &c, const std::vector<unsigned char> &w, const std::vector<unsigned char> &s,
-                              const std::vector<float> &x, long ld_x) {
+                              const std::vector<float> &x, long ld_x, int early = SKF_SPANS) {
     const int ld_out = c.n + 4;
     std::vector<float> out((size_t)c.m * ld_out, NAN);
     for (int t = 0; t < c.m; ++t)
@@ -71,8 +88,10 @@ static std::vector<float> run(const Case &c, const std::vector<unsigned char> &w
     memset(skf_smem, 0xff, sizeof skf_smem);
     const int rows = 16 * c.warps, blocks = (c.n + rows - 1) / rows;
     launch(blocks, 32 * c.warps, [&] {
-        auto f = c.m > 8 ? (c.warps == 8 ? dsk_skinny_f16_fp8_t16_r128 : dsk_skinny_f16_fp8_t16_r64)
-                         : (c.warps == 8 ? dsk_skinny_f16_fp8_t8_r128 : dsk_skinny_f16_fp8_t8_r64);
+        SkfFn f = c.m > 8 ? (c.warps == 8 ? dsk_skinny_f16_fp8_t16_r128 : dsk_skinny_f16_fp8_t16_r64)
+                          : (c.warps == 8 ? dsk_skinny_f16_fp8_t8_r128 : dsk_skinny_f16_fp8_t8_r64);
+        if (early == 0) f = skf_form<0>(c.m, c.warps);
+        if (early == 2) f = skf_form<2>(c.m, c.warps);
         f(w.data(), s.data(), x.data(), out.data(), c.m, c.n, c.k, ld_x, ld_out, c.group_rows, c.x_group_stride, 1);
     });
     std::vector<float> dense((size_t)c.m * c.n);
@@ -119,6 +138,13 @@ static double check(const Case &c, const float *scales, bool alone, unsigned lon
         for (int g = 0; g < groups; ++g)
             for (int j = 0; j < c.k; ++j) x[(size_t)t * ld_x + g * c.x_group_stride + j] = rng.f() * scales[t];
     const auto got = run(c, w, s, x, ld_x);
+    for (int early : {0, 2}) {
+        const auto late = run(c, w, s, x, ld_x, early);
+        if (memcmp(late.data(), got.data(), sizeof(float) * got.size()) != 0) {
+            printf("FAIL n=%d k=%d m=%d: %d early spans differ from the kernel's bits\n", c.n, c.k, c.m, early);
+            ++g_failed;
+        }
+    }
     double worst = 0;
     for (int t = 0; t < c.m; ++t) {
         if (scales[t] == 0.f) {
