@@ -13,7 +13,9 @@
 //
 // Work split: a block is 8 warps; a warp owns a PAIR of rows (so every activation load feeds two
 // rows) and `ksplit` warps share one pair along K (so small-N matrices still fill 132 SMs). Each
-// lane reads 16 weight bytes per step; 16 | 128 so a 16-byte chunk has exactly one scale.
+// lane reads 16 weight bytes per step; 16 | 128 so a 16-byte chunk has exactly one scale. The
+// `_m1c` kernels further down take four rows a warp at one token (opt-in; the same arithmetic
+// per row).
 
 #define FP8_WARPS 8
 
@@ -179,6 +181,103 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp8_gemv_multi_xf32_m1(
         reinterpret_cast<const unsigned char *>(segs.w[i]),
         reinterpret_cast<const unsigned char *>(segs.s[i]), x, reinterpret_cast<float *>(segs.out[i]),
         0, 1, N, K, segs.ksplit[i], N, 0, K, N, block);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One token where every lane has at most one chunk of a row (C <= 32 ksplit): four rows a warp
+// (each activation chunk feeds four; twice the weight bytes in flight a warp), every weight load
+// before the wait for the previous kernel, each row's chunk decoded next to its FMAs (64
+// registers: four blocks an SM). Each row's arithmetic is fp8_gemv_body's at the same ksplit (its
+// chunk's fmaf chain and scale FMA from zero, the warp sum, the split partials in order), so the
+// outputs are the two-row kernels' bits. On a chain of V4-Flash projections (H200,
+// tools/proj_chain_bench.cu's prototype) wq_b took 6.8 us against 9.5, wo_b 6.9 against 7.7,
+// with the split launch.rs's fp8_ksplit_one_chunk picks. Opt-in (DSPARK_FP8_ONE_CHUNK=1) until
+// a decode step's A/B says it pays. Each entry point takes the parameters of the kernel it stands
+// in for (f32 activations and output, m = 1: the launcher's checks), so the launches are the same.
+#define FP8_M1C_ROWS 4
+template <bool GROUPED>
+__device__ __forceinline__ void fp8_gemv_one_chunk_body(const unsigned char *__restrict__ W,
+                                                        const unsigned char *__restrict__ S,
+                                                        const float *__restrict__ x, float *__restrict__ out,
+                                                        int N, int K, int ksplit, int group_rows,
+                                                        long x_group_stride, int block) {
+    __shared__ float red[FP8_WARPS][FP8_M1C_ROWS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int set = warp / ksplit, kpart = warp % ksplit;
+    const int r0 = (block * (FP8_WARPS / ksplit) + set) * FP8_M1C_ROWS;
+    const int C = K >> 4, KB = (K + 127) >> 7, c = kpart * 32 + lane;
+    // Rows past N read row N - 1 (loaded, never written).
+    uint4 q[FP8_M1C_ROWS];
+#pragma unroll
+    for (int r = 0; r < FP8_M1C_ROWS; ++r)
+        q[r] = c < C ? dsk_ld_stream16(W + (long)min(r0 + r, N - 1) * K + c * 16) : make_uint4(0u, 0u, 0u, 0u);
+    dsk_pdl_entry();
+    if (GROUPED) x += (long)(min(r0, N - 1) / group_rows) * x_group_stride;
+    float acc[FP8_M1C_ROWS];
+#pragma unroll
+    for (int r = 0; r < FP8_M1C_ROWS; ++r) acc[r] = 0.f;
+    if (c < C) {
+        float xf[16];
+        XLoadF32<1>::load(x, K, 0, c, xf);
+#pragma unroll
+        for (int r = 0; r < FP8_M1C_ROWS; ++r) {
+            const float sc = dsk_e8m0_to_f32(S[(long)(min(r0 + r, N - 1) >> 7) * KB + (c >> 3)]);
+            float f[16];
+            fp8_decode16(q[r], f);
+            float p = 0.f;
+#pragma unroll
+            for (int j = 0; j < 16; ++j) p = fmaf(f[j], xf[j], p);
+            acc[r] = fmaf(sc, p, acc[r]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < FP8_M1C_ROWS; ++r) acc[r] = dsk_warp_sum(acc[r]);
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < FP8_M1C_ROWS; ++r) red[warp][r] = acc[r];
+    }
+    __syncthreads();
+    if (kpart == 0 && lane < FP8_M1C_ROWS) {
+        const int row = r0 + lane;
+        if (row < N) {
+            float v = 0.f;
+            for (int s = 0; s < ksplit; ++s) v += red[warp + s][lane];
+            out[row] = v;
+        }
+    }
+}
+
+// dsk_fp8_gemv_xf32_m1's parameters (out_bf16 = 0 and M = 1 here).
+extern "C" __global__ void __launch_bounds__(256) dsk_fp8_gemv_xf32_m1c(
+    const unsigned char *__restrict__ W, const unsigned char *__restrict__ S, const void *__restrict__ x,
+    void *__restrict__ out, int out_bf16, int M, int N, int K, int ksplit) {
+    (void)out_bf16;
+    (void)M;
+    fp8_gemv_one_chunk_body<false>(W, S, reinterpret_cast<const float *>(x), reinterpret_cast<float *>(out), N, K,
+                                   ksplit, N, 0, blockIdx.x);
+}
+
+// dsk_fp8_gemv_grouped_xf32_m1's parameters (M = 1 here: ld_x and ld_out are the strides of the
+// rows past the first).
+extern "C" __global__ void __launch_bounds__(256) dsk_fp8_gemv_grouped_xf32_m1c(
+    const unsigned char *__restrict__ W, const unsigned char *__restrict__ S, const float *__restrict__ x,
+    float *__restrict__ out, int M, int N, int K, int ksplit, int group_rows, long x_group_stride, long ld_x,
+    long ld_out) {
+    (void)M;
+    (void)ld_x;
+    (void)ld_out;
+    fp8_gemv_one_chunk_body<true>(W, S, x, out, N, K, ksplit, group_rows, x_group_stride, blockIdx.x);
+}
+
+// dsk_fp8_gemv_multi_xf32_m1's parameters; the segments' blocks of four-row warps.
+extern "C" __global__ void __launch_bounds__(256) dsk_fp8_gemv_multi_xf32_m1c(
+    const __grid_constant__ DskGemvSegments segs, const float *__restrict__ x, int K) {
+    int block;
+    const int i = dsk_gemv_segment(segs, blockIdx.x, block);
+    const int N = segs.n[i];
+    fp8_gemv_one_chunk_body<false>(reinterpret_cast<const unsigned char *>(segs.w[i]),
+                                   reinterpret_cast<const unsigned char *>(segs.s[i]), x,
+                                   reinterpret_cast<float *>(segs.out[i]), N, K, segs.ksplit[i], N, 0, block);
 }
 
 // ---------------------------------------------------------------------------------------------

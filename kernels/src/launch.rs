@@ -398,6 +398,35 @@ pub fn fp8_ksplit(n: usize, k: usize, sms: usize) -> usize {
     ks
 }
 
+/// The K split of the FP8 CUDA-core launches while the one-chunk kernels are on
+/// (`Kernels::set_fp8_one_chunk`, DSPARK_FP8_ONE_CHUNK=1): the fewest warps (1, 2, 4 or 8) that
+/// leave every lane at most one 16-byte chunk of a row. It depends on k alone, and every m takes
+/// it, so a token's bits do not depend on its batch.
+pub fn fp8_ksplit_one_chunk(k: usize) -> usize {
+    let chunks = k / 16;
+    let mut ks = 1;
+    while ks < FP8_WARPS && 32 * ks < chunks {
+        ks *= 2;
+    }
+    ks
+}
+
+/// Rows a warp of the one-chunk kernels (`FP8_M1C_ROWS` in fp8_gemv.cu); the others take two.
+const FP8_M1C_ROWS: usize = 4;
+
+/// Whether a launch of `m` tokens over inner size `k` split `ks` ways runs on the one-chunk
+/// kernels (`dsk_fp8_gemv_*_m1c`) when they are `on`: one token, every lane at most one chunk.
+pub fn fp8_takes_one_chunk(on: bool, m: usize, k: usize, ks: usize) -> bool {
+    on && m == 1 && k / 16 <= 32 * ks
+}
+
+/// Blocks of an FP8 CUDA-core launch over `n` rows split `ks` ways: four rows a warp on the
+/// one-chunk kernels, two on the others.
+pub fn fp8_gemv_blocks(n: usize, ks: usize, one_chunk: bool) -> usize {
+    let rows = if one_chunk { FP8_M1C_ROWS } else { 2 };
+    n.div_ceil(rows).div_ceil(FP8_WARPS / ks)
+}
+
 /// The FP8 GEMV's token bucket for m tokens.
 pub fn fp8_m_bucket(m: usize) -> Option<usize> {
     FP8_M_BUCKETS.iter().copied().find(|&b| b >= m)
@@ -673,6 +702,10 @@ pub struct Kernels {
     fp8_gemv: [[CudaFunction; 5]; 2],
     fp8_gemv_grouped: [CudaFunction; 5],
     fp8_gemv_multi: CudaFunction,
+    /// The one-chunk kernels: plain, grouped, merged (`fp8_takes_one_chunk`).
+    fp8_m1c: [CudaFunction; 3],
+    /// Whether one-token FP8 launches take them (DSPARK_FP8_ONE_CHUNK=1 at load; off by default).
+    fp8_one_chunk: bool,
     fp8_tc: [CudaFunction; 2],
     fp4_gate_up: CudaFunction,
     fp4_down: CudaFunction,
@@ -798,6 +831,12 @@ impl Kernels {
             ],
             fp8_gemv_grouped: fp8_fns("dsk_fp8_gemv_grouped_xf32")?,
             fp8_gemv_multi: f(&fp8, "dsk_fp8_gemv_multi_xf32_m1")?,
+            fp8_m1c: [
+                f(&fp8, "dsk_fp8_gemv_xf32_m1c")?,
+                f(&fp8, "dsk_fp8_gemv_grouped_xf32_m1c")?,
+                f(&fp8, "dsk_fp8_gemv_multi_xf32_m1c")?,
+            ],
+            fp8_one_chunk: std::env::var("DSPARK_FP8_ONE_CHUNK").is_ok_and(|v| v.trim() == "1"),
             fp8_tc: [
                 f(&fp8, "dsk_fp8_gemm_tc_xbf16_n8")?,
                 f(&fp8, "dsk_fp8_gemm_tc_xbf16_n16")?,
@@ -951,6 +990,26 @@ impl Kernels {
         self.indexer_f16 = on;
     }
 
+    /// Whether one-token FP8 GEMVs take the one-chunk kernels (DSPARK_FP8_ONE_CHUNK at load).
+    pub fn fp8_one_chunk(&self) -> bool {
+        self.fp8_one_chunk
+    }
+
+    /// Overrides DSPARK_FP8_ONE_CHUNK for later launches (A/B timing and tests in one process).
+    pub fn set_fp8_one_chunk(&mut self, on: bool) {
+        self.fp8_one_chunk = on;
+    }
+
+    /// The K split FP8 CUDA-core launches of an `[n, k]` matrix take: [`fp8_ksplit`], or
+    /// [`fp8_ksplit_one_chunk`] while the one-chunk kernels are on (at every m).
+    pub fn fp8_split(&self, n: usize, k: usize) -> usize {
+        if self.fp8_one_chunk {
+            fp8_ksplit_one_chunk(k)
+        } else {
+            fp8_ksplit(n, k, self.sms)
+        }
+    }
+
     /// Which block form many-token top-k selects take (DSPARK_TOPK_BLOCK at load).
     pub fn topk_block_choice(&self) -> attention::TopKBlockChoice {
         self.topk_block
@@ -1035,9 +1094,17 @@ impl Kernels {
         }
         let bucket = fp8_m_bucket(a.m).ok_or_else(|| KernelError::invalid(K, "m out of range"))?;
         let mi = FP8_M_BUCKETS.iter().position(|&b| b == bucket).unwrap_or(0);
-        let func = &self.fp8_gemv[usize::from(a.x_dtype == ActDtype::F32)][mi];
-        let ks = fp8_ksplit(a.n, a.k, self.sms);
-        let blocks = a.n.div_ceil(2).div_ceil(FP8_WARPS / ks);
+        let ks = self.fp8_split(a.n, a.k);
+        let one_chunk = fp8_takes_one_chunk(self.fp8_one_chunk, a.m, a.k, ks)
+            && a.x_dtype == ActDtype::F32
+            && a.out_dtype == OutDtype::F32;
+        // The one-chunk kernel takes the same parameters.
+        let func = if one_chunk {
+            &self.fp8_m1c[0]
+        } else {
+            &self.fp8_gemv[usize::from(a.x_dtype == ActDtype::F32)][mi]
+        };
+        let blocks = fp8_gemv_blocks(a.n, ks, one_chunk);
         let ks = ks as i32;
         let cfg = LaunchConfig {
             grid_dim: (u32_grid(K, blocks)?, 1, 1),
@@ -1072,12 +1139,12 @@ impl Kernels {
         stream: &CudaStream,
         a: &Fp8GroupedGemv,
     ) -> Result<(), KernelError> {
-        self.fp8_gemv_grouped_ksplit(stream, a, fp8_ksplit(a.n, a.k, self.sms))
+        self.fp8_gemv_grouped_ksplit(stream, a, self.fp8_split(a.n, a.k))
     }
 
-    /// `fp8_gemv_grouped` with an explicit K split (1, 2, 4 or 8 warps per row pair): with
-    /// `fp8_ksplit(group_rows, k, sms)` every output is bit-identical to a plain `fp8_gemv` of
-    /// its group alone (checks, benchmarks).
+    /// `fp8_gemv_grouped` with an explicit K split (1, 2, 4 or 8 warps per row set): with the
+    /// split a group's own launch takes (`self.fp8_split(group_rows, k)`) every output is
+    /// bit-identical to a plain `fp8_gemv` of its group alone (checks, benchmarks).
     ///
     /// # Safety
     /// As `fp8_gemv_grouped`.
@@ -1097,8 +1164,14 @@ impl Kernels {
         }
         let bucket = fp8_m_bucket(a.m).ok_or_else(|| KernelError::invalid(K, "m out of range"))?;
         let mi = FP8_M_BUCKETS.iter().position(|&b| b == bucket).unwrap_or(0);
-        let func = &self.fp8_gemv_grouped[mi];
-        let blocks = a.n.div_ceil(2).div_ceil(FP8_WARPS / ksplit);
+        // The one-chunk kernel takes the same parameters.
+        let one_chunk = fp8_takes_one_chunk(self.fp8_one_chunk, a.m, a.k, ksplit);
+        let func = if one_chunk {
+            &self.fp8_m1c[1]
+        } else {
+            &self.fp8_gemv_grouped[mi]
+        };
+        let blocks = fp8_gemv_blocks(a.n, ksplit, one_chunk);
         let (m, n, k, ks, group_rows) = (
             i32_arg(K, "m", a.m)?,
             i32_arg(K, "n", a.n)?,
@@ -1754,6 +1827,24 @@ mod tests {
         assert_eq!(fp8_ksplit(1024, 4096, 132), 8);
         // Never split past one 16-byte chunk per lane: k = 1024 has 64 chunks -> at most 2 warps.
         assert_eq!(fp8_ksplit(2, 1024, 132), 2);
+        // The one-chunk split: every lane one chunk of a row (k = 1024: 2 warps; 4096: 8), k alone.
+        assert_eq!(fp8_ksplit_one_chunk(1024), 2);
+        assert_eq!(fp8_ksplit_one_chunk(4096), 8);
+        assert_eq!(fp8_ksplit_one_chunk(2048), 4);
+        assert_eq!(fp8_ksplit_one_chunk(512), 1);
+        assert_eq!(fp8_ksplit_one_chunk(128), 1);
+        assert_eq!(fp8_ksplit_one_chunk(16_384), 8);
+        // One token, on, one chunk a lane: four rows a warp; otherwise the two-row kernels.
+        assert!(fp8_takes_one_chunk(true, 1, 4096, 8));
+        assert!(fp8_takes_one_chunk(true, 1, 1040, 4));
+        assert!(!fp8_takes_one_chunk(false, 1, 4096, 8));
+        assert!(!fp8_takes_one_chunk(true, 2, 4096, 8));
+        assert!(!fp8_takes_one_chunk(true, 1, 1024, 1));
+        assert!(!fp8_takes_one_chunk(true, 1, 8192, 8));
+        assert_eq!(fp8_gemv_blocks(16_384, 2, true), 1024);
+        assert_eq!(fp8_gemv_blocks(16_384, 1, false), 1024);
+        assert_eq!(fp8_gemv_blocks(6, 8, true), 2);
+        assert_eq!(fp8_gemv_blocks(1024, 8, false), 512);
         assert!(fp8_tensor_core_fits(&gemv(16, 4096, 1024)));
         assert!(!fp8_tensor_core_fits(&gemv(4, 4096, 1040)));
         assert!(!fp8_tensor_core_fits(&Fp8Gemv {

@@ -18,7 +18,7 @@ use std::sync::Mutex;
 
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
-use dspark_kernels::launch::fp8_ksplit;
+use dspark_kernels::launch::{fp8_ksplit, fp8_ksplit_one_chunk};
 use dspark_kernels::reference::{fp8_gemv, rel_err};
 use dspark_kernels::{ActDtype, Fp8Gemv, Fp8GroupedGemv, Fp8Path, OutDtype};
 
@@ -160,6 +160,38 @@ fn f64s(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| f64::from(x)).collect()
 }
 
+/// Group g alone through the plain CUDA-core kernel (on its slice of W and S and a copy of its
+/// inputs), and the f64 reference of that group.
+fn plain_group(
+    gpu: &Gpu,
+    c: &Case,
+    d: &Data,
+    (wb, sb): (&CudaSlice<u8>, &CudaSlice<u8>),
+    g: usize,
+) -> (Vec<f32>, Vec<f64>) {
+    let (wrows, srows) = (c.rows * c.k, c.rows / 128 * c.kb());
+    let xg = group_x(c, d, g);
+    let wg = &d.w[g * wrows..(g + 1) * wrows];
+    let sg = &d.s[g * srows..(g + 1) * srows];
+    let reference = fp8_gemv(wg, sg, &xg, c.m, c.rows, c.k);
+    let xgb = gpu.up(&xg);
+    let outg = gpu.up(&vec![f32::NAN; c.m * c.rows]);
+    let a = Fp8Gemv {
+        weight: gpu.ptr(wb) + (g * wrows) as u64,
+        scale: gpu.ptr(sb) + (g * srows) as u64,
+        x: gpu.ptr(&xgb),
+        x_dtype: ActDtype::F32,
+        out: gpu.ptr(&outg),
+        out_dtype: OutDtype::F32,
+        m: c.m,
+        n: c.rows,
+        k: c.k,
+    };
+    // SAFETY: group g's rows of W/S, x [m, k] and out [m, rows] as allocated above.
+    unsafe { gpu.k.fp8_gemv_path(&gpu.s, &a, Fp8Path::CudaCore) }.unwrap();
+    (gpu.down(&outg), reference)
+}
+
 fn check_case(gpu: &Gpu, c: Case, seed: u64) {
     let d = data(&c, seed);
     let (wb, sb, xb) = (gpu.up(&d.w), gpu.up(&d.s), gpu.up(&d.x));
@@ -167,30 +199,9 @@ fn check_case(gpu: &Gpu, c: Case, seed: u64) {
     let auto_split = fp8_ksplit(c.n(), c.k, gpu.k.multiprocessors());
     let grouped_auto = run_grouped(gpu, &c, &wb, &sb, &xb, None);
     let grouped_same = run_grouped(gpu, &c, &wb, &sb, &xb, Some(per_group_split));
-    let (wrows, srows) = (c.rows * c.k, c.rows / 128 * c.kb());
     for g in 0..c.groups {
-        let xg = group_x(&c, &d, g);
-        let wg = &d.w[g * wrows..(g + 1) * wrows];
-        let sg = &d.s[g * srows..(g + 1) * srows];
-        let reference = fp8_gemv(wg, sg, &xg, c.m, c.rows, c.k);
-
-        // Today's path: the plain kernel on this group's slice of W and S and a copy of its inputs.
-        let xgb = gpu.up(&xg);
-        let outg = gpu.up(&vec![f32::NAN; c.m * c.rows]);
-        let a = Fp8Gemv {
-            weight: gpu.ptr(&wb) + (g * wrows) as u64,
-            scale: gpu.ptr(&sb) + (g * srows) as u64,
-            x: gpu.ptr(&xgb),
-            x_dtype: ActDtype::F32,
-            out: gpu.ptr(&outg),
-            out_dtype: OutDtype::F32,
-            m: c.m,
-            n: c.rows,
-            k: c.k,
-        };
-        // SAFETY: group g's rows of W/S, x [m, k] and out [m, rows] as allocated above.
-        unsafe { gpu.k.fp8_gemv_path(&gpu.s, &a, Fp8Path::CudaCore) }.unwrap();
-        let plain = gpu.down(&outg);
+        // Today's path: the plain kernel on this group alone.
+        let (plain, reference) = plain_group(gpu, &c, &d, (&wb, &sb), g);
 
         let auto_g = group_cols(&c, &grouped_auto, g);
         let same_g = group_cols(&c, &grouped_same, g);
@@ -230,6 +241,72 @@ fn check_case(gpu: &Gpu, c: Case, seed: u64) {
                 plain.len()
             );
         }
+    }
+}
+
+/// The one-chunk kernels (`Kernels::set_fp8_one_chunk`: one token, four rows a warp, every lane
+/// at most one chunk of a row) against the two-row kernels at the same split: the same bits,
+/// grouped and plain; and the reference tolerance.
+#[test]
+fn fp8_one_chunk_kernels_give_the_two_row_kernels_bits() {
+    let _lock = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut gpu) = gpu("fp8_one_chunk_kernels_give_the_two_row_kernels_bits") else {
+        return;
+    };
+    // wo_a at TP=2 (4 x [1024, 4096]), wq_b's K (1024: two warps a row set), and a K whose
+    // last lanes have no chunk (65 chunks over 128 lanes); NaN gaps between the groups' inputs.
+    let cases = [
+        Case {
+            groups: 4,
+            rows: 1024,
+            k: 4096,
+            m: 1,
+            gap: 0,
+        },
+        Case {
+            groups: 4,
+            rows: 256,
+            k: 1024,
+            m: 1,
+            gap: 16,
+        },
+        Case {
+            groups: 2,
+            rows: 256,
+            k: 1040,
+            m: 1,
+            gap: 4,
+        },
+    ];
+    for (i, c) in cases.into_iter().enumerate() {
+        let d = data(&c, 0x1c4a_0000 + i as u64);
+        let (wb, sb, xb) = (gpu.up(&d.w), gpu.up(&d.s), gpu.up(&d.x));
+        let ks = fp8_ksplit_one_chunk(c.k);
+        gpu.k.set_fp8_one_chunk(false);
+        let two_row = run_grouped(&gpu, &c, &wb, &sb, &xb, Some(ks));
+        gpu.k.set_fp8_one_chunk(true);
+        assert_eq!(gpu.k.fp8_split(c.n(), c.k), ks);
+        let one_chunk = run_grouped(&gpu, &c, &wb, &sb, &xb, None);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&one_chunk),
+            bits(&two_row),
+            "{c:?}: grouped, one-chunk against two-row"
+        );
+        for g in 0..c.groups {
+            // The plain kernel, on the one-chunk kernel too now.
+            let (plain, reference) = plain_group(&gpu, &c, &d, (&wb, &sb), g);
+            let grouped = group_cols(&c, &one_chunk, g);
+            assert_eq!(
+                bits(&plain),
+                bits(&grouped),
+                "{c:?} group {g}: plain one-chunk kernel"
+            );
+            let e = rel_err(&f64s(&plain), &reference);
+            assert!(e < TOL, "{c:?} group {g}: one-chunk rel err {e}");
+        }
+        gpu.k.set_fp8_one_chunk(false);
+        eprintln!("{c:?}: one-chunk kernels at ksplit {ks}: the two-row kernels' bits");
     }
 }
 

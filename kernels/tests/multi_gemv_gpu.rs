@@ -1,8 +1,9 @@
 //! GPU check of the merged one-row GEMV (`gemv_multi`): each segment's output must carry exactly
 //! the bits of its own single-matrix launch (`fp8_gemv` / `bf16_gemv` with m = 1), at the decode
 //! projections it merges (V4-Flash's q LoRA + latent KV in FP8, the compressor and indexer rows in
-//! bf16, at TP=1 and TP=2 row counts) and odd small shapes; and stay near an f64 reference.
-//! Skips (passes with a SKIP line) where there is no GPU.
+//! bf16, at TP=1 and TP=2 row counts) and odd small shapes; and stay near an f64 reference. The
+//! FP8 cases run again on the one-chunk kernels (`Kernels::set_fp8_one_chunk`), merged and single
+//! alike. Skips (passes with a SKIP line) where there is no GPU.
 
 use dspark_kernels::launch::multi_gemv::{GemvSegment, SegmentWeights};
 use dspark_kernels::{ActDtype, Bf16Gemv, Fp8Gemv, OutDtype};
@@ -156,6 +157,22 @@ fn merged_gemv_segments_equal_their_own_launches() {
     bf16_case(&g, &mut rng, &[1024, 1024, 256, 256, 64], 4096);
     bf16_case(&g, &mut rng, &[512, 512], 4096);
     bf16_case(&g, &mut rng, &[3, 5, 1, 9], 24);
+}
+
+#[test]
+fn merged_gemv_on_the_one_chunk_kernels_equals_their_own_launches() {
+    let Some(mut g) = gpu("merged_gemv_on_the_one_chunk_kernels_equals_their_own_launches") else {
+        return;
+    };
+    g.k.set_fp8_one_chunk(true);
+    let mut rng = Rng(0x1c4a_0001);
+    fp8_case(&g, &mut rng, &[1024, 512], 4096);
+    fp8_case(&g, &mut rng, &[16384, 4096], 1024);
+    fp8_case(&g, &mut rng, &[2048, 2048], 4096);
+    // Rows that leave a warp's four partly past the end; k = 48: one lane in 32 with a chunk.
+    fp8_case(&g, &mut rng, &[2, 130, 7, 256, 1, 128, 3, 64], 48);
+    // k = 8192: more chunks than 8 x 32 lanes, so the two-row kernels at the one-chunk split.
+    fp8_case(&g, &mut rng, &[512, 256], 8192);
 }
 
 #[test]

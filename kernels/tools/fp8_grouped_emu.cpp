@@ -2,7 +2,8 @@
 // __syncthreads and warp shuffles), checking the grouped entry points on a machine without a GPU
 // (tests/fp8_grouped_gpu.rs runs the same checks on the device): the grouped kernel against an
 // f64 reference per group, bit-exact against the plain kernel run per group at the same K split,
-// and nothing written outside out's n columns. The tensor-core part (PTX asm) is cut off first:
+// and nothing written outside out's n columns; at one token with one chunk a lane the one-chunk
+// kernels (_m1c, four rows a warp) too, bit-exact against the two-row ones. The tensor-core part (PTX asm) is cut off first:
 //   sed '/Tensor-core variant/,$d' kernels/fp8_gemv.cu > /tmp/fp8_gemv_cc.cu &&
 //   g++ -std=c++20 -O2 -pthread -w -DFP8_SRC='"/tmp/fp8_gemv_cc.cu"' \
 //       -o /tmp/fp8_grouped_emu kernels/tools/fp8_grouped_emu.cpp && /tmp/fp8_grouped_emu
@@ -52,6 +53,15 @@ void run_case(int groups, int rows, int K, int M, int gap, int ks, unsigned long
     for (int m = 0; m < M; ++m) for (long c = N; c < ld_out; ++c) out[m * ld_out + c] = -12345.f;
     const int blocks = (N / 2 + (FP8_WARPS / ks) - 1) / (FP8_WARPS / ks);
     launch(blocks, 256, [&] { grouped_fns[bucket(M)](W.data(), S.data(), x.data(), out.data(), M, N, K, ks, rows, stride, ld_x, ld_out); });
+    // The one-chunk kernels (one token, every lane at most one chunk of a row; four rows a warp),
+    // run here at the same split: the two-row kernels' bits, called with the same parameters.
+    const bool one_chunk = M == 1 && K / 16 <= 32 * ks;
+    std::vector<float> outc(M * ld_out, NAN);
+    if (one_chunk) {
+        for (long c = N; c < ld_out; ++c) outc[c] = -12345.f;
+        const int cblocks = ((N + 3) / 4 + (FP8_WARPS / ks) - 1) / (FP8_WARPS / ks);
+        launch(cblocks, 256, [&] { dsk_fp8_gemv_grouped_xf32_m1c(W.data(), S.data(), x.data(), outc.data(), M, N, K, ks, rows, stride, ld_x, ld_out); });
+    }
     double worst = 0; long differ = 0;
     for (int g = 0; g < groups; ++g) {
         std::vector<float> xg((size_t)M * K), og((size_t)M * rows, NAN);
@@ -59,6 +69,15 @@ void run_case(int groups, int rows, int K, int M, int gap, int ks, unsigned long
         const unsigned char *Wg = &W[(size_t)g * rows * K], *Sg = &S[(size_t)g * rows / 128 * KB];
         const int pblocks = (rows / 2 + (FP8_WARPS / ks) - 1) / (FP8_WARPS / ks);
         launch(pblocks, 256, [&] { plain_fns[bucket(M)](Wg, Sg, xg.data(), og.data(), 0, M, rows, K, ks); });
+        if (one_chunk) {
+            std::vector<float> ogc((size_t)rows, NAN);
+            const int cblocks = ((rows + 3) / 4 + (FP8_WARPS / ks) - 1) / (FP8_WARPS / ks);
+            launch(cblocks, 256, [&] { dsk_fp8_gemv_xf32_m1c(Wg, Sg, xg.data(), ogc.data(), 0, M, rows, K, ks); });
+            for (int r = 0; r < rows; ++r) {
+                if (emu_float_bits(ogc[r]) != emu_float_bits(og[r])) differ++;
+                if (emu_float_bits(outc[(long)g * rows + r]) != emu_float_bits(og[r])) differ++;
+            }
+        }
         double num = 0, den = 0;
         for (int m = 0; m < M; ++m) for (int r = 0; r < rows; ++r) {
             double ref = 0;
@@ -72,10 +91,12 @@ void run_case(int groups, int rows, int K, int M, int gap, int ks, unsigned long
     }
     long pad_bad = 0;
     for (int m = 0; m < M; ++m) for (long c = N; c < ld_out; ++c) if (out[m * ld_out + c] != -12345.f) pad_bad++;
+    if (one_chunk)
+        for (long c = N; c < ld_out; ++c) if (outc[c] != -12345.f) pad_bad++;
     bool ok = worst < 1e-5 && differ == 0 && pad_bad == 0;
     if (!ok) fails++;
-    printf("%s groups %d x [%d, %d] M %d gap %d ksplit %d: max rel err %.2e, %ld bits differ from plain, %ld pad writes\n",
-           ok ? "ok  " : "FAIL", groups, rows, K, M, gap, ks, worst, differ, pad_bad);
+    printf("%s groups %d x [%d, %d] M %d gap %d ksplit %d%s: max rel err %.2e, %ld bits differ from plain, %ld pad writes\n",
+           ok ? "ok  " : "FAIL", groups, rows, K, M, gap, ks, one_chunk ? " (and one-chunk)" : "", worst, differ, pad_bad);
 }
 
 int main() {
@@ -84,6 +105,8 @@ int main() {
     run_case(2, 128, 256, 3, 0, 1, 7);
     run_case(2, 256, 272, 4, 4, 1, 8);   // k not a multiple of 128: ceil scale grid
     run_case(4, 128, 4096, 1, 0, 8, 9);  // wo_a's k, per-group split of 1024-row groups
+    run_case(2, 128, 1024, 1, 8, 2, 10); // k = 1024 split in two: one chunk a lane
+    run_case(2, 256, 1040, 1, 4, 4, 12); // 65 chunks over 128 lanes, the last lanes without one
     printf(fails ? "%d FAILED\n" : "all passed\n", fails);
     return fails ? 1 : 0;
 }

@@ -7,9 +7,9 @@
 //                  cluster plan launch/skinny_mma.rs makes;
 //   plans: the f16 skinny GEMM at 16 tokens on every plan (64/128-row blocks, clusters of 1-8)
 //          whose shared memory fits, beside the floor with a cluster's two barriers;
-//   gemv: the one-token GEMV against k_gemv2 below (four or eight rows a warp, every weight
-//         load before the wait), each variant checked bit for bit against the GEMV at the
-//         same K split;
+//   gemv: the one-token GEMV against the tree's one-chunk kernel (dsk_fp8_gemv_xf32_m1c) and the
+//         k_gemv2 prototypes below (two, four or eight rows a warp, every weight load before the
+//         wait), each prototype checked bit for bit against the GEMV at the same K split;
 //   early: the f16 skinny GEMM at 16 tokens with 8 (the kernel's), 4, 2 or 0 spans' weight
 //          loads before the PDL wait and the rest after the activations' (skf_body's EARLY),
 //          each checked bit for bit against the kernel. docs/PERFORMANCE.md (session 34) has the figures and what they did in a
@@ -319,6 +319,21 @@ int main(int argc, char **argv) {
                          }});
         if (gemv) {
             const int C = sh.k / 16;
+            {
+                // The tree's one-chunk kernel (fp8_gemv.cu, DSPARK_FP8_ONE_CHUNK=1) at its split.
+                int k1 = 1;
+                while (k1 < 8 && 32 * k1 < C) k1 *= 2;
+                const int blocks = ((sh.n + 3) / 4 + 8 / k1 - 1) / (8 / k1);
+                cases.push_back({"m1c (tree) ks" + std::to_string(k1) + " b" + std::to_string(blocks),
+                                 [&, k1, blocks](const Ctx &c, int i, bool pdl) {
+                                     const unsigned char *w = c.w + i * c.wbytes, *s = c.sc + i * c.sbytes;
+                                     const void *x = c.x;
+                                     void *o = c.out + (long)i * 16 * 16384;
+                                     int ob = 0, M = 1, N = sh.n, K = sh.k, kk = k1;
+                                     void *args[] = {&w, &s, &x, &o, &ob, &M, &N, &K, &kk};
+                                     launch_ex(c, pdl, (const void *)dsk_fp8_gemv_xf32_m1c, dim3(blocks), dim3(256), 0, 1, args);
+                                 }});
+            }
             for (int rpw : {2, 4, 8})
                 for (int k2 : {1, 2, 4, 8}) {
                     if (C % (32 * k2)) continue;

@@ -10,7 +10,10 @@ use cudarc::driver::{CudaStream, LaunchConfig};
 
 use super::dense_gemv::{bf16_ksplit, gemv_blocks};
 use super::submit::{KernelArg, SubmitKernel};
-use super::{aligned16, fp8_ksplit, i32_arg, nonnull, u32_grid, Kernels, FP8_WARPS};
+use super::{
+    aligned16, fp8_gemv_blocks, fp8_ksplit, fp8_ksplit_one_chunk, fp8_takes_one_chunk, i32_arg,
+    nonnull, u32_grid, Kernels,
+};
 use crate::error::KernelError;
 
 /// Most matrices one launch takes (`DSK_GEMV_SEGMENTS` in common.cuh).
@@ -52,13 +55,15 @@ struct SegmentTable {
 impl KernelArg for SegmentTable {}
 
 /// The table and grid of a merged launch, checked: `k` a multiple of 16 (FP8) or 8 (bf16), every
-/// segment non-empty with 16-byte aligned weights, at most [`GEMV_MAX_SEGMENTS`] of them.
+/// segment non-empty with 16-byte aligned weights, at most [`GEMV_MAX_SEGMENTS`] of them. FP8
+/// segments split as their own launches would, with the one-chunk kernels `fp8_one_chunk` or not.
 fn segment_table(
     kind: SegmentWeights,
     segs: &[GemvSegment],
     x: CUdeviceptr,
     k: usize,
     sms: usize,
+    fp8_one_chunk: bool,
 ) -> Result<(SegmentTable, usize), KernelError> {
     const K: &str = "gemv_multi";
     let chunk = match kind {
@@ -89,8 +94,13 @@ fn segment_table(
         let (ks, b) = match kind {
             SegmentWeights::Fp8 => {
                 nonnull(K, &[("scale", g.scale)])?;
-                let ks = fp8_ksplit(g.rows, k, sms);
-                (ks, g.rows.div_ceil(2).div_ceil(FP8_WARPS / ks))
+                let ks = if fp8_one_chunk {
+                    fp8_ksplit_one_chunk(k)
+                } else {
+                    fp8_ksplit(g.rows, k, sms)
+                };
+                let one = fp8_takes_one_chunk(fp8_one_chunk, 1, k, ks);
+                (ks, fp8_gemv_blocks(g.rows, ks, one))
             }
             SegmentWeights::Bf16 => {
                 let ks = bf16_ksplit(g.rows, k, sms);
@@ -128,13 +138,16 @@ impl Kernels {
         k: usize,
     ) -> Result<(), KernelError> {
         const K: &str = "gemv_multi";
-        let (table, blocks) = segment_table(kind, segs, x, k, self.sms)?;
+        let (table, blocks) = segment_table(kind, segs, x, k, self.sms, self.fp8_one_chunk)?;
         let cfg = LaunchConfig {
             grid_dim: (u32_grid(K, blocks)?, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
+        // With the one-chunk kernels on, every segment of this k splits alike (k alone decides).
+        let one_chunk = fp8_takes_one_chunk(self.fp8_one_chunk, 1, k, fp8_ksplit_one_chunk(k));
         let func = match kind {
+            SegmentWeights::Fp8 if one_chunk => &self.fp8_m1c[2],
             SegmentWeights::Fp8 => &self.fp8_gemv_multi,
             SegmentWeights::Bf16 => &self.dense_gemv.gemv_multi,
         };
@@ -154,6 +167,15 @@ impl Kernels {
 mod tests {
     use super::*;
 
+    /// The table of `segs` at k = 4096 on 132 SMs.
+    fn table(
+        kind: SegmentWeights,
+        segs: &[GemvSegment],
+        fp8_one_chunk: bool,
+    ) -> Result<(SegmentTable, usize), KernelError> {
+        segment_table(kind, segs, 4096, 4096, 132, fp8_one_chunk)
+    }
+
     fn seg(rows: usize) -> GemvSegment {
         GemvSegment {
             weight: 256,
@@ -167,41 +189,44 @@ mod tests {
     fn table_matches_the_c_layout_and_single_launch_splits() {
         // Three u64 arrays, three i32 arrays and the count, padded to 8 bytes as in C.
         assert_eq!(std::mem::size_of::<SegmentTable>(), 8 * 24 + 4 * 24 + 8);
-        let (t, blocks) =
-            segment_table(SegmentWeights::Fp8, &[seg(1024), seg(512)], 4096, 4096, 132).unwrap();
+        let (t, blocks) = table(SegmentWeights::Fp8, &[seg(1024), seg(512)], false).unwrap();
         assert_eq!(t.count, 2);
         // Each segment's split and block count are those of its own launch.
         let ks0 = fp8_ksplit(1024, 4096, 132);
-        let b0 = 1024usize.div_ceil(2).div_ceil(FP8_WARPS / ks0);
+        let b0 = fp8_gemv_blocks(1024, ks0, false);
         let ks1 = fp8_ksplit(512, 4096, 132);
-        let b1 = 512usize.div_ceil(2).div_ceil(FP8_WARPS / ks1);
+        let b1 = fp8_gemv_blocks(512, ks1, false);
         assert_eq!((t.ksplit[0], t.ksplit[1]), (ks0 as i32, ks1 as i32));
         assert_eq!(
             (t.block_end[0], t.block_end[1]),
             (b0 as i32, (b0 + b1) as i32)
         );
         assert_eq!(blocks, b0 + b1);
-        let (t, _) =
-            segment_table(SegmentWeights::Bf16, &[seg(64), seg(8192)], 4096, 4096, 132).unwrap();
+        let (t, _) = table(SegmentWeights::Bf16, &[seg(64), seg(8192)], false).unwrap();
         assert_eq!(t.ksplit[1], bf16_ksplit(8192, 4096, 132) as i32);
+        // With the one-chunk kernels on: the split of k alone, four rows a warp.
+        let (t, blocks) = table(SegmentWeights::Fp8, &[seg(1024), seg(512)], true).unwrap();
+        assert_eq!((t.ksplit[0], t.ksplit[1]), (8, 8));
+        assert_eq!((t.block_end[0], t.block_end[1]), (256, 384));
+        assert_eq!(blocks, 384);
     }
 
     #[test]
     fn bad_tables_are_refused() {
         let ok = [seg(128)];
-        assert!(segment_table(SegmentWeights::Fp8, &[], 4096, 4096, 132).is_err());
-        assert!(segment_table(SegmentWeights::Fp8, &[seg(1); 9], 4096, 4096, 132).is_err());
-        assert!(segment_table(SegmentWeights::Fp8, &ok, 4096, 4104, 132).is_err());
-        assert!(segment_table(SegmentWeights::Bf16, &ok, 4096, 4100, 132).is_err());
-        assert!(segment_table(SegmentWeights::Fp8, &[seg(0)], 4096, 4096, 132).is_err());
-        assert!(segment_table(SegmentWeights::Fp8, &ok, 0, 4096, 132).is_err());
+        assert!(table(SegmentWeights::Fp8, &[], false).is_err());
+        assert!(table(SegmentWeights::Fp8, &[seg(1); 9], false).is_err());
+        assert!(segment_table(SegmentWeights::Fp8, &ok, 4096, 4104, 132, false).is_err());
+        assert!(segment_table(SegmentWeights::Bf16, &ok, 4096, 4100, 132, false).is_err());
+        assert!(table(SegmentWeights::Fp8, &[seg(0)], false).is_err());
+        assert!(segment_table(SegmentWeights::Fp8, &ok, 0, 4096, 132, false).is_err());
         let unscaled = GemvSegment { scale: 0, ..seg(8) };
-        assert!(segment_table(SegmentWeights::Fp8, &[unscaled], 4096, 4096, 132).is_err());
-        assert!(segment_table(SegmentWeights::Bf16, &[unscaled], 4096, 4096, 132).is_ok());
+        assert!(table(SegmentWeights::Fp8, &[unscaled], false).is_err());
+        assert!(table(SegmentWeights::Bf16, &[unscaled], false).is_ok());
         let misaligned = GemvSegment {
             weight: 8,
             ..seg(8)
         };
-        assert!(segment_table(SegmentWeights::Bf16, &[misaligned], 4096, 4096, 132).is_err());
+        assert!(table(SegmentWeights::Bf16, &[misaligned], false).is_err());
     }
 }
