@@ -7,9 +7,9 @@
 //                  cluster plan launch/skinny_mma.rs makes;
 //   plans: the f16 skinny GEMM at 16 tokens on every plan (64/128-row blocks, clusters of 1-8)
 //          whose shared memory fits, beside the floor with a cluster's two barriers;
-//   gemv: the one-token GEMV against the tree's one-chunk kernel (dsk_fp8_gemv_xf32_m1c) and the
-//         k_gemv2 prototypes below (two, four or eight rows a warp, every weight load before the
-//         wait), each prototype checked bit for bit against the GEMV at the same K split;
+//   gemv: the one-token GEMV at its split and at the one-chunk split, against the one-chunk
+//         kernel (dsk_fp8_gemv_xf32_m1c, four rows a warp, DSPARK_FP8_ONE_CHUNK=1) checked bit
+//         for bit against the two-row kernel at that split;
 //   early: the f16 skinny GEMM at 16 tokens with 8 (the kernel's), 4, 2 or 0 spans' weight
 //          loads before the PDL wait and the rest after the activations' (skf_body's EARLY),
 //          each checked bit for bit against the kernel. docs/PERFORMANCE.md (session 34) has the figures and what they did in a
@@ -58,81 +58,6 @@ __global__ void k_fill(unsigned char *p, long n, unsigned int seed) {
         unsigned char b = (unsigned char)h;
         if ((b & 0x7f) == 0x7f) b ^= 1;
         p[i] = b;
-    }
-}
-
-// The GEMV with RPW rows a warp and every weight load of a lane (NJ chunks a row) issued before
-// the wait; each row's arithmetic (chunk order, warp sum, ksplit partials) is fp8_gemv_body's.
-template <int RPW, int NJ>
-__global__ void __launch_bounds__(256) k_gemv2(const unsigned char *__restrict__ W, const unsigned char *__restrict__ S,
-                                               const float *__restrict__ x, float *__restrict__ out, int N, int K,
-                                               int ksplit) {
-    __shared__ float red[8][RPW];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int sets_per_block = 8 / ksplit;
-    const int set = warp / ksplit, kpart = warp % ksplit;
-    const int r0 = (blockIdx.x * sets_per_block + set) * RPW;
-    const int C = K >> 4, KB = (K + 127) >> 7;
-    const unsigned char *w[RPW];
-    const unsigned char *s[RPW];
-#pragma unroll
-    for (int r = 0; r < RPW; ++r) {
-        const int rc = min(r0 + r, N - 1);
-        w[r] = W + (long)rc * K;
-        s[r] = S + (long)(rc >> 7) * KB;
-    }
-    const int cstep = 32 * ksplit, c0 = kpart * 32 + lane;
-    uint4 q[NJ][RPW];
-#pragma unroll
-    for (int j = 0; j < NJ; ++j)
-#pragma unroll
-        for (int r = 0; r < RPW; ++r) q[j][r] = c0 + j * cstep < C ? dsk_ld_stream16(w[r] + (c0 + j * cstep) * 16) : make_uint4(0, 0, 0, 0);
-    dsk_pdl_entry();
-    float acc[RPW];
-#pragma unroll
-    for (int r = 0; r < RPW; ++r) acc[r] = 0.f;
-#pragma unroll
-    for (int j = 0; j < NJ; ++j) {
-        const int c = c0 + j * cstep;
-        if (c < C) {
-            float xf[16];
-            XLoadF32<1>::load(x, K, 0, c, xf);
-#pragma unroll
-            for (int r = 0; r < RPW; ++r) {
-                const float sc = dsk_e8m0_to_f32(s[r][c >> 3]);
-                float f[16];
-                fp8_decode16(q[j][r], f);
-                float pr = 0.f;
-#pragma unroll
-                for (int e = 0; e < 16; ++e) pr = fmaf(f[e], xf[e], pr);
-                acc[r] = fmaf(sc, pr, acc[r]);
-            }
-        }
-    }
-#pragma unroll
-    for (int r = 0; r < RPW; ++r) acc[r] = dsk_warp_sum(acc[r]);
-    if (lane == 0) {
-#pragma unroll
-        for (int r = 0; r < RPW; ++r) red[warp][r] = acc[r];
-    }
-    __syncthreads();
-    if (kpart == 0 && lane < RPW) {
-        const int row = r0 + lane;
-        if (row < N) {
-            float v = 0.f;
-            for (int q2 = 0; q2 < ksplit; ++q2) v += red[warp + q2][lane];
-            out[row] = v;
-        }
-    }
-}
-
-template <int RPW> static const void *gemv2_fn(int nj) {
-    switch (nj) {
-    case 1: return (const void *)k_gemv2<RPW, 1>;
-    case 2: return (const void *)k_gemv2<RPW, 2>;
-    case 4: return (const void *)k_gemv2<RPW, 4>;
-    case 8: return (const void *)k_gemv2<RPW, 8>;
-    default: return nullptr;
     }
 }
 
@@ -307,76 +232,37 @@ int main(int argc, char **argv) {
                              launch_ex(c, pdl, (const void *)k_floor<false>, dim3((unsigned)((n16 + 511) / 512)), dim3(256), 0, 1,
                                        args);
                          }});
-        const int ks = fp8_ksplit(sh.n, sh.k, c.sms);
-        const int gemv_blocks = ((sh.n + 1) / 2 + 8 / ks - 1) / (8 / ks);
-        cases.push_back({"fp8 GEMV m=1 (ks " + std::to_string(ks) + ")", [&, ks, gemv_blocks](const Ctx &c, int i, bool pdl) {
-                             const unsigned char *w = c.w + i * c.wbytes, *s = c.sc + i * c.sbytes;
-                             const void *x = c.x;
-                             void *o = c.out + (long)i * 16 * 16384;
-                             int ob = 0, M = 1, N = sh.n, K = sh.k, k2 = ks;
-                             void *args[] = {&w, &s, &x, &o, &ob, &M, &N, &K, &k2};
-                             launch_ex(c, pdl, (const void *)dsk_fp8_gemv_xf32_m1, dim3(gemv_blocks), dim3(256), 0, 1, args);
-                         }});
+        // The GEMV-shaped kernels (two-row m1, one-chunk m1c) share one parameter list.
+        auto gemv_launch = [&](const void *fn, int ks, int rows_per_warp, int i, float *o, bool pdl) {
+            const unsigned char *w = c.w + i * c.wbytes, *s = c.sc + i * c.sbytes;
+            const void *x = c.x;
+            int ob = 0, M = 1, N = sh.n, K = sh.k, k2 = ks;
+            void *args[] = {&w, &s, &x, &o, &ob, &M, &N, &K, &k2};
+            const int blocks = ((sh.n + rows_per_warp - 1) / rows_per_warp + 8 / ks - 1) / (8 / ks);
+            launch_ex(c, pdl, fn, dim3(blocks), dim3(256), 0, 1, args);
+        };
+        auto gemv_case = [&](const std::string &name, const void *fn, int ks, int rows_per_warp) {
+            cases.push_back({name + " (ks " + std::to_string(ks) + ")",
+                             [&, fn, ks, rows_per_warp](const Ctx &c, int i, bool pdl) {
+                                 gemv_launch(fn, ks, rows_per_warp, i, c.out + (long)i * 16 * 16384, pdl);
+                             }});
+        };
+        gemv_case("fp8 GEMV m=1", (const void *)dsk_fp8_gemv_xf32_m1, fp8_ksplit(sh.n, sh.k, c.sms), 2);
         if (gemv) {
-            const int C = sh.k / 16;
-            {
-                // The tree's one-chunk kernel (fp8_gemv.cu, DSPARK_FP8_ONE_CHUNK=1) at its split.
-                int k1 = 1;
-                while (k1 < 8 && 32 * k1 < C) k1 *= 2;
-                const int blocks = ((sh.n + 3) / 4 + 8 / k1 - 1) / (8 / k1);
-                cases.push_back({"m1c (tree) ks" + std::to_string(k1) + " b" + std::to_string(blocks),
-                                 [&, k1, blocks](const Ctx &c, int i, bool pdl) {
-                                     const unsigned char *w = c.w + i * c.wbytes, *s = c.sc + i * c.sbytes;
-                                     const void *x = c.x;
-                                     void *o = c.out + (long)i * 16 * 16384;
-                                     int ob = 0, M = 1, N = sh.n, K = sh.k, kk = k1;
-                                     void *args[] = {&w, &s, &x, &o, &ob, &M, &N, &K, &kk};
-                                     launch_ex(c, pdl, (const void *)dsk_fp8_gemv_xf32_m1c, dim3(blocks), dim3(256), 0, 1, args);
-                                 }});
-            }
-            for (int rpw : {2, 4, 8})
-                for (int k2 : {1, 2, 4, 8}) {
-                    if (C % (32 * k2)) continue;
-                    const int nj = C / (32 * k2);
-                    if (nj * rpw > 16) continue;
-                    const void *fn = rpw == 2 ? gemv2_fn<2>(nj) : rpw == 4 ? gemv2_fn<4>(nj) : gemv2_fn<8>(nj);
-                    if (!fn) continue;
-                    const int blocks = (sh.n / rpw + 8 / k2 - 1) / (8 / k2);
-                    // Bits against the current GEMV where the split is the same.
-                    std::string tag;
-                    {
-                        const unsigned char *w = c.w, *s = c.sc;
-                        const float *x = c.x;
-                        float *o = c.out + 16L * 16384 * (CHAIN - 1);
-                        int N = sh.n, K = sh.k, kk = k2;
-                        void *args[] = {&w, &s, &x, &o, &N, &K, &kk};
-                        launch_ex(c, false, fn, dim3(blocks), dim3(256), 0, 1, args);
-                        const void *xv = c.x;
-                        float *o2 = c.out + 16L * 16384 * (CHAIN - 2);
-                        int ob = 0, M = 1;
-                        void *args2[] = {&w, &s, &xv, &o2, &ob, &M, &N, &K, &kk};
-                        const int gb = ((sh.n + 1) / 2 + 8 / k2 - 1) / (8 / k2);
-                        launch_ex(c, false, (const void *)dsk_fp8_gemv_xf32_m1, dim3(gb), dim3(256), 0, 1, args2);
-                        CK(cudaStreamSynchronize(c.s));
-                        std::vector<float> a(sh.n), b(sh.n);
-                        CK(cudaMemcpy(a.data(), o, sh.n * 4, cudaMemcpyDeviceToHost));
-                        CK(cudaMemcpy(b.data(), o2, sh.n * 4, cudaMemcpyDeviceToHost));
-                        tag = memcmp(a.data(), b.data(), sh.n * 4) == 0 ? " =bits" : " DIFFERS";
-                        cudaFuncAttributes fa;
-                        CK(cudaFuncGetAttributes(&fa, fn));
-                        tag += " " + std::to_string(fa.numRegs) + "r";
-                    }
-                    cases.push_back({"gemv2 rpw" + std::to_string(rpw) + " ks" + std::to_string(k2) + " nj" + std::to_string(nj) + " b" +
-                                         std::to_string(blocks) + tag,
-                                     [&, fn, blocks, k2](const Ctx &c, int i, bool pdl) {
-                                         const unsigned char *w = c.w + i * c.wbytes, *s = c.sc + i * c.sbytes;
-                                         const float *x = c.x;
-                                         float *o = c.out + (long)i * 16 * 16384;
-                                         int N = sh.n, K = sh.k, kk = k2;
-                                         void *args[] = {&w, &s, &x, &o, &N, &K, &kk};
-                                         launch_ex(c, pdl, fn, dim3(blocks), dim3(256), 0, 1, args);
-                                     }});
-                }
+            // launch.rs: fp8_ksplit_one_chunk.
+            int k1 = 1;
+            while (k1 < 8 && 32 * k1 < sh.k / 16) k1 *= 2;
+            gemv_case("fp8 GEMV m=1, one-chunk split", (const void *)dsk_fp8_gemv_xf32_m1, k1, 2);
+            // The one-chunk kernel against the two-row one at that split: the same bits.
+            float *o_want = c.out + 16L * 16384 * (CHAIN - 1), *o_got = c.out + 16L * 16384 * (CHAIN - 2);
+            gemv_launch((const void *)dsk_fp8_gemv_xf32_m1, k1, 2, 0, o_want, false);
+            gemv_launch((const void *)dsk_fp8_gemv_xf32_m1c, k1, 4, 0, o_got, false);
+            CK(cudaStreamSynchronize(c.s));
+            std::vector<float> want(sh.n), got(sh.n);
+            CK(cudaMemcpy(want.data(), o_want, sh.n * 4, cudaMemcpyDeviceToHost));
+            CK(cudaMemcpy(got.data(), o_got, sh.n * 4, cudaMemcpyDeviceToHost));
+            const bool same = memcmp(want.data(), got.data(), sh.n * 4) == 0;
+            gemv_case(same ? "m1c =bits" : "m1c DIFFERS", (const void *)dsk_fp8_gemv_xf32_m1c, k1, 4);
             for (auto &[name, l] : cases) printf("%-20s %-40s %9.2f\n", sh.name, name.c_str(), chain_us(c, l, true));
             continue;
         }
