@@ -398,10 +398,9 @@ pub fn fp8_ksplit(n: usize, k: usize, sms: usize) -> usize {
     ks
 }
 
-/// The K split of the FP8 CUDA-core launches while the one-chunk kernels are on
-/// (`Kernels::set_fp8_one_chunk`, DSPARK_FP8_ONE_CHUNK=1): the fewest warps (1, 2, 4 or 8) that
-/// leave every lane at most one 16-byte chunk of a row. It depends on k alone, and every m takes
-/// it, so a token's bits do not depend on its batch.
+/// The K split of one-token FP8 CUDA-core launches while the one-chunk kernels are on
+/// (`Kernels::set_fp8_one_chunk`): the fewest warps (1, 2, 4 or 8) that leave every lane at most
+/// one 16-byte chunk of a row. It depends on k alone.
 pub fn fp8_ksplit_one_chunk(k: usize) -> usize {
     let chunks = k / 16;
     let mut ks = 1;
@@ -409,6 +408,20 @@ pub fn fp8_ksplit_one_chunk(k: usize) -> usize {
         ks *= 2;
     }
     ks
+}
+
+/// The K split of an FP8 CUDA-core launch of `m` tokens through an `[n, k]` matrix on `sms` SMs:
+/// [`fp8_ksplit_one_chunk`] for one token while the one-chunk kernels are on, else [`fp8_ksplit`].
+/// Launches of several tokens keep the two-row kernels' split: at the one-chunk split (wo_b's
+/// 8 ways instead of 2) a K=5 verify step was 0.4 ms slower. The one-token kernel is then a kernel
+/// of its own, as the skinny GEMMs of 4-16 rows are (docs/CUDA.md, batch shape and summation
+/// order).
+pub fn fp8_split_for(one_chunk: bool, m: usize, n: usize, k: usize, sms: usize) -> usize {
+    if one_chunk && m == 1 {
+        fp8_ksplit_one_chunk(k)
+    } else {
+        fp8_ksplit(n, k, sms)
+    }
 }
 
 /// Rows a warp of the one-chunk kernels (`FP8_M1C_ROWS` in fp8_gemv.cu); the others take two.
@@ -704,7 +717,7 @@ pub struct Kernels {
     fp8_gemv_multi: CudaFunction,
     /// The one-chunk kernels: plain, grouped, merged (`fp8_takes_one_chunk`).
     fp8_m1c: [CudaFunction; 3],
-    /// Whether one-token FP8 launches take them (DSPARK_FP8_ONE_CHUNK=1 at load; off by default).
+    /// Whether one-token FP8 launches take them (on unless DSPARK_FP8_ONE_CHUNK=0 at load).
     fp8_one_chunk: bool,
     fp8_tc: [CudaFunction; 2],
     fp4_gate_up: CudaFunction,
@@ -836,7 +849,7 @@ impl Kernels {
                 f(&fp8, "dsk_fp8_gemv_grouped_xf32_m1c")?,
                 f(&fp8, "dsk_fp8_gemv_multi_xf32_m1c")?,
             ],
-            fp8_one_chunk: std::env::var("DSPARK_FP8_ONE_CHUNK").is_ok_and(|v| v.trim() == "1"),
+            fp8_one_chunk: std::env::var("DSPARK_FP8_ONE_CHUNK").map_or(true, |v| v.trim() != "0"),
             fp8_tc: [
                 f(&fp8, "dsk_fp8_gemm_tc_xbf16_n8")?,
                 f(&fp8, "dsk_fp8_gemm_tc_xbf16_n16")?,
@@ -990,7 +1003,8 @@ impl Kernels {
         self.indexer_f16 = on;
     }
 
-    /// Whether one-token FP8 GEMVs take the one-chunk kernels (DSPARK_FP8_ONE_CHUNK at load).
+    /// Whether one-token FP8 GEMVs take the one-chunk kernels (on unless DSPARK_FP8_ONE_CHUNK=0 at
+    /// load).
     pub fn fp8_one_chunk(&self) -> bool {
         self.fp8_one_chunk
     }
@@ -1000,14 +1014,10 @@ impl Kernels {
         self.fp8_one_chunk = on;
     }
 
-    /// The K split FP8 CUDA-core launches of an `[n, k]` matrix take: [`fp8_ksplit`], or
-    /// [`fp8_ksplit_one_chunk`] while the one-chunk kernels are on (at every m).
-    pub fn fp8_split(&self, n: usize, k: usize) -> usize {
-        if self.fp8_one_chunk {
-            fp8_ksplit_one_chunk(k)
-        } else {
-            fp8_ksplit(n, k, self.sms)
-        }
+    /// The K split FP8 CUDA-core launches of `m` tokens through an `[n, k]` matrix take
+    /// ([`fp8_split_for`] on this device).
+    pub fn fp8_split(&self, m: usize, n: usize, k: usize) -> usize {
+        fp8_split_for(self.fp8_one_chunk, m, n, k, self.sms)
     }
 
     /// Which block form many-token top-k selects take (DSPARK_TOPK_BLOCK at load).
@@ -1094,7 +1104,7 @@ impl Kernels {
         }
         let bucket = fp8_m_bucket(a.m).ok_or_else(|| KernelError::invalid(K, "m out of range"))?;
         let mi = FP8_M_BUCKETS.iter().position(|&b| b == bucket).unwrap_or(0);
-        let ks = self.fp8_split(a.n, a.k);
+        let ks = self.fp8_split(a.m, a.n, a.k);
         let one_chunk = fp8_takes_one_chunk(self.fp8_one_chunk, a.m, a.k, ks)
             && a.x_dtype == ActDtype::F32
             && a.out_dtype == OutDtype::F32;
@@ -1139,11 +1149,11 @@ impl Kernels {
         stream: &CudaStream,
         a: &Fp8GroupedGemv,
     ) -> Result<(), KernelError> {
-        self.fp8_gemv_grouped_ksplit(stream, a, self.fp8_split(a.n, a.k))
+        self.fp8_gemv_grouped_ksplit(stream, a, self.fp8_split(a.m, a.n, a.k))
     }
 
     /// `fp8_gemv_grouped` with an explicit K split (1, 2, 4 or 8 warps per row set): with the
-    /// split a group's own launch takes (`self.fp8_split(group_rows, k)`) every output is
+    /// split a group's own launch takes (`self.fp8_split(m, group_rows, k)`) every output is
     /// bit-identical to a plain `fp8_gemv` of its group alone (checks, benchmarks).
     ///
     /// # Safety
@@ -1834,6 +1844,16 @@ mod tests {
         assert_eq!(fp8_ksplit_one_chunk(512), 1);
         assert_eq!(fp8_ksplit_one_chunk(128), 1);
         assert_eq!(fp8_ksplit_one_chunk(16_384), 8);
+        // Only one token takes the one-chunk split; more keep the two-row kernels'.
+        assert_eq!(fp8_split_for(true, 1, 4096, 4096, 132), 8);
+        assert_eq!(
+            fp8_split_for(true, 6, 4096, 4096, 132),
+            fp8_ksplit(4096, 4096, 132)
+        );
+        assert_eq!(
+            fp8_split_for(false, 1, 4096, 4096, 132),
+            fp8_ksplit(4096, 4096, 132)
+        );
         // One token, on, one chunk a lane: four rows a warp; otherwise the two-row kernels.
         assert!(fp8_takes_one_chunk(true, 1, 4096, 8));
         assert!(fp8_takes_one_chunk(true, 1, 1040, 4));

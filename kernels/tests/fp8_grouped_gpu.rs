@@ -6,8 +6,8 @@
 //! line) where there is no GPU.
 //!
 //! Expectation for (b): bit-identical outputs when the grouped launch splits K across warps as the
-//! plain kernel splits a [group_rows, k] matrix (`fp8_ksplit(group_rows, k, sms)`, forced with
-//! `fp8_gemv_grouped_ksplit`): both run the same template body, so each output element gets the
+//! plain kernel splits a [group_rows, k] matrix (`Kernels::fp8_split(m, group_rows, k)`, forced
+//! with `fp8_gemv_grouped_ksplit`): both run the same template body, so each output element gets the
 //! same per-lane chunks in the same order, the same explicit fmaf chain and per-16-chunk scale
 //! FMA, the same warp shuffle tree and the same in-order sum of the split partials; only which
 //! block computes the row and where x is read from differ. The default split is chosen for the
@@ -18,7 +18,7 @@ use std::sync::Mutex;
 
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
-use dspark_kernels::launch::{fp8_ksplit, fp8_ksplit_one_chunk};
+use dspark_kernels::launch::fp8_ksplit_one_chunk;
 use dspark_kernels::reference::{fp8_gemv, rel_err};
 use dspark_kernels::{ActDtype, Fp8Gemv, Fp8GroupedGemv, Fp8Path, OutDtype};
 
@@ -195,8 +195,8 @@ fn plain_group(
 fn check_case(gpu: &Gpu, c: Case, seed: u64) {
     let d = data(&c, seed);
     let (wb, sb, xb) = (gpu.up(&d.w), gpu.up(&d.s), gpu.up(&d.x));
-    let per_group_split = fp8_ksplit(c.rows, c.k, gpu.k.multiprocessors());
-    let auto_split = fp8_ksplit(c.n(), c.k, gpu.k.multiprocessors());
+    let per_group_split = gpu.k.fp8_split(c.m, c.rows, c.k);
+    let auto_split = gpu.k.fp8_split(c.m, c.n(), c.k);
     let grouped_auto = run_grouped(gpu, &c, &wb, &sb, &xb, None);
     let grouped_same = run_grouped(gpu, &c, &wb, &sb, &xb, Some(per_group_split));
     for g in 0..c.groups {
@@ -278,6 +278,7 @@ fn fp8_one_chunk_kernels_give_the_two_row_kernels_bits() {
             gap: 4,
         },
     ];
+    let loaded = gpu.k.fp8_one_chunk();
     for (i, c) in cases.into_iter().enumerate() {
         let d = data(&c, 0x1c4a_0000 + i as u64);
         let (wb, sb, xb) = (gpu.up(&d.w), gpu.up(&d.s), gpu.up(&d.x));
@@ -285,7 +286,7 @@ fn fp8_one_chunk_kernels_give_the_two_row_kernels_bits() {
         gpu.k.set_fp8_one_chunk(false);
         let two_row = run_grouped(&gpu, &c, &wb, &sb, &xb, Some(ks));
         gpu.k.set_fp8_one_chunk(true);
-        assert_eq!(gpu.k.fp8_split(c.n(), c.k), ks);
+        assert_eq!(gpu.k.fp8_split(1, c.n(), c.k), ks);
         let one_chunk = run_grouped(&gpu, &c, &wb, &sb, &xb, None);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(
@@ -305,7 +306,7 @@ fn fp8_one_chunk_kernels_give_the_two_row_kernels_bits() {
             let e = rel_err(&f64s(&plain), &reference);
             assert!(e < TOL, "{c:?} group {g}: one-chunk rel err {e}");
         }
-        gpu.k.set_fp8_one_chunk(false);
+        gpu.k.set_fp8_one_chunk(loaded);
         eprintln!("{c:?}: one-chunk kernels at ksplit {ks}: the two-row kernels' bits");
     }
 }
@@ -423,8 +424,10 @@ fn fp8_grouped_bandwidth_m1() {
             k: c.k,
         })
         .collect();
-    let sms = gpu.k.multiprocessors();
-    let (auto_split, group_split) = (fp8_ksplit(c.n(), c.k, sms), fp8_ksplit(c.rows, c.k, sms));
+    let (auto_split, group_split) = (
+        gpu.k.fp8_split(1, c.n(), c.k),
+        gpu.k.fp8_split(1, c.rows, c.k),
+    );
     let bytes = (d.w.len() + d.s.len() + 4 * (c.groups * c.k + c.n())) as f64;
     let reps = 200;
     let report = |what: &str, (b2b, median): (f64, f64)| {

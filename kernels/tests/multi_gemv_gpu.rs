@@ -2,8 +2,8 @@
 //! the bits of its own single-matrix launch (`fp8_gemv` / `bf16_gemv` with m = 1), at the decode
 //! projections it merges (V4-Flash's q LoRA + latent KV in FP8, the compressor and indexer rows in
 //! bf16, at TP=1 and TP=2 row counts) and odd small shapes; and stay near an f64 reference. The
-//! FP8 cases run again on the one-chunk kernels (`Kernels::set_fp8_one_chunk`), merged and single
-//! alike. Skips (passes with a SKIP line) where there is no GPU.
+//! FP8 cases run on the two-row kernels and again on the one-chunk kernels (the default,
+//! `Kernels::set_fp8_one_chunk`), merged and single alike. Skips (passes with a SKIP line) where there is no GPU.
 
 use dspark_kernels::launch::multi_gemv::{GemvSegment, SegmentWeights};
 use dspark_kernels::{ActDtype, Bf16Gemv, Fp8Gemv, OutDtype};
@@ -142,9 +142,11 @@ fn bf16_case(g: &Gpu, rng: &mut Rng, shapes: &[usize], k: usize) {
 
 #[test]
 fn merged_gemv_segments_equal_their_own_launches() {
-    let Some(g) = gpu("merged_gemv_segments_equal_their_own_launches") else {
+    let Some(mut g) = gpu("merged_gemv_segments_equal_their_own_launches") else {
         return;
     };
+    // The two-row kernels here (the one-chunk kernels, on by default, have the test below).
+    g.k.set_fp8_one_chunk(false);
     let mut rng = Rng(0x0bad_5eed);
     // wq_a + wkv of V4-Flash at TP=1 and TP=2 (the latent row is not split), wq_b + the
     // indexer's wq_b, the shared expert's gate + up; odd small shapes.

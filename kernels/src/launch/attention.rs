@@ -287,8 +287,7 @@ pub enum KernelChoice<T> {
 }
 
 /// How [`TopKBlock`] is picked (DSPARK_TOPK_BLOCK: `auto`, `wide` or `smem`): `Auto` takes
-/// [`TopKBlock::Smem`] for launches of at least [`TOPK_SMEM_MIN_TOKENS`] tokens, else
-/// [`TopKBlock::Wide`].
+/// [`TopKBlock::Wide`] for launches of [`TOPK_WIDE_TOKENS`] tokens, else [`TopKBlock::Smem`].
 pub type TopKBlockChoice = KernelChoice<TopKBlock>;
 
 pub fn topk_block_choice(value: Option<&str>) -> Result<TopKBlockChoice, KernelError> {
@@ -326,10 +325,12 @@ fn env_switch<T: Copy>(
         })
 }
 
-/// Fewest tokens of a launch that [`TopKBlockChoice::Auto`] gives the shared-memory form: a
-/// decode step's few lists finish sooner on the wide blocks, a prefill chunk's thousands fill
-/// every SM either way and the small blocks overlap each other's barriers.
-pub const TOPK_SMEM_MIN_TOKENS: usize = TOPK_TWO_STAGE_MAX_TOKENS + 1;
+/// Tokens of a launch that [`TopKBlockChoice::Auto`] gives the wide blocks. Measured in decode
+/// steps at 8K (one H200, one TP=2 rank's shapes, session 35): the shared-key form's fewer
+/// barriers and its early end (a pass whose bin holds one key) won at 1 and 6 tokens (-0.05 and
+/// -0.1 ms a step, a K=5 verify -0.1 ms) and lost at 16 (+0.13 ms); a prefill chunk's thousands
+/// of lists fill every SM either way and the small blocks overlap each other's barriers.
+pub const TOPK_WIDE_TOKENS: std::ops::RangeInclusive<usize> = 9..=TOPK_TWO_STAGE_MAX_TOKENS;
 /// Most keys the shared-memory form keeps in shared memory (64 KB, three blocks an SM on H200).
 pub const TOPK_SMEM_MAX_KEYS: usize = 16_384;
 /// Threads of a shared-memory select block (`DSK_TOPK_SMEM_THREADS` in attention.cu).
@@ -339,8 +340,8 @@ const TOPK_SMEM_THREADS: u32 = 256;
 pub fn topk_block(tokens: usize, choice: TopKBlockChoice) -> TopKBlock {
     match choice {
         TopKBlockChoice::Force(block) => block,
-        TopKBlockChoice::Auto if tokens >= TOPK_SMEM_MIN_TOKENS => TopKBlock::Smem,
-        TopKBlockChoice::Auto => TopKBlock::Wide,
+        TopKBlockChoice::Auto if TOPK_WIDE_TOKENS.contains(&tokens) => TopKBlock::Wide,
+        TopKBlockChoice::Auto => TopKBlock::Smem,
     }
 }
 
@@ -2500,9 +2501,14 @@ mod tests {
         assert!(err.contains("DSPARK_TOPK_BLOCK"), "{err}");
         // Decode steps (up to the two-stage select's tokens) keep the wide blocks, prefill chunks
         // take the shared-key ones; a forced form holds at any count.
-        assert_eq!(topk_block(1, Auto), TopKBlock::Wide);
+        assert_eq!(topk_block(1, Auto), TopKBlock::Smem);
+        assert_eq!(topk_block(8, Auto), TopKBlock::Smem);
+        assert_eq!(topk_block(9, Auto), TopKBlock::Wide);
         assert_eq!(topk_block(TOPK_TWO_STAGE_MAX_TOKENS, Auto), TopKBlock::Wide);
-        assert_eq!(topk_block(TOPK_SMEM_MIN_TOKENS, Auto), TopKBlock::Smem);
+        assert_eq!(
+            topk_block(TOPK_TWO_STAGE_MAX_TOKENS + 1, Auto),
+            TopKBlock::Smem
+        );
         assert_eq!(topk_block(8192, Force(TopKBlock::Wide)), TopKBlock::Wide);
         assert_eq!(topk_block(1, Force(TopKBlock::Smem)), TopKBlock::Smem);
     }
