@@ -1474,6 +1474,32 @@ __device__ __forceinline__ unsigned long long lo_warp_max_u64(unsigned long long
     return v;
 }
 
+// A hash layer's experts of a token: row `id` of the table (none for an id outside the vocabulary).
+__device__ __forceinline__ void lo_route_hash(const int *__restrict__ hash_table, int id, int vocab, int k,
+                                              int *chosen) {
+    for (int j = 0; j < k; ++j) chosen[j] = (id >= 0 && id < vocab) ? hash_table[(long long)id * k + j] : -1;
+}
+
+// One thread writes token t's ids and weights from the chosen experts' scores `s`: the scores'
+// sum in slot order + 1e-20, each weight score / sum * scale; a slot outside [0, experts) gets
+// id -1 and weight 0.
+__device__ __forceinline__ void lo_route_finish(const float *s, const int *chosen, int experts, int k, int t,
+                                                float routed_scaling_factor, int *__restrict__ out_ids,
+                                                float *__restrict__ out_weights) {
+    float sum = 0.0f;
+    for (int j = 0; j < k; ++j) {
+        const int c = chosen[j];
+        if (c >= 0 && c < experts) sum = __fadd_rn(sum, s[c]);
+    }
+    sum = __fadd_rn(sum, 1e-20f);
+    for (int j = 0; j < k; ++j) {
+        const int c = chosen[j];
+        const bool ok = c >= 0 && c < experts;
+        out_ids[(long long)t * k + j] = ok ? c : -1;
+        out_weights[(long long)t * k + j] = ok ? __fmul_rn(__fdiv_rn(s[c], sum), routed_scaling_factor) : 0.0f;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_route_f32(
     const float *__restrict__ logits, int scoring, const float *__restrict__ bias,
     const int *__restrict__ hash_table, const int *__restrict__ token_ids, int vocab, int experts,
@@ -1500,11 +1526,7 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_route_f32(
     }
     __syncthreads();
     if (hash_table) {
-        if (threadIdx.x == 0) {
-            const int id = token_ids[t];
-            for (int j = 0; j < k; ++j)
-                chosen[j] = (id >= 0 && id < vocab) ? hash_table[(long long)id * k + j] : -1;
-        }
+        if (threadIdx.x == 0) lo_route_hash(hash_table, token_ids[t], vocab, k, chosen);
     } else {
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
         for (int j = 0; j < k; ++j) {
@@ -1533,21 +1555,76 @@ extern "C" __global__ void __launch_bounds__(LO_BLOCK) dsk_lo_route_f32(
         }
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        float sum = 0.0f;
-        for (int j = 0; j < k; ++j) {
-            const int c = chosen[j];
-            if (c >= 0 && c < experts) sum = __fadd_rn(sum, s[c]);
-        }
-        sum = __fadd_rn(sum, 1e-20f);
-        for (int j = 0; j < k; ++j) {
-            const int c = chosen[j];
-            const bool ok = c >= 0 && c < experts;
-            out_ids[(long long)t * k + j] = ok ? c : -1;
-            out_weights[(long long)t * k + j] =
-                ok ? __fmul_rn(__fdiv_rn(s[c], sum), routed_scaling_factor) : 0.0f;
+    if (threadIdx.x == 0) lo_route_finish(s, chosen, experts, k, t, routed_scaling_factor, out_ids, out_weights);
+}
+
+// The router of up to LO_ROUTE_WARP_MAX_E experts on one warp per token (launch/layer_ops.rs:
+// RouteKernel::Warp): dsk_lo_route_f32's outputs bit for bit (the same score, bias and key of
+// each expert, the same top-k order, the same sum and weights from lane 0), without its block
+// barriers: a top-k round was a block-wide max with two __syncthreads, six of them a token; here
+// lane l keeps the keys of experts l + 32 i in registers and a round is one warp max. The bias, a
+// weight, is loaded before the PDL wait.
+#define LO_ROUTE_WARP_MAX_E 256
+extern "C" __global__ void __launch_bounds__(32) dsk_lo_route_warp_f32(
+    const float *__restrict__ logits, int scoring, const float *__restrict__ bias,
+    const int *__restrict__ hash_table, const int *__restrict__ token_ids, int vocab, int experts,
+    int k, float routed_scaling_factor, int *__restrict__ out_ids,
+    float *__restrict__ out_weights) {
+    constexpr int PER = LO_ROUTE_WARP_MAX_E / 32;
+    __shared__ float s[LO_ROUTE_WARP_MAX_E];
+    __shared__ int chosen[LO_ROUTE_MAX_K];
+    const int lane = threadIdx.x, t = blockIdx.x;
+    float bv[PER];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        const int e = lane + 32 * i;
+        bv[i] = bias != nullptr && e < experts ? bias[e] : 0.0f;
+    }
+    dsk_pdl_entry();
+    const float *l = logits + (long long)t * experts;
+    float v[PER];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        const int e = lane + 32 * i;
+        v[i] = e < experts ? l[e] : 0.0f;
+    }
+    // 0 marks an expert taken or absent: a real key never is (its low word is ~e, e < 2^10).
+    unsigned long long key[PER];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        const int e = lane + 32 * i;
+        key[i] = 0ull;
+        if (e < experts) {
+            float sc;
+            if (scoring == 0) {
+                const float sp = v[i] > 20.0f ? v[i] : log1pf(expf(v[i]));
+                sc = __fsqrt_rn(sp);
+            } else {
+                sc = lo_sigmoid(v[i]);
+            }
+            s[e] = sc;
+            const float b = bias != nullptr ? __fadd_rn(sc, bv[i]) : sc;
+            key[i] = ((unsigned long long)lo_total_key(b) << 32) | (unsigned int)~(unsigned int)e;
         }
     }
+    if (hash_table) {
+        if (lane == 0) lo_route_hash(hash_table, token_ids[t], vocab, k, chosen);
+    } else {
+        for (int j = 0; j < k; ++j) {
+            // Largest biased score not yet taken; ties to the lower index (~index in the low bits).
+            unsigned long long best = 0ull;
+#pragma unroll
+            for (int i = 0; i < PER; ++i) best = key[i] > best ? key[i] : best;
+            best = lo_warp_max_u64(best);
+            const int e = (int)~(unsigned int)(best & 0xffffffffull);
+#pragma unroll
+            for (int i = 0; i < PER; ++i)
+                if (lane + 32 * i == e) key[i] = 0ull;
+            if (lane == 0) chosen[j] = e;
+        }
+    }
+    __syncwarp();  // every lane's scores are in s
+    if (lane == 0) lo_route_finish(s, chosen, experts, k, t, routed_scaling_factor, out_ids, out_weights);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -58,6 +58,14 @@ g++ -std=c++20 -O2 -pthread -w -ffp-contract=off -I kernels/tools \
   -o "$CARGO_TARGET_DIR/hc_pre_emu" kernels/tools/hc_pre_emu.cpp
 "$CARGO_TARGET_DIR/hc_pre_emu" --seam
 
+# The MoE router on one warp a token (DSPARK_ROUTE_KERNEL=warp): the emulation runs both router
+# kernels from the source and checks the warp one against the block one and both against a port of
+# the host's router, bit for bit, ties and NaN included (seconds).
+step "kernels: the one-warp router, emulated on the CPU (bit-identical to the block router)"
+g++ -std=c++20 -O2 -pthread -w -ffp-contract=off -I kernels/tools \
+  -o "$CARGO_TARGET_DIR/route_emu" kernels/tools/route_emu.cpp
+"$CARGO_TARGET_DIR/route_emu"
+
 step "end-to-end + reliability: the real server with the official openai client"
 DSPARK_SERVER_BIN="$CARGO_TARGET_DIR/debug/dspark-server" python -m pytest -q tests/e2e tests/reliability tests/tools
 

@@ -774,6 +774,8 @@ pub struct Kernels {
     topk_merge_ranks_smem: CudaFunction,
     /// Which block form the many-token selects take (DSPARK_TOPK_BLOCK at load).
     topk_block: attention::TopKBlockChoice,
+    /// Which kernel routes tokens (DSPARK_ROUTE_KERNEL at load).
+    route_kernel: layer_ops::RouteKernel,
     fp8_dequant: CudaFunction,
     fp8_dequant_f16: CudaFunction,
     rows_to_f16: CudaFunction,
@@ -826,6 +828,8 @@ impl Kernels {
             attention::indexer_tile_choice(std::env::var("DSPARK_INDEXER_TILE").ok().as_deref())?;
         let topk_block =
             attention::topk_block_choice(std::env::var("DSPARK_TOPK_BLOCK").ok().as_deref())?;
+        let route_kernel =
+            layer_ops::route_kernel_choice(std::env::var("DSPARK_ROUTE_KERNEL").ok().as_deref())?;
         let f = function;
         // One instantiation per token bucket: `{prefix}_m1` .. `{prefix}_m16`.
         let fp8_fns = |prefix: &str| -> Result<[CudaFunction; 5], KernelError> {
@@ -900,6 +904,7 @@ impl Kernels {
             topk_select_smem: f(&attn, "dsk_topk_select_smem_f32")?,
             topk_merge_ranks_smem: f(&attn, "dsk_topk_merge_ranks_smem_f32")?,
             topk_block,
+            route_kernel,
             fp8_dequant: f(&elementwise, "dsk_fp8_dequant_f32")?,
             fp8_dequant_f16: f(&elementwise, "dsk_fp8_dequant_f16")?,
             rows_to_f16: f(&elementwise, "dsk_rows_f32_to_f16")?,
@@ -1018,6 +1023,16 @@ impl Kernels {
     /// ([`fp8_split_for`] on this device).
     pub fn fp8_split(&self, m: usize, n: usize, k: usize) -> usize {
         fp8_split_for(self.fp8_one_chunk, m, n, k, self.sms)
+    }
+
+    /// Which kernel routes tokens (DSPARK_ROUTE_KERNEL at load).
+    pub fn route_kernel_choice(&self) -> layer_ops::RouteKernel {
+        self.route_kernel
+    }
+
+    /// Overrides DSPARK_ROUTE_KERNEL for later launches (A/B timing and tests in one process).
+    pub fn set_route_kernel_choice(&mut self, choice: layer_ops::RouteKernel) {
+        self.route_kernel = choice;
     }
 
     /// Which block form many-token top-k selects take (DSPARK_TOPK_BLOCK at load).

@@ -8,7 +8,7 @@
 use dspark_kernels::launch::layer_ops::{
     hc_head_workspace_floats, hc_mix_workspace_floats, hc_post_squares_fits, hc_pre_rows_fits,
     CopyRowsF32, DenseExpertsF32, HcHead, HcMix, HcPost, HcPostKernel, HcPreFinish, HcPreFused,
-    HcPreKernel, HcSeam, RmsNormF32, RmsNormRopeF32, RopeF32, RouteF32, RouterScoring,
+    HcPreKernel, HcSeam, RmsNormF32, RmsNormRopeF32, RopeF32, RouteF32, RouteKernel, RouterScoring,
     HC_SEAM_TOKENS_PER_CLUSTER, HC_WS_HEADER,
 };
 use dspark_kernels::reference::rel_err;
@@ -1053,11 +1053,57 @@ fn route_ref(
     )
 }
 
+/// One router launch on the GPU: `logits` [n, experts], `bias` (None: no bias), a hash layer's
+/// `table` [vocab, k] and `token_ids` (None: a top-k layer); the ids and weights it writes.
+struct RouteCall<'a> {
+    logits: &'a [f32],
+    scoring: RouterScoring,
+    bias: Option<&'a [f32]>,
+    hash: Option<(&'a [i32], &'a [i32], usize)>,
+    experts: usize,
+    k: usize,
+    scale: f32,
+}
+
+fn run_route(g: &common::Gpu, c: &RouteCall) -> (Vec<i32>, Vec<f32>) {
+    let n = c.logits.len() / c.experts;
+    let lb = g.up(c.logits);
+    let bb = g.up(c.bias.unwrap_or(&[0.0]));
+    let (table, ids, vocab) = c.hash.unwrap_or((&[0], &[0], 0));
+    let (tb, ib) = (g.up(table), g.up(ids));
+    let oi = g.up(&vec![-7i32; n * c.k]);
+    let ow = g.up(&vec![f32::NAN; n * c.k]);
+    let a = RouteF32 {
+        logits: g.ptr(&lb),
+        scoring: c.scoring,
+        bias: if c.bias.is_some() { g.ptr(&bb) } else { 0 },
+        hash_table: if c.hash.is_some() { g.ptr(&tb) } else { 0 },
+        token_ids: g.ptr(&ib),
+        vocab,
+        n,
+        experts: c.experts,
+        k: c.k,
+        routed_scaling_factor: c.scale,
+        out_ids: g.ptr(&oi),
+        out_weights: g.ptr(&ow),
+    };
+    // SAFETY: the buffers above hold these shapes.
+    unsafe { g.k.route_f32(&g.s, &a) }.unwrap();
+    (g.down(&oi), g.down(&ow))
+}
+
 #[test]
 fn route_matches_host() {
-    let Some(g) = gpu("route_matches_host") else {
+    let Some(mut g) = gpu("route_matches_host") else {
         return;
     };
+    for kernel in [RouteKernel::Block, RouteKernel::Warp] {
+        g.k.set_route_kernel_choice(kernel);
+        route_matches_host_on(&g, kernel);
+    }
+}
+
+fn route_matches_host_on(g: &common::Gpu, kernel: RouteKernel) {
     let mut rng = Rng(0x7070_7070);
     // (n, experts, k, scoring, with bias, hash vocab)
     let cases = [
@@ -1108,78 +1154,60 @@ fn route_matches_host() {
             want_ids.extend(ids);
             want_w.extend(w);
         }
-        let lb = g.up(&logits);
-        let bb = g.up(&bias);
-        let tb = g.up(&if table.is_empty() {
-            vec![0i32]
-        } else {
-            table.clone()
-        });
-        let ib = g.up(&token_ids);
-        let oi = g.up(&vec![-7i32; n * k]);
-        let ow = g.up(&vec![f32::NAN; n * k]);
-        let a = RouteF32 {
-            logits: g.ptr(&lb),
-            scoring,
-            bias: if with_bias { g.ptr(&bb) } else { 0 },
-            hash_table: if hash.is_some() { g.ptr(&tb) } else { 0 },
-            token_ids: g.ptr(&ib),
-            vocab,
-            n,
-            experts,
-            k,
-            routed_scaling_factor: 2.5,
-            out_ids: g.ptr(&oi),
-            out_weights: g.ptr(&ow),
-        };
-        // SAFETY: the buffers above hold these shapes.
-        unsafe { g.k.route_f32(&g.s, &a) }.unwrap();
-        assert_eq!(
-            g.down(&oi),
-            want_ids,
-            "route ids n {n} experts {experts} hash {hash:?}"
+        let (got_ids, got_w) = run_route(
+            g,
+            &RouteCall {
+                logits: &logits,
+                scoring,
+                bias: with_bias.then_some(&bias[..]),
+                hash: hash.map(|vocab| (&table[..], &token_ids[..], vocab)),
+                experts,
+                k,
+                scale: 2.5,
+            },
         );
-        let err = rel(&g.down(&ow), &want_w);
+        assert_eq!(
+            got_ids, want_ids,
+            "{kernel:?}: route ids n {n} experts {experts} hash {hash:?}"
+        );
+        let err = rel(&got_w, &want_w);
         assert!(
             err < TOL,
-            "route weights n {n} experts {experts}: rel err {err}"
+            "{kernel:?}: route weights n {n} experts {experts}: rel err {err}"
         );
     }
 }
 
 #[test]
 fn route_bad_token_id_gives_empty_slots() {
-    let Some(g) = gpu("route_bad_token_id_gives_empty_slots") else {
+    let Some(mut g) = gpu("route_bad_token_id_gives_empty_slots") else {
         return;
     };
+    for kernel in [RouteKernel::Block, RouteKernel::Warp] {
+        g.k.set_route_kernel_choice(kernel);
+        route_bad_token_id_on(&g);
+    }
+}
+
+fn route_bad_token_id_on(g: &common::Gpu) {
     let (experts, k, vocab) = (8usize, 2usize, 4usize);
     let logits = vec![0.5f32; experts];
     // Row 1 of the table names an expert out of range.
     let table = vec![0i32, 1, 9, 2, 3, 4, 5, 6];
-    let lb = g.up(&logits);
-    let tb = g.up(&table);
     for (id, want) in [(7i32, [-1, -1]), (1, [-1, 2])] {
-        let ib = g.up(&[id]);
-        let oi = g.up(&[0i32; 2]);
-        let ow = g.up(&[f32::NAN; 2]);
-        let a = RouteF32 {
-            logits: g.ptr(&lb),
-            scoring: RouterScoring::Sigmoid,
-            bias: 0,
-            hash_table: g.ptr(&tb),
-            token_ids: g.ptr(&ib),
-            vocab,
-            n: 1,
-            experts,
-            k,
-            routed_scaling_factor: 1.0,
-            out_ids: g.ptr(&oi),
-            out_weights: g.ptr(&ow),
-        };
-        // SAFETY: the buffers above hold these shapes.
-        unsafe { g.k.route_f32(&g.s, &a) }.unwrap();
-        assert_eq!(g.down(&oi), want);
-        let w = g.down(&ow);
+        let (ids, w) = run_route(
+            g,
+            &RouteCall {
+                logits: &logits,
+                scoring: RouterScoring::Sigmoid,
+                bias: None,
+                hash: Some((&table, &[id], vocab)),
+                experts,
+                k,
+                scale: 1.0,
+            },
+        );
+        assert_eq!(ids, want);
         for (wi, idi) in w.iter().zip(want) {
             if idi < 0 {
                 assert_eq!(*wi, 0.0);
@@ -1188,6 +1216,76 @@ fn route_bad_token_id_gives_empty_slots() {
             }
         }
     }
+}
+
+/// The one-warp router against the block router, bit for bit: ids and weights, on logits with
+/// ties at the cut (values on a coarse grid), a NaN, both scorings, with and without bias, expert
+/// counts around a warp's multiples and past the warp kernel's 256 (which then take the block
+/// kernel), hash layers with ids and table entries out of range, 1 to 300 tokens.
+#[test]
+fn route_warp_equals_route_block() {
+    let Some(mut g) = gpu("route_warp_equals_route_block") else {
+        return;
+    };
+    let mut rng = Rng(0x5eed_0b10);
+    // (n, experts, k, hash vocab)
+    let cases = [
+        (1, 256, 6, None),
+        (16, 256, 6, None),
+        (300, 256, 8, None),
+        (7, 1, 1, None),
+        (5, 31, 16, None),
+        (5, 33, 3, None),
+        (9, 100, 6, None),
+        (4, 255, 16, None),
+        (3, 257, 6, None),
+        (2, 1024, 16, None),
+        (6, 256, 6, Some(40usize)),
+        (3, 8, 2, Some(5)),
+    ];
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (i, (n, experts, k, hash)) in cases.into_iter().enumerate() {
+        for scoring in [RouterScoring::SqrtSoftplus, RouterScoring::Sigmoid] {
+            for with_bias in [false, true] {
+                // A grid of 0.25 from -6 to 24: many equal scores, so the cut falls on ties.
+                let mut logits: Vec<f32> = (0..n * experts)
+                    .map(|_| (rng.below(121) as f32) * 0.25 - 6.0)
+                    .collect();
+                if i % 3 == 1 {
+                    logits[rng.below(n * experts)] = f32::NAN;
+                }
+                let bias: Vec<f32> = (0..experts)
+                    .map(|_| (rng.below(5) as f32) * 0.125 - 0.25)
+                    .collect();
+                let vocab = hash.unwrap_or(0);
+                let table: Vec<i32> = (0..vocab.max(1) * k)
+                    .map(|_| rng.below(experts + 3) as i32 - 1)
+                    .collect();
+                let token_ids: Vec<i32> = (0..n).map(|_| rng.below(vocab + 3) as i32 - 1).collect();
+                let call = RouteCall {
+                    logits: &logits,
+                    scoring,
+                    bias: with_bias.then_some(&bias[..]),
+                    hash: hash.map(|vocab| (&table[..], &token_ids[..], vocab)),
+                    experts,
+                    k,
+                    scale: 1.5,
+                };
+                let mut outs = Vec::new();
+                for kernel in [RouteKernel::Block, RouteKernel::Warp] {
+                    g.k.set_route_kernel_choice(kernel);
+                    let (ids, w) = run_route(&g, &call);
+                    outs.push((ids, bits(&w)));
+                }
+                assert_eq!(
+                    outs[0], outs[1],
+                    "n {n} experts {experts} k {k} hash {hash:?} {scoring:?} bias {with_bias}: \
+                     the warp router differs from the block router"
+                );
+            }
+        }
+    }
+    g.k.set_route_kernel_choice(RouteKernel::Block);
 }
 
 // ------------------------------------------------------------------------------------------

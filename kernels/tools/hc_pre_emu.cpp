@@ -12,43 +12,12 @@
 // - the decode seam (one site's post and the next site's pre in one launch, dsk_lo_hc_seam_c1_f32)
 //   and its in-place Sinkhorn: see seam_case; `--seam` runs only those (seconds; in CI).
 //   g++ -std=c++20 -O2 -pthread -w -ffp-contract=off -o /tmp/hc_pre_emu kernels/tools/hc_pre_emu.cpp && /tmp/hc_pre_emu
-#include "emu.h"
+#include "layer_ops_emu.h"
 
 #include <algorithm>
 #include <atomic>
 #include <numeric>
 #include <random>
-
-// What layer_ops.cu uses beyond emu.h.
-#undef __launch_bounds__
-#define __launch_bounds__(...)
-#define DSK_EMU
-thread_local std::barrier<> *g_named[4];
-inline void lo_bar_sync(int id, int) { g_named[id]->arrive_and_wait(); }
-inline void lo_bar_arrive(int id, int) { (void)g_named[id]->arrive(); }
-inline void __syncwarp() { g_warp_bar->arrive_and_wait(); }
-template <class T> inline T __shfl_sync(unsigned, T v, int src) {
-    static_assert(sizeof(T) == 4, "32-bit shuffles only");
-    float f;
-    memcpy(&f, &v, 4);
-    g_shfl[threadIdx.x] = f;
-    g_warp_bar->arrive_and_wait();
-    float r = g_shfl[(threadIdx.x & ~31u) + (src & 31)];
-    g_warp_bar->arrive_and_wait();
-    T out;
-    memcpy(&out, &r, 4);
-    return out;
-}
-// Used only by kernels this tool does not run (the router; the GEMM steps' finish, which
-// tools/hc_rows_emu.cpp runs).
-inline unsigned long long __shfl_xor_sync(unsigned, unsigned long long, int) { abort(); }
-inline float __shfl_xor_sync(unsigned, float, int) { abort(); }
-template <class T> inline T __ldcg(const T *p) { return *p; }
-inline unsigned lo_count_block(unsigned *p) { return __atomic_fetch_add(p, 1u, __ATOMIC_ACQ_REL); }
-
-inline void dsk_pdl_entry() {}  // launches run one after another here
-template <class... A> inline void dsk_rope_pair_f32(A &&...) { abort(); }  // kernels not run here
-#include "../layer_ops.cu"
 
 // Runs f() as every thread of every block of `grid` (x, y, z), blocks in a random order (so any
 // block may be the last to count itself), with the named barriers 1, 2 (all threads) and 3

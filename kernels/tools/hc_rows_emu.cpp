@@ -10,39 +10,10 @@
 // The emulation reproduces the kernels' order of operations, not the GPU's expf; both sides here
 // use the same expf, so what differs can only be the order.
 //   g++ -std=c++20 -O2 -pthread -w -ffp-contract=off -o /tmp/hc_rows_emu kernels/tools/hc_rows_emu.cpp && /tmp/hc_rows_emu
-#include "emu.h"
+#include "layer_ops_emu.h"
 
 #include <algorithm>
 #include <random>
-
-#undef __launch_bounds__
-#define __launch_bounds__(...)
-#define DSK_EMU
-thread_local std::barrier<> *g_named[4];
-inline void lo_bar_sync(int id, int) { g_named[id]->arrive_and_wait(); }
-inline void lo_bar_arrive(int id, int) { (void)g_named[id]->arrive(); }
-inline void __syncwarp() { g_warp_bar->arrive_and_wait(); }
-template <class T> inline T emu_shfl(T v, unsigned src_lane) {
-    static_assert(sizeof(T) == 4, "32-bit shuffles only");
-    float f;
-    memcpy(&f, &v, 4);
-    g_shfl[threadIdx.x] = f;
-    g_warp_bar->arrive_and_wait();
-    float r = g_shfl[(threadIdx.x & ~31u) + (src_lane & 31u)];
-    g_warp_bar->arrive_and_wait();
-    T out;
-    memcpy(&out, &r, 4);
-    return out;
-}
-template <class T> inline T __shfl_sync(unsigned, T v, int src) { return emu_shfl(v, (unsigned)src); }
-inline float __shfl_xor_sync(unsigned, float v, int o) { return emu_shfl(v, (threadIdx.x & 31u) ^ (unsigned)o); }
-// Used only by kernels this tool does not run (the router).
-inline unsigned long long __shfl_xor_sync(unsigned, unsigned long long, int) { abort(); }
-template <class T> inline T __ldcg(const T *p) { return *p; }
-inline unsigned lo_count_block(unsigned *p) { return __atomic_fetch_add(p, 1u, __ATOMIC_ACQ_REL); }
-inline void dsk_pdl_entry() {}
-template <class... A> inline void dsk_rope_pair_f32(A &&...) { abort(); }
-#include "../layer_ops.cu"
 
 // Every block of `grid` (blocks in a random order), `threads` threads each, with the named
 // barriers of lo_hc_pre_token (1, 2: all threads; 3: all but warp 0).

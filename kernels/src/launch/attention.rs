@@ -302,7 +302,7 @@ pub fn topk_block_choice(value: Option<&str>) -> Result<TopKBlockChoice, KernelE
 
 /// An A/B switch's value: unset or empty is the first option, else the option named (spaces
 /// trimmed), else an error naming the variable and its options.
-fn env_switch<T: Copy>(
+pub(crate) fn env_switch<T: Copy>(
     kernel: &'static str,
     var: &str,
     value: Option<&str>,

@@ -61,6 +61,35 @@ const HC_SEAM_SUM_ROWS: usize = 25;
 /// Largest expert count / top-k of `route_f32`.
 pub const ROUTE_MAX_EXPERTS: usize = 1024;
 pub const ROUTE_MAX_K: usize = 16;
+/// Largest expert count of the one-warp router (`LO_ROUTE_WARP_MAX_E` in layer_ops.cu); more
+/// take the block kernel whatever [`RouteKernel`] says.
+pub const ROUTE_WARP_MAX_EXPERTS: usize = 256;
+
+/// Which kernel routes the tokens (DSPARK_ROUTE_KERNEL: `block` or `warp`): `Block`, the default,
+/// a block of 256 threads a token (`dsk_lo_route_f32`: each of the k rounds a block-wide max
+/// between two barriers); `Warp`, a warp a token for up to [`ROUTE_WARP_MAX_EXPERTS`] experts
+/// (`dsk_lo_route_warp_f32`: the keys in registers, a round one warp max, no barrier). Both write
+/// the same ids and weights bit for bit (GPU test `route_warp_equals_route_block`, CPU emulation
+/// `tools/route_emu.cpp`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteKernel {
+    Block,
+    Warp,
+}
+
+/// [`RouteKernel`] from DSPARK_ROUTE_KERNEL's value (unset or empty: `Block`).
+pub fn route_kernel_choice(value: Option<&str>) -> Result<RouteKernel, KernelError> {
+    let forms = [("block", RouteKernel::Block), ("warp", RouteKernel::Warp)];
+    super::attention::env_switch("route_f32", "DSPARK_ROUTE_KERNEL", value, &forms)
+}
+
+/// The kernel a launch over `experts` experts takes under `choice`.
+pub fn route_kernel(experts: usize, choice: RouteKernel) -> RouteKernel {
+    match choice {
+        RouteKernel::Warp if experts <= ROUTE_WARP_MAX_EXPERTS => RouteKernel::Warp,
+        _ => RouteKernel::Block,
+    }
+}
 /// CUDA's limit on grid y / z (tokens ride on them in some kernels).
 const GRID_YZ_MAX: usize = 65_535;
 
@@ -95,6 +124,7 @@ pub struct LayerOpsFns {
     hc_seam_max_cluster: usize,
     hc_sinkhorn: CudaFunction,
     route: CudaFunction,
+    route_warp: CudaFunction,
     dense_gate_up: CudaFunction,
     dense_down: CudaFunction,
     scale: CudaFunction,
@@ -156,6 +186,7 @@ impl LayerOpsFns {
             hc_post_squares: f("dsk_lo_hc_post_squares_f32")?,
             hc_head_finish: f("dsk_lo_hc_head_finish_f32")?,
             route: f("dsk_lo_route_f32")?,
+            route_warp: f("dsk_lo_route_warp_f32")?,
             dense_gate_up: f("dsk_lo_dense_gate_up_f32")?,
             dense_down: f("dsk_lo_dense_down_f32")?,
             scale: f("dsk_lo_scale_f32")?,
@@ -1760,13 +1791,18 @@ impl Kernels {
         let scoring = i32::from(a.scoring == RouterScoring::Sigmoid);
         let vocab = i32_arg(K, "vocab", a.vocab)?;
         let (e, k) = (i32_arg(K, "experts", a.experts)?, i32_arg(K, "k", a.k)?);
+        // The warp kernel takes the block kernel's parameters.
+        let (func, threads) = match route_kernel(a.experts, self.route_kernel_choice()) {
+            RouteKernel::Warp => (&self.layer_ops.route_warp, 32),
+            RouteKernel::Block => (&self.layer_ops.route, BLOCK as u32),
+        };
         let cfg = LaunchConfig {
             grid_dim: (u32_grid(K, a.n)?, 1, 1),
-            block_dim: (BLOCK as u32, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         stream
-            .kernel(&self.layer_ops.route)
+            .kernel(func)
             .arg(&a.logits)
             .arg(&scoring)
             .arg(&a.bias)
@@ -2139,6 +2175,27 @@ mod tests {
         };
         assert!(check_hc_head(&head).is_ok());
         assert!(check_hc_head(&HcHead { hc: 0, ..head }).is_err());
+    }
+
+    #[test]
+    fn route_kernel_choice_and_rule() {
+        assert_eq!(route_kernel_choice(None).unwrap(), RouteKernel::Block);
+        assert_eq!(route_kernel_choice(Some(" ")).unwrap(), RouteKernel::Block);
+        assert_eq!(
+            route_kernel_choice(Some("warp")).unwrap(),
+            RouteKernel::Warp
+        );
+        assert_eq!(
+            route_kernel_choice(Some("block")).unwrap(),
+            RouteKernel::Block
+        );
+        let err = route_kernel_choice(Some("fast")).unwrap_err().to_string();
+        assert!(err.contains("DSPARK_ROUTE_KERNEL"), "{err}");
+        // V4-Flash's 256 experts fit the warp kernel; more take the block kernel.
+        assert_eq!(route_kernel(256, RouteKernel::Warp), RouteKernel::Warp);
+        assert_eq!(route_kernel(1, RouteKernel::Warp), RouteKernel::Warp);
+        assert_eq!(route_kernel(257, RouteKernel::Warp), RouteKernel::Block);
+        assert_eq!(route_kernel(256, RouteKernel::Block), RouteKernel::Block);
     }
 
     #[test]
