@@ -410,14 +410,18 @@ pub fn fp8_ksplit_one_chunk(k: usize) -> usize {
     ks
 }
 
-/// The K split of an FP8 CUDA-core launch of `m` tokens through an `[n, k]` matrix on `sms` SMs:
-/// [`fp8_ksplit_one_chunk`] for one token while the one-chunk kernels are on, else [`fp8_ksplit`].
-/// Launches of several tokens keep the two-row kernels' split: at the one-chunk split (wo_b's
-/// 8 ways instead of 2) a K=5 verify step was 0.4 ms slower. The one-token kernel is then a kernel
-/// of its own, as the skinny GEMMs of 4-16 rows are (docs/CUDA.md, batch shape and summation
-/// order).
+/// Longest row the one-chunk kernels take: one 16-byte chunk for each lane of [`FP8_WARPS`] warps.
+const FP8_M1C_MAX_K: usize = 16 * 32 * FP8_WARPS;
+
+/// The K split of an FP8 CUDA-core launch of `m` tokens through an `[n, k]` matrix on `sms` SMs,
+/// `one_chunk` saying whether the one-chunk kernels may take it (on, f32 in and out):
+/// [`fp8_ksplit_one_chunk`] for one token whose row they can hold, else [`fp8_ksplit`], so a launch
+/// that ends on the two-row kernels always has their own split. Launches of several tokens keep
+/// it too: at the one-chunk split (wo_b's 8 ways instead of 2) a K=5 verify step was 0.4 ms
+/// slower. The one-token kernel is then a kernel of its own, as the skinny GEMMs of 4-16 rows are
+/// (docs/CUDA.md, batch shape and summation order).
 pub fn fp8_split_for(one_chunk: bool, m: usize, n: usize, k: usize, sms: usize) -> usize {
-    if one_chunk && m == 1 {
+    if one_chunk && m == 1 && k <= FP8_M1C_MAX_K {
         fp8_ksplit_one_chunk(k)
     } else {
         fp8_ksplit(n, k, sms)
@@ -1119,10 +1123,10 @@ impl Kernels {
         }
         let bucket = fp8_m_bucket(a.m).ok_or_else(|| KernelError::invalid(K, "m out of range"))?;
         let mi = FP8_M_BUCKETS.iter().position(|&b| b == bucket).unwrap_or(0);
-        let ks = self.fp8_split(a.m, a.n, a.k);
-        let one_chunk = fp8_takes_one_chunk(self.fp8_one_chunk, a.m, a.k, ks)
-            && a.x_dtype == ActDtype::F32
-            && a.out_dtype == OutDtype::F32;
+        // The one-chunk kernels take f32 in and out only.
+        let on = self.fp8_one_chunk && a.x_dtype == ActDtype::F32 && a.out_dtype == OutDtype::F32;
+        let ks = fp8_split_for(on, a.m, a.n, a.k, self.sms);
+        let one_chunk = fp8_takes_one_chunk(on, a.m, a.k, ks);
         // The one-chunk kernel takes the same parameters.
         let func = if one_chunk {
             &self.fp8_m1c[0]
@@ -1869,6 +1873,17 @@ mod tests {
             fp8_split_for(false, 1, 4096, 4096, 132),
             fp8_ksplit(4096, 4096, 132)
         );
+        // A row longer than 8 warps' lanes hold: the two-row kernels, at their own split.
+        assert_eq!(
+            fp8_split_for(true, 1, 512, 8192, 132),
+            fp8_ksplit(512, 8192, 132)
+        );
+        assert!(!fp8_takes_one_chunk(
+            true,
+            1,
+            8192,
+            fp8_split_for(true, 1, 512, 8192, 132)
+        ));
         // One token, on, one chunk a lane: four rows a warp; otherwise the two-row kernels.
         assert!(fp8_takes_one_chunk(true, 1, 4096, 8));
         assert!(fp8_takes_one_chunk(true, 1, 1040, 4));

@@ -173,7 +173,7 @@ fn merged_gemv_on_the_one_chunk_kernels_equals_their_own_launches() {
     fp8_case(&g, &mut rng, &[2048, 2048], 4096);
     // Rows that leave a warp's four partly past the end; k = 48: one lane in 32 with a chunk.
     fp8_case(&g, &mut rng, &[2, 130, 7, 256, 1, 128, 3, 64], 48);
-    // k = 8192: more chunks than 8 x 32 lanes, so the two-row kernels at the one-chunk split.
+    // k = 8192: more chunks than 8 x 32 lanes, so the two-row kernels at their own split.
     fp8_case(&g, &mut rng, &[512, 256], 8192);
 }
 

@@ -11,7 +11,7 @@ use cudarc::driver::{CudaStream, LaunchConfig};
 use super::dense_gemv::{bf16_ksplit, gemv_blocks};
 use super::submit::{KernelArg, SubmitKernel};
 use super::{
-    aligned16, fp8_gemv_blocks, fp8_ksplit, fp8_ksplit_one_chunk, fp8_takes_one_chunk, i32_arg,
+    aligned16, fp8_gemv_blocks, fp8_ksplit_one_chunk, fp8_split_for, fp8_takes_one_chunk, i32_arg,
     nonnull, u32_grid, Kernels,
 };
 use crate::error::KernelError;
@@ -94,11 +94,7 @@ fn segment_table(
         let (ks, b) = match kind {
             SegmentWeights::Fp8 => {
                 nonnull(K, &[("scale", g.scale)])?;
-                let ks = if fp8_one_chunk {
-                    fp8_ksplit_one_chunk(k)
-                } else {
-                    fp8_ksplit(g.rows, k, sms)
-                };
+                let ks = fp8_split_for(fp8_one_chunk, 1, g.rows, k, sms);
                 let one = fp8_takes_one_chunk(fp8_one_chunk, 1, k, ks);
                 (ks, fp8_gemv_blocks(g.rows, ks, one))
             }
@@ -165,6 +161,7 @@ impl Kernels {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fp8_ksplit;
     use super::*;
 
     /// The table of `segs` at k = 4096 on 132 SMs.
@@ -209,6 +206,10 @@ mod tests {
         assert_eq!((t.ksplit[0], t.ksplit[1]), (8, 8));
         assert_eq!((t.block_end[0], t.block_end[1]), (256, 384));
         assert_eq!(blocks, 384);
+        // k = 8192 is past the one-chunk kernels: each segment keeps its two-row split.
+        let (t, _) =
+            segment_table(SegmentWeights::Fp8, &[seg(512)], 4096, 8192, 132, true).unwrap();
+        assert_eq!(t.ksplit[0], fp8_ksplit(512, 8192, 132) as i32);
     }
 
     #[test]
