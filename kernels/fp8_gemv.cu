@@ -14,8 +14,8 @@
 // Work split: a block is 8 warps; a warp owns a PAIR of rows (so every activation load feeds two
 // rows) and `ksplit` warps share one pair along K (so small-N matrices still fill 132 SMs). Each
 // lane reads 16 weight bytes per step; 16 | 128 so a 16-byte chunk has exactly one scale. The
-// `_m1c` kernels further down take four rows a warp at one token (opt-in; the same arithmetic
-// per row).
+// `_m1c` kernels further down take four rows a warp at one token (the default there; the same
+// arithmetic per row).
 
 #define FP8_WARPS 8
 
@@ -191,9 +191,10 @@ extern "C" __global__ void __launch_bounds__(256) dsk_fp8_gemv_multi_xf32_m1(
 // chunk's fmaf chain and scale FMA from zero, the warp sum, the split partials in order), so the
 // outputs are the two-row kernels' bits. On a chain of V4-Flash projections (H200,
 // tools/proj_chain_bench.cu's prototype) wq_b took 6.8 us against 9.5, wo_b 6.9 against 7.7,
-// with the split launch.rs's fp8_ksplit_one_chunk picks. Opt-in (DSPARK_FP8_ONE_CHUNK=1) until
-// a decode step's A/B says it pays. Each entry point takes the parameters of the kernel it stands
-// in for (f32 activations and output, m = 1: the launcher's checks), so the launches are the same.
+// with the split launch.rs's fp8_ksplit_one_chunk picks; a decode step at batch 1 5.32 -> 5.05 ms
+// (session 35), the default since (DSPARK_FP8_ONE_CHUNK=0: the two-row kernels). Each entry point
+// takes the parameters of the kernel it stands in for (f32 activations and output, m = 1: the
+// launcher's checks), so the launches are the same.
 #define FP8_M1C_ROWS 4
 template <bool GROUPED>
 __device__ __forceinline__ void fp8_gemv_one_chunk_body(const unsigned char *__restrict__ W,

@@ -11,8 +11,8 @@ use cudarc::driver::{CudaStream, LaunchConfig};
 use super::dense_gemv::{bf16_ksplit, gemv_blocks};
 use super::submit::{KernelArg, SubmitKernel};
 use super::{
-    aligned16, fp8_gemv_blocks, fp8_ksplit_one_chunk, fp8_split_for, fp8_takes_one_chunk, i32_arg,
-    nonnull, u32_grid, Kernels,
+    aligned16, fp8_gemv_blocks, fp8_split_for, fp8_takes_one_chunk, i32_arg, nonnull, u32_grid,
+    Kernels,
 };
 use crate::error::KernelError;
 
@@ -140,8 +140,14 @@ impl Kernels {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // With the one-chunk kernels on, every segment of this k splits alike (k alone decides).
-        let one_chunk = fp8_takes_one_chunk(self.fp8_one_chunk, 1, k, fp8_ksplit_one_chunk(k));
+        // Every FP8 segment shares k, so the first segment's split says whether the table is the
+        // one-chunk kernels' (segment_table chose it).
+        let one_chunk = fp8_takes_one_chunk(
+            self.fp8_one_chunk,
+            1,
+            k,
+            usize::try_from(table.ksplit[0]).unwrap_or(0),
+        );
         let func = match kind {
             SegmentWeights::Fp8 if one_chunk => &self.fp8_m1c[2],
             SegmentWeights::Fp8 => &self.fp8_gemv_multi,
