@@ -723,11 +723,43 @@ __device__ __forceinline__ void mma2_prologue(const Mma2Tile (&m)[NMAT], int K, 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(MMA2_WARPS * 32) dsk_fp4_moe_gate_up_mma2(
-    const float *__restrict__ x, const int *__restrict__ ids, const unsigned char *__restrict__ W1,
-    const unsigned char *__restrict__ S1, const unsigned char *__restrict__ W3,
-    const unsigned char *__restrict__ S3, float *__restrict__ h, int topk, int E, int I, int K,
-    float limit) {
+// The B fragments of `src` rows staged once a row for the gate/up kernel's pre-staged form: row r's
+// C * MMA2_BQ uint4 (mma2_stage_b's layout and bits) at dst + r * C * MMA2_BQ. In a gate/up launch
+// each token's row feeds topk x I / 64 blocks (96 at V4-Flash's TP=2 shard), and staging it in
+// every block took about a tenth of the kernel's warp samples under ncu at 16 tokens (session 36).
+extern "C" __global__ void __launch_bounds__(256) dsk_fp4_moe_stage_b_mma2(const float *__restrict__ src,
+                                                                           uint4 *__restrict__ dst, int K) {
+    dsk_pdl_entry();
+    mma2_stage_b(dst + (long)blockIdx.x * (K >> 5) * MMA2_BQ, src + (long)blockIdx.x * K, K);
+}
+
+// Copies a row's staged fragments (dsk_fp4_moe_stage_b_mma2) into the block's B array by cp.async,
+// every copy issued before any is waited for (one round trip to L2: a load-store loop took nine
+// at K = 4,096, and made a 16-token step 0.9 ms slower than staging in the blocks, session 36).
+// The wait takes the prologue's weight stages with it, which the tile loop needs next anyway.
+// Ends with __syncthreads as mma2_stage_b does.
+__device__ __forceinline__ void mma2_copy_b(uint4 *b, const uint4 *__restrict__ src, int K) {
+    const int n = (K >> 5) * MMA2_BQ;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) mma2_cp16(b + i, src + i);
+    mma2_commit();
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+#else
+    emu_cp_wait(0);
+#endif
+    __syncthreads();
+}
+
+// gate/up for pair p: h[p, rows] from W1 / W3 and token p / topk's B fragments, staged here from x
+// (PRE false) or copied from xb, the fragments dsk_fp4_moe_stage_b_mma2 wrote (PRE true): the same
+// fragments, so the same bits.
+template <bool PRE>
+__device__ __forceinline__ void mma2_gate_up_body(const float *__restrict__ x, const uint4 *__restrict__ xb,
+                                                  const int *__restrict__ ids, const unsigned char *__restrict__ W1,
+                                                  const unsigned char *__restrict__ S1,
+                                                  const unsigned char *__restrict__ W3,
+                                                  const unsigned char *__restrict__ S3, float *__restrict__ h,
+                                                  int topk, int E, int I, int K, float limit) {
     dsk_pdl_entry();
     extern __shared__ float4 moe_smem4[];
     float *lut = reinterpret_cast<float *>(moe_smem4);
@@ -749,7 +781,10 @@ extern "C" __global__ void __launch_bounds__(MMA2_WARPS * 32) dsk_fp4_moe_gate_u
                            {W3 + r0 * (K >> 1), S3 + r0 * C, ring + MMA2_NST * MMA2_STAGE}};
     if (live) mma2_prologue(m, K, lane);
     fp4_fill_scale_table(lut);
-    mma2_stage_b(bfr, x + (long)t_tok * K, K);
+    if constexpr (PRE)
+        mma2_copy_b(bfr, xb + (long)t_tok * C * MMA2_BQ, K);
+    else
+        mma2_stage_b(bfr, x + (long)t_tok * K, K);
     if (!live) return;
     const int g = lane >> 2, t = lane & 3;
     const uint4 *bq = bfr + (g < 2 ? g * 4 + t : 8);
@@ -762,6 +797,23 @@ extern "C" __global__ void __launch_bounds__(MMA2_WARPS * 32) dsk_fp4_moe_gate_u
         gs = fminf(acc8[0], limit), us = fminf(fmaxf(acc8[1], -limit), limit);
         hp[8] = gs / (1.f + expf(-gs)) * us;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(MMA2_WARPS * 32) dsk_fp4_moe_gate_up_mma2(
+    const float *__restrict__ x, const int *__restrict__ ids, const unsigned char *__restrict__ W1,
+    const unsigned char *__restrict__ S1, const unsigned char *__restrict__ W3,
+    const unsigned char *__restrict__ S3, float *__restrict__ h, int topk, int E, int I, int K,
+    float limit) {
+    mma2_gate_up_body<false>(x, nullptr, ids, W1, S1, W3, S3, h, topk, E, I, K, limit);
+}
+
+// The pre-staged form: xb holds dsk_fp4_moe_stage_b_mma2's fragments of the tokens' rows.
+extern "C" __global__ void __launch_bounds__(MMA2_WARPS * 32) dsk_fp4_moe_gate_up_mma2_pre(
+    const uint4 *__restrict__ xb, const int *__restrict__ ids, const unsigned char *__restrict__ W1,
+    const unsigned char *__restrict__ S1, const unsigned char *__restrict__ W3,
+    const unsigned char *__restrict__ S3, float *__restrict__ h, int topk, int E, int I, int K,
+    float limit) {
+    mma2_gate_up_body<true>(nullptr, xb, ids, W1, S1, W3, S3, h, topk, E, I, K, limit);
 }
 
 extern "C" __global__ void __launch_bounds__(MMA2_WARPS * 32) dsk_fp4_moe_down_mma2(

@@ -1397,11 +1397,10 @@ __device__ __forceinline__ void lo_hc_seam(
         if (lane == 0) sq_total[j] = s;
     }
     __syncthreads();
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    // Every remote read of this block's shared memory is done: arrive now, wait before leaving
-    // (a block's shared memory must outlive the cluster's reads of it).
-    if constexpr (C > 1) asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
-#endif
+    // Every remote read of this block's shared memory is done (their values summed and stored
+    // above): arrive now, wait before leaving (a block's shared memory must outlive the
+    // cluster's reads of it).
+    if constexpr (C > 1) dsk_cluster_exit_arrive();
 #pragma unroll
     for (int j = 0; j < TK; ++j) {
         if (j < tokens) {
@@ -1411,9 +1410,7 @@ __device__ __forceinline__ void lo_hc_seam(
             x_out[(long long)(t0 + j) * hidden + c] = norm_w ? __fmul_rn(nw, y) : y;
         }
     }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if constexpr (C > 1) asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
-#endif
+    if constexpr (C > 1) dsk_cluster_exit_wait();
 }
 
 // dsk_lo_hc_seam_c{C}_f32 serves one token a cluster, dsk_lo_hc_seam_c{C}_t{TK}_f32 TK tokens.

@@ -349,7 +349,9 @@ __device__ __forceinline__ void skf_body(const unsigned char *__restrict__ W, co
     extern __shared__ uint4 skf_smem[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int c = blockIdx.x % cl, r0 = (blockIdx.x / cl) * ROWS;
+    // Cluster rank and index from the special registers: no integer division on the chain.
+    const int c = cl > 1 ? (int)dsk_cluster_rank() : 0;
+    const int r0 = (cl > 1 ? (int)dsk_cluster_id_x() : (int)blockIdx.x) * ROWS;
     const int Kb = K / cl, k0 = c * Kb, spans = Kb >> 6;
     uint4 *bfr = skf_smem;
     float *sxf = reinterpret_cast<float *>(bfr + (Kb >> 4) * NT * 32);
@@ -372,23 +374,32 @@ __device__ __forceinline__ void skf_body(const unsigned char *__restrict__ W, co
     // a multiple of 16 and blockDim of 32, so a half-warp holds one span of one token); eight
     // loads in flight per thread, tokens past M as zeros without a load. The items (2 NT Kb) are
     // whole rounds of the block's threads: for 8 warps the host's plan keeps Kb % 128 == 0.
+    // Item it = (token it / quads, quad it % quads); a thread's items step by blockDim, so their
+    // (token, quad) are carried from one to the next (one division a thread, not one an item).
     const int quads = Kb >> 2, per_thread = 8 * NT * quads / blockDim.x;
+    const int step_tok = blockDim.x / quads, step_q = blockDim.x - step_tok * quads;
+    int tok_n = threadIdx.x / quads, q_n = threadIdx.x - tok_n * quads;
     for (int b0 = 0; b0 < per_thread; b0 += 8) {
         float4 v[8];
+        int tok[8], q[8];
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
-            const int it = (b0 + u) * blockDim.x + threadIdx.x, tok = it / quads;
-            v[u] = b0 + u < per_thread && tok < M
-                       ? __ldg(reinterpret_cast<const float4 *>(xb + (long)tok * ld_x) + (it - tok * quads))
+            tok[u] = tok_n;
+            q[u] = q_n;
+            q_n += step_q;
+            tok_n += step_tok;
+            if (q_n >= quads) {
+                q_n -= quads;
+                ++tok_n;
+            }
+            v[u] = b0 + u < per_thread && tok[u] < M
+                       ? __ldg(reinterpret_cast<const float4 *>(xb + (long)tok[u] * ld_x) + q[u])
                        : make_float4(0.f, 0.f, 0.f, 0.f);
         }
         if (b0 == 0) skf_load_part<EARLY, SKF_SPANS>(w, wrow, 0, spans);
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
-            if (b0 + u < per_thread) {
-                const int it = (b0 + u) * blockDim.x + threadIdx.x, tok = it / quads;
-                skf_stage_item<NT>(v[u], tok, it - tok * quads, bfr, sxf);
-            }
+            if (b0 + u < per_thread) skf_stage_item<NT>(v[u], tok[u], q[u], bfr, sxf);
         }
     }
     if (per_thread == 0) skf_load_part<EARLY, SKF_SPANS>(w, wrow, 0, spans);
@@ -413,22 +424,35 @@ __device__ __forceinline__ void skf_body(const unsigned char *__restrict__ W, co
 #pragma unroll
         for (int i = 0; i < 4; ++i) red[(8 * n + 2 * t + (i & 1)) * RS + warp * 16 + g + 8 * (i >> 1)] = acc[n][i];
     if (cl > 1) dsk_cluster_sync(); else __syncthreads();
-    const int per = ROWS / cl;
+    // Output o = (token o / per, row o % per of this block's share), carried as in the staging.
+    const int per = ROWS / cl, o_tok = blockDim.x / per, o_rl = blockDim.x - o_tok * per;
+    int tok = threadIdx.x / per, rl = threadIdx.x - tok * per;
     for (int o = threadIdx.x; o < M * per; o += blockDim.x) {
-        const int tok = o / per, rl = c * per + (o - tok * per), row = r0 + rl;
-        if (row >= N) continue;
-        const float *p = red + tok * RS + rl;
-        float v;
-        if (cl == 1) {
-            v = *p;
-        } else {
-            v = dsk_ld_cluster(p, 0);
-            for (int q = 1; q < cl; ++q) v += dsk_ld_cluster(p, q);
+        const int row = r0 + c * per + rl;
+        if (row < N) {
+            const float *p = red + tok * RS + c * per + rl;
+            float v;
+            if (cl == 1) {
+                v = *p;
+            } else {
+                v = dsk_ld_cluster(p, 0);
+                for (int q = 1; q < cl; ++q) v += dsk_ld_cluster(p, q);
+            }
+            out[(long)tok * ld_out + row] = v;
         }
-        out[(long)tok * ld_out + row] = v;
+        rl += o_rl;
+        tok += o_tok;
+        if (rl >= per) {
+            rl -= per;
+            ++tok;
+        }
     }
-    // No block may leave while another still reads its partial tile.
-    if (cl > 1) dsk_cluster_sync();
+    // No block may leave while another still reads its partial tile; every remote value read
+    // above was stored before this arrive.
+    if (cl > 1) {
+        dsk_cluster_exit_arrive();
+        dsk_cluster_exit_wait();
+    }
 }
 
 // At most 128 registers a thread: four 4-warp or two 8-warp blocks an SM.

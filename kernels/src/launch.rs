@@ -122,6 +122,36 @@ pub fn fp4_kernel_choice(value: Option<&str>) -> Result<MoePath, KernelError> {
     }
 }
 
+/// Where the mma2 gate/up stages its token's activations as B fragments (DSPARK_FP4_MMA2_STAGE:
+/// `block` or `once`). `Block`, the default: every block converts its token's row itself,
+/// `topk * inter / 64` times a token (about a tenth of the kernel's warp samples under ncu at 16
+/// tokens, session 36). `Once`: one launch (`dsk_fp4_moe_stage_b_mma2`, a block a token) writes
+/// every token's fragments into the call's `partial` scratch, which down only writes later, and
+/// each gate/up block copies its token's by cp.async (`dsk_fp4_moe_gate_up_mma2_pre`); its first
+/// form, whose copy took nine round trips to L2, made a 16-token step 0.9 ms slower, and the
+/// one-round-trip copy has not yet been timed on a GPU (docs/PERFORMANCE.md, session 36). The
+/// same fragments either way, so the same bits (GPU test
+/// `fp4_moe_mma2_matches_the_reference_and_v2`, CPU emulation `tools/fp4_moe_mma2_emu.cpp`).
+/// Calls whose `partial` cannot hold the fragments (top-1: they need 4.5 bytes a value) stage in
+/// the blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mma2Staging {
+    Once,
+    Block,
+}
+
+/// [`Mma2Staging`] from DSPARK_FP4_MMA2_STAGE's value (unset or empty: `Block`).
+pub fn mma2_staging_choice(value: Option<&str>) -> Result<Mma2Staging, KernelError> {
+    let forms = [("block", Mma2Staging::Block), ("once", Mma2Staging::Once)];
+    attention::env_switch("fp4_moe", "DSPARK_FP4_MMA2_STAGE", value, &forms)
+}
+
+/// Bytes of the mma2 B fragments of `tokens` activation rows of `k` values (144 per 32 values:
+/// the rounded f16 pairs, their residuals and a zero uint4, `MMA2_BQ` in fp4_moe.cu).
+pub fn fp4_mma2_staged_b_bytes(tokens: usize, k: usize) -> usize {
+    tokens * (k / 32) * 144
+}
+
 /// v2's gate/up runs two rows a warp where four would give fewer blocks than this per SM. H200,
 /// 200 calls from memory (session 28), four rows -> two: inter 1,024 at 1 / 2 / 3 tokens (192 /
 /// 384 / 576 blocks of four) 24.3 -> 21.1, 36.1 -> 35.2, 51.3 -> 48.4 us; inter 2,048 (384 /
@@ -238,7 +268,8 @@ pub struct Fp4Experts {
 /// One MoE call for `tokens` tokens: x f32 [tokens, hidden]; ids i32 [tokens, topk];
 /// weights f32 [tokens, topk] (already normalised and scaled by the router);
 /// h f32 [tokens * topk, inter] and partial f32 [tokens * topk, hidden] scratch (h holds the
-/// SwiGLU output, partial each slot's weighted down projection); out [tokens, hidden], plus
+/// SwiGLU output, partial each slot's weighted down projection and, before down writes it, the
+/// mma2 gate/up's staged activations, [`Mma2Staging`]); out [tokens, hidden], plus
 /// `addend` f32 [tokens, hidden] where one is given (0 = none).
 #[derive(Clone, Copy, Debug)]
 pub struct Fp4MoeCall {
@@ -740,6 +771,11 @@ pub struct Kernels {
     fp4_gate_up_mma: CudaFunction,
     fp4_down_mma: CudaFunction,
     fp4_gate_up_mma2: CudaFunction,
+    /// The gate/up on fragments staged once a token, and that staging (`Mma2Staging::Once`).
+    fp4_gate_up_mma2_pre: CudaFunction,
+    fp4_stage_b_mma2: CudaFunction,
+    /// Where the mma2 gate/up stages its activations (DSPARK_FP4_MMA2_STAGE at load).
+    mma2_staging: Mma2Staging,
     fp4_down_mma2: CudaFunction,
     /// Largest dynamic shared memory a block may opt in to (bytes).
     smem_optin: usize,
@@ -834,6 +870,8 @@ impl Kernels {
             attention::topk_block_choice(std::env::var("DSPARK_TOPK_BLOCK").ok().as_deref())?;
         let route_kernel =
             layer_ops::route_kernel_choice(std::env::var("DSPARK_ROUTE_KERNEL").ok().as_deref())?;
+        let mma2_staging =
+            mma2_staging_choice(std::env::var("DSPARK_FP4_MMA2_STAGE").ok().as_deref())?;
         let f = function;
         // One instantiation per token bucket: `{prefix}_m1` .. `{prefix}_m16`.
         let fp8_fns = |prefix: &str| -> Result<[CudaFunction; 5], KernelError> {
@@ -874,6 +912,9 @@ impl Kernels {
             fp4_gate_up_mma: f(&moe, "dsk_fp4_moe_gate_up_mma")?,
             fp4_down_mma: f(&moe, "dsk_fp4_moe_down_mma")?,
             fp4_gate_up_mma2: f(&moe, "dsk_fp4_moe_gate_up_mma2")?,
+            fp4_gate_up_mma2_pre: f(&moe, "dsk_fp4_moe_gate_up_mma2_pre")?,
+            fp4_stage_b_mma2: f(&moe, "dsk_fp4_moe_stage_b_mma2")?,
+            mma2_staging,
             fp4_down_mma2: f(&moe, "dsk_fp4_moe_down_mma2")?,
             moe_grouped: moe_grouped::MoeGroupedFns::load(&moe, smem_optin, &arch)?,
             smem_optin,
@@ -935,6 +976,7 @@ impl Kernels {
             &kernels.fp4_gate_up_v1,
             &kernels.fp4_down_v1,
             &kernels.fp4_gate_up_mma2,
+            &kernels.fp4_gate_up_mma2_pre,
             &kernels.fp4_down_mma2,
             &kernels.moe_grouped.gate_up[0],
             &kernels.moe_grouped.gate_up[1],
@@ -1027,6 +1069,16 @@ impl Kernels {
     /// ([`fp8_split_for`] on this device).
     pub fn fp8_split(&self, m: usize, n: usize, k: usize) -> usize {
         fp8_split_for(self.fp8_one_chunk, m, n, k, self.sms)
+    }
+
+    /// Where the mma2 gate/up stages its activations (DSPARK_FP4_MMA2_STAGE at load).
+    pub fn mma2_staging(&self) -> Mma2Staging {
+        self.mma2_staging
+    }
+
+    /// Overrides DSPARK_FP4_MMA2_STAGE for later launches (A/B timing and tests in one process).
+    pub fn set_mma2_staging(&mut self, staging: Mma2Staging) {
+        self.mma2_staging = staging;
     }
 
     /// Which kernel routes tokens (DSPARK_ROUTE_KERNEL at load).
@@ -1528,16 +1580,56 @@ impl Kernels {
             }
             u32_grid(K, bytes)
         };
-        // SAFETY: this function's contract; the mma2 kernels take the shared arguments.
+        let smem = [smem(e.hidden, 2)?, smem(e.inter, 1)?];
+        // `partial` is [tokens * topk, hidden] f32 and only down writes it (after the gate/up
+        // has finished: its PDL wait), so until then it can hold the staged fragments.
+        let once = self.mma2_staging == Mma2Staging::Once
+            && fp4_mma2_staged_b_bytes(c.tokens, e.hidden) <= c.tokens * c.topk * e.hidden * 4;
+        if !once {
+            // SAFETY: this function's contract; the mma2 kernels take the shared arguments.
+            return unsafe {
+                self.fp4_moe_launches(
+                    stream,
+                    e,
+                    c,
+                    [&self.fp4_gate_up_mma2, &self.fp4_down_mma2],
+                    rows_per_block,
+                    32 * MMA2_WARPS,
+                    smem,
+                    addend_ready,
+                )
+            };
+        }
+        let hidden = i32_arg(K, "hidden", e.hidden)?;
+        let cfg = LaunchConfig {
+            grid_dim: (u32_grid(K, c.tokens)?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: x holds tokens rows of hidden f32 and partial at least the fragments' bytes
+        // (checked above); the kernel writes only those.
+        unsafe {
+            stream
+                .kernel(&self.fp4_stage_b_mma2)
+                .arg(&c.x)
+                .arg(&c.partial)
+                .arg(&hidden)
+                .launch(cfg)
+        }
+        .map_err(KernelError::driver("launch fp4_moe stage_b"))?;
+        // The gate/up's first argument is then the fragments; nothing after it reads x.
+        let staged = Fp4MoeCall { x: c.partial, ..*c };
+        // SAFETY: as above; the pre-staged gate/up takes the plain one's arguments with x
+        // replaced by the fragments.
         unsafe {
             self.fp4_moe_launches(
                 stream,
                 e,
-                c,
-                [&self.fp4_gate_up_mma2, &self.fp4_down_mma2],
+                &staged,
+                [&self.fp4_gate_up_mma2_pre, &self.fp4_down_mma2],
                 rows_per_block,
                 32 * MMA2_WARPS,
-                [smem(e.hidden, 2)?, smem(e.inter, 1)?],
+                smem,
                 addend_ready,
             )
         }
@@ -1967,6 +2059,23 @@ mod tests {
             ..n
         })
         .is_err());
+    }
+
+    #[test]
+    fn mma2_staging_switch_and_fragment_bytes() {
+        assert_eq!(mma2_staging_choice(None).unwrap(), Mma2Staging::Block);
+        assert_eq!(mma2_staging_choice(Some(" ")).unwrap(), Mma2Staging::Block);
+        assert_eq!(
+            mma2_staging_choice(Some("once")).unwrap(),
+            Mma2Staging::Once
+        );
+        let err = mma2_staging_choice(Some("twice")).unwrap_err().to_string();
+        assert!(err.contains("DSPARK_FP4_MMA2_STAGE"), "{err}");
+        // 16 tokens of V4-Flash's 4,096: 128 chunks of 9 uint4 a token, inside partial's
+        // 16 x 6 x 4,096 f32 from top-2 up, not at top-1.
+        assert_eq!(fp4_mma2_staged_b_bytes(16, 4096), 16 * 128 * 9 * 16);
+        assert!(fp4_mma2_staged_b_bytes(16, 4096) <= 16 * 2 * 4096 * 4);
+        assert!(fp4_mma2_staged_b_bytes(16, 4096) > 16 * 4096 * 4);
     }
 
     #[test]

@@ -5,10 +5,11 @@
 //! Shapes: V4-Flash (hidden 4096, inter 2048 and the TP=2 shard 1024), tokens 1/3/16 with an
 //! expert shared between tokens and an invalid id. The mma2 tensor-core kernels
 //! (`MoePath::TensorCoreV2`) against the same f64 reference and bound (T = 1, 3, 16), against v2
-//! (max difference printed) and against themselves (deterministic); `fp4_moe_timing_print` times
+//! (max difference printed) and against themselves with the activations staged the other way
+//! (once a token or in every block: the same bits); `fp4_moe_timing_print` times
 //! v2, the old tensor-core kernels and mma2. Skips (passes with a SKIP line) without a GPU.
 
-use dspark_kernels::launch::{fp4_kernel_choice, FP4_MMA2_MIN_TOKENS};
+use dspark_kernels::launch::{fp4_kernel_choice, Mma2Staging, FP4_MMA2_MIN_TOKENS};
 use dspark_kernels::reference::{self, MoeShape};
 use dspark_kernels::{Fp4Experts, Fp4MoeCall, MoePath, OutDtype};
 
@@ -281,14 +282,23 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// mma2 on one case: against the f64 reference (TOL_F32), against v2 (printed) and against a
-/// second run of itself (bit-identical: fixed summation order, no atomics).
-fn mma2_case(g: &Gpu, rng: &mut Rng, l: &Layer, tokens: usize, bad_id: bool) {
+/// second run of itself with the activations staged the other way (`Mma2Staging`: once a token
+/// or in every block), which must give the same bits (the same fragments, a fixed summation
+/// order, no atomics).
+fn mma2_case(g: &mut Gpu, rng: &mut Rng, l: &Layer, tokens: usize, bad_id: bool) {
     let topk = 6;
     let ids = draw_ids(rng, tokens, topk, l.experts, bad_id);
     let x = rng.signed_vec(tokens * l.hidden, 1.0);
     let weights = rng.vec(tokens * topk, 0.1, 0.9);
+    let staging = g.k.mma2_staging();
+    let other = match staging {
+        Mma2Staging::Once => Mma2Staging::Block,
+        Mma2Staging::Block => Mma2Staging::Once,
+    };
     let m = run(g, l, &x, &ids, &weights, MoePath::TensorCoreV2);
+    g.k.set_mma2_staging(other);
     let again = run(g, l, &x, &ids, &weights, MoePath::TensorCoreV2);
+    g.k.set_mma2_staging(staging);
     let v2 = run(g, l, &x, &ids, &weights, MoePath::CudaCore);
     let name = format!(
         "mma2 E{} H{} I{} T{tokens}{}",
@@ -297,16 +307,20 @@ fn mma2_case(g: &Gpu, rng: &mut Rng, l: &Layer, tokens: usize, bad_id: bool) {
         l.inter,
         if bad_id { " +invalid id" } else { "" }
     );
-    assert_eq!(same_bits(&m.h, &again.h), 0, "{name}: h not deterministic");
+    assert_eq!(
+        same_bits(&m.h, &again.h),
+        0,
+        "{name}: h differs between {staging:?} and {other:?} staging"
+    );
     assert_eq!(
         same_bits(&m.partial, &again.partial),
         0,
-        "{name}: partial not deterministic"
+        "{name}: partial differs between {staging:?} and {other:?} staging"
     );
     assert_eq!(
         same_bits(&m.out, &again.out),
         0,
-        "{name}: out not deterministic"
+        "{name}: out differs between {staging:?} and {other:?} staging"
     );
     for (p, &e) in ids.iter().enumerate() {
         if e < 0 {
@@ -350,16 +364,16 @@ fn mma2_case(g: &Gpu, rng: &mut Rng, l: &Layer, tokens: usize, bad_id: bool) {
 
 #[test]
 fn fp4_moe_mma2_matches_the_reference_and_v2() {
-    let Some(g) = gpu("fp4_moe_mma2_matches_the_reference_and_v2") else {
+    let Some(mut g) = gpu("fp4_moe_mma2_matches_the_reference_and_v2") else {
         return;
     };
     let mut rng = Rng(0xf40e_0004);
     for inter in [2048, 1024] {
         let l = Layer::new(&mut rng, 8, 4096, inter, &[]);
-        mma2_case(&g, &mut rng, &l, 1, false);
-        mma2_case(&g, &mut rng, &l, 3, true);
+        mma2_case(&mut g, &mut rng, &l, 1, false);
+        mma2_case(&mut g, &mut rng, &l, 3, true);
         // 16 tokens over 8 experts: every expert shared by several tokens.
-        mma2_case(&g, &mut rng, &l, 16, inter == 1024);
+        mma2_case(&mut g, &mut rng, &l, 16, inter == 1024);
     }
     // Shapes mma2 does not take: an explicit request is refused before any launch (Auto runs v2
     // there).

@@ -167,6 +167,10 @@ inline float dsk_warp_sum(float v) {
 // common.cuh's cluster helpers for the clusters of one block an emulator runs.
 inline void dsk_cluster_sync() { __syncthreads(); }
 inline float dsk_ld_cluster(const float *p, unsigned) { return *p; }
+inline void dsk_cluster_exit_arrive() {}
+inline void dsk_cluster_exit_wait() {}
+inline unsigned dsk_cluster_rank() { return 0; }
+inline unsigned dsk_cluster_id_x() { return blockIdx.x; }
 // KV pool row records (common.cuh), decoded from their definition.
 #define DSK_KV_F32 0
 #define DSK_KV_BF16 1

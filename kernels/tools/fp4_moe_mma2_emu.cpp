@@ -11,7 +11,8 @@
 // reference over the same weights; h's reference from the reference g/u, y's from the kernel's h):
 // V4-Flash shapes (hidden 4096, inter 2048 and the TP=2 shard 1024, topk 6), 1 and 16 tokens with
 // experts shared between tokens and an invalid expert id, and against v2 (max abs and relative difference). Also: the whole launch is
-// repeated and must give the same bits (deterministic).
+// repeated with the gate/up's B fragments staged once a token (dsk_fp4_moe_stage_b_mma2 and
+// dsk_fp4_moe_gate_up_mma2_pre) and must give the same bits (also: deterministic).
 // The old tensor-core kernels (PTX asm without CPU fallbacks) are cut off first:
 //   sed '/Tensor-core variant/,$d' kernels/fp4_moe.cu > /tmp/fp4_moe_mma2.cu &&
 //   g++ -std=c++20 -O2 -pthread -w -I kernels/tools -DFP4_SRC='"/tmp/fp4_moe_mma2.cu"' \
@@ -105,19 +106,31 @@ static double row_dot(const unsigned char *w, const unsigned char *s, const floa
 
 static size_t mma2_smem(int K, int nmat) { return 1024 + (size_t)(K / 32) * 16 * MMA2_BQ + (size_t)MMA2_WARPS * nmat * MMA2_NST * MMA2_STAGE; }
 
+// mma2 with pre: gate/up on the fragments dsk_fp4_moe_stage_b_mma2 staged once a token.
 static void run_moe(const Layer &L, const std::vector<int> &ids, const std::vector<float> &x, const std::vector<float> &wts, int topk,
-                    float limit, bool mma2, std::vector<float> &h, std::vector<float> &y) {
+                    float limit, bool mma2, std::vector<float> &h, std::vector<float> &y, bool pre = false) {
     const int pairs = (int)ids.size();
     h.assign((size_t)pairs * L.I, NAN);
     y.assign((size_t)pairs * L.H, NAN);
     if (mma2) {
         if (mma2_smem(L.H, 2) > sizeof moe_smem4 || mma2_smem(L.I, 1) > sizeof moe_smem4) abort();
         const unsigned rows_pb = 16 * MMA2_WARPS;
-        launch(D3{(unsigned)pairs, (unsigned)((L.I + rows_pb - 1) / rows_pb), 1}, 32 * MMA2_WARPS, [&] {
-            dsk_fp4_moe_gate_up_mma2(x.data(), ids.data(), L.w1.data(), L.s1.data(), L.w3.data(), L.s3.data(), h.data(), topk, L.E, L.I, L.H,
-                                     limit);
-            emu_cp_wait(0); // a warp that exits keeps no copies pending (none expected)
-        });
+        if (pre) {
+            const int tokens = pairs / topk;
+            std::vector<uint4> xb((size_t)tokens * (L.H / 32) * MMA2_BQ, uint4{~0u, ~0u, ~0u, ~0u});
+            launch(D3{(unsigned)tokens, 1, 1}, 256, [&] { dsk_fp4_moe_stage_b_mma2(x.data(), xb.data(), L.H); });
+            launch(D3{(unsigned)pairs, (unsigned)((L.I + rows_pb - 1) / rows_pb), 1}, 32 * MMA2_WARPS, [&] {
+                dsk_fp4_moe_gate_up_mma2_pre(xb.data(), ids.data(), L.w1.data(), L.s1.data(), L.w3.data(), L.s3.data(), h.data(), topk, L.E,
+                                             L.I, L.H, limit);
+                emu_cp_wait(0);
+            });
+        } else {
+            launch(D3{(unsigned)pairs, (unsigned)((L.I + rows_pb - 1) / rows_pb), 1}, 32 * MMA2_WARPS, [&] {
+                dsk_fp4_moe_gate_up_mma2(x.data(), ids.data(), L.w1.data(), L.s1.data(), L.w3.data(), L.s3.data(), h.data(), topk, L.E, L.I,
+                                         L.H, limit);
+                emu_cp_wait(0); // a warp that exits keeps no copies pending (none expected)
+            });
+        }
         launch(D3{(unsigned)pairs, (unsigned)((L.H + rows_pb - 1) / rows_pb), 1}, 32 * MMA2_WARPS, [&] {
             dsk_fp4_moe_down_mma2(h.data(), ids.data(), wts.data(), L.w2.data(), L.s2.data(), y.data(), L.E, L.H, L.I);
             emu_cp_wait(0);
@@ -177,7 +190,8 @@ static void moe_case(Rng &rng, int E, int I, int H, int tokens, int topk, bool b
     const long mmas0 = g_mmas;
     run_moe(L, ids, x, wts, topk, limit, true, hm, ym);
     const long mmas = g_mmas - mmas0;
-    run_moe(L, ids, x, wts, topk, limit, true, hm2, ym2);
+    // The pre-staged gate/up must give the same bits (and so shows the launches deterministic).
+    run_moe(L, ids, x, wts, topk, limit, true, hm2, ym2, true);
     run_moe(L, ids, x, wts, topk, limit, false, hv, yv);
     long nondet = 0, nan = 0;
     for (size_t i = 0; i < hm.size(); ++i) nondet += !same_bits(hm[i], hm2[i]), nan += std::isnan(hm[i]);
@@ -228,7 +242,7 @@ static void moe_case(Rng &rng, int E, int I, int H, int tokens, int topk, bool b
     CHECK(nondet == 0 && nan == 0 && bad_nonzero == 0, "E%d I%d H%d T%d: %ld nondeterministic, %ld NaN, %ld invalid-slot nonzero", E, I,
           H, tokens, nondet, nan, bad_nonzero);
     printf("mma2 E%d I%d H%d T%d top%d%s: rel err vs f64 h %.2e y %.2e (%ld near clip); vs v2 max |dh| %.2e (max |h| %.2f), "
-           "max |dy| %.2e (max |y| %.2f); repeat identical (%ld differ); %ld mma per launch pair\n",
+           "max |dy| %.2e (max |y| %.2f); pre-staged B identical (%ld differ); %ld mma per launch pair\n",
            E, I, H, tokens, topk, bad_id ? " +invalid id" : "", eh, ey, clipped, dh, nh, dy, ny, nondet, mmas);
     fflush(stdout);
 }
