@@ -539,12 +539,12 @@ __device__ __forceinline__ void mma2_commit() {
     emu_cp_commit();
 #endif
 }
-// Waits until at most MMA2_NST - 2 of this thread's groups are pending.
-__device__ __forceinline__ void mma2_wait() {
+// Waits until at most PENDING (by default MMA2_NST - 2: the ring's) of this thread's groups are pending.
+template <int PENDING = MMA2_NST - 2> __device__ __forceinline__ void mma2_wait() {
 #ifdef __CUDA_ARCH__
-    asm volatile("cp.async.wait_group %0;" ::"n"(MMA2_NST - 2) : "memory");
+    asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
 #else
-    emu_cp_wait(MMA2_NST - 2);
+    emu_cp_wait(PENDING);
 #endif
 }
 // Four 8x8 b16 matrices; lanes 8j..8j+7 give the row addresses of matrix j, r[j] = word
@@ -742,11 +742,7 @@ __device__ __forceinline__ void mma2_copy_b(uint4 *b, const uint4 *__restrict__ 
     const int n = (K >> 5) * MMA2_BQ;
     for (int i = threadIdx.x; i < n; i += blockDim.x) mma2_cp16(b + i, src + i);
     mma2_commit();
-#ifdef __CUDA_ARCH__
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
-#else
-    emu_cp_wait(0);
-#endif
+    mma2_wait<0>();
     __syncthreads();
 }
 

@@ -428,9 +428,9 @@ __device__ __forceinline__ void skf_body(const unsigned char *__restrict__ W, co
     const int per = ROWS / cl, o_tok = blockDim.x / per, o_rl = blockDim.x - o_tok * per;
     int tok = threadIdx.x / per, rl = threadIdx.x - tok * per;
     for (int o = threadIdx.x; o < M * per; o += blockDim.x) {
-        const int row = r0 + c * per + rl;
+        const int col = c * per + rl, row = r0 + col;
         if (row < N) {
-            const float *p = red + tok * RS + c * per + rl;
+            const float *p = red + tok * RS + col;
             float v;
             if (cl == 1) {
                 v = *p;

@@ -18,6 +18,7 @@ regex=${1:?$usage}
 out=${2:?$usage}
 shift 2
 bin=${DSPARK_SERVER_BIN:-target/release/dspark-server}
+skip=${LAUNCH_SKIP:-200}
 if (( $# == 0 )); then
   set -- --device cuda --world-size 1 --config-json server/tests/fixtures/v4-flash-tp2-rank-config.json \
     --kv-fill random --kv-cache-dtype fp8 --iters 2 --warmup 1 --cases decode:16:8192
@@ -29,9 +30,9 @@ else
     --section WarpStateStats --section MemoryWorkloadAnalysis)
 fi
 ncu --clock-control none --graph-profiling node --kernel-name "regex:$regex" \
-  --launch-skip "${LAUNCH_SKIP:-200}" --launch-count "${LAUNCH_COUNT:-3}" "${sections[@]}" \
+  --launch-skip "$skip" --launch-count "${LAUNCH_COUNT:-3}" "${sections[@]}" \
   -f -o "$out" "$bin" bench "$@" > "$out.bench.log" 2>&1 || { tail -20 "$out.bench.log"; exit 1; }
-[[ -f $out.ncu-rep ]] || { echo "ncu-kernel.sh: no launch of '$regex' past the first ${LAUNCH_SKIP:-200}" >&2; exit 1; }
+[[ -f $out.ncu-rep ]] || { echo "ncu-kernel.sh: no launch of '$regex' past the first $skip" >&2; exit 1; }
 ncu --import "$out.ncu-rep" --page details
 if [[ ${NCU_SET:-} == full ]]; then
   ncu --import "$out.ncu-rep" --page source --csv --print-source sass > "$out.source.csv"
